@@ -1,0 +1,67 @@
+"""Build hook: compile native/preload.c into mirrord/layer/libmirrord_layer.so.
+
+The layer is a plain shared library for LD_PRELOAD, not a Python extension: it is built
+through setuptools' build_ext only so that `pip install .` and `pip install -e .` both
+produce it, offline, with the system C compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+NATIVE = "native"
+SOURCES = sorted(str(p.relative_to(HERE)) for p in (HERE / NATIVE).glob("*.c"))
+HEADERS = sorted(str(p.relative_to(HERE)) for p in (HERE / NATIVE).glob("*.h"))
+
+
+def build_id() -> str:
+    """A hash of the native sources: the layer handshake checks both ends share it."""
+    digest = hashlib.sha256()
+    for name in [*SOURCES, *HEADERS]:
+        digest.update((HERE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class BuildLayer(build_ext):
+    def get_ext_filename(self, fullname: str) -> str:
+        # libmirrord_layer.so, not the ABI-tagged name of a Python extension.
+        *pkg, name = fullname.split(".")
+        return os.path.join(*pkg, name + ".so")
+
+    def get_export_symbols(self, ext: Extension) -> list[str]:
+        return []  # no PyInit_*: this is not a Python module
+
+    def build_extension(self, ext: Extension) -> None:
+        bid = build_id()
+        ext.define_macros = [("MIRRORD_BUILD_ID", f'"{bid}"')]
+        super().build_extension(ext)
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "mirrord.layer.libmirrord_layer",
+            sources=SOURCES,
+            depends=HEADERS,
+            include_dirs=[NATIVE],
+            extra_compile_args=[
+                "-std=gnu11",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-fvisibility=hidden",
+                "-fPIC",
+            ],
+            extra_link_args=["-ldl", "-lpthread"],
+        )
+    ],
+    cmdclass={"build_ext": BuildLayer},
+    package_data={"mirrord.layer": ["*.so"]},
+)

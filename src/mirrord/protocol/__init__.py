@@ -1,0 +1,68 @@
+"""The two wire protocols of mirrord, sans-IO: bytes in, events out, messages to bytes.
+
+Owns: framing, message types, the codec, version negotiation, request and channel ids and
+the credit window. Does not own any I/O: this package must never import anyio, socket or
+scapy (a test checks it), so the agent (trio), the daemon (asyncio) and the tests all share it.
+
+Compatibility: see `mirrord.protocol.messages` (kind ids are forever; the agent protocol only
+grows; the layer protocol ships with both ends and is checked by build id).
+"""
+
+from __future__ import annotations
+
+from mirrord.protocol import messages
+from mirrord.protocol._base import Message, Registry
+from mirrord.protocol._connection import (
+    AGENT_PROTOCOL_VERSION,
+    AGENT_REGISTRY,
+    CLOSED,
+    CONTROL_CHANNEL,
+    INITIAL_WINDOW,
+    LAYER_REGISTRY,
+    MIN_AGENT_PROTOCOL_VERSION,
+    NEED_DATA,
+    AgentConnection,
+    AgentRole,
+    LayerConnection,
+    LayerRole,
+    Received,
+    State,
+    UnknownMessage,
+)
+from mirrord.protocol._exceptions import (
+    FrameTooLarge,
+    LocalProtocolError,
+    MalformedFrame,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, encode_frame
+
+__all__ = [
+    "AGENT_PROTOCOL_VERSION",
+    "AGENT_REGISTRY",
+    "CLOSED",
+    "CONTROL_CHANNEL",
+    "INITIAL_WINDOW",
+    "LAYER_REGISTRY",
+    "MAX_FRAME_SIZE",
+    "MIN_AGENT_PROTOCOL_VERSION",
+    "NEED_DATA",
+    "AgentConnection",
+    "AgentRole",
+    "FrameDecoder",
+    "FrameTooLarge",
+    "LayerConnection",
+    "LayerRole",
+    "LocalProtocolError",
+    "MalformedFrame",
+    "Message",
+    "ProtocolError",
+    "Received",
+    "Registry",
+    "RemoteProtocolError",
+    "State",
+    "UnknownMessage",
+    "encode_frame",
+    "messages",
+]

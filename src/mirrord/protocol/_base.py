@@ -1,0 +1,183 @@
+"""Message base class, field validation and the kind registry used by both protocols.
+
+A message is a frozen, slotted, keyword-only dataclass. It validates every field against its
+annotation when built, so handlers never re-check types. On the wire a message is the CBOR
+array `[kind, field1, field2, ...]` in declaration order (the agent protocol prefixes the
+channel); the C layer relies on that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar, TypeVar, Union
+
+from mirrord.protocol._exceptions import LocalProtocolError, MalformedFrame
+
+__all__ = ["INT64_MAX", "INT64_MIN", "Message", "Registry", "message"]
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**64 - 1  # CBOR unsigned ints go up to 2**64-1 (inode numbers, sizes)
+
+M = TypeVar("M", bound="Message")
+
+
+class FieldError(ValueError):
+    """A message field does not match its declared type."""
+
+
+def _check(value: Any, tp: Any, path: str) -> None:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                _check(value, arm, path)
+                return
+            except FieldError:
+                continue
+        raise FieldError(f"{path}: {type(value).__name__} does not match {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise FieldError(f"{path}: expected null, got {type(value).__name__}")
+        return
+    if tp is Any:
+        return
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise FieldError(f"{path}: expected bool, got {type(value).__name__}")
+        return
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FieldError(f"{path}: expected int, got {type(value).__name__}")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise FieldError(f"{path}: integer {value} out of range")
+        return
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FieldError(f"{path}: expected float, got {type(value).__name__}")
+        return
+    if tp is str:
+        if not isinstance(value, str):
+            raise FieldError(f"{path}: expected str, got {type(value).__name__}")
+        return
+    if tp is bytes:
+        if not isinstance(value, bytes):
+            raise FieldError(f"{path}: expected bytes, got {type(value).__name__}")
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise FieldError(f"{path}: expected list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        for i, item in enumerate(value):
+            _check(item, item_tp, f"{path}[{i}]")
+        return
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise FieldError(f"{path}: expected array, got {type(value).__name__}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            for i, item in enumerate(value):
+                _check(item, args[0], f"{path}[{i}]")
+            return
+        if len(value) != len(args):
+            raise FieldError(f"{path}: expected {len(args)} items, got {len(value)}")
+        for i, (item, item_tp) in enumerate(zip(value, args, strict=True)):
+            _check(item, item_tp, f"{path}[{i}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FieldError(f"{path}: expected map, got {type(value).__name__}")
+        key_tp, val_tp = typing.get_args(tp)
+        for k, v in value.items():
+            _check(k, key_tp, f"{path} key")
+            _check(v, val_tp, f"{path}[{k!r}]")
+        return
+    raise TypeError(f"unsupported field type {tp!r} at {path}")  # a bug in a message definition
+
+
+class Message:
+    """Base of every message. Subclasses are made with `@message(kind)`."""
+
+    __slots__ = ()
+    KIND: ClassVar[int]
+    _FIELDS: ClassVar[tuple[tuple[str, Any], ...]]
+
+    def __post_init__(self) -> None:
+        for name, tp in self._FIELDS:
+            try:
+                _check(getattr(self, name), tp, f"{type(self).__name__}.{name}")
+            except FieldError as exc:
+                raise LocalProtocolError(str(exc)) from None
+        try:
+            self._validate()
+        except ValueError as exc:
+            raise LocalProtocolError(f"{type(self).__name__}: {exc}") from None
+
+    def _validate(self) -> None:
+        """Extra checks beyond types; raise `ValueError` with a message naming the field."""
+
+    def to_wire(self) -> list[Any]:
+        return [self.KIND, *(getattr(self, name) for name, _ in self._FIELDS)]
+
+
+def message(kind: int) -> typing.Callable[[type[M]], type[M]]:
+    """Register a dataclass as message `kind` (its wire id, never reused)."""
+
+    def wrap(cls: type[M]) -> type[M]:
+        dc = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
+        hints = typing.get_type_hints(dc)
+        dc.KIND = kind
+        dc._FIELDS = tuple((f.name, hints[f.name]) for f in dataclasses.fields(dc))
+        return dc
+
+    return wrap
+
+
+class Registry:
+    """Kind id <-> message class, for one protocol."""
+
+    __slots__ = ("_by_kind", "name")
+
+    def __init__(self, name: str, classes: typing.Iterable[type[Message]]) -> None:
+        self.name = name
+        self._by_kind: dict[int, type[Message]] = {}
+        for cls in classes:
+            if cls.KIND in self._by_kind:
+                raise TypeError(f"{name}: kind {cls.KIND} registered twice")
+            self._by_kind[cls.KIND] = cls
+
+    def __contains__(self, cls: type[Message]) -> bool:
+        return self._by_kind.get(cls.KIND) is cls
+
+    def decode_name(self, kind: int) -> str:
+        return self._by_kind[kind].__name__
+
+    def knows(self, kind: int) -> bool:
+        return kind in self._by_kind
+
+    def kinds(self) -> list[type[Message]]:
+        return list(self._by_kind.values())
+
+    def decode(self, kind: int, fields: list[Any]) -> Message:
+        """Build the message of `kind` from its wire fields; `MalformedFrame` if they are wrong."""
+        cls = self._by_kind[kind]
+        names = cls._FIELDS
+        if len(fields) > len(names):
+            # A newer peer may append fields to a message: ignore the extra ones.
+            fields = fields[: len(names)]
+        if len(fields) < len(names):
+            required = [
+                f.name
+                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ]
+            if len(fields) < len(required):
+                raise MalformedFrame(
+                    f"{cls.__name__} needs {len(required)} fields, got {len(fields)}"
+                )
+        kwargs = {name: value for (name, _), value in zip(names, fields, strict=False)}
+        try:
+            return cls(**kwargs)
+        except (LocalProtocolError, ValueError, TypeError) as exc:
+            raise MalformedFrame(f"invalid {cls.__name__}: {exc}") from None

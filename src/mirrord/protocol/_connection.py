@@ -1,0 +1,519 @@
+"""Sans-IO connection objects for both protocols: bytes in, events out, events to bytes.
+
+Theory of operation
+-------------------
+A connection object owns one byte stream's protocol state and nothing else: no sockets, no
+event loop. Its user feeds received bytes with `receive_data()`, pulls events with
+`next_event()` until it returns `NEED_DATA`, and turns messages into bytes with `send()`.
+
+State machine (one table, `_TRANSITIONS`): HANDSHAKE -> OPEN -> CLOSED, and any state -> ERROR
+when the peer violates the protocol. In ERROR and CLOSED, `receive_data` discards input so a
+broken peer cannot grow our memory; `next_event` keeps raising the original error / returns
+`CLOSED`.
+
+Agent protocol (daemon <-> agent): every frame is `[channel, kind, *fields]`. Channel 0 is the
+control channel (handshake, Ping, Fatal); every other channel is one layer process. The daemon
+opens channels with `ChannelOpen` and picks even connection ids; the agent picks odd ones.
+Connection data is flow-controlled by a credit window per (channel, conn_id): a sender may have
+at most the window's worth of `Data` bytes not yet credited back with `Credit`.
+
+Layer protocol (layer <-> daemon): every frame is `[kind, *fields]`, no channels and no credit
+(the connections it hands off are real local sockets).
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass
+from typing import Any, Final
+
+from mirrord.protocol._base import Message, Registry
+from mirrord.protocol._exceptions import (
+    LocalProtocolError,
+    MalformedFrame,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, decode_payload, encode_frame
+from mirrord.protocol.messages import (
+    AGENT_KINDS,
+    LAYER_KINDS,
+    SHARED_KINDS,
+    ChannelClose,
+    ChannelOpen,
+    ConnClose,
+    Connect,
+    Credit,
+    Data,
+    Fatal,
+    Hello,
+    IncomingConnection,
+    LayerHello,
+    LayerWelcome,
+    Welcome,
+)
+
+__all__ = [
+    "AGENT_PROTOCOL_VERSION",
+    "AGENT_REGISTRY",
+    "CLOSED",
+    "CONTROL_CHANNEL",
+    "INITIAL_WINDOW",
+    "LAYER_REGISTRY",
+    "MIN_AGENT_PROTOCOL_VERSION",
+    "NEED_DATA",
+    "AgentConnection",
+    "AgentRole",
+    "LayerConnection",
+    "LayerRole",
+    "Received",
+    "State",
+    "UnknownMessage",
+]
+
+AGENT_PROTOCOL_VERSION: Final = 1
+MIN_AGENT_PROTOCOL_VERSION: Final = 1
+CONTROL_CHANNEL: Final = 0
+INITIAL_WINDOW: Final = 1024 * 1024
+_MAX_WINDOW: Final = 2**31
+
+AGENT_REGISTRY = Registry("agent protocol", [*SHARED_KINDS, *AGENT_KINDS])
+LAYER_REGISTRY = Registry("layer protocol", [*SHARED_KINDS, *LAYER_KINDS])
+_ALL_KNOWN = Registry("any protocol", [*SHARED_KINDS, *AGENT_KINDS, *LAYER_KINDS])
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+CLOSED: Final = _Sentinel("CLOSED")
+
+
+class State(enum.Enum):
+    HANDSHAKE = "HANDSHAKE"
+    OPEN = "OPEN"
+    CLOSED = "CLOSED"
+    ERROR = "ERROR"
+
+
+# Rule 1: every state change goes through this table.
+_TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    State.HANDSHAKE: frozenset({State.OPEN, State.CLOSED, State.ERROR}),
+    State.OPEN: frozenset({State.CLOSED, State.ERROR}),
+    State.CLOSED: frozenset({State.CLOSED, State.ERROR}),
+    State.ERROR: frozenset({State.ERROR}),
+}
+
+
+class AgentRole(enum.Enum):
+    DAEMON = "daemon"
+    AGENT = "agent"
+
+
+class LayerRole(enum.Enum):
+    LAYER = "layer"
+    DAEMON = "daemon"
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message from the peer; `channel` is 0 in the layer protocol."""
+
+    channel: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownMessage:
+    """A message kind this build does not know (a newer peer). If it looks like a request
+    (`request_id` set), answer it with `ErrorReply(errno=ENOSYS)`; otherwise ignore it."""
+
+    channel: int
+    kind: int
+    request_id: int | None
+
+
+Event = Received | UnknownMessage
+
+
+class _Connection:
+    """What both protocols share: framing, the state table, error latching."""
+
+    _registry: Registry
+    _has_channels: bool
+
+    def __init__(self, role: enum.Enum, max_frame_size: int) -> None:
+        self.role = role
+        self.state = State.HANDSHAKE
+        self._decoder = FrameDecoder(max_frame_size)
+        self._error: ProtocolError | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} role={self.role.value} state={self.state.value}>"
+
+    def _set_state(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise LocalProtocolError(
+                f"{type(self).__name__} ({self.role.value}): illegal transition "
+                f"{self.state.value} -> {new.value}"
+            )
+        self.state = new
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self._error = exc
+        self._set_state(State.ERROR)
+        return exc
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer. `b""` is the end of the stream."""
+        if self.state in (State.ERROR, State.CLOSED):
+            return  # nothing more is read: a broken peer cannot grow our memory
+        if not data:
+            self._set_state(State.CLOSED)
+            return
+        self._decoder.receive_data(data)
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next event, `NEED_DATA`, or `CLOSED`. Raises `RemoteProtocolError` (and stays in
+        ERROR) when the peer broke the protocol."""
+        if self._error is not None:
+            raise self._error
+        if self.state is State.CLOSED and self._decoder.buffered == 0:
+            return CLOSED
+        try:
+            payload = self._decoder.next_payload()
+            if payload is None:
+                if self.state is State.CLOSED:
+                    raise RemoteProtocolError(
+                        f"stream ended inside a frame ({self._decoder.buffered} bytes left)"
+                    )
+                return NEED_DATA
+            return self._event_from(decode_payload(payload))
+        except RemoteProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def _event_from(self, item: Any) -> Event:
+        if not isinstance(item, list) or not item:
+            raise MalformedFrame(f"a frame must hold a non-empty array, got {type(item).__name__}")
+        if self._has_channels:
+            if len(item) < 2:
+                raise MalformedFrame("an agent frame must hold [channel, kind, ...]")
+            channel, kind, fields = item[0], item[1], item[2:]
+            if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < 2**32:
+                raise MalformedFrame(f"bad channel {channel!r}")
+        else:
+            channel, kind, fields = 0, item[0], item[1:]
+        if isinstance(kind, bool) or not isinstance(kind, int):
+            raise MalformedFrame(f"bad message kind {kind!r}")
+        if not self._registry.knows(kind):
+            if _ALL_KNOWN.knows(kind):
+                raise MalformedFrame(
+                    f"{_ALL_KNOWN.decode_name(kind)} (kind {kind}) is not a {self._registry.name} "
+                    "message"
+                )
+            rid = fields[0] if fields and type(fields[0]) is int else None
+            if self.state is not State.OPEN:
+                raise MalformedFrame(f"unknown message kind {kind} during the handshake")
+            return UnknownMessage(channel=channel, kind=kind, request_id=rid)
+        msg = self._registry.decode(kind, fields)
+        self._check_received(channel, msg)
+        return Received(channel=channel, message=msg)
+
+    def _check_received(self, channel: int, msg: Message) -> None:
+        raise NotImplementedError
+
+    def _frame(self, channel: int, msg: Message) -> bytes:
+        if type(msg) not in self._registry:
+            raise LocalProtocolError(f"{type(msg).__name__} is not a {self._registry.name} message")
+        wire = msg.to_wire()
+        frame = encode_frame([channel, *wire] if self._has_channels else wire)
+        if len(frame) - 4 > self._decoder_limit:
+            raise LocalProtocolError(f"{type(msg).__name__} frame of {len(frame)} bytes too big")
+        return frame
+
+    @property
+    def _decoder_limit(self) -> int:
+        return self._decoder._max_frame_size
+
+    def fatal_frame(self, code: str, message: str, channel: int = CONTROL_CHANNEL) -> bytes:
+        """A Fatal frame to send before closing; allowed in any state. On the control channel
+        (or in the layer protocol) the connection is CLOSED afterwards."""
+        frame = self._frame(channel, Fatal(code=code, message=message))
+        if channel == CONTROL_CHANNEL and self.state is not State.ERROR:
+            self._set_state(State.CLOSED)
+        return frame
+
+    def error_frame(self, exc: ProtocolError) -> bytes:
+        """The Fatal frame that tells the peer why we are closing after `exc`."""
+        return self._frame(CONTROL_CHANNEL, Fatal(code=exc.code, message=exc.message))
+
+
+class AgentConnection(_Connection):
+    """One daemon <-> agent stream.
+
+    The daemon calls `hello()` first and waits for `Welcome`; the agent receives `Hello`
+    (secret and versions are checked here), then calls `welcome()`.
+    """
+
+    _registry = AGENT_REGISTRY
+    _has_channels = True
+
+    def __init__(
+        self,
+        role: AgentRole,
+        *,
+        secret: str,
+        version: int = AGENT_PROTOCOL_VERSION,
+        min_version: int = MIN_AGENT_PROTOCOL_VERSION,
+        features: list[str] | None = None,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        initial_window: int = INITIAL_WINDOW,
+    ) -> None:
+        super().__init__(role, max_frame_size)
+        self._secret = secret
+        self.version = version
+        self.min_version = min_version
+        self.features = list(features or [])
+        self.negotiated_version: int | None = None
+        self.peer_features: list[str] = []
+        self.initial_window = initial_window
+        # (channel, conn_id) -> bytes we may still send / the peer may still send us
+        self._send_window: dict[tuple[int, int], int] = {}
+        self._recv_window: dict[tuple[int, int], int] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<AgentConnection role={self.role.value} state={self.state.value} "
+            f"version={self.negotiated_version} conns={len(self._send_window)}>"
+        )
+
+    # -- handshake
+
+    def hello(self, client: str = "") -> bytes:
+        if self.role is not AgentRole.DAEMON or self.state is not State.HANDSHAKE:
+            raise LocalProtocolError(f"hello() by the {self.role.value} in {self.state.value}")
+        return self._frame(
+            CONTROL_CHANNEL,
+            Hello(
+                version=self.version,
+                min_version=self.min_version,
+                secret=self._secret,
+                client=client,
+                features=self.features,
+            ),
+        )
+
+    def welcome(self, *, agent_version: str, target: str) -> bytes:
+        if self.role is not AgentRole.AGENT or self.negotiated_version is None:
+            raise LocalProtocolError("welcome() before a valid Hello was received")
+        return self._frame(
+            CONTROL_CHANNEL,
+            Welcome(
+                version=self.negotiated_version,
+                agent_version=agent_version,
+                target=target,
+                features=self.features,
+            ),
+        )
+
+    def _check_received(self, channel: int, msg: Message) -> None:
+        if self.state is State.HANDSHAKE:
+            self._check_handshake(channel, msg)
+            return
+        if isinstance(msg, Hello | Welcome):
+            raise RemoteProtocolError(f"{type(msg).__name__} after the handshake")
+        if isinstance(msg, ChannelOpen | ChannelClose) and channel == CONTROL_CHANNEL:
+            raise RemoteProtocolError(f"{type(msg).__name__} on the control channel")
+        if isinstance(msg, Fatal) and channel == CONTROL_CHANNEL:
+            self._set_state(State.CLOSED)
+            return
+        self._track_received(channel, msg)
+
+    def _check_handshake(self, channel: int, msg: Message) -> None:
+        if isinstance(msg, Fatal):
+            raise RemoteProtocolError(f"peer refused the handshake: {msg.code}: {msg.message}")
+        if channel != CONTROL_CHANNEL:
+            raise RemoteProtocolError(f"{type(msg).__name__} on channel {channel} before handshake")
+        if self.role is AgentRole.AGENT:
+            if not isinstance(msg, Hello):
+                raise RemoteProtocolError(f"expected Hello first, got {type(msg).__name__}")
+            if not hmac.compare_digest(msg.secret.encode(), self._secret.encode()):
+                exc = RemoteProtocolError("the agent secret does not match: not authenticated")
+                exc.code = "unauthenticated"
+                raise exc
+            version = min(msg.version, self.version)
+            if version < max(msg.min_version, self.min_version):
+                exc = RemoteProtocolError(
+                    f"no common protocol version: peer speaks {msg.min_version}..{msg.version}, "
+                    f"we speak {self.min_version}..{self.version}"
+                )
+                exc.code = "version_mismatch"
+                raise exc
+            self.negotiated_version = version
+            self.peer_features = list(msg.features)
+        else:
+            if not isinstance(msg, Welcome):
+                raise RemoteProtocolError(f"expected Welcome first, got {type(msg).__name__}")
+            if not self.min_version <= msg.version <= self.version:
+                raise RemoteProtocolError(
+                    f"agent chose protocol version {msg.version}, outside our "
+                    f"{self.min_version}..{self.version}"
+                )
+            self.negotiated_version = msg.version
+            self.peer_features = list(msg.features)
+        self._set_state(State.OPEN)
+
+    # -- flow control
+
+    def _open_conn(self, key: tuple[int, int]) -> None:
+        self._send_window[key] = self.initial_window
+        self._recv_window[key] = self.initial_window
+
+    def _drop_conn(self, key: tuple[int, int]) -> None:
+        self._send_window.pop(key, None)
+        self._recv_window.pop(key, None)
+
+    def _drop_channel(self, channel: int) -> None:
+        for key in [k for k in self._send_window if k[0] == channel]:
+            self._drop_conn(key)
+
+    def _track_received(self, channel: int, msg: Message) -> None:
+        if isinstance(msg, Data):
+            key = (channel, msg.conn_id)
+            window = self._recv_window.get(key)
+            if window is None:
+                return  # data for a connection already closed here: the user drops it
+            if len(msg.data) > window:
+                raise RemoteProtocolError(
+                    f"Data of {len(msg.data)} bytes on channel {channel} conn {msg.conn_id} "
+                    f"exceeds the credit window ({window} bytes left)"
+                )
+            self._recv_window[key] = window - len(msg.data)
+        elif isinstance(msg, Credit):
+            key = (channel, msg.conn_id)
+            if key in self._send_window:
+                self._send_window[key] = min(self._send_window[key] + msg.amount, _MAX_WINDOW)
+        elif isinstance(msg, Connect | IncomingConnection):
+            self._open_conn((channel, msg.conn_id))
+        elif isinstance(msg, ConnClose):
+            self._drop_conn((channel, msg.conn_id))
+        elif isinstance(msg, ChannelClose):
+            self._drop_channel(channel)
+
+    def _track_sent(self, channel: int, msg: Message) -> None:
+        if isinstance(msg, Data):
+            key = (channel, msg.conn_id)
+            window = self._send_window.get(key)
+            if window is None:
+                raise LocalProtocolError(f"Data for unknown connection {key}")
+            if len(msg.data) > window:
+                raise LocalProtocolError(
+                    f"Data of {len(msg.data)} bytes exceeds the send window ({window}) of {key}"
+                )
+            self._send_window[key] = window - len(msg.data)
+        elif isinstance(msg, Credit):
+            key = (channel, msg.conn_id)
+            if key in self._recv_window:
+                self._recv_window[key] = min(self._recv_window[key] + msg.amount, _MAX_WINDOW)
+        elif isinstance(msg, Connect | IncomingConnection):
+            self._open_conn((channel, msg.conn_id))
+        elif isinstance(msg, ConnClose):
+            self._drop_conn((channel, msg.conn_id))
+        elif isinstance(msg, ChannelClose):
+            self._drop_channel(channel)
+
+    def send_window(self, channel: int, conn_id: int) -> int:
+        """How many Data bytes may be sent on this connection now (0 if unknown)."""
+        return self._send_window.get((channel, conn_id), 0)
+
+    def statistics(self) -> dict[str, int]:
+        return {"connections": len(self._send_window), "buffered": self._decoder.buffered}
+
+    # -- sending
+
+    def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> bytes:
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(
+                f"send({type(msg).__name__}) in state {self.state.value}; handshake first"
+            )
+        if isinstance(msg, Hello | Welcome):
+            raise LocalProtocolError(f"{type(msg).__name__} is sent by hello()/welcome()")
+        frame = self._frame(channel, msg)
+        self._track_sent(channel, msg)
+        return frame
+
+
+class LayerConnection(_Connection):
+    """One layer <-> daemon unix-socket stream. The layer sends `LayerHello` (via `hello()`);
+    the daemon checks the build id on receipt and answers with `welcome()`."""
+
+    _registry = LAYER_REGISTRY
+    _has_channels = False
+
+    def __init__(
+        self, role: LayerRole, *, build_id: str, max_frame_size: int = MAX_FRAME_SIZE
+    ) -> None:
+        super().__init__(role, max_frame_size)
+        self.build_id = build_id
+        self.peer_hello: LayerHello | None = None
+
+    def hello(self, *, session: str, pid: int, parent_pid: int | None = None, exe: bytes = b"") -> bytes:
+        if self.role is not LayerRole.LAYER or self.state is not State.HANDSHAKE:
+            raise LocalProtocolError(f"hello() by the {self.role.value} in {self.state.value}")
+        return self._frame(
+            0,
+            LayerHello(
+                build_id=self.build_id, session=session, pid=pid, parent_pid=parent_pid, exe=exe
+            ),
+        )
+
+    def welcome(self, process: int) -> bytes:
+        if self.role is not LayerRole.DAEMON or self.peer_hello is None:
+            raise LocalProtocolError("welcome() before a valid LayerHello")
+        frame = self._frame(0, LayerWelcome(process=process))
+        self._set_state(State.OPEN)
+        return frame
+
+    def _check_received(self, channel: int, msg: Message) -> None:
+        del channel
+        if isinstance(msg, Fatal):
+            if self.state is State.HANDSHAKE:
+                raise RemoteProtocolError(f"peer refused the handshake: {msg.code}: {msg.message}")
+            self._set_state(State.CLOSED)
+            return
+        if self.state is State.HANDSHAKE:
+            if self.role is LayerRole.DAEMON:
+                if not isinstance(msg, LayerHello) or self.peer_hello is not None:
+                    raise RemoteProtocolError(f"expected LayerHello first, got {type(msg).__name__}")
+                if msg.build_id != self.build_id:
+                    exc = RemoteProtocolError(
+                        f"layer build {msg.build_id} does not match daemon build {self.build_id}: "
+                        "the layer library and mirrordd come from different installs"
+                    )
+                    exc.code = "build_mismatch"
+                    raise exc
+                self.peer_hello = msg
+            else:
+                if not isinstance(msg, LayerWelcome):
+                    raise RemoteProtocolError(f"expected LayerWelcome, got {type(msg).__name__}")
+                self._set_state(State.OPEN)
+            return
+        if isinstance(msg, LayerHello | LayerWelcome):
+            raise RemoteProtocolError(f"{type(msg).__name__} after the handshake")
+
+    def send(self, msg: Message) -> bytes:
+        if self.state is not State.OPEN and not isinstance(msg, Fatal):
+            raise LocalProtocolError(
+                f"send({type(msg).__name__}) in state {self.state.value}; handshake first"
+            )
+        if isinstance(msg, LayerHello | LayerWelcome):
+            raise LocalProtocolError(f"{type(msg).__name__} is sent by hello()/welcome()")
+        return self._frame(0, msg)

@@ -1,0 +1,721 @@
+"""Every message of both protocols, with its wire kind id.
+
+Compatibility regime
+--------------------
+- Kind ids are never reused or renumbered. A message's fields are never reordered or
+  retyped; a new field may only be appended, with a default, and an older peer ignores it.
+- Kinds 1-99 are shared by both protocols (replies, files, env, DNS): the daemon forwards
+  these between a layer and its agent channel unchanged but for the request id.
+- Kinds 100-199 exist only in the agent protocol (daemon <-> agent), which only grows: a new
+  kind is sent only to a peer whose negotiated version or announced features include it.
+- Kinds 200-299 exist only in the layer protocol (layer <-> daemon), which ships with both
+  ends and need not be backwards compatible (the handshake checks the build id).
+
+Wire shapes used inside fields (arrays, so the C layer can read them by position):
+- stat: [dev, ino, mode, nlink, uid, gid, rdev, size, blksize, blocks,
+         atime_ns, mtime_ns, ctime_ns]
+- statfs: [type, bsize, blocks, bfree, bavail, files, ffree, namelen, frsize, flags]
+- dir entry: [name, ino, d_type]
+- address info: [family, socktype, protocol, address, port]
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+from mirrord.protocol._base import Message, message
+
+__all__ = [
+    "CONN_CLOSE_NORMAL",
+    "INCOMING_MODES",
+    "MAX_DATA_CHUNK",
+    "MAX_DIR_BATCH",
+    "STAT_FIELDS",
+    "STATFS_FIELDS",
+    "ChannelClose",
+    "ChannelOpen",
+    "ConnClose",
+    "Connect",
+    "Connected",
+    "Credit",
+    "Data",
+    "DirClose",
+    "DirEntries",
+    "DirOpen",
+    "DirOpened",
+    "DirRead",
+    "DnsLookup",
+    "DnsReply",
+    "EnvReply",
+    "EnvRequest",
+    "ErrorReply",
+    "Fatal",
+    "Fchmod",
+    "FileAccess",
+    "FileClose",
+    "FileData",
+    "FileOpen",
+    "FileOpened",
+    "FilePosition",
+    "FileRead",
+    "FileSeek",
+    "FileStat",
+    "FileWrite",
+    "FileWritten",
+    "Fsync",
+    "Ftruncate",
+    "Hello",
+    "HostnameReply",
+    "HostnameRequest",
+    "IncomingConnection",
+    "LayerConnect",
+    "LayerConnected",
+    "LayerHello",
+    "LayerListen",
+    "LayerUnlisten",
+    "LayerWelcome",
+    "Mkdir",
+    "Ok",
+    "PeerLookup",
+    "PeerReply",
+    "Ping",
+    "Pong",
+    "ReadLink",
+    "ReadLinkReply",
+    "Rename",
+    "Rmdir",
+    "Shutdown",
+    "StatFs",
+    "StatFsReply",
+    "StatReply",
+    "Subscribe",
+    "Subscribed",
+    "TrafficStats",
+    "Unlink",
+    "Unsubscribe",
+    "Welcome",
+]
+
+MAX_DATA_CHUNK = 1024 * 1024  # largest Data / FileRead payload in one message
+MAX_DIR_BATCH = 4096  # most directory entries in one DirEntries
+CONN_CLOSE_NORMAL = 0
+INCOMING_MODES = ("mirror", "steal")
+STAT_FIELDS = (
+    "dev ino mode nlink uid gid rdev size blksize blocks atime_ns mtime_ns ctime_ns".split()
+)
+STATFS_FIELDS = "type bsize blocks bfree bavail files ffree namelen frsize flags".split()
+
+
+def _port(value: int, name: str) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{name} {value} is not a port (0-65535)")
+
+
+def _nonneg(value: int, name: str) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value}")
+
+
+class Request(Message):
+    """A message that expects exactly one reply echoing its `request_id`."""
+
+    __slots__ = ()
+    request_id: int
+
+
+class Reply(Message):
+    """The answer to a `Request`, echoing its `request_id`."""
+
+    __slots__ = ()
+    request_id: int
+
+
+# ---------------------------------------------------------------- shared: replies, control
+
+
+@message(1)
+class ErrorReply(Reply):
+    """A request failed; `errno` is what libc would have set in the layer."""
+
+    request_id: int
+    errno: int
+    message: str = ""
+
+
+@message(2)
+class Ok(Reply):
+    request_id: int
+
+
+@message(3)
+class Fatal(Message):
+    """The sender is closing the connection (or, in the agent protocol, a channel) because of
+    `code`; `message` says why and what to check."""
+
+    code: str
+    message: str
+
+
+@message(4)
+class Ping(Message):
+    nonce: int
+
+
+@message(5)
+class Pong(Message):
+    nonce: int
+
+
+# ---------------------------------------------------------------- shared: files
+
+
+@message(10)
+class FileOpen(Request):
+    request_id: int
+    path: bytes
+    flags: int
+    mode: int = 0
+
+
+@message(11)
+class FileOpened(Reply):
+    request_id: int
+    handle: int
+
+
+@message(12)
+class FileRead(Request):
+    """Read up to `size` bytes at `offset`, or at the handle's position when `offset` is null."""
+
+    request_id: int
+    handle: int
+    size: int
+    offset: int | None = None
+
+    def _validate(self) -> None:
+        if not 0 <= self.size <= MAX_DATA_CHUNK:
+            raise ValueError(f"size {self.size} outside 0..{MAX_DATA_CHUNK}")
+        if self.offset is not None:
+            _nonneg(self.offset, "offset")
+
+
+@message(13)
+class FileData(Reply):
+    request_id: int
+    data: bytes
+
+
+@message(14)
+class FileWrite(Request):
+    request_id: int
+    handle: int
+    data: bytes
+    offset: int | None = None
+
+    def _validate(self) -> None:
+        if len(self.data) > MAX_DATA_CHUNK:
+            raise ValueError(f"{len(self.data)} bytes exceed {MAX_DATA_CHUNK}")
+        if self.offset is not None:
+            _nonneg(self.offset, "offset")
+
+
+@message(15)
+class FileWritten(Reply):
+    request_id: int
+    count: int
+
+
+@message(16)
+class FileSeek(Request):
+    request_id: int
+    handle: int
+    offset: int
+    whence: int
+
+
+@message(17)
+class FilePosition(Reply):
+    request_id: int
+    position: int
+
+
+@message(18)
+class FileClose(Request):
+    request_id: int
+    handle: int
+
+
+@message(19)
+class FileStat(Request):
+    """stat (`path`, follow), lstat (`path`, not follow) or fstat (`handle`)."""
+
+    request_id: int
+    path: bytes | None = None
+    handle: int | None = None
+    follow: bool = True
+
+    def _validate(self) -> None:
+        if (self.path is None) == (self.handle is None):
+            raise ValueError("exactly one of path and handle")
+
+
+@message(20)
+class StatReply(Reply):
+    request_id: int
+    stat: list[int]
+
+    def _validate(self) -> None:
+        if len(self.stat) != len(STAT_FIELDS):
+            raise ValueError(f"stat has {len(self.stat)} fields, not {len(STAT_FIELDS)}")
+
+
+@message(21)
+class StatFs(Request):
+    request_id: int
+    path: bytes | None = None
+    handle: int | None = None
+
+    def _validate(self) -> None:
+        if (self.path is None) == (self.handle is None):
+            raise ValueError("exactly one of path and handle")
+
+
+@message(22)
+class StatFsReply(Reply):
+    request_id: int
+    statfs: list[int]
+
+    def _validate(self) -> None:
+        if len(self.statfs) != len(STATFS_FIELDS):
+            raise ValueError(f"statfs has {len(self.statfs)} fields, not {len(STATFS_FIELDS)}")
+
+
+@message(23)
+class FileAccess(Request):
+    request_id: int
+    path: bytes
+    mode: int
+
+
+@message(24)
+class ReadLink(Request):
+    request_id: int
+    path: bytes
+
+
+@message(25)
+class ReadLinkReply(Reply):
+    request_id: int
+    target: bytes
+
+
+@message(26)
+class DirOpen(Request):
+    """opendir (`path`) or fdopendir (`handle` of an open file)."""
+
+    request_id: int
+    path: bytes | None = None
+    handle: int | None = None
+
+    def _validate(self) -> None:
+        if (self.path is None) == (self.handle is None):
+            raise ValueError("exactly one of path and handle")
+
+
+@message(27)
+class DirOpened(Reply):
+    request_id: int
+    handle: int
+
+
+@message(28)
+class DirRead(Request):
+    request_id: int
+    handle: int
+    max_entries: int = 256
+
+    def _validate(self) -> None:
+        if not 1 <= self.max_entries <= MAX_DIR_BATCH:
+            raise ValueError(f"max_entries {self.max_entries} outside 1..{MAX_DIR_BATCH}")
+
+
+@message(29)
+class DirEntries(Reply):
+    """A batch of entries; an empty batch means the end of the directory."""
+
+    request_id: int
+    entries: list[tuple[bytes, int, int]]
+
+
+@message(30)
+class DirClose(Request):
+    request_id: int
+    handle: int
+
+
+@message(31)
+class Mkdir(Request):
+    request_id: int
+    path: bytes
+    mode: int = 0o777
+
+
+@message(32)
+class Rmdir(Request):
+    request_id: int
+    path: bytes
+
+
+@message(33)
+class Unlink(Request):
+    request_id: int
+    path: bytes
+
+
+@message(34)
+class Rename(Request):
+    request_id: int
+    old: bytes
+    new: bytes
+
+
+@message(35)
+class Ftruncate(Request):
+    request_id: int
+    handle: int
+    length: int
+
+    def _validate(self) -> None:
+        _nonneg(self.length, "length")
+
+
+@message(36)
+class Fchmod(Request):
+    request_id: int
+    handle: int
+    mode: int
+
+
+@message(37)
+class Fsync(Request):
+    request_id: int
+    handle: int
+
+
+# ---------------------------------------------------------------- shared: env, DNS
+
+
+@message(50)
+class EnvRequest(Request):
+    """The target's environment, filtered by glob lists (empty include = everything)."""
+
+    request_id: int
+    include: list[str]
+    exclude: list[str]
+
+
+@message(51)
+class EnvReply(Reply):
+    request_id: int
+    env: dict[str, str]
+
+    def __repr__(self) -> str:  # values are secrets: never in logs
+        return f"EnvReply(request_id={self.request_id}, env=<{len(self.env)} variables>)"
+
+
+@message(52)
+class DnsLookup(Request):
+    """getaddrinfo(host, port, hints) in the target's context."""
+
+    request_id: int
+    host: str
+    port: int = 0
+    family: int = 0
+    socktype: int = 0
+    protocol: int = 0
+    flags: int = 0
+
+
+@message(53)
+class DnsReply(Reply):
+    request_id: int
+    addresses: list[tuple[int, int, int, str, int]]
+    canonname: str = ""
+
+
+@message(54)
+class HostnameRequest(Request):
+    request_id: int
+
+
+@message(55)
+class HostnameReply(Reply):
+    request_id: int
+    hostname: str
+
+
+# ---------------------------------------------------------------- agent protocol only
+
+
+@message(100)
+class Hello(Message):
+    """daemon -> agent, first frame: the versions it speaks and the per-agent secret."""
+
+    version: int
+    min_version: int
+    secret: str
+    client: str = ""
+    features: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (
+            f"Hello(version={self.version}, min_version={self.min_version}, secret=<hidden>, "
+            f"client={self.client!r}, features={self.features!r})"
+        )
+
+
+@message(101)
+class Welcome(Message):
+    """agent -> daemon: the negotiated version, and what the agent is attached to."""
+
+    version: int
+    agent_version: str
+    target: str
+    features: list[str]
+
+
+@message(102)
+class ChannelOpen(Message):
+    """daemon -> agent, sent on the new channel: one layer process. With `parent`, the agent
+    gives the new channel a copy of the parent channel's open handles (fork)."""
+
+    pid: int
+    parent: int | None = None
+    label: str = ""
+
+    def _validate(self) -> None:
+        if self.parent is not None and self.parent <= 0:
+            raise ValueError(f"parent channel {self.parent} must be positive")
+
+
+@message(103)
+class ChannelClose(Message):
+    """Either side: the channel is gone; the agent frees everything it held for it."""
+
+    reason: str = ""
+
+
+@message(110)
+class Connect(Request):
+    """daemon -> agent: open an outgoing connection from the target's network namespace.
+    `conn_id` is chosen by the daemon (even numbers)."""
+
+    request_id: int
+    conn_id: int
+    protocol: str
+    address: str
+    port: int
+
+    def _validate(self) -> None:
+        if self.protocol not in ("tcp", "udp"):
+            raise ValueError(f"protocol {self.protocol!r} is not tcp or udp")
+        _port(self.port, "port")
+
+
+@message(111)
+class Connected(Reply):
+    request_id: int
+    conn_id: int
+    local_address: str
+    local_port: int
+
+
+@message(112)
+class Data(Message):
+    """Bytes of a connection, counted against the receiver's credit window."""
+
+    conn_id: int
+    data: bytes
+
+    def _validate(self) -> None:
+        if len(self.data) > MAX_DATA_CHUNK:
+            raise ValueError(f"{len(self.data)} bytes exceed {MAX_DATA_CHUNK}")
+
+
+@message(113)
+class Credit(Message):
+    """The receiver consumed `amount` more bytes of `conn_id`: the sender may send that many."""
+
+    conn_id: int
+    amount: int
+
+    def _validate(self) -> None:
+        if self.amount <= 0:
+            raise ValueError(f"credit amount must be positive, got {self.amount}")
+
+
+@message(114)
+class Shutdown(Message):
+    """The sender will send no more data on `conn_id` (half-close)."""
+
+    conn_id: int
+
+
+@message(115)
+class ConnClose(Message):
+    """`conn_id` is gone: 0 for an orderly close, else the errno (ECONNRESET, ...)."""
+
+    conn_id: int
+    errno: int = CONN_CLOSE_NORMAL
+
+
+@message(120)
+class Subscribe(Request):
+    """daemon -> agent: mirror or steal `port`; `http_filter` (steal only) is the config's
+    filter object, in its JSON shape."""
+
+    request_id: int
+    port: int
+    mode: str
+    http_filter: dict[str, Any] | None = None
+
+    def _validate(self) -> None:
+        _port(self.port, "port")
+        if self.mode not in INCOMING_MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {INCOMING_MODES}")
+
+
+@message(121)
+class Subscribed(Reply):
+    request_id: int
+    port: int
+    warnings: list[str]
+
+
+@message(122)
+class Unsubscribe(Request):
+    request_id: int
+    port: int
+
+
+@message(123)
+class IncomingConnection(Message):
+    """agent -> daemon: a mirrored or stolen connection (or, with a filter, one HTTP request
+    as a connection of its own). `conn_id` is chosen by the agent (odd numbers)."""
+
+    conn_id: int
+    port: int
+    remote_address: str
+    remote_port: int
+    local_address: str
+    local_port: int
+    mode: str
+
+
+@message(124)
+class TrafficStats(Message):
+    """agent -> daemon: counters of a subscribed port; `drops` are kernel drops (mirror)."""
+
+    port: int
+    packets: int
+    drops: int
+
+
+# ---------------------------------------------------------------- layer protocol only
+
+
+@message(200)
+class LayerHello(Message):
+    """layer -> daemon, first frame of every layer connection. `parent_pid` is set by a
+    forked child's first connection; another thread of a registered process sends its pid."""
+
+    build_id: str
+    session: str
+    pid: int
+    parent_pid: int | None = None
+    exe: bytes = b""
+
+
+@message(201)
+class LayerWelcome(Message):
+    process: int
+
+
+@message(202)
+class LayerConnect(Request):
+    """Outgoing: connect to `address:port` from the target; the reply names the daemon-side
+    relay endpoint the user's socket connects to instead."""
+
+    request_id: int
+    protocol: str
+    address: str
+    port: int
+
+    def _validate(self) -> None:
+        if self.protocol not in ("tcp", "udp"):
+            raise ValueError(f"protocol {self.protocol!r} is not tcp or udp")
+        _port(self.port, "port")
+
+
+@message(203)
+class LayerConnected(Reply):
+    request_id: int
+    relay_address: str
+    relay_port: int
+    local_address: str
+    local_port: int
+
+
+@message(204)
+class LayerListen(Request):
+    """The app listens on `port` (as requested) and is really bound to `bound_port` on the
+    user's machine: the daemon subscribes and connects incoming traffic there."""
+
+    request_id: int
+    port: int
+    bound_address: str
+    bound_port: int
+
+    def _validate(self) -> None:
+        _port(self.port, "port")
+        _port(self.bound_port, "bound_port")
+
+
+@message(205)
+class LayerUnlisten(Request):
+    request_id: int
+    port: int
+
+
+@message(206)
+class PeerLookup(Request):
+    """Who is the real peer of the accepted connection whose daemon-side source port is
+    `local_port`?"""
+
+    request_id: int
+    local_port: int
+
+
+@message(207)
+class PeerReply(Reply):
+    request_id: int
+    address: str
+    port: int
+
+
+SHARED_KINDS: list[type[Message]] = [
+    cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, Message) and 0 < getattr(cls, "KIND", 0) < 100
+]
+AGENT_KINDS: list[type[Message]] = [
+    cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, Message) and 100 <= getattr(cls, "KIND", 0) < 200
+]
+LAYER_KINDS: list[type[Message]] = [
+    cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, Message) and 200 <= getattr(cls, "KIND", 0) < 300
+]
