@@ -1,0 +1,360 @@
+"""Agent backends: how the daemon gets an agent next to a target and one byte stream to it (I4).
+
+Owns: the `AgentBackend` / `AgentHandle` protocols that every backend implements, the choice
+of backend for a target string, and the *local* backend (an `mirrord-agent` subprocess for
+`pid/N` and `container/ID` targets on this machine, reached through a unix socket in the
+runtime directory). Does not own: the agent protocol spoken on the stream (the daemon's agent
+pool does that with `mirrord.protocol.AgentConnection`), nor the Kubernetes backend, which
+lives in `mirrord.kube` and is found by `backends_for_daemon()` as `mirrord.kube.KubeBackend`
+(constructed with no arguments; it implements `AgentBackend`).
+
+Contract for every backend
+--------------------------
+- `handles(target)` is cheap and synchronous: it only looks at the target string.
+- `start_agent(target, config, progress)` makes an agent exist and be reachable; it may take
+  seconds. It reports steps through `progress("...")` (short phrases a user reads, no secrets)
+  and raises `AgentStartError` (or a subclass) with a message that says what to check.
+  `config` is the session's resolved `mirrord.config.MirrordConfig` (I6); a backend reads
+  only the sections it owns (`agent`, `kube`, ...).
+- The returned handle's `key` decides sharing: sessions whose handle keys are equal share one
+  agent and one stream (the daemon stops the handle it did not need). Keys name the backend
+  and the resolved target, e.g. `local:pid/123`, `kube:ctx/ns/pod/container`.
+- `connect()` returns the ONE stream the daemon speaks the agent protocol on; the daemon calls
+  it again to re-establish after a break. `secret` is the agent's per-agent secret (sent in
+  `Hello`). `alive()` is cheap and synchronous. `stop()` releases the agent and everything the
+  backend created for it; it is idempotent and never raises for an agent already gone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+import anyio.abc
+
+from mirrord.daemon._exceptions import AgentStartError, RootRequired, TargetNotSupported
+
+__all__ = [
+    "AgentBackend",
+    "AgentConfig",
+    "AgentHandle",
+    "LocalAgentBackend",
+    "LocalAgentHandle",
+    "Progress",
+    "backends_for_daemon",
+    "config_value",
+    "select_backend",
+]
+
+# The session's resolved `mirrord.config.MirrordConfig`; a backend reads it through
+# `config_value()` so that a plain dict of the same JSON shape works too (tests, older callers).
+AgentConfig = Any
+Progress = Callable[[str], None]
+
+LOCAL_TARGET_PREFIXES = ("pid/", "container/")
+DEFAULT_AGENT_STARTUP_TIMEOUT = 20.0
+DEFAULT_AGENT_IDLE_TIMEOUT = 60
+_READY_PREFIX = "mirrord-agent ready "
+_ERROR_PREFIX = "mirrord-agent: error: "
+_STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when stopping an agent
+
+
+@runtime_checkable
+class AgentHandle(Protocol):
+    """One started agent: how to reach it and how to release it."""
+
+    key: str
+    description: str
+    secret: str
+
+    async def connect(self) -> anyio.abc.ByteStream:
+        """A new byte stream to the agent (raises `AgentStartError` if it cannot be reached)."""
+        ...
+
+    async def stop(self) -> None:
+        """Release the agent; idempotent; never raises for an agent that is already gone."""
+        ...
+
+    def alive(self) -> bool:
+        """Cheap check: False once the agent is known to be gone."""
+        ...
+
+
+@runtime_checkable
+class AgentBackend(Protocol):
+    """A way to run agents: local subprocesses, Kubernetes jobs, ..."""
+
+    name: str
+
+    def handles(self, target: str) -> bool:
+        """Whether this backend runs agents for `target` (looks at the string only)."""
+        ...
+
+    async def start_agent(
+        self, target: str, config: AgentConfig, progress: Progress
+    ) -> AgentHandle:
+        """Start (or find) an agent for `target`; raises `AgentStartError` with what to check."""
+        ...
+
+
+def config_value(config: AgentConfig, *path: str, default: Any = None) -> Any:
+    """`config.a.b` for a pydantic model or `config["a"]["b"]` for a dict; `default` if absent."""
+    node: Any = config
+    for name in path:
+        if node is None:
+            return default
+        node = node.get(name) if isinstance(node, dict) else getattr(node, name, None)
+    return default if node is None else node
+
+
+def select_backend(target: str, backends: list[AgentBackend]) -> AgentBackend:
+    """The first backend that handles `target`; `TargetNotSupported` if none does."""
+    for backend in backends:
+        if backend.handles(target):
+            return backend
+    raise TargetNotSupported(target, [b.name for b in backends])
+
+
+def backends_for_daemon(runtime_dir: Path) -> list[AgentBackend]:
+    """The daemon's backends: local first, then Kubernetes when `mirrord.kube` provides one."""
+    backends: list[AgentBackend] = [LocalAgentBackend(runtime_dir)]
+    try:
+        from mirrord import kube
+    except ImportError:  # pragma: no cover - the package is always installed whole
+        return backends
+    factory = getattr(kube, "KubeBackend", None)
+    if factory is not None:
+        backends.append(factory())
+    return backends
+
+
+# ------------------------------------------------------------------------- local backend
+
+
+class LocalAgentHandle:
+    """A `mirrord-agent` subprocess of the daemon, listening on a unix socket."""
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        process: anyio.abc.Process,
+        socket_path: Path,
+        secret_path: Path,
+        log_path: Path,
+        secret: str,
+    ) -> None:
+        self.key = f"local:{target}"
+        self.target = target
+        self.description = f"local agent pid {process.pid} for {target}"
+        self.secret = secret
+        self.process = process
+        self.socket_path = socket_path
+        self.secret_path = secret_path
+        self.log_path = log_path
+        self._stopped = False
+
+    def __repr__(self) -> str:  # no secret here
+        return f"<LocalAgentHandle {self.key} pid={self.process.pid} alive={self.alive()}>"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return not self._stopped and self.process.returncode is None
+
+    async def connect(self) -> anyio.abc.ByteStream:
+        if not self.alive():
+            raise AgentStartError(
+                f"the agent for {self.target} has exited ({self.process.returncode}); "
+                f"its log is {self.log_path}"
+            )
+        try:
+            with anyio.fail_after(5):
+                return await anyio.connect_unix(str(self.socket_path))
+        except (OSError, TimeoutError) as exc:
+            raise AgentStartError(
+                f"cannot connect to the agent for {self.target} at {self.socket_path}: {exc}; "
+                f"its log is {self.log_path}"
+            ) from exc
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        with anyio.CancelScope(shield=True):
+            if self.process.returncode is None:
+                try:
+                    self.process.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                with anyio.move_on_after(_STOP_GRACE):
+                    await self.process.wait()
+                if self.process.returncode is None:
+                    try:
+                        self.process.kill()
+                    except ProcessLookupError:
+                        pass
+                    with anyio.move_on_after(_STOP_GRACE):
+                        await self.process.wait()
+            await self.process.aclose()
+            for path in (self.socket_path, self.secret_path):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+
+
+class LocalAgentBackend:
+    """Spawns `mirrord-agent` (I2) as a root subprocess for `pid/N` and `container/ID`.
+
+    The agent's socket, secret file and log live in the runtime directory. Its stdout and
+    stderr go to the log file (never a pipe: a pipe nobody drains would block the agent); the
+    readiness line is read from there. Under `setpriv --pdeathsig TERM` the agent is told to
+    exit when the daemon dies, so a killed daemon never leaves agents behind for long.
+    """
+
+    name = "local"
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        self._counter = 0
+
+    def __repr__(self) -> str:
+        return f"<LocalAgentBackend runtime_dir={self.runtime_dir}>"
+
+    def handles(self, target: str) -> bool:
+        return target.startswith(LOCAL_TARGET_PREFIXES)
+
+    def _command(self, target: str, socket_path: Path, secret_path: Path, idle: int) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "mirrord.agent",
+            "--target",
+            target,
+            "--listen",
+            f"unix:{socket_path}",
+            "--secret-file",
+            str(secret_path),
+            "--idle-timeout",
+            str(idle),
+        ]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        return argv
+
+    async def start_agent(
+        self, target: str, config: AgentConfig, progress: Progress
+    ) -> LocalAgentHandle:
+        if not self.handles(target):
+            raise TargetNotSupported(target, [self.name])
+        kind, _, ident = target.partition("/")
+        if not ident or (kind == "pid" and not ident.isdigit()):
+            raise AgentStartError(
+                f"target {target!r} is not valid: use pid/N (a process id) or container/ID"
+            )
+        if os.geteuid() != 0:
+            raise RootRequired(target)
+        startup_timeout = float(
+            config_value(config, "agent", "startup_timeout", default=DEFAULT_AGENT_STARTUP_TIMEOUT)
+        )
+        idle = int(
+            config_value(config, "agent", "idle_timeout", default=DEFAULT_AGENT_IDLE_TIMEOUT)
+        )
+        self._counter += 1
+        stem = f"agent-{os.getpid()}-{self._counter}"
+        socket_path = self.runtime_dir / f"{stem}.sock"
+        secret_path = self.runtime_dir / f"{stem}.secret"
+        log_path = self.runtime_dir / f"{stem}.log"
+        secret = secrets.token_urlsafe(32)
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret)
+        progress(f"starting agent for {target}")
+        log = log_path.open("wb")
+        try:
+            process = await anyio.open_process(
+                self._command(target, socket_path, secret_path, idle),
+                stdin=None,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # a Ctrl-C in the user's terminal is not for the agent
+            )
+        except OSError as exc:
+            secret_path.unlink(missing_ok=True)
+            raise AgentStartError(f"cannot start mirrord-agent: {exc}") from exc
+        finally:
+            log.close()
+        handle = LocalAgentHandle(
+            target=target,
+            process=process,
+            socket_path=socket_path,
+            secret_path=secret_path,
+            log_path=log_path,
+            secret=secret,
+        )
+        try:
+            await self._wait_ready(handle, startup_timeout)
+        except BaseException:
+            await handle.stop()
+            raise
+        progress(f"agent ready for {target} (pid {process.pid})")
+        return handle
+
+    async def _wait_ready(self, handle: LocalAgentHandle, timeout: float) -> None:
+        """Poll the agent's log for the readiness line (I2) until `timeout` seconds."""
+        delay = 0.005
+        with anyio.move_on_after(timeout):
+            while True:
+                text = await anyio.to_thread.run_sync(_read_text, handle.log_path)
+                if any(line.startswith(_READY_PREFIX) for line in text.splitlines()):
+                    return
+                if handle.process.returncode is not None:
+                    raise AgentStartError(_agent_failure(handle, text))
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        text = await anyio.to_thread.run_sync(_read_text, handle.log_path)
+        raise AgentStartError(
+            f"the agent for {handle.target} did not report ready within {timeout:g} s "
+            f"(config agent.startup_timeout); its log is {handle.log_path}"
+            + (f"; last lines: {_tail(text)}" if text.strip() else "")
+        )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes()[-65536:].decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def _agent_failure(handle: LocalAgentHandle, text: str) -> str:
+    errors = [
+        line[len(_ERROR_PREFIX) :].strip()
+        for line in text.splitlines()
+        if line.startswith(_ERROR_PREFIX)
+    ]
+    code = handle.process.returncode
+    if errors:
+        return f"the agent for {handle.target} failed: {errors[-1]}"
+    if code == 3:
+        return f"target {handle.target} was not found (or is gone): check the pid / container id"
+    detail = f"; last lines: {_tail(text)}" if text.strip() else ""
+    return (
+        f"the agent for {handle.target} exited with status {code} before it was ready; "
+        f"its log is {handle.log_path}{detail}"
+    )

@@ -1,0 +1,100 @@
+"""Errors of the daemon and of its clients, classified by who is at fault.
+
+Owns: the exception types the daemon, its agent backends (local and Kubernetes) and the CLI's
+control client raise. Each message is built in `__init__` (or given by the raiser) and says
+what happened and what to do. Does not own: protocol errors (see `mirrord.protocol`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentLost",
+    "AgentStartError",
+    "ControlError",
+    "DaemonError",
+    "DaemonNotRunning",
+    "RootRequired",
+    "SessionNotFound",
+    "TargetNotSupported",
+]
+
+
+class DaemonError(Exception):
+    """Base of the daemon's errors. `code` is a short machine-readable reason that crosses the
+    control API; `str(exc)` is the message for the user."""
+
+    code = "daemon_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AgentStartError(DaemonError):
+    """The agent for a target could not be started or reached (the user's setup: a wrong
+    target, missing permissions, an unreachable cluster). The message says what to check.
+    Agent backends raise this (or a subclass) from `start_agent()` and `connect()`."""
+
+    code = "agent_start_failed"
+
+
+class RootRequired(AgentStartError):
+    """Local targets need root: the agent enters the target's namespaces and edits rules."""
+
+    code = "root_required"
+
+    def __init__(self, target: str) -> None:
+        super().__init__(
+            f"target {target} is a process on this machine: its agent must run as root (it enters "
+            "the target's namespaces and edits firewall rules). Run mirrord as root (for example "
+            "`sudo -E mirrord run ...`), or pick a Kubernetes target."
+        )
+
+
+class TargetNotSupported(DaemonError):
+    """No agent backend handles this target string (the user's input)."""
+
+    code = "target_not_supported"
+
+    def __init__(self, target: str, known: list[str]) -> None:
+        super().__init__(
+            f"no agent backend handles target {target!r} (backends: {', '.join(known) or 'none'}); "
+            "use pid/N or container/ID for a local target, or a Kubernetes target like "
+            "pod/NAME or deployment/NAME"
+        )
+
+
+class SessionNotFound(DaemonError):
+    """A session id the daemon does not know (closed, or from a previous daemon)."""
+
+    code = "session_not_found"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} is not open in this daemon (it was closed, or the daemon "
+            "restarted): start the command again with `mirrord run`"
+        )
+
+
+class AgentLost(DaemonError):
+    """The agent connection of a session broke; the session's remote fds now fail with EIO."""
+
+    code = "agent_lost"
+
+
+class ControlError(DaemonError):
+    """The control API answered with an error, or spoke something we cannot read."""
+
+    code = "control_error"
+
+
+class DaemonNotRunning(ControlError):
+    """No daemon answers on the control socket."""
+
+    code = "daemon_not_running"
+
+    def __init__(self, socket_path: str) -> None:
+        super().__init__(
+            f"no mirrord daemon answers on {socket_path}: start one with `mirrord daemon start` "
+            "(`mirrord run` starts it by itself)"
+        )
