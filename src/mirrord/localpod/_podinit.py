@@ -1,0 +1,163 @@
+"""The first process of a local pod: builds the pod's file system view, then serves.
+
+Owns: what runs *inside* the pod's namespaces as its target process. It is started by
+`mirrord.localpod._pod.create_pod` as `ip netns exec NS unshare --mount --uts
+--propagation private PYTHON _podinit.py SPEC.json` so that its PID (seen from the host) is
+the pod's target PID. It does not own the network namespace or the veth pair (the creator does).
+
+Steps, in order (a failure prints a traceback to stderr, which the creator shows):
+1. a tmpfs becomes the pod root; every top-level host directory is recursively bind-mounted
+   into it (so interpreters, libraries and test files keep their paths), except `/etc`, which is
+   a copy on the tmpfs so the pod's `hosts`, `resolv.conf`, `hostname` and files such as
+   `/etc/shadow` are its own;
+2. the pod's files and symlinks are written (top-level directories that the host lacks, such as
+   `/app`, live on the tmpfs);
+3. the process chroots into that root, sets the hostname in its own UTS namespace;
+4. it starts the optional TCP echo and HTTP services on 0.0.0.0, prints `ready`, and serves
+   until killed.
+
+This file runs as a script with only the standard library: it never imports mirrord.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+from typing import Any
+
+# Top-level host directories a pod does not get: machinery mounts, the boot partition.
+_SKIPPED_TOP = frozenset({"mnt", "boot", "lost+found", "old_root", "etc", "media", "srv"})
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True)
+
+
+def _build_root(root: str) -> None:
+    _mount("-t", "tmpfs", "-o", "mode=0755", "mrdpodroot", root)
+    for name in sorted(os.listdir("/")):
+        path = os.path.join("/", name)
+        dest = os.path.join(root, name)
+        if name in _SKIPPED_TOP:
+            continue
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), dest)
+        elif os.path.isdir(path):
+            os.mkdir(dest)
+            _mount("--rbind", path, dest)
+        # plain files at / (e.g. .dockerenv) are not part of a pod
+    os.mkdir(os.path.join(root, "etc"))
+    subprocess.run(["cp", "-a", "/etc/.", os.path.join(root, "etc")], check=True)
+    for name in ("mnt", "srv", "media"):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+    # The recursive bind of the directory holding our own root copied the root mount itself;
+    # drop that copy so the pod's tree does not contain itself.
+    nested = os.path.join(root, root.lstrip("/"))
+    if os.path.ismount(nested):
+        subprocess.run(["umount", "-l", nested], check=True)
+
+
+def _write_files(root: str, workdir: str, files: dict[str, str], symlinks: dict[str, str]) -> None:
+    for path, b64 in files.items():
+        dest = os.path.join(root, path.lstrip("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        data = base64.b64decode(b64)
+        top = path.lstrip("/").split("/", 1)[0]
+        bound = os.path.ismount(os.path.join(root, top)) and top != "etc"
+        if bound:
+            # A host directory bind-mounted into the pod: never write through to the host;
+            # mount a private copy of the file over the existing path instead.
+            if not os.path.exists(dest):
+                raise SystemExit(
+                    f"pod file {path}: {os.path.dirname(path)} is shared with the host and has "
+                    "no such file to cover; put pod-only files under /app, /etc or another "
+                    "top-level directory the host does not have"
+                )
+            staged = os.path.join(workdir, "files")
+            os.makedirs(staged, exist_ok=True)
+            src = os.path.join(staged, path.strip("/").replace("/", "_"))
+            with open(src, "wb") as f:
+                f.write(data)
+            _mount("--bind", src, dest)
+        else:
+            with open(dest, "wb") as f:
+                f.write(data)
+    for path, target in symlinks.items():
+        dest = os.path.join(root, path.lstrip("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if os.path.lexists(dest):
+            os.unlink(dest)
+        os.symlink(target, dest)
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            sock.sendall(data)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 512
+
+
+class _Http(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    pod_name = "pod"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        out = f"{self.pod_name} {self.command} {self.path}\n".encode() + body
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    root = spec["root"]
+    _build_root(root)
+    _write_files(root, spec["workdir"], spec["files"], spec["symlinks"])
+    os.chroot(root)
+    os.chdir(spec["cwd"])
+    socket.sethostname(spec["hostname"])
+    servers: list[socketserver.BaseServer] = []
+    if spec["echo_port"]:
+        servers.append(_TCPServer(("0.0.0.0", spec["echo_port"]), _Echo))
+    if spec["http_port"]:
+        _Http.pod_name = spec["name"]
+        servers.append(http.server.ThreadingHTTPServer(("0.0.0.0", spec["http_port"]), _Http))
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
