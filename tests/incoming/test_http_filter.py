@@ -1,0 +1,408 @@
+"""The HTTP filter and the request/response splitters, sans-IO: no sockets, bytes in, events
+out. The invariant everywhere: the raw bytes of the events concatenate to the input, unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mirrord.agent._http_filter import (
+    CLOSED,
+    NEED_DATA,
+    FilterError,
+    HttpFilter,
+    Passthrough,
+    RequestEnded,
+    RequestHead,
+    RequestSplitter,
+    RequestStarted,
+    ResponseBody,
+    ResponseEnded,
+    ResponseSplitter,
+    ResponseStarted,
+    kube_probe_recipe,
+)
+
+
+def drain(splitter: RequestSplitter, *, max_events: int = 10_000) -> list[Any]:
+    events: list[Any] = []
+    for _ in range(max_events):
+        ev = splitter.next_event()
+        if ev is NEED_DATA or ev is CLOSED:
+            return events
+        events.append(ev)
+        if isinstance(ev, RequestEnded) and ev.head.upgrade:
+            splitter.switched(False)
+    raise AssertionError("splitter did not settle")
+
+
+def split_all(chunks: list[bytes], *, eof: bool = True) -> list[Any]:
+    splitter = RequestSplitter()
+    events: list[Any] = []
+    for chunk in chunks:
+        splitter.receive_data(chunk)
+        events += drain(splitter)
+    if eof:
+        splitter.receive_data(b"")
+        events += drain(splitter)
+    return events
+
+
+def raw_of(events: list[Any]) -> bytes:
+    return b"".join(e.raw for e in events)
+
+
+def head(
+    method: str = "GET",
+    target: str = "/",
+    headers: tuple[tuple[str, str], ...] = (("host", "pod"),),
+) -> RequestHead:
+    return RequestHead(
+        method=method, target=target, http_version="1.1", headers=headers, upgrade=False
+    )
+
+
+# ---------------------------------------------------------------- filters
+
+
+def test_header_filter_matches_name_and_value_case_insensitively() -> None:
+    f = HttpFilter.from_config({"header_filter": "x-user: alice"})
+    assert f.matches(head(headers=(("host", "pod"), ("x-user", "Alice"))))
+    assert not f.matches(head(headers=(("host", "pod"), ("x-user", "bob"))))
+    assert not f.matches(head())
+
+
+def test_path_filter_ignores_the_query() -> None:
+    f = HttpFilter.from_config({"path_filter": "^/api/v1/"})
+    assert f.matches(head(target="/api/v1/users?x=1"))
+    assert not f.matches(head(target="/health?p=/api/v1/"))
+
+
+def test_method_filter() -> None:
+    f = HttpFilter.from_config({"method_filter": "post"})
+    assert f.matches(head(method="POST"))
+    assert not f.matches(head(method="GET"))
+
+
+def test_all_of_and_any_of() -> None:
+    both = HttpFilter.from_config(
+        {"all_of": [{"header": "^x-user: alice$"}, {"path": "^/api"}, {"method": "GET"}]}
+    )
+    alice = (("host", "pod"), ("x-user", "alice"))
+    assert both.matches(head(target="/api/x", headers=alice))
+    assert not both.matches(head(target="/other", headers=alice))
+    assert not both.matches(head(method="PUT", target="/api/x", headers=alice))
+    either = HttpFilter.from_config({"any_of": [{"header": "^x-user: alice$"}, {"path": "^/api"}]})
+    assert either.matches(head(target="/other", headers=alice))
+    assert either.matches(head(target="/api"))
+    assert not either.matches(head(target="/other"))
+
+
+def test_ports_limit_where_the_filter_applies() -> None:
+    f = HttpFilter.from_config({"header_filter": "a", "ports": [80, 8080]})
+    assert f.applies_to(80)
+    assert not f.applies_to(9999)
+    assert HttpFilter.from_config({"header_filter": "a"}).applies_to(9999)
+
+
+@pytest.mark.parametrize(
+    ("obj", "words"),
+    [
+        ({}, "exactly one"),
+        ({"header_filter": "a", "path_filter": "b"}, "exactly one"),
+        ({"header_filter": "("}, "not a valid regex"),
+        ({"header_filter": 3}, "must be a string"),
+        ({"all_of": []}, "non-empty list"),
+        ({"any_of": [{"cookie": "x"}]}, "header, path or method"),
+        ({"any_of": [{"header": "a", "path": "b"}]}, "must be one of"),
+        ({"method_filter": "GE T"}, "not an HTTP method"),
+        ({"header_filter": "a", "ports": ["80"]}, "list of ports"),
+        ({"header_filter": "a", "colour": "red"}, "unknown key"),
+    ],
+)
+def test_invalid_filters_say_what_is_wrong(obj: dict[str, Any], words: str) -> None:
+    with pytest.raises(FilterError, match=words):
+        HttpFilter.from_config(obj)
+
+
+def test_kube_probe_recipe_leaves_probes_to_the_pod() -> None:
+    f = HttpFilter.from_config(kube_probe_recipe())
+    assert not f.matches(head(headers=(("host", "pod"), ("user-agent", "kube-probe/1.29"))))
+    assert f.matches(head(headers=(("host", "pod"), ("user-agent", "curl/8.0"))))
+
+
+# ---------------------------------------------------------------- request splitting
+
+
+def test_keep_alive_and_pipelined_requests_are_cut_exactly() -> None:
+    data = (
+        b"GET /a HTTP/1.1\r\nHost: pod\r\nX-User: alice\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nHost: pod\r\nContent-Length: 5\r\n\r\nhello"
+        b"PUT /c HTTP/1.1\r\nHost: pod\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;ext=1\r\nabc\r\n0\r\nTrailer: x\r\n\r\n"
+        b"DELETE /d HTTP/1.1\r\nHost: pod\r\n\r\n"
+    )
+    events = split_all([data])
+    assert raw_of(events) == data
+    starts = [e for e in events if isinstance(e, RequestStarted)]
+    assert [(s.head.method, s.head.target) for s in starts] == [
+        ("GET", "/a"),
+        ("POST", "/b"),
+        ("PUT", "/c"),
+        ("DELETE", "/d"),
+    ]
+    assert starts[0].head.header("X-USER") == "alice"
+    assert sum(isinstance(e, RequestEnded) for e in events) == 4
+    assert not any(isinstance(e, Passthrough) for e in events)
+
+
+def test_each_request_raw_is_its_own_bytes() -> None:
+    r1 = b"POST /b HTTP/1.1\r\nHost: pod\r\nContent-Length: 5\r\n\r\nhello"
+    r2 = b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n"
+    events = split_all([r1 + r2])
+    per_request: list[bytes] = []
+    for e in events:
+        if isinstance(e, RequestStarted):
+            per_request.append(b"")
+        per_request[-1] += e.raw
+    assert per_request == [r1, r2]
+
+
+def test_byte_by_byte_gives_the_same_requests() -> None:
+    data = b"\r\nGET /x HTTP/1.1\r\nHost: pod\r\n\r\nPOST / HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\n\r\nok"
+    events = split_all([data[i : i + 1] for i in range(len(data))])
+    assert raw_of(events) == data
+    assert [e.head.target for e in events if isinstance(e, RequestStarted)] == ["/x", "/"]
+
+
+def test_non_http_bytes_pass_through_untouched_at_once() -> None:
+    splitter = RequestSplitter()
+    splitter.receive_data(b"\x16\x03\x01\x02\x00\x01")  # a TLS ClientHello starts like this
+    events = drain(splitter)
+    assert events == [Passthrough(b"\x16\x03\x01\x02\x00\x01")]
+    splitter.receive_data(b"more")
+    assert drain(splitter) == [Passthrough(b"more")]
+
+
+def test_http2_preface_passes_through() -> None:
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    assert raw_of(split_all([preface])) == preface
+    assert all(isinstance(e, Passthrough) for e in split_all([preface]))
+
+
+def test_garbage_after_a_request_passes_through() -> None:
+    data = b"GET / HTTP/1.1\r\nHost: pod\r\n\r\nSSH-2.0-OpenSSH\r\n"
+    events = split_all([data])
+    assert raw_of(events) == data
+    assert isinstance(events[-1], Passthrough)
+    assert events[-1].raw == b"SSH-2.0-OpenSSH\r\n"
+
+
+def test_upgrade_pauses_until_the_caller_knows_if_it_switched() -> None:
+    req = b"GET /ws HTTP/1.1\r\nHost: pod\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    splitter = RequestSplitter()
+    splitter.receive_data(req + b"\x81\x05hello")
+    started = splitter.next_event()
+    assert isinstance(started, RequestStarted) and started.head.upgrade
+    ended = splitter.next_event()
+    assert isinstance(ended, RequestEnded)
+    assert splitter.next_event() is NEED_DATA  # paused: frames are not parsed as HTTP
+    splitter.switched(True)
+    assert splitter.next_event() == Passthrough(b"\x81\x05hello")
+
+
+def test_refused_upgrade_goes_back_to_http() -> None:
+    req = b"GET /ws HTTP/1.1\r\nHost: pod\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    nxt = b"GET /next HTTP/1.1\r\nHost: pod\r\n\r\n"
+    splitter = RequestSplitter()
+    splitter.receive_data(req + nxt)
+    assert isinstance(splitter.next_event(), RequestStarted)
+    assert isinstance(splitter.next_event(), RequestEnded)
+    splitter.switched(False)
+    started = splitter.next_event()
+    assert isinstance(started, RequestStarted) and started.head.target == "/next"
+
+
+def test_truncated_body_at_eof_passes_the_rest_through() -> None:
+    data = b"POST / HTTP/1.1\r\nHost: pod\r\nContent-Length: 10\r\n\r\nabc"
+    events = split_all([data])
+    assert raw_of(events) == data
+
+
+def test_eof_between_requests_is_closed() -> None:
+    splitter = RequestSplitter()
+    splitter.receive_data(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n")
+    drain(splitter)
+    assert splitter.idle
+    splitter.receive_data(b"")
+    assert splitter.next_event() is CLOSED
+
+
+# ---------------------------------------------------------------- responses
+
+
+def response_events(req: RequestHead, data: bytes, *, eof: bool = False) -> tuple[list[Any], bytes]:
+    rs = ResponseSplitter(req)
+    rs.receive_data(data)
+    if eof:
+        rs.receive_data(b"")
+    events: list[Any] = []
+    for _ in range(1000):
+        ev = rs.next_event()
+        if ev is NEED_DATA:
+            break
+        events.append(ev)
+    return events, rs.trailing
+
+
+def test_response_ends_at_content_length_and_leaves_the_next() -> None:
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    events, rest = response_events(head(), first + b"HTTP/1.1 404 Not Found\r\n")
+    assert raw_of(events) == first
+    assert isinstance(events[-1], ResponseEnded) and events[-1].keep_alive
+    assert rest == b"HTTP/1.1 404 Not Found\r\n"
+
+
+def test_head_response_has_no_body_and_100_continue_is_passed_on() -> None:
+    data = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"
+    events, rest = response_events(head(method="HEAD"), data)
+    assert raw_of(events) == data and rest == b""
+    assert isinstance(events[0], ResponseStarted) and events[0].informational
+    assert isinstance(events[-1], ResponseEnded)
+
+
+def test_close_delimited_response_ends_at_eof_without_keep_alive() -> None:
+    data = b"HTTP/1.1 200 OK\r\n\r\nall of it"
+    events, _ = response_events(head(), data, eof=True)
+    assert raw_of(events) == data
+    assert isinstance(events[-1], ResponseEnded) and not events[-1].keep_alive
+
+
+def test_switching_protocols_ends_with_switched() -> None:
+    up = RequestHead(
+        method="GET",
+        target="/ws",
+        http_version="1.1",
+        headers=(("host", "pod"), ("upgrade", "websocket"), ("connection", "Upgrade")),
+        upgrade=True,
+    )
+    data = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    events, rest = response_events(up, data + b"\x81\x02hi")
+    assert raw_of(events) == data
+    assert isinstance(events[-1], ResponseEnded) and events[-1].switched
+    assert rest == b"\x81\x02hi"
+
+
+def test_chunked_response() -> None:
+    data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    events, rest = response_events(head(), data)
+    assert raw_of(events) == data and rest == b""
+    assert isinstance(events[1], ResponseBody)
+
+
+# ---------------------------------------------------------------- fuzzing
+
+_methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+_paths = st.from_regex(r"\A/[a-z0-9/._~-]{0,20}(\?[a-z0-9=&]{0,10})?\Z", fullmatch=True)
+_values = st.from_regex(r"\A[a-zA-Z0-9 ;=,./-]{0,20}\Z", fullmatch=True).map(str.strip)
+_names = st.from_regex(r"\Ax-[a-z]{1,8}\Z", fullmatch=True)
+
+
+@st.composite
+def http_request(draw: st.DrawFn) -> tuple[bytes, str, str]:
+    method = draw(_methods)
+    path = draw(_paths)
+    headers = [("Host", "pod")]
+    headers += draw(st.lists(st.tuples(_names, _values), max_size=4))
+    body = draw(st.binary(max_size=64))
+    framing = draw(st.sampled_from(["none", "length", "chunked"]))
+    if framing == "none":
+        body = b""
+    elif framing == "length":
+        headers.append(("Content-Length", str(len(body))))
+    else:
+        headers.append(("Transfer-Encoding", "chunked"))
+        cut = draw(st.integers(0, len(body)))
+        pieces = [p for p in (body[:cut], body[cut:]) if p]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body, method, path
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, prev = [], 0
+    for p in [*points, len(data)]:
+        out.append(data[prev:p])
+        prev = p
+    return [c for c in out if c]
+
+
+@settings(max_examples=200, deadline=None)
+@given(reqs=st.lists(http_request(), min_size=1, max_size=6), cuts=st.lists(st.integers(0, 10**6)))
+def test_fuzz_pipelined_requests_roundtrip(
+    reqs: list[tuple[bytes, str, str]], cuts: list[int]
+) -> None:
+    data = b"".join(r for r, _, _ in reqs)
+    events = split_all(chunked(data, cuts))
+    assert raw_of(events) == data
+    starts = [e.head for e in events if isinstance(e, RequestStarted)]
+    assert [(h.method, h.target) for h in starts] == [(m, p) for _, m, p in reqs]
+    assert not any(isinstance(e, Passthrough) for e in events)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 10**6)))
+def test_fuzz_arbitrary_bytes_are_never_lost_or_changed(data: bytes, cuts: list[int]) -> None:
+    events = split_all(chunked(data, cuts))
+    assert raw_of(events) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    req=http_request(),
+    junk=st.binary(min_size=1, max_size=50),
+    cuts=st.lists(st.integers(0, 10**6)),
+)
+def test_fuzz_request_then_junk(req: tuple[bytes, str, str], junk: bytes, cuts: list[int]) -> None:
+    data = req[0] + junk
+    events = split_all(chunked(data, cuts))
+    assert raw_of(events) == data
+    assert isinstance(events[0], RequestStarted)
+    assert events[0].head.target == req[2]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bodies=st.lists(st.binary(max_size=40), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 10**6)),
+)
+def test_fuzz_pipelined_responses(bodies: list[bytes], cuts: list[int]) -> None:
+    wire = b"".join(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies
+    )
+    pending = chunked(wire, cuts)
+    seen: list[bytes] = []
+    carry = b""
+    for _ in bodies:
+        rs = ResponseSplitter(head())
+        if carry:
+            rs.receive_data(carry)
+        got = b""
+        for _ in range(10_000):
+            ev = rs.next_event()
+            if ev is NEED_DATA:
+                if not pending:
+                    break
+                rs.receive_data(pending.pop(0))
+                continue
+            got += ev.raw  # type: ignore[union-attr]
+            if isinstance(ev, ResponseEnded):
+                break
+        seen.append(got)
+        carry = rs.trailing
+    assert b"".join(seen) == wire
+    assert len(seen) == len(bodies)
