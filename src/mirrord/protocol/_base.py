@@ -121,6 +121,7 @@ class Message:
         return [self.KIND, *(getattr(self, name) for name, _ in self._FIELDS)]
 
 
+@typing.dataclass_transform(frozen_default=True, kw_only_default=True)
 def message(kind: int) -> typing.Callable[[type[M]], type[M]]:
     """Register a dataclass as message `kind` (its wire id, never reused)."""
 
@@ -128,7 +129,7 @@ def message(kind: int) -> typing.Callable[[type[M]], type[M]]:
         dc = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
         hints = typing.get_type_hints(dc)
         dc.KIND = kind
-        dc._FIELDS = tuple((f.name, hints[f.name]) for f in dataclasses.fields(dc))
+        dc._FIELDS = tuple((f.name, hints[f.name]) for f in dataclasses.fields(dc))  # type: ignore[arg-type]
         return dc
 
     return wrap

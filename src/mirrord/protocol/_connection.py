@@ -207,7 +207,11 @@ class _Connection:
             if len(item) < 2:
                 raise MalformedFrame("an agent frame must hold [channel, kind, ...]")
             channel, kind, fields = item[0], item[1], item[2:]
-            if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < 2**32:
+            if (
+                isinstance(channel, bool)
+                or not isinstance(channel, int)
+                or not 0 <= channel < 2**32
+            ):
                 raise MalformedFrame(f"bad channel {channel!r}")
         else:
             channel, kind, fields = 0, item[0], item[1:]
@@ -465,7 +469,9 @@ class LayerConnection(_Connection):
         self.build_id = build_id
         self.peer_hello: LayerHello | None = None
 
-    def hello(self, *, session: str, pid: int, parent_pid: int | None = None, exe: bytes = b"") -> bytes:
+    def hello(
+        self, *, session: str, pid: int, parent_pid: int | None = None, exe: bytes = b""
+    ) -> bytes:
         if self.role is not LayerRole.LAYER or self.state is not State.HANDSHAKE:
             raise LocalProtocolError(f"hello() by the {self.role.value} in {self.state.value}")
         return self._frame(
@@ -492,7 +498,9 @@ class LayerConnection(_Connection):
         if self.state is State.HANDSHAKE:
             if self.role is LayerRole.DAEMON:
                 if not isinstance(msg, LayerHello) or self.peer_hello is not None:
-                    raise RemoteProtocolError(f"expected LayerHello first, got {type(msg).__name__}")
+                    raise RemoteProtocolError(
+                        f"expected LayerHello first, got {type(msg).__name__}"
+                    )
                 if msg.build_id != self.build_id:
                     exc = RemoteProtocolError(
                         f"layer build {msg.build_id} does not match daemon build {self.build_id}: "

@@ -31,8 +31,8 @@ __all__ = [
     "INCOMING_MODES",
     "MAX_DATA_CHUNK",
     "MAX_DIR_BATCH",
-    "STAT_FIELDS",
     "STATFS_FIELDS",
+    "STAT_FIELDS",
     "ChannelClose",
     "ChannelOpen",
     "ConnClose",
@@ -101,10 +101,33 @@ MAX_DATA_CHUNK = 1024 * 1024  # largest Data / FileRead payload in one message
 MAX_DIR_BATCH = 4096  # most directory entries in one DirEntries
 CONN_CLOSE_NORMAL = 0
 INCOMING_MODES = ("mirror", "steal")
-STAT_FIELDS = (
-    "dev ino mode nlink uid gid rdev size blksize blocks atime_ns mtime_ns ctime_ns".split()
-)
-STATFS_FIELDS = "type bsize blocks bfree bavail files ffree namelen frsize flags".split()
+STAT_FIELDS = [
+    "dev",
+    "ino",
+    "mode",
+    "nlink",
+    "uid",
+    "gid",
+    "rdev",
+    "size",
+    "blksize",
+    "blocks",
+    "atime_ns",
+    "mtime_ns",
+    "ctime_ns",
+]
+STATFS_FIELDS = [
+    "type",
+    "bsize",
+    "blocks",
+    "bfree",
+    "bavail",
+    "files",
+    "ffree",
+    "namelen",
+    "frsize",
+    "flags",
+]
 
 
 def _port(value: int, name: str) -> None:

@@ -1,0 +1,244 @@
+"""Handshake, version negotiation, state rules and the credit window."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirrord.protocol import (
+    CLOSED,
+    INITIAL_WINDOW,
+    NEED_DATA,
+    AgentConnection,
+    AgentRole,
+    FrameTooLarge,
+    LayerConnection,
+    LayerRole,
+    LocalProtocolError,
+    MalformedFrame,
+    Received,
+    RemoteProtocolError,
+    State,
+    UnknownMessage,
+    messages,
+)
+from mirrord.protocol._framing import encode_frame
+from tests.protocol.helpers import BUILD, SECRET, agent_pair, drain, layer_pair
+
+
+@pytest.mark.parametrize(
+    ("daemon_range", "agent_range", "expected"),
+    [((1, 1), (1, 1), 1), ((1, 3), (1, 2), 2), ((1, 2), (1, 5), 2), ((2, 4), (1, 3), 3)],
+)
+def test_negotiation_picks_the_lower_version(
+    daemon_range: tuple[int, int], agent_range: tuple[int, int], expected: int
+) -> None:
+    daemon = AgentConnection(
+        AgentRole.DAEMON, secret=SECRET, min_version=daemon_range[0], version=daemon_range[1]
+    )
+    agent = AgentConnection(
+        AgentRole.AGENT, secret=SECRET, min_version=agent_range[0], version=agent_range[1]
+    )
+    agent.receive_data(daemon.hello())
+    drain(agent)
+    daemon.receive_data(agent.welcome(agent_version="x", target="pid/1"))
+    drain(daemon)
+    assert daemon.negotiated_version == agent.negotiated_version == expected
+    assert daemon.state is agent.state is State.OPEN
+
+
+def test_no_common_version_is_refused_with_a_reason() -> None:
+    daemon = AgentConnection(AgentRole.DAEMON, secret=SECRET, min_version=3, version=4)
+    agent = AgentConnection(AgentRole.AGENT, secret=SECRET, min_version=1, version=2)
+    agent.receive_data(daemon.hello())
+    with pytest.raises(RemoteProtocolError, match="no common protocol version") as info:
+        agent.next_event()
+    assert info.value.code == "version_mismatch"
+    assert agent.state is State.ERROR
+    daemon.receive_data(agent.error_frame(info.value))
+    with pytest.raises(RemoteProtocolError, match="refused the handshake: version_mismatch"):
+        daemon.next_event()
+
+
+def test_wrong_secret_gets_nothing() -> None:
+    daemon = AgentConnection(AgentRole.DAEMON, secret="wrong")
+    agent = AgentConnection(AgentRole.AGENT, secret=SECRET)
+    agent.receive_data(daemon.hello())
+    with pytest.raises(RemoteProtocolError, match="not authenticated") as info:
+        agent.next_event()
+    assert info.value.code == "unauthenticated"
+    with pytest.raises(LocalProtocolError):
+        agent.welcome(agent_version="x", target="y")
+    with pytest.raises(LocalProtocolError):
+        agent.send(messages.Ok(request_id=1), 1)
+
+
+def test_requests_before_the_handshake_are_refused() -> None:
+    agent = AgentConnection(AgentRole.AGENT, secret=SECRET)
+    agent.receive_data(encode_frame([1, messages.FileOpen.KIND, 1, b"/etc/shadow", 0, 0]))
+    with pytest.raises(RemoteProtocolError, match="before handshake"):
+        agent.next_event()
+
+
+def test_send_before_handshake_is_our_bug() -> None:
+    with pytest.raises(LocalProtocolError, match="handshake first"):
+        AgentConnection(AgentRole.DAEMON, secret=SECRET).send(messages.Ping(nonce=1))
+
+
+def test_layer_build_mismatch_is_refused() -> None:
+    layer = LayerConnection(LayerRole.LAYER, build_id="other")
+    daemon = LayerConnection(LayerRole.DAEMON, build_id=BUILD)
+    daemon.receive_data(layer.hello(session="s", pid=3))
+    with pytest.raises(RemoteProtocolError, match="different installs") as info:
+        daemon.next_event()
+    assert info.value.code == "build_mismatch"
+
+
+def test_unknown_kind_from_a_newer_peer_is_an_event() -> None:
+    _daemon, agent = agent_pair()
+    agent.receive_data(encode_frame([4, 99, 17, "new field"]) + encode_frame([4, 150, 18]))
+    assert drain(agent) == [
+        UnknownMessage(channel=4, kind=99, request_id=17),
+        UnknownMessage(channel=4, kind=150, request_id=18),
+    ]
+    assert agent.state is State.OPEN
+    _layer, ldaemon = layer_pair()
+    ldaemon.receive_data(encode_frame([299]))
+    assert drain(ldaemon) == [UnknownMessage(channel=0, kind=299, request_id=None)]
+
+
+def test_a_message_of_the_other_protocol_is_malformed() -> None:
+    _, agent = agent_pair()
+    agent.receive_data(encode_frame([1, messages.LayerConnect.KIND, 1, "tcp", "x", 1]))
+    with pytest.raises(MalformedFrame, match="LayerConnect"):
+        agent.next_event()
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [
+        ({"a": 1}, "non-empty array"),
+        ([], "non-empty array"),
+        ([1], r"\[channel, kind"),
+        (["x", 2], "bad channel"),
+        ([-1, 2], "bad channel"),
+        ([1, "kind"], "bad message kind"),
+        ([1, True], "bad message kind"),
+        ([1, messages.FileOpen.KIND, 1], "needs"),
+        ([1, messages.FileOpen.KIND, 1, "/str-not-bytes", 0, 0], "FileOpen.path"),
+        ([1, messages.Ok.KIND, 2**70], "FileOpen|Ok|out of range|int"),
+        ([1, messages.Connect.KIND, 1, 2, "sctp", "a", 1], "sctp"),
+        ([1, messages.FileRead.KIND, 1, 2, 10**9], "size"),
+    ],
+)
+def test_malformed_frames_are_protocol_errors(item: object, match: str) -> None:
+    _, agent = agent_pair()
+    agent.receive_data(encode_frame(item))
+    with pytest.raises(MalformedFrame, match=match):
+        agent.next_event()
+    assert agent.state is State.ERROR
+    # An errored connection reads nothing more and keeps reporting the error.
+    agent.receive_data(b"\x00" * 10_000_000)
+    assert agent._decoder.buffered < 100
+    with pytest.raises(MalformedFrame):
+        agent.next_event()
+
+
+def test_invalid_cbor_is_malformed() -> None:
+    _, agent = agent_pair()
+    agent.receive_data(b"\x00\x00\x00\x02\xff\xff")
+    with pytest.raises(MalformedFrame, match="invalid CBOR"):
+        agent.next_event()
+
+
+def test_oversize_frame_refused_from_its_header() -> None:
+    _, agent = agent_pair()
+    agent.receive_data(b"\x7f\xff\xff\xff")
+    with pytest.raises(FrameTooLarge, match="exceeds the limit"):
+        agent.next_event()
+
+
+def test_stream_ending_inside_a_frame() -> None:
+    _, agent = agent_pair()
+    agent.receive_data(b"\x00\x00\x00\x10abc")
+    assert agent.next_event() is NEED_DATA
+    agent.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="inside a frame"):
+        agent.next_event()
+
+
+def test_clean_end_of_stream() -> None:
+    layer, _ = layer_pair()
+    layer.receive_data(b"")
+    assert layer.next_event() is CLOSED
+    assert layer.state is State.CLOSED
+
+
+def test_fatal_on_the_control_channel_closes() -> None:
+    daemon, agent = agent_pair()
+    daemon.receive_data(agent.fatal_frame("target_gone", "the target process exited"))
+    event = daemon.next_event()
+    assert isinstance(event, Received)
+    assert event.message == messages.Fatal(code="target_gone", message="the target process exited")
+    assert daemon.state is State.CLOSED
+
+
+def _open_conn(daemon: AgentConnection, agent: AgentConnection, channel: int, conn: int) -> None:
+    connect = messages.Connect(request_id=1, conn_id=conn, protocol="tcp", address="a", port=1)
+    agent.receive_data(daemon.send(connect, channel))
+    drain(agent)
+
+
+def test_credit_window_limits_the_sender() -> None:
+    daemon, agent = agent_pair(initial_window=1000)
+    _open_conn(daemon, agent, 3, 2)
+    assert daemon.send_window(3, 2) == agent.send_window(3, 2) == 1000
+    agent.receive_data(daemon.send(messages.Data(conn_id=2, data=b"x" * 600), 3))
+    assert len(drain(agent)) == 1
+    assert daemon.send_window(3, 2) == 400
+    with pytest.raises(LocalProtocolError, match="exceeds the send window"):
+        daemon.send(messages.Data(conn_id=2, data=b"x" * 401), 3)
+    daemon.receive_data(agent.send(messages.Credit(conn_id=2, amount=600), 3))
+    drain(daemon)
+    assert daemon.send_window(3, 2) == 1000
+    # Other channels' connections are independent.
+    assert daemon.send_window(4, 2) == 0
+
+
+def test_peer_overrunning_the_window_is_a_protocol_error() -> None:
+    daemon, agent = agent_pair(initial_window=100)
+    _open_conn(daemon, agent, 1, 2)
+    agent.receive_data(encode_frame([1, messages.Data.KIND, 2, b"y" * 101]))
+    with pytest.raises(RemoteProtocolError, match="exceeds the credit window"):
+        agent.next_event()
+
+
+def test_close_and_channel_close_forget_windows() -> None:
+    daemon, agent = agent_pair()
+    for conn in (2, 4, 6):
+        _open_conn(daemon, agent, 1, conn)
+    _open_conn(daemon, agent, 2, 2)
+    agent.receive_data(daemon.send(messages.ConnClose(conn_id=2), 1))
+    drain(agent)
+    assert agent.send_window(1, 2) == 0 and agent.send_window(1, 4) == INITIAL_WINDOW
+    agent.receive_data(daemon.send(messages.ChannelClose(reason="exit"), 1))
+    drain(agent)
+    assert agent.statistics()["connections"] == 1
+    # Late data for a closed connection is delivered for the user to drop, not an error.
+    agent.receive_data(encode_frame([1, messages.Data.KIND, 4, b"late"]))
+    assert len(drain(agent)) == 1
+
+
+def test_handshake_messages_only_once() -> None:
+    daemon, agent = agent_pair()
+    agent.receive_data(daemon._frame(0, messages.Hello(version=1, min_version=1, secret=SECRET)))
+    with pytest.raises(RemoteProtocolError, match="after the handshake"):
+        agent.next_event()
+    with pytest.raises(LocalProtocolError):
+        daemon.hello()
+
+
+def test_channel_open_on_control_channel_is_refused() -> None:
+    daemon, agent = agent_pair()
+    agent.receive_data(daemon._frame(0, messages.ChannelOpen(pid=1)))
+    with pytest.raises(RemoteProtocolError, match="control channel"):
+        agent.next_event()
