@@ -1,0 +1,738 @@
+"""The controllers of the in-process API server: scheduler, Job controller, garbage collector and
+a "kubelet" that runs pods as real local processes.
+
+Owns: object defaults that controllers set, pod scheduling (nodeName / nodeSelector, or an
+Unschedulable condition), image pulls (a configurable set of images fails with ErrImagePull then
+ImagePullBackOff), running containers, container logs, pod deletion, the cgroups that make a
+target container's ID findable by a `/proc/*/cgroup` scan, and dialing a pod's port for
+port-forward.
+
+How containers run here
+-----------------------
+- A container whose command starts with `mirrord-agent` is the agent: it runs as a real
+  `python -m mirrord.agent ...` process. A pod's own containers get a fresh network namespace
+  (`unshare --net`, `lo` up), like a real pod sandbox; an ephemeral container joins the network
+  namespace of the pod it was added to (`nsenter --net`), like a real ephemeral container. Both
+  stay in the host PID namespace (the agent pod asks for `hostPID`).
+- Target pods are real local namespace pods (`mirrord.localpod`): a test creates the pod object
+  and binds the pod's process to a container with `bind_process()`. The kubelet then puts that
+  process into a cgroup v2 directory named after the container ID under
+  `/sys/fs/cgroup/unified/mrdkube<pid>/pod<uid>/<id>` (this machine mounts cgroup v2 there, next
+  to v1 hierarchies), so the agent's cgroup scan finds it exactly as on a node.
+- Any other image "runs" with no process (a pause container): it is Running, but nothing
+  listens on its ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tests.kube.apiserver._store import (
+    Obj,
+    Resource,
+    Store,
+    find_resource,
+    now_rfc3339,
+    random_suffix,
+)
+
+if TYPE_CHECKING:
+    pass
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+CGROUP_PREFIX = "mrdkube"
+_CLONE_NEWNET = 0x40000000
+
+PODS = find_resource("", "v1", "pods")
+JOBS = find_resource("batch", "v1", "jobs")
+assert PODS is not None and JOBS is not None
+
+
+# ------------------------------------------------------------------------------- logs
+
+
+class LogBuffer:
+    """One container's log: appended by the kubelet, read (and followed) by the log endpoint."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def append(self, chunk: bytes) -> None:
+        self.data += chunk
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+    async def wait_change(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+
+# ------------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class ContainerRuntime:
+    name: str
+    container_id: str
+    process: asyncio.subprocess.Process | None = None
+    bound_pid: int | None = None  # a process the test owns (a namespace pod's)
+    log: LogBuffer = field(default_factory=LogBuffer)
+    ephemeral: bool = False
+
+    @property
+    def pid(self) -> int | None:
+        if self.process is not None and self.process.returncode is None:
+            return self.process.pid
+        return self.bound_pid
+
+
+@dataclass
+class PodRuntime:
+    namespace: str
+    name: str
+    uid: str
+    containers: dict[str, ContainerRuntime] = field(default_factory=dict)
+    netns_pid: int | None = None  # a process whose network namespace is the pod's
+    cgroup_dirs: list[Path] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def new_container_id() -> str:
+    return secrets.token_hex(32)
+
+
+def _libc() -> Any:
+    return ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def _connect_in_netns(pid: int, port: int) -> socket.socket:
+    """A TCP connection to 127.0.0.1:port made inside the network namespace of `pid`, like the
+    kubelet's port-forward (which enters the pod sandbox's namespace). Runs in a worker thread:
+    setns moves only this thread, and it is moved back before returning."""
+    libc = _libc()
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.settimeout(None)
+            sock.setblocking(False)
+            return sock
+        finally:
+            if libc.setns(own, _CLONE_NEWNET) != 0:  # pragma: no cover - would poison the pool
+                os._exit(70)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+class Kubelet:
+    """Scheduler, Job controller, garbage collector and kubelet for every node of the server."""
+
+    def __init__(self, store: Store, *, nodes: list[str]) -> None:
+        self.store = store
+        self.nodes = nodes
+        self.pods: dict[tuple[str, str], PodRuntime] = {}
+        self.pull_errors: dict[str, str] = {}  # image -> the registry's message
+        self.unschedulable: str | None = None  # when set, every unpinned pod is Unschedulable
+        self.agent_argv: list[str] = [sys.executable, "-m", "mirrord.agent"]
+        self.env_extra: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cgroup_base = CGROUP_ROOT / f"{CGROUP_PREFIX}{os.getpid()}"
+        self.on_portforward_dial: list[Callable[[str, str, int], None]] = []
+        store.on_change.append(self._on_change)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for rt in list(self.pods.values()):
+            await self._kill_pod(rt)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(OSError):
+            _rmtree_cgroup(self._cgroup_base)
+
+    # ------------------------------------------------------------------ store callbacks
+
+    def _on_change(self, type_: str, res: Resource, obj: Obj) -> None:
+        if res.plural == "pods" and res.group == "":
+            if type_ == "ADDED":
+                self.spawn(self._run_pod(obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        elif res.plural == "jobs" and type_ == "ADDED":
+            self.spawn(self._job_controller(obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        if type_ == "DELETED":
+            self._garbage_collect(obj)
+
+    def _garbage_collect(self, owner: Obj) -> None:
+        """Background cascading deletion: dependents whose ownerReference names the owner."""
+        uid = owner["metadata"]["uid"]
+        for (_g, _p, ns, name), dep in list(self.store.objects.items()):
+            refs = dep["metadata"].get("ownerReferences") or []
+            if any(r.get("uid") == uid for r in refs):
+                res = find_resource(*_split_api_version(dep["apiVersion"]), _plural_of(dep))
+                if res is not None:
+                    self.spawn(self.delete_object(res, ns or None, name, grace=None))
+
+    async def delete_object(
+        self, res: Resource, ns: str | None, name: str, grace: int | None
+    ) -> None:
+        """Delete as the API server does: pods with running containers terminate first."""
+        obj = self.store.find(res, ns, name)
+        if obj is None:
+            return
+        if res.plural == "pods" and res.group == "":
+            rt = self.pods.get((ns or "", name))
+            if rt is not None and grace != 0 and "deletionTimestamp" not in obj["metadata"]:
+                obj["metadata"]["deletionTimestamp"] = now_rfc3339()
+                obj["metadata"]["deletionGracePeriodSeconds"] = 30 if grace is None else grace
+                self.store.replace(res, obj)
+            if rt is not None:
+                await self._kill_pod(rt)
+                self.pods.pop((ns or "", name), None)
+        if self.store.find(res, ns, name) is not None:
+            self.store.delete(res, ns, name)
+
+    # ------------------------------------------------------------------ job controller
+
+    async def _job_controller(self, ns: str, name: str) -> None:
+        job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
+        if job is None:
+            return
+        tmpl = job["spec"]["template"]
+        meta = dict(tmpl.get("metadata") or {})
+        labels = dict(meta.get("labels") or {})
+        uid = job["metadata"]["uid"]
+        labels.update(
+            {
+                "batch.kubernetes.io/controller-uid": uid,
+                "batch.kubernetes.io/job-name": name,
+                "controller-uid": uid,
+                "job-name": name,
+            }
+        )
+        pod = {
+            "metadata": {
+                "name": f"{name}-{random_suffix()}",
+                "labels": labels,
+                "annotations": dict(meta.get("annotations") or {}),
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": name,
+                        "uid": uid,
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "spec": tmpl["spec"],
+        }
+        pod_obj = self.store.create(PODS, ns, pod_defaults(pod))  # type: ignore[arg-type]
+        job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
+        if job is None:
+            return
+        job["status"] = {"active": 1, "startTime": now_rfc3339(), "ready": 0}
+        self.store.replace(JOBS, job)  # type: ignore[arg-type]
+        # Follow the pod to finish the job and honour ttlSecondsAfterFinished.
+        pod_name = pod_obj["metadata"]["name"]
+        for _ in range(100000):
+            await asyncio.sleep(0.1)
+            p = self.store.find(PODS, ns, pod_name)  # type: ignore[arg-type]
+            job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
+            if job is None:
+                return
+            phase = (p or {}).get("status", {}).get("phase")
+            if p is None or phase in ("Succeeded", "Failed"):
+                ok = phase == "Succeeded"
+                job["status"] = {
+                    "succeeded" if ok else "failed": 1,
+                    "startTime": job["status"].get("startTime"),
+                    "completionTime": now_rfc3339(),
+                    "conditions": [
+                        {
+                            "type": "Complete" if ok else "Failed",
+                            "status": "True",
+                            "lastProbeTime": now_rfc3339(),
+                            "lastTransitionTime": now_rfc3339(),
+                        }
+                    ],
+                }
+                self.store.replace(JOBS, job)  # type: ignore[arg-type]
+                ttl = job["spec"].get("ttlSecondsAfterFinished")
+                if ttl is not None:
+                    await asyncio.sleep(float(ttl))
+                    if self.store.find(JOBS, ns, name) is not None:  # type: ignore[arg-type]
+                        await self.delete_object(JOBS, ns, name, grace=None)  # type: ignore[arg-type]
+                return
+
+    # ------------------------------------------------------------------ scheduler + kubelet
+
+    def _set_pod(self, ns: str, name: str, change: Callable[[Obj], None]) -> Obj | None:
+        pod = self.store.find(PODS, ns, name)  # type: ignore[arg-type]
+        if pod is None:
+            return None
+        change(pod)
+        self.store.replace(PODS, pod)  # type: ignore[arg-type]
+        return pod
+
+    async def _run_pod(self, ns: str, name: str) -> None:
+        await asyncio.sleep(0.02)  # the scheduler runs after the create returned
+        pod = self.store.find(PODS, ns, name)  # type: ignore[arg-type]
+        if pod is None or pod.get("status", {}).get("phase") not in (None, "Pending"):
+            return
+        if pod["metadata"].get("annotations", {}).get("test.mirrord/bound") == "true":
+            return  # a test drives this pod's status itself (bind_process)
+        node = pod["spec"].get("nodeName")
+        if not node:
+            selector = pod["spec"].get("nodeSelector") or {}
+            candidates = [
+                n
+                for n in self.nodes
+                if all(_node_labels(n).get(k) == v for k, v in selector.items())
+            ]
+            if self.unschedulable or not candidates:
+                message = self.unschedulable or (
+                    f"0/{len(self.nodes)} nodes are available: {len(self.nodes)} node(s) didn't "
+                    "match Pod's node affinity/selector. preemption: 0/1 nodes are available: "
+                    "1 Preemption is not helpful for scheduling."
+                )
+
+                def unschedulable(p: Obj) -> None:
+                    p["status"]["conditions"] = [
+                        {
+                            "type": "PodScheduled",
+                            "status": "False",
+                            "reason": "Unschedulable",
+                            "message": message,
+                            "lastTransitionTime": now_rfc3339(),
+                        }
+                    ]
+
+                self._set_pod(ns, name, unschedulable)
+                return
+            node = candidates[0]
+
+            def bind(p: Obj) -> None:
+                p["spec"]["nodeName"] = node
+
+            self._set_pod(ns, name, bind)
+        elif node not in self.nodes:
+            return  # a pod pinned to a node that does not exist stays Pending, as in a cluster
+        await self._start_containers(ns, name)
+
+    async def _start_containers(self, ns: str, name: str) -> None:
+        pod = self.store.find(PODS, ns, name)  # type: ignore[arg-type]
+        if pod is None:
+            return
+        containers = pod["spec"]["containers"]
+
+        def scheduled(p: Obj) -> None:
+            p["status"]["conditions"] = [
+                _cond("PodScheduled", "True"),
+                _cond("Initialized", "True"),
+                _cond("ContainersReady", "False"),
+                _cond("Ready", "False"),
+            ]
+            p["status"]["hostIP"] = _node_ip(p["spec"]["nodeName"])
+            p["status"]["hostIPs"] = [{"ip": _node_ip(p["spec"]["nodeName"])}]
+            p["status"]["startTime"] = now_rfc3339()
+            p["status"]["containerStatuses"] = [
+                _waiting_status(c, "ContainerCreating", None) for c in containers
+            ]
+
+        self._set_pod(ns, name, scheduled)
+        await asyncio.sleep(0.05)
+        bad = [c for c in containers if c.get("image") in self.pull_errors]
+        if bad:
+            await self._image_pull_failure(ns, name, bad)
+            return
+        rt = PodRuntime(ns, name, pod["metadata"]["uid"])
+        self.pods[(ns, name)] = rt
+        for c in containers:
+            cr = ContainerRuntime(c["name"], new_container_id())
+            rt.containers[c["name"]] = cr
+            if _is_agent(c):
+                await self._spawn_agent(rt, cr, c, join_netns=None)
+
+        def running(p: Obj) -> None:
+            p["status"]["phase"] = "Running"
+            p["status"]["podIP"] = _pod_ip(p)
+            p["status"]["podIPs"] = [{"ip": p["status"]["podIP"]}]
+            p["status"]["conditions"] = [
+                _cond("PodScheduled", "True"),
+                _cond("Initialized", "True"),
+                _cond("ContainersReady", "True"),
+                _cond("Ready", "True"),
+            ]
+            p["status"]["containerStatuses"] = [
+                _running_status(c, rt.containers[c["name"]].container_id) for c in containers
+            ]
+
+        self._set_pod(ns, name, running)
+
+    async def _image_pull_failure(self, ns: str, name: str, bad: list[Obj]) -> None:
+        def pull_error(reason: str) -> Callable[[Obj], None]:
+            def change(p: Obj) -> None:
+                statuses = []
+                for c in p["spec"]["containers"]:
+                    if c in bad:
+                        msg = self.pull_errors[c["image"]]
+                        if reason == "ImagePullBackOff":
+                            msg = f'Back-off pulling image "{c["image"]}": ErrImagePull: {msg}'
+                        statuses.append(_waiting_status(c, reason, msg))
+                    else:
+                        statuses.append(_waiting_status(c, "PodInitializing", None))
+                p["status"]["containerStatuses"] = statuses
+
+            return change
+
+        self._set_pod(ns, name, pull_error("ErrImagePull"))
+        await asyncio.sleep(0.5)
+        self._set_pod(ns, name, pull_error("ImagePullBackOff"))
+
+    async def _spawn_agent(
+        self, rt: PodRuntime, cr: ContainerRuntime, spec: Obj, *, join_netns: int | None
+    ) -> None:
+        argv = [
+            *self.agent_argv,
+            *list(spec.get("command") or [])[1:],
+            *list(spec.get("args") or []),
+        ]
+        env = dict(os.environ)
+        env.update(self.env_extra)
+        for item in spec.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = str(item["value"])
+        if join_netns is not None:
+            argv = ["nsenter", f"--net=/proc/{join_netns}/ns/net", "--", *argv]
+        else:
+            argv = ["unshare", "--net", "--", *argv]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        cr.process = proc
+        if join_netns is None:
+            rt.netns_pid = proc.pid
+            lo = await asyncio.create_subprocess_exec(
+                "nsenter", "-t", str(proc.pid), "-n", "ip", "link", "set", "lo", "up"
+            )
+            await lo.wait()
+        self.spawn(self._pump_log(rt, cr))
+
+    async def _pump_log(self, rt: PodRuntime, cr: ContainerRuntime) -> None:
+        proc = cr.process
+        assert proc is not None and proc.stdout is not None
+        while True:
+            chunk = await proc.stdout.read(65536)
+            if not chunk:
+                break
+            cr.log.append(chunk)
+        code = await proc.wait()
+        cr.log.close()
+        ns, name = rt.namespace, rt.name
+        if self.pods.get((ns, name)) is not rt:
+            return  # the pod is being deleted
+
+        def terminated(p: Obj) -> None:
+            key = "ephemeralContainerStatuses" if cr.ephemeral else "containerStatuses"
+            for st in p["status"].get(key) or []:
+                if st["name"] == cr.name:
+                    st["state"] = {
+                        "terminated": {
+                            "exitCode": code,
+                            "reason": "Completed" if code == 0 else "Error",
+                            "startedAt": now_rfc3339(),
+                            "finishedAt": now_rfc3339(),
+                            "containerID": f"containerd://{cr.container_id}",
+                        }
+                    }
+                    st["ready"] = False
+                    st["started"] = False
+            if not cr.ephemeral and p["spec"].get("restartPolicy") in ("Never", "OnFailure"):
+                others = [c for c in rt.containers.values() if not c.ephemeral and c is not cr]
+                if all(c.pid is None for c in others):
+                    p["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
+
+        self._set_pod(ns, name, terminated)
+
+    async def _kill_pod(self, rt: PodRuntime) -> None:
+        for cr in rt.containers.values():
+            proc = cr.process
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 3)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+            cr.log.close()
+        for d in reversed(rt.cgroup_dirs):
+            with contextlib.suppress(OSError):
+                _rmtree_cgroup(d)
+        rt.cgroup_dirs.clear()
+
+    # ------------------------------------------------------------------ ephemeral containers
+
+    def add_ephemeral(self, ns: str, name: str, spec: Obj) -> None:
+        self.spawn(self._run_ephemeral(ns, name, spec))
+
+    async def _run_ephemeral(self, ns: str, name: str, spec: Obj) -> None:
+        await asyncio.sleep(0.05)
+        rt = self.pods.get((ns, name))
+        if rt is None or rt.netns_pid is None:
+            return
+        cr = ContainerRuntime(spec["name"], new_container_id(), ephemeral=True)
+        rt.containers[spec["name"]] = cr
+        if spec.get("image") in self.pull_errors:
+            msg = self.pull_errors[spec["image"]]
+
+            def pull_error(p: Obj) -> None:
+                p["status"].setdefault("ephemeralContainerStatuses", []).append(
+                    _waiting_status(spec, "ErrImagePull", msg)
+                )
+
+            self._set_pod(ns, name, pull_error)
+            return
+        if _is_agent(spec):
+            await self._spawn_agent(rt, cr, spec, join_netns=rt.netns_pid)
+
+        def running(p: Obj) -> None:
+            statuses = p["status"].setdefault("ephemeralContainerStatuses", [])
+            statuses.append(_running_status(spec, cr.container_id))
+
+        self._set_pod(ns, name, running)
+
+    # ------------------------------------------------------------------ target pods
+
+    def bind_process(self, ns: str, name: str, pid: int, *, pod_ip: str) -> dict[str, str]:
+        """Make an existing pod object Running with the (test-owned) process `pid` as every one
+        of its containers' main process; returns container name -> container ID. The process is
+        moved into a cgroup named after the first container's ID."""
+        pod = self.store.find(PODS, ns, name)  # type: ignore[arg-type]
+        if pod is None:
+            raise KeyError(f"{ns}/{name}")
+        rt = PodRuntime(ns, name, pod["metadata"]["uid"], netns_pid=pid)
+        ids: dict[str, str] = {}
+        for i, c in enumerate(pod["spec"]["containers"]):
+            cr = ContainerRuntime(c["name"], new_container_id(), bound_pid=pid if i == 0 else None)
+            rt.containers[c["name"]] = cr
+            ids[c["name"]] = cr.container_id
+        first = next(iter(rt.containers.values()))
+        pod_dir = self._cgroup_base / f"pod{rt.uid}"
+        cdir = pod_dir / first.container_id
+        cdir.mkdir(parents=True, exist_ok=True)
+        rt.cgroup_dirs = [pod_dir, cdir]
+        (cdir / "cgroup.procs").write_text(f"{pid}\n")
+        self.pods[(ns, name)] = rt
+        node = pod["spec"].get("nodeName") or self.nodes[0]
+
+        def running(p: Obj) -> None:
+            p["spec"]["nodeName"] = node
+            p["status"] = {
+                "phase": "Running",
+                "podIP": pod_ip,
+                "podIPs": [{"ip": pod_ip}],
+                "hostIP": _node_ip(node),
+                "hostIPs": [{"ip": _node_ip(node)}],
+                "startTime": now_rfc3339(),
+                "qosClass": "BestEffort",
+                "conditions": [
+                    _cond("PodScheduled", "True"),
+                    _cond("Initialized", "True"),
+                    _cond("ContainersReady", "True"),
+                    _cond("Ready", "True"),
+                ],
+                "containerStatuses": [
+                    _running_status(c, ids[c["name"]]) for c in p["spec"]["containers"]
+                ],
+            }
+
+        self._set_pod(ns, name, running)
+        return ids
+
+    # ------------------------------------------------------------------ port-forward
+
+    async def dial(
+        self, ns: str, name: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        rt = self.pods.get((ns, name))
+        if rt is None or rt.netns_pid is None:
+            raise OSError(f"pod {ns}/{name} has no running sandbox")
+        for cb in self.on_portforward_dial:
+            cb(ns, name, port)
+        sock = await asyncio.to_thread(_connect_in_netns, rt.netns_pid, port)
+        return await asyncio.open_connection(sock=sock)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _rmtree_cgroup(path: Path) -> None:
+    if not path.exists():
+        return
+    for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
+        _rmtree_cgroup(child)
+    # Processes still inside go back to the root cgroup before the directory can go.
+    procs = path / "cgroup.procs"
+    with contextlib.suppress(OSError):
+        for pid in procs.read_text().split():
+            with contextlib.suppress(OSError):
+                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
+    path.rmdir()
+
+
+def cleanup_leftover_cgroups() -> None:
+    """Remove cgroup directories of earlier test processes that are gone."""
+    if not CGROUP_ROOT.is_dir():
+        return
+    for d in CGROUP_ROOT.glob(f"{CGROUP_PREFIX}*"):
+        pid = d.name[len(CGROUP_PREFIX) :]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                _rmtree_cgroup(d)
+
+
+def _is_agent(c: Obj) -> bool:
+    cmd = list(c.get("command") or [])
+    return bool(cmd) and os.path.basename(cmd[0]) == "mirrord-agent"
+
+
+def _cond(type_: str, status: str) -> Obj:
+    return {
+        "type": type_,
+        "status": status,
+        "lastProbeTime": None,
+        "lastTransitionTime": now_rfc3339(),
+    }
+
+
+def _waiting_status(c: Obj, reason: str, message: str | None) -> Obj:
+    waiting: Obj = {"reason": reason}
+    if message is not None:
+        waiting["message"] = message
+    return {
+        "name": c["name"],
+        "image": c.get("image", ""),
+        "imageID": "",
+        "ready": False,
+        "restartCount": 0,
+        "started": False,
+        "state": {"waiting": waiting},
+    }
+
+
+def _running_status(c: Obj, container_id: str) -> Obj:
+    return {
+        "name": c["name"],
+        "image": c.get("image", ""),
+        "imageID": f"{c.get('image', '')}@sha256:{'0' * 64}",
+        "containerID": f"containerd://{container_id}",
+        "ready": True,
+        "restartCount": 0,
+        "started": True,
+        "state": {"running": {"startedAt": now_rfc3339()}},
+    }
+
+
+def _node_ip(node: str) -> str:
+    digits = "".join(ch for ch in node if ch.isdigit()) or "1"
+    return f"10.213.200.{int(digits) % 250 + 1}"
+
+
+_pod_counter = [0]
+
+
+def _pod_ip(_pod: Obj) -> str:
+    _pod_counter[0] += 1
+    return f"10.213.250.{_pod_counter[0] % 250 + 1}"
+
+
+def _node_labels(node: str) -> dict[str, str]:
+    return {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux"}
+
+
+def _split_api_version(api_version: str) -> tuple[str, str]:
+    if "/" in api_version:
+        g, v = api_version.split("/", 1)
+        return g, v
+    return "", api_version
+
+
+def _plural_of(obj: Obj) -> str:
+    from tests.kube.apiserver._store import resource_by_kind
+
+    return resource_by_kind(obj["kind"]).plural
+
+
+def pod_defaults(pod: Obj) -> Obj:
+    """The defaults the API server fills into a pod spec on create."""
+    spec = pod.setdefault("spec", {})
+    spec.setdefault("restartPolicy", "Always")
+    spec.setdefault("terminationGracePeriodSeconds", 30)
+    spec.setdefault("dnsPolicy", "ClusterFirst")
+    spec.setdefault("schedulerName", "default-scheduler")
+    spec.setdefault("serviceAccountName", "default")
+    spec.setdefault("serviceAccount", spec["serviceAccountName"])
+    spec.setdefault("securityContext", {})
+    spec.setdefault("enableServiceLinks", True)
+    spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
+    spec.setdefault("priority", 0)
+    spec.setdefault("tolerations", [])
+    spec["tolerations"] = [
+        *spec["tolerations"],
+        {
+            "key": "node.kubernetes.io/not-ready",
+            "operator": "Exists",
+            "effect": "NoExecute",
+            "tolerationSeconds": 300,
+        },
+    ]
+    for c in [*spec.get("containers", []), *spec.get("initContainers", [])]:
+        c.setdefault("terminationMessagePath", "/dev/termination-log")
+        c.setdefault("terminationMessagePolicy", "File")
+        c.setdefault("resources", {})
+        image = c.get("image", "")
+        c.setdefault(
+            "imagePullPolicy",
+            "Always"
+            if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]
+            else "IfNotPresent",
+        )
+    pod.setdefault("status", {"phase": "Pending", "qosClass": "BestEffort"})
+    return pod
