@@ -1,0 +1,147 @@
+"""The benchmark environment: one local pod, an isolated runtime directory, the mirrord CLI.
+
+Everything stays on this machine: the pod is a network namespace the suite creates, the load
+generators only talk to loopback and the pod's address, and `close()` removes it all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench._core import NotAvailable
+
+if TYPE_CHECKING:
+    from mirrord.localpod import LocalPod
+
+__all__ = ["BenchEnv"]
+
+SMALL_FILE = "/app/small.bin"
+BULK_FILE = "/data/bulk.bin"
+
+
+class BenchEnv:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.bulk_size = (32 if quick else 256) * 1024 * 1024
+        self.tmp = Path(tempfile.mkdtemp(prefix="mirrord-bench-"))
+        self.runtime_dir = self.tmp / "runtime"
+        self.runtime_dir.mkdir(mode=0o700)
+        self._pod: LocalPod | None = None
+        self._pod_error: str | None = None
+        self.mirrord = (
+            [sys.executable, "-m", "mirrord.cli"]
+            if not shutil.which("mirrord")
+            else [shutil.which("mirrord") or "mirrord"]
+        )
+
+    # -- the pod
+
+    @property
+    def pod(self) -> LocalPod:
+        if self._pod is None:
+            if self._pod_error:
+                raise NotAvailable(self._pod_error)
+            if os.geteuid() != 0:
+                self._pod_error = "local pods need root"
+                raise NotAvailable(self._pod_error)
+            try:
+                from mirrord.localpod import PodSpec, cleanup_leftovers, create_pod
+            except ImportError as exc:
+                self._pod_error = f"local pods not available ({exc})"
+                raise NotAvailable(self._pod_error) from None
+            cleanup_leftovers()
+            spec = PodSpec(
+                name="bench",
+                env={"BENCH_VAR": "from-the-pod"},
+                files={
+                    SMALL_FILE: os.urandom(4096),
+                    BULK_FILE: b"\0",  # grown in place below, to avoid a 256 MiB copy
+                },
+                hosts={"bench-only.internal": "10.213.255.1"},
+            )
+            self._pod = create_pod(spec)
+            pid = self._pod.pid
+            with open(f"/proc/{pid}/root{BULK_FILE}", "wb") as f:
+                chunk = os.urandom(1024 * 1024)
+                for _ in range(self.bulk_size // len(chunk)):
+                    f.write(chunk)
+        return self._pod
+
+    @property
+    def target(self) -> str:
+        return f"pid/{self.pod.pid}"
+
+    # -- the CLI
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_")}
+        env["MIRRORD_RUNTIME_DIR"] = str(self.runtime_dir)
+        return env
+
+    def require_run(self) -> None:
+        proc = subprocess.run(
+            [*self.mirrord, "run", "--help"],
+            capture_output=True,
+            env=self.env(),
+            timeout=60,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise NotAvailable("`mirrord run` is not available yet")
+
+    def run_argv(self, cmd: list[str], *flags: str) -> list[str]:
+        return [*self.mirrord, "run", "-t", self.target, *flags, "--", *cmd]
+
+    def run(
+        self, cmd: list[str], *flags: str, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.run_argv(cmd, *flags),
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"mirrord run failed ({proc.returncode}): {proc.stderr.strip()[-400:]}"
+            )
+        return proc
+
+    def stop_daemon(self) -> None:
+        subprocess.run(
+            [*self.mirrord, "daemon", "stop"],
+            capture_output=True,
+            env=self.env(),
+            timeout=60,
+            check=False,
+        )
+
+    def daemon_pid(self) -> int | None:
+        pidfile = self.runtime_dir / "mirrordd.pid"
+        if pidfile.exists():
+            return int(pidfile.read_text().split()[0])
+        out = subprocess.run(
+            ["pgrep", "-f", "mirrordd|mirrord.daemon"], capture_output=True, text=True, check=False
+        )
+        for line in out.stdout.split():
+            try:
+                environ = Path(f"/proc/{line}/environ").read_bytes()
+            except OSError:
+                continue
+            if str(self.runtime_dir).encode() in environ:
+                return int(line)
+        return None
+
+    def close(self) -> None:
+        self.stop_daemon()
+        if self._pod is not None:
+            self._pod.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)

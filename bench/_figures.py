@@ -1,0 +1,431 @@
+"""The figures of the benchmark suite (issue: every figure beside its direct baseline)."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench._core import Figure, NotAvailable, Result, median_of, timed
+from bench._env import BULK_FILE, SMALL_FILE, BenchEnv
+
+__all__ = ["figures"]
+
+PY = sys.executable
+
+
+def _runs(env: BenchEnv, full: int, quick: int) -> int:
+    return quick if env.quick else full
+
+
+# ---------------------------------------------------------------- startup
+
+
+def startup_warm(env: BenchEnv) -> Result:
+    env.require_run()
+    env.run(["true"])  # warm: daemon and agent running
+    n = _runs(env, 15, 5)
+    warm = median_of(lambda: timed(lambda: env.run(["true"])), n)
+    base = median_of(
+        lambda: timed(lambda: subprocess.run([PY, "-c", "pass"], check=True, timeout=60)), n
+    )
+    env.startup_warm = warm  # type: ignore[attr-defined]
+    return Result(warm, base, "s")
+
+
+def startup_cold(env: BenchEnv) -> Result:
+    env.require_run()
+    warm = getattr(env, "startup_warm", None)
+    if warm is None:
+        startup_warm(env)
+        warm = env.startup_warm  # type: ignore[attr-defined]
+    samples = []
+    for _ in range(_runs(env, 3, 2)):
+        env.stop_daemon()
+        time.sleep(0.5)  # let the agent linger out of the picture
+        samples.append(timed(lambda: env.run(["true"])))
+    return Result(statistics.median(samples), warm, "s", note="baseline: startup_warm")
+
+
+# ---------------------------------------------------------------- files
+
+
+_FILE_SMALL = textwrap.dedent(
+    """
+    import os, sys, time
+    n = int(sys.argv[1]); path = sys.argv[2]
+    for _ in range(20):
+        fd = os.open(path, os.O_RDONLY); os.read(fd, 4096); os.close(fd)
+    t = time.perf_counter()
+    for _ in range(n):
+        fd = os.open(path, os.O_RDONLY)
+        assert len(os.read(fd, 4096)) == 4096
+        os.close(fd)
+    print((time.perf_counter() - t) / n)
+    """
+)
+
+
+def _pingpong_rtt(n: int) -> float:
+    a, b = socket.socketpair()
+
+    def echo() -> None:
+        for _ in range(n):
+            b.sendall(b.recv(64))
+
+    t = threading.Thread(target=echo)
+    t.start()
+    start = time.perf_counter()
+    for _ in range(n):
+        a.sendall(b"x" * 32)
+        a.recv(64)
+    elapsed = time.perf_counter() - start
+    t.join()
+    a.close()
+    b.close()
+    return elapsed / n
+
+
+def file_small(env: BenchEnv) -> Result:
+    env.require_run()
+    n = _runs(env, 2000, 300)
+    per_op = median_of(
+        lambda: float(env.run([PY, "-c", _FILE_SMALL, str(n), SMALL_FILE]).stdout.split()[-1]),
+        _runs(env, 5, 3),
+        warmup=0,
+    )
+    base = median_of(lambda: _pingpong_rtt(n), 5)
+    return Result(per_op, base, "s/op", note="baseline: one unix-socket round trip in Python")
+
+
+_FILE_BULK = textwrap.dedent(
+    """
+    import sys, time
+    t = time.perf_counter(); total = 0
+    with open(sys.argv[1], "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+    print(total / (time.perf_counter() - t))
+    """
+)
+
+
+def file_bulk(env: BenchEnv) -> Result:
+    env.require_run()
+    direct_path = f"/proc/{env.pod.pid}/root{BULK_FILE}"
+    runs = _runs(env, 3, 2)
+    thr = median_of(
+        lambda: float(env.run([PY, "-c", _FILE_BULK, BULK_FILE]).stdout.split()[-1]), runs, 0
+    )
+    base = median_of(
+        lambda: float(
+            subprocess.run(
+                [PY, "-c", _FILE_BULK, direct_path], capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        ),
+        runs,
+    )
+    return Result(thr / 1e6, base / 1e6, "MB/s")
+
+
+# ---------------------------------------------------------------- layer bypass
+
+_BYPASS_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++) {
+        int fd = open(argv[2], O_RDONLY);
+        if (fd < 0) return 1;
+        close(fd);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.9f\n", ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9) / n);
+    return 0;
+}
+"""
+
+
+def layer_bypass(env: BenchEnv) -> Result:
+    env.require_run()
+    src = env.tmp / "bypass.c"
+    exe = env.tmp / "bypass"
+    src.write_text(_BYPASS_C)
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True, timeout=120)
+    local = env.tmp / "local-file"
+    local.write_bytes(b"x")
+    n = str(_runs(env, 400_000, 100_000))
+    runs = _runs(env, 7, 5)
+    # Alternate the two so that machine noise hits both alike.
+    under, plain = [], []
+    for _ in range(runs):
+        under.append(float(env.run([str(exe), n, str(local)]).stdout.split()[-1]))
+        out = subprocess.run([str(exe), n, str(local)], capture_output=True, text=True, check=True)
+        plain.append(float(out.stdout.split()[-1]))
+    return Result(statistics.median(under), statistics.median(plain), "s/op")
+
+
+# ---------------------------------------------------------------- outgoing
+
+_RR = textwrap.dedent(
+    """
+    import socket, sys, time
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    s = socket.create_connection((host, port), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for _ in range(50):
+        s.sendall(b"x"); s.recv(1)
+    t = time.perf_counter()
+    for _ in range(n):
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+    print((time.perf_counter() - t) / n)
+    """
+)
+
+_BULK = textwrap.dedent(
+    """
+    import socket, sys, threading, time
+    host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    s = socket.create_connection((host, port), timeout=60)
+    chunk = b"y" * (1 << 16)
+    def send():
+        sent = 0
+        while sent < total:
+            s.sendall(chunk); sent += len(chunk)
+    t = time.perf_counter()
+    th = threading.Thread(target=send); th.start()
+    got = 0
+    while got < total:
+        data = s.recv(1 << 20)
+        if not data: raise SystemExit("short echo")
+        got += len(data)
+    th.join()
+    print(total / (time.perf_counter() - t))
+    """
+)
+
+
+def _echo_port(env: BenchEnv) -> int:
+    port = env.pod.spec.echo_port
+    if port is None:
+        raise NotAvailable("the pod has no echo service")
+    return int(port)
+
+
+def outgoing_rr(env: BenchEnv) -> Result:
+    env.require_run()
+    port = _echo_port(env)
+    n = str(_runs(env, 3000, 500))
+    runs = _runs(env, 5, 3)
+    via = median_of(
+        lambda: float(env.run([PY, "-c", _RR, "127.0.0.1", str(port), n]).stdout.split()[-1]),
+        runs,
+        0,
+    )
+    direct = median_of(
+        lambda: float(
+            subprocess.run(
+                [PY, "-c", _RR, env.pod.ip, str(port), n],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[-1]
+        ),
+        runs,
+    )
+    return Result(via, direct, "s/rtt", note=f"added latency {1e6 * (via - direct):.0f} µs")
+
+
+def outgoing_bulk(env: BenchEnv) -> Result:
+    env.require_run()
+    port = _echo_port(env)
+    total = str(env.bulk_size)
+    runs = _runs(env, 3, 2)
+    via = median_of(
+        lambda: float(env.run([PY, "-c", _BULK, "127.0.0.1", str(port), total]).stdout.split()[-1]),
+        runs,
+        0,
+    )
+    direct = median_of(
+        lambda: float(
+            subprocess.run(
+                [PY, "-c", _BULK, env.pod.ip, str(port), total],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[-1]
+        ),
+        runs,
+    )
+    return Result(via / 1e6, direct / 1e6, "MB/s", note="echoed both ways")
+
+
+# ---------------------------------------------------------------- scale
+
+_SCALE = textwrap.dedent(
+    """
+    import os, socket, sys
+    n, path, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    pids = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:
+            ok = 1
+            try:
+                with open(path, "rb") as f:
+                    ok &= len(f.read()) == 4096
+                ok &= bool(socket.getaddrinfo("bench-only.internal", 80))
+                s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                s.sendall(b"ping"); ok &= s.recv(4) == b"ping"; s.close()
+            except Exception as e:
+                print("child failed:", e, file=sys.stderr); ok = 0
+            os._exit(0 if ok else 1)
+        pids.append(pid)
+    failed = sum(os.waitpid(p, 0)[1] != 0 for p in pids)
+    print(failed)
+    """
+)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale_procs(env: BenchEnv) -> Result:
+    env.require_run()
+    port = _echo_port(env)
+    out = env.run([PY, "-c", _SCALE, "100", SMALL_FILE, str(port)], timeout=600)
+    failed = int(out.stdout.split()[-1])
+    pid = env.daemon_pid()
+    rss = _rss_mib(pid) if pid else None
+    if failed:
+        raise RuntimeError(f"{failed} of 100 processes failed")
+    return Result(rss, None, "MiB daemon RSS", note="100 of 100 processes succeeded")
+
+
+# ---------------------------------------------------------------- incoming
+
+
+def _incoming(env: BenchEnv) -> None:
+    env.require_run()
+    raise NotAvailable("incoming traffic through `mirrord run` is measured once steal lands")
+
+
+def steal_rps(env: BenchEnv) -> Result:
+    from bench._incoming import steal_rps as run
+
+    return run(env)
+
+
+def steal_latency(env: BenchEnv) -> Result:
+    from bench._incoming import steal_latency as run
+
+    return run(env)
+
+
+def mirror_capacity(env: BenchEnv) -> Result:
+    from bench._incoming import mirror_capacity as run
+
+    return run(env)
+
+
+def figures(env: BenchEnv) -> list[Figure]:
+    def f(fn: Callable[[BenchEnv], Result]) -> Callable[[bool], Result]:
+        return lambda quick: fn(env)
+
+    return [
+        Figure(
+            "startup_warm",
+            "mirrord run -t pid/P -- true (warm)",
+            "python3 -c pass",
+            "lower",
+            3,
+            f(startup_warm),
+        ),
+        Figure(
+            "startup_cold", "same, nothing running", "startup_warm", "report", None, f(startup_cold)
+        ),
+        Figure(
+            "file_small",
+            "open+read 4 KiB+close, remote",
+            "unix ping-pong RTT",
+            "lower",
+            4,
+            f(file_small),
+        ),
+        Figure(
+            "file_bulk",
+            "read the bulk file, remote",
+            "read via /proc/P/root",
+            "higher",
+            0.3,
+            f(file_bulk),
+        ),
+        Figure(
+            "layer_bypass",
+            "local open+close under the layer",
+            "without the layer",
+            "lower",
+            1.03,
+            f(layer_bypass),
+        ),
+        Figure(
+            "outgoing_rr",
+            "1-byte request/response, outgoing",
+            "direct to pod IP",
+            "lower",
+            4,
+            f(outgoing_rr),
+        ),
+        Figure(
+            "outgoing_bulk",
+            "bulk echo through outgoing",
+            "direct to pod IP",
+            "higher",
+            0.3,
+            f(outgoing_bulk),
+        ),
+        Figure(
+            "steal_rps",
+            "HTTP/1.1 keep-alive req/s, 8 conns, stolen",
+            "app directly",
+            "higher",
+            0.5,
+            f(steal_rps),
+        ),
+        Figure(
+            "steal_latency",
+            "p50 added latency per stolen request",
+            "app directly",
+            "report",
+            None,
+            f(steal_latency),
+        ),
+        Figure(
+            "mirror_capacity",
+            "highest rate mirrored, 0 drops, 0 misses",
+            "pod server's rate",
+            "higher",
+            0.8,
+            f(mirror_capacity),
+        ),
+        Figure(
+            "scale_procs", "100 processes: file+DNS+outgoing", "—", "report", None, f(scale_procs)
+        ),
+    ]
