@@ -8,8 +8,6 @@ library, the Kubernetes backend (`mirrord.kube`).
 
 from __future__ import annotations
 
-import sys
-
 from mirrord.daemon._backend import (
     AgentBackend,
     AgentConfig,
@@ -31,6 +29,8 @@ from mirrord.daemon._exceptions import (
     SessionNotFound,
     TargetNotSupported,
 )
+from mirrord.daemon._main import main
+from mirrord.daemon._runtime import RuntimePaths, runtime_dir, runtime_paths
 
 __all__ = [
     "AgentBackend",
@@ -45,14 +45,13 @@ __all__ = [
     "LocalAgentHandle",
     "Progress",
     "RootRequired",
+    "RuntimePaths",
     "SessionNotFound",
     "TargetNotSupported",
     "backends_for_daemon",
     "config_value",
     "main",
+    "runtime_dir",
+    "runtime_paths",
     "select_backend",
 ]
-
-
-def main() -> None:
-    sys.exit("mirrordd: the daemon is not built yet (see the daemon issue)")

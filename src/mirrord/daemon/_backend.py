@@ -59,7 +59,7 @@ AgentConfig = Any
 Progress = Callable[[str], None]
 
 LOCAL_TARGET_PREFIXES = ("pid/", "container/")
-DEFAULT_AGENT_STARTUP_TIMEOUT = 20.0
+DEFAULT_AGENT_STARTUP_TIMEOUT = 60.0
 DEFAULT_AGENT_IDLE_TIMEOUT = 60
 _READY_PREFIX = "mirrord-agent ready "
 _ERROR_PREFIX = "mirrord-agent: error: "
@@ -269,7 +269,9 @@ class LocalAgentBackend:
             config_value(config, "agent", "startup_timeout", default=DEFAULT_AGENT_STARTUP_TIMEOUT)
         )
         idle = int(
-            config_value(config, "agent", "idle_timeout", default=DEFAULT_AGENT_IDLE_TIMEOUT)
+            config_value(
+                config, "agent", "communication_timeout", default=DEFAULT_AGENT_IDLE_TIMEOUT
+            )
         )
         self._counter += 1
         stem = f"agent-{os.getpid()}-{self._counter}"
@@ -281,7 +283,7 @@ class LocalAgentBackend:
         with os.fdopen(fd, "w") as f:
             f.write(secret)
         progress(f"starting agent for {target}")
-        log = log_path.open("wb")
+        log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
         try:
             process = await anyio.open_process(
                 self._command(target, socket_path, secret_path, idle),

@@ -1,0 +1,287 @@
+"""The control API's client side (synchronous, for the CLI) and starting the daemon.
+
+Owns: talking JSON lines to `mirrordd.sock`, starting a detached daemon when none answers (a
+start lock so two concurrent `mirrord run` never start two; a stale socket left by a dead
+daemon is replaced by the new daemon, which holds the pid lock), and waiting until it answers.
+Does not own the daemon's behaviour or anything printed to the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import fcntl
+import itertools
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from mirrord.daemon._exceptions import ControlError, DaemonError, DaemonNotRunning
+from mirrord.daemon._runtime import RuntimePaths
+
+__all__ = ["ControlClient", "daemon_env", "ensure_daemon", "start_daemon", "stop_daemon"]
+
+EventCallback = Callable[[dict[str, Any]], None]
+DAEMON_START_TIMEOUT = 20.0
+START_LOCK_TIMEOUT = 60.0
+CALL_TIMEOUT = 30.0
+_LAYER_VARS = ("MIRRORD_LAYER_SOCKET", "MIRRORD_SESSION", "MIRRORD_LAYER_CONFIG")
+
+
+class ControlClient:
+    """One control connection. A reader thread dispatches replies to callers and events to
+    `on_event` (progress, warnings, agent loss of the sessions this connection opened)."""
+
+    def __init__(self, socket_path: Path, on_event: EventCallback | None = None) -> None:
+        self.socket_path = socket_path
+        self.on_event = on_event
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5)
+            sock.connect(str(socket_path))
+            sock.settimeout(None)
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno_mod.ENOENT, errno_mod.ECONNREFUSED, errno_mod.ENOTSOCK):
+                raise DaemonNotRunning(str(socket_path)) from None
+            raise DaemonNotRunning(str(socket_path)) from exc
+        self._sock = sock
+        self._ids = itertools.count(1)
+        self._replies: dict[int, queue.Queue[dict[str, Any] | None]] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+        self._reader = threading.Thread(target=self._read, name="mirrord-control", daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        return f"<ControlClient {self.socket_path} closed={self.closed}>"
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+
+    def _read(self) -> None:
+        buffer = b""
+        try:
+            while True:
+                data = self._sock.recv(65536)
+                if not data:
+                    break
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    self._dispatch(json.loads(line))
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.closed = True
+            with self._lock:
+                waiting = list(self._replies.values())
+            for q in waiting:
+                q.put(None)
+            if self.on_event is not None:
+                self.on_event({"event": "disconnected"})
+
+    def _dispatch(self, obj: dict[str, Any]) -> None:
+        if "event" in obj:
+            if self.on_event is not None:
+                self.on_event(obj)
+            return
+        with self._lock:
+            q = self._replies.get(obj.get("id", -1))
+        if q is not None:
+            q.put(obj)
+
+    def call(self, op: str, *, timeout: float | None = CALL_TIMEOUT, **params: Any) -> Any:
+        """Send `op` and wait for its result; raises `ControlError` with the daemon's message."""
+        rid = next(self._ids)
+        q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        with self._lock:
+            self._replies[rid] = q
+        try:
+            line = json.dumps({"id": rid, "op": op, **params}).encode() + b"\n"
+            try:
+                self._sock.sendall(line)
+            except OSError as exc:
+                raise ControlError(f"the mirrord daemon closed the connection ({exc})") from None
+            try:
+                reply = q.get(timeout=timeout)
+            except queue.Empty:
+                raise ControlError(
+                    f"the mirrord daemon did not answer {op} within {timeout:g} s; see "
+                    "`mirrord daemon logs`"
+                ) from None
+        finally:
+            with self._lock:
+                self._replies.pop(rid, None)
+        if reply is None:
+            raise ControlError(
+                f"the mirrord daemon closed the connection during {op}; see `mirrord daemon logs`"
+            )
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            failure = ControlError(str(error.get("message") or "unknown error"))
+            failure.code = str(error.get("code") or "control_error")
+            raise failure
+        return reply.get("result")
+
+
+def daemon_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment: the caller's without the layer (a daemon started from inside
+    a mirrord session must not preload the layer into itself)."""
+    result = dict(os.environ if env is None else env)
+    for name in _LAYER_VARS:
+        result.pop(name, None)
+    preload = result.get("LD_PRELOAD", "")
+    if preload:
+        kept = [p for p in preload.replace(":", " ").split() if "libmirrord_layer" not in p]
+        if kept:
+            result["LD_PRELOAD"] = " ".join(kept)
+        else:
+            result.pop("LD_PRELOAD")
+    return result
+
+
+def _ping(paths: RuntimePaths) -> bool:
+    try:
+        with ControlClient(paths.control_socket) as client:
+            client.call("status", timeout=5)
+        return True
+    except DaemonError:
+        return False
+
+
+@contextlib.contextmanager
+def _start_lock(paths: RuntimePaths) -> Iterator[None]:
+    fd = os.open(paths.start_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + START_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DaemonError(
+                        f"another mirrord command has been starting the daemon for "
+                        f"{START_LOCK_TIMEOUT:g} s ({paths.start_lock}); check `mirrord daemon "
+                        "logs`"
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def start_daemon(paths: RuntimePaths, *, idle_timeout: float | None = None) -> int:
+    """Start a detached daemon (double fork: it is nobody's child and nobody's zombie) and
+    wait until it answers. Returns its pid."""
+    paths.ensure()
+    argv = [sys.executable, "-m", "mirrord.daemon", "--runtime-dir", str(paths.root)]
+    if idle_timeout is not None:
+        argv += ["--idle-timeout", str(idle_timeout)]
+    env = daemon_env()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # first child: start the daemon in its own session, report its pid, exit
+        try:
+            os.close(read_fd)
+            with open(paths.log, "ab") as log:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd="/",
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            os.write(write_fd, str(proc.pid).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_fd, "rb") as r:
+        text = r.read().decode()
+    if not text.isdigit():
+        raise DaemonError(f"could not start mirrordd; see {paths.log}")
+    daemon_pid = int(text)
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    delay = 0.005
+    while time.monotonic() < deadline:
+        if _ping(paths):
+            return daemon_pid
+        if not _pid_alive(daemon_pid):
+            raise DaemonError(f"mirrordd exited while starting: {_log_tail(paths.log)}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    raise DaemonError(f"mirrordd did not answer within {DAEMON_START_TIMEOUT:g} s; see {paths.log}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"no log at {path}"
+    return " | ".join(text.strip().splitlines()[-lines:]) or f"nothing in {path}"
+
+
+def ensure_daemon(
+    paths: RuntimePaths,
+    progress: Callable[[str], None] | None = None,
+    *,
+    idle_timeout: float | None = None,
+) -> bool:
+    """Make sure a daemon answers on the runtime directory's control socket; returns True if
+    this call started it."""
+    if _ping(paths):
+        return False
+    paths.ensure()
+    with _start_lock(paths):
+        if _ping(paths):
+            return False  # another command started it while we waited for the lock
+        if progress is not None:
+            progress("starting the mirrord daemon")
+        start_daemon(paths, idle_timeout=idle_timeout)
+        return True
+
+
+def stop_daemon(paths: RuntimePaths, timeout: float = 15.0) -> bool:
+    """Ask the daemon to shut down and wait until it has; False if none was running."""
+    try:
+        with ControlClient(paths.control_socket) as client:
+            pid = int(client.call("shutdown", timeout=5)["pid"])
+    except DaemonNotRunning:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.02)
+    if _pid_alive(pid):
+        raise DaemonError(f"mirrordd (pid {pid}) did not exit within {timeout:g} s")
+    return True

@@ -1,0 +1,391 @@
+"""mirrordd: the process. Control API server, layer socket server, session table, shutdown.
+
+Owns: binding the control socket (`<runtime>/mirrordd.sock`, 0600) and the layer socket
+(`<runtime>/layer.sock`, 0600), the session table, the control API (JSON lines, see
+`docs/commands.md` "Control API"), status, and an orderly shutdown (sessions closed, agents
+stopped, sockets removed). Does not own agents (the pool), agent streams (links) or layer
+connections (`_session`).
+
+Control API: every request is one JSON object on one line, `{"id": N, "op": "...", ...}`; the
+daemon answers `{"id": N, "ok": true, "result": {...}}` or `{"id": N, "ok": false, "error":
+{"code": "...", "message": "..."}}`. Between them it may send events, `{"event": "...", ...}`
+(progress while a session starts; warnings, agent loss and process changes of the sessions
+this connection created). A session belongs to the connection that created it and is closed
+when that connection ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from mirrord._version import __version__
+from mirrord.daemon._backend import AgentBackend, backends_for_daemon, config_value
+from mirrord.daemon._env import fetch_remote_env, incoming_settings, layer_variables, merge_env
+from mirrord.daemon._exceptions import DaemonError, SessionNotFound
+from mirrord.daemon._io import FrameWriter
+from mirrord.daemon._pool import AgentPool
+from mirrord.daemon._runtime import RuntimePaths
+from mirrord.daemon._session import Session, serve_layer_client
+
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONTROL_LINE", "Daemon"]
+
+log = logging.getLogger("mirrord.daemon")
+
+DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
+MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad client's memory
+
+
+def _config_model(config: dict[str, Any]) -> Any:
+    """The resolved config as the config package's model when it exists, else the dict."""
+    try:
+        from mirrord.config import MirrordConfig
+    except ImportError:
+        return config
+    return MirrordConfig.model_validate(config)
+
+
+class Daemon:
+    def __init__(
+        self,
+        paths: RuntimePaths,
+        backends: list[AgentBackend] | None = None,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        self.paths = paths
+        self.idle_timeout = idle_timeout
+        self._idle_since: float | None = time.monotonic()
+        self.backends = backends if backends is not None else backends_for_daemon(paths.root)
+        self.sessions: dict[str, Session] = {}
+        self.started = time.time()
+        self.pool: AgentPool | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._shutdown = anyio.Event()
+        self.layer_connections = 0
+        self._build_id = ""
+
+    def __repr__(self) -> str:
+        return f"<Daemon {self.paths.root} sessions={len(self.sessions)}>"
+
+    # -- lifecycle
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        from mirrord.layer import build_id
+
+        self._build_id = build_id()
+        self.paths.ensure()
+        control = await _unix_listener(self.paths.control_socket)
+        layer = await _unix_listener(self.paths.layer_socket)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self.pool = AgentPool(self.backends, tg)
+                tg.start_soon(self._serve, control, self._control_client)
+                tg.start_soon(self._serve, layer, self._layer_client)
+                tg.start_soon(self._signals)
+                tg.start_soon(self._idle_watch)
+                log.info(
+                    "mirrordd %s ready (pid %d) in %s", __version__, os.getpid(), self.paths.root
+                )
+                task_status.started()
+                await self._shutdown.wait()
+                log.info("mirrordd shutting down")
+                for session in list(self.sessions.values()):
+                    self._close_session(session, "the daemon is shutting down")
+                with anyio.CancelScope(shield=True):
+                    await self.pool.close_all()
+                tg.cancel_scope.cancel()
+        finally:
+            for path in (self.paths.control_socket, self.paths.layer_socket):
+                path.unlink(missing_ok=True)
+            with anyio.CancelScope(shield=True):
+                await control.aclose()
+                await layer.aclose()
+
+    def shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def _shutdown_soon(self) -> None:
+        await anyio.sleep(0.05)  # lets the reply to `shutdown` reach its client first
+        self.shutdown()
+
+    async def _idle_watch(self) -> None:
+        """Exit after `idle_timeout` seconds without sessions (0: with the last session)."""
+        while True:
+            await anyio.sleep(0.5 if self.idle_timeout == 0 else 1.0)
+            if self.sessions:
+                self._idle_since = None
+                continue
+            now = time.monotonic()
+            if self._idle_since is None:
+                self._idle_since = now
+            if now - self._idle_since >= self.idle_timeout:
+                log.info("no session for %gs (daemon.idle_timeout): exiting", self.idle_timeout)
+                self.shutdown()
+                return
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: shutting down", signum)
+                self.shutdown()
+                return
+
+    async def _serve(self, listener: anyio.abc.SocketListener, handler: Any) -> None:
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    return
+                except OSError as exc:  # EMFILE and the like: wait, do not spin
+                    log.warning("accept failed: %s", exc)
+                    await anyio.sleep(0.1)
+                    continue
+                tg.start_soon(handler, stream)
+
+    # -- layer connections
+
+    async def _layer_client(self, stream: anyio.abc.SocketStream) -> None:
+        self.layer_connections += 1
+        try:
+            await serve_layer_client(stream, self._build_id, self.sessions.get)
+        except Exception:
+            log.exception("layer connection failed")
+
+    # -- sessions
+
+    async def create_session(
+        self, params: dict[str, Any], progress: Any, owner_events: Any
+    ) -> Session:
+        assert self.pool is not None
+        target = params.get("target")
+        if not isinstance(target, str) or not target:
+            raise DaemonError("create_session needs a target (for example pid/1234)")
+        raw_config = params.get("config") or {}
+        if not isinstance(raw_config, dict):
+            raise DaemonError("create_session: config must be a JSON object")
+        config = _config_model(raw_config)
+        idle = config_value(config, "daemon", "idle_timeout", default=None)
+        if idle is not None:
+            self.idle_timeout = float(idle)
+        client_pid = int(params.get("client_pid") or 0)
+        mode, http_filter = incoming_settings(config)
+        placeholder = f"pending-{time.monotonic_ns()}"
+        link = await self.pool.acquire(target, config, progress, placeholder)
+        session = Session(
+            target=target,
+            config=config,
+            link=link,
+            client_pid=client_pid,
+            label=str(params.get("label") or ""),
+            incoming_mode=mode,
+            http_filter=http_filter,
+        )
+        entry = self.pool.entries.get(link.handle.key)
+        if entry is not None:
+            entry.sessions.discard(placeholder)
+            entry.sessions.add(session.id)
+        self.sessions[session.id] = session
+        session.subscribe_events(owner_events)
+        try:
+            progress("reading the target's environment")
+            remote = await fetch_remote_env(link, config, client_pid)
+            session.env = merge_env(remote, config, cwd=params.get("cwd"))
+            session.env.update(
+                layer_variables(
+                    config,
+                    socket_path=str(self.paths.layer_socket),
+                    session_id=session.id,
+                    debug=bool(params.get("debug")),
+                )
+            )
+        except BaseException:
+            self._close_session(session, "the session could not start")
+            raise
+        log.info("session %s opened on %s (%s)", session.id, target, link.handle.key)
+        return session
+
+    def _close_session(self, session: Session, reason: str) -> None:
+        if self.sessions.pop(session.id, None) is None:
+            return
+        session.close(reason)
+        if self.pool is not None:
+            self.pool.release(session.link, session.id)
+        log.info("session %s closed: %s", session.id, reason)
+
+    def status(self) -> dict[str, Any]:
+        agents = [e.statistics() for e in self.pool.entries.values()] if self.pool else []
+        sessions = [s.statistics() for s in self.sessions.values()]
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "started": self.started,
+                "uptime": time.time() - self.started,
+                "runtime_dir": str(self.paths.root),
+                "layer_connections_total": self.layer_connections,
+            },
+            "sessions": sessions,
+            "agents": agents,
+            "totals": {
+                "sessions": len(sessions),
+                "agents": len(agents),
+                "channels": sum(s["channels"] for s in sessions),
+                "bytes_to_agent": sum((a["link"] or {}).get("bytes_to_agent", 0) for a in agents),
+                "bytes_to_user": sum((a["link"] or {}).get("bytes_to_user", 0) for a in agents),
+            },
+        }
+
+    # -- control API
+
+    async def _control_client(self, stream: anyio.abc.SocketStream) -> None:
+        writer = FrameWriter(stream, "control")
+        owned: set[str] = set()
+
+        def emit(obj: dict[str, Any]) -> None:
+            writer.send_nowait(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+        try:
+            async with stream, anyio.create_task_group() as tg:
+                tg.start_soon(writer.run)
+                buffer = bytearray()
+                while True:
+                    try:
+                        data = await stream.receive(65536)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                        break
+                    buffer += data
+                    if len(buffer) > MAX_CONTROL_LINE and b"\n" not in buffer:
+                        emit(
+                            {
+                                "ok": False,
+                                "error": {
+                                    "code": "bad_request",
+                                    "message": "request line too long",
+                                },
+                            }
+                        )
+                        break
+                    while b"\n" in buffer:
+                        line, _, rest = bytes(buffer).partition(b"\n")
+                        buffer = bytearray(rest)
+                        if line.strip():
+                            await self._control_request(line, emit, owned)
+                writer.close()
+                tg.cancel_scope.cancel()
+        finally:
+            for sid in owned:
+                session = self.sessions.get(sid)
+                if session is not None:
+                    self._close_session(session, "its mirrord command exited")
+
+    async def _control_request(self, line: bytes, emit: Any, owned: set[str]) -> None:
+        rid: Any = None
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise DaemonError("a control request is a JSON object")
+            rid = request.get("id")
+            op = request.get("op")
+            result = await self._op(str(op), request, emit, owned)
+            emit({"id": rid, "ok": True, "result": result})
+        except DaemonError as exc:
+            emit({"id": rid, "ok": False, "error": {"code": exc.code, "message": exc.message}})
+        except json.JSONDecodeError as exc:
+            emit({"id": rid, "ok": False, "error": {"code": "bad_request", "message": str(exc)}})
+        except Exception as exc:
+            log.exception("control request failed")
+            emit(
+                {
+                    "id": rid,
+                    "ok": False,
+                    "error": {
+                        "code": "internal",
+                        "message": f"mirrordd failed ({type(exc).__name__}: {exc}); this is a "
+                        f"bug in mirrord: please report it with {self.paths.log}",
+                    },
+                }
+            )
+
+    async def _op(
+        self, op: str, request: dict[str, Any], emit: Any, owned: set[str]
+    ) -> dict[str, Any]:
+        if op == "status":
+            return self.status()
+        if op == "list_sessions":
+            return {"sessions": [s.statistics() for s in self.sessions.values()]}
+        if op == "create_session":
+
+            def progress(text: str) -> None:
+                emit({"event": "progress", "message": text})
+
+            session = await self.create_session(request, progress, emit)
+            owned.add(session.id)
+            return {
+                "session": session.id,
+                "env": session.env,
+                "agent": session.link.handle.key,
+                "agent_description": session.link.handle.description,
+                "layer_socket": str(self.paths.layer_socket),
+                "warnings": list(session.warnings),
+            }
+        if op == "close_session":
+            session = self._session(request)
+            owned.discard(session.id)
+            self._close_session(session, str(request.get("reason") or "closed by its client"))
+            return {}
+        if op == "wait_session":
+            return await self._wait_session(self._session(request), request)
+        if op == "session":
+            return self._session(request).statistics()
+        if op == "shutdown":
+            assert self._tg is not None
+            self._tg.start_soon(self._shutdown_soon)
+            return {"pid": os.getpid()}
+        raise DaemonError(f"unknown control op {op!r}")
+
+    def _session(self, request: dict[str, Any]) -> Session:
+        sid = str(request.get("session") or "")
+        session = self.sessions.get(sid)
+        if session is None:
+            raise SessionNotFound(sid)
+        return session
+
+    async def _wait_session(self, session: Session, request: dict[str, Any]) -> dict[str, Any]:
+        """Until the session's processes are all gone after at least one registered (an IDE's
+        debuggee exited), or `timeout` seconds with none registered."""
+        timeout = float(request.get("timeout") or 60)
+        deadline = time.monotonic() + timeout
+        while session.state != "closed":
+            if session.ever_registered and not session.processes:
+                return {"idle": True, "registered": True, "state": session.state}
+            left = deadline - time.monotonic()
+            if not session.ever_registered and left <= 0:
+                return {"idle": True, "registered": False, "state": session.state}
+            with anyio.move_on_after(max(left, 0.05) if not session.ever_registered else 3600):
+                await session.wait_changed()
+        return {"idle": True, "registered": session.ever_registered, "state": session.state}
+
+
+async def _unix_listener(path: Path) -> anyio.abc.SocketListener:
+    """Bind a unix socket (0600). A socket file left by a dead daemon is replaced; the caller
+    holds the daemon's pid lock, so no live daemon owns it."""
+    path.unlink(missing_ok=True)
+    old = os.umask(0o177)
+    try:
+        listener = await anyio.create_unix_listener(path, mode=0o600, backlog=256)
+    finally:
+        os.umask(old)
+    return listener

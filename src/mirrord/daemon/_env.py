@@ -1,0 +1,229 @@
+"""The environment a session's user command starts with.
+
+Owns: fetching the target's environment through the agent (filtered by the config's include /
+exclude globs), applying overrides and unsets, the variables that always stay the user's own
+(they would break the user's machine: PATH, HOME, loader and interpreter paths), and adding
+the layer's variables (`mirrord.layer.layer_env`, I5). Does not own the merge with the user's
+own environment (the CLI does that, so `LD_PRELOAD` can be appended to the user's value).
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import fnmatch
+import re
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from mirrord.daemon._backend import AgentConfig, config_value
+from mirrord.daemon._exceptions import AgentLost, DaemonError
+from mirrord.daemon._link import AgentLink
+from mirrord.protocol import Message
+from mirrord.protocol import messages as m
+
+__all__ = [
+    "ENV_REQUEST_TIMEOUT",
+    "KEEP_LOCAL",
+    "fetch_remote_env",
+    "filter_for_port",
+    "incoming_settings",
+    "layer_variables",
+    "merge_env",
+]
+
+ENV_REQUEST_TIMEOUT = 30.0
+# Never taken from the target: they describe the user's machine, not the pod.
+KEEP_LOCAL = (
+    "PATH",
+    "HOME",
+    "PWD",
+    "OLDPWD",
+    "SHLVL",
+    "_",
+    "TERM",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "PYTHONHOME",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "MIRRORD_*",
+)
+
+
+def _patterns(value: Any) -> list[str]:
+    """A config pattern list: a list, or mirrord's `"A;B*"` string."""
+    if value is None or value is True:
+        return []
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(";") if p.strip()]
+    return [str(p) for p in value]
+
+
+def env_enabled(config: AgentConfig) -> bool:
+    feature = config_value(config, "feature", "env", default=True)
+    if feature is False:
+        return False
+    return bool(config_value(config, "feature", "env", "enabled", default=True))
+
+
+class _EnvChannel:
+    """The owner of the short-lived channel the session's env is read on."""
+
+    def on_incoming(self, msg: m.IncomingConnection) -> None:
+        del msg
+
+    def on_channel_closed(self, reason: str) -> None:
+        del reason
+
+
+async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> dict[str, str]:
+    """The target's environment as filtered by `feature.env.include/exclude`."""
+    if not env_enabled(config):
+        return {}
+    include = _patterns(config_value(config, "feature", "env", "include", default=None))
+    exclude = _patterns(config_value(config, "feature", "env", "exclude", default=None))
+    channel = link.open_channel(_EnvChannel(), pid=pid, label="session environment")
+    replies: list[Message] = []
+    done = anyio.Event()
+
+    def on_reply(reply: Message) -> None:
+        replies.append(reply)
+        done.set()
+
+    try:
+        link.request(
+            channel,
+            lambda rid: m.EnvRequest(request_id=rid, include=include, exclude=exclude),
+            on_reply,
+        )
+        with anyio.move_on_after(ENV_REQUEST_TIMEOUT):
+            await done.wait()
+    finally:
+        link.close_channel(channel, "environment read")
+    if not replies:
+        raise AgentLost(
+            f"the agent did not send the target's environment within {ENV_REQUEST_TIMEOUT:g} s"
+        )
+    reply = replies[0]
+    if isinstance(reply, m.EnvReply):
+        return dict(reply.env)
+    if isinstance(reply, m.ErrorReply):
+        raise AgentLost(
+            f"the agent could not read the target's environment: {reply.message} "
+            f"({errno_mod.errorcode.get(reply.errno, reply.errno)})"
+        )
+    raise AgentLost(f"the agent answered the environment request with {type(reply).__name__}")
+
+
+def merge_env(
+    remote: dict[str, str], config: AgentConfig, cwd: str | None = None
+) -> dict[str, str]:
+    """Remote env minus the always-local variables, then `env_file`, `mapping`, `override`,
+    and last `unset`."""
+    include = _patterns(config_value(config, "feature", "env", "include", default=None))
+    env = {
+        k: v
+        for k, v in remote.items()
+        if not any(fnmatch.fnmatchcase(k, pat) for pat in KEEP_LOCAL)
+        or any(fnmatch.fnmatchcase(k, pat) for pat in include if pat != "*")
+    }
+    env_file = config_value(config, "feature", "env", "env_file", default=None)
+    if env_file:
+        env.update(_read_env_file(Path(cwd or "/") / str(env_file)))
+    mapping = config_value(config, "feature", "env", "mapping", default=None) or {}
+    for pattern, value in dict(mapping).items():
+        regex = re.compile(str(pattern))
+        for key in [k for k in env if regex.search(k)]:
+            env[key] = str(value)
+    overrides = config_value(config, "feature", "env", "override", default=None) or {}
+    env.update({str(k): str(v) for k, v in dict(overrides).items()})
+    for name in _patterns(config_value(config, "feature", "env", "unset", default=None)):
+        for key in [k for k in env if k.upper() == name.upper()]:
+            del env[key]
+    return env
+
+
+_FILTER_CRITERIA = ("header_filter", "path_filter", "method_filter", "all_of", "any_of")
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (optional `export `, quotes stripped, `#` comments)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DaemonError(
+            f"cannot read feature.env.env_file {path}: {exc.strerror}; fix the path in the config"
+        ) from None
+    result: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        result[key.strip()] = value
+    return result
+
+
+def incoming_settings(config: AgentConfig) -> tuple[str, dict[str, Any] | None]:
+    """(mode, http_filter): mode is `mirror`, `steal` or `off`; the filter (steal only) is the
+    config's `http_filter` object in its JSON shape when it has any criterion, else None."""
+    incoming = config_value(config, "feature", "network", "incoming", default="mirror")
+    if isinstance(incoming, str):
+        return (incoming if incoming in (*m.INCOMING_MODES, "off") else "mirror"), None
+    if incoming is False:
+        return "off", None
+    mode = str(config_value(incoming, "mode", default="mirror"))
+    if mode not in (*m.INCOMING_MODES, "off"):
+        mode = "mirror"
+    raw = config_value(incoming, "http_filter", default=None)
+    if raw is not None and not isinstance(raw, dict):
+        dump = getattr(raw, "model_dump", None)
+        raw = dump(mode="json", exclude_none=True) if dump is not None else None
+    if mode != "steal" or not raw or not any(raw.get(k) for k in _FILTER_CRITERIA):
+        return mode, None
+    return mode, {k: v for k, v in raw.items() if v is not None}
+
+
+def filter_for_port(http_filter: dict[str, Any] | None, port: int) -> dict[str, Any] | None:
+    """The filter applies only to its `ports` (default 80 and 8080)."""
+    if http_filter is None:
+        return None
+    ports = http_filter.get("ports") or [80, 8080]
+    return http_filter if port in ports else None
+
+
+def layer_variables(
+    config: AgentConfig, *, socket_path: str, session_id: str, debug: bool = False
+) -> dict[str, str]:
+    """The variables that load and configure the layer in the user command (I5)."""
+    from mirrord import layer
+
+    layer_env = getattr(layer, "layer_env", None)
+    settings_cls = getattr(layer, "LayerSettings", None)
+    if layer_env is not None and settings_cls is not None:
+        from_config = getattr(settings_cls, "from_config", None)
+        settings = from_config(config) if from_config is not None else settings_cls()
+        env: dict[str, str] = dict(
+            layer_env(
+                socket_path=socket_path, session_id=session_id, settings=settings, debug=debug
+            )
+        )
+    else:  # the layer package without layer_env: load it with its socket and session only
+        env = {
+            "MIRRORD_LAYER_SOCKET": socket_path,
+            "MIRRORD_SESSION": session_id,
+            "UV_USE_IO_URING": "0",
+        }
+    # The daemon's own LD_PRELOAD is not the user's: the CLI appends ours to the user's.
+    env["LD_PRELOAD"] = str(layer.library_path())
+    if debug:
+        env.setdefault("MIRRORD_LAYER_DEBUG", "1")
+    return env

@@ -1,0 +1,78 @@
+"""Small I/O helpers of the daemon: an ordered frame writer that never makes its caller wait,
+and resetting a socket stream.
+
+Owns: the rule that protocol readers never block on a write (they queue frames; one task per
+stream writes them in order). Does not own what the frames mean.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+__all__ = ["FrameWriter", "reset_stream"]
+
+
+class FrameWriter:
+    """Frames queued with `send_nowait()` (never waits), written to `stream` in order by `run()`.
+
+    The queue is unbounded on purpose: what goes through it is bounded elsewhere (connection
+    data by the credit window, replies by the requests that caused them), and a bounded queue
+    would make the agent-stream reader wait on a slow writer.
+    """
+
+    def __init__(self, stream: anyio.abc.ByteSendStream, name: str) -> None:
+        self._stream = stream
+        self.name = name
+        # producers --frame--> run() --bytes--> stream
+        self._frames_tx, self._frames_rx = anyio.create_memory_object_stream[bytes](math.inf)
+        self.queued_bytes = 0
+        self.written_bytes = 0
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<FrameWriter {self.name} queued={self.queued_bytes} written={self.written_bytes}>"
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue `frame`; silently dropped once the writer is closed (the peer is gone)."""
+        if self.closed:
+            return
+        self.queued_bytes += len(frame)
+        try:
+            self._frames_tx.send_nowait(frame)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.closed = True
+
+    def close(self) -> None:
+        """No more frames; `run()` returns after writing what is queued."""
+        self.closed = True
+        self._frames_tx.close()
+
+    async def run(self) -> None:
+        """Write queued frames until `close()`; returns early if the stream breaks."""
+        try:
+            async with self._frames_rx:
+                async for frame in self._frames_rx:
+                    self.queued_bytes -= len(frame)
+                    await self._stream.send(frame)
+                    self.written_bytes += len(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self.closed = True
+
+
+def reset_stream(stream: anyio.abc.ByteStream) -> None:
+    """Make the next close send a TCP RST (SO_LINGER 0), so the peer sees ECONNRESET."""
+    try:
+        sock = stream.extra(SocketAttribute.raw_socket)
+    except anyio.TypedAttributeLookupError:
+        return
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass

@@ -1,0 +1,364 @@
+"""One agent stream: the handshake, channels, request ids and the relays on it.
+
+Owns: the `AgentConnection` of one agent stream; allocation of channel ids, daemon request ids
+and even connection ids; mapping replies back to whoever asked; routing connection messages
+to relays and incoming connections / channel closes to the channel's owner; marking
+everything failed when the stream breaks. Does not own: sessions or layer connections (they
+are channel owners), starting agents (backends), or when to stop the agent (the pool).
+
+Everything the reader does is synchronous and non-blocking: frames to the agent are queued on
+a `FrameWriter`, and work that waits (connecting a relay) runs as a task in the link's task
+group, so the agent stream is always read.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from mirrord._version import __version__
+from mirrord.daemon._backend import AgentHandle
+from mirrord.daemon._exceptions import AgentStartError
+from mirrord.daemon._io import FrameWriter
+from mirrord.daemon._relay import Counters, Relay
+from mirrord.protocol import (
+    CLOSED,
+    CONTROL_CHANNEL,
+    NEED_DATA,
+    AgentConnection,
+    AgentRole,
+    Message,
+    Received,
+    RemoteProtocolError,
+    UnknownMessage,
+)
+from mirrord.protocol import messages as m
+
+__all__ = ["AgentLink", "ChannelOwner", "ReplyCallback"]
+
+log = logging.getLogger("mirrord.daemon.link")
+
+HANDSHAKE_TIMEOUT = 15.0
+_READ_SIZE = 256 * 1024
+
+ReplyCallback = Callable[[Message], None]
+
+
+class ChannelOwner(Protocol):
+    """Whoever a channel belongs to (a layer process, or a session's own channel)."""
+
+    def on_incoming(self, msg: m.IncomingConnection) -> None: ...
+
+    def on_channel_closed(self, reason: str) -> None: ...
+
+
+class AgentLink:
+    """The daemon's side of one agent stream (one per agent, shared by all its sessions)."""
+
+    def __init__(self, handle: AgentHandle) -> None:
+        self.handle = handle
+        self.conn = AgentConnection(AgentRole.DAEMON, secret=handle.secret)
+        self.state = "connecting"  # connecting -> open -> lost | closed
+        self.reason = ""
+        self.welcome: m.Welcome | None = None
+        self.opened_at = time.time()
+        self.counters = Counters()
+        self.channels: dict[int, ChannelOwner] = {}
+        self.relays: dict[tuple[int, int], Relay] = {}
+        self._pending: dict[int, tuple[int, ReplyCallback]] = {}
+        self._next_request = 1
+        self._next_channel = 1
+        self._next_conn = 2  # the daemon picks even connection ids, the agent odd ones
+        self._writer: FrameWriter | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._lost_callbacks: list[Callable[[str], None]] = []
+        self.frames_in = 0
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<AgentLink {self.handle.key} {self.state} channels={len(self.channels)} "
+            f"relays={len(self.relays)} pending={len(self._pending)}>"
+        )
+
+    @property
+    def is_open(self) -> bool:
+        return self.state == "open"
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "channels": len(self.channels),
+            "connections": len(self.relays),
+            "pending_requests": len(self._pending),
+            "requests": self.requests,
+            "bytes_to_agent": self.counters.to_agent,
+            "bytes_to_user": self.counters.to_user,
+            "relayed_connections": self.counters.connections,
+            "queued_bytes": self._writer.queued_bytes if self._writer else 0,
+            "agent_version": self.welcome.agent_version if self.welcome else "",
+            "agent_target": self.welcome.target if self.welcome else "",
+        }
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    # -- lifecycle
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect, handshake (then `started`), and read until the stream ends."""
+        stream = await self.handle.connect()
+        reason = "the agent closed the connection"
+        try:
+            async with stream, anyio.create_task_group() as tg:
+                self._tg = tg
+                self._writer = FrameWriter(stream, f"agent {self.handle.key}")
+                tg.start_soon(self._writer.run)
+                self._writer.send_nowait(self.conn.hello(client=f"mirrordd {__version__}"))
+                await self._handshake(stream)
+                self.state = "open"
+                log.info(
+                    "agent link open: %s (agent %s)",
+                    self.handle.description,
+                    self.welcome.agent_version if self.welcome else "?",
+                )
+                task_status.started()
+                try:
+                    reason = await self._read_loop(stream)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    reason = f"the agent stream broke: {exc}"
+                except RemoteProtocolError as exc:
+                    reason = f"the agent broke the protocol: {exc}"
+                    self._writer.send_nowait(self.conn.error_frame(exc))
+                tg.cancel_scope.cancel()
+        finally:
+            self._lose(reason)
+
+    async def _handshake(self, stream: anyio.abc.ByteStream) -> None:
+        try:
+            with anyio.fail_after(HANDSHAKE_TIMEOUT):
+                while self.welcome is None:
+                    data = await stream.receive(_READ_SIZE)
+                    self.conn.receive_data(data)
+                    while True:
+                        event = self.conn.next_event()
+                        if event is NEED_DATA:
+                            break
+                        if event is CLOSED:
+                            raise AgentStartError(
+                                f"{self.handle.description} closed the connection during the "
+                                "handshake"
+                            )
+                        if isinstance(event, Received) and isinstance(event.message, m.Welcome):
+                            self.welcome = event.message
+                            break
+        except TimeoutError:
+            raise AgentStartError(
+                f"{self.handle.description} did not answer the handshake within "
+                f"{HANDSHAKE_TIMEOUT:g} s"
+            ) from None
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+            raise AgentStartError(
+                f"{self.handle.description} closed the connection during the handshake ({exc!r})"
+            ) from None
+        except RemoteProtocolError as exc:
+            raise AgentStartError(
+                f"{self.handle.description} refused the handshake: {exc}"
+            ) from None
+
+    async def _read_loop(self, stream: anyio.abc.ByteStream) -> str:
+        while True:
+            try:
+                data = await stream.receive(_READ_SIZE)
+            except anyio.EndOfStream:
+                data = b""
+            self.conn.receive_data(data)
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if event is CLOSED:
+                    return self.reason or "the agent closed the connection"
+                if isinstance(event, Received):
+                    self.frames_in += 1
+                    self._dispatch(event.channel, event.message)
+                elif isinstance(event, UnknownMessage) and event.request_id is not None:
+                    self.send(
+                        m.ErrorReply(
+                            request_id=event.request_id,
+                            errno=errno_mod.ENOSYS,
+                            message=f"mirrordd does not know message kind {event.kind}",
+                        ),
+                        event.channel,
+                    )
+
+    def _lose(self, reason: str) -> None:
+        """The stream is gone: fail every pending request and channel, abort every relay."""
+        if self.state in ("lost", "closed"):
+            return
+        self.state = "closed" if self.state == "closing" else "lost"
+        self.reason = reason
+        if self.state == "lost":
+            log.warning("agent link lost: %s: %s", self.handle.description, reason)
+        pending, self._pending = self._pending, {}
+        for rid, (_channel, callback) in pending.items():
+            callback(
+                m.ErrorReply(request_id=rid, errno=errno_mod.EIO, message=f"agent lost: {reason}")
+            )
+        for relay in list(self.relays.values()):
+            relay.abort()
+        channels, self.channels = self.channels, {}
+        for owner in channels.values():
+            owner.on_channel_closed(f"agent lost: {reason}")
+        for lost_callback in self._lost_callbacks:
+            lost_callback(reason)
+        if self._writer is not None:
+            self._writer.close()
+
+    def close(self) -> None:
+        """Stop using this stream (the pool releases the agent); ends `run()`."""
+        if self.state in ("lost", "closed"):
+            return
+        self.state = "closing"
+        if self._writer is not None:
+            self._writer.close()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    # -- sending (synchronous: frames are queued)
+
+    def send(self, msg: Message, channel: int) -> None:
+        if self.state != "open" or self._writer is None:
+            return  # the link is gone: whoever sent this has been (or will be) told
+        frame = self.conn.send(msg, channel)
+        self._writer.send_nowait(frame)
+
+    def send_window(self, channel: int, conn_id: int) -> int:
+        return self.conn.send_window(channel, conn_id)
+
+    def request(
+        self, channel: int, make: Callable[[int], Message], callback: ReplyCallback
+    ) -> None:
+        """Send `make(request_id)` on `channel`; `callback(reply)` runs once with the reply,
+        or with ErrorReply(EIO) if the channel or the agent is lost first."""
+        rid = self._next_request
+        self._next_request += 1
+        if self.state != "open" or channel not in self.channels:
+            callback(
+                m.ErrorReply(
+                    request_id=rid,
+                    errno=errno_mod.EIO,
+                    message=f"agent lost: {self.reason or 'channel closed'}",
+                )
+            )
+            return
+        self._pending[rid] = (channel, callback)
+        self.requests += 1
+        self.send(make(rid), channel)
+
+    def open_channel(
+        self, owner: ChannelOwner, *, pid: int, parent: int | None = None, label: str = ""
+    ) -> int:
+        channel = self._next_channel
+        self._next_channel += 1
+        if parent is not None and parent not in self.channels:
+            parent = None  # the parent process is gone: the child starts without its handles
+        self.channels[channel] = owner
+        self.send(m.ChannelOpen(pid=pid, parent=parent, label=label), channel)
+        return channel
+
+    def close_channel(self, channel: int, reason: str = "") -> None:
+        """Close `channel` from our side: the agent frees what it held; our relays reset."""
+        if self.channels.pop(channel, None) is None:
+            return
+        self.send(m.ChannelClose(reason=reason), channel)
+        self._channel_gone(channel, reason or "channel closed")
+
+    def _channel_gone(self, channel: int, reason: str) -> None:
+        for key in [k for k in self.relays if k[0] == channel]:
+            self.relays[key].abort()
+        for rid in [r for r, (ch, _) in self._pending.items() if ch == channel]:
+            _, callback = self._pending.pop(rid)
+            callback(m.ErrorReply(request_id=rid, errno=errno_mod.EIO, message=reason))
+
+    def new_conn_id(self) -> int:
+        conn_id = self._next_conn
+        self._next_conn += 2
+        return conn_id
+
+    def add_relay(self, relay: Relay) -> None:
+        self.relays[(relay.channel, relay.conn_id)] = relay
+
+    def relay_done(self, relay: Relay) -> None:
+        key = (relay.channel, relay.conn_id)
+        if self.relays.get(key) is relay:
+            del self.relays[key]
+
+    def start_task(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
+        """Run `fn(*args)` in the link's task group (cancelled when the link goes)."""
+        if self._tg is None or self.state != "open":
+            return False
+        self._tg.start_soon(fn, *args)
+        return True
+
+    # -- receiving
+
+    def _dispatch(self, channel: int, msg: Message) -> None:
+        if isinstance(msg, m.Reply):
+            entry = self._pending.pop(msg.request_id, None)
+            if entry is not None:
+                entry[1](msg)
+            return
+        if isinstance(msg, m.Data | m.Credit | m.Shutdown | m.ConnClose):
+            relay = self.relays.get((channel, msg.conn_id))
+            if relay is None:
+                if isinstance(msg, m.Data):
+                    # a connection we already closed: tell the agent again so it stops
+                    self.send(m.ConnClose(conn_id=msg.conn_id, errno=errno_mod.ECONNRESET), channel)
+                return
+            if isinstance(msg, m.Data):
+                relay.on_data(msg.data)
+            elif isinstance(msg, m.Credit):
+                relay.on_credit()
+            elif isinstance(msg, m.Shutdown):
+                relay.on_shutdown()
+            else:
+                relay.on_close(msg.errno)
+            return
+        if isinstance(msg, m.Ping):
+            self.send(m.Pong(nonce=msg.nonce), channel)
+            return
+        if channel == CONTROL_CHANNEL:
+            if isinstance(msg, m.Fatal):
+                self.reason = f"the agent closed the connection: {msg.code}: {msg.message}"
+            return
+        owner = self.channels.get(channel)
+        if isinstance(msg, m.IncomingConnection):
+            if owner is None:
+                self.send(m.ConnClose(conn_id=msg.conn_id, errno=errno_mod.ECONNREFUSED), channel)
+            else:
+                owner.on_incoming(msg)
+            return
+        if isinstance(msg, m.ChannelClose | m.Fatal):
+            reason = msg.reason if isinstance(msg, m.ChannelClose) else f"{msg.code}: {msg.message}"
+            if self.channels.pop(channel, None) is not None:
+                self._channel_gone(channel, f"the agent closed the channel: {reason}")
+                if owner is not None:
+                    owner.on_channel_closed(reason)
+            return
+        if isinstance(msg, m.TrafficStats):
+            if msg.drops:
+                log.warning(
+                    "agent reports %d kernel drops on mirrored port %d", msg.drops, msg.port
+                )
+            return
+        log.debug("ignored %s on channel %d", type(msg).__name__, channel)

@@ -1,0 +1,72 @@
+"""`mirrordd`'s entry point: arguments, the pid lock, logging, and running the daemon on asyncio.
+
+Owns: making sure only one daemon serves a runtime directory (an exclusive `flock` on
+`mirrordd.pid`, held for the daemon's life) and where it logs (stderr, which the launcher
+points at `mirrordd.log`). Does not own what the daemon does (`_daemon`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import sys
+from pathlib import Path
+
+import anyio
+
+from mirrord.daemon._daemon import DEFAULT_IDLE_TIMEOUT, Daemon
+from mirrord.daemon._runtime import RuntimePaths, runtime_paths
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirrordd",
+        description="The mirrord daemon: sessions, agents and relaying (started by `mirrord run`).",
+    )
+    parser.add_argument("--runtime-dir", type=Path, default=None, help="default: see I7")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="exit after this many seconds without sessions (0: with the last session)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def _lock(paths: RuntimePaths) -> int:
+    fd = os.open(paths.pid_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        sys.exit(f"mirrordd: another daemon (pid {other}) already serves {paths.root}")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    paths = RuntimePaths(args.runtime_dir) if args.runtime_dir else runtime_paths()
+    paths.ensure()
+    lock_fd = _lock(paths)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    daemon = Daemon(paths, idle_timeout=args.idle_timeout)
+    try:
+        anyio.run(daemon.run, backend="asyncio")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        os.close(lock_fd)

@@ -1,0 +1,61 @@
+"""The per-user runtime directory (I7) and the files the daemon keeps in it.
+
+Owns: where the runtime directory is, creating it 0700, and the names of the files in it
+(control socket, layer socket, log, pid lock, start lock). Does not own what the files hold.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["RuntimePaths", "runtime_dir", "runtime_paths"]
+
+
+def runtime_dir(env: Mapping[str, str] | None = None) -> Path:
+    """`$MIRRORD_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/mirrord`, else `~/.mirrord` (I7)."""
+    env = os.environ if env is None else env
+    if env.get("MIRRORD_RUNTIME_DIR"):
+        return Path(env["MIRRORD_RUNTIME_DIR"])
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "mirrord"
+    return Path(env.get("HOME") or Path.home()) / ".mirrord"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimePaths:
+    root: Path
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "mirrordd.sock"
+
+    @property
+    def layer_socket(self) -> Path:
+        return self.root / "layer.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "mirrordd.log"
+
+    @property
+    def pid_lock(self) -> Path:
+        """Held (flock) by the running daemon for its whole life; holds its pid."""
+        return self.root / "mirrordd.pid"
+
+    @property
+    def start_lock(self) -> Path:
+        """Held by a client while it starts a daemon, so two runs never start two."""
+        return self.root / "mirrordd.start.lock"
+
+    def ensure(self) -> None:
+        """Create the directory (0700), and tighten it if it exists with looser modes."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if (self.root.stat().st_mode & 0o777) != 0o700:
+            os.chmod(self.root, 0o700)
+
+
+def runtime_paths(env: Mapping[str, str] | None = None) -> RuntimePaths:
+    return RuntimePaths(runtime_dir(env))

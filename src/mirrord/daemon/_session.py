@@ -1,0 +1,558 @@
+"""Sessions and the layer processes in them; the layer socket's connection handler.
+
+Owns: the session table's entries (one per `mirrord run` / IDE launch: target, config, its
+agent link, its layer processes), registering layer connections into a session (one agent
+channel per layer process, shared by that process's threads; a forked child's channel names
+its parent's), forwarding layer requests to the agent with daemon request ids, outgoing
+connects (relay listener on loopback), listens (subscriptions) and incoming connections to the
+user app's bound port, peer lookups. Does not own the agent stream (`AgentLink`) or the control
+API (`_control`).
+
+The daemon does not trust the layer's input: a malformed frame closes that one layer
+connection; a request for a port or process that is not its own gets an errno.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno as errno_mod
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from mirrord.daemon._backend import AgentConfig
+from mirrord.daemon._env import filter_for_port
+from mirrord.daemon._io import FrameWriter
+from mirrord.daemon._link import AgentLink
+from mirrord.daemon._relay import Counters, Relay
+from mirrord.protocol import (
+    CLOSED,
+    NEED_DATA,
+    LayerConnection,
+    LayerRole,
+    Message,
+    ProtocolError,
+    Received,
+    State,
+    UnknownMessage,
+)
+from mirrord.protocol import messages as m
+
+__all__ = ["LayerProcess", "Session", "serve_layer_client"]
+
+log = logging.getLogger("mirrord.daemon.session")
+
+FORK_GRACE = 1.0  # seconds a process's channel outlives its last connection, for late children
+RELAY_ACCEPT_TIMEOUT = 30.0  # the app connects to the relay right after LayerConnected
+REQUEST_TIMEOUT = 30.0
+
+Notify = Callable[[dict[str, Any]], None]
+
+
+class Session:
+    """One `mirrord run` (or IDE launch): a target, its config, its agent link, its processes."""
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        config: AgentConfig,
+        link: AgentLink,
+        client_pid: int = 0,
+        label: str = "",
+        incoming_mode: str = "mirror",
+        http_filter: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = secrets.token_hex(8)
+        self.target = target
+        self.config = config
+        self.link = link
+        self.client_pid = client_pid
+        self.label = label
+        self.incoming_mode = incoming_mode
+        self.http_filter = http_filter
+        self.created = time.time()
+        self.state = "open"  # open -> agent_lost | closed
+        self.reason = ""
+        self.processes: dict[int, LayerProcess] = {}
+        self.ever_registered = False
+        self.counters = Counters()
+        self.peers: dict[int, tuple[str, int]] = {}  # daemon-side source port -> real peer
+        self.warnings: list[str] = []
+        self.env: dict[str, str] = {}  # for the user command (secrets: never logged)
+        self._listeners: list[Notify] = []
+        self._changed = anyio.Event()
+        link.on_lost(self._agent_lost)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.target} {self.state} processes={len(self.processes)}>"
+
+    def subscribe_events(self, notify: Notify) -> None:
+        self._listeners.append(notify)
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        for notify in list(self._listeners):
+            notify({"session": self.id, **event})
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+        self._notify({"event": "warning", "message": text})
+
+    def _agent_lost(self, reason: str) -> None:
+        if self.state == "open":
+            self.state = "agent_lost"
+            self.reason = reason
+            log.warning("session %s: agent lost: %s", self.id, reason)
+            self._notify({"event": "agent_lost", "message": f"the agent was lost: {reason}"})
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "target": self.target,
+            "label": self.label,
+            "client_pid": self.client_pid,
+            "state": self.state,
+            "reason": self.reason,
+            "agent": self.link.handle.key,
+            "created": self.created,
+            "processes": sorted(self.processes),
+            "channels": sum(1 for p in self.processes.values() if p.channel in self.link.channels),
+            "layer_connections": sum(len(p.clients) for p in self.processes.values()),
+            "ever_registered": self.ever_registered,
+            "bytes_to_agent": self.counters.to_agent,
+            "bytes_to_user": self.counters.to_user,
+            "relayed_connections": self.counters.connections,
+            "warnings": list(self.warnings),
+        }
+
+    # -- processes
+
+    def attach(self, client: LayerClient, hello: m.LayerHello) -> LayerProcess:
+        process = self.processes.get(hello.pid)
+        if process is None:
+            parent = self.processes.get(hello.parent_pid) if hello.parent_pid else None
+            process = LayerProcess(self, hello.pid, parent_pid=hello.parent_pid, exe=hello.exe)
+            label = hello.exe.decode(errors="replace")[-100:]
+            process.channel = self.link.open_channel(
+                process,
+                pid=hello.pid,
+                parent=parent.channel if parent is not None else None,
+                label=label,
+            )
+            self.processes[hello.pid] = process
+            self.ever_registered = True
+            log.info(
+                "session %s: process %d registered (channel %d, parent %s)",
+                self.id,
+                hello.pid,
+                process.channel,
+                hello.parent_pid,
+            )
+            self._notify({"event": "process", "pid": hello.pid, "registered": True})
+        process.cancel_expiry()
+        process.clients.add(client)
+        return process
+
+    def detach(self, client: LayerClient) -> None:
+        process = client.process
+        if process is None:
+            return
+        process.clients.discard(client)
+        if process.clients or self.processes.get(process.pid) is not process:
+            return
+        if self.state != "open" or not self.link.start_task(process.expire_after, FORK_GRACE):
+            self.remove_process(process)
+
+    def remove_process(self, process: LayerProcess) -> None:
+        if self.processes.get(process.pid) is not process:
+            return
+        del self.processes[process.pid]
+        self.link.close_channel(process.channel, "process exited")
+        for client in list(process.clients):
+            client.close("session_closed", "the process was removed from its session")
+        log.info("session %s: process %d gone", self.id, process.pid)
+        self._notify({"event": "process", "pid": process.pid, "registered": False})
+
+    def close(self, reason: str = "session closed") -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.reason = reason
+        for process in list(self.processes.values()):
+            for client in list(process.clients):
+                client.close("session_closed", f"the mirrord session ended ({reason})")
+            self.remove_process(process)
+        self._notify({"event": "closed", "message": reason})
+        self._listeners.clear()
+
+
+class LayerProcess:
+    """One user-app process of a session: one agent channel, any number of layer connections."""
+
+    def __init__(self, session: Session, pid: int, *, parent_pid: int | None, exe: bytes) -> None:
+        self.session = session
+        self.pid = pid
+        self.parent_pid = parent_pid
+        self.exe = exe
+        self.channel = 0
+        self.clients: set[LayerClient] = set()
+        self.listeners: dict[int, tuple[str, int]] = {}  # port -> where the app really listens
+        self.channel_lost = ""
+        self._expiry: anyio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return f"<LayerProcess pid={self.pid} channel={self.channel} clients={len(self.clients)}>"
+
+    @property
+    def link(self) -> AgentLink:
+        return self.session.link
+
+    def cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    async def expire_after(self, delay: float) -> None:
+        with anyio.CancelScope() as scope:
+            self._expiry = scope
+            await anyio.sleep(delay)
+            if not self.clients:
+                self.session.remove_process(self)
+        if self._expiry is scope:
+            self._expiry = None
+
+    # -- ChannelOwner
+
+    def on_channel_closed(self, reason: str) -> None:
+        self.channel_lost = reason
+
+    def on_incoming(self, msg: m.IncomingConnection) -> None:
+        target = self.listeners.get(msg.port)
+        if target is None:
+            self.link.send(
+                m.ConnClose(conn_id=msg.conn_id, errno=errno_mod.ECONNREFUSED), self.channel
+            )
+            return
+        address, port = target
+        relay = Relay(
+            self.link,
+            self.channel,
+            msg.conn_id,
+            description=f"incoming {msg.remote_address}:{msg.remote_port} -> :{msg.port}",
+            mirror=msg.mode == "mirror",
+            counters=(self.link.counters, self.session.counters),
+        )
+        self.link.add_relay(relay)
+        peer = (msg.remote_address, msg.remote_port)
+        if not self.link.start_task(self._serve_incoming, relay, address, port, peer):
+            self.link.relay_done(relay)
+
+    async def _serve_incoming(
+        self, relay: Relay, address: str, port: int, peer: tuple[str, int]
+    ) -> None:
+        ports: list[int] = []
+
+        def connected(_relay: Relay, local_port: int) -> None:
+            ports.append(local_port)
+            self.session.peers[local_port] = peer
+
+        try:
+            await relay.serve_tcp_incoming(address, port, connected)
+        finally:
+            for local_port in ports:
+                if self.session.peers.get(local_port) == peer:
+                    del self.session.peers[local_port]
+
+    # -- requests from the layer
+
+    def forward(self, client: LayerClient, msg: Message) -> None:
+        """A shared request (kinds 1-99): same message, daemon request id, reply mapped back."""
+        original = getattr(msg, "request_id", 0)
+        self.link.request(
+            self.channel,
+            lambda rid: dataclasses.replace(msg, request_id=rid),  # type: ignore[type-var]
+            lambda reply: client.reply(reply, original),
+        )
+
+    async def outgoing(self, client: LayerClient, msg: m.LayerConnect) -> None:
+        relay_host = "::1" if ":" in msg.address else "127.0.0.1"
+        try:
+            if msg.protocol == "tcp":
+                listener: anyio.abc.SocketListener | None = await _tcp_listener(relay_host)
+                endpoint: Any = listener
+            else:
+                listener = None
+                endpoint = await anyio.create_udp_socket(local_host=relay_host, local_port=0)
+        except OSError as exc:
+            client.reply(
+                m.ErrorReply(
+                    request_id=0, errno=exc.errno or errno_mod.EIO, message=f"relay: {exc}"
+                ),
+                msg.request_id,
+            )
+            return
+        relay_port = endpoint.extra(SocketAttribute.local_port)
+        conn_id = self.link.new_conn_id()
+        relay = Relay(
+            self.link,
+            self.channel,
+            conn_id,
+            description=f"outgoing {msg.protocol} {msg.address}:{msg.port}",
+            counters=(self.link.counters, self.session.counters),
+        )
+        self.link.add_relay(relay)  # before Connect: early Data is buffered, not dropped
+        replies: list[Message] = []
+        answered = anyio.Event()
+
+        def on_reply(reply: Message) -> None:
+            replies.append(reply)
+            answered.set()
+
+        self.link.request(
+            self.channel,
+            lambda rid: m.Connect(
+                request_id=rid,
+                conn_id=conn_id,
+                protocol=msg.protocol,
+                address=msg.address,
+                port=msg.port,
+            ),
+            on_reply,
+        )
+        with anyio.move_on_after(REQUEST_TIMEOUT):
+            await answered.wait()
+        reply = (
+            replies[0]
+            if replies
+            else m.ErrorReply(request_id=0, errno=errno_mod.ETIMEDOUT, message="agent timeout")
+        )
+        if not isinstance(reply, m.Connected):
+            self.link.relay_done(relay)
+            await endpoint.aclose()
+            if not isinstance(reply, m.ErrorReply):
+                reply = m.ErrorReply(request_id=0, errno=errno_mod.EIO, message="bad reply")
+            client.reply(reply, msg.request_id)
+            return
+        client.reply(
+            m.LayerConnected(
+                request_id=0,
+                relay_address=relay_host,
+                relay_port=relay_port,
+                local_address=reply.local_address,
+                local_port=reply.local_port,
+            ),
+            msg.request_id,
+        )
+        if listener is not None:
+            await relay.serve_tcp_outgoing(listener, RELAY_ACCEPT_TIMEOUT)
+        else:
+            await relay.serve_udp_outgoing(endpoint)
+
+    def listen(self, client: LayerClient, msg: m.LayerListen) -> None:
+        address = msg.bound_address
+        if address in ("0.0.0.0", ""):
+            address = "127.0.0.1"
+        elif address == "::":
+            address = "::1"
+        if self.session.incoming_mode == "off":
+            client.reply(m.Ok(request_id=0), msg.request_id)  # incoming off: stays local
+            return
+        # recorded before Subscribe so an IncomingConnection right after Subscribed finds it
+        self.listeners[msg.port] = (address, msg.bound_port)
+
+        def on_reply(reply: Message) -> None:
+            if isinstance(reply, m.Subscribed):
+                for warning in reply.warnings:
+                    self.session.warn(f"port {msg.port}: {warning}")
+                client.reply(m.Ok(request_id=0), msg.request_id)
+            else:
+                self.listeners.pop(msg.port, None)
+                client.reply(reply, msg.request_id)
+
+        self.link.request(
+            self.channel,
+            lambda rid: m.Subscribe(
+                request_id=rid,
+                port=msg.port,
+                mode=self.session.incoming_mode,
+                http_filter=filter_for_port(self.session.http_filter, msg.port),
+            ),
+            on_reply,
+        )
+
+    def unlisten(self, client: LayerClient, msg: m.LayerUnlisten) -> None:
+        self.listeners.pop(msg.port, None)
+        self.link.request(
+            self.channel,
+            lambda rid: m.Unsubscribe(request_id=rid, port=msg.port),
+            lambda reply: client.reply(reply, msg.request_id),
+        )
+
+    def peer(self, client: LayerClient, msg: m.PeerLookup) -> None:
+        peer = self.session.peers.get(msg.local_port)
+        if peer is None:
+            reply: Message = m.ErrorReply(
+                request_id=0, errno=errno_mod.ENOENT, message="not an incoming connection"
+            )
+        else:
+            reply = m.PeerReply(request_id=0, address=peer[0], port=peer[1])
+        client.reply(reply, msg.request_id)
+
+
+async def _tcp_listener(host: str) -> anyio.abc.SocketListener:
+    multi = await anyio.create_tcp_listener(local_host=host, local_port=0, backlog=4)
+    listener = multi.listeners[0]
+    assert isinstance(listener, anyio.abc.SocketListener)
+    return listener
+
+
+class LayerClient:
+    """One layer connection (one thread of a user-app process) on the layer socket."""
+
+    def __init__(self, conn: LayerConnection, writer: FrameWriter) -> None:
+        self.conn = conn
+        self.writer = writer
+        self.process: LayerProcess | None = None
+        self.closed = False
+        self._scope: anyio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        pid = self.process.pid if self.process else None
+        return f"<LayerClient pid={pid} state={self.conn.state.value}>"
+
+    def reply(self, reply: Message, request_id: int) -> None:
+        if self.closed or self.conn.state is not State.OPEN:
+            return  # the layer connection is gone: nobody waits for this reply
+        if getattr(reply, "request_id", None) != request_id:
+            reply = dataclasses.replace(reply, request_id=request_id)  # type: ignore[type-var]
+        self.writer.send_nowait(self.conn.send(reply))
+
+    def close(self, code: str, message: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.conn.state in (State.OPEN, State.HANDSHAKE):
+            self.writer.send_nowait(self.conn.fatal_frame(code, message))
+        self.writer.close()
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+async def serve_layer_client(
+    stream: anyio.abc.ByteStream, build_id: str, find_session: Callable[[str], Session | None]
+) -> None:
+    """Serve one layer connection until it closes (or its session ends)."""
+    conn = LayerConnection(LayerRole.DAEMON, build_id=build_id)
+    writer = FrameWriter(stream, "layer")
+    client = LayerClient(conn, writer)
+    session: Session | None = None
+    try:
+        async with stream, anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            with anyio.CancelScope() as client._scope:
+                session = await _serve(stream, conn, client, find_session, tg)
+            writer.close()
+            with anyio.move_on_after(2):
+                await anyio.sleep(0)  # let the writer flush a final Fatal frame
+            tg.cancel_scope.cancel()
+    finally:
+        client.closed = True
+        if session is not None:
+            session.detach(client)
+
+
+async def _serve(
+    stream: anyio.abc.ByteStream,
+    conn: LayerConnection,
+    client: LayerClient,
+    find_session: Callable[[str], Session | None],
+    tg: anyio.abc.TaskGroup,
+) -> Session | None:
+    session: Session | None = None
+    while True:
+        try:
+            data = await stream.receive(256 * 1024)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            data = b""
+        conn.receive_data(data)
+        while True:
+            try:
+                event = conn.next_event()
+            except ProtocolError as exc:
+                log.warning("layer connection (pid %s): %s", _pid(client), exc)
+                client.writer.send_nowait(conn.error_frame(exc))
+                client.closed = True
+                return session
+            if event is NEED_DATA:
+                break
+            if event is CLOSED:
+                return session
+            if isinstance(event, UnknownMessage):
+                if event.request_id is not None and conn.state is State.OPEN:
+                    client.reply(
+                        m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="unknown"),
+                        event.request_id,
+                    )
+                continue
+            assert isinstance(event, Received)
+            msg = event.message
+            if session is None:
+                hello = conn.peer_hello
+                if hello is None:
+                    continue
+                found = find_session(hello.session)
+                if found is None or found.state == "closed":
+                    client.close(
+                        "session_not_found",
+                        f"mirrord session {hello.session!r} is not open in this daemon",
+                    )
+                    return None
+                session = found
+                client.process = session.attach(client, hello)
+                client.writer.send_nowait(conn.welcome(process=client.process.channel))
+                continue
+            _handle(client, msg, tg)
+
+
+def _pid(client: LayerClient) -> int | None:
+    return client.process.pid if client.process else None
+
+
+def _handle(client: LayerClient, msg: Message, tg: anyio.abc.TaskGroup) -> None:
+    process = client.process
+    assert process is not None
+    if isinstance(msg, m.Ping):
+        client.writer.send_nowait(client.conn.send(m.Pong(nonce=msg.nonce)))
+    elif isinstance(msg, m.LayerConnect):
+        if not process.link.start_task(process.outgoing, client, msg):
+            client.reply(_lost(process), msg.request_id)
+    elif isinstance(msg, m.LayerListen):
+        process.listen(client, msg)
+    elif isinstance(msg, m.LayerUnlisten):
+        process.unlisten(client, msg)
+    elif isinstance(msg, m.PeerLookup):
+        process.peer(client, msg)
+    elif isinstance(msg, m.Request) and msg.KIND < 100:
+        process.forward(client, msg)
+    elif isinstance(msg, m.Request):
+        client.reply(
+            m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="not a layer request"),
+            msg.request_id,
+        )
+    # anything else (Pong, Fatal handled by the connection) needs no answer
+
+
+def _lost(process: LayerProcess) -> m.ErrorReply:
+    reason = process.session.reason or process.channel_lost or "agent lost"
+    return m.ErrorReply(request_id=0, errno=errno_mod.EIO, message=reason)
