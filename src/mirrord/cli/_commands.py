@@ -2,4 +2,11 @@
 
 from __future__ import annotations
 
-from mirrord.cli import _schema, _verify  # noqa: F401
+from mirrord.cli import (  # noqa: F401  # noqa: F401
+    _daemon,
+    _ext,
+    _ls,
+    _run,
+    _schema,
+    _verify,
+)

@@ -366,7 +366,7 @@ class Daemon:
     async def _wait_session(self, session: Session, request: dict[str, Any]) -> dict[str, Any]:
         """Until the session's processes are all gone after at least one registered (an IDE's
         debuggee exited), or `timeout` seconds with none registered."""
-        timeout = float(request.get("timeout") or 60)
+        timeout = float(request.get("wait_timeout") or 60)
         deadline = time.monotonic() + timeout
         while session.state != "closed":
             if session.ever_registered and not session.processes:

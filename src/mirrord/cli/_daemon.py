@@ -1,0 +1,165 @@
+"""`mirrord daemon start|stop|status|logs`: manage the per-user mirrordd.
+
+Owns: these commands' output (a rich table on a terminal, `--json` for scripts). Does not own
+the daemon (mirrord.daemon).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mirrord.cli._app import app
+from mirrord.cli._sessions import fail
+from mirrord.daemon._client import ControlClient, ensure_daemon, stop_daemon
+from mirrord.daemon._exceptions import DaemonError, DaemonNotRunning
+from mirrord.daemon._runtime import runtime_paths
+
+__all__ = ["daemon_app"]
+
+daemon_app = typer.Typer(
+    name="daemon", help="Manage mirrordd, the per-user daemon sessions share.", no_args_is_help=True
+)
+app.add_typer(daemon_app, name="daemon")
+
+
+@daemon_app.command("start")
+def start(
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option("--idle-timeout", help="Exit after this many seconds without sessions."),
+    ] = None,
+) -> None:
+    """Start the daemon in the background (`mirrord run` does this by itself)."""
+    paths = runtime_paths()
+    try:
+        started = ensure_daemon(paths, idle_timeout=idle_timeout)
+        with ControlClient(paths.control_socket) as client:
+            pid = client.call("status")["daemon"]["pid"]
+    except DaemonError as exc:
+        fail(str(exc))
+    typer.echo(
+        f"mirrordd {'started' if started else 'already running'} (pid {pid}) in {paths.root}"
+    )
+
+
+@daemon_app.command("stop")
+def stop() -> None:
+    """Stop the daemon: its sessions end and its agents are stopped."""
+    paths = runtime_paths()
+    try:
+        stopped = stop_daemon(paths)
+    except DaemonError as exc:
+        fail(str(exc))
+    typer.echo("mirrordd stopped" if stopped else f"no mirrordd running in {paths.root}")
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    mnt, s = divmod(rest, 60)
+    return f"{h}h{mnt:02d}m{s:02d}s" if h else f"{mnt}m{s:02d}s"
+
+
+@daemon_app.command("status")
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Sessions, agents, channels, bytes relayed and uptime."""
+    paths = runtime_paths()
+    try:
+        with ControlClient(paths.control_socket) as client:
+            info: dict[str, Any] = client.call("status")
+    except DaemonNotRunning as exc:
+        if as_json:
+            typer.echo(json.dumps({"running": False, "runtime_dir": str(paths.root)}))
+            raise typer.Exit(3) from None
+        fail(str(exc), code=3)
+    except DaemonError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"running": True, **info}, indent=2))
+        return
+    console = Console(highlight=False)
+    d = info["daemon"]
+    totals = info["totals"]
+    console.print(
+        f"mirrordd {d['version']} pid {d['pid']}, up {_duration(d['uptime'])}, "
+        f"{totals['sessions']} session(s), {totals['agents']} agent(s), "
+        f"{totals['channels']} channel(s), relayed {_bytes(totals['bytes_to_agent'])} out / "
+        f"{_bytes(totals['bytes_to_user'])} in; runtime dir {d['runtime_dir']}"
+    )
+    sessions = Table(title="sessions", title_justify="left")
+    for col in ("id", "target", "state", "processes", "channels", "relayed out/in", "age", "cmd"):
+        sessions.add_column(col)
+    now = time.time()
+    for s in info["sessions"]:
+        sessions.add_row(
+            s["id"],
+            s["target"],
+            s["state"],
+            str(len(s["processes"])),
+            str(s["channels"]),
+            f"{_bytes(s['bytes_to_agent'])} / {_bytes(s['bytes_to_user'])}",
+            _duration(now - s["created"]),
+            s["label"][:40],
+        )
+    console.print(sessions)
+    agents = Table(title="agents", title_justify="left")
+    for col in ("agent", "pid", "state", "sessions", "channels", "connections", "streams", "up"):
+        agents.add_column(col)
+    for a in info["agents"]:
+        link = a["link"] or {}
+        agents.add_row(
+            a["key"],
+            str(a["pid"] or "-"),
+            link.get("state", "-") if a["alive"] else "gone",
+            str(len(a["sessions"])) + (" (lingering)" if a["idle_since"] else ""),
+            str(link.get("channels", 0)),
+            str(link.get("connections", 0)),
+            str(a["streams_opened"]),
+            _duration(now - a["started"]),
+        )
+    console.print(agents)
+
+
+@daemon_app.command("logs")
+def logs(
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many last lines.")] = 50,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+) -> None:
+    """Print the daemon's log (`<runtime dir>/mirrordd.log`)."""
+    path = runtime_paths().log
+    try:
+        f = path.open("r", errors="replace")
+    except FileNotFoundError:
+        fail(f"no daemon log at {path}: the daemon has not run with this runtime directory")
+    with f:
+        for line in deque(f, maxlen=max(lines, 0)):
+            typer.echo(line, nl=False)
+        while follow:
+            line = f.readline()
+            if line:
+                typer.echo(line, nl=False)
+            else:
+                time.sleep(0.2)
+                if not os.path.exists(path):
+                    return

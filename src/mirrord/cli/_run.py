@@ -1,0 +1,198 @@
+"""`mirrord run [OPTIONS] -- CMD [ARGS]` (alias `mirrord exec`): run CMD as if in the target.
+
+Owns: the command's options (mirrord's names), starting CMD with the session's env, forwarding
+SIGINT/SIGTERM/SIGHUP to it, and exiting with CMD's exit code (128+N when a signal N ended it).
+Does not own the session (the daemon) or the layer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+
+from mirrord.cli._app import app
+from mirrord.cli._sessions import Progress, child_env, fail, load_run_config, open_session
+
+__all__ = ["run_command"]
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+TargetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target",
+        "-t",
+        help="What to impersonate: pid/N, container/ID, pod/NAME, "
+        "deployment/NAME, ... (or `target` in the config file).",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config-file", "-f", help="mirrord config file (.json, .toml, .yaml).", show_default=False
+    ),
+]
+StealOpt = Annotated[
+    bool, typer.Option("--steal", help="Steal incoming traffic instead of mirroring it.")
+]
+FsModeOpt = Annotated[
+    str | None,
+    typer.Option("--fs-mode", help="local, localwithoverrides, read or write.", show_default=False),
+]
+IncludeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--override-env-vars-include",
+        "-s",
+        help="Only these remote env vars ('A;B*').",
+        show_default=False,
+    ),
+]
+ExcludeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--override-env-vars-exclude",
+        "-x",
+        help="All remote env vars except these ('A;B*').",
+        show_default=False,
+    ),
+]
+NoOutgoingOpt = Annotated[
+    bool, typer.Option("--no-outgoing", help="Outgoing connections stay local.")
+]
+NoDnsOpt = Annotated[bool, typer.Option("--no-remote-dns", help="DNS stays local.")]
+CommandArg = Annotated[
+    list[str] | None, typer.Argument(help="The command to run, after `--`.", show_default=False)
+]
+
+_CONTEXT = {"allow_interspersed_args": False, "ignore_unknown_options": True}
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _signal_from_terminal(signum: int) -> bool:
+    """Ctrl-C on the terminal reaches every process of the foreground group, CMD included:
+    forwarding it too would deliver it twice."""
+    if signum != signal.SIGINT:
+        return False
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def run_command(
+    *,
+    command: list[str],
+    target: str | None,
+    config_file: Path | None,
+    steal: bool = False,
+    fs_mode: str | None = None,
+    env_include: str | None = None,
+    env_exclude: str | None = None,
+    no_outgoing: bool = False,
+    no_remote_dns: bool = False,
+    quiet: bool = False,
+) -> int:
+    """Open a session, run `command` in it, close the session; returns the exit code."""
+    if not command:
+        fail("no command to run: `mirrord run [OPTIONS] -- CMD [ARGS]`", code=2)
+    progress = Progress(quiet=quiet)
+    config = load_run_config(
+        target=target,
+        config_file=config_file,
+        steal=steal,
+        fs_mode=fs_mode,
+        env_include=env_include,
+        env_exclude=env_exclude,
+        no_outgoing=no_outgoing,
+        no_remote_dns=no_remote_dns,
+        warn=progress.warn,
+    )
+    running = [False]
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            progress.step(str(event.get("message", "")))
+        elif kind in ("warning", "agent_lost"):
+            progress.warn(str(event.get("message", "")))
+        elif kind == "disconnected" and running[0]:
+            progress.warn("the mirrord daemon went away: remote calls of the command now fail")
+
+    with progress:
+        session = open_session(
+            config, progress=progress.step, on_event=on_event, label=" ".join(command)[:200]
+        )
+        progress.step(f"session {session.session} on {session.agent}: running {command[0]}")
+    try:
+        env = child_env(session.env)
+        try:
+            child = subprocess.Popen(command, env=env)
+        except FileNotFoundError:
+            fail(f"command not found: {command[0]}", code=127)
+        except PermissionError:
+            fail(f"command not executable: {command[0]}", code=126)
+        running[0] = True
+
+        def forward(signum: int, frame: FrameType | None) -> None:
+            del frame
+            if not _signal_from_terminal(signum):
+                try:
+                    child.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+        previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+        try:
+            returncode = child.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        running[0] = False
+        return _exit_code(returncode)
+    finally:
+        session.close()
+
+
+@app.command("run", context_settings=_CONTEXT)
+def run(
+    *,
+    target: TargetOpt = None,
+    config_file: ConfigOpt = None,
+    steal: StealOpt = False,
+    fs_mode: FsModeOpt = None,
+    env_include: IncludeOpt = None,
+    env_exclude: ExcludeOpt = None,
+    no_outgoing: NoOutgoingOpt = False,
+    no_remote_dns: NoDnsOpt = False,
+    command: CommandArg = None,
+) -> None:
+    """Run CMD on this machine as if it ran in the target: its env, files, DNS, network and
+    incoming traffic. Exits with CMD's exit code."""
+    code = run_command(
+        command=list(command or []),
+        target=target,
+        config_file=config_file,
+        steal=steal,
+        fs_mode=fs_mode,
+        env_include=env_include,
+        env_exclude=env_exclude,
+        no_outgoing=no_outgoing,
+        no_remote_dns=no_remote_dns,
+    )
+    sys.stdout.flush()
+    raise typer.Exit(code)
+
+
+app.command("exec", context_settings=_CONTEXT, help="The same as `mirrord run`.")(run)
