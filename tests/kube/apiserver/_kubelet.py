@@ -157,6 +157,9 @@ class Kubelet:
         self.unschedulable: str | None = None  # when set, every unpinned pod is Unschedulable
         self.agent_argv: list[str] = [sys.executable, "-m", "mirrord.agent"]
         self.env_extra: dict[str, str] = {}
+        # Admission checks (shared with the server): the Job controller's pod creates go
+        # through them too, and a denial becomes a FailedCreate event on the Job.
+        self.admission: list[Callable[[Resource, str | None, Obj], Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._cgroup_base = CGROUP_ROOT / f"{CGROUP_PREFIX}{os.getpid()}"
         self.on_portforward_dial: list[Callable[[str, str, int], None]] = []
@@ -256,6 +259,31 @@ class Kubelet:
             },
             "spec": tmpl["spec"],
         }
+        for check in self.admission:
+            err = check(PODS, ns, pod)  # type: ignore[arg-type]
+            if err is not None:
+                self.store.create(
+                    find_resource("", "v1", "events"),  # type: ignore[arg-type]
+                    ns,
+                    {
+                        "metadata": {"name": f"{name}.{random_suffix(8)}"},
+                        "involvedObject": {
+                            "kind": "Job",
+                            "name": name,
+                            "namespace": ns,
+                            "uid": uid,
+                            "apiVersion": "batch/v1",
+                        },
+                        "reason": "FailedCreate",
+                        "message": f"Error creating: {err.message}",
+                        "type": "Warning",
+                        "source": {"component": "job-controller"},
+                        "count": 1,
+                        "firstTimestamp": now_rfc3339(),
+                        "lastTimestamp": now_rfc3339(),
+                    },
+                )
+                return
         pod_obj = self.store.create(PODS, ns, pod_defaults(pod))  # type: ignore[arg-type]
         job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
         if job is None:
@@ -381,7 +409,9 @@ class Kubelet:
             cr = ContainerRuntime(c["name"], new_container_id())
             rt.containers[c["name"]] = cr
             if _is_agent(c):
-                await self._spawn_agent(rt, cr, c, join_netns=None)
+                await self._spawn_agent(
+                    rt, cr, c, join_netns=None, host_pid=bool(pod["spec"].get("hostPID"))
+                )
 
         def running(p: Obj) -> None:
             p["status"]["phase"] = "Running"
@@ -420,7 +450,13 @@ class Kubelet:
         self._set_pod(ns, name, pull_error("ImagePullBackOff"))
 
     async def _spawn_agent(
-        self, rt: PodRuntime, cr: ContainerRuntime, spec: Obj, *, join_netns: int | None
+        self,
+        rt: PodRuntime,
+        cr: ContainerRuntime,
+        spec: Obj,
+        *,
+        join_netns: int | None,
+        host_pid: bool = True,
     ) -> None:
         argv = [
             *self.agent_argv,
@@ -434,8 +470,11 @@ class Kubelet:
                 env[item["name"]] = str(item["value"])
         if join_netns is not None:
             argv = ["nsenter", f"--net=/proc/{join_netns}/ns/net", "--", *argv]
-        else:
+        elif host_pid:
             argv = ["unshare", "--net", "--", *argv]
+        else:
+            # Its own PID namespace, where the agent is PID 1 (targetless: `--target pid/1`).
+            argv = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--", *argv]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,

@@ -72,6 +72,8 @@ _FIELDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "status.phase": lambda o: str(o.get("status", {}).get("phase", "")),
     "spec.nodeName": lambda o: str(o.get("spec", {}).get("nodeName", "") or ""),
     "spec.serviceAccountName": lambda o: str(o.get("spec", {}).get("serviceAccountName", "")),
+    "involvedObject.kind": lambda o: str(o.get("involvedObject", {}).get("kind", "")),
+    "involvedObject.name": lambda o: str(o.get("involvedObject", {}).get("name", "")),
     "status.podIP": lambda o: str(o.get("status", {}).get("podIP", "") or ""),
 }
 

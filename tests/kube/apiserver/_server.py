@@ -92,7 +92,7 @@ class FakeApiServer:
         self.store = Store()
         self.kubelet = Kubelet(self.store, nodes=nodes or ["node-1"])
         self.rbac = Rbac()
-        self.admission: list[Admission] = []
+        self.admission: list[Admission] = self.kubelet.admission
         self.token = secrets.token_urlsafe(24)
         self.tls = tls
         self.portforwards_opened: Counter[tuple[str, str]] = Counter()

@@ -42,6 +42,7 @@ RESOURCES: list[Resource] = [
     Resource("", "v1", "nodes", "Node", namespaced=False),
     Resource("", "v1", "serviceaccounts", "ServiceAccount"),
     Resource("", "v1", "secrets", "Secret"),
+    Resource("", "v1", "events", "Event"),
     Resource("apps", "v1", "deployments", "Deployment"),
     Resource("apps", "v1", "replicasets", "ReplicaSet"),
     Resource("apps", "v1", "statefulsets", "StatefulSet"),

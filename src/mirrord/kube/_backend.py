@@ -1,0 +1,542 @@
+"""The Kubernetes agent backend (I4): cluster targets get an agent next to the target pod.
+
+Owns: `KubeBackend` (which targets it handles, the RBAC check, target resolution, creating the
+agent as a Job on the target's node, an ephemeral container in the target pod, or finding the
+node's DaemonSet agent; readiness; sharing one agent between sessions on the same container)
+and `KubeAgentHandle` (`connect()` opens a port-forward websocket to the agent; `stop()`
+deletes what this backend created once the last session sharing the agent has stopped).
+
+Readiness is a watch on the agent's pod (image pull errors, unschedulable pods and a container
+that exits are reported at once with their reason) plus the agent's readiness line (I2) read
+from the pod's log. Admission denials of our own create calls come back as the call's Status;
+a denial of the Job controller's pod create comes back as a FailedCreate event on the Job.
+
+Runs on asyncio (kubernetes_asyncio needs it). Never imported by the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+from kubernetes_asyncio import client as k8s
+
+from mirrord.kube._api import ApiCallError, Json, call, log_lines, watch_events
+from mirrord.kube._client import KubeContext, load_context
+from mirrord.kube._exceptions import AgentPodFailed, KubeError, PortForwardError
+from mirrord.kube._portforward import open_port_forward
+from mirrord.kube._rbac import check_permissions, needed_permissions
+from mirrord.kube._specs import (
+    AGENT_CONTAINER,
+    AgentOptions,
+    ephemeral_container_spec,
+    job_spec,
+    unique_agent_name,
+)
+from mirrord.kube._targets import TARGET_KINDS, ResolvedTarget, parse_target, resolve_target
+
+__all__ = ["PLACEMENTS", "KubeAgentHandle", "KubeBackend", "placement_of"]
+
+PLACEMENTS = ("job", "ephemeral", "daemonset")
+READY_PREFIX = "mirrord-agent ready "
+ERROR_PREFIX = "mirrord-agent: error: "
+NODE_AGENT_LABEL = "app.kubernetes.io/component=node-agent"
+NODE_AGENT_PORT = 61337
+_PULL_ERRORS = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "RegistryUnavailable",
+}
+_CREATE_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+Progress = Callable[[str], None]
+
+
+def placement_of(config: Any) -> str:
+    """`agent.placement` when the config has it, else `ephemeral` if `agent.ephemeral`, else
+    `job`."""
+    from mirrord.daemon._backend import config_value
+
+    explicit = config_value(config, "agent", "placement")
+    if explicit:
+        if explicit not in PLACEMENTS:
+            raise KubeError(f"agent.placement {explicit!r} is not one of {', '.join(PLACEMENTS)}")
+        return str(explicit)
+    return "ephemeral" if config_value(config, "agent", "ephemeral", default=False) else "job"
+
+
+@dataclass
+class _Agent:
+    """One agent shared by every handle with the same key."""
+
+    key: str
+    description: str
+    secret: str
+    kube: KubeContext
+    namespace: str  # of the pod we port-forward to
+    pod: str
+    port: int
+    preamble: bytes = b""  # sent first on each stream (DaemonSet node agent)
+    created: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, ns, name)
+    refs: int = 0
+    dead: str | None = None  # why the agent is known to be gone
+
+
+class KubeAgentHandle:
+    """A session's reference to a (possibly shared) agent in the cluster."""
+
+    def __init__(self, agent: _Agent, backend: KubeBackend) -> None:
+        self._agent = agent
+        self._backend = backend
+        self.key = agent.key
+        self.description = agent.description
+        self.secret = agent.secret
+        self._stopped = False
+        agent.refs += 1
+
+    def __repr__(self) -> str:  # no secret
+        return f"<KubeAgentHandle {self.key} pod={self._agent.namespace}/{self._agent.pod}>"
+
+    @property
+    def pod(self) -> tuple[str, str]:
+        return self._agent.namespace, self._agent.pod
+
+    def alive(self) -> bool:
+        return not self._stopped and self._agent.dead is None
+
+    async def connect(self) -> anyio.abc.ByteStream:
+        agent = self._agent
+        if agent.dead is not None:
+            raise AgentPodFailed(agent.dead)
+        try:
+            stream = await open_port_forward(
+                agent.kube.configuration, agent.namespace, agent.pod, agent.port
+            )
+        except PortForwardError as exc:
+            gone = await self._backend._why_gone(agent)
+            if gone is not None:
+                agent.dead = gone
+                raise AgentPodFailed(gone) from None
+            raise exc from None
+        if agent.preamble:
+            try:
+                await stream.send(agent.preamble)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                await stream.aclose()
+                raise PortForwardError(f"the node agent closed the stream: {exc}") from exc
+        return stream
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._backend._release(self._agent)
+
+
+class KubeBackend:
+    """Agents for Kubernetes targets (I4). Constructed with no arguments by the daemon."""
+
+    name = "kube"
+
+    def __init__(self, *, env: Mapping[str, str] | None = None) -> None:
+        self._env = env
+        self._agents: dict[str, _Agent] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def __repr__(self) -> str:
+        return f"<KubeBackend agents={len(self._agents)}>"
+
+    def handles(self, target: str) -> bool:
+        return target == "targetless" or target.split("/", 1)[0] in TARGET_KINDS
+
+    # ------------------------------------------------------------------ start
+
+    async def start_agent(self, target: str, config: Any, progress: Progress) -> KubeAgentHandle:
+        from mirrord.daemon._backend import config_value
+
+        placement = placement_of(config)
+        kind, _name, _container = parse_target(target)
+        if kind == "targetless" and placement == "ephemeral":
+            raise KubeError(
+                "a targetless session cannot use an ephemeral container (there is no target "
+                "pod); set agent.ephemeral: false"
+            )
+        kube = await load_context(
+            kubeconfig=config_value(config, "kubeconfig"),
+            context=config_value(config, "kube_context"),
+            namespace=config_value(config, "target", "namespace"),
+            env=self._env,
+        )
+        opts = AgentOptions.from_config(config)
+        timeout = float(config_value(config, "agent", "startup_timeout", default=60))
+        target_ns = kube.namespace
+        agent_ns = (
+            opts.namespace
+            or (config_value(config, "agent", "namespace") if placement != "daemonset" else None)
+            or ("mirrord" if placement == "daemonset" else target_ns)
+        )
+        async with k8s.ApiClient(kube.configuration) as api:
+            progress(f"checking permissions in context {kube.context}")
+            await check_permissions(
+                api,
+                needed_permissions(
+                    placement=placement,
+                    target_kind=kind,
+                    target_ns=target_ns,
+                    agent_ns=agent_ns,
+                ),
+            )
+            resolved = await resolve_target(api, target, target_ns)
+            progress(f"target {resolved.note}")
+            if resolved.targetless:
+                key = f"kube:{kube.context}/{target_ns}/targetless/{secrets.token_hex(4)}"
+            else:
+                key = f"kube:{kube.context}/{target_ns}/{resolved.pod}/{resolved.container}"
+            lock = self._locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                existing = self._agents.get(key)
+                if existing is not None and existing.dead is None:
+                    progress(f"reusing agent {existing.description}")
+                    return KubeAgentHandle(existing, self)
+                try:
+                    with anyio.fail_after(timeout):
+                        agent = await self._create(
+                            api, kube, key, placement, resolved, agent_ns, opts, progress
+                        )
+                except TimeoutError:
+                    raise AgentPodFailed(
+                        f"the agent for {target} did not become ready within {timeout:g} s "
+                        "(config agent.startup_timeout): check the agent pod's events and log"
+                    ) from None
+                self._agents[key] = agent
+                progress(f"agent ready: {agent.description}")
+                return KubeAgentHandle(agent, self)
+
+    async def _create(
+        self,
+        api: Any,
+        kube: KubeContext,
+        key: str,
+        placement: str,
+        target: ResolvedTarget,
+        agent_ns: str,
+        opts: AgentOptions,
+        progress: Progress,
+    ) -> _Agent:
+        secret = secrets.token_urlsafe(32)
+        port = random.randrange(40000, 60000)
+        agent_target = f"container/{target.container_id}" if not target.targetless else "pid/1"
+        if placement == "daemonset":
+            return await self._node_agent(api, kube, key, target, agent_ns, secret, progress)
+        if placement == "ephemeral":
+            assert target.pod is not None and target.container is not None
+            name = unique_agent_name()
+            spec = ephemeral_container_spec(
+                name=name,
+                target=agent_target,
+                target_container=target.container,
+                port=port,
+                secret=secret,
+                opts=opts,
+            )
+            progress(f"adding ephemeral container {name} to pod {target.pod}")
+            core = k8s.CoreV1Api(api)
+            try:
+                await call(
+                    core.patch_namespaced_pod_ephemeralcontainers,
+                    target.pod,
+                    target.namespace,
+                    {"spec": {"ephemeralContainers": [spec]}},
+                )
+            except ApiCallError as exc:
+                raise AgentPodFailed(
+                    f"the API server refused the agent's ephemeral container in pod "
+                    f"{target.pod} ({exc.status} {exc.reason}): {exc.message}"
+                ) from None
+            agent = _Agent(
+                key=key,
+                description=f"ephemeral container {name} in pod {target.namespace}/{target.pod}",
+                secret=secret,
+                kube=kube,
+                namespace=target.namespace,
+                pod=target.pod,
+                port=port,
+            )
+            await self._wait_pod_ready(api, target.namespace, target.pod, name, ephemeral=True)
+            await self._wait_ready_line(api, target.namespace, target.pod, name)
+            return agent
+        # Job on the target's node
+        name = unique_agent_name()
+        body = job_spec(
+            name=name,
+            namespace=agent_ns,
+            target=agent_target,
+            node=target.node,
+            port=port,
+            secret=secret,
+            opts=opts,
+            host_pid=not target.targetless,
+        )
+        progress(
+            f"creating agent job {agent_ns}/{name}"
+            + (f" on node {target.node}" if target.node else "")
+        )
+        batch = k8s.BatchV1Api(api)
+        try:
+            await call(batch.create_namespaced_job, agent_ns, body)
+        except ApiCallError as exc:
+            raise AgentPodFailed(
+                f"the API server refused the agent job ({exc.status} {exc.reason}): {exc.message}"
+            ) from None
+        agent = _Agent(
+            key=key,
+            description=f"job {agent_ns}/{name}",
+            secret=secret,
+            kube=kube,
+            namespace=agent_ns,
+            pod="",
+            port=port,
+            created=[("Job", agent_ns, name)],
+        )
+        try:
+            pod = await self._wait_job_pod(api, agent_ns, name)
+            agent.pod = pod
+            agent.description = f"pod {agent_ns}/{pod} (job {name})"
+            await self._wait_pod_ready(api, agent_ns, pod, AGENT_CONTAINER, ephemeral=False)
+            await self._wait_ready_line(api, agent_ns, pod, AGENT_CONTAINER)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._delete_created(kube, agent.created)
+            raise
+        return agent
+
+    async def _node_agent(
+        self,
+        api: Any,
+        kube: KubeContext,
+        key: str,
+        target: ResolvedTarget,
+        agent_ns: str,
+        secret: str,
+        progress: Progress,
+    ) -> _Agent:
+        if target.targetless:
+            raise KubeError(
+                "the node agent (agent.placement: daemonset) serves targets on its node; a "
+                "targetless session needs agent.placement: job"
+            )
+        core = k8s.CoreV1Api(api)
+        pods = await call(
+            core.list_namespaced_pod,
+            agent_ns,
+            label_selector=NODE_AGENT_LABEL,
+            field_selector=f"spec.nodeName={target.node}",
+        )
+        running = [
+            p for p in pods.get("items") or [] if (p.get("status") or {}).get("phase") == "Running"
+        ]
+        if not running:
+            raise AgentPodFailed(
+                f"no running mirrord node agent on node {target.node} in namespace {agent_ns}: "
+                "install the Helm chart with agentDaemonSet.enabled=true (and check its "
+                "nodeSelector/tolerations cover that node), or use agent.placement: job"
+            )
+        pod = running[0]["metadata"]["name"]
+        progress(f"using node agent {agent_ns}/{pod} on node {target.node}")
+        preamble = f"MIRRORD-NODE target=container/{target.container_id} secret={secret}\n"
+        return _Agent(
+            key=key,
+            description=f"node agent {agent_ns}/{pod} for {target.pod}/{target.container}",
+            secret=secret,
+            kube=kube,
+            namespace=agent_ns,
+            pod=pod,
+            port=NODE_AGENT_PORT,
+            preamble=preamble.encode(),
+        )
+
+    # ------------------------------------------------------------------ readiness
+
+    async def _wait_job_pod(self, api: Any, ns: str, job: str) -> str:
+        """The name of the Job's pod, once the Job controller created it; a FailedCreate event
+        (admission denial, quota) is reported at once."""
+        core = k8s.CoreV1Api(api)
+        for _ in range(10000):
+            pods = await call(core.list_namespaced_pod, ns, label_selector=f"job-name={job}")
+            items = pods.get("items") or []
+            if items:
+                return str(items[0]["metadata"]["name"])
+            events = await call(
+                core.list_namespaced_event,
+                ns,
+                field_selector=f"involvedObject.kind=Job,involvedObject.name={job}",
+            )
+            for ev in events.get("items") or []:
+                if ev.get("reason") == "FailedCreate":
+                    raise AgentPodFailed(
+                        f"the agent job {ns}/{job} cannot create its pod: {ev.get('message')}"
+                    )
+            await anyio.sleep(0.1)
+        raise AgentPodFailed(f"the agent job {ns}/{job} created no pod")  # pragma: no cover
+
+    async def _wait_pod_ready(
+        self, api: Any, ns: str, pod: str, container: str, *, ephemeral: bool
+    ) -> None:
+        """Watch the pod until `container` runs; raise with the reason when it cannot."""
+        core = k8s.CoreV1Api(api)
+        for _ in range(1000):
+            async for type_, obj in watch_events(
+                core.list_namespaced_pod,
+                ns,
+                field_selector=f"metadata.name={pod}",
+                timeout_seconds=30,
+            ):
+                if type_ == "DELETED":
+                    raise AgentPodFailed(f"the agent pod {ns}/{pod} was deleted while starting")
+                failure = _pod_failure(obj, container, ephemeral=ephemeral)
+                if failure is not None:
+                    raise AgentPodFailed(await self._with_log(api, ns, pod, container, failure))
+                if _container_running(obj, container, ephemeral=ephemeral):
+                    return
+
+    async def _with_log(self, api: Any, ns: str, pod: str, container: str, text: str) -> str:
+        """`text`, plus the agent's error line if its log has one."""
+        if "exited" not in text:
+            return text
+        core = k8s.CoreV1Api(api)
+        try:
+            resp = await core.read_namespaced_pod_log(
+                pod, ns, container=container, _preload_content=False
+            )
+            try:
+                log = (await resp.read()).decode(errors="replace") if resp.status == 200 else ""
+            finally:
+                resp.release()
+        except Exception:
+            log = ""
+        errors = [ln[len(ERROR_PREFIX) :] for ln in log.splitlines() if ln.startswith(ERROR_PREFIX)]
+        return f"{text}: {errors[-1]}" if errors else text
+
+    async def _wait_ready_line(self, api: Any, ns: str, pod: str, container: str) -> None:
+        core = k8s.CoreV1Api(api)
+        async for line in log_lines(core.read_namespaced_pod_log, pod, ns, container=container):
+            if line.startswith(READY_PREFIX):
+                return
+            if line.startswith(ERROR_PREFIX):
+                raise AgentPodFailed(
+                    f"the agent in pod {ns}/{pod} failed: {line[len(ERROR_PREFIX) :]}"
+                )
+        raise AgentPodFailed(
+            f"the agent in pod {ns}/{pod} exited before it was ready: see "
+            f"`kubectl logs -n {ns} {pod} -c {container}`"
+        )
+
+    # ------------------------------------------------------------------ stop / liveness
+
+    async def _why_gone(self, agent: _Agent) -> str | None:
+        """Why the agent's pod can no longer be reached, or None if it looks alive."""
+        try:
+            async with k8s.ApiClient(agent.kube.configuration) as api:
+                pod = await call(k8s.CoreV1Api(api).read_namespaced_pod, agent.pod, agent.namespace)
+        except ApiCallError as exc:
+            if exc.status == 404:
+                return f"the agent pod {agent.namespace}/{agent.pod} was deleted"
+            return None
+        except Exception:
+            return None
+        if pod["metadata"].get("deletionTimestamp"):
+            return f"the agent pod {agent.namespace}/{agent.pod} is being deleted"
+        phase = (pod.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            return f"the agent pod {agent.namespace}/{agent.pod} has exited ({phase})"
+        return None
+
+    async def _release(self, agent: _Agent) -> None:
+        agent.refs -= 1
+        if agent.refs > 0:
+            return
+        if self._agents.get(agent.key) is agent:
+            del self._agents[agent.key]
+        agent.dead = agent.dead or "the agent was stopped"
+        with anyio.CancelScope(shield=True):
+            await self._delete_created(agent.kube, agent.created)
+
+    async def _delete_created(self, kube: KubeContext, created: list[tuple[str, str, str]]) -> None:
+        """Delete what we created; ephemeral containers cannot be removed: their agent exits
+        by itself after its idle timeout."""
+        if not created:
+            return
+        with contextlib.suppress(Exception), anyio.move_on_after(10):
+            async with k8s.ApiClient(kube.configuration) as api:
+                batch = k8s.BatchV1Api(api)
+                for kind, ns, name in created:
+                    if kind == "Job":
+                        try:
+                            await call(
+                                batch.delete_namespaced_job,
+                                name,
+                                ns,
+                                propagation_policy="Background",
+                            )
+                        except ApiCallError as exc:
+                            if exc.status != 404:
+                                raise
+        created.clear()
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _statuses(pod: Json, *, ephemeral: bool) -> list[Json]:
+    key = "ephemeralContainerStatuses" if ephemeral else "containerStatuses"
+    return list((pod.get("status") or {}).get(key) or [])
+
+
+def _container_running(pod: Json, container: str, *, ephemeral: bool) -> bool:
+    return any(
+        st.get("name") == container and "running" in (st.get("state") or {})
+        for st in _statuses(pod, ephemeral=ephemeral)
+    )
+
+
+def _pod_failure(pod: Json, container: str, *, ephemeral: bool) -> str | None:
+    """A reason the agent container will not run, or None while it may still start."""
+    ns, name = pod["metadata"].get("namespace"), pod["metadata"]["name"]
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+            return (
+                f"the agent pod {ns}/{name} cannot be scheduled: {cond.get('message')} (check "
+                "agent.tolerations / agent.node_selector, or node capacity)"
+            )
+    for st in _statuses(pod, ephemeral=ephemeral):
+        if st.get("name") != container:
+            continue
+        state = st.get("state") or {}
+        waiting = state.get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in _PULL_ERRORS:
+            return (
+                f"the agent image {st.get('image')} cannot be pulled ({reason}): "
+                f"{waiting.get('message', '')} (check agent.image, agent.image_pull_secrets "
+                "and that the node can reach the registry)"
+            )
+        if reason in _CREATE_ERRORS:
+            return f"the agent container cannot start ({reason}): {waiting.get('message', '')}"
+        term = state.get("terminated")
+        if term:
+            return (
+                f"the agent container in pod {ns}/{name} exited with code "
+                f"{term.get('exitCode')} ({term.get('reason')})"
+            )
+    if (pod.get("status") or {}).get("phase") == "Failed" and not ephemeral:
+        return f"the agent pod {ns}/{name} failed: {(pod.get('status') or {}).get('message', '')}"
+    return None

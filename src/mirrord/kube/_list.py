@@ -1,0 +1,85 @@
+"""Listing targets for `mirrord ls` (and IDEs): mirrord's `ls` shape.
+
+Owns: which targets exist in a namespace, in mirrord's order (deployments, rollouts,
+statefulsets, cronjobs, jobs, pods; pods as `pod/NAME/container/C` for every container that is
+not a known mesh sidecar), with the namespace list. Only running pods and workloads with at
+least one ready replica are listed, so an IDE offers targets that can be used. A kind the user
+may not list (403) or that is not installed (404, e.g. Argo Rollouts) is skipped, not an error.
+Does not own printing (the CLI does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes_asyncio import client as k8s
+
+from mirrord.kube._api import ApiCallError, Json, call
+from mirrord.kube._client import load_context
+from mirrord.kube._targets import MESH_SIDECARS
+
+__all__ = ["list_targets"]
+
+
+async def _items(method: Any, *args: Any) -> list[Json]:
+    try:
+        out = await call(method, *args)
+    except ApiCallError as exc:
+        if exc.status in (403, 404):
+            return []
+        raise
+    return list(out.get("items") or [])
+
+
+def _names(items: list[Json], kind: str, *, ready_field: str | None = "readyReplicas") -> list[str]:
+    out = []
+    for obj in items:
+        if ready_field is not None and not (obj.get("status") or {}).get(ready_field):
+            continue
+        out.append(f"{kind}/{obj['metadata']['name']}")
+    return sorted(out)
+
+
+async def list_targets(
+    *,
+    namespace: str | None = None,
+    kubeconfig: str | None = None,
+    context: str | None = None,
+) -> dict[str, Any]:
+    """`{"targets": [{"path", "available"}], "current_namespace", "namespaces"}`."""
+    kube = await load_context(kubeconfig=kubeconfig, context=context, namespace=namespace)
+    ns = kube.namespace
+    async with k8s.ApiClient(kube.configuration) as api:
+        core = k8s.CoreV1Api(api)
+        apps = k8s.AppsV1Api(api)
+        batch = k8s.BatchV1Api(api)
+        custom = k8s.CustomObjectsApi(api)
+        paths: list[str] = []
+        paths += _names(await _items(apps.list_namespaced_deployment, ns), "deployment")
+        paths += _names(
+            await _items(
+                custom.list_namespaced_custom_object, "argoproj.io", "v1alpha1", ns, "rollouts"
+            ),
+            "rollout",
+        )
+        paths += _names(await _items(apps.list_namespaced_stateful_set, ns), "statefulset")
+        paths += _names(
+            await _items(batch.list_namespaced_cron_job, ns), "cronjob", ready_field=None
+        )
+        paths += _names(await _items(batch.list_namespaced_job, ns), "job", ready_field="active")
+        pods = []
+        for pod in await _items(core.list_namespaced_pod, ns):
+            if (pod.get("status") or {}).get("phase") != "Running":
+                continue
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
+            for c in pod["spec"]["containers"]:
+                if c["name"] not in MESH_SIDECARS:
+                    pods.append(f"pod/{pod['metadata']['name']}/container/{c['name']}")
+        paths += sorted(pods)
+        namespaces = sorted(o["metadata"]["name"] for o in await _items(core.list_namespace))
+    return {
+        "targets": [{"path": p, "available": True} for p in paths],
+        "current_namespace": ns,
+        "namespaces": namespaces,
+    }

@@ -1,0 +1,221 @@
+"""The Kubernetes objects the backend creates for an agent: a Job or an ephemeral container.
+
+Owns: the agent image default (tied to the package version), the agent's command line (I2),
+capabilities (NET_ADMIN, SYS_ADMIN, SYS_PTRACE, NET_RAW minus `agent.disabled_capabilities`),
+and the Job / ephemeral container specs built from the `agent` config section. Pure functions:
+the specs are validated against the Kubernetes schemas in the tests. Does not own any API call.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from mirrord._version import __version__
+
+__all__ = [
+    "AGENT_CAPABILITIES",
+    "AGENT_CONTAINER",
+    "AGENT_LABEL",
+    "DEFAULT_AGENT_IMAGE",
+    "AgentOptions",
+    "agent_args",
+    "ephemeral_container_spec",
+    "job_spec",
+    "unique_agent_name",
+]
+
+DEFAULT_AGENT_IMAGE_REPOSITORY = "ghcr.io/mirrord-python/mirrord-agent"
+DEFAULT_AGENT_IMAGE = f"{DEFAULT_AGENT_IMAGE_REPOSITORY}:{__version__}"
+AGENT_CAPABILITIES = ("NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "NET_RAW")
+AGENT_CONTAINER = "mirrord-agent"
+AGENT_LABEL = "app.kubernetes.io/name"  # = "mirrord-agent" on every agent Job and pod
+SECRET_ENV = "MIRRORD_AGENT_SECRET"
+DEFAULT_IDLE_TIMEOUT = 60
+
+Json = dict[str, Any]
+
+
+@dataclass
+class AgentOptions:
+    """What the `agent` config section says about the agent's pod."""
+
+    image: str = DEFAULT_AGENT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: list[dict[str, str]] = field(default_factory=list)
+    ttl: int = 1
+    privileged: bool = False
+    disabled_capabilities: list[str] = field(default_factory=list)
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT
+    log_level: str = "info"
+    tolerations: list[Json] | None = None
+    resources: Json | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    service_account: str | None = None
+    priority_class: str | None = None
+    namespace: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> AgentOptions:
+        from mirrord.daemon._backend import config_value
+
+        def get(name: str, default: Any = None) -> Any:
+            return config_value(config, "agent", name, default=default)
+
+        resources = get("resources")
+        if resources is not None and hasattr(resources, "model_dump"):
+            resources = resources.model_dump(mode="json", exclude_none=True)
+        if isinstance(resources, dict):
+            resources = {
+                k: {n: q for n, q in (v or {}).items() if q is not None}
+                for k, v in resources.items()
+                if v
+            }
+            resources = {k: v for k, v in resources.items() if v} or None
+        return cls(
+            image=get("image") or DEFAULT_AGENT_IMAGE,
+            image_pull_policy=get("image_pull_policy", "IfNotPresent"),
+            image_pull_secrets=list(get("image_pull_secrets", []) or []),
+            ttl=int(get("ttl", 1)),
+            privileged=bool(get("privileged", False)),
+            disabled_capabilities=list(get("disabled_capabilities", []) or []),
+            idle_timeout=int(get("communication_timeout") or DEFAULT_IDLE_TIMEOUT),
+            log_level=str(get("log_level", "info")),
+            tolerations=get("tolerations"),
+            resources=resources,
+            labels=dict(get("labels", {}) or {}),
+            annotations=dict(get("annotations", {}) or {}),
+            node_selector=dict(get("node_selector", {}) or {}),
+            service_account=get("service_account"),
+            priority_class=get("priority_class"),
+            namespace=get("namespace"),
+        )
+
+    @property
+    def capabilities(self) -> list[str]:
+        return [c for c in AGENT_CAPABILITIES if c not in set(self.disabled_capabilities)]
+
+
+def unique_agent_name() -> str:
+    # DNS-1123 label, short enough for a Job name (the pod adds "-xxxxx"): 63 - 6.
+    return f"mirrord-agent-{secrets.token_hex(5)}"
+
+
+def agent_args(target: str, port: int, idle_timeout: int) -> list[str]:
+    """The agent's arguments (I2); the secret comes from the environment, never argv."""
+    return [
+        "--target",
+        target,
+        "--listen",
+        f"tcp:0.0.0.0:{port}",
+        "--idle-timeout",
+        str(idle_timeout),
+    ]
+
+
+def _security_context(opts: AgentOptions) -> Json:
+    if opts.privileged:
+        return {"privileged": True, "runAsUser": 0}
+    return {
+        "runAsUser": 0,
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"add": opts.capabilities, "drop": ["ALL"]},
+    }
+
+
+def _container(name: str, target: str, port: int, secret: str, opts: AgentOptions) -> Json:
+    c: Json = {
+        "name": name,
+        "image": opts.image,
+        "imagePullPolicy": opts.image_pull_policy,
+        "command": ["mirrord-agent"],
+        "args": agent_args(target, port, opts.idle_timeout),
+        "env": [
+            {"name": SECRET_ENV, "value": secret},
+            {"name": "MIRRORD_AGENT_LOG_LEVEL", "value": opts.log_level},
+        ],
+        "securityContext": _security_context(opts),
+    }
+    if opts.resources:
+        c["resources"] = opts.resources
+    return c
+
+
+def _labels(opts: AgentOptions, name: str) -> dict[str, str]:
+    return {
+        **opts.labels,
+        AGENT_LABEL: "mirrord-agent",
+        "app.kubernetes.io/instance": name,
+        # Mesh sidecars would intercept the agent's own port-forwarded connection.
+        "sidecar.istio.io/inject": "false",
+        "linkerd.io/inject": "disabled",
+    }
+
+
+def job_spec(
+    *,
+    name: str,
+    namespace: str,
+    target: str,
+    node: str | None,
+    port: int,
+    secret: str,
+    opts: AgentOptions,
+    host_pid: bool = True,
+) -> Json:
+    """A Job running one agent pod on `node` (the target's node), with `hostPID` so the agent
+    finds the target's process by cgroup scan and enters its namespaces through /proc."""
+    labels = _labels(opts, name)
+    annotations = {**opts.annotations, "sidecar.istio.io/inject": "false"}
+    pod_spec: Json = {
+        "restartPolicy": "Never",
+        "hostPID": host_pid,
+        "terminationGracePeriodSeconds": 5,
+        "containers": [_container(AGENT_CONTAINER, target, port, secret, opts)],
+        "tolerations": opts.tolerations
+        if opts.tolerations is not None
+        else [{"operator": "Exists"}],
+    }
+    if node:
+        pod_spec["nodeName"] = node
+    elif opts.node_selector:
+        pod_spec["nodeSelector"] = opts.node_selector
+    if opts.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = opts.image_pull_secrets
+    if opts.service_account:
+        pod_spec["serviceAccountName"] = opts.service_account
+    if opts.priority_class:
+        pod_spec["priorityClassName"] = opts.priority_class
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": {
+            "ttlSecondsAfterFinished": opts.ttl,
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def ephemeral_container_spec(
+    *, name: str, target: str, target_container: str, port: int, secret: str, opts: AgentOptions
+) -> Json:
+    """An ephemeral container for the target pod; it shares the pod's network namespace and,
+    with `targetContainerName`, the target container's PID namespace."""
+    c = _container(name, target, port, secret, opts)
+    c["targetContainerName"] = target_container
+    c.pop("resources", None)  # ephemeral containers may not set resources
+    return c

@@ -1,0 +1,179 @@
+"""Target resolution against the in-process API server, through a real kubeconfig."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from kubernetes_asyncio import client as k8s
+
+from mirrord.kube import KubeConfigError, KubeError, TargetNotFound, load_context, resolve_target
+from tests.kube._cluster import add_deployment, wait_running
+from tests.kube.apiserver import FakeApiServer
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _resolve(kubeconfig: Path, path: str, ns: str = "default"):  # type: ignore[no-untyped-def]
+    kube = await load_context(kubeconfig=str(kubeconfig), namespace=ns)
+    async with k8s.ApiClient(kube.configuration) as api:
+        return await resolve_target(api, path, kube.namespace)
+
+
+async def test_deployment_target_resolves_to_running_pod_and_says_which(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    names = add_deployment(apiserver, "web", pods=[None, None])
+    await wait_running(apiserver, "default", names)
+    t = await _resolve(kubeconfig, "deployment/web")
+    assert t.pod == names[0]
+    assert t.container == "app"
+    assert t.container_id and len(t.container_id) == 64
+    assert t.node == "node-1"
+    assert names[0] in t.note and "1 of 2 running" in t.note
+
+
+async def test_mesh_sidecar_is_skipped_and_annotation_wins(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    names = add_deployment(apiserver, "mesh", containers=["istio-proxy", "app"])
+    await wait_running(apiserver, "default", names)
+    assert (await _resolve(kubeconfig, "deployment/mesh")).container == "app"
+    names = add_deployment(
+        apiserver,
+        "annot",
+        containers=["app", "worker"],
+        annotations={"kubectl.kubernetes.io/default-container": "worker"},
+    )
+    await wait_running(apiserver, "default", names)
+    assert (await _resolve(kubeconfig, "deployment/annot")).container == "worker"
+    t = await _resolve(kubeconfig, f"pod/{names[0]}/container/app")
+    assert t.container == "app"
+    with pytest.raises(TargetNotFound, match="no container 'nope'"):
+        await _resolve(kubeconfig, f"pod/{names[0]}/container/nope")
+
+
+async def test_statefulset_service_job_cronjob_rollout(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    sts = add_deployment(apiserver, "db", kind="StatefulSet")
+    await wait_running(apiserver, "default", sts)
+    assert (await _resolve(kubeconfig, "statefulset/db")).pod == "db-0"
+    apiserver.create(
+        "Service",
+        "default",
+        {
+            "metadata": {"name": "db-svc"},
+            "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432}]},
+        },
+    )
+    assert (await _resolve(kubeconfig, "service/db-svc")).pod == "db-0"
+    cron = apiserver.create(
+        "CronJob",
+        "default",
+        {
+            "metadata": {"name": "nightly"},
+            "spec": {
+                "schedule": "0 0 * * *",
+                "jobTemplate": {
+                    "spec": {
+                        "template": {
+                            "spec": {
+                                "restartPolicy": "Never",
+                                "containers": [{"name": "c", "image": "busybox:1"}],
+                            }
+                        }
+                    }
+                },
+            },
+        },
+    )
+    for i in range(2):
+        apiserver.create(
+            "Job",
+            "default",
+            {
+                "metadata": {
+                    "name": f"nightly-{i}",
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "CronJob",
+                            "name": "nightly",
+                            "uid": cron["metadata"]["uid"],
+                            "controller": True,
+                        }
+                    ],
+                },
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "containers": [{"name": "c", "image": "busybox:1"}],
+                        }
+                    }
+                },
+            },
+        )
+        await asyncio.sleep(1.05)  # creationTimestamp has a resolution of 1 s
+    for _ in range(100):
+        pods = apiserver.list("Pod", "default")
+        if (
+            sum(
+                1
+                for p in pods
+                if p["metadata"]["name"].startswith("nightly-")
+                and p["status"].get("phase") == "Running"
+            )
+            == 2
+        ):
+            break
+        await asyncio.sleep(0.05)
+    t = await _resolve(kubeconfig, "cronjob/nightly")
+    assert t.pod is not None and t.pod.startswith("nightly-1-"), t
+    assert (await _resolve(kubeconfig, "job/nightly-0")).pod.startswith("nightly-0-")  # type: ignore[union-attr]
+    apiserver.create(
+        "Rollout",
+        "default",
+        {
+            "metadata": {"name": "canary"},
+            "spec": {
+                "workloadRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web2"}
+            },
+        },
+    )
+    names = add_deployment(apiserver, "web2")
+    await wait_running(apiserver, "default", names)
+    assert (await _resolve(kubeconfig, "rollout/canary")).pod == names[0]
+
+
+async def test_missing_targets_and_bad_strings_say_what_to_do(
+    apiserver: FakeApiServer, kubeconfig: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(
+        TargetNotFound, match=r"deployment/nope not found in namespace default.*mirrord ls"
+    ):
+        await _resolve(kubeconfig, "deployment/nope")
+    with pytest.raises(KubeError, match="not a Kubernetes target"):
+        await _resolve(kubeconfig, "daemonset/x")
+    add_deployment(apiserver, "empty", pods=[])
+    with pytest.raises(TargetNotFound, match="no running pod"):
+        await _resolve(kubeconfig, "deployment/empty")
+    with pytest.raises(KubeConfigError, match="does not exist"):
+        await load_context(kubeconfig=str(tmp_path / "missing"))
+    with pytest.raises(KubeConfigError, match="context 'other' is not in kubeconfig"):
+        await load_context(kubeconfig=str(kubeconfig), context="other")
+    t = await _resolve(kubeconfig, "targetless", ns="mirrord")
+    assert t.targetless and t.namespace == "mirrord"
+
+
+async def test_kubeconfig_env_and_context_namespace(
+    apiserver: FakeApiServer, tmp_path: Path
+) -> None:
+    path = apiserver.write_kubeconfig(tmp_path / "kc2", context="dev", namespace="team-a")
+    kube = await load_context(env={"KUBECONFIG": str(path)})
+    assert (kube.context, kube.namespace) == ("dev", "team-a")
+    kube = await load_context(env={"KUBECONFIG": str(path)}, namespace="other")
+    assert kube.namespace == "other"
+    assert "token" not in repr(kube).lower() or apiserver.token not in repr(kube)
