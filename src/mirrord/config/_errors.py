@@ -24,18 +24,22 @@ Loc = tuple[int | str, ...]
 
 
 def key_path(loc: Iterable[int | str]) -> str:
-    """`("feature", "fs", "read_only", 1)` → `feature.fs.read_only[1]`."""
+    """`("feature", "fs", "read_only", 1)` → `feature.fs.read_only[1]`; a dict key that is
+    itself wrong (pydantic's `"[key]"` marker) is shown as `mapping['(']`."""
+    parts = list(loc)
     out = ""
-    for part in loc:
+    for i, part in enumerate(parts):
+        if part == "[key]":
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part == "[key]":
-            out += "(key)"
+        elif i + 1 < len(parts) and parts[i + 1] == "[key]":
+            out += f"[{part!r}]"
         elif out:
             out += f".{part}"
         else:
             out = str(part)
-    return out or "(top level)"
+    return out
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -101,7 +105,7 @@ def _one(error: Any, source_of: Callable[[Loc], str]) -> str:
     kind: str = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}
-    where = f"{source_of(loc)}: {key_path(loc)}"
+    where = f"{source_of(loc)}: {key_path(loc)}" if loc else source_of(loc)
 
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else ""

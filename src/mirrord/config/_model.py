@@ -89,8 +89,8 @@ def _check_method(value: str) -> str:
     if value.upper() not in _HTTP_METHODS:
         raise PydanticCustomError(
             "http_method",
-            "{value!r} is not an HTTP method; allowed: {allowed}",
-            {"value": value, "allowed": ", ".join(_HTTP_METHODS)},
+            "{value} is not an HTTP method; allowed: {allowed}",
+            {"value": repr(value), "allowed": ", ".join(_HTTP_METHODS)},
         )
     return value.upper()
 
@@ -107,7 +107,9 @@ Seconds = Annotated[float, Field(ge=0)]
 
 def _shorthand_error(expected: str, value: Any) -> PydanticCustomError:
     return PydanticCustomError(
-        "shorthand", "expected {expected}, got {value!r}", {"expected": expected, "value": value}
+        "shorthand",
+        "expected {expected}, got {value}",
+        {"expected": expected, "value": repr(value)},
     )
 
 
@@ -161,8 +163,8 @@ _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 def _target_error(value: Any, why: str) -> PydanticCustomError:
     return PydanticCustomError(
         "target",
-        "{value!r}: {why}; expected {forms}",
-        {"value": value, "why": why, "forms": _TARGET_FORMS},
+        "{value}: {why}; expected {forms}",
+        {"value": repr(value), "why": why, "forms": _TARGET_FORMS},
     )
 
 
@@ -287,8 +289,8 @@ def _image(value: Any) -> Any:
         if extra or "registry" not in value:
             raise PydanticCustomError(
                 "image",
-                "an image object has 'registry' and optionally 'tag', got {value!r}",
-                {"value": value},
+                "an image object has 'registry' and optionally 'tag', got {value}",
+                {"value": repr(value)},
             )
         return f"{value['registry']}:{value.get('tag', 'latest')}"
     return value
@@ -451,9 +453,9 @@ class EnvConfig(_Section):
         if self.include is not None and self.exclude is not None:
             raise PydanticCustomError(
                 "conflict",
-                "include and exclude cannot both be set (got include={inc!r}, "
-                "exclude={exc!r}); keep one of them",
-                {"inc": ";".join(self.include), "exc": ";".join(self.exclude)},
+                "include and exclude cannot both be set (got include={inc}, "
+                "exclude={exc}); keep one of them",
+                {"inc": repr(self.include), "exc": repr(self.exclude)},
             )
         return self
 
@@ -673,7 +675,7 @@ class IncomingConfig(_Section):
                 "conflict",
                 "ports and ignore_ports cannot both be set (got ports={p}, "
                 "ignore_ports={i}); keep one of them",
-                {"p": self.ports, "i": self.ignore_ports},
+                {"p": repr(self.ports), "i": repr(self.ignore_ports)},
             )
         for key in ("port_mapping", "listen_ports"):
             seen: set[int] = set()
@@ -904,8 +906,8 @@ class MirrordConfig(_Section):
         if self.agent.ephemeral and self.target.is_local:
             raise PydanticCustomError(
                 "conflict",
-                "agent.ephemeral does not apply to a local target {t!r}",
-                {"t": self.target.path},
+                "agent.ephemeral does not apply to a local target {t}",
+                {"t": repr(self.target.path)},
             )
         return self
 

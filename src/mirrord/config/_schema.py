@@ -28,7 +28,8 @@ def config_schema() -> dict[str, Any]:
 
 
 def schema_key_paths(schema: dict[str, Any] | None = None) -> list[str]:
-    """Every dotted key path the schema describes, e.g. `feature.network.incoming.mode`."""
+    """Every dotted key path the schema describes, e.g. `feature.network.incoming.mode`; keys of
+    objects inside lists are written `...all_of[].header`."""
     schema = config_schema() if schema is None else schema
     defs: dict[str, Any] = schema.get("$defs", {})
     paths: list[str] = []
@@ -40,9 +41,14 @@ def schema_key_paths(schema: dict[str, Any] | None = None) -> list[str]:
         for key in ("anyOf", "oneOf", "allOf"):
             for sub in node.get(key, []):
                 found.extend(resolve(sub))
-        if node.get("type") == "array" and isinstance(node.get("items"), dict):
-            found.extend(resolve(node["items"]))
         return found
+
+    def items_of(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            v["items"]
+            for v in resolve(node)
+            if v.get("type") == "array" and isinstance(v.get("items"), dict)
+        ]
 
     def walk(node: dict[str, Any], prefix: str, depth: int) -> None:
         if depth > 12:  # the model is a tree; this only guards against a cyclic schema
@@ -55,6 +61,8 @@ def schema_key_paths(schema: dict[str, Any] | None = None) -> list[str]:
                 if path not in paths:
                     paths.append(path)
                 walk(sub, path, depth + 1)
+                for item in items_of(sub):
+                    walk(item, f"{path}[]", depth + 1)
 
     walk(schema, "", 0)
     return paths
