@@ -1,0 +1,100 @@
+"""The `mirrord-agent` command line (I2).
+
+Owns: parsing arguments, reading the secret, logging setup, running the agent on trio and
+turning startup errors into one `mirrord-agent: error: ...` line and an exit status
+(2 bad arguments, 3 target not found or gone, 1 other startup failures, 0 idle/signal).
+Does not own: serving (`_server.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from mirrord.agent._exceptions import AgentStartupError, BadArguments
+from mirrord.agent._server import AgentOptions, run_agent
+from mirrord.agent._target import resolve_target
+
+__all__ = ["main"]
+
+SECRET_ENV = "MIRRORD_AGENT_SECRET"
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname_lower = record.levelname.lower()
+        return super().format(record)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mirrord-agent",
+        description="Serve a target's files, environment, DNS and network to mirrord daemons.",
+    )
+    p.add_argument("--target", required=True, help="pid/N or container/ID")
+    p.add_argument("--listen", required=True, help="unix:/path/to.sock or tcp:HOST:PORT")
+    p.add_argument(
+        "--secret-file", help=f"file holding the per-agent secret (or set ${SECRET_ENV})"
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="exit after this many seconds without a daemon connection (default 60)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=15.0,
+        help="timeout of outgoing connects, seconds (default 15)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _secret(args: argparse.Namespace) -> str:
+    if args.secret_file:
+        try:
+            with open(args.secret_file) as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise BadArguments(
+                f"cannot read --secret-file {args.secret_file}: {exc.strerror}"
+            ) from None
+    else:
+        secret = os.environ.get(SECRET_ENV, "").strip()
+    if not secret:
+        raise BadArguments(
+            f"no agent secret: pass --secret-file PATH (a non-empty file) or set ${SECRET_ENV}"
+        )
+    return secret
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("mirrord-agent: %(levelname_lower)s: %(message)s"))
+    logger = logging.getLogger("mirrord.agent")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
+    logger.propagate = False
+    try:
+        if args.idle_timeout <= 0 or args.connect_timeout <= 0:
+            raise BadArguments("--idle-timeout and --connect-timeout must be positive")
+        options = AgentOptions(
+            target=resolve_target(args.target),
+            listen=args.listen,
+            secret=_secret(args),
+            idle_timeout=args.idle_timeout,
+            connect_timeout=args.connect_timeout,
+        )
+        code = anyio.run(run_agent, options, backend="trio")
+    except AgentStartupError as exc:
+        print(f"mirrord-agent: error: {exc.message}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code)

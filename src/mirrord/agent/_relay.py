@@ -1,0 +1,183 @@
+"""One relayed connection of a channel: a byte stream or UDP socket <-> connection messages.
+
+Owns: moving bytes between a socket (an outgoing connection, or an incoming one handed over by
+the incoming code through `Channel.start_incoming`) and the daemon as `Data` / `Credit` /
+`Shutdown` / `ConnClose`, under the per-connection credit window of `AgentConnection`:
+- socket -> daemon: at most the send window is read from the socket and sent as `Data`;
+  at zero window the relay waits for `Credit` (the socket's buffer then fills and TCP pushes
+  back on the peer);
+- daemon -> socket: `Data` is queued (bounded by the window we granted), written, and credited
+  back once written;
+- `Shutdown` is a half-close each way; when both directions are done the relay sends
+  `ConnClose(0)`; a socket error ends the relay with `ConnClose(errno)`; the daemon's
+  `ConnClose` ends it at once.
+Does not own: creating sockets (`_outgoing.py`, the incoming code) or the channel's tables.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+from typing import Protocol
+
+import anyio
+import anyio.abc
+
+from mirrord.protocol import Message
+from mirrord.protocol import messages as m
+
+__all__ = ["Link", "Relay"]
+
+log = logging.getLogger("mirrord.agent")
+
+_READ_CHUNK = 256 * 1024
+_DATAGRAM_MAX = 65536
+
+
+class Link(Protocol):
+    """The channel's side of the daemon connection, as a relay sees it."""
+
+    number: int
+
+    async def send(self, msg: Message) -> None: ...
+
+    def send_window(self, conn_id: int) -> int: ...
+
+
+def _errno_of(exc: BaseException) -> int:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno
+        cause = cause.__cause__ or cause.__context__
+    return errno.ECONNRESET
+
+
+class Relay:
+    """A connection `conn_id` of a channel; `run()` is its task, the `on_*` methods are called
+    (synchronously) by the channel when the daemon's messages for it arrive."""
+
+    def __init__(
+        self,
+        link: Link,
+        conn_id: int,
+        stream: anyio.abc.ByteStream | anyio.abc.ConnectedUDPSocket,
+        *,
+        description: str = "",
+    ) -> None:
+        self.link = link
+        self.conn_id = conn_id
+        self.stream = stream
+        self.description = description
+        self.datagram = isinstance(stream, anyio.abc.ConnectedUDPSocket)
+        self._inbox: collections.deque[bytes] = collections.deque()
+        self._inbox_changed = anyio.Event()
+        self._credit = anyio.Event()
+        self._peer_shutdown = False  # the daemon sent Shutdown
+        self._closed_by_daemon = False
+        self._scope = anyio.CancelScope()
+        self.finished = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Relay channel={self.link.number} conn={self.conn_id} {self.description} "
+            f"queued={len(self._inbox)} window={self.link.send_window(self.conn_id)}>"
+        )
+
+    # -- from the daemon (sync, on the channel's reader) --------------------------------------
+
+    def on_data(self, data: bytes) -> None:
+        if data and not self._peer_shutdown:
+            self._inbox.append(data)
+            self._inbox_changed.set()
+
+    def on_credit(self) -> None:
+        self._credit.set()
+
+    def on_shutdown(self) -> None:
+        self._peer_shutdown = True
+        self._inbox_changed.set()
+
+    def on_close(self) -> None:
+        self._closed_by_daemon = True
+        self._scope.cancel()
+
+    def abort(self) -> None:
+        """End the relay without telling the daemon (its channel is gone)."""
+        self._closed_by_daemon = True
+        self._scope.cancel()
+
+    # -- the task ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        close_errno = m.CONN_CLOSE_NORMAL
+        try:
+            with self._scope:
+                try:
+                    async with anyio.create_task_group() as tg:
+                        self._tg = tg
+                        tg.start_soon(self._socket_to_daemon)
+                        tg.start_soon(self._daemon_to_socket)
+                except* (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as group:
+                    close_errno = _errno_of(group.exceptions[0])
+                except* Exception as group:
+                    log.error("relay %r failed: %r", self, group.exceptions[0])
+                    close_errno = errno.EIO
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                with contextlib.suppress(Exception):
+                    await self.stream.aclose()
+                if not self._closed_by_daemon:
+                    await self.link.send(m.ConnClose(conn_id=self.conn_id, errno=close_errno))
+            self.finished.set()
+
+    async def _wait_window(self, need: int) -> int:
+        while (window := self.link.send_window(self.conn_id)) < need:
+            self._credit = anyio.Event()
+            await self._credit.wait()
+        return window
+
+    async def _socket_to_daemon(self) -> None:
+        if self.datagram:
+            assert isinstance(self.stream, anyio.abc.ConnectedUDPSocket)
+            while True:
+                datagram = await self.stream.receive()
+                await self._wait_window(len(datagram))
+                await self.link.send(m.Data(conn_id=self.conn_id, data=datagram))
+        assert isinstance(self.stream, anyio.abc.ByteStream)
+        while True:
+            window = await self._wait_window(1)
+            try:
+                chunk = await self.stream.receive(min(window, _READ_CHUNK))
+            except anyio.EndOfStream:
+                break
+            await self.link.send(m.Data(conn_id=self.conn_id, data=chunk))
+        await self.link.send(m.Shutdown(conn_id=self.conn_id))
+
+    async def _daemon_to_socket(self) -> None:
+        while True:
+            while not self._inbox and not self._peer_shutdown:
+                self._inbox_changed = anyio.Event()
+                await self._inbox_changed.wait()
+            if self._inbox:
+                chunk = self._inbox.popleft()
+                if self.datagram:
+                    assert isinstance(self.stream, anyio.abc.ConnectedUDPSocket)
+                    await self.stream.send(chunk[:_DATAGRAM_MAX])
+                else:
+                    assert isinstance(self.stream, anyio.abc.ByteStream)
+                    await self.stream.send(chunk)
+                await self.link.send(m.Credit(conn_id=self.conn_id, amount=len(chunk)))
+                continue
+            if self.datagram:
+                # UDP has no half-close: the daemon's Shutdown ends the association.
+                assert self._tg is not None
+                self._tg.cancel_scope.cancel()
+            else:
+                assert isinstance(self.stream, anyio.abc.ByteStream)
+                with contextlib.suppress(OSError, anyio.ClosedResourceError):
+                    await self.stream.send_eof()
+            return

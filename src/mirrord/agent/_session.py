@@ -1,0 +1,247 @@
+"""One daemon connection to the agent: handshake, channels, and the frames on it.
+
+Owns: authenticating the daemon (`AgentConnection` checks the secret and versions; a failed
+handshake gets the error frame and is closed), reading frames and routing each to its channel,
+opening (and forking) and closing channels, answering Ping and unknown requests, and writing
+frames in order under one lock. A malformed frame closes this connection only (after an error
+frame); its channels, handles and sockets are freed with it. Nothing here touches another
+daemon connection.
+Does not own: what a request does (`_channel.py`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+
+from mirrord import __version__
+from mirrord.agent._channel import Channel
+from mirrord.protocol import (
+    CLOSED,
+    CONTROL_CHANNEL,
+    NEED_DATA,
+    AgentConnection,
+    AgentRole,
+    LocalProtocolError,
+    Message,
+    Received,
+    RemoteProtocolError,
+    State,
+    UnknownMessage,
+)
+from mirrord.protocol import messages as m
+
+if TYPE_CHECKING:
+    from mirrord.agent._server import AgentServer
+
+__all__ = ["DaemonSession"]
+
+log = logging.getLogger("mirrord.agent")
+
+HANDSHAKE_TIMEOUT = 10.0
+_READ_SIZE = 256 * 1024
+_SEND_TIMEOUT_ON_CLOSE = 2.0
+
+
+class DaemonSession:
+    """The agent's side of one daemon connection."""
+
+    def __init__(self, server: AgentServer, stream: anyio.abc.ByteStream, peer: str) -> None:
+        self.server = server
+        self.ctx = server.ctx
+        self.stream = stream
+        self.peer = peer
+        self.conn = AgentConnection(AgentRole.AGENT, secret=server.secret)
+        self.channels: dict[int, Channel] = {}
+        self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
+        self._send_lock = anyio.Lock()
+        self._broken = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.authenticated = False
+
+    def __repr__(self) -> str:
+        return f"<DaemonSession peer={self.peer} channels={len(self.channels)} {self.conn!r}>"
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
+        """Send `msg` on `channel`. Never raises: a broken daemon connection ends the session
+        (its tasks are cancelled) and later sends are dropped."""
+        async with self._send_lock:
+            if self._broken or self.conn.state is not State.OPEN:
+                return
+            try:
+                frame = self.conn.send(msg, channel)
+            except LocalProtocolError as exc:
+                log.error("not sending %s on channel %d: %s", type(msg).__name__, channel, exc)
+                return
+            try:
+                await self.stream.send(frame)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self._break()
+
+    async def _send_raw(self, frame: bytes) -> None:
+        async with self._send_lock:
+            if self._broken:
+                return
+            with anyio.move_on_after(_SEND_TIMEOUT_ON_CLOSE):
+                try:
+                    await self.stream.send(frame)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    self._broken = True
+
+    def _break(self) -> None:
+        self._broken = True
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    async def send_fatal(self, code: str, message: str) -> None:
+        """Tell the daemon why the agent is closing this connection."""
+        if self.conn.state is State.OPEN:
+            await self._send_raw(self.conn.fatal_frame(code, message))
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Serve the connection until the daemon leaves or breaks the protocol."""
+        try:
+            if not await self._handshake():
+                return
+            self.authenticated = True
+            log.info(
+                "daemon connected from %s (protocol %s)", self.peer, self.conn.negotiated_version
+            )
+            self.server.session_started(self)
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    await self._open_channel(CONTROL_CHANNEL, m.ChannelOpen(pid=0, label="control"))
+                    await self._read_loop()
+                    tg.cancel_scope.cancel()
+            finally:
+                for channel in list(self.channels.values()):
+                    channel.close()
+                self.channels.clear()
+                self.server.session_ended(self)
+                log.info("daemon connection from %s closed", self.peer)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _receive(self) -> bytes:
+        try:
+            return await self.stream.receive(_READ_SIZE)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return b""
+
+    async def _handshake(self) -> bool:
+        with anyio.move_on_after(HANDSHAKE_TIMEOUT):
+            while True:
+                data = await self._receive()
+                self.conn.receive_data(data)
+                try:
+                    event = self.conn.next_event()
+                except RemoteProtocolError as exc:
+                    log.warning("refused a daemon connection from %s: %s", self.peer, exc.message)
+                    await self._send_raw(self.conn.error_frame(exc))
+                    return False
+                if event is CLOSED:
+                    return False
+                if event is NEED_DATA:
+                    continue
+                # The only event the handshake lets through is a valid Hello.
+                await self._send_raw(
+                    self.conn.welcome(agent_version=__version__, target=self.ctx.target.spec)
+                )
+                return True
+        log.warning(
+            "daemon connection from %s sent no Hello within %.0f s", self.peer, HANDSHAKE_TIMEOUT
+        )
+        return False
+
+    async def _read_loop(self) -> None:
+        while True:
+            while True:
+                try:
+                    event = self.conn.next_event()
+                except RemoteProtocolError as exc:
+                    log.warning("closing the daemon connection from %s: %s", self.peer, exc.message)
+                    await self._send_raw(self.conn.error_frame(exc))
+                    return
+                if event is NEED_DATA:
+                    break
+                if event is CLOSED:
+                    return
+                if isinstance(event, UnknownMessage):
+                    if event.request_id is not None:
+                        await self.send(
+                            m.ErrorReply(
+                                request_id=event.request_id,
+                                errno=errno.ENOSYS,
+                                message=f"message kind {event.kind} is unknown to this agent",
+                            ),
+                            event.channel,
+                        )
+                    continue
+                assert isinstance(event, Received)
+                if not await self._dispatch(event.channel, event.message):
+                    return
+            self.conn.receive_data(await self._receive())
+
+    async def _dispatch(self, number: int, msg: Message) -> bool:
+        """Route one message; False when the connection is over."""
+        if isinstance(msg, m.ChannelOpen):
+            await self._open_channel(number, msg)
+        elif isinstance(msg, m.ChannelClose):
+            channel = self.channels.pop(number, None)
+            if channel is not None:
+                channel.close()
+        elif isinstance(msg, m.Fatal):
+            if number == CONTROL_CHANNEL:
+                log.info(
+                    "the daemon at %s closed the connection: %s: %s",
+                    self.peer,
+                    msg.code,
+                    msg.message,
+                )
+                return False
+            channel = self.channels.pop(number, None)
+            if channel is not None:
+                channel.close()
+        elif isinstance(msg, m.Ping):
+            await self.send(m.Pong(nonce=msg.nonce), number)
+        elif isinstance(msg, m.Pong):
+            pass
+        else:
+            channel = self.channels.get(number)
+            if channel is not None:
+                await channel.dispatch(msg)
+            elif isinstance(msg, m.Request):
+                await self.send(
+                    m.ErrorReply(
+                        request_id=msg.request_id,
+                        errno=errno.EBADF,
+                        message=f"channel {number} is not open: send ChannelOpen first",
+                    ),
+                    number,
+                )
+        return True
+
+    async def _open_channel(self, number: int, msg: m.ChannelOpen) -> None:
+        assert self._tg is not None
+        old = self.channels.pop(number, None)
+        if old is not None:
+            log.warning("channel %d opened again: the old one is closed", number)
+            old.close()
+        handles = None
+        if msg.parent is not None:
+            parent = self.channels.get(msg.parent)
+            if parent is not None:
+                handles = parent.handles.copy()
+        channel = Channel(self, number, pid=msg.pid, label=msg.label, handles=handles)
+        self.channels[number] = channel
+        await self._tg.start(channel.run)
