@@ -554,10 +554,6 @@ class Kubelet:
     async def _run_ephemeral(self, ns: str, name: str, spec: Obj) -> None:
         await asyncio.sleep(0.05)
         rt = self.pods.get((ns, name))
-        if rt is None or rt.netns_pid is None:
-            return
-        cr = ContainerRuntime(spec["name"], new_container_id(), ephemeral=True)
-        rt.containers[spec["name"]] = cr
         if spec.get("image") in self.pull_errors:
             msg = self.pull_errors[spec["image"]]
 
@@ -568,6 +564,10 @@ class Kubelet:
 
             self._set_pod(ns, name, pull_error)
             return
+        if rt is None or rt.netns_pid is None:
+            return
+        cr = ContainerRuntime(spec["name"], new_container_id(), ephemeral=True)
+        rt.containers[spec["name"]] = cr
         if _is_agent(spec):
             await self._spawn_agent(rt, cr, spec, join_netns=rt.netns_pid)
 

@@ -1,0 +1,149 @@
+"""Agent start failures are reported at once, with their reason: missing permissions, an image
+that cannot be pulled, an unschedulable pod, admission denials."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirrord.kube import AgentPodFailed, KubeBackend, PermissionMissing
+from tests.kube._cluster import add_deployment, wait_running
+from tests.kube.apiserver import ApiError, FakeApiServer
+
+pytestmark = pytest.mark.asyncio
+
+BAD_IMAGE = "registry.invalid/mirrord-agent:missing"
+
+
+def _config(kubeconfig: Path, **agent: Any) -> dict[str, Any]:
+    return {"kubeconfig": str(kubeconfig), "agent": {"startup_timeout": 20, **agent}}
+
+
+async def _web(apiserver: FakeApiServer) -> None:
+    names = add_deployment(apiserver, "web")
+    await wait_running(apiserver, "default", names)
+
+
+async def test_missing_portforward_permission_is_named_with_chart_value(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    await _web(apiserver)
+    apiserver.rbac.deny("create", "pods/portforward")
+    with pytest.raises(PermissionMissing) as info:
+        await KubeBackend().start_agent("deployment/web", _config(kubeconfig), print)
+    msg = str(info.value)
+    assert "create pods/portforward in namespace default" in msg
+    assert "rbac.portForward" in msg
+    assert not apiserver.list("Job", "default")  # nothing was created
+
+
+async def test_missing_job_permission_for_job_placement(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    await _web(apiserver)
+    apiserver.rbac.deny("create", "jobs", "batch")
+    with pytest.raises(
+        PermissionMissing, match=r"create jobs\.batch in namespace default.*rbac\.jobAgent"
+    ):
+        await KubeBackend().start_agent("deployment/web", _config(kubeconfig), print)
+
+
+async def test_image_pull_error_reported_within_two_seconds(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    await _web(apiserver)
+    apiserver.kubelet.pull_errors[BAD_IMAGE] = (
+        f'rpc error: code = NotFound desc = failed to pull and unpack image "{BAD_IMAGE}": not found'
+    )
+    progress: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(AgentPodFailed) as info:
+        await KubeBackend().start_agent(
+            "deployment/web", _config(kubeconfig, image=BAD_IMAGE), progress.append
+        )
+    assert time.monotonic() - start < 2.0
+    msg = str(info.value)
+    assert "ErrImagePull" in msg and BAD_IMAGE in msg and "not found" in msg
+    assert any("creating agent job" in p for p in progress)
+    # The failed agent's Job is deleted (with its pod), not left behind.
+    for _ in range(50):
+        if not apiserver.list("Job", "default") and len(apiserver.list("Pod", "default")) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert not apiserver.list("Job", "default")
+
+
+async def test_image_pull_error_for_ephemeral_container(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    await _web(apiserver)
+    apiserver.kubelet.pull_errors[BAD_IMAGE] = "pull access denied"
+    start = time.monotonic()
+    with pytest.raises(AgentPodFailed, match="ErrImagePull.*pull access denied"):
+        await KubeBackend().start_agent(
+            "deployment/web", _config(kubeconfig, image=BAD_IMAGE, ephemeral=True), print
+        )
+    assert time.monotonic() - start < 2.0
+
+
+async def test_unschedulable_agent_pod_reported_with_reason(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    # A targetless agent is not pinned to a node: the scheduler places it.
+    apiserver.kubelet.unschedulable = (
+        "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: "
+        "1 No preemption victims found for incoming pod."
+    )
+    start = time.monotonic()
+    with pytest.raises(
+        AgentPodFailed, match="cannot be scheduled: 0/1 nodes are available: 1 Insufficient cpu"
+    ):
+        await KubeBackend().start_agent("targetless", _config(kubeconfig), print)
+    assert time.monotonic() - start < 2.0
+
+
+def _pod_security(res: Any, ns: str | None, obj: dict[str, Any]) -> ApiError | None:
+    spec = obj.get("spec") or {}
+    if res.plural == "pods" and (spec.get("hostPID") or spec.get("ephemeralContainers")):
+        name = (obj.get("metadata") or {}).get("name", "")
+        return ApiError(
+            403,
+            "Forbidden",
+            f'pods "{name}" is forbidden: violates PodSecurity "baseline:latest": host '
+            'namespaces (hostPID=true), non-default capabilities (container "mirrord-agent" '
+            'must not include "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE" in '
+            "securityContext.capabilities.add)",
+        )
+    return None
+
+
+async def test_admission_denial_of_job_pod_reported_from_event(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    await _web(apiserver)
+    apiserver.admission.append(_pod_security)
+    start = time.monotonic()
+    with pytest.raises(
+        AgentPodFailed,
+        match=r'cannot create its pod: Error creating: pods .* violates PodSecurity "baseline:latest"',
+    ):
+        await KubeBackend().start_agent("deployment/web", _config(kubeconfig), print)
+    assert time.monotonic() - start < 2.0
+
+
+async def test_admission_denial_of_ephemeral_container_reported(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    await _web(apiserver)
+    apiserver.admission.append(_pod_security)
+    with pytest.raises(
+        AgentPodFailed,
+        match=r"refused the agent's ephemeral container .*403 Forbidden.*PodSecurity",
+    ):
+        await KubeBackend().start_agent(
+            "deployment/web", _config(kubeconfig, ephemeral=True), print
+        )
