@@ -67,7 +67,9 @@ class PodSpec:
     directory must already exist there and is covered by a pod-only copy. `symlinks` maps a
     pod path to the link text (absolute or relative). `hosts` adds `name -> address` lines to
     the pod's `/etc/hosts`. Ports of the built-in services are on 0.0.0.0 inside the pod; `None`
-    disables a service.
+    disables a service. `dns_records` (name -> IPv4 or IPv6 address) starts a DNS server on the
+    pod's UDP port 53 (the default `resolv.conf` points at 127.0.0.1) answering those names and
+    NXDOMAIN for every other name.
     """
 
     name: str = "pod"
@@ -81,6 +83,7 @@ class PodSpec:
     hostname: str | None = None
     echo_port: int | None = 7777
     http_port: int | None = 8080
+    dns_records: dict[str, str] | None = None
     cwd: str = "/"
 
 
@@ -216,6 +219,7 @@ class LocalPod:
             "hostname": self.hostname,
             "echo_port": self.spec.echo_port,
             "http_port": self.spec.http_port,
+            "dns_records": self.spec.dns_records,
             "cwd": self.spec.cwd,
         }
         spec_path = self.workdir / "spec.json"

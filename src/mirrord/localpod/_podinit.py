@@ -13,8 +13,9 @@ Steps, in order (a failure prints a traceback to stderr, which the creator shows
 2. the pod's files and symlinks are written (top-level directories that the host lacks, such as
    `/app`, live on the tmpfs);
 3. the process chroots into that root, sets the hostname in its own UTS namespace;
-4. it starts the optional TCP echo and HTTP services on 0.0.0.0, prints `ready`, and serves
-   until killed.
+4. it starts the optional TCP echo and HTTP services on 0.0.0.0 and the optional DNS server
+   on UDP 0.0.0.0:53 (authoritative for `dns_records`, NXDOMAIN for the rest), prints `ready`,
+   and serves until killed.
 
 This file runs as a script with only the standard library: it never imports mirrord.
 """
@@ -27,6 +28,7 @@ import json
 import os
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -137,6 +139,47 @@ class _Http(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _dns_answer(query: bytes, records: dict[str, str]) -> bytes | None:
+    """A minimal authoritative answer (A/AAAA from `records`, else NXDOMAIN) to one query."""
+    if len(query) < 12:
+        return None
+    ident, flags, qdcount = struct.unpack(">HHH", query[:6])
+    if qdcount != 1:
+        return None
+    pos, labels = 12, []
+    while pos < len(query) and query[pos]:
+        n = query[pos]
+        labels.append(query[pos + 1 : pos + 1 + n].decode("ascii", "replace"))
+        pos += 1 + n
+    pos += 1
+    if pos + 4 > len(query):
+        return None
+    qtype, _qclass = struct.unpack(">HH", query[pos : pos + 4])
+    question = query[12 : pos + 4]
+    name = ".".join(labels).lower()
+    answers = b""
+    count = 0
+    rcode = 3  # NXDOMAIN
+    if name in records:
+        rcode = 0
+        address = records[name]
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        if (qtype, family) in ((1, socket.AF_INET), (28, socket.AF_INET6)):
+            rdata = socket.inet_pton(family, address)
+            answers = struct.pack(">HHHIH", 0xC00C, qtype, 1, 5, len(rdata)) + rdata
+            count = 1
+    out_flags = 0x8000 | (flags & 0x7900) | 0x0400 | 0x0080 | rcode
+    return struct.pack(">HHHHHH", ident, out_flags, 1, count, 0, 0) + question + answers
+
+
+def _serve_dns(sock: socket.socket, records: dict[str, str]) -> None:
+    while True:
+        query, peer = sock.recvfrom(4096)
+        answer = _dns_answer(query, records)
+        if answer is not None:
+            sock.sendto(answer, peer)
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
@@ -154,6 +197,11 @@ def main() -> None:
         servers.append(http.server.ThreadingHTTPServer(("0.0.0.0", spec["http_port"]), _Http))
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
+    if spec["dns_records"] is not None:
+        dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        dns.bind(("0.0.0.0", 53))
+        records = {k.lower().rstrip("."): v for k, v in spec["dns_records"].items()}
+        threading.Thread(target=_serve_dns, args=(dns, records), daemon=True).start()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     threading.Event().wait()
