@@ -79,6 +79,24 @@ INVALID: list[tuple[str, str, str, list[str]]] = [
         "feature:\n  zzzzz: 1\n",
         ["feature.zzzzz", "unknown key 'zzzzz'", "allowed keys here: env, fs, network, hostname"],
     ),
+    (
+        "misplaced-key",
+        "m.json",
+        _j({"feature": {"incoming": "steal"}}),
+        ["feature.incoming", "unknown key 'incoming'", "it belongs at feature.network.incoming"],
+    ),
+    (
+        "misplaced-key-at-root",
+        "m.toml",
+        '[http_filter]\nheader_filter = "x"\n',
+        ["unknown key 'http_filter'", "it belongs at feature.network.incoming.http_filter"],
+    ),
+    (
+        "duplicate-key",
+        "m.json",
+        '{"feature": {"fs": {"mode": "read", "mode": "write"}}}',
+        ["key 'mode' appears twice"],
+    ),
     # --- enumerations
     (
         "incoming-mode",
@@ -395,6 +413,24 @@ INVALID: list[tuple[str, str, str, list[str]]] = [
         "m.json",
         _j({"target": "pid/1", "agent": {"ephemeral": True}}),
         ["agent.ephemeral does not apply to a local target", "'pid/1'"],
+    ),
+    (
+        "placement-value",
+        "m.json",
+        _j({"agent": {"placement": "sidecar"}}),
+        ["agent.placement", "'sidecar'", "'job', 'ephemeral' or 'daemonset'"],
+    ),
+    (
+        "placement-contradicts-ephemeral",
+        "m.json",
+        _j({"target": "pod/x", "agent": {"ephemeral": True, "placement": "job"}}),
+        ["agent", "ephemeral: true and placement: 'job' contradict"],
+    ),
+    (
+        "placement-ephemeral-targetless",
+        "m.json",
+        _j({"agent": {"placement": "ephemeral"}}),
+        ["agent.ephemeral needs a target"],
     ),
     (
         "image-object",

@@ -76,6 +76,33 @@ def keys_at(loc: Loc) -> list[str]:
     return list(cls.model_fields) if cls is not None else []
 
 
+def _paths_under(cls: type[BaseModel], prefix: tuple[str, ...], depth: int = 0) -> list[Loc]:
+    out: list[Loc] = []
+    for name, field in cls.model_fields.items():
+        out.append((*prefix, name))
+        if depth < 8:
+            for sub in _models_in(field.annotation):
+                out.extend(_paths_under(sub, (*prefix, name), depth + 1))
+    return out
+
+
+def misplaced_hint(loc: Loc) -> str:
+    """For an unknown key that exists elsewhere below its parent (or at all): where it goes."""
+    key = loc[-1] if loc else ""
+    if not isinstance(key, str):
+        return ""
+    parent = tuple(p for p in loc[:-1])
+    for base in (parent, ()):
+        cls = _model_at(base)
+        if cls is None:
+            continue
+        found = [p for p in _paths_under(cls, tuple(str(x) for x in base)) if p[-1] == key]
+        found = [p for p in found if p != loc]
+        if found:
+            return f" (it belongs at {key_path(found[0])})"
+    return ""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`" (did you mean 'steal'?)"` or ``""``."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
@@ -110,7 +137,7 @@ def _one(error: Any, source_of: Callable[[Loc], str]) -> str:
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else ""
         allowed = keys_at(loc[:-1])
-        hint = did_you_mean(key, allowed)
+        hint = did_you_mean(key, allowed) or misplaced_hint(loc)
         listing = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
         return f"{where}: unknown key {key!r}{hint}{listing}"
     if kind == "literal_error":

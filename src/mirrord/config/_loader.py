@@ -207,18 +207,39 @@ def _strip_json_comments(text: str) -> str:
     return "".join(out)
 
 
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys silently; mirrord (serde) refuses them, and a
+    # silently dropped setting is exactly what a config check is for.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
 def parse_config_text(text: str, fmt: str, *, source: str) -> dict[str, Any]:
     """Parse rendered text as `fmt` ("json", "toml" or "yaml") into a dict."""
     data: Any
     try:
         if fmt == "json":
-            data = json.loads(_strip_json_comments(text))
+            data = json.loads(_strip_json_comments(text), object_pairs_hook=_no_duplicates)
         elif fmt == "toml":
             data = tomllib.loads(text)
         else:
             data = yaml.safe_load(text)
             if data is None:
                 data = {}
+    except _DuplicateKeyError as exc:
+        raise ConfigError(
+            [f"{source}: key {exc.key!r} appears twice in the same object; keep one"], source=source
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             [f"{source}: line {exc.lineno} column {exc.colno}: not valid JSON: {exc.msg}"],
@@ -362,6 +383,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("MIRRORD_AGENT_CLEAN_IPTABLES_ON_START", ("agent", "clean_iptables_on_start"), _bool),
     EnvVar("MIRRORD_AGENT_PRIVILEGED", ("agent", "privileged"), _bool),
     EnvVar("MIRRORD_AGENT_NFTABLES", ("agent", "nftables"), _bool),
+    EnvVar("MIRRORD_AGENT_PLACEMENT", ("agent", "placement"), _str),
     EnvVar("MIRRORD_FILE_MODE", ("feature", "fs", "mode"), _str),
     EnvVar("MIRRORD_FILE_READ_WRITE_PATTERN", ("feature", "fs", "read_write"), _list),
     EnvVar("MIRRORD_FILE_READ_ONLY_PATTERN", ("feature", "fs", "read_only"), _list),

@@ -344,6 +344,12 @@ class AgentConfig(_Section):
         description="Run the agent as an ephemeral container in "
         "the target pod instead of a Job (not for targetless).",
     )
+    placement: Literal["job", "ephemeral", "daemonset"] | None = Field(
+        default=None,
+        description="Where a Kubernetes agent runs: 'job' (a Job on the target's node), "
+        "'ephemeral' (an ephemeral container in the target pod) or 'daemonset' (the node agent "
+        "installed by the Helm chart). Unset: 'ephemeral' if agent.ephemeral, else 'job'.",
+    )
     privileged: bool = Field(default=False, description="Run the agent container privileged.")
     disabled_capabilities: Annotated[list[Capability], BeforeValidator(_single_to_list)] = Field(
         default_factory=list,
@@ -395,6 +401,21 @@ class AgentConfig(_Section):
         default=None, description="Service account of the agent pod."
     )
     priority_class: str | None = Field(default=None, description="Priority class of the agent pod.")
+
+    @model_validator(mode="after")
+    def _placement(self) -> AgentConfig:
+        if self.ephemeral and self.placement not in (None, "ephemeral"):
+            raise PydanticCustomError(
+                "conflict",
+                "ephemeral: true and placement: {p} contradict each other; keep one of them",
+                {"p": repr(self.placement)},
+            )
+        return self
+
+    @property
+    def is_ephemeral(self) -> bool:
+        """True when the agent is an ephemeral container (`ephemeral` or `placement`)."""
+        return self.ephemeral or self.placement == "ephemeral"
 
 
 # --------------------------------------------------------------------------- feature.env
@@ -896,14 +917,14 @@ class MirrordConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> MirrordConfig:
-        if self.agent.ephemeral and self.target.is_targetless:
+        if self.agent.is_ephemeral and self.target.is_targetless:
             raise PydanticCustomError(
                 "conflict",
                 "agent.ephemeral needs a target (an ephemeral container is added "
                 "to the target pod); set target or agent.ephemeral: false",
                 {},
             )
-        if self.agent.ephemeral and self.target.is_local:
+        if self.agent.is_ephemeral and self.target.is_local:
             raise PydanticCustomError(
                 "conflict",
                 "agent.ephemeral does not apply to a local target {t}",
