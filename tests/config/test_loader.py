@@ -269,3 +269,28 @@ def test_dollar_schema_key_is_allowed_silently(tmp_path: Path) -> None:
     path = _write(tmp_path / "a.json", {"$schema": "../docs/mirrord.schema.json"})
     resolved = resolve_config(path, env={})
     assert resolved.warnings == []
+
+
+def test_yaml_is_read_as_yaml_1_2(tmp_path: Path) -> None:
+    # mirrord reads YAML 1.2: `off` is a string (the incoming mode), not false.
+    path = _write(tmp_path / "m.yaml", "feature:\n  network:\n    incoming:\n      mode: off\n")
+    assert load_config(path, env={}).feature.network.incoming.mode == "off"
+    path = _write(tmp_path / "n.yaml", "feature:\n  hostname: no\n")
+    with pytest.raises(ConfigError, match=r"feature\.hostname: invalid value 'no'"):
+        load_config(path, env={})
+
+
+def test_config_package_does_no_io_imports() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mirrord.config;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('anyio', 'trio', 'asyncio', 'scapy', 'kubernetes_asyncio', 'aiohttp'));"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == ""

@@ -224,6 +224,32 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 scalars: only true/false are booleans and there are
+    no base-60 integers. mirrord reads YAML 1.2, where `mode: off` is the string "off" (YAML
+    1.1 would make it false) and `80:80` is a string, not 4880."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, rx)
+        for tag, rx in resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
 def parse_config_text(text: str, fmt: str, *, source: str) -> dict[str, Any]:
     """Parse rendered text as `fmt` ("json", "toml" or "yaml") into a dict."""
     data: Any
@@ -233,7 +259,7 @@ def parse_config_text(text: str, fmt: str, *, source: str) -> dict[str, Any]:
         elif fmt == "toml":
             data = tomllib.loads(text)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass
             if data is None:
                 data = {}
     except _DuplicateKeyError as exc:
