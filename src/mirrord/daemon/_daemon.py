@@ -284,6 +284,8 @@ class Daemon:
                         if line.strip():
                             await self._control_request(line, emit, owned)
                 writer.close()
+                with anyio.move_on_after(2):
+                    await writer.wait_flushed()
                 tg.cancel_scope.cancel()
         finally:
             for sid in owned:

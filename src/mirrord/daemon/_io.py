@@ -34,6 +34,7 @@ class FrameWriter:
         self.queued_bytes = 0
         self.written_bytes = 0
         self.closed = False
+        self._done = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<FrameWriter {self.name} queued={self.queued_bytes} written={self.written_bytes}>"
@@ -63,6 +64,14 @@ class FrameWriter:
                     self.written_bytes += len(frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             self.closed = True
+        finally:
+            self.closed = True
+            self._frames_tx.close()
+            self._done.set()
+
+    async def wait_flushed(self) -> None:
+        """Until `run()` has returned (after `close()`: everything queued was written)."""
+        await self._done.wait()
 
 
 def reset_stream(stream: anyio.abc.ByteStream) -> None:

@@ -36,6 +36,7 @@ from mirrord.protocol import (
     Message,
     Received,
     RemoteProtocolError,
+    State,
     UnknownMessage,
 )
 from mirrord.protocol import messages as m
@@ -139,6 +140,7 @@ class AgentLink:
                 except RemoteProtocolError as exc:
                     reason = f"the agent broke the protocol: {exc}"
                     self._writer.send_nowait(self.conn.error_frame(exc))
+                self._lose(reason)  # before cancelling: relays see they were aborted (reset)
                 tg.cancel_scope.cancel()
         finally:
             self._lose(reason)
@@ -237,7 +239,7 @@ class AgentLink:
     # -- sending (synchronous: frames are queued)
 
     def send(self, msg: Message, channel: int) -> None:
-        if self.state != "open" or self._writer is None:
+        if self.state != "open" or self._writer is None or self.conn.state is not State.OPEN:
             return  # the link is gone: whoever sent this has been (or will be) told
         frame = self.conn.send(msg, channel)
         self._writer.send_nowait(frame)
@@ -307,8 +309,17 @@ class AgentLink:
         """Run `fn(*args)` in the link's task group (cancelled when the link goes)."""
         if self._tg is None or self.state != "open":
             return False
-        self._tg.start_soon(fn, *args)
+        self._tg.start_soon(self._guarded, fn, args)
         return True
+
+    async def _guarded(
+        self, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]
+    ) -> None:
+        """A failing relay or request task is a bug to log, never the end of the link."""
+        try:
+            await fn(*args)
+        except Exception:
+            log.exception("task %s failed on %s", getattr(fn, "__qualname__", fn), self.handle.key)
 
     # -- receiving
 

@@ -39,6 +39,17 @@ def linger_of(config: AgentConfig) -> float:
     return float(value)
 
 
+class _Status(anyio.abc.TaskStatus[None]):
+    """Forwards `started()` and remembers it, so a link that fails after it started is logged
+    instead of ending the daemon's task group."""
+
+    def __init__(self, started: Any) -> None:
+        self._started = started
+
+    def started(self, value: None = None) -> None:
+        self._started(value)
+
+
 class PoolEntry:
     """One agent in the pool."""
 
@@ -144,7 +155,20 @@ class AgentPool:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        await link.run(task_status=task_status)
+        started = False
+
+        def mark_started(value: None = None) -> None:
+            nonlocal started
+            started = True
+            task_status.started(value)
+
+        status = _Status(mark_started)
+        try:
+            await link.run(task_status=status)
+        except Exception:
+            if not started:
+                raise  # the caller of start() gets the error (could not connect)
+            log.exception("agent link %s failed", entry.handle.key)
         # The stream ended. Sessions on it were told (agent lost). An agent that is gone is
         # removed; one that is alive stays for new sessions (a new stream) or its linger.
         if not entry.handle.alive() and self.entries.get(entry.handle.key) is entry:

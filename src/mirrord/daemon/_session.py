@@ -464,7 +464,7 @@ async def serve_layer_client(
                 session = await _serve(stream, conn, client, find_session, tg)
             writer.close()
             with anyio.move_on_after(2):
-                await anyio.sleep(0)  # let the writer flush a final Fatal frame
+                await writer.wait_flushed()  # a final Fatal frame says why we close
             tg.cancel_scope.cancel()
     finally:
         client.closed = True
