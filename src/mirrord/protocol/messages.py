@@ -596,12 +596,15 @@ class ConnClose(Message):
 @message(120)
 class Subscribe(Request):
     """daemon -> agent: mirror or steal `port`; `http_filter` (steal only) is the config's
-    filter object, in its JSON shape."""
+    filter object, in its JSON shape. `on_concurrent_steal` (the config's key): "abort"
+    refuses an unfiltered steal of a port another session steals; "override" takes it over;
+    any other value counts as "abort"."""
 
     request_id: int
     port: int
     mode: str
     http_filter: dict[str, Any] | None = None
+    on_concurrent_steal: str = "abort"
 
     def _validate(self) -> None:
         _port(self.port, "port")
