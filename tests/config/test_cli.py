@@ -40,9 +40,26 @@ def test_verify_config_ide_success(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["type"] == "Success"
-    assert out["config"]["target"]["path"] == "pod/x"
-    assert out["config"]["feature"]["network"]["incoming"]["mode"] == "steal"
+    # mirrord's IDE shape: the target only, its path as an object (the plugins read this)
+    assert out["config"] == {"path": {"pod": "x"}, "namespace": None}
+    assert "deployment" in out["compatible_target_types"]
     assert any("operator" in w for w in out["warnings"])
+    # and the whole resolved configuration
+    assert out["resolved"]["target"]["path"] == "pod/x"
+    assert out["resolved"]["feature"]["network"]["incoming"]["mode"] == "steal"
+
+
+def test_verify_config_ide_target_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "mirrord.json"
+    for target, expected in [
+        (None, None),
+        ("targetless", "targetless"),
+        ("deployment/api/container/main", {"deployment": "api", "container": "main"}),
+    ]:
+        path.write_text(json.dumps({"target": {"path": target, "namespace": "ns"}}))
+        proc = _mirrord("verify-config", "--ide", str(path), env=_clean_env())
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["config"] == {"path": expected, "namespace": "ns"}
 
 
 def test_verify_config_ide_fail(tmp_path: Path) -> None:

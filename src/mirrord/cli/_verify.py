@@ -1,8 +1,9 @@
 """`mirrord verify-config [--ide] PATH`: check a config file and show what it resolves to.
 
-Owns: the command's output: human (rich) or mirrord's IDE JSON
-(`{"type": "Success", "config": ..., "warnings": [...]}` / `{"type": "Fail", "errors": [...]}`),
-and its exit code (0 valid, 1 invalid).
+Owns: the command's output: human (rich) or mirrord's IDE JSON (`{"type": "Success", "config":
+{"path": ..., "namespace": ...}, "warnings": [...], "compatible_target_types": [...]}` plus our
+`"resolved"`: the whole resolved config; or `{"type": "Fail", "errors": [...]}`), and its exit
+code (0 valid, 1 invalid; mirrord itself always exits 0).
 Does not own: loading or validation (mirrord.config).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -57,6 +58,35 @@ def _summary(cfg: MirrordConfig) -> list[tuple[str, str]]:
     ]
 
 
+# Target kinds an IDE may offer for this config (mirrord's `compatible_target_types`). Nothing
+# here depends on the config: mirrord narrows the list only for `copy_target`, which we lack.
+_TARGET_TYPES = [
+    "targetless",
+    "pod",
+    "deployment",
+    "rollout",
+    "job",
+    "cronjob",
+    "statefulset",
+    "service",
+    "replicaset",
+]
+
+
+def _ide_target(cfg: MirrordConfig) -> dict[str, Any]:
+    """The target in mirrord's IDE shape: `path` is null (not set: the IDE offers a target
+    picker), "targetless", or an object like {"deployment": "api", "container": "main"}."""
+    target = cfg.target
+    path: Any = None
+    if target.path == "targetless":
+        path = "targetless"
+    elif target.kind is not None:
+        path = {target.kind: target.name}
+        if target.container is not None:
+            path["container"] = target.container
+    return {"path": path, "namespace": target.namespace}
+
+
 @app.command("verify-config")
 def verify_config(
     path: Annotated[
@@ -75,7 +105,7 @@ def verify_config(
         resolved = resolve_config(path)
     except ConfigError as exc:
         if ide:
-            typer.echo(json.dumps({"type": "Fail", "errors": exc.errors}))
+            typer.echo(json.dumps({"type": "Fail", "errors": exc.errors}, indent=2))
         else:
             err = Console(stderr=True, highlight=False, soft_wrap=True)
             err.print(f"[bold red]✗[/] {escape(str(path))} is not a valid mirrord config:")
@@ -84,15 +114,14 @@ def verify_config(
             err.print("Fix the values above and run `mirrord verify-config` again.")
         raise typer.Exit(1) from None
     if ide:
-        typer.echo(
-            json.dumps(
-                {
-                    "type": "Success",
-                    "config": resolved.config.model_dump(mode="json"),
-                    "warnings": resolved.warnings,
-                }
-            )
-        )
+        success = {
+            "type": "Success",
+            "config": _ide_target(resolved.config),
+            "warnings": resolved.warnings,
+            "compatible_target_types": _TARGET_TYPES,
+            "resolved": resolved.config.model_dump(mode="json"),
+        }
+        typer.echo(json.dumps(success, indent=2))
         return
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"[bold green]✓[/] {escape(str(path))} is a valid mirrord config.")
