@@ -1,16 +1,256 @@
-/* mirrord layer: LD_PRELOAD library placeholder (hooks land with the layer issue). */
-#define _GNU_SOURCE
-#include <stdlib.h>
+/* mirrord layer: LD_PRELOAD library that makes a real process use the target's files, DNS
+ * and network.
+ *
+ * This file owns: initialisation (reading MIRRORD_* from the environment, skipping
+ * processes), resolving every real_* once, the fd table (which fds are remote files,
+ * memfd-backed remote files, sockets the layer redirected, or the layer's own daemon
+ * connections), and debug output. The hooks live in files.c, net.c and proc.c.
+ *
+ * Rules (style.md §18-§19): hooks bail out to the real call early; nothing printed unless
+ * MIRRORD_LAYER_DEBUG is set; a __thread guard keeps the layer off its own calls; the
+ * layer's fds sit at high numbers and the app cannot close or dup2 over them.
+ */
+#include "layer.h"
 
-#ifndef MIRRORD_BUILD_ID
-#define MIRRORD_BUILD_ID "dev"
-#endif
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
 
 /* Scanned for by mirrord.layer.build_id(): both ends of the layer protocol must match. */
 __attribute__((used)) static const char build_id_marker[] = "MIRRORD_BUILD_ID=" MIRRORD_BUILD_ID ";";
 
+#define MIRRORD_DEFINE_REAL(name) __typeof__(name) *real_##name;
+MIRRORD_REALS(MIRRORD_DEFINE_REAL)
+#undef MIRRORD_DEFINE_REAL
+
+int g_active;
+int g_debug;
+__thread int t_guard;
+
+struct ent *g_fd[MAX_FDS];
+pthread_mutex_t g_fd_lock = PTHREAD_MUTEX_INITIALIZER;
+int g_nhandles;
+
+static pthread_once_t g_resolve_once = PTHREAD_ONCE_INIT;
+
+static void resolve_all(void) {
+#define MIRRORD_RESOLVE(name) real_##name = (__typeof__(name) *)dlsym(RTLD_NEXT, #name);
+    MIRRORD_REALS(MIRRORD_RESOLVE)
+#undef MIRRORD_RESOLVE
+}
+
+void layer_resolve(void) { pthread_once(&g_resolve_once, resolve_all); }
+
+void layer_debug(const char *fmt, ...) {
+    char buf[1024];
+    int n = snprintf(buf, sizeof buf, "mirrord-layer[%d]: ", (int)getpid());
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
+    if (len > sizeof buf - 2) {
+        len = sizeof buf - 2;
+    }
+    buf[len++] = '\n';
+    int saved = errno;
+    ssize_t UNUSED w = REAL(write)(2, buf, len);
+    errno = saved;
+}
+
+/* ---------------------------------------------------------------- fd table */
+
+static struct ent g_layer_ent = {.kind = K_LAYER, .refs = 1};
+
+struct ent *ent_new(int kind) {
+    struct ent *e = calloc(1, sizeof *e);
+    if (e != NULL) {
+        e->kind = kind;
+        e->refs = 1;
+    }
+    return e;
+}
+
+struct ent *ent_get(int fd) {
+    if ((unsigned)fd >= MAX_FDS) {
+        return NULL;
+    }
+    pthread_mutex_lock(&g_fd_lock);
+    struct ent *e = g_fd[fd];
+    if (e != NULL && e->kind != K_LAYER) {
+        e->refs++;
+    } else {
+        e = NULL;
+    }
+    pthread_mutex_unlock(&g_fd_lock);
+    return e;
+}
+
+/* Last reference of a remote file: tell the daemon so the agent frees the handle. */
+static void ent_free_remote(struct ent *e) {
+    if (e->kind == K_RFILE && e->has_handle) {
+        struct lconn *c = conn_acquire();
+        if (c != NULL) {
+            cbor_w *w = conn_begin(c, M_FILE_CLOSE, 1);
+            cw_uint(w, e->handle);
+            cbor_r r;
+            int saved = errno;
+            (void)conn_call(c, M_OK, &r);
+            errno = saved;
+            conn_release(c);
+        }
+        __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
+    }
+    if (e->kind == K_SOCK && e->subscribed) {
+        struct lconn *c = conn_acquire();
+        if (c != NULL) {
+            cbor_w *w = conn_begin(c, M_LAYER_UNLISTEN, 1);
+            cw_uint(w, (uint64_t)e->sub_port);
+            cbor_r r;
+            int saved = errno;
+            (void)conn_call(c, M_OK, &r);
+            errno = saved;
+            conn_release(c);
+        }
+        __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
+    }
+    free(e->path);
+    free(e);
+}
+
+void ent_put(struct ent *e) {
+    if (e == NULL || e->kind == K_LAYER) {
+        return;
+    }
+    pthread_mutex_lock(&g_fd_lock);
+    int last = --e->refs == 0;
+    pthread_mutex_unlock(&g_fd_lock);
+    if (last) {
+        t_guard++;
+        ent_free_remote(e);
+        t_guard--;
+    }
+}
+
+void fd_set_ent(int fd, struct ent *e) {
+    if ((unsigned)fd >= MAX_FDS) {
+        ent_put(e);
+        return;
+    }
+    pthread_mutex_lock(&g_fd_lock);
+    struct ent *old = g_fd[fd];
+    __atomic_store_n(&g_fd[fd], e, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&g_fd_lock);
+    if (old != NULL && old != &g_layer_ent) {
+        ent_put(old);
+    }
+}
+
+struct ent *fd_take(int fd) {
+    if ((unsigned)fd >= MAX_FDS) {
+        return NULL;
+    }
+    pthread_mutex_lock(&g_fd_lock);
+    struct ent *e = g_fd[fd];
+    if (e == &g_layer_ent) {
+        e = NULL;
+    } else {
+        __atomic_store_n(&g_fd[fd], NULL, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&g_fd_lock);
+    return e;
+}
+
+void fd_forget(int fd) {
+    if (fd_peek(fd) != NULL) {
+        ent_put(fd_take(fd));
+    }
+}
+
+/* The layer's fds live at or above this number, so the app's lowest-free allocations never
+ * see them; below 1024 when possible so select() users are unaffected... and the kernel fd
+ * table stays small. */
+static int layer_fd_base(void) {
+    struct rlimit rl;
+    int base = 900;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        (rlim_t)base + 64 > rl.rlim_cur) {
+        base = rl.rlim_cur > 128 ? (int)rl.rlim_cur - 64 : 3;
+    }
+    return base;
+}
+
+int layer_fd_protect(int fd) {
+    int high = REAL(fcntl)(fd, F_DUPFD_CLOEXEC, layer_fd_base());
+    if (high >= 0) {
+        REAL(close)(fd);
+        fd = high;
+    }
+    if ((unsigned)fd < MAX_FDS) {
+        pthread_mutex_lock(&g_fd_lock);
+        struct ent *old = g_fd[fd];
+        __atomic_store_n(&g_fd[fd], &g_layer_ent, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&g_fd_lock);
+        if (old != NULL && old != &g_layer_ent) {
+            ent_put(old);
+        }
+    }
+    return fd;
+}
+
+void layer_fd_release(int fd) {
+    if ((unsigned)fd < MAX_FDS) {
+        pthread_mutex_lock(&g_fd_lock);
+        if (g_fd[fd] == &g_layer_ent) {
+            __atomic_store_n(&g_fd[fd], NULL, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_unlock(&g_fd_lock);
+    }
+    REAL(close)(fd);
+}
+
+/* ---------------------------------------------------------------- init */
+
+static int env_flag(const char *name) {
+    const char *v = getenv(name);
+    return v != NULL && *v != 0 && strcmp(v, "0") != 0 && strcasecmp(v, "false") != 0;
+}
+
 __attribute__((constructor)) static void mirrord_layer_init(void) {
-    if (getenv("MIRRORD_DONT_LOAD") != NULL || getenv("MIRRORD_LAYER_SOCKET") == NULL) {
+    layer_resolve();
+    g_debug = env_flag("MIRRORD_LAYER_DEBUG");
+    if (getenv("MIRRORD_DONT_LOAD") != NULL) {
+        return; /* asked not to load: do nothing */
+    }
+    const char *sock = getenv("MIRRORD_LAYER_SOCKET");
+    const char *session = getenv("MIRRORD_SESSION");
+    const char *config = getenv("MIRRORD_LAYER_CONFIG");
+    if (sock == NULL || session == NULL) {
         return; /* not configured: do nothing */
     }
+    t_guard++;
+    if (policy_load(config != NULL ? config : "") < 0) {
+        DBG("MIRRORD_LAYER_CONFIG is malformed: the layer stays inactive");
+        t_guard--;
+        return;
+    }
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    exe[n > 0 ? n : 0] = 0;
+    if (policy_skip_process(exe, program_invocation_short_name)) {
+        DBG("skipping %s: loaded without hooks", program_invocation_short_name);
+        t_guard--;
+        return;
+    }
+    conn_init();
+    net_restore_listeners();
+    proc_init_env();
+    g_active = 1;
+    DBG("active in %s (session %s, daemon %s)", exe, session, sock);
+    t_guard--;
 }

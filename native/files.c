@@ -1,0 +1,1848 @@
+/* File and directory hooks.
+ *
+ * A remote file gets a real local fd so fd numbers, dup, select and close behave:
+ * - K_MFILE: a file opened read-only whose content fits MEMFD_MAX is fetched whole into a
+ *   memfd (then read, mmap, sendfile, copy_file_range and stdio work natively); fstat
+ *   reports the remote stat.
+ * - K_RFILE: other remote files (writable, large, directories) get an empty memfd as a
+ *   placeholder and every read/write/seek/stat on it is a request on the remote handle.
+ * Directories from opendir() are DIR pointers of our own, allocated in one arena so that
+ * readdir()/closedir() recognise them with a range check and no lock.
+ */
+#include "layer.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/sysmacros.h>
+#include <linux/close_range.h>
+
+#define MEMFD_MAX (64 * 1024 * 1024)
+#define PATH_CAP 4096
+
+#define BYPASS_UNLESS_ACTIVE(call)          \
+    do {                                    \
+        if (!g_active || t_guard) {         \
+            return call;                    \
+        }                                   \
+    } while (0)
+
+/* ---------------------------------------------------------------- decisions */
+
+/* Where does (dirfd, path) live? Fills `out` with the absolute remote path when remote. */
+static int decide(int dirfd, const char *path, int write, char *out, size_t cap) {
+    if (path == NULL) {
+        return P_LOCAL;
+    }
+    if (path[0] == '/') {
+        int d = policy_file(path, write);
+        if (d != P_LOCAL) {
+            if (strlen(path) >= cap) {
+                return P_LOCAL; /* the real call reports ENAMETOOLONG */
+            }
+            strcpy(out, path);
+        }
+        return d;
+    }
+    if (dirfd == AT_FDCWD) {
+        return P_LOCAL; /* relative paths are local */
+    }
+    struct ent *e = fd_peek(dirfd);
+    if (e == NULL || (e->kind != K_RFILE && e->kind != K_MFILE)) {
+        return P_LOCAL;
+    }
+    e = ent_get(dirfd);
+    if (e == NULL) {
+        return P_LOCAL;
+    }
+    int d = P_LOCAL;
+    if (e->path != NULL && (size_t)snprintf(out, cap, "%s/%s", e->path, path) < cap) {
+        d = P_REMOTE; /* relative to a remote directory */
+    }
+    ent_put(e);
+    return d;
+}
+
+static int open_is_write(int flags) {
+    return (flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC | O_APPEND)) != 0;
+}
+
+/* ---------------------------------------------------------------- wire helpers */
+
+int stat_from_wire(cbor_r *r, struct stat *st) {
+    uint64_t n, v[13];
+    if (cr_array(r, &n) < 0 || n != 13) {
+        return -1;
+    }
+    for (int i = 0; i < 13; i++) {
+        int64_t s;
+        if (cr_peek(r) == CBOR_NINT) {
+            if (cr_int(r, &s) < 0) {
+                return -1;
+            }
+            v[i] = (uint64_t)s;
+        } else if (cr_uint(r, &v[i]) < 0) {
+            return -1;
+        }
+    }
+    memset(st, 0, sizeof *st);
+    st->st_dev = v[0];
+    st->st_ino = v[1];
+    st->st_mode = (mode_t)v[2];
+    st->st_nlink = v[3];
+    st->st_uid = (uid_t)v[4];
+    st->st_gid = (gid_t)v[5];
+    st->st_rdev = v[6];
+    st->st_size = (off_t)v[7];
+    st->st_blksize = (blksize_t)v[8];
+    st->st_blocks = (blkcnt_t)v[9];
+    st->st_atim.tv_sec = (time_t)((int64_t)v[10] / 1000000000);
+    st->st_atim.tv_nsec = (long)((int64_t)v[10] % 1000000000);
+    st->st_mtim.tv_sec = (time_t)((int64_t)v[11] / 1000000000);
+    st->st_mtim.tv_nsec = (long)((int64_t)v[11] % 1000000000);
+    st->st_ctim.tv_sec = (time_t)((int64_t)v[12] / 1000000000);
+    st->st_ctim.tv_nsec = (long)((int64_t)v[12] % 1000000000);
+    return 0;
+}
+
+/* One request that answers Ok: returns 0, or -1 with errno. */
+#define SIMPLE_CALL(kind, nfields, FIELDS)                   \
+    do {                                                     \
+        struct lconn *c_ = conn_acquire();                   \
+        if (c_ == NULL) {                                    \
+            return -1;                                       \
+        }                                                    \
+        cbor_w *w = conn_begin(c_, kind, nfields);           \
+        FIELDS;                                              \
+        cbor_r r_;                                           \
+        int rc_ = conn_call(c_, M_OK, &r_);                  \
+        conn_release(c_);                                    \
+        return rc_;                                          \
+    } while (0)
+
+static int rstat(const char *path, int has_handle, uint64_t handle, int follow, struct stat *st) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_FILE_STAT, 3);
+    if (path != NULL) {
+        cw_bytes(w, path, strlen(path));
+        cw_null(w);
+    } else {
+        (void)has_handle;
+        cw_null(w);
+        cw_uint(w, handle);
+    }
+    cw_bool(w, follow);
+    cbor_r r;
+    int rc = conn_call(c, M_STAT_REPLY, &r);
+    if (rc == 0 && stat_from_wire(&r, st) < 0) {
+        errno = EIO;
+        rc = -1;
+    }
+    conn_release(c);
+    return rc;
+}
+
+int remote_stat_path(const char *path, int follow, struct stat *st) {
+    return rstat(path, 0, 0, follow, st);
+}
+
+static int rfile_close_handle(uint64_t handle) {
+    SIMPLE_CALL(M_FILE_CLOSE, 1, cw_uint(w, handle));
+}
+
+/* Read up to n bytes (n <= MAX_DATA_CHUNK) at off (-1: the handle's position). */
+static ssize_t rfile_read_chunk(uint64_t handle, void *buf, size_t n, off_t off) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_FILE_READ, 3);
+    cw_uint(w, handle);
+    cw_uint(w, n);
+    if (off < 0) {
+        cw_null(w);
+    } else {
+        cw_uint(w, (uint64_t)off);
+    }
+    cbor_r r;
+    ssize_t got = -1;
+    if (conn_call(c, M_FILE_DATA, &r) == 0) {
+        const uint8_t *p;
+        size_t len;
+        if (cr_bytes(&r, &p, &len) < 0 || len > n) {
+            errno = EIO;
+        } else {
+            memcpy(buf, p, len);
+            got = (ssize_t)len;
+        }
+    }
+    conn_release(c);
+    return got;
+}
+
+static ssize_t rfile_write_chunk(uint64_t handle, const void *buf, size_t n, off_t off) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_FILE_WRITE, 3);
+    cw_uint(w, handle);
+    cw_bytes(w, buf, n);
+    if (off < 0) {
+        cw_null(w);
+    } else {
+        cw_uint(w, (uint64_t)off);
+    }
+    cbor_r r;
+    ssize_t done = -1;
+    if (conn_call(c, M_FILE_WRITTEN, &r) == 0) {
+        uint64_t k;
+        if (cr_uint(&r, &k) < 0 || k > n) {
+            errno = EIO;
+        } else {
+            done = (ssize_t)k;
+        }
+    }
+    conn_release(c);
+    return done;
+}
+
+static ssize_t rfile_read(struct ent *e, void *buf, size_t n, off_t off) {
+    if (!e->has_handle || e->is_dir) {
+        errno = e->is_dir ? EISDIR : EBADF;
+        return -1;
+    }
+    if ((e->oflags & O_ACCMODE) == O_WRONLY) {
+        errno = EBADF;
+        return -1;
+    }
+    return rfile_read_chunk(e->handle, buf, n > MAX_DATA_CHUNK ? MAX_DATA_CHUNK : n, off);
+}
+
+static ssize_t rfile_write(struct ent *e, const void *buf, size_t n, off_t off) {
+    if (!e->has_handle || e->is_dir || (e->oflags & O_ACCMODE) == O_RDONLY) {
+        errno = EBADF;
+        return -1;
+    }
+    size_t done = 0;
+    while (done < n) {
+        size_t k = n - done > MAX_DATA_CHUNK - 4096 ? MAX_DATA_CHUNK - 4096 : n - done;
+        ssize_t w = rfile_write_chunk(e->handle, (const char *)buf + done, k,
+                                      off < 0 ? -1 : off + (off_t)done);
+        if (w < 0) {
+            return done ? (ssize_t)done : -1;
+        }
+        done += (size_t)w;
+        if ((size_t)w < k) {
+            break;
+        }
+    }
+    return (ssize_t)done;
+}
+
+static off_t rfile_seek(struct ent *e, off_t off, int whence) {
+    if (!e->has_handle) {
+        errno = ESPIPE;
+        return -1;
+    }
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_FILE_SEEK, 3);
+    cw_uint(w, e->handle);
+    cw_int(w, off);
+    cw_int(w, whence);
+    cbor_r r;
+    off_t pos = -1;
+    if (conn_call(c, M_FILE_POSITION, &r) == 0) {
+        uint64_t p;
+        if (cr_uint(&r, &p) < 0) {
+            errno = EIO;
+        } else {
+            pos = (off_t)p;
+        }
+    }
+    conn_release(c);
+    return pos;
+}
+
+/* ---------------------------------------------------------------- open */
+
+static int placeholder_fd(int flags, const char *path) {
+    const char *b = strrchr(path, '/');
+    char name[64];
+    snprintf(name, sizeof name, "mirrord:%s", b ? b + 1 : path);
+    int fd = memfd_create(name, (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
+    if (fd < 0) {
+        errno = EMFILE;
+    }
+    return fd;
+}
+
+/* Fetches the whole file into a memfd; -2 if it turned out too big (handle stays open and
+ * is rewound), -1 on error. */
+static int fetch_to_memfd(uint64_t handle, int flags, const char *path, size_t *size) {
+    int fd = placeholder_fd(flags, path);
+    if (fd < 0) {
+        return -1;
+    }
+    size_t cap = 1024 * 1024, total = 0;
+    char *buf = malloc(cap);
+    if (buf == NULL) {
+        REAL(close)(fd);
+        errno = ENOMEM;
+        return -1;
+    }
+    for (;;) {
+        ssize_t n = rfile_read_chunk(handle, buf, cap, -1);
+        if (n < 0) {
+            int e = errno;
+            free(buf);
+            REAL(close)(fd);
+            errno = e;
+            return -1;
+        }
+        if (n == 0) {
+            break;
+        }
+        for (ssize_t off = 0; off < n;) {
+            ssize_t k = REAL(write)(fd, buf + off, (size_t)(n - off));
+            if (k < 0) {
+                if (errno == EINTR) {
+                    continue;
+                }
+                free(buf);
+                REAL(close)(fd);
+                errno = EIO;
+                return -1;
+            }
+            off += k;
+        }
+        total += (size_t)n;
+        if (total > MEMFD_MAX) {
+            free(buf);
+            REAL(close)(fd);
+            struct ent tmp = {.has_handle = 1, .handle = handle};
+            return rfile_seek(&tmp, 0, SEEK_SET) == 0 ? -2 : -1;
+        }
+    }
+    free(buf);
+    REAL(lseek)(fd, 0, SEEK_SET);
+    *size = total;
+    return fd;
+}
+
+static int open_remote(const char *path, int flags, mode_t mode) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_FILE_OPEN, 3);
+    cw_bytes(w, path, strlen(path));
+    cw_uint(w, (uint64_t)(flags & ~(O_CLOEXEC | O_NONBLOCK | O_NOCTTY)));
+    cw_uint(w, mode);
+    cbor_r r;
+    uint64_t handle = 0;
+    int rc = conn_call(c, M_FILE_OPENED, &r);
+    if (rc == 0 && cr_uint(&r, &handle) < 0) {
+        errno = EIO;
+        rc = -1;
+    }
+    conn_release(c);
+    if (rc < 0) {
+        return -1;
+    }
+    struct stat st;
+    if (rstat(NULL, 1, handle, 1, &st) < 0) {
+        memset(&st, 0, sizeof st);
+        st.st_mode = S_IFREG | 0644;
+    }
+    struct ent *e = ent_new(K_RFILE);
+    if (e == NULL) {
+        rfile_close_handle(handle);
+        errno = ENOMEM;
+        return -1;
+    }
+    e->path = strdup(path);
+    e->oflags = flags;
+    e->st = st;
+    e->is_dir = S_ISDIR(st.st_mode);
+    int fd = -1;
+    if (!open_is_write(flags) && S_ISREG(st.st_mode) && st.st_size <= MEMFD_MAX) {
+        size_t size = 0;
+        fd = fetch_to_memfd(handle, flags, path, &size);
+        if (fd >= 0) {
+            rfile_close_handle(handle);
+            e->kind = K_MFILE;
+            e->st.st_size = (off_t)size;
+        } else if (fd == -1) {
+            int err = errno;
+            rfile_close_handle(handle);
+            ent_put(e);
+            errno = err;
+            return -1;
+        }
+    }
+    if (fd < 0) {
+        fd = placeholder_fd(flags, path);
+        if (fd < 0) {
+            rfile_close_handle(handle);
+            ent_put(e);
+            return -1;
+        }
+        e->has_handle = 1;
+        e->handle = handle;
+        __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
+    }
+    if (flags & O_NONBLOCK) {
+        REAL(fcntl)(fd, F_SETFL, O_NONBLOCK);
+    }
+    if (fd >= MAX_FDS) {
+        REAL(close)(fd);
+        ent_put(e);
+        errno = EMFILE;
+        return -1;
+    }
+    fd_set_ent(fd, e);
+    DBG("open %s remotely: fd %d (%s)", path, fd, e->kind == K_MFILE ? "fetched" : "handle");
+    return fd;
+}
+
+/* Shared by every open-like hook: R_BYPASS, or R_DONE with *ret. */
+static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret) {
+    char full[PATH_CAP];
+    int d = decide(dirfd, path, open_is_write(flags), full, sizeof full);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+    } else {
+        *ret = open_remote(full, flags, mode);
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+static inline int local_fd(int fd) {
+    /* a new local fd reusing a number the layer still tracked (closed behind our back) */
+    if (fd >= 0 && fd_peek(fd) != NULL) {
+        fd_forget(fd);
+    }
+    return fd;
+}
+
+#define OPEN_MODE(flags, mode)                                      \
+    mode_t mode = 0;                                                \
+    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {    \
+        va_list ap;                                                 \
+        va_start(ap, flags);                                        \
+        mode = (mode_t)va_arg(ap, int);                             \
+        va_end(ap);                                                 \
+    }
+
+#define OPEN_BODY(realcall, dirfd, path, flags, mode)               \
+    if (!g_active || t_guard) {                                     \
+        return realcall;                                            \
+    }                                                               \
+    int ret;                                                        \
+    int saved = errno;                                              \
+    if (do_open(dirfd, path, flags, mode, &ret) == R_DONE) {        \
+        return ret;                                                 \
+    }                                                               \
+    errno = saved;                                                  \
+    return local_fd(realcall);
+
+HOOK int open(const char *path, int flags, ...) {
+    OPEN_MODE(flags, mode)
+    OPEN_BODY(REAL(open)(path, flags, mode), AT_FDCWD, path, flags, mode)
+}
+
+HOOK int open64(const char *path, int flags, ...) {
+    OPEN_MODE(flags, mode)
+    OPEN_BODY(REAL(open64)(path, flags, mode), AT_FDCWD, path, flags, mode)
+}
+
+HOOK int openat(int dirfd, const char *path, int flags, ...) {
+    OPEN_MODE(flags, mode)
+    OPEN_BODY(REAL(openat)(dirfd, path, flags, mode), dirfd, path, flags, mode)
+}
+
+HOOK int openat64(int dirfd, const char *path, int flags, ...) {
+    OPEN_MODE(flags, mode)
+    OPEN_BODY(REAL(openat64)(dirfd, path, flags, mode), dirfd, path, flags, mode)
+}
+
+HOOK int __open_2(const char *path, int flags) {
+    OPEN_BODY(REAL(open)(path, flags), AT_FDCWD, path, flags, 0)
+}
+
+HOOK int __open64_2(const char *path, int flags) {
+    OPEN_BODY(REAL(open64)(path, flags), AT_FDCWD, path, flags, 0)
+}
+
+HOOK int __openat_2(int dirfd, const char *path, int flags) {
+    OPEN_BODY(REAL(openat)(dirfd, path, flags), dirfd, path, flags, 0)
+}
+
+HOOK int __openat64_2(int dirfd, const char *path, int flags) {
+    OPEN_BODY(REAL(openat64)(dirfd, path, flags), dirfd, path, flags, 0)
+}
+
+HOOK int creat(const char *path, mode_t mode) {
+    int flags = O_CREAT | O_WRONLY | O_TRUNC;
+    OPEN_BODY(REAL(creat)(path, mode), AT_FDCWD, path, flags, mode)
+}
+
+HOOK int creat64(const char *path, mode_t mode) {
+    int flags = O_CREAT | O_WRONLY | O_TRUNC;
+    OPEN_BODY(REAL(creat64)(path, mode), AT_FDCWD, path, flags, mode)
+}
+
+/* ---------------------------------------------------------------- read / write */
+
+/* Handle-backed fds only; memfd-backed ones read natively. */
+#define RFILE_OR_BYPASS(fd, realcall)                                                   \
+    struct ent *pe = fd_peek(fd);                                                       \
+    if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {        \
+        return realcall;                                                                \
+    }
+
+HOOK ssize_t read(int fd, void *buf, size_t n) {
+    RFILE_OR_BYPASS(fd, REAL(read)(fd, buf, n))
+    if (pe->kind == K_MFILE) {
+        return REAL(read)(fd, buf, n);
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(read)(fd, buf, n);
+    }
+    t_guard++;
+    ssize_t r = rfile_read(e, buf, n, -1);
+    t_guard--;
+    ent_put(e);
+    return r;
+}
+
+static ssize_t pread_common(int fd, void *buf, size_t n, off_t off) {
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(pread)(fd, buf, n, off);
+    }
+    ssize_t r;
+    t_guard++;
+    if (off < 0) {
+        errno = EINVAL;
+        r = -1;
+    } else {
+        r = rfile_read(e, buf, n, off);
+    }
+    t_guard--;
+    ent_put(e);
+    return r;
+}
+
+HOOK ssize_t pread(int fd, void *buf, size_t n, off_t off) {
+    RFILE_OR_BYPASS(fd, REAL(pread)(fd, buf, n, off))
+    if (pe->kind == K_MFILE) {
+        return REAL(pread)(fd, buf, n, off);
+    }
+    return pread_common(fd, buf, n, off);
+}
+
+HOOK ssize_t pread64(int fd, void *buf, size_t n, off64_t off) {
+    RFILE_OR_BYPASS(fd, REAL(pread64)(fd, buf, n, off))
+    if (pe->kind == K_MFILE) {
+        return REAL(pread64)(fd, buf, n, off);
+    }
+    return pread_common(fd, buf, n, off);
+}
+
+HOOK ssize_t readv(int fd, const struct iovec *iov, int cnt) {
+    RFILE_OR_BYPASS(fd, REAL(readv)(fd, iov, cnt))
+    if (pe->kind == K_MFILE) {
+        return REAL(readv)(fd, iov, cnt);
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(readv)(fd, iov, cnt);
+    }
+    /* fill the vectors in order; stop at a short read like the kernel would */
+    ssize_t total = 0;
+    t_guard++;
+    for (int i = 0; i < cnt; i++) {
+        if (iov[i].iov_len == 0) {
+            continue;
+        }
+        ssize_t r = rfile_read(e, iov[i].iov_base, iov[i].iov_len, -1);
+        if (r < 0) {
+            total = total ? total : -1;
+            break;
+        }
+        total += r;
+        if ((size_t)r < iov[i].iov_len) {
+            break;
+        }
+    }
+    t_guard--;
+    ent_put(e);
+    return total;
+}
+
+/* A memfd-backed file was opened read-only: the memfd itself is writable, so refuse. */
+static int mfile_readonly(struct ent *pe) {
+    if (pe->kind == K_MFILE) {
+        errno = EBADF;
+        return 1;
+    }
+    return 0;
+}
+
+HOOK ssize_t write(int fd, const void *buf, size_t n) {
+    RFILE_OR_BYPASS(fd, REAL(write)(fd, buf, n))
+    if (mfile_readonly(pe)) {
+        return -1;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(write)(fd, buf, n);
+    }
+    t_guard++;
+    ssize_t r = rfile_write(e, buf, n, (e->oflags & O_APPEND) ? -1 : -1);
+    t_guard--;
+    ent_put(e);
+    return r;
+}
+
+static ssize_t pwrite_common(int fd, const void *buf, size_t n, off_t off) {
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(pwrite)(fd, buf, n, off);
+    }
+    ssize_t r;
+    t_guard++;
+    if (off < 0) {
+        errno = EINVAL;
+        r = -1;
+    } else {
+        r = rfile_write(e, buf, n, off);
+    }
+    t_guard--;
+    ent_put(e);
+    return r;
+}
+
+HOOK ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
+    RFILE_OR_BYPASS(fd, REAL(pwrite)(fd, buf, n, off))
+    if (mfile_readonly(pe)) {
+        return -1;
+    }
+    return pwrite_common(fd, buf, n, off);
+}
+
+HOOK ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
+    RFILE_OR_BYPASS(fd, REAL(pwrite64)(fd, buf, n, off))
+    if (mfile_readonly(pe)) {
+        return -1;
+    }
+    return pwrite_common(fd, buf, n, off);
+}
+
+HOOK ssize_t writev(int fd, const struct iovec *iov, int cnt) {
+    RFILE_OR_BYPASS(fd, REAL(writev)(fd, iov, cnt))
+    if (mfile_readonly(pe)) {
+        return -1;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(writev)(fd, iov, cnt);
+    }
+    ssize_t total = 0;
+    t_guard++;
+    for (int i = 0; i < cnt; i++) {
+        if (iov[i].iov_len == 0) {
+            continue;
+        }
+        ssize_t r = rfile_write(e, iov[i].iov_base, iov[i].iov_len, -1);
+        if (r < 0) {
+            total = total ? total : -1;
+            break;
+        }
+        total += r;
+        if ((size_t)r < iov[i].iov_len) {
+            break;
+        }
+    }
+    t_guard--;
+    ent_put(e);
+    return total;
+}
+
+static off_t lseek_common(int fd, off_t off, int whence) {
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(lseek)(fd, off, whence);
+    }
+    t_guard++;
+    off_t r = rfile_seek(e, off, whence);
+    t_guard--;
+    ent_put(e);
+    return r;
+}
+
+HOOK off_t lseek(int fd, off_t off, int whence) {
+    RFILE_OR_BYPASS(fd, REAL(lseek)(fd, off, whence))
+    if (pe->kind == K_MFILE) {
+        return REAL(lseek)(fd, off, whence);
+    }
+    return lseek_common(fd, off, whence);
+}
+
+HOOK off64_t lseek64(int fd, off64_t off, int whence) {
+    RFILE_OR_BYPASS(fd, REAL(lseek64)(fd, off, whence))
+    if (pe->kind == K_MFILE) {
+        return REAL(lseek64)(fd, off, whence);
+    }
+    return lseek_common(fd, off, whence);
+}
+
+/* copy_file_range / sendfile cannot reach a handle-backed file: emulate sendfile with reads,
+ * and make copy_file_range fail with EXDEV, which callers (cat, cp) treat as "fall back". */
+HOOK ssize_t copy_file_range(int in, off64_t *ioff, int out, off64_t *ooff, size_t n, unsigned flags) {
+    struct ent *a = fd_peek(in), *b = fd_peek(out);
+    if (t_guard || ((a == NULL || a->kind != K_RFILE) && (b == NULL || b->kind != K_RFILE))) {
+        return REAL(copy_file_range)(in, ioff, out, ooff, n, flags);
+    }
+    errno = EXDEV;
+    return -1;
+}
+
+static ssize_t sendfile_emulated(int out, int in, off_t *off, size_t n) {
+    char buf[65536];
+    size_t want = n < sizeof buf ? n : sizeof buf;
+    ssize_t r = off ? pread(in, buf, want, *off) : read(in, buf, want);
+    if (r <= 0) {
+        return r;
+    }
+    ssize_t w = write(out, buf, (size_t)r);
+    if (w > 0 && off) {
+        *off += w;
+    } else if (w >= 0 && w < r && !off) {
+        lseek(in, w - r, SEEK_CUR);
+    }
+    return w;
+}
+
+HOOK ssize_t sendfile(int out, int in, off_t *off, size_t n) {
+    struct ent *a = fd_peek(in);
+    if (t_guard || a == NULL || a->kind != K_RFILE) {
+        return REAL(sendfile)(out, in, off, n);
+    }
+    return sendfile_emulated(out, in, off, n);
+}
+
+HOOK ssize_t sendfile64(int out, int in, off64_t *off, size_t n) {
+    struct ent *a = fd_peek(in);
+    if (t_guard || a == NULL || a->kind != K_RFILE) {
+        return REAL(sendfile64)(out, in, off, n);
+    }
+    return sendfile_emulated(out, in, off, n);
+}
+
+/* ---------------------------------------------------------------- close, dup */
+
+HOOK int close(int fd) {
+    struct ent *pe = fd_peek(fd);
+    if (__builtin_expect(pe == NULL, 1)) {
+        return REAL(close)(fd);
+    }
+    if (pe->kind == K_LAYER) {
+        if (t_guard) {
+            return REAL(close)(fd);
+        }
+        errno = EBADF; /* the layer's own connection: invisible to the app */
+        return -1;
+    }
+    struct ent *e = fd_take(fd);
+    int r = REAL(close)(fd);
+    int saved = errno;
+    ent_put(e);
+    errno = saved;
+    return r;
+}
+
+/* The app may close ranges of fds (close_range): keep the layer's own fds open. */
+HOOK int close_range(unsigned first, unsigned last, int flags) {
+    if (t_guard || !g_active) {
+        return REAL(close_range)(first, last, flags);
+    }
+    unsigned lo = first;
+    int rc = 0;
+    unsigned top = last < MAX_FDS ? last : MAX_FDS - 1;
+    for (unsigned fd = first; fd <= top; fd++) {
+        struct ent *pe = fd_peek((int)fd);
+        if (pe == NULL) {
+            continue;
+        }
+        if (pe->kind == K_LAYER) {
+            if (fd > lo && REAL(close_range)(lo, fd - 1, flags) < 0) {
+                rc = -1;
+            }
+            lo = fd + 1;
+        } else if (!(flags & CLOSE_RANGE_CLOEXEC)) {
+            ent_put(fd_take((int)fd));
+        }
+    }
+    if (lo <= last && REAL(close_range)(lo, last, flags) < 0) {
+        rc = -1;
+    }
+    return rc;
+}
+
+static int dup_track(int oldfd, int newfd) {
+    if (newfd >= 0) {
+        struct ent *e = ent_get(oldfd);
+        if (e != NULL) {
+            fd_set_ent(newfd, e);
+        } else {
+            fd_forget(newfd);
+        }
+    }
+    return newfd;
+}
+
+HOOK int dup(int fd) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || t_guard) {
+        return local_fd(REAL(dup)(fd));
+    }
+    if (pe->kind == K_LAYER) {
+        errno = EBADF;
+        return -1;
+    }
+    return dup_track(fd, REAL(dup)(fd));
+}
+
+static int dup2_common(int oldfd, int newfd, int flags, int three) {
+    struct ent *po = fd_peek(oldfd), *pn = fd_peek(newfd);
+    if (t_guard || (po == NULL && pn == NULL)) {
+        return three ? REAL(dup3)(oldfd, newfd, flags) : REAL(dup2)(oldfd, newfd);
+    }
+    if (po != NULL && po->kind == K_LAYER) {
+        errno = EBADF;
+        return -1;
+    }
+    if (pn != NULL && pn->kind == K_LAYER) {
+        t_guard++;
+        layer_fd_relocate(newfd);
+        t_guard--;
+    }
+    int r = three ? REAL(dup3)(oldfd, newfd, flags) : REAL(dup2)(oldfd, newfd);
+    if (r >= 0 && oldfd != newfd) {
+        struct ent *gone = fd_take(newfd);
+        ent_put(gone);
+        dup_track(oldfd, newfd);
+    }
+    return r;
+}
+
+HOOK int dup2(int oldfd, int newfd) { return dup2_common(oldfd, newfd, 0, 0); }
+HOOK int dup3(int oldfd, int newfd, int flags) { return dup2_common(oldfd, newfd, flags, 1); }
+
+static int fcntl_common(int fd, int cmd, void *arg, int is64) {
+    struct ent *pe = fd_peek(fd);
+    int r;
+    if (pe == NULL || t_guard || (cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC)) {
+        r = is64 ? REAL(fcntl64)(fd, cmd, arg) : REAL(fcntl)(fd, cmd, arg);
+        if (pe == NULL && !t_guard && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {
+            local_fd(r);
+        }
+        return r;
+    }
+    if (pe->kind == K_LAYER) {
+        errno = EBADF;
+        return -1;
+    }
+    r = is64 ? REAL(fcntl64)(fd, cmd, arg) : REAL(fcntl)(fd, cmd, arg);
+    return dup_track(fd, r);
+}
+
+HOOK int fcntl(int fd, int cmd, ...) {
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    return fcntl_common(fd, cmd, arg, 0);
+}
+
+HOOK int fcntl64(int fd, int cmd, ...) {
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    return fcntl_common(fd, cmd, arg, 1);
+}
+
+/* ---------------------------------------------------------------- stat family */
+
+static int fstat_remote(int fd, struct stat *st, int *ret) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {
+        return R_BYPASS;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (e->kind == K_MFILE) {
+        *st = e->st;
+        *ret = 0;
+    } else {
+        *ret = e->has_handle ? rstat(NULL, 1, e->handle, 1, st) : rstat(e->path, 0, 0, 1, st);
+    }
+    t_guard--;
+    ent_put(e);
+    return R_DONE;
+}
+
+/* stat/lstat/fstatat on a path (dirfd-relative). */
+static int stat_path(int dirfd, const char *path, struct stat *st, int flags, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    if (path != NULL && path[0] == 0 && (flags & AT_EMPTY_PATH)) {
+        return fstat_remote(dirfd, st, ret);
+    }
+    char full[PATH_CAP];
+    int d = decide(dirfd, path, 0, full, sizeof full);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+    } else {
+        *ret = rstat(full, 0, 0, !(flags & AT_SYMLINK_NOFOLLOW), st);
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+#define STAT_HOOK(name, type, dirfd, path, flags, realcall)          \
+    HOOK int name {                                                   \
+        int ret;                                                      \
+        struct stat tmp;                                              \
+        if (stat_path(dirfd, path, &tmp, flags, &ret) == R_DONE) {    \
+            if (ret == 0) {                                           \
+                memcpy(buf, &tmp, sizeof(type));                      \
+            }                                                         \
+            return ret;                                               \
+        }                                                             \
+        return realcall;                                              \
+    }
+
+STAT_HOOK(stat(const char *path, struct stat *buf), struct stat, AT_FDCWD, path, 0,
+          REAL(stat)(path, buf))
+STAT_HOOK(stat64(const char *path, struct stat64 *buf), struct stat64, AT_FDCWD, path, 0,
+          REAL(stat64)(path, buf))
+STAT_HOOK(lstat(const char *path, struct stat *buf), struct stat, AT_FDCWD, path,
+          AT_SYMLINK_NOFOLLOW, REAL(lstat)(path, buf))
+STAT_HOOK(lstat64(const char *path, struct stat64 *buf), struct stat64, AT_FDCWD, path,
+          AT_SYMLINK_NOFOLLOW, REAL(lstat64)(path, buf))
+STAT_HOOK(fstatat(int dirfd, const char *path, struct stat *buf, int flags), struct stat, dirfd,
+          path, flags, REAL(fstatat)(dirfd, path, buf, flags))
+STAT_HOOK(fstatat64(int dirfd, const char *path, struct stat64 *buf, int flags), struct stat64,
+          dirfd, path, flags, REAL(fstatat64)(dirfd, path, buf, flags))
+
+HOOK int fstat(int fd, struct stat *buf) {
+    int ret;
+    if (fstat_remote(fd, buf, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(fstat)(fd, buf);
+}
+
+HOOK int fstat64(int fd, struct stat64 *buf) {
+    int ret;
+    struct stat tmp;
+    if (fstat_remote(fd, &tmp, &ret) == R_DONE) {
+        if (ret == 0) {
+            memcpy(buf, &tmp, sizeof *buf);
+        }
+        return ret;
+    }
+    return REAL(fstat64)(fd, buf);
+}
+
+/* The __xstat family (old binaries): same layout as struct stat on x86_64/aarch64. */
+HOOK int __xstat(int ver, const char *path, struct stat *buf) {
+    (void)ver;
+    return fstatat(AT_FDCWD, path, buf, 0);
+}
+HOOK int __lxstat(int ver, const char *path, struct stat *buf) {
+    (void)ver;
+    return fstatat(AT_FDCWD, path, buf, AT_SYMLINK_NOFOLLOW);
+}
+HOOK int __fxstat(int ver, int fd, struct stat *buf) {
+    (void)ver;
+    return fstat(fd, buf);
+}
+HOOK int __fxstatat(int ver, int dirfd, const char *path, struct stat *buf, int flags) {
+    (void)ver;
+    return fstatat(dirfd, path, buf, flags);
+}
+HOOK int __xstat64(int ver, const char *path, struct stat64 *buf) {
+    (void)ver;
+    return fstatat64(AT_FDCWD, path, buf, 0);
+}
+HOOK int __lxstat64(int ver, const char *path, struct stat64 *buf) {
+    (void)ver;
+    return fstatat64(AT_FDCWD, path, buf, AT_SYMLINK_NOFOLLOW);
+}
+HOOK int __fxstat64(int ver, int fd, struct stat64 *buf) {
+    (void)ver;
+    return fstat64(fd, buf);
+}
+HOOK int __fxstatat64(int ver, int dirfd, const char *path, struct stat64 *buf, int flags) {
+    (void)ver;
+    return fstatat64(dirfd, path, buf, flags);
+}
+
+HOOK int statx(int dirfd, const char *path, int flags, unsigned mask, struct statx *sx) {
+    int ret;
+    struct stat st;
+    if (stat_path(dirfd, path, &st, flags, &ret) != R_DONE) {
+        return REAL(statx)(dirfd, path, flags, mask, sx);
+    }
+    if (ret == 0) {
+        memset(sx, 0, sizeof *sx);
+        sx->stx_mask = STATX_BASIC_STATS;
+        sx->stx_blksize = (uint32_t)st.st_blksize;
+        sx->stx_nlink = (uint32_t)st.st_nlink;
+        sx->stx_uid = st.st_uid;
+        sx->stx_gid = st.st_gid;
+        sx->stx_mode = (uint16_t)st.st_mode;
+        sx->stx_ino = st.st_ino;
+        sx->stx_size = (uint64_t)st.st_size;
+        sx->stx_blocks = (uint64_t)st.st_blocks;
+        sx->stx_atime.tv_sec = st.st_atim.tv_sec;
+        sx->stx_atime.tv_nsec = (uint32_t)st.st_atim.tv_nsec;
+        sx->stx_mtime.tv_sec = st.st_mtim.tv_sec;
+        sx->stx_mtime.tv_nsec = (uint32_t)st.st_mtim.tv_nsec;
+        sx->stx_ctime.tv_sec = st.st_ctim.tv_sec;
+        sx->stx_ctime.tv_nsec = (uint32_t)st.st_ctim.tv_nsec;
+        sx->stx_rdev_major = major(st.st_rdev);
+        sx->stx_rdev_minor = minor(st.st_rdev);
+        sx->stx_dev_major = major(st.st_dev);
+        sx->stx_dev_minor = minor(st.st_dev);
+    }
+    return ret;
+}
+
+/* statfs: [type, bsize, blocks, bfree, bavail, files, ffree, namelen, frsize, flags] */
+static int rstatfs(const char *path, int has_handle, uint64_t handle, struct statfs *sf) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_STATFS, 2);
+    if (has_handle) {
+        cw_null(w);
+        cw_uint(w, handle);
+    } else {
+        cw_bytes(w, path, strlen(path));
+        cw_null(w);
+    }
+    cbor_r r;
+    int rc = conn_call(c, M_STATFS_REPLY, &r);
+    if (rc == 0) {
+        uint64_t n, v[10];
+        if (cr_array(&r, &n) < 0 || n != 10) {
+            errno = EIO;
+            rc = -1;
+        } else {
+            for (int i = 0; i < 10 && rc == 0; i++) {
+                if (cr_uint(&r, &v[i]) < 0) {
+                    errno = EIO;
+                    rc = -1;
+                }
+            }
+            if (rc == 0) {
+                memset(sf, 0, sizeof *sf);
+                sf->f_type = (long)v[0];
+                sf->f_bsize = (long)v[1];
+                sf->f_blocks = v[2];
+                sf->f_bfree = v[3];
+                sf->f_bavail = v[4];
+                sf->f_files = v[5];
+                sf->f_ffree = v[6];
+                sf->f_namelen = (long)v[7];
+                sf->f_frsize = (long)v[8];
+                sf->f_flags = (long)v[9];
+            }
+        }
+    }
+    conn_release(c);
+    return rc;
+}
+
+static int statfs_path(const char *path, struct statfs *sf, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    char full[PATH_CAP];
+    int d = decide(AT_FDCWD, path, 0, full, sizeof full);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+    } else {
+        *ret = rstatfs(full, 0, 0, sf);
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+static int fstatfs_fd(int fd, struct statfs *sf, int *ret) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {
+        return R_BYPASS;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    *ret = e->has_handle ? rstatfs(NULL, 1, e->handle, sf) : rstatfs(e->path, 0, 0, sf);
+    t_guard--;
+    ent_put(e);
+    return R_DONE;
+}
+
+HOOK int statfs(const char *path, struct statfs *buf) {
+    int ret;
+    return statfs_path(path, buf, &ret) == R_DONE ? ret : REAL(statfs)(path, buf);
+}
+HOOK int statfs64(const char *path, struct statfs64 *buf) {
+    int ret;
+    struct statfs tmp;
+    if (statfs_path(path, &tmp, &ret) == R_DONE) {
+        if (ret == 0) {
+            memcpy(buf, &tmp, sizeof *buf);
+        }
+        return ret;
+    }
+    return REAL(statfs64)(path, buf);
+}
+HOOK int fstatfs(int fd, struct statfs *buf) {
+    int ret;
+    return fstatfs_fd(fd, buf, &ret) == R_DONE ? ret : REAL(fstatfs)(fd, buf);
+}
+HOOK int fstatfs64(int fd, struct statfs64 *buf) {
+    int ret;
+    struct statfs tmp;
+    if (fstatfs_fd(fd, &tmp, &ret) == R_DONE) {
+        if (ret == 0) {
+            memcpy(buf, &tmp, sizeof *buf);
+        }
+        return ret;
+    }
+    return REAL(fstatfs64)(fd, buf);
+}
+
+/* ---------------------------------------------------------------- path operations */
+
+static int raccess(const char *path, int mode) {
+    SIMPLE_CALL(M_FILE_ACCESS, 2, (cw_bytes(w, path, strlen(path)), cw_uint(w, (uint64_t)mode)));
+}
+
+static int access_common(int dirfd, const char *path, int mode, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    char full[PATH_CAP];
+    int d = decide(dirfd, path, 0, full, sizeof full);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+    } else {
+        *ret = raccess(full, mode);
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+HOOK int access(const char *path, int mode) {
+    int ret;
+    return access_common(AT_FDCWD, path, mode, &ret) == R_DONE ? ret : REAL(access)(path, mode);
+}
+
+HOOK int faccessat(int dirfd, const char *path, int mode, int flags) {
+    int ret;
+    if (access_common(dirfd, path, mode, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(faccessat)(dirfd, path, mode, flags);
+}
+
+static ssize_t rreadlink(const char *path, char *buf, size_t size) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_READLINK, 1);
+    cw_bytes(w, path, strlen(path));
+    cbor_r r;
+    ssize_t n = -1;
+    if (conn_call(c, M_READLINK_REPLY, &r) == 0) {
+        const uint8_t *p;
+        size_t len;
+        if (cr_bytes(&r, &p, &len) < 0) {
+            errno = EIO;
+        } else {
+            n = (ssize_t)(len < size ? len : size); /* truncated, no NUL: like readlink(2) */
+            memcpy(buf, p, (size_t)n);
+        }
+    }
+    conn_release(c);
+    return n;
+}
+
+static int readlink_common(int dirfd, const char *path, char *buf, size_t size, ssize_t *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    char full[PATH_CAP];
+    int d = decide(dirfd, path, 0, full, sizeof full);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+    } else {
+        *ret = rreadlink(full, buf, size);
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+HOOK ssize_t readlink(const char *path, char *buf, size_t size) {
+    ssize_t ret;
+    if (readlink_common(AT_FDCWD, path, buf, size, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(readlink)(path, buf, size);
+}
+
+HOOK ssize_t readlinkat(int dirfd, const char *path, char *buf, size_t size) {
+    ssize_t ret;
+    if (readlink_common(dirfd, path, buf, size, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(readlinkat)(dirfd, path, buf, size);
+}
+
+static int rpath_op(int kind, const char *path, int mode) {
+    if (kind == M_MKDIR) {
+        SIMPLE_CALL(kind, 2, (cw_bytes(w, path, strlen(path)), cw_uint(w, (uint64_t)mode)));
+    }
+    SIMPLE_CALL(kind, 1, cw_bytes(w, path, strlen(path)));
+}
+
+/* mkdir/rmdir/unlink: they modify, so in read mode they stay local. */
+static int path_op(int kind, int dirfd, const char *path, int mode, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    char full[PATH_CAP];
+    int d = decide(dirfd, path, 1, full, sizeof full);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+    } else {
+        *ret = rpath_op(kind, full, mode);
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+HOOK int mkdir(const char *path, mode_t mode) {
+    int ret;
+    return path_op(M_MKDIR, AT_FDCWD, path, (int)mode, &ret) == R_DONE ? ret : REAL(mkdir)(path, mode);
+}
+HOOK int mkdirat(int dirfd, const char *path, mode_t mode) {
+    int ret;
+    if (path_op(M_MKDIR, dirfd, path, (int)mode, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(mkdirat)(dirfd, path, mode);
+}
+HOOK int rmdir(const char *path) {
+    int ret;
+    return path_op(M_RMDIR, AT_FDCWD, path, 0, &ret) == R_DONE ? ret : REAL(rmdir)(path);
+}
+HOOK int unlink(const char *path) {
+    int ret;
+    return path_op(M_UNLINK, AT_FDCWD, path, 0, &ret) == R_DONE ? ret : REAL(unlink)(path);
+}
+HOOK int unlinkat(int dirfd, const char *path, int flags) {
+    int ret;
+    if (path_op((flags & AT_REMOVEDIR) ? M_RMDIR : M_UNLINK, dirfd, path, 0, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(unlinkat)(dirfd, path, flags);
+}
+
+static int rename_common(int olddir, const char *old, int newdir, const char *new, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    char a[PATH_CAP], b[PATH_CAP];
+    int da = decide(olddir, old, 1, a, sizeof a);
+    int db = decide(newdir, new, 1, b, sizeof b);
+    if (da == P_LOCAL && db == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (da == P_NOT_FOUND || db == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+    } else if (da != db) {
+        errno = EXDEV; /* between the user's machine and the target */
+        *ret = -1;
+    } else {
+        *ret = ({
+            int r_;
+            struct lconn *c_ = conn_acquire();
+            if (c_ == NULL) {
+                r_ = -1;
+            } else {
+                cbor_w *w = conn_begin(c_, M_RENAME, 2);
+                cw_bytes(w, a, strlen(a));
+                cw_bytes(w, b, strlen(b));
+                cbor_r rr;
+                r_ = conn_call(c_, M_OK, &rr);
+                conn_release(c_);
+            }
+            r_;
+        });
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+HOOK int rename(const char *old, const char *new) {
+    int ret;
+    if (rename_common(AT_FDCWD, old, AT_FDCWD, new, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(rename)(old, new);
+}
+
+HOOK int renameat(int olddir, const char *old, int newdir, const char *new) {
+    int ret;
+    if (rename_common(olddir, old, newdir, new, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(renameat)(olddir, old, newdir, new);
+}
+
+/* ftruncate / fchmod / fsync on a handle-backed file */
+static int handle_op(int fd, int kind, int64_t arg, int *ret) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {
+        return R_BYPASS;
+    }
+    if (pe->kind == K_MFILE) {
+        /* opened read-only and fetched: nothing to change remotely */
+        errno = kind == M_FSYNC ? 0 : (kind == M_FTRUNCATE ? EINVAL : EPERM);
+        *ret = kind == M_FSYNC ? 0 : -1;
+        return R_DONE;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (!e->has_handle) {
+        errno = EBADF;
+        *ret = -1;
+    } else {
+        struct lconn *c = conn_acquire();
+        if (c == NULL) {
+            *ret = -1;
+        } else {
+            cbor_w *w = conn_begin(c, kind, kind == M_FSYNC ? 1 : 2);
+            cw_uint(w, e->handle);
+            if (kind != M_FSYNC) {
+                cw_uint(w, (uint64_t)arg);
+            }
+            cbor_r r;
+            *ret = conn_call(c, M_OK, &r);
+            conn_release(c);
+        }
+    }
+    t_guard--;
+    ent_put(e);
+    return R_DONE;
+}
+
+HOOK int ftruncate(int fd, off_t len) {
+    int ret;
+    if (len >= 0 && handle_op(fd, M_FTRUNCATE, len, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(ftruncate)(fd, len);
+}
+HOOK int ftruncate64(int fd, off64_t len) {
+    int ret;
+    if (len >= 0 && handle_op(fd, M_FTRUNCATE, len, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(ftruncate64)(fd, len);
+}
+HOOK int fchmod(int fd, mode_t mode) {
+    int ret;
+    return handle_op(fd, M_FCHMOD, mode, &ret) == R_DONE ? ret : REAL(fchmod)(fd, mode);
+}
+HOOK int fsync(int fd) {
+    int ret;
+    return handle_op(fd, M_FSYNC, 0, &ret) == R_DONE ? ret : REAL(fsync)(fd);
+}
+
+/* ---------------------------------------------------------------- directories */
+
+#define DIR_SLOTS 512
+#define DIR_MAGIC 0x6d6972726f726444ULL
+#define DIR_BATCH 256
+
+struct rdir {
+    uint64_t magic;
+    int used;
+    int fd; /* placeholder fd for dirfd(); owned */
+    uint64_t handle;
+    int eof;
+    int n, pos;
+    struct dirent64 *ents;
+};
+
+static struct rdir *g_dirs;
+static pthread_mutex_t g_dirs_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct rdir *rdir_of(void *d) {
+    struct rdir *base = __atomic_load_n(&g_dirs, __ATOMIC_ACQUIRE);
+    if (base == NULL || (uintptr_t)d < (uintptr_t)base ||
+        (uintptr_t)d >= (uintptr_t)(base + DIR_SLOTS)) {
+        return NULL;
+    }
+    struct rdir *r = d;
+    return r->magic == DIR_MAGIC && r->used ? r : NULL;
+}
+
+static struct rdir *rdir_alloc(void) {
+    pthread_mutex_lock(&g_dirs_lock);
+    if (g_dirs == NULL) {
+        void *m = mmap(NULL, sizeof(struct rdir) * DIR_SLOTS, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m != MAP_FAILED) {
+            __atomic_store_n(&g_dirs, (struct rdir *)m, __ATOMIC_RELEASE);
+        }
+    }
+    struct rdir *r = NULL;
+    for (int i = 0; g_dirs != NULL && i < DIR_SLOTS; i++) {
+        if (!g_dirs[i].used) {
+            r = &g_dirs[i];
+            memset(r, 0, sizeof *r);
+            r->magic = DIR_MAGIC;
+            r->used = 1;
+            r->fd = -1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_dirs_lock);
+    if (r == NULL) {
+        errno = EMFILE;
+    }
+    return r;
+}
+
+static void rdir_free(struct rdir *r) {
+    free(r->ents);
+    pthread_mutex_lock(&g_dirs_lock);
+    r->used = 0;
+    r->magic = 0;
+    pthread_mutex_unlock(&g_dirs_lock);
+}
+
+/* DirOpen by path or by the handle of an open file; returns our DIR or NULL. */
+static DIR *rdir_open(const char *path, int has_handle, uint64_t handle, int fd) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return NULL;
+    }
+    cbor_w *w = conn_begin(c, M_DIR_OPEN, 2);
+    if (has_handle) {
+        cw_null(w);
+        cw_uint(w, handle);
+    } else {
+        cw_bytes(w, path, strlen(path));
+        cw_null(w);
+    }
+    cbor_r r;
+    uint64_t h = 0;
+    int rc = conn_call(c, M_DIR_OPENED, &r);
+    if (rc == 0 && cr_uint(&r, &h) < 0) {
+        errno = EIO;
+        rc = -1;
+    }
+    conn_release(c);
+    if (rc < 0) {
+        return NULL;
+    }
+    struct rdir *d = rdir_alloc();
+    if (d == NULL) {
+        return NULL;
+    }
+    d->handle = h;
+    if (fd < 0) {
+        /* a placeholder fd so dirfd()/fstat()/openat() work on the directory */
+        fd = memfd_create("mirrord:dir", MFD_CLOEXEC);
+        struct ent *e = fd >= 0 ? ent_new(K_RFILE) : NULL;
+        if (e != NULL) {
+            e->path = strdup(path);
+            e->is_dir = 1;
+            e->oflags = O_RDONLY | O_DIRECTORY;
+            fd_set_ent(fd, e);
+        }
+    }
+    d->fd = fd;
+    DBG("opendir %s remotely", path ? path : "(fd)");
+    return (DIR *)d;
+}
+
+HOOK DIR *opendir(const char *path) {
+    if (!g_active || t_guard) {
+        return REAL(opendir)(path);
+    }
+    char full[PATH_CAP];
+    int saved = errno;
+    int d = decide(AT_FDCWD, path, 0, full, sizeof full);
+    if (d == P_LOCAL) {
+        errno = saved;
+        return REAL(opendir)(path);
+    }
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        return NULL;
+    }
+    t_guard++;
+    DIR *r = rdir_open(full, 0, 0, -1);
+    t_guard--;
+    return r;
+}
+
+HOOK DIR *fdopendir(int fd) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {
+        return REAL(fdopendir)(fd);
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(fdopendir)(fd);
+    }
+    DIR *r = NULL;
+    t_guard++;
+    if (!e->is_dir) {
+        errno = ENOTDIR;
+    } else {
+        r = rdir_open(e->path, e->has_handle, e->handle, fd);
+    }
+    t_guard--;
+    ent_put(e);
+    return r;
+}
+
+static struct dirent64 *rdir_next(struct rdir *d) {
+    if (d->pos < d->n) {
+        return &d->ents[d->pos++];
+    }
+    if (d->eof) {
+        return NULL;
+    }
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return NULL; /* errno EIO: readdir reports an error with NULL and errno set */
+    }
+    cbor_w *w = conn_begin(c, M_DIR_READ, 2);
+    cw_uint(w, d->handle);
+    cw_uint(w, DIR_BATCH);
+    cbor_r r;
+    struct dirent64 *out = NULL;
+    if (conn_call(c, M_DIR_ENTRIES, &r) == 0) {
+        uint64_t n;
+        if (cr_array(&r, &n) < 0 || n > 4096) {
+            errno = EIO;
+        } else if (n == 0) {
+            d->eof = 1;
+        } else {
+            struct dirent64 *ents = realloc(d->ents, sizeof *ents * n);
+            if (ents == NULL) {
+                errno = ENOMEM;
+            } else {
+                d->ents = ents;
+                d->n = 0;
+                d->pos = 0;
+                for (uint64_t i = 0; i < n; i++) {
+                    uint64_t k, ino, type;
+                    struct dirent64 *de = &ents[d->n];
+                    memset(de, 0, sizeof *de);
+                    if (cr_array(&r, &k) < 0 || k != 3 ||
+                        cr_strbuf(&r, de->d_name, sizeof de->d_name) < 0 ||
+                        cr_uint(&r, &ino) < 0 || cr_uint(&r, &type) < 0) {
+                        errno = EIO;
+                        d->n = 0;
+                        break;
+                    }
+                    de->d_ino = ino;
+                    de->d_type = (unsigned char)type;
+                    de->d_reclen = sizeof *de;
+                    de->d_off = d->n + 1;
+                    d->n++;
+                }
+                if (d->n > 0) {
+                    out = &d->ents[d->pos++];
+                }
+            }
+        }
+    }
+    conn_release(c);
+    return out;
+}
+
+HOOK struct dirent *readdir(DIR *dirp) {
+    struct rdir *d = rdir_of(dirp);
+    if (d == NULL) {
+        return REAL(readdir)(dirp);
+    }
+    t_guard++;
+    struct dirent64 *e = rdir_next(d);
+    t_guard--;
+    return (struct dirent *)e;
+}
+
+HOOK struct dirent64 *readdir64(DIR *dirp) {
+    struct rdir *d = rdir_of(dirp);
+    if (d == NULL) {
+        return REAL(readdir64)(dirp);
+    }
+    t_guard++;
+    struct dirent64 *e = rdir_next(d);
+    t_guard--;
+    return e;
+}
+
+HOOK int closedir(DIR *dirp) {
+    struct rdir *d = rdir_of(dirp);
+    if (d == NULL) {
+        return REAL(closedir)(dirp);
+    }
+    t_guard++;
+    struct lconn *c = conn_acquire();
+    if (c != NULL) {
+        cbor_w *w = conn_begin(c, M_DIR_CLOSE, 1);
+        cw_uint(w, d->handle);
+        cbor_r r;
+        (void)conn_call(c, M_OK, &r);
+        conn_release(c);
+    }
+    if (d->fd >= 0) {
+        struct ent *e = fd_take(d->fd);
+        REAL(close)(d->fd);
+        ent_put(e);
+    }
+    t_guard--;
+    rdir_free(d);
+    return 0;
+}
+
+HOOK int dirfd(DIR *dirp) {
+    struct rdir *d = rdir_of(dirp);
+    if (d == NULL) {
+        return REAL(dirfd)(dirp);
+    }
+    return d->fd;
+}
+
+/* ---------------------------------------------------------------- stdio */
+
+static int fopen_flags(const char *mode, int *flags) {
+    int f;
+    switch (mode[0]) {
+    case 'r': f = O_RDONLY; break;
+    case 'w': f = O_WRONLY | O_CREAT | O_TRUNC; break;
+    case 'a': f = O_WRONLY | O_CREAT | O_APPEND; break;
+    default: return -1;
+    }
+    for (const char *m = mode + 1; *m && *m != ','; m++) {
+        if (*m == '+') {
+            f = (f & ~O_ACCMODE) | O_RDWR;
+        } else if (*m == 'e') {
+            f |= O_CLOEXEC;
+        } else if (*m == 'x') {
+            f |= O_EXCL;
+        }
+    }
+    *flags = f;
+    return 0;
+}
+
+/* A stdio stream over a handle-backed fd: glibc's stdio calls its internal read/write,
+ * which no hook sees, so the stream's I/O goes through these cookie functions. */
+static ssize_t cookie_read(void *ck, char *buf, size_t n) { return read((int)(intptr_t)ck, buf, n); }
+static ssize_t cookie_write(void *ck, const char *buf, size_t n) {
+    return write((int)(intptr_t)ck, buf, n);
+}
+static int cookie_seek(void *ck, off64_t *pos, int whence) {
+    off64_t r = lseek64((int)(intptr_t)ck, *pos, whence);
+    if (r < 0) {
+        return -1;
+    }
+    *pos = r;
+    return 0;
+}
+static int cookie_close(void *ck) { return close((int)(intptr_t)ck); }
+
+static FILE *stream_for(int fd, const char *mode) {
+    struct ent *pe = fd_peek(fd);
+    FILE *f;
+    if (pe != NULL && pe->kind == K_RFILE) {
+        cookie_io_functions_t io = {cookie_read, cookie_write, cookie_seek, cookie_close};
+        f = fopencookie((void *)(intptr_t)fd, mode, io);
+    } else {
+        f = fdopen(fd, mode);
+    }
+    if (f == NULL) {
+        int e = errno;
+        close(fd);
+        errno = e;
+    }
+    return f;
+}
+
+static int fopen_common(const char *path, const char *mode, FILE **ret) {
+    if (!g_active || t_guard || path == NULL || mode == NULL) {
+        return R_BYPASS;
+    }
+    int flags;
+    if (fopen_flags(mode, &flags) < 0) {
+        return R_BYPASS; /* the real call reports EINVAL */
+    }
+    int fd;
+    int saved = errno;
+    if (do_open(AT_FDCWD, path, flags, 0666, &fd) == R_BYPASS) {
+        errno = saved;
+        return R_BYPASS;
+    }
+    *ret = fd < 0 ? NULL : stream_for(fd, mode);
+    return R_DONE;
+}
+
+HOOK FILE *fopen(const char *path, const char *mode) {
+    FILE *f;
+    return fopen_common(path, mode, &f) == R_DONE ? f : REAL(fopen)(path, mode);
+}
+
+HOOK FILE *fopen64(const char *path, const char *mode) {
+    FILE *f;
+    return fopen_common(path, mode, &f) == R_DONE ? f : REAL(fopen64)(path, mode);
+}
+
+static int freopen_common(const char *path, const char *mode, FILE *stream, FILE **ret,
+                          int is64) {
+    if (!g_active || t_guard || path == NULL || mode == NULL) {
+        return R_BYPASS;
+    }
+    int flags;
+    if (fopen_flags(mode, &flags) < 0) {
+        return R_BYPASS;
+    }
+    int fd;
+    int saved = errno;
+    if (do_open(AT_FDCWD, path, flags, 0666, &fd) == R_BYPASS) {
+        errno = saved;
+        return R_BYPASS;
+    }
+    if (fd < 0) {
+        *ret = NULL;
+        return R_DONE;
+    }
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || pe->kind != K_MFILE) {
+        /* a handle-backed stream cannot take over an existing FILE */
+        close(fd);
+        errno = ENOTSUP;
+        *ret = NULL;
+        return R_DONE;
+    }
+    /* reopen the fetched content under the same FILE through /proc/self/fd */
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    struct stat st = pe->st;
+    t_guard++;
+    *ret = is64 ? REAL(freopen64)(proc, mode, stream) : REAL(freopen)(proc, mode, stream);
+    t_guard--;
+    if (*ret != NULL) {
+        struct ent *e = ent_new(K_MFILE);
+        if (e != NULL) {
+            e->st = st;
+            e->path = strdup(path);
+            int nfd = fileno(*ret);
+            if (nfd >= 0) {
+                fd_set_ent(nfd, e);
+            } else {
+                ent_put(e);
+            }
+        }
+    }
+    close(fd);
+    return R_DONE;
+}
+
+HOOK FILE *freopen(const char *path, const char *mode, FILE *stream) {
+    FILE *f;
+    if (freopen_common(path, mode, stream, &f, 0) == R_DONE) {
+        return f;
+    }
+    return REAL(freopen)(path, mode, stream);
+}
+
+HOOK FILE *freopen64(const char *path, const char *mode, FILE *stream) {
+    FILE *f;
+    if (freopen_common(path, mode, stream, &f, 1) == R_DONE) {
+        return f;
+    }
+    return REAL(freopen64)(path, mode, stream);
+}

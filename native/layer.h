@@ -1,0 +1,241 @@
+/* Internal declarations shared by the layer's C files. Nothing here is exported: the library
+ * is built with -fvisibility=hidden and only functions marked HOOK are visible to the app.
+ *
+ * Files: preload.c (init, real_* resolution, fd table, debug), conn.c (daemon connections and
+ * requests), policy.c (the compact config and every local/remote decision), files.c (file and
+ * directory hooks), net.c (socket and DNS hooks), proc.c (fork/exec/spawn hooks).
+ */
+#ifndef MIRRORD_LAYER_H
+#define MIRRORD_LAYER_H
+
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/sendfile.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <regex.h>
+#include <spawn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "cbor.h"
+
+#define HOOK __attribute__((visibility("default")))
+#define UNUSED __attribute__((unused))
+
+#ifndef MIRRORD_BUILD_ID
+#define MIRRORD_BUILD_ID "dev"
+#endif
+
+/* ---------------------------------------------------------------- real functions */
+
+/* glibc >= 2.33 no longer declares these, but older binaries still call them. */
+int __xstat(int ver, const char *path, struct stat *buf);
+int __lxstat(int ver, const char *path, struct stat *buf);
+int __fxstat(int ver, int fd, struct stat *buf);
+int __fxstatat(int ver, int dirfd, const char *path, struct stat *buf, int flags);
+int __xstat64(int ver, const char *path, struct stat64 *buf);
+int __lxstat64(int ver, const char *path, struct stat64 *buf);
+int __fxstat64(int ver, int fd, struct stat64 *buf);
+int __fxstatat64(int ver, int dirfd, const char *path, struct stat64 *buf, int flags);
+int __open_2(const char *path, int flags);
+int __open64_2(const char *path, int flags);
+int __openat_2(int dirfd, const char *path, int flags);
+int __openat64_2(int dirfd, const char *path, int flags);
+int fcntl64(int fd, int cmd, ...);
+
+#define MIRRORD_REALS(X)                                                                  \
+    X(open) X(open64) X(openat) X(openat64) X(close) X(read) X(write) X(pread) X(pread64)  \
+    X(pwrite) X(pwrite64) X(readv) X(writev) X(lseek) X(lseek64) X(dup) X(dup2) X(dup3)    \
+    X(fcntl) X(fcntl64) X(fstat) X(fstat64) X(stat) X(stat64) X(lstat) X(lstat64)          \
+    X(fstatat) X(fstatat64) X(statx) X(statfs) X(statfs64) X(fstatfs) X(fstatfs64)         \
+    X(access) X(faccessat) X(readlink) X(readlinkat) X(opendir) X(fdopendir) X(readdir)    \
+    X(readdir64) X(closedir) X(dirfd) X(mkdir) X(mkdirat) X(rmdir) X(unlink) X(unlinkat)   \
+    X(rename) X(renameat) X(ftruncate) X(ftruncate64) X(fchmod) X(fsync) X(fopen)          \
+    X(fopen64) X(freopen) X(freopen64) X(socket) X(bind) X(listen) X(accept) X(accept4)    \
+    X(connect) X(getpeername) X(getsockname) X(sendto) X(recvfrom) X(sendmsg) X(recvmsg)   \
+    X(getaddrinfo) X(freeaddrinfo) X(gethostbyname) X(gethostname) X(fork) X(execve)       \
+    X(execvpe) X(posix_spawn) X(posix_spawnp) X(creat) X(creat64) X(copy_file_range)       \
+    X(sendfile) X(sendfile64) X(close_range)
+
+#define MIRRORD_DECLARE_REAL(name) extern __typeof__(name) *real_##name;
+MIRRORD_REALS(MIRRORD_DECLARE_REAL)
+#undef MIRRORD_DECLARE_REAL
+
+/* Resolves every real_* once (pthread_once); hooks call it before using a real_*, because a
+ * library constructor may call a hooked function before ours has run. */
+void layer_resolve(void);
+#define REAL(name) (__builtin_expect(real_##name != NULL, 1) ? real_##name : (layer_resolve(), real_##name))
+
+/* ---------------------------------------------------------------- state */
+
+extern int g_active;           /* hooks do their work (configured, not skipped) */
+extern __thread int t_guard;   /* >0 while the layer runs its own code on this thread */
+extern int g_debug;
+
+void layer_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#define DBG(...)                     \
+    do {                             \
+        if (g_debug) {               \
+            layer_debug(__VA_ARGS__); \
+        }                            \
+    } while (0)
+
+/* A hook's decision: do the real call, the layer did it (result in *ret), or fail with
+ * errno. */
+enum { R_BYPASS = 0, R_DONE = 1 };
+
+/* ---------------------------------------------------------------- fd table */
+
+enum ent_kind { K_LAYER = 1, K_RFILE, K_MFILE, K_SOCK };
+
+#define MAX_UDP_MAPS 8
+
+struct udp_map {
+    struct sockaddr_storage remote; /* what the app addressed */
+    socklen_t remote_len;
+    struct sockaddr_storage relay; /* where the daemon relays it */
+    socklen_t relay_len;
+};
+
+struct ent {
+    int kind;
+    int refs; /* fds pointing here plus callers holding it; under g_fd_lock */
+    /* files: a remote handle (K_RFILE) or a memfd with the remote stat (K_MFILE) */
+    int has_handle;
+    uint64_t handle;
+    int oflags;
+    int is_dir;
+    char *path;
+    struct stat st;
+    /* sockets */
+    int family, socktype;
+    int bound; /* bind() recorded the requested address */
+    struct sockaddr_storage req;
+    socklen_t req_len;
+    int subscribed;
+    int sub_port;
+    int remote; /* connected through the daemon: peer / local are the target's view */
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+    struct sockaddr_storage local;
+    socklen_t local_len;
+    int nmaps;
+    struct udp_map maps[MAX_UDP_MAPS];
+};
+
+#define MAX_FDS 65536
+extern struct ent *g_fd[MAX_FDS];
+extern pthread_mutex_t g_fd_lock;
+extern int g_nhandles; /* remote handles and subscriptions alive: fork waits for the child */
+
+/* Lock-free peek for the bypass path: NULL for every fd the layer does not track. */
+static inline struct ent *fd_peek(int fd) {
+    if ((unsigned)fd >= MAX_FDS) {
+        return NULL;
+    }
+    return __atomic_load_n(&g_fd[fd], __ATOMIC_ACQUIRE);
+}
+
+struct ent *ent_new(int kind);
+struct ent *ent_get(int fd);              /* takes a reference, NULL if untracked */
+void ent_put(struct ent *e);              /* drops a reference; the last one frees remotely */
+void fd_set_ent(int fd, struct ent *e);   /* takes over one reference of e */
+struct ent *fd_take(int fd);              /* removes fd's entry and returns its reference */
+void fd_forget(int fd);                   /* drops a stale entry (a new fd reuses the number) */
+int layer_fd_protect(int fd);             /* moves a layer fd high, marks it; returns new fd */
+void layer_fd_release(int fd);            /* unmarks and really closes a layer fd */
+int layer_fd_relocate(int fd);            /* the app wants this number: move ours away */
+
+/* ---------------------------------------------------------------- daemon connections */
+
+/* Message kinds of src/mirrord/protocol/messages.py. */
+enum {
+    M_ERROR = 1, M_OK = 2, M_FATAL = 3, M_PING = 4, M_PONG = 5,
+    M_FILE_OPEN = 10, M_FILE_OPENED = 11, M_FILE_READ = 12, M_FILE_DATA = 13,
+    M_FILE_WRITE = 14, M_FILE_WRITTEN = 15, M_FILE_SEEK = 16, M_FILE_POSITION = 17,
+    M_FILE_CLOSE = 18, M_FILE_STAT = 19, M_STAT_REPLY = 20, M_STATFS = 21,
+    M_STATFS_REPLY = 22, M_FILE_ACCESS = 23, M_READLINK = 24, M_READLINK_REPLY = 25,
+    M_DIR_OPEN = 26, M_DIR_OPENED = 27, M_DIR_READ = 28, M_DIR_ENTRIES = 29,
+    M_DIR_CLOSE = 30, M_MKDIR = 31, M_RMDIR = 32, M_UNLINK = 33, M_RENAME = 34,
+    M_FTRUNCATE = 35, M_FCHMOD = 36, M_FSYNC = 37,
+    M_DNS_LOOKUP = 52, M_DNS_REPLY = 53, M_HOSTNAME_REQUEST = 54, M_HOSTNAME_REPLY = 55,
+    M_LAYER_HELLO = 200, M_LAYER_WELCOME = 201, M_LAYER_CONNECT = 202,
+    M_LAYER_CONNECTED = 203, M_LAYER_LISTEN = 204, M_LAYER_UNLISTEN = 205,
+    M_PEER_LOOKUP = 206, M_PEER_REPLY = 207,
+};
+
+#define MAX_FRAME (2 * 1024 * 1024)
+#define MAX_DATA_CHUNK (1024 * 1024)
+
+struct lconn;
+/* A connection for one request on this thread; NULL with errno EIO when the daemon is
+ * unreachable (after a bounded wait). */
+struct lconn *conn_acquire(void);
+void conn_release(struct lconn *c);
+/* Starts a request: writes [kind, request_id, ... nfields more]. */
+cbor_w *conn_begin(struct lconn *c, int kind, size_t nfields);
+/* Sends the request and reads its reply. 0: reply of kind `expect`, r is after its
+ * request_id. -1: errno from ErrorReply, or EIO if the daemon broke (connection dropped). */
+int conn_call(struct lconn *c, int expect, cbor_r *r);
+int conn_register_now(void); /* registers this process (fork child), 0 or -1 */
+void conn_after_fork_child(pid_t parent);
+void conn_prepare_exec(int *fd, pid_t *pid); /* the process connection to keep across exec */
+void conn_exec_failed(void);
+void conn_init(void);
+int conn_registered(void);
+
+/* ---------------------------------------------------------------- policy */
+
+enum { FS_LOCAL, FS_LOCAL_WITH_OVERRIDES, FS_READ, FS_WRITE };
+enum { P_LOCAL = 0, P_REMOTE = 1, P_NOT_FOUND = 2 };
+enum { IN_OFF, IN_MIRROR, IN_STEAL };
+
+struct settings {
+    int fs_mode;
+    int out_tcp, out_udp;
+    int dns;
+    int incoming;
+    int ignore_localhost;          /* outgoing */
+    int incoming_ignore_localhost;
+    int hostname;
+    int skip_build_tools;
+    int timeout_ms;
+};
+extern struct settings g_set;
+
+int policy_load(const char *text);   /* parses MIRRORD_LAYER_CONFIG; -1 if malformed */
+int policy_skip_process(const char *exe, const char *name);
+/* File decision for an absolute or relative path; `write` for opens that may modify. */
+int policy_file(const char *path, int write);
+int policy_connect(const struct sockaddr *sa, socklen_t len, int socktype);
+int policy_dns(const char *host, int port);
+int policy_listen_port(int port);           /* remote port to subscribe, or -1 */
+int policy_bind_port(int port);             /* local port to really bind (listen_ports) */
+void policy_remember_name(const struct sockaddr *sa, const char *name);
+
+/* ---------------------------------------------------------------- helpers */
+
+int stat_from_wire(cbor_r *r, struct stat *st);
+int remote_stat_path(const char *path, int follow, struct stat *st);
+int sockaddr_to_text(const struct sockaddr *sa, char *host, size_t cap, int *port);
+int sockaddr_from_text(const char *host, int port, int family, struct sockaddr_storage *ss,
+                       socklen_t *len);
+int is_loopback(const struct sockaddr *sa);
+
+/* Exec environment: the env that keeps the layer in the new image (malloc'd, NULL-ended). */
+char **proc_exec_env(char *const envp[], int keep_fd);
+void proc_free_env(char **env);
+void proc_init_env(void);
+void proc_fork_child(void);
+pid_t conn_parent(void);
+void net_restore_listeners(void);
+
+#endif

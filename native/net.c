@@ -1,0 +1,871 @@
+/* Socket and DNS hooks.
+ *
+ * Outgoing: a connect() the outgoing filter sends remote becomes LayerConnect; the daemon
+ * answers with a loopback relay endpoint and the user's socket connects there (blocking or
+ * not: the real connect to the relay gives EINPROGRESS exactly as the app expects).
+ * getpeername() then reports the address the app asked for. UDP: connect() the same way;
+ * sendto()/sendmsg() to a remote address go through a per-destination relay, and
+ * recvfrom()/recvmsg() translate the relay back into the remote address.
+ * Incoming: bind() records the requested address (binding port 0 instead when the port is
+ * busy on the user's machine), listen() subscribes with LayerListen, accept() and
+ * getpeername() on its connections report the real remote peer (PeerLookup).
+ * DNS: getaddrinfo()/gethostbyname() through DnsLookup, gethostname() through
+ * HostnameRequest.
+ */
+#include "layer.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+
+int sockaddr_to_text(const struct sockaddr *sa, char *host, size_t cap, int *port) {
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const void *)sa;
+        *port = ntohs(in->sin_port);
+        return inet_ntop(AF_INET, &in->sin_addr, host, (socklen_t)cap) ? 0 : -1;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const void *)sa;
+        *port = ntohs(in6->sin6_port);
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            return inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], host, (socklen_t)cap) ? 0 : -1;
+        }
+        return inet_ntop(AF_INET6, &in6->sin6_addr, host, (socklen_t)cap) ? 0 : -1;
+    }
+    return -1;
+}
+
+/* `host` as a sockaddr of `family` (an IPv4 address on an AF_INET6 socket becomes
+ * v4-mapped). */
+int sockaddr_from_text(const char *host, int port, int family, struct sockaddr_storage *ss,
+                       socklen_t *len) {
+    memset(ss, 0, sizeof *ss);
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, host, &a4) == 1) {
+        if (family == AF_INET6) {
+            struct sockaddr_in6 *in6 = (void *)ss;
+            in6->sin6_family = AF_INET6;
+            in6->sin6_port = htons((uint16_t)port);
+            in6->sin6_addr.s6_addr[10] = 0xff;
+            in6->sin6_addr.s6_addr[11] = 0xff;
+            memcpy(&in6->sin6_addr.s6_addr[12], &a4, 4);
+            *len = sizeof *in6;
+        } else {
+            struct sockaddr_in *in = (void *)ss;
+            in->sin_family = AF_INET;
+            in->sin_port = htons((uint16_t)port);
+            in->sin_addr = a4;
+            *len = sizeof *in;
+        }
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &a6) == 1 && family != AF_INET) {
+        struct sockaddr_in6 *in6 = (void *)ss;
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((uint16_t)port);
+        in6->sin6_addr = a6;
+        *len = sizeof *in6;
+        return 0;
+    }
+    return -1;
+}
+
+static int sock_type(int fd) {
+    int type = 0;
+    socklen_t tl = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0) {
+        return -1;
+    }
+    return type;
+}
+
+static int sock_family(int fd) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (REAL(getsockname)(fd, (struct sockaddr *)&ss, &len) < 0) {
+        return -1;
+    }
+    return ss.ss_family;
+}
+
+static void copy_addr_out(const struct sockaddr_storage *ss, socklen_t len, struct sockaddr *out,
+                          socklen_t *outlen) {
+    if (out == NULL || outlen == NULL) {
+        return;
+    }
+    memcpy(out, ss, len < *outlen ? len : *outlen);
+    *outlen = len;
+}
+
+static struct ent *sock_ent(int fd) {
+    struct ent *e = ent_get(fd);
+    if (e != NULL) {
+        if (e->kind == K_SOCK) {
+            return e;
+        }
+        ent_put(e);
+        return NULL;
+    }
+    e = ent_new(K_SOCK);
+    if (e == NULL) {
+        return NULL;
+    }
+    e->refs = 2; /* the table's reference and the caller's */
+    fd_set_ent(fd, e);
+    return e;
+}
+
+/* LayerConnect: the relay endpoint (in the socket's family) and the target-side local
+ * address. 0, or -1 with errno (ECONNREFUSED when the daemon is unreachable). */
+static int layer_connect(const char *proto, const struct sockaddr *sa, int family,
+                         struct sockaddr_storage *relay, socklen_t *relay_len,
+                         struct sockaddr_storage *local, socklen_t *local_len) {
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    if (sockaddr_to_text(sa, host, sizeof host, &port) < 0) {
+        errno = EAFNOSUPPORT;
+        return -1;
+    }
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        errno = ECONNREFUSED;
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_LAYER_CONNECT, 3);
+    cw_str(w, proto);
+    cw_str(w, host);
+    cw_uint(w, (uint64_t)port);
+    cbor_r r;
+    int rc = conn_call(c, M_LAYER_CONNECTED, &r);
+    if (rc < 0 && errno == EIO) {
+        errno = ECONNREFUSED; /* the daemon broke: as if nobody listened */
+    }
+    if (rc == 0) {
+        char raddr[64], laddr[64];
+        uint64_t rport, lport;
+        if (cr_strbuf(&r, raddr, sizeof raddr) < 0 || cr_uint(&r, &rport) < 0 ||
+            cr_strbuf(&r, laddr, sizeof laddr) < 0 || cr_uint(&r, &lport) < 0 || rport > 65535 ||
+            lport > 65535 || sockaddr_from_text(raddr, (int)rport, family, relay, relay_len) < 0) {
+            errno = ECONNREFUSED;
+            rc = -1;
+        } else if (sockaddr_from_text(laddr, (int)lport, family, local, local_len) < 0) {
+            *local_len = 0;
+        }
+    }
+    conn_release(c);
+    return rc;
+}
+
+HOOK int socket(int domain, int type, int protocol) {
+    int fd = REAL(socket)(domain, type, protocol);
+    if (fd >= 0 && fd_peek(fd) != NULL) {
+        fd_forget(fd); /* a number closed behind our back (close_range, syscall) */
+    }
+    return fd;
+}
+
+HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
+    if (!g_active || t_guard || sa == NULL || len < sizeof(sa_family_t) ||
+        (sa->sa_family != AF_INET && sa->sa_family != AF_INET6)) {
+        return REAL(connect)(fd, sa, len);
+    }
+    int type = sock_type(fd);
+    if (policy_connect(sa, len, type) == P_LOCAL) {
+        return REAL(connect)(fd, sa, len);
+    }
+    t_guard++;
+    struct sockaddr_storage relay, local;
+    socklen_t relay_len, local_len;
+    int family = sock_family(fd);
+    int rc = layer_connect(type == SOCK_STREAM ? "tcp" : "udp", sa, family, &relay, &relay_len,
+                           &local, &local_len);
+    if (rc == 0) {
+        rc = REAL(connect)(fd, (struct sockaddr *)&relay, relay_len);
+        int saved = errno;
+        if (rc == 0 || errno == EINPROGRESS) {
+            struct ent *e = sock_ent(fd);
+            if (e != NULL) {
+                e->remote = 1;
+                e->socktype = type;
+                memcpy(&e->peer, sa, len < sizeof e->peer ? len : sizeof e->peer);
+                e->peer_len = len;
+                e->local = local;
+                e->local_len = local_len;
+                e->maps[0].relay = relay;
+                e->maps[0].relay_len = relay_len;
+                ent_put(e);
+            }
+            DBG("connect fd %d remotely through the daemon", fd);
+        }
+        errno = saved;
+    }
+    t_guard--;
+    return rc;
+}
+
+HOOK int getpeername(int fd, struct sockaddr *sa, socklen_t *len) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || pe->kind != K_SOCK || t_guard) {
+        return REAL(getpeername)(fd, sa, len);
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL || !e->remote) {
+        ent_put(e);
+        return REAL(getpeername)(fd, sa, len);
+    }
+    /* still check the socket is connected, for the errno */
+    struct sockaddr_storage tmp;
+    socklen_t tl = sizeof tmp;
+    int rc = REAL(getpeername)(fd, (struct sockaddr *)&tmp, &tl);
+    if (rc == 0) {
+        copy_addr_out(&e->peer, e->peer_len, sa, len);
+    }
+    ent_put(e);
+    return rc;
+}
+
+HOOK int getsockname(int fd, struct sockaddr *sa, socklen_t *len) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || pe->kind != K_SOCK || t_guard) {
+        return REAL(getsockname)(fd, sa, len);
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(getsockname)(fd, sa, len);
+    }
+    int rc = 0;
+    if (e->remote && e->local_len > 0 && e->socktype == SOCK_STREAM) {
+        copy_addr_out(&e->local, e->local_len, sa, len);
+    } else if (e->bound && !e->remote) {
+        copy_addr_out(&e->req, e->req_len, sa, len); /* the address the app asked for */
+    } else {
+        rc = REAL(getsockname)(fd, sa, len);
+    }
+    ent_put(e);
+    return rc;
+}
+
+static void set_port(struct sockaddr_storage *ss, int port) {
+    if (ss->ss_family == AF_INET) {
+        ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
+    } else {
+        ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
+    }
+}
+
+static int get_port(const struct sockaddr *sa) {
+    return sa->sa_family == AF_INET ? ntohs(((const struct sockaddr_in *)(const void *)sa)->sin_port)
+                                    : ntohs(((const struct sockaddr_in6 *)(const void *)sa)->sin6_port);
+}
+
+HOOK int bind(int fd, const struct sockaddr *sa, socklen_t len) {
+    if (!g_active || t_guard || sa == NULL || len < sizeof(sa_family_t) ||
+        (sa->sa_family != AF_INET && sa->sa_family != AF_INET6) || g_set.incoming == IN_OFF ||
+        (sa->sa_family == AF_INET && len < sizeof(struct sockaddr_in)) ||
+        (sa->sa_family == AF_INET6 && len < sizeof(struct sockaddr_in6))) {
+        return REAL(bind)(fd, sa, len);
+    }
+    int port = get_port(sa);
+    if (port == 0 || sock_type(fd) != SOCK_STREAM || policy_listen_port(port) < 0) {
+        return REAL(bind)(fd, sa, len);
+    }
+    struct sockaddr_storage use;
+    memcpy(&use, sa, len);
+    set_port(&use, policy_bind_port(port));
+    int rc = REAL(bind)(fd, (struct sockaddr *)&use, len);
+    if (rc < 0 && errno == EADDRINUSE) {
+        /* busy on the user's machine (the target's port is what matters): any port will do */
+        set_port(&use, 0);
+        rc = REAL(bind)(fd, (struct sockaddr *)&use, len);
+    }
+    if (rc == 0) {
+        t_guard++;
+        struct ent *e = sock_ent(fd);
+        if (e != NULL) {
+            e->bound = 1;
+            memcpy(&e->req, sa, len);
+            e->req_len = len;
+            e->socktype = SOCK_STREAM;
+            ent_put(e);
+        }
+        t_guard--;
+    }
+    return rc;
+}
+
+HOOK int listen(int fd, int backlog) {
+    int rc = REAL(listen)(fd, backlog);
+    struct ent *pe = fd_peek(fd);
+    if (rc < 0 || pe == NULL || pe->kind != K_SOCK || !g_active || t_guard) {
+        return rc;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return rc;
+    }
+    int rport = e->bound && !e->subscribed ? policy_listen_port(get_port((struct sockaddr *)&e->req)) : -1;
+    if (rport >= 0 && !(g_set.incoming_ignore_localhost && is_loopback((struct sockaddr *)&e->req))) {
+        t_guard++;
+        struct sockaddr_storage real;
+        socklen_t rl = sizeof real;
+        char host[INET6_ADDRSTRLEN];
+        int bport;
+        if (REAL(getsockname)(fd, (struct sockaddr *)&real, &rl) == 0 &&
+            sockaddr_to_text((struct sockaddr *)&real, host, sizeof host, &bport) == 0) {
+            if (strcmp(host, "0.0.0.0") == 0) {
+                strcpy(host, "127.0.0.1");
+            } else if (strcmp(host, "::") == 0) {
+                strcpy(host, "::1");
+            }
+            struct lconn *c = conn_acquire();
+            if (c != NULL) {
+                cbor_w *w = conn_begin(c, M_LAYER_LISTEN, 3);
+                cw_uint(w, (uint64_t)rport);
+                cw_str(w, host);
+                cw_uint(w, (uint64_t)bport);
+                cbor_r r;
+                int saved = errno;
+                if (conn_call(c, M_OK, &r) == 0) {
+                    e->subscribed = 1;
+                    e->sub_port = rport;
+                    __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
+                    DBG("listening on port %d: subscribed (bound %s:%d)", rport, host, bport);
+                } else {
+                    /* the app still serves locally; the session reports the failure */
+                    DBG("subscribing port %d failed: %s", rport, strerror(errno));
+                }
+                errno = saved;
+                conn_release(c);
+            }
+        }
+        t_guard--;
+    }
+    ent_put(e);
+    return rc;
+}
+
+/* The real peer of a connection the daemon made to a subscribed listener. */
+static int peer_lookup(const struct sockaddr_storage *from, int family, struct sockaddr_storage *out,
+                       socklen_t *outlen) {
+    if (!is_loopback((const struct sockaddr *)from)) {
+        return -1; /* the daemon connects from loopback; others are real local clients */
+    }
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, M_PEER_LOOKUP, 1);
+    cw_uint(w, (uint64_t)get_port((const struct sockaddr *)from));
+    cbor_r r;
+    int rc = -1;
+    int saved = errno;
+    if (conn_call(c, M_PEER_REPLY, &r) == 0) {
+        char host[64];
+        uint64_t port;
+        if (cr_strbuf(&r, host, sizeof host) == 0 && cr_uint(&r, &port) == 0 && port <= 65535 &&
+            sockaddr_from_text(host, (int)port, family, out, outlen) == 0) {
+            rc = 0;
+        }
+    }
+    errno = saved;
+    conn_release(c);
+    return rc;
+}
+
+static int accept_common(int fd, struct sockaddr *sa, socklen_t *len, int flags, int four) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || pe->kind != K_SOCK || t_guard || !g_active) {
+        int nfd = four ? REAL(accept4)(fd, sa, len, flags) : REAL(accept)(fd, sa, len);
+        if (nfd >= 0 && fd_peek(nfd) != NULL) {
+            fd_forget(nfd);
+        }
+        return nfd;
+    }
+    struct sockaddr_storage from;
+    socklen_t fl = sizeof from;
+    int nfd = four ? REAL(accept4)(fd, (struct sockaddr *)&from, &fl, flags)
+                   : REAL(accept)(fd, (struct sockaddr *)&from, &fl);
+    if (nfd < 0) {
+        return nfd;
+    }
+    fd_forget(nfd);
+    struct ent *e = ent_get(fd);
+    int subscribed = e != NULL && e->subscribed;
+    ent_put(e);
+    if (subscribed) {
+        t_guard++;
+        struct sockaddr_storage peer;
+        socklen_t pl;
+        if (peer_lookup(&from, from.ss_family, &peer, &pl) == 0) {
+            struct ent *ne = sock_ent(nfd);
+            if (ne != NULL) {
+                ne->remote = 1;
+                ne->socktype = SOCK_STREAM;
+                ne->peer = peer;
+                ne->peer_len = pl;
+                ent_put(ne);
+            }
+            from = peer;
+            fl = pl;
+        }
+        t_guard--;
+    }
+    copy_addr_out(&from, fl, sa, len);
+    return nfd;
+}
+
+HOOK int accept(int fd, struct sockaddr *sa, socklen_t *len) {
+    return accept_common(fd, sa, len, 0, 0);
+}
+
+HOOK int accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags) {
+    return accept_common(fd, sa, len, flags, 1);
+}
+
+/* ---------------------------------------------------------------- UDP */
+
+static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
+    if (a->ss_family != b->ss_family) {
+        return 0;
+    }
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+    return x->sin6_port == y->sin6_port && memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0;
+}
+
+/* The relay for datagrams to `sa` from this socket (created on first use). */
+static int udp_relay_for(int fd, const struct sockaddr *sa, socklen_t len,
+                         struct sockaddr_storage *relay, socklen_t *relay_len) {
+    struct ent *e = sock_ent(fd);
+    if (e == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    struct sockaddr_storage want;
+    memset(&want, 0, sizeof want);
+    memcpy(&want, sa, len < sizeof want ? len : sizeof want);
+    for (int i = 0; i < e->nmaps; i++) {
+        if (same_addr(&e->maps[i].remote, &want)) {
+            *relay = e->maps[i].relay;
+            *relay_len = e->maps[i].relay_len;
+            ent_put(e);
+            return 0;
+        }
+    }
+    struct sockaddr_storage local;
+    socklen_t local_len;
+    int rc = layer_connect("udp", sa, sock_family(fd), relay, relay_len, &local, &local_len);
+    if (rc == 0) {
+        int i = e->nmaps < MAX_UDP_MAPS ? e->nmaps++ : MAX_UDP_MAPS - 1;
+        e->maps[i].remote = want;
+        e->maps[i].remote_len = len;
+        e->maps[i].relay = *relay;
+        e->maps[i].relay_len = *relay_len;
+        e->socktype = SOCK_DGRAM;
+    }
+    ent_put(e);
+    return rc;
+}
+
+/* Source address of a datagram: a relay of ours is shown as the remote it stands for. */
+static void udp_translate_from(int fd, struct sockaddr_storage *from, socklen_t *fl) {
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return;
+    }
+    for (int i = 0; i < e->nmaps; i++) {
+        if (same_addr(&e->maps[i].relay, from)) {
+            *from = e->maps[i].remote;
+            *fl = e->maps[i].remote_len;
+            break;
+        }
+    }
+    if (e->remote && e->socktype == SOCK_DGRAM && same_addr(&e->maps[0].relay, from)) {
+        *from = e->peer;
+        *fl = e->peer_len;
+    }
+    ent_put(e);
+}
+
+static int udp_remote_dest(int fd, const struct sockaddr *sa, socklen_t len) {
+    return g_active && !t_guard && sa != NULL && len >= sizeof(sa_family_t) &&
+           (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) && sock_type(fd) == SOCK_DGRAM &&
+           policy_connect(sa, len, SOCK_DGRAM) == P_REMOTE;
+}
+
+HOOK ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *sa,
+                    socklen_t len) {
+    if (!udp_remote_dest(fd, sa, len)) {
+        return REAL(sendto)(fd, buf, n, flags, sa, len);
+    }
+    t_guard++;
+    struct sockaddr_storage relay;
+    socklen_t rl;
+    ssize_t rc = udp_relay_for(fd, sa, len, &relay, &rl);
+    if (rc == 0) {
+        rc = REAL(sendto)(fd, buf, n, flags, (struct sockaddr *)&relay, rl);
+    }
+    t_guard--;
+    return rc;
+}
+
+HOOK ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
+    if (msg == NULL || !udp_remote_dest(fd, msg->msg_name, msg->msg_namelen)) {
+        return REAL(sendmsg)(fd, msg, flags);
+    }
+    t_guard++;
+    struct sockaddr_storage relay;
+    socklen_t rl;
+    ssize_t rc = udp_relay_for(fd, msg->msg_name, msg->msg_namelen, &relay, &rl);
+    if (rc == 0) {
+        struct msghdr m = *msg;
+        m.msg_name = &relay;
+        m.msg_namelen = rl;
+        rc = REAL(sendmsg)(fd, &m, flags);
+    }
+    t_guard--;
+    return rc;
+}
+
+HOOK ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *sa, socklen_t *len) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || pe->kind != K_SOCK || t_guard || sa == NULL || len == NULL) {
+        return REAL(recvfrom)(fd, buf, n, flags, sa, len);
+    }
+    struct sockaddr_storage from;
+    socklen_t fl = sizeof from;
+    ssize_t rc = REAL(recvfrom)(fd, buf, n, flags, (struct sockaddr *)&from, &fl);
+    if (rc >= 0) {
+        if (fl > 0) {
+            udp_translate_from(fd, &from, &fl);
+        }
+        copy_addr_out(&from, fl, sa, len);
+    }
+    return rc;
+}
+
+HOOK ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || pe->kind != K_SOCK || t_guard || msg == NULL || msg->msg_name == NULL) {
+        return REAL(recvmsg)(fd, msg, flags);
+    }
+    ssize_t rc = REAL(recvmsg)(fd, msg, flags);
+    if (rc >= 0 && msg->msg_namelen > 0) {
+        struct sockaddr_storage from;
+        socklen_t fl = msg->msg_namelen < sizeof from ? msg->msg_namelen : sizeof from;
+        memset(&from, 0, sizeof from);
+        memcpy(&from, msg->msg_name, fl);
+        udp_translate_from(fd, &from, &fl);
+        socklen_t cap = msg->msg_namelen;
+        memcpy(msg->msg_name, &from, fl < cap ? fl : cap);
+        msg->msg_namelen = fl;
+    }
+    return rc;
+}
+
+/* ---------------------------------------------------------------- DNS */
+
+struct ai_node {
+    struct addrinfo ai;
+    struct sockaddr_storage ss;
+};
+
+struct ai_owned {
+    struct addrinfo *head;
+    struct ai_owned *next;
+};
+
+static struct ai_owned *g_owned;
+static pthread_mutex_t g_owned_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void free_chain(struct addrinfo *ai) {
+    while (ai != NULL) {
+        struct addrinfo *next = ai->ai_next;
+        free(ai->ai_canonname);
+        free(ai);
+        ai = next;
+    }
+}
+
+static int dns_errno_to_eai(int e) {
+    switch (e) {
+    case ENOENT:
+    case ENXIO:
+    case EHOSTUNREACH:
+    case ENODATA: return EAI_NONAME;
+    case EAGAIN:
+    case ETIMEDOUT:
+    case EIO: return EAI_AGAIN;
+    case EAFNOSUPPORT: return EAI_FAMILY;
+    case ENOMEM: return EAI_MEMORY;
+    default: return EAI_FAIL;
+    }
+}
+
+/* DnsLookup; builds an addrinfo chain that freeaddrinfo recognises as ours. */
+static int dns_lookup(const char *host, int port, int family, int socktype, int protocol,
+                      int flags, struct addrinfo **res) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return EAI_AGAIN;
+    }
+    cbor_w *w = conn_begin(c, M_DNS_LOOKUP, 6);
+    cw_str(w, host);
+    cw_uint(w, (uint64_t)port);
+    cw_uint(w, (uint64_t)family);
+    cw_uint(w, (uint64_t)socktype);
+    cw_uint(w, (uint64_t)protocol);
+    cw_uint(w, (uint64_t)flags);
+    cbor_r r;
+    if (conn_call(c, M_DNS_REPLY, &r) < 0) {
+        int rc = dns_errno_to_eai(errno);
+        conn_release(c);
+        return rc;
+    }
+    uint64_t n;
+    struct addrinfo *head = NULL, **tail = &head;
+    int rc = 0;
+    if (cr_array(&r, &n) < 0) {
+        rc = EAI_FAIL;
+    }
+    for (uint64_t i = 0; rc == 0 && i < n; i++) {
+        uint64_t k, fam, st, pr, p;
+        char addr[64];
+        if (cr_array(&r, &k) < 0 || k != 5 || cr_uint(&r, &fam) < 0 || cr_uint(&r, &st) < 0 ||
+            cr_uint(&r, &pr) < 0 || cr_strbuf(&r, addr, sizeof addr) < 0 || cr_uint(&r, &p) < 0 ||
+            p > 65535) {
+            rc = EAI_FAIL;
+            break;
+        }
+        if ((family != AF_UNSPEC && (int)fam != family) || (socktype && st && (int)st != socktype)) {
+            continue;
+        }
+        struct ai_node *node = calloc(1, sizeof *node);
+        socklen_t alen;
+        if (node == NULL) {
+            rc = EAI_MEMORY;
+            break;
+        }
+        if (sockaddr_from_text(addr, (int)p, (int)fam, &node->ss, &alen) < 0) {
+            free(node);
+            continue;
+        }
+        node->ai.ai_family = node->ss.ss_family;
+        node->ai.ai_socktype = st ? (int)st : socktype;
+        node->ai.ai_protocol = pr ? (int)pr : protocol;
+        node->ai.ai_addr = (struct sockaddr *)&node->ss;
+        node->ai.ai_addrlen = alen;
+        node->ai.ai_flags = flags;
+        *tail = &node->ai;
+        tail = &node->ai.ai_next;
+        policy_remember_name(node->ai.ai_addr, host);
+    }
+    if (rc == 0 && head != NULL && (flags & AI_CANONNAME)) {
+        const char *cn;
+        size_t cl;
+        if (cr_peek(&r) == CBOR_TEXT && cr_text(&r, &cn, &cl) == 0 && cl > 0) {
+            head->ai_canonname = strndup(cn, cl);
+        } else {
+            head->ai_canonname = strdup(host);
+        }
+    }
+    conn_release(c);
+    if (rc == 0 && head == NULL) {
+        rc = EAI_NONAME;
+    }
+    if (rc != 0) {
+        free_chain(head);
+        return rc;
+    }
+    struct ai_owned *o = malloc(sizeof *o);
+    if (o == NULL) {
+        free_chain(head);
+        return EAI_MEMORY;
+    }
+    pthread_mutex_lock(&g_owned_lock);
+    o->head = head;
+    o->next = g_owned;
+    g_owned = o;
+    pthread_mutex_unlock(&g_owned_lock);
+    *res = head;
+    return 0;
+}
+
+static int service_port(const char *service, const struct addrinfo *hints, int *port) {
+    if (service == NULL) {
+        *port = 0;
+        return 0;
+    }
+    char *end;
+    long p = strtol(service, &end, 10);
+    if (*service && *end == 0 && p >= 0 && p <= 65535) {
+        *port = (int)p;
+        return 0;
+    }
+    if (hints && (hints->ai_flags & AI_NUMERICSERV)) {
+        return -1;
+    }
+    struct servent se, *res = NULL;
+    char buf[1024];
+    const char *proto = hints && hints->ai_socktype == SOCK_DGRAM ? "udp" : "tcp";
+    if (getservbyname_r(service, proto, &se, buf, sizeof buf, &res) != 0 || res == NULL) {
+        return -1;
+    }
+    *port = ntohs((uint16_t)res->s_port);
+    return 0;
+}
+
+HOOK int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                     struct addrinfo **res) {
+    if (!g_active || t_guard || node == NULL || (hints && (hints->ai_flags & AI_NUMERICHOST))) {
+        return REAL(getaddrinfo)(node, service, hints, res);
+    }
+    int port;
+    if (service_port(service, hints, &port) < 0 || policy_dns(node, port) == P_LOCAL) {
+        return REAL(getaddrinfo)(node, service, hints, res);
+    }
+    t_guard++;
+    int rc = dns_lookup(node, port, hints ? hints->ai_family : 0, hints ? hints->ai_socktype : 0,
+                        hints ? hints->ai_protocol : 0, hints ? hints->ai_flags : 0, res);
+    t_guard--;
+    DBG("getaddrinfo %s remotely: %d", node, rc);
+    return rc;
+}
+
+HOOK void freeaddrinfo(struct addrinfo *ai) {
+    if (ai == NULL) {
+        return;
+    }
+    struct ai_owned *found = NULL;
+    pthread_mutex_lock(&g_owned_lock);
+    for (struct ai_owned **p = &g_owned; *p; p = &(*p)->next) {
+        if ((*p)->head == ai) {
+            found = *p;
+            *p = found->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_owned_lock);
+    if (found != NULL) {
+        free(found);
+        free_chain(ai);
+        return;
+    }
+    REAL(freeaddrinfo)(ai);
+}
+
+#define HOST_ADDRS 16
+static __thread struct {
+    struct hostent he;
+    char name[256];
+    char *aliases[1];
+    char *addrs[HOST_ADDRS + 1];
+    struct in_addr a[HOST_ADDRS];
+} t_host;
+
+HOOK struct hostent *gethostbyname(const char *name) {
+    if (!g_active || t_guard || name == NULL || policy_dns(name, 0) == P_LOCAL) {
+        return REAL(gethostbyname)(name);
+    }
+    t_guard++;
+    struct addrinfo *res = NULL;
+    int rc = dns_lookup(name, 0, AF_INET, SOCK_STREAM, 0, 0, &res);
+    struct hostent *out = NULL;
+    if (rc == 0) {
+        memset(&t_host, 0, sizeof t_host);
+        snprintf(t_host.name, sizeof t_host.name, "%s", name);
+        int i = 0;
+        for (struct addrinfo *ai = res; ai && i < HOST_ADDRS; ai = ai->ai_next) {
+            t_host.a[i] = ((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+            t_host.addrs[i] = (char *)&t_host.a[i];
+            i++;
+        }
+        t_host.he.h_name = t_host.name;
+        t_host.he.h_aliases = t_host.aliases;
+        t_host.he.h_addrtype = AF_INET;
+        t_host.he.h_length = 4;
+        t_host.he.h_addr_list = t_host.addrs;
+        out = &t_host.he;
+        freeaddrinfo(res);
+    } else {
+        h_errno = rc == EAI_AGAIN ? TRY_AGAIN : HOST_NOT_FOUND;
+    }
+    t_guard--;
+    return out;
+}
+
+HOOK int gethostname(char *name, size_t len) {
+    if (!g_active || t_guard || !g_set.hostname) {
+        return REAL(gethostname)(name, len);
+    }
+    t_guard++;
+    struct lconn *c = conn_acquire();
+    int rc = -1;
+    if (c != NULL) {
+        conn_begin(c, M_HOSTNAME_REQUEST, 0);
+        cbor_r r;
+        if (conn_call(c, M_HOSTNAME_REPLY, &r) == 0) {
+            char host[256];
+            if (cr_strbuf(&r, host, sizeof host) < 0) {
+                errno = EIO;
+            } else if (strlen(host) + 1 > len) {
+                errno = ENAMETOOLONG;
+            } else {
+                strcpy(name, host);
+                rc = 0;
+            }
+        }
+        conn_release(c);
+    }
+    t_guard--;
+    if (rc < 0 && errno == EIO) {
+        /* no daemon: the user's own hostname beats failing every program that logs it */
+        return REAL(gethostname)(name, len);
+    }
+    return rc;
+}
+
+/* Listening sockets survive exec: the new image learns them from MIRRORD_LAYER_LISTENERS. */
+void net_restore_listeners(void) {
+    const char *v = getenv("MIRRORD_LAYER_LISTENERS");
+    if (v == NULL) {
+        return;
+    }
+    while (*v) {
+        int fd, port, n = 0;
+        if (sscanf(v, "%d:%d%n", &fd, &port, &n) != 2 || n == 0) {
+            break;
+        }
+        v += n;
+        if (*v == ',') {
+            v++;
+        }
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int acc = 0;
+        socklen_t al = sizeof acc;
+        if (fd < 0 || fd >= MAX_FDS || REAL(getsockname)(fd, (struct sockaddr *)&ss, &len) < 0 ||
+            getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) < 0 || !acc) {
+            continue;
+        }
+        struct ent *e = ent_new(K_SOCK);
+        if (e == NULL) {
+            break;
+        }
+        e->bound = 1;
+        e->req = ss;
+        e->req_len = len;
+        set_port(&e->req, port);
+        e->subscribed = 1;
+        e->sub_port = port;
+        e->socktype = SOCK_STREAM;
+        __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
+        fd_set_ent(fd, e);
+    }
+}

@@ -1,0 +1,582 @@
+/* The session's settings (MIRRORD_LAYER_CONFIG) and every local/remote decision.
+ *
+ * Format (written by mirrord.layer.LayerSettings.encode, documented in docs/layer.md): one
+ * `key=value` per line, repeated keys for lists, unknown keys ignored. Parsed once at init;
+ * afterwards read-only, so the decisions take no lock.
+ *
+ * The bypass path of open()/stat() must stay within a few ns of the real call: the default
+ * local set is checked with prefix/suffix comparisons before any regex, and the user's regex
+ * lists are only run when they are non-empty.
+ */
+#include "layer.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct settings g_set = {
+    .fs_mode = FS_READ,
+    .out_tcp = 1,
+    .out_udp = 1,
+    .dns = 1,
+    .incoming = IN_MIRROR,
+    .hostname = 1,
+    .skip_build_tools = 1,
+    .timeout_ms = 30000,
+};
+
+#define MAX_LIST 128
+
+struct rlist {
+    int n;
+    regex_t re[MAX_LIST];
+};
+
+static struct rlist g_ro, g_rw, g_local, g_nf;
+
+/* An outgoing or DNS filter entry: protocol (0 any, 1 tcp, 2 udp), a host that is a name,
+ * an address with a prefix length, or any; a port (0 any). */
+struct nfilter {
+    int proto;
+    int kind; /* 0 any, 1 name, 2 v4 subnet, 3 v6 subnet */
+    char name[256];
+    uint8_t addr[16];
+    int prefix;
+    int port;
+};
+
+static struct nfilter g_out_f[MAX_LIST];
+static int g_out_nf, g_out_mode; /* 0 no filter, 1 remote list, 2 local list */
+static struct nfilter g_dns_f[MAX_LIST];
+static int g_dns_nf, g_dns_mode;
+
+static int g_port_map[MAX_LIST][2]; /* local -> remote (incoming.port_mapping) */
+static int g_nport_map;
+static int g_listen_map[MAX_LIST][2]; /* requested -> really bound (incoming.listen_ports) */
+static int g_nlisten_map;
+static int g_ignore_ports[MAX_LIST];
+static int g_nignore;
+static char *g_skip[MAX_LIST];
+static int g_nskip;
+
+static char g_cwd[4096];
+static size_t g_cwd_len;
+static char g_home[4096];
+static size_t g_home_len;
+static char g_exe[4096];
+static size_t g_exe_len;
+static char g_tmpdir[4096];
+static size_t g_tmpdir_len;
+
+static int add_regex(struct rlist *l, const char *v) {
+    if (l->n >= MAX_LIST) {
+        return -1;
+    }
+    if (regcomp(&l->re[l->n], v, REG_EXTENDED | REG_NOSUB) != 0) {
+        DBG("bad regex %s: ignored", v);
+        return -1;
+    }
+    l->n++;
+    return 0;
+}
+
+static int parse_filter(struct nfilter *f, const char *v, int with_proto) {
+    char proto[16] = "any", host[256] = "*";
+    int port = 0;
+    memset(f, 0, sizeof *f);
+    if (with_proto) {
+        if (sscanf(v, "%15s %255s %d", proto, host, &port) < 2) {
+            return -1;
+        }
+    } else if (sscanf(v, "%255s %d", host, &port) < 1) {
+        return -1;
+    }
+    f->proto = strcmp(proto, "tcp") == 0 ? 1 : strcmp(proto, "udp") == 0 ? 2 : 0;
+    f->port = port;
+    if (strcmp(host, "*") == 0) {
+        f->kind = 0;
+        return 0;
+    }
+    char *slash = strchr(host, '/');
+    int prefix = -1;
+    if (slash != NULL) {
+        *slash = 0;
+        prefix = atoi(slash + 1);
+    }
+    if (inet_pton(AF_INET, host, f->addr) == 1) {
+        f->kind = 2;
+        f->prefix = prefix < 0 || prefix > 32 ? 32 : prefix;
+    } else if (inet_pton(AF_INET6, host, f->addr) == 1) {
+        f->kind = 3;
+        f->prefix = prefix < 0 || prefix > 128 ? 128 : prefix;
+    } else {
+        f->kind = 1;
+        snprintf(f->name, sizeof f->name, "%s", host);
+    }
+    return 0;
+}
+
+static int flag(const char *v) { return strcmp(v, "1") == 0 || strcasecmp(v, "true") == 0; }
+
+int policy_load(const char *text) {
+    char line[4096];
+    const char *p = text;
+    while (*p) {
+        const char *nl = strchr(p, '\n');
+        size_t n = nl ? (size_t)(nl - p) : strlen(p);
+        if (n >= sizeof line) {
+            return -1;
+        }
+        memcpy(line, p, n);
+        line[n] = 0;
+        p += n + (nl ? 1 : 0);
+        if (n == 0 || line[0] == '#') {
+            continue;
+        }
+        char *eq = strchr(line, '=');
+        if (eq == NULL) {
+            return -1;
+        }
+        *eq = 0;
+        const char *k = line, *v = eq + 1;
+        if (strcmp(k, "fs_mode") == 0) {
+            g_set.fs_mode = strcmp(v, "local") == 0                ? FS_LOCAL
+                            : strcmp(v, "localwithoverrides") == 0 ? FS_LOCAL_WITH_OVERRIDES
+                            : strcmp(v, "write") == 0              ? FS_WRITE
+                                                                   : FS_READ;
+        } else if (strcmp(k, "read_only") == 0) {
+            add_regex(&g_ro, v);
+        } else if (strcmp(k, "read_write") == 0) {
+            add_regex(&g_rw, v);
+        } else if (strcmp(k, "local") == 0) {
+            add_regex(&g_local, v);
+        } else if (strcmp(k, "not_found") == 0) {
+            add_regex(&g_nf, v);
+        } else if (strcmp(k, "outgoing_tcp") == 0) {
+            g_set.out_tcp = flag(v);
+        } else if (strcmp(k, "outgoing_udp") == 0) {
+            g_set.out_udp = flag(v);
+        } else if (strcmp(k, "outgoing_filter_mode") == 0) {
+            g_out_mode = strcmp(v, "remote") == 0 ? 1 : strcmp(v, "local") == 0 ? 2 : 0;
+        } else if (strcmp(k, "outgoing_filter") == 0) {
+            if (g_out_nf < MAX_LIST && parse_filter(&g_out_f[g_out_nf], v, 1) == 0) {
+                g_out_nf++;
+            }
+        } else if (strcmp(k, "dns") == 0) {
+            g_set.dns = flag(v);
+        } else if (strcmp(k, "dns_filter_mode") == 0) {
+            g_dns_mode = strcmp(v, "remote") == 0 ? 1 : strcmp(v, "local") == 0 ? 2 : 0;
+        } else if (strcmp(k, "dns_filter") == 0) {
+            if (g_dns_nf < MAX_LIST && parse_filter(&g_dns_f[g_dns_nf], v, 0) == 0) {
+                g_dns_nf++;
+            }
+        } else if (strcmp(k, "incoming") == 0) {
+            g_set.incoming = strcmp(v, "off") == 0 ? IN_OFF : strcmp(v, "steal") == 0 ? IN_STEAL : IN_MIRROR;
+        } else if (strcmp(k, "port_mapping") == 0) {
+            if (g_nport_map < MAX_LIST &&
+                sscanf(v, "%d %d", &g_port_map[g_nport_map][0], &g_port_map[g_nport_map][1]) == 2) {
+                g_nport_map++;
+            }
+        } else if (strcmp(k, "listen_ports") == 0) {
+            if (g_nlisten_map < MAX_LIST &&
+                sscanf(v, "%d %d", &g_listen_map[g_nlisten_map][0], &g_listen_map[g_nlisten_map][1]) == 2) {
+                g_nlisten_map++;
+            }
+        } else if (strcmp(k, "ignore_ports") == 0) {
+            if (g_nignore < MAX_LIST) {
+                g_ignore_ports[g_nignore++] = atoi(v);
+            }
+        } else if (strcmp(k, "ignore_localhost") == 0) {
+            g_set.ignore_localhost = flag(v);
+        } else if (strcmp(k, "incoming_ignore_localhost") == 0) {
+            g_set.incoming_ignore_localhost = flag(v);
+        } else if (strcmp(k, "hostname") == 0) {
+            g_set.hostname = flag(v);
+        } else if (strcmp(k, "skip_build_tools") == 0) {
+            g_set.skip_build_tools = flag(v);
+        } else if (strcmp(k, "skip_process") == 0) {
+            if (g_nskip < MAX_LIST) {
+                g_skip[g_nskip++] = strdup(v);
+            }
+        } else if (strcmp(k, "timeout_ms") == 0) {
+            long t = strtol(v, NULL, 10);
+            g_set.timeout_ms = t > 0 && t < 3600000 ? (int)t : 30000;
+        }
+        /* unknown keys: a newer writer; ignored */
+    }
+    if (getcwd(g_cwd, sizeof g_cwd) != NULL) {
+        g_cwd_len = strlen(g_cwd);
+        while (g_cwd_len > 1 && g_cwd[g_cwd_len - 1] == '/') {
+            g_cwd[--g_cwd_len] = 0;
+        }
+        if (g_cwd_len == 1) { /* cwd "/" would make everything local: mirrord skips it too */
+            g_cwd_len = 0;
+        }
+    }
+    const char *home = getenv("HOME");
+    if (home != NULL && *home == '/') {
+        snprintf(g_home, sizeof g_home, "%s", home);
+        g_home_len = strlen(g_home);
+        while (g_home_len > 1 && g_home[g_home_len - 1] == '/') {
+            g_home[--g_home_len] = 0;
+        }
+    }
+    ssize_t en = readlink("/proc/self/exe", g_exe, sizeof g_exe - 1);
+    if (en > 0) {
+        g_exe[en] = 0;
+        g_exe_len = (size_t)en;
+    }
+    const char *tmp = getenv("TMPDIR");
+    if (tmp != NULL && *tmp == '/' && strlen(tmp) > 1) {
+        snprintf(g_tmpdir, sizeof g_tmpdir, "%s", tmp);
+        g_tmpdir_len = strlen(g_tmpdir);
+        while (g_tmpdir_len > 1 && g_tmpdir[g_tmpdir_len - 1] == '/') {
+            g_tmpdir[--g_tmpdir_len] = 0;
+        }
+    }
+    return 0;
+}
+
+static const char *const BUILD_TOOLS[] = {
+    "as", "cc", "c++", "cpp", "ld", "ld.bfd", "ld.gold", "ld.lld", "gcc", "g++", "clang",
+    "clang++", "cc1", "cc1plus", "collect2", "make", "gmake", "cmake", "ninja", "cargo",
+    "rustc", "go", "ar", "strip", "javac", "gradle", "mvn", "bazel", "pkg-config", NULL,
+};
+
+static const char *base_name(const char *p) {
+    const char *s = strrchr(p, '/');
+    return s ? s + 1 : p;
+}
+
+int policy_skip_process(const char *exe, const char *name) {
+    const char *b = base_name(exe);
+    for (int i = 0; i < g_nskip; i++) {
+        if (strcmp(g_skip[i], b) == 0 || (name && strcmp(g_skip[i], name) == 0)) {
+            return 1;
+        }
+    }
+    if (g_set.skip_build_tools) {
+        for (int i = 0; BUILD_TOOLS[i]; i++) {
+            if (strcmp(BUILD_TOOLS[i], b) == 0 || (name && strcmp(BUILD_TOOLS[i], name) == 0)) {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- files */
+
+static int matches(const struct rlist *l, const char *path) {
+    for (int i = 0; i < l->n; i++) {
+        if (regexec(&l->re[i], path, 0, NULL, 0) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* `path` is `dir` or below it. */
+static inline int under(const char *path, const char *dir, size_t n) {
+    return strncmp(path, dir, n) == 0 && (path[n] == 0 || path[n] == '/');
+}
+
+static inline int ends_with(const char *s, size_t n, const char *suffix) {
+    size_t k = strlen(suffix);
+    return n >= k && memcmp(s + n - k, suffix, k) == 0;
+}
+
+static const char *const LOCAL_DIRS[] = {
+    "/proc", "/sys", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/usr", "/home", "/bin",
+    "/sbin", "/dev", "/opt", "/tmp", "/var/tmp", "/snap", "/run", "/selinux", "/nix", NULL,
+};
+
+static const char *const LOCAL_SUFFIXES[] = {
+    ".so", ".d", ".pyc", ".py", ".jar", ".class", ".js", ".pth", ".plist", "venv.cfg",
+    ".pdb", ".dll", "/jvm.cfg", "/package.json", "/.yarnrc", "/.yarnrc.yml", "/.yarnrc.json",
+    "/.tool-versions", NULL,
+};
+
+/* The default local set: system, runtime and tool paths, the working directory. */
+static int default_local(const char *path) {
+    if (path[1] == 0) {
+        return 1; /* "/" */
+    }
+    for (int i = 0; LOCAL_DIRS[i]; i++) {
+        if (path[1] == LOCAL_DIRS[i][1] && under(path, LOCAL_DIRS[i], strlen(LOCAL_DIRS[i]))) {
+            return 1;
+        }
+    }
+    size_t n = strlen(path);
+    for (int i = 0; LOCAL_SUFFIXES[i]; i++) {
+        if (ends_with(path, n, LOCAL_SUFFIXES[i])) {
+            return 1;
+        }
+    }
+    if (g_cwd_len && under(path, g_cwd, g_cwd_len)) {
+        return 1;
+    }
+    if (g_tmpdir_len && under(path, g_tmpdir, g_tmpdir_len)) {
+        return 1;
+    }
+    if (g_home_len > 1 && strncmp(path, g_home, g_home_len) == 0 && path[g_home_len] == '/' &&
+        path[g_home_len + 1] == '.') {
+        return 1; /* hidden files and directories in $HOME (tool installs, caches) */
+    }
+    if (g_exe_len && strcmp(path, g_exe) == 0) {
+        return 1;
+    }
+    if (strstr(path, "/node_modules") != NULL || strstr(path, ".asdf/") != NULL ||
+        strstr(path, ".so.") != NULL) {
+        return 1;
+    }
+    return 0;
+}
+
+/* Remote by default although under /etc: the target's name resolution files. */
+static int default_remote(const char *path) {
+    return strcmp(path, "/etc/resolv.conf") == 0 || strcmp(path, "/etc/hosts") == 0 ||
+           strcmp(path, "/etc/hostname") == 0;
+}
+
+/* Credentials under $HOME are "not found" in every mode but local (as mirrord does). */
+static int default_not_found(const char *path) {
+    if (!g_home_len || !under(path, g_home, g_home_len) || path[g_home_len] != '/') {
+        return 0;
+    }
+    const char *rest = path + g_home_len + 1;
+    return under(rest, ".aws", 4) || under(rest, ".config/gcloud", 14) ||
+           under(rest, ".kube", 5) || under(rest, ".azure", 6);
+}
+
+int policy_file(const char *path, int write) {
+    if (g_set.fs_mode == FS_LOCAL || path == NULL || path[0] != '/') {
+        return P_LOCAL;
+    }
+    if (g_nf.n && matches(&g_nf, path)) {
+        return P_NOT_FOUND;
+    }
+    if (g_rw.n && matches(&g_rw, path)) {
+        return P_REMOTE;
+    }
+    if (g_ro.n && matches(&g_ro, path)) {
+        return write ? P_LOCAL : P_REMOTE;
+    }
+    if (g_local.n && matches(&g_local, path)) {
+        return P_LOCAL;
+    }
+    if (g_set.fs_mode == FS_LOCAL_WITH_OVERRIDES) {
+        return P_LOCAL;
+    }
+    if (default_remote(path)) {
+        return write ? P_LOCAL : P_REMOTE;
+    }
+    if (default_not_found(path)) {
+        return P_NOT_FOUND; /* cloud credentials of the user's machine */
+    }
+    if (default_local(path)) {
+        return P_LOCAL;
+    }
+    if (g_set.fs_mode == FS_READ && write) {
+        return P_LOCAL;
+    }
+    return P_REMOTE;
+}
+
+/* ---------------------------------------------------------------- network */
+
+int is_loopback(const struct sockaddr *sa) {
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const void *)sa;
+        return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const void *)sa;
+        if (IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr)) {
+            return 1;
+        }
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            return in6->sin6_addr.s6_addr[12] == 127;
+        }
+    }
+    return 0;
+}
+
+static int is_unspecified(const struct sockaddr *sa) {
+    if (sa->sa_family == AF_INET) {
+        return ((const struct sockaddr_in *)(const void *)sa)->sin_addr.s_addr == 0;
+    }
+    return IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr);
+}
+
+/* Names our DNS hook resolved, so that a filter naming a host matches its addresses. */
+#define NAME_CACHE 256
+static struct {
+    uint8_t addr[16];
+    int family;
+    char name[256];
+} g_names[NAME_CACHE];
+static int g_names_next;
+static pthread_mutex_t g_names_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int addr_bytes(const struct sockaddr *sa, uint8_t out[16], int *family, int *port) {
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const void *)sa;
+        memcpy(out, &in->sin_addr, 4);
+        *family = AF_INET;
+        *port = ntohs(in->sin_port);
+        return 0;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const void *)sa;
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            memcpy(out, &in6->sin6_addr.s6_addr[12], 4);
+            *family = AF_INET;
+        } else {
+            memcpy(out, &in6->sin6_addr, 16);
+            *family = AF_INET6;
+        }
+        *port = ntohs(in6->sin6_port);
+        return 0;
+    }
+    return -1;
+}
+
+void policy_remember_name(const struct sockaddr *sa, const char *name) {
+    uint8_t a[16];
+    int fam, port;
+    if (addr_bytes(sa, a, &fam, &port) < 0) {
+        return;
+    }
+    pthread_mutex_lock(&g_names_lock);
+    int i = g_names_next++ % NAME_CACHE;
+    memcpy(g_names[i].addr, a, 16);
+    g_names[i].family = fam;
+    snprintf(g_names[i].name, sizeof g_names[i].name, "%s", name);
+    pthread_mutex_unlock(&g_names_lock);
+}
+
+static int name_of(const uint8_t a[16], int fam, const char *name) {
+    int hit = 0;
+    pthread_mutex_lock(&g_names_lock);
+    for (int i = 0; i < NAME_CACHE && !hit; i++) {
+        if (g_names[i].family == fam && memcmp(g_names[i].addr, a, fam == AF_INET ? 4 : 16) == 0 &&
+            strcasecmp(g_names[i].name, name) == 0) {
+            hit = 1;
+        }
+    }
+    pthread_mutex_unlock(&g_names_lock);
+    return hit;
+}
+
+static int prefix_match(const uint8_t *a, const uint8_t *b, int bits) {
+    int full = bits / 8, rest = bits % 8;
+    if (memcmp(a, b, (size_t)full) != 0) {
+        return 0;
+    }
+    if (rest == 0) {
+        return 1;
+    }
+    uint8_t mask = (uint8_t)(0xff << (8 - rest));
+    return (a[full] & mask) == (b[full] & mask);
+}
+
+static int filter_match(const struct nfilter *f, const uint8_t a[16], int fam, int port, int proto) {
+    if (f->proto && f->proto != proto) {
+        return 0;
+    }
+    if (f->port && f->port != port) {
+        return 0;
+    }
+    switch (f->kind) {
+    case 0: return 1;
+    case 1: return name_of(a, fam, f->name);
+    case 2: return fam == AF_INET && prefix_match(a, f->addr, f->prefix);
+    case 3: return fam == AF_INET6 && prefix_match(a, f->addr, f->prefix);
+    }
+    return 0;
+}
+
+int policy_connect(const struct sockaddr *sa, socklen_t len, int socktype) {
+    if (sa == NULL || len < sizeof(sa_family_t) ||
+        (sa->sa_family != AF_INET && sa->sa_family != AF_INET6)) {
+        return P_LOCAL;
+    }
+    if ((sa->sa_family == AF_INET && len < sizeof(struct sockaddr_in)) ||
+        (sa->sa_family == AF_INET6 && len < sizeof(struct sockaddr_in6))) {
+        return P_LOCAL; /* the real call reports EINVAL */
+    }
+    int proto = socktype == SOCK_STREAM ? 1 : socktype == SOCK_DGRAM ? 2 : 0;
+    if (proto == 0 || (proto == 1 && !g_set.out_tcp) || (proto == 2 && !g_set.out_udp)) {
+        return P_LOCAL;
+    }
+    if (is_unspecified(sa) || (g_set.ignore_localhost && is_loopback(sa))) {
+        return P_LOCAL;
+    }
+    uint8_t a[16];
+    int fam, port;
+    addr_bytes(sa, a, &fam, &port);
+    if (g_out_mode == 0 || g_out_nf == 0) {
+        return g_out_mode == 1 ? P_LOCAL : P_REMOTE;
+    }
+    int hit = 0;
+    for (int i = 0; i < g_out_nf && !hit; i++) {
+        hit = filter_match(&g_out_f[i], a, fam, port, proto);
+    }
+    return (g_out_mode == 1) == hit ? P_REMOTE : P_LOCAL;
+}
+
+int policy_dns(const char *host, int port) {
+    if (!g_set.dns || host == NULL || *host == 0) {
+        return P_LOCAL;
+    }
+    if (strcasecmp(host, "localhost") == 0 || strcasecmp(host, "localhost.") == 0 ||
+        strcasecmp(host, "ip6-localhost") == 0 || ends_with(host, strlen(host), ".localhost")) {
+        return P_LOCAL;
+    }
+    uint8_t a[16];
+    if (inet_pton(AF_INET, host, a) == 1 || inet_pton(AF_INET6, host, a) == 1) {
+        return P_LOCAL; /* numeric: nothing to resolve */
+    }
+    if (g_dns_mode == 0 || g_dns_nf == 0) {
+        return g_dns_mode == 1 ? P_LOCAL : P_REMOTE;
+    }
+    int hit = 0;
+    for (int i = 0; i < g_dns_nf && !hit; i++) {
+        const struct nfilter *f = &g_dns_f[i];
+        if (f->port && port && f->port != port) {
+            continue;
+        }
+        hit = f->kind == 0 || (f->kind == 1 && strcasecmp(f->name, host) == 0);
+    }
+    return (g_dns_mode == 1) == hit ? P_REMOTE : P_LOCAL;
+}
+
+int policy_bind_port(int port) {
+    for (int i = 0; i < g_nlisten_map; i++) {
+        if (g_listen_map[i][0] == port) {
+            return g_listen_map[i][1];
+        }
+    }
+    return port;
+}
+
+int policy_listen_port(int port) {
+    if (g_set.incoming == IN_OFF || port == 0) {
+        return -1;
+    }
+    for (int i = 0; i < g_nignore; i++) {
+        if (g_ignore_ports[i] == port) {
+            return -1;
+        }
+    }
+    for (int i = 0; i < g_nport_map; i++) {
+        if (g_port_map[i][0] == port) {
+            return g_port_map[i][1];
+        }
+    }
+    return port;
+}

@@ -1,0 +1,281 @@
+/* Process hooks: fork, vfork, exec*, posix_spawn*.
+ *
+ * Children keep the layer through the environment: every exec/spawn hook passes an env that
+ * has LD_PRELOAD with this library and the MIRRORD_* settings even when the app built its own
+ * env, plus MIRRORD_LAYER_PARENT (who registers the child) and, for exec in the same process,
+ * MIRRORD_LAYER_FD (the process's daemon connection, kept open across exec so the daemon
+ * keeps its subscriptions) and MIRRORD_LAYER_LISTENERS (subscribed listening sockets, which
+ * survive exec).
+ * fork: the child registers at once naming its parent, so the agent copies the parent's
+ * remote handles; when there are any, the parent waits (bounded) until the child has
+ * registered, so that the parent closing a handle cannot race the copy.
+ */
+#include "layer.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern char **environ;
+
+static char *g_lib_path;
+static char *g_saved[8];
+static const char *const SAVED_NAMES[] = {
+    "MIRRORD_LAYER_SOCKET", "MIRRORD_SESSION", "MIRRORD_LAYER_CONFIG", "MIRRORD_LAYER_DEBUG",
+    "UV_USE_IO_URING", NULL,
+};
+static char *g_parent_digits; /* inside environ's MIRRORD_LAYER_PARENT=..., fixed width */
+#define PARENT_WIDTH 10
+
+static void write_digits(char *p, long v) {
+    for (int i = PARENT_WIDTH - 1; i >= 0; i--) {
+        p[i] = (char)('0' + v % 10);
+        v /= 10;
+    }
+}
+
+void proc_init_env(void) {
+    Dl_info info;
+    if (dladdr((void *)proc_init_env, &info) != 0 && info.dli_fname != NULL) {
+        g_lib_path = strdup(info.dli_fname);
+    }
+    for (int i = 0; SAVED_NAMES[i]; i++) {
+        const char *v = getenv(SAVED_NAMES[i]);
+        if (v != NULL) {
+            size_t n = strlen(SAVED_NAMES[i]) + strlen(v) + 2;
+            g_saved[i] = malloc(n);
+            if (g_saved[i] != NULL) {
+                snprintf(g_saved[i], n, "%s=%s", SAVED_NAMES[i], v);
+            }
+        }
+    }
+    /* consumed by this image; stale for any child */
+    unsetenv("MIRRORD_LAYER_FD");
+    unsetenv("MIRRORD_LAYER_LISTENERS");
+    /* children spawned through paths no hook sees (system, popen) still name their parent */
+    char digits[PARENT_WIDTH + 1];
+    write_digits(digits, (long)getpid());
+    digits[PARENT_WIDTH] = 0;
+    if (setenv("MIRRORD_LAYER_PARENT", digits, 1) == 0) {
+        g_parent_digits = getenv("MIRRORD_LAYER_PARENT");
+    }
+}
+
+/* In a fork child: environ's MIRRORD_LAYER_PARENT now names this process (no allocation). */
+void proc_fork_child(void) {
+    if (g_parent_digits != NULL && getenv("MIRRORD_LAYER_PARENT") == g_parent_digits &&
+        strlen(g_parent_digits) == PARENT_WIDTH) {
+        write_digits(g_parent_digits, (long)getpid());
+    }
+}
+
+static int env_has(char *const envp[], const char *name, size_t n) {
+    for (int i = 0; envp && envp[i]; i++) {
+        if (strncmp(envp[i], name, n) == 0 && envp[i][n] == '=') {
+            return i;
+        }
+    }
+    return -1;
+}
+
+static char *fmt(const char *f, ...) __attribute__((format(printf, 1, 2)));
+static char *fmt(const char *f, ...) {
+    va_list ap;
+    va_start(ap, f);
+    char *s = NULL;
+    if (vasprintf(&s, f, ap) < 0) {
+        s = NULL;
+    }
+    va_end(ap);
+    return s;
+}
+
+/* same_process: exec (keep the connection and listeners) vs spawn (a new child). */
+static char **exec_env(char *const envp[], int keep_fd, int same_process) {
+    size_t n = 0;
+    while (envp && envp[n]) {
+        n++;
+    }
+    char **out = calloc(n + 16, sizeof *out);
+    if (out == NULL) {
+        return NULL;
+    }
+    size_t k = 0;
+    int have_preload = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *e = envp[i];
+        if (strncmp(e, "MIRRORD_LAYER_FD=", 17) == 0 || strncmp(e, "MIRRORD_LAYER_PARENT=", 21) == 0 ||
+            strncmp(e, "MIRRORD_LAYER_LISTENERS=", 24) == 0) {
+            continue;
+        }
+        if (strncmp(e, "LD_PRELOAD=", 11) == 0 && g_lib_path != NULL) {
+            have_preload = 1;
+            if (strstr(e + 11, g_lib_path) == NULL) {
+                out[k++] = fmt("%s%s%s", e, e[11] ? ":" : "", g_lib_path);
+                continue;
+            }
+        }
+        out[k++] = strdup(e);
+    }
+    if (!have_preload && g_lib_path != NULL) {
+        out[k++] = fmt("LD_PRELOAD=%s", g_lib_path);
+    }
+    for (int i = 0; SAVED_NAMES[i]; i++) {
+        if (g_saved[i] != NULL && env_has(envp, SAVED_NAMES[i], strlen(SAVED_NAMES[i])) < 0) {
+            out[k++] = strdup(g_saved[i]);
+        }
+    }
+    pid_t parent = same_process ? conn_parent() : getpid();
+    if (parent > 0) {
+        out[k++] = fmt("MIRRORD_LAYER_PARENT=%0*d", PARENT_WIDTH, (int)parent);
+    }
+    if (same_process && keep_fd >= 0) {
+        out[k++] = fmt("MIRRORD_LAYER_FD=%d:%d", keep_fd, (int)getpid());
+    }
+    if (same_process) {
+        char buf[1024];
+        size_t len = 0;
+        buf[0] = 0;
+        for (int fd = 0; fd < 4096 && len < sizeof buf - 32; fd++) {
+            struct ent *e = fd_peek(fd);
+            if (e != NULL && e->kind == K_SOCK && e->subscribed &&
+                !(REAL(fcntl)(fd, F_GETFD) & FD_CLOEXEC)) {
+                len += (size_t)snprintf(buf + len, sizeof buf - len, "%s%d:%d", len ? "," : "", fd,
+                                        e->sub_port);
+            }
+        }
+        if (len > 0) {
+            out[k++] = fmt("MIRRORD_LAYER_LISTENERS=%s", buf);
+        }
+    }
+    for (size_t i = 0; i < k; i++) {
+        if (out[i] == NULL) { /* out of memory: give up on our additions */
+            proc_free_env(out);
+            return NULL;
+        }
+    }
+    out[k] = NULL;
+    return out;
+}
+
+char **proc_exec_env(char *const envp[], int keep_fd) { return exec_env(envp, keep_fd, 1); }
+
+void proc_free_env(char **env) {
+    if (env == NULL) {
+        return;
+    }
+    for (size_t i = 0; env[i]; i++) {
+        free(env[i]);
+    }
+    free(env);
+}
+
+HOOK int execve(const char *path, char *const argv[], char *const envp[]) {
+    if (!g_active || t_guard) {
+        return REAL(execve)(path, argv, envp);
+    }
+    t_guard++;
+    int fd;
+    pid_t pid;
+    conn_prepare_exec(&fd, &pid);
+    char **env = exec_env(envp, fd, 1);
+    t_guard--;
+    int r = REAL(execve)(path, argv, env ? env : envp);
+    int e = errno;
+    conn_exec_failed();
+    proc_free_env(env);
+    errno = e;
+    return r;
+}
+
+HOOK int execv(const char *path, char *const argv[]) { return execve(path, argv, environ); }
+
+HOOK int execvpe(const char *file, char *const argv[], char *const envp[]) {
+    if (!g_active || t_guard) {
+        return REAL(execvpe)(file, argv, envp);
+    }
+    t_guard++;
+    int fd;
+    pid_t pid;
+    conn_prepare_exec(&fd, &pid);
+    char **env = exec_env(envp, fd, 1);
+    t_guard--;
+    int r = REAL(execvpe)(file, argv, env ? env : envp);
+    int e = errno;
+    conn_exec_failed();
+    proc_free_env(env);
+    errno = e;
+    return r;
+}
+
+HOOK int execvp(const char *file, char *const argv[]) { return execvpe(file, argv, environ); }
+
+static int spawn_common(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
+                        const posix_spawnattr_t *attr, char *const argv[], char *const envp[],
+                        int p) {
+    char **env = NULL;
+    if (g_active && !t_guard) {
+        t_guard++;
+        env = exec_env(envp ? envp : environ, -1, 0);
+        t_guard--;
+    }
+    char *const *use = env ? env : envp;
+    int r = p ? REAL(posix_spawnp)(pid, path, fa, attr, argv, use)
+              : REAL(posix_spawn)(pid, path, fa, attr, argv, use);
+    proc_free_env(env);
+    return r;
+}
+
+HOOK int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
+                     const posix_spawnattr_t *attr, char *const argv[], char *const envp[]) {
+    return spawn_common(pid, path, fa, attr, argv, envp, 0);
+}
+
+HOOK int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_actions_t *fa,
+                      const posix_spawnattr_t *attr, char *const argv[], char *const envp[]) {
+    return spawn_common(pid, file, fa, attr, argv, envp, 1);
+}
+
+HOOK pid_t fork(void) {
+    if (!g_active || t_guard) {
+        return REAL(fork)();
+    }
+    int sync[2] = {-1, -1};
+    int need_sync = conn_registered() && __atomic_load_n(&g_nhandles, __ATOMIC_RELAXED) > 0;
+    if (need_sync && pipe2(sync, O_CLOEXEC) < 0) {
+        need_sync = 0;
+    }
+    pid_t pid = REAL(fork)();
+    if (pid == 0) {
+        /* the atfork child handler has already dropped the parent's connections */
+        t_guard++;
+        int saved = errno;
+        if (conn_register_now() < 0) {
+            DBG("fork child could not register with the daemon");
+        }
+        if (need_sync) {
+            ssize_t UNUSED w = REAL(write)(sync[1], "r", 1);
+            REAL(close)(sync[0]);
+            REAL(close)(sync[1]);
+        }
+        errno = saved;
+        t_guard--;
+    } else if (need_sync) {
+        int saved = errno;
+        REAL(close)(sync[1]);
+        if (pid > 0) {
+            struct pollfd pfd = {.fd = sync[0], .events = POLLIN};
+            (void)poll(&pfd, 1, g_set.timeout_ms);
+        }
+        REAL(close)(sync[0]);
+        errno = saved;
+    }
+    return pid;
+}
+
+/* vfork's child shares the parent's memory: the layer's registration would corrupt it, so
+ * vfork is a fork (its callers only exec or _exit, which fork allows too). */
+HOOK pid_t vfork(void) { return fork(); }

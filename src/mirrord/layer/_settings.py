@@ -1,0 +1,226 @@
+"""What the layer's C side needs from the session config, and the env that loads the layer.
+
+Owns: `LayerSettings` (the layer's view of the config), its compact encoding (the string in
+`MIRRORD_LAYER_CONFIG` that `native/policy.c` parses: one `key=value` per line, repeated keys
+for lists, unknown keys ignored; docs/layer.md), `LayerSettings.from_config`, and
+`layer_env` (I5). Does not own the config model (mirrord.config) or any run-time decision
+(the C side decides per call, without a round trip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from mirrord.layer._library import library_path
+
+__all__ = ["LayerSettings", "layer_env", "posix_regex"]
+
+FsMode = Literal["local", "localwithoverrides", "read", "write"]
+IncomingMode = Literal["mirror", "steal", "off"]
+FilterMode = Literal["remote", "local"]
+
+# Rust-regex shorthands that POSIX extended regexes (regcomp) spell differently.
+_SHORTHANDS = {
+    "d": "[0-9]",
+    "D": "[^0-9]",
+    "w": "[[:alnum:]_]",
+    "W": "[^[:alnum:]_]",
+    "s": "[[:space:]]",
+    "S": "[^[:space:]]",
+}
+
+
+def posix_regex(pattern: str) -> str:
+    """Translate the common Rust-regex shorthands (`\\d \\w \\s` and their negations, outside
+    brackets) into POSIX ERE for the C side's `regcomp`; other syntax passes through.
+    Raises ValueError for what POSIX cannot express (inline flags, lazy quantifiers,
+    lookaround), so the user learns it at start rather than by a silent mismatch."""
+    if re.search(r"\(\?", pattern):
+        raise ValueError(f"{pattern!r}: inline flags and lookaround are not supported by the layer")
+    out: list[str] = []
+    i = 0
+    in_bracket = False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            if not in_bracket and nxt in _SHORTHANDS:
+                out.append(_SHORTHANDS[nxt])
+            else:
+                out.append(ch + nxt)
+            i += 2
+            continue
+        if ch == "[" and not in_bracket:
+            in_bracket = True
+            out.append(ch)
+            # a leading ']' (or '^]') is a literal inside the bracket
+            if pattern[i + 1 : i + 2] == "^":
+                out.append("^")
+                i += 1
+            if pattern[i + 1 : i + 2] == "]":
+                out.append("]")
+                i += 1
+        elif ch == "]" and in_bracket:
+            in_bracket = False
+            out.append(ch)
+        elif ch in "*+?}" and pattern[i + 1 : i + 2] == "?" and not in_bracket:
+            raise ValueError(f"{pattern!r}: lazy quantifiers are not supported by the layer")
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _line_value(value: str, key: str) -> str:
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"layer setting {key}: {value!r} must not contain a line break")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LayerSettings:
+    """The layer's settings. Regexes are POSIX extended (see `posix_regex`); filter entries are
+    mirrord's `[tcp://|udp://][name|ip|cidr][:port]` strings."""
+
+    fs_mode: FsMode = "read"
+    read_only: tuple[str, ...] = ()
+    read_write: tuple[str, ...] = ()
+    local: tuple[str, ...] = ()
+    not_found: tuple[str, ...] = ()
+    outgoing_tcp: bool = True
+    outgoing_udp: bool = True
+    outgoing_filter_mode: FilterMode | None = None
+    outgoing_filter: tuple[str, ...] = ()
+    ignore_localhost: bool = False  # outgoing connections to localhost stay local
+    dns: bool = True
+    dns_filter_mode: FilterMode | None = None
+    dns_filter: tuple[str, ...] = ()
+    incoming: IncomingMode = "mirror"
+    port_mapping: tuple[tuple[int, int], ...] = ()  # (local port, remote port)
+    listen_ports: tuple[tuple[int, int], ...] = ()  # (requested port, port really bound)
+    ignore_ports: tuple[int, ...] = ()
+    incoming_ignore_localhost: bool = False
+    skip_processes: tuple[str, ...] = ()
+    skip_build_tools: bool = True
+    hostname: bool = True
+    timeout_ms: int = 30000
+
+    def encode(self) -> str:
+        """The compact string the C side parses (MIRRORD_LAYER_CONFIG)."""
+        from mirrord.config import parse_address_filter
+
+        lines = ["v=1", f"fs_mode={self.fs_mode}"]
+        for key in ("read_only", "read_write", "local", "not_found"):
+            for pattern in getattr(self, key):
+                lines.append(f"{key}={_line_value(posix_regex(pattern), key)}")
+        lines.append(f"outgoing_tcp={int(self.outgoing_tcp)}")
+        lines.append(f"outgoing_udp={int(self.outgoing_udp)}")
+        if self.outgoing_filter_mode is not None:
+            lines.append(f"outgoing_filter_mode={self.outgoing_filter_mode}")
+            for entry in self.outgoing_filter:
+                f = parse_address_filter(entry)
+                lines.append(f"outgoing_filter={f.protocol} {_host(f)} {f.port or 0}")
+        lines.append(f"ignore_localhost={int(self.ignore_localhost)}")
+        lines.append(f"dns={int(self.dns)}")
+        if self.dns_filter_mode is not None:
+            lines.append(f"dns_filter_mode={self.dns_filter_mode}")
+            for entry in self.dns_filter:
+                f = parse_address_filter(entry, allow_protocol=False)
+                lines.append(f"dns_filter={_host(f)} {f.port or 0}")
+        lines.append(f"incoming={self.incoming}")
+        for a, b in self.port_mapping:
+            lines.append(f"port_mapping={int(a)} {int(b)}")
+        for a, b in self.listen_ports:
+            lines.append(f"listen_ports={int(a)} {int(b)}")
+        for p in self.ignore_ports:
+            lines.append(f"ignore_ports={int(p)}")
+        lines.append(f"incoming_ignore_localhost={int(self.incoming_ignore_localhost)}")
+        for name in self.skip_processes:
+            lines.append(f"skip_process={_line_value(name, 'skip_processes')}")
+        lines.append(f"skip_build_tools={int(self.skip_build_tools)}")
+        lines.append(f"hostname={int(self.hostname)}")
+        lines.append(f"timeout_ms={int(self.timeout_ms)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LayerSettings:
+        """From a `mirrord.config.MirrordConfig` (or its JSON dump)."""
+        from mirrord.config import MirrordConfig
+
+        if isinstance(cfg, Mapping):
+            cfg = MirrordConfig.model_validate(dict(cfg))
+        feature = cfg.feature
+        fs = feature.fs
+        net = feature.network
+        out = net.outgoing
+        out_mode: FilterMode | None = None
+        out_list: tuple[str, ...] = ()
+        if out.filter is not None:
+            out_mode = "remote" if out.filter.remote is not None else "local"
+            out_list = tuple(out.filter.remote or out.filter.local or ())
+        dns = net.dns
+        dns_mode: FilterMode | None = None
+        dns_list: tuple[str, ...] = ()
+        if dns.filter is not None:
+            dns_mode = "remote" if dns.filter.remote is not None else "local"
+            dns_list = tuple(dns.filter.remote or dns.filter.local or ())
+        inc = net.incoming
+        return cls(
+            fs_mode=fs.mode,
+            read_only=tuple(fs.read_only),
+            read_write=tuple(fs.read_write),
+            local=tuple(fs.local),
+            not_found=tuple(fs.not_found),
+            outgoing_tcp=out.tcp,
+            outgoing_udp=out.udp,
+            outgoing_filter_mode=out_mode,
+            outgoing_filter=out_list,
+            ignore_localhost=out.ignore_localhost,
+            dns=dns.enabled,
+            dns_filter_mode=dns_mode,
+            dns_filter=dns_list,
+            incoming=inc.mode,
+            port_mapping=tuple((int(a), int(b)) for a, b in inc.port_mapping),
+            listen_ports=tuple((int(a), int(b)) for a, b in inc.listen_ports),
+            ignore_ports=tuple(int(p) for p in inc.ignore_ports),
+            incoming_ignore_localhost=inc.ignore_localhost,
+            skip_processes=tuple(cfg.skip_processes or ()),
+            skip_build_tools=cfg.skip_build_tools,
+            hostname=feature.hostname,
+        )
+
+
+def _host(f: Any) -> str:
+    if f.kind == "any" or f.address is None:
+        return "*"
+    if f.kind == "subnet":
+        return f"{f.address}/{f.prefix}"
+    return str(f.address)
+
+
+def layer_env(
+    *,
+    socket_path: str,
+    session_id: str,
+    settings: LayerSettings,
+    debug: bool = False,
+    existing_preload: str | None = None,
+) -> dict[str, str]:
+    """The variables to add to the user command so the layer loads with `settings` (I5).
+    `LD_PRELOAD` is appended to `existing_preload` (the user's own value) when given."""
+    lib = str(library_path())
+    preload = f"{existing_preload}:{lib}" if existing_preload else lib
+    env = {
+        "LD_PRELOAD": preload,
+        "MIRRORD_LAYER_SOCKET": socket_path,
+        "MIRRORD_SESSION": session_id,
+        "MIRRORD_LAYER_CONFIG": settings.encode(),
+        # libuv's io_uring file operations would bypass every file hook (node)
+        "UV_USE_IO_URING": "0",
+    }
+    if debug:
+        env["MIRRORD_LAYER_DEBUG"] = "1"
+    return env
