@@ -595,3 +595,34 @@ def test_arbitrary_values_give_config_error_or_a_config(path: tuple[str, ...], v
         assert exc.errors and all(isinstance(e, str) for e in exc.errors)
     else:
         assert MirrordConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fmt=st.sampled_from(["json", "toml", "yaml"]),
+    text=st.text(
+        alphabet=st.sampled_from(list("{}[]:,\"'=\n -#/*!&|>tru01.abmode{}%")), max_size=60
+    ),
+)
+def test_arbitrary_file_text_gives_config_error_or_a_config(fmt: str, text: str) -> None:
+    from mirrord.config._loader import parse_config_text, render_template
+
+    try:
+        data = parse_config_text(render_template(text, {}, source="f"), fmt, source="f")
+        load_config(env={}, cwd=Path("/"), overrides=data)
+    except ConfigError as exc:
+        assert exc.errors
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml", "toml"])
+def test_absurdly_nested_file_is_an_error(tmp_path: Path, fmt: str) -> None:
+    depth = 100_000
+    text = {
+        "json": "[" * depth + "]" * depth,
+        "yaml": "[" * depth + "]" * depth,
+        "toml": "a = " + "[" * depth + "]" * depth,
+    }[fmt]
+    path = tmp_path / f"m.{fmt}"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        load_config(path, env={})

@@ -262,6 +262,10 @@ def parse_config_text(text: str, fmt: str, *, source: str) -> dict[str, Any]:
             data = yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass
             if data is None:
                 data = {}
+    except RecursionError:
+        raise ConfigError(
+            [f"{source}: nested too deeply to be a configuration"], source=source
+        ) from None
     except _DuplicateKeyError as exc:
         raise ConfigError(
             [f"{source}: key {exc.key!r} appears twice in the same object; keep one"], source=source
