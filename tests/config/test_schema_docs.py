@@ -67,3 +67,26 @@ def test_schema_accepts_shorthands_for_editors() -> None:
     assert {"type": "string"} in defs["TargetConfig"]["anyOf"]
     assert schema["additionalProperties"] is False
     assert "$schema" in schema["properties"]
+
+
+def test_every_environment_variable_sets_a_real_key_and_is_documented() -> None:
+    from mirrord.config import ENV_VARS
+
+    doc = (DOCS / "configuration.md").read_text()
+    paths = set(schema_key_paths())
+    for var in ENV_VARS:
+        assert ".".join(var.path) in paths, var
+        assert f"`{var.name}`" in doc, var.name
+    assert "`MIRRORD_CONFIG_FILE`" in doc
+
+
+def test_every_ignored_mirrord_key_is_documented_and_not_a_real_key() -> None:
+    from mirrord.config._loader import IGNORED_KEYS
+
+    doc = (DOCS / "configuration.md").read_text()
+    section = doc[doc.index("## mirrord keys that are ignored") :]
+    paths = set(schema_key_paths())
+    for parent, keys in IGNORED_KEYS.items():
+        for key in keys:
+            assert f"`{key}`" in section, key
+            assert ".".join((*parent, key)) not in paths, key
