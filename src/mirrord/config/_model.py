@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     Strict,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -95,12 +96,30 @@ def _check_method(value: str) -> str:
     return value.upper()
 
 
+class _OrSingle:
+    """Schema marker for mirrord's `VecOrSingle`: editors should accept a lone item too."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = dict(handler(core_schema))
+        items = schema.get("items")
+        if not isinstance(items, dict):
+            return schema
+        outer: dict[str, Any] = {
+            k: schema.pop(k) for k in ("title", "description", "default") if k in schema
+        }
+        return {"anyOf": [items, schema], **outer}
+
+
 Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
 PortPair = Annotated[tuple[Port, Port], Strict(False)]  # JSON has lists, not tuples
 Regex = Annotated[str, AfterValidator(check_regex)]
-RegexList = Annotated[list[Regex], BeforeValidator(_single_to_list)]
+RegexList = Annotated[list[Regex], BeforeValidator(_single_to_list), _OrSingle()]
 NameList = Annotated[
-    list[Annotated[str, AfterValidator(_check_nonempty)]], BeforeValidator(_split_semicolons)
+    list[Annotated[str, AfterValidator(_check_nonempty)]],
+    BeforeValidator(_split_semicolons),
+    _OrSingle(),
 ]
 Seconds = Annotated[float, Field(ge=0)]
 
@@ -214,7 +233,22 @@ class TargetConfig(_Section):
     _shorthand_schema = [{"type": "string"}]
 
     path: Annotated[
-        str | None, BeforeValidator(lambda v: None if v is None else normalise_target_path(v))
+        str | None,
+        BeforeValidator(lambda v: None if v is None else normalise_target_path(v)),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "object",
+                        "properties": {k: {"type": "string"} for k in (*TARGET_KINDS, "container")},
+                        "additionalProperties": False,
+                        "minProperties": 1,
+                    },
+                    {"type": "null"},
+                ]
+            }
+        ),
     ] = Field(
         default=None,
         description="The target: 'targetless', 'pod/NAME[/container/C]', 'deployment/NAME', "
@@ -322,7 +356,24 @@ class AgentConfig(_Section):
         default=None,
         description="Namespace for the agent Job/pod (default: the target's namespace).",
     )
-    image: Annotated[str | None, BeforeValidator(_image)] = Field(
+    image: Annotated[
+        str | None,
+        BeforeValidator(_image),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "object",
+                        "properties": {"registry": {"type": "string"}, "tag": {"type": "string"}},
+                        "required": ["registry"],
+                        "additionalProperties": False,
+                    },
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = Field(
         default=None,
         description="Agent container image (a string, or {registry, tag}). Default: "
         "this package's agent image.",
@@ -351,7 +402,9 @@ class AgentConfig(_Section):
         "installed by the Helm chart). Unset: 'ephemeral' if agent.ephemeral, else 'job'.",
     )
     privileged: bool = Field(default=False, description="Run the agent container privileged.")
-    disabled_capabilities: Annotated[list[Capability], BeforeValidator(_single_to_list)] = Field(
+    disabled_capabilities: Annotated[
+        list[Capability], BeforeValidator(_single_to_list), _OrSingle()
+    ] = Field(
         default_factory=list,
         description="Linux capabilities not to give the agent "
         "(SYS_ADMIN, SYS_PTRACE, NET_RAW, NET_ADMIN); features needing them stop working.",
@@ -592,7 +645,7 @@ class HttpFilterConfig(_Section):
     any_of: list[InnerHttpFilter] | None = Field(
         default=None, description="Requests matching at least one filter in the list (non-empty)."
     )
-    ports: Annotated[list[Port], BeforeValidator(_single_to_list)] = Field(
+    ports: Annotated[list[Port], BeforeValidator(_single_to_list), _OrSingle()] = Field(
         default_factory=lambda: [80, 8080],
         description="Ports the HTTP filter applies to (default [80, 8080]).",
     )
@@ -716,10 +769,14 @@ class IncomingConfig(_Section):
 # --------------------------------------------------------------------------- network.outgoing
 
 AddressFilterList = Annotated[
-    list[Annotated[str, AfterValidator(_check_address_filter)]], BeforeValidator(_single_to_list)
+    list[Annotated[str, AfterValidator(_check_address_filter)]],
+    BeforeValidator(_single_to_list),
+    _OrSingle(),
 ]
 DnsFilterList = Annotated[
-    list[Annotated[str, AfterValidator(_check_dns_filter)]], BeforeValidator(_single_to_list)
+    list[Annotated[str, AfterValidator(_check_dns_filter)]],
+    BeforeValidator(_single_to_list),
+    _OrSingle(),
 ]
 
 
