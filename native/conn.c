@@ -350,6 +350,7 @@ static int conn_broken(struct lconn *c, const char *what) {
 }
 
 int conn_call(struct lconn *c, int expect, cbor_r *r) {
+    int saved = errno; /* a successful call leaves errno as the app had it */
     if (c->fd < 0) {
         errno = EIO;
         return -1;
@@ -401,6 +402,7 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
         if ((int)kind != expect) {
             return conn_broken(c, "unexpected reply kind");
         }
+        errno = saved;
         return 0;
     }
     return conn_broken(c, "too many pings");

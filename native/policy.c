@@ -322,9 +322,8 @@ static int default_local(const char *path) {
     if (g_tmpdir_len && under(path, g_tmpdir, g_tmpdir_len)) {
         return 1;
     }
-    if (g_home_len > 1 && strncmp(path, g_home, g_home_len) == 0 && path[g_home_len] == '/' &&
-        path[g_home_len + 1] == '.') {
-        return 1; /* hidden files and directories in $HOME (tool installs, caches) */
+    if (g_home_len > 1 && under(path, g_home, g_home_len)) {
+        return 1; /* $HOME is the user's, wherever it is (/home is local already; root's is /root) */
     }
     if (g_exe_len && strcmp(path, g_exe) == 0) {
         return 1;

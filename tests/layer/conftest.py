@@ -1,0 +1,86 @@
+"""Fixtures of the layer tests: a scripted daemon on a unix socket in a temporary directory,
+and a runner that starts real programs with the layer preloaded (env from layer_env)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from mirrord.layer import LayerSettings, layer_env
+from tests.layer._scripted import ScriptedDaemon
+
+PYTHON = os.path.realpath(sys.executable)
+TEST_FILE = b"hello from the target\n"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[ScriptedDaemon]:
+    with ScriptedDaemon(tmp_path / "layer.sock") as d:
+        d.add_file("/app/test.txt", TEST_FILE)
+        d.add_file("/app/config/settings.yaml", b"debug: true\n")
+        d.add_file("/etc/hosts", b"10.213.0.9 db.target\n")
+        d.dirs.add("/app/empty")
+        d.symlinks["/app/link"] = "/app/test.txt"
+        d.dns["db.svc.cluster.local"] = ["10.213.7.7"]
+        yield d
+
+
+class Runner:
+    """Runs a command under the layer, in a working directory of its own (local by the
+    default policy), with a bounded time."""
+
+    def __init__(self, daemon: ScriptedDaemon, cwd: Path) -> None:
+        self.daemon = daemon
+        self.cwd = cwd
+
+    def env(self, settings: LayerSettings | None = None, **extra: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("MIRRORD_", "LD_PRELOAD"))}
+        base.update(
+            layer_env(
+                socket_path=str(self.daemon.path),
+                session_id="test-session",
+                settings=settings or LayerSettings(timeout_ms=5000),
+            )
+        )
+        base.update(extra)
+        return base
+
+    def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        settings: LayerSettings | None = None,
+        timeout: float = 30,
+        check: bool = True,
+        input: bytes | None = None,
+        **extra: str,
+    ) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run(
+            list(argv),
+            env=self.env(settings, **extra),
+            cwd=self.cwd,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            input=input,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{argv!r} exited {proc.returncode}\nstdout: {proc.stdout!r}\nstderr: {proc.stderr!r}"
+            )
+        return proc
+
+    def py(self, code: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+        return self([PYTHON, "-c", code], **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def run(daemon: ScriptedDaemon, tmp_path: Path) -> Runner:
+    work = tmp_path / "work"
+    work.mkdir()
+    return Runner(daemon, work)
