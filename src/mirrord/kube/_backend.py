@@ -428,16 +428,20 @@ class KubeBackend:
 
     async def _wait_ready_line(self, api: Any, ns: str, pod: str, container: str) -> None:
         core = k8s.CoreV1Api(api)
+        tail: list[str] = []
         async for line in log_lines(core.read_namespaced_pod_log, pod, ns, container=container):
+            tail = [*tail[-2:], line]
             if line.startswith(READY_PREFIX):
                 return
             if line.startswith(ERROR_PREFIX):
                 raise AgentPodFailed(
                     f"the agent in pod {ns}/{pod} failed: {line[len(ERROR_PREFIX) :]}"
                 )
+        last = " | ".join(ln.strip() for ln in tail if ln.strip())
         raise AgentPodFailed(
-            f"the agent in pod {ns}/{pod} exited before it was ready: see "
-            f"`kubectl logs -n {ns} {pod} -c {container}`"
+            f"the agent in pod {ns}/{pod} exited before it was ready"
+            + (f" (last log lines: {last})" if last else "")
+            + f": see `kubectl logs -n {ns} {pod} -c {container}`"
         )
 
     # ------------------------------------------------------------------ stop / liveness

@@ -175,6 +175,10 @@ class Kubelet:
     async def aclose(self) -> None:
         for rt in list(self.pods.values()):
             await self._kill_pod(rt)
+        if self._tasks:
+            # Log pumps end on their own once the processes are gone; let them read EOF so
+            # no subprocess transport outlives the loop.
+            await asyncio.wait(list(self._tasks), timeout=3)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -486,6 +490,15 @@ class Kubelet:
         cr.process = proc
         if join_netns is None:
             rt.netns_pid = proc.pid
+            # `unshare` creates the namespace after it starts: wait for that before `lo up`.
+            own = os.stat("/proc/self/ns/net").st_ino
+            for _ in range(400):
+                try:
+                    if os.stat(f"/proc/{proc.pid}/ns/net").st_ino != own:
+                        break
+                except OSError:
+                    break
+                await asyncio.sleep(0.005)
             lo = await asyncio.create_subprocess_exec(
                 "nsenter", "-t", str(proc.pid), "-n", "ip", "link", "set", "lo", "up"
             )
@@ -532,13 +545,14 @@ class Kubelet:
         for cr in rt.containers.values():
             proc = cr.process
             if proc is not None and proc.returncode is None:
+                # The whole process group: `unshare --fork` does not pass signals on.
                 with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
+                    os.killpg(proc.pid, signal.SIGTERM)
                 try:
                     await asyncio.wait_for(proc.wait(), 3)
                 except TimeoutError:
                     with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+                        os.killpg(proc.pid, signal.SIGKILL)
                     await proc.wait()
             cr.log.close()
         for d in reversed(rt.cgroup_dirs):

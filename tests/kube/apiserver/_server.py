@@ -285,7 +285,7 @@ class FakeApiServer:
                 and request.method == "POST"
             ):
                 raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
-        watch = request.query.get("watch") in ("true", "1", "True")
+        watch = _go_bool(request.query.get("watch"))
         verb = _VERBS.get(request.method, "get")
         if request.method == "GET" and not name:
             verb = "watch" if watch else "list"
@@ -483,7 +483,7 @@ class FakeApiServer:
                 "BadRequest",
                 f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating',
             )
-        follow = request.query.get("follow") in ("true", "1")
+        follow = _go_bool(request.query.get("follow"))
         if not follow:
             return web.Response(body=bytes(cr.log.data), content_type="text/plain")
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
@@ -668,6 +668,11 @@ class FakeApiServer:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+
+def _go_bool(text: str | None) -> bool:
+    """Query booleans as the API server (Go's strconv.ParseBool) reads them."""
+    return text in ("1", "t", "T", "TRUE", "true", "True")
 
 
 async def _json_body(request: web.Request) -> Any:

@@ -1,0 +1,121 @@
+"""A real agent started by the Kubernetes backend, reached through a real port-forward: the
+in-process API server's kubelet runs the agent Job / ephemeral container as a local
+`mirrord-agent` process, and the target is a namespace pod whose container ID the agent finds
+by cgroup scan."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from mirrord.kube import AgentPodFailed, KubeBackend
+from mirrord.localpod import LocalPod, PodSpec
+from tests.kube._agentproto import DaemonSide
+from tests.kube._cluster import add_deployment
+from tests.kube.apiserver import FakeApiServer
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
+
+
+def _config(kubeconfig: Path, **agent: Any) -> dict[str, Any]:
+    return {"kubeconfig": str(kubeconfig), "agent": {"startup_timeout": 30, **agent}}
+
+
+@pytest.fixture
+def web_pod(make_pod: Callable[..., LocalPod]) -> LocalPod:
+    return make_pod(PodSpec(name="web", env={"DATABASE_URL": "postgres://db.prod:5432/app"}))
+
+
+async def test_job_agent_shared_by_two_sessions_over_port_forward(
+    apiserver: FakeApiServer, kubeconfig: Path, web_pod: LocalPod
+) -> None:
+    add_deployment(apiserver, "web", pods=[web_pod])
+    backend = KubeBackend()
+    progress: list[str] = []
+    h1 = await backend.start_agent("deployment/web", _config(kubeconfig), progress.append)
+    try:
+        jobs = apiserver.list("Job", "default")
+        assert len(jobs) == 1
+        job = jobs[0]
+        pod_spec = job["spec"]["template"]["spec"]
+        assert pod_spec["hostPID"] is True and pod_spec["nodeName"] == "node-1"
+        assert job["spec"]["ttlSecondsAfterFinished"] == 1
+        assert job["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+        caps = pod_spec["containers"][0]["securityContext"]["capabilities"]["add"]
+        assert sorted(caps) == ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"]
+        assert any("using pod web-" in p for p in progress)
+
+        # A second session on the same deployment shares the agent: no second Job.
+        h2 = await backend.start_agent("deployment/web", _config(kubeconfig), print)
+        assert h2.key == h1.key and h2.pod == h1.pod
+        assert len(apiserver.list("Job", "default")) == 1
+
+        stream = await h1.connect()
+        side = DaemonSide(stream, h1.secret)
+        welcome = await side.handshake()
+        assert "container/" in welcome.target
+        env = await side.env()
+        assert env["DATABASE_URL"] == "postgres://db.prod:5432/app"
+        ns, pod = h1.pod
+        assert apiserver.portforwards_opened[(ns, pod)] == 1
+        assert apiserver.portforwards_open[(ns, pod)] == 1
+
+        # The agent pod is deleted mid-session: the stream ends, reconnecting says why.
+        await apiserver.delete("Pod", ns, pod)
+        with anyio.fail_after(10):
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                for _ in range(1000):
+                    await stream.receive()
+        with pytest.raises(AgentPodFailed, match=f"agent pod {ns}/{pod} was deleted"):
+            await h1.connect()
+        assert not h1.alive() and not h2.alive()
+        await stream.aclose()
+        await h2.stop()
+        assert apiserver.list("Job", "default")  # h1 still holds it
+    finally:
+        await h1.stop()
+    for _ in range(100):
+        if not apiserver.list("Job", "default"):
+            break
+        await asyncio.sleep(0.05)
+    assert not apiserver.list("Job", "default")
+
+
+async def test_ephemeral_agent_in_target_pod(
+    apiserver: FakeApiServer, kubeconfig: Path, web_pod: LocalPod
+) -> None:
+    names = add_deployment(apiserver, "web", pods=[web_pod])
+    handle = await KubeBackend().start_agent(
+        "deployment/web", _config(kubeconfig, ephemeral=True), print
+    )
+    try:
+        assert handle.pod == ("default", names[0])
+        pod = apiserver.get("Pod", "default", names[0])
+        assert pod is not None
+        (eph,) = pod["spec"]["ephemeralContainers"]
+        assert eph["targetContainerName"] == "app"
+        stream = await handle.connect()
+        async with stream:
+            side = DaemonSide(stream, handle.secret)
+            await side.handshake()
+            assert (await side.env())["DATABASE_URL"] == "postgres://db.prod:5432/app"
+        assert not apiserver.list("Job", "default")
+    finally:
+        await handle.stop()
+
+
+async def test_targetless_agent_job(apiserver: FakeApiServer, kubeconfig: Path) -> None:
+    handle = await KubeBackend().start_agent("targetless", _config(kubeconfig), print)
+    try:
+        (job,) = apiserver.list("Job", "default")
+        assert job["spec"]["template"]["spec"]["hostPID"] is False
+        stream = await handle.connect()
+        async with stream:
+            await DaemonSide(stream, handle.secret).handshake()
+    finally:
+        await handle.stop()
