@@ -76,7 +76,8 @@ class Runner:
         return proc
 
     def py(self, code: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
-        return self([PYTHON, "-c", code], **kw)  # type: ignore[arg-type]
+        # -S: no site-packages, whose paths (this checkout) the default policy would send remote
+        return self([PYTHON, "-S", "-c", code], **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
