@@ -268,6 +268,12 @@ INVALID: list[tuple[str, str, str, list[str]]] = [
         _j({"feature": {"network": {"outgoing": {"unix_streams": "a)"}}}}),
         ["feature.network.outgoing.unix_streams[0]", "'a)'"],
     ),
+    (
+        "fs-lookaround",
+        "m.json",
+        _j({"feature": {"fs": {"not_found": "^/x(?!y)"}}}),
+        ["feature.fs.not_found[0]", "'^/x(?!y)'", "not supported in file patterns"],
+    ),
     # --- address filters
     (
         "filter-bad-port",

@@ -13,7 +13,13 @@ import ipaddress
 import re
 from typing import Literal
 
-__all__ = ["AddressFilter", "check_regex", "parse_address_filter", "python_regex"]
+__all__ = [
+    "AddressFilter",
+    "check_fs_pattern",
+    "check_regex",
+    "parse_address_filter",
+    "python_regex",
+]
 
 # Hostnames as Kubernetes and DNS allow them (RFC 1123 labels, dots between, optional trailing
 # dot); underscores are accepted because cluster-internal SRV-style names use them.
@@ -130,4 +136,17 @@ def check_regex(pattern: str) -> str:
         re.compile(python_regex(pattern), re.IGNORECASE)
     except re.error as exc:
         raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+    return pattern
+
+
+def check_fs_pattern(pattern: str) -> str:
+    """`check_regex`, and no `(?` group: the layer matches file patterns in C as POSIX extended
+    regexes (after turning `\\d \\w \\s` into classes), which have no lookaround, inline
+    flags or named groups. Better refused here, with the key path, than at session start."""
+    check_regex(pattern)
+    if "(?" in pattern:
+        raise ValueError(
+            f"{pattern!r}: '(?...)' groups (lookaround, inline flags, named groups) are not "
+            "supported in file patterns; they are matched as POSIX extended regexes"
+        )
     return pattern

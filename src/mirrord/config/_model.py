@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
-from mirrord.config._filters import check_regex, parse_address_filter
+from mirrord.config._filters import check_fs_pattern, check_regex, parse_address_filter
 
 __all__ = [
     "AgentConfig",
@@ -116,6 +116,11 @@ Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
 PortPair = Annotated[tuple[Port, Port], Strict(False)]  # JSON has lists, not tuples
 Regex = Annotated[str, AfterValidator(check_regex)]
 RegexList = Annotated[list[Regex], BeforeValidator(_single_to_list), _OrSingle()]
+FsPatternList = Annotated[
+    list[Annotated[str, AfterValidator(check_fs_pattern)]],
+    BeforeValidator(_single_to_list),
+    _OrSingle(),
+]
 NameList = Annotated[
     list[Annotated[str, AfterValidator(_check_nonempty)]],
     BeforeValidator(_split_semicolons),
@@ -561,15 +566,15 @@ class FsConfig(_Section):
         description="Default for paths no list matches: 'local', "
         "'localwithoverrides', 'read' (remote, read-only) or 'write'.",
     )
-    read_write: RegexList = Field(
+    read_write: FsPatternList = Field(
         default_factory=list, description="Paths (regexes) read and written remotely."
     )
-    read_only: RegexList = Field(
+    read_only: FsPatternList = Field(
         default_factory=list,
         description="Paths (regexes) read remotely; opened for writing they are local.",
     )
-    local: RegexList = Field(default_factory=list, description="Paths (regexes) always local.")
-    not_found: RegexList = Field(
+    local: FsPatternList = Field(default_factory=list, description="Paths (regexes) always local.")
+    not_found: FsPatternList = Field(
         default_factory=list, description="Paths (regexes) that appear not to exist (ENOENT)."
     )
     mapping: dict[Regex, str] = Field(
