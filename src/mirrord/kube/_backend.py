@@ -119,7 +119,11 @@ class KubeAgentHandle:
             raise AgentPodFailed(agent.dead)
         try:
             stream = await open_port_forward(
-                agent.kube.configuration, agent.namespace, agent.pod, agent.port
+                agent.kube.configuration,
+                agent.namespace,
+                agent.pod,
+                agent.port,
+                on_end=self._check_gone,
             )
         except PortForwardError as exc:
             gone = await self._backend._why_gone(agent)
@@ -134,6 +138,11 @@ class KubeAgentHandle:
                 await stream.aclose()
                 raise PortForwardError(f"the node agent closed the stream: {exc}") from exc
         return stream
+
+    async def _check_gone(self) -> None:
+        """Called when a stream to the agent ends: mark the agent dead if its pod is gone."""
+        if self._agent.dead is None:
+            self._agent.dead = await self._backend._why_gone(self._agent)
 
     async def stop(self) -> None:
         if self._stopped:

@@ -13,6 +13,7 @@ Runs on asyncio only (aiohttp).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -33,8 +34,16 @@ _MAX_MESSAGE = 256 * 1024  # bytes per websocket message we send: bounded frames
 class PortForwardStream(anyio.abc.ByteStream):
     """A byte stream over one port-forward websocket."""
 
-    def __init__(self, ws: Any, ws_ctx: Any, api: Any, description: str) -> None:
+    def __init__(
+        self,
+        ws: Any,
+        ws_ctx: Any,
+        api: Any,
+        description: str,
+        on_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._ws = ws
+        self._on_end = on_end
         self._ws_ctx = ws_ctx
         self._api = api
         self.description = description
@@ -55,8 +64,10 @@ class PortForwardStream(anyio.abc.ByteStream):
         while True:
             msg = await self._ws.receive()
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                await self._ended()
                 raise anyio.EndOfStream
             if msg.type == WSMsgType.ERROR:
+                await self._ended()
                 raise anyio.BrokenResourceError(
                     f"port-forward to {self.description} broke: {msg.data}"
                 )
@@ -70,6 +81,7 @@ class PortForwardStream(anyio.abc.ByteStream):
                 if len(payload) == 2:
                     continue
             if channel == _ERROR:
+                await self._ended()
                 raise anyio.BrokenResourceError(
                     f"port-forward to {self.description} failed: "
                     f"{payload.decode(errors='replace').strip()}"
@@ -79,6 +91,14 @@ class PortForwardStream(anyio.abc.ByteStream):
                     self._pending = payload[max_bytes:]
                     return payload[:max_bytes]
                 return payload
+
+    async def _ended(self) -> None:
+        """Let the owner find out why the stream ended (is the agent pod gone?) before the
+        caller sees the end, so that its liveness check is already up to date."""
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            with anyio.move_on_after(5), contextlib.suppress(Exception):
+                await on_end()
 
     async def send(self, item: bytes) -> None:
         if self._closed:
@@ -112,7 +132,13 @@ class PortForwardStream(anyio.abc.ByteStream):
 
 
 async def open_port_forward(
-    configuration: Any, namespace: str, pod: str, port: int, *, timeout: float = 10.0
+    configuration: Any,
+    namespace: str,
+    pod: str,
+    port: int,
+    *,
+    timeout: float = 10.0,
+    on_end: Callable[[], Awaitable[None]] | None = None,
 ) -> PortForwardStream:
     """Open a port-forward websocket to `pod:port`; raises `PermissionMissing` on 403 and
     `PortForwardError` otherwise (aiohttp drops the Status body of a failed upgrade, so the
@@ -155,4 +181,4 @@ async def open_port_forward(
     except Exception as exc:
         await api.close()
         raise PortForwardError(f"cannot port-forward to {description}: {exc}") from exc
-    return PortForwardStream(ws, ws_ctx, api, description)
+    return PortForwardStream(ws, ws_ctx, api, description, on_end)
