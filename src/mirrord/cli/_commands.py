@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mirrord.cli import (  # noqa: F401  # noqa: F401
     _daemon,
+    _demo,
     _ext,
     _ls,
     _run,

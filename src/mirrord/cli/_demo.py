@@ -1,0 +1,119 @@
+"""`mirrord demo`: the main job on a machine without a cluster.
+
+Owns: creating a demo pod (mirrord.localpod), running the sample app (`_demo_app.py`, shipped
+in the package) through `mirrord run --steal` against it with a private runtime directory,
+sending it a request through the pod, and removing everything (pod, daemon, agent). Does not
+own any of the machinery it shows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import typer
+
+from mirrord.cli._app import app
+from mirrord.cli._run import run_command
+from mirrord.cli._sessions import fail
+from mirrord.daemon._client import stop_daemon
+from mirrord.daemon._exceptions import DaemonError
+from mirrord.daemon._runtime import RuntimePaths
+
+__all__ = ["DEMO_SPEC_ENV"]
+
+DEMO_SPEC_ENV = {
+    "DEMO_GREETING": "hello from the demo pod",
+    "DATABASE_URL": "postgres://demo-db.cluster.local:5432/app",
+}
+_CONFIG = b"service: demo\nreplicas: 3\nsecret_source: only-in-the-pod\n"
+_DB_ADDRESS = "10.213.254.10"  # only the pod's hosts file knows it; nothing listens there
+
+
+def _send_through_pod(pod_ip: str, port: int, stop: threading.Event, out: list[str]) -> None:
+    """Send requests to the pod's IP until one is answered by the demo app (stolen), not by
+    the pod's own service."""
+    deadline = time.monotonic() + 25
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{pod_ip}:{port}/checkout", timeout=3) as r:
+                body = r.read().decode().strip()
+        except OSError:
+            body = ""
+        if "stolen" in body:
+            out.append(body)
+            return
+        stop.wait(0.3)
+
+
+@app.command("demo")
+def demo() -> None:
+    """Create a local demo pod, run a sample app through mirrord against it, clean up."""
+    if os.geteuid() != 0:
+        fail(
+            "`mirrord demo` creates network namespaces and a local agent: run it as root "
+            "(for example `sudo mirrord demo`)"
+        )
+    from mirrord.localpod import PodError, PodSpec, create_pod
+
+    runtime = Path(tempfile.mkdtemp(prefix="mirrord-demo-"))
+    os.environ["MIRRORD_RUNTIME_DIR"] = str(runtime)  # a private daemon, removed at the end
+    print(
+        "mirrord demo: creating a demo pod (network + mount namespaces, a process, an HTTP "
+        "service on :8080)",
+        flush=True,
+    )
+    try:
+        pod = create_pod(
+            PodSpec(
+                name="demo",
+                env=DEMO_SPEC_ENV,
+                files={"/app/config.yaml": _CONFIG},
+                hosts={"demo-db.cluster.local": _DB_ADDRESS},
+                http_port=8080,
+                echo_port=None,
+            )
+        )
+    except PodError as exc:
+        shutil.rmtree(runtime, ignore_errors=True)
+        fail(f"could not create the demo pod: {exc}")
+    stop = threading.Event()
+    stolen: list[str] = []
+    sender = threading.Thread(
+        target=_send_through_pod, args=(pod.ip, 8080, stop, stolen), daemon=True
+    )
+    code = 1
+    try:
+        print(
+            f"mirrord demo: pod {pod.netns} (pid {pod.pid}, IP {pod.ip}); running "
+            f"`mirrord run --steal -t pid/{pod.pid} -- python3 <demo app>`",
+            flush=True,
+        )
+        sender.start()
+        app_path = Path(__file__).with_name("_demo_app.py")
+        code = run_command(
+            command=[sys.executable, str(app_path)],
+            target=f"pid/{pod.pid}",
+            config_file=None,
+            steal=True,
+        )
+        stop.set()
+        sender.join(timeout=5)
+        if stolen:
+            print(f"mirrord demo: the client that called the pod got: {stolen[0]!r}", flush=True)
+    finally:
+        stop.set()
+        print("mirrord demo: cleaning up (daemon, agent, pod)", flush=True)
+        try:
+            stop_daemon(RuntimePaths(runtime))
+        except DaemonError as exc:
+            print(f"mirrord demo: {exc}", file=sys.stderr)
+        pod.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+    raise typer.Exit(code)
