@@ -294,3 +294,8 @@ def test_config_package_does_no_io_imports() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == ""
+
+
+def test_missing_file_named_by_env_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"named by \$MIRRORD_CONFIG_FILE"):
+        load_config(env={"MIRRORD_CONFIG_FILE": "gone.json"}, cwd=tmp_path)

@@ -663,6 +663,14 @@ def resolve_config(
     raw: dict[str, Any] = {}
     label = "defaults"
     if path is not None:
+        if config_file is None and env.get(CONFIG_FILE_ENV) and not path.exists():
+            raise ConfigError(
+                [
+                    f"{path}: config file not found (named by ${CONFIG_FILE_ENV}); fix or unset "
+                    f"{CONFIG_FILE_ENV}"
+                ],
+                source=str(path),
+            )
         raw = read_config_file(path, env)
         label = str(path)
         warnings.extend(f"{label}: {w}" for w in _drop_ignored(raw))
