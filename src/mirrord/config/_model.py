@@ -939,7 +939,7 @@ class DaemonConfig(_Section):
         description="Seconds the daemon stays up with no session (0: exit with the last session).",
     )
     agent_linger: Seconds = Field(
-        default=30.0,
+        default=60.0,
         description="Seconds an agent is kept after its last "
         "session, for a quick restart to reuse it.",
     )
