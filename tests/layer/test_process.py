@@ -1,0 +1,97 @@
+"""Processes under the layer: fork children register naming their parent and keep the
+parent's remote fds; exec and spawn keep the layer even with a custom environment."""
+
+from __future__ import annotations
+
+import os
+
+from mirrord.layer import LayerSettings
+from tests.layer._scripted import ScriptedDaemon
+from tests.layer.conftest import PYTHON, TEST_FILE, Runner
+
+FORK_20 = r"""
+import os, socket, sys
+kids = []
+for i in range(20):
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            data = open('/app/test.txt', 'rb').read()
+            s = socket.create_connection(('10.213.5.5', 8000 + i), timeout=10)
+            greeting = s.makefile('rb').readline()
+            s.close()
+            code = 0 if data == b'hello from the target\n' and greeting == f'hello 10.213.5.5:{8000 + i}\n'.encode() else 3
+        except Exception as e:
+            print(e, file=sys.stderr)
+            code = 4
+        os._exit(code)
+    kids.append(pid)
+bad = 0
+for pid in kids:
+    _, status = os.waitpid(pid, 0)
+    bad += os.waitstatus_to_exitcode(status) != 0
+print(os.getpid(), bad, ' '.join(map(str, kids)))
+"""
+
+
+def test_twenty_forked_children_read_and_connect(run: Runner, daemon: ScriptedDaemon) -> None:
+    out = run.py(FORK_20, timeout=60).stdout.split()
+    parent, bad, kids = int(out[0]), int(out[1]), [int(k) for k in out[2:]]
+    assert bad == 0
+    assert len(kids) == 20
+    assert daemon.processes == {parent: None, **{k: parent for k in kids}}
+    assert sum(isinstance(m, type(m)) and type(m).__name__ == "LayerConnect" for m in daemon.requests()) == 20
+
+
+def test_forked_child_keeps_a_remote_fd(run: Runner, daemon: ScriptedDaemon) -> None:
+    daemon.add_file("/app/big.bin", b"x" * 10 + b"TAIL")
+    # opened read-write, so it is handle-backed: the child reads through the handle the
+    # agent copied for it, the parent closes its own right after fork
+    code = r"""
+import os
+fd = os.open('/app/big.bin', os.O_RDWR)
+os.lseek(fd, 10, 0)
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if os.read(fd, 4) == b'TAIL' else 5)
+os.close(fd)
+_, st = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(st))
+"""
+    assert run.py(code, settings=LayerSettings(fs_mode="write", timeout_ms=5000)).stdout == b"0\n"
+    assert len(daemon.processes) == 2
+
+
+def test_subprocess_children_keep_the_layer_with_a_custom_env(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = r"""
+import os, subprocess
+a = subprocess.run(['cat', '/app/test.txt'], capture_output=True, env={'PATH': os.environ['PATH']}).stdout
+b = subprocess.run(['cat', '/app/test.txt'], capture_output=True).stdout
+c = os.popen('cat /app/test.txt').read().encode()
+print(a == b == c == b'hello from the target\n', os.getpid())
+"""
+    out = run.py(code).stdout.split()
+    assert out[0] == b"True"
+    parent = int(out[1])
+    children = [pid for pid, p in daemon.processes.items() if p == parent]
+    assert len(children) >= 3  # cat x3 (popen's shell may register too)
+
+
+def test_exec_keeps_the_daemon_connection(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = "import os; os.execv('/bin/cat', ['cat', '/app/test.txt'])"
+    assert run.py(code).stdout == TEST_FILE
+    # one process: the exec'd image reused the registered connection
+    assert len(daemon.processes) == 1
+
+
+def test_bypassed_fork_and_exec_without_layer_settings(tmp_path: object) -> None:
+    import subprocess
+
+    from mirrord.layer import library_path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_")}
+    env["LD_PRELOAD"] = str(library_path())
+    code = "import os,subprocess; pid=os.fork()\nif pid==0: os._exit(0)\nos.waitpid(pid,0); print(subprocess.run(['echo','ok'],capture_output=True).stdout.decode(), end='')"
+    out = subprocess.run([PYTHON, "-S", "-c", code], env=env, capture_output=True, timeout=30, check=True)
+    assert out.stdout == b"ok\n"
