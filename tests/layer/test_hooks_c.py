@@ -1,0 +1,73 @@
+"""Every file hook from a C program: the same checks pass on a remote directory (each
+call reaching the scripted daemon) and on a local one (no message sent)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mirrord.layer import LayerSettings
+from tests.layer._scripted import ScriptedDaemon
+from tests.layer.conftest import TEST_FILE, Runner
+
+HERE = Path(__file__).resolve().parent
+WRITE = LayerSettings(fs_mode="write", timeout_ms=5000)
+
+
+@pytest.fixture(scope="module")
+def hooks_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cbuild") / "hooks"
+    subprocess.run(
+        ["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(HERE / "c" / "hooks.c"), "-ldl"],
+        check=True,
+        timeout=60,
+    )
+    return out
+
+
+def _failures(stdout: bytes) -> list[str]:
+    return [line for line in stdout.decode().splitlines() if "FAIL" in line or "errno" in line]
+
+
+def test_file_hooks_go_remote(run: Runner, daemon: ScriptedDaemon, hooks_program: Path) -> None:
+    daemon.add_file("/srv/t/test.txt", TEST_FILE)
+    daemon.symlinks["/srv/t/link"] = "/srv/t/test.txt"
+    out = run([str(hooks_program), "/srv/t", "db.svc.cluster.local"], settings=WRITE, check=False)
+    assert _failures(out.stdout) == [], out.stdout.decode()
+    assert out.returncode == 0
+    assert b"address 10.213.7.7" in out.stdout
+    assert b"hostname target-pod" in out.stdout
+    kinds = set(daemon.kinds())
+    expected = {
+        "FileOpen", "FileRead", "FileWrite", "FileSeek", "FileClose", "FileStat", "StatFs",
+        "FileAccess", "ReadLink", "DirOpen", "DirRead", "DirClose", "Mkdir", "Rmdir", "Unlink",
+        "Rename", "Ftruncate", "Fchmod", "Fsync", "DnsLookup", "HostnameRequest",
+    }
+    assert expected <= kinds, expected - kinds
+    # what the program wrote is on the target
+    assert daemon.files["/srv/t/w.txt"] == b"written\n"
+    assert "/srv/t/e.txt" not in daemon.files
+
+
+def test_file_hooks_bypassed_locally(run: Runner, daemon: ScriptedDaemon, hooks_program: Path) -> None:
+    local = run.cwd / "t"
+    local.mkdir()
+    (local / "test.txt").write_bytes(TEST_FILE)
+    (local / "link").symlink_to(local / "test.txt")
+    out = run([str(hooks_program), str(local), "localhost"], settings=WRITE, check=False)
+    assert _failures(out.stdout) == [], out.stdout.decode()
+    assert out.returncode == 0
+    assert (local / "w.txt").read_bytes() == b"written\n"
+    # localhost resolves locally, and gethostname asks the target (hostname is on): that is
+    # the only request
+    assert daemon.kinds() == ["HostnameRequest"]
+
+
+def test_gethostname_stays_local_when_hostname_is_off(run: Runner, daemon: ScriptedDaemon) -> None:
+    import socket
+
+    out = run.py("import socket; print(socket.gethostname())", settings=LayerSettings(hostname=False))
+    assert out.stdout.decode().strip() == socket.gethostname()
+    assert daemon.requests() == []
