@@ -130,9 +130,13 @@ class ScriptedDaemon:
         """Connect to the app's listener subscribed on `port`, as the daemon would for a
         mirrored or stolen connection from `peer`."""
         listen = next(l for l in reversed(self.listens) if l.port == port)
-        sock = socket.create_connection((listen.bound_address, listen.bound_port), timeout=10)
-        self.peers[sock.getsockname()[1]] = peer
+        family = socket.AF_INET6 if ":" in listen.bound_address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         self._sockets.append(sock)
+        sock.settimeout(10)
+        sock.bind((listen.bound_address, 0))
+        self.peers[sock.getsockname()[1]] = peer  # before connecting: accept asks at once
+        sock.connect((listen.bound_address, listen.bound_port))
         return sock
 
     # -- protocol

@@ -1,0 +1,272 @@
+"""Sockets and DNS under the layer: outgoing through daemon relays, incoming subscriptions
+with the real peer reported, DNS through the target; and their local bypasses."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mirrord.layer import LayerSettings
+from tests.layer._scripted import ScriptedDaemon
+from tests.layer.conftest import PYTHON, Runner
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = f"served {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[tuple[str, int]]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield ("127.0.0.1", server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_python_connect_goes_through_the_relay(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import socket
+s = socket.create_connection(('10.213.5.5', 80), timeout=10)
+print(s.makefile('rb').readline().decode().strip())
+print(s.getpeername(), s.getsockname())
+"""
+    out = run.py(code).stdout.decode().splitlines()
+    assert out == ["hello 10.213.5.5:80", "('10.213.5.5', 80) ('10.213.0.2', 40000)"]
+    assert daemon.kinds() == ["LayerConnect"]
+
+
+def test_nonblocking_connect_reports_einprogress(run: Runner) -> None:
+    code = """
+import errno, select, socket
+s = socket.socket()
+s.setblocking(False)
+rc = s.connect_ex(('10.213.5.5', 81))
+select.select([], [s], [], 10)
+print(rc == errno.EINPROGRESS, s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+s.setblocking(True)
+print(s.recv(100).decode().strip())
+"""
+    assert run.py(code).stdout.decode().splitlines() == ["True 0", "hello 10.213.5.5:81"]
+
+
+def test_localhost_connect_stays_local_with_ignore_localhost(
+    run: Runner, daemon: ScriptedDaemon, http_server: tuple[str, int]
+) -> None:
+    code = f"""
+import urllib.request
+print(urllib.request.urlopen('http://127.0.0.1:{http_server[1]}/x', timeout=10).read().decode(), end='')
+"""
+    out = run.py(code, settings=LayerSettings(ignore_localhost=True))
+    assert out.stdout == b"served /x\n"
+    assert daemon.requests() == []
+
+
+def test_outgoing_filter_keeps_unlisted_destinations_local(
+    run: Runner, daemon: ScriptedDaemon, http_server: tuple[str, int]
+) -> None:
+    settings = LayerSettings(outgoing_filter_mode="remote", outgoing_filter=("10.213.0.0/16",))
+    code = f"""
+import socket, urllib.request
+print(urllib.request.urlopen('http://127.0.0.1:{http_server[1]}/y', timeout=10).read().decode(), end='')
+print(socket.create_connection(('10.213.1.1', 9), timeout=10).recv(100).decode(), end='')
+"""
+    assert run.py(code, settings=settings).stdout == b"served /y\nhello 10.213.1.1:9\n"
+    assert daemon.kinds() == ["LayerConnect"]
+
+
+def test_python_getaddrinfo_resolves_in_the_target(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import socket
+print(sorted({a[4][0] for a in socket.getaddrinfo('db.svc.cluster.local', 5432, type=socket.SOCK_STREAM)}))
+print(socket.gethostbyname('db.svc.cluster.local'))
+try:
+    socket.getaddrinfo('nowhere.svc.cluster.local', 80)
+except socket.gaierror as e:
+    print('gaierror', e.errno == socket.EAI_NONAME)
+print(socket.getaddrinfo('localhost', 80, type=socket.SOCK_STREAM)[0][4][0] in ('127.0.0.1', '::1'))
+"""
+    out = run.py(code).stdout.decode().splitlines()
+    assert out == ["['10.213.7.7']", "10.213.7.7", "gaierror True", "True"]
+    lookups = [m for m in daemon.requests() if type(m).__name__ == "DnsLookup"]
+    assert [m.host for m in lookups] == [  # type: ignore[attr-defined]
+        "db.svc.cluster.local", "db.svc.cluster.local", "nowhere.svc.cluster.local",
+    ]
+
+
+def test_dns_off_and_dns_filter_resolve_locally(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = "import socket; print(socket.getaddrinfo('localhost', 80)[0][4][0] != '')"
+    run.py(code, settings=LayerSettings(dns=False))
+    settings = LayerSettings(dns_filter_mode="local", dns_filter=("db.svc.cluster.local",))
+    code = """
+import socket
+try:
+    socket.getaddrinfo('db.svc.cluster.local', 80)
+    print('resolved')
+except socket.gaierror:
+    print('local-only name: not found here')
+"""
+    out = run.py(code, settings=settings).stdout.decode().strip()
+    assert out == "local-only name: not found here"
+    assert daemon.requests() == []
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_resolves_and_connects_through_the_target(
+    run: Runner, daemon: ScriptedDaemon, http_server: tuple[str, int]
+) -> None:
+    daemon.upstreams[("10.213.7.7", 8080)] = http_server
+    out = run(["curl", "-sS", "--max-time", "10", "http://db.svc.cluster.local:8080/hello"])
+    assert out.stdout == b"served /hello\n"
+    assert daemon.kinds() == ["DnsLookup", "LayerConnect"]
+
+
+def test_udp_sendto_and_recvfrom_through_the_relay(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(10)
+u.sendto(b'ping', ('10.213.5.5', 53))
+data, addr = u.recvfrom(100)
+print(data.decode(), addr)
+u.sendmsg([b'again'], [], 0, ('10.213.5.5', 53))
+data, anc, flags, addr = u.recvmsg(100)
+print(data.decode(), addr)
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.settimeout(10)
+c.connect(('10.213.5.6', 5353))
+c.send(b'connected')
+print(c.recv(100).decode(), c.getpeername())
+"""
+    out = run.py(code).stdout.decode().splitlines()
+    assert out == [
+        "udp:ping ('10.213.5.5', 53)",
+        "udp:again ('10.213.5.5', 53)",
+        "udp:connected ('10.213.5.6', 5353)",
+    ]
+    assert daemon.kinds() == ["LayerConnect", "LayerConnect"]
+
+
+def _wait_for(cond: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+LISTENER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', int(sys.argv[1])))
+s.listen()
+print('listening', s.getsockname()[1], flush=True)
+c, peer = s.accept()
+c.sendall(f'{peer} {c.getpeername()}'.encode())
+c.close()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _run_listener(run: Runner, daemon: ScriptedDaemon, port: int, settings: LayerSettings | None = None) -> str:
+    import subprocess
+
+    with subprocess.Popen(
+        [PYTHON, "-S", "-c", LISTENER, str(port)],
+        env=run.env(settings),
+        cwd=run.cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().decode()
+            assert line == f"listening {port}\n"
+            _wait_for(lambda: any(listen.port == port for listen in daemon.listens))
+            sock = daemon.incoming(port, ("10.213.9.9", 41000))
+            data = sock.recv(200).decode()
+            proc.wait(timeout=10)
+            return data
+        finally:
+            proc.kill()
+
+
+def test_listen_subscribes_and_accept_reports_the_real_peer(run: Runner, daemon: ScriptedDaemon) -> None:
+    port = _free_port()
+    assert _run_listener(run, daemon, port) == "('10.213.9.9', 41000) ('10.213.9.9', 41000)"
+    (listen,) = daemon.listens
+    assert (listen.port, listen.bound_address, listen.bound_port) == (port, "127.0.0.1", port)
+    assert "PeerLookup" in daemon.kinds()
+
+
+def test_listen_on_a_busy_port_binds_another_and_says_so(run: Runner, daemon: ScriptedDaemon) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert _run_listener(run, daemon, port) == "('10.213.9.9', 41000) ('10.213.9.9', 41000)"
+    (listen,) = daemon.listens
+    assert listen.port == port and listen.bound_port != port
+
+
+def test_ignored_port_and_incoming_off_stay_local(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import socket, sys
+s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()
+c = socket.create_connection(s.getsockname(), timeout=10)
+a, peer = s.accept()
+print(peer == c.getsockname())
+"""
+    port = _free_port()
+    for settings in (
+        LayerSettings(ignore_ports=(port,), ignore_localhost=True),
+        LayerSettings(incoming="off", ignore_localhost=True),
+    ):
+        out = run([PYTHON, "-S", "-c", code, str(port)], settings=settings)
+        assert out.stdout == b"True\n"
+    assert daemon.requests() == []
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_reads_files_and_resolves_through_the_target(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+const fs = require('fs'); const dns = require('dns');
+process.stdout.write(fs.readFileSync('/app/test.txt', 'utf8'));
+fs.readFile('/app/config/settings.yaml', 'utf8', (err, data) => {
+  if (err) throw err;
+  process.stdout.write(data);
+  dns.lookup('db.svc.cluster.local', {family: 4}, (err, address) => {
+    if (err) throw err;
+    console.log(address);
+  });
+});
+"""
+    out = run(["node", "-e", code])
+    assert out.stdout == b"hello from the target\ndebug: true\n10.213.7.7\n"
+    assert "DnsLookup" in daemon.kinds()
