@@ -7,15 +7,14 @@ the daemon would receive.
 
 from __future__ import annotations
 
+import collections
 import itertools
-import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mirrord.protocol import (
     CLOSED,
@@ -47,13 +46,16 @@ class ClientConn:
         self.client = client
         self.channel = channel
         self.conn_id = conn_id
-        tx, rx = anyio.create_memory_object_stream[bytes | None](math.inf)
-        self._data_tx: MemoryObjectSendStream[bytes | None] = tx
-        self._data_rx: MemoryObjectReceiveStream[bytes | None] = rx
+        self._queue: collections.deque[bytes | None] = collections.deque()
+        self._arrived = anyio.Event()
         self._credit = anyio.Event()
         self.closed_errno: int | None = None
         self.closed = anyio.Event()
         self.eof = False
+
+    def _push(self, item: bytes | None) -> None:
+        self._queue.append(item)
+        self._arrived.set()
 
     def _on_credit(self) -> None:
         self._credit.set()
@@ -80,7 +82,10 @@ class ClientConn:
         """The next bytes (credited back), or b"" at Shutdown/ConnClose."""
         if self.eof:
             return b""
-        item = await self._data_rx.receive()
+        while not self._queue:
+            self._arrived = anyio.Event()
+            await self._arrived.wait()
+        item = self._queue.popleft()
         if item is None:
             self.eof = True
             return b""
@@ -111,7 +116,7 @@ class AgentClient:
         self._conn_ids = itertools.count(2, 2)
         self._waiting: dict[tuple[int, int], tuple[anyio.Event, list[Message]]] = {}
         self.conns: dict[tuple[int, int], ClientConn] = {}
-        self.incoming: dict[int, MemoryObjectSendStream[ClientConn]] = {}
+        self.incoming: list[ClientConn] = []
         self.other: list[tuple[int, Message]] = []
         self.fatal: m.Fatal | None = None
         self.ended = anyio.Event()
@@ -153,7 +158,11 @@ class AgentClient:
                 if event is NEED_DATA:
                     try:
                         data = await self.stream.receive()
-                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    except (
+                        anyio.EndOfStream,
+                        anyio.BrokenResourceError,
+                        anyio.ClosedResourceError,
+                    ):
                         data = b""
                     self.conn.receive_data(data)
                     continue
@@ -165,7 +174,7 @@ class AgentClient:
                 self._route(event.channel, event.message)
         finally:
             for conn in self.conns.values():
-                conn._data_tx.send_nowait(None)
+                conn._push(None)
                 conn.closed.set()
             self.ended.set()
 
@@ -180,21 +189,19 @@ class AgentClient:
         if isinstance(msg, m.IncomingConnection):
             conn = ClientConn(self, channel, msg.conn_id)
             self.conns[(channel, msg.conn_id)] = conn
-            tx = self.incoming.get(channel)
-            if tx is not None:
-                tx.send_nowait(conn)
+            self.incoming.append(conn)
             return
         if conn_id is not None and (channel, conn_id) in self.conns:
             conn = self.conns[(channel, conn_id)]
             if isinstance(msg, m.Data):
-                conn._data_tx.send_nowait(msg.data)
+                conn._push(msg.data)
             elif isinstance(msg, m.Credit):
                 conn._on_credit()
             elif isinstance(msg, m.Shutdown):
-                conn._data_tx.send_nowait(None)
+                conn._push(None)
             elif isinstance(msg, m.ConnClose):
                 conn.closed_errno = msg.errno
-                conn._data_tx.send_nowait(None)
+                conn._push(None)
                 conn.closed.set()
                 conn._on_credit()
                 del self.conns[(channel, conn_id)]
@@ -241,7 +248,9 @@ class AgentClient:
         await self.request(channel, lambda r: m.FileClose(request_id=r, handle=opened.handle))
         return bytes(out)
 
-    async def connect(self, channel: int, address: str, port: int, protocol: str = "tcp") -> ClientConn:
+    async def connect(
+        self, channel: int, address: str, port: int, protocol: str = "tcp"
+    ) -> ClientConn:
         conn_id = next(self._conn_ids)
         conn = ClientConn(self, channel, conn_id)
         self.conns[(channel, conn_id)] = conn

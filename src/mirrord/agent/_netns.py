@@ -107,8 +107,14 @@ class NetnsRunner:
         token = anyio.lowlevel.current_token()
         done = anyio.Event()
 
+        loop_thread = threading.get_ident()
+
         def wake(_: concurrent.futures.Future[T]) -> None:
-            with contextlib.suppress(Exception):
+            # A future that is already done runs its callback at once, on the loop's thread.
+            if threading.get_ident() == loop_thread:
+                done.set()
+                return
+            with contextlib.suppress(Exception):  # the loop has ended: nobody waits
                 anyio.from_thread.run_sync(done.set, token=token)
 
         future = self._pool.submit(self._call, functools.partial(fn, *args, **kwargs))

@@ -127,11 +127,15 @@ class AgentServer:
 
     async def _watch_target(self) -> None:
         await wait_target_exit(self.ctx.pid)
-        raise _Stop(
-            TargetGone.exit_code,
+        message = (
             f"target {self.ctx.target.description} exited; the agent stops with it "
-            "(start the session again against a running target)",
+            "(start the session again against a running target)"
         )
+        # Tell every daemon why before the sessions are torn down.
+        with anyio.move_on_after(3):
+            for session in list(self.sessions):
+                await session.send_fatal("target_gone", message)
+        raise _Stop(TargetGone.exit_code, message)
 
     async def _watch_idle(self) -> None:
         limit = self.options.idle_timeout
@@ -171,9 +175,6 @@ class AgentServer:
                 code = stop.code
                 if code:
                     print(f"mirrord-agent: error: {stop.message}", file=sys.stderr, flush=True)
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(3):
-                        for session in list(self.sessions):
-                            await session.send_fatal("target_gone", stop.message)
                 else:
                     print(f"mirrord-agent: {stop.message}", file=sys.stderr, flush=True)
         finally:
