@@ -120,3 +120,50 @@ async def test_targetless_agent_job(apiserver: FakeApiServer, kubeconfig: Path) 
             await DaemonSide(stream, handle.secret).handshake()
     finally:
         await handle.stop()
+
+
+async def test_node_agent_from_helm_chart_daemonset(
+    apiserver: FakeApiServer, kubeconfig: Path, web_pod: LocalPod
+) -> None:
+    helm = pytest.importorskip("helm_python")
+    import yaml
+
+    chart = helm.Chart.load(str(Path(__file__).resolve().parents[2] / "helm" / "mirrord"))
+    rendered = chart.render(
+        {"agentDaemonSet": {"enabled": True}}, name="mirrord", namespace="mirrord"
+    )
+    (ds,) = [
+        d
+        for d in yaml.safe_load_all(rendered["mirrord/templates/agent-daemonset.yaml"])
+        if d and d["kind"] == "DaemonSet"
+    ]
+    apiserver.create("DaemonSet", "mirrord", ds)
+    add_deployment(apiserver, "web", pods=[web_pod])
+    for _ in range(500):
+        pods = [
+            p
+            for p in apiserver.list("Pod", "mirrord")
+            if any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in p["status"].get("conditions", [])
+            )
+        ]
+        if pods:
+            break
+        await asyncio.sleep(0.02)
+    config = {"kubeconfig": str(kubeconfig), "agent": {"placement": "daemonset"}}
+    h1 = await KubeBackend().start_agent("deployment/web", config, print)
+    h2 = await KubeBackend().start_agent("deployment/web", config, print)
+    try:
+        assert h1.pod[0] == "mirrord" and h1.pod == h2.pod
+        assert not apiserver.list("Job", "default")  # no per-session pod
+        for handle in (h1, h2):
+            stream = await handle.connect()
+            async with stream:
+                side = DaemonSide(stream, handle.secret)
+                await side.handshake()
+                assert (await side.env())["DATABASE_URL"] == "postgres://db.prod:5432/app"
+    finally:
+        await h1.stop()
+        await h2.stop()
+    assert apiserver.list("DaemonSet", "mirrord")  # the chart's DaemonSet is not ours to delete

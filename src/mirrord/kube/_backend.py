@@ -133,10 +133,28 @@ class KubeAgentHandle:
             raise exc from None
         if agent.preamble:
             try:
-                await stream.send(agent.preamble)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                with anyio.fail_after(30):
+                    await stream.send(agent.preamble)
+                    reply = b""
+                    while b"\n" not in reply and len(reply) < 4096:
+                        reply += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 await stream.aclose()
-                raise PortForwardError(f"the node agent closed the stream: {exc}") from exc
+                raise PortForwardError(
+                    f"the node agent {agent.namespace}/{agent.pod} closed the stream: {exc}"
+                ) from exc
+            except TimeoutError:
+                await stream.aclose()
+                raise PortForwardError(
+                    f"the node agent {agent.namespace}/{agent.pod} did not answer within 30 s"
+                ) from None
+            line, _, rest = reply.partition(b"\n")
+            if line != b"OK":
+                await stream.aclose()
+                text = line.decode(errors="replace").removeprefix("ERROR ").strip()
+                raise AgentPodFailed(f"the node agent {agent.namespace}/{agent.pod}: {text}")
+            if rest:
+                stream.unreceive(rest)
         return stream
 
     async def _check_gone(self) -> None:
@@ -351,11 +369,18 @@ class KubeBackend:
             field_selector=f"spec.nodeName={target.node}",
         )
         running = [
-            p for p in pods.get("items") or [] if (p.get("status") or {}).get("phase") == "Running"
+            p
+            for p in pods.get("items") or []
+            if (p.get("status") or {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")
+            and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (p.get("status") or {}).get("conditions") or []
+            )
         ]
         if not running:
             raise AgentPodFailed(
-                f"no running mirrord node agent on node {target.node} in namespace {agent_ns}: "
+                f"no ready mirrord node agent on node {target.node} in namespace {agent_ns}: "
                 "install the Helm chart with agentDaemonSet.enabled=true (and check its "
                 "nodeSelector/tolerations cover that node), or use agent.placement: job"
             )

@@ -92,6 +92,10 @@ class PortForwardStream(anyio.abc.ByteStream):
                     return payload[:max_bytes]
                 return payload
 
+    def unreceive(self, data: bytes) -> None:
+        """Put bytes back in front of what `receive()` returns next."""
+        self._pending = data + self._pending
+
     async def _ended(self) -> None:
         """Let the owner find out why the stream ended (is the agent pod gone?) before the
         caller sees the end, so that its liveness check is already up to date."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import ctypes
 import os
 import secrets
@@ -193,6 +194,8 @@ class Kubelet:
         if res.plural == "pods" and res.group == "":
             if type_ == "ADDED":
                 self.spawn(self._run_pod(obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        elif res.plural == "daemonsets" and type_ == "ADDED":
+            self._daemonset_controller(obj)
         elif res.plural == "jobs" and type_ == "ADDED":
             self.spawn(self._job_controller(obj["metadata"]["namespace"], obj["metadata"]["name"]))
         if type_ == "DELETED":
@@ -226,6 +229,33 @@ class Kubelet:
                 self.pods.pop((ns or "", name), None)
         if self.store.find(res, ns, name) is not None:
             self.store.delete(res, ns, name)
+
+    # ------------------------------------------------------------------ daemonset controller
+
+    def _daemonset_controller(self, ds: Obj) -> None:
+        """One pod per node, pinned with nodeName, owned by the DaemonSet."""
+        tmpl = ds["spec"]["template"]
+        ns = ds["metadata"]["namespace"]
+        for node in self.nodes:
+            pod = {
+                "metadata": {
+                    "name": f"{ds['metadata']['name']}-{random_suffix()}",
+                    "labels": dict((tmpl.get("metadata") or {}).get("labels") or {}),
+                    "annotations": dict((tmpl.get("metadata") or {}).get("annotations") or {}),
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "apps/v1",
+                            "kind": "DaemonSet",
+                            "name": ds["metadata"]["name"],
+                            "uid": ds["metadata"]["uid"],
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                },
+                "spec": {**copy.deepcopy(tmpl["spec"]), "nodeName": node},
+            }
+            self.store.create(PODS, ns, pod_defaults(pod))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ job controller
 
@@ -432,6 +462,44 @@ class Kubelet:
             ]
 
         self._set_pod(ns, name, running)
+        probes = [
+            (c["name"], c["readinessProbe"]["tcpSocket"]["port"], c)
+            for c in containers
+            if (c.get("readinessProbe") or {}).get("tcpSocket")
+        ]
+        if probes:
+            self.spawn(self._readiness(rt, probes))
+
+    async def _readiness(self, rt: PodRuntime, probes: list[tuple[str, Any, Obj]]) -> None:
+        """tcpSocket readiness probes: the pod is Ready once every probed port accepts."""
+
+        def ready(value: str) -> Callable[[Obj], None]:
+            def change(p: Obj) -> None:
+                for cond in p["status"]["conditions"]:
+                    if cond["type"] in ("Ready", "ContainersReady"):
+                        cond["status"] = value
+                for st in p["status"]["containerStatuses"]:
+                    st["ready"] = value == "True"
+
+            return change
+
+        self._set_pod(rt.namespace, rt.name, ready("False"))
+        for _ in range(600):
+            ok = True
+            for _name, port, c in probes:
+                if isinstance(port, str):  # a named container port
+                    port = next(
+                        p["containerPort"] for p in c.get("ports", []) if p.get("name") == port
+                    )
+                try:
+                    _r, w = await self.dial(rt.namespace, rt.name, int(port))
+                    w.close()
+                except OSError:
+                    ok = False
+            if ok:
+                self._set_pod(rt.namespace, rt.name, ready("True"))
+                return
+            await asyncio.sleep(0.05)
 
     async def _image_pull_failure(self, ns: str, name: str, bad: list[Obj]) -> None:
         def pull_error(reason: str) -> Callable[[Obj], None]:
@@ -462,11 +530,11 @@ class Kubelet:
         join_netns: int | None,
         host_pid: bool = True,
     ) -> None:
-        argv = [
-            *self.agent_argv,
-            *list(spec.get("command") or [])[1:],
-            *list(spec.get("args") or []),
-        ]
+        command = list(spec.get("command") or [])
+        if command[0] == "python3":
+            argv = [sys.executable, *command[1:], *list(spec.get("args") or [])]
+        else:
+            argv = [*self.agent_argv, *command[1:], *list(spec.get("args") or [])]
         env = dict(os.environ)
         env.update(self.env_extra)
         for item in spec.get("env") or []:
@@ -682,8 +750,15 @@ def cleanup_leftover_cgroups() -> None:
 
 
 def _is_agent(c: Obj) -> bool:
+    """Containers this kubelet can run: the agent image's programs."""
     cmd = list(c.get("command") or [])
-    return bool(cmd) and os.path.basename(cmd[0]) == "mirrord-agent"
+    if not cmd:
+        return False
+    if os.path.basename(cmd[0]) == "mirrord-agent":
+        return True
+    return (
+        cmd[0] == "python3" and len(cmd) >= 3 and cmd[1] == "-m" and cmd[2].startswith("mirrord.")
+    )
 
 
 def _cond(type_: str, status: str) -> Obj:
