@@ -149,6 +149,29 @@ class AgentServer:
             async for signum in signals:
                 raise _Stop(0, f"stopping on {signal.Signals(signum).name}")
 
+    async def _run_incoming(
+        self, service_cls: Any, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        """Run the incoming service; if it fails, the agent goes on serving everything else
+        and answers Subscribe with ENOTSUP."""
+        started = False
+        try:
+            service = service_cls(self.ctx)
+
+            async def run_service(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                await service.run(task_status=task_status)
+
+            async with anyio.create_task_group() as tg:
+                await tg.start(run_service)
+                self.incoming = service
+                started = True
+                task_status.started()
+        except Exception as exc:
+            log.error("incoming traffic is unavailable: %r", exc, exc_info=exc)
+            self.incoming = None
+            if not started:
+                task_status.started()
+
     async def serve(self) -> int:
         listener = await self._listen()
         code = 0
@@ -160,9 +183,7 @@ class AgentServer:
                     tg.start_soon(self._watch_idle)
                     service_cls = _load_incoming()
                     if service_cls is not None:
-                        service = service_cls(self.ctx)
-                        await tg.start(service.run)
-                        self.incoming = service
+                        await tg.start(self._run_incoming, service_cls)
                     print(
                         f"mirrord-agent ready version={__version__} "
                         f"protocol={AGENT_PROTOCOL_VERSION} listen={self.listen_address}",
