@@ -6,8 +6,8 @@ from __future__ import annotations
 import anyio
 import anyio.abc
 
-from mirrord.protocol import NEED_DATA, AgentConnection, AgentRole, Received
-from mirrord.protocol.messages import ChannelOpen, EnvReply, EnvRequest, Message, Welcome
+from mirrord.protocol import NEED_DATA, AgentConnection, AgentRole, Message, Received
+from mirrord.protocol.messages import ChannelOpen, EnvReply, EnvRequest, Welcome
 
 
 class DaemonSide:

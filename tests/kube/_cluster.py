@@ -25,7 +25,7 @@ def _owner(obj: dict[str, Any]) -> dict[str, Any]:
 
 def _containers(names: list[str], image: str) -> list[dict[str, Any]]:
     return [
-        {"name": n, "image": image if i == 0 else f"docker.io/istio/proxyv2:1.24.0", "ports": []}
+        {"name": n, "image": image if i == 0 else "docker.io/istio/proxyv2:1.24.0", "ports": []}
         for i, n in enumerate(names)
     ]
 
@@ -46,7 +46,7 @@ def add_deployment(
     no process. Returns the pod names."""
     pods = pods if pods is not None else [None]
     labels = {"app": name}
-    template = {
+    template: dict[str, Any] = {
         "metadata": {"labels": labels, "annotations": annotations or {}},
         "spec": {"containers": _containers(containers or ["app"], image)},
     }
@@ -90,7 +90,7 @@ def add_deployment(
         )
         labels = rs_labels
         prefix = f"{name}-{h}"
-    names = []
+    names: list[str] = []
     for i, local in enumerate(pods):
         pod_name = f"{prefix}-{i}" if kind == "StatefulSet" else f"{prefix}-p{i}x{len(names)}"
         server.create(

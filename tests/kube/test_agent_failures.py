@@ -83,7 +83,7 @@ async def test_image_pull_error_for_ephemeral_container(
     await _web(apiserver)
     apiserver.kubelet.pull_errors[BAD_IMAGE] = "pull access denied"
     start = time.monotonic()
-    with pytest.raises(AgentPodFailed, match="ErrImagePull.*pull access denied"):
+    with pytest.raises(AgentPodFailed, match=r"ErrImagePull.*pull access denied"):
         await KubeBackend().start_agent(
             "deployment/web", _config(kubeconfig, image=BAD_IMAGE, ephemeral=True), print
         )

@@ -132,7 +132,8 @@ async def test_statefulset_service_job_cronjob_rollout(
         await asyncio.sleep(0.05)
     t = await _resolve(kubeconfig, "cronjob/nightly")
     assert t.pod is not None and t.pod.startswith("nightly-1-"), t
-    assert (await _resolve(kubeconfig, "job/nightly-0")).pod.startswith("nightly-0-")  # type: ignore[union-attr]
+    job_pod = (await _resolve(kubeconfig, "job/nightly-0")).pod
+    assert job_pod is not None and job_pod.startswith("nightly-0-")
     apiserver.create(
         "Rollout",
         "default",

@@ -237,7 +237,14 @@ class KubeBackend:
                 try:
                     with anyio.fail_after(timeout):
                         agent = await self._create(
-                            api, kube, key, placement, resolved, agent_ns, opts, progress
+                            api=api,
+                            kube=kube,
+                            key=key,
+                            placement=placement,
+                            target=resolved,
+                            agent_ns=agent_ns,
+                            opts=opts,
+                            progress=progress,
                         )
                 except TimeoutError:
                     raise AgentPodFailed(
@@ -250,6 +257,7 @@ class KubeBackend:
 
     async def _create(
         self,
+        *,
         api: Any,
         kube: KubeContext,
         key: str,
@@ -263,7 +271,15 @@ class KubeBackend:
         port = random.randrange(40000, 60000)
         agent_target = f"container/{target.container_id}" if not target.targetless else "pid/1"
         if placement == "daemonset":
-            return await self._node_agent(api, kube, key, target, agent_ns, secret, progress)
+            return await self._node_agent(
+                api=api,
+                kube=kube,
+                key=key,
+                target=target,
+                agent_ns=agent_ns,
+                secret=secret,
+                progress=progress,
+            )
         if placement == "ephemeral":
             assert target.pod is not None and target.container is not None
             name = unique_agent_name()
@@ -348,6 +364,7 @@ class KubeBackend:
 
     async def _node_agent(
         self,
+        *,
         api: Any,
         kube: KubeContext,
         key: str,
@@ -446,7 +463,7 @@ class KubeBackend:
         """`text`, plus the agent's error line if its log has one."""
         if "exited" not in text:
             return text
-        core = k8s.CoreV1Api(api)
+        core: Any = k8s.CoreV1Api(api)  # with _preload_content=False it returns the response
         try:
             resp = await core.read_namespaced_pod_log(
                 pod, ns, container=container, _preload_content=False

@@ -150,7 +150,7 @@ async def open_port_forward(
     api = WsApiClient(configuration)
     description = f"pod {namespace}/{pod} port {port}"
     try:
-        core = k8s.CoreV1Api(api)
+        core: Any = k8s.CoreV1Api(api)  # the generated stub types `ports` as int
         with anyio.fail_after(timeout):
             # `ports` must be a string: kubernetes_asyncio URL-encodes a list wrongly.
             ws_ctx = await core.connect_get_namespaced_pod_portforward(

@@ -53,7 +53,7 @@ def already_exists(group: str, plural: str, name: str) -> ApiError:
 
 
 def forbidden(
-    user: str, verb: str, group: str, resource: str, ns: str | None, name: str
+    user: str, *, verb: str, group: str, resource: str, ns: str | None, name: str
 ) -> ApiError:
     base = resource.split("/", maxsplit=1)[0]
     what = f"{base}{'.' + group if group else ''}"

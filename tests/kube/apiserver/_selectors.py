@@ -5,6 +5,7 @@ Owns: parsing a selector string and matching an object against it. Does not own 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,61 +37,76 @@ def _split_top(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _label_requirement(term: str) -> tuple[str, str, frozenset[str]]:
+    """(operator, key, values) of one requirement; operators: in, notin, exists, !exists."""
+    m = _SET_RE.match(term)
+    if m:
+        values = frozenset(v.strip() for v in m.group(3).split(",") if v.strip())
+        return m.group(2), m.group(1), values
+    if "!=" in term:
+        key, value = (part.strip() for part in term.split("!=", 1))
+        return "notin", key, frozenset({value})
+    if "=" in term:
+        key, value = (part.strip() for part in re.split("==|=", term, maxsplit=1))
+        return "in", key, frozenset({value})
+    if term.startswith("!") and re.fullmatch(r"[\w./-]+", term[1:].strip()):
+        return "!exists", term[1:].strip(), frozenset()
+    if re.fullmatch(r"[\w./-]+", term):
+        return "exists", term, frozenset()
+    raise ApiError(400, "BadRequest", f"unable to parse requirement: {term!r}")
+
+
+def _label_matches(reqs: list[tuple[str, str, frozenset[str]]], labels: Mapping[str, str]) -> bool:
+    for op, key, values in reqs:
+        if op == "in" and labels.get(key) not in values:
+            return False
+        if op == "notin" and labels.get(key) in values:
+            return False
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!exists" and key in labels:
+            return False
+    return True
+
+
 def parse_label_selector(text: str | None) -> Matcher:
     """A matcher for a label selector; raises ApiError(400) on a bad one."""
-    if not text:
-        return lambda _labels: True
-    tests: list[Matcher] = []
-    for term in _split_top(text):
-        m = _SET_RE.match(term)
-        if m:
-            key, op, values_text = m.group(1), m.group(2), m.group(3)
-            values = {v.strip() for v in values_text.split(",") if v.strip()}
-            if op == "in":
-                tests.append(lambda lb, k=key, vs=values: lb.get(k) in vs)
-            else:
-                tests.append(lambda lb, k=key, vs=values: lb.get(k) not in vs)
-        elif "!=" in term:
-            key, value = (s.strip() for s in term.split("!=", 1))
-            tests.append(lambda lb, k=key, v=value: lb.get(k) != v)
-        elif "==" in term or "=" in term:
-            key, value = (s.strip() for s in re.split("==|=", term, maxsplit=1))
-            tests.append(lambda lb, k=key, v=value: lb.get(k) == v)
-        elif term.startswith("!"):
-            key = term[1:].strip()
-            tests.append(lambda lb, k=key: k not in lb)
-        elif re.fullmatch(r"[\w./-]+", term):
-            tests.append(lambda lb, k=term: k in lb)
-        else:
-            raise ApiError(400, "BadRequest", f"unable to parse requirement: {term!r}")
-    return lambda labels: all(t(labels) for t in tests)
+    reqs = [_label_requirement(term) for term in _split_top(text or "")]
+    return functools.partial(_label_matches, reqs)
 
 
-_FIELDS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "metadata.name": lambda o: str(o.get("metadata", {}).get("name", "")),
-    "metadata.namespace": lambda o: str(o.get("metadata", {}).get("namespace", "")),
-    "status.phase": lambda o: str(o.get("status", {}).get("phase", "")),
-    "spec.nodeName": lambda o: str(o.get("spec", {}).get("nodeName", "") or ""),
-    "spec.serviceAccountName": lambda o: str(o.get("spec", {}).get("serviceAccountName", "")),
-    "involvedObject.kind": lambda o: str(o.get("involvedObject", {}).get("kind", "")),
-    "involvedObject.name": lambda o: str(o.get("involvedObject", {}).get("name", "")),
-    "status.podIP": lambda o: str(o.get("status", {}).get("podIP", "") or ""),
-}
+def _field(path: str, obj: dict[str, Any]) -> str:
+    node: Any = obj
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return "" if node is None else str(node)
+
+
+_FIELDS = frozenset(
+    {
+        "metadata.name",
+        "metadata.namespace",
+        "status.phase",
+        "spec.nodeName",
+        "spec.serviceAccountName",
+        "involvedObject.kind",
+        "involvedObject.name",
+        "status.podIP",
+    }
+)
+
+
+def _field_matches(reqs: list[tuple[str, bool, str]], obj: dict[str, Any]) -> bool:
+    return all((_field(path, obj) == value) != negated for path, negated, value in reqs)
 
 
 def parse_field_selector(text: str | None) -> Callable[[dict[str, Any]], bool]:
     """A matcher for a field selector; unsupported fields are a 400 like the real server's."""
-    if not text:
-        return lambda _obj: True
-    tests: list[Callable[[dict[str, Any]], bool]] = []
-    for term in _split_top(text):
-        neg = "!=" in term
-        key, value = (s.strip() for s in re.split("!=|==|=", term, maxsplit=1))
-        getter = _FIELDS.get(key)
-        if getter is None:
+    reqs: list[tuple[str, bool, str]] = []
+    for term in _split_top(text or ""):
+        negated = "!=" in term
+        key, value = (part.strip() for part in re.split("!=|==|=", term, maxsplit=1))
+        if key not in _FIELDS:
             raise ApiError(400, "BadRequest", f"field label not supported: {key}")
-        if neg:
-            tests.append(lambda o, g=getter, v=value: g(o) != v)
-        else:
-            tests.append(lambda o, g=getter, v=value: g(o) == v)
-    return lambda obj: all(t(obj) for t in tests)
+        reqs.append((key, negated, value))
+    return functools.partial(_field_matches, reqs)

@@ -14,6 +14,7 @@ Test knobs: `rbac` (rules; `deny()` removes a verb on a resource for the test us
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import copy
 import json
@@ -145,9 +146,8 @@ class FakeApiServer:
             ssl_ctx = self._make_tls()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_ctx)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        server: Any = site._server
+        self.port = int(server.sockets[0].getsockname()[1])
 
     async def aclose(self) -> None:
         for ws in list(self._open_ws):
@@ -226,7 +226,7 @@ class FakeApiServer:
     def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
         return self.store.find(resource_by_kind(kind), namespace, name)
 
-    def list(self, kind: str, namespace: str | None = None) -> list[Obj]:
+    def list(self, kind: str, namespace: str | None = None) -> builtins.list[Obj]:
         return self.store.list(resource_by_kind(kind), namespace)
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> None:
@@ -279,12 +279,13 @@ class FakeApiServer:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if res.namespaced is False and ns is not None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if ns is not None and res.plural != "namespaces":
-            if (
-                self.store.find(resource_by_kind("Namespace"), None, ns) is None
-                and request.method == "POST"
-            ):
-                raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
+        if (
+            ns is not None
+            and res.plural != "namespaces"
+            and request.method == "POST"
+            and self.store.find(resource_by_kind("Namespace"), None, ns) is None
+        ):
+            raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
         watch = _go_bool(request.query.get("watch"))
         verb = _VERBS.get(request.method, "get")
         if request.method == "GET" and not name:
@@ -293,7 +294,7 @@ class FakeApiServer:
             verb = "create"  # since 1.35 the websocket upgrade (a GET) needs create
         rbac_resource = f"{plural}/{sub}" if sub else plural
         if not self.rbac.allowed(verb, group, rbac_resource):
-            raise forbidden(USER, verb, group, rbac_resource, ns, name)
+            raise forbidden(USER, verb=verb, group=group, resource=rbac_resource, ns=ns, name=name)
 
         if sub:
             if res.plural != "pods":
@@ -610,9 +611,9 @@ class FakeApiServer:
         return ws
 
     async def _relay_portforward(
-        self, ws: web.WebSocketResponse, ns: str, name: str, ports: list[int]
+        self, ws: web.WebSocketResponse, ns: str, name: str, ports: builtins.list[int]
     ) -> None:
-        streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = []
+        streams: builtins.list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = []
         for i, port in enumerate(ports):
             await ws.send_bytes(bytes([2 * i]) + struct.pack("<H", port))
             await ws.send_bytes(bytes([2 * i + 1]) + struct.pack("<H", port))
