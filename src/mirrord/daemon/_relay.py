@@ -13,6 +13,8 @@ never the agent-stream reader (which only appends to the buffer).
 from __future__ import annotations
 
 import errno as errno_mod
+import os
+import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,18 +168,18 @@ class Relay:
     async def serve_tcp_incoming(
         self, address: str, port: int, on_connected: Callable[[Relay, int], None]
     ) -> None:
-        """Connect to the user app's listening socket, then relay."""
+        """Connect to the user app's listening socket, then relay. `on_connected` learns our
+        source port before the connection exists, so a `PeerLookup` from the app's `accept()`
+        can never arrive before the daemon knows the peer."""
         try:
             with anyio.CancelScope() as self._scope:
                 if self._aborted:
                     self._scope.cancel()
                 try:
-                    with anyio.fail_after(5):
-                        stream = await anyio.connect_tcp(address, port)
+                    stream = await _connect_announcing(address, port, self, on_connected)
                 except (OSError, TimeoutError):
                     self._send_close(errno_mod.ECONNREFUSED)
                     return
-                on_connected(self, stream.extra(anyio.abc.SocketAttribute.local_port))
                 await self._run_tcp(stream)
         finally:
             self._finish()
@@ -304,3 +306,26 @@ class Relay:
             self.link.send(m.Data(conn_id=self.conn_id, data=data), self.channel)
             for c in self.counters:
                 c.to_agent += len(data)
+
+
+async def _connect_announcing(
+    address: str, port: int, relay: Relay, on_connected: Callable[[Relay, int], None]
+) -> anyio.abc.SocketStream:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        on_connected(relay, sock.getsockname()[1])
+        try:
+            sock.connect((address, port))
+        except BlockingIOError:
+            with anyio.fail_after(5):
+                await anyio.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error)) from None
+        return await anyio.abc.SocketStream.from_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
