@@ -128,6 +128,14 @@ class AgentClient:
         cls, path: str, secret: str, *, welcome: bool = True
     ) -> AsyncIterator[AgentClient]:
         stream = await anyio.connect_unix(path)
+        async with cls.over(stream, secret, welcome=welcome) as client:
+            yield client
+
+    @classmethod
+    @asynccontextmanager
+    async def over(
+        cls, stream: anyio.abc.ByteStream, secret: str, *, welcome: bool = True
+    ) -> AsyncIterator[AgentClient]:
         client = cls(stream, secret)
         async with stream, anyio.create_task_group() as tg:
             await stream.send(client.conn.hello(client="tests"))

@@ -3,6 +3,7 @@ agent protocol by a daemon stand-in (no layer). Assertions are what a daemon wou
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -89,6 +90,38 @@ def test_idle_timeout_ends_the_agent(pod: LocalPod) -> None:
         stop_agent(agent)
 
 
+async def test_listens_on_tcp_too(pod: LocalPod, tmp_path: Path) -> None:
+    (tmp_path / "s").write_text("tcp-secret")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mirrord.agent",
+            "--target",
+            f"pid/{pod.pid}",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--secret-file",
+            str(tmp_path / "s"),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("mirrord-agent ready ") and " listen=tcp:127.0.0.1:" in line
+        port = int(line.rsplit(":", 1)[1])
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with AgentClient.over(stream, "tcp-secret") as client:
+            await client.open_channel(1)
+            assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
 async def test_secret_from_environment(pod: LocalPod, tmp_path: Path) -> None:
     sock = f"{tmp_path}/env.sock"
     proc = subprocess.Popen(
@@ -119,8 +152,14 @@ async def test_secret_from_environment(pod: LocalPod, tmp_path: Path) -> None:
 def test_container_target_is_found_through_its_cgroup(
     pod: LocalPod, make_agent: Callable[..., AgentProc]
 ) -> None:
+    groups = Path("/sys/fs/cgroup/pids")
+    for stale in groups.glob("mrd*-*"):  # left by a killed earlier run whose creator is dead
+        creator = stale.name[3:].split("-", 1)[0]
+        if creator.isdigit() and not Path(f"/proc/{creator}").exists():
+            with contextlib.suppress(OSError):
+                stale.rmdir()
     container_id = f"{os.getpid():x}deadbeef{pod.pid:x}".ljust(32, "0")
-    group = Path(f"/sys/fs/cgroup/pids/mrd{os.getpid()}-{container_id}")
+    group = groups / f"mrd{os.getpid()}-{container_id}"
     group.mkdir()
     try:
         (group / "cgroup.procs").write_text(str(pod.pid))
