@@ -121,6 +121,8 @@ static int parse_filter(struct nfilter *f, const char *v, int with_proto) {
 
 static int flag(const char *v) { return strcmp(v, "1") == 0 || strcasecmp(v, "true") == 0; }
 
+static void suffix_init(void);
+
 int policy_load(const char *text) {
     char line[4096];
     const char *p = text;
@@ -224,6 +226,7 @@ int policy_load(const char *text) {
             g_home[--g_home_len] = 0;
         }
     }
+    suffix_init();
     ssize_t en = readlink("/proc/self/exe", g_exe, sizeof g_exe - 1);
     if (en > 0) {
         g_exe[en] = 0;
@@ -289,10 +292,29 @@ static inline int ends_with(const char *s, size_t n, const char *suffix) {
     return n >= k && memcmp(s + n - k, suffix, k) == 0;
 }
 
-static const char *const LOCAL_DIRS[] = {
-    "/proc", "/sys", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/usr", "/home", "/bin",
-    "/sbin", "/dev", "/opt", "/tmp", "/var/tmp", "/snap", "/run", "/selinux", "/nix", NULL,
-};
+#define UNDER(path, lit) under(path, lit, sizeof(lit) - 1)
+
+/* System and runtime directories, dispatched on the second character so that the bypass
+ * path costs a few comparisons. */
+static int system_dir(const char *p) {
+    switch (p[1]) {
+    case 'b': return UNDER(p, "/bin");
+    case 'd': return UNDER(p, "/dev");
+    case 'e': return UNDER(p, "/etc");
+    case 'h': return UNDER(p, "/home");
+    case 'l': return UNDER(p, "/lib") || UNDER(p, "/lib64") || UNDER(p, "/lib32") || UNDER(p, "/libx32");
+    case 'n': return UNDER(p, "/nix");
+    case 'o': return UNDER(p, "/opt");
+    case 'p': return UNDER(p, "/proc");
+    case 'r': return UNDER(p, "/run");
+    case 's': return UNDER(p, "/sys") || UNDER(p, "/sbin") || UNDER(p, "/snap") || UNDER(p, "/selinux");
+    case 't': return UNDER(p, "/tmp");
+    case 'u': return UNDER(p, "/usr");
+    case 'v': return UNDER(p, "/var/tmp");
+    case 0: return 1; /* "/" */
+    }
+    return 0;
+}
 
 static const char *const LOCAL_SUFFIXES[] = {
     ".so", ".d", ".pyc", ".py", ".jar", ".class", ".js", ".pth", ".plist", "venv.cfg",
@@ -300,30 +322,35 @@ static const char *const LOCAL_SUFFIXES[] = {
     "/.tool-versions", NULL,
 };
 
-/* The default local set: system, runtime and tool paths, the working directory. */
+static size_t g_suffix_len[32];
+
+static void suffix_init(void) {
+    for (int i = 0; i < 32 && LOCAL_SUFFIXES[i]; i++) {
+        g_suffix_len[i] = strlen(LOCAL_SUFFIXES[i]);
+    }
+}
+
+/* The default local set: system, runtime and tool paths, the working directory. Ordered so
+ * the common local paths (system directories, the working directory) are decided first. */
 static int default_local(const char *path) {
-    if (path[1] == 0) {
-        return 1; /* "/" */
-    }
-    for (int i = 0; LOCAL_DIRS[i]; i++) {
-        if (path[1] == LOCAL_DIRS[i][1] && under(path, LOCAL_DIRS[i], strlen(LOCAL_DIRS[i]))) {
-            return 1;
-        }
-    }
-    size_t n = strlen(path);
-    for (int i = 0; LOCAL_SUFFIXES[i]; i++) {
-        if (ends_with(path, n, LOCAL_SUFFIXES[i])) {
-            return 1;
-        }
+    if (system_dir(path)) {
+        return 1;
     }
     if (g_cwd_len && under(path, g_cwd, g_cwd_len)) {
         return 1;
     }
+    if (g_home_len > 1 && under(path, g_home, g_home_len)) {
+        return 1; /* $HOME is the user's, wherever it is (/home is local already; root's is /root) */
+    }
     if (g_tmpdir_len && under(path, g_tmpdir, g_tmpdir_len)) {
         return 1;
     }
-    if (g_home_len > 1 && under(path, g_home, g_home_len)) {
-        return 1; /* $HOME is the user's, wherever it is (/home is local already; root's is /root) */
+    size_t n = strlen(path);
+    for (int i = 0; LOCAL_SUFFIXES[i]; i++) {
+        size_t k = g_suffix_len[i];
+        if (n >= k && memcmp(path + n - k, LOCAL_SUFFIXES[i], k) == 0) {
+            return 1;
+        }
     }
     if (g_exe_len && strcmp(path, g_exe) == 0) {
         return 1;
@@ -337,8 +364,8 @@ static int default_local(const char *path) {
 
 /* Remote by default although under /etc: the target's name resolution files. */
 static int default_remote(const char *path) {
-    return strcmp(path, "/etc/resolv.conf") == 0 || strcmp(path, "/etc/hosts") == 0 ||
-           strcmp(path, "/etc/hostname") == 0;
+    return path[1] == 'e' && path[4] == '/' && (strcmp(path, "/etc/resolv.conf") == 0 || strcmp(path, "/etc/hosts") == 0 ||
+           strcmp(path, "/etc/hostname") == 0);
 }
 
 /* Credentials under $HOME are "not found" in every mode but local (as mirrord does). */
