@@ -1,0 +1,178 @@
+"""Issue 8's acceptance, end to end: `mirrord run --target deployment/web` and `mirrord ls`
+against the in-process API server. The CLI, daemon, agent (a Job pod run by the fake kubelet),
+layer and target pod (a namespace pod) are all real; only the API server is ours.
+
+The API server runs on this test's event loop, so every `mirrord` command runs in a worker
+thread (a blocking call here would stop the server it talks to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from mirrord.localpod import LocalPod, PodSpec
+from tests.cli.conftest import Mirrord, python_app
+from tests.kube._cluster import add_deployment
+from tests.kube.apiserver import FakeApiServer
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
+
+POD_SPEC = PodSpec(
+    name="web",
+    env={"POD_VAR": "from-the-pod"},
+    files={"/app/test.txt": b"pod-only file\n"},
+    hosts={"pod-only-service": "10.213.250.7"},
+)
+
+APP = """
+import os, socket, sys, urllib.request
+print("env", os.environ.get("POD_VAR"), flush=True)
+print("file", open("/app/test.txt").read().strip(), flush=True)
+print("dns", socket.getaddrinfo("pod-only-service", 80, proto=socket.IPPROTO_TCP)[0][4][0], flush=True)
+body = urllib.request.urlopen("http://127.0.0.1:8080/from-app", timeout=10).read().decode()
+print("http", body.splitlines()[0], flush=True)
+"""
+
+
+@pytest.fixture
+def mirrord_cli() -> Iterator[Mirrord]:
+    runtime = Path(tempfile.mkdtemp(prefix="mrdk"))
+    cli = Mirrord(runtime)
+    try:
+        yield cli
+    finally:
+        cli.cleanup()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest_asyncio.fixture
+async def cluster(
+    apiserver: FakeApiServer,
+    kubeconfig: Path,
+    mirrord_cli: Mirrord,
+    make_pod: Callable[..., LocalPod],
+) -> AsyncIterator[FakeApiServer]:
+    pod = make_pod(POD_SPEC)
+    add_deployment(apiserver, "web", pods=[pod])
+    mirrord_cli.env["KUBECONFIG"] = str(kubeconfig)
+    yield apiserver
+    # The daemon must stop while the API server still answers (it deletes its Jobs).
+    await asyncio.to_thread(mirrord_cli.cleanup)
+
+
+def _agent_pod(server: FakeApiServer) -> tuple[str, str]:
+    (job,) = server.list("Job", "default")
+    (pod,) = [
+        p
+        for p in server.list("Pod", "default")
+        if p["metadata"].get("labels", {}).get("job-name") == job["metadata"]["name"]
+    ]
+    return "default", pod["metadata"]["name"]
+
+
+async def test_run_against_deployment_two_sessions_one_agent_one_port_forward(
+    cluster: FakeApiServer, mirrord_cli: Mirrord, tmp_path: Path
+) -> None:
+    app = python_app(tmp_path, APP)
+    first, second = await asyncio.gather(
+        asyncio.to_thread(mirrord_cli.run, "run", "--target", "deployment/web", "--", *app),
+        asyncio.to_thread(mirrord_cli.run, "run", "--target", "deployment/web", "--", *app),
+    )
+    for result in (first, second):
+        lines = result.stdout.splitlines()
+        assert "env from-the-pod" in lines, result.stderr
+        assert "file pod-only file" in lines, result.stderr
+        assert "dns 10.213.250.7" in lines, result.stderr
+        assert any(ln.startswith("http ") and "GET /from-app" in ln for ln in lines), result.stderr
+        assert result.returncode == 0, result.stderr
+    # Both sessions used one agent pod (one Job) and ONE port-forward websocket.
+    key = _agent_pod(cluster)
+    assert cluster.portforwards_opened[key] == 1, cluster.portforwards_opened
+    # A third session while the agent lingers reuses the same stream too.
+    third = await asyncio.to_thread(
+        mirrord_cli.run,
+        "run",
+        "--target",
+        "deployment/web",
+        "--",
+        sys.executable,
+        "-c",
+        "import os; print(os.environ['POD_VAR'])",
+    )
+    assert third.stdout.strip() == "from-the-pod", third.stderr
+    assert cluster.portforwards_opened[key] == 1
+    assert len(cluster.list("Job", "default")) == 1
+
+
+async def test_missing_portforward_permission_is_a_clear_error(
+    cluster: FakeApiServer, mirrord_cli: Mirrord
+) -> None:
+    cluster.rbac.deny("create", "pods/portforward")
+    result = await asyncio.to_thread(
+        mirrord_cli.run, "run", "--target", "deployment/web", "--", "true"
+    )
+    assert result.returncode != 0
+    assert "create pods/portforward" in result.stderr and "rbac.portForward" in result.stderr
+    assert not cluster.list("Job", "default")
+
+
+async def test_agent_pod_deleted_mid_session_is_reported_without_hanging(
+    cluster: FakeApiServer, mirrord_cli: Mirrord, tmp_path: Path
+) -> None:
+    loop_app = python_app(
+        tmp_path,
+        """
+import sys, time
+print("ready", flush=True)
+for _ in range(300):
+    try:
+        open("/app/test.txt").read()
+    except OSError as exc:
+        print("lost", exc.errno, flush=True)
+        sys.exit(5)
+    time.sleep(0.1)
+sys.exit(0)
+""",
+        name="loop.py",
+    )
+    proc = await asyncio.to_thread(
+        mirrord_cli.popen, "run", "--target", "deployment/web", "--", *loop_app
+    )
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line.strip() == "ready", await asyncio.to_thread(proc.stderr.read)  # type: ignore[union-attr]
+    ns, pod = _agent_pod(cluster)
+    await cluster.delete("Pod", ns, pod)
+    out, err = await asyncio.to_thread(proc.communicate, timeout=20)
+    assert "lost" in out, (out, err)
+    assert proc.returncode == 5
+    assert "agent" in err.lower()
+
+
+async def test_ls_lists_targets_in_mirrords_shapes(
+    cluster: FakeApiServer, mirrord_cli: Mirrord
+) -> None:
+    result = await asyncio.to_thread(mirrord_cli.run, "ls", "--json")
+    assert result.returncode == 0, result.stderr
+    paths = json.loads(result.stdout)
+    assert "deployment/web" in paths
+    assert any(p.startswith("pod/web-") and p.endswith("/container/app") for p in paths)
+    assert paths.index("deployment/web") < paths.index(
+        next(p for p in paths if p.startswith("pod/"))
+    )
+    result = await asyncio.to_thread(mirrord_cli.run, "ls", "--rich", "-n", "default")
+    rich = json.loads(result.stdout)
+    assert rich["current_namespace"] == "default"
+    assert {"default", "kube-system", "mirrord"} <= set(rich["namespaces"])
+    assert {"path": "deployment/web", "available": True} in rich["targets"]
+    result = await asyncio.to_thread(mirrord_cli.run, "ls", "-n", "kube-system", "--json")
+    assert json.loads(result.stdout) == []
