@@ -222,3 +222,19 @@ def test_ext_prints_progress_then_env_and_waits_for_the_debuggee(
     assert env["LD_PRELOAD"].endswith("libmirrord_layer.so")
     assert proc.returncode == 0
     assert mirrord.status()["sessions"] == []  # closed after the wait timeout
+
+
+def test_an_unused_agent_lingers_then_stops(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(POD_SPEC)
+    config = tmp_path / "mirrord.json"
+    config.write_text(json.dumps({"daemon": {"agent_linger": 1.5}}))
+    result = mirrord.run("run", "-f", str(config), "-t", f"pid/{pod.pid}", "--", "true")
+    assert result.returncode == 0, result.stderr
+    [agent] = mirrord.status()["agents"]
+    assert agent["idle_since"] is not None and agent["linger"] == 1.5
+    assert pid_alive(agent["pid"])
+    wait_for(lambda: mirrord.status()["agents"] == [], 10, "the agent to be released")
+    wait_for(lambda: not pid_alive(agent["pid"]), 10, "the agent process to exit")
+    assert mirrord.status()["running"] is True  # the daemon itself stays
