@@ -148,3 +148,32 @@ def test_mirrored_request_reaches_the_app_with_the_real_peer(
     assert "GET /mirrored" in body
     assert "request GET /mirrored HTTP/1.1" in out, (out, err)
     assert f"peer {pod.host_ip} {pod.host_ip}" in out, (out, err)
+
+
+UDP_APP = """
+import socket, struct, sys
+# a DNS query for udp-only.pod, A record, sent to the pod's own resolver over a connected
+# UDP socket: the datagrams go through the daemon's UDP relay and the agent
+query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+for label in b"udp-only.pod".split(b"."):
+    query += bytes([len(label)]) + label
+query += b"\\x00" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.connect(("127.0.0.1", 53))
+for _ in range(3):
+    s.send(query)
+    answer = s.recv(512)
+    assert answer[:2] == b"\\x12\\x34", answer
+    print("answer", ".".join(str(b) for b in answer[-4:]), flush=True)
+"""
+
+
+def test_connected_udp_goes_through_the_relay(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(PodSpec(dns_records={"udp-only.pod": "10.213.251.3"}))
+    result = mirrord.run("run", "-t", f"pid/{pod.pid}", "--", *python_app(tmp_path, UDP_APP))
+    assert result.stdout.splitlines() == ["answer 10.213.251.3"] * 3, result.stderr
+    [agent] = mirrord.status()["agents"]
+    assert agent["link"]["relayed_connections"] >= 1
