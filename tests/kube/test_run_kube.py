@@ -111,6 +111,15 @@ async def test_run_against_deployment_two_sessions_one_agent_one_port_forward(
     assert third.stdout.strip() == "from-the-pod", third.stderr
     assert cluster.portforwards_opened[key] == 1
     assert len(cluster.list("Job", "default")) == 1
+    # `mirrord daemon stop` deletes the Job it created (and the Job's pod goes with it).
+    stop = await asyncio.to_thread(mirrord_cli.run, "daemon", "stop")
+    assert stop.returncode == 0, stop.stderr
+    for _ in range(100):
+        if not cluster.list("Job", "default") and cluster.get("Pod", *key) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert not cluster.list("Job", "default")
+    assert cluster.get("Pod", *key) is None
 
 
 async def test_missing_portforward_permission_is_a_clear_error(
