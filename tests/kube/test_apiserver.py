@@ -33,8 +33,8 @@ async def test_status_errors_and_typed_client(apiserver: FakeApiServer, api: Any
     with pytest.raises(k8s.ApiException) as info:
         await core.read_namespaced_pod("nope", "default")
     assert info.value.status == 404
-    assert '"reason": "NotFound"' in info.value.body
-    body = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}
+    assert '"reason": "NotFound"' in str(info.value.body)
+    body: Any = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}
     pod = await core.create_namespaced_pod("default", body)  # the typed models accept it
     assert pod.metadata.uid and pod.metadata.resource_version and pod.metadata.creation_timestamp
     assert pod.spec.containers[0].termination_message_path == "/dev/termination-log"
@@ -103,7 +103,7 @@ async def test_watch_synthetic_added_timeout_and_expired(
 async def test_logs_ephemeral_containers_and_access_review(
     apiserver: FakeApiServer, api: Any
 ) -> None:
-    core = k8s.CoreV1Api(api)
+    core: Any = k8s.CoreV1Api(api)
     apiserver.kubelet.pull_errors["slow:1"] = "never pulled"
     apiserver.create(
         "Pod",
