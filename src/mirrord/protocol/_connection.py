@@ -339,7 +339,7 @@ class AgentConnection(_Connection):
         if isinstance(msg, Fatal) and channel == CONTROL_CHANNEL:
             self._set_state(State.CLOSED)
             return
-        self._track_received(channel, msg)
+        self._track(channel, msg, sent=False)
 
     def _check_handshake(self, channel: int, msg: Message) -> None:
         if isinstance(msg, Fatal):
@@ -389,44 +389,38 @@ class AgentConnection(_Connection):
         for key in [k for k in self._send_window if k[0] == channel]:
             self._drop_conn(key)
 
-    def _track_received(self, channel: int, msg: Message) -> None:
-        if isinstance(msg, Data):
+    def _track(self, channel: int, msg: Message, *, sent: bool) -> None:
+        """Flow-control bookkeeping for one message, sent by us (`sent`) or by the peer.
+
+        Data spends the sender's window: overrunning ours is the peer's protocol error,
+        overrunning the peer's is our bug. Credit replenishes the window of the other side.
+        """
+        if isinstance(msg, Data | Credit):
             key = (channel, msg.conn_id)
-            window = self._recv_window.get(key)
+            spent, granted = (
+                (self._send_window, self._recv_window)
+                if sent
+                else (self._recv_window, self._send_window)
+            )
+            if isinstance(msg, Credit):
+                if key in granted:
+                    granted[key] = min(granted[key] + msg.amount, _MAX_WINDOW)
+                return
+            window = spent.get(key)
             if window is None:
+                if sent:
+                    raise LocalProtocolError(f"Data for unknown connection {key}")
                 return  # data for a connection already closed here: the user drops it
             if len(msg.data) > window:
+                if sent:
+                    raise LocalProtocolError(
+                        f"Data of {len(msg.data)} bytes exceeds the send window ({window}) of {key}"
+                    )
                 raise RemoteProtocolError(
                     f"Data of {len(msg.data)} bytes on channel {channel} conn {msg.conn_id} "
                     f"exceeds the credit window ({window} bytes left)"
                 )
-            self._recv_window[key] = window - len(msg.data)
-        elif isinstance(msg, Credit):
-            key = (channel, msg.conn_id)
-            if key in self._send_window:
-                self._send_window[key] = min(self._send_window[key] + msg.amount, _MAX_WINDOW)
-        elif isinstance(msg, Connect | IncomingConnection):
-            self._open_conn((channel, msg.conn_id))
-        elif isinstance(msg, ConnClose):
-            self._drop_conn((channel, msg.conn_id))
-        elif isinstance(msg, ChannelClose):
-            self._drop_channel(channel)
-
-    def _track_sent(self, channel: int, msg: Message) -> None:
-        if isinstance(msg, Data):
-            key = (channel, msg.conn_id)
-            window = self._send_window.get(key)
-            if window is None:
-                raise LocalProtocolError(f"Data for unknown connection {key}")
-            if len(msg.data) > window:
-                raise LocalProtocolError(
-                    f"Data of {len(msg.data)} bytes exceeds the send window ({window}) of {key}"
-                )
-            self._send_window[key] = window - len(msg.data)
-        elif isinstance(msg, Credit):
-            key = (channel, msg.conn_id)
-            if key in self._recv_window:
-                self._recv_window[key] = min(self._recv_window[key] + msg.amount, _MAX_WINDOW)
+            spent[key] = window - len(msg.data)
         elif isinstance(msg, Connect | IncomingConnection):
             self._open_conn((channel, msg.conn_id))
         elif isinstance(msg, ConnClose):
@@ -451,7 +445,7 @@ class AgentConnection(_Connection):
         if isinstance(msg, Hello | Welcome):
             raise LocalProtocolError(f"{type(msg).__name__} is sent by hello()/welcome()")
         frame = self._frame(channel, msg)
-        self._track_sent(channel, msg)
+        self._track(channel, msg, sent=True)
         return frame
 
 
