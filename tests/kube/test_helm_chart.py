@@ -197,3 +197,28 @@ def test_backend_job_and_ephemeral_container_validate_strictly(opts: AgentOption
         "spec": {"containers": [{"name": "app", "image": "web:1"}], "ephemeralContainers": [eph]},
     }
     _validate(pod)
+
+
+def test_versions_tie_image_chart_and_package() -> None:
+    from mirrord import __version__
+    from mirrord.kube import DEFAULT_AGENT_IMAGE
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert DEFAULT_AGENT_IMAGE.endswith(f":{__version__}")
+    assert chart["appVersion"] == __version__ == chart["version"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert DEFAULT_AGENT_IMAGE.startswith(values["agentDaemonSet"]["image"]["repository"] + ":")
+
+
+def test_agent_dockerfile_copies_what_exists() -> None:
+    root = CHART.parents[1]
+    text = (root / "docker" / "agent.Dockerfile").read_text()
+    sources = []
+    for line in text.splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and not parts[1].startswith("--from"):
+            sources += parts[1:-1]
+    assert sources
+    for src in sources:
+        assert (root / src).exists(), f"agent.Dockerfile copies {src}, which does not exist"
+    assert 'CMD ["mirrord-agent"' in text
