@@ -199,6 +199,11 @@ class Channel:
                 )
                 return
             if self._tg is None or self.closed:
+                await self.send(
+                    m.ErrorReply(
+                        request_id=msg.request_id, errno=errno.EBADF, message="channel closed"
+                    )
+                )
                 return
             await self.session.request_slots.acquire()
             self._tg.start_soon(self._serve, handler, msg)

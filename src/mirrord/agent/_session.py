@@ -161,6 +161,11 @@ class DaemonSession:
         log.warning(
             "daemon connection from %s sent no Hello within %.0f s", self.peer, HANDSHAKE_TIMEOUT
         )
+        await self._send_raw(
+            self.conn.fatal_frame(
+                "handshake_timeout", f"no Hello within {HANDSHAKE_TIMEOUT:.0f} s: closing"
+            )
+        )
         return False
 
     async def _read_loop(self) -> None:
