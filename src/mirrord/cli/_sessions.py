@@ -147,7 +147,12 @@ def open_session(
     paths = paths or runtime_paths()
     target = config.target.path or "targetless"
     try:
-        ensure_daemon(paths, progress, idle_timeout=float(config.daemon.idle_timeout))
+        ensure_daemon(
+            paths,
+            progress,
+            idle_timeout=float(config.daemon.idle_timeout),
+            log_level=str(config.daemon.log_level),
+        )
         client = ControlClient(paths.control_socket, on_event=on_event)
     except DaemonError as exc:
         fail(str(exc))

@@ -159,13 +159,23 @@ def daemon_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return result
 
 
-def _ping(paths: RuntimePaths) -> bool:
+def _status(paths: RuntimePaths) -> dict[str, Any] | None:
     try:
         with ControlClient(paths.control_socket) as client:
-            client.call("status", timeout=5)
-        return True
+            return dict(client.call("status", timeout=5))
     except DaemonError:
-        return False
+        return None
+
+
+def _ping(paths: RuntimePaths) -> bool:
+    return _status(paths) is not None
+
+
+def _same_build(status: dict[str, Any]) -> bool:
+    from mirrord.layer import build_id
+
+    theirs = status.get("daemon", {}).get("build_id")
+    return theirs is None or theirs == build_id()
 
 
 @contextlib.contextmanager
@@ -190,20 +200,25 @@ def _start_lock(paths: RuntimePaths) -> Iterator[None]:
         os.close(fd)
 
 
-def start_daemon(paths: RuntimePaths, *, idle_timeout: float | None = None) -> int:
+def start_daemon(
+    paths: RuntimePaths, *, idle_timeout: float | None = None, log_level: str | None = None
+) -> int:
     """Start a detached daemon (double fork: it is nobody's child and nobody's zombie) and
     wait until it answers. Returns its pid."""
     paths.ensure()
     argv = [sys.executable, "-m", "mirrord.daemon", "--runtime-dir", str(paths.root)]
     if idle_timeout is not None:
         argv += ["--idle-timeout", str(idle_timeout)]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
     env = daemon_env()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # first child: start the daemon in its own session, report its pid, exit
         try:
             os.close(read_fd)
-            with open(paths.log, "ab") as log:
+            fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as log:
                 proc = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
@@ -257,18 +272,32 @@ def ensure_daemon(
     progress: Callable[[str], None] | None = None,
     *,
     idle_timeout: float | None = None,
+    log_level: str | None = None,
 ) -> bool:
-    """Make sure a daemon answers on the runtime directory's control socket; returns True if
-    this call started it."""
-    if _ping(paths):
+    """Make sure a daemon of this install answers on the runtime directory's control socket;
+    returns True if this call started it. An idle daemon of another install (its layer would
+    not match ours) is replaced; a busy one is an error that says what to do."""
+    status = _status(paths)
+    if status is not None and _same_build(status):
         return False
     paths.ensure()
     with _start_lock(paths):
-        if _ping(paths):
+        status = _status(paths)
+        if status is not None and not _same_build(status):
+            if status.get("sessions"):
+                raise DaemonError(
+                    f"the mirrord daemon in {paths.root} comes from another mirrord install and "
+                    "has sessions open: end them (or `mirrord daemon stop`), then run again"
+                )
+            if progress is not None:
+                progress("replacing a mirrord daemon of another install")
+            stop_daemon(paths)
+            status = None
+        if status is not None:
             return False  # another command started it while we waited for the lock
         if progress is not None:
             progress("starting the mirrord daemon")
-        start_daemon(paths, idle_timeout=idle_timeout)
+        start_daemon(paths, idle_timeout=idle_timeout, log_level=log_level)
         return True
 
 

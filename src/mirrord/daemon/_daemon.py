@@ -34,7 +34,7 @@ from mirrord.daemon._exceptions import DaemonError, SessionNotFound
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths
-from mirrord.daemon._session import Session, serve_layer_client
+from mirrord.daemon._session import Session, new_session_id, serve_layer_client
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONTROL_LINE", "Daemon"]
 
@@ -50,7 +50,15 @@ def _config_model(config: dict[str, Any]) -> Any:
         from mirrord.config import MirrordConfig
     except ImportError:
         return config
-    return MirrordConfig.model_validate(config)
+    try:
+        return MirrordConfig.model_validate(config)
+    except ValueError as exc:  # pydantic's ValidationError: a client of another version
+        error = DaemonError(
+            f"the daemon cannot use this session's configuration ({exc}); the daemon may come "
+            "from another mirrord install: `mirrord daemon stop`, then run again"
+        )
+        error.code = "bad_request"
+        raise error from None
 
 
 class Daemon:
@@ -182,9 +190,10 @@ class Daemon:
             self.idle_timeout = float(idle)
         client_pid = int(params.get("client_pid") or 0)
         mode, http_filter = incoming_settings(config)
-        placeholder = f"pending-{time.monotonic_ns()}"
-        link = await self.pool.acquire(target, config, progress, placeholder)
+        session_id = new_session_id()
+        link = await self.pool.acquire(target, config, progress, session_id)
         session = Session(
+            session_id=session_id,
             target=target,
             config=config,
             link=link,
@@ -193,10 +202,6 @@ class Daemon:
             incoming_mode=mode,
             http_filter=http_filter,
         )
-        entry = self.pool.entries.get(link.handle.key)
-        if entry is not None:
-            entry.sessions.discard(placeholder)
-            entry.sessions.add(session.id)
         self.sessions[session.id] = session
         session.subscribe_events(owner_events)
         try:
@@ -235,6 +240,7 @@ class Daemon:
                 "started": self.started,
                 "uptime": time.time() - self.started,
                 "runtime_dir": str(self.paths.root),
+                "build_id": self._build_id,
                 "layer_connections_total": self.layer_connections,
             },
             "sessions": sessions,

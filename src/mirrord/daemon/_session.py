@@ -44,7 +44,7 @@ from mirrord.protocol import (
 )
 from mirrord.protocol import messages as m
 
-__all__ = ["LayerProcess", "Session", "serve_layer_client"]
+__all__ = ["LayerProcess", "Session", "new_session_id", "serve_layer_client"]
 
 log = logging.getLogger("mirrord.daemon.session")
 
@@ -55,12 +55,17 @@ REQUEST_TIMEOUT = 30.0
 Notify = Callable[[dict[str, Any]], None]
 
 
+def new_session_id() -> str:
+    return secrets.token_hex(8)
+
+
 class Session:
     """One `mirrord run` (or IDE launch): a target, its config, its agent link, its processes."""
 
     def __init__(
         self,
         *,
+        session_id: str | None = None,
         target: str,
         config: AgentConfig,
         link: AgentLink,
@@ -69,7 +74,7 @@ class Session:
         incoming_mode: str = "mirror",
         http_filter: dict[str, Any] | None = None,
     ) -> None:
-        self.id = secrets.token_hex(8)
+        self.id = session_id or new_session_id()
         self.target = target
         self.config = config
         self.link = link
@@ -456,20 +461,19 @@ async def serve_layer_client(
     conn = LayerConnection(LayerRole.DAEMON, build_id=build_id)
     writer = FrameWriter(stream, "layer")
     client = LayerClient(conn, writer)
-    session: Session | None = None
     try:
         async with stream, anyio.create_task_group() as tg:
             tg.start_soon(writer.run)
             with anyio.CancelScope() as client._scope:
-                session = await _serve(stream, conn, client, find_session, tg)
+                await _serve(stream, conn, client, find_session, tg)
             writer.close()
             with anyio.move_on_after(2):
                 await writer.wait_flushed()  # a final Fatal frame says why we close
             tg.cancel_scope.cancel()
     finally:
         client.closed = True
-        if session is not None:
-            session.detach(client)
+        if client.process is not None:
+            client.process.session.detach(client)
 
 
 async def _serve(
