@@ -44,8 +44,10 @@ from mirrord.protocol.messages import (
     ChannelOpen,
     ConnClose,
     Connect,
+    Connected,
     Credit,
     Data,
+    ErrorReply,
     Fatal,
     Hello,
     IncomingConnection,
@@ -292,6 +294,8 @@ class AgentConnection(_Connection):
         # (channel, conn_id) -> bytes we may still send / the peer may still send us
         self._send_window: dict[tuple[int, int], int] = {}
         self._recv_window: dict[tuple[int, int], int] = {}
+        # (channel, request_id) of a Connect without its reply yet -> its conn_id
+        self._pending_connects: dict[tuple[int, int], int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -388,6 +392,8 @@ class AgentConnection(_Connection):
     def _drop_channel(self, channel: int) -> None:
         for key in [k for k in self._send_window if k[0] == channel]:
             self._drop_conn(key)
+        for key in [k for k in self._pending_connects if k[0] == channel]:
+            del self._pending_connects[key]
 
     def _track(self, channel: int, msg: Message, *, sent: bool) -> None:
         """Flow-control bookkeeping for one message, sent by us (`sent`) or by the peer.
@@ -423,6 +429,15 @@ class AgentConnection(_Connection):
             spent[key] = window - len(msg.data)
         elif isinstance(msg, Connect | IncomingConnection):
             self._open_conn((channel, msg.conn_id))
+            if isinstance(msg, Connect):
+                self._pending_connects[(channel, msg.request_id)] = msg.conn_id
+        elif isinstance(msg, Connected):
+            self._pending_connects.pop((channel, msg.request_id), None)
+        elif isinstance(msg, ErrorReply):
+            # A failed Connect never opened its connection: forget its windows on both sides.
+            conn_id = self._pending_connects.pop((channel, msg.request_id), None)
+            if conn_id is not None:
+                self._drop_conn((channel, conn_id))
         elif isinstance(msg, ConnClose):
             self._drop_conn((channel, msg.conn_id))
         elif isinstance(msg, ChannelClose):
