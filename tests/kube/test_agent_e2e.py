@@ -106,6 +106,12 @@ async def test_ephemeral_agent_in_target_pod(
             await side.handshake()
             assert (await side.env())["DATABASE_URL"] == "postgres://db.prod:5432/app"
         assert not apiserver.list("Job", "default")
+        # A closed stream is re-established by calling connect() again: a new websocket.
+        assert handle.alive()
+        stream = await handle.connect()
+        async with stream:
+            await DaemonSide(stream, handle.secret).handshake()
+        assert apiserver.portforwards_opened[handle.pod] == 2
     finally:
         await handle.stop()
 

@@ -178,3 +178,8 @@ async def test_kubeconfig_env_and_context_namespace(
     kube = await load_context(env={"KUBECONFIG": str(path)}, namespace="other")
     assert kube.namespace == "other"
     assert "token" not in repr(kube).lower() or apiserver.token not in repr(kube)
+    other = apiserver.write_kubeconfig(tmp_path / "kc3", context="prod")
+    kube = await load_context(
+        env={"KUBECONFIG": f"{tmp_path / 'missing'}:{other}:{path}"}, context="dev"
+    )
+    assert (kube.context, kube.namespace) == ("dev", "team-a")
