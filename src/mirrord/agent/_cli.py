@@ -9,8 +9,10 @@ Does not own: serving (`_server.py`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import resource
 import sys
 from collections.abc import Sequence
 
@@ -75,6 +77,15 @@ def _secret(args: argparse.Namespace) -> str:
     return secret
 
 
+def _raise_fd_limit() -> None:
+    # Every handle and relayed connection of every channel is an fd; the usual soft limit
+    # (1024) is too low for many sessions. Raising it up to the hard limit needs no privilege.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -83,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(args.log_level.upper())
     logger.propagate = False
+    _raise_fd_limit()
     try:
         if args.idle_timeout <= 0 or args.connect_timeout <= 0:
             raise BadArguments("--idle-timeout and --connect-timeout must be positive")
