@@ -2,35 +2,71 @@
 
 Owns: the daemon process, its control API, sessions, the agent pool and the relaying of
 connections between agent channels and user-app sockets; the agent backend protocol (I4) and
-the local backend. Does not own: the wire protocols (`mirrord.protocol`), the agent, the layer
-library, the Kubernetes backend (`mirrord.kube`).
+the local backend; the control API's client (used by the CLI). Does not own: the wire
+protocols (`mirrord.protocol`), the agent, the layer library, the Kubernetes backend
+(`mirrord.kube`).
+
+Names are imported on first use: the CLI's client side (`_client`, `_runtime`,
+`_exceptions`) must not pay for the daemon's event-loop machinery on every `mirrord run`.
 """
 
 from __future__ import annotations
 
-from mirrord.daemon._backend import (
-    AgentBackend,
-    AgentConfig,
-    AgentHandle,
-    LocalAgentBackend,
-    LocalAgentHandle,
-    Progress,
-    backends_for_daemon,
-    config_value,
-    select_backend,
-)
-from mirrord.daemon._exceptions import (
-    AgentLost,
-    AgentStartError,
-    ControlError,
-    DaemonError,
-    DaemonNotRunning,
-    RootRequired,
-    SessionNotFound,
-    TargetNotSupported,
-)
-from mirrord.daemon._main import main
-from mirrord.daemon._runtime import RuntimePaths, runtime_dir, runtime_paths
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mirrord.daemon._backend import (
+        AgentBackend,
+        AgentConfig,
+        AgentHandle,
+        LocalAgentBackend,
+        LocalAgentHandle,
+        Progress,
+        backends_for_daemon,
+        config_value,
+        select_backend,
+    )
+    from mirrord.daemon._client import ControlClient, ensure_daemon, stop_daemon
+    from mirrord.daemon._exceptions import (
+        AgentLost,
+        AgentStartError,
+        ControlError,
+        DaemonError,
+        DaemonNotRunning,
+        RootRequired,
+        SessionNotFound,
+        TargetNotSupported,
+    )
+    from mirrord.daemon._main import main
+    from mirrord.daemon._runtime import RuntimePaths, runtime_dir, runtime_paths
+
+_WHERE = {
+    "AgentBackend": "_backend",
+    "AgentConfig": "_backend",
+    "AgentHandle": "_backend",
+    "LocalAgentBackend": "_backend",
+    "LocalAgentHandle": "_backend",
+    "Progress": "_backend",
+    "backends_for_daemon": "_backend",
+    "config_value": "_backend",
+    "select_backend": "_backend",
+    "ControlClient": "_client",
+    "ensure_daemon": "_client",
+    "stop_daemon": "_client",
+    "AgentLost": "_exceptions",
+    "AgentStartError": "_exceptions",
+    "ControlError": "_exceptions",
+    "DaemonError": "_exceptions",
+    "DaemonNotRunning": "_exceptions",
+    "RootRequired": "_exceptions",
+    "SessionNotFound": "_exceptions",
+    "TargetNotSupported": "_exceptions",
+    "main": "_main",
+    "RuntimePaths": "_runtime",
+    "runtime_dir": "_runtime",
+    "runtime_paths": "_runtime",
+}
 
 __all__ = [
     "AgentBackend",
@@ -38,6 +74,7 @@ __all__ = [
     "AgentHandle",
     "AgentLost",
     "AgentStartError",
+    "ControlClient",
     "ControlError",
     "DaemonError",
     "DaemonNotRunning",
@@ -50,8 +87,23 @@ __all__ = [
     "TargetNotSupported",
     "backends_for_daemon",
     "config_value",
+    "ensure_daemon",
     "main",
     "runtime_dir",
     "runtime_paths",
     "select_backend",
+    "stop_daemon",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mirrord.daemon' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mirrord.daemon.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
