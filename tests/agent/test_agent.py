@@ -555,6 +555,32 @@ async def test_connect_to_the_pods_loopback_works_only_through_the_agent(
         pass  # refused on the host: what we expect
 
 
+_V6_ECHO = """
+import socket
+s = socket.socket(socket.AF_INET6); s.bind(("::1", 0)); s.listen(4)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+while data := c.recv(65536):
+    c.sendall(data)
+c.close()
+"""
+
+
+async def test_outgoing_ipv6(agent: AgentProc, pod: LocalPod) -> None:
+    server = pod.popen_in_pod([sys.executable, "-c", _V6_ECHO])
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    async with _client(agent) as client:
+        await client.open_channel(1)
+        conn = await client.connect(1, "::1", port)
+        await conn.send(b"over v6")
+        await conn.shutdown()
+        with anyio.fail_after(10):
+            assert await conn.receive_all() == b"over v6"
+            await conn.closed.wait()
+        assert conn.closed_errno == 0
+
+
 async def test_outgoing_errors_are_errnos(
     pod: LocalPod, make_agent: Callable[..., AgentProc]
 ) -> None:
