@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mirrord.kube import AgentPodFailed, KubeBackend, PermissionMissing
+from mirrord.kube import AgentPodFailed, KubeBackend, KubeError, PermissionMissing
 from tests.kube._cluster import add_deployment, wait_running
 from tests.kube.apiserver import ApiError, FakeApiServer
 
@@ -147,3 +147,22 @@ async def test_admission_denial_of_ephemeral_container_reported(
         await KubeBackend().start_agent(
             "deployment/web", _config(kubeconfig, ephemeral=True), print
         )
+
+
+async def test_unreachable_api_server_and_refused_reads_are_clear(
+    apiserver: FakeApiServer, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    kc = apiserver.write_kubeconfig(tmp_path / "kc-dead")
+    kc.write_text(kc.read_text().replace(f":{apiserver.port}", f":{closed_port}"))
+    with pytest.raises(KubeError, match="cannot reach the Kubernetes API server"):
+        await KubeBackend().start_agent("deployment/web", _config(kc), print)
+    live = apiserver.write_kubeconfig(tmp_path / "kc-live")
+    await _web(apiserver)
+    apiserver.rbac.deny("list", "pods")  # the SSAR says no: named before anything is read
+    with pytest.raises(PermissionMissing, match="list pods in namespace default"):
+        await KubeBackend().start_agent("deployment/web", _config(live), print)

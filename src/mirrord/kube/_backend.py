@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import anyio
 import anyio.abc
 from kubernetes_asyncio import client as k8s
@@ -190,6 +191,30 @@ class KubeBackend:
     async def start_agent(self, target: str, config: Any, progress: Progress) -> KubeAgentHandle:
         from mirrord.daemon._backend import config_value
 
+        timeout = float(config_value(config, "agent", "startup_timeout", default=60))
+        try:
+            with anyio.fail_after(timeout):
+                return await self._start(target, config, progress)
+        except TimeoutError:
+            raise AgentPodFailed(
+                f"the agent for {target} did not become ready within {timeout:g} s "
+                "(config agent.startup_timeout): check the agent pod's events and log, and that "
+                "the API server is reachable"
+            ) from None
+        except ApiCallError as exc:
+            raise KubeError(
+                f"the Kubernetes API server refused a request ({exc.status} {exc.reason}): "
+                f"{exc.message}"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise KubeError(
+                f"cannot reach the Kubernetes API server ({exc}): check the server address of "
+                "your kubeconfig context and your network/VPN"
+            ) from None
+
+    async def _start(self, target: str, config: Any, progress: Progress) -> KubeAgentHandle:
+        from mirrord.daemon._backend import config_value
+
         placement = placement_of(config)
         kind, _name, _container = parse_target(target)
         if kind == "targetless" and placement == "ephemeral":
@@ -204,13 +229,9 @@ class KubeBackend:
             env=self._env,
         )
         opts = AgentOptions.from_config(config)
-        timeout = float(config_value(config, "agent", "startup_timeout", default=60))
         target_ns = kube.namespace
-        agent_ns = (
-            opts.namespace
-            or (config_value(config, "agent", "namespace") if placement != "daemonset" else None)
-            or ("mirrord" if placement == "daemonset" else target_ns)
-        )
+        # The node agents live in the chart's namespace; a Job goes next to its target.
+        agent_ns = opts.namespace or ("mirrord" if placement == "daemonset" else target_ns)
         async with k8s.ApiClient(kube.configuration) as api:
             progress(f"checking permissions in context {kube.context}")
             await check_permissions(
@@ -234,23 +255,16 @@ class KubeBackend:
                 if existing is not None and existing.dead is None:
                     progress(f"reusing agent {existing.description}")
                     return KubeAgentHandle(existing, self)
-                try:
-                    with anyio.fail_after(timeout):
-                        agent = await self._create(
-                            api=api,
-                            kube=kube,
-                            key=key,
-                            placement=placement,
-                            target=resolved,
-                            agent_ns=agent_ns,
-                            opts=opts,
-                            progress=progress,
-                        )
-                except TimeoutError:
-                    raise AgentPodFailed(
-                        f"the agent for {target} did not become ready within {timeout:g} s "
-                        "(config agent.startup_timeout): check the agent pod's events and log"
-                    ) from None
+                agent = await self._create(
+                    api=api,
+                    kube=kube,
+                    key=key,
+                    placement=placement,
+                    target=resolved,
+                    agent_ns=agent_ns,
+                    opts=opts,
+                    progress=progress,
+                )
                 self._agents[key] = agent
                 progress(f"agent ready: {agent.description}")
                 return KubeAgentHandle(agent, self)
