@@ -209,6 +209,22 @@ async def _receive_or_empty(stream: anyio.abc.ByteStream) -> bytes:
         return b""
 
 
+async def test_version_mismatch_gets_an_error_frame(agent: AgentProc) -> None:
+    from mirrord.protocol import AgentConnection, AgentRole, RemoteProtocolError
+
+    stream = await anyio.connect_unix(agent.socket)
+    async with stream:
+        conn = AgentConnection(AgentRole.DAEMON, secret=agent.secret, version=99, min_version=90)
+        await stream.send(conn.hello())
+        data = b""
+        with anyio.fail_after(10):
+            while chunk := await _receive_or_empty(stream):
+                data += chunk
+        conn.receive_data(data)
+        with pytest.raises(RemoteProtocolError, match="version_mismatch"):
+            conn.next_event()
+
+
 async def test_malformed_frame_and_unknown_kinds(agent: AgentProc) -> None:
     async with _client(agent) as good, _client(agent) as broken:
         await good.open_channel(1)
