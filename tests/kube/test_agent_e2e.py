@@ -173,3 +173,74 @@ async def test_node_agent_from_helm_chart_daemonset(
         await h1.stop()
         await h2.stop()
     assert apiserver.list("DaemonSet", "mirrord")  # the chart's DaemonSet is not ours to delete
+
+
+async def test_stolen_request_through_the_kube_agent(
+    apiserver: FakeApiServer, kubeconfig: Path, web_pod: LocalPod
+) -> None:
+    """Incoming traffic at the agent-protocol level over the port-forward: a client outside the
+    pod sends HTTP to the pod's IP; the agent (a Job pod) steals it and hands it to us."""
+    import http.client
+
+    from mirrord.protocol import NEED_DATA, Received
+    from mirrord.protocol import messages as m
+    from tests.incoming._daemon import AgentClient, Conn
+
+    add_deployment(apiserver, "web", pods=[web_pod])
+    handle = await KubeBackend().start_agent("deployment/web", _config(kubeconfig), print)
+
+    def get() -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(web_pod.ip, 8080, timeout=10)
+        try:
+            conn.request("GET", "/stolen-path")
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    try:
+        stream = await handle.connect()
+        client = AgentClient(stream, handle.secret)
+        tx, rx = anyio.create_memory_object_stream[Conn](10)
+        with tx, rx:
+            async with stream, anyio.create_task_group() as tg:
+                await stream.send(client.conn.hello(client="kube-steal-test"))
+                with anyio.fail_after(10):
+                    while True:
+                        event = client.conn.next_event()
+                        if event is NEED_DATA:
+                            client.conn.receive_data(await stream.receive())
+                            continue
+                        assert isinstance(event, Received) and isinstance(event.message, m.Welcome)
+                        break
+                tg.start_soon(client._reader)
+                client.incoming[1] = tx
+                await client.open_channel(1)
+                reply = await client.request(
+                    1, lambda r: m.Subscribe(request_id=r, port=8080, mode="steal")
+                )
+                assert isinstance(reply, m.Subscribed)
+                async with anyio.create_task_group() as inner:
+                    result: list[tuple[int, bytes]] = []
+
+                    async def do_get() -> None:
+                        result.append(await anyio.to_thread.run_sync(get))
+
+                    inner.start_soon(do_get)
+                    with anyio.fail_after(15):
+                        conn = await rx.receive()
+                        request = b""
+                        while b"\r\n\r\n" not in request:
+                            request += await conn.receive()
+                        assert request.startswith(b"GET /stolen-path HTTP/1.1")
+                        body = b"stolen by the session"
+                        await conn.send(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                            % (len(body), body)
+                        )
+                        await conn.shutdown()
+                assert result == [(200, b"stolen by the session")]
+                assert conn.announce.remote_address == web_pod.host_ip
+                tg.cancel_scope.cancel()
+    finally:
+        await handle.stop()
