@@ -14,7 +14,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import typer
@@ -39,6 +38,8 @@ _DB_ADDRESS = "10.213.254.10"  # only the pod's hosts file knows it; nothing lis
 def _send_through_pod(pod_ip: str, port: int, stop: threading.Event, out: list[str]) -> None:
     """Send requests to the pod's IP until one is answered by the demo app (stolen), not by
     the pod's own service."""
+    import urllib.request
+
     deadline = time.monotonic() + 25
     while not stop.is_set() and time.monotonic() < deadline:
         try:

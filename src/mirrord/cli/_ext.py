@@ -29,7 +29,6 @@ from mirrord.cli._run import (
     TargetOpt,
 )
 from mirrord.cli._sessions import open_session
-from mirrord.config import ConfigError, cli_overrides, resolve_config
 from mirrord.daemon._exceptions import DaemonError
 
 __all__ = ["emit"]
@@ -60,6 +59,8 @@ def ext(
     ] = 120.0,
 ) -> None:
     """For IDEs: open a session, print its env as JSON, keep it until the debuggee exits."""
+    from mirrord.config import ConfigError, cli_overrides, resolve_config
+
     try:
         resolved = resolve_config(
             config_file,

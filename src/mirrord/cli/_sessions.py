@@ -13,17 +13,21 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.status import Status
 
-from mirrord.config import ConfigError, MirrordConfig, cli_overrides, resolve_config
 from mirrord.daemon._client import ControlClient, ensure_daemon
 from mirrord.daemon._exceptions import DaemonError
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
+
+if TYPE_CHECKING:
+    # the config package builds pydantic models at import (a few hundred ms): only the
+    # commands that need a config pay for it
+    from mirrord.config import MirrordConfig
 
 __all__ = [
     "EXIT_MIRRORD_ERROR",
@@ -98,6 +102,8 @@ def load_run_config(
     no_remote_dns: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> MirrordConfig:
+    from mirrord.config import ConfigError, cli_overrides, resolve_config
+
     try:
         overrides = cli_overrides(
             target=target,
