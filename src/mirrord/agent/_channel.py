@@ -215,6 +215,16 @@ class Channel:
                 reply = await handler(req)
             except Exception as exc:
                 reply = _errno_reply(req.request_id, exc)
+            if log.isEnabledFor(logging.DEBUG):
+                # Message names and errnos only: paths are fine, env values never reach here.
+                log.debug(
+                    "channel %d: %s %d -> %s%s",
+                    self.number,
+                    type(req).__name__,
+                    req.request_id,
+                    type(reply).__name__ if reply is not None else "Connected",
+                    f" errno={reply.errno}" if isinstance(reply, m.ErrorReply) else "",
+                )
             if reply is not None:
                 await self.send(reply)
         finally:

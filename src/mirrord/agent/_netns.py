@@ -45,6 +45,12 @@ def enter_namespaces(pid: int, flags: int = CLONE_NEWNET | CLONE_NEWUTS) -> None
     for flag, name in ((CLONE_NEWNET, "net"), (CLONE_NEWUTS, "uts")):
         if not flags & flag:
             continue
+        target_ns = os.stat(f"/proc/{pid}/ns/{name}")
+        own_ns = os.stat(f"/proc/thread-self/ns/{name}")
+        if (target_ns.st_dev, target_ns.st_ino) == (own_ns.st_dev, own_ns.st_ino):
+            # Already there (e.g. an agent inside the target's pod): setns would need
+            # CAP_SYS_ADMIN for nothing.
+            continue
         fd = os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             if _libc.setns(fd, flag) != 0:
