@@ -206,7 +206,10 @@ class LocalAgentHandle:
                     with anyio.move_on_after(_STOP_GRACE):
                         await self.process.wait()
             await self.process.aclose()
-            for path in (self.socket_path, self.secret_path):
+            # a log is kept only when the agent did not end the way we asked it to
+            clean = self.process.returncode in (0, -signal.SIGTERM)
+            paths = (self.socket_path, self.secret_path, *((self.log_path,) if clean else ()))
+            for path in paths:
                 try:
                     path.unlink()
                 except FileNotFoundError:
