@@ -1,7 +1,7 @@
 /* File and directory hooks.
  *
  * A remote file gets a real local fd so fd numbers, dup, select and close behave:
- * - K_MFILE: a file opened read-only whose content fits MEMFD_MAX is fetched whole into a
+ * - K_MFILE: a file opened read-only whose content fits g_set.fetch_limit is fetched whole into a
  *   memfd (then read, mmap, sendfile, copy_file_range and stdio work natively); fstat
  *   reports the remote stat.
  * - K_RFILE: other remote files (writable, large, directories) get an empty memfd as a
@@ -19,7 +19,6 @@
 #include <sys/sysmacros.h>
 #include <linux/close_range.h>
 
-#define MEMFD_MAX (64 * 1024 * 1024)
 #define PATH_CAP 4096
 
 #define BYPASS_UNLESS_ACTIVE(call)          \
@@ -272,6 +271,71 @@ static off_t rfile_seek(struct ent *e, off_t off, int whence) {
     return pos;
 }
 
+/* Writes the memfd's content back to the remote file if it changed since the last flush. */
+int wfile_flush(struct ent *e) {
+    struct stat cur;
+    if (!e->writeback || REAL(fstat)(e->cache_fd, &cur) < 0) {
+        return 0;
+    }
+    if (cur.st_mtim.tv_sec == e->synced_mtim.tv_sec && cur.st_mtim.tv_nsec == e->synced_mtim.tv_nsec &&
+        cur.st_size == e->synced_size) {
+        return 0;
+    }
+    char *buf = malloc(MAX_DATA_CHUNK);
+    if (buf == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    int rc = 0;
+    for (off_t off = 0; off < cur.st_size && rc == 0;) {
+        size_t want = MAX_DATA_CHUNK - 4096;
+        ssize_t n = REAL(pread)(e->cache_fd, buf, want, off);
+        if (n <= 0) {
+            break;
+        }
+        for (ssize_t done = 0; done < n && rc == 0;) {
+            ssize_t w = rfile_write_chunk(e->handle, buf + done, (size_t)(n - done), off + done);
+            if (w <= 0) {
+                rc = -1;
+            } else {
+                done += w;
+            }
+        }
+        off += n;
+    }
+    free(buf);
+    if (rc == 0) {
+        struct lconn *c = conn_acquire();
+        if (c == NULL) {
+            return -1;
+        }
+        cbor_w *w = conn_begin(c, M_FTRUNCATE, 2);
+        cw_uint(w, e->handle);
+        cw_uint(w, (uint64_t)cur.st_size);
+        cbor_r r;
+        rc = conn_call(c, M_OK, &r);
+        conn_release(c);
+    }
+    if (rc == 0) {
+        e->synced_mtim = cur.st_mtim;
+        e->synced_size = cur.st_size;
+    }
+    return rc;
+}
+
+void wfile_flush_all(void) {
+    for (int fd = 0; fd < MAX_FDS; fd++) {
+        struct ent *pe = fd_peek(fd);
+        if (pe != NULL && pe->kind == K_MFILE && pe->writeback) {
+            struct ent *e = ent_get(fd);
+            if (e != NULL) {
+                (void)wfile_flush(e);
+                ent_put(e);
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- open */
 
 static int placeholder_fd(int flags, const char *path) {
@@ -325,7 +389,7 @@ static int fetch_to_memfd(uint64_t handle, int flags, const char *path, size_t *
             off += k;
         }
         total += (size_t)n;
-        if (total > MEMFD_MAX) {
+        if ((long long)total > g_set.fetch_limit) {
             free(buf);
             REAL(close)(fd);
             struct ent tmp = {.has_handle = 1, .handle = handle};
@@ -343,9 +407,16 @@ static int open_remote(const char *path, int flags, mode_t mode) {
     if (c == NULL) {
         return -1;
     }
+    /* Writes go to a write-back cache flushed at explicit offsets: the remote handle needs
+     * no O_APPEND (with it, pwrite appends on Linux), and read access to fetch the content
+     * first unless the open truncates. */
+    int rflags = flags & ~(O_CLOEXEC | O_NONBLOCK | O_NOCTTY | O_APPEND);
+    if (open_is_write(flags) && !(flags & O_TRUNC)) {
+        rflags = (rflags & ~O_ACCMODE) | O_RDWR;
+    }
     cbor_w *w = conn_begin(c, M_FILE_OPEN, 3);
     cw_bytes(w, path, strlen(path));
-    cw_uint(w, (uint64_t)(flags & ~(O_CLOEXEC | O_NONBLOCK | O_NOCTTY)));
+    cw_uint(w, (uint64_t)rflags);
     cw_uint(w, mode);
     cbor_r r;
     uint64_t handle = 0;
@@ -374,13 +445,36 @@ static int open_remote(const char *path, int flags, mode_t mode) {
     e->st = st;
     e->is_dir = S_ISDIR(st.st_mode);
     int fd = -1;
-    if (!open_is_write(flags) && S_ISREG(st.st_mode) && st.st_size <= MEMFD_MAX) {
+    int writing = open_is_write(flags);
+    if (S_ISREG(st.st_mode) && st.st_size <= g_set.fetch_limit) {
         size_t size = 0;
-        fd = fetch_to_memfd(handle, flags, path, &size);
-        if (fd >= 0) {
+        if (writing && (flags & O_TRUNC)) {
+            fd = placeholder_fd(flags, path);
+        } else if (writing && (flags & O_ACCMODE) == O_WRONLY && st.st_size == 0) {
+            fd = placeholder_fd(flags, path); /* nothing to fetch (a new file) */
+        } else {
+            fd = fetch_to_memfd(handle, flags, path, &size);
+        }
+        if (fd >= 0 && !writing) {
             rfile_close_handle(handle);
             e->kind = K_MFILE;
             e->st.st_size = (off_t)size;
+        } else if (fd >= 0) {
+            struct stat cst;
+            e->kind = K_MFILE;
+            e->writeback = 1;
+            e->has_handle = 1;
+            e->handle = handle;
+            e->cache_fd = layer_fd_protect(REAL(fcntl)(fd, F_DUPFD_CLOEXEC, 0));
+            if (REAL(fstat)(e->cache_fd, &cst) == 0) {
+                e->synced_mtim = cst.st_mtim;
+                e->synced_size = cst.st_size;
+            }
+            if (flags & O_APPEND) {
+                REAL(fcntl)(fd, F_SETFL, O_APPEND);
+                REAL(lseek)(fd, 0, SEEK_END);
+            }
+            __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
         } else if (fd == -1) {
             int err = errno;
             rfile_close_handle(handle);
@@ -399,6 +493,9 @@ static int open_remote(const char *path, int flags, mode_t mode) {
         e->has_handle = 1;
         e->handle = handle;
         __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
+        if (flags & O_APPEND) {
+            (void)rfile_seek(e, 0, SEEK_END); /* large file: append from its end */
+        }
     }
     if (flags & O_NONBLOCK) {
         REAL(fcntl)(fd, F_SETFL, O_NONBLOCK);
@@ -410,7 +507,8 @@ static int open_remote(const char *path, int flags, mode_t mode) {
         return -1;
     }
     fd_set_ent(fd, e);
-    DBG("open %s remotely: fd %d (%s)", path, fd, e->kind == K_MFILE ? "fetched" : "handle");
+    DBG("open %s remotely: fd %d (%s)", path, fd,
+        e->writeback ? "write-back" : e->kind == K_MFILE ? "fetched" : "handle");
     return fd;
 }
 
@@ -516,10 +614,19 @@ HOOK int creat64(const char *path, mode_t mode) {
         return realcall;                                                                \
     }
 
+/* The memfd of a file opened write-only is readable: refuse as the real fd would. */
+static int mfile_writeonly(struct ent *pe) {
+    if (pe->kind == K_MFILE && pe->writeback && (pe->oflags & O_ACCMODE) == O_WRONLY) {
+        errno = EBADF;
+        return 1;
+    }
+    return 0;
+}
+
 HOOK ssize_t read(int fd, void *buf, size_t n) {
     RFILE_OR_BYPASS(fd, REAL(read)(fd, buf, n))
     if (pe->kind == K_MFILE) {
-        return REAL(read)(fd, buf, n);
+        return mfile_writeonly(pe) ? -1 : REAL(read)(fd, buf, n);
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
@@ -553,7 +660,7 @@ static ssize_t pread_common(int fd, void *buf, size_t n, off_t off) {
 HOOK ssize_t pread(int fd, void *buf, size_t n, off_t off) {
     RFILE_OR_BYPASS(fd, REAL(pread)(fd, buf, n, off))
     if (pe->kind == K_MFILE) {
-        return REAL(pread)(fd, buf, n, off);
+        return mfile_writeonly(pe) ? -1 : REAL(pread)(fd, buf, n, off);
     }
     return pread_common(fd, buf, n, off);
 }
@@ -561,7 +668,7 @@ HOOK ssize_t pread(int fd, void *buf, size_t n, off_t off) {
 HOOK ssize_t pread64(int fd, void *buf, size_t n, off64_t off) {
     RFILE_OR_BYPASS(fd, REAL(pread64)(fd, buf, n, off))
     if (pe->kind == K_MFILE) {
-        return REAL(pread64)(fd, buf, n, off);
+        return mfile_writeonly(pe) ? -1 : REAL(pread64)(fd, buf, n, off);
     }
     return pread_common(fd, buf, n, off);
 }
@@ -569,7 +676,7 @@ HOOK ssize_t pread64(int fd, void *buf, size_t n, off64_t off) {
 HOOK ssize_t readv(int fd, const struct iovec *iov, int cnt) {
     RFILE_OR_BYPASS(fd, REAL(readv)(fd, iov, cnt))
     if (pe->kind == K_MFILE) {
-        return REAL(readv)(fd, iov, cnt);
+        return mfile_writeonly(pe) ? -1 : REAL(readv)(fd, iov, cnt);
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
@@ -597,19 +704,22 @@ HOOK ssize_t readv(int fd, const struct iovec *iov, int cnt) {
     return total;
 }
 
-/* A memfd-backed file was opened read-only: the memfd itself is writable, so refuse. */
+/* A memfd-backed file opened read-only: the memfd itself is writable, so refuse. A
+ * write-back file is written natively (the memfd is the cache). Returns 1: refused,
+ * 2: write natively, 0: handle-backed. */
 static int mfile_readonly(struct ent *pe) {
-    if (pe->kind == K_MFILE) {
+    if (pe->kind == K_MFILE && !pe->writeback) {
         errno = EBADF;
         return 1;
     }
-    return 0;
+    return pe->kind == K_MFILE ? 2 : 0;
 }
 
 HOOK ssize_t write(int fd, const void *buf, size_t n) {
     RFILE_OR_BYPASS(fd, REAL(write)(fd, buf, n))
-    if (mfile_readonly(pe)) {
-        return -1;
+    switch (mfile_readonly(pe)) {
+    case 1: return -1;
+    case 2: return REAL(write)(fd, buf, n);
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
@@ -642,24 +752,27 @@ static ssize_t pwrite_common(int fd, const void *buf, size_t n, off_t off) {
 
 HOOK ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
     RFILE_OR_BYPASS(fd, REAL(pwrite)(fd, buf, n, off))
-    if (mfile_readonly(pe)) {
-        return -1;
+    switch (mfile_readonly(pe)) {
+    case 1: return -1;
+    case 2: return REAL(pwrite)(fd, buf, n, off);
     }
     return pwrite_common(fd, buf, n, off);
 }
 
 HOOK ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
     RFILE_OR_BYPASS(fd, REAL(pwrite64)(fd, buf, n, off))
-    if (mfile_readonly(pe)) {
-        return -1;
+    switch (mfile_readonly(pe)) {
+    case 1: return -1;
+    case 2: return REAL(pwrite64)(fd, buf, n, off);
     }
     return pwrite_common(fd, buf, n, off);
 }
 
 HOOK ssize_t writev(int fd, const struct iovec *iov, int cnt) {
     RFILE_OR_BYPASS(fd, REAL(writev)(fd, iov, cnt))
-    if (mfile_readonly(pe)) {
-        return -1;
+    switch (mfile_readonly(pe)) {
+    case 1: return -1;
+    case 2: return REAL(writev)(fd, iov, cnt);
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
@@ -904,7 +1017,16 @@ static int fstat_remote(int fd, struct stat *st, int *ret) {
     }
     t_guard++;
     if (e->kind == K_MFILE) {
+        struct stat real;
         *st = e->st;
+        if (REAL(fstat)(fd, &real) == 0) {
+            st->st_size = real.st_size;
+            st->st_blocks = real.st_blocks;
+            if (e->writeback) {
+                st->st_mtim = real.st_mtim;
+                st->st_ctim = real.st_ctim;
+            }
+        }
         *ret = 0;
     } else {
         *ret = e->has_handle ? rstat(NULL, 1, e->handle, 1, st) : rstat(e->path, 0, 0, 1, st);
@@ -1376,11 +1498,18 @@ static int handle_op(int fd, int kind, int64_t arg, int *ret) {
     if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {
         return R_BYPASS;
     }
-    if (pe->kind == K_MFILE) {
+    if (pe->kind == K_MFILE && !pe->writeback) {
         /* opened read-only and fetched: nothing to change remotely */
-        errno = kind == M_FSYNC ? 0 : (kind == M_FTRUNCATE ? EINVAL : EPERM);
-        *ret = kind == M_FSYNC ? 0 : -1;
+        if (kind == M_FSYNC) {
+            *ret = 0;
+        } else {
+            errno = kind == M_FTRUNCATE ? EINVAL : EPERM;
+            *ret = -1;
+        }
         return R_DONE;
+    }
+    if (pe->kind == K_MFILE && kind == M_FTRUNCATE) {
+        return R_BYPASS; /* the cache; written back later */
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
@@ -1389,6 +1518,8 @@ static int handle_op(int fd, int kind, int64_t arg, int *ret) {
     t_guard++;
     if (!e->has_handle) {
         errno = EBADF;
+        *ret = -1;
+    } else if (e->writeback && kind == M_FSYNC && wfile_flush(e) < 0) {
         *ret = -1;
     } else {
         struct lconn *c = conn_acquire();
@@ -1738,7 +1869,9 @@ static int cookie_close(void *ck) { return close((int)(intptr_t)ck); }
 static FILE *stream_for(int fd, const char *mode) {
     struct ent *pe = fd_peek(fd);
     FILE *f;
-    if (pe != NULL && pe->kind == K_RFILE) {
+    /* handle-backed and write-back files: stdio's internal read/write/close would miss the
+     * hooks (and the write-back on close), so the stream calls them through a cookie */
+    if (pe != NULL && (pe->kind == K_RFILE || (pe->kind == K_MFILE && pe->writeback))) {
         cookie_io_functions_t io = {cookie_read, cookie_write, cookie_seek, cookie_close};
         f = fopencookie((void *)(intptr_t)fd, mode, io);
     } else {
@@ -1810,21 +1943,18 @@ static int freopen_common(const char *path, const char *mode, FILE *stream, FILE
     /* reopen the fetched content under the same FILE through /proc/self/fd */
     char proc[64];
     snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
-    struct stat st = pe->st;
+    /* "w" would truncate the cache through the reopen: the remote open already did */
+    const char *reopen_mode = mode[0] == 'w' ? "r+" : mode;
     t_guard++;
-    *ret = is64 ? REAL(freopen64)(proc, mode, stream) : REAL(freopen)(proc, mode, stream);
+    *ret = is64 ? REAL(freopen64)(proc, reopen_mode, stream) : REAL(freopen)(proc, reopen_mode, stream);
     t_guard--;
     if (*ret != NULL) {
-        struct ent *e = ent_new(K_MFILE);
-        if (e != NULL) {
-            e->st = st;
-            e->path = strdup(path);
-            int nfd = fileno(*ret);
-            if (nfd >= 0) {
-                fd_set_ent(nfd, e);
-            } else {
-                ent_put(e);
-            }
+        int nfd = fileno(*ret);
+        struct ent *e = ent_get(fd);
+        if (e != NULL && nfd >= 0 && nfd != fd) {
+            fd_set_ent(nfd, e);
+        } else {
+            ent_put(e);
         }
     }
     close(fd);

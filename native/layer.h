@@ -115,6 +115,12 @@ struct ent {
     int is_dir;
     char *path;
     struct stat st;
+    /* K_MFILE opened for writing: the memfd is a write-back cache of the remote file, flushed
+     * through `handle` when the last fd closes, on fsync, before exec and at exit */
+    int writeback;
+    int cache_fd; /* the layer's own fd to the memfd, for flushing after the app's are gone */
+    struct timespec synced_mtim;
+    off_t synced_size;
     /* sockets */
     int family, socktype;
     int bound; /* bind() recorded the requested address */
@@ -208,6 +214,7 @@ struct settings {
     int hostname;
     int skip_build_tools;
     int timeout_ms;
+    long long fetch_limit; /* remote files up to this size are fetched into a memfd */
 };
 extern struct settings g_set;
 
@@ -234,6 +241,8 @@ int is_loopback(const struct sockaddr *sa);
 char **proc_exec_env(char *const envp[], int keep_fd);
 void proc_free_env(char **env);
 void proc_init_env(void);
+int wfile_flush(struct ent *e);
+void wfile_flush_all(void);
 void proc_fork_child(void);
 pid_t conn_parent(void);
 void net_restore_listeners(void);

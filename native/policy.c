@@ -26,6 +26,7 @@ struct settings g_set = {
     .hostname = 1,
     .skip_build_tools = 1,
     .timeout_ms = 30000,
+    .fetch_limit = 64LL * 1024 * 1024,
 };
 
 #define MAX_LIST 128
@@ -203,6 +204,9 @@ int policy_load(const char *text) {
             if (g_nskip < MAX_LIST) {
                 g_skip[g_nskip++] = strdup(v);
             }
+        } else if (strcmp(k, "fetch_limit") == 0) {
+            long long t = strtoll(v, NULL, 10);
+            g_set.fetch_limit = t >= 0 ? t : g_set.fetch_limit;
         } else if (strcmp(k, "timeout_ms") == 0) {
             long t = strtol(v, NULL, 10);
             g_set.timeout_ms = t > 0 && t < 3600000 ? (int)t : 30000;

@@ -93,7 +93,11 @@ struct ent *ent_get(int fd) {
 
 /* Last reference of a remote file: tell the daemon so the agent frees the handle. */
 static void ent_free_remote(struct ent *e) {
-    if (e->kind == K_RFILE && e->has_handle) {
+    if (e->kind == K_MFILE && e->writeback) {
+        (void)wfile_flush(e);
+        layer_fd_release(e->cache_fd);
+    }
+    if ((e->kind == K_RFILE || e->kind == K_MFILE) && e->has_handle) {
         struct lconn *c = conn_acquire();
         if (c != NULL) {
             cbor_w *w = conn_begin(c, M_FILE_CLOSE, 1);
@@ -253,4 +257,13 @@ __attribute__((constructor)) static void mirrord_layer_init(void) {
     g_active = 1;
     DBG("active in %s (session %s, daemon %s)", exe, session, sock);
     t_guard--;
+}
+
+/* exit(): write back files the app wrote but did not close. (_exit and signals skip it.) */
+__attribute__((destructor)) static void mirrord_layer_fini(void) {
+    if (g_active) {
+        t_guard++;
+        wfile_flush_all();
+        t_guard--;
+    }
 }

@@ -178,6 +178,7 @@ HOOK int execve(const char *path, char *const argv[], char *const envp[]) {
         return REAL(execve)(path, argv, envp);
     }
     t_guard++;
+    wfile_flush_all(); /* the new image does not know the write-back files */
     int fd;
     pid_t pid;
     conn_prepare_exec(&fd, &pid);
@@ -198,6 +199,7 @@ HOOK int execvpe(const char *file, char *const argv[], char *const envp[]) {
         return REAL(execvpe)(file, argv, envp);
     }
     t_guard++;
+    wfile_flush_all(); /* the new image does not know the write-back files */
     int fd;
     pid_t pid;
     conn_prepare_exec(&fd, &pid);

@@ -69,6 +69,7 @@ class ScriptedDaemon:
         self.hellos: list[m.LayerHello] = []
         self.listens: list[m.LayerListen] = []
         self.peers: dict[int, tuple[str, int]] = {}
+        self.errors: list[str] = []  # exceptions in the scripted daemon: a test bug or a bad frame
         self._handles: dict[int, dict[int, Handle]] = {}
         self._next_handle = 1
         self._lock = threading.Lock()
@@ -129,7 +130,7 @@ class ScriptedDaemon:
     def incoming(self, port: int, peer: tuple[str, int]) -> socket.socket:
         """Connect to the app's listener subscribed on `port`, as the daemon would for a
         mirrored or stolen connection from `peer`."""
-        listen = next(l for l in reversed(self.listens) if l.port == port)
+        listen = next(sub for sub in reversed(self.listens) if sub.port == port)
         family = socket.AF_INET6 if ":" in listen.bound_address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         self._sockets.append(sock)
@@ -179,7 +180,10 @@ class ScriptedDaemon:
                         sock.sendall(conn.send(reply))
                 if event is CLOSED:
                     return
-        except Exception:  # a broken layer connection ends only this connection
+        except Exception as exc:  # a broken layer connection ends only this connection
+            import traceback
+
+            self.errors.append("".join(traceback.format_exception(exc)))
             return
         finally:
             sock.close()
@@ -219,7 +223,7 @@ class ScriptedDaemon:
                 names[link[len(prefix) :]] = 10  # DT_LNK
         return [(n.encode(), i + 100, t) for i, (n, t) in enumerate(sorted(names.items()))]
 
-    def _answer(self, pid: int, msg: Message) -> Message | None:  # noqa: C901, PLR0911, PLR0912
+    def _answer(self, pid: int, msg: Message) -> Message | None:
         rid: int = getattr(msg, "request_id", 0)
 
         def err(code: int) -> m.ErrorReply:
@@ -233,7 +237,8 @@ class ScriptedDaemon:
                 if acc != os.O_RDONLY:
                     return err(errno.EISDIR)
                 return m.FileOpened(
-                    request_id=rid, handle=self._new_handle(pid, Handle(path, msg.flags, is_dir=True))
+                    request_id=rid,
+                    handle=self._new_handle(pid, Handle(path, msg.flags, is_dir=True)),
                 )
             if path not in self.files:
                 if not msg.flags & os.O_CREAT:
@@ -245,7 +250,9 @@ class ScriptedDaemon:
                 return err(errno.EEXIST)
             if msg.flags & os.O_TRUNC and acc != os.O_RDONLY:
                 self.files[path] = b""
-            return m.FileOpened(request_id=rid, handle=self._new_handle(pid, Handle(path, msg.flags)))
+            return m.FileOpened(
+                request_id=rid, handle=self._new_handle(pid, Handle(path, msg.flags))
+            )
         if isinstance(msg, m.FileRead):
             h = handles.get(msg.handle)
             if h is None:
@@ -262,17 +269,17 @@ class ScriptedDaemon:
             h = handles.get(msg.handle)
             if h is None:
                 return err(errno.EBADF)
-            data = bytearray(self.files.get(h.path, b""))
+            content = bytearray(self.files.get(h.path, b""))
             if msg.offset is not None:
                 start = msg.offset
             elif h.flags & os.O_APPEND:
-                start = len(data)
+                start = len(content)
             else:
                 start = h.pos
-            if len(data) < start:
-                data.extend(b"\0" * (start - len(data)))
-            data[start : start + len(msg.data)] = msg.data
-            self.files[h.path] = bytes(data)
+            if len(content) < start:
+                content.extend(b"\0" * (start - len(content)))
+            content[start : start + len(msg.data)] = msg.data
+            self.files[h.path] = bytes(content)
             if msg.offset is None:
                 h.pos = start + len(msg.data)
             return m.FileWritten(request_id=rid, count=len(msg.data))
@@ -301,7 +308,9 @@ class ScriptedDaemon:
             st = self._stat(path)
             return err(errno.ENOENT) if st is None else m.StatReply(request_id=rid, stat=st)
         if isinstance(msg, m.StatFs):
-            return m.StatFsReply(request_id=rid, statfs=[0x01021994, 4096, 100, 50, 50, 1000, 900, 255, 4096, 0])
+            return m.StatFsReply(
+                request_id=rid, statfs=[0x01021994, 4096, 100, 50, 50, 1000, 900, 255, 4096, 0]
+            )
         if isinstance(msg, m.FileAccess):
             path = msg.path.decode()
             if self._stat(path) is None:
@@ -428,8 +437,11 @@ class ScriptedDaemon:
             port = lst.getsockname()[1]
             threading.Thread(target=self._tcp_relay, args=(lst, msg), daemon=True).start()
         return m.LayerConnected(
-            request_id=rid, relay_address="127.0.0.1", relay_port=port,
-            local_address="10.213.0.2", local_port=40000,
+            request_id=rid,
+            relay_address="127.0.0.1",
+            relay_port=port,
+            local_address="10.213.0.2",
+            local_port=40000,
         )
 
     def _udp_echo(self, u: socket.socket) -> None:
@@ -475,4 +487,3 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
         pass
-

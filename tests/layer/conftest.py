@@ -28,6 +28,7 @@ def daemon(tmp_path: Path) -> Iterator[ScriptedDaemon]:
         d.symlinks["/app/link"] = "/app/test.txt"
         d.dns["db.svc.cluster.local"] = ["10.213.7.7"]
         yield d
+        assert d.errors == [], d.errors[0]
 
 
 class Runner:
@@ -38,7 +39,9 @@ class Runner:
         self.daemon = daemon
         self.cwd = cwd
 
-    def env(self, settings: LayerSettings | None = None, **extra: str) -> dict[str, str]:
+    def env(
+        self, settings: LayerSettings | None = None, extra: dict[str, str] | None = None
+    ) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("MIRRORD_", "LD_PRELOAD"))}
         base.update(
             layer_env(
@@ -47,7 +50,9 @@ class Runner:
                 settings=settings or LayerSettings(timeout_ms=5000),
             )
         )
-        base.update(extra)
+        base["PWD"] = str(self.cwd)  # shells check $PWD and $OLDPWD at start
+        base.pop("OLDPWD", None)
+        base.update(extra or {})
         return base
 
     def __call__(
@@ -58,11 +63,11 @@ class Runner:
         timeout: float = 30,
         check: bool = True,
         input: bytes | None = None,
-        **extra: str,
+        extra_env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         proc = subprocess.run(
             list(argv),
-            env=self.env(settings, **extra),
+            env=self.env(settings, extra_env),
             cwd=self.cwd,
             capture_output=True,
             timeout=timeout,

@@ -26,7 +26,9 @@ def test_bash_test_r_sees_the_remote_file(run: Runner) -> None:
     assert out.stdout == b"yes\n"
 
 
-def test_etc_passwd_and_the_working_directory_stay_local(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_etc_passwd_and_the_working_directory_stay_local(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
     (run.cwd / "mine.txt").write_text("local content")
     out = run(["cat", "/etc/passwd", str(run.cwd / "mine.txt"), "mine.txt"])
     assert out.stdout.startswith(b"root:")

@@ -31,27 +31,60 @@ def _failures(stdout: bytes) -> list[str]:
     return [line for line in stdout.decode().splitlines() if "FAIL" in line or "errno" in line]
 
 
-def test_file_hooks_go_remote(run: Runner, daemon: ScriptedDaemon, hooks_program: Path) -> None:
+@pytest.mark.parametrize("fetch_limit", [0, 1 << 20], ids=["handles", "memfd"])
+def test_file_hooks_go_remote(
+    run: Runner, daemon: ScriptedDaemon, hooks_program: Path, fetch_limit: int
+) -> None:
+    """With fetch_limit 0 every file is handle-backed (each read/write/seek is a request);
+    otherwise files are fetched into memfds (read natively, written back on close)."""
     daemon.add_file("/srv/t/test.txt", TEST_FILE)
     daemon.symlinks["/srv/t/link"] = "/srv/t/test.txt"
-    out = run([str(hooks_program), "/srv/t", "db.svc.cluster.local"], settings=WRITE, check=False)
+    settings = LayerSettings(fs_mode="write", timeout_ms=5000, fetch_limit=fetch_limit)
+    extra = {"EXPECT_FREOPEN_ENOTSUP": "1"} if fetch_limit == 0 else {}
+    out = run(
+        [str(hooks_program), "/srv/t", "db.svc.cluster.local"],
+        settings=settings,
+        check=False,
+        extra_env=extra,
+    )
     assert _failures(out.stdout) == [], out.stdout.decode()
     assert out.returncode == 0
     assert b"address 10.213.7.7" in out.stdout
     assert b"hostname target-pod" in out.stdout
     kinds = set(daemon.kinds())
     expected = {
-        "FileOpen", "FileRead", "FileWrite", "FileSeek", "FileClose", "FileStat", "StatFs",
-        "FileAccess", "ReadLink", "DirOpen", "DirRead", "DirClose", "Mkdir", "Rmdir", "Unlink",
-        "Rename", "Ftruncate", "Fchmod", "Fsync", "DnsLookup", "HostnameRequest",
+        "FileOpen",
+        "FileRead",
+        "FileWrite",
+        "FileClose",
+        "FileStat",
+        "StatFs",
+        "FileAccess",
+        "ReadLink",
+        "DirOpen",
+        "DirRead",
+        "DirClose",
+        "Mkdir",
+        "Rmdir",
+        "Unlink",
+        "Rename",
+        "Ftruncate",
+        "Fchmod",
+        "Fsync",
+        "DnsLookup",
+        "HostnameRequest",
     }
+    if fetch_limit == 0:
+        expected.add("FileSeek")
     assert expected <= kinds, expected - kinds
     # what the program wrote is on the target
     assert daemon.files["/srv/t/w.txt"] == b"written\n"
     assert "/srv/t/e.txt" not in daemon.files
 
 
-def test_file_hooks_bypassed_locally(run: Runner, daemon: ScriptedDaemon, hooks_program: Path) -> None:
+def test_file_hooks_bypassed_locally(
+    run: Runner, daemon: ScriptedDaemon, hooks_program: Path
+) -> None:
     local = run.cwd / "t"
     local.mkdir()
     (local / "test.txt").write_bytes(TEST_FILE)
@@ -68,6 +101,8 @@ def test_file_hooks_bypassed_locally(run: Runner, daemon: ScriptedDaemon, hooks_
 def test_gethostname_stays_local_when_hostname_is_off(run: Runner, daemon: ScriptedDaemon) -> None:
     import socket
 
-    out = run.py("import socket; print(socket.gethostname())", settings=LayerSettings(hostname=False))
+    out = run.py(
+        "import socket; print(socket.gethostname())", settings=LayerSettings(hostname=False)
+    )
     assert out.stdout.decode().strip() == socket.gethostname()
     assert daemon.requests() == []

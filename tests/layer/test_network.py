@@ -18,14 +18,14 @@ from tests.layer.conftest import PYTHON, Runner
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         body = f"served {self.path}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -108,7 +108,9 @@ print(socket.getaddrinfo('localhost', 80, type=socket.SOCK_STREAM)[0][4][0] in (
     assert out == ["['10.213.7.7']", "10.213.7.7", "gaierror True", "True"]
     lookups = [m for m in daemon.requests() if type(m).__name__ == "DnsLookup"]
     assert [m.host for m in lookups] == [  # type: ignore[attr-defined]
-        "db.svc.cluster.local", "db.svc.cluster.local", "nowhere.svc.cluster.local",
+        "db.svc.cluster.local",
+        "db.svc.cluster.local",
+        "nowhere.svc.cluster.local",
     ]
 
 
@@ -194,7 +196,9 @@ def _free_port() -> int:
         return port
 
 
-def _run_listener(run: Runner, daemon: ScriptedDaemon, port: int, settings: LayerSettings | None = None) -> str:
+def _run_listener(
+    run: Runner, daemon: ScriptedDaemon, port: int, settings: LayerSettings | None = None
+) -> str:
     import subprocess
 
     with subprocess.Popen(
@@ -217,7 +221,9 @@ def _run_listener(run: Runner, daemon: ScriptedDaemon, port: int, settings: Laye
             proc.kill()
 
 
-def test_listen_subscribes_and_accept_reports_the_real_peer(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_listen_subscribes_and_accept_reports_the_real_peer(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
     port = _free_port()
     assert _run_listener(run, daemon, port) == "('10.213.9.9', 41000) ('10.213.9.9', 41000)"
     (listen,) = daemon.listens
@@ -225,7 +231,9 @@ def test_listen_subscribes_and_accept_reports_the_real_peer(run: Runner, daemon:
     assert "PeerLookup" in daemon.kinds()
 
 
-def test_listen_on_a_busy_port_binds_another_and_says_so(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_listen_on_a_busy_port_binds_another_and_says_so(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
         busy.listen()
@@ -254,7 +262,9 @@ print(peer == c.getsockname())
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_node_reads_files_and_resolves_through_the_target(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_node_reads_files_and_resolves_through_the_target(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
     code = """
 const fs = require('fs'); const dns = require('dns');
 process.stdout.write(fs.readFileSync('/app/test.txt', 'utf8'));

@@ -45,10 +45,16 @@ EXPECTED = ["open EIO", "stat EIO", "connect ECONNREFUSED", "dns True", "True"]
 
 def test_local_config_runs_fully_locally_without_a_daemon(tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_text("local\n")
-    env = _env(tmp_path / "absent.sock", LayerSettings(fs_mode="local", outgoing_tcp=False, dns=False))
+    env = _env(
+        tmp_path / "absent.sock", LayerSettings(fs_mode="local", outgoing_tcp=False, dns=False)
+    )
     out = subprocess.run(
         ["bash", "-c", "cat f.txt; [[ -r f.txt ]] && echo yes; ls; stat -c %s f.txt"],
-        env=env, cwd=tmp_path, capture_output=True, timeout=30, check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        check=True,
     )
     assert out.stdout == b"local\nyes\nf.txt\n6\n"
 
@@ -57,12 +63,24 @@ def test_remote_calls_fail_with_eio_and_econnrefused_without_a_daemon(tmp_path: 
     env = _env(tmp_path / "absent.sock", LayerSettings(timeout_ms=2000))
     start = time.monotonic()
     out = subprocess.run(
-        [PYTHON, "-S", "-c", REMOTE_CALLS], env=env, cwd=tmp_path, capture_output=True, timeout=30, check=True
+        [PYTHON, "-S", "-c", REMOTE_CALLS],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        check=True,
     )
     assert out.stdout.decode().splitlines() == EXPECTED
     assert out.stderr == b""  # nothing printed unless MIRRORD_LAYER_DEBUG is set
     assert time.monotonic() - start < 10
-    cat = subprocess.run(["cat", "/app/test.txt"], env=env, cwd=tmp_path, capture_output=True, timeout=30)
+    cat = subprocess.run(
+        ["cat", "/app/test.txt"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     assert cat.returncode == 1 and b"Input/output error" in cat.stderr
 
 
@@ -74,7 +92,12 @@ def test_a_daemon_that_never_answers_times_out_with_eio(tmp_path: Path) -> None:
         env = _env(path, LayerSettings(timeout_ms=500))
         start = time.monotonic()
         out = subprocess.run(
-            [PYTHON, "-S", "-c", REMOTE_CALLS], env=env, cwd=tmp_path, capture_output=True, timeout=60, check=True
+            [PYTHON, "-S", "-c", REMOTE_CALLS],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+            check=True,
         )
         assert out.stdout.decode().splitlines() == EXPECTED
         assert time.monotonic() - start < 20
@@ -83,18 +106,31 @@ def test_a_daemon_that_never_answers_times_out_with_eio(tmp_path: Path) -> None:
 def test_debug_output_only_with_mirrord_layer_debug(tmp_path: Path) -> None:
     env = _env(tmp_path / "absent.sock", LayerSettings(timeout_ms=500))
     env["MIRRORD_LAYER_DEBUG"] = "1"
-    out = subprocess.run(["cat", "/app/test.txt"], env=env, cwd=tmp_path, capture_output=True, timeout=30)
+    out = subprocess.run(
+        ["cat", "/app/test.txt"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     assert b"mirrord-layer[" in out.stderr
 
 
 def test_skipped_processes_and_dont_load_run_without_hooks(tmp_path: Path) -> None:
     env = _env(tmp_path / "absent.sock", LayerSettings(skip_processes=("cat",)))
-    out = subprocess.run(["cat", "/etc/hostname"], env=env, capture_output=True, timeout=30, check=True)
+    out = subprocess.run(
+        ["cat", "/etc/hostname"], env=env, capture_output=True, timeout=30, check=True
+    )
     assert out.stdout == Path("/etc/hostname").read_bytes()
     # not skipped: /app/test.txt would be remote (EIO); skipped: local (ENOENT)
-    out = subprocess.run(["cat", "/app/test.txt"], env=env, capture_output=True, timeout=30)
+    out = subprocess.run(
+        ["cat", "/app/test.txt"], env=env, capture_output=True, timeout=30, check=False
+    )
     assert b"No such file or directory" in out.stderr
     env = _env(tmp_path / "absent.sock", LayerSettings())
     env["MIRRORD_DONT_LOAD"] = "1"
-    out = subprocess.run(["cat", "/app/test.txt"], env=env, capture_output=True, timeout=30)
+    out = subprocess.run(
+        ["cat", "/app/test.txt"], env=env, capture_output=True, timeout=30, check=False
+    )
     assert b"No such file or directory" in out.stderr

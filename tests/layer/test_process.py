@@ -41,7 +41,12 @@ def test_twenty_forked_children_read_and_connect(run: Runner, daemon: ScriptedDa
     assert bad == 0
     assert len(kids) == 20
     assert daemon.processes == {parent: None, **{k: parent for k in kids}}
-    assert sum(isinstance(m, type(m)) and type(m).__name__ == "LayerConnect" for m in daemon.requests()) == 20
+    assert (
+        sum(
+            isinstance(m, type(m)) and type(m).__name__ == "LayerConnect" for m in daemon.requests()
+        )
+        == 20
+    )
 
 
 def test_forked_child_keeps_a_remote_fd(run: Runner, daemon: ScriptedDaemon) -> None:
@@ -63,7 +68,9 @@ print(os.waitstatus_to_exitcode(st))
     assert len(daemon.processes) == 2
 
 
-def test_subprocess_children_keep_the_layer_with_a_custom_env(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_subprocess_children_keep_the_layer_with_a_custom_env(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
     code = r"""
 import os, subprocess
 a = subprocess.run(['cat', '/app/test.txt'], capture_output=True, env={'PATH': os.environ['PATH']}).stdout
@@ -93,5 +100,7 @@ def test_bypassed_fork_and_exec_without_layer_settings(tmp_path: object) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_")}
     env["LD_PRELOAD"] = str(library_path())
     code = "import os,subprocess; pid=os.fork()\nif pid==0: os._exit(0)\nos.waitpid(pid,0); print(subprocess.run(['echo','ok'],capture_output=True).stdout.decode(), end='')"
-    out = subprocess.run([PYTHON, "-S", "-c", code], env=env, capture_output=True, timeout=30, check=True)
+    out = subprocess.run(
+        [PYTHON, "-S", "-c", code], env=env, capture_output=True, timeout=30, check=True
+    )
     assert out.stdout == b"ok\n"

@@ -106,7 +106,10 @@ class LayerSettings:
     skip_processes: tuple[str, ...] = ()
     skip_build_tools: bool = True
     hostname: bool = True
-    timeout_ms: int = 30000
+    timeout_ms: int = 30000  # a daemon silent this long fails the call with EIO
+    # remote files up to this size are fetched whole into a memfd (read-only opens) or used as a
+    # write-back cache (writable opens); bigger ones are read and written through the handle
+    fetch_limit: int = 64 * 1024 * 1024
 
     def encode(self) -> str:
         """The compact string the C side parses (MIRRORD_LAYER_CONFIG)."""
@@ -143,6 +146,7 @@ class LayerSettings:
         lines.append(f"skip_build_tools={int(self.skip_build_tools)}")
         lines.append(f"hostname={int(self.hostname)}")
         lines.append(f"timeout_ms={int(self.timeout_ms)}")
+        lines.append(f"fetch_limit={int(self.fetch_limit)}")
         return "\n".join(lines) + "\n"
 
     @classmethod

@@ -1,0 +1,153 @@
+"""Everyday programs under the layer: bash builtins and redirections, coreutils, Python's
+io/os/subprocess; each with its remote case and a local bypass."""
+
+from __future__ import annotations
+
+from mirrord.layer import LayerSettings
+from tests.layer._scripted import ScriptedDaemon
+from tests.layer.conftest import TEST_FILE, Runner
+
+WRITE = LayerSettings(fs_mode="write", timeout_ms=5000)
+
+
+def test_bash_builtins_and_redirections_read_remote_files(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
+    script = """
+x=$(</app/test.txt); echo "[$x]"
+while read -r line; do echo "line: $line"; done < /app/config/settings.yaml
+[[ -e /app/missing ]] || echo missing
+[[ -d /app/config ]] && echo dir
+[[ -L /app/link ]] && echo link
+"""
+    out = run(["bash", "-c", script])
+    assert out.stdout.decode().splitlines() == [
+        "[hello from the target]",
+        "line: debug: true",
+        "missing",
+        "dir",
+        "link",
+    ]
+
+
+def test_bash_redirection_writes_remotely_in_write_mode(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
+    run(["bash", "-c", "echo one > /app/out.txt; echo two >> /app/out.txt"], settings=WRITE)
+    assert daemon.files["/app/out.txt"] == b"one\ntwo\n"
+
+
+def test_bash_writes_stay_local_in_read_mode(run: Runner, daemon: ScriptedDaemon) -> None:
+    # bash asks for the hostname at start: with hostname on, that would be the only request
+    run(
+        ["bash", "-c", "echo local > out.txt; cat out.txt > copy.txt"],
+        settings=LayerSettings(hostname=False),
+    )
+    assert (run.cwd / "copy.txt").read_text() == "local\n"
+    assert daemon.requests() == []
+
+
+def test_coreutils_stat_ls_l_and_head(run: Runner) -> None:
+    out = run(["stat", "-c", "%s %F %a", "/app/test.txt", "/app/config"])
+    assert out.stdout == b"22 regular file 644\n4096 directory 755\n"
+    out = run(["ls", "-l", "/app/config"])
+    assert b"settings.yaml" in out.stdout and b"12" in out.stdout
+    assert run(["head", "-c", "5", "/app/test.txt"]).stdout == b"hello"
+    assert run(["wc", "-c", "/app/test.txt"]).stdout == b"22 /app/test.txt\n"
+
+
+def test_coreutils_cp_from_remote_to_local(run: Runner) -> None:
+    run(["cp", "/app/test.txt", "copy.txt"])
+    assert (run.cwd / "copy.txt").read_bytes() == TEST_FILE
+
+
+def test_python_io_os_and_pathlib(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import io, os, pathlib
+p = pathlib.Path('/app/test.txt')
+print(p.exists(), p.is_file(), p.stat().st_size, p.read_bytes() == b'hello from the target\\n')
+print(sorted(os.listdir('/app')), sorted(e.name for e in os.scandir('/app/config')))
+print(os.path.isdir('/app/config'), os.path.exists('/app/nope'), os.readlink('/app/link'))
+with io.open('/app/test.txt', 'rb', buffering=0) as f:
+    print(f.read(5), f.seek(0, 2), f.tell())
+fd = os.open('/app/test.txt', os.O_RDONLY)
+print(os.fstat(fd).st_size, os.pread(fd, 4, 6))
+os.close(fd)
+print(sorted(d for d, _, _ in os.walk('/app')))
+"""
+    out = run.py(code).stdout.decode().splitlines()
+    assert out == [
+        "True True 22 True",
+        "['config', 'empty', 'link', 'test.txt'] ['settings.yaml']",
+        "True False /app/test.txt",
+        "b'hello' 22 22",
+        "22 b'from'",
+        "['/app', '/app/config', '/app/empty']",
+    ]
+
+
+def test_python_writes_remote_files_in_write_mode(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import os
+with open('/app/new.txt', 'w') as f:
+    f.write('first\\n')
+with open('/app/new.txt', 'a') as f:
+    f.write('second\\n')
+os.makedirs('/app/made/deeper', exist_ok=True)
+os.rename('/app/new.txt', '/app/made/renamed.txt')
+print(open('/app/made/renamed.txt').read(), end='')
+os.remove('/app/made/renamed.txt')
+print(os.path.exists('/app/made/renamed.txt'))
+"""
+    assert run.py(code, settings=WRITE).stdout == b"first\nsecond\nFalse\n"
+    assert {"/app/made", "/app/made/deeper"} <= daemon.dirs
+
+
+def test_user_regex_lists(run: Runner, daemon: ScriptedDaemon) -> None:
+    (run.cwd / "here.txt").write_text("mine")
+    settings = LayerSettings(
+        fs_mode="localwithoverrides",
+        read_only=(r"^/app/config/.*\.yaml$",),
+        not_found=(r"^/app/secret",),
+        read_write=(r"^/srv/rw/",),
+    )
+    daemon.add_file("/srv/rw/data", b"")
+    code = """
+import os
+print(open('/app/config/settings.yaml').read(), end='')
+print(os.path.exists('/app/test.txt'), os.path.exists('/app/secret.key'))
+open('/srv/rw/data', 'w').write('rw')
+print(open('here.txt').read())
+"""
+    assert run.py(code, settings=settings).stdout == b"debug: true\nFalse False\nmine\n"
+    assert daemon.files["/srv/rw/data"] == b"rw"
+    # /app/test.txt is not in any list: local (and absent here) in localwithoverrides
+    assert all(getattr(m, "path", b"") != b"/app/test.txt" for m in daemon.requests())
+
+
+def test_fs_mode_local_sends_nothing(run: Runner, daemon: ScriptedDaemon) -> None:
+    out = run(
+        ["bash", "-c", "cat /app/test.txt 2>/dev/null || echo absent"],
+        settings=LayerSettings(fs_mode="local", hostname=False),
+    )
+    assert out.stdout == b"absent\n"
+    assert daemon.requests() == []
+
+
+def test_threads_use_their_own_connections(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import threading
+results = []
+def work():
+    for _ in range(20):
+        results.append(open('/app/test.txt').read())
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(results), set(results) == {'hello from the target\\n'})
+"""
+    assert run.py(code).stdout == b"160 True\n"
+    assert len(daemon.processes) == 1
+    assert (
+        len(daemon.hellos) >= 2
+    )  # threads that found the process connection busy opened their own
