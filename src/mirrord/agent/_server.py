@@ -91,16 +91,16 @@ class AgentServer:
         if not self.sessions:
             self._idle_since = time.monotonic()
 
-    async def _listen(self) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+    async def _listen(self) -> list[anyio.abc.SocketListener]:
         kind, _, where = self.options.listen.partition(":")
         if kind == "unix" and where:
             path = Path(where)
             with contextlib.suppress(FileNotFoundError):
                 if stat_module.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()  # a stale socket of an earlier agent
-            listener: anyio.abc.Listener[Any] = await anyio.create_unix_listener(path, mode=0o600)
+            listener = await anyio.create_unix_listener(path, mode=0o600)
             self.listen_address = f"unix:{path}"
-            return listener
+            return [listener]
         if kind == "tcp" and where:
             host, sep, port = where.rpartition(":")
             if not sep or not port.isdigit():
@@ -109,7 +109,7 @@ class AgentServer:
             tcp = await anyio.create_tcp_listener(local_host=host, local_port=int(port))
             sockname = tcp.listeners[0].extra(anyio.abc.SocketAttribute.local_address)
             self.listen_address = f"tcp:{host}:{sockname[1]}"
-            return tcp
+            return [ln for ln in tcp.listeners if isinstance(ln, anyio.abc.SocketListener)]
         raise BadArguments(
             f"--listen {self.options.listen!r} is not valid: use unix:/path/to.sock or tcp:HOST:PORT"
         )
@@ -124,6 +124,19 @@ class AgentServer:
         except Exception as exc:
             # One connection's failure is that connection's, never the agent's.
             log.error("daemon connection from %s failed: %r", peer, exc, exc_info=exc)
+
+    async def _accept_loop(
+        self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # e.g. EMFILE: the connections already served go on; retry shortly.
+                log.error("cannot accept a daemon connection: %s", exc)
+                await anyio.sleep(0.5)
+                continue
+            tg.start_soon(self._handle, stream)
 
     async def _watch_target(self) -> None:
         await wait_target_exit(self.ctx.pid)
@@ -173,7 +186,7 @@ class AgentServer:
                 task_status.started()
 
     async def serve(self) -> int:
-        listener = await self._listen()
+        listeners = await self._listen()
         code = 0
         try:
             try:
@@ -189,7 +202,8 @@ class AgentServer:
                         f"protocol={AGENT_PROTOCOL_VERSION} listen={self.listen_address}",
                         flush=True,
                     )
-                    tg.start_soon(listener.serve, self._handle)
+                    for listener in listeners:
+                        tg.start_soon(self._accept_loop, listener, tg)
             except* _Stop as group:
                 stop = group.exceptions[0]
                 assert isinstance(stop, _Stop)
@@ -203,7 +217,8 @@ class AgentServer:
                 if self.incoming is not None and hasattr(self.incoming, "aclose"):
                     with anyio.move_on_after(10):
                         await self.incoming.aclose()
-                await listener.aclose()
+                for listener in listeners:
+                    await listener.aclose()
             if self.listen_address.startswith("unix:"):
                 with contextlib.suppress(OSError):
                     os.unlink(self.listen_address[5:])
