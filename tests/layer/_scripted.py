@@ -440,7 +440,7 @@ class ScriptedDaemon:
             request_id=rid,
             relay_address="127.0.0.1",
             relay_port=port,
-            local_address="10.213.0.2",
+            local_address="192.0.2.2",
             local_port=40000,
         )
 

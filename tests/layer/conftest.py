@@ -23,10 +23,10 @@ def daemon(tmp_path: Path) -> Iterator[ScriptedDaemon]:
     with ScriptedDaemon(tmp_path / "layer.sock") as d:
         d.add_file("/app/test.txt", TEST_FILE)
         d.add_file("/app/config/settings.yaml", b"debug: true\n")
-        d.add_file("/etc/hosts", b"10.213.0.9 db.target\n")
+        d.add_file("/etc/hosts", b"192.0.2.9 db.target\n")
         d.dirs.add("/app/empty")
         d.symlinks["/app/link"] = "/app/test.txt"
-        d.dns["db.svc.cluster.local"] = ["10.213.7.7"]
+        d.dns["db.svc.cluster.local"] = ["192.0.2.77"]
         yield d
         assert d.errors == [], d.errors[0]
 

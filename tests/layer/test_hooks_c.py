@@ -49,7 +49,7 @@ def test_file_hooks_go_remote(
     )
     assert _failures(out.stdout) == [], out.stdout.decode()
     assert out.returncode == 0
-    assert b"address 10.213.7.7" in out.stdout
+    assert b"address 192.0.2.77" in out.stdout
     assert b"hostname target-pod" in out.stdout
     kinds = set(daemon.kinds())
     expected = {

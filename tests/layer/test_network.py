@@ -45,12 +45,12 @@ def http_server() -> Iterator[tuple[str, int]]:
 def test_python_connect_goes_through_the_relay(run: Runner, daemon: ScriptedDaemon) -> None:
     code = """
 import socket
-s = socket.create_connection(('10.213.5.5', 80), timeout=10)
+s = socket.create_connection(('192.0.2.55', 80), timeout=10)
 print(s.makefile('rb').readline().decode().strip())
 print(s.getpeername(), s.getsockname())
 """
     out = run.py(code).stdout.decode().splitlines()
-    assert out == ["hello 10.213.5.5:80", "('10.213.5.5', 80) ('10.213.0.2', 40000)"]
+    assert out == ["hello 192.0.2.55:80", "('192.0.2.55', 80) ('192.0.2.2', 40000)"]
     assert daemon.kinds() == ["LayerConnect"]
 
 
@@ -59,13 +59,13 @@ def test_nonblocking_connect_reports_einprogress(run: Runner) -> None:
 import errno, select, socket
 s = socket.socket()
 s.setblocking(False)
-rc = s.connect_ex(('10.213.5.5', 81))
+rc = s.connect_ex(('192.0.2.55', 81))
 select.select([], [s], [], 10)
 print(rc == errno.EINPROGRESS, s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
 s.setblocking(True)
 print(s.recv(100).decode().strip())
 """
-    assert run.py(code).stdout.decode().splitlines() == ["True 0", "hello 10.213.5.5:81"]
+    assert run.py(code).stdout.decode().splitlines() == ["True 0", "hello 192.0.2.55:81"]
 
 
 def test_localhost_connect_stays_local_with_ignore_localhost(
@@ -83,13 +83,13 @@ print(urllib.request.urlopen('http://127.0.0.1:{http_server[1]}/x', timeout=10).
 def test_outgoing_filter_keeps_unlisted_destinations_local(
     run: Runner, daemon: ScriptedDaemon, http_server: tuple[str, int]
 ) -> None:
-    settings = LayerSettings(outgoing_filter_mode="remote", outgoing_filter=("10.213.0.0/16",))
+    settings = LayerSettings(outgoing_filter_mode="remote", outgoing_filter=("192.0.2.0/24",))
     code = f"""
 import socket, urllib.request
 print(urllib.request.urlopen('http://127.0.0.1:{http_server[1]}/y', timeout=10).read().decode(), end='')
-print(socket.create_connection(('10.213.1.1', 9), timeout=10).recv(100).decode(), end='')
+print(socket.create_connection(('192.0.2.11', 9), timeout=10).recv(100).decode(), end='')
 """
-    assert run.py(code, settings=settings).stdout == b"served /y\nhello 10.213.1.1:9\n"
+    assert run.py(code, settings=settings).stdout == b"served /y\nhello 192.0.2.11:9\n"
     assert daemon.kinds() == ["LayerConnect"]
 
 
@@ -105,7 +105,7 @@ except socket.gaierror as e:
 print(socket.getaddrinfo('localhost', 80, type=socket.SOCK_STREAM)[0][4][0] in ('127.0.0.1', '::1'))
 """
     out = run.py(code).stdout.decode().splitlines()
-    assert out == ["['10.213.7.7']", "10.213.7.7", "gaierror True", "True"]
+    assert out == ["['192.0.2.77']", "192.0.2.77", "gaierror True", "True"]
     lookups = [m for m in daemon.requests() if type(m).__name__ == "DnsLookup"]
     assert [m.host for m in lookups] == [  # type: ignore[attr-defined]
         "db.svc.cluster.local",
@@ -135,7 +135,7 @@ except socket.gaierror:
 def test_curl_resolves_and_connects_through_the_target(
     run: Runner, daemon: ScriptedDaemon, http_server: tuple[str, int]
 ) -> None:
-    daemon.upstreams[("10.213.7.7", 8080)] = http_server
+    daemon.upstreams[("192.0.2.77", 8080)] = http_server
     out = run(["curl", "-sS", "--max-time", "10", "http://db.svc.cluster.local:8080/hello"])
     assert out.stdout == b"served /hello\n"
     assert daemon.kinds() == ["DnsLookup", "LayerConnect"]
@@ -146,23 +146,23 @@ def test_udp_sendto_and_recvfrom_through_the_relay(run: Runner, daemon: Scripted
 import socket
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.settimeout(10)
-u.sendto(b'ping', ('10.213.5.5', 53))
+u.sendto(b'ping', ('192.0.2.55', 53))
 data, addr = u.recvfrom(100)
 print(data.decode(), addr)
-u.sendmsg([b'again'], [], 0, ('10.213.5.5', 53))
+u.sendmsg([b'again'], [], 0, ('192.0.2.55', 53))
 data, anc, flags, addr = u.recvmsg(100)
 print(data.decode(), addr)
 c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 c.settimeout(10)
-c.connect(('10.213.5.6', 5353))
+c.connect(('192.0.2.56', 5353))
 c.send(b'connected')
 print(c.recv(100).decode(), c.getpeername())
 """
     out = run.py(code).stdout.decode().splitlines()
     assert out == [
-        "udp:ping ('10.213.5.5', 53)",
-        "udp:again ('10.213.5.5', 53)",
-        "udp:connected ('10.213.5.6', 5353)",
+        "udp:ping ('192.0.2.55', 53)",
+        "udp:again ('192.0.2.55', 53)",
+        "udp:connected ('192.0.2.56', 5353)",
     ]
     assert daemon.kinds() == ["LayerConnect", "LayerConnect"]
 
@@ -213,7 +213,7 @@ def _run_listener(
             line = proc.stdout.readline().decode()
             assert line == f"listening {port}\n"
             _wait_for(lambda: any(listen.port == port for listen in daemon.listens))
-            sock = daemon.incoming(port, ("10.213.9.9", 41000))
+            sock = daemon.incoming(port, ("192.0.2.99", 41000))
             data = sock.recv(200).decode()
             proc.wait(timeout=10)
             return data
@@ -225,7 +225,7 @@ def test_listen_subscribes_and_accept_reports_the_real_peer(
     run: Runner, daemon: ScriptedDaemon
 ) -> None:
     port = _free_port()
-    assert _run_listener(run, daemon, port) == "('10.213.9.9', 41000) ('10.213.9.9', 41000)"
+    assert _run_listener(run, daemon, port) == "('192.0.2.99', 41000) ('192.0.2.99', 41000)"
     (listen,) = daemon.listens
     assert (listen.port, listen.bound_address, listen.bound_port) == (port, "127.0.0.1", port)
     assert "PeerLookup" in daemon.kinds()
@@ -238,7 +238,7 @@ def test_listen_on_a_busy_port_binds_another_and_says_so(
         busy.bind(("0.0.0.0", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert _run_listener(run, daemon, port) == "('10.213.9.9', 41000) ('10.213.9.9', 41000)"
+        assert _run_listener(run, daemon, port) == "('192.0.2.99', 41000) ('192.0.2.99', 41000)"
     (listen,) = daemon.listens
     assert listen.port == port and listen.bound_port != port
 
@@ -278,5 +278,5 @@ fs.readFile('/app/config/settings.yaml', 'utf8', (err, data) => {
 });
 """
     out = run(["node", "-e", code])
-    assert out.stdout == b"hello from the target\ndebug: true\n10.213.7.7\n"
+    assert out.stdout == b"hello from the target\ndebug: true\n192.0.2.77\n"
     assert "DnsLookup" in daemon.kinds()

@@ -30,7 +30,7 @@ try:
 except OSError as e:
     print('stat', errno.errorcode[e.errno])
 try:
-    socket.create_connection(('10.213.5.5', 80), timeout=5)
+    socket.create_connection(('192.0.2.55', 80), timeout=5)
 except OSError as e:
     print('connect', errno.errorcode[e.errno])
 try:

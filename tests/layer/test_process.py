@@ -18,10 +18,10 @@ for i in range(20):
         code = 0
         try:
             data = open('/app/test.txt', 'rb').read()
-            s = socket.create_connection(('10.213.5.5', 8000 + i), timeout=10)
+            s = socket.create_connection(('192.0.2.55', 8000 + i), timeout=10)
             greeting = s.makefile('rb').readline()
             s.close()
-            code = 0 if data == b'hello from the target\n' and greeting == f'hello 10.213.5.5:{8000 + i}\n'.encode() else 3
+            code = 0 if data == b'hello from the target\n' and greeting == f'hello 192.0.2.55:{8000 + i}\n'.encode() else 3
         except Exception as e:
             print(e, file=sys.stderr)
             code = 4

@@ -1,0 +1,152 @@
+"""LayerSettings: the compact encoding the C side parses, from_config, layer_env."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mirrord.config import load_config
+from mirrord.layer import LayerSettings, layer_env, library_path, posix_regex
+from tests.layer._scripted import ScriptedDaemon
+from tests.layer.conftest import Runner
+
+
+def test_default_settings_encode_one_key_per_line() -> None:
+    text = LayerSettings().encode()
+    lines = text.splitlines()
+    assert lines[0] == "v=1"
+    assert "fs_mode=read" in lines
+    assert all("=" in line for line in lines)
+    assert text.endswith("\n")
+
+
+def test_lists_repeat_their_key() -> None:
+    text = LayerSettings(
+        read_only=("a", "b"),
+        skip_processes=("x", "y"),
+        port_mapping=((8080, 80),),
+        outgoing_filter_mode="local",
+        outgoing_filter=("udp://10.0.0.0/8:53", "[::1]:80", "db.svc"),
+        dns_filter_mode="remote",
+        dns_filter=("db.svc:5432",),
+    ).encode()
+    assert "read_only=a\nread_only=b\n" in text
+    assert "skip_process=x\nskip_process=y\n" in text
+    assert "port_mapping=8080 80\n" in text
+    assert "outgoing_filter=udp 10.0.0.0/8 53\n" in text
+    assert "outgoing_filter=any ::1 80\n" in text
+    assert "outgoing_filter=any db.svc 0\n" in text
+    assert "dns_filter=db.svc 5432\n" in text
+
+
+def test_rust_shorthands_become_posix_classes() -> None:
+    assert posix_regex(r"^/data/\d+\.json$") == r"^/data/[0-9]+\.json$"
+    assert posix_regex(r"\w\s[\d]") == r"[[:alnum:]_][[:space:]][\d]"
+    with pytest.raises(ValueError, match="inline flags"):
+        posix_regex(r"(?i)foo")
+    with pytest.raises(ValueError, match="lazy"):
+        posix_regex(r"a.*?b")
+
+
+def test_line_breaks_are_refused() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        LayerSettings(skip_processes=("a\nfs_mode=local",)).encode()
+
+
+def test_from_config_reads_the_config_model(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "mirrord.json"
+    cfg_file.write_text(
+        """{
+  "feature": {
+    "fs": {"mode": "write", "read_only": ["^/app/ro"], "not_found": "^/secret"},
+    "network": {
+      "incoming": {"mode": "steal", "port_mapping": [[8080, 80]], "ignore_ports": [9999]},
+      "outgoing": {"filter": {"local": ["127.0.0.1:5432"]}, "ignore_localhost": true},
+      "dns": {"enabled": true, "filter": {"remote": ["db.svc"]}}
+    },
+    "hostname": false
+  },
+  "skip_processes": ["gdb"],
+  "skip_build_tools": false
+}"""
+    )
+    cfg = load_config(cfg_file, env={}, cwd=tmp_path)
+    s = LayerSettings.from_config(cfg)
+    assert s.fs_mode == "write"
+    assert s.read_only == ("^/app/ro",) and s.not_found == ("^/secret",)
+    assert s.incoming == "steal" and s.port_mapping == ((8080, 80),) and s.ignore_ports == (9999,)
+    assert s.outgoing_filter_mode == "local" and s.outgoing_filter == ("127.0.0.1:5432",)
+    assert s.ignore_localhost
+    assert s.dns_filter_mode == "remote" and s.dns_filter == ("db.svc",)
+    assert not s.hostname and s.skip_processes == ("gdb",) and not s.skip_build_tools
+    # the JSON dump that crosses to the daemon gives the same settings
+    assert LayerSettings.from_config(cfg.model_dump(mode="json")) == s
+
+
+def test_layer_env_names_the_library_and_appends_to_a_preload() -> None:
+    env = layer_env(
+        socket_path="/run/x.sock", session_id="abc", settings=LayerSettings(), debug=True
+    )
+    assert env["LD_PRELOAD"] == str(library_path())
+    assert env["MIRRORD_LAYER_SOCKET"] == "/run/x.sock"
+    assert env["MIRRORD_SESSION"] == "abc"
+    assert env["UV_USE_IO_URING"] == "0"
+    assert env["MIRRORD_LAYER_DEBUG"] == "1"
+    assert env["MIRRORD_LAYER_CONFIG"] == LayerSettings().encode()
+    env = layer_env(
+        socket_path="s", session_id="a", settings=LayerSettings(), existing_preload="/x.so"
+    )
+    assert env["LD_PRELOAD"] == f"/x.so:{library_path()}"
+
+
+def test_a_malformed_config_leaves_the_layer_inactive(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_")}
+    env.update(
+        layer_env(socket_path=str(tmp_path / "none"), session_id="s", settings=LayerSettings())
+    )
+    env["MIRRORD_LAYER_CONFIG"] = "this line has no equals sign\n"
+    out = subprocess.run(
+        ["cat", "/app/test.txt"], env=env, capture_output=True, timeout=30, check=False
+    )
+    assert b"No such file or directory" in out.stderr  # local, not EIO from a remote attempt
+
+
+def test_the_c_side_parses_what_python_encodes(run: Runner, daemon: ScriptedDaemon) -> None:
+    """Every key reaches the C side: a regex list, the fs mode, a skip list and filters."""
+    settings = LayerSettings(
+        fs_mode="localwithoverrides",
+        read_only=(r"^/app/config/\w+\.yaml$",),
+        outgoing_filter_mode="remote",
+        outgoing_filter=("tcp://192.0.2.0/25:80",),
+        dns_filter_mode="remote",
+        dns_filter=("db.svc.cluster.local",),
+        skip_processes=("head",),
+        hostname=False,
+    )
+    code = """
+import socket
+print(open('/app/config/settings.yaml').read(), end='')
+print(socket.getaddrinfo('db.svc.cluster.local', 80, type=socket.SOCK_STREAM)[0][4][0])
+print(socket.create_connection(('192.0.2.55', 80), timeout=10).recv(100).decode(), end='')
+s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()
+try:
+    socket.create_connection(('127.0.0.1', port), timeout=5)  # not in the filter: local
+except OSError as e:
+    print('local', type(e).__name__)
+"""
+    out = run.py(code, settings=settings).stdout.decode().splitlines()
+    assert out[:3] == ["debug: true", "192.0.2.77", "hello 192.0.2.55:80"]
+    assert out[3] == "local ConnectionRefusedError"
+    assert run(["head", "-c", "3", "/etc/passwd"], settings=settings).stdout == b"roo"
+    assert daemon.kinds() == [
+        "FileOpen",
+        "FileStat",
+        "FileRead",
+        "FileRead",
+        "FileClose",
+        "DnsLookup",
+        "LayerConnect",
+    ]
