@@ -104,7 +104,17 @@ def unique_agent_name() -> str:
     return f"mirrord-agent-{secrets.token_hex(5)}"
 
 
-def agent_args(target: str, port: int, idle_timeout: int) -> list[str]:
+_LOG_LEVELS = {
+    "trace": "debug",
+    "debug": "debug",
+    "info": "info",
+    "warn": "warning",
+    "warning": "warning",
+    "error": "error",
+}
+
+
+def agent_args(target: str, port: int, idle_timeout: int, log_level: str = "info") -> list[str]:
     """The agent's arguments (I2); the secret comes from the environment, never argv."""
     return [
         "--target",
@@ -113,6 +123,8 @@ def agent_args(target: str, port: int, idle_timeout: int) -> list[str]:
         f"tcp:0.0.0.0:{port}",
         "--idle-timeout",
         str(idle_timeout),
+        "--log-level",
+        _LOG_LEVELS.get(log_level.lower(), "info"),
     ]
 
 
@@ -133,11 +145,8 @@ def _container(name: str, target: str, port: int, secret: str, opts: AgentOption
         "image": opts.image,
         "imagePullPolicy": opts.image_pull_policy,
         "command": ["mirrord-agent"],
-        "args": agent_args(target, port, opts.idle_timeout),
-        "env": [
-            {"name": SECRET_ENV, "value": secret},
-            {"name": "MIRRORD_AGENT_LOG_LEVEL", "value": opts.log_level},
-        ],
+        "args": agent_args(target, port, opts.idle_timeout, opts.log_level),
+        "env": [{"name": SECRET_ENV, "value": secret}],
         "securityContext": _security_context(opts),
     }
     if opts.resources:
