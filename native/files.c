@@ -1577,6 +1577,8 @@ struct rdir {
     uint64_t handle;
     int eof;
     int n, pos;
+    long consumed; /* entries returned so far: telldir's position */
+    char *path;    /* for rewinddir (a fresh DirOpen) */
     struct dirent64 *ents;
 };
 
@@ -1622,6 +1624,7 @@ static struct rdir *rdir_alloc(void) {
 
 static void rdir_free(struct rdir *r) {
     free(r->ents);
+    free(r->path);
     pthread_mutex_lock(&g_dirs_lock);
     r->used = 0;
     r->magic = 0;
@@ -1658,6 +1661,7 @@ static DIR *rdir_open(const char *path, int has_handle, uint64_t handle, int fd)
         return NULL;
     }
     d->handle = h;
+    d->path = path ? strdup(path) : NULL;
     if (fd < 0) {
         /* a placeholder fd so dirfd()/fstat()/openat() work on the directory */
         fd = memfd_create("mirrord:dir", MFD_CLOEXEC);
@@ -1718,6 +1722,7 @@ HOOK DIR *fdopendir(int fd) {
 
 static struct dirent64 *rdir_next(struct rdir *d) {
     if (d->pos < d->n) {
+        d->consumed++;
         return &d->ents[d->pos++];
     }
     if (d->eof) {
@@ -1765,6 +1770,7 @@ static struct dirent64 *rdir_next(struct rdir *d) {
                 }
                 if (d->n > 0) {
                     out = &d->ents[d->pos++];
+                    d->consumed++;
                 }
             }
         }
@@ -1818,6 +1824,98 @@ HOOK int closedir(DIR *dirp) {
     rdir_free(d);
     return 0;
 }
+
+/* Start over: a fresh remote listing (a directory handle only reads forward). */
+static void rdir_rewind(struct rdir *d) {
+    if (d->path == NULL) {
+        return; /* from fdopendir on a handle: cannot reopen, stays where it is */
+    }
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return;
+    }
+    cbor_w *w = conn_begin(c, M_DIR_CLOSE, 1);
+    cw_uint(w, d->handle);
+    cbor_r r;
+    (void)conn_call(c, M_OK, &r);
+    w = conn_begin(c, M_DIR_OPEN, 2);
+    cw_bytes(w, d->path, strlen(d->path));
+    cw_null(w);
+    uint64_t h;
+    if (conn_call(c, M_DIR_OPENED, &r) == 0 && cr_uint(&r, &h) == 0) {
+        d->handle = h;
+        d->n = d->pos = 0;
+        d->eof = 0;
+        d->consumed = 0;
+    }
+    conn_release(c);
+}
+
+HOOK void rewinddir(DIR *dirp) {
+    struct rdir *d = rdir_of(dirp);
+    if (d == NULL) {
+        REAL(rewinddir)(dirp);
+        return;
+    }
+    int saved = errno;
+    t_guard++;
+    rdir_rewind(d);
+    t_guard--;
+    errno = saved;
+}
+
+HOOK long telldir(DIR *dirp) {
+    struct rdir *d = rdir_of(dirp);
+    return d == NULL ? REAL(telldir)(dirp) : d->consumed;
+}
+
+HOOK void seekdir(DIR *dirp, long loc) {
+    struct rdir *d = rdir_of(dirp);
+    if (d == NULL) {
+        REAL(seekdir)(dirp, loc);
+        return;
+    }
+    int saved = errno;
+    t_guard++;
+    if (loc < d->consumed) {
+        rdir_rewind(d);
+    }
+    while (d->consumed < loc && rdir_next(d) != NULL) {
+    }
+    t_guard--;
+    errno = saved;
+}
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+HOOK int readdir_r(DIR *dirp, struct dirent *entry, struct dirent **result) {
+    struct rdir *d = rdir_of(dirp);
+    if (d == NULL) {
+        return REAL(readdir_r)(dirp, entry, result);
+    }
+    int saved = errno;
+    errno = 0;
+    t_guard++;
+    struct dirent64 *e = rdir_next(d);
+    t_guard--;
+    int err = errno;
+    errno = saved;
+    if (e == NULL) {
+        *result = NULL;
+        return err;
+    }
+    memcpy(entry, e, sizeof *entry);
+    *result = entry;
+    return 0;
+}
+
+HOOK int readdir64_r(DIR *dirp, struct dirent64 *entry, struct dirent64 **result) {
+    if (rdir_of(dirp) == NULL) {
+        return REAL(readdir64_r)(dirp, entry, result);
+    }
+    return readdir_r(dirp, (struct dirent *)entry, (struct dirent **)result);
+}
+#pragma GCC diagnostic pop
 
 HOOK int dirfd(DIR *dirp) {
     struct rdir *d = rdir_of(dirp);

@@ -63,11 +63,16 @@ int fcntl64(int fd, int cmd, ...);
     X(connect) X(getpeername) X(getsockname) X(sendto) X(recvfrom) X(sendmsg) X(recvmsg)   \
     X(getaddrinfo) X(freeaddrinfo) X(gethostbyname) X(gethostname) X(fork) X(execve)       \
     X(execvpe) X(posix_spawn) X(posix_spawnp) X(creat) X(creat64) X(copy_file_range)       \
-    X(sendfile) X(sendfile64) X(close_range)
+    X(sendfile) X(sendfile64) X(close_range) X(rewinddir) X(telldir) X(seekdir)   \
+    X(readdir_r) X(readdir64_r)
 
+/* readdir_r is deprecated, but programs still call it on our DIRs */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 #define MIRRORD_DECLARE_REAL(name) extern __typeof__(name) *real_##name;
 MIRRORD_REALS(MIRRORD_DECLARE_REAL)
 #undef MIRRORD_DECLARE_REAL
+#pragma GCC diagnostic pop
 
 /* Resolves every real_* once (pthread_once); hooks call it before using a real_*, because a
  * library constructor may call a hooked function before ours has run. */

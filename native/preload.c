@@ -24,9 +24,12 @@
 /* Scanned for by mirrord.layer.build_id(): both ends of the layer protocol must match. */
 __attribute__((used)) static const char build_id_marker[] = "MIRRORD_BUILD_ID=" MIRRORD_BUILD_ID ";";
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 #define MIRRORD_DEFINE_REAL(name) __typeof__(name) *real_##name;
 MIRRORD_REALS(MIRRORD_DEFINE_REAL)
 #undef MIRRORD_DEFINE_REAL
+#pragma GCC diagnostic pop
 
 int g_active;
 int g_debug;
@@ -38,11 +41,14 @@ int g_nhandles;
 
 static pthread_once_t g_resolve_once = PTHREAD_ONCE_INIT;
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 static void resolve_all(void) {
 #define MIRRORD_RESOLVE(name) real_##name = (__typeof__(name) *)dlsym(RTLD_NEXT, #name);
     MIRRORD_REALS(MIRRORD_RESOLVE)
 #undef MIRRORD_RESOLVE
 }
+#pragma GCC diagnostic pop
 
 void layer_resolve(void) { pthread_once(&g_resolve_once, resolve_all); }
 

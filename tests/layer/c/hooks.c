@@ -142,6 +142,33 @@ static void files(void) {
     CHECK("dirfd", dir != NULL && dirfd(dir) >= 0);
     CHECK("readdir", dir != NULL && dir_has(dir, "link", 0));
     CHECK("closedir", dir != NULL && closedir(dir) == 0);
+
+    dir = opendir(D);
+    int n1 = 0, n2 = 0;
+    while (dir && readdir(dir)) n1++;
+    if (dir) rewinddir(dir);
+    while (dir && readdir(dir)) n2++;
+    CHECK("rewinddir", dir != NULL && n1 >= 4 && n1 == n2);
+    if (dir) rewinddir(dir);
+    if (dir) { readdir(dir); readdir(dir); }
+    long loc = dir ? telldir(dir) : -1;
+    struct dirent *third = dir ? readdir(dir) : NULL;
+    char third_name[256] = "";
+    if (third) snprintf(third_name, sizeof third_name, "%s", third->d_name);
+    if (dir) { readdir(dir); seekdir(dir, loc); }
+    third = dir ? readdir(dir) : NULL;
+    CHECK("telldir_seekdir", loc >= 0 && third != NULL && strcmp(third->d_name, third_name) == 0);
+    if (dir) rewinddir(dir);
+    struct dirent ent, *res = NULL;
+    int found = 0;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    while (dir && readdir_r(dir, &ent, &res) == 0 && res != NULL) found |= strcmp(ent.d_name, "test.txt") == 0;
+#pragma GCC diagnostic pop
+    CHECK("readdir_r", found);
+    errno = 0;
+    CHECK("readdir_end_untouched_error", dir != NULL && readdir(dir) == NULL && errno == 0);
+    if (dir) closedir(dir);
     CHECK("opendir_enoent", opendir(P("missing")) == NULL && errno == ENOENT);
 
     CHECK("mkdir", mkdir(P("new"), 0755) == 0);
