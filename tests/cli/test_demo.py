@@ -22,5 +22,7 @@ def test_demo_shows_env_file_dns_loopback_and_a_stolen_request_then_cleans_up(
     assert "got: 'stolen by the demo app" in out
     assert result.returncode == 0
     assert "[fail]" not in out
-    # it used its own runtime dir and removed it with its daemon and agent
-    assert processes_mentioning("mirrord-demo-") == []
+    # its private daemon and agent (in a directory under the runtime dir) are gone, and so is
+    # that directory
+    assert processes_mentioning(str(mirrord.runtime)) == []
+    assert [p.name for p in mirrord.runtime.iterdir() if p.name.startswith("demo-")] == []

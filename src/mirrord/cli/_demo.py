@@ -23,7 +23,7 @@ from mirrord.cli._run import run_command
 from mirrord.cli._sessions import fail
 from mirrord.daemon._client import stop_daemon
 from mirrord.daemon._exceptions import DaemonError
-from mirrord.daemon._runtime import RuntimePaths
+from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
 __all__ = ["DEMO_SPEC_ENV"]
 
@@ -63,8 +63,11 @@ def demo() -> None:
         )
     from mirrord.localpod import PodError, PodSpec, create_pod
 
-    runtime = Path(tempfile.mkdtemp(prefix="mirrord-demo-"))
-    os.environ["MIRRORD_RUNTIME_DIR"] = str(runtime)  # a private daemon, removed at the end
+    # a private daemon in a directory of its own under the user's runtime dir, removed at the end
+    parent = runtime_paths()
+    parent.ensure()
+    runtime = Path(tempfile.mkdtemp(prefix="demo-", dir=parent.root))
+    os.environ["MIRRORD_RUNTIME_DIR"] = str(runtime)
     print(
         "mirrord demo: creating a demo pod (network + mount namespaces, a process, an HTTP "
         "service on :8080)",
