@@ -196,6 +196,15 @@ def test_unknown_target_kind_is_a_clear_error(mirrord: Mirrord) -> None:
     assert "pid/999999999" in result.stderr
 
 
+def test_a_bad_config_is_a_usage_error(mirrord: Mirrord, tmp_path: Path) -> None:
+    config = tmp_path / "mirrord.json"
+    config.write_text('{"feature": {"fs": {"mode": "sideways"}}}')
+    result = mirrord.run("run", "-f", str(config), "-t", "pid/1", "--", "true")
+    assert result.returncode == 2
+    assert "feature.fs.mode" in result.stderr and "sideways" in result.stderr
+    assert not (mirrord.runtime / "mirrordd.sock").exists()  # nothing was started
+
+
 def test_warm_run_is_quick(mirrord: Mirrord, make_pod: Callable[..., LocalPod]) -> None:
     pod = make_pod(POD_SPEC)
     assert mirrord.run("run", "-t", f"pid/{pod.pid}", "--", "true").returncode == 0

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from mirrord.config import MirrordConfig
 
 __all__ = [
+    "EXIT_BAD_USAGE",
     "EXIT_MIRRORD_ERROR",
     "OpenSession",
     "Progress",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 EXIT_MIRRORD_ERROR = 1  # mirrord itself failed before the user command ran
+EXIT_BAD_USAGE = 2  # bad arguments or configuration (like click's usage errors)
 
 
 def fail(message: str, code: int = EXIT_MIRRORD_ERROR) -> NoReturn:
@@ -116,7 +118,7 @@ def load_run_config(
         )
         resolved = resolve_config(config_file, overrides=overrides)
     except ConfigError as exc:
-        fail(str(exc))
+        fail(str(exc), code=EXIT_BAD_USAGE)
     if warn is not None:
         for warning in resolved.warnings:
             warn(warning)
