@@ -203,27 +203,18 @@ def filter_for_port(http_filter: dict[str, Any] | None, port: int) -> dict[str, 
 def layer_variables(
     config: AgentConfig, *, socket_path: str, session_id: str, debug: bool = False
 ) -> dict[str, str]:
-    """The variables that load and configure the layer in the user command (I5)."""
-    from mirrord import layer
+    """The variables that load and configure the layer in the user command (I5).
 
-    layer_env = getattr(layer, "layer_env", None)
-    settings_cls = getattr(layer, "LayerSettings", None)
-    if layer_env is not None and settings_cls is not None:
-        from_config = getattr(settings_cls, "from_config", None)
-        settings = from_config(config) if from_config is not None else settings_cls()
-        env: dict[str, str] = dict(
-            layer_env(
-                socket_path=socket_path, session_id=session_id, settings=settings, debug=debug
-            )
+    `LD_PRELOAD` is only the layer library: the daemon's own environment is not the user's,
+    so the CLI appends it to the user's value (`mirrord.cli._sessions.child_env`)."""
+    from mirrord.layer import LayerSettings, layer_env
+
+    return dict(
+        layer_env(
+            socket_path=socket_path,
+            session_id=session_id,
+            settings=LayerSettings.from_config(config),
+            debug=debug,
+            existing_preload="",
         )
-    else:  # the layer package without layer_env: load it with its socket and session only
-        env = {
-            "MIRRORD_LAYER_SOCKET": socket_path,
-            "MIRRORD_SESSION": session_id,
-            "UV_USE_IO_URING": "0",
-        }
-    # The daemon's own LD_PRELOAD is not the user's: the CLI appends ours to the user's.
-    env["LD_PRELOAD"] = str(layer.library_path())
-    if debug:
-        env.setdefault("MIRRORD_LAYER_DEBUG", "1")
-    return env
+    )
