@@ -280,3 +280,59 @@ fs.readFile('/app/config/settings.yaml', 'utf8', (err, data) => {
     out = run(["node", "-e", code])
     assert out.stdout == b"hello from the target\ndebug: true\n192.0.2.77\n"
     assert "DnsLookup" in daemon.kinds()
+
+
+EXEC_LISTENER = """
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', int(sys.argv[1])))
+s.listen()
+s.set_inheritable(True)
+print('listening', s.getsockname()[1], flush=True)
+code = (
+    "import socket, sys; s = socket.socket(fileno=int(sys.argv[1])); c, peer = s.accept(); "
+    "c.sendall(str(peer).encode()); c.close()"
+)
+os.execv(sys.executable, [sys.executable, '-S', '-c', code, str(s.fileno())])
+"""
+
+
+def test_a_subscribed_listener_survives_exec(run: Runner, daemon: ScriptedDaemon) -> None:
+    import subprocess
+
+    port = _free_port()
+    with subprocess.Popen(
+        [PYTHON, "-S", "-c", EXEC_LISTENER, str(port)],
+        env=run.env(),
+        cwd=run.cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().decode() == f"listening {port}\n"
+            _wait_for(lambda: any(listen.port == port for listen in daemon.listens))
+            sock = daemon.incoming(port, ("192.0.2.99", 41001))
+            assert sock.recv(200).decode() == "('192.0.2.99', 41001)"
+            assert proc.wait(timeout=10) == 0
+        finally:
+            proc.kill()
+    assert len(daemon.processes) == 1  # exec kept the registration
+
+
+def test_loopback_udp_stays_local_with_ignore_localhost(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
+    code = """
+import socket
+a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('127.0.0.1', 0))
+b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); b.settimeout(10)
+b.sendto(b'x', a.getsockname())
+data, peer = a.recvfrom(10)
+a.sendmsg([b'y'], [], 0, peer)
+print(data, b.recvmsg(10)[0], peer[1] == b.getsockname()[1])
+"""
+    out = run.py(code, settings=LayerSettings(ignore_localhost=True))
+    assert out.stdout == b"b'x' b'y' True\n"
+    assert daemon.requests() == []
