@@ -215,6 +215,61 @@ HOOK int execvpe(const char *file, char *const argv[], char *const envp[]) {
 
 HOOK int execvp(const char *file, char *const argv[]) { return execvpe(file, argv, environ); }
 
+/* execl, execlp, execle: glibc builds the argv and calls its internal execve, which no hook
+ * sees; collect the arguments here and go through the hooked variants instead. */
+#define MAX_EXECL_ARGS 4096
+#define COLLECT_ARGS(first, ap, argv, n)                    \
+    do {                                                    \
+        argv[0] = (char *)(first);                          \
+        n = 1;                                              \
+        while (argv[n - 1] != NULL && n < MAX_EXECL_ARGS) { \
+            argv[n++] = va_arg(ap, char *);                 \
+        }                                                   \
+    } while (0)
+
+HOOK int execl(const char *path, const char *arg, ...) {
+    char *argv[MAX_EXECL_ARGS];
+    size_t n;
+    va_list ap;
+    va_start(ap, arg);
+    COLLECT_ARGS(arg, ap, argv, n);
+    va_end(ap);
+    if (argv[n - 1] != NULL) {
+        errno = E2BIG;
+        return -1;
+    }
+    return execve(path, argv, environ);
+}
+
+HOOK int execlp(const char *file, const char *arg, ...) {
+    char *argv[MAX_EXECL_ARGS];
+    size_t n;
+    va_list ap;
+    va_start(ap, arg);
+    COLLECT_ARGS(arg, ap, argv, n);
+    va_end(ap);
+    if (argv[n - 1] != NULL) {
+        errno = E2BIG;
+        return -1;
+    }
+    return execvpe(file, argv, environ);
+}
+
+HOOK int execle(const char *path, const char *arg, ...) {
+    char *argv[MAX_EXECL_ARGS];
+    size_t n;
+    va_list ap;
+    va_start(ap, arg);
+    COLLECT_ARGS(arg, ap, argv, n);
+    char *const *envp = argv[n - 1] == NULL ? va_arg(ap, char *const *) : NULL;
+    va_end(ap);
+    if (argv[n - 1] != NULL) {
+        errno = E2BIG;
+        return -1;
+    }
+    return execve(path, argv, envp);
+}
+
 static int spawn_common(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
                         const posix_spawnattr_t *attr, char *const argv[], char *const envp[],
                         int p) {

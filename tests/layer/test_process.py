@@ -4,6 +4,10 @@ parent's remote fds; exec and spawn keep the layer even with a custom environmen
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from mirrord.layer import LayerSettings
 from tests.layer._scripted import ScriptedDaemon
@@ -93,8 +97,6 @@ def test_exec_keeps_the_daemon_connection(run: Runner, daemon: ScriptedDaemon) -
 
 
 def test_bypassed_fork_and_exec_without_layer_settings(tmp_path: object) -> None:
-    import subprocess
-
     from mirrord.layer import library_path
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_")}
@@ -104,3 +106,27 @@ def test_bypassed_fork_and_exec_without_layer_settings(tmp_path: object) -> None
         [PYTHON, "-S", "-c", code], env=env, capture_output=True, timeout=30, check=True
     )
     assert out.stdout == b"ok\n"
+
+
+@pytest.fixture(scope="module")
+def spawn_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cbuild") / "spawn"
+    src = Path(__file__).resolve().parent / "c" / "spawn.c"
+    subprocess.run(
+        ["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(src)], check=True, timeout=60
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "how", ["execve", "execvp", "execl", "execlp", "execle", "posix_spawn", "posix_spawnp"]
+)
+def test_exec_and_spawn_with_an_env_without_the_layer(
+    run: Runner, daemon: ScriptedDaemon, spawn_program: Path, how: str
+) -> None:
+    assert run([str(spawn_program), how]).stdout == TEST_FILE
+    if how.startswith("posix_spawn"):
+        parent, child = daemon.processes.items()
+        assert child[1] == parent[0]  # the spawned cat registered naming its parent
+    else:
+        assert len(daemon.processes) == 1  # exec: the same process
