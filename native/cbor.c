@@ -291,6 +291,46 @@ int cr_null(cbor_r *r) {
     return 0;
 }
 
+/* RFC 3629 UTF-8: no overlongs, no surrogates, nothing above U+10FFFF. */
+static int utf8_valid(const uint8_t *p, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = p[i];
+        size_t len;
+        uint32_t cp;
+        if (c < 0x80) {
+            i++;
+            continue;
+        } else if ((c & 0xe0) == 0xc0) {
+            len = 2;
+            cp = c & 0x1f;
+        } else if ((c & 0xf0) == 0xe0) {
+            len = 3;
+            cp = c & 0x0f;
+        } else if ((c & 0xf8) == 0xf0) {
+            len = 4;
+            cp = c & 0x07;
+        } else {
+            return 0;
+        }
+        if (i + len > n) {
+            return 0;
+        }
+        for (size_t k = 1; k < len; k++) {
+            if ((p[i + k] & 0xc0) != 0x80) {
+                return 0;
+            }
+            cp = (cp << 6) | (p[i + k] & 0x3f);
+        }
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+            cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) {
+            return 0;
+        }
+        i += len;
+    }
+    return 1;
+}
+
 static int cr_skip_depth(cbor_r *r, int depth) {
     int major;
     uint64_t arg;
@@ -304,7 +344,7 @@ static int cr_skip_depth(cbor_r *r, int depth) {
         return 0;
     case 2:
     case 3:
-        if (arg > (uint64_t)(r->end - r->p)) {
+        if (arg > (uint64_t)(r->end - r->p) || (major == 3 && !utf8_valid(r->p, (size_t)arg))) {
             r->err = 1;
             return -1;
         }
@@ -318,6 +358,15 @@ static int cr_skip_depth(cbor_r *r, int depth) {
             return -1;
         }
         for (uint64_t i = 0; i < items; i++) {
+            /* map keys are scalars (ints, strings, bools, null): the protocol's maps have
+             * text keys, and a container key is unusable on the Python side */
+            if (major == 5 && i % 2 == 0) {
+                int kt = cr_peek(r);
+                if (kt == CBOR_ARRAY || kt == CBOR_MAP) {
+                    r->err = 1;
+                    return -1;
+                }
+            }
             if (cr_skip_depth(r, depth + 1) < 0) {
                 return -1;
             }
