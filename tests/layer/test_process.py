@@ -130,3 +130,28 @@ def test_exec_and_spawn_with_an_env_without_the_layer(
         assert child[1] == parent[0]  # the spawned cat registered naming its parent
     else:
         assert len(daemon.processes) == 1  # exec: the same process
+
+
+def test_fork_from_a_threaded_process(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = r"""
+import os, threading
+stop = threading.Event()
+def reader():
+    while not stop.is_set():
+        open('/app/test.txt').read()
+threads = [threading.Thread(target=reader) for _ in range(4)]
+for t in threads: t.start()
+codes = []
+for _ in range(5):
+    pid = os.fork()
+    if pid == 0:
+        ok = open('/app/config/settings.yaml').read() == 'debug: true\n'
+        os._exit(0 if ok else 1)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+stop.set()
+for t in threads: t.join()
+print(codes)
+"""
+    assert run.py(code, timeout=60).stdout == b"[0, 0, 0, 0, 0]\n"
+    parents = list(daemon.processes.values())
+    assert parents.count(None) == 1 and len(parents) == 6
