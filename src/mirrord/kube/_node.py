@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -207,13 +208,20 @@ def main(argv: list[str] | None = None) -> None:
     host, _, port_text = addr.rpartition(":")
     if kind != "tcp" or not port_text.isdigit():
         sys.exit("mirrord-node-agent: error: --listen must be tcp:HOST:PORT")
+    own_dir = args.runtime_dir is None
     runtime = Path(args.runtime_dir or tempfile.mkdtemp(prefix="mirrord-node-"))
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
     agent = shutil.which("mirrord-agent")
     argv_agent = [agent] if agent else [sys.executable, "-m", "mirrord.agent"]
     node = NodeAgent(runtime, args.idle_timeout, argv_agent)
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(serve, host or "0.0.0.0", int(port_text), node)
+    # SIGTERM (pod deletion) ends the loop like Ctrl-C, so the finally below runs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(serve, host or "0.0.0.0", int(port_text), node)
+    finally:
+        if own_dir:
+            shutil.rmtree(runtime, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ port-forward.
 
 How containers run here
 -----------------------
-- A container whose command starts with `mirrord-agent` is the agent: it runs as a real
-  `python -m mirrord.agent ...` process. A pod's own containers get a fresh network namespace
-  (`unshare --net`, `lo` up), like a real pod sandbox; an ephemeral container joins the network
-  namespace of the pod it was added to (`nsenter --net`), like a real ephemeral container. Both
-  stay in the host PID namespace (the agent pod asks for `hostPID`).
+- A container whose command is `mirrord-agent` (the agent) or `python3 -m mirrord....` (the
+  chart's node agent) runs as a real local process with this interpreter. A pod's own
+  containers get a fresh network namespace (`unshare --net`, `lo` up), like a real pod
+  sandbox; with `hostPID` they stay in the host PID namespace, without it they get their own
+  (`unshare --pid --fork --mount-proc`, the agent is PID 1 there). An ephemeral container joins
+  the network namespace of the pod it was added to (`nsenter --net`), like a real one.
+- Port-forward dials 127.0.0.1:PORT inside the pod's network namespace (setns in a worker
+  thread), as the real kubelet does; tcpSocket readiness probes dial the same way.
 - Target pods are real local namespace pods (`mirrord.localpod`): a test creates the pod object
   and binds the pod's process to a container with `bind_process()`. The kubelet then puts that
   process into a cgroup v2 directory named after the container ID under
