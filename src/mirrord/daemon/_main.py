@@ -11,6 +11,7 @@ import argparse
 import fcntl
 import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -53,11 +54,23 @@ def _lock(paths: RuntimePaths) -> int:
     return fd
 
 
+def _raise_fd_limit() -> None:
+    """Every layer connection and relayed connection is an fd: use the hard limit (capped)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     paths = RuntimePaths(args.runtime_dir) if args.runtime_dir else runtime_paths()
     paths.ensure()
     lock_fd = _lock(paths)
+    _raise_fd_limit()
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, args.log_level.upper()),
