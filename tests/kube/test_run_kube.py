@@ -164,7 +164,7 @@ sys.exit(0)
     out, err = await asyncio.to_thread(proc.communicate, timeout=20)
     assert "lost" in out, (out, err)
     assert proc.returncode == 5
-    assert "agent" in err.lower()
+    assert f"the agent pod {ns}/{pod}" in err, err
 
 
 async def test_ls_lists_targets_in_mirrords_shapes(

@@ -158,10 +158,12 @@ class KubeAgentHandle:
                 stream.unreceive(rest)
         return stream
 
-    async def _check_gone(self) -> None:
-        """Called when a stream to the agent ends: mark the agent dead if its pod is gone."""
+    async def _check_gone(self) -> str | None:
+        """Called when a stream to the agent ends: mark the agent dead if its pod is gone,
+        and say why."""
         if self._agent.dead is None:
             self._agent.dead = await self._backend._why_gone(self._agent)
+        return self._agent.dead
 
     async def stop(self) -> None:
         if self._stopped:

@@ -40,7 +40,7 @@ class PortForwardStream(anyio.abc.ByteStream):
         ws_ctx: Any,
         api: Any,
         description: str,
-        on_end: Callable[[], Awaitable[None]] | None = None,
+        on_end: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self._ws = ws
         self._on_end = on_end
@@ -64,7 +64,9 @@ class PortForwardStream(anyio.abc.ByteStream):
         while True:
             msg = await self._ws.receive()
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                await self._ended()
+                why = await self._ended()
+                if why is not None:  # the agent is gone: a break with its reason, not an end
+                    raise anyio.BrokenResourceError(why)
                 raise anyio.EndOfStream
             if msg.type == WSMsgType.ERROR:
                 await self._ended()
@@ -96,13 +98,15 @@ class PortForwardStream(anyio.abc.ByteStream):
         """Put bytes back in front of what `receive()` returns next."""
         self._pending = data + self._pending
 
-    async def _ended(self) -> None:
+    async def _ended(self) -> str | None:
         """Let the owner find out why the stream ended (is the agent pod gone?) before the
-        caller sees the end, so that its liveness check is already up to date."""
+        caller sees the end, so that its liveness check is already up to date. Returns the
+        owner's reason when the agent is gone."""
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
             with anyio.move_on_after(5), contextlib.suppress(Exception):
-                await on_end()
+                return await on_end()
+        return None
 
     async def send(self, item: bytes) -> None:
         if self._closed:
@@ -142,7 +146,7 @@ async def open_port_forward(
     port: int,
     *,
     timeout: float = 10.0,
-    on_end: Callable[[], Awaitable[None]] | None = None,
+    on_end: Callable[[], Awaitable[str | None]] | None = None,
 ) -> PortForwardStream:
     """Open a port-forward websocket to `pod:port`; raises `PermissionMissing` on 403 and
     `PortForwardError` otherwise (aiohttp drops the Status body of a failed upgrade, so the
