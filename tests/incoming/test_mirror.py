@@ -136,7 +136,7 @@ def test_bpf_expression() -> None:
 @pytest.fixture
 def sniffer(pod: LocalPod) -> Iterator[PacketSniffer]:
     runner = NetnsRunner(f"/proc/{pod.pid}/ns/net")
-    sn = PacketSniffer(runner.call)
+    sn = PacketSniffer(runner.run_sync)
     yield sn
     sn.close()
     runner.close()
@@ -144,9 +144,9 @@ def sniffer(pod: LocalPod) -> Iterator[PacketSniffer]:
 
 @pytest.mark.netns
 def test_1000_requests_on_20_keep_alive_connections_seen_in_order_without_drops(
-    pod: LocalPod, sniffer: PacketSniffer
+    pod: LocalPod, pod_app: int, sniffer: PacketSniffer
 ) -> None:
-    sniffer.set_ports({8080})
+    sniffer.set_ports({pod_app})
     stop = threading.Event()
     streams: dict[int, bytes] = {}
     keys: dict[int, tuple[str, int, str, int]] = {}
@@ -172,7 +172,7 @@ def test_1000_requests_on_20_keep_alive_connections_seen_in_order_without_drops(
 
     def client(n: int) -> None:
         try:
-            conn = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
+            conn = http.client.HTTPConnection(pod.ip, pod_app, timeout=10)
             for i in range(50):
                 conn.request("POST", f"/c{n}/r{i}", body=f"body-{n}-{i}".encode())
                 answers.append(conn.getresponse().read())
@@ -188,7 +188,7 @@ def test_1000_requests_on_20_keep_alive_connections_seen_in_order_without_drops(
     stop.set()
     reader.join(timeout=30)
     assert not errors
-    assert len(answers) == 1000 and all(a.startswith(b"pod POST /c") for a in answers)
+    assert len(answers) == 1000 and all(a.startswith(b"pod-app POST /c") for a in answers)
     assert len(streams) == 20 and closed == set(streams)
     for flow, stream in streams.items():
         splitter = RequestSplitter()

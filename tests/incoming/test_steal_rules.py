@@ -15,7 +15,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from mirrord.agent._incoming_netns import NetnsRunner, original_dst
+from mirrord.agent._incoming_netns import (
+    NetnsRunner,
+    make_listener,
+    make_marked_socket,
+    original_dst,
+)
 from mirrord.agent._steal import StealRules, chain_names
 from mirrord.localpod import LocalPod
 
@@ -52,7 +57,7 @@ def test_redirect_with_exact_names_and_nothing_left_after_clear(
     pod: LocalPod, netns: NetnsRunner, backend: str
 ) -> None:
     rules = StealRules(target_pid=pod.pid, backend=backend)
-    listener = netns.listener()
+    listener = netns.run_sync(make_listener)
     try:
         rules.start()
         assert rules.backend == backend
@@ -95,7 +100,7 @@ def test_open_connections_survive_steal_start_and_end(
     pod: LocalPod, netns: NetnsRunner, backend: str
 ) -> None:
     rules = StealRules(target_pid=pod.pid, backend=backend)
-    listener = netns.listener()
+    listener = netns.run_sync(make_listener)
     listener.settimeout(5)
     try:
         before = socket.create_connection((pod.ip, 7777), timeout=5)  # the pod's echo server
@@ -134,7 +139,7 @@ def test_pod_talking_to_itself_is_stolen_but_the_agents_marked_socket_is_not(
     pod: LocalPod, netns: NetnsRunner
 ) -> None:
     rules = StealRules(target_pid=pod.pid)
-    listener = netns.listener()
+    listener = netns.run_sync(make_listener)
     listener.settimeout(5)
     try:
         rules.set_redirects({7777: listener.getsockname()[1]})
@@ -148,7 +153,7 @@ def test_pod_talking_to_itself_is_stolen_but_the_agents_marked_socket_is_not(
         conn.close()
         from mirrord.agent._steal import AGENT_MARK
 
-        marked = netns.marked_socket(AGENT_MARK)
+        marked = netns.run_sync(lambda: make_marked_socket(AGENT_MARK))
         marked.settimeout(5)
         marked.connect(("127.0.0.1", 7777))
         marked.sendall(b"echo")

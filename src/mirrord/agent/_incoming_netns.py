@@ -1,10 +1,11 @@
 """Creating sockets in the target's network namespace for the incoming-traffic code.
 
-Owns: `NetnsRunner`, a blocking helper that runs a function on a dedicated thread that has
-entered a network namespace (`setns` moves only the calling thread; a socket keeps the
-namespace it was created in, whichever thread uses it later), and the socket factories the
-incoming code needs (listener, marked connection, AF_PACKET). Does not own the agent's own
-namespace thread (the agent core's); `IncomingService` takes that one when it is given one.
+Owns: the socket factories the incoming code runs in the namespace (`make_listener`,
+`make_marked_socket`), `original_dst`, and `NetnsRunner`, a minimal stand-in for the agent
+core's runner (`mirrord.agent._netns.NetnsRunner`, same `run_sync(fn)` shape) used by tests
+and tools that have no agent: one thread that has entered a network namespace (`setns` moves
+only the calling thread; a socket keeps the namespace it was created in, whichever thread
+uses it later). Does not own the agent's own namespace threads.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-__all__ = ["NetnsRunner", "original_dst"]
+__all__ = ["NetnsRunner", "make_listener", "make_marked_socket", "original_dst"]
 
 T = TypeVar("T")
 CLONE_NEWNET: Final = 0x40000000
@@ -63,7 +64,7 @@ class NetnsRunner:
             except BaseException as exc:
                 out.put((False, exc))
 
-    def call(self, fn: Callable[[], T]) -> T:
+    def run_sync(self, fn: Callable[[], T]) -> T:
         out: queue.Queue[tuple[bool, Any]] = queue.Queue()
         if not self._thread.is_alive():
             raise OSError(9, "the network namespace thread has ended")
@@ -78,36 +79,30 @@ class NetnsRunner:
         self._jobs.put(None)
         self._thread.join(timeout=5)
 
-    # -- socket factories (each runs in the namespace)
 
-    def listener(self, port: int = 0, backlog: int = 1024) -> socket.socket:
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                # 0.0.0.0: PREROUTING REDIRECT rewrites to the incoming interface's address.
-                s.bind(("0.0.0.0", port))
-                s.listen(backlog)
-            except BaseException:
-                s.close()
-                raise
-            return s
+def make_listener(port: int = 0, backlog: int = 1024) -> socket.socket:
+    """A TCP listener on 0.0.0.0 (PREROUTING REDIRECT rewrites the destination to the incoming
+    interface's address, OUTPUT REDIRECT to 127.0.0.1: one wildcard listener takes both)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(backlog)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
-        return self.call(make)
 
-    def marked_socket(self, mark: int, family: int = socket.AF_INET) -> socket.socket:
-        """A TCP socket with SO_MARK set, so our own OUTPUT rule lets it through."""
-
-        def make() -> socket.socket:
-            s = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-            except BaseException:
-                s.close()
-                raise
-            return s
-
-        return self.call(make)
+def make_marked_socket(mark: int, family: int = socket.AF_INET) -> socket.socket:
+    """A TCP socket with SO_MARK set, so the agent's own OUTPUT rule lets it through."""
+    s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:

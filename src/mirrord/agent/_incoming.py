@@ -1,0 +1,922 @@
+"""Incoming traffic of the target, glued to the agent's channels (I3): mirror, steal, filter.
+
+Owns: `IncomingService`, which the agent core constructs with its `AgentContext` and runs as
+a task. It keeps the subscriptions (port -> mirroring channels; port -> the stealing channel or
+the filtered channels), the sniffer (`_mirror.py`) and its reader, the steal listener and the
+rules (`_steal.py`, applied by the guard process), and one task per stolen connection.
+Does not own: the relay of a connection to the daemon (`Channel.start_incoming`, agent core),
+HTTP parsing (`_http_filter.py`) or rule syntax (`_steal.py`).
+
+Routing
+-------
+- Mirror: every new flow to a mirrored port is handed to every channel mirroring that port as
+  a stream whose writes (the user app's replies) are discarded. A consumer that falls more
+  than `MIRROR_BUFFER` behind loses that flow (closed with ECONNRESET) rather than stalling
+  the sniffer for everyone.
+- Unfiltered steal: the accepted socket itself goes to the stealing channel.
+- Filtered steal: the connection is parsed request by request. A request that a channel's
+  filter matches (first subscriber first) becomes an `IncomingConnection` of its own carrying
+  exactly the client's bytes; the response is read back and written to the client. Other
+  requests go to the pod's app over one connection to the original destination, opened from
+  inside the pod with `SO_MARK` so our own OUTPUT rule lets it through. Responses are written
+  in request order (pipelining). After a matched `Upgrade` that the app accepts, the rest of
+  the connection is relayed whole. Bytes that are not HTTP/1.x go to the pod's app untouched.
+- A connection that arrives for a port nobody steals any more (the rule was just removed) is
+  relayed to the pod's app, so ending a steal resets nothing.
+
+Options (environment of the agent process, since the agent's command line is fixed by I2):
+`MIRRORD_AGENT_STEAL_BACKEND` (`auto`, `iptables-nft`, `iptables-legacy`, `nft`),
+`MIRRORD_AGENT_CLEAN_IPTABLES` (`1`: remove stale rules of dead agents at start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from mirrord.agent._http_filter import (
+    CLOSED,
+    NEED_DATA,
+    FilterError,
+    HttpFilter,
+    Passthrough,
+    RequestBody,
+    RequestEnded,
+    RequestHead,
+    RequestSplitter,
+    RequestStarted,
+    ResponseEnded,
+    ResponseError,
+    ResponseSplitter,
+    kube_probe_recipe,
+)
+from mirrord.agent._incoming_netns import make_listener, make_marked_socket, original_dst
+from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
+from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
+from mirrord.agent._steal import AGENT_MARK, StealRules, StealRulesError
+from mirrord.protocol import messages as m
+from mirrord.protocol._base import Message
+
+__all__ = ["IncomingService", "SubscribeError"]
+
+log = logging.getLogger("mirrord.agent.incoming")
+
+MIRROR_BUFFER = 8 * 1024 * 1024  # bytes a mirroring channel may lag behind, per flow
+STATS_INTERVAL = 2.0  # seconds between TrafficStats
+MAX_PIPELINE = 32  # requests of one client connection in flight at once
+UPSTREAM_CONNECT_TIMEOUT = 5.0
+_READ = 256 * 1024
+_BAD_GATEWAY = (
+    b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+    b"connection: close\r\n\r\n%s"
+)
+
+
+class SubscribeError(OSError):
+    """A Subscribe the agent refuses; errno and message go to the session as ErrorReply."""
+
+
+class IncomingChannel(Protocol):
+    """What the service needs of a channel (the agent core's `Channel`)."""
+
+    number: int
+
+    def start_incoming(
+        self,
+        *,
+        port: int,
+        remote_address: str,
+        remote_port: int,
+        local_address: str,
+        local_port: int,
+        mode: str,
+        stream: anyio.abc.ByteStream,
+    ) -> int: ...
+
+    async def send(self, msg: Message) -> None: ...
+
+
+class _Runner(Protocol):
+    def run_sync(self, fn: Callable[[], Any]) -> Any: ...
+
+
+@dataclass
+class _PortSteal:
+    unfiltered: Any | None = None  # the channel that steals every connection
+    filtered: dict[Any, HttpFilter] = field(default_factory=dict)  # channel -> filter, in order
+
+    @property
+    def empty(self) -> bool:
+        return self.unfiltered is None and not self.filtered
+
+    def route(self, head: RequestHead) -> Any | None:
+        for channel, flt in self.filtered.items():
+            if flt.matches(head):
+                return channel
+        return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+class IncomingService:
+    """Mirror and steal for one agent. See the module docstring for the routing rules."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        *,
+        steal_backend: str | None = None,
+        clean_iptables_on_start: bool | None = None,
+        probe_ports: Callable[[], set[int]] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.pid: int = ctx.pid
+        self.netns: _Runner = ctx.netns
+        self.steal_backend = steal_backend or os.environ.get("MIRRORD_AGENT_STEAL_BACKEND", "auto")
+        self.clean_stale = (
+            clean_iptables_on_start
+            if clean_iptables_on_start is not None
+            else _env_flag("MIRRORD_AGENT_CLEAN_IPTABLES")
+        )
+        # Ports the target's HTTP probes use: local targets have none; the Kubernetes side
+        # passes a function reading the pod spec.
+        self.probe_ports: Callable[[], set[int]] = probe_ports or set
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._lock = anyio.Lock()  # subscribe/unsubscribe change rules one at a time
+        self.mirrors: dict[int, list[Any]] = {}
+        self.steals: dict[int, _PortSteal] = {}
+        self._sniffer: PacketSniffer | None = None
+        self._sniffer_scope: anyio.CancelScope | None = None
+        self._flows: dict[int, tuple[int, list[PipeEnd]]] = {}  # flow -> (port, our ends)
+        self._rules: StealRules | None = None
+        self._rules_ports: dict[int, int] = {}
+        self._listener: anyio.abc.SocketListener | None = None
+        self._listener_port = 0
+        self._accept_scope: anyio.CancelScope | None = None
+        self.stolen_live = 0
+        self.stats: dict[str, int] = {
+            "stolen": 0,
+            "filtered_requests": 0,
+            "passed_to_pod": 0,
+            "mirrored_flows": 0,
+            "mirror_overflows": 0,
+        }
+        self._sent_stats: dict[tuple[Any, int], tuple[int, int]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<IncomingService pid={self.pid} mirror={sorted(self.mirrors)} "
+            f"steal={sorted(self.steals)} live={self.stolen_live} rules={self._rules!r}>"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._stats_loop)
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                await self._teardown()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        self.mirrors.clear()
+        self.steals.clear()
+        for _, ends in self._flows.values():
+            for end in ends:
+                end.close_nowait()
+        self._flows.clear()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.aclose()
+            self._listener = None
+        rules, self._rules = self._rules, None
+        sniffer, self._sniffer = self._sniffer, None
+        if rules is not None:
+            await anyio.to_thread.run_sync(rules.close)
+        if sniffer is not None:
+            sniffer.close()
+
+    def _require_tg(self) -> anyio.abc.TaskGroup:
+        if self._tg is None or self._closed:
+            raise SubscribeError(errno.ESHUTDOWN, "the agent's incoming service is not running")
+        return self._tg
+
+    # ------------------------------------------------------------------ subscriptions (I3)
+
+    async def subscribe(
+        self,
+        channel: Any,
+        port: int,
+        mode: str,
+        http_filter: dict[str, Any] | None,
+        *,
+        on_concurrent_steal: str = "abort",
+    ) -> list[str]:
+        """Mirror or steal `port` for `channel`; returns warnings for the session. Raises
+        `SubscribeError` (errno EINVAL, EADDRINUSE, EPERM, EIO...) when refused."""
+        self._require_tg()
+        if http_filter is not None and all(
+            v is None for k, v in http_filter.items() if k != "ports"
+        ):
+            http_filter = None  # the config's empty filter object: no filter
+        async with self._lock:
+            if mode == "mirror":
+                return await self._subscribe_mirror(channel, port)
+            if mode == "steal":
+                return await self._subscribe_steal(
+                    channel, port, http_filter, override=on_concurrent_steal == "override"
+                )
+        raise SubscribeError(errno.EINVAL, f"incoming mode {mode!r} is not mirror or steal")
+
+    async def unsubscribe(self, channel: Any, port: int) -> None:
+        async with self._lock:
+            await self._drop(channel, port)
+
+    async def channel_closed(self, channel: Any) -> None:
+        async with self._lock:
+            ports = {p for p, chans in self.mirrors.items() if channel in chans}
+            ports |= {
+                p
+                for p, s in self.steals.items()
+                if s.unfiltered is channel or channel in s.filtered
+            }
+            for port in sorted(ports):
+                await self._drop(channel, port)
+
+    async def _drop(self, channel: Any, port: int) -> None:
+        chans = self.mirrors.get(port)
+        if chans is not None and channel in chans:
+            chans.remove(channel)
+            if not chans:
+                del self.mirrors[port]
+            await self._update_sniffer()
+        steal = self.steals.get(port)
+        if steal is not None:
+            if steal.unfiltered is channel:
+                steal.unfiltered = None
+            steal.filtered.pop(channel, None)
+            if steal.empty:
+                del self.steals[port]
+                await self._update_rules()
+
+    # -- mirror
+
+    async def _subscribe_mirror(self, channel: Any, port: int) -> list[str]:
+        chans = self.mirrors.setdefault(port, [])
+        if channel not in chans:
+            chans.append(channel)
+        try:
+            await self._update_sniffer()
+        except OSError as exc:
+            chans.remove(channel)
+            if not chans:
+                del self.mirrors[port]
+            raise SubscribeError(
+                exc.errno or errno.EIO,
+                f"cannot sniff port {port} in the target's network namespace: {exc} "
+                "(the agent needs CAP_NET_RAW and CAP_NET_ADMIN)",
+            ) from None
+        return []
+
+    async def _update_sniffer(self) -> None:
+        ports = set(self.mirrors)
+        if not ports:
+            if self._sniffer_scope is not None:
+                self._sniffer_scope.cancel()
+            return
+        if self._sniffer is None:
+            runner = self.netns
+            self._sniffer = await anyio.to_thread.run_sync(PacketSniffer, runner.run_sync)
+            tg = self._require_tg()
+            await tg.start(self._sniff, self._sniffer)
+        sniffer = self._sniffer
+        await anyio.to_thread.run_sync(sniffer.set_ports, ports)
+
+    async def _sniff(
+        self, sniffer: PacketSniffer, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            self._sniffer_scope = scope
+            task_status.started()
+            try:
+                while True:
+                    # Short waits: cancellation (unsubscribe, shutdown) is noticed within one.
+                    events = await anyio.to_thread.run_sync(sniffer.read_batch, 0.1)
+                    if events:
+                        self._deliver(events)
+            finally:
+                if self._sniffer is sniffer:
+                    self._sniffer = None
+                    self._sniffer_scope = None
+                sniffer.close()
+                for flow, (_, ends) in list(self._flows.items()):
+                    for end in ends:
+                        end.send_eof_nowait()
+                    del self._flows[flow]
+
+    def _deliver(self, events: list[Any]) -> None:
+        """Sniffer events -> the mirroring channels' streams. Never waits."""
+        for ev in events:
+            if isinstance(ev, FlowData):
+                entry = self._flows.get(ev.flow)
+                if entry is None:
+                    continue
+                for end in list(entry[1]):
+                    try:
+                        fits = end.send_nowait(ev.data)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        entry[1].remove(end)
+                        continue
+                    if not fits:
+                        self.stats["mirror_overflows"] += 1
+                        log.warning(
+                            "a mirroring channel fell behind on port %d: flow dropped", entry[0]
+                        )
+                        end.close_nowait()
+                        entry[1].remove(end)
+            elif isinstance(ev, FlowOpened):
+                src, sport, dst, dport = ev.key
+                ends: list[PipeEnd] = []
+                for channel in self.mirrors.get(dport, []):
+                    ours, theirs = pipe_pair(MIRROR_BUFFER, ("mirror", "channel"))
+                    ours.discard_peer_writes()
+                    try:
+                        channel.start_incoming(
+                            port=dport,
+                            remote_address=src,
+                            remote_port=sport,
+                            local_address=dst,
+                            local_port=dport,
+                            mode="mirror",
+                            stream=theirs,
+                        )
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        continue
+                    ends.append(ours)
+                if ends:
+                    self.stats["mirrored_flows"] += 1
+                    self._flows[ev.flow] = (dport, ends)
+            elif isinstance(ev, FlowClosed):
+                entry = self._flows.pop(ev.flow, None)
+                if entry is None:
+                    continue
+                for end in entry[1]:
+                    if ev.reset:
+                        end.close_nowait()
+                    else:
+                        end.send_eof_nowait()
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await anyio.sleep(STATS_INTERVAL)
+            await self.send_stats()
+
+    async def send_stats(self) -> None:
+        """TrafficStats to every mirroring channel whose counters changed. `drops` are the
+        kernel's drops of the whole sniffer socket (it cannot tell them apart by port)."""
+        sniffer = self._sniffer
+        if sniffer is None:
+            return
+        totals = await anyio.to_thread.run_sync(sniffer.statistics)
+        for port, chans in list(self.mirrors.items()):
+            figures = (sniffer.per_port.get(port, 0), totals["drops"])
+            for channel in list(chans):
+                if self._sent_stats.get((channel, port)) == figures:
+                    continue
+                self._sent_stats[(channel, port)] = figures
+                with contextlib.suppress(Exception):
+                    await channel.send(
+                        m.TrafficStats(port=port, packets=figures[0], drops=figures[1])
+                    )
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats)
+        out["stolen_live"] = self.stolen_live
+        if self._sniffer is not None:
+            out["sniffer"] = {
+                "packets": self._sniffer.packets,
+                "kernel_drops": self._sniffer.drops,
+                "flows": self._sniffer.reassembler.flows,
+            }
+        return out
+
+    # -- steal
+
+    async def _subscribe_steal(
+        self, channel: Any, port: int, http_filter: dict[str, Any] | None, *, override: bool = False
+    ) -> list[str]:
+        warnings: list[str] = []
+        flt: HttpFilter | None = None
+        if http_filter is not None:
+            try:
+                flt = HttpFilter.from_config(http_filter)
+            except FilterError as exc:
+                raise SubscribeError(errno.EINVAL, f"bad http_filter: {exc}") from None
+            if not flt.applies_to(port):
+                flt = None  # `ports` leaves this one to an unfiltered steal
+        steal = self.steals.get(port)
+        if steal is not None:
+            others = [
+                c for c in [steal.unfiltered, *steal.filtered] if c is not None and c is not channel
+            ]
+            if flt is None and others and not override:
+                raise SubscribeError(
+                    errno.EADDRINUSE,
+                    f"port {port} is already stolen by another session; an unfiltered steal "
+                    "would take its traffic. Use an http_filter, stop the other session, or "
+                    'set feature.network.incoming.on_concurrent_steal to "override"',
+                )
+            if flt is not None and steal.unfiltered is not None and steal.unfiltered is not channel:
+                raise SubscribeError(
+                    errno.EADDRINUSE,
+                    f"port {port} is stolen whole (no filter) by another session; a filtered "
+                    "steal cannot share it until that session ends",
+                )
+        else:
+            steal = self.steals[port] = _PortSteal()
+        if flt is None:
+            if override:
+                for other in [steal.unfiltered, *steal.filtered]:
+                    if other is not None and other is not channel:
+                        warnings.append(f"port {port}: took the steal over from another session")
+                steal.filtered.clear()
+            steal.unfiltered = channel
+        else:
+            if steal.unfiltered is channel:
+                steal.unfiltered = None
+            steal.filtered[channel] = flt
+        try:
+            await self._update_rules()
+        except OSError as exc:
+            await self._drop(channel, port)
+            raise SubscribeError(
+                exc.errno or errno.EIO, f"cannot steal port {port}: {exc}"
+            ) from None
+        if self._rules is not None:
+            for name in self._rules.stale:
+                warnings.append(
+                    f"stale steal rules of a dead agent found in the target ({name}); they may "
+                    "redirect traffic to nowhere. Set agent.clean_iptables_on_start to remove "
+                    "them at the next start"
+                )
+            self._rules.stale = []
+        if port in self.probe_ports() and (flt is None or flt.matches(_PROBE_HEAD)):
+            recipe = kube_probe_recipe()["header_filter"]
+            warnings.append(
+                f"port {port} is used by the pod's HTTP probes: stolen probes fail when the "
+                "user app does not answer them and the pod may be restarted. Leave them to the "
+                f'pod with "http_filter": {{"header_filter": "{recipe}"}}'
+            )
+        return warnings
+
+    async def _update_rules(self) -> None:
+        wanted = sorted(self.steals)
+        if wanted:
+            if self._listener is None:
+                sock = await anyio.to_thread.run_sync(self.netns.run_sync, make_listener)
+                self._listener_port = sock.getsockname()[1]
+                self._listener = await anyio.abc.SocketListener.from_socket(sock)
+                tg = self._require_tg()
+                await tg.start(self._accept_loop, self._listener)
+            if self._rules is None:
+                self._rules = StealRules(
+                    target_pid=self.pid, backend=self.steal_backend, clean_stale=self.clean_stale
+                )
+        redirects = {p: self._listener_port for p in wanted}
+        if self._rules is None or redirects == self._rules_ports:
+            return
+        rules = self._rules
+        try:
+            await anyio.to_thread.run_sync(rules.set_redirects, redirects)
+        except StealRulesError:
+            raise
+        self._rules_ports = redirects
+        if not redirects:
+            await self._maybe_clear_rules()
+
+    async def _maybe_clear_rules(self) -> None:
+        """Remove the pin (and so every chain) once nothing is stolen and no stolen connection
+        is left: removing it earlier would reset those connections (see `_steal.py`)."""
+        if self.steals or self.stolen_live or self._rules is None:
+            return
+        rules = self._rules
+        with contextlib.suppress(OSError):
+            await anyio.to_thread.run_sync(rules.clear)
+
+    async def _accept_loop(
+        self, listener: anyio.abc.SocketListener, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        task_status.started()
+        tg = self._require_tg()
+        while True:
+            try:
+                stream = await listener.accept()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept failed: %s; retrying", exc)
+                    await anyio.sleep(0.1)
+                    continue
+                raise
+            tg.start_soon(self._serve_stolen, stream)
+
+    async def _serve_stolen(self, stream: anyio.abc.SocketStream) -> None:
+        raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        try:
+            dst_addr, dst_port = original_dst(raw)
+            peer = raw.getpeername()
+        except OSError:
+            await stream.aclose()
+            return
+        self.stolen_live += 1
+        try:
+            steal = self.steals.get(dst_port)
+            if steal is not None and steal.unfiltered is not None:
+                try:
+                    steal.unfiltered.start_incoming(
+                        port=dst_port,
+                        remote_address=peer[0],
+                        remote_port=peer[1],
+                        local_address=dst_addr,
+                        local_port=dst_port,
+                        mode="steal",
+                        stream=_Watched(stream, self),
+                    )
+                    self.stats["stolen"] += 1
+                    self.stolen_live += 1  # released by _Watched.aclose
+                    return
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    pass  # the channel closed just now: the pod's app answers
+            conn = _FilteredConnection(self, stream, (peer[0], peer[1]), (dst_addr, dst_port))
+            await conn.run()
+        finally:
+            self.stolen_live -= 1
+            if not self.stolen_live:
+                await self._maybe_clear_rules()
+
+    def _released(self) -> None:
+        self.stolen_live -= 1
+        if not self.stolen_live and not self.steals and self._tg is not None:
+            self._tg.start_soon(self._maybe_clear_rules)
+
+    async def connect_upstream(self, address: tuple[str, int]) -> anyio.abc.SocketStream:
+        """A connection to the pod's own app at the original destination, from inside the
+        pod, marked so that our OUTPUT rule does not send it back to us."""
+        sock = await anyio.to_thread.run_sync(
+            self.netns.run_sync, lambda: make_marked_socket(AGENT_MARK)
+        )
+
+        def connect() -> None:
+            sock.settimeout(UPSTREAM_CONNECT_TIMEOUT)
+            sock.connect(address)
+            sock.setblocking(False)
+
+        try:
+            await anyio.to_thread.run_sync(connect)
+            return await anyio.abc.SocketStream.from_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+
+_PROBE_HEAD = RequestHead(
+    method="GET",
+    target="/healthz",
+    http_version="1.1",
+    headers=(("host", "pod"), ("user-agent", "kube-probe/1.30"), ("accept", "*/*")),
+    upgrade=False,
+)
+
+
+class _Watched(anyio.abc.ByteStream):
+    """A stolen socket handed to a channel: tells the service when the relay closes it, so the
+    conntrack pin is removed only after the last stolen connection."""
+
+    def __init__(self, stream: anyio.abc.SocketStream, service: IncomingService) -> None:
+        self._stream = stream
+        self._service = service
+        self._released = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if not self._released:
+                self._released = True
+                self._service._released()
+
+    @property
+    def extra_attributes(self) -> Any:
+        return self._stream.extra_attributes
+
+
+# ---------------------------------------------------------------- filtered connections
+
+
+@dataclass
+class _Exchange:
+    """One request of a filtered connection and where its response comes from."""
+
+    head: RequestHead | None
+    dest: Any  # PipeEnd (a session) or the upstream stream; None: no upstream (502)
+    session: bool
+    tunnel: bool = False  # not a request: relay `dest` -> client until EOF
+    switched: bool | None = None
+    decided: anyio.Event = field(default_factory=anyio.Event)
+
+
+class _Upstream:
+    """The connection to the pod's app shared by a client connection's unmatched requests,
+    with the bytes read past the end of the previous response."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.leftover = b""
+        self.broken = False
+
+
+class _FilteredConnection:
+    def __init__(
+        self,
+        service: IncomingService,
+        client: anyio.abc.SocketStream,
+        remote: tuple[str, int],
+        original: tuple[str, int],
+    ) -> None:
+        self.service = service
+        self.client = client
+        self.remote = remote
+        self.original = original
+        self.port = original[1]
+        self.upstream: _Upstream | None = None
+        self._upstream_failed: str | None = None
+
+    async def run(self) -> None:
+        send_ex, recv_ex = anyio.create_memory_object_stream[_Exchange](MAX_PIPELINE)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_client, send_ex)
+                await self._write_client(recv_ex)
+                # The responses are done (or the connection must end): stop reading too.
+                tg.cancel_scope.cancel()
+        except* (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
+            pass  # one side went away: the whole exchange ends, for that client only
+        finally:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await self.client.aclose()
+                if self.upstream is not None:
+                    with contextlib.suppress(Exception):
+                        await self.upstream.stream.aclose()
+
+    async def _get_upstream(self) -> _Upstream | None:
+        if self.upstream is not None and not self.upstream.broken:
+            return self.upstream
+        if self._upstream_failed is not None and self.upstream is None:
+            return None
+        try:
+            stream = await self.service.connect_upstream(self.original)
+        except OSError as exc:
+            self._upstream_failed = f"{exc.strerror or exc}"
+            return None
+        self.upstream = _Upstream(stream)
+        return self.upstream
+
+    def _open_session(self, channel: Any) -> PipeEnd | None:
+        ours, theirs = pipe_pair(names=("filter", "channel"))
+        try:
+            channel.start_incoming(
+                port=self.port,
+                remote_address=self.remote[0],
+                remote_port=self.remote[1],
+                local_address=self.original[0],
+                local_port=self.port,
+                mode="steal",
+                stream=theirs,
+            )
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return None
+        return ours
+
+    async def _read_client(self, send_ex: anyio.abc.ObjectSendStream[_Exchange]) -> None:
+        splitter = RequestSplitter()
+        current: _Exchange | None = None
+        tunnel_dest: Any = None
+        async with send_ex:
+            while True:
+                try:
+                    data = await self.client.receive(_READ)
+                except anyio.EndOfStream:
+                    data = b""
+                if tunnel_dest is not None:
+                    if not data:
+                        with contextlib.suppress(Exception):
+                            await tunnel_dest.send_eof()
+                        return
+                    await tunnel_dest.send(data)
+                    continue
+                splitter.receive_data(data)
+                while True:
+                    ev = splitter.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if ev is CLOSED:
+                        return
+                    if isinstance(ev, RequestStarted):
+                        current = await self._route(ev.head)
+                        await send_ex.send(current)
+                        if current.dest is not None:
+                            await current.dest.send(ev.raw)
+                    elif isinstance(ev, RequestBody | RequestEnded):
+                        if current is not None and current.dest is not None and ev.raw:
+                            await current.dest.send(ev.raw)
+                        if isinstance(ev, RequestEnded) and ev.head.upgrade:
+                            assert current is not None
+                            await current.decided.wait()
+                            splitter.switched(bool(current.switched))
+                            if current.switched:
+                                tunnel_dest = current.dest
+                        if isinstance(ev, RequestEnded):
+                            current = None
+                    elif isinstance(ev, Passthrough):
+                        # Not HTTP (or no longer): the rest goes untouched to where the current
+                        # request went, else to the pod's app, and its answer comes back whole.
+                        if current is not None and current.dest is not None:
+                            tunnel_dest = current.dest
+                        else:
+                            up = await self._get_upstream()
+                            tunnel_dest = up.stream if up is not None else None
+                            await send_ex.send(
+                                _Exchange(head=None, dest=up, session=False, tunnel=True)
+                            )
+                        if tunnel_dest is None:
+                            return
+                        await tunnel_dest.send(ev.raw)
+                if tunnel_dest is not None and not data:
+                    with contextlib.suppress(Exception):
+                        await tunnel_dest.send_eof()
+                    return
+                if not data:
+                    return
+
+    async def _route(self, head: RequestHead) -> _Exchange:
+        steal = self.service.steals.get(self.port)
+        channel = steal.route(head) if steal is not None else None
+        if channel is not None:
+            end = self._open_session(channel)
+            if end is not None:
+                self.service.stats["filtered_requests"] += 1
+                return _Exchange(head=head, dest=end, session=True)
+        self.service.stats["passed_to_pod"] += 1
+        up = await self._get_upstream()
+        return _Exchange(head=head, dest=up.stream if up is not None else None, session=False)
+
+    async def _write_client(self, recv_ex: anyio.abc.ObjectReceiveStream[_Exchange]) -> None:
+        async with recv_ex:
+            async for ex in recv_ex:
+                if ex.tunnel:
+                    up = ex.dest
+                    if up is None:
+                        return
+                    if up.leftover:
+                        await self.client.send(up.leftover)
+                    await self._copy(up.stream)
+                    return
+                keep = await self._one_response(ex)
+                if not keep:
+                    return
+        with contextlib.suppress(Exception):
+            await self.client.send_eof()
+
+    async def _copy(self, source: anyio.abc.ByteStream) -> None:
+        while True:
+            try:
+                data = await source.receive(_READ)
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            await self.client.send(data)
+
+    async def _one_response(self, ex: _Exchange) -> bool:
+        """Write the response of `ex` to the client; False when the connection must end."""
+        assert ex.head is not None
+        if ex.dest is None:
+            ex.switched = False
+            ex.decided.set()
+            body = f"mirrord: the pod's app on port {self.port} is unreachable: {self._upstream_failed}\n".encode()
+            await self.client.send(_BAD_GATEWAY % (len(body), body))
+            return False
+        up = self.upstream if not ex.session else None
+        source: anyio.abc.ByteStream = ex.dest
+        splitter = ResponseSplitter(ex.head)
+        pending = b""
+        if up is not None:
+            pending, up.leftover = up.leftover, b""
+        wrote = False
+        try:
+            while True:
+                if pending:
+                    splitter.receive_data(pending)
+                    pending = b""
+                ended: ResponseEnded | None = None
+                while True:
+                    try:
+                        ev = splitter.next_event()
+                    except ResponseError:
+                        # Not a valid response: pass what is left through and relay the rest.
+                        rest = splitter.trailing
+                        if rest:
+                            await self.client.send(rest)
+                        ex.switched = False
+                        ex.decided.set()
+                        await self._copy(source)
+                        return False
+                    if ev is NEED_DATA:
+                        break
+                    assert not isinstance(ev, type(NEED_DATA))
+                    if ev.raw:  # type: ignore[union-attr]
+                        await self.client.send(ev.raw)  # type: ignore[union-attr]
+                        wrote = True
+                    if isinstance(ev, ResponseEnded):
+                        ended = ev
+                        break
+                if ended is not None:
+                    break
+                try:
+                    pending = await source.receive(_READ)
+                except anyio.EndOfStream:
+                    splitter.receive_data(b"")
+                    pending = b""
+                    # A close-delimited response ends here; anything else was cut short.
+                    try:
+                        ev = splitter.next_event()
+                    except ResponseError:
+                        ev = NEED_DATA
+                    if isinstance(ev, ResponseEnded):
+                        if ev.raw:
+                            await self.client.send(ev.raw)
+                        ended = ev
+                        break
+                    if not wrote:
+                        body = b"mirrord: the app closed the connection without a response\n"
+                        await self.client.send(_BAD_GATEWAY % (len(body), body))
+                    ex.switched = False
+                    ex.decided.set()
+                    return False
+        except BaseException:
+            if up is not None:
+                up.broken = True
+            ex.switched = False
+            ex.decided.set()
+            raise
+        ex.switched = ended.switched
+        ex.decided.set()
+        trailing = splitter.trailing
+        if ended.switched:
+            if trailing:
+                await self.client.send(trailing)
+            await self._copy(source)
+            return False
+        if ex.session:
+            await source.aclose()  # one request per session connection: the relay ends
+        elif up is not None:
+            up.leftover = trailing
+            if not ended.keep_alive:
+                up.broken = True
+        return ended.keep_alive

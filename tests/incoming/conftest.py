@@ -1,0 +1,161 @@
+"""Fixtures of the incoming-traffic tests: a real agent next to a real pod, a real stand-in for
+the user's app (an HTTP server process on the host), and a daemon stand-in that relays each
+incoming connection to that app the way mirrordd does."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+
+from mirrord.localpod import LocalPod
+from mirrord.protocol import messages as m
+from tests.incoming._daemon import Agent, AgentClient, Conn, start_agent, stop_agent
+
+_APP = Path(__file__).with_name("_local_app.py")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # The agent under test is a subprocess; the test client needs one backend only.
+    return "trio"
+
+
+@pytest.fixture
+def local_app() -> Iterator[Callable[[str], int]]:
+    """`local_app(name)` starts an app answering `name METHOD PATH x-user=...`; its port."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(name: str = "local") -> int:
+        proc = subprocess.Popen(
+            [sys.executable, str(_APP), name], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        return int(proc.stdout.readline())
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+POD_APP_PORT = 8081
+
+
+@pytest.fixture
+def pod_app(pod: LocalPod) -> Iterator[int]:
+    """A second HTTP server inside the pod (port 8081), answering `pod-app METHOD PATH ...`,
+    built for load: a deep accept queue."""
+    python = os.path.realpath(sys.executable)
+    proc = pod.popen_in_pod([python, str(_APP), "pod-app", "0.0.0.0", str(POD_APP_PORT)])
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == str(POD_APP_PORT).encode(), line
+    try:
+        yield POD_APP_PORT
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def steal_agent(pod: LocalPod) -> Iterator[Agent]:
+    agent = start_agent(f"pid/{pod.pid}")
+    try:
+        yield agent
+    finally:
+        stop_agent(agent)
+
+
+async def relay_to_app(conn: Conn, app_port: int) -> None:
+    """What the daemon does with an IncomingConnection: connect to the app, copy both ways."""
+    app = await anyio.connect_tcp("127.0.0.1", app_port)
+
+    async def to_app() -> None:
+        while data := await conn.receive():
+            await app.send(data)
+        with anyio.CancelScope(shield=True):
+            try:
+                await app.send_eof()
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+    async def from_app() -> None:
+        while True:
+            try:
+                data = await app.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                break
+            try:
+                await conn.send(data)
+            except anyio.BrokenResourceError:
+                break
+        if not conn.closed.is_set():
+            await conn.shutdown()
+
+    async with app, anyio.create_task_group() as tg:
+        tg.start_soon(to_app)
+        tg.start_soon(from_app)
+
+
+async def serve_channel(
+    client: AgentClient,
+    channel: int,
+    app_port: int | None,
+    seen: list[Conn],
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept the channel's incoming connections; relay them to the app (or just record
+    them when `app_port` is None)."""
+    tx, rx = anyio.create_memory_object_stream[Conn](math.inf)
+    client.incoming[channel] = tx
+    task_status.started()
+    try:
+        async with rx, anyio.create_task_group() as tg:
+            async for conn in rx:
+                seen.append(conn)
+                if app_port is not None:
+                    tg.start_soon(relay_to_app, conn, app_port)
+    finally:
+        client.incoming.pop(channel, None)
+        tx.close()
+
+
+async def subscribe(
+    client: AgentClient,
+    channel: int,
+    port: int,
+    mode: str,
+    http_filter: dict[str, object] | None = None,
+    *,
+    on_concurrent_steal: str = "abort",
+) -> m.Subscribed:
+    reply = await client.request(
+        channel,
+        lambda r: m.Subscribe(
+            request_id=r,
+            port=port,
+            mode=mode,
+            http_filter=http_filter,
+            on_concurrent_steal=on_concurrent_steal,
+        ),
+    )
+    assert isinstance(reply, m.Subscribed)
+    return reply
+
+
+async def unsubscribe(client: AgentClient, channel: int, port: int) -> None:
+    await client.request(channel, lambda r: m.Unsubscribe(request_id=r, port=port))

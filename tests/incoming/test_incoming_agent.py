@@ -1,0 +1,372 @@
+"""Incoming traffic through a real agent subprocess, at the agent-protocol level: a client on
+the pod's host side talks HTTP to the pod's IP; the test is the daemon and relays what the
+agent hands it to a real HTTP server process standing in for the user's app."""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from mirrord.agent._http_filter import CLOSED, RequestSplitter, RequestStarted
+from mirrord.localpod import LocalPod
+from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn
+from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
+
+pytestmark = [pytest.mark.netns, pytest.mark.anyio]
+
+
+def ruleset(pod: LocalPod) -> str:
+    script = "iptables-nft-save; iptables-legacy-save; nft list ruleset"
+    return subprocess.run(
+        ["ip", "netns", "exec", pod.netns, "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    ).stdout
+
+
+def our_rules(pod: LocalPod) -> list[str]:
+    return [line for line in ruleset(pod).splitlines() if "MRD_" in line or "mirrord_" in line]
+
+
+def http_request(
+    host: str,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    port: int = 8080,
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+async def test_steal_answers_every_method_from_the_user_app_then_the_pod_again(
+    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+) -> None:
+    app_port = local_app("local")
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            reply = await subscribe(client, 1, 8080, "steal")
+            assert reply.warnings == []
+            assert any("MRD_" in line for line in our_rules(pod))
+            for method in ("GET", "POST", "PUT", "DELETE"):
+                body = b"payload-" + method.encode() if method in ("POST", "PUT") else None
+                status, out = await in_thread(http_request, pod.ip, method, "/items/7", body=body)
+                assert status == 200
+                assert out == f"local {method} /items/7 x-user=\n".encode() + (body or b"")
+            assert len(seen) == 4
+            await unsubscribe(client, 1, 8080)
+            status, out = await in_thread(http_request, pod.ip, "GET", "/items/7")
+            assert out == b"pod GET /items/7\n"
+            with anyio.fail_after(10):
+                while our_rules(pod):
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    assert our_rules(pod) == []
+
+
+async def test_steal_reports_the_real_peer_and_original_destination(
+    pod: LocalPod, steal_agent: Agent
+) -> None:
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, None, seen)
+            await subscribe(client, 1, 7777, "steal")
+            sock = await anyio.connect_tcp(pod.ip, 7777)
+            async with sock:
+                with anyio.fail_after(10):
+                    while not seen:
+                        await anyio.sleep(0.01)
+                await sock.send(b"hello")
+                assert await seen[0].receive_exactly(5) == b"hello"
+                await seen[0].send(b"from the user app")
+                assert await sock.receive() == b"from the user app"
+                local = sock.extra(anyio.abc.SocketAttribute.local_address)
+                assert local[0] == pod.host_ip
+            announce = seen[0].announce
+            assert announce.conn_id % 2 == 1  # the agent's conn ids are odd
+            assert announce.mode == "steal"
+            assert (announce.remote_address, announce.remote_port) == local
+            assert (announce.local_address, announce.local_port) == (pod.ip, 7777)
+            tg.cancel_scope.cancel()
+
+
+async def test_open_connection_survives_the_steal_and_ending_it_resets_nothing(
+    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+) -> None:
+    app_port = local_app("local")
+    before = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
+    try:
+        before.request("GET", "/one")
+        assert before.getresponse().read() == b"pod GET /one\n"
+        async with AgentClient.open(steal_agent) as client:
+            await client.open_channel(1)
+            seen: list[Conn] = []
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve_channel, client, 1, app_port, seen)
+                await subscribe(client, 1, 8080, "steal")
+
+                def keep_alive(path: str) -> bytes:
+                    before.request("GET", path)
+                    return before.getresponse().read()
+
+                # Open before the steal: still the pod's (only SYNs are redirected).
+                assert await in_thread(keep_alive, "/two") == b"pod GET /two\n"
+                stolen = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
+
+                def on_stolen(path: str) -> bytes:
+                    stolen.request("GET", path)
+                    return stolen.getresponse().read()
+
+                assert await in_thread(on_stolen, "/three") == b"local GET /three x-user=\n"
+                await unsubscribe(client, 1, 8080)
+                # Neither connection is reset by the end of the steal.
+                assert await in_thread(on_stolen, "/four") == b"local GET /four x-user=\n"
+                assert await in_thread(keep_alive, "/five") == b"pod GET /five\n"
+                stolen.close()
+                assert await in_thread(http_request, pod.ip, "GET", "/six") == (
+                    200,
+                    b"pod GET /six\n",
+                )
+                tg.cancel_scope.cancel()
+    finally:
+        before.close()
+
+
+async def test_mirror_1000_requests_on_20_keep_alive_connections(
+    pod: LocalPod, pod_app: int, steal_agent: Agent
+) -> None:
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        streams: dict[int, bytes] = {}
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, None, seen)
+            await subscribe(client, 1, pod_app, "mirror")
+
+            def load() -> list[bytes]:
+                answers: list[bytes] = []
+
+                def one(n: int) -> None:
+                    conn = http.client.HTTPConnection(pod.ip, pod_app, timeout=10)
+                    for i in range(50):
+                        conn.request("POST", f"/c{n}/r{i}", body=f"b{n}.{i}".encode())
+                        answers.append(conn.getresponse().read())
+                    conn.close()
+
+                import threading
+
+                threads = [threading.Thread(target=one, args=(n,)) for n in range(20)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                return answers
+
+            answers = await in_thread(load)
+            assert len(answers) == 1000
+            assert all(a.startswith(b"pod-app POST /c") for a in answers)
+
+            async def collect(conn: Conn) -> None:
+                streams[conn.conn_id] = await conn.receive_all()
+
+            with anyio.fail_after(20):
+                while len(seen) < 20:
+                    await anyio.sleep(0.05)
+                async with anyio.create_task_group() as readers:
+                    for conn in seen:
+                        readers.start_soon(collect, conn)
+            assert len(seen) == 20
+            for stream in streams.values():
+                splitter = RequestSplitter()
+                splitter.receive_data(stream)
+                splitter.receive_data(b"")
+                paths: list[str] = []
+                for _ in range(10_000):
+                    ev = splitter.next_event()
+                    if isinstance(ev, RequestStarted):
+                        paths.append(ev.head.target)
+                    elif ev is CLOSED:
+                        break
+                n = paths[0].split("/")[1]
+                assert paths == [f"/{n}/r{i}" for i in range(50)]
+            # TrafficStats come every 2 s: the kernel dropped nothing.
+            with anyio.fail_after(10):
+                while True:
+                    stats = client.stats
+                    if stats and stats[-1].packets >= 1000:
+                        break
+                    await anyio.sleep(0.2)
+            assert stats[-1].port == pod_app and stats[-1].drops == 0
+            await unsubscribe(client, 1, pod_app)
+            tg.cancel_scope.cancel()
+
+
+async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the_pod(
+    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+) -> None:
+    alice_port, bob_port = local_app("alice-app"), local_app("bob-app")
+    async with (
+        AgentClient.open(steal_agent) as alice,
+        AgentClient.open(steal_agent) as bob,
+    ):
+        await alice.open_channel(1)
+        await bob.open_channel(1)
+        seen_a: list[Conn] = []
+        seen_b: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, alice, 1, alice_port, seen_a)
+            await tg.start(serve_channel, bob, 1, bob_port, seen_b)
+            await subscribe(alice, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
+            await subscribe(bob, 1, 8080, "steal", {"header_filter": "^x-user: bob$"})
+
+            def traffic() -> list[tuple[str, bytes]]:
+                out: list[tuple[str, bytes]] = []
+                # keep-alive connections mixing all three users, and POST bodies
+                for _ in range(3):
+                    conn = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
+                    for user in ("alice", "bob", "carol", "alice", "", "bob"):
+                        headers = {"x-user": user} if user else {}
+                        conn.request("POST", f"/u/{user or 'none'}", body=b"B", headers=headers)
+                        out.append((user, conn.getresponse().read()))
+                    conn.close()
+                return out
+
+            results = await in_thread(traffic)
+            for user, body in results:
+                if user == "alice":
+                    assert body == b"alice-app POST /u/alice x-user=alice\nB"
+                elif user == "bob":
+                    assert body == b"bob-app POST /u/bob x-user=bob\nB"
+                else:
+                    assert body == f"pod POST /u/{user or 'none'}\n".encode() + b"B"
+            assert len(seen_a) == 6 and len(seen_b) == 6
+            await unsubscribe(alice, 1, 8080)
+            _, body = await in_thread(
+                http_request, pod.ip, "GET", "/x", headers={"x-user": "alice"}
+            )
+            assert body == b"pod GET /x\n"
+            _, body = await in_thread(http_request, pod.ip, "GET", "/y", headers={"x-user": "bob"})
+            assert body == b"bob-app GET /y x-user=bob\n"
+            await unsubscribe(bob, 1, 8080)
+            tg.cancel_scope.cancel()
+    with anyio.fail_after(10):
+        while our_rules(pod):
+            await anyio.sleep(0.05)
+
+
+async def test_matched_upgrade_hands_the_whole_connection_to_the_session(
+    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+) -> None:
+    app_port = local_app("local")
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            await subscribe(client, 1, 8080, "steal", {"path_filter": "^/ws$"})
+            sock = await anyio.connect_tcp(pod.ip, 8080)
+            async with sock:
+                await sock.send(
+                    b"GET /ws HTTP/1.1\r\nHost: pod\r\nUpgrade: shout\r\nConnection: Upgrade\r\n\r\n"
+                )
+                got = b""
+                with anyio.fail_after(10):
+                    while b"\r\n\r\n" not in got:
+                        got += await sock.receive()
+                assert got.startswith(b"HTTP/1.1 101")
+                await sock.send(b"now raw bytes")
+                echoed = b""
+                with anyio.fail_after(10):
+                    while len(echoed) < 13:
+                        echoed += await sock.receive()
+                assert echoed == b"NOW RAW BYTES"
+            tg.cancel_scope.cancel()
+
+
+async def test_non_http_bytes_on_a_filtered_port_reach_the_pod_untouched(
+    pod: LocalPod, steal_agent: Agent
+) -> None:
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, None, seen)
+            await subscribe(client, 1, 7777, "steal", {"header_filter": "x-user: alice"})
+            payload = bytes(range(256)) * 64
+            sock = await anyio.connect_tcp(pod.ip, 7777)  # the pod's echo server
+            async with sock:
+                await sock.send(payload)
+                echoed = b""
+                with anyio.fail_after(10):
+                    while len(echoed) < len(payload):
+                        echoed += await sock.receive()
+            assert echoed == payload
+            assert seen == []
+            tg.cancel_scope.cancel()
+
+
+async def test_unfiltered_steal_of_a_stolen_port_is_refused_clearly(
+    pod: LocalPod, steal_agent: Agent
+) -> None:
+    async with (
+        AgentClient.open(steal_agent) as one,
+        AgentClient.open(steal_agent) as two,
+    ):
+        await one.open_channel(1)
+        await two.open_channel(1)
+        await subscribe(one, 1, 8080, "steal", {"header_filter": "x-user: alice"})
+        with pytest.raises(AgentError) as info:
+            await subscribe(two, 1, 8080, "steal")
+        assert info.value.errno == errno.EADDRINUSE
+        assert "on_concurrent_steal" in info.value.message
+        with pytest.raises(AgentError) as bad:
+            await subscribe(two, 1, 8080, "steal", {"header_filter": "("})
+        assert bad.value.errno == errno.EINVAL
+
+
+async def test_agent_sigkill_guard_removes_every_rule_within_2s(
+    pod: LocalPod, steal_agent: Agent
+) -> None:
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        await subscribe(client, 1, 8080, "steal")
+        await subscribe(client, 1, 7777, "steal", {"path_filter": "/a"})
+        assert len(our_rules(pod)) >= 4
+        os.kill(steal_agent.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for _ in range(100):
+            if not our_rules(pod):
+                break
+            time.sleep(0.02)
+        assert our_rules(pod) == []
+        assert time.monotonic() - killed < 2.0
+    with socket.create_connection((pod.ip, 8080), timeout=5):
+        pass  # the pod's own server again
