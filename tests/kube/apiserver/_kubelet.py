@@ -165,24 +165,27 @@ class Kubelet:
         # through them too, and a denial becomes a FailedCreate event on the Job.
         self.admission: list[Callable[[Resource, str | None, Obj], Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
         self._cgroup_base = CGROUP_ROOT / f"{CGROUP_PREFIX}{os.getpid()}"
         self.on_portforward_dial: list[Callable[[str, str, int], None]] = []
         store.on_change.append(self._on_change)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def aclose(self) -> None:
         for rt in list(self.pods.values()):
             await self._kill_pod(rt)
-        if self._tasks:
+        pumps = [t for t in self._pumps if not t.done()]
+        if pumps:
             # Log pumps end on their own once the processes are gone; let them read EOF so
             # no subprocess transport outlives the loop.
-            await asyncio.wait(list(self._tasks), timeout=3)
+            await asyncio.wait(pumps, timeout=3)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -574,7 +577,9 @@ class Kubelet:
                 "nsenter", "-t", str(proc.pid), "-n", "ip", "link", "set", "lo", "up"
             )
             await lo.wait()
-        self.spawn(self._pump_log(rt, cr))
+        pump = self.spawn(self._pump_log(rt, cr))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
 
     async def _pump_log(self, rt: PodRuntime, cr: ContainerRuntime) -> None:
         proc = cr.process
