@@ -75,10 +75,13 @@ def test_header_filter_matches_name_and_value_case_insensitively() -> None:
     assert not f.matches(head())
 
 
-def test_path_filter_ignores_the_query() -> None:
-    f = HttpFilter.from_config({"path_filter": "^/api/v1/"})
+def test_path_filter_matches_the_path_or_the_path_with_its_query() -> None:
+    f = HttpFilter.from_config({"path_filter": "^/api/v1/users$"})
     assert f.matches(head(target="/api/v1/users?x=1"))
-    assert not f.matches(head(target="/health?p=/api/v1/"))
+    assert not f.matches(head(target="/health?p=/api/v1/users"))
+    q = HttpFilter.from_config({"path_filter": "[?&]debug=me"})
+    assert q.matches(head(target="/any?debug=me"))
+    assert not q.matches(head(target="/any"))
 
 
 def test_method_filter() -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from mirrord.agent._http_filter import CLOSED, RequestSplitter, RequestStarted
 from mirrord.localpod import LocalPod
-from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn
+from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn, start_agent, stop_agent
 from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
@@ -370,3 +370,38 @@ async def test_agent_sigkill_guard_removes_every_rule_within_2s(
         assert time.monotonic() - killed < 2.0
     with socket.create_connection((pod.ip, 8080), timeout=5):
         pass  # the pod's own server again
+
+
+async def test_agent_option_picks_the_nft_backend_and_cleans_stale_rules(
+    pod: LocalPod, local_app: Callable[[str], int]
+) -> None:
+    from mirrord.agent._steal import StealRules, chain_names
+
+    # rules left by an agent whose guard died with it (e.g. the node killed both)
+    dead = StealRules(target_pid=pod.pid, backend="iptables-nft")
+    dead.set_redirects({9999: 1})
+    assert dead.guard_pid is not None
+    os.kill(dead.guard_pid, signal.SIGKILL)
+    dead.close()
+    assert any(chain_names(dead.tag)["pre"] in line for line in our_rules(pod))
+
+    app_port = local_app("local")
+    env = {"MIRRORD_AGENT_NFTABLES": "true", "MIRRORD_AGENT_CLEAN_IPTABLES_ON_START": "true"}
+    agent = start_agent(f"pid/{pod.pid}", env=env)
+    try:
+        async with AgentClient.open(agent) as client:
+            await client.open_channel(1)
+            seen: list[Conn] = []
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve_channel, client, 1, app_port, seen)
+                await subscribe(client, 1, 8080, "steal")
+                rules = our_rules(pod)
+                assert any("table ip mirrord_" in line for line in rules)
+                assert not any("MRD_" in line for line in rules)  # the stale chains are gone
+                _, body = await in_thread(http_request, pod.ip, "GET", "/nft")
+                assert body == b"local GET /nft x-user=\n"
+                await unsubscribe(client, 1, 8080)
+                tg.cancel_scope.cancel()
+    finally:
+        stop_agent(agent)
+    assert our_rules(pod) == []

@@ -122,7 +122,10 @@ class _Matcher:
             return head.method.upper() == self.pattern.upper()
         assert self.regex is not None
         if self.kind == "path":
-            return self.regex.search(head.path) is not None
+            return (
+                self.regex.search(head.path) is not None
+                or self.regex.search(head.target) is not None
+            )
         return any(self.regex.search(f"{k}: {v}") is not None for k, v in head.headers)
 
     def __repr__(self) -> str:
@@ -144,7 +147,7 @@ class HttpFilter:
     ports; others are stolen unfiltered).
 
     Regexes are searched case-insensitively: a header regex against each `name: value` line
-    (name lower case), a path regex against the path without the query string. A method filter
+    (name lower case), a path regex against the path and against the path with its query. A method filter
     compares the method case-insensitively."""
 
     __slots__ = ("combine", "matchers", "ports", "source")

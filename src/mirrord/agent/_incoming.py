@@ -25,8 +25,10 @@ Routing
   relayed to the pod's app, so ending a steal resets nothing.
 
 Options (environment of the agent process, since the agent's command line is fixed by I2):
-`MIRRORD_AGENT_STEAL_BACKEND` (`auto`, `iptables-nft`, `iptables-legacy`, `nft`),
-`MIRRORD_AGENT_CLEAN_IPTABLES` (`1`: remove stale rules of dead agents at start).
+`MIRRORD_AGENT_STEAL_BACKEND` (`auto`, `iptables-nft`, `iptables-legacy`, `nft`), else the
+config's `MIRRORD_AGENT_NFTABLES` (true: nft, false: iptables-legacy);
+`MIRRORD_AGENT_CLEAN_IPTABLES` or `MIRRORD_AGENT_CLEAN_IPTABLES_ON_START` (`1`/`true`: remove
+stale rules of dead agents at start; otherwise they are reported as Subscribe warnings).
 """
 
 from __future__ import annotations
@@ -130,6 +132,20 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
+def _backend_from_env() -> str:
+    """`MIRRORD_AGENT_STEAL_BACKEND` names a backend; else the config's `agent.nftables`
+    (`MIRRORD_AGENT_NFTABLES`): true is nft, false is iptables-legacy; else detect."""
+    backend = os.environ.get("MIRRORD_AGENT_STEAL_BACKEND", "").strip()
+    if backend:
+        return backend
+    nft = os.environ.get("MIRRORD_AGENT_NFTABLES", "").strip().lower()
+    if nft in ("1", "true", "yes", "on"):
+        return "nft"
+    if nft in ("0", "false", "no", "off"):
+        return "iptables-legacy"
+    return "auto"
+
+
 class IncomingService:
     """Mirror and steal for one agent. See the module docstring for the routing rules."""
 
@@ -144,11 +160,12 @@ class IncomingService:
         self.ctx = ctx
         self.pid: int = ctx.pid
         self.netns: _Runner = ctx.netns
-        self.steal_backend = steal_backend or os.environ.get("MIRRORD_AGENT_STEAL_BACKEND", "auto")
+        self.steal_backend = steal_backend or _backend_from_env()
         self.clean_stale = (
             clean_iptables_on_start
             if clean_iptables_on_start is not None
             else _env_flag("MIRRORD_AGENT_CLEAN_IPTABLES")
+            or _env_flag("MIRRORD_AGENT_CLEAN_IPTABLES_ON_START")
         )
         # Ports the target's HTTP probes use: local targets have none; the Kubernetes side
         # passes a function reading the pod spec.
