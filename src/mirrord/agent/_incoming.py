@@ -348,6 +348,9 @@ class IncomingService:
                     events = await anyio.to_thread.run_sync(sniffer.read_batch, 0.1)
                     if events:
                         self._deliver(events)
+            except Exception as exc:
+                # The mirror stops (its flows end); steal and the rest of the agent go on.
+                log.error("the mirror's sniffer failed: %r", exc, exc_info=exc)
             finally:
                 if self._sniffer is sniffer:
                     self._sniffer = None
@@ -558,12 +561,21 @@ class IncomingService:
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept failed: %s; retrying", exc)
-                    await anyio.sleep(0.1)
-                    continue
-                raise
-            tg.start_soon(self._serve_stolen, stream)
+                # Out of descriptors or memory: back off rather than spin or die.
+                log.warning("accept failed: %s; retrying", exc)
+                await anyio.sleep(0.1)
+                continue
+            tg.start_soon(self._serve_stolen_safely, stream)
+
+    async def _serve_stolen_safely(self, stream: anyio.abc.SocketStream) -> None:
+        # One connection's failure (a bug, a peer breaking HTTP in a way we did not foresee)
+        # ends that connection only, never the service or the agent.
+        try:
+            await self._serve_stolen(stream)
+        except Exception as exc:
+            log.error("stolen connection failed: %r", exc, exc_info=exc)
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await stream.aclose()
 
     async def _serve_stolen(self, stream: anyio.abc.SocketStream) -> None:
         raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
