@@ -73,6 +73,8 @@ def test_placement_and_options_from_config() -> None:
                 "disabled_capabilities": ["NET_RAW"],
                 "communication_timeout": 7,
                 "log_level": "trace",
+                "nftables": False,
+                "clean_iptables_on_start": True,
             }
         }
     )
@@ -97,3 +99,6 @@ def test_placement_and_options_from_config() -> None:
     assert "s" not in container["args"]  # the secret is in the env, never argv
     assert pod["hostPID"] is False and "nodeName" not in pod
     assert pod["tolerations"] == [{"operator": "Exists"}]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MIRRORD_AGENT_NFTABLES"] == "false"
+    assert env["MIRRORD_AGENT_CLEAN_IPTABLES_ON_START"] == "true"

@@ -57,6 +57,8 @@ class AgentOptions:
     service_account: str | None = None
     priority_class: str | None = None
     namespace: str | None = None
+    nftables: bool | None = None
+    clean_iptables_on_start: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> AgentOptions:
@@ -92,6 +94,8 @@ class AgentOptions:
             service_account=get("service_account"),
             priority_class=get("priority_class"),
             namespace=get("namespace"),
+            nftables=get("nftables"),
+            clean_iptables_on_start=bool(get("clean_iptables_on_start", False)),
         )
 
     @property
@@ -128,6 +132,16 @@ def agent_args(target: str, port: int, idle_timeout: int, log_level: str = "info
     ]
 
 
+def _env(secret: str, opts: AgentOptions) -> list[Json]:
+    """The agent's environment: its secret and the `agent` settings it reads from there."""
+    env: list[Json] = [{"name": SECRET_ENV, "value": secret}]
+    if opts.nftables is not None:
+        env.append({"name": "MIRRORD_AGENT_NFTABLES", "value": str(opts.nftables).lower()})
+    if opts.clean_iptables_on_start:
+        env.append({"name": "MIRRORD_AGENT_CLEAN_IPTABLES_ON_START", "value": "true"})
+    return env
+
+
 def _security_context(opts: AgentOptions) -> Json:
     if opts.privileged:
         return {"privileged": True, "runAsUser": 0}
@@ -146,7 +160,7 @@ def _container(name: str, target: str, port: int, secret: str, opts: AgentOption
         "imagePullPolicy": opts.image_pull_policy,
         "command": ["mirrord-agent"],
         "args": agent_args(target, port, opts.idle_timeout, opts.log_level),
-        "env": [{"name": SECRET_ENV, "value": secret}],
+        "env": _env(secret, opts),
         "securityContext": _security_context(opts),
     }
     if opts.resources:
