@@ -973,6 +973,11 @@ HOOK int dup3(int oldfd, int newfd, int flags) { return dup2_common(oldfd, newfd
 static int fcntl_common(int fd, int cmd, void *arg, int is64) {
     struct ent *pe = fd_peek(fd);
     int r;
+    if (cmd == F_GETFL && pe != NULL && !t_guard && (pe->kind == K_RFILE || pe->kind == K_MFILE)) {
+        /* the memfd is read-write whatever the app asked for: report the app's access mode */
+        r = is64 ? REAL(fcntl64)(fd, cmd, arg) : REAL(fcntl)(fd, cmd, arg);
+        return r < 0 ? r : (r & ~O_ACCMODE) | (pe->oflags & O_ACCMODE);
+    }
     if (pe == NULL || t_guard || (cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC)) {
         r = is64 ? REAL(fcntl64)(fd, cmd, arg) : REAL(fcntl)(fd, cmd, arg);
         if (pe == NULL && !t_guard && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {

@@ -66,6 +66,7 @@ static void files(void) {
     int fd = open(t, O_RDONLY);
     CHECK("open", fd >= 0 && read(fd, buf, sizeof buf) == HLEN && memcmp(buf, HELLO, HLEN) == 0);
     CHECK("fstat", fstat(fd, &st) == 0 && st.st_size == HLEN && S_ISREG(st.st_mode));
+    CHECK("fcntl_getfl", (fcntl(fd, F_GETFL) & O_ACCMODE) == O_RDONLY);
     struct stat64 st64;
     CHECK("fstat64", fstat64(fd, &st64) == 0 && st64.st_size == HLEN);
     CHECK("close", close(fd) == 0);
