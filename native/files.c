@@ -978,6 +978,10 @@ static int fcntl_common(int fd, int cmd, void *arg, int is64) {
         r = is64 ? REAL(fcntl64)(fd, cmd, arg) : REAL(fcntl)(fd, cmd, arg);
         return r < 0 ? r : (r & ~O_ACCMODE) | (pe->oflags & O_ACCMODE);
     }
+    if (pe != NULL && pe->kind == K_LAYER && !t_guard) {
+        errno = EBADF; /* the layer's own connection: invisible to the app */
+        return -1;
+    }
     if (pe == NULL || t_guard || (cmd != F_DUPFD && cmd != F_DUPFD_CLOEXEC)) {
         r = is64 ? REAL(fcntl64)(fd, cmd, arg) : REAL(fcntl)(fd, cmd, arg);
         if (pe == NULL && !t_guard && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {

@@ -228,6 +228,14 @@ static void files(void) {
     close(fd);
     close(pipefd[0]);
     close(pipefd[1]);
+
+    /* the layer's own connection (at fd 900) is invisible and survives the app's fd games */
+    CHECK("layer_fd_invisible", fcntl(900, F_GETFD) == -1 && errno == EBADF && close(900) == -1);
+    CHECK("dup2_onto_layer_fd", dup2(1, 900) == 900 && stat(t, &st) == 0 && st.st_size == HLEN);
+    CHECK("close_after_dup2", close(900) == 0);
+    fd = open(t, O_RDONLY);
+    CHECK("close_range_keeps_layer", fd >= 3 && close_range(3, ~0U, 0) == 0 && stat(t, &st) == 0 &&
+                                         st.st_size == HLEN && fcntl(fd, F_GETFD) == -1);
 }
 
 int main(int argc, char **argv) {
