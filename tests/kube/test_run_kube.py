@@ -9,10 +9,12 @@ thread (a blocking call here would stop the server it talks to).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +27,24 @@ from tests.kube._cluster import add_deployment
 from tests.kube.apiserver import FakeApiServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
+
+STEAL_APP = """
+import socket
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 8080))
+server.listen(8)
+server.settimeout(30)
+print("listening", flush=True)
+conn, peer = server.accept()
+data = b""
+while b"\\r\\n\\r\\n" not in data:
+    data += conn.recv(65536)
+print("got", data.split(b"\\r\\n", 1)[0].decode(), flush=True)
+body = b"stolen by the app on the laptop"
+conn.sendall(b"HTTP/1.1 200 OK\\r\\nConnection: close\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+conn.close()
+"""
 
 POD_SPEC = PodSpec(
     name="web",
@@ -120,6 +140,48 @@ async def test_run_against_deployment_two_sessions_one_agent_one_port_forward(
         await asyncio.sleep(0.05)
     assert not cluster.list("Job", "default")
     assert cluster.get("Pod", *key) is None
+
+
+async def test_run_against_deployment_steals_a_request_sent_to_the_pod(
+    cluster: FakeApiServer, mirrord_cli: Mirrord, tmp_path: Path
+) -> None:
+    pod_ip = next(
+        p["status"]["podIP"]
+        for p in cluster.list("Pod", "default")
+        if "web" in p["metadata"]["name"]
+    )
+    proc = await asyncio.to_thread(
+        mirrord_cli.popen,
+        "run",
+        "--steal",
+        "--target",
+        "deployment/web",
+        "--",
+        *python_app(tmp_path, STEAL_APP, "steal.py"),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line.strip() == "listening", await asyncio.to_thread(proc.stderr.read)
+
+    def get() -> tuple[int, bytes]:
+        # The subscription is made when the app calls listen(); retry until the rule is in.
+        for _ in range(50):
+            conn = http.client.HTTPConnection(pod_ip, 8080, timeout=10)
+            try:
+                conn.request("GET", "/checkout")
+                resp = conn.getresponse()
+                body = resp.read()
+                if body == b"stolen by the app on the laptop":
+                    return resp.status, body
+            finally:
+                conn.close()
+            time.sleep(0.1)
+        return 0, b""
+
+    status, body = await asyncio.to_thread(get)
+    out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    assert (status, body) == (200, b"stolen by the app on the laptop"), (out, err)
+    assert "got GET /checkout HTTP/1.1" in out
 
 
 async def test_missing_portforward_permission_is_a_clear_error(
