@@ -615,8 +615,13 @@ HOOK int creat64(const char *path, mode_t mode) {
     }
 
 /* The memfd of a file opened write-only is readable: refuse as the real fd would. */
-static int mfile_writeonly(struct ent *pe) {
+static int mfile_writeonly(int fd, struct ent *pe) {
     if (pe->kind == K_MFILE && pe->writeback && (pe->oflags & O_ACCMODE) == O_WRONLY) {
+        struct ent *e = ent_get(fd);
+        if (e == NULL) {
+            return 0;
+        }
+        ent_put(e);
         errno = EBADF;
         return 1;
     }
@@ -626,7 +631,7 @@ static int mfile_writeonly(struct ent *pe) {
 HOOK ssize_t read(int fd, void *buf, size_t n) {
     RFILE_OR_BYPASS(fd, REAL(read)(fd, buf, n))
     if (pe->kind == K_MFILE) {
-        return mfile_writeonly(pe) ? -1 : REAL(read)(fd, buf, n);
+        return mfile_writeonly(fd, pe) ? -1 : REAL(read)(fd, buf, n);
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
@@ -660,7 +665,7 @@ static ssize_t pread_common(int fd, void *buf, size_t n, off_t off) {
 HOOK ssize_t pread(int fd, void *buf, size_t n, off_t off) {
     RFILE_OR_BYPASS(fd, REAL(pread)(fd, buf, n, off))
     if (pe->kind == K_MFILE) {
-        return mfile_writeonly(pe) ? -1 : REAL(pread)(fd, buf, n, off);
+        return mfile_writeonly(fd, pe) ? -1 : REAL(pread)(fd, buf, n, off);
     }
     return pread_common(fd, buf, n, off);
 }
@@ -668,7 +673,7 @@ HOOK ssize_t pread(int fd, void *buf, size_t n, off_t off) {
 HOOK ssize_t pread64(int fd, void *buf, size_t n, off64_t off) {
     RFILE_OR_BYPASS(fd, REAL(pread64)(fd, buf, n, off))
     if (pe->kind == K_MFILE) {
-        return mfile_writeonly(pe) ? -1 : REAL(pread64)(fd, buf, n, off);
+        return mfile_writeonly(fd, pe) ? -1 : REAL(pread64)(fd, buf, n, off);
     }
     return pread_common(fd, buf, n, off);
 }
@@ -676,7 +681,7 @@ HOOK ssize_t pread64(int fd, void *buf, size_t n, off64_t off) {
 HOOK ssize_t readv(int fd, const struct iovec *iov, int cnt) {
     RFILE_OR_BYPASS(fd, REAL(readv)(fd, iov, cnt))
     if (pe->kind == K_MFILE) {
-        return mfile_writeonly(pe) ? -1 : REAL(readv)(fd, iov, cnt);
+        return mfile_writeonly(fd, pe) ? -1 : REAL(readv)(fd, iov, cnt);
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
@@ -707,8 +712,13 @@ HOOK ssize_t readv(int fd, const struct iovec *iov, int cnt) {
 /* A memfd-backed file opened read-only: the memfd itself is writable, so refuse. A
  * write-back file is written natively (the memfd is the cache). Returns 1: refused,
  * 2: write natively, 0: handle-backed. */
-static int mfile_readonly(struct ent *pe) {
+static int mfile_readonly(int fd, struct ent *pe) {
     if (pe->kind == K_MFILE && !pe->writeback) {
+        struct ent *e = ent_get(fd); /* still ours? (else: write natively) */
+        if (e == NULL) {
+            return 2;
+        }
+        ent_put(e);
         errno = EBADF;
         return 1;
     }
@@ -717,7 +727,7 @@ static int mfile_readonly(struct ent *pe) {
 
 HOOK ssize_t write(int fd, const void *buf, size_t n) {
     RFILE_OR_BYPASS(fd, REAL(write)(fd, buf, n))
-    switch (mfile_readonly(pe)) {
+    switch (mfile_readonly(fd, pe)) {
     case 1: return -1;
     case 2: return REAL(write)(fd, buf, n);
     }
@@ -752,7 +762,7 @@ static ssize_t pwrite_common(int fd, const void *buf, size_t n, off_t off) {
 
 HOOK ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
     RFILE_OR_BYPASS(fd, REAL(pwrite)(fd, buf, n, off))
-    switch (mfile_readonly(pe)) {
+    switch (mfile_readonly(fd, pe)) {
     case 1: return -1;
     case 2: return REAL(pwrite)(fd, buf, n, off);
     }
@@ -761,7 +771,7 @@ HOOK ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) {
 
 HOOK ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
     RFILE_OR_BYPASS(fd, REAL(pwrite64)(fd, buf, n, off))
-    switch (mfile_readonly(pe)) {
+    switch (mfile_readonly(fd, pe)) {
     case 1: return -1;
     case 2: return REAL(pwrite64)(fd, buf, n, off);
     }
@@ -770,7 +780,7 @@ HOOK ssize_t pwrite64(int fd, const void *buf, size_t n, off64_t off) {
 
 HOOK ssize_t writev(int fd, const struct iovec *iov, int cnt) {
     RFILE_OR_BYPASS(fd, REAL(writev)(fd, iov, cnt))
-    switch (mfile_readonly(pe)) {
+    switch (mfile_readonly(fd, pe)) {
     case 1: return -1;
     case 2: return REAL(writev)(fd, iov, cnt);
     }
@@ -976,7 +986,12 @@ static int fcntl_common(int fd, int cmd, void *arg, int is64) {
     if (cmd == F_GETFL && pe != NULL && !t_guard && (pe->kind == K_RFILE || pe->kind == K_MFILE)) {
         /* the memfd is read-write whatever the app asked for: report the app's access mode */
         r = is64 ? REAL(fcntl64)(fd, cmd, arg) : REAL(fcntl)(fd, cmd, arg);
-        return r < 0 ? r : (r & ~O_ACCMODE) | (pe->oflags & O_ACCMODE);
+        struct ent *e = r < 0 ? NULL : ent_get(fd);
+        if (e != NULL) {
+            r = (r & ~O_ACCMODE) | (e->oflags & O_ACCMODE);
+            ent_put(e);
+        }
+        return r;
     }
     if (pe != NULL && pe->kind == K_LAYER && !t_guard) {
         errno = EBADF; /* the layer's own connection: invisible to the app */

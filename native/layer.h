@@ -113,6 +113,10 @@ struct udp_map {
 struct ent {
     int kind;
     int refs; /* fds pointing here plus callers holding it; under g_fd_lock */
+    /* identity of the open file behind the fd(s): an fd closed where no hook sees it (inside
+     * libc, close_range(2)) and reused for another file is recognised and forgotten */
+    dev_t fd_dev;
+    ino_t fd_ino;
     /* files: a remote handle (K_RFILE) or a memfd with the remote stat (K_MFILE) */
     int has_handle;
     uint64_t handle;
@@ -156,7 +160,7 @@ static inline struct ent *fd_peek(int fd) {
 }
 
 struct ent *ent_new(int kind);
-struct ent *ent_get(int fd);              /* takes a reference, NULL if untracked */
+struct ent *ent_get(int fd);              /* takes a reference, NULL if untracked or stale */
 void ent_put(struct ent *e);              /* drops a reference; the last one frees remotely */
 void fd_set_ent(int fd, struct ent *e);   /* takes over one reference of e */
 struct ent *fd_take(int fd);              /* removes fd's entry and returns its reference */

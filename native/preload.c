@@ -82,7 +82,7 @@ struct ent *ent_new(int kind) {
     return e;
 }
 
-struct ent *ent_get(int fd) {
+static struct ent *ent_get_raw(int fd) {
     if ((unsigned)fd >= MAX_FDS) {
         return NULL;
     }
@@ -94,6 +94,23 @@ struct ent *ent_get(int fd) {
         e = NULL;
     }
     pthread_mutex_unlock(&g_fd_lock);
+    return e;
+}
+
+struct ent *ent_get(int fd) {
+    struct ent *e = ent_get_raw(fd);
+    if (e == NULL) {
+        return NULL;
+    }
+    struct stat st;
+    if (REAL(fstat)(fd, &st) < 0 || st.st_ino != e->fd_ino || st.st_dev != e->fd_dev) {
+        /* closed or reused behind our back: this entry no longer describes the fd */
+        ent_put(e);
+        if (__atomic_load_n(&g_fd[fd], __ATOMIC_ACQUIRE) == e) {
+            ent_put(fd_take(fd));
+        }
+        return NULL;
+    }
     return e;
 }
 
@@ -151,6 +168,13 @@ void fd_set_ent(int fd, struct ent *e) {
     if ((unsigned)fd >= MAX_FDS) {
         ent_put(e);
         return;
+    }
+    if (e->fd_ino == 0 && e->fd_dev == 0) {
+        struct stat st;
+        if (REAL(fstat)(fd, &st) == 0) {
+            e->fd_dev = st.st_dev;
+            e->fd_ino = st.st_ino;
+        }
     }
     pthread_mutex_lock(&g_fd_lock);
     struct ent *old = g_fd[fd];
