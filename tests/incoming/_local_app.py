@@ -1,8 +1,10 @@
 """A stand-in for the user's app: a real HTTP/1.1 server process on the host.
 
-Run: `python _local_app.py NAME [HOST [PORT]]` -> prints the port it listens on (default
-127.0.0.1, any port), then serves. Also run inside a pod as a pod-side server with a deep
-accept queue (http.server's default of 5 resets connections under 20 concurrent clients).
+Run: `python _local_app.py NAME [HOST [PORT [log]]]` -> prints the port it listens on
+(default 127.0.0.1, any port), then serves; with `log` it prints `seen METHOD PATH` for each
+request. Responses carry `X-Peer: <client address as accept() reported it>`. Also run
+inside a pod as a pod-side server with a deep accept queue (http.server's default of 5 resets
+connections under 20 concurrent clients).
 Answers every request with `NAME METHOD PATH x-user=<header>\\n` + body; `/ws` with an
 `Upgrade` header is answered 101 and then echoes raw bytes until the client closes.
 """
@@ -17,6 +19,7 @@ from typing import Any
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     name = "local"
+    log_requests = False
 
     def _answer(self) -> None:
         if self.path == "/ws" and self.headers.get("Upgrade"):
@@ -36,7 +39,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         user = self.headers.get("x-user", "")
         out = f"{self.name} {self.command} {self.path} x-user={user}\n".encode() + body
+        if self.log_requests:
+            print(f"seen {self.command} {self.path}", flush=True)
         self.send_response(200)
+        # who the app thinks it talks to: getpeername() of the accepted connection
+        self.send_header("X-Peer", f"{self.client_address[0]}")
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -52,6 +59,7 @@ def main() -> None:
     Handler.name = sys.argv[1] if len(sys.argv) > 1 else "local"
     host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
     port = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    Handler.log_requests = sys.argv[4:5] == ["log"]
     http.server.ThreadingHTTPServer.request_queue_size = 1024
     server = http.server.ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

@@ -1,0 +1,133 @@
+"""Incoming traffic end to end: `mirrord run` (CLI, daemon, agent, preloaded layer) with a
+real HTTP server as the user app, a local pod as the target, and a client on the pod's host
+side talking to the pod's IP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrord.localpod import LocalPod
+from tests.cli.conftest import Mirrord
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+APP = str(Path(__file__).with_name("_local_app.py"))
+
+
+@pytest.fixture
+def mirrord() -> Iterator[Mirrord]:
+    runtime = Path(tempfile.mkdtemp(prefix="mrdi"))  # short: unix socket paths <= 107 bytes
+    cli = Mirrord(runtime)
+    try:
+        yield cli
+    finally:
+        cli.cleanup()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def get(
+    pod: LocalPod, method: str, path: str, *, user: str = "", body: bytes | None = None
+) -> tuple[bytes, str]:
+    conn = http.client.HTTPConnection(pod.ip, 8080, timeout=15)
+    try:
+        conn.request(method, path, body=body, headers={"x-user": user} if user else {})
+        resp = conn.getresponse()
+        return resp.read(), resp.getheader("X-Peer") or ""
+    finally:
+        conn.close()
+
+
+def our_rules(pod: LocalPod) -> list[str]:
+    out = subprocess.run(
+        ["ip", "netns", "exec", pod.netns, "sh", "-c", "iptables-save; nft list ruleset"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    ).stdout
+    return [line for line in out.splitlines() if "MRD_" in line or "mirrord_" in line]
+
+
+def start_app(mirrord: Mirrord, pod: LocalPod, *args: str, log: bool = False) -> object:
+    argv = [sys.executable, APP, "local", "0.0.0.0", "8080", *(["log"] if log else [])]
+    proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", *args, "--", *argv)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "8080", proc.stderr.read() if proc.stderr else line
+    return proc
+
+
+def stop_app(proc: object) -> str:
+    assert isinstance(proc, subprocess.Popen)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    return str(out)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_mirrord_run_steal_every_method_then_the_pod_again(mirrord: Mirrord, pod: LocalPod) -> None:
+    app = start_app(mirrord, pod, "--steal")
+    for method in ("GET", "POST", "PUT", "DELETE"):
+        body = method.encode() * 3 if method in ("POST", "PUT") else None
+        out, peer = get(pod, method, "/e2e", body=body)
+        assert out == f"local {method} /e2e x-user=\n".encode() + (body or b"")
+        assert peer == pod.host_ip  # accept()/getpeername() name the real client
+    stop_app(app)
+    wait_for(lambda: get(pod, "GET", "/after")[0] == b"pod GET /after\n")
+    wait_for(lambda: our_rules(pod) == [])
+
+
+def test_mirrord_run_with_a_header_filter(mirrord: Mirrord, pod: LocalPod, tmp_path: Path) -> None:
+    config = tmp_path / "mirrord.json"
+    config.write_text(
+        json.dumps(
+            {
+                "feature": {
+                    "network": {
+                        "incoming": {
+                            "mode": "steal",
+                            "http_filter": {"header_filter": "^x-user: alice$", "ports": [8080]},
+                        }
+                    }
+                }
+            }
+        )
+    )
+    app = start_app(mirrord, pod, "-f", str(config))
+    assert get(pod, "GET", "/a", user="alice")[0] == b"local GET /a x-user=alice\n"
+    assert get(pod, "GET", "/b", user="bob")[0] == b"pod GET /b\n"
+    assert get(pod, "POST", "/c", body=b"x")[0] == b"pod POST /c\nx"
+    stop_app(app)
+    wait_for(lambda: our_rules(pod) == [])
+
+
+def test_mirrord_run_mirror_gets_a_copy_while_the_pod_answers(
+    mirrord: Mirrord, pod: LocalPod
+) -> None:
+    app = start_app(mirrord, pod, log=True)
+    time.sleep(0.5)  # the subscription follows listen() asynchronously
+    for i in range(5):
+        assert get(pod, "GET", f"/m{i}")[0] == f"pod GET /m{i}\n".encode()
+    time.sleep(1.0)
+    out = stop_app(app)
+    print(out)
+    # separate connections: the app may serve them in any order
+    assert sorted(line for line in out.splitlines() if line.startswith("seen")) == [
+        f"seen GET /m{i}" for i in range(5)
+    ]
