@@ -174,6 +174,20 @@ async def test_node_agent_from_helm_chart_daemonset(
         await h2.stop()
     assert apiserver.list("DaemonSet", "mirrord")  # the chart's DaemonSet is not ours to delete
 
+    # A target whose container has no process on the node: the node agent's error comes back.
+    names = add_deployment(apiserver, "ghost")
+    for _ in range(200):
+        p = apiserver.get("Pod", "default", names[0])
+        if p is not None and p["status"].get("phase") == "Running":
+            break
+        await asyncio.sleep(0.02)
+    ghost = await KubeBackend().start_agent("deployment/ghost", config, print)
+    try:
+        with pytest.raises(AgentPodFailed, match=r"node agent .*container/[0-9a-f]{64}"):
+            await ghost.connect()
+    finally:
+        await ghost.stop()
+
 
 async def test_stolen_request_through_the_kube_agent(
     apiserver: FakeApiServer, kubeconfig: Path, web_pod: LocalPod
