@@ -351,7 +351,7 @@ static int placeholder_fd(int flags, const char *path) {
 
 /* Fetches the whole file into a memfd; -2 if it turned out too big (handle stays open and
  * is rewound), -1 on error. */
-static int fetch_to_memfd(uint64_t handle, int flags, const char *path, size_t *size) {
+static int fetch_to_memfd(uint64_t handle, int flags, const char *path, off_t expect, size_t *size) {
     int fd = placeholder_fd(flags, path);
     if (fd < 0) {
         return -1;
@@ -389,6 +389,9 @@ static int fetch_to_memfd(uint64_t handle, int flags, const char *path, size_t *
             off += k;
         }
         total += (size_t)n;
+        if (expect > 0 && (size_t)n < cap && (off_t)total >= expect) {
+            break; /* a short read reaching the size fstat gave: no need to ask for the end */
+        }
         if ((long long)total > g_set.fetch_limit) {
             free(buf);
             REAL(close)(fd);
@@ -453,7 +456,7 @@ static int open_remote(const char *path, int flags, mode_t mode) {
         } else if (writing && (flags & O_ACCMODE) == O_WRONLY && st.st_size == 0) {
             fd = placeholder_fd(flags, path); /* nothing to fetch (a new file) */
         } else {
-            fd = fetch_to_memfd(handle, flags, path, &size);
+            fd = fetch_to_memfd(handle, flags, path, st.st_size, &size);
         }
         if (fd >= 0 && !writing) {
             rfile_close_handle(handle);

@@ -26,7 +26,7 @@ struct settings g_set = {
     .hostname = 1,
     .skip_build_tools = 1,
     .timeout_ms = 30000,
-    .fetch_limit = 64LL * 1024 * 1024,
+    .fetch_limit = 8LL * 1024 * 1024,
 };
 
 #define MAX_LIST 128

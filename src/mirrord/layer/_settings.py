@@ -109,7 +109,7 @@ class LayerSettings:
     timeout_ms: int = 30000  # a daemon silent this long fails the call with EIO
     # remote files up to this size are fetched whole into a memfd (read-only opens) or used as a
     # write-back cache (writable opens); bigger ones are read and written through the handle
-    fetch_limit: int = 64 * 1024 * 1024
+    fetch_limit: int = 8 * 1024 * 1024
 
     def encode(self) -> str:
         """The compact string the C side parses (MIRRORD_LAYER_CONFIG)."""
