@@ -405,3 +405,21 @@ async def test_agent_option_picks_the_nft_backend_and_cleans_stale_rules(
     finally:
         stop_agent(agent)
     assert our_rules(pod) == []
+
+
+async def test_stealing_a_probe_port_warns_with_the_kube_probe_recipe(pod: LocalPod) -> None:
+    agent = start_agent(f"pid/{pod.pid}", env={"MIRRORD_AGENT_PROBE_PORTS": "8080"})
+    try:
+        async with AgentClient.open(agent) as client:
+            await client.open_channel(1)
+            await client.open_channel(3)
+            reply = await subscribe(client, 1, 8080, "steal")
+            assert len(reply.warnings) == 1
+            assert "HTTP probes" in reply.warnings[0]
+            assert '"header_filter": "^user-agent: (?!kube-probe)"' in reply.warnings[0]
+            await unsubscribe(client, 1, 8080)
+            recipe = {"header_filter": "^user-agent: (?!kube-probe)"}
+            assert (await subscribe(client, 3, 8080, "steal", recipe)).warnings == []
+            assert (await subscribe(client, 1, 7777, "steal")).warnings == []
+    finally:
+        stop_agent(agent)

@@ -28,7 +28,8 @@ Options (environment of the agent process, since the agent's command line is fix
 `MIRRORD_AGENT_STEAL_BACKEND` (`auto`, `iptables-nft`, `iptables-legacy`, `nft`), else the
 config's `MIRRORD_AGENT_NFTABLES` (true: nft, false: iptables-legacy);
 `MIRRORD_AGENT_CLEAN_IPTABLES` or `MIRRORD_AGENT_CLEAN_IPTABLES_ON_START` (`1`/`true`: remove
-stale rules of dead agents at start; otherwise they are reported as Subscribe warnings).
+stale rules of dead agents at start; otherwise they are reported as Subscribe warnings);
+`MIRRORD_AGENT_PROBE_PORTS` (the target's HTTP probe ports, for the probe warning).
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
+def _probe_ports_from_env() -> set[int]:
+    """`MIRRORD_AGENT_PROBE_PORTS`: the target's HTTP probe ports, comma separated."""
+    ports: set[int] = set()
+    for item in os.environ.get("MIRRORD_AGENT_PROBE_PORTS", "").replace(";", ",").split(","):
+        if item.strip().isdigit():
+            ports.add(int(item))
+    return ports
+
+
 def _backend_from_env() -> str:
     """`MIRRORD_AGENT_STEAL_BACKEND` names a backend; else the config's `agent.nftables`
     (`MIRRORD_AGENT_NFTABLES`): true is nft, false is iptables-legacy; else detect."""
@@ -168,8 +178,8 @@ class IncomingService:
             or _env_flag("MIRRORD_AGENT_CLEAN_IPTABLES_ON_START")
         )
         # Ports the target's HTTP probes use: local targets have none; the Kubernetes side
-        # passes a function reading the pod spec.
-        self.probe_ports: Callable[[], set[int]] = probe_ports or set
+        # knows them from the pod spec and passes them (or MIRRORD_AGENT_PROBE_PORTS).
+        self.probe_ports: Callable[[], set[int]] = probe_ports or _probe_ports_from_env
         self._tg: anyio.abc.TaskGroup | None = None
         self._lock = anyio.Lock()  # subscribe/unsubscribe change rules one at a time
         self.mirrors: dict[int, list[Any]] = {}
@@ -539,11 +549,16 @@ class IncomingService:
             raise
         self._rules_ports = redirects
         if not redirects:
-            await self._maybe_clear_rules()
+            await self._clear_rules_if_unused()
 
     async def _maybe_clear_rules(self) -> None:
+        async with self._lock:
+            await self._clear_rules_if_unused()
+
+    async def _clear_rules_if_unused(self) -> None:
         """Remove the pin (and so every chain) once nothing is stolen and no stolen connection
-        is left: removing it earlier would reset those connections (see `_steal.py`)."""
+        is left: removing it earlier would reset those connections (see `_steal.py`). Called
+        with `_lock` held, so no Subscribe installs rules meanwhile."""
         if self.steals or self.stolen_live or self._rules is None:
             return
         rules = self._rules
