@@ -418,7 +418,7 @@ async def test_stealing_a_probe_port_warns_with_the_kube_probe_recipe(pod: Local
             assert "HTTP probes" in reply.warnings[0]
             assert '"header_filter": "^user-agent: (?!kube-probe)"' in reply.warnings[0]
             await unsubscribe(client, 1, 8080)
-            recipe = {"header_filter": "^user-agent: (?!kube-probe)"}
+            recipe: dict[str, object] = {"header_filter": "^user-agent: (?!kube-probe)"}
             assert (await subscribe(client, 3, 8080, "steal", recipe)).warnings == []
             assert (await subscribe(client, 1, 7777, "steal")).warnings == []
     finally:
