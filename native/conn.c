@@ -82,7 +82,7 @@ static pid_t g_parent; /* announced by the next registration (fork / spawn child
 static pid_t g_fork_parent;
 static pid_t g_announced; /* the parent this process registered with */
 static int g_layer_fd_max = -1;
-static __thread struct lconn *t_conn;
+static LAYER_TLS struct lconn *t_conn;
 static pthread_key_t g_key;
 static struct sockaddr_un g_addr;
 static char g_session[256];

@@ -82,7 +82,11 @@ void layer_resolve(void);
 /* ---------------------------------------------------------------- state */
 
 extern int g_active;           /* hooks do their work (configured, not skipped) */
-extern __thread int t_guard;   /* >0 while the layer runs its own code on this thread */
+/* The layer is loaded at start (LD_PRELOAD), so its thread-locals can use the initial-exec
+ * model: a plain %fs-relative load instead of a __tls_get_addr call on every hook. */
+#define LAYER_TLS __thread __attribute__((tls_model("initial-exec")))
+
+extern LAYER_TLS int t_guard; /* >0 while the layer runs its own code on this thread */
 extern int g_debug;
 
 void layer_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -761,7 +761,7 @@ HOOK void freeaddrinfo(struct addrinfo *ai) {
 }
 
 #define HOST_ADDRS 16
-static __thread struct {
+static LAYER_TLS struct {
     struct hostent he;
     char name[256];
     char *aliases[1];

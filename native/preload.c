@@ -33,7 +33,7 @@ MIRRORD_REALS(MIRRORD_DEFINE_REAL)
 
 int g_active;
 int g_debug;
-__thread int t_guard;
+LAYER_TLS int t_guard;
 
 struct ent *g_fd[MAX_FDS];
 pthread_mutex_t g_fd_lock = PTHREAD_MUTEX_INITIALIZER;
