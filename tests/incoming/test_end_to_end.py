@@ -131,3 +131,28 @@ def test_mirrord_run_mirror_gets_a_copy_while_the_pod_answers(
     assert sorted(line for line in out.splitlines() if line.startswith("seen")) == [
         f"seen GET /m{i}" for i in range(5)
     ]
+
+
+def test_two_sessions_share_one_port_with_alice_and_bob_filters(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path
+) -> None:
+    apps = []
+    for user in ("alice", "bob"):
+        config = tmp_path / f"{user}.json"
+        http_filter = {"header_filter": f"^x-user: {user}$", "ports": [8080]}
+        incoming = {"mode": "steal", "http_filter": http_filter}
+        config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+        argv = [sys.executable, APP, f"{user}-app", "0.0.0.0", "8080"]
+        proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "8080"
+        apps.append(proc)
+    for _ in range(3):
+        assert get(pod, "GET", "/a", user="alice")[0] == b"alice-app GET /a x-user=alice\n"
+        assert get(pod, "GET", "/b", user="bob")[0] == b"bob-app GET /b x-user=bob\n"
+        assert get(pod, "GET", "/c", user="carol")[0] == b"pod GET /c\n"
+    sessions = mirrord.status()["sessions"]
+    assert len(sessions) == 2
+    for proc in apps:
+        stop_app(proc)
+    wait_for(lambda: our_rules(pod) == [])
