@@ -255,11 +255,24 @@ static int env_flag(const char *name) {
     return v != NULL && *v != 0 && strcmp(v, "0") != 0 && strcasecmp(v, "false") != 0;
 }
 
+/* A process that will not use the layer (skipped, told not to load) must not keep the daemon
+ * connection its pre-exec image handed over: the daemon would think it still alive. */
+static void drop_handed_over_connection(void) {
+    const char *v = getenv("MIRRORD_LAYER_FD");
+    int fd = -1, pid = 0;
+    struct stat st;
+    if (v != NULL && sscanf(v, "%d:%d", &fd, &pid) == 2 && pid == getpid() && fd > 2 &&
+        REAL(fstat)(fd, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        REAL(close)(fd);
+    }
+}
+
 __attribute__((constructor)) static void mirrord_layer_init(void) {
     layer_resolve();
     g_debug = env_flag("MIRRORD_LAYER_DEBUG");
     if (getenv("MIRRORD_DONT_LOAD") != NULL) {
-        return; /* asked not to load: do nothing */
+        drop_handed_over_connection();
+        return; /* asked not to load: do nothing else */
     }
     const char *sock = getenv("MIRRORD_LAYER_SOCKET");
     const char *session = getenv("MIRRORD_SESSION");
@@ -270,6 +283,7 @@ __attribute__((constructor)) static void mirrord_layer_init(void) {
     t_guard++;
     if (policy_load(config != NULL ? config : "") < 0) {
         DBG("MIRRORD_LAYER_CONFIG is malformed: the layer stays inactive");
+        drop_handed_over_connection();
         t_guard--;
         return;
     }
@@ -278,6 +292,7 @@ __attribute__((constructor)) static void mirrord_layer_init(void) {
     exe[n > 0 ? n : 0] = 0;
     if (policy_skip_process(exe, program_invocation_short_name)) {
         DBG("skipping %s: loaded without hooks", program_invocation_short_name);
+        drop_handed_over_connection();
         t_guard--;
         return;
     }

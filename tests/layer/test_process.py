@@ -155,3 +155,28 @@ print(codes)
     assert run.py(code, timeout=60).stdout == b"[0, 0, 0, 0, 0]\n"
     parents = list(daemon.processes.values())
     assert parents.count(None) == 1 and len(parents) == 6
+
+
+def test_exec_into_a_skipped_process_lets_go_of_the_connection(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
+    # python registers, then becomes `sleep` (skipped): sleep must not hold the connection
+    code = "import os; os.execvp('sleep', ['sleep', '5'])"
+    import time
+
+    env = run.env(LayerSettings(skip_processes=("sleep",), timeout_ms=5000))
+    with subprocess.Popen([PYTHON, "-S", "-c", code], env=env, cwd=run.cwd) as proc:
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and os.path.exists(f"/proc/{proc.pid}/exe"):
+                if os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep"):
+                    break
+                time.sleep(0.02)
+            time.sleep(0.3)
+            socks = [
+                os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{proc.pid}/fd")
+            ]
+            assert not [s for s in socks if s.startswith("socket:")], socks
+        finally:
+            proc.kill()
