@@ -1591,6 +1591,79 @@ HOOK int fsync(int fd) {
     return handle_op(fd, M_FSYNC, 0, &ret) == R_DONE ? ret : REAL(fsync)(fd);
 }
 
+/* truncate/chmod by path: no message of their own; open the remote file, change it through
+ * the handle, close it. In read mode they modify, so they stay local. */
+static int path_via_handle(const char *path, int oflags, int kind, uint64_t arg, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    char full[PATH_CAP];
+    int d = decide(AT_FDCWD, path, 1, full, sizeof full);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    *ret = -1;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+    } else {
+        struct lconn *c = conn_acquire();
+        uint64_t handle = 0;
+        int rc = -1;
+        if (c != NULL) {
+            cbor_w *w = conn_begin(c, M_FILE_OPEN, 3);
+            cw_bytes(w, full, strlen(full));
+            cw_uint(w, (uint64_t)oflags);
+            cw_uint(w, 0);
+            cbor_r r;
+            rc = conn_call(c, M_FILE_OPENED, &r);
+            if (rc == 0 && cr_uint(&r, &handle) < 0) {
+                errno = EIO;
+                rc = -1;
+            }
+            if (rc == 0) {
+                w = conn_begin(c, kind, 2);
+                cw_uint(w, handle);
+                cw_uint(w, arg);
+                rc = conn_call(c, M_OK, &r);
+                int saved = errno;
+                w = conn_begin(c, M_FILE_CLOSE, 1);
+                cw_uint(w, handle);
+                (void)conn_call(c, M_OK, &r);
+                errno = saved;
+            }
+            conn_release(c);
+        }
+        *ret = rc;
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+HOOK int truncate(const char *path, off_t len) {
+    int ret;
+    if (len >= 0 && path_via_handle(path, O_WRONLY, M_FTRUNCATE, (uint64_t)len, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(truncate)(path, len);
+}
+
+HOOK int truncate64(const char *path, off64_t len) {
+    int ret;
+    if (len >= 0 && path_via_handle(path, O_WRONLY, M_FTRUNCATE, (uint64_t)len, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(truncate64)(path, len);
+}
+
+HOOK int chmod(const char *path, mode_t mode) {
+    int ret;
+    if (path_via_handle(path, O_RDONLY, M_FCHMOD, mode, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(chmod)(path, mode);
+}
+
 /* ---------------------------------------------------------------- directories */
 
 #define DIR_SLOTS 512

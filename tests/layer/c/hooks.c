@@ -194,6 +194,10 @@ static void files(void) {
     n = fd >= 0 ? read(fd, buf, sizeof buf) : -1;
     CHECK("written_content", n == 8 && memcmp(buf, "ZYcdefgh", 8) == 0);
     close(fd);
+    CHECK("truncate", truncate(P("c.txt"), 4) == 0 && stat(P("c.txt"), &st) == 0 && st.st_size == 4);
+    CHECK("truncate64", truncate64(P("c.txt"), 3) == 0 && stat(P("c.txt"), &st) == 0 && st.st_size == 3);
+    CHECK("chmod", chmod(P("c.txt"), 0640) == 0 && stat(P("c.txt"), &st) == 0 && (st.st_mode & 0777) == 0640);
+    CHECK("truncate_enoent", truncate(P("missing"), 0) == -1 && errno == ENOENT);
     CHECK("rename", rename(P("c.txt"), P("d.txt")) == 0 && access(P("c.txt"), F_OK) == -1);
     CHECK("renameat", renameat(AT_FDCWD, P("d.txt"), AT_FDCWD, P("e.txt")) == 0);
     CHECK("unlink", unlink(P("e.txt")) == 0 && access(P("e.txt"), F_OK) == -1);
