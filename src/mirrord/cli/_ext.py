@@ -28,8 +28,8 @@ from mirrord.cli._run import (
     StealOpt,
     TargetOpt,
 )
-from mirrord.cli._sessions import open_session
-from mirrord.daemon._exceptions import DaemonError
+from mirrord.cli._sessions import EXIT_BAD_USAGE, open_session, session_request
+from mirrord.daemon._exceptions import ControlError, DaemonError
 
 __all__ = ["emit"]
 
@@ -59,26 +59,16 @@ def ext(
     ] = 120.0,
 ) -> None:
     """For IDEs: open a session, print its env as JSON, keep it until the debuggee exits."""
-    from mirrord.config import ConfigError, cli_overrides, resolve_config
-
-    try:
-        resolved = resolve_config(
-            config_file,
-            overrides=cli_overrides(
-                target=target,
-                steal=steal,
-                fs_mode=fs_mode,
-                env_include=env_include,
-                env_exclude=env_exclude,
-                no_outgoing=no_outgoing,
-                no_remote_dns=no_remote_dns,
-            ),
-        )
-    except ConfigError as exc:
-        emit({"type": "error", "message": str(exc), "errors": exc.errors})
-        raise typer.Exit(1) from None
-    for warning in resolved.warnings:
-        emit({"type": "warning", "message": warning})
+    request = session_request(
+        target=target,
+        config_file=config_file,
+        steal=steal,
+        fs_mode=fs_mode,
+        env_include=env_include,
+        env_exclude=env_exclude,
+        no_outgoing=no_outgoing,
+        no_remote_dns=no_remote_dns,
+    )
 
     def on_event(event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -87,16 +77,22 @@ def ext(
         elif kind in ("warning", "agent_lost"):
             emit({"type": "warning", "message": event.get("message", "")})
 
+    def config_error(exc: ControlError) -> None:
+        emit({"type": "error", "message": str(exc), "errors": exc.errors})
+
     try:
         session = open_session(
-            resolved.config,
+            request,
             progress=lambda text: emit({"type": "progress", "message": text}),
             on_event=on_event,
+            warn=lambda text: emit({"type": "warning", "message": text}),
             label="ext",
+            on_config_error=config_error,
         )
-    except typer.Exit:
-        emit({"type": "error", "message": "mirrord could not open a session (see stderr)"})
-        raise
+    except typer.Exit as exc:
+        if exc.exit_code != EXIT_BAD_USAGE:
+            emit({"type": "error", "message": "mirrord could not open a session (see stderr)"})
+        raise typer.Exit(1) from None
     emit({"type": "env", "session": session.session, "env": session.env})
     try:
         session.client.call(

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from mirrord.cli._app import app
-from mirrord.cli._sessions import Progress, child_env, fail, load_run_config, open_session
+from mirrord.cli._sessions import Progress, child_env, fail, open_session, session_request
 
 __all__ = ["run_command"]
 
@@ -108,7 +108,7 @@ def run_command(
     if not command:
         fail("no command to run: `mirrord run [OPTIONS] -- CMD [ARGS]`", code=2)
     progress = Progress(quiet=quiet)
-    config = load_run_config(
+    request = session_request(
         target=target,
         config_file=config_file,
         steal=steal,
@@ -117,7 +117,6 @@ def run_command(
         env_exclude=env_exclude,
         no_outgoing=no_outgoing,
         no_remote_dns=no_remote_dns,
-        warn=progress.warn,
     )
     running = [False]
 
@@ -132,7 +131,11 @@ def run_command(
 
     with progress:
         session = open_session(
-            config, progress=progress.step, on_event=on_event, label=" ".join(command)[:200]
+            request,
+            progress=progress.step,
+            on_event=on_event,
+            warn=progress.warn,
+            label=" ".join(command)[:200],
         )
         progress.step(f"session {session.session} on {session.agent}: running {command[0]}")
     try:

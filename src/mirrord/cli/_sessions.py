@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,13 +21,8 @@ from rich.markup import escape
 from rich.status import Status
 
 from mirrord.daemon._client import ControlClient, ensure_daemon
-from mirrord.daemon._exceptions import DaemonError
+from mirrord.daemon._exceptions import ControlError, DaemonError
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
-
-if TYPE_CHECKING:
-    # the config package builds pydantic models at import (a few hundred ms): only the
-    # commands that need a config pay for it
-    from mirrord.config import MirrordConfig
 
 __all__ = [
     "EXIT_BAD_USAGE",
@@ -36,12 +31,15 @@ __all__ = [
     "Progress",
     "child_env",
     "fail",
-    "load_run_config",
     "open_session",
+    "session_request",
 ]
 
 EXIT_MIRRORD_ERROR = 1  # mirrord itself failed before the user command ran
 EXIT_BAD_USAGE = 2  # bad arguments or configuration (like click's usage errors)
+# The daemon bounds every wait of a session start itself (agent startup_timeout, handshake):
+# this only guards against a daemon that stopped answering.
+CREATE_SESSION_TIMEOUT = 900.0
 
 
 def fail(message: str, code: int = EXIT_MIRRORD_ERROR) -> NoReturn:
@@ -92,7 +90,7 @@ class Progress:
             print(f"mirrord: warning: {text}", file=sys.stderr, flush=True)
 
 
-def load_run_config(
+def session_request(
     *,
     target: str | None,
     config_file: Path | None,
@@ -102,27 +100,26 @@ def load_run_config(
     env_exclude: str | None = None,
     no_outgoing: bool = False,
     no_remote_dns: bool = False,
-    warn: Callable[[str], None] | None = None,
-) -> MirrordConfig:
-    from mirrord.config import ConfigError, cli_overrides, resolve_config
-
-    try:
-        overrides = cli_overrides(
-            target=target,
-            steal=steal,
-            fs_mode=fs_mode,
-            env_include=env_include,
-            env_exclude=env_exclude,
-            no_outgoing=no_outgoing,
-            no_remote_dns=no_remote_dns,
-        )
-        resolved = resolve_config(config_file, overrides=overrides)
-    except ConfigError as exc:
-        fail(str(exc), code=EXIT_BAD_USAGE)
-    if warn is not None:
-        for warning in resolved.warnings:
-            warn(warning)
-    return resolved.config
+) -> dict[str, Any]:
+    """What the daemon resolves the session's configuration from (`load_config` +
+    `cli_overrides`, I6): the config file, the flags given, this environment and directory.
+    The daemon resolves it because it has the config package loaded; importing it here would
+    cost every `mirrord run` a few hundred milliseconds."""
+    flags = {
+        "target": target,
+        "steal": steal,
+        "fs_mode": fs_mode,
+        "env_include": env_include,
+        "env_exclude": env_exclude,
+        "no_outgoing": no_outgoing,
+        "no_remote_dns": no_remote_dns,
+    }
+    return {
+        "config_file": str(config_file.absolute()) if config_file is not None else None,
+        "flags": {k: v for k, v in flags.items() if v not in (None, False)},
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+    }
 
 
 @dataclass
@@ -144,41 +141,44 @@ class OpenSession:
 
 
 def open_session(
-    config: MirrordConfig,
+    request: dict[str, Any],
     *,
     progress: Callable[[str], None],
     on_event: Callable[[dict[str, Any]], None],
+    warn: Callable[[str], None],
     label: str = "",
     paths: RuntimePaths | None = None,
+    on_config_error: Callable[[ControlError], None] | None = None,
 ) -> OpenSession:
-    """Start the daemon if needed and open a session on the config's target."""
+    """Start the daemon if needed and open a session (the daemon resolves the config)."""
     paths = paths or runtime_paths()
-    target = config.target.path or "targetless"
     try:
-        ensure_daemon(
-            paths,
-            progress,
-            idle_timeout=float(config.daemon.idle_timeout),
-            log_level=str(config.daemon.log_level),
-        )
+        ensure_daemon(paths, progress)
         client = ControlClient(paths.control_socket, on_event=on_event)
     except DaemonError as exc:
         fail(str(exc))
-    progress(f"opening a session on {target}")
     try:
         result = client.call(
             "create_session",
-            timeout=float(config.agent.startup_timeout) + 60,
-            target=target,
-            config=config.model_dump(mode="json"),
+            timeout=CREATE_SESSION_TIMEOUT,
+            config_request=request,
             client_pid=os.getpid(),
             cwd=os.getcwd(),
             label=label,
             debug=bool(os.environ.get("MIRRORD_LAYER_DEBUG")),
         )
+    except ControlError as exc:
+        client.close()
+        if exc.code == "config_error":
+            if on_config_error is not None:
+                on_config_error(exc)
+            fail(str(exc), code=EXIT_BAD_USAGE)
+        fail(str(exc))
     except DaemonError as exc:
         client.close()
         fail(str(exc))
+    for warning in result.get("warnings") or []:
+        warn(str(warning))
     return OpenSession(
         client=client,
         session=str(result["session"]),

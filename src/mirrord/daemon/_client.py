@@ -139,6 +139,7 @@ class ControlClient:
             error = reply.get("error") or {}
             failure = ControlError(str(error.get("message") or "unknown error"))
             failure.code = str(error.get("code") or "control_error")
+            failure.errors = [str(e) for e in error.get("errors") or []]
             raise failure
         return reply.get("result")
 

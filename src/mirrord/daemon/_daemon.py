@@ -44,6 +44,42 @@ DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
 MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad client's memory
 
 
+async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Resolve a session's configuration here, from what the CLI was given: its config file,
+    its flags (`cli_overrides`), its environment (MIRRORD_* and templates) and its working
+    directory. The daemon has the config package loaded already, so `mirrord run` does not
+    pay for importing it on every start."""
+    from mirrord.config import ConfigError, cli_overrides, resolve_config
+
+    flags = request.get("flags") or {}
+    env = request.get("env") or {}
+    if not isinstance(flags, dict) or not isinstance(env, dict):
+        raise DaemonError("create_session: config_request.flags and .env must be objects")
+    config_file = request.get("config_file")
+    cwd = Path(str(request.get("cwd") or "/"))
+
+    def resolve() -> Any:
+        return resolve_config(
+            str(config_file) if config_file else None,
+            overrides=cli_overrides(**{str(k): v for k, v in flags.items()}),
+            env={str(k): str(v) for k, v in env.items()},
+            cwd=cwd,
+        )
+
+    try:
+        resolved = await anyio.to_thread.run_sync(resolve)  # reads the file
+    except ConfigError as exc:
+        error = DaemonError(str(exc))
+        error.code = "config_error"
+        error.errors = list(exc.errors)
+        raise error from None
+    except TypeError as exc:  # a flag this version does not know
+        error = DaemonError(f"create_session: bad config_request flags ({exc})")
+        error.code = "bad_request"
+        raise error from None
+    return resolved.config, list(resolved.warnings)
+
+
 def _config_model(config: dict[str, Any]) -> Any:
     """The resolved config as the config package's model when it exists, else the dict."""
     try:
@@ -178,13 +214,23 @@ class Daemon:
         self, params: dict[str, Any], progress: Any, owner_events: Any
     ) -> Session:
         assert self.pool is not None
-        target = params.get("target")
-        if not isinstance(target, str) or not target:
-            raise DaemonError("create_session needs a target (for example pid/1234)")
-        raw_config = params.get("config") or {}
-        if not isinstance(raw_config, dict):
-            raise DaemonError("create_session: config must be a JSON object")
-        config = _config_model(raw_config)
+        warnings: list[str] = []
+        if isinstance(params.get("config_request"), dict):
+            config, warnings = await _resolve_config(params["config_request"])
+            target = str(config.target.path or "targetless")
+        else:
+            given = params.get("target")
+            if not isinstance(given, str) or not given:
+                raise DaemonError("create_session needs a target (for example pid/1234)")
+            target = given
+            raw_config = params.get("config") or {}
+            if not isinstance(raw_config, dict):
+                raise DaemonError("create_session: config must be a JSON object")
+            config = _config_model(raw_config)
+        progress(f"opening a session on {target}")
+        level = config_value(config, "daemon", "log_level", default=None)
+        if level is not None:
+            logging.getLogger("mirrord").setLevel(str(level).upper())
         idle = config_value(config, "daemon", "idle_timeout", default=None)
         if idle is not None:
             self.idle_timeout = float(idle)
@@ -204,6 +250,7 @@ class Daemon:
         )
         self.sessions[session.id] = session
         session.subscribe_events(owner_events)
+        session.warnings.extend(warnings)
         try:
             progress("reading the target's environment")
             remote = await fetch_remote_env(link, config, client_pid)
@@ -310,7 +357,10 @@ class Daemon:
             result = await self._op(str(op), request, emit, owned)
             emit({"id": rid, "ok": True, "result": result})
         except DaemonError as exc:
-            emit({"id": rid, "ok": False, "error": {"code": exc.code, "message": exc.message}})
+            error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+            if exc.errors:
+                error["errors"] = exc.errors
+            emit({"id": rid, "ok": False, "error": error})
         except json.JSONDecodeError as exc:
             emit({"id": rid, "ok": False, "error": {"code": "bad_request", "message": str(exc)}})
         except Exception as exc:

@@ -28,6 +28,7 @@ class DaemonError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.errors: list[str] = []  # one line per problem, when there are several (config)
 
 
 class AgentStartError(DaemonError):
