@@ -444,3 +444,27 @@ async def test_wait_session_returns_when_all_processes_are_gone(harness: Harness
         reply = await waiter.call("wait_session", session=session, wait_timeout=5)
     assert reply["result"]["registered"] is True
     del control
+
+
+async def test_the_daemon_resolves_a_config_request(harness: Harness) -> None:
+    control = await harness.control()
+    reply = await control.call(
+        "create_session",
+        config_request={
+            "config_file": None,
+            "flags": {"target": "scripted/a", "steal": True},
+            "env": {"MIRRORD_AGENT_TTL": "3"},
+            "cwd": str(harness.paths.root),
+        },
+    )
+    assert reply["ok"], reply
+    [session] = harness.daemon.sessions.values()
+    assert session.target == "scripted/a"
+    assert session.incoming_mode == "steal"
+    assert session.config.agent.ttl == 3  # MIRRORD_* from the client's environment
+    bad = await control.call(
+        "create_session",
+        config_request={"flags": {"target": "scripted/a", "fs_mode": "sideways"}, "env": {}},
+    )
+    assert not bad["ok"] and bad["error"]["code"] == "config_error"
+    assert any("feature.fs.mode" in line for line in bad["error"]["errors"])
