@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -423,3 +424,42 @@ async def test_stealing_a_probe_port_warns_with_the_kube_probe_recipe(pod: Local
             assert (await subscribe(client, 1, 7777, "steal")).warnings == []
     finally:
         stop_agent(agent)
+
+
+SERVER_FIRST = """
+import socket, sys, threading
+srv = socket.create_server(("0.0.0.0", 2525), backlog=64)
+print("ready", flush=True)
+def serve(c):
+    c.sendall(b"220 pod greets first\\r\\n")
+    while data := c.recv(65536):
+        c.sendall(data)
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+async def test_a_server_first_protocol_on_a_filtered_port_reaches_the_pod(
+    pod: LocalPod, steal_agent: Agent
+) -> None:
+    server = pod.popen_in_pod([os.path.realpath(sys.executable), "-c", SERVER_FIRST])
+    assert server.stdout is not None
+    assert server.stdout.readline() == b"ready\n"
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        await subscribe(client, 1, 2525, "steal", {"header_filter": "x-user: alice"})
+        sock = await anyio.connect_tcp(pod.ip, 2525)
+        async with sock:
+            got = b""
+            with anyio.fail_after(10):
+                while not got.endswith(b"\r\n"):
+                    got += await sock.receive()
+            assert got == b"220 pod greets first\r\n"
+            await sock.send(b"EHLO me\r\n")
+            got = b""
+            with anyio.fail_after(10):
+                while not got.endswith(b"\r\n"):
+                    got += await sock.receive()
+            assert got == b"EHLO me\r\n"

@@ -701,9 +701,23 @@ class _Exchange:
     head: RequestHead | None
     dest: Any  # PipeEnd (a session) or the upstream stream; None: no upstream (502)
     session: bool
+    upstream: _Upstream | None = None  # when `dest` is the pod's app: its connection
     tunnel: bool = False  # not a request: relay `dest` -> client until EOF
     switched: bool | None = None
     decided: anyio.Event = field(default_factory=anyio.Event)
+
+
+def _closed_by_peer(stream: anyio.abc.ByteStream) -> bool:
+    """Has the peer closed this (idle) connection? A peek that does not consume anything."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    if raw is None:
+        return False
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class _Upstream:
@@ -731,11 +745,17 @@ class _FilteredConnection:
         self.port = original[1]
         self.upstream: _Upstream | None = None
         self._upstream_failed: str | None = None
+        self._upstream_lock = anyio.Lock()
+        self._old_upstreams: list[_Upstream] = []
+        self._client_spoke = False
+        self._server_first = False
+        self._watch_scope: anyio.CancelScope | None = None
 
     async def run(self) -> None:
         send_ex, recv_ex = anyio.create_memory_object_stream[_Exchange](MAX_PIPELINE)
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_server_first, send_ex.clone())
                 tg.start_soon(self._read_client, send_ex)
                 await self._write_client(recv_ex)
                 # The responses are done (or the connection must end): stop reading too.
@@ -746,22 +766,54 @@ class _FilteredConnection:
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
                     await self.client.aclose()
-                if self.upstream is not None:
+                for up in [*self._old_upstreams, *([self.upstream] if self.upstream else [])]:
                     with contextlib.suppress(Exception):
-                        await self.upstream.stream.aclose()
+                        await up.stream.aclose()
+
+    async def _watch_server_first(self, send_ex: anyio.abc.ObjectSendStream[_Exchange]) -> None:
+        """Connect to the pod's app at once; if it speaks before the client does (SMTP, MySQL,
+        any server-first protocol), the connection is not HTTP: relay it whole, both ways."""
+        async with send_ex:
+            with anyio.CancelScope() as scope:
+                self._watch_scope = scope
+                up = await self._get_upstream()
+                if up is None or self._client_spoke:
+                    return
+                raw: socket.socket = up.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                await anyio.wait_readable(raw)
+            self._watch_scope = None
+            if scope.cancel_called or self._client_spoke or up is None:
+                return
+            self._server_first = True
+            await send_ex.send(_Exchange(head=None, dest=up, session=False, tunnel=True))
+
+    def _client_speaks(self) -> None:
+        # No await between the check in the watcher and this: whoever is first wins.
+        self._client_spoke = True
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+            self._watch_scope = None
 
     async def _get_upstream(self) -> _Upstream | None:
-        if self.upstream is not None and not self.upstream.broken:
+        async with self._upstream_lock:
+            up = self.upstream
+            if up is not None and not up.broken and _closed_by_peer(up.stream):
+                up.broken = True  # the app closed its idle keep-alive connection
+            if up is not None and not up.broken:
+                return up
+            if up is not None:
+                # Not closed here: a response may still be read from it; closed at the end.
+                self._old_upstreams.append(up)
+                self.upstream = None
+            if self._upstream_failed is not None:
+                return None
+            try:
+                stream = await self.service.connect_upstream(self.original)
+            except OSError as exc:
+                self._upstream_failed = f"{exc.strerror or exc}"
+                return None
+            self.upstream = _Upstream(stream)
             return self.upstream
-        if self._upstream_failed is not None and self.upstream is None:
-            return None
-        try:
-            stream = await self.service.connect_upstream(self.original)
-        except OSError as exc:
-            self._upstream_failed = f"{exc.strerror or exc}"
-            return None
-        self.upstream = _Upstream(stream)
-        return self.upstream
 
     def _open_session(self, channel: Any) -> PipeEnd | None:
         ours, theirs = pipe_pair(names=("filter", "channel"))
@@ -789,6 +841,10 @@ class _FilteredConnection:
                     data = await self.client.receive(_READ)
                 except anyio.EndOfStream:
                     data = b""
+                if not self._client_spoke:
+                    if self._server_first and self.upstream is not None:
+                        tunnel_dest = self.upstream.stream
+                    self._client_speaks()
                 if tunnel_dest is not None:
                     if not data:
                         with contextlib.suppress(Exception):
@@ -850,7 +906,9 @@ class _FilteredConnection:
                 return _Exchange(head=head, dest=end, session=True)
         self.service.stats["passed_to_pod"] += 1
         up = await self._get_upstream()
-        return _Exchange(head=head, dest=up.stream if up is not None else None, session=False)
+        return _Exchange(
+            head=head, dest=up.stream if up is not None else None, session=False, upstream=up
+        )
 
     async def _write_client(self, recv_ex: anyio.abc.ObjectReceiveStream[_Exchange]) -> None:
         async with recv_ex:
@@ -886,7 +944,7 @@ class _FilteredConnection:
             body = f"mirrord: the pod's app on port {self.port} is unreachable: {self._upstream_failed}\n".encode()
             await self.client.send(_BAD_GATEWAY % (len(body), body))
             return False
-        up = self.upstream if not ex.session else None
+        up = ex.upstream
         source: anyio.abc.ByteStream = ex.dest
         splitter = ResponseSplitter(ex.head)
         pending = b""
