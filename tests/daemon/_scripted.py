@@ -27,6 +27,7 @@ from mirrord.protocol import (
 from mirrord.protocol import messages as m
 
 SECRET = "test-secret"
+SCRIPTED_PID_TARGET = "pid/424242"
 
 
 @dataclass
@@ -143,7 +144,8 @@ class ScriptedBackend:
         self.started: list[ScriptedHandle] = []
 
     def handles(self, target: str) -> bool:
-        return target.startswith("scripted/")
+        # pid/424242 stands for a target the config package accepts (it checks kinds)
+        return target.startswith("scripted/") or target == SCRIPTED_PID_TARGET
 
     async def start_agent(
         self, target: str, config: Any, progress: Callable[[str], None]

@@ -31,7 +31,7 @@ from mirrord.protocol import (
     Received,
 )
 from mirrord.protocol import messages as m
-from tests.daemon._scripted import ScriptedAgent, ScriptedBackend
+from tests.daemon._scripted import SCRIPTED_PID_TARGET, ScriptedAgent, ScriptedBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -452,19 +452,22 @@ async def test_the_daemon_resolves_a_config_request(harness: Harness) -> None:
         "create_session",
         config_request={
             "config_file": None,
-            "flags": {"target": "scripted/a", "steal": True},
+            "flags": {"target": SCRIPTED_PID_TARGET, "steal": True},
             "env": {"MIRRORD_AGENT_TTL": "3"},
             "cwd": str(harness.paths.root),
         },
     )
     assert reply["ok"], reply
     [session] = harness.daemon.sessions.values()
-    assert session.target == "scripted/a"
+    assert session.target == SCRIPTED_PID_TARGET
     assert session.incoming_mode == "steal"
     assert session.config.agent.ttl == 3  # MIRRORD_* from the client's environment
     bad = await control.call(
         "create_session",
-        config_request={"flags": {"target": "scripted/a", "fs_mode": "sideways"}, "env": {}},
+        config_request={
+            "flags": {"target": SCRIPTED_PID_TARGET, "fs_mode": "sideways"},
+            "env": {},
+        },
     )
     assert not bad["ok"] and bad["error"]["code"] == "config_error"
     assert any("feature.fs.mode" in line for line in bad["error"]["errors"])
