@@ -471,3 +471,21 @@ async def test_the_daemon_resolves_a_config_request(harness: Harness) -> None:
     )
     assert not bad["ok"] and bad["error"]["code"] == "config_error"
     assert any("feature.fs.mode" in line for line in bad["error"]["errors"])
+
+
+async def test_a_new_session_reconnects_to_an_agent_that_is_still_alive(harness: Harness) -> None:
+    control, first, _ = await harness.session()
+    agent = harness.agent()
+    assert agent.stream is not None
+    await agent.stream.aclose()  # the stream breaks; the agent (handle) is still alive
+    with anyio.fail_after(5):
+        while harness.daemon.sessions[first].state != "agent_lost":
+            await anyio.sleep(0.01)
+    _, second, result = await harness.session()
+    assert result["env"]["POD_VAR"] == "pod-value"
+    status = (await control.call("status"))["result"]
+    [entry] = status["agents"]
+    assert entry["streams_opened"] == 2 and agent.streams == 2
+    assert len(harness.backend.started) == 1  # the same agent, not a new one
+    states = {s["id"]: s["state"] for s in status["sessions"]}
+    assert states == {first: "agent_lost", second: "open"}
