@@ -463,3 +463,22 @@ async def test_a_server_first_protocol_on_a_filtered_port_reaches_the_pod(
                 while not got.endswith(b"\r\n"):
                     got += await sock.receive()
             assert got == b"EHLO me\r\n"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the agent core's Channel._subscribe does not pass Subscribe.on_concurrent_steal "
+    "to IncomingService.subscribe yet (remove this mark when it does)",
+)
+async def test_on_concurrent_steal_override_takes_the_port_over(
+    pod: LocalPod, steal_agent: Agent
+) -> None:
+    async with (
+        AgentClient.open(steal_agent) as one,
+        AgentClient.open(steal_agent) as two,
+    ):
+        await one.open_channel(1)
+        await two.open_channel(1)
+        await subscribe(one, 1, 8080, "steal")
+        reply = await subscribe(two, 1, 8080, "steal", on_concurrent_steal="override")
+        assert any("took the steal over" in w for w in reply.warnings)

@@ -495,7 +495,7 @@ class IncomingService:
             if override:
                 for other in [steal.unfiltered, *steal.filtered]:
                     if other is not None and other is not channel:
-                        warnings.append(f"port {port}: took the steal over from another session")
+                        warnings.append("took the steal over from another session")
                 steal.filtered.clear()
             steal.unfiltered = channel
         else:
@@ -520,8 +520,8 @@ class IncomingService:
         if port in self.probe_ports() and (flt is None or flt.matches(_PROBE_HEAD)):
             recipe = kube_probe_recipe()["header_filter"]
             warnings.append(
-                f"port {port} is used by the pod's HTTP probes: stolen probes fail when the "
-                "user app does not answer them and the pod may be restarted. Leave them to the "
+                "the pod's HTTP probes use this port: stolen probes fail when the user app "
+                "does not answer them, and the pod may be restarted. Leave them to the "
                 f'pod with "http_filter": {{"header_filter": "{recipe}"}}'
             )
         return warnings
