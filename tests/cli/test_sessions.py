@@ -177,3 +177,72 @@ def test_connected_udp_goes_through_the_relay(
     assert result.stdout.splitlines() == ["answer 10.213.251.3"] * 3, result.stderr
     [agent] = mirrord.status()["agents"]
     assert agent["link"]["relayed_connections"] >= 1
+
+
+FILTER_APP = """
+import socket
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 8080))
+srv.listen(8)
+srv.settimeout(20)
+print("listening", flush=True)
+conn, peer = srv.accept()
+conn.settimeout(10)
+data = b""
+while b"\\r\\n\\r\\n" not in data:
+    chunk = conn.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+body = b"answered by the app on the user's machine\\n"
+conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n" % len(body) + body)
+conn.close()
+print("stole", data.split(b"\\r\\n")[0].decode(), flush=True)
+"""
+
+
+def test_steal_with_an_http_filter_takes_only_matching_requests(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(SPEC)
+    config = tmp_path / "mirrord.json"
+    config.write_text(
+        json.dumps(
+            {
+                "feature": {
+                    "network": {
+                        "incoming": {
+                            "mode": "steal",
+                            "http_filter": {"header_filter": "^x-user: me$"},
+                        }
+                    }
+                }
+            }
+        )
+    )
+    proc = mirrord.popen(
+        "run", "-f", str(config), "-t", f"pid/{pod.pid}", "--", *python_app(tmp_path, FILTER_APP)
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "listening"
+
+    def get(path: str, headers: dict[str, str]) -> str:
+        request = urllib.request.Request(f"http://{pod.ip}:8080{path}", headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return str(r.read().decode())
+
+    # the subscription starts right after listen(): retry until the filter is in place
+    deadline = time.monotonic() + 20
+    stolen = ""
+    while time.monotonic() < deadline and not stolen:
+        other = get("/not-mine", {"X-User": "someone-else"})
+        assert other.startswith("pod GET /not-mine") or "GET /not-mine" in other
+        answer = get("/mine", {"X-User": "me"})
+        if "answered by the app" in answer:
+            stolen = answer
+        else:
+            time.sleep(0.2)
+    out, err = proc.communicate(timeout=20)
+    assert stolen, (out, err)
+    assert "stole GET /mine HTTP/1.1" in out, (out, err)
