@@ -66,9 +66,19 @@ def _setns(path: str) -> None:
 
 
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, input=stdin, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False
-    )
+    try:
+        return subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        # e.g. iptables-legacy waiting for the xtables lock another program holds
+        raise GuardError(
+            f"{' '.join(argv)} did not finish within {_CMD_TIMEOUT:g} s (is another program "
+            "holding the xtables lock?)",
+            errno.ETIMEDOUT,
+        ) from None
+    except OSError as exc:
+        raise GuardError(f"cannot run {argv[0]}: {exc.strerror}", exc.errno or errno.EIO) from None
 
 
 def _check(argv: list[str], stdin: str | None = None) -> str:
@@ -138,15 +148,23 @@ def find_tags() -> dict[str, str]:
     return found
 
 
+def _try(argv: list[str]) -> int:
+    """Run a cleanup step; its failure never stops the next one. The exit status, or -1."""
+    try:
+        return _run(argv).returncode
+    except GuardError:
+        return -1
+
+
 def remove_all(tag: str, backend: str, *, keep_pin: bool = False) -> None:
     """Remove the rules of `tag` (best effort, each step independent)."""
     n = chain_names(tag)
     if backend == "nft":
         if keep_pin:
             for chain in ("pre", "out"):
-                _run(["nft", "flush", "chain", "ip", n["nft_table"], chain])
+                _try(["nft", "flush", "chain", "ip", n["nft_table"], chain])
         else:
-            _run(["nft", "delete", "table", "ip", n["nft_table"]])
+            _try(["nft", "delete", "table", "ip", n["nft_table"]])
         return
     cmd = [backend] + (["-w"] if backend == "iptables-legacy" else [])
     jumps = [("nat", "PREROUTING", n["pre"]), ("nat", "OUTPUT", n["out"])]
@@ -154,11 +172,11 @@ def remove_all(tag: str, backend: str, *, keep_pin: bool = False) -> None:
         jumps += [("raw", "PREROUTING", n["pin"]), ("raw", "OUTPUT", n["pin"])]
     for table, parent, chain in jumps:
         for _ in range(16):  # a jump inserted twice by a crash mid-way
-            if _run([*cmd, "-t", table, "-D", parent, "-j", chain]).returncode != 0:
+            if _try([*cmd, "-t", table, "-D", parent, "-j", chain]) != 0:
                 break
     for table, _, chain in jumps:
-        _run([*cmd, "-t", table, "-F", chain])
-        _run([*cmd, "-t", table, "-X", chain])
+        _try([*cmd, "-t", table, "-F", chain])
+        _try([*cmd, "-t", table, "-X", chain])
 
 
 class Guard:
