@@ -761,43 +761,122 @@ HOOK void freeaddrinfo(struct addrinfo *ai) {
 }
 
 #define HOST_ADDRS 16
+
+/* Fills a hostent in `buf` (name, empty aliases, addresses of `family`) from a DnsLookup.
+ * 0, ERANGE (buffer too small), or -1 with *herr set. */
+static int host_lookup(const char *name, int family, struct hostent *he, char *buf, size_t buflen,
+                       int *herr) {
+    struct addrinfo *res = NULL;
+    int rc = dns_lookup(name, 0, family, SOCK_STREAM, 0, 0, &res);
+    if (rc != 0) {
+        *herr = rc == EAI_AGAIN ? TRY_AGAIN : HOST_NOT_FOUND;
+        return -1;
+    }
+    size_t alen = family == AF_INET6 ? 16 : 4;
+    size_t n = 0;
+    for (struct addrinfo *ai = res; ai && n < HOST_ADDRS; ai = ai->ai_next) {
+        n++;
+    }
+    size_t nlen = strlen(name) + 1;
+    size_t need = sizeof(char *) * (n + 2) + alen * n + nlen + sizeof(void *);
+    if (buflen < need) {
+        freeaddrinfo(res);
+        return ERANGE;
+    }
+    /* pointers first (aligned), then the addresses, then the name */
+    char *p = (char *)(((uintptr_t)buf + sizeof(void *) - 1) & ~(uintptr_t)(sizeof(void *) - 1));
+    char **aliases = (char **)p;
+    char **addrs = aliases + 1;
+    char *data = (char *)(addrs + n + 1);
+    aliases[0] = NULL;
+    size_t i = 0;
+    for (struct addrinfo *ai = res; ai && i < n; ai = ai->ai_next, i++) {
+        const void *src = family == AF_INET6
+                              ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+                              : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+        memcpy(data + i * alen, src, alen);
+        addrs[i] = data + i * alen;
+    }
+    addrs[n] = NULL;
+    char *hname = data + n * alen;
+    memcpy(hname, name, nlen);
+    he->h_name = hname;
+    he->h_aliases = aliases;
+    he->h_addrtype = family;
+    he->h_length = (int)alen;
+    he->h_addr_list = addrs;
+    freeaddrinfo(res);
+    return 0;
+}
+
 static LAYER_TLS struct {
     struct hostent he;
-    char name[256];
-    char *aliases[1];
-    char *addrs[HOST_ADDRS + 1];
-    struct in_addr a[HOST_ADDRS];
+    char buf[sizeof(char *) * (HOST_ADDRS + 3) + 16 * HOST_ADDRS + 256 + 16];
 } t_host;
 
+static struct hostent *host_static(const char *name, int family) {
+    t_guard++;
+    int herr = 0;
+    int rc = host_lookup(name, family, &t_host.he, t_host.buf, sizeof t_host.buf, &herr);
+    t_guard--;
+    if (rc != 0) {
+        h_errno = rc == ERANGE ? NO_RECOVERY : herr;
+        return NULL;
+    }
+    return &t_host.he;
+}
+
+static int host_r(const char *name, int family, struct hostent *ret, char *buf, size_t buflen,
+                  struct hostent **result, int *h_errnop) {
+    t_guard++;
+    int herr = 0;
+    int rc = host_lookup(name, family, ret, buf, buflen, &herr);
+    t_guard--;
+    *result = rc == 0 ? ret : NULL;
+    if (rc == ERANGE) {
+        *h_errnop = NETDB_INTERNAL;
+        return ERANGE;
+    }
+    if (rc != 0) {
+        *h_errnop = herr;
+        return 0; /* not found: success with a NULL result, as glibc does */
+    }
+    return 0;
+}
+
+static int host_remote(const char *name, int family) {
+    return g_active && !t_guard && name != NULL && (family == AF_INET || family == AF_INET6) &&
+           policy_dns(name, 0) == P_REMOTE;
+}
+
 HOOK struct hostent *gethostbyname(const char *name) {
-    if (!g_active || t_guard || name == NULL || policy_dns(name, 0) == P_LOCAL) {
+    if (!host_remote(name, AF_INET)) {
         return REAL(gethostbyname)(name);
     }
-    t_guard++;
-    struct addrinfo *res = NULL;
-    int rc = dns_lookup(name, 0, AF_INET, SOCK_STREAM, 0, 0, &res);
-    struct hostent *out = NULL;
-    if (rc == 0) {
-        memset(&t_host, 0, sizeof t_host);
-        snprintf(t_host.name, sizeof t_host.name, "%s", name);
-        int i = 0;
-        for (struct addrinfo *ai = res; ai && i < HOST_ADDRS; ai = ai->ai_next) {
-            t_host.a[i] = ((struct sockaddr_in *)ai->ai_addr)->sin_addr;
-            t_host.addrs[i] = (char *)&t_host.a[i];
-            i++;
-        }
-        t_host.he.h_name = t_host.name;
-        t_host.he.h_aliases = t_host.aliases;
-        t_host.he.h_addrtype = AF_INET;
-        t_host.he.h_length = 4;
-        t_host.he.h_addr_list = t_host.addrs;
-        out = &t_host.he;
-        freeaddrinfo(res);
-    } else {
-        h_errno = rc == EAI_AGAIN ? TRY_AGAIN : HOST_NOT_FOUND;
+    return host_static(name, AF_INET);
+}
+
+HOOK struct hostent *gethostbyname2(const char *name, int family) {
+    if (!host_remote(name, family)) {
+        return REAL(gethostbyname2)(name, family);
     }
-    t_guard--;
-    return out;
+    return host_static(name, family);
+}
+
+HOOK int gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_t buflen,
+                         struct hostent **result, int *h_errnop) {
+    if (!host_remote(name, AF_INET)) {
+        return REAL(gethostbyname_r)(name, ret, buf, buflen, result, h_errnop);
+    }
+    return host_r(name, AF_INET, ret, buf, buflen, result, h_errnop);
+}
+
+HOOK int gethostbyname2_r(const char *name, int family, struct hostent *ret, char *buf,
+                          size_t buflen, struct hostent **result, int *h_errnop) {
+    if (!host_remote(name, family)) {
+        return REAL(gethostbyname2_r)(name, family, ret, buf, buflen, result, h_errnop);
+    }
+    return host_r(name, family, ret, buf, buflen, result, h_errnop);
 }
 
 HOOK int gethostname(char *name, size_t len) {

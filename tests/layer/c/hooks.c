@@ -266,6 +266,13 @@ int main(int argc, char **argv) {
         CHECK("gethostbyname", h != NULL && h->h_length == 4);
         if (h) printf("address %d.%d.%d.%d\n", (unsigned char)h->h_addr_list[0][0], (unsigned char)h->h_addr_list[0][1],
                       (unsigned char)h->h_addr_list[0][2], (unsigned char)h->h_addr_list[0][3]);
+        struct hostent he, *hr = NULL;
+        char hbuf[1024];
+        int herr = 0;
+        CHECK("gethostbyname_r", gethostbyname_r(argv[2], &he, hbuf, sizeof hbuf, &hr, &herr) == 0 &&
+                                     hr == &he && he.h_length == 4 && he.h_addr_list[0] != NULL);
+        CHECK("gethostbyname_r_erange", gethostbyname_r(argv[2], &he, hbuf, 8, &hr, &herr) == ERANGE);
+        CHECK("gethostbyname2", gethostbyname2(argv[2], AF_INET) != NULL);
         char name[256];
         CHECK("gethostname", gethostname(name, sizeof name) == 0);
         printf("hostname %s\n", name);
