@@ -482,3 +482,39 @@ async def test_on_concurrent_steal_override_takes_the_port_over(
         await subscribe(one, 1, 8080, "steal")
         reply = await subscribe(two, 1, 8080, "steal", on_concurrent_steal="override")
         assert any("took the steal over" in w for w in reply.warnings)
+
+
+async def test_pipelined_requests_to_session_and_pod_are_answered_in_order(
+    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+) -> None:
+    app_port = local_app("local")
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
+            users = ["alice", "", "alice", "bob", "alice", ""]
+            wire = b"".join(
+                f"POST /p{i} HTTP/1.1\r\nHost: pod\r\nContent-Length: 1\r\n".encode()
+                + (f"x-user: {u}\r\n".encode() if u else b"")
+                + b"\r\nZ"
+                for i, u in enumerate(users)
+            )
+            sock = await anyio.connect_tcp(pod.ip, 8080)
+            async with sock:
+                await sock.send(wire)  # all six at once: pipelined
+                got = b""
+                with anyio.fail_after(15):
+                    while got.count(b"HTTP/1.1 200") < len(users) or not got.endswith(b"Z"):
+                        got += await sock.receive()
+            bodies = [part.split(b"\r\n\r\n", 1)[1] for part in got.split(b"HTTP/1.1 200")[1:]]
+            expected = [
+                f"local POST /p{i} x-user=alice\nZ".encode()
+                if u == "alice"
+                else f"pod POST /p{i}\nZ".encode()
+                for i, u in enumerate(users)
+            ]
+            assert bodies == expected
+            assert len(seen) == 3
+            tg.cancel_scope.cancel()
