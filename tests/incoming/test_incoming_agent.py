@@ -518,3 +518,28 @@ async def test_pipelined_requests_to_session_and_pod_are_answered_in_order(
             assert bodies == expected
             assert len(seen) == 3
             tg.cancel_scope.cancel()
+
+
+async def test_large_bodies_cross_a_filtered_port_both_ways(
+    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+) -> None:
+    app_port = local_app("local")
+    body = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
+
+            def post(user: str) -> bytes:
+                conn = http.client.HTTPConnection(pod.ip, 8080, timeout=30)
+                try:
+                    conn.request("PUT", "/big", body=body, headers={"x-user": user})
+                    return conn.getresponse().read()
+                finally:
+                    conn.close()
+
+            assert await in_thread(post, "alice") == b"local PUT /big x-user=alice\n" + body
+            assert await in_thread(post, "bob") == b"pod PUT /big\n" + body
+            tg.cancel_scope.cancel()
