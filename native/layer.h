@@ -142,6 +142,8 @@ struct ent {
     socklen_t req_len;
     int subscribed;
     int sub_port;
+    pid_t sub_owner; /* the process that subscribed: a fork child closing its copy must not
+                      * end the parent's subscription */
     int remote; /* connected through the daemon: peer / local are the target's view */
     struct sockaddr_storage peer;
     socklen_t peer_len;

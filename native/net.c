@@ -331,6 +331,7 @@ HOOK int listen(int fd, int backlog) {
                 if (conn_call(c, M_OK, &r) == 0) {
                     e->subscribed = 1;
                     e->sub_port = rport;
+                    e->sub_owner = getpid();
                     __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
                     DBG("listening on port %d: subscribed (bound %s:%d)", rport, host, bport);
                 } else {
@@ -943,6 +944,7 @@ void net_restore_listeners(void) {
         set_port(&e->req, port);
         e->subscribed = 1;
         e->sub_port = port;
+        e->sub_owner = getpid(); /* exec keeps the pid: still this process's subscription */
         e->socktype = SOCK_STREAM;
         __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
         fd_set_ent(fd, e);

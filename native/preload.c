@@ -133,7 +133,7 @@ static void ent_free_remote(struct ent *e) {
         }
         __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
     }
-    if (e->kind == K_SOCK && e->subscribed) {
+    if (e->kind == K_SOCK && e->subscribed && e->sub_owner == getpid()) {
         struct lconn *c = conn_acquire();
         if (c != NULL) {
             cbor_w *w = conn_begin(c, M_LAYER_UNLISTEN, 1);
@@ -144,6 +144,8 @@ static void ent_free_remote(struct ent *e) {
             errno = saved;
             conn_release(c);
         }
+    }
+    if (e->kind == K_SOCK && e->subscribed) {
         __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
     }
     free(e->path);

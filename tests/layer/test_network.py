@@ -341,3 +341,54 @@ print(data, b.recvmsg(10)[0], peer[1] == b.getsockname()[1])
     out = run.py(code, settings=LayerSettings(ignore_localhost=True))
     assert out.stdout == b"b'x' b'y' True\n"
     assert daemon.requests() == []
+
+
+PREFORK = """
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', int(sys.argv[1])))
+s.listen()
+print('listening', flush=True)
+pid = os.fork()
+if pid == 0:
+    c, peer = s.accept()
+    c.sendall(str(peer).encode())
+    c.close()
+    s.close()
+    os._exit(0)
+os.waitpid(pid, 0)
+print('child done', flush=True)
+sys.stdin.readline()
+s.close()
+"""
+
+
+def test_a_forked_worker_accepts_and_closing_its_copy_keeps_the_subscription(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
+    import subprocess
+
+    port = _free_port()
+    with subprocess.Popen(
+        [PYTHON, "-S", "-c", PREFORK, str(port)],
+        env=run.env(),
+        cwd=run.cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline() == b"listening\n"
+            _wait_for(lambda: any(listen.port == port for listen in daemon.listens))
+            sock = daemon.incoming(port, ("192.0.2.98", 41002))
+            assert sock.recv(200).decode() == "('192.0.2.98', 41002)"
+            assert proc.stdout.readline() == b"child done\n"
+            assert "LayerUnlisten" not in daemon.kinds()  # the worker's close kept it
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            assert proc.wait(timeout=10) == 0
+        finally:
+            proc.kill()
+    assert daemon.kinds().count("LayerUnlisten") == 1
