@@ -392,3 +392,15 @@ def test_a_forked_worker_accepts_and_closing_its_copy_keeps_the_subscription(
         finally:
             proc.kill()
     assert daemon.kinds().count("LayerUnlisten") == 1
+
+
+def test_ipv6_connect_goes_through_a_v4_mapped_relay(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import socket
+s = socket.socket(socket.AF_INET6)
+s.settimeout(10)
+s.connect(('2001:db8::5', 80))
+print(s.recv(100).decode().strip(), s.getpeername()[:2])
+"""
+    out = run.py(code).stdout.decode().splitlines()
+    assert out == ["hello 2001:db8::5:80 ('2001:db8::5', 80)"]
