@@ -543,3 +543,22 @@ async def test_large_bodies_cross_a_filtered_port_both_ways(
             assert await in_thread(post, "alice") == b"local PUT /big x-user=alice\n" + body
             assert await in_thread(post, "bob") == b"pod PUT /big\n" + body
             tg.cancel_scope.cancel()
+
+
+async def test_mirror_again_right_after_unsubscribing(pod: LocalPod, steal_agent: Agent) -> None:
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, None, seen)
+            for round_ in range(3):
+                await subscribe(client, 1, 8080, "mirror")
+                _, body = await in_thread(http_request, pod.ip, "GET", f"/again{round_}")
+                assert body == f"pod GET /again{round_}\n".encode()
+                with anyio.fail_after(10):
+                    while len(seen) <= round_:
+                        await anyio.sleep(0.02)
+                copy = await seen[round_].receive_all()
+                assert copy.startswith(f"GET /again{round_} HTTP/1.1\r\n".encode())
+                await unsubscribe(client, 1, 8080)
+            tg.cancel_scope.cancel()

@@ -186,7 +186,7 @@ class IncomingService:
         self.steals: dict[int, _PortSteal] = {}
         self._sniffer: PacketSniffer | None = None
         self._sniffer_scope: anyio.CancelScope | None = None
-        self._flows: dict[int, tuple[int, list[PipeEnd]]] = {}  # flow -> (port, our ends)
+        self._flow_tables: list[dict[int, tuple[int, list[PipeEnd]]]] = []  # one per sniffer
         self._rules: StealRules | None = None
         self._rules_ports: dict[int, int] = {}
         self._listener: anyio.abc.SocketListener | None = None
@@ -235,10 +235,11 @@ class IncomingService:
     async def _teardown(self) -> None:
         self.mirrors.clear()
         self.steals.clear()
-        for _, ends in self._flows.values():
-            for end in ends:
-                end.close_nowait()
-        self._flows.clear()
+        for flows in self._flow_tables:
+            for _, ends in flows.values():
+                for end in ends:
+                    end.close_nowait()
+            flows.clear()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.aclose()
@@ -299,6 +300,7 @@ class IncomingService:
 
     async def _drop(self, channel: Any, port: int) -> None:
         chans = self.mirrors.get(port)
+        self._sent_stats.pop((channel, port), None)
         if chans is not None and channel in chans:
             chans.remove(channel)
             if not chans:
@@ -337,6 +339,10 @@ class IncomingService:
         if not ports:
             if self._sniffer_scope is not None:
                 self._sniffer_scope.cancel()
+            # Forget it now: a Subscribe right after gets a fresh sniffer, not this one that
+            # its task is about to close.
+            self._sniffer = None
+            self._sniffer_scope = None
             return
         if self._sniffer is None:
             runner = self.netns
@@ -349,6 +355,9 @@ class IncomingService:
     async def _sniff(
         self, sniffer: PacketSniffer, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
+        # this sniffer's flows (flow ids are per sniffer) -> (port, our ends of their pipes)
+        flows: dict[int, tuple[int, list[PipeEnd]]] = {}
+        self._flow_tables.append(flows)
         with anyio.CancelScope() as scope:
             self._sniffer_scope = scope
             task_status.started()
@@ -356,8 +365,10 @@ class IncomingService:
                 while True:
                     # Short waits: cancellation (unsubscribe, shutdown) is noticed within one.
                     events = await anyio.to_thread.run_sync(sniffer.read_batch, 0.1)
-                    if events:
-                        self._deliver(events)
+                    if events and self._sniffer is sniffer:
+                        # (a replaced sniffer's last batch is dropped: its successor sees
+                        # the same packets and delivers them)
+                        self._deliver(events, flows)
             except Exception as exc:
                 # The mirror stops (its flows end); steal and the rest of the agent go on.
                 log.error("the mirror's sniffer failed: %r", exc, exc_info=exc)
@@ -366,16 +377,17 @@ class IncomingService:
                     self._sniffer = None
                     self._sniffer_scope = None
                 sniffer.close()
-                for flow, (_, ends) in list(self._flows.items()):
+                for _, ends in flows.values():
                     for end in ends:
                         end.send_eof_nowait()
-                    del self._flows[flow]
+                flows.clear()
+                self._flow_tables.remove(flows)
 
-    def _deliver(self, events: list[Any]) -> None:
+    def _deliver(self, events: list[Any], flows: dict[int, tuple[int, list[PipeEnd]]]) -> None:
         """Sniffer events -> the mirroring channels' streams. Never waits."""
         for ev in events:
             if isinstance(ev, FlowData):
-                entry = self._flows.get(ev.flow)
+                entry = flows.get(ev.flow)
                 if entry is None:
                     continue
                 for end in list(entry[1]):
@@ -412,9 +424,9 @@ class IncomingService:
                     ends.append(ours)
                 if ends:
                     self.stats["mirrored_flows"] += 1
-                    self._flows[ev.flow] = (dport, ends)
+                    flows[ev.flow] = (dport, ends)
             elif isinstance(ev, FlowClosed):
-                entry = self._flows.pop(ev.flow, None)
+                entry = flows.pop(ev.flow, None)
                 if entry is None:
                     continue
                 for end in entry[1]:
