@@ -151,3 +151,15 @@ print(len(results), set(results) == {'hello from the target\\n'})
     assert (
         len(daemon.hellos) >= 2
     )  # threads that found the process connection busy opened their own
+
+
+def test_listing_a_large_remote_directory_in_batches(run: Runner, daemon: ScriptedDaemon) -> None:
+    for i in range(600):
+        daemon.add_file(f"/app/many/f{i:04d}", b"")
+    out = run.py(
+        "import os; names = os.listdir('/app/many'); print(len(names), min(names), max(names))"
+    )
+    assert out.stdout == b"600 f0000 f0599\n"
+    assert run(["ls", "/app/many"]).stdout.count(b"\n") == 600
+    reads = [m for m in daemon.requests() if type(m).__name__ == "DirRead"]
+    assert len(reads) >= 6  # 602 entries with . and .., 256 a batch, twice
