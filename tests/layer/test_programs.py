@@ -163,3 +163,24 @@ def test_listing_a_large_remote_directory_in_batches(run: Runner, daemon: Script
     assert run(["ls", "/app/many"]).stdout.count(b"\n") == 600
     reads = [m for m in daemon.requests() if type(m).__name__ == "DirRead"]
     assert len(reads) >= 6  # 602 entries with . and .., 256 a batch, twice
+
+
+def test_files_over_the_fetch_limit_are_read_through_the_handle(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
+    content = bytes(range(256)) * 20  # 5120 bytes
+    daemon.add_file("/app/big.bin", content)
+    code = """
+import hashlib
+data = open('/app/big.bin', 'rb').read()
+with open('/app/big.bin', 'rb') as f:
+    f.seek(4000)
+    tail = f.read()
+print(len(data), hashlib.sha256(data).hexdigest(), len(tail))
+"""
+    out = run.py(code, settings=LayerSettings(fetch_limit=1000)).stdout.decode().split()
+    import hashlib
+
+    assert out == ["5120", hashlib.sha256(content).hexdigest(), "1120"]
+    assert "FileSeek" in daemon.kinds()
+    assert run(["cat", "/app/big.bin"], settings=LayerSettings(fetch_limit=1000)).stdout == content
