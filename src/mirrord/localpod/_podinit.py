@@ -119,8 +119,14 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     request_queue_size = 512
 
 
+class _HttpServer(http.server.ThreadingHTTPServer):
+    # The default accept queue of 5 resets connections when tens of clients connect at once.
+    request_queue_size = 512
+
+
 class _Http(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes
     pod_name = "pod"
 
     def _answer(self) -> None:
@@ -194,7 +200,7 @@ def main() -> None:
         servers.append(_TCPServer(("0.0.0.0", spec["echo_port"]), _Echo))
     if spec["http_port"]:
         _Http.pod_name = spec["name"]
-        servers.append(http.server.ThreadingHTTPServer(("0.0.0.0", spec["http_port"]), _Http))
+        servers.append(_HttpServer(("0.0.0.0", spec["http_port"]), _Http))
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     if spec["dns_records"] is not None:
