@@ -1343,6 +1343,17 @@ HOOK int access(const char *path, int mode) {
     return access_common(AT_FDCWD, path, mode, &ret) == R_DONE ? ret : REAL(access)(path, mode);
 }
 
+/* euidaccess/eaccess (sort, test): glibc stats internally, out of the hooks' reach */
+HOOK int euidaccess(const char *path, int mode) {
+    int ret;
+    return access_common(AT_FDCWD, path, mode, &ret) == R_DONE ? ret : REAL(euidaccess)(path, mode);
+}
+
+HOOK int eaccess(const char *path, int mode) {
+    int ret;
+    return access_common(AT_FDCWD, path, mode, &ret) == R_DONE ? ret : REAL(eaccess)(path, mode);
+}
+
 HOOK int faccessat(int dirfd, const char *path, int mode, int flags) {
     int ret;
     if (access_common(dirfd, path, mode, &ret) == R_DONE) {
@@ -2016,6 +2027,110 @@ HOOK int readdir64_r(DIR *dirp, struct dirent64 *entry, struct dirent64 **result
     return readdir_r(dirp, (struct dirent *)entry, (struct dirent **)result);
 }
 #pragma GCC diagnostic pop
+
+/* scandir (libuv's fs.readdir, many C programs) opens the directory inside libc: for a
+ * remote directory, list it through the hooked opendir/readdir instead. */
+typedef int (*dirent_cmp)(const struct dirent **, const struct dirent **);
+static LAYER_TLS dirent_cmp t_scandir_cmp;
+
+static int scandir_qsort_cmp(const void *a, const void *b) {
+    return t_scandir_cmp((const struct dirent **)a, (const struct dirent **)b);
+}
+
+static int scandir_remote(const char *dir, struct dirent ***namelist,
+                          int (*filter)(const struct dirent *), dirent_cmp compar, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    char full[PATH_CAP];
+    int saved = errno;
+    int d = decide(AT_FDCWD, dir, 0, full, sizeof full);
+    errno = saved;
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    *ret = -1;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        return R_DONE;
+    }
+    DIR *dp = opendir(full);
+    if (dp == NULL) {
+        return R_DONE;
+    }
+    struct dirent **list = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *e;
+    errno = 0;
+    while ((e = readdir(dp)) != NULL) {
+        if (filter != NULL && !filter(e)) {
+            continue;
+        }
+        if (n == cap) {
+            cap = cap ? cap * 2 : 64;
+            struct dirent **grown = realloc(list, cap * sizeof *list);
+            if (grown == NULL) {
+                break;
+            }
+            list = grown;
+        }
+        struct dirent *copy = malloc(sizeof *copy);
+        if (copy == NULL) {
+            break;
+        }
+        memcpy(copy, e, sizeof *copy);
+        list[n++] = copy;
+        errno = 0;
+    }
+    int err = errno;
+    closedir(dp);
+    if (err != 0) {
+        for (size_t i = 0; i < n; i++) {
+            free(list[i]);
+        }
+        free(list);
+        errno = err;
+        return R_DONE;
+    }
+    if (compar != NULL && n > 1) {
+        dirent_cmp outer = t_scandir_cmp; /* a comparator may scandir too */
+        t_scandir_cmp = compar;
+        qsort(list, n, sizeof *list, scandir_qsort_cmp);
+        t_scandir_cmp = outer;
+    }
+    *namelist = list;
+    *ret = (int)n;
+    errno = saved;
+    return R_DONE;
+}
+
+HOOK int scandir(const char *dir, struct dirent ***namelist, int (*filter)(const struct dirent *),
+                 int (*compar)(const struct dirent **, const struct dirent **)) {
+    int ret;
+    if (scandir_remote(dir, namelist, filter, compar, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(scandir)(dir, namelist, filter, compar);
+}
+
+/* struct dirent64 and struct dirent share their layout on 64-bit Linux */
+HOOK int scandir64(const char *dir, struct dirent64 ***namelist,
+                   int (*filter)(const struct dirent64 *),
+                   int (*compar)(const struct dirent64 **, const struct dirent64 **)) {
+    int ret;
+    union {
+        int (*f64)(const struct dirent64 *);
+        int (*f)(const struct dirent *);
+    } f = {.f64 = filter};
+    union {
+        int (*c64)(const struct dirent64 **, const struct dirent64 **);
+        dirent_cmp c;
+    } c = {.c64 = compar};
+    if (scandir_remote(dir, (struct dirent ***)namelist, f.f, c.c, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(scandir64)(dir, namelist, filter, compar);
+}
 
 HOOK int dirfd(DIR *dirp) {
     struct rdir *d = rdir_of(dirp);

@@ -65,7 +65,8 @@ int fcntl64(int fd, int cmd, ...);
     X(execvpe) X(posix_spawn) X(posix_spawnp) X(creat) X(creat64) X(copy_file_range)       \
     X(sendfile) X(sendfile64) X(close_range) X(rewinddir) X(telldir) X(seekdir)   \
     X(readdir_r) X(readdir64_r) X(truncate) X(truncate64) X(chmod)          \
-    X(gethostbyname2) X(gethostbyname_r) X(gethostbyname2_r)
+    X(gethostbyname2) X(gethostbyname_r) X(gethostbyname2_r) X(euidaccess) X(eaccess)   \
+    X(scandir) X(scandir64)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
 #pragma GCC diagnostic push

@@ -273,6 +273,7 @@ def test_node_reads_files_and_resolves_through_the_target(
     code = """
 const fs = require('fs'); const dns = require('dns');
 process.stdout.write(fs.readFileSync('/app/test.txt', 'utf8'));
+console.log(fs.readdirSync('/app').join(','));
 fs.readFile('/app/config/settings.yaml', 'utf8', (err, data) => {
   if (err) throw err;
   process.stdout.write(data);
@@ -283,7 +284,10 @@ fs.readFile('/app/config/settings.yaml', 'utf8', (err, data) => {
 });
 """
     out = run(["node", "-e", code])
-    assert out.stdout == b"hello from the target\ndebug: true\n192.0.2.77\n"
+    assert (
+        out.stdout
+        == b"hello from the target\nconfig,empty,link,test.txt\ndebug: true\n192.0.2.77\n"
+    )
     assert "DnsLookup" in daemon.kinds()
 
 

@@ -54,6 +54,10 @@ def test_coreutils_stat_ls_l_and_head(run: Runner) -> None:
     assert b"settings.yaml" in out.stdout and b"12" in out.stdout
     assert run(["head", "-c", "5", "/app/test.txt"]).stdout == b"hello"
     assert run(["wc", "-c", "/app/test.txt"]).stdout == b"22 /app/test.txt\n"
+    # sort checks its inputs with euidaccess (a stat inside libc)
+    assert run(["sort", "/app/config/settings.yaml", "/app/test.txt"]).stdout == (
+        b"debug: true\nhello from the target\n"
+    )
 
 
 def test_coreutils_cp_from_remote_to_local(run: Runner) -> None:

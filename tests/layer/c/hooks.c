@@ -132,6 +132,19 @@ static void files(void) {
     CHECK("access", access(t, R_OK) == 0);
     CHECK("access_enoent", access(P("missing"), F_OK) == -1 && errno == ENOENT);
     CHECK("faccessat", faccessat(AT_FDCWD, t, R_OK, AT_EACCESS) == 0);
+    CHECK("euidaccess", euidaccess(t, R_OK) == 0 && eaccess(P("missing"), R_OK) == -1 && errno == ENOENT);
+    struct dirent **names = NULL;
+    int nn = scandir(D, &names, NULL, alphasort);
+    CHECK("scandir", nn >= 4 && strcmp(names[nn - 1]->d_name, "test.txt") == 0 &&
+                         strcmp(names[nn - 2]->d_name, "link") == 0);
+    for (int i = 0; i < nn; i++) free(names[i]);
+    free(names);
+    struct dirent64 **names64 = NULL;
+    nn = scandir64(D, &names64, NULL, alphasort64);
+    CHECK("scandir64", nn >= 4);
+    for (int i = 0; i < nn; i++) free(names64[i]);
+    free(names64);
+    CHECK("scandir_enoent", scandir(P("missing"), &names, NULL, NULL) == -1 && errno == ENOENT);
     ssize_t n = readlink(P("link"), buf, sizeof buf);
     CHECK("readlink", n == (ssize_t)strlen(t) && memcmp(buf, t, (size_t)n) == 0);
     n = readlinkat(AT_FDCWD, P("link"), buf, sizeof buf);
