@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/xattr.h>
 #include <sys/sysmacros.h>
 #include <linux/close_range.h>
 
@@ -449,7 +450,8 @@ static int open_remote(const char *path, int flags, mode_t mode) {
     e->is_dir = S_ISDIR(st.st_mode);
     int fd = -1;
     int writing = open_is_write(flags);
-    if (S_ISREG(st.st_mode) && st.st_size <= g_set.fetch_limit) {
+    /* O_PATH: a handle for fstat, *at() and fchdir only, nothing to fetch */
+    if (S_ISREG(st.st_mode) && st.st_size <= g_set.fetch_limit && !(flags & O_PATH)) {
         size_t size = 0;
         if (writing && (flags & O_TRUNC)) {
             fd = placeholder_fd(flags, path);
@@ -1514,6 +1516,43 @@ static int rename_common(int olddir, const char *old, int newdir, const char *ne
     return R_DONE;
 }
 
+/* renameat2 (mv): flags 0 is renameat; RENAME_NOREPLACE is checked with a FileStat first (not
+ * atomic on the target); other flags are not supported remotely. */
+HOOK int renameat2(int olddir, const char *old, int newdir, const char *new, unsigned flags) {
+    if (!g_active || t_guard || (flags & ~RENAME_NOREPLACE) != 0) {
+        if (g_active && !t_guard && flags != 0) {
+            char a[PATH_CAP], b[PATH_CAP];
+            if (decide(olddir, old, 1, a, sizeof a) != P_LOCAL ||
+                decide(newdir, new, 1, b, sizeof b) != P_LOCAL) {
+                errno = EINVAL; /* callers (mv) fall back to rename */
+                return -1;
+            }
+        }
+        return REAL(renameat2)(olddir, old, newdir, new, flags);
+    }
+    char b[PATH_CAP];
+    int db = decide(newdir, new, 1, b, sizeof b);
+    if (flags & RENAME_NOREPLACE) {
+        if (db == P_REMOTE) {
+            struct stat st;
+            t_guard++;
+            int saved = errno;
+            int exists = rstat(b, 0, 0, 0, &st) == 0;
+            errno = saved;
+            t_guard--;
+            if (exists) {
+                errno = EEXIST;
+                return -1;
+            }
+        }
+    }
+    int ret;
+    if (rename_common(olddir, old, newdir, new, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(renameat2)(olddir, old, newdir, new, flags);
+}
+
 HOOK int rename(const char *old, const char *new) {
     int ret;
     if (rename_common(AT_FDCWD, old, AT_FDCWD, new, &ret) == R_DONE) {
@@ -1673,6 +1712,64 @@ HOOK int chmod(const char *path, mode_t mode) {
         return ret;
     }
     return REAL(chmod)(path, mode);
+}
+
+/* Extended attributes have no message in the protocol: on a remote path or fd they are
+ * "not supported", which copy tools (shutil, cp --preserve) treat as nothing to copy. */
+static int xattr_path_remote(const char *path, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    char full[PATH_CAP];
+    int saved = errno;
+    int d = decide(AT_FDCWD, path, 0, full, sizeof full);
+    errno = saved;
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    errno = d == P_NOT_FOUND ? ENOENT : ENOTSUP;
+    *ret = -1;
+    return R_DONE;
+}
+
+static int xattr_fd_remote(int fd, int *ret) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {
+        return R_BYPASS;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return R_BYPASS;
+    }
+    ent_put(e);
+    errno = ENOTSUP;
+    *ret = -1;
+    return R_DONE;
+}
+
+HOOK ssize_t getxattr(const char *path, const char *name, void *value, size_t size) {
+    int ret;
+    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(getxattr)(path, name, value, size);
+}
+HOOK ssize_t lgetxattr(const char *path, const char *name, void *value, size_t size) {
+    int ret;
+    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(lgetxattr)(path, name, value, size);
+}
+HOOK ssize_t fgetxattr(int fd, const char *name, void *value, size_t size) {
+    int ret;
+    return xattr_fd_remote(fd, &ret) == R_DONE ? ret : REAL(fgetxattr)(fd, name, value, size);
+}
+HOOK ssize_t listxattr(const char *path, char *list, size_t size) {
+    int ret;
+    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(listxattr)(path, list, size);
+}
+HOOK ssize_t llistxattr(const char *path, char *list, size_t size) {
+    int ret;
+    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(llistxattr)(path, list, size);
+}
+HOOK ssize_t flistxattr(int fd, char *list, size_t size) {
+    int ret;
+    return xattr_fd_remote(fd, &ret) == R_DONE ? ret : REAL(flistxattr)(fd, list, size);
 }
 
 /* ---------------------------------------------------------------- directories */

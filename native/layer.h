@@ -23,6 +23,7 @@
 #include <sys/statfs.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include "cbor.h"
@@ -66,7 +67,8 @@ int fcntl64(int fd, int cmd, ...);
     X(sendfile) X(sendfile64) X(close_range) X(rewinddir) X(telldir) X(seekdir)   \
     X(readdir_r) X(readdir64_r) X(truncate) X(truncate64) X(chmod)          \
     X(gethostbyname2) X(gethostbyname_r) X(gethostbyname2_r) X(euidaccess) X(eaccess)   \
-    X(scandir) X(scandir64)
+    X(scandir) X(scandir64) X(renameat2) X(getxattr) X(lgetxattr) X(fgetxattr)  \
+    X(listxattr) X(llistxattr) X(flistxattr)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
 #pragma GCC diagnostic push

@@ -195,6 +195,13 @@ class ScriptedDaemon:
             self._handles.setdefault(pid, {})[num] = h
         return num
 
+    def _follow(self, path: str) -> str:
+        for _ in range(8):  # bounded: a symlink loop ends as "not found"
+            if path not in self.symlinks:
+                return path
+            path = self.symlinks[path]
+        return path
+
     def _stat(self, path: str) -> list[int] | None:
         if path in self.files:
             mode = stat.S_IFREG | self.modes.get(path, 0o644)
@@ -231,7 +238,7 @@ class ScriptedDaemon:
 
         handles = self._handles.setdefault(pid, {})
         if isinstance(msg, m.FileOpen):
-            path = msg.path.decode()
+            path = self._follow(msg.path.decode())
             acc = msg.flags & os.O_ACCMODE
             if path in self.dirs:
                 if acc != os.O_RDONLY:
@@ -240,6 +247,8 @@ class ScriptedDaemon:
                     request_id=rid,
                     handle=self._new_handle(pid, Handle(path, msg.flags, is_dir=True)),
                 )
+            if msg.flags & os.O_DIRECTORY:
+                return err(errno.ENOTDIR if path in self.files else errno.ENOENT)
             if path not in self.files:
                 if not msg.flags & os.O_CREAT:
                     return err(errno.ENOENT)
@@ -303,8 +312,12 @@ class ScriptedDaemon:
             else:
                 assert msg.path is not None
                 path = msg.path.decode()
-                if msg.follow and path in self.symlinks:
-                    path = self.symlinks[path]
+                if len(path) > 1 and path.endswith("/"):
+                    path = path.rstrip("/")
+                    if path in self.files:
+                        return err(errno.ENOTDIR)
+                if msg.follow:
+                    path = self._follow(path)
             st = self._stat(path)
             return err(errno.ENOENT) if st is None else m.StatReply(request_id=rid, stat=st)
         if isinstance(msg, m.StatFs):
@@ -312,10 +325,13 @@ class ScriptedDaemon:
                 request_id=rid, statfs=[0x01021994, 4096, 100, 50, 50, 1000, 900, 255, 4096, 0]
             )
         if isinstance(msg, m.FileAccess):
-            path = msg.path.decode()
+            path = self._follow(msg.path.decode())
             if self._stat(path) is None:
                 return err(errno.ENOENT)
-            if msg.mode & os.W_OK and self.modes.get(path, 0o644) & 0o200 == 0:
+            mode = self.modes.get(path, 0o644)
+            if msg.mode & os.W_OK and mode & 0o200 == 0:
+                return err(errno.EACCES)
+            if msg.mode & os.X_OK and path in self.files and mode & 0o111 == 0:
                 return err(errno.EACCES)
             return m.Ok(request_id=rid)
         if isinstance(msg, m.ReadLink):
@@ -331,7 +347,7 @@ class ScriptedDaemon:
                 path = h.path
             else:
                 assert msg.path is not None
-                path = msg.path.decode()
+                path = self._follow(msg.path.decode().rstrip("/") or "/")
             if path not in self.dirs:
                 return err(errno.ENOTDIR if path in self.files else errno.ENOENT)
             entries = [(b".", 1, 4), (b"..", 2, 4), *self._entries(path)]

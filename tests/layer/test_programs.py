@@ -188,3 +188,47 @@ print(len(data), hashlib.sha256(data).hexdigest(), len(tail))
     assert out == ["5120", hashlib.sha256(content).hexdigest(), "1120"]
     assert "FileSeek" in daemon.kinds()
     assert run(["cat", "/app/big.bin"], settings=LayerSettings(fetch_limit=1000)).stdout == content
+
+
+def test_python_stdlib_tools_on_remote_trees(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import errno, glob, mmap, os, shutil
+print(sorted(glob.glob('/app/**/*.yaml', recursive=True)))
+shutil.copytree('/app', 'copy')  # copy2 asks for xattrs: "not supported" on remote paths
+print(sorted(os.listdir('copy')))
+print(open('copy/link').read(), end='')
+try:
+    os.listxattr('/app/test.txt')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+with open('/app/test.txt', 'rb') as f:
+    print(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)[:5])
+"""
+    out = run.py(code).stdout.decode().splitlines()
+    assert out == [
+        "['/app/config/settings.yaml']",
+        "['config', 'empty', 'link', 'test.txt']",
+        "hello from the target",
+        "ENOTSUP",
+        "b'hello'",
+    ]
+
+
+def test_sqlite_and_mv_on_remote_files_in_write_mode(run: Runner, daemon: ScriptedDaemon) -> None:
+    code = """
+import sqlite3
+c = sqlite3.connect('/app/db.sqlite')
+c.execute('create table t(x)')
+c.execute('insert into t values (42)')
+c.commit()
+c.close()
+print(sqlite3.connect('/app/db.sqlite').execute('select x from t').fetchall())
+"""
+    assert run.py(code, settings=WRITE).stdout == b"[(42,)]\n"
+    assert daemon.files["/app/db.sqlite"].startswith(b"SQLite format 3\0")
+    # coreutils mv renames with renameat2(RENAME_NOREPLACE)
+    run(["mv", "/app/db.sqlite", "/app/moved.sqlite"], settings=WRITE)
+    assert "/app/moved.sqlite" in daemon.files and "/app/db.sqlite" not in daemon.files
+    out = run(["mv", "-n", "/app/test.txt", "/app/moved.sqlite"], settings=WRITE, check=False)
+    assert "/app/test.txt" in daemon.files  # -n: the existing target is kept
+    assert out.returncode in (0, 1)
