@@ -423,6 +423,9 @@ void conn_after_fork_child(pid_t parent) {
     g_fd_lock = fresh;
     g_conns_lock = fresh;
     memset(g_conns, 0, sizeof g_conns);
+    files_after_fork_child();
+    net_after_fork_child();
+    policy_after_fork_child();
     int was = g_proc.fd >= 0;
     g_gen++;
     g_proc.fd = -1;

@@ -1793,6 +1793,11 @@ struct rdir {
 static struct rdir *g_dirs;
 static pthread_mutex_t g_dirs_lock = PTHREAD_MUTEX_INITIALIZER;
 
+void files_after_fork_child(void) {
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    g_dirs_lock = fresh;
+}
+
 static struct rdir *rdir_of(void *d) {
     struct rdir *base = __atomic_load_n(&g_dirs, __ATOMIC_ACQUIRE);
     if (base == NULL || (uintptr_t)d < (uintptr_t)base ||

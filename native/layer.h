@@ -263,6 +263,10 @@ void proc_init_env(void);
 int wfile_flush(struct ent *e);
 void wfile_flush_all(void);
 void proc_fork_child(void);
+/* In a fork child, locks another thread of the parent may have held are fresh again. */
+void files_after_fork_child(void);
+void net_after_fork_child(void);
+void policy_after_fork_child(void);
 pid_t conn_parent(void);
 void net_restore_listeners(void);
 

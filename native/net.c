@@ -585,6 +585,11 @@ struct ai_owned {
 static struct ai_owned *g_owned;
 static pthread_mutex_t g_owned_lock = PTHREAD_MUTEX_INITIALIZER;
 
+void net_after_fork_child(void) {
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    g_owned_lock = fresh;
+}
+
 static void free_chain(struct addrinfo *ai) {
     while (ai != NULL) {
         struct addrinfo *next = ai->ai_next;

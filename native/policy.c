@@ -452,6 +452,11 @@ static struct {
 static int g_names_next;
 static pthread_mutex_t g_names_lock = PTHREAD_MUTEX_INITIALIZER;
 
+void policy_after_fork_child(void) {
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    g_names_lock = fresh;
+}
+
 static int addr_bytes(const struct sockaddr *sa, uint8_t out[16], int *family, int *port) {
     if (sa->sa_family == AF_INET) {
         const struct sockaddr_in *in = (const void *)sa;
