@@ -31,6 +31,69 @@
 
 /* ---------------------------------------------------------------- decisions */
 
+/* A remote working directory (after chdir/fchdir into a remote directory): relative paths
+ * are then remote, below it. Empty when the working directory is local (the common case:
+ * one load on the bypass path). The process's real working directory does not change. */
+static char g_vcwd[PATH_CAP];
+static pthread_mutex_t g_vcwd_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Lexically removes ".", "..", and repeated or trailing slashes from an absolute path. */
+static void normalize_path(char *p) {
+    char *out = p;
+    const char *in = p;
+    while (*in) {
+        while (*in == '/') {
+            in++;
+        }
+        const char *seg = in;
+        while (*in && *in != '/') {
+            in++;
+        }
+        size_t n = (size_t)(in - seg);
+        if (n == 0 || (n == 1 && seg[0] == '.')) {
+            continue;
+        }
+        if (n == 2 && seg[0] == '.' && seg[1] == '.') {
+            while (out > p && *--out != '/') {
+            }
+            continue;
+        }
+        *out++ = '/';
+        memmove(out, seg, n);
+        out += n;
+    }
+    if (out == p) {
+        *out++ = '/';
+    }
+    *out = 0;
+}
+
+static int vcwd_join(const char *rel, char *out, size_t cap) {
+    pthread_mutex_lock(&g_vcwd_lock);
+    int ok = g_vcwd[0] != 0 && (size_t)snprintf(out, cap, "%s/%s", g_vcwd, rel) < cap;
+    pthread_mutex_unlock(&g_vcwd_lock);
+    if (ok) {
+        normalize_path(out);
+    }
+    return ok;
+}
+
+void files_set_vcwd(const char *path) {
+    pthread_mutex_lock(&g_vcwd_lock);
+    snprintf(g_vcwd, sizeof g_vcwd, "%s", path ? path : "");
+    pthread_mutex_unlock(&g_vcwd_lock);
+}
+
+int files_get_vcwd(char *out, size_t cap) {
+    pthread_mutex_lock(&g_vcwd_lock);
+    int set = g_vcwd[0] != 0 && strlen(g_vcwd) < cap;
+    if (set) {
+        strcpy(out, g_vcwd);
+    }
+    pthread_mutex_unlock(&g_vcwd_lock);
+    return set;
+}
+
 /* Where does (dirfd, path) live? Fills `out` with the absolute remote path when remote. */
 static int decide(int dirfd, const char *path, int write, char *out, size_t cap) {
     if (path == NULL) {
@@ -47,7 +110,10 @@ static int decide(int dirfd, const char *path, int write, char *out, size_t cap)
         return d;
     }
     if (dirfd == AT_FDCWD) {
-        return P_LOCAL; /* relative paths are local */
+        if (__builtin_expect(__atomic_load_n(&g_vcwd[0], __ATOMIC_RELAXED) == 0, 1)) {
+            return P_LOCAL; /* relative to a local working directory */
+        }
+        return vcwd_join(path, out, cap) ? P_REMOTE : P_LOCAL;
     }
     struct ent *e = fd_peek(dirfd);
     if (e == NULL || (e->kind != K_RFILE && e->kind != K_MFILE)) {
@@ -1796,6 +1862,88 @@ static pthread_mutex_t g_dirs_lock = PTHREAD_MUTEX_INITIALIZER;
 void files_after_fork_child(void) {
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     g_dirs_lock = fresh;
+    g_vcwd_lock = fresh;
+}
+
+/* ---------------------------------------------------------------- working directory */
+
+HOOK int chdir(const char *path) {
+    if (!g_active || t_guard) {
+        return REAL(chdir)(path);
+    }
+    char full[PATH_CAP];
+    int saved = errno;
+    int d = decide(AT_FDCWD, path, 0, full, sizeof full);
+    if (d == P_LOCAL) {
+        errno = saved;
+        int r = REAL(chdir)(path);
+        if (r == 0) {
+            files_set_vcwd(NULL);
+        }
+        return r;
+    }
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        return -1;
+    }
+    normalize_path(full);
+    struct stat st;
+    t_guard++;
+    int r = rstat(full, 0, 0, 1, &st);
+    t_guard--;
+    if (r == 0 && !S_ISDIR(st.st_mode)) {
+        errno = ENOTDIR;
+        r = -1;
+    }
+    if (r == 0) {
+        files_set_vcwd(full);
+        DBG("working directory %s is remote", full);
+    }
+    return r;
+}
+
+HOOK int fchdir(int fd) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {
+        int r = REAL(fchdir)(fd);
+        if (r == 0 && g_active && !t_guard) {
+            files_set_vcwd(NULL);
+        }
+        return r;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return REAL(fchdir)(fd);
+    }
+    int r = 0;
+    if (!e->is_dir || e->path == NULL) {
+        errno = ENOTDIR;
+        r = -1;
+    } else {
+        files_set_vcwd(e->path);
+    }
+    ent_put(e);
+    return r;
+}
+
+HOOK char *getcwd(char *buf, size_t size) {
+    char v[PATH_CAP];
+    if (!g_active || t_guard || !files_get_vcwd(v, sizeof v)) {
+        return REAL(getcwd)(buf, size);
+    }
+    size_t need = strlen(v) + 1;
+    if (buf == NULL) {
+        buf = malloc(size > need ? size : need);
+        if (buf == NULL) {
+            errno = ENOMEM;
+            return NULL;
+        }
+    } else if (size < need) {
+        errno = size == 0 ? EINVAL : ERANGE;
+        return NULL;
+    }
+    memcpy(buf, v, need);
+    return buf;
 }
 
 static struct rdir *rdir_of(void *d) {

@@ -68,7 +68,7 @@ int fcntl64(int fd, int cmd, ...);
     X(readdir_r) X(readdir64_r) X(truncate) X(truncate64) X(chmod)          \
     X(gethostbyname2) X(gethostbyname_r) X(gethostbyname2_r) X(euidaccess) X(eaccess)   \
     X(scandir) X(scandir64) X(renameat2) X(getxattr) X(lgetxattr) X(fgetxattr)  \
-    X(listxattr) X(llistxattr) X(flistxattr)
+    X(listxattr) X(llistxattr) X(flistxattr) X(chdir) X(fchdir) X(getcwd)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
 #pragma GCC diagnostic push
@@ -267,6 +267,9 @@ void proc_fork_child(void);
 void files_after_fork_child(void);
 void net_after_fork_child(void);
 void policy_after_fork_child(void);
+/* The remote working directory (empty: local); exec passes it in MIRRORD_LAYER_CWD. */
+void files_set_vcwd(const char *path);
+int files_get_vcwd(char *out, size_t cap);
 pid_t conn_parent(void);
 void net_restore_listeners(void);
 

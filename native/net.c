@@ -296,6 +296,9 @@ HOOK int bind(int fd, const struct sockaddr *sa, socklen_t len) {
     return rc;
 }
 
+/* the least accept queue of a subscribed listener (see listen) */
+#define SUBSCRIBED_BACKLOG 1024
+
 HOOK int listen(int fd, int backlog) {
     int rc = REAL(listen)(fd, backlog);
     struct ent *pe = fd_peek(fd);
@@ -329,6 +332,15 @@ HOOK int listen(int fd, int backlog) {
                 cbor_r r;
                 int saved = errno;
                 if (conn_call(c, M_OK, &r) == 0) {
+                    /* The daemon opens the connections of a burst of flows at once and each
+                     * accept() here costs a PeerLookup round trip: with Python's default
+                     * backlog of 5 the accept queue overflows, the kernel answers with SYN
+                     * cookies and then resets the daemon's connections once they carry data
+                     * (mirrored requests were lost that way). Listening again only deepens
+                     * the queue (the kernel caps it at net.core.somaxconn). */
+                    if (backlog < SUBSCRIBED_BACKLOG) {
+                        REAL(listen)(fd, SUBSCRIBED_BACKLOG);
+                    }
                     e->subscribed = 1;
                     e->sub_port = rport;
                     e->sub_owner = getpid();

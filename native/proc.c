@@ -55,6 +55,11 @@ void proc_init_env(void) {
     /* consumed by this image; stale for any child */
     unsetenv("MIRRORD_LAYER_FD");
     unsetenv("MIRRORD_LAYER_LISTENERS");
+    const char *vcwd = getenv("MIRRORD_LAYER_CWD");
+    if (vcwd != NULL && vcwd[0] == '/') {
+        files_set_vcwd(vcwd); /* a remote working directory from before exec */
+    }
+    unsetenv("MIRRORD_LAYER_CWD");
     /* children spawned through paths no hook sees (system, popen) still name their parent */
     char digits[PARENT_WIDTH + 1];
     write_digits(digits, (long)getpid());
@@ -108,7 +113,7 @@ static char **exec_env(char *const envp[], int keep_fd, int same_process) {
     for (size_t i = 0; i < n; i++) {
         const char *e = envp[i];
         if (strncmp(e, "MIRRORD_LAYER_FD=", 17) == 0 || strncmp(e, "MIRRORD_LAYER_PARENT=", 21) == 0 ||
-            strncmp(e, "MIRRORD_LAYER_LISTENERS=", 24) == 0) {
+            strncmp(e, "MIRRORD_LAYER_LISTENERS=", 24) == 0 || strncmp(e, "MIRRORD_LAYER_CWD=", 18) == 0) {
             continue;
         }
         if (strncmp(e, "LD_PRELOAD=", 11) == 0 && g_lib_path != NULL) {
@@ -127,6 +132,10 @@ static char **exec_env(char *const envp[], int keep_fd, int same_process) {
         if (g_saved[i] != NULL && env_has(envp, SAVED_NAMES[i], strlen(SAVED_NAMES[i])) < 0) {
             out[k++] = strdup(g_saved[i]);
         }
+    }
+    char vcwd[4096];
+    if (files_get_vcwd(vcwd, sizeof vcwd)) {
+        out[k++] = fmt("MIRRORD_LAYER_CWD=%s", vcwd);
     }
     pid_t parent = same_process ? conn_parent() : getpid();
     if (parent > 0) {

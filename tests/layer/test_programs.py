@@ -232,3 +232,48 @@ print(sqlite3.connect('/app/db.sqlite').execute('select x from t').fetchall())
     out = run(["mv", "-n", "/app/test.txt", "/app/moved.sqlite"], settings=WRITE, check=False)
     assert "/app/test.txt" in daemon.files  # -n: the existing target is kept
     assert out.returncode in (0, 1)
+
+
+def test_a_remote_working_directory(run: Runner, daemon: ScriptedDaemon) -> None:
+    """chdir into a remote directory: relative paths are then remote, getcwd reports it, and
+    children (exec, subprocess cwd=) start there."""
+    out = run(
+        ["bash", "-c", "cd /app && pwd && cat test.txt && ls && cd config && cat settings.yaml"]
+    )
+    assert out.stdout.decode().splitlines() == [
+        "/app",
+        "hello from the target",
+        "config",
+        "empty",
+        "link",
+        "test.txt",
+        "debug: true",
+    ]
+    code = """
+import os, subprocess
+os.chdir('/app/config')
+print(os.getcwd(), sorted(os.listdir('.')), open('../test.txt').read(), end='')
+print(subprocess.run(['cat', 'settings.yaml'], capture_output=True).stdout.decode(), end='')
+os.chdir(os.environ['HOME'])
+print(os.getcwd() == os.environ['HOME'])
+print(subprocess.run(['cat', 'test.txt'], cwd='/app', capture_output=True).stdout.decode(), end='')
+"""
+    assert run.py(code).stdout.decode().splitlines() == [
+        "/app/config ['settings.yaml'] hello from the target",
+        "debug: true",
+        "True",
+        "hello from the target",
+    ]
+
+
+def test_mkdir_p_walks_a_remote_tree_in_write_mode(run: Runner, daemon: ScriptedDaemon) -> None:
+    run(["mkdir", "-p", "/app/x/y/z"], settings=WRITE)
+    assert {"/app/x", "/app/x/y", "/app/x/y/z"} <= daemon.dirs
+
+
+def test_chdir_to_a_local_directory_sends_nothing(run: Runner, daemon: ScriptedDaemon) -> None:
+    (run.cwd / "sub").mkdir()
+    (run.cwd / "sub" / "f").write_text("local")
+    code = "import os; os.chdir('sub'); print(os.getcwd().endswith('/sub'), open('f').read())"
+    assert run.py(code).stdout == b"True local\n"
+    assert daemon.requests() == []
