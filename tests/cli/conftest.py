@@ -116,7 +116,13 @@ class Mirrord:
         for proc in self.children:
             if proc.poll() is None:
                 proc.kill()
-            proc.communicate(timeout=10)
+            try:
+                proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass  # an orphaned grandchild still holds the pipes: close our ends anyway
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         subprocess.run(
             [MIRRORD, "daemon", "stop"], env=self.env, capture_output=True, timeout=30, check=False
         )
