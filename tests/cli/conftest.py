@@ -39,6 +39,24 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Pids of live processes started with `name=value` in their environment (the commands a
+    test ran through mirrord inherit MIRRORD_RUNTIME_DIR, whatever they do later)."""
+    needle = f"{name}={value}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if needle in env and pid_alive(int(entry)):
+            pids.append(int(entry))
+    return pids
+
+
 def pid_alive(pid: int) -> bool:
     """Running (a zombie waiting for its reaper is not)."""
     try:
@@ -123,6 +141,13 @@ class Mirrord:
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
+        # commands a failed test left running (their daemon and agents are stopped below)
+        for pid in processes_with_env("MIRRORD_RUNTIME_DIR", str(self.runtime)):
+            if pid not in processes_mentioning(str(self.runtime)):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         subprocess.run(
             [MIRRORD, "daemon", "stop"], env=self.env, capture_output=True, timeout=30, check=False
         )
