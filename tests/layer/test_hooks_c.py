@@ -40,7 +40,9 @@ def test_file_hooks_go_remote(
     daemon.add_file("/srv/t/test.txt", TEST_FILE)
     daemon.symlinks["/srv/t/link"] = "/srv/t/test.txt"
     settings = LayerSettings(fs_mode="write", timeout_ms=5000, fetch_limit=fetch_limit)
-    extra = {"EXPECT_FREOPEN_ENOTSUP": "1"} if fetch_limit == 0 else {}
+    extra = {"EXPECT_REMOTE": "1"}
+    if fetch_limit == 0:
+        extra["EXPECT_FREOPEN_ENOTSUP"] = "1"
     out = run(
         [str(hooks_program), "/srv/t", "db.svc.cluster.local"],
         settings=settings,

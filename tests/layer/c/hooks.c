@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/uio.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 static int fails;
@@ -257,6 +258,63 @@ static void files(void) {
     close(fd);
     close(pipefd[0]);
     close(pipefd[1]);
+
+    /* the rarer entry points */
+    fd = creat64(P("g.txt"), 0644);
+    CHECK("creat64", fd >= 0 && write(fd, "g", 1) == 1 && close(fd) == 0);
+    fd = open(t, O_RDONLY);
+    int fd2 = open(P("g.txt"), O_WRONLY);
+    off64_t in_off = 0;
+    ssize_t copied = (fd >= 0 && fd2 >= 0) ? copy_file_range(fd, &in_off, fd2, NULL, 5, 0) : -2;
+    /* handle-backed files answer EXDEV (callers fall back to read/write) */
+    CHECK("copy_file_range", copied == 5 || (copied == -1 && errno == EXDEV));
+    close(fd);
+    close(fd2);
+    fd = open(t, O_RDWR);
+    pipe(pipefd);
+    off64_t soff = 6;
+    CHECK("sendfile64", sendfile64(pipefd[1], fd, &soff, 4) == 4 && read(pipefd[0], buf, 4) == 4 &&
+                            memcmp(buf, "from", 4) == 0 && soff == 10);
+    close(pipefd[0]);
+    close(pipefd[1]);
+    close(fd);
+    f = fopen("/dev/null", "r");
+    f = f ? freopen64(t, "r", f) : NULL;
+    if (getenv("EXPECT_FREOPEN_ENOTSUP") != NULL) {
+        CHECK("freopen64", f == NULL && errno == ENOTSUP);
+    } else {
+        CHECK("freopen64", f != NULL && fgets(buf, sizeof buf, f) != NULL && strcmp(buf, HELLO) == 0);
+    }
+    if (f) fclose(f);
+    struct statfs64 sf64;
+    CHECK("statfs64", statfs64(D, &sf64) == 0 && sf64.f_bsize > 0);
+    fd = open(t, O_RDONLY);
+    CHECK("fstatfs64", fstatfs64(fd, &sf64) == 0 && sf64.f_bsize > 0);
+    int (*lx)(int, const char *, struct stat *) = (int (*)(int, const char *, struct stat *))dlsym(RTLD_DEFAULT, "__lxstat");
+    int (*fx)(int, int, struct stat *) = (int (*)(int, int, struct stat *))dlsym(RTLD_DEFAULT, "__fxstat");
+    CHECK("__lxstat", lx != NULL && lx(1, P("link"), &st) == 0 && S_ISLNK(st.st_mode));
+    CHECK("__fxstat", fx != NULL && fx(1, fd, &st) == 0 && st.st_size == HLEN);
+    close(fd);
+    CHECK("renameat2", renameat2(AT_FDCWD, P("g.txt"), AT_FDCWD, P("h.txt"), 0) == 0 &&
+                           access(P("h.txt"), F_OK) == 0);
+    CHECK("renameat2_noreplace", renameat2(AT_FDCWD, P("h.txt"), AT_FDCWD, t, RENAME_NOREPLACE) == -1 &&
+                                     errno == EEXIST);
+    unlink(P("h.txt"));
+    ssize_t xl = listxattr(t, buf, sizeof buf);
+    if (getenv("EXPECT_REMOTE") != NULL) {
+        CHECK("listxattr", xl == -1 && errno == ENOTSUP);
+        CHECK("getxattr", getxattr(t, "user.x", buf, sizeof buf) == -1 && errno == ENOTSUP);
+    } else {
+        CHECK("listxattr", xl >= 0 || errno == ENOTSUP);
+        CHECK("getxattr", getxattr(t, "user.x", buf, sizeof buf) == -1);
+    }
+    char cwd[600];
+    CHECK("chdir", chdir(D) == 0 && getcwd(cwd, sizeof cwd) != NULL && strcmp(cwd, D) == 0 &&
+                       access("test.txt", R_OK) == 0);
+    int dd = open(".", O_RDONLY | O_DIRECTORY);
+    CHECK("fchdir", chdir("/") == 0 && dd >= 0 && fchdir(dd) == 0 && access("link", F_OK) == 0);
+    close(dd);
+    CHECK("chdir_back", chdir("/tmp") == 0 && getcwd(cwd, sizeof cwd) != NULL && strcmp(cwd, "/tmp") == 0);
 
     /* the layer's own connection (at fd 900) is invisible and survives the app's fd games */
     CHECK("layer_fd_invisible", fcntl(900, F_GETFD) == -1 && errno == EBADF && close(900) == -1);
