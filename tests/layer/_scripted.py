@@ -15,6 +15,7 @@ import socket
 import socketserver
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -406,6 +407,8 @@ class ScriptedDaemon:
         if isinstance(msg, m.Fsync):
             return m.Ok(request_id=rid) if msg.handle in handles else err(errno.EBADF)
         if isinstance(msg, m.DnsLookup):
+            if msg.host.startswith("slow"):
+                time.sleep(1.0)  # a slow answer: shows whether threads wait for each other
             addrs = self.dns.get(msg.host)
             if not addrs:
                 return err(errno.ENOENT)

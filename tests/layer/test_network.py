@@ -408,3 +408,21 @@ print(s.recv(100).decode().strip(), s.getpeername()[:2])
 """
     out = run.py(code).stdout.decode().splitlines()
     assert out == ["hello 2001:db8::5:80 ('2001:db8::5', 80)"]
+
+
+def test_threads_resolve_in_parallel(run: Runner, daemon: ScriptedDaemon) -> None:
+    for i in range(4):
+        daemon.dns[f"slow{i}.svc"] = [f"192.0.2.{10 + i}"]
+    code = """
+import socket, threading, time
+out = {}
+def resolve(i):
+    out[i] = socket.gethostbyname(f'slow{i}.svc')
+start = time.monotonic()
+ts = [threading.Thread(target=resolve, args=(i,)) for i in range(4)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(sorted(out.values()), time.monotonic() - start < 3.0)
+"""
+    out = run.py(code).stdout.decode().strip()
+    assert out == "['192.0.2.10', '192.0.2.11', '192.0.2.12', '192.0.2.13'] True"
