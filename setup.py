@@ -34,6 +34,14 @@ class BuildLayer(build_ext):
         *pkg, name = fullname.split(".")
         return os.path.join(*pkg, name + ".so")
 
+    def copy_file(self, infile: str, outfile: str, *args: object, **kwargs: object) -> object:
+        # Editable installs copy the library into the source tree. Replace the file instead
+        # of rewriting it in place: processes that have the old one preloaded keep a valid
+        # mapping (rewriting a mapped library crashes them).
+        if str(outfile).endswith(".so") and os.path.exists(outfile):
+            os.unlink(outfile)
+        return super().copy_file(infile, outfile, *args, **kwargs)  # type: ignore[arg-type]
+
     def get_export_symbols(self, ext: Extension) -> list[str]:
         return []  # no PyInit_*: this is not a Python module
 
