@@ -13,8 +13,6 @@ from collections import deque
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from mirrord.cli._app import app
 from mirrord.cli._sessions import fail
@@ -82,6 +80,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Sessions, agents, channels, bytes relayed and uptime."""
+    from rich.console import Console  # imported here: rich costs other commands' startup
+    from rich.table import Table
+
     paths = runtime_paths()
     try:
         with ControlClient(paths.control_socket) as client:

@@ -9,14 +9,12 @@ Does not own listing (mirrord.kube).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from mirrord.cli._app import app
 
@@ -52,6 +50,10 @@ def ls(
 ) -> None:
     """List the targets (deployments, rollouts, statefulsets, cronjobs, jobs, pods) of a
     namespace."""
+    import asyncio
+
+    from rich.console import Console
+
     from mirrord.kube import KubeError, list_targets
     from mirrord.kube._api import ApiCallError
 

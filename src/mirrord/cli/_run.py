@@ -1,28 +1,22 @@
 """`mirrord run [OPTIONS] -- CMD [ARGS]` (alias `mirrord exec`): run CMD as if in the target.
 
-Owns: the command's options (mirrord's names), starting CMD with the session's env, forwarding
-SIGINT/SIGTERM/SIGHUP to it, and exiting with CMD's exit code (128+N when a signal N ended it).
-Does not own the session (the daemon) or the layer.
+Owns: the command's options (mirrord's names) and their typer declaration. What the command does
+is `_runner.run_command` (also called by the fast path in `_main.py`, which must parse these
+options exactly as typer does). Does not own the session (the daemon) or the layer.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
-from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from mirrord.cli._app import app
-from mirrord.cli._sessions import Progress, child_env, fail, open_session, session_request
+from mirrord.cli._runner import run_command
 
 __all__ = ["run_command"]
-
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 TargetOpt = Annotated[
     str | None,
@@ -74,98 +68,6 @@ CommandArg = Annotated[
 ]
 
 _CONTEXT = {"allow_interspersed_args": False, "ignore_unknown_options": True}
-
-
-def _exit_code(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def _signal_from_terminal(signum: int) -> bool:
-    """Ctrl-C on the terminal reaches every process of the foreground group, CMD included:
-    forwarding it too would deliver it twice."""
-    if signum != signal.SIGINT:
-        return False
-    try:
-        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return False
-
-
-def run_command(
-    *,
-    command: list[str],
-    target: str | None,
-    config_file: Path | None,
-    steal: bool = False,
-    fs_mode: str | None = None,
-    env_include: str | None = None,
-    env_exclude: str | None = None,
-    no_outgoing: bool = False,
-    no_remote_dns: bool = False,
-    quiet: bool = False,
-) -> int:
-    """Open a session, run `command` in it, close the session; returns the exit code."""
-    if not command:
-        fail("no command to run: `mirrord run [OPTIONS] -- CMD [ARGS]`", code=2)
-    progress = Progress(quiet=quiet)
-    request = session_request(
-        target=target,
-        config_file=config_file,
-        steal=steal,
-        fs_mode=fs_mode,
-        env_include=env_include,
-        env_exclude=env_exclude,
-        no_outgoing=no_outgoing,
-        no_remote_dns=no_remote_dns,
-    )
-    running = [False]
-
-    def on_event(event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "progress":
-            progress.step(str(event.get("message", "")))
-        elif kind in ("warning", "agent_lost"):
-            progress.warn(str(event.get("message", "")))
-        elif kind == "disconnected" and running[0]:
-            progress.warn("the mirrord daemon went away: remote calls of the command now fail")
-
-    with progress:
-        session = open_session(
-            request,
-            progress=progress.step,
-            on_event=on_event,
-            warn=progress.warn,
-            label=" ".join(command)[:200],
-        )
-        progress.step(f"session {session.session} on {session.agent}: running {command[0]}")
-    try:
-        env = child_env(session.env)
-        try:
-            child = subprocess.Popen(command, env=env)
-        except FileNotFoundError:
-            fail(f"command not found: {command[0]}", code=127)
-        except PermissionError:
-            fail(f"command not executable: {command[0]}", code=126)
-        running[0] = True
-
-        def forward(signum: int, frame: FrameType | None) -> None:
-            del frame
-            if not _signal_from_terminal(signum):
-                try:
-                    child.send_signal(signum)
-                except ProcessLookupError:
-                    pass
-
-        previous = {s: signal.signal(s, forward) for s in _FORWARDED}
-        try:
-            returncode = child.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        running[0] = False
-        return _exit_code(returncode)
-    finally:
-        session.close()
 
 
 @app.command("run", context_settings=_CONTEXT)

@@ -13,16 +13,15 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
-
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.status import Status
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mirrord.daemon._client import ControlClient, ensure_daemon
 from mirrord.daemon._exceptions import ControlError, DaemonError
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.status import Status
 
 __all__ = [
     "EXIT_BAD_USAGE",
@@ -42,13 +41,43 @@ EXIT_BAD_USAGE = 2  # bad arguments or configuration (like click's usage errors)
 CREATE_SESSION_TIMEOUT = 900.0
 
 
+def _terminal_console() -> Console | None:
+    """A rich console on stderr if stderr is a terminal (as rich decides it), else None.
+
+    rich costs ~20 ms to import, which every `mirrord run` in a script would pay for nothing:
+    it is imported only when stderr may be a terminal. rich treats a stream as a terminal only
+    if it is a tty or TTY_COMPATIBLE / FORCE_COLOR say so, so without those rich is not needed
+    to know the answer is no."""
+    if not ("TTY_COMPATIBLE" in os.environ or "FORCE_COLOR" in os.environ or _isatty(sys.stderr)):
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    return console if console.is_terminal else None
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def fail(message: str, code: int = EXIT_MIRRORD_ERROR) -> NoReturn:
     """Print `mirrord: error: ...` on stderr and exit."""
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    if err.is_terminal:
-        err.print(f"[bold red]mirrord: error:[/] {escape(message)}")
+    err = _terminal_console()
+    if err is not None:
+        err.print(f"[bold red]mirrord: error:[/] {_escape(message)}")
     else:
         print(f"mirrord: error: {message}", file=sys.stderr, flush=True)
+    import typer  # only on failure: `mirrord run`'s fast path never loads typer otherwise
+
     raise typer.Exit(code)
 
 
@@ -56,12 +85,12 @@ class Progress:
     """Steps while the session starts: a rich spinner on a terminal, plain lines otherwise."""
 
     def __init__(self, *, quiet: bool = False) -> None:
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = _terminal_console()
         self.quiet = quiet
         self._status: Status | None = None
 
     def __enter__(self) -> Progress:
-        if self.console.is_terminal and not self.quiet:
+        if self.console is not None and not self.quiet:
             self._status = self.console.status("mirrord: starting", spinner="dots")
             self._status.start()
         return self
@@ -77,15 +106,15 @@ class Progress:
     def step(self, text: str) -> None:
         if self.quiet:
             return
-        if self._status is not None:
-            self.console.print(f"[dim]mirrord:[/] {escape(text)}")
-            self._status.update(f"mirrord: {escape(text)}")
+        if self._status is not None and self.console is not None:
+            self.console.print(f"[dim]mirrord:[/] {_escape(text)}")
+            self._status.update(f"mirrord: {_escape(text)}")
         else:
             print(f"mirrord: {text}", file=sys.stderr, flush=True)
 
     def warn(self, text: str) -> None:
-        if self.console.is_terminal:
-            self.console.print(f"[yellow]mirrord: warning:[/] {escape(text)}")
+        if self.console is not None:
+            self.console.print(f"[yellow]mirrord: warning:[/] {_escape(text)}")
         else:
             print(f"mirrord: warning: {text}", file=sys.stderr, flush=True)
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from mirrord.cli._app import app
-from mirrord.config import ConfigError, MirrordConfig, resolve_config
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 
 def _summary(cfg: MirrordConfig) -> list[tuple[str, str]]:
@@ -101,6 +101,12 @@ def verify_config(
 
     MIRRORD_* environment variables apply, as they would for `mirrord run`.
     """
+    # Imported here: the config models and rich cost every other command ~100 ms at import.
+    from rich.console import Console
+    from rich.markup import escape
+
+    from mirrord.config import ConfigError, resolve_config
+
     try:
         resolved = resolve_config(path)
     except ConfigError as exc:

@@ -1,0 +1,124 @@
+"""The `mirrord` entry point: a fast path for plain `mirrord run`/`exec`, typer for the rest.
+
+Owns: choosing between them, and parsing the plain form of `run`'s options. `mirrord run -t T
+-- CMD` is what scripts, tests and IDE restarts run again and again; importing typer (and the
+pydantic it coerces arguments with) costs about 100 ms before the session even starts, several
+times the session itself on a warm daemon. So when the arguments are only `run`'s options in
+their plain forms (`-t V`, `--target V`, `--target=V`, the flags), each at most once, followed
+by `--` and a command, they are parsed here and `run_command` runs without typer. Anything
+else (help, `--version`, an unknown or repeated option, an option value that is empty or
+starts with `-`, no `--`) goes to typer, so usage errors and help are exactly typer's.
+`tests/cli/test_fast_path.py` checks that both parse the same arguments the same way and that
+the option tables here name every option of `run`.
+Does not own what `run` does (`_runner.py`) or its typer declaration (`_run.py`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main", "parse_run_args"]
+
+# option -> run_command keyword (the declarations are in _run.py)
+VALUE_OPTIONS = {
+    "-t": "target",
+    "--target": "target",
+    "-f": "config_file",
+    "--config-file": "config_file",
+    "--fs-mode": "fs_mode",
+    "-s": "env_include",
+    "--override-env-vars-include": "env_include",
+    "-x": "env_exclude",
+    "--override-env-vars-exclude": "env_exclude",
+}
+FLAG_OPTIONS = {
+    "--steal": "steal",
+    "--no-outgoing": "no_outgoing",
+    "--no-remote-dns": "no_remote_dns",
+}
+_DEFAULTS: dict[str, Any] = {
+    "target": None,
+    "config_file": None,
+    "steal": False,
+    "fs_mode": None,
+    "env_include": None,
+    "env_exclude": None,
+    "no_outgoing": False,
+    "no_remote_dns": False,
+}
+
+
+def parse_run_args(args: list[str]) -> dict[str, Any] | None:
+    """`run_command` keywords for the arguments after `run`, or None: let typer parse them."""
+    given: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            command = args[i + 1 :]
+            if not command:
+                return None
+            return {**_DEFAULTS, **given, "command": command}
+        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if name in FLAG_OPTIONS and not eq:
+            key = FLAG_OPTIONS[name]
+            given_value: Any = True
+            i += 1
+        elif name in VALUE_OPTIONS:
+            key = VALUE_OPTIONS[name]
+            if not eq:
+                if i + 1 >= len(args):
+                    return None
+                value = args[i + 1]
+                i += 2
+            else:
+                i += 1
+            if not value or value.startswith("-"):
+                return None
+            given_value = Path(value) if key == "config_file" else value
+        else:
+            return None
+        if key in given:
+            return None
+        given[key] = given_value
+    return None
+
+
+def _run_fast(kwargs: dict[str, Any]) -> NoReturn:
+    # typer's own handling of what escapes a command, kept identical: typer.Exit (raised by
+    # `fail`, which imports typer only then) -> its code; Ctrl-C -> 130; EPIPE -> 1, quietly.
+    from mirrord.cli._runner import run_command
+
+    try:
+        code = run_command(**kwargs)
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # nothing more can reach the pipe
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        sys.exit(1)
+    except Exception as exc:
+        typer = sys.modules.get("typer")
+        if typer is not None and isinstance(exc, typer.Exit):
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(code)
+
+
+def main() -> None:
+    """The `mirrord` command."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["run"] or argv[:1] == ["exec"]:
+        kwargs = parse_run_args(argv[1:])
+        if kwargs is not None:
+            _run_fast(kwargs)
+    from mirrord.cli._app import main as typer_main
+
+    typer_main()
