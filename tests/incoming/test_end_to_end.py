@@ -258,3 +258,27 @@ def test_mirror_1000_requests_on_20_keep_alive_connections_all_seen_in_order(
     assert sorted(seen) == sorted(f"c{n}" for n in range(conns))
     for conn, reqs in seen.items():
         assert reqs == list(range(per_conn)), conn
+
+
+def test_a_second_session_with_on_concurrent_steal_override_takes_the_port(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path
+) -> None:
+    def steal_app(name: str, *flags: str) -> subprocess.Popen[str]:
+        argv = [sys.executable, APP, name, "0.0.0.0", "8080"]
+        proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", *flags, "--", *argv)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "8080"
+        return proc
+
+    first = steal_app("first-app", "--steal")
+    assert get(pod, "GET", "/a")[0] == b"first-app GET /a x-user=\n"
+    config = tmp_path / "override.json"
+    incoming = {"mode": "steal", "on_concurrent_steal": "override"}
+    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+    second = steal_app("second-app", "-f", str(config))
+    assert get(pod, "GET", "/b")[0] == b"second-app GET /b x-user=\n"
+    warnings = [w for s in mirrord.status()["sessions"] for w in s["warnings"]]
+    assert any("took the steal over" in w for w in warnings), warnings
+    stop_app(second)
+    stop_app(first)
+    wait_for(lambda: our_rules(pod) == [])

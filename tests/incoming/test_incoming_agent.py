@@ -465,23 +465,40 @@ async def test_a_server_first_protocol_on_a_filtered_port_reaches_the_pod(
             assert got == b"EHLO me\r\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the agent core's Channel._subscribe does not pass Subscribe.on_concurrent_steal "
-    "to IncomingService.subscribe yet (remove this mark when it does)",
-)
 async def test_on_concurrent_steal_override_takes_the_port_over(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
 ) -> None:
+    first_app, second_app = local_app("first"), local_app("second")
     async with (
         AgentClient.open(steal_agent) as one,
         AgentClient.open(steal_agent) as two,
+        anyio.create_task_group() as tg,
     ):
         await one.open_channel(1)
         await two.open_channel(1)
+        seen_one: list[Conn] = []
+        seen_two: list[Conn] = []
+        await tg.start(serve_channel, one, 1, first_app, seen_one)
+        await tg.start(serve_channel, two, 1, second_app, seen_two)
         await subscribe(one, 1, 8080, "steal")
+        with pytest.raises(AgentError) as refused:
+            await subscribe(two, 1, 8080, "steal")  # on_concurrent_steal "abort"
+        assert refused.value.errno == errno.EADDRINUSE
         reply = await subscribe(two, 1, 8080, "steal", on_concurrent_steal="override")
         assert any("took the steal over" in w for w in reply.warnings)
+        body = await anyio.to_thread.run_sync(_get, pod, "/next")
+        assert body == b"second GET /next x-user=\n"
+        assert len(seen_two) == 1 and not seen_one
+        tg.cancel_scope.cancel()
+
+
+def _get(pod: LocalPod, path: str) -> bytes:
+    conn = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read()
+    finally:
+        conn.close()
 
 
 async def test_pipelined_requests_to_session_and_pod_are_answered_in_order(

@@ -46,7 +46,13 @@ class IncomingHandler(Protocol):
     """The shape of `IncomingService` (src/mirrord/agent/_incoming.py) the channel relies on."""
 
     async def subscribe(
-        self, channel: Channel, port: int, mode: str, http_filter: dict[str, Any] | None
+        self,
+        channel: Channel,
+        port: int,
+        mode: str,
+        http_filter: dict[str, Any] | None,
+        *,
+        on_concurrent_steal: str = "abort",
     ) -> list[str]: ...
 
     async def unsubscribe(self, channel: Channel, port: int) -> None: ...
@@ -463,7 +469,13 @@ class Channel:
         incoming = self.session.server.incoming
         if incoming is None:
             raise OSError(errno.ENOTSUP, "this agent does not serve incoming traffic yet")
-        warnings = await incoming.subscribe(self, req.port, req.mode, req.http_filter)
+        warnings = await incoming.subscribe(
+            self,
+            req.port,
+            req.mode,
+            req.http_filter,
+            on_concurrent_steal=req.on_concurrent_steal,
+        )
         return m.Subscribed(request_id=req.request_id, port=req.port, warnings=list(warnings))
 
     async def _unsubscribe(self, req: m.Unsubscribe) -> Message:

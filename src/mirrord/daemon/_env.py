@@ -31,6 +31,7 @@ __all__ = [
     "incoming_settings",
     "layer_variables",
     "merge_env",
+    "on_concurrent_steal",
 ]
 
 ENV_REQUEST_TIMEOUT = 30.0
@@ -190,6 +191,14 @@ def incoming_settings(config: AgentConfig) -> tuple[str, dict[str, Any] | None]:
     if mode != "steal" or not raw or not any(raw.get(k) for k in _FILTER_CRITERIA):
         return mode, None
     return mode, {k: v for k, v in raw.items() if v is not None}
+
+
+def on_concurrent_steal(config: AgentConfig) -> str:
+    """`feature.network.incoming.on_concurrent_steal` ("abort" when unset or not an object)."""
+    value = config_value(
+        config, "feature", "network", "incoming", "on_concurrent_steal", default="abort"
+    )
+    return value if isinstance(value, str) else "abort"
 
 
 def filter_for_port(http_filter: dict[str, Any] | None, port: int) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from mirrord.daemon._backend import AgentConfig
-from mirrord.daemon._env import filter_for_port
+from mirrord.daemon._env import filter_for_port, on_concurrent_steal
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._link import AgentLink
 from mirrord.daemon._relay import Counters, Relay
@@ -392,6 +392,7 @@ class LayerProcess:
                 port=msg.port,
                 mode=self.session.incoming_mode,
                 http_filter=filter_for_port(self.session.http_filter, msg.port),
+                on_concurrent_steal=on_concurrent_steal(self.session.config),
             ),
             on_reply,
         )
