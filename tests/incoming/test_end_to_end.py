@@ -282,3 +282,26 @@ def test_a_second_session_with_on_concurrent_steal_override_takes_the_port(
     stop_app(second)
     stop_app(first)
     wait_for(lambda: our_rules(pod) == [])
+
+
+def test_with_a_filter_only_its_ports_are_stolen_unless_incoming_ports_lists_them(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path
+) -> None:
+    http_filter = {"header_filter": "^x-user: alice$", "ports": [9999]}
+    config = tmp_path / "filter-elsewhere.json"
+    incoming: dict[str, object] = {"mode": "steal", "http_filter": http_filter}
+    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+    app = start_app(mirrord, pod, "-f", str(config))
+    # 8080 is not a filtered port: not stolen at all, even Alice's request stays with the pod
+    assert get(pod, "GET", "/a", user="alice")[0] == b"pod GET /a\n"
+    warnings = [w for s in mirrord.status()["sessions"] for w in s["warnings"]]
+    assert any(w.startswith("port 8080: not stolen") for w in warnings), warnings
+    stop_app(app)
+    assert our_rules(pod) == []
+    # listed in incoming.ports: stolen whole
+    incoming["ports"] = [8080]
+    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+    app = start_app(mirrord, pod, "-f", str(config))
+    assert get(pod, "GET", "/b", user="bob")[0] == b"local GET /b x-user=bob\n"
+    stop_app(app)
+    wait_for(lambda: our_rules(pod) == [])

@@ -32,6 +32,7 @@ __all__ = [
     "layer_variables",
     "merge_env",
     "on_concurrent_steal",
+    "steal_for_port",
 ]
 
 ENV_REQUEST_TIMEOUT = 30.0
@@ -207,6 +208,30 @@ def filter_for_port(http_filter: dict[str, Any] | None, port: int) -> dict[str, 
         return None
     ports = http_filter.get("ports") or [80, 8080]
     return http_filter if port in ports else None
+
+
+def steal_for_port(
+    config: AgentConfig, http_filter: dict[str, Any] | None, port: int
+) -> tuple[bool, dict[str, Any] | None, str]:
+    """How a steal session subscribes `port`: (subscribe?, filter, warning).
+
+    mirrord's rule: with an HTTP filter, only the filter's `ports` are stolen (filtered);
+    another port is stolen whole only when `feature.network.incoming.ports` lists it, and
+    otherwise stays with the user app alone (not stolen, no traffic from the target)."""
+    flt = filter_for_port(http_filter, port)
+    if http_filter is None or flt is not None:
+        return True, flt, ""
+    listed = config_value(config, "feature", "network", "incoming", "ports", default=None)
+    if listed is not None and port in listed:
+        return True, None, ""
+    filtered = http_filter.get("ports") or [80, 8080]
+    return (
+        False,
+        None,
+        f"not stolen: the HTTP filter applies to ports {', '.join(map(str, filtered))} only; "
+        "list this port in feature.network.incoming.http_filter.ports to filter it, or in "
+        "feature.network.incoming.ports to steal it whole",
+    )
 
 
 def layer_variables(

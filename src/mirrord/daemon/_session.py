@@ -27,7 +27,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from mirrord.daemon._backend import AgentConfig
-from mirrord.daemon._env import filter_for_port, on_concurrent_steal
+from mirrord.daemon._env import on_concurrent_steal, steal_for_port
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._link import AgentLink
 from mirrord.daemon._relay import Counters, Relay
@@ -373,6 +373,15 @@ class LayerProcess:
         if self.session.incoming_mode == "off":
             client.reply(m.Ok(request_id=0), msg.request_id)  # incoming off: stays local
             return
+        http_filter = None
+        if self.session.incoming_mode == "steal":
+            subscribe, http_filter, warning = steal_for_port(
+                self.session.config, self.session.http_filter, msg.port
+            )
+            if not subscribe:
+                self.session.warn(f"port {msg.port}: {warning}")
+                client.reply(m.Ok(request_id=0), msg.request_id)  # stays with the user app
+                return
         # recorded before Subscribe so an IncomingConnection right after Subscribed finds it
         self.listeners[msg.port] = (address, msg.bound_port)
 
@@ -391,7 +400,7 @@ class LayerProcess:
                 request_id=rid,
                 port=msg.port,
                 mode=self.session.incoming_mode,
-                http_filter=filter_for_port(self.session.http_filter, msg.port),
+                http_filter=http_filter,
                 on_concurrent_steal=on_concurrent_steal(self.session.config),
             ),
             on_reply,
