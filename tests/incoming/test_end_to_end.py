@@ -305,3 +305,22 @@ def test_with_a_filter_only_its_ports_are_stolen_unless_incoming_ports_lists_the
     assert get(pod, "GET", "/b", user="bob")[0] == b"local GET /b x-user=bob\n"
     stop_app(app)
     wait_for(lambda: our_rules(pod) == [])
+
+
+def test_agent_options_of_the_config_reach_the_agent(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path
+) -> None:
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"agent": {"nftables": True, "clean_iptables_on_start": True}}))
+    app = start_app(mirrord, pod, "--steal", "-f", str(config))
+    assert get(pod, "GET", "/n")[0] == b"local GET /n x-user=\n"
+    # agent.nftables: true -> the steal rules are an nft table, no iptables chain
+    rules = our_rules(pod)
+    assert any(line.startswith("table ip mirrord_") for line in rules), rules
+    assert not any("MRD_" in line for line in rules), rules
+    (agent,) = mirrord.status()["agents"]
+    environ = Path(f"/proc/{agent['pid']}/environ").read_bytes().split(b"\0")
+    assert b"MIRRORD_AGENT_NFTABLES=true" in environ
+    assert b"MIRRORD_AGENT_CLEAN_IPTABLES_ON_START=true" in environ
+    stop_app(app)
+    wait_for(lambda: our_rules(pod) == [])

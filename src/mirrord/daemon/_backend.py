@@ -48,6 +48,7 @@ __all__ = [
     "LocalAgentBackend",
     "LocalAgentHandle",
     "Progress",
+    "agent_environment",
     "backends_for_daemon",
     "config_value",
     "select_backend",
@@ -112,6 +113,20 @@ def config_value(config: AgentConfig, *path: str, default: Any = None) -> Any:
             return default
         node = node.get(name) if isinstance(node, dict) else getattr(node, name, None)
     return default if node is None else node
+
+
+def agent_environment(config: AgentConfig) -> dict[str, str]:
+    """The agent options of the session's config as the agent reads them (its environment):
+    `agent.nftables` -> MIRRORD_AGENT_NFTABLES, `agent.clean_iptables_on_start` ->
+    MIRRORD_AGENT_CLEAN_IPTABLES_ON_START. Unset keys are left out (the agent detects).
+    Sessions that share an agent share the options of the session that started it."""
+    env: dict[str, str] = {}
+    nftables = config_value(config, "agent", "nftables", default=None)
+    if isinstance(nftables, bool):
+        env["MIRRORD_AGENT_NFTABLES"] = "true" if nftables else "false"
+    if config_value(config, "agent", "clean_iptables_on_start", default=False) is True:
+        env["MIRRORD_AGENT_CLEAN_IPTABLES_ON_START"] = "true"
+    return env
 
 
 def select_backend(target: str, backends: list[AgentBackend]) -> AgentBackend:
@@ -290,6 +305,7 @@ class LocalAgentBackend:
         try:
             process = await anyio.open_process(
                 self._command(target, socket_path, secret_path, idle),
+                env={**os.environ, **agent_environment(config)},
                 stdin=None,
                 stdout=log,
                 stderr=log,
