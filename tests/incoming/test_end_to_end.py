@@ -7,7 +7,10 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,11 +19,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mirrord.localpod import LocalPod
-from tests.cli.conftest import Mirrord
+from tests.cli.conftest import MIRRORD, Mirrord
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -246,6 +250,13 @@ def test_mirror_1000_requests_on_20_keep_alive_connections_all_seen_in_order(
     deadline = time.monotonic() + 20
     while len(lines) < conns * per_conn and time.monotonic() < deadline:
         time.sleep(0.1)
+
+    # the agent's sniffer counters (TrafficStats, every 2 s) reached the daemon: zero drops
+    def counted() -> dict[str, int]:
+        return dict(_agent_link(mirrord).get("traffic", {}).get("8080", {}))
+
+    wait_for(lambda: counted().get("packets", 0) >= conns * per_conn)
+    assert counted()["kernel_drops"] == 0
     proc.terminate()
     proc.wait(timeout=30)
     reader.join(timeout=10)
@@ -324,3 +335,40 @@ def test_agent_options_of_the_config_reach_the_agent(
     assert b"MIRRORD_AGENT_CLEAN_IPTABLES_ON_START=true" in environ
     stop_app(app)
     wait_for(lambda: our_rules(pod) == [])
+
+
+def _agent_link(mirrord: Mirrord) -> dict[str, Any]:
+    agents = mirrord.status()["agents"]
+    return dict(agents[0]["link"] or {}) if agents else {}
+
+
+def test_kernel_drops_are_shown_in_daemon_status_and_warned_in_mirrord_run(
+    mirrord: Mirrord, pod: LocalPod
+) -> None:
+    # A small sniffer buffer and a stopped agent: the kernel must drop what does not fit.
+    mirrord.env["MIRRORD_AGENT_SNIFFER_BUFFER"] = str(64 * 1024)
+    app = start_app(mirrord, pod, log=True)
+    agent_pid = mirrord.status()["agents"][0]["pid"]
+    os.kill(agent_pid, signal.SIGSTOP)
+    try:
+        body = os.urandom(4 * 1024 * 1024)
+        out, _ = get(pod, "POST", "/big", body=body)
+        assert out == b"pod POST /big\n" + body  # the pod's own traffic is not affected
+    finally:
+        os.kill(agent_pid, signal.SIGCONT)
+    wait_for(lambda: _agent_link(mirrord).get("kernel_drops", 0) > 0)
+    (session,) = mirrord.status()["sessions"]
+    assert session["kernel_drops"]["8080"] > 0
+    table = subprocess.run(
+        [MIRRORD, "daemon", "status"],
+        env={**mirrord.env, "COLUMNS": "250"},  # one line per row: nothing wrapped
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    assert re.search(r"8080 \([1-9][0-9]*\)", table.stdout), table.stdout
+    assert isinstance(app, subprocess.Popen)
+    app.terminate()
+    _, err = app.communicate(timeout=30)
+    assert "mirrord: warning: port 8080: the agent's sniffer lost" in err, err

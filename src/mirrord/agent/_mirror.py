@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import select
 import socket
 import struct
@@ -43,7 +44,7 @@ PACKET_STATISTICS: Final = 6
 PACKET_OUTGOING: Final = 4
 SO_RCVBUFFORCE: Final = 33
 SO_ATTACH_FILTER: Final = 26
-RCVBUF: Final = 64 * 1024 * 1024
+RCVBUF: Final = 64 * 1024 * 1024  # MIRRORD_AGENT_SNIFFER_BUFFER (bytes) overrides it
 # veth GRO hands us frames up to ~64 KiB (and more with BIG TCP): one recv must hold one.
 RECV_SIZE: Final = 256 * 1024
 MAX_BATCH: Final = 512  # frames drained per wake-up before handing events over
@@ -261,6 +262,17 @@ class Reassembler:
 # ---------------------------------------------------------------- the socket
 
 
+def sniffer_buffer() -> int:
+    """The sniffer's receive buffer: `MIRRORD_AGENT_SNIFFER_BUFFER` bytes (a node short of
+    memory may want less; the kernel doubles it and keeps a small minimum), else RCVBUF."""
+    raw = os.environ.get("MIRRORD_AGENT_SNIFFER_BUFFER", "").strip()
+    try:
+        value = int(raw) if raw else RCVBUF
+    except ValueError:
+        return RCVBUF
+    return value if value > 0 else RCVBUF
+
+
 def _attach_bpf(sock: socket.socket, expression: str) -> None:
     from scapy.arch.common import compile_filter
     from scapy.arch.linux import free_filter  # type: ignore[attr-defined]
@@ -285,10 +297,11 @@ class PacketSniffer:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             try:
                 _attach_bpf(s, bpf_expression(set()))
+                size = sniffer_buffer()
                 try:
-                    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+                    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
                 except PermissionError:  # no CAP_NET_ADMIN: the best the sysctl allows
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
                 s.setblocking(False)
             except BaseException:
                 s.close()

@@ -75,6 +75,11 @@ def _duration(seconds: float) -> str:
     return f"{h}h{mnt:02d}m{s:02d}s" if h else f"{mnt}m{s:02d}s"
 
 
+def _traffic(traffic: dict[str, dict[str, int]]) -> str:
+    """`8080 (0), 9090 (12)`: each mirrored port with the agent's sniffer's kernel drops."""
+    return ", ".join(f"{port} ({v.get('kernel_drops', 0)})" for port, v in traffic.items()) or "-"
+
+
 @daemon_app.command("status")
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
@@ -123,7 +128,8 @@ def status(
         )
     console.print(sessions)
     agents = Table(title="agents", title_justify="left")
-    for col in ("agent", "pid", "state", "sessions", "channels", "connections", "streams", "up"):
+    columns = ("agent", "pid", "state", "sessions", "channels", "connections", "streams", "up")
+    for col in (*columns, "mirrored ports (kernel drops)"):
         agents.add_column(col)
     for a in info["agents"]:
         link = a["link"] or {}
@@ -136,6 +142,7 @@ def status(
             str(link.get("connections", 0)),
             str(a["streams_opened"]),
             _duration(now - a["started"]),
+            _traffic(link.get("traffic") or {}),
         )
     console.print(agents)
 

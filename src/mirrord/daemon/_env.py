@@ -82,6 +82,9 @@ class _EnvChannel:
     def on_channel_closed(self, reason: str) -> None:
         del reason
 
+    def on_traffic_stats(self, msg: m.TrafficStats) -> None:
+        del msg
+
 
 async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> dict[str, str]:
     """The target's environment as filtered by `feature.env.include/exclude`."""

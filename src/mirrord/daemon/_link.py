@@ -58,6 +58,8 @@ class ChannelOwner(Protocol):
 
     def on_channel_closed(self, reason: str) -> None: ...
 
+    def on_traffic_stats(self, msg: m.TrafficStats) -> None: ...
+
 
 class AgentLink:
     """The daemon's side of one agent stream (one per agent, shared by all its sessions)."""
@@ -70,6 +72,7 @@ class AgentLink:
         self.welcome: m.Welcome | None = None
         self.opened_at = time.time()
         self.counters = Counters()
+        self.traffic: dict[int, dict[str, int]] = {}  # mirrored port -> TrafficStats figures
         self.channels: dict[int, ChannelOwner] = {}
         self.relays: dict[tuple[int, int], Relay] = {}
         self._pending: dict[int, tuple[int, ReplyCallback]] = {}
@@ -106,6 +109,9 @@ class AgentLink:
             "queued_bytes": self._writer.queued_bytes if self._writer else 0,
             "agent_version": self.welcome.agent_version if self.welcome else "",
             "agent_target": self.welcome.target if self.welcome else "",
+            # mirrored port -> packets sniffed, kernel drops of the sniffer (TrafficStats)
+            "traffic": {str(port): dict(v) for port, v in sorted(self.traffic.items())},
+            "kernel_drops": max((v["kernel_drops"] for v in self.traffic.values()), default=0),
         }
 
     def on_lost(self, callback: Callable[[str], None]) -> None:
@@ -367,9 +373,15 @@ class AgentLink:
                     owner.on_channel_closed(reason)
             return
         if isinstance(msg, m.TrafficStats):
-            if msg.drops:
+            # `drops` are the agent's sniffer's (the kernel cannot tell ports apart): the
+            # same figure comes for every mirrored port, on every mirroring channel.
+            previous = self.traffic.get(msg.port, {}).get("kernel_drops", 0)
+            self.traffic[msg.port] = {"packets": msg.packets, "kernel_drops": msg.drops}
+            if msg.drops > previous:
                 log.warning(
                     "agent reports %d kernel drops on mirrored port %d", msg.drops, msg.port
                 )
+            if owner is not None:
+                owner.on_traffic_stats(msg)
             return
         log.debug("ignored %s on channel %d", type(msg).__name__, channel)

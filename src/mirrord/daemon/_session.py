@@ -48,6 +48,8 @@ __all__ = ["LayerProcess", "Session", "new_session_id", "serve_layer_client"]
 
 log = logging.getLogger("mirrord.daemon.session")
 
+DROP_WARNING_INTERVAL = 10.0  # seconds between two kernel-drop warnings of one port
+
 FORK_GRACE = 1.0  # seconds a process's channel outlives its last connection, for late children
 RELAY_ACCEPT_TIMEOUT = 30.0  # the app connects to the relay right after LayerConnected
 REQUEST_TIMEOUT = 30.0
@@ -90,6 +92,8 @@ class Session:
         self.counters = Counters()
         self.peers: dict[int, tuple[str, int]] = {}  # daemon-side source port -> real peer
         self.warnings: list[str] = []
+        self.kernel_drops: dict[int, int] = {}  # mirrored port -> the sniffer's kernel drops
+        self._drop_warned: dict[int, float] = {}
         self.env: dict[str, str] = {}  # for the user command (secrets: never logged)
         self._listeners: list[Notify] = []
         self._changed = anyio.Event()
@@ -110,6 +114,23 @@ class Session:
     def warn(self, text: str) -> None:
         self.warnings.append(text)
         self._notify({"event": "warning", "message": text})
+
+    def on_traffic_stats(self, port: int, drops: int) -> None:
+        """The agent's sniffer counters for a port this session mirrors: a warning when the
+        kernel dropped packets (mirrored connections then miss data), at most one per port
+        every DROP_WARNING_INTERVAL seconds."""
+        previous = self.kernel_drops.get(port, 0)
+        self.kernel_drops[port] = drops
+        if drops <= previous:
+            return
+        now = time.monotonic()
+        if now - self._drop_warned.get(port, -DROP_WARNING_INTERVAL) < DROP_WARNING_INTERVAL:
+            return
+        self._drop_warned[port] = now
+        self.warn(
+            f"port {port}: the agent's sniffer lost {drops} packet(s) in the kernel so far; "
+            "mirrored connections may miss data (the target's traffic is not affected)"
+        )
 
     def _agent_lost(self, reason: str) -> None:
         if self.state == "open":
@@ -139,6 +160,7 @@ class Session:
             "bytes_to_user": self.counters.to_user,
             "relayed_connections": self.counters.connections,
             "warnings": list(self.warnings),
+            "kernel_drops": {str(p): d for p, d in sorted(self.kernel_drops.items())},
         }
 
     # -- processes
@@ -241,6 +263,9 @@ class LayerProcess:
 
     def on_channel_closed(self, reason: str) -> None:
         self.channel_lost = reason
+
+    def on_traffic_stats(self, msg: m.TrafficStats) -> None:
+        self.session.on_traffic_stats(msg.port, msg.drops)
 
     def on_incoming(self, msg: m.IncomingConnection) -> None:
         target = self.listeners.get(msg.port)
