@@ -2,10 +2,13 @@
 
 Owns: answering every request of the agent protocol for one channel (files, env, DNS,
 hostname, outgoing connections; Subscribe/Unsubscribe go to the incoming code), the channel's
-handle table and relays, and freeing all of them when the channel closes. Every request runs
-as its own task in the channel's task group, so a slow request never holds up another, and a
-failure is an `ErrorReply` with an errno for that request only. Blocking work (file I/O) runs
-in worker threads; anything that needs the target's network namespace runs on `ctx.netns`.
+handle table and relays, and freeing all of them when the channel closes. No request holds up
+another, and a failure is an `ErrorReply` with an errno for that request only. File requests
+(blocking I/O) are planned on the event loop (handle lookups), run in the agent's worker
+threads (`_workers.py`) and answered from the completion callback on the event loop, with no
+task per request; the other requests (env, DNS, connect, subscriptions) run as a task each
+in the channel's task group. Anything that needs the target's network namespace runs on
+`ctx.netns`.
 
 Incoming-traffic hook (I3): `start_incoming(...)` hands an accepted (or reassembled) stream to
 this channel as an agent-side connection (odd conn ids) relayed like an outgoing one.
@@ -19,7 +22,7 @@ import logging
 import os
 import stat as stat_module
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import anyio
 import anyio.abc
@@ -40,6 +43,11 @@ if TYPE_CHECKING:
 __all__ = ["Channel", "IncomingHandler"]
 
 log = logging.getLogger("mirrord.agent")
+
+# A file request, planned on the event loop: the blocking call for a worker thread, what makes
+# the reply from its result (on the event loop), and the handle the call uses (released first).
+# No blocking call (None): the reply is made at once.
+_Plan: TypeAlias = tuple[Callable[[], Any] | None, Callable[[Any], Message], "FileHandle | None"]
 
 
 class IncomingHandler(Protocol):
@@ -100,7 +108,7 @@ class Channel:
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope = anyio.CancelScope()
         self.closed = False
-        self._handlers: dict[type[Message], Callable[[Any], Awaitable[Message | None]]] = {
+        self._blocking: dict[type[Message], Callable[[Any], _Plan]] = {
             m.FileOpen: self._file_open,
             m.FileRead: self._file_read,
             m.FileWrite: self._file_write,
@@ -120,6 +128,8 @@ class Channel:
             m.Ftruncate: self._ftruncate,
             m.Fchmod: self._fchmod,
             m.Fsync: self._fsync,
+        }
+        self._handlers: dict[type[Message], Callable[[Any], Awaitable[Message | None]]] = {
             m.EnvRequest: self._env,
             m.DnsLookup: self._dns,
             m.HostnameRequest: self._hostname,
@@ -194,8 +204,9 @@ class Channel:
             if relay is not None:
                 relay.on_close()
         elif isinstance(msg, m.Request):
+            plan = self._blocking.get(type(msg))
             handler = self._handlers.get(type(msg))
-            if handler is None:
+            if plan is None and handler is None:
                 await self.send(
                     m.ErrorReply(
                         request_id=msg.request_id,
@@ -211,8 +222,16 @@ class Channel:
                     )
                 )
                 return
-            await self.session.request_slots.acquire()
-            self._tg.start_soon(self._serve, handler, msg)
+            slots = self.session.request_slots
+            try:
+                slots.acquire_nowait()  # no scheduling point while slots are free
+            except anyio.WouldBlock:
+                await slots.acquire()  # 256 in flight: the daemon connection waits
+            if plan is not None:
+                self._start_blocking(plan, msg)
+            else:
+                assert handler is not None
+                self._tg.start_soon(self._serve, handler, msg)
         # Replies and anything else the daemon should not send us are ignored.
 
     async def _serve(self, handler: Callable[[Any], Awaitable[Message | None]], req: Any) -> None:
@@ -221,150 +240,214 @@ class Channel:
                 reply = await handler(req)
             except Exception as exc:
                 reply = _errno_reply(req.request_id, exc)
-            if log.isEnabledFor(logging.DEBUG):
-                # Message names and errnos only: paths are fine, env values never reach here.
-                log.debug(
-                    "channel %d: %s %d -> %s%s",
-                    self.number,
-                    type(req).__name__,
-                    req.request_id,
-                    type(reply).__name__ if reply is not None else "Connected",
-                    f" errno={reply.errno}" if isinstance(reply, m.ErrorReply) else "",
-                )
+            self._log_reply(req, reply)
             if reply is not None:
                 await self.send(reply)
         finally:
             self.session.request_slots.release()
 
-    # -- files ---------------------------------------------------------------------------------
+    def _log_reply(self, req: Any, reply: Message | None) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            # Message names and errnos only: paths are fine, env values never reach here.
+            log.debug(
+                "channel %d: %s %d -> %s%s",
+                self.number,
+                type(req).__name__,
+                req.request_id,
+                type(reply).__name__ if reply is not None else "Connected",
+                f" errno={reply.errno}" if isinstance(reply, m.ErrorReply) else "",
+            )
+
+    def _start_blocking(self, plan: Callable[[Any], _Plan], req: Any) -> None:
+        """Plan `req` now, run its blocking call in a worker thread, reply when it is done."""
+        try:
+            call, finish, handle = plan(req)
+            if call is None:
+                self._answer(req, finish(None))
+                return
+        except Exception as exc:
+            self._answer(req, _errno_reply(req.request_id, exc))
+            return
+
+        def done(ok: bool, value: Any) -> None:
+            # On the event loop thread, outside any task: must not raise.
+            try:
+                if handle is not None:
+                    self.handles.release(handle)
+                reply = finish(value) if ok else _errno_reply(req.request_id, value)
+            except Exception as exc:
+                reply = _errno_reply(req.request_id, exc)
+            self._answer(req, reply)
+
+        try:
+            self.session.server.workers.submit(call, done)
+        except RuntimeError as exc:  # the agent is shutting down
+            if handle is not None:
+                self.handles.release(handle)
+            self._answer(req, _errno_reply(req.request_id, OSError(errno.EIO, str(exc))))
+
+    def _answer(self, req: Any, reply: Message) -> None:
+        self.session.request_slots.release()
+        self._log_reply(req, reply)
+        if not self.closed:  # a closed channel's requests are answered by nobody
+            self.session.send_nowait(reply, self.number)
+
+    # -- files (each returns a plan: see _Plan) -------------------------------------------------
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args)
 
-    async def _with_handle(
+    def _root_call(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        return lambda: fn(*args)
+
+    def _on_handle(
         self,
         number: int,
         fn: Callable[[FileHandle], Any],
+        finish: Callable[[Any], Message],
         kind: type[FileHandle] | None = FileHandle,
-    ) -> Any:
+    ) -> _Plan:
+        # acquired until the call is done: a close meanwhile waits for it
         handle = self.handles.acquire(number, kind)
-        try:
-            return await anyio.to_thread.run_sync(fn, handle)
-        finally:
-            self.handles.release(handle)
+        return (lambda: fn(handle)), finish, handle
 
-    async def _file_open(self, req: m.FileOpen) -> Message:
-        fd = await self._in_thread(self.ctx.root.open, req.path, req.flags, req.mode)
-        if self.closed:
-            os.close(fd)
-            raise OSError(errno.EBADF, "channel closed")
-        return m.FileOpened(request_id=req.request_id, handle=self.handles.add(FileHandle(fd=fd)))
+    def _ok(self, req: Any) -> Callable[[Any], Message]:
+        return lambda _: m.Ok(request_id=req.request_id)
 
-    async def _file_read(self, req: m.FileRead) -> Message:
+    def _file_open(self, req: m.FileOpen) -> _Plan:
+        def finish(fd: int) -> Message:
+            if self.closed:
+                os.close(fd)
+                raise OSError(errno.EBADF, "channel closed")
+            return m.FileOpened(
+                request_id=req.request_id, handle=self.handles.add(FileHandle(fd=fd))
+            )
+
+        return self._root_call(self.ctx.root.open, req.path, req.flags, req.mode), finish, None
+
+    def _file_read(self, req: m.FileRead) -> _Plan:
         def read(h: FileHandle) -> bytes:
             if req.offset is None:
                 return os.read(h.fd, req.size)
             return os.pread(h.fd, req.size, req.offset)
 
-        return m.FileData(request_id=req.request_id, data=await self._with_handle(req.handle, read))
+        return self._on_handle(
+            req.handle, read, lambda data: m.FileData(request_id=req.request_id, data=data)
+        )
 
-    async def _file_write(self, req: m.FileWrite) -> Message:
+    def _file_write(self, req: m.FileWrite) -> _Plan:
         def write(h: FileHandle) -> int:
             if req.offset is None:
                 return os.write(h.fd, req.data)
             return os.pwrite(h.fd, req.data, req.offset)
 
-        count = await self._with_handle(req.handle, write)
-        return m.FileWritten(request_id=req.request_id, count=count)
+        return self._on_handle(
+            req.handle, write, lambda n: m.FileWritten(request_id=req.request_id, count=n)
+        )
 
-    async def _file_seek(self, req: m.FileSeek) -> Message:
-        pos = await self._with_handle(req.handle, lambda h: os.lseek(h.fd, req.offset, req.whence))
-        return m.FilePosition(request_id=req.request_id, position=pos)
+    def _file_seek(self, req: m.FileSeek) -> _Plan:
+        return self._on_handle(
+            req.handle,
+            lambda h: os.lseek(h.fd, req.offset, req.whence),
+            lambda pos: m.FilePosition(request_id=req.request_id, position=pos),
+        )
 
-    async def _file_close(self, req: m.FileClose) -> Message:
+    def _file_close(self, req: m.FileClose) -> _Plan:
+        # Nothing blocks: the fd is closed by the last user of the handle (os.close of a
+        # regular file does not wait), so the reply needs no worker thread.
         self.handles.close(req.handle, None)
-        return m.Ok(request_id=req.request_id)
+        return None, self._ok(req), None
 
-    async def _file_stat(self, req: m.FileStat) -> Message:
+    def _file_stat(self, req: m.FileStat) -> _Plan:
+        def reply(st: list[int]) -> Message:
+            return m.StatReply(request_id=req.request_id, stat=st)
+
         if req.handle is not None:
-            st = await self._with_handle(req.handle, lambda h: stat_list(os.fstat(h.fd)), None)
-        else:
-            assert req.path is not None
-            st = await self._in_thread(self.ctx.root.stat, req.path, req.follow)
-        return m.StatReply(request_id=req.request_id, stat=st)
+            return self._on_handle(req.handle, lambda h: stat_list(os.fstat(h.fd)), reply, None)
+        assert req.path is not None
+        return self._root_call(self.ctx.root.stat, req.path, req.follow), reply, None
 
-    async def _statfs(self, req: m.StatFs) -> Message:
+    def _statfs(self, req: m.StatFs) -> _Plan:
+        def reply(st: list[int]) -> Message:
+            return m.StatFsReply(request_id=req.request_id, statfs=st)
+
         if req.handle is not None:
-            st = await self._with_handle(req.handle, lambda h: fstatfs(h.fd), None)
-        else:
-            assert req.path is not None
-            st = await self._in_thread(self.ctx.root.statfs, req.path)
-        return m.StatFsReply(request_id=req.request_id, statfs=st)
+            return self._on_handle(req.handle, lambda h: fstatfs(h.fd), reply, None)
+        assert req.path is not None
+        return self._root_call(self.ctx.root.statfs, req.path), reply, None
 
-    async def _access(self, req: m.FileAccess) -> Message:
-        await self._in_thread(self.ctx.root.access, req.path, req.mode)
-        return m.Ok(request_id=req.request_id)
+    def _access(self, req: m.FileAccess) -> _Plan:
+        return self._root_call(self.ctx.root.access, req.path, req.mode), self._ok(req), None
 
-    async def _readlink(self, req: m.ReadLink) -> Message:
-        target = await self._in_thread(self.ctx.root.readlink, req.path)
-        return m.ReadLinkReply(request_id=req.request_id, target=target)
+    def _readlink(self, req: m.ReadLink) -> _Plan:
+        return (
+            self._root_call(self.ctx.root.readlink, req.path),
+            lambda target: m.ReadLinkReply(request_id=req.request_id, target=target),
+            None,
+        )
 
-    async def _dir_open(self, req: m.DirOpen) -> Message:
-        if req.path is not None:
-            fd = await self._in_thread(self.ctx.root.opendir_fd, req.path)
-        else:
-            # fdopendir: the directory stream takes over the open file handle, as in libc.
-            assert req.handle is not None
-            mode = await self._with_handle(req.handle, lambda h: os.fstat(h.fd).st_mode)
-            if not stat_module.S_ISDIR(mode):
-                raise OSError(errno.ENOTDIR, "not a directory")
-            fd = self.handles.take(req.handle).fd
+    def _dir_opened(self, req: m.DirOpen, fd: int) -> Message:
         if self.closed:
             os.close(fd)
             raise OSError(errno.EBADF, "channel closed")
         return m.DirOpened(request_id=req.request_id, handle=self.handles.add(DirHandle(fd=fd)))
 
-    async def _dir_read(self, req: m.DirRead) -> Message:
+    def _dir_open(self, req: m.DirOpen) -> _Plan:
+        if req.path is not None:
+            return (
+                self._root_call(self.ctx.root.opendir_fd, req.path),
+                lambda fd: self._dir_opened(req, fd),
+                None,
+            )
+        # fdopendir: the directory stream takes over the open file handle, as in libc.
+        assert req.handle is not None
+        number = req.handle
+
+        def take(mode: int) -> Message:
+            if not stat_module.S_ISDIR(mode):
+                raise OSError(errno.ENOTDIR, "not a directory")
+            return self._dir_opened(req, self.handles.take(number).fd)
+
+        return self._on_handle(number, lambda h: os.fstat(h.fd).st_mode, take)
+
+    def _dir_read(self, req: m.DirRead) -> _Plan:
         root = self.ctx.root
 
         def read(h: FileHandle) -> list[tuple[bytes, int, int]]:
             assert isinstance(h, DirHandle)
             return h.read_batch(root, req.max_entries)
 
-        entries = await self._with_handle(req.handle, read, DirHandle)
-        return m.DirEntries(request_id=req.request_id, entries=entries)
+        return self._on_handle(
+            req.handle,
+            read,
+            lambda entries: m.DirEntries(request_id=req.request_id, entries=entries),
+            DirHandle,
+        )
 
-    async def _dir_close(self, req: m.DirClose) -> Message:
+    def _dir_close(self, req: m.DirClose) -> _Plan:
         self.handles.close(req.handle, DirHandle)
-        return m.Ok(request_id=req.request_id)
+        return None, self._ok(req), None
 
-    async def _mkdir(self, req: m.Mkdir) -> Message:
-        await self._in_thread(self.ctx.root.mkdir, req.path, req.mode)
-        return m.Ok(request_id=req.request_id)
+    def _mkdir(self, req: m.Mkdir) -> _Plan:
+        return self._root_call(self.ctx.root.mkdir, req.path, req.mode), self._ok(req), None
 
-    async def _rmdir(self, req: m.Rmdir) -> Message:
-        await self._in_thread(self.ctx.root.rmdir, req.path)
-        return m.Ok(request_id=req.request_id)
+    def _rmdir(self, req: m.Rmdir) -> _Plan:
+        return self._root_call(self.ctx.root.rmdir, req.path), self._ok(req), None
 
-    async def _unlink(self, req: m.Unlink) -> Message:
-        await self._in_thread(self.ctx.root.unlink, req.path)
-        return m.Ok(request_id=req.request_id)
+    def _unlink(self, req: m.Unlink) -> _Plan:
+        return self._root_call(self.ctx.root.unlink, req.path), self._ok(req), None
 
-    async def _rename(self, req: m.Rename) -> Message:
-        await self._in_thread(self.ctx.root.rename, req.old, req.new)
-        return m.Ok(request_id=req.request_id)
+    def _rename(self, req: m.Rename) -> _Plan:
+        return self._root_call(self.ctx.root.rename, req.old, req.new), self._ok(req), None
 
-    async def _ftruncate(self, req: m.Ftruncate) -> Message:
-        await self._with_handle(req.handle, lambda h: os.ftruncate(h.fd, req.length))
-        return m.Ok(request_id=req.request_id)
+    def _ftruncate(self, req: m.Ftruncate) -> _Plan:
+        return self._on_handle(req.handle, lambda h: os.ftruncate(h.fd, req.length), self._ok(req))
 
-    async def _fchmod(self, req: m.Fchmod) -> Message:
-        await self._with_handle(req.handle, lambda h: os.fchmod(h.fd, req.mode), None)
-        return m.Ok(request_id=req.request_id)
+    def _fchmod(self, req: m.Fchmod) -> _Plan:
+        return self._on_handle(req.handle, lambda h: os.fchmod(h.fd, req.mode), self._ok(req), None)
 
-    async def _fsync(self, req: m.Fsync) -> Message:
-        await self._with_handle(req.handle, lambda h: os.fsync(h.fd), None)
-        return m.Ok(request_id=req.request_id)
+    def _fsync(self, req: m.Fsync) -> _Plan:
+        return self._on_handle(req.handle, lambda h: os.fsync(h.fd), self._ok(req), None)
 
     # -- env, DNS, hostname --------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from mirrord.agent._files import TargetRoot
 from mirrord.agent._netns import NetnsRunner
 from mirrord.agent._session import DaemonSession
 from mirrord.agent._target import Target, wait_target_exit
+from mirrord.agent._workers import BlockingWorkers
 from mirrord.protocol import AGENT_PROTOCOL_VERSION
 
 __all__ = ["AgentOptions", "AgentServer", "run_agent"]
@@ -77,6 +78,7 @@ class AgentServer:
         self.secret = options.secret
         self.sessions: set[DaemonSession] = set()
         self.incoming: IncomingHandler | None = None
+        self.workers = BlockingWorkers()  # the channels' file I/O
         self._idle_since = time.monotonic()
         self.listen_address = options.listen
 
@@ -187,6 +189,7 @@ class AgentServer:
 
     async def serve(self) -> int:
         listeners = await self._listen()
+        self.workers.bind()
         code = 0
         try:
             try:
@@ -213,6 +216,7 @@ class AgentServer:
                 else:
                     print(f"mirrord-agent: {stop.message}", file=sys.stderr, flush=True)
         finally:
+            self.workers.close()
             with anyio.CancelScope(shield=True):
                 if self.incoming is not None and hasattr(self.incoming, "aclose"):
                     with anyio.move_on_after(10):

@@ -3,7 +3,9 @@
 Owns: authenticating the daemon (`AgentConnection` checks the secret and versions; a failed
 handshake gets the error frame and is closed), reading frames and routing each to its channel,
 opening (and forking) and closing channels, answering Ping and unknown requests, and writing
-frames in order under one lock. A malformed frame closes this connection only (after an error
+frames in order (`send`/`send_nowait`: a frame goes straight into the socket when nothing is
+queued before it, else to a queue one flusher task writes; `send` then waits while more than
+`_HIGH_WATER` bytes are queued, which is the backpressure relays rely on). A malformed frame closes this connection only (after an error
 frame); its channels, handles and sockets are freed with it. Nothing here touches another
 daemon connection.
 Does not own: what a request does (`_channel.py`).
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
+from collections import deque
 from typing import TYPE_CHECKING
 
 import anyio
@@ -45,6 +49,9 @@ log = logging.getLogger("mirrord.agent")
 HANDSHAKE_TIMEOUT = 10.0
 _READ_SIZE = 256 * 1024
 _SEND_TIMEOUT_ON_CLOSE = 2.0
+# `send` waits while more than this is queued for the daemon (relays then stop reading their
+# sockets); `send_nowait` (replies to requests, bounded by request_slots) never waits.
+_HIGH_WATER = 1024 * 1024
 
 
 class DaemonSession:
@@ -58,7 +65,18 @@ class DaemonSession:
         self.conn = AgentConnection(AgentRole.AGENT, secret=server.secret)
         self.channels: dict[int, Channel] = {}
         self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
-        self._send_lock = anyio.Lock()
+        try:
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        except anyio.TypedAttributeLookupError:
+            raw = None  # not a socket (tests may use other streams): every frame is queued
+        self._raw: socket.socket | None = raw
+        # frames --> _write (straight into the socket when nothing waits) | _queue --> _flush_loop
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._flushing = False
+        self._flusher_running = False
+        self._wake = anyio.Event()
+        self._drained = anyio.Event()
         self._broken = False
         self._tg: anyio.abc.TaskGroup | None = None
         self.authenticated = False
@@ -68,31 +86,103 @@ class DaemonSession:
 
     # -- writing -------------------------------------------------------------------------------
 
-    async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
-        """Send `msg` on `channel`. Never raises: a broken daemon connection ends the session
-        (its tasks are cancelled) and later sends are dropped."""
-        async with self._send_lock:
-            if self._broken or self.conn.state is not State.OPEN:
-                return
+    def _frame(self, msg: Message, channel: int) -> bytes | None:
+        if self._broken or self.conn.state is not State.OPEN:
+            return None
+        try:
+            return self.conn.send(msg, channel)
+        except LocalProtocolError as exc:
+            log.error("not sending %s on channel %d: %s", type(msg).__name__, channel, exc)
+            return None
+
+    def _write(self, frame: bytes) -> None:
+        """Write `frame` after everything before it, without waiting.
+
+        Straight into the socket when nothing is queued or being flushed (the common case: a
+        reply costs one send() and no task switch); what the socket does not take now is
+        queued for the flusher, and so is everything after it, so frames never interleave."""
+        if self._broken:
+            return
+        if self._raw is not None and not self._queue and not self._flushing:
             try:
-                frame = self.conn.send(msg, channel)
-            except LocalProtocolError as exc:
-                log.error("not sending %s on channel %d: %s", type(msg).__name__, channel, exc)
+                sent = self._raw.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._break()
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        self._queue.append(frame)
+        self._queued += len(frame)
+        self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        """The only task that writes queued frames (in order) to the daemon connection."""
+        self._flusher_running = True
+        try:
+            while True:
+                if not self._queue:
+                    self._drained.set()
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                chunk = b"".join(self._queue)
+                self._queue.clear()
+                self._flushing = True
+                try:
+                    await self.stream.send(chunk)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    self._break()
+                    return
+                finally:
+                    self._flushing = False
+                    self._queued -= len(chunk)
+        finally:
+            self._flusher_running = False
+            self._drained.set()
+
+    async def _wait_drained(self) -> None:
+        while self._queue or self._flushing:
+            if self._broken or not self._flusher_running:
+                return
+            if self._drained.is_set():
+                self._drained = anyio.Event()  # shared by every waiter until the next drain
+            await self._drained.wait()
+
+    def send_nowait(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
+        """Send `msg` on `channel` without waiting (replies). Never raises."""
+        frame = self._frame(msg, channel)
+        if frame is not None:
+            self._write(frame)
+
+    async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
+        """Send `msg` on `channel`; waits while too much is queued for the daemon. Never
+        raises: a broken daemon connection ends the session (its tasks are cancelled) and
+        later sends are dropped."""
+        frame = self._frame(msg, channel)
+        if frame is None:
+            return
+        if not self._flusher_running:
+            await self._send_raw(frame)  # before or after serving (handshake, final frames)
+            return
+        self._write(frame)
+        if self._queued > _HIGH_WATER:
+            await self._wait_drained()
+
+    async def _send_raw(self, frame: bytes) -> None:
+        if self._broken:
+            return
+        with anyio.move_on_after(_SEND_TIMEOUT_ON_CLOSE):
+            if self._flusher_running:
+                self._write(frame)
+                await self._wait_drained()
                 return
             try:
                 await self.stream.send(frame)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                self._break()
-
-    async def _send_raw(self, frame: bytes) -> None:
-        async with self._send_lock:
-            if self._broken:
-                return
-            with anyio.move_on_after(_SEND_TIMEOUT_ON_CLOSE):
-                try:
-                    await self.stream.send(frame)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    self._broken = True
+                self._broken = True
 
     def _break(self) -> None:
         self._broken = True
@@ -119,6 +209,7 @@ class DaemonSession:
             try:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    tg.start_soon(self._flush_loop)
                     await self._open_channel(CONTROL_CHANNEL, m.ChannelOpen(pid=0, label="control"))
                     await self._read_loop()
                     tg.cancel_scope.cancel()
