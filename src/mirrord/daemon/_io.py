@@ -24,11 +24,27 @@ class FrameWriter:
     The queue is unbounded on purpose: what goes through it is bounded elsewhere (connection
     data by the credit window, replies by the requests that caused them), and a bounded queue
     would make the agent-stream reader wait on a slow writer.
+
+    On a unix socket, a frame sent while nothing is queued or being written goes straight into
+    the socket (non-blocking `send`): a forwarded request or reply then costs no task switch,
+    which is a good part of a remote call's latency (docs/performance.md). Only what the socket
+    does not take at once is queued. (Not on TCP or transport-based streams: asyncio's
+    transports buffer.)
     """
 
     def __init__(self, stream: anyio.abc.ByteSendStream, name: str) -> None:
         self._stream = stream
         self.name = name
+        self._raw: socket.socket | None = None
+        try:
+            raw = stream.extra(SocketAttribute.raw_socket)
+            # a plain socket only: asyncio's transport streams (TransportSocket) buffer
+            if isinstance(raw, socket.socket) and raw.family == socket.AF_UNIX:
+                self._raw = raw
+        except anyio.TypedAttributeLookupError:
+            pass
+        self._pending = 0  # frames queued and not yet taken by run()
+        self._writing = False  # run() is in the middle of a frame
         # producers --frame--> run() --bytes--> stream
         self._frames_tx, self._frames_rx = anyio.create_memory_object_stream[bytes](math.inf)
         self.queued_bytes = 0
@@ -43,6 +59,18 @@ class FrameWriter:
         """Queue `frame`; silently dropped once the writer is closed (the peer is gone)."""
         if self.closed:
             return
+        if self._raw is not None and not self._pending and not self._writing:
+            try:
+                sent = self._raw.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # queued: run() meets the same error and ends the writer
+            self.written_bytes += sent
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        self._pending += 1
         self.queued_bytes += len(frame)
         try:
             self._frames_tx.send_nowait(frame)
@@ -59,8 +87,11 @@ class FrameWriter:
         try:
             async with self._frames_rx:
                 async for frame in self._frames_rx:
+                    self._pending -= 1
                     self.queued_bytes -= len(frame)
+                    self._writing = True
                     await self._stream.send(frame)
+                    self._writing = False
                     self.written_bytes += len(frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             self.closed = True
