@@ -31,6 +31,7 @@ _SPECIAL: dict[str, st.SearchStrategy[Any]] = {
     "mode": st.sampled_from(["mirror", "steal"]),
     "size": st.integers(0, MAX_DATA_CHUNK),
     "offset": _small,
+    "max_size": st.integers(min_value=0, max_value=MAX_DATA_CHUNK),
     "length": _small,
     "max_entries": st.integers(1, MAX_DIR_BATCH),
     "amount": st.integers(1, 2**31),
@@ -82,5 +83,11 @@ def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
         return st.one_of(
             st.builds(cls, request_id=_small, path=st.binary(max_size=30)),
             st.builds(cls, request_id=_small, handle=_small),
+        )
+    if cls.__name__ == "FileFetched":
+        # a handle, the content, or both
+        return st.one_of(
+            st.builds(cls, request_id=_small, stat=kwargs["stat"], handle=_small),
+            st.builds(cls, request_id=_small, stat=kwargs["stat"], data=st.binary(max_size=64)),
         )
     return st.builds(cls, **kwargs)

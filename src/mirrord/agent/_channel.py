@@ -50,6 +50,24 @@ log = logging.getLogger("mirrord.agent")
 _Plan: TypeAlias = tuple[Callable[[], Any] | None, Callable[[Any], Message], "FileHandle | None"]
 
 
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+def _read_whole(fd: int, max_size: int) -> bytes | None:
+    """The whole file from offset 0 (the fd's own offset untouched), or None if it has grown
+    beyond `max_size` since it was stat'ed."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = os.pread(fd, max_size + 1 - total, total)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_size:
+            return None
+
+
 class IncomingHandler(Protocol):
     """The shape of `IncomingService` (src/mirrord/agent/_incoming.py) the channel relies on."""
 
@@ -110,6 +128,7 @@ class Channel:
         self.closed = False
         self._blocking: dict[type[Message], Callable[[Any], _Plan]] = {
             m.FileOpen: self._file_open,
+            m.FileFetch: self._file_fetch,
             m.FileRead: self._file_read,
             m.FileWrite: self._file_write,
             m.FileSeek: self._file_seek,
@@ -324,6 +343,42 @@ class Channel:
             )
 
         return self._root_call(self.ctx.root.open, req.path, req.flags, req.mode), finish, None
+
+    def _file_fetch(self, req: m.FileFetch) -> _Plan:
+        root = self.ctx.root
+
+        def fetch() -> tuple[int, list[int], bytes | None]:
+            fd = root.open(req.path, req.flags, req.mode)
+            try:
+                st = os.fstat(fd)
+                data = None
+                if (
+                    stat_module.S_ISREG(st.st_mode)
+                    and st.st_size <= req.max_size
+                    and not req.flags & O_PATH
+                    and req.flags & os.O_ACCMODE != os.O_WRONLY
+                ):
+                    data = _read_whole(fd, req.max_size)
+                if data is not None and req.flags & os.O_ACCMODE == os.O_RDONLY:
+                    os.close(fd)
+                    fd = -1
+                return fd, stat_list(st), data
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                raise
+
+        def finish(result: tuple[int, list[int], bytes | None]) -> Message:
+            fd, st, data = result
+            handle = None
+            if fd >= 0:
+                if self.closed:
+                    os.close(fd)
+                    raise OSError(errno.EBADF, "channel closed")
+                handle = self.handles.add(FileHandle(fd=fd))
+            return m.FileFetched(request_id=req.request_id, stat=st, handle=handle, data=data)
+
+        return fetch, finish, None
 
     def _file_read(self, req: m.FileRead) -> _Plan:
         def read(h: FileHandle) -> bytes:

@@ -138,7 +138,9 @@ class TargetRoot:
             raise OSError(errno.EINVAL, "path contains a NUL byte")
         how = _OpenHow(
             flags=(flags | os.O_CLOEXEC) & 0xFFFFFFFF,
-            mode=mode & 0o7777 if flags & (os.O_CREAT | os.O_TMPFILE) else 0,
+            # O_TMPFILE includes the O_DIRECTORY bit: test it whole, or a directory opened with
+            # a mode (Python's os.open passes 0o777) gets EINVAL from openat2
+            mode=mode & 0o7777 if flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE else 0,
             resolve=RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
         )
         fd = _libc.syscall(

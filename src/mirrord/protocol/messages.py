@@ -55,6 +55,8 @@ __all__ = [
     "FileAccess",
     "FileClose",
     "FileData",
+    "FileFetch",
+    "FileFetched",
     "FileOpen",
     "FileOpened",
     "FilePosition",
@@ -427,6 +429,43 @@ class Fsync(Request):
 
 
 # ---------------------------------------------------------------- shared: env, DNS
+
+
+@message(38)
+class FileFetch(Request):
+    """Open `path` (as `FileOpen`) and stat it in one round trip. If it is a regular file of
+    at most `max_size` bytes and the open allows reading (not `O_WRONLY`, not `O_PATH`), the
+    reply carries its whole content; the handle is then closed if the open was read-only
+    (`O_RDONLY`), else kept (a write-back cache needs the content and the handle)."""
+
+    request_id: int
+    path: bytes
+    flags: int
+    mode: int = 0
+    max_size: int = MAX_DATA_CHUNK
+
+    def _validate(self) -> None:
+        if not 0 <= self.max_size <= MAX_DATA_CHUNK:
+            raise ValueError(f"max_size {self.max_size} is not within 0..{MAX_DATA_CHUNK}")
+
+
+@message(39)
+class FileFetched(Reply):
+    """`stat` of the opened file; `data` its content (see `FileFetch`) or None; `handle` the
+    open handle, or None when the agent closed it (read-only open, content included)."""
+
+    request_id: int
+    stat: list[int]
+    handle: int | None = None
+    data: bytes | None = None
+
+    def _validate(self) -> None:
+        if len(self.stat) != len(STAT_FIELDS):
+            raise ValueError(f"stat has {len(self.stat)} fields, not {len(STAT_FIELDS)}")
+        if self.data is not None and len(self.data) > MAX_DATA_CHUNK:
+            raise ValueError(f"{len(self.data)} bytes exceed {MAX_DATA_CHUNK}")
+        if self.handle is None and self.data is None:
+            raise ValueError("neither handle nor data")
 
 
 @message(50)
