@@ -472,11 +472,85 @@ static int fetch_to_memfd(uint64_t handle, int flags, const char *path, off_t ex
     return fd;
 }
 
-static int open_remote(const char *path, int flags, mode_t mode) {
+/* FileFetch: open + fstat, and the whole content of a small readable regular file, in one
+ * round trip (a small read-only file costs one round trip instead of four). The agent keeps
+ * the handle (*has_handle) unless the open was read-only and the content came with the
+ * reply; the content goes into a new memfd (*memfd, -1 if none came). Returns 0, -1 with
+ * errno, or -2 when the agent does not know FileFetch (ENOSYS: an older agent). */
+static int rfile_fetch(const char *path, int rflags, mode_t mode, int flags, uint64_t max,
+                       uint64_t *handle, int *has_handle, struct stat *st, int *memfd,
+                       size_t *size) {
     struct lconn *c = conn_acquire();
     if (c == NULL) {
         return -1;
     }
+    cbor_w *w = conn_begin(c, M_FILE_FETCH, 4);
+    cw_bytes(w, path, strlen(path));
+    cw_uint(w, (uint64_t)rflags);
+    cw_uint(w, mode);
+    cw_uint(w, max);
+    cbor_r r;
+    *has_handle = 0;
+    *memfd = -1;
+    int rc = conn_call(c, M_FILE_FETCHED, &r);
+    if (rc == 0 && stat_from_wire(&r, st) < 0) {
+        errno = EIO;
+        rc = -1;
+    }
+    if (rc == 0) {
+        if (cr_is_null(&r)) {
+            rc = cr_null(&r);
+        } else if (cr_uint(&r, handle) == 0) {
+            *has_handle = 1;
+        } else {
+            rc = -1;
+        }
+    }
+    const uint8_t *data = NULL;
+    size_t n = 0;
+    if (rc == 0 && !cr_is_null(&r) && cr_bytes(&r, &data, &n) < 0) {
+        rc = -1;
+    }
+    if (rc == 0 && data != NULL) {
+        int fd = placeholder_fd(flags, path);
+        for (size_t off = 0; fd >= 0 && off < n;) {
+            ssize_t k = REAL(write)(fd, data + off, n - off);
+            if (k < 0 && errno == EINTR) {
+                continue;
+            }
+            if (k < 0) {
+                REAL(close)(fd);
+                fd = -1;
+                errno = EIO;
+                break;
+            }
+            off += (size_t)k;
+        }
+        if (fd >= 0) {
+            REAL(lseek)(fd, 0, SEEK_SET);
+            *memfd = fd;
+            *size = n;
+        } else {
+            rc = -1;
+        }
+    } else if (rc == 0 && !*has_handle) {
+        errno = EIO; /* neither content nor handle: not a valid reply */
+        rc = -1;
+    }
+    conn_release(c);
+    if (rc < 0 && *has_handle) {
+        int e = errno;
+        rfile_close_handle(*handle);
+        *has_handle = 0;
+        errno = e;
+    }
+    if (rc < 0 && errno == ENOSYS) {
+        return -2;
+    }
+    return rc;
+}
+
+static int open_remote(const char *path, int flags, mode_t mode) {
     /* Writes go to a write-back cache flushed at explicit offsets: the remote handle needs
      * no O_APPEND (with it, pwrite appends on Linux), and read access to fetch the content
      * first unless the open truncates. */
@@ -484,29 +558,53 @@ static int open_remote(const char *path, int flags, mode_t mode) {
     if (open_is_write(flags) && !(flags & O_TRUNC)) {
         rflags = (rflags & ~O_ACCMODE) | O_RDWR;
     }
-    cbor_w *w = conn_begin(c, M_FILE_OPEN, 3);
-    cw_bytes(w, path, strlen(path));
-    cw_uint(w, (uint64_t)rflags);
-    cw_uint(w, mode);
-    cbor_r r;
     uint64_t handle = 0;
-    int rc = conn_call(c, M_FILE_OPENED, &r);
-    if (rc == 0 && cr_uint(&r, &handle) < 0) {
-        errno = EIO;
-        rc = -1;
+    int has_handle = 0, fetched = -1;
+    size_t fetched_size = 0;
+    struct stat st;
+    memset(&st, 0, sizeof st);
+    uint64_t max = 0;
+    if (!(flags & O_PATH) && !(open_is_write(flags) && (flags & O_TRUNC))) {
+        max = g_set.fetch_limit < MAX_DATA_CHUNK ? (uint64_t)g_set.fetch_limit : MAX_DATA_CHUNK;
     }
-    conn_release(c);
-    if (rc < 0) {
+    int frc = rfile_fetch(path, rflags, mode, flags, max, &handle, &has_handle, &st, &fetched,
+                          &fetched_size);
+    if (frc == -1) {
         return -1;
     }
-    struct stat st;
-    if (rstat(NULL, 1, handle, 1, &st) < 0) {
-        memset(&st, 0, sizeof st);
-        st.st_mode = S_IFREG | 0644;
+    if (frc == -2) { /* an agent without FileFetch: open, then fstat */
+        struct lconn *c = conn_acquire();
+        if (c == NULL) {
+            return -1;
+        }
+        cbor_w *w = conn_begin(c, M_FILE_OPEN, 3);
+        cw_bytes(w, path, strlen(path));
+        cw_uint(w, (uint64_t)rflags);
+        cw_uint(w, mode);
+        cbor_r r;
+        int rc = conn_call(c, M_FILE_OPENED, &r);
+        if (rc == 0 && cr_uint(&r, &handle) < 0) {
+            errno = EIO;
+            rc = -1;
+        }
+        conn_release(c);
+        if (rc < 0) {
+            return -1;
+        }
+        has_handle = 1;
+        if (rstat(NULL, 1, handle, 1, &st) < 0) {
+            memset(&st, 0, sizeof st);
+            st.st_mode = S_IFREG | 0644;
+        }
     }
     struct ent *e = ent_new(K_RFILE);
     if (e == NULL) {
-        rfile_close_handle(handle);
+        if (has_handle) {
+            rfile_close_handle(handle);
+        }
+        if (fetched >= 0) {
+            REAL(close)(fetched);
+        }
         errno = ENOMEM;
         return -1;
     }
@@ -523,11 +621,27 @@ static int open_remote(const char *path, int flags, mode_t mode) {
             fd = placeholder_fd(flags, path);
         } else if (writing && (flags & O_ACCMODE) == O_WRONLY && st.st_size == 0) {
             fd = placeholder_fd(flags, path); /* nothing to fetch (a new file) */
-        } else {
+        } else if (fetched >= 0) {
+            fd = fetched; /* the content came with FileFetched */
+            fetched = -1;
+            size = fetched_size;
+        } else if (has_handle) {
             fd = fetch_to_memfd(handle, flags, path, st.st_size, &size);
         }
+        if (fetched >= 0) {
+            REAL(close)(fetched);
+            fetched = -1;
+        }
+        if (fd >= 0 && writing && !has_handle) {
+            REAL(close)(fd); /* a write-back cache needs the handle: never without one */
+            ent_put(e);
+            errno = EIO;
+            return -1;
+        }
         if (fd >= 0 && !writing) {
-            rfile_close_handle(handle);
+            if (has_handle) {
+                rfile_close_handle(handle);
+            }
             e->kind = K_MFILE;
             e->st.st_size = (off_t)size;
         } else if (fd >= 0) {
@@ -548,11 +662,22 @@ static int open_remote(const char *path, int flags, mode_t mode) {
             __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
         } else if (fd == -1) {
             int err = errno;
-            rfile_close_handle(handle);
+            if (has_handle) {
+                rfile_close_handle(handle);
+            }
             ent_put(e);
             errno = err;
             return -1;
         }
+    }
+    if (fetched >= 0) {
+        REAL(close)(fetched); /* content of a file not kept in a memfd after all */
+        fetched = -1;
+    }
+    if (fd < 0 && !has_handle) {
+        ent_put(e);
+        errno = EIO;
+        return -1;
     }
     if (fd < 0) {
         fd = placeholder_fd(flags, path);

@@ -263,6 +263,33 @@ class ScriptedDaemon:
             return m.FileOpened(
                 request_id=rid, handle=self._new_handle(pid, Handle(path, msg.flags))
             )
+        if isinstance(msg, m.FileFetch):
+            # what the agent does: open, fstat, and the content of a small readable file
+            opened = self._answer(
+                pid, m.FileOpen(request_id=rid, path=msg.path, flags=msg.flags, mode=msg.mode)
+            )
+            if not isinstance(opened, m.FileOpened):
+                return opened
+            fetched = handles[opened.handle]
+            stat = self._stat(fetched.path)
+            if stat is None:
+                handles.pop(opened.handle, None)
+                return err(errno.ENOENT)
+            acc = msg.flags & os.O_ACCMODE
+            data = None
+            if (
+                not fetched.is_dir
+                and stat[2] & 0o170000 == 0o100000
+                and stat[7] <= msg.max_size
+                and not msg.flags & os.O_PATH
+                and acc != os.O_WRONLY
+            ):
+                data = self.files.get(fetched.path, b"")
+            handle: int | None = opened.handle
+            if data is not None and acc == os.O_RDONLY:
+                handles.pop(opened.handle, None)
+                handle = None
+            return m.FileFetched(request_id=rid, stat=stat, handle=handle, data=data)
         if isinstance(msg, m.FileRead):
             h = handles.get(msg.handle)
             if h is None:

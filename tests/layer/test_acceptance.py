@@ -8,7 +8,7 @@ from tests.layer.conftest import TEST_FILE, Runner
 
 def test_cat_reads_the_remote_file(run: Runner, daemon: ScriptedDaemon) -> None:
     assert run(["cat", "/app/test.txt"]).stdout == TEST_FILE
-    assert "FileOpen" in daemon.kinds()
+    assert "FileFetch" in daemon.kinds()
 
 
 def test_python_open_reads_the_remote_file(run: Runner) -> None:

@@ -142,10 +142,7 @@ except OSError as e:
     assert out[3] == "local ConnectionRefusedError"
     assert run(["head", "-c", "3", "/etc/passwd"], settings=settings).stdout == b"roo"
     assert daemon.kinds() == [
-        "FileOpen",
-        "FileStat",
-        "FileRead",  # one read: it reached the size from FileStat
-        "FileClose",
+        "FileFetch",  # open, stat and the whole small file in one round trip
         "DnsLookup",
         "LayerConnect",
     ]
