@@ -13,9 +13,10 @@ import struct
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
-__all__ = ["FrameWriter", "reset_stream"]
+__all__ = ["FrameReader", "FrameWriter", "reset_stream"]
 
 
 class FrameWriter:
@@ -35,14 +36,7 @@ class FrameWriter:
     def __init__(self, stream: anyio.abc.ByteSendStream, name: str) -> None:
         self._stream = stream
         self.name = name
-        self._raw: socket.socket | None = None
-        try:
-            raw = stream.extra(SocketAttribute.raw_socket)
-            # a plain socket only: asyncio's transport streams (TransportSocket) buffer
-            if isinstance(raw, socket.socket) and raw.family == socket.AF_UNIX:
-                self._raw = raw
-        except anyio.TypedAttributeLookupError:
-            pass
+        self._raw = _plain_unix_socket(stream)  # type: ignore[arg-type]
         self._pending = 0  # frames queued and not yet taken by run()
         self._writing = False  # run() is in the middle of a frame
         # producers --frame--> run() --bytes--> stream
@@ -103,6 +97,58 @@ class FrameWriter:
     async def wait_flushed(self) -> None:
         """Until `run()` has returned (after `close()`: everything queued was written)."""
         await self._done.wait()
+
+
+def _plain_unix_socket(stream: anyio.abc.AnyByteStream) -> socket.socket | None:
+    try:
+        raw = stream.extra(SocketAttribute.raw_socket)
+    except anyio.TypedAttributeLookupError:
+        return None
+    # a plain socket only: asyncio's transport streams (TransportSocket) buffer
+    if isinstance(raw, socket.socket) and raw.family == socket.AF_UNIX:
+        return raw
+    return None
+
+
+class FrameReader:
+    """`receive()` for a protocol reader: the stream's `receive`, minus a scheduling point.
+
+    anyio's `receive` on a unix socket first yields to the event loop (a whole loop iteration)
+    and then registers and unregisters the socket with the selector for every wait. A reader
+    that waits for the next request or reply pays that on every remote call, so on a plain unix
+    socket this reads directly and waits with `anyio.wait_readable`; it yields only when data
+    was there twice in a row, so a peer that never stops sending cannot starve other tasks.
+    """
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream, max_bytes: int) -> None:
+        self._stream = stream
+        self._max = max_bytes
+        self._raw = _plain_unix_socket(stream)  # type: ignore[arg-type]
+        self._ready_before = False
+
+    async def receive(self) -> bytes:
+        """The next bytes; raises like `ByteReceiveStream.receive` (EndOfStream at the end)."""
+        raw = self._raw
+        if raw is None:
+            return await self._stream.receive(self._max)
+        if self._ready_before:
+            await anyio.lowlevel.checkpoint()
+        waited = False
+        while True:
+            try:
+                data = raw.recv(self._max)
+            except BlockingIOError:
+                waited = True
+                await anyio.wait_readable(raw)
+                continue
+            except OSError as exc:
+                if raw.fileno() < 0:
+                    raise anyio.ClosedResourceError from None
+                raise anyio.BrokenResourceError from exc
+            if not data:
+                raise anyio.EndOfStream
+            self._ready_before = not waited
+            return data
 
 
 def reset_stream(stream: anyio.abc.ByteStream) -> None:

@@ -25,7 +25,7 @@ import anyio.abc
 from mirrord._version import __version__
 from mirrord.daemon._backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError
-from mirrord.daemon._io import FrameWriter
+from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._relay import Counters, Relay
 from mirrord.protocol import (
     CLOSED,
@@ -184,9 +184,10 @@ class AgentLink:
             ) from None
 
     async def _read_loop(self, stream: anyio.abc.ByteStream) -> str:
+        reader = FrameReader(stream, _READ_SIZE)
         while True:
             try:
-                data = await stream.receive(_READ_SIZE)
+                data = await reader.receive()
             except anyio.EndOfStream:
                 data = b""
             self.conn.receive_data(data)

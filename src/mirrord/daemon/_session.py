@@ -28,7 +28,7 @@ from anyio.abc import SocketAttribute
 
 from mirrord.daemon._backend import AgentConfig
 from mirrord.daemon._env import on_concurrent_steal, steal_for_port
-from mirrord.daemon._io import FrameWriter
+from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
 from mirrord.daemon._relay import Counters, Relay
 from mirrord.protocol import (
@@ -519,9 +519,10 @@ async def _serve(
     tg: anyio.abc.TaskGroup,
 ) -> Session | None:
     session: Session | None = None
+    reader = FrameReader(stream, 256 * 1024)
     while True:
         try:
-            data = await stream.receive(256 * 1024)
+            data = await reader.receive()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             data = b""
         conn.receive_data(data)
