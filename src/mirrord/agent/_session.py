@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from mirrord import __version__
 from mirrord.agent._channel import Channel
@@ -78,6 +79,7 @@ class DaemonSession:
         self._wake = anyio.Event()
         self._drained = anyio.Event()
         self._broken = False
+        self._ready_before = False  # the last _receive() found data without waiting
         self._tg: anyio.abc.TaskGroup | None = None
         self.authenticated = False
 
@@ -224,8 +226,28 @@ class DaemonSession:
                 await self.stream.aclose()
 
     async def _receive(self) -> bytes:
+        """The next bytes from the daemon, b"" at the end or on an error.
+
+        On a socket this reads directly and waits with `anyio.wait_readable`: the stream's
+        `receive` also yields to the scheduler after every successful read, a whole pass of
+        the event loop per request. It yields only when data was there twice in a row, so a
+        daemon that never stops sending cannot starve the other tasks."""
+        raw = self._raw
         try:
-            return await self.stream.receive(_READ_SIZE)
+            if raw is None:
+                return await self.stream.receive(_READ_SIZE)
+            if self._ready_before:
+                await anyio.lowlevel.checkpoint()
+            waited = False
+            while True:
+                try:
+                    data = raw.recv(_READ_SIZE)
+                except BlockingIOError:
+                    waited = True
+                    await anyio.wait_readable(raw)
+                    continue
+                self._ready_before = not waited
+                return data
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             return b""
 
