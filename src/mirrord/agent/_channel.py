@@ -168,6 +168,9 @@ class Channel:
     async def send(self, msg: Message) -> None:
         await self.session.send(msg, self.number)
 
+    def send_nowait(self, msg: Message) -> None:
+        self.session.send_nowait(msg, self.number)
+
     def send_window(self, conn_id: int) -> int:
         return self.session.conn.send_window(self.number, conn_id)
 

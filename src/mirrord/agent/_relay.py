@@ -7,7 +7,8 @@ the incoming code through `Channel.start_incoming`) and the daemon as `Data` / `
   at zero window the relay waits for `Credit` (the socket's buffer then fills and TCP pushes
   back on the peer);
 - daemon -> socket: `Data` is queued (bounded by the window we granted), written, and credited
-  back once written;
+  back once written; on a plain TCP socket with nothing queued, `on_data` writes it at once
+  (non-blocking) and credits what the socket took, so a small exchange needs no task switch;
 - `Shutdown` is a half-close each way; when both directions are done the relay sends
   `ConnClose(0)`; a socket error ends the relay with `ConnClose(errno)`; the daemon's
   `ConnClose` ends it at once.
@@ -20,6 +21,7 @@ import collections
 import contextlib
 import errno
 import logging
+import socket
 from typing import Protocol
 
 import anyio
@@ -43,6 +45,8 @@ class Link(Protocol):
 
     async def send(self, msg: Message) -> None: ...
 
+    def send_nowait(self, msg: Message) -> None: ...
+
     def send_window(self, conn_id: int) -> int: ...
 
 
@@ -53,6 +57,20 @@ def _errno_of(exc: BaseException) -> int:
             return cause.errno
         cause = cause.__cause__ or cause.__context__
     return errno.ECONNRESET
+
+
+def _plain_tcp_socket(stream: object) -> socket.socket | None:
+    """The stream's socket if it is a plain TCP socket stream (incoming streams may be pipes
+    or filters that must see every byte)."""
+    if not isinstance(stream, anyio.abc.SocketStream):
+        return None
+    try:
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    except anyio.TypedAttributeLookupError:
+        return None
+    if isinstance(raw, socket.socket) and raw.type == socket.SOCK_STREAM:
+        return raw
+    return None
 
 
 class Relay:
@@ -72,6 +90,8 @@ class Relay:
         self.stream = stream
         self.description = description
         self.datagram = isinstance(stream, anyio.abc.ConnectedUDPSocket)
+        self._raw = None if self.datagram else _plain_tcp_socket(stream)
+        self._writing = False  # _daemon_to_socket is in the middle of a send
         self._inbox: collections.deque[bytes] = collections.deque()
         self._inbox_changed = anyio.Event()
         self._credit = anyio.Event()
@@ -90,9 +110,20 @@ class Relay:
     # -- from the daemon (sync, on the channel's reader) --------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        if data and not self._peer_shutdown:
-            self._inbox.append(data)
-            self._inbox_changed.set()
+        if not data or self._peer_shutdown:
+            return
+        if self._raw is not None and not self._inbox and not self._writing:
+            try:
+                sent = self._raw.send(data)
+            except OSError:
+                sent = 0  # full (EAGAIN) or failing: the task writes it, or meets the error
+            if sent:
+                self.link.send_nowait(m.Credit(conn_id=self.conn_id, amount=sent))
+                data = data[sent:]
+                if not data:
+                    return
+        self._inbox.append(data)
+        self._inbox_changed.set()
 
     def on_credit(self) -> None:
         self._credit.set()
@@ -169,7 +200,11 @@ class Relay:
                     await self.stream.send(chunk[:_DATAGRAM_MAX])
                 else:
                     assert isinstance(self.stream, anyio.abc.ByteStream)
-                    await self.stream.send(chunk)
+                    self._writing = True
+                    try:
+                        await self.stream.send(chunk)
+                    finally:
+                        self._writing = False
                 await self.link.send(m.Credit(conn_id=self.conn_id, amount=len(chunk)))
                 continue
             if self.datagram:
