@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import anyio
 
+from mirrord._malloc import tune_malloc
 from mirrord.agent._exceptions import AgentStartupError, BadArguments
 from mirrord.agent._server import AgentOptions, run_agent
 from mirrord.agent._target import resolve_target
@@ -95,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.setLevel(args.log_level.upper())
     logger.propagate = False
     _raise_fd_limit()
+    tune_malloc()  # frames up to 2 MiB come from the heap, not a fresh mmap each
     try:
         if args.idle_timeout <= 0 or args.connect_timeout <= 0:
             raise BadArguments("--idle-timeout and --connect-timeout must be positive")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 
+from mirrord._malloc import tune_malloc
 from mirrord.daemon._daemon import DEFAULT_IDLE_TIMEOUT, Daemon
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     paths.ensure()
     lock_fd = _lock(paths)
     _raise_fd_limit()
+    tune_malloc()  # frames up to 2 MiB come from the heap, not a fresh mmap each
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, args.log_level.upper()),
