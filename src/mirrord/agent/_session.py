@@ -13,6 +13,7 @@ Does not own: what a request does (`_channel.py`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -71,6 +72,11 @@ class DaemonSession:
         except anyio.TypedAttributeLookupError:
             raw = None  # not a socket (tests may use other streams): every frame is queued
         self._raw: socket.socket | None = raw
+        if raw is not None:
+            # the send buffer bounds what one write moves: the default ~200 KiB splits every
+            # 1 MiB file chunk into several writes, each a wake-up of both sides (best effort)
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
         # frames --> _write (straight into the socket when nothing waits) | _queue --> _flush_loop
         self._queue: deque[bytes] = deque()
         self._queued = 0

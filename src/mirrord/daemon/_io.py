@@ -37,6 +37,8 @@ class FrameWriter:
         self._stream = stream
         self.name = name
         self._raw = _plain_unix_socket(stream)  # type: ignore[arg-type]
+        if self._raw is not None:
+            _grow_send_buffer(self._raw)
         self._pending = 0  # frames queued and not yet taken by run()
         self._writing = False  # run() is in the middle of a frame
         # producers --frame--> run() --bytes--> stream
@@ -108,6 +110,19 @@ def _plain_unix_socket(stream: anyio.abc.AnyByteStream) -> socket.socket | None:
     if isinstance(raw, socket.socket) and raw.family == socket.AF_UNIX:
         return raw
     return None
+
+
+SEND_BUFFER = 4 * 1024 * 1024
+
+
+def _grow_send_buffer(sock: socket.socket) -> None:
+    """A unix socket's send buffer bounds what one write moves (the peer's receive buffer does
+    not count): the default ~200 KiB splits every 1 MiB file chunk into five or more writes,
+    each a wake-up of both sides. Best effort: the kernel caps it at net.core.wmem_max."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    except OSError:
+        pass
 
 
 class FrameReader:
