@@ -137,17 +137,48 @@ def select_backend(target: str, backends: list[AgentBackend]) -> AgentBackend:
     raise TargetNotSupported(target, [b.name for b in backends])
 
 
+class _KubeOnFirstUse:
+    """The Kubernetes backend, imported when a target first needs it.
+
+    `mirrord.kube` loads kubernetes_asyncio and aiohttp, ~280 ms of a cold daemon start that a
+    local target (`pid/N`, `container/ID`: the local backend answers first) never needs."""
+
+    name = "kube"
+
+    def __init__(self) -> None:
+        self._backend: AgentBackend | None = None
+        self._missing = False
+
+    def _load(self) -> AgentBackend | None:
+        if self._backend is None and not self._missing:
+            try:
+                from mirrord import kube
+            except ImportError:  # pragma: no cover - the package is always installed whole
+                kube = None  # type: ignore[assignment]
+            factory = getattr(kube, "KubeBackend", None)
+            if factory is None:
+                self._missing = True
+            else:
+                self._backend = factory()
+        return self._backend
+
+    def handles(self, target: str) -> bool:
+        backend = self._load()
+        return backend is not None and backend.handles(target)
+
+    async def start_agent(
+        self, target: str, config: AgentConfig, progress: Progress
+    ) -> AgentHandle:
+        backend = self._load()
+        if backend is None:  # pragma: no cover - handles() said no
+            raise TargetNotSupported(target, [self.name])
+        return await backend.start_agent(target, config, progress)
+
+
 def backends_for_daemon(runtime_dir: Path) -> list[AgentBackend]:
-    """The daemon's backends: local first, then Kubernetes when `mirrord.kube` provides one."""
-    backends: list[AgentBackend] = [LocalAgentBackend(runtime_dir)]
-    try:
-        from mirrord import kube
-    except ImportError:  # pragma: no cover - the package is always installed whole
-        return backends
-    factory = getattr(kube, "KubeBackend", None)
-    if factory is not None:
-        backends.append(factory())
-    return backends
+    """The daemon's backends: local first, then Kubernetes (`mirrord.kube`, imported the first
+    time a target is not local)."""
+    return [LocalAgentBackend(runtime_dir), _KubeOnFirstUse()]
 
 
 # ------------------------------------------------------------------------- local backend
