@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from mirrord._version import __version__
 from mirrord.daemon._backend import AgentBackend, backends_for_daemon, config_value
@@ -42,6 +43,14 @@ log = logging.getLogger("mirrord.daemon")
 
 DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
 MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad client's memory
+
+
+async def _preload_config() -> None:
+    """Import the config package (pydantic, ~100 ms) in a worker thread while the daemon waits
+    for its first session, instead of on the event loop when that session arrives."""
+    import importlib
+
+    await anyio.to_thread.run_sync(importlib.import_module, "mirrord.config")
 
 
 async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
@@ -139,6 +148,7 @@ class Daemon:
                 tg.start_soon(self._serve, layer, self._layer_client)
                 tg.start_soon(self._signals)
                 tg.start_soon(self._idle_watch)
+                tg.start_soon(_preload_config)
                 log.info(
                     "mirrordd %s ready (pid %d) in %s", __version__, os.getpid(), self.paths.root
                 )
