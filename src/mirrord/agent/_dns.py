@@ -17,10 +17,10 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import dns.exception
-import dns.name
-import dns.resolver
+if TYPE_CHECKING:
+    import dns.resolver
 
 from mirrord.agent._files import TargetRoot
 
@@ -231,6 +231,11 @@ class TargetResolver:
         return self._by_dns(host, wanted)
 
     def _resolver(self) -> dns.resolver.Resolver:
+        # dnspython is imported on the first lookup (on a namespace thread): it is a good part
+        # of the agent's start otherwise, and many sessions never resolve a name
+        import dns.name
+        import dns.resolver
+
         conf = parse_resolv_conf(self._read(b"/etc/resolv.conf"))
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = conf.nameservers
@@ -243,6 +248,9 @@ class TargetResolver:
         return resolver
 
     def _by_dns(self, host: str, wanted: set[int]) -> tuple[list[str], str]:
+        import dns.exception
+        import dns.resolver
+
         resolver = self._resolver()
         found: list[str] = []
         canon = host
