@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import http.server
 import sys
+import threading
 from typing import Any
+
+_LOG_LOCK = threading.Lock()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -40,7 +43,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         user = self.headers.get("x-user", "")
         out = f"{self.name} {self.command} {self.path} x-user={user}\n".encode() + body
         if self.log_requests:
-            print(f"seen {self.command} {self.path}", flush=True)
+            # one write per line under a lock: handler threads must not interleave lines
+            with _LOG_LOCK:
+                sys.stdout.write(f"seen {self.command} {self.path}\n")
+                sys.stdout.flush()
         self.send_response(200)
         # who the app thinks it talks to: getpeername() of the accepted connection
         self.send_header("X-Peer", f"{self.client_address[0]}")
