@@ -225,51 +225,33 @@ def _echo_port(env: BenchEnv) -> int:
     return int(port)
 
 
-def outgoing_rr(env: BenchEnv) -> Result:
+def _outgoing(env: BenchEnv, script: str, arg: str, runs: int) -> tuple[float, float]:
+    """Median of `script` run through mirrord against the pod's echo service on the pod's
+    loopback, and run directly from this machine against the pod's address."""
     env.require_run()
-    port = _echo_port(env)
-    n = str(_runs(env, 3000, 500))
-    runs = _runs(env, 5, 3)
+    port = str(_echo_port(env))
+
+    def direct() -> float:
+        out = subprocess.run(
+            [PY, "-c", script, env.pod.ip, port, arg], capture_output=True, text=True, check=True
+        )
+        return float(out.stdout.split()[-1])
+
     via = median_of(
-        lambda: float(env.run([PY, "-c", _RR, "127.0.0.1", str(port), n]).stdout.split()[-1]),
+        lambda: float(env.run([PY, "-c", script, "127.0.0.1", port, arg]).stdout.split()[-1]),
         runs,
         0,
     )
-    direct = median_of(
-        lambda: float(
-            subprocess.run(
-                [PY, "-c", _RR, env.pod.ip, str(port), n],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.split()[-1]
-        ),
-        runs,
-    )
+    return via, median_of(direct, runs)
+
+
+def outgoing_rr(env: BenchEnv) -> Result:
+    via, direct = _outgoing(env, _RR, str(_runs(env, 3000, 500)), _runs(env, 5, 3))
     return Result(via, direct, "s/rtt", note=f"added latency {1e6 * (via - direct):.0f} µs")
 
 
 def outgoing_bulk(env: BenchEnv) -> Result:
-    env.require_run()
-    port = _echo_port(env)
-    total = str(env.bulk_size)
-    runs = _runs(env, 3, 2)
-    via = median_of(
-        lambda: float(env.run([PY, "-c", _BULK, "127.0.0.1", str(port), total]).stdout.split()[-1]),
-        runs,
-        0,
-    )
-    direct = median_of(
-        lambda: float(
-            subprocess.run(
-                [PY, "-c", _BULK, env.pod.ip, str(port), total],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.split()[-1]
-        ),
-        runs,
-    )
+    via, direct = _outgoing(env, _BULK, str(env.bulk_size), _runs(env, 3, 2))
     return Result(via / 1e6, direct / 1e6, "MB/s", note="echoed both ways")
 
 
