@@ -743,12 +743,22 @@ static inline int local_fd(int fd) {
         va_end(ap);                                                 \
     }
 
+/* The common bypass, decided before do_open sets up its path buffer: an absolute path the
+ * policy keeps local (do_open decides everything else, including this case again). */
+static inline int local_absolute(const char *path, int flags) {
+    return path != NULL && path[0] == '/' && policy_file(path, open_is_write(flags)) == P_LOCAL;
+}
+
 #define OPEN_BODY(realcall, dirfd, path, flags, mode)               \
     if (!g_active || t_guard) {                                     \
         return realcall;                                            \
     }                                                               \
     int ret;                                                        \
     int saved = errno;                                              \
+    if (local_absolute(path, flags)) {                              \
+        errno = saved;                                              \
+        return local_fd(realcall);                                  \
+    }                                                               \
     if (do_open(dirfd, path, flags, mode, &ret) == R_DONE) {        \
         return ret;                                                 \
     }                                                               \
