@@ -311,6 +311,31 @@ static ssize_t rfile_write(struct ent *e, const void *buf, size_t n, off_t off) 
     return (ssize_t)done;
 }
 
+/* readv/writev on a remote file: the vectors in order, stopping at a short transfer like the
+ * kernel would. Drops the caller's reference to e. */
+static ssize_t rfile_iov(struct ent *e, const struct iovec *iov, int cnt, int write) {
+    ssize_t total = 0;
+    t_guard++;
+    for (int i = 0; i < cnt; i++) {
+        if (iov[i].iov_len == 0) {
+            continue;
+        }
+        ssize_t r = write ? rfile_write(e, iov[i].iov_base, iov[i].iov_len, -1)
+                          : rfile_read(e, iov[i].iov_base, iov[i].iov_len, -1);
+        if (r < 0) {
+            total = total ? total : -1;
+            break;
+        }
+        total += r;
+        if ((size_t)r < iov[i].iov_len) {
+            break;
+        }
+    }
+    t_guard--;
+    ent_put(e);
+    return total;
+}
+
 static off_t rfile_seek(struct ent *e, off_t off, int whence) {
     if (!e->has_handle) {
         errno = ESPIPE;
@@ -893,26 +918,7 @@ HOOK ssize_t readv(int fd, const struct iovec *iov, int cnt) {
     if (e == NULL) {
         return REAL(readv)(fd, iov, cnt);
     }
-    /* fill the vectors in order; stop at a short read like the kernel would */
-    ssize_t total = 0;
-    t_guard++;
-    for (int i = 0; i < cnt; i++) {
-        if (iov[i].iov_len == 0) {
-            continue;
-        }
-        ssize_t r = rfile_read(e, iov[i].iov_base, iov[i].iov_len, -1);
-        if (r < 0) {
-            total = total ? total : -1;
-            break;
-        }
-        total += r;
-        if ((size_t)r < iov[i].iov_len) {
-            break;
-        }
-    }
-    t_guard--;
-    ent_put(e);
-    return total;
+    return rfile_iov(e, iov, cnt, 0);
 }
 
 /* A memfd-backed file opened read-only: the memfd itself is writable, so refuse. A
@@ -994,25 +1000,7 @@ HOOK ssize_t writev(int fd, const struct iovec *iov, int cnt) {
     if (e == NULL) {
         return REAL(writev)(fd, iov, cnt);
     }
-    ssize_t total = 0;
-    t_guard++;
-    for (int i = 0; i < cnt; i++) {
-        if (iov[i].iov_len == 0) {
-            continue;
-        }
-        ssize_t r = rfile_write(e, iov[i].iov_base, iov[i].iov_len, -1);
-        if (r < 0) {
-            total = total ? total : -1;
-            break;
-        }
-        total += r;
-        if ((size_t)r < iov[i].iov_len) {
-            break;
-        }
-    }
-    t_guard--;
-    ent_put(e);
-    return total;
+    return rfile_iov(e, iov, cnt, 1);
 }
 
 static off_t lseek_common(int fd, off_t off, int whence) {

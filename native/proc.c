@@ -182,22 +182,34 @@ void proc_free_env(char **env) {
     free(env);
 }
 
-HOOK int execve(const char *path, char *const argv[], char *const envp[]) {
-    if (!g_active || t_guard) {
-        return REAL(execve)(path, argv, envp);
-    }
+/* Before an exec: write back what the new image will not know, keep the daemon connection
+ * for it, and build its environment (NULL: use envp as it is). */
+static char **exec_prepare(char *const envp[]) {
     t_guard++;
-    wfile_flush_all(); /* the new image does not know the write-back files */
+    wfile_flush_all();
     int fd;
     pid_t pid;
     conn_prepare_exec(&fd, &pid);
     char **env = exec_env(envp, fd, 1);
     t_guard--;
-    int r = REAL(execve)(path, argv, env ? env : envp);
+    return env;
+}
+
+/* The exec returned, so it failed: undo exec_prepare, keeping the exec's errno. */
+static void exec_failed(char **env) {
     int e = errno;
     conn_exec_failed();
     proc_free_env(env);
     errno = e;
+}
+
+HOOK int execve(const char *path, char *const argv[], char *const envp[]) {
+    if (!g_active || t_guard) {
+        return REAL(execve)(path, argv, envp);
+    }
+    char **env = exec_prepare(envp);
+    int r = REAL(execve)(path, argv, env ? env : envp);
+    exec_failed(env);
     return r;
 }
 
@@ -207,18 +219,9 @@ HOOK int execvpe(const char *file, char *const argv[], char *const envp[]) {
     if (!g_active || t_guard) {
         return REAL(execvpe)(file, argv, envp);
     }
-    t_guard++;
-    wfile_flush_all(); /* the new image does not know the write-back files */
-    int fd;
-    pid_t pid;
-    conn_prepare_exec(&fd, &pid);
-    char **env = exec_env(envp, fd, 1);
-    t_guard--;
+    char **env = exec_prepare(envp);
     int r = REAL(execvpe)(file, argv, env ? env : envp);
-    int e = errno;
-    conn_exec_failed();
-    proc_free_env(env);
-    errno = e;
+    exec_failed(env);
     return r;
 }
 
