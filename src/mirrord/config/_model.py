@@ -785,6 +785,16 @@ DnsFilterList = Annotated[
 ]
 
 
+def _exactly_one_of_remote_local(remote: object, local: object) -> None:
+    """The outgoing and DNS filters take a `remote` or a `local` list, never both or neither."""
+    if (remote is None) == (local is None):
+        raise PydanticCustomError(
+            "conflict",
+            "set exactly one of remote and local (got {given})",
+            {"given": "both" if remote is not None else "neither"},
+        )
+
+
 class OutgoingFilterConfig(_Section):
     """`remote: [...]`: only matching traffic goes out from the target; `local: [...]`: matching
     traffic stays on this machine. Entries: `[tcp://|udp://][name|ip|cidr][:port]`."""
@@ -799,12 +809,7 @@ class OutgoingFilterConfig(_Section):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> OutgoingFilterConfig:
-        if (self.remote is None) == (self.local is None):
-            raise PydanticCustomError(
-                "conflict",
-                "set exactly one of remote and local (got {given})",
-                {"given": "both" if self.remote is not None else "neither"},
-            )
+        _exactly_one_of_remote_local(self.remote, self.local)
         return self
 
 
@@ -850,12 +855,7 @@ class DnsFilterConfig(_Section):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DnsFilterConfig:
-        if (self.remote is None) == (self.local is None):
-            raise PydanticCustomError(
-                "conflict",
-                "set exactly one of remote and local (got {given})",
-                {"given": "both" if self.remote is not None else "neither"},
-            )
+        _exactly_one_of_remote_local(self.remote, self.local)
         return self
 
 
