@@ -33,6 +33,9 @@ class Result:
     unit: str
     note: str = ""
     extra: dict[str, float] | None = None
+    # The figure's own ratio estimate when value / baseline is not the best one (the median of
+    # paired ratios, for figures whose machine noise is larger than the effect measured).
+    ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,8 @@ def evaluate(fig: Figure, quick: bool) -> Row:
         return Row(
             fig.id, fig.what, None, None, "", None, target, False, f"error: {exc!r}"[:300], None
         )
-    ratio = None
-    if res.value is not None and res.baseline:
+    ratio = res.ratio
+    if ratio is None and res.value is not None and res.baseline:
         ratio = res.value / res.baseline
     met: bool | None = None
     if fig.target is not None and ratio is not None:

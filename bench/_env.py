@@ -6,11 +6,14 @@ generators only talk to loopback and the pod's address, and `close()` removes it
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,6 +122,44 @@ class BenchEnv:
                 f"mirrord run failed ({proc.returncode}): {proc.stderr.strip()[-400:]}"
             )
         return proc
+
+    @contextlib.contextmanager
+    def session_env(self) -> Iterator[dict[str, str]]:
+        """The environment of one open session on the pod, as `mirrord ext` gives it to an IDE:
+        processes started with it run under the layer exactly as under `mirrord run`, without
+        `mirrord run`'s start-up in between. A holder process keeps the session open (ext
+        closes it when the session's last process exits) until the block ends."""
+        ext = subprocess.Popen(
+            [*self.mirrord, "ext", "-t", self.target, "--wait-timeout", "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env(),
+        )
+        holder: subprocess.Popen[bytes] | None = None
+        try:
+            assert ext.stdout is not None
+            session: dict[str, str] | None = None
+            for line in ext.stdout:  # ext exits (EOF) on an error or its wait timeout
+                msg = json.loads(line)
+                if msg.get("type") == "env":
+                    session = {**self.env(), **msg["env"]}
+                    break
+                if msg.get("type") == "error":
+                    raise RuntimeError(f"mirrord ext: {msg.get('message')}")
+            if session is None:
+                raise RuntimeError("mirrord ext ended without a session")
+            holder = subprocess.Popen(["sleep", "3600"], env=session)
+            yield session
+        finally:
+            if holder is not None:
+                holder.kill()
+                holder.wait()
+            try:
+                ext.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                ext.kill()
+                ext.wait()
 
     def stop_daemon(self) -> None:
         subprocess.run(

@@ -96,7 +96,7 @@ int files_get_vcwd(char *out, size_t cap) {
 
 /* Where does (dirfd, path) live? Fills `out` with the absolute remote path when remote. */
 static int decide(int dirfd, const char *path, int write, char *out, size_t cap) {
-    if (path == NULL) {
+    if (path == NULL || path_fast_local(path)) {
         return P_LOCAL;
     }
     if (path[0] == '/') {
@@ -753,7 +753,7 @@ static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret
 
 static inline int local_fd(int fd) {
     /* a new local fd reusing a number the layer still tracked (closed behind our back) */
-    if (fd >= 0 && fd_peek(fd) != NULL) {
+    if (__builtin_expect(fd_peek(fd) != NULL, 0)) {
         fd_forget(fd);
     }
     return fd;
@@ -768,26 +768,33 @@ static inline int local_fd(int fd) {
         va_end(ap);                                                 \
     }
 
-/* The common bypass, decided before do_open sets up its path buffer: an absolute path the
- * policy keeps local (do_open decides everything else, including this case again). */
-static inline int local_absolute(const char *path, int flags) {
-    return path != NULL && path[0] == '/' && policy_file(path, open_is_write(flags)) == P_LOCAL;
+/* Every open-like hook past the bypass path: R_BYPASS (the hook does the real call), or
+ * R_DONE with *ret. An absolute path the policy keeps local is decided before do_open sets
+ * up its path buffer. */
+static __attribute__((noinline)) int open_slow(int dirfd, const char *path, int flags, mode_t mode, int *ret) {
+    int saved = errno;
+    if (path != NULL && path[0] == '/' && policy_file(path, open_is_write(flags)) == P_LOCAL) {
+        errno = saved;
+        return R_BYPASS;
+    }
+    if (do_open(dirfd, path, flags, mode, ret) == R_DONE) {
+        return R_DONE;
+    }
+    errno = saved;
+    return R_BYPASS;
 }
 
-#define OPEN_BODY(realcall, dirfd, path, flags, mode)               \
-    if (!g_active || t_guard) {                                     \
-        return realcall;                                            \
-    }                                                               \
-    int ret;                                                        \
-    int saved = errno;                                              \
-    if (local_absolute(path, flags)) {                              \
-        errno = saved;                                              \
-        return local_fd(realcall);                                  \
-    }                                                               \
-    if (do_open(dirfd, path, flags, mode, &ret) == R_DONE) {        \
-        return ret;                                                 \
-    }                                                               \
-    errno = saved;                                                  \
+/* The bypass path (inactive, the layer's own call, or a system directory) makes no call but
+ * the real one; the app's fd is checked against the table afterwards (local_fd). */
+#define OPEN_BODY(realcall, dirfd, path, flags, mode)                   \
+    if (__builtin_expect(!g_active || t_guard, 0)) {                    \
+        return realcall;                                                \
+    }                                                                   \
+    int ret;                                                            \
+    if (__builtin_expect(!path_fast_local(path), 0) &&                  \
+        open_slow(dirfd, path, flags, mode, &ret) == R_DONE) {          \
+        return ret;                                                     \
+    }                                                                   \
     return local_fd(realcall);
 
 HOOK int open(const char *path, int flags, ...) {
@@ -1076,11 +1083,9 @@ HOOK ssize_t sendfile64(int out, int in, off64_t *off, size_t n) {
 
 /* ---------------------------------------------------------------- close, dup */
 
-HOOK int close(int fd) {
-    struct ent *pe = fd_peek(fd);
-    if (__builtin_expect(pe == NULL, 1)) {
-        return REAL(close)(fd);
-    }
+/* close of an fd the layer tracks; kept out of close() so that the untracked path is one
+ * table load and a tail call. */
+static __attribute__((noinline)) int close_tracked(int fd, struct ent *pe) {
     if (pe->kind == K_LAYER) {
         if (t_guard) {
             return REAL(close)(fd);
@@ -1094,6 +1099,14 @@ HOOK int close(int fd) {
     ent_put(e);
     errno = saved;
     return r;
+}
+
+HOOK int close(int fd) {
+    struct ent *pe = fd_peek(fd);
+    if (__builtin_expect(pe == NULL, 1)) {
+        return REAL(close)(fd);
+    }
+    return close_tracked(fd, pe);
 }
 
 /* The app may close ranges of fds (close_range): keep the layer's own fds open. */

@@ -52,6 +52,10 @@ int __openat_2(int dirfd, const char *path, int flags);
 int __openat64_2(int dirfd, const char *path, int flags);
 int fcntl64(int fd, int cmd, ...);
 
+/* Everything declared from here on is the layer's own: hidden, so that its globals are read
+ * directly and not through the GOT (g_active and the real_* pointers are on every hook's path). */
+#pragma GCC visibility push(hidden)
+
 #define MIRRORD_REALS(X)                                                                  \
     X(open) X(open64) X(openat) X(openat64) X(close) X(read) X(write) X(pread) X(pread64)  \
     X(pwrite) X(pwrite64) X(readv) X(writev) X(lseek) X(lseek64) X(dup) X(dup2) X(dup3)    \
@@ -241,6 +245,71 @@ int policy_load(const char *text);   /* parses MIRRORD_LAYER_CONFIG; -1 if malfo
 int policy_skip_process(const char *exe, const char *name);
 /* File decision for an absolute or relative path; `write` for opens that may modify. */
 int policy_file(const char *path, int write);
+
+/* The bypass path's file decision, inline so that a hook deciding "local" here makes no call
+ * before the real one. Paths are absolute (path[0] == '/') wherever these are used. */
+
+/* `path` is the literal `dir` (n bytes, dir[0] == '/' == path[0]) or below it: one
+ * compare-and-branch per byte, stopping at the first difference (so never past the path's
+ * end: dir has no NUL in its first n bytes). */
+static inline __attribute__((always_inline)) int path_under_lit(const char *path, const char *dir, size_t n) {
+#pragma GCC unroll 16
+    for (size_t i = 1; i < n; i++) {
+        if (path[i] != dir[i]) {
+            return 0;
+        }
+    }
+    return path[n] == 0 || path[n] == '/';
+}
+
+/* `s` is exactly the literal (n includes its NUL). */
+static inline __attribute__((always_inline)) int path_is_lit(const char *s, const char *lit, size_t n) {
+#pragma GCC unroll 16
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != lit[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+#define PATH_UNDER(path, lit) path_under_lit(path, lit, sizeof(lit) - 1)
+#define PATH_IS(s, lit) path_is_lit(s, lit, sizeof(lit))
+
+/* System and runtime directories, dispatched on the second byte. */
+static inline __attribute__((always_inline)) int path_system_dir(const char *p) {
+    switch (p[1]) {
+    case 'b': return PATH_UNDER(p, "/bin");
+    case 'd': return PATH_UNDER(p, "/dev");
+    case 'e': return PATH_UNDER(p, "/etc");
+    case 'h': return PATH_UNDER(p, "/home");
+    case 'l': return PATH_UNDER(p, "/lib") || PATH_UNDER(p, "/lib64") || PATH_UNDER(p, "/lib32") || PATH_UNDER(p, "/libx32");
+    case 'n': return PATH_UNDER(p, "/nix");
+    case 'o': return PATH_UNDER(p, "/opt");
+    case 'p': return PATH_UNDER(p, "/proc");
+    case 'r': return PATH_UNDER(p, "/run");
+    case 's': return PATH_UNDER(p, "/sys") || PATH_UNDER(p, "/sbin") || PATH_UNDER(p, "/snap") || PATH_UNDER(p, "/selinux");
+    case 't': return PATH_UNDER(p, "/tmp");
+    case 'u': return PATH_UNDER(p, "/usr");
+    case 'v': return PATH_UNDER(p, "/var/tmp");
+    case 0: return 1; /* "/" */
+    }
+    return 0;
+}
+
+/* Remote by default although under /etc: the target's name resolution files. */
+static inline int etc_remote_default(const char *p) {
+    return p[1] == 'e' && p[2] == 't' && p[3] == 'c' && p[4] == '/' &&
+           (PATH_IS(p + 5, "resolv.conf") || PATH_IS(p + 5, "hosts") || PATH_IS(p + 5, "hostname"));
+}
+
+extern unsigned char g_fast_dir[256]; /* set by policy_load: see policy.c */
+
+/* 1: the path is local by the system-directory set alone; 0: ask policy_file. */
+static inline __attribute__((always_inline)) int path_fast_local(const char *p) {
+    return p != NULL && p[0] == '/' && g_fast_dir[(unsigned char)p[1]] && !etc_remote_default(p) &&
+           path_system_dir(p);
+}
 int policy_connect(const struct sockaddr *sa, socklen_t len, int socktype);
 int policy_dns(const char *host, int port);
 int policy_listen_port(int port);           /* remote port to subscribe, or -1 */
@@ -272,5 +341,7 @@ void files_set_vcwd(const char *path);
 int files_get_vcwd(char *out, size_t cap);
 pid_t conn_parent(void);
 void net_restore_listeners(void);
+
+#pragma GCC visibility pop
 
 #endif

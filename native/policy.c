@@ -124,6 +124,8 @@ static int flag(const char *v) { return strcmp(v, "1") == 0 || strcasecmp(v, "tr
 
 static void suffix_init(void);
 
+static void fast_init(void);
+
 int policy_load(const char *text) {
     char line[4096];
     const char *p = text;
@@ -244,6 +246,7 @@ int policy_load(const char *text) {
             g_tmpdir[--g_tmpdir_len] = 0;
         }
     }
+    fast_init();
     return 0;
 }
 
@@ -304,30 +307,6 @@ static inline int ends_with(const char *s, size_t n, const char *suffix) {
     return n >= k && memcmp(s + n - k, suffix, k) == 0;
 }
 
-#define UNDER(path, lit) under(path, lit, sizeof(lit) - 1)
-
-/* System and runtime directories, dispatched on the second character so that the bypass
- * path costs a few comparisons. */
-static int system_dir(const char *p) {
-    switch (p[1]) {
-    case 'b': return UNDER(p, "/bin");
-    case 'd': return UNDER(p, "/dev");
-    case 'e': return UNDER(p, "/etc");
-    case 'h': return UNDER(p, "/home");
-    case 'l': return UNDER(p, "/lib") || UNDER(p, "/lib64") || UNDER(p, "/lib32") || UNDER(p, "/libx32");
-    case 'n': return UNDER(p, "/nix");
-    case 'o': return UNDER(p, "/opt");
-    case 'p': return UNDER(p, "/proc");
-    case 'r': return UNDER(p, "/run");
-    case 's': return UNDER(p, "/sys") || UNDER(p, "/sbin") || UNDER(p, "/snap") || UNDER(p, "/selinux");
-    case 't': return UNDER(p, "/tmp");
-    case 'u': return UNDER(p, "/usr");
-    case 'v': return UNDER(p, "/var/tmp");
-    case 0: return 1; /* "/" */
-    }
-    return 0;
-}
-
 static const char *const LOCAL_SUFFIXES[] = {
     ".so", ".d", ".pyc", ".py", ".jar", ".class", ".js", ".pth", ".plist", "venv.cfg",
     ".pdb", ".dll", "/jvm.cfg", "/package.json", "/.yarnrc", "/.yarnrc.yml", "/.yarnrc.json",
@@ -345,7 +324,7 @@ static void suffix_init(void) {
 /* The default local set: system, runtime and tool paths, the working directory. Ordered so
  * the common local paths (system directories, the working directory) are decided first. */
 static int default_local(const char *path) {
-    if (system_dir(path)) {
+    if (path_system_dir(path)) {
         return 1;
     }
     if (g_cwd_len && under(path, g_cwd, g_cwd_len)) {
@@ -374,11 +353,6 @@ static int default_local(const char *path) {
     return 0;
 }
 
-/* Remote by default although under /etc: the target's name resolution files. */
-static int default_remote(const char *path) {
-    return path[1] == 'e' && path[4] == '/' && (strcmp(path, "/etc/resolv.conf") == 0 || strcmp(path, "/etc/hosts") == 0 ||
-           strcmp(path, "/etc/hostname") == 0);
-}
 
 /* Credentials under $HOME are "not found" in every mode but local (as mirrord does). */
 static int default_not_found(const char *path) {
@@ -388,6 +362,26 @@ static int default_not_found(const char *path) {
     const char *rest = path + g_home_len + 1;
     return under(rest, ".aws", 4) || under(rest, ".config/gcloud", 14) ||
            under(rest, ".kube", 5) || under(rest, ".azure", 6);
+}
+
+/* path_fast_local's table (layer.h): path[1] -> 1 when, for absolute paths with that second
+ * byte, the system-directory set alone decides "local". Only without regex lists
+ * (policy_file consults them first), and never for the letter of a system directory holding
+ * $HOME (its credentials are "not found"); /etc's remote defaults are checked inline. */
+unsigned char g_fast_dir[256];
+
+static void fast_init(void) {
+    memset(g_fast_dir, 0, sizeof g_fast_dir);
+    if (g_nf.n || g_rw.n || g_ro.n || g_local.n) {
+        return;
+    }
+    for (const char *c = "bdehlnoprstuv"; *c; c++) {
+        g_fast_dir[(unsigned char)*c] = 1;
+    }
+    g_fast_dir[0] = 1; /* "/" itself */
+    if (g_home_len > 1 && path_system_dir(g_home)) {
+        g_fast_dir[(unsigned char)g_home[1]] = 0;
+    }
 }
 
 int policy_file(const char *path, int write) {
@@ -409,7 +403,7 @@ int policy_file(const char *path, int write) {
     if (g_set.fs_mode == FS_LOCAL_WITH_OVERRIDES) {
         return P_LOCAL;
     }
-    if (default_remote(path)) {
+    if (etc_remote_default(path)) {
         return write ? P_LOCAL : P_REMOTE;
     }
     if (default_not_found(path)) {

@@ -1,0 +1,86 @@
+"""The file policy's default sets on the bypass path: a system directory is decided in a few
+comparisons (path_fast_local) only where that cannot contradict the full policy: $HOME's
+credentials inside a system directory, /etc's remote defaults, regex lists and "/" itself.
+Each case is a real open, read and stat in a C program under the layer, with the daemon's
+requests checked."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mirrord.layer import LayerSettings
+from tests.layer._scripted import ScriptedDaemon
+from tests.layer.conftest import Runner
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cbuild") / "paths"
+    subprocess.run(
+        ["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(HERE / "c" / "paths.c")],
+        check=True,
+        timeout=60,
+    )
+    return out
+
+
+def _probe(
+    run: Runner, probe: Path, paths: list[str], settings: LayerSettings, home: Path
+) -> dict[str, tuple[int, int, str]]:
+    """path -> (open errno, stat errno, first line read)."""
+    proc = run([str(probe), *paths], settings=settings, extra_env={"HOME": str(home)})
+    res = {}
+    for line in proc.stdout.decode().splitlines():
+        path, open_err, stat_err, text = line.split("\t")
+        res[path] = (int(open_err), int(stat_err), text)
+    assert set(res) == set(paths), proc.stdout
+    return res
+
+
+def _requested_paths(daemon: ScriptedDaemon) -> set[str]:
+    paths = (getattr(msg, "path", None) for msg in daemon.requests())
+    return {p.decode() for p in paths if isinstance(p, bytes)}
+
+
+def test_system_directories_and_their_exceptions(
+    run: Runner, daemon: ScriptedDaemon, probe: Path, tmp_path: Path
+) -> None:
+    # $HOME inside /tmp, a system directory: its credentials stay "not found" and the rest
+    # of it local, while every other /tmp path is decided by the fast path
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("local secret\n")
+    (home / "notes.txt").write_text("local notes\n")
+    other = tmp_path / "other.txt"
+    other.write_text("local other\n")
+    cred, notes = str(home / ".aws" / "credentials"), str(home / "notes.txt")
+    paths = [cred, notes, str(other), "/etc/hosts", "/etc/passwd", "/", "/tmpfoo/x"]
+    res = _probe(run, probe, paths, LayerSettings(timeout_ms=5000), home)
+    assert res[cred] == (2, 2, ""), res[cred]  # ENOENT, although the file is there
+    assert res[notes] == (0, 0, "local notes")
+    assert res[str(other)] == (0, 0, "local other")
+    assert res["/etc/hosts"] == (0, 0, "192.0.2.9 db.target")  # remote although under /etc
+    assert res["/etc/passwd"][2].startswith("root:")
+    assert res["/"][1] == 0
+    assert res["/tmpfoo/x"] == (2, 2, "")  # not /tmp: asked of the target, which lacks it
+    assert _requested_paths(daemon) == {"/etc/hosts", "/tmpfoo/x"}
+
+
+def test_a_regex_list_is_consulted_before_the_system_directories(
+    run: Runner, daemon: ScriptedDaemon, probe: Path, tmp_path: Path
+) -> None:
+    shadowed = tmp_path / "shadowed.txt"
+    shadowed.write_text("the local copy\n")
+    daemon.add_file(str(shadowed), b"the target's copy\n")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("local plain\n")
+    settings = LayerSettings(timeout_ms=5000, read_only=(r"shadowed\.txt$",))
+    res = _probe(run, probe, [str(shadowed), str(plain)], settings, tmp_path)
+    assert res[str(shadowed)] == (0, 0, "the target's copy")
+    assert res[str(plain)] == (0, 0, "local plain")
+    assert _requested_paths(daemon) == {str(shadowed)}
