@@ -76,7 +76,7 @@ static int add_regex(struct rlist *l, const char *v) {
     if (l->n >= MAX_LIST) {
         return -1;
     }
-    if (regcomp(&l->re[l->n], v, REG_EXTENDED | REG_NOSUB) != 0) {
+    if (regcomp(&l->re[l->n], v, REG_EXTENDED | REG_NOSUB | REG_ICASE) != 0) {
         DBG("bad regex %s: ignored", v);
         return -1;
     }

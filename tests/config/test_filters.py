@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mirrord.config import AddressFilter, check_regex, parse_address_filter, python_regex
+from mirrord.config._filters import check_fs_pattern
 
 
 @pytest.mark.parametrize(
@@ -93,3 +94,12 @@ def test_regexes() -> None:
     assert python_regex(r"^/home/(?<user>\S+)/x(?<=x)") == r"^/home/(?P<user>\S+)/x(?<=x)"
     with pytest.raises(ValueError, match="not a valid regular expression"):
         check_regex("(")
+
+
+def test_file_patterns_accept_a_leading_case_insensitive_flag_only() -> None:
+    # the layer matches file patterns case-insensitively, as mirrord does: (?i) adds nothing
+    assert check_fs_pattern(r"(?i)^/app/.*\.json$") == r"(?i)^/app/.*\.json$"
+    with pytest.raises(ValueError, match="not supported in file patterns"):
+        check_fs_pattern(r"^/app/(?-i:X)")
+    with pytest.raises(ValueError, match="not supported in file patterns"):
+        check_fs_pattern(r"(?s)^/app")

@@ -84,3 +84,15 @@ def test_a_regex_list_is_consulted_before_the_system_directories(
     assert res[str(shadowed)] == (0, 0, "the target's copy")
     assert res[str(plain)] == (0, 0, "local plain")
     assert _requested_paths(daemon) == {str(shadowed)}
+
+
+def test_file_patterns_match_case_insensitively_as_mirrord_does(
+    run: Runner, daemon: ScriptedDaemon, probe: Path, tmp_path: Path
+) -> None:
+    daemon.add_file("/app/Config/Settings.JSON", b"from the target\n")
+    daemon.add_file("/app/other.txt", b"target other\n")
+    settings = LayerSettings(timeout_ms=5000, not_found=(r"(?i)^/APP/other\.TXT$",), fs_mode="read")
+    res = _probe(run, probe, ["/app/Config/Settings.JSON", "/app/other.txt"], settings, tmp_path)
+    assert res["/app/Config/Settings.JSON"] == (0, 0, "from the target")
+    assert res["/app/other.txt"] == (2, 2, "")  # not_found matched despite the case
+    assert _requested_paths(daemon) == {"/app/Config/Settings.JSON"}

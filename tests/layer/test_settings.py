@@ -46,9 +46,17 @@ def test_rust_shorthands_become_posix_classes() -> None:
     assert posix_regex(r"^/data/\d+\.json$") == r"^/data/[0-9]+\.json$"
     assert posix_regex(r"\w\s[\d]") == r"[[:alnum:]_][[:space:]][\d]"
     with pytest.raises(ValueError, match="inline flags"):
-        posix_regex(r"(?i)foo")
-    with pytest.raises(ValueError, match="lazy"):
-        posix_regex(r"a.*?b")
+        posix_regex(r"(?s)foo")
+    with pytest.raises(ValueError, match="lookaround"):
+        posix_regex(r"^/x(?!y)")
+
+
+def test_what_matching_case_insensitively_for_a_yes_or_no_makes_equivalent() -> None:
+    # the layer matches case-insensitively (as mirrord does), so a leading (?i) is a no-op
+    assert posix_regex(r"(?i)^/App/.*\.JSON$") == r"^/App/.*\.JSON$"
+    # whether a string matches does not depend on laziness
+    assert posix_regex(r"a.*?b+?c??d{1,2}?") == r"a.*b+c?d{1,2}"
+    assert posix_regex(r"\*?[+?]") == r"\*?[+?]"  # an escaped '*' and a bracket keep their '?'
 
 
 def test_line_breaks_are_refused() -> None:

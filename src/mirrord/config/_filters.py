@@ -140,13 +140,15 @@ def check_regex(pattern: str) -> str:
 
 
 def check_fs_pattern(pattern: str) -> str:
-    """`check_regex`, and no `(?` group: the layer matches file patterns in C as POSIX extended
-    regexes (after turning `\\d \\w \\s` into classes), which have no lookaround, inline
-    flags or named groups. Better refused here, with the key path, than at session start."""
+    """`check_regex`, and no `(?` group but a leading `(?i)`: the layer matches file patterns
+    in C as POSIX extended regexes, case-insensitively (after turning `\\d \\w \\s` into
+    classes), which have no lookaround, other inline flags or named groups. Better refused
+    here, with the key path, than at session start."""
     check_regex(pattern)
-    if "(?" in pattern:
+    if "(?" in pattern.removeprefix("(?i)"):
         raise ValueError(
             f"{pattern!r}: '(?...)' groups (lookaround, inline flags, named groups) are not "
-            "supported in file patterns; they are matched as POSIX extended regexes"
+            "supported in file patterns; they are matched as POSIX extended regexes "
+            "(case-insensitively, so a leading '(?i)' is accepted)"
         )
     return pattern

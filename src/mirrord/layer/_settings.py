@@ -34,10 +34,15 @@ _SHORTHANDS = {
 
 
 def posix_regex(pattern: str) -> str:
-    """Translate the common Rust-regex shorthands (`\\d \\w \\s` and their negations, outside
-    brackets) into POSIX ERE for the C side's `regcomp`; other syntax passes through.
-    Raises ValueError for what POSIX cannot express (inline flags, lazy quantifiers,
-    lookaround), so the user learns it at start rather than by a silent mismatch."""
+    """Translate a mirrord (Rust `regex`) file pattern into POSIX ERE for the C side's
+    `regcomp`, which matches case-insensitively as mirrord does: the shorthands `\\d \\w \\s`
+    and their negations (outside brackets) become classes, a leading `(?i)` is dropped (it is
+    what the layer does anyway), and lazy quantifiers (`*? +? ?? {n,m}?`) become greedy ones
+    (the layer only asks "does it match", where laziness makes no difference). Raises
+    ValueError for what POSIX cannot express (other inline flags, lookaround), so the user
+    learns it at start rather than by a silent mismatch."""
+    if pattern.startswith("(?i)"):
+        pattern = pattern[4:]
     if re.search(r"\(\?", pattern):
         raise ValueError(f"{pattern!r}: inline flags and lookaround are not supported by the layer")
     out: list[str] = []
@@ -67,7 +72,8 @@ def posix_regex(pattern: str) -> str:
             in_bracket = False
             out.append(ch)
         elif ch in "*+?}" and pattern[i + 1 : i + 2] == "?" and not in_bracket:
-            raise ValueError(f"{pattern!r}: lazy quantifiers are not supported by the layer")
+            out.append(ch)  # lazy: the same strings match, greedily
+            i += 1
         else:
             out.append(ch)
         i += 1
