@@ -168,8 +168,8 @@ def layer_bypass(env: BenchEnv) -> Result:
     subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True, timeout=120)
     local = env.tmp / "local-file"
     local.write_bytes(b"x")
-    n = str(_runs(env, 100_000, 100_000))
-    pairs = _runs(env, 41, 15)
+    n = str(_runs(env, 100_000, 60_000))
+    pairs = _runs(env, 41, 31)
     # A few % is what is measured, and this shared VM's noise is of the same size. So: both
     # loops pinned to the same core (migrations cost more than the effect), run as many short
     # pairs back to back in one session (a load change hits both halves of a pair alike; each
