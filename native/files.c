@@ -17,7 +17,10 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/xattr.h>
+#include <limits.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#include <time.h>
 #include <linux/close_range.h>
 
 #define PATH_CAP 4096
@@ -2674,4 +2677,385 @@ HOOK FILE *freopen64(const char *path, const char *mode, FILE *stream) {
         return f;
     }
     return REAL(freopen64)(path, mode, stream);
+}
+
+/* ---------------------------------------------------------------- calls that bypassed the hooks
+ *
+ * Found by running real programs against a pod: libuv (node) issues close, statx and
+ * copy_file_range through syscall(); glibc's realpath, mkstemp and mkdtemp reach the file
+ * system through internal calls no hook sees; mmap of a handle-backed file mapped the empty
+ * placeholder (SIGBUS on the first access). */
+
+/* syscall(): the file calls libuv makes this way (close, statx, copy_file_range) go through
+ * their hooks; every other number is passed on unchanged. Six arguments are read as the
+ * kernel ABI has at most six (what glibc's own syscall() does too). */
+HOOK long syscall(long n, ...) {
+    va_list ap;
+    va_start(ap, n);
+    long a0 = va_arg(ap, long), a1 = va_arg(ap, long), a2 = va_arg(ap, long);
+    long a3 = va_arg(ap, long), a4 = va_arg(ap, long), a5 = va_arg(ap, long);
+    va_end(ap);
+    if (g_active && !t_guard) {
+        if (n == SYS_close) {
+            return close((int)a0); /* a write-back file is written back at its close */
+        }
+        if (n == SYS_statx) {
+            return statx((int)a0, (const char *)a1, (int)a2, (unsigned)a3, (struct statx *)a4);
+        }
+        if (n == SYS_copy_file_range) {
+            return copy_file_range((int)a0, (off64_t *)a1, (int)a2, (off64_t *)a3, (size_t)a4,
+                                   (unsigned)a5);
+        }
+    }
+    return REAL(syscall)(n, a0, a1, a2, a3, a4, a5);
+}
+
+HOOK int fdatasync(int fd) {
+    int ret;
+    return handle_op(fd, M_FSYNC, 0, &ret) == R_DONE ? ret : REAL(fdatasync)(fd);
+}
+
+/* preadv/pwritev on a handle-backed file: the vectors in order at `off`, stopping at a short
+ * transfer. Drops the caller's reference to e. */
+static ssize_t rfile_piov(struct ent *e, const struct iovec *iov, int cnt, off_t off, int write) {
+    ssize_t total = 0;
+    t_guard++;
+    if (off < 0 || cnt < 0) {
+        errno = EINVAL;
+        total = -1;
+    }
+    for (int i = 0; total >= 0 && i < cnt; i++) {
+        size_t done = 0;
+        while (done < iov[i].iov_len) {
+            char *base = (char *)iov[i].iov_base + done;
+            size_t want = iov[i].iov_len - done;
+            ssize_t r = write ? rfile_write(e, base, want, off + total)
+                              : rfile_read(e, base, want, off + total);
+            if (r < 0) {
+                total = total ? total : -1;
+                goto out;
+            }
+            total += r;
+            done += (size_t)r;
+            if (r == 0) {
+                goto out;
+            }
+        }
+    }
+out:
+    t_guard--;
+    ent_put(e);
+    return total;
+}
+
+#define PREADV_HOOK(name, offtype)                                                   \
+    HOOK ssize_t name(int fd, const struct iovec *iov, int cnt, offtype off) {       \
+        RFILE_OR_BYPASS(fd, REAL(name)(fd, iov, cnt, off))                           \
+        if (pe->kind == K_MFILE) {                                                   \
+            return mfile_writeonly(fd, pe) ? -1 : REAL(name)(fd, iov, cnt, off);     \
+        }                                                                            \
+        struct ent *e = ent_get(fd);                                                 \
+        if (e == NULL) {                                                             \
+            return REAL(name)(fd, iov, cnt, off);                                    \
+        }                                                                            \
+        return rfile_piov(e, iov, cnt, (off_t)off, 0);                               \
+    }
+#define PWRITEV_HOOK(name, offtype)                                                  \
+    HOOK ssize_t name(int fd, const struct iovec *iov, int cnt, offtype off) {       \
+        RFILE_OR_BYPASS(fd, REAL(name)(fd, iov, cnt, off))                           \
+        switch (mfile_readonly(fd, pe)) {                                            \
+        case 1: return -1;                                                           \
+        case 2: return REAL(name)(fd, iov, cnt, off);                                \
+        }                                                                            \
+        struct ent *e = ent_get(fd);                                                 \
+        if (e == NULL) {                                                             \
+            return REAL(name)(fd, iov, cnt, off);                                    \
+        }                                                                            \
+        return rfile_piov(e, iov, cnt, (off_t)off, 1);                               \
+    }
+PREADV_HOOK(preadv, off_t)
+PREADV_HOOK(preadv64, off64_t)
+PWRITEV_HOOK(pwritev, off_t)
+PWRITEV_HOOK(pwritev64, off64_t)
+
+/* mmap of a handle-backed file (bigger than fetch_limit): its placeholder memfd is filled
+ * with the remote content first, so the mapping shows the file (once per open file: a filled
+ * placeholder is not fetched again). Writes through a shared mapping stay in the memfd. */
+static void rfile_fill_placeholder(int fd) {
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return;
+    }
+    struct stat rst, lst;
+    t_guard++;
+    if (e->kind == K_RFILE && e->has_handle && !e->is_dir && S_ISREG(e->st.st_mode) &&
+        REAL(fstat)(fd, &lst) == 0 && lst.st_size == 0 &&
+        rstat(NULL, 1, e->handle, 1, &rst) == 0 && rst.st_size > 0) {
+        char *buf = malloc(MAX_DATA_CHUNK);
+        off_t off = 0;
+        while (buf != NULL && off < rst.st_size) {
+            ssize_t n = rfile_read_chunk(e->handle, buf, MAX_DATA_CHUNK, off);
+            if (n <= 0 || REAL(pwrite)(fd, buf, (size_t)n, off) != n) {
+                break;
+            }
+            off += n;
+        }
+        free(buf);
+        DBG("mmap of %s: %lld bytes fetched into its placeholder", e->path ? e->path : "?",
+            (long long)off);
+    }
+    t_guard--;
+    ent_put(e);
+}
+
+HOOK void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
+    struct ent *pe = fd_peek(fd);
+    if (__builtin_expect(pe != NULL, 0) && !(flags & MAP_ANONYMOUS) && !t_guard &&
+        pe->kind == K_RFILE) {
+        rfile_fill_placeholder(fd);
+    }
+    return REAL(mmap)(addr, len, prot, flags, fd, off);
+}
+
+HOOK void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t off) {
+    struct ent *pe = fd_peek(fd);
+    if (__builtin_expect(pe != NULL, 0) && !(flags & MAP_ANONYMOUS) && !t_guard &&
+        pe->kind == K_RFILE) {
+        rfile_fill_placeholder(fd);
+    }
+    return REAL(mmap64)(addr, len, prot, flags, fd, off);
+}
+
+/* mkstemp family and mkdtemp on a remote template: glibc creates the file with an internal
+ * open no hook sees, so the layer picks the names itself and creates them through its own
+ * open/mkdir hooks (O_EXCL: an existing name is tried again). */
+static int tmpl_remote(const char *tmpl) {
+    char full[PATH_CAP];
+    return g_active && !t_guard && tmpl != NULL && decide(AT_FDCWD, tmpl, 1, full, sizeof full) != P_LOCAL;
+}
+
+/* Fills the 6 X's before the suffix with random letters and digits; -1 (EINVAL) if the
+ * template does not have them. */
+static int tmpl_fill(char *tmpl, int suffixlen) {
+    static const char chars[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    size_t len = strlen(tmpl);
+    if (suffixlen < 0 || len < 6 + (size_t)suffixlen) {
+        errno = EINVAL;
+        return -1;
+    }
+    char *x = tmpl + len - suffixlen - 6;
+    unsigned char rnd[6];
+    static LAYER_TLS uint64_t state;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    state ^= (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)&ts;
+    for (int i = 0; i < 6; i++) {
+        if (x[i] != 'X') {
+            errno = EINVAL;
+            return -1;
+        }
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        rnd[i] = (unsigned char)(state >> 24);
+    }
+    for (int i = 0; i < 6; i++) {
+        x[i] = chars[rnd[i] % (sizeof chars - 1)];
+    }
+    return 0;
+}
+
+static int mkstemp_remote(char *tmpl, int suffixlen, int flags) {
+    size_t len = strlen(tmpl);
+    char *x = len >= 6 + (size_t)(suffixlen < 0 ? 0 : suffixlen) ? tmpl + len - suffixlen - 6 : NULL;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        if (x != NULL) {
+            memset(x, 'X', 6); /* a failed attempt's name: fill it afresh */
+        }
+        if (tmpl_fill(tmpl, suffixlen) < 0) {
+            return -1;
+        }
+        int fd = open(tmpl, (flags & ~O_ACCMODE) | O_RDWR | O_CREAT | O_EXCL, 0600);
+        if (fd >= 0 || errno != EEXIST) {
+            return fd;
+        }
+    }
+    errno = EEXIST;
+    return -1;
+}
+
+#define MKSTEMP_HOOK(name, params, args, suffixlen, flags)                   \
+    HOOK int name params {                                                   \
+        if (tmpl_remote(tmpl)) {                                             \
+            return mkstemp_remote(tmpl, suffixlen, flags);                   \
+        }                                                                    \
+        return REAL(name) args;                                              \
+    }
+MKSTEMP_HOOK(mkstemp, (char *tmpl), (tmpl), 0, 0)
+MKSTEMP_HOOK(mkstemp64, (char *tmpl), (tmpl), 0, 0)
+MKSTEMP_HOOK(mkostemp, (char *tmpl, int flags), (tmpl, flags), 0, flags)
+MKSTEMP_HOOK(mkostemp64, (char *tmpl, int flags), (tmpl, flags), 0, flags)
+MKSTEMP_HOOK(mkstemps, (char *tmpl, int suffixlen), (tmpl, suffixlen), suffixlen, 0)
+MKSTEMP_HOOK(mkstemps64, (char *tmpl, int suffixlen), (tmpl, suffixlen), suffixlen, 0)
+MKSTEMP_HOOK(mkostemps, (char *tmpl, int suffixlen, int flags), (tmpl, suffixlen, flags), suffixlen, flags)
+MKSTEMP_HOOK(mkostemps64, (char *tmpl, int suffixlen, int flags), (tmpl, suffixlen, flags), suffixlen, flags)
+
+HOOK char *mkdtemp(char *tmpl) {
+    if (!tmpl_remote(tmpl)) {
+        return REAL(mkdtemp)(tmpl);
+    }
+    size_t len = strlen(tmpl);
+    for (int attempt = 0; attempt < 100; attempt++) {
+        if (len >= 6) {
+            memset(tmpl + len - 6, 'X', 6);
+        }
+        if (tmpl_fill(tmpl, 0) < 0) {
+            return NULL;
+        }
+        if (mkdir(tmpl, 0700) == 0) {
+            return tmpl;
+        }
+        if (errno != EEXIST) {
+            return NULL;
+        }
+    }
+    errno = EEXIST;
+    return NULL;
+}
+
+/* realpath on a remote path: glibc resolves with internal lstat/readlink calls, so the layer
+ * walks the components itself through its own lstat and readlink hooks (which decide per
+ * prefix whether it is local or remote). Same results and errors as glibc: ENOENT,
+ * ENOTDIR, ELOOP after 40 links, ENAMETOOLONG. */
+static char *realpath_walk(const char *path, char *resolved) {
+    char out[PATH_CAP], rest[PATH_CAP], link[PATH_CAP];
+    if (path == NULL || path[0] == 0) {
+        errno = path == NULL ? EINVAL : ENOENT;
+        return NULL;
+    }
+    size_t n = 1;
+    out[0] = '/';
+    out[1] = 0;
+    if (path[0] != '/') {
+        if (getcwd(out, sizeof out) == NULL) {
+            return NULL;
+        }
+        n = strlen(out);
+    }
+    if (strlen(path) >= sizeof rest) {
+        errno = ENAMETOOLONG;
+        return NULL;
+    }
+    strcpy(rest, path);
+    char *p = rest;
+    int links = 0;
+    while (*p) {
+        while (*p == '/') {
+            p++;
+        }
+        char *seg = p;
+        while (*p && *p != '/') {
+            p++;
+        }
+        size_t k = (size_t)(p - seg);
+        if (k == 0 || (k == 1 && seg[0] == '.')) {
+            continue;
+        }
+        if (k == 2 && seg[0] == '.' && seg[1] == '.') {
+            while (n > 1 && out[--n] != '/') {
+            }
+            out[n > 1 ? n : 1] = 0;
+            n = n > 1 ? n : 1;
+            continue;
+        }
+        if (n + 1 + k >= sizeof out) {
+            errno = ENAMETOOLONG;
+            return NULL;
+        }
+        size_t before = n;
+        if (n > 1) {
+            out[n++] = '/';
+        }
+        memcpy(out + n, seg, k);
+        n += k;
+        out[n] = 0;
+        struct stat st;
+        if (lstat(out, &st) < 0) {
+            return NULL;
+        }
+        if (S_ISLNK(st.st_mode)) {
+            if (++links > 40) {
+                errno = ELOOP;
+                return NULL;
+            }
+            ssize_t m = readlink(out, link, sizeof link - 1);
+            if (m < 0) {
+                return NULL;
+            }
+            link[m] = 0;
+            if ((size_t)m + 1 + strlen(p) >= sizeof link) {
+                errno = ENAMETOOLONG;
+                return NULL;
+            }
+            strcat(link, p); /* the link's text, then what was left after it */
+            strcpy(rest, link);
+            p = rest;
+            if (rest[0] == '/') {
+                n = 1;
+                out[1] = 0;
+            } else {
+                n = before > 1 ? before : 1;
+                out[n] = 0;
+            }
+            continue;
+        }
+        if (!S_ISDIR(st.st_mode) && *p == '/') {
+            errno = ENOTDIR; /* more components (or a trailing slash) after a non-directory */
+            return NULL;
+        }
+    }
+    size_t need = n + 1;
+    if (resolved == NULL) {
+        resolved = malloc(need);
+        if (resolved == NULL) {
+            errno = ENOMEM;
+            return NULL;
+        }
+    } else if (need > PATH_MAX) {
+        errno = ENAMETOOLONG;
+        return NULL;
+    }
+    memcpy(resolved, out, need);
+    return resolved;
+}
+
+static int realpath_remote(const char *path) {
+    char full[PATH_CAP];
+    return g_active && !t_guard && path != NULL && path[0] != 0 &&
+           decide(AT_FDCWD, path, 0, full, sizeof full) != P_LOCAL;
+}
+
+HOOK char *realpath(const char *path, char *resolved) {
+    if (realpath_remote(path)) {
+        return realpath_walk(path, resolved);
+    }
+    return REAL(realpath)(path, resolved);
+}
+
+HOOK char *canonicalize_file_name(const char *path) {
+    if (realpath_remote(path)) {
+        return realpath_walk(path, NULL);
+    }
+    return REAL(canonicalize_file_name)(path);
+}
+
+char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen);
+HOOK char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen) {
+    if (realpath_remote(path)) {
+        if (resolved != NULL && resolvedlen < PATH_MAX) {
+            abort(); /* what glibc's fortify check does (buffer overflow) */
+        }
+        return realpath_walk(path, resolved);
+    }
+    return REAL(realpath)(path, resolved);
 }

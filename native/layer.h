@@ -18,6 +18,8 @@
 #include <spawn.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -72,7 +74,10 @@ int fcntl64(int fd, int cmd, ...);
     X(readdir_r) X(readdir64_r) X(truncate) X(truncate64) X(chmod)          \
     X(gethostbyname2) X(gethostbyname_r) X(gethostbyname2_r) X(euidaccess) X(eaccess)   \
     X(scandir) X(scandir64) X(renameat2) X(getxattr) X(lgetxattr) X(fgetxattr)  \
-    X(listxattr) X(llistxattr) X(flistxattr) X(chdir) X(fchdir) X(getcwd)
+    X(listxattr) X(llistxattr) X(flistxattr) X(chdir) X(fchdir) X(getcwd)                 \
+    X(syscall) X(fdatasync) X(preadv) X(preadv64) X(pwritev) X(pwritev64) X(mmap) X(mmap64) \
+    X(mkstemp) X(mkstemp64) X(mkostemp) X(mkostemp64) X(mkstemps) X(mkstemps64)           \
+    X(mkostemps) X(mkostemps64) X(mkdtemp) X(realpath) X(canonicalize_file_name)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
 #pragma GCC diagnostic push

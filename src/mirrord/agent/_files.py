@@ -166,7 +166,9 @@ class TargetRoot:
         return self.open(head or b".", os.O_PATH | os.O_DIRECTORY), name
 
     def stat(self, path: bytes, follow: bool) -> list[int]:
-        if follow:
+        # A trailing slash makes the kernel follow the last component (`ls -l link-to-dir/`
+        # lists the directory), so lstat of "link/" is a stat.
+        if follow or path.endswith(b"/"):
             fd = self.open(path, os.O_PATH)
             try:
                 return stat_list(os.fstat(fd))
@@ -198,6 +200,11 @@ class TargetRoot:
             os.close(fd)
 
     def readlink(self, path: bytes) -> bytes:
+        if path.endswith(b"/"):
+            # readlink("link/") names what the link points to: a directory, not a link
+            fd = self.open(path, os.O_PATH)
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a symbolic link")
         parent, name = self._parent_or_einval(path)
         try:
             return os.readlink(name, dir_fd=parent)
