@@ -1,0 +1,161 @@
+"""Pod-only files as a developer meets them through `mirrord run`: real programs (node, python,
+coreutils, sed, bash) read and write files that exist only in a local pod's mount namespace,
+and what they print must be what the same program prints inside the pod.
+
+Each case is a regression found by driving these programs: libuv's close/statx through
+syscall(), glibc's realpath and mkstemp, mmap of a file bigger than fetch_limit, lstat of
+"link/"."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from mirrord.localpod import LocalPod, PodSpec, create_pod
+from tests.cli.conftest import Mirrord
+
+pytestmark = pytest.mark.netns
+
+NODE = shutil.which("node")
+BIG = bytes(range(256)) * (9 * 4096) + b"tail"  # 9 MiB + 4: over the 8 MiB fetch_limit
+
+SPEC = PodSpec(
+    files={
+        "/app/config.json": b'{"db": "postgres://pod", "n": 3}\n',
+        "/app/sub/deep/c.txt": b"deep file\n",
+        "/app/big.bin": BIG,
+        "/app/w/.keep": b"",
+    },
+    symlinks={"/app/link.txt": "config.json", "/app/abslink": "/app/sub"},
+    echo_port=None,
+    http_port=None,
+)
+
+
+@pytest.fixture(scope="module")
+def files_pod() -> Iterator[LocalPod]:
+    from mirrord.localpod import cleanup_leftovers
+
+    cleanup_leftovers()
+    with create_pod(SPEC) as made:
+        yield made
+
+
+def run_both(mirrord: Mirrord, pod: LocalPod, argv: Sequence[str], *flags: str) -> tuple[str, str]:
+    """(stdout through mirrord, stdout of the same command inside the pod)."""
+    through = mirrord.run("run", "-t", f"pid/{pod.pid}", *flags, "--", *argv)
+    assert through.returncode == 0, through.stderr
+    inside = pod.run_in_pod(list(argv), check=False)
+    assert inside.returncode == 0, inside.stderr.decode()
+    return through.stdout, inside.stdout.decode()
+
+
+NODE_READ = """
+const fs = require('fs');
+const out = [];
+const s = fs.statSync('/app/config.json');
+out.push(['stat', s.size, s.isFile(), s.mode]);
+const l = fs.lstatSync('/app/link.txt');
+out.push(['lstat', l.isSymbolicLink(), l.size]);
+out.push(['fstat', fs.fstatSync(fs.openSync('/app/big.bin', 'r')).size]);
+out.push(['realpath', fs.realpathSync('/app/abslink/deep'), fs.realpathSync.native('/app/abslink/deep')]);
+out.push(['recursive', fs.readdirSync('/app/sub', {recursive: true}).sort()]);
+try { fs.statSync('/app/nope'); } catch (e) { out.push(['missing', e.code]); }
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_node_stat_realpath_and_recursive_readdir_match_the_pod(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # libuv calls statx through syscall() and glibc's realpath resolves with internal calls:
+    # both used to answer ENOENT for every pod-only path
+    script = tmp_path / "read.js"
+    script.write_text(NODE_READ)
+    through, inside = run_both(mirrord, files_pod, [str(NODE), str(script)])
+    assert '["stat",33,true,33188]' in through
+    assert through == inside
+
+
+NODE_WRITE = """
+const fs = require('fs');
+const d = process.argv[2];
+fs.writeFileSync(d + '/f.json', '{"a":1}');
+fs.appendFileSync(d + '/f.json', '\\n');
+console.log(fs.statSync(d + '/f.json').size, JSON.stringify(fs.readFileSync(d + '/f.json', 'utf8')));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_node_write_then_append_lands_whole_in_the_pod(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # libuv closes through syscall(): the write-back at close was skipped, so the append
+    # fetched the still-empty remote file and the pod kept only "\n"
+    script = tmp_path / "write.js"
+    script.write_text(NODE_WRITE)
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--",
+        str(NODE), str(script), "/app/w",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == '8 "{\\"a\\":1}\\n"\n'
+    assert files_pod.run_in_pod(["cat", "/app/w/f.json"]).stdout == b'{"a":1}\n'
+
+
+PY_FILES = """
+import ctypes, hashlib, mmap, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.realpath.restype = ctypes.c_char_p
+for p in (b"/app/abslink/deep/../deep/c.txt", b"/app/link.txt", b"/app/nope", b"/app/config.json/x"):
+    r = libc.realpath(p, None)
+    print("realpath", p.decode(), r.decode() if r else os.strerror(ctypes.get_errno()))
+with open("/app/big.bin", "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    print("mmap", len(m), hashlib.md5(m[:]).hexdigest(), m[-4:])
+"""
+
+
+def test_libc_realpath_and_mmap_of_a_file_over_fetch_limit(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    script = tmp_path / "files.py"
+    script.write_text(PY_FILES)
+    through, inside = run_both(mirrord, files_pod, [sys.executable, str(script)])
+    assert "realpath /app/link.txt /app/config.json" in through
+    assert "realpath /app/nope No such file or directory" in through
+    assert "realpath /app/config.json/x Not a directory" in through
+    assert "mmap 9437188" in through and "b'tail'" in through  # was SIGBUS
+    assert through == inside
+
+
+def test_ls_of_a_symlink_to_a_directory_with_a_trailing_slash_lists_the_directory(
+    mirrord: Mirrord, files_pod: LocalPod
+) -> None:
+    argv = ["sh", "-c", "ls /app/abslink/; stat -c %F /app/abslink /app/abslink/"]
+    through, inside = run_both(mirrord, files_pod, argv)
+    assert through == "deep\nsymbolic link\ndirectory\n"
+    assert through == inside
+
+
+def test_sed_in_place_and_mktemp_in_a_pod_directory(mirrord: Mirrord, files_pod: LocalPod) -> None:
+    # sed -i and mktemp create their temporary file with glibc's mkstemp/mkdtemp, whose
+    # open/mkdir no hook sees
+    script = (
+        "set -e; mkdir -p /app/w/sed; printf 'a=1\\nb=2\\n' > /app/w/sed/s.conf; "
+        "sed -i s/1/X/ /app/w/sed/s.conf; cat /app/w/sed/s.conf; "
+        "f=$(mktemp -p /app/w/sed); d=$(mktemp -d -p /app/w/sed); "
+        "test -f $f && test -d $d && echo made; rm -r $f $d; ls /app/w/sed"
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--", "sh", "-c", script
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "a=X\nb=2\nmade\ns.conf\n"
+    inside = files_pod.run_in_pod(["cat", "/app/w/sed/s.conf"]).stdout
+    assert inside == b"a=X\nb=2\n"
