@@ -66,7 +66,7 @@ from mirrord.agent._http_filter import (
 from mirrord.agent._incoming_netns import make_listener, make_marked_socket, original_dst
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
-from mirrord.agent._steal import AGENT_MARK, StealRules, StealRulesError
+from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
 from mirrord.protocol import messages as m
 from mirrord.protocol._base import Message
 
@@ -346,7 +346,12 @@ class IncomingService:
             return
         if self._sniffer is None:
             runner = self.netns
-            self._sniffer = await anyio.to_thread.run_sync(PacketSniffer, runner.run_sync)
+            # The agent's own connections to the target's app that repeat what a client
+            # outside the pod sent (unmatched filtered requests) are not mirrored: the
+            # sniffer saw those bytes arrive already.
+            self._sniffer = await anyio.to_thread.run_sync(
+                lambda: PacketSniffer(runner.run_sync, exclude_mark=AGENT_MARK_SNIFFED)
+            )
             tg = self._require_tg()
             await tg.start(self._sniff, self._sniffer)
         sniffer = self._sniffer
@@ -609,6 +614,9 @@ class IncomingService:
         try:
             dst_addr, dst_port = original_dst(raw)
             peer = raw.getpeername()
+            # OUTPUT REDIRECT (the pod talking to itself) lands on 127.0.0.1, PREROUTING on
+            # the incoming interface's address; only the latter was seen by the sniffer.
+            sniffed = not str(raw.getsockname()[0]).startswith("127.")
         except OSError:
             await stream.aclose()
             return
@@ -631,7 +639,9 @@ class IncomingService:
                     return
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                     pass  # the channel closed just now: the pod's app answers
-            conn = _FilteredConnection(self, stream, (peer[0], peer[1]), (dst_addr, dst_port))
+            conn = _FilteredConnection(
+                self, stream, (peer[0], peer[1]), (dst_addr, dst_port), sniffed=sniffed
+            )
             await conn.run()
         finally:
             self.stolen_live -= 1
@@ -643,12 +653,14 @@ class IncomingService:
         if not self.stolen_live and not self.steals and self._tg is not None:
             self._tg.start_soon(self._maybe_clear_rules)
 
-    async def connect_upstream(self, address: tuple[str, int]) -> anyio.abc.SocketStream:
+    async def connect_upstream(
+        self, address: tuple[str, int], *, sniffed: bool = False
+    ) -> anyio.abc.SocketStream:
         """A connection to the pod's own app at the original destination, from inside the
-        pod, marked so that our OUTPUT rule does not send it back to us."""
-        sock = await anyio.to_thread.run_sync(
-            self.netns.run_sync, lambda: make_marked_socket(AGENT_MARK)
-        )
+        pod, marked so that our OUTPUT rule does not send it back to us. `sniffed`: it
+        repeats a client the mirror's sniffer saw already (its mark keeps the sniffer off)."""
+        mark = AGENT_MARK_SNIFFED if sniffed else AGENT_MARK
+        sock = await anyio.to_thread.run_sync(self.netns.run_sync, lambda: make_marked_socket(mark))
 
         def connect() -> None:
             sock.settimeout(UPSTREAM_CONNECT_TIMEOUT)
@@ -749,8 +761,11 @@ class _FilteredConnection:
         client: anyio.abc.SocketStream,
         remote: tuple[str, int],
         original: tuple[str, int],
+        *,
+        sniffed: bool = False,
     ) -> None:
         self.service = service
+        self.sniffed = sniffed
         self.client = client
         self.remote = remote
         self.original = original
@@ -820,7 +835,7 @@ class _FilteredConnection:
             if self._upstream_failed is not None:
                 return None
             try:
-                stream = await self.service.connect_upstream(self.original)
+                stream = await self.service.connect_upstream(self.original, sniffed=self.sniffed)
             except OSError as exc:
                 self._upstream_failed = f"{exc.strerror or exc}"
                 return None

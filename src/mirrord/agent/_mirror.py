@@ -273,14 +273,42 @@ def sniffer_buffer() -> int:
     return value if value > 0 else RCVBUF
 
 
-def _attach_bpf(sock: socket.socket, expression: str) -> None:
+# Classic BPF (linux/filter.h): `ld [SKF_AD_OFF + SKF_AD_MARK]` loads skb->mark.
+_BPF_LD_W_ABS: Final = 0x20
+_BPF_JEQ_K: Final = 0x15
+_BPF_RET_K: Final = 0x06
+_SKF_AD_MARK: Final = -0x1000 + 20  # SKF_AD_OFF + SKF_AD_MARK
+
+
+def _attach_bpf(sock: socket.socket, expression: str, exclude_mark: int | None = None) -> None:
+    import ctypes
+
     from scapy.arch.common import compile_filter
     from scapy.arch.linux import free_filter  # type: ignore[attr-defined]
-    from scapy.libs.structures import sock_fprog
+    from scapy.libs.structures import bpf_insn, sock_fprog
 
     bp = compile_filter(expression, linktype=1)  # DLT_EN10MB: veth and lo both carry Ethernet
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, sock_fprog(bp.bf_len, bp.bf_insns))
+        if exclude_mark is None:
+            prog = sock_fprog(bp.bf_len, bp.bf_insns)
+        else:
+            # Packets carrying `exclude_mark` (the agent's own connections to the target's
+            # app: unmatched filtered requests) are dropped first: they repeat a client's
+            # request that the sniffer already saw arrive. The mark survives the loopback
+            # device, which is where those connections go. Jumps of the compiled program
+            # are relative, so prepending keeps them right.
+            head = [
+                (_BPF_LD_W_ABS, 0, 0, _SKF_AD_MARK),
+                (_BPF_JEQ_K, 0, 1, exclude_mark),
+                (_BPF_RET_K, 0, 0, 0),
+            ]
+            insns = (bpf_insn * (len(head) + bp.bf_len))()
+            for i, (code, jt, jf, k) in enumerate(head):
+                insns[i] = bpf_insn(code, jt, jf, k)
+            for i in range(bp.bf_len):
+                insns[len(head) + i] = bp.bf_insns[i]
+            prog = sock_fprog(len(insns), ctypes.cast(insns, ctypes.POINTER(bpf_insn)))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
     finally:
         free_filter(bp)
 
@@ -292,7 +320,14 @@ class PacketSniffer:
     Counters: `packets` (TCP segments parsed), `per_port` (segments per destination port),
     `drops` (kernel drops since open: `PACKET_STATISTICS`, which resets on every read)."""
 
-    def __init__(self, make_socket: Callable[[Callable[[], socket.socket]], socket.socket]) -> None:
+    def __init__(
+        self,
+        make_socket: Callable[[Callable[[], socket.socket]], socket.socket],
+        *,
+        exclude_mark: int | None = None,
+    ) -> None:
+        self.exclude_mark = exclude_mark
+
         def create() -> socket.socket:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             try:
@@ -332,7 +367,7 @@ class PacketSniffer:
 
     def set_ports(self, ports: set[int] | frozenset[int]) -> None:
         """Replace the kernel filter (atomic in the kernel: no packet sees no filter)."""
-        _attach_bpf(self._sock, bpf_expression(ports))
+        _attach_bpf(self._sock, bpf_expression(ports), self.exclude_mark)
         self.ports = frozenset(ports)
 
     def statistics(self) -> dict[str, int]:

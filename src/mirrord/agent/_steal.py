@@ -19,7 +19,9 @@ on the same pod) have other tags, so their rules never collide.
   resets connections. The PIN chain holds a conntrack match before any REDIRECT exists and is
   removed last, only when no stolen connection is left.
 - The agent's own connections to the pod's app (unmatched filtered requests) carry `SO_MARK`
-  `AGENT_MARK`, and the OUTPUT chain RETURNs on it first.
+  `AGENT_MARK` or `AGENT_MARK_SNIFFED`, and the OUTPUT chain RETURNs on either first (one
+  match under `AGENT_MARK_MASK`). `AGENT_MARK_SNIFFED` says "the mirror's sniffer saw this
+  request arrive from outside already": the sniffer skips packets carrying it.
 - Each change is one atomic transaction (`iptables-restore --noflush` / `nft -f`), so a port is
   never briefly unstolen while another changes.
 
@@ -43,6 +45,8 @@ from typing import Any, Final
 
 __all__ = [
     "AGENT_MARK",
+    "AGENT_MARK_MASK",
+    "AGENT_MARK_SNIFFED",
     "BACKENDS",
     "StealRules",
     "StealRulesError",
@@ -52,6 +56,11 @@ __all__ = [
 ]
 
 AGENT_MARK: Final = 0x6D726464  # "mrdd": SO_MARK of the agent's own connections in the pod
+# The same with the lowest bit set: a connection repeating bytes that the sniffer saw arrive
+# from outside the pod (mirroring it again would duplicate them). Pod-local clients are
+# redirected before the sniffer can see them, so their repeat carries AGENT_MARK.
+AGENT_MARK_SNIFFED: Final = AGENT_MARK | 1
+AGENT_MARK_MASK: Final = 0xFFFFFFFE  # matches both marks
 BACKENDS: Final = ("iptables-nft", "iptables-legacy", "nft")
 _TAG_RE: Final = re.compile(r"^[0-9a-f]{10}$")
 IPT_CHAIN_RE: Final = re.compile(r"^MRD_([0-9a-f]{10})_(PRE|OUT|PIN)$")
@@ -114,7 +123,7 @@ def iptables_nat_script(tag: str, redirects: Sequence[Redirect], *, with_jumps: 
     """Declaring a chain in `--noflush` mode empties it, so this replaces our nat rules."""
     n = chain_names(tag)
     lines = ["*nat", f":{n['pre']} - [0:0]", f":{n['out']} - [0:0]"]
-    lines.append(f"-A {n['out']} -m mark --mark {AGENT_MARK:#x} -j RETURN")
+    lines.append(f"-A {n['out']} -m mark --mark {AGENT_MARK:#x}/{AGENT_MARK_MASK:#x} -j RETURN")
     for r in redirects:
         lines.append(
             f"-A {n['pre']} -p tcp -m tcp --dport {r.port} --syn -j REDIRECT --to-ports {r.to_port}"
@@ -145,7 +154,7 @@ def nft_script(tag: str, redirects: Sequence[Redirect]) -> str:
         f"flush chain {t} out",
         f"add rule {t} pin_pre ct state invalid counter",
         f"add rule {t} pin_out ct state invalid counter",
-        f"add rule {t} out meta mark {AGENT_MARK:#x} return",
+        f"add rule {t} out meta mark and {AGENT_MARK_MASK:#x} == {AGENT_MARK:#x} return",
     ]
     for r in redirects:
         syn = "tcp flags & (syn | ack) == syn"
