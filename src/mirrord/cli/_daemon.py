@@ -80,6 +80,25 @@ def _traffic(traffic: dict[str, dict[str, int]]) -> str:
     return ", ".join(f"{port} ({v.get('kernel_drops', 0)})" for port, v in traffic.items()) or "-"
 
 
+def _subscriptions(subs: list[dict[str, Any]]) -> str:
+    """`8080 steal (header_filter: ^x-user: me$), 9090 mirror`: the ports the session's
+    processes subscribed, how, and with which HTTP filter."""
+    out = []
+    for sub in subs:
+        text = f"{sub.get('port')} {sub.get('mode')}"
+        flt = {k: v for k, v in (sub.get("http_filter") or {}).items() if k != "ports"}
+        if flt:
+            text += (
+                " ("
+                + ", ".join(
+                    f"{k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in flt.items()
+                )
+                + ")"
+            )
+        out.append(text)
+    return ", ".join(out) or "-"
+
+
 @daemon_app.command("status")
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
@@ -112,7 +131,8 @@ def status(
         f"{_bytes(totals['bytes_to_user'])} in; runtime dir {d['runtime_dir']}"
     )
     sessions = Table(title="sessions", title_justify="left")
-    for col in ("id", "target", "state", "processes", "channels", "relayed out/in", "age", "cmd"):
+    columns_s = ("id", "target", "state", "processes", "channels", "incoming", "relayed out/in")
+    for col in (*columns_s, "age", "cmd"):
         sessions.add_column(col)
     now = time.time()
     for s in info["sessions"]:
@@ -122,6 +142,7 @@ def status(
             s["state"],
             str(len(s["processes"])),
             str(s["channels"]),
+            _subscriptions(s.get("subscriptions") or []),
             f"{_bytes(s['bytes_to_agent'])} / {_bytes(s['bytes_to_user'])}",
             _duration(now - s["created"]),
             s["label"][:40],

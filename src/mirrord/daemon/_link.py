@@ -114,6 +114,15 @@ class AgentLink:
             "kernel_drops": max((v["kernel_drops"] for v in self.traffic.values()), default=0),
         }
 
+    def forget_traffic(self, port: int) -> None:
+        """A mirror subscription of `port` ended: drop its sniffer figures unless another
+        channel still mirrors it (`daemon status` must not show ports nobody mirrors)."""
+        for owner in self.channels.values():
+            subs = getattr(owner, "subscriptions", None)
+            if isinstance(subs, dict) and subs.get(port, {}).get("mode") == "mirror":
+                return
+        self.traffic.pop(port, None)
+
     def on_lost(self, callback: Callable[[str], None]) -> None:
         self._lost_callbacks.append(callback)
 

@@ -161,6 +161,11 @@ class Session:
             "relayed_connections": self.counters.connections,
             "warnings": list(self.warnings),
             "kernel_drops": {str(p): d for p, d in sorted(self.kernel_drops.items())},
+            "subscriptions": [
+                dict(sub)
+                for process in self.processes.values()
+                for _, sub in sorted(process.subscriptions.items())
+            ],
         }
 
     # -- processes
@@ -206,6 +211,10 @@ class Session:
             return
         del self.processes[process.pid]
         self.link.close_channel(process.channel, "process exited")
+        for port, sub in process.subscriptions.items():
+            if sub["mode"] == "mirror":
+                self.link.forget_traffic(port)
+        process.subscriptions.clear()
         for client in list(process.clients):
             client.close("session_closed", "the process was removed from its session")
         log.info("session %s: process %d gone", self.id, process.pid)
@@ -235,6 +244,8 @@ class LayerProcess:
         self.channel = 0
         self.clients: set[LayerClient] = set()
         self.listeners: dict[int, tuple[str, int]] = {}  # port -> where the app really listens
+        # port -> what the agent confirmed (Subscribed): shown by `mirrord daemon status`
+        self.subscriptions: dict[int, dict[str, Any]] = {}
         self.channel_lost = ""
         self._expiry: anyio.CancelScope | None = None
 
@@ -410,14 +421,32 @@ class LayerProcess:
         # recorded before Subscribe so an IncomingConnection right after Subscribed finds it
         self.listeners[msg.port] = (address, msg.bound_port)
 
+        mode = self.session.incoming_mode
+
         def on_reply(reply: Message) -> None:
             if isinstance(reply, m.Subscribed):
                 for warning in reply.warnings:
                     self.session.warn(f"port {msg.port}: {warning}")
+                self.subscriptions[msg.port] = {
+                    "port": msg.port,
+                    "mode": mode,
+                    "http_filter": http_filter,
+                    "pid": self.pid,
+                    "app": f"{address}:{msg.bound_port}",
+                }
                 client.reply(m.Ok(request_id=0), msg.request_id)
             else:
                 self.listeners.pop(msg.port, None)
                 client.reply(reply, msg.request_id)
+                if self.session.state != "open" or self.session.processes.get(self.pid) is not self:
+                    return  # the process or the session is gone: nobody to tell
+                # The layer leaves the app listening locally either way: without this the
+                # user would never learn why no traffic arrives.
+                why = getattr(reply, "message", "") or type(reply).__name__
+                self.session.warn(
+                    f"port {msg.port}: not {'stolen' if mode == 'steal' else 'mirrored'}: "
+                    f"{why}; the app gets no traffic from the target on it"
+                )
 
         self.link.request(
             self.channel,
@@ -433,6 +462,8 @@ class LayerProcess:
 
     def unlisten(self, client: LayerClient, msg: m.LayerUnlisten) -> None:
         self.listeners.pop(msg.port, None)
+        if self.subscriptions.pop(msg.port, {}).get("mode") == "mirror":
+            self.link.forget_traffic(msg.port)
         self.link.request(
             self.channel,
             lambda rid: m.Unsubscribe(request_id=rid, port=msg.port),
