@@ -31,7 +31,14 @@ import anyio.to_thread
 from mirrord.agent._context import AgentContext
 from mirrord.agent._dns import GaiError
 from mirrord.agent._env import filter_env, read_environ
-from mirrord.agent._files import DirHandle, FileHandle, HandleTable, fstatfs, stat_list
+from mirrord.agent._files import (
+    DirHandle,
+    FileHandle,
+    HandleTable,
+    fstatfs,
+    stat_list,
+    utimens_at,
+)
 from mirrord.agent._outgoing import open_outgoing
 from mirrord.agent._relay import Relay
 from mirrord.protocol import Message
@@ -147,6 +154,8 @@ class Channel:
             m.Ftruncate: self._ftruncate,
             m.Fchmod: self._fchmod,
             m.Fsync: self._fsync,
+            m.Utimens: self._utimens,
+            m.Chown: self._chown,
         }
         self._handlers: dict[type[Message], Callable[[Any], Awaitable[Message | None]]] = {
             m.EnvRequest: self._env,
@@ -224,7 +233,7 @@ class Channel:
         elif isinstance(msg, m.ConnClose):
             relay = self.relays.pop(msg.conn_id, None)
             if relay is not None:
-                relay.on_close()
+                relay.on_close(msg.errno)
         elif isinstance(msg, m.Request):
             plan = self._blocking.get(type(msg))
             handler = self._handlers.get(type(msg))
@@ -506,6 +515,31 @@ class Channel:
 
     def _fsync(self, req: m.Fsync) -> _Plan:
         return self._on_handle(req.handle, lambda h: os.fsync(h.fd), self._ok(req), None)
+
+    def _utimens(self, req: m.Utimens) -> _Plan:
+        times = (req.atime_ns, req.mtime_ns)
+        if req.handle is not None:
+            return self._on_handle(
+                req.handle, lambda h: utimens_at(h.fd, None, times, 0), self._ok(req), None
+            )
+        assert req.path is not None
+        return (
+            self._root_call(self.ctx.root.utimens, req.path, times, req.follow),
+            self._ok(req),
+            None,
+        )
+
+    def _chown(self, req: m.Chown) -> _Plan:
+        if req.handle is not None:
+            return self._on_handle(
+                req.handle, lambda h: os.fchown(h.fd, req.uid, req.gid), self._ok(req), None
+            )
+        assert req.path is not None
+        return (
+            self._root_call(self.ctx.root.chown, req.path, req.uid, req.gid, req.follow),
+            self._ok(req),
+            None,
+        )
 
     # -- env, DNS, hostname --------------------------------------------------------------------
 

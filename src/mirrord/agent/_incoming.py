@@ -78,6 +78,9 @@ MIRROR_BUFFER = 8 * 1024 * 1024  # bytes a mirroring channel may lag behind, per
 STATS_INTERVAL = 2.0  # seconds between TrafficStats
 MAX_PIPELINE = 32  # requests of one client connection in flight at once
 UPSTREAM_CONNECT_TIMEOUT = 5.0
+# A matched request is kept (up to this size) until its session connection is accepted, so
+# that it can go to the pod's app instead when the user app stopped listening meanwhile.
+REPLAY_LIMIT = 1024 * 1024
 _READ = 256 * 1024
 _BAD_GATEWAY = (
     b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
@@ -199,6 +202,7 @@ class IncomingService:
             "passed_to_pod": 0,
             "mirrored_flows": 0,
             "mirror_overflows": 0,
+            "replayed_to_pod": 0,
         }
         self._sent_stats: dict[tuple[Any, int], tuple[int, int]] = {}
         self._closed = False
@@ -729,6 +733,24 @@ class _Exchange:
     tunnel: bool = False  # not a request: relay `dest` -> client until EOF
     switched: bool | None = None
     decided: anyio.Event = field(default_factory=anyio.Event)
+    # A session's request as sent so far (None: too big to keep, or not all of it is HTTP),
+    # and whether the client has sent all of it (`complete` is set either way at the end).
+    replay: bytearray | None = field(default_factory=bytearray)
+    whole: bool = False
+    complete: anyio.Event = field(default_factory=anyio.Event)
+
+    async def send_request(self, raw: bytes) -> None:
+        """Bytes of this request to where it goes (kept for a replay while small)."""
+        if self.session and self.replay is not None:
+            if len(self.replay) + len(raw) > REPLAY_LIMIT:
+                self.replay = None
+            else:
+                self.replay += raw
+        await self.dest.send(raw)
+
+    def request_done(self, whole: bool) -> None:
+        self.whole = whole
+        self.complete.set()
 
 
 def _closed_by_peer(stream: anyio.abc.ByteStream) -> bool:
@@ -777,6 +799,7 @@ class _FilteredConnection:
         self._client_spoke = False
         self._server_first = False
         self._watch_scope: anyio.CancelScope | None = None
+        self._reading: list[_Exchange] = []  # requests whose bytes are still coming in
 
     async def run(self) -> None:
         send_ex, recv_ex = anyio.create_memory_object_stream[_Exchange](MAX_PIPELINE)
@@ -860,6 +883,18 @@ class _FilteredConnection:
 
     async def _read_client(self, send_ex: anyio.abc.ObjectSendStream[_Exchange]) -> None:
         splitter = RequestSplitter()
+        try:
+            await self._read_requests(send_ex, splitter)
+        finally:
+            # A request cut short (client gone, parse error) is never replayed; and nobody
+            # may wait for it forever.
+            for ex in self._reading:
+                ex.request_done(False)
+            self._reading.clear()
+
+    async def _read_requests(
+        self, send_ex: anyio.abc.ObjectSendStream[_Exchange], splitter: RequestSplitter
+    ) -> None:
         current: _Exchange | None = None
         tunnel_dest: Any = None
         async with send_ex:
@@ -888,12 +923,16 @@ class _FilteredConnection:
                         return
                     if isinstance(ev, RequestStarted):
                         current = await self._route(ev.head)
+                        self._reading.append(current)
                         await send_ex.send(current)
                         if current.dest is not None:
-                            await current.dest.send(ev.raw)
+                            await current.send_request(ev.raw)
                     elif isinstance(ev, RequestBody | RequestEnded):
                         if current is not None and current.dest is not None and ev.raw:
-                            await current.dest.send(ev.raw)
+                            await current.send_request(ev.raw)
+                        if isinstance(ev, RequestEnded) and current is not None:
+                            self._reading.remove(current)
+                            current.request_done(True)
                         if isinstance(ev, RequestEnded) and ev.head.upgrade:
                             assert current is not None
                             await current.decided.wait()
@@ -906,6 +945,7 @@ class _FilteredConnection:
                         # Not HTTP (or no longer): the rest goes untouched to where the current
                         # request went, else to the pod's app, and its answer comes back whole.
                         if current is not None and current.dest is not None:
+                            current.replay = None  # not all HTTP: never replayed
                             tunnel_dest = current.dest
                         else:
                             up = await self._get_upstream()
@@ -953,6 +993,33 @@ class _FilteredConnection:
                     return
         with contextlib.suppress(Exception):
             await self.client.send_eof()
+
+    async def _replay_to_pod(
+        self, ex: _Exchange, source: anyio.abc.ByteStream
+    ) -> anyio.abc.ByteStream | None:
+        """The session refused a matched request because the user app stopped listening (it
+        exited, the session is ending): the app never saw it, so the pod's app answers it,
+        as it will the next requests once the subscription is gone. Returns the stream the
+        response comes from, or None (then the client gets 502 as before)."""
+        if not isinstance(source, PipeEnd) or source.peer_errno != errno.ECONNREFUSED:
+            return None
+        await ex.complete.wait()  # the rest of a refused request is read (and dropped) fast
+        if ex.replay is None or not ex.whole:
+            return None
+        try:
+            stream = await self.service.connect_upstream(self.original, sniffed=self.sniffed)
+        except OSError:
+            return None
+        self._old_upstreams.append(_Upstream(stream))  # closed with the client connection
+        request, ex.replay = bytes(ex.replay), None
+        await stream.send(request)
+        ex.dest = stream  # an accepted Upgrade is relayed to it
+        self.service.stats["replayed_to_pod"] += 1
+        log.info(
+            "port %d: a matched request went to the pod's app: the user app no longer listens",
+            self.port,
+        )
+        return stream
 
     async def _copy(self, source: anyio.abc.ByteStream) -> None:
         while True:
@@ -1010,6 +1077,11 @@ class _FilteredConnection:
                 try:
                     pending = await source.receive(_READ)
                 except anyio.EndOfStream:
+                    if not wrote and ex.session:
+                        replacement = await self._replay_to_pod(ex, source)
+                        if replacement is not None:
+                            source = replacement
+                            continue
                     splitter.receive_data(b"")
                     pending = b""
                     # A close-delimited response ends here; anything else was cut short.

@@ -27,7 +27,7 @@ DEFAULT_LIMIT = 4 * 1024 * 1024
 class _Half:
     """One direction of a pipe."""
 
-    __slots__ = ("buffered", "changed", "chunks", "closed", "discard", "eof", "limit")
+    __slots__ = ("buffered", "changed", "chunks", "closed", "discard", "eof", "errno", "limit")
 
     def __init__(self, limit: int) -> None:
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -36,6 +36,7 @@ class _Half:
         self.eof = False  # the writer is done
         self.closed = False  # the reader is gone: writes fail (or vanish with `discard`)
         self.discard = False
+        self.errno = 0  # why the writer ended (`abort`); 0: a plain close
         self.changed = anyio.Event()
 
     def wake(self) -> None:
@@ -130,6 +131,16 @@ class PipeEnd(anyio.abc.ByteStream):
     def send_eof_nowait(self) -> None:
         self._tx.eof = True
         self._tx.wake()
+
+    @property
+    def peer_errno(self) -> int:
+        """The errno the other end was aborted with (0: it closed normally or is open)."""
+        return self._rx.errno
+
+    def abort(self, errno_: int) -> None:
+        """Close, telling the other end why (`peer_errno`)."""
+        self._tx.errno = errno_
+        self.close_nowait()
 
     async def aclose(self) -> None:
         self.close_nowait()

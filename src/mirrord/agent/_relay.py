@@ -27,6 +27,7 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
+from mirrord.agent._incoming_pipe import PipeEnd
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
@@ -97,6 +98,8 @@ class Relay:
         self._credit = anyio.Event()
         self._peer_shutdown = False  # the daemon sent Shutdown
         self._closed_by_daemon = False
+        self._daemon_errno = m.CONN_CLOSE_NORMAL  # the errno of the daemon's ConnClose
+        self._credited = False  # the daemon wrote some of our bytes to the user app
         self._scope = anyio.CancelScope()
         self.finished = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -126,19 +129,25 @@ class Relay:
         self._inbox_changed.set()
 
     def on_credit(self) -> None:
+        self._credited = True
         self._credit.set()
 
     def on_shutdown(self) -> None:
         self._peer_shutdown = True
         self._inbox_changed.set()
 
-    def on_close(self) -> None:
+    def on_close(self, errno_: int = m.CONN_CLOSE_NORMAL) -> None:
         self._closed_by_daemon = True
+        self._daemon_errno = errno_
         self._scope.cancel()
 
     def abort(self) -> None:
         """End the relay without telling the daemon (its channel is gone)."""
         self._closed_by_daemon = True
+        if not self._credited:
+            # The daemon credits bytes once written to the user app: none were, so the app
+            # never saw this connection's bytes (as when the daemon refuses it).
+            self._daemon_errno = errno.ECONNREFUSED
         self._scope.cancel()
 
     # -- the task ------------------------------------------------------------------------------
@@ -159,6 +168,10 @@ class Relay:
                     close_errno = errno.EIO
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                if self._daemon_errno and isinstance(self.stream, PipeEnd):
+                    # The incoming code learns why: ECONNREFUSED means the user app never
+                    # got the bytes (it stopped listening), so the target's app may answer.
+                    self.stream.abort(self._daemon_errno)
                 with contextlib.suppress(Exception):
                     await self.stream.aclose()
                 if not self._closed_by_daemon:
