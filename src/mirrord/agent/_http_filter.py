@@ -528,13 +528,18 @@ class ResponseSplitter:
         self._request_close = _wants_close((k.encode(), v.encode()) for k, v in headers) or (
             head.http_version == "1.0" and (head.header("connection") or "").lower() != "keep-alive"
         )
+        # h11 only parses the response here, and only sends HTTP/1.1: an HTTP/1.0 request (or
+        # one without Host, which 1.0 allows) is described to it as 1.1 with a Host; what
+        # 1.0 changes for the response (no keep-alive by default) is `_request_close`.
+        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        if not any(k == "host" for k, _ in headers):
+            raw_headers.append((b"host", b""))
         self._feeder.conn.send(
             h11.Request(
                 method=head.method,
                 target=head.target.encode("latin-1"),
-                headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-                or [("host", "")],
-                http_version=head.http_version if head.http_version == "1.0" else "1.1",
+                headers=raw_headers,
+                http_version="1.1",
             )
         )
         self._upgrade = head.upgrade
