@@ -21,6 +21,8 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <time.h>
+#include <utime.h>
+#include <sys/time.h>
 #include <linux/close_range.h>
 
 #define PATH_CAP 4096
@@ -1964,6 +1966,20 @@ HOOK ssize_t fgetxattr(int fd, const char *name, void *value, size_t size) {
     int ret;
     return xattr_fd_remote(fd, &ret) == R_DONE ? ret : REAL(fgetxattr)(fd, name, value, size);
 }
+/* Setting one is refused too: libacl's acl_set_fd (cp -p's mode) would otherwise succeed on
+ * the local placeholder and never fall back to fchmod. */
+HOOK int setxattr(const char *path, const char *name, const void *value, size_t size, int flags) {
+    int ret;
+    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(setxattr)(path, name, value, size, flags);
+}
+HOOK int lsetxattr(const char *path, const char *name, const void *value, size_t size, int flags) {
+    int ret;
+    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(lsetxattr)(path, name, value, size, flags);
+}
+HOOK int fsetxattr(int fd, const char *name, const void *value, size_t size, int flags) {
+    int ret;
+    return xattr_fd_remote(fd, &ret) == R_DONE ? ret : REAL(fsetxattr)(fd, name, value, size, flags);
+}
 HOOK ssize_t listxattr(const char *path, char *list, size_t size) {
     int ret;
     return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(listxattr)(path, list, size);
@@ -3058,4 +3074,229 @@ HOOK char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen) 
         return realpath_walk(path, resolved);
     }
     return REAL(realpath)(path, resolved);
+}
+
+/* ---------------------------------------------------------------- times and owners
+ *
+ * utimensat/futimens (and utimes, lutimes, futimes, utime through them) and
+ * chown/lchown/fchown/fchownat send Utimens/Chown; fchmodat goes through chmod. Like
+ * chmod, they modify: in read mode they stay local. `touch -d`, `cp -p`, `tar x`,
+ * shutil.copy2/move and node's fs.utimes into a pod directory need them. */
+
+enum { M_UTIMENS = 40, M_CHOWN = 41 };
+#define NS_OMIT INT64_MIN
+
+/* times[2] as nanoseconds: NULL or UTIME_NOW is this machine's clock, UTIME_OMIT is NS_OMIT. */
+static void times_ns(const struct timespec *t, int64_t out[2]) {
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    for (int i = 0; i < 2; i++) {
+        const struct timespec *s = t == NULL || t[i].tv_nsec == UTIME_NOW ? &now : &t[i];
+        out[i] = t != NULL && t[i].tv_nsec == UTIME_OMIT
+                     ? NS_OMIT
+                     : (int64_t)s->tv_sec * 1000000000 + (int64_t)s->tv_nsec;
+    }
+}
+
+/* Utimens (a, b = atime, mtime) or Chown (a, b = uid, gid) on a path or a handle. */
+static int rattr(int kind, const char *path, uint64_t handle, int64_t a, int64_t b, int follow) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, kind, 5);
+    if (path != NULL) {
+        cw_bytes(w, path, strlen(path));
+        cw_null(w);
+    } else {
+        cw_null(w);
+        cw_uint(w, handle);
+    }
+    for (int i = 0; i < 2; i++) {
+        int64_t v = i == 0 ? a : b;
+        if (kind == M_UTIMENS && v == NS_OMIT) {
+            cw_null(w);
+        } else {
+            cw_int(w, v);
+        }
+    }
+    cw_bool(w, follow);
+    cbor_r r;
+    int rc = conn_call(c, M_OK, &r);
+    conn_release(c);
+    return rc;
+}
+
+/* On a remote fd: by handle, or by path for a fetched read-only file (no handle kept). A
+ * write-back file is written back first (a later write-back would set its mtime again), and
+ * its cache gets the same times so that it does not count as changed. */
+static int attr_fd(int fd, int kind, int64_t a, int64_t b, const struct timespec *t, int *ret) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || t_guard || (pe->kind != K_RFILE && pe->kind != K_MFILE)) {
+        return R_BYPASS;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    int rc = 0;
+    if (e->writeback) {
+        rc = wfile_flush(e);
+    }
+    if (rc == 0) {
+        if (e->has_handle) {
+            rc = rattr(kind, NULL, e->handle, a, b, 1);
+        } else if (e->path != NULL) {
+            rc = rattr(kind, e->path, 0, a, b, 1);
+        } else {
+            errno = EBADF;
+            rc = -1;
+        }
+    }
+    if (rc == 0 && e->writeback && kind == M_UTIMENS) {
+        struct stat cst;
+        REAL(futimens)(e->cache_fd, t);
+        if (REAL(fstat)(e->cache_fd, &cst) == 0) {
+            e->synced_mtim = cst.st_mtim;
+        }
+    }
+    t_guard--;
+    ent_put(e);
+    *ret = rc;
+    return R_DONE;
+}
+
+static int attr_path(int dirfd, const char *path, int kind, int64_t a, int64_t b, int flags,
+                     const struct timespec *t, int *ret) {
+    if (!g_active || t_guard) {
+        return R_BYPASS;
+    }
+    if (path == NULL || (path[0] == 0 && (flags & AT_EMPTY_PATH))) {
+        return attr_fd(dirfd, kind, a, b, t, ret);
+    }
+    char full[PATH_CAP];
+    int d = decide(dirfd, path, 1, full, sizeof full);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+    } else {
+        *ret = rattr(kind, full, 0, a, b, !(flags & AT_SYMLINK_NOFOLLOW));
+    }
+    t_guard--;
+    return R_DONE;
+}
+
+HOOK int utimensat(int dirfd, const char *path, const struct timespec times[2], int flags) {
+    int ret;
+    int64_t ns[2];
+    if (g_active && !t_guard) {
+        times_ns(times, ns);
+        if (attr_path(dirfd, path, M_UTIMENS, ns[0], ns[1], flags, times, &ret) == R_DONE) {
+            return ret;
+        }
+    }
+    return REAL(utimensat)(dirfd, path, times, flags);
+}
+
+HOOK int futimens(int fd, const struct timespec times[2]) {
+    int ret;
+    int64_t ns[2];
+    if (fd_peek(fd) != NULL && g_active && !t_guard) {
+        times_ns(times, ns);
+        if (attr_fd(fd, M_UTIMENS, ns[0], ns[1], times, &ret) == R_DONE) {
+            return ret;
+        }
+    }
+    return REAL(futimens)(fd, times);
+}
+
+/* timeval[2] -> timespec[2]; NULL stays NULL (now). */
+static const struct timespec *tv_to_ts(const struct timeval *tv, struct timespec ts[2]) {
+    if (tv == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        ts[i].tv_sec = tv[i].tv_sec;
+        ts[i].tv_nsec = tv[i].tv_usec * 1000;
+    }
+    return ts;
+}
+
+HOOK int utimes(const char *path, const struct timeval tv[2]) {
+    struct timespec ts[2];
+    return utimensat(AT_FDCWD, path, tv_to_ts(tv, ts), 0);
+}
+
+HOOK int lutimes(const char *path, const struct timeval tv[2]) {
+    struct timespec ts[2];
+    return utimensat(AT_FDCWD, path, tv_to_ts(tv, ts), AT_SYMLINK_NOFOLLOW);
+}
+
+HOOK int futimes(int fd, const struct timeval tv[2]) {
+    struct timespec ts[2];
+    return futimens(fd, tv_to_ts(tv, ts));
+}
+
+HOOK int utime(const char *path, const struct utimbuf *buf) {
+    struct timespec ts[2];
+    if (buf != NULL) {
+        ts[0].tv_sec = buf->actime;
+        ts[0].tv_nsec = 0;
+        ts[1].tv_sec = buf->modtime;
+        ts[1].tv_nsec = 0;
+    }
+    return utimensat(AT_FDCWD, path, buf != NULL ? ts : NULL, 0);
+}
+
+HOOK int fchownat(int dirfd, const char *path, uid_t uid, gid_t gid, int flags) {
+    int ret;
+    int64_t u = uid == (uid_t)-1 ? -1 : (int64_t)uid, g = gid == (gid_t)-1 ? -1 : (int64_t)gid;
+    if (attr_path(dirfd, path, M_CHOWN, u, g, flags, NULL, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(fchownat)(dirfd, path, uid, gid, flags);
+}
+
+HOOK int chown(const char *path, uid_t uid, gid_t gid) {
+    return fchownat(AT_FDCWD, path, uid, gid, 0);
+}
+
+HOOK int lchown(const char *path, uid_t uid, gid_t gid) {
+    return fchownat(AT_FDCWD, path, uid, gid, AT_SYMLINK_NOFOLLOW);
+}
+
+HOOK int fchown(int fd, uid_t uid, gid_t gid) {
+    int ret;
+    int64_t u = uid == (uid_t)-1 ? -1 : (int64_t)uid, g = gid == (gid_t)-1 ? -1 : (int64_t)gid;
+    if (attr_fd(fd, M_CHOWN, u, g, NULL, &ret) == R_DONE) {
+        return ret;
+    }
+    return REAL(fchown)(fd, uid, gid);
+}
+
+/* fchmodat: the absolute remote path through chmod (which goes through a handle); a symlink
+ * itself has no mode to change (EOPNOTSUPP, as Linux answers). */
+HOOK int fchmodat(int dirfd, const char *path, mode_t mode, int flags) {
+    if (g_active && !t_guard) {
+        char full[PATH_CAP];
+        int d = decide(dirfd, path, 1, full, sizeof full);
+        if (d == P_NOT_FOUND) {
+            errno = ENOENT;
+            return -1;
+        }
+        if (d == P_REMOTE) {
+            struct stat st;
+            if ((flags & AT_SYMLINK_NOFOLLOW) && lstat(full, &st) == 0 && S_ISLNK(st.st_mode)) {
+                errno = EOPNOTSUPP;
+                return -1;
+            }
+            return chmod(full, mode);
+        }
+    }
+    return REAL(fchmodat)(dirfd, path, mode, flags);
 }

@@ -159,3 +159,46 @@ def test_sed_in_place_and_mktemp_in_a_pod_directory(mirrord: Mirrord, files_pod:
     assert result.stdout == "a=X\nb=2\nmade\ns.conf\n"
     inside = files_pod.run_in_pod(["cat", "/app/w/sed/s.conf"]).stdout
     assert inside == b"a=X\nb=2\n"
+
+
+PY_COPY = """
+import os, shutil, sys
+src = sys.argv[1]
+open(src, "w").write("moved")
+os.utime(src, (1577836800, 1577836800))
+shutil.move(src, "/app/w/moved.txt")
+print(os.path.exists(src), int(os.stat("/app/w/moved.txt").st_mtime))
+"""
+
+
+def test_times_owner_and_mode_reach_the_pod_in_write_mode(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # utimensat/futimens/fchown had no message (they acted on the local placeholder or
+    # failed with ENOENT), and cp -p set the mode through an ACL xattr on the placeholder
+    script = (
+        "set -e; mkdir -p /app/w/t; touch -d 2020-01-02 /app/w/t/a; "
+        "cp -p /app/config.json /app/w/t/c; chown 1000:1000 /app/w/t/c; "
+        "stat -c '%n %a %u %y' /app/w/t/a /app/w/t/c | cut -c1-40"
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--", "sh", "-c", script
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("/app/w/t/a 644 0 2020-01-02"), lines
+    assert lines[1].startswith("/app/w/t/c 644 1000 "), lines
+    inside = files_pod.run_in_pod(
+        ["sh", "-c", "stat -c '%n %a %u %y' /app/w/t/a /app/w/t/c | cut -c1-40"]
+    )
+    assert inside.stdout.decode() == result.stdout
+    # shutil.move from this machine into the pod: rename gives EXDEV, then copy2 + utime
+    app = tmp_path / "copy.py"
+    app.write_text(PY_COPY)
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--",
+        sys.executable, str(app), str(tmp_path / "src.txt"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "False 1577836800\n"
+    assert files_pod.run_in_pod(["cat", "/app/w/moved.txt"]).stdout == b"moved"

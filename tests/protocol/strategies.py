@@ -78,7 +78,7 @@ def message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
         if special is not None and type(None) in typing.get_args(hints[f.name]):
             special = st.none() | special
         kwargs[f.name] = special if special is not None else _for_type(hints[f.name])
-    if cls.__name__ in ("FileStat", "StatFs", "DirOpen"):
+    if cls.__name__ in ("FileStat", "StatFs", "DirOpen", "Utimens", "Chown"):
         # exactly one of path / handle
         return st.one_of(
             st.builds(cls, request_id=_small, path=st.binary(max_size=30)),

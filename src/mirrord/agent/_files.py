@@ -28,6 +28,7 @@ __all__ = [
     "TargetRoot",
     "fstatfs",
     "stat_list",
+    "utimens_at",
 ]
 
 _SYS_OPENAT2 = 437  # same number on every architecture (new syscalls are unified)
@@ -100,6 +101,31 @@ def fstatfs(fd: int) -> list[int]:
         buf.f_frsize,
         buf.f_flags,
     ]
+
+
+_AT_SYMLINK_NOFOLLOW = 0x100
+_UTIME_OMIT = (1 << 30) - 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimens_at(
+    dirfd: int, name: bytes | None, times: tuple[int | None, int | None], flags: int
+) -> None:
+    """utimensat(2) with UTIME_OMIT for a None time (os.utime cannot leave one time alone);
+    `name` None is futimens on `dirfd`."""
+    spec = (_Timespec * 2)()
+    for i, ns in enumerate(times):
+        if ns is None:
+            spec[i].tv_sec, spec[i].tv_nsec = 0, _UTIME_OMIT
+        else:
+            spec[i].tv_sec, spec[i].tv_nsec = divmod(ns, 1_000_000_000)
+    # glibc's utimensat refuses a NULL name (EINVAL): futimens is its call for an fd
+    rc = _libc.futimens(dirfd, spec) if name is None else _libc.utimensat(dirfd, name, spec, flags)
+    if rc != 0:
+        _raise_errno("utimensat")
 
 
 def _d_type(mode: int) -> int:
@@ -260,6 +286,42 @@ class TargetRoot:
                 os.close(new_parent)
         finally:
             os.close(old_parent)
+
+    def utimens(self, path: bytes, times: tuple[int | None, int | None], follow: bool) -> None:
+        """utimensat under the root; a time of None is left as it is (UTIME_OMIT)."""
+        if follow or path.endswith(b"/"):
+            fd = self.open(path, os.O_PATH)
+            try:
+                # the agent's /proc names the confined fd (works for O_PATH, unlike futimens)
+                utimens_at(-100, f"/proc/self/fd/{fd}".encode(), times, 0)
+            finally:
+                os.close(fd)
+            return
+        try:
+            parent, name = self._parent(path)
+        except IsADirectoryError:
+            return self.utimens(path, times, True)
+        try:
+            utimens_at(parent, name, times, _AT_SYMLINK_NOFOLLOW)
+        finally:
+            os.close(parent)
+
+    def chown(self, path: bytes, uid: int, gid: int, follow: bool) -> None:
+        if follow or path.endswith(b"/"):
+            fd = self.open(path, os.O_PATH)
+            try:
+                os.chown(f"/proc/self/fd/{fd}", uid, gid)
+            finally:
+                os.close(fd)
+            return
+        try:
+            parent, name = self._parent(path)
+        except IsADirectoryError:
+            return self.chown(path, uid, gid, True)
+        try:
+            os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
 
     def opendir_fd(self, path: bytes) -> int:
         return self.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -35,6 +35,7 @@ __all__ = [
     "STAT_FIELDS",
     "ChannelClose",
     "ChannelOpen",
+    "Chown",
     "ConnClose",
     "Connect",
     "Connected",
@@ -96,6 +97,7 @@ __all__ = [
     "TrafficStats",
     "Unlink",
     "Unsubscribe",
+    "Utimens",
     "Welcome",
 ]
 
@@ -426,6 +428,39 @@ class Fchmod(Request):
 class Fsync(Request):
     request_id: int
     handle: int
+
+
+@message(40)
+class Utimens(Request):
+    """utimensat (`path`, `follow`) or futimens (`handle`). A time is nanoseconds since the
+    epoch; None leaves it as it is (UTIME_OMIT). The layer turns UTIME_NOW into its clock."""
+
+    request_id: int
+    path: bytes | None = None
+    handle: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    follow: bool = True
+
+    def _validate(self) -> None:
+        if (self.path is None) == (self.handle is None):
+            raise ValueError("exactly one of path and handle")
+
+
+@message(41)
+class Chown(Request):
+    """chown/lchown (`path`, `follow`) or fchown (`handle`); -1 leaves the id as it is."""
+
+    request_id: int
+    path: bytes | None = None
+    handle: int | None = None
+    uid: int = -1
+    gid: int = -1
+    follow: bool = True
+
+    def _validate(self) -> None:
+        if (self.path is None) == (self.handle is None):
+            raise ValueError("exactly one of path and handle")
 
 
 # ---------------------------------------------------------------- shared: env, DNS
