@@ -920,6 +920,11 @@ class _FilteredConnection:
                     if ev is NEED_DATA:
                         break
                     if ev is CLOSED:
+                        if current is not None and current.dest is not None:
+                            # The client half-closed inside a request (a body cut short): its
+                            # server must see that EOF too, or both wait for each other.
+                            with contextlib.suppress(Exception):
+                                await current.dest.send_eof()
                         return
                     if isinstance(ev, RequestStarted):
                         current = await self._route(ev.head)
