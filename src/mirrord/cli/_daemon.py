@@ -181,6 +181,8 @@ def logs(
         f = path.open("r", errors="replace")
     except FileNotFoundError:
         fail(f"no daemon log at {path}: the daemon has not run with this runtime directory")
+    except OSError as exc:
+        fail(f"cannot read the daemon log {path}: {exc.strerror}; check $MIRRORD_RUNTIME_DIR")
     with f:
         for line in deque(f, maxlen=max(lines, 0)):
             typer.echo(line, nl=False)

@@ -28,8 +28,8 @@ from mirrord.cli._run import (
     StealOpt,
     TargetOpt,
 )
-from mirrord.cli._sessions import EXIT_BAD_USAGE, open_session, session_request
-from mirrord.daemon._exceptions import ControlError, DaemonError
+from mirrord.cli._sessions import open_session, session_request
+from mirrord.daemon._exceptions import DaemonError
 
 __all__ = ["emit"]
 
@@ -77,8 +77,8 @@ def ext(
         elif kind in ("warning", "agent_lost"):
             emit({"type": "warning", "message": event.get("message", "")})
 
-    def config_error(exc: ControlError) -> None:
-        emit({"type": "error", "message": str(exc), "errors": exc.errors})
+    def error(exc: DaemonError) -> None:
+        emit({"type": "error", "message": str(exc), "errors": exc.errors or [str(exc)]})
 
     try:
         session = open_session(
@@ -87,13 +87,11 @@ def ext(
             on_event=on_event,
             warn=lambda text: emit({"type": "warning", "message": text}),
             label="ext",
-            on_config_error=config_error,
+            on_error=error,
         )
-    except typer.Exit as exc:
-        if exc.exit_code != EXIT_BAD_USAGE:
-            emit({"type": "error", "message": "mirrord could not open a session (see stderr)"})
+    except typer.Exit:
         raise typer.Exit(1) from None
-    emit({"type": "env", "session": session.session, "env": session.env})
+    emit({"type": "env", "session": session.session, "env": session.env, "unset": session.unset})
     try:
         session.client.call(
             "wait_session", session=session.session, timeout=None, **{"wait_timeout": wait_timeout}

@@ -112,8 +112,26 @@ def _run_fast(kwargs: dict[str, Any]) -> NoReturn:
     sys.exit(code)
 
 
+def _open_std_fds() -> None:
+    """Put /dev/null on stdin, stdout or stderr when the caller closed it (`2>&-`, some CI
+    runners and service managers). Otherwise Python has no sys.stderr and `print(file=None)`
+    would send mirrord's messages to stdout, the user command would inherit a closed fd, and
+    the first socket mirrord opens would take its number."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)  # os.open's fds are close-on-exec; CMD needs this one
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
+
+
 def main() -> None:
     """The `mirrord` command."""
+    _open_std_fds()
     argv = sys.argv[1:]
     if argv[:1] == ["run"] or argv[:1] == ["exec"]:
         kwargs = parse_run_args(argv[1:])

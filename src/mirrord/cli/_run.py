@@ -67,7 +67,9 @@ CommandArg = Annotated[
     list[str] | None, typer.Argument(help="The command to run, after `--`.", show_default=False)
 ]
 
-_CONTEXT = {"allow_interspersed_args": False, "ignore_unknown_options": True}
+# Options end at `--` or at the command's first word (`mirrord run -t T python3 -c x` works);
+# an unknown option before that is a usage error, never taken for the command.
+_CONTEXT = {"allow_interspersed_args": False}
 
 
 @app.command("run", context_settings=_CONTEXT)

@@ -9,6 +9,7 @@ without loading typer and the pydantic typer uses to coerce arguments.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -37,6 +38,22 @@ def _signal_from_terminal(signum: int) -> bool:
         return False
 
 
+def _check_command(name: str) -> None:
+    """Exit 127 / 126 before the session opens (an agent may take seconds to start, in a
+    cluster) when CMD cannot run. PATH is the user's own (never the target's), so the lookup
+    here is the one `Popen` does; Popen's own errors below stay for a command that changes in
+    between."""
+    if "/" in name:
+        if not os.path.exists(name):
+            fail(f"command not found: {name}", code=127)
+        if os.path.isdir(name) or not os.access(name, os.X_OK):
+            fail(f"command not executable: {name}", code=126)
+    elif shutil.which(name) is None:
+        if shutil.which(name, mode=os.F_OK) is not None:
+            fail(f"command not executable: {name}", code=126)
+        fail(f"command not found: {name} (not in PATH)", code=127)
+
+
 def run_command(
     *,
     command: list[str],
@@ -53,6 +70,7 @@ def run_command(
     """Open a session, run `command` in it, close the session; returns the exit code."""
     if not command:
         fail("no command to run: `mirrord run [OPTIONS] -- CMD [ARGS]`", code=2)
+    _check_command(command[0])
     progress = Progress(quiet=quiet)
     request = session_request(
         target=target,
@@ -85,7 +103,7 @@ def run_command(
         )
         progress.step(f"session {session.session} on {session.agent}: running {command[0]}")
     try:
-        env = child_env(session.env)
+        env = child_env(session.env, unset=session.unset)
         try:
             child = subprocess.Popen(command, env=env)
         except FileNotFoundError:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mirrord.daemon._client import ControlClient, ensure_daemon
-from mirrord.daemon._exceptions import ControlError, DaemonError
+from mirrord.daemon._exceptions import DaemonError
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
 if TYPE_CHECKING:
@@ -158,6 +158,7 @@ class OpenSession:
     env: dict[str, str]
     agent: str
     paths: RuntimePaths
+    unset: list[str] = field(default_factory=list)  # feature.env.unset: not from the user either
 
     def close(self) -> None:
         try:
@@ -177,15 +178,24 @@ def open_session(
     warn: Callable[[str], None],
     label: str = "",
     paths: RuntimePaths | None = None,
-    on_config_error: Callable[[ControlError], None] | None = None,
+    on_error: Callable[[DaemonError], None] | None = None,
 ) -> OpenSession:
-    """Start the daemon if needed and open a session (the daemon resolves the config)."""
+    """Start the daemon if needed and open a session (the daemon resolves the config).
+
+    On failure `on_error` (if given) sees the error first (`mirrord ext` reports it as JSON),
+    then the message is printed and the command exits: 2 for a configuration error, else 1."""
     paths = paths or runtime_paths()
+
+    def failed(exc: DaemonError, code: int = EXIT_MIRRORD_ERROR) -> NoReturn:
+        if on_error is not None:
+            on_error(exc)
+        fail(str(exc), code=code)
+
     try:
         ensure_daemon(paths, progress)
         client = ControlClient(paths.control_socket, on_event=on_event)
     except DaemonError as exc:
-        fail(str(exc))
+        failed(exc)
     try:
         result = client.call(
             "create_session",
@@ -196,16 +206,9 @@ def open_session(
             label=label,
             debug=bool(os.environ.get("MIRRORD_LAYER_DEBUG")),
         )
-    except ControlError as exc:
-        client.close()
-        if exc.code == "config_error":
-            if on_config_error is not None:
-                on_config_error(exc)
-            fail(str(exc), code=EXIT_BAD_USAGE)
-        fail(str(exc))
     except DaemonError as exc:
         client.close()
-        fail(str(exc))
+        failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
     for warning in result.get("warnings") or []:
         warn(str(warning))
     return OpenSession(
@@ -214,17 +217,23 @@ def open_session(
         env=dict(result["env"]),
         agent=str(result.get("agent_description") or result.get("agent") or ""),
         paths=paths,
+        unset=[str(name) for name in result.get("unset") or []],
     )
 
 
 def child_env(
-    session_env: Mapping[str, str], base: Mapping[str, str] | None = None
+    session_env: Mapping[str, str],
+    base: Mapping[str, str] | None = None,
+    unset: Sequence[str] = (),
 ) -> dict[str, str]:
-    """The user's environment with the session's on top; the layer is appended to any
-    LD_PRELOAD the user already has."""
+    """The user's environment without `unset` (`feature.env.unset`, case-insensitive) and with
+    the session's on top; the layer is appended to any LD_PRELOAD the user already has."""
     env = dict(os.environ if base is None else base)
     for key in [k for k in env if k.startswith("MIRRORD_LAYER") or k == "MIRRORD_SESSION"]:
         del env[key]  # a session nested in another: only the new one applies
+    gone = {name.upper() for name in unset}
+    for key in [k for k in env if k.upper() in gone]:
+        del env[key]
     layer = session_env.get("LD_PRELOAD", "")
     env.update({k: v for k, v in session_env.items() if k != "LD_PRELOAD"})
     if layer:

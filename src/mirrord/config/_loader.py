@@ -297,6 +297,13 @@ def read_config_file(path: Path, env: Mapping[str, str] | None = None) -> dict[s
     """Read, render and parse one config file (format from its extension)."""
     env = os.environ if env is None else env
     source = str(path)
+    if path.is_dir():
+        raise ConfigError(
+            [
+                f"{source}: is a directory; give the path of a config file (.json, .toml, .yaml or .yml)"
+            ],
+            source=source,
+        )
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise ConfigError(
@@ -310,9 +317,14 @@ def read_config_file(path: Path, env: Mapping[str, str] | None = None) -> dict[s
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{source}: config file not found"], source=source) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ConfigError(
-            [f"{source}: cannot read the config file: {exc}"], source=source
+            [f"{source}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"],
+            source=source,
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            [f"{source}: cannot read the config file: {exc.strerror or exc}"], source=source
         ) from None
     return parse_config_text(render_template(text, env, source=source), fmt, source=source)
 

@@ -30,7 +30,13 @@ import anyio.to_thread
 
 from mirrord._version import __version__
 from mirrord.daemon._backend import AgentBackend, backends_for_daemon, config_value
-from mirrord.daemon._env import fetch_remote_env, incoming_settings, layer_variables, merge_env
+from mirrord.daemon._env import (
+    fetch_remote_env,
+    incoming_settings,
+    layer_variables,
+    merge_env,
+    unset_names,
+)
 from mirrord.daemon._exceptions import DaemonError, SessionNotFound
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
@@ -86,7 +92,18 @@ async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
         error = DaemonError(f"create_session: bad config_request flags ({exc})")
         error.code = "bad_request"
         raise error from None
-    return resolved.config, list(resolved.warnings)
+    config = resolved.config
+    # The Kubernetes backend would read the daemon's own $KUBECONFIG (that of the command that
+    # started the daemon, maybe in another terminal, long ago) and resolve a relative path
+    # against the daemon's directory: this command's variable and directory count.
+    kubeconfig = config.kubeconfig or str(env.get("KUBECONFIG") or "") or None
+    if kubeconfig is not None:
+        absolute = os.pathsep.join(
+            str(cwd / p) if p and not p.startswith("~") else p for p in kubeconfig.split(os.pathsep)
+        )
+        if absolute != config.kubeconfig:
+            config = config.model_copy(update={"kubeconfig": absolute})
+    return config, list(resolved.warnings)
 
 
 def _config_model(config: dict[str, Any]) -> Any:
@@ -404,6 +421,7 @@ class Daemon:
             return {
                 "session": session.id,
                 "env": session.env,
+                "unset": unset_names(session.config),
                 "agent": session.link.handle.key,
                 "agent_description": session.link.handle.description,
                 "layer_socket": str(self.paths.layer_socket),

@@ -33,6 +33,7 @@ __all__ = [
     "merge_env",
     "on_concurrent_steal",
     "steal_for_port",
+    "unset_names",
 ]
 
 ENV_REQUEST_TIMEOUT = 30.0
@@ -147,10 +148,17 @@ def merge_env(
             env[key] = str(value)
     overrides = config_value(config, "feature", "env", "override", default=None) or {}
     env.update({str(k): str(v) for k, v in dict(overrides).items()})
-    for name in _patterns(config_value(config, "feature", "env", "unset", default=None)):
+    for name in unset_names(config):
         for key in [k for k in env if k.upper() == name.upper()]:
             del env[key]
     return env
+
+
+def unset_names(config: AgentConfig) -> list[str]:
+    """`feature.env.unset`: removed from the session's env here, and by the CLI (or the IDE)
+    from the user's own environment too (mirrord's use: a local AWS_PROFILE that would make
+    the app ignore the target's credentials)."""
+    return _patterns(config_value(config, "feature", "env", "unset", default=None))
 
 
 _FILTER_CRITERIA = ("header_filter", "path_filter", "method_filter", "all_of", "any_of")

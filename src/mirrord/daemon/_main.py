@@ -19,6 +19,7 @@ import anyio
 
 from mirrord._malloc import tune_malloc
 from mirrord.daemon._daemon import DEFAULT_IDLE_TIMEOUT, Daemon
+from mirrord.daemon._exceptions import DaemonError
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
 __all__ = ["main"]
@@ -55,6 +56,17 @@ def _lock(paths: RuntimePaths) -> int:
     return fd
 
 
+def _remove_stale_agent_files(paths: RuntimePaths) -> None:
+    """Sockets and secrets of the agents of a daemon that was killed (`agent-<its pid>-N.*`).
+    We hold the pid lock, so no other daemon uses this directory; its agents died with it
+    (pdeathsig). Their logs stay: they may say why it died."""
+    for path in paths.root.glob("agent-*-*.*"):
+        if path.suffix in (".sock", ".secret") and not path.name.startswith(
+            f"agent-{os.getpid()}-"
+        ):
+            path.unlink(missing_ok=True)
+
+
 def _raise_fd_limit() -> None:
     """Every layer connection and relayed connection is an fd: use the hard limit (capped)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -69,8 +81,12 @@ def _raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     paths = RuntimePaths(args.runtime_dir) if args.runtime_dir else runtime_paths()
-    paths.ensure()
+    try:
+        paths.ensure()
+    except DaemonError as exc:
+        sys.exit(f"mirrordd: {exc}")
     lock_fd = _lock(paths)
+    _remove_stale_agent_files(paths)
     _raise_fd_limit()
     tune_malloc()  # frames up to 2 MiB come from the heap, not a fresh mmap each
     logging.basicConfig(

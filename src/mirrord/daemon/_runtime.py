@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirrord.daemon._exceptions import DaemonError
+
 __all__ = ["RuntimePaths", "runtime_dir", "runtime_paths"]
 
 
@@ -51,10 +53,22 @@ class RuntimePaths:
         return self.root / "mirrordd.start.lock"
 
     def ensure(self) -> None:
-        """Create the directory (0700), and tighten it if it exists with looser modes."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if (self.root.stat().st_mode & 0o777) != 0o700:
-            os.chmod(self.root, 0o700)
+        """Create the directory (0700), and tighten it if it exists with looser modes.
+
+        Raises `DaemonError` saying which directory is unusable and how to choose another
+        (a path that is a file, a parent that cannot be created, a directory of another user)."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if (self.root.stat().st_mode & 0o777) != 0o700:
+                os.chmod(self.root, 0o700)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", str(self.root))
+        except OSError as exc:
+            what = "is not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+            raise DaemonError(
+                f"cannot use the mirrord runtime directory {self.root} ({exc.filename or self.root}: "
+                f"{what}): point $MIRRORD_RUNTIME_DIR at a directory of yours, or fix that path"
+            ) from None
 
 
 def runtime_paths(env: Mapping[str, str] | None = None) -> RuntimePaths:

@@ -1,0 +1,224 @@
+"""What a developer sees when they get `mirrord` wrong, or when something under it dies: the
+real CLI, daemon, agent and layer against local pods. Every error is one message that says
+what to do (no traceback, no hang), with the documented exit code; stdout stays the user
+command's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mirrord.localpod import LocalPod, PodSpec
+from tests.cli.conftest import MIRRORD, Mirrord, pid_alive, python_app, wait_for
+
+SPEC = PodSpec(env={"POD_VAR": "from-the-pod", "AWS_PROFILE": "pod-profile"})
+
+
+def run_argv(
+    cli: Mirrord, argv: list[str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`argv` (a `mirrord` command, maybe wrapped) with this test's runtime directory."""
+    return subprocess.run(
+        argv, env=cli.env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def assert_one_clear_error(stderr: str, *needles: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    assert "mirrord: error:" in stderr or "Error" in stderr, stderr
+    for needle in needles:
+        assert needle in stderr, stderr
+
+
+def test_unknown_option_of_run_is_a_usage_error_not_the_command(mirrord: Mirrord) -> None:
+    # `--stael` used to become the command: a session (and an agent) started, then 127
+    result = mirrord.run("run", "-t", "pid/1", "--stael", "--", "true")
+    assert result.returncode == 2
+    assert "No such option: --stael" in result.stderr
+    assert "--steal" in result.stderr  # typer's did-you-mean
+    assert result.stdout == ""
+    assert not (mirrord.runtime / "mirrordd.sock").exists()  # nothing was started
+    # options still end at the command's first word without `--`
+    ok = mirrord.run("run", "--stael", "-t", "pid/1", "--", "true")
+    assert ok.returncode == 2
+
+
+def test_a_command_that_cannot_run_fails_before_any_session(
+    mirrord: Mirrord, tmp_path: Path
+) -> None:
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not a program\n")
+    cases = [
+        (["no-such-command-here"], 127, "command not found: no-such-command-here"),
+        ([str(tmp_path / "missing")], 127, "command not found"),
+        ([str(tmp_path)], 126, "command not executable"),
+        ([str(plain)], 126, "command not executable"),
+    ]
+    for command, code, message in cases:
+        # a Kubernetes target: without the early check the agent start came first
+        result = mirrord.run("run", "-t", "deployment/api", "--", *command)
+        assert result.returncode == code, (command, result.stderr)
+        assert_one_clear_error(result.stderr, message)
+        assert "opening a session" not in result.stderr
+    assert not (mirrord.runtime / "mirrordd.sock").exists()
+
+
+def test_config_file_that_is_a_directory_or_not_text(mirrord: Mirrord, tmp_path: Path) -> None:
+    folder = tmp_path / "conf.json"
+    folder.mkdir()
+    plain_dir = tmp_path / ".mirrord"
+    plain_dir.mkdir()
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe{}")
+    for path, message in (
+        (folder, "is a directory; give the path of a config file"),
+        (plain_dir, "is a directory; give the path of a config file"),
+        (binary, "not UTF-8 text (byte 0xff at offset 0)"),
+    ):
+        result = mirrord.run("run", "-f", str(path), "-t", "pid/1", "--", "true")
+        assert result.returncode == 2, result.stderr
+        assert_one_clear_error(result.stderr, f"{path}: {message}")
+        check = mirrord.run("verify-config", str(path))
+        assert check.returncode == 1
+        assert message in check.stderr and "Traceback" not in check.stderr
+
+
+def test_an_unusable_runtime_directory_is_one_message(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    for runtime in (not_a_dir, not_a_dir / "sub"):
+        cli = Mirrord(runtime)
+        for args in (
+            ("run", "-t", "pid/1", "--", "true"),
+            ("daemon", "start"),
+            ("daemon", "logs"),
+        ):
+            result = cli.run(*args, timeout=20)
+            assert result.returncode == 1, (args, result.stderr)
+            assert_one_clear_error(result.stderr, str(not_a_dir))
+        ext = cli.run("ext", "-t", "pid/1", timeout=20)
+        assert ext.returncode == 1
+        error = json.loads(ext.stdout.splitlines()[-1])
+        assert error["type"] == "error"
+        assert "cannot use the mirrord runtime directory" in error["message"]
+        assert "MIRRORD_RUNTIME_DIR" in error["message"]
+
+
+def test_ext_puts_the_reason_of_a_failed_session_in_its_json(mirrord: Mirrord) -> None:
+    result = mirrord.run("ext", "-t", "pid/999999", "--wait-timeout", "1", timeout=30)
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[-1]["type"] == "error"
+    # the IDE shows this message; "see stderr" told its user nothing
+    assert "999999" in lines[-1]["message"] and "does not exist" in lines[-1]["message"]
+    assert lines[-1]["errors"] == [lines[-1]["message"]]
+
+
+def test_kubeconfig_is_this_commands_not_the_daemons(mirrord: Mirrord, tmp_path: Path) -> None:
+    env = {k: v for k, v in mirrord.env.items() if k != "KUBECONFIG"}
+    mirrord.env = env
+    assert mirrord.run("daemon", "start").returncode == 0  # started without $KUBECONFIG
+    mirrord.env = dict(env, KUBECONFIG=str(tmp_path / "team-cluster.yaml"))
+    result = mirrord.run("run", "-t", "deployment/api", "--", "true")
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, f"kubeconfig {tmp_path / 'team-cluster.yaml'} does")
+    # a relative path is this command's directory's, not the daemon's (/)
+    mirrord.env = dict(env, KUBECONFIG="rel/kube.yaml")
+    here = tmp_path / "project"
+    here.mkdir()
+    result = run_argv(mirrord, [MIRRORD, "run", "-t", "deployment/api", "--", "true"], here)
+    assert_one_clear_error(result.stderr, f"kubeconfig {here / 'rel' / 'kube.yaml'} does")
+
+
+@pytest.mark.netns
+def test_env_unset_removes_the_users_own_variable_too(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(SPEC)
+    config = tmp_path / "mirrord.json"
+    config.write_text(json.dumps({"feature": {"env": {"unset": "aws_profile;LOCAL_ONLY"}}}))
+    mirrord.env.update(AWS_PROFILE="my-laptop", Local_Only="x", KEPT="mine")
+    show = "import os; print(os.environ.get('AWS_PROFILE'), os.environ.get('Local_Only'), os.environ.get('KEPT'), os.environ.get('POD_VAR'))"
+    result = mirrord.run(
+        "run", "-f", str(config), "-t", f"pid/{pod.pid}", "--", sys.executable, "-c", show
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "None", "mine", "from-the-pod"]
+    # an IDE merges the env itself: ext tells it what to remove
+    ext = mirrord.run(
+        "ext", "-f", str(config), "-t", f"pid/{pod.pid}", "--wait-timeout", "0.5", timeout=30
+    )
+    line = next(json.loads(x) for x in ext.stdout.splitlines() if '"env"' in x)
+    assert line["unset"] == ["aws_profile", "LOCAL_ONLY"]
+    assert "AWS_PROFILE" not in line["env"]
+
+
+@pytest.mark.netns
+def test_closed_stderr_or_stdout_never_mixes_progress_into_the_output(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    pod = make_pod(SPEC)
+    cmd = ["sh", "-c", 'exec "$@" 2>&-', "sh", MIRRORD, "run", "-t", f"pid/{pod.pid}", "--"]
+    result = run_argv(mirrord, [*cmd, "sh", "-c", "echo out; echo err >&2; echo more"])
+    assert result.returncode == 0
+    assert result.stdout == "out\nmore\n"  # progress lines used to land here
+    closed_out = ["sh", "-c", 'exec "$@" >&-', "sh", MIRRORD, "run", "-t", f"pid/{pod.pid}", "--"]
+    result = run_argv(mirrord, [*closed_out, "sh", "-c", "echo to-nowhere; exit 4"])
+    assert result.returncode == 4
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.netns
+def test_killed_daemon_warns_the_session_and_the_next_run_recovers(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(SPEC)
+    app = python_app(
+        tmp_path,
+        "import os, sys\n"
+        "print(os.environ['POD_VAR'], flush=True)\n"
+        "sys.stdin.readline()\n"
+        "try:\n"
+        "    open('/app/test.txt').read()\n"
+        "    print('read', flush=True)\n"
+        "except OSError as e:\n"
+        "    print('errno', e.errno, flush=True)\n"
+        "sys.exit(5)\n",
+    )
+    proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "--", *app, stdin=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().strip() == "from-the-pod"
+    daemon = mirrord.daemon_pid()
+    assert daemon is not None
+    secrets = list(mirrord.runtime.glob(f"agent-{daemon}-*.secret"))
+    assert secrets
+    os.kill(daemon, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(daemon), 10, "the daemon to die")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=20)
+    assert out.strip() == "errno 5"  # EIO, not a hang
+    assert proc.returncode == 5
+    assert "mirrord: warning: the mirrord daemon went away" in err
+    # the next run starts a new daemon over the dead one's socket and pid file
+    result = mirrord.run(
+        "run",
+        "-t",
+        f"pid/{pod.pid}",
+        "--",
+        sys.executable,
+        "-c",
+        "print(open('/app/test.txt').read())",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hello from the pod"
+    assert mirrord.daemon_pid() not in (None, daemon)
+    # the dead daemon's agent secrets went with it
+    assert not any(path.exists() for path in secrets)
