@@ -396,7 +396,8 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
             if (n < 3 || cr_int(r, &e) < 0) {
                 return conn_broken(c, "malformed error");
             }
-            errno = (e > 0 && e < 4096) ? (int)e : EIO;
+            /* negative: getaddrinfo's EAI_* code of a DnsLookup, passed on as it is */
+            errno = (e > 0 && e < 4096) || (e < 0 && e > -256) ? (int)e : EIO;
             return -1;
         }
         if ((int)kind != expect) {

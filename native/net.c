@@ -167,6 +167,31 @@ HOOK int socket(int domain, int type, int protocol) {
     return fd;
 }
 
+/* A non-blocking connect that the target refused: fail it the way the kernel does, with
+ * EINPROGRESS and then ECONNREFUSED in SO_ERROR (event loops and libraries that check only one
+ * of the two paths see what they would see in the pod), by connecting to a loopback port we
+ * hold bound and not listening. The fd is left as a refused local connect leaves it. */
+static int refuse_in_progress(int fd, int family) {
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    int tmp = REAL(socket)(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (tmp < 0 || sockaddr_from_text(family == AF_INET6 ? "::1" : "127.0.0.1", 0, family, &ss,
+                                      &sl) < 0 ||
+        REAL(bind)(tmp, (struct sockaddr *)&ss, sl) < 0 ||
+        REAL(getsockname)(tmp, (struct sockaddr *)&ss, &sl) < 0) {
+        if (tmp >= 0) {
+            REAL(close)(tmp);
+        }
+        errno = ECONNREFUSED;
+        return -1;
+    }
+    int rc = REAL(connect)(fd, (struct sockaddr *)&ss, sl);
+    int saved = errno;
+    REAL(close)(tmp);
+    errno = saved;
+    return rc;
+}
+
 HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     if (!g_active || t_guard || sa == NULL || len < sizeof(sa_family_t) ||
         (sa->sa_family != AF_INET && sa->sa_family != AF_INET6)) {
@@ -175,6 +200,21 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     int type = sock_type(fd);
     if (policy_connect(sa, len, type) == P_LOCAL) {
         return REAL(connect)(fd, sa, len);
+    }
+    struct ent *pe = type == SOCK_STREAM ? fd_peek(fd) : NULL;
+    if (pe != NULL && pe->kind == K_SOCK) {
+        /* connect() again on a stream already handed to a relay (polling a non-blocking
+         * connect, as some programs do): the kernel's answer about the relay connection is
+         * the answer (EALREADY, EISCONN, or 0 once), and no second connection is opened in
+         * the target */
+        struct ent *e = ent_get(fd);
+        if (e != NULL && e->remote && e->maps[0].relay_len > 0) {
+            struct sockaddr_storage relay = e->maps[0].relay;
+            socklen_t relay_len = e->maps[0].relay_len;
+            ent_put(e);
+            return REAL(connect)(fd, (struct sockaddr *)&relay, relay_len);
+        }
+        ent_put(e);
     }
     t_guard++;
     struct sockaddr_storage relay, local;
@@ -201,6 +241,9 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
             DBG("connect fd %d remotely through the daemon", fd);
         }
         errno = saved;
+    } else if (errno == ECONNREFUSED && type == SOCK_STREAM && (family == AF_INET || family == AF_INET6) &&
+               (REAL(fcntl)(fd, F_GETFL) & O_NONBLOCK)) {
+        rc = refuse_in_progress(fd, family);
     }
     t_guard--;
     return rc;
@@ -612,6 +655,9 @@ static void free_chain(struct addrinfo *ai) {
 }
 
 static int dns_errno_to_eai(int e) {
+    if (e < 0) {
+        return e; /* the agent's own getaddrinfo code (EAI_NONAME, EAI_NODATA, ...) */
+    }
     switch (e) {
     case ENOENT:
     case ENXIO:
@@ -626,9 +672,13 @@ static int dns_errno_to_eai(int e) {
     }
 }
 
+/* socket types a named service exists for (glibc answers only those); 0: any */
+#define ST_STREAM 1
+#define ST_DGRAM 2
+
 /* DnsLookup; builds an addrinfo chain that freeaddrinfo recognises as ours. */
 static int dns_lookup(const char *host, int port, int family, int socktype, int protocol,
-                      int flags, struct addrinfo **res) {
+                      int flags, int stmask, struct addrinfo **res) {
     struct lconn *c = conn_acquire();
     if (c == NULL) {
         return EAI_AGAIN;
@@ -662,6 +712,10 @@ static int dns_lookup(const char *host, int port, int family, int socktype, int 
             break;
         }
         if ((family != AF_UNSPEC && (int)fam != family) || (socktype && st && (int)st != socktype)) {
+            continue;
+        }
+        if (stmask && !((st == SOCK_STREAM && (stmask & ST_STREAM)) ||
+                        (st == SOCK_DGRAM && (stmask & ST_DGRAM)))) {
             continue;
         }
         struct ai_node *node = calloc(1, sizeof *node);
@@ -715,7 +769,11 @@ static int dns_lookup(const char *host, int port, int family, int socktype, int 
     return 0;
 }
 
-static int service_port(const char *service, const struct addrinfo *hints, int *port) {
+/* The port of `service`; *stmask gets the socket types a named service exists for when the
+ * hints leave the type open (getaddrinfo then answers only those, and no SOCK_RAW). */
+static int service_port(const char *service, const struct addrinfo *hints, int *port,
+                        int *stmask) {
+    *stmask = 0;
     if (service == NULL) {
         *port = 0;
         return 0;
@@ -729,14 +787,27 @@ static int service_port(const char *service, const struct addrinfo *hints, int *
     if (hints && (hints->ai_flags & AI_NUMERICSERV)) {
         return -1;
     }
-    struct servent se, *res = NULL;
-    char buf[1024];
-    const char *proto = hints && hints->ai_socktype == SOCK_DGRAM ? "udp" : "tcp";
-    if (getservbyname_r(service, proto, &se, buf, sizeof buf, &res) != 0 || res == NULL) {
-        return -1;
+    int socktype = hints ? hints->ai_socktype : 0;
+    *port = -1;
+    for (int i = 0; i < 2; i++) {
+        int st = i == 0 ? SOCK_STREAM : SOCK_DGRAM;
+        if (socktype && socktype != st) {
+            continue;
+        }
+        struct servent se, *res = NULL;
+        char buf[1024];
+        if (getservbyname_r(service, i == 0 ? "tcp" : "udp", &se, buf, sizeof buf, &res) == 0 &&
+            res != NULL) {
+            if (*port < 0) {
+                *port = ntohs((uint16_t)res->s_port);
+            }
+            *stmask |= i == 0 ? ST_STREAM : ST_DGRAM;
+        }
     }
-    *port = ntohs((uint16_t)res->s_port);
-    return 0;
+    if (socktype) {
+        *stmask = 0; /* one type asked for: the agent answers only that one */
+    }
+    return *port < 0 ? -1 : 0;
 }
 
 HOOK int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
@@ -744,13 +815,20 @@ HOOK int getaddrinfo(const char *node, const char *service, const struct addrinf
     if (!g_active || t_guard || node == NULL || (hints && (hints->ai_flags & AI_NUMERICHOST))) {
         return REAL(getaddrinfo)(node, service, hints, res);
     }
-    int port;
-    if (service_port(service, hints, &port) < 0 || policy_dns(node, port) == P_LOCAL) {
-        return REAL(getaddrinfo)(node, service, hints, res);
+    int port, stmask;
+    if (service_port(service, hints, &port, &stmask) < 0 || policy_dns(node, port) == P_LOCAL) {
+        int rc = REAL(getaddrinfo)(node, service, hints, res);
+        if (rc == 0) {
+            /* an outgoing filter naming this host must match what it resolved to here too */
+            for (const struct addrinfo *ai = *res; ai != NULL; ai = ai->ai_next) {
+                policy_remember_name(ai->ai_addr, node);
+            }
+        }
+        return rc;
     }
     t_guard++;
     int rc = dns_lookup(node, port, hints ? hints->ai_family : 0, hints ? hints->ai_socktype : 0,
-                        hints ? hints->ai_protocol : 0, hints ? hints->ai_flags : 0, res);
+                        hints ? hints->ai_protocol : 0, hints ? hints->ai_flags : 0, stmask, res);
     t_guard--;
     DBG("getaddrinfo %s remotely: %d", node, rc);
     return rc;
@@ -785,10 +863,17 @@ HOOK void freeaddrinfo(struct addrinfo *ai) {
 static int host_lookup(const char *name, int family, struct hostent *he, char *buf, size_t buflen,
                        int *herr) {
     struct addrinfo *res = NULL;
-    int rc = dns_lookup(name, 0, family, SOCK_STREAM, 0, 0, &res);
+    int rc = dns_lookup(name, 0, family, SOCK_STREAM, 0, AI_CANONNAME, 0, &res);
     if (rc != 0) {
-        *herr = rc == EAI_AGAIN ? TRY_AGAIN : HOST_NOT_FOUND;
+        *herr = rc == EAI_AGAIN     ? TRY_AGAIN
+                : rc == EAI_NODATA  ? NO_DATA
+                : rc == EAI_NONAME  ? HOST_NOT_FOUND
+                                    : NO_RECOVERY;
         return -1;
+    }
+    /* h_name is the canonical name (the hosts line's first name, the end of a CNAME chain) */
+    if (res->ai_canonname != NULL && *res->ai_canonname) {
+        name = res->ai_canonname;
     }
     size_t alen = family == AF_INET6 ? 16 : 4;
     size_t n = 0;

@@ -111,6 +111,17 @@ def _mapped(address: str) -> str:
     return f"::ffff:{address}"
 
 
+def _as_ipv4(address: str) -> str:
+    """A hosts-file address as glibc reads it for an AF_INET lookup: `::1` is 127.0.0.1 and
+    a v4-mapped address its IPv4 (so a name listed only as `::1` still resolves)."""
+    if ":" not in address:
+        return address
+    ip = ipaddress.IPv6Address(address)
+    if ip.is_loopback:
+        return "127.0.0.1"
+    return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else address
+
+
 class TargetResolver:
     """getaddrinfo and gethostname for one target. Call only from a netns thread."""
 
@@ -220,6 +231,8 @@ class TargetResolver:
         from_hosts: list[str] = []
         canon = host
         for address, names in parse_hosts(self._read(b"/etc/hosts")):
+            if family == socket.AF_INET:
+                address = _as_ipv4(address)
             if name in (n.lower() for n in names) and _family_of(address) in wanted:
                 if not from_hosts:
                     canon = names[0]

@@ -4,7 +4,9 @@ Owns: turning a `Connect` into a connected TCP stream or connected UDP socket wh
 created on a `NetnsRunner` thread (so it lives in the target's network namespace for good),
 with the connect itself done non-blocking on the event loop and bounded by a timeout.
 Errors are `OSError`s with the errno a local `connect()` would give (ECONNREFUSED,
-EHOSTUNREACH, ENETUNREACH, ETIMEDOUT, ...). Does not own the relay (`_relay.py`).
+EHOSTUNREACH, ENETUNREACH, ETIMEDOUT, ...). A UDP socket outlives "port unreachable" answers
+(the datagram is lost, the association is not), as an app's socket in the target does.
+Does not own the relay (`_relay.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -19,6 +23,54 @@ import anyio.abc
 from mirrord.agent._netns import NetnsRunner
 
 __all__ = ["open_outgoing"]
+
+
+def _refused(exc: BaseException) -> bool:
+    # anyio reports a socket's OSError as BrokenResourceError, the OSError as its cause
+    return isinstance(exc, ConnectionRefusedError) or isinstance(
+        exc.__cause__, ConnectionRefusedError
+    )
+
+
+class _LastingUDPSocket(anyio.abc.ConnectedUDPSocket):
+    """A connected UDP socket that outlives "port unreachable" answers.
+
+    In the target, a datagram to a port nobody listens on costs the sender one ECONNREFUSED and
+    the next datagram may find a server. Here that error would end the relay, and every later
+    datagram of the user app to that destination would be lost (an unconnected app socket
+    keeps sending to the dead relay), so the error is dropped like the datagram was."""
+
+    def __init__(self, inner: anyio.abc.ConnectedUDPSocket) -> None:
+        self._inner = inner
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self._inner.extra(anyio.abc.SocketAttribute.raw_socket)
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._inner.extra_attributes
+
+    async def receive(self) -> bytes:
+        while True:
+            try:
+                return await self._inner.receive()
+            except (ConnectionRefusedError, anyio.BrokenResourceError) as exc:
+                if not _refused(exc):
+                    raise
+                # one per refused datagram: wait for the next one
+
+    async def send(self, item: bytes) -> None:
+        try:
+            await self._inner.send(item)
+        except (ConnectionRefusedError, anyio.BrokenResourceError) as exc:
+            if not _refused(exc):
+                raise
+            # the error of an earlier datagram, reported instead of sending this one
+            await self._inner.send(item)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 async def open_outgoing(
@@ -47,7 +99,7 @@ async def open_outgoing(
         if kind == socket.SOCK_STREAM:
             stream = await anyio.abc.SocketStream.from_socket(sock)
         else:
-            stream = await anyio.abc.ConnectedUDPSocket.from_socket(sock)
+            stream = _LastingUDPSocket(await anyio.abc.ConnectedUDPSocket.from_socket(sock))
     except TimeoutError:
         sock.close()
         raise OSError(errno.ETIMEDOUT, f"connect to {address}:{port} timed out") from None

@@ -1,0 +1,313 @@
+"""Outgoing traffic and DNS as a developer meets them through `mirrord run`: real programs
+(python's socket/urllib, curl, getent, node) talk to services and names that exist only in a
+local pod, and what they see must be what the same program sees inside the pod.
+
+Each case is a regression found by driving these programs: getaddrinfo's error codes
+(EAI_NONAME came out as EAI_AGAIN), gethostbyname's canonical name and glibc's `::1` ->
+127.0.0.1 for AF_INET, a named service's socket types, a non-blocking connect refused at once
+instead of in progress, a polled non-blocking connect opening one target connection per
+poll, UDP to a port that had nobody listening lost for good, and an outgoing filter naming
+`localhost` that never matched."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from mirrord.localpod import LocalPod, PodSpec, create_pod
+from tests.cli.conftest import Mirrord
+
+pytestmark = pytest.mark.netns
+
+NODE = shutil.which("node")
+GETENT = shutil.which("getent")
+CURL = shutil.which("curl")
+
+SPEC = PodSpec(
+    hosts={"pod-only-svc": "127.0.0.1", "pod-six": "::1"},
+    dns_records={"db.cluster.local": "10.213.250.9", "web.svc.cluster.local": "127.0.0.1"},
+    resolv_conf="nameserver 127.0.0.1\nsearch svc.cluster.local cluster.local\n"
+    "options timeout:1 attempts:1\n",
+    echo_port=7777,
+    http_port=8080,
+)
+
+# A TCP server on the pod's loopback that tells each client how many connections it accepted.
+COUNTING_SERVER = """
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 7171))
+l.listen(64)
+print("ready", flush=True)
+n = 0
+l.settimeout(120)
+while n < 1000:
+    c, _ = l.accept()
+    n += 1
+    c.sendall(b"connection %d\\n" % n)
+    c.close()
+"""
+
+UDP_SERVER = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9997))
+s.settimeout(20)
+print("ready", flush=True)
+data, peer = s.recvfrom(100)
+s.sendto(b"echo " + data, peer)
+"""
+
+
+@pytest.fixture(scope="module")
+def net_pod() -> Iterator[LocalPod]:
+    from mirrord.localpod import cleanup_leftovers
+
+    cleanup_leftovers()
+    with create_pod(SPEC) as made:
+        yield made
+
+
+def start_in_pod(pod: LocalPod, source: str) -> subprocess.Popen[bytes]:
+    """A python server inside the pod, once it printed `ready`."""
+    proc = pod.popen_in_pod([sys.executable, "-c", source])
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def run_both(mirrord: Mirrord, pod: LocalPod, argv: Sequence[str], *flags: str) -> tuple[str, str]:
+    """(stdout through mirrord, stdout of the same command inside the pod)."""
+    through = mirrord.run("run", "-t", f"pid/{pod.pid}", *flags, "--", *argv)
+    inside = pod.run_in_pod(list(argv), check=False)
+    assert through.returncode == inside.returncode, (through.stderr, inside.stderr)
+    return through.stdout, inside.stdout.decode()
+
+
+DNS_APP = """
+import socket
+
+def gai(*args, **kwargs):
+    try:
+        found = socket.getaddrinfo(*args, **kwargs)
+        return sorted({(a[0].name, a[1].name, a[3], a[4][0]) for a in found})
+    except socket.gaierror as e:
+        return ("gaierror", e.errno)
+
+def ghbn(name):
+    try:
+        return socket.gethostbyname(name), socket.gethostbyname_ex(name)
+    except OSError as e:
+        return (type(e).__name__, e.errno)
+
+print("unknown", gai("nosuchname", 80))
+print("unknown v6", gai("nosuchname", 80, socket.AF_INET6))
+print("hosts name, no v6", gai("pod-only-svc", 80, socket.AF_INET6))
+print("dns name, no AAAA", gai("db", 80, socket.AF_INET6))
+print("search + canon", gai("db", 80, 0, socket.SOCK_STREAM, 0, socket.AI_CANONNAME))
+print("v4mapped", gai("web", 80, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_V4MAPPED))
+print("named service", gai("pod-only-svc", "http"))
+print("numeric service", gai("pod-only-svc", 80))
+print("gethostbyname db", ghbn("db"))
+print("gethostbyname ::1-only", ghbn("pod-six"))
+print("gethostbyname unknown", ghbn("nosuchname"))
+"""
+
+
+def test_dns_answers_and_errors_match_the_pod(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path
+) -> None:
+    app = tmp_path / "dns_app.py"
+    app.write_text(DNS_APP)
+    through, inside = run_both(mirrord, net_pod, [sys.executable, str(app)])
+    assert through == inside
+    assert "unknown ('gaierror', -2)" in through  # EAI_NONAME, not EAI_AGAIN
+    assert "dns name, no AAAA ('gaierror', -5)" in through  # EAI_NODATA
+    assert "('db.cluster.local', [], ['10.213.250.9'])" in through  # canonical h_name
+
+
+@pytest.mark.skipif(GETENT is None, reason="getent is not installed")
+def test_getent_shows_the_canonical_name_and_fails_like_the_pod(
+    mirrord: Mirrord, net_pod: LocalPod
+) -> None:
+    for argv in (
+        ["getent", "hosts", "db"],
+        ["getent", "ahosts", "web"],
+        ["getent", "hosts", "x-none"],
+    ):
+        through, inside = run_both(mirrord, net_pod, argv)
+        assert through == inside, argv
+    through, _ = run_both(mirrord, net_pod, ["getent", "hosts", "db"])
+    assert through.split() == ["10.213.250.9", "db.cluster.local"]
+
+
+NODE_DNS = """
+const dns = require('dns');
+dns.lookup('nosuchname', (e) => {
+  dns.lookup('db', {all: true}, (e2, a) => console.log(e && e.code, JSON.stringify(a)));
+});
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_node_lookup_of_an_unknown_name_is_enotfound(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path
+) -> None:
+    script = tmp_path / "dns.js"
+    script.write_text(NODE_DNS)
+    through, inside = run_both(mirrord, net_pod, [str(NODE), str(script)])
+    assert through == inside == 'ENOTFOUND [{"address":"10.213.250.9","family":4}]\n'
+
+
+CONNECT_APP = """
+import errno, select, socket
+
+def name(code):
+    return errno.errorcode.get(code, code)
+
+# refused: in progress first, the refusal in SO_ERROR, as the kernel does it
+s = socket.socket()
+s.setblocking(False)
+first = s.connect_ex(("127.0.0.1", 5555))
+select.select([], [s], [], 5)
+print("nonblocking refused", name(first), name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)))
+s.close()
+try:
+    socket.create_connection(("pod-only-svc", 5555), timeout=5)
+except OSError as e:
+    print("blocking refused", type(e).__name__, name(e.errno))
+
+# a non-blocking connect polled with connect() again until it is connected
+s = socket.socket()
+s.setblocking(False)
+codes = [s.connect_ex(("127.0.0.1", 7171))]
+for _ in range(4):
+    select.select([], [s], [], 5)
+    codes.append(s.connect_ex(("127.0.0.1", 7171)))
+print("polled", [name(c) for c in codes])
+s.setblocking(True)
+print("first", s.recv(100).decode().strip())
+print("second", socket.create_connection(("127.0.0.1", 7171), timeout=5).recv(100).decode().strip())
+"""
+
+
+def test_refused_and_polled_nonblocking_connects_behave_as_in_the_pod(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path
+) -> None:
+    app = tmp_path / "connect_app.py"
+    app.write_text(CONNECT_APP)
+    server = start_in_pod(net_pod, COUNTING_SERVER)
+    try:
+        result = mirrord.run("run", "-t", f"pid/{net_pod.pid}", "--", sys.executable, str(app))
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+    assert result.stdout.splitlines() == [
+        "nonblocking refused EINPROGRESS ECONNREFUSED",
+        "blocking refused ConnectionRefusedError ECONNREFUSED",
+        "polled ['EINPROGRESS', 0, 'EISCONN', 'EISCONN', 'EISCONN']",
+        # each poll used to open one more connection in the pod
+        "first connection 1",
+        "second connection 2",
+    ], result.stderr
+
+
+UDP_APP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.sendto(b"early", ("127.0.0.1", 9997))
+try:
+    print("early", s.recvfrom(100), flush=True)
+except OSError as e:
+    print("early", type(e).__name__, flush=True)
+sys.stdin.readline()  # the pod's server runs now
+s.settimeout(5)
+s.sendto(b"again", ("127.0.0.1", 9997))
+data, peer = s.recvfrom(100)
+print("again", data.decode(), peer, flush=True)
+"""
+
+
+def test_udp_reaches_a_server_that_started_after_a_refused_datagram(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path
+) -> None:
+    app = tmp_path / "udp_app.py"
+    app.write_text(UDP_APP)
+    proc = mirrord.popen(
+        "run", "-t", f"pid/{net_pod.pid}", "--", sys.executable, str(app), stdin=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == "early TimeoutError\n"
+    server = start_in_pod(net_pod, UDP_SERVER)
+    try:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+    # the relay used to end with the first "port unreachable": later datagrams were lost
+    assert out == "again echo again ('127.0.0.1', 9997)\n", err
+    assert proc.returncode == 0
+
+
+class _LocalHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"from this machine\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def machine_service() -> Iterator[int]:
+    """An HTTP service on this machine's loopback only (the pod has none on its port)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LocalHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+def test_local_filter_naming_localhost_keeps_a_machine_service_local(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path, machine_service: int
+) -> None:
+    port = machine_service
+    config = tmp_path / "mirrord.json"
+    outgoing = {"filter": {"local": [f"localhost:{port}"]}}
+    config.write_text(json.dumps({"feature": {"network": {"outgoing": outgoing}}}))
+    # curl resolves `localhost` itself and python through getaddrinfo: both must match
+    fetch = (
+        "import urllib.request as u, sys\n"
+        "for url in sys.argv[1:]:\n"
+        "    print(u.urlopen(url, timeout=10).read().decode().strip())\n"
+    )
+    urls = [f"http://localhost:{port}/", f"http://127.0.0.1:{port}/", "http://127.0.0.1:8080/pod"]
+    target = ("run", "-t", f"pid/{net_pod.pid}", "-f", str(config), "--")
+    result = mirrord.run(*target, sys.executable, "-c", fetch, *urls)
+    assert result.stdout.splitlines() == [
+        "from this machine",
+        "from this machine",
+        "pod GET /pod",
+    ], result.stderr
+    result = mirrord.run(*target, str(CURL), "-sS", "-m", "10", f"http://localhost:{port}/")
+    assert result.stdout == "from this machine\n", result.stderr
