@@ -202,3 +202,23 @@ def test_times_owner_and_mode_reach_the_pod_in_write_mode(
     assert result.returncode == 0, result.stderr
     assert result.stdout == "False 1577836800\n"
     assert files_pod.run_in_pod(["cat", "/app/w/moved.txt"]).stdout == b"moved"
+
+
+def test_tar_of_a_pod_directory_and_extracting_it_into_another(
+    mirrord: Mirrord, files_pod: LocalPod
+) -> None:
+    # tar fstat()s a directory's fd after fdopendir() on it: the agent's DirOpen took the
+    # file handle away ("Cannot stat: Bad file descriptor", exit 2)
+    script = (
+        "set -e; tar cf /app/w/sub.tar -C /app sub; mkdir -p /app/w/x; "
+        "tar xf /app/w/sub.tar -C /app/w/x; find /app/w/x | sort; cat /app/w/x/sub/deep/c.txt"
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--", "sh", "-c", script
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "/app/w/x\n/app/w/x/sub\n/app/w/x/sub/deep\n/app/w/x/sub/deep/c.txt\ndeep file\n"
+    )
+    inside = files_pod.run_in_pod(["find", "/app/w/x"]).stdout.decode().split()
+    assert sorted(inside) == result.stdout.splitlines()[:4]

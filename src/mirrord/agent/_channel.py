@@ -466,16 +466,17 @@ class Channel:
                 lambda fd: self._dir_opened(req, fd),
                 None,
             )
-        # fdopendir: the directory stream takes over the open file handle, as in libc.
+        # fdopendir: the directory stream gets its own duplicate of the open file. The file
+        # handle stays open: after fdopendir(fd) programs still fstat(fd) (tar checks that a
+        # directory did not change while it read it); the layer closes it at closedir.
         assert req.handle is not None
-        number = req.handle
 
-        def take(mode: int) -> Message:
-            if not stat_module.S_ISDIR(mode):
+        def dup_dir(h: FileHandle) -> int:
+            if not stat_module.S_ISDIR(os.fstat(h.fd).st_mode):
                 raise OSError(errno.ENOTDIR, "not a directory")
-            return self._dir_opened(req, self.handles.take(number).fd)
+            return os.dup(h.fd)
 
-        return self._on_handle(number, lambda h: os.fstat(h.fd).st_mode, take)
+        return self._on_handle(req.handle, dup_dir, lambda fd: self._dir_opened(req, fd))
 
     def _dir_read(self, req: m.DirRead) -> _Plan:
         root = self.ctx.root

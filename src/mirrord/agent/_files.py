@@ -432,7 +432,7 @@ class HandleTable:
             handle.release_fd()
 
     def take(self, number: int, kind: type[FileHandle] | None = FileHandle) -> FileHandle:
-        """Remove `number` from the table and return it (for fdopendir)."""
+        """Remove `number` from the table and return it."""
         handle = self.acquire(number, kind)
         handle.users -= 1
         del self._handles[number]
