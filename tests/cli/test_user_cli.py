@@ -222,3 +222,18 @@ def test_killed_daemon_warns_the_session_and_the_next_run_recovers(
     assert mirrord.daemon_pid() not in (None, daemon)
     # the dead daemon's agent secrets went with it
     assert not any(path.exists() for path in secrets)
+
+
+def test_a_stuck_daemon_is_named_with_what_to_do(mirrord: Mirrord) -> None:
+    assert mirrord.run("daemon", "start").returncode == 0
+    daemon = mirrord.daemon_pid()
+    assert daemon is not None
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        # a new daemon cannot take the pid lock: this used to end in "mirrordd exited while
+        # starting" and a log tail
+        result = mirrord.run("run", "-t", "pid/1", "--", "true", timeout=40)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, f"daemon (pid {daemon})", "does not answer", "kill")

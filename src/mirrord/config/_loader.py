@@ -138,14 +138,14 @@ def render_template(text: str, env: Mapping[str, str], *, source: str) -> str:
         if expr is None:
             errors.append(
                 f"{where}: template tags {match.group(0)!r}... are not supported; "
-                'only {{ get_env("NAME") }} and {{ get_env("NAME", "default") }} are'
+                'only {{ get_env("NAME") }} and {{ get_env("NAME", "default") }} are supported'
             )
             return ""
         call = _GET_ENV.match(expr)
         if call is None:
             errors.append(
                 f"{where}: unsupported template expression {{{{{expr}}}}}; only "
-                '{{ get_env("NAME") }} and {{ get_env("NAME", "default") }} are'
+                '{{ get_env("NAME") }} and {{ get_env("NAME", "default") }} are supported'
             )
             return ""
         name = call.group(1) if call.group(1) is not None else call.group(2)

@@ -160,12 +160,32 @@ def daemon_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return result
 
 
-def _status(paths: RuntimePaths) -> dict[str, Any] | None:
+class _NoAnswer(DaemonError):
+    """A daemon accepted the control connection but did not answer `status`."""
+
+
+def _status(paths: RuntimePaths, *, stuck_is_error: bool = False) -> dict[str, Any] | None:
+    """The daemon's status, or None when none answers. With `stuck_is_error`, a daemon that
+    accepts the connection but does not answer raises `_NoAnswer` instead."""
     try:
-        with ControlClient(paths.control_socket) as client:
-            return dict(client.call("status", timeout=5))
+        client = ControlClient(paths.control_socket)
     except DaemonError:
         return None
+    try:
+        with client:
+            return dict(client.call("status", timeout=5))
+    except DaemonError:
+        if stuck_is_error:
+            raise _NoAnswer("no answer") from None
+        return None
+
+
+def _stuck(pid: int, paths: RuntimePaths) -> DaemonError:
+    # A new daemon would only fail on the pid lock: say which process to deal with.
+    return DaemonError(
+        f"the mirrord daemon (pid {pid}) in {paths.root} does not answer (stopped or stuck?): "
+        f"`kill {pid}` (or `kill -9 {pid}`) and run again; its log: `mirrord daemon logs`"
+    )
 
 
 def _ping(paths: RuntimePaths) -> bool:
@@ -262,6 +282,20 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _live_daemon_pid(paths: RuntimePaths) -> int | None:
+    """The pid in `mirrordd.pid` if that process is alive and is a mirrord daemon (it holds
+    the pid lock, so no new daemon can start in this directory)."""
+    try:
+        pid = int(paths.pid_lock.read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(pid) or not (b"mirrord.daemon" in cmdline or b"mirrordd" in cmdline):
+        return None
+    return pid
+
+
 def _log_tail(path: Path, lines: int = 5) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -280,7 +314,13 @@ def ensure_daemon(
     """Make sure a daemon of this install answers on the runtime directory's control socket;
     returns True if this call started it. An idle daemon of another install (its layer would
     not match ours) is replaced; a busy one is an error that says what to do."""
-    status = _status(paths)
+    try:
+        status = _status(paths, stuck_is_error=True)
+    except _NoAnswer:
+        stuck = _live_daemon_pid(paths)
+        if stuck is not None:
+            raise _stuck(stuck, paths) from None
+        status = None
     if status is not None and _same_build(status):
         return False
     paths.ensure()
@@ -298,6 +338,9 @@ def ensure_daemon(
             status = None
         if status is not None:
             return False  # another command started it while we waited for the lock
+        stuck = _live_daemon_pid(paths)
+        if stuck is not None:
+            raise _stuck(stuck, paths)
         if progress is not None:
             progress("starting the mirrord daemon")
         start_daemon(paths, idle_timeout=idle_timeout, log_level=log_level)
