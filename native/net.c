@@ -199,7 +199,17 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     }
     int type = sock_type(fd);
     if (policy_connect(sa, len, type) == P_LOCAL) {
-        return REAL(connect)(fd, sa, len);
+        int rc = REAL(connect)(fd, sa, len);
+        struct ent *le = rc == 0 && type == SOCK_DGRAM ? fd_peek(fd) : NULL;
+        if (le != NULL && le->kind == K_SOCK) {
+            /* a UDP socket connected again, now to a local address: no longer relayed */
+            struct ent *e = ent_get(fd);
+            if (e != NULL) {
+                e->remote = 0;
+            }
+            ent_put(e);
+        }
+        return rc;
     }
     struct ent *pe = type == SOCK_STREAM ? fd_peek(fd) : NULL;
     if (pe != NULL && pe->kind == K_SOCK) {
@@ -225,7 +235,7 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     if (rc == 0) {
         rc = REAL(connect)(fd, (struct sockaddr *)&relay, relay_len);
         int saved = errno;
-        if (rc == 0 || errno == EINPROGRESS) {
+        if (rc == 0 || errno == EINPROGRESS || errno == EINTR) { /* EINTR: it goes on */
             struct ent *e = sock_ent(fd);
             if (e != NULL) {
                 e->remote = 1;
@@ -241,7 +251,8 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
             DBG("connect fd %d remotely through the daemon", fd);
         }
         errno = saved;
-    } else if (errno == ECONNREFUSED && type == SOCK_STREAM && (family == AF_INET || family == AF_INET6) &&
+    } else if (errno == ECONNREFUSED && type == SOCK_STREAM &&
+               (family == AF_INET || family == AF_INET6) &&
                (REAL(fcntl)(fd, F_GETFL) & O_NONBLOCK)) {
         rc = refuse_in_progress(fd, family);
     }
@@ -280,7 +291,7 @@ HOOK int getsockname(int fd, struct sockaddr *sa, socklen_t *len) {
         return REAL(getsockname)(fd, sa, len);
     }
     int rc = 0;
-    if (e->remote && e->local_len > 0 && e->socktype == SOCK_STREAM) {
+    if (e->remote && e->local_len > 0) {
         copy_addr_out(&e->local, e->local_len, sa, len);
     } else if (e->bound && !e->remote) {
         copy_addr_out(&e->req, e->req_len, sa, len); /* the address the app asked for */

@@ -169,7 +169,7 @@ def test_node_lookup_of_an_unknown_name_is_enotfound(
 
 
 CONNECT_APP = """
-import errno, select, socket
+import errno, select, socket, sys
 
 def name(code):
     return errno.errorcode.get(code, code)
@@ -197,6 +197,11 @@ print("polled", [name(c) for c in codes])
 s.setblocking(True)
 print("first", s.recv(100).decode().strip())
 print("second", socket.create_connection(("127.0.0.1", 7171), timeout=5).recv(100).decode().strip())
+
+# the local address of a connected UDP socket is the target's, as for TCP
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect((sys.argv[1], 9))
+print("udp local address", u.getsockname()[0])
 """
 
 
@@ -207,7 +212,9 @@ def test_refused_and_polled_nonblocking_connects_behave_as_in_the_pod(
     app.write_text(CONNECT_APP)
     server = start_in_pod(net_pod, COUNTING_SERVER)
     try:
-        result = mirrord.run("run", "-t", f"pid/{net_pod.pid}", "--", sys.executable, str(app))
+        result = mirrord.run(
+            "run", "-t", f"pid/{net_pod.pid}", "--", sys.executable, str(app), net_pod.ip
+        )
     finally:
         server.kill()
         server.wait(timeout=5)
@@ -218,6 +225,7 @@ def test_refused_and_polled_nonblocking_connects_behave_as_in_the_pod(
         # each poll used to open one more connection in the pod
         "first connection 1",
         "second connection 2",
+        f"udp local address {net_pod.ip}",
     ], result.stderr
 
 

@@ -281,8 +281,10 @@ class TargetResolver:
             except dns.resolver.NoAnswer:
                 continue
             except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+                # glibc asks for A and AAAA at once: no server that failed one answers the
+                # other in time, so do not wait a second lifetime for it
                 again = str(exc)
-                continue
+                break
             except dns.exception.DNSException as exc:
                 raise GaiError(socket.EAI_FAIL, f"lookup of {host} failed: {exc}") from None
             found.extend(str(r.address) for r in answer)
