@@ -3300,3 +3300,93 @@ HOOK int fchmodat(int dirfd, const char *path, mode_t mode, int flags) {
     }
     return REAL(fchmodat)(dirfd, path, mode, flags);
 }
+
+/* ---------------------------------------------------------------- links
+ *
+ * symlink/symlinkat send Symlink (the link's text as given) and link/linkat send Link; like
+ * mkdir they modify, so in read mode they stay local. A link between this machine and the
+ * target is EXDEV, as between two file systems. */
+
+enum { M_SYMLINK = 42, M_LINK = 43 };
+
+HOOK int symlinkat(const char *target, int dirfd, const char *path) {
+    if (g_active && !t_guard) {
+        char full[PATH_CAP];
+        int saved = errno;
+        int d = decide(dirfd, path, 1, full, sizeof full);
+        if (d == P_NOT_FOUND) {
+            errno = ENOENT;
+            return -1;
+        }
+        if (d == P_REMOTE) {
+            t_guard++;
+            int rc = ({
+                int r_;
+                struct lconn *c_ = conn_acquire();
+                if (c_ == NULL) {
+                    r_ = -1;
+                } else {
+                    cbor_w *w = conn_begin(c_, M_SYMLINK, 2);
+                    cw_bytes(w, target, strlen(target));
+                    cw_bytes(w, full, strlen(full));
+                    cbor_r rr;
+                    r_ = conn_call(c_, M_OK, &rr);
+                    conn_release(c_);
+                }
+                r_;
+            });
+            t_guard--;
+            return rc;
+        }
+        errno = saved;
+    }
+    return REAL(symlinkat)(target, dirfd, path);
+}
+
+HOOK int symlink(const char *target, const char *path) {
+    return symlinkat(target, AT_FDCWD, path);
+}
+
+HOOK int linkat(int olddir, const char *old, int newdir, const char *new, int flags) {
+    if (g_active && !t_guard && !(flags & AT_EMPTY_PATH)) {
+        char a[PATH_CAP], b[PATH_CAP];
+        int saved = errno;
+        int da = decide(olddir, old, 1, a, sizeof a);
+        int db = decide(newdir, new, 1, b, sizeof b);
+        if (da != P_LOCAL || db != P_LOCAL) {
+            if (da == P_NOT_FOUND || db == P_NOT_FOUND) {
+                errno = ENOENT;
+                return -1;
+            }
+            if (da != db) {
+                errno = EXDEV;
+                return -1;
+            }
+            t_guard++;
+            int rc = ({
+                int r_;
+                struct lconn *c_ = conn_acquire();
+                if (c_ == NULL) {
+                    r_ = -1;
+                } else {
+                    cbor_w *w = conn_begin(c_, M_LINK, 3);
+                    cw_bytes(w, a, strlen(a));
+                    cw_bytes(w, b, strlen(b));
+                    cw_bool(w, (flags & AT_SYMLINK_FOLLOW) != 0);
+                    cbor_r rr;
+                    r_ = conn_call(c_, M_OK, &rr);
+                    conn_release(c_);
+                }
+                r_;
+            });
+            t_guard--;
+            return rc;
+        }
+        errno = saved;
+    }
+    return REAL(linkat)(olddir, old, newdir, new, flags);
+}
+
+HOOK int link(const char *old, const char *new) {
+    return linkat(AT_FDCWD, old, AT_FDCWD, new, 0);
+}

@@ -78,7 +78,8 @@ int fcntl64(int fd, int cmd, ...);
     X(syscall) X(fdatasync) X(preadv) X(preadv64) X(pwritev) X(pwritev64) X(mmap) X(mmap64) \
     X(mkstemp) X(mkstemp64) X(mkostemp) X(mkostemp64) X(mkstemps) X(mkstemps64)           \
     X(mkostemps) X(mkostemps64) X(mkdtemp) X(realpath) X(canonicalize_file_name)         \
-    X(utimensat) X(futimens) X(fchownat) X(fchown) X(fchmodat) X(setxattr) X(lsetxattr) X(fsetxattr)
+    X(utimensat) X(futimens) X(fchownat) X(fchown) X(fchmodat) X(setxattr) X(lsetxattr) X(fsetxattr) \
+    X(symlinkat) X(linkat)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
 #pragma GCC diagnostic push

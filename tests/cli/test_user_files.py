@@ -222,3 +222,22 @@ def test_tar_of_a_pod_directory_and_extracting_it_into_another(
     )
     inside = files_pod.run_in_pod(["find", "/app/w/x"]).stdout.decode().split()
     assert sorted(inside) == result.stdout.splitlines()[:4]
+
+
+def test_symlinks_and_hard_links_are_made_in_the_pod_in_write_mode(
+    mirrord: Mirrord, files_pod: LocalPod
+) -> None:
+    # symlink/link were not hooked: `ln -s` into a pod directory failed with ENOENT
+    script = (
+        "set -e; mkdir -p /app/w/l; echo hi > /app/w/l/f; ln -s f /app/w/l/rel; "
+        "ln -s /app/sub /app/w/l/abs; ln /app/w/l/f /app/w/l/hard; "
+        "readlink /app/w/l/rel /app/w/l/abs; cat /app/w/l/rel; ls /app/w/l/abs/; "
+        "stat -c %h /app/w/l/f; ln /app/w/l/f /tmp/never 2>&1 | grep -c cross-device"
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--", "sh", "-c", script
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "f\n/app/sub\nhi\ndeep\n2\n1\n"
+    inside = files_pod.run_in_pod(["readlink", "/app/w/l/rel", "/app/w/l/abs"]).stdout
+    assert inside == b"f\n/app/sub\n"

@@ -156,6 +156,8 @@ class Channel:
             m.Fsync: self._fsync,
             m.Utimens: self._utimens,
             m.Chown: self._chown,
+            m.Symlink: self._symlink,
+            m.Link: self._link,
         }
         self._handlers: dict[type[Message], Callable[[Any], Awaitable[Message | None]]] = {
             m.EnvRequest: self._env,
@@ -541,6 +543,13 @@ class Channel:
             self._ok(req),
             None,
         )
+
+    def _symlink(self, req: m.Symlink) -> _Plan:
+        return self._root_call(self.ctx.root.symlink, req.target, req.path), self._ok(req), None
+
+    def _link(self, req: m.Link) -> _Plan:
+        call = self._root_call(self.ctx.root.link, req.old, req.new, req.follow)
+        return call, self._ok(req), None
 
     # -- env, DNS, hostname --------------------------------------------------------------------
 

@@ -323,6 +323,47 @@ class TargetRoot:
         finally:
             os.close(parent)
 
+    def symlink(self, target: bytes, path: bytes) -> None:
+        try:
+            parent, name = self._parent(path)
+        except IsADirectoryError:
+            raise FileExistsError(errno.EEXIST, "exists") from None
+        try:
+            os.symlink(target, name, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def link(self, old: bytes, new: bytes, follow: bool) -> None:
+        try:
+            new_parent, new_name = self._parent(new)
+        except IsADirectoryError:
+            raise FileExistsError(errno.EEXIST, "exists") from None
+        try:
+            if follow:
+                # resolved confined first: the kernel would follow an absolute link on the node
+                fd = self.open(old, os.O_PATH)
+                try:
+                    os.link(f"/proc/self/fd/{fd}", new_name, dst_dir_fd=new_parent)
+                finally:
+                    os.close(fd)
+                return
+            try:
+                old_parent, old_name = self._parent(old)
+            except IsADirectoryError:
+                raise PermissionError(errno.EPERM, "cannot link a directory") from None
+            try:
+                os.link(
+                    old_name,
+                    new_name,
+                    src_dir_fd=old_parent,
+                    dst_dir_fd=new_parent,
+                    follow_symlinks=False,
+                )
+            finally:
+                os.close(old_parent)
+        finally:
+            os.close(new_parent)
+
     def opendir_fd(self, path: bytes) -> int:
         return self.open(path, os.O_RDONLY | os.O_DIRECTORY)
 

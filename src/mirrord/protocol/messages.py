@@ -78,6 +78,7 @@ __all__ = [
     "LayerListen",
     "LayerUnlisten",
     "LayerWelcome",
+    "Link",
     "Mkdir",
     "Ok",
     "PeerLookup",
@@ -94,6 +95,7 @@ __all__ = [
     "StatReply",
     "Subscribe",
     "Subscribed",
+    "Symlink",
     "TrafficStats",
     "Unlink",
     "Unsubscribe",
@@ -461,6 +463,25 @@ class Chown(Request):
     def _validate(self) -> None:
         if (self.path is None) == (self.handle is None):
             raise ValueError("exactly one of path and handle")
+
+
+@message(42)
+class Symlink(Request):
+    """symlink(target, path): `target` is the link's text, stored as given."""
+
+    request_id: int
+    target: bytes
+    path: bytes
+
+
+@message(43)
+class Link(Request):
+    """link(old, new); `follow` (AT_SYMLINK_FOLLOW) links what a symlink `old` points to."""
+
+    request_id: int
+    old: bytes
+    new: bytes
+    follow: bool = False
 
 
 # ---------------------------------------------------------------- shared: env, DNS
