@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -237,3 +238,29 @@ def test_a_stuck_daemon_is_named_with_what_to_do(mirrord: Mirrord) -> None:
         os.kill(daemon, signal.SIGCONT)
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, f"daemon (pid {daemon})", "does not answer", "kill")
+
+
+@pytest.mark.netns
+def test_ext_wait_timeout_zero_does_not_wait(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    pod = make_pod(SPEC)
+    started = time.monotonic()
+    result = mirrord.run("ext", "-t", f"pid/{pod.pid}", "--wait-timeout", "0", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["type"] == "env"
+    assert time.monotonic() - started < 15  # 0 used to mean the default, 60 s
+    wait_for(lambda: not mirrord.sessions(), 5, "the session to close")
+
+
+@pytest.mark.netns
+def test_progress_in_ci_is_plain_lines_even_with_force_color(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    pod = make_pod(SPEC)
+    mirrord.env.update(CI="true", FORCE_COLOR="1")
+    result = mirrord.run("run", "-t", f"pid/{pod.pid}", "--", "echo", "hi", input="")
+    assert result.returncode == 0
+    assert result.stdout == "hi\n"
+    assert "\x1b" not in result.stderr  # no spinner frames in the CI log
+    assert "mirrord: reading the target's environment\n" in result.stderr

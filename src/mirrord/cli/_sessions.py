@@ -90,7 +90,9 @@ class Progress:
         self._status: Status | None = None
 
     def __enter__(self) -> Progress:
-        if self.console is not None and not self.quiet:
+        # The spinner needs a real terminal: FORCE_COLOR / TTY_COMPATIBLE (set in many CI
+        # setups) ask for colours, and an animation would fill the CI log with frames.
+        if self.console is not None and not self.quiet and _isatty(sys.stderr):
             self._status = self.console.status("mirrord: starting", spinner="dots")
             self._status.start()
         return self

@@ -452,7 +452,14 @@ class Daemon:
     async def _wait_session(self, session: Session, request: dict[str, Any]) -> dict[str, Any]:
         """Until the session's processes are all gone after at least one registered (an IDE's
         debuggee exited), or `timeout` seconds with none registered."""
-        timeout = float(request.get("wait_timeout") or 60)
+        raw = request.get("wait_timeout")
+        try:
+            # 0 means "do not wait" (`mirrord ext --wait-timeout 0`), not the default
+            timeout = 60.0 if raw is None else max(float(raw), 0.0)
+        except (TypeError, ValueError):
+            error = DaemonError(f"wait_session: wait_timeout must be a number, got {raw!r}")
+            error.code = "bad_request"
+            raise error from None
         deadline = time.monotonic() + timeout
         while session.state != "closed":
             if session.ever_registered and not session.processes:
