@@ -241,3 +241,55 @@ def test_symlinks_and_hard_links_are_made_in_the_pod_in_write_mode(
     assert result.stdout == "f\n/app/sub\nhi\ndeep\n2\n1\n"
     inside = files_pod.run_in_pod(["readlink", "/app/w/l/rel", "/app/w/l/abs"]).stdout
     assert inside == b"f\n/app/sub\n"
+
+
+PY_ERRNO = """
+import errno, os, shutil, sys
+B = sys.argv[1]
+def t(name, f):
+    try:
+        r = f()
+    except OSError as e:
+        r = errno.errorcode.get(e.errno)
+    print(name, r)
+os.makedirs(B + "/d/sub"); open(B + "/f", "w").write("x")
+t("open O_DIRECTORY on a file", lambda: os.open(B + "/f", os.O_RDONLY | os.O_DIRECTORY))
+t("open O_EXCL existing", lambda: os.open(B + "/f", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+t("open a directory for writing", lambda: os.open(B + "/d", os.O_WRONLY))
+t("create below a missing directory", lambda: os.open(B + "/no/x", os.O_CREAT | os.O_WRONLY))
+t("a file as a directory", lambda: os.open(B + "/f/x", os.O_RDONLY))
+t("mkdir existing", lambda: os.mkdir(B + "/d"))
+t("rmdir non-empty", lambda: os.rmdir(B + "/d"))
+t("rmdir a file", lambda: os.rmdir(B + "/f"))
+t("rmdir dir/.", lambda: os.rmdir(B + "/d/."))
+t("unlink a directory", lambda: os.unlink(B + "/d"))
+t("unlink missing", lambda: os.unlink(B + "/zz"))
+t("rename into itself", lambda: os.rename(B + "/d", B + "/d/sub/x"))
+t("rename a directory over a file", lambda: os.rename(B + "/d", B + "/f"))
+t("rename a file over a directory", lambda: os.rename(B + "/f", B + "/d"))
+t("listdir a file", lambda: os.listdir(B + "/f"))
+t("readlink a file", lambda: os.readlink(B + "/f"))
+t("stat file/", lambda: os.stat(B + "/f/"))
+t("utime missing", lambda: os.utime(B + "/zz"))
+t("symlink over a file", lambda: os.symlink("x", B + "/f"))
+t("hard link a directory", lambda: os.link(B + "/d", B + "/dl"))
+t("read a directory fd", lambda: os.read(os.open(B + "/d", os.O_RDONLY), 10))
+t("write a read-only fd", lambda: os.write(os.open(B + "/f", os.O_RDONLY), b"x"))
+t("read a write-only fd", lambda: os.read(os.open(B + "/f", os.O_WRONLY), 1))
+shutil.rmtree(B)
+"""
+
+
+def test_errors_of_file_calls_in_write_mode_are_the_pods(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    script = tmp_path / "errno.py"
+    script.write_text(PY_ERRNO)
+    through = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--",
+        sys.executable, str(script), "/app/w/e1",
+    )  # fmt: skip
+    assert through.returncode == 0, through.stderr
+    inside = files_pod.run_in_pod([sys.executable, str(script), "/app/w/e2"])
+    assert through.stdout == inside.stdout.decode()
+    assert "rmdir dir/. EINVAL" in through.stdout  # the agent said EBUSY

@@ -257,7 +257,10 @@ class TargetRoot:
         try:
             parent, name = self._parent(path)
         except IsADirectoryError:
-            raise OSError(errno.EBUSY, "cannot remove this directory") from None
+            # as Linux answers: "dir/." EINVAL, "dir/.." ENOTEMPTY, "/" EBUSY
+            last = path.rstrip(b"/").rpartition(b"/")[2]
+            code = {b".": errno.EINVAL, b"..": errno.ENOTEMPTY}.get(last, errno.EBUSY)
+            raise OSError(code, os.strerror(code)) from None
         try:
             os.rmdir(name, dir_fd=parent)
         finally:
