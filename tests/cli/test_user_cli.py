@@ -264,3 +264,16 @@ def test_progress_in_ci_is_plain_lines_even_with_force_color(
     assert result.stdout == "hi\n"
     assert "\x1b" not in result.stderr  # no spinner frames in the CI log
     assert "mirrord: reading the target's environment\n" in result.stderr
+
+
+@pytest.mark.netns
+def test_an_empty_env_include_means_no_remote_variable(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    pod = make_pod(SPEC)
+    show = "import os; print(os.environ.get('POD_VAR'))"
+    result = mirrord.run("run", "-t", f"pid/{pod.pid}", "-s", "", "--", sys.executable, "-c", show)
+    assert result.returncode == 0, result.stderr
+    # the warning said "no remote variable is used" while the agent sent all of them
+    assert "feature.env.include is empty" in result.stderr
+    assert result.stdout.strip() == "None"

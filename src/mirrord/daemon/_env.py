@@ -91,7 +91,10 @@ async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> di
     """The target's environment as filtered by `feature.env.include/exclude`."""
     if not env_enabled(config):
         return {}
-    include = _patterns(config_value(config, "feature", "env", "include", default=None))
+    raw_include = config_value(config, "feature", "env", "include", default=None)
+    include = _patterns(raw_include)
+    if raw_include is not None and raw_include is not True and not include:
+        return {}  # an empty include list is "none of them" (the agent reads [] as "all")
     exclude = _patterns(config_value(config, "feature", "env", "exclude", default=None))
     channel = link.open_channel(_EnvChannel(), pid=pid, label="session environment")
     replies: list[Message] = []
