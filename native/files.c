@@ -674,6 +674,7 @@ static int open_remote(const char *path, int flags, mode_t mode) {
             }
             e->kind = K_MFILE;
             e->st.st_size = (off_t)size;
+            clock_gettime(CLOCK_MONOTONIC, &e->checked);
         } else if (fd >= 0) {
             struct stat cst;
             e->kind = K_MFILE;
@@ -857,6 +858,82 @@ HOOK int creat64(const char *path, mode_t mode) {
         return realcall;                                                                \
     }
 
+/* A fetched file is a snapshot taken at open. A program that keeps it open (tail -f, a log
+ * follower) must see it grow or shrink on the target as it would locally: at fstat, and at a
+ * read that hits the end, once the last look is a second old, the target's size is checked
+ * again (by path; the same inode only: a replaced file is not the open one) and what it grew
+ * by is appended to the memfd (or the memfd is cut). A file read whole right after its open
+ * never pays for this; a followed file pays one stat a second. */
+static void mfile_refresh(int fd, struct ent *e) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long long age_ms = (long long)(now.tv_sec - e->checked.tv_sec) * 1000 +
+                       (now.tv_nsec - e->checked.tv_nsec) / 1000000;
+    if (e->writeback || e->path == NULL || age_ms < 1000 ||
+        __atomic_exchange_n(&e->refreshing, 1, __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    int saved = errno;
+    t_guard++;
+    struct stat rst, lst;
+    if (REAL(fstat)(fd, &lst) == 0 && rstat(e->path, 0, 0, 1, &rst) == 0 &&
+        rst.st_ino == e->st.st_ino && rst.st_dev == e->st.st_dev && S_ISREG(rst.st_mode)) {
+        off_t have = lst.st_size;
+        if (rst.st_size < have) {
+            REAL(ftruncate)(fd, rst.st_size); /* truncated on the target (tail says so) */
+            have = rst.st_size;
+        } else if (rst.st_size > have) {
+            struct lconn *c = conn_acquire();
+            uint64_t h = 0;
+            int rc = -1;
+            if (c != NULL) {
+                cbor_w *w = conn_begin(c, M_FILE_OPEN, 3);
+                cw_bytes(w, e->path, strlen(e->path));
+                cw_uint(w, O_RDONLY);
+                cw_uint(w, 0);
+                cbor_r r;
+                rc = conn_call(c, M_FILE_OPENED, &r);
+                if (rc == 0 && cr_uint(&r, &h) < 0) {
+                    rc = -1;
+                }
+                conn_release(c);
+            }
+            char *buf = rc == 0 ? malloc(MAX_DATA_CHUNK) : NULL;
+            /* at most what fetch_limit allows in one look: a runaway file is read in steps */
+            off_t end = rst.st_size - have > g_set.fetch_limit ? have + g_set.fetch_limit : rst.st_size;
+            while (buf != NULL && have < end) {
+                size_t want = end - have > MAX_DATA_CHUNK ? MAX_DATA_CHUNK : (size_t)(end - have);
+                ssize_t n = rfile_read_chunk(h, buf, want, have);
+                if (n <= 0 || REAL(pwrite)(fd, buf, (size_t)n, have) != n) {
+                    break;
+                }
+                have += n;
+            }
+            free(buf);
+            if (rc == 0) {
+                rfile_close_handle(h);
+            }
+        }
+        e->st = rst;
+        e->st.st_size = have;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &e->checked);
+    t_guard--;
+    __atomic_store_n(&e->refreshing, 0, __ATOMIC_RELEASE);
+    errno = saved;
+}
+
+/* read() at the end of a fetched file: look again (mfile_refresh), then read once more. */
+static __attribute__((noinline)) ssize_t mfile_read_at_end(int fd, void *buf, size_t n) {
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return 0;
+    }
+    mfile_refresh(fd, e);
+    ent_put(e);
+    return REAL(read)(fd, buf, n);
+}
+
 /* The memfd of a file opened write-only is readable: refuse as the real fd would. */
 static int mfile_writeonly(int fd, struct ent *pe) {
     if (pe->kind == K_MFILE && pe->writeback && (pe->oflags & O_ACCMODE) == O_WRONLY) {
@@ -874,7 +951,14 @@ static int mfile_writeonly(int fd, struct ent *pe) {
 HOOK ssize_t read(int fd, void *buf, size_t n) {
     RFILE_OR_BYPASS(fd, REAL(read)(fd, buf, n))
     if (pe->kind == K_MFILE) {
-        return mfile_writeonly(fd, pe) ? -1 : REAL(read)(fd, buf, n);
+        if (mfile_writeonly(fd, pe)) {
+            return -1;
+        }
+        ssize_t r = REAL(read)(fd, buf, n);
+        if (__builtin_expect(r == 0 && n > 0 && !pe->writeback, 0)) {
+            r = mfile_read_at_end(fd, buf, n);
+        }
+        return r;
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
@@ -1254,6 +1338,7 @@ static int fstat_remote(int fd, struct stat *st, int *ret) {
     t_guard++;
     if (e->kind == K_MFILE) {
         struct stat real;
+        mfile_refresh(fd, e);
         *st = e->st;
         if (REAL(fstat)(fd, &real) == 0) {
             st->st_size = real.st_size;

@@ -147,6 +147,10 @@ struct ent {
      * through `handle` when the last fd closes, on fsync, before exec and at exit */
     int writeback;
     int cache_fd; /* the layer's own fd to the memfd, for flushing after the app's are gone */
+    /* K_MFILE opened read-only: when its size on the target was last checked (mfile_refresh),
+     * and a flag so that one thread at a time appends what the file grew by */
+    struct timespec checked;
+    int refreshing;
     struct timespec synced_mtim;
     off_t synced_size;
     /* sockets */

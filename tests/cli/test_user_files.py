@@ -9,6 +9,7 @@ syscall(), glibc's realpath and mkstemp, mmap of a file bigger than fetch_limit,
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -293,3 +294,32 @@ def test_errors_of_file_calls_in_write_mode_are_the_pods(
     inside = files_pod.run_in_pod([sys.executable, str(script), "/app/w/e2"])
     assert through.stdout == inside.stdout.decode()
     assert "rmdir dir/. EINVAL" in through.stdout  # the agent said EBUSY
+
+
+PY_FOLLOW = """
+import os, sys, time
+f = open("/app/w/grow.log")
+print("first", repr(f.read()), flush=True)
+sys.stdin.readline()  # the test appended a line in the pod
+time.sleep(1.1)  # a fetched file is looked at again once its snapshot is a second old
+print("then", repr(f.read()), os.fstat(f.fileno()).st_size, flush=True)
+"""
+
+
+def test_a_file_kept_open_sees_what_the_pod_appends(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # a read-only open fetched a snapshot: tail -f and log followers never saw new lines
+    files_pod.run_in_pod(["sh", "-c", "echo one > /app/w/grow.log"])
+    script = tmp_path / "follow.py"
+    script.write_text(PY_FOLLOW)
+    proc = mirrord.popen(
+        "run", "-t", f"pid/{files_pod.pid}", "--", sys.executable, str(script),
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline() == "first 'one\\n'\n"
+    files_pod.run_in_pod(["sh", "-c", "echo two >> /app/w/grow.log"])
+    out, err = proc.communicate("go\n", timeout=30)
+    assert out == "then 'two\\n' 8\n", err
+    assert proc.returncode == 0
