@@ -83,6 +83,13 @@ class Relay:
         self._failed: int | None = None  # errno of a user-side failure
         self._scope: anyio.CancelScope | None = None
         self._aborted = False
+        # Incoming connections: the layer's accept() asks the daemon for the real peer
+        # (PeerLookup), which sets `app_accepted`. A connection the app never accepted and
+        # never wrote to was still in its listen queue when it stopped listening: the app saw
+        # none of it, and the agent is told ECONNREFUSED so the pod's app can answer instead.
+        self.app_accepted = False
+        self._accept_known = False
+        self._app_sent = False
         for c in counters:
             c.connections += 1
 
@@ -171,6 +178,7 @@ class Relay:
         """Connect to the user app's listening socket, then relay. `on_connected` learns our
         source port before the connection exists, so a `PeerLookup` from the app's `accept()`
         can never arrive before the daemon knows the peer."""
+        self._accept_known = True
         try:
             with anyio.CancelScope() as self._scope:
                 if self._aborted:
@@ -195,7 +203,10 @@ class Relay:
                 reset_stream(stream)
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
-            self._send_close(self._failed or (0 if clean else errno_mod.ECONNRESET))
+            close_errno = self._failed or (0 if clean else errno_mod.ECONNRESET)
+            if close_errno and self._accept_known and not self.app_accepted and not self._app_sent:
+                close_errno = errno_mod.ECONNREFUSED  # see `app_accepted`
+            self._send_close(close_errno)
 
     def _done(self) -> bool:
         if self._failed is not None:
@@ -250,6 +261,7 @@ class Relay:
                 self._failed = errno_mod.ECONNRESET
                 scope.cancel()
                 return
+            self._app_sent = True
             if self.mirror or self.agent_closed is not None:
                 continue  # mirrored: the app's answer goes nowhere
             self.link.send(m.Data(conn_id=self.conn_id, data=data), self.channel)

@@ -91,6 +91,7 @@ class Session:
         self.ever_registered = False
         self.counters = Counters()
         self.peers: dict[int, tuple[str, int]] = {}  # daemon-side source port -> real peer
+        self.incoming_relays: dict[int, Relay] = {}  # daemon-side source port -> its relay
         self.warnings: list[str] = []
         self.kernel_drops: dict[int, int] = {}  # mirrored port -> the sniffer's kernel drops
         self._drop_warned: dict[int, float] = {}
@@ -307,6 +308,7 @@ class LayerProcess:
         def connected(_relay: Relay, local_port: int) -> None:
             ports.append(local_port)
             self.session.peers[local_port] = peer
+            self.session.incoming_relays[local_port] = relay
 
         try:
             await relay.serve_tcp_incoming(address, port, connected)
@@ -314,6 +316,8 @@ class LayerProcess:
             for local_port in ports:
                 if self.session.peers.get(local_port) == peer:
                     del self.session.peers[local_port]
+                if self.session.incoming_relays.get(local_port) is relay:
+                    del self.session.incoming_relays[local_port]
 
     # -- requests from the layer
 
@@ -472,6 +476,9 @@ class LayerProcess:
 
     def peer(self, client: LayerClient, msg: m.PeerLookup) -> None:
         peer = self.session.peers.get(msg.local_port)
+        relay = self.session.incoming_relays.get(msg.local_port)
+        if relay is not None:
+            relay.app_accepted = True  # the app accept()ed it: it may have seen its bytes
         if peer is None:
             reply: Message = m.ErrorReply(
                 request_id=0, errno=errno_mod.ENOENT, message="not an incoming connection"
