@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -277,3 +278,29 @@ def test_an_empty_env_include_means_no_remote_variable(
     # the warning said "no remote variable is used" while the agent sent all of them
     assert "feature.env.include is empty" in result.stderr
     assert result.stdout.strip() == "None"
+
+
+def test_ls_against_an_api_server_that_never_answers_times_out(
+    mirrord: Mirrord, tmp_path: Path
+) -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)  # accepted by the kernel, never answered
+    try:
+        port = server.getsockname()[1]
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            f"clusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\n"
+            "users: [{name: u, user: {token: t}}]\n"
+            "contexts: [{name: c, context: {cluster: c, user: u, namespace: default}}]\n"
+        )
+        mirrord.env["KUBECONFIG"] = str(kubeconfig)
+        started = time.monotonic()
+        result = mirrord.run("ls", "--json", "--timeout", "1", timeout=30)
+    finally:
+        server.close()
+    assert result.returncode == 1
+    assert time.monotonic() - started < 15  # it used to wait forever
+    assert "did not answer within 1 s" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""

@@ -47,6 +47,10 @@ def ls(
     config_file: Annotated[
         Path | None, typer.Option("--config-file", "-f", help="mirrord config file.")
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="Seconds to wait for the API server's answers.", min=0.1),
+    ] = 30.0,
 ) -> None:
     """List the targets (deployments, rollouts, statefulsets, cronjobs, jobs, pods) of a
     namespace."""
@@ -60,10 +64,18 @@ def ls(
     cfg = _config(config_file)
     ns = namespace or getattr(cfg.target, "namespace", None)
     rich_output = rich_output or os.environ.get("MIRRORD_LS_RICH_OUTPUT", "").lower() == "true"
+    listing = list_targets(namespace=ns, kubeconfig=cfg.kubeconfig, context=cfg.kube_context)
     try:
-        found = asyncio.run(
-            list_targets(namespace=ns, kubeconfig=cfg.kubeconfig, context=cfg.kube_context)
+        # An API server that accepts connections but never answers would hang an IDE's
+        # target picker forever.
+        found = asyncio.run(asyncio.wait_for(listing, timeout))
+    except TimeoutError:
+        typer.echo(
+            f"mirrord ls: the API server did not answer within {timeout:g} s; check the "
+            "kubeconfig's server and your network/VPN (or give more time with --timeout)",
+            err=True,
         )
+        raise typer.Exit(1) from None
     except KubeError as exc:
         typer.echo(f"mirrord ls: {exc}", err=True)
         raise typer.Exit(1) from None
