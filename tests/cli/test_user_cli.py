@@ -304,3 +304,31 @@ def test_ls_against_an_api_server_that_never_answers_times_out(
     assert time.monotonic() - started < 15  # it used to wait forever
     assert "did not answer within 1 s" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_relative_or_too_long_runtime_directory(tmp_path: Path) -> None:
+    # relative: the daemon (started in /) used another directory than its client: 20 s, then
+    # "mirrordd did not answer"
+    cli = Mirrord(tmp_path / "rt")
+    try:
+        env = dict(cli.env, MIRRORD_RUNTIME_DIR="rt")
+        result = subprocess.run(
+            [MIRRORD, "daemon", "start"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"in {tmp_path / 'rt'}" in result.stdout
+        assert (tmp_path / "rt" / "mirrordd.sock").exists()
+    finally:
+        cli.cleanup()
+    # too long for unix socket paths: said before anything is created
+    long = Mirrord(tmp_path / ("x" * 100))
+    result = long.run("run", "-t", "pid/1", "--", "true", timeout=20)
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, "too long a path for the unix sockets")
+    assert not long.runtime.exists()

@@ -20,10 +20,17 @@ def runtime_dir(env: Mapping[str, str] | None = None) -> Path:
     """`$MIRRORD_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/mirrord`, else `~/.mirrord` (I7)."""
     env = os.environ if env is None else env
     if env.get("MIRRORD_RUNTIME_DIR"):
-        return Path(env["MIRRORD_RUNTIME_DIR"])
+        # absolute: the daemon runs in / and the layer in the user app's directory
+        return Path(env["MIRRORD_RUNTIME_DIR"]).absolute()
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "mirrord"
     return Path(env.get("HOME") or Path.home()) / ".mirrord"
+
+
+# sun_path holds 108 bytes with the terminating NUL; the longest name kept in the directory is
+# an agent's socket, `agent-<daemon pid>-<n>.sock` (the local backend's naming).
+_MAX_SOCKET_PATH = 107
+_LONGEST_SOCKET_NAME = "agent-4194304-99999.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +63,15 @@ class RuntimePaths:
         """Create the directory (0700), and tighten it if it exists with looser modes.
 
         Raises `DaemonError` saying which directory is unusable and how to choose another
-        (a path that is a file, a parent that cannot be created, a directory of another user)."""
+        (a path that is a file, a parent that cannot be created, a directory of another user,
+        a path too long for the unix sockets in it)."""
+        longest = len(os.fsencode(self.root / _LONGEST_SOCKET_NAME))
+        if longest > _MAX_SOCKET_PATH:
+            raise DaemonError(
+                f"the mirrord runtime directory {self.root} is too long a path for the unix "
+                f"sockets kept in it ({longest} bytes with a socket name; the limit is "
+                f"{_MAX_SOCKET_PATH}): point $MIRRORD_RUNTIME_DIR at a shorter path"
+            )
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             if (self.root.stat().st_mode & 0o777) != 0o700:
