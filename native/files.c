@@ -3475,3 +3475,195 @@ HOOK int linkat(int olddir, const char *old, int newdir, const char *new, int fl
 HOOK int link(const char *old, const char *new) {
     return linkat(AT_FDCWD, old, AT_FDCWD, new, 0);
 }
+
+/* ---------------------------------------------------------------- remote fds across exec
+ *
+ * `cmd > /app/out` (the shell opens the file, dup2s it to 1, execs cmd) and `cmd < big`: the
+ * new image must know that its inherited fd is a remote file, or it writes into the
+ * placeholder (lost) or reads an empty one. exec keeps the process's channel, so its handles
+ * stay valid: each remote fd that survives exec is named in MIRRORD_LAYER_FILES as
+ * `fd:kind:handle:oflags:hex(path)` (kind r: handle-backed, w: write-back cache, already
+ * written back before exec), or `fd:=:otherfd` for a dup of an earlier one. */
+
+static void hex_put(char *out, const char *s) {
+    static const char digits[] = "0123456789abcdef";
+    for (; *s; s++) {
+        *out++ = digits[(unsigned char)*s >> 4];
+        *out++ = digits[(unsigned char)*s & 15];
+    }
+    *out = 0;
+}
+
+char *files_exec_env(void) {
+    size_t cap = 256, len = 0;
+    char *buf = malloc(cap);
+    if (buf == NULL) {
+        return NULL;
+    }
+    len = (size_t)snprintf(buf, cap, "MIRRORD_LAYER_FILES=");
+    size_t start = len;
+    struct ent *seen[64];
+    int seen_fd[64], nseen = 0;
+    for (int fd = 0; fd < MAX_FDS; fd++) {
+        struct ent *e = fd_peek(fd);
+        if (e == NULL || !((e->kind == K_RFILE && e->has_handle) ||
+                           (e->kind == K_MFILE && e->writeback && e->has_handle))) {
+            continue;
+        }
+        int fl = REAL(fcntl)(fd, F_GETFD);
+        if (fl < 0 || (fl & FD_CLOEXEC)) {
+            continue;
+        }
+        size_t plen = e->path != NULL ? strlen(e->path) : 0;
+        size_t need = len + 2 * plen + 96;
+        if (need > cap) {
+            char *nb = realloc(buf, need * 2);
+            if (nb == NULL) {
+                break;
+            }
+            buf = nb;
+            cap = need * 2;
+        }
+        int alias = -1;
+        for (int i = 0; i < nseen; i++) {
+            if (seen[i] == e) {
+                alias = seen_fd[i];
+            }
+        }
+        const char *sep = len > start ? "," : "";
+        if (alias >= 0) {
+            len += (size_t)snprintf(buf + len, cap - len, "%s%d:=:%d", sep, fd, alias);
+            continue;
+        }
+        if (nseen < 64) {
+            seen[nseen] = e;
+            seen_fd[nseen++] = fd;
+        }
+        len += (size_t)snprintf(buf + len, cap - len, "%s%d:%c:%llu:%d:", sep, fd,
+                                e->kind == K_RFILE ? 'r' : 'w', (unsigned long long)e->handle,
+                                e->oflags);
+        hex_put(buf + len, e->path != NULL ? e->path : "");
+        len += 2 * plen;
+    }
+    if (len == start) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+/* An inherited read-only file bigger than fetch_limit (`cmd < big`): stdio reads stdin with
+ * libc's internal read, which no hook sees, so the content goes into the placeholder (up to 16
+ * times fetch_limit) at the handle's position, and the fd becomes a plain fetched file. */
+static void exec_fetch_whole(int fd, struct ent *e) {
+    struct stat lst;
+    if (REAL(fstat)(fd, &lst) == 0 && lst.st_size == e->st.st_size && lst.st_size > 0) {
+        /* an earlier image (a sibling sharing this open file) fetched it: its offset counts */
+        rfile_close_handle(e->handle);
+        e->has_handle = 0;
+        e->kind = K_MFILE;
+        __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
+        clock_gettime(CLOCK_MONOTONIC, &e->checked);
+        return;
+    }
+    off_t pos = rfile_seek(e, 0, SEEK_CUR);
+    char *buf = pos >= 0 ? malloc(MAX_DATA_CHUNK) : NULL;
+    off_t off = 0;
+    while (buf != NULL && off < e->st.st_size) {
+        ssize_t n = rfile_read_chunk(e->handle, buf, MAX_DATA_CHUNK, off);
+        if (n <= 0 || REAL(pwrite)(fd, buf, (size_t)n, off) != n) {
+            break;
+        }
+        off += n;
+    }
+    free(buf);
+    if (buf == NULL || off != e->st.st_size || REAL(lseek)(fd, pos, SEEK_SET) != pos) {
+        REAL(ftruncate)(fd, 0); /* stays handle-backed */
+        return;
+    }
+    rfile_close_handle(e->handle);
+    e->has_handle = 0;
+    e->kind = K_MFILE;
+    __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
+    clock_gettime(CLOCK_MONOTONIC, &e->checked);
+}
+
+static int hex_val(char c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* In the new image (at start, connected): adopt what files_exec_env named. An fd whose
+ * handle the daemon does not know any more (a new registration) is left alone. */
+void files_restore_fds(const char *v) {
+    while (v != NULL && *v) {
+        int fd = -1, n = 0, other = -1;
+        if (sscanf(v, "%d:=:%d%n", &fd, &other, &n) == 2 && n > 0) {
+            struct ent *e = fd_peek(other) != NULL ? ent_get(other) : NULL;
+            if (e != NULL && fd >= 0 && fd < MAX_FDS && REAL(fcntl)(fd, F_GETFD) >= 0) {
+                fd_set_ent(fd, e); /* takes the reference */
+            } else if (e != NULL) {
+                ent_put(e);
+            }
+        } else {
+            char kind = 0;
+            unsigned long long handle = 0;
+            int oflags = 0;
+            n = 0;
+            if (sscanf(v, "%d:%c:%llu:%d:%n", &fd, &kind, &handle, &oflags, &n) != 4 || n == 0) {
+                return;
+            }
+            const char *h = v + n;
+            size_t hl = strcspn(h, ",");
+            char *path = malloc(hl / 2 + 1);
+            size_t k = 0;
+            for (size_t i = 0; path != NULL && i + 2 <= hl; i += 2) {
+                int a = hex_val(h[i]), b = hex_val(h[i + 1]);
+                if (a < 0 || b < 0) {
+                    break;
+                }
+                path[k++] = (char)(a * 16 + b);
+            }
+            if (path != NULL) {
+                path[k] = 0;
+            }
+            n += (int)hl;
+            struct stat st;
+            struct ent *e = NULL;
+            if (path != NULL && fd >= 0 && fd < MAX_FDS && REAL(fcntl)(fd, F_GETFD) >= 0 &&
+                (kind == 'r' || kind == 'w') && rstat(NULL, 1, handle, 1, &st) == 0) {
+                e = ent_new(kind == 'r' ? K_RFILE : K_MFILE);
+            }
+            if (e != NULL) {
+                e->has_handle = 1;
+                e->handle = handle;
+                e->oflags = oflags;
+                e->path = path;
+                path = NULL;
+                e->st = st;
+                e->is_dir = S_ISDIR(st.st_mode);
+                if (kind == 'w') {
+                    struct stat cst;
+                    e->writeback = 1;
+                    e->cache_fd = layer_fd_protect(REAL(fcntl)(fd, F_DUPFD_CLOEXEC, 0));
+                    if (REAL(fstat)(e->cache_fd, &cst) == 0) {
+                        e->synced_mtim = cst.st_mtim;
+                        e->synced_size = cst.st_size;
+                    }
+                }
+                __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
+                if (kind == 'r' && (oflags & O_ACCMODE) == O_RDONLY && S_ISREG(st.st_mode) &&
+                    st.st_size / 16 <= g_set.fetch_limit) {
+                    exec_fetch_whole(fd, e);
+                }
+                fd_set_ent(fd, e);
+                DBG("fd %d is remote %s from before exec (%s)", fd, e->path,
+                    e->kind == K_MFILE ? "fetched" : kind == 'r' ? "handle" : "write-back");
+            }
+            free(path);
+        }
+        v += n;
+        if (*v == ',') {
+            v++;
+        }
+    }
+}

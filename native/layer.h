@@ -348,6 +348,10 @@ void files_after_fork_child(void);
 void net_after_fork_child(void);
 void policy_after_fork_child(void);
 /* The remote working directory (empty: local); exec passes it in MIRRORD_LAYER_CWD. */
+/* Remote fds that survive exec: MIRRORD_LAYER_FILES=... for the new image (malloc'd, NULL if
+ * none), and its adoption at start. */
+char *files_exec_env(void);
+void files_restore_fds(const char *v);
 void files_set_vcwd(const char *path);
 int files_get_vcwd(char *out, size_t cap);
 pid_t conn_parent(void);

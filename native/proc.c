@@ -4,8 +4,8 @@
  * has LD_PRELOAD with this library and the MIRRORD_* settings even when the app built its own
  * env, plus MIRRORD_LAYER_PARENT (who registers the child) and, for exec in the same process,
  * MIRRORD_LAYER_FD (the process's daemon connection, kept open across exec so the daemon
- * keeps its subscriptions) and MIRRORD_LAYER_LISTENERS (subscribed listening sockets, which
- * survive exec).
+ * keeps its subscriptions), MIRRORD_LAYER_LISTENERS (subscribed listening sockets, which
+ * survive exec) and MIRRORD_LAYER_FILES (remote files open on fds that survive exec).
  * fork: the child registers at once naming its parent, so the agent copies the parent's
  * remote handles; when there are any, the parent waits (bounded) until the child has
  * registered, so that the parent closing a handle cannot race the copy.
@@ -55,6 +55,8 @@ void proc_init_env(void) {
     /* consumed by this image; stale for any child */
     unsetenv("MIRRORD_LAYER_FD");
     unsetenv("MIRRORD_LAYER_LISTENERS");
+    files_restore_fds(getenv("MIRRORD_LAYER_FILES")); /* remote fds from before exec */
+    unsetenv("MIRRORD_LAYER_FILES");
     const char *vcwd = getenv("MIRRORD_LAYER_CWD");
     if (vcwd != NULL && vcwd[0] == '/') {
         files_set_vcwd(vcwd); /* a remote working directory from before exec */
@@ -113,7 +115,8 @@ static char **exec_env(char *const envp[], int keep_fd, int same_process) {
     for (size_t i = 0; i < n; i++) {
         const char *e = envp[i];
         if (strncmp(e, "MIRRORD_LAYER_FD=", 17) == 0 || strncmp(e, "MIRRORD_LAYER_PARENT=", 21) == 0 ||
-            strncmp(e, "MIRRORD_LAYER_LISTENERS=", 24) == 0 || strncmp(e, "MIRRORD_LAYER_CWD=", 18) == 0) {
+            strncmp(e, "MIRRORD_LAYER_LISTENERS=", 24) == 0 || strncmp(e, "MIRRORD_LAYER_CWD=", 18) == 0 ||
+            strncmp(e, "MIRRORD_LAYER_FILES=", 20) == 0) {
             continue;
         }
         if (strncmp(e, "LD_PRELOAD=", 11) == 0 && g_lib_path != NULL) {
@@ -158,6 +161,10 @@ static char **exec_env(char *const envp[], int keep_fd, int same_process) {
         }
         if (len > 0) {
             out[k++] = fmt("MIRRORD_LAYER_LISTENERS=%s", buf);
+        }
+        char *files = files_exec_env();
+        if (files != NULL) {
+            out[k++] = files;
         }
     }
     for (size_t i = 0; i < k; i++) {

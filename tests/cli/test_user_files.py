@@ -323,3 +323,25 @@ def test_a_file_kept_open_sees_what_the_pod_appends(
     out, err = proc.communicate("go\n", timeout=30)
     assert out == "then 'two\\n' 8\n", err
     assert proc.returncode == 0
+
+
+def test_redirections_of_external_commands_to_and_from_pod_files(
+    mirrord: Mirrord, files_pod: LocalPod
+) -> None:
+    # the shell opens the file and execs the command: the new image did not know that its
+    # stdout was a remote file (the output was lost) or that its stdin was one bigger than
+    # fetch_limit (it read nothing)
+    script = (
+        "set -e; mkdir -p /app/w/r; /bin/echo ext > /app/w/r/o; /bin/echo more >> /app/w/r/o; "
+        "ls /app/w/nope > /app/w/r/e 2>&1 || true; cat /app/w/r/o /app/w/r/e; "
+        "md5sum < /app/big.bin; (head -c 5 > /dev/null; wc -c) < /app/big.bin"
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--", "sh", "-c", script
+    )
+    assert result.returncode == 0, result.stderr
+    inside = files_pod.run_in_pod(["sh", "-c", script.replace("/app/w/r", "/app/w/r2")])
+    assert result.stdout == inside.stdout.decode()
+    assert result.stdout.startswith("ext\nmore\nls: cannot access '/app/w/nope'")
+    assert result.stdout.endswith(f"{len(BIG) - 5}\n")
+    assert files_pod.run_in_pod(["cat", "/app/w/r/o"]).stdout == b"ext\nmore\n"
