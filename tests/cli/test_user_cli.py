@@ -332,3 +332,16 @@ def test_a_relative_or_too_long_runtime_directory(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, "too long a path for the unix sockets")
     assert not long.runtime.exists()
+
+
+def test_a_config_file_saved_with_a_bom_is_read(mirrord: Mirrord, tmp_path: Path) -> None:
+    for name, text in (
+        ("m.json", '{"target": "pid/4242"}'),
+        ("m.toml", 'target = "pid/4242"\n'),
+        ("m.yaml", "target: pid/4242\n"),
+    ):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        result = mirrord.run("verify-config", "--ide", str(path))
+        assert result.returncode == 0, result.stdout
+        assert json.loads(result.stdout)["resolved"]["target"]["path"] == "pid/4242"

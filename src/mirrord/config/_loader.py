@@ -314,7 +314,7 @@ def read_config_file(path: Path, env: Mapping[str, str] | None = None) -> dict[s
             source=source,
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM some Windows editors write is skipped
     except FileNotFoundError:
         raise ConfigError([f"{source}: config file not found"], source=source) from None
     except UnicodeDecodeError as exc:
