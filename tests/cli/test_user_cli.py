@@ -345,3 +345,24 @@ def test_a_config_file_saved_with_a_bom_is_read(mirrord: Mirrord, tmp_path: Path
         result = mirrord.run("verify-config", "--ide", str(path))
         assert result.returncode == 0, result.stdout
         assert json.loads(result.stdout)["resolved"]["target"]["path"] == "pid/4242"
+
+
+@pytest.mark.netns
+def test_sigusr1_reaches_the_app_instead_of_killing_mirrord_alone(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(SPEC)
+    app = python_app(
+        tmp_path,
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: (print('reload', flush=True), sys.exit(0)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n",
+    )
+    proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "--", *app)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGUSR1)  # used to end mirrord run and orphan the app
+    out, _ = proc.communicate(timeout=20)
+    assert out.strip() == "reload"
+    assert proc.returncode == 0

@@ -20,7 +20,16 @@ from mirrord.cli._sessions import Progress, child_env, fail, open_session, sessi
 
 __all__ = ["run_command"]
 
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Whatever would end `mirrord run` by default is passed on, so CMD is never left running
+# without it (SIGUSR1/2 often mean "reload" or "dump" to the app).
+_FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 def _exit_code(returncode: int) -> int:
@@ -28,9 +37,9 @@ def _exit_code(returncode: int) -> int:
 
 
 def _signal_from_terminal(signum: int) -> bool:
-    """Ctrl-C on the terminal reaches every process of the foreground group, CMD included:
-    forwarding it too would deliver it twice."""
-    if signum != signal.SIGINT:
+    """Ctrl-C (Ctrl-\\) on the terminal reaches every process of the foreground group, CMD
+    included: forwarding it too would deliver it twice."""
+    if signum not in (signal.SIGINT, signal.SIGQUIT):
         return False
     try:
         return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
