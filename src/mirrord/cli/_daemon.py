@@ -32,7 +32,9 @@ app.add_typer(daemon_app, name="daemon")
 def start(
     idle_timeout: Annotated[
         float | None,
-        typer.Option("--idle-timeout", help="Exit after this many seconds without sessions."),
+        typer.Option(
+            "--idle-timeout", help="Exit after this many seconds without sessions.", min=0
+        ),
     ] = None,
 ) -> None:
     """Start the daemon in the background (`mirrord run` does this by itself)."""
@@ -170,7 +172,7 @@ def status(
 
 @daemon_app.command("logs")
 def logs(
-    lines: Annotated[int, typer.Option("--lines", "-n", help="How many last lines.")] = 50,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many last lines.", min=0)] = 50,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
