@@ -366,3 +366,23 @@ def test_sigusr1_reaches_the_app_instead_of_killing_mirrord_alone(
     out, _ = proc.communicate(timeout=20)
     assert out.strip() == "reload"
     assert proc.returncode == 0
+
+
+def test_stale_files_in_the_runtime_directory(mirrord: Mirrord) -> None:
+    mirrord.runtime.chmod(0o755)  # looser than it should be: tightened
+    (mirrord.runtime / "mirrordd.pid").write_text("garbage\n")
+    (mirrord.runtime / "mirrordd.sock").write_text("not a socket")
+    (mirrord.runtime / "layer.sock").mkdir()
+    (mirrord.runtime / "mirrordd.log").write_text("an old daemon's line\n" * 10)
+    result = mirrord.run("daemon", "start", timeout=30)
+    assert result.returncode == 1
+    # only this start's reason, not a traceback tail nor an older daemon's lines
+    assert_one_clear_error(
+        result.stderr, f"cannot listen on {mirrord.runtime / 'layer.sock'} (Is a directory)"
+    )
+    assert "old daemon" not in result.stderr
+    (mirrord.runtime / "layer.sock").rmdir()
+    result = mirrord.run("daemon", "start", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert mirrord.runtime.stat().st_mode & 0o777 == 0o700
+    assert mirrord.status()["running"]

@@ -233,6 +233,10 @@ def start_daemon(
     if log_level is not None:
         argv += ["--log-level", log_level]
     env = daemon_env()
+    try:
+        log_start = paths.log.stat().st_size  # what this daemon writes comes after
+    except OSError:
+        log_start = 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # first child: start the daemon in its own session, report its pid, exit
@@ -266,7 +270,9 @@ def start_daemon(
         if _ping(paths):
             return daemon_pid
         if not _pid_alive(daemon_pid):
-            raise DaemonError(f"mirrordd exited while starting: {_log_tail(paths.log)}")
+            raise DaemonError(
+                f"mirrordd exited while starting: {_log_tail(paths.log, start=log_start)}"
+            )
         time.sleep(delay)
         # a failed ping is one connect() to a missing socket: polling every 20 ms costs
         # nothing, and the daemon is ready in ~150 ms (a 100 ms step could waste most of it)
@@ -296,12 +302,20 @@ def _live_daemon_pid(paths: RuntimePaths) -> int | None:
     return pid
 
 
-def _log_tail(path: Path, lines: int = 5) -> str:
+def _log_tail(path: Path, lines: int = 5, start: int = 0) -> str:
+    """The last lines the daemon logged after `start` (earlier daemons' lines are not its
+    reason); its own error line (`mirrordd: ...`) alone when it wrote one."""
     try:
-        text = path.read_text(errors="replace")
+        with path.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
     except OSError:
         return f"no log at {path}"
-    return " | ".join(text.strip().splitlines()[-lines:]) or f"nothing in {path}"
+    tail = text.strip().splitlines()
+    own = [line for line in tail if line.startswith("mirrordd: ")]
+    if own:
+        return own[-1].removeprefix("mirrordd: ")
+    return " | ".join(tail[-lines:]) or f"nothing in {path}"
 
 
 def ensure_daemon(

@@ -475,10 +475,15 @@ class Daemon:
 async def _unix_listener(path: Path) -> anyio.abc.SocketListener:
     """Bind a unix socket (0600). A socket file left by a dead daemon is replaced; the caller
     holds the daemon's pid lock, so no live daemon owns it."""
-    path.unlink(missing_ok=True)
     old = os.umask(0o177)
     try:
+        path.unlink(missing_ok=True)
         listener = await anyio.create_unix_listener(path, mode=0o600, backlog=256)
+    except OSError as exc:
+        raise DaemonError(
+            f"cannot listen on {path} ({exc.strerror or exc}): remove what is there, or point "
+            "$MIRRORD_RUNTIME_DIR at another directory"
+        ) from None
     finally:
         os.umask(old)
     return listener

@@ -99,5 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         anyio.run(daemon.run, backend="asyncio")
     except KeyboardInterrupt:
         pass
+    except DaemonError as exc:  # a startup failure the user can fix; the client shows it
+        sys.exit(f"mirrordd: {exc}")
     finally:
         os.close(lock_fd)
