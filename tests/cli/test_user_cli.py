@@ -386,3 +386,11 @@ def test_stale_files_in_the_runtime_directory(mirrord: Mirrord) -> None:
     assert result.returncode == 0, result.stderr
     assert mirrord.runtime.stat().st_mode & 0o777 == 0o700
     assert mirrord.status()["running"]
+
+
+def test_a_deleted_working_directory_is_named(mirrord: Mirrord, tmp_path: Path) -> None:
+    gone = 'mkdir gone && cd gone && rmdir ../gone && exec "$@"'
+    for args in (["run", "-t", "pid/1", "--", "true"], ["verify-config", "/nonexistent.json"]):
+        result = run_argv(mirrord, ["sh", "-c", gone, "sh", MIRRORD, *args], cwd=tmp_path)
+        assert result.returncode == 1
+        assert_one_clear_error(result.stderr, "the current directory", "no longer exists")

@@ -129,10 +129,31 @@ def _open_std_fds() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115
 
 
+# Commands that resolve a config (file discovery, relative paths, env_file): they need the
+# working directory.
+_NEED_CWD = {"run", "exec", "ext", "verify-config", "ls"}
+
+
+def _check_cwd(command: str) -> None:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        print(
+            f"mirrord: error: mirrord {command} needs the current directory, and it no longer "
+            "exists (deleted or replaced since this shell entered it): `cd` into a directory "
+            "and run again",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
+
+
 def main() -> None:
     """The `mirrord` command."""
     _open_std_fds()
     argv = sys.argv[1:]
+    if argv[:1] and argv[0] in _NEED_CWD:
+        _check_cwd(argv[0])
     if argv[:1] == ["run"] or argv[:1] == ["exec"]:
         kwargs = parse_run_args(argv[1:])
         if kwargs is not None:
