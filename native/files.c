@@ -23,6 +23,7 @@
 #include <time.h>
 #include <utime.h>
 #include <sys/time.h>
+#include <sys/statvfs.h>
 #include <linux/close_range.h>
 
 #define PATH_CAP 4096
@@ -3666,4 +3667,80 @@ void files_restore_fds(const char *v) {
             v++;
         }
     }
+}
+
+/* ---------------------------------------------------------------- statvfs
+ *
+ * glibc's statvfs/fstatvfs call its internal statfs, which no hook sees (os.statvfs and
+ * shutil.disk_usage of a pod path failed with ENOENT): on a remote path or fd they are the
+ * statfs hooks' answer converted as glibc converts it. */
+
+#ifndef ST_VALID
+#define ST_VALID 0x0020 /* the kernel's: f_flags is valid */
+#endif
+
+static void statvfs_from(const struct statfs *f, struct statvfs *v) {
+    memset(v, 0, sizeof *v);
+    v->f_bsize = (unsigned long)f->f_bsize;
+    v->f_frsize = (unsigned long)(f->f_frsize ? f->f_frsize : f->f_bsize);
+    v->f_blocks = f->f_blocks;
+    v->f_bfree = f->f_bfree;
+    v->f_bavail = f->f_bavail;
+    v->f_files = f->f_files;
+    v->f_ffree = f->f_ffree;
+    v->f_favail = f->f_ffree;
+    v->f_namemax = (unsigned long)f->f_namelen;
+    v->f_flag = (unsigned long)((f->f_flags & ST_VALID) ? (f->f_flags ^ ST_VALID) : 0);
+}
+
+HOOK int statvfs(const char *path, struct statvfs *buf) {
+    int ret;
+    struct statfs f;
+    if (statfs_path(path, &f, &ret) == R_DONE) {
+        if (ret == 0) {
+            statvfs_from(&f, buf);
+        }
+        return ret;
+    }
+    return REAL(statvfs)(path, buf);
+}
+
+HOOK int statvfs64(const char *path, struct statvfs64 *buf) {
+    int ret;
+    struct statfs f;
+    if (statfs_path(path, &f, &ret) == R_DONE) {
+        if (ret == 0) {
+            struct statvfs v;
+            statvfs_from(&f, &v);
+            memcpy(buf, &v, sizeof *buf);
+        }
+        return ret;
+    }
+    return REAL(statvfs64)(path, buf);
+}
+
+HOOK int fstatvfs(int fd, struct statvfs *buf) {
+    int ret;
+    struct statfs f;
+    if (fstatfs_fd(fd, &f, &ret) == R_DONE) {
+        if (ret == 0) {
+            statvfs_from(&f, buf);
+        }
+        return ret;
+    }
+    return REAL(fstatvfs)(fd, buf);
+}
+
+HOOK int fstatvfs64(int fd, struct statvfs64 *buf) {
+    int ret;
+    struct statfs f;
+    if (fstatfs_fd(fd, &f, &ret) == R_DONE) {
+        if (ret == 0) {
+            struct statvfs v;
+            statvfs_from(&f, &v);
+            memcpy(buf, &v, sizeof *buf);
+        }
+        return ret;
+    }
+    return REAL(fstatvfs64)(fd, buf);
 }

@@ -23,6 +23,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/statvfs.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/xattr.h>
@@ -79,7 +80,7 @@ int fcntl64(int fd, int cmd, ...);
     X(mkstemp) X(mkstemp64) X(mkostemp) X(mkostemp64) X(mkstemps) X(mkstemps64)           \
     X(mkostemps) X(mkostemps64) X(mkdtemp) X(realpath) X(canonicalize_file_name)         \
     X(utimensat) X(futimens) X(fchownat) X(fchown) X(fchmodat) X(setxattr) X(lsetxattr) X(fsetxattr) \
-    X(symlinkat) X(linkat)
+    X(symlinkat) X(linkat) X(statvfs) X(statvfs64) X(fstatvfs) X(fstatvfs64)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
 #pragma GCC diagnostic push

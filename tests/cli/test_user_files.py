@@ -119,10 +119,13 @@ for p in (b"/app/abslink/deep/../deep/c.txt", b"/app/link.txt", b"/app/nope", b"
 with open("/app/big.bin", "rb") as f:
     m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     print("mmap", len(m), hashlib.md5(m[:]).hexdigest(), m[-4:])
+import shutil
+st = os.statvfs("/app")  # glibc's statvfs calls its internal statfs
+print("statvfs", st.f_bsize, st.f_namemax, st.f_flag, shutil.disk_usage("/app").total > 0)
 """
 
 
-def test_libc_realpath_and_mmap_of_a_file_over_fetch_limit(
+def test_libc_realpath_mmap_of_a_file_over_fetch_limit_and_statvfs(
     mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
 ) -> None:
     script = tmp_path / "files.py"
@@ -132,6 +135,7 @@ def test_libc_realpath_and_mmap_of_a_file_over_fetch_limit(
     assert "realpath /app/nope No such file or directory" in through
     assert "realpath /app/config.json/x Not a directory" in through
     assert "mmap 9437188" in through and "b'tail'" in through  # was SIGBUS
+    assert "statvfs 4096 255" in through and through.rstrip().endswith("True")
     assert through == inside
 
 
