@@ -394,3 +394,45 @@ def test_a_deleted_working_directory_is_named(mirrord: Mirrord, tmp_path: Path) 
         result = run_argv(mirrord, ["sh", "-c", gone, "sh", MIRRORD, *args], cwd=tmp_path)
         assert result.returncode == 1
         assert_one_clear_error(result.stderr, "the current directory", "no longer exists")
+
+
+def test_a_malformed_daemon_answer_is_one_line_and_a_saved_traceback(
+    mirrord: Mirrord, tmp_path: Path
+) -> None:
+    """A daemon of another mirrord version may answer what this CLI does not expect: the user
+    gets one line naming a bug and where the traceback is, not the traceback."""
+    import threading
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(mirrord.runtime / "mirrordd.sock"))
+    server.listen(8)
+    server.settimeout(20)
+
+    def answer() -> None:
+        for _ in range(4):  # bounded: status (ensure_daemon), then create_session
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                for line in conn.makefile("rb"):
+                    rid = json.loads(line)["id"]
+                    conn.sendall(json.dumps({"id": rid, "ok": True, "result": {}}).encode() + b"\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        result = mirrord.run("run", "-t", "pid/1", "--", "true", timeout=30)
+    finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes the accept() above; close() alone does not
+        server.close()
+        thread.join(5)
+        (mirrord.runtime / "mirrordd.sock").unlink()
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "internal error (KeyError" in result.stderr and "bug in mirrord" in result.stderr
+    saved = Path(result.stderr.rsplit("traceback in ", 1)[1].strip())
+    try:
+        assert "Traceback" in saved.read_text()
+    finally:
+        saved.unlink()

@@ -148,16 +148,46 @@ def _check_cwd(command: str) -> None:
         sys.exit(1)
 
 
+def _internal_error(exc: BaseException) -> NoReturn:
+    """The one place a bug of ours ends: one line saying so, the traceback kept in a file for
+    the report (MIRRORD_DEBUG=1 prints it instead)."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    if os.environ.get("MIRRORD_DEBUG"):
+        sys.stderr.write(text)
+        sys.exit(1)
+    where = "(could not be saved)"
+    try:
+        fd, name = tempfile.mkstemp(prefix="mirrord-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        where = name
+    except OSError:
+        pass
+    print(
+        f"mirrord: error: internal error ({type(exc).__name__}: {exc}); this is a bug in "
+        f"mirrord: please report it with the traceback in {where}",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(1)
+
+
 def main() -> None:
     """The `mirrord` command."""
     _open_std_fds()
     argv = sys.argv[1:]
-    if argv[:1] and argv[0] in _NEED_CWD:
-        _check_cwd(argv[0])
-    if argv[:1] == ["run"] or argv[:1] == ["exec"]:
-        kwargs = parse_run_args(argv[1:])
-        if kwargs is not None:
-            _run_fast(kwargs)
-    from mirrord.cli._app import main as typer_main
+    try:
+        if argv[:1] and argv[0] in _NEED_CWD:
+            _check_cwd(argv[0])
+        if argv[:1] == ["run"] or argv[:1] == ["exec"]:
+            kwargs = parse_run_args(argv[1:])
+            if kwargs is not None:
+                _run_fast(kwargs)
+        from mirrord.cli._app import main as typer_main
 
-    typer_main()
+        typer_main()
+    except Exception as exc:
+        _internal_error(exc)
