@@ -644,6 +644,14 @@ class Channel:
         self._tg.start_soon(self._run_incoming, relay, announce)
         return conn_id
 
+    def fail_incoming(self, conn_id: int, errno_: int) -> None:
+        """The incoming code gives connection `conn_id` up: the daemon gets
+        `ConnClose(errno_)` (after its IncomingConnection), without waiting for the relay's
+        window."""
+        relay = self.relays.get(conn_id)
+        if relay is not None:
+            relay.fail(errno_)
+
     async def _run_incoming(self, relay: Relay, announce: m.IncomingConnection) -> None:
         await self.send(announce)
         await self._run_relay(relay)

@@ -14,6 +14,8 @@ kernel would drop packets for every flow instead of one slow consumer's).
 from __future__ import annotations
 
 import collections
+import os
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -49,6 +51,9 @@ class PipeEnd(anyio.abc.ByteStream):
         self._rx = rx
         self._tx = tx
         self.name = name
+        # called by `abort()`: whoever relays the other end learns at once (not only once it
+        # has read what is queued, which may wait for a window that never opens)
+        self.on_abort: Callable[[int], None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -76,6 +81,9 @@ class PipeEnd(anyio.abc.ByteStream):
             if rx.closed:
                 raise anyio.ClosedResourceError
             if rx.eof:
+                if rx.errno:
+                    # the writer was aborted (`abort`): a failure, not an end
+                    raise anyio.BrokenResourceError from OSError(rx.errno, os.strerror(rx.errno))
                 raise anyio.EndOfStream
             await rx.changed.wait()
         chunk = rx.chunks.popleft()
@@ -138,9 +146,14 @@ class PipeEnd(anyio.abc.ByteStream):
         return self._rx.errno
 
     def abort(self, errno_: int) -> None:
-        """Close, telling the other end why (`peer_errno`)."""
+        """Close, telling the other end why (`peer_errno`): once it has read what was sent,
+        its `receive()` raises `BrokenResourceError` (from `OSError(errno_)`), not
+        `EndOfStream`."""
         self._tx.errno = errno_
         self.close_nowait()
+        if self.on_abort is not None:
+            on_abort, self.on_abort = self.on_abort, None
+            on_abort(errno_)
 
     async def aclose(self) -> None:
         self.close_nowait()

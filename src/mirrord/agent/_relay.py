@@ -100,6 +100,7 @@ class Relay:
         self._closed_by_daemon = False
         self._daemon_errno = m.CONN_CLOSE_NORMAL  # the errno of the daemon's ConnClose
         self._credited = False  # the daemon wrote some of our bytes to the user app
+        self._fail_errno = 0  # set by `fail()`
         self._scope = anyio.CancelScope()
         self.finished = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -141,6 +142,13 @@ class Relay:
         self._daemon_errno = errno_
         self._scope.cancel()
 
+    def fail(self, errno_: int) -> None:
+        """End the relay now and tell the daemon `ConnClose(errno_)`: the incoming code gave
+        the connection up (a mirrored flow that fell too far behind: ENOBUFS). Works before
+        `run()` starts too (it then ends at once, after the IncomingConnection)."""
+        self._fail_errno = errno_
+        self._scope.cancel()
+
     def abort(self) -> None:
         """End the relay without telling the daemon (its channel is gone)."""
         self._closed_by_daemon = True
@@ -175,6 +183,7 @@ class Relay:
                 with contextlib.suppress(Exception):
                     await self.stream.aclose()
                 if not self._closed_by_daemon:
+                    close_errno = self._fail_errno or close_errno
                     await self.link.send(m.ConnClose(conn_id=self.conn_id, errno=close_errno))
             self.finished.set()
 

@@ -88,6 +88,7 @@ class Relay:
         # never wrote to was still in its listen queue when it stopped listening: the app saw
         # none of it, and the agent is told ECONNREFUSED so the pod's app can answer instead.
         self.app_accepted = False
+        self.on_agent_close: Callable[[int], None] | None = None  # the agent's ConnClose errno
         self._accept_known = False
         self._app_sent = False
         for c in counters:
@@ -117,6 +118,8 @@ class Relay:
 
     def on_close(self, errno: int) -> None:
         self.agent_closed = errno
+        if self.on_agent_close is not None and errno != m.CONN_CLOSE_NORMAL:
+            self.on_agent_close(errno)
         self._wake_user.set()
         self._wake_agent.set()
         if errno != m.CONN_CLOSE_NORMAL:

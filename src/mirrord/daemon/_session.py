@@ -295,6 +295,19 @@ class LayerProcess:
             mirror=msg.mode == "mirror",
             counters=(self.link.counters, self.session.counters),
         )
+        if relay.mirror:
+            mirrored, client = msg.port, f"{msg.remote_address}:{msg.remote_port}"
+
+            def on_agent_close(errno: int) -> None:
+                if errno == errno_mod.ENOBUFS:  # the agent dropped the flow (see _incoming.py)
+                    self.session.warn(
+                        f"port {mirrored}: a mirrored connection from {client} was dropped: it "
+                        "fell more than the agent's buffer behind the target's traffic (the "
+                        "user app or the link to the agent is slower); the target is not "
+                        "affected"
+                    )
+
+            relay.on_agent_close = on_agent_close
         self.link.add_relay(relay)
         peer = (msg.remote_address, msg.remote_port)
         if not self.link.start_task(self._serve_incoming, relay, address, port, peer):
