@@ -24,6 +24,7 @@
 #include <utime.h>
 #include <sys/time.h>
 #include <sys/statvfs.h>
+#include <glob.h>
 #include <linux/close_range.h>
 
 #define PATH_CAP 4096
@@ -2679,7 +2680,7 @@ static FILE *stream_for(int fd, const char *mode) {
         cookie_io_functions_t io = {cookie_read, cookie_write, cookie_seek, cookie_close};
         f = fopencookie((void *)(intptr_t)fd, mode, io);
     } else {
-        f = fdopen(fd, mode);
+        f = REAL(fdopen)(fd, mode);
     }
     if (f == NULL) {
         int e = errno;
@@ -3743,4 +3744,66 @@ HOOK int fstatvfs64(int fd, struct statvfs64 *buf) {
         return ret;
     }
     return REAL(fstatvfs64)(fd, buf);
+}
+
+/* ---------------------------------------------------------------- fdopen, glob */
+
+/* fdopen of a handle-backed or write-back fd: stdio's internal read/write/close would miss the
+ * hooks (a >fetch_limit file read as empty; a write-back file written back only at exit), so,
+ * as for fopen, the stream is a cookie over the hooked calls. */
+HOOK FILE *fdopen(int fd, const char *mode) {
+    struct ent *pe = fd_peek(fd);
+    if (pe != NULL && g_active && !t_guard && mode != NULL &&
+        (pe->kind == K_RFILE || (pe->kind == K_MFILE && pe->writeback))) {
+        struct ent *e = ent_get(fd); /* still ours? */
+        if (e != NULL) {
+            ent_put(e);
+            cookie_io_functions_t io = {cookie_read, cookie_write, cookie_seek, cookie_close};
+            return fopencookie((void *)(intptr_t)fd, mode, io);
+        }
+    }
+    return REAL(fdopen)(fd, mode);
+}
+
+/* glob(3) reads directories with glibc's internal opendir/readdir/lstat: a pattern that may
+ * name remote paths is expanded with GLOB_ALTDIRFUNC and the hooked ones, which decide per
+ * directory. */
+static int glob_maybe_remote(const char *pattern, int flags) {
+    if (!g_active || t_guard || pattern == NULL || (flags & GLOB_ALTDIRFUNC)) {
+        return 0;
+    }
+    if (pattern[0] != '/') {
+        return __atomic_load_n(&g_vcwd[0], __ATOMIC_RELAXED) != 0;
+    }
+    char full[PATH_CAP];
+    return decide(AT_FDCWD, pattern, 0, full, sizeof full) != P_LOCAL;
+}
+
+static void *glob_opendir(const char *path) { return opendir(path); }
+static struct dirent *glob_readdir(void *d) { return readdir(d); }
+static struct dirent64 *glob_readdir64(void *d) { return readdir64(d); }
+static void glob_closedir(void *d) { (void)closedir(d); }
+
+HOOK int glob(const char *pattern, int flags, int (*errfunc)(const char *, int), glob_t *pglob) {
+    if (!glob_maybe_remote(pattern, flags)) {
+        return REAL(glob)(pattern, flags, errfunc, pglob);
+    }
+    pglob->gl_opendir = glob_opendir;
+    pglob->gl_readdir = glob_readdir;
+    pglob->gl_closedir = glob_closedir;
+    pglob->gl_lstat = lstat;
+    pglob->gl_stat = stat;
+    return REAL(glob)(pattern, flags | GLOB_ALTDIRFUNC, errfunc, pglob);
+}
+
+HOOK int glob64(const char *pattern, int flags, int (*errfunc)(const char *, int), glob64_t *pglob) {
+    if (!glob_maybe_remote(pattern, flags)) {
+        return REAL(glob64)(pattern, flags, errfunc, pglob);
+    }
+    pglob->gl_opendir = glob_opendir;
+    pglob->gl_readdir = glob_readdir64;
+    pglob->gl_closedir = glob_closedir;
+    pglob->gl_lstat = lstat64;
+    pglob->gl_stat = stat64;
+    return REAL(glob64)(pattern, flags | GLOB_ALTDIRFUNC, errfunc, pglob);
 }

@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
+#include <glob.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/xattr.h>
@@ -80,7 +81,8 @@ int fcntl64(int fd, int cmd, ...);
     X(mkstemp) X(mkstemp64) X(mkostemp) X(mkostemp64) X(mkstemps) X(mkstemps64)           \
     X(mkostemps) X(mkostemps64) X(mkdtemp) X(realpath) X(canonicalize_file_name)         \
     X(utimensat) X(futimens) X(fchownat) X(fchown) X(fchmodat) X(setxattr) X(lsetxattr) X(fsetxattr) \
-    X(symlinkat) X(linkat) X(statvfs) X(statvfs64) X(fstatvfs) X(fstatvfs64)
+    X(symlinkat) X(linkat) X(statvfs) X(statvfs64) X(fstatvfs) X(fstatvfs64) \
+    X(fdopen) X(glob) X(glob64)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
 #pragma GCC diagnostic push

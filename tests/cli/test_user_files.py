@@ -349,3 +349,52 @@ def test_redirections_of_external_commands_to_and_from_pod_files(
     assert result.stdout.startswith("ext\nmore\nls: cannot access '/app/w/nope'")
     assert result.stdout.endswith(f"{len(BIG) - 5}\n")
     assert files_pod.run_in_pod(["cat", "/app/w/r/o"]).stdout == b"ext\nmore\n"
+
+
+C_STDIO = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <glob.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    FILE *f = fdopen(open("/app/big.bin", O_RDONLY), "r");
+    long n = 0;
+    while (fgetc(f) != EOF) n++;
+    fclose(f);
+    printf("fdopen read %ld\n", n);
+    f = fdopen(open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644), "w");
+    fprintf(f, "via fdopen\n");
+    fclose(f);
+    char line[64] = "";
+    f = fopen(argv[1], "r");
+    fgets(line, sizeof line, f);
+    fclose(f);
+    printf("read back %s", line);
+    glob_t g;
+    int rc = glob("/app/s*/*/*.txt", 0, NULL, &g);
+    printf("glob %d %s\n", rc, rc == 0 ? g.gl_pathv[0] : "-");
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+def test_c_stdio_over_fdopen_and_glob3_on_pod_paths(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # stdio on an fdopen()ed fd and glob(3) use libc's internal read/write/close/opendir: a
+    # file over fetch_limit read as empty, the written file reached the pod only at exit,
+    # and glob found nothing
+    (tmp_path / "stdio.c").write_text(C_STDIO)
+    program = tmp_path / "stdio"
+    subprocess.run(["gcc", "-o", str(program), str(tmp_path / "stdio.c")], check=True)
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--",
+        str(program), "/app/w/fdopen.txt",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"fdopen read {len(BIG)}\nread back via fdopen\nglob 0 /app/sub/deep/c.txt\n"
+    )
+    inside = files_pod.run_in_pod([str(program), "/app/w/fdopen2.txt"]).stdout.decode()
+    assert inside == result.stdout
