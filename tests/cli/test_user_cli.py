@@ -436,3 +436,12 @@ def test_a_malformed_daemon_answer_is_one_line_and_a_saved_traceback(
         assert "Traceback" in saved.read_text()
     finally:
         saved.unlink()
+
+
+def test_a_kernel_thread_target_says_what_to_target(mirrord: Mirrord) -> None:
+    with open("/proc/2/stat") as f:
+        if "(kthreadd)" not in f.read():
+            pytest.skip("pid 2 is not kthreadd here")
+    result = mirrord.run("run", "-t", "pid/2", "--", "true", timeout=60)
+    assert result.returncode == 1
+    assert_one_clear_error(result.stderr, "no environment to read (a kernel thread?)")

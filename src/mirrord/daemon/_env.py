@@ -122,9 +122,15 @@ async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> di
     if isinstance(reply, m.EnvReply):
         return dict(reply.env)
     if isinstance(reply, m.ErrorReply):
+        hint = ""
+        if reply.errno == errno_mod.ESRCH:  # what /proc/PID/environ gives for a kernel thread
+            hint = (
+                "; the target has no environment to read (a kernel thread?) or has exited: "
+                "target a process of the application"
+            )
         raise AgentLost(
             f"the agent could not read the target's environment: {reply.message} "
-            f"({errno_mod.errorcode.get(reply.errno, reply.errno)})"
+            f"({errno_mod.errorcode.get(reply.errno, reply.errno)}){hint}"
         )
     raise AgentLost(f"the agent answered the environment request with {type(reply).__name__}")
 
