@@ -213,7 +213,13 @@ INVALID: list[tuple[str, str, str, list[str]]] = [
         "port-pair-three",
         "m.json",
         _j({"feature": {"network": {"incoming": {"listen_ports": [[1, 2, 3]]}}}}),
-        ["feature.network.incoming.listen_ports[0]", "[1, 2, 3]", "at most 2 items"],
+        ["feature.network.incoming.listen_ports[0]", "[1, 2, 3]", "expected a pair [a, b]"],
+    ),
+    (
+        "port-pair-one",
+        "m.json",
+        '{"feature": {"network": {"incoming": {"port_mapping": [[8080]]}}}}',
+        ["feature.network.incoming.port_mapping[0]:", "[8080]", "expected a pair [a, b]"],
     ),
     (
         "negative-idle",

@@ -158,7 +158,18 @@ def _one(error: Any, source_of: Callable[[Loc], str]) -> str:
             f"{where}: invalid value {_short(value)}: must be "
             f"{bounds.format(**{k: ctx.get(k) for k in ('ge', 'le', 'gt', 'lt')})}"
         )
+    if kind == "missing" and isinstance(value, list) and loc and isinstance(loc[-1], int):
+        # the second item of a pair such as [LOCAL, REMOTE]: name the pair, not its slot
+        pair = loc[:-1]
+        return (
+            f"{source_of(pair)}: {key_path(pair)}: invalid value {_short(value)}: "
+            "expected a pair [a, b]"
+        )
     if kind in ("too_long", "too_short"):
+        if isinstance(value, list) and "tuple" in str(error["msg"]).lower():
+            # a pair such as port_mapping's [LOCAL, REMOTE]; pydantic says "tuple ... after
+            # validation", which a config file has no notion of
+            return f"{where}: invalid value {_short(value)}: expected a pair [a, b]"
         return f"{where}: invalid value {_short(value)}: {error['msg'].lower()}"
     message = str(error["msg"])
     if message.startswith("Value error, "):

@@ -286,11 +286,21 @@ def parse_config_text(text: str, fmt: str, *, source: str) -> dict[str, Any]:
         raise ConfigError(
             [
                 f"{source}: the top level must be an object (key: value table), "
-                f"got {type(data).__name__}"
+                f"got {_KIND_OF.get(type(data).__name__, type(data).__name__)}"
             ],
             source=source,
         )
     return data
+
+
+_KIND_OF = {
+    "list": "a list",
+    "str": "a string",
+    "NoneType": "null",
+    "int": "a number",
+    "float": "a number",
+    "bool": "a boolean",
+}
 
 
 def read_config_file(path: Path, env: Mapping[str, str] | None = None) -> dict[str, Any]:
