@@ -445,3 +445,22 @@ def test_a_kernel_thread_target_says_what_to_target(mirrord: Mirrord) -> None:
     result = mirrord.run("run", "-t", "pid/2", "--", "true", timeout=60)
     assert result.returncode == 1
     assert_one_clear_error(result.stderr, "no environment to read (a kernel thread?)")
+
+
+@pytest.mark.netns
+def test_scripts_that_exec_refuses_are_named(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(SPEC)
+    no_shebang = tmp_path / "no-shebang.sh"
+    no_shebang.write_text("echo hi\n")
+    bad_interpreter = tmp_path / "bad-interpreter.sh"
+    bad_interpreter.write_text("#!/nonexistent/interpreter\necho hi\n")
+    for script in (no_shebang, bad_interpreter):
+        script.chmod(0o755)
+    result = mirrord.run("run", "-t", f"pid/{pod.pid}", "--", str(no_shebang))
+    assert result.returncode == 126  # was an OSError traceback
+    assert_one_clear_error(result.stderr, "Exec format error", "needs a #! line")
+    result = mirrord.run("run", "-t", f"pid/{pod.pid}", "--", str(bad_interpreter))
+    assert result.returncode == 127
+    assert_one_clear_error(result.stderr, "the interpreter named on its #! line was not found")

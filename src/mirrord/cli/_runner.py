@@ -8,6 +8,7 @@ without loading typer and the pydantic typer uses to coerce arguments.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -116,9 +117,19 @@ def run_command(
         try:
             child = subprocess.Popen(command, env=env)
         except FileNotFoundError:
+            if shutil.which(command[0]) is not None:  # the file is there: its #! is not
+                fail(
+                    f"cannot run {command[0]}: the interpreter named on its #! line was not found",
+                    code=127,
+                )
             fail(f"command not found: {command[0]}", code=127)
         except PermissionError:
             fail(f"command not executable: {command[0]}", code=126)
+        except OSError as exc:  # ENOEXEC (a script without #!), ELIBBAD, E2BIG, ...
+            hint = ""
+            if exc.errno == errno.ENOEXEC:
+                hint = f" (a script needs a #! line, or run it as `sh {command[0]}`)"
+            fail(f"cannot run {command[0]}: {exc.strerror}{hint}", code=126)
         running[0] = True
 
         def forward(signum: int, frame: FrameType | None) -> None:
