@@ -464,3 +464,22 @@ def test_scripts_that_exec_refuses_are_named(
     result = mirrord.run("run", "-t", f"pid/{pod.pid}", "--", str(bad_interpreter))
     assert result.returncode == 127
     assert_one_clear_error(result.stderr, "the interpreter named on its #! line was not found")
+
+
+def test_control_api_bad_requests_are_bad_request_not_internal(mirrord: Mirrord) -> None:
+    assert mirrord.run("daemon", "start").returncode == 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(mirrord.runtime / "mirrordd.sock"))
+        replies = sock.makefile("rb")
+        for request in (
+            [1, 2],
+            {"id": 1, "op": "no-such-op"},
+            {"id": 2, "op": "create_session", "config_request": {}, "client_pid": "abc"},
+        ):
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = json.loads(replies.readline())
+            while "event" in reply:
+                reply = json.loads(replies.readline())
+            assert reply["ok"] is False
+            assert reply["error"]["code"] == "bad_request", reply  # "internal" said "a bug"

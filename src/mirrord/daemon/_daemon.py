@@ -261,7 +261,14 @@ class Daemon:
         idle = config_value(config, "daemon", "idle_timeout", default=None)
         if idle is not None:
             self.idle_timeout = float(idle)
-        client_pid = int(params.get("client_pid") or 0)
+        try:
+            client_pid = int(params.get("client_pid") or 0)
+        except (TypeError, ValueError):
+            error = DaemonError(
+                f"create_session: client_pid must be a pid, got {params.get('client_pid')!r}"
+            )
+            error.code = "bad_request"
+            raise error from None
         mode, http_filter = incoming_settings(config)
         session_id = new_session_id()
         link = await self.pool.acquire(target, config, progress, session_id)
@@ -378,7 +385,9 @@ class Daemon:
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
-                raise DaemonError("a control request is a JSON object")
+                not_object = DaemonError("a control request is a JSON object")
+                not_object.code = "bad_request"
+                raise not_object
             rid = request.get("id")
             op = request.get("op")
             result = await self._op(str(op), request, emit, owned)
@@ -440,7 +449,9 @@ class Daemon:
             assert self._tg is not None
             self._tg.start_soon(self._shutdown_soon)
             return {"pid": os.getpid()}
-        raise DaemonError(f"unknown control op {op!r}")
+        error = DaemonError(f"unknown control op {op!r}")
+        error.code = "bad_request"
+        raise error
 
     def _session(self, request: dict[str, Any]) -> Session:
         sid = str(request.get("session") or "")
