@@ -319,3 +319,48 @@ def test_local_filter_naming_localhost_keeps_a_machine_service_local(
     ], result.stderr
     result = mirrord.run(*target, str(CURL), "-sS", "-m", "10", f"http://localhost:{port}/")
     assert result.stdout == "from this machine\n", result.stderr
+
+
+RESET_SERVER = """
+import socket
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 7373))
+l.listen(8)
+l.settimeout(30)
+print("ready", flush=True)
+c, _ = l.accept()
+c.settimeout(10)
+print("got", c.recv(10).decode(), flush=True)
+c.sendall(b"ok")
+try:
+    print("then", c.recv(10), flush=True)
+except OSError as e:
+    print("then", type(e).__name__, flush=True)
+"""
+
+RESET_APP = """
+import socket, struct
+s = socket.create_connection(("127.0.0.1", 7373), timeout=5)
+s.sendall(b"hello")
+assert s.recv(2) == b"ok"  # the server has read it
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()  # a reset, not an end
+"""
+
+
+def test_an_app_that_resets_its_connection_resets_the_pods_peer(
+    mirrord: Mirrord, net_pod: LocalPod
+) -> None:
+    server = start_in_pod(net_pod, RESET_SERVER)
+    try:
+        result = mirrord.run(
+            "run", "-t", f"pid/{net_pod.pid}", "--", sys.executable, "-c", RESET_APP
+        )
+        assert result.returncode == 0, result.stderr
+        out, _ = server.communicate(timeout=20)
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+    # the pod's server used to see a clean end of stream (b'')
+    assert out.decode().splitlines() == ["got hello", "then ConnectionResetError"]

@@ -11,7 +11,8 @@ the incoming code through `Channel.start_incoming`) and the daemon as `Data` / `
   (non-blocking) and credits what the socket took, so a small exchange needs no task switch;
 - `Shutdown` is a half-close each way; when both directions are done the relay sends
   `ConnClose(0)`; a socket error ends the relay with `ConnClose(errno)`; the daemon's
-  `ConnClose` ends it at once.
+  `ConnClose` ends it at once (with an errno, the user app's side was reset or failed: the
+  socket is closed with a reset, so the peer in the target sees what it would see).
 Does not own: creating sockets (`_outgoing.py`, the incoming code) or the channel's tables.
 """
 
@@ -22,6 +23,7 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 from typing import Protocol
 
 import anyio
@@ -36,6 +38,7 @@ __all__ = ["Link", "Relay"]
 log = logging.getLogger("mirrord.agent")
 
 _READ_CHUNK = 256 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _DATAGRAM_MAX = 65536
 
 
@@ -101,6 +104,7 @@ class Relay:
         self._daemon_errno = m.CONN_CLOSE_NORMAL  # the errno of the daemon's ConnClose
         self._credited = False  # the daemon wrote some of our bytes to the user app
         self._fail_errno = 0  # set by `fail()`
+        self._reset_by_daemon = False  # ConnClose with an errno: the user app's side broke
         self._scope = anyio.CancelScope()
         self.finished = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -140,6 +144,7 @@ class Relay:
     def on_close(self, errno_: int = m.CONN_CLOSE_NORMAL) -> None:
         self._closed_by_daemon = True
         self._daemon_errno = errno_
+        self._reset_by_daemon = errno_ != m.CONN_CLOSE_NORMAL
         self._scope.cancel()
 
     def fail(self, errno_: int) -> None:
@@ -180,6 +185,11 @@ class Relay:
                     # The incoming code learns why: ECONNREFUSED means the user app never
                     # got the bytes (it stopped listening), so the target's app may answer.
                     self.stream.abort(self._daemon_errno)
+                if self._reset_by_daemon and self._raw is not None:
+                    # the user app's connection was reset (or failed): the peer in the target
+                    # sees a reset too, as it would from an app in the pod, not a clean end
+                    with contextlib.suppress(OSError):
+                        self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 with contextlib.suppress(Exception):
                     await self.stream.aclose()
                 if not self._closed_by_daemon:
