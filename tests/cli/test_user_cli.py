@@ -483,3 +483,18 @@ def test_control_api_bad_requests_are_bad_request_not_internal(mirrord: Mirrord)
                 reply = json.loads(replies.readline())
             assert reply["ok"] is False
             assert reply["error"]["code"] == "bad_request", reply  # "internal" said "a bug"
+
+
+@pytest.mark.netns
+def test_runs_one_after_another_with_idle_timeout_zero(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    """daemon.idle_timeout 0 ("exit with the last session") used to stop the daemon while the
+    next run's session was being created: "the mirrord daemon closed the connection"."""
+    pod = make_pod(SPEC)
+    mirrord.env["MIRRORD_DAEMON_IDLE_TIMEOUT"] = "0"
+    show = "import os; print(os.environ['POD_VAR'])"
+    for _ in range(3):
+        result = mirrord.run("run", "-t", f"pid/{pod.pid}", "--", sys.executable, "-c", show)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "from-the-pod"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from mirrord.daemon._client import ControlClient, ensure_daemon
+from mirrord.daemon._client import ControlClient, ensure_daemon, wait_daemon_gone
 from mirrord.daemon._exceptions import DaemonError
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
@@ -193,24 +193,31 @@ def open_session(
             on_error(exc)
         fail(str(exc), code=code)
 
-    try:
-        ensure_daemon(paths, progress)
-        client = ControlClient(paths.control_socket, on_event=on_event)
-    except DaemonError as exc:
-        failed(exc)
-    try:
-        result = client.call(
-            "create_session",
-            timeout=CREATE_SESSION_TIMEOUT,
-            config_request=request,
-            client_pid=os.getpid(),
-            cwd=os.getcwd(),
-            label=label,
-            debug=bool(os.environ.get("MIRRORD_LAYER_DEBUG")),
-        )
-    except DaemonError as exc:
-        client.close()
-        failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
+    for attempt in (1, 2):
+        try:
+            ensure_daemon(paths, progress)
+            client = ControlClient(paths.control_socket, on_event=on_event)
+        except DaemonError as exc:
+            failed(exc)
+        try:
+            result = client.call(
+                "create_session",
+                timeout=CREATE_SESSION_TIMEOUT,
+                config_request=request,
+                client_pid=os.getpid(),
+                cwd=os.getcwd(),
+                label=label,
+                debug=bool(os.environ.get("MIRRORD_LAYER_DEBUG")),
+            )
+        except DaemonError as exc:
+            client.close()
+            if attempt == 1 and exc.code in ("daemon_stopping", "disconnected"):
+                # The daemon was exiting (daemon.idle_timeout ran out as we connected, or
+                # `mirrord daemon stop`): once it is gone, start a new one and ask again.
+                wait_daemon_gone(paths)
+                continue
+            failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
+        break
     for warning in result.get("warnings") or []:
         warn(str(warning))
     return OpenSession(

@@ -27,7 +27,14 @@ from typing import Any
 from mirrord.daemon._exceptions import ControlError, DaemonError, DaemonNotRunning
 from mirrord.daemon._runtime import RuntimePaths
 
-__all__ = ["ControlClient", "daemon_env", "ensure_daemon", "start_daemon", "stop_daemon"]
+__all__ = [
+    "ControlClient",
+    "daemon_env",
+    "ensure_daemon",
+    "start_daemon",
+    "stop_daemon",
+    "wait_daemon_gone",
+]
 
 EventCallback = Callable[[dict[str, Any]], None]
 DAEMON_START_TIMEOUT = 20.0
@@ -132,9 +139,11 @@ class ControlClient:
             with self._lock:
                 self._replies.pop(rid, None)
         if reply is None:
-            raise ControlError(
+            gone = ControlError(
                 f"the mirrord daemon closed the connection during {op}; see `mirrord daemon logs`"
             )
+            gone.code = "disconnected"
+            raise gone
         if not reply.get("ok"):
             error = reply.get("error") or {}
             failure = ControlError(str(error.get("message") or "unknown error"))
@@ -300,6 +309,14 @@ def _live_daemon_pid(paths: RuntimePaths) -> int | None:
     if not _pid_alive(pid) or not (b"mirrord.daemon" in cmdline or b"mirrordd" in cmdline):
         return None
     return pid
+
+
+def wait_daemon_gone(paths: RuntimePaths, timeout: float = 10.0) -> None:
+    """Until the daemon that holds the pid lock has exited (one that is shutting down), at
+    most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while _live_daemon_pid(paths) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _log_tail(path: Path, lines: int = 5, start: int = 0) -> str:

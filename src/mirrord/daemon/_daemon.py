@@ -142,6 +142,7 @@ class Daemon:
         self._shutdown = anyio.Event()
         self.layer_connections = 0
         self._build_id = ""
+        self._starting = 0  # sessions being created: not idle (an agent start takes seconds)
 
     def __repr__(self) -> str:
         return f"<Daemon {self.paths.root} sessions={len(self.sessions)}>"
@@ -195,7 +196,7 @@ class Daemon:
         """Exit after `idle_timeout` seconds without sessions (0: with the last session)."""
         while True:
             await anyio.sleep(0.5 if self.idle_timeout == 0 else 1.0)
-            if self.sessions:
+            if self.sessions or self._starting:
                 self._idle_since = None
                 continue
             now = time.monotonic()
@@ -425,7 +426,16 @@ class Daemon:
             def progress(text: str) -> None:
                 emit({"event": "progress", "message": text})
 
-            session = await self.create_session(request, progress, emit)
+            if self._shutdown.is_set():
+                # the client starts a new daemon once this one is gone, and asks it
+                stopping = DaemonError("the mirrord daemon is shutting down")
+                stopping.code = "daemon_stopping"
+                raise stopping
+            self._starting += 1
+            try:
+                session = await self.create_session(request, progress, emit)
+            finally:
+                self._starting -= 1
             owned.add(session.id)
             return {
                 "session": session.id,
