@@ -120,6 +120,8 @@ print("numeric service", gai("pod-only-svc", 80))
 print("gethostbyname db", ghbn("db"))
 print("gethostbyname ::1-only", ghbn("pod-six"))
 print("gethostbyname unknown", ghbn("nosuchname"))
+print("hosts name, trailing dot", gai("pod-only-svc.", 80))
+print("upper case", gai("DB", 80, 0, socket.SOCK_STREAM, 0, socket.AI_CANONNAME))
 """
 
 

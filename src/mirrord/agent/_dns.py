@@ -153,8 +153,7 @@ class TargetResolver:
         if family not in (socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6):
             raise GaiError(socket.EAI_FAMILY, f"address family {family} not supported")
         kinds = self._socktypes(socktype, protocol)
-        host = host.strip()
-        canon = host
+        canon = host  # as given: glibc neither strips blanks nor a trailing dot for hosts
         if not host:
             addrs = ["0.0.0.0", "::"] if flags & AI_PASSIVE else ["127.0.0.1", "::1"]
         else:
@@ -222,7 +221,7 @@ class TargetResolver:
         return [a for a in picked if not (a in seen or seen.add(a))]  # type: ignore[func-returns-value]
 
     def _by_name(self, host: str, family: int, flags: int) -> tuple[list[str], str]:
-        name = host.rstrip(".").lower()
+        name = host.lower()  # "name." is not "name" in a hosts file (glibc compares as is)
         wanted: set[int] = (
             {socket.AF_INET, socket.AF_INET6} if family == socket.AF_UNSPEC else {family}
         )
@@ -239,7 +238,7 @@ class TargetResolver:
                 from_hosts.append(address)
         if from_hosts:
             return from_hosts, canon
-        if name == "localhost" or name.endswith(".localhost"):
+        if name.rstrip(".") == "localhost" or name.rstrip(".").endswith(".localhost"):
             return ["127.0.0.1", "::1"], host
         return self._by_dns(host, wanted)
 
