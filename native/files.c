@@ -370,6 +370,47 @@ static off_t rfile_seek(struct ent *e, off_t off, int whence) {
     return pos;
 }
 
+/* An append cache: the bytes appended since the last flush go to the target's current end of
+ * file (another appender may have moved it), appended by the target's kernel (O_APPEND). */
+static int wfile_flush_appended(struct ent *e, const struct stat *cur) {
+    off_t from = e->synced_size;
+    char *buf = cur->st_size > from ? malloc(MAX_DATA_CHUNK) : NULL;
+    int rc = 0;
+    if (cur->st_size > from && buf == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    while (rc == 0 && from < cur->st_size) {
+        size_t want = MAX_DATA_CHUNK - 4096;
+        ssize_t n = REAL(pread)(e->cache_fd, buf, want, from);
+        if (n <= 0) {
+            break;
+        }
+        for (ssize_t done = 0; done < n && rc == 0;) {
+            /* no offset: the handle has O_APPEND, the target's kernel appends */
+            ssize_t w = rfile_write_chunk(e->handle, buf + done, (size_t)(n - done), -1);
+            if (w <= 0) {
+                rc = -1;
+            } else {
+                done += w;
+            }
+        }
+        from += n;
+    }
+    free(buf);
+    if (rc == 0 && cur->st_size > e->synced_size) {
+        /* Back to the size at open: every holder of this memfd (a fork child, the image after
+         * an exec, the shell that opened it for them) shares it and starts from that size, so
+         * none of them appends these bytes again. */
+        struct stat now;
+        REAL(ftruncate)(e->cache_fd, e->synced_size);
+        if (REAL(fstat)(e->cache_fd, &now) == 0) {
+            e->synced_mtim = now.st_mtim;
+        }
+    }
+    return rc;
+}
+
 /* Writes the memfd's content back to the remote file if it changed since the last flush. */
 int wfile_flush(struct ent *e) {
     struct stat cur;
@@ -379,6 +420,9 @@ int wfile_flush(struct ent *e) {
     if (cur.st_mtim.tv_sec == e->synced_mtim.tv_sec && cur.st_mtim.tv_nsec == e->synced_mtim.tv_nsec &&
         cur.st_size == e->synced_size) {
         return 0;
+    }
+    if (e->append_only && cur.st_size >= e->synced_size) {
+        return wfile_flush_appended(e, &cur);
     }
     char *buf = malloc(MAX_DATA_CHUNK);
     if (buf == NULL) {
@@ -585,8 +629,10 @@ static int rfile_fetch(const char *path, int rflags, mode_t mode, int flags, uin
 static int open_remote(const char *path, int flags, mode_t mode) {
     /* Writes go to a write-back cache flushed at explicit offsets: the remote handle needs
      * no O_APPEND (with it, pwrite appends on Linux), and read access to fetch the content
-     * first unless the open truncates. */
-    int rflags = flags & ~(O_CLOEXEC | O_NONBLOCK | O_NOCTTY | O_APPEND);
+     * first unless the open truncates. An append cache (O_WRONLY|O_APPEND, below) keeps
+     * O_APPEND: its write-back appends atomically however many processes append. */
+    int append_only = (flags & O_APPEND) && (flags & O_ACCMODE) == O_WRONLY && !(flags & O_TRUNC);
+    int rflags = flags & ~(O_CLOEXEC | O_NONBLOCK | O_NOCTTY | (append_only ? 0 : O_APPEND));
     if (open_is_write(flags) && !(flags & O_TRUNC)) {
         rflags = (rflags & ~O_ACCMODE) | O_RDWR;
     }
@@ -596,7 +642,8 @@ static int open_remote(const char *path, int flags, mode_t mode) {
     struct stat st;
     memset(&st, 0, sizeof st);
     uint64_t max = 0;
-    if (!(flags & O_PATH) && !(open_is_write(flags) && (flags & O_TRUNC))) {
+    /* O_WRONLY|O_APPEND (`>>`, logging): an append cache, nothing to fetch (see below) */
+    if (!(flags & O_PATH) && !(open_is_write(flags) && (flags & O_TRUNC)) && !append_only) {
         max = g_set.fetch_limit < MAX_DATA_CHUNK ? (uint64_t)g_set.fetch_limit : MAX_DATA_CHUNK;
     }
     int frc = rfile_fetch(path, rflags, mode, flags, max, &handle, &has_handle, &st, &fetched,
@@ -647,7 +694,40 @@ static int open_remote(const char *path, int flags, mode_t mode) {
     int fd = -1;
     int writing = open_is_write(flags);
     /* O_PATH: a handle for fstat, *at() and fchdir only, nothing to fetch */
-    if (S_ISREG(st.st_mode) && st.st_size <= g_set.fetch_limit && !(flags & O_PATH)) {
+    /* An append cache: a sparse memfd as long as the file, so that fstat, lseek(SEEK_END) and
+     * tell() show the file's size without fetching it; writes append to it natively (stdio
+     * included) and at write-back only the appended bytes go to the target's end of file, so
+     * appenders (two loggers, `>>` from several commands) do not overwrite each other. */
+    if (append_only && has_handle && S_ISREG(st.st_mode)) {
+        fd = placeholder_fd(flags, path);
+        struct stat cst;
+        if (fd >= 0 && REAL(ftruncate)(fd, st.st_size) == 0) {
+            e->kind = K_MFILE;
+            e->writeback = 1;
+            e->append_only = 1;
+            e->has_handle = 1;
+            e->handle = handle;
+            e->cache_fd = layer_fd_protect(REAL(fcntl)(fd, F_DUPFD_CLOEXEC, 0));
+            if (REAL(fstat)(e->cache_fd, &cst) == 0) {
+                e->synced_mtim = cst.st_mtim;
+                e->synced_size = cst.st_size;
+            }
+            REAL(fcntl)(fd, F_SETFL, O_APPEND);
+            REAL(lseek)(fd, 0, SEEK_END);
+            __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
+        } else {
+            /* not a write-back cache: the handle has O_APPEND, which pwrite would not respect */
+            int err = fd >= 0 ? ENOMEM : errno;
+            if (fd >= 0) {
+                REAL(close)(fd);
+            }
+            rfile_close_handle(handle);
+            ent_put(e);
+            errno = err;
+            return -1;
+        }
+    }
+    if (fd < 0 && S_ISREG(st.st_mode) && st.st_size <= g_set.fetch_limit && !(flags & O_PATH)) {
         size_t size = 0;
         if (writing && (flags & O_TRUNC)) {
             fd = placeholder_fd(flags, path);
@@ -3484,8 +3564,8 @@ HOOK int link(const char *old, const char *new) {
  * new image must know that its inherited fd is a remote file, or it writes into the
  * placeholder (lost) or reads an empty one. exec keeps the process's channel, so its handles
  * stay valid: each remote fd that survives exec is named in MIRRORD_LAYER_FILES as
- * `fd:kind:handle:oflags:hex(path)` (kind r: handle-backed, w: write-back cache, already
- * written back before exec), or `fd:=:otherfd` for a dup of an earlier one. */
+ * `fd:kind:handle:oflags:hex(path)` (kind r: handle-backed, w: write-back cache, a: append
+ * cache, both already written back before exec), or `fd:=:otherfd` for a dup of an earlier one. */
 
 static void hex_put(char *out, const char *s) {
     static const char digits[] = "0123456789abcdef";
@@ -3542,7 +3622,8 @@ char *files_exec_env(void) {
             seen_fd[nseen++] = fd;
         }
         len += (size_t)snprintf(buf + len, cap - len, "%s%d:%c:%llu:%d:", sep, fd,
-                                e->kind == K_RFILE ? 'r' : 'w', (unsigned long long)e->handle,
+                                e->kind == K_RFILE ? 'r' : e->append_only ? 'a' : 'w',
+                                (unsigned long long)e->handle,
                                 e->oflags);
         hex_put(buf + len, e->path != NULL ? e->path : "");
         len += 2 * plen;
@@ -3554,40 +3635,51 @@ char *files_exec_env(void) {
     return buf;
 }
 
-/* An inherited read-only file bigger than fetch_limit (`cmd < big`): stdio reads stdin with
- * libc's internal read, which no hook sees, so the content goes into the placeholder (up to 16
- * times fetch_limit) at the handle's position, and the fd becomes a plain fetched file. */
+/* An inherited file bigger than fetch_limit (`cmd < big`, `cmd >> big.log`): stdio reads and
+ * writes with libc's internal read/write, which no hook sees, so the content goes into the
+ * placeholder (up to 16 times fetch_limit) at the handle's position, and the fd becomes a
+ * plain fetched file, or a write-back cache when it was opened for writing. */
 static void exec_fetch_whole(int fd, struct ent *e) {
     struct stat lst;
+    off_t pos = -1;
     if (REAL(fstat)(fd, &lst) == 0 && lst.st_size == e->st.st_size && lst.st_size > 0) {
         /* an earlier image (a sibling sharing this open file) fetched it: its offset counts */
+        pos = REAL(lseek)(fd, 0, SEEK_CUR);
+    } else {
+        pos = rfile_seek(e, 0, SEEK_CUR);
+        char *buf = pos >= 0 ? malloc(MAX_DATA_CHUNK) : NULL;
+        off_t off = 0;
+        while (buf != NULL && off < e->st.st_size) {
+            ssize_t n = rfile_read_chunk(e->handle, buf, MAX_DATA_CHUNK, off);
+            if (n <= 0 || REAL(pwrite)(fd, buf, (size_t)n, off) != n) {
+                break;
+            }
+            off += n;
+        }
+        free(buf);
+        if (buf == NULL || off != e->st.st_size || REAL(lseek)(fd, pos, SEEK_SET) != pos) {
+            REAL(ftruncate)(fd, 0); /* stays handle-backed */
+            return;
+        }
+    }
+    e->kind = K_MFILE;
+    if ((e->oflags & O_ACCMODE) == O_RDONLY) {
         rfile_close_handle(e->handle);
         e->has_handle = 0;
-        e->kind = K_MFILE;
         __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
         clock_gettime(CLOCK_MONOTONIC, &e->checked);
         return;
     }
-    off_t pos = rfile_seek(e, 0, SEEK_CUR);
-    char *buf = pos >= 0 ? malloc(MAX_DATA_CHUNK) : NULL;
-    off_t off = 0;
-    while (buf != NULL && off < e->st.st_size) {
-        ssize_t n = rfile_read_chunk(e->handle, buf, MAX_DATA_CHUNK, off);
-        if (n <= 0 || REAL(pwrite)(fd, buf, (size_t)n, off) != n) {
-            break;
-        }
-        off += n;
+    struct stat cst;
+    e->writeback = 1; /* keeps the handle: written back when the last fd closes */
+    e->cache_fd = layer_fd_protect(REAL(fcntl)(fd, F_DUPFD_CLOEXEC, 0));
+    if (REAL(fstat)(e->cache_fd, &cst) == 0) {
+        e->synced_mtim = cst.st_mtim;
+        e->synced_size = cst.st_size;
     }
-    free(buf);
-    if (buf == NULL || off != e->st.st_size || REAL(lseek)(fd, pos, SEEK_SET) != pos) {
-        REAL(ftruncate)(fd, 0); /* stays handle-backed */
-        return;
+    if (e->oflags & O_APPEND) {
+        REAL(fcntl)(fd, F_SETFL, O_APPEND);
     }
-    rfile_close_handle(e->handle);
-    e->has_handle = 0;
-    e->kind = K_MFILE;
-    __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
-    clock_gettime(CLOCK_MONOTONIC, &e->checked);
 }
 
 static int hex_val(char c) {
@@ -3632,7 +3724,7 @@ void files_restore_fds(const char *v) {
             struct stat st;
             struct ent *e = NULL;
             if (path != NULL && fd >= 0 && fd < MAX_FDS && REAL(fcntl)(fd, F_GETFD) >= 0 &&
-                (kind == 'r' || kind == 'w') && rstat(NULL, 1, handle, 1, &st) == 0) {
+                (kind == 'r' || kind == 'w' || kind == 'a') && rstat(NULL, 1, handle, 1, &st) == 0) {
                 e = ent_new(kind == 'r' ? K_RFILE : K_MFILE);
             }
             if (e != NULL) {
@@ -3643,9 +3735,10 @@ void files_restore_fds(const char *v) {
                 path = NULL;
                 e->st = st;
                 e->is_dir = S_ISDIR(st.st_mode);
-                if (kind == 'w') {
+                if (kind == 'w' || kind == 'a') {
                     struct stat cst;
                     e->writeback = 1;
+                    e->append_only = kind == 'a';
                     e->cache_fd = layer_fd_protect(REAL(fcntl)(fd, F_DUPFD_CLOEXEC, 0));
                     if (REAL(fstat)(e->cache_fd, &cst) == 0) {
                         e->synced_mtim = cst.st_mtim;
@@ -3653,13 +3746,12 @@ void files_restore_fds(const char *v) {
                     }
                 }
                 __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
-                if (kind == 'r' && (oflags & O_ACCMODE) == O_RDONLY && S_ISREG(st.st_mode) &&
-                    st.st_size / 16 <= g_set.fetch_limit) {
+                if (kind == 'r' && S_ISREG(st.st_mode) && st.st_size / 16 <= g_set.fetch_limit) {
                     exec_fetch_whole(fd, e);
                 }
                 fd_set_ent(fd, e);
                 DBG("fd %d is remote %s from before exec (%s)", fd, e->path,
-                    e->kind == K_MFILE ? "fetched" : kind == 'r' ? "handle" : "write-back");
+                    kind == 'a' ? "append cache" : e->writeback ? "write-back" : e->kind == K_MFILE ? "fetched" : "handle");
             }
             free(path);
         }

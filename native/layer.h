@@ -82,7 +82,7 @@ int fcntl64(int fd, int cmd, ...);
     X(mkostemps) X(mkostemps64) X(mkdtemp) X(realpath) X(canonicalize_file_name)         \
     X(utimensat) X(futimens) X(fchownat) X(fchown) X(fchmodat) X(setxattr) X(lsetxattr) X(fsetxattr) \
     X(symlinkat) X(linkat) X(statvfs) X(statvfs64) X(fstatvfs) X(fstatvfs64) \
-    X(fdopen) X(glob) X(glob64)
+    X(fdopen) X(glob) X(glob64) X(_exit)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
 #pragma GCC diagnostic push
@@ -156,6 +156,7 @@ struct ent {
     int refreshing;
     struct timespec synced_mtim;
     off_t synced_size;
+    int append_only; /* O_WRONLY|O_APPEND: only what was appended is written back, at the end */
     /* sockets */
     int family, socktype;
     int bound; /* bind() recorded the requested address */

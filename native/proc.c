@@ -355,3 +355,19 @@ HOOK pid_t fork(void) {
 /* vfork's child shares the parent's memory: the layer's registration would corrupt it, so
  * vfork is a fork (its callers only exec or _exit, which fork allows too). */
 HOOK pid_t vfork(void) { return fork(); }
+
+/* _exit skips atexit and destructors, so the layer's write-back at exit too: a shell's
+ * subshell (`(echo a; cmd; echo c) >> /app/log`) ends with _exit and its last writes were lost.
+ * The write-back is idempotent for every holder of a file (see wfile_flush), so a fork child
+ * that _exits after a failed exec writing back its parent's pending data is harmless. */
+HOOK void _exit(int status) {
+    if (g_active && !t_guard) {
+        t_guard++;
+        wfile_flush_all();
+    }
+    REAL(_exit)(status);
+    __builtin_unreachable();
+}
+
+HOOK void _Exit(int status) { _exit(status); }
+

@@ -398,3 +398,37 @@ def test_c_stdio_over_fdopen_and_glob3_on_pod_paths(
     )
     inside = files_pod.run_in_pod([str(program), "/app/w/fdopen2.txt"]).stdout.decode()
     assert inside == result.stdout
+
+
+PY_LOGGERS = """
+import logging, sys
+logging.basicConfig(filename="/app/w/shared.log", format="%(message)s", level=logging.INFO)
+for j in range(50):
+    logging.info("proc %s line %d", sys.argv[1], j)
+"""
+
+
+def test_appends_from_several_processes_and_shell_builtins_all_land(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # O_WRONLY|O_APPEND opens were write-back caches of the whole file: concurrent appenders
+    # overwrote each other's lines, a builtin's `>>` to a file over fetch_limit went to the
+    # placeholder (stdio's internal write), and a subshell's last line was lost at its _exit
+    files_pod.run_in_pod(["sh", "-c", "cp /app/big.bin /app/w/big.log; : > /app/w/shared.log"])
+    script = tmp_path / "logger.py"
+    script.write_text(PY_LOGGERS)
+    shell = (
+        f"for i in 1 2 3 4; do {sys.executable} {script} $i & done; wait; "
+        "printf 'x%.0s' 1 2 3 >> /app/w/big.log; /bin/echo appended >> /app/w/big.log; "
+        "(echo a; /bin/echo b; echo c) >> /app/w/sub.log; cat /app/w/sub.log; "
+        "tail -c 12 /app/w/big.log; wc -l < /app/w/shared.log"
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--", "sh", "-c", shell
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "a\nb\nc\nxxxappended\n200\n"
+    lines = files_pod.run_in_pod(["cat", "/app/w/shared.log"]).stdout.decode().splitlines()
+    assert sorted(lines) == sorted(f"proc {i} line {j}" for i in range(1, 5) for j in range(50))
+    size = files_pod.run_in_pod(["stat", "-c", "%s", "/app/w/big.log"]).stdout
+    assert int(size) == len(BIG) + 12
