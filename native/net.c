@@ -17,6 +17,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -212,11 +213,15 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         return rc;
     }
     struct ent *pe = type == SOCK_STREAM ? fd_peek(fd) : NULL;
-    if (pe != NULL && pe->kind == K_SOCK) {
+    struct tcp_info ti;
+    socklen_t til = sizeof ti;
+    if (pe != NULL && pe->kind == K_SOCK &&
+        getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &til) == 0 && ti.tcpi_state != TCP_CLOSE) {
         /* connect() again on a stream already handed to a relay (polling a non-blocking
          * connect, as some programs do): the kernel's answer about the relay connection is
          * the answer (EALREADY, EISCONN, or 0 once), and no second connection is opened in
-         * the target */
+         * the target. A closed socket (refused before, or a number our table did not see
+         * closed) connects anew. */
         struct ent *e = ent_get(fd);
         if (e != NULL && e->remote && e->maps[0].relay_len > 0) {
             struct sockaddr_storage relay = e->maps[0].relay;
