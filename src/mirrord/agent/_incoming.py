@@ -1082,6 +1082,7 @@ class _FilteredConnection:
                     if ev.raw:  # type: ignore[union-attr]
                         await self.client.send(ev.raw)  # type: ignore[union-attr]
                         wrote = True
+                        ex.replay = None  # answered: never replayed, no need to keep it
                     if isinstance(ev, ResponseEnded):
                         ended = ev
                         break
