@@ -175,8 +175,9 @@ def test_a_refused_steal_is_said_and_daemon_status_shows_each_subscription(
     mirrord: Mirrord, pod: LocalPod, tmp_path: Path
 ) -> None:
     """A second, unfiltered steal of a port a filtered session steals is refused by the agent;
-    the app used to run on with no traffic and no word about it. `daemon status` now lists
-    what each session subscribed, and forgets a mirrored port nobody mirrors any more."""
+    the app used to run on with no traffic and no word about it (so did a session whose
+    filter is the same as another's). `daemon status` now lists what each session
+    subscribed, and forgets a mirrored port nobody mirrors any more."""
     alice = start_app(
         mirrord,
         pod,
@@ -224,6 +225,17 @@ def test_a_refused_steal_is_said_and_daemon_status_shows_each_subscription(
     assert get(pod, "/b", "bob") == b"pod GET /b\n"
     _, err = stop_app(whole)
     assert "mirrord: warning: port 8080: not stolen: port 8080 is already stolen" in err, err
+    # a second session with a copy of Alice's config: told why it will get nothing
+    twin = start_app(
+        mirrord,
+        pod,
+        "twin-app",
+        "-f",
+        config(tmp_path, "alice", {"mode": "steal", "http_filter": ALICE}),
+    )
+    assert get(pod, "/a", "alice") == b"alice-app GET /a x-user=alice\n"
+    _, err = stop_app(twin)
+    assert "another session already steals this port with the same HTTP filter" in err, err
     wait_for(lambda: "8081" in traffic(), 10, "the sniffer's figures of port 8081")
     stop_app(mirror)
     wait_for(lambda: "8081" not in traffic(), 10, "port 8081 to leave the mirrored ports")

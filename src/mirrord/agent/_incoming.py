@@ -530,6 +530,15 @@ class IncomingService:
         else:
             if steal.unfiltered is channel:
                 steal.unfiltered = None
+            if any(c is not channel and repr(f) == repr(flt) for c, f in steal.filtered.items()):
+                # Two developers with the same filter (a copied config): the first gets every
+                # matching request, and the second would wonder why it gets none.
+                warnings.append(
+                    "another session already steals this port with the same HTTP filter: it "
+                    "gets every request that matches (the first subscriber wins), this session "
+                    "none until it ends. Use a filter of your own (e.g. a header only your "
+                    "requests carry)"
+                )
             steal.filtered[channel] = flt
         try:
             await self._update_rules()
