@@ -213,7 +213,7 @@ enum {
     M_DNS_LOOKUP = 52, M_DNS_REPLY = 53, M_HOSTNAME_REQUEST = 54, M_HOSTNAME_REPLY = 55,
     M_LAYER_HELLO = 200, M_LAYER_WELCOME = 201, M_LAYER_CONNECT = 202,
     M_LAYER_CONNECTED = 203, M_LAYER_LISTEN = 204, M_LAYER_UNLISTEN = 205,
-    M_PEER_LOOKUP = 206, M_PEER_REPLY = 207,
+    M_PEER_LOOKUP = 206, M_PEER_REPLY = 207, M_LAYER_DISCONNECT = 208,
 };
 
 #define MAX_FRAME (2 * 1024 * 1024)
@@ -360,6 +360,7 @@ void files_set_vcwd(const char *path);
 int files_get_vcwd(char *out, size_t cap);
 pid_t conn_parent(void);
 void net_restore_listeners(void);
+void net_sock_freed(const struct ent *e); /* last reference of a socket's entry */
 
 #pragma GCC visibility pop
 

@@ -545,6 +545,48 @@ static int udp_relay_for(int fd, const struct sockaddr *sa, socklen_t len,
     return rc;
 }
 
+static int relay_port_of(const struct sockaddr_storage *ss) {
+    return get_port((const struct sockaddr *)ss);
+}
+
+/* The app closed a UDP socket we relayed: a UDP relay never ends by itself, so tell the daemon
+ * to end each of its relays (and their sockets in the target) instead of keeping them until
+ * the process exits. */
+void net_sock_freed(const struct ent *e) {
+    int ports[MAX_UDP_MAPS + 1], n = 0;
+    if (e->remote && e->maps[0].relay_len > 0) {
+        ports[n++] = relay_port_of(&e->maps[0].relay);
+    }
+    for (int i = 0; i < e->nmaps && i < MAX_UDP_MAPS; i++) {
+        if (e->maps[i].relay_len > 0) {
+            ports[n++] = relay_port_of(&e->maps[i].relay);
+        }
+    }
+    if (n == 0) {
+        return;
+    }
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return;
+    }
+    int saved = errno;
+    for (int i = 0; i < n; i++) {
+        int seen = 0;
+        for (int j = 0; j < i; j++) {
+            seen |= ports[j] == ports[i];
+        }
+        if (seen || ports[i] <= 0) {
+            continue;
+        }
+        cbor_w *w = conn_begin(c, M_LAYER_DISCONNECT, 1);
+        cw_uint(w, (uint64_t)ports[i]);
+        cbor_r r;
+        (void)conn_call(c, M_OK, &r);
+    }
+    conn_release(c);
+    errno = saved;
+}
+
 /* Source address of a datagram: a relay of ours is shown as the remote it stands for. */
 static void udp_translate_from(int fd, struct sockaddr_storage *from, socklen_t *fl) {
     struct ent *e = ent_get(fd);

@@ -148,6 +148,9 @@ static void ent_free_remote(struct ent *e) {
     if (e->kind == K_SOCK && e->subscribed) {
         __atomic_fetch_sub(&g_nhandles, 1, __ATOMIC_RELAXED);
     }
+    if (e->kind == K_SOCK && e->socktype == SOCK_DGRAM) {
+        net_sock_freed(e);
+    }
     free(e->path);
     free(e);
 }

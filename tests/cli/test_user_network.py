@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec, create_pod
-from tests.cli.conftest import Mirrord
+from tests.cli.conftest import Mirrord, agent_pids
 
 pytestmark = pytest.mark.netns
 
@@ -366,3 +367,50 @@ def test_an_app_that_resets_its_connection_resets_the_pods_peer(
         server.wait(timeout=5)
     # the pod's server used to see a clean end of stream (b'')
     assert out.decode().splitlines() == ["got hello", "then ConnectionResetError"]
+
+
+UDP_ECHO_SERVER = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9996))
+s.settimeout(30)
+print("ready", flush=True)
+for _ in range(1000):
+    data, peer = s.recvfrom(100)
+    s.sendto(data, peer)
+"""
+
+UDP_MANY_APP = """
+import socket, sys
+for i in range(150):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(b"q%d" % i, ("127.0.0.1", 9996))
+    assert s.recvfrom(100)[0] == b"q%d" % i
+    s.close()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_closed_udp_sockets_do_not_pile_up_in_the_agent(
+    mirrord: Mirrord, net_pod: LocalPod
+) -> None:
+    # a statsd or DNS client opens a socket per message: each used to keep a relay (a daemon
+    # socket and an agent socket in the pod) until the app exited
+    server = start_in_pod(net_pod, UDP_ECHO_SERVER)
+    app = [sys.executable, "-c", UDP_MANY_APP]
+    proc = mirrord.popen("run", "-t", f"pid/{net_pod.pid}", "--", *app, stdin=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "done\n", proc.stderr.read() if proc.stderr else ""
+        agents = agent_pids(mirrord.runtime)
+        assert agents
+        open_fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in agents)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.communicate(timeout=20)
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+    assert open_fds < 100, f"{open_fds} fds open in the agent after 150 closed UDP sockets"

@@ -453,7 +453,7 @@ class ScriptedDaemon:
         if isinstance(msg, m.LayerListen):
             self.listens.append(msg)
             return m.Ok(request_id=rid)
-        if isinstance(msg, m.LayerUnlisten):
+        if isinstance(msg, (m.LayerUnlisten, m.LayerDisconnect)):
             return m.Ok(request_id=rid)
         if isinstance(msg, m.PeerLookup):
             peer = self.peers.get(msg.local_port)

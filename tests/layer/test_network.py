@@ -162,6 +162,8 @@ c.settimeout(10)
 c.connect(('192.0.2.56', 5353))
 c.send(b'connected')
 print(c.recv(100).decode(), c.getpeername())
+u.close()
+c.close()
 """
     out = run.py(code).stdout.decode().splitlines()
     assert out == [
@@ -169,7 +171,8 @@ print(c.recv(100).decode(), c.getpeername())
         "udp:again ('192.0.2.55', 53)",
         "udp:connected ('192.0.2.56', 5353)",
     ]
-    assert daemon.kinds() == ["LayerConnect", "LayerConnect"]
+    # each closed UDP socket ends its relay (one relay each here)
+    assert daemon.kinds() == ["LayerConnect", "LayerConnect", "LayerDisconnect", "LayerDisconnect"]
 
 
 def _wait_for(cond: object, timeout: float = 10.0) -> None:

@@ -247,6 +247,8 @@ class LayerProcess:
         self.listeners: dict[int, tuple[str, int]] = {}  # port -> where the app really listens
         # port -> what the agent confirmed (Subscribed): shown by `mirrord daemon status`
         self.subscriptions: dict[int, dict[str, Any]] = {}
+        # daemon-side UDP relay port -> its relay, until the app closes the socket
+        self.udp_relays: dict[int, Relay] = {}
         self.channel_lost = ""
         self._expiry: anyio.CancelScope | None = None
 
@@ -415,7 +417,12 @@ class LayerProcess:
         if listener is not None:
             await relay.serve_tcp_outgoing(listener, RELAY_ACCEPT_TIMEOUT)
         else:
-            await relay.serve_udp_outgoing(endpoint)
+            self.udp_relays[relay_port] = relay
+            try:
+                await relay.serve_udp_outgoing(endpoint)
+            finally:
+                if self.udp_relays.get(relay_port) is relay:
+                    del self.udp_relays[relay_port]
 
     def listen(self, client: LayerClient, msg: m.LayerListen) -> None:
         address = msg.bound_address
@@ -476,6 +483,13 @@ class LayerProcess:
             ),
             on_reply,
         )
+
+    def disconnect(self, client: LayerClient, msg: m.LayerDisconnect) -> None:
+        """The app closed a relayed UDP socket: end its relay (ConnClose to the agent)."""
+        relay = self.udp_relays.pop(msg.relay_port, None)
+        if relay is not None:
+            relay.abort()
+        client.reply(m.Ok(request_id=0), msg.request_id)
 
     def unlisten(self, client: LayerClient, msg: m.LayerUnlisten) -> None:
         self.listeners.pop(msg.port, None)
@@ -632,6 +646,8 @@ def _handle(client: LayerClient, msg: Message, tg: anyio.abc.TaskGroup) -> None:
         process.listen(client, msg)
     elif isinstance(msg, m.LayerUnlisten):
         process.unlisten(client, msg)
+    elif isinstance(msg, m.LayerDisconnect):
+        process.disconnect(client, msg)
     elif isinstance(msg, m.PeerLookup):
         process.peer(client, msg)
     elif isinstance(msg, m.Request) and msg.KIND < 100:

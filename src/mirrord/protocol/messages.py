@@ -74,6 +74,7 @@ __all__ = [
     "IncomingConnection",
     "LayerConnect",
     "LayerConnected",
+    "LayerDisconnect",
     "LayerHello",
     "LayerListen",
     "LayerUnlisten",
@@ -823,6 +824,19 @@ class PeerReply(Reply):
     request_id: int
     address: str
     port: int
+
+
+@message(208)
+class LayerDisconnect(Request):
+    """The app closed a UDP socket relayed through the daemon's endpoint at `relay_port`:
+    end that relay and its connection in the target (a UDP relay never sees an end of its
+    own). The reply is `Ok`, also for a relay that is already gone."""
+
+    request_id: int
+    relay_port: int
+
+    def _validate(self) -> None:
+        _port(self.relay_port, "relay_port")
 
 
 SHARED_KINDS: list[type[Message]] = [
