@@ -626,7 +626,33 @@ static int rfile_fetch(const char *path, int rflags, mode_t mode, int flags, uin
     return rc;
 }
 
+/* Read-your-writes: a write-back cache reaches the target at close, fsync, exec or exit, so
+ * before a remote open or stat of `path` this process's pending writes to it on other fds are
+ * written back (a node stream reading its file back in its 'finish' callback, before the fd
+ * closes, saw nothing). Only while the process holds remote handles; a look at 4096 fds. */
+static void flush_pending_for(const char *path) {
+    if (__atomic_load_n(&g_nhandles, __ATOMIC_RELAXED) == 0) {
+        return;
+    }
+    for (int fd = 0; fd < 4096; fd++) {
+        struct ent *pe = fd_peek(fd);
+        if (pe == NULL || pe->kind != K_MFILE || !pe->writeback) {
+            continue;
+        }
+        struct ent *e = ent_get(fd);
+        if (e != NULL && e->path != NULL && strcmp(e->path, path) == 0) {
+            int saved = errno;
+            (void)wfile_flush(e);
+            errno = saved;
+        }
+        if (e != NULL) {
+            ent_put(e);
+        }
+    }
+}
+
 static int open_remote(const char *path, int flags, mode_t mode) {
+    flush_pending_for(path);
     /* Writes go to a write-back cache flushed at explicit offsets: the remote handle needs
      * no O_APPEND (with it, pwrite appends on Linux), and read access to fetch the content
      * first unless the open truncates. An append cache (O_WRONLY|O_APPEND, below) keeps
@@ -1457,6 +1483,7 @@ static int stat_path(int dirfd, const char *path, struct stat *st, int flags, in
         errno = ENOENT;
         *ret = -1;
     } else {
+        flush_pending_for(full);
         *ret = rstat(full, 0, 0, !(flags & AT_SYMLINK_NOFOLLOW), st);
     }
     t_guard--;

@@ -89,6 +89,10 @@ const d = process.argv[2];
 fs.writeFileSync(d + '/f.json', '{"a":1}');
 fs.appendFileSync(d + '/f.json', '\\n');
 console.log(fs.statSync(d + '/f.json').size, JSON.stringify(fs.readFileSync(d + '/f.json', 'utf8')));
+const ws = fs.createWriteStream(d + '/stream.log', {flags: 'a'});
+for (let i = 0; i < 100; i++) ws.write(`line ${i}\\n`);
+// 'finish' comes before the fd is closed: the file is read back while still open for writing
+ws.end(() => console.log(fs.readFileSync(d + '/stream.log', 'utf8').split('\\n').length - 1));
 """
 
 
@@ -105,7 +109,7 @@ def test_node_write_then_append_lands_whole_in_the_pod(
         str(NODE), str(script), "/app/w",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout == '8 "{\\"a\\":1}\\n"\n'
+    assert result.stdout == '8 "{\\"a\\":1}\\n"\n100\n'
     assert files_pod.run_in_pod(["cat", "/app/w/f.json"]).stdout == b'{"a":1}\n'
 
 
