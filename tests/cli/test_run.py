@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -100,6 +102,53 @@ def test_signals_are_forwarded_to_the_command(
     out, _ = proc.communicate(timeout=20)
     assert "got SIGTERM" in out
     assert proc.returncode == 42
+
+
+def test_a_signal_to_mirrord_runs_process_group_reaches_the_command_once(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    # what `timeout`, CI runners and IDEs do: signal the whole group of `mirrord run`
+    pod = make_pod(POD_SPEC)
+    app = python_app(
+        tmp_path,
+        "import signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: got.append(1))\n"
+        "print('ready', flush=True)\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not got and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(1)  # a second delivery would arrive by now\n"
+        "print('SIGINT x', len(got), flush=True)\n",
+    )
+    proc = mirrord.popen(
+        "run",
+        "-t",
+        f"pid/{pod.pid}",
+        "--",
+        *app,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert out.strip() == "SIGINT x 1", (out, err)
+    assert proc.returncode == 0
+
+
+def test_the_command_dies_with_a_killed_mirrord_run(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(POD_SPEC)
+    app = python_app(tmp_path, "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n")
+    proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "--", *app)
+    assert proc.stdout is not None
+    app_pid = int(proc.stdout.readline())
+    proc.kill()  # SIGKILL: nothing of mirrord run runs any more
+    proc.wait(timeout=10)
+    wait_for(lambda: not pid_alive(app_pid), 10, "the command to die with mirrord run")
 
 
 def test_three_sessions_share_one_agent_and_another_target_gets_its_own(

@@ -1,7 +1,9 @@
 """What `mirrord run` does once its arguments are parsed, without typer.
 
 Owns: opening the session, starting CMD with the session's env, forwarding SIGINT/SIGTERM/SIGHUP
-to it, closing the session, and the exit code (CMD's, 128+N when a signal N ended it). It must
+(and the other signals that would end `mirrord run`) to it exactly once, closing the session,
+and the exit code (CMD's, 128+N when a signal N ended it). CMD dies with `mirrord run` (a
+parent-death signal), as it would if mirrord ran it in its own process. It must
 not import typer (or anything that does): the fast path of `mirrord run` (`_main.py`) calls it
 without loading typer and the pydantic typer uses to coerce arguments.
 """
@@ -13,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,15 +40,37 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _signal_from_terminal(signum: int) -> bool:
-    """Ctrl-C (Ctrl-\\) on the terminal reaches every process of the foreground group, CMD
-    included: forwarding it too would deliver it twice."""
-    if signum not in (signal.SIGINT, signal.SIGQUIT):
-        return False
+def _terminal_foreground() -> bool:
+    """Whether this process's group is the foreground group of its controlling terminal: then
+    Ctrl-C / Ctrl-\\ on that terminal reach every process of the group, CMD included."""
     try:
-        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no controlling terminal (IDE, CI, a service)
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
     except OSError:
         return False
+    finally:
+        os.close(fd)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec function: CMD gets SIGKILL when `mirrord run` dies (a `kill -9` of it must not
+    leave CMD running without its session). libc is looked up before the fork."""
+    import ctypes  # here: the fast path of `mirrord run` keeps its imports few
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # mirrord run died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def _check_command(name: str) -> None:
@@ -115,7 +140,19 @@ def run_command(
     try:
         env = child_env(session.env, unset=session.unset)
         try:
-            child = subprocess.Popen(command, env=env)
+            # In the terminal's foreground group, CMD shares it, so the terminal's Ctrl-C
+            # reaches CMD by itself and is not forwarded. Anywhere else (IDE, CI, `timeout`,
+            # a script), CMD gets a group of its own: a signal sent to mirrord run's group
+            # (killpg) then reaches CMD once, through the forwarding below, not twice.
+            shared_group = _terminal_foreground()
+            child = subprocess.Popen(
+                command,
+                env=env,
+                process_group=None if shared_group else 0,
+                # The other threads here (the control connection's reader) hold nothing the
+                # preexec function needs: it calls prctl, getppid and kill, all prepared.
+                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+            )
         except FileNotFoundError:
             if shutil.which(command[0]) is not None:  # the file is there: its #! is not
                 fail(
@@ -134,7 +171,7 @@ def run_command(
 
         def forward(signum: int, frame: FrameType | None) -> None:
             del frame
-            if not _signal_from_terminal(signum):
+            if not (shared_group and signum in (signal.SIGINT, signal.SIGQUIT)):
                 try:
                     child.send_signal(signum)
                 except ProcessLookupError:
