@@ -1970,6 +1970,18 @@ HOOK int renameat(int olddir, const char *old, int newdir, const char *new) {
     return REAL(renameat)(olddir, old, newdir, new);
 }
 
+/* A fetched read-only file whose times, owner or mode were changed through its fd: its fstat
+ * (the stat taken at open) follows. */
+static void mfile_restat(struct ent *e) {
+    struct stat nst;
+    t_guard++;
+    if (e->path != NULL && rstat(e->path, 0, 0, 1, &nst) == 0 && nst.st_ino == e->st.st_ino) {
+        nst.st_size = e->st.st_size;
+        e->st = nst;
+    }
+    t_guard--;
+}
+
 /* ftruncate / fchmod / fsync on a handle-backed file */
 static int handle_op(int fd, int kind, int64_t arg, int *ret) {
     struct ent *pe = fd_peek(fd);
@@ -1977,7 +1989,19 @@ static int handle_op(int fd, int kind, int64_t arg, int *ret) {
         return R_BYPASS;
     }
     if (pe->kind == K_MFILE && !pe->writeback) {
-        /* opened read-only and fetched: nothing to change remotely */
+        /* opened read-only and fetched: no handle; fchmod (allowed on a read-only fd, as
+         * Linux allows it) goes by path, and the fd's stat follows */
+        struct ent *e = kind == M_FCHMOD ? ent_get(fd) : NULL;
+        if (e != NULL) {
+            char *path = e->path != NULL ? strdup(e->path) : NULL;
+            *ret = path != NULL ? chmod(path, (mode_t)arg) : (errno = EBADF, -1);
+            if (*ret == 0) {
+                mfile_restat(e);
+            }
+            free(path);
+            ent_put(e);
+            return R_DONE;
+        }
         if (kind == M_FSYNC) {
             *ret = 0;
         } else {
@@ -3347,6 +3371,9 @@ static int attr_fd(int fd, int kind, int64_t a, int64_t b, const struct timespec
             errno = EBADF;
             rc = -1;
         }
+    }
+    if (rc == 0 && e->kind == K_MFILE && !e->writeback) {
+        mfile_restat(e);
     }
     if (rc == 0 && e->writeback && kind == M_UTIMENS) {
         struct stat cst;

@@ -436,3 +436,38 @@ def test_appends_from_several_processes_and_shell_builtins_all_land(
     assert sorted(lines) == sorted(f"proc {i} line {j}" for i in range(1, 5) for j in range(50))
     size = files_pod.run_in_pod(["stat", "-c", "%s", "/app/w/big.log"]).stdout
     assert int(size) == len(BIG) + 12
+
+
+PY_TIMES = """
+import os, pathlib, sys
+p = pathlib.Path(sys.argv[1])
+p.parent.mkdir(parents=True, exist_ok=True)
+p.touch()
+os.utime(p, (1000000000, 1000000000))
+print(int(p.stat().st_mtime))
+fd = os.open(p, os.O_RDONLY)  # fetched: no handle; utime and fchmod through the fd
+os.utime(fd, (2000000000, 2000000000))
+os.fchmod(fd, 0o600)
+st = os.fstat(fd)
+print(int(st.st_mtime), oct(st.st_mode))
+os.close(fd)
+os.utime(p, ns=(5, 7))
+st = p.stat()
+print(st.st_atime_ns, st.st_mtime_ns)
+"""
+
+
+def test_python_times_and_mode_by_path_and_by_fd_match_the_pod(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # a fetched read-only fd refused fchmod (EPERM) and its fstat kept the times of its open
+    script = tmp_path / "times.py"
+    script.write_text(PY_TIMES)
+    through = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--",
+        sys.executable, str(script), "/app/w/times/t",
+    )  # fmt: skip
+    assert through.returncode == 0, through.stderr
+    assert through.stdout == "1000000000\n2000000000 0o100600\n5 7\n"
+    inside = files_pod.run_in_pod([sys.executable, str(script), "/app/w/times/t2"])
+    assert inside.stdout.decode() == through.stdout
