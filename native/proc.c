@@ -28,6 +28,7 @@ static const char *const SAVED_NAMES[] = {
     "UV_USE_IO_URING", NULL,
 };
 static char *g_parent_digits; /* inside environ's MIRRORD_LAYER_PARENT=..., fixed width */
+static pid_t g_layer_pid; /* this process, as of init or the fork hook (see _exit) */
 #define PARENT_WIDTH 10
 
 static void write_digits(char *p, long v) {
@@ -38,6 +39,7 @@ static void write_digits(char *p, long v) {
 }
 
 void proc_init_env(void) {
+    g_layer_pid = getpid();
     Dl_info info;
     if (dladdr((void *)proc_init_env, &info) != 0 && info.dli_fname != NULL) {
         g_lib_path = strdup(info.dli_fname);
@@ -73,6 +75,7 @@ void proc_init_env(void) {
 
 /* In a fork child: environ's MIRRORD_LAYER_PARENT now names this process (no allocation). */
 void proc_fork_child(void) {
+    g_layer_pid = getpid();
     if (g_parent_digits != NULL && getenv("MIRRORD_LAYER_PARENT") == g_parent_digits &&
         strlen(g_parent_digits) == PARENT_WIDTH) {
         write_digits(g_parent_digits, (long)getpid());
@@ -361,7 +364,9 @@ HOOK pid_t vfork(void) { return fork(); }
  * The write-back is idempotent for every holder of a file (see wfile_flush), so a fork child
  * that _exits after a failed exec writing back its parent's pending data is harmless. */
 HOOK void _exit(int status) {
-    if (g_active && !t_guard) {
+    /* not in a child made by a raw clone(CLONE_VM) (no fork hook ran): it shares the parent's
+     * memory and connections, and must touch neither */
+    if (g_active && !t_guard && getpid() == g_layer_pid) {
         t_guard++;
         wfile_flush_all();
     }
