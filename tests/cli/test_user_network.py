@@ -381,7 +381,18 @@ for _ in range(1000):
 """
 
 UDP_MANY_APP = """
-import socket, sys
+import os, socket, sys
+shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+shared.settimeout(5)
+shared.sendto(b"before", ("127.0.0.1", 9996))
+assert shared.recvfrom(100)[0] == b"before"
+child = os.fork()
+if child == 0:
+    shared.close()  # the child's copy: the parent's relay must stay
+    os._exit(0)
+os.waitpid(child, 0)
+shared.sendto(b"after", ("127.0.0.1", 9996))
+assert shared.recvfrom(100)[0] == b"after"
 for i in range(150):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(5)
