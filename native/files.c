@@ -106,6 +106,10 @@ static int decide(int dirfd, const char *path, int write, char *out, size_t cap)
     if (path == NULL || path_fast_local(path)) {
         return P_LOCAL;
     }
+    char mapped[PATH_CAP];
+    if (path[0] == '/' && g_nmap && policy_map_path(path, mapped, sizeof mapped)) {
+        path = mapped; /* only a remote decision uses it: a local call keeps the app's path */
+    }
     if (path[0] == '/') {
         int d = policy_file(path, write);
         if (d != P_LOCAL) {
@@ -887,7 +891,8 @@ static inline int local_fd(int fd) {
  * up its path buffer. */
 static __attribute__((noinline)) int open_slow(int dirfd, const char *path, int flags, mode_t mode, int *ret) {
     int saved = errno;
-    if (path != NULL && path[0] == '/' && policy_file(path, open_is_write(flags)) == P_LOCAL) {
+    if (path != NULL && path[0] == '/' && !g_nmap &&
+        policy_file(path, open_is_write(flags)) == P_LOCAL) {
         errno = saved;
         return R_BYPASS;
     }

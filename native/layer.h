@@ -260,6 +260,10 @@ int policy_load(const char *text);   /* parses MIRRORD_LAYER_CONFIG; -1 if malfo
 int policy_skip_process(const char *exe, const char *name);
 /* File decision for an absolute or relative path; `write` for opens that may modify. */
 int policy_file(const char *path, int write);
+extern int g_nmap; /* feature.fs.mapping entries */
+/* `path` rewritten by the first feature.fs.mapping pattern that matches it, into out: 1, or
+ * 0 (nothing matched, or the result would not fit). */
+int policy_map_path(const char *path, char *out, size_t cap);
 
 /* The bypass path's file decision, inline so that a hook deciding "local" here makes no call
  * before the real one. Paths are absolute (path[0] == '/') wherever these are used. */

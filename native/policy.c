@@ -72,6 +72,80 @@ static size_t g_exe_len;
 static char g_tmpdir[4096];
 static size_t g_tmpdir_len;
 
+/* feature.fs.mapping: the first pattern matching a path rewrites it (its leftmost match
+ * replaced), before any other decision. Case-sensitive, as mirrord's replacement is. */
+#define MAX_MAP 16
+static struct {
+    regex_t re;
+    char *repl; /* "${N}" group references and "$$" only (LayerSettings normalises them) */
+} g_map[MAX_MAP];
+int g_nmap;
+
+static void add_mapping(const char *v) {
+    const char *tab = strchr(v, '\t');
+    if (tab == NULL || g_nmap >= MAX_MAP) {
+        return;
+    }
+    char pattern[4096];
+    size_t n = (size_t)(tab - v);
+    if (n >= sizeof pattern) {
+        return;
+    }
+    memcpy(pattern, v, n);
+    pattern[n] = 0;
+    if (regcomp(&g_map[g_nmap].re, pattern, REG_EXTENDED) != 0) {
+        DBG("bad mapping pattern %s: ignored", pattern);
+        return;
+    }
+    g_map[g_nmap].repl = strdup(tab + 1);
+    if (g_map[g_nmap].repl == NULL) {
+        regfree(&g_map[g_nmap].re);
+        return;
+    }
+    g_nmap++;
+}
+
+static int append(char *out, size_t cap, size_t *len, const char *s, size_t n) {
+    if (*len + n >= cap) {
+        return -1;
+    }
+    memcpy(out + *len, s, n);
+    *len += n;
+    out[*len] = 0;
+    return 0;
+}
+
+int policy_map_path(const char *path, char *out, size_t cap) {
+    for (int i = 0; i < g_nmap; i++) {
+        regmatch_t m[10];
+        if (regexec(&g_map[i].re, path, 10, m, 0) != 0) {
+            continue;
+        }
+        size_t len = 0;
+        out[0] = 0;
+        int bad = append(out, cap, &len, path, (size_t)m[0].rm_so);
+        for (const char *r = g_map[i].repl; *r && !bad; r++) {
+            if (r[0] == '$' && r[1] == '$') {
+                bad = append(out, cap, &len, "$", 1);
+                r++;
+            } else if (r[0] == '$' && r[1] == '{' && r[2] >= '0' && r[2] <= '9' && r[3] == '}') {
+                regmatch_t g = m[r[2] - '0'];
+                if (g.rm_so >= 0) {
+                    bad = append(out, cap, &len, path + g.rm_so, (size_t)(g.rm_eo - g.rm_so));
+                }
+                r += 3;
+            } else {
+                bad = append(out, cap, &len, r, 1);
+            }
+        }
+        if (!bad) {
+            bad = append(out, cap, &len, path + m[0].rm_eo, strlen(path + m[0].rm_eo));
+        }
+        return bad ? 0 : 1; /* too long: the path stays as it is */
+    }
+    return 0;
+}
+
 static int add_regex(struct rlist *l, const char *v) {
     if (l->n >= MAX_LIST) {
         return -1;
@@ -158,6 +232,8 @@ int policy_load(const char *text) {
             add_regex(&g_rw, v);
         } else if (strcmp(k, "local") == 0) {
             add_regex(&g_local, v);
+        } else if (strcmp(k, "fs_map") == 0) {
+            add_mapping(v);
         } else if (strcmp(k, "not_found") == 0) {
             add_regex(&g_nf, v);
         } else if (strcmp(k, "outgoing_tcp") == 0) {
@@ -372,7 +448,7 @@ unsigned char g_fast_dir[256];
 
 static void fast_init(void) {
     memset(g_fast_dir, 0, sizeof g_fast_dir);
-    if (g_nf.n || g_rw.n || g_ro.n || g_local.n) {
+    if (g_nf.n || g_rw.n || g_ro.n || g_local.n || g_nmap) {
         return;
     }
     for (const char *c = "bdehlnoprstuv"; *c; c++) {

@@ -471,3 +471,27 @@ def test_python_times_and_mode_by_path_and_by_fd_match_the_pod(
     assert through.stdout == "1000000000\n2000000000 0o100600\n5 7\n"
     inside = files_pod.run_in_pod([sys.executable, str(script), "/app/w/times/t2"])
     assert inside.stdout.decode() == through.stdout
+
+
+def test_fs_mapping_in_a_config_file_reads_the_mapped_pod_file(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # mirrord's feature.fs.mapping: code written for this machine's layout reads the target's
+    # file at the mapped path
+    cfg = tmp_path / "mirrord.json"
+    cfg.write_text(
+        '{"feature": {"fs": {"mapping": {"^/home/dev/(?<proj>[^/]+)/(.*)$": "/app/$2"}}}}'
+    )
+    result = mirrord.run(
+        "run",
+        "-t",
+        f"pid/{files_pod.pid}",
+        "-f",
+        str(cfg),
+        "--",
+        "cat",
+        "/home/dev/shop/config.json",
+        "/home/dev/shop/sub/deep/c.txt",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == '{"db": "postgres://pod", "n": 3}\ndeep file\n'

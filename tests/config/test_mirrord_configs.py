@@ -81,9 +81,16 @@ def test_complete_mirrord_example_loads_and_warns_about_ignored_keys() -> None:
     assert len(dns_filter.local) == 3
     assert cfg.agent.ttl == 30 and cfg.agent.startup_timeout == 360
     assert cfg.kube_context == "my-cluster"
-    ignored = {w.split(": ", 1)[1].split(" ", 1)[0] for w in resolved.warnings}
+    # keys mirrord has and this project does not use: each named with the file it is in
+    from_file = [w for w in resolved.warnings if w.startswith(str(CASES / "complete.json"))]
+    ignored = {w.split(": ", 1)[1].split(" ", 1)[0] for w in from_file}
     assert {"operator", "telemetry", "agent.metrics", "feature.copy_target"} <= ignored
-    assert all(str(CASES / "complete.json") in w for w in resolved.warnings)
+    # and what is accepted but not supported yet
+    unsupported = [w for w in resolved.warnings if w not in from_file]
+    assert unsupported == [
+        "feature.network.outgoing.unix_streams is not supported yet: connections to unix "
+        "sockets stay on this machine"
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["toml", "yaml"])

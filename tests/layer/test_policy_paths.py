@@ -96,3 +96,31 @@ def test_file_patterns_match_case_insensitively_as_mirrord_does(
     assert res["/app/Config/Settings.JSON"] == (0, 0, "from the target")
     assert res["/app/other.txt"] == (2, 2, "")  # not_found matched despite the case
     assert _requested_paths(daemon) == {"/app/Config/Settings.JSON"}
+
+
+def test_fs_mapping_rewrites_a_path_before_the_policy(
+    run: Runner, daemon: ScriptedDaemon, probe: Path, tmp_path: Path
+) -> None:
+    # mirrord's feature.fs.mapping: the app asks for a path of this machine's layout, the
+    # target's file at the mapped path answers
+    daemon.add_file("/app/config/settings.yaml", b"mapped: yes\n")
+    daemon.add_file("/srv/prod/db.conf", b"host=db\n")
+    local = tmp_path / "local.txt"
+    local.write_text("stays local\n")
+    settings = LayerSettings(
+        timeout_ms=5000,
+        fs_mapping=(
+            (r"^/home/dev/project/(.*)$", "/app/$1"),
+            (r"^/etc/myapp/(?<env>[a-z]+)/(?P<file>.*)$", "/srv/${env}/${file}"),
+        ),
+    )
+    paths = [
+        "/home/dev/project/config/settings.yaml",
+        "/etc/myapp/prod/db.conf",
+        str(local),
+    ]
+    res = _probe(run, probe, paths, settings, tmp_path)
+    assert res["/home/dev/project/config/settings.yaml"] == (0, 0, "mapped: yes")
+    assert res["/etc/myapp/prod/db.conf"] == (0, 0, "host=db")
+    assert res[str(local)] == (0, 0, "stays local")
+    assert _requested_paths(daemon) == {"/app/config/settings.yaml", "/srv/prod/db.conf"}

@@ -154,3 +154,18 @@ except OSError as e:
         "DnsLookup",
         "LayerConnect",
     ]
+
+
+def test_fs_mappings_become_numbered_groups_for_the_c_side() -> None:
+    from mirrord.layer._settings import posix_mapping
+
+    assert posix_mapping(r"^/data/(.*)$", "/app/$1") == (r"^/data/(.*)$", "/app/${1}")
+    # named groups (both spellings) are numbered; an unknown name or number becomes empty
+    assert posix_mapping(r"^/cfg/(?<env>[^/]+)/(?P<f>.*)$", "/app/${env}/$f$7$nope$$") == (
+        r"^/cfg/([^/]+)/(.*)$",
+        "/app/${1}/${2}$$",
+    )
+    # a non-capturing group captures in POSIX: the numbers after it shift
+    assert posix_mapping(r"^/x(?:a|b)/(\d+)$", "/y/$1") == (r"^/x(a|b)/([0-9]+)$", "/y/${2}")
+    line = LayerSettings(fs_mapping=((r"^/data/(.*)$", "/app/$1"),)).encode()
+    assert "fs_map=^/data/(.*)$\t/app/${1}\n" in line

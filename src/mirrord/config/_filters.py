@@ -145,7 +145,7 @@ def check_fs_pattern(pattern: str) -> str:
     classes), which have no lookaround, other inline flags or named groups. Better refused
     here, with the key path, than at session start."""
     check_regex(pattern)
-    if "(?" in pattern.removeprefix("(?i)"):
+    if "(?" in pattern.removeprefix("(?i)").replace("(?:", "("):
         raise ValueError(
             f"{pattern!r}: '(?...)' groups (lookaround, inline flags, named groups) are not "
             "supported in file patterns; they are matched as POSIX extended regexes "

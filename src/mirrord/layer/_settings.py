@@ -43,7 +43,7 @@ def posix_regex(pattern: str) -> str:
     learns it at start rather than by a silent mismatch."""
     if pattern.startswith("(?i)"):
         pattern = pattern[4:]
-    if re.search(r"\(\?", pattern):
+    if re.search(r"\(\?(?!:)", pattern):
         raise ValueError(f"{pattern!r}: inline flags and lookaround are not supported by the layer")
     out: list[str] = []
     i = 0
@@ -57,6 +57,10 @@ def posix_regex(pattern: str) -> str:
             else:
                 out.append(ch + nxt)
             i += 2
+            continue
+        if ch == "(" and not in_bracket and pattern.startswith("(?:", i):
+            out.append("(")  # POSIX groups all capture; a yes/no match is the same
+            i += 3
             continue
         if ch == "[" and not in_bracket:
             in_bracket = True
@@ -80,6 +84,66 @@ def posix_regex(pattern: str) -> str:
     return "".join(out)
 
 
+_NAMED_GROUP = re.compile(r"\(\?P?<([A-Za-z_][A-Za-z0-9_]*)>")
+_REPLACEMENT_REF = re.compile(r"\$(\$|\{([^}]*)\}|([A-Za-z0-9_]+))")
+
+
+def posix_mapping(pattern: str, replacement: str) -> tuple[str, str]:
+    """A `feature.fs.mapping` entry for the C side: named groups (`(?<name>...)`,
+    `(?P<name>...)`) become numbered ones (POSIX has no names) and the replacement's `$name`,
+    `${name}`, `$N`, `${N}` become `${N}` (a name or number that is not a group becomes empty,
+    as in Rust's `Regex::replace`; `$$` is a `$`). The pattern then goes through
+    `posix_regex`."""
+    names: dict[str, int] = {}
+    groups: list[int] = []  # the POSIX number of each capturing group, in Rust's order
+    out: list[str] = []
+    opened = 0  # every POSIX group, "(?:" ones included (they capture in POSIX)
+    i = 0
+    in_bracket = False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_bracket:
+            in_bracket = ch != "]"
+        elif ch == "[":
+            in_bracket = True
+        elif ch == "(":
+            named = _NAMED_GROUP.match(pattern, i)
+            if named is not None:
+                opened += 1
+                groups.append(opened)
+                names[named.group(1)] = opened
+                out.append("(")
+                i = named.end()
+                continue
+            if pattern.startswith("(?:", i):
+                opened += 1
+            elif not pattern.startswith("(?", i):
+                opened += 1
+                groups.append(opened)
+        out.append(ch)
+        i += 1
+    if opened > 9:
+        raise ValueError(f"{pattern!r}: the layer supports at most 9 groups in a mapping")
+    posix = posix_regex("".join(out))
+
+    def ref(m: re.Match[str]) -> str:
+        if m.group(1) == "$":
+            return "$$"
+        name = m.group(2) if m.group(2) is not None else m.group(3)
+        if name.isdigit():
+            k = int(name)
+            if k == 0:
+                return "${0}"
+            return f"${{{groups[k - 1]}}}" if k <= len(groups) else ""
+        return f"${{{names[name]}}}" if name in names else ""
+
+    return posix, _REPLACEMENT_REF.sub(ref, replacement)
+
+
 def _line_value(value: str, key: str) -> str:
     if "\n" in value or "\r" in value:
         raise ValueError(f"layer setting {key}: {value!r} must not contain a line break")
@@ -96,6 +160,8 @@ class LayerSettings:
     read_write: tuple[str, ...] = ()
     local: tuple[str, ...] = ()
     not_found: tuple[str, ...] = ()
+    # feature.fs.mapping: (pattern, replacement), the first matching one rewrites a path
+    fs_mapping: tuple[tuple[str, str], ...] = ()
     outgoing_tcp: bool = True
     outgoing_udp: bool = True
     outgoing_filter_mode: FilterMode | None = None
@@ -125,6 +191,13 @@ class LayerSettings:
         for key in ("read_only", "read_write", "local", "not_found"):
             for pattern in getattr(self, key):
                 lines.append(f"{key}={_line_value(posix_regex(pattern), key)}")
+        for pattern, replacement in self.fs_mapping:
+            posix, repl = posix_mapping(pattern, replacement)
+            if "\t" in posix or "\t" in repl:
+                raise ValueError(f"fs mapping {pattern!r}: a tab cannot be encoded")
+            lines.append(
+                f"fs_map={_line_value(posix, 'fs_mapping')}\t{_line_value(repl, 'fs_mapping')}"
+            )
         lines.append(f"outgoing_tcp={int(self.outgoing_tcp)}")
         lines.append(f"outgoing_udp={int(self.outgoing_udp)}")
         if self.outgoing_filter_mode is not None:
@@ -184,6 +257,7 @@ class LayerSettings:
             read_write=tuple(fs.read_write),
             local=tuple(fs.local),
             not_found=tuple(fs.not_found),
+            fs_mapping=tuple((str(k), str(v)) for k, v in fs.mapping.items()),
             outgoing_tcp=out.tcp,
             outgoing_udp=out.udp,
             outgoing_filter_mode=out_mode,
