@@ -321,14 +321,21 @@ def test_ctrl_c_of_a_filtered_steal_under_traffic_fails_no_request(
     assert all(a == b"200 pod" for t, a in answers if t > stopped + 2.0)
     assert any(t > stopped + 2.0 for t, _ in answers)
     wait_for(lambda: our_rules(pod) == [], 10, "the steal rules to be removed")
-    # the session's app is gone; only the daemon and its (lingering) agent remain
+    # the session's app is gone; only the daemon and its (lingering) agent remain (the
+    # agent's last firewall commands may still be finishing: bounded wait)
     daemon = mirrord.daemon_pid()
-    left = [
-        pid
-        for pid in processes_with_env("MIRRORD_RUNTIME_DIR", str(mirrord.runtime))
-        if pid != daemon and b"mirrord.agent" not in _cmdline(pid)
-    ]
-    assert left == [], [_cmdline(pid) for pid in left]
+
+    def left() -> list[bytes]:
+        return [
+            _cmdline(pid)
+            for pid in processes_with_env("MIRRORD_RUNTIME_DIR", str(mirrord.runtime))
+            if pid != daemon and b"mirrord.agent" not in _cmdline(pid)
+        ]
+
+    try:
+        wait_for(lambda: left() == [], 10, "the session's processes to exit")
+    except AssertionError:
+        raise AssertionError(left()) from None
 
 
 def _cmdline(pid: int) -> bytes:
