@@ -199,6 +199,25 @@ int stat_from_wire(cbor_r *r, struct stat *st) {
         return rc_;                                          \
     } while (0)
 
+/* A request naming two paths (rename, symlink; link with its follow flag when follow >= 0)
+ * that answers Ok: 0, or -1 with errno. */
+static int remote_two_paths(int kind, const char *a, const char *b, int follow) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    cbor_w *w = conn_begin(c, kind, follow >= 0 ? 3 : 2);
+    cw_bytes(w, a, strlen(a));
+    cw_bytes(w, b, strlen(b));
+    if (follow >= 0) {
+        cw_bool(w, follow != 0);
+    }
+    cbor_r r;
+    int rc = conn_call(c, M_OK, &r);
+    conn_release(c);
+    return rc;
+}
+
 static int rstat(const char *path, int has_handle, uint64_t handle, int follow, struct stat *st) {
     struct lconn *c = conn_acquire();
     if (c == NULL) {
@@ -1902,21 +1921,7 @@ static int rename_common(int olddir, const char *old, int newdir, const char *ne
         errno = EXDEV; /* between the user's machine and the target */
         *ret = -1;
     } else {
-        *ret = ({
-            int r_;
-            struct lconn *c_ = conn_acquire();
-            if (c_ == NULL) {
-                r_ = -1;
-            } else {
-                cbor_w *w = conn_begin(c_, M_RENAME, 2);
-                cw_bytes(w, a, strlen(a));
-                cw_bytes(w, b, strlen(b));
-                cbor_r rr;
-                r_ = conn_call(c_, M_OK, &rr);
-                conn_release(c_);
-            }
-            r_;
-        });
+        *ret = remote_two_paths(M_RENAME, a, b, -1);
     }
     t_guard--;
     return R_DONE;
@@ -3546,21 +3551,7 @@ HOOK int symlinkat(const char *target, int dirfd, const char *path) {
         }
         if (d == P_REMOTE) {
             t_guard++;
-            int rc = ({
-                int r_;
-                struct lconn *c_ = conn_acquire();
-                if (c_ == NULL) {
-                    r_ = -1;
-                } else {
-                    cbor_w *w = conn_begin(c_, M_SYMLINK, 2);
-                    cw_bytes(w, target, strlen(target));
-                    cw_bytes(w, full, strlen(full));
-                    cbor_r rr;
-                    r_ = conn_call(c_, M_OK, &rr);
-                    conn_release(c_);
-                }
-                r_;
-            });
+            int rc = remote_two_paths(M_SYMLINK, target, full, -1);
             t_guard--;
             return rc;
         }
@@ -3589,22 +3580,7 @@ HOOK int linkat(int olddir, const char *old, int newdir, const char *new, int fl
                 return -1;
             }
             t_guard++;
-            int rc = ({
-                int r_;
-                struct lconn *c_ = conn_acquire();
-                if (c_ == NULL) {
-                    r_ = -1;
-                } else {
-                    cbor_w *w = conn_begin(c_, M_LINK, 3);
-                    cw_bytes(w, a, strlen(a));
-                    cw_bytes(w, b, strlen(b));
-                    cw_bool(w, (flags & AT_SYMLINK_FOLLOW) != 0);
-                    cbor_r rr;
-                    r_ = conn_call(c_, M_OK, &rr);
-                    conn_release(c_);
-                }
-                r_;
-            });
+            int rc = remote_two_paths(M_LINK, a, b, ((flags & AT_SYMLINK_FOLLOW) != 0));
             t_guard--;
             return rc;
         }
