@@ -3833,18 +3833,11 @@ HOOK int statvfs(const char *path, struct statvfs *buf) {
     return REAL(statvfs)(path, buf);
 }
 
+/* The 64 variants are the same calls on the 64-bit targets the layer is built for. */
+_Static_assert(sizeof(struct statvfs) == sizeof(struct statvfs64), "statvfs64 differs");
+
 HOOK int statvfs64(const char *path, struct statvfs64 *buf) {
-    int ret;
-    struct statfs f;
-    if (statfs_path(path, &f, &ret) == R_DONE) {
-        if (ret == 0) {
-            struct statvfs v;
-            statvfs_from(&f, &v);
-            memcpy(buf, &v, sizeof *buf);
-        }
-        return ret;
-    }
-    return REAL(statvfs64)(path, buf);
+    return statvfs(path, (struct statvfs *)(void *)buf);
 }
 
 HOOK int fstatvfs(int fd, struct statvfs *buf) {
@@ -3860,17 +3853,7 @@ HOOK int fstatvfs(int fd, struct statvfs *buf) {
 }
 
 HOOK int fstatvfs64(int fd, struct statvfs64 *buf) {
-    int ret;
-    struct statfs f;
-    if (fstatfs_fd(fd, &f, &ret) == R_DONE) {
-        if (ret == 0) {
-            struct statvfs v;
-            statvfs_from(&f, &v);
-            memcpy(buf, &v, sizeof *buf);
-        }
-        return ret;
-    }
-    return REAL(fstatvfs64)(fd, buf);
+    return fstatvfs(fd, (struct statvfs *)(void *)buf);
 }
 
 /* ---------------------------------------------------------------- fdopen, glob */

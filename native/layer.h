@@ -81,7 +81,7 @@ int fcntl64(int fd, int cmd, ...);
     X(mkstemp) X(mkstemp64) X(mkostemp) X(mkostemp64) X(mkstemps) X(mkstemps64)           \
     X(mkostemps) X(mkostemps64) X(mkdtemp) X(realpath) X(canonicalize_file_name)         \
     X(utimensat) X(futimens) X(fchownat) X(fchown) X(fchmodat) X(setxattr) X(lsetxattr) X(fsetxattr) \
-    X(symlinkat) X(linkat) X(statvfs) X(statvfs64) X(fstatvfs) X(fstatvfs64) \
+    X(symlinkat) X(linkat) X(statvfs) X(fstatvfs) \
     X(fdopen) X(glob) X(glob64) X(_exit)
 
 /* readdir_r is deprecated, but programs still call it on our DIRs */
