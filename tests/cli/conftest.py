@@ -4,6 +4,7 @@ teardown that stops the daemon and every agent it started, also on failure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -164,15 +165,23 @@ class Mirrord:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def mirrord() -> Iterator[Mirrord]:
-    runtime = Path(tempfile.mkdtemp(prefix="mrdc"))  # short: unix socket paths <= 107 bytes
+@contextlib.contextmanager
+def temp_mirrord(prefix: str) -> Iterator[Mirrord]:
+    """`mirrord` commands with a runtime directory of their own, removed afterwards with
+    everything the commands started."""
+    runtime = Path(tempfile.mkdtemp(prefix=prefix))  # short: unix socket paths <= 107 bytes
     cli = Mirrord(runtime)
     try:
         yield cli
     finally:
         cli.cleanup()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def mirrord() -> Iterator[Mirrord]:
+    with temp_mirrord("mrdc") as cli:
+        yield cli
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -9,12 +9,10 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 
 from mirrord.localpod import LocalPod
-from tests.cli.conftest import MIRRORD, Mirrord
+from tests.cli.conftest import MIRRORD, Mirrord, temp_mirrord
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -33,13 +31,8 @@ APP = str(Path(__file__).with_name("_local_app.py"))
 
 @pytest.fixture
 def mirrord() -> Iterator[Mirrord]:
-    runtime = Path(tempfile.mkdtemp(prefix="mrdi"))  # short: unix socket paths <= 107 bytes
-    cli = Mirrord(runtime)
-    try:
+    with temp_mirrord("mrdi") as cli:
         yield cli
-    finally:
-        cli.cleanup()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def get(

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from typing import Any
 import pytest
 
 from mirrord.localpod import LocalPod
-from tests.cli.conftest import MIRRORD, Mirrord, processes_with_env, wait_for
+from tests.cli.conftest import MIRRORD, Mirrord, processes_with_env, temp_mirrord, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -33,13 +31,8 @@ ALICE = {"header_filter": "^x-user: alice$", "ports": [8080]}
 
 @pytest.fixture
 def mirrord() -> Iterator[Mirrord]:
-    runtime = Path(tempfile.mkdtemp(prefix="mrdu"))  # short: unix socket paths <= 107 bytes
-    cli = Mirrord(runtime)
-    try:
+    with temp_mirrord("mrdu") as cli:
         yield cli
-    finally:
-        cli.cleanup()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def config(tmp_path: Path, name: str, incoming: dict[str, Any]) -> str:

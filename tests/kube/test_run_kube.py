@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from mirrord.localpod import LocalPod, PodSpec
-from tests.cli.conftest import Mirrord, python_app
+from tests.cli.conftest import Mirrord, python_app, temp_mirrord
 from tests.kube._cluster import add_deployment
 from tests.kube.apiserver import FakeApiServer
 
@@ -65,13 +63,8 @@ print("http", body.splitlines()[0], flush=True)
 
 @pytest.fixture
 def mirrord_cli() -> Iterator[Mirrord]:
-    runtime = Path(tempfile.mkdtemp(prefix="mrdk"))
-    cli = Mirrord(runtime)
-    try:
+    with temp_mirrord("mrdk") as cli:
         yield cli
-    finally:
-        cli.cleanup()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest_asyncio.fixture

@@ -3,16 +3,14 @@ directories, DNS, outgoing connections and forked children, as a user would see 
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec
-from tests.cli.conftest import Mirrord
+from tests.cli.conftest import Mirrord, temp_mirrord
 
 pytestmark = pytest.mark.netns
 
@@ -41,13 +39,8 @@ print('listdir', sorted(os.listdir('/app')))
 
 @pytest.fixture
 def mirrord() -> Iterator[Mirrord]:
-    runtime = Path(tempfile.mkdtemp(prefix="mrdl"))  # short: unix socket paths <= 107 bytes
-    cli = Mirrord(runtime)
-    try:
+    with temp_mirrord("mrdl") as cli:
         yield cli
-    finally:
-        cli.cleanup()
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def test_programs_see_the_pod_through_the_real_daemon_and_agent(
