@@ -22,6 +22,7 @@ import pytest
 
 from mirrord.localpod import LocalPod
 from tests.cli.conftest import MIRRORD, Mirrord, processes_with_env, temp_mirrord, wait_for
+from tests.incoming.test_end_to_end import our_rules
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -121,17 +122,6 @@ def get(pod: LocalPod, path: str, user: str = "") -> bytes:
     return body(
         http(pod, f"GET {path} HTTP/1.1\r\nHost: pod\r\n{hdr}Connection: close\r\n\r\n".encode())
     )
-
-
-def our_rules(pod: LocalPod) -> list[str]:
-    out = subprocess.run(
-        ["ip", "netns", "exec", pod.netns, "sh", "-c", "iptables-save; nft list ruleset"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    ).stdout
-    return [line for line in out.splitlines() if "MRD_" in line or "mirrord_" in line]
 
 
 def test_a_mirror_beside_a_filtered_steal_sees_each_request_once(
