@@ -142,6 +142,23 @@ static int decide(int dirfd, const char *path, int write, char *out, size_t cap)
     return d;
 }
 
+/* decide() for a hook that answers through *ret: R_BYPASS (local), R_DONE (a "not found"
+ * path: -1 with ENOENT), or R_REMOTE (the target's path is in out: the caller makes the call
+ * under t_guard). */
+enum { R_REMOTE = 2 };
+static int decide_hook(int dirfd, const char *path, int write, char *out, size_t cap, int *ret) {
+    int d = decide(dirfd, path, write, out, cap);
+    if (d == P_LOCAL) {
+        return R_BYPASS;
+    }
+    if (d == P_NOT_FOUND) {
+        errno = ENOENT;
+        *ret = -1;
+        return R_DONE;
+    }
+    return R_REMOTE;
+}
+
 static int open_is_write(int flags) {
     return (flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC | O_APPEND)) != 0;
 }
@@ -873,17 +890,12 @@ static int open_remote(const char *path, int flags, mode_t mode) {
 /* Shared by every open-like hook: R_BYPASS, or R_DONE with *ret. */
 static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret) {
     char full[PATH_CAP];
-    int d = decide(dirfd, path, open_is_write(flags), full, sizeof full);
-    if (d == P_LOCAL) {
-        return R_BYPASS;
+    int d = decide_hook(dirfd, path, open_is_write(flags), full, sizeof full, ret);
+    if (d != R_REMOTE) {
+        return d;
     }
     t_guard++;
-    if (d == P_NOT_FOUND) {
-        errno = ENOENT;
-        *ret = -1;
-    } else {
-        *ret = open_remote(full, flags, mode);
-    }
+    *ret = open_remote(full, flags, mode);
     t_guard--;
     return R_DONE;
 }
@@ -1498,18 +1510,13 @@ static int stat_path(int dirfd, const char *path, struct stat *st, int flags, in
         return fstat_remote(dirfd, st, ret);
     }
     char full[PATH_CAP];
-    int d = decide(dirfd, path, 0, full, sizeof full);
-    if (d == P_LOCAL) {
-        return R_BYPASS;
+    int d = decide_hook(dirfd, path, 0, full, sizeof full, ret);
+    if (d != R_REMOTE) {
+        return d;
     }
     t_guard++;
-    if (d == P_NOT_FOUND) {
-        errno = ENOENT;
-        *ret = -1;
-    } else {
-        flush_pending_for(full);
-        *ret = rstat(full, 0, 0, !(flags & AT_SYMLINK_NOFOLLOW), st);
-    }
+    flush_pending_for(full);
+    *ret = rstat(full, 0, 0, !(flags & AT_SYMLINK_NOFOLLOW), st);
     t_guard--;
     return R_DONE;
 }
@@ -1677,17 +1684,12 @@ static int statfs_path(const char *path, struct statfs *sf, int *ret) {
         return R_BYPASS;
     }
     char full[PATH_CAP];
-    int d = decide(AT_FDCWD, path, 0, full, sizeof full);
-    if (d == P_LOCAL) {
-        return R_BYPASS;
+    int d = decide_hook(AT_FDCWD, path, 0, full, sizeof full, ret);
+    if (d != R_REMOTE) {
+        return d;
     }
     t_guard++;
-    if (d == P_NOT_FOUND) {
-        errno = ENOENT;
-        *ret = -1;
-    } else {
-        *ret = rstatfs(full, 0, 0, sf);
-    }
+    *ret = rstatfs(full, 0, 0, sf);
     t_guard--;
     return R_DONE;
 }
@@ -1750,17 +1752,12 @@ static int access_common(int dirfd, const char *path, int mode, int *ret) {
         return R_BYPASS;
     }
     char full[PATH_CAP];
-    int d = decide(dirfd, path, 0, full, sizeof full);
-    if (d == P_LOCAL) {
-        return R_BYPASS;
+    int d = decide_hook(dirfd, path, 0, full, sizeof full, ret);
+    if (d != R_REMOTE) {
+        return d;
     }
     t_guard++;
-    if (d == P_NOT_FOUND) {
-        errno = ENOENT;
-        *ret = -1;
-    } else {
-        *ret = raccess(full, mode);
-    }
+    *ret = raccess(full, mode);
     t_guard--;
     return R_DONE;
 }
@@ -1817,17 +1814,14 @@ static int readlink_common(int dirfd, const char *path, char *buf, size_t size, 
         return R_BYPASS;
     }
     char full[PATH_CAP];
-    int d = decide(dirfd, path, 0, full, sizeof full);
-    if (d == P_LOCAL) {
-        return R_BYPASS;
+    int r = 0;
+    int d = decide_hook(dirfd, path, 0, full, sizeof full, &r);
+    if (d != R_REMOTE) {
+        *ret = r;
+        return d;
     }
     t_guard++;
-    if (d == P_NOT_FOUND) {
-        errno = ENOENT;
-        *ret = -1;
-    } else {
-        *ret = rreadlink(full, buf, size);
-    }
+    *ret = rreadlink(full, buf, size);
     t_guard--;
     return R_DONE;
 }
@@ -1861,17 +1855,12 @@ static int path_op(int kind, int dirfd, const char *path, int mode, int *ret) {
         return R_BYPASS;
     }
     char full[PATH_CAP];
-    int d = decide(dirfd, path, 1, full, sizeof full);
-    if (d == P_LOCAL) {
-        return R_BYPASS;
+    int d = decide_hook(dirfd, path, 1, full, sizeof full, ret);
+    if (d != R_REMOTE) {
+        return d;
     }
     t_guard++;
-    if (d == P_NOT_FOUND) {
-        errno = ENOENT;
-        *ret = -1;
-    } else {
-        *ret = rpath_op(kind, full, mode);
-    }
+    *ret = rpath_op(kind, full, mode);
     t_guard--;
     return R_DONE;
 }
@@ -3407,17 +3396,12 @@ static int attr_path(int dirfd, const char *path, int kind, int64_t a, int64_t b
         return attr_fd(dirfd, kind, a, b, t, ret);
     }
     char full[PATH_CAP];
-    int d = decide(dirfd, path, 1, full, sizeof full);
-    if (d == P_LOCAL) {
-        return R_BYPASS;
+    int d = decide_hook(dirfd, path, 1, full, sizeof full, ret);
+    if (d != R_REMOTE) {
+        return d;
     }
     t_guard++;
-    if (d == P_NOT_FOUND) {
-        errno = ENOENT;
-        *ret = -1;
-    } else {
-        *ret = rattr(kind, full, 0, a, b, !(flags & AT_SYMLINK_NOFOLLOW));
-    }
+    *ret = rattr(kind, full, 0, a, b, !(flags & AT_SYMLINK_NOFOLLOW));
     t_guard--;
     return R_DONE;
 }
