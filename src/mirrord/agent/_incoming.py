@@ -21,6 +21,10 @@ Routing
   inside the pod with `SO_MARK` so our own OUTPUT rule lets it through. Responses are written
   in request order (pipelining). After a matched `Upgrade` that the app accepts, the rest of
   the connection is relayed whole. Bytes that are not HTTP/1.x go to the pod's app untouched.
+- A connection made straight to the agent's listener (not redirected: its original
+  destination is the listener itself) is reset at once, never relayed: relaying it to its
+  original destination would connect to the listener again, in a loop. The steal rules
+  refuse such connections in the kernel already (`_steal.py`); this check is the agent's own.
 - A connection that arrives for a port nobody steals any more (the rule was just removed) is
   relayed to the pod's app, so ending a steal resets nothing.
 
@@ -40,6 +44,7 @@ import functools
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -86,6 +91,7 @@ UPSTREAM_CONNECT_TIMEOUT = 5.0
 # that it can go to the pod's app instead when the user app stopped listening meanwhile.
 REPLAY_LIMIT = 1024 * 1024
 _READ = 256 * 1024
+_REFUSED_LOG_EVERY = 1000  # connections made straight to the listener: log one in this many
 _BAD_GATEWAY = (
     b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
     b"connection: close\r\n\r\n%s"
@@ -207,6 +213,7 @@ class IncomingService:
             "mirrored_flows": 0,
             "mirror_overflows": 0,
             "replayed_to_pod": 0,
+            "refused_direct": 0,
         }
         self._sent_stats: dict[tuple[Any, int], tuple[int, int]] = {}
         self._closed = False
@@ -641,6 +648,12 @@ class IncomingService:
         except OSError:
             await stream.aclose()
             return
+        if dst_port == self._listener_port or (dst_addr, dst_port) == raw.getsockname():
+            # Made straight to our listener, not redirected: relaying it "to the pod's app"
+            # at its original destination would connect to ourselves, again and again.
+            self._refuse_direct(raw, peer)
+            await stream.aclose()
+            return
         self.stolen_live += 1
         try:
             steal = self.steals.get(dst_port)
@@ -668,6 +681,22 @@ class IncomingService:
             self.stolen_live -= 1
             if not self.stolen_live:
                 await self._maybe_clear_rules()
+
+    def _refuse_direct(self, raw: socket.socket, peer: Any) -> None:
+        """Reset a connection made straight to the steal listener (see "listener" in
+        `_steal.py`); the first of every `_REFUSED_LOG_EVERY` is logged."""
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.stats["refused_direct"] += 1
+        if self.stats["refused_direct"] % _REFUSED_LOG_EVERY == 1:
+            log.warning(
+                "refused a connection from %s:%s made straight to the steal listener (port %d), "
+                "not redirected by the steal rules (%d so far)",
+                peer[0],
+                peer[1],
+                self._listener_port,
+                self.stats["refused_direct"],
+            )
 
     def _released(self) -> None:
         self.stolen_live -= 1

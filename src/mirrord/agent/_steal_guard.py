@@ -161,13 +161,17 @@ def remove_all(tag: str, backend: str, *, keep_pin: bool = False) -> None:
     n = chain_names(tag)
     if backend == "nft":
         if keep_pin:
-            for chain in ("pre", "out"):
+            for chain in ("pre", "out", "listener"):
                 _try(["nft", "flush", "chain", "ip", n["nft_table"], chain])
         else:
             _try(["nft", "delete", "table", "ip", n["nft_table"]])
         return
     cmd = [backend] + (["-w"] if backend == "iptables-legacy" else [])
-    jumps = [("nat", "PREROUTING", n["pre"]), ("nat", "OUTPUT", n["out"])]
+    jumps = [
+        ("nat", "PREROUTING", n["pre"]),
+        ("nat", "OUTPUT", n["out"]),
+        ("filter", "INPUT", n["in"]),
+    ]
     if not keep_pin:
         jumps += [("raw", "PREROUTING", n["pin"]), ("raw", "OUTPUT", n["pin"])]
     for table, parent, chain in jumps:
