@@ -32,6 +32,7 @@ from mirrord.protocol import (
     NEED_DATA,
     AgentConnection,
     AgentRole,
+    InvalidRequest,
     LocalProtocolError,
     Message,
     Received,
@@ -64,7 +65,9 @@ class DaemonSession:
         self.ctx = server.ctx
         self.stream = stream
         self.peer = peer
-        self.conn = AgentConnection(AgentRole.AGENT, secret=server.secret)
+        self.conn = AgentConnection(
+            AgentRole.AGENT, secret=server.secret, invalid_requests_as_events=True
+        )
         self.channels: dict[int, Channel] = {}
         self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
         try:
@@ -310,6 +313,18 @@ class DaemonSession:
                             ),
                             event.channel,
                         )
+                    continue
+                if isinstance(event, InvalidRequest):
+                    # The sender's error, for that request only (e.g. an offset beyond 64 bits).
+                    log.debug("invalid request on channel %d: %s", event.channel, event.reason)
+                    await self.send(
+                        m.ErrorReply(
+                            request_id=event.request_id,
+                            errno=event.errno,
+                            message=event.reason,
+                        ),
+                        event.channel,
+                    )
                     continue
                 assert isinstance(event, Received)
                 if not await self._dispatch(event.channel, event.message):
