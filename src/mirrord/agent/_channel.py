@@ -241,6 +241,15 @@ class Channel:
                     except Exception as exc:
                         log.error("incoming cleanup of channel %d failed: %r", self.number, exc)
 
+    async def fail(self, code: str, message: str) -> None:
+        """End this channel from the agent's side (e.g. its steal was lost): the daemon gets
+        `Fatal(code, message)` on it, which its session reports, and everything the channel
+        holds is freed."""
+        await self.send(m.Fatal(code=code, message=message))
+        if self.session.channels.get(self.number) is self:
+            del self.session.channels[self.number]
+        self.close()
+
     def close(self) -> None:
         """Free everything the channel holds (its tasks are cancelled; no messages are sent)."""
         self.closed = True

@@ -73,6 +73,7 @@ from mirrord.agent._incoming_netns import make_listener, make_marked_socket, ori
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
 from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
+from mirrord.agent._steal_guard import remove_all
 from mirrord.protocol import messages as m
 from mirrord.protocol._base import Message
 
@@ -142,6 +143,13 @@ class _PortSteal:
         return None
 
 
+def _max_guard_restarts() -> int:
+    """`MIRRORD_AGENT_STEAL_GUARD_RESTARTS`: how often a dead steal guard is replaced (default
+    3; a guard killed again and again, e.g. by the OOM killer, then ends the steals)."""
+    value = os.environ.get("MIRRORD_AGENT_STEAL_GUARD_RESTARTS", "").strip()
+    return int(value) if value.isdigit() else 3
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
@@ -202,6 +210,8 @@ class IncomingService:
         self._flow_tables: list[dict[int, tuple[int, list[PipeEnd]]]] = []  # one per sniffer
         self._rules: StealRules | None = None
         self._rules_ports: dict[int, int] = {}
+        self._guard_watched = False
+        self.max_guard_restarts = _max_guard_restarts()
         self._listener: anyio.abc.SocketListener | None = None
         self._listener_port = 0
         self._accept_scope: anyio.CancelScope | None = None
@@ -588,13 +598,81 @@ class IncomingService:
         if self._rules is None or redirects == self._rules_ports:
             return
         rules = self._rules
-        try:
-            await anyio.to_thread.run_sync(rules.set_redirects, redirects)
-        except StealRulesError:
-            raise
+        if rules.guard_pid is not None and not rules.running:
+            await self._guard_died(rules)  # (its watcher is waiting for this lock)
+            if self._rules is not rules:
+                raise StealRulesError(errno.EIO, "the steal guard died and could not be restarted")
+        await anyio.to_thread.run_sync(rules.set_redirects, redirects)
+        if not self._guard_watched:
+            self._guard_watched = True
+            self._require_tg().start_soon(self._watch_guard, rules)
         self._rules_ports = redirects
         if not redirects:
             await self._clear_rules_if_unused()
+
+    async def _watch_guard(self, rules: StealRules) -> None:
+        """Notice at once when the guard process dies (killed, OOM): rules with nobody to
+        remove them must not outlive the agent. See `_guard_died`."""
+        while not rules.closed:
+            pid = rules.guard_pid
+            if pid is None:
+                return
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                fd = -1
+            try:
+                if fd >= 0:
+                    await anyio.wait_readable(fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            async with self._lock:
+                if rules is not self._rules or rules.closed:
+                    return
+                if rules.guard_pid == pid and not rules.running:
+                    await self._guard_died(rules)
+
+    async def _guard_died(self, rules: StealRules) -> None:
+        """The guard died while the agent lives (called with `_lock` held). Start a new one
+        that takes the rules over (up to `max_guard_restarts` times); failing that, remove the
+        rules from here and fail every steal subscription loudly: each stealing channel gets
+        `Fatal(steal_lost)`, which its session reports."""
+        log.error(
+            "the steal guard (pid %s) died: %s",
+            rules.guard_pid,
+            "starting a new one" if rules.restarts < self.max_guard_restarts else "giving up",
+        )
+        if rules.restarts < self.max_guard_restarts:
+            try:
+                await anyio.to_thread.run_sync(rules.restart)
+                if self._rules_ports:
+                    await anyio.to_thread.run_sync(rules.set_redirects, self._rules_ports)
+                log.warning("the steal guard was restarted (pid %s)", rules.guard_pid)
+                return
+            except OSError as exc:
+                log.error("the steal guard could not be restarted: %s", exc)
+        tag, backend = rules.tag, rules.backend or "iptables-nft"
+        self._rules = None
+        self._rules_ports = {}
+        self._guard_watched = False
+        await anyio.to_thread.run_sync(rules.close)
+        await anyio.to_thread.run_sync(self.netns.run_sync, lambda: remove_all(tag, backend))
+        reason = (
+            "the agent's steal guard died and could not be restarted; its rules were removed "
+            "and this channel's steal subscriptions ended (see the agent's log)"
+        )
+        failed: list[Any] = []
+        for port, steal in sorted(self.steals.items()):
+            for channel in [steal.unfiltered, *steal.filtered]:
+                if channel is not None and channel not in failed:
+                    failed.append(channel)
+            log.error("steal of port %d ended: the steal guard is gone", port)
+        self.steals.clear()
+        for channel in failed:
+            fail = getattr(channel, "fail", None)
+            if fail is not None:
+                await fail("steal_lost", reason)
 
     async def _maybe_clear_rules(self) -> None:
         async with self._lock:

@@ -39,11 +39,15 @@ so their rules never collide.
 
 All commands run in a separate process, the guard (`_steal_guard.py`), which has entered the
 target's network namespace. The agent talks to it over a pipe; when the agent dies in any way
-(SIGKILL included) the pipe closes and the guard removes every rule before it exits.
+(SIGKILL included) the pipe closes and the guard removes every rule before it exits. When the
+guard dies, the agent notices (a pidfd of `guard_pid`) and starts a new one for the same tag that
+takes the rules over (`restart()`); the guard's sentinel child covers the agent dying before
+that (see `_steal_guard.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -202,7 +206,9 @@ def nft_script(tag: str, redirects: Sequence[Redirect]) -> str:
 # ---------------------------------------------------------------- agent side
 
 
-def _guard_argv(*, target_pid: int, backend: str, tag: str, clean_stale: bool) -> list[str]:
+def _guard_argv(
+    *, target_pid: int, backend: str, tag: str, clean_stale: bool, adopt: bool = False
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -216,6 +222,7 @@ def _guard_argv(*, target_pid: int, backend: str, tag: str, clean_stale: bool) -
         "--tag",
         tag,
         *(["--clean-stale"] if clean_stale else []),
+        *(["--adopt"] if adopt else []),
     ]
 
 
@@ -247,6 +254,8 @@ class StealRules:
         self.cleaned: list[str] = []
         self.installed = False
         self._proc: subprocess.Popen[str] | None = None
+        self.restarts = 0
+        self.closed = False
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -267,25 +276,47 @@ class StealRules:
         with self._lock:
             if self._proc is not None:
                 return
-            self._proc = subprocess.Popen(
-                _guard_argv(
-                    target_pid=self.target_pid,
-                    backend=self.requested_backend,
-                    tag=self.tag,
-                    clean_stale=self.clean_stale,
-                ),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                # Its own session: a signal to the agent's process group (Ctrl-C, a killpg)
-                # must not take the guard with it before it has cleaned up.
-                start_new_session=True,
-            )
-            reply = self._read_reply()
-            self.backend = str(reply["backend"])
-            self.stale = [str(s) for s in reply.get("stale", [])]
-            self.cleaned = [str(s) for s in reply.get("cleaned", [])]
+            self._spawn(adopt=False)
+
+    def restart(self) -> None:
+        """The guard died (`running` is False): start a new one for the same tag, which takes
+        the rules in place over; the caller then applies its redirects again."""
+        with self._lock:
+            if self.closed:
+                raise StealRulesError(5, "the steal rules are closed")
+            old, self._proc = self._proc, None
+            if old is not None:
+                if old.poll() is None:
+                    old.kill()
+                old.wait()
+                for stream in (old.stdin, old.stdout, old.stderr):
+                    if stream is not None:
+                        with contextlib.suppress(OSError):
+                            stream.close()
+            self.restarts += 1
+            self._spawn(adopt=True, backend=self.backend or self.requested_backend)
+
+    def _spawn(self, *, adopt: bool, backend: str | None = None) -> None:
+        self._proc = subprocess.Popen(
+            _guard_argv(
+                target_pid=self.target_pid,
+                backend=backend or self.requested_backend,
+                tag=self.tag,
+                clean_stale=self.clean_stale and not adopt,
+                adopt=adopt,
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # Its own session: a signal to the agent's process group (Ctrl-C, a killpg)
+            # must not take the guard with it before it has cleaned up.
+            start_new_session=True,
+        )
+        reply = self._read_reply()
+        self.backend = str(reply["backend"])
+        self.stale = [str(s) for s in reply.get("stale", [])]
+        self.cleaned = [str(s) for s in reply.get("cleaned", [])]
 
     def _read_reply(self) -> dict[str, Any]:
         proc = self._proc
@@ -329,6 +360,7 @@ class StealRules:
     def close(self) -> None:
         """End the guard; it removes whatever is left. Idempotent."""
         with self._lock:
+            self.closed = True
             proc, self._proc = self._proc, None
         if proc is None:
             return
