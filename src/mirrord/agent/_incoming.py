@@ -33,7 +33,8 @@ Options (environment of the agent process, since the agent's command line is fix
 config's `MIRRORD_AGENT_NFTABLES` (true: nft, false: iptables-legacy);
 `MIRRORD_AGENT_CLEAN_IPTABLES` or `MIRRORD_AGENT_CLEAN_IPTABLES_ON_START` (`1`/`true`: remove
 stale rules of dead agents at start; otherwise they are reported as Subscribe warnings);
-`MIRRORD_AGENT_PROBE_PORTS` (the target's HTTP probe ports, for the probe warning).
+`MIRRORD_AGENT_PROBE_PORTS` (the target's HTTP probe ports, for the probe warning);
+`MIRRORD_AGENT_STEAL_GUARD_RESTARTS` (how often a dead steal guard is replaced, default 3).
 """
 
 from __future__ import annotations

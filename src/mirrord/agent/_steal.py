@@ -48,10 +48,12 @@ that (see `_steal_guard.py`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import secrets
+import select
 import subprocess
 import sys
 import threading
@@ -82,6 +84,9 @@ _TAG_RE: Final = re.compile(r"^[0-9a-f]{10}$")
 IPT_CHAIN_RE: Final = re.compile(r"^MRD_([0-9a-f]{10})_(PRE|OUT|IN|PIN)$")
 NFT_TABLE_RE: Final = re.compile(r"^mirrord_([0-9a-f]{10})$")
 _GUARD_TIMEOUT: Final = 30.0
+# A guard that answers nothing this long (stopped, stuck) is killed: the agent then replaces
+# it. Above the guard's own 20 s per command, of which a change runs up to three.
+_REPLY_TIMEOUT: Final = 75.0
 
 
 class StealRulesError(OSError):
@@ -321,6 +326,14 @@ class StealRules:
     def _read_reply(self) -> dict[str, Any]:
         proc = self._proc
         assert proc is not None and proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], _REPLY_TIMEOUT)
+        if not ready:
+            proc.kill()
+            raise StealRulesError(
+                errno.ETIMEDOUT,
+                f"the steal guard (pid {proc.pid}) did not answer within {_REPLY_TIMEOUT:g} s; "
+                "it was killed and will be replaced",
+            )
         line = proc.stdout.readline()
         if not line:
             err = ""
