@@ -122,6 +122,8 @@ def test_replies_a_daemon_does_not_read_are_bounded_then_it_is_closed(
                 view = view[sock.send(view) :]
             except BlockingIOError:
                 continue
+            except OSError:
+                break  # closed by the agent already (a slow machine): that is the point too
             stalled_since = time.monotonic()
         assert sent_batches < 100, "the agent read every request while none of its replies was"
         grown = _rss(agent.pid) - before
@@ -144,9 +146,18 @@ def test_connections_that_have_not_authenticated_are_capped_in_number(
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             idle.append(s)
             s.connect(agent.socket)
-        # The ones past the cap are closed at once; the others wait for their Hello.
-        closed = [s for s in idle if _closed_by_agent(s, 3)]
-        assert len(closed) >= 8, len(closed)
+        # The ones past the cap are closed at once; the others wait for their Hello (10 s).
+        closed: set[socket.socket] = set()
+        deadline = time.monotonic() + 3
+        while len(closed) < 8 and time.monotonic() < deadline:
+            readable, _, _ = select.select([s for s in idle if s not in closed], [], [], 0.2)
+            for s in readable:
+                try:
+                    if not s.recv(4096):
+                        closed.add(s)
+                except OSError:
+                    closed.add(s)
+        assert 8 <= len(closed) < len(idle), len(closed)
         assert "authenticating already" in agent.stderr_text()
     finally:
         for s in idle:
