@@ -58,6 +58,17 @@ async def test_nul_bytes_in_any_path_are_einval(agent: AgentProc, pod: LocalPod)
             code, message = await _errno_of(client, make)
             assert code == errno.EINVAL, (make(0), message)
             assert "a bug" not in message
+        # Names and addresses on the network side too.
+        for make in (
+            lambda r: m.DnsLookup(request_id=r, host="pod.local\0evil"),
+            lambda r: m.DnsLookup(request_id=r, host="x", port=2**40, family=2**40, flags=-1),
+            lambda r: m.Connect(
+                request_id=r, conn_id=2, protocol="tcp", address="1.2.3.4\0", port=1
+            ),
+            lambda r: m.Connect(request_id=r, conn_id=4, protocol="udp", address="\0", port=53),
+        ):
+            code, message = await _errno_of(client, make)
+            assert code != errno.EIO and "a bug" not in message, (make(0), code, message)
         # Nothing was created, truncated at the NUL or otherwise touched.
         listing = pod.run_in_pod(["ls", "-a", "/app"]).stdout.split()
         assert not {b"new", b"moved", b"mo", b"link", b"li", b"hard", b"ha"} & set(listing)
