@@ -22,8 +22,8 @@ from mirrord.agent._incoming_netns import NetnsRunner
 from mirrord.localpod import LocalPod
 from mirrord.protocol import messages as m
 from tests.cli.conftest import temp_mirrord
-from tests.incoming._daemon import AgentClient, Conn, start_agent, stop_agent
-from tests.incoming.conftest import serve_channel, subscribe
+from tests.incoming._daemon import AgentClient, AgentError, Conn, start_agent, stop_agent
+from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
 from tests.incoming.test_end_to_end import get, start_app, stop_app
 from tests.incoming.test_incoming_agent import http_request
 from tests.incoming.test_steal_rules import ours, ruleset
@@ -289,6 +289,38 @@ async def test_agent_killed_leaves_no_rule_and_no_guard(
         await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
         assert time.monotonic() - killed < 2.0 + 0.5
         await in_thread(_wait, lambda: _gone(guard) and _gone(sentinel), 10, "their exit")
+    finally:
+        stop_agent(agent)
+        for pid in (guard, sentinel):
+            if pid:
+                _killed(pid)
+
+
+@pytest.mark.parametrize("backend", STEAL_BACKENDS)
+async def test_a_stopped_guard_is_replaced_when_a_change_waits_for_it(
+    pod: LocalPod, local_app: Callable[[str], int], backend: str
+) -> None:
+    agent = start_agent(f"pid/{pod.pid}", env={"MIRRORD_AGENT_STEAL_BACKEND": backend})
+    guard = sentinel = 0
+    try:
+        app_port = local_app("local")
+        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
+            await client.open_channel(1)
+            await tg.start(serve_channel, client, 1, app_port, [])
+            await _steal_and_check(client, pod, app_port)
+            guard, sentinel = _guard_and_sentinel(agent.pid)
+            os.kill(guard, signal.SIGSTOP)
+            # The steal ends while its guard is stopped: that change fails (ETIMEDOUT) or
+            # succeeds, but within seconds the rules are gone all the same.
+            with contextlib.suppress(AgentError):
+                await unsubscribe(client, 1, 8080)
+            await in_thread(_wait, lambda: ours(pod) == [], 15, "the rules' removal")
+            assert _gone(guard)
+            assert "is stopped" in agent.log()
+            status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/z"))
+            assert status == 200 and not body.startswith(b"local")
+            tg.cancel_scope.cancel()
+        assert "Traceback" not in agent.log()
     finally:
         stop_agent(agent)
         for pid in (guard, sentinel):
