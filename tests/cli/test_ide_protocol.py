@@ -59,6 +59,12 @@ def test_ext_as_the_ide_runs_it(
         started = [m["name"] for m in execution.messages[1:] if m["type"] == "NewTask"]
         finished = [m["name"] for m in execution.messages if m["type"] == "FinishedTask"]
         assert started and finished[:-1] == started and finished[-1] == READY
+        infos = [m["message"] for m in execution.messages if m["type"] == "Info"]
+        if ide == "intellij":  # MIRRORD_EXT_PRINT_CONFIG=TRUE: mirrord's "config summary"
+            assert "config summary" in started
+            assert f"target: pid/{pod.pid}" in infos and "fs: read" in infos
+        else:
+            assert infos == []
         debuggee = subprocess.run(
             [sys.executable, "-c", SHOW],
             env=debuggee_env(mirrord.env, execution),
