@@ -355,18 +355,18 @@ void debugger_init(void) {
     DBG("debugger ports (%s): %s", kind, list);
 }
 
-int debugger_port(const struct sockaddr *sa, int any_addr) {
+int debugger_port(const struct sockaddr *sa, socklen_t len, int any_addr) {
     if (__builtin_expect(g_nranges == 0, 1) || sa == NULL) {
         return 0;
     }
     int port;
-    if (sa->sa_family == AF_INET) {
+    if (sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
         const struct sockaddr_in *in = (const void *)sa;
         if (!is_loopback(sa) && !(any_addr && in->sin_addr.s_addr == 0)) {
             return 0;
         }
         port = ntohs(in->sin_port);
-    } else if (sa->sa_family == AF_INET6) {
+    } else if (sa->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
         const struct sockaddr_in6 *in6 = (const void *)sa;
         if (!is_loopback(sa) && !(any_addr && IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))) {
             return 0;
