@@ -496,11 +496,25 @@ def test_each_debuggers_port_is_read_from_its_command_line(
     for name in ("java", "dlv", "node"):  # the name each debugger's process has
         (tmp_path / name).symlink_to(py)
     java, dlv, node = (str(tmp_path / name) for name in ("java", "dlv", "node"))
+
+    def argfile(port: int) -> Path:
+        path = tmp_path / "java.args"
+        path.write_text(
+            "-Xmx512m\n-agentlib:jdwp=transport=dt_socket,server=n,suspend=y,"
+            f'address=127.0.0.1:{port}\n-cp "/a b/x.jar"\n'
+        )
+        return path
+
     cases: list[tuple[str, Callable[[int], list[str]], Callable[[int], dict[str, str]]]] = [
         (
             "javaagent",
             lambda p: [java, "-c", DETECTED_APP, "-agentlib:jdwp=transport=dt_socket,"
                        f"server=n,suspend=y,address=localhost:{p}", "Main"],
+            lambda p: {},
+        ),
+        (
+            "javaagent",  # the options in an @argfile, as IntelliJ passes long command lines
+            lambda p: [java, "-c", DETECTED_APP, f"@{argfile(p)}", "Main"],
             lambda p: {},
         ),
         ("dlv", lambda p: [dlv, "-c", DETECTED_APP, "dap", f"--listen=127.0.0.1:{p}"], lambda p: {}),
