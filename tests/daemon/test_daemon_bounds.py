@@ -1,0 +1,243 @@
+"""The daemon under a bad or hostile peer on its own sockets: the control socket's line limit,
+linear line splitting, bounded unread replies, bad input answered `bad_request` with no
+traceback, and connections of another uid refused (SO_PEERCRED). The scripted agent of
+test_daemon_logic stands for the agent; the sockets, the daemon and the protocol are real."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mirrord.daemon._daemon import LineSplitter, LineTooLong
+from mirrord.layer import build_id
+from mirrord.protocol import LayerConnection, LayerRole
+from tests.daemon.test_daemon_logic import Harness
+
+pytestmark = pytest.mark.anyio
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _raw_control(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(path))
+    return sock
+
+
+def _replies(sock: socket.socket, count: int) -> list[dict[str, object]]:
+    """`count` replies (events skipped), read with a bounded wait."""
+    stream = sock.makefile("rb")
+    out: list[dict[str, object]] = []
+    while len(out) < count:
+        line = stream.readline()
+        assert line, f"the daemon closed the connection after {len(out)} replies"
+        obj = json.loads(line)
+        if "event" not in obj:
+            out.append(obj)
+    return out
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything until EOF (or the reset of a peer that closed with our bytes unread)."""
+    got = bytearray()
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        got += data
+    return bytes(got)
+
+
+def test_line_splitter_is_linear_and_capped() -> None:
+    splitter = LineSplitter(100)
+    assert splitter.feed(b'{"a"') == []
+    assert splitter.feed(b":1}\n\n{}\nrest") == [b'{"a":1}', b"", b"{}"]
+    assert splitter.feed(b"\n") == [b"rest"]
+    # 4 MiB of short lines in 64 KiB reads: each byte scanned once (quadratic took minutes)
+    big = LineSplitter(1 << 20)
+    data = b"{}\n" * (4 * 1024 * 1024 // 3)
+    started = time.monotonic()
+    total = sum(len(big.feed(data[i : i + 65536])) for i in range(0, len(data), 65536))
+    assert total == len(data) // 3
+    assert time.monotonic() - started < 20  # ~0.5 s; the quadratic split needed minutes
+    with pytest.raises(LineTooLong, match="the limit is 100 bytes"):
+        splitter.feed(b"x" * 101)
+    with pytest.raises(LineTooLong):  # a long line that ends in the same read
+        LineSplitter(100).feed(b"y" * 200 + b"\n")
+
+
+async def test_many_short_lines_do_not_stall_the_daemon(harness: Harness) -> None:
+    """4 MiB of newlines in one write used to hold the event loop for minutes (each line
+    copied the rest of the buffer): another client's status must answer meanwhile."""
+    flood = await anyio.to_thread.run_sync(_raw_control, harness.paths.control_socket)
+    try:
+        await anyio.to_thread.run_sync(flood.sendall, b"\n" * (4 * 1024 * 1024))
+        control = await harness.control()
+        with anyio.fail_after(20):
+            reply = await control.call("status")
+        assert reply["ok"]
+        # and the flood itself was consumed: a request after it is answered
+        await anyio.to_thread.run_sync(flood.sendall, b'{"id":7,"op":"status"}\n')
+        (reply,) = await anyio.to_thread.run_sync(_replies, flood, 1)
+        assert reply["id"] == 7 and reply["ok"]
+    finally:
+        flood.close()
+
+
+async def test_a_request_line_over_the_limit_is_refused_and_closed(harness: Harness) -> None:
+    sock = await anyio.to_thread.run_sync(_raw_control, harness.paths.control_socket)
+    try:
+        # a long line that ends with a newline in the same stream (it used to be parsed)
+        line = b'{"op":"status","pad":"' + b"x" * (9 * 1024 * 1024) + b'"}\n'
+
+        def send_and_read() -> list[bytes]:
+            try:
+                sock.sendall(line)
+            except OSError:
+                pass  # the daemon closed while we were still writing: that is the point
+            return _read_until_closed(sock).splitlines()
+
+        got = await anyio.to_thread.run_sync(send_and_read)
+        assert len(got) == 1, got
+        reply = json.loads(got[0])
+        assert reply["error"]["code"] == "bad_request"
+        assert "the limit is" in reply["error"]["message"]
+    finally:
+        sock.close()
+
+
+async def test_replies_a_client_does_not_read_are_bounded(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends requests and never reads: the daemon queued every reply (+472 MB
+    in the attack); past the bound it closes the connection and says why in its log."""
+    harness.daemon.max_unread = 1024 * 1024
+    sock = await anyio.to_thread.run_sync(_raw_control, harness.paths.control_socket)
+    try:
+        requests = b'{"op":"status"}\n' * 40000  # ~40 MB of replies, never read
+
+        def send_then_drain() -> int:
+            try:
+                sock.sendall(requests)
+            except OSError:
+                pass  # closed by the daemon before we were done
+            return len(_read_until_closed(sock))
+
+        with caplog.at_level(logging.WARNING, logger="mirrord.daemon"), anyio.fail_after(60):
+            read = await anyio.to_thread.run_sync(send_then_drain)
+        # what was queued (<= the bound plus one reply) and what the socket buffers held
+        assert read < 16 * 1024 * 1024, read
+        assert any("unread" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        sock.close()
+    control = await harness.control()
+    assert (await control.call("status"))["ok"]  # the daemon itself is fine
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"\xff\xfe{not utf-8}",
+        b'{"id": 1, "op": "status", "x": "\xc3\x28"}',
+        b"[" * 100000 + b"]" * 100000,
+        b'{"id": ' + b"[" * 5000 + b"]" * 5000 + b', "op": "status"}',
+        b'{"id": {"a": 1}, "op": "status"}',
+        b"not json at all",
+    ],
+    ids=["binary", "bad-utf8", "deep-array", "deep-id", "object-id", "garbage"],
+)
+async def test_undecodable_or_deeply_nested_requests_are_bad_request(
+    harness: Harness, caplog: pytest.LogCaptureFixture, line: bytes
+) -> None:
+    sock = await anyio.to_thread.run_sync(_raw_control, harness.paths.control_socket)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="mirrord"):
+            await anyio.to_thread.run_sync(sock.sendall, line + b"\n")
+            (reply,) = await anyio.to_thread.run_sync(_replies, sock, 1)
+        error = reply["error"]
+        assert isinstance(error, dict) and error["code"] == "bad_request", reply
+        assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+        # the connection still serves well-formed requests
+        await anyio.to_thread.run_sync(sock.sendall, b'{"id": 9, "op": "status"}\n')
+        (reply,) = await anyio.to_thread.run_sync(_replies, sock, 1)
+        assert reply["id"] == 9 and reply["ok"]
+    finally:
+        sock.close()
+
+
+def _connect_as_nobody(path: Path, payload: bytes) -> tuple[bytes, int]:
+    """Fork a child that becomes uid 65534, connects to `path`, sends `payload` and returns
+    what it read before EOF (or a timeout) through a pipe; returns (that, exit status)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(str(path))
+            try:
+                sock.sendall(payload)
+            except OSError:
+                pass  # refused before the payload was written
+            got = _read_until_closed(sock)
+            os.write(write_fd, got[:4096])
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as r:
+        got = r.read()
+    _, status = os.waitpid(pid, 0)
+    return got, os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user needs root")
+async def test_connections_of_another_uid_are_refused(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Were the runtime directory and sockets opened up (chmod), another user's connection
+    still gets nothing: the daemon checks the peer's uid (SO_PEERCRED) on both sockets."""
+    _, session, _ = await harness.session()
+    os.chmod(harness.paths.root, 0o711)
+    for path in (harness.paths.control_socket, harness.paths.layer_socket):
+        os.chmod(path, 0o666)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mirrord.daemon"):
+            got, code = await anyio.to_thread.run_sync(
+                _connect_as_nobody, harness.paths.control_socket, b'{"id":1,"op":"status"}\n'
+            )
+            assert code == 0 and got == b"", got  # no status (it lists sessions and pids)
+            hello = LayerConnection(LayerRole.LAYER, build_id=build_id()).hello(
+                session=session, pid=1234, parent_pid=None
+            )
+            got, code = await anyio.to_thread.run_sync(
+                _connect_as_nobody, harness.paths.layer_socket, hello
+            )
+            assert code == 0 and got == b"", got  # no welcome into the session
+        refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert any("control connection" in t and "uid 65534" in t for t in refused), refused
+        assert any("layer connection" in t and "uid 65534" in t for t in refused), refused
+        assert not harness.daemon.sessions[session].processes
+    finally:
+        os.chmod(harness.paths.root, 0o700)
