@@ -17,7 +17,8 @@ import pytest
 
 from mirrord.daemon._daemon import LineSplitter, LineTooLong
 from mirrord.layer import build_id
-from mirrord.protocol import LayerConnection, LayerRole
+from mirrord.protocol import INITIAL_WINDOW, LayerConnection, LayerRole
+from mirrord.protocol import messages as m
 from tests.daemon.test_daemon_logic import Harness
 
 pytestmark = pytest.mark.anyio
@@ -67,7 +68,7 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 def test_line_splitter_is_linear_and_capped() -> None:
     splitter = LineSplitter(100)
     assert splitter.feed(b'{"a"') == []
-    assert splitter.feed(b":1}\n\n{}\nrest") == [b'{"a":1}', b"", b"{}"]
+    assert splitter.feed(b":1}\n\n{}\nrest") == [b'{"a":1}', b"{}"]
     assert splitter.feed(b"\n") == [b"rest"]
     # 4 MiB of short lines in 64 KiB reads: each byte scanned once (quadratic took minutes)
     big = LineSplitter(1 << 20)
@@ -241,3 +242,43 @@ async def test_connections_of_another_uid_are_refused(
         assert not harness.daemon.sessions[session].processes
     finally:
         os.chmod(harness.paths.root, 0o700)
+
+
+async def test_an_upload_is_read_only_as_fast_as_the_credit_window_allows(
+    harness: Harness,
+) -> None:
+    """The user app uploads on an outgoing connection and the agent grants no credit: the
+    daemon reads the window's worth and leaves the rest in the kernel, so the app's writes
+    stop (a 4 GiB upload used to grow the daemon to 3.1 GB)."""
+    _, session, _ = await harness.session()
+    peer = await harness.layer(session, pid=5101)
+    reply = await peer.request(
+        m.LayerConnect(request_id=3, protocol="tcp", address="10.1.2.3", port=80)
+    )
+    assert isinstance(reply, m.LayerConnected), reply
+    received: list[int] = []
+    harness.agent().on_data = lambda _ch, d: received.append(len(d.data))  # never credits
+    cap = 256 * 1024 * 1024
+
+    def upload() -> int:
+        """Write without blocking until the kernel takes no more for 2 s (or `cap`)."""
+        sock = socket.create_connection((reply.relay_address, reply.relay_port), timeout=5)
+        sock.setblocking(False)
+        chunk = b"u" * (1 << 20)
+        sent, idle_since = 0, time.monotonic()
+        try:
+            while sent < cap and time.monotonic() - idle_since < 2:
+                try:
+                    sent += sock.send(chunk)
+                    idle_since = time.monotonic()
+                except BlockingIOError:
+                    time.sleep(0.01)
+        finally:
+            sock.close()
+        return sent
+
+    with anyio.fail_after(120):
+        sent = await anyio.to_thread.run_sync(upload)
+    assert sum(received) <= INITIAL_WINDOW  # what the agent got: the window, no more
+    # the rest is in the kernel's buffers (a few MiB at most), never in the daemon
+    assert sent < 64 * 1024 * 1024, f"the daemon took {sent} bytes without credit"

@@ -70,30 +70,30 @@ class LineTooLong(DaemonError):
 
 
 class LineSplitter:
-    """JSON lines out of a byte stream, in time linear in the bytes fed (each byte is scanned
-    for the newline once, and what stays buffered is never copied per line). A line longer
-    than `limit` raises `LineTooLong`; nothing more is read from that connection then."""
+    """JSON lines out of a byte stream, in time linear in the bytes fed: each read is split
+    once (in C), and a partial line is only appended to, never rescanned or copied per line.
+    Empty lines are dropped. A line longer than `limit` raises `LineTooLong`; nothing more is
+    read from that connection then."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._buffer = bytearray()
+        self._partial = bytearray()  # the start of a line whose newline has not come yet
         self.too_long = False
 
     def __repr__(self) -> str:
-        return f"<LineSplitter buffered={len(self._buffer)} limit={self.limit}>"
+        return f"<LineSplitter partial={len(self._partial)} limit={self.limit}>"
 
     def feed(self, data: bytes) -> list[bytes]:
-        scan = len(self._buffer)  # what was buffered before holds no newline
-        self._buffer += data
-        lines: list[bytes] = []
-        start = 0
-        while (end := self._buffer.find(b"\n", max(start, scan))) >= 0:
-            if end - start > self.limit:
-                break
-            lines.append(bytes(self._buffer[start:end]))
-            start = end + 1
-        del self._buffer[:start]
-        if len(self._buffer) > self.limit:
+        end = data.find(b"\n")
+        if end < 0:
+            self._partial += data
+            lines: list[bytes] = []
+        else:
+            parts = data[end + 1 :].split(b"\n")
+            first = bytes(self._partial + data[:end])
+            self._partial = bytearray(parts.pop())
+            lines = [line for line in (first, *parts) if line]
+        if len(self._partial) > self.limit or (lines and max(map(len, lines)) > self.limit):
             self.too_long = True
             raise LineTooLong(f"request line too long (the limit is {self.limit} bytes)")
         return lines
