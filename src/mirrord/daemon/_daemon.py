@@ -33,6 +33,7 @@ from anyio.abc import SocketAttribute
 from mirrord._version import __version__
 from mirrord.daemon._backend import AgentBackend, backends_for_daemon, config_value
 from mirrord.daemon._env import (
+    check_layer_settings,
     fetch_remote_env,
     incoming_settings,
     layer_variables,
@@ -219,6 +220,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self.pool = AgentPool(self.backends, tg)
+                tg.start_soon(self.pool.watch)
                 tg.start_soon(self._serve, control, self._control_client)
                 tg.start_soon(self._serve, layer, self._layer_client)
                 tg.start_soon(self._signals)
@@ -315,6 +317,7 @@ class Daemon:
             if not isinstance(raw_config, dict):
                 raise DaemonError("create_session: config must be a JSON object")
             config = _config_model(raw_config)
+        check_layer_settings(config)  # before an agent is started for it
         progress(f"opening a session on {target}")
         level = config_value(config, "daemon", "log_level", default=None)
         if level is not None:
