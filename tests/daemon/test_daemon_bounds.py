@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
+import struct
 import time
 from pathlib import Path
 
 import anyio
+import cbor2
 import pytest
 
 from mirrord.daemon._daemon import LineSplitter, LineTooLong
@@ -282,3 +285,90 @@ async def test_an_upload_is_read_only_as_fast_as_the_credit_window_allows(
     assert sum(received) <= INITIAL_WINDOW  # what the agent got: the window, no more
     # the rest is in the kernel's buffers (a few MiB at most), never in the daemon
     assert sent < 64 * 1024 * 1024, f"the daemon took {sent} bytes without credit"
+
+
+def _random_item(rng: random.Random, depth: int = 0) -> object:
+    choice = rng.randrange(9 if depth < 3 else 6)
+    if choice == 0:
+        return rng.choice([0, 1, -1, 2**31, 2**64 + 5, -(2**70)])
+    if choice == 1:
+        return rng.randbytes(rng.randrange(0, 40))
+    if choice == 2:
+        return "".join(rng.choice("ab/\x00é") for _ in range(rng.randrange(0, 20)))
+    if choice == 3:
+        return None
+    if choice == 4:
+        return rng.choice([True, False, 1.5, float("nan")])
+    if choice == 5:
+        return rng.randrange(0, 300)
+    if choice == 6:
+        return [_random_item(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
+    if choice == 7:
+        return {str(rng.randrange(5)): _random_item(rng, depth + 1) for _ in range(2)}
+    return [rng.randrange(1, 300), *(_random_item(rng, depth + 1) for _ in range(4))]
+
+
+def _fuzz_frames(rng: random.Random, count: int) -> list[bytes]:
+    """Malformed layer frames: messages of random kinds with random fields, undecodable CBOR,
+    deep nesting, frames announcing more than the size limit."""
+    frames = []
+    for n in range(count):
+        kind = n % 6
+        if kind == 0:
+            payload = cbor2.dumps([rng.randrange(1, 300), *(_random_item(rng) for _ in range(5))])
+        elif kind == 1:
+            payload = rng.randbytes(rng.randrange(1, 64))
+        elif kind == 2:
+            payload = b"\x81" * 5000 + b"\x00"  # arrays nested 5000 deep
+        elif kind == 3:
+            frames.append(struct.pack(">I", 0xFFFFFFF0) + b"x")
+            continue
+        elif kind == 4:
+            payload = cbor2.dumps(_random_item(rng))
+        else:
+            payload = cbor2.dumps([rng.randrange(1, 120), rng.randrange(-5, 2**40)])
+        frames.append(struct.pack(">I", len(payload)) + payload)
+    return frames
+
+
+async def test_malformed_layer_frames_close_that_connection_with_a_reason(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Layer connections of a live session and unregistered ones get fuzzed frames (then the
+    sender's EOF): an undecodable, too deep or too large frame closes that connection with a
+    Fatal frame saying why; unknown kinds are answered or ignored (the protocol allows newer
+    kinds); nothing is logged as a traceback; a healthy process of the session is served
+    throughout."""
+    _, session, _ = await harness.session()
+    healthy = await harness.layer(session, pid=8001)
+    frames = _fuzz_frames(random.Random(20), 600)
+    with caplog.at_level(logging.DEBUG, logger="mirrord"):
+        for n, frame in enumerate(frames):
+            if n % 2:
+                peer = await harness.layer(session, pid=8100 + n)
+                stream = peer.stream
+            else:
+                stream = await harness.raw_layer()
+            got = b""
+            try:
+                await stream.send(frame)
+                await stream.send_eof()
+                with anyio.fail_after(10):
+                    while len(got) < 1 << 16:
+                        got += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+            finally:
+                await stream.aclose()
+                harness.streams.remove(stream)
+            if n % 6 in (2, 3):  # nested 5000 deep, over the size limit (random bytes may decode)
+                assert any(code in got for code in (b"malformed_frame", b"frame_too_large")), (
+                    n,
+                    frame[:40],
+                    got,
+                )
+            if n % 100 == 99:
+                reply = await healthy.request(m.FileOpen(request_id=n, path=b"/ok", flags=0))
+                assert isinstance(reply, m.FileOpened), reply
+    tracebacks = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert not tracebacks, [r.getMessage() for r in tracebacks[:3]]
