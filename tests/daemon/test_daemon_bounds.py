@@ -11,12 +11,14 @@ import os
 import random
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
 import anyio
 import cbor2
 import pytest
+from anyio.abc import SocketAttribute
 
 from mirrord.daemon._daemon import LineSplitter, LineTooLong
 from mirrord.layer import build_id
@@ -372,3 +374,41 @@ async def test_malformed_layer_frames_close_that_connection_with_a_reason(
                 assert isinstance(reply, m.FileOpened), reply
     tracebacks = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
     assert not tracebacks, [r.getMessage() for r in tracebacks[:3]]
+
+
+async def test_replies_a_layer_does_not_read_are_bounded(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer connection that sends requests and never reads its replies is closed past the
+    bound, with a Fatal frame saying why after what was queued; the session is unharmed."""
+    monkeypatch.setattr("mirrord.daemon._session.MAX_LAYER_UNREAD", 256 * 1024)
+    _, session, _ = await harness.session()
+    greedy = await harness.layer(session, pid=9001)
+    healthy = await harness.layer(session, pid=9002)
+    pings = b"".join(greedy.conn.send(m.Ping(nonce=n)) for n in range(200000))
+    raw = greedy.stream.extra(SocketAttribute.raw_socket)
+
+    def send() -> None:
+        try:
+            raw.sendall(pings)
+        except OSError:
+            pass  # closed by the daemon before we were done
+
+    def send_then_drain() -> bytes:
+        raw.setblocking(True)
+        raw.settimeout(30)
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            time.sleep(1)  # the replies pile up unread meanwhile
+            return _read_until_closed(raw)
+        finally:
+            sender.join(30)
+
+    with caplog.at_level(logging.WARNING, logger="mirrord.daemon"), anyio.fail_after(60):
+        got = await anyio.to_thread.run_sync(send_then_drain)
+    assert len(got) < 32 * 1024 * 1024, len(got)
+    assert b"unread_replies" in got[-512:]  # the last frame says why
+    assert any("unread" in r.getMessage() for r in caplog.records), caplog.text
+    reply = await healthy.request(m.FileOpen(request_id=1, path=b"/ok", flags=0))
+    assert isinstance(reply, m.FileOpened), reply
