@@ -196,3 +196,17 @@ def test_verify_config_ide_names_a_local_target_by_its_string(
     mirrord.env["MIRRORD_TARGET_NAMESPACE"] = "shop"
     result = mirrord.run("verify-config", "--ide", str(config))
     assert json.loads(result.stdout)["config"]["namespace"] == "shop"
+
+
+def test_usage_errors_of_ide_commands_are_the_json_line(mirrord: Mirrord) -> None:
+    for args in (("ext", "--no-such-option"), ("ls", "-t"), ("ext", "-t")):
+        result = mirrord.run(*args, timeout=30)
+        assert result.returncode == 2 and result.stdout == ""
+        error = intellij_error(result.stderr)
+        assert error == vscode_error(result.stderr)
+        assert f"mirrord {args[0]} --help" in error["help"]
+    # the exit codes of the commands themselves are unchanged
+    result = mirrord.run("ls", "-o", "json", "-t", "nothing", timeout=30)
+    assert (
+        result.returncode == 2 and "unknown target type" in vscode_error(result.stderr)["message"]
+    )
