@@ -1,8 +1,9 @@
-"""Build hook: compile native/preload.c into mirrord/layer/libmirrord_layer.so.
+"""Build hook: compile native/*.c into mirrord/layer/libmirrord_layer.so, and
+native/supervisor/supervisor.c into mirrord/layer/mirrord-supervisor (an executable).
 
-The layer is a plain shared library for LD_PRELOAD, not a Python extension: it is built
-through setuptools' build_ext only so that `pip install .` and `pip install -e .` both
-produce it, offline, with the system C compiler.
+The layer is a plain shared library for LD_PRELOAD, not a Python extension, and the supervisor
+a plain program: both are built through setuptools' build_ext only so that `pip install .` and
+`pip install -e .` both produce them, offline, with the system C compiler.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ HERE = Path(__file__).resolve().parent
 NATIVE = "native"
 SOURCES = sorted(str(p.relative_to(HERE)) for p in (HERE / NATIVE).glob("*.c"))
 HEADERS = sorted(str(p.relative_to(HERE)) for p in (HERE / NATIVE).glob("*.h"))
+SUPERVISOR_NAME = "mirrord-supervisor"
+SUPERVISOR = f"mirrord.layer.{SUPERVISOR_NAME}"
+C_FLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
 
 
 def build_id() -> str:
@@ -32,13 +36,13 @@ class BuildLayer(build_ext):
     def get_ext_filename(self, fullname: str) -> str:
         # libmirrord_layer.so, not the ABI-tagged name of a Python extension.
         *pkg, name = fullname.split(".")
-        return os.path.join(*pkg, name + ".so")
+        return os.path.join(*pkg, name if name == SUPERVISOR_NAME else name + ".so")
 
     def copy_file(self, infile: str, outfile: str, *args: object, **kwargs: object) -> object:
         # Editable installs copy the library into the source tree. Replace the file instead
         # of rewriting it in place: processes that have the old one preloaded keep a valid
         # mapping (rewriting a mapped library crashes them).
-        if str(outfile).endswith(".so") and os.path.exists(outfile):
+        if str(outfile).endswith((".so", "-supervisor")) and os.path.exists(outfile):
             os.unlink(outfile)
         return super().copy_file(infile, outfile, *args, **kwargs)  # type: ignore[arg-type]
 
@@ -46,6 +50,15 @@ class BuildLayer(build_ext):
         return []  # no PyInit_*: this is not a Python module
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == SUPERVISOR:
+            out = Path(self.get_ext_fullpath(ext.name))
+            objects = self.compiler.compile(
+                ext.sources, output_dir=self.build_temp, extra_postargs=ext.extra_compile_args
+            )
+            if out.exists():
+                out.unlink()  # a running supervisor keeps its mapping (ETXTBSY otherwise)
+            self.compiler.link("executable", objects, str(out), extra_postargs=ext.extra_link_args)
+            return
         bid = build_id()
         ext.define_macros = [("MIRRORD_BUILD_ID", f'"{bid}"')]
         super().build_extension(ext)
@@ -58,18 +71,16 @@ setup(
             sources=SOURCES,
             depends=HEADERS,
             include_dirs=[NATIVE],
-            extra_compile_args=[
-                "-std=gnu11",
-                "-O2",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-fvisibility=hidden",
-                "-fPIC",
-            ],
+            extra_compile_args=[*C_FLAGS, "-fvisibility=hidden", "-fPIC"],
             extra_link_args=["-ldl", "-lpthread"],
-        )
+        ),
+        Extension(
+            SUPERVISOR,
+            sources=[f"{NATIVE}/supervisor/supervisor.c"],
+            extra_compile_args=C_FLAGS,
+            extra_link_args=["-ldl", "-lpthread"],
+        ),
     ],
     cmdclass={"build_ext": BuildLayer},
-    package_data={"mirrord.layer": ["*.so"]},
+    package_data={"mirrord.layer": ["*.so", "mirrord-supervisor"]},
 )

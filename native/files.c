@@ -3901,3 +3901,57 @@ HOOK int glob64(const char *pattern, int flags, int (*errfunc)(const char *, int
     pglob->gl_stat = stat64;
     return REAL(glob64)(pattern, flags | GLOB_ALTDIRFUNC, errfunc, pglob);
 }
+
+/* ---------------------------------------------------------------- system-call supervisor */
+
+/* native/supervisor/supervisor.c runs with this library preloaded and asks it about the open
+ * calls it trapped in another process (a static or Go program), so that both make the same
+ * decision with the same code (it finds these two with dlsym).
+ *
+ * mirrord_supervisor_open: 0 = local (the call goes on as it is); 1 = remote, *fd_out is a
+ * memfd with the target's file for the supervisor to install (then to close() here, which
+ * forgets it); -1 = fail the call with errno (the target's errno, ENOENT for `not_found`, EIO
+ * for a lost daemon or agent, EOPNOTSUPP for what the supervisor cannot serve yet: opens that
+ * may write, directories, files bigger than fetch_limit). */
+HOOK int mirrord_supervisor_open(const char *path, int flags, unsigned mode, int *fd_out) {
+    if (!g_active || path == NULL || path[0] != '/') {
+        return 0;
+    }
+    char full[PATH_CAP];
+    int ret = 0;
+    int d = decide_hook(AT_FDCWD, path, open_is_write(flags), full, sizeof full, &ret);
+    if (d == R_BYPASS) {
+        return 0;
+    }
+    if (d != R_REMOTE) {
+        return -1; /* not_found: errno is set */
+    }
+    if (open_is_write(flags) || (flags & (O_DIRECTORY | O_PATH))) {
+        errno = EOPNOTSUPP;
+        return -1;
+    }
+    t_guard++;
+    int fd = open_remote(full, flags & ~O_CLOEXEC, (mode_t)mode);
+    t_guard--;
+    if (fd < 0) {
+        return -1;
+    }
+    struct ent *e = fd_peek(fd);
+    if (e == NULL || e->kind != K_MFILE || e->writeback || e->is_dir) {
+        close(fd);
+        errno = EOPNOTSUPP;
+        return -1;
+    }
+    *fd_out = fd;
+    return 1;
+}
+
+/* The decision alone, with no request (the supervisor's fallback after its death): P_LOCAL,
+ * P_REMOTE or P_NOT_FOUND. */
+HOOK int mirrord_supervisor_decide(const char *path, int flags) {
+    if (!g_active || path == NULL || path[0] != '/') {
+        return P_LOCAL;
+    }
+    char full[PATH_CAP];
+    return decide(AT_FDCWD, path, open_is_write(flags), full, sizeof full);
+}

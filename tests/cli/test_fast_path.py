@@ -36,6 +36,7 @@ ACCEPTED = [
     ["-f", "mirrord.json", "-t", "pid/2", "--", "x"],
     ["--config-file=conf/m.yaml", "--fs-mode", "write", "--", "x"],
     ["--fs-mode=local", "--no-outgoing", "--no-remote-dns", "--", "x", "-t", "y"],
+    ["-t", "pid/3", "--syscalls", "--", "./static-app"],
     ["-s", "A;B*", "--", "env"],
     ["--override-env-vars-include=A", "--", "env"],
     ["-x", "SECRET*", "--override-env-vars-include", "A", "--", "env"],

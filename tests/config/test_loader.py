@@ -299,3 +299,21 @@ def test_config_package_does_no_io_imports() -> None:
 def test_missing_file_named_by_env_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"named by \$MIRRORD_CONFIG_FILE"):
         load_config(env={"MIRRORD_CONFIG_FILE": "gone.json"}, cwd=tmp_path)
+
+
+def test_experimental_syscall_supervisor_and_mirrords_experimental_keys(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "a.json",
+        {"experimental": {"syscall_supervisor": True, "tcp_ping4_mock": False}},
+    )
+    resolved = resolve_config(path, env={}, cwd=tmp_path)
+    assert resolved.config.experimental.syscall_supervisor is True
+    # mirrord's own experimental switches are ignored, each with the usual warning
+    assert any(
+        "experimental.tcp_ping4_mock is a mirrord setting that mirrord for Python does not use" in w
+        for w in resolved.warnings
+    ), resolved.warnings
+    assert load_config(env={}, cwd=tmp_path).experimental.syscall_supervisor is False
+    assert cli_overrides(syscalls=True) == {"experimental": {"syscall_supervisor": True}}
+    with pytest.raises(ConfigError):
+        load_config(env={}, cwd=tmp_path, overrides={"experimental": {"syscall_supervisor": 1}})

@@ -39,6 +39,7 @@ FLAG_OPTIONS = {
     "--steal": "steal",
     "--no-outgoing": "no_outgoing",
     "--no-remote-dns": "no_remote_dns",
+    "--syscalls": "syscalls",
 }
 _DEFAULTS: dict[str, Any] = {
     "target": None,
@@ -49,6 +50,7 @@ _DEFAULTS: dict[str, Any] = {
     "env_exclude": None,
     "no_outgoing": False,
     "no_remote_dns": False,
+    "syscalls": False,
 }
 
 

@@ -63,6 +63,14 @@ NoOutgoingOpt = Annotated[
     bool, typer.Option("--no-outgoing", help="Outgoing connections stay local.")
 ]
 NoDnsOpt = Annotated[bool, typer.Option("--no-remote-dns", help="DNS stays local.")]
+SyscallsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--syscalls",
+        help="Run CMD under the system-call supervisor (seccomp), for programs that bypass "
+        "libc: static binaries, Go (experimental; `experimental.syscall_supervisor`).",
+    ),
+]
 CommandArg = Annotated[
     list[str] | None, typer.Argument(help="The command to run, after `--`.", show_default=False)
 ]
@@ -83,6 +91,7 @@ def run(
     env_exclude: ExcludeOpt = None,
     no_outgoing: NoOutgoingOpt = False,
     no_remote_dns: NoDnsOpt = False,
+    syscalls: SyscallsOpt = False,
     command: CommandArg = None,
 ) -> None:
     """Run CMD on this machine as if it ran in the target: its env, files, DNS, network and
@@ -97,6 +106,7 @@ def run(
         env_exclude=env_exclude,
         no_outgoing=no_outgoing,
         no_remote_dns=no_remote_dns,
+        syscalls=syscalls,
     )
     sys.stdout.flush()
     raise typer.Exit(code)

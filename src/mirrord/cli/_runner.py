@@ -89,6 +89,17 @@ def _check_command(name: str) -> None:
         fail(f"command not found: {name} (not in PATH)", code=127)
 
 
+def _supervised(command: list[str], env: dict[str, str]) -> list[str]:
+    """`command` under the system-call supervisor (`--syscalls`, docs/layer.md). The layer
+    stays inactive in the supervisor's launcher (MIRRORD_DONT_LOAD, which the launcher takes
+    away again before the command's exec, unless the user had set it)."""
+    from mirrord.layer import supervisor_path
+
+    keep = ["--keep-dont-load"] if "MIRRORD_DONT_LOAD" in env else []
+    env.setdefault("MIRRORD_DONT_LOAD", "1")
+    return [str(supervisor_path()), *keep, "--", *command]
+
+
 def run_command(
     *,
     command: list[str],
@@ -100,6 +111,7 @@ def run_command(
     env_exclude: str | None = None,
     no_outgoing: bool = False,
     no_remote_dns: bool = False,
+    syscalls: bool = False,
     quiet: bool = False,
 ) -> int:
     """Open a session, run `command` in it, close the session; returns the exit code."""
@@ -116,6 +128,7 @@ def run_command(
         env_exclude=env_exclude,
         no_outgoing=no_outgoing,
         no_remote_dns=no_remote_dns,
+        syscalls=syscalls,
     )
     running = [False]
 
@@ -139,6 +152,7 @@ def run_command(
         progress.step(f"session {session.session} on {session.agent}: running {command[0]}")
     try:
         env = child_env(session.env, unset=session.unset)
+        argv = _supervised(command, env) if env.get("MIRRORD_LAYER_SYSCALLS") == "1" else command
         try:
             # In the terminal's foreground group, CMD shares it, so the terminal's Ctrl-C
             # reaches CMD by itself and is not forwarded. Anywhere else (IDE, CI, `timeout`,
@@ -146,7 +160,7 @@ def run_command(
             # (killpg) then reaches CMD once, through the forwarding below, not twice.
             shared_group = _terminal_foreground()
             child = subprocess.Popen(
-                command,
+                argv,
                 env=env,
                 process_group=None if shared_group else 0,
                 # The other threads here (the control connection's reader) hold nothing the

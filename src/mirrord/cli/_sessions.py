@@ -167,6 +167,7 @@ def session_request(
     env_exclude: str | None = None,
     no_outgoing: bool = False,
     no_remote_dns: bool = False,
+    syscalls: bool = False,
 ) -> dict[str, Any]:
     """What the daemon resolves the session's configuration from (`load_config` +
     `cli_overrides`, I6): the config file, the flags given, this environment and directory.
@@ -180,6 +181,7 @@ def session_request(
         "env_exclude": env_exclude,
         "no_outgoing": no_outgoing,
         "no_remote_dns": no_remote_dns,
+        "syscalls": syscalls,
     }
     return {
         "config_file": str(config_file.absolute()) if config_file is not None else None,

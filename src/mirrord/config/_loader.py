@@ -59,7 +59,6 @@ IGNORED_KEYS: dict[tuple[str, ...], frozenset[str]] = {
             "use_proxy",
             "internal_proxy",
             "external_proxy",
-            "experimental",
             "profile",
             "key",
             "ci",
@@ -94,8 +93,21 @@ IGNORED_KEYS: dict[tuple[str, ...], frozenset[str]] = {
 _SILENT_KEYS: dict[tuple[str, ...], frozenset[str]] = {(): frozenset({"$schema"})}
 
 
+# `experimental` holds ours (EXPERIMENTAL_KEYS) next to mirrord's own experimental switches,
+# which are many and change often: every other key there is ignored with the same warning.
+EXPERIMENTAL_KEYS = frozenset({"syscall_supervisor"})
+
+
 def _drop_ignored(raw: dict[str, Any]) -> list[str]:
     warnings: list[str] = []
+    experimental = raw.get("experimental")
+    if isinstance(experimental, dict):
+        for key in sorted(experimental.keys() - EXPERIMENTAL_KEYS):
+            del experimental[key]
+            warnings.append(
+                f"{key_path(('experimental', key))} is a mirrord setting that mirrord for "
+                "Python does not use; ignored"
+            )
     for table in (_SILENT_KEYS, IGNORED_KEYS):
         for path, keys in table.items():
             node: Any = raw
@@ -540,6 +552,7 @@ def cli_overrides(
     kubeconfig: str | None = None,
     skip_processes: str | list[str] | None = None,
     port_mapping: list[tuple[int, int]] | None = None,
+    syscalls: bool = False,
 ) -> dict[str, Any]:
     """Map `mirrord run`'s flags to a config patch (the highest-precedence layer).
 
@@ -592,6 +605,8 @@ def cli_overrides(
             ("skip_processes",),
             _list(skip_processes) if isinstance(skip_processes, str) else list(skip_processes),
         )
+    if syscalls:
+        _set(patch, ("experimental", "syscall_supervisor"), True)
     if port_mapping:
         _set(
             patch,

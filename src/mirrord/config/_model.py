@@ -951,6 +951,17 @@ class DaemonConfig(_Section):
     )
 
 
+class ExperimentalConfig(_Section):
+    """Switches for features still being built (mirrord's own experimental keys are ignored)."""
+
+    syscall_supervisor: bool = Field(
+        default=False,
+        description="Run the command under the system-call supervisor (seccomp), so that "
+        "programs that bypass libc (static binaries, Go) get the target's files; as "
+        "`mirrord run --syscalls` (not in mirrord).",
+    )
+
+
 class MirrordConfig(_Section):
     """A resolved mirrord configuration (defaults < file < MIRRORD_* env < CLI flags)."""
 
@@ -978,6 +989,9 @@ class MirrordConfig(_Section):
     )
     daemon: DaemonConfig = Field(
         default_factory=DaemonConfig, description="mirrordd, the per-user daemon."
+    )
+    experimental: ExperimentalConfig = Field(
+        default_factory=ExperimentalConfig, description="Features still being built."
     )
 
     @model_validator(mode="after")

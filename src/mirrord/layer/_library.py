@@ -10,9 +10,10 @@ import functools
 import re
 from pathlib import Path
 
-__all__ = ["LayerNotBuilt", "build_id", "library_path"]
+__all__ = ["LayerNotBuilt", "build_id", "library_path", "supervisor_path"]
 
 _LIBRARY_NAME = "libmirrord_layer.so"
+_SUPERVISOR_NAME = "mirrord-supervisor"
 _BUILD_ID = re.compile(rb"MIRRORD_BUILD_ID=([0-9a-zA-Z_-]{1,64});")
 
 
@@ -29,6 +30,14 @@ class LayerNotBuilt(RuntimeError):
 def library_path() -> Path:
     """Absolute path of `libmirrord_layer.so` inside the installed package."""
     path = Path(__file__).resolve().parent / _LIBRARY_NAME
+    if not path.is_file():
+        raise LayerNotBuilt(path)
+    return path
+
+
+def supervisor_path() -> Path:
+    """Absolute path of the system-call supervisor (`mirrord-supervisor`) next to the layer."""
+    path = Path(__file__).resolve().parent / _SUPERVISOR_NAME
     if not path.is_file():
         raise LayerNotBuilt(path)
     return path

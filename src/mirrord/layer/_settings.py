@@ -241,6 +241,8 @@ class LayerSettings:
     # remote files up to this size are fetched whole into a memfd (read-only opens) or used as a
     # write-back cache (writable opens); bigger ones are read and written through the handle
     fetch_limit: int = 8 * 1024 * 1024
+    # experimental.syscall_supervisor: not for the C side (MIRRORD_LAYER_SYSCALLS tells the CLI)
+    syscall_supervisor: bool = False
 
     def encode(self) -> str:
         """The compact string the C side parses (MIRRORD_LAYER_CONFIG). Raises ValueError
@@ -335,6 +337,7 @@ class LayerSettings:
             skip_processes=tuple(cfg.skip_processes or ()),
             skip_build_tools=cfg.skip_build_tools,
             hostname=feature.hostname,
+            syscall_supervisor=cfg.experimental.syscall_supervisor,
         )
 
 
@@ -368,4 +371,7 @@ def layer_env(
     }
     if debug:
         env["MIRRORD_LAYER_DEBUG"] = "1"
+    if settings.syscall_supervisor:
+        # `mirrord run` starts the command under mirrord-supervisor (docs/layer.md)
+        env["MIRRORD_LAYER_SYSCALLS"] = "1"
     return env

@@ -1,0 +1,133 @@
+"""The system-call supervisor (`mirrord run --syscalls`, docs/layer.md): a static C program,
+which the layer cannot reach, reads a local pod's pod-only file through the seccomp listener,
+reads local files as usual, and gets EIO (not a hang, not ENOSYS) once the supervisor died."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrord.localpod import LocalPod, PodSpec, create_pod
+from tests.cli.conftest import Mirrord, pid_alive, wait_for
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed"),
+]
+
+HERE = Path(__file__).resolve().parent
+SPEC = PodSpec(
+    files={"/app/pod-only.txt": b"only in the pod\n", "/app/other.txt": b"second file\n"},
+    echo_port=None,
+    http_port=None,
+)
+
+
+@pytest.fixture(scope="module")
+def pod() -> Iterator[LocalPod]:
+    from mirrord.localpod import cleanup_leftovers
+
+    cleanup_leftovers()
+    with create_pod(SPEC) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def static_reader(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/cli/c/sv_read.c linked with -static: no interpreter, LD_PRELOAD means nothing."""
+    out = tmp_path_factory.mktemp("sv") / "sv_read"
+    subprocess.run(
+        [
+            "gcc",
+            "-static",
+            "-O1",
+            "-Wall",
+            "-Werror",
+            "-o",
+            str(out),
+            str(HERE / "c" / "sv_read.c"),
+        ],
+        check=True,
+        timeout=120,
+    )
+    return out
+
+
+def _local_file(tmp_path: Path) -> Path:
+    # below the working directory: in the layer's default local set
+    path = tmp_path / "local.txt"
+    path.write_text("on this machine\n")
+    return path
+
+
+def test_static_binary_reads_a_pod_only_file_and_local_files_under_syscalls(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path
+) -> None:
+    local = _local_file(tmp_path)
+    lines = "\n".join(
+        ["/app/pod-only.txt", "open:/app/other.txt", "openat2:/app/pod-only.txt",
+         str(local), "/app/missing.txt", "/etc/hostname"]
+    )  # fmt: skip
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--syscalls", "--", str(static_reader), input=lines + "\n"
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0].startswith("pid ") and not out[0].endswith("supervisor none"), out
+    assert out[1:6] == [
+        "/app/pod-only.txt = only in the pod",
+        "/app/other.txt = second file",
+        # openat2 without RESOLVE_* flags is answered like openat
+        "/app/pod-only.txt = only in the pod",
+        f"{local} = on this machine",
+        "/app/missing.txt ! ENOENT",  # the pod's own answer
+    ], result.stdout
+    # /etc/hostname is the pod's for reads (the layer's rule 4), not this machine's
+    inside = pod.run_in_pod(["cat", "/etc/hostname"]).stdout.decode().strip()
+    assert out[6] == f"/etc/hostname = {inside}"
+
+
+def test_static_binary_without_syscalls_is_out_of_reach(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path
+) -> None:
+    # the reason for the supervisor: LD_PRELOAD does nothing to a static program
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--", str(static_reader), input="/app/pod-only.txt\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["/app/pod-only.txt ! ENOENT"]
+
+
+def test_dead_supervisor_gives_eio_for_remote_files_and_local_ones_go_on(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path
+) -> None:
+    local = _local_file(tmp_path)
+    proc = mirrord.popen(
+        "run", "-t", f"pid/{pod.pid}", "--syscalls", "--", str(static_reader),
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        first = proc.stdout.readline().split()
+        assert first[:1] == ["pid"] and first[3] != "none", first
+        supervisor = int(first[3])
+        proc.stdin.write("/app/pod-only.txt\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "/app/pod-only.txt = only in the pod\n"
+        os.kill(supervisor, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(supervisor), 30, "the supervisor to die")
+        proc.stdin.write(f"/app/other.txt\n{local}\n")
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, err
+    assert rest.splitlines() == ["/app/other.txt ! EIO", f"{local} = on this machine"], err
+    assert f"system-call supervisor (pid {supervisor}) died" in err
