@@ -11,11 +11,20 @@ package mirrord.intellij.core
 
 import java.io.File
 
-/** The debuggers the IDEs start, and how mirrord tells their connections from the app's. */
+/**
+ * The debuggers the IDEs start, and the MIRRORD_DETECT_DEBUGGER_PORT value that makes the layer
+ * read the debugger's port from the debuggee's command line (so its connections stay local).
+ */
 enum class DebuggerKind(val detectPortValue: String?) {
+    /** IntelliJ IDEA: the JDWP agent (`-agentlib:jdwp=...address=PORT`). */
     JAVA("javaagent"),
-    PYTHON("debugpy"),
+    /** PyCharm: pydevd (`--port PORT`). */
+    PYDEVD("pydevd"),
+    /** debugpy (`--listen PORT`), as VS Code starts it. */
+    DEBUGPY("debugpy"),
+    /** WebStorm: node's inspector (`--inspect=PORT`). */
     NODE("nodeinspector"),
+    /** GoLand: dlv runs the program; the toolchain is skipped (MIRRORD_SKIP_PROCESSES). */
     GO(null),
     NONE(null),
 }

@@ -115,7 +115,7 @@ class RealCliTest {
         val bad = config("bad-launch.json", """{"feature": {"fs": {"mode": "sideways"}}}""")
         val launcher = MirrordLauncher(cli, RecordingUi())
         val error = assertThrows(MirrordError::class.java) {
-            launcher.prepare(LaunchRequest(true, emptyMap(), null, DebuggerKind.PYTHON, bad))
+            launcher.prepare(LaunchRequest(true, emptyMap(), null, DebuggerKind.PYDEVD, bad))
         }
         assertTrue(error.causes.any { "feature.fs.mode" in it }, error.describe())
         assertTrue("verify-config" in error.help!!, error.help)
@@ -148,7 +148,7 @@ class RealCliTest {
                 toggle = true,
                 runEnvironment = System.getenv() + mapOf("LD_PRELOAD" to "/nonexistent/libmirrord_layer.so", "RUN_VAR" to "mine"),
                 executable = python,
-                debugger = DebuggerKind.PYTHON,
+                debugger = DebuggerKind.PYDEVD,
                 configFile = cfg,
             ),
         )
