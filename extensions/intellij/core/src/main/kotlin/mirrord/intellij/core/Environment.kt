@@ -38,6 +38,9 @@ data class PortRange(val first: Int, val last: Int) {
     override fun toString() = if (first == last) "$first" else "$first-$last"
 }
 
+/** What to do to a command line's environment to turn one map into another. */
+data class EnvChanges(val set: Map<String, String>, val unset: Set<String>)
+
 object SessionEnvironment {
     /** The ports IntelliJ's debuggers listen on: their connections must stay on this machine. */
     val DEBUGGER_PORTS = PortRange(35000, 65535)
@@ -104,4 +107,17 @@ object SessionEnvironment {
         if (debugger == DebuggerKind.GO) env.putIfAbsent("MIRRORD_SKIP_PROCESSES", GO_SKIP_PROCESSES.joinToString(";"))
         return env
     }
+
+    /**
+     * The environment a run configuration's process would get: the IDE's own [parent] when the
+     * configuration passes it on, overridden by the configuration's [own] variables.
+     */
+    fun effective(own: Map<String, String>, inheritParent: Boolean, parent: Map<String, String> = System.getenv()): Map<String, String> =
+        if (inheritParent) LinkedHashMap(parent).apply { putAll(own) } else LinkedHashMap(own)
+
+    /** The variables to set and to remove on a command line whose environment is [before]. */
+    fun changes(before: Map<String, String>, after: Map<String, String>): EnvChanges = EnvChanges(
+        set = after.filter { (k, v) -> before[k] != v },
+        unset = before.keys - after.keys,
+    )
 }

@@ -75,4 +75,18 @@ class EnvironmentTest {
         assertEquals("prod", env["MIRRORD_TARGET_NAMESPACE"])
         assertEquals("/h", env["HOME"])
     }
+
+    @Test
+    fun `the changes a command line needs, from its effective environment`() {
+        val parent = mapOf("HOME" to "/h", "HTTP_PROXY" to "p", "LD_PRELOAD" to "/a.so")
+        val before = SessionEnvironment.effective(mapOf("OWN" to "1"), inheritParent = true, parent = parent)
+        assertEquals(mapOf("HOME" to "/h", "HTTP_PROXY" to "p", "LD_PRELOAD" to "/a.so", "OWN" to "1"), before)
+        assertEquals(mapOf("OWN" to "1"), SessionEnvironment.effective(mapOf("OWN" to "1"), inheritParent = false, parent = parent))
+        val after = SessionEnvironment.merge(before, execution)
+        val changes = SessionEnvironment.changes(before, after)
+        assertEquals(setOf("HTTP_PROXY"), changes.unset)
+        assertEquals("/a.so:$layer", changes.set["LD_PRELOAD"])
+        assertEquals("from-the-pod", changes.set["POD_VAR"])
+        assertFalse("HOME" in changes.set)
+    }
 }
