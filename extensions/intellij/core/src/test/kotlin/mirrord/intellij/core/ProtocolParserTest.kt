@@ -140,4 +140,38 @@ class ProtocolParserTest {
         val none = ProtocolParser.daemonStatus("""{"running": false, "runtime_dir": "/run/user/0/mirrord"}""")
         assertEquals(DaemonStatus(false, null, null, emptyList()), none)
     }
+
+    // Recorded from our own CLI (`mirrord ext -t pid/N` against a local pod, a pid that does not
+    // exist, `verify-config --ide` on a good and a bad file): recorded/ours/.
+
+    @Test
+    fun `our ext's lines all parse, the last being the ready line with the pod's env`() {
+        val messages = resource("ours/ext.jsonl").lines().filter { it.isNotBlank() }.map(ProtocolParser::progressLine)
+        assertTrue(messages.none { it is ProgressMessage.Unknown }, messages.toString())
+        assertEquals(ProgressMessage.NewTask(LAUNCH_TASK, null), messages.first())
+        val ready = assertInstanceOf(ProgressMessage.Ready::class.java, messages.last())
+        assertEquals("from-the-pod", ready.execution.environment["POD_VAR"])
+        assertTrue(ready.execution.environment["LD_PRELOAD"]!!.endsWith("/libmirrord_layer.so"))
+        assertEquals(1, messages.count { it is ProgressMessage.Ready })
+    }
+
+    @Test
+    fun `our ext's failure, its failed launch task and its Error line`() {
+        val messages = resource("ours/ext-bad-target.stdout").lines().filter { it.isNotBlank() }.map(ProtocolParser::progressLine)
+        assertEquals(ProgressMessage.FinishedTask(LAUNCH_TASK, false, null), messages.last())
+        val error = ProtocolParser.failure("mirrord ext", 1, resource("ours/ext-bad-target.stderr"))
+        assertTrue("999999" in error.message, error.message)
+        assertTrue(error.help!!.isNotBlank())
+        assertEquals("error", error.severity)
+    }
+
+    @Test
+    fun `our verify-config's success and failure`() {
+        val good = ProtocolParser.verifyConfig(resource("ours/verify-good.json")) as VerifyConfigResult.Success
+        assertEquals(ConfigTarget.Path("deployment/api/container/main"), good.target)
+        assertEquals("prod", good.namespace)
+        assertTrue("deployment" in good.compatibleTargetTypes)
+        val bad = ProtocolParser.verifyConfig(resource("ours/verify-bad.json")) as VerifyConfigResult.Fail
+        assertTrue(bad.errors.single().contains("feature.fs.mode"), bad.errors.toString())
+    }
 }
