@@ -32,9 +32,6 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.netns, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 TEST_CORE = ROOT / "extensions" / "intellij" / "scripts" / "test-core"
 
-# The Kotlin tests tagged "ide-protocol" need the CLI's IDE protocol (`mirrord ext`'s JSON
-# progress lines and ready line, `Error:` lines, `ls -o json`), which lands with issue 13.
-IDE_PROTOCOL_LANDED = False
 
 POD_SPEC = PodSpec(
     name="web",
@@ -44,19 +41,14 @@ POD_SPEC = PodSpec(
 
 
 def _expected_tests() -> int:
-    """The Kotlin tests the report must count: every @Test, less the tagged ones while excluded."""
-    sources = [p.read_text() for p in (TEST_CORE.parent.parent / "core/src/test").rglob("*.kt")]
-    tests = sum(text.count("@Test\n") for text in sources)
-    tagged = sum(text.count('@Tag("ide-protocol")') for text in sources)
-    return tests if IDE_PROTOCOL_LANDED else tests - tagged
+    """The Kotlin tests the report must count: every @Test of the sources."""
+    sources = (TEST_CORE.parent.parent / "core/src/test").rglob("*.kt")
+    return sum(p.read_text().count("@Test\n") for p in sources)
 
 
 def _run_test_core(env: dict[str, str], build: Path) -> subprocess.CompletedProcess[str]:
-    args = [str(TEST_CORE)]
-    if not IDE_PROTOCOL_LANDED:
-        args += ["--exclude-tag", "ide-protocol"]
     return subprocess.run(
-        args,
+        [str(TEST_CORE)],
         env={**env, "MIRRORD_INTELLIJ_BUILD": str(build)},
         capture_output=True,
         text=True,

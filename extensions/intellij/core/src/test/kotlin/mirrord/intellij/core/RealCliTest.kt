@@ -8,7 +8,6 @@ import org.junit.jupiter.api.Assertions.assertThrows
 import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.Assumptions.assumeTrue
 import org.junit.jupiter.api.BeforeEach
-import org.junit.jupiter.api.Tag
 import org.junit.jupiter.api.Test
 import org.junit.jupiter.api.Timeout
 import java.io.File
@@ -139,7 +138,6 @@ class RealCliTest {
     }
 
     @Test
-    @Tag("ide-protocol")
     fun `a session's environment reaches the debuggee and the session lives until it exits`() {
         val cfg = config("session.json", """{"target": {"path": "pid/$podPid"}}""")
         val ui = RecordingUi()
@@ -185,7 +183,6 @@ class RealCliTest {
     }
 
     @Test
-    @Tag("ide-protocol")
     fun `ls lists the API server's targets in both forms`() {
         val rich = cli.ls(config = null, namespace = "default")
         assertEquals("default", rich.currentNamespace)
@@ -198,7 +195,6 @@ class RealCliTest {
     }
 
     @Test
-    @Tag("ide-protocol")
     fun `the chooser offers ls's targets and its choice becomes the session's target`() {
         val ui = RecordingUi { model -> TargetChoice(model.items().first { it.path == "deployment/web" }.path, "default") }
         val launch = MirrordLauncher(cli, ui).prepare(
@@ -216,7 +212,6 @@ class RealCliTest {
     }
 
     @Test
-    @Tag("ide-protocol")
     fun `a target that does not exist is an Error line with help`() {
         val session = cli.startExt(target = "deployment/nope", config = null, executable = null, namespace = "default")
         val error = assertThrows(MirrordError::class.java) { session.awaitReady(90) }
