@@ -72,6 +72,18 @@ class RealCliTest {
         return builder.start()
     }
 
+    /** A listener on 127.0.0.1 at a free port of [range]. */
+    private fun listenInRange(range: IntRange): java.net.ServerSocket {
+        for (port in range.shuffled().take(50)) {
+            try {
+                return java.net.ServerSocket(port, 8, java.net.InetAddress.getLoopbackAddress())
+            } catch (e: java.io.IOException) {
+                continue // taken
+            }
+        }
+        error("no free port in $range")
+    }
+
     private fun waitUntil(seconds: Long, what: String, check: () -> Boolean) {
         val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(seconds)
         while (System.nanoTime() < deadline) {
@@ -161,15 +173,39 @@ class RealCliTest {
         assertTrue(ui.messages.any { it is ProgressMessage.Ready }, ui.messages.toString())
         assertEquals(ui.messages.last { it !is ProgressMessage.Unknown }.javaClass, ProgressMessage.Ready::class.java)
 
+        // A "debugger" listening on this machine inside the debugger port range, and a service
+        // outside it: the debuggee's loopback connection to the first must stay here, the one
+        // to the second goes to the pod (where nothing listens on it).
+        val debuggerPort = listenInRange(45000..60000)
+        val otherPort = listenInRange(20000..30000)
         val app = debuggee(
             launch.environment,
-            "import os, sys; print('env', os.environ.get('POD_VAR'), flush=True); " +
-                "print('file', open('/app/test.txt').read().strip(), flush=True); sys.stdin.readline()",
+            """
+            import os, socket, sys
+            print('env', os.environ.get('POD_VAR'), flush=True)
+            print('file', open('/app/test.txt').read().strip(), flush=True)
+            def attempt(port):
+                try:
+                    with socket.create_connection(('127.0.0.1', port), timeout=20) as s:
+                        s.sendall(b'debugger')
+                    return 'connected'
+                except OSError as e:
+                    return type(e).__name__
+            print('debugger-port', attempt(${debuggerPort.localPort}), flush=True)
+            print('other-port', attempt(${otherPort.localPort}), flush=True)
+            sys.stdin.readline()
+            """.trimIndent(),
         )
         launch.session.attachDebuggee(app.toHandle())
         val out = app.inputStream.bufferedReader()
         assertEquals("env from-the-pod", out.readLine())
         assertEquals("file pod-only file", out.readLine())
+        assertEquals("debugger-port connected", out.readLine())
+        debuggerPort.soTimeout = 30_000
+        debuggerPort.accept().use { assertEquals("debugger", it.getInputStream().readBytes().decodeToString()) }
+        assertEquals("other-port ConnectionRefusedError", out.readLine())
+        debuggerPort.close()
+        otherPort.close()
         // The daemon lists the live session (what the plugin's tool window shows).
         val live = cli.daemonStatus()
         assertTrue(live.running)
