@@ -228,6 +228,8 @@ class RealCliTest {
         assertEquals(0, plain.exitCode, plain.stderr)
         assertTrue(LsTarget("deployment/web", true) in ProtocolParser.ls(plain.stdout).targets, plain.stdout)
         assertTrue(cli.ls(config = null, namespace = "kube-system").targets.none { it.path == "deployment/web" })
+        val pods = cli.ls(config = null, namespace = "default", targetTypes = listOf("pod"))
+        assertTrue(pods.targets.isNotEmpty() && pods.targets.all { it.path.startsWith("pod/") }, pods.targets.toString())
     }
 
     @Test
