@@ -23,7 +23,7 @@ class NodeRunConfigurationExtension : AbstractNodeRunConfigurationExtension() {
         environment: ExecutionEnvironment,
     ): NodeRunConfigurationLaunchSession? {
         val node = configuration as? NodeJsRunConfiguration
-        val before = SessionEnvironment.effective(node?.envs.orEmpty(), node?.isPassParentEnvs ?: true)
+        val before = SessionEnvironment.effective(node?.envs ?: emptyMap(), node?.isPassParentEnvs ?: true)
         val debugger = if (environment.executor.id == DefaultDebugExecutor.EXECUTOR_ID) DebuggerKind.NODE else DebuggerKind.NONE
         val after = MirrordLaunches.prepare(configuration.project, configuration, before, null, debugger)
             ?: return null
