@@ -104,6 +104,18 @@ class RealCliTest {
     }
 
     @Test
+    fun `with no daemon running the status says so`() {
+        val empty = java.nio.file.Files.createTempDirectory(java.nio.file.Paths.get("/tmp"), "mrdn").toFile()
+        try {
+            val status = MirrordCli(cli.binary, System.getenv() + ("MIRRORD_RUNTIME_DIR" to empty.path)).daemonStatus()
+            assertEquals(DaemonStatus(false, null, null, emptyList()), status)
+            assertTrue(Presentation.sessionRows(status, 0.0).isEmpty())
+        } finally {
+            empty.deleteRecursively()
+        }
+    }
+
+    @Test
     fun `verify-config reports the config's target`() {
         val named = cli.verifyConfig(config("named.json", """{"target": {"path": "pid/$podPid", "namespace": "team"}}"""))
         assertEquals(ConfigTarget.Path("pid/$podPid"), (named as VerifyConfigResult.Success).target)
