@@ -1,7 +1,5 @@
 // The IDE glue, on the IntelliJ Platform Gradle Plugin 2.x. `./gradlew buildPlugin` makes
-// build/distributions/plugin-<version>.zip; `./gradlew runIde` starts an IDE with it.
-import org.jetbrains.intellij.platform.gradle.TestFrameworkType
-
+// plugin/build/distributions/plugin-<version>.zip; `./gradlew runIde` starts an IDE with it.
 plugins {
     kotlin("jvm")
     id("org.jetbrains.intellij.platform")
@@ -15,20 +13,20 @@ repositories {
 }
 
 kotlin {
-    jvmToolchain(17)
+    // IntelliJ 2024.2 and later run on Java 21 and require plugins built for it.
+    jvmToolchain(21)
 }
 
 dependencies {
-    // The IDE ships gson (and the Kotlin stdlib): the plugin must use the IDE's.
+    // The IDE ships gson and the Kotlin stdlib: the plugin uses the IDE's.
     implementation(project(":core")) {
         exclude(group = "com.google.code.gson")
         exclude(group = "org.jetbrains.kotlin")
     }
     intellijPlatform {
         intellijIdeaUltimate(providers.gradleProperty("platformVersion"))
-        bundledPlugins("com.intellij.java", "JavaScript", "NodeJS")
-        plugins(providers.gradleProperty("pythonPlugin"), providers.gradleProperty("goPlugin"))
-        testFramework(TestFrameworkType.Platform)
+        bundledPlugins(providers.gradleProperty("platformBundledPlugins").map { it.split(',') })
+        plugins(providers.gradleProperty("platformPlugins").map { it.split(',') })
     }
 }
 
