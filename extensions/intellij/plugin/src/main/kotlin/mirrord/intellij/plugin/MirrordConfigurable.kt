@@ -4,6 +4,8 @@
  */
 package mirrord.intellij.plugin
 
+import com.intellij.openapi.application.ApplicationManager
+import com.intellij.openapi.application.ModalityState
 import com.intellij.openapi.fileChooser.FileChooserDescriptorFactory
 import com.intellij.openapi.options.BoundConfigurable
 import com.intellij.openapi.project.Project
@@ -31,7 +33,12 @@ class MirrordConfigurable(private val project: Project) : BoundConfigurable("mir
                 .comment("mirrord.json, .toml or .yaml; relative to the project. Checked with `mirrord verify-config --ide` before each launch")
         }
         row {
-            comment(describeBinary())
+            // Finding the binary and asking its version runs processes: not on the UI thread.
+            val found = comment("Looking for mirrord...")
+            ApplicationManager.getApplication().executeOnPooledThread {
+                val text = describeBinary()
+                ApplicationManager.getApplication().invokeLater({ found.component.text = text }, ModalityState.any())
+            }
         }
     }
 

@@ -11,6 +11,7 @@ import com.intellij.execution.process.ProcessHandler
 import com.intellij.execution.process.ProcessListener
 import com.intellij.openapi.application.ApplicationManager
 import com.intellij.openapi.application.ModalityState
+import com.intellij.openapi.progress.ProgressIndicator
 import com.intellij.openapi.progress.ProgressManager
 import com.intellij.openapi.project.Project
 import com.intellij.openapi.util.Key
@@ -21,6 +22,8 @@ import mirrord.intellij.core.LaunchRequest
 import mirrord.intellij.core.LaunchUi
 import mirrord.intellij.core.MirrordLauncher
 import mirrord.intellij.core.MirrordSession
+import mirrord.intellij.core.Notice
+import mirrord.intellij.core.NoticeLevel
 import mirrord.intellij.core.Presentation
 import mirrord.intellij.core.ProgressMessage
 import mirrord.intellij.core.TargetChoice
@@ -44,7 +47,8 @@ object MirrordLaunches {
         val settings = MirrordSettings.of(project)
         val work = ThrowableComputable<Map<String, String>?, ExecutionException> {
             try {
-                val launcher = MirrordLauncher(settings.cli(), Ui(project))
+                // Core calls the UI from `ext`'s reader thread: the indicator is taken here.
+                val launcher = MirrordLauncher(settings.cli(), Ui(project, ProgressManager.getInstance().progressIndicator))
                 val request = LaunchRequest(
                     toggle = settings.enabled,
                     runEnvironment = runEnvironment,
@@ -55,7 +59,8 @@ object MirrordLaunches {
                 )
                 val launch = launcher.prepare(request) ?: return@ThrowableComputable null
                 launch.chosen?.let { settings.rememberTarget(it.path) }
-                holder.putUserData(PENDING, launch.session)?.close() // an earlier launch that never started
+                holder.getUserData(PENDING)?.close() // an earlier launch whose process never started
+                holder.putUserData(PENDING, launch.session)
                 launch.environment
             } catch (e: Exception) {
                 if (e is ExecutionException) throw e
@@ -87,7 +92,7 @@ object MirrordLaunches {
     }
 
     /** Core's UI calls, on the IDE's threads. */
-    private class Ui(private val project: Project) : LaunchUi {
+    private class Ui(private val project: Project, private val indicator: ProgressIndicator?) : LaunchUi {
         override fun chooseTarget(model: TargetChooserModel, reload: (String) -> TargetChooserModel): TargetChoice? {
             var choice: TargetChoice? = null
             ApplicationManager.getApplication().invokeAndWait({
@@ -97,11 +102,11 @@ object MirrordLaunches {
         }
 
         override fun warn(text: String) {
-            MirrordNotifier.show(project, mirrord.intellij.core.Notice(mirrord.intellij.core.NoticeLevel.WARNING, text))
+            MirrordNotifier.show(project, Notice(NoticeLevel.WARNING, text))
         }
 
         override fun onMessage(message: ProgressMessage) {
-            Presentation.progressText(message)?.let { ProgressManager.getInstance().progressIndicator?.text = it }
+            Presentation.progressText(message)?.let { indicator?.text = it }
             Presentation.notice(message)?.let { MirrordNotifier.show(project, it) }
         }
     }
