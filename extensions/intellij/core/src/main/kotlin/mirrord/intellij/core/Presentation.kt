@@ -12,11 +12,43 @@ enum class NoticeLevel { INFO, WARNING, ERROR }
 /** A notification: title, text, and links (label to URL). */
 data class Notice(val level: NoticeLevel, val text: String, val links: List<IdeAction> = emptyList(), val help: String? = null)
 
+/**
+ * Turns `ext`'s messages, in order, into notifications: warnings, IDE messages and failed tasks
+ * at once; `Info` lines gathered per task and shown as one notification when the task ends
+ * (`MIRRORD_EXT_PRINT_CONFIG`'s "config summary" is seven of them: one balloon, not seven).
+ * Not thread-safe: feed it from one thread (`ext`'s reader).
+ */
+class NoticeStream {
+    private var task: String? = null
+    private val infos = mutableListOf<String>()
+
+    fun accept(message: ProgressMessage): List<Notice> {
+        val out = mutableListOf<Notice>()
+        when (message) {
+            is ProgressMessage.NewTask -> {
+                flush(out)
+                task = message.name
+            }
+            is ProgressMessage.Info -> infos += message.message
+            is ProgressMessage.FinishedTask, is ProgressMessage.Ready -> flush(out)
+            else -> {}
+        }
+        Presentation.notice(message)?.let(out::add)
+        return out
+    }
+
+    private fun flush(out: MutableList<Notice>) {
+        if (infos.isNotEmpty()) {
+            out += Notice(NoticeLevel.INFO, (task?.let { "$it:\n" } ?: "") + infos.joinToString("\n"))
+            infos.clear()
+        }
+    }
+}
+
 object Presentation {
-    /** The notification for a message of `ext`, or null for progress only. */
+    /** The notification for one message of `ext` on its own, or null (progress, or Info: see [NoticeStream]). */
     fun notice(message: ProgressMessage): Notice? = when (message) {
         is ProgressMessage.Warning -> Notice(NoticeLevel.WARNING, message.message)
-        is ProgressMessage.Info -> Notice(NoticeLevel.INFO, message.message)
         is ProgressMessage.IdeMessage -> Notice(
             if (message.level.equals("Warning", ignoreCase = true)) NoticeLevel.WARNING else NoticeLevel.INFO,
             message.text,
@@ -30,6 +62,7 @@ object Presentation {
     /** The progress indicator's text for a message, or null to leave it. */
     fun progressText(message: ProgressMessage): String? = when (message) {
         is ProgressMessage.NewTask -> message.name
+        is ProgressMessage.Info -> message.message
         is ProgressMessage.Ready -> "mirrord session ready"
         else -> null
     }

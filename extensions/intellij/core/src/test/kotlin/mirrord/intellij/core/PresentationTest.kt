@@ -2,13 +2,15 @@ package mirrord.intellij.core
 
 import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertNull
+import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.Test
 
 class PresentationTest {
     @Test
     fun `warnings, infos and IDE messages become notifications, progress does not`() {
         assertEquals(Notice(NoticeLevel.WARNING, "slow"), Presentation.notice(ProgressMessage.Warning("slow")))
-        assertEquals(Notice(NoticeLevel.INFO, "hi"), Presentation.notice(ProgressMessage.Info("hi")))
+        assertNull(Presentation.notice(ProgressMessage.Info("hi")))
+        assertEquals("hi", Presentation.progressText(ProgressMessage.Info("hi")))
         val link = IdeAction("Link", "Docs", "https://mirrord.dev")
         assertEquals(
             Notice(NoticeLevel.WARNING, "x", listOf(link)),
@@ -33,5 +35,26 @@ class PresentationTest {
         assertEquals(listOf("b", "deployment/web", "open", "0", "1m05s", "0 B / 0 B", "ext"), rows[0])
         assertEquals(listOf("a", "pid/1", "open", "1", "1h01m05s", "10 B / 2.9 KiB", "run"), rows[1])
         assertEquals(Presentation.SESSION_COLUMNS.size, rows[0].size)
+    }
+
+    @Test
+    fun `our ext's config summary is one notification, the rest of a good start none`() {
+        val stream = NoticeStream()
+        val lines = javaClass.getResource("/recorded/ours/ext.jsonl")!!.readText().lines().filter { it.isNotBlank() }
+        val notices = lines.map(ProtocolParser::progressLine).flatMap(stream::accept)
+        assertEquals(1, notices.size, notices.toString())
+        val summary = notices.single()
+        assertEquals(NoticeLevel.INFO, summary.level)
+        assertTrue(summary.text.startsWith("config summary:\ntarget: pid/"), summary.text)
+        assertEquals(8, summary.text.lines().size, summary.text)
+    }
+
+    @Test
+    fun `warnings come at once, and infos without a task end at the ready line`() {
+        val stream = NoticeStream()
+        assertEquals(listOf(Notice(NoticeLevel.WARNING, "w")), stream.accept(ProgressMessage.Warning("w")))
+        assertEquals(emptyList<Notice>(), stream.accept(ProgressMessage.Info("a")))
+        val ready = ProgressMessage.Ready(MirrordExecution(emptyMap(), null, emptyList(), false))
+        assertEquals(listOf(Notice(NoticeLevel.INFO, "a")), stream.accept(ready))
     }
 }

@@ -24,6 +24,7 @@ import mirrord.intellij.core.MirrordLauncher
 import mirrord.intellij.core.MirrordSession
 import mirrord.intellij.core.Notice
 import mirrord.intellij.core.NoticeLevel
+import mirrord.intellij.core.NoticeStream
 import mirrord.intellij.core.Presentation
 import mirrord.intellij.core.ProgressMessage
 import mirrord.intellij.core.TargetChoice
@@ -93,6 +94,8 @@ object MirrordLaunches {
 
     /** Core's UI calls, on the IDE's threads. */
     private class Ui(private val project: Project, private val indicator: ProgressIndicator?) : LaunchUi {
+        private val notices = NoticeStream()
+
         override fun chooseTarget(model: TargetChooserModel, reload: (String) -> TargetChooserModel): TargetChoice? {
             var choice: TargetChoice? = null
             ApplicationManager.getApplication().invokeAndWait({
@@ -107,7 +110,7 @@ object MirrordLaunches {
 
         override fun onMessage(message: ProgressMessage) {
             Presentation.progressText(message)?.let { indicator?.text = it }
-            Presentation.notice(message)?.let { MirrordNotifier.show(project, it) }
+            notices.accept(message).forEach { MirrordNotifier.show(project, it) }
         }
     }
 }
