@@ -171,11 +171,12 @@ class MirrordCli(
         executable: String?,
         namespace: String? = null,
         listener: ProgressListener = ProgressListener.NONE,
+        onBroken: (MirrordError) -> Unit = {},
     ): MirrordSession {
         val extra = namespace?.let { mapOf("MIRRORD_TARGET_NAMESPACE" to it) } ?: emptyMap()
         val process = processBuilder(extArgs(target, config, executable), extra).start()
         process.outputStream.close()
-        return MirrordSession(process, listener)
+        return MirrordSession(process, listener, onBroken)
     }
 
     override fun toString() = "MirrordCli(${binary.path})"

@@ -25,6 +25,9 @@ interface LaunchUi : ProgressListener {
 
     /** A warning to show (config warnings, the CLI's Warning lines reach [onMessage]). */
     fun warn(text: String)
+
+    /** The session ended with the CLI's error while the debuggee ran (e.g. the daemon stopped). */
+    fun sessionBroken(error: MirrordError) {}
 }
 
 data class LaunchRequest(
@@ -84,6 +87,7 @@ class MirrordLauncher(private val cli: MirrordCli, private val ui: LaunchUi) {
             executable = request.executable,
             namespace = chosen?.namespace,
             listener = ui,
+            onBroken = ui::sessionBroken,
         )
         val execution = session.awaitReady(request.readyTimeoutSeconds)
         return PreparedLaunch(

@@ -29,8 +29,11 @@ fun interface ProgressListener {
 class MirrordSession internal constructor(
     private val process: Process,
     private val listener: ProgressListener,
+    /** Called (on the reader thread) when a ready session ends with the CLI's error, not by [close]. */
+    private val onBroken: (MirrordError) -> Unit = {},
 ) : AutoCloseable {
-    enum class State { STARTING, READY, FAILED, CLOSED }
+    /** STARTING → READY | FAILED; READY → CLOSED (by us) | BROKEN (the CLI ended it with an error). */
+    enum class State { STARTING, READY, FAILED, CLOSED, BROKEN }
 
     @Volatile
     var state: State = State.STARTING
@@ -78,7 +81,17 @@ class MirrordSession internal constructor(
                 }
             }
         }
-        if (ready.isDone) return
+        if (ready.isDone) {
+            // A ready session's `ext` prints nothing more; its end with an error (the daemon
+            // gone) is an `Error:` line and a non-zero exit, worth telling the user.
+            process.waitFor()
+            stderr.join(5_000)
+            if (state == State.READY && process.exitValue() != 0) {
+                state = State.BROKEN
+                onBroken(ProtocolParser.failure("mirrord ext", process.exitValue(), stderr.text()))
+            }
+            return
+        }
         // stdout closed before the ready line: the start failed. Its reason is on stderr.
         process.waitFor(10, TimeUnit.SECONDS)
         stderr.join(5_000)
@@ -130,7 +143,7 @@ class MirrordSession internal constructor(
     }
 
     fun close(graceSeconds: Long) {
-        if (state != State.FAILED) state = State.CLOSED
+        if (state == State.STARTING || state == State.READY) state = State.CLOSED
         if (process.isAlive) {
             process.destroy()
             if (!process.waitFor(graceSeconds, TimeUnit.SECONDS)) {

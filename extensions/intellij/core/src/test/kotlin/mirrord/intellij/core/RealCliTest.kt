@@ -231,6 +231,24 @@ class RealCliTest {
     }
 
     @Test
+    fun `a session whose daemon dies while the debuggee runs is reported with the CLI's error`() {
+        val broken = java.util.concurrent.CompletableFuture<MirrordError>()
+        val session = cli.startExt(target = "pid/$podPid", config = null, executable = null, onBroken = { broken.complete(it) })
+        try {
+            session.awaitReady(120)
+            val daemon = ProcessHandle.of(cli.daemonStatus().pid!!.toLong()).get()
+            daemon.destroyForcibly() // SIGKILL: a crash, not `mirrord daemon stop` (which ends sessions cleanly)
+            val error = broken.get(60, TimeUnit.SECONDS)
+            assertTrue("daemon" in error.message, error.describe())
+            assertNotNull(error.help, error.describe())
+            assertEquals(MirrordSession.State.BROKEN, session.state)
+            assertTrue(daemon.onExit().get(30, TimeUnit.SECONDS) != null)
+        } finally {
+            session.close()
+        }
+    }
+
+    @Test
     fun `ls lists the API server's targets in both forms`() {
         val rich = cli.ls(config = null, namespace = "default")
         assertEquals("default", rich.currentNamespace)

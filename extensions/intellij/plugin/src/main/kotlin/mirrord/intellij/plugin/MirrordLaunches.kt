@@ -20,6 +20,7 @@ import com.intellij.openapi.util.UserDataHolder
 import mirrord.intellij.core.DebuggerKind
 import mirrord.intellij.core.LaunchRequest
 import mirrord.intellij.core.LaunchUi
+import mirrord.intellij.core.MirrordError
 import mirrord.intellij.core.MirrordLauncher
 import mirrord.intellij.core.MirrordSession
 import mirrord.intellij.core.Notice
@@ -106,6 +107,10 @@ object MirrordLaunches {
 
         override fun warn(text: String) {
             MirrordNotifier.show(project, Notice(NoticeLevel.WARNING, text))
+        }
+
+        override fun sessionBroken(error: MirrordError) {
+            MirrordNotifier.show(project, Presentation.notice(error))
         }
 
         override fun onMessage(message: ProgressMessage) {
