@@ -1,6 +1,8 @@
-"""A dead agent is dropped from `mirrord daemon status`, and what the daemon kept for it (its
-socket and secret file in the runtime directory) is removed, whether a session still used it
-or it was lingering. Real daemon, real agent, a namespace pod."""
+"""What the user is told when the agent fails, and what is left of it: a session opened on a
+stopped (SIGSTOP) agent says the agent did not answer in time; a dead agent is dropped from
+`mirrord daemon status`, and what the daemon kept for it (its socket and secret file in the
+runtime directory) is removed, whether a session still used it or it was lingering. Real
+daemon, real agent, a namespace pod."""
 
 from __future__ import annotations
 
@@ -46,3 +48,25 @@ def test_a_killed_agent_leaves_status_and_its_secret_is_removed(
     assert time.monotonic() - started < 15
     assert not secrets[0].exists()
     assert not list(mirrord.runtime.glob("agent-*.sock"))
+
+
+def test_a_session_on_a_stopped_agent_says_it_did_not_answer(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    """The new session shares the running agent, which is stopped: the user was told "the
+    agent could not read the target's environment: environment read (EIO)" (the daemon's own
+    channel close taken for the agent's answer). Takes the request timeout (30 s)."""
+    pod = make_pod(PodSpec(env={"POD_VAR": "v"}))
+    target = f"pid/{pod.pid}"
+    proc = mirrord.popen("run", "-t", target, "--", "sh", "-c", "echo ready; exec sleep 120")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    [agent] = wait_for(lambda: agent_pids(mirrord.runtime, target), 20, "the agent")
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        result = mirrord.run("run", "-t", target, "--", "true", timeout=120)
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    assert result.returncode == 1, result.stderr
+    assert "did not answer" in result.stderr and "within 30 s" in result.stderr, result.stderr
+    assert "environment read" not in result.stderr and "EIO" not in result.stderr
