@@ -269,10 +269,16 @@ def _ping(paths: RuntimePaths) -> bool:
 
 
 def _same_build(status: dict[str, Any]) -> bool:
-    from mirrord.layer import build_id
+    """The daemon comes from this install: the same layer build and the same layer file (an
+    install elsewhere with the same native sources has the same build id, but its sessions
+    would preload its own library, which `check_layer_env` refuses)."""
+    from mirrord.layer import build_id, library_path
 
-    theirs = status.get("daemon", {}).get("build_id")
-    return bool(theirs) and theirs == build_id()
+    daemon = status.get("daemon", {})
+    theirs = daemon.get("build_id")
+    return (
+        bool(theirs) and theirs == build_id() and daemon.get("layer_library") == str(library_path())
+    )
 
 
 @contextlib.contextmanager

@@ -188,6 +188,7 @@ class Daemon:
         self._shutdown = anyio.Event()
         self.layer_connections = 0
         self._build_id = ""
+        self._layer_library = ""  # this install's layer: what the CLI checks sessions against
         self._starting = 0  # sessions being created: not idle (an agent start takes seconds)
         self.max_unread = MAX_CONTROL_UNREAD
 
@@ -199,9 +200,10 @@ class Daemon:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        from mirrord.layer import build_id
+        from mirrord.layer import build_id, library_path
 
         self._build_id = build_id()
+        self._layer_library = str(library_path())
         self.paths.ensure()
         control = await _unix_listener(self.paths.control_socket)
         layer = await _unix_listener(self.paths.layer_socket)
@@ -373,6 +375,7 @@ class Daemon:
                 "uptime": time.time() - self.started,
                 "runtime_dir": str(self.paths.root),
                 "build_id": self._build_id,
+                "layer_library": self._layer_library,
                 "layer_connections_total": self.layer_connections,
             },
             "sessions": sessions,
