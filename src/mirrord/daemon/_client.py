@@ -1,6 +1,8 @@
 """The control API's client side (synchronous, for the CLI) and starting the daemon.
 
-Owns: talking JSON lines to `mirrordd.sock`, starting a detached daemon when none answers (a
+Owns: talking JSON lines to `mirrordd.sock` (only to a listener of this user: SO_PEERCRED, a
+status with a build id, a session whose layer is this install's), starting a detached daemon
+when none answers (a
 start lock so two concurrent `mirrord run` never start two; a stale socket left by a dead
 daemon is replaced by the new daemon, which holds the pid lock), and waiting until it answers.
 Does not own the daemon's behaviour or anything printed to the user.
