@@ -2,9 +2,9 @@
 
 Owns: talking JSON lines to `mirrordd.sock` (only to a listener of this user: SO_PEERCRED, a
 status with a build id, a session whose layer is this install's), starting a detached daemon
-when none answers (a
-start lock so two concurrent `mirrord run` never start two; a stale socket left by a dead
-daemon is replaced by the new daemon, which holds the pid lock), and waiting until it answers.
+when none answers (a start lock so two concurrent `mirrord run` never start two; a stale
+socket left by a dead daemon is replaced by the new daemon, which holds the pid lock), and
+waiting until it answers.
 Does not own the daemon's behaviour or anything printed to the user.
 """
 
