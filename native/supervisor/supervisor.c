@@ -134,13 +134,26 @@ static int install_filter(int *listener) {
 
 /* ---------------------------------------------------------------- launcher */
 
-static int launch(char **cmd, int keep_dont_load) {
+/* auto: chosen because the executable is static, not asked for; where the kernel cannot
+ * trap, the command runs as it would have without the supervisor (with a warning). */
+static int launch(char **cmd, int keep_dont_load, int auto_mode) {
     int to_s[2], from_s[2];
     if (pipe2(to_s, O_CLOEXEC) != 0 || pipe2(from_s, O_CLOEXEC) != 0) {
         say("system-call supervisor: pipe: %s", strerror(errno));
         return 1;
     }
     pid_t launcher = getpid();
+    if (auto_mode && syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &(struct seccomp_notif_sizes){0}) != 0) {
+        say("warning: %s is statically linked and this kernel has no seccomp user notification "
+            "(Linux 5.14 or newer): it runs without the target's files",
+            cmd[0]);
+        if (!keep_dont_load) {
+            unsetenv("MIRRORD_DONT_LOAD");
+        }
+        execvp(cmd[0], cmd);
+        say("cannot run %s: %s", cmd[0], strerror(errno));
+        return errno == ENOENT ? 127 : 126;
+    }
     pid_t helper = fork();
     if (helper < 0) {
         say("system-call supervisor: fork: %s", strerror(errno));
@@ -506,19 +519,24 @@ int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--serve") == 0) {
         return serve(atoi(argv[2]), atoi(argv[3]));
     }
-    int keep = 0;
+    int keep = 0, auto_mode = 0;
     int i = 1;
-    if (i < argc && strcmp(argv[i], "--keep-dont-load") == 0) {
-        keep = 1;
-        i++;
+    for (; i < argc; i++) {
+        if (strcmp(argv[i], "--keep-dont-load") == 0) {
+            keep = 1;
+        } else if (strcmp(argv[i], "--auto") == 0) {
+            auto_mode = 1;
+        } else {
+            break;
+        }
     }
     if (i < argc && strcmp(argv[i], "--") == 0) {
         i++;
     }
     if (i >= argc) {
-        say("usage: mirrord-supervisor [--keep-dont-load] -- CMD [ARGS]  "
+        say("usage: mirrord-supervisor [--keep-dont-load] [--auto] -- CMD [ARGS]  "
             "(started by `mirrord run --syscalls`)");
         return 2;
     }
-    return launch(argv + i, keep);
+    return launch(argv + i, keep, auto_mode);
 }

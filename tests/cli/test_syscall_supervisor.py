@@ -93,15 +93,61 @@ def test_static_binary_reads_a_pod_only_file_and_local_files_under_syscalls(
     assert out[6] == f"/etc/hostname = {inside}"
 
 
-def test_static_binary_without_syscalls_is_out_of_reach(
+def test_static_binary_is_supervised_without_being_asked(
     mirrord: Mirrord, pod: LocalPod, static_reader: Path
 ) -> None:
-    # the reason for the supervisor: LD_PRELOAD does nothing to a static program
+    # an ELF without an interpreter: the layer cannot load into it, so mirrord run uses the
+    # supervisor by itself (experimental.syscall_supervisor unset)
     result = mirrord.run(
         "run", "-t", f"pid/{pod.pid}", "--", str(static_reader), input="/app/pod-only.txt\n"
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[1:] == ["/app/pod-only.txt ! ENOENT"]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("pid ") and not lines[0].endswith(" supervisor none"), lines
+    assert lines[1:] == ["/app/pod-only.txt = only in the pod"]
+
+
+def test_config_false_leaves_a_static_binary_out_of_reach(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path
+) -> None:
+    # the reason for the supervisor: LD_PRELOAD does nothing to a static program
+    config = tmp_path / "mirrord.json"
+    config.write_text('{"experimental": {"syscall_supervisor": false}}')
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(static_reader),
+        input="/app/pod-only.txt\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith(" supervisor none"), lines
+    assert lines[1:] == ["/app/pod-only.txt ! ENOENT"]
+
+
+def test_dynamic_program_is_not_supervised_unless_asked(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path
+) -> None:
+    # the same program linked dynamically has an interpreter: the layer is for it, and its
+    # raw openat system calls (which the layer does not hook) stay local as before
+    program = tmp_path / "sv_read_dynamic"
+    subprocess.run(
+        ["gcc", "-O1", "-Wall", "-Werror", "-o", str(program), str(HERE / "c" / "sv_read.c")],
+        check=True,
+        timeout=120,
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--", str(program), input="/app/pod-only.txt\n"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith(" supervisor none"), lines
+    assert lines[1:] == ["/app/pod-only.txt ! ENOENT"]
+    # asked for, the supervisor serves it too (the layer stays loaded in it)
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--syscalls", "--", str(program),
+        input="/app/pod-only.txt\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["/app/pod-only.txt = only in the pod"]
 
 
 def test_dead_supervisor_gives_eio_for_remote_files_and_local_ones_go_on(

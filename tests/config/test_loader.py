@@ -313,7 +313,8 @@ def test_experimental_syscall_supervisor_and_mirrords_experimental_keys(tmp_path
         "experimental.tcp_ping4_mock is a mirrord setting that mirrord for Python does not use" in w
         for w in resolved.warnings
     ), resolved.warnings
-    assert load_config(env={}, cwd=tmp_path).experimental.syscall_supervisor is False
+    # unset: `mirrord run` decides from the executable (static: supervised)
+    assert load_config(env={}, cwd=tmp_path).experimental.syscall_supervisor is None
     assert cli_overrides(syscalls=True) == {"experimental": {"syscall_supervisor": True}}
     with pytest.raises(ConfigError):
         load_config(env={}, cwd=tmp_path, overrides={"experimental": {"syscall_supervisor": 1}})

@@ -90,14 +90,34 @@ def _check_command(name: str) -> None:
 
 
 def _supervised(command: list[str], env: dict[str, str]) -> list[str]:
-    """`command` under the system-call supervisor (`--syscalls`, docs/layer.md). The layer
-    stays inactive in the supervisor's launcher (MIRRORD_DONT_LOAD, which the launcher takes
-    away again before the command's exec, unless the user had set it)."""
+    """`command`, under the system-call supervisor when asked (`--syscalls`,
+    `experimental.syscall_supervisor: true`), or when unset and the executable is statically
+    linked (the layer cannot load into it); docs/layer.md. The layer stays inactive in the
+    supervisor's launcher (MIRRORD_DONT_LOAD, which the launcher takes away again before the
+    command's exec, unless the user had set it)."""
+    asked = env.get("MIRRORD_LAYER_SYSCALLS")
+    options = []
+    if asked is None:
+        from mirrord.cli._elf import static_executable
+
+        name = command[0]
+        if "/" not in name:
+            found = shutil.which(name, path=os.pathsep.join(os.get_exec_path(env)))
+            if found is None:
+                return command  # Popen reports it
+            name = found
+        if not static_executable(Path(name)):
+            return command
+        # automatic: a kernel without seccomp user notification runs the command as before
+        options.append("--auto")
+    elif asked != "1":
+        return command
     from mirrord.layer import supervisor_path
 
-    keep = ["--keep-dont-load"] if "MIRRORD_DONT_LOAD" in env else []
+    if "MIRRORD_DONT_LOAD" in env:
+        options.append("--keep-dont-load")
     env.setdefault("MIRRORD_DONT_LOAD", "1")
-    return [str(supervisor_path()), *keep, "--", *command]
+    return [str(supervisor_path()), *options, "--", *command]
 
 
 def run_command(
@@ -152,7 +172,7 @@ def run_command(
         progress.step(f"session {session.session} on {session.agent}: running {command[0]}")
     try:
         env = child_env(session.env, unset=session.unset)
-        argv = _supervised(command, env) if env.get("MIRRORD_LAYER_SYSCALLS") == "1" else command
+        argv = _supervised(command, env)
         try:
             # In the terminal's foreground group, CMD shares it, so the terminal's Ctrl-C
             # reaches CMD by itself and is not forwarded. Anywhere else (IDE, CI, `timeout`,

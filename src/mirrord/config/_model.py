@@ -954,11 +954,12 @@ class DaemonConfig(_Section):
 class ExperimentalConfig(_Section):
     """Switches for features still being built (mirrord's own experimental keys are ignored)."""
 
-    syscall_supervisor: bool = Field(
-        default=False,
+    syscall_supervisor: bool | None = Field(
+        default=None,
         description="Run the command under the system-call supervisor (seccomp), so that "
-        "programs that bypass libc (static binaries, Go) get the target's files; as "
-        "`mirrord run --syscalls` (not in mirrord).",
+        "programs that bypass libc (static binaries, Go) get the target's files: true "
+        "(as `mirrord run --syscalls`), false (never), unset (for statically linked "
+        "executables only). Not in mirrord.",
     )
 
 

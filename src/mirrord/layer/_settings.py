@@ -245,8 +245,9 @@ class LayerSettings:
     # remote files up to this size are fetched whole into a memfd (read-only opens) or used as a
     # write-back cache (writable opens); bigger ones are read and written through the handle
     fetch_limit: int = 8 * 1024 * 1024
-    # experimental.syscall_supervisor: not for the C side (MIRRORD_LAYER_SYSCALLS tells the CLI)
-    syscall_supervisor: bool = False
+    # experimental.syscall_supervisor: not for the C side (MIRRORD_LAYER_SYSCALLS tells the CLI;
+    # None: the CLI decides from the executable)
+    syscall_supervisor: bool | None = None
 
     def encode(self) -> str:
         """The compact string the C side parses (MIRRORD_LAYER_CONFIG). Raises ValueError
@@ -375,7 +376,7 @@ def layer_env(
     }
     if debug:
         env["MIRRORD_LAYER_DEBUG"] = "1"
-    if settings.syscall_supervisor:
-        # `mirrord run` starts the command under mirrord-supervisor (docs/layer.md)
-        env["MIRRORD_LAYER_SYSCALLS"] = "1"
+    if settings.syscall_supervisor is not None:
+        # `mirrord run` starts the command under mirrord-supervisor, or never (docs/layer.md)
+        env["MIRRORD_LAYER_SYSCALLS"] = "1" if settings.syscall_supervisor else "0"
     return env
