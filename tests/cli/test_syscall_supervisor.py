@@ -177,3 +177,29 @@ def test_dead_supervisor_gives_eio_for_remote_files_and_local_ones_go_on(
     assert proc.returncode == 0, err
     assert rest.splitlines() == ["/app/other.txt ! EIO", f"{local} = on this machine"], err
     assert f"system-call supervisor (pid {supervisor}) died" in err
+
+
+def test_threads_and_exec_children_are_served(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path
+) -> None:
+    # 8 threads opening the pod-only file at once are answered concurrently, each correctly;
+    # the filter is inherited across fork and exec: a static child is served, and a dynamic
+    # one (cat, with the layer) reads the pod's file too
+    lines = "\n".join(
+        [
+            "threads:8:/app/pod-only.txt",
+            f"exec:{static_reader} /app/other.txt",
+            "exec:/bin/cat /app/pod-only.txt",
+        ]
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--", str(static_reader), input=lines + "\n"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "threads 200/200",
+        "/app/other.txt = second file",
+        "exit 0",
+        "only in the pod",
+        "exit 0",
+    ], result.stderr

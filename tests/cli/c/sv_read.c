@@ -1,11 +1,17 @@
 /* Built with -static by tests/cli/test_syscall_supervisor.py: a program the layer cannot reach.
  * For each line on stdin (a path), opens it with the open system call it names (openat by
  * default; "open:" / "openat2:" prefixes pick the others) and prints "<path> = <content>" or
- * "<path> ! <errno name>". At start it prints "pid <pid> supervisor <MIRRORD_SUPERVISOR_PID>". */
+ * "<path> ! <errno name>". At start it prints "pid <pid> supervisor <MIRRORD_SUPERVISOR_PID>".
+ * "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
+ * "threads:N:PATH" reads PATH 25 times in each of N threads and prints "threads <reads that
+ * returned the same content as the first>/<reads>". With arguments, it reads each argument
+ * (as a path) instead of stdin, without the first line. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
+#include <pthread.h>
+#include <sys/wait.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,13 +30,101 @@ static const char *errname(int e) {
     }
 }
 
-int main(void) {
+static int read_whole(const char *path, char *buf, size_t cap) {
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return -1;
+    }
+    ssize_t n = read(fd, buf, cap - 1);
+    close(fd);
+    buf[n > 0 ? n : 0] = 0;
+    return 0;
+}
+
+static char g_first[4096];
+static const char *g_path;
+static int g_same;
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void *reader(void *arg) {
+    (void)arg;
+    for (int i = 0; i < 25; i++) {
+        char buf[4096];
+        if (read_whole(g_path, buf, sizeof buf) == 0 && strcmp(buf, g_first) == 0) {
+            pthread_mutex_lock(&g_lock);
+            g_same++;
+            pthread_mutex_unlock(&g_lock);
+        }
+    }
+    return NULL;
+}
+
+static void threads(char *spec) {
+    int n = atoi(spec);
+    char *colon = strchr(spec, ':');
+    if (n <= 0 || n > 64 || colon == NULL || read_whole(colon + 1, g_first, sizeof g_first) != 0) {
+        printf("threads ! bad\n");
+        return;
+    }
+    g_path = colon + 1;
+    g_same = 0;
+    pthread_t t[64];
+    for (int i = 0; i < n; i++) {
+        pthread_create(&t[i], NULL, reader, NULL);
+    }
+    for (int i = 0; i < n; i++) {
+        pthread_join(t[i], NULL);
+    }
+    printf("threads %d/%d\n", g_same, n * 25);
+}
+
+static void run(char *cmdline) {
+    char *argv[16];
+    int argc = 0;
+    for (char *tok = strtok(cmdline, " "); tok != NULL && argc < 15; tok = strtok(NULL, " ")) {
+        argv[argc++] = tok;
+    }
+    argv[argc] = NULL;
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    printf("exit %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1) {
+        for (int i = 1; i < argc; i++) {
+            char buf[4096];
+            if (read_whole(argv[i], buf, sizeof buf) != 0) {
+                printf("%s ! %s\n", argv[i], errname(errno));
+            } else {
+                buf[strcspn(buf, "\n")] = 0;
+                printf("%s = %s\n", argv[i], buf);
+            }
+        }
+        return 0;
+    }
     const char *sv = getenv("MIRRORD_SUPERVISOR_PID");
     printf("pid %d supervisor %s\n", (int)getpid(), sv != NULL ? sv : "none");
     fflush(stdout);
     char line[4096];
     while (fgets(line, sizeof line, stdin) != NULL) {
         line[strcspn(line, "\n")] = 0;
+        if (strncmp(line, "exec:", 5) == 0) {
+            run(line + 5);
+            fflush(stdout);
+            continue;
+        }
+        if (strncmp(line, "threads:", 8) == 0) {
+            threads(line + 8);
+            fflush(stdout);
+            continue;
+        }
         char *path = line;
         long fd;
         if (strncmp(line, "open:", 5) == 0) {
