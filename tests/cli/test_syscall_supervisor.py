@@ -23,6 +23,7 @@ pytestmark = [
 
 HERE = Path(__file__).resolve().parent
 SPEC = PodSpec(
+    env={"POD_ONLY_VAR": "from the pod"},
     files={"/app/pod-only.txt": b"only in the pod\n", "/app/other.txt": b"second file\n"},
     echo_port=None,
     http_port=None,
@@ -202,4 +203,38 @@ def test_threads_and_exec_children_are_served(
         "exit 0",
         "only in the pod",
         "exit 0",
+    ], result.stderr
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed")
+def test_static_go_program_gets_the_pod_env_and_pod_only_files(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path
+) -> None:
+    # CGO_ENABLED=0: Go's own system calls, no libc, no interpreter; supervised without
+    # being asked. Its runtime preempts with SIGURG, which a slow answer would livelock on.
+    program = tmp_path / "reader"
+    subprocess.run(
+        ["go", "build", "-o", str(program), str(HERE / "go" / "reader.go")],
+        check=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "CGO_ENABLED": "0",
+            "GOCACHE": str(tmp_path / "gocache"),
+            "GOPATH": str(tmp_path / "gopath"),
+            "GO111MODULE": "off",
+        },
+    )
+    local = _local_file(tmp_path)
+    lines = ["/app/pod-only.txt", str(local), "/app/missing.txt", "threads:/app/other.txt"]
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--", str(program), input="\n".join(lines) + "\n"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "env from the pod",
+        "/app/pod-only.txt = only in the pod",
+        f"{local} = on this machine",
+        "/app/missing.txt ! open /app/missing.txt: no such file or directory",
+        "goroutines 400/400",
     ], result.stderr

@@ -1,0 +1,53 @@
+// Built by tests/cli/test_syscall_supervisor.py with Debian's Go (cgo off: a static binary
+// that makes its system calls itself). Prints the pod's variable, then, for each line on
+// stdin (a path), "<path> = <content>" or "<path> ! <error>"; "threads:PATH" reads PATH 25
+// times in each of 16 goroutines and prints "goroutines <same content as alone>/<reads>".
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+)
+
+func main() {
+	fmt.Printf("env %s\n", os.Getenv("POD_ONLY_VAR"))
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		path := strings.TrimSpace(in.Text())
+		if strings.HasPrefix(path, "threads:") {
+			path = strings.TrimPrefix(path, "threads:")
+			first, err := os.ReadFile(path)
+			if err != nil {
+				fmt.Printf("goroutines ! %v\n", err)
+				continue
+			}
+			var same int64
+			var wg sync.WaitGroup
+			for g := 0; g < 16; g++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := 0; i < 25; i++ {
+						data, err := os.ReadFile(path)
+						if err == nil && string(data) == string(first) {
+							atomic.AddInt64(&same, 1)
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			fmt.Printf("goroutines %d/%d\n", same, 16*25)
+			continue
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			fmt.Printf("%s ! %v\n", path, err)
+			continue
+		}
+		fmt.Printf("%s = %s\n", path, strings.TrimSpace(string(data)))
+	}
+}
