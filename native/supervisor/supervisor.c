@@ -163,6 +163,14 @@ static int launch(char **cmd, int keep_dont_load, int auto_mode) {
         close(to_s[1]);
         close(from_s[0]);
         setsid(); /* the terminal's Ctrl-C is for the program, not for its supervisor */
+        /* stdin and stdout are the program's: the supervisor keeps only stderr (its messages),
+         * so a reader of the program's output sees its end when the program ends */
+        int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (null >= 0) {
+            dup2(null, 0);
+            dup2(null, 1);
+            close(null);
+        }
         pid_t s = fork();
         if (s != 0) {
             _exit(s < 0 ? 1 : 0);
@@ -331,7 +339,11 @@ static void reply_fd(uint64_t id, int fd, int flags) {
     if (__atomic_load_n(&g_addfd_send, __ATOMIC_RELAXED)) {
         add.flags = SECCOMP_ADDFD_FLAG_SEND;
         int r = ioctl(g_lfd, SECCOMP_IOCTL_NOTIF_ADDFD, &add);
-        if (r >= 0 || errno != EINVAL) {
+        if (r >= 0) {
+            return; /* installed and answered at once */
+        }
+        if (errno != EINVAL) {
+            reply(id, errno, 0); /* EMFILE in the program...; ENOENT: it went away */
             return;
         }
         __atomic_store_n(&g_addfd_send, 0, __ATOMIC_RELAXED); /* 5.9 - 5.13 */
