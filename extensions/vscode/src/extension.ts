@@ -26,6 +26,7 @@ import {
   type LaunchConfig,
   launchConfigFile,
   sessionVariables,
+  startsProgram,
 } from './launch';
 import { type ProgressMessage, ProtocolError } from './protocol';
 import type { TreeNode } from './sessionsModel';
@@ -175,7 +176,7 @@ class Mirrord implements vscode.Disposable {
   ): Promise<vscode.DebugConfiguration | undefined> {
     const launch: LaunchConfig = config;
     const kind = debugKind(launch.type);
-    if (kind === undefined || config[LAUNCH_ID_KEY] !== undefined) {
+    if (kind === undefined || config[LAUNCH_ID_KEY] !== undefined || !startsProgram(launch)) {
       if (kind === undefined && activeOverride(launch) === true) {
         void vscode.window.showWarningMessage(
           `mirrord: debug type "${launch.type}" is not supported (node, python/debugpy, go, java, cppdbg, node-terminal are)`,

@@ -64,6 +64,15 @@ function envText(value: unknown): string | undefined {
   return undefined;
 }
 
+/**
+ * Whether this configuration starts a program mirrord can feed: a `launch` (an `attach` has
+ * no process to give an environment to), and not a child session that a debugger starts for a
+ * process already running (js-debug marks those with `__pendingTargetId`).
+ */
+export function startsProgram(config: LaunchConfig): boolean {
+  return config.request === 'launch' && config.__pendingTargetId === undefined;
+}
+
 /** The environment as the launch configuration has it (cppdbg: a list of {name, value}). */
 export function launchEnv(config: LaunchConfig): Record<string, string> {
   const out: Record<string, string> = {};

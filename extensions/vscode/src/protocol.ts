@@ -144,14 +144,20 @@ export function parseProgressLine(line: string): ProgressMessage {
   throw new ProtocolError(`mirrord ext printed a malformed "${value.type}" line`, line);
 }
 
-/** The session's environment if `message` is the ready line, else undefined. */
+/**
+ * The session's environment if `message` is the ready line, else undefined (also for the
+ * ready task finished without success: the CLI's error follows on stderr).
+ */
 export function readyEnv(message: ProgressMessage): ReadyEnv | undefined {
   if (message.type !== 'FinishedTask' || message.name !== READY_TASK) {
     return undefined;
   }
-  if (!message.success || message.message === null) {
+  if (!message.success) {
+    return undefined; // the CLI's error follows on stderr, and it exits
+  }
+  if (message.message === null) {
     throw new ProtocolError(
-      `mirrord ext finished "${READY_TASK}" without success or without the environment`,
+      `mirrord ext finished "${READY_TASK}" without the environment`,
       JSON.stringify(message),
     );
   }

@@ -16,6 +16,7 @@ import {
   launchConfigFile,
   launchEnv,
   sessionVariables,
+  startsProgram,
 } from '../../src/launch';
 import type { ReadyEnv } from '../../src/protocol';
 
@@ -41,6 +42,12 @@ test('the supported debuggers and nothing else', () => {
   assert.equal(debugKind('cppdbg'), 'cppdbg');
   assert.equal(debugKind('chrome'), undefined);
   assert.equal(debugKind('toString'), undefined);
+});
+
+test('launches start a program; attaches and js-debug child sessions do not', () => {
+  assert.equal(startsProgram(config('node')), true);
+  assert.equal(startsProgram({ ...config('python'), request: 'attach' }), false);
+  assert.equal(startsProgram(config('pwa-node', { __pendingTargetId: 'abc' })), false);
 });
 
 test('MIRRORD_ACTIVE in the launch configuration overrides the toggle', () => {

@@ -110,8 +110,17 @@ test('the ready line carries the environment, patched path, names to unset and o
 });
 
 test('a malformed ready line is an error, not a session without environment', () => {
+  // a failed ready task is not the ready line: the error comes on stderr
+  assert.equal(
+    readyEnv(
+      parseProgressLine(
+        JSON.stringify({ type: 'FinishedTask', name: READY_TASK, success: false, message: null }),
+      ),
+    ),
+    undefined,
+  );
   const bad = [
-    JSON.stringify({ type: 'FinishedTask', name: READY_TASK, success: false, message: null }),
+    JSON.stringify({ type: 'FinishedTask', name: READY_TASK, success: true, message: null }),
     JSON.stringify({ type: 'FinishedTask', name: READY_TASK, success: true, message: 'not json' }),
     readyLine({ environment: 'x' }),
     readyLine({ environment: { A: 1 } }),
