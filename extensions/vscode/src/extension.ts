@@ -50,6 +50,8 @@ class Mirrord implements vscode.Disposable {
     100,
   );
   private readonly sessions = new Map<string, ExtSession>();
+  /** The debug session of each launch mirrord handled (by launch id). */
+  private readonly debugSessions = new Map<string, vscode.DebugSession>();
   private readonly view: SessionsView;
   private nextLaunch = 1;
 
@@ -326,12 +328,20 @@ class Mirrord implements vscode.Disposable {
     );
   }
 
+  debugSessionStarted(session: vscode.DebugSession): void {
+    const id = session.configuration[LAUNCH_ID_KEY] as unknown;
+    if (typeof id === 'string' && session.parentSession === undefined) {
+      this.debugSessions.set(id, session);
+    }
+  }
+
   /** Stops `mirrord ext` of launches whose debug session ended. */
   debugSessionEnded(session: vscode.DebugSession): void {
     const id = session.configuration[LAUNCH_ID_KEY] as unknown;
     if (typeof id !== 'string' || session.parentSession !== undefined) {
       return;
     }
+    this.debugSessions.delete(id);
     const ext = this.sessions.get(id);
     if (ext !== undefined) {
       this.log(`debug session "${session.name}" ended: stopping its mirrord session`);
@@ -393,11 +403,22 @@ class Mirrord implements vscode.Disposable {
   async stopSession(node: TreeNode | undefined): Promise<void> {
     const session = node?.session;
     if (session === undefined) {
+      this.log(`stop: not a session (${node?.id ?? 'no item'})`);
       return;
     }
-    const owned = [...this.sessions.values()].find((s) => s.sessionId === session.id);
+    const owned = [...this.sessions.entries()].find(([, s]) => s.sessionId === session.id);
+    this.log(
+      `stop session ${session.id}: ${owned !== undefined ? `its debug session and mirrord ext (pid ${String(owned[1].pid)})` : `mirrord pid ${String(session.clientPid)}`}`,
+    );
     if (owned !== undefined) {
-      owned.stop();
+      // The session lives as long as its program: stop the debug session (the program), and
+      // its `mirrord ext`, which then closes the session.
+      const [launchId, ext] = owned;
+      const debugSession = this.debugSessions.get(launchId);
+      if (debugSession !== undefined) {
+        await vscode.debug.stopDebugging(debugSession);
+      }
+      ext.stop();
     } else if (session.clientPid !== null && isMirrordProcess(session.clientPid)) {
       // Started elsewhere (`mirrord run` in a terminal, another window): its mirrord command
       // owns the session; SIGTERM makes `run` stop its command and `ext` close the session.
@@ -488,6 +509,9 @@ export function activate(context: vscode.ExtensionContext): MirrordApi {
     vscode.debug.registerDebugConfigurationProvider('*', {
       resolveDebugConfigurationWithSubstitutedVariables: (folder, config, token) =>
         mirrord.resolveLaunch(folder, config, token),
+    }),
+    vscode.debug.onDidStartDebugSession((session) => {
+      mirrord.debugSessionStarted(session);
     }),
     vscode.debug.onDidTerminateDebugSession((session) => {
       mirrord.debugSessionEnded(session);

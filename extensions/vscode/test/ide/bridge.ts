@@ -12,7 +12,9 @@ export type DriverRequest =
   | { kind: 'screenshot'; name: string }
   | { kind: 'evaluate'; expression: string }
   | { kind: 'type'; text: string }
-  | { kind: 'press'; key: string };
+  | { kind: 'press'; key: string }
+  /** Hovers `hover` (inline actions show on hover), then clicks `selector`. */
+  | { kind: 'click'; selector: string; hover?: string };
 
 export interface DriverResponse {
   ok: boolean;

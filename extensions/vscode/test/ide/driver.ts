@@ -190,6 +190,12 @@ async function handle(page: Page, cfg: DriverConfig, request: DriverRequest): Pr
     case 'press':
       await page.keyboard.press(request.key);
       return { ok: true };
+    case 'click':
+      if (request.hover !== undefined) {
+        await page.hover(request.hover, { timeout: 30_000 });
+      }
+      await page.click(request.selector, { timeout: 30_000 });
+      return { ok: true };
   }
 }
 
@@ -282,6 +288,14 @@ async function main(): Promise<number> {
   } finally {
     await browser?.close().catch(() => undefined);
     await stopGroup(codeServer);
+    // VS Code's logs (the extension host's, the mirrord output channel) beside the screenshots
+    try {
+      fs.cpSync(path.join(cfg.scratch, 'user', 'logs'), path.join(cfg.artifacts, 'logs'), {
+        recursive: true,
+      });
+    } catch {
+      // no logs written: nothing to keep
+    }
   }
 }
 

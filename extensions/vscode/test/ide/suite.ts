@@ -283,14 +283,120 @@ async function errorShown(
   );
   check(`${opts.prefix}: the notification shows the CLI's message`, shown.length > 0, shown.join(' | '));
   if (opts.help) {
+    const buttons = await ask({
+      kind: 'evaluate',
+      expression: `[...document.querySelectorAll('.notifications-toasts .notification-toast .monaco-button')].map((b) => b.innerText.trim())`,
+    });
     check(
       `${opts.prefix}: the notification offers the CLI's help`,
-      shown.some((t) => t.includes('Help')),
-      shown.join(' | '),
+      Array.isArray(buttons) && buttons.includes('Help'),
+      JSON.stringify(buttons),
     );
   }
   await screenshot(opts.prefix);
   await vscode.commands.executeCommand('notifications.clearAll');
+}
+
+/** The stop button of the session's row in the mirrord view ends the session. */
+async function stopFromView(scenario: Scenario, folder: vscode.WorkspaceFolder): Promise<void> {
+  const cli = cliFor(scenario);
+  const program = path.join(scenario.workspace, 'app.py');
+  vscode.debug.removeBreakpoints(vscode.debug.breakpoints);
+  vscode.debug.addBreakpoints([
+    new vscode.SourceBreakpoint(new vscode.Location(vscode.Uri.file(program), new vscode.Position(3, 0))),
+  ]);
+  stopped.length = 0;
+  const started = await vscode.debug.startDebugging(folder, {
+    type: 'debugpy',
+    request: 'launch',
+    name: 'python: stop from the view',
+    program,
+    python: scenario.python,
+    console: 'internalConsole',
+  });
+  check('06-stop: the debug session starts', started);
+  await until(() => stopped[0], 'the program to stop at the breakpoint', 180_000);
+  await vscode.commands.executeCommand('workbench.view.extension.mirrord');
+  await vscode.commands.executeCommand('mirrord.sessions.refresh');
+  const session = (await sessionsOf(cli, scenario.target)).sessions[0];
+  check('06-stop: the daemon has the session', session !== undefined);
+  if (session === undefined) {
+    return;
+  }
+  const row = `.monaco-list-row[aria-label*=${JSON.stringify(scenario.target)}]`;
+  await waitInPage<boolean>(`!!document.querySelector(${JSON.stringify(row)})`, 'the session row');
+  await ask({
+    kind: 'click',
+    hover: row,
+    selector: `${row} .action-label[aria-label="Stop session"]`,
+  });
+  const ended = (): Promise<boolean> =>
+    until(
+      async () =>
+        (await sessionsOf(cli, scenario.target)).sessions.some((s) => s.id === session.id) ? undefined : true,
+      'the session to end',
+      20_000,
+    ).catch(() => false);
+  const gone = await ended();
+  check('06-stop: the stop button of the mirrord view ends the session', gone);
+  check(
+    '06-stop: and its debug session',
+    await until(() => (vscode.debug.activeDebugSession === undefined ? true : undefined), 'no debug session', 20_000).catch(
+      () => false,
+    ),
+  );
+  await vscode.commands.executeCommand('mirrord.sessions.refresh');
+  const rows = (await ask({ kind: 'evaluate', expression: SESSIONS_VIEW })) as string[];
+  check(
+    '06-stop: the mirrord view no longer lists it',
+    !rows.some((r) => r.includes(scenario.target) && r.includes('open')),
+    rows.join(' | '),
+  );
+  await screenshot('06-stop-from-view');
+  await vscode.debug.stopDebugging();
+
+  // the daemon log, through `mirrord daemon logs`
+  await vscode.commands.executeCommand('mirrord.daemon.showLog');
+  const log = await until(
+    () => {
+      const text = vscode.window.activeTextEditor?.document.getText() ?? '';
+      return text.includes(`session ${session.id}`) ? text : undefined;
+    },
+    'the daemon log in an editor',
+    30_000,
+  ).catch(() => '');
+  check("06-stop: 'Show daemon log' shows the daemon's log of the session", log !== '');
+  await screenshot('07-daemon-log');
+  await vscode.commands.executeCommand('workbench.action.closeAllEditors');
+  await vscode.commands.executeCommand('workbench.view.explorer');
+}
+
+/** The config schema is contributed: VS Code's JSON support flags a value it does not allow. */
+async function schemaChecks(scenario: Scenario): Promise<void> {
+  const uri = vscode.Uri.file(scenario.invalidConfig);
+  // jsonValidation's fileMatch covers .mirrord/*.json: a copy of the invalid file there
+  const inFolder = vscode.Uri.file(path.join(scenario.workspace, '.mirrord', 'broken.json'));
+  fs.copyFileSync(uri.fsPath, inFolder.fsPath);
+  await vscode.window.showTextDocument(inFolder);
+  const problems = await until(
+    () => {
+      const d = vscode.languages.getDiagnostics(inFolder);
+      return d.length > 0 ? d : undefined;
+    },
+    'diagnostics of .mirrord/broken.json',
+    60_000,
+  ).catch(() => []);
+  check(
+    'schema: an invalid value in .mirrord/*.json is flagged by the contributed schema',
+    // (not a note about the schema's draft: a complaint about the value)
+    problems.some((p) => /not accepted|incorrect type|expected|does not match|not valid/i.test(p.message)),
+    JSON.stringify(problems.map((p) => p.message)),
+  );
+  await vscode.commands.executeCommand('workbench.actions.view.problems');
+  await screenshot('08-schema-problem');
+  await vscode.commands.executeCommand('workbench.action.closeAllEditors');
+  await vscode.commands.executeCommand('workbench.action.closePanel');
+  fs.rmSync(inFolder.fsPath);
 }
 
 async function targetPick(scenario: Scenario): Promise<void> {
@@ -431,6 +537,8 @@ export async function run(): Promise<void> {
         help,
       });
     });
+    await step('stop from the view', () => stopFromView(scenario, folder));
+    await step('schema', () => schemaChecks(scenario));
     if (scenario.kube) {
       await step('target pick', () => targetPick(scenario));
     }
