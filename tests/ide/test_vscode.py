@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -214,6 +215,9 @@ async def test_vscode_extension_in_code_server(
         "invalidConfig": str(files["invalid"]),
         "kube": True,
     }
+    # code-server's and its helpers' sockets (vscode-ipc-*, js-debug's): short paths, removed
+    # after the suite; the name is chosen here, the folder made right before code-server starts
+    tmp_dir = Path(tempfile.gettempdir()) / f"mrdvt{os.getpid()}"
     driver_config = tmp_path / "driver.json"
     driver_config.write_text(
         json.dumps(
@@ -225,6 +229,7 @@ async def test_vscode_extension_in_code_server(
                 "testDir": str(test_dir),
                 "artifacts": str(ARTIFACTS),
                 "scratch": str(tmp_path / "code-server"),
+                "tmpDir": str(tmp_dir),
                 "vsix": str(vsix),
                 "fixture": str(EXT / "test" / "ide" / "fixture"),
                 "suite": str(EXT / "out" / "test" / "ide" / "suite.js"),
@@ -249,23 +254,27 @@ async def test_vscode_extension_in_code_server(
                 MIRRORD_IDE_TEST_PYTHON=sys.executable,
             )
             suite_started = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                node,
-                str(EXT / "out" / "test" / "ide" / "driver.js"),
-                str(driver_config),
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # a crashed earlier run's
+            tmp_dir.mkdir(mode=0o700)
             try:
-                out, err = await asyncio.wait_for(proc.communicate(), SUITE_TIMEOUT + 60)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                pytest.fail(f"the driver did not finish within {SUITE_TIMEOUT + 60} s")
+                proc = await asyncio.create_subprocess_exec(
+                    node,
+                    str(EXT / "out" / "test" / "ide" / "driver.js"),
+                    str(driver_config),
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                try:
+                    out, err = await asyncio.wait_for(proc.communicate(), SUITE_TIMEOUT + 60)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                    pytest.fail(f"the driver did not finish within {SUITE_TIMEOUT + 60} s")
             finally:
                 _stop_group(test_dir / "code-server.pid")
+                shutil.rmtree(tmp_dir, ignore_errors=True)
             suite_time = time.monotonic() - suite_started
     (ARTIFACTS / "driver.log").write_bytes(err)
     (ARTIFACTS / "timing.json").write_text(

@@ -28,6 +28,8 @@ interface DriverConfig {
   artifacts: string;
   /** Scratch for code-server: user data, extensions, home. */
   scratch: string;
+  /** TMPDIR of code-server and what it starts (their sockets): short, for unix socket paths. */
+  tmpDir: string;
   vsix: string;
   /** The extension under development: the debugpy fixture (the mirrord one is installed). */
   fixture: string;
@@ -70,6 +72,7 @@ function codeServerEnv(cfg: DriverConfig): NodeJS.ProcessEnv {
     XDG_DATA_HOME: path.join(home, '.local', 'share'),
     XDG_CACHE_HOME: path.join(home, '.cache'),
     MIRRORD_IDE_TEST_DIR: cfg.testDir,
+    TMPDIR: cfg.tmpDir,
   };
 }
 
