@@ -275,6 +275,9 @@ async def test_vscode_extension_in_code_server(
             finally:
                 _stop_group(test_dir / "code-server.pid")
                 shutil.rmtree(tmp_dir, ignore_errors=True)
+                # the daemon's view of the sessions, beside the screenshots
+                with contextlib.suppress(OSError):
+                    shutil.copy(cli.runtime / "mirrordd.log", ARTIFACTS / "mirrordd.log")
             suite_time = time.monotonic() - suite_started
     (ARTIFACTS / "driver.log").write_bytes(err)
     (ARTIFACTS / "timing.json").write_text(
