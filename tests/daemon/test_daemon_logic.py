@@ -10,6 +10,7 @@ import json
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -442,6 +443,33 @@ async def test_wait_session_returns_when_all_processes_are_gone(harness: Harness
         tg.start_soon(close_soon)
         reply = await waiter.call("wait_session", session=session, wait_timeout=5)
     assert reply["result"]["registered"] is True
+    del control
+
+
+async def test_wait_session_waits_for_a_process_that_registers_soon_after_the_last_left(
+    harness: Harness,
+) -> None:
+    # an IDE's helper (js-debug's version probe) exits before the debuggee registers
+    control, session, _ = await harness.session()
+    probe = await harness.layer(session, pid=6101)
+    waiter = await harness.control()
+    done: list[float] = []
+
+    async def wait() -> None:
+        await waiter.call("wait_session", session=session, wait_timeout=5)
+        done.append(time.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await anyio.sleep(0.2)
+        await probe.stream.aclose()
+        await anyio.sleep(1.5)  # after the process's fork grace, within the session's
+        debuggee = await harness.layer(session, pid=6102)
+        await anyio.sleep(1.0)
+        assert not done, "wait_session returned while the debuggee was on its way"
+        debuggee_left = time.monotonic()
+        await debuggee.stream.aclose()
+    assert done and done[0] >= debuggee_left
     del control
 
 

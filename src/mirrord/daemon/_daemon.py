@@ -58,6 +58,10 @@ __all__ = [
 log = logging.getLogger("mirrord.daemon")
 
 DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
+# wait_session (`mirrord ext`): a session whose processes are all gone is idle only if none
+# registers within this many seconds (a launch's helper exits before the debuggee registers;
+# seen under load with js-debug and debugpy in tests/ide)
+IDLE_GRACE = 3.0
 MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad client's memory
 # Replies and events queued for a control client that does not read them; past this the
 # connection is closed (a `status` reply is ~1 KiB per session: thousands of them fit).
@@ -550,7 +554,15 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while session.state != "closed":
             if session.ever_registered and not session.processes:
-                return {"idle": True, "registered": True, "state": session.state}
+                # An IDE runs short-lived helpers under the debuggee's environment before the
+                # debuggee itself (js-debug's node version probe): idle only when no process
+                # came back within IDLE_GRACE.
+                with anyio.move_on_after(IDLE_GRACE):
+                    while not session.processes and session.state != "closed":
+                        await session.wait_changed()
+                if not session.processes:
+                    return {"idle": True, "registered": True, "state": session.state}
+                continue
             left = deadline - time.monotonic()
             if not session.ever_registered and left <= 0:
                 return {"idle": True, "registered": False, "state": session.state}
