@@ -37,7 +37,10 @@ __all__ = [
 ]
 
 ENV_REQUEST_TIMEOUT = 30.0
-# Never taken from the target: they describe the user's machine, not the pod.
+# Never taken from the target: they describe the user's machine, not the pod, or they are
+# the layer's own control variables (which socket, session, config and inherited fds the
+# layer in the user command uses). Every other `MIRRORD_*` variable of the target is the
+# app's, imported like any other (mirrord's scenarios set e.g. `MIRRORD_FAKE_VAR_FIRST`).
 KEEP_LOCAL = (
     "PATH",
     "HOME",
@@ -54,7 +57,10 @@ KEEP_LOCAL = (
     "PYTHONHOME",
     "PYTHONPATH",
     "VIRTUAL_ENV",
-    "MIRRORD_*",
+    "MIRRORD_LAYER_*",
+    "MIRRORD_SESSION",
+    "MIRRORD_DONT_LOAD",
+    "MIRRORD_RUNTIME_DIR",
 )
 
 
