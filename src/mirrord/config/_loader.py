@@ -649,9 +649,11 @@ class ResolvedConfig:
     source: Path | None
 
 
-def _validate(data: Any, source_of: Any, *, source: str) -> MirrordConfig:
+def _validate(data: Any, source_of: Any, *, source: str, layer: bool = False) -> MirrordConfig:
+    """`data` as the model; `layer`: one layer of several (file, env, flags), so the checks
+    between sections wait for the whole configuration."""
     try:
-        return MirrordConfig.model_validate(data)
+        return MirrordConfig.model_validate(data, context={"layer": layer})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source_of), source=source) from None
 
@@ -696,20 +698,25 @@ def resolve_config(
         raw = read_config_file(path, env)
         label = str(path)
         warnings.extend(f"{label}: {w}" for w in _drop_ignored(raw))
-    cfg = _validate(raw, lambda loc: label, source=label)
+    last: tuple[Any, str] = (lambda loc: label, label)
+    cfg = _validate(raw, last[0], source=label, layer=True)
 
     patch, sources = env_overrides(env)
     if patch:
         merged = cfg.model_dump(mode="json")
         _merge(merged, patch)
-        cfg = _validate(merged, _source_from(sources, label), source="environment")
+        last = (_source_from(sources, label), "environment")
+        cfg = _validate(merged, last[0], source=last[1], layer=True)
 
     if overrides:
         merged = cfg.model_dump(mode="json")
         extra = copy.deepcopy(dict(overrides))
         _drop_ignored(extra)
         _merge(merged, extra)
-        cfg = _validate(merged, lambda loc: "command line", source="command line")
+        last = (lambda loc: "command line", "command line")
+        cfg = _validate(merged, last[0], source=last[1], layer=True)
+    # the checks between sections, on the configuration all layers made together
+    cfg = _validate(cfg.model_dump(mode="json"), last[0], source=last[1])
 
     warnings.extend(config_warnings(cfg))
     return ResolvedConfig(config=cfg, warnings=warnings, source=path)

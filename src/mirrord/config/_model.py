@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     Strict,
+    ValidationInfo,
     WithJsonSchema,
     model_validator,
 )
@@ -981,7 +982,12 @@ class MirrordConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> MirrordConfig:
+    def _cross_checks(self, info: ValidationInfo) -> MirrordConfig:
+        # Checks between sections hold for the whole configuration, not for one of its layers:
+        # a file with `agent.ephemeral: true` is completed by `-t deployment/web`
+        # (`resolve_config` validates each layer with `{"layer": True}`, then the result).
+        if isinstance(info.context, dict) and info.context.get("layer"):
+            return self
         if self.agent.is_ephemeral and self.target.is_targetless:
             raise PydanticCustomError(
                 "conflict",
