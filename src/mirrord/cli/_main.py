@@ -189,5 +189,7 @@ def main() -> None:
         from mirrord.cli._app import main as typer_main
 
         typer_main()
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling (while importing)
+        sys.exit(130)
     except Exception as exc:
         _internal_error(exc)
