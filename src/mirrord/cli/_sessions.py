@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from mirrord.daemon._client import ControlClient, ensure_daemon, wait_daemon_gone
-from mirrord.daemon._exceptions import DaemonError
+from mirrord.daemon._client import (
+    ControlClient,
+    ensure_daemon,
+    live_daemon_pid,
+    wait_daemon_gone,
+)
+from mirrord.daemon._exceptions import DaemonError, DaemonNotRunning
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
 if TYPE_CHECKING:
@@ -28,6 +33,7 @@ __all__ = [
     "EXIT_MIRRORD_ERROR",
     "OpenSession",
     "Progress",
+    "check_before_daemon",
     "child_env",
     "fail",
     "open_session",
@@ -153,6 +159,17 @@ def session_request(
     }
 
 
+def check_before_daemon(request: dict[str, Any]) -> None:
+    """What the daemon would refuse at once, checked here (it costs importing the config
+    package, so only when no daemon runs yet): the config resolves, and the target is one a
+    session can have (`check_session_target`). Raises `DaemonError` as the daemon would."""
+    from mirrord.daemon._backend import check_session_target
+    from mirrord.daemon._daemon import resolve_session_config
+
+    config, _, _ = resolve_session_config(request)
+    check_session_target(config, request.get("env") or {})
+
+
 @dataclass
 class OpenSession:
     client: ControlClient
@@ -193,10 +210,24 @@ def open_session(
             on_error(exc)
         fail(str(exc), code=code)
 
+    if live_daemon_pid(paths) is None:
+        # This command is about to start the daemon: a bad config, no target or a local
+        # target without root fail here, before there is a daemon to stop again.
+        try:
+            check_before_daemon(request)
+        except DaemonError as exc:
+            failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
     for attempt in (1, 2):
         try:
             ensure_daemon(paths, progress)
             client = ControlClient(paths.control_socket, on_event=on_event)
+        except DaemonNotRunning as exc:
+            if attempt == 1:
+                # It answered ensure_daemon, then went (daemon.idle_timeout ran out, or
+                # `mirrord daemon stop`) before this connection: start a new one.
+                wait_daemon_gone(paths)
+                continue
+            failed(exc)
         except DaemonError as exc:
             failed(exc)
         try:

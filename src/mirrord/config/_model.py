@@ -222,7 +222,10 @@ def normalise_target_path(value: Any) -> str:
         return f"{kind}/{parts[1]}"
     if kind not in TARGET_KINDS:
         if len(parts) == 1:
-            raise _target_error(value, f"no kind given (did you mean 'pod/{value}'?)")
+            guess = f"'pod/{value}'"
+            if value.isdigit() and int(value) > 0:  # a process id as often as a pod name
+                guess = f"'pid/{value}' or 'pod/{value}'"
+            raise _target_error(value, f"no kind given (did you mean {guess}?)")
         raise _target_error(value, f"unknown kind {parts[0]!r}")
     if len(parts) not in (2, 4) or (len(parts) == 4 and parts[2] != "container"):
         raise _target_error(value, "wrong number of '/'-separated parts")

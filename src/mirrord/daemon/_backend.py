@@ -32,14 +32,19 @@ import secrets
 import shutil
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 import anyio.abc
 
-from mirrord.daemon._exceptions import AgentStartError, RootRequired, TargetNotSupported
+from mirrord.daemon._exceptions import (
+    AgentStartError,
+    NoTarget,
+    RootRequired,
+    TargetNotSupported,
+)
 
 __all__ = [
     "AgentBackend",
@@ -50,7 +55,9 @@ __all__ = [
     "Progress",
     "agent_environment",
     "backends_for_daemon",
+    "check_session_target",
     "config_value",
+    "kubeconfig_path",
     "select_backend",
 ]
 
@@ -127,6 +134,30 @@ def agent_environment(config: AgentConfig) -> dict[str, str]:
     if config_value(config, "agent", "clean_iptables_on_start", default=False) is True:
         env["MIRRORD_AGENT_CLEAN_IPTABLES_ON_START"] = "true"
     return env
+
+
+def kubeconfig_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
+    """The kubeconfig file(s) to read: `explicit`, else `$KUBECONFIG`, else ~/.kube/config."""
+    env = os.environ if env is None else env
+    if explicit:
+        return os.path.expanduser(explicit)
+    if env.get("KUBECONFIG"):
+        return env["KUBECONFIG"]
+    return str(Path(env.get("HOME", "~")).expanduser() / ".kube" / "config")
+
+
+def check_session_target(config: AgentConfig, env: Mapping[str, str]) -> None:
+    """What a session's target needs before any agent starts: no target at all (the default
+    is targetless, in a cluster) needs a kubeconfig, or it gets `NoTarget`; a local target
+    needs root (`RootRequired`). Cheap: no backend is loaded. `env` is the session's (HOME,
+    KUBECONFIG)."""
+    target = config_value(config, "target", "path", default=None)
+    if target is None:
+        path = kubeconfig_path(config_value(config, "kubeconfig", default=None), env)
+        if not any(Path(p).is_file() for p in path.split(os.pathsep) if p):
+            raise NoTarget(path.split(os.pathsep)[0])
+    elif str(target).startswith(LOCAL_TARGET_PREFIXES) and os.geteuid() != 0:
+        raise RootRequired(str(target))
 
 
 def select_backend(target: str, backends: list[AgentBackend]) -> AgentBackend:

@@ -19,6 +19,7 @@ from typing import Any
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
+from mirrord.daemon._backend import kubeconfig_path
 from mirrord.kube._exceptions import KubeConfigError
 
 __all__ = ["KubeContext", "kubeconfig_path", "load_context"]
@@ -35,16 +36,6 @@ class KubeContext:
 
     def __repr__(self) -> str:  # the configuration holds tokens: never show it
         return f"<KubeContext {self.context} ns={self.namespace} file={self.kubeconfig}>"
-
-
-def kubeconfig_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
-    """The kubeconfig file(s) to read: `explicit`, else `$KUBECONFIG`, else ~/.kube/config."""
-    env = os.environ if env is None else env
-    if explicit:
-        return os.path.expanduser(explicit)
-    if env.get("KUBECONFIG"):
-        return env["KUBECONFIG"]
-    return str(Path(env.get("HOME", "~")).expanduser() / ".kube" / "config")
 
 
 async def load_context(
