@@ -128,32 +128,21 @@ class Progress:
 
 
 def session_request(
-    *,
-    target: str | None,
-    config_file: Path | None,
-    steal: bool = False,
-    fs_mode: str | None = None,
-    env_include: str | None = None,
-    env_exclude: str | None = None,
-    no_outgoing: bool = False,
-    no_remote_dns: bool = False,
+    *, target: str | None, config_file: Path | None, **flags: Any
 ) -> dict[str, Any]:
     """What the daemon resolves the session's configuration from (`load_config` +
-    `cli_overrides`, I6): the config file, the flags given, this environment and directory.
-    The daemon resolves it because it has the config package loaded; importing it here would
-    cost every `mirrord run` a few hundred milliseconds."""
-    flags = {
-        "target": target,
-        "steal": steal,
-        "fs_mode": fs_mode,
-        "env_include": env_include,
-        "env_exclude": env_exclude,
-        "no_outgoing": no_outgoing,
-        "no_remote_dns": no_remote_dns,
-    }
+    `cli_overrides`, I6): the config file, the flags given (`cli_overrides` keywords; None and
+    False mean "not given", except an explicit `accept_invalid_certificates=False`), this
+    environment and directory. The daemon resolves it because it has the config package
+    loaded; importing it here would cost every `mirrord run` a few hundred milliseconds."""
+    given = {"target": target, **flags}
     return {
         "config_file": str(config_file.absolute()) if config_file is not None else None,
-        "flags": {k: v for k, v in flags.items() if v not in (None, False)},
+        "flags": {
+            k: v
+            for k, v in given.items()
+            if v is not None and (v is not False or k == "accept_invalid_certificates")
+        },
         "env": dict(os.environ),
         "cwd": os.getcwd(),
     }

@@ -51,7 +51,6 @@ _SUFFIXES = {".json": "json", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}
 IGNORED_KEYS: dict[tuple[str, ...], frozenset[str]] = {
     (): frozenset(
         {
-            "accept_invalid_certificates",
             "operator",
             "telemetry",
             "sip_binaries",
@@ -421,6 +420,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("MIRRORD_IMPERSONATED_TARGET", ("target", "path"), _str),
     EnvVar("MIRRORD_TARGET_NAMESPACE", ("target", "namespace"), _str),
     EnvVar("MIRRORD_AGENT_NAMESPACE", ("agent", "namespace"), _str),
+    EnvVar("MIRRORD_ACCEPT_INVALID_CERTIFICATES", ("accept_invalid_certificates",), _bool),
+    EnvVar("MIRRORD_OVERRIDE_ENV_FILE", ("feature", "env", "env_file"), _str),
     EnvVar("MIRRORD_AGENT_IMAGE", ("agent", "image"), _str),
     EnvVar("MIRRORD_AGENT_IMAGE_PULL_POLICY", ("agent", "image_pull_policy"), _str),
     EnvVar("MIRRORD_AGENT_TTL", ("agent", "ttl"), _int),
@@ -540,6 +541,13 @@ def cli_overrides(
     kubeconfig: str | None = None,
     skip_processes: str | list[str] | None = None,
     port_mapping: list[tuple[int, int]] | None = None,
+    agent_log_level: str | None = None,
+    agent_ttl: int | None = None,
+    agent_startup_timeout: int | None = None,
+    accept_invalid_certificates: bool | None = None,
+    env_file: str | None = None,
+    rw: bool = False,
+    context: str | None = None,
 ) -> dict[str, Any]:
     """Map `mirrord run`'s flags to a config patch (the highest-precedence layer).
 
@@ -562,8 +570,22 @@ def cli_overrides(
         _set(patch, ("feature", "network", "incoming", "mode"), "steal")
     if no_incoming:
         _set(patch, ("feature", "network", "incoming", "mode"), "off")
+    if rw:  # mirrord's `--rw`: read-write file access (an explicit --fs-mode wins)
+        _set(patch, ("feature", "fs", "mode"), "write")
     if fs_mode is not None:
         _set(patch, ("feature", "fs", "mode"), fs_mode)
+    if agent_log_level is not None:
+        _set(patch, ("agent", "log_level"), agent_log_level)
+    if agent_ttl is not None:
+        _set(patch, ("agent", "ttl"), agent_ttl)
+    if agent_startup_timeout is not None:
+        _set(patch, ("agent", "startup_timeout"), agent_startup_timeout)
+    if accept_invalid_certificates is not None:
+        _set(patch, ("accept_invalid_certificates",), accept_invalid_certificates)
+    if env_file is not None:
+        _set(patch, ("feature", "env", "env_file"), env_file)
+    if context is not None:  # `--context`, mirrord's name for kube_context
+        kube_context = context
     if env_include is not None:
         _set(
             patch,

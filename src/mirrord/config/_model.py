@@ -969,6 +969,11 @@ class MirrordConfig(_Section):
     kubeconfig: str | None = Field(
         default=None, description="Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)."
     )
+    accept_invalid_certificates: bool | None = Field(
+        default=None,
+        description="Accept an API server certificate that does not verify (self-signed). "
+        "Unset: as the kubeconfig says (`insecure-skip-tls-verify`).",
+    )
     kube_context: str | None = Field(
         default=None, description="Context in the kubeconfig (default: its current context)."
     )

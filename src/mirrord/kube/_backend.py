@@ -229,6 +229,7 @@ class KubeBackend:
             context=config_value(config, "kube_context"),
             namespace=config_value(config, "target", "namespace"),
             env=self._env,
+            accept_invalid_certificates=config_value(config, "accept_invalid_certificates"),
         )
         opts = AgentOptions.from_config(config)
         target_ns = kube.namespace

@@ -44,6 +44,7 @@ async def load_context(
     context: str | None = None,
     namespace: str | None = None,
     env: Mapping[str, str] | None = None,
+    accept_invalid_certificates: bool | None = None,
 ) -> KubeContext:
     """Load the client configuration; raises `KubeConfigError` saying what to fix."""
     path = kubeconfig_path(kubeconfig, env)
@@ -80,6 +81,8 @@ async def load_context(
         )
     except Exception as exc:
         raise KubeConfigError(f"cannot load context {chosen!r} from {path}: {exc}") from exc
+    if accept_invalid_certificates is not None:  # `-c`, over the kubeconfig's own setting
+        cfg.verify_ssl = not accept_invalid_certificates
     return KubeContext(
         configuration=cfg,
         context=chosen,
