@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from mirrord.kube import AgentPodFailed, KubeBackend, KubeError, PermissionMissing
+from mirrord.kube import (
+    AgentPodFailed,
+    KubeBackend,
+    KubeError,
+    PermissionMissing,
+    load_context,
+    open_port_forward,
+)
 from tests.kube._cluster import add_deployment, wait_running
 from tests.kube.apiserver import ApiError, FakeApiServer
 
@@ -39,6 +46,34 @@ async def test_missing_portforward_permission_is_named_with_chart_value(
     assert "create pods/portforward in namespace default" in msg
     assert "rbac.portForward" in msg
     assert not apiserver.list("Job", "default")  # nothing was created
+
+
+async def test_portforward_needs_get_as_well_as_create(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    """The websocket upgrade is authorised as `get` (and, since 1.35, `create`): a user with
+    only `create` is told before anything is created."""
+    await _web(apiserver)
+    apiserver.rbac.deny("get", "pods/portforward")
+    with pytest.raises(PermissionMissing) as info:
+        await KubeBackend().start_agent("deployment/web", _config(kubeconfig), print)
+    assert "get pods/portforward in namespace default" in str(info.value)
+    assert "create pods/portforward" not in str(info.value)
+    assert not apiserver.list("Job", "default")
+
+
+@pytest.mark.parametrize(("refused", "allowed"), [("get", "create"), ("create", "get")])
+async def test_a_refused_upgrade_names_the_verb_refused(
+    apiserver: FakeApiServer, kubeconfig: Path, refused: str, allowed: str
+) -> None:
+    kube = await load_context(kubeconfig=str(kubeconfig))
+    apiserver.rbac.deny(refused, "pods/portforward")
+    with pytest.raises(PermissionMissing) as info:
+        await open_port_forward(kube.configuration, "default", "any-pod", 80)
+    message = str(info.value)
+    assert f"{refused} pods/portforward in namespace default" in message
+    assert f"{allowed} pods/portforward" not in message
+    assert "refused the port-forward upgrade" in message
 
 
 async def test_missing_job_permission_for_job_placement(
