@@ -18,7 +18,10 @@ Contract for every backend
   only the sections it owns (`agent`, `kube`, ...).
 - The returned handle's `key` decides sharing: sessions whose handle keys are equal share one
   agent and one stream (the daemon stops the handle it did not need). Keys name the backend
-  and the resolved target, e.g. `local:pid/123`, `kube:ctx/ns/pod/container`.
+  and the resolved target, e.g. `local:pid/123`, `kube:ctx/ns/pod/container@settings`.
+- Optional `agent_fingerprint(config) -> str`: the settings an agent was started with that a
+  session must share to reuse it; the pool reuses a running agent for a target only when the
+  fingerprints are equal (without the method: by target alone).
 - `connect()` returns the ONE stream the daemon speaks the agent protocol on; the daemon calls
   it again to re-establish after a break. `secret` is the agent's per-agent secret (sent in
   `Hello`). `alive()` is cheap and synchronous. `stop()` releases the agent and everything the
@@ -196,6 +199,11 @@ class _KubeOnFirstUse:
     def handles(self, target: str) -> bool:
         backend = self._load()
         return backend is not None and backend.handles(target)
+
+    def agent_fingerprint(self, config: AgentConfig) -> str:
+        backend = self._load()
+        fingerprint = getattr(backend, "agent_fingerprint", None)
+        return str(fingerprint(config)) if fingerprint is not None else ""
 
     async def start_agent(
         self, target: str, config: AgentConfig, progress: Progress

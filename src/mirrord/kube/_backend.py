@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
+import json
 import random
 import secrets
 from collections.abc import Callable, Mapping
@@ -73,6 +76,24 @@ def placement_of(config: Any) -> str:
             raise KubeError(f"agent.placement {explicit!r} is not one of {', '.join(PLACEMENTS)}")
         return str(explicit)
     return "ephemeral" if config_value(config, "agent", "ephemeral", default=False) else "job"
+
+
+def agent_fingerprint(config: Any) -> str:
+    """What a lingering agent must have been started with to serve a session with `config`:
+    cluster (kubeconfig, context), target namespace, placement, and every agent setting
+    (image, agent namespace, capabilities, resources, labels, log level, ...). Equal
+    fingerprints may share an agent; any difference starts a new one."""
+    from mirrord.daemon._backend import config_value
+
+    parts = {
+        "kubeconfig": config_value(config, "kubeconfig"),
+        "context": config_value(config, "kube_context"),
+        "namespace": config_value(config, "target", "namespace"),
+        "placement": placement_of(config),
+        "agent": dataclasses.asdict(AgentOptions.from_config(config)),
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -185,6 +206,10 @@ class KubeBackend:
     def __repr__(self) -> str:
         return f"<KubeBackend agents={len(self._agents)}>"
 
+    def agent_fingerprint(self, config: Any) -> str:
+        """See `agent_fingerprint`: the daemon's pool reuses an agent only for equal ones."""
+        return agent_fingerprint(config)
+
     def handles(self, target: str) -> bool:
         return target == "targetless" or target.split("/", 1)[0] in TARGET_KINDS
 
@@ -248,10 +273,16 @@ class KubeBackend:
             )
             resolved = await resolve_target(api, target, target_ns)
             progress(f"target {resolved.note}")
+            # Sessions share an agent only when it was started as this one asks (same
+            # placement, image, namespace and agent settings): the fingerprint is in the key.
+            settings = agent_fingerprint(config)
             if resolved.targetless:
                 key = f"kube:{kube.context}/{target_ns}/targetless/{secrets.token_hex(4)}"
             else:
-                key = f"kube:{kube.context}/{target_ns}/{resolved.pod}/{resolved.container}"
+                key = (
+                    f"kube:{kube.context}/{target_ns}/{resolved.pod}/{resolved.container}"
+                    f"@{settings}"
+                )
             lock = self._locks.setdefault(key, asyncio.Lock())
             async with lock:
                 existing = self._agents.get(key)
