@@ -4,6 +4,8 @@ that cannot be pulled, an unschedulable pod, admission denials."""
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -201,3 +203,31 @@ async def test_unreachable_api_server_and_refused_reads_are_clear(
     apiserver.rbac.deny("list", "pods")  # the SSAR says no: named before anything is read
     with pytest.raises(PermissionMissing, match="list pods in namespace default"):
         await KubeBackend().start_agent("deployment/web", _config(live), print)
+
+
+async def test_an_agent_that_never_becomes_ready_is_described_before_its_job_goes(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    """Its container runs but never says it is ready: the error names the pod and quotes its
+    last events and log lines, read before the Job is deleted."""
+    await _web(apiserver)
+    apiserver.kubelet.agent_argv = [
+        sys.executable,
+        "-c",
+        "import time; print('agent: waiting for the container runtime socket', flush=True);"
+        " time.sleep(300)",
+    ]
+    with pytest.raises(AgentPodFailed) as info:
+        await KubeBackend().start_agent(
+            "deployment/web", _config(kubeconfig, startup_timeout=8), print
+        )
+    message = str(info.value)
+    assert "did not become ready within 8 s" in message
+    assert re.search(r"the agent pod default/mirrord-agent-\S+ \(job mirrord-agent-", message)
+    assert "Started: Started container mirrord-agent" in message, message
+    assert "waiting for the container runtime socket" in message
+    for _ in range(100):  # the failed start deletes its Job
+        if not apiserver.list("Job", "default"):
+            break
+        await asyncio.sleep(0.05)
+    assert not apiserver.list("Job", "default")

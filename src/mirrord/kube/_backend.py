@@ -65,6 +65,10 @@ _CREATE_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunCont
 Progress = Callable[[str], None]
 
 
+# How long reading an unready agent's events and log may take (its Job is deleted after).
+_DIAGNOSE_TIMEOUT = 5.0
+
+
 def placement_of(config: Any) -> str:
     """`agent.placement` when the config has it, else `ephemeral` if `agent.ephemeral`, else
     `job`."""
@@ -219,9 +223,12 @@ class KubeBackend:
         from mirrord.daemon._backend import config_value
 
         timeout = float(config_value(config, "agent", "startup_timeout", default=60))
+        deadline = anyio.current_time() + timeout
         try:
-            with anyio.fail_after(timeout):
-                return await self._start(target, config, progress)
+            # The agent's own wait ends at the deadline with its pod's events and log (read
+            # before the Job is deleted); this bound is for the steps before it.
+            with anyio.fail_after(timeout + _DIAGNOSE_TIMEOUT + 5):
+                return await self._start(target, config, progress, deadline)
         except TimeoutError:
             raise AgentPodFailed(
                 f"the agent for {target} did not become ready within {timeout:g} s "
@@ -239,7 +246,9 @@ class KubeBackend:
                 "your kubeconfig context and your network/VPN"
             ) from None
 
-    async def _start(self, target: str, config: Any, progress: Progress) -> KubeAgentHandle:
+    async def _start(
+        self, target: str, config: Any, progress: Progress, deadline: float
+    ) -> KubeAgentHandle:
         from mirrord.daemon._backend import config_value
 
         placement = placement_of(config)
@@ -290,6 +299,8 @@ class KubeBackend:
                     progress(f"reusing agent {existing.description}")
                     return KubeAgentHandle(existing, self)
                 agent = await self._create(
+                    deadline=deadline,
+                    timeout=float(config_value(config, "agent", "startup_timeout", default=60)),
                     api=api,
                     kube=kube,
                     key=key,
@@ -306,6 +317,8 @@ class KubeBackend:
     async def _create(
         self,
         *,
+        deadline: float,
+        timeout: float,
         api: Any,
         kube: KubeContext,
         key: str,
@@ -362,8 +375,20 @@ class KubeBackend:
                 pod=target.pod,
                 port=port,
             )
-            await self._wait_pod_ready(api, target.namespace, target.pod, name, ephemeral=True)
-            await self._wait_ready_line(api, target.namespace, target.pod, name)
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waiting:
+                await self._wait_pod_ready(api, target.namespace, target.pod, name, ephemeral=True)
+                await self._wait_ready_line(api, target.namespace, target.pod, name)
+            if waiting.cancelled_caught:
+                raise AgentPodFailed(
+                    await self._not_ready(
+                        api,
+                        target.namespace,
+                        target.pod,
+                        name,
+                        timeout,
+                        what=f"the agent container {name} in pod {target.namespace}/{target.pod}",
+                    )
+                )
             return agent
         # Job on the target's node
         name = unique_agent_name()
@@ -399,11 +424,24 @@ class KubeBackend:
             created=[("Job", agent_ns, name)],
         )
         try:
-            pod = await self._wait_job_pod(api, agent_ns, name)
-            agent.pod = pod
-            agent.description = f"pod {agent_ns}/{pod} (job {name})"
-            await self._wait_pod_ready(api, agent_ns, pod, AGENT_CONTAINER, ephemeral=False)
-            await self._wait_ready_line(api, agent_ns, pod, AGENT_CONTAINER)
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waiting:
+                pod = await self._wait_job_pod(api, agent_ns, name)
+                agent.pod = pod
+                agent.description = f"pod {agent_ns}/{pod} (job {name})"
+                await self._wait_pod_ready(api, agent_ns, pod, AGENT_CONTAINER, ephemeral=False)
+                await self._wait_ready_line(api, agent_ns, pod, AGENT_CONTAINER)
+            if waiting.cancelled_caught:
+                # read what the cluster knows before the Job (and its pod) is deleted below
+                what = (
+                    f"the agent pod {agent_ns}/{agent.pod} (job {name})"
+                    if agent.pod
+                    else f"the agent job {agent_ns}/{name} (no pod created yet)"
+                )
+                raise AgentPodFailed(
+                    await self._not_ready(
+                        api, agent_ns, agent.pod or name, AGENT_CONTAINER, timeout, what=what
+                    )
+                )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._delete_created(kube, agent.created)
@@ -506,6 +544,40 @@ class KubeBackend:
                     raise AgentPodFailed(await self._with_log(api, ns, pod, container, failure))
                 if _container_running(obj, container, ephemeral=ephemeral):
                     return
+
+    async def _not_ready(
+        self, api: Any, ns: str, name: str, container: str, timeout: float, *, what: str
+    ) -> str:
+        """Why `what` is not ready after `timeout`: the last events of the pod (or Job) `name`
+        and the last lines of its container's log, each read within a few seconds."""
+        core: Any = k8s.CoreV1Api(api)
+        events: list[str] = []
+        log: list[str] = []
+        with anyio.move_on_after(_DIAGNOSE_TIMEOUT):
+            with contextlib.suppress(ApiCallError, aiohttp.ClientError, OSError, ValueError):
+                out = await call(
+                    core.list_namespaced_event, ns, field_selector=f"involvedObject.name={name}"
+                )
+                items = sorted(
+                    out.get("items") or [],
+                    key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""),
+                )
+                events = [f"{e.get('reason')}: {e.get('message')}" for e in items[-5:]]
+            with contextlib.suppress(aiohttp.ClientError, OSError, ValueError):
+                resp = await core.read_namespaced_pod_log(
+                    name, ns, container=container, tail_lines=5, _preload_content=False
+                )
+                try:
+                    if resp.status == 200:
+                        text = (await resp.read()).decode(errors="replace")
+                        log = [ln.strip() for ln in text.splitlines() if ln.strip()][-5:]
+                finally:
+                    resp.release()
+        return (
+            f"{what} did not become ready within {timeout:g} s (agent.startup_timeout); "
+            f"its last events: {'; '.join(events) or 'none'}; its last log lines: "
+            f"{' | '.join(log) or 'none'}. Raise agent.startup_timeout if it is only slow"
+        )
 
     async def _with_log(self, api: Any, ns: str, pod: str, container: str, text: str) -> str:
         """`text`, plus the agent's error line if its log has one."""

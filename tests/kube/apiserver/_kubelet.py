@@ -417,6 +417,40 @@ class Kubelet:
             return  # a pod pinned to a node that does not exist stays Pending, as in a cluster
         await self._start_containers(ns, name)
 
+    def pod_event(
+        self,
+        ns: str,
+        pod_name: str,
+        reason: str,
+        message: str,
+        *,
+        type_: str = "Normal",
+        component: str = "kubelet",
+    ) -> None:
+        """An Event about a pod, as the scheduler and the kubelet record them."""
+        pod = self.store.find(PODS, ns, pod_name)  # type: ignore[arg-type]
+        self.store.create(
+            find_resource("", "v1", "events"),  # type: ignore[arg-type]
+            ns,
+            {
+                "metadata": {"name": f"{pod_name}.{random_suffix(8)}"},
+                "involvedObject": {
+                    "kind": "Pod",
+                    "name": pod_name,
+                    "namespace": ns,
+                    "uid": (pod or {}).get("metadata", {}).get("uid", ""),
+                    "apiVersion": "v1",
+                },
+                "reason": reason,
+                "message": message,
+                "type": type_,
+                "source": {"component": component},
+                "count": 1,
+                "firstTimestamp": now_rfc3339(),
+                "lastTimestamp": now_rfc3339(),
+            },
+        )
+
     async def _start_containers(self, ns: str, name: str) -> None:
         pod = self.store.find(PODS, ns, name)  # type: ignore[arg-type]
         if pod is None:
@@ -438,6 +472,13 @@ class Kubelet:
             ]
 
         self._set_pod(ns, name, scheduled)
+        self.pod_event(
+            ns,
+            name,
+            "Scheduled",
+            f"Successfully assigned {ns}/{name} to {pod['spec']['nodeName']}",
+            component="default-scheduler",
+        )
         await asyncio.sleep(0.05)
         bad = [c for c in containers if c.get("image") in self.pull_errors]
         if bad:
@@ -448,10 +489,16 @@ class Kubelet:
         for c in containers:
             cr = ContainerRuntime(c["name"], new_container_id())
             rt.containers[c["name"]] = cr
+            image = c.get("image")
+            self.pod_event(
+                ns, name, "Pulled", f'Container image "{image}" already present on machine'
+            )
+            self.pod_event(ns, name, "Created", f"Created container: {c['name']}")
             if _is_agent(c):
                 await self._spawn_agent(
                     rt, cr, c, join_netns=None, host_pid=bool(pod["spec"].get("hostPID"))
                 )
+            self.pod_event(ns, name, "Started", f"Started container {c['name']}")
 
         def running(p: Obj) -> None:
             p["status"]["phase"] = "Running"
