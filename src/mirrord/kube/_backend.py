@@ -65,6 +65,8 @@ _CREATE_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunCont
 Progress = Callable[[str], None]
 
 
+# The label the Job controller puts on a Job's pods (Kubernetes >= 1.27), then the legacy one.
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 # How long reading an unready agent's events and log may take (its Job is deleted after).
 _DIAGNOSE_TIMEOUT = 5.0
 
@@ -505,24 +507,47 @@ class KubeBackend:
 
     async def _wait_job_pod(self, api: Any, ns: str, job: str) -> str:
         """The name of the Job's pod, once the Job controller created it; a FailedCreate event
-        (admission denial, quota) is reported at once."""
+        (admission denial, quota) is reported at once. Both come from watches (the pod by its
+        `batch.kubernetes.io/job-name` label, or `job-name` on servers before 1.27; the Job's
+        events), not from polling."""
         core = k8s.CoreV1Api(api)
-        for _ in range(10000):
-            pods = await call(core.list_namespaced_pod, ns, label_selector=f"job-name={job}")
-            items = pods.get("items") or []
-            if items:
-                return str(items[0]["metadata"]["name"])
-            events = await call(
-                core.list_namespaced_event,
-                ns,
-                field_selector=f"involvedObject.kind=Job,involvedObject.name={job}",
-            )
-            for ev in events.get("items") or []:
-                if ev.get("reason") == "FailedCreate":
-                    raise AgentPodFailed(
-                        f"the agent job {ns}/{job} cannot create its pod: {ev.get('message')}"
-                    )
-            await anyio.sleep(0.1)
+        found: list[str] = []
+        failed: list[str] = []
+
+        async def watch_pods(label: str, scope: anyio.CancelScope) -> None:
+            for _ in range(1000):  # each watch ends at timeoutSeconds: start another
+                async for type_, obj in watch_events(
+                    core.list_namespaced_pod,
+                    ns,
+                    label_selector=f"{label}={job}",
+                    timeout_seconds=30,
+                ):
+                    if type_ in ("ADDED", "MODIFIED"):
+                        found.append(str(obj["metadata"]["name"]))
+                        scope.cancel()
+                        return
+
+        async def watch_failures(scope: anyio.CancelScope) -> None:
+            for _ in range(1000):
+                async for _type, event in watch_events(
+                    core.list_namespaced_event,
+                    ns,
+                    field_selector=f"involvedObject.kind=Job,involvedObject.name={job}",
+                    timeout_seconds=30,
+                ):
+                    if event.get("reason") == "FailedCreate":
+                        failed.append(str(event.get("message")))
+                        scope.cancel()
+                        return
+
+        async with anyio.create_task_group() as tg:
+            for label in JOB_NAME_LABELS:
+                tg.start_soon(watch_pods, label, tg.cancel_scope)
+            tg.start_soon(watch_failures, tg.cancel_scope)
+        if failed:
+            raise AgentPodFailed(f"the agent job {ns}/{job} cannot create its pod: {failed[0]}")
+        if found:
+            return found[0]
         raise AgentPodFailed(f"the agent job {ns}/{job} created no pod")  # pragma: no cover
 
     async def _wait_pod_ready(

@@ -160,6 +160,15 @@ class Kubelet:
         self.pull_errors: dict[str, str] = {}  # image -> the registry's message
         self.unschedulable: str | None = None  # when set, every unpinned pod is Unschedulable
         self.agent_argv: list[str] = [sys.executable, "-m", "mirrord.agent"]
+        # The Job controller's pod labels: both (Kubernetes >= 1.27); before 1.27 only the
+        # legacy `controller-uid`/`job-name`. And how long it takes to create the pod.
+        self.job_pod_labels: set[str] = {
+            "batch.kubernetes.io/controller-uid",
+            "batch.kubernetes.io/job-name",
+            "controller-uid",
+            "job-name",
+        }
+        self.job_pod_delay = 0.0
         self.env_extra: dict[str, str] = {}
         # Admission checks (shared with the server): the Job controller's pod creates go
         # through them too, and a denial becomes a FailedCreate event on the Job.
@@ -266,6 +275,7 @@ class Kubelet:
     # ------------------------------------------------------------------ job controller
 
     async def _job_controller(self, ns: str, name: str) -> None:
+        await asyncio.sleep(self.job_pod_delay)
         job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
         if job is None:
             return
@@ -275,10 +285,14 @@ class Kubelet:
         uid = job["metadata"]["uid"]
         labels.update(
             {
-                "batch.kubernetes.io/controller-uid": uid,
-                "batch.kubernetes.io/job-name": name,
-                "controller-uid": uid,
-                "job-name": name,
+                key: value
+                for key, value in {
+                    "batch.kubernetes.io/controller-uid": uid,
+                    "batch.kubernetes.io/job-name": name,
+                    "controller-uid": uid,
+                    "job-name": name,
+                }.items()
+                if key in self.job_pod_labels
             }
         )
         pod = {
