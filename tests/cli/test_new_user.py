@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mirrord.layer import build_id
 from mirrord.localpod import LocalPod, PodSpec
 from tests.cli.conftest import MIRRORD, Mirrord, processes_mentioning, wait_for
 
@@ -123,7 +124,8 @@ def vanishing_daemon(mirrord: Mirrord) -> Iterator[threading.Thread]:
             conn, _ = listener.accept()
             with conn, conn.makefile("rb") as lines:
                 request = json.loads(lines.readline())
-                reply = {"id": request["id"], "ok": True, "result": {"sessions": []}}
+                status = {"daemon": {"build_id": build_id(), "pid": os.getpid()}, "sessions": []}
+                reply = {"id": request["id"], "ok": True, "result": status}
                 conn.sendall(json.dumps(reply).encode() + b"\n")
         except (OSError, ValueError):
             pass
