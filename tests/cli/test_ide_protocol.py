@@ -196,3 +196,33 @@ def test_verify_config_ide_names_a_local_target_by_its_string(
     mirrord.env["MIRRORD_TARGET_NAMESPACE"] = "shop"
     result = mirrord.run("verify-config", "--ide", str(config))
     assert json.loads(result.stdout)["config"]["namespace"] == "shop"
+
+
+def test_usage_errors_of_ide_commands_are_the_json_line(mirrord: Mirrord) -> None:
+    for args in (("ext", "--no-such-option"), ("ls", "-t"), ("ext", "-t")):
+        result = mirrord.run(*args, timeout=30)
+        assert result.returncode == 2 and result.stdout == ""
+        error = intellij_error(result.stderr)
+        assert error == vscode_error(result.stderr)
+        assert f"mirrord {args[0]} --help" in error["help"]
+    # the exit codes of the commands themselves are unchanged
+    result = mirrord.run("ls", "-o", "json", "-t", "nothing", timeout=30)
+    assert (
+        result.returncode == 2 and "unknown target type" in vscode_error(result.stderr)["message"]
+    )
+
+
+@pytest.mark.skipif(not Path("/sbin/ldconfig").exists(), reason="no static binary to point at")
+def test_ext_warns_about_a_static_executable(mirrord: Mirrord) -> None:
+    from mirrord.cli._ext import static_executable
+
+    assert static_executable(Path("/sbin/ldconfig"))  # glibc's ldconfig is static-pie
+    assert not static_executable(Path(os.path.realpath(sys.executable)))
+    assert not static_executable(Path(__file__))  # not ELF at all
+    mirrord.env.update(IDE_ENV["vscode"])
+    for exe, warned in (("/sbin/ldconfig", True), (os.path.realpath(sys.executable), False)):
+        # the target does not exist: the warning comes first, then the failure
+        result = mirrord.run("ext", "-t", "pid/999999", "-e", exe, timeout=60)
+        messages = [check_message(json.loads(line)) for line in result.stdout.splitlines()]
+        warnings = [m["message"] for m in messages if m["type"] == "Warning"]
+        assert bool(warnings and "statically linked" in warnings[0]) == warned, messages

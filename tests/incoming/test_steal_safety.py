@@ -21,8 +21,10 @@ import pytest
 from mirrord.agent._incoming_netns import NetnsRunner
 from mirrord.localpod import LocalPod
 from mirrord.protocol import messages as m
-from tests.incoming._daemon import AgentClient, Conn, start_agent, stop_agent
-from tests.incoming.conftest import serve_channel, subscribe
+from tests.cli.conftest import temp_mirrord
+from tests.incoming._daemon import AgentClient, AgentError, Conn, start_agent, stop_agent
+from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
+from tests.incoming.test_end_to_end import get, start_app, stop_app
 from tests.incoming.test_incoming_agent import http_request
 from tests.incoming.test_steal_rules import ours, ruleset
 
@@ -294,6 +296,38 @@ async def test_agent_killed_leaves_no_rule_and_no_guard(
                 _killed(pid)
 
 
+@pytest.mark.parametrize("backend", STEAL_BACKENDS)
+async def test_a_stopped_guard_is_replaced_when_a_change_waits_for_it(
+    pod: LocalPod, local_app: Callable[[str], int], backend: str
+) -> None:
+    agent = start_agent(f"pid/{pod.pid}", env={"MIRRORD_AGENT_STEAL_BACKEND": backend})
+    guard = sentinel = 0
+    try:
+        app_port = local_app("local")
+        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
+            await client.open_channel(1)
+            await tg.start(serve_channel, client, 1, app_port, [])
+            await _steal_and_check(client, pod, app_port)
+            guard, sentinel = _guard_and_sentinel(agent.pid)
+            os.kill(guard, signal.SIGSTOP)
+            # The steal ends while its guard is stopped: that change fails (ETIMEDOUT) or
+            # succeeds, but within seconds the rules are gone all the same.
+            with contextlib.suppress(AgentError):
+                await unsubscribe(client, 1, 8080)
+            await in_thread(_wait, lambda: ours(pod) == [], 15, "the rules' removal")
+            assert _gone(guard)
+            assert "is stopped" in agent.log()
+            status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/z"))
+            assert status == 200 and not body.startswith(b"local")
+            tg.cancel_scope.cancel()
+        assert "Traceback" not in agent.log()
+    finally:
+        stop_agent(agent)
+        for pid in (guard, sentinel):
+            if pid:
+                _killed(pid)
+
+
 _DAEMON_SCRIPT = """
 import sys, anyio
 from tests.incoming._daemon import Agent, AgentClient
@@ -380,3 +414,65 @@ async def test_a_guard_that_cannot_be_replaced_ends_the_steal_loudly(
         if sentinel:
             _killed(sentinel)
     assert ours(pod) == []
+
+
+# ---------------------------------------------------------------- the whole stack
+
+
+def _pids_with(text: bytes, parent: int | None = None) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if text in cmdline and fields[0] != "Z" and (parent is None or int(fields[1]) == parent):
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victims", ["app", "run", "daemon", "agent", "guard", "guard+agent"])
+def test_mirrord_run_steal_leaves_no_rule_whatever_is_killed(pod: LocalPod, victims: str) -> None:
+    with temp_mirrord("mrds") as mirrord:
+        app = start_app(mirrord, pod, "--steal")
+        assert isinstance(app, subprocess.Popen)
+        assert get(pod, "GET", "/before")[0] == b"local GET /before x-user=\n"
+        (user_app,) = _pids_with(b"_local_app.py", parent=app.pid)
+        daemon = mirrord.daemon_pid()
+        (agent,) = _pids_with(b"mirrord.agent\0--target\0pid/%d\0" % pod.pid)
+        (guard,) = _pids_with(b"mirrord.agent._steal_guard", parent=agent)
+        (sentinel,) = _pids_with(b"mirrord.agent._steal_guard", parent=guard)
+        choices: dict[str, list[int | None]] = {
+            "app": [user_app],
+            "run": [app.pid],
+            "daemon": [daemon],
+            "agent": [agent],
+            "guard": [guard],
+            "guard+agent": [guard, agent],
+        }
+        pids = choices[victims]
+        try:
+            for pid in pids:
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            if victims == "guard":
+                # Replaced: the steal goes on, then ends with the session as always.
+                _wait(lambda: _gone(sentinel), 10, "the first sentinel's exit")
+                assert get(pod, "GET", "/after")[0] == b"local GET /after x-user=\n"
+                assert ours(pod) != []
+                stop_app(app)
+                killed = time.monotonic()
+            took = _wait(lambda: ours(pod) == [], 10, "the rules' removal")
+            assert took < 2.0, (victims, time.monotonic() - killed)
+            # The pod's app answers again.
+            _wait(lambda: get(pod, "GET", "/later")[0] == b"pod GET /later\n", 10, "the pod")
+        finally:
+            for pid in (user_app, guard, sentinel):
+                _killed(pid)

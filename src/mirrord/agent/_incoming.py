@@ -747,9 +747,14 @@ class IncomingService:
         if rules.restarts < self.max_guard_restarts:
             try:
                 await anyio.to_thread.run_sync(rules.restart)
-                if self._rules_ports:
-                    await anyio.to_thread.run_sync(rules.set_redirects, self._rules_ports)
+                # What is wanted now (a change may have failed with the old guard), replacing
+                # whatever the old guard left.
+                wanted = {p: self._listener_port for p in self.steals}
+                await anyio.to_thread.run_sync(rules.set_redirects, wanted)
+                self._rules_ports = wanted
                 log.warning("the steal guard was restarted (pid %s)", rules.guard_pid)
+                if not wanted:
+                    await self._clear_rules_if_unused()
                 return
             except OSError as exc:
                 log.error("the steal guard could not be restarted: %s", exc)

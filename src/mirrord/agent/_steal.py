@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -73,6 +74,8 @@ __all__ = [
     "new_tag",
 ]
 
+log = logging.getLogger("mirrord.agent.incoming")
+
 AGENT_MARK: Final = 0x6D726464  # "mrdd": SO_MARK of the agent's own connections in the pod
 # The same with the lowest bit set: a connection repeating bytes that the sniffer saw arrive
 # from outside the pod (mirroring it again would duplicate them). Pod-local clients are
@@ -87,6 +90,17 @@ _GUARD_TIMEOUT: Final = 30.0
 # A guard that answers nothing this long (stopped, stuck) is killed: the agent then replaces
 # it. Above the guard's own 20 s per command, of which a change runs up to three.
 _REPLY_TIMEOUT: Final = 75.0
+# A guard stopped (SIGSTOP, a debugger) this long while a request waits is killed the same way.
+_STOPPED_LIMIT: Final = 2.0
+_REPLY_POLL: Final = 0.25
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 class StealRulesError(OSError):
@@ -326,14 +340,19 @@ class StealRules:
     def _read_reply(self) -> dict[str, Any]:
         proc = self._proc
         assert proc is not None and proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], _REPLY_TIMEOUT)
-        if not ready:
-            proc.kill()
-            raise StealRulesError(
-                errno.ETIMEDOUT,
-                f"the steal guard (pid {proc.pid}) did not answer within {_REPLY_TIMEOUT:g} s; "
-                "it was killed and will be replaced",
-            )
+        waited, stopped_for = 0.0, 0.0
+        while not select.select([proc.stdout], [], [], _REPLY_POLL)[0]:
+            waited += _REPLY_POLL
+            stopped_for = stopped_for + _REPLY_POLL if _stopped(proc.pid) else 0.0
+            if waited >= _REPLY_TIMEOUT or stopped_for >= _STOPPED_LIMIT:
+                proc.kill()
+                why = "is stopped" if stopped_for >= _STOPPED_LIMIT else "did not answer"
+                message = (
+                    f"the steal guard (pid {proc.pid}) {why} after {waited:g} s; it was killed "
+                    "and will be replaced"
+                )
+                log.warning("%s", message)
+                raise StealRulesError(errno.ETIMEDOUT, message)
         line = proc.stdout.readline()
         if not line:
             err = ""

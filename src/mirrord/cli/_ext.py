@@ -177,8 +177,12 @@ class _Report:
         else:
             self._plain(message)
 
-    def failed(self, message: str, *, help: str, causes: list[str]) -> NoReturn:
-        self._finish_step(False)
+    def failed(
+        self, message: str, *, help: str, causes: list[str], step_ok: bool = False
+    ) -> NoReturn:
+        """`step_ok`: the step under way is not what failed (a configuration the daemon
+        refused after it had started)."""
+        self._finish_step(step_ok)
         if self.json is not None:
             self.json.finished_task(READY_TASK, success=False)
         write_error(message, help=help, causes=causes)
@@ -247,8 +251,9 @@ def ext(
     def error(exc: DaemonError) -> NoReturn:
         message = str(exc)
         causes = [e for e in exc.errors if e != message]
+        config = exc.code == "config_error"
         report.failed(
-            message, help=_CONFIG_HELP if exc.code == "config_error" else _HELP, causes=causes
+            message, help=_CONFIG_HELP if config else _HELP, causes=causes, step_ok=config
         )
 
     session = open_session(

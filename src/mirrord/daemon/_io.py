@@ -240,6 +240,7 @@ async def accept_raw(listener: anyio.abc.SocketListener) -> RawSocketStream:
     """The next connection on `listener`, as a `RawSocketStream` (see there why not the
     listener's own `accept()`)."""
     raw = listener.extra(SocketAttribute.raw_socket)
+    raw.setblocking(False)  # an accept() must never block the event loop
     while True:
         try:
             sock, _ = raw.accept()
