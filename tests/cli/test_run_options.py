@@ -114,8 +114,17 @@ def test_help_completion_and_bad_option_values(mirrord: Mirrord) -> None:
     assert {"--no-tcp-outgoing", "--no-udp-outgoing", "--no-telemetry"} <= set(
         completion.stdout.split()
     )
-    script = mirrord.run("--show-completion", "bash", timeout=30)
-    assert script.returncode == 0 and "_MIRRORD_COMPLETE" in script.stdout
+    # the script `mirrord --install-completion` installs (`--show-completion` prints it for
+    # the shell it detects; here it is asked for bash by name, as the script itself does)
+    script = subprocess.run(
+        [MIRRORD],
+        env=dict(mirrord.env, _MIRRORD_COMPLETE="source_bash"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert script.returncode == 0 and "_MIRRORD_COMPLETE=complete_bash" in script.stdout
     bad = mirrord.run("exec", "-c=maybe", "-t", "pid/1", "--", "true", timeout=30)
     assert bad.returncode == 2
     assert "--accept-invalid-certificates=maybe" in bad.stderr and "true or false" in bad.stderr
