@@ -184,6 +184,28 @@ async def test_remote_path_and_home_stay_the_users(harness: Harness) -> None:
     assert result["env"]["APP"] == "x"
 
 
+async def test_targets_mirrord_variables_are_imported_but_not_the_layers_own(
+    harness: Harness,
+) -> None:
+    harness.backend.agents["scripted/a"] = ScriptedAgent(
+        env={
+            "MIRRORD_FAKE_VAR_FIRST": "foo.bar",
+            "MIRRORD_TARGET": "pod/other",
+            "MIRRORD_SESSION": "the-pods-session",
+            "MIRRORD_LAYER_SOCKET": "/pod/socket",
+            "MIRRORD_LAYER_FD": "3:1",
+            "MIRRORD_RUNTIME_DIR": "/pod/run",
+        }
+    )
+    _, session, result = await harness.session()
+    env = result["env"]
+    assert env["MIRRORD_FAKE_VAR_FIRST"] == "foo.bar"
+    assert env["MIRRORD_TARGET"] == "pod/other"
+    assert env["MIRRORD_SESSION"] == session  # the layer's own, never the pod's
+    assert env["MIRRORD_LAYER_SOCKET"] == str(harness.paths.layer_socket)
+    assert "MIRRORD_LAYER_FD" not in env and "MIRRORD_RUNTIME_DIR" not in env
+
+
 async def test_forwarded_requests_map_request_ids_both_ways(harness: Harness) -> None:
     _, session, _ = await harness.session()
     a = await harness.layer(session, pid=1001)

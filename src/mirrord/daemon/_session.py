@@ -27,7 +27,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from mirrord.daemon._backend import AgentConfig
-from mirrord.daemon._env import on_concurrent_steal, steal_for_port
+from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
 from mirrord.daemon._relay import Counters, Relay
@@ -435,6 +435,9 @@ class LayerProcess:
             client.reply(m.Ok(request_id=0), msg.request_id)  # incoming off: stays local
             return
         http_filter = None
+        if self.session.incoming_mode == "mirror":
+            # only the requests the filter matches are copied, on the filter's ports
+            http_filter = filter_for_port(self.session.http_filter, msg.port)
         if self.session.incoming_mode == "steal":
             subscribe, http_filter, warning = steal_for_port(
                 self.session.config, self.session.http_filter, msg.port
