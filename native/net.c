@@ -1,11 +1,14 @@
 /* Socket and DNS hooks.
  *
  * Outgoing: a connect() the outgoing filter sends remote becomes LayerConnect; the daemon
- * answers with a loopback relay endpoint and the user's socket connects there (blocking or
- * not: the real connect to the relay gives EINPROGRESS exactly as the app expects).
- * getpeername() then reports the address the app asked for. UDP: connect() the same way;
- * sendto()/sendmsg() to a remote address go through a per-destination relay, and
- * recvfrom()/recvmsg() translate the relay back into the remote address.
+ * connects in the target and passes back (SCM_RIGHTS) the layer's end of a private loopback
+ * TCP/UDP pair, which replaces the app's socket under the same fd number (splice_relay): no
+ * listener is left for another local user to reach. A non-blocking connect() still answers
+ * EINPROGRESS and the socket turns writable. getpeername() then reports the address the app
+ * asked for, getsockname() the target-side one. UDP: connect() the same way; sendto()/
+ * sendmsg() to a remote address go through a per-destination daemon endpoint that takes
+ * datagrams from this socket's address only, and recvfrom()/recvmsg() translate the relay
+ * back into the remote address.
  * Incoming: bind() records the requested address (binding port 0 instead when the port is
  * busy on the user's machine), listen() subscribes with LayerListen, accept() and
  * getpeername() on its connections report the real remote peer (PeerLookup).
@@ -119,14 +122,23 @@ static struct ent *sock_ent(int fd) {
     return e;
 }
 
-/* LayerConnect: the relay endpoint (in the socket's family) and the target-side local
- * address. 0, or -1 with errno (ECONNREFUSED when the daemon is unreachable). */
+static void udp_forget_relays(int fd, struct ent *e);
+
+/* LayerConnect. Without `src` (a connect()): *rfd gets the relay socket the daemon passed with
+ * the reply, the layer's end of a private loopback pair (see splice_relay); with `src` (the
+ * app's own UDP socket, bound: sendto()), the daemon answers with an endpoint that takes
+ * datagrams from `src` only, and nothing is passed. `relay` is the daemon's end (in the
+ * socket's family), `local` the target-side local address. 0, or -1 with errno
+ * (ECONNREFUSED when the daemon is unreachable). */
 static int layer_connect(const char *proto, const struct sockaddr *sa, int family,
-                         struct sockaddr_storage *relay, socklen_t *relay_len,
-                         struct sockaddr_storage *local, socklen_t *local_len) {
-    char host[INET6_ADDRSTRLEN];
-    int port;
-    if (sockaddr_to_text(sa, host, sizeof host, &port) < 0) {
+                         const struct sockaddr *src, struct sockaddr_storage *relay,
+                         socklen_t *relay_len, struct sockaddr_storage *local,
+                         socklen_t *local_len, int *rfd) {
+    char host[INET6_ADDRSTRLEN], shost[INET6_ADDRSTRLEN] = "";
+    int port, sport = 0;
+    *rfd = -1;
+    if (sockaddr_to_text(sa, host, sizeof host, &port) < 0 ||
+        (src != NULL && sockaddr_to_text(src, shost, sizeof shost, &sport) < 0)) {
         errno = EAFNOSUPPORT;
         return -1;
     }
@@ -135,21 +147,26 @@ static int layer_connect(const char *proto, const struct sockaddr *sa, int famil
         errno = ECONNREFUSED;
         return -1;
     }
-    cbor_w *w = conn_begin(c, M_LAYER_CONNECT, 3);
+    cbor_w *w = conn_begin(c, M_LAYER_CONNECT, 6);
     cw_str(w, proto);
     cw_str(w, host);
     cw_uint(w, (uint64_t)port);
+    cw_uint(w, (uint64_t)(family == AF_INET6 ? 10 : family == AF_INET ? 2 : 0));
+    cw_str(w, shost);
+    cw_uint(w, (uint64_t)sport);
     cbor_r r;
     int rc = conn_call(c, M_LAYER_CONNECTED, &r);
     if (rc < 0 && errno == EIO) {
         errno = ECONNREFUSED; /* the daemon broke: as if nobody listened */
     }
+    int passed = rc == 0 ? conn_take_fd(c) : -1;
     if (rc == 0) {
         char raddr[64], laddr[64];
         uint64_t rport, lport;
         if (cr_strbuf(&r, raddr, sizeof raddr) < 0 || cr_uint(&r, &rport) < 0 ||
             cr_strbuf(&r, laddr, sizeof laddr) < 0 || cr_uint(&r, &lport) < 0 || rport > 65535 ||
-            lport > 65535 || sockaddr_from_text(raddr, (int)rport, family, relay, relay_len) < 0) {
+            lport > 65535 || sockaddr_from_text(raddr, (int)rport, family, relay, relay_len) < 0 ||
+            (src == NULL && passed < 0)) {
             errno = ECONNREFUSED;
             rc = -1;
         } else if (sockaddr_from_text(laddr, (int)lport, family, local, local_len) < 0) {
@@ -157,7 +174,58 @@ static int layer_connect(const char *proto, const struct sockaddr *sa, int famil
         }
     }
     conn_release(c);
+    if (rc == 0 && src == NULL) {
+        *rfd = passed;
+    } else if (passed >= 0) {
+        REAL(close)(passed);
+    }
     return rc;
+}
+
+/* Socket options an app may set before connect() that must hold on the relay socket too. */
+static const struct {
+    int level, name, stream_only;
+} g_carried_opts[] = {
+    {SOL_SOCKET, SO_RCVTIMEO, 0},       {SOL_SOCKET, SO_SNDTIMEO, 0},
+    {SOL_SOCKET, SO_KEEPALIVE, 1},      {SOL_SOCKET, SO_LINGER, 1},
+    {SOL_SOCKET, SO_OOBINLINE, 1},      {SOL_SOCKET, SO_BROADCAST, 0},
+    {SOL_SOCKET, SO_PRIORITY, 0},       {IPPROTO_TCP, TCP_NODELAY, 1},
+    {IPPROTO_TCP, TCP_KEEPIDLE, 1},     {IPPROTO_TCP, TCP_KEEPINTVL, 1},
+    {IPPROTO_TCP, TCP_KEEPCNT, 1},      {IPPROTO_TCP, TCP_USER_TIMEOUT, 1},
+};
+
+/* Puts the daemon's relay socket `rfd` in the place of the app's socket `fd`: the same fd
+ * number, the same O_NONBLOCK/O_ASYNC and close-on-exec, the options above carried over. The
+ * relay socket is a real TCP/UDP socket of the app's family connected to the daemon over
+ * loopback, so everything else the app does with it (poll, setsockopt, SO_ERROR, shutdown,
+ * a reset by SO_LINGER 0, fork, exec) behaves as on any connected socket; getpeername and
+ * getsockname show the target's view. Consumes rfd. 0, or -1 with errno. */
+static int splice_relay(int fd, int rfd, int type) {
+    int fl = REAL(fcntl)(fd, F_GETFL);
+    int fdfl = REAL(fcntl)(fd, F_GETFD);
+    for (size_t i = 0; i < sizeof g_carried_opts / sizeof g_carried_opts[0]; i++) {
+        if (g_carried_opts[i].stream_only && type != SOCK_STREAM) {
+            continue;
+        }
+        char have[32], want[32];
+        socklen_t hl = sizeof have, wl = sizeof want;
+        if (getsockopt(fd, g_carried_opts[i].level, g_carried_opts[i].name, want, &wl) == 0 &&
+            getsockopt(rfd, g_carried_opts[i].level, g_carried_opts[i].name, have, &hl) == 0 &&
+            (hl != wl || memcmp(have, want, wl) != 0)) {
+            (void)setsockopt(rfd, g_carried_opts[i].level, g_carried_opts[i].name, want, wl);
+        }
+    }
+    int rc = REAL(dup3)(rfd, fd, fdfl >= 0 && (fdfl & FD_CLOEXEC) ? O_CLOEXEC : 0);
+    int saved = errno;
+    REAL(close)(rfd);
+    if (rc < 0) {
+        errno = saved;
+        return -1;
+    }
+    if (fl >= 0) {
+        REAL(fcntl)(fd, F_SETFL, fl);
+    }
+    return 0;
 }
 
 HOOK int socket(int domain, int type, int protocol) {
@@ -205,29 +273,28 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         if (le != NULL && le->kind == K_SOCK) {
             /* a UDP socket connected again, now to a local address: no longer relayed */
             struct ent *e = ent_get(fd);
-            if (e != NULL) {
-                e->remote = 0;
-            }
+            t_guard++;
+            udp_forget_relays(fd, e);
+            t_guard--;
             ent_put(e);
         }
         return rc;
     }
-    struct ent *pe = type == SOCK_STREAM ? fd_peek(fd) : NULL;
-    struct tcp_info ti;
-    socklen_t til = sizeof ti;
-    if (pe != NULL && pe->kind == K_SOCK &&
-        getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &til) == 0 && ti.tcpi_state != TCP_CLOSE) {
-        /* connect() again on a stream already handed to a relay (polling a non-blocking
-         * connect, as some programs do): the kernel's answer about the relay connection is
-         * the answer (EALREADY, EISCONN, or 0 once), and no second connection is opened in
-         * the target. A closed socket (refused before, or a number our table did not see
-         * closed) connects anew. */
+    struct ent *pe = fd_peek(fd);
+    if (pe != NULL && pe->kind == K_SOCK) {
         struct ent *e = ent_get(fd);
-        if (e != NULL && e->remote && e->maps[0].relay_len > 0) {
-            struct sockaddr_storage relay = e->maps[0].relay;
-            socklen_t relay_len = e->maps[0].relay_len;
+        if (e != NULL && e->remote && e->spliced && type == SOCK_STREAM) {
+            /* connect() again on a stream already relayed (polling a non-blocking connect, as
+             * some programs do): the kernel's answers for a connection that completed (0
+             * once, then EISCONN), and no second connection is opened in the target */
+            int was = e->connecting;
+            e->connecting = 0;
             ent_put(e);
-            return REAL(connect)(fd, (struct sockaddr *)&relay, relay_len);
+            if (was) {
+                return 0;
+            }
+            errno = EISCONN;
+            return -1;
         }
         ent_put(e);
     }
@@ -235,25 +302,41 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     struct sockaddr_storage relay, local;
     socklen_t relay_len, local_len;
     int family = sock_family(fd);
-    int rc = layer_connect(type == SOCK_STREAM ? "tcp" : "udp", sa, family, &relay, &relay_len,
-                           &local, &local_len);
+    int rfd;
+    int rc = layer_connect(type == SOCK_STREAM ? "tcp" : "udp", sa, family, NULL, &relay,
+                           &relay_len, &local, &local_len, &rfd);
     if (rc == 0) {
-        rc = REAL(connect)(fd, (struct sockaddr *)&relay, relay_len);
+        int nonblocking = (REAL(fcntl)(fd, F_GETFL) & O_NONBLOCK) != 0;
+        struct ent *e = sock_ent(fd);
+        udp_forget_relays(fd, e);
+        rc = splice_relay(fd, rfd, type);
         int saved = errno;
-        if (rc == 0 || errno == EINPROGRESS || errno == EINTR) { /* EINTR: it goes on */
-            struct ent *e = sock_ent(fd);
-            if (e != NULL) {
-                e->remote = 1;
-                e->socktype = type;
-                memcpy(&e->peer, sa, len < sizeof e->peer ? len : sizeof e->peer);
-                e->peer_len = len;
-                e->local = local;
-                e->local_len = local_len;
-                e->maps[0].relay = relay;
-                e->maps[0].relay_len = relay_len;
-                ent_put(e);
+        if (rc == 0 && e != NULL) {
+            struct stat st;
+            if (REAL(fstat)(fd, &st) == 0) { /* the entry now describes the relay socket */
+                e->fd_dev = st.st_dev;
+                e->fd_ino = st.st_ino;
             }
+            e->remote = 1;
+            e->spliced = 1;
+            e->family = family;
+            e->socktype = type;
+            memcpy(&e->peer, sa, len < sizeof e->peer ? len : sizeof e->peer);
+            e->peer_len = len;
+            e->local = local;
+            e->local_len = local_len;
+            e->nmaps = 0;
+            e->maps[0].relay = relay;
+            e->maps[0].relay_len = relay_len;
+            e->connecting = type == SOCK_STREAM && nonblocking;
             DBG("connect fd %d remotely through the daemon", fd);
+        }
+        ent_put(e);
+        if (rc == 0 && type == SOCK_STREAM && nonblocking) {
+            /* the connection exists already, but a non-blocking connect() answers "in
+             * progress" and the app waits for writability, as it does with any socket */
+            rc = -1;
+            saved = EINPROGRESS;
         }
         errno = saved;
     } else if (errno == ECONNREFUSED && type == SOCK_STREAM &&
@@ -522,6 +605,11 @@ static int udp_relay_for(int fd, const struct sockaddr *sa, socklen_t len,
     struct sockaddr_storage want;
     memset(&want, 0, sizeof want);
     memcpy(&want, sa, len < sizeof want ? len : sizeof want);
+    if (e->remote && e->spliced && same_addr(&e->peer, &want)) {
+        *relay_len = 0; /* connected to it through the daemon already: send without address */
+        ent_put(e);
+        return 0;
+    }
     for (int i = 0; i < e->nmaps; i++) {
         if (same_addr(&e->maps[i].remote, &want)) {
             *relay = e->maps[i].relay;
@@ -530,9 +618,31 @@ static int udp_relay_for(int fd, const struct sockaddr *sa, socklen_t len,
             return 0;
         }
     }
-    struct sockaddr_storage local;
-    socklen_t local_len;
-    int rc = layer_connect("udp", sa, sock_family(fd), relay, relay_len, &local, &local_len);
+    /* The daemon's endpoint takes datagrams from this socket's address only: bind it now if
+     * the app has not (what the kernel's first sendto() would do: any address, a free port). */
+    struct sockaddr_storage me, local;
+    socklen_t me_len = sizeof me, local_len;
+    if (REAL(getsockname)(fd, (struct sockaddr *)&me, &me_len) < 0 ||
+        (me.ss_family != AF_INET && me.ss_family != AF_INET6)) {
+        ent_put(e);
+        errno = EAFNOSUPPORT;
+        return -1;
+    }
+    if (get_port((struct sockaddr *)&me) == 0) {
+        struct sockaddr_storage any;
+        socklen_t any_len;
+        sockaddr_from_text(me.ss_family == AF_INET6 ? "::" : "0.0.0.0", 0, me.ss_family, &any,
+                           &any_len);
+        me_len = sizeof me;
+        if (REAL(bind)(fd, (struct sockaddr *)&any, any_len) < 0 ||
+            REAL(getsockname)(fd, (struct sockaddr *)&me, &me_len) < 0) {
+            ent_put(e);
+            return -1;
+        }
+    }
+    int rfd;
+    int rc = layer_connect("udp", sa, me.ss_family, (struct sockaddr *)&me, relay, relay_len,
+                           &local, &local_len, &rfd);
     if (rc == 0) {
         int i = e->nmaps < MAX_UDP_MAPS ? e->nmaps++ : MAX_UDP_MAPS - 1;
         e->maps[i].remote = want;
@@ -549,10 +659,9 @@ static int relay_port_of(const struct sockaddr_storage *ss) {
     return get_port((const struct sockaddr *)ss);
 }
 
-/* The app closed a UDP socket we relayed: a UDP relay never ends by itself, so tell the daemon
- * to end each of its relays (and their sockets in the target) instead of keeping them until
- * the process exits. */
-void net_sock_freed(const struct ent *e) {
+/* Tells the daemon to end each relay of a UDP socket (and its socket in the target): a UDP
+ * relay never ends by itself. The daemon first forwards what the app sent before. */
+static void udp_end_relays(const struct ent *e) {
     int ports[MAX_UDP_MAPS + 1], n = 0;
     if (e->remote && e->maps[0].relay_len > 0) {
         ports[n++] = relay_port_of(&e->maps[0].relay);
@@ -585,6 +694,22 @@ void net_sock_freed(const struct ent *e) {
     }
     conn_release(c);
     errno = saved;
+}
+
+/* The app closed a UDP socket we relayed: end its relays now instead of keeping them until
+ * the process exits. */
+void net_sock_freed(const struct ent *e) { udp_end_relays(e); }
+
+/* A UDP socket connected anew (elsewhere, or to a new relay): its old relays end. */
+static void udp_forget_relays(int fd, struct ent *e) {
+    (void)fd;
+    if (e == NULL || e->socktype != SOCK_DGRAM) {
+        return;
+    }
+    udp_end_relays(e);
+    e->remote = 0;
+    e->nmaps = 0;
+    memset(e->maps, 0, sizeof e->maps);
 }
 
 /* Source address of a datagram: a relay of ours is shown as the remote it stands for. */
@@ -623,7 +748,7 @@ HOOK ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct s
     socklen_t rl;
     ssize_t rc = udp_relay_for(fd, sa, len, &relay, &rl);
     if (rc == 0) {
-        rc = REAL(sendto)(fd, buf, n, flags, (struct sockaddr *)&relay, rl);
+        rc = REAL(sendto)(fd, buf, n, flags, rl ? (struct sockaddr *)&relay : NULL, rl);
     }
     t_guard--;
     return rc;
@@ -639,7 +764,7 @@ HOOK ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     ssize_t rc = udp_relay_for(fd, msg->msg_name, msg->msg_namelen, &relay, &rl);
     if (rc == 0) {
         struct msghdr m = *msg;
-        m.msg_name = &relay;
+        m.msg_name = rl ? &relay : NULL;
         m.msg_namelen = rl;
         rc = REAL(sendmsg)(fd, &m, flags);
     }

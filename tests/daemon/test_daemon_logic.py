@@ -71,10 +71,11 @@ class Control:
 class LayerPeer:
     """One layer connection, speaking the real LayerConnection (layer role)."""
 
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+    def __init__(self, stream: anyio.abc.UNIXSocketStream) -> None:
         self.stream = stream
         self.conn = LayerConnection(LayerRole.LAYER, build_id=build_id())
         self.process = 0
+        self.passed: list[socket.socket] = []  # sockets the daemon passed (SCM_RIGHTS)
 
     @classmethod
     async def open(
@@ -95,9 +96,10 @@ class LayerPeer:
                     return event.message
                 assert event is NEED_DATA, event
                 try:
-                    data = await self.stream.receive()
+                    data, fds = await self.stream.receive_fds(65536, 4)
                 except anyio.EndOfStream:
-                    data = b""
+                    data, fds = b"", []
+                self.passed += [socket.socket(fileno=fd) for fd in fds]
                 self.conn.receive_data(data)
 
     async def send(self, msg: Message) -> None:
@@ -245,7 +247,9 @@ async def _connect_via_relay(
     )
     assert isinstance(reply, m.LayerConnected), reply
     assert reply.local_address == "10.0.0.1"  # what the agent's socket is bound to
-    sock = socket.create_connection((reply.relay_address, reply.relay_port), timeout=5)
+    sock = peer.passed.pop()  # the app's end of the relay, passed with the reply
+    sock.settimeout(5)
+    assert sock.getpeername()[:2] == (reply.relay_address, reply.relay_port)
     return sock, reply
 
 

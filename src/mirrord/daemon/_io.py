@@ -7,9 +7,11 @@ stream writes them in order). Does not own what the frames mean.
 
 from __future__ import annotations
 
+import array
 import math
 import socket
 import struct
+from collections.abc import Sequence
 
 import anyio
 import anyio.abc
@@ -41,8 +43,8 @@ class FrameWriter:
             _grow_send_buffer(self._raw)
         self._pending = 0  # frames queued and not yet taken by run()
         self._writing = False  # run() is in the middle of a frame
-        # producers --frame--> run() --bytes--> stream
-        self._frames_tx, self._frames_rx = anyio.create_memory_object_stream[bytes](math.inf)
+        # producers --frame (+ sockets to pass)--> run() --bytes--> stream
+        self._frames_tx, self._frames_rx = anyio.create_memory_object_stream[_Frame](math.inf)
         self.queued_bytes = 0
         self.written_bytes = 0
         self.closed = False
@@ -51,27 +53,36 @@ class FrameWriter:
     def __repr__(self) -> str:
         return f"<FrameWriter {self.name} queued={self.queued_bytes} written={self.written_bytes}>"
 
-    def send_nowait(self, frame: bytes) -> None:
-        """Queue `frame`; silently dropped once the writer is closed (the peer is gone)."""
-        if self.closed:
+    def send_nowait(self, frame: bytes, passing: Sequence[socket.socket] = ()) -> None:
+        """Queue `frame`; silently dropped once the writer is closed (the peer is gone).
+
+        `passing`: sockets handed to the peer with the frame's first byte (SCM_RIGHTS, unix
+        sockets only); the writer owns them from now on and closes its copies once they are
+        sent (or dropped)."""
+        if self.closed or (passing and self._raw is None):
+            _close_all(passing)
             return
         if self._raw is not None and not self._pending and not self._writing:
             try:
-                sent = self._raw.send(frame)
+                sent = _send_passing(self._raw, frame, passing)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 sent = 0  # queued: run() meets the same error and ends the writer
             self.written_bytes += sent
+            if sent:
+                _close_all(passing)  # they went with the first byte
+                passing = ()
             if sent == len(frame):
                 return
             frame = frame[sent:]
         self._pending += 1
         self.queued_bytes += len(frame)
         try:
-            self._frames_tx.send_nowait(frame)
+            self._frames_tx.send_nowait((frame, tuple(passing)))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             self.closed = True
+            _close_all(passing)
 
     def close(self) -> None:
         """No more frames; `run()` returns after writing what is queued."""
@@ -82,13 +93,17 @@ class FrameWriter:
         """Write queued frames until `close()`; returns early if the stream breaks."""
         try:
             async with self._frames_rx:
-                async for frame in self._frames_rx:
-                    self._pending -= 1
-                    self.queued_bytes -= len(frame)
-                    self._writing = True
-                    await self._stream.send(frame)
-                    self._writing = False
-                    self.written_bytes += len(frame)
+                try:
+                    await self._write_all()
+                finally:
+                    # frames never written: close the sockets they would have passed
+                    self._frames_tx.close()
+                    while True:
+                        try:
+                            _, passing = self._frames_rx.receive_nowait()
+                        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                            break
+                        _close_all(passing)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             self.closed = True
         finally:
@@ -96,9 +111,47 @@ class FrameWriter:
             self._frames_tx.close()
             self._done.set()
 
+    async def _write_all(self) -> None:
+        async for frame, passing in self._frames_rx:
+            self._pending -= 1
+            self.queued_bytes -= len(frame)
+            self._writing = True
+            try:
+                if passing and self._raw is not None:
+                    while True:
+                        await anyio.wait_writable(self._raw)
+                        try:
+                            sent = _send_passing(self._raw, frame, passing)
+                        except BlockingIOError:
+                            continue
+                        break
+                    frame = frame[sent:]
+                    self.written_bytes += sent
+            finally:
+                _close_all(passing)
+            if frame:
+                await self._stream.send(frame)
+            self._writing = False
+            self.written_bytes += len(frame)
+
     async def wait_flushed(self) -> None:
         """Until `run()` has returned (after `close()`: everything queued was written)."""
         await self._done.wait()
+
+
+_Frame = tuple[bytes, tuple[socket.socket, ...]]
+
+
+def _send_passing(raw: socket.socket, frame: bytes, passing: Sequence[socket.socket]) -> int:
+    if not passing:
+        return raw.send(frame)
+    fds = array.array("i", [s.fileno() for s in passing])
+    return raw.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+
+def _close_all(socks: Sequence[socket.socket]) -> None:
+    for s in socks:
+        s.close()
 
 
 def _plain_unix_socket(stream: anyio.abc.AnyByteStream) -> socket.socket | None:
