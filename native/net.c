@@ -123,6 +123,11 @@ static struct ent *sock_ent(int fd) {
 }
 
 static void udp_forget_relays(int fd, struct ent *e);
+static int own_listener_port(int port);
+/* Listening sockets of this process are at or below this fd (see own_listener_port). */
+static int g_listen_fd_max = -1;
+static void set_port(struct sockaddr_storage *ss, int port);
+static int get_port(const struct sockaddr *sa);
 
 /* LayerConnect. Without `src` (a connect()): *rfd gets the relay socket the daemon passed with
  * the reply, the layer's end of a private loopback pair (see splice_relay); with `src` (the
@@ -267,6 +272,36 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         return REAL(connect)(fd, sa, len);
     }
     int type = sock_type(fd);
+    if (type == SOCK_STREAM && is_loopback(sa)) {
+        /* the app's own listener (as in the pod: a loopback connect to a port the app listens
+         * on reaches the app); where the port was busy here, at the port really bound */
+        int want = get_port(sa), have = own_listener_port(want);
+        if (have > 0) {
+            struct sockaddr_storage to;
+            socklen_t tl = len < sizeof to ? len : sizeof to;
+            memcpy(&to, sa, tl);
+            set_port(&to, have);
+            DBG("connect fd %d to the app's own listener on port %d (bound at %d)", fd, want,
+                have);
+            int rc = REAL(connect)(fd, (struct sockaddr *)&to, tl);
+            int saved = errno;
+            if (have != want && (rc == 0 || errno == EINPROGRESS)) {
+                t_guard++;
+                struct ent *e = sock_ent(fd); /* getpeername shows the port asked for */
+                if (e != NULL) {
+                    e->remote = 1;
+                    e->socktype = type;
+                    memcpy(&e->peer, sa, tl);
+                    e->peer_len = tl;
+                    e->local_len = 0;
+                    ent_put(e);
+                }
+                t_guard--;
+            }
+            errno = saved;
+            return rc;
+        }
+    }
     if (debugger_port(sa, 0) || policy_connect(sa, len, type) == P_LOCAL) {
         int rc = REAL(connect)(fd, sa, len);
         struct ent *le = rc == 0 && type == SOCK_DGRAM ? fd_peek(fd) : NULL;
@@ -403,6 +438,34 @@ static int get_port(const struct sockaddr *sa) {
                                     : ntohs(((const struct sockaddr_in6 *)(const void *)sa)->sin6_port);
 }
 
+/* The port really bound by a socket of this process listening on `port` (as the app asked
+ * for it), or 0. */
+static int own_listener_port(int port) {
+    int top = __atomic_load_n(&g_listen_fd_max, __ATOMIC_RELAXED);
+    for (int fd = 0; fd <= top && fd < MAX_FDS; fd++) {
+        struct ent *pe = fd_peek(fd);
+        if (pe == NULL || pe->kind != K_SOCK || !pe->listening || !pe->bound ||
+            get_port((struct sockaddr *)&pe->req) != port) {
+            continue;
+        }
+        struct ent *e = ent_get(fd); /* still this socket (not closed behind our back) */
+        struct sockaddr_storage real;
+        socklen_t rl = sizeof real;
+        int acc = 0;
+        socklen_t al = sizeof acc;
+        int found = e != NULL && e->listening &&
+                            REAL(getsockname)(fd, (struct sockaddr *)&real, &rl) == 0 &&
+                            getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) == 0 && acc
+                        ? get_port((struct sockaddr *)&real)
+                        : 0;
+        ent_put(e);
+        if (found > 0) {
+            return found;
+        }
+    }
+    return 0;
+}
+
 HOOK int bind(int fd, const struct sockaddr *sa, socklen_t len) {
     if (!g_active || t_guard || sa == NULL || len < sizeof(sa_family_t) ||
         (sa->sa_family != AF_INET && sa->sa_family != AF_INET6) || g_set.incoming == IN_OFF ||
@@ -445,12 +508,41 @@ HOOK int bind(int fd, const struct sockaddr *sa, socklen_t len) {
 HOOK int listen(int fd, int backlog) {
     int rc = REAL(listen)(fd, backlog);
     struct ent *pe = fd_peek(fd);
-    if (rc < 0 || pe == NULL || pe->kind != K_SOCK || !g_active || t_guard) {
+    if (rc < 0 || !g_active || t_guard || (pe != NULL && pe->kind != K_SOCK)) {
+        return rc;
+    }
+    if (pe == NULL) {
+        /* not bound through our bind() (a port nobody subscribes): remembered all the same,
+         * so that a connect() of the app to its own port stays local */
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        if (REAL(getsockname)(fd, (struct sockaddr *)&ss, &sl) < 0 ||
+            (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
+            return rc;
+        }
+        t_guard++;
+        struct ent *ne = sock_ent(fd);
+        if (ne != NULL) {
+            ne->bound = 1;
+            ne->req = ss;
+            ne->req_len = sl;
+            ne->socktype = SOCK_STREAM;
+            ne->listening = 1;
+            ent_put(ne);
+        }
+        t_guard--;
+        if (fd > g_listen_fd_max) {
+            g_listen_fd_max = fd;
+        }
         return rc;
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
         return rc;
+    }
+    e->listening = 1;
+    if (fd > g_listen_fd_max) {
+        g_listen_fd_max = fd;
     }
     int rport = e->bound && !e->subscribed && !debugger_port((struct sockaddr *)&e->req, 1)
                     ? policy_listen_port(get_port((struct sockaddr *)&e->req))
