@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec
+from tests._other_user import OTHER_UID, python_for_the_other_user
 from tests.cli.conftest import Mirrord, python_app
 
 pytestmark = pytest.mark.netns
 
-OTHER_UID = 65534  # nobody: a user with no rights over root's processes or files
 ROUNDS = 12
 PER_ROUND = 10
 
@@ -136,29 +136,6 @@ print(json.dumps(report), flush=True)
 """
 
 
-def _python_for_the_other_user() -> str:
-    """A python the other user may run (the virtualenv's is usually under /root)."""
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", sys.executable):
-        probe = (
-            subprocess.run(
-                [candidate, "-c", "import os; print(os.getuid())"],
-                user=OTHER_UID,
-                group=OTHER_UID,
-                extra_groups=[],
-                cwd="/",
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            if os.path.exists(candidate)
-            else None
-        )
-        if probe is not None and probe.stdout.strip() == str(OTHER_UID):
-            return candidate
-    pytest.skip(f"no python that uid {OTHER_UID} may run")
-
-
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     try:
@@ -220,7 +197,7 @@ def test_another_user_cannot_ride_a_sessions_relays(
     pod = make_pod(PodSpec(echo_port=None, http_port=None))
     servers = [pod.popen_in_pod([sys.executable, "-c", src]) for src in (SECRET_SERVER, UDP_SINK)]
     other = subprocess.Popen(
-        [_python_for_the_other_user(), "-c", OTHER_USER],
+        [python_for_the_other_user(), "-c", OTHER_USER],
         user=OTHER_UID,
         group=OTHER_UID,
         extra_groups=[],

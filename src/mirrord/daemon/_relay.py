@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -31,11 +32,13 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
-from mirrord.daemon._io import reset_stream
+from mirrord.daemon._io import peer_uid, reset_stream
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
 __all__ = ["Counters", "Relay", "RelayLink", "open_relay_pair"]
+
+log = logging.getLogger("mirrord.daemon.relay")
 
 _CHUNK = 64 * 1024  # largest Data we send at once: keeps frames small and fair between conns
 # After the app closed a relayed UDP socket, the datagrams it sent just before are in the
@@ -190,18 +193,25 @@ class Relay:
             self._finish()
 
     async def serve_tcp_incoming(
-        self, address: str, port: int, on_connected: Callable[[Relay, int], None]
+        self,
+        address: str,
+        port: int,
+        on_connected: Callable[[Relay, int], None],
+        *,
+        owner: int,
     ) -> None:
         """Connect to the user app's listening socket, then relay. `on_connected` learns our
         source port before the connection exists, so a `PeerLookup` from the app's `accept()`
-        can never arrive before the daemon knows the peer."""
+        can never arrive before the daemon knows the peer. `owner`: the uid the listener must
+        belong to (the app's); a listener of anyone else at that port (the app's was closed
+        where the layer could not see it) gets nothing, and the agent hears ECONNREFUSED."""
         self._accept_known = True
         try:
             with anyio.CancelScope() as self._scope:
                 if self._aborted:
                     self._scope.cancel()
                 try:
-                    stream = await _connect_announcing(address, port, self, on_connected)
+                    stream = await _connect_announcing(address, port, self, on_connected, owner)
                 except (OSError, TimeoutError):
                     self._send_close(errno_mod.ECONNREFUSED)
                     return
@@ -464,7 +474,11 @@ def _discard_queued(sock: socket.socket) -> None:
 
 
 async def _connect_announcing(
-    address: str, port: int, relay: Relay, on_connected: Callable[[Relay, int], None]
+    address: str,
+    port: int,
+    relay: Relay,
+    on_connected: Callable[[Relay, int], None],
+    owner: int,
 ) -> anyio.abc.SocketStream:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -480,6 +494,19 @@ async def _connect_announcing(
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, os.strerror(error)) from None
+        # a kernel lookup answered at once (no waiting on another process)
+        answered_by = peer_uid(sock)
+        if answered_by is not None and answered_by != owner:
+            log.warning(
+                "port %d on this machine is held by uid %d, not by the app (uid %d): its "
+                "listener was closed where the layer could not see it; an incoming "
+                "connection is refused instead of handed to it",
+                port,
+                answered_by,
+                owner,
+            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raise OSError(errno_mod.ECONNREFUSED, "the listener is not the app's")
         return await anyio.abc.SocketStream.from_socket(sock)
     except BaseException:
         sock.close()

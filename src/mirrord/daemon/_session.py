@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno as errno_mod
 import logging
+import os
 import secrets
 import socket
 import time
@@ -250,6 +251,7 @@ class LayerProcess:
         self.udp_relays: dict[int, Relay] = {}
         self.channel_lost = ""
         self._expiry: anyio.CancelScope | None = None
+        self.uid = _uid_of(pid)  # whose listeners get this process's incoming connections
 
     def __repr__(self) -> str:
         return f"<LayerProcess pid={self.pid} channel={self.channel} clients={len(self.clients)}>"
@@ -325,7 +327,7 @@ class LayerProcess:
             self.session.incoming_relays[local_port] = relay
 
         try:
-            await relay.serve_tcp_incoming(address, port, connected)
+            await relay.serve_tcp_incoming(address, port, connected, owner=self.uid)
         finally:
             for local_port in ports:
                 if self.session.peers.get(local_port) == peer:
@@ -519,6 +521,14 @@ class LayerProcess:
         else:
             reply = m.PeerReply(request_id=0, address=peer[0], port=peer[1])
         client.reply(reply, msg.request_id)
+
+
+def _uid_of(pid: int) -> int:
+    """The user a layer process runs as (the daemon's own when /proc does not say)."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return os.geteuid()
 
 
 async def _relay_sockets(
