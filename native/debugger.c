@@ -8,8 +8,9 @@
  * it in the debuggee's environment:
  *   MIRRORD_IGNORE_DEBUGGER_PORTS  "P", "A-B", or a comma list of those
  *   MIRRORD_DETECT_DEBUGGER_PORT   debugpy | pydevd | javaagent | nodeinspector | dlv: read the
- *                                  debugger's port from this process's command line (node:
- *                                  also NODE_OPTIONS and NODE_INSPECTOR_INFO)
+ *                                  debugger's port from this process's command line (java:
+ *                                  also its @argfiles; node: also NODE_OPTIONS and
+ *                                  NODE_INSPECTOR_INFO)
  * A detected port is added to MIRRORD_IGNORE_DEBUGGER_PORTS for child processes (the
  * debugger's helper processes talk on it too) and MIRRORD_DETECT_DEBUGGER_PORT is removed
  * (node's stays: each node child may open an inspector of its own).
@@ -192,29 +193,66 @@ static void detect_pydevd(char **argv, int argc) {
     }
 }
 
-/* `java -agentlib:jdwp=transport=dt_socket,...,address=[host:]P ...` (or -Xrunjdwp:). */
+/* One JVM option: -agentlib:jdwp=transport=dt_socket,...,address=[host:]P (or -Xrunjdwp:...),
+ * n bytes at arg. */
+static void jdwp_option(const char *arg, size_t n) {
+    char buf[1024];
+    if (n >= sizeof buf) {
+        return;
+    }
+    memcpy(buf, arg, n);
+    buf[n] = 0;
+    const char *opts = NULL;
+    if (strncmp(buf, "-agentlib:jdwp=", 15) == 0) {
+        opts = buf + 15;
+    } else if (strncmp(buf, "-Xrunjdwp:", 10) == 0) {
+        opts = buf + 10;
+    }
+    for (const char *p = opts; p != NULL && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL) {
+        if (strncmp(p, "address=", 8) == 0) {
+            char addr[128];
+            size_t k = strcspn(p + 8, ",");
+            if (k < sizeof addr) {
+                memcpy(addr, p + 8, k);
+                addr[k] = 0;
+                add_address(addr);
+            }
+        }
+    }
+}
+
+/* A JVM `@argfile` (IDEs put long option lists there): its whitespace-separated options. */
+static void jdwp_argfile(const char *path) {
+    char buf[64 * 1024 + 1];
+    int fd = REAL(open)(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return;
+    }
+    ssize_t len = 0, r;
+    while (len < (ssize_t)sizeof buf - 1 && (r = REAL(read)(fd, buf + len, sizeof buf - 1 - len)) > 0) {
+        len += r;
+    }
+    REAL(close)(fd);
+    buf[len > 0 ? len : 0] = 0;
+    for (const char *p = buf; *p;) {
+        p += strspn(p, " \t\r\n\"'");
+        size_t n = strcspn(p, " \t\r\n\"'");
+        jdwp_option(p, n);
+        p += n;
+    }
+}
+
+/* `java -agentlib:jdwp=transport=dt_socket,...,address=[host:]P ...`, also inside `@argfile`s. */
 static void detect_javaagent(char **argv, int argc) {
     const char *b = base_name(argv[0]);
     if (strcmp(b, "java") != 0 && strcmp(b, "javaw") != 0 && strcmp(b, "java.exe") != 0) {
         return;
     }
     for (int i = 1; i < argc; i++) {
-        const char *opts = NULL;
-        if (strncmp(argv[i], "-agentlib:jdwp=", 15) == 0) {
-            opts = argv[i] + 15;
-        } else if (strncmp(argv[i], "-Xrunjdwp:", 10) == 0) {
-            opts = argv[i] + 10;
-        }
-        for (const char *p = opts; p != NULL && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL) {
-            if (strncmp(p, "address=", 8) == 0) {
-                char addr[128];
-                size_t n = strcspn(p + 8, ",");
-                if (n < sizeof addr) {
-                    memcpy(addr, p + 8, n);
-                    addr[n] = 0;
-                    add_address(addr);
-                }
-            }
+        if (argv[i][0] == '@') {
+            jdwp_argfile(argv[i] + 1);
+        } else {
+            jdwp_option(argv[i], strlen(argv[i]));
         }
     }
 }
@@ -355,18 +393,18 @@ void debugger_init(void) {
     DBG("debugger ports (%s): %s", kind, list);
 }
 
-int debugger_port(const struct sockaddr *sa, int any_addr) {
+int debugger_port(const struct sockaddr *sa, socklen_t len, int any_addr) {
     if (__builtin_expect(g_nranges == 0, 1) || sa == NULL) {
         return 0;
     }
     int port;
-    if (sa->sa_family == AF_INET) {
+    if (sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
         const struct sockaddr_in *in = (const void *)sa;
         if (!is_loopback(sa) && !(any_addr && in->sin_addr.s_addr == 0)) {
             return 0;
         }
         port = ntohs(in->sin_port);
-    } else if (sa->sa_family == AF_INET6) {
+    } else if (sa->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
         const struct sockaddr_in6 *in6 = (const void *)sa;
         if (!is_loopback(sa) && !(any_addr && IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))) {
             return 0;

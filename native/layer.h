@@ -354,7 +354,7 @@ int is_loopback(const struct sockaddr *sa);
 void debugger_init(void);
 /* 1 if `sa` is a debugger's port on loopback (or, with any_addr, on the unspecified address):
  * the call stays local and subscribes nothing. */
-int debugger_port(const struct sockaddr *sa, int any_addr);
+int debugger_port(const struct sockaddr *sa, socklen_t len, int any_addr);
 
 /* Exec environment: the env that keeps the layer in the new image (malloc'd, NULL-ended). */
 char **proc_exec_env(char *const envp[], int keep_fd);

@@ -496,11 +496,25 @@ def test_each_debuggers_port_is_read_from_its_command_line(
     for name in ("java", "dlv", "node"):  # the name each debugger's process has
         (tmp_path / name).symlink_to(py)
     java, dlv, node = (str(tmp_path / name) for name in ("java", "dlv", "node"))
+
+    def argfile(port: int) -> Path:
+        path = tmp_path / "java.args"
+        path.write_text(
+            "-Xmx512m\n-agentlib:jdwp=transport=dt_socket,server=n,suspend=y,"
+            f'address=127.0.0.1:{port}\n-cp "/a b/x.jar"\n'
+        )
+        return path
+
     cases: list[tuple[str, Callable[[int], list[str]], Callable[[int], dict[str, str]]]] = [
         (
             "javaagent",
             lambda p: [java, "-c", DETECTED_APP, "-agentlib:jdwp=transport=dt_socket,"
                        f"server=n,suspend=y,address=localhost:{p}", "Main"],
+            lambda p: {},
+        ),
+        (
+            "javaagent",  # the options in an @argfile, as IntelliJ passes long command lines
+            lambda p: [java, "-c", DETECTED_APP, f"@{argfile(p)}", "Main"],
             lambda p: {},
         ),
         ("dlv", lambda p: [dlv, "-c", DETECTED_APP, "dap", f"--listen=127.0.0.1:{p}"], lambda p: {}),
@@ -541,3 +555,64 @@ def test_each_debuggers_port_is_read_from_its_command_line(
             ignored, detect = proc.stdout.split()
             assert ignored == str(port), (kind, proc.stdout)
             assert detect == ("nodeinspector" if kind == "nodeinspector" else "None"), kind
+
+
+def test_python_debug_launch_as_vscode_does_it(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path, adapter: Dap
+) -> None:
+    """VS Code's python launch, end to end: `ext` with the extension's environment, then a DAP
+    `launch` whose `env` is the launch configuration's (MIRRORD_DETECT_DEBUGGER_PORT=debugpy,
+    MIRRORD_IGNORE_DEBUGGER_PORTS=45000-65535, plus `environment`): debugpy's launcher starts
+    `python .../debugpy --connect 127.0.0.1:P app.py`, whose connection to the adapter (on a
+    port the adapter picked, often outside the range) stays on this machine."""
+    from tests.cli._ide import IDE_ENV, read_until_ready
+
+    pod = make_pod(SPEC)
+    app = tmp_path / "app.py"
+    app.write_text(DEBUGGEE)
+    launch_env = {
+        "MIRRORD_DETECT_DEBUGGER_PORT": "debugpy",
+        "MIRRORD_IGNORE_DEBUGGER_PORTS": "45000-65535",
+    }
+    mirrord.env.update(IDE_ENV["vscode"])
+    mirrord.env.update(launch_env)
+    ext = mirrord.popen("ext", "-t", f"pid/{pod.pid}")
+    assert ext.stdout is not None
+    execution = read_until_ready(ext.stdout)
+    launch_env.update(execution.environment)
+    for key in execution.env_to_unset:
+        launch_env.pop(key, None)
+    adapter.response(adapter.send("initialize", adapterID="debugpy", clientID="vscode"))
+    adapter.send(
+        "launch",
+        program=str(app),
+        python=[sys.executable],
+        env=launch_env,
+        console="internalConsole",
+        justMyCode=False,
+    )
+    adapter.event("initialized")
+    breakpoints = adapter.send(
+        "setBreakpoints", source={"path": str(app)}, breakpoints=[{"line": BREAK_LINE}]
+    )
+    assert adapter.response(breakpoints)["body"]["breakpoints"][0]["verified"]
+    adapter.response(adapter.send("configurationDone"))
+    stopped = adapter.event("stopped")["body"]
+    assert stopped["reason"] == "breakpoint"
+    frames = adapter.response(adapter.send("stackTrace", threadId=stopped["threadId"]))
+    top = frames["body"]["stackFrames"][0]
+    value = adapter.response(
+        adapter.send("evaluate", expression="value + '|' + data", frameId=top["id"])
+    )
+    assert value["body"]["result"] == "'from-the-pod|pod-only file'"
+    adapter.send("continue", threadId=stopped["threadId"])
+    assert adapter.event("exited")["body"]["exitCode"] == 0
+    # the program's own output, as the debug console shows it (it arrives in pieces)
+    printed = "".join(
+        m["body"]["output"]
+        for m in adapter.seen
+        if m.get("event") == "output" and m["body"].get("category") == "stdout"
+    )
+    assert "debuggee from-the-pod pod-only file" in printed
+    ext.communicate(timeout=30)  # the debuggee is gone: the session ends
+    assert ext.returncode == 0

@@ -410,6 +410,12 @@ def test_a_malformed_daemon_answer_is_one_line_and_a_saved_traceback(
     gets one line naming a bug and where the traceback is, not the traceback."""
     import threading
 
+    from mirrord.layer import build_id, library_path
+
+    layer = {
+        "LD_PRELOAD": str(library_path()),
+        "MIRRORD_LAYER_SOCKET": str(mirrord.runtime / "layer.sock"),
+    }
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(mirrord.runtime / "mirrordd.sock"))
     server.listen(8)
@@ -423,8 +429,16 @@ def test_a_malformed_daemon_answer_is_one_line_and_a_saved_traceback(
                 return
             with conn:
                 for line in conn.makefile("rb"):
-                    rid = json.loads(line)["id"]
-                    conn.sendall(json.dumps({"id": rid, "ok": True, "result": {}}).encode() + b"\n")
+                    request = json.loads(line)
+                    # a status with our build id (one without is refused before anything),
+                    # then a create_session answer with our layer but no session id
+                    result = (
+                        {"daemon": {"build_id": build_id()}}
+                        if request["op"] == "status"
+                        else {"env": layer}
+                    )
+                    reply = {"id": request["id"], "ok": True, "result": result}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()

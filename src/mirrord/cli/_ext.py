@@ -19,6 +19,7 @@ Does not own the session (the daemon).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -140,6 +141,35 @@ class _Report:
         ):
             self.warning(text)
 
+    def info(self, text: str) -> None:
+        if self.json is not None:
+            self.json.info(text)
+        else:
+            self._plain(text)
+
+    def config_summary(self, request: dict[str, Any]) -> None:
+        """`MIRRORD_EXT_PRINT_CONFIG=TRUE` (IntelliJ sets it): mirrord's `config summary`
+        sub-task, one `Info` line per setting (what `verify-config` shows)."""
+        from mirrord.cli._verify import summary
+        from mirrord.config import ConfigError, cli_overrides, resolve_config
+
+        self._finish_step(True)
+        try:
+            cfg = resolve_config(
+                request["config_file"],
+                overrides=cli_overrides(**request["flags"]),
+                env=request["env"],
+                cwd=Path(request["cwd"]),
+            ).config
+        except ConfigError:
+            return  # the session was opened with it: nothing to add
+        if self.json is not None:
+            self.json.new_task("config summary", READY_TASK)
+        for key, value in summary(cfg):
+            self.info(f"{key}: {value}")
+        if self.json is not None:
+            self.json.finished_task("config summary", success=True, message="config summary")
+
     def ready(self, message: str) -> None:
         self._finish_step(True)
         if self.json is not None:
@@ -147,8 +177,12 @@ class _Report:
         else:
             self._plain(message)
 
-    def failed(self, message: str, *, help: str, causes: list[str]) -> NoReturn:
-        self._finish_step(False)
+    def failed(
+        self, message: str, *, help: str, causes: list[str], step_ok: bool = False
+    ) -> NoReturn:
+        """`step_ok`: the step under way is not what failed (a configuration the daemon
+        refused after it had started)."""
+        self._finish_step(step_ok)
         if self.json is not None:
             self.json.finished_task(READY_TASK, success=False)
         write_error(message, help=help, causes=causes)
@@ -217,8 +251,9 @@ def ext(
     def error(exc: DaemonError) -> NoReturn:
         message = str(exc)
         causes = [e for e in exc.errors if e != message]
+        config = exc.code == "config_error"
         report.failed(
-            message, help=_CONFIG_HELP if exc.code == "config_error" else _HELP, causes=causes
+            message, help=_CONFIG_HELP if config else _HELP, causes=causes, step_ok=config
         )
 
     session = open_session(
@@ -230,6 +265,8 @@ def ext(
         on_error=error,
     )
     try:
+        if os.environ.get("MIRRORD_EXT_PRINT_CONFIG", "").upper() == "TRUE":
+            report.config_summary(request)
         report.ready(execution_message(session.env, session.unset))
         ready[0] = True
         try:

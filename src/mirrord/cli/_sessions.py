@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mirrord.cli._progress import JsonProgress, ProgressMode, progress_mode, write_error
-from mirrord.daemon._client import ControlClient, ensure_daemon, wait_daemon_gone
+from mirrord.daemon._client import (
+    ControlClient,
+    check_layer_env,
+    ensure_daemon,
+    wait_daemon_gone,
+)
 from mirrord.daemon._exceptions import DaemonError
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
@@ -249,6 +254,11 @@ def open_session(
                 continue
             failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
         break
+    try:
+        check_layer_env(result.get("env") or {}, paths)
+    except DaemonError as exc:
+        client.close()
+        failed(exc)
     for warning in result.get("warnings") or []:
         warn(str(warning))
     return OpenSession(

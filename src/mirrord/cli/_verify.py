@@ -19,11 +19,13 @@ import typer
 
 from mirrord.cli._app import app
 
+__all__ = ["summary"]
+
 if TYPE_CHECKING:
     from mirrord.config import MirrordConfig
 
 
-def _summary(cfg: MirrordConfig) -> list[tuple[str, str]]:
+def summary(cfg: MirrordConfig) -> list[tuple[str, str]]:
     feature = cfg.feature
     net = feature.network
     env = feature.env
@@ -126,7 +128,7 @@ def verify_config(
         return
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"[bold green]✓[/] {escape(str(path))} is a valid mirrord config.")
-    for key, value in _summary(resolved.config):
+    for key, value in summary(resolved.config):
         out.print(f"  {key:<10} {escape(value)}")
     for warning in resolved.warnings:
         out.print(f"[yellow]warning:[/] {escape(warning)}")

@@ -32,7 +32,7 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
-from mirrord.daemon._io import peer_uid, reset_stream
+from mirrord.daemon._io import RawSocketStream, peer_uid, reset_stream
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
@@ -185,7 +185,7 @@ class Relay:
             with anyio.CancelScope() as self._scope:
                 if self._aborted:
                     self._scope.cancel()
-                stream = await anyio.abc.SocketStream.from_socket(sock)
+                stream = RawSocketStream(sock)  # read only under credit (see RawSocketStream)
                 await self._run_tcp(stream)  # closes the stream (and the socket) at the end
         finally:
             if stream is None:
@@ -507,7 +507,7 @@ async def _connect_announcing(
             )
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             raise OSError(errno_mod.ECONNREFUSED, "the listener is not the app's")
-        return await anyio.abc.SocketStream.from_socket(sock)
+        return RawSocketStream(sock)  # read only under credit (see RawSocketStream)
     except BaseException:
         sock.close()
         raise
