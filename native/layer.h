@@ -336,6 +336,7 @@ static inline __attribute__((always_inline)) int path_fast_local(const char *p) 
            path_system_dir(p);
 }
 int policy_connect(const struct sockaddr *sa, socklen_t len, int socktype);
+int policy_unix_stream(const char *path); /* outgoing.unix_streams: connect it in the target */
 int policy_dns(const char *host, int port);
 int policy_listen_port(int port);           /* remote port to subscribe, or -1 */
 int policy_bind_port(int port);             /* local port to really bind (listen_ports) */

@@ -21,8 +21,10 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 int sockaddr_to_text(const struct sockaddr *sa, char *host, size_t cap, int *port) {
     if (sa->sa_family == AF_INET) {
@@ -123,6 +125,11 @@ static struct ent *sock_ent(int fd) {
 }
 
 static void udp_forget_relays(int fd, struct ent *e);
+static int layer_connect_call(const char *proto, const char *host, int port, int family,
+                              const char *shost, int sport, int want_fd,
+                              struct sockaddr_storage *relay, socklen_t *relay_len,
+                              struct sockaddr_storage *local, socklen_t *local_len, int *rfd);
+static int splice_relay(int fd, int rfd, int type);
 static int own_listener_port(int port);
 /* Listening sockets of this process are at or below this fd (see own_listener_port). */
 static int g_listen_fd_max = -1;
@@ -147,6 +154,16 @@ static int layer_connect(const char *proto, const struct sockaddr *sa, int famil
         errno = EAFNOSUPPORT;
         return -1;
     }
+    return layer_connect_call(proto, host, port, family, shost, sport, src == NULL, relay,
+                              relay_len, local, local_len, rfd);
+}
+
+/* The LayerConnect round trip of layer_connect (also for a unix path, with `relay` NULL). */
+static int layer_connect_call(const char *proto, const char *host, int port, int family,
+                              const char *shost, int sport, int want_fd,
+                              struct sockaddr_storage *relay, socklen_t *relay_len,
+                              struct sockaddr_storage *local, socklen_t *local_len, int *rfd) {
+    *rfd = -1;
     struct lconn *c = conn_acquire();
     if (c == NULL) {
         errno = ECONNREFUSED;
@@ -165,13 +182,18 @@ static int layer_connect(const char *proto, const struct sockaddr *sa, int famil
         errno = ECONNREFUSED; /* the daemon broke: as if nobody listened */
     }
     int passed = rc == 0 ? conn_take_fd(c) : -1;
-    if (rc == 0) {
+    if (rc == 0 && relay == NULL) {
+        if (passed < 0) {
+            errno = ECONNREFUSED;
+            rc = -1;
+        }
+    } else if (rc == 0) {
         char raddr[64], laddr[64];
         uint64_t rport, lport;
         if (cr_strbuf(&r, raddr, sizeof raddr) < 0 || cr_uint(&r, &rport) < 0 ||
             cr_strbuf(&r, laddr, sizeof laddr) < 0 || cr_uint(&r, &lport) < 0 || rport > 65535 ||
             lport > 65535 || sockaddr_from_text(raddr, (int)rport, family, relay, relay_len) < 0 ||
-            (src == NULL && passed < 0)) {
+            (want_fd && passed < 0)) {
             errno = ECONNREFUSED;
             rc = -1;
         } else if (sockaddr_from_text(laddr, (int)lport, family, local, local_len) < 0) {
@@ -179,7 +201,7 @@ static int layer_connect(const char *proto, const struct sockaddr *sa, int famil
         }
     }
     conn_release(c);
-    if (rc == 0 && src == NULL) {
+    if (rc == 0 && want_fd) {
         *rfd = passed;
     } else if (passed >= 0) {
         REAL(close)(passed);
@@ -266,7 +288,61 @@ static int refuse_in_progress(int fd, int family) {
     return rc;
 }
 
+/* outgoing.unix_streams: a unix stream socket connected to a matching path gets the layer's
+ * end of a socketpair whose daemon end is relayed to a connection the agent made to that path
+ * in the target. R_BYPASS when the path does not match. */
+static int connect_unix_remote(int fd, const struct sockaddr *sa, socklen_t len, int *ret) {
+    const struct sockaddr_un *un = (const void *)sa;
+    size_t plen = len > offsetof(struct sockaddr_un, sun_path)
+                      ? len - offsetof(struct sockaddr_un, sun_path)
+                      : 0;
+    char path[sizeof un->sun_path + 1];
+    if (plen == 0 || un->sun_path[0] == 0 || plen > sizeof un->sun_path) {
+        return R_BYPASS; /* unnamed or abstract: nothing in the target's file system */
+    }
+    memcpy(path, un->sun_path, plen);
+    path[plen] = 0;
+    if (!policy_unix_stream(path) || sock_type(fd) != SOCK_STREAM) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    int rfd;
+    *ret = layer_connect_call("unix", path, 0, AF_UNIX, "", 0, 1, NULL, NULL, NULL, NULL, &rfd);
+    if (*ret == 0) {
+        struct ent *e = sock_ent(fd);
+        *ret = splice_relay(fd, rfd, SOCK_STREAM);
+        int saved = errno;
+        if (*ret == 0 && e != NULL) {
+            struct stat st;
+            if (REAL(fstat)(fd, &st) == 0) {
+                e->fd_dev = st.st_dev;
+                e->fd_ino = st.st_ino;
+            }
+            e->remote = 1;
+            e->spliced = 1;
+            e->family = AF_UNIX;
+            e->socktype = SOCK_STREAM;
+            memcpy(&e->peer, sa, len < sizeof e->peer ? len : sizeof e->peer);
+            e->peer_len = len;
+            e->local_len = 0;
+        }
+        ent_put(e);
+        DBG("connect fd %d to unix socket %s in the target: %d", fd, path, *ret);
+        errno = saved;
+    }
+    t_guard--;
+    return R_DONE;
+}
+
 HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
+    if (g_active && !t_guard && sa != NULL && len > sizeof(sa_family_t) &&
+        sa->sa_family == AF_UNIX) {
+        int ret;
+        if (connect_unix_remote(fd, sa, len, &ret) == R_DONE) {
+            return ret;
+        }
+        return REAL(connect)(fd, sa, len);
+    }
     if (!g_active || t_guard || sa == NULL || len < sizeof(sa_family_t) ||
         (sa->sa_family != AF_INET && sa->sa_family != AF_INET6)) {
         return REAL(connect)(fd, sa, len);

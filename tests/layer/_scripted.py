@@ -186,7 +186,8 @@ class ScriptedDaemon:
                             sent = socket.send_fds(sock, [frame], [passing.fileno()])
                             passing.close()
                             frame = frame[sent:]
-                        sock.sendall(frame)
+                        if frame:  # sendall(b"") still sends: EPIPE once the app is gone
+                            sock.sendall(frame)
                         continue
                     reply = self._answer(pid, msg)
                     if reply is not None:

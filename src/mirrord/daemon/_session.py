@@ -351,6 +351,16 @@ class LayerProcess:
         """Connect in the target, then relay through a socket only this session holds: the
         layer's end of a private pair, passed with the reply (or, for `sendto()`, a UDP
         endpoint connected to the app's own socket)."""
+        if msg.protocol == "unix" and m.FEATURE_UNIX_STREAMS not in self.link.conn.peer_features:
+            client.reply(
+                m.ErrorReply(
+                    request_id=0,
+                    errno=errno_mod.ENOTSUP,
+                    message="this agent cannot connect unix sockets in the target",
+                ),
+                msg.request_id,
+            )
+            return
         try:
             daemon_end, layer_end, app = await _relay_sockets(msg)
         except OSError as exc:
@@ -362,7 +372,9 @@ class LayerProcess:
             )
             return
         try:
-            relay_host, relay_port = daemon_end.getsockname()[:2]
+            relay_host, relay_port = (
+                ("", 0) if msg.protocol == "unix" else daemon_end.getsockname()[:2]
+            )
             conn_id = self.link.new_conn_id()
             relay = Relay(
                 self.link,
@@ -422,7 +434,7 @@ class LayerProcess:
             msg.request_id,
             passing=() if layer_end is None else (layer_end,),
         )
-        if msg.protocol == "tcp":
+        if msg.protocol in ("tcp", "unix"):
             await relay.serve_tcp_outgoing(daemon_end)
             return
         self.udp_relays[relay_port] = relay
@@ -553,6 +565,11 @@ async def _relay_sockets(
             sock.close()
             raise
         return sock, None, (source, msg.source_port)
+    if msg.protocol == "unix":
+        # a unix stream socket of the app: a socketpair, reachable by nobody else
+        daemon_end, layer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        daemon_end.setblocking(False)
+        return daemon_end, layer_end, ("", 0)
     kind = socket.SOCK_STREAM if msg.protocol == "tcp" else socket.SOCK_DGRAM
     by_address = socket.AF_INET6 if ":" in msg.address else socket.AF_INET
     family = {2: socket.AF_INET, 10: socket.AF_INET6}.get(msg.family, by_address)

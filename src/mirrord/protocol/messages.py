@@ -26,8 +26,13 @@ from typing import Any
 
 from mirrord.protocol._base import Message, message
 
+# Agent features announced in Hello/Welcome: a Connect with protocol "unix" is sent only to an
+# agent that announced this one.
+FEATURE_UNIX_STREAMS = "unix_streams"
+
 __all__ = [
     "CONN_CLOSE_NORMAL",
+    "FEATURE_UNIX_STREAMS",
     "INCOMING_MODES",
     "MAX_DATA_CHUNK",
     "MAX_DIR_BATCH",
@@ -628,7 +633,9 @@ class ChannelClose(Message):
 @message(110)
 class Connect(Request):
     """daemon -> agent: open an outgoing connection from the target's network namespace.
-    `conn_id` is chosen by the daemon (even numbers)."""
+    `conn_id` is chosen by the daemon (even numbers). `protocol` "unix": a unix stream socket
+    at the path `address` in the target's file system (`port` 0), sent only to an agent that
+    announced the `FEATURE_UNIX_STREAMS` feature."""
 
     request_id: int
     conn_id: int
@@ -637,8 +644,8 @@ class Connect(Request):
     port: int
 
     def _validate(self) -> None:
-        if self.protocol not in ("tcp", "udp"):
-            raise ValueError(f"protocol {self.protocol!r} is not tcp or udp")
+        if self.protocol not in ("tcp", "udp", "unix"):
+            raise ValueError(f"protocol {self.protocol!r} is not tcp, udp or unix")
         _port(self.port, "port")
 
 
@@ -768,6 +775,8 @@ class LayerWelcome(Message):
 class LayerConnect(Request):
     """Outgoing: connect to `address:port` from the target.
 
+    `protocol` "unix": `address` is a unix stream socket's path in the target (`port` 0);
+    the daemon passes the layer's end of a socketpair.
     Without `source_port` (a TCP or UDP `connect()`), the daemon passes the layer the user
     app's end of a private relay connection with the reply (SCM_RIGHTS on the layer
     connection): a loopback socket of `family` (AF_INET or AF_INET6; 0: by `address`) already
@@ -785,8 +794,8 @@ class LayerConnect(Request):
     source_port: int = 0
 
     def _validate(self) -> None:
-        if self.protocol not in ("tcp", "udp"):
-            raise ValueError(f"protocol {self.protocol!r} is not tcp or udp")
+        if self.protocol not in ("tcp", "udp", "unix"):
+            raise ValueError(f"protocol {self.protocol!r} is not tcp, udp or unix")
         _port(self.port, "port")
         if self.family not in (0, 2, 10):
             raise ValueError(f"family {self.family} is not AF_INET or AF_INET6")
