@@ -1,8 +1,10 @@
 """The control API's client side (synchronous, for the CLI) and starting the daemon.
 
-Owns: talking JSON lines to `mirrordd.sock`, starting a detached daemon when none answers (a
-start lock so two concurrent `mirrord run` never start two; a stale socket left by a dead
-daemon is replaced by the new daemon, which holds the pid lock), and waiting until it answers.
+Owns: talking JSON lines to `mirrordd.sock` (only to a listener of this user: SO_PEERCRED, a
+status with a build id, a session whose layer is this install's), starting a detached daemon
+when none answers (a start lock so two concurrent `mirrord run` never start two; a stale
+socket left by a dead daemon is replaced by the new daemon, which holds the pid lock), and
+waiting until it answers.
 Does not own the daemon's behaviour or anything printed to the user.
 """
 
@@ -269,10 +271,16 @@ def _ping(paths: RuntimePaths) -> bool:
 
 
 def _same_build(status: dict[str, Any]) -> bool:
-    from mirrord.layer import build_id
+    """The daemon comes from this install: the same layer build and the same layer file (an
+    install elsewhere with the same native sources has the same build id, but its sessions
+    would preload its own library, which `check_layer_env` refuses)."""
+    from mirrord.layer import build_id, library_path
 
-    theirs = status.get("daemon", {}).get("build_id")
-    return bool(theirs) and theirs == build_id()
+    daemon = status.get("daemon", {})
+    theirs = daemon.get("build_id")
+    return (
+        bool(theirs) and theirs == build_id() and daemon.get("layer_library") == str(library_path())
+    )
 
 
 @contextlib.contextmanager

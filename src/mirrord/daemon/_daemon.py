@@ -40,7 +40,7 @@ from mirrord.daemon._env import (
     merge_env,
     unset_names,
 )
-from mirrord.daemon._exceptions import DaemonError, SessionNotFound
+from mirrord.daemon._exceptions import BadRequest, ConfigRefused, DaemonError, SessionNotFound
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
@@ -64,10 +64,8 @@ MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad clien
 MAX_CONTROL_UNREAD = 16 * 1024 * 1024
 
 
-class LineTooLong(DaemonError):
+class LineTooLong(BadRequest):
     """A control request line longer than the limit (the sender's error)."""
-
-    code = "bad_request"
 
 
 class LineSplitter:
@@ -98,10 +96,6 @@ class LineSplitter:
             self.too_long = True
             raise LineTooLong(f"request line too long (the limit is {self.limit} bytes)")
         return lines
-
-
-class _BadRequest(DaemonError):
-    code = "bad_request"
 
 
 def _bad_request(rid: Any, message: str) -> dict[str, Any]:
@@ -141,14 +135,11 @@ async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
     try:
         resolved = await anyio.to_thread.run_sync(resolve)  # reads the file
     except ConfigError as exc:
-        error = DaemonError(str(exc))
-        error.code = "config_error"
-        error.errors = list(exc.errors)
-        raise error from None
+        refused = ConfigRefused(str(exc))
+        refused.errors = list(exc.errors)
+        raise refused from None
     except TypeError as exc:  # a flag this version does not know
-        error = DaemonError(f"create_session: bad config_request flags ({exc})")
-        error.code = "bad_request"
-        raise error from None
+        raise BadRequest(f"create_session: bad config_request flags ({exc})") from None
     config = resolved.config
     # The Kubernetes backend would read the daemon's own $KUBECONFIG (that of the command that
     # started the daemon, maybe in another terminal, long ago) and resolve a relative path
@@ -172,12 +163,10 @@ def _config_model(config: dict[str, Any]) -> Any:
     try:
         return MirrordConfig.model_validate(config)
     except ValueError as exc:  # pydantic's ValidationError: a client of another version
-        error = DaemonError(
+        raise BadRequest(
             f"the daemon cannot use this session's configuration ({exc}); the daemon may come "
             "from another mirrord install: `mirrord daemon stop`, then run again"
-        )
-        error.code = "bad_request"
-        raise error from None
+        ) from None
 
 
 class Daemon:
@@ -199,6 +188,7 @@ class Daemon:
         self._shutdown = anyio.Event()
         self.layer_connections = 0
         self._build_id = ""
+        self._layer_library = ""  # this install's layer: what the CLI checks sessions against
         self._starting = 0  # sessions being created: not idle (an agent start takes seconds)
         self.max_unread = MAX_CONTROL_UNREAD
 
@@ -210,9 +200,10 @@ class Daemon:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        from mirrord.layer import build_id
+        from mirrord.layer import build_id, library_path
 
         self._build_id = build_id()
+        self._layer_library = str(library_path())
         self.paths.ensure()
         control = await _unix_listener(self.paths.control_socket)
         layer = await _unix_listener(self.paths.layer_socket)
@@ -328,11 +319,9 @@ class Daemon:
         try:
             client_pid = int(params.get("client_pid") or 0)
         except (TypeError, ValueError):
-            error = DaemonError(
+            raise BadRequest(
                 f"create_session: client_pid must be a pid, got {params.get('client_pid')!r}"
-            )
-            error.code = "bad_request"
-            raise error from None
+            ) from None
         mode, http_filter = incoming_settings(config)
         session_id = new_session_id()
         link = await self.pool.acquire(target, config, progress, session_id)
@@ -386,6 +375,7 @@ class Daemon:
                 "uptime": time.time() - self.started,
                 "runtime_dir": str(self.paths.root),
                 "build_id": self._build_id,
+                "layer_library": self._layer_library,
                 "layer_connections_total": self.layer_connections,
             },
             "sessions": sessions,
@@ -459,17 +449,15 @@ class Daemon:
             try:
                 request = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                raise _BadRequest(f"a control request is JSON in UTF-8 ({exc})") from None
+                raise BadRequest(f"a control request is JSON in UTF-8 ({exc})") from None
             except json.JSONDecodeError as exc:
-                raise _BadRequest(
-                    f"a control request is one JSON object per line ({exc})"
-                ) from None
+                raise BadRequest(f"a control request is one JSON object per line ({exc})") from None
             if not isinstance(request, dict):
-                raise _BadRequest("a control request is a JSON object")
+                raise BadRequest("a control request is a JSON object")
             rid = request.get("id")
             if not (rid is None or isinstance(rid, int | str)) or isinstance(rid, bool):
                 rid = None
-                raise _BadRequest("a control request's id is a number or a string")
+                raise BadRequest("a control request's id is a number or a string")
             op = request.get("op")
             result = await self._op(str(op), request, emit, owned)
             emit({"id": rid, "ok": True, "result": result})
@@ -541,9 +529,7 @@ class Daemon:
             assert self._tg is not None
             self._tg.start_soon(self._shutdown_soon)
             return {"pid": os.getpid()}
-        error = DaemonError(f"unknown control op {op!r}")
-        error.code = "bad_request"
-        raise error
+        raise BadRequest(f"unknown control op {op!r}")
 
     def _session(self, request: dict[str, Any]) -> Session:
         sid = str(request.get("session") or "")
@@ -560,9 +546,7 @@ class Daemon:
             # 0 means "do not wait" (`mirrord ext --wait-timeout 0`), not the default
             timeout = 60.0 if raw is None else max(float(raw), 0.0)
         except (TypeError, ValueError):
-            error = DaemonError(f"wait_session: wait_timeout must be a number, got {raw!r}")
-            error.code = "bad_request"
-            raise error from None
+            raise BadRequest(f"wait_session: wait_timeout must be a number, got {raw!r}") from None
         deadline = time.monotonic() + timeout
         while session.state != "closed":
             if session.ever_registered and not session.processes:

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from mirrord.daemon._backend import AgentConfig, config_value
-from mirrord.daemon._exceptions import AgentLost, DaemonError
+from mirrord.daemon._exceptions import AgentLost, ConfigRefused, DaemonError
 from mirrord.daemon._link import AgentLink
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
@@ -270,9 +270,7 @@ def check_layer_settings(config: AgentConfig) -> None:
     try:
         LayerSettings.from_config(config).encode()
     except ValueError as exc:
-        error = DaemonError(f"the configuration does not fit the layer: {exc}")
-        error.code = "config_error"
-        raise error from None
+        raise ConfigRefused(f"the configuration does not fit the layer: {exc}") from None
 
 
 def layer_variables(

@@ -10,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "AgentLost",
     "AgentStartError",
+    "BadRequest",
+    "ConfigRefused",
     "ControlError",
     "DaemonError",
     "DaemonNotRunning",
@@ -30,6 +32,21 @@ class DaemonError(Exception):
         super().__init__(message)
         self.message = message
         self.errors: list[str] = []  # one line per problem, when there are several (config)
+
+
+class BadRequest(DaemonError):
+    """A control request the daemon cannot read or act on (not UTF-8, not JSON, nested too
+    deeply, a line over the limit, a parameter of the wrong type): the client's error, never a
+    bug of the daemon. The message names what is wrong."""
+
+    code = "bad_request"
+
+
+class ConfigRefused(DaemonError):
+    """The session's configuration is invalid or cannot be used (the user's config): the
+    message, and `errors` when there are several, say what to change."""
+
+    code = "config_error"
 
 
 class AgentStartError(DaemonError):

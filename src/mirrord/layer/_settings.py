@@ -177,10 +177,12 @@ class LayerSettingsTooLarge(ValueError):
 
 def _check_fits(lines: list[str]) -> None:
     counts: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for line in lines:
         key = line.partition("=")[0]
         counts[key] = counts.get(key, 0) + 1
         size = len(line.encode())
+        sizes[key] = sizes.get(key, 0) + size + 1
         if size > MAX_LINE:
             name = _SETTING_NAMES.get(key, (key, 0))[0]
             raise LayerSettingsTooLarge(
@@ -194,13 +196,15 @@ def _check_fits(lines: list[str]) -> None:
                 f"{name} has {count} entries; the layer takes at most {limit} "
                 "(native/policy.c): merge some of them (one regex can match many paths)"
             )
-    total = len(ENV_NAME) + 2 + sum(len(line.encode()) + 1 for line in lines)
+    total = len(ENV_NAME) + 2 + sum(sizes.values())
     if total > MAX_ENV_STRING:
+        largest = max(sizes, key=lambda k: sizes[k])
         raise LayerSettingsTooLarge(
             f"the layer's settings take {total} bytes in the environment variable {ENV_NAME}; "
             f"Linux allows at most {MAX_ENV_STRING} bytes per environment string "
-            "(MAX_ARG_STRLEN, execve would fail with E2BIG): shorten the feature.fs and "
-            "feature.network lists of the configuration"
+            f"(MAX_ARG_STRLEN, execve would fail with E2BIG): shorten the configuration's "
+            f"lists, first {_SETTING_NAMES.get(largest, (largest, 0))[0]} "
+            f"({sizes[largest]} bytes)"
         )
 
 
