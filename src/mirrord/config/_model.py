@@ -834,8 +834,8 @@ class OutgoingConfig(_Section):
     unix_streams: RegexList = Field(
         default_factory=list,
         description=(
-            "Unix socket paths (regexes) connected in the target instead of locally "
-            "(not supported yet: accepted with a warning, the sockets stay local)."
+            "Unix stream socket paths (regexes): a connect() to a matching path reaches the "
+            "socket at that path in the target instead of one on this machine."
         ),
     )
 
@@ -1023,11 +1023,6 @@ def config_warnings(cfg: MirrordConfig) -> list[str]:
     filt = net.outgoing.filter
     if filt is not None and not (net.outgoing.tcp or net.outgoing.udp):
         out.append("feature.network.outgoing.filter is ignored because tcp and udp are false")
-    if net.outgoing.unix_streams:
-        out.append(
-            "feature.network.outgoing.unix_streams is not supported yet: connections to unix "
-            "sockets stay on this machine"
-        )
     if net.incoming.http_filter.is_set and net.incoming.mode == "off":
         out.append("feature.network.incoming.http_filter is ignored because incoming.mode is 'off'")
     if net.incoming.mode == "steal" and cfg.target.is_targetless:
