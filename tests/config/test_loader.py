@@ -318,3 +318,17 @@ def test_experimental_syscall_supervisor_and_mirrords_experimental_keys(tmp_path
     assert cli_overrides(syscalls=True) == {"experimental": {"syscall_supervisor": True}}
     with pytest.raises(ConfigError):
         load_config(env={}, cwd=tmp_path, overrides={"experimental": {"syscall_supervisor": 1}})
+
+
+def test_command_line_target_completes_a_file_with_an_ephemeral_agent(tmp_path: Path) -> None:
+    """The layers are checked together: `-t deployment/web` gives the target a file with
+    `agent.ephemeral: true` needs; without one, the file alone is still an error."""
+    path = _write(tmp_path / "a.json", {"agent": {"ephemeral": True}})
+    cfg = load_config(path, overrides=cli_overrides(target="deployment/web"), env={}, cwd=tmp_path)
+    assert cfg.agent.is_ephemeral and cfg.target.path == "deployment/web"
+    env_cfg = load_config(path, env={"MIRRORD_IMPERSONATED_TARGET": "pod/api"}, cwd=tmp_path)
+    assert env_cfg.target.path == "pod/api"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={}, cwd=tmp_path)
+    assert any("agent.ephemeral needs a target" in line for line in caught.value.errors)
+    assert str(path) in str(caught.value)

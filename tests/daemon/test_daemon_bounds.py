@@ -269,7 +269,7 @@ async def test_an_upload_is_read_only_as_fast_as_the_credit_window_allows(
 
     def upload() -> int:
         """Write without blocking until the kernel takes no more for 2 s (or `cap`)."""
-        sock = socket.create_connection((reply.relay_address, reply.relay_port), timeout=5)
+        sock = peer.passed.pop()  # the app's end of the relay, passed with the reply
         sock.setblocking(False)
         chunk = b"u" * (1 << 20)
         sent, idle_since = 0, time.monotonic()

@@ -31,7 +31,12 @@ import anyio.to_thread
 from anyio.abc import SocketAttribute
 
 from mirrord._version import __version__
-from mirrord.daemon._backend import AgentBackend, backends_for_daemon, config_value
+from mirrord.daemon._backend import (
+    AgentBackend,
+    backends_for_daemon,
+    check_session_target,
+    config_value,
+)
 from mirrord.daemon._env import (
     check_layer_settings,
     fetch_remote_env,
@@ -53,11 +58,16 @@ __all__ = [
     "Daemon",
     "LineSplitter",
     "LineTooLong",
+    "resolve_session_config",
 ]
 
 log = logging.getLogger("mirrord.daemon")
 
 DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
+# wait_session (`mirrord ext`): a session whose processes are all gone is idle only if none
+# registers within this many seconds (a launch's helper exits before the debuggee registers;
+# seen under load with js-debug and debugpy in tests/ide)
+IDLE_GRACE = 3.0
 MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad client's memory
 # Replies and events queued for a control client that does not read them; past this the
 # connection is closed (a `status` reply is ~1 KiB per session: thousands of them fit).
@@ -110,11 +120,12 @@ async def _preload_config() -> None:
     await anyio.to_thread.run_sync(importlib.import_module, "mirrord.config")
 
 
-async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
-    """Resolve a session's configuration here, from what the CLI was given: its config file,
-    its flags (`cli_overrides`), its environment (MIRRORD_* and templates) and its working
-    directory. The daemon has the config package loaded already, so `mirrord run` does not
-    pay for importing it on every start."""
+def resolve_session_config(request: dict[str, Any]) -> tuple[Any, list[str], Path | None]:
+    """A session's configuration from what the CLI was given: its config file, its flags
+    (`cli_overrides`), its environment (MIRRORD_* and templates) and its working directory;
+    with the warnings and the file used. Reads the file (run it in a worker thread). Raises
+    `ConfigRefused` or `BadRequest`. The CLI calls it too, before it
+    starts a daemon, so a bad config never starts one."""
     from mirrord.config import ConfigError, cli_overrides, resolve_config
 
     flags = request.get("flags") or {}
@@ -123,17 +134,13 @@ async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
         raise DaemonError("create_session: config_request.flags and .env must be objects")
     config_file = request.get("config_file")
     cwd = Path(str(request.get("cwd") or "/"))
-
-    def resolve() -> Any:
-        return resolve_config(
+    try:
+        resolved = resolve_config(
             str(config_file) if config_file else None,
             overrides=cli_overrides(**{str(k): v for k, v in flags.items()}),
             env={str(k): str(v) for k, v in env.items()},
             cwd=cwd,
         )
-
-    try:
-        resolved = await anyio.to_thread.run_sync(resolve)  # reads the file
     except ConfigError as exc:
         refused = ConfigRefused(str(exc))
         refused.errors = list(exc.errors)
@@ -151,7 +158,7 @@ async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
         )
         if absolute != config.kubeconfig:
             config = config.model_copy(update={"kubeconfig": absolute})
-    return config, list(resolved.warnings)
+    return config, list(resolved.warnings), resolved.source
 
 
 def _config_model(config: dict[str, Any]) -> Any:
@@ -297,7 +304,14 @@ class Daemon:
         assert self.pool is not None
         warnings: list[str] = []
         if isinstance(params.get("config_request"), dict):
-            config, warnings = await _resolve_config(params["config_request"])
+            request = params["config_request"]
+            config, warnings, source = await anyio.to_thread.run_sync(
+                resolve_session_config, request
+            )
+            if source is not None and not request.get("config_file"):
+                where = Path(str(request.get("cwd") or "/"))
+                found = "" if source.parent.parent == where else " (found in a parent folder)"
+                progress(f"using the config file {source}{found}")
             target = str(config.target.path or "targetless")
         else:
             given = params.get("target")
@@ -322,6 +336,9 @@ class Daemon:
             raise BadRequest(
                 f"create_session: client_pid must be a pid, got {params.get('client_pid')!r}"
             ) from None
+        if isinstance(params.get("config_request"), dict):
+            request_env = params["config_request"].get("env")
+            check_session_target(config, request_env if isinstance(request_env, dict) else {})
         mode, http_filter = incoming_settings(config)
         session_id = new_session_id()
         link = await self.pool.acquire(target, config, progress, session_id)
@@ -550,7 +567,15 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while session.state != "closed":
             if session.ever_registered and not session.processes:
-                return {"idle": True, "registered": True, "state": session.state}
+                # An IDE runs short-lived helpers under the debuggee's environment before the
+                # debuggee itself (js-debug's node version probe): idle only when no process
+                # came back within IDLE_GRACE.
+                with anyio.move_on_after(IDLE_GRACE):
+                    while not session.processes and session.state != "closed":
+                        await session.wait_changed()
+                if not session.processes:
+                    return {"idle": True, "registered": True, "state": session.state}
+                continue
             left = deadline - time.monotonic()
             if not session.ever_registered and left <= 0:
                 return {"idle": True, "registered": False, "state": session.state}

@@ -15,6 +15,7 @@ __all__ = [
     "ControlError",
     "DaemonError",
     "DaemonNotRunning",
+    "NoTarget",
     "RootRequired",
     "SessionNotFound",
     "TargetNotSupported",
@@ -67,6 +68,19 @@ class RootRequired(AgentStartError):
             f"target {target} is a process on this machine: its agent must run as root (it enters "
             "the target's namespaces and edits firewall rules). Run mirrord as root (for example "
             "`sudo -E mirrord run ...`), or pick a Kubernetes target."
+        )
+
+
+class NoTarget(AgentStartError):
+    """No target given and no cluster to run a targetless agent in (the user's input)."""
+
+    code = "no_target"
+
+    def __init__(self, kubeconfig: str) -> None:
+        super().__init__(
+            "no target: use `-t pid/N`, `-t container/ID`, or a cluster target (`-t "
+            f"deployment/NAME`, `-t pod/NAME`, ...; no kubeconfig at {kubeconfig} for a "
+            "targetless session)"
         )
 
 

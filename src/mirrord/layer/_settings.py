@@ -160,6 +160,7 @@ _SETTING_NAMES = {
     "not_found": ("feature.fs.not_found", MAX_LIST),
     "fs_map": ("feature.fs.mapping", MAX_MAPPINGS),
     "outgoing_filter": ("feature.network.outgoing.filter", MAX_LIST),
+    "unix_stream": ("feature.network.outgoing.unix_streams", MAX_LIST),
     "dns_filter": ("feature.network.dns.filter", MAX_LIST),
     "port_mapping": ("feature.network.incoming.port_mapping", MAX_LIST),
     "listen_ports": ("feature.network.incoming.listen_ports", MAX_LIST),
@@ -229,6 +230,7 @@ class LayerSettings:
     outgoing_udp: bool = True
     outgoing_filter_mode: FilterMode | None = None
     outgoing_filter: tuple[str, ...] = ()
+    unix_streams: tuple[str, ...] = ()  # unix stream socket paths connected in the target
     ignore_localhost: bool = False  # outgoing connections to localhost stay local
     dns: bool = True
     dns_filter_mode: FilterMode | None = None
@@ -265,6 +267,8 @@ class LayerSettings:
             lines.append(
                 f"fs_map={_line_value(posix, 'fs_mapping')}\t{_line_value(repl, 'fs_mapping')}"
             )
+        for pattern in self.unix_streams:
+            lines.append(f"unix_stream={_line_value(posix_regex(pattern), 'unix_stream')}")
         lines.append(f"outgoing_tcp={int(self.outgoing_tcp)}")
         lines.append(f"outgoing_udp={int(self.outgoing_udp)}")
         if self.outgoing_filter_mode is not None:
@@ -330,6 +334,7 @@ class LayerSettings:
             outgoing_udp=out.udp,
             outgoing_filter_mode=out_mode,
             outgoing_filter=out_list,
+            unix_streams=tuple(out.unix_streams),
             ignore_localhost=out.ignore_localhost,
             dns=dns.enabled,
             dns_filter_mode=dns_mode,
