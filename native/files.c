@@ -3962,9 +3962,10 @@ HOOK int glob64(const char *pattern, int flags, int (*errfunc)(const char *, int
  * calls it trapped in another process (a static or Go program), so that both make the same
  * decision with the same code (it finds these two with dlsym).
  *
- * mirrord_supervisor_open: 0 = local (the call goes on as it is); 1 = remote, *fd_out is a
- * memfd with the target's file for the supervisor to install (then to close() here, which
- * forgets it); -1 = fail the call with errno (the target's errno, ENOENT for `not_found`, EIO
+ * mirrord_supervisor_open: 0 = local (the call goes on as it is); 1 = *fd_out is the fd to
+ * install as the call's result (a memfd with the target's file, or a local file opened under
+ * its feature.fs.mapping name), for the supervisor to close() here afterwards (which forgets
+ * it); -1 = fail the call with errno (the target's errno, ENOENT for `not_found`, EIO
  * for a lost daemon or agent, EOPNOTSUPP for what the supervisor cannot serve yet: opens that
  * may write, directories, files bigger than fetch_limit). */
 HOOK int mirrord_supervisor_open(const char *path, int flags, unsigned mode, int *fd_out) {
@@ -3974,6 +3975,18 @@ HOOK int mirrord_supervisor_open(const char *path, int flags, unsigned mode, int
     char full[PATH_CAP];
     int ret = 0;
     int d = decide_hook(AT_FDCWD, path, open_is_write(flags), full, sizeof full, &ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) {
+        /* local under the name feature.fs.mapping gave it: opened here, installed there */
+        int fd = REAL(openat)(AT_FDCWD, t_local_mapped, flags & ~O_CLOEXEC, (mode_t)mode);
+        if (fd < 0) {
+            return -1;
+        }
+        if (fd_peek(fd) != NULL) {
+            fd_forget(fd);
+        }
+        *fd_out = fd;
+        return 1;
+    }
     if (d == R_BYPASS) {
         return 0;
     }

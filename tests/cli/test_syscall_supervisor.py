@@ -4,6 +4,7 @@ reads local files as usual, and gets EIO (not a hang, not ENOSYS) once the super
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -238,3 +239,24 @@ def test_static_go_program_gets_the_pod_env_and_pod_only_files(
         "/app/missing.txt ! open /app/missing.txt: no such file or directory",
         "goroutines 400/400",
     ], result.stderr
+
+
+def test_fs_mapping_to_a_local_path_is_kept_for_a_static_program(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path
+) -> None:
+    # feature.fs.mapping rewrites a path that then stays local: the layer opens the mapped
+    # name, and so does the supervisor (it installs that fd), not the path the program named
+    local = _local_file(tmp_path)
+    config = tmp_path / "mirrord.json"
+    config.write_text(
+        json.dumps({"feature": {"fs": {"mapping": {"^/elsewhere/(.*)$": f"{tmp_path}/$1"}}}})
+    )
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(static_reader),
+        input="/elsewhere/local.txt\n/app/pod-only.txt\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "/elsewhere/local.txt = on this machine",
+        "/app/pod-only.txt = only in the pod",
+    ], (local, result.stderr)
