@@ -4022,3 +4022,27 @@ HOOK int mirrord_supervisor_decide(const char *path, int flags) {
     char full[PATH_CAP];
     return decide(AT_FDCWD, path, open_is_write(flags), full, sizeof full);
 }
+
+/* access/faccessat/faccessat2 trapped by the supervisor: 0 = local (the call goes on), 1 = the
+ * answer is 0 (accessible), -1 = fail the call with errno. */
+HOOK int mirrord_supervisor_access(const char *path, int mode, int flags) {
+    if (!g_active || path == NULL || path[0] != '/') {
+        return 0;
+    }
+    char full[PATH_CAP];
+    int ret = 0;
+    int d = decide_hook(AT_FDCWD, path, 0, full, sizeof full, &ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) {
+        return REAL(faccessat)(AT_FDCWD, t_local_mapped, mode, flags) == 0 ? 1 : -1;
+    }
+    if (d == R_BYPASS) {
+        return 0;
+    }
+    if (d != R_REMOTE) {
+        return -1; /* not_found: errno is set */
+    }
+    t_guard++;
+    int r = raccess(full, mode);
+    t_guard--;
+    return r == 0 ? 1 : -1;
+}

@@ -23,7 +23,8 @@
  * decides which, without the daemon), and it says so once on stderr. Without F the kernel
  * would fail every trapped call, local files included, with ENOSYS.
  *
- * Trapped today: open, openat, openat2. read/write are never trapped.
+ * Trapped today: open, openat, openat2, access, faccessat, faccessat2. read/write are never
+ * trapped.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -105,12 +106,16 @@ static int install_filter(int *listener) {
         /* the x32 ABI shares the architecture value: its numbers have bit 30 set */
         BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_open, 3, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_open, 6, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_access, 5, 0),
 #else
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 3, 0), /* no open(2) here */
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 6, 0), /* no open(2) here */
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 5, 0), /* nor access(2) */
 #endif
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat, 2, 0),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat2, 1, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat, 4, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat2, 3, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_faccessat, 2, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_faccessat2, 1, 0),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
     };
@@ -248,6 +253,8 @@ static int launch(char **cmd, int keep_dont_load, int auto_mode) {
 /* From the layer (native/files.c), found at run time: the supervisor runs with it preloaded. */
 typedef int (*sv_open_fn)(const char *path, int flags, unsigned mode, int *fd_out);
 typedef int (*sv_decide_fn)(const char *path, int flags);
+typedef int (*sv_access_fn)(const char *path, int mode, int flags);
+static sv_access_fn g_access;
 static sv_open_fn g_open;
 static sv_decide_fn g_decide;
 static int g_lfd;
@@ -289,6 +296,7 @@ struct call {
     int flags;
     unsigned mode;
     int resolve; /* openat2's RESOLVE_* flags */
+    int access;  /* the access family: `mode` is its mode, `flags` its AT_* flags */
 };
 
 static int decode(const struct seccomp_notif *req, struct call *c) {
@@ -308,6 +316,22 @@ static int decode(const struct seccomp_notif *req, struct call *c) {
         c->path_addr = a[1];
         c->flags = (int)a[2];
         c->mode = (unsigned)a[3];
+        return 0;
+    }
+#ifdef __NR_access
+    if (req->data.nr == __NR_access) {
+        c->path_addr = a[0];
+        c->mode = (unsigned)a[1];
+        c->access = 1;
+        return 0;
+    }
+#endif
+    if (req->data.nr == __NR_faccessat || req->data.nr == __NR_faccessat2) {
+        c->dirfd = (int)a[0];
+        c->path_addr = a[1];
+        c->mode = (unsigned)a[2];
+        c->flags = req->data.nr == __NR_faccessat2 ? (int)a[3] : 0;
+        c->access = 1;
         return 0;
     }
     if (req->data.nr == __NR_openat2) {
@@ -379,8 +403,17 @@ static void handle(const struct seccomp_notif *req, int fallback) {
         return;
     }
     if (fallback) {
-        int d = g_decide != NULL ? g_decide(path, c.flags) : 0;
+        int d = g_decide != NULL ? g_decide(path, c.access ? O_RDONLY : c.flags) : 0;
         reply(req->id, d == 0 ? 0 : d == 2 ? ENOENT : EIO, d == 0);
+        return;
+    }
+    if (c.access) {
+        int r = g_access != NULL ? g_access(path, (int)c.mode, c.flags) : 0;
+        if (r == 0) {
+            reply(req->id, 0, 1);
+        } else {
+            reply(req->id, r > 0 ? 0 : errno != 0 ? errno : EIO, 0);
+        }
         return;
     }
     int fd = -1;
@@ -475,7 +508,8 @@ static int serve(int lfd, int ready_fd) {
     fcntl(ready_fd, F_SETFD, FD_CLOEXEC);
     g_open = (sv_open_fn)dlsym(RTLD_DEFAULT, "mirrord_supervisor_open");
     g_decide = (sv_decide_fn)dlsym(RTLD_DEFAULT, "mirrord_supervisor_decide");
-    if (g_open == NULL || g_decide == NULL) {
+    g_access = (sv_access_fn)dlsym(RTLD_DEFAULT, "mirrord_supervisor_access");
+    if (g_open == NULL || g_decide == NULL || g_access == NULL) {
         say("system-call supervisor: the layer is not loaded (LD_PRELOAD): every call stays local");
     }
     struct seccomp_notif_sizes sizes;

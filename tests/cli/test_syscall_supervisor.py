@@ -74,7 +74,8 @@ def test_static_binary_reads_a_pod_only_file_and_local_files_under_syscalls(
     local = _local_file(tmp_path)
     lines = "\n".join(
         ["/app/pod-only.txt", "open:/app/other.txt", "openat2:/app/pod-only.txt",
-         str(local), "/app/missing.txt", "/etc/hostname"]
+         str(local), "/app/missing.txt", "access:/app/pod-only.txt", "access:/app/missing.txt",
+         f"access:{local}", "/etc/hostname"]
     )  # fmt: skip
     result = mirrord.run(
         "run", "-t", f"pid/{pod.pid}", "--syscalls", "--", str(static_reader), input=lines + "\n"
@@ -82,17 +83,20 @@ def test_static_binary_reads_a_pod_only_file_and_local_files_under_syscalls(
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
     assert out[0].startswith("pid ") and not out[0].endswith("supervisor none"), out
-    assert out[1:6] == [
+    assert out[1:9] == [
         "/app/pod-only.txt = only in the pod",
         "/app/other.txt = second file",
         # openat2 without RESOLVE_* flags is answered like openat
         "/app/pod-only.txt = only in the pod",
         f"{local} = on this machine",
         "/app/missing.txt ! ENOENT",  # the pod's own answer
+        "/app/pod-only.txt access ok",
+        "/app/missing.txt access ! ENOENT",
+        f"{local} access ok",
     ], result.stdout
     # /etc/hostname is the pod's for reads (the layer's rule 4), not this machine's
     inside = pod.run_in_pod(["cat", "/etc/hostname"]).stdout.decode().strip()
-    assert out[6] == f"/etc/hostname = {inside}"
+    assert out[9] == f"/etc/hostname = {inside}"
 
 
 def test_static_binary_is_supervised_without_being_asked(

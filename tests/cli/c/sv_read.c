@@ -2,7 +2,8 @@
  * For each line on stdin (a path), opens it with the open system call it names (openat by
  * default; "open:" / "openat2:" prefixes pick the others) and prints "<path> = <content>" or
  * "<path> ! <errno name>". At start it prints "pid <pid> supervisor <MIRRORD_SUPERVISOR_PID>".
- * "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
+ * "access:PATH" calls faccessat(PATH, R_OK) and prints "<path> access ok" or "<path> access !
+ * <errno name>"; "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
  * "threads:N:PATH" reads PATH 25 times in each of N threads and prints "threads <reads that
  * returned the same content as the first>/<reads>". With arguments, it reads each argument
  * (as a path) instead of stdin, without the first line. */
@@ -117,6 +118,16 @@ int main(int argc, char **argv) {
         line[strcspn(line, "\n")] = 0;
         if (strncmp(line, "exec:", 5) == 0) {
             run(line + 5);
+            fflush(stdout);
+            continue;
+        }
+        if (strncmp(line, "access:", 7) == 0) {
+            long r = syscall(SYS_faccessat, AT_FDCWD, line + 7, R_OK);
+            if (r == 0) {
+                printf("%s access ok\n", line + 7);
+            } else {
+                printf("%s access ! %s\n", line + 7, errname(errno));
+            }
             fflush(stdout);
             continue;
         }
