@@ -4046,3 +4046,30 @@ HOOK int mirrord_supervisor_access(const char *path, int mode, int flags) {
     t_guard--;
     return r == 0 ? 1 : -1;
 }
+
+/* stat, lstat and newfstatat trapped by the supervisor: 0 = local (the call goes on), 1 = *st
+ * holds the answer (the target's stat of a remote path, or a mapped local path's), -1 = fail
+ * the call with errno. */
+HOOK int mirrord_supervisor_stat(const char *path, int follow, struct stat *st) {
+    if (!g_active || path == NULL || path[0] != '/') {
+        return 0;
+    }
+    char full[PATH_CAP];
+    int ret = 0;
+    int d = decide_hook(AT_FDCWD, path, 0, full, sizeof full, &ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) {
+        return REAL(fstatat)(AT_FDCWD, t_local_mapped, st, follow ? 0 : AT_SYMLINK_NOFOLLOW) == 0
+                   ? 1
+                   : -1;
+    }
+    if (d == R_BYPASS) {
+        return 0;
+    }
+    if (d != R_REMOTE) {
+        return -1; /* not_found: errno is set */
+    }
+    t_guard++;
+    int r = remote_stat_path(full, follow, st);
+    t_guard--;
+    return r == 0 ? 1 : -1;
+}

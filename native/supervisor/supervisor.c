@@ -23,8 +23,8 @@
  * decides which, without the daemon), and it says so once on stderr. Without F the kernel
  * would fail every trapped call, local files included, with ENOSYS.
  *
- * Trapped today: open, openat, openat2, access, faccessat, faccessat2. read/write are never
- * trapped.
+ * Trapped today: open, openat, openat2, access, faccessat, faccessat2, stat, lstat,
+ * newfstatat. read/write are never trapped.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -46,6 +46,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -95,7 +96,7 @@ static void say(const char *fmt, ...) {
 
 /* ---------------------------------------------------------------- the filter */
 
-static int install_filter(int *listener) {
+static int install_filter(int *listener, int *killable) {
     struct sock_filter code[] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SV_ARCH, 1, 0),
@@ -106,16 +107,22 @@ static int install_filter(int *listener) {
         /* the x32 ABI shares the architecture value: its numbers have bit 30 set */
         BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_open, 6, 0),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_access, 5, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_open, 9, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_access, 8, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_stat, 7, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_lstat, 6, 0),
 #else
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 6, 0), /* no open(2) here */
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 5, 0), /* nor access(2) */
+        /* no open, access, stat or lstat system calls here */
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 9, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 8, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 7, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xffffffff, 6, 0),
 #endif
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat, 4, 0),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat2, 3, 0),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_faccessat, 2, 0),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_faccessat2, 1, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat, 5, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_openat2, 4, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_faccessat, 3, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_faccessat2, 2, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_newfstatat, 1, 0),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
     };
@@ -127,6 +134,7 @@ static int install_filter(int *listener) {
      * interrupts it, so Go's preemption signal cannot restart it forever (notes, pitfall 3) */
     unsigned long flags = SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
     long fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog);
+    *killable = fd >= 0;
     if (fd < 0 && errno == EINVAL) {
         fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
     }
@@ -180,8 +188,9 @@ static int launch(char **cmd, int keep_dont_load, int auto_mode) {
         if (s != 0) {
             _exit(s < 0 ? 1 : 0);
         }
-        int n;
-        if (read(to_s[0], &n, sizeof n) != (ssize_t)sizeof n) {
+        int n, killable;
+        if (read(to_s[0], &n, sizeof n) != (ssize_t)sizeof n ||
+            read(to_s[0], &killable, sizeof killable) != (ssize_t)sizeof killable) {
             _exit(1); /* the launcher failed to install the filter and said why */
         }
         int pidfd = (int)syscall(SYS_pidfd_open, launcher, 0);
@@ -193,15 +202,16 @@ static int launch(char **cmd, int keep_dont_load, int auto_mode) {
             _exit(1);
         }
         close(pidfd);
-        char lfd_s[16], ready_s[16];
+        char lfd_s[16], ready_s[16], killable_s[4];
         snprintf(lfd_s, sizeof lfd_s, "%d", lfd);
+        snprintf(killable_s, sizeof killable_s, "%d", killable != 0);
         snprintf(ready_s, sizeof ready_s, "%d", from_s[1]);
         fcntl(lfd, F_SETFD, 0); /* pidfd_getfd sets close-on-exec */
         fcntl(from_s[1], F_SETFD, 0);
         if (!keep_dont_load) {
             unsetenv("MIRRORD_DONT_LOAD"); /* the layer is active in the supervisor */
         }
-        char *argv[] = {(char *)g_self, "--serve", lfd_s, ready_s, NULL};
+        char *argv[] = {(char *)g_self, "--serve", lfd_s, ready_s, killable_s, NULL};
         execv("/proc/self/exe", argv);
         say("system-call supervisor: exec: %s", strerror(errno));
         _exit(1);
@@ -211,15 +221,16 @@ static int launch(char **cmd, int keep_dont_load, int auto_mode) {
     int status;
     while (waitpid(helper, &status, 0) < 0 && errno == EINTR) {
     }
-    int lfd;
-    if (install_filter(&lfd) != 0) {
+    int lfd, killable = 0;
+    if (install_filter(&lfd, &killable) != 0) {
         say("the system-call supervisor needs seccomp user notification (Linux 5.14 or newer, "
             "seccomp enabled): %s",
             strerror(errno));
         return 1;
     }
     /* From here the launcher's own open calls are trapped: it only writes, reads and execs. */
-    if (write(to_s[1], &lfd, sizeof lfd) != (ssize_t)sizeof lfd) {
+    int msg[2] = {lfd, killable};
+    if (write(to_s[1], msg, sizeof msg) != (ssize_t)sizeof msg) {
         say("system-call supervisor: %s", strerror(errno));
         return 1;
     }
@@ -254,7 +265,13 @@ static int launch(char **cmd, int keep_dont_load, int auto_mode) {
 typedef int (*sv_open_fn)(const char *path, int flags, unsigned mode, int *fd_out);
 typedef int (*sv_decide_fn)(const char *path, int flags);
 typedef int (*sv_access_fn)(const char *path, int mode, int flags);
+typedef int (*sv_stat_fn)(const char *path, int follow, struct stat *st);
 static sv_access_fn g_access;
+static sv_stat_fn g_stat;
+/* The program's call waits killably (WAIT_KILLABLE_RECV): once received it cannot be
+ * abandoned but by the program's death, so an answer may be written into its buffer (stat)
+ * without racing a signal handler that reuses that memory. Without it, stat calls continue. */
+static int g_killable;
 static sv_open_fn g_open;
 static sv_decide_fn g_decide;
 static int g_lfd;
@@ -297,6 +314,10 @@ struct call {
     unsigned mode;
     int resolve; /* openat2's RESOLVE_* flags */
     int access;  /* the access family: `mode` is its mode, `flags` its AT_* flags */
+    int stat;    /* the stat family: `buf_addr` is where the answer goes */
+    int follow;
+    int empty;   /* AT_EMPTY_PATH: an fstat of dirfd */
+    uint64_t buf_addr;
 };
 
 static int decode(const struct seccomp_notif *req, struct call *c) {
@@ -326,6 +347,24 @@ static int decode(const struct seccomp_notif *req, struct call *c) {
         return 0;
     }
 #endif
+#ifdef __NR_stat
+    if (req->data.nr == __NR_stat || req->data.nr == __NR_lstat) {
+        c->path_addr = a[0];
+        c->buf_addr = a[1];
+        c->follow = req->data.nr == __NR_stat;
+        c->stat = 1;
+        return 0;
+    }
+#endif
+    if (req->data.nr == __NR_newfstatat) {
+        c->dirfd = (int)a[0];
+        c->path_addr = a[1];
+        c->buf_addr = a[2];
+        c->follow = !((int)a[3] & AT_SYMLINK_NOFOLLOW);
+        c->empty = ((int)a[3] & AT_EMPTY_PATH) != 0;
+        c->stat = 1;
+        return 0;
+    }
     if (req->data.nr == __NR_faccessat || req->data.nr == __NR_faccessat2) {
         c->dirfd = (int)a[0];
         c->path_addr = a[1];
@@ -398,13 +437,28 @@ static void handle(const struct seccomp_notif *req, int fallback) {
     /* Relative paths are local (the layer's rule 1); so is anything below a directory fd of
      * the program (the supervisor never installs a remote directory), and openat2 with
      * RESOLVE_* flags (their semantics cannot be kept on the target's side yet). */
-    if (path[0] != '/' || c.resolve) {
+    if (path[0] != '/' || c.resolve || (c.stat && (c.empty && path[0] == 0))) {
         reply(req->id, 0, 1);
         return;
     }
     if (fallback) {
         int d = g_decide != NULL ? g_decide(path, c.access ? O_RDONLY : c.flags) : 0;
         reply(req->id, d == 0 ? 0 : d == 2 ? ENOENT : EIO, d == 0);
+        return;
+    }
+    if (c.stat) {
+        struct stat st;
+        int r = g_stat != NULL && g_killable ? g_stat(path, c.follow, &st) : 0;
+        if (r == 0) {
+            reply(req->id, 0, 1);
+        } else if (r < 0) {
+            reply(req->id, errno != 0 ? errno : EIO, 0);
+        } else {
+            struct iovec local = {&st, sizeof st};
+            struct iovec remote = {(void *)(uintptr_t)c.buf_addr, sizeof st};
+            ssize_t n = process_vm_writev(req->pid, &local, 1, &remote, 1, 0);
+            reply(req->id, n == (ssize_t)sizeof st ? 0 : EFAULT, 0);
+        }
         return;
     }
     if (c.access) {
@@ -509,6 +563,7 @@ static int serve(int lfd, int ready_fd) {
     g_open = (sv_open_fn)dlsym(RTLD_DEFAULT, "mirrord_supervisor_open");
     g_decide = (sv_decide_fn)dlsym(RTLD_DEFAULT, "mirrord_supervisor_decide");
     g_access = (sv_access_fn)dlsym(RTLD_DEFAULT, "mirrord_supervisor_access");
+    g_stat = (sv_stat_fn)dlsym(RTLD_DEFAULT, "mirrord_supervisor_stat");
     if (g_open == NULL || g_decide == NULL || g_access == NULL) {
         say("system-call supervisor: the layer is not loaded (LD_PRELOAD): every call stays local");
     }
@@ -562,7 +617,8 @@ static int serve(int lfd, int ready_fd) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 4 && strcmp(argv[1], "--serve") == 0) {
+    if (argc == 5 && strcmp(argv[1], "--serve") == 0) {
+        g_killable = atoi(argv[4]) == 1;
         return serve(atoi(argv[2]), atoi(argv[3]));
     }
     int keep = 0, auto_mode = 0;

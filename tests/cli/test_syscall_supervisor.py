@@ -75,7 +75,8 @@ def test_static_binary_reads_a_pod_only_file_and_local_files_under_syscalls(
     lines = "\n".join(
         ["/app/pod-only.txt", "open:/app/other.txt", "openat2:/app/pod-only.txt",
          str(local), "/app/missing.txt", "access:/app/pod-only.txt", "access:/app/missing.txt",
-         f"access:{local}", "/etc/hostname"]
+         f"access:{local}", "stat:/app/pod-only.txt", "stat:/app/missing.txt",
+         f"stat:{local}", "fstat:/app/other.txt", "/etc/hostname"]
     )  # fmt: skip
     result = mirrord.run(
         "run", "-t", f"pid/{pod.pid}", "--syscalls", "--", str(static_reader), input=lines + "\n"
@@ -83,7 +84,7 @@ def test_static_binary_reads_a_pod_only_file_and_local_files_under_syscalls(
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
     assert out[0].startswith("pid ") and not out[0].endswith("supervisor none"), out
-    assert out[1:9] == [
+    assert out[1:13] == [
         "/app/pod-only.txt = only in the pod",
         "/app/other.txt = second file",
         # openat2 without RESOLVE_* flags is answered like openat
@@ -93,10 +94,17 @@ def test_static_binary_reads_a_pod_only_file_and_local_files_under_syscalls(
         "/app/pod-only.txt access ok",
         "/app/missing.txt access ! ENOENT",
         f"{local} access ok",
+        # the target's stat: its size and mode (0644 regular file), not this machine's
+        "/app/pod-only.txt stat 16 100644",
+        "/app/missing.txt stat ! ENOENT",
+        f"{local} stat 16 100644",
+        # glibc's fstat is newfstatat(fd, "", AT_EMPTY_PATH): continued, so the memfd's own
+        # stat: the file's size, but mode 0777 (documented: fd identity is not exact)
+        "/app/other.txt fstat 12 100777",
     ], result.stdout
     # /etc/hostname is the pod's for reads (the layer's rule 4), not this machine's
     inside = pod.run_in_pod(["cat", "/etc/hostname"]).stdout.decode().strip()
-    assert out[9] == f"/etc/hostname = {inside}"
+    assert out[13] == f"/etc/hostname = {inside}"
 
 
 def test_static_binary_is_supervised_without_being_asked(
@@ -231,7 +239,13 @@ def test_static_go_program_gets_the_pod_env_and_pod_only_files(
         },
     )
     local = _local_file(tmp_path)
-    lines = ["/app/pod-only.txt", str(local), "/app/missing.txt", "threads:/app/other.txt"]
+    lines = [
+        "/app/pod-only.txt",
+        str(local),
+        "/app/missing.txt",
+        "stat:/app/pod-only.txt",
+        "threads:/app/other.txt",
+    ]
     result = mirrord.run(
         "run", "-t", f"pid/{pod.pid}", "--", str(program), input="\n".join(lines) + "\n"
     )  # fmt: skip
@@ -241,6 +255,7 @@ def test_static_go_program_gets_the_pod_env_and_pod_only_files(
         "/app/pod-only.txt = only in the pod",
         f"{local} = on this machine",
         "/app/missing.txt ! open /app/missing.txt: no such file or directory",
+        "/app/pod-only.txt stat 16 -rw-r--r--",
         "goroutines 400/400",
     ], result.stderr
 

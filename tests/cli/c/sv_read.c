@@ -3,7 +3,8 @@
  * default; "open:" / "openat2:" prefixes pick the others) and prints "<path> = <content>" or
  * "<path> ! <errno name>". At start it prints "pid <pid> supervisor <MIRRORD_SUPERVISOR_PID>".
  * "access:PATH" calls faccessat(PATH, R_OK) and prints "<path> access ok" or "<path> access !
- * <errno name>"; "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
+ * <errno name>"; "stat:PATH" calls newfstatat(PATH) and prints "<path> stat <size> <mode>",
+ * "fstat:PATH" opens PATH and prints the same from fstat(fd); "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
  * "threads:N:PATH" reads PATH 25 times in each of N threads and prints "threads <reads that
  * returned the same content as the first>/<reads>". With arguments, it reads each argument
  * (as a path) instead of stdin, without the first line. */
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -127,6 +129,29 @@ int main(int argc, char **argv) {
                 printf("%s access ok\n", line + 7);
             } else {
                 printf("%s access ! %s\n", line + 7, errname(errno));
+            }
+            fflush(stdout);
+            continue;
+        }
+        if (strncmp(line, "stat:", 5) == 0 || strncmp(line, "fstat:", 6) == 0) {
+            int f = line[0] == 'f';
+            char *p = line + (f ? 6 : 5);
+            struct stat st;
+            long r;
+            if (f) {
+                int fd = (int)syscall(SYS_openat, AT_FDCWD, p, O_RDONLY | O_CLOEXEC);
+                r = fd < 0 ? -1 : fstat(fd, &st);
+                if (fd >= 0) {
+                    close(fd);
+                }
+            } else {
+                r = syscall(SYS_newfstatat, AT_FDCWD, p, &st, 0);
+            }
+            if (r == 0) {
+                printf("%s %s %lld %o\n", p, f ? "fstat" : "stat", (long long)st.st_size,
+                       (unsigned)st.st_mode);
+            } else {
+                printf("%s %s ! %s\n", p, f ? "fstat" : "stat", errname(errno));
             }
             fflush(stdout);
             continue;

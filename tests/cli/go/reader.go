@@ -1,6 +1,7 @@
 // Built by tests/cli/test_syscall_supervisor.py with Debian's Go (cgo off: a static binary
 // that makes its system calls itself). Prints the pod's variable, then, for each line on
-// stdin (a path), "<path> = <content>" or "<path> ! <error>"; "threads:PATH" reads PATH 25
+// stdin (a path), "<path> = <content>" or "<path> ! <error>"; "stat:PATH" prints "<path>
+// stat <size> <mode>" from os.Stat; "threads:PATH" reads PATH 25
 // times in each of 16 goroutines and prints "goroutines <same content as alone>/<reads>".
 package main
 
@@ -18,6 +19,16 @@ func main() {
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		path := strings.TrimSpace(in.Text())
+		if strings.HasPrefix(path, "stat:") {
+			path = strings.TrimPrefix(path, "stat:")
+			info, err := os.Stat(path)
+			if err != nil {
+				fmt.Printf("%s stat ! %v\n", path, err)
+			} else {
+				fmt.Printf("%s stat %d %v\n", path, info.Size(), info.Mode())
+			}
+			continue
+		}
 		if strings.HasPrefix(path, "threads:") {
 			path = strings.TrimPrefix(path, "threads:")
 			first, err := os.ReadFile(path)
