@@ -54,6 +54,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from mirrord.agent._http2_filter import could_be_h2_preface
 from mirrord.agent._http_filter import (
     CLOSED,
     NEED_DATA,
@@ -70,6 +71,7 @@ from mirrord.agent._http_filter import (
     ResponseSplitter,
     kube_probe_recipe,
 )
+from mirrord.agent._incoming_h2 import serve_h2
 from mirrord.agent._incoming_netns import make_listener, make_marked_socket, original_dst
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
@@ -1077,6 +1079,16 @@ class _FilteredConnection:
                         if isinstance(ev, RequestEnded):
                             current = None
                     elif isinstance(ev, Passthrough):
+                        if (
+                            current is None
+                            and not splitter.requests
+                            and could_be_h2_preface(ev.raw)
+                        ):
+                            # HTTP/2 with prior knowledge: routed stream by stream there.
+                            rest = await serve_h2(self, ev.raw)
+                            if rest is None:
+                                return
+                            ev = Passthrough(rest)
                         # Not HTTP (or no longer): the rest goes untouched to where the current
                         # request went, else to the pod's app, and its answer comes back whole.
                         if current is not None and current.dest is not None:
