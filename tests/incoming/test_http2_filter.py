@@ -25,6 +25,7 @@ from mirrord.agent._http2_filter import (
     OpenUpstream,
     SendBytes,
     could_be_h2_preface,
+    could_be_h2_server_preface,
     head_from_headers,
     is_h2_preface,
 )
@@ -467,3 +468,14 @@ def test_more_streams_than_the_pod_allows_wait_for_a_slot(n: int) -> None:
     world.run()  # with more in flight than n, the pod's h2 would refuse the connection
     for i, sid in enumerate(sids):
         _check(world, sid, None, f"/w{i}", body=b"q", trailer=None)
+
+
+def test_an_http2_servers_settings_are_recognised_as_its_preface() -> None:
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    greeting = server.data_to_send()
+    assert could_be_h2_server_preface(greeting)
+    assert could_be_h2_server_preface(greeting[:4])
+    assert not could_be_h2_server_preface(greeting[:3])  # too short to tell
+    assert not could_be_h2_server_preface(b"220 smtp.example ESMTP\r\n")
+    assert not could_be_h2_server_preface(b"\x4a\x00\x00\x00\x0a8.0.36")  # MySQL greeting

@@ -61,6 +61,7 @@ __all__ = [
     "OpenUpstream",
     "SendBytes",
     "could_be_h2_preface",
+    "could_be_h2_server_preface",
     "is_h2_preface",
 ]
 
@@ -87,6 +88,17 @@ def could_be_h2_preface(data: bytes | bytearray) -> bool:
 
 def is_h2_preface(data: bytes | bytearray) -> bool:
     return bytes(data[: len(H2_PREFACE)]) == H2_PREFACE
+
+
+def could_be_h2_server_preface(data: bytes | bytearray) -> bool:
+    """Could `data` (at least its first 4 bytes) start an HTTP/2 server's preface, a SETTINGS
+    frame: type 4, flags 0, stream 0, a length that is a multiple of 6?"""
+    if len(data) < 4 or data[3] != 0x04:
+        return False
+    length = int.from_bytes(data[:3], "big")
+    if length % 6:
+        return False
+    return len(data) < 9 or (data[4] == 0 and bytes(data[5:9]) == b"\0\0\0\0")
 
 
 @dataclass(frozen=True, slots=True)

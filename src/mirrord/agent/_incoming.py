@@ -71,7 +71,7 @@ from mirrord.agent._http_filter import (
     ResponseSplitter,
     kube_probe_recipe,
 )
-from mirrord.agent._incoming_h2 import serve_h2
+from mirrord.agent._incoming_h2 import pod_app_sent_h2_settings, serve_h2
 from mirrord.agent._incoming_netns import make_listener, make_marked_socket, original_dst
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
@@ -966,6 +966,8 @@ class _FilteredConnection:
             self._watch_scope = None
             if scope.cancel_called or self._client_spoke or up is None:
                 return
+            if pod_app_sent_h2_settings(raw):
+                return  # an HTTP/2 app greets first: the client's bytes decide
             self._server_first = True
             await send_ex.send(_Exchange(head=None, dest=up, session=False, tunnel=True))
 

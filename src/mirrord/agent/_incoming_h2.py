@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -34,6 +36,7 @@ from mirrord.agent._http2_filter import (
     OpenUpstream,
     SendBytes,
     could_be_h2_preface,
+    could_be_h2_server_preface,
     is_h2_preface,
 )
 from mirrord.agent._http_filter import RequestHead
@@ -43,7 +46,9 @@ if TYPE_CHECKING:
     from mirrord.agent._incoming import _FilteredConnection
 
 
-__all__ = ["serve_h2"]
+__all__ = ["pod_app_sent_h2_settings", "serve_h2"]
+
+log = logging.getLogger("mirrord.agent.incoming")
 
 _READ = 256 * 1024
 _STREAM_ERRORS = (
@@ -69,6 +74,17 @@ async def serve_h2(conn: _FilteredConnection, first: bytes) -> bytes | None:
         return bytes(buf)
     await _H2Shell(conn).run(bytes(buf))
     return None
+
+
+def pod_app_sent_h2_settings(raw: socket.socket) -> bool:
+    """Are the bytes waiting on this connection to the pod's app an HTTP/2 server's SETTINGS
+    (its connection preface)? An HTTP/2 app sends them as soon as it accepts, before the
+    client says anything: that is not a server-first protocol, the client's preface decides."""
+    try:
+        data = raw.recv(9, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    return could_be_h2_server_preface(data)
 
 
 class _Peer:
@@ -212,6 +228,12 @@ class _H2Shell:
                     refused = (
                         isinstance(stream, PipeEnd) and stream.peer_errno == errno.ECONNREFUSED
                     )
+                    if refused:
+                        log.info(
+                            "port %d: an HTTP/2 stream's session connection was refused: the "
+                            "user app no longer listens; the stream goes to the pod's app",
+                            self.conn.port,
+                        )
                     self.router.upstream_closed(
                         key, "the app closed the connection without a response", refused=refused
                     )
