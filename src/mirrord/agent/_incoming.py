@@ -20,7 +20,8 @@ Routing
   requests go to the pod's app over one connection to the original destination, opened from
   inside the pod with `SO_MARK` so our own OUTPUT rule lets it through. Responses are written
   in request order (pipelining). After a matched `Upgrade` that the app accepts, the rest of
-  the connection is relayed whole. Bytes that are not HTTP/1.x go to the pod's app untouched.
+  the connection is relayed whole. HTTP/2 with prior knowledge is routed stream by stream
+  (`_incoming_h2.py`). Other bytes that are not HTTP/1.x go to the pod's app untouched.
 - A connection made straight to the agent's listener (not redirected: its original
   destination is the listener itself) is reset at once, never relayed: relaying it to its
   original destination would connect to the listener again, in a loop. The steal rules
