@@ -138,6 +138,10 @@ class _Server(_Endpoint):
                 hd = dict(msg.headers)
                 body = b"%s %s %s\n" % (self.name.encode(), hd[b":method"], hd[b":path"])
                 self.served.append(sid)
+                if hd[b":path"] == b"/trailers-only":  # gRPC's status-only answer
+                    status = [(b":status", b"200"), (b"grpc-status", b"5")]
+                    self.conn.send_headers(sid, status, end_stream=True)
+                    continue
                 self.send_message(
                     sid,
                     [(b":status", b"200"), (b"x-served-by", self.name.encode())],
@@ -479,3 +483,28 @@ def test_an_http2_servers_settings_are_recognised_as_its_preface() -> None:
     assert not could_be_h2_server_preface(greeting[:3])  # too short to tell
     assert not could_be_h2_server_preface(b"220 smtp.example ESMTP\r\n")
     assert not could_be_h2_server_preface(b"\x4a\x00\x00\x00\x0a8.0.36")  # MySQL greeting
+
+
+def test_a_headers_only_response_stays_one_frame_with_end_stream() -> None:
+    world = _World()
+    sids = [_request(world, "/trailers-only", u, b"") for u in ("alice", None)]
+    seen: list[h2.events.Event] = []
+    for _ in range(1000):
+        busy = world.busy()
+        if not busy:
+            break
+        wire = busy[0]
+        data = bytes(world.wires[wire])
+        world.wires[wire].clear()
+        if wire[1] == "c":
+            seen += world.client.receive(data)
+            world.move_client()
+        else:
+            world.wires[wire] += data
+            world.deliver(wire, len(data))
+    for sid in sids:
+        (response,) = [
+            e for e in seen if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid
+        ]
+        assert response.stream_ended is not None  # HEADERS with END_STREAM: the client sees
+        assert dict(response.headers or [])[b"grpc-status"] == b"5"  # its status there

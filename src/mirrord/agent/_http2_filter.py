@@ -338,7 +338,7 @@ class H2Router:
     def _client_event(self, ev: h2.events.Event) -> None:
         if isinstance(ev, h2.events.RequestReceived):
             assert ev.stream_id is not None and ev.headers is not None
-            self._new_stream(ev.stream_id, list(ev.headers))
+            self._new_stream(ev.stream_id, list(ev.headers), ev.stream_ended is not None)
         elif isinstance(ev, h2.events.DataReceived):
             assert ev.stream_id is not None and ev.data is not None
             length = ev.flow_controlled_length or 0
@@ -374,7 +374,7 @@ class H2Router:
             # answered: clients send it when they are done (curl, browsers), or on an error.
             self._client_goaway = True
 
-    def _new_stream(self, client_id: int, headers: Headers) -> None:
+    def _new_stream(self, client_id: int, headers: Headers, ended: bool) -> None:
         head = head_from_headers(headers)
         self.stats["streams"] += 1
         session = self._route(head)
@@ -385,6 +385,7 @@ class H2Router:
             up = self._new_upstream(session)
             self.stats["to_session"] += 1
         st = _Stream(client_id, headers, head, up)
+        st.req_end = ended  # (HEADERS with END_STREAM: a request without a body)
         self._streams[client_id] = st
         up.waiting.append(st)
         self._start_waiting(up)
@@ -397,10 +398,20 @@ class H2Router:
         if isinstance(ev, h2.events.ResponseReceived | h2.events.InformationalResponseReceived):
             if st is not None:
                 final = isinstance(ev, h2.events.ResponseReceived)
-                self._to_client(st, self.client.send_headers, st.client_id, ev.headers)
+                # A response that is one HEADERS frame with END_STREAM (gRPC's "trailers-only"
+                # status) stays one: an empty DATA frame to end it would make those headers
+                # plain headers, and the client would miss its status.
+                only = final and getattr(ev, "stream_ended", None) is not None and not st.to_client
+                if not self._to_client(
+                    st, self.client.send_headers, st.client_id, ev.headers, only
+                ):
+                    return
                 st.responded = st.responded or final
                 if final:
                     st.replay = None
+                if only:
+                    st.resp_end = st.resp_sent_end = True
+                    self._maybe_done(st)
         elif isinstance(ev, h2.events.DataReceived):
             length = ev.flow_controlled_length or 0
             data = ev.data or b""
@@ -480,8 +491,14 @@ class H2Router:
             st.up_id = up.conn.get_next_available_stream_id()
             up.streams[st.up_id] = st
             headers, up_id = st.headers, st.up_id
-            self._up_call(up, up.conn.send_headers, up_id, headers)
-            self._pump_request(st)
+            # a request that is its HEADERS alone stays one frame, as for responses
+            only = st.req_end and not st.to_up and not st.resend and not st.req_trailers
+            self._up_call(up, up.conn.send_headers, up_id, headers, only)
+            if only:
+                st.req_sent_end = True
+                self._maybe_done(st)
+            else:
+                self._pump_request(st)
 
     def _pump_request(self, st: _Stream) -> None:
         """Move the request's buffered bytes (and its end) on to the upstream, as far as its
