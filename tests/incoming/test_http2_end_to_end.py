@@ -5,11 +5,12 @@ under mirrord), the others by the pod's app."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -50,9 +51,11 @@ def h2_pod(pod: LocalPod) -> Iterator[LocalPod]:
         proc.wait(timeout=10)
 
 
-def curl_h2(pod: LocalPod, path: str, user: str | None) -> str:
-    """One request with `curl --http2-prior-knowledge`: the body (asserting HTTP/2)."""
-    argv = ["curl", "-sS", "--max-time", "30", "--http2-prior-knowledge", "-w", "|%{http_version}"]
+def curl_h2(pod: LocalPod, path: str, user: str | None, *, upgrade: bool = False) -> str:
+    """One request with `curl --http2-prior-knowledge` (or `--http2`: HTTP/1.1 with `Upgrade:
+    h2c`): the body (asserting HTTP/2)."""
+    mode = "--http2" if upgrade else "--http2-prior-knowledge"
+    argv = ["curl", "-sS", "--max-time", "30", mode, "-w", "|%{http_version}"]
     if user is not None:
         argv += ["-H", f"x-user: {user}"]
     argv.append(f"http://{pod.ip}:{PORT}{path}")
@@ -121,6 +124,10 @@ def test_h2c_streams_matching_the_filter_reach_the_user_app_the_rest_the_pod(
         assert curl_h2(pod, "/a", "alice") == "user-app GET /a x-user=alice\n"
         assert curl_h2(pod, "/b", "bob") == "pod GET /b x-user=bob\n"
         assert curl_h2(pod, "/c", None) == "pod GET /c x-user=\n"
+        # HTTP/1.1 with Upgrade: h2c: the agent switches (the pod's app speaks HTTP/2) and the
+        # upgrade request, stream 1, is routed like any stream
+        assert curl_h2(pod, "/u1", "alice", upgrade=True) == "user-app GET /u1 x-user=alice\n"
+        assert curl_h2(pod, "/u2", "bob", upgrade=True) == "pod GET /u2 x-user=bob\n"
         big = 3 * 1024 * 1024  # far past every flow-control window, both ways
         requests = [
             ("/1", "alice", 0),
@@ -187,4 +194,41 @@ async def test_agent_routes_h2c_streams_to_the_session_and_the_pod(
                 [200, 100_030, "user-app POST /3 x-user=alice"],
             ]
             assert len(seen) == 3  # one IncomingConnection per matched stream
+            tg.cancel_scope.cancel()
+
+
+def _http1_upgrade_get(pod: LocalPod, path: str, user: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(pod.ip, 8080, timeout=20)
+    try:
+        headers = {
+            "connection": "Upgrade, HTTP2-Settings",
+            "upgrade": "h2c",
+            "http2-settings": "AAMAAABkAAQAAP__",
+            "x-user": user,
+        }
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_an_h2c_upgrade_to_an_http1_pod_app_stays_http1(
+    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+) -> None:
+    """The pod's app on 8080 speaks HTTP/1.1 only: the agent does not switch; the request is
+    filtered as HTTP/1.1 and answered as it would be without mirrord."""
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, local_app("user-app"), seen)
+            await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
+            get = anyio.to_thread.run_sync
+            assert await get(_http1_upgrade_get, pod, "/a", "alice") == (
+                200,
+                b"user-app GET /a x-user=alice\n",
+            )
+            assert await get(_http1_upgrade_get, pod, "/b", "bob") == (200, b"pod GET /b\n")
             tg.cancel_scope.cancel()

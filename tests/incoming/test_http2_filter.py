@@ -26,6 +26,7 @@ from mirrord.agent._http2_filter import (
     SendBytes,
     could_be_h2_preface,
     could_be_h2_server_preface,
+    h2c_upgrade_from,
     head_from_headers,
     is_h2_preface,
 )
@@ -508,3 +509,51 @@ def test_a_headers_only_response_stays_one_frame_with_end_stream() -> None:
         ]
         assert response.stream_ended is not None  # HEADERS with END_STREAM: the client sees
         assert dict(response.headers or [])[b"grpc-status"] == b"5"  # its status there
+
+
+def test_an_h2c_upgrade_request_is_stream_one_then_the_connection_is_http2() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings = client.initiate_upgrade_connection()
+    assert settings is not None
+    head = RequestHead(
+        method="GET",
+        target="/up",
+        http_version="1.1",
+        headers=(
+            ("host", "pod"),
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", settings.decode().rstrip("=")),  # as curl sends it, unpadded
+            ("x-user", "alice"),
+        ),
+        upgrade=True,
+    )
+    upgrade = h2c_upgrade_from(head)
+    assert upgrade is not None
+    assert (b":authority", b"pod") in upgrade.headers and (b"x-user", b"alice") in upgrade.headers
+    assert not any(k in (b"connection", b"upgrade", b"http2-settings") for k, _ in upgrade.headers)
+    world = _World()
+    world.router = H2Router(_route, upgrade=upgrade)
+    world.client = _Endpoint(client=True)
+    world.client.conn = client  # its preface and SETTINGS come after the 101
+    world.client.msgs[1] = _Msg()
+    world.wires.clear()
+    world.move_client()
+    world.take()
+    b = _request(world, "/after", None, b"z")
+    world.run()
+    msg = world.client.msgs[1]
+    assert dict(msg.headers)[b"x-served-by"] == b"alice" and msg.ended
+    assert bytes(msg.body) == b"alice GET /up\n"
+    _check(world, b, None, "/after", body=b"z", trailer=None)
+
+
+def test_only_bodyless_h2c_upgrades_with_settings_are_taken() -> None:
+    base = (("host", "pod"), ("upgrade", "h2c"), ("http2-settings", "AAMAAABkAAQAAP__"))
+    head = RequestHead("GET", "/", "1.1", base, upgrade=True)
+    assert h2c_upgrade_from(head) is not None
+    for extra in ((("content-length", "5"),), (("transfer-encoding", "chunked"),)):
+        assert h2c_upgrade_from(RequestHead("POST", "/", "1.1", base + extra, True)) is None
+    assert h2c_upgrade_from(RequestHead("GET", "/", "1.1", base[:2], True)) is None
+    websocket = (("host", "pod"), ("upgrade", "websocket"), ("http2-settings", "AAMA"))
+    assert h2c_upgrade_from(RequestHead("GET", "/", "1.1", websocket, True)) is None

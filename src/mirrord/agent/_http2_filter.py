@@ -2,8 +2,8 @@
 connection and routes each stream, by the same filters as HTTP/1 (`HttpFilter`), to the pod's
 app or to a session.
 
-Owns: recognising the HTTP/2 connection preface (`could_be_h2_preface`, `is_h2_preface`),
-and `H2Router`, which holds one server-role h2 connection toward the client and one
+Owns: recognising the HTTP/2 connection preface (`could_be_h2_preface`, `is_h2_preface`)
+and an HTTP/1.1 `Upgrade: h2c` request (`h2c_upgrade_from`), and `H2Router`, which holds one server-role h2 connection toward the client and one
 client-role h2 connection per upstream: one shared connection to the pod's app for every
 unmatched stream, and one connection per matched stream to the session (the analogue of
 HTTP/1's one `IncomingConnection` per matched request; the user app gets an HTTP/2 connection
@@ -39,6 +39,7 @@ connection by h2 (the router is an endpoint toward each peer, as any HTTP/2 prox
 
 from __future__ import annotations
 
+import binascii
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,13 +56,16 @@ from mirrord.agent._http_filter import RequestHead
 
 __all__ = [
     "CLIENT",
+    "H2C_SWITCH",
     "H2_PREFACE",
     "CloseConnection",
     "H2Router",
+    "H2cUpgrade",
     "OpenUpstream",
     "SendBytes",
     "could_be_h2_preface",
     "could_be_h2_server_preface",
+    "h2c_upgrade_from",
     "is_h2_preface",
 ]
 
@@ -99,6 +103,51 @@ def could_be_h2_server_preface(data: bytes | bytearray) -> bool:
     if length % 6:
         return False
     return len(data) < 9 or (data[4] == 0 and bytes(data[5:9]) == b"\0\0\0\0")
+
+
+# HTTP/1.1 headers that mean nothing (or are forbidden) in HTTP/2 (RFC 9113 8.2.2).
+_HOP_BY_HOP: Final = frozenset(
+    {"connection", "upgrade", "http2-settings", "keep-alive", "proxy-connection", "host"}
+    | {"transfer-encoding"}
+)
+H2C_SWITCH: Final = (
+    b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class H2cUpgrade:
+    """An HTTP/1.1 request asking to switch to HTTP/2 (`Upgrade: h2c`, RFC 7540 3.2): its
+    `HTTP2-Settings` and the request itself as HTTP/2 headers; it becomes stream 1."""
+
+    settings: bytes
+    headers: Headers
+
+
+def h2c_upgrade_from(head: RequestHead) -> H2cUpgrade | None:
+    """The upgrade `head` asks for, or None: not `Upgrade: h2c` with `HTTP2-Settings`, or a
+    request with a body (the switch happens after the whole request; only body-less ones,
+    what clients send, are taken)."""
+    upgrade = (head.header("upgrade") or "").lower()
+    settings = head.header("http2-settings")
+    if "h2c" not in [u.strip() for u in upgrade.split(",")] or settings is None:
+        return None
+    if head.header("transfer-encoding") or (head.header("content-length") or "0") != "0":
+        return None
+    if head.http_version != "1.1" or head.method == "CONNECT":
+        return None
+    headers: Headers = [
+        (b":method", head.method.encode("latin-1")),
+        (b":scheme", b"http"),
+        (b":authority", (head.header("host") or "").encode("latin-1")),
+        (b":path", head.target.encode("latin-1")),
+    ]
+    for name, value in head.headers:
+        if name in _HOP_BY_HOP or (name == "te" and value.lower() != "trailers"):
+            continue
+        headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    raw = settings.strip().encode("latin-1")
+    return H2cUpgrade(settings=raw + b"=" * (-len(raw) % 4), headers=headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,14 +299,24 @@ class H2Router:
     """The HTTP/2 side of one stolen client connection. `route(head)` returns the session a
     stream goes to, or None for the pod's app. Feed bytes, then `take_actions()`."""
 
-    def __init__(self, route: Callable[[RequestHead], Any]) -> None:
+    def __init__(
+        self, route: Callable[[RequestHead], Any], *, upgrade: H2cUpgrade | None = None
+    ) -> None:
+        """`upgrade`: the connection switched from HTTP/1.1 (the caller sent `H2C_SWITCH`);
+        its request is stream 1. Raises ValueError for a malformed `HTTP2-Settings`."""
         self._route = route
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.client = h2.connection.H2Connection(config)
         self.client.local_settings = _settings(
             False, {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CLIENT_STREAMS}
         )
-        self.client.initiate_connection()
+        if upgrade is None:
+            self.client.initiate_connection()
+        else:
+            try:
+                self.client.initiate_upgrade_connection(upgrade.settings)
+            except (binascii.Error, h2.exceptions.ProtocolError, ValueError) as exc:
+                raise ValueError(f"bad HTTP2-Settings: {exc}") from None
         self.client.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
         self._actions: list[Action] = []
         self._streams: dict[int, _Stream] = {}  # by client stream id
@@ -267,6 +326,8 @@ class H2Router:
         self._client_goaway = False
         self.finished = False
         self.stats = {"streams": 0, "to_session": 0, "to_pod": 0, "replayed": 0}
+        if upgrade is not None:
+            self._new_stream(1, upgrade.headers, True)
         self._flush()
 
     def __repr__(self) -> str:

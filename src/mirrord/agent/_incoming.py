@@ -55,7 +55,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from mirrord.agent._http2_filter import could_be_h2_preface
+from mirrord.agent._http2_filter import could_be_h2_preface, h2c_upgrade_from
 from mirrord.agent._http_filter import (
     CLOSED,
     NEED_DATA,
@@ -72,7 +72,7 @@ from mirrord.agent._http_filter import (
     ResponseSplitter,
     kube_probe_recipe,
 )
-from mirrord.agent._incoming_h2 import pod_app_sent_h2_settings, serve_h2
+from mirrord.agent._incoming_h2 import pod_app_sent_h2_settings, serve_h2, serve_h2c_upgrade
 from mirrord.agent._incoming_netns import make_listener, make_marked_socket, original_dst
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
@@ -1062,6 +1062,10 @@ class _FilteredConnection:
                                 await current.dest.send_eof()
                         return
                     if isinstance(ev, RequestStarted):
+                        if current is None and splitter.requests == 1:
+                            upgrade = h2c_upgrade_from(ev.head)
+                            if upgrade and await serve_h2c_upgrade(self, upgrade, splitter):
+                                return  # switched to HTTP/2: routed stream by stream there
                         current = await self._route(ev.head)
                         self._reading.append(current)
                         await send_ex.send(current)

@@ -4,7 +4,9 @@ stolen client connection, its connections to the pod's app and its session conne
 Owns: `serve_h2`, the hook a filtered connection (`_incoming._FilteredConnection`) calls when
 its first bytes could be the HTTP/2 preface (prior knowledge). It reads the rest of the
 preface; if it is one, the connection is served as HTTP/2 here until it ends, else the bytes
-go back to the caller, which passes them to the pod's app untouched as before.
+go back to the caller, which passes them to the pod's app untouched as before. And
+`serve_h2c_upgrade`, the hook for a first request with `Upgrade: h2c`: the agent switches
+the connection itself (101) and serves it as HTTP/2, that request being stream 1.
 Does not own: routing decisions per stream (the router, with the port's filters), HTTP/1.
 
 Per stream matched by a session's filter, a new `IncomingConnection` is opened to that session
@@ -31,7 +33,9 @@ import anyio.abc
 from mirrord.agent._http2_filter import (
     CLIENT,
     H2_PREFACE,
+    H2C_SWITCH,
     CloseConnection,
+    H2cUpgrade,
     H2Router,
     OpenUpstream,
     SendBytes,
@@ -39,18 +43,21 @@ from mirrord.agent._http2_filter import (
     could_be_h2_server_preface,
     is_h2_preface,
 )
-from mirrord.agent._http_filter import RequestHead
+from mirrord.agent._http_filter import Passthrough, RequestEnded, RequestHead, RequestSplitter
 from mirrord.agent._incoming_pipe import PipeEnd
 
 if TYPE_CHECKING:
     from mirrord.agent._incoming import _FilteredConnection
 
 
-__all__ = ["pod_app_sent_h2_settings", "serve_h2"]
+__all__ = ["pod_app_sent_h2_settings", "serve_h2", "serve_h2c_upgrade"]
 
 log = logging.getLogger("mirrord.agent.incoming")
 
 _READ = 256 * 1024
+# How long an `Upgrade: h2c` request waits for the pod's app's HTTP/2 greeting, once per
+# client connection (an HTTP/2 app sends it on accept: microseconds, unless very loaded).
+H2C_GREETING_WAIT = 1.0
 _STREAM_ERRORS = (
     OSError,
     anyio.EndOfStream,
@@ -87,6 +94,40 @@ def pod_app_sent_h2_settings(raw: socket.socket) -> bool:
     return could_be_h2_server_preface(data)
 
 
+async def serve_h2c_upgrade(
+    conn: _FilteredConnection, upgrade: H2cUpgrade, splitter: RequestSplitter
+) -> bool:
+    """The client's first request asks to switch to HTTP/2 (`Upgrade: h2c`, body-less): answer
+    101 and serve the connection as HTTP/2, the request being stream 1 (routed like any
+    stream). False (nothing consumed) when its `HTTP2-Settings` is malformed: the request goes
+    on as HTTP/1.1."""
+    # Switch only when the pod's app speaks HTTP/2 (with prior knowledge, as the agent will
+    # speak it): an HTTP/2 app greets with its SETTINGS as soon as it accepts. An HTTP/1.1
+    # app says nothing and answers the request as HTTP/1.1, as it would without mirrord.
+    up = await conn._get_upstream()
+    if up is None:
+        return False
+    raw = up.stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    if raw is None:
+        return False
+    with anyio.move_on_after(H2C_GREETING_WAIT):
+        await anyio.wait_readable(raw)
+    if not pod_app_sent_h2_settings(raw):
+        return False
+    try:
+        shell = _H2Shell(conn, upgrade=upgrade)
+    except ValueError:
+        return False
+    ended = splitter.next_event()  # a body-less request ends with its head
+    if not isinstance(ended, RequestEnded):
+        raise RuntimeError(f"h2c upgrade: expected the end of the request, got {ended!r}")
+    splitter.switched(True)
+    rest = splitter.next_event()
+    first = rest.raw if isinstance(rest, Passthrough) else b""
+    await shell.run(first, greeting=H2C_SWITCH)
+    return True
+
+
 class _Peer:
     """One connection of the shell: bytes queued for it, and whether to close it after."""
 
@@ -102,10 +143,10 @@ class _Peer:
 
 
 class _H2Shell:
-    def __init__(self, conn: _FilteredConnection) -> None:
+    def __init__(self, conn: _FilteredConnection, upgrade: H2cUpgrade | None = None) -> None:
         self.conn = conn
         self.service = conn.service
-        self.router = H2Router(self._route)
+        self.router = H2Router(self._route, upgrade=upgrade)
         self.peers: dict[int, _Peer] = {CLIENT: _Peer()}
         self._tg: anyio.abc.TaskGroup | None = None
         self._first_pod = True
@@ -119,11 +160,15 @@ class _H2Shell:
         self.service.stats["filtered_requests" if channel is not None else "passed_to_pod"] += 1
         return channel
 
-    async def run(self, first: bytes) -> None:
+    async def run(self, first: bytes, *, greeting: bytes = b"") -> None:
+        """`first`: the client's bytes read already; `greeting`: bytes to write to the client
+        before HTTP/2 starts (the 101 of an upgrade)."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            self.peers[CLIENT].buf += greeting
             tg.start_soon(self._write, CLIENT, self.conn.client, tg.cancel_scope)
-            self.router.receive_client(first)
+            if first:
+                self.router.receive_client(first)
             self._act()
             await self._read_client()
 
