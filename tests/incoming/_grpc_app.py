@@ -3,8 +3,9 @@ user app of the gRPC steal tests.
 
 Run: `python _grpc_app.py NAME HOST PORT` -> prints the port, then serves `/mirrord.Echo/Say`
 (unary: answers `NAME <request> x-user=<metadata>`), `/mirrord.Echo/Chat` (bidirectional:
-answers each message the same way, as it comes) and `/mirrord.Echo/Fail` (ends with status
-NOT_FOUND, details `NAME says no`).
+answers each message the same way, as it comes), `/mirrord.Echo/Fail` (ends with status
+NOT_FOUND, details `NAME says no`) and `/mirrord.Echo/Deadline` (`NAME True` when the call
+came with a deadline of at most 30 s).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def main() -> None:
         for request in requests:
             yield f"{name} {request.decode()} x-user={_user(context)}".encode()
 
+    def deadline(request: bytes, context: grpc.ServicerContext) -> bytes:
+        remaining = context.time_remaining()
+        return f"{name} {remaining is not None and 0 < remaining <= 30}".encode()
+
     def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
         context.abort(grpc.StatusCode.NOT_FOUND, f"{name} says no")
         raise AssertionError("abort returns never")
@@ -41,9 +46,13 @@ def main() -> None:
             "Say": grpc.unary_unary_rpc_method_handler(say),
             "Chat": grpc.stream_stream_rpc_method_handler(chat),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Deadline": grpc.unary_unary_rpc_method_handler(deadline),
         },
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    # No SO_REUSEPORT (grpcio's default): two user apps on one machine would share the port
+    # and answer each other's connections; the second gets another port from mirrord's layer.
+    options = [("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()

@@ -6,6 +6,7 @@ grpcio server run under mirrord), everyone else's by the pod's app, on one clien
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import sys
@@ -70,6 +71,12 @@ def fail(channel: grpc.Channel, user: str | None) -> tuple[grpc.StatusCode, str]
     return err.code(), str(err.details())
 
 
+def deadline(channel: grpc.Channel, user: str) -> str:
+    call = channel.unary_unary("/mirrord.Echo/Deadline")
+    answer: bytes = call(b"", metadata=[("x-user", user)], timeout=20)
+    return answer.decode()
+
+
 def test_grpc_calls_with_x_user_alice_reach_the_user_app_the_rest_the_pod(
     mirrord: Mirrord, grpc_pod: LocalPod, tmp_path: Path
 ) -> None:
@@ -95,6 +102,7 @@ def test_grpc_calls_with_x_user_alice_reach_the_user_app_the_rest_the_pod(
                     "bob-chat": pool.submit(chat, channel, ["d", "e"], "bob"),
                     "alice-fail": pool.submit(fail, channel, "alice"),
                     "bob-fail": pool.submit(fail, channel, "bob"),
+                    "alice-deadline": pool.submit(deadline, channel, "alice"),
                 }
                 results = {k: v.result(timeout=60) for k, v in jobs.items()}
         assert results == {
@@ -105,7 +113,54 @@ def test_grpc_calls_with_x_user_alice_reach_the_user_app_the_rest_the_pod(
             "bob-chat": [f"pod {t} x-user=bob" for t in "de"],
             "alice-fail": (grpc.StatusCode.NOT_FOUND, "user-app says no"),  # trailers intact
             "bob-fail": (grpc.StatusCode.NOT_FOUND, "pod says no"),
+            "alice-deadline": "user-app True",  # grpc-timeout reached the user app
         }
     finally:
         stop_app(app)
+    wait_for(lambda: our_rules(pod) == [])
+
+
+def _answered_by_own_app(channel: grpc.Channel, user: str) -> bool:
+    return say(channel, "probe", user).startswith(f"{user}-app")
+
+
+def test_two_sessions_with_alice_and_bob_filters_share_one_grpc_port(
+    mirrord: Mirrord, grpc_pod: LocalPod, tmp_path: Path
+) -> None:
+    """Bidirectional streams of alice, bob and carol at once on one channel: alice's reach
+    alice's session, bob's bob's, carol's the pod, none reset."""
+    pod = grpc_pod
+    apps = []
+    try:
+        for user in ("alice", "bob"):
+            config = tmp_path / f"{user}.json"
+            http_filter = {"header_filter": f"^x-user: {user}$", "ports": [PORT]}
+            incoming = {"mode": "steal", "http_filter": http_filter}
+            config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+            argv = [sys.executable, GRPC_APP, f"{user}-app", "0.0.0.0", str(PORT)]
+            proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
+            apps.append(proc)
+            assert proc.stdout is not None
+            assert int(proc.stdout.readline()) > 0
+        with grpc.insecure_channel(f"{pod.ip}:{PORT}") as channel:
+            for user in ("alice", "bob"):
+                wait_for(functools.partial(_answered_by_own_app, channel, user), 20)
+            with concurrent.futures.ThreadPoolExecutor(9) as pool:
+                jobs = [
+                    (
+                        user,
+                        i,
+                        pool.submit(chat, channel, [f"{user}{i}-{n}" for n in range(20)], user),
+                    )
+                    for i in range(3)
+                    for user in ("alice", "bob", "carol")
+                ]
+                for user, i, job in jobs:
+                    who = f"{user}-app" if user in ("alice", "bob") else "pod"
+                    assert job.result(timeout=60) == [
+                        f"{who} {user}{i}-{n} x-user={user}" for n in range(20)
+                    ]
+    finally:
+        for proc in apps:
+            stop_app(proc)
     wait_for(lambda: our_rules(pod) == [])
