@@ -3,7 +3,8 @@ user app of the gRPC steal tests.
 
 Run: `python _grpc_app.py NAME HOST PORT` -> prints the port, then serves `/mirrord.Echo/Say`
 (unary: answers `NAME <request> x-user=<metadata>`), `/mirrord.Echo/Chat` (bidirectional:
-answers each message the same way, as it comes), `/mirrord.Echo/Fail` (ends with status
+answers each message the same way, as it comes; prints `chat ended x-user=U` when the call
+ends), `/mirrord.Echo/Fail` (ends with status
 NOT_FOUND, details `NAME says no`) and `/mirrord.Echo/Deadline` (`NAME True` when the call
 came with a deadline of at most 30 s).
 """
@@ -29,8 +30,11 @@ def main() -> None:
         return f"{name} {request.decode()} x-user={_user(context)}".encode()
 
     def chat(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        user = _user(context)
+        # when the call ends, however: a client that never half-closes ends it by cancelling
+        context.add_callback(lambda: print(f"chat ended x-user={user}", flush=True))
         for request in requests:
-            yield f"{name} {request.decode()} x-user={_user(context)}".encode()
+            yield f"{name} {request.decode()} x-user={user}".encode()
 
     def deadline(request: bytes, context: grpc.ServicerContext) -> bytes:
         remaining = context.time_remaining()

@@ -9,10 +9,12 @@ import concurrent.futures
 import functools
 import json
 import os
+import queue
+import select
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import pytest
@@ -164,3 +166,45 @@ def test_two_sessions_with_alice_and_bob_filters_share_one_grpc_port(
         for proc in apps:
             stop_app(proc)
     wait_for(lambda: our_rules(pod) == [])
+
+
+def test_a_path_filter_steals_one_method_and_a_cancelled_call_reaches_the_user_app(
+    mirrord: Mirrord, grpc_pod: LocalPod, tmp_path: Path
+) -> None:
+    pod = grpc_pod
+    config = tmp_path / "mirrord.json"
+    criteria = [{"path": "^/mirrord\\.Echo/Say$"}, {"header": "^x-user: alice$"}]
+    http_filter = {"any_of": criteria, "ports": [PORT]}
+    incoming = {"mode": "steal", "http_filter": http_filter}
+    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+    argv = [sys.executable, GRPC_APP, "user-app", "0.0.0.0", str(PORT)]
+    app = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
+    assert app.stdout is not None
+    assert app.stdout.readline().strip() == str(PORT)
+    try:
+        with grpc.insecure_channel(f"{pod.ip}:{PORT}") as channel:
+            wait_for(lambda: say(channel, "probe", "bob").startswith("user-app"), 20)
+            assert say(channel, "hi", None) == "user-app hi x-user="  # by path
+            assert chat(channel, ["x"], "bob") == ["pod x x-user=bob"]  # another method
+            # alice's chat: one answer, then the client cancels the call without ever
+            # half-closing it: only the cancellation (an RST_STREAM) can end it in the app
+            call = channel.stream_stream("/mirrord.Echo/Chat")
+            outbox: queue.Queue[bytes | None] = queue.Queue()
+            answers = call(iter(outbox.get, None), metadata=[("x-user", "alice")], timeout=60)
+            outbox.put(b"first")
+            assert next(answers) == b"user-app first x-user=alice"
+            answers.cancel()
+            try:
+                assert _readline(app.stdout, 30).strip() == "chat ended x-user=alice"
+            finally:
+                outbox.put(None)  # (lets grpc's request thread go)
+    finally:
+        stop_app(app)
+    wait_for(lambda: our_rules(pod) == [])
+
+
+def _readline(stream: IO[str], timeout: float) -> str:
+    """A line of `stream`, waiting at most `timeout` seconds."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no line within {timeout} s"
+    return stream.readline()
