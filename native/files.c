@@ -101,17 +101,31 @@ int files_get_vcwd(char *out, size_t cap) {
     return set;
 }
 
+/* feature.fs.mapping on a path that stays local: the local call is made under the mapped
+ * name, as mirrord does. decide() leaves it here (NULL when the last decision was not a
+ * mapped local one); the hooks that make their own local call (open-likes, mkdir, rmdir,
+ * unlink, rename) use it. */
+static LAYER_TLS const char *t_local_mapped;
+static LAYER_TLS char t_local_mapped_buf[PATH_CAP];
+
 /* Where does (dirfd, path) live? Fills `out` with the absolute remote path when remote. */
 static int decide(int dirfd, const char *path, int write, char *out, size_t cap) {
+    t_local_mapped = NULL;
     if (path == NULL || path_fast_local(path)) {
         return P_LOCAL;
     }
     char mapped[PATH_CAP];
+    int was_mapped = 0;
     if (path[0] == '/' && g_nmap && policy_map_path(path, mapped, sizeof mapped)) {
-        path = mapped; /* only a remote decision uses it: a local call keeps the app's path */
+        path = mapped;
+        was_mapped = 1;
     }
     if (path[0] == '/') {
         int d = policy_file(path, write);
+        if (d == P_LOCAL && was_mapped && strlen(path) < sizeof t_local_mapped_buf) {
+            strcpy(t_local_mapped_buf, path);
+            t_local_mapped = t_local_mapped_buf;
+        }
         if (d != P_LOCAL) {
             if (strlen(path) >= cap) {
                 return P_LOCAL; /* the real call reports ENAMETOOLONG */
@@ -887,10 +901,19 @@ static int open_remote(const char *path, int flags, mode_t mode) {
     return fd;
 }
 
-/* Shared by every open-like hook: R_BYPASS, or R_DONE with *ret. */
-static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret) {
+/* Shared by every open-like hook: R_BYPASS, or R_DONE with *ret. With `map_local`, a local
+ * path that feature.fs.mapping rewrote is opened here under its mapped name. */
+static int do_open_ex(int dirfd, const char *path, int flags, mode_t mode, int *ret,
+                      int map_local) {
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, open_is_write(flags), full, sizeof full, ret);
+    if (d == R_BYPASS && map_local && t_local_mapped != NULL) {
+        *ret = REAL(openat)(AT_FDCWD, t_local_mapped, flags, mode);
+        if (*ret >= 0 && fd_peek(*ret) != NULL) {
+            fd_forget(*ret); /* a new local fd reusing a number the layer still tracked */
+        }
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -898,6 +921,10 @@ static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret
     *ret = open_remote(full, flags, mode);
     t_guard--;
     return R_DONE;
+}
+
+static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret) {
+    return do_open_ex(dirfd, path, flags, mode, ret, 1);
 }
 
 static inline int local_fd(int fd) {
@@ -1511,6 +1538,10 @@ static int stat_path(int dirfd, const char *path, struct stat *st, int flags, in
     }
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, 0, full, sizeof full, ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = REAL(fstatat)(AT_FDCWD, t_local_mapped, st, flags & AT_SYMLINK_NOFOLLOW);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -1753,6 +1784,10 @@ static int access_common(int dirfd, const char *path, int mode, int *ret) {
     }
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, 0, full, sizeof full, ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = REAL(access)(t_local_mapped, mode);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -1856,6 +1891,12 @@ static int path_op(int kind, int dirfd, const char *path, int mode, int *ret) {
     }
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, 1, full, sizeof full, ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = kind == M_MKDIR   ? REAL(mkdir)(t_local_mapped, (mode_t)mode)
+               : kind == M_RMDIR ? REAL(rmdir)(t_local_mapped)
+                                 : REAL(unlink)(t_local_mapped);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -1898,9 +1939,22 @@ static int rename_common(int olddir, const char *old, int newdir, const char *ne
     }
     char a[PATH_CAP], b[PATH_CAP];
     int da = decide(olddir, old, 1, a, sizeof a);
+    const char *mapped_old = NULL;
+    char old_buf[PATH_CAP];
+    if (t_local_mapped != NULL) {
+        strcpy(old_buf, t_local_mapped);
+        mapped_old = old_buf;
+    }
     int db = decide(newdir, new, 1, b, sizeof b);
     if (da == P_LOCAL && db == P_LOCAL) {
-        return R_BYPASS;
+        if (mapped_old == NULL && t_local_mapped == NULL) {
+            return R_BYPASS;
+        }
+        /* local, under the mapped name(s); an unmapped relative side keeps its directory */
+        *ret = REAL(renameat)(mapped_old ? AT_FDCWD : olddir, mapped_old ? mapped_old : old,
+                              t_local_mapped ? AT_FDCWD : newdir,
+                              t_local_mapped ? t_local_mapped : new);
+        return R_DONE;
     }
     t_guard++;
     if (da == P_NOT_FOUND || db == P_NOT_FOUND) {

@@ -7,6 +7,7 @@ requests checked."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,48 @@ def test_fs_mapping_rewrites_a_path_before_the_policy(
     assert res["/etc/myapp/prod/db.conf"] == (0, 0, "host=db")
     assert res[str(local)] == (0, 0, "stays local")
     assert _requested_paths(daemon) == {"/app/config/settings.yaml", "/srv/prod/db.conf"}
+
+
+MAPPED_LOCAL_CALLS = """
+import os, sys
+alias = sys.argv[1]
+with open(alias + "/note.txt", "w") as f:  # created under the mapped name
+    f.write("written through the alias\\n")
+print("read", open(alias + "/note.txt").read().strip())
+print("stat", os.stat(alias + "/note.txt").st_size, os.access(alias + "/note.txt", os.R_OK))
+os.rename(alias + "/note.txt", alias + "/renamed.txt")
+os.mkdir(alias + "/sub")
+os.rmdir(alias + "/sub")
+fd = os.open(alias + "/renamed.txt", os.O_RDONLY)
+print("os.open", os.read(fd, 100).decode().strip())
+os.close(fd)
+os.unlink(alias + "/renamed.txt")
+print("done")
+"""
+
+
+def test_fs_mapping_applies_to_a_path_that_stays_local(
+    run: Runner, daemon: ScriptedDaemon, tmp_path: Path
+) -> None:
+    """A mapped path the policy keeps local is opened, stat'ed, renamed, made and unlinked
+    under its mapped name (mirrord's behaviour), not under the name the app used."""
+    real = tmp_path / "real"
+    real.mkdir()
+    alias = tmp_path / "alias"  # does not exist: every call must go to `real`
+    settings = LayerSettings(
+        timeout_ms=5000,
+        local=(rf"^{tmp_path}/",),
+        fs_mapping=((rf"^{alias}/(.*)$", f"{real}/$1"),),
+    )
+    proc = run([sys.executable, "-c", MAPPED_LOCAL_CALLS, str(alias)], settings=settings)
+    lines = proc.stdout.decode().splitlines()
+    assert lines == [
+        "read written through the alias",
+        "stat 26 True",
+        "os.open written through the alias",
+        "done",
+    ], proc.stderr
+    assert not alias.exists()
+    assert list(real.iterdir()) == []  # renamed, then unlinked: all under `real`
+    asked = {p for p in _requested_paths(daemon) if p.startswith(str(tmp_path))}
+    assert asked == set()  # local: the daemon was never asked about them
