@@ -55,6 +55,8 @@ __all__ = ["pod_app_sent_h2_settings", "serve_h2", "serve_h2c_upgrade"]
 log = logging.getLogger("mirrord.agent.incoming")
 
 _READ = 256 * 1024
+# Bytes queued for a peer above which its input is not read (`_Peer.wait_backlog_below`).
+_BACKLOG = 1024 * 1024
 # How long an `Upgrade: h2c` request waits for the pod's app's HTTP/2 greeting, once per
 # client connection (an HTTP/2 app sends it on accept: microseconds, unless very loaded).
 H2C_GREETING_WAIT = 1.0
@@ -131,15 +133,24 @@ async def serve_h2c_upgrade(
 class _Peer:
     """One connection of the shell: bytes queued for it, and whether to close it after."""
 
-    __slots__ = ("buf", "closing", "wake")
+    __slots__ = ("buf", "closing", "sent", "wake")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.closing = False
         self.wake = anyio.Event()
+        self.sent = anyio.Event()  # set (and replaced) each time the writer takes `buf`
 
     def poke(self) -> None:
         self.wake.set()
+
+    async def wait_backlog_below(self, limit: int) -> None:
+        """Wait while more than `limit` bytes wait for this peer. What a peer's input makes
+        the router answer it (SETTINGS and PING acks, WINDOW_UPDATEs, resets) is unbounded by
+        flow control: a peer that sends without reading would grow it without end (the PING
+        flood), so its input is read only while its backlog is small."""
+        while len(self.buf) > limit and not self.closing:
+            await self.sent.wait()
 
 
 class _H2Shell:
@@ -192,7 +203,9 @@ class _H2Shell:
                     peer.poke()
 
     async def _read_client(self) -> None:
+        client = self.peers[CLIENT]
         while not self.router.finished:
+            await client.wait_backlog_below(_BACKLOG)
             try:
                 data = await self.conn.client.receive(_READ)
             except _STREAM_ERRORS:
@@ -213,6 +226,8 @@ class _H2Shell:
                 while peer.buf:
                     data = bytes(peer.buf)
                     peer.buf.clear()
+                    peer.sent.set()
+                    peer.sent = anyio.Event()
                     await stream.send(data)
                 if peer.closing:
                     break
@@ -264,7 +279,9 @@ class _H2Shell:
         stream = opened
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._write, key, stream, tg.cancel_scope)
+            peer = self.peers[key]
             while True:
+                await peer.wait_backlog_below(_BACKLOG)
                 try:
                     data = await stream.receive(_READ)
                 except _STREAM_ERRORS:
