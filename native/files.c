@@ -3176,7 +3176,17 @@ HOOK void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t o
  * open/mkdir hooks (O_EXCL: an existing name is tried again). */
 static int tmpl_remote(const char *tmpl) {
     char full[PATH_CAP];
+    t_local_mapped = NULL; /* no stale name when decide() is not reached */
     return g_active && !t_guard && tmpl != NULL && decide(AT_FDCWD, tmpl, 1, full, sizeof full) != P_LOCAL;
+}
+
+/* A local template that feature.fs.mapping rewrote is made under the mapped name (in `mapped`,
+ * filled by the real call); the letters it chose are written back into the app's template. */
+static void tmpl_copy_back(char *tmpl, const char *mapped, int suffixlen) {
+    size_t k = 6 + (size_t)(suffixlen > 0 ? suffixlen : 0), n = strlen(tmpl), m = strlen(mapped);
+    if (n >= k && m >= k) {
+        memcpy(tmpl + n - k, mapped + m - k, 6);
+    }
 }
 
 /* Fills the 6 X's before the suffix with random letters and digits; -1 (EINVAL) if the
@@ -3234,6 +3244,17 @@ static int mkstemp_remote(char *tmpl, int suffixlen, int flags) {
         if (tmpl_remote(tmpl)) {                                             \
             return mkstemp_remote(tmpl, suffixlen, flags);                   \
         }                                                                    \
+        if (t_local_mapped != NULL) {                                        \
+            char mapped[PATH_CAP];                                           \
+            char *app_tmpl = tmpl;                                           \
+            tmpl = (char *)local_name(tmpl, NULL, mapped);                   \
+            int fd = REAL(name) args;                                        \
+            tmpl = app_tmpl;                                                 \
+            if (fd >= 0) {                                                   \
+                tmpl_copy_back(tmpl, mapped, suffixlen);                     \
+            }                                                                \
+            return local_fd(fd);                                             \
+        }                                                                    \
         return REAL(name) args;                                              \
     }
 MKSTEMP_HOOK(mkstemp, (char *tmpl), (tmpl), 0, 0)
@@ -3247,6 +3268,15 @@ MKSTEMP_HOOK(mkostemps64, (char *tmpl, int suffixlen, int flags), (tmpl, suffixl
 
 HOOK char *mkdtemp(char *tmpl) {
     if (!tmpl_remote(tmpl)) {
+        if (t_local_mapped != NULL) { /* local, under its mapped name */
+            char mapped[PATH_CAP];
+            local_name(tmpl, NULL, mapped);
+            if (REAL(mkdtemp)(mapped) == NULL) {
+                return NULL;
+            }
+            tmpl_copy_back(tmpl, mapped, 0);
+            return tmpl;
+        }
         return REAL(mkdtemp)(tmpl);
     }
     size_t len = strlen(tmpl);

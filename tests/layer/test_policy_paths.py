@@ -206,6 +206,16 @@ fp = libc.freopen(p("file").encode(), b"r", libc.fopen(b"/dev/null", b"r"))
 buf = ctypes.create_string_buffer(16)
 print("freopen", libc.fgets(buf, 16, ctypes.c_void_p(fp)) is not None and buf.value.decode())
 print("statvfs", os.statvfs(p("file")).f_bsize > 0)
+tmpl = ctypes.create_string_buffer(p("tmpXXXXXX").encode())
+fd = libc.mkstemp(tmpl)
+print("mkstemp", fd >= 0 and tmpl.value.decode().startswith(p("tmp")), os.path.exists(tmpl.value))
+os.close(fd)
+os.unlink(tmpl.value)
+libc.mkdtemp.restype = ctypes.c_char_p
+dtmpl = ctypes.create_string_buffer(p("dirXXXXXX").encode())
+made = libc.mkdtemp(dtmpl)
+print("mkdtemp", made is not None and made.decode().startswith(p("dir")), os.path.isdir(made))
+os.rmdir(made)
 try:
     os.listxattr(p("file"))
     print("xattr listed")
@@ -227,8 +237,8 @@ def test_fs_mapping_applies_to_every_local_path_call(
 ) -> None:
     """Beyond open/stat/rename: truncate, chmod, chown, utimes, symlink, readlink, link,
     opendir, faccessat (its flags kept), euidaccess, realpath, renameat2's RENAME_NOREPLACE,
-    freopen, statvfs, xattrs and chdir on a mapped path that stays local all act on the
-    mapped name."""
+    freopen, statvfs, mkstemp/mkdtemp templates, xattrs and chdir on a mapped path that stays
+    local all act on the mapped name."""
     real = tmp_path / "real"
     real.mkdir()
     alias = tmp_path / "alias"  # does not exist: every call must go to `real`
@@ -251,6 +261,8 @@ def test_fs_mapping_applies_to_every_local_path_call(
         "renameat2 noreplace -1 EEXIST",  # not replaced
         "freopen 0123",
         "statvfs True",
+        "mkstemp True True",  # the app's own template, filled: it names the mapped file
+        "mkdtemp True True",
         "xattr listed",
         "cwd REAL/sub",
         "done",
