@@ -279,6 +279,7 @@ def test_a_lingering_local_agent_is_reused_only_with_the_same_agent_settings(
     assert other.returncode == 0, other.stderr
     assert "reusing agent" not in other.stderr  # other agent settings: a new agent
     assert f"starting agent for {target}" in other.stderr
+    assert f"the agent for {target} runs with other agent settings" in other.stderr
     again = mirrord.run("run", "-f", str(config), "-t", target, "--", "true")
     assert again.returncode == 0, again.stderr
     assert "reusing agent" in again.stderr  # the same settings: the lingering one
