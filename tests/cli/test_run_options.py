@@ -18,7 +18,7 @@ import typer.main
 
 from mirrord.cli import app
 from mirrord.cli._app import _register_commands
-from mirrord.cli._main import normalize_run_args
+from mirrord.cli._main import normalize_run_args, parse_run_args
 from mirrord.cli._sessions import session_request
 from mirrord.daemon._daemon import resolve_session_config
 from mirrord.localpod import LocalPod, PodSpec
@@ -154,3 +154,21 @@ def test_exec_with_mirrords_options_runs_quietly(
         "FROM_FILE": "yes",
     }
     assert result.stderr == ""  # --quiet: no progress lines
+
+
+def test_config_file_option_alone_means_dot_mirrord_json(tmp_path: Path) -> None:
+    """mirrord's `-f` with no value is `./.mirrord/mirrord.json`, through typer and the
+    fast path alike."""
+    (tmp_path / ".mirrord").mkdir()
+    (tmp_path / ".mirrord" / "mirrord.json").write_text(
+        '{"feature": {"env": {"include": "FROM_DOT_MIRRORD"}}}'
+    )
+    for args in (["-f", "-t", "pid/1"], ["-t", "pid/1", "--config-file"]):
+        config = _resolved(args, tmp_path)
+        assert config.feature.env.include == ["FROM_DOT_MIRRORD"], args
+        assert config.target.path == "pid/1"
+    fast = parse_run_args(normalize_run_args(["-t", "pid/1", "-f", "--", "true"]))
+    assert fast is not None and fast["config_file"] == Path("./.mirrord/mirrord.json")
+    assert fast["command"] == ["true"]
+    given = parse_run_args(normalize_run_args(["-f", "other.json", "--", "true"]))
+    assert given is not None and given["config_file"] == Path("other.json")  # a value is kept

@@ -25,7 +25,8 @@ Routing
   requests go to the pod's app over one connection to the original destination, opened from
   inside the pod with `SO_MARK` so our own OUTPUT rule lets it through. Responses are written
   in request order (pipelining). After a matched `Upgrade` that the app accepts, the rest of
-  the connection is relayed whole. Bytes that are not HTTP/1.x go to the pod's app untouched.
+  the connection is relayed whole. HTTP/2 with prior knowledge is routed stream by stream
+  (`_incoming_h2.py`). Other bytes that are not HTTP/1.x go to the pod's app untouched.
 - A connection made straight to the agent's listener (not redirected: its original
   destination is the listener itself) is reset at once, never relayed: relaying it to its
   original destination would connect to the listener again, in a loop. The steal rules
@@ -59,6 +60,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from mirrord.agent._http2_filter import could_be_h2_preface, h2c_upgrade_from
 from mirrord.agent._http_filter import (
     CLOSED,
     NEED_DATA,
@@ -75,6 +77,7 @@ from mirrord.agent._http_filter import (
     ResponseSplitter,
     kube_probe_recipe,
 )
+from mirrord.agent._incoming_h2 import pod_app_sent_h2_settings, serve_h2, serve_h2c_upgrade
 from mirrord.agent._incoming_netns import make_listener, make_marked_socket, original_dst
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
@@ -1064,6 +1067,8 @@ class _FilteredConnection:
             self._watch_scope = None
             if scope.cancel_called or self._client_spoke or up is None:
                 return
+            if pod_app_sent_h2_settings(raw):
+                return  # an HTTP/2 app greets first: the client's bytes decide
             self._server_first = True
             await send_ex.send(_Exchange(head=None, dest=up, session=False, tunnel=True))
 
@@ -1157,6 +1162,10 @@ class _FilteredConnection:
                                 await current.dest.send_eof()
                         return
                     if isinstance(ev, RequestStarted):
+                        if current is None and splitter.requests == 1:
+                            upgrade = h2c_upgrade_from(ev.head)
+                            if upgrade and await serve_h2c_upgrade(self, upgrade, splitter):
+                                return  # switched to HTTP/2: routed stream by stream there
                         current = await self._route(ev.head)
                         self._reading.append(current)
                         await send_ex.send(current)
@@ -1177,6 +1186,16 @@ class _FilteredConnection:
                         if isinstance(ev, RequestEnded):
                             current = None
                     elif isinstance(ev, Passthrough):
+                        if (
+                            current is None
+                            and not splitter.requests
+                            and could_be_h2_preface(ev.raw)
+                        ):
+                            # HTTP/2 with prior knowledge: routed stream by stream there.
+                            rest = await serve_h2(self, ev.raw)
+                            if rest is None:
+                                return
+                            ev = Passthrough(rest)
                         # Not HTTP (or no longer): the rest goes untouched to where the current
                         # request went, else to the pod's app, and its answer comes back whole.
                         if current is not None and current.dest is not None:

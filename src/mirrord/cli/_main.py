@@ -72,12 +72,16 @@ _DEFAULTS: dict[str, Any] = {
     **{key: False for key in FLAG_OPTIONS.values()},
 }
 _OPTIONAL_VALUE = ("-c", "--accept-invalid-certificates")  # `-c` alone, or `-c=BOOL`
+_CONFIG_FILE = ("-f", "--config-file")
+DEFAULT_CONFIG_FILE = "./.mirrord/mirrord.json"  # what mirrord's `-f` alone means
 
 
 def normalize_run_args(args: list[str]) -> list[str]:
     """mirrord's `-c` / `--accept-invalid-certificates` take an optional `=BOOL`: alone they
     mean true. Rewritten to the `--accept-invalid-certificates=VALUE` form typer parses; only
-    among the options (before `--` or the command's first word)."""
+    among the options (before `--` or the command's first word). `-f` / `--config-file` with
+    no value (last, or before `--` or another option) means `./.mirrord/mirrord.json`, as in
+    mirrord."""
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -87,6 +91,10 @@ def normalize_run_args(args: list[str]) -> list[str]:
         name, eq, value = arg.partition("=")
         if name in _OPTIONAL_VALUE:
             out.append(f"--accept-invalid-certificates={value if eq else 'true'}")
+            i += 1
+            continue
+        if name in _CONFIG_FILE and not eq and (i + 1 >= len(args) or args[i + 1].startswith("-")):
+            out.append(f"--config-file={DEFAULT_CONFIG_FILE}")
             i += 1
             continue
         out.append(arg)

@@ -58,7 +58,12 @@ EphemeralOpt = Annotated[
     _opt("--ephemeral-container", "-e", help="Run the agent in an ephemeral container."),
 ]
 ConfigOpt = Annotated[
-    Path | None, _opt("--config-file", "-f", help="mirrord config file (.json, .toml, .yaml).")
+    Path | None,
+    _opt(
+        "--config-file",
+        "-f",
+        help="mirrord config file (.json, .toml, .yaml); alone: ./.mirrord/mirrord.json.",
+    ),
 ]
 FsModeOpt = Annotated[
     str | None, _opt("--fs-mode", help="Files: local, localwithoverrides, read or write.")

@@ -18,7 +18,8 @@ Contract for every backend
   only the sections it owns (`agent`, `kube`, ...).
 - The returned handle's `key` decides sharing: sessions whose handle keys are equal share one
   agent and one stream (the daemon stops the handle it did not need). Keys name the backend
-  and the resolved target, e.g. `local:pid/123`, `kube:ctx/ns/pod/container@settings`.
+  and the resolved target, e.g. `local:pid/123` (`local:pid/123@settings` for an agent started
+  with other than the default agent settings), `kube:ctx/ns/pod/container@settings`.
 - Optional `agent_fingerprint(config) -> str`: the settings an agent was started with that a
   session must share to reuse it; the pool reuses a running agent for a target only when the
   fingerprints are equal (without the method: by target alone).
@@ -30,6 +31,8 @@ Contract for every backend
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -235,8 +238,9 @@ class LocalAgentHandle:
         secret_path: Path,
         log_path: Path,
         secret: str,
+        fingerprint: str = "",
     ) -> None:
-        self.key = f"local:{target}"
+        self.key = f"local:{target}" + (f"@{fingerprint}" if fingerprint else "")
         self.target = target
         self.description = f"local agent pid {process.pid} for {target}"
         self.secret = secret
@@ -322,6 +326,17 @@ class LocalAgentBackend:
     def handles(self, target: str) -> bool:
         return target.startswith(LOCAL_TARGET_PREFIXES)
 
+    def agent_fingerprint(self, config: AgentConfig) -> str:
+        """The settings a local agent runs with (its environment from `agent_environment` and
+        `agent.communication_timeout`): the pool reuses a lingering agent only for a session
+        asking for the same. "" for the defaults."""
+        env = agent_environment(config)
+        idle = config_value(config, "agent", "communication_timeout", default=None)
+        if not env and idle in (None, DEFAULT_AGENT_IDLE_TIMEOUT):
+            return ""
+        text = json.dumps({"env": env, "idle": idle}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
     def _command(self, target: str, socket_path: Path, secret_path: Path, idle: int) -> list[str]:
         argv = [
             sys.executable,
@@ -393,6 +408,7 @@ class LocalAgentBackend:
             secret_path=secret_path,
             log_path=log_path,
             secret=secret,
+            fingerprint=self.agent_fingerprint(config),
         )
         try:
             await self._wait_ready(handle, startup_timeout)

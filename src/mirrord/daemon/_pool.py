@@ -109,6 +109,8 @@ class AgentPool:
         async with lock:
             entry = self._reusable(lock_key)
             if entry is None:
+                if self._differs_only_in_settings(lock_key):
+                    progress(f"the agent for {target} runs with other agent settings: another one")
                 handle = await backend.start_agent(target, config, progress)
                 self._target_keys[lock_key] = handle.key
                 existing = self.entries.get(handle.key)
@@ -132,6 +134,15 @@ class AgentPool:
             entry.sessions.add(session_id)
             assert entry.link is not None
             return entry.link
+
+    def _differs_only_in_settings(self, lock_key: tuple[str, str, str]) -> bool:
+        """Whether a live agent serves the same target with other agent settings."""
+        for (name, target, settings), key in self._target_keys.items():
+            if (name, target) == lock_key[:2] and settings != lock_key[2]:
+                entry = self.entries.get(key)
+                if entry is not None and entry.handle.alive():
+                    return True
+        return False
 
     def _reusable(self, lock_key: tuple[str, str, str]) -> PoolEntry | None:
         key = self._target_keys.get(lock_key)
