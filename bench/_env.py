@@ -132,23 +132,31 @@ class BenchEnv:
         ext = subprocess.Popen(
             [*self.mirrord, "ext", "-t", self.target, "--wait-timeout", "60"],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            env=self.env(),
+            env={**self.env(), "MIRRORD_PROGRESS_MODE": "json"},
         )
         holder: subprocess.Popen[bytes] | None = None
         try:
-            assert ext.stdout is not None
+            assert ext.stdout is not None and ext.stderr is not None
             session: dict[str, str] | None = None
             for line in ext.stdout:  # ext exits (EOF) on an error or its wait timeout
                 msg = json.loads(line)
-                if msg.get("type") == "env":
-                    session = {**self.env(), **msg["env"]}
+                # The IDE protocol's ready line: the execution is a JSON string in `message`.
+                if (
+                    msg.get("type") == "FinishedTask"
+                    and msg.get("name") == "mirrord preparing to launch"
+                    and msg.get("success")
+                    and msg.get("message")
+                ):
+                    execution = json.loads(msg["message"])
+                    session = {**self.env(), **execution["environment"]}
+                    for key in execution.get("env_to_unset") or ():
+                        session.pop(key, None)
                     break
-                if msg.get("type") == "error":
-                    raise RuntimeError(f"mirrord ext: {msg.get('message')}")
             if session is None:
-                raise RuntimeError("mirrord ext ended without a session")
+                error = ext.stderr.read().strip() if ext.poll() is not None else ""
+                raise RuntimeError(f"mirrord ext ended without a session {error[-400:]}")
             holder = subprocess.Popen(["sleep", "3600"], env=session)
             yield session
         finally:
