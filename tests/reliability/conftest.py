@@ -11,15 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+import signal
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from mirrord.localpod import LocalPod
 from tests.cli.conftest import Mirrord, agent_pids, pid_alive, processes_with_env, temp_mirrord
 from tests.incoming.test_incoming_agent import our_rules
+
+if TYPE_CHECKING:
+    from tests.reliability._session import Scene
 
 __all__ = [
     "Size",
@@ -80,6 +85,35 @@ def size(request: pytest.FixtureRequest) -> Size:
 def mirrord() -> Iterator[Mirrord]:
     with temp_mirrord("mrdrel") as cli:
         yield cli
+
+
+@pytest.fixture
+def scene_factory(mirrord: Mirrord, pod: LocalPod, size: Size) -> Iterator[Callable[[str], Scene]]:
+    """`scene_factory(phase)` starts the fault app under `mirrord run --steal` against `pod`
+    (tests/reliability/_session.py); whatever a test stopped is continued afterwards."""
+    from tests.reliability._session import VICTIMS, start_scene
+
+    scenes: list[Scene] = []
+
+    def make(phase: str) -> Scene:
+        scene = start_scene(mirrord, pod, size, phase)
+        scenes.append(scene)
+        return scene
+
+    try:
+        yield make
+    finally:
+        for scene in scenes:
+            # a stopped process would survive its test: continue everything first
+            for victim in VICTIMS:
+                pid = scene.pid_of(victim)
+                if pid is not None:
+                    try:
+                        os.kill(pid, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
+            if scene.client is not None:
+                scene.client.close()
 
 
 # -- measuring a process -----------------------------------------------------------------------
