@@ -148,6 +148,14 @@ class Scene:
                 return pid
         return None
 
+    def session_id(self) -> str:
+        """The session's id, as the app got it (MIRRORD_SESSION)."""
+        pid = self.app_pid()
+        assert pid is not None, "the app is not running"
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        (value,) = [v for v in environ if v.startswith(b"MIRRORD_SESSION=")]
+        return value.split(b"=", 1)[1].decode()
+
     def agent_pid(self) -> int | None:
         pids = agent_pids(self.cli.runtime)
         return pids[0] if pids else None
@@ -264,3 +272,20 @@ def assert_nothing_left(
     if agent_killed:
         left_files = [name for name in left_files if not name.startswith("agent-")]
     assert left_files == []
+
+
+def assert_healthy(scene: Scene, since: float) -> None:
+    """The healthy session kept reading its remote file, without an error, since `since`."""
+    scene.out.wait(lambda line: line.startswith("count"), since, 20, "the healthy session's work")
+    errors = [line for at, line in scene.out.items if line.startswith("error")]
+    assert errors == [], scene.out.text()[-2000:]
+    assert scene.run.poll() is None, scene.err.text()
+
+
+def healthy_scene(scene_factory: Callable[[str], Scene]) -> tuple[Scene, int, int]:
+    """A session of the fault app reading its remote file in a loop; its daemon and agent."""
+    scene = scene_factory("read")
+    wait_ready(scene)
+    daemon, agent = scene.daemon_pid(), scene.agent_pid()
+    assert daemon is not None and agent is not None
+    return scene, daemon, agent

@@ -24,7 +24,6 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -41,7 +40,7 @@ from mirrord.protocol import (
 from mirrord.protocol import messages as m
 from tests.protocol.helpers import agent_pair, drain, layer_pair
 from tests.protocol.test_fuzz import _AGENT_SEEDS, _LAYER_SEEDS, _mutate, _random_frame
-from tests.reliability._session import Scene, wait_ready
+from tests.reliability._session import Scene, assert_healthy, healthy_scene
 from tests.reliability.conftest import Size, record_figures, rss_kib
 
 pytestmark = pytest.mark.netns
@@ -198,14 +197,6 @@ class Fuzzer:
             self.sock = None
 
 
-def assert_healthy(scene: Scene, since: float) -> None:
-    """The healthy session kept reading its remote file, without an error, since `since`."""
-    scene.out.wait(lambda line: line.startswith("count"), since, 20, "the healthy session's work")
-    errors = [line for at, line in scene.out.items if line.startswith("error")]
-    assert errors == [], scene.out.text()[-2000:]
-    assert scene.run.poll() is None, scene.err.text()
-
-
 def fuzz(
     scene: Scene, fuzzers: list[Fuzzer], frames: int, watched: dict[str, int]
 ) -> dict[str, object]:
@@ -236,22 +227,6 @@ def fuzz(
     for name in watched:
         assert after[name] - before[name] < RSS_GROWTH_LIMIT_KIB, figures
     return figures
-
-
-def _healthy(scene_factory: Callable[[str], Scene]) -> tuple[Scene, int, int]:
-    scene = scene_factory("read")
-    wait_ready(scene)
-    daemon, agent = scene.daemon_pid(), scene.agent_pid()
-    assert daemon is not None and agent is not None
-    return scene, daemon, agent
-
-
-def _session_of(scene: Scene) -> str:
-    pid = scene.app_pid()
-    assert pid is not None
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    (value,) = [v for v in environ if v.startswith(b"MIRRORD_SESSION=")]
-    return value.split(b"=", 1)[1].decode()
 
 
 # -- the control socket ---------------------------------------------------------------------------
@@ -305,7 +280,7 @@ def _control_denied(line: bytes) -> bool:
 
 
 def test_fuzz_control_socket(scene_factory: Callable[[str], Scene], size: Size) -> None:
-    scene, daemon, agent = _healthy(scene_factory)
+    scene, daemon, agent = healthy_scene(scene_factory)
     rng = random.Random(20)
     seeds = [json.dumps(seed).encode() for seed in _CONTROL_SEEDS]
     path = str(scene.cli.runtime / "mirrordd.sock")
@@ -362,9 +337,9 @@ def test_fuzz_control_socket(scene_factory: Callable[[str], Scene], size: Size) 
 
 
 def test_fuzz_layer_socket(scene_factory: Callable[[str], Scene], size: Size) -> None:
-    scene, daemon, agent = _healthy(scene_factory)
+    scene, daemon, agent = healthy_scene(scene_factory)
     path = str(scene.cli.runtime / "layer.sock")
-    session = _session_of(scene)
+    session = scene.session_id()
     build = build_id()
     encoder, _ = layer_pair()
     seeds = [encoder.send(msg) for msg in _LAYER_SEEDS if harmless(msg)]
@@ -393,7 +368,7 @@ def layer_verdict_without_handshake(frame: bytes) -> str:
 
 
 def test_fuzz_agent_socket(scene_factory: Callable[[str], Scene], size: Size) -> None:
-    scene, daemon, agent = _healthy(scene_factory)
+    scene, daemon, agent = healthy_scene(scene_factory)
     (sock_path,) = scene.cli.runtime.glob("agent-*.sock")
     secret = sock_path.with_suffix(".secret").read_text().strip()
     encoder, _ = agent_pair()
@@ -436,7 +411,7 @@ def agent_verdict_unauthenticated(frame: bytes) -> str:
 def test_bad_control_lines_are_the_senders_error(
     scene_factory: Callable[[str], Scene],
 ) -> None:
-    scene, _, _ = _healthy(scene_factory)
+    scene, _, _ = healthy_scene(scene_factory)
     lines = [b"\xff\xfe\x00", b"[" * 100_000, b'{"id": 1, "op": "\xff"}', b"{" * 5000]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(20)

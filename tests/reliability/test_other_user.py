@@ -140,14 +140,6 @@ class LayerClient:
         self.sock.close()
 
 
-def session_of(scene: Scene) -> str:
-    pid = scene.app_pid()
-    assert pid is not None
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    (value,) = [v for v in environ if v.startswith(b"MIRRORD_SESSION=")]
-    return value.split(b"=", 1)[1].decode()
-
-
 _TCP_INTRUDER = """
 import json, socket, sys
 address, port = sys.argv[1], int(sys.argv[2])
@@ -178,7 +170,7 @@ print(json.dumps({"connected": True, "got": got.decode(errors="replace")}))
 def test_another_user_cannot_use_a_tcp_relay(scene_factory: Callable[[str], Scene]) -> None:
     scene = scene_factory("read")
     wait_ready(scene)
-    layer = LayerClient(scene.cli.runtime, session_of(scene))
+    layer = LayerClient(scene.cli.runtime, scene.session_id())
     try:
         reply = layer.call(
             m.LayerConnect(request_id=1, protocol="tcp", address="127.0.0.1", port=7777)
