@@ -156,9 +156,21 @@ class Fuzzer:
         self.refused_writes = 0
 
     def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(self.path)
+        deadline = time.monotonic() + 10
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            try:
+                sock.connect(self.path)
+                break
+            except BlockingIOError:
+                # the listen backlog is full (we connect faster than the peer accepts)
+                sock.close()
+                assert time.monotonic() < deadline, "the peer accepted nothing for 10 s"
+                time.sleep(0.01)
+            except BaseException:
+                sock.close()
+                raise
         self.connections += 1
         opening = self.opening()
         if opening:

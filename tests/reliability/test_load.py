@@ -222,9 +222,10 @@ def test_sequential_runs_leave_no_fds_or_memory_behind(
 def test_half_closed_stolen_connection_keeps_the_tail(mirrord: Mirrord, pod: LocalPod) -> None:
     app = start_echo_app(mirrord, pod)
     try:
-        sent, got, received = asyncio.run(
-            asyncio.wait_for(_bulk(pod.ip, 16 << 20, half_close=True), timeout=300)
-        )
+        for _ in range(3):  # the loss depends on timing: three tries catch it reliably here
+            sent, got, received = asyncio.run(
+                asyncio.wait_for(_bulk(pod.ip, 16 << 20, half_close=True), timeout=300)
+            )
+            assert received == 16 << 20 and got == sent
     finally:
         stop(app)
-    assert received == 16 << 20 and got == sent
