@@ -15,6 +15,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
 
@@ -196,6 +197,24 @@ static int recv_frame(struct lconn *c, cbor_r *r, long long deadline) {
     return 0;
 }
 
+/* Only our own user's daemon (or root's) hears the session id and serves remote calls: the
+ * kernel records who listens on the socket (SO_PEERCRED), which a process put in its place by
+ * another user cannot forge. */
+static int daemon_is_ours(int fd) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+        DBG("cannot tell who listens on %s (%s): not used", g_addr.sun_path, strerror(errno));
+        return 0;
+    }
+    if (cred.uid != geteuid() && cred.uid != 0) {
+        DBG("the process on %s (pid %d) runs as uid %d, not as this user (%d): not used",
+            g_addr.sun_path, (int)cred.pid, (int)cred.uid, (int)geteuid());
+        return 0;
+    }
+    return 1;
+}
+
 /* Connects and says LayerHello; the fd is protected (high, marked). -1 if unreachable. */
 static int open_conn(struct lconn *c, pid_t parent) {
     int s = REAL(socket)(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -209,6 +228,11 @@ static int open_conn(struct lconn *c, pid_t parent) {
     if (REAL(connect)(s, (struct sockaddr *)&g_addr, sizeof g_addr) < 0) {
         DBG("cannot reach the daemon at %s: %s", g_addr.sun_path, strerror(errno));
         REAL(close)(s);
+        return -1;
+    }
+    if (!daemon_is_ours(s)) {
+        REAL(close)(s);
+        errno = ECONNREFUSED;
         return -1;
     }
     s = layer_fd_protect(s);
@@ -464,7 +488,8 @@ static int adopt_fd(int fd) {
     socklen_t len = sizeof peer;
     if (fd < 0 || REAL(fstat)(fd, &st) < 0 || !S_ISSOCK(st.st_mode) ||
         REAL(getpeername)(fd, (struct sockaddr *)&peer, &len) < 0 || peer.sun_family != AF_UNIX ||
-        strncmp(peer.sun_path, g_addr.sun_path, sizeof peer.sun_path) != 0) {
+        strncmp(peer.sun_path, g_addr.sun_path, sizeof peer.sun_path) != 0 ||
+        !daemon_is_ours(fd)) {
         return -1;
     }
     REAL(fcntl)(fd, F_SETFD, FD_CLOEXEC);

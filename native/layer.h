@@ -344,6 +344,12 @@ int sockaddr_from_text(const char *host, int port, int family, struct sockaddr_s
                        socklen_t *len);
 int is_loopback(const struct sockaddr *sa);
 
+/* debugger.c: a debugger's own ports (MIRRORD_IGNORE_DEBUGGER_PORTS, ..._DETECT_...) */
+void debugger_init(void);
+/* 1 if `sa` is a debugger's port on loopback (or, with any_addr, on the unspecified address):
+ * the call stays local and subscribes nothing. */
+int debugger_port(const struct sockaddr *sa, socklen_t len, int any_addr);
+
 /* Exec environment: the env that keeps the layer in the new image (malloc'd, NULL-ended). */
 char **proc_exec_env(char *const envp[], int keep_fd);
 void proc_free_env(char **env);

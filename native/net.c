@@ -199,7 +199,7 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
         return REAL(connect)(fd, sa, len);
     }
     int type = sock_type(fd);
-    if (policy_connect(sa, len, type) == P_LOCAL) {
+    if (debugger_port(sa, len, 0) || policy_connect(sa, len, type) == P_LOCAL) {
         int rc = REAL(connect)(fd, sa, len);
         struct ent *le = rc == 0 && type == SOCK_DGRAM ? fd_peek(fd) : NULL;
         if (le != NULL && le->kind == K_SOCK) {
@@ -328,8 +328,9 @@ HOOK int bind(int fd, const struct sockaddr *sa, socklen_t len) {
         return REAL(bind)(fd, sa, len);
     }
     int port = get_port(sa);
-    if (port == 0 || sock_type(fd) != SOCK_STREAM || policy_listen_port(port) < 0) {
-        return REAL(bind)(fd, sa, len);
+    if (port == 0 || debugger_port(sa, len, 1) || sock_type(fd) != SOCK_STREAM ||
+        policy_listen_port(port) < 0) {
+        return REAL(bind)(fd, sa, len); /* not recorded: its listen() subscribes nothing */
     }
     struct sockaddr_storage use;
     memcpy(&use, sa, len);
@@ -368,7 +369,10 @@ HOOK int listen(int fd, int backlog) {
     if (e == NULL) {
         return rc;
     }
-    int rport = e->bound && !e->subscribed ? policy_listen_port(get_port((struct sockaddr *)&e->req)) : -1;
+    int rport = e->bound && !e->subscribed &&
+                        !debugger_port((struct sockaddr *)&e->req, e->req_len, 1)
+                    ? policy_listen_port(get_port((struct sockaddr *)&e->req))
+                    : -1;
     if (rport >= 0 && !(g_set.incoming_ignore_localhost && is_loopback((struct sockaddr *)&e->req))) {
         t_guard++;
         struct sockaddr_storage real;

@@ -272,6 +272,25 @@ static void drop_handed_over_connection(void) {
     }
 }
 
+/* MIRRORD_SKIP_PROCESSES ("a;b;c") in this process's own environment: IDEs set it in the
+ * debuggee's environment only, after the session's config was resolved. Names match the
+ * executable's file name or the process's own name (argv[0]'s), as skip_processes does. */
+static int skipped_by_env(const char *exe, const char *name) {
+    const char *v = getenv("MIRRORD_SKIP_PROCESSES");
+    const char *slash = strrchr(exe, '/');
+    const char *b = slash ? slash + 1 : exe;
+    while (v != NULL && *v) {
+        size_t n = strcspn(v, ";");
+        if (n > 0 && ((strlen(b) == n && strncmp(b, v, n) == 0) ||
+                      (name != NULL && strlen(name) == n && strncmp(name, v, n) == 0))) {
+            return 1;
+        }
+        v += n;
+        v += *v == ';';
+    }
+    return 0;
+}
+
 __attribute__((constructor)) static void mirrord_layer_init(void) {
     layer_resolve();
     g_debug = env_flag("MIRRORD_LAYER_DEBUG");
@@ -295,12 +314,14 @@ __attribute__((constructor)) static void mirrord_layer_init(void) {
     char exe[4096];
     ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
     exe[n > 0 ? n : 0] = 0;
-    if (policy_skip_process(exe, program_invocation_short_name)) {
+    if (policy_skip_process(exe, program_invocation_short_name) ||
+        skipped_by_env(exe, program_invocation_short_name)) {
         DBG("skipping %s: loaded without hooks", program_invocation_short_name);
         drop_handed_over_connection();
         t_guard--;
         return;
     }
+    debugger_init();
     conn_init();
     net_restore_listeners();
     proc_init_env();

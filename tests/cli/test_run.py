@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec
+from tests.cli._ide import READY, read_until_ready
 from tests.cli.conftest import Mirrord, agent_pids, pid_alive, python_app, wait_for
 
 pytestmark = pytest.mark.netns
@@ -271,11 +272,13 @@ def test_ext_prints_progress_then_env_and_waits_for_the_debuggee(
     pod = make_pod(POD_SPEC)
     proc = mirrord.popen("ext", "-t", f"pid/{pod.pid}", "--wait-timeout", "1")
     out, err = proc.communicate(timeout=60)
-    events = [json.loads(line) for line in out.splitlines()]
-    assert events[0]["type"] == "progress"
-    env_events = [e for e in events if e["type"] == "env"]
-    assert len(env_events) == 1, (out, err)
-    env = env_events[0]["env"]
+    execution = read_until_ready(out.splitlines())
+    assert execution.messages[0] == {"type": "NewTask", "name": READY, "parent": None}
+    steps = [m["name"] for m in execution.messages if m["type"] == "NewTask"][1:]
+    assert steps and any("agent" in s for s in steps), out
+    # the ready line is the last: nothing after it while the session lasts, nothing on stderr
+    assert len(out.splitlines()) == len(execution.messages) and err == ""
+    env = execution.environment
     assert env["POD_VAR"] == "from-the-pod"
     assert env["LD_PRELOAD"].endswith("libmirrord_layer.so")
     assert proc.returncode == 0

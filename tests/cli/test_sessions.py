@@ -18,6 +18,7 @@ import pytest
 
 from mirrord.cli._sessions import child_env
 from mirrord.localpod import LocalPod, PodSpec
+from tests.cli._ide import read_until_ready
 from tests.cli.conftest import Mirrord, agent_pids, python_app
 
 pytestmark = pytest.mark.netns
@@ -31,12 +32,7 @@ def test_ext_keeps_the_session_until_the_debuggee_exits(
     pod = make_pod(SPEC)
     ext = mirrord.popen("ext", "-t", f"pid/{pod.pid}", "--wait-timeout", "60")
     assert ext.stdout is not None
-    env: dict[str, str] = {}
-    for line in ext.stdout:
-        event = json.loads(line)
-        if event["type"] == "env":
-            env = event["env"]
-            break
+    env = read_until_ready(ext.stdout).environment
     assert env["POD_VAR"] == "v"
     # the IDE starts its debuggee with that env; it forks a child too
     debuggee = subprocess.run(

@@ -18,6 +18,13 @@ from pathlib import Path
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec
+from tests.cli._ide import (
+    READY,
+    check_message,
+    intellij_error,
+    read_until_ready,
+    vscode_error,
+)
 from tests.cli.conftest import MIRRORD, Mirrord, pid_alive, python_app, wait_for
 
 SPEC = PodSpec(env={"POD_VAR": "from-the-pod", "AWS_PROFILE": "pod-profile"})
@@ -107,8 +114,7 @@ def test_an_unusable_runtime_directory_is_one_message(tmp_path: Path) -> None:
             assert_one_clear_error(result.stderr, str(not_a_dir))
         ext = cli.run("ext", "-t", "pid/1", timeout=20)
         assert ext.returncode == 1
-        error = json.loads(ext.stdout.splitlines()[-1])
-        assert error["type"] == "error"
+        error = intellij_error(ext.stderr)
         assert "cannot use the mirrord runtime directory" in error["message"]
         assert "MIRRORD_RUNTIME_DIR" in error["message"]
 
@@ -116,11 +122,12 @@ def test_an_unusable_runtime_directory_is_one_message(tmp_path: Path) -> None:
 def test_ext_puts_the_reason_of_a_failed_session_in_its_json(mirrord: Mirrord) -> None:
     result = mirrord.run("ext", "-t", "pid/999999", "--wait-timeout", "1", timeout=30)
     assert result.returncode == 1
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert lines[-1]["type"] == "error"
+    lines = [check_message(json.loads(line)) for line in result.stdout.splitlines()]
+    assert lines[-1] == {"type": "FinishedTask", "name": READY, "success": False, "message": None}
     # the IDE shows this message; "see stderr" told its user nothing
-    assert "999999" in lines[-1]["message"] and "does not exist" in lines[-1]["message"]
-    assert lines[-1]["errors"] == [lines[-1]["message"]]
+    for error in (vscode_error(result.stderr), intellij_error(result.stderr)):
+        assert "999999" in error["message"] and "does not exist" in error["message"]
+        assert error["help"]
 
 
 def test_kubeconfig_is_this_commands_not_the_daemons(mirrord: Mirrord, tmp_path: Path) -> None:
@@ -157,9 +164,9 @@ def test_env_unset_removes_the_users_own_variable_too(
     ext = mirrord.run(
         "ext", "-f", str(config), "-t", f"pid/{pod.pid}", "--wait-timeout", "0.5", timeout=30
     )
-    line = next(json.loads(x) for x in ext.stdout.splitlines() if '"env"' in x)
-    assert line["unset"] == ["aws_profile", "LOCAL_ONLY"]
-    assert "AWS_PROFILE" not in line["env"]
+    execution = read_until_ready(ext.stdout.splitlines())
+    assert execution.env_to_unset == ["aws_profile", "LOCAL_ONLY"]
+    assert "AWS_PROFILE" not in execution.environment
 
 
 @pytest.mark.netns
@@ -249,7 +256,7 @@ def test_ext_wait_timeout_zero_does_not_wait(
     started = time.monotonic()
     result = mirrord.run("ext", "-t", f"pid/{pod.pid}", "--wait-timeout", "0", timeout=30)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.splitlines()[-1])["type"] == "env"
+    read_until_ready(result.stdout.splitlines())
     assert time.monotonic() - started < 15  # 0 used to mean the default, 60 s
     wait_for(lambda: not mirrord.sessions(), 5, "the session to close")
 
@@ -403,6 +410,12 @@ def test_a_malformed_daemon_answer_is_one_line_and_a_saved_traceback(
     gets one line naming a bug and where the traceback is, not the traceback."""
     import threading
 
+    from mirrord.layer import build_id, library_path
+
+    layer = {
+        "LD_PRELOAD": str(library_path()),
+        "MIRRORD_LAYER_SOCKET": str(mirrord.runtime / "layer.sock"),
+    }
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(mirrord.runtime / "mirrordd.sock"))
     server.listen(8)
@@ -416,8 +429,16 @@ def test_a_malformed_daemon_answer_is_one_line_and_a_saved_traceback(
                 return
             with conn:
                 for line in conn.makefile("rb"):
-                    rid = json.loads(line)["id"]
-                    conn.sendall(json.dumps({"id": rid, "ok": True, "result": {}}).encode() + b"\n")
+                    request = json.loads(line)
+                    # a status with our build id (one without is refused before anything),
+                    # then a create_session answer with our layer but no session id
+                    result = (
+                        {"daemon": {"build_id": build_id()}}
+                        if request["op"] == "status"
+                        else {"env": layer}
+                    )
+                    reply = {"id": request["id"], "ok": True, "result": result}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()

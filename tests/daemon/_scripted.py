@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.abc import SocketAttribute
 
 from mirrord.protocol import (
     CLOSED,
@@ -43,6 +44,20 @@ class ScriptedAgent:
     stream: anyio.abc.SocketStream | None = None
     on_data: Callable[[int, m.Data], None] | None = None
     streams: int = 0
+    stalled: bool = False  # like SIGSTOP: nothing answered, nothing read after the current read
+    killed: bool = False
+
+    def disconnect(self) -> None:
+        """End the stream (the daemon reads EOF), as an agent closing it does."""
+        if self.stream is not None:
+            self.stream.extra(SocketAttribute.raw_socket).shutdown(socket.SHUT_RDWR)
+
+    def kill(self) -> None:
+        """Die like a SIGKILLed process: the socket closes with the daemon's unread bytes in
+        it (stall first to leave some), so the daemon's next read fails with ECONNRESET."""
+        self.killed = True
+        if self.stream is not None:
+            self.stream.extra(SocketAttribute.raw_socket).close()
 
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -57,6 +72,10 @@ class ScriptedAgent:
         self.conn = conn = AgentConnection(AgentRole.AGENT, secret=SECRET)
         async with stream:
             while True:
+                while self.stalled and not self.killed:
+                    await anyio.sleep(0.01)
+                if self.killed:
+                    return
                 try:
                     data = await stream.receive(65536)
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -78,6 +97,8 @@ class ScriptedAgent:
                     await self.handle(event.channel, msg)
 
     async def handle(self, channel: int, msg: Message) -> None:
+        if self.stalled:
+            return  # a stopped process answers nothing
         if isinstance(msg, m.ChannelOpen):
             self.channels[channel] = msg
             return
@@ -124,7 +145,8 @@ class ScriptedHandle:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         theirs.setblocking(False)
-        agent_side = await anyio.abc.SocketStream.from_socket(theirs)
+        # the agent's end reads only when asked: unread bytes stay in the kernel (see `kill`)
+        agent_side = await anyio.abc.UNIXSocketStream.from_socket(theirs)
         self.tg.start_soon(self.agent.serve, agent_side)
         return await anyio.abc.SocketStream.from_socket(ours)
 

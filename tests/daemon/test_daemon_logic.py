@@ -374,8 +374,7 @@ async def test_agent_loss_fails_remote_calls_with_eio_and_resets_relays(harness:
     with anyio.fail_after(5):
         while not agent.held:
             await anyio.sleep(0.01)
-    assert agent.stream is not None
-    await agent.stream.aclose()  # the agent is gone
+    agent.disconnect()  # the agent is gone
     pending = await peer.recv()
     assert isinstance(pending, m.ErrorReply) and pending.errno == errno.EIO
     later = await peer.request(m.FileOpen(request_id=10, path=b"/y", flags=0))
@@ -476,8 +475,7 @@ async def test_the_daemon_resolves_a_config_request(harness: Harness) -> None:
 async def test_a_new_session_reconnects_to_an_agent_that_is_still_alive(harness: Harness) -> None:
     control, first, _ = await harness.session()
     agent = harness.agent()
-    assert agent.stream is not None
-    await agent.stream.aclose()  # the stream breaks; the agent (handle) is still alive
+    agent.disconnect()  # the stream breaks; the agent (handle) is still alive
     with anyio.fail_after(5):
         while harness.daemon.sessions[first].state != "agent_lost":
             await anyio.sleep(0.01)

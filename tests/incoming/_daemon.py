@@ -182,6 +182,7 @@ class AgentClient:
         self.conns: dict[tuple[int, int], Conn] = {}
         self.incoming: dict[int, MemoryObjectSendStream[Conn]] = {}
         self.stats: list[m.TrafficStats] = []
+        self.fatals: list[tuple[int, m.Fatal]] = []  # (channel, Fatal) the agent sent
         self._lock = anyio.Lock()
 
     @classmethod
@@ -241,6 +242,9 @@ class AgentClient:
             return
         if isinstance(msg, m.TrafficStats):
             self.stats.append(msg)
+            return
+        if isinstance(msg, m.Fatal):
+            self.fatals.append((channel, msg))
             return
         conn_id = getattr(msg, "conn_id", None)
         c = self.conns.get((channel, conn_id)) if conn_id is not None else None

@@ -215,7 +215,11 @@ def test_stale_chains_of_a_dead_agent_are_reported_then_cleaned(pod: LocalPod) -
     dead = StealRules(target_pid=pod.pid, backend="iptables-nft")
     dead.set_redirects({8080: 1})
     assert dead.guard_pid is not None
-    # A guard that died without cleaning (e.g. the node OOM-killed both): rules stay behind.
+    # A guard that died without cleaning, its sentinel child with it (e.g. the node
+    # OOM-killed them all): rules stay behind.
+    with open(f"/proc/{dead.guard_pid}/task/{dead.guard_pid}/children") as f:
+        (sentinel,) = (int(pid) for pid in f.read().split())
+    os.kill(sentinel, signal.SIGKILL)
     os.kill(dead.guard_pid, signal.SIGKILL)
     dead.close()
     stale_name = chain_names(dead.tag)["pre"]

@@ -11,6 +11,7 @@ from mirrord.protocol import (
     AgentConnection,
     AgentRole,
     FrameTooLarge,
+    InvalidRequest,
     LayerConnection,
     LayerRole,
     LocalProtocolError,
@@ -242,3 +243,30 @@ def test_channel_open_on_control_channel_is_refused() -> None:
     agent.receive_data(daemon._frame(0, messages.ChannelOpen(pid=1)))
     with pytest.raises(RemoteProtocolError, match="control channel"):
         agent.next_event()
+
+
+def test_a_request_with_invalid_fields_is_an_event_only_where_asked_for() -> None:
+    daemon = AgentConnection(AgentRole.DAEMON, secret=SECRET)
+    agent = AgentConnection(AgentRole.AGENT, secret=SECRET, invalid_requests_as_events=True)
+    agent.receive_data(daemon.hello("test"))
+    drain(agent)
+    chown, seek, data = messages.Chown.KIND, messages.FileSeek.KIND, messages.Data.KIND
+    agent.receive_data(
+        encode_frame([3, chown, 7, None, 1, 2**64])  # uid beyond 64 bits
+        + encode_frame([3, seek, 8, 1, "far", 0])  # an offset of the wrong type
+    )
+    first, second = agent.next_event(), agent.next_event()
+    assert isinstance(first, InvalidRequest) and isinstance(second, InvalidRequest)
+    assert agent.next_event() is NEED_DATA
+    assert (first.channel, first.request_id, first.errno) == (3, 7, 75)  # EOVERFLOW
+    assert (second.request_id, second.errno) == (8, 22)  # EINVAL
+    assert "Chown" in first.reason and agent.state is State.OPEN
+    # Not a request (no reply to give): the frame is malformed, as everywhere else.
+    agent.receive_data(encode_frame([3, data, 5, "not bytes"]))
+    with pytest.raises(MalformedFrame):
+        agent.next_event()
+    # Without the option (the daemon's side), any invalid frame is malformed.
+    _daemon, plain = agent_pair()
+    plain.receive_data(encode_frame([3, chown, 7, None, 1, 2**64]))
+    with pytest.raises(MalformedFrame):
+        plain.next_event()

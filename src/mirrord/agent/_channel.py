@@ -93,6 +93,30 @@ class IncomingHandler(Protocol):
     async def channel_closed(self, channel: Channel) -> None: ...
 
 
+# Fields of file requests that hold a path (or a symlink's text): a NUL byte in one is EINVAL,
+# checked before any call (ctypes would cut the path at the NUL and act on another file).
+_PATH_FIELDS = ("path", "old", "new", "target")
+_ID_RANGE = range(-1, 2**32)  # uid_t/gid_t, with -1 (also 2**32-1): "leave it as it is"
+_C_INT_FIELDS = ("flags", "mode", "whence")  # a C int or mode_t in the layer: 32 bits
+_C_INT_RANGE = range(-(2**31), 2**32)
+
+
+def _check_request(req: Any) -> None:
+    """Raise `OSError(EINVAL)` for what no call may be made with: the sender's error."""
+    for name in _PATH_FIELDS:
+        value = getattr(req, name, None)
+        if isinstance(value, bytes) and b"\0" in value:
+            raise OSError(errno.EINVAL, f"{type(req).__name__}: {name} contains a NUL byte")
+    for name in _C_INT_FIELDS:
+        value = getattr(req, name, None)
+        if isinstance(value, int) and value not in _C_INT_RANGE:
+            raise OSError(errno.EINVAL, f"{type(req).__name__}: {name} {value} is out of range")
+    if isinstance(req, m.Chown):
+        for name, value in (("uid", req.uid), ("gid", req.gid)):
+            if value not in _ID_RANGE:
+                raise OSError(errno.EINVAL, f"Chown: {name} {value} is not a valid id")
+
+
 def _errno_reply(request_id: int, exc: BaseException) -> m.ErrorReply:
     if isinstance(exc, GaiError):
         return m.ErrorReply(request_id=request_id, errno=exc.code, message=exc.message)
@@ -103,6 +127,13 @@ def _errno_reply(request_id: int, exc: BaseException) -> m.ErrorReply:
     code = getattr(exc, "errno", None)
     if isinstance(code, int) and code:
         return m.ErrorReply(request_id=request_id, errno=code, message=str(exc))
+    # The sender's values that a call cannot take: errors of the request, not of the agent.
+    if isinstance(exc, OverflowError):
+        return m.ErrorReply(
+            request_id=request_id, errno=errno.EOVERFLOW, message=f"value out of range: {exc}"
+        )
+    if isinstance(exc, ValueError) and "null" in str(exc):
+        return m.ErrorReply(request_id=request_id, errno=errno.EINVAL, message=str(exc))
     log.error("request %d failed in the agent: %r", request_id, exc, exc_info=exc)
     return m.ErrorReply(
         request_id=request_id, errno=errno.EIO, message=f"agent error: {exc!r} (a bug: report it)"
@@ -210,6 +241,15 @@ class Channel:
                     except Exception as exc:
                         log.error("incoming cleanup of channel %d failed: %r", self.number, exc)
 
+    async def fail(self, code: str, message: str) -> None:
+        """End this channel from the agent's side (e.g. its steal was lost): the daemon gets
+        `Fatal(code, message)` on it, which its session reports, and everything the channel
+        holds is freed."""
+        await self.send(m.Fatal(code=code, message=message))
+        if self.session.channels.get(self.number) is self:
+            del self.session.channels[self.number]
+        self.close()
+
     def close(self) -> None:
         """Free everything the channel holds (its tasks are cancelled; no messages are sent)."""
         self.closed = True
@@ -294,6 +334,7 @@ class Channel:
     def _start_blocking(self, plan: Callable[[Any], _Plan], req: Any) -> None:
         """Plan `req` now, run its blocking call in a worker thread, reply when it is done."""
         try:
+            _check_request(req)
             call, finish, handle = plan(req)
             if call is None:
                 self._answer(req, finish(None))

@@ -21,6 +21,10 @@ Routing
   inside the pod with `SO_MARK` so our own OUTPUT rule lets it through. Responses are written
   in request order (pipelining). After a matched `Upgrade` that the app accepts, the rest of
   the connection is relayed whole. Bytes that are not HTTP/1.x go to the pod's app untouched.
+- A connection made straight to the agent's listener (not redirected: its original
+  destination is the listener itself) is reset at once, never relayed: relaying it to its
+  original destination would connect to the listener again, in a loop. The steal rules
+  refuse such connections in the kernel already (`_steal.py`); this check is the agent's own.
 - A connection that arrives for a port nobody steals any more (the rule was just removed) is
   relayed to the pod's app, so ending a steal resets nothing.
 
@@ -29,7 +33,8 @@ Options (environment of the agent process, since the agent's command line is fix
 config's `MIRRORD_AGENT_NFTABLES` (true: nft, false: iptables-legacy);
 `MIRRORD_AGENT_CLEAN_IPTABLES` or `MIRRORD_AGENT_CLEAN_IPTABLES_ON_START` (`1`/`true`: remove
 stale rules of dead agents at start; otherwise they are reported as Subscribe warnings);
-`MIRRORD_AGENT_PROBE_PORTS` (the target's HTTP probe ports, for the probe warning).
+`MIRRORD_AGENT_PROBE_PORTS` (the target's HTTP probe ports, for the probe warning);
+`MIRRORD_AGENT_STEAL_GUARD_RESTARTS` (how often a dead steal guard is replaced, default 3).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import functools
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -68,6 +74,7 @@ from mirrord.agent._incoming_netns import make_listener, make_marked_socket, ori
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
 from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
+from mirrord.agent._steal_guard import remove_all
 from mirrord.protocol import messages as m
 from mirrord.protocol._base import Message
 
@@ -86,6 +93,7 @@ UPSTREAM_CONNECT_TIMEOUT = 5.0
 # that it can go to the pod's app instead when the user app stopped listening meanwhile.
 REPLAY_LIMIT = 1024 * 1024
 _READ = 256 * 1024
+_REFUSED_LOG_EVERY = 1000  # connections made straight to the listener: log one in this many
 _BAD_GATEWAY = (
     b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
     b"connection: close\r\n\r\n%s"
@@ -134,6 +142,13 @@ class _PortSteal:
             if flt.matches(head):
                 return channel
         return None
+
+
+def _max_guard_restarts() -> int:
+    """`MIRRORD_AGENT_STEAL_GUARD_RESTARTS`: how often a dead steal guard is replaced (default
+    3; a guard killed again and again, e.g. by the OOM killer, then ends the steals)."""
+    value = os.environ.get("MIRRORD_AGENT_STEAL_GUARD_RESTARTS", "").strip()
+    return int(value) if value.isdigit() else 3
 
 
 def _env_flag(name: str) -> bool:
@@ -196,6 +211,8 @@ class IncomingService:
         self._flow_tables: list[dict[int, tuple[int, list[PipeEnd]]]] = []  # one per sniffer
         self._rules: StealRules | None = None
         self._rules_ports: dict[int, int] = {}
+        self._guard_watched = False
+        self.max_guard_restarts = _max_guard_restarts()
         self._listener: anyio.abc.SocketListener | None = None
         self._listener_port = 0
         self._accept_scope: anyio.CancelScope | None = None
@@ -207,6 +224,7 @@ class IncomingService:
             "mirrored_flows": 0,
             "mirror_overflows": 0,
             "replayed_to_pod": 0,
+            "refused_direct": 0,
         }
         self._sent_stats: dict[tuple[Any, int], tuple[int, int]] = {}
         self._closed = False
@@ -581,13 +599,86 @@ class IncomingService:
         if self._rules is None or redirects == self._rules_ports:
             return
         rules = self._rules
-        try:
-            await anyio.to_thread.run_sync(rules.set_redirects, redirects)
-        except StealRulesError:
-            raise
+        if rules.guard_pid is not None and not rules.running:
+            await self._guard_died(rules)  # (its watcher is waiting for this lock)
+            if self._rules is not rules:
+                raise StealRulesError(errno.EIO, "the steal guard died and could not be restarted")
+        await anyio.to_thread.run_sync(rules.set_redirects, redirects)
+        if not self._guard_watched:
+            self._guard_watched = True
+            self._require_tg().start_soon(self._watch_guard, rules)
         self._rules_ports = redirects
         if not redirects:
             await self._clear_rules_if_unused()
+
+    async def _watch_guard(self, rules: StealRules) -> None:
+        """Notice at once when the guard process dies (killed, OOM): rules with nobody to
+        remove them must not outlive the agent. See `_guard_died`."""
+        while not rules.closed:
+            pid = rules.guard_pid
+            if pid is None:
+                return
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                fd = -1
+            try:
+                if fd >= 0:
+                    await anyio.wait_readable(fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            async with self._lock:
+                if rules is not self._rules or rules.closed:
+                    return
+                if rules.guard_pid == pid and not rules.running:
+                    await self._guard_died(rules)
+
+    async def _guard_died(self, rules: StealRules) -> None:
+        """The guard died while the agent lives (called with `_lock` held). Start a new one
+        that takes the rules over (up to `max_guard_restarts` times); failing that, remove the
+        rules from here and fail every steal subscription loudly: each stealing channel gets
+        `Fatal(steal_lost)`, which its session reports."""
+        log.error(
+            "the steal guard (pid %s) died: %s",
+            rules.guard_pid,
+            "starting a new one" if rules.restarts < self.max_guard_restarts else "giving up",
+        )
+        if rules.restarts < self.max_guard_restarts:
+            try:
+                await anyio.to_thread.run_sync(rules.restart)
+                # What is wanted now (a change may have failed with the old guard), replacing
+                # whatever the old guard left.
+                wanted = {p: self._listener_port for p in self.steals}
+                await anyio.to_thread.run_sync(rules.set_redirects, wanted)
+                self._rules_ports = wanted
+                log.warning("the steal guard was restarted (pid %s)", rules.guard_pid)
+                if not wanted:
+                    await self._clear_rules_if_unused()
+                return
+            except OSError as exc:
+                log.error("the steal guard could not be restarted: %s", exc)
+        tag, backend = rules.tag, rules.backend or "iptables-nft"
+        self._rules = None
+        self._rules_ports = {}
+        self._guard_watched = False
+        await anyio.to_thread.run_sync(rules.close)
+        await anyio.to_thread.run_sync(self.netns.run_sync, lambda: remove_all(tag, backend))
+        reason = (
+            "the agent's steal guard died and could not be restarted; its rules were removed "
+            "and this channel's steal subscriptions ended (see the agent's log)"
+        )
+        failed: list[Any] = []
+        for port, steal in sorted(self.steals.items()):
+            for channel in [steal.unfiltered, *steal.filtered]:
+                if channel is not None and channel not in failed:
+                    failed.append(channel)
+            log.error("steal of port %d ended: the steal guard is gone", port)
+        self.steals.clear()
+        for channel in failed:
+            fail = getattr(channel, "fail", None)
+            if fail is not None:
+                await fail("steal_lost", reason)
 
     async def _maybe_clear_rules(self) -> None:
         async with self._lock:
@@ -641,6 +732,12 @@ class IncomingService:
         except OSError:
             await stream.aclose()
             return
+        if dst_port == self._listener_port or (dst_addr, dst_port) == raw.getsockname():
+            # Made straight to our listener, not redirected: relaying it "to the pod's app"
+            # at its original destination would connect to ourselves, again and again.
+            self._refuse_direct(raw, peer)
+            await stream.aclose()
+            return
         self.stolen_live += 1
         try:
             steal = self.steals.get(dst_port)
@@ -668,6 +765,22 @@ class IncomingService:
             self.stolen_live -= 1
             if not self.stolen_live:
                 await self._maybe_clear_rules()
+
+    def _refuse_direct(self, raw: socket.socket, peer: Any) -> None:
+        """Reset a connection made straight to the steal listener (see "listener" in
+        `_steal.py`); the first of every `_REFUSED_LOG_EVERY` is logged."""
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.stats["refused_direct"] += 1
+        if self.stats["refused_direct"] % _REFUSED_LOG_EVERY == 1:
+            log.warning(
+                "refused a connection from %s:%s made straight to the steal listener (port %d), "
+                "not redirected by the steal rules (%d so far)",
+                peer[0],
+                peer[1],
+                self._listener_port,
+                self.stats["refused_direct"],
+            )
 
     def _released(self) -> None:
         self.stolen_live -= 1

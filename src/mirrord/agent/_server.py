@@ -44,6 +44,11 @@ __all__ = ["AgentOptions", "AgentServer", "run_agent"]
 log = logging.getLogger("mirrord.agent")
 
 _IDLE_POLL = 0.2
+# Connections that have not authenticated yet, at once: more are closed at accept. Each holds
+# at most HELLO_LIMIT bytes for at most HANDSHAKE_TIMEOUT; before, any number each buffered a
+# whole frame (2.3 MB measured).
+MAX_HANDSHAKING = 32
+_REFUSED_LOG_EVERY = 100
 
 
 @dataclass
@@ -81,6 +86,8 @@ class AgentServer:
         self.workers = BlockingWorkers()  # the channels' file I/O
         self._idle_since = time.monotonic()
         self.listen_address = options.listen
+        self.handshaking = 0  # connections accepted that have not authenticated (yet)
+        self.refused_handshakes = 0
 
     def __repr__(self) -> str:
         return f"<AgentServer target={self.ctx.target.spec} sessions={len(self.sessions)}>"
@@ -121,6 +128,19 @@ class AgentServer:
             peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address, "?")) or "unix"
         except Exception:
             peer = "?"
+        if self.handshaking >= MAX_HANDSHAKING:
+            self.refused_handshakes += 1
+            if self.refused_handshakes % _REFUSED_LOG_EVERY == 1:
+                log.warning(
+                    "refused a connection from %s: %d connections are authenticating already "
+                    "(%d refused so far)",
+                    peer or "unix",
+                    self.handshaking,
+                    self.refused_handshakes,
+                )
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            return
         try:
             await DaemonSession(self, stream, peer or "unix").serve()
         except Exception as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections import deque
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ from mirrord.protocol import (
     NEED_DATA,
     AgentConnection,
     AgentRole,
+    InvalidRequest,
     LocalProtocolError,
     Message,
     Received,
@@ -54,6 +56,28 @@ _SEND_TIMEOUT_ON_CLOSE = 2.0
 # `send` waits while more than this is queued for the daemon (relays then stop reading their
 # sockets); `send_nowait` (replies to requests, bounded by request_slots) never waits.
 _HIGH_WATER = 1024 * 1024
+# Replies a daemon does not read: past this much queued the agent reads no further frames
+# from it (so its requests make no more replies), and if it then takes none of them for
+# `unread_timeout()` seconds the connection is closed with the reason in the agent's log.
+# Before, every unread reply stayed queued (+99 B per FileStat, without bound). At most
+# `_PAUSE_READING` + 256 in-flight replies (request_slots) are ever queued.
+_PAUSE_READING = 4 * 1024 * 1024
+_UNREAD_TIMEOUT = 30.0
+UNREAD_TIMEOUT_ENV = "MIRRORD_AGENT_UNREAD_TIMEOUT"
+# The most bytes read from a connection before it has authenticated: a Hello is a few hundred
+# bytes; before, a peer without the secret could make the agent buffer a whole 2 MiB frame.
+HELLO_LIMIT = 64 * 1024
+# One write of the flusher: a stalled daemon is noticed per chunk, not per everything queued.
+_FLUSH_CHUNK = 1024 * 1024
+
+
+def unread_timeout() -> float:
+    """`MIRRORD_AGENT_UNREAD_TIMEOUT` (seconds), else 30."""
+    try:
+        value = float(os.environ.get(UNREAD_TIMEOUT_ENV, ""))
+    except ValueError:
+        return _UNREAD_TIMEOUT
+    return value if value > 0 else _UNREAD_TIMEOUT
 
 
 class DaemonSession:
@@ -64,7 +88,9 @@ class DaemonSession:
         self.ctx = server.ctx
         self.stream = stream
         self.peer = peer
-        self.conn = AgentConnection(AgentRole.AGENT, secret=server.secret)
+        self.conn = AgentConnection(
+            AgentRole.AGENT, secret=server.secret, invalid_requests_as_events=True
+        )
         self.channels: dict[int, Channel] = {}
         self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
         try:
@@ -85,6 +111,7 @@ class DaemonSession:
         self._wake = anyio.Event()
         self._drained = anyio.Event()
         self._broken = False
+        self._took = anyio.Event()  # set each time the daemon has taken a chunk
         self._ready_before = False  # the last _receive() found data without waiting
         self._tg: anyio.abc.TaskGroup | None = None
         self.authenticated = False
@@ -136,8 +163,12 @@ class DaemonSession:
                     await self._wake.wait()
                     self._wake = anyio.Event()
                     continue
-                chunk = b"".join(self._queue)
-                self._queue.clear()
+                parts = [self._queue.popleft()]
+                size = len(parts[0])
+                while self._queue and size + len(self._queue[0]) <= _FLUSH_CHUNK:
+                    size += len(self._queue[0])
+                    parts.append(self._queue.popleft())
+                chunk = b"".join(parts)
                 self._flushing = True
                 try:
                     await self.stream.send(chunk)
@@ -147,9 +178,11 @@ class DaemonSession:
                 finally:
                     self._flushing = False
                     self._queued -= len(chunk)
+                    self._took.set()
         finally:
             self._flusher_running = False
             self._drained.set()
+            self._took.set()
 
     async def _wait_drained(self) -> None:
         while self._queue or self._flushing:
@@ -177,7 +210,7 @@ class DaemonSession:
             return
         self._write(frame)
         if self._queued > _HIGH_WATER:
-            await self._wait_drained()
+            await self._wait_taken(0)
 
     async def _send_raw(self, frame: bytes) -> None:
         if self._broken:
@@ -207,8 +240,12 @@ class DaemonSession:
     async def serve(self) -> None:
         """Serve the connection until the daemon leaves or breaks the protocol."""
         try:
-            if not await self._handshake():
-                return
+            self.server.handshaking += 1
+            try:
+                if not await self._handshake():
+                    return
+            finally:
+                self.server.handshaking -= 1
             self.authenticated = True
             log.info(
                 "daemon connected from %s (protocol %s)", self.peer, self.conn.negotiated_version
@@ -231,7 +268,7 @@ class DaemonSession:
             with anyio.CancelScope(shield=True):
                 await self.stream.aclose()
 
-    async def _receive(self) -> bytes:
+    async def _receive(self, max_bytes: int = _READ_SIZE) -> bytes:
         """The next bytes from the daemon, b"" at the end or on an error.
 
         On a socket this reads directly and waits with `anyio.wait_readable`: the stream's
@@ -241,13 +278,13 @@ class DaemonSession:
         raw = self._raw
         try:
             if raw is None:
-                return await self.stream.receive(_READ_SIZE)
+                return await self.stream.receive(max_bytes)
             if self._ready_before:
                 await anyio.lowlevel.checkpoint()
             waited = False
             while True:
                 try:
-                    data = raw.recv(_READ_SIZE)
+                    data = raw.recv(max_bytes)
                 except BlockingIOError:
                     waited = True
                     await anyio.wait_readable(raw)
@@ -258,9 +295,24 @@ class DaemonSession:
             return b""
 
     async def _handshake(self) -> bool:
+        received = 0
         with anyio.move_on_after(HANDSHAKE_TIMEOUT):
             while True:
-                data = await self._receive()
+                if received >= HELLO_LIMIT:
+                    log.warning(
+                        "refused a daemon connection from %s: %d bytes without a valid Hello",
+                        self.peer,
+                        received,
+                    )
+                    await self._send_raw(
+                        self.conn.fatal_frame(
+                            "handshake_too_large",
+                            f"no Hello within the first {HELLO_LIMIT} bytes: closing",
+                        )
+                    )
+                    return False
+                data = await self._receive(HELLO_LIMIT - received)
+                received += len(data)
                 self.conn.receive_data(data)
                 try:
                     event = self.conn.next_event()
@@ -311,10 +363,45 @@ class DaemonSession:
                             event.channel,
                         )
                     continue
+                if isinstance(event, InvalidRequest):
+                    # The sender's error, for that request only (e.g. an offset beyond 64 bits).
+                    log.debug("invalid request on channel %d: %s", event.channel, event.reason)
+                    await self.send(
+                        m.ErrorReply(
+                            request_id=event.request_id,
+                            errno=event.errno,
+                            message=event.reason,
+                        ),
+                        event.channel,
+                    )
+                    continue
                 assert isinstance(event, Received)
                 if not await self._dispatch(event.channel, event.message):
                     return
+            if self._queued > _PAUSE_READING and not await self._wait_taken(_PAUSE_READING):
+                return
             self.conn.receive_data(await self._receive())
+
+    async def _wait_taken(self, bound: int) -> bool:
+        """Wait until at most `bound` bytes are queued for the daemon. False (the connection
+        is closed, the reason logged) when the daemon took nothing for `unread_timeout()`
+        seconds meanwhile: it does not read what it asked for."""
+        timeout = unread_timeout()
+        while self._queued > bound and not self._broken and self._flusher_running:
+            if self._took.is_set():
+                self._took = anyio.Event()  # shared by every waiter until the next chunk
+            with anyio.move_on_after(timeout) as scope:
+                await self._took.wait()
+            if scope.cancelled_caught and not self._broken:
+                log.warning(
+                    "closing the daemon connection from %s: it took none of the %d bytes "
+                    "queued for it in %.0f s (it does not read its replies)",
+                    self.peer,
+                    self._queued,
+                    timeout,
+                )
+                self._break()
+        return not self._broken
 
     async def _dispatch(self, number: int, msg: Message) -> bool:
         """Route one message; False when the connection is over."""

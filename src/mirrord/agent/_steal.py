@@ -9,9 +9,10 @@ Theory of operation
 -------------------
 Every rule of an agent lives in chains named after the agent's random tag: iptables chains
 `MRD_<tag>_PRE` (nat PREROUTING: traffic from outside the pod), `MRD_<tag>_OUT` (nat OUTPUT,
-loopback only: the pod talking to itself) and `MRD_<tag>_PIN` (raw PREROUTING and OUTPUT), or
-the nft table `ip mirrord_<tag>` with the same three roles. Other agents (other users' daemons
-on the same pod) have other tags, so their rules never collide.
+loopback only: the pod talking to itself), `MRD_<tag>_IN` (filter INPUT: the listener guard,
+below) and `MRD_<tag>_PIN` (raw PREROUTING and OUTPUT), or the nft table `ip mirrord_<tag>`
+with the same four roles. Other agents (other users' daemons on the same pod) have other tags,
+so their rules never collide.
 
 - Only SYN packets are redirected (`--syn`): a connection that was open before the steal keeps
   going to the pod's app, and the next one is stolen.
@@ -22,20 +23,38 @@ on the same pod) have other tags, so their rules never collide.
   `AGENT_MARK` or `AGENT_MARK_SNIFFED`, and the OUTPUT chain RETURNs on either first (one
   match under `AGENT_MARK_MASK`). `AGENT_MARK_SNIFFED` says "the mirror's sniffer saw this
   request arrive from outside already": the sniffer skips packets carrying it.
+- The agent's listener is reachable only through a REDIRECT. A connection made straight to
+  its port (from the pod or from outside) would otherwise be taken for a stolen one whose
+  original destination is the listener itself, relayed "to the pod's app" at that address,
+  i.e. to the listener again: a loop that grew by one connection per turn until the fd limit.
+  No listening address avoids this by itself: PREROUTING REDIRECT rewrites to the incoming
+  interface's primary address (the pod IP) and OUTPUT REDIRECT to 127.0.0.1, both reachable
+  by the pod's clients; a DNAT to 127.0.0.1 from outside needs `route_localnet=1`, which
+  would open every loopback-only service of the pod to the network. So the IN chain resets
+  (REJECT tcp-reset) every connection to the listener's port that conntrack did not
+  destination-NAT (`--ctstate DNAT` / `ct status dnat`), and the agent refuses any connection
+  whose original destination is its own listener (`_incoming.py`).
 - Each change is one atomic transaction (`iptables-restore --noflush` / `nft -f`), so a port is
   never briefly unstolen while another changes.
 
 All commands run in a separate process, the guard (`_steal_guard.py`), which has entered the
 target's network namespace. The agent talks to it over a pipe; when the agent dies in any way
-(SIGKILL included) the pipe closes and the guard removes every rule before it exits.
+(SIGKILL included) the pipe closes and the guard removes every rule before it exits. When the
+guard dies, the agent notices (a pidfd of `guard_pid`) and starts a new one for the same tag that
+takes the rules over (`restart()`); the guard's sentinel child covers the agent dying before
+that (see `_steal_guard.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import re
 import secrets
+import select
 import subprocess
 import sys
 import threading
@@ -55,6 +74,8 @@ __all__ = [
     "new_tag",
 ]
 
+log = logging.getLogger("mirrord.agent.incoming")
+
 AGENT_MARK: Final = 0x6D726464  # "mrdd": SO_MARK of the agent's own connections in the pod
 # The same with the lowest bit set: a connection repeating bytes that the sniffer saw arrive
 # from outside the pod (mirroring it again would duplicate them). Pod-local clients are
@@ -63,9 +84,23 @@ AGENT_MARK_SNIFFED: Final = AGENT_MARK | 1
 AGENT_MARK_MASK: Final = 0xFFFFFFFE  # matches both marks
 BACKENDS: Final = ("iptables-nft", "iptables-legacy", "nft")
 _TAG_RE: Final = re.compile(r"^[0-9a-f]{10}$")
-IPT_CHAIN_RE: Final = re.compile(r"^MRD_([0-9a-f]{10})_(PRE|OUT|PIN)$")
+IPT_CHAIN_RE: Final = re.compile(r"^MRD_([0-9a-f]{10})_(PRE|OUT|IN|PIN)$")
 NFT_TABLE_RE: Final = re.compile(r"^mirrord_([0-9a-f]{10})$")
 _GUARD_TIMEOUT: Final = 30.0
+# A guard that answers nothing this long (stopped, stuck) is killed: the agent then replaces
+# it. Above the guard's own 20 s per command, of which a change runs up to three.
+_REPLY_TIMEOUT: Final = 75.0
+# A guard stopped (SIGSTOP, a debugger) this long while a request waits is killed the same way.
+_STOPPED_LIMIT: Final = 2.0
+_REPLY_POLL: Final = 0.25
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 class StealRulesError(OSError):
@@ -82,6 +117,7 @@ def chain_names(tag: str) -> dict[str, str]:
     return {
         "pre": f"MRD_{tag}_PRE",
         "out": f"MRD_{tag}_OUT",
+        "in": f"MRD_{tag}_IN",
         "pin": f"MRD_{tag}_PIN",
         "nft_table": f"mirrord_{tag}",
     }
@@ -119,10 +155,24 @@ def iptables_pin_script(tag: str) -> str:
     )
 
 
+def _listener_ports(redirects: Sequence[Redirect]) -> list[int]:
+    return sorted({r.to_port for r in redirects})
+
+
 def iptables_nat_script(tag: str, redirects: Sequence[Redirect], *, with_jumps: bool) -> str:
-    """Declaring a chain in `--noflush` mode empties it, so this replaces our nat rules."""
+    """Declaring a chain in `--noflush` mode empties it, so this replaces our nat rules and
+    the listener guard (filter INPUT) in one input."""
     n = chain_names(tag)
-    lines = ["*nat", f":{n['pre']} - [0:0]", f":{n['out']} - [0:0]"]
+    lines = ["*filter", f":{n['in']} - [0:0]"]
+    for to_port in _listener_ports(redirects):
+        # Reachable only through our REDIRECT: see "listener" in the module docstring.
+        lines.append(
+            f"-A {n['in']} -p tcp -m tcp --dport {to_port} -m conntrack ! --ctstate DNAT "
+            "-j REJECT --reject-with tcp-reset"
+        )
+    if with_jumps:
+        lines.append(f"-I INPUT 1 -j {n['in']}")
+    lines += ["COMMIT", "*nat", f":{n['pre']} - [0:0]", f":{n['out']} - [0:0]"]
     lines.append(f"-A {n['out']} -m mark --mark {AGENT_MARK:#x}/{AGENT_MARK_MASK:#x} -j RETURN")
     for r in redirects:
         lines.append(
@@ -148,10 +198,12 @@ def nft_script(tag: str, redirects: Sequence[Redirect]) -> str:
         # Before other nat chains (dstnat is -100) so a REDIRECT of ours wins.
         f"add chain {t} pre {{ type nat hook prerouting priority -110; }}",
         f"add chain {t} out {{ type nat hook output priority -110; }}",
+        f"add chain {t} listener {{ type filter hook input priority -150; }}",
         f"flush chain {t} pin_pre",
         f"flush chain {t} pin_out",
         f"flush chain {t} pre",
         f"flush chain {t} out",
+        f"flush chain {t} listener",
         f"add rule {t} pin_pre ct state invalid counter",
         f"add rule {t} pin_out ct state invalid counter",
         f"add rule {t} out meta mark and {AGENT_MARK_MASK:#x} == {AGENT_MARK:#x} return",
@@ -162,13 +214,20 @@ def nft_script(tag: str, redirects: Sequence[Redirect]) -> str:
         lines.append(
             f'add rule {t} out oifname "lo" tcp dport {r.port} {syn} redirect to :{r.to_port}'
         )
+    for to_port in _listener_ports(redirects):
+        # Reachable only through our redirect: see "listener" in the module docstring.
+        lines.append(
+            f"add rule {t} listener tcp dport {to_port} ct status & dnat == 0 reject with tcp reset"
+        )
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- agent side
 
 
-def _guard_argv(*, target_pid: int, backend: str, tag: str, clean_stale: bool) -> list[str]:
+def _guard_argv(
+    *, target_pid: int, backend: str, tag: str, clean_stale: bool, adopt: bool = False
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -182,6 +241,7 @@ def _guard_argv(*, target_pid: int, backend: str, tag: str, clean_stale: bool) -
         "--tag",
         tag,
         *(["--clean-stale"] if clean_stale else []),
+        *(["--adopt"] if adopt else []),
     ]
 
 
@@ -213,6 +273,8 @@ class StealRules:
         self.cleaned: list[str] = []
         self.installed = False
         self._proc: subprocess.Popen[str] | None = None
+        self.restarts = 0
+        self.closed = False
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -233,29 +295,64 @@ class StealRules:
         with self._lock:
             if self._proc is not None:
                 return
-            self._proc = subprocess.Popen(
-                _guard_argv(
-                    target_pid=self.target_pid,
-                    backend=self.requested_backend,
-                    tag=self.tag,
-                    clean_stale=self.clean_stale,
-                ),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                # Its own session: a signal to the agent's process group (Ctrl-C, a killpg)
-                # must not take the guard with it before it has cleaned up.
-                start_new_session=True,
-            )
-            reply = self._read_reply()
-            self.backend = str(reply["backend"])
-            self.stale = [str(s) for s in reply.get("stale", [])]
-            self.cleaned = [str(s) for s in reply.get("cleaned", [])]
+            self._spawn(adopt=False)
+
+    def restart(self) -> None:
+        """The guard died (`running` is False): start a new one for the same tag, which takes
+        the rules in place over; the caller then applies its redirects again."""
+        with self._lock:
+            if self.closed:
+                raise StealRulesError(5, "the steal rules are closed")
+            old, self._proc = self._proc, None
+            if old is not None:
+                if old.poll() is None:
+                    old.kill()
+                old.wait()
+                for stream in (old.stdin, old.stdout, old.stderr):
+                    if stream is not None:
+                        with contextlib.suppress(OSError):
+                            stream.close()
+            self.restarts += 1
+            self._spawn(adopt=True, backend=self.backend or self.requested_backend)
+
+    def _spawn(self, *, adopt: bool, backend: str | None = None) -> None:
+        self._proc = subprocess.Popen(
+            _guard_argv(
+                target_pid=self.target_pid,
+                backend=backend or self.requested_backend,
+                tag=self.tag,
+                clean_stale=self.clean_stale and not adopt,
+                adopt=adopt,
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # Its own session: a signal to the agent's process group (Ctrl-C, a killpg)
+            # must not take the guard with it before it has cleaned up.
+            start_new_session=True,
+        )
+        reply = self._read_reply()
+        self.backend = str(reply["backend"])
+        self.stale = [str(s) for s in reply.get("stale", [])]
+        self.cleaned = [str(s) for s in reply.get("cleaned", [])]
 
     def _read_reply(self) -> dict[str, Any]:
         proc = self._proc
         assert proc is not None and proc.stdout is not None
+        waited, stopped_for = 0.0, 0.0
+        while not select.select([proc.stdout], [], [], _REPLY_POLL)[0]:
+            waited += _REPLY_POLL
+            stopped_for = stopped_for + _REPLY_POLL if _stopped(proc.pid) else 0.0
+            if waited >= _REPLY_TIMEOUT or stopped_for >= _STOPPED_LIMIT:
+                proc.kill()
+                why = "is stopped" if stopped_for >= _STOPPED_LIMIT else "did not answer"
+                message = (
+                    f"the steal guard (pid {proc.pid}) {why} after {waited:g} s; it was killed "
+                    "and will be replaced"
+                )
+                log.warning("%s", message)
+                raise StealRulesError(errno.ETIMEDOUT, message)
         line = proc.stdout.readline()
         if not line:
             err = ""
@@ -295,6 +392,7 @@ class StealRules:
     def close(self) -> None:
         """End the guard; it removes whatever is left. Idempotent."""
         with self._lock:
+            self.closed = True
             proc, self._proc = self._proc, None
         if proc is None:
             return

@@ -14,11 +14,22 @@ Protocol on stdin/stdout, one JSON object a line. The guard first writes
 `{"op": "clear"}`; each is answered `{"ok": true}` or `{"ok": false, ...}`. When stdin closes
 or the agent's pidfd says the agent exited, the guard removes every rule of its tag and exits 0.
 It is single-threaded, so `setns` moves the whole process and every command it runs.
+
+`--adopt`: the agent starts a new guard for the same tag after the previous one died; the rules
+in place are taken over as they are (no reset of stolen connections), missing jumps restored.
+
+The sentinel: the guard forks one child (same command line; its parent is the guard) that
+holds nothing but the agent's pidfd and a pipe from the guard. If the guard is killed, the
+sentinel keeps watching the agent, and removes the rules itself if the agent dies before a new
+guard of the same tag is alive (then it exits); so `kill -9` of the guard and then of the agent
+leaves nothing either. When the guard ends normally it says so on the pipe and the sentinel
+exits with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import json
@@ -45,6 +56,9 @@ from mirrord.agent._steal import (
 
 CLONE_NEWNET = 0x40000000
 _CMD_TIMEOUT = 20.0
+_GUARD_GRACE = 1.0  # the sentinel lets a living guard clean up first, this long at most
+_SENTINEL_POLL = 0.5  # how often a sentinel whose guard died looks for its successor
+_DONE = b"d"  # guard -> sentinel: every rule is removed, we both end
 
 
 class GuardError(Exception):
@@ -161,13 +175,17 @@ def remove_all(tag: str, backend: str, *, keep_pin: bool = False) -> None:
     n = chain_names(tag)
     if backend == "nft":
         if keep_pin:
-            for chain in ("pre", "out"):
+            for chain in ("pre", "out", "listener"):
                 _try(["nft", "flush", "chain", "ip", n["nft_table"], chain])
         else:
             _try(["nft", "delete", "table", "ip", n["nft_table"]])
         return
     cmd = [backend] + (["-w"] if backend == "iptables-legacy" else [])
-    jumps = [("nat", "PREROUTING", n["pre"]), ("nat", "OUTPUT", n["out"])]
+    jumps = [
+        ("nat", "PREROUTING", n["pre"]),
+        ("nat", "OUTPUT", n["out"]),
+        ("filter", "INPUT", n["in"]),
+    ]
     if not keep_pin:
         jumps += [("raw", "PREROUTING", n["pin"]), ("raw", "OUTPUT", n["pin"])]
     for table, parent, chain in jumps:
@@ -179,11 +197,39 @@ def remove_all(tag: str, backend: str, *, keep_pin: bool = False) -> None:
         _try([*cmd, "-t", table, "-X", chain])
 
 
+def _iptables(backend: str) -> list[str]:
+    return [backend] + (["-w"] if backend == "iptables-legacy" else [])
+
+
+def _jumps(tag: str) -> list[tuple[str, str, str]]:
+    """(table, parent chain, our chain) of every jump an iptables backend inserts."""
+    n = chain_names(tag)
+    return [
+        ("raw", "PREROUTING", n["pin"]),
+        ("raw", "OUTPUT", n["pin"]),
+        ("filter", "INPUT", n["in"]),
+        ("nat", "PREROUTING", n["pre"]),
+        ("nat", "OUTPUT", n["out"]),
+    ]
+
+
 class Guard:
-    def __init__(self, tag: str, backend: str) -> None:
+    def __init__(self, tag: str, backend: str, *, adopt: bool = False) -> None:
         self.tag = tag
         self.backend = backend
         self.pinned = False
+        # Taking over from a guard that died: its rules stay as they are (removing and adding
+        # them again would reset stolen connections); the next `set` restores missing jumps.
+        self.repair_jumps = adopt and backend != "nft"
+        if self.repair_jumps:
+            pin = chain_names(tag)["pin"]
+            self.pinned = _try([*_iptables(backend), "-t", "raw", "-S", pin]) == 0
+
+    def _restore_jumps(self) -> None:
+        cmd = _iptables(self.backend)
+        for table, parent, chain in _jumps(self.tag):
+            if _try([*cmd, "-t", table, "-C", parent, "-j", chain]) != 0:
+                _check([*cmd, "-t", table, "-I", parent, "1", "-j", chain])
 
     def set(self, redirects: list[Redirect]) -> None:
         if self.backend == "nft":
@@ -199,7 +245,15 @@ class Guard:
             _check(restore, iptables_pin_script(self.tag))
             self.pinned = True
         try:
-            _check(restore, iptables_nat_script(self.tag, redirects, with_jumps=first))
+            _check(
+                restore,
+                iptables_nat_script(
+                    self.tag, redirects, with_jumps=first and not self.repair_jumps
+                ),
+            )
+            if self.repair_jumps:
+                self._restore_jumps()
+                self.repair_jumps = False
         except GuardError:
             if first:
                 remove_all(self.tag, self.backend)
@@ -209,6 +263,53 @@ class Guard:
     def clear(self) -> None:
         remove_all(self.tag, self.backend)
         self.pinned = False
+
+
+def _sentinel(agent_fd: int, guard_rx: int, tag: str, backend: str) -> None:
+    """The sentinel's life (see the module docstring). Returns when it may exit."""
+    guard_alive = True
+    while True:
+        watched = [agent_fd, guard_rx] if guard_alive else [agent_fd]
+        readable, _, _ = select.select(watched, [], [], None if guard_alive else _SENTINEL_POLL)
+        if guard_alive and guard_rx in readable:
+            if os.read(guard_rx, 1) == _DONE:
+                return  # the guard removed everything and ends
+            guard_alive = False  # killed: the agent starts a new guard, or dies
+            continue
+        if agent_fd in readable:
+            if guard_alive:
+                ready, _, _ = select.select([guard_rx], [], [], _GUARD_GRACE)
+                if ready and os.read(guard_rx, 1) == _DONE:
+                    return
+            remove_all(tag, backend)
+            return
+        if not guard_alive and _alive(tag):
+            return  # a new guard (with a sentinel of its own) took over
+
+
+def _start_sentinel(agent_fd: int, alive: socket.socket, tag: str, backend: str) -> int | None:
+    """Fork the sentinel; the guard's end of its pipe (write `_DONE` before a normal exit),
+    or None if it could not be started (the guard works without it)."""
+    try:
+        rx, tx = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid == 0:
+        code = 0
+        try:
+            os.close(tx)
+            alive.close()  # the liveness socket is the guard's alone
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # the agent's pipes must see the guard's end, not ours
+                os.dup2(null, fd)
+            _sentinel(agent_fd, rx, tag, backend)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(rx)
+    return tx
 
 
 def _reply(obj: dict[str, Any]) -> None:
@@ -223,12 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", required=True)
     parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     parser.add_argument("--clean-stale", action="store_true")
+    parser.add_argument("--adopt", action="store_true")
     args = parser.parse_args(argv)
     # The agent's Ctrl-C is not ours: we leave when the agent does, after cleaning up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     guard: Guard | None = None
+    sentinel_tx: int | None = None
     try:
         agent_fd = os.pidfd_open(args.agent_pid)
         _setns(f"/proc/{args.target_pid}/ns/net")
@@ -236,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         alive.bind(alive_socket_name(args.tag))
         alive.listen(16)
         backend = choose_backend(args.backend)
-        guard = Guard(args.tag, backend)
+        guard = Guard(args.tag, backend, adopt=args.adopt)
+        sentinel_tx = _start_sentinel(agent_fd, alive, args.tag, backend)
         stale: list[str] = []
         cleaned: list[str] = []
         for tag, tag_backend in sorted(find_tags().items()):
@@ -254,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.message if isinstance(exc, GuardError) else str(exc)
         code = exc.errno if isinstance(exc, GuardError | OSError) and exc.errno else errno.EIO
         _reply({"ok": False, "error": message, "errno": code})
+        if sentinel_tx is not None:
+            with contextlib.suppress(OSError):
+                os.write(sentinel_tx, _DONE)  # nothing of ours is in place
         return 1
     _reply({"ok": True, "backend": backend, "stale": stale, "cleaned": cleaned})
 
@@ -290,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                     _reply({"ok": True})
     finally:
         guard.clear()
+        if sentinel_tx is not None:
+            with contextlib.suppress(OSError):
+                os.write(sentinel_tx, _DONE)
     return 0
 
 

@@ -16,7 +16,7 @@ import typer
 
 from mirrord.cli._app import app
 from mirrord.cli._sessions import fail
-from mirrord.daemon._client import ControlClient, ensure_daemon, stop_daemon
+from mirrord.daemon._client import ControlClient, checked_status, ensure_daemon, stop_daemon
 from mirrord.daemon._exceptions import DaemonError, DaemonNotRunning
 from mirrord.daemon._runtime import runtime_paths
 
@@ -112,7 +112,7 @@ def status(
     paths = runtime_paths()
     try:
         with ControlClient(paths.control_socket) as client:
-            info: dict[str, Any] = client.call("status")
+            info = checked_status(client.call("status"), client)
     except DaemonNotRunning as exc:
         if as_json:
             typer.echo(json.dumps({"running": False, "runtime_dir": str(paths.root)}))

@@ -1,9 +1,12 @@
-"""`mirrord ls [-n NS] [--json] [--rich] [-f CONFIG]`: the targets of a namespace.
+"""`mirrord ls [-n NS] [-o json|table] [-t KIND]... [-f CONFIG]`: the targets of a namespace.
 
-Owns: the command's output. `--json` prints mirrord's IDE format, a JSON array of target paths
-(`["deployment/web", "pod/web-1/container/app", ...]`); `--rich` (or
-`MIRRORD_LS_RICH_OUTPUT=true`) prints mirrord's rich object
-`{"targets": [{"path", "available"}], "current_namespace", "namespaces"}`; otherwise a table.
+Owns: the command's output, in mirrord's IDE shapes: a JSON array of target paths
+(`["deployment/web", "pod/web-1/container/app", ...]`), or with `MIRRORD_LS_RICH_OUTPUT=true`
+(or `--rich`) mirrord's rich object `{"targets": [{"path", "available"}], "current_namespace",
+"namespaces"}`; `-o table` (the default on a terminal) is for people. The kinds listed:
+`-t KIND` (repeatable), else `MIRRORD_LS_TARGET_TYPES` (a JSON array of kinds), else all.
+Errors in JSON output are one `Error: {...}` line on stderr (what the IDEs parse), in a table
+`mirrord ls: ...`.
 Does not own listing (mirrord.kube).
 """
 
@@ -11,39 +14,113 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from mirrord.cli._app import app
+from mirrord.cli._progress import ProgressMode, progress_mode, write_error
+
+# mirrord's target types that name Kubernetes kinds we list (`targetless` and the others are
+# accepted and list nothing)
+_KINDS = ("deployment", "rollout", "statefulset", "cronjob", "job", "pod")
+_TYPES = (*_KINDS, "targetless", "service", "replicaset")
 
 
-def _config(config_file: Path | None) -> Any:
-    from mirrord.config import ConfigError, load_config
+class _Fail:
+    """Errors in the output's language: JSON for IDEs, a sentence for people."""
 
-    try:
-        return load_config(config_file)
-    except ConfigError as exc:
-        typer.echo(f"mirrord ls: {exc}", err=True)
-        raise typer.Exit(2) from None
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def __call__(self, message: str, help: str, code: int = 1) -> NoReturn:
+        if self.as_json:
+            write_error(message, help=help)
+        else:
+            typer.echo(f"mirrord ls: {message}; {help[0].lower()}{help[1:]}", err=True)
+        raise typer.Exit(code)
+
+
+def _env_flag(name: str) -> bool:
+    # mirrord parses these as a Rust bool: `true` (and `false`) only
+    return os.environ.get(name, "") == "true"
+
+
+def _kinds(target_types: list[str] | None, fail: _Fail) -> list[str] | None:
+    """The kinds to list, or None for all."""
+    source = "-t"
+    if target_types:
+        types = target_types
+    else:
+        raw = os.environ.get("MIRRORD_LS_TARGET_TYPES", "")
+        if not raw.strip():
+            return None
+        source = "MIRRORD_LS_TARGET_TYPES"
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail(
+                f"MIRRORD_LS_TARGET_TYPES={raw!r} is not a JSON array of target types",
+                'Set it like ["deployment", "pod"], or unset it to list every kind.',
+                2,
+            )
+        types = value
+        if not types:
+            return None
+    unknown = [t for t in types if t not in _TYPES]
+    if unknown:
+        fail(
+            f"{source}: unknown target type {unknown[0]!r}",
+            "Use one of " + ", ".join(_TYPES) + ".",
+            2,
+        )
+    return [t for t in types if t in _KINDS]
 
 
 @app.command("ls")
 def ls(
+    *,
     namespace: Annotated[
-        str | None, typer.Option("--namespace", "-n", help="Namespace (default: the context's).")
+        str | None,
+        typer.Option(
+            "--namespace",
+            "-n",
+            help="Namespace (default: target.namespace / MIRRORD_TARGET_NAMESPACE, else the "
+            "context's).",
+        ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", "-o", help="Print a JSON array of target paths (for IDEs).")
-    ] = False,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="json (for IDEs; the default when stdout is not a terminal) or table.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The same as `-o json`.")] = False,
     rich_output: Annotated[
         bool,
         typer.Option(
             "--rich",
-            help="Print {targets, current_namespace, namespaces} as JSON (mirrord's rich ls).",
+            help="Print {targets, current_namespace, namespaces} as JSON (as "
+            "MIRRORD_LS_RICH_OUTPUT=true does).",
         ),
     ] = False,
+    target_types: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target-type",
+            "-t",
+            help="Only this kind (repeatable): deployment, rollout, statefulset, cronjob, job, "
+            "pod. Default: MIRRORD_LS_TARGET_TYPES, else all.",
+            show_default=False,
+        ),
+    ] = None,
     config_file: Annotated[
         Path | None, typer.Option("--config-file", "-f", help="mirrord config file.")
     ] = None,
@@ -54,51 +131,58 @@ def ls(
 ) -> None:
     """List the targets (deployments, rollouts, statefulsets, cronjobs, jobs, pods) of a
     namespace."""
+    rich_output = rich_output or _env_flag("MIRRORD_LS_RICH_OUTPUT")
+    if output is None:
+        output = "json" if as_json or rich_output or not sys.stdout.isatty() else "table"
+        if progress_mode() is ProgressMode.JSON:
+            output = "json"
+    fail = _Fail(output != "table")
+    if output not in ("json", "table"):
+        fail(f"unknown output format {output!r}", "Use `-o json` or `-o table`.", 2)
+    kinds = _kinds(target_types, fail)
+
     import asyncio
 
-    from rich.console import Console
-
+    from mirrord.config import ConfigError, load_config
     from mirrord.kube import KubeError, list_targets
     from mirrord.kube._api import ApiCallError
 
-    cfg = _config(config_file)
+    try:
+        cfg = load_config(config_file)
+    except ConfigError as exc:
+        fail(str(exc), "Fix the configuration (`mirrord verify-config PATH` shows it).", 2)
     ns = namespace or getattr(cfg.target, "namespace", None)
-    rich_output = rich_output or os.environ.get("MIRRORD_LS_RICH_OUTPUT", "").lower() == "true"
-    listing = list_targets(namespace=ns, kubeconfig=cfg.kubeconfig, context=cfg.kube_context)
+    listing = list_targets(
+        namespace=ns, kubeconfig=cfg.kubeconfig, context=cfg.kube_context, kinds=kinds
+    )
     try:
         # An API server that accepts connections but never answers would hang an IDE's
         # target picker forever.
-        found = asyncio.run(asyncio.wait_for(listing, timeout))
+        found: dict[str, Any] = asyncio.run(asyncio.wait_for(listing, timeout))
     except TimeoutError:
-        typer.echo(
-            f"mirrord ls: the API server did not answer within {timeout:g} s; check the "
-            "kubeconfig's server and your network/VPN (or give more time with --timeout)",
-            err=True,
+        fail(
+            f"the API server did not answer within {timeout:g} s",
+            "Check the kubeconfig's server and your network/VPN (or give more time with "
+            "--timeout).",
         )
-        raise typer.Exit(1) from None
     except KubeError as exc:
-        typer.echo(f"mirrord ls: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(exc), "Check your kubeconfig and its current context (`kubectl get pods`).")
     except ApiCallError as exc:
-        typer.echo(
-            f"mirrord ls: the API server refused to list targets ({exc.status} {exc.reason}: "
-            f"{exc.message}); check your permissions in that namespace",
-            err=True,
+        fail(
+            f"the API server refused to list targets ({exc.status} {exc.reason}: {exc.message})",
+            "Check your permissions in that namespace.",
         )
-        raise typer.Exit(1) from None
     except OSError as exc:
-        typer.echo(
-            f"mirrord ls: cannot reach the API server ({exc}); check the kubeconfig's server",
-            err=True,
-        )
-        raise typer.Exit(1) from None
+        fail(f"cannot reach the API server ({exc})", "Check the kubeconfig's server.")
     if rich_output:
         typer.echo(json.dumps(found))
         return
     paths = [t["path"] for t in found["targets"] if t["available"]]
-    if as_json:
+    if output == "json":
         typer.echo(json.dumps(paths))
         return
+    from rich.console import Console
+
     console = Console()
     if not paths:
         console.print(f"no targets in namespace {found['current_namespace']}")

@@ -166,6 +166,15 @@ def _internal_error(exc: BaseException) -> NoReturn:
         where = name
     except OSError:
         pass
+    from mirrord.cli._progress import ProgressMode, progress_mode, write_error
+
+    if sys.argv[1:2] == ["ext"] or progress_mode() is ProgressMode.JSON:
+        # an IDE reads errors as mirrord's JSON line, and nothing else from stderr
+        write_error(
+            f"internal error ({type(exc).__name__}: {exc}); this is a bug in mirrord",
+            help=f"Please report it with the traceback in {where}.",
+        )
+        sys.exit(1)
     print(
         f"mirrord: error: internal error ({type(exc).__name__}: {exc}); this is a bug in "
         f"mirrord: please report it with the traceback in {where}",

@@ -2,7 +2,8 @@
 opening a session in the daemon, and the child's environment.
 
 Owns: the progress display (rich on a terminal, plain `mirrord: ...` lines otherwise, always on
-stderr so nothing mixes into the user app's stdout), error messages that end with what to do,
+stderr so nothing mixes into the user app's stdout; `MIRRORD_PROGRESS_MODE` chooses: `std` the
+former, `simple` plain lines, `json` mirrord's JSON progress lines, `off` nothing), error messages that end with what to do,
 and merging the session's env with the user's own. Does not own session state (the daemon).
 """
 
@@ -15,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from mirrord.daemon._client import ControlClient, ensure_daemon, wait_daemon_gone
+from mirrord.cli._progress import JsonProgress, ProgressMode, progress_mode, write_error
+from mirrord.daemon._client import (
+    ControlClient,
+    check_layer_env,
+    ensure_daemon,
+    wait_daemon_gone,
+)
 from mirrord.daemon._exceptions import DaemonError
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
@@ -70,9 +77,13 @@ def _escape(text: str) -> str:
 
 
 def fail(message: str, code: int = EXIT_MIRRORD_ERROR) -> NoReturn:
-    """Print `mirrord: error: ...` on stderr and exit."""
-    err = _terminal_console()
-    if err is not None:
+    """Print `mirrord: error: ...` (or in JSON progress mode mirrord's `Error: {...}` line) on
+    stderr and exit."""
+    mode = progress_mode()
+    err = None if mode in (ProgressMode.JSON, ProgressMode.SIMPLE) else _terminal_console()
+    if mode is ProgressMode.JSON:
+        write_error(message, help="`mirrord daemon logs` shows what the mirrord daemon did.")
+    elif err is not None:
         err.print(f"[bold red]mirrord: error:[/] {_escape(message)}")
     else:
         print(f"mirrord: error: {message}", file=sys.stderr, flush=True)
@@ -82,14 +93,23 @@ def fail(message: str, code: int = EXIT_MIRRORD_ERROR) -> NoReturn:
 
 
 class Progress:
-    """Steps while the session starts: a rich spinner on a terminal, plain lines otherwise."""
+    """Steps while the session starts: a rich spinner on a terminal, plain lines otherwise;
+    or as `MIRRORD_PROGRESS_MODE` says (`json`: a task `title` with a sub-task per step)."""
 
-    def __init__(self, *, quiet: bool = False) -> None:
-        self.console = _terminal_console()
-        self.quiet = quiet
+    def __init__(self, *, quiet: bool = False, title: str = "mirrord exec") -> None:
+        mode = progress_mode()
+        self.off = mode is ProgressMode.OFF
+        self.quiet = quiet or self.off
+        self.json = JsonProgress(sys.stderr) if mode is ProgressMode.JSON else None
+        simple = self.json is not None or mode is ProgressMode.SIMPLE
+        self.console = None if simple else _terminal_console()
+        self.title = title
+        self._step: str | None = None
         self._status: Status | None = None
 
     def __enter__(self) -> Progress:
+        if self.json is not None and not self.quiet:
+            self.json.new_task(self.title)
         # The spinner needs a real terminal: FORCE_COLOR / TTY_COMPATIBLE (set in many CI
         # setups) ask for colours, and an animation would fill the CI log with frames.
         if self.console is not None and not self.quiet and _isatty(sys.stderr):
@@ -97,8 +117,16 @@ class Progress:
             self._status.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if self.json is not None and not self.quiet:
+            self._finish_step(exc_type is None)
+            self.json.finished_task(self.title, success=exc_type is None)
+
+    def _finish_step(self, success: bool) -> None:
+        if self.json is not None and self._step is not None:
+            self.json.finished_task(self._step, success=success)
+        self._step = None
 
     def stop(self) -> None:
         if self._status is not None:
@@ -108,14 +136,22 @@ class Progress:
     def step(self, text: str) -> None:
         if self.quiet:
             return
-        if self._status is not None and self.console is not None:
+        if self.json is not None:
+            self._finish_step(True)
+            self._step = text
+            self.json.new_task(text, self.title)
+        elif self._status is not None and self.console is not None:
             self.console.print(f"[dim]mirrord:[/] {_escape(text)}")
             self._status.update(f"mirrord: {_escape(text)}")
         else:
             print(f"mirrord: {text}", file=sys.stderr, flush=True)
 
     def warn(self, text: str) -> None:
-        if self.console is not None:
+        if self.off:
+            return
+        if self.json is not None:
+            self.json.warning(text)
+        elif self.console is not None:
             self.console.print(f"[yellow]mirrord: warning:[/] {_escape(text)}")
         else:
             print(f"mirrord: warning: {text}", file=sys.stderr, flush=True)
@@ -218,6 +254,11 @@ def open_session(
                 continue
             failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
         break
+    try:
+        check_layer_env(result.get("env") or {}, paths)
+    except DaemonError as exc:
+        client.close()
+        failed(exc)
     for warning in result.get("warnings") or []:
         warn(str(warning))
     return OpenSession(

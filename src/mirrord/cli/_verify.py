@@ -1,11 +1,13 @@
 """`mirrord verify-config [--ide] PATH`: check a config file and show what it resolves to.
 
 Owns: the command's output: human (rich) or mirrord's IDE JSON (`{"type": "Success", "config":
-{"path": ..., "namespace": ...}, "warnings": [...], "compatible_target_types": [...]}` plus our
-`"resolved"`: the whole resolved config; or `{"type": "Fail", "errors": [...]}`), and its exit
-code (0 valid, 1 invalid; mirrord itself always exits 0).
-Does not own: loading or validation (mirrord.config).
-"""
+{"path": ..., "namespace": ...}, "warnings": [...], "compatible_target_types": [...]}` where
+`path` is the target string as configured (`"pod/x/container/c"`, `"pid/1234"`), the string
+`"targetless"`, or null when the IDE should offer a target picker; plus our `"resolved"`: the
+whole resolved config; or `{"type": "Fail", "errors": [...]}`), and its exit code: with `--ide`
+0 for both (the IDEs read the verdict from the JSON and take a non-zero exit for a crash, as
+mirrord's own exit code is), without it 0 valid, 1 invalid.
+Does not own: loading or validation (mirrord.config)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ import typer
 
 from mirrord.cli._app import app
 
+__all__ = ["summary"]
+
 if TYPE_CHECKING:
     from mirrord.config import MirrordConfig
 
 
-def _summary(cfg: MirrordConfig) -> list[tuple[str, str]]:
+def summary(cfg: MirrordConfig) -> list[tuple[str, str]]:
     feature = cfg.feature
     net = feature.network
     env = feature.env
@@ -74,17 +78,10 @@ _TARGET_TYPES = [
 
 
 def _ide_target(cfg: MirrordConfig) -> dict[str, Any]:
-    """The target in mirrord's IDE shape: `path` is null (not set: the IDE offers a target
-    picker), "targetless", or an object like {"deployment": "api", "container": "main"}."""
+    """The target in the IDE shape: `path` is null (not set: the IDE offers a target picker),
+    or the target string ("targetless", "deployment/api/container/main", "pid/1234")."""
     target = cfg.target
-    path: Any = None
-    if target.path == "targetless":
-        path = "targetless"
-    elif target.kind is not None:
-        path = {target.kind: target.name}
-        if target.container is not None:
-            path["container"] = target.container
-    return {"path": path, "namespace": target.namespace}
+    return {"path": target.path or None, "namespace": target.namespace}
 
 
 @app.command("verify-config")
@@ -112,12 +109,12 @@ def verify_config(
     except ConfigError as exc:
         if ide:
             typer.echo(json.dumps({"type": "Fail", "errors": exc.errors}, indent=2))
-        else:
-            err = Console(stderr=True, highlight=False, soft_wrap=True)
-            err.print(f"[bold red]✗[/] {escape(str(path))} is not a valid mirrord config:")
-            for line in exc.errors:
-                err.print(f"  • {escape(line)}")
-            err.print("Fix the values above and run `mirrord verify-config` again.")
+            return
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]✗[/] {escape(str(path))} is not a valid mirrord config:")
+        for line in exc.errors:
+            err.print(f"  • {escape(line)}")
+        err.print("Fix the values above and run `mirrord verify-config` again.")
         raise typer.Exit(1) from None
     if ide:
         success = {
@@ -131,7 +128,7 @@ def verify_config(
         return
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"[bold green]✓[/] {escape(str(path))} is a valid mirrord config.")
-    for key, value in _summary(resolved.config):
+    for key, value in summary(resolved.config):
         out.print(f"  {key:<10} {escape(value)}")
     for warning in resolved.warnings:
         out.print(f"[yellow]warning:[/] {escape(warning)}")

@@ -24,11 +24,18 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mirrord.daemon._exceptions import ControlError, DaemonError, DaemonNotRunning
-from mirrord.daemon._runtime import RuntimePaths
+from mirrord.daemon._exceptions import (
+    ControlError,
+    DaemonError,
+    DaemonNotRunning,
+    UntrustedDaemon,
+)
+from mirrord.daemon._runtime import RuntimePaths, peer_credentials
 
 __all__ = [
     "ControlClient",
+    "check_layer_env",
+    "checked_status",
     "daemon_env",
     "ensure_daemon",
     "start_daemon",
@@ -60,6 +67,26 @@ class ControlClient:
             if exc.errno in (errno_mod.ENOENT, errno_mod.ECONNREFUSED, errno_mod.ENOTSOCK):
                 raise DaemonNotRunning(str(socket_path)) from None
             raise DaemonNotRunning(str(socket_path)) from exc
+        try:
+            self.peer_pid, peer_uid = peer_credentials(sock)
+        except OSError as exc:
+            sock.close()
+            raise UntrustedDaemon(
+                f"cannot tell who answers on {socket_path} (SO_PEERCRED: {exc.strerror}); "
+                "nothing it says is used"
+            ) from None
+        if peer_uid != os.geteuid():
+            # The runtime directory is the user's own (RuntimePaths.ensure), so only root or a
+            # misconfigured directory can put another user's listener here: never trust it,
+            # since the daemon's answer decides what is preloaded into the user's command.
+            sock.close()
+            raise UntrustedDaemon(
+                f"the process answering on {socket_path} (pid {self.peer_pid}) runs as uid "
+                f"{peer_uid}, not as you (uid {os.geteuid()}): it is not your mirrord daemon "
+                f"and nothing it says is used. Stop it (`kill {self.peer_pid}` as its owner or "
+                "root) and remove the socket, or point $MIRRORD_RUNTIME_DIR at a directory of "
+                "yours"
+            )
         self._sock = sock
         self._ids = itertools.count(1)
         self._replies: dict[int, queue.Queue[dict[str, Any] | None]] = {}
@@ -153,6 +180,30 @@ class ControlClient:
         return reply.get("result")
 
 
+def check_layer_env(env: Mapping[str, str], paths: RuntimePaths) -> None:
+    """Refuse a session environment whose layer is not the one this install ships, or whose
+    layer socket is not this runtime directory's: the user's command would load (or talk to)
+    whatever the answering process chose. `ControlClient` already refuses another user's
+    process; this is the second lock, for anything else listening on the control socket."""
+    from mirrord.layer import library_path
+
+    ours = str(library_path())
+    preload = env.get("LD_PRELOAD", "")
+    if preload != ours:
+        raise UntrustedDaemon(
+            f"the daemon on {paths.control_socket} asked to preload {preload!r}, not this "
+            f"install's layer ({ours}): the command was not run. Stop that daemon (`mirrord "
+            "daemon stop`, or kill the process listening there) and run again"
+        )
+    socket_path = env.get("MIRRORD_LAYER_SOCKET", "")
+    if socket_path != str(paths.layer_socket):
+        raise UntrustedDaemon(
+            f"the daemon on {paths.control_socket} named the layer socket {socket_path!r}, "
+            f"not {paths.layer_socket}: the command was not run. Stop that daemon (`mirrord "
+            "daemon stop`) and run again"
+        )
+
+
 def daemon_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The daemon's environment: the caller's without the layer (a daemon started from inside
     a mirrord session must not preload the layer into itself)."""
@@ -178,15 +229,31 @@ def _status(paths: RuntimePaths, *, stuck_is_error: bool = False) -> dict[str, A
     accepts the connection but does not answer raises `_NoAnswer` instead."""
     try:
         client = ControlClient(paths.control_socket)
+    except UntrustedDaemon:
+        raise
     except DaemonError:
         return None
     try:
         with client:
-            return dict(client.call("status", timeout=5))
+            status = client.call("status", timeout=5)
     except DaemonError:
         if stuck_is_error:
             raise _NoAnswer("no answer") from None
         return None
+    return checked_status(status, client)
+
+
+def checked_status(status: Any, client: ControlClient) -> dict[str, Any]:
+    """A `status` result, refused (`UntrustedDaemon`) unless it carries a build id: every
+    daemon of this project says it, so whatever answered without one is something else."""
+    daemon = status.get("daemon") if isinstance(status, dict) else None
+    if not isinstance(daemon, dict) or not daemon.get("build_id"):
+        raise UntrustedDaemon(
+            f"the process answering on {client.socket_path} (pid {client.peer_pid}) did not "
+            "say its build id: it is not a mirrord daemon this command can use. Stop it "
+            f"(`kill {client.peer_pid}`) and run again"
+        )
+    return dict(status)
 
 
 def _stuck(pid: int, paths: RuntimePaths) -> DaemonError:
@@ -205,7 +272,7 @@ def _same_build(status: dict[str, Any]) -> bool:
     from mirrord.layer import build_id
 
     theirs = status.get("daemon", {}).get("build_id")
-    return theirs is None or theirs == build_id()
+    return bool(theirs) and theirs == build_id()
 
 
 @contextlib.contextmanager
@@ -345,6 +412,7 @@ def ensure_daemon(
     """Make sure a daemon of this install answers on the runtime directory's control socket;
     returns True if this call started it. An idle daemon of another install (its layer would
     not match ours) is replaced; a busy one is an error that says what to do."""
+    paths.ensure()  # refuses another user's directory before anything in it is trusted
     try:
         status = _status(paths, stuck_is_error=True)
     except _NoAnswer:
@@ -354,7 +422,6 @@ def ensure_daemon(
         status = None
     if status is not None and _same_build(status):
         return False
-    paths.ensure()
     with _start_lock(paths):
         status = _status(paths)
         if status is not None and not _same_build(status):

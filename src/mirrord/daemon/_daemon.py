@@ -26,11 +26,14 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
+from anyio.abc import SocketAttribute
 
 from mirrord._version import __version__
 from mirrord.daemon._backend import AgentBackend, backends_for_daemon, config_value
 from mirrord.daemon._env import (
+    check_layer_settings,
     fetch_remote_env,
     incoming_settings,
     layer_variables,
@@ -40,15 +43,69 @@ from mirrord.daemon._env import (
 from mirrord.daemon._exceptions import DaemonError, SessionNotFound
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
-from mirrord.daemon._runtime import RuntimePaths
+from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
 from mirrord.daemon._session import Session, new_session_id, serve_layer_client
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONTROL_LINE", "Daemon"]
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
+    "MAX_CONTROL_LINE",
+    "MAX_CONTROL_UNREAD",
+    "Daemon",
+    "LineSplitter",
+    "LineTooLong",
+]
 
 log = logging.getLogger("mirrord.daemon")
 
 DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
 MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad client's memory
+# Replies and events queued for a control client that does not read them; past this the
+# connection is closed (a `status` reply is ~1 KiB per session: thousands of them fit).
+MAX_CONTROL_UNREAD = 16 * 1024 * 1024
+
+
+class LineTooLong(DaemonError):
+    """A control request line longer than the limit (the sender's error)."""
+
+    code = "bad_request"
+
+
+class LineSplitter:
+    """JSON lines out of a byte stream, in time linear in the bytes fed: each read is split
+    once (in C), and a partial line is only appended to, never rescanned or copied per line.
+    Empty lines are dropped. A line longer than `limit` raises `LineTooLong`; nothing more is
+    read from that connection then."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._partial = bytearray()  # the start of a line whose newline has not come yet
+        self.too_long = False
+
+    def __repr__(self) -> str:
+        return f"<LineSplitter partial={len(self._partial)} limit={self.limit}>"
+
+    def feed(self, data: bytes) -> list[bytes]:
+        end = data.find(b"\n")
+        if end < 0:
+            self._partial += data
+            lines: list[bytes] = []
+        else:
+            parts = data[end + 1 :].split(b"\n")
+            first = bytes(self._partial + data[:end])
+            self._partial = bytearray(parts.pop())
+            lines = [line for line in (first, *parts) if line]
+        if len(self._partial) > self.limit or (lines and max(map(len, lines)) > self.limit):
+            self.too_long = True
+            raise LineTooLong(f"request line too long (the limit is {self.limit} bytes)")
+        return lines
+
+
+class _BadRequest(DaemonError):
+    code = "bad_request"
+
+
+def _bad_request(rid: Any, message: str) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": {"code": "bad_request", "message": message}}
 
 
 async def _preload_config() -> None:
@@ -143,6 +200,7 @@ class Daemon:
         self.layer_connections = 0
         self._build_id = ""
         self._starting = 0  # sessions being created: not idle (an agent start takes seconds)
+        self.max_unread = MAX_CONTROL_UNREAD
 
     def __repr__(self) -> str:
         return f"<Daemon {self.paths.root} sessions={len(self.sessions)}>"
@@ -162,6 +220,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self.pool = AgentPool(self.backends, tg)
+                tg.start_soon(self.pool.watch)
                 tg.start_soon(self._serve, control, self._control_client)
                 tg.start_soon(self._serve, layer, self._layer_client)
                 tg.start_soon(self._signals)
@@ -230,6 +289,9 @@ class Daemon:
     # -- layer connections
 
     async def _layer_client(self, stream: anyio.abc.SocketStream) -> None:
+        if _refused_peer(stream, "layer"):
+            await stream.aclose()
+            return
         self.layer_connections += 1
         try:
             await serve_layer_client(stream, self._build_id, self.sessions.get)
@@ -255,6 +317,7 @@ class Daemon:
             if not isinstance(raw_config, dict):
                 raise DaemonError("create_session: config must be a JSON object")
             config = _config_model(raw_config)
+        check_layer_settings(config)  # before an agent is started for it
         progress(f"opening a session on {target}")
         level = config_value(config, "daemon", "log_level", default=None)
         if level is not None:
@@ -339,41 +402,50 @@ class Daemon:
     # -- control API
 
     async def _control_client(self, stream: anyio.abc.SocketStream) -> None:
+        if _refused_peer(stream, "control"):
+            await stream.aclose()
+            return
         writer = FrameWriter(stream, "control")
         owned: set[str] = set()
+        lines = LineSplitter(MAX_CONTROL_LINE)
+        overflow: list[str] = []  # why the connection is being closed by us, if it is
 
         def emit(obj: dict[str, Any]) -> None:
             writer.send_nowait(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+            if writer.queued_bytes > self.max_unread and not overflow:
+                # A client that asks and never reads would grow the daemon without bound.
+                overflow.append(
+                    f"{writer.queued_bytes} bytes of replies and events unread (the limit is "
+                    f"{self.max_unread}): the client does not read its control connection"
+                )
+                scope.cancel()
 
         try:
             async with stream, anyio.create_task_group() as tg:
                 tg.start_soon(writer.run)
-                buffer = bytearray()
-                while True:
-                    try:
-                        data = await stream.receive(65536)
-                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                        break
-                    buffer += data
-                    if len(buffer) > MAX_CONTROL_LINE and b"\n" not in buffer:
-                        emit(
-                            {
-                                "ok": False,
-                                "error": {
-                                    "code": "bad_request",
-                                    "message": "request line too long",
-                                },
-                            }
-                        )
-                        break
-                    while b"\n" in buffer:
-                        line, _, rest = bytes(buffer).partition(b"\n")
-                        buffer = bytearray(rest)
-                        if line.strip():
-                            await self._control_request(line, emit, owned)
+                with anyio.CancelScope() as scope:
+                    while True:
+                        try:
+                            data = await stream.receive(65536)
+                        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                            break
+                        try:
+                            received = lines.feed(data)
+                        except LineTooLong as exc:
+                            emit(_bad_request(None, str(exc)))
+                            overflow.append(str(exc))
+                            break
+                        for n, line in enumerate(received):
+                            if n % 64 == 63:  # many short lines in one read: stay fair
+                                await anyio.lowlevel.checkpoint()
+                            if line.strip():
+                                await self._control_request(line, emit, owned)
+                if overflow:
+                    log.warning("control connection closed: %s", overflow[0])
                 writer.close()
-                with anyio.move_on_after(2):
-                    await writer.wait_flushed()
+                if not overflow or lines.too_long:
+                    with anyio.move_on_after(2):
+                        await writer.wait_flushed()
                 tg.cancel_scope.cancel()
         finally:
             for sid in owned:
@@ -384,12 +456,20 @@ class Daemon:
     async def _control_request(self, line: bytes, emit: Any, owned: set[str]) -> None:
         rid: Any = None
         try:
-            request = json.loads(line)
+            try:
+                request = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise _BadRequest(f"a control request is JSON in UTF-8 ({exc})") from None
+            except json.JSONDecodeError as exc:
+                raise _BadRequest(
+                    f"a control request is one JSON object per line ({exc})"
+                ) from None
             if not isinstance(request, dict):
-                not_object = DaemonError("a control request is a JSON object")
-                not_object.code = "bad_request"
-                raise not_object
+                raise _BadRequest("a control request is a JSON object")
             rid = request.get("id")
+            if not (rid is None or isinstance(rid, int | str)) or isinstance(rid, bool):
+                rid = None
+                raise _BadRequest("a control request's id is a number or a string")
             op = request.get("op")
             result = await self._op(str(op), request, emit, owned)
             emit({"id": rid, "ok": True, "result": result})
@@ -398,8 +478,10 @@ class Daemon:
             if exc.errors:
                 error["errors"] = exc.errors
             emit({"id": rid, "ok": False, "error": error})
-        except json.JSONDecodeError as exc:
-            emit({"id": rid, "ok": False, "error": {"code": "bad_request", "message": str(exc)}})
+        except RecursionError:
+            # json's decoder (and anything walking the request) stops at Python's recursion
+            # limit: the sender's nesting, not our bug
+            emit(_bad_request(rid, "a control request nests too deeply"))
         except Exception as exc:
             log.exception("control request failed")
             emit(
@@ -491,6 +573,27 @@ class Daemon:
             with anyio.move_on_after(max(left, 0.05) if not session.ever_registered else 3600):
                 await session.wait_changed()
         return {"idle": True, "registered": session.ever_registered, "state": session.state}
+
+
+def _refused_peer(stream: anyio.abc.SocketStream, socket_name: str) -> bool:
+    """Only the daemon's own user (or root) is served. The sockets are 0600 in a 0700
+    directory, so this holds even if someone opened the directory up, or passed a connection
+    on: the kernel's SO_PEERCRED says who connected."""
+    try:
+        pid, uid = peer_credentials(stream.extra(SocketAttribute.raw_socket))
+    except (OSError, anyio.TypedAttributeLookupError) as exc:
+        log.warning("%s connection refused: its peer is unknown (%s)", socket_name, exc)
+        return True
+    if trusted_peer(uid):
+        return False
+    log.warning(
+        "%s connection from pid %d refused: it runs as uid %d, the daemon serves uid %d only",
+        socket_name,
+        pid,
+        uid,
+        os.geteuid(),
+    )
+    return True
 
 
 async def _unix_listener(path: Path) -> anyio.abc.SocketListener:

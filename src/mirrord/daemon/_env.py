@@ -26,6 +26,7 @@ from mirrord.protocol import messages as m
 __all__ = [
     "ENV_REQUEST_TIMEOUT",
     "KEEP_LOCAL",
+    "check_layer_settings",
     "fetch_remote_env",
     "filter_for_port",
     "incoming_settings",
@@ -113,12 +114,18 @@ async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> di
         with anyio.move_on_after(ENV_REQUEST_TIMEOUT):
             await done.wait()
     finally:
+        # what came before the timeout: closing the channel answers a pending request with
+        # its own EIO ("environment read"), which is not what the agent said
+        answered = list(replies)
         link.close_channel(channel, "environment read")
-    if not replies:
+    if not answered:
         raise AgentLost(
-            f"the agent did not send the target's environment within {ENV_REQUEST_TIMEOUT:g} s"
+            f"{link.handle.description} did not answer the request for the target's "
+            f"environment within {ENV_REQUEST_TIMEOUT:g} s (the agent is stopped, stuck or "
+            "overloaded, or the connection to it stalled): check the agent (its log, or "
+            "`kubectl logs` for a cluster target), then run again"
         )
-    reply = replies[0]
+    reply = answered[0]
     if isinstance(reply, m.EnvReply):
         return dict(reply.env)
     if isinstance(reply, m.ErrorReply):
@@ -252,6 +259,20 @@ def steal_for_port(
         "list this port in feature.network.incoming.http_filter.ports to filter it, or in "
         "feature.network.incoming.ports to steal it whole",
     )
+
+
+def check_layer_settings(config: AgentConfig) -> None:
+    """Refuse, before anything starts, a configuration the layer cannot take: one too large
+    for its environment variable or its parser (`LayerSettingsTooLarge` names the limit), or
+    a pattern it cannot express. Raises `DaemonError` with code `config_error`."""
+    from mirrord.layer import LayerSettings
+
+    try:
+        LayerSettings.from_config(config).encode()
+    except ValueError as exc:
+        error = DaemonError(f"the configuration does not fit the layer: {exc}")
+        error.code = "config_error"
+        raise error from None
 
 
 def layer_variables(

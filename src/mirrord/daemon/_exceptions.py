@@ -16,6 +16,7 @@ __all__ = [
     "RootRequired",
     "SessionNotFound",
     "TargetNotSupported",
+    "UntrustedDaemon",
 ]
 
 
@@ -99,3 +100,11 @@ class DaemonNotRunning(ControlError):
             f"no mirrord daemon answers on {socket_path}: start one with `mirrord daemon start` "
             "(`mirrord run` starts it by itself)"
         )
+
+
+class UntrustedDaemon(ControlError):
+    """What answers on the control socket is not this user's mirrord daemon of this install (a
+    process of another user, or something else listening there): nothing it says is used, and
+    no command is run with what it would hand out. The message names the process to stop."""
+
+    code = "untrusted_daemon"

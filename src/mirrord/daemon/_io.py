@@ -2,7 +2,8 @@
 and resetting a socket stream.
 
 Owns: the rule that protocol readers never block on a write (they queue frames; one task per
-stream writes them in order). Does not own what the frames mean.
+stream writes them in order), and relay sockets that are read only when asked (back-pressure).
+Does not own what the frames mean.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
-__all__ = ["FrameReader", "FrameWriter", "reset_stream"]
+__all__ = ["FrameReader", "FrameWriter", "RawSocketStream", "accept_raw", "reset_stream"]
 
 
 class FrameWriter:
@@ -164,6 +165,92 @@ class FrameReader:
                 raise anyio.EndOfStream
             self._ready_before = not waited
             return data
+
+
+class RawSocketStream(anyio.abc.SocketStream):
+    """A stream over a connected socket that reads only when `receive()` is called.
+
+    anyio's asyncio streams for TCP sockets (`accept()`, `SocketStream.from_socket()`) read
+    through an asyncio transport that is only paused after a `receive()` had to wait: a user
+    app that uploads faster than the agent's credit window lets the daemon read, kept the
+    transport reading into an unbounded queue (a 4 GiB upload grew the daemon to 3.1 GB).
+    Here unread bytes stay in the kernel's socket buffer, so TCP's own window stops the app
+    while the relay waits for credit."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<RawSocketStream fd={self._sock.fileno()} closed={self._closed}>"
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self._sock
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.lowlevel.checkpoint()  # a peer that never stops sending starves nobody
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                data = self._sock.recv(max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self._sock)
+                continue
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def send(self, item: bytes) -> None:
+        await anyio.lowlevel.checkpoint()
+        view = memoryview(item)
+        while view:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                sent = self._sock.send(view)
+            except BlockingIOError:
+                await anyio.wait_writable(self._sock)
+                continue
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+            view = view[sent:]
+
+    async def send_eof(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise anyio.BrokenResourceError from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._sock)  # wakes a task waiting in wait_readable/writable
+            self._sock.close()
+        await anyio.lowlevel.checkpoint()
+
+
+async def accept_raw(listener: anyio.abc.SocketListener) -> RawSocketStream:
+    """The next connection on `listener`, as a `RawSocketStream` (see there why not the
+    listener's own `accept()`)."""
+    raw = listener.extra(SocketAttribute.raw_socket)
+    while True:
+        try:
+            sock, _ = raw.accept()
+        except BlockingIOError:
+            await anyio.wait_readable(raw)
+            continue
+        except OSError as exc:
+            if raw.fileno() < 0:
+                raise anyio.ClosedResourceError from None
+            raise anyio.BrokenResourceError from exc
+        return RawSocketStream(sock)
 
 
 def reset_stream(stream: anyio.abc.ByteStream) -> None:

@@ -41,7 +41,7 @@ from mirrord.protocol import (
 )
 from mirrord.protocol import messages as m
 
-__all__ = ["AgentLink", "ChannelOwner", "ReplyCallback"]
+__all__ = ["AgentLink", "ChannelOwner", "ReplyCallback", "describe_error"]
 
 log = logging.getLogger("mirrord.daemon.link")
 
@@ -49,6 +49,22 @@ HANDSHAKE_TIMEOUT = 15.0
 _READ_SIZE = 256 * 1024
 
 ReplyCallback = Callable[[Message], None]
+
+
+def describe_error(exc: BaseException) -> str:
+    """What broke, for a message: anyio's Broken/ClosedResourceError carry no text of their
+    own (the OS error is their cause), and "the agent was lost: the agent stream broke: " told
+    the user nothing."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror} (errno {errno_mod.errorcode.get(seen.errno or 0, seen.errno)})"
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, anyio.ClosedResourceError):
+        return "the daemon closed the stream"
+    return f"{type(exc).__name__} (the connection to the agent failed without an error text)"
 
 
 class ChannelOwner(Protocol):
@@ -151,7 +167,7 @@ class AgentLink:
                 try:
                     reason = await self._read_loop(stream)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    reason = f"the agent stream broke: {exc}"
+                    reason = f"the agent stream broke: {describe_error(exc)}"
                 except RemoteProtocolError as exc:
                     reason = f"the agent broke the protocol: {exc}"
                     self._writer.send_nowait(self.conn.error_frame(exc))

@@ -175,6 +175,19 @@ class AgentPool:
             del self.entries[entry.handle.key]
             await entry.handle.stop()
 
+    async def watch(self, interval: float = 1.0) -> None:
+        """Drop agents that died (killed, crashed, their pod gone) within `interval` seconds,
+        whether or not a stream to them was open: `daemon status` lists only live agents, and
+        `stop()` removes what the backend kept for them (a local agent's socket and secret).
+        The end of a stream alone cannot tell: the agent's exit may not be known yet then."""
+        while True:
+            await anyio.sleep(interval)
+            for entry in [e for e in self.entries.values() if not e.handle.alive()]:
+                log.warning(
+                    "agent %s is gone (%s): dropped", entry.handle.key, entry.handle.description
+                )
+                await self._stop(entry)
+
     def release(self, link: AgentLink, session_id: str) -> None:
         """The session no longer uses this agent; the agent lingers when nobody does."""
         entry = self.entries.get(link.handle.key)

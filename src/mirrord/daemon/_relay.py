@@ -23,7 +23,7 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
-from mirrord.daemon._io import reset_stream
+from mirrord.daemon._io import RawSocketStream, accept_raw, reset_stream
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
@@ -163,7 +163,7 @@ class Relay:
                     self._scope.cancel()
                 stream: anyio.abc.SocketStream | None = None
                 with anyio.move_on_after(timeout):
-                    stream = await listener.accept()
+                    stream = await accept_raw(listener)  # read only under credit
                 await listener.aclose()
                 if stream is None:
                     # the app never connected (its connect() failed or it closed the socket)
@@ -340,7 +340,7 @@ async def _connect_announcing(
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, os.strerror(error)) from None
-        return await anyio.abc.SocketStream.from_socket(sock)
+        return RawSocketStream(sock)  # read only under credit (see RawSocketStream)
     except BaseException:
         sock.close()
         raise

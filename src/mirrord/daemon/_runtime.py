@@ -7,13 +7,17 @@ Owns: where the runtime directory is, creating it 0700, and the names of the fil
 from __future__ import annotations
 
 import os
+import pwd
+import socket
+import stat
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mirrord.daemon._exceptions import DaemonError
 
-__all__ = ["RuntimePaths", "runtime_dir", "runtime_paths"]
+__all__ = ["RuntimePaths", "peer_credentials", "runtime_dir", "runtime_paths", "trusted_peer"]
 
 
 def runtime_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -62,6 +66,11 @@ class RuntimePaths:
     def ensure(self) -> None:
         """Create the directory (0700), and tighten it if it exists with looser modes.
 
+        Only its owner talks to the daemon: everything in the directory (the control and layer
+        sockets, agent secrets) is trusted because nobody else can create or replace it, so a
+        directory owned by another user is refused, whatever its mode (root too: a user's
+        directory handed to `sudo -E` is that user's, not root's).
+
         Raises `DaemonError` saying which directory is unusable and how to choose another
         (a path that is a file, a parent that cannot be created, a directory of another user,
         a path too long for the unix sockets in it)."""
@@ -74,7 +83,16 @@ class RuntimePaths:
             )
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if (self.root.stat().st_mode & 0o777) != 0o700:
+            st = self.root.stat()
+            if stat.S_ISDIR(st.st_mode) and st.st_uid != os.geteuid():
+                raise DaemonError(
+                    f"the mirrord runtime directory {self.root} belongs to {_user(st.st_uid)}, "
+                    f"not to you ({_user(os.geteuid())}): only its owner may talk to a mirrord "
+                    "daemon, so another user's directory is never used. Point "
+                    "$MIRRORD_RUNTIME_DIR at a directory of yours (or unset it; with `sudo -E`, "
+                    "unset XDG_RUNTIME_DIR too)"
+                )
+            if (st.st_mode & 0o777) != 0o700:
                 os.chmod(self.root, 0o700)
             if not os.access(self.root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied", str(self.root))
@@ -86,5 +104,26 @@ class RuntimePaths:
             ) from None
 
 
+def _user(uid: int) -> str:
+    """`uid 65534 (nobody)`, or `uid N` for a uid without a name."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def runtime_paths(env: Mapping[str, str] | None = None) -> RuntimePaths:
     return RuntimePaths(runtime_dir(env))
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a connected unix socket (SO_PEERCRED:
+    the kernel's record of who called listen()/connect(), which the peer cannot forge)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", raw)
+    return pid, uid
+
+
+def trusted_peer(uid: int) -> bool:
+    """A peer the daemon serves: its own user, or root (who could read its sockets anyway)."""
+    return uid in (os.geteuid(), 0)

@@ -53,6 +53,7 @@ DROP_WARNING_INTERVAL = 10.0  # seconds between two kernel-drop warnings of one 
 FORK_GRACE = 1.0  # seconds a process's channel outlives its last connection, for late children
 RELAY_ACCEPT_TIMEOUT = 30.0  # the app connects to the relay right after LayerConnected
 REQUEST_TIMEOUT = 30.0
+MAX_LAYER_UNREAD = 64 * 1024 * 1024  # replies queued for one layer connection that does not read
 
 Notify = Callable[[dict[str, Any]], None]
 
@@ -541,7 +542,22 @@ class LayerClient:
             return  # the layer connection is gone: nobody waits for this reply
         if getattr(reply, "request_id", None) != request_id:
             reply = dataclasses.replace(reply, request_id=request_id)  # type: ignore[type-var]
-        self.writer.send_nowait(self.conn.send(reply))
+        self.send_nowait(reply)
+
+    def send_nowait(self, msg: Message) -> None:
+        """Queue `msg`; a layer that leaves more than MAX_LAYER_UNREAD bytes of replies unread
+        is closed (a thread of a preloaded process waits for each reply it asked for, so only
+        a misbehaving peer gets near it), instead of growing the daemon without bound."""
+        if self.closed or self.conn.state is not State.OPEN:
+            return  # closed (by us, past the bound): nobody reads this
+        self.writer.send_nowait(self.conn.send(msg))
+        if self.writer.queued_bytes > MAX_LAYER_UNREAD and not self.closed:
+            reason = (
+                f"{self.writer.queued_bytes} bytes of replies unread (the limit is "
+                f"{MAX_LAYER_UNREAD}): the layer does not read its connection"
+            )
+            log.warning("layer connection (pid %s) closed: %s", _pid(self), reason)
+            self.close("unread_replies", reason)
 
     def close(self, code: str, message: str) -> None:
         if self.closed:
@@ -628,6 +644,8 @@ async def _serve(
                 client.writer.send_nowait(conn.welcome(process=client.process.channel))
                 continue
             _handle(client, msg, tg)
+            if client.closed:
+                return session  # closed while handling (unread replies past the bound)
 
 
 def _pid(client: LayerClient) -> int | None:
@@ -638,7 +656,7 @@ def _handle(client: LayerClient, msg: Message, tg: anyio.abc.TaskGroup) -> None:
     process = client.process
     assert process is not None
     if isinstance(msg, m.Ping):
-        client.writer.send_nowait(client.conn.send(m.Pong(nonce=msg.nonce)))
+        client.send_nowait(m.Pong(nonce=msg.nonce))
     elif isinstance(msg, m.LayerConnect):
         if not process.link.start_task(process.outgoing, client, msg):
             client.reply(_lost(process), msg.request_id)

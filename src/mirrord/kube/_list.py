@@ -2,7 +2,8 @@
 
 Owns: which targets exist in a namespace, in mirrord's order (deployments, rollouts,
 statefulsets, cronjobs, jobs, pods; pods as `pod/NAME/container/C` for every container that is
-not a known mesh sidecar), with the namespace list. Only running pods and workloads with at
+not a known mesh sidecar), with the namespace list; `kinds` limits the listing to those kinds
+(mirrord's `MIRRORD_LS_TARGET_TYPES`), and kinds not asked for are not queried at all. Only running pods and workloads with at
 least one ready replica are listed, so an IDE offers targets that can be used. A kind the user
 may not list (403) or that is not installed (404, e.g. Argo Rollouts) is skipped, not an error.
 Does not own printing (the CLI does).
@@ -10,6 +11,7 @@ Does not own printing (the CLI does).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from kubernetes_asyncio import client as k8s
@@ -45,30 +47,44 @@ async def list_targets(
     namespace: str | None = None,
     kubeconfig: str | None = None,
     context: str | None = None,
+    kinds: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """`{"targets": [{"path", "available"}], "current_namespace", "namespaces"}`."""
+    """`{"targets": [{"path", "available"}], "current_namespace", "namespaces"}`; only the
+    target kinds in `kinds` (`deployment`, `rollout`, `statefulset`, `cronjob`, `job`, `pod`)
+    when given."""
     kube = await load_context(kubeconfig=kubeconfig, context=context, namespace=namespace)
     ns = kube.namespace
+
+    def wanted(kind: str) -> bool:
+        return kinds is None or kind in kinds
+
     async with k8s.ApiClient(kube.configuration) as api:
         core = k8s.CoreV1Api(api)
         apps = k8s.AppsV1Api(api)
         batch = k8s.BatchV1Api(api)
         custom = k8s.CustomObjectsApi(api)
         paths: list[str] = []
-        paths += _names(await _items(apps.list_namespaced_deployment, ns), "deployment")
-        paths += _names(
-            await _items(
-                custom.list_namespaced_custom_object, "argoproj.io", "v1alpha1", ns, "rollouts"
-            ),
-            "rollout",
-        )
-        paths += _names(await _items(apps.list_namespaced_stateful_set, ns), "statefulset")
-        paths += _names(
-            await _items(batch.list_namespaced_cron_job, ns), "cronjob", ready_field=None
-        )
-        paths += _names(await _items(batch.list_namespaced_job, ns), "job", ready_field="active")
+        if wanted("deployment"):
+            paths += _names(await _items(apps.list_namespaced_deployment, ns), "deployment")
+        if wanted("rollout"):
+            paths += _names(
+                await _items(
+                    custom.list_namespaced_custom_object, "argoproj.io", "v1alpha1", ns, "rollouts"
+                ),
+                "rollout",
+            )
+        if wanted("statefulset"):
+            paths += _names(await _items(apps.list_namespaced_stateful_set, ns), "statefulset")
+        if wanted("cronjob"):
+            paths += _names(
+                await _items(batch.list_namespaced_cron_job, ns), "cronjob", ready_field=None
+            )
+        if wanted("job"):
+            paths += _names(
+                await _items(batch.list_namespaced_job, ns), "job", ready_field="active"
+            )
         pods = []
-        for pod in await _items(core.list_namespaced_pod, ns):
+        for pod in await _items(core.list_namespaced_pod, ns) if wanted("pod") else []:
             if (pod.get("status") or {}).get("phase") != "Running":
                 continue
             if pod["metadata"].get("deletionTimestamp"):

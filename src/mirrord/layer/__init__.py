@@ -8,6 +8,13 @@ command). Does not own the hooks (native/*.c) or the daemon side of the layer pr
 from __future__ import annotations
 
 from mirrord.layer._library import build_id, library_path
-from mirrord.layer._settings import LayerSettings, layer_env, posix_regex
+from mirrord.layer._settings import LayerSettings, LayerSettingsTooLarge, layer_env, posix_regex
 
-__all__ = ["LayerSettings", "build_id", "layer_env", "library_path", "posix_regex"]
+__all__ = [
+    "LayerSettings",
+    "LayerSettingsTooLarge",
+    "build_id",
+    "layer_env",
+    "library_path",
+    "posix_regex",
+]

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from mirrord.layer._library import library_path
 
-__all__ = ["LayerSettings", "layer_env", "posix_regex"]
+__all__ = ["LayerSettings", "LayerSettingsTooLarge", "layer_env", "posix_regex"]
 
 FsMode = Literal["local", "localwithoverrides", "read", "write"]
 IncomingMode = Literal["mirror", "steal", "off"]
@@ -144,6 +144,65 @@ def posix_mapping(pattern: str, replacement: str) -> tuple[str, str]:
     return posix, _REPLACEMENT_REF.sub(ref, replacement)
 
 
+# What the layer can take, from native/policy.c's parser (policy_load) and from execve(2). A
+# setting beyond them is refused when the session is created, never dropped in silence.
+MAX_LINE = 4095  # policy_load's line buffer: `char line[4096]` (a longer line: layer inactive)
+MAX_LIST = 128  # MAX_LIST: entries per list (regexes, filters, ports, skipped processes)
+MAX_MAPPINGS = 16  # MAX_MAP: feature.fs.mapping entries
+# Linux refuses execve(2) with E2BIG when one environment string (name, "=", value, NUL) is over
+# MAX_ARG_STRLEN, 32 pages of 4 KiB.
+MAX_ENV_STRING = 32 * 4096
+ENV_NAME = "MIRRORD_LAYER_CONFIG"
+_SETTING_NAMES = {
+    "read_only": ("feature.fs.read_only", MAX_LIST),
+    "read_write": ("feature.fs.read_write", MAX_LIST),
+    "local": ("feature.fs.local", MAX_LIST),
+    "not_found": ("feature.fs.not_found", MAX_LIST),
+    "fs_map": ("feature.fs.mapping", MAX_MAPPINGS),
+    "outgoing_filter": ("feature.network.outgoing.filter", MAX_LIST),
+    "dns_filter": ("feature.network.dns.filter", MAX_LIST),
+    "port_mapping": ("feature.network.incoming.port_mapping", MAX_LIST),
+    "listen_ports": ("feature.network.incoming.listen_ports", MAX_LIST),
+    "ignore_ports": ("feature.network.incoming.ignore_ports", MAX_LIST),
+    "skip_process": ("skip_processes", MAX_LIST),
+}
+
+
+class LayerSettingsTooLarge(ValueError):
+    """The session's settings do not fit the layer (a line, a list or the whole encoding is
+    over a limit of the C parser or of execve): the message names the setting and the limit;
+    the user shortens that setting."""
+
+
+def _check_fits(lines: list[str]) -> None:
+    counts: dict[str, int] = {}
+    for line in lines:
+        key = line.partition("=")[0]
+        counts[key] = counts.get(key, 0) + 1
+        size = len(line.encode())
+        if size > MAX_LINE:
+            name = _SETTING_NAMES.get(key, (key, 0))[0]
+            raise LayerSettingsTooLarge(
+                f"an entry of {name} is {size} bytes once encoded for the layer; the layer "
+                f"reads at most {MAX_LINE} bytes per entry (native/policy.c): shorten it"
+            )
+    for key, count in counts.items():
+        name, limit = _SETTING_NAMES.get(key, (key, 0))
+        if limit and count > limit:
+            raise LayerSettingsTooLarge(
+                f"{name} has {count} entries; the layer takes at most {limit} "
+                "(native/policy.c): merge some of them (one regex can match many paths)"
+            )
+    total = len(ENV_NAME) + 2 + sum(len(line.encode()) + 1 for line in lines)
+    if total > MAX_ENV_STRING:
+        raise LayerSettingsTooLarge(
+            f"the layer's settings take {total} bytes in the environment variable {ENV_NAME}; "
+            f"Linux allows at most {MAX_ENV_STRING} bytes per environment string "
+            "(MAX_ARG_STRLEN, execve would fail with E2BIG): shorten the feature.fs and "
+            "feature.network lists of the configuration"
+        )
+
+
 def _line_value(value: str, key: str) -> str:
     if "\n" in value or "\r" in value:
         raise ValueError(f"layer setting {key}: {value!r} must not contain a line break")
@@ -184,7 +243,8 @@ class LayerSettings:
     fetch_limit: int = 8 * 1024 * 1024
 
     def encode(self) -> str:
-        """The compact string the C side parses (MIRRORD_LAYER_CONFIG)."""
+        """The compact string the C side parses (MIRRORD_LAYER_CONFIG). Raises ValueError
+        for what it cannot express, `LayerSettingsTooLarge` for what it cannot hold."""
         from mirrord.config import parse_address_filter
 
         lines = ["v=1", f"fs_mode={self.fs_mode}"]
@@ -226,6 +286,7 @@ class LayerSettings:
         lines.append(f"hostname={int(self.hostname)}")
         lines.append(f"timeout_ms={int(self.timeout_ms)}")
         lines.append(f"fetch_limit={int(self.fetch_limit)}")
+        _check_fits(lines)
         return "\n".join(lines) + "\n"
 
     @classmethod

@@ -195,6 +195,9 @@ class Registry:
     def decode_name(self, kind: int) -> str:
         return self._by_kind[kind].__name__
 
+    def message_class(self, kind: int) -> type[Message]:
+        return self._by_kind[kind]
+
     def knows(self, kind: int) -> bool:
         return kind in self._by_kind
 

@@ -28,7 +28,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Any, Final
 
-from mirrord.protocol._base import Message, Registry
+from mirrord.protocol._base import INT64_MAX, Message, Registry
 from mirrord.protocol._exceptions import (
     LocalProtocolError,
     MalformedFrame,
@@ -53,6 +53,7 @@ from mirrord.protocol.messages import (
     IncomingConnection,
     LayerHello,
     LayerWelcome,
+    Request,
     Welcome,
 )
 
@@ -67,6 +68,7 @@ __all__ = [
     "NEED_DATA",
     "AgentConnection",
     "AgentRole",
+    "InvalidRequest",
     "LayerConnection",
     "LayerRole",
     "Received",
@@ -143,7 +145,28 @@ class UnknownMessage:
     request_id: int | None
 
 
-Event = Received | UnknownMessage
+@dataclass(frozen=True, slots=True)
+class InvalidRequest:
+    """A request of a known kind whose fields are invalid (a NUL-free check is the agent's;
+    this is the wire: a wrong type, an integer beyond 64 bits, a size out of its range).
+    Only a connection built with `invalid_requests_as_events=True` returns it, and only when
+    the frame carries a usable request id: answer it with `ErrorReply(errno=EINVAL or
+    EOVERFLOW)`; the connection goes on. Otherwise such a frame is `MalformedFrame`."""
+
+    channel: int
+    kind: int
+    request_id: int
+    reason: str
+
+    @property
+    def errno(self) -> int:
+        return _EOVERFLOW if "out of range" in self.reason else _EINVAL
+
+
+_EINVAL: Final = 22
+_EOVERFLOW: Final = 75
+
+Event = Received | UnknownMessage | InvalidRequest
 
 
 class _Connection:
@@ -157,6 +180,7 @@ class _Connection:
         self.state = State.HANDSHAKE
         self._decoder = FrameDecoder(max_frame_size)
         self._error: ProtocolError | None = None
+        self._invalid_requests_as_events = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} role={self.role.value} state={self.state.value}>"
@@ -229,7 +253,21 @@ class _Connection:
             if self.state is not State.OPEN:
                 raise MalformedFrame(f"unknown message kind {kind} during the handshake")
             return UnknownMessage(channel=channel, kind=kind, request_id=rid)
-        msg = self._registry.decode(kind, fields)
+        try:
+            msg = self._registry.decode(kind, fields)
+        except MalformedFrame as exc:
+            rid = fields[0] if fields and type(fields[0]) is int else None
+            if (
+                self._invalid_requests_as_events
+                and self.state is State.OPEN
+                and rid is not None
+                and 0 <= rid <= INT64_MAX
+                and issubclass(self._registry.message_class(kind), Request)
+            ):
+                return InvalidRequest(
+                    channel=channel, kind=kind, request_id=rid, reason=exc.message
+                )
+            raise
         self._check_received(channel, msg)
         return Received(channel=channel, message=msg)
 
@@ -282,8 +320,13 @@ class AgentConnection(_Connection):
         features: list[str] | None = None,
         max_frame_size: int = MAX_FRAME_SIZE,
         initial_window: int = INITIAL_WINDOW,
+        invalid_requests_as_events: bool = False,
     ) -> None:
         super().__init__(role, max_frame_size)
+        # The agent answers a request with invalid fields (`InvalidRequest`) instead of
+        # closing the whole daemon connection: the daemon forwards layer requests undecoded,
+        # so one process's bad request would otherwise cost every session on it.
+        self._invalid_requests_as_events = invalid_requests_as_events
         self._secret = secret
         self.version = version
         self.min_version = min_version
