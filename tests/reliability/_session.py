@@ -246,14 +246,10 @@ def end_scene(scene: Scene) -> None:
         raise AssertionError(f"mirrord run did not end on SIGTERM: {scene.err.text()}") from None
 
 
-def assert_nothing_left(
-    scene: Scene, *, daemon_killed: bool = False, agent_killed: bool = False
-) -> None:
+def assert_nothing_left(scene: Scene, *, daemon_killed: bool = False) -> None:
     """Within CLEAN_WITHIN s of the session's end: no rule of ours in the pod, no process that
     should not run; no file that should not stay in the runtime directory (after a killed
-    daemon, once the next daemon started: it clears what the dead one left, docs/commands.md).
-    A killed agent's socket and secret are left today (issue 20 item 7):
-    `test_a_killed_agent_is_dropped_with_its_files` checks them, so they are not counted here."""
+    daemon, once the next daemon started: it clears what the dead one left, docs/commands.md)."""
     ended = time.monotonic()
     cleaned = wait_rules(scene.pod, present=False, timeout=CLEAN_WITHIN)
     scene.figures["rules_gone_s"] = f"{cleaned - ended:.2f}"
@@ -268,10 +264,7 @@ def assert_nothing_left(
     ), scene.cli.sessions()
     if daemon_killed:
         assert scene.cli.run("daemon", "start").returncode == 0
-    left_files = leftover_files(scene.cli.runtime)
-    if agent_killed:
-        left_files = [name for name in left_files if not name.startswith("agent-")]
-    assert left_files == []
+    assert leftover_files(scene.cli.runtime) == []
 
 
 def assert_healthy(scene: Scene, since: float) -> None:

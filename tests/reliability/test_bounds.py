@@ -21,11 +21,6 @@ pytestmark = pytest.mark.netns
 GROWTH_LIMIT_KIB = 32 * 1024  # well above a Python process's noise (a few MiB)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 4 (replies a control client does not read are bounded), lands "
-    "with sec-daemon",
-)
 def test_unread_control_replies_are_bounded(scene_factory: Callable[[str], Scene]) -> None:
     scene, daemon, _ = healthy_scene(scene_factory)
     before = rss_kib(daemon)
@@ -54,11 +49,6 @@ def test_unread_control_replies_are_bounded(scene_factory: Callable[[str], Scene
     assert_healthy(scene, time.monotonic())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 4 (unauthenticated agent connections are capped in number and "
-    "buffered bytes), lands with sec-agent",
-)
 def test_unauthenticated_agent_connections_are_capped(
     scene_factory: Callable[[str], Scene],
 ) -> None:
@@ -95,11 +85,6 @@ def test_unauthenticated_agent_connections_are_capped(
             sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 4 (line splitting on the control socket is linear), lands with "
-    "sec-daemon",
-)
 def test_a_flood_of_short_control_lines_does_not_stall_the_daemon(
     scene_factory: Callable[[str], Scene],
 ) -> None:

@@ -128,19 +128,11 @@ def _check_killed_guard(scene: Scene, killed_at: float) -> None:
     )
 
 
-_GUARD_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 5 (the agent notices a dead steal guard), lands with sec-agent",
-)
-
-
 def _kill_cases() -> list[object]:
     cases: list[object] = []
     for victim in VICTIMS:
         for phase in PHASES:
-            # at startup the guard's death fails the subscription at once, today already
-            marks = [_GUARD_XFAIL] if victim == "guard" and phase != "startup" else []
-            cases.append(pytest.param(victim, phase, marks=marks, id=f"{victim}-{phase}"))
+            cases.append(pytest.param(victim, phase, id=f"{victim}-{phase}"))
     return cases
 
 
@@ -189,7 +181,7 @@ def test_sigkill(
     else:
         _check_killed_during_work(scene, victim, killed_at)
     end_scene(scene)
-    assert_nothing_left(scene, daemon_killed=victim == "daemon", agent_killed=victim == "agent")
+    assert_nothing_left(scene, daemon_killed=victim == "daemon")
     record(request, scene)
 
 
@@ -295,11 +287,6 @@ def test_sigstop(
     record(request, scene)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 7 (a dead agent is dropped from daemon status and its secret "
-    "removed), lands with sec-daemon",
-)
 def test_a_killed_agent_is_dropped_with_its_files(scene_factory: Callable[[str], Scene]) -> None:
     scene = scene_factory("read")
     wait_ready(scene)

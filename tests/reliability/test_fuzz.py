@@ -415,11 +415,6 @@ def agent_verdict_unauthenticated(frame: bytes) -> str:
     return Verdict.SEND_AND_CLOSE if verdict == Verdict.SEND else verdict
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 6 (undecodable or deeply nested JSON on the control socket is "
-    "bad_request, no traceback), lands with sec-daemon",
-)
 def test_bad_control_lines_are_the_senders_error(
     scene_factory: Callable[[str], Scene],
 ) -> None:

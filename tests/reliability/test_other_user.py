@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from mirrord.layer import build_id
-from mirrord.localpod import LocalPod, PodSpec
+from mirrord.localpod import LocalPod
 from mirrord.protocol import NEED_DATA, LayerConnection, LayerRole, Message, Received
 from mirrord.protocol import messages as m
 from tests.cli.conftest import Mirrord
@@ -216,23 +216,16 @@ print(json.dumps({"got": got}))
     reason="issue 20 item 1 (the UDP relay takes datagrams of its app only), lands with sec-relay",
 )
 def test_another_user_cannot_inject_into_a_udp_relay(
-    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+    scene_factory: Callable[[str], Scene], pod: LocalPod
 ) -> None:
-    pod = make_pod(PodSpec())
     server = pod.popen_in_pod([os.path.realpath(sys.executable), "-c", _UDP_ECHO])
     try:
         assert server.stdout is not None
         assert server.stdout.readline().strip() == b"ready"
-        # a session whose app holds the layer's UDP relay (the test plays the layer)
-        ext = mirrord.popen("ext", "-t", f"pid/{pod.pid}", "--wait-timeout", "60")
-        assert ext.stdout is not None
-        env: dict[str, str] = {}
-        for line in ext.stdout:
-            event = json.loads(line)
-            if event["type"] == "env":
-                env = event["env"]
-                break
-        layer = LayerClient(mirrord.runtime, env["MIRRORD_SESSION"])
+        scene = scene_factory("read")
+        wait_ready(scene)
+        # the session's layer holds a UDP relay (the test plays the layer)
+        layer = LayerClient(scene.cli.runtime, scene.session_id())
         try:
             reply = layer.call(
                 m.LayerConnect(request_id=1, protocol="udp", address="127.0.0.1", port=9999)
@@ -268,11 +261,6 @@ def nobodys_dir() -> Any:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 2 (a runtime directory of another user is refused), lands with "
-    "sec-daemon",
-)
 def test_a_runtime_directory_of_another_user_is_refused(
     nobodys_dir: Path, pod: LocalPod, tmp_path: Path
 ) -> None:
@@ -285,7 +273,7 @@ def test_a_runtime_directory_of_another_user_is_refused(
     finally:
         cli.cleanup()
     assert result.returncode == 1, result.stderr
-    assert str(nobodys_dir) in result.stderr and "owned by" in result.stderr, result.stderr
+    assert str(nobodys_dir) in result.stderr and "nobody" in result.stderr, result.stderr
     assert not marker.exists()
 
 
@@ -316,11 +304,6 @@ while True:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 2 (the client checks the daemon's uid with SO_PEERCRED and refuses "
-    "a status without the build id), lands with sec-daemon",
-)
 def test_a_control_socket_of_another_user_is_refused(
     mirrord: Mirrord, nobodys_dir: Path, pod: LocalPod, tmp_path: Path
 ) -> None:
