@@ -75,6 +75,12 @@ async def _concurrent(address: str, count: int) -> list[bytes]:
     return [a for a, p in zip(answers, payloads, strict=True) if a != p]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="regression of issue 20 item 3 (sec-agent, 65869d4): the INPUT rule that resets "
+    "connections to the steal listener not in conntrack state DNAT resets most redirected "
+    "connections of a second or third round from the same client (94 of 100 here)",
+)
 @pytest.mark.timeout(1800)  # the full size (1 GiB, 500 runs) takes minutes
 def test_concurrent_stolen_connections(mirrord: Mirrord, pod: LocalPod, size: Size) -> None:
     app = start_echo_app(mirrord, pod)
@@ -83,11 +89,14 @@ def test_concurrent_stolen_connections(mirrord: Mirrord, pod: LocalPod, size: Si
         assert daemon is not None
         fds_before = fd_count(daemon)
         started = time.monotonic()
-        wrong = asyncio.run(
-            asyncio.wait_for(_concurrent(pod.ip, size.stolen_connections), timeout=300)
-        )
-        seconds = time.monotonic() - started
-        assert wrong == [], f"{len(wrong)} of {size.stolen_connections} echoes differ"
+        for round_ in range(3):  # three rounds: a client's ports come round again
+            wrong = asyncio.run(
+                asyncio.wait_for(_concurrent(pod.ip, size.stolen_connections), timeout=300)
+            )
+            assert wrong == [], (
+                f"round {round_ + 1}: {len(wrong)} of {size.stolen_connections} echoes differ"
+            )
+        seconds = (time.monotonic() - started) / 3
         # every relayed connection is closed again
         wait_for(lambda: fd_count(daemon) <= fds_before + 5, 20, "the daemon's fds to go back")
         record_figures(
