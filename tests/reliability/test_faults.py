@@ -58,11 +58,6 @@ def in_quick_size(signal_name: str, victim: str, phase: str) -> bool:
     return PHASES[i % len(PHASES)] == phase
 
 
-def skip_unless_selected(size: Size, signal_name: str, victim: str, phase: str) -> None:
-    if not size.full and not in_quick_size(signal_name, victim, phase):
-        pytest.skip("full size only (--reliability-full or MIRRORD_RELIABILITY_FULL=1)")
-
-
 def record(request: pytest.FixtureRequest, scene: Scene) -> None:
     """Keeps a case's figures (times in seconds from the signal) for docs/reliability.md:
     appended as a JSON line to `$MIRRORD_RELIABILITY_FIGURES` when set."""
@@ -138,25 +133,36 @@ _STOPPED_GUARD_RESET = pytest.mark.xfail(
 )
 
 
-def _cases(known: dict[tuple[str, str], pytest.MarkDecorator] | None = None) -> list[object]:
+# Decided at collection (a string condition sees `config` and `os`), so that a case of the full
+# size only costs no pod and no daemon at the quick size.
+_FULL_SIZE_ONLY = pytest.mark.skipif(
+    "not (config.getoption('--reliability-full') "
+    "or os.environ.get('MIRRORD_RELIABILITY_FULL', '') not in ('', '0'))",
+    reason="full size only (--reliability-full or MIRRORD_RELIABILITY_FULL=1)",
+)
+
+
+def _cases(
+    signal_name: str, known: dict[tuple[str, str], pytest.MarkDecorator] | None = None
+) -> list[object]:
     known = known or {}
     cases: list[object] = []
     for victim in VICTIMS:
         for phase in PHASES:
             marks = [known[(victim, phase)]] if (victim, phase) in known else []
+            if not in_quick_size(signal_name, victim, phase):
+                marks.append(_FULL_SIZE_ONLY)
             cases.append(pytest.param(victim, phase, marks=marks, id=f"{victim}-{phase}"))
     return cases
 
 
-@pytest.mark.parametrize(("victim", "phase"), _cases())
+@pytest.mark.parametrize(("victim", "phase"), _cases("kill"))
 def test_sigkill(
     request: pytest.FixtureRequest,
     scene_factory: Callable[[str], Scene],
-    size: Size,
     victim: str,
     phase: str,
 ) -> None:
-    skip_unless_selected(size, "kill", victim, phase)
     scene = scene_factory(phase)
     if phase == "startup":
         pid = wait_pid(scene, victim)
@@ -214,7 +220,9 @@ def _stall_promise(victim: str, phase: str) -> str:
     return "works"
 
 
-@pytest.mark.parametrize(("victim", "phase"), _cases({("guard", "stolen"): _STOPPED_GUARD_RESET}))
+@pytest.mark.parametrize(
+    ("victim", "phase"), _cases("stop", {("guard", "stolen"): _STOPPED_GUARD_RESET})
+)
 def test_sigstop(
     request: pytest.FixtureRequest,
     scene_factory: Callable[[str], Scene],
@@ -222,7 +230,6 @@ def test_sigstop(
     victim: str,
     phase: str,
 ) -> None:
-    skip_unless_selected(size, "stop", victim, phase)
     scene = scene_factory(phase)
     timeout_s = size.layer_timeout_ms / 1000
     if phase == "startup":
