@@ -350,6 +350,12 @@ def steal_latency(env: BenchEnv) -> Result:
     return run(env)
 
 
+def steal_h2_rps(env: BenchEnv) -> Result:
+    from bench._incoming_h2 import steal_h2_rps as run
+
+    return run(env)
+
+
 def mirror_capacity(env: BenchEnv) -> Result:
     from bench._incoming import mirror_capacity as run
 
@@ -427,6 +433,14 @@ def figures(env: BenchEnv) -> list[Figure]:
             "report",
             None,
             f(steal_latency),
+        ),
+        Figure(
+            "steal_h2_rps",
+            "h2c req/s, 8 conns, through a filtered steal (unmatched)",
+            "pod's app directly",
+            "higher",
+            0.5,
+            f(steal_h2_rps),
         ),
         Figure(
             "mirror_capacity",

@@ -21,6 +21,7 @@
 
 struct lconn {
     int fd;
+    int rfd; /* a socket the daemon passed with the last reply (SCM_RIGHTS), or -1 */
     unsigned gen;
     uint64_t rid;
     cbor_w w;
@@ -28,7 +29,7 @@ struct lconn {
     size_t rcap;
 };
 
-static struct lconn g_proc = {.fd = -1};
+static struct lconn g_proc = {.fd = -1, .rfd = -1};
 #define MAX_CONNS 1024
 static struct lconn *g_conns[MAX_CONNS]; /* every open connection, for relocation */
 static pthread_mutex_t g_conns_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -97,6 +98,10 @@ static long long now_ms(void) {
 
 static void conn_drop(struct lconn *c) {
     conns_remove(c);
+    if (c->rfd >= 0) {
+        REAL(close)(c->rfd);
+        c->rfd = -1;
+    }
     if (c->fd >= 0) {
         layer_fd_release(c->fd);
         c->fd = -1;
@@ -130,9 +135,40 @@ static int send_all(int fd, const uint8_t *p, size_t n, long long deadline) {
     return 0;
 }
 
-static int recv_all(int fd, uint8_t *p, size_t n, long long deadline) {
+/* A socket passed with the bytes just read: kept for the caller (conn_take_fd); any other
+ * is closed, so nothing the daemon sends can leak fds into the app. */
+static void keep_passed_fds(struct lconn *c, struct msghdr *mh) {
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(mh); cm != NULL; cm = CMSG_NXTHDR(mh, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) {
+            continue;
+        }
+        size_t nfds = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < nfds; i++) {
+            int pfd;
+            memcpy(&pfd, CMSG_DATA(cm) + i * sizeof(int), sizeof pfd);
+            if (c->rfd < 0) {
+                c->rfd = pfd;
+            } else {
+                REAL(close)(pfd);
+            }
+        }
+    }
+}
+
+static int recv_all(struct lconn *c, uint8_t *p, size_t n, long long deadline) {
+    int fd = c->fd;
     while (n > 0) {
-        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
+        union {
+            struct cmsghdr align;
+            char buf[CMSG_SPACE(4 * sizeof(int))];
+        } ctl;
+        struct iovec iov = {.iov_base = p, .iov_len = n};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                            .msg_controllen = sizeof ctl.buf};
+        ssize_t k = REAL(recvmsg)(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (k >= 0 && mh.msg_controllen > 0) {
+            keep_passed_fds(c, &mh);
+        }
         if (k > 0) {
             p += k;
             n -= (size_t)k;
@@ -175,7 +211,7 @@ static int send_frame(struct lconn *c, long long deadline) {
 /* Reads one frame; r covers its payload, checked to be one well-formed CBOR item. */
 static int recv_frame(struct lconn *c, cbor_r *r, long long deadline) {
     uint8_t h[4];
-    if (recv_all(c->fd, h, 4, deadline) < 0) {
+    if (recv_all(c, h, 4, deadline) < 0) {
         return -1;
     }
     size_t n = ((size_t)h[0] << 24) | ((size_t)h[1] << 16) | ((size_t)h[2] << 8) | h[3];
@@ -190,7 +226,7 @@ static int recv_frame(struct lconn *c, cbor_r *r, long long deadline) {
         c->rbuf = b;
         c->rcap = n;
     }
-    if (recv_all(c->fd, c->rbuf, n, deadline) < 0 || cbor_validate(c->rbuf, n) < 0) {
+    if (recv_all(c, c->rbuf, n, deadline) < 0 || cbor_validate(c->rbuf, n) < 0) {
         return -1;
     }
     cr_init(r, c->rbuf, n);
@@ -336,6 +372,7 @@ struct lconn *conn_acquire(void) {
         return NULL;
     }
     c->fd = -1;
+    c->rfd = -1;
     if (open_conn(c, 0) < 0) {
         free(c);
         errno = EIO;
@@ -373,8 +410,22 @@ static int conn_broken(struct lconn *c, const char *what) {
     return -1;
 }
 
+static void drop_passed_fd(struct lconn *c) {
+    if (c->rfd >= 0) {
+        REAL(close)(c->rfd);
+        c->rfd = -1;
+    }
+}
+
+int conn_take_fd(struct lconn *c) {
+    int fd = c->rfd;
+    c->rfd = -1;
+    return fd;
+}
+
 int conn_call(struct lconn *c, int expect, cbor_r *r) {
     int saved = errno; /* a successful call leaves errno as the app had it */
+    drop_passed_fd(c); /* one the previous caller did not take */
     if (c->fd < 0) {
         errno = EIO;
         return -1;

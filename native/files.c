@@ -101,17 +101,31 @@ int files_get_vcwd(char *out, size_t cap) {
     return set;
 }
 
+/* feature.fs.mapping on a path that stays local: the local call is made under the mapped
+ * name, as mirrord does. decide() leaves it here (NULL when the last decision was not a
+ * mapped local one); every hook that takes an absolute path makes its local call under it
+ * (local_name()). */
+static LAYER_TLS const char *t_local_mapped;
+static LAYER_TLS char t_local_mapped_buf[PATH_CAP];
+
 /* Where does (dirfd, path) live? Fills `out` with the absolute remote path when remote. */
 static int decide(int dirfd, const char *path, int write, char *out, size_t cap) {
+    t_local_mapped = NULL;
     if (path == NULL || path_fast_local(path)) {
         return P_LOCAL;
     }
     char mapped[PATH_CAP];
+    int was_mapped = 0;
     if (path[0] == '/' && g_nmap && policy_map_path(path, mapped, sizeof mapped)) {
-        path = mapped; /* only a remote decision uses it: a local call keeps the app's path */
+        path = mapped;
+        was_mapped = 1;
     }
     if (path[0] == '/') {
         int d = policy_file(path, write);
+        if (d == P_LOCAL && was_mapped && strlen(path) < sizeof t_local_mapped_buf) {
+            strcpy(t_local_mapped_buf, path);
+            t_local_mapped = t_local_mapped_buf;
+        }
         if (d != P_LOCAL) {
             if (strlen(path) >= cap) {
                 return P_LOCAL; /* the real call reports ENAMETOOLONG */
@@ -157,6 +171,20 @@ static int decide_hook(int dirfd, const char *path, int write, char *out, size_t
         return R_DONE;
     }
     return R_REMOTE;
+}
+
+/* After decide() kept a path local: the name the local call uses. With a feature.fs.mapping
+ * rewrite it is the mapped name, copied into `buf` (PATH_CAP; *dirfd becomes AT_FDCWD, the
+ * mapped name being absolute); otherwise the app's own. */
+static const char *local_name(const char *path, int *dirfd, char *buf) {
+    if (t_local_mapped == NULL) {
+        return path;
+    }
+    strcpy(buf, t_local_mapped);
+    if (dirfd != NULL) {
+        *dirfd = AT_FDCWD;
+    }
+    return buf;
 }
 
 static int open_is_write(int flags) {
@@ -887,10 +915,19 @@ static int open_remote(const char *path, int flags, mode_t mode) {
     return fd;
 }
 
-/* Shared by every open-like hook: R_BYPASS, or R_DONE with *ret. */
-static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret) {
+/* Shared by every open-like hook: R_BYPASS, or R_DONE with *ret. With `map_local`, a local
+ * path that feature.fs.mapping rewrote is opened here under its mapped name. */
+static int do_open_ex(int dirfd, const char *path, int flags, mode_t mode, int *ret,
+                      int map_local) {
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, open_is_write(flags), full, sizeof full, ret);
+    if (d == R_BYPASS && map_local && t_local_mapped != NULL) {
+        *ret = REAL(openat)(AT_FDCWD, t_local_mapped, flags, mode);
+        if (*ret >= 0 && fd_peek(*ret) != NULL) {
+            fd_forget(*ret); /* a new local fd reusing a number the layer still tracked */
+        }
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -898,6 +935,10 @@ static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret
     *ret = open_remote(full, flags, mode);
     t_guard--;
     return R_DONE;
+}
+
+static int do_open(int dirfd, const char *path, int flags, mode_t mode, int *ret) {
+    return do_open_ex(dirfd, path, flags, mode, ret, 1);
 }
 
 static inline int local_fd(int fd) {
@@ -1511,6 +1552,10 @@ static int stat_path(int dirfd, const char *path, struct stat *st, int flags, in
     }
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, 0, full, sizeof full, ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = REAL(fstatat)(AT_FDCWD, t_local_mapped, st, flags & AT_SYMLINK_NOFOLLOW);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -1685,6 +1730,10 @@ static int statfs_path(const char *path, struct statfs *sf, int *ret) {
     }
     char full[PATH_CAP];
     int d = decide_hook(AT_FDCWD, path, 0, full, sizeof full, ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = REAL(statfs)(local_name(path, NULL, full), sf);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -1747,12 +1796,18 @@ static int raccess(const char *path, int mode) {
     SIMPLE_CALL(M_FILE_ACCESS, 2, (cw_bytes(w, path, strlen(path)), cw_uint(w, (uint64_t)mode)));
 }
 
-static int access_common(int dirfd, const char *path, int mode, int *ret) {
+/* access, euidaccess/eaccess (flags AT_EACCESS) and faccessat: a mapped local path is checked
+ * by faccessat with the caller's own flags, so each keeps its semantics. */
+static int access_common(int dirfd, const char *path, int mode, int flags, int *ret) {
     if (!g_active || t_guard) {
         return R_BYPASS;
     }
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, 0, full, sizeof full, ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = REAL(faccessat)(AT_FDCWD, local_name(path, NULL, full), mode, flags);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -1764,23 +1819,25 @@ static int access_common(int dirfd, const char *path, int mode, int *ret) {
 
 HOOK int access(const char *path, int mode) {
     int ret;
-    return access_common(AT_FDCWD, path, mode, &ret) == R_DONE ? ret : REAL(access)(path, mode);
+    return access_common(AT_FDCWD, path, mode, 0, &ret) == R_DONE ? ret : REAL(access)(path, mode);
 }
 
 /* euidaccess/eaccess (sort, test): glibc stats internally, out of the hooks' reach */
 HOOK int euidaccess(const char *path, int mode) {
     int ret;
-    return access_common(AT_FDCWD, path, mode, &ret) == R_DONE ? ret : REAL(euidaccess)(path, mode);
+    return access_common(AT_FDCWD, path, mode, AT_EACCESS, &ret) == R_DONE ? ret
+                                                                           : REAL(euidaccess)(path, mode);
 }
 
 HOOK int eaccess(const char *path, int mode) {
     int ret;
-    return access_common(AT_FDCWD, path, mode, &ret) == R_DONE ? ret : REAL(eaccess)(path, mode);
+    return access_common(AT_FDCWD, path, mode, AT_EACCESS, &ret) == R_DONE ? ret
+                                                                           : REAL(eaccess)(path, mode);
 }
 
 HOOK int faccessat(int dirfd, const char *path, int mode, int flags) {
     int ret;
-    if (access_common(dirfd, path, mode, &ret) == R_DONE) {
+    if (access_common(dirfd, path, mode, flags, &ret) == R_DONE) {
         return ret;
     }
     return REAL(faccessat)(dirfd, path, mode, flags);
@@ -1816,6 +1873,10 @@ static int readlink_common(int dirfd, const char *path, char *buf, size_t size, 
     char full[PATH_CAP];
     int r = 0;
     int d = decide_hook(dirfd, path, 0, full, sizeof full, &r);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = REAL(readlink)(local_name(path, NULL, full), buf, size);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         *ret = r;
         return d;
@@ -1856,6 +1917,12 @@ static int path_op(int kind, int dirfd, const char *path, int mode, int *ret) {
     }
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, 1, full, sizeof full, ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = kind == M_MKDIR   ? REAL(mkdir)(t_local_mapped, (mode_t)mode)
+               : kind == M_RMDIR ? REAL(rmdir)(t_local_mapped)
+                                 : REAL(unlink)(t_local_mapped);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -1892,15 +1959,30 @@ HOOK int unlinkat(int dirfd, const char *path, int flags) {
     return REAL(unlinkat)(dirfd, path, flags);
 }
 
-static int rename_common(int olddir, const char *old, int newdir, const char *new, int *ret) {
+/* rename, renameat and renameat2 (its flags kept for the local call under mapped names). */
+static int rename_common(int olddir, const char *old, int newdir, const char *new, unsigned flags,
+                         int *ret) {
     if (!g_active || t_guard) {
         return R_BYPASS;
     }
     char a[PATH_CAP], b[PATH_CAP];
     int da = decide(olddir, old, 1, a, sizeof a);
+    const char *mapped_old = NULL;
+    char old_buf[PATH_CAP];
+    if (t_local_mapped != NULL) {
+        strcpy(old_buf, t_local_mapped);
+        mapped_old = old_buf;
+    }
     int db = decide(newdir, new, 1, b, sizeof b);
     if (da == P_LOCAL && db == P_LOCAL) {
-        return R_BYPASS;
+        if (mapped_old == NULL && t_local_mapped == NULL) {
+            return R_BYPASS;
+        }
+        /* local, under the mapped name(s); an unmapped relative side keeps its directory */
+        *ret = REAL(renameat2)(mapped_old ? AT_FDCWD : olddir, mapped_old ? mapped_old : old,
+                               t_local_mapped ? AT_FDCWD : newdir,
+                               t_local_mapped ? t_local_mapped : new, flags);
+        return R_DONE;
     }
     t_guard++;
     if (da == P_NOT_FOUND || db == P_NOT_FOUND) {
@@ -1922,10 +2004,17 @@ HOOK int renameat2(int olddir, const char *old, int newdir, const char *new, uns
     if (!g_active || t_guard || (flags & ~RENAME_NOREPLACE) != 0) {
         if (g_active && !t_guard && flags != 0) {
             char a[PATH_CAP], b[PATH_CAP];
-            if (decide(olddir, old, 1, a, sizeof a) != P_LOCAL ||
-                decide(newdir, new, 1, b, sizeof b) != P_LOCAL) {
+            int da = decide(olddir, old, 1, a, sizeof a);
+            int old_mapped = t_local_mapped != NULL;
+            int db = decide(newdir, new, 1, b, sizeof b);
+            if (da != P_LOCAL || db != P_LOCAL) {
                 errno = EINVAL; /* callers (mv) fall back to rename */
                 return -1;
+            }
+            int ret;
+            if ((old_mapped || t_local_mapped != NULL) &&
+                rename_common(olddir, old, newdir, new, flags, &ret) == R_DONE) {
+                return ret; /* RENAME_EXCHANGE and co. under the mapped names */
             }
         }
         return REAL(renameat2)(olddir, old, newdir, new, flags);
@@ -1947,7 +2036,7 @@ HOOK int renameat2(int olddir, const char *old, int newdir, const char *new, uns
         }
     }
     int ret;
-    if (rename_common(olddir, old, newdir, new, &ret) == R_DONE) {
+    if (rename_common(olddir, old, newdir, new, flags, &ret) == R_DONE) {
         return ret;
     }
     return REAL(renameat2)(olddir, old, newdir, new, flags);
@@ -1955,7 +2044,7 @@ HOOK int renameat2(int olddir, const char *old, int newdir, const char *new, uns
 
 HOOK int rename(const char *old, const char *new) {
     int ret;
-    if (rename_common(AT_FDCWD, old, AT_FDCWD, new, &ret) == R_DONE) {
+    if (rename_common(AT_FDCWD, old, AT_FDCWD, new, 0, &ret) == R_DONE) {
         return ret;
     }
     return REAL(rename)(old, new);
@@ -1963,7 +2052,7 @@ HOOK int rename(const char *old, const char *new) {
 
 HOOK int renameat(int olddir, const char *old, int newdir, const char *new) {
     int ret;
-    if (rename_common(olddir, old, newdir, new, &ret) == R_DONE) {
+    if (rename_common(olddir, old, newdir, new, 0, &ret) == R_DONE) {
         return ret;
     }
     return REAL(renameat)(olddir, old, newdir, new);
@@ -2073,6 +2162,11 @@ static int path_via_handle(const char *path, int oflags, int kind, uint64_t arg,
     }
     char full[PATH_CAP];
     int d = decide(AT_FDCWD, path, 1, full, sizeof full);
+    if (d == P_LOCAL && t_local_mapped != NULL) { /* local, under its mapped name */
+        const char *name = local_name(path, NULL, full);
+        *ret = kind == M_FTRUNCATE ? REAL(truncate)(name, (off_t)arg) : REAL(chmod)(name, (mode_t)arg);
+        return R_DONE;
+    }
     if (d == P_LOCAL) {
         return R_BYPASS;
     }
@@ -2140,15 +2234,17 @@ HOOK int chmod(const char *path, mode_t mode) {
 
 /* Extended attributes have no message in the protocol: on a remote path or fd they are
  * "not supported", which copy tools (shutil, cp --preserve) treat as nothing to copy. */
-static int xattr_path_remote(const char *path, int *ret) {
+/* R_BYPASS sets *path to the name of the local call (mapped into buf, PATH_CAP). */
+static int xattr_path_remote(const char **path, char *buf, int *ret) {
     if (!g_active || t_guard) {
         return R_BYPASS;
     }
     char full[PATH_CAP];
     int saved = errno;
-    int d = decide(AT_FDCWD, path, 0, full, sizeof full);
+    int d = decide(AT_FDCWD, *path, 0, full, sizeof full);
     errno = saved;
     if (d == P_LOCAL) {
+        *path = local_name(*path, NULL, buf);
         return R_BYPASS;
     }
     errno = d == P_NOT_FOUND ? ENOENT : ENOTSUP;
@@ -2173,11 +2269,13 @@ static int xattr_fd_remote(int fd, int *ret) {
 
 HOOK ssize_t getxattr(const char *path, const char *name, void *value, size_t size) {
     int ret;
-    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(getxattr)(path, name, value, size);
+    char buf[PATH_CAP];
+    return xattr_path_remote(&path, buf, &ret) == R_DONE ? ret : REAL(getxattr)(path, name, value, size);
 }
 HOOK ssize_t lgetxattr(const char *path, const char *name, void *value, size_t size) {
     int ret;
-    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(lgetxattr)(path, name, value, size);
+    char buf[PATH_CAP];
+    return xattr_path_remote(&path, buf, &ret) == R_DONE ? ret : REAL(lgetxattr)(path, name, value, size);
 }
 HOOK ssize_t fgetxattr(int fd, const char *name, void *value, size_t size) {
     int ret;
@@ -2187,11 +2285,13 @@ HOOK ssize_t fgetxattr(int fd, const char *name, void *value, size_t size) {
  * the local placeholder and never fall back to fchmod. */
 HOOK int setxattr(const char *path, const char *name, const void *value, size_t size, int flags) {
     int ret;
-    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(setxattr)(path, name, value, size, flags);
+    char buf[PATH_CAP];
+    return xattr_path_remote(&path, buf, &ret) == R_DONE ? ret : REAL(setxattr)(path, name, value, size, flags);
 }
 HOOK int lsetxattr(const char *path, const char *name, const void *value, size_t size, int flags) {
     int ret;
-    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(lsetxattr)(path, name, value, size, flags);
+    char buf[PATH_CAP];
+    return xattr_path_remote(&path, buf, &ret) == R_DONE ? ret : REAL(lsetxattr)(path, name, value, size, flags);
 }
 HOOK int fsetxattr(int fd, const char *name, const void *value, size_t size, int flags) {
     int ret;
@@ -2199,11 +2299,13 @@ HOOK int fsetxattr(int fd, const char *name, const void *value, size_t size, int
 }
 HOOK ssize_t listxattr(const char *path, char *list, size_t size) {
     int ret;
-    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(listxattr)(path, list, size);
+    char buf[PATH_CAP];
+    return xattr_path_remote(&path, buf, &ret) == R_DONE ? ret : REAL(listxattr)(path, list, size);
 }
 HOOK ssize_t llistxattr(const char *path, char *list, size_t size) {
     int ret;
-    return xattr_path_remote(path, &ret) == R_DONE ? ret : REAL(llistxattr)(path, list, size);
+    char buf[PATH_CAP];
+    return xattr_path_remote(&path, buf, &ret) == R_DONE ? ret : REAL(llistxattr)(path, list, size);
 }
 HOOK ssize_t flistxattr(int fd, char *list, size_t size) {
     int ret;
@@ -2248,7 +2350,7 @@ HOOK int chdir(const char *path) {
     int d = decide(AT_FDCWD, path, 0, full, sizeof full);
     if (d == P_LOCAL) {
         errno = saved;
-        int r = REAL(chdir)(path);
+        int r = REAL(chdir)(local_name(path, NULL, full));
         if (r == 0) {
             files_set_vcwd(NULL);
         }
@@ -2420,7 +2522,7 @@ HOOK DIR *opendir(const char *path) {
     int d = decide(AT_FDCWD, path, 0, full, sizeof full);
     if (d == P_LOCAL) {
         errno = saved;
-        return REAL(opendir)(path);
+        return REAL(opendir)(local_name(path, NULL, full));
     }
     if (d == P_NOT_FOUND) {
         errno = ENOENT;
@@ -2668,6 +2770,10 @@ static int scandir_remote(const char *dir, struct dirent ***namelist,
     int saved = errno;
     int d = decide(AT_FDCWD, dir, 0, full, sizeof full);
     errno = saved;
+    if (d == P_LOCAL && t_local_mapped != NULL) { /* local, under its mapped name */
+        *ret = REAL(scandir)(local_name(dir, NULL, full), namelist, filter, compar);
+        return R_DONE;
+    }
     if (d == P_LOCAL) {
         return R_BYPASS;
     }
@@ -2859,8 +2965,14 @@ static int freopen_common(const char *path, const char *mode, FILE *stream, FILE
     }
     int fd;
     int saved = errno;
-    if (do_open(AT_FDCWD, path, flags, 0666, &fd) == R_BYPASS) {
+    if (do_open_ex(AT_FDCWD, path, flags, 0666, &fd, 0) == R_BYPASS) {
         errno = saved;
+        if (t_local_mapped != NULL) { /* local, under its mapped name */
+            char name[PATH_CAP];
+            const char *p = local_name(path, NULL, name);
+            *ret = is64 ? REAL(freopen64)(p, mode, stream) : REAL(freopen)(p, mode, stream);
+            return R_DONE;
+        }
         return R_BYPASS;
     }
     if (fd < 0) {
@@ -3064,7 +3176,17 @@ HOOK void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t o
  * open/mkdir hooks (O_EXCL: an existing name is tried again). */
 static int tmpl_remote(const char *tmpl) {
     char full[PATH_CAP];
+    t_local_mapped = NULL; /* no stale name when decide() is not reached */
     return g_active && !t_guard && tmpl != NULL && decide(AT_FDCWD, tmpl, 1, full, sizeof full) != P_LOCAL;
+}
+
+/* A local template that feature.fs.mapping rewrote is made under the mapped name (in `mapped`,
+ * filled by the real call); the letters it chose are written back into the app's template. */
+static void tmpl_copy_back(char *tmpl, const char *mapped, int suffixlen) {
+    size_t k = 6 + (size_t)(suffixlen > 0 ? suffixlen : 0), n = strlen(tmpl), m = strlen(mapped);
+    if (n >= k && m >= k) {
+        memcpy(tmpl + n - k, mapped + m - k, 6);
+    }
 }
 
 /* Fills the 6 X's before the suffix with random letters and digits; -1 (EINVAL) if the
@@ -3122,6 +3244,17 @@ static int mkstemp_remote(char *tmpl, int suffixlen, int flags) {
         if (tmpl_remote(tmpl)) {                                             \
             return mkstemp_remote(tmpl, suffixlen, flags);                   \
         }                                                                    \
+        if (t_local_mapped != NULL) {                                        \
+            char mapped[PATH_CAP];                                           \
+            char *app_tmpl = tmpl;                                           \
+            tmpl = (char *)local_name(tmpl, NULL, mapped);                   \
+            int fd = REAL(name) args;                                        \
+            tmpl = app_tmpl;                                                 \
+            if (fd >= 0) {                                                   \
+                tmpl_copy_back(tmpl, mapped, suffixlen);                     \
+            }                                                                \
+            return local_fd(fd);                                             \
+        }                                                                    \
         return REAL(name) args;                                              \
     }
 MKSTEMP_HOOK(mkstemp, (char *tmpl), (tmpl), 0, 0)
@@ -3135,6 +3268,15 @@ MKSTEMP_HOOK(mkostemps64, (char *tmpl, int suffixlen, int flags), (tmpl, suffixl
 
 HOOK char *mkdtemp(char *tmpl) {
     if (!tmpl_remote(tmpl)) {
+        if (t_local_mapped != NULL) { /* local, under its mapped name */
+            char mapped[PATH_CAP];
+            local_name(tmpl, NULL, mapped);
+            if (REAL(mkdtemp)(mapped) == NULL) {
+                return NULL;
+            }
+            tmpl_copy_back(tmpl, mapped, 0);
+            return tmpl;
+        }
         return REAL(mkdtemp)(tmpl);
     }
     size_t len = strlen(tmpl);
@@ -3262,21 +3404,30 @@ static char *realpath_walk(const char *path, char *resolved) {
     return resolved;
 }
 
-static int realpath_remote(const char *path) {
+/* 1 when remote; when local, *path becomes the name of the local call (mapped into buf). */
+static int realpath_remote(const char **path, char *buf) {
     char full[PATH_CAP];
-    return g_active && !t_guard && path != NULL && path[0] != 0 &&
-           decide(AT_FDCWD, path, 0, full, sizeof full) != P_LOCAL;
+    if (!g_active || t_guard || *path == NULL || (*path)[0] == 0) {
+        return 0;
+    }
+    if (decide(AT_FDCWD, *path, 0, full, sizeof full) != P_LOCAL) {
+        return 1;
+    }
+    *path = local_name(*path, NULL, buf);
+    return 0;
 }
 
 HOOK char *realpath(const char *path, char *resolved) {
-    if (realpath_remote(path)) {
+    char buf[PATH_CAP];
+    if (realpath_remote(&path, buf)) {
         return realpath_walk(path, resolved);
     }
     return REAL(realpath)(path, resolved);
 }
 
 HOOK char *canonicalize_file_name(const char *path) {
-    if (realpath_remote(path)) {
+    char buf[PATH_CAP];
+    if (realpath_remote(&path, buf)) {
         return realpath_walk(path, NULL);
     }
     return REAL(canonicalize_file_name)(path);
@@ -3284,7 +3435,8 @@ HOOK char *canonicalize_file_name(const char *path) {
 
 char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen);
 HOOK char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen) {
-    if (realpath_remote(path)) {
+    char buf[PATH_CAP];
+    if (realpath_remote(&path, buf)) {
         if (resolved != NULL && resolvedlen < PATH_MAX) {
             abort(); /* what glibc's fortify check does (buffer overflow) */
         }
@@ -3397,6 +3549,12 @@ static int attr_path(int dirfd, const char *path, int kind, int64_t a, int64_t b
     }
     char full[PATH_CAP];
     int d = decide_hook(dirfd, path, 1, full, sizeof full, ret);
+    if (d == R_BYPASS && t_local_mapped != NULL) { /* local, under its mapped name */
+        const char *name = local_name(path, NULL, full);
+        *ret = kind == M_UTIMENS ? REAL(utimensat)(AT_FDCWD, name, t, flags)
+                                 : REAL(fchownat)(AT_FDCWD, name, (uid_t)a, (gid_t)b, flags);
+        return R_DONE;
+    }
     if (d != R_REMOTE) {
         return d;
     }
@@ -3512,6 +3670,9 @@ HOOK int fchmodat(int dirfd, const char *path, mode_t mode, int flags) {
             }
             return chmod(full, mode);
         }
+        if (t_local_mapped != NULL) { /* local, under its mapped name */
+            return REAL(fchmodat)(AT_FDCWD, local_name(path, NULL, full), mode, flags);
+        }
     }
     return REAL(fchmodat)(dirfd, path, mode, flags);
 }
@@ -3540,6 +3701,9 @@ HOOK int symlinkat(const char *target, int dirfd, const char *path) {
             return rc;
         }
         errno = saved;
+        if (t_local_mapped != NULL) { /* local, under its mapped name (the text stays as given) */
+            return REAL(symlinkat)(target, AT_FDCWD, local_name(path, NULL, full));
+        }
     }
     return REAL(symlinkat)(target, dirfd, path);
 }
@@ -3553,7 +3717,9 @@ HOOK int linkat(int olddir, const char *old, int newdir, const char *new, int fl
         char a[PATH_CAP], b[PATH_CAP];
         int saved = errno;
         int da = decide(olddir, old, 1, a, sizeof a);
+        old = local_name(old, &olddir, a); /* a holds no remote path unless da is remote */
         int db = decide(newdir, new, 1, b, sizeof b);
+        new = local_name(new, &newdir, b);
         if (da != P_LOCAL || db != P_LOCAL) {
             if (da == P_NOT_FOUND || db == P_NOT_FOUND) {
                 errno = ENOENT;

@@ -167,6 +167,9 @@ struct ent {
     pid_t sub_owner; /* the process that subscribed: a fork child closing its copy must not
                       * end the parent's subscription */
     int remote; /* connected through the daemon: peer / local are the target's view */
+    int spliced; /* the fd is now the layer's end of a daemon relay pair (see net.c) */
+    int connecting; /* spliced by a non-blocking connect(): the next connect() returns 0 */
+    int listening; /* listen() was called: a loopback connect() to its port stays local */
     struct sockaddr_storage peer;
     socklen_t peer_len;
     struct sockaddr_storage local;
@@ -229,6 +232,9 @@ cbor_w *conn_begin(struct lconn *c, int kind, size_t nfields);
 /* Sends the request and reads its reply. 0: reply of kind `expect`, r is after its
  * request_id. -1: errno from ErrorReply, or EIO if the daemon broke (connection dropped). */
 int conn_call(struct lconn *c, int expect, cbor_r *r);
+/* The socket the daemon passed with the reply conn_call just read (the caller owns it), or
+ * -1. A socket nobody takes is closed by the next call on the connection. */
+int conn_take_fd(struct lconn *c);
 int conn_register_now(void); /* registers this process (fork child), 0 or -1 */
 void conn_after_fork_child(pid_t parent);
 void conn_prepare_exec(int *fd, pid_t *pid); /* the process connection to keep across exec */
@@ -330,6 +336,7 @@ static inline __attribute__((always_inline)) int path_fast_local(const char *p) 
            path_system_dir(p);
 }
 int policy_connect(const struct sockaddr *sa, socklen_t len, int socktype);
+int policy_unix_stream(const char *path); /* outgoing.unix_streams: connect it in the target */
 int policy_dns(const char *host, int port);
 int policy_listen_port(int port);           /* remote port to subscribe, or -1 */
 int policy_bind_port(int port);             /* local port to really bind (listen_ports) */

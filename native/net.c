@@ -1,11 +1,14 @@
 /* Socket and DNS hooks.
  *
  * Outgoing: a connect() the outgoing filter sends remote becomes LayerConnect; the daemon
- * answers with a loopback relay endpoint and the user's socket connects there (blocking or
- * not: the real connect to the relay gives EINPROGRESS exactly as the app expects).
- * getpeername() then reports the address the app asked for. UDP: connect() the same way;
- * sendto()/sendmsg() to a remote address go through a per-destination relay, and
- * recvfrom()/recvmsg() translate the relay back into the remote address.
+ * connects in the target and passes back (SCM_RIGHTS) the layer's end of a private loopback
+ * TCP/UDP pair, which replaces the app's socket under the same fd number (splice_relay): no
+ * listener is left for another local user to reach. A non-blocking connect() still answers
+ * EINPROGRESS and the socket turns writable. getpeername() then reports the address the app
+ * asked for, getsockname() the target-side one. UDP: connect() the same way; sendto()/
+ * sendmsg() to a remote address go through a per-destination daemon endpoint that takes
+ * datagrams from this socket's address only, and recvfrom()/recvmsg() translate the relay
+ * back into the remote address.
  * Incoming: bind() records the requested address (binding port 0 instead when the port is
  * busy on the user's machine), listen() subscribes with LayerListen, accept() and
  * getpeername() on its connections report the real remote peer (PeerLookup).
@@ -18,8 +21,10 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 int sockaddr_to_text(const struct sockaddr *sa, char *host, size_t cap, int *port) {
     if (sa->sa_family == AF_INET) {
@@ -119,37 +124,76 @@ static struct ent *sock_ent(int fd) {
     return e;
 }
 
-/* LayerConnect: the relay endpoint (in the socket's family) and the target-side local
- * address. 0, or -1 with errno (ECONNREFUSED when the daemon is unreachable). */
+static void udp_forget_relays(int fd, struct ent *e);
+static int layer_connect_call(const char *proto, const char *host, int port, int family,
+                              const char *shost, int sport, int want_fd,
+                              struct sockaddr_storage *relay, socklen_t *relay_len,
+                              struct sockaddr_storage *local, socklen_t *local_len, int *rfd);
+static int splice_relay(int fd, int rfd, int type);
+static int own_listener_port(int port);
+/* Listening sockets of this process are at or below this fd (see own_listener_port). */
+static int g_listen_fd_max = -1;
+static void set_port(struct sockaddr_storage *ss, int port);
+static int get_port(const struct sockaddr *sa);
+
+/* LayerConnect. Without `src` (a connect()): *rfd gets the relay socket the daemon passed with
+ * the reply, the layer's end of a private loopback pair (see splice_relay); with `src` (the
+ * app's own UDP socket, bound: sendto()), the daemon answers with an endpoint that takes
+ * datagrams from `src` only, and nothing is passed. `relay` is the daemon's end (in the
+ * socket's family), `local` the target-side local address. 0, or -1 with errno
+ * (ECONNREFUSED when the daemon is unreachable). */
 static int layer_connect(const char *proto, const struct sockaddr *sa, int family,
-                         struct sockaddr_storage *relay, socklen_t *relay_len,
-                         struct sockaddr_storage *local, socklen_t *local_len) {
-    char host[INET6_ADDRSTRLEN];
-    int port;
-    if (sockaddr_to_text(sa, host, sizeof host, &port) < 0) {
+                         const struct sockaddr *src, struct sockaddr_storage *relay,
+                         socklen_t *relay_len, struct sockaddr_storage *local,
+                         socklen_t *local_len, int *rfd) {
+    char host[INET6_ADDRSTRLEN], shost[INET6_ADDRSTRLEN] = "";
+    int port, sport = 0;
+    *rfd = -1;
+    if (sockaddr_to_text(sa, host, sizeof host, &port) < 0 ||
+        (src != NULL && sockaddr_to_text(src, shost, sizeof shost, &sport) < 0)) {
         errno = EAFNOSUPPORT;
         return -1;
     }
+    return layer_connect_call(proto, host, port, family, shost, sport, src == NULL, relay,
+                              relay_len, local, local_len, rfd);
+}
+
+/* The LayerConnect round trip of layer_connect (also for a unix path, with `relay` NULL). */
+static int layer_connect_call(const char *proto, const char *host, int port, int family,
+                              const char *shost, int sport, int want_fd,
+                              struct sockaddr_storage *relay, socklen_t *relay_len,
+                              struct sockaddr_storage *local, socklen_t *local_len, int *rfd) {
+    *rfd = -1;
     struct lconn *c = conn_acquire();
     if (c == NULL) {
         errno = ECONNREFUSED;
         return -1;
     }
-    cbor_w *w = conn_begin(c, M_LAYER_CONNECT, 3);
+    cbor_w *w = conn_begin(c, M_LAYER_CONNECT, 6);
     cw_str(w, proto);
     cw_str(w, host);
     cw_uint(w, (uint64_t)port);
+    cw_uint(w, (uint64_t)(family == AF_INET6 ? 10 : family == AF_INET ? 2 : 0));
+    cw_str(w, shost);
+    cw_uint(w, (uint64_t)sport);
     cbor_r r;
     int rc = conn_call(c, M_LAYER_CONNECTED, &r);
     if (rc < 0 && errno == EIO) {
         errno = ECONNREFUSED; /* the daemon broke: as if nobody listened */
     }
-    if (rc == 0) {
+    int passed = rc == 0 ? conn_take_fd(c) : -1;
+    if (rc == 0 && relay == NULL) {
+        if (passed < 0) {
+            errno = ECONNREFUSED;
+            rc = -1;
+        }
+    } else if (rc == 0) {
         char raddr[64], laddr[64];
         uint64_t rport, lport;
         if (cr_strbuf(&r, raddr, sizeof raddr) < 0 || cr_uint(&r, &rport) < 0 ||
             cr_strbuf(&r, laddr, sizeof laddr) < 0 || cr_uint(&r, &lport) < 0 || rport > 65535 ||
-            lport > 65535 || sockaddr_from_text(raddr, (int)rport, family, relay, relay_len) < 0) {
+            lport > 65535 || sockaddr_from_text(raddr, (int)rport, family, relay, relay_len) < 0 ||
+            (want_fd && passed < 0)) {
             errno = ECONNREFUSED;
             rc = -1;
         } else if (sockaddr_from_text(laddr, (int)lport, family, local, local_len) < 0) {
@@ -157,7 +201,58 @@ static int layer_connect(const char *proto, const struct sockaddr *sa, int famil
         }
     }
     conn_release(c);
+    if (rc == 0 && want_fd) {
+        *rfd = passed;
+    } else if (passed >= 0) {
+        REAL(close)(passed);
+    }
     return rc;
+}
+
+/* Socket options an app may set before connect() that must hold on the relay socket too. */
+static const struct {
+    int level, name, stream_only;
+} g_carried_opts[] = {
+    {SOL_SOCKET, SO_RCVTIMEO, 0},       {SOL_SOCKET, SO_SNDTIMEO, 0},
+    {SOL_SOCKET, SO_KEEPALIVE, 1},      {SOL_SOCKET, SO_LINGER, 1},
+    {SOL_SOCKET, SO_OOBINLINE, 1},      {SOL_SOCKET, SO_BROADCAST, 0},
+    {SOL_SOCKET, SO_PRIORITY, 0},       {IPPROTO_TCP, TCP_NODELAY, 1},
+    {IPPROTO_TCP, TCP_KEEPIDLE, 1},     {IPPROTO_TCP, TCP_KEEPINTVL, 1},
+    {IPPROTO_TCP, TCP_KEEPCNT, 1},      {IPPROTO_TCP, TCP_USER_TIMEOUT, 1},
+};
+
+/* Puts the daemon's relay socket `rfd` in the place of the app's socket `fd`: the same fd
+ * number, the same O_NONBLOCK/O_ASYNC and close-on-exec, the options above carried over. The
+ * relay socket is a real TCP/UDP socket of the app's family connected to the daemon over
+ * loopback, so everything else the app does with it (poll, setsockopt, SO_ERROR, shutdown,
+ * a reset by SO_LINGER 0, fork, exec) behaves as on any connected socket; getpeername and
+ * getsockname show the target's view. Consumes rfd. 0, or -1 with errno. */
+static int splice_relay(int fd, int rfd, int type) {
+    int fl = REAL(fcntl)(fd, F_GETFL);
+    int fdfl = REAL(fcntl)(fd, F_GETFD);
+    for (size_t i = 0; i < sizeof g_carried_opts / sizeof g_carried_opts[0]; i++) {
+        if (g_carried_opts[i].stream_only && type != SOCK_STREAM) {
+            continue;
+        }
+        char have[32], want[32];
+        socklen_t hl = sizeof have, wl = sizeof want;
+        if (getsockopt(fd, g_carried_opts[i].level, g_carried_opts[i].name, want, &wl) == 0 &&
+            getsockopt(rfd, g_carried_opts[i].level, g_carried_opts[i].name, have, &hl) == 0 &&
+            (hl != wl || memcmp(have, want, wl) != 0)) {
+            (void)setsockopt(rfd, g_carried_opts[i].level, g_carried_opts[i].name, want, wl);
+        }
+    }
+    int rc = REAL(dup3)(rfd, fd, fdfl >= 0 && (fdfl & FD_CLOEXEC) ? O_CLOEXEC : 0);
+    int saved = errno;
+    REAL(close)(rfd);
+    if (rc < 0) {
+        errno = saved;
+        return -1;
+    }
+    if (fl >= 0) {
+        REAL(fcntl)(fd, F_SETFL, fl);
+    }
+    return 0;
 }
 
 HOOK int socket(int domain, int type, int protocol) {
@@ -193,41 +288,124 @@ static int refuse_in_progress(int fd, int family) {
     return rc;
 }
 
+/* outgoing.unix_streams: a unix stream socket connected to a matching path gets the layer's
+ * end of a socketpair whose daemon end is relayed to a connection the agent made to that path
+ * in the target. R_BYPASS when the path does not match. */
+static int connect_unix_remote(int fd, const struct sockaddr *sa, socklen_t len, int *ret) {
+    const struct sockaddr_un *un = (const void *)sa;
+    size_t plen = len > offsetof(struct sockaddr_un, sun_path)
+                      ? len - offsetof(struct sockaddr_un, sun_path)
+                      : 0;
+    char path[sizeof un->sun_path + 1];
+    if (plen == 0 || un->sun_path[0] == 0 || plen > sizeof un->sun_path) {
+        return R_BYPASS; /* unnamed or abstract: nothing in the target's file system */
+    }
+    memcpy(path, un->sun_path, plen);
+    path[plen] = 0;
+    if (!policy_unix_stream(path) || sock_type(fd) != SOCK_STREAM) {
+        return R_BYPASS;
+    }
+    t_guard++;
+    int rfd;
+    *ret = layer_connect_call("unix", path, 0, AF_UNIX, "", 0, 1, NULL, NULL, NULL, NULL, &rfd);
+    if (*ret == 0) {
+        struct ent *e = sock_ent(fd);
+        *ret = splice_relay(fd, rfd, SOCK_STREAM);
+        int saved = errno;
+        if (*ret == 0 && e != NULL) {
+            struct stat st;
+            if (REAL(fstat)(fd, &st) == 0) {
+                e->fd_dev = st.st_dev;
+                e->fd_ino = st.st_ino;
+            }
+            e->remote = 1;
+            e->spliced = 1;
+            e->family = AF_UNIX;
+            e->socktype = SOCK_STREAM;
+            memcpy(&e->peer, sa, len < sizeof e->peer ? len : sizeof e->peer);
+            e->peer_len = len;
+            e->local_len = 0;
+        }
+        ent_put(e);
+        DBG("connect fd %d to unix socket %s in the target: %d", fd, path, *ret);
+        errno = saved;
+    }
+    t_guard--;
+    return R_DONE;
+}
+
 HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
+    if (g_active && !t_guard && sa != NULL && len > sizeof(sa_family_t) &&
+        sa->sa_family == AF_UNIX) {
+        int ret;
+        if (connect_unix_remote(fd, sa, len, &ret) == R_DONE) {
+            return ret;
+        }
+        return REAL(connect)(fd, sa, len);
+    }
     if (!g_active || t_guard || sa == NULL || len < sizeof(sa_family_t) ||
         (sa->sa_family != AF_INET && sa->sa_family != AF_INET6)) {
         return REAL(connect)(fd, sa, len);
     }
     int type = sock_type(fd);
+    if (type == SOCK_STREAM && is_loopback(sa)) {
+        /* the app's own listener (as in the pod: a loopback connect to a port the app listens
+         * on reaches the app); where the port was busy here, at the port really bound */
+        int want = get_port(sa), have = own_listener_port(want);
+        if (have > 0) {
+            struct sockaddr_storage to;
+            socklen_t tl = len < sizeof to ? len : sizeof to;
+            memcpy(&to, sa, tl);
+            set_port(&to, have);
+            DBG("connect fd %d to the app's own listener on port %d (bound at %d)", fd, want,
+                have);
+            int rc = REAL(connect)(fd, (struct sockaddr *)&to, tl);
+            int saved = errno;
+            if (have != want && (rc == 0 || errno == EINPROGRESS)) {
+                t_guard++;
+                struct ent *e = sock_ent(fd); /* getpeername shows the port asked for */
+                if (e != NULL) {
+                    e->remote = 1;
+                    e->socktype = type;
+                    memcpy(&e->peer, sa, tl);
+                    e->peer_len = tl;
+                    e->local_len = 0;
+                    ent_put(e);
+                }
+                t_guard--;
+            }
+            errno = saved;
+            return rc;
+        }
+    }
     if (debugger_port(sa, len, 0) || policy_connect(sa, len, type) == P_LOCAL) {
         int rc = REAL(connect)(fd, sa, len);
         struct ent *le = rc == 0 && type == SOCK_DGRAM ? fd_peek(fd) : NULL;
         if (le != NULL && le->kind == K_SOCK) {
             /* a UDP socket connected again, now to a local address: no longer relayed */
             struct ent *e = ent_get(fd);
-            if (e != NULL) {
-                e->remote = 0;
-            }
+            t_guard++;
+            udp_forget_relays(fd, e);
+            t_guard--;
             ent_put(e);
         }
         return rc;
     }
-    struct ent *pe = type == SOCK_STREAM ? fd_peek(fd) : NULL;
-    struct tcp_info ti;
-    socklen_t til = sizeof ti;
-    if (pe != NULL && pe->kind == K_SOCK &&
-        getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &til) == 0 && ti.tcpi_state != TCP_CLOSE) {
-        /* connect() again on a stream already handed to a relay (polling a non-blocking
-         * connect, as some programs do): the kernel's answer about the relay connection is
-         * the answer (EALREADY, EISCONN, or 0 once), and no second connection is opened in
-         * the target. A closed socket (refused before, or a number our table did not see
-         * closed) connects anew. */
+    struct ent *pe = fd_peek(fd);
+    if (pe != NULL && pe->kind == K_SOCK) {
         struct ent *e = ent_get(fd);
-        if (e != NULL && e->remote && e->maps[0].relay_len > 0) {
-            struct sockaddr_storage relay = e->maps[0].relay;
-            socklen_t relay_len = e->maps[0].relay_len;
+        if (e != NULL && e->remote && e->spliced && type == SOCK_STREAM) {
+            /* connect() again on a stream already relayed (polling a non-blocking connect, as
+             * some programs do): the kernel's answers for a connection that completed (0
+             * once, then EISCONN), and no second connection is opened in the target */
+            int was = e->connecting;
+            e->connecting = 0;
             ent_put(e);
-            return REAL(connect)(fd, (struct sockaddr *)&relay, relay_len);
+            if (was) {
+                return 0;
+            }
+            errno = EISCONN;
+            return -1;
         }
         ent_put(e);
     }
@@ -235,25 +413,41 @@ HOOK int connect(int fd, const struct sockaddr *sa, socklen_t len) {
     struct sockaddr_storage relay, local;
     socklen_t relay_len, local_len;
     int family = sock_family(fd);
-    int rc = layer_connect(type == SOCK_STREAM ? "tcp" : "udp", sa, family, &relay, &relay_len,
-                           &local, &local_len);
+    int rfd;
+    int rc = layer_connect(type == SOCK_STREAM ? "tcp" : "udp", sa, family, NULL, &relay,
+                           &relay_len, &local, &local_len, &rfd);
     if (rc == 0) {
-        rc = REAL(connect)(fd, (struct sockaddr *)&relay, relay_len);
+        int nonblocking = (REAL(fcntl)(fd, F_GETFL) & O_NONBLOCK) != 0;
+        struct ent *e = sock_ent(fd);
+        udp_forget_relays(fd, e);
+        rc = splice_relay(fd, rfd, type);
         int saved = errno;
-        if (rc == 0 || errno == EINPROGRESS || errno == EINTR) { /* EINTR: it goes on */
-            struct ent *e = sock_ent(fd);
-            if (e != NULL) {
-                e->remote = 1;
-                e->socktype = type;
-                memcpy(&e->peer, sa, len < sizeof e->peer ? len : sizeof e->peer);
-                e->peer_len = len;
-                e->local = local;
-                e->local_len = local_len;
-                e->maps[0].relay = relay;
-                e->maps[0].relay_len = relay_len;
-                ent_put(e);
+        if (rc == 0 && e != NULL) {
+            struct stat st;
+            if (REAL(fstat)(fd, &st) == 0) { /* the entry now describes the relay socket */
+                e->fd_dev = st.st_dev;
+                e->fd_ino = st.st_ino;
             }
+            e->remote = 1;
+            e->spliced = 1;
+            e->family = family;
+            e->socktype = type;
+            memcpy(&e->peer, sa, len < sizeof e->peer ? len : sizeof e->peer);
+            e->peer_len = len;
+            e->local = local;
+            e->local_len = local_len;
+            e->nmaps = 0;
+            e->maps[0].relay = relay;
+            e->maps[0].relay_len = relay_len;
+            e->connecting = type == SOCK_STREAM && nonblocking;
             DBG("connect fd %d remotely through the daemon", fd);
+        }
+        ent_put(e);
+        if (rc == 0 && type == SOCK_STREAM && nonblocking) {
+            /* the connection exists already, but a non-blocking connect() answers "in
+             * progress" and the app waits for writability, as it does with any socket */
+            rc = -1;
+            saved = EINPROGRESS;
         }
         errno = saved;
     } else if (errno == ECONNREFUSED && type == SOCK_STREAM &&
@@ -320,6 +514,34 @@ static int get_port(const struct sockaddr *sa) {
                                     : ntohs(((const struct sockaddr_in6 *)(const void *)sa)->sin6_port);
 }
 
+/* The port really bound by a socket of this process listening on `port` (as the app asked
+ * for it), or 0. */
+static int own_listener_port(int port) {
+    int top = __atomic_load_n(&g_listen_fd_max, __ATOMIC_RELAXED);
+    for (int fd = 0; fd <= top && fd < MAX_FDS; fd++) {
+        struct ent *pe = fd_peek(fd);
+        if (pe == NULL || pe->kind != K_SOCK || !pe->listening || !pe->bound ||
+            get_port((struct sockaddr *)&pe->req) != port) {
+            continue;
+        }
+        struct ent *e = ent_get(fd); /* still this socket (not closed behind our back) */
+        struct sockaddr_storage real;
+        socklen_t rl = sizeof real;
+        int acc = 0;
+        socklen_t al = sizeof acc;
+        int found = e != NULL && e->listening &&
+                            REAL(getsockname)(fd, (struct sockaddr *)&real, &rl) == 0 &&
+                            getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) == 0 && acc
+                        ? get_port((struct sockaddr *)&real)
+                        : 0;
+        ent_put(e);
+        if (found > 0) {
+            return found;
+        }
+    }
+    return 0;
+}
+
 HOOK int bind(int fd, const struct sockaddr *sa, socklen_t len) {
     if (!g_active || t_guard || sa == NULL || len < sizeof(sa_family_t) ||
         (sa->sa_family != AF_INET && sa->sa_family != AF_INET6) || g_set.incoming == IN_OFF ||
@@ -362,12 +584,41 @@ HOOK int bind(int fd, const struct sockaddr *sa, socklen_t len) {
 HOOK int listen(int fd, int backlog) {
     int rc = REAL(listen)(fd, backlog);
     struct ent *pe = fd_peek(fd);
-    if (rc < 0 || pe == NULL || pe->kind != K_SOCK || !g_active || t_guard) {
+    if (rc < 0 || !g_active || t_guard || (pe != NULL && pe->kind != K_SOCK)) {
+        return rc;
+    }
+    if (pe == NULL) {
+        /* not bound through our bind() (a port nobody subscribes): remembered all the same,
+         * so that a connect() of the app to its own port stays local */
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        if (REAL(getsockname)(fd, (struct sockaddr *)&ss, &sl) < 0 ||
+            (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
+            return rc;
+        }
+        t_guard++;
+        struct ent *ne = sock_ent(fd);
+        if (ne != NULL) {
+            ne->bound = 1;
+            ne->req = ss;
+            ne->req_len = sl;
+            ne->socktype = SOCK_STREAM;
+            ne->listening = 1;
+            ent_put(ne);
+        }
+        t_guard--;
+        if (fd > g_listen_fd_max) {
+            g_listen_fd_max = fd;
+        }
         return rc;
     }
     struct ent *e = ent_get(fd);
     if (e == NULL) {
         return rc;
+    }
+    e->listening = 1;
+    if (fd > g_listen_fd_max) {
+        g_listen_fd_max = fd;
     }
     int rport = e->bound && !e->subscribed &&
                         !debugger_port((struct sockaddr *)&e->req, e->req_len, 1)
@@ -526,6 +777,11 @@ static int udp_relay_for(int fd, const struct sockaddr *sa, socklen_t len,
     struct sockaddr_storage want;
     memset(&want, 0, sizeof want);
     memcpy(&want, sa, len < sizeof want ? len : sizeof want);
+    if (e->remote && e->spliced && same_addr(&e->peer, &want)) {
+        *relay_len = 0; /* connected to it through the daemon already: send without address */
+        ent_put(e);
+        return 0;
+    }
     for (int i = 0; i < e->nmaps; i++) {
         if (same_addr(&e->maps[i].remote, &want)) {
             *relay = e->maps[i].relay;
@@ -534,9 +790,31 @@ static int udp_relay_for(int fd, const struct sockaddr *sa, socklen_t len,
             return 0;
         }
     }
-    struct sockaddr_storage local;
-    socklen_t local_len;
-    int rc = layer_connect("udp", sa, sock_family(fd), relay, relay_len, &local, &local_len);
+    /* The daemon's endpoint takes datagrams from this socket's address only: bind it now if
+     * the app has not (what the kernel's first sendto() would do: any address, a free port). */
+    struct sockaddr_storage me, local;
+    socklen_t me_len = sizeof me, local_len;
+    if (REAL(getsockname)(fd, (struct sockaddr *)&me, &me_len) < 0 ||
+        (me.ss_family != AF_INET && me.ss_family != AF_INET6)) {
+        ent_put(e);
+        errno = EAFNOSUPPORT;
+        return -1;
+    }
+    if (get_port((struct sockaddr *)&me) == 0) {
+        struct sockaddr_storage any;
+        socklen_t any_len;
+        sockaddr_from_text(me.ss_family == AF_INET6 ? "::" : "0.0.0.0", 0, me.ss_family, &any,
+                           &any_len);
+        me_len = sizeof me;
+        if (REAL(bind)(fd, (struct sockaddr *)&any, any_len) < 0 ||
+            REAL(getsockname)(fd, (struct sockaddr *)&me, &me_len) < 0) {
+            ent_put(e);
+            return -1;
+        }
+    }
+    int rfd;
+    int rc = layer_connect("udp", sa, me.ss_family, (struct sockaddr *)&me, relay, relay_len,
+                           &local, &local_len, &rfd);
     if (rc == 0) {
         int i = e->nmaps < MAX_UDP_MAPS ? e->nmaps++ : MAX_UDP_MAPS - 1;
         e->maps[i].remote = want;
@@ -553,10 +831,9 @@ static int relay_port_of(const struct sockaddr_storage *ss) {
     return get_port((const struct sockaddr *)ss);
 }
 
-/* The app closed a UDP socket we relayed: a UDP relay never ends by itself, so tell the daemon
- * to end each of its relays (and their sockets in the target) instead of keeping them until
- * the process exits. */
-void net_sock_freed(const struct ent *e) {
+/* Tells the daemon to end each relay of a UDP socket (and its socket in the target): a UDP
+ * relay never ends by itself. The daemon first forwards what the app sent before. */
+static void udp_end_relays(const struct ent *e) {
     int ports[MAX_UDP_MAPS + 1], n = 0;
     if (e->remote && e->maps[0].relay_len > 0) {
         ports[n++] = relay_port_of(&e->maps[0].relay);
@@ -589,6 +866,22 @@ void net_sock_freed(const struct ent *e) {
     }
     conn_release(c);
     errno = saved;
+}
+
+/* The app closed a UDP socket we relayed: end its relays now instead of keeping them until
+ * the process exits. */
+void net_sock_freed(const struct ent *e) { udp_end_relays(e); }
+
+/* A UDP socket connected anew (elsewhere, or to a new relay): its old relays end. */
+static void udp_forget_relays(int fd, struct ent *e) {
+    (void)fd;
+    if (e == NULL || e->socktype != SOCK_DGRAM) {
+        return;
+    }
+    udp_end_relays(e);
+    e->remote = 0;
+    e->nmaps = 0;
+    memset(e->maps, 0, sizeof e->maps);
 }
 
 /* Source address of a datagram: a relay of ours is shown as the remote it stands for. */
@@ -627,7 +920,7 @@ HOOK ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct s
     socklen_t rl;
     ssize_t rc = udp_relay_for(fd, sa, len, &relay, &rl);
     if (rc == 0) {
-        rc = REAL(sendto)(fd, buf, n, flags, (struct sockaddr *)&relay, rl);
+        rc = REAL(sendto)(fd, buf, n, flags, rl ? (struct sockaddr *)&relay : NULL, rl);
     }
     t_guard--;
     return rc;
@@ -643,7 +936,7 @@ HOOK ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     ssize_t rc = udp_relay_for(fd, msg->msg_name, msg->msg_namelen, &relay, &rl);
     if (rc == 0) {
         struct msghdr m = *msg;
-        m.msg_name = &relay;
+        m.msg_name = rl ? &relay : NULL;
         m.msg_namelen = rl;
         rc = REAL(sendmsg)(fd, &m, flags);
     }

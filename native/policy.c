@@ -36,7 +36,7 @@ struct rlist {
     regex_t re[MAX_LIST];
 };
 
-static struct rlist g_ro, g_rw, g_local, g_nf;
+static struct rlist g_ro, g_rw, g_local, g_nf, g_unix;
 
 /* An outgoing or DNS filter entry: protocol (0 any, 1 tcp, 2 udp), a host that is a name,
  * an address with a prefix length, or any; a port (0 any). */
@@ -236,6 +236,8 @@ int policy_load(const char *text) {
             add_mapping(v);
         } else if (strcmp(k, "not_found") == 0) {
             add_regex(&g_nf, v);
+        } else if (strcmp(k, "unix_stream") == 0) {
+            add_regex(&g_unix, v);
         } else if (strcmp(k, "outgoing_tcp") == 0) {
             g_set.out_tcp = flag(v);
         } else if (strcmp(k, "outgoing_udp") == 0) {
@@ -364,6 +366,8 @@ static int matches(const struct rlist *l, const char *path) {
     }
     return 0;
 }
+
+int policy_unix_stream(const char *path) { return g_unix.n > 0 && matches(&g_unix, path); }
 
 /* `path` is `dir` or below it. */
 /* A byte loop, not strncmp: the prefixes are short and most paths differ in their first

@@ -22,11 +22,14 @@
 extern char **environ;
 
 static char *g_lib_path;
-static char *g_saved[8];
+/* MIRRORD_*_DEBUGGER_*: a debugger's helpers are often started with an env of their own
+ * (js-debug's watchdog gets only NODE_INSPECTOR_INFO) and still talk to the debuggee's port;
+ * saved after debugger_init, so they carry the port it detected. */
 static const char *const SAVED_NAMES[] = {
     "MIRRORD_LAYER_SOCKET", "MIRRORD_SESSION", "MIRRORD_LAYER_CONFIG", "MIRRORD_LAYER_DEBUG",
-    "UV_USE_IO_URING", NULL,
+    "UV_USE_IO_URING", "MIRRORD_IGNORE_DEBUGGER_PORTS", "MIRRORD_DETECT_DEBUGGER_PORT", NULL,
 };
+static char *g_saved[sizeof SAVED_NAMES / sizeof SAVED_NAMES[0]];
 static char *g_parent_digits; /* inside environ's MIRRORD_LAYER_PARENT=..., fixed width */
 static pid_t g_layer_pid; /* this process, as of init or the fork hook (see _exit) */
 #define PARENT_WIDTH 10

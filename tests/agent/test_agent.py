@@ -537,6 +537,36 @@ async def test_dns_uses_the_pods_files_and_network(
         assert hostname.hostname == pod.hostname != socket.gethostname()
 
 
+async def test_dns_to_a_nameserver_nobody_listens_on_fails_as_fast_as_glibc(
+    make_pod: Callable[..., LocalPod], make_agent: Callable[..., AgentProc]
+) -> None:
+    """Nothing answers on the pod's nameserver port: the kernel answers "port unreachable",
+    which glibc's connected UDP socket sees at once (ECONNREFUSED): the lookup fails in
+    milliseconds, not after `timeout:10 attempts:3` (30 s) as with an unconnected socket."""
+    pod = make_pod(PodSpec(resolv_conf="nameserver 127.0.0.1\noptions timeout:10 attempts:3\n"))
+    glibc = pod.run_in_pod(
+        [
+            sys.executable,
+            "-c",
+            "import socket, time; t = time.monotonic()\n"
+            "try: socket.getaddrinfo('db.cluster.test', 80)\n"
+            "except socket.gaierror as e: print(e.errno, time.monotonic() - t)",
+        ],
+        timeout=60,
+    )
+    glibc_code, glibc_took = glibc.stdout.decode().split()
+    assert float(glibc_took) < 10  # what the pod's own programs get
+    agent = make_agent(f"pid/{pod.pid}")
+    async with _client(agent) as client:
+        started = time.monotonic()
+        code = await _errno_of(
+            client.request(0, lambda r: m.DnsLookup(request_id=r, host="db.cluster.test"))
+        )
+        took = time.monotonic() - started
+    assert code == int(glibc_code) == socket.EAI_AGAIN
+    assert took < 10, took  # generous: the resolver's timeout is 30 s
+
+
 # -- outgoing ------------------------------------------------------------------------------------
 
 _BANNER_SERVER = """

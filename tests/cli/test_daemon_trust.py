@@ -34,10 +34,11 @@ def mirrord() -> Iterator[Mirrord]:
 
 
 def _answer(request: dict[str, Any], evil: Path, runtime: Path) -> dict[str, Any]:
-    """What a hostile listener says: our build id (so only the other checks can catch it),
-    and a session whose LD_PRELOAD is its own library."""
+    """What a hostile listener says: our build id and layer (so only the other checks can
+    catch it), and a session whose LD_PRELOAD is its own library."""
     if request.get("op") == "status":
-        return {"daemon": {"build_id": build_id(), "pid": os.getpid()}, "sessions": []}
+        daemon = {"build_id": build_id(), "layer_library": str(library_path()), "pid": os.getpid()}
+        return {"daemon": daemon, "sessions": []}
     if request.get("op") == "create_session":
         env = {
             "LD_PRELOAD": str(evil),
@@ -213,3 +214,46 @@ def test_a_status_without_build_id_is_refused(mirrord: Mirrord, tmp_path: Path) 
         assert done.returncode == 1, done.stderr
         assert "did not say its build id" in done.stderr, done.stderr
     assert not marker.exists()
+
+
+def test_an_idle_daemon_of_another_install_with_the_same_build_is_replaced(
+    mirrord: Mirrord, tmp_path: Path
+) -> None:
+    """Another install of the same sources (same build id, another layer file): its sessions
+    would preload its own library, so an idle one is stopped and replaced by ours (a busy one
+    is an error saying so), instead of every `mirrord run` being refused."""
+    path = mirrord.runtime / "mirrordd.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    pid = os.fork()
+    if pid == 0:  # child: the other install's daemon; exits when told to shut down
+        try:
+            server.settimeout(30)
+            for _ in range(8):
+                conn, _ = server.accept()
+                with conn:
+                    for line in conn.makefile("rb"):
+                        request = json.loads(line)
+                        answer: dict[str, Any] = {"pid": os.getpid()}
+                        if request["op"] == "status":
+                            daemon = {"build_id": build_id(), "layer_library": "/elsewhere.so"}
+                            answer = {"daemon": daemon, "sessions": []}
+                        reply = {"id": request["id"], "ok": True, "result": answer}
+                        conn.sendall(json.dumps(reply).encode() + b"\n")
+                        if request["op"] == "shutdown":
+                            path.unlink()
+                            os._exit(0)
+        finally:
+            os._exit(0)
+    server.close()
+    try:
+        result = mirrord.run("daemon", "start", timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert result.returncode == 0, result.stderr
+    status = mirrord.status()["daemon"]
+    assert status["layer_library"] == str(library_path())
+    assert status["pid"] != pid

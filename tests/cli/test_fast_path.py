@@ -41,6 +41,11 @@ ACCEPTED = [
     ["-x", "SECRET*", "--override-env-vars-include", "A", "--", "env"],
     ["--override-env-vars-exclude", "B", "--", "env"],
     ["-t", "pid/1", "--", "--"],
+    ["-n", "prod", "-a", "agents", "-l", "debug", "-i", "img:1", "--", "x"],
+    ["--agent-ttl", "0", "--agent-startup-timeout=30", "-e", "--rw", "--", "x"],
+    ["--skip-processes", "a;b", "--context", "kind", "--env-file", ".env", "--", "x"],
+    ["--accept-invalid-certificates=false", "--steal", "--no-tcp-outgoing", "--", "x"],
+    ["--no-udp-outgoing", "--no-telemetry", "--disable-version-check", "-q", "--", "x"],
 ]
 
 
@@ -67,6 +72,8 @@ def test_fast_path_parses_like_typer(args: list[str]) -> None:
         ["--steal=yes", "--", "x"],
         ["--bogus", "--", "x"],
         ["--targ", "pid/1", "--", "x"],  # click would expand a prefix; typer decides
+        ["--agent-ttl", "soon", "--", "x"],  # typer's int error
+        ["--agent-startup-timeout", "0", "--", "x"],  # below its minimum
     ],
     ids=lambda a: " ".join(a) or "empty",
 )
@@ -102,3 +109,28 @@ def test_plain_run_loads_neither_typer_nor_rich_nor_pydantic() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["-c", "-t", "pid/1", "--", "x"],
+            ["--accept-invalid-certificates=true", "-t", "pid/1", "--", "x"],
+        ),
+        (["-c=false", "--", "x", "-c"], ["--accept-invalid-certificates=false", "--", "x", "-c"]),
+        (
+            ["--accept-invalid-certificates", "--", "x"],
+            ["--accept-invalid-certificates=true", "--", "x"],
+        ),
+        (["-t", "-c", "x", "-c"], ["-t", "-c", "x", "-c"]),  # a value, then the command
+    ],
+)
+def test_a_bare_accept_invalid_certificates_means_true(
+    args: list[str], expected: list[str]
+) -> None:
+    from mirrord.cli._main import normalize_run_args
+
+    assert normalize_run_args(args) == expected
+    if "--" in expected:
+        assert parse_run_args(expected) == _typer_parse(expected)

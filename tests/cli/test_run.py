@@ -266,6 +266,29 @@ def test_warm_run_is_quick(mirrord: Mirrord, make_pod: Callable[..., LocalPod]) 
     assert elapsed < 5  # generous: the benchmark suite reports the real ratio
 
 
+def test_a_lingering_local_agent_is_reused_only_with_the_same_agent_settings(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
+) -> None:
+    pod = make_pod(POD_SPEC)
+    config = tmp_path / "mirrord.json"
+    config.write_text('{"agent": {"communication_timeout": 120}}')
+    target = f"pid/{pod.pid}"
+    first = mirrord.run("run", "-t", target, "--", "true")
+    assert first.returncode == 0, first.stderr
+    other = mirrord.run("run", "-f", str(config), "-t", target, "--", "true")
+    assert other.returncode == 0, other.stderr
+    assert "reusing agent" not in other.stderr  # other agent settings: a new agent
+    assert f"starting agent for {target}" in other.stderr
+    assert f"the agent for {target} runs with other agent settings" in other.stderr
+    again = mirrord.run("run", "-f", str(config), "-t", target, "--", "true")
+    assert again.returncode == 0, again.stderr
+    assert "reusing agent" in again.stderr  # the same settings: the lingering one
+    keys = sorted(a["key"] for a in mirrord.status()["agents"])
+    assert len(keys) == 2 and keys[0] == f"local:{target}"
+    assert keys[1].startswith(f"local:{target}@")
+    assert len(agent_pids(mirrord.runtime, target)) == 2
+
+
 def test_ext_prints_progress_then_env_and_waits_for_the_debuggee(
     mirrord: Mirrord, make_pod: Callable[..., LocalPod]
 ) -> None:

@@ -433,7 +433,7 @@ def test_a_malformed_daemon_answer_is_one_line_and_a_saved_traceback(
                     # a status with our build id (one without is refused before anything),
                     # then a create_session answer with our layer but no session id
                     result = (
-                        {"daemon": {"build_id": build_id()}}
+                        {"daemon": {"build_id": build_id(), "layer_library": layer["LD_PRELOAD"]}}
                         if request["op"] == "status"
                         else {"env": layer}
                     )

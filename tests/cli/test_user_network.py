@@ -15,6 +15,7 @@ import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec, create_pod
-from tests.cli.conftest import Mirrord, agent_pids
+from tests.cli.conftest import Mirrord, agent_pids, python_app
 
 pytestmark = pytest.mark.netns
 
@@ -425,3 +426,161 @@ def test_closed_udp_sockets_do_not_pile_up_in_the_agent(
         server.kill()
         server.wait(timeout=5)
     assert open_fds < 100, f"{open_fds} fds open in the agent after 150 closed UDP sockets"
+
+
+SELF_CONNECT_APP = """
+import socket, sys, threading
+
+def serve(port, name):
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(8)
+
+    def answer():
+        while True:
+            conn, _ = listener.accept()
+            conn.sendall(name.encode() + b"\\n")
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+
+free, busy = int(sys.argv[1]), int(sys.argv[2])
+serve(free, "self")
+serve(busy, "self, bound elsewhere")
+for port in (free, busy):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    print(s.makefile("rb").readline().decode().strip(), s.getpeername())
+"""
+
+
+def test_a_loopback_connect_to_the_apps_own_port_stays_local(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path
+) -> None:
+    # `busy` is taken on this machine, so the app's listener is really bound elsewhere; its
+    # loopback connects to both ports must reach the app itself, as they do in the pod (they
+    # used to go to the pod, where nobody listens on them: refused)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    free = probe.getsockname()[1]
+    probe.close()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    busy = holder.getsockname()[1]
+    try:
+        app = python_app(tmp_path, SELF_CONNECT_APP)
+        result = mirrord.run("run", "-t", f"pid/{net_pod.pid}", "--", *app, str(free), str(busy))
+    finally:
+        holder.close()
+    assert result.stdout.splitlines() == [
+        f"self ('127.0.0.1', {free})",
+        f"self, bound elsewhere ('127.0.0.1', {busy})",
+    ], result.stderr
+
+
+UDP_SINK = """
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9993))
+s.settimeout(1)
+print("ready", flush=True)
+expected = int(sys.argv[1])
+seen = set()
+deadline = time.monotonic() + 60
+while len(seen) < expected and time.monotonic() < deadline:
+    try:
+        seen.add(s.recvfrom(100)[0].decode())
+    except TimeoutError:
+        pass
+print(json.dumps(sorted(seen)), flush=True)
+"""
+
+LAST_DATAGRAM_APP = """
+import socket, sys
+for i in range(int(sys.argv[1])):
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.connect(("127.0.0.1", 9993))
+    c.send(b"connected %d" % i)
+    c.close()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.sendto(b"sendto %d" % i, ("127.0.0.1", 9993))
+    u.close()
+"""
+
+
+def test_a_datagram_sent_just_before_close_reaches_the_pod(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path
+) -> None:
+    # closing the socket used to end the relay at once, dropping what it had not read yet
+    runs = 25
+    sink = net_pod.popen_in_pod([sys.executable, "-c", UDP_SINK, str(2 * runs)])
+    try:
+        assert sink.stdout is not None
+        assert sink.stdout.readline() == b"ready\n"
+        app = python_app(tmp_path, LAST_DATAGRAM_APP)
+        result = mirrord.run("run", "-t", f"pid/{net_pod.pid}", "--", *app, str(runs))
+        assert result.returncode == 0, result.stderr
+        out, _ = sink.communicate(timeout=70)
+    finally:
+        sink.kill()
+        sink.wait(timeout=5)
+    arrived = json.loads(out.decode().splitlines()[-1])
+    expected = [f"{how} {i}" for how in ("connected", "sendto") for i in range(runs)]
+    assert sorted(arrived) == sorted(expected), sorted(set(expected) - set(arrived))
+
+
+UNIX_SERVER = """
+import os, socket
+path = "/app/svc.sock"
+if os.path.exists(path):
+    os.unlink(path)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+s.listen(8)
+s.settimeout(30)
+print("ready", flush=True)
+for _ in range(2):
+    c, _ = s.accept()
+    c.sendall(b"pod unix socket: " + c.recv(100))
+    c.close()
+"""
+
+UNIX_APP = """
+import os, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect("/app/svc.sock")
+s.sendall(b"hello")
+print(s.recv(100).decode(), s.getpeername(), os.path.exists("/app/svc.sock"))
+s.close()
+try:
+    local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    local.connect("/app/not-listed.sock")  # not in unix_streams: stays on this machine
+except OSError as e:
+    print("not listed", type(e).__name__)
+"""
+
+
+def test_unix_streams_reach_the_pods_unix_socket(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path
+) -> None:
+    # a unix socket that exists only in the pod's file system (it used to be "not supported
+    # yet": the connect stayed on this machine and failed)
+    config = tmp_path / "mirrord.json"
+    outgoing = {"unix_streams": ["^/app/svc\\.sock$"]}
+    config.write_text(json.dumps({"feature": {"network": {"outgoing": outgoing}}}))
+    server = net_pod.popen_in_pod([sys.executable, "-c", UNIX_SERVER])
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline() == b"ready\n", server.stderr
+        app = python_app(tmp_path, UNIX_APP)
+        result = mirrord.run("run", "-t", f"pid/{net_pod.pid}", "-f", str(config), "--", *app)
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+    assert result.stdout.splitlines() == [
+        "pod unix socket: hello /app/svc.sock True",
+        "not listed FileNotFoundError",
+    ], result.stderr
+    assert "unix_streams" not in result.stderr  # no "not supported" warning

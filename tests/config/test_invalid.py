@@ -319,6 +319,12 @@ INVALID: list[tuple[str, str, str, list[str]]] = [
         ["target.path", "'my-pod'", "did you mean 'pod/my-pod'", "targetless"],
     ),
     (
+        "target-bare-number",
+        "m.json",
+        _j({"target": "1234"}),
+        ["target.path", "'1234'", "did you mean 'pid/1234' or 'pod/1234'"],
+    ),
+    (
         "target-bad-kind",
         "m.json",
         _j({"target": "pood/x"}),

@@ -299,3 +299,17 @@ def test_config_package_does_no_io_imports() -> None:
 def test_missing_file_named_by_env_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"named by \$MIRRORD_CONFIG_FILE"):
         load_config(env={"MIRRORD_CONFIG_FILE": "gone.json"}, cwd=tmp_path)
+
+
+def test_command_line_target_completes_a_file_with_an_ephemeral_agent(tmp_path: Path) -> None:
+    """The layers are checked together: `-t deployment/web` gives the target a file with
+    `agent.ephemeral: true` needs; without one, the file alone is still an error."""
+    path = _write(tmp_path / "a.json", {"agent": {"ephemeral": True}})
+    cfg = load_config(path, overrides=cli_overrides(target="deployment/web"), env={}, cwd=tmp_path)
+    assert cfg.agent.is_ephemeral and cfg.target.path == "deployment/web"
+    env_cfg = load_config(path, env={"MIRRORD_IMPERSONATED_TARGET": "pod/api"}, cwd=tmp_path)
+    assert env_cfg.target.path == "pod/api"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={}, cwd=tmp_path)
+    assert any("agent.ephemeral needs a target" in line for line in caught.value.errors)
+    assert str(path) in str(caught.value)

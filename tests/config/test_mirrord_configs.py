@@ -85,12 +85,9 @@ def test_complete_mirrord_example_loads_and_warns_about_ignored_keys() -> None:
     from_file = [w for w in resolved.warnings if w.startswith(str(CASES / "complete.json"))]
     ignored = {w.split(": ", 1)[1].split(" ", 1)[0] for w in from_file}
     assert {"operator", "telemetry", "agent.metrics", "feature.copy_target"} <= ignored
-    # and what is accepted but not supported yet
+    # and nothing is accepted but unsupported (outgoing.unix_streams used to be)
     unsupported = [w for w in resolved.warnings if w not in from_file]
-    assert unsupported == [
-        "feature.network.outgoing.unix_streams is not supported yet: connections to unix "
-        "sockets stay on this machine"
-    ]
+    assert unsupported == []
 
 
 @pytest.mark.parametrize("fmt", ["toml", "yaml"])

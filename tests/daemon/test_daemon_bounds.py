@@ -129,11 +129,13 @@ async def test_a_request_line_over_the_limit_is_refused_and_closed(harness: Harn
 
 
 async def test_replies_a_client_does_not_read_are_bounded(
-    harness: Harness, caplog: pytest.LogCaptureFixture
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client that sends requests and never reads: the daemon queued every reply (+472 MB
     in the attack); past the bound it closes the connection and says why in its log."""
     harness.daemon.max_unread = 1024 * 1024
+    # the kernel's share stays small whatever net.core.wmem_max allows
+    monkeypatch.setattr("mirrord.daemon._io.SEND_BUFFER", 64 * 1024)
     sock = await anyio.to_thread.run_sync(_raw_control, harness.paths.control_socket)
     try:
         requests = b'{"op":"status"}\n' * 40000  # ~40 MB of replies, never read
@@ -267,7 +269,7 @@ async def test_an_upload_is_read_only_as_fast_as_the_credit_window_allows(
 
     def upload() -> int:
         """Write without blocking until the kernel takes no more for 2 s (or `cap`)."""
-        sock = socket.create_connection((reply.relay_address, reply.relay_port), timeout=5)
+        sock = peer.passed.pop()  # the app's end of the relay, passed with the reply
         sock.setblocking(False)
         chunk = b"u" * (1 << 20)
         sent, idle_since = 0, time.monotonic()
@@ -382,6 +384,8 @@ async def test_replies_a_layer_does_not_read_are_bounded(
     """A layer connection that sends requests and never reads its replies is closed past the
     bound, with a Fatal frame saying why after what was queued; the session is unharmed."""
     monkeypatch.setattr("mirrord.daemon._session.MAX_LAYER_UNREAD", 256 * 1024)
+    # the kernel's share stays small whatever net.core.wmem_max allows
+    monkeypatch.setattr("mirrord.daemon._io.SEND_BUFFER", 64 * 1024)
     _, session, _ = await harness.session()
     greedy = await harness.layer(session, pid=9001)
     healthy = await harness.layer(session, pid=9002)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from mirrord.protocol import (
     Received,
 )
 from mirrord.protocol import messages as m
+from tests._other_user import OTHER_UID, python_for_the_other_user
 from tests.daemon._scripted import SCRIPTED_PID_TARGET, ScriptedAgent, ScriptedBackend
 
 pytestmark = pytest.mark.anyio
@@ -71,10 +75,11 @@ class Control:
 class LayerPeer:
     """One layer connection, speaking the real LayerConnection (layer role)."""
 
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+    def __init__(self, stream: anyio.abc.UNIXSocketStream) -> None:
         self.stream = stream
         self.conn = LayerConnection(LayerRole.LAYER, build_id=build_id())
         self.process = 0
+        self.passed: list[socket.socket] = []  # sockets the daemon passed (SCM_RIGHTS)
 
     @classmethod
     async def open(
@@ -95,9 +100,10 @@ class LayerPeer:
                     return event.message
                 assert event is NEED_DATA, event
                 try:
-                    data = await self.stream.receive()
+                    data, fds = await self.stream.receive_fds(65536, 4)
                 except anyio.EndOfStream:
-                    data = b""
+                    data, fds = b"", []
+                self.passed += [socket.socket(fileno=fd) for fd in fds]
                 self.conn.receive_data(data)
 
     async def send(self, msg: Message) -> None:
@@ -126,7 +132,7 @@ class Harness:
         self.streams.append(peer.stream)
         return peer
 
-    async def raw_layer(self) -> anyio.abc.SocketStream:
+    async def raw_layer(self) -> anyio.abc.UNIXSocketStream:
         stream = await anyio.connect_unix(self.paths.layer_socket)
         self.streams.append(stream)
         return stream
@@ -181,6 +187,28 @@ async def test_remote_path_and_home_stay_the_users(harness: Harness) -> None:
     _, _, result = await harness.session()
     assert "PATH" not in result["env"] and "HOME" not in result["env"]
     assert result["env"]["APP"] == "x"
+
+
+async def test_targets_mirrord_variables_are_imported_but_not_the_layers_own(
+    harness: Harness,
+) -> None:
+    harness.backend.agents["scripted/a"] = ScriptedAgent(
+        env={
+            "MIRRORD_FAKE_VAR_FIRST": "foo.bar",
+            "MIRRORD_TARGET": "pod/other",
+            "MIRRORD_SESSION": "the-pods-session",
+            "MIRRORD_LAYER_SOCKET": "/pod/socket",
+            "MIRRORD_LAYER_FD": "3:1",
+            "MIRRORD_RUNTIME_DIR": "/pod/run",
+        }
+    )
+    _, session, result = await harness.session()
+    env = result["env"]
+    assert env["MIRRORD_FAKE_VAR_FIRST"] == "foo.bar"
+    assert env["MIRRORD_TARGET"] == "pod/other"
+    assert env["MIRRORD_SESSION"] == session  # the layer's own, never the pod's
+    assert env["MIRRORD_LAYER_SOCKET"] == str(harness.paths.layer_socket)
+    assert "MIRRORD_LAYER_FD" not in env and "MIRRORD_RUNTIME_DIR" not in env
 
 
 async def test_forwarded_requests_map_request_ids_both_ways(harness: Harness) -> None:
@@ -245,7 +273,9 @@ async def _connect_via_relay(
     )
     assert isinstance(reply, m.LayerConnected), reply
     assert reply.local_address == "10.0.0.1"  # what the agent's socket is bound to
-    sock = socket.create_connection((reply.relay_address, reply.relay_port), timeout=5)
+    sock = peer.passed.pop()  # the app's end of the relay, passed with the reply
+    sock.settimeout(5)
+    assert sock.getpeername()[:2] == (reply.relay_address, reply.relay_port)
     return sock, reply
 
 
@@ -445,6 +475,33 @@ async def test_wait_session_returns_when_all_processes_are_gone(harness: Harness
     del control
 
 
+async def test_wait_session_waits_for_a_process_that_registers_soon_after_the_last_left(
+    harness: Harness,
+) -> None:
+    # an IDE's helper (js-debug's version probe) exits before the debuggee registers
+    control, session, _ = await harness.session()
+    probe = await harness.layer(session, pid=6101)
+    waiter = await harness.control()
+    done: list[float] = []
+
+    async def wait() -> None:
+        await waiter.call("wait_session", session=session, wait_timeout=5)
+        done.append(time.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await anyio.sleep(0.2)
+        await probe.stream.aclose()
+        await anyio.sleep(1.5)  # after the process's fork grace, within the session's
+        debuggee = await harness.layer(session, pid=6102)
+        await anyio.sleep(1.0)
+        assert not done, "wait_session returned while the debuggee was on its way"
+        debuggee_left = time.monotonic()
+        await debuggee.stream.aclose()
+    assert done and done[0] >= debuggee_left
+    del control
+
+
 async def test_the_daemon_resolves_a_config_request(harness: Harness) -> None:
     control = await harness.control()
     reply = await control.call(
@@ -487,3 +544,77 @@ async def test_a_new_session_reconnects_to_an_agent_that_is_still_alive(harness:
     assert len(harness.backend.started) == 1  # the same agent, not a new one
     states = {s["id"]: s["state"] for s in status["sessions"]}
     assert states == {first: "agent_lost", second: "open"}
+
+
+# Run as another user: listens on a loopback port and reports what it is sent.
+_SQUATTER = """
+import json, socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+s.settimeout(10)
+print(s.getsockname()[1], flush=True)
+got = []
+try:
+    conn, _ = s.accept()
+    conn.settimeout(5)
+    while len(got) < 10:
+        data = conn.recv(4096)
+        if not data:
+            break
+        got.append(data.decode(errors="replace"))
+except OSError as e:
+    got.append(type(e).__name__)
+print(json.dumps(got), flush=True)
+"""
+
+
+async def test_an_incoming_connection_never_goes_to_another_users_listener(
+    harness: Harness,
+) -> None:
+    # The port the app listened on is now another user's (the app's listener was closed where
+    # the layer could not see it, and someone took the port): the daemon used to connect there
+    # and relay the stolen connection's bytes to it.
+    squatter = subprocess.Popen(
+        [python_for_the_other_user(), "-c", _SQUATTER],
+        user=OTHER_UID,
+        group=OTHER_UID,
+        extra_groups=[],
+        cwd="/",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None
+        port = int(await anyio.to_thread.run_sync(squatter.stdout.readline))
+        _, session, _ = await harness.session()
+        peer = await harness.layer(session, pid=os.getpid())
+        agent = harness.agent()
+        listen = m.LayerListen(request_id=5, port=80, bound_address="127.0.0.1", bound_port=port)
+        assert isinstance(await peer.request(listen), m.Ok)
+        await agent.send(
+            m.IncomingConnection(
+                conn_id=7,
+                port=80,
+                remote_address="10.9.9.9",
+                remote_port=5555,
+                local_address="10.0.0.1",
+                local_port=80,
+                mode="steal",
+            ),
+            peer.process,
+        )
+        await agent.send(m.Data(conn_id=7, data=b"GET /pod-only-secret"), peer.process)
+        with anyio.fail_after(10):
+            while not any(isinstance(x, m.ConnClose) for _, x in agent.received):
+                await anyio.sleep(0.01)
+        closes = [x for _, x in agent.received if isinstance(x, m.ConnClose)]
+        assert closes[0].conn_id == 7 and closes[0].errno == errno.ECONNREFUSED, closes
+        out, err = await anyio.to_thread.run_sync(lambda: squatter.communicate(timeout=20))
+    finally:
+        if squatter.poll() is None:
+            squatter.kill()
+            squatter.wait(timeout=5)
+    got = json.loads(out.splitlines()[-1])
+    assert not [g for g in got if "pod-only-secret" in g], (got, err)

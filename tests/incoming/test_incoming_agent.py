@@ -198,16 +198,19 @@ async def test_mirror_1000_requests_on_20_keep_alive_connections(
             async def collect(conn: Conn) -> None:
                 streams[conn.conn_id] = await conn.receive_all()
 
-            with anyio.fail_after(20):
-                while len(seen) < 20:
+            # Mirror works per HTTP request: each request of the 20 kept-alive connections is
+            # a mirrored connection of its own, carrying exactly that request.
+            with anyio.fail_after(30):
+                while len(seen) < 1000:
                     await anyio.sleep(0.05)
                 async with anyio.create_task_group() as readers:
                     for conn in seen:
                         readers.start_soon(collect, conn)
-            assert len(seen) == 20
-            for stream in streams.values():
+            assert len(seen) == 1000
+            per_client: dict[int, list[tuple[int, str]]] = {}
+            for conn in seen:
                 splitter = RequestSplitter()
-                splitter.receive_data(stream)
+                splitter.receive_data(streams[conn.conn_id])
                 splitter.receive_data(b"")
                 paths: list[str] = []
                 for _ in range(10_000):
@@ -216,8 +219,16 @@ async def test_mirror_1000_requests_on_20_keep_alive_connections(
                         paths.append(ev.head.target)
                     elif ev is CLOSED:
                         break
-                n = paths[0].split("/")[1]
-                assert paths == [f"/{n}/r{i}" for i in range(50)]
+                assert len(paths) == 1, paths
+                per_client.setdefault(conn.announce.remote_port, []).append(
+                    (conn.conn_id, paths[0])
+                )
+            assert len(per_client) == 20
+            for requests in per_client.values():
+                # announced in the order the client sent them
+                ordered = [path for _, path in sorted(requests)]
+                n = ordered[0].split("/")[1]
+                assert ordered == [f"/{n}/r{i}" for i in range(50)]
             # TrafficStats come every 2 s: the kernel dropped nothing.
             with anyio.fail_after(10):
                 while True:

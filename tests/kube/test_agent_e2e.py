@@ -258,3 +258,37 @@ async def test_stolen_request_through_the_kube_agent(
                 tg.cancel_scope.cancel()
     finally:
         await handle.stop()
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"batch.kubernetes.io/controller-uid", "batch.kubernetes.io/job-name"},
+        {"controller-uid", "job-name"},  # a server before Kubernetes 1.27
+    ],
+    ids=["new-labels-only", "legacy-labels-only"],
+)
+async def test_job_pod_found_by_its_job_name_label_from_a_watch_and_listening_on_loopback(
+    apiserver: FakeApiServer, kubeconfig: Path, web_pod: LocalPod, labels: set[str]
+) -> None:
+    add_deployment(apiserver, "web", pods=[web_pod])
+    apiserver.kubelet.job_pod_labels = labels
+    apiserver.kubelet.job_pod_delay = 2.0  # a slow Job controller: watched, not polled
+    handle = await KubeBackend().start_agent("deployment/web", _config(kubeconfig), print)
+    try:
+        (job,) = apiserver.list("Job", "default")
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        assert args[args.index("--listen") + 1].startswith("tcp:127.0.0.1:")
+        stream = await handle.connect()  # the port-forward dials localhost in the pod
+        async with stream:
+            await DaemonSide(stream, handle.secret).handshake()
+        waits = [
+            path
+            for method, path in apiserver.requests
+            if method == "GET" and "/pods?" in path and "job-name" in path
+        ]
+        assert waits and all("watch=" in p for p in waits), waits
+        assert len(waits) <= 4, waits  # one watch per label (not a list every 100 ms)
+    finally:
+        await handle.stop()

@@ -4,13 +4,22 @@ that cannot be pulled, an unschedulable pod, admission denials."""
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mirrord.kube import AgentPodFailed, KubeBackend, KubeError, PermissionMissing
+from mirrord.kube import (
+    AgentPodFailed,
+    KubeBackend,
+    KubeError,
+    PermissionMissing,
+    load_context,
+    open_port_forward,
+)
 from tests.kube._cluster import add_deployment, wait_running
 from tests.kube.apiserver import ApiError, FakeApiServer
 
@@ -39,6 +48,34 @@ async def test_missing_portforward_permission_is_named_with_chart_value(
     assert "create pods/portforward in namespace default" in msg
     assert "rbac.portForward" in msg
     assert not apiserver.list("Job", "default")  # nothing was created
+
+
+async def test_portforward_needs_get_as_well_as_create(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    """The websocket upgrade is authorised as `get` (and, since 1.35, `create`): a user with
+    only `create` is told before anything is created."""
+    await _web(apiserver)
+    apiserver.rbac.deny("get", "pods/portforward")
+    with pytest.raises(PermissionMissing) as info:
+        await KubeBackend().start_agent("deployment/web", _config(kubeconfig), print)
+    assert "get pods/portforward in namespace default" in str(info.value)
+    assert "create pods/portforward" not in str(info.value)
+    assert not apiserver.list("Job", "default")
+
+
+@pytest.mark.parametrize(("refused", "allowed"), [("get", "create"), ("create", "get")])
+async def test_a_refused_upgrade_names_the_verb_refused(
+    apiserver: FakeApiServer, kubeconfig: Path, refused: str, allowed: str
+) -> None:
+    kube = await load_context(kubeconfig=str(kubeconfig))
+    apiserver.rbac.deny(refused, "pods/portforward")
+    with pytest.raises(PermissionMissing) as info:
+        await open_port_forward(kube.configuration, "default", "any-pod", 80)
+    message = str(info.value)
+    assert f"{refused} pods/portforward in namespace default" in message
+    assert f"{allowed} pods/portforward" not in message
+    assert "refused the port-forward upgrade" in message
 
 
 async def test_missing_job_permission_for_job_placement(
@@ -166,3 +203,31 @@ async def test_unreachable_api_server_and_refused_reads_are_clear(
     apiserver.rbac.deny("list", "pods")  # the SSAR says no: named before anything is read
     with pytest.raises(PermissionMissing, match="list pods in namespace default"):
         await KubeBackend().start_agent("deployment/web", _config(live), print)
+
+
+async def test_an_agent_that_never_becomes_ready_is_described_before_its_job_goes(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    """Its container runs but never says it is ready: the error names the pod and quotes its
+    last events and log lines, read before the Job is deleted."""
+    await _web(apiserver)
+    apiserver.kubelet.agent_argv = [
+        sys.executable,
+        "-c",
+        "import time; print('agent: waiting for the container runtime socket', flush=True);"
+        " time.sleep(300)",
+    ]
+    with pytest.raises(AgentPodFailed) as info:
+        await KubeBackend().start_agent(
+            "deployment/web", _config(kubeconfig, startup_timeout=8), print
+        )
+    message = str(info.value)
+    assert "did not become ready within 8 s" in message
+    assert re.search(r"the agent pod default/mirrord-agent-\S+ \(job mirrord-agent-", message)
+    assert "Started: Started container mirrord-agent" in message, message
+    assert "waiting for the container runtime socket" in message
+    for _ in range(100):  # the failed start deletes its Job
+        if not apiserver.list("Job", "default"):
+            break
+        await asyncio.sleep(0.05)
+    assert not apiserver.list("Job", "default")

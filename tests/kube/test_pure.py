@@ -50,6 +50,7 @@ def test_permissions_per_placement() -> None:
     job = names("job")
     assert "create jobs.batch in namespace mirrord" in job
     assert "create pods/portforward in namespace mirrord" in job
+    assert "get pods/portforward in namespace mirrord" in job  # the upgrade is a GET
     assert "get deployments.apps in namespace app" in job
     eph = names("ephemeral")
     assert "patch pods/ephemeralcontainers in namespace app" in eph

@@ -240,3 +240,28 @@ async def test_ls_lists_targets_in_mirrords_shapes(
     assert {"path": "deployment/web", "available": True} in rich["targets"]
     result = await asyncio.to_thread(mirrord_cli.run, "ls", "-n", "kube-system", "--json")
     assert json.loads(result.stdout) == []
+
+
+async def test_a_lingering_agent_is_reused_only_with_the_same_agent_settings(
+    cluster: FakeApiServer, mirrord_cli: Mirrord
+) -> None:
+    show = ["--", sys.executable, "-c", "import os; print(os.environ['POD_VAR'])"]
+
+    async def run(*options: str) -> None:
+        result = await asyncio.to_thread(
+            mirrord_cli.run, "run", "-t", "deployment/web", *options, *show
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "from-the-pod"
+
+    def jobs(namespace: str = "default") -> list[str]:
+        return sorted(j["metadata"]["name"] for j in cluster.list("Job", namespace))
+
+    await run()
+    [first] = jobs()
+    await run("-l", "debug")  # another agent log level: not the lingering agent
+    assert len(jobs()) == 2 and first in jobs()
+    await run("-a", "mirrord")  # another agent namespace
+    assert len(jobs("mirrord")) == 1
+    await run()  # the first one's settings again: it is reused
+    assert len(jobs()) == 2 and len(jobs("mirrord")) == 1

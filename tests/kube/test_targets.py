@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from kubernetes_asyncio import client as k8s
 
-from mirrord.kube import KubeConfigError, KubeError, TargetNotFound, load_context, resolve_target
+from mirrord.kube import (
+    KubeConfigError,
+    KubeError,
+    TargetNotFound,
+    list_targets,
+    load_context,
+    resolve_target,
+)
+from tests.cli.conftest import temp_mirrord
 from tests.kube._cluster import add_deployment, wait_running
 from tests.kube.apiserver import FakeApiServer
 
@@ -183,3 +194,87 @@ async def test_kubeconfig_env_and_context_namespace(
         env={"KUBECONFIG": f"{tmp_path / 'missing'}:{other}:{path}"}, context="dev"
     )
     assert (kube.context, kube.namespace) == ("dev", "team-a")
+
+
+async def test_ls_leaves_out_mirrords_own_agent_jobs_and_pods(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    names = add_deployment(apiserver, "web")
+    labels = {
+        "app.kubernetes.io/name": "mirrord-agent",
+        "app.kubernetes.io/instance": "mirrord-agent-x1",
+    }
+    container = {"name": "mirrord-agent", "image": "registry.example/web:1.0"}
+    apiserver.create(
+        "Job",
+        "default",
+        {
+            "metadata": {"name": "mirrord-agent-x1", "labels": labels},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [container], "restartPolicy": "Never"},
+                },
+            },
+            "status": {"active": 1},
+        },
+    )
+    apiserver.create(
+        "Pod",
+        "default",
+        {
+            "metadata": {"name": "mirrord-agent-x2", "labels": labels},
+            "spec": {"containers": [container]},
+        },
+    )
+    await wait_running(apiserver, "default", [*names, "mirrord-agent-x2"])
+    found = await list_targets(kubeconfig=str(kubeconfig))
+    paths = [t["path"] for t in found["targets"]]
+    assert "deployment/web" in paths and f"pod/{names[0]}/container/app" in paths
+    assert not [p for p in paths if "mirrord-agent" in p], paths
+
+
+async def test_ls_against_a_server_that_is_not_an_api_server_fails(tmp_path: Path) -> None:
+    """A URL that answers 404 to everything (a wrong port, a proxy without the API) or nothing
+    at all: `mirrord ls` exits 1 with a message, never "no targets"."""
+
+    async def not_found(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="404 page not found\n")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        for server, needle in (
+            (f"http://127.0.0.1:{port}", "answered 404 Not Found to every list"),
+            (f"http://127.0.0.1:{closed}", "cannot reach the API server"),
+        ):
+            config = tmp_path / "kubeconfig"
+            config.write_text(
+                json.dumps(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Config",
+                        "clusters": [{"name": "c", "cluster": {"server": server}}],
+                        "users": [{"name": "u", "user": {"token": "t"}}],
+                        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                        "current-context": "x",
+                    }
+                )
+            )
+            with temp_mirrord("mrdk") as cli:
+                cli.env["KUBECONFIG"] = str(config)
+                result = await asyncio.to_thread(cli.run, "ls", "--timeout", "20")
+            assert result.returncode == 1, (server, result.stdout, result.stderr)
+            assert needle in result.stderr and "Traceback" not in result.stderr
+            assert "no targets" not in result.stdout
+    finally:
+        await runner.cleanup()

@@ -1,6 +1,6 @@
 """A scripted daemon for the layer tests: speaks the layer protocol (mirrord.protocol's
 LayerConnection) over a unix socket and serves files, directories, DNS and the hostname from
-dicts, records every message, and hands out loopback relay endpoints for LayerConnect.
+dicts, records every message, and passes relay sockets for LayerConnect as the daemon does.
 
 It is a test double of the daemon only: the layer under test is the real library preloaded
 into real programs. Plain threads (one per layer connection, bounded by socket timeouts) keep
@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
+
+from mirrord.daemon import open_relay_pair
 from mirrord.layer import build_id
 from mirrord.protocol import CLOSED, NEED_DATA, LayerConnection, LayerRole, Message, Received
 from mirrord.protocol import messages as m
@@ -176,6 +179,16 @@ class ScriptedDaemon:
                         continue
                     with self._lock:
                         self.messages.append((pid, msg))
+                    if isinstance(msg, m.LayerConnect):
+                        connected, passing = self._relay(msg.request_id, msg)
+                        frame = conn.send(connected)
+                        if passing is not None:  # the app's end, with the reply's first byte
+                            sent = socket.send_fds(sock, [frame], [passing.fileno()])
+                            passing.close()
+                            frame = frame[sent:]
+                        if frame:  # sendall(b"") still sends: EPIPE once the app is gone
+                            sock.sendall(frame)
+                        continue
                     reply = self._answer(pid, msg)
                     if reply is not None:
                         sock.sendall(conn.send(reply))
@@ -448,8 +461,6 @@ class ScriptedDaemon:
             return m.DnsReply(request_id=rid, addresses=out, canonname=msg.host)
         if isinstance(msg, m.HostnameRequest):
             return m.HostnameReply(request_id=rid, hostname=self.hostname)
-        if isinstance(msg, m.LayerConnect):
-            return self._relay(rid, msg)
         if isinstance(msg, m.LayerListen):
             self.listens.append(msg)
             return m.Ok(request_id=rid)
@@ -466,29 +477,33 @@ class ScriptedDaemon:
 
     # -- relays
 
-    def _relay(self, rid: int, msg: m.LayerConnect) -> Message:
-        if msg.protocol == "udp":
+    def _relay(self, rid: int, msg: m.LayerConnect) -> tuple[Message, socket.socket | None]:
+        """The reply and the socket to pass with it, made as the daemon makes them."""
+        if msg.source_port:  # sendto(): an endpoint for the app's own socket
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u.bind(("127.0.0.1", 0))
-            u.settimeout(_IO_TIMEOUT)
-            self._sockets.append(u)
-            threading.Thread(target=self._udp_echo, args=(u,), daemon=True).start()
-            port = u.getsockname()[1]
+            u.connect(("127.0.0.1", msg.source_port))
+            passing = None
         else:
-            lst = socket.socket()
-            lst.bind(("127.0.0.1", 0))
-            lst.listen(4)
-            lst.settimeout(_IO_TIMEOUT)
-            self._sockets.append(lst)
-            port = lst.getsockname()[1]
-            threading.Thread(target=self._tcp_relay, args=(lst, msg), daemon=True).start()
-        return m.LayerConnected(
+            family = socket.AF_INET6 if msg.family == 10 else socket.AF_INET
+            kind = socket.SOCK_STREAM if msg.protocol == "tcp" else socket.SOCK_DGRAM
+            u, passing = anyio.run(open_relay_pair, family, kind)
+            u.setblocking(True)
+        u.settimeout(_IO_TIMEOUT)
+        self._sockets.append(u)
+        if msg.protocol == "udp":
+            threading.Thread(target=self._udp_echo, args=(u,), daemon=True).start()
+        else:
+            threading.Thread(target=self._tcp_relay, args=(u, msg), daemon=True).start()
+        host, port = u.getsockname()[:2]
+        reply = m.LayerConnected(
             request_id=rid,
-            relay_address="127.0.0.1",
+            relay_address=host,
             relay_port=port,
             local_address="192.0.2.2",
             local_port=40000,
         )
+        return reply, passing
 
     def _udp_echo(self, u: socket.socket) -> None:
         try:
@@ -498,15 +513,7 @@ class ScriptedDaemon:
         except OSError:
             pass
 
-    def _tcp_relay(self, lst: socket.socket, msg: m.LayerConnect) -> None:
-        try:
-            conn, _ = lst.accept()
-        except OSError:
-            return
-        finally:
-            lst.close()
-        conn.settimeout(_IO_TIMEOUT)
-        self._sockets.append(conn)
+    def _tcp_relay(self, conn: socket.socket, msg: m.LayerConnect) -> None:
         upstream = self.upstreams.get((msg.address, msg.port))
         try:
             if upstream is None:

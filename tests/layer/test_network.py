@@ -429,3 +429,34 @@ print(sorted(out.values()), time.monotonic() - start < 3.0)
 """
     out = run.py(code).stdout.decode().strip()
     assert out == "['192.0.2.10', '192.0.2.11', '192.0.2.12', '192.0.2.13'] True"
+
+
+def test_a_relayed_socket_keeps_its_number_flags_and_tcp_options(
+    run: Runner, daemon: ScriptedDaemon
+) -> None:
+    # the relay socket the daemon passes replaces the app's socket: what programs commonly
+    # do with a connected TCP socket must still work on it
+    code = """
+import errno, fcntl, os, select, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+s.setblocking(False)
+fd = s.fileno()
+rc = s.connect_ex(('192.0.2.55', 82))
+select.select([], [s], [], 10)
+print(rc == errno.EINPROGRESS, s.fileno() == fd, s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+print(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK), bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+print(s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0, s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0)
+print(s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == socket.AF_INET, s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM)
+s.setblocking(True)
+print(s.recv(100).decode().strip(), s.getpeername())
+"""
+    assert run.py(code).stdout.decode().splitlines() == [
+        "True True 0",
+        "True True",
+        "True True",
+        "True True",
+        "hello 192.0.2.55:82 ('192.0.2.55', 82)",
+    ]
+    assert daemon.kinds() == ["LayerConnect"]

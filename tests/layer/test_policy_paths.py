@@ -7,6 +7,7 @@ requests checked."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,149 @@ def test_fs_mapping_rewrites_a_path_before_the_policy(
     assert res["/etc/myapp/prod/db.conf"] == (0, 0, "host=db")
     assert res[str(local)] == (0, 0, "stays local")
     assert _requested_paths(daemon) == {"/app/config/settings.yaml", "/srv/prod/db.conf"}
+
+
+MAPPED_LOCAL_CALLS = """
+import os, sys
+alias = sys.argv[1]
+with open(alias + "/note.txt", "w") as f:  # created under the mapped name
+    f.write("written through the alias\\n")
+print("read", open(alias + "/note.txt").read().strip())
+print("stat", os.stat(alias + "/note.txt").st_size, os.access(alias + "/note.txt", os.R_OK))
+os.rename(alias + "/note.txt", alias + "/renamed.txt")
+os.mkdir(alias + "/sub")
+os.rmdir(alias + "/sub")
+fd = os.open(alias + "/renamed.txt", os.O_RDONLY)
+print("os.open", os.read(fd, 100).decode().strip())
+os.close(fd)
+os.unlink(alias + "/renamed.txt")
+print("done")
+"""
+
+
+def test_fs_mapping_applies_to_a_path_that_stays_local(
+    run: Runner, daemon: ScriptedDaemon, tmp_path: Path
+) -> None:
+    """A mapped path the policy keeps local is opened, stat'ed, renamed, made and unlinked
+    under its mapped name (mirrord's behaviour), not under the name the app used."""
+    real = tmp_path / "real"
+    real.mkdir()
+    alias = tmp_path / "alias"  # does not exist: every call must go to `real`
+    settings = LayerSettings(
+        timeout_ms=5000,
+        local=(rf"^{tmp_path}/",),
+        fs_mapping=((rf"^{alias}/(.*)$", f"{real}/$1"),),
+    )
+    proc = run([sys.executable, "-c", MAPPED_LOCAL_CALLS, str(alias)], settings=settings)
+    lines = proc.stdout.decode().splitlines()
+    assert lines == [
+        "read written through the alias",
+        "stat 26 True",
+        "os.open written through the alias",
+        "done",
+    ], proc.stderr
+    assert not alias.exists()
+    assert list(real.iterdir()) == []  # renamed, then unlinked: all under `real`
+    asked = {p for p in _requested_paths(daemon) if p.startswith(str(tmp_path))}
+    assert asked == set()  # local: the daemon was never asked about them
+
+
+MAPPED_LOCAL_PATH_CALLS = """
+import ctypes, errno, os, sys
+alias = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+def p(name):
+    return alias + "/" + name
+with open(p("file"), "w") as f:
+    f.write("0123456789\\n")
+os.truncate(p("file"), 4)
+os.chmod(p("file"), 0o640)
+os.chown(p("file"), -1, -1)
+os.utime(p("file"), (1000000000, 1000000000))
+st = os.stat(p("file"))
+print("attrs", st.st_size, oct(st.st_mode & 0o777), int(st.st_mtime))
+os.symlink("file", p("link"))
+print("readlink", os.readlink(p("link")))
+os.link(p("file"), p("hard"))
+print("listdir", sorted(os.listdir(p("."))))
+os.symlink("nowhere", p("dangling"))
+print("access nofollow", os.access(p("dangling"), os.F_OK, follow_symlinks=False))
+print("access effective", os.access(p("file"), os.R_OK, effective_ids=True))
+print("euidaccess", libc.euidaccess(p("file").encode(), os.R_OK))
+libc.realpath.restype = ctypes.c_char_p
+print("realpath", libc.realpath(p("link").encode(), None).decode().replace(sys.argv[2], "REAL"))
+RENAME_NOREPLACE = 1
+rc = libc.renameat2(-100, p("hard").encode(), -100, p("file").encode(), RENAME_NOREPLACE)
+print("renameat2 noreplace", rc, errno.errorcode.get(ctypes.get_errno()))
+libc.fopen.restype = libc.freopen.restype = ctypes.c_void_p
+libc.freopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p]
+libc.fgets.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
+fp = libc.freopen(p("file").encode(), b"r", libc.fopen(b"/dev/null", b"r"))
+buf = ctypes.create_string_buffer(16)
+print("freopen", libc.fgets(buf, 16, ctypes.c_void_p(fp)) is not None and buf.value.decode())
+print("statvfs", os.statvfs(p("file")).f_bsize > 0)
+tmpl = ctypes.create_string_buffer(p("tmpXXXXXX").encode())
+fd = libc.mkstemp(tmpl)
+print("mkstemp", fd >= 0 and tmpl.value.decode().startswith(p("tmp")), os.path.exists(tmpl.value))
+os.close(fd)
+os.unlink(tmpl.value)
+libc.mkdtemp.restype = ctypes.c_char_p
+dtmpl = ctypes.create_string_buffer(p("dirXXXXXX").encode())
+made = libc.mkdtemp(dtmpl)
+print("mkdtemp", made is not None and made.decode().startswith(p("dir")), os.path.isdir(made))
+os.rmdir(made)
+try:
+    os.listxattr(p("file"))
+    print("xattr listed")
+except OSError as e:
+    print("xattr listed" if e.errno == errno.ENOTSUP else "xattr " + str(e))
+os.mkdir(p("sub"))
+os.chdir(p("sub"))
+print("cwd", os.getcwd().replace(sys.argv[2], "REAL"))
+os.chdir("/")
+os.rmdir(p("sub"))
+for name in ("file", "link", "hard", "dangling"):
+    os.unlink(p(name))
+print("done")
+"""
+
+
+def test_fs_mapping_applies_to_every_local_path_call(
+    run: Runner, daemon: ScriptedDaemon, tmp_path: Path
+) -> None:
+    """Beyond open/stat/rename: truncate, chmod, chown, utimes, symlink, readlink, link,
+    opendir, faccessat (its flags kept), euidaccess, realpath, renameat2's RENAME_NOREPLACE,
+    freopen, statvfs, mkstemp/mkdtemp templates, xattrs and chdir on a mapped path that stays
+    local all act on the mapped name."""
+    real = tmp_path / "real"
+    real.mkdir()
+    alias = tmp_path / "alias"  # does not exist: every call must go to `real`
+    settings = LayerSettings(
+        timeout_ms=5000,
+        local=(rf"^{tmp_path}/",),
+        fs_mapping=((rf"^{alias}/(.*)$", f"{real}/$1"),),
+    )
+    proc = run(
+        [sys.executable, "-c", MAPPED_LOCAL_PATH_CALLS, str(alias), str(real)], settings=settings
+    )
+    assert proc.stdout.decode().splitlines() == [
+        "attrs 4 0o640 1000000000",
+        "readlink file",
+        "listdir ['file', 'hard', 'link']",
+        "access nofollow True",  # the dangling link itself: AT_SYMLINK_NOFOLLOW kept
+        "access effective True",
+        "euidaccess 0",
+        "realpath REAL/file",
+        "renameat2 noreplace -1 EEXIST",  # not replaced
+        "freopen 0123",
+        "statvfs True",
+        "mkstemp True True",  # the app's own template, filled: it names the mapped file
+        "mkdtemp True True",
+        "xattr listed",
+        "cwd REAL/sub",
+        "done",
+    ], proc.stderr
+    assert not alias.exists()
+    assert list(real.iterdir()) == []
+    asked = {p for p in _requested_paths(daemon) if p.startswith(str(tmp_path))}
+    assert asked == set()  # local: the daemon was never asked about them

@@ -39,7 +39,7 @@ from mirrord.agent._files import (
     stat_list,
     utimens_at,
 )
-from mirrord.agent._outgoing import open_outgoing
+from mirrord.agent._outgoing import open_outgoing, open_unix_stream
 from mirrord.agent._relay import Relay
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
@@ -619,9 +619,19 @@ class Channel:
     async def _connect(self, req: m.Connect) -> Message | None:
         if req.conn_id % 2 or req.conn_id in self.relays:
             raise OSError(errno.EINVAL, f"conn_id {req.conn_id} is odd or already in use")
-        stream, local_address, local_port = await open_outgoing(
-            self.ctx.netns, req.protocol, req.address, req.port, timeout=self.ctx.connect_timeout
-        )
+        if req.protocol == "unix":
+            stream: Any = await open_unix_stream(
+                self.ctx.root, req.address.encode(), timeout=self.ctx.connect_timeout
+            )
+            local_address, local_port = "", 0
+        else:
+            stream, local_address, local_port = await open_outgoing(
+                self.ctx.netns,
+                req.protocol,
+                req.address,
+                req.port,
+                timeout=self.ctx.connect_timeout,
+            )
         if self.closed or self._tg is None:
             await stream.aclose()
             raise OSError(errno.EBADF, "channel closed")

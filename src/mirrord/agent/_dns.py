@@ -13,6 +13,7 @@ Does not own: threads (every function here is blocking and runs on a netns threa
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import dns.nameserver
     import dns.resolver
 
 from mirrord.agent._files import TargetRoot
@@ -120,6 +122,61 @@ def _as_ipv4(address: str) -> str:
     if ip.is_loopback:
         return "127.0.0.1"
     return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else address
+
+
+@functools.cache
+def _connected_nameserver_class() -> type[dns.nameserver.Do53Nameserver]:
+    """dnspython's UDP nameserver, asked over a *connected* UDP socket, as glibc does.
+
+    dnspython sends from an unconnected socket, which never hears of the ICMP "port
+    unreachable" a pod's nameserver host answers when nothing listens on port 53: each lookup
+    then waits the resolver's whole timeout. A connected socket gets ECONNREFUSED at once; the
+    resolver drops that nameserver and tries the next (EAI_AGAIN when none is left), as fast
+    as glibc fails in the pod. Built on the first lookup (dnspython is imported lazily)."""
+    import dns.inet
+    import dns.message
+    import dns.nameserver
+    import dns.query
+
+    class ConnectedDo53Nameserver(dns.nameserver.Do53Nameserver):
+        def query(  # noqa: PLR0917 - dnspython's signature
+            self,
+            request: dns.message.QueryMessage,
+            timeout: float,
+            source: str | None,
+            source_port: int,
+            max_size: bool,
+            one_rr_per_rrset: bool = False,
+            ignore_trailing: bool = False,
+        ) -> dns.message.Message:
+            if max_size or source is not None or source_port:  # TCP, or a chosen source
+                return super().query(
+                    request,
+                    timeout,
+                    source,
+                    source_port,
+                    max_size,
+                    one_rr_per_rrset,
+                    ignore_trailing,
+                )
+            family = dns.inet.af_for_address(self.address)
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.connect((self.address, self.port))
+                return dns.query.udp(
+                    request,
+                    self.address,
+                    timeout=timeout,
+                    port=self.port,
+                    raise_on_truncation=True,
+                    one_rr_per_rrset=one_rr_per_rrset,
+                    ignore_trailing=ignore_trailing,
+                    ignore_errors=True,
+                    ignore_unexpected=True,
+                    sock=sock,
+                )
+
+    return ConnectedDo53Nameserver
 
 
 class TargetResolver:
@@ -250,7 +307,8 @@ class TargetResolver:
 
         conf = parse_resolv_conf(self._read(b"/etc/resolv.conf"))
         resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = conf.nameservers
+        nameserver = _connected_nameserver_class()
+        resolver.nameservers = [nameserver(address) for address in conf.nameservers]
         resolver.search = [dns.name.from_text(s) for s in conf.search]
         resolver.use_search_by_default = True
         resolver.ndots = conf.ndots

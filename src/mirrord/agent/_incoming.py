@@ -9,9 +9,14 @@ HTTP parsing (`_http_filter.py`) or rule syntax (`_steal.py`).
 
 Routing
 -------
-- Mirror: every new flow to a mirrored port is handed to every channel mirroring that port as
-  a stream whose writes (the user app's replies) are discarded. A consumer that falls more
-  than `MIRROR_BUFFER` behind loses that flow (closed with ENOBUFS) rather than stalling
+- Mirror: a flow to a mirrored port is cut into HTTP/1.x requests (the filter's splitter):
+  each request becomes a connection of its own to every channel mirroring that port whose
+  HTTP filter (if any) matches it, carrying exactly the client's bytes of that request, then
+  EOF — so every request of a kept-alive connection reaches the user app, even an app that
+  answers `Connection: close`. A flow that is not HTTP stays one byte stream (to the channels
+  without a filter); after an `Upgrade` request the rest of the flow follows that request's
+  connections. Writes (the user app's replies) are discarded. A consumer that falls more than
+  `MIRROR_BUFFER` behind loses that connection (closed with ENOBUFS) rather than stalling
   the sniffer for everyone.
 - Unfiltered steal: the accepted socket itself goes to the stealing channel.
 - Filtered steal: the connection is parsed request by request. A request that a channel's
@@ -20,7 +25,8 @@ Routing
   requests go to the pod's app over one connection to the original destination, opened from
   inside the pod with `SO_MARK` so our own OUTPUT rule lets it through. Responses are written
   in request order (pipelining). After a matched `Upgrade` that the app accepts, the rest of
-  the connection is relayed whole. Bytes that are not HTTP/1.x go to the pod's app untouched.
+  the connection is relayed whole. HTTP/2 with prior knowledge is routed stream by stream
+  (`_incoming_h2.py`). Other bytes that are not HTTP/1.x go to the pod's app untouched.
 - A connection made straight to the agent's listener (not redirected: its original
   destination is the listener itself) is reset at once, never relayed: relaying it to its
   original destination would connect to the listener again, in a loop. The steal rules
@@ -54,6 +60,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from mirrord.agent._http2_filter import could_be_h2_preface, h2c_upgrade_from
 from mirrord.agent._http_filter import (
     CLOSED,
     NEED_DATA,
@@ -70,6 +77,7 @@ from mirrord.agent._http_filter import (
     ResponseSplitter,
     kube_probe_recipe,
 )
+from mirrord.agent._incoming_h2 import pod_app_sent_h2_settings, serve_h2, serve_h2c_upgrade
 from mirrord.agent._incoming_netns import make_listener, make_marked_socket, original_dst
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
@@ -178,6 +186,19 @@ def _backend_from_env() -> str:
     return "auto"
 
 
+@dataclass
+class _MirrorFlow:
+    """One sniffed flow of a mirrored port: its requests (cut by the splitter) and the
+    mirroring connections of the request (or byte stream) in progress."""
+
+    key: tuple[str, int, str, int]  # (client, client port, pod address, port)
+    channels: list[tuple[Any, HttpFilter | None]]  # the port's mirrors when the flow opened
+    splitter: RequestSplitter = field(default_factory=RequestSplitter)
+    ends: list[PipeEnd] = field(default_factory=list)
+    fresh: bool = False  # `ends` were opened with the flow and carry nothing yet
+    passthrough: bool = False  # not HTTP: one byte stream
+
+
 class IncomingService:
     """Mirror and steal for one agent. See the module docstring for the routing rules."""
 
@@ -208,7 +229,9 @@ class IncomingService:
         self.steals: dict[int, _PortSteal] = {}
         self._sniffer: PacketSniffer | None = None
         self._sniffer_scope: anyio.CancelScope | None = None
-        self._flow_tables: list[dict[int, tuple[int, list[PipeEnd]]]] = []  # one per sniffer
+        # (channel, port) -> its mirror's HTTP filter (None: every request, and non-HTTP too)
+        self.mirror_filters: dict[tuple[Any, int], HttpFilter | None] = {}
+        self._flow_tables: list[dict[int, _MirrorFlow]] = []  # one per sniffer
         self._rules: StealRules | None = None
         self._rules_ports: dict[int, int] = {}
         self._guard_watched = False
@@ -261,9 +284,10 @@ class IncomingService:
     async def _teardown(self) -> None:
         self.mirrors.clear()
         self.steals.clear()
+        self.mirror_filters.clear()
         for flows in self._flow_tables:
-            for _, ends in flows.values():
-                for end in ends:
+            for flow in flows.values():
+                for end in flow.ends:
                     end.close_nowait()
             flows.clear()
         if self._listener is not None:
@@ -302,7 +326,7 @@ class IncomingService:
             http_filter = None  # the config's empty filter object: no filter
         async with self._lock:
             if mode == "mirror":
-                return await self._subscribe_mirror(channel, port)
+                return await self._subscribe_mirror(channel, port, http_filter)
             if mode == "steal":
                 return await self._subscribe_steal(
                     channel, port, http_filter, override=on_concurrent_steal == "override"
@@ -327,6 +351,7 @@ class IncomingService:
     async def _drop(self, channel: Any, port: int) -> None:
         chans = self.mirrors.get(port)
         self._sent_stats.pop((channel, port), None)
+        self.mirror_filters.pop((channel, port), None)
         if chans is not None and channel in chans:
             chans.remove(channel)
             if not chans:
@@ -343,7 +368,18 @@ class IncomingService:
 
     # -- mirror
 
-    async def _subscribe_mirror(self, channel: Any, port: int) -> list[str]:
+    async def _subscribe_mirror(
+        self, channel: Any, port: int, http_filter: dict[str, Any] | None
+    ) -> list[str]:
+        flt: HttpFilter | None = None
+        if http_filter is not None:
+            try:
+                flt = HttpFilter.from_config(http_filter)
+            except FilterError as exc:
+                raise SubscribeError(errno.EINVAL, str(exc)) from None
+            if not flt.applies_to(port):
+                flt = None  # the filter's ports do not include this one: mirror it whole
+        self.mirror_filters[(channel, port)] = flt
         chans = self.mirrors.setdefault(port, [])
         if channel not in chans:
             chans.append(channel)
@@ -351,6 +387,7 @@ class IncomingService:
             await self._update_sniffer()
         except OSError as exc:
             chans.remove(channel)
+            self.mirror_filters.pop((channel, port), None)
             if not chans:
                 del self.mirrors[port]
             raise SubscribeError(
@@ -386,8 +423,8 @@ class IncomingService:
     async def _sniff(
         self, sniffer: PacketSniffer, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        # this sniffer's flows (flow ids are per sniffer) -> (port, our ends of their pipes)
-        flows: dict[int, tuple[int, list[PipeEnd]]] = {}
+        # this sniffer's flows (flow ids are per sniffer) -> their requests and connections
+        flows: dict[int, _MirrorFlow] = {}
         self._flow_tables.append(flows)
         with anyio.CancelScope() as scope:
             self._sniffer_scope = scope
@@ -408,67 +445,133 @@ class IncomingService:
                     self._sniffer = None
                     self._sniffer_scope = None
                 sniffer.close()
-                for _, ends in flows.values():
-                    for end in ends:
+                for flow in flows.values():
+                    for end in flow.ends:
                         end.send_eof_nowait()
                 flows.clear()
                 self._flow_tables.remove(flows)
 
-    def _deliver(self, events: list[Any], flows: dict[int, tuple[int, list[PipeEnd]]]) -> None:
-        """Sniffer events -> the mirroring channels' streams. Never waits."""
+    def _deliver(self, events: list[Any], flows: dict[int, _MirrorFlow]) -> None:
+        """Sniffer events -> connections to the mirroring channels. Never waits."""
         for ev in events:
             if isinstance(ev, FlowData):
-                entry = flows.get(ev.flow)
-                if entry is None:
-                    continue
-                for end in list(entry[1]):
-                    try:
-                        fits = end.send_nowait(ev.data)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        entry[1].remove(end)
-                        continue
-                    if not fits:
-                        self.stats["mirror_overflows"] += 1
-                        log.warning(
-                            "a mirroring channel fell behind on port %d: flow dropped", entry[0]
-                        )
-                        # ENOBUFS reaches the daemon (ConnClose), which tells the session.
-                        end.abort(errno.ENOBUFS)
-                        entry[1].remove(end)
+                flow = flows.get(ev.flow)
+                if flow is not None:
+                    flow.splitter.receive_data(ev.data)
+                    self._mirror_events(flow)
             elif isinstance(ev, FlowOpened):
-                src, sport, dst, dport = ev.key
-                ends: list[PipeEnd] = []
-                for channel in self.mirrors.get(dport, []):
-                    ours, theirs = pipe_pair(MIRROR_BUFFER, ("mirror", "channel"))
-                    ours.discard_peer_writes()
-                    try:
-                        conn_id = channel.start_incoming(
-                            port=dport,
-                            remote_address=src,
-                            remote_port=sport,
-                            local_address=dst,
-                            local_port=dport,
-                            mode="mirror",
-                            stream=theirs,
-                        )
-                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                        continue
-                    fail = getattr(channel, "fail_incoming", None)
-                    if fail is not None:
-                        ours.on_abort = functools.partial(fail, conn_id)
-                    ends.append(ours)
-                if ends:
-                    self.stats["mirrored_flows"] += 1
-                    flows[ev.flow] = (dport, ends)
-            elif isinstance(ev, FlowClosed):
-                entry = flows.pop(ev.flow, None)
-                if entry is None:
+                dport = ev.key[3]
+                chans = [
+                    (c, self.mirror_filters.get((c, dport))) for c in self.mirrors.get(dport, [])
+                ]
+                if not chans:
                     continue
-                for end in entry[1]:
+                flow = _MirrorFlow(key=ev.key, channels=chans)
+                # Unfiltered channels get their connection at once, as the pod's app does
+                # (a client may wait for the server to speak first); it carries the first
+                # request, or the whole flow if it is not HTTP.
+                flow.ends = self._open_mirror(flow, None)
+                flow.fresh = True
+                self.stats["mirrored_flows"] += 1
+                flows[ev.flow] = flow
+            elif isinstance(ev, FlowClosed):
+                flow = flows.pop(ev.flow, None)
+                if flow is None:
+                    continue
+                if not ev.reset:
+                    flow.splitter.receive_data(b"")
+                    self._mirror_events(flow)
+                for end in flow.ends:
                     if ev.reset:
                         end.close_nowait()
                     else:
                         end.send_eof_nowait()
+                flow.ends = []
+
+    def _mirror_events(self, flow: _MirrorFlow) -> None:
+        """What the splitter cut from a flow's new bytes, to the mirroring connections."""
+        while True:
+            event = flow.splitter.next_event()
+            if isinstance(event, RequestStarted):
+                if flow.fresh:  # the connections opened with the flow carry this request
+                    flow.fresh = False
+                    flow.ends += self._open_mirror(flow, event.head, filtered_only=True)
+                else:
+                    for end in flow.ends:  # (an Upgrade's tunnel ended by a new request)
+                        end.send_eof_nowait()
+                    flow.ends = self._open_mirror(flow, event.head)
+                self._mirror_send(flow, event.raw)
+            elif isinstance(event, RequestBody):
+                self._mirror_send(flow, event.raw)
+            elif isinstance(event, RequestEnded):
+                self._mirror_send(flow, event.raw)
+                if event.head.upgrade:
+                    # The pod's app's answer is not ours to see: follow the upgrade (the rest
+                    # of the flow goes to this request's connections, as a tunnel).
+                    flow.splitter.switched(True)
+                    continue
+                for end in flow.ends:
+                    end.send_eof_nowait()
+                flow.ends = []
+            elif isinstance(event, Passthrough):
+                if flow.fresh:
+                    flow.fresh = False
+                elif not flow.ends and not flow.passthrough:
+                    flow.ends = self._open_mirror(flow, None)
+                flow.passthrough = True
+                self._mirror_send(flow, event.raw)
+            else:  # NEED_DATA, CLOSED
+                return
+
+    def _open_mirror(
+        self, flow: _MirrorFlow, head: RequestHead | None, *, filtered_only: bool = False
+    ) -> list[PipeEnd]:
+        """New connections for a request (`head`) or a byte stream (None) of `flow`: to the
+        channels whose filter matches the request (a byte stream: those without a filter)."""
+        src, sport, dst, dport = flow.key
+        ends: list[PipeEnd] = []
+        for channel, flt in flow.channels:
+            if flt is None and filtered_only:
+                continue
+            if flt is not None and (head is None or not flt.matches(head)):
+                continue
+            ours, theirs = pipe_pair(MIRROR_BUFFER, ("mirror", "channel"))
+            ours.discard_peer_writes()
+            try:
+                conn_id = channel.start_incoming(
+                    port=dport,
+                    remote_address=src,
+                    remote_port=sport,
+                    local_address=dst,
+                    local_port=dport,
+                    mode="mirror",
+                    stream=theirs,
+                )
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                continue
+            fail = getattr(channel, "fail_incoming", None)
+            if fail is not None:
+                ours.on_abort = functools.partial(fail, conn_id)
+            ends.append(ours)
+        return ends
+
+    def _mirror_send(self, flow: _MirrorFlow, data: bytes) -> None:
+        if not data:
+            return
+        for end in list(flow.ends):
+            try:
+                fits = end.send_nowait(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                flow.ends.remove(end)
+                continue
+            if not fits:
+                self.stats["mirror_overflows"] += 1
+                log.warning(
+                    "a mirroring channel fell behind on port %d: connection dropped", flow.key[3]
+                )
+                # ENOBUFS reaches the daemon (ConnClose), which tells the session.
+                end.abort(errno.ENOBUFS)
+                flow.ends.remove(end)
 
     async def _stats_loop(self) -> None:
         while True:
@@ -964,6 +1067,8 @@ class _FilteredConnection:
             self._watch_scope = None
             if scope.cancel_called or self._client_spoke or up is None:
                 return
+            if pod_app_sent_h2_settings(raw):
+                return  # an HTTP/2 app greets first: the client's bytes decide
             self._server_first = True
             await send_ex.send(_Exchange(head=None, dest=up, session=False, tunnel=True))
 
@@ -1057,6 +1162,10 @@ class _FilteredConnection:
                                 await current.dest.send_eof()
                         return
                     if isinstance(ev, RequestStarted):
+                        if current is None and splitter.requests == 1:
+                            upgrade = h2c_upgrade_from(ev.head)
+                            if upgrade and await serve_h2c_upgrade(self, upgrade, splitter):
+                                return  # switched to HTTP/2: routed stream by stream there
                         current = await self._route(ev.head)
                         self._reading.append(current)
                         await send_ex.send(current)
@@ -1077,6 +1186,16 @@ class _FilteredConnection:
                         if isinstance(ev, RequestEnded):
                             current = None
                     elif isinstance(ev, Passthrough):
+                        if (
+                            current is None
+                            and not splitter.requests
+                            and could_be_h2_preface(ev.raw)
+                        ):
+                            # HTTP/2 with prior knowledge: routed stream by stream there.
+                            rest = await serve_h2(self, ev.raw)
+                            if rest is None:
+                                return
+                            ev = Passthrough(rest)
                         # Not HTTP (or no longer): the rest goes untouched to where the current
                         # request went, else to the pod's app, and its answer comes back whole.
                         if current is not None and current.dest is not None:

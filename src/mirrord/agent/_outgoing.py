@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from mirrord.agent._netns import NetnsRunner
+
+if TYPE_CHECKING:
+    from mirrord.agent._files import TargetRoot
 
 __all__ = ["open_outgoing"]
 
@@ -71,6 +76,36 @@ class _LastingUDPSocket(anyio.abc.ConnectedUDPSocket):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+async def open_unix_stream(
+    root: TargetRoot, path: bytes, *, timeout: float
+) -> anyio.abc.SocketStream:
+    """A connection to the unix stream socket at `path` in the target's file system.
+
+    The path is opened confined to the target's root (`O_PATH`, `RESOLVE_IN_ROOT`: no symlink
+    or `..` leads out of it), and the socket is connected through `/proc/self/fd/N`, which
+    reaches the socket's inode whatever mount namespace it lives in."""
+    fd = await anyio.to_thread.run_sync(root.open, path, os.O_PATH)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    sock.connect(f"/proc/self/fd/{fd}")
+                    break
+                except BlockingIOError:
+                    await anyio.sleep(0.01)  # the listener's backlog is full: as connect waits
+        return await anyio.abc.SocketStream.from_socket(sock)
+    except TimeoutError:
+        sock.close()
+        raise OSError(errno.ETIMEDOUT, f"connect to {path!r} timed out") from None
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(fd)
 
 
 async def open_outgoing(

@@ -89,7 +89,10 @@ class DaemonSession:
         self.stream = stream
         self.peer = peer
         self.conn = AgentConnection(
-            AgentRole.AGENT, secret=server.secret, invalid_requests_as_events=True
+            AgentRole.AGENT,
+            secret=server.secret,
+            invalid_requests_as_events=True,
+            features=[m.FEATURE_UNIX_STREAMS],
         )
         self.channels: dict[int, Channel] = {}
         self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)

@@ -12,7 +12,7 @@ app = typer.Typer(
     name="mirrord",
     help="Run a local process as if it ran inside a Kubernetes pod (or a local target).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 

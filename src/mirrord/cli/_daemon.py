@@ -16,7 +16,7 @@ import typer
 
 from mirrord.cli._app import app
 from mirrord.cli._sessions import fail
-from mirrord.daemon._client import ControlClient, checked_status, ensure_daemon, stop_daemon
+from mirrord.daemon._client import ControlClient, daemon_status, ensure_daemon, stop_daemon
 from mirrord.daemon._exceptions import DaemonError, DaemonNotRunning
 from mirrord.daemon._runtime import runtime_paths
 
@@ -105,14 +105,14 @@ def _subscriptions(subs: list[dict[str, Any]]) -> str:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
-    """Sessions, agents, channels, bytes relayed and uptime."""
+    """Sessions, agents, channels, bytes relayed and uptime (80 columns; --json for all)."""
+    from rich import box
     from rich.console import Console  # imported here: rich costs other commands' startup
     from rich.table import Table
 
     paths = runtime_paths()
     try:
-        with ControlClient(paths.control_socket) as client:
-            info = checked_status(client.call("status"), client)
+        info: dict[str, Any] = daemon_status(paths)
     except DaemonNotRunning as exc:
         if as_json:
             typer.echo(json.dumps({"running": False, "runtime_dir": str(paths.root)}))
@@ -123,20 +123,28 @@ def status(
     if as_json:
         typer.echo(json.dumps({"running": True, **info}, indent=2))
         return
-    console = Console(highlight=False)
+    # At most 80 columns on a terminal or not: few columns per table, and what is long
+    # (filters, commands, mirrored ports) on indented lines under its table.
+    console = Console(highlight=False, width=min(Console().width, 80))
     d = info["daemon"]
     totals = info["totals"]
+    console.print(f"mirrordd {d['version']} pid {d['pid']}, up {_duration(d['uptime'])}")
+    console.print(f"runtime dir {d['runtime_dir']}")
     console.print(
-        f"mirrordd {d['version']} pid {d['pid']}, up {_duration(d['uptime'])}, "
         f"{totals['sessions']} session(s), {totals['agents']} agent(s), "
-        f"{totals['channels']} channel(s), relayed {_bytes(totals['bytes_to_agent'])} out / "
-        f"{_bytes(totals['bytes_to_user'])} in; runtime dir {d['runtime_dir']}"
+        f"{totals['channels']} channel(s); relayed {_bytes(totals['bytes_to_agent'])} out / "
+        f"{_bytes(totals['bytes_to_user'])} in"
     )
-    sessions = Table(title="sessions", title_justify="left")
-    columns_s = ("id", "target", "state", "processes", "channels", "incoming", "relayed out/in")
-    for col in (*columns_s, "age", "cmd"):
-        sessions.add_column(col)
+
+    def table(title: str, columns: tuple[str, ...]) -> Table:
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in columns:
+            t.add_column(col, overflow="fold")
+        return t
+
     now = time.time()
+    sessions = table("sessions", ("id", "target", "state", "procs", "chans", "out / in", "age"))
+    session_notes = []
     for s in info["sessions"]:
         sessions.add_row(
             s["id"],
@@ -144,16 +152,18 @@ def status(
             s["state"],
             str(len(s["processes"])),
             str(s["channels"]),
-            _subscriptions(s.get("subscriptions") or []),
             f"{_bytes(s['bytes_to_agent'])} / {_bytes(s['bytes_to_user'])}",
             _duration(now - s["created"]),
-            s["label"][:40],
+        )
+        session_notes.append(
+            f"  {s['id']}: incoming {_subscriptions(s.get('subscriptions') or [])}; "
+            f"cmd {s['label'][:200] or '-'}"
         )
     console.print(sessions)
-    agents = Table(title="agents", title_justify="left")
-    columns = ("agent", "pid", "state", "sessions", "channels", "connections", "streams", "up")
-    for col in (*columns, "mirrored ports (kernel drops)"):
-        agents.add_column(col)
+    for note in session_notes:
+        console.print(note)
+    agents = table("agents", ("agent", "pid", "state", "sessions", "chans", "conns", "up"))
+    agent_notes = []
     for a in info["agents"]:
         link = a["link"] or {}
         agents.add_row(
@@ -163,11 +173,15 @@ def status(
             str(len(a["sessions"])) + (" (lingering)" if a["idle_since"] else ""),
             str(link.get("channels", 0)),
             str(link.get("connections", 0)),
-            str(a["streams_opened"]),
             _duration(now - a["started"]),
-            _traffic(link.get("traffic") or {}),
+        )
+        agent_notes.append(
+            f"  {a['key']}: {a['streams_opened']} stream(s) opened; mirrored ports (kernel "
+            f"drops) {_traffic(link.get('traffic') or {})}"
         )
     console.print(agents)
+    for note in agent_notes:
+        console.print(note)
 
 
 @daemon_app.command("logs")

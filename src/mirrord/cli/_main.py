@@ -21,12 +21,22 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["main", "parse_run_args"]
+__all__ = ["main", "normalize_run_args", "parse_run_args"]
 
 # option -> run_command keyword (the declarations are in _run.py)
 VALUE_OPTIONS = {
     "-t": "target",
     "--target": "target",
+    "-n": "target_namespace",
+    "--target-namespace": "target_namespace",
+    "-a": "agent_namespace",
+    "--agent-namespace": "agent_namespace",
+    "-l": "agent_log_level",
+    "--agent-log-level": "agent_log_level",
+    "-i": "agent_image",
+    "--agent-image": "agent_image",
+    "--agent-ttl": "agent_ttl",
+    "--agent-startup-timeout": "agent_startup_timeout",
     "-f": "config_file",
     "--config-file": "config_file",
     "--fs-mode": "fs_mode",
@@ -34,22 +44,66 @@ VALUE_OPTIONS = {
     "--override-env-vars-include": "env_include",
     "-x": "env_exclude",
     "--override-env-vars-exclude": "env_exclude",
+    "--skip-processes": "skip_processes",
+    "-c": "accept_invalid_certificates",
+    "--accept-invalid-certificates": "accept_invalid_certificates",
+    "--context": "context",
+    "--env-file": "env_file",
 }
 FLAG_OPTIONS = {
+    "-e": "ephemeral",
+    "--ephemeral-container": "ephemeral",
+    "--rw": "rw",
+    "--no-remote-dns": "no_remote_dns",
     "--steal": "steal",
     "--no-outgoing": "no_outgoing",
-    "--no-remote-dns": "no_remote_dns",
+    "--no-tcp-outgoing": "no_tcp_outgoing",
+    "--no-udp-outgoing": "no_udp_outgoing",
+    "--no-telemetry": "no_telemetry",
+    "--disable-version-check": "disable_version_check",
+    "-q": "quiet",
+    "--quiet": "quiet",
 }
+# keyword -> (smallest value): typer parses these as int with that minimum
+INT_OPTIONS = {"agent_ttl": 0, "agent_startup_timeout": 1}
 _DEFAULTS: dict[str, Any] = {
-    "target": None,
-    "config_file": None,
-    "steal": False,
-    "fs_mode": None,
-    "env_include": None,
-    "env_exclude": None,
-    "no_outgoing": False,
-    "no_remote_dns": False,
+    **{key: None for key in VALUE_OPTIONS.values()},
+    **{key: False for key in FLAG_OPTIONS.values()},
 }
+_OPTIONAL_VALUE = ("-c", "--accept-invalid-certificates")  # `-c` alone, or `-c=BOOL`
+_CONFIG_FILE = ("-f", "--config-file")
+DEFAULT_CONFIG_FILE = "./.mirrord/mirrord.json"  # what mirrord's `-f` alone means
+
+
+def normalize_run_args(args: list[str]) -> list[str]:
+    """mirrord's `-c` / `--accept-invalid-certificates` take an optional `=BOOL`: alone they
+    mean true. Rewritten to the `--accept-invalid-certificates=VALUE` form typer parses; only
+    among the options (before `--` or the command's first word). `-f` / `--config-file` with
+    no value (last, or before `--` or another option) means `./.mirrord/mirrord.json`, as in
+    mirrord."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--" or not arg.startswith("-"):
+            return out + args[i:]
+        name, eq, value = arg.partition("=")
+        if name in _OPTIONAL_VALUE:
+            out.append(f"--accept-invalid-certificates={value if eq else 'true'}")
+            i += 1
+            continue
+        if name in _CONFIG_FILE and not eq and (i + 1 >= len(args) or args[i + 1].startswith("-")):
+            out.append(f"--config-file={DEFAULT_CONFIG_FILE}")
+            i += 1
+            continue
+        out.append(arg)
+        if name in VALUE_OPTIONS and not eq:
+            if i + 1 < len(args):
+                out.append(args[i + 1])
+            i += 2
+            continue
+        i += 1
+    return out
 
 
 def parse_run_args(args: list[str]) -> dict[str, Any] | None:
@@ -80,6 +134,10 @@ def parse_run_args(args: list[str]) -> dict[str, Any] | None:
             if not value or value.startswith("-"):
                 return None
             given_value = Path(value) if key == "config_file" else value
+            if key in INT_OPTIONS:
+                if not value.isdigit() or int(value) < INT_OPTIONS[key]:
+                    return None  # typer's error message
+                given_value = int(value)
         else:
             return None
         if key in given:
@@ -192,11 +250,15 @@ def main() -> None:
         if argv[:1] and argv[0] in _NEED_CWD:
             _check_cwd(argv[0])
         if argv[:1] == ["run"] or argv[:1] == ["exec"]:
+            argv = [argv[0], *normalize_run_args(argv[1:])]
+            sys.argv[1:] = argv
             kwargs = parse_run_args(argv[1:])
             if kwargs is not None:
                 _run_fast(kwargs)
         from mirrord.cli._app import main as typer_main
 
         typer_main()
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling (while importing)
+        sys.exit(130)
     except Exception as exc:
         _internal_error(exc)

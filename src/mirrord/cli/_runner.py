@@ -89,33 +89,45 @@ def _check_command(name: str) -> None:
         fail(f"command not found: {name} (not in PATH)", code=127)
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True}
+_BOOL_WORDS.update({"false": False, "0": False, "no": False, "off": False})
+
+
 def run_command(
     *,
     command: list[str],
-    target: str | None,
-    config_file: Path | None,
-    steal: bool = False,
-    fs_mode: str | None = None,
-    env_include: str | None = None,
-    env_exclude: str | None = None,
-    no_outgoing: bool = False,
-    no_remote_dns: bool = False,
+    target: str | None = None,
+    config_file: Path | None = None,
     quiet: bool = False,
+    accept_invalid_certificates: str | None = None,
+    no_telemetry: bool = False,
+    disable_version_check: bool = False,
+    **flags: Any,
 ) -> int:
-    """Open a session, run `command` in it, close the session; returns the exit code."""
+    """Open a session, run `command` in it, close the session; returns the exit code.
+
+    `flags` are `mirrord.config.cli_overrides` keywords (the options of `mirrord run`).
+    `no_telemetry` and `disable_version_check` are accepted for mirrord's scripts: there is
+    no telemetry and no version check to turn off."""
+    del no_telemetry, disable_version_check
     if not command:
         fail("no command to run: `mirrord run [OPTIONS] -- CMD [ARGS]`", code=2)
+    certs: bool | None = None
+    if accept_invalid_certificates is not None:
+        certs = _BOOL_WORDS.get(accept_invalid_certificates.strip().lower())
+        if certs is None:
+            fail(
+                f"--accept-invalid-certificates={accept_invalid_certificates}: expected true or "
+                "false (`-c` alone means true)",
+                code=2,
+            )
     _check_command(command[0])
     progress = Progress(quiet=quiet)
     request = session_request(
         target=target,
         config_file=config_file,
-        steal=steal,
-        fs_mode=fs_mode,
-        env_include=env_include,
-        env_exclude=env_exclude,
-        no_outgoing=no_outgoing,
-        no_remote_dns=no_remote_dns,
+        accept_invalid_certificates=certs,
+        **flags,
     )
     running = [False]
 

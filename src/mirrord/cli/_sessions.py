@@ -21,9 +21,10 @@ from mirrord.daemon._client import (
     ControlClient,
     check_layer_env,
     ensure_daemon,
+    live_daemon_pid,
     wait_daemon_gone,
 )
-from mirrord.daemon._exceptions import DaemonError
+from mirrord.daemon._exceptions import DaemonError, DaemonNotRunning
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "EXIT_MIRRORD_ERROR",
     "OpenSession",
     "Progress",
+    "check_before_daemon",
     "child_env",
     "fail",
     "open_session",
@@ -158,35 +160,35 @@ class Progress:
 
 
 def session_request(
-    *,
-    target: str | None,
-    config_file: Path | None,
-    steal: bool = False,
-    fs_mode: str | None = None,
-    env_include: str | None = None,
-    env_exclude: str | None = None,
-    no_outgoing: bool = False,
-    no_remote_dns: bool = False,
+    *, target: str | None, config_file: Path | None, **flags: Any
 ) -> dict[str, Any]:
     """What the daemon resolves the session's configuration from (`load_config` +
-    `cli_overrides`, I6): the config file, the flags given, this environment and directory.
-    The daemon resolves it because it has the config package loaded; importing it here would
-    cost every `mirrord run` a few hundred milliseconds."""
-    flags = {
-        "target": target,
-        "steal": steal,
-        "fs_mode": fs_mode,
-        "env_include": env_include,
-        "env_exclude": env_exclude,
-        "no_outgoing": no_outgoing,
-        "no_remote_dns": no_remote_dns,
-    }
+    `cli_overrides`, I6): the config file, the flags given (`cli_overrides` keywords; None and
+    False mean "not given", except an explicit `accept_invalid_certificates=False`), this
+    environment and directory. The daemon resolves it because it has the config package
+    loaded; importing it here would cost every `mirrord run` a few hundred milliseconds."""
+    given = {"target": target, **flags}
     return {
         "config_file": str(config_file.absolute()) if config_file is not None else None,
-        "flags": {k: v for k, v in flags.items() if v not in (None, False)},
+        "flags": {
+            k: v
+            for k, v in given.items()
+            if v is not None and (v is not False or k == "accept_invalid_certificates")
+        },
         "env": dict(os.environ),
         "cwd": os.getcwd(),
     }
+
+
+def check_before_daemon(request: dict[str, Any]) -> None:
+    """What the daemon would refuse at once, checked here (it costs importing the config
+    package, so only when no daemon runs yet): the config resolves, and the target is one a
+    session can have (`check_session_target`). Raises `DaemonError` as the daemon would."""
+    from mirrord.daemon._backend import check_session_target
+    from mirrord.daemon._daemon import resolve_session_config
+
+    config, _, _ = resolve_session_config(request)
+    check_session_target(config, request.get("env") or {})
 
 
 @dataclass
@@ -229,10 +231,24 @@ def open_session(
             on_error(exc)
         fail(str(exc), code=code)
 
+    if live_daemon_pid(paths) is None:
+        # This command is about to start the daemon: a bad config, no target or a local
+        # target without root fail here, before there is a daemon to stop again.
+        try:
+            check_before_daemon(request)
+        except DaemonError as exc:
+            failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
     for attempt in (1, 2):
         try:
             ensure_daemon(paths, progress)
             client = ControlClient(paths.control_socket, on_event=on_event)
+        except DaemonNotRunning as exc:
+            if attempt == 1:
+                # It answered ensure_daemon, then went (daemon.idle_timeout ran out, or
+                # `mirrord daemon stop`) before this connection: start a new one.
+                wait_daemon_gone(paths)
+                continue
+            failed(exc)
         except DaemonError as exc:
             failed(exc)
         try:

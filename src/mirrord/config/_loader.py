@@ -51,7 +51,6 @@ _SUFFIXES = {".json": "json", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}
 IGNORED_KEYS: dict[tuple[str, ...], frozenset[str]] = {
     (): frozenset(
         {
-            "accept_invalid_certificates",
             "operator",
             "telemetry",
             "sip_binaries",
@@ -421,6 +420,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("MIRRORD_IMPERSONATED_TARGET", ("target", "path"), _str),
     EnvVar("MIRRORD_TARGET_NAMESPACE", ("target", "namespace"), _str),
     EnvVar("MIRRORD_AGENT_NAMESPACE", ("agent", "namespace"), _str),
+    EnvVar("MIRRORD_ACCEPT_INVALID_CERTIFICATES", ("accept_invalid_certificates",), _bool),
+    EnvVar("MIRRORD_OVERRIDE_ENV_FILE", ("feature", "env", "env_file"), _str),
     EnvVar("MIRRORD_AGENT_IMAGE", ("agent", "image"), _str),
     EnvVar("MIRRORD_AGENT_IMAGE_PULL_POLICY", ("agent", "image_pull_policy"), _str),
     EnvVar("MIRRORD_AGENT_TTL", ("agent", "ttl"), _int),
@@ -540,6 +541,13 @@ def cli_overrides(
     kubeconfig: str | None = None,
     skip_processes: str | list[str] | None = None,
     port_mapping: list[tuple[int, int]] | None = None,
+    agent_log_level: str | None = None,
+    agent_ttl: int | None = None,
+    agent_startup_timeout: int | None = None,
+    accept_invalid_certificates: bool | None = None,
+    env_file: str | None = None,
+    rw: bool = False,
+    context: str | None = None,
 ) -> dict[str, Any]:
     """Map `mirrord run`'s flags to a config patch (the highest-precedence layer).
 
@@ -562,8 +570,22 @@ def cli_overrides(
         _set(patch, ("feature", "network", "incoming", "mode"), "steal")
     if no_incoming:
         _set(patch, ("feature", "network", "incoming", "mode"), "off")
+    if rw:  # mirrord's `--rw`: read-write file access (an explicit --fs-mode wins)
+        _set(patch, ("feature", "fs", "mode"), "write")
     if fs_mode is not None:
         _set(patch, ("feature", "fs", "mode"), fs_mode)
+    if agent_log_level is not None:
+        _set(patch, ("agent", "log_level"), agent_log_level)
+    if agent_ttl is not None:
+        _set(patch, ("agent", "ttl"), agent_ttl)
+    if agent_startup_timeout is not None:
+        _set(patch, ("agent", "startup_timeout"), agent_startup_timeout)
+    if accept_invalid_certificates is not None:
+        _set(patch, ("accept_invalid_certificates",), accept_invalid_certificates)
+    if env_file is not None:
+        _set(patch, ("feature", "env", "env_file"), env_file)
+    if context is not None:  # `--context`, mirrord's name for kube_context
+        kube_context = context
     if env_include is not None:
         _set(
             patch,
@@ -649,9 +671,11 @@ class ResolvedConfig:
     source: Path | None
 
 
-def _validate(data: Any, source_of: Any, *, source: str) -> MirrordConfig:
+def _validate(data: Any, source_of: Any, *, source: str, layer: bool = False) -> MirrordConfig:
+    """`data` as the model; `layer`: one layer of several (file, env, flags), so the checks
+    between sections wait for the whole configuration."""
     try:
-        return MirrordConfig.model_validate(data)
+        return MirrordConfig.model_validate(data, context={"layer": layer})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source_of), source=source) from None
 
@@ -696,20 +720,25 @@ def resolve_config(
         raw = read_config_file(path, env)
         label = str(path)
         warnings.extend(f"{label}: {w}" for w in _drop_ignored(raw))
-    cfg = _validate(raw, lambda loc: label, source=label)
+    last: tuple[Any, str] = (lambda loc: label, label)
+    cfg = _validate(raw, last[0], source=label, layer=True)
 
     patch, sources = env_overrides(env)
     if patch:
         merged = cfg.model_dump(mode="json")
         _merge(merged, patch)
-        cfg = _validate(merged, _source_from(sources, label), source="environment")
+        last = (_source_from(sources, label), "environment")
+        cfg = _validate(merged, last[0], source=last[1], layer=True)
 
     if overrides:
         merged = cfg.model_dump(mode="json")
         extra = copy.deepcopy(dict(overrides))
         _drop_ignored(extra)
         _merge(merged, extra)
-        cfg = _validate(merged, lambda loc: "command line", source="command line")
+        last = (lambda loc: "command line", "command line")
+        cfg = _validate(merged, last[0], source=last[1], layer=True)
+    # the checks between sections, on the configuration all layers made together
+    cfg = _validate(cfg.model_dump(mode="json"), last[0], source=last[1])
 
     warnings.extend(config_warnings(cfg))
     return ResolvedConfig(config=cfg, warnings=warnings, source=path)

@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     Strict,
+    ValidationInfo,
     WithJsonSchema,
     model_validator,
 )
@@ -221,7 +222,10 @@ def normalise_target_path(value: Any) -> str:
         return f"{kind}/{parts[1]}"
     if kind not in TARGET_KINDS:
         if len(parts) == 1:
-            raise _target_error(value, f"no kind given (did you mean 'pod/{value}'?)")
+            guess = f"'pod/{value}'"
+            if value.isdigit() and int(value) > 0:  # a process id as often as a pod name
+                guess = f"'pid/{value}' or 'pod/{value}'"
+            raise _target_error(value, f"no kind given (did you mean {guess}?)")
         raise _target_error(value, f"unknown kind {parts[0]!r}")
     if len(parts) not in (2, 4) or (len(parts) == 4 and parts[2] != "container"):
         raise _target_error(value, "wrong number of '/'-separated parts")
@@ -830,8 +834,8 @@ class OutgoingConfig(_Section):
     unix_streams: RegexList = Field(
         default_factory=list,
         description=(
-            "Unix socket paths (regexes) connected in the target instead of locally "
-            "(not supported yet: accepted with a warning, the sockets stay local)."
+            "Unix stream socket paths (regexes): a connect() to a matching path reaches the "
+            "socket at that path in the target instead of one on this machine."
         ),
     )
 
@@ -965,6 +969,11 @@ class MirrordConfig(_Section):
     kubeconfig: str | None = Field(
         default=None, description="Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)."
     )
+    accept_invalid_certificates: bool | None = Field(
+        default=None,
+        description="Accept an API server certificate that does not verify (self-signed). "
+        "Unset: as the kubeconfig says (`insecure-skip-tls-verify`).",
+    )
     kube_context: str | None = Field(
         default=None, description="Context in the kubeconfig (default: its current context)."
     )
@@ -981,7 +990,12 @@ class MirrordConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> MirrordConfig:
+    def _cross_checks(self, info: ValidationInfo) -> MirrordConfig:
+        # Checks between sections hold for the whole configuration, not for one of its layers:
+        # a file with `agent.ephemeral: true` is completed by `-t deployment/web`
+        # (`resolve_config` validates each layer with `{"layer": True}`, then the result).
+        if isinstance(info.context, dict) and info.context.get("layer"):
+            return self
         if self.agent.is_ephemeral and self.target.is_targetless:
             raise PydanticCustomError(
                 "conflict",
@@ -1009,11 +1023,6 @@ def config_warnings(cfg: MirrordConfig) -> list[str]:
     filt = net.outgoing.filter
     if filt is not None and not (net.outgoing.tcp or net.outgoing.udp):
         out.append("feature.network.outgoing.filter is ignored because tcp and udp are false")
-    if net.outgoing.unix_streams:
-        out.append(
-            "feature.network.outgoing.unix_streams is not supported yet: connections to unix "
-            "sockets stay on this machine"
-        )
     if net.incoming.http_filter.is_set and net.incoming.mode == "off":
         out.append("feature.network.incoming.http_filter is ignored because incoming.mode is 'off'")
     if net.incoming.mode == "steal" and cfg.target.is_targetless:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         TargetNotSupported,
     )
     from mirrord.daemon._main import main
+    from mirrord.daemon._relay import open_relay_pair
     from mirrord.daemon._runtime import RuntimePaths, runtime_dir, runtime_paths
 
 _WHERE = {
@@ -63,6 +64,7 @@ _WHERE = {
     "SessionNotFound": "_exceptions",
     "TargetNotSupported": "_exceptions",
     "main": "_main",
+    "open_relay_pair": "_relay",
     "RuntimePaths": "_runtime",
     "runtime_dir": "_runtime",
     "runtime_paths": "_runtime",
@@ -89,6 +91,7 @@ __all__ = [
     "config_value",
     "ensure_daemon",
     "main",
+    "open_relay_pair",
     "runtime_dir",
     "runtime_paths",
     "select_backend",

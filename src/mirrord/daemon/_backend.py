@@ -18,7 +18,11 @@ Contract for every backend
   only the sections it owns (`agent`, `kube`, ...).
 - The returned handle's `key` decides sharing: sessions whose handle keys are equal share one
   agent and one stream (the daemon stops the handle it did not need). Keys name the backend
-  and the resolved target, e.g. `local:pid/123`, `kube:ctx/ns/pod/container`.
+  and the resolved target, e.g. `local:pid/123` (`local:pid/123@settings` for an agent started
+  with other than the default agent settings), `kube:ctx/ns/pod/container@settings`.
+- Optional `agent_fingerprint(config) -> str`: the settings an agent was started with that a
+  session must share to reuse it; the pool reuses a running agent for a target only when the
+  fingerprints are equal (without the method: by target alone).
 - `connect()` returns the ONE stream the daemon speaks the agent protocol on; the daemon calls
   it again to re-establish after a break. `secret` is the agent's per-agent secret (sent in
   `Hello`). `alive()` is cheap and synchronous. `stop()` releases the agent and everything the
@@ -27,19 +31,26 @@ Contract for every backend
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 import anyio.abc
 
-from mirrord.daemon._exceptions import AgentStartError, RootRequired, TargetNotSupported
+from mirrord.daemon._exceptions import (
+    AgentStartError,
+    NoTarget,
+    RootRequired,
+    TargetNotSupported,
+)
 
 __all__ = [
     "AgentBackend",
@@ -50,7 +61,9 @@ __all__ = [
     "Progress",
     "agent_environment",
     "backends_for_daemon",
+    "check_session_target",
     "config_value",
+    "kubeconfig_path",
     "select_backend",
 ]
 
@@ -129,6 +142,30 @@ def agent_environment(config: AgentConfig) -> dict[str, str]:
     return env
 
 
+def kubeconfig_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
+    """The kubeconfig file(s) to read: `explicit`, else `$KUBECONFIG`, else ~/.kube/config."""
+    env = os.environ if env is None else env
+    if explicit:
+        return os.path.expanduser(explicit)
+    if env.get("KUBECONFIG"):
+        return env["KUBECONFIG"]
+    return str(Path(env.get("HOME", "~")).expanduser() / ".kube" / "config")
+
+
+def check_session_target(config: AgentConfig, env: Mapping[str, str]) -> None:
+    """What a session's target needs before any agent starts: no target at all (the default
+    is targetless, in a cluster) needs a kubeconfig, or it gets `NoTarget`; a local target
+    needs root (`RootRequired`). Cheap: no backend is loaded. `env` is the session's (HOME,
+    KUBECONFIG)."""
+    target = config_value(config, "target", "path", default=None)
+    if target is None:
+        path = kubeconfig_path(config_value(config, "kubeconfig", default=None), env)
+        if not any(Path(p).is_file() for p in path.split(os.pathsep) if p):
+            raise NoTarget(path.split(os.pathsep)[0])
+    elif str(target).startswith(LOCAL_TARGET_PREFIXES) and os.geteuid() != 0:
+        raise RootRequired(str(target))
+
+
 def select_backend(target: str, backends: list[AgentBackend]) -> AgentBackend:
     """The first backend that handles `target`; `TargetNotSupported` if none does."""
     for backend in backends:
@@ -166,6 +203,11 @@ class _KubeOnFirstUse:
         backend = self._load()
         return backend is not None and backend.handles(target)
 
+    def agent_fingerprint(self, config: AgentConfig) -> str:
+        backend = self._load()
+        fingerprint = getattr(backend, "agent_fingerprint", None)
+        return str(fingerprint(config)) if fingerprint is not None else ""
+
     async def start_agent(
         self, target: str, config: AgentConfig, progress: Progress
     ) -> AgentHandle:
@@ -196,8 +238,9 @@ class LocalAgentHandle:
         secret_path: Path,
         log_path: Path,
         secret: str,
+        fingerprint: str = "",
     ) -> None:
-        self.key = f"local:{target}"
+        self.key = f"local:{target}" + (f"@{fingerprint}" if fingerprint else "")
         self.target = target
         self.description = f"local agent pid {process.pid} for {target}"
         self.secret = secret
@@ -283,6 +326,17 @@ class LocalAgentBackend:
     def handles(self, target: str) -> bool:
         return target.startswith(LOCAL_TARGET_PREFIXES)
 
+    def agent_fingerprint(self, config: AgentConfig) -> str:
+        """The settings a local agent runs with (its environment from `agent_environment` and
+        `agent.communication_timeout`): the pool reuses a lingering agent only for a session
+        asking for the same. "" for the defaults."""
+        env = agent_environment(config)
+        idle = config_value(config, "agent", "communication_timeout", default=None)
+        if not env and idle in (None, DEFAULT_AGENT_IDLE_TIMEOUT):
+            return ""
+        text = json.dumps({"env": env, "idle": idle}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
     def _command(self, target: str, socket_path: Path, secret_path: Path, idle: int) -> list[str]:
         argv = [
             sys.executable,
@@ -354,6 +408,7 @@ class LocalAgentBackend:
             secret_path=secret_path,
             log_path=log_path,
             secret=secret,
+            fingerprint=self.agent_fingerprint(config),
         )
         try:
             await self._wait_ready(handle, startup_timeout)

@@ -1,8 +1,10 @@
 """The control API's client side (synchronous, for the CLI) and starting the daemon.
 
-Owns: talking JSON lines to `mirrordd.sock`, starting a detached daemon when none answers (a
-start lock so two concurrent `mirrord run` never start two; a stale socket left by a dead
-daemon is replaced by the new daemon, which holds the pid lock), and waiting until it answers.
+Owns: talking JSON lines to `mirrordd.sock` (only to a listener of this user: SO_PEERCRED, a
+status with a build id, a session whose layer is this install's), starting a detached daemon
+when none answers (a start lock so two concurrent `mirrord run` never start two; a stale
+socket left by a dead daemon is replaced by the new daemon, which holds the pid lock), and
+waiting until it answers.
 Does not own the daemon's behaviour or anything printed to the user.
 """
 
@@ -37,7 +39,9 @@ __all__ = [
     "check_layer_env",
     "checked_status",
     "daemon_env",
+    "daemon_status",
     "ensure_daemon",
+    "live_daemon_pid",
     "start_daemon",
     "stop_daemon",
     "wait_daemon_gone",
@@ -47,6 +51,12 @@ EventCallback = Callable[[dict[str, Any]], None]
 DAEMON_START_TIMEOUT = 20.0
 START_LOCK_TIMEOUT = 60.0
 CALL_TIMEOUT = 30.0
+# How long a daemon that is shutting down may take to exit before it counts as stuck: it stops
+# its agents first (SIGTERM, then SIGKILL after 5 s each).
+SHUTDOWN_WAIT = 15.0
+# How long a daemon that accepted a connection may take to answer `status` before it counts
+# as stuck (`mirrord run` and `mirrord daemon status` alike).
+STATUS_TIMEOUT = 5.0
 _LAYER_VARS = ("MIRRORD_LAYER_SOCKET", "MIRRORD_SESSION", "MIRRORD_LAYER_CONFIG")
 
 
@@ -235,7 +245,7 @@ def _status(paths: RuntimePaths, *, stuck_is_error: bool = False) -> dict[str, A
         return None
     try:
         with client:
-            status = client.call("status", timeout=5)
+            status = client.call("status", timeout=STATUS_TIMEOUT)
     except DaemonError:
         if stuck_is_error:
             raise _NoAnswer("no answer") from None
@@ -264,15 +274,38 @@ def _stuck(pid: int, paths: RuntimePaths) -> DaemonError:
     )
 
 
+def daemon_status(paths: RuntimePaths) -> dict[str, Any]:
+    """The daemon's status (`checked_status`). Raises `DaemonNotRunning` when none listens,
+    and, for a daemon that accepts the connection but does not answer within
+    `STATUS_TIMEOUT`, the error that names its pid, as `mirrord run` does."""
+    with ControlClient(paths.control_socket) as client:
+        try:
+            status = client.call("status", timeout=STATUS_TIMEOUT)
+        except DaemonNotRunning:
+            raise
+        except DaemonError:
+            pid = live_daemon_pid(paths)
+            if pid is not None:
+                raise _stuck(pid, paths) from None
+            raise
+        return checked_status(status, client)
+
+
 def _ping(paths: RuntimePaths) -> bool:
     return _status(paths) is not None
 
 
 def _same_build(status: dict[str, Any]) -> bool:
-    from mirrord.layer import build_id
+    """The daemon comes from this install: the same layer build and the same layer file (an
+    install elsewhere with the same native sources has the same build id, but its sessions
+    would preload its own library, which `check_layer_env` refuses)."""
+    from mirrord.layer import build_id, library_path
 
-    theirs = status.get("daemon", {}).get("build_id")
-    return bool(theirs) and theirs == build_id()
+    daemon = status.get("daemon", {})
+    theirs = daemon.get("build_id")
+    return (
+        bool(theirs) and theirs == build_id() and daemon.get("layer_library") == str(library_path())
+    )
 
 
 @contextlib.contextmanager
@@ -364,7 +397,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _live_daemon_pid(paths: RuntimePaths) -> int | None:
+def live_daemon_pid(paths: RuntimePaths) -> int | None:
     """The pid in `mirrordd.pid` if that process is alive and is a mirrord daemon (it holds
     the pid lock, so no new daemon can start in this directory)."""
     try:
@@ -382,7 +415,7 @@ def wait_daemon_gone(paths: RuntimePaths, timeout: float = 10.0) -> None:
     """Until the daemon that holds the pid lock has exited (one that is shutting down), at
     most `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while _live_daemon_pid(paths) is not None and time.monotonic() < deadline:
+    while live_daemon_pid(paths) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
@@ -416,7 +449,7 @@ def ensure_daemon(
     try:
         status = _status(paths, stuck_is_error=True)
     except _NoAnswer:
-        stuck = _live_daemon_pid(paths)
+        stuck = live_daemon_pid(paths)
         if stuck is not None:
             raise _stuck(stuck, paths) from None
         status = None
@@ -436,7 +469,10 @@ def ensure_daemon(
             status = None
         if status is not None:
             return False  # another command started it while we waited for the lock
-        stuck = _live_daemon_pid(paths)
+        # No control socket answers but the pid lock is held: a daemon shutting down (it
+        # removes its sockets first, then stops its agents and exits). Wait for it to go.
+        wait_daemon_gone(paths, timeout=SHUTDOWN_WAIT)
+        stuck = live_daemon_pid(paths)
         if stuck is not None:
             raise _stuck(stuck, paths)
         if progress is not None:

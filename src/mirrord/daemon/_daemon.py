@@ -31,7 +31,12 @@ import anyio.to_thread
 from anyio.abc import SocketAttribute
 
 from mirrord._version import __version__
-from mirrord.daemon._backend import AgentBackend, backends_for_daemon, config_value
+from mirrord.daemon._backend import (
+    AgentBackend,
+    backends_for_daemon,
+    check_session_target,
+    config_value,
+)
 from mirrord.daemon._env import (
     check_layer_settings,
     fetch_remote_env,
@@ -40,7 +45,7 @@ from mirrord.daemon._env import (
     merge_env,
     unset_names,
 )
-from mirrord.daemon._exceptions import DaemonError, SessionNotFound
+from mirrord.daemon._exceptions import BadRequest, ConfigRefused, DaemonError, SessionNotFound
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
@@ -53,21 +58,24 @@ __all__ = [
     "Daemon",
     "LineSplitter",
     "LineTooLong",
+    "resolve_session_config",
 ]
 
 log = logging.getLogger("mirrord.daemon")
 
 DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
+# wait_session (`mirrord ext`): a session whose processes are all gone is idle only if none
+# registers within this many seconds (a launch's helper exits before the debuggee registers;
+# seen under load with js-debug and debugpy in tests/ide)
+IDLE_GRACE = 3.0
 MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad client's memory
 # Replies and events queued for a control client that does not read them; past this the
 # connection is closed (a `status` reply is ~1 KiB per session: thousands of them fit).
 MAX_CONTROL_UNREAD = 16 * 1024 * 1024
 
 
-class LineTooLong(DaemonError):
+class LineTooLong(BadRequest):
     """A control request line longer than the limit (the sender's error)."""
-
-    code = "bad_request"
 
 
 class LineSplitter:
@@ -100,10 +108,6 @@ class LineSplitter:
         return lines
 
 
-class _BadRequest(DaemonError):
-    code = "bad_request"
-
-
 def _bad_request(rid: Any, message: str) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": {"code": "bad_request", "message": message}}
 
@@ -116,11 +120,12 @@ async def _preload_config() -> None:
     await anyio.to_thread.run_sync(importlib.import_module, "mirrord.config")
 
 
-async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
-    """Resolve a session's configuration here, from what the CLI was given: its config file,
-    its flags (`cli_overrides`), its environment (MIRRORD_* and templates) and its working
-    directory. The daemon has the config package loaded already, so `mirrord run` does not
-    pay for importing it on every start."""
+def resolve_session_config(request: dict[str, Any]) -> tuple[Any, list[str], Path | None]:
+    """A session's configuration from what the CLI was given: its config file, its flags
+    (`cli_overrides`), its environment (MIRRORD_* and templates) and its working directory;
+    with the warnings and the file used. Reads the file (run it in a worker thread). Raises
+    `ConfigRefused` or `BadRequest`. The CLI calls it too, before it
+    starts a daemon, so a bad config never starts one."""
     from mirrord.config import ConfigError, cli_overrides, resolve_config
 
     flags = request.get("flags") or {}
@@ -129,26 +134,19 @@ async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
         raise DaemonError("create_session: config_request.flags and .env must be objects")
     config_file = request.get("config_file")
     cwd = Path(str(request.get("cwd") or "/"))
-
-    def resolve() -> Any:
-        return resolve_config(
+    try:
+        resolved = resolve_config(
             str(config_file) if config_file else None,
             overrides=cli_overrides(**{str(k): v for k, v in flags.items()}),
             env={str(k): str(v) for k, v in env.items()},
             cwd=cwd,
         )
-
-    try:
-        resolved = await anyio.to_thread.run_sync(resolve)  # reads the file
     except ConfigError as exc:
-        error = DaemonError(str(exc))
-        error.code = "config_error"
-        error.errors = list(exc.errors)
-        raise error from None
+        refused = ConfigRefused(str(exc))
+        refused.errors = list(exc.errors)
+        raise refused from None
     except TypeError as exc:  # a flag this version does not know
-        error = DaemonError(f"create_session: bad config_request flags ({exc})")
-        error.code = "bad_request"
-        raise error from None
+        raise BadRequest(f"create_session: bad config_request flags ({exc})") from None
     config = resolved.config
     # The Kubernetes backend would read the daemon's own $KUBECONFIG (that of the command that
     # started the daemon, maybe in another terminal, long ago) and resolve a relative path
@@ -160,7 +158,7 @@ async def _resolve_config(request: dict[str, Any]) -> tuple[Any, list[str]]:
         )
         if absolute != config.kubeconfig:
             config = config.model_copy(update={"kubeconfig": absolute})
-    return config, list(resolved.warnings)
+    return config, list(resolved.warnings), resolved.source
 
 
 def _config_model(config: dict[str, Any]) -> Any:
@@ -172,12 +170,10 @@ def _config_model(config: dict[str, Any]) -> Any:
     try:
         return MirrordConfig.model_validate(config)
     except ValueError as exc:  # pydantic's ValidationError: a client of another version
-        error = DaemonError(
+        raise BadRequest(
             f"the daemon cannot use this session's configuration ({exc}); the daemon may come "
             "from another mirrord install: `mirrord daemon stop`, then run again"
-        )
-        error.code = "bad_request"
-        raise error from None
+        ) from None
 
 
 class Daemon:
@@ -199,6 +195,7 @@ class Daemon:
         self._shutdown = anyio.Event()
         self.layer_connections = 0
         self._build_id = ""
+        self._layer_library = ""  # this install's layer: what the CLI checks sessions against
         self._starting = 0  # sessions being created: not idle (an agent start takes seconds)
         self.max_unread = MAX_CONTROL_UNREAD
 
@@ -210,9 +207,10 @@ class Daemon:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        from mirrord.layer import build_id
+        from mirrord.layer import build_id, library_path
 
         self._build_id = build_id()
+        self._layer_library = str(library_path())
         self.paths.ensure()
         control = await _unix_listener(self.paths.control_socket)
         layer = await _unix_listener(self.paths.layer_socket)
@@ -306,7 +304,14 @@ class Daemon:
         assert self.pool is not None
         warnings: list[str] = []
         if isinstance(params.get("config_request"), dict):
-            config, warnings = await _resolve_config(params["config_request"])
+            request = params["config_request"]
+            config, warnings, source = await anyio.to_thread.run_sync(
+                resolve_session_config, request
+            )
+            if source is not None and not request.get("config_file"):
+                where = Path(str(request.get("cwd") or "/"))
+                found = "" if source.parent.parent == where else " (found in a parent folder)"
+                progress(f"using the config file {source}{found}")
             target = str(config.target.path or "targetless")
         else:
             given = params.get("target")
@@ -328,11 +333,12 @@ class Daemon:
         try:
             client_pid = int(params.get("client_pid") or 0)
         except (TypeError, ValueError):
-            error = DaemonError(
+            raise BadRequest(
                 f"create_session: client_pid must be a pid, got {params.get('client_pid')!r}"
-            )
-            error.code = "bad_request"
-            raise error from None
+            ) from None
+        if isinstance(params.get("config_request"), dict):
+            request_env = params["config_request"].get("env")
+            check_session_target(config, request_env if isinstance(request_env, dict) else {})
         mode, http_filter = incoming_settings(config)
         session_id = new_session_id()
         link = await self.pool.acquire(target, config, progress, session_id)
@@ -386,6 +392,7 @@ class Daemon:
                 "uptime": time.time() - self.started,
                 "runtime_dir": str(self.paths.root),
                 "build_id": self._build_id,
+                "layer_library": self._layer_library,
                 "layer_connections_total": self.layer_connections,
             },
             "sessions": sessions,
@@ -459,17 +466,15 @@ class Daemon:
             try:
                 request = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                raise _BadRequest(f"a control request is JSON in UTF-8 ({exc})") from None
+                raise BadRequest(f"a control request is JSON in UTF-8 ({exc})") from None
             except json.JSONDecodeError as exc:
-                raise _BadRequest(
-                    f"a control request is one JSON object per line ({exc})"
-                ) from None
+                raise BadRequest(f"a control request is one JSON object per line ({exc})") from None
             if not isinstance(request, dict):
-                raise _BadRequest("a control request is a JSON object")
+                raise BadRequest("a control request is a JSON object")
             rid = request.get("id")
             if not (rid is None or isinstance(rid, int | str)) or isinstance(rid, bool):
                 rid = None
-                raise _BadRequest("a control request's id is a number or a string")
+                raise BadRequest("a control request's id is a number or a string")
             op = request.get("op")
             result = await self._op(str(op), request, emit, owned)
             emit({"id": rid, "ok": True, "result": result})
@@ -541,9 +546,7 @@ class Daemon:
             assert self._tg is not None
             self._tg.start_soon(self._shutdown_soon)
             return {"pid": os.getpid()}
-        error = DaemonError(f"unknown control op {op!r}")
-        error.code = "bad_request"
-        raise error
+        raise BadRequest(f"unknown control op {op!r}")
 
     def _session(self, request: dict[str, Any]) -> Session:
         sid = str(request.get("session") or "")
@@ -560,13 +563,19 @@ class Daemon:
             # 0 means "do not wait" (`mirrord ext --wait-timeout 0`), not the default
             timeout = 60.0 if raw is None else max(float(raw), 0.0)
         except (TypeError, ValueError):
-            error = DaemonError(f"wait_session: wait_timeout must be a number, got {raw!r}")
-            error.code = "bad_request"
-            raise error from None
+            raise BadRequest(f"wait_session: wait_timeout must be a number, got {raw!r}") from None
         deadline = time.monotonic() + timeout
         while session.state != "closed":
             if session.ever_registered and not session.processes:
-                return {"idle": True, "registered": True, "state": session.state}
+                # An IDE runs short-lived helpers under the debuggee's environment before the
+                # debuggee itself (js-debug's node version probe): idle only when no process
+                # came back within IDLE_GRACE.
+                with anyio.move_on_after(IDLE_GRACE):
+                    while not session.processes and session.state != "closed":
+                        await session.wait_changed()
+                if not session.processes:
+                    return {"idle": True, "registered": True, "state": session.state}
+                continue
             left = deadline - time.monotonic()
             if not session.ever_registered and left <= 0:
                 return {"idle": True, "registered": False, "state": session.state}

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from mirrord.daemon._backend import AgentConfig, config_value
-from mirrord.daemon._exceptions import AgentLost, DaemonError
+from mirrord.daemon._exceptions import AgentLost, ConfigRefused, DaemonError
 from mirrord.daemon._link import AgentLink
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
@@ -38,7 +38,10 @@ __all__ = [
 ]
 
 ENV_REQUEST_TIMEOUT = 30.0
-# Never taken from the target: they describe the user's machine, not the pod.
+# Never taken from the target: they describe the user's machine, not the pod, or they are
+# the layer's own control variables (which socket, session, config and inherited fds the
+# layer in the user command uses). Every other `MIRRORD_*` variable of the target is the
+# app's, imported like any other (mirrord's scenarios set e.g. `MIRRORD_FAKE_VAR_FIRST`).
 KEEP_LOCAL = (
     "PATH",
     "HOME",
@@ -55,7 +58,10 @@ KEEP_LOCAL = (
     "PYTHONHOME",
     "PYTHONPATH",
     "VIRTUAL_ENV",
-    "MIRRORD_*",
+    "MIRRORD_LAYER_*",
+    "MIRRORD_SESSION",
+    "MIRRORD_DONT_LOAD",
+    "MIRRORD_RUNTIME_DIR",
 )
 
 
@@ -202,8 +208,9 @@ def _read_env_file(path: Path) -> dict[str, str]:
 
 
 def incoming_settings(config: AgentConfig) -> tuple[str, dict[str, Any] | None]:
-    """(mode, http_filter): mode is `mirror`, `steal` or `off`; the filter (steal only) is the
-    config's `http_filter` object in its JSON shape when it has any criterion, else None."""
+    """(mode, http_filter): mode is `mirror`, `steal` or `off`; the filter (steal: which
+    requests are stolen; mirror: which requests are copied) is the config's `http_filter`
+    object in its JSON shape when it has any criterion, else None."""
     incoming = config_value(config, "feature", "network", "incoming", default="mirror")
     if isinstance(incoming, str):
         return (incoming if incoming in (*m.INCOMING_MODES, "off") else "mirror"), None
@@ -216,7 +223,7 @@ def incoming_settings(config: AgentConfig) -> tuple[str, dict[str, Any] | None]:
     if raw is not None and not isinstance(raw, dict):
         dump = getattr(raw, "model_dump", None)
         raw = dump(mode="json", exclude_none=True) if dump is not None else None
-    if mode != "steal" or not raw or not any(raw.get(k) for k in _FILTER_CRITERIA):
+    if mode == "off" or not raw or not any(raw.get(k) for k in _FILTER_CRITERIA):
         return mode, None
     return mode, {k: v for k, v in raw.items() if v is not None}
 
@@ -270,9 +277,7 @@ def check_layer_settings(config: AgentConfig) -> None:
     try:
         LayerSettings.from_config(config).encode()
     except ValueError as exc:
-        error = DaemonError(f"the configuration does not fit the layer: {exc}")
-        error.code = "config_error"
-        raise error from None
+        raise ConfigRefused(f"the configuration does not fit the layer: {exc}") from None
 
 
 def layer_variables(

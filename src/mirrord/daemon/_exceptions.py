@@ -10,9 +10,12 @@ from __future__ import annotations
 __all__ = [
     "AgentLost",
     "AgentStartError",
+    "BadRequest",
+    "ConfigRefused",
     "ControlError",
     "DaemonError",
     "DaemonNotRunning",
+    "NoTarget",
     "RootRequired",
     "SessionNotFound",
     "TargetNotSupported",
@@ -30,6 +33,21 @@ class DaemonError(Exception):
         super().__init__(message)
         self.message = message
         self.errors: list[str] = []  # one line per problem, when there are several (config)
+
+
+class BadRequest(DaemonError):
+    """A control request the daemon cannot read or act on (not UTF-8, not JSON, nested too
+    deeply, a line over the limit, a parameter of the wrong type): the client's error, never a
+    bug of the daemon. The message names what is wrong."""
+
+    code = "bad_request"
+
+
+class ConfigRefused(DaemonError):
+    """The session's configuration is invalid or cannot be used (the user's config): the
+    message, and `errors` when there are several, say what to change."""
+
+    code = "config_error"
 
 
 class AgentStartError(DaemonError):
@@ -50,6 +68,19 @@ class RootRequired(AgentStartError):
             f"target {target} is a process on this machine: its agent must run as root (it enters "
             "the target's namespaces and edits firewall rules). Run mirrord as root (for example "
             "`sudo -E mirrord run ...`), or pick a Kubernetes target."
+        )
+
+
+class NoTarget(AgentStartError):
+    """No target given and no cluster to run a targetless agent in (the user's input)."""
+
+    code = "no_target"
+
+    def __init__(self, kubeconfig: str) -> None:
+        super().__init__(
+            "no target: use `-t pid/N`, `-t container/ID`, or a cluster target (`-t "
+            f"deployment/NAME`, `-t pod/NAME`, ...; no kubeconfig at {kubeconfig} for a "
+            "targetless session)"
         )
 
 

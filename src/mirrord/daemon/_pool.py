@@ -89,8 +89,8 @@ class AgentPool:
         self.backends = backends
         self.entries: dict[str, PoolEntry] = {}
         self._tg = tg
-        self._target_keys: dict[tuple[str, str], str] = {}
-        self._locks: dict[tuple[str, str], anyio.Lock] = {}
+        self._target_keys: dict[tuple[str, str, str], str] = {}
+        self._locks: dict[tuple[str, str, str], anyio.Lock] = {}
 
     def __repr__(self) -> str:
         return f"<AgentPool agents={len(self.entries)}>"
@@ -101,11 +101,16 @@ class AgentPool:
         """The open link to the agent for `target`, starting the agent if needed; the session
         is counted as a user of it until `release()`."""
         backend = select_backend(target, self.backends)
-        lock_key = (backend.name, target)
+        # A lingering agent serves a new session only if it was started with the settings
+        # this one asks for: a backend that tells them apart gives their fingerprint.
+        fingerprint = getattr(backend, "agent_fingerprint", None)
+        lock_key = (backend.name, target, fingerprint(config) if fingerprint is not None else "")
         lock = self._locks.setdefault(lock_key, anyio.Lock())
         async with lock:
             entry = self._reusable(lock_key)
             if entry is None:
+                if self._differs_only_in_settings(lock_key):
+                    progress(f"the agent for {target} runs with other agent settings: another one")
                 handle = await backend.start_agent(target, config, progress)
                 self._target_keys[lock_key] = handle.key
                 existing = self.entries.get(handle.key)
@@ -130,7 +135,16 @@ class AgentPool:
             assert entry.link is not None
             return entry.link
 
-    def _reusable(self, lock_key: tuple[str, str]) -> PoolEntry | None:
+    def _differs_only_in_settings(self, lock_key: tuple[str, str, str]) -> bool:
+        """Whether a live agent serves the same target with other agent settings."""
+        for (name, target, settings), key in self._target_keys.items():
+            if (name, target) == lock_key[:2] and settings != lock_key[2]:
+                entry = self.entries.get(key)
+                if entry is not None and entry.handle.alive():
+                    return True
+        return False
+
+    def _reusable(self, lock_key: tuple[str, str, str]) -> PoolEntry | None:
         key = self._target_keys.get(lock_key)
         entry = self.entries.get(key) if key is not None else None
         if entry is None:

@@ -8,13 +8,22 @@ Flow control: the agent may have at most the credit window of Data not yet credi
 a connection, so the buffer here is bounded by that window; Credit is sent only after bytes
 were written to the user app's socket, so a slow user app slows only its own connection and
 never the agent-stream reader (which only appends to the buffer).
+
+Ownership: an outgoing relay belongs to its session alone. Its two ends are a private
+loopback connection (`open_relay_pair`) made inside the daemon, one end of which is passed to
+the layer over its unix connection; no listener of ours is left for another local user to
+connect to, and a UDP relay takes datagrams from its own peer only (the kernel filters by
+the connected address, and each datagram's source is checked again here).
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
+import ipaddress
+import logging
 import os
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,13 +32,23 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
-from mirrord.daemon._io import RawSocketStream, accept_raw, reset_stream
+from mirrord.daemon._io import RawSocketStream, peer_uid, reset_stream
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
-__all__ = ["Counters", "Relay", "RelayLink"]
+__all__ = ["Counters", "Relay", "RelayLink", "open_relay_pair"]
+
+log = logging.getLogger("mirrord.daemon.relay")
 
 _CHUNK = 64 * 1024  # largest Data we send at once: keeps frames small and fair between conns
+# After the app closed a relayed UDP socket, the datagrams it sent just before are in the
+# daemon socket's queue (loopback delivers them during the app's sendto()), or rarely still in
+# the loopback backlog when softirq work was deferred under load: read until the socket was
+# empty this long before ending the relay. Short, so a program that opens a socket per
+# message does not pile up relays (and sockets in the target) while they drain.
+UDP_CLOSE_GRACE = 0.05
+UDP_CLOSE_MAX = 2.0  # ... but never longer than this in all
+PAIR_TIMEOUT = 5.0  # a loopback handshake inside the daemon; only a stalled machine is slower
 
 
 @dataclass(slots=True)
@@ -91,6 +110,9 @@ class Relay:
         self.on_agent_close: Callable[[int], None] | None = None  # the agent's ConnClose errno
         self._accept_known = False
         self._app_sent = False
+        # UDP: the app closed its socket (LayerDisconnect); the receive to interrupt then
+        self._app_closed = False
+        self._receive_scope: anyio.CancelScope | None = None
         for c in counters:
             c.connections += 1
 
@@ -155,39 +177,41 @@ class Relay:
 
     # -- TCP
 
-    async def serve_tcp_outgoing(self, listener: anyio.abc.SocketListener, timeout: float) -> None:
-        """Wait for the user app's socket on the daemon-side relay listener, then relay."""
+    async def serve_tcp_outgoing(self, sock: socket.socket) -> None:
+        """Relay between the agent and the daemon's end of a private pair (`open_relay_pair`)
+        whose other end the layer put in the place of the user app's socket."""
+        stream: anyio.abc.SocketStream | None = None
         try:
             with anyio.CancelScope() as self._scope:
                 if self._aborted:
                     self._scope.cancel()
-                stream: anyio.abc.SocketStream | None = None
-                with anyio.move_on_after(timeout):
-                    stream = await accept_raw(listener)  # read only under credit
-                await listener.aclose()
-                if stream is None:
-                    # the app never connected (its connect() failed or it closed the socket)
-                    self._send_close(errno_mod.ECONNABORTED)
-                    return
-                await self._run_tcp(stream)
+                stream = RawSocketStream(sock)  # read only under credit (see RawSocketStream)
+                await self._run_tcp(stream)  # closes the stream (and the socket) at the end
         finally:
-            with anyio.CancelScope(shield=True):
-                await listener.aclose()
+            if stream is None:
+                sock.close()
             self._finish()
 
     async def serve_tcp_incoming(
-        self, address: str, port: int, on_connected: Callable[[Relay, int], None]
+        self,
+        address: str,
+        port: int,
+        on_connected: Callable[[Relay, int], None],
+        *,
+        owner: int,
     ) -> None:
         """Connect to the user app's listening socket, then relay. `on_connected` learns our
         source port before the connection exists, so a `PeerLookup` from the app's `accept()`
-        can never arrive before the daemon knows the peer."""
+        can never arrive before the daemon knows the peer. `owner`: the uid the listener must
+        belong to (the app's); a listener of anyone else at that port (the app's was closed
+        where the layer could not see it) gets nothing, and the agent hears ECONNREFUSED."""
         self._accept_known = True
         try:
             with anyio.CancelScope() as self._scope:
                 if self._aborted:
                     self._scope.cancel()
                 try:
-                    stream = await _connect_announcing(address, port, self, on_connected)
+                    stream = await _connect_announcing(address, port, self, on_connected, owner)
                 except (OSError, TimeoutError):
                     self._send_close(errno_mod.ECONNREFUSED)
                     return
@@ -271,31 +295,44 @@ class Relay:
             for c in self.counters:
                 c.to_agent += len(data)
 
-    # -- UDP (connected datagram sockets: one Data per datagram)
+    # -- UDP (one Data per datagram)
 
-    async def serve_udp_outgoing(self, sock: anyio.abc.UDPSocket) -> None:
+    def app_closed(self) -> None:
+        """The app closed its UDP socket: forward what it sent before, then end the relay."""
+        self._app_closed = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    async def serve_udp_outgoing(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Relay datagrams between the agent and the daemon's UDP socket `sock`, which is
+        connected to `peer` (the user app's socket): only datagrams from `peer` go on."""
+        udp: anyio.abc.UDPSocket | None = None
         try:
             with anyio.CancelScope() as self._scope:
                 if self._aborted:
                     self._scope.cancel()
-                peer: list[tuple[str, int]] = []
+                udp = await anyio.abc.UDPSocket.from_socket(sock)
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._udp_to_agent, sock, peer, tg.cancel_scope)
-                    await self._udp_to_user(sock, peer)
+                    tg.start_soon(self._udp_to_agent, udp, _endpoint(peer), tg.cancel_scope)
+                    await self._udp_to_user(udp, peer)
                     tg.cancel_scope.cancel()
         finally:
+            # through the transport: a socket closed under the event loop's selector would
+            # leave its fd number registered there for the next socket that gets it
             with anyio.CancelScope(shield=True):
-                await sock.aclose()
+                if udp is not None:
+                    await udp.aclose()
+            sock.close()
             self._send_close(0)
             self._finish()
 
-    async def _udp_to_user(self, sock: anyio.abc.UDPSocket, peer: list[tuple[str, int]]) -> None:
+    async def _udp_to_user(self, sock: anyio.abc.UDPSocket, peer: tuple[str, int]) -> None:
         while self.agent_closed is None:
-            if self._inbox and peer:
+            if self._inbox:
                 chunk = self._inbox.popleft()
                 self.buffered -= len(chunk)
                 try:
-                    await sock.sendto(chunk, *peer[0])
+                    await sock.sendto(chunk, *peer)
                 except OSError:
                     pass  # a datagram to a closed socket is lost, like on a network
                 for c in self.counters:
@@ -305,26 +342,143 @@ class Relay:
             await self._wait("user")
 
     async def _udp_to_agent(
-        self, sock: anyio.abc.UDPSocket, peer: list[tuple[str, int]], scope: anyio.CancelScope
+        self,
+        sock: anyio.abc.UDPSocket,
+        peer: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int],
+        scope: anyio.CancelScope,
     ) -> None:
-        async for data, addr in sock:
-            if not peer:
-                peer.append((addr[0], addr[1]))
-                self._wake_user.set()
+        closing_until = 0.0
+        while self.agent_closed is None:
+            packet: tuple[bytes, tuple[str, int]] | None = None
+            if self._app_closed:
+                now = anyio.current_time()
+                closing_until = closing_until or now + UDP_CLOSE_MAX
+                with anyio.move_on_after(min(UDP_CLOSE_GRACE, closing_until - now)):
+                    packet = await sock.receive()
+                if packet is None:
+                    break  # nothing more was on its way: the relay ends
+            else:
+                with anyio.CancelScope() as self._receive_scope:
+                    packet = await sock.receive()
+                self._receive_scope = None
+                if packet is None:
+                    continue  # the app closed its socket: drain with a deadline
+            data, addr = packet
+            if _endpoint(addr) != peer:
+                continue  # not from the app's socket (the kernel filters; this is a 2nd check)
             while self.agent_closed is None and self.link.send_window(
                 self.channel, self.conn_id
             ) < len(data):
                 await self._wait("agent")
             if self.agent_closed is not None:
-                scope.cancel()
-                return
+                break
             self.link.send(m.Data(conn_id=self.conn_id, data=data), self.channel)
             for c in self.counters:
                 c.to_agent += len(data)
+        scope.cancel()
+
+
+def _endpoint(addr: tuple[str, int]) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """An address as compared: v4-mapped IPv6 is IPv4, a scope id is dropped."""
+    ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip, addr[1]
+
+
+def _loopback(family: int) -> str:
+    return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+async def open_relay_pair(family: int, kind: int) -> tuple[socket.socket, socket.socket]:
+    """Two loopback sockets of `family` and `kind` (SOCK_STREAM or SOCK_DGRAM) connected to
+    each other and to nothing else: (the daemon's end, the end for the layer).
+
+    A real TCP or UDP socket, so that everything the app does with it (TCP_NODELAY, SO_LINGER
+    resets, SO_ERROR, poll) behaves as on a TCP/UDP socket. TCP: a listener exists only until
+    our own connection is accepted (any other connection that raced in is reset unread, and
+    the listener closes); UDP: both sockets are connected to each other, so the kernel drops
+    anyone else's datagrams, and whatever arrived before that is discarded. `OSError` if the
+    loopback refuses (no IPv6 on `lo`: the caller may fall back to AF_INET)."""
+    host = _loopback(family)
+    if kind == socket.SOCK_DGRAM:
+        ours = socket.socket(family, socket.SOCK_DGRAM)
+        theirs = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            for s in (ours, theirs):
+                s.setblocking(False)
+                s.bind((host, 0))
+            ours.connect(theirs.getsockname()[:2])
+            theirs.connect(ours.getsockname()[:2])
+            for s in (ours, theirs):
+                _discard_queued(s)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        theirs.setblocking(True)
+        return ours, theirs
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    layer_end = socket.socket(family, socket.SOCK_STREAM)
+    daemon_end: socket.socket | None = None
+    try:
+        listener.setblocking(False)
+        layer_end.setblocking(False)
+        listener.bind((host, 0))
+        listener.listen(8)
+        layer_end.bind((host, 0))
+        mine = _endpoint(layer_end.getsockname()[:2])
+        try:
+            layer_end.connect(listener.getsockname()[:2])
+        except BlockingIOError:
+            pass
+        with anyio.fail_after(PAIR_TIMEOUT):
+            for _ in range(64):
+                await anyio.wait_readable(listener)
+                try:
+                    accepted, addr = listener.accept()
+                except BlockingIOError:
+                    continue
+                if _endpoint(addr[:2]) == mine:
+                    daemon_end = accepted
+                    break
+                # another local process connected in the instant the listener existed
+                accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                accepted.close()
+            else:
+                raise OSError(errno_mod.EAGAIN, "relay pair: our own connection never came")
+            await anyio.wait_writable(layer_end)
+        error = layer_end.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        layer_end.close()
+        if daemon_end is not None:
+            daemon_end.close()
+        raise
+    finally:
+        listener.close()
+    layer_end.setblocking(True)
+    daemon_end.setblocking(False)
+    return daemon_end, layer_end
+
+
+def _discard_queued(sock: socket.socket) -> None:
+    for _ in range(1024):  # bounded: a flood before connect() cannot keep us here
+        try:
+            sock.recv(1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            continue  # an ICMP error queued for the socket: read, go on
 
 
 async def _connect_announcing(
-    address: str, port: int, relay: Relay, on_connected: Callable[[Relay, int], None]
+    address: str,
+    port: int,
+    relay: Relay,
+    on_connected: Callable[[Relay, int], None],
+    owner: int,
 ) -> anyio.abc.SocketStream:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -340,6 +494,19 @@ async def _connect_announcing(
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, os.strerror(error)) from None
+        # a kernel lookup answered at once (no waiting on another process)
+        answered_by = peer_uid(sock)
+        if answered_by is not None and answered_by != owner:
+            log.warning(
+                "port %d on this machine is held by uid %d, not by the app (uid %d): its "
+                "listener was closed where the layer could not see it; an incoming "
+                "connection is refused instead of handed to it",
+                port,
+                answered_by,
+                owner,
+            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raise OSError(errno_mod.ECONNREFUSED, "the listener is not the app's")
         return RawSocketStream(sock)  # read only under credit (see RawSocketStream)
     except BaseException:
         sock.close()

@@ -1,7 +1,9 @@
 """The per-user runtime directory (I7) and the files the daemon keeps in it.
 
-Owns: where the runtime directory is, creating it 0700, and the names of the files in it
-(control socket, layer socket, log, pid lock, start lock). Does not own what the files hold.
+Owns: where the runtime directory is, creating it 0700 and refusing one of another user, the
+names of the files in it (control socket, layer socket, log, pid lock, start lock), and who
+may be trusted at the other end of its sockets (`peer_credentials`, `trusted_peer`). Does not
+own what the files hold.
 """
 
 from __future__ import annotations

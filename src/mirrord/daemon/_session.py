@@ -4,7 +4,7 @@ Owns: the session table's entries (one per `mirrord run` / IDE launch: target, c
 agent link, its layer processes), registering layer connections into a session (one agent
 channel per layer process, shared by that process's threads; a forked child's channel names
 its parent's), forwarding layer requests to the agent with daemon request ids, outgoing
-connects (relay listener on loopback), listens (subscriptions) and incoming connections to the
+connects (a private relay pair whose layer end is passed over the layer connection), listens (subscriptions) and incoming connections to the
 user app's bound port, peer lookups. Does not own the agent stream (`AgentLink`) or the control
 API (`_control`).
 
@@ -17,20 +17,21 @@ from __future__ import annotations
 import dataclasses
 import errno as errno_mod
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.abc import SocketAttribute
 
 from mirrord.daemon._backend import AgentConfig
-from mirrord.daemon._env import on_concurrent_steal, steal_for_port
+from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
-from mirrord.daemon._relay import Counters, Relay
+from mirrord.daemon._relay import Counters, Relay, open_relay_pair
 from mirrord.protocol import (
     CLOSED,
     NEED_DATA,
@@ -51,7 +52,6 @@ log = logging.getLogger("mirrord.daemon.session")
 DROP_WARNING_INTERVAL = 10.0  # seconds between two kernel-drop warnings of one port
 
 FORK_GRACE = 1.0  # seconds a process's channel outlives its last connection, for late children
-RELAY_ACCEPT_TIMEOUT = 30.0  # the app connects to the relay right after LayerConnected
 REQUEST_TIMEOUT = 30.0
 MAX_LAYER_UNREAD = 64 * 1024 * 1024  # replies queued for one layer connection that does not read
 
@@ -252,6 +252,7 @@ class LayerProcess:
         self.udp_relays: dict[int, Relay] = {}
         self.channel_lost = ""
         self._expiry: anyio.CancelScope | None = None
+        self.uid = _uid_of(pid)  # whose listeners get this process's incoming connections
 
     def __repr__(self) -> str:
         return f"<LayerProcess pid={self.pid} channel={self.channel} clients={len(self.clients)}>"
@@ -327,7 +328,7 @@ class LayerProcess:
             self.session.incoming_relays[local_port] = relay
 
         try:
-            await relay.serve_tcp_incoming(address, port, connected)
+            await relay.serve_tcp_incoming(address, port, connected, owner=self.uid)
         finally:
             for local_port in ports:
                 if self.session.peers.get(local_port) == peer:
@@ -347,14 +348,21 @@ class LayerProcess:
         )
 
     async def outgoing(self, client: LayerClient, msg: m.LayerConnect) -> None:
-        relay_host = "::1" if ":" in msg.address else "127.0.0.1"
+        """Connect in the target, then relay through a socket only this session holds: the
+        layer's end of a private pair, passed with the reply (or, for `sendto()`, a UDP
+        endpoint connected to the app's own socket)."""
+        if msg.protocol == "unix" and m.FEATURE_UNIX_STREAMS not in self.link.conn.peer_features:
+            client.reply(
+                m.ErrorReply(
+                    request_id=0,
+                    errno=errno_mod.ENOTSUP,
+                    message="this agent cannot connect unix sockets in the target",
+                ),
+                msg.request_id,
+            )
+            return
         try:
-            if msg.protocol == "tcp":
-                listener: anyio.abc.SocketListener | None = await _tcp_listener(relay_host)
-                endpoint: Any = listener
-            else:
-                listener = None
-                endpoint = await anyio.create_udp_socket(local_host=relay_host, local_port=0)
+            daemon_end, layer_end, app = await _relay_sockets(msg)
         except OSError as exc:
             client.reply(
                 m.ErrorReply(
@@ -363,36 +371,44 @@ class LayerProcess:
                 msg.request_id,
             )
             return
-        relay_port = endpoint.extra(SocketAttribute.local_port)
-        conn_id = self.link.new_conn_id()
-        relay = Relay(
-            self.link,
-            self.channel,
-            conn_id,
-            description=f"outgoing {msg.protocol} {msg.address}:{msg.port}",
-            counters=(self.link.counters, self.session.counters),
-        )
-        self.link.add_relay(relay)  # before Connect: early Data is buffered, not dropped
-        replies: list[Message] = []
-        answered = anyio.Event()
+        try:
+            relay_host, relay_port = (
+                ("", 0) if msg.protocol == "unix" else daemon_end.getsockname()[:2]
+            )
+            conn_id = self.link.new_conn_id()
+            relay = Relay(
+                self.link,
+                self.channel,
+                conn_id,
+                description=f"outgoing {msg.protocol} {msg.address}:{msg.port}",
+                counters=(self.link.counters, self.session.counters),
+            )
+            self.link.add_relay(relay)  # before Connect: early Data is buffered, not dropped
+            replies: list[Message] = []
+            answered = anyio.Event()
 
-        def on_reply(reply: Message) -> None:
-            replies.append(reply)
-            answered.set()
+            def on_reply(reply: Message) -> None:
+                replies.append(reply)
+                answered.set()
 
-        self.link.request(
-            self.channel,
-            lambda rid: m.Connect(
-                request_id=rid,
-                conn_id=conn_id,
-                protocol=msg.protocol,
-                address=msg.address,
-                port=msg.port,
-            ),
-            on_reply,
-        )
-        with anyio.move_on_after(REQUEST_TIMEOUT):
-            await answered.wait()
+            self.link.request(
+                self.channel,
+                lambda rid: m.Connect(
+                    request_id=rid,
+                    conn_id=conn_id,
+                    protocol=msg.protocol,
+                    address=msg.address,
+                    port=msg.port,
+                ),
+                on_reply,
+            )
+            with anyio.move_on_after(REQUEST_TIMEOUT):
+                await answered.wait()
+        except BaseException:
+            daemon_end.close()
+            if layer_end is not None:
+                layer_end.close()
+            raise
         reply = (
             replies[0]
             if replies
@@ -400,7 +416,9 @@ class LayerProcess:
         )
         if not isinstance(reply, m.Connected):
             self.link.relay_done(relay)
-            await endpoint.aclose()
+            daemon_end.close()
+            if layer_end is not None:
+                layer_end.close()
             if not isinstance(reply, m.ErrorReply):
                 reply = m.ErrorReply(request_id=0, errno=errno_mod.EIO, message="bad reply")
             client.reply(reply, msg.request_id)
@@ -414,16 +432,17 @@ class LayerProcess:
                 local_port=reply.local_port,
             ),
             msg.request_id,
+            passing=() if layer_end is None else (layer_end,),
         )
-        if listener is not None:
-            await relay.serve_tcp_outgoing(listener, RELAY_ACCEPT_TIMEOUT)
-        else:
-            self.udp_relays[relay_port] = relay
-            try:
-                await relay.serve_udp_outgoing(endpoint)
-            finally:
-                if self.udp_relays.get(relay_port) is relay:
-                    del self.udp_relays[relay_port]
+        if msg.protocol in ("tcp", "unix"):
+            await relay.serve_tcp_outgoing(daemon_end)
+            return
+        self.udp_relays[relay_port] = relay
+        try:
+            await relay.serve_udp_outgoing(daemon_end, app)
+        finally:
+            if self.udp_relays.get(relay_port) is relay:
+                del self.udp_relays[relay_port]
 
     def listen(self, client: LayerClient, msg: m.LayerListen) -> None:
         address = msg.bound_address
@@ -435,6 +454,9 @@ class LayerProcess:
             client.reply(m.Ok(request_id=0), msg.request_id)  # incoming off: stays local
             return
         http_filter = None
+        if self.session.incoming_mode == "mirror":
+            # only the requests the filter matches are copied, on the filter's ports
+            http_filter = filter_for_port(self.session.http_filter, msg.port)
         if self.session.incoming_mode == "steal":
             subscribe, http_filter, warning = steal_for_port(
                 self.session.config, self.session.http_filter, msg.port
@@ -486,10 +508,11 @@ class LayerProcess:
         )
 
     def disconnect(self, client: LayerClient, msg: m.LayerDisconnect) -> None:
-        """The app closed a relayed UDP socket: end its relay (ConnClose to the agent)."""
+        """The app closed a relayed UDP socket: end its relay (ConnClose to the agent) once
+        the datagrams it sent before closing went on."""
         relay = self.udp_relays.pop(msg.relay_port, None)
         if relay is not None:
-            relay.abort()
+            relay.app_closed()
         client.reply(m.Ok(request_id=0), msg.request_id)
 
     def unlisten(self, client: LayerClient, msg: m.LayerUnlisten) -> None:
@@ -516,11 +539,51 @@ class LayerProcess:
         client.reply(reply, msg.request_id)
 
 
-async def _tcp_listener(host: str) -> anyio.abc.SocketListener:
-    multi = await anyio.create_tcp_listener(local_host=host, local_port=0, backlog=4)
-    listener = multi.listeners[0]
-    assert isinstance(listener, anyio.abc.SocketListener)
-    return listener
+def _uid_of(pid: int) -> int:
+    """The user a layer process runs as (the daemon's own when /proc does not say)."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return os.geteuid()
+
+
+async def _relay_sockets(
+    msg: m.LayerConnect,
+) -> tuple[socket.socket, socket.socket | None, tuple[str, int]]:
+    """(the daemon's end, the layer's end to pass or None, the app's address as the daemon's
+    end sees it) for an outgoing connection."""
+    if msg.source_port:
+        # sendto() on the app's own UDP socket: an endpoint that only its address reaches
+        family = socket.AF_INET6 if ":" in msg.address else socket.AF_INET
+        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        source = msg.source_address
+        if source in ("", "0.0.0.0", "::") or (family == socket.AF_INET and ":" in source):
+            source = host
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((host, 0))
+            sock.connect((source, msg.source_port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock, None, (source, msg.source_port)
+    if msg.protocol == "unix":
+        # a unix stream socket of the app: a socketpair, reachable by nobody else
+        daemon_end, layer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        daemon_end.setblocking(False)
+        return daemon_end, layer_end, ("", 0)
+    kind = socket.SOCK_STREAM if msg.protocol == "tcp" else socket.SOCK_DGRAM
+    by_address = socket.AF_INET6 if ":" in msg.address else socket.AF_INET
+    family = {2: socket.AF_INET, 10: socket.AF_INET6}.get(msg.family, by_address)
+    try:
+        daemon_end, layer_end = await open_relay_pair(family, kind)
+    except OSError:
+        if family != socket.AF_INET6:
+            raise
+        # no IPv6 on the loopback: an IPv4 pair (the layer still reports IPv6 addresses)
+        daemon_end, layer_end = await open_relay_pair(socket.AF_INET, kind)
+    return daemon_end, layer_end, layer_end.getsockname()[:2]
 
 
 class LayerClient:
@@ -537,20 +600,28 @@ class LayerClient:
         pid = self.process.pid if self.process else None
         return f"<LayerClient pid={pid} state={self.conn.state.value}>"
 
-    def reply(self, reply: Message, request_id: int) -> None:
+    def reply(
+        self, reply: Message, request_id: int, *, passing: tuple[socket.socket, ...] = ()
+    ) -> None:
+        """Send `reply` as the answer to `request_id`; `passing`: sockets handed over with it
+        (owned by the writer from here on)."""
         if self.closed or self.conn.state is not State.OPEN:
+            for sock in passing:
+                sock.close()
             return  # the layer connection is gone: nobody waits for this reply
         if getattr(reply, "request_id", None) != request_id:
             reply = dataclasses.replace(reply, request_id=request_id)  # type: ignore[type-var]
-        self.send_nowait(reply)
+        self.send_nowait(reply, passing)
 
-    def send_nowait(self, msg: Message) -> None:
+    def send_nowait(self, msg: Message, passing: tuple[socket.socket, ...] = ()) -> None:
         """Queue `msg`; a layer that leaves more than MAX_LAYER_UNREAD bytes of replies unread
         is closed (a thread of a preloaded process waits for each reply it asked for, so only
         a misbehaving peer gets near it), instead of growing the daemon without bound."""
         if self.closed or self.conn.state is not State.OPEN:
+            for sock in passing:
+                sock.close()
             return  # closed (by us, past the bound): nobody reads this
-        self.writer.send_nowait(self.conn.send(msg))
+        self.writer.send_nowait(self.conn.send(msg), passing)
         if self.writer.queued_bytes > MAX_LAYER_UNREAD and not self.closed:
             reason = (
                 f"{self.writer.queued_bytes} bytes of replies unread (the limit is "

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
+import json
 import random
 import secrets
 from collections.abc import Callable, Mapping
@@ -62,6 +65,12 @@ _CREATE_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunCont
 Progress = Callable[[str], None]
 
 
+# The label the Job controller puts on a Job's pods (Kubernetes >= 1.27), then the legacy one.
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+# How long reading an unready agent's events and log may take (its Job is deleted after).
+_DIAGNOSE_TIMEOUT = 5.0
+
+
 def placement_of(config: Any) -> str:
     """`agent.placement` when the config has it, else `ephemeral` if `agent.ephemeral`, else
     `job`."""
@@ -73,6 +82,24 @@ def placement_of(config: Any) -> str:
             raise KubeError(f"agent.placement {explicit!r} is not one of {', '.join(PLACEMENTS)}")
         return str(explicit)
     return "ephemeral" if config_value(config, "agent", "ephemeral", default=False) else "job"
+
+
+def agent_fingerprint(config: Any) -> str:
+    """What a lingering agent must have been started with to serve a session with `config`:
+    cluster (kubeconfig, context), target namespace, placement, and every agent setting
+    (image, agent namespace, capabilities, resources, labels, log level, ...). Equal
+    fingerprints may share an agent; any difference starts a new one."""
+    from mirrord.daemon._backend import config_value
+
+    parts = {
+        "kubeconfig": config_value(config, "kubeconfig"),
+        "context": config_value(config, "kube_context"),
+        "namespace": config_value(config, "target", "namespace"),
+        "placement": placement_of(config),
+        "agent": dataclasses.asdict(AgentOptions.from_config(config)),
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -185,6 +212,10 @@ class KubeBackend:
     def __repr__(self) -> str:
         return f"<KubeBackend agents={len(self._agents)}>"
 
+    def agent_fingerprint(self, config: Any) -> str:
+        """See `agent_fingerprint`: the daemon's pool reuses an agent only for equal ones."""
+        return agent_fingerprint(config)
+
     def handles(self, target: str) -> bool:
         return target == "targetless" or target.split("/", 1)[0] in TARGET_KINDS
 
@@ -194,9 +225,12 @@ class KubeBackend:
         from mirrord.daemon._backend import config_value
 
         timeout = float(config_value(config, "agent", "startup_timeout", default=60))
+        deadline = anyio.current_time() + timeout
         try:
-            with anyio.fail_after(timeout):
-                return await self._start(target, config, progress)
+            # The agent's own wait ends at the deadline with its pod's events and log (read
+            # before the Job is deleted); this bound is for the steps before it.
+            with anyio.fail_after(timeout + _DIAGNOSE_TIMEOUT + 5):
+                return await self._start(target, config, progress, deadline)
         except TimeoutError:
             raise AgentPodFailed(
                 f"the agent for {target} did not become ready within {timeout:g} s "
@@ -214,7 +248,9 @@ class KubeBackend:
                 "your kubeconfig context and your network/VPN"
             ) from None
 
-    async def _start(self, target: str, config: Any, progress: Progress) -> KubeAgentHandle:
+    async def _start(
+        self, target: str, config: Any, progress: Progress, deadline: float
+    ) -> KubeAgentHandle:
         from mirrord.daemon._backend import config_value
 
         placement = placement_of(config)
@@ -229,6 +265,7 @@ class KubeBackend:
             context=config_value(config, "kube_context"),
             namespace=config_value(config, "target", "namespace"),
             env=self._env,
+            accept_invalid_certificates=config_value(config, "accept_invalid_certificates"),
         )
         opts = AgentOptions.from_config(config)
         target_ns = kube.namespace
@@ -247,10 +284,16 @@ class KubeBackend:
             )
             resolved = await resolve_target(api, target, target_ns)
             progress(f"target {resolved.note}")
+            # Sessions share an agent only when it was started as this one asks (same
+            # placement, image, namespace and agent settings): the fingerprint is in the key.
+            settings = agent_fingerprint(config)
             if resolved.targetless:
                 key = f"kube:{kube.context}/{target_ns}/targetless/{secrets.token_hex(4)}"
             else:
-                key = f"kube:{kube.context}/{target_ns}/{resolved.pod}/{resolved.container}"
+                key = (
+                    f"kube:{kube.context}/{target_ns}/{resolved.pod}/{resolved.container}"
+                    f"@{settings}"
+                )
             lock = self._locks.setdefault(key, asyncio.Lock())
             async with lock:
                 existing = self._agents.get(key)
@@ -258,6 +301,8 @@ class KubeBackend:
                     progress(f"reusing agent {existing.description}")
                     return KubeAgentHandle(existing, self)
                 agent = await self._create(
+                    deadline=deadline,
+                    timeout=float(config_value(config, "agent", "startup_timeout", default=60)),
                     api=api,
                     kube=kube,
                     key=key,
@@ -274,6 +319,8 @@ class KubeBackend:
     async def _create(
         self,
         *,
+        deadline: float,
+        timeout: float,
         api: Any,
         kube: KubeContext,
         key: str,
@@ -330,8 +377,20 @@ class KubeBackend:
                 pod=target.pod,
                 port=port,
             )
-            await self._wait_pod_ready(api, target.namespace, target.pod, name, ephemeral=True)
-            await self._wait_ready_line(api, target.namespace, target.pod, name)
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waiting:
+                await self._wait_pod_ready(api, target.namespace, target.pod, name, ephemeral=True)
+                await self._wait_ready_line(api, target.namespace, target.pod, name)
+            if waiting.cancelled_caught:
+                raise AgentPodFailed(
+                    await self._not_ready(
+                        api,
+                        target.namespace,
+                        target.pod,
+                        name,
+                        timeout,
+                        what=f"the agent container {name} in pod {target.namespace}/{target.pod}",
+                    )
+                )
             return agent
         # Job on the target's node
         name = unique_agent_name()
@@ -367,11 +426,24 @@ class KubeBackend:
             created=[("Job", agent_ns, name)],
         )
         try:
-            pod = await self._wait_job_pod(api, agent_ns, name)
-            agent.pod = pod
-            agent.description = f"pod {agent_ns}/{pod} (job {name})"
-            await self._wait_pod_ready(api, agent_ns, pod, AGENT_CONTAINER, ephemeral=False)
-            await self._wait_ready_line(api, agent_ns, pod, AGENT_CONTAINER)
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waiting:
+                pod = await self._wait_job_pod(api, agent_ns, name)
+                agent.pod = pod
+                agent.description = f"pod {agent_ns}/{pod} (job {name})"
+                await self._wait_pod_ready(api, agent_ns, pod, AGENT_CONTAINER, ephemeral=False)
+                await self._wait_ready_line(api, agent_ns, pod, AGENT_CONTAINER)
+            if waiting.cancelled_caught:
+                # read what the cluster knows before the Job (and its pod) is deleted below
+                what = (
+                    f"the agent pod {agent_ns}/{agent.pod} (job {name})"
+                    if agent.pod
+                    else f"the agent job {agent_ns}/{name} (no pod created yet)"
+                )
+                raise AgentPodFailed(
+                    await self._not_ready(
+                        api, agent_ns, agent.pod or name, AGENT_CONTAINER, timeout, what=what
+                    )
+                )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._delete_created(kube, agent.created)
@@ -435,24 +507,47 @@ class KubeBackend:
 
     async def _wait_job_pod(self, api: Any, ns: str, job: str) -> str:
         """The name of the Job's pod, once the Job controller created it; a FailedCreate event
-        (admission denial, quota) is reported at once."""
+        (admission denial, quota) is reported at once. Both come from watches (the pod by its
+        `batch.kubernetes.io/job-name` label, or `job-name` on servers before 1.27; the Job's
+        events), not from polling."""
         core = k8s.CoreV1Api(api)
-        for _ in range(10000):
-            pods = await call(core.list_namespaced_pod, ns, label_selector=f"job-name={job}")
-            items = pods.get("items") or []
-            if items:
-                return str(items[0]["metadata"]["name"])
-            events = await call(
-                core.list_namespaced_event,
-                ns,
-                field_selector=f"involvedObject.kind=Job,involvedObject.name={job}",
-            )
-            for ev in events.get("items") or []:
-                if ev.get("reason") == "FailedCreate":
-                    raise AgentPodFailed(
-                        f"the agent job {ns}/{job} cannot create its pod: {ev.get('message')}"
-                    )
-            await anyio.sleep(0.1)
+        found: list[str] = []
+        failed: list[str] = []
+
+        async def watch_pods(label: str, scope: anyio.CancelScope) -> None:
+            for _ in range(1000):  # each watch ends at timeoutSeconds: start another
+                async for type_, obj in watch_events(
+                    core.list_namespaced_pod,
+                    ns,
+                    label_selector=f"{label}={job}",
+                    timeout_seconds=30,
+                ):
+                    if type_ in ("ADDED", "MODIFIED"):
+                        found.append(str(obj["metadata"]["name"]))
+                        scope.cancel()
+                        return
+
+        async def watch_failures(scope: anyio.CancelScope) -> None:
+            for _ in range(1000):
+                async for _type, event in watch_events(
+                    core.list_namespaced_event,
+                    ns,
+                    field_selector=f"involvedObject.kind=Job,involvedObject.name={job}",
+                    timeout_seconds=30,
+                ):
+                    if event.get("reason") == "FailedCreate":
+                        failed.append(str(event.get("message")))
+                        scope.cancel()
+                        return
+
+        async with anyio.create_task_group() as tg:
+            for label in JOB_NAME_LABELS:
+                tg.start_soon(watch_pods, label, tg.cancel_scope)
+            tg.start_soon(watch_failures, tg.cancel_scope)
+        if failed:
+            raise AgentPodFailed(f"the agent job {ns}/{job} cannot create its pod: {failed[0]}")
+        if found:
+            return found[0]
         raise AgentPodFailed(f"the agent job {ns}/{job} created no pod")  # pragma: no cover
 
     async def _wait_pod_ready(
@@ -474,6 +569,40 @@ class KubeBackend:
                     raise AgentPodFailed(await self._with_log(api, ns, pod, container, failure))
                 if _container_running(obj, container, ephemeral=ephemeral):
                     return
+
+    async def _not_ready(
+        self, api: Any, ns: str, name: str, container: str, timeout: float, *, what: str
+    ) -> str:
+        """Why `what` is not ready after `timeout`: the last events of the pod (or Job) `name`
+        and the last lines of its container's log, each read within a few seconds."""
+        core: Any = k8s.CoreV1Api(api)
+        events: list[str] = []
+        log: list[str] = []
+        with anyio.move_on_after(_DIAGNOSE_TIMEOUT):
+            with contextlib.suppress(ApiCallError, aiohttp.ClientError, OSError, ValueError):
+                out = await call(
+                    core.list_namespaced_event, ns, field_selector=f"involvedObject.name={name}"
+                )
+                items = sorted(
+                    out.get("items") or [],
+                    key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""),
+                )
+                events = [f"{e.get('reason')}: {e.get('message')}" for e in items[-5:]]
+            with contextlib.suppress(aiohttp.ClientError, OSError, ValueError):
+                resp = await core.read_namespaced_pod_log(
+                    name, ns, container=container, tail_lines=5, _preload_content=False
+                )
+                try:
+                    if resp.status == 200:
+                        text = (await resp.read()).decode(errors="replace")
+                        log = [ln.strip() for ln in text.splitlines() if ln.strip()][-5:]
+                finally:
+                    resp.release()
+        return (
+            f"{what} did not become ready within {timeout:g} s (agent.startup_timeout); "
+            f"its last events: {'; '.join(events) or 'none'}; its last log lines: "
+            f"{' | '.join(log) or 'none'}. Raise agent.startup_timeout if it is only slow"
+        )
 
     async def _with_log(self, api: Any, ns: str, pod: str, container: str, text: str) -> str:
         """`text`, plus the agent's error line if its log has one."""

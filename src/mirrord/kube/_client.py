@@ -19,6 +19,7 @@ from typing import Any
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
+from mirrord.daemon._backend import kubeconfig_path
 from mirrord.kube._exceptions import KubeConfigError
 
 __all__ = ["KubeContext", "kubeconfig_path", "load_context"]
@@ -37,22 +38,13 @@ class KubeContext:
         return f"<KubeContext {self.context} ns={self.namespace} file={self.kubeconfig}>"
 
 
-def kubeconfig_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
-    """The kubeconfig file(s) to read: `explicit`, else `$KUBECONFIG`, else ~/.kube/config."""
-    env = os.environ if env is None else env
-    if explicit:
-        return os.path.expanduser(explicit)
-    if env.get("KUBECONFIG"):
-        return env["KUBECONFIG"]
-    return str(Path(env.get("HOME", "~")).expanduser() / ".kube" / "config")
-
-
 async def load_context(
     *,
     kubeconfig: str | None = None,
     context: str | None = None,
     namespace: str | None = None,
     env: Mapping[str, str] | None = None,
+    accept_invalid_certificates: bool | None = None,
 ) -> KubeContext:
     """Load the client configuration; raises `KubeConfigError` saying what to fix."""
     path = kubeconfig_path(kubeconfig, env)
@@ -89,6 +81,8 @@ async def load_context(
         )
     except Exception as exc:
         raise KubeConfigError(f"cannot load context {chosen!r} from {path}: {exc}") from exc
+    if accept_invalid_certificates is not None:  # `-c`, over the kubeconfig's own setting
+        cfg.verify_ssl = not accept_invalid_certificates
     return KubeContext(
         configuration=cfg,
         context=chosen,

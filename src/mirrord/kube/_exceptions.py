@@ -42,12 +42,13 @@ class PermissionMissing(KubeError):
 
     code = "permission_missing"
 
-    def __init__(self, missing: list[tuple[str, str]]) -> None:
-        # (permission text, chart value)
+    def __init__(self, missing: list[tuple[str, str]], *, note: str = "") -> None:
+        # (permission text, chart value); `note`: when it showed (not in the check before)
         self.missing = missing
         lines = "; ".join(f"{perm} (Helm chart value {value})" for perm, value in missing)
+        when = f" ({note})" if note else ""
         super().__init__(
-            f"missing Kubernetes permission: {lines}. Ask a cluster admin to grant it, for "
+            f"missing Kubernetes permission{when}: {lines}. Ask a cluster admin to grant it, for "
             "example by installing the mirrord Helm chart (helm/mirrord) with that value set "
             "to true and your user or group in rbac.subjects; see docs/kubernetes.md"
         )

@@ -22,7 +22,8 @@ from aiohttp import WSMsgType, WSServerHandshakeError
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.stream import WsApiClient
 
-from mirrord.kube._exceptions import PermissionMissing, PortForwardError
+from mirrord.kube._exceptions import KubeError, PermissionMissing, PortForwardError
+from mirrord.kube._rbac import Permission, denied_permissions, portforward_permissions
 
 __all__ = ["PortForwardStream", "open_port_forward"]
 
@@ -139,6 +140,16 @@ class PortForwardStream(anyio.abc.ByteStream):
         return {}
 
 
+async def _denied_portforward_verbs(configuration: Any, namespace: str) -> list[Permission]:
+    perms = portforward_permissions(namespace)
+    try:
+        async with k8s.ApiClient(configuration) as api:
+            denied = await denied_permissions(api, perms)
+    except KubeError:
+        denied = []
+    return denied or perms  # the reviews allow both: some other policy refused; name both
+
+
 async def open_port_forward(
     configuration: Any,
     namespace: str,
@@ -162,11 +173,19 @@ async def open_port_forward(
             )
             ws = await ws_ctx.__aenter__()
     except WSServerHandshakeError as exc:
-        await api.close()
         if exc.status == 403:
+            # aiohttp drops the Status body that names the refused verb: ask the API server
+            # which of the verbs the upgrade is authorised with (get; create since 1.35) it
+            # refuses, and name those.
+            try:
+                denied = await _denied_portforward_verbs(configuration, namespace)
+            finally:
+                await api.close()
             raise PermissionMissing(
-                [(f"create pods/portforward in namespace {namespace}", "rbac.portForward")]
+                [(str(p), p.chart_value) for p in denied],
+                note="the API server refused the port-forward upgrade",
             ) from None
+        await api.close()
         if exc.status == 404:
             raise PortForwardError(
                 f"cannot port-forward to {description}: the pod is gone"

@@ -15,7 +15,13 @@ from kubernetes_asyncio import client as k8s
 from mirrord.kube._api import ApiCallError, call
 from mirrord.kube._exceptions import KubeError, PermissionMissing
 
-__all__ = ["Permission", "check_permissions", "needed_permissions"]
+__all__ = [
+    "Permission",
+    "check_permissions",
+    "denied_permissions",
+    "needed_permissions",
+    "portforward_permissions",
+]
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,24 @@ def needed_permissions(
     else:  # daemonset: the node agent lives in the chart's namespace
         perms += [Permission("list", "pods", agent_ns)]
         pf_ns = agent_ns
-    # Since Kubernetes 1.35 the websocket port-forward needs `create` on pods/portforward.
-    perms.append(Permission("create", "pods", pf_ns, "", "portforward", "rbac.portForward"))
+    perms += portforward_permissions(pf_ns)
     # De-duplicate, keeping order.
     return list(dict.fromkeys(perms))
+
+
+def portforward_permissions(namespace: str) -> list[Permission]:
+    """The websocket upgrade of a port-forward is a GET, authorised as `get` on
+    pods/portforward; since Kubernetes 1.35 the API server also asks for `create`."""
+    return [
+        Permission(verb, "pods", namespace, "", "portforward", "rbac.portForward")
+        for verb in ("get", "create")
+    ]
+
+
+async def denied_permissions(api: Any, perms: list[Permission]) -> list[Permission]:
+    """The permissions of `perms` the user lacks (one SelfSubjectAccessReview each)."""
+    results = await asyncio.gather(*(_allowed(api, p) for p in perms))
+    return [p for p, ok in zip(perms, results, strict=True) if not ok]
 
 
 async def _allowed(api: Any, perm: Permission) -> bool:
@@ -109,7 +129,6 @@ async def _allowed(api: Any, perm: Permission) -> bool:
 
 async def check_permissions(api: Any, perms: list[Permission]) -> None:
     """Raise `PermissionMissing` naming every permission the user lacks."""
-    results = await asyncio.gather(*(_allowed(api, p) for p in perms))
-    missing = [(str(p), p.chart_value) for p, ok in zip(perms, results, strict=True) if not ok]
+    missing = await denied_permissions(api, perms)
     if missing:
-        raise PermissionMissing(missing)
+        raise PermissionMissing([(str(p), p.chart_value) for p in missing])

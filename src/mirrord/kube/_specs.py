@@ -124,7 +124,9 @@ def agent_args(target: str, port: int, idle_timeout: int, log_level: str = "info
         "--target",
         target,
         "--listen",
-        f"tcp:0.0.0.0:{port}",
+        # The port-forward dials localhost in the pod's network namespace: nothing else
+        # (other pods, the node) needs to reach the agent, so it listens on loopback only.
+        f"tcp:127.0.0.1:{port}",
         "--idle-timeout",
         str(idle_timeout),
         "--log-level",

@@ -160,6 +160,7 @@ _SETTING_NAMES = {
     "not_found": ("feature.fs.not_found", MAX_LIST),
     "fs_map": ("feature.fs.mapping", MAX_MAPPINGS),
     "outgoing_filter": ("feature.network.outgoing.filter", MAX_LIST),
+    "unix_stream": ("feature.network.outgoing.unix_streams", MAX_LIST),
     "dns_filter": ("feature.network.dns.filter", MAX_LIST),
     "port_mapping": ("feature.network.incoming.port_mapping", MAX_LIST),
     "listen_ports": ("feature.network.incoming.listen_ports", MAX_LIST),
@@ -176,10 +177,12 @@ class LayerSettingsTooLarge(ValueError):
 
 def _check_fits(lines: list[str]) -> None:
     counts: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for line in lines:
         key = line.partition("=")[0]
         counts[key] = counts.get(key, 0) + 1
         size = len(line.encode())
+        sizes[key] = sizes.get(key, 0) + size + 1
         if size > MAX_LINE:
             name = _SETTING_NAMES.get(key, (key, 0))[0]
             raise LayerSettingsTooLarge(
@@ -193,13 +196,15 @@ def _check_fits(lines: list[str]) -> None:
                 f"{name} has {count} entries; the layer takes at most {limit} "
                 "(native/policy.c): merge some of them (one regex can match many paths)"
             )
-    total = len(ENV_NAME) + 2 + sum(len(line.encode()) + 1 for line in lines)
+    total = len(ENV_NAME) + 2 + sum(sizes.values())
     if total > MAX_ENV_STRING:
+        largest = max(sizes, key=lambda k: sizes[k])
         raise LayerSettingsTooLarge(
             f"the layer's settings take {total} bytes in the environment variable {ENV_NAME}; "
             f"Linux allows at most {MAX_ENV_STRING} bytes per environment string "
-            "(MAX_ARG_STRLEN, execve would fail with E2BIG): shorten the feature.fs and "
-            "feature.network lists of the configuration"
+            f"(MAX_ARG_STRLEN, execve would fail with E2BIG): shorten the configuration's "
+            f"lists, first {_SETTING_NAMES.get(largest, (largest, 0))[0]} "
+            f"({sizes[largest]} bytes)"
         )
 
 
@@ -225,6 +230,7 @@ class LayerSettings:
     outgoing_udp: bool = True
     outgoing_filter_mode: FilterMode | None = None
     outgoing_filter: tuple[str, ...] = ()
+    unix_streams: tuple[str, ...] = ()  # unix stream socket paths connected in the target
     ignore_localhost: bool = False  # outgoing connections to localhost stay local
     dns: bool = True
     dns_filter_mode: FilterMode | None = None
@@ -258,6 +264,8 @@ class LayerSettings:
             lines.append(
                 f"fs_map={_line_value(posix, 'fs_mapping')}\t{_line_value(repl, 'fs_mapping')}"
             )
+        for pattern in self.unix_streams:
+            lines.append(f"unix_stream={_line_value(posix_regex(pattern), 'unix_stream')}")
         lines.append(f"outgoing_tcp={int(self.outgoing_tcp)}")
         lines.append(f"outgoing_udp={int(self.outgoing_udp)}")
         if self.outgoing_filter_mode is not None:
@@ -323,6 +331,7 @@ class LayerSettings:
             outgoing_udp=out.udp,
             outgoing_filter_mode=out_mode,
             outgoing_filter=out_list,
+            unix_streams=tuple(out.unix_streams),
             ignore_localhost=out.ignore_localhost,
             dns=dns.enabled,
             dns_filter_mode=dns_mode,

@@ -26,8 +26,13 @@ from typing import Any
 
 from mirrord.protocol._base import Message, message
 
+# Agent features announced in Hello/Welcome: a Connect with protocol "unix" is sent only to an
+# agent that announced this one.
+FEATURE_UNIX_STREAMS = "unix_streams"
+
 __all__ = [
     "CONN_CLOSE_NORMAL",
+    "FEATURE_UNIX_STREAMS",
     "INCOMING_MODES",
     "MAX_DATA_CHUNK",
     "MAX_DIR_BATCH",
@@ -628,7 +633,9 @@ class ChannelClose(Message):
 @message(110)
 class Connect(Request):
     """daemon -> agent: open an outgoing connection from the target's network namespace.
-    `conn_id` is chosen by the daemon (even numbers)."""
+    `conn_id` is chosen by the daemon (even numbers). `protocol` "unix": a unix stream socket
+    at the path `address` in the target's file system (`port` 0), sent only to an agent that
+    announced the `FEATURE_UNIX_STREAMS` feature."""
 
     request_id: int
     conn_id: int
@@ -637,8 +644,8 @@ class Connect(Request):
     port: int
 
     def _validate(self) -> None:
-        if self.protocol not in ("tcp", "udp"):
-            raise ValueError(f"protocol {self.protocol!r} is not tcp or udp")
+        if self.protocol not in ("tcp", "udp", "unix"):
+            raise ValueError(f"protocol {self.protocol!r} is not tcp, udp or unix")
         _port(self.port, "port")
 
 
@@ -766,22 +773,43 @@ class LayerWelcome(Message):
 
 @message(202)
 class LayerConnect(Request):
-    """Outgoing: connect to `address:port` from the target; the reply names the daemon-side
-    relay endpoint the user's socket connects to instead."""
+    """Outgoing: connect to `address:port` from the target.
+
+    `protocol` "unix": `address` is a unix stream socket's path in the target (`port` 0);
+    the daemon passes the layer's end of a socketpair.
+    Without `source_port` (a TCP or UDP `connect()`), the daemon passes the layer the user
+    app's end of a private relay connection with the reply (SCM_RIGHTS on the layer
+    connection): a loopback socket of `family` (AF_INET or AF_INET6; 0: by `address`) already
+    connected to the daemon's end, which the layer puts in the place of the app's socket.
+    With `source_port` (UDP `sendto()` on an unconnected socket bound to
+    `source_address:source_port`), the reply names a daemon relay endpoint that takes
+    datagrams from that address only."""
 
     request_id: int
     protocol: str
     address: str
     port: int
+    family: int = 0
+    source_address: str = ""
+    source_port: int = 0
 
     def _validate(self) -> None:
-        if self.protocol not in ("tcp", "udp"):
-            raise ValueError(f"protocol {self.protocol!r} is not tcp or udp")
+        if self.protocol not in ("tcp", "udp", "unix"):
+            raise ValueError(f"protocol {self.protocol!r} is not tcp, udp or unix")
         _port(self.port, "port")
+        if self.family not in (0, 2, 10):
+            raise ValueError(f"family {self.family} is not AF_INET or AF_INET6")
+        if self.source_port:
+            _port(self.source_port, "source_port")
+            if self.protocol != "udp":
+                raise ValueError("a source endpoint is only for udp")
 
 
 @message(203)
 class LayerConnected(Reply):
+    """`relay_address:relay_port`: the daemon's end of the relay (the peer of the passed
+    socket, or the endpoint for `sendto`); it also names the relay in `LayerDisconnect`."""
+
     request_id: int
     relay_address: str
     relay_port: int
@@ -830,7 +858,8 @@ class PeerReply(Reply):
 class LayerDisconnect(Request):
     """The app closed a UDP socket relayed through the daemon's endpoint at `relay_port`:
     end that relay and its connection in the target (a UDP relay never sees an end of its
-    own). The reply is `Ok`, also for a relay that is already gone."""
+    own) once the datagrams the app sent before closing are forwarded. The reply is `Ok`,
+    also for a relay that is already gone."""
 
     request_id: int
     relay_port: int

@@ -160,6 +160,15 @@ class Kubelet:
         self.pull_errors: dict[str, str] = {}  # image -> the registry's message
         self.unschedulable: str | None = None  # when set, every unpinned pod is Unschedulable
         self.agent_argv: list[str] = [sys.executable, "-m", "mirrord.agent"]
+        # The Job controller's pod labels: both (Kubernetes >= 1.27); before 1.27 only the
+        # legacy `controller-uid`/`job-name`. And how long it takes to create the pod.
+        self.job_pod_labels: set[str] = {
+            "batch.kubernetes.io/controller-uid",
+            "batch.kubernetes.io/job-name",
+            "controller-uid",
+            "job-name",
+        }
+        self.job_pod_delay = 0.0
         self.env_extra: dict[str, str] = {}
         # Admission checks (shared with the server): the Job controller's pod creates go
         # through them too, and a denial becomes a FailedCreate event on the Job.
@@ -266,6 +275,7 @@ class Kubelet:
     # ------------------------------------------------------------------ job controller
 
     async def _job_controller(self, ns: str, name: str) -> None:
+        await asyncio.sleep(self.job_pod_delay)
         job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
         if job is None:
             return
@@ -275,10 +285,14 @@ class Kubelet:
         uid = job["metadata"]["uid"]
         labels.update(
             {
-                "batch.kubernetes.io/controller-uid": uid,
-                "batch.kubernetes.io/job-name": name,
-                "controller-uid": uid,
-                "job-name": name,
+                key: value
+                for key, value in {
+                    "batch.kubernetes.io/controller-uid": uid,
+                    "batch.kubernetes.io/job-name": name,
+                    "controller-uid": uid,
+                    "job-name": name,
+                }.items()
+                if key in self.job_pod_labels
             }
         )
         pod = {
@@ -417,6 +431,40 @@ class Kubelet:
             return  # a pod pinned to a node that does not exist stays Pending, as in a cluster
         await self._start_containers(ns, name)
 
+    def pod_event(
+        self,
+        ns: str,
+        pod_name: str,
+        reason: str,
+        message: str,
+        *,
+        type_: str = "Normal",
+        component: str = "kubelet",
+    ) -> None:
+        """An Event about a pod, as the scheduler and the kubelet record them."""
+        pod = self.store.find(PODS, ns, pod_name)  # type: ignore[arg-type]
+        self.store.create(
+            find_resource("", "v1", "events"),  # type: ignore[arg-type]
+            ns,
+            {
+                "metadata": {"name": f"{pod_name}.{random_suffix(8)}"},
+                "involvedObject": {
+                    "kind": "Pod",
+                    "name": pod_name,
+                    "namespace": ns,
+                    "uid": (pod or {}).get("metadata", {}).get("uid", ""),
+                    "apiVersion": "v1",
+                },
+                "reason": reason,
+                "message": message,
+                "type": type_,
+                "source": {"component": component},
+                "count": 1,
+                "firstTimestamp": now_rfc3339(),
+                "lastTimestamp": now_rfc3339(),
+            },
+        )
+
     async def _start_containers(self, ns: str, name: str) -> None:
         pod = self.store.find(PODS, ns, name)  # type: ignore[arg-type]
         if pod is None:
@@ -438,6 +486,13 @@ class Kubelet:
             ]
 
         self._set_pod(ns, name, scheduled)
+        self.pod_event(
+            ns,
+            name,
+            "Scheduled",
+            f"Successfully assigned {ns}/{name} to {pod['spec']['nodeName']}",
+            component="default-scheduler",
+        )
         await asyncio.sleep(0.05)
         bad = [c for c in containers if c.get("image") in self.pull_errors]
         if bad:
@@ -448,10 +503,16 @@ class Kubelet:
         for c in containers:
             cr = ContainerRuntime(c["name"], new_container_id())
             rt.containers[c["name"]] = cr
+            image = c.get("image")
+            self.pod_event(
+                ns, name, "Pulled", f'Container image "{image}" already present on machine'
+            )
+            self.pod_event(ns, name, "Created", f"Created container: {c['name']}")
             if _is_agent(c):
                 await self._spawn_agent(
                     rt, cr, c, join_netns=None, host_pid=bool(pod["spec"].get("hostPID"))
                 )
+            self.pod_event(ns, name, "Started", f"Started container {c['name']}")
 
         def running(p: Obj) -> None:
             p["status"]["phase"] = "Running"

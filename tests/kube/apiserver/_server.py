@@ -290,11 +290,14 @@ class FakeApiServer:
         verb = _VERBS.get(request.method, "get")
         if request.method == "GET" and not name:
             verb = "watch" if watch else "list"
-        if sub == "portforward":
-            verb = "create"  # since 1.35 the websocket upgrade (a GET) needs create
         rbac_resource = f"{plural}/{sub}" if sub else plural
-        if not self.rbac.allowed(verb, group, rbac_resource):
-            raise forbidden(USER, verb=verb, group=group, resource=rbac_resource, ns=ns, name=name)
+        # The websocket upgrade of a port-forward is a GET, authorised as `get`; since 1.35 the
+        # API server also asks for `create`. The message names the verb refused.
+        for needed in (verb, "create") if sub == "portforward" else (verb,):
+            if not self.rbac.allowed(needed, group, rbac_resource):
+                raise forbidden(
+                    USER, verb=needed, group=group, resource=rbac_resource, ns=ns, name=name
+                )
 
         if sub:
             if res.plural != "pods":
