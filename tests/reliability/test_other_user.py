@@ -162,11 +162,6 @@ print(json.dumps({"connected": True, "got": got.decode(errors="replace")}))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 1 (relays belong to their session: no listener another user can "
-    "reach), lands with sec-relay",
-)
 def test_another_user_cannot_use_a_tcp_relay(scene_factory: Callable[[str], Scene]) -> None:
     scene = scene_factory("read")
     wait_ready(scene)
@@ -176,7 +171,7 @@ def test_another_user_cannot_use_a_tcp_relay(scene_factory: Callable[[str], Scen
             m.LayerConnect(request_id=1, protocol="tcp", address="127.0.0.1", port=7777)
         )
         assert isinstance(reply, m.LayerConnected), reply
-        if reply.relay_port:  # a relay with a port: the other user tries it before the app
+        if reply.relay_port:  # the daemon's end of the relay: the other user tries it first
             result = as_nobody(_TCP_INTRUDER, reply.relay_address, str(reply.relay_port))
             # the pod's echo service must never answer the other user
             assert result.get("got", "") == "", result
@@ -211,10 +206,6 @@ print(json.dumps({"got": got}))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 item 1 (the UDP relay takes datagrams of its app only), lands with sec-relay",
-)
 def test_another_user_cannot_inject_into_a_udp_relay(
     scene_factory: Callable[[str], Scene], pod: LocalPod
 ) -> None:
