@@ -16,6 +16,18 @@ if TYPE_CHECKING:
     from mirrord.localpod import LocalPod, PodSpec
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Here, not in tests/reliability/conftest.py: options must be known before collection.
+    parser.addoption(
+        "--reliability-full",
+        action="store_true",
+        default=False,
+        help="run tests/reliability at its full size (10,000 fuzz frames a socket, 1,000 "
+        "stolen connections, 1 GiB each way, 500 sequential runs; also "
+        "MIRRORD_RELIABILITY_FULL=1); see docs/reliability.md",
+    )
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
