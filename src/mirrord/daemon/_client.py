@@ -485,9 +485,15 @@ def stop_daemon(paths: RuntimePaths, timeout: float = 15.0) -> bool:
     """Ask the daemon to shut down and wait until it has; False if none was running."""
     try:
         with ControlClient(paths.control_socket) as client:
-            pid = int(client.call("shutdown", timeout=5)["pid"])
+            answer = client.call("shutdown", timeout=5)
     except DaemonNotRunning:
         return False
+    pid = answer.get("pid") if isinstance(answer, dict) else None
+    if not isinstance(pid, int) or pid <= 0:
+        raise DaemonError(
+            f"whatever listens on {paths.control_socket} answered shutdown without its pid: "
+            "it is not a mirrord daemon of this install; stop it, remove the socket and run again"
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _pid_alive(pid):
         time.sleep(0.02)
