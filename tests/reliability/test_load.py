@@ -224,11 +224,6 @@ def test_sequential_runs_leave_no_fds_or_memory_behind(
     assert rss_after - rss_before < 16 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by this suite (no owner yet): when the pod's client half-closes a stolen "
-    "connection, the tail of the app's answer is lost (16 MiB echoed: ~0.5 MiB missing)",
-)
 def test_half_closed_stolen_connection_keeps_the_tail(mirrord: Mirrord, pod: LocalPod) -> None:
     app = start_echo_app(mirrord, pod)
     try:

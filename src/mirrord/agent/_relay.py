@@ -11,8 +11,11 @@ the incoming code through `Channel.start_incoming`) and the daemon as `Data` / `
   (non-blocking) and credits what the socket took, so a small exchange needs no task switch;
 - `Shutdown` is a half-close each way; when both directions are done the relay sends
   `ConnClose(0)`; a socket error ends the relay with `ConnClose(errno)`; the daemon's
-  `ConnClose` ends it at once (with an errno, the user app's side was reset or failed: the
-  socket is closed with a reset, so the peer in the target sees what it would see).
+  `ConnClose` with an errno ends it at once (the user app's side was reset or failed: the
+  socket is closed with a reset, so the peer in the target sees what it would see); the
+  daemon's `ConnClose(0)` (its side is done both ways) still writes the `Data` it sent before
+  (queued here, up to the window) and the EOF, as a kernel still sends what an app wrote
+  before `close()`, for at most `CLOSE_DRAIN_TIMEOUT`; only the reading side stops at once.
 Does not own: creating sockets (`_outgoing.py`, the incoming code) or the channel's tables.
 """
 
@@ -40,6 +43,9 @@ log = logging.getLogger("mirrord.agent")
 _READ_CHUNK = 256 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _DATAGRAM_MAX = 65536
+# After the daemon's ConnClose(0): how long the Data queued before it may take to reach a
+# peer in the target that reads slowly (or never), before the socket is closed regardless.
+CLOSE_DRAIN_TIMEOUT = 60.0
 
 
 class Link(Protocol):
@@ -106,6 +112,7 @@ class Relay:
         self._fail_errno = 0  # set by `fail()`
         self._reset_by_daemon = False  # ConnClose with an errno: the user app's side broke
         self._scope = anyio.CancelScope()
+        self._reading = anyio.CancelScope()  # socket -> daemon
         self.finished = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -145,6 +152,16 @@ class Relay:
         self._closed_by_daemon = True
         self._daemon_errno = errno_
         self._reset_by_daemon = errno_ != m.CONN_CLOSE_NORMAL
+        if errno_ == m.CONN_CLOSE_NORMAL and not self.datagram and self._tg is not None:
+            # A clean end: the Data the daemon sent before its ConnClose may still be queued
+            # here (the daemon closes once the user app's EOF went out, not once the peer in
+            # the target read everything): write it and the EOF, then end. Nothing more is
+            # read from the socket (the connection is gone on the daemon's side).
+            self._peer_shutdown = True
+            self._inbox_changed.set()
+            self._reading.cancel()
+            self._scope.deadline = anyio.current_time() + CLOSE_DRAIN_TIMEOUT
+            return
         self._scope.cancel()
 
     def fail(self, errno_: int) -> None:
@@ -172,7 +189,7 @@ class Relay:
                 try:
                     async with anyio.create_task_group() as tg:
                         self._tg = tg
-                        tg.start_soon(self._socket_to_daemon)
+                        tg.start_soon(self._read_socket)
                         tg.start_soon(self._daemon_to_socket)
                 except* (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as group:
                     close_errno = _errno_of(group.exceptions[0])
@@ -202,6 +219,10 @@ class Relay:
             self._credit = anyio.Event()
             await self._credit.wait()
         return window
+
+    async def _read_socket(self) -> None:
+        with self._reading:
+            await self._socket_to_daemon()
 
     async def _socket_to_daemon(self) -> None:
         if self.datagram:
@@ -237,7 +258,8 @@ class Relay:
                         await self.stream.send(chunk)
                     finally:
                         self._writing = False
-                await self.link.send(m.Credit(conn_id=self.conn_id, amount=len(chunk)))
+                if not self._closed_by_daemon:
+                    await self.link.send(m.Credit(conn_id=self.conn_id, amount=len(chunk)))
                 continue
             if self.datagram:
                 # UDP has no half-close: the daemon's Shutdown ends the association.
