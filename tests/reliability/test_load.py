@@ -75,13 +75,6 @@ async def _concurrent(address: str, count: int) -> list[bytes]:
     return [a for a, p in zip(answers, payloads, strict=True) if a != p]
 
 
-# Not strict: in some runs all three rounds pass (in most, 20 to 94 of 100 are reset).
-@pytest.mark.xfail(
-    strict=False,
-    reason="regression of issue 20 item 3 (sec-agent, 65869d4): the INPUT rule that resets "
-    "connections to the steal listener not in conntrack state DNAT resets many redirected "
-    "connections of a round from a client whose ports were used before (20-94 of 100 here)",
-)
 @pytest.mark.timeout(1800)  # the full size (1 GiB, 500 runs) takes minutes
 def test_concurrent_stolen_connections(mirrord: Mirrord, pod: LocalPod, size: Size) -> None:
     app = start_echo_app(mirrord, pod)
@@ -224,11 +217,6 @@ def test_sequential_runs_leave_no_fds_or_memory_behind(
     assert rss_after - rss_before < 16 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by this suite (no owner yet): when the pod's client half-closes a stolen "
-    "connection, the tail of the app's answer is lost (16 MiB echoed: ~0.5 MiB missing)",
-)
 def test_half_closed_stolen_connection_keeps_the_tail(mirrord: Mirrord, pod: LocalPod) -> None:
     app = start_echo_app(mirrord, pod)
     try:

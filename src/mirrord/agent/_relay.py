@@ -12,7 +12,8 @@ the incoming code through `Channel.start_incoming`) and the daemon as `Data` / `
 - `Shutdown` is a half-close each way; when both directions are done the relay sends
   `ConnClose(0)`; a socket error ends the relay with `ConnClose(errno)`; the daemon's
   `ConnClose` ends it at once (with an errno, the user app's side was reset or failed: the
-  socket is closed with a reset, so the peer in the target sees what it would see).
+  socket is closed with a reset, so the peer in the target sees what it would see), except
+  that a clean one first lets the `Data` and `Shutdown` sent before it be written.
 Does not own: creating sockets (`_outgoing.py`, the incoming code) or the channel's tables.
 """
 
@@ -40,6 +41,9 @@ log = logging.getLogger("mirrord.agent")
 _READ_CHUNK = 256 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _DATAGRAM_MAX = 65536
+# After the daemon's clean ConnClose, the bytes it sent before are still written to the socket
+# (then the EOF), for at most this long: a peer that reads nothing cannot keep the relay.
+DRAIN_TIMEOUT = 30.0
 
 
 class Link(Protocol):
@@ -100,6 +104,9 @@ class Relay:
         self._inbox_changed = anyio.Event()
         self._credit = anyio.Event()
         self._peer_shutdown = False  # the daemon sent Shutdown
+        self._sent_shutdown = False  # our Shutdown went to the daemon (socket -> daemon done)
+        self._draining = False  # clean ConnClose: writing what the daemon sent, then ending
+        self._writer_running = False  # _daemon_to_socket has not returned yet
         self._closed_by_daemon = False
         self._daemon_errno = m.CONN_CLOSE_NORMAL  # the errno of the daemon's ConnClose
         self._credited = False  # the daemon wrote some of our bytes to the user app
@@ -145,6 +152,21 @@ class Relay:
         self._closed_by_daemon = True
         self._daemon_errno = errno_
         self._reset_by_daemon = errno_ != m.CONN_CLOSE_NORMAL
+        if (
+            errno_ == m.CONN_CLOSE_NORMAL
+            and not self.datagram
+            and self._sent_shutdown
+            and self._writer_running
+        ):
+            # A clean end: the daemon's Data (and Shutdown) came before this ConnClose, often
+            # in the same read, and are not all written yet. Write them, then the EOF, then
+            # end (`_daemon_to_socket`); dropping them closed the peer's connection without
+            # its answer (an echo read b"").
+            self._draining = True
+            self._peer_shutdown = True
+            self._inbox_changed.set()
+            self._scope.deadline = min(self._scope.deadline, anyio.current_time() + DRAIN_TIMEOUT)
+            return
         self._scope.cancel()
 
     def fail(self, errno_: int) -> None:
@@ -218,9 +240,19 @@ class Relay:
             except anyio.EndOfStream:
                 break
             await self.link.send(m.Data(conn_id=self.conn_id, data=chunk))
+        self._sent_shutdown = True  # (before: the daemon may answer before send() returns)
         await self.link.send(m.Shutdown(conn_id=self.conn_id))
 
     async def _daemon_to_socket(self) -> None:
+        self._writer_running = True
+        try:
+            await self._write_to_socket()
+        finally:
+            self._writer_running = False
+        if self._draining:
+            self._scope.cancel()  # all written: the daemon's ConnClose takes effect
+
+    async def _write_to_socket(self) -> None:
         while True:
             while not self._inbox and not self._peer_shutdown:
                 self._inbox_changed = anyio.Event()
@@ -237,7 +269,8 @@ class Relay:
                         await self.stream.send(chunk)
                     finally:
                         self._writing = False
-                await self.link.send(m.Credit(conn_id=self.conn_id, amount=len(chunk)))
+                if not self._closed_by_daemon:  # after its ConnClose nobody takes credit
+                    await self.link.send(m.Credit(conn_id=self.conn_id, amount=len(chunk)))
                 continue
             if self.datagram:
                 # UDP has no half-close: the daemon's Shutdown ends the association.
