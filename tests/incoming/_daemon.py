@@ -267,6 +267,11 @@ class AgentClient:
         async with self._lock:
             await self.stream.send(self.conn.send(msg, channel))
 
+    async def send_raw(self, frames: bytes) -> None:
+        """Frames made with `conn.send`, in one write (as a daemon's batch arrives)."""
+        async with self._lock:
+            await self.stream.send(frames)
+
     async def request(self, channel: int, make: Callable[[int], Message]) -> Any:
         rid = next(self._rid)
         event = anyio.Event()

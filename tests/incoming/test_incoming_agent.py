@@ -20,6 +20,7 @@ import pytest
 
 from mirrord.agent._http_filter import CLOSED, RequestSplitter, RequestStarted
 from mirrord.localpod import LocalPod
+from mirrord.protocol import messages as m
 from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn, start_agent, stop_agent
 from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
 
@@ -116,6 +117,49 @@ async def test_steal_reports_the_real_peer_and_original_destination(
             assert announce.mode == "steal"
             assert (announce.remote_address, announce.remote_port) == local
             assert (announce.local_address, announce.local_port) == (pod.ip, 7777)
+            tg.cancel_scope.cancel()
+
+
+async def test_answer_shutdown_and_close_in_one_write_still_reach_the_stolen_peer(
+    pod: LocalPod, steal_agent: Agent
+) -> None:
+    """The daemon's last Data, its Shutdown and its clean ConnClose often arrive in one read
+    (a fast user app): the agent writes the answer and the EOF before it closes the socket."""
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, None, seen)
+            await subscribe(client, 1, 7777, "steal")
+            for round_ in range(20):  # each round a new stolen connection
+                sock = await anyio.connect_tcp(pod.ip, 7777)
+                async with sock:
+                    question = b"question %d" % round_
+                    await sock.send(question)
+                    await sock.send_eof()
+                    with anyio.fail_after(10):
+                        while len(seen) <= round_:
+                            await anyio.sleep(0.01)
+                        conn = seen[round_]
+                        assert await conn.receive_all() == question  # then the peer's EOF
+                    answer = b"answer %d " % round_ + os.urandom(4096)
+                    frames = b"".join(
+                        client.conn.send(msg, 1)
+                        for msg in (
+                            m.Data(conn_id=conn.conn_id, data=answer),
+                            m.Shutdown(conn_id=conn.conn_id),
+                            m.ConnClose(conn_id=conn.conn_id, errno=0),
+                        )
+                    )
+                    await client.send_raw(frames)
+                    got = bytearray()
+                    with anyio.fail_after(10):
+                        while True:
+                            try:
+                                got += await sock.receive()
+                            except anyio.EndOfStream:
+                                break
+                    assert bytes(got) == answer, f"round {round_ + 1}: {len(got)} bytes"
             tg.cancel_scope.cancel()
 
 

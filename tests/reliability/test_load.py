@@ -75,13 +75,6 @@ async def _concurrent(address: str, count: int) -> list[bytes]:
     return [a for a, p in zip(answers, payloads, strict=True) if a != p]
 
 
-# Not strict: in some runs all three rounds pass (in most, 20 to 94 of 100 are reset).
-@pytest.mark.xfail(
-    strict=False,
-    reason="regression of issue 20 item 3 (sec-agent, 65869d4): the INPUT rule that resets "
-    "connections to the steal listener not in conntrack state DNAT resets many redirected "
-    "connections of a round from a client whose ports were used before (20-94 of 100 here)",
-)
 @pytest.mark.timeout(1800)  # the full size (1 GiB, 500 runs) takes minutes
 def test_concurrent_stolen_connections(mirrord: Mirrord, pod: LocalPod, size: Size) -> None:
     app = start_echo_app(mirrord, pod)
