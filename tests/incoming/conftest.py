@@ -4,6 +4,7 @@ incoming connection to that app the way mirrordd does."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -20,6 +21,23 @@ from mirrord.protocol import messages as m
 from tests.incoming._daemon import Agent, AgentClient, Conn, start_agent, stop_agent
 
 _APP = Path(__file__).with_name("_local_app.py")
+
+
+@contextlib.contextmanager
+def python_app_in_pod(pod: LocalPod, app: str, port: int, library_dir: str) -> Iterator[LocalPod]:
+    """Runs the test app `app` (`APP pod 0.0.0.0 PORT`, printing PORT when it listens) in the pod
+    on the real python binary (outside the virtualenv), with `library_dir` (the site-packages
+    of a library it needs) on its path; killed at the end."""
+    python = os.path.realpath(sys.executable)
+    env = {**pod.env, "PYTHONPATH": library_dir}
+    proc = pod.popen_in_pod([python, app, "pod", "0.0.0.0", str(port)], env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == str(port).encode()
+    try:
+        yield pod
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 
 from mirrord.localpod import LocalPod
 from tests.cli.conftest import Mirrord, temp_mirrord
+from tests.incoming.conftest import python_app_in_pod
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -38,17 +39,10 @@ def mirrord() -> Iterator[Mirrord]:
 @pytest.fixture
 def grpc_pod(pod: LocalPod) -> Iterator[LocalPod]:
     """The pod with a gRPC app on PORT."""
-    python = os.path.realpath(sys.executable)  # the real binary: outside the virtualenv
-    site = os.path.dirname(os.path.dirname(grpc.__file__))
-    env = {**pod.env, "PYTHONPATH": site}
-    proc = pod.popen_in_pod([python, GRPC_APP, "pod", "0.0.0.0", str(PORT)], env=env)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == str(PORT).encode()
-    try:
-        yield pod
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+    with python_app_in_pod(
+        pod, GRPC_APP, PORT, os.path.dirname(os.path.dirname(grpc.__file__))
+    ) as p:
+        yield p
 
 
 def say(channel: grpc.Channel, text: str, user: str | None) -> str:

@@ -20,7 +20,7 @@ import pytest
 from mirrord.localpod import LocalPod
 from tests.cli.conftest import Mirrord, temp_mirrord
 from tests.incoming._daemon import Agent, AgentClient, Conn
-from tests.incoming.conftest import serve_channel, subscribe
+from tests.incoming.conftest import python_app_in_pod, serve_channel, subscribe
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -38,17 +38,8 @@ def mirrord() -> Iterator[Mirrord]:
 @pytest.fixture
 def h2_pod(pod: LocalPod) -> Iterator[LocalPod]:
     """The pod with an h2c app on PORT."""
-    python = os.path.realpath(sys.executable)  # the real binary: outside the virtualenv
-    site = os.path.dirname(os.path.dirname(h2.__file__))
-    env = {**pod.env, "PYTHONPATH": site}
-    proc = pod.popen_in_pod([python, H2_APP, "pod", "0.0.0.0", str(PORT)], env=env)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == str(PORT).encode()
-    try:
-        yield pod
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+    with python_app_in_pod(pod, H2_APP, PORT, os.path.dirname(os.path.dirname(h2.__file__))) as p:
+        yield p
 
 
 def curl_h2(pod: LocalPod, path: str, user: str | None, *, upgrade: bool = False) -> str:
