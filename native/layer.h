@@ -350,6 +350,13 @@ int sockaddr_to_text(const struct sockaddr *sa, char *host, size_t cap, int *por
 int sockaddr_from_text(const char *host, int port, int family, struct sockaddr_storage *ss,
                        socklen_t *len);
 int is_loopback(const struct sockaddr *sa);
+/* net.c: the LayerConnect request. `want_fd`: the daemon passes the relay socket (into *rfd);
+ * without it, with `shost`/`sport`, the daemon's endpoint (*relay) takes only that source.
+ * `relay` NULL: a unix path. 0, or -1 with errno (ECONNREFUSED when the daemon is gone). */
+int layer_connect_call(const char *proto, const char *host, int port, int family,
+                       const char *shost, int sport, int want_fd, struct sockaddr_storage *relay,
+                       socklen_t *relay_len, struct sockaddr_storage *local, socklen_t *local_len,
+                       int *rfd);
 
 /* debugger.c: a debugger's own ports (MIRRORD_IGNORE_DEBUGGER_PORTS, ..._DETECT_...) */
 void debugger_init(void);

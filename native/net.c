@@ -125,10 +125,6 @@ static struct ent *sock_ent(int fd) {
 }
 
 static void udp_forget_relays(int fd, struct ent *e);
-static int layer_connect_call(const char *proto, const char *host, int port, int family,
-                              const char *shost, int sport, int want_fd,
-                              struct sockaddr_storage *relay, socklen_t *relay_len,
-                              struct sockaddr_storage *local, socklen_t *local_len, int *rfd);
 static int splice_relay(int fd, int rfd, int type);
 static int own_listener_port(int port);
 /* Listening sockets of this process are at or below this fd (see own_listener_port). */
@@ -158,11 +154,12 @@ static int layer_connect(const char *proto, const struct sockaddr *sa, int famil
                               relay_len, local, local_len, rfd);
 }
 
-/* The LayerConnect round trip of layer_connect (also for a unix path, with `relay` NULL). */
-static int layer_connect_call(const char *proto, const char *host, int port, int family,
-                              const char *shost, int sport, int want_fd,
-                              struct sockaddr_storage *relay, socklen_t *relay_len,
-                              struct sockaddr_storage *local, socklen_t *local_len, int *rfd) {
+/* The LayerConnect round trip of layer_connect (also for a unix path, with `relay` NULL; and
+ * for the system-call supervisor, native/supervise.c). */
+int layer_connect_call(const char *proto, const char *host, int port, int family,
+                       const char *shost, int sport, int want_fd, struct sockaddr_storage *relay,
+                       socklen_t *relay_len, struct sockaddr_storage *local, socklen_t *local_len,
+                       int *rfd) {
     *rfd = -1;
     struct lconn *c = conn_acquire();
     if (c == NULL) {

@@ -1,0 +1,180 @@
+/* The layer's side of the system-call supervisor's socket calls (native/supervisor/, see
+ * docs/layer.md). The supervisor runs with this library preloaded, takes the program's own
+ * socket with pidfd_getfd and asks these functions what to do with the call it trapped, so the
+ * local/remote decision and the daemon requests are the layer's own: policy_connect,
+ * debugger_port and LayerConnect (net.c) for connect; the layer's listen() hook, which
+ * subscribes, for listen. The file calls' counterparts are files.c's mirrord_supervisor_*.
+ *
+ * `fd` is always the supervisor's descriptor of the program's socket: the same open file, so
+ * binding, connecting or listening it here does it to the program's socket, and the program's
+ * epoll registration of its descriptor stays valid (docs/layer.md; notes pitfall 5).
+ */
+#include "layer.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <string.h>
+
+static int sock_int(int fd, int opt) {
+    int v = -1;
+    socklen_t l = sizeof v;
+    return getsockopt(fd, SOL_SOCKET, opt, &v, &l) == 0 ? v : -1;
+}
+
+/* `fd` bound (to the loopback if the program had not bound it) and its address as text: the
+ * only source the daemon's relay endpoint accepts. 0, or -1 with errno. */
+static int bind_source(int fd, int family, char *host, size_t cap, int *port) {
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (REAL(getsockname)(fd, (struct sockaddr *)&ss, &sl) == 0 &&
+        sockaddr_to_text((struct sockaddr *)&ss, host, cap, port) == 0 && *port != 0) {
+        if (strcmp(host, "0.0.0.0") == 0 || strcmp(host, "::") == 0) {
+            snprintf(host, cap, "%s", host[0] == ':' ? "::1" : "127.0.0.1");
+        }
+        return 0; /* bound by the program itself */
+    }
+    static const char *const v4[] = {"127.0.0.1", NULL};
+    static const char *const v6[] = {"::1", "::ffff:127.0.0.1", NULL}; /* no IPv6 on lo */
+    for (const char *const *t = family == AF_INET6 ? v6 : v4; *t != NULL; t++) {
+        sl = sizeof ss;
+        if (sockaddr_from_text(*t, 0, family, &ss, &sl) == 0 &&
+            REAL(bind)(fd, (struct sockaddr *)&ss, sl) == 0) {
+            sl = sizeof ss;
+            if (REAL(getsockname)(fd, (struct sockaddr *)&ss, &sl) < 0 ||
+                sockaddr_to_text((struct sockaddr *)&ss, host, cap, port) < 0) {
+                return -1;
+            }
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* connect(2) of `fd` to the daemon's endpoint, waited for if the socket is non-blocking (a
+ * loopback handshake: immediate but for a stalled machine). 0, or -1 with errno. */
+static int connect_relay(int fd, const struct sockaddr_storage *relay, socklen_t len) {
+    if (REAL(connect)(fd, (const struct sockaddr *)relay, len) == 0) {
+        return 0;
+    }
+    if (errno != EINPROGRESS) {
+        return -1;
+    }
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    int n;
+    do {
+        n = poll(&p, 1, g_set.timeout_ms);
+    } while (n < 0 && errno == EINTR);
+    if (n != 1) {
+        errno = ETIMEDOUT;
+        return -1;
+    }
+    int err = sock_int(fd, SO_ERROR);
+    if (err != 0) {
+        errno = err < 0 ? EIO : err;
+        return -1;
+    }
+    return 0;
+}
+
+/* connect() trapped by the supervisor: 0 = local (the call goes on as it is); 1 = `fd` is now
+ * connected through the daemon to `sa` in the target (the call's answer is 0; *local is the
+ * target-side address getsockname must show, *local_len 0 if unknown); -1 = fail the call
+ * with errno (the target's ECONNREFUSED..., EISCONN for a socket connected already). */
+HOOK int mirrord_supervisor_connect(int fd, const struct sockaddr *sa, socklen_t len,
+                                    struct sockaddr_storage *local, socklen_t *local_len) {
+    *local_len = 0;
+    if (!g_active || sa == NULL || len < sizeof(sa_family_t) ||
+        (sa->sa_family != AF_INET && sa->sa_family != AF_INET6)) {
+        return 0;
+    }
+    int type = sock_int(fd, SO_TYPE), family = sock_int(fd, SO_DOMAIN);
+    if ((type != SOCK_STREAM && type != SOCK_DGRAM) || debugger_port(sa, len, 0) ||
+        policy_connect(sa, len, type) == P_LOCAL) {
+        return 0;
+    }
+    struct sockaddr_storage peer;
+    socklen_t pl = sizeof peer;
+    if (type == SOCK_STREAM && REAL(getpeername)(fd, (struct sockaddr *)&peer, &pl) == 0) {
+        errno = EISCONN; /* what the kernel says to a second connect of a stream */
+        return -1;
+    }
+    char host[INET6_ADDRSTRLEN], shost[INET6_ADDRSTRLEN];
+    int port, sport;
+    if (sockaddr_to_text(sa, host, sizeof host, &port) < 0) {
+        errno = EAFNOSUPPORT;
+        return -1;
+    }
+    t_guard++;
+    struct sockaddr_storage relay;
+    socklen_t relay_len = 0;
+    int rfd = -1;
+    int rc = bind_source(fd, family, shost, sizeof shost, &sport);
+    if (rc == 0) {
+        rc = layer_connect_call(type == SOCK_STREAM ? "tcp" : "udp", host, port, family, shost,
+                                sport, 0, &relay, &relay_len, local, local_len, &rfd);
+    }
+    if (rc == 0) {
+        rc = connect_relay(fd, &relay, relay_len);
+    }
+    DBG("supervisor: connect to %s:%d through the daemon: %d", host, port, rc);
+    t_guard--;
+    return rc == 0 ? 1 : -1;
+}
+
+/* bind() trapped by the supervisor, done here by the layer's own bind() (a port it may
+ * subscribe is bound elsewhere when busy on this machine, as for a libc program): 1 = bound,
+ * and the layer recorded the address asked for (getsockname shows it; listen() may subscribe
+ * it): the supervisor keeps `fd` for the listen; 2 = bound, nothing recorded; -1 = fail with
+ * errno. */
+HOOK int mirrord_supervisor_bind(int fd, const struct sockaddr *sa, socklen_t len) {
+    if (bind(fd, sa, len) != 0) {
+        return -1;
+    }
+    struct ent *e = ent_get(fd);
+    int recorded = e != NULL && e->kind == K_SOCK && e->bound;
+    ent_put(e);
+    return recorded ? 1 : 2;
+}
+
+/* listen() trapped by the supervisor: 0 = local (the call goes on); 1 = `fd` listens, and the
+ * layer subscribed its port as for its own listen() (mirror or steal by the session's
+ * settings), answer 0: the supervisor keeps `fd` open while the program runs (the layer's
+ * entry for it holds the subscription); 2 = `fd` listens, nothing subscribed (the layer forgot
+ * it), answer 0; -1 = fail with errno. */
+HOOK int mirrord_supervisor_listen(int fd, int backlog) {
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (!g_active || g_set.incoming == IN_OFF || sock_int(fd, SO_TYPE) != SOCK_STREAM ||
+        REAL(getsockname)(fd, (struct sockaddr *)&ss, &sl) < 0 ||
+        (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
+        return 0;
+    }
+    struct ent *e = ent_get(fd); /* mirrord_supervisor_bind's record */
+    if (e != NULL) {
+        ent_put(e);
+    } else if ((e = ent_new(K_SOCK)) != NULL) {
+        /* bound without the layer (a port it subscribes nothing on, or bound before exec):
+         * recorded as its bind() records one, so that its listen() decides */
+        e->bound = 1;
+        e->req = ss;
+        e->req_len = sl;
+        e->socktype = SOCK_STREAM;
+        fd_set_ent(fd, e);
+    } else {
+        return 0;
+    }
+    if (listen(fd, backlog) != 0) { /* the layer's hook: it subscribes */
+        int saved = errno;
+        ent_put(fd_take(fd));
+        errno = saved;
+        return -1;
+    }
+    e = ent_get(fd);
+    int subscribed = e != NULL && e->subscribed;
+    ent_put(e);
+    if (!subscribed) {
+        ent_put(fd_take(fd));
+    }
+    return subscribed ? 1 : 2;
+}

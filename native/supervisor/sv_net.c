@@ -1,0 +1,227 @@
+/* mirrord-supervisor, the socket calls and uname: connect done on the program's own socket
+ * (taken with pidfd_getfd, so its epoll registration stays valid; notes pitfall 5), its
+ * getpeername/getsockname answered with the target's view, listen subscribed as the layer's
+ * own listen() does, and uname's node name the target's hostname. The decisions are the
+ * layer's (native/supervise.c, and its gethostname hook). */
+#include "sv.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+/* The program's sockets the supervisor answers for, by inode: connected through the daemon
+ * (getpeername and getsockname show the target's view), or bound by the layer to an address
+ * other than the one asked for (getsockname shows the one asked for), and then `mine`, the
+ * supervisor's descriptor of it that the layer's record (and, once listening, its
+ * subscription) belongs to. A ring: the oldest entry goes first (a program with more than
+ * this many such sockets open at once sees the relay's loopback addresses for its oldest
+ * ones, and an old listener's subscription ends). */
+#define SOCKS 1024
+struct sock_rec {
+    dev_t dev;
+    ino_t ino;
+    int mine;
+    struct sockaddr_storage peer, local;
+    socklen_t peer_len, local_len;
+};
+static struct sock_rec g_socks[SOCKS];
+static unsigned g_next_sock;
+static pthread_mutex_t g_socks_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Records `rec` (dev and ino filled from `mine`): a new entry, or the socket's own. */
+static void remember(int mine, struct sock_rec rec) {
+    struct stat st;
+    if (fstat(mine, &st) != 0) {
+        return;
+    }
+    rec.dev = st.st_dev;
+    rec.ino = st.st_ino;
+    pthread_mutex_lock(&g_socks_lock);
+    struct sock_rec *r = NULL;
+    for (unsigned i = 0; i < SOCKS && r == NULL; i++) {
+        if (g_socks[i].ino == st.st_ino && g_socks[i].dev == st.st_dev) {
+            r = &g_socks[i]; /* connected again (UDP), or listening after its bind */
+        }
+    }
+    if (r == NULL) {
+        r = &g_socks[g_next_sock++ % SOCKS];
+        if (r->ino != 0 && r->mine >= 0) {
+            close(r->mine);
+        }
+    } else if (r->mine >= 0 && r->mine != rec.mine) {
+        close(r->mine);
+    }
+    *r = rec;
+    pthread_mutex_unlock(&g_socks_lock);
+}
+
+/* The program's socket `fd` (thread `tid`) as remembered: 1 with *out filled, or 0. */
+static int recall(pid_t tid, int fd, struct sock_rec *out) {
+    char path[64];
+    struct stat st;
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)tid, fd);
+    if (stat(path, &st) != 0 || !S_ISSOCK(st.st_mode)) {
+        return 0;
+    }
+    int found = 0;
+    pthread_mutex_lock(&g_socks_lock);
+    for (unsigned i = 0; i < SOCKS && !found; i++) {
+        if (g_socks[i].ino == st.st_ino && g_socks[i].dev == st.st_dev) {
+            *out = g_socks[i];
+            found = 1;
+        }
+    }
+    pthread_mutex_unlock(&g_socks_lock);
+    return found;
+}
+
+static void on_connect(const struct seccomp_notif *req) {
+    const __u64 *a = req->data.args;
+    struct sockaddr_storage sa;
+    socklen_t len = (socklen_t)a[2];
+    if (g_layer.connect == NULL || len < sizeof(sa_family_t) || len > sizeof sa ||
+        sv_read_mem(req->pid, a[1], &sa, len) != 0 ||
+        (sa.ss_family != AF_INET && sa.ss_family != AF_INET6)) {
+        sv_continue(req->id); /* unix sockets, bad arguments: the kernel answers */
+        return;
+    }
+    if (sv_still_pending(req->id) != 0) {
+        return;
+    }
+    int mine = sv_take_fd(req->pid, (int)a[0]);
+    if (mine < 0) {
+        sv_continue(req->id); /* not a descriptor of the program: the kernel says EBADF */
+        return;
+    }
+    struct sockaddr_storage local;
+    socklen_t local_len = 0;
+    int r = g_layer.connect(mine, (struct sockaddr *)&sa, len, &local, &local_len);
+    if (r == 0) {
+        sv_continue(req->id);
+    } else if (r < 0) {
+        sv_reply(req->id, errno != 0 ? errno : ECONNREFUSED, 0);
+    } else {
+        struct sock_rec rec = {.mine = -1, .peer = sa, .peer_len = len, .local = local,
+                               .local_len = local_len};
+        remember(mine, rec);
+        sv_reply(req->id, 0, 0);
+    }
+    close(mine);
+}
+
+/* bind of an IPv4/IPv6 socket: done by the layer's bind() on the program's socket. */
+static void on_bind(const struct seccomp_notif *req) {
+    const __u64 *a = req->data.args;
+    struct sockaddr_storage sa;
+    socklen_t len = (socklen_t)a[2];
+    if (g_layer.bind == NULL || len < sizeof(sa_family_t) || len > sizeof sa ||
+        sv_read_mem(req->pid, a[1], &sa, len) != 0 ||
+        (sa.ss_family != AF_INET && sa.ss_family != AF_INET6) || sv_still_pending(req->id) != 0) {
+        sv_continue(req->id);
+        return;
+    }
+    int mine = sv_take_fd(req->pid, (int)a[0]);
+    if (mine < 0) {
+        sv_continue(req->id);
+        return;
+    }
+    int r = g_layer.bind(mine, (struct sockaddr *)&sa, len);
+    sv_reply(req->id, r < 0 ? (errno != 0 ? errno : EIO) : 0, 0);
+    if (r == 1) {
+        /* getsockname shows the address asked for (the layer may have bound another port) */
+        struct sock_rec rec = {.mine = mine, .local = sa, .local_len = len};
+        remember(mine, rec);
+    } else {
+        close(mine);
+    }
+}
+
+/* getpeername/getsockname of a socket connected through the daemon: the address the program
+ * asked for, and the target-side address; anything else is the kernel's. */
+static void on_name(const struct seccomp_notif *req, int peer) {
+    const __u64 *a = req->data.args;
+    struct sock_rec rec;
+    socklen_t have;
+    if (!g_killable || !recall(req->pid, (int)a[0], &rec) || (peer && rec.peer_len == 0) ||
+        (!peer && rec.local_len == 0) || sv_read_mem(req->pid, a[2], &have, sizeof have) != 0) {
+        sv_continue(req->id);
+        return;
+    }
+    const struct sockaddr_storage *ss = peer ? &rec.peer : &rec.local;
+    socklen_t len = peer ? rec.peer_len : rec.local_len;
+    if (sv_still_pending(req->id) != 0) {
+        return;
+    }
+    int bad = sv_write_mem(req->pid, a[1], ss, have < len ? have : len) != 0 ||
+              sv_write_mem(req->pid, a[2], &len, sizeof len) != 0;
+    sv_reply(req->id, bad ? EFAULT : 0, 0);
+}
+
+static void on_listen(const struct seccomp_notif *req) {
+    struct sock_rec rec;
+    int held = recall(req->pid, (int)req->data.args[0], &rec) && rec.mine >= 0;
+    int mine = held ? rec.mine : sv_take_fd(req->pid, (int)req->data.args[0]);
+    if (g_layer.listen == NULL || mine < 0) {
+        sv_continue(req->id);
+        return;
+    }
+    int r = g_layer.listen(mine, (int)req->data.args[1]);
+    if (r == 0) {
+        sv_continue(req->id);
+    } else {
+        sv_reply(req->id, r < 0 ? (errno != 0 ? errno : EIO) : 0, 0);
+    }
+    /* subscribed: `mine` stays open, the layer's record of it holds the subscription while the
+     * program runs (it ends with the supervisor, when the program is gone) */
+    if (r == 1 && !held) {
+        struct sock_rec fresh = {.mine = mine};
+        remember(mine, fresh);
+    } else if (r != 1 && held) {
+        rec.mine = -1; /* nothing subscribed: the record keeps only the address asked for */
+        remember(mine, rec);  /* (and closes `mine`) */
+    } else if (r != 1) {
+        close(mine);
+    }
+}
+
+static void on_uname(const struct seccomp_notif *req) {
+    struct utsname u;
+    char host[sizeof u.nodename];
+    /* gethostname is the layer's hook here: the target's hostname, as the layer decides */
+    if (!g_killable || uname(&u) != 0 || gethostname(host, sizeof host) != 0) {
+        sv_continue(req->id);
+        return;
+    }
+    snprintf(u.nodename, sizeof u.nodename, "%s", host);
+    if (sv_still_pending(req->id) != 0) {
+        return;
+    }
+    sv_reply(req->id, sv_write_mem(req->pid, req->data.args[0], &u, sizeof u) == 0 ? 0 : EFAULT,
+             0);
+}
+
+int sv_net(const struct seccomp_notif *req, int fallback) {
+    int nr = req->data.nr;
+    if (nr != __NR_connect && nr != __NR_getpeername && nr != __NR_getsockname &&
+        nr != __NR_bind && nr != __NR_listen && nr != __NR_uname) {
+        return 0;
+    }
+    if (fallback) {
+        sv_continue(req->id); /* no daemon to ask: local */
+    } else if (nr == __NR_connect) {
+        on_connect(req);
+    } else if (nr == __NR_getpeername || nr == __NR_getsockname) {
+        on_name(req, nr == __NR_getpeername);
+    } else if (nr == __NR_bind) {
+        on_bind(req);
+    } else if (nr == __NR_listen) {
+        on_listen(req);
+    } else {
+        on_uname(req);
+    }
+    return 1;
+}

@@ -1,0 +1,121 @@
+"""Go programs under the system-call supervisor (docs/layer.md), built here with Debian's Go
+both ways: `CGO_ENABLED=0` (static, Go's own system calls only) and with cgo (dynamically
+linked: the layer is loaded, but Go's runtime makes its file and socket calls itself). Both are
+supervised without being asked. Against a local pod: an HTTP GET to the pod's loopback
+service, the pod's addresses seen by the program, pod-only names through Go's resolver (the
+pod's `/etc/hosts`, and its DNS server over UDP), the pod's hostname, a `/bin/cat` child
+reading a pod-only file, and a Go HTTP server that receives the pod's stolen requests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrord.localpod import LocalPod, PodSpec, create_pod
+from tests.cli.conftest import Mirrord, wait_for
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed"),
+    pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed (cgo)"),
+]
+
+HERE = Path(__file__).resolve().parent
+SPEC = PodSpec(
+    name="gopod",
+    env={"POD_ONLY_VAR": "from the pod"},
+    files={"/app/pod-only.txt": b"only in the pod\n"},
+    hosts={"hosts-only.test": "10.9.8.7"},
+    dns_records={"dns-only.cluster.test": "10.1.2.3"},
+    hostname="gopod-hostname",
+    echo_port=None,
+    http_port=8080,
+)
+
+
+@pytest.fixture(scope="module")
+def pod() -> Iterator[LocalPod]:
+    from mirrord.localpod import cleanup_leftovers
+
+    cleanup_leftovers()
+    with create_pod(SPEC) as made:
+        yield made
+
+
+@pytest.fixture(scope="module", params=["static", "cgo"])
+def go_net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/cli/go/net.go, built with CGO_ENABLED=0 or 1."""
+    work = tmp_path_factory.mktemp("go")
+    program = work / f"net_{request.param}"
+    subprocess.run(
+        ["go", "build", "-o", str(program), str(HERE / "go" / "net.go")],
+        check=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "CGO_ENABLED": "1" if request.param == "cgo" else "0",
+            "GOCACHE": str(work / "gocache"),
+            "GOPATH": str(work / "gopath"),
+            "GO111MODULE": "off",
+        },
+    )
+    return program
+
+
+def test_go_program_reaches_the_pods_network_names_and_files(
+    mirrord: Mirrord, pod: LocalPod, go_net: Path
+) -> None:
+    lines = [
+        "get:http://127.0.0.1:8080/hello",
+        f"dial:{pod.ip}:8080",
+        "lookup:hosts-only.test",
+        "lookup:dns-only.cluster.test",
+        "hostname",
+        "cat:/app/pod-only.txt",
+    ]
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--", str(go_net), input="\n".join(lines) + "\n"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert len(out) == 7, (out, result.stderr)
+    assert out[0] == "env from the pod"
+    # the pod's own HTTP service on its loopback, and the program sees the address it asked for
+    assert out[1] == "get 200 gopod GET /hello peer 127.0.0.1:8080", result.stderr
+    # getsockname is the pod-side address of the connection the agent made, not the relay's
+    assert out[2].startswith(f"dial local {pod.ip}:"), out[2]
+    assert out[2].endswith(f" remote {pod.ip}:8080"), out[2]
+    assert out[3:6] == [
+        "lookup hosts-only.test 10.9.8.7",  # the pod's /etc/hosts
+        "lookup dns-only.cluster.test 10.1.2.3",  # the pod's DNS server, over UDP
+        "hostname gopod-hostname",
+    ], result.stderr
+    # a dynamic child started by Go's exec keeps the filter and the layer
+    assert out[6] == "cat only in the pod", result.stderr
+
+
+def test_go_http_server_answers_the_pods_stolen_requests(
+    mirrord: Mirrord, pod: LocalPod, go_net: Path
+) -> None:
+    proc = mirrord.popen(
+        "run", "-t", f"pid/{pod.pid}", "--steal", "--", str(go_net), stdin=subprocess.PIPE
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "env from the pod\n"
+        proc.stdin.write("serve:8080\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "serving\n"
+        wait_for(lambda: mirrord.sessions() and mirrord.sessions()[0]["subscriptions"], 30, "sub")
+        # a client of the pod: its request to the pod's port 8080 reaches the Go server
+        with urllib.request.urlopen(f"http://{pod.ip}:8080/stolen", timeout=30) as response:
+            assert response.read() == b"go server /stolen\n"
+    finally:
+        _, err = proc.communicate(input="", timeout=60)
+    assert proc.returncode == 0, err
