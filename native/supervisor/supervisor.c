@@ -23,7 +23,8 @@
  * decides which, without the daemon), and it says so once on stderr. Without F the kernel
  * would fail every trapped call, local files included, with ENOSYS.
  *
- * Files: this one (main, the launcher, the filter), serve.c, sv_files.c, sv_net.c (sv.h).
+ * Files: this one (main, the launcher, the filter), serve.c, sv_files.c, sv_paths.c, sv_net.c
+ * (sv.h).
  */
 #include "sv.h"
 
@@ -73,9 +74,11 @@ void sv_say(const char *fmt, ...) {
 /* The calls sent to the supervisor; every other one runs natively (read/write never come). */
 static const int g_trapped[] = {
 #ifdef __NR_open
-    __NR_open, __NR_access, __NR_stat, __NR_lstat,
+    __NR_open, __NR_access, __NR_stat, __NR_lstat, __NR_readlink, __NR_mkdir, __NR_rmdir,
+    __NR_unlink, __NR_rename,
 #endif
-    __NR_openat, __NR_openat2, __NR_faccessat, __NR_faccessat2, __NR_newfstatat,
+    __NR_openat, __NR_openat2, __NR_faccessat, __NR_faccessat2, __NR_newfstatat, __NR_statx,
+    __NR_readlinkat, __NR_mkdirat, __NR_unlinkat, __NR_renameat, __NR_renameat2,
     __NR_connect, __NR_getpeername, __NR_getsockname, __NR_bind, __NR_listen, __NR_uname,
 };
 #define NTRAPPED (sizeof g_trapped / sizeof g_trapped[0])

@@ -2,7 +2,8 @@
  *
  * Files: supervisor.c (main, the launcher, the filter), serve.c (the listener's workers, the
  * fallback after the supervisor's death, answering calls, the program's memory), sv_files.c
- * (the file calls), sv_net.c (the socket calls and uname).
+ * (open, access, stat), sv_paths.c (statx, readlink, the mutators), sv_net.c (the socket
+ * calls and uname).
  */
 #ifndef MIRRORD_SV_H
 #define MIRRORD_SV_H
@@ -43,8 +44,10 @@ extern int g_killable; /* WAIT_KILLABLE_RECV: the program's memory may be writte
 
 /* One trapped call. `fallback`: the supervisor died; answer as on a lost agent. */
 void sv_handle(const struct seccomp_notif *req, int fallback);
-/* The file calls (sv_files.c) and the rest (sv_net.c): 1 if `req` was theirs (answered). */
+/* The file calls (sv_files.c), the other path calls (sv_paths.c) and the socket calls and
+ * uname (sv_net.c): 1 if `req` was theirs (answered). */
 int sv_files(const struct seccomp_notif *req, int fallback);
+int sv_paths(const struct seccomp_notif *req, int fallback);
 int sv_net(const struct seccomp_notif *req, int fallback);
 
 /* Answers: an errno (0: success with result `val`), or "continue" (the kernel does the call). */
