@@ -68,6 +68,17 @@ def go_net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return program
 
 
+def test_go_builds_are_recognised_from_their_build_id_note(go_net: Path) -> None:
+    # what makes `mirrord run` supervise them without being asked (the cgo build has an
+    # interpreter, so only the note tells)
+    from mirrord.cli._elf import go_executable, needs_supervisor, static_executable
+
+    assert go_executable(go_net) and needs_supervisor(go_net)
+    assert static_executable(go_net) == go_net.name.endswith("static")
+    cat = Path("/bin/cat")
+    assert not go_executable(cat) and not needs_supervisor(cat)
+
+
 def test_go_program_reaches_the_pods_network_names_and_files(
     mirrord: Mirrord, pod: LocalPod, go_net: Path
 ) -> None:
