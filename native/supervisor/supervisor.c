@@ -79,7 +79,8 @@ static const int g_trapped[] = {
 #endif
     __NR_openat, __NR_openat2, __NR_faccessat, __NR_faccessat2, __NR_newfstatat, __NR_statx,
     __NR_readlinkat, __NR_mkdirat, __NR_unlinkat, __NR_renameat, __NR_renameat2,
-    __NR_connect, __NR_getpeername, __NR_getsockname, __NR_bind, __NR_listen, __NR_uname,
+    __NR_connect, __NR_getpeername, __NR_getsockname, __NR_bind, __NR_listen, __NR_accept,
+    __NR_accept4, __NR_uname,
 };
 #define NTRAPPED (sizeof g_trapped / sizeof g_trapped[0])
 

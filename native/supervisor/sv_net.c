@@ -1,11 +1,13 @@
 /* mirrord-supervisor, the socket calls and uname: connect done on the program's own socket
  * (taken with pidfd_getfd, so its epoll registration stays valid; notes pitfall 5), its
- * getpeername/getsockname answered with the target's view, listen subscribed as the layer's
- * own listen() does, and uname's node name the target's hostname. The decisions are the
+ * getpeername/getsockname answered with the target's view, bind, listen and accept done by
+ * the layer's own hooks (a subscription, the real peer), and uname's node name the target's
+ * hostname. The decisions are the
  * layer's (native/supervise.c, and its gethostname hook). */
 #include "sv.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -19,7 +21,7 @@
  * supervisor's descriptor of it that the layer's record (and, once listening, its
  * subscription) belongs to. A ring: the oldest entry goes first (a program with more than
  * this many such sockets open at once sees the relay's loopback addresses for its oldest
- * ones, and an old listener's subscription ends). */
+ * ones; listeners are never overwritten). */
 #define SOCKS 1024
 struct sock_rec {
     dev_t dev;
@@ -47,15 +49,18 @@ static void remember(int mine, struct sock_rec rec) {
             r = &g_socks[i]; /* connected again (UDP), or listening after its bind */
         }
     }
-    if (r == NULL) {
-        r = &g_socks[g_next_sock++ % SOCKS];
-        if (r->ino != 0 && r->mine >= 0) {
-            close(r->mine);
+    for (unsigned k = 0; k < SOCKS && r == NULL; k++) {
+        struct sock_rec *c = &g_socks[g_next_sock++ % SOCKS];
+        if (c->ino == 0 || c->mine < 0) {
+            r = c; /* never a listener's: that would end its subscription */
         }
-    } else if (r->mine >= 0 && r->mine != rec.mine) {
+    }
+    if (r != NULL && r->ino != 0 && r->mine >= 0 && r->mine != rec.mine) {
         close(r->mine);
     }
-    *r = rec;
+    if (r != NULL) {
+        *r = rec;
+    }
     pthread_mutex_unlock(&g_socks_lock);
 }
 
@@ -188,6 +193,44 @@ static void on_listen(const struct seccomp_notif *req) {
     }
 }
 
+/* accept/accept4 on a subscribed listener the supervisor holds, non-blocking (Go's): done by
+ * the layer's accept4 on the supervisor's descriptor, which asks the daemon for the connection's
+ * real peer (PeerLookup); the new socket is installed in the program and the peer written to
+ * its address buffer. A blocking listener is left to the kernel (the supervisor would wait in
+ * it): its peer is the daemon's loopback address. */
+static void on_accept(const struct seccomp_notif *req) {
+    const __u64 *a = req->data.args;
+    int flags = req->data.nr == __NR_accept4 ? (int)a[3] : 0;
+    struct sock_rec rec;
+    socklen_t have = 0;
+    if (!g_killable || !recall(req->pid, (int)a[0], &rec) || rec.mine < 0 ||
+        !(fcntl(rec.mine, F_GETFL) & O_NONBLOCK) ||
+        (a[1] != 0 && sv_read_mem(req->pid, a[2], &have, sizeof have) != 0)) {
+        sv_continue(req->id);
+        return;
+    }
+    if (sv_still_pending(req->id) != 0) {
+        return;
+    }
+    struct sockaddr_storage peer;
+    socklen_t pl = sizeof peer;
+    int nfd = accept4(rec.mine, (struct sockaddr *)&peer, &pl, flags | SOCK_CLOEXEC);
+    if (nfd < 0) {
+        sv_reply(req->id, errno, 0); /* EAGAIN: nothing queued, the program polls */
+        return;
+    }
+    if (a[1] != 0 && (sv_write_mem(req->pid, a[1], &peer, have < pl ? have : pl) != 0 ||
+                      sv_write_mem(req->pid, a[2], &pl, sizeof pl) != 0)) {
+        close(nfd);
+        sv_reply(req->id, EFAULT, 0);
+        return;
+    }
+    struct sock_rec accepted = {.mine = -1, .peer = peer, .peer_len = pl};
+    remember(nfd, accepted); /* getpeername: the same peer */
+    sv_reply_fd(req->id, nfd, (flags & SOCK_CLOEXEC) != 0);
+    close(nfd);
+}
+
 static void on_uname(const struct seccomp_notif *req) {
     struct utsname u;
     char host[sizeof u.nodename];
@@ -207,7 +250,8 @@ static void on_uname(const struct seccomp_notif *req) {
 int sv_net(const struct seccomp_notif *req, int fallback) {
     int nr = req->data.nr;
     if (nr != __NR_connect && nr != __NR_getpeername && nr != __NR_getsockname &&
-        nr != __NR_bind && nr != __NR_listen && nr != __NR_uname) {
+        nr != __NR_bind && nr != __NR_listen && nr != __NR_accept && nr != __NR_accept4 &&
+        nr != __NR_uname) {
         return 0;
     }
     if (fallback) {
@@ -220,6 +264,8 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
         on_bind(req);
     } else if (nr == __NR_listen) {
         on_listen(req);
+    } else if (nr == __NR_accept || nr == __NR_accept4) {
+        on_accept(req);
     } else {
         on_uname(req);
     }

@@ -4,14 +4,15 @@ linked: the layer is loaded, but Go's runtime makes its file and socket calls it
 supervised without being asked. Against a local pod: an HTTP GET to the pod's loopback
 service, the pod's addresses seen by the program, pod-only names through Go's resolver (the
 pod's `/etc/hosts`, and its DNS server over UDP), the pod's hostname, a `/bin/cat` child
-reading a pod-only file, and a Go HTTP server that receives the pod's stolen requests."""
+reading a pod-only file, and a Go HTTP server that receives the pod's stolen requests (with
+the client's address)."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,9 +125,17 @@ def test_go_http_server_answers_the_pods_stolen_requests(
         proc.stdin.flush()
         assert proc.stdout.readline() == "serving\n"
         wait_for(lambda: mirrord.sessions() and mirrord.sessions()[0]["subscriptions"], 30, "sub")
-        # a client of the pod: its request to the pod's port 8080 reaches the Go server
-        with urllib.request.urlopen(f"http://{pod.ip}:8080/stolen", timeout=30) as response:
-            assert response.read() == b"go server /stolen\n"
+        # a client of the pod: its request to the pod's port 8080 reaches the Go server, which
+        # sees the client's own address (accept's peer is the pod's client, not the daemon)
+        client = http.client.HTTPConnection(pod.ip, 8080, timeout=30)
+        try:
+            client.connect()
+            host, port = client.sock.getsockname()[:2]
+            client.request("GET", "/stolen")
+            body = client.getresponse().read()
+        finally:
+            client.close()
+        assert body == f"go server /stolen from {host}:{port}\n".encode()
     finally:
         _, err = proc.communicate(input="", timeout=60)
     assert proc.returncode == 0, err

@@ -6,7 +6,8 @@
 //	lookup:NAME   "lookup NAME <addresses, sorted, comma-separated>" (net.LookupHost)
 //	hostname      "hostname <os.Hostname()>"
 //	dial:ADDR     "dial local <LocalAddr> remote <RemoteAddr>" (TCP)
-//	serve:PORT    starts an HTTP server on :PORT answering "go server <path>", "serving"
+//	serve:PORT    starts an HTTP server on :PORT answering "go server <path> from <client>",
+//	              prints "serving"
 //	cat:PATH      runs /bin/cat PATH: "cat <output's first line>" (or "cat ! <error>")
 //
 // Errors are "<command> ! <error>".
@@ -66,7 +67,7 @@ func serve(port string) string {
 		return "serve ! " + err.Error()
 	}
 	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "go server %s\n", r.URL.Path)
+		fmt.Fprintf(w, "go server %s from %s\n", r.URL.Path, r.RemoteAddr)
 	}))
 	return "serving"
 }
