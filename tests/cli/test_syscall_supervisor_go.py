@@ -4,8 +4,8 @@ linked: the layer is loaded, but Go's runtime makes its file and socket calls it
 supervised without being asked. Against a local pod: an HTTP GET to the pod's loopback
 service, the pod's addresses seen by the program, pod-only names through Go's resolver (the
 pod's `/etc/hosts`, and its DNS server over UDP), the pod's hostname, a `/bin/cat` child
-reading a pod-only file, and a Go HTTP server that receives the pod's stolen requests (with
-the client's address)."""
+reading a pod-only file, and a Go HTTP server that receives the pod's stolen requests and a
+copy of its mirrored ones (with the client's address)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed"),
     pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed (cgo)"),
+    pytest.mark.timeout(400),  # the first test of each build includes `go build` (up to 300 s)
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -112,6 +113,18 @@ def test_go_program_reaches_the_pods_network_names_and_files(
     assert out[6] == "cat only in the pod", result.stderr
 
 
+def _get(address: str, path: str) -> tuple[bytes, str]:
+    """GET `path` from `address:8080` as a client of the pod: (the body, our own address)."""
+    client = http.client.HTTPConnection(address, 8080, timeout=30)
+    try:
+        client.connect()
+        host, port = client.sock.getsockname()[:2]
+        client.request("GET", path)
+        return client.getresponse().read(), f"{host}:{port}"
+    finally:
+        client.close()
+
+
 def test_go_http_server_answers_the_pods_stolen_requests(
     mirrord: Mirrord, pod: LocalPod, go_net: Path
 ) -> None:
@@ -127,15 +140,29 @@ def test_go_http_server_answers_the_pods_stolen_requests(
         wait_for(lambda: mirrord.sessions() and mirrord.sessions()[0]["subscriptions"], 30, "sub")
         # a client of the pod: its request to the pod's port 8080 reaches the Go server, which
         # sees the client's own address (accept's peer is the pod's client, not the daemon)
-        client = http.client.HTTPConnection(pod.ip, 8080, timeout=30)
-        try:
-            client.connect()
-            host, port = client.sock.getsockname()[:2]
-            client.request("GET", "/stolen")
-            body = client.getresponse().read()
-        finally:
-            client.close()
-        assert body == f"go server /stolen from {host}:{port}\n".encode()
+        body, me = _get(pod.ip, "/stolen")
+        assert body == f"go server /stolen from {me}\n".encode()
+        assert proc.stdout.readline() == f"request /stolen from {me}\n"
+    finally:
+        _, err = proc.communicate(input="", timeout=60)
+    assert proc.returncode == 0, err
+
+
+def test_go_http_server_receives_a_copy_of_the_pods_requests(
+    mirrord: Mirrord, pod: LocalPod, go_net: Path
+) -> None:
+    # mirror (the default): the pod's own service answers, the Go server gets a copy
+    proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "--", str(go_net), stdin=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "env from the pod\n"
+        proc.stdin.write("serve:8080\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "serving\n"
+        wait_for(lambda: mirrord.sessions() and mirrord.sessions()[0]["subscriptions"], 30, "sub")
+        body, me = _get(pod.ip, "/mirrored")
+        assert body == b"gopod GET /mirrored\n"
+        assert proc.stdout.readline() == f"request /mirrored from {me}\n"
     finally:
         _, err = proc.communicate(input="", timeout=60)
     assert proc.returncode == 0, err

@@ -7,7 +7,7 @@
 //	hostname      "hostname <os.Hostname()>"
 //	dial:ADDR     "dial local <LocalAddr> remote <RemoteAddr>" (TCP)
 //	serve:PORT    starts an HTTP server on :PORT answering "go server <path> from <client>",
-//	              prints "serving"
+//	              prints "serving", and "request <path> from <client>" for each request
 //	cat:PATH      runs /bin/cat PATH: "cat <output's first line>" (or "cat ! <error>")
 //
 // Errors are "<command> ! <error>".
@@ -67,6 +67,7 @@ func serve(port string) string {
 		return "serve ! " + err.Error()
 	}
 	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Printf("request %s from %s\n", r.URL.Path, r.RemoteAddr)
 		fmt.Fprintf(w, "go server %s from %s\n", r.URL.Path, r.RemoteAddr)
 	}))
 	return "serving"
