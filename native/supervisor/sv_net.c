@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
@@ -82,6 +83,91 @@ static int recall(pid_t tid, int fd, struct sock_rec *out) {
     }
     pthread_mutex_unlock(&g_socks_lock);
     return found;
+}
+
+/* Processes with the layer loaded (dynamic programs under --syscalls, cgo builds): a socket
+ * call from their libc was decided by the layer's hook already (its own local connects
+ * included: a refused non-blocking connect's loopback stand-in, the program's own listener),
+ * so it continues; Go's own calls come from the program's text. Per thread (the maps are
+ * read once), checked against its start time (a reused thread id is another process). */
+#define PROCS 256
+struct proc_libc {
+    pid_t tid;
+    unsigned long long start;
+    uint64_t lo, hi; /* libc's executable text; 0, 0 without the layer */
+};
+static struct proc_libc g_procs[PROCS];
+static unsigned g_next_proc;
+static pthread_mutex_t g_procs_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static unsigned long long start_time(pid_t tid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)tid);
+    FILE *f = fopen(path, "re");
+    size_t n = f != NULL ? fread(buf, 1, sizeof buf - 1, f) : 0;
+    if (f != NULL) {
+        fclose(f);
+    }
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces */
+    unsigned long long start = 0;
+    for (int field = 2; p != NULL && field < 22; field++) {
+        p = strchr(p + 1, ' ');
+    }
+    if (p != NULL) {
+        start = strtoull(p + 1, NULL, 10);
+    }
+    return start;
+}
+
+static void find_libc(pid_t tid, struct proc_libc *out) {
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%d/maps", (int)tid);
+    FILE *f = fopen(path, "re");
+    int layer = 0;
+    uint64_t lo = UINT64_MAX, hi = 0;
+    while (f != NULL && fgets(line, sizeof line, f) != NULL) {
+        unsigned long long a, b;
+        char perms[8];
+        const char *name = strrchr(line, '/');
+        if (name == NULL || sscanf(line, "%llx-%llx %7s", &a, &b, perms) != 3) {
+            continue;
+        }
+        layer |= strstr(name, "libmirrord_layer") != NULL;
+        if (perms[2] == 'x' && (strncmp(name, "/libc.so", 8) == 0 || strncmp(name, "/libc-", 6) == 0)) {
+            lo = a < lo ? a : lo;
+            hi = b > hi ? b : hi;
+        }
+    }
+    if (f != NULL) {
+        fclose(f);
+    }
+    out->lo = layer && hi > 0 ? lo : 0;
+    out->hi = layer && hi > 0 ? hi : 0;
+}
+
+static int decided_by_layer(const struct seccomp_notif *req) {
+    unsigned long long start = start_time(req->pid);
+    struct proc_libc e = {0};
+    int found = 0;
+    pthread_mutex_lock(&g_procs_lock);
+    for (unsigned i = 0; i < PROCS && !found; i++) {
+        if (g_procs[i].tid == (pid_t)req->pid && g_procs[i].start == start) {
+            e = g_procs[i];
+            found = 1;
+        }
+    }
+    pthread_mutex_unlock(&g_procs_lock);
+    if (!found) {
+        e.tid = req->pid;
+        e.start = start;
+        find_libc(req->pid, &e);
+        pthread_mutex_lock(&g_procs_lock);
+        g_procs[g_next_proc++ % PROCS] = e;
+        pthread_mutex_unlock(&g_procs_lock);
+    }
+    uint64_t ip = req->data.instruction_pointer;
+    return ip >= e.lo && ip < e.hi;
 }
 
 static void on_connect(const struct seccomp_notif *req) {
@@ -254,8 +340,8 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
         nr != __NR_uname) {
         return 0;
     }
-    if (fallback) {
-        sv_continue(req->id); /* no daemon to ask: local */
+    if (fallback || (nr != __NR_uname && decided_by_layer(req))) {
+        sv_continue(req->id); /* no daemon to ask, or the layer decided: as it is */
     } else if (nr == __NR_connect) {
         on_connect(req);
     } else if (nr == __NR_getpeername || nr == __NR_getsockname) {

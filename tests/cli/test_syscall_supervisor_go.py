@@ -13,6 +13,7 @@ import http.client
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,4 +166,47 @@ def test_go_http_server_receives_a_copy_of_the_pods_requests(
         assert proc.stdout.readline() == f"request /mirrored from {me}\n"
     finally:
         _, err = proc.communicate(input="", timeout=60)
+    assert proc.returncode == 0, err
+
+
+PYTHON_SERVER = """
+import http.server
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        host, port = self.client_address[:2]
+        body = f"python {self.path} from {host}:{port}\\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.HTTPServer(("0.0.0.0", 8080), Handler)
+print("serving", flush=True)
+server.handle_request()
+"""
+
+
+def test_a_libc_program_under_syscalls_keeps_the_layers_socket_decisions(
+    mirrord: Mirrord, pod: LocalPod
+) -> None:
+    # python3 (dynamic) under --syscalls: its libc socket calls are the layer's (one steal
+    # subscription, the client's address from its accept), the supervisor lets them through
+    proc = mirrord.popen(
+        "run", "-t", f"pid/{pod.pid}", "--syscalls", "--steal", "--", sys.executable, "-c",
+        PYTHON_SERVER,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "serving\n"
+        wait_for(lambda: mirrord.sessions() and mirrord.sessions()[0]["subscriptions"], 30, "sub")
+        [session] = mirrord.sessions()
+        assert [sub["port"] for sub in session["subscriptions"]] == [8080], session
+        body, me = _get(pod.ip, "/libc")
+        assert body == f"python /libc from {me}\n".encode()
+    finally:
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
