@@ -124,9 +124,10 @@ HOOK int mirrord_supervisor_connect(int fd, const struct sockaddr *sa, socklen_t
 
 /* bind() trapped by the supervisor, done here by the layer's own bind() (a port it may
  * subscribe is bound elsewhere when busy on this machine, as for a libc program): 1 = bound,
- * and the layer recorded the address asked for (getsockname shows it; listen() may subscribe
- * it): the supervisor keeps `fd` for the listen; 2 = bound, nothing recorded; -1 = fail with
- * errno. */
+ * and the layer would subscribe the address asked for at listen() (the supervisor remembers it:
+ * getsockname shows it, mirrord_supervisor_listen gets it back); 2 = bound, nothing to
+ * remember; -1 = fail with errno. The supervisor closes `fd` afterwards (the layer forgets
+ * it). */
 HOOK int mirrord_supervisor_bind(int fd, const struct sockaddr *sa, socklen_t len) {
     if (bind(fd, sa, len) != 0) {
         return -1;
@@ -137,12 +138,14 @@ HOOK int mirrord_supervisor_bind(int fd, const struct sockaddr *sa, socklen_t le
     return recorded ? 1 : 2;
 }
 
-/* listen() trapped by the supervisor: 0 = local (the call goes on); 1 = `fd` listens, and the
- * layer subscribed its port as for its own listen() (mirror or steal by the session's
- * settings), answer 0: the supervisor keeps `fd` open while the program runs (the layer's
- * entry for it holds the subscription); 2 = `fd` listens, nothing subscribed (the layer forgot
- * it), answer 0; -1 = fail with errno. */
-HOOK int mirrord_supervisor_listen(int fd, int backlog) {
+/* listen() trapped by the supervisor, `req` the address its bind asked for (NULL: the one it
+ * is bound to): 0 = local (the call goes on); 1 = `fd` listens, and the layer subscribed its
+ * port as for its own listen() (mirror or steal by the session's settings), answer 0: the
+ * supervisor keeps `fd` open while the program runs (the layer's entry for it holds the
+ * subscription); 2 = `fd` listens, nothing subscribed (the layer forgot it), answer 0; -1 =
+ * fail with errno. */
+HOOK int mirrord_supervisor_listen(int fd, int backlog, const struct sockaddr *req,
+                                   socklen_t req_len) {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
     if (!g_active || g_set.incoming == IN_OFF || sock_int(fd, SO_TYPE) != SOCK_STREAM ||
@@ -150,20 +153,19 @@ HOOK int mirrord_supervisor_listen(int fd, int backlog) {
         (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
         return 0;
     }
-    struct ent *e = ent_get(fd); /* mirrord_supervisor_bind's record */
-    if (e != NULL) {
-        ent_put(e);
-    } else if ((e = ent_new(K_SOCK)) != NULL) {
-        /* bound without the layer (a port it subscribes nothing on, or bound before exec):
-         * recorded as its bind() records one, so that its listen() decides */
-        e->bound = 1;
-        e->req = ss;
-        e->req_len = sl;
-        e->socktype = SOCK_STREAM;
-        fd_set_ent(fd, e);
-    } else {
+    if (req != NULL && req_len <= sizeof ss) {
+        memcpy(&ss, req, req_len);
+        sl = req_len;
+    }
+    struct ent *e = ent_new(K_SOCK); /* as the layer's bind() records a socket */
+    if (e == NULL) {
         return 0;
     }
+    e->bound = 1;
+    e->req = ss;
+    e->req_len = sl;
+    e->socktype = SOCK_STREAM;
+    fd_set_ent(fd, e);
     if (listen(fd, backlog) != 0) { /* the layer's hook: it subscribes */
         int saved = errno;
         ent_put(fd_take(fd));

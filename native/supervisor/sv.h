@@ -33,7 +33,7 @@ struct sv_layer {
     int (*connect)(int fd, const struct sockaddr *sa, socklen_t len,
                    struct sockaddr_storage *local, socklen_t *local_len);
     int (*bind)(int fd, const struct sockaddr *sa, socklen_t len);
-    int (*listen)(int fd, int backlog);
+    int (*listen)(int fd, int backlog, const struct sockaddr *req, socklen_t req_len);
 };
 extern struct sv_layer g_layer;
 

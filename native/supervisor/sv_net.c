@@ -223,12 +223,12 @@ static void on_bind(const struct seccomp_notif *req) {
     int r = g_layer.bind(mine, (struct sockaddr *)&sa, len);
     sv_reply(req->id, r < 0 ? (errno != 0 ? errno : EIO) : 0, 0);
     if (r == 1) {
-        /* getsockname shows the address asked for (the layer may have bound another port) */
-        struct sock_rec rec = {.mine = mine, .local = sa, .local_len = len};
+        /* getsockname shows the address asked for (the layer may have bound another port),
+         * and listen subscribes it */
+        struct sock_rec rec = {.mine = -1, .local = sa, .local_len = len};
         remember(mine, rec);
-    } else {
-        close(mine);
     }
+    close(mine);
 }
 
 /* getpeername/getsockname of a socket connected through the daemon: the address the program
@@ -254,27 +254,31 @@ static void on_name(const struct seccomp_notif *req, int peer) {
 
 static void on_listen(const struct seccomp_notif *req) {
     struct sock_rec rec;
-    int held = recall(req->pid, (int)req->data.args[0], &rec) && rec.mine >= 0;
-    int mine = held ? rec.mine : sv_take_fd(req->pid, (int)req->data.args[0]);
-    if (g_layer.listen == NULL || mine < 0) {
+    int known = recall(req->pid, (int)req->data.args[0], &rec);
+    if (known && rec.mine >= 0) {
+        sv_reply(req->id, 0, 0); /* listening and subscribed already: a new backlog only */
+        return;
+    }
+    int mine = g_layer.listen != NULL ? sv_take_fd(req->pid, (int)req->data.args[0]) : -1;
+    if (mine < 0) {
         sv_continue(req->id);
         return;
     }
-    int r = g_layer.listen(mine, (int)req->data.args[1]);
+    int asked = known && rec.local_len > 0;
+    int r = g_layer.listen(mine, (int)req->data.args[1],
+                           asked ? (struct sockaddr *)&rec.local : NULL, asked ? rec.local_len : 0);
     if (r == 0) {
         sv_continue(req->id);
     } else {
         sv_reply(req->id, r < 0 ? (errno != 0 ? errno : EIO) : 0, 0);
     }
-    /* subscribed: `mine` stays open, the layer's record of it holds the subscription while the
-     * program runs (it ends with the supervisor, when the program is gone) */
-    if (r == 1 && !held) {
-        struct sock_rec fresh = {.mine = mine};
-        remember(mine, fresh);
-    } else if (r != 1 && held) {
-        rec.mine = -1; /* nothing subscribed: the record keeps only the address asked for */
-        remember(mine, rec);  /* (and closes `mine`) */
-    } else if (r != 1) {
+    if (r == 1) {
+        /* subscribed: `mine` stays open, the layer's record of it holds the subscription while
+         * the program runs (it ends with the supervisor, when the program is gone) */
+        struct sock_rec held = known ? rec : (struct sock_rec){0};
+        held.mine = mine;
+        remember(mine, held);
+    } else {
         close(mine);
     }
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -114,9 +115,9 @@ def test_go_program_reaches_the_pods_network_names_and_files(
     assert out[6] == "cat only in the pod", result.stderr
 
 
-def _get(address: str, path: str) -> tuple[bytes, str]:
-    """GET `path` from `address:8080` as a client of the pod: (the body, our own address)."""
-    client = http.client.HTTPConnection(address, 8080, timeout=30)
+def _get(address: str, path: str, port: int = 8080) -> tuple[bytes, str]:
+    """GET `path` from `address:port` as a client of the pod: (the body, our own address)."""
+    client = http.client.HTTPConnection(address, port, timeout=30)
     try:
         client.connect()
         host, port = client.sock.getsockname()[:2]
@@ -129,23 +130,32 @@ def _get(address: str, path: str) -> tuple[bytes, str]:
 def test_go_http_server_answers_the_pods_stolen_requests(
     mirrord: Mirrord, pod: LocalPod, go_net: Path
 ) -> None:
-    proc = mirrord.popen(
-        "run", "-t", f"pid/{pod.pid}", "--steal", "--", str(go_net), stdin=subprocess.PIPE
-    )  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        assert proc.stdout.readline() == "env from the pod\n"
-        proc.stdin.write("serve:8080\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline() == "serving\n"
-        wait_for(lambda: mirrord.sessions() and mirrord.sessions()[0]["subscriptions"], 30, "sub")
-        # a client of the pod: its request to the pod's port 8080 reaches the Go server, which
-        # sees the client's own address (accept's peer is the pod's client, not the daemon)
-        body, me = _get(pod.ip, "/stolen")
-        assert body == f"go server /stolen from {me}\n".encode()
-        assert proc.stdout.readline() == f"request /stolen from {me}\n"
-    finally:
-        _, err = proc.communicate(input="", timeout=60)
+    # the port is busy on this machine: the layer's bind (which the supervisor uses) binds the
+    # Go server elsewhere, the program still sees the port it asked for, and the pod's port is
+    # stolen to wherever it is
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = mirrord.popen(
+            "run", "-t", f"pid/{pod.pid}", "--steal", "--", str(go_net), stdin=subprocess.PIPE
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            assert proc.stdout.readline() == "env from the pod\n"
+            proc.stdin.write(f"serve:{port}\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == f"serving {port}\n"
+            wait_for(
+                lambda: mirrord.sessions() and mirrord.sessions()[0]["subscriptions"], 30, "sub"
+            )
+            # a client of the pod: its request reaches the Go server, which sees the client's
+            # own address (accept's peer is the pod's client, not the daemon)
+            body, me = _get(pod.ip, "/stolen", port)
+            assert body == f"go server /stolen from {me}\n".encode()
+            assert proc.stdout.readline() == f"request /stolen from {me}\n"
+        finally:
+            _, err = proc.communicate(input="", timeout=60)
     assert proc.returncode == 0, err
 
 
@@ -159,7 +169,7 @@ def test_go_http_server_receives_a_copy_of_the_pods_requests(
         assert proc.stdout.readline() == "env from the pod\n"
         proc.stdin.write("serve:8080\n")
         proc.stdin.flush()
-        assert proc.stdout.readline() == "serving\n"
+        assert proc.stdout.readline() == "serving 8080\n"
         wait_for(lambda: mirrord.sessions() and mirrord.sessions()[0]["subscriptions"], 30, "sub")
         body, me = _get(pod.ip, "/mirrored")
         assert body == b"gopod GET /mirrored\n"

@@ -7,7 +7,7 @@
 //	hostname      "hostname <os.Hostname()>"
 //	dial:ADDR     "dial local <LocalAddr> remote <RemoteAddr>" (TCP)
 //	serve:PORT    starts an HTTP server on :PORT answering "go server <path> from <client>",
-//	              prints "serving", and "request <path> from <client>" for each request
+//	              prints "serving <its port>", and "request <path> from <client>" per request
 //	cat:PATH      runs /bin/cat PATH: "cat <output's first line>" (or "cat ! <error>")
 //
 // Errors are "<command> ! <error>".
@@ -70,7 +70,7 @@ func serve(port string) string {
 		fmt.Printf("request %s from %s\n", r.URL.Path, r.RemoteAddr)
 		fmt.Fprintf(w, "go server %s from %s\n", r.URL.Path, r.RemoteAddr)
 	}))
-	return "serving"
+	return fmt.Sprintf("serving %d", ln.Addr().(*net.TCPAddr).Port)
 }
 
 func one(line string) string {
