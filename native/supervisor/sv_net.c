@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -170,6 +171,56 @@ static int decided_by_layer(const struct seccomp_notif *req) {
     return ip >= e.lo && ip < e.hi;
 }
 
+static int port_of(const struct sockaddr_storage *ss) {
+    return ntohs(ss->ss_family == AF_INET ? ((const struct sockaddr_in *)ss)->sin_port
+                                          : ((const struct sockaddr_in6 *)ss)->sin6_port);
+}
+
+static int loopback(const struct sockaddr_storage *ss) {
+    if (ss->ss_family == AF_INET) {
+        return (ntohl(((const struct sockaddr_in *)ss)->sin_addr.s_addr) >> 24) == 127;
+    }
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+    return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+}
+
+/* The port really bound by a subscribed listener of the program that asked for `port`, or 0:
+ * a loopback connect to it reaches the program itself (the layer's rule: as in the pod). */
+static int own_listener_port(int port) {
+    int real = 0;
+    pthread_mutex_lock(&g_socks_lock);
+    for (unsigned i = 0; i < SOCKS && real == 0; i++) {
+        struct sockaddr_storage bound;
+        socklen_t bl = sizeof bound;
+        if (g_socks[i].ino != 0 && g_socks[i].mine >= 0 && g_socks[i].local_len > 0 &&
+            port_of(&g_socks[i].local) == port &&
+            syscall(SYS_getsockname, g_socks[i].mine, &bound, &bl) == 0) {
+            real = port_of(&bound);
+        }
+    }
+    pthread_mutex_unlock(&g_socks_lock);
+    return real;
+}
+
+/* A loopback connect to the program's own listener, bound at `real`: done here (not through
+ * the layer, which would send it to the target), getpeername showing the port asked for. */
+static void connect_own(const struct seccomp_notif *req, int mine, struct sockaddr_storage *sa,
+                        socklen_t len, int real) {
+    struct sockaddr_storage to = *sa;
+    if (to.ss_family == AF_INET) {
+        ((struct sockaddr_in *)&to)->sin_port = htons((uint16_t)real);
+    } else {
+        ((struct sockaddr_in6 *)&to)->sin6_port = htons((uint16_t)real);
+    }
+    int r = (int)syscall(SYS_connect, mine, &to, len);
+    int e = r == 0 ? 0 : errno;
+    if (r == 0 || e == EINPROGRESS) {
+        struct sock_rec rec = {.mine = -1, .peer = *sa, .peer_len = len};
+        remember(mine, rec);
+    }
+    sv_reply(req->id, e, 0);
+}
+
 static void on_connect(const struct seccomp_notif *req) {
     const __u64 *a = req->data.args;
     struct sockaddr_storage sa;
@@ -186,6 +237,21 @@ static void on_connect(const struct seccomp_notif *req) {
     int mine = sv_take_fd(req->pid, (int)a[0]);
     if (mine < 0) {
         sv_continue(req->id); /* not a descriptor of the program: the kernel says EBADF */
+        return;
+    }
+    int type = 0;
+    socklen_t tl = sizeof type;
+    int real = loopback(&sa) && getsockopt(mine, SOL_SOCKET, SO_TYPE, &type, &tl) == 0 &&
+                       type == SOCK_STREAM
+                   ? own_listener_port(port_of(&sa))
+                   : 0;
+    if (real > 0) {
+        if (real == port_of(&sa)) {
+            sv_continue(req->id);
+        } else {
+            connect_own(req, mine, &sa, len, real);
+        }
+        close(mine);
         return;
     }
     struct sockaddr_storage local;
@@ -277,6 +343,12 @@ static void on_listen(const struct seccomp_notif *req) {
          * the program runs (it ends with the supervisor, when the program is gone) */
         struct sock_rec held = known ? rec : (struct sock_rec){0};
         held.mine = mine;
+        if (held.local_len == 0) { /* bound by the program itself: that address */
+            held.local_len = sizeof held.local;
+            if (syscall(SYS_getsockname, mine, &held.local, &held.local_len) != 0) {
+                held.local_len = 0;
+            }
+        }
         remember(mine, held);
     } else {
         close(mine);

@@ -174,6 +174,16 @@ def test_go_http_server_receives_a_copy_of_the_pods_requests(
         body, me = _get(pod.ip, "/mirrored")
         assert body == b"gopod GET /mirrored\n"
         assert proc.stdout.readline() == f"request /mirrored from {me}\n"
+        # a loopback connect of the program to its own port reaches itself, as in the pod
+        # (the layer's rule), not the pod's service on that port
+        proc.stdin.write("get:http://127.0.0.1:8080/self\n")
+        proc.stdin.flush()
+        request = proc.stdout.readline()
+        assert request.startswith("request /self from 127.0.0.1:"), request
+        client = request.split()[-1]
+        assert (
+            proc.stdout.readline() == f"get 200 go server /self from {client} peer 127.0.0.1:8080\n"
+        )
     finally:
         _, err = proc.communicate(input="", timeout=60)
     assert proc.returncode == 0, err
