@@ -96,9 +96,9 @@ _BOOL_WORDS.update({"false": False, "0": False, "no": False, "off": False})
 def _supervised(command: list[str], env: dict[str, str]) -> list[str]:
     """`command`, under the system-call supervisor when asked (`--syscalls`,
     `experimental.syscall_supervisor: true`), or when unset and the executable is statically
-    linked (the layer cannot load into it) or built by Go (which bypasses it); docs/layer.md. The layer stays inactive in the
-    supervisor's launcher (MIRRORD_DONT_LOAD, which the launcher takes away again before the
-    command's exec, unless the user had set it)."""
+    linked (the layer cannot load into it) or built by Go (which bypasses it); docs/layer.md.
+    The layer stays inactive in the supervisor's launcher (MIRRORD_DONT_LOAD, which the
+    launcher takes away again before the command's exec, unless the user had set it)."""
     asked = env.get("MIRRORD_LAYER_SYSCALLS")
     options = []
     if asked is None:
