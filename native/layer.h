@@ -3,7 +3,7 @@
  *
  * Files: preload.c (init, real_* resolution, fd table, debug), conn.c (daemon connections and
  * requests), policy.c (the compact config and every local/remote decision), files.c (file and
- * directory hooks), net.c (socket and DNS hooks), proc.c (fork/exec/spawn hooks).
+ * directory hooks), net_*.c (socket and DNS hooks, see net.h), proc.c (fork/exec/spawn hooks).
  */
 #ifndef MIRRORD_LAYER_H
 #define MIRRORD_LAYER_H
@@ -167,7 +167,7 @@ struct ent {
     pid_t sub_owner; /* the process that subscribed: a fork child closing its copy must not
                       * end the parent's subscription */
     int remote; /* connected through the daemon: peer / local are the target's view */
-    int spliced; /* the fd is now the layer's end of a daemon relay pair (see net.c) */
+    int spliced; /* the fd is now the layer's end of a daemon relay pair (see net_connect.c) */
     int connecting; /* spliced by a non-blocking connect(): the next connect() returns 0 */
     int listening; /* listen() was called: a loopback connect() to its port stays local */
     struct sockaddr_storage peer;
