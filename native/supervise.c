@@ -2,14 +2,14 @@
  * docs/layer.md). The supervisor runs with this library preloaded, takes the program's own
  * socket with pidfd_getfd and asks these functions what to do with the call it trapped, so the
  * local/remote decision and the daemon requests are the layer's own: policy_connect,
- * debugger_port and LayerConnect (net.c) for connect; the layer's listen() hook, which
+ * debugger_port and LayerConnect (net_connect.c) for connect; the layer's listen() hook, which
  * subscribes, for listen. The file calls' counterparts are files.c's mirrord_supervisor_*.
  *
  * `fd` is always the supervisor's descriptor of the program's socket: the same open file, so
  * binding, connecting or listening it here does it to the program's socket, and the program's
  * epoll registration of its descriptor stays valid (docs/layer.md; notes pitfall 5).
  */
-#include "layer.h"
+#include "net.h"
 
 #include <errno.h>
 #include <netinet/in.h>
@@ -22,30 +22,27 @@ static int sock_int(int fd, int opt) {
     return getsockopt(fd, SOL_SOCKET, opt, &v, &l) == 0 ? v : -1;
 }
 
-/* `fd` bound (to the loopback if the program had not bound it) and its address as text: the
- * only source the daemon's relay endpoint accepts. 0, or -1 with errno. */
-static int bind_source(int fd, int family, char *host, size_t cap, int *port) {
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof ss;
-    if (REAL(getsockname)(fd, (struct sockaddr *)&ss, &sl) == 0 &&
-        sockaddr_to_text((struct sockaddr *)&ss, host, cap, port) == 0 && *port != 0) {
+/* `fd` bound (to the loopback if the program had not bound it) and its address in *src: the
+ * only source the daemon's relay endpoint accepts (a wildcard address connects from the
+ * loopback). 0, or -1 with errno. */
+static int bind_source(int fd, int family, struct sockaddr_storage *src, socklen_t *sl) {
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    *sl = sizeof *src;
+    if (REAL(getsockname)(fd, (struct sockaddr *)src, sl) == 0 &&
+        sockaddr_to_text((struct sockaddr *)src, host, sizeof host, &port) == 0 && port != 0) {
         if (strcmp(host, "0.0.0.0") == 0 || strcmp(host, "::") == 0) {
-            snprintf(host, cap, "%s", host[0] == ':' ? "::1" : "127.0.0.1");
+            return sockaddr_from_text(host[0] == ':' ? "::1" : "127.0.0.1", port, family, src, sl);
         }
         return 0; /* bound by the program itself */
     }
     static const char *const v4[] = {"127.0.0.1", NULL};
     static const char *const v6[] = {"::1", "::ffff:127.0.0.1", NULL}; /* no IPv6 on lo */
     for (const char *const *t = family == AF_INET6 ? v6 : v4; *t != NULL; t++) {
-        sl = sizeof ss;
-        if (sockaddr_from_text(*t, 0, family, &ss, &sl) == 0 &&
-            REAL(bind)(fd, (struct sockaddr *)&ss, sl) == 0) {
-            sl = sizeof ss;
-            if (REAL(getsockname)(fd, (struct sockaddr *)&ss, &sl) < 0 ||
-                sockaddr_to_text((struct sockaddr *)&ss, host, cap, port) < 0) {
-                return -1;
-            }
-            return 0;
+        if (sockaddr_from_text(*t, 0, family, src, sl) == 0 &&
+            REAL(bind)(fd, (struct sockaddr *)src, *sl) == 0) {
+            *sl = sizeof *src;
+            return REAL(getsockname)(fd, (struct sockaddr *)src, sl);
         }
     }
     return -1;
@@ -99,25 +96,19 @@ HOOK int mirrord_supervisor_connect(int fd, const struct sockaddr *sa, socklen_t
         errno = EISCONN; /* what the kernel says to a second connect of a stream */
         return -1;
     }
-    char host[INET6_ADDRSTRLEN], shost[INET6_ADDRSTRLEN];
-    int port, sport;
-    if (sockaddr_to_text(sa, host, sizeof host, &port) < 0) {
-        errno = EAFNOSUPPORT;
-        return -1;
-    }
     t_guard++;
-    struct sockaddr_storage relay;
-    socklen_t relay_len = 0;
+    struct sockaddr_storage src, relay;
+    socklen_t src_len, relay_len = 0;
     int rfd = -1;
-    int rc = bind_source(fd, family, shost, sizeof shost, &sport);
-    if (rc == 0) {
-        rc = layer_connect_call(type == SOCK_STREAM ? "tcp" : "udp", host, port, family, shost,
-                                sport, 0, &relay, &relay_len, local, local_len, &rfd);
+    int rc = bind_source(fd, family, &src, &src_len);
+    if (rc == 0) { /* with a source: the daemon passes nothing, its endpoint takes only that */
+        rc = layer_connect(type == SOCK_STREAM ? "tcp" : "udp", sa, family,
+                           (struct sockaddr *)&src, &relay, &relay_len, local, local_len, &rfd);
     }
     if (rc == 0) {
         rc = connect_relay(fd, &relay, relay_len);
     }
-    DBG("supervisor: connect to %s:%d through the daemon: %d", host, port, rc);
+    DBG("supervisor: connect of fd %d through the daemon: %d", fd, rc);
     t_guard--;
     return rc == 0 ? 1 : -1;
 }
