@@ -60,6 +60,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from mirrord._tls import TlsMaterialError
 from mirrord.agent._http2_filter import could_be_h2_preface, h2c_upgrade_from
 from mirrord.agent._http_filter import (
     CLOSED,
@@ -80,6 +81,7 @@ from mirrord.agent._http_filter import (
 from mirrord.agent._incoming_h2 import pod_app_sent_h2_settings, serve_h2, serve_h2c_upgrade
 from mirrord.agent._incoming_netns import make_listener, make_marked_socket, original_dst
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
+from mirrord.agent._incoming_tls import StealTls, TlsConnection, TlsEnd, terminate
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
 from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
 from mirrord.agent._steal_guard import remove_all
@@ -227,6 +229,7 @@ class IncomingService:
         self._lock = anyio.Lock()  # subscribe/unsubscribe change rules one at a time
         self.mirrors: dict[int, list[Any]] = {}
         self.steals: dict[int, _PortSteal] = {}
+        self.tls = StealTls()  # the certificates of HTTPS filtered steals (_incoming_tls.py)
         self._sniffer: PacketSniffer | None = None
         self._sniffer_scope: anyio.CancelScope | None = None
         # (channel, port) -> its mirror's HTTP filter (None: every request, and non-HTTP too)
@@ -316,9 +319,11 @@ class IncomingService:
         http_filter: dict[str, Any] | None,
         *,
         on_concurrent_steal: str = "abort",
+        tls: dict[str, Any] | None = None,
     ) -> list[str]:
         """Mirror or steal `port` for `channel`; returns warnings for the session. Raises
-        `SubscribeError` (errno EINVAL, EADDRINUSE, EPERM, EIO...) when refused."""
+        `SubscribeError` (errno EINVAL, EADDRINUSE, EPERM, EIO...) when refused. `tls`: the
+        certificate of an HTTPS filtered steal (`_incoming_tls.py`)."""
         self._require_tg()
         if http_filter is not None and all(
             v is None for k, v in http_filter.items() if k != "ports"
@@ -329,7 +334,7 @@ class IncomingService:
                 return await self._subscribe_mirror(channel, port, http_filter)
             if mode == "steal":
                 return await self._subscribe_steal(
-                    channel, port, http_filter, override=on_concurrent_steal == "override"
+                    channel, port, http_filter, override=on_concurrent_steal == "override", tls=tls
                 )
         raise SubscribeError(errno.EINVAL, f"incoming mode {mode!r} is not mirror or steal")
 
@@ -349,6 +354,7 @@ class IncomingService:
                 await self._drop(channel, port)
 
     async def _drop(self, channel: Any, port: int) -> None:
+        self.tls.drop(channel, port)
         chans = self.mirrors.get(port)
         self._sent_stats.pop((channel, port), None)
         self.mirror_filters.pop((channel, port), None)
@@ -610,7 +616,13 @@ class IncomingService:
     # -- steal
 
     async def _subscribe_steal(
-        self, channel: Any, port: int, http_filter: dict[str, Any] | None, *, override: bool = False
+        self,
+        channel: Any,
+        port: int,
+        http_filter: dict[str, Any] | None,
+        *,
+        override: bool = False,
+        tls: dict[str, Any] | None = None,
     ) -> list[str]:
         warnings: list[str] = []
         flt: HttpFilter | None = None
@@ -621,6 +633,10 @@ class IncomingService:
                 raise SubscribeError(errno.EINVAL, f"bad http_filter: {exc}") from None
             if not flt.applies_to(port):
                 flt = None  # `ports` leaves this one to an unfiltered steal
+        try:  # a filtered steal only: an unfiltered one hands the TLS bytes over untouched
+            warnings += self.tls.subscribe(channel, port, tls if flt is not None else None)
+        except TlsMaterialError as exc:
+            raise SubscribeError(errno.EINVAL, f"bad tls: {exc}") from None
         steal = self.steals.get(port)
         if steal is not None:
             others = [
@@ -860,9 +876,17 @@ class IncomingService:
                     return
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                     pass  # the channel closed just now: the pod's app answers
-            conn = _FilteredConnection(
-                self, stream, (peer[0], peer[1]), (dst_addr, dst_port), sniffed=sniffed
+            address = (dst_addr, dst_port)
+            done = await terminate(
+                self.tls, dst_port, stream, lambda: self.connect_upstream(address, sniffed=sniffed)
             )
+            if done is None:
+                return  # the client's TLS handshake failed (closed, logged)
+            client, pod, tls = done
+            conn = _FilteredConnection(self, client, (peer[0], peer[1]), address, sniffed=sniffed)
+            conn.tls = tls
+            if pod is not None:
+                conn.upstream = _Upstream(pod)
             await conn.run()
         finally:
             self.stolen_live -= 1
@@ -988,6 +1012,8 @@ class _Exchange:
 
 def _closed_by_peer(stream: anyio.abc.ByteStream) -> bool:
     """Has the peer closed this (idle) connection? A peek that does not consume anything."""
+    if isinstance(stream, TlsEnd):
+        return stream.closed_by_peer()
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     if raw is None:
         return False
@@ -1013,7 +1039,7 @@ class _FilteredConnection:
     def __init__(
         self,
         service: IncomingService,
-        client: anyio.abc.SocketStream,
+        client: anyio.abc.ByteStream,
         remote: tuple[str, int],
         original: tuple[str, int],
         *,
@@ -1033,12 +1059,14 @@ class _FilteredConnection:
         self._server_first = False
         self._watch_scope: anyio.CancelScope | None = None
         self._reading: list[_Exchange] = []  # requests whose bytes are still coming in
+        self.tls: TlsConnection | None = None  # its TLS, when the agent terminated it
 
     async def run(self) -> None:
         send_ex, recv_ex = anyio.create_memory_object_stream[_Exchange](MAX_PIPELINE)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_server_first, send_ex.clone())
+                if self.tls is None:  # TLS: the client speaks first
+                    tg.start_soon(self._watch_server_first, send_ex.clone())
                 tg.start_soon(self._read_client, send_ex)
                 await self._write_client(recv_ex)
                 # The responses are done (or the connection must end): stop reading too.
@@ -1093,12 +1121,25 @@ class _FilteredConnection:
             if self._upstream_failed is not None:
                 return None
             try:
-                stream = await self.service.connect_upstream(self.original, sniffed=self.sniffed)
+                stream = await self.connect_pod()
             except OSError as exc:
                 self._upstream_failed = f"{exc.strerror or exc}"
                 return None
             self.upstream = _Upstream(stream)
             return self.upstream
+
+    async def connect_pod(self) -> anyio.abc.ByteStream:
+        """A new connection to the pod's app (in TLS when the client's was terminated)."""
+        stream = await self.service.connect_upstream(self.original, sniffed=self.sniffed)
+        return stream if self.tls is None else await self.tls.to_pod(stream)
+
+    async def open_session(self, channel: Any) -> anyio.abc.ByteStream | None:
+        """A session connection for one request or stream (in TLS when the session wants it);
+        None when the session cannot take it."""
+        end = self._open_session(channel)
+        if end is None or self.tls is None:
+            return end
+        return await self.tls.to_session(channel, end)
 
     def _open_session(self, channel: Any) -> PipeEnd | None:
         ours, theirs = pipe_pair(names=("filter", "channel"))
@@ -1164,7 +1205,11 @@ class _FilteredConnection:
                     if isinstance(ev, RequestStarted):
                         if current is None and splitter.requests == 1:
                             upgrade = h2c_upgrade_from(ev.head)
-                            if upgrade and await serve_h2c_upgrade(self, upgrade, splitter):
+                            if (
+                                upgrade
+                                and self.tls is None  # h2c is HTTP/2 in clear only
+                                and await serve_h2c_upgrade(self, upgrade, splitter)
+                            ):
                                 return  # switched to HTTP/2: routed stream by stream there
                         current = await self._route(ev.head)
                         self._reading.append(current)
@@ -1221,7 +1266,7 @@ class _FilteredConnection:
         steal = self.service.steals.get(self.port)
         channel = steal.route(head) if steal is not None else None
         if channel is not None:
-            end = self._open_session(channel)
+            end = await self.open_session(channel)
             if end is not None:
                 self.service.stats["filtered_requests"] += 1
                 return _Exchange(head=head, dest=end, session=True)
@@ -1261,7 +1306,7 @@ class _FilteredConnection:
         if ex.replay is None or not ex.whole:
             return None
         try:
-            stream = await self.service.connect_upstream(self.original, sniffed=self.sniffed)
+            stream = await self.connect_pod()
         except OSError:
             return None
         self._old_upstreams.append(_Upstream(stream))  # closed with the client connection

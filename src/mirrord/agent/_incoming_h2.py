@@ -250,7 +250,7 @@ class _H2Shell:
         """The stream for a new upstream, or why there is none."""
         conn = self.conn
         if session is not None:
-            end = conn._open_session(session)
+            end = await conn.open_session(session)
             return end if end is not None else "the session ended"
         if self._first_pod:
             # The connection the filtered connection opened when the client connected: no
@@ -261,7 +261,7 @@ class _H2Shell:
                 return f"the pod's app on port {conn.port} is unreachable: {conn._upstream_failed}"
             return up.stream
         try:
-            stream = await self.service.connect_upstream(conn.original, sniffed=conn.sniffed)
+            stream = await conn.connect_pod()
         except OSError as exc:
             return f"the pod's app on port {conn.port} is unreachable: {exc.strerror or exc}"
         from mirrord.agent._incoming import _Upstream  # (a cycle at import time)

@@ -30,7 +30,9 @@ certificate fails its handshake with the agent, as it would with any other serve
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import select
 import socket
 import ssl
 import time
@@ -331,6 +333,16 @@ class TlsEnd(anyio.abc.ByteStream):
     async def send_eof(self) -> None:
         return None
 
+    def closed_by_peer(self) -> bool:
+        """Has the peer shut its side (an idle keep-alive connection the app closed)? A peek
+        at the socket cannot tell (TLS records such as session tickets may wait unread)."""
+        raw = self.tls.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        if raw is None:
+            return False
+        poller = select.poll()
+        poller.register(raw, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
+
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(_CLOSE_NOTIFY_WAIT), contextlib.suppress(Exception):
@@ -381,15 +393,20 @@ class TlsConnection:
         return f"<TlsConnection port={self.port} alpn={self.alpn!r} sni={self.hello.server_name!r}>"
 
     async def to_pod(self, stream: anyio.abc.ByteStream) -> TlsEnd:
-        """TLS over a new connection to the pod's app, offering the agreed protocol."""
+        """TLS over a new connection to the pod's app, offering the agreed protocol. Raises
+        OSError (the reason) when the handshake fails."""
         offer = (self.alpn,) if self.alpn else ()
         try:
             return await _wrap(
                 stream, client_context(offer), server=False, hostname=self.hello.server_name
             )
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await stream.aclose()
+            if isinstance(exc, _TLS_ERRORS):
+                raise OSError(
+                    errno.ECONNABORTED, f"TLS with the pod's app failed: {exc!r}"
+                ) from None
             raise
 
     async def to_session(

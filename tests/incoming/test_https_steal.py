@@ -1,0 +1,285 @@
+"""HTTPS under a filtered steal, with a real agent next to a real pod whose app serves TLS (a
+test CA from trustme): the agent terminates the clients' TLS with the session's certificate,
+filters HTTP/1.1 and HTTP/2 (ALPN), sends matched requests to the user app (plain or TLS) and
+re-encrypts the others toward the pod's app. Real clients: curl (`--http1.1`, `--http2`),
+Python's ssl (several requests on one connection) and h2 over TLS. Without a certificate, TLS
+passes through untouched."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import h2
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import trustme
+
+from mirrord.localpod import LocalPod
+from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn
+from tests.incoming.conftest import serve_channel, subscribe
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+TLS_APP = str(Path(__file__).with_name("_tls_app.py"))
+PORT = 8443
+NAME = "pod.test"  # the name the clients ask for (curl --resolve), in the certificate
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def certs(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
+    """PEM files: the test CA, the pod's certificate and key (the session gives the same)."""
+    files = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "tls.crt", "key": tmp_path / "tls.key"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    leaf = ca.issue_cert(NAME, "localhost")
+    leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    leaf.private_key_pem.write_to_path(str(files["key"]))
+    return files
+
+
+@pytest.fixture
+def tls_pod(pod: LocalPod, certs: dict[str, Path]) -> Iterator[LocalPod]:
+    """The pod with an HTTPS app (h2 and http/1.1) on PORT, with the pod's certificate."""
+    python = os.path.realpath(sys.executable)
+    env = {**pod.env, "PYTHONPATH": os.path.dirname(os.path.dirname(h2.__file__))}
+    proc = pod.popen_in_pod(
+        [python, TLS_APP, "pod", "0.0.0.0", str(PORT), str(certs["cert"]), str(certs["key"])],
+        env=env,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == str(PORT).encode()
+    try:
+        yield pod
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def user_app(certs: dict[str, Path]) -> Iterator[Callable[[bool], int]]:
+    """`user_app(tls)`: the user app's stand-in on the host (no mirrord), serving HTTPS with
+    the same certificate, or plain HTTP; its port."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(tls: bool) -> int:
+        cert, key = (str(certs["cert"]), str(certs["key"])) if tls else ("plain", "plain")
+        proc = subprocess.Popen(
+            [sys.executable, TLS_APP, "user-app", "127.0.0.1", "0", cert, key],
+            stdout=subprocess.PIPE,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        return int(proc.stdout.readline())
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def tls_wire(certs: dict[str, Path], protocol: str = "tls") -> dict[str, object]:
+    """What the daemon sends in Subscribe.tls for these files."""
+    return {
+        "cert_pem": certs["cert"].read_text(),
+        "key_pem": certs["key"].read_text(),
+        "delivery": {"protocol": protocol, "trust_roots_pem": certs["ca"].read_text()},
+    }
+
+
+def curl(
+    pod: LocalPod, certs: dict[str, Path], path: str, user: str | None, *, http2: bool = False
+) -> tuple[str, str]:
+    """One HTTPS request with curl trusting the test CA: (body, HTTP version)."""
+    argv = ["curl", "-sS", "--max-time", "30", "--cacert", str(certs["ca"])]
+    argv += ["--resolve", f"{NAME}:{PORT}:{pod.ip}", "-w", "|%{http_version}"]
+    argv.append("--http2" if http2 else "--http1.1")
+    if user is not None:
+        argv += ["-H", f"x-user: {user}"]
+    argv.append(f"https://{NAME}:{PORT}{path}")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    body, _, version = done.stdout.rpartition("|")
+    return body, version
+
+
+def https_keep_alive(
+    pod: LocalPod, certs: dict[str, Path], requests: list[tuple[str, str | None]]
+) -> list[str]:
+    """Python's ssl + http.client: every request on one TLS connection, in order; the bodies."""
+    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+    ctx.set_alpn_protocols(["http/1.1"])
+    raw = socket.create_connection((pod.ip, PORT), timeout=30)
+    conn = http.client.HTTPSConnection(NAME, PORT, context=ctx, timeout=30)
+    conn.sock = ctx.wrap_socket(raw, server_hostname=NAME)
+    bodies = []
+    try:
+        for path, user in requests:
+            conn.request("GET", path, headers={"x-user": user} if user else {})
+            bodies.append(conn.getresponse().read().decode())
+    finally:
+        conn.close()
+    return bodies
+
+
+def h2_over_tls(
+    pod: LocalPod, certs: dict[str, Path], requests: list[tuple[str, str | None]]
+) -> dict[str, str]:
+    """The h2 library over Python's ssl (ALPN h2): all streams at once on one connection;
+    path -> body."""
+    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+    ctx.set_alpn_protocols(["h2"])
+    sock = ctx.wrap_socket(
+        socket.create_connection((pod.ip, PORT), timeout=30), server_hostname=NAME
+    )
+    assert sock.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+    conn.initiate_connection()
+    paths: dict[int, str] = {}
+    for path, user in requests:
+        sid = conn.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", NAME)]
+        conn.send_headers(sid, headers + ([("x-user", user)] if user else []), end_stream=True)
+        paths[sid] = path
+    sock.sendall(conn.data_to_send())
+    bodies: dict[int, bytearray] = {sid: bytearray() for sid in paths}
+    done: set[int] = set()
+    with sock:
+        for _ in range(1000):  # bounded: a handful of frames per stream
+            if done == set(paths):
+                break
+            data = sock.recv(65536)
+            assert data, "the agent closed the connection"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.DataReceived):
+                    bodies[ev.stream_id or 0] += ev.data or b""
+                    conn.acknowledge_received_data(
+                        ev.flow_controlled_length or 0, ev.stream_id or 0
+                    )
+                elif isinstance(ev, h2.events.StreamEnded):
+                    done.add(ev.stream_id or 0)
+                elif isinstance(ev, h2.events.StreamReset):
+                    raise AssertionError(f"stream {ev.stream_id} reset: {ev.error_code}")
+            sock.sendall(conn.data_to_send())
+    return {paths[sid]: bytes(body).decode() for sid, body in bodies.items()}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("delivery", ["tls", "tcp"])
+async def test_https_requests_matching_the_filter_reach_the_user_app_the_rest_the_pod(
+    tls_pod: LocalPod,
+    steal_agent: Agent,
+    user_app: Callable[[bool], int],
+    certs: dict[str, Path],
+    delivery: str,
+) -> None:
+    pod = tls_pod
+    get = anyio.to_thread.run_sync
+    app_port = user_app(delivery == "tls")
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            await subscribe(
+                client,
+                1,
+                PORT,
+                "steal",
+                {"header_filter": "^x-user: alice$"},
+                tls=tls_wire(certs, delivery),
+            )
+            # curl, HTTP/1.1 and HTTP/2 (ALPN)
+            assert await get(curl, pod, certs, "/a", "alice") == (
+                "user-app GET /a x-user=alice\n",
+                "1.1",
+            )
+            assert await get(curl, pod, certs, "/b", "bob") == ("pod GET /b x-user=bob\n", "1.1")
+            h2_alice = await get(lambda: curl(pod, certs, "/c", "alice", http2=True))
+            assert h2_alice == ("user-app GET /c x-user=alice\n", "2")
+            h2_bob = await get(lambda: curl(pod, certs, "/d", None, http2=True))
+            assert h2_bob == ("pod GET /d x-user=\n", "2")
+            # one TLS connection: matched and unmatched requests, answered in order
+            bodies = await get(
+                https_keep_alive,
+                pod,
+                certs,
+                [("/1", "alice"), ("/2", "bob"), ("/3", "alice"), ("/4", None)],
+            )
+            assert bodies == [
+                "user-app GET /1 x-user=alice\n",
+                "pod GET /2 x-user=bob\n",
+                "user-app GET /3 x-user=alice\n",
+                "pod GET /4 x-user=\n",
+            ]
+            # h2 over TLS: streams of one connection routed each its way
+            streams: list[tuple[str, str | None]] = [("/s1", "alice"), ("/s2", "bob")]
+            streams.append(("/s3", "alice"))
+            answers = await get(h2_over_tls, pod, certs, streams)
+            assert answers == {
+                "/s1": "user-app GET /s1 x-user=alice\n",
+                "/s2": "pod GET /s2 x-user=bob\n",
+                "/s3": "user-app GET /s3 x-user=alice\n",
+            }
+            assert len(seen) == 6  # one IncomingConnection per matched request or stream
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_without_a_certificate_tls_passes_to_the_pod_untouched(
+    tls_pod: LocalPod, steal_agent: Agent, certs: dict[str, Path]
+) -> None:
+    """A filtered steal of the port, no certificate: the client's TLS reaches the pod's app
+    itself (its certificate, its answer), whatever the headers inside."""
+    pod = tls_pod
+    get = anyio.to_thread.run_sync
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, None, seen)
+            await subscribe(client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"})
+            assert await get(curl, pod, certs, "/a", "alice") == (
+                "pod GET /a x-user=alice\n",
+                "1.1",
+            )
+            h2 = await get(lambda: curl(pod, certs, "/b", "alice", http2=True))
+            assert h2 == ("pod GET /b x-user=alice\n", "2")
+            bodies = await get(https_keep_alive, pod, certs, [("/1", "alice"), ("/2", None)])
+            assert bodies == ["pod GET /1 x-user=alice\n", "pod GET /2 x-user=\n"]
+            assert seen == []
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_bad_certificate_is_refused_and_the_port_stays_the_pods(
+    tls_pod: LocalPod, steal_agent: Agent, certs: dict[str, Path], ca: trustme.CA
+) -> None:
+    pod = tls_pod
+    wire = tls_wire(certs)
+    wire["key_pem"] = ca.issue_cert("other.test").private_key_pem.bytes().decode()
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        with pytest.raises(AgentError, match="key does not belong to the certificate"):
+            await subscribe(
+                client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"}, tls=wire
+            )
+        body = await anyio.to_thread.run_sync(curl, pod, certs, "/a", "alice")
+        assert body == ("pod GET /a x-user=alice\n", "1.1")
