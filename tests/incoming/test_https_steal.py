@@ -8,6 +8,7 @@ passes through untouched."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -25,8 +26,10 @@ import pytest
 import trustme
 
 from mirrord.localpod import LocalPod
+from tests.cli.conftest import Mirrord, temp_mirrord
 from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn
 from tests.incoming.conftest import serve_channel, subscribe
+from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -283,3 +286,88 @@ async def test_a_bad_certificate_is_refused_and_the_port_stays_the_pods(
             )
         body = await anyio.to_thread.run_sync(curl, pod, certs, "/a", "alice")
         assert body == ("pod GET /a x-user=alice\n", "1.1")
+
+
+# ---------------------------------------------------------------- through `mirrord run`
+
+
+@pytest.fixture
+def mirrord() -> Iterator[Mirrord]:
+    with temp_mirrord("mrdt") as cli:
+        yield cli
+
+
+def https_config(tmp_path: Path, tls_steal: dict[str, str], delivery: str) -> Path:
+    config = tmp_path / "mirrord.json"
+    incoming = {
+        "mode": "steal",
+        "http_filter": {"header_filter": "^x-user: alice$", "ports": [PORT]},
+        "tls_steal": tls_steal,
+        "tls_delivery": {"protocol": delivery, "trust_roots": "ca.pem"},
+    }
+    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+    return config
+
+
+def test_mirrord_run_steals_matching_https_requests_with_the_configured_certificate(
+    mirrord: Mirrord, tls_pod: LocalPod, certs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The user app serves HTTPS itself (tls_delivery "tls"), under mirrord; the session's
+    certificate files are named relative to the working directory of `mirrord run`."""
+    pod = tls_pod
+    config = https_config(tmp_path, {"cert": "tls.crt", "key": "tls.key"}, "tls")
+    argv = [sys.executable, TLS_APP, "user-app", "0.0.0.0", str(PORT)]
+    argv += [str(certs["cert"]), str(certs["key"])]
+    app = mirrord.popen(
+        "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv, cwd=str(tmp_path)
+    )
+    assert app.stdout is not None
+    assert app.stdout.readline().strip() == str(PORT)
+    try:
+        # the subscription follows listen() asynchronously: wait until alice's are stolen
+        wait_for(lambda: curl(pod, certs, "/probe", "alice")[0].startswith("user-app"), 20)
+        assert curl(pod, certs, "/a", "alice") == ("user-app GET /a x-user=alice\n", "1.1")
+        assert curl(pod, certs, "/b", "bob") == ("pod GET /b x-user=bob\n", "1.1")
+        assert curl(pod, certs, "/c", "alice", http2=True) == (
+            "user-app GET /c x-user=alice\n",
+            "2",
+        )
+        assert curl(pod, certs, "/d", None, http2=True) == ("pod GET /d x-user=\n", "2")
+        bodies = https_keep_alive(pod, certs, [("/1", None), ("/2", "alice"), ("/3", "bob")])
+        assert bodies == [
+            "pod GET /1 x-user=\n",
+            "user-app GET /2 x-user=alice\n",
+            "pod GET /3 x-user=bob\n",
+        ]
+    finally:
+        stop_app(app)
+    wait_for(lambda: our_rules(pod) == [])
+    assert curl(pod, certs, "/after", "alice") == ("pod GET /after x-user=alice\n", "1.1")
+
+
+@pytest.mark.parametrize("problem", ["missing", "mismatch", "not-pem"])
+def test_a_bad_certificate_stops_mirrord_run_before_any_agent_starts(
+    mirrord: Mirrord, pod: LocalPod, certs: dict[str, Path], ca: trustme.CA, problem: str
+) -> None:
+    tmp_path = certs["cert"].parent  # with the CA and the pod's certificate
+    key = tmp_path / "other.key"
+    if problem == "mismatch":
+        ca.issue_cert("other.test").private_key_pem.write_to_path(str(key))
+    elif problem == "not-pem":
+        key.write_bytes(b"\x30\x82\x01\x0a binary, DER perhaps")
+    config = https_config(tmp_path, {"cert": "tls.crt", "key": str(key)}, "tcp")
+    run = mirrord.popen(
+        "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", "true", cwd=str(tmp_path)
+    )
+    _, err = run.communicate(timeout=60)
+    expected = {
+        "missing": "cannot read feature.network.incoming.tls_steal.key",
+        "mismatch": "the key does not belong to the certificate",
+        "not-pem": "is not a PEM file",
+    }[problem]
+    assert run.returncode != 0
+    assert expected in err, err
+    assert "Traceback" not in err
+    status = mirrord.status()
+    assert status["agents"] == [] and status["sessions"] == []
+    assert our_rules(pod) == []
