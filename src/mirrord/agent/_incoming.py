@@ -154,6 +154,17 @@ class _PortSteal:
         return None
 
 
+def _steal_filter(http_filter: dict[str, Any] | None, port: int) -> HttpFilter | None:
+    """The compiled filter of a steal of `port`; None: the steal is unfiltered."""
+    if http_filter is None:
+        return None
+    try:
+        flt = HttpFilter.from_config(http_filter)
+    except FilterError as exc:
+        raise SubscribeError(errno.EINVAL, f"bad http_filter: {exc}") from None
+    return flt if flt.applies_to(port) else None  # `ports` leaves it to an unfiltered steal
+
+
 def _max_guard_restarts() -> int:
     """`MIRRORD_AGENT_STEAL_GUARD_RESTARTS`: how often a dead steal guard is replaced (default
     3; a guard killed again and again, e.g. by the OOM killer, then ends the steals)."""
@@ -625,18 +636,9 @@ class IncomingService:
         tls: dict[str, Any] | None = None,
     ) -> list[str]:
         warnings: list[str] = []
-        flt: HttpFilter | None = None
-        if http_filter is not None:
-            try:
-                flt = HttpFilter.from_config(http_filter)
-            except FilterError as exc:
-                raise SubscribeError(errno.EINVAL, f"bad http_filter: {exc}") from None
-            if not flt.applies_to(port):
-                flt = None  # `ports` leaves this one to an unfiltered steal
-        try:  # a filtered steal only: an unfiltered one hands the TLS bytes over untouched
-            warnings += self.tls.subscribe(channel, port, tls if flt is not None else None)
-        except TlsMaterialError as exc:
-            raise SubscribeError(errno.EINVAL, f"bad tls: {exc}") from None
+        flt = _steal_filter(http_filter, port)
+        # TLS for a filtered steal only: an unfiltered one hands the TLS bytes over untouched
+        warnings += self._subscribe_tls(channel, port, tls if flt is not None else None)
         steal = self.steals.get(port)
         if steal is not None:
             others = [
@@ -700,6 +702,12 @@ class IncomingService:
                 f'pod with "http_filter": {{"header_filter": "{recipe}"}}'
             )
         return warnings
+
+    def _subscribe_tls(self, channel: Any, port: int, tls: dict[str, Any] | None) -> list[str]:
+        try:
+            return self.tls.subscribe(channel, port, tls)
+        except TlsMaterialError as exc:
+            raise SubscribeError(errno.EINVAL, f"bad tls: {exc}") from None
 
     async def _update_rules(self) -> None:
         wanted = sorted(self.steals)
@@ -1205,11 +1213,7 @@ class _FilteredConnection:
                     if isinstance(ev, RequestStarted):
                         if current is None and splitter.requests == 1:
                             upgrade = h2c_upgrade_from(ev.head)
-                            if (
-                                upgrade
-                                and self.tls is None  # h2c is HTTP/2 in clear only
-                                and await serve_h2c_upgrade(self, upgrade, splitter)
-                            ):
+                            if upgrade and await serve_h2c_upgrade(self, upgrade, splitter):
                                 return  # switched to HTTP/2: routed stream by stream there
                         current = await self._route(ev.head)
                         self._reading.append(current)

@@ -106,6 +106,8 @@ async def serve_h2c_upgrade(
     # Switch only when the pod's app speaks HTTP/2 (with prior knowledge, as the agent will
     # speak it): an HTTP/2 app greets with its SETTINGS as soon as it accepts. An HTTP/1.1
     # app says nothing and answers the request as HTTP/1.1, as it would without mirrord.
+    if conn.tls is not None:
+        return False  # h2c is HTTP/2 in clear only (over TLS, ALPN chooses h2)
     up = await conn._get_upstream()
     if up is None:
         return False

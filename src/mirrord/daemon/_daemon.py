@@ -46,12 +46,11 @@ from mirrord.daemon._env import (
     unset_names,
 )
 from mirrord.daemon._exceptions import BadRequest, ConfigRefused, DaemonError, SessionNotFound
-from mirrord.daemon._incoming_tls import subscribe_tls
+from mirrord.daemon._incoming_tls import agent_tls_warnings, subscribe_tls
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
 from mirrord.daemon._session import Session, new_session_id, serve_layer_client
-from mirrord.protocol import messages as m
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -325,8 +324,7 @@ class Daemon:
                 raise DaemonError("create_session: config must be a JSON object")
             config = _config_model(raw_config)
         check_layer_settings(config)  # before an agent is started for it
-        # the certificate files of an HTTPS filtered steal, read (and checked) here, before an
-        # agent is started: a bad one stops the session with nothing left behind
+        # HTTPS filtered steal: its certificate files are read and checked before any agent starts
         incoming_tls = await anyio.to_thread.run_sync(subscribe_tls, config, params.get("cwd"))
         progress(f"opening a session on {target}")
         level = config_value(config, "daemon", "log_level", default=None)
@@ -358,11 +356,7 @@ class Daemon:
             http_filter=http_filter,
         )
         session.incoming_tls = incoming_tls
-        if incoming_tls is not None and m.FEATURE_INCOMING_TLS not in link.conn.peer_features:
-            warnings.append(
-                "feature.network.incoming.tls_steal: the agent is older and does not terminate "
-                "TLS: HTTPS on the filtered ports goes to the target untouched"
-            )
+        warnings += agent_tls_warnings(incoming_tls, link.conn.peer_features)
         self.sessions[session.id] = session
         session.subscribe_events(owner_events)
         session.warnings.extend(warnings)

@@ -16,8 +16,9 @@ from typing import Any
 from mirrord._tls import MAX_PEM, TlsMaterialError, check_pem_pair, client_context
 from mirrord.config import MirrordConfig
 from mirrord.daemon._exceptions import ConfigRefused
+from mirrord.protocol import messages as m
 
-__all__ = ["subscribe_tls"]
+__all__ = ["agent_tls_warnings", "subscribe_tls"]
 
 _KEY = "feature.network.incoming"
 
@@ -91,3 +92,13 @@ def _delivery(config: MirrordConfig, base: Path) -> dict[str, Any]:
             ) from None
         out["server_cert_pem"] = pem
     return out
+
+
+def agent_tls_warnings(incoming_tls: dict[str, Any] | None, agent_features: list[str]) -> list[str]:
+    """An agent too old for `Subscribe.tls` ignores it: TLS then passes through untouched."""
+    if incoming_tls is None or m.FEATURE_INCOMING_TLS in agent_features:
+        return []
+    return [
+        "feature.network.incoming.tls_steal: the agent is older and does not terminate TLS: "
+        "HTTPS on the filtered ports goes to the target untouched"
+    ]
