@@ -1,8 +1,9 @@
 """A stand-in app serving HTTPS: the pod's app or the user app of the HTTPS steal tests.
 
-Run: `python _tls_app.py NAME HOST PORT CERT KEY` -> prints the port, then serves TLS with
+Run: `python _tls_app.py NAME HOST PORT CERT KEY [IDLE]` -> prints the port, then serves TLS with
 ALPN `h2` and `http/1.1`: HTTP/2 as `_h2_app.py` answers it, HTTP/1.1 (also without ALPN) as
 `_local_app.py` does, each request with `NAME METHOD PATH x-user=<header>\\n` + its body.
+An optional IDLE (seconds): an HTTP/1.1 connection idle that long is closed by the app.
 With CERT `plain`, the same without TLS (HTTP/2 with prior knowledge, or HTTP/1.1): a user app
 that serves plain HTTP.
 """
@@ -47,6 +48,8 @@ def _serve(raw: socket.socket, ctx: ssl.SSLContext | None, name: str) -> None:
 def main() -> None:
     name, host, port, cert, key = sys.argv[1:6]
     _local_app.Handler.name = name
+    if len(sys.argv) > 6:
+        _local_app.Handler.timeout = float(sys.argv[6])  # socketserver: idle -> closed
     ctx: ssl.SSLContext | None = None
     if cert != "plain":
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,22 +55,28 @@ def certs(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
     return files
 
 
+IDLE_PORT = 8444  # the pod's HTTPS app closing keep-alive connections idle for 1 s
+
+
 @pytest.fixture
 def tls_pod(pod: LocalPod, certs: dict[str, Path]) -> Iterator[LocalPod]:
-    """The pod with an HTTPS app (h2 and http/1.1) on PORT, with the pod's certificate."""
+    """The pod with an HTTPS app (h2 and http/1.1) on PORT, with the pod's certificate (and
+    the same on IDLE_PORT with an idle timeout)."""
     python = os.path.realpath(sys.executable)
     env = {**pod.env, "PYTHONPATH": os.path.dirname(os.path.dirname(h2.__file__))}
-    proc = pod.popen_in_pod(
-        [python, TLS_APP, "pod", "0.0.0.0", str(PORT), str(certs["cert"]), str(certs["key"])],
-        env=env,
-    )
+    pem = [str(certs["cert"]), str(certs["key"])]
+    idle = pod.popen_in_pod([python, TLS_APP, "pod", "0.0.0.0", str(IDLE_PORT), *pem, "1"], env=env)
+    assert idle.stdout is not None
+    assert idle.stdout.readline().strip() == str(IDLE_PORT).encode()
+    proc = pod.popen_in_pod([python, TLS_APP, "pod", "0.0.0.0", str(PORT), *pem], env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == str(PORT).encode()
     try:
         yield pod
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        for each in (proc, idle):
+            each.kill()
+            each.wait(timeout=10)
 
 
 @pytest.fixture
@@ -124,17 +131,25 @@ def curl(
 
 
 def https_keep_alive(
-    pod: LocalPod, certs: dict[str, Path], requests: list[tuple[str, str | None]]
+    pod: LocalPod,
+    certs: dict[str, Path],
+    requests: list[tuple[str, str | None]],
+    *,
+    port: int = PORT,
+    pause: float = 0.0,
 ) -> list[str]:
-    """Python's ssl + http.client: every request on one TLS connection, in order; the bodies."""
+    """Python's ssl + http.client: every request on one TLS connection, in order (`pause`
+    seconds apart); the bodies."""
     ctx = ssl.create_default_context(cafile=str(certs["ca"]))
     ctx.set_alpn_protocols(["http/1.1"])
-    raw = socket.create_connection((pod.ip, PORT), timeout=30)
-    conn = http.client.HTTPSConnection(NAME, PORT, context=ctx, timeout=30)
+    raw = socket.create_connection((pod.ip, port), timeout=30)
+    conn = http.client.HTTPSConnection(NAME, port, context=ctx, timeout=30)
     conn.sock = ctx.wrap_socket(raw, server_hostname=NAME)
     bodies = []
     try:
-        for path, user in requests:
+        for i, (path, user) in enumerate(requests):
+            if i:
+                time.sleep(pause)
             conn.request("GET", path, headers={"x-user": user} if user else {})
             bodies.append(conn.getresponse().read().decode())
     finally:
@@ -242,6 +257,51 @@ async def test_https_requests_matching_the_filter_reach_the_user_app_the_rest_th
                 "/s3": "user-app GET /s3 x-user=alice\n",
             }
             assert len(seen) == 6  # one IncomingConnection per matched request or stream
+            tg.cancel_scope.cancel()
+
+
+def plain_get(pod: LocalPod, path: str, user: str) -> str:
+    conn = http.client.HTTPConnection(pod.ip, PORT, timeout=30)
+    try:
+        conn.request("GET", path, headers={"x-user": user})
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_tls_and_plain_http_share_the_port_and_an_idle_pod_connection_is_replaced(
+    tls_pod: LocalPod, steal_agent: Agent, user_app: Callable[[bool], int], certs: dict[str, Path]
+) -> None:
+    """With a certificate, a client speaking plain HTTP on the port is filtered as before; the
+    pod's app closing an idle TLS keep-alive connection is noticed: the next unmatched request
+    goes on a new one (not a 502)."""
+    pod = tls_pod
+    get = anyio.to_thread.run_sync
+    app_port = user_app(False)
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            flt: dict[str, object] = {
+                "header_filter": "^x-user: alice$",
+                "ports": [PORT, IDLE_PORT],
+            }
+            tls = tls_wire(certs, "tcp")
+            await subscribe(client, 1, PORT, "steal", flt, tls=tls)
+            await subscribe(client, 1, IDLE_PORT, "steal", flt, tls=tls)
+            assert await get(plain_get, pod, "/p", "alice") == "user-app GET /p x-user=alice\n"
+            requests: list[tuple[str, str | None]] = [("/1", "bob"), ("/2", "bob")]
+            requests.append(("/3", "alice"))
+            bodies = await get(
+                lambda: https_keep_alive(pod, certs, requests, port=IDLE_PORT, pause=3.0)
+            )
+            assert bodies == [
+                "pod GET /1 x-user=bob\n",
+                "pod GET /2 x-user=bob\n",
+                "user-app GET /3 x-user=alice\n",
+            ]
             tg.cancel_scope.cancel()
 
 
