@@ -46,13 +46,31 @@ def ca() -> trustme.CA:
 
 @pytest.fixture
 def certs(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
-    """PEM files: the test CA, the pod's certificate and key (the session gives the same)."""
-    files = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "tls.crt", "key": tmp_path / "tls.key"}
+    """PEM files: the test CA; the pod's certificate and key (`cert`, `key`, used by the pod's
+    app and the user app); the session's (`session.crt`, `session.key`: another certificate
+    for the same name from the same CA, so a client can tell who answered its handshake)."""
+    files = {"ca": tmp_path / "ca.pem"}
     ca.cert_pem.write_to_path(str(files["ca"]))
-    leaf = ca.issue_cert(NAME, "localhost")
-    leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    leaf.private_key_pem.write_to_path(str(files["key"]))
+    for prefix, name in (("", "tls"), ("session_", "session")):
+        leaf = ca.issue_cert(NAME, "localhost")
+        files[f"{prefix}cert"] = tmp_path / f"{name}.crt"
+        files[f"{prefix}key"] = tmp_path / f"{name}.key"
+        leaf.cert_chain_pems[0].write_to_path(str(files[f"{prefix}cert"]))
+        leaf.private_key_pem.write_to_path(str(files[f"{prefix}key"]))
     return files
+
+
+def served_certificate(pod: LocalPod, certs: dict[str, Path]) -> Path:
+    """Which of the two certificates a client connecting to the pod's PORT is shown."""
+    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+    with ctx.wrap_socket(
+        socket.create_connection((pod.ip, PORT), timeout=30), server_hostname=NAME
+    ) as sock:
+        der = sock.getpeercert(binary_form=True)
+    for key in ("cert", "session_cert"):
+        if ssl.PEM_cert_to_DER_cert(certs[key].read_text()) == der:
+            return certs[key]
+    raise AssertionError("a certificate that is neither the pod's nor the session's")
 
 
 IDLE_PORT = 8444  # the pod's HTTPS app closing keep-alive connections idle for 1 s
@@ -108,8 +126,8 @@ def user_app(certs: dict[str, Path]) -> Iterator[Callable[[bool], int]]:
 def tls_wire(certs: dict[str, Path], protocol: str = "tls") -> dict[str, object]:
     """What the daemon sends in Subscribe.tls for these files."""
     return {
-        "cert_pem": certs["cert"].read_text(),
-        "key_pem": certs["key"].read_text(),
+        "cert_pem": certs["session_cert"].read_text(),
+        "key_pem": certs["session_key"].read_text(),
         "delivery": {"protocol": protocol, "trust_roots_pem": certs["ca"].read_text()},
     }
 
@@ -257,6 +275,23 @@ async def test_https_requests_matching_the_filter_reach_the_user_app_the_rest_th
                 "/s3": "user-app GET /s3 x-user=alice\n",
             }
             assert len(seen) == 6  # one IncomingConnection per matched request or stream
+            # the clients were answered with the session's certificate; one that does not
+            # trust it fails its handshake (curl: 60) and nothing reaches anyone
+            assert await get(served_certificate, pod, certs) == certs["session_cert"]
+            untrusting = [
+                *("curl", "-sS", "--max-time", "30", "--resolve"),
+                f"{NAME}:{PORT}:{pod.ip}",
+            ]
+            done = await get(
+                lambda: subprocess.run(
+                    [*untrusting, f"https://{NAME}:{PORT}/x"],
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
+            )
+            assert done.returncode == 60, done.stderr
+            assert len(seen) == 6
             tg.cancel_scope.cancel()
 
 
@@ -328,6 +363,7 @@ async def test_without_a_certificate_tls_passes_to_the_pod_untouched(
             bodies = await get(https_keep_alive, pod, certs, [("/1", "alice"), ("/2", None)])
             assert bodies == ["pod GET /1 x-user=alice\n", "pod GET /2 x-user=\n"]
             assert seen == []
+            assert await get(served_certificate, pod, certs) == certs["cert"]  # the pod's own
             tg.cancel_scope.cancel()
 
 
@@ -375,7 +411,7 @@ def test_mirrord_run_steals_matching_https_requests_with_the_configured_certific
     """The user app serves HTTPS itself (tls_delivery "tls"), under mirrord; the session's
     certificate files are named relative to the working directory of `mirrord run`."""
     pod = tls_pod
-    config = https_config(tmp_path, {"cert": "tls.crt", "key": "tls.key"}, "tls")
+    config = https_config(tmp_path, {"cert": "session.crt", "key": "session.key"}, "tls")
     argv = [sys.executable, TLS_APP, "user-app", "0.0.0.0", str(PORT)]
     argv += [str(certs["cert"]), str(certs["key"])]
     app = mirrord.popen(
