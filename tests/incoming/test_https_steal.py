@@ -295,6 +295,43 @@ async def test_https_requests_matching_the_filter_reach_the_user_app_the_rest_th
             tg.cancel_scope.cancel()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "trust", ["server_cert: the user app's", "server_cert: another", "trust_roots: another CA"]
+)
+async def test_tls_delivery_checks_the_user_apps_certificate(
+    tls_pod: LocalPod,
+    steal_agent: Agent,
+    user_app: Callable[[bool], int],
+    certs: dict[str, Path],
+    trust: str,
+) -> None:
+    """The user app must present the certificate `tls_delivery` trusts; when it does not, the
+    request is answered by the pod's app (the agent logs why)."""
+    answered_by = "user-app" if trust == "server_cert: the user app's" else "pod"
+    wire = tls_wire(certs)
+    delivery: dict[str, object] = {"protocol": "tls"}
+    if trust == "server_cert: the user app's":
+        delivery["server_cert_pem"] = certs["cert"].read_text()
+    elif trust == "server_cert: another":
+        delivery["server_cert_pem"] = certs["session_cert"].read_text()
+    else:
+        delivery["trust_roots_pem"] = trustme.CA().cert_pem.bytes().decode()
+    wire["delivery"] = delivery
+    app_port = user_app(True)
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            flt: dict[str, object] = {"header_filter": "^x-user: alice$"}
+            await subscribe(client, 1, PORT, "steal", flt, tls=wire)
+            body = await anyio.to_thread.run_sync(curl, tls_pod, certs, "/a", "alice")
+            assert body == (f"{answered_by} GET /a x-user=alice\n", "1.1")
+            assert len(seen) == 1  # the session connection was opened either way
+            tg.cancel_scope.cancel()
+
+
 def plain_get(pod: LocalPod, path: str, user: str) -> str:
     conn = http.client.HTTPConnection(pod.ip, PORT, timeout=30)
     try:
