@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import select
 import socket
@@ -172,6 +173,14 @@ def _parse_hello_body(body: bytes) -> ClientHello:
 
 
 # ---------------------------------------------------------------- settings
+
+
+@functools.lru_cache(maxsize=8)
+def _pod_context(offer: tuple[str, ...]) -> ssl.SSLContext:
+    """The context toward the pod's app for an ALPN offer (a handful exist: built once). Its
+    certificate is not verified: it is the client's original destination, reached from inside
+    the pod."""
+    return client_context(offer)
 
 
 @dataclass
@@ -398,7 +407,7 @@ class TlsConnection:
         offer = (self.alpn,) if self.alpn else ()
         try:
             return await _wrap(
-                stream, client_context(offer), server=False, hostname=self.hello.server_name
+                stream, _pod_context(offer), server=False, hostname=self.hello.server_name
             )
         except BaseException as exc:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -523,7 +532,7 @@ async def terminate(
     if pod is not None:
         try:
             pod_tls = await _wrap(
-                pod, client_context(offer), server=False, hostname=hello.server_name
+                pod, _pod_context(offer), server=False, hostname=hello.server_name
             )
         except _TLS_ERRORS as exc:
             failure = f"TLS with the pod's app failed: {exc}"
