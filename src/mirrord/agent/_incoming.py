@@ -15,7 +15,8 @@ Routing
 - Unfiltered steal: the accepted socket itself goes to the stealing channel.
 - Filtered steal: the connection is parsed request by request; matched requests go to their
   session, the rest to the pod's app (`_incoming_filtered.py`; HTTP/2 stream by stream,
-  `_incoming_h2.py`).
+  `_incoming_h2.py`). With a session's certificate, a client speaking TLS has it terminated
+  first (`_incoming_tls.py`) and is filtered the same way over the decrypted stream.
 - A connection made straight to the agent's listener (not redirected: its original
   destination is the listener itself) is reset at once, never relayed: relaying it to its
   original destination would connect to the listener again, in a loop. The steal rules

@@ -12,8 +12,10 @@ pod's app untouched; a pod app that speaks first (a server-first protocol) gets 
 connection relayed both ways.
 Does not own: HTTP parsing (`_http_filter.py`), HTTP/2 (the connection hands itself to
 `_incoming_h2.py` when its first bytes are the preface or an `Upgrade: h2c` request), the
-choice of session (the port's filters, `IncomingService.steals`), or opening a connection
-from inside the pod (`IncomingService.connect_upstream`).
+choice of session (the port's filters, `IncomingService.steals`), opening a connection
+from inside the pod (`IncomingService.connect_upstream`), or TLS (`_incoming_tls.py`: a
+terminated client arrives decrypted, with its `TlsConnection`, which puts the connections to
+the pod's app and to the sessions in TLS of their own).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ Owns: the TLS settings of each stolen port and channel (`StealTls`), recognising
 from its first bytes (`parse_client_hello`, sans-IO: the ClientHello's server name and ALPN
 offer), the handshakes of a stolen connection (`terminate`), and `TlsConnection`, what a
 terminated connection needs afterwards (connections to the pod's app, session connections).
-Does not own: the filtering itself (the HTTP/1 and HTTP/2 paths run unchanged over the
-decrypted stream), the certificate files (read by the daemon on the user's machine).
+Does not own: the filtering itself (`_incoming_filtered.py` and `_incoming_h2.py` run
+unchanged over the decrypted stream), the certificate files (read by the daemon on the user's
+machine).
 
 Order of a terminated connection
 --------------------------------
