@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
+import grpc
 import h2
 import h2.config
 import h2.connection
@@ -35,6 +36,8 @@ from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 TLS_APP = str(Path(__file__).with_name("_tls_app.py"))
+GRPC_APP = str(Path(__file__).with_name("_grpc_app.py"))
+GRPC_PORT = 8446
 PORT = 8443
 NAME = "pod.test"  # the name the clients ask for (curl --resolve), in the certificate
 
@@ -419,6 +422,66 @@ async def test_a_bad_certificate_is_refused_and_the_port_stays_the_pods(
             )
         body = await anyio.to_thread.run_sync(curl, pod, certs, "/a", "alice")
         assert body == ("pod GET /a x-user=alice\n", "1.1")
+
+
+def grpc_say(
+    pod: LocalPod, certs: dict[str, Path], calls: list[tuple[str, str | None]]
+) -> list[str]:
+    """Unary gRPC calls over one TLS channel (trusting the test CA), in order: the answers."""
+    credentials = grpc.ssl_channel_credentials(certs["ca"].read_bytes())
+    options = [("grpc.ssl_target_name_override", NAME)]
+    with grpc.secure_channel(f"{pod.ip}:{GRPC_PORT}", credentials, options=options) as channel:
+        call = channel.unary_unary("/mirrord.Echo/Say")
+        answers = []
+        for text, user in calls:
+            metadata = [("x-user", user)] if user else None
+            answer: bytes = call(text.encode(), metadata=metadata, timeout=20)
+            answers.append(answer.decode())
+    return answers
+
+
+@pytest.mark.anyio
+async def test_grpc_over_tls_calls_are_routed_by_metadata(
+    pod: LocalPod, steal_agent: Agent, certs: dict[str, Path]
+) -> None:
+    """grpcio over TLS (ALPN h2) to a pod whose gRPC app serves TLS: alice's calls reach the
+    user app (a plain gRPC server: tls_delivery "tcp"), the others the pod's app, on one
+    client channel."""
+    python = os.path.realpath(sys.executable)
+    env = {**pod.env, "PYTHONPATH": os.path.dirname(os.path.dirname(grpc.__file__))}
+    pem = [str(certs["cert"]), str(certs["key"])]
+    pod_app = pod.popen_in_pod([python, GRPC_APP, "pod", "0.0.0.0", str(GRPC_PORT), *pem], env=env)
+    user = subprocess.Popen(
+        [sys.executable, GRPC_APP, "user-app", "127.0.0.1", "0"], stdout=subprocess.PIPE
+    )
+    try:
+        assert pod_app.stdout is not None and user.stdout is not None
+        assert pod_app.stdout.readline().strip() == str(GRPC_PORT).encode()
+        app_port = int(user.stdout.readline())
+        async with AgentClient.open(steal_agent) as client:
+            await client.open_channel(1)
+            seen: list[Conn] = []
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve_channel, client, 1, app_port, seen)
+                flt: dict[str, object] = {"header_filter": "^x-user: alice$", "ports": [GRPC_PORT]}
+                await subscribe(client, 1, GRPC_PORT, "steal", flt, tls=tls_wire(certs, "tcp"))
+                calls: list[tuple[str, str | None]] = [("a", "alice"), ("b", "bob")]
+                calls += [("c", None), ("d", "alice")]
+                answers = await anyio.to_thread.run_sync(grpc_say, pod, certs, calls)
+                assert answers == [
+                    "user-app a x-user=alice",
+                    "pod b x-user=bob",
+                    "pod c x-user=",
+                    "user-app d x-user=alice",
+                ]
+                assert len(seen) == 2
+                tg.cancel_scope.cancel()
+    finally:
+        for proc in (pod_app, user):
+            proc.kill()
+            proc.wait(timeout=10)
+        if user.stdout is not None:
+            user.stdout.close()
 
 
 # ---------------------------------------------------------------- through `mirrord run`
