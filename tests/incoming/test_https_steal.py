@@ -76,7 +76,7 @@ def served_certificate(pod: LocalPod, certs: dict[str, Path]) -> Path:
     raise AssertionError("a certificate that is neither the pod's nor the session's")
 
 
-IDLE_PORT = 8444  # the pod's HTTPS app closing keep-alive connections idle for 1 s
+IDLE_PORT = 8444  # the pod's HTTPS app closing keep-alive connections idle for 0.5 s
 
 
 @pytest.fixture
@@ -86,7 +86,9 @@ def tls_pod(pod: LocalPod, certs: dict[str, Path]) -> Iterator[LocalPod]:
     python = os.path.realpath(sys.executable)
     env = {**pod.env, "PYTHONPATH": os.path.dirname(os.path.dirname(h2.__file__))}
     pem = [str(certs["cert"]), str(certs["key"])]
-    idle = pod.popen_in_pod([python, TLS_APP, "pod", "0.0.0.0", str(IDLE_PORT), *pem, "1"], env=env)
+    idle = pod.popen_in_pod(
+        [python, TLS_APP, "pod", "0.0.0.0", str(IDLE_PORT), *pem, "0.5"], env=env
+    )
     assert idle.stdout is not None
     assert idle.stdout.readline().strip() == str(IDLE_PORT).encode()
     proc = pod.popen_in_pod([python, TLS_APP, "pod", "0.0.0.0", str(PORT), *pem], env=env)
