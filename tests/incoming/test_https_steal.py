@@ -77,6 +77,7 @@ def served_certificate(pod: LocalPod, certs: dict[str, Path]) -> Path:
 
 
 IDLE_PORT = 8444  # the pod's HTTPS app closing keep-alive connections idle for 0.5 s
+PLAIN_PORT = 8445  # the pod's app serving plain HTTP only
 
 
 @pytest.fixture
@@ -91,13 +92,18 @@ def tls_pod(pod: LocalPod, certs: dict[str, Path]) -> Iterator[LocalPod]:
     )
     assert idle.stdout is not None
     assert idle.stdout.readline().strip() == str(IDLE_PORT).encode()
+    plain = pod.popen_in_pod(
+        [python, TLS_APP, "pod", "0.0.0.0", str(PLAIN_PORT), "plain", "plain"], env=env
+    )
+    assert plain.stdout is not None
+    assert plain.stdout.readline().strip() == str(PLAIN_PORT).encode()
     proc = pod.popen_in_pod([python, TLS_APP, "pod", "0.0.0.0", str(PORT), *pem], env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == str(PORT).encode()
     try:
         yield pod
     finally:
-        for each in (proc, idle):
+        for each in (proc, idle, plain):
             each.kill()
             each.wait(timeout=10)
 
@@ -138,15 +144,21 @@ def tls_wire(certs: dict[str, Path], protocol: str = "tls") -> dict[str, object]
 
 
 def curl(
-    pod: LocalPod, certs: dict[str, Path], path: str, user: str | None, *, http2: bool = False
+    pod: LocalPod,
+    certs: dict[str, Path],
+    path: str,
+    user: str | None,
+    *,
+    http2: bool = False,
+    port: int = PORT,
 ) -> tuple[str, str]:
     """One HTTPS request with curl trusting the test CA: (body, HTTP version)."""
     argv = ["curl", "-sS", "--max-time", "30", "--cacert", str(certs["ca"])]
-    argv += ["--resolve", f"{NAME}:{PORT}:{pod.ip}", "-w", "|%{http_version}"]
+    argv += ["--resolve", f"{NAME}:{port}:{pod.ip}", "-w", "|%{http_version}"]
     argv.append("--http2" if http2 else "--http1.1")
     if user is not None:
         argv += ["-H", f"x-user: {user}"]
-    argv.append(f"https://{NAME}:{PORT}{path}")
+    argv.append(f"https://{NAME}:{port}{path}")
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     body, _, version = done.stdout.rpartition("|")
@@ -347,12 +359,13 @@ def plain_get(pod: LocalPod, path: str, user: str) -> str:
 
 
 @pytest.mark.anyio
-async def test_tls_and_plain_http_share_the_port_and_an_idle_pod_connection_is_replaced(
+async def test_plain_http_an_idle_pod_connection_and_a_pod_app_without_tls(
     tls_pod: LocalPod, steal_agent: Agent, user_app: Callable[[bool], int], certs: dict[str, Path]
 ) -> None:
     """With a certificate, a client speaking plain HTTP on the port is filtered as before; the
     pod's app closing an idle TLS keep-alive connection is noticed: the next unmatched request
-    goes on a new one (not a 502)."""
+    goes on a new one (not a 502); a pod's app that does not speak TLS leaves its requests
+    with a 502 naming why, while the matched ones still reach the user app."""
     pod = tls_pod
     get = anyio.to_thread.run_sync
     app_port = user_app(False)
@@ -379,6 +392,13 @@ async def test_tls_and_plain_http_share_the_port_and_an_idle_pod_connection_is_r
                 "pod GET /2 x-user=bob\n",
                 "user-app GET /3 x-user=alice\n",
             ]
+            # a pod's app without TLS: the client's TLS is still terminated; matched requests
+            # reach the user app, the others get 502 with the reason
+            await subscribe(client, 1, PLAIN_PORT, "steal", {**flt, "ports": [PLAIN_PORT]}, tls=tls)
+            alice = await get(lambda: curl(pod, certs, "/a", "alice", port=PLAIN_PORT))
+            assert alice == ("user-app GET /a x-user=alice\n", "1.1")
+            bob, _ = await get(lambda: curl(pod, certs, "/b", "bob", port=PLAIN_PORT))
+            assert "is unreachable: TLS with the pod's app failed" in bob, bob
             tg.cancel_scope.cancel()
 
 

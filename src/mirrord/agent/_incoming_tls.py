@@ -517,17 +517,38 @@ async def terminate(
     settings = steal_tls.for_port(port)
     if settings is None:
         return client, None, None
-    raw: socket.socket = client.extra(anyio.abc.SocketAttribute.raw_socket)
     pod: anyio.abc.SocketStream | None = None
-    failure = ""
     try:
         pod = await connect_pod()
     except OSError as exc:
-        failure = exc.strerror or str(exc)
-    pod_raw = pod.extra(anyio.abc.SocketAttribute.raw_socket) if pod is not None else None
-    hello = await _client_hello(raw, pod_raw)
-    if not isinstance(hello, ClientHello):
-        return client, pod, None
+        log.info("port %d: the pod's app is unreachable: %s", port, exc.strerror or exc)
+    try:
+        raw: socket.socket = client.extra(anyio.abc.SocketAttribute.raw_socket)
+        pod_raw = pod.extra(anyio.abc.SocketAttribute.raw_socket) if pod is not None else None
+        hello = await _client_hello(raw, pod_raw)
+        if not isinstance(hello, ClientHello):
+            return client, pod, None
+        return await _handshakes(
+            steal_tls, settings, port=port, client=client, pod=pod, hello=hello
+        )
+    except BaseException:
+        if pod is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await pod.aclose()
+        raise
+
+
+async def _handshakes(
+    steal_tls: StealTls,
+    settings: _SessionTls,
+    *,
+    port: int,
+    client: anyio.abc.SocketStream,
+    pod: anyio.abc.SocketStream | None,
+    hello: ClientHello,
+) -> tuple[TlsEnd, TlsEnd | None, TlsConnection] | None:
+    """TLS with the pod's app first (it chooses the protocol among the client's offer), then
+    with the client. Closes what it opened when it fails."""
     offer = tuple(p for p in hello.alpn if p in ALPN_PROTOCOLS)
     pod_tls: TlsEnd | None = None
     if pod is not None:
@@ -536,22 +557,23 @@ async def terminate(
                 pod, _pod_context(offer), server=False, hostname=hello.server_name
             )
         except _TLS_ERRORS as exc:
-            failure = f"TLS with the pod's app failed: {exc}"
+            log.info("port %d: TLS with the pod's app failed: %s", port, exc)
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await pod.aclose()
     agreed = _agree(offer, pod_tls.alpn if pod_tls is not None else None, pod_tls is not None)
     try:
         client_tls = await _wrap(client, settings.server(agreed), server=True, hostname=None)
-    except _TLS_ERRORS as exc:
-        log.info("port %d: a client's TLS handshake with the agent failed: %s", port, exc)
+    except BaseException as exc:
+        if isinstance(exc, _TLS_ERRORS):
+            log.info("port %d: a client's TLS handshake with the agent failed: %s", port, exc)
         with anyio.CancelScope(shield=True):
             for stream in (client, pod_tls):
                 if stream is not None:
                     with contextlib.suppress(Exception):
                         await stream.aclose()
-        return None
-    if failure:
-        log.info("port %d: the pod's app is not reachable over TLS: %s", port, failure)
+        if isinstance(exc, _TLS_ERRORS):
+            return None
+        raise
     conn = TlsConnection(
         hello=hello, alpn=client_tls.alpn, port=port, settings=settings, steal_tls=steal_tls
     )
