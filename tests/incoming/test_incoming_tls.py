@@ -5,11 +5,10 @@ and key a session gives (`mirrord._tls`), with certificates from a test CA (trus
 from __future__ import annotations
 
 import ssl
-import subprocess
-from pathlib import Path
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,9 +120,7 @@ def test_a_good_pair_serves_and_a_client_trusting_the_ca_connects(
     assert srv.selected_alpn_protocol() == "h2"
 
 
-def test_bad_material_is_refused_with_what_to_fix(
-    ca: trustme.CA, pair: tuple[str, str], tmp_path: Path
-) -> None:
+def test_bad_material_is_refused_with_what_to_fix(ca: trustme.CA, pair: tuple[str, str]) -> None:
     cert, key = pair
     other_key = ca.issue_cert("other.test").private_key_pem.bytes().decode()
     cases = {
@@ -136,17 +133,13 @@ def test_bad_material_is_refused_with_what_to_fix(
         with pytest.raises(TlsMaterialError, match=message):
             check_pem_pair(c, k)
     # a key with a passphrase: refused without a prompt
-    (tmp_path / "key.pem").write_text(key)
-    subprocess.run(
-        [
-            *("openssl", "pkey", "-in", str(tmp_path / "key.pem"), "-aes256"),
-            *("-passout", "pass:x", "-out", str(tmp_path / "enc.pem")),
-        ],
-        check=True,
-        timeout=30,
+    encrypted = serialization.load_pem_private_key(key.encode(), None).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
     )
     with pytest.raises(TlsMaterialError, match="encrypted with a passphrase"):
-        check_pem_pair(cert, (tmp_path / "enc.pem").read_text())
+        check_pem_pair(cert, encrypted.decode())
     with pytest.raises(TlsMaterialError, match="trust roots cannot be loaded"):
         client_context(trust_roots_pem="-----BEGIN CERTIFICATE-----\nnope\n")
 
