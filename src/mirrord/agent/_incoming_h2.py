@@ -102,6 +102,8 @@ async def serve_h2c_upgrade(
     # Switch only when the pod's app speaks HTTP/2 (with prior knowledge, as the agent will
     # speak it): an HTTP/2 app greets with its SETTINGS as soon as it accepts. An HTTP/1.1
     # app says nothing and answers the request as HTTP/1.1, as it would without mirrord.
+    if conn.tls is not None:
+        return False  # h2c is HTTP/2 in clear only (over TLS, ALPN chooses h2)
     up = await conn.get_upstream()
     if up is None:
         return False
@@ -246,7 +248,7 @@ class _H2Shell:
         """The stream for a new upstream, or why there is none."""
         conn = self.conn
         if session is not None:
-            end = conn.open_session(session)
+            end = await conn.session_stream(session)
             return end if end is not None else "the session ended"
         if self._first_pod:
             # The connection the filtered connection opened when the client connected: no
