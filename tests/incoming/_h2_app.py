@@ -1,8 +1,9 @@
 """A stand-in app speaking HTTP/2 with prior knowledge (h2c), on the h2 library: the pod's app
 or the user app of the HTTP/2 steal tests.
 
-Run: `python _h2_app.py NAME HOST PORT` -> prints the port, then serves. Answers each request
-with `NAME METHOD PATH x-user=<header>\\n` + the request body.
+Run: `python _h2_app.py NAME HOST PORT [LOG]` -> prints the port, then serves. Answers each
+request with `NAME METHOD PATH x-user=<header>\\n` + the request body; with LOG, also appends
+`METHOD PATH x-user=<header> len=<body length>` to that file for each request.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import h2.connection
 import h2.events
 
 
-def _serve(sock: socket.socket, name: str) -> None:
+def _serve(sock: socket.socket, name: str, log: str | None) -> None:
     conn = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
     )
@@ -45,7 +46,13 @@ def _serve(sock: socket.socket, name: str) -> None:
                     answer = (
                         f"{name} {head[':method']} {head[':path']} "
                         f"x-user={head.get('x-user', '')}\n"
-                    ).encode() + bytes(bodies.pop(sid))
+                    ).encode() + bytes(bodies[sid])
+                    if log is not None:
+                        with open(log, "a") as f:
+                            user = head.get("x-user", "")
+                            f.write(f"{head[':method']} {head[':path']} x-user={user} ")
+                            f.write(f"len={len(bodies[sid])}\n")
+                    del bodies[sid]
                     conn.send_headers(sid, [(":status", "200"), ("content-type", "text/plain")])
                     pending[sid] = bytearray(answer)
             for sid, out in list(pending.items()):
@@ -65,6 +72,7 @@ def _serve(sock: socket.socket, name: str) -> None:
 
 def main() -> None:
     name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    log = sys.argv[4] if len(sys.argv) > 4 else None
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((host, port))
@@ -72,7 +80,7 @@ def main() -> None:
     print(srv.getsockname()[1], flush=True)
     while True:
         sock, _ = srv.accept()
-        threading.Thread(target=_serve, args=(sock, name), daemon=True).start()
+        threading.Thread(target=_serve, args=(sock, name, log), daemon=True).start()
 
 
 if __name__ == "__main__":

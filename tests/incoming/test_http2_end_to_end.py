@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -223,3 +224,49 @@ async def test_an_h2c_upgrade_to_an_http1_pod_app_stays_http1(
             )
             assert await get(_http1_upgrade_get, pod, "/b", "bob") == (200, b"pod GET /b\n")
             tg.cancel_scope.cancel()
+
+
+def test_mirror_copies_each_h2c_stream_its_filter_matches(
+    mirrord: Mirrord, h2_pod: LocalPod, tmp_path: Path
+) -> None:
+    """Mirror mode with a header filter: the pod's app answers every stream; each of alice's
+    streams (of one client connection too) reaches the user app as a copy of its own."""
+    pod = h2_pod
+    log = tmp_path / "seen.log"
+    log.touch()
+    config = tmp_path / "mirrord.json"
+    http_filter = {"header_filter": "^x-user: alice$", "ports": [PORT]}
+    feature = {
+        "network": {"incoming": {"mode": "mirror", "http_filter": http_filter}},
+        "fs": {"mode": "local"},  # the user app's log is a file of this machine
+    }
+    config.write_text(json.dumps({"feature": feature}))
+    argv = [sys.executable, H2_APP, "user-app", "0.0.0.0", str(PORT), str(log)]
+    app = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
+    assert app.stdout is not None
+    assert app.stdout.readline().strip() == str(PORT)
+
+    def seen() -> list[str]:
+        return [line for line in log.read_text().splitlines() if "/probe" not in line]
+
+    def probe() -> bool:
+        assert curl_h2(pod, "/probe", "alice") == "pod GET /probe x-user=alice\n"
+        return "/probe" in log.read_text()
+
+    try:
+        # the subscription follows listen() asynchronously: wait until alice's are copied
+        wait_for(probe, 20)
+        requests = [("/1", "alice", 0), ("/2", "bob", 0), ("/3", "alice", 200_000), ("/4", None, 0)]
+        result = node_h2(pod, requests)
+        assert result["sockets"] == 1
+        answers = result["answers"]
+        assert isinstance(answers, list)
+        assert [a[2] for a in answers] == [
+            f"pod {'POST' if size else 'GET'} {path} x-user={user or ''}"
+            for path, user, size in requests
+        ]
+        wait_for(lambda: len(seen()) >= 2, 20)
+        time.sleep(0.5)  # (and nothing more comes)
+        assert sorted(seen()) == ["GET /1 x-user=alice len=0", "POST /3 x-user=alice len=200000"]
+    finally:
+        stop_app(app)

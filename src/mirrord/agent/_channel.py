@@ -669,8 +669,10 @@ class Channel:
         local_port: int,
         mode: str,
         stream: anyio.abc.ByteStream,
+        replies: bool = False,
     ) -> int:
-        """Relay `stream` to the daemon as a new incoming connection of this channel (I3).
+        """Relay `stream` to the daemon as a new incoming connection of this channel (I3);
+        `replies`: a mirrored connection whose user app's answer the caller reads.
 
         Non-blocking: allocates an odd conn id, and in the channel's task group sends
         `IncomingConnection` then relays under the credit window. Returns the conn id.
@@ -692,6 +694,7 @@ class Channel:
             local_address=local_address,
             local_port=local_port,
             mode=mode,
+            replies=replies,
         )
         self._tg.start_soon(self._run_incoming, relay, announce)
         return conn_id

@@ -36,6 +36,7 @@ import anyio.abc
 import anyio.to_thread
 
 from mirrord.agent._exceptions import SubscribeError
+from mirrord.agent._http2_detect import could_be_h2_preface
 from mirrord.agent._http_filter import (
     FilterError,
     HttpFilter,
@@ -49,6 +50,7 @@ from mirrord.agent._http_filter import (
 from mirrord.agent._incoming_netns import SyncRunner
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
+from mirrord.agent._mirror_h2 import MirrorH2Flow
 from mirrord.agent._steal import AGENT_MARK_SNIFFED
 from mirrord.protocol import messages as m
 
@@ -73,6 +75,7 @@ class _MirrorFlow:
     ends: list[PipeEnd] = field(default_factory=list)
     fresh: bool = False  # `ends` were opened with the flow and carry nothing yet
     passthrough: bool = False  # not HTTP: one byte stream
+    h2: MirrorH2Flow | None = None  # HTTP/2: its streams, for the channels with a filter
 
 
 class IncomingMirror:
@@ -112,6 +115,8 @@ class IncomingMirror:
             for flow in flows.values():
                 for end in flow.ends:
                     end.close_nowait()
+                if flow.h2 is not None:
+                    flow.h2.close(reset=True)
             flows.clear()
         sniffer, self._sniffer = self._sniffer, None
         return sniffer
@@ -203,6 +208,8 @@ class IncomingMirror:
                 for flow in flows.values():
                     for end in flow.ends:
                         end.send_eof_nowait()
+                    if flow.h2 is not None:
+                        flow.h2.close(reset=False)
                 flows.clear()
                 self._flow_tables.remove(flows)
 
@@ -236,6 +243,8 @@ class IncomingMirror:
                 if not ev.reset:
                     flow.splitter.receive_data(b"")
                     self._mirror_events(flow)
+                if flow.h2 is not None:
+                    flow.h2.close(reset=False)
                 for end in flow.ends:
                     if ev.reset:
                         end.close_nowait()
@@ -271,18 +280,46 @@ class IncomingMirror:
             elif isinstance(event, Passthrough):
                 if flow.fresh:
                     flow.fresh = False
+                    flow.h2 = self._h2_flow(flow, event.raw)
                 elif not flow.ends and not flow.passthrough:
                     flow.ends = self._open_mirror(flow, None)
                 flow.passthrough = True
                 self._mirror_send(flow, event.raw)
+                if flow.h2 is not None:
+                    flow.h2.receive(event.raw)
             else:  # NEED_DATA, CLOSED
                 return
 
+    def _h2_flow(self, flow: _MirrorFlow, first: bytes) -> MirrorH2Flow | None:
+        """A flow whose first bytes (not HTTP/1) may be the HTTP/2 preface: its streams are
+        copied to the channels with a filter, each matching stream on a connection of its
+        own (`_mirror_h2.py`). Channels without a filter keep the whole byte stream."""
+        if not could_be_h2_preface(first) or all(f is None for _, f in flow.channels):
+            return None
+
+        def spawn(run: Any) -> None:
+            try:
+                self._require_tg().start_soon(run)
+            except SubscribeError:  # the service is stopping: nothing to copy to
+                pass
+
+        def open_copies(head: RequestHead) -> list[PipeEnd]:
+            return self._open_mirror(flow, head, filtered_only=True, replies=True)
+
+        return MirrorH2Flow(open_copies, spawn, MIRROR_BUFFER)
+
     def _open_mirror(
-        self, flow: _MirrorFlow, head: RequestHead | None, *, filtered_only: bool = False
+        self,
+        flow: _MirrorFlow,
+        head: RequestHead | None,
+        *,
+        filtered_only: bool = False,
+        replies: bool = False,
     ) -> list[PipeEnd]:
         """New connections for a request (`head`) or a byte stream (None) of `flow`: to the
-        channels whose filter matches the request (a byte stream: those without a filter)."""
+        channels whose filter matches the request (a byte stream: those without a filter).
+        `replies`: the caller reads what the user app writes (an HTTP/2 copy), else it is
+        discarded."""
         src, sport, dst, dport = flow.key
         ends: list[PipeEnd] = []
         for channel, flt in flow.channels:
@@ -291,7 +328,8 @@ class IncomingMirror:
             if flt is not None and (head is None or not flt.matches(head)):
                 continue
             ours, theirs = pipe_pair(MIRROR_BUFFER, ("mirror", "channel"))
-            ours.discard_peer_writes()
+            if not replies:
+                ours.discard_peer_writes()
             try:
                 conn_id = channel.start_incoming(
                     port=dport,
@@ -301,6 +339,7 @@ class IncomingMirror:
                     local_port=dport,
                     mode="mirror",
                     stream=theirs,
+                    replies=replies,
                 )
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 continue

@@ -299,7 +299,8 @@ class LayerProcess:
             self.channel,
             msg.conn_id,
             description=f"incoming {msg.remote_address}:{msg.remote_port} -> :{msg.port}",
-            mirror=msg.mode == "mirror",
+            # (a mirrored connection whose answer the agent reads is relayed both ways)
+            mirror=msg.mode == "mirror" and not msg.replies,
             counters=(self.link.counters, self.session.counters),
         )
         if relay.mirror:

@@ -746,7 +746,10 @@ class Unsubscribe(Request):
 @message(123)
 class IncomingConnection(Message):
     """agent -> daemon: a mirrored or stolen connection (or, with a filter, one HTTP request
-    as a connection of its own). `conn_id` is chosen by the agent (odd numbers)."""
+    as a connection of its own). `conn_id` is chosen by the agent (odd numbers). `replies`
+    (mirror): the agent reads the user app's answer on this connection, so the daemon relays
+    it instead of discarding it (a mirrored HTTP/2 stream: the app's SETTINGS and
+    WINDOW_UPDATEs move the copied request on; the answer goes no further than the agent)."""
 
     conn_id: int
     port: int
@@ -755,6 +758,7 @@ class IncomingConnection(Message):
     local_address: str
     local_port: int
     mode: str
+    replies: bool = False
 
 
 @message(124)
