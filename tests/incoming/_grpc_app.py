@@ -7,13 +7,20 @@ with CERT and KEY, PEM files) `/mirrord.Echo/Say`
 answers each message the same way, as it comes; prints `chat ended x-user=U` when the call
 ends), `/mirrord.Echo/Fail` (ends with status
 NOT_FOUND, details `NAME says no`) and `/mirrord.Echo/Deadline` (`NAME True` when the call
-came with a deadline of at most 30 s).
+came with a deadline of at most 30 s); `/mirrord.Echo/Collect` (client streaming: `NAME a,b,c
+x-user=U` for messages a, b, c), `/mirrord.Echo/Count` (server streaming: request `N` ->
+`NAME i x-user=U` for i < N, 50 ms apart; request `fail` -> two answers, then status
+RESOURCE_EXHAUSTED `NAME ran out`; prints `count ended x-user=U` when the call ends), both with
+the trailing metadata `x-served-by: NAME`, and `/mirrord.Echo/Slow` (answers only once the
+call ended (its deadline passed, or the client cancelled it), at most after 30 s, printing
+`slow ended x-user=U`, or `slow still active x-user=U` after 30 s).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -22,6 +29,41 @@ import grpc
 
 def _user(context: grpc.ServicerContext) -> str:
     return str(dict(context.invocation_metadata()).get("x-user", ""))
+
+
+def _streaming_handlers(name: str) -> dict[str, grpc.RpcMethodHandler]:
+    trailers = (("x-served-by", name),)
+
+    def collect(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        joined = ",".join(r.decode() for r in requests)
+        context.set_trailing_metadata(trailers)
+        return f"{name} {joined} x-user={_user(context)}".encode()
+
+    def count(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        user = _user(context)
+        context.add_callback(lambda: print(f"count ended x-user={user}", flush=True))
+        context.set_trailing_metadata(trailers)
+        n = 2 if request == b"fail" else int(request)
+        for i in range(n):
+            if i:
+                time.sleep(0.05)
+            yield f"{name} {i} x-user={user}".encode()
+        if request == b"fail":
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{name} ran out")
+
+    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+        deadline = time.monotonic() + 30
+        while context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        how = "still active" if context.is_active() else "ended"
+        print(f"slow {how} x-user={_user(context)}", flush=True)
+        return b""
+
+    return {
+        "Collect": grpc.stream_unary_rpc_method_handler(collect),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+    }
 
 
 def main() -> None:
@@ -52,6 +94,7 @@ def main() -> None:
             "Chat": grpc.stream_stream_rpc_method_handler(chat),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Deadline": grpc.unary_unary_rpc_method_handler(deadline),
+            **_streaming_handlers(name),
         },
     )
     # No SO_REUSEPORT (grpcio's default): two user apps on one machine would share the port

@@ -6,12 +6,15 @@ grpcio server run under mirrord), everyone else's by the pod's app, on one clien
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import os
 import queue
 import select
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -202,3 +205,128 @@ def _readline(stream: IO[str], timeout: float) -> str:
     ready, _, _ = select.select([stream], [], [], timeout)
     assert ready, f"no line within {timeout} s"
     return stream.readline()
+
+
+def collect(channel: grpc.Channel, texts: list[str], user: str) -> tuple[str, dict[str, str]]:
+    """A client-streaming call: the answer and the trailing metadata."""
+    call = channel.stream_unary("/mirrord.Echo/Collect")
+    answer, outcome = call.with_call(
+        iter(t.encode() for t in texts), metadata=[("x-user", user)], timeout=20
+    )
+    return answer.decode(), dict(outcome.trailing_metadata() or ())
+
+
+def count(channel: grpc.Channel, request: str, user: str) -> tuple[list[str], Any, str, Any]:
+    """A server-streaming call: the answers, the status code, its details, the trailers."""
+    call = channel.unary_stream("/mirrord.Echo/Count")
+    answers = call(request.encode(), metadata=[("x-user", user)], timeout=20)
+    got: list[str] = []
+    try:
+        for answer in answers:
+            got.append(answer.decode())
+    except grpc.RpcError:
+        pass  # (a status other than OK: read below)
+    trailers = dict(answers.trailing_metadata() or ())
+    return got, answers.code(), answers.details(), trailers
+
+
+def test_grpc_client_and_server_streaming_with_trailers_deadlines_and_cancellation(
+    mirrord: Mirrord, grpc_pod: LocalPod, tmp_path: Path
+) -> None:
+    """Client- and server-streaming calls stolen by metadata (`x-user: alice`) or by path
+    (`/mirrord.Echo/Collect`), the rest to the pod, at once on one channel; statuses and
+    trailers intact; a deadline that passes is DEADLINE_EXCEEDED for the client and ends the
+    call in the user app; a server stream the client cancels ends in the user app."""
+    pod = grpc_pod
+    config = tmp_path / "mirrord.json"
+    criteria = [{"path": "^/mirrord\\.Echo/Collect$"}, {"header": "^x-user: alice$"}]
+    incoming = {"mode": "steal", "http_filter": {"any_of": criteria, "ports": [PORT]}}
+    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+    argv = [sys.executable, GRPC_APP, "user-app", "0.0.0.0", str(PORT)]
+    app = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
+    assert app.stdout is not None
+    assert app.stdout.readline().strip() == str(PORT)
+    ok, out = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
+    try:
+        with grpc.insecure_channel(f"{pod.ip}:{PORT}") as channel:
+            wait_for(lambda: say(channel, "probe", "alice").startswith("user-app"), 20)
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                jobs: dict[str, concurrent.futures.Future[Any]] = {
+                    "alice-collect": pool.submit(collect, channel, ["a", "b", "c"], "alice"),
+                    "bob-collect": pool.submit(collect, channel, ["d"], "bob"),  # by path
+                    "alice-count": pool.submit(count, channel, "3", "alice"),
+                    "bob-count": pool.submit(count, channel, "2", "bob"),
+                    "alice-fail": pool.submit(count, channel, "fail", "alice"),
+                    "bob-fail": pool.submit(count, channel, "fail", "bob"),
+                }
+                results = {k: v.result(timeout=60) for k, v in jobs.items()}
+            served_by_user = {"x-served-by": "user-app"}
+            assert results == {
+                "alice-collect": ("user-app a,b,c x-user=alice", served_by_user),
+                "bob-collect": ("user-app d x-user=bob", served_by_user),
+                "alice-count": (
+                    [f"user-app {i} x-user=alice" for i in range(3)],
+                    ok,
+                    "",
+                    served_by_user,
+                ),
+                "bob-count": (
+                    [f"pod {i} x-user=bob" for i in range(2)],
+                    ok,
+                    "",
+                    {"x-served-by": "pod"},
+                ),
+                "alice-fail": (
+                    [f"user-app {i} x-user=alice" for i in range(2)],
+                    out,
+                    "user-app ran out",
+                    served_by_user,
+                ),
+                "bob-fail": (
+                    [f"pod {i} x-user=bob" for i in range(2)],
+                    out,
+                    "pod ran out",
+                    {"x-served-by": "pod"},
+                ),
+            }
+            lines = _line_queue(app.stdout)
+            # a deadline that passes while the user app works on the call
+            slow = channel.unary_unary("/mirrord.Echo/Slow")
+            with pytest.raises(grpc.RpcError) as info:
+                slow(b"", metadata=[("x-user", "alice")], timeout=1.5)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert _next_line(lines, "slow") == "slow ended x-user=alice"
+            # a server stream the client cancels after its first answer
+            stream = channel.unary_stream("/mirrord.Echo/Count")
+            answers = stream(b"1000", metadata=[("x-user", "alice")], timeout=60)
+            assert next(answers) == b"user-app 0 x-user=alice"
+            while not lines.empty():  # (the calls above ended too)
+                lines.get_nowait()
+            answers.cancel()
+            assert _next_line(lines, "count") == "count ended x-user=alice"
+            assert answers.code() == grpc.StatusCode.CANCELLED
+    finally:
+        stop_app(app)
+    wait_for(lambda: our_rules(pod) == [])
+
+
+def _line_queue(stream: IO[str]) -> queue.Queue[str]:
+    """The lines `stream` prints from now on, read by a thread (ends with the stream)."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        with contextlib.suppress(ValueError, OSError):  # (the stream closed under it)
+            for line in stream:
+                lines.put(line.strip())
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _next_line(lines: queue.Queue[str], prefix: str, timeout: float = 30) -> str:
+    """The next line starting with `prefix`, waiting at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        if line.startswith(prefix):
+            return line
