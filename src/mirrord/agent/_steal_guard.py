@@ -230,8 +230,10 @@ def remove_all(
             else:
                 _try(["nft", "delete", "table", family, n["nft_table"]])
             continue
-        cmd = _iptables(backend, family)
         jumps = [j for j in _jumps(tag) if not (keep_pin and j[0] == "raw")]
+        if _remove_at_once(backend, family, jumps):
+            continue
+        cmd = _iptables(backend, family)
         for table, parent, chain in jumps:
             for _ in range(16):  # a jump inserted twice by a crash mid-way
                 if _try([*cmd, "-t", table, "-D", parent, "-j", chain]) != 0:
@@ -239,6 +241,45 @@ def remove_all(
         for table, _, chain in jumps:
             _try([*cmd, "-t", table, "-F", chain])
             _try([*cmd, "-t", table, "-X", chain])
+
+
+def _removal_script(saved: str, jumps: Sequence[tuple[str, str, str]]) -> str:
+    """A restore input that removes exactly the `jumps` and their chains that `saved` (the
+    output of `iptables-save`) shows, jumps inserted twice included; empty if none is there."""
+    wanted = {(table, chain) for table, _, chain in jumps}
+    parents = {(table, parent, "-j", chain) for table, parent, chain in jumps}
+    deletes: dict[str, list[str]] = {}
+    chains: dict[str, list[str]] = {}
+    table = ""
+    for line in saved.splitlines():
+        parts = line.split()
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":") and (table, parts[0][1:]) in wanted:
+            chains.setdefault(table, []).append(parts[0][1:])
+        elif parts[:1] == ["-A"] and (table, *parts[1:]) in parents:  # "-A PARENT -j OURS"
+            deletes.setdefault(table, []).append(f"-D {parts[1]} -j {parts[3]}")
+    lines: list[str] = []
+    for name in sorted(set(deletes) | set(chains)):
+        lines += [f"*{name}", *deletes.get(name, [])]
+        for chain in chains.get(name, []):
+            lines += [f"-F {chain}", f"-X {chain}"]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _remove_at_once(backend: str, family: str, jumps: Sequence[tuple[str, str, str]]) -> bool:
+    """Remove our jumps and chains of one family in one transaction (two commands instead of
+    one per jump and chain: the cleanup after an agent's death must be quick). False when it
+    could not, and the caller removes step by step."""
+    try:
+        saved = _run([f"{iptables_tool(backend, family)}-save"])
+        if saved.returncode != 0:
+            return False
+        script = _removal_script(saved.stdout, jumps)
+        return not script or _run(_restore(backend, family), script).returncode == 0
+    except GuardError:
+        return False
 
 
 def _iptables(backend: str, family: str = "ip") -> list[str]:
