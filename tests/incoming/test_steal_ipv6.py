@@ -84,6 +84,9 @@ def test_a_dual_stack_pod_gets_rules_of_both_families_and_ipv6_original_destinat
         else:
             for chain in ("pre", "out", "in", "pin"):
                 assert f":{names[chain]} - [0:0]" in v6
+        # The listener is reachable only through the rules, over IPv6 too (the IN chain).
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((pod6.ip6, port), timeout=10).close()
         for listener in listeners:
             listener.settimeout(10)
         for family, address, expected_peer in (
