@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -200,6 +201,30 @@ def test_the_removal_script_removes_exactly_our_jumps_and_chains() -> None:
     keep_pin = [j for j in _jumps("0123456789") if j[0] != "raw"]
     assert "*raw" not in _removal_script(SAVED, keep_pin)
     assert _removal_script(SAVED, _jumps("bbbbbbbbbb")) == ""
+
+
+def test_ipv6_on_without_the_backends_ipv6_tool_steals_ipv4_and_says_so(
+    pod6: LocalPod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The guard finds its tools on PATH: one that has the IPv4 tools of iptables-nft only.
+    for tool in ("iptables-nft", "iptables-nft-restore", "iptables-nft-save"):
+        real = shutil.which(tool)
+        assert real is not None
+        (tmp_path / tool).symlink_to(real)
+    rules = StealRules(target_pid=pod6.pid, backend="iptables-nft")
+    try:
+        with monkeypatch.context() as patched:
+            patched.setenv("PATH", str(tmp_path))
+            rules.start()  # the guard keeps that PATH
+        rules.set_redirects({8080: 1})
+        assert rules.families == ["ip"]
+        (warning,) = rules.warnings
+        assert "ip6tables-nft-restore is not installed" in warning
+        assert "IPv6 connections are not stolen" in warning
+        assert ours(pod6) != []
+    finally:
+        rules.close()
+    assert ours(pod6) == []
 
 
 AGENT_SCRIPT = textwrap.dedent(

@@ -682,6 +682,8 @@ class IncomingService:
                     "them at the next start"
                 )
             self._rules.stale = []
+            warnings += self._rules.warnings  # e.g. IPv6 on in the target but not stealable
+            self._rules.warnings = []
         if port in self.probe_ports() and (flt is None or flt.matches(_PROBE_HEAD)):
             recipe = kube_probe_recipe()["header_filter"]
             warnings.append(

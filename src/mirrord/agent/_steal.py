@@ -296,6 +296,7 @@ class StealRules:
         self.families: list[str] = []  # "ip", and "ip6" when the namespace has IPv6
         self.stale: list[str] = []
         self.cleaned: list[str] = []
+        self.warnings: list[str] = []  # for the next steal Subscribe's reply (then emptied)
         self.installed = False
         self._proc: subprocess.Popen[str] | None = None
         self.restarts = 0
@@ -363,6 +364,7 @@ class StealRules:
         self.families = [str(f) for f in reply.get("families", ["ip"])]
         if reply.get("warning"):
             log.warning("%s", reply["warning"])
+            self.warnings.append(str(reply["warning"]))
         self.stale = [str(s) for s in reply.get("stale", [])]
         self.cleaned = [str(s) for s in reply.get("cleaned", [])]
 
