@@ -20,7 +20,7 @@ the IPv4 ones (`ip6tables-nft`/`ip6tables-legacy`, same chain names; or the nft 
 both families there), and are removed the same way. netfilter keeps conntrack, NAT and the
 tables per family, so each family has its own pin. A namespace without IPv6 (`disable_ipv6`, no
 IPv6 in the kernel) gets the IPv4 rules only; one with IPv6 but without the backend's IPv6 tool
-too, and the agent logs a warning that IPv6 connections are not stolen.
+too, and the agent warns (log and Subscribe reply) that IPv6 connections are not stolen.
 
 - Only SYN packets are redirected (`--syn`): a connection that was open before the steal keeps
   going to the pod's app, and the next one is stolen.
