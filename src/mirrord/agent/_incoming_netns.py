@@ -1,7 +1,8 @@
 """Creating sockets in the target's network namespace for the incoming-traffic code.
 
 Owns: the socket factories the incoming code runs in the namespace (`make_listener`,
-`make_listeners`, `make_marked_socket`), `original_dst` (IPv4 and IPv6), and `NetnsRunner`, a minimal stand-in for the agent
+`make_listeners`, `make_marked_socket`), `original_dst` (IPv4 and IPv6), `SyncRunner` (what
+the incoming code needs of a runner), and `NetnsRunner`, a minimal stand-in for the agent
 core's runner (`mirrord.agent._netns.NetnsRunner`, same `run_sync(fn)` shape) used by tests
 and tools that have no agent: one thread that has entered a network namespace (`setns` moves
 only the calling thread; a socket keeps the namespace it was created in, whichever thread
@@ -19,10 +20,11 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 __all__ = [
     "NetnsRunner",
+    "SyncRunner",
     "family_of",
     "is_loopback",
     "make_listener",
@@ -38,6 +40,12 @@ IP6T_SO_ORIGINAL_DST: Final = 80  # on SOL_IPV6 (linux/netfilter_ipv6/ip6_tables
 _SOCKADDR_IN6: Final = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, address, scope
 _PORT_TRIES: Final = 32  # IPv4 ports tried before one is also free for IPv6
 SO_MARK: Final = 36
+
+
+class SyncRunner(Protocol):
+    """Runs `fn` inside the target's network namespace and returns its result (blocking)."""
+
+    def run_sync(self, fn: Callable[[], Any]) -> Any: ...
 
 
 class NetnsRunner:
