@@ -30,6 +30,8 @@ from mirrord.agent._steal import AGENT_MARK, StealRules, chain_names
 from mirrord.agent._steal_guard import _jumps, _removal_script
 from mirrord.localpod import LocalPod, PodSpec
 from tests.cli.conftest import Mirrord, temp_mirrord
+from tests.incoming._daemon import AgentClient, start_agent, stop_agent
+from tests.incoming.conftest import subscribe, unsubscribe
 from tests.incoming.test_steal_rules import ours, recv_exact
 
 pytestmark = pytest.mark.netns
@@ -224,6 +226,27 @@ def test_ipv6_on_without_the_backends_ipv6_tool_steals_ipv4_and_says_so(
         assert ours(pod6) != []
     finally:
         rules.close()
+    assert ours(pod6) == []
+
+
+@pytest.mark.anyio
+async def test_the_steal_subscribe_warns_when_ipv6_cannot_be_stolen(
+    pod6: LocalPod, tmp_path: Path
+) -> None:
+    for tool in ("iptables-nft", "iptables-nft-restore", "iptables-nft-save"):
+        real = shutil.which(tool)
+        assert real is not None
+        (tmp_path / tool).symlink_to(real)
+    env = {"PATH": str(tmp_path), "MIRRORD_AGENT_STEAL_BACKEND": "iptables-nft"}
+    agent = start_agent(f"pid/{pod6.pid}", env=env)
+    try:
+        async with AgentClient.open(agent) as client:
+            await client.open_channel(1)
+            reply = await subscribe(client, 1, 8080, "steal")
+            assert any("IPv6 connections are not stolen" in w for w in reply.warnings)
+            await unsubscribe(client, 1, 8080)
+    finally:
+        stop_agent(agent)
     assert ours(pod6) == []
 
 
