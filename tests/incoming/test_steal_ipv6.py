@@ -32,12 +32,13 @@ from mirrord.localpod import LocalPod, PodSpec
 from tests.cli.conftest import Mirrord, temp_mirrord
 from tests.incoming._daemon import AgentClient, start_agent, stop_agent
 from tests.incoming.conftest import subscribe, unsubscribe
+from tests.incoming.test_end_to_end import start_app, stop_app, wait_for
 from tests.incoming.test_steal_rules import ours, recv_exact
+from tests.incoming.test_steal_safety import _pids_with
 
 pytestmark = pytest.mark.netns
 
 BACKENDS = ["iptables-nft", "iptables-legacy", "nft"]
-APP = str(Path(__file__).with_name("_local_app.py"))
 
 
 @pytest.fixture
@@ -322,27 +323,7 @@ def get6(
 
 
 def start_app6(mirrord: Mirrord, pod: LocalPod, *args: str, log: bool = False) -> object:
-    """The user app on `::` (both families) under `mirrord run`."""
-    argv = [sys.executable, APP, "local", "::", "8080", *(["log"] if log else [])]
-    proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", *args, "--", *argv)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.strip() == "8080", proc.stderr.read() if proc.stderr else line
-    return proc
-
-
-def stop_app(proc: object) -> str:
-    assert isinstance(proc, subprocess.Popen)
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    return str(out)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+    return start_app(mirrord, pod, *args, log=log, host="::")
 
 
 def no_rule_of_either_family(pod: LocalPod) -> bool:
@@ -395,23 +376,6 @@ def test_mirrord_run_mirrors_ipv6_traffic_while_the_pod_answers(
     assert sorted(line for line in out.splitlines() if line.startswith("seen")) == [
         f"seen GET /m{i}" for i in range(3)
     ]
-
-
-def _pids_with(text: bytes, parent: int | None = None) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if text in cmdline and fields[0] != "Z" and (parent is None or int(fields[1]) == parent):
-            pids.append(int(entry))
-    return pids
 
 
 @pytest.mark.slow
