@@ -270,3 +270,24 @@ def test_mirror_copies_each_h2c_stream_its_filter_matches(
         assert sorted(seen()) == ["GET /1 x-user=alice len=0", "POST /3 x-user=alice len=200000"]
     finally:
         stop_app(app)
+
+
+@pytest.mark.anyio
+async def test_an_http1_only_user_app_behind_a_matched_h2_stream_gets_a_clear_502(
+    h2_pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+) -> None:
+    """The session's user app speaks HTTP/1.1 only: a stream its filter matches is not
+    translated; the client gets 502 saying why and what to do; other streams are unaffected."""
+    pod = h2_pod
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[Conn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, local_app("user-app"), seen)
+            await subscribe(client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"})
+            get = anyio.to_thread.run_sync
+            answer = await get(curl_h2, pod, "/a", "alice")
+            assert answer.startswith("mirrord: the user app did not answer in HTTP/2"), answer
+            assert "serve h2c on this port" in answer
+            assert await get(curl_h2, pod, "/b", "bob") == "pod GET /b x-user=bob\n"
+            tg.cancel_scope.cancel()

@@ -17,6 +17,7 @@ from mirrord.agent._http_filter import RequestHead
 __all__ = [
     "H2C_SWITCH",
     "H2_PREFACE",
+    "USER_APP_NOT_H2",
     "H2cUpgrade",
     "Headers",
     "could_be_h2_preface",
@@ -29,6 +30,19 @@ __all__ = [
 H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 Headers = list[tuple[bytes, bytes]]
+
+# The 502 reason of a stream whose user app answered its HTTP/2 connection with bytes that
+# are not HTTP/2 (an HTTP/1.x app: a 400/505 status, or an HTML page in HTTP/0.9 style). The
+# stream is not translated to HTTP/1.1: the pod's app speaks HTTP/2 to this client (prior
+# knowledge, or an h2c upgrade it accepted), the user app runs the same code, and gRPC,
+# trailers and streaming both ways exist only in HTTP/2.
+USER_APP_NOT_H2: Final = (
+    "the user app did not answer in HTTP/2 (an HTTP/1.x-only server?), but this request came "
+    "over HTTP/2: mirrord delivers a "
+    "stolen HTTP/2 stream to the user app as HTTP/2 with prior knowledge (h2c), as the pod's "
+    "app speaks it; serve h2c on this port in the user app, or narrow the HTTP filter so that "
+    "this client's requests are not matched"
+)
 
 
 def could_be_h2_preface(data: bytes | bytearray) -> bool:

@@ -51,7 +51,13 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from mirrord.agent._http2_detect import H2cUpgrade, Headers, head_from_headers
+from mirrord.agent._http2_detect import (
+    USER_APP_NOT_H2,
+    H2cUpgrade,
+    Headers,
+    could_be_h2_server_preface,
+    head_from_headers,
+)
 from mirrord.agent._http_filter import RequestHead
 
 __all__ = [
@@ -165,11 +171,17 @@ class _Stream:
         return f"<_Stream {self.client_id} -> {self.up.key}:{self.up_id}>"
 
 
+class _NotHttp2(Exception):
+    def __str__(self) -> str:
+        return "its first bytes are not an HTTP/2 SETTINGS frame"
+
+
 class _Upstream:
     __slots__ = (
         "closed",
         "conn",
         "going_away",
+        "greeting",
         "key",
         "session",
         "settings_seen",
@@ -192,6 +204,18 @@ class _Upstream:
         # Streams start once the peer's first SETTINGS arrived (it comes first, at once):
         # before, its stream limit is unknown, and h2 apps end a connection that exceeds it.
         self.settings_seen = False
+        self.greeting: bytearray | None = bytearray()  # the peer's first 9 bytes, until seen
+
+    def check_greeting(self, data: bytes) -> None:
+        """`_NotHttp2` unless the peer's first bytes can be an HTTP/2 server's SETTINGS (h2
+        would wait for the rest of a "frame" of any length, e.g. an HTTP/1.x answer)."""
+        if self.greeting is None:
+            return
+        self.greeting += data[: 9 - len(self.greeting)]
+        if len(self.greeting) >= 4 and not could_be_h2_server_preface(self.greeting):
+            raise _NotHttp2
+        if len(self.greeting) >= 9:
+            self.greeting = None
 
     def can_start(self) -> bool:
         if self.closed or self.going_away or not self.settings_seen:
@@ -273,9 +297,13 @@ class H2Router:
             self.upstream_closed(key, "the app closed the connection")
             return
         try:
+            up.check_greeting(data)
             events = up.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self._fail_upstream(up, f"the app broke HTTP/2: {exc}")
+        except (h2.exceptions.ProtocolError, _NotHttp2) as exc:
+            reason = f"the app broke HTTP/2: {exc}"
+            if up.session is not None and not up.settings_seen:  # not an HTTP/2 server
+                reason = USER_APP_NOT_H2
+            self._fail_upstream(up, reason)
             self._maybe_finish()
             self._flush()
             return
