@@ -442,6 +442,12 @@ def steal_h2_rps(env: BenchEnv) -> Result:
     return run(env)
 
 
+def steal_grpc_latency(env: BenchEnv) -> Result:
+    from bench._incoming_grpc import steal_grpc_latency as run
+
+    return run(env)
+
+
 def mirror_capacity(env: BenchEnv) -> Result:
     from bench._incoming import mirror_capacity as run
 
@@ -587,6 +593,14 @@ def figures(env: BenchEnv) -> list[Figure]:
             "higher",
             0.5,
             f(steal_h2_rps),
+        ),
+        Figure(
+            "steal_grpc_latency",
+            "gRPC unary p50 through a filtered steal (unmatched)",
+            "pod's app directly",
+            "report",
+            None,
+            f(steal_grpc_latency),
         ),
         Figure(
             "mirror_capacity",
