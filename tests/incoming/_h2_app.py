@@ -17,7 +17,7 @@ import h2.connection
 import h2.events
 
 
-def _serve(sock: socket.socket, name: str, log: str | None) -> None:
+def _serve(sock: socket.socket, name: str, log: str | None = None) -> None:
     conn = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
     )
