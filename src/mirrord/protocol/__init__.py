@@ -37,6 +37,7 @@ from mirrord.protocol._exceptions import (
     ProtocolError,
     RemoteProtocolError,
 )
+from mirrord.protocol._flow import WRITE_EOF, Flow, FlowEvent, FlowState
 from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, encode_frame
 
 __all__ = [
@@ -49,8 +50,12 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MIN_AGENT_PROTOCOL_VERSION",
     "NEED_DATA",
+    "WRITE_EOF",
     "AgentConnection",
     "AgentRole",
+    "Flow",
+    "FlowEvent",
+    "FlowState",
     "FrameDecoder",
     "FrameTooLarge",
     "InvalidRequest",
