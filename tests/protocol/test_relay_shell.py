@@ -1,5 +1,5 @@
 """The relay shell (`mirrord._relay.FlowRelay`): two relays joined by an in-order wire, each
-over a real socket pair to a user app, under asyncio (the daemon's backend) and trio (the
+over a real socket pair to a user app (and, last, over the real agent stream), under asyncio (the daemon's backend) and trio (the
 agent's)."""
 
 from __future__ import annotations
@@ -16,9 +16,19 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
+from mirrord._frames import FrameReader, FrameWriter
 from mirrord._relay import FlowRelay
-from mirrord.protocol import Flow, FlowState, Message, RemoteProtocolError
+from mirrord.protocol import (
+    NEED_DATA,
+    AgentConnection,
+    Flow,
+    FlowState,
+    Message,
+    Received,
+    RemoteProtocolError,
+)
 from mirrord.protocol import messages as m
+from tests.protocol.helpers import agent_pair
 
 pytestmark = pytest.mark.anyio
 CONN = 2
@@ -110,6 +120,20 @@ async def _read_all(stream: anyio.abc.SocketStream) -> bytes:
                 return bytes(out)
 
 
+async def _exchange(app: anyio.abc.SocketStream, data: bytes) -> bytes:
+    """A user app that sends `data` and its EOF while it reads everything until the EOF (an
+    app that only wrote first would stall under any flow control, as over TCP)."""
+
+    async def write() -> None:
+        await app.send(data)
+        await app.send_eof()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write)
+        received = await _read_all(app)
+    return received
+
+
 async def _until(check: object, what: str) -> None:
     assert callable(check)
     with anyio.fail_after(30):
@@ -124,13 +148,7 @@ async def test_both_ways_under_a_small_window() -> None:
         got: dict[str, bytes] = {}
 
         async def side(name: str, app: anyio.abc.SocketStream, data: bytes) -> None:
-            async def write() -> None:
-                await app.send(data)
-                await app.send_eof()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(write)
-                got[name] = await _read_all(app)
+            got[name] = await _exchange(app, data)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(side, "a", r.app_a, a_bytes)
@@ -201,3 +219,113 @@ async def test_abort_ends_without_telling_the_peer() -> None:
             await r.relay_a.finished.wait()
         assert not any(isinstance(x, m.ConnClose) for x in r.wire_ab.sent)
         assert await _read_all(r.app_a) == b""
+
+
+class _AgentStreamLink:
+    """A relay's link over the real agent stream: `AgentConnection` frames on a `FrameWriter`."""
+
+    def __init__(self, conn: AgentConnection, writer: FrameWriter) -> None:
+        self.conn = conn
+        self.writer = writer
+
+    def send_nowait(self, msg: Message) -> None:
+        self.writer.send_nowait(self.conn.send(msg, CHANNEL))
+
+    async def wait_ready(self) -> None:
+        await self.writer.wait_queued_below(1024 * 1024)
+
+
+async def _serve_stream(
+    conn: AgentConnection, stream: anyio.abc.ByteStream, relays: dict[int, FlowRelay]
+) -> None:
+    """The reader of one end of the agent stream: connection messages to their relay."""
+    reader = FrameReader(stream)
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            try:
+                conn.receive_data(await reader.receive())
+            except anyio.EndOfStream:
+                return
+            continue
+        assert isinstance(event, Received)
+        msg = event.message
+        if isinstance(msg, m.Data | m.Credit | m.Shutdown | m.ConnClose):
+            relays[msg.conn_id].receive(msg)
+
+
+CHANNEL = 3
+
+
+async def test_the_whole_engine_over_the_agent_stream() -> None:
+    # Flow + FrameWriter/FrameReader + AgentConnection + FlowRelay, daemon end and agent end
+    # of one stolen connection, over a real socket pair as the agent stream.
+    window = 128 * 1024
+    daemon, agent = agent_pair(initial_window=window)
+    conn_id = 5  # odd: the agent's
+    daemon_sock, agent_sock = socket.socketpair()
+    user_app, daemon_relay_sock = socket.socketpair()
+    agent_relay_sock, target_app = socket.socketpair()
+    from_target = bytes(range(256)) * 4096  # 1 MiB, the request
+    from_user = bytes(range(255, -1, -1)) * 2048  # 512 KiB, the answer
+    async with (
+        await _stream(daemon_sock) as daemon_stream,
+        await _stream(agent_sock) as agent_stream,
+        await _stream(user_app) as user,
+        await _stream(target_app) as target,
+    ):
+        daemon_writer = FrameWriter(daemon_stream, "daemon")
+        agent_writer = FrameWriter(agent_stream, "agent")
+        agent_writer.send_nowait(
+            agent.send(
+                m.IncomingConnection(
+                    conn_id=conn_id,
+                    port=80,
+                    remote_address="10.0.0.9",
+                    remote_port=40000,
+                    local_address="10.0.0.2",
+                    local_port=80,
+                    mode="steal",
+                ),
+                CHANNEL,
+            )
+        )
+        daemon.receive_data(await daemon_stream.receive())
+        assert isinstance(drain_one(daemon), m.IncomingConnection)
+        relay_d = FlowRelay(
+            Flow(conn_id, window=window, incoming=True),
+            _AgentStreamLink(daemon, daemon_writer),
+            await _stream(daemon_relay_sock),
+        )
+        relay_a = FlowRelay(
+            Flow(conn_id, window=window, max_chunk=256 * 1024),
+            _AgentStreamLink(agent, agent_writer),
+            await _stream(agent_relay_sock),
+        )
+        got: dict[str, bytes] = {}
+
+        async def app(name: str, s: anyio.abc.SocketStream, data: bytes) -> None:
+            got[name] = await _exchange(s, data)
+
+        async with anyio.create_task_group() as tg:
+            for task in (daemon_writer.run, agent_writer.run, relay_d.run, relay_a.run):
+                tg.start_soon(task)
+            tg.start_soon(_serve_stream, daemon, daemon_stream, {conn_id: relay_d})
+            tg.start_soon(_serve_stream, agent, agent_stream, {conn_id: relay_a})
+            async with anyio.create_task_group() as apps:
+                apps.start_soon(app, "target", target, from_target)
+                apps.start_soon(app, "user", user, from_user)
+            with anyio.fail_after(30):
+                await relay_d.finished.wait()
+                await relay_a.finished.wait()
+            tg.cancel_scope.cancel()
+        assert got == {"user": from_target, "target": from_user}
+        assert relay_d.flow.state is FlowState.CLOSED
+        assert relay_a.flow.state is FlowState.CLOSED
+        assert daemon_writer.writes < daemon_writer.written_bytes  # frames, not bytes, a write
+
+
+def drain_one(conn: AgentConnection) -> Message:
+    event = conn.next_event()
+    assert isinstance(event, Received)
+    return event.message
