@@ -8,8 +8,9 @@ deadline after the peer's clean close, and closing the socket (with a reset when
 ended with an error). Does not own: the decisions (the `Flow` makes every one), creating the
 socket, the channel's table of connections, or the stream to the peer (`RelayLink`).
 
-Stream connections only (TCP, unix); datagram relays keep their own serving loop until they
-move here (docs/relay.md, migration plan).
+Byte streams (TCP, unix) and connected UDP sockets (one `Data` per datagram, sent once the
+window holds all of it). The daemon's unconnected UDP endpoints keep their own serving loop
+until they move here (docs/relay.md, migration plan).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = logging.getLogger("mirrord.relay")
 CLOSE_DRAIN_TIMEOUT = 60.0
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+_DATAGRAM_MAX = 65507  # the largest UDP payload over IPv4
 
 
 class RelayLink(Protocol):
@@ -64,7 +66,7 @@ def _errno_of(exc: BaseException) -> int:
     return errno_mod.ECONNRESET
 
 
-def _arm_reset(stream: anyio.abc.ByteStream) -> None:
+def _arm_reset(stream: anyio.abc.ByteStream | anyio.abc.ConnectedUDPSocket) -> None:
     """Make the stream's close send a TCP RST (SO_LINGER 0): its peer sees ECONNRESET."""
     try:
         sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
@@ -83,19 +85,21 @@ class FlowRelay:
         self,
         flow: Flow,
         link: RelayLink,
-        stream: anyio.abc.ByteStream,
+        stream: anyio.abc.ByteStream | anyio.abc.ConnectedUDPSocket,
         *,
         description: str = "",
         drain_timeout: float = CLOSE_DRAIN_TIMEOUT,
     ) -> None:
-        if flow.datagram:
-            raise ValueError("FlowRelay relays byte streams; datagram flows are not served here")
+        if flow.datagram != isinstance(stream, anyio.abc.ConnectedUDPSocket):
+            raise ValueError("a datagram flow goes with a connected UDP socket, and only it")
         self.flow = flow
         self.link = link
         self.stream = stream
         self.description = description
         self._drain_timeout = drain_timeout
-        self._raw = plain_socket(stream)
+        self._raw = (
+            None if isinstance(stream, anyio.abc.ConnectedUDPSocket) else plain_socket(stream)
+        )
         self._changed = anyio.Event()  # set (and replaced) whenever the flow moved
         self._reading = anyio.CancelScope()  # socket -> peer; cancelled when reading stops
         self.finished = anyio.Event()
@@ -120,6 +124,12 @@ class FlowRelay:
     def fail(self, errno: int) -> None:
         """Give the connection up: the peer is told `ConnClose(errno)`, the socket reset."""
         self._send_all(self.flow.fail(errno))
+        self._moved()
+
+    def socket_closed(self) -> None:
+        """The user app closed its end of a datagram relay (there is no EOF on UDP): the
+        association ends, the peer is told `ConnClose(0)`."""
+        self._send_all(self.flow.socket_eof())
         self._moved()
 
     def abort(self) -> int:
@@ -172,7 +182,7 @@ class FlowRelay:
                     await self._changed.wait()  # for Credit
                     continue
                 try:
-                    data = await self.stream.receive(size)
+                    data = await self._receive(size)
                 except anyio.EndOfStream:
                     out = self.flow.socket_eof()
                 except _GONE as exc:
@@ -183,6 +193,21 @@ class FlowRelay:
                 self._moved()
                 await self.link.wait_ready()
 
+    async def _receive(self, size: int) -> bytes:
+        if not isinstance(self.stream, anyio.abc.ConnectedUDPSocket):
+            return await self.stream.receive(size)
+        datagram = await self.stream.receive()
+        while not self.flow.can_send(len(datagram)):  # a datagram is never split
+            await self._changed.wait()
+        return datagram
+
+    async def _send(self, item: bytes) -> None:
+        if isinstance(self.stream, anyio.abc.ConnectedUDPSocket):
+            with contextlib.suppress(OSError):  # lost, as on any network (ECONNREFUSED, ...)
+                await self.stream.send(item[:_DATAGRAM_MAX])
+            return
+        await self.stream.send(item)
+
     async def _peer_to_socket(self) -> None:
         while not self.flow.finished:
             item = self.flow.take_write()
@@ -190,13 +215,14 @@ class FlowRelay:
                 await self._changed.wait()
                 continue
             if item is WRITE_EOF:
+                assert isinstance(self.stream, anyio.abc.ByteStream)  # no EOF on datagrams
                 with contextlib.suppress(*_GONE):
                     await self.stream.send_eof()
                 out = self.flow.wrote_eof()
             else:
                 assert isinstance(item, bytes)
                 try:
-                    await self.stream.send(item)
+                    await self._send(item)
                 except _GONE as exc:
                     self.flow.wrote(0)
                     out = self.flow.socket_error(_errno_of(exc))

@@ -343,6 +343,8 @@ def test_receive_dispatches_connection_messages() -> None:
     assert _state(flow) is FlowState.RESET
     with pytest.raises(LocalProtocolError, match="not a connection message"):
         flow.receive(m.Ping(nonce=1))
+    with pytest.raises(LocalProtocolError, match="routed to"):
+        Flow(C).receive(m.Shutdown(conn_id=C + 2))
 
 
 def test_every_open_state_can_be_aborted_reset_and_failed() -> None:

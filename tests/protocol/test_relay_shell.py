@@ -329,3 +329,65 @@ def drain_one(conn: AgentConnection) -> Message:
     event = conn.next_event()
     assert isinstance(event, Received)
     return event.message
+
+
+async def _udp_pair() -> tuple[anyio.abc.ConnectedUDPSocket, anyio.abc.ConnectedUDPSocket]:
+    """Two loopback UDP sockets connected to each other."""
+    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    second = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for s in (first, second):
+        s.bind(("127.0.0.1", 0))
+    first.connect(second.getsockname())
+    second.connect(first.getsockname())
+    return (
+        await anyio.abc.ConnectedUDPSocket.from_socket(first),
+        await anyio.abc.ConnectedUDPSocket.from_socket(second),
+    )
+
+
+async def test_datagrams_both_ways_then_the_app_closes() -> None:
+    app_a, relay_a_sock = await _udp_pair()
+    relay_b_sock, app_b = await _udp_pair()
+    wire_ab, wire_ba = _Wire(), _Wire()
+    relay_a = FlowRelay(Flow(CONN, datagram=True), wire_ab, relay_a_sock)
+    relay_b = FlowRelay(Flow(CONN, datagram=True), wire_ba, relay_b_sock)
+    datagrams = [bytes([i]) * (1000 + i) for i in range(5)]
+    async with (
+        app_a,
+        app_b,
+        wire_ab.tx,
+        wire_ab.rx,
+        wire_ba.tx,
+        wire_ba.rx,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(wire_ab.pump, relay_b)
+        tg.start_soon(wire_ba.pump, relay_a)
+        tg.start_soon(relay_a.run)
+        tg.start_soon(relay_b.run)
+        received = []
+        with anyio.fail_after(30):
+            for datagram in datagrams:
+                await app_a.send(datagram)
+                received.append(await app_b.receive())  # one at a time: UDP may drop bursts
+            await app_b.send(b"answer")
+            assert await app_a.receive() == b"answer"
+        assert received == datagrams  # whole, never split or joined
+        relay_a.socket_closed()
+        with anyio.fail_after(30):
+            await relay_a.finished.wait()
+            await relay_b.finished.wait()
+        assert relay_a.flow.state is FlowState.CLOSED
+        assert relay_b.flow.state is FlowState.CLOSED
+        assert [x for x in wire_ab.sent if isinstance(x, m.ConnClose)] == [
+            m.ConnClose(conn_id=CONN, errno=0)
+        ]
+        tg.cancel_scope.cancel()
+
+
+async def test_a_datagram_flow_needs_a_udp_socket() -> None:
+    a, b = socket.socketpair()
+    wire = _Wire()
+    async with await _stream(a) as sa, await _stream(b), wire.tx, wire.rx:
+        with pytest.raises(ValueError, match="datagram flow"):
+            FlowRelay(Flow(CONN, datagram=True), wire, sa)

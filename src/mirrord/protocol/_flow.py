@@ -288,6 +288,9 @@ class Flow:
 
     def receive(self, msg: Message) -> list[Message]:
         """Dispatch one of the peer's connection messages for this `conn_id`."""
+        conn_id = getattr(msg, "conn_id", self.conn_id)
+        if conn_id != self.conn_id:
+            raise LocalProtocolError(f"conn {conn_id}'s {type(msg).__name__} routed to {self!r}")
         if isinstance(msg, Data):
             return self.peer_data(msg.data)
         if isinstance(msg, Credit):
