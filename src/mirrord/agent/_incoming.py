@@ -48,6 +48,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from mirrord.agent._context import AgentContext
 from mirrord.agent._exceptions import SubscribeError
 from mirrord.agent._http_filter import FilterError, HttpFilter, RequestHead, kube_probe_recipe
 from mirrord.agent._incoming_filtered import FilteredConnection
@@ -146,7 +147,7 @@ class IncomingService:
 
     def __init__(
         self,
-        ctx: Any,
+        ctx: AgentContext,
         *,
         steal_backend: str | None = None,
         clean_iptables_on_start: bool | None = None,
@@ -590,6 +591,11 @@ class IncomingService:
         self.stolen_live -= 1
         if not self.stolen_live and not self.steals and self._tg is not None:
             self._tg.start_soon(self._maybe_clear_rules)
+
+    def session_for(self, port: int, head: RequestHead) -> Any | None:
+        """The channel whose filter on `port` matches `head` first (None: the pod's app)."""
+        steal = self.steals.get(port)
+        return steal.route(head) if steal is not None else None
 
     async def connect_upstream(
         self, address: tuple[str, int], *, sniffed: bool = False
