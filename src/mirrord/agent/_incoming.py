@@ -42,7 +42,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -61,7 +61,6 @@ from mirrord.agent._incoming_netns import (
 )
 from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
 from mirrord.agent._steal_guard import remove_all
-from mirrord.protocol._base import Message
 
 __all__ = ["IncomingService", "SubscribeError"]
 
@@ -70,26 +69,6 @@ log = logging.getLogger("mirrord.agent.incoming")
 STATS_INTERVAL = 2.0  # seconds between TrafficStats
 UPSTREAM_CONNECT_TIMEOUT = 5.0
 _REFUSED_LOG_EVERY = 1000  # connections made straight to the listener: log one in this many
-
-
-class IncomingChannel(Protocol):
-    """What the service needs of a channel (the agent core's `Channel`)."""
-
-    number: int
-
-    def start_incoming(
-        self,
-        *,
-        port: int,
-        remote_address: str,
-        remote_port: int,
-        local_address: str,
-        local_port: int,
-        mode: str,
-        stream: anyio.abc.ByteStream,
-    ) -> int: ...
-
-    async def send(self, msg: Message) -> None: ...
 
 
 @dataclass
