@@ -14,7 +14,6 @@ import contextlib
 import errno as errno_mod
 import fcntl
 import itertools
-import json
 import os
 import queue
 import socket
@@ -33,6 +32,7 @@ from mirrord.daemon._control import (
     Shutdown,
     Status,
     decode_event,
+    decode_line,
     decode_reply,
     encode_request,
 )
@@ -143,7 +143,7 @@ class ControlClient:
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    self._dispatch(json.loads(line))
+                    self._dispatch(decode_line(line))
         except (OSError, ValueError):
             pass
         finally:

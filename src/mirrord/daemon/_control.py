@@ -52,6 +52,7 @@ __all__ = [
     "WaitSession",
     "WarningEvent",
     "decode_event",
+    "decode_line",
     "decode_reply",
     "encode_answer",
     "encode_error",
@@ -427,6 +428,12 @@ def encode_error(rid: RequestId, exc: DaemonError) -> bytes:
     if exc.errors:
         error["errors"] = exc.errors
     return _line({"id": rid, "ok": False, "error": error})
+
+
+def decode_line(line: bytes) -> Any:
+    """What one line from the daemon holds (an answer or an event: the caller looks at
+    `"event"` and `"id"`). Raises `ValueError` for a line that is not JSON."""
+    return json.loads(line)
 
 
 def decode_reply(request: ControlRequest[A], reply: dict[str, Any]) -> A:
