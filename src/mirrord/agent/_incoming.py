@@ -15,7 +15,8 @@ Routing
 - Unfiltered steal: the accepted socket itself goes to the stealing channel.
 - Filtered steal: the connection is parsed request by request; matched requests go to their
   session, the rest to the pod's app (`_incoming_filtered.py`; HTTP/2 stream by stream,
-  `_incoming_h2.py`).
+  `_incoming_h2.py`). With a session's certificate, a client speaking TLS has it terminated
+  first (`_incoming_tls.py`) and is filtered the same way over the decrypted stream.
 - A connection made straight to the agent's listener (not redirected: its original
   destination is the listener itself) is reset at once, never relayed: relaying it to its
   original destination would connect to the listener again, in a loop. The steal rules
@@ -48,6 +49,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from mirrord._tls import TlsMaterialError
 from mirrord.agent._context import AgentContext
 from mirrord.agent._exceptions import SubscribeError
 from mirrord.agent._http_filter import FilterError, HttpFilter, RequestHead, kube_probe_recipe
@@ -59,6 +61,7 @@ from mirrord.agent._incoming_netns import (
     make_marked_socket,
     original_dst,
 )
+from mirrord.agent._incoming_tls import StealTls, terminate
 from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
 from mirrord.agent._steal_guard import remove_all
 
@@ -85,6 +88,17 @@ class _PortSteal:
             if flt.matches(head):
                 return channel
         return None
+
+
+def _steal_filter(http_filter: dict[str, Any] | None, port: int) -> HttpFilter | None:
+    """The compiled filter of a steal of `port`; None: the steal is unfiltered."""
+    if http_filter is None:
+        return None
+    try:
+        flt = HttpFilter.from_config(http_filter)
+    except FilterError as exc:
+        raise SubscribeError(errno.EINVAL, f"bad http_filter: {exc}") from None
+    return flt if flt.applies_to(port) else None  # `ports` leaves it to an unfiltered steal
 
 
 def _max_guard_restarts() -> int:
@@ -148,6 +162,7 @@ class IncomingService:
         self._tg: anyio.abc.TaskGroup | None = None
         self._lock = anyio.Lock()  # subscribe/unsubscribe change rules one at a time
         self.steals: dict[int, _PortSteal] = {}
+        self.tls = StealTls()  # the certificates of HTTPS filtered steals (_incoming_tls.py)
         self._rules: StealRules | None = None
         self._rules_ports: dict[int, int] = {}
         self._guard_watched = False
@@ -225,9 +240,11 @@ class IncomingService:
         http_filter: dict[str, Any] | None,
         *,
         on_concurrent_steal: str = "abort",
+        tls: dict[str, Any] | None = None,
     ) -> list[str]:
         """Mirror or steal `port` for `channel`; returns warnings for the session. Raises
-        `SubscribeError` (errno EINVAL, EADDRINUSE, EPERM, EIO...) when refused."""
+        `SubscribeError` (errno EINVAL, EADDRINUSE, EPERM, EIO...) when refused. `tls`: the
+        certificate of an HTTPS filtered steal (`_incoming_tls.py`)."""
         self._require_tg()
         if http_filter is not None and all(
             v is None for k, v in http_filter.items() if k != "ports"
@@ -239,7 +256,7 @@ class IncomingService:
                 return []
             if mode == "steal":
                 return await self._subscribe_steal(
-                    channel, port, http_filter, override=on_concurrent_steal == "override"
+                    channel, port, http_filter, override=on_concurrent_steal == "override", tls=tls
                 )
         raise SubscribeError(errno.EINVAL, f"incoming mode {mode!r} is not mirror or steal")
 
@@ -259,6 +276,7 @@ class IncomingService:
                 await self._drop(channel, port)
 
     async def _drop(self, channel: Any, port: int) -> None:
+        self.tls.drop(channel, port)
         await self.mirror.drop(channel, port)
         steal = self.steals.get(port)
         if steal is not None:
@@ -291,17 +309,18 @@ class IncomingService:
     # -- steal
 
     async def _subscribe_steal(
-        self, channel: Any, port: int, http_filter: dict[str, Any] | None, *, override: bool = False
+        self,
+        channel: Any,
+        port: int,
+        http_filter: dict[str, Any] | None,
+        *,
+        override: bool = False,
+        tls: dict[str, Any] | None = None,
     ) -> list[str]:
         warnings: list[str] = []
-        flt: HttpFilter | None = None
-        if http_filter is not None:
-            try:
-                flt = HttpFilter.from_config(http_filter)
-            except FilterError as exc:
-                raise SubscribeError(errno.EINVAL, f"bad http_filter: {exc}") from None
-            if not flt.applies_to(port):
-                flt = None  # `ports` leaves this one to an unfiltered steal
+        flt = _steal_filter(http_filter, port)
+        # TLS for a filtered steal only: an unfiltered one hands the TLS bytes over untouched
+        warnings += self._subscribe_tls(channel, port, tls if flt is not None else None)
         steal = self.steals.get(port)
         if steal is not None:
             others = [
@@ -365,6 +384,12 @@ class IncomingService:
                 f'pod with "http_filter": {{"header_filter": "{recipe}"}}'
             )
         return warnings
+
+    def _subscribe_tls(self, channel: Any, port: int, tls: dict[str, Any] | None) -> list[str]:
+        try:
+            return self.tls.subscribe(channel, port, tls)
+        except TlsMaterialError as exc:
+            raise SubscribeError(errno.EINVAL, f"bad tls: {exc}") from None
 
     async def _update_rules(self) -> None:
         wanted = sorted(self.steals)
@@ -541,14 +566,31 @@ class IncomingService:
                     return
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                     pass  # the channel closed just now: the pod's app answers
-            conn = FilteredConnection(
-                self, stream, (peer[0], peer[1]), (dst_addr, dst_port), sniffed=sniffed
-            )
-            await conn.run()
+            await self._serve_filtered(stream, (peer[0], peer[1]), (dst_addr, dst_port), sniffed)
         finally:
             self.stolen_live -= 1
             if not self.stolen_live:
                 await self._maybe_clear_rules()
+
+    async def _serve_filtered(
+        self,
+        stream: anyio.abc.SocketStream,
+        remote: tuple[str, int],
+        original: tuple[str, int],
+        sniffed: bool,
+    ) -> None:
+        """A stolen connection on a filtered port: its TLS terminated first when the port has
+        a session certificate and the client speaks TLS (`_incoming_tls.py`), then filtered."""
+        done = await terminate(
+            self.tls, original[1], stream, lambda: self.connect_upstream(original, sniffed=sniffed)
+        )
+        if done is None:
+            return  # the client's TLS handshake failed (closed, logged)
+        client, pod, tls = done
+        conn = FilteredConnection(self, client, remote, original, sniffed=sniffed, tls=tls)
+        if pod is not None:
+            conn.set_upstream(pod)
+        await conn.run()
 
     def _refuse_direct(self, raw: socket.socket, peer: Any) -> None:
         """Reset a connection made straight to the steal listener (see "listener" in

@@ -12,8 +12,10 @@ pod's app untouched; a pod app that speaks first (a server-first protocol) gets 
 connection relayed both ways.
 Does not own: HTTP parsing (`_http_filter.py`), HTTP/2 (the connection hands itself to
 `_incoming_h2.py` when its first bytes are the preface or an `Upgrade: h2c` request), the
-choice of session (the port's filters, `IncomingService.steals`), or opening a connection
-from inside the pod (`IncomingService.connect_upstream`).
+choice of session (the port's filters, `IncomingService.steals`), opening a connection
+from inside the pod (`IncomingService.connect_upstream`), or TLS (`_incoming_tls.py`: a
+terminated client arrives decrypted, with its `TlsConnection`, which puts the connections to
+the pod's app and to the sessions in TLS of their own).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from mirrord.agent._http_filter import (
 )
 from mirrord.agent._incoming_h2 import pod_app_sent_h2_settings, serve_h2, serve_h2c_upgrade
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
+from mirrord.agent._incoming_tls import TlsConnection, TlsEnd
 
 __all__ = ["MAX_PIPELINE", "REPLAY_LIMIT", "FilteredConnection"]
 
@@ -115,6 +118,8 @@ class _Exchange:
 
 def _closed_by_peer(stream: anyio.abc.ByteStream) -> bool:
     """Has the peer closed this (idle) connection? A peek that does not consume anything."""
+    if isinstance(stream, TlsEnd):
+        return stream.closed_by_peer()
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     if raw is None:
         return False
@@ -142,13 +147,15 @@ class FilteredConnection:
     def __init__(
         self,
         service: StealRouter,
-        client: anyio.abc.SocketStream,
+        client: anyio.abc.ByteStream,
         remote: tuple[str, int],
         original: tuple[str, int],
         *,
         sniffed: bool = False,
+        tls: TlsConnection | None = None,
     ) -> None:
         self.service = service
+        self.tls = tls  # its TLS, when the agent terminated it (`_incoming_tls.py`)
         self.sniffed = sniffed
         self.client = client
         self.remote = remote
@@ -175,7 +182,8 @@ class FilteredConnection:
         send_ex, recv_ex = anyio.create_memory_object_stream[_Exchange](MAX_PIPELINE)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_server_first, send_ex.clone())
+                if self.tls is None:  # TLS: the client speaks first
+                    tg.start_soon(self._watch_server_first, send_ex.clone())
                 tg.start_soon(self._read_client, send_ex)
                 await self._write_client(recv_ex)
                 # The responses are done (or the connection must end): stop reading too.
@@ -240,19 +248,37 @@ class FilteredConnection:
             if self.upstream_failed is not None:
                 return None
             try:
-                stream = await self.service.connect_upstream(self.original, sniffed=self.sniffed)
+                stream = await self.connect_pod()
             except OSError as exc:
                 self.upstream_failed = f"{exc.strerror or exc}"
                 return None
             self.upstream = _Upstream(stream)
             return self.upstream
 
-    async def open_extra_upstream(self) -> anyio.abc.SocketStream:
-        """A connection of its own to the pod's app, closed with the client connection.
+    def set_upstream(self, stream: anyio.abc.ByteStream) -> None:
+        """The shared connection to the pod's app, opened already (`_incoming_tls.terminate`)."""
+        self.upstream = _Upstream(stream)
+
+    async def connect_pod(self) -> anyio.abc.ByteStream:
+        """A new connection to the pod's app, in TLS when the client's was terminated.
         Raises `OSError` when the app cannot be reached."""
         stream = await self.service.connect_upstream(self.original, sniffed=self.sniffed)
+        return stream if self.tls is None else await self.tls.to_pod(stream)
+
+    async def open_extra_upstream(self) -> anyio.abc.ByteStream:
+        """A connection of its own to the pod's app, closed with the client connection.
+        Raises `OSError` when the app cannot be reached."""
+        stream = await self.connect_pod()
         self._old_upstreams.append(_Upstream(stream))
         return stream
+
+    async def session_stream(self, channel: Any) -> anyio.abc.ByteStream | None:
+        """`open_session`, in TLS of its own when the client's was terminated and the session
+        wants its user app to get TLS; None when the session cannot take it."""
+        end = self.open_session(channel)
+        if end is None or self.tls is None:
+            return end
+        return await self.tls.to_session(channel, end)
 
     def open_session(self, channel: Any) -> PipeEnd | None:
         """A new `IncomingConnection` to `channel`'s session, or None when it closed."""
@@ -406,7 +432,7 @@ class FilteredConnection:
     async def _route(self, head: RequestHead) -> _Exchange:
         channel = self.session_for(head)
         if channel is not None:
-            end = self.open_session(channel)
+            end = await self.session_stream(channel)
             if end is not None:
                 self.count("filtered_requests")
                 return _Exchange(head=head, dest=end, session=True)

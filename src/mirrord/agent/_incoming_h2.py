@@ -10,7 +10,7 @@ the connection itself (101) and serves it as HTTP/2, that request being stream 1
 Does not own: routing decisions per stream (the router, with the port's filters), HTTP/1.
 
 Per stream matched by a session's filter, a new `IncomingConnection` is opened to that session
-(`FilteredConnection.open_session`, the same as for an HTTP/1 request): the daemon connects
+(`FilteredConnection.session_stream`, the same as for an HTTP/1 request): the daemon connects
 it to the user app, which gets an HTTP/2 connection with prior knowledge carrying that one
 stream. HTTP/2 rather than a translation to HTTP/1.1: the user app runs the same code as the
 pod's app, which was just spoken to in HTTP/2 by this client, and gRPC (trailers, streaming
@@ -88,11 +88,16 @@ class H2Host(Protocol):
         """One more of the incoming service's `figure` (`filtered_requests`...)."""
         ...
 
+    @property
+    def tls(self) -> object | None:
+        """The client's TLS when the agent terminated it (`_incoming_tls.py`), else None."""
+        ...
+
     async def get_upstream(self) -> _PodConnection | None: ...
 
-    async def open_extra_upstream(self) -> anyio.abc.SocketStream: ...
+    async def open_extra_upstream(self) -> anyio.abc.ByteStream: ...
 
-    def open_session(self, channel: Any) -> PipeEnd | None: ...
+    async def session_stream(self, channel: Any) -> anyio.abc.ByteStream | None: ...
 
 
 async def serve_h2(conn: H2Host, first: bytes) -> bytes | None:
@@ -131,6 +136,8 @@ async def serve_h2c_upgrade(conn: H2Host, upgrade: H2cUpgrade, splitter: Request
     # Switch only when the pod's app speaks HTTP/2 (with prior knowledge, as the agent will
     # speak it): an HTTP/2 app greets with its SETTINGS as soon as it accepts. An HTTP/1.1
     # app says nothing and answers the request as HTTP/1.1, as it would without mirrord.
+    if conn.tls is not None:
+        return False  # h2c is HTTP/2 in clear only (over TLS, ALPN chooses h2)
     up = await conn.get_upstream()
     if up is None:
         return False
@@ -273,7 +280,7 @@ class _H2Shell:
         """The stream for a new upstream, or why there is none."""
         conn = self.conn
         if session is not None:
-            end = conn.open_session(session)
+            end = await conn.session_stream(session)
             return end if end is not None else "the session ended"
         if self._first_pod:
             # The connection the filtered connection opened when the client connected: no
