@@ -3,7 +3,8 @@
  *
  * Files: preload.c (init, real_* resolution, fd table, debug), conn.c (daemon connections and
  * requests), policy.c (the compact config and every local/remote decision), files.c (file and
- * directory hooks), net_*.c (socket and DNS hooks, see net.h), proc.c (fork/exec/spawn hooks).
+ * directory hooks), net_*.c (socket and DNS hooks, see net.h), proc.c (fork/exec/spawn hooks),
+ * supervise.c (what the system-call supervisor, native/supervisor/, asks about sockets).
  */
 #ifndef MIRRORD_LAYER_H
 #define MIRRORD_LAYER_H

@@ -31,11 +31,14 @@ from mirrord.protocol._connection import (
     UnknownMessage,
 )
 from mirrord.protocol._exceptions import (
+    BuildMismatch,
     FrameTooLarge,
     LocalProtocolError,
     MalformedFrame,
     ProtocolError,
     RemoteProtocolError,
+    Unauthenticated,
+    VersionMismatch,
 )
 from mirrord.protocol._flow import WRITE_EOF, Flow, FlowEvent, FlowState
 from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, encode_frame
@@ -53,6 +56,7 @@ __all__ = [
     "WRITE_EOF",
     "AgentConnection",
     "AgentRole",
+    "BuildMismatch",
     "Flow",
     "FlowEvent",
     "FlowState",
@@ -69,7 +73,9 @@ __all__ = [
     "Registry",
     "RemoteProtocolError",
     "State",
+    "Unauthenticated",
     "UnknownMessage",
+    "VersionMismatch",
     "encode_frame",
     "messages",
 ]
