@@ -22,10 +22,10 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
+from mirrord._frames import FrameReader, FrameWriter
 from mirrord._version import __version__
 from mirrord.daemon._backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError
-from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._relay import Counters, Relay
 from mirrord.protocol import (
     CLOSED,

@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from mirrord._frames import FrameReader, FrameWriter
 from mirrord.daemon._backend import AgentConfig
 from mirrord.daemon._control import (
     AgentLostEvent,
@@ -37,7 +38,6 @@ from mirrord.daemon._control import (
     WarningEvent,
 )
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
-from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
 from mirrord.daemon._relay import Counters, Relay, open_relay_listener, open_relay_pair
 from mirrord.protocol import (
