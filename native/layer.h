@@ -2,8 +2,8 @@
  * is built with -fvisibility=hidden and only functions marked HOOK are visible to the app.
  *
  * Files: preload.c (init, real_* resolution, fd table, debug), conn.c (daemon connections and
- * requests), policy.c (the compact config and every local/remote decision), files.c (file and
- * directory hooks), net.c (socket and DNS hooks), proc.c (fork/exec/spawn hooks).
+ * requests), policy.c (the compact config and every local/remote decision), files_*.c (file and
+ * directory hooks, see files.h), net.c (socket and DNS hooks), proc.c (fork/exec/spawn hooks).
  */
 #ifndef MIRRORD_LAYER_H
 #define MIRRORD_LAYER_H
