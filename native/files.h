@@ -103,9 +103,6 @@ int vcwd_is_set(void);
 
 void vcwd_after_fork_child(void);
 
-/* Wire kinds the file hooks send beside layer.h's. */
-enum { M_UTIMENS = 40, M_CHOWN = 41, M_SYMLINK = 42, M_LINK = 43 };
-
 /* ---------------------------------------------------------------- fds */
 
 static inline int is_file_kind(const struct ent *pe) {
@@ -186,11 +183,23 @@ struct rreq {
  * stays q's until rreq_end, so several calls may follow on it. */
 int rreq_call(struct rreq *q, int kind, int expect, size_t n, const struct wf *f);
 void rreq_end(struct rreq *q);
-#define WF_COUNT(...) (sizeof((struct wf[]){__VA_ARGS__}) / sizeof(struct wf))
-#define RREQ(q, kind, expect, ...) rreq_call(q, kind, expect, WF_COUNT(__VA_ARGS__), (struct wf[]){__VA_ARGS__})
+#define WF_COUNT(...) ((int)(sizeof((struct wf[]){__VA_ARGS__}) / sizeof(struct wf)))
+/* As conn_begin (layer.h): a field count the message catalogue does not allow for a constant
+ * kind is a build error. */
+#ifdef __OPTIMIZE__
+#define RREQ_CHECK(kind, n) \
+    ((__builtin_constant_p(kind) && !M_FIELDS_FIT(kind, n)) ? conn_begin_field_count_mismatch() : (void)0)
+#else
+#define RREQ_CHECK(kind, n) ((void)0)
+#endif
+#define RREQ(q, kind, expect, ...)                  \
+    (RREQ_CHECK(kind, WF_COUNT(__VA_ARGS__)),       \
+     rreq_call(q, kind, expect, (size_t)WF_COUNT(__VA_ARGS__), (struct wf[]){__VA_ARGS__}))
 /* A request answered by Ok: 0, or -1 with errno. */
 int rreq_ok(int kind, size_t n, const struct wf *f);
-#define RREQ_OK(kind, ...) rreq_ok(kind, WF_COUNT(__VA_ARGS__), (struct wf[]){__VA_ARGS__})
+#define RREQ_OK(kind, ...)                    \
+    (RREQ_CHECK(kind, WF_COUNT(__VA_ARGS__)), \
+     rreq_ok(kind, (size_t)WF_COUNT(__VA_ARGS__), (struct wf[]){__VA_ARGS__}))
 
 /* The requests on paths and handles (a NULL path means "by handle"). */
 int rstat(const char *path, uint64_t handle, int follow, struct stat *st);

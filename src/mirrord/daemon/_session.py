@@ -85,6 +85,8 @@ class Session:
         self.label = label
         self.incoming_mode = incoming_mode
         self.http_filter = http_filter
+        # Subscribe.tls of its filtered steals (the PEM text of tls_steal's files), or None
+        self.incoming_tls: dict[str, Any] | None = None
         self.created = time.time()
         self.state = "open"  # open -> agent_lost | closed
         self.reason = ""
@@ -503,6 +505,7 @@ class LayerProcess:
                 mode=self.session.incoming_mode,
                 http_filter=http_filter,
                 on_concurrent_steal=on_concurrent_steal(self.session.config),
+                tls=self.session.incoming_tls if mode == "steal" and http_filter else None,
             ),
             on_reply,
         )
