@@ -1,5 +1,5 @@
 """Build hook: compile native/*.c into mirrord/layer/libmirrord_layer.so, and
-native/supervisor/supervisor.c into mirrord/layer/mirrord-supervisor (an executable).
+native/supervisor/*.c into mirrord/layer/mirrord-supervisor (an executable).
 
 The layer is a plain shared library for LD_PRELOAD, not a Python extension, and the supervisor
 a plain program: both are built through setuptools' build_ext only so that `pip install .` and
@@ -20,6 +20,9 @@ HERE = Path(__file__).resolve().parent
 NATIVE = "native"
 SOURCES = sorted(str(p.relative_to(HERE)) for p in (HERE / NATIVE).glob("*.c"))
 HEADERS = sorted(str(p.relative_to(HERE)) for p in (HERE / NATIVE).glob("*.h"))
+SUPERVISOR_DIR = HERE / NATIVE / "supervisor"
+SUPERVISOR_SOURCES = sorted(str(p.relative_to(HERE)) for p in SUPERVISOR_DIR.glob("*.c"))
+SUPERVISOR_HEADERS = sorted(str(p.relative_to(HERE)) for p in SUPERVISOR_DIR.glob("*.h"))
 SUPERVISOR_NAME = "mirrord-supervisor"
 SUPERVISOR = f"mirrord.layer.{SUPERVISOR_NAME}"
 C_FLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
@@ -55,7 +58,11 @@ class BuildLayer(build_ext):
         if ext.name == SUPERVISOR:
             out = Path(self.get_ext_fullpath(ext.name))
             objects = self.compiler.compile(
-                ext.sources, output_dir=self.build_temp, extra_postargs=ext.extra_compile_args
+                ext.sources,
+                output_dir=self.build_temp,
+                include_dirs=ext.include_dirs,
+                extra_postargs=ext.extra_compile_args,
+                depends=ext.depends,
             )
             if out.exists():
                 out.unlink()  # a running supervisor keeps its mapping (ETXTBSY otherwise)
@@ -82,7 +89,9 @@ setup(
         ),
         Extension(
             SUPERVISOR,
-            sources=[f"{NATIVE}/supervisor/supervisor.c"],
+            sources=SUPERVISOR_SOURCES,
+            depends=SUPERVISOR_HEADERS,
+            include_dirs=[f"{NATIVE}/supervisor"],
             extra_compile_args=C_FLAGS,
             extra_link_args=["-ldl", "-lpthread"],
         ),

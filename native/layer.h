@@ -4,7 +4,8 @@
  * Files: preload.c (init, real_* resolution, fd table, debug), conn.c (daemon connections and
  * requests), policy.c (the compact config and every local/remote decision), files_*.c (file and
  * directory hooks, see files.h), net_*.c (socket and DNS hooks, see net.h), proc.c
- * (fork/exec/spawn hooks).
+ * (fork/exec/spawn hooks), supervise.c (what the system-call supervisor, native/supervisor/, asks
+ * about sockets).
  */
 #ifndef MIRRORD_LAYER_H
 #define MIRRORD_LAYER_H

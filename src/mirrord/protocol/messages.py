@@ -797,8 +797,11 @@ class LayerConnect(Request):
     connection): a loopback socket of `family` (AF_INET or AF_INET6; 0: by `address`) already
     connected to the daemon's end, which the layer puts in the place of the app's socket.
     With `source_port` (UDP `sendto()` on an unconnected socket bound to
-    `source_address:source_port`), the reply names a daemon relay endpoint that takes
-    datagrams from that address only."""
+    `source_address:source_port`, or the system-call supervisor's `connect()` of the user
+    app's own UDP socket), the reply names a daemon relay endpoint that takes datagrams from
+    that address only; for "tcp" (the supervisor's `connect()` of the app's own TCP socket,
+    bound to `source_address:source_port` on the loopback), a listener that accepts the
+    connection from that address only, once, and nothing is passed."""
 
     request_id: int
     protocol: str
@@ -816,8 +819,8 @@ class LayerConnect(Request):
             raise ValueError(f"family {self.family} is not AF_INET or AF_INET6")
         if self.source_port:
             _port(self.source_port, "source_port")
-            if self.protocol != "udp":
-                raise ValueError("a source endpoint is only for udp")
+            if self.protocol == "unix":
+                raise ValueError("a source endpoint is only for tcp and udp")
 
 
 @message(203)
