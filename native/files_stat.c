@@ -10,6 +10,8 @@
 
 #include <sys/sysmacros.h>
 
+#include "stat_conv.h"
+
 /* ---------------------------------------------------------------- stat */
 
 static void fstat_cached(int fd, struct ent *e, struct stat *st) {
@@ -96,29 +98,6 @@ XSTAT_HOOK(__fxstat64, (int ver, int fd, struct stat64 *buf), fstat64(fd, buf))
 XSTAT_HOOK(__fxstatat64, (int ver, int dirfd, const char *path, struct stat64 *buf, int flags),
            fstatat64(dirfd, path, buf, flags))
 
-static void statx_from(const struct stat *st, struct statx *sx) {
-    memset(sx, 0, sizeof *sx);
-    sx->stx_mask = STATX_BASIC_STATS;
-    sx->stx_blksize = (uint32_t)st->st_blksize;
-    sx->stx_nlink = (uint32_t)st->st_nlink;
-    sx->stx_uid = st->st_uid;
-    sx->stx_gid = st->st_gid;
-    sx->stx_mode = (uint16_t)st->st_mode;
-    sx->stx_ino = st->st_ino;
-    sx->stx_size = (uint64_t)st->st_size;
-    sx->stx_blocks = (uint64_t)st->st_blocks;
-    sx->stx_atime.tv_sec = st->st_atim.tv_sec;
-    sx->stx_atime.tv_nsec = (uint32_t)st->st_atim.tv_nsec;
-    sx->stx_mtime.tv_sec = st->st_mtim.tv_sec;
-    sx->stx_mtime.tv_nsec = (uint32_t)st->st_mtim.tv_nsec;
-    sx->stx_ctime.tv_sec = st->st_ctim.tv_sec;
-    sx->stx_ctime.tv_nsec = (uint32_t)st->st_ctim.tv_nsec;
-    sx->stx_rdev_major = major(st->st_rdev);
-    sx->stx_rdev_minor = minor(st->st_rdev);
-    sx->stx_dev_major = major(st->st_dev);
-    sx->stx_dev_minor = minor(st->st_dev);
-}
-
 HOOK int statx(int dirfd, const char *path, int flags, unsigned mask, struct statx *sx) {
     int ret;
     struct stat st;
@@ -126,7 +105,7 @@ HOOK int statx(int dirfd, const char *path, int flags, unsigned mask, struct sta
         return REAL(statx)(dirfd, path, flags, mask, sx);
     }
     if (ret == 0) {
-        statx_from(&st, sx);
+        statx_from_stat(&st, sx);
     }
     return ret;
 }
