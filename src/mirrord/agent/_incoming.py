@@ -43,13 +43,14 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
 from mirrord._tls import TlsMaterialError
+from mirrord.agent._context import AgentContext
 from mirrord.agent._exceptions import SubscribeError
 from mirrord.agent._http_filter import FilterError, HttpFilter, RequestHead, kube_probe_recipe
 from mirrord.agent._incoming_filtered import FilteredConnection
@@ -65,7 +66,6 @@ from mirrord.agent._incoming_netns import (
 from mirrord.agent._incoming_tls import StealTls, terminate
 from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
 from mirrord.agent._steal_guard import remove_all
-from mirrord.protocol._base import Message
 
 __all__ = ["IncomingService", "SubscribeError"]
 
@@ -74,26 +74,6 @@ log = logging.getLogger("mirrord.agent.incoming")
 STATS_INTERVAL = 2.0  # seconds between TrafficStats
 UPSTREAM_CONNECT_TIMEOUT = 5.0
 _REFUSED_LOG_EVERY = 1000  # connections made straight to the listener: log one in this many
-
-
-class IncomingChannel(Protocol):
-    """What the service needs of a channel (the agent core's `Channel`)."""
-
-    number: int
-
-    def start_incoming(
-        self,
-        *,
-        port: int,
-        remote_address: str,
-        remote_port: int,
-        local_address: str,
-        local_port: int,
-        mode: str,
-        stream: anyio.abc.ByteStream,
-    ) -> int: ...
-
-    async def send(self, msg: Message) -> None: ...
 
 
 @dataclass
@@ -162,7 +142,7 @@ class IncomingService:
 
     def __init__(
         self,
-        ctx: Any,
+        ctx: AgentContext,
         *,
         steal_backend: str | None = None,
         clean_iptables_on_start: bool | None = None,
@@ -637,6 +617,11 @@ class IncomingService:
         self.stolen_live -= 1
         if not self.stolen_live and not self.steals and self._tg is not None:
             self._tg.start_soon(self._maybe_clear_rules)
+
+    def session_for(self, port: int, head: RequestHead) -> Any | None:
+        """The channel whose filter on `port` matches `head` first (None: the pod's app)."""
+        steal = self.steals.get(port)
+        return steal.route(head) if steal is not None else None
 
     async def connect_upstream(
         self, address: tuple[str, int], *, sniffed: bool = False

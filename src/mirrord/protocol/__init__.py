@@ -31,12 +31,16 @@ from mirrord.protocol._connection import (
     UnknownMessage,
 )
 from mirrord.protocol._exceptions import (
+    BuildMismatch,
     FrameTooLarge,
     LocalProtocolError,
     MalformedFrame,
     ProtocolError,
     RemoteProtocolError,
+    Unauthenticated,
+    VersionMismatch,
 )
+from mirrord.protocol._flow import WRITE_EOF, Flow, FlowEvent, FlowState
 from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, encode_frame
 
 __all__ = [
@@ -49,8 +53,13 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MIN_AGENT_PROTOCOL_VERSION",
     "NEED_DATA",
+    "WRITE_EOF",
     "AgentConnection",
     "AgentRole",
+    "BuildMismatch",
+    "Flow",
+    "FlowEvent",
+    "FlowState",
     "FrameDecoder",
     "FrameTooLarge",
     "InvalidRequest",
@@ -64,7 +73,9 @@ __all__ = [
     "Registry",
     "RemoteProtocolError",
     "State",
+    "Unauthenticated",
     "UnknownMessage",
+    "VersionMismatch",
     "encode_frame",
     "messages",
 ]
