@@ -22,7 +22,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -37,6 +37,7 @@ from mirrord.daemon._control import (
     WarningEvent,
 )
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
+from mirrord.daemon._exceptions import ChannelLost
 from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
 from mirrord.daemon._relay import Counters, Relay, open_relay_listener, open_relay_pair
@@ -241,6 +242,7 @@ class Session:
             for client in list(process.clients):
                 client.close("session_closed", f"the mirrord session ended ({reason})")
             self.remove_process(process)
+        self.link.forget_lost(self._agent_lost)  # the link outlives us: it must not hold us
         self._notify(ClosedEvent(session=self.id, message=reason))
         self._listeners.clear()
 
@@ -348,14 +350,21 @@ class LayerProcess:
 
     # -- requests from the layer
 
-    def forward(self, client: LayerClient, msg: Message) -> None:
-        """A shared request (kinds 1-99): same message, daemon request id, reply mapped back."""
-        original = getattr(msg, "request_id", 0)
-        self.link.request(
-            self.channel,
-            lambda rid: dataclasses.replace(msg, request_id=rid),  # type: ignore[type-var]
-            lambda reply: client.reply(reply, original),
-        )
+    async def forward(self, client: LayerClient, msg: m.Request) -> None:
+        """A shared request (kinds 1-99): same message, daemon request id, reply mapped back.
+        No time limit: a read of a FIFO in the target may rightly wait for ever (the layer
+        connection's closing cancels it)."""
+        client.reply(await self._call(msg), msg.request_id)
+
+    async def _call(self, request: m.Request, timeout: float | None = None) -> Message:
+        """The agent's reply to `request` on this process's channel; a lost channel or agent
+        is an EIO reply, a timeout an ETIMEDOUT one."""
+        try:
+            return await self.link.call(self.channel, request, timeout=timeout)
+        except ChannelLost as exc:
+            return _error(errno_mod.EIO, str(exc))
+        except TimeoutError:
+            return _error(errno_mod.ETIMEDOUT, "agent timeout")
 
     async def outgoing(self, client: LayerClient, msg: m.LayerConnect) -> None:
         """Connect in the target, then relay through a socket only this session holds: the
@@ -422,20 +431,10 @@ class LayerProcess:
             counters=(self.link.counters, self.session.counters),
         )
         self.link.add_relay(relay)
-        reply = await self.link.call(
-            self.channel,
-            lambda rid: m.Connect(
-                request_id=rid,
-                conn_id=conn_id,
-                protocol=msg.protocol,
-                address=msg.address,
-                port=msg.port,
-            ),
-            timeout=REQUEST_TIMEOUT,
+        request = m.Connect(
+            request_id=0, conn_id=conn_id, protocol=msg.protocol, address=msg.address, port=msg.port
         )
-        if reply is None:
-            reply = _error(errno_mod.ETIMEDOUT, "agent timeout")
-        return relay, reply
+        return relay, await self._call(request, REQUEST_TIMEOUT)
 
     def listen(self, client: LayerClient, msg: m.LayerListen) -> None:
         address = msg.bound_address
@@ -462,43 +461,45 @@ class LayerProcess:
         self.listeners[msg.port] = (address, msg.bound_port)
 
         mode = self.session.incoming_mode
+        request = m.Subscribe(
+            request_id=0,
+            port=msg.port,
+            mode=mode,
+            http_filter=http_filter,
+            on_concurrent_steal=on_concurrent_steal(self.session.config),
+            tls=self.session.incoming_tls if mode == "steal" and http_filter else None,
+        )
+        app = f"{address}:{msg.bound_port}"
+        if not self.link.start_task(self._subscribe, client, msg, request, app):
+            self.listeners.pop(msg.port, None)
+            client.reply(_lost(self), msg.request_id)
 
-        def on_reply(reply: Message) -> None:
-            if isinstance(reply, m.Subscribed):
-                for warning in reply.warnings:
-                    self.session.warn(f"port {msg.port}: {warning}")
-                self.subscriptions[msg.port] = {
-                    "port": msg.port,
-                    "mode": mode,
-                    "http_filter": http_filter,
-                    "pid": self.pid,
-                    "app": f"{address}:{msg.bound_port}",
-                }
-                client.reply(m.Ok(request_id=0), msg.request_id)
-            else:
-                self.listeners.pop(msg.port, None)
-                client.reply(reply, msg.request_id)
-                if self.session.state != "open" or self.session.processes.get(self.pid) is not self:
-                    return  # the process or the session is gone: nobody to tell
-                # The layer leaves the app listening locally either way: without this the
-                # user would never learn why no traffic arrives.
-                why = getattr(reply, "message", "") or type(reply).__name__
-                self.session.warn(
-                    f"port {msg.port}: not {'stolen' if mode == 'steal' else 'mirrored'}: "
-                    f"{why}; the app gets no traffic from the target on it"
-                )
-
-        self.link.request(
-            self.channel,
-            lambda rid: m.Subscribe(
-                request_id=rid,
-                port=msg.port,
-                mode=self.session.incoming_mode,
-                http_filter=http_filter,
-                on_concurrent_steal=on_concurrent_steal(self.session.config),
-                tls=self.session.incoming_tls if mode == "steal" and http_filter else None,
-            ),
-            on_reply,
+    async def _subscribe(
+        self, client: LayerClient, msg: m.LayerListen, subscribe: m.Subscribe, app: str
+    ) -> None:
+        """Subscribe in the agent, then tell the layer (and, on refusal, the user: the layer
+        leaves the app listening locally either way, so no traffic would come unexplained)."""
+        reply = await self._call(subscribe)
+        if isinstance(reply, m.Subscribed):
+            for warning in reply.warnings:
+                self.session.warn(f"port {msg.port}: {warning}")
+            self.subscriptions[msg.port] = {
+                "port": msg.port,
+                "mode": subscribe.mode,
+                "http_filter": subscribe.http_filter,
+                "pid": self.pid,
+                "app": app,
+            }
+            client.reply(m.Ok(request_id=0), msg.request_id)
+            return
+        self.listeners.pop(msg.port, None)
+        client.reply(reply, msg.request_id)
+        if self.session.state != "open" or self.session.processes.get(self.pid) is not self:
+            return  # the process or the session is gone: nobody to tell
+        why = getattr(reply, "message", "") or type(reply).__name__
+        self.session.warn(
+            f"port {msg.port}: not {'stolen' if subscribe.mode == 'steal' else 'mirrored'}: "
+            f"{why}; the app gets no traffic from the target on it"
         )
 
     def disconnect(self, client: LayerClient, msg: m.LayerDisconnect) -> None:
@@ -513,11 +514,14 @@ class LayerProcess:
         self.listeners.pop(msg.port, None)
         if self.subscriptions.pop(msg.port, {}).get("mode") == "mirror":
             self.link.forget_traffic(msg.port)
-        self.link.request(
-            self.channel,
-            lambda rid: m.Unsubscribe(request_id=rid, port=msg.port),
-            lambda reply: client.reply(reply, msg.request_id),
-        )
+        unsubscribe = m.Unsubscribe(request_id=0, port=msg.port)
+        if not self.link.start_task(self._unsubscribe, client, msg.request_id, unsubscribe):
+            client.reply(_lost(self), msg.request_id)
+
+    async def _unsubscribe(
+        self, client: LayerClient, request_id: int, unsubscribe: m.Unsubscribe
+    ) -> None:
+        client.reply(await self._call(unsubscribe), request_id)
 
     def peer(self, client: LayerClient, msg: m.PeerLookup) -> None:
         peer = self.session.peers.get(msg.local_port)
@@ -602,6 +606,7 @@ class LayerClient:
         self.process: LayerProcess | None = None
         self.closed = False
         self._scope: anyio.CancelScope | None = None
+        self._tg: anyio.abc.TaskGroup | None = None  # its requests awaiting the agent
 
     def __repr__(self) -> str:
         pid = self.process.pid if self.process else None
@@ -637,6 +642,13 @@ class LayerClient:
             log.warning("layer connection (pid %s) closed: %s", _pid(self), reason)
             self.close("unread_replies", reason)
 
+    def start_task(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
+        """Run `fn(*args)` in this connection's task group (cancelled when it closes)."""
+        if self._tg is None or self.closed:
+            return False
+        self._tg.start_soon(_guarded, fn, args)
+        return True
+
     def close(self, code: str, message: str) -> None:
         if self.closed:
             return
@@ -658,8 +670,10 @@ async def serve_layer_client(
     try:
         async with stream, anyio.create_task_group() as tg:
             tg.start_soon(writer.run)
-            with anyio.CancelScope() as client._scope:
-                await _serve(stream, conn, client, find_session)
+            async with anyio.create_task_group() as client._tg:
+                with anyio.CancelScope() as client._scope:
+                    await _serve(stream, conn, client, find_session)
+                client._tg.cancel_scope.cancel()  # nobody reads the replies of the rest
             writer.close()
             with anyio.move_on_after(2):
                 await writer.wait_flushed()  # a final Fatal frame says why we close
@@ -725,6 +739,14 @@ async def _serve(
                 return session  # closed while handling (unread replies past the bound)
 
 
+async def _guarded(fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
+    """A failing request task is a bug to log, never the end of its layer connection."""
+    try:
+        await fn(*args)
+    except Exception:
+        log.exception("layer request task %s failed", getattr(fn, "__qualname__", fn))
+
+
 def _pid(client: LayerClient) -> int | None:
     return client.process.pid if client.process else None
 
@@ -746,7 +768,8 @@ def _handle(client: LayerClient, msg: Message) -> None:
     elif isinstance(msg, m.PeerLookup):
         process.peer(client, msg)
     elif isinstance(msg, m.Request) and msg.KIND < 100:
-        process.forward(client, msg)
+        if not client.start_task(process.forward, client, msg):
+            client.reply(_lost(process), msg.request_id)
     elif isinstance(msg, m.Request):
         client.reply(
             m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="not a layer request"),
