@@ -223,6 +223,7 @@ class Session:
         if self.processes.get(process.pid) is not process:
             return
         del self.processes[process.pid]
+        process.cancel_expiry()  # its fork-grace task would hold it (and us) until it ends
         self.link.close_channel(process.channel, "process exited")
         for port, sub in process.subscriptions.items():
             if sub["mode"] == "mirror":
