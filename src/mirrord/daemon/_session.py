@@ -1,12 +1,12 @@
-"""Sessions and the layer processes in them; the layer socket's connection handler.
+"""Sessions and the layer processes in them.
 
 Owns: the session table's entries (one per `mirrord run` / IDE launch: target, config, its
 agent link, its layer processes), registering layer connections into a session (one agent
 channel per layer process, shared by that process's threads; a forked child's channel names
 its parent's), forwarding layer requests to the agent with daemon request ids, outgoing
 connects (a private relay pair whose layer end is passed over the layer connection), listens (subscriptions) and incoming connections to the
-user app's bound port, peer lookups. Does not own the agent stream (`AgentLink`) or the control
-API (`_control`).
+user app's bound port, peer lookups. Does not own the agent stream (`AgentLink`), the control
+API (`_control`) or the layer connections themselves (`_layer_client`).
 
 The daemon does not trust the layer's input: a malformed frame closes that one layer
 connection; a request for a port or process that is not its own gets an errno.
@@ -14,7 +14,6 @@ connection; a request for a port or process that is not its own gets an errno.
 
 from __future__ import annotations
 
-import dataclasses
 import errno as errno_mod
 import ipaddress
 import logging
@@ -22,8 +21,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -38,23 +37,15 @@ from mirrord.daemon._control import (
 )
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._exceptions import ChannelLost
-from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
 from mirrord.daemon._relay import Counters, Relay, open_relay_listener, open_relay_pair
-from mirrord.protocol import (
-    CLOSED,
-    NEED_DATA,
-    LayerConnection,
-    LayerRole,
-    Message,
-    ProtocolError,
-    Received,
-    State,
-    UnknownMessage,
-)
+from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
-__all__ = ["LayerProcess", "Session", "new_session_id", "serve_layer_client"]
+if TYPE_CHECKING:
+    from mirrord.daemon._layer_client import LayerClient
+
+__all__ = ["LayerProcess", "Session", "lost_reply", "new_session_id"]
 
 log = logging.getLogger("mirrord.daemon.session")
 
@@ -62,7 +53,6 @@ DROP_WARNING_INTERVAL = 10.0  # seconds between two kernel-drop warnings of one 
 
 FORK_GRACE = 1.0  # seconds a process's channel outlives its last connection, for late children
 REQUEST_TIMEOUT = 30.0
-MAX_LAYER_UNREAD = 64 * 1024 * 1024  # replies queued for one layer connection that does not read
 
 Notify = Callable[[ControlEvent], None]
 
@@ -473,7 +463,7 @@ class LayerProcess:
         app = f"{address}:{msg.bound_port}"
         if not self.link.start_task(self._subscribe, client, msg, request, app):
             self.listeners.pop(msg.port, None)
-            client.reply(_lost(self), msg.request_id)
+            client.reply(lost_reply(self), msg.request_id)
 
     async def _subscribe(
         self, client: LayerClient, msg: m.LayerListen, subscribe: m.Subscribe, app: str
@@ -517,7 +507,7 @@ class LayerProcess:
             self.link.forget_traffic(msg.port)
         unsubscribe = m.Unsubscribe(request_id=0, port=msg.port)
         if not self.link.start_task(self._unsubscribe, client, msg.request_id, unsubscribe):
-            client.reply(_lost(self), msg.request_id)
+            client.reply(lost_reply(self), msg.request_id)
 
     async def _unsubscribe(
         self, client: LayerClient, request_id: int, unsubscribe: m.Unsubscribe
@@ -598,187 +588,7 @@ async def _relay_sockets(
     return daemon_end, layer_end, layer_end.getsockname()[:2]
 
 
-class LayerClient:
-    """One layer connection (one thread of a user-app process) on the layer socket."""
-
-    def __init__(self, conn: LayerConnection, writer: FrameWriter) -> None:
-        self.conn = conn
-        self.writer = writer
-        self.process: LayerProcess | None = None
-        self.closed = False
-        self._scope: anyio.CancelScope | None = None
-        self._tg: anyio.abc.TaskGroup | None = None  # its requests awaiting the agent
-
-    def __repr__(self) -> str:
-        pid = self.process.pid if self.process else None
-        return f"<LayerClient pid={pid} state={self.conn.state.value}>"
-
-    def reply(
-        self, reply: Message, request_id: int, *, passing: tuple[socket.socket, ...] = ()
-    ) -> None:
-        """Send `reply` as the answer to `request_id`; `passing`: sockets handed over with it
-        (owned by the writer from here on)."""
-        if self.closed or self.conn.state is not State.OPEN:
-            for sock in passing:
-                sock.close()
-            return  # the layer connection is gone: nobody waits for this reply
-        if getattr(reply, "request_id", None) != request_id:
-            reply = dataclasses.replace(reply, request_id=request_id)  # type: ignore[type-var]
-        self.send_nowait(reply, passing)
-
-    def send_nowait(self, msg: Message, passing: tuple[socket.socket, ...] = ()) -> None:
-        """Queue `msg`; a layer that leaves more than MAX_LAYER_UNREAD bytes of replies unread
-        is closed (a thread of a preloaded process waits for each reply it asked for, so only
-        a misbehaving peer gets near it), instead of growing the daemon without bound."""
-        if self.closed or self.conn.state is not State.OPEN:
-            for sock in passing:
-                sock.close()
-            return  # closed (by us, past the bound): nobody reads this
-        self.writer.send_nowait(self.conn.send(msg), passing)
-        if self.writer.queued_bytes > MAX_LAYER_UNREAD and not self.closed:
-            reason = (
-                f"{self.writer.queued_bytes} bytes of replies unread (the limit is "
-                f"{MAX_LAYER_UNREAD}): the layer does not read its connection"
-            )
-            log.warning("layer connection (pid %s) closed: %s", _pid(self), reason)
-            self.close("unread_replies", reason)
-
-    def start_task(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
-        """Run `fn(*args)` in this connection's task group (cancelled when it closes)."""
-        if self._tg is None or self.closed:
-            return False
-        self._tg.start_soon(_guarded, fn, args)
-        return True
-
-    def close(self, code: str, message: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.conn.state in (State.OPEN, State.HANDSHAKE):
-            self.writer.send_nowait(self.conn.fatal_frame(code, message))
-        self.writer.close()
-        if self._scope is not None:
-            self._scope.cancel()
-
-
-async def serve_layer_client(
-    stream: anyio.abc.ByteStream, build_id: str, find_session: Callable[[str], Session | None]
-) -> None:
-    """Serve one layer connection until it closes (or its session ends)."""
-    conn = LayerConnection(LayerRole.DAEMON, build_id=build_id)
-    writer = FrameWriter(stream, "layer")
-    client = LayerClient(conn, writer)
-    try:
-        async with stream, anyio.create_task_group() as tg:
-            tg.start_soon(writer.run)
-            async with anyio.create_task_group() as client._tg:
-                with anyio.CancelScope() as client._scope:
-                    await _serve(stream, conn, client, find_session)
-                client._tg.cancel_scope.cancel()  # nobody reads the replies of the rest
-            writer.close()
-            with anyio.move_on_after(2):
-                await writer.wait_flushed()  # a final Fatal frame says why we close
-            tg.cancel_scope.cancel()
-    finally:
-        client.closed = True
-        if client.process is not None:
-            client.process.session.detach(client)
-
-
-async def _serve(
-    stream: anyio.abc.ByteStream,
-    conn: LayerConnection,
-    client: LayerClient,
-    find_session: Callable[[str], Session | None],
-) -> Session | None:
-    session: Session | None = None
-    reader = FrameReader(stream, 256 * 1024)
-    while True:
-        try:
-            data = await reader.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            data = b""
-        conn.receive_data(data)
-        while True:
-            try:
-                event = conn.next_event()
-            except ProtocolError as exc:
-                log.warning("layer connection (pid %s): %s", _pid(client), exc)
-                client.writer.send_nowait(conn.error_frame(exc))
-                client.closed = True
-                return session
-            if event is NEED_DATA:
-                break
-            if event is CLOSED:
-                return session
-            if isinstance(event, UnknownMessage):
-                if event.request_id is not None and conn.state is State.OPEN:
-                    client.reply(
-                        m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="unknown"),
-                        event.request_id,
-                    )
-                continue
-            assert isinstance(event, Received)
-            msg = event.message
-            if session is None:
-                hello = conn.peer_hello
-                if hello is None:
-                    continue
-                found = find_session(hello.session)
-                if found is None or found.state == "closed":
-                    client.close(
-                        "session_not_found",
-                        f"mirrord session {hello.session!r} is not open in this daemon",
-                    )
-                    return None
-                session = found
-                client.process = session.attach(client, hello)
-                client.writer.send_nowait(conn.welcome(process=client.process.channel))
-                continue
-            _handle(client, msg)
-            if client.closed:
-                return session  # closed while handling (unread replies past the bound)
-
-
-async def _guarded(fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
-    """A failing request task is a bug to log, never the end of its layer connection."""
-    try:
-        await fn(*args)
-    except Exception:
-        log.exception("layer request task %s failed", getattr(fn, "__qualname__", fn))
-
-
-def _pid(client: LayerClient) -> int | None:
-    return client.process.pid if client.process else None
-
-
-def _handle(client: LayerClient, msg: Message) -> None:
-    process = client.process
-    assert process is not None
-    if isinstance(msg, m.Ping):
-        client.send_nowait(m.Pong(nonce=msg.nonce))
-    elif isinstance(msg, m.LayerConnect):
-        if not process.link.start_task(process.outgoing, client, msg):
-            client.reply(_lost(process), msg.request_id)
-    elif isinstance(msg, m.LayerListen):
-        process.listen(client, msg)
-    elif isinstance(msg, m.LayerUnlisten):
-        process.unlisten(client, msg)
-    elif isinstance(msg, m.LayerDisconnect):
-        process.disconnect(client, msg)
-    elif isinstance(msg, m.PeerLookup):
-        process.peer(client, msg)
-    elif isinstance(msg, m.Request) and msg.KIND < 100:
-        if not client.start_task(process.forward, client, msg):
-            client.reply(_lost(process), msg.request_id)
-    elif isinstance(msg, m.Request):
-        client.reply(
-            m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="not a layer request"),
-            msg.request_id,
-        )
-    # anything else (Pong, Fatal handled by the connection) needs no answer
-
-
-def _lost(process: LayerProcess) -> m.ErrorReply:
+def lost_reply(process: LayerProcess) -> m.ErrorReply:
+    """EIO for a request of `process` that cannot reach the agent any more."""
     reason = process.session.reason or process.channel_lost or "agent lost"
     return m.ErrorReply(request_id=0, errno=errno_mod.EIO, message=reason)
