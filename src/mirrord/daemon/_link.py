@@ -321,8 +321,11 @@ class AgentLink:
         self.requests += 1
         try:
             self.send(dataclasses.replace(request, request_id=rid), channel)  # type: ignore[type-var]
-            with anyio.fail_after(timeout):
-                await waiter.event.wait()
+            if timeout is None:
+                await waiter.event.wait()  # no cancel scope: ~10 µs per request saved
+            else:
+                with anyio.fail_after(timeout):
+                    await waiter.event.wait()
         finally:
             self._pending.pop(rid, None)  # cancelled or timed out: a late reply is dropped
         if waiter.reply is None:
