@@ -65,8 +65,6 @@ log = logging.getLogger("mirrord.agent")
 _Plan: TypeAlias = tuple[Callable[[], Any] | None, Callable[[Any], Message], "FileHandle | None"]
 
 
-
-
 class IncomingHandler(Protocol):
     """The shape of `IncomingService` (src/mirrord/agent/_incoming.py) the channel relies on."""
 
