@@ -383,7 +383,7 @@ async def test_replies_a_layer_does_not_read_are_bounded(
 ) -> None:
     """A layer connection that sends requests and never reads its replies is closed past the
     bound, with a Fatal frame saying why after what was queued; the session is unharmed."""
-    monkeypatch.setattr("mirrord.daemon._session.MAX_LAYER_UNREAD", 256 * 1024)
+    monkeypatch.setattr("mirrord.daemon._layer_client.MAX_LAYER_UNREAD", 256 * 1024)
     # the kernel's share stays small whatever net.core.wmem_max allows
     monkeypatch.setattr("mirrord._frames.SEND_BUFFER", 64 * 1024)
     _, session, _ = await harness.session()

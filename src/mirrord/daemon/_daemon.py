@@ -78,9 +78,10 @@ from mirrord.daemon._exceptions import (
     SessionNotFound,
 )
 from mirrord.daemon._incoming_tls import agent_tls_warnings, subscribe_tls
+from mirrord.daemon._layer_client import serve_layer_client
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
-from mirrord.daemon._session import Session, new_session_id, serve_layer_client
+from mirrord.daemon._session import Session, new_session_id
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
