@@ -3,7 +3,7 @@
  * Files: supervisor.c (main, the launcher, the filter), serve.c (the listener's workers, the
  * fallback after the supervisor's death, answering calls, the program's memory), sv_files.c
  * (open, access, stat), sv_paths.c (statx, readlink, the mutators), sv_net.c (the socket
- * calls and uname).
+ * calls and uname), sv_wback.c (remote files opened to write).
  */
 #ifndef MIRRORD_SV_H
 #define MIRRORD_SV_H
@@ -34,6 +34,7 @@ struct sv_layer {
                    struct sockaddr_storage *local, socklen_t *local_len);
     int (*bind)(int fd, const struct sockaddr *sa, socklen_t len);
     int (*listen)(int fd, int backlog, const struct sockaddr *req, socklen_t req_len);
+    void (*finish)(pid_t supervisor);
 };
 extern struct sv_layer g_layer;
 
@@ -65,6 +66,12 @@ int sv_still_pending(uint64_t id);
 int sv_read_string(pid_t pid, uint64_t addr, char *out, size_t cap);
 int sv_read_mem(pid_t pid, uint64_t addr, void *out, size_t len);
 int sv_write_mem(pid_t pid, uint64_t addr, const void *in, size_t len);
+
+/* A remote file opened to write: the layer's write-back cache `layer_fd` (taken) installed
+ * in the program as a new open of it, written back once the program closed it (sv_wback.c);
+ * sv_wback_finish writes back what is still open (the program is gone). */
+void sv_reply_wback(const struct seccomp_notif *req, int layer_fd, int flags);
+void sv_wback_finish(void);
 
 /* The supervisor's own descriptor of the program's descriptor `fd` (thread `tid`), with
  * pidfd_getfd: the same open file. -1 with errno. */

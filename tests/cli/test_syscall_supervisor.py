@@ -313,3 +313,44 @@ def test_statx_readlink_and_mutators_of_a_static_program(
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == ["rmdir ! ENOTEMPTY", "unlink ok", "rmdir ok"]
     assert pod.run_in_pod(["test", "-e", "/app/made"], check=False).returncode == 1
+
+
+def test_static_program_writes_lists_and_reads_a_big_pod_only_file(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path
+) -> None:
+    # fs mode `write`: a pod-only file written (new, truncated, appended) lands in the pod once
+    # the program closed it; a pod-only directory is listed with opendir/readdir; a file over
+    # fetch_limit (8 MiB) is read whole
+    pod.run_in_pod(["sh", "-c", "mkdir -p /app/dir/sub && : > /app/dir/a.txt && : > /app/dir/b"])
+    big = 9 * 1024 * 1024 + 123
+    pod.run_in_pod(["sh", "-c", f"yes 0123456789abcdef | head -c {big} > /app/big.bin"])
+    config = tmp_path / "mirrord.json"
+    config.write_text(json.dumps({"feature": {"fs": {"mode": "write"}}}))
+    lines = ["write:/app/written.txt first", "append:/app/written.txt second",
+             "/app/written.txt", "write:/app/other.txt replaced", "ls:/app/dir",
+             "ls:/app/missing", "size:/app/big.bin"]  # fmt: skip
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(static_reader),
+        input="\n".join(lines) + "\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    content = (b"0123456789abcdef\n" * (big // 17 + 1))[:big]
+    assert result.stdout.splitlines()[1:] == [
+        "write ok",
+        "append ok",
+        "/app/written.txt = first",  # read back from the pod: written back at close
+        "write ok",
+        "/app/dir: a.txt b sub/",
+        "/app/missing ls ! ENOENT",
+        f"/app/big.bin size {big} sum {sum(content)}",
+    ], result.stderr
+
+    def in_pod(path: str) -> bytes:
+        return bytes(pod.run_in_pod(["cat", path], check=False).stdout)
+
+    wait_for(lambda: in_pod("/app/other.txt") == b"replaced\n", 30, "the write-back")
+    assert in_pod("/app/written.txt") == b"first\nsecond\n"
+    pod.run_in_pod(["sh", "-c", "printf 'second file\\n' > /app/other.txt; rm -f /app/written.txt"])
+    # nothing of the listings is left behind on this machine once the supervisor ended
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    wait_for(lambda: not list(tmp.glob("mirrord-sv-*")), 30, "the listings to be removed")

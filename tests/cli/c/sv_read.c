@@ -9,9 +9,14 @@
  * "unlink:PATH" and "rename:OLD NEW" (mkdirat, unlinkat, renameat) print "<op> ok" or "<op> !
  * <errno name>"; "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
  * "threads:N:PATH" reads PATH 25 times in each of N threads and prints "threads <reads that
- * returned the same content as the first>/<reads>". With arguments, it reads each argument
+ * returned the same content as the first>/<reads>". "write:PATH TEXT" and "append:PATH TEXT"
+ * open PATH to write (O_CREAT|O_TRUNC, or O_APPEND), write TEXT and a newline, close, and print
+ * "<op> ok" or "<op> ! <errno name>"; "size:PATH" reads PATH whole and prints "<path> size
+ * <bytes> sum <sum of the bytes>"; "ls:PATH" lists the directory with opendir/readdir and
+ * prints "<path>: <names, sorted, directories with a trailing />". With arguments, it reads each argument
  * (as a path) instead of stdin, without the first line. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
@@ -147,6 +152,87 @@ static int paths(char *line) {
     return 1;
 }
 
+static int by_name(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static void list(const char *path) {
+    DIR *d = opendir(path);
+    if (d == NULL) {
+        printf("%s ls ! %s\n", path, errname(errno));
+        return;
+    }
+    char *names[256];
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL && n < 256) {
+        if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0) {
+            names[n] = malloc(strlen(de->d_name) + 2);
+            sprintf(names[n++], "%s%s", de->d_name, de->d_type == DT_DIR ? "/" : "");
+        }
+    }
+    closedir(d);
+    qsort(names, (size_t)n, sizeof names[0], by_name);
+    printf("%s:", path);
+    for (int i = 0; i < n; i++) {
+        printf(" %s", names[i]);
+        free(names[i]);
+    }
+    printf("\n");
+}
+
+/* write:, append:, size: and ls:; 1 if `line` was one of them. */
+static int files(char *line) {
+    char *arg = strchr(line, ':');
+    if (arg == NULL) {
+        return 0;
+    }
+    *arg++ = 0;
+    if (strcmp(line, "ls") == 0) {
+        list(arg);
+        return 1;
+    }
+    if (strcmp(line, "size") == 0) {
+        int fd = (int)syscall(SYS_openat, AT_FDCWD, arg, O_RDONLY | O_CLOEXEC);
+        unsigned long long size = 0, sum = 0;
+        char buf[65536];
+        ssize_t n = fd < 0 ? -1 : 1;
+        while (n > 0 && (n = read(fd, buf, sizeof buf)) > 0) {
+            size += (unsigned long long)n;
+            for (ssize_t i = 0; i < n; i++) {
+                sum += (unsigned char)buf[i];
+            }
+        }
+        if (fd >= 0) {
+            close(fd);
+        }
+        if (n == 0) {
+            printf("%s size %llu sum %llu\n", arg, size, sum);
+        } else {
+            printf("%s size ! %s\n", arg, errname(errno));
+        }
+        return 1;
+    }
+    char *text = strchr(arg, ' ');
+    int append = strcmp(line, "append") == 0;
+    if ((!append && strcmp(line, "write") != 0) || text == NULL) {
+        line[strlen(line)] = ':'; /* not ours: as it was */
+        return 0;
+    }
+    *text++ = 0;
+    int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC);
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, arg, flags, 0644);
+    char buf[4096];
+    int len = snprintf(buf, sizeof buf, "%s\n", text);
+    int ok = fd >= 0 && write(fd, buf, (size_t)len) == len;
+    int err = errno;
+    if (fd >= 0 && close(fd) != 0) {
+        ok = 0;
+    }
+    printf(ok ? "%s ok\n" : "%s ! %s\n", line, ok ? "" : errname(err));
+    return 1;
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) {
         for (int i = 1; i < argc; i++) {
@@ -204,7 +290,7 @@ int main(int argc, char **argv) {
             fflush(stdout);
             continue;
         }
-        if (paths(line)) {
+        if (paths(line) || files(line)) {
             fflush(stdout);
             continue;
         }
