@@ -246,9 +246,16 @@ def test_static_go_program_gets_the_pod_env_and_pod_only_files(
         "/app/missing.txt",
         "stat:/app/pod-only.txt",
         "threads:/app/other.txt",
+        "ls:/app/godir",
+        "write:/app/go-written.txt from go",
+        "/app/go-written.txt",
     ]
+    pod.run_in_pod(["sh", "-c", "mkdir -p /app/godir/d && : > /app/godir/z && : > /app/godir/a"])
+    config = tmp_path / "mirrord.json"
+    config.write_text(json.dumps({"feature": {"fs": {"mode": "write"}}}))
     result = mirrord.run(
-        "run", "-t", f"pid/{pod.pid}", "--", str(program), input="\n".join(lines) + "\n"
+        "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(program),
+        input="\n".join(lines) + "\n",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -258,7 +265,13 @@ def test_static_go_program_gets_the_pod_env_and_pod_only_files(
         "/app/missing.txt ! open /app/missing.txt: no such file or directory",
         "/app/pod-only.txt stat 16 -rw-r--r--",
         "goroutines 400/400",
+        "/app/godir: a d/ z",  # os.ReadDir of a pod-only directory (sorted by Go)
+        "write ok",
+        "/app/go-written.txt = from go",  # written back when Go closed it, read from the pod
     ], result.stderr
+    done = pod.run_in_pod(["cat", "/app/go-written.txt"], check=False).stdout
+    assert done == b"from go\n"
+    pod.run_in_pod(["rm", "-rf", "/app/go-written.txt", "/app/godir"])
 
 
 def test_fs_mapping_to_a_local_path_is_kept_for_a_static_program(
