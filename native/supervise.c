@@ -171,3 +171,15 @@ HOOK int mirrord_supervisor_listen(int fd, int backlog, const struct sockaddr *r
     }
     return subscribed ? 1 : 2;
 }
+
+/* sendto()/sendmsg() with a destination, trapped by the supervisor: 1 if the layer sends
+ * datagrams from the socket `fd` to `sa` through the target (an IPv4/IPv6 UDP socket, the
+ * outgoing policy's decision, debugger ports excepted): the supervisor then sends the
+ * program's datagram with the layer's own sendmsg() on its descriptor of the socket (which
+ * relays it, net_udp.c); 0 = local (the call goes on). */
+HOOK int mirrord_supervisor_udp_remote(int fd, const struct sockaddr *sa, socklen_t len) {
+    return g_active && sa != NULL && len >= sizeof(sa_family_t) &&
+           (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) &&
+           sock_int(fd, SO_TYPE) == SOCK_DGRAM && !debugger_port(sa, len, 0) &&
+           policy_connect(sa, len, SOCK_DGRAM) == P_REMOTE;
+}

@@ -80,12 +80,12 @@ static const int g_trapped[] = {
     __NR_openat, __NR_openat2, __NR_faccessat, __NR_faccessat2, __NR_newfstatat, __NR_statx,
     __NR_readlinkat, __NR_mkdirat, __NR_unlinkat, __NR_renameat, __NR_renameat2,
     __NR_connect, __NR_getpeername, __NR_getsockname, __NR_bind, __NR_listen, __NR_accept,
-    __NR_accept4, __NR_uname,
+    __NR_accept4, __NR_uname, __NR_sendmsg, /* sendto: below, only with an address */
 };
 #define NTRAPPED (sizeof g_trapped / sizeof g_trapped[0])
 
 static int install_filter(int *listener, int *killable) {
-    struct sock_filter code[6 + NTRAPPED + 2] = {
+    struct sock_filter code[6 + NTRAPPED + 8] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SV_ARCH, 1, 0),
         /* another architecture (int 0x80 on x86_64): denied, never let past the filter */
@@ -98,8 +98,17 @@ static int install_filter(int *listener, int *killable) {
     size_t n = 6;
     for (size_t i = 0; i < NTRAPPED; i++) { /* a match jumps to the last instruction */
         code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-                                                 (unsigned)g_trapped[i], NTRAPPED - i, 0);
+                                                 (unsigned)g_trapped[i], NTRAPPED - i + 6, 0);
     }
+    /* sendto only with a destination address (args[4], both halves): a connected socket's
+     * sends (and every TCP one) run untrapped */
+    const unsigned addr = offsetof(struct seccomp_data, args[4]);
+    code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_sendto, 1, 0);
+    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    code[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, addr);
+    code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 3);
+    code[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, addr + 4);
+    code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 1);
     code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
     code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF);
     struct sock_fprog prog = {.len = (unsigned short)n, .filter = code};

@@ -3,7 +3,8 @@
  * Files: supervisor.c (main, the launcher, the filter), serve.c (the listener's workers, the
  * fallback after the supervisor's death, answering calls, the program's memory), sv_files.c
  * (open, access, stat), sv_paths.c (statx, readlink, the mutators), sv_net.c (the socket
- * calls and uname), sv_wback.c (remote files opened to write).
+ * calls and uname), sv_wback.c (remote files opened to write),
+ * sv_udp.c (datagrams sent with a destination).
  */
 #ifndef MIRRORD_SV_H
 #define MIRRORD_SV_H
@@ -35,6 +36,7 @@ struct sv_layer {
     int (*bind)(int fd, const struct sockaddr *sa, socklen_t len);
     int (*listen)(int fd, int backlog, const struct sockaddr *req, socklen_t req_len);
     void (*finish)(pid_t supervisor);
+    int (*udp_remote)(int fd, const struct sockaddr *sa, socklen_t len);
 };
 extern struct sv_layer g_layer;
 
@@ -72,6 +74,10 @@ int sv_write_mem(pid_t pid, uint64_t addr, const void *in, size_t len);
  * sv_wback_finish writes back what is still open (the program is gone). */
 void sv_reply_wback(const struct seccomp_notif *req, int layer_fd, int flags);
 void sv_wback_finish(void);
+
+/* sendto (with an address) and sendmsg: a datagram the layer sends through the target is sent
+ * by the supervisor (sv_udp.c); anything else continues. */
+void sv_udp_send(const struct seccomp_notif *req);
 
 /* The supervisor's own descriptor of the program's descriptor `fd` (thread `tid`), with
  * pidfd_getfd: the same open file. -1 with errno. */

@@ -413,7 +413,7 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
     int nr = req->data.nr;
     if (nr != __NR_connect && nr != __NR_getpeername && nr != __NR_getsockname &&
         nr != __NR_bind && nr != __NR_listen && nr != __NR_accept && nr != __NR_accept4 &&
-        nr != __NR_uname) {
+        nr != __NR_uname && nr != __NR_sendto && nr != __NR_sendmsg) {
         return 0;
     }
     if (fallback || (nr != __NR_uname && decided_by_layer(req))) {
@@ -428,6 +428,8 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
         on_listen(req);
     } else if (nr == __NR_accept || nr == __NR_accept4) {
         on_accept(req);
+    } else if (nr == __NR_sendto || nr == __NR_sendmsg) {
+        sv_udp_send(req);
     } else {
         on_uname(req);
     }

@@ -27,6 +27,7 @@ SPEC = PodSpec(
     env={"POD_ONLY_VAR": "from the pod"},
     files={"/app/pod-only.txt": b"only in the pod\n", "/app/other.txt": b"second file\n"},
     symlinks={"/app/link": "pod-only.txt"},
+    dns_records={"udp-only.test": "10.4.5.6"},
     echo_port=None,
     http_port=None,
 )
@@ -367,3 +368,16 @@ def test_static_program_writes_lists_and_reads_a_big_pod_only_file(
     # nothing of the listings is left behind on this machine once the supervisor ended
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     wait_for(lambda: not list(tmp.glob("mirrord-sv-*")), 30, "the listings to be removed")
+
+
+def test_static_program_sends_datagrams_without_connect_through_the_pod(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path
+) -> None:
+    # sendto and sendmsg with a destination on an unconnected UDP socket: to the pod's own
+    # DNS server on its loopback (only the pod knows the name), as the layer relays them
+    lines = ["udp:udp-only.test", "udpmsg:udp-only.test"]
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--", str(static_reader), input="\n".join(lines) + "\n"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["udp 10.4.5.6", "udp 10.4.5.6"], result.stderr

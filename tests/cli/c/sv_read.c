@@ -13,11 +13,16 @@
  * open PATH to write (O_CREAT|O_TRUNC, or O_APPEND), write TEXT and a newline, close, and print
  * "<op> ok" or "<op> ! <errno name>"; "size:PATH" reads PATH whole and prints "<path> size
  * <bytes> sum <sum of the bytes>"; "ls:PATH" lists the directory with opendir/readdir and
- * prints "<path>: <names, sorted, directories with a trailing />". With arguments, it reads each argument
+ * prints "<path>: <names, sorted, directories with a trailing />"; "udp:NAME" sends a DNS query
+ * for NAME's A record with sendto on an unconnected UDP socket to 127.0.0.1:53 (sendmsg with
+ * "udpmsg:NAME") and prints "udp <address in the answer>" or "udp ! <errno name>". With arguments, it reads each argument
  * (as a path) instead of stdin, without the first line. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <pthread.h>
@@ -152,6 +157,43 @@ static int paths(char *line) {
     return 1;
 }
 
+/* A DNS query for NAME's A record, sent without connect; the answer's address, or NULL. */
+static const char *udp_query(const char *name, int with_msg, char *out, size_t cap) {
+    unsigned char q[512] = {0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0};
+    size_t n = 12;
+    for (const char *p = name; *p && n < 400;) {
+        size_t len = strcspn(p, ".");
+        q[n++] = (unsigned char)len;
+        memcpy(q + n, p, len);
+        n += len;
+        p += len + (p[len] == '.');
+    }
+    unsigned char tail[] = {0, 0, 1, 0, 1};
+    memcpy(q + n, tail, sizeof tail);
+    n += sizeof tail;
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(53),
+                             .sin_addr.s_addr = htonl(0x7f000001)};
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct iovec iov = {q, n};
+    struct msghdr m = {.msg_name = &to, .msg_namelen = sizeof to, .msg_iov = &iov, .msg_iovlen = 1};
+    ssize_t sent = s < 0 ? -1
+                   : with_msg ? sendmsg(s, &m, 0)
+                              : sendto(s, q, n, 0, (struct sockaddr *)&to, sizeof to);
+    struct pollfd p = {.fd = s, .events = POLLIN};
+    unsigned char a[512];
+    ssize_t got = sent == (ssize_t)n && poll(&p, 1, 20000) == 1 ? recv(s, a, sizeof a, 0) : -1;
+    int e = errno;
+    if (s >= 0) {
+        close(s);
+    }
+    if (got < 16 || a[7] == 0) { /* no answer record */
+        errno = got < 0 ? e : ENOENT;
+        return NULL;
+    }
+    snprintf(out, cap, "%d.%d.%d.%d", a[got - 4], a[got - 3], a[got - 2], a[got - 1]);
+    return out;
+}
+
 static int by_name(const void *a, const void *b) {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
@@ -190,6 +232,12 @@ static int files(char *line) {
     *arg++ = 0;
     if (strcmp(line, "ls") == 0) {
         list(arg);
+        return 1;
+    }
+    if (strcmp(line, "udp") == 0 || strcmp(line, "udpmsg") == 0) {
+        char addr[64];
+        const char *r = udp_query(arg, line[3] == 'm', addr, sizeof addr);
+        printf(r != NULL ? "udp %s\n" : "udp ! %s\n", r != NULL ? r : errname(errno));
         return 1;
     }
     if (strcmp(line, "size") == 0) {
