@@ -172,14 +172,16 @@ HOOK int mirrord_supervisor_listen(int fd, int backlog, const struct sockaddr *r
     return subscribed ? 1 : 2;
 }
 
-/* sendto()/sendmsg() with a destination, trapped by the supervisor: 1 if the layer sends
- * datagrams from the socket `fd` to `sa` through the target (an IPv4/IPv6 UDP socket, the
- * outgoing policy's decision, debugger ports excepted): the supervisor then sends the
- * program's datagram with the layer's own sendmsg() on its descriptor of the socket (which
- * relays it, net_udp.c); 0 = local (the call goes on). */
-HOOK int mirrord_supervisor_udp_remote(int fd, const struct sockaddr *sa, socklen_t len) {
+/* The outgoing policy alone, with no request: 1 if a connect of the IPv4/IPv6 TCP or UDP
+ * socket `fd` to `sa`, or a datagram sent from it to `sa`, goes through the target (debugger
+ * ports excepted), else 0. The supervisor asks it for sendto()/sendmsg() with a destination (it
+ * then sends the program's datagram with the layer's own sendmsg() on its descriptor of the
+ * socket, which relays it: net_udp.c), and its fallback for connect, sendto and sendmsg after
+ * the supervisor's death (such calls then fail with ECONNREFUSED, as on a lost agent). */
+HOOK int mirrord_supervisor_outgoing_remote(int fd, const struct sockaddr *sa, socklen_t len) {
+    int type = sock_int(fd, SO_TYPE);
     return g_active && sa != NULL && len >= sizeof(sa_family_t) &&
            (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) &&
-           sock_int(fd, SO_TYPE) == SOCK_DGRAM && !debugger_port(sa, len, 0) &&
-           policy_connect(sa, len, SOCK_DGRAM) == P_REMOTE;
+           (type == SOCK_DGRAM || type == SOCK_STREAM) && !debugger_port(sa, len, 0) &&
+           policy_connect(sa, len, type) == P_REMOTE;
 }

@@ -206,7 +206,8 @@ static int fallback(pid_t supervisor) {
         return w < 0;
     }
     sv_say("the system-call supervisor (pid %d) died: from now on the program's calls that go "
-           "to the target fail with EIO (as on a lost agent); local ones go on",
+           "to the target fail as on a lost agent (files with EIO, connections and datagrams "
+           "with ECONNREFUSED); local ones go on",
            (int)supervisor);
     for (int i = 0; i < SV_WORKERS; i++) {
         struct seccomp_notif req = g_slots[i].req;
@@ -237,7 +238,7 @@ static void find_layer(void) {
     g_layer.bind = dlsym(RTLD_DEFAULT, "mirrord_supervisor_bind");
     g_layer.listen = dlsym(RTLD_DEFAULT, "mirrord_supervisor_listen");
     g_layer.finish = dlsym(RTLD_DEFAULT, "mirrord_supervisor_finish");
-    g_layer.udp_remote = dlsym(RTLD_DEFAULT, "mirrord_supervisor_udp_remote");
+    g_layer.outgoing_remote = dlsym(RTLD_DEFAULT, "mirrord_supervisor_outgoing_remote");
     if (g_layer.open == NULL || g_layer.decide == NULL || g_layer.access == NULL) {
         sv_say("system-call supervisor: the layer is not loaded (LD_PRELOAD): every call stays "
                "local");

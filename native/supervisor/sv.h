@@ -36,7 +36,7 @@ struct sv_layer {
     int (*bind)(int fd, const struct sockaddr *sa, socklen_t len);
     int (*listen)(int fd, int backlog, const struct sockaddr *req, socklen_t req_len);
     void (*finish)(pid_t supervisor);
-    int (*udp_remote)(int fd, const struct sockaddr *sa, socklen_t len);
+    int (*outgoing_remote)(int fd, const struct sockaddr *sa, socklen_t len);
 };
 extern struct sv_layer g_layer;
 
@@ -76,8 +76,9 @@ void sv_reply_wback(const struct seccomp_notif *req, int layer_fd, int flags);
 void sv_wback_finish(void);
 
 /* sendto (with an address) and sendmsg: a datagram the layer sends through the target is sent
- * by the supervisor (sv_udp.c); anything else continues. */
-void sv_udp_send(const struct seccomp_notif *req);
+ * by the supervisor (sv_udp.c), or fails with ECONNREFUSED after its death (`fallback`);
+ * anything else continues. */
+void sv_udp_send(const struct seccomp_notif *req, int fallback);
 
 /* The supervisor's own descriptor of the program's descriptor `fd` (thread `tid`), with
  * pidfd_getfd: the same open file. -1 with errno. */

@@ -1,7 +1,7 @@
 /* mirrord-supervisor, datagrams sent with a destination: sendto (trapped only with an
  * address: the filter lets the others through) and sendmsg on an IPv4/IPv6 UDP socket that the
- * layer's outgoing policy sends to the target (mirrord_supervisor_udp_remote) are sent here, by
- * the layer's own sendmsg() on the supervisor's descriptor of the program's socket, which
+ * layer's outgoing policy sends to the target (mirrord_supervisor_outgoing_remote) are sent
+ * here, by the layer's own sendmsg() on the supervisor's descriptor of the program's socket, which
  * relays them through the daemon as for a libc program (net_udp.c); the call's answer is what
  * that sendmsg() returned. The datagram is read from the program's memory (at most 64 KiB,
  * control data included). The supervisor keeps its descriptor of such a socket (the layer's
@@ -101,27 +101,44 @@ static int read_dgram(const struct seccomp_notif *req, struct msghdr *m, char *d
     return 0;
 }
 
-void sv_udp_send(const struct seccomp_notif *req) {
+static int sock_type(int fd) {
+    int type = 0;
+    socklen_t tl = sizeof type;
+    return getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) == 0 ? type : -1;
+}
+
+void sv_udp_send(const struct seccomp_notif *req, int fallback) {
     struct sockaddr_storage to;
     char ctl[1024];
-    char *data = g_layer.udp_remote != NULL ? malloc(DGRAM_CAP) : NULL;
+    char *data = g_layer.outgoing_remote != NULL ? malloc(DGRAM_CAP) : NULL;
     struct iovec one = {data, 0};
     struct msghdr m = {.msg_name = &to, .msg_iov = &one, .msg_iovlen = 1};
     memset(&to, 0, sizeof to);
     int flags = (int)req->data.args[req->data.nr == __NR_sendto ? 3 : 2];
+    int fd = (int)req->data.args[0];
+    /* after the supervisor's death: no descriptor kept (nothing is sent through the target) */
     int mine = -1;
     if (data == NULL || read_dgram(req, &m, data, &to, ctl, sizeof ctl) != 0 ||
         (to.ss_family != AF_INET && to.ss_family != AF_INET6) ||
-        sv_still_pending(req->id) != 0 || (mine = udp_socket(req->pid, (int)req->data.args[0])) < 0 ||
-        !g_layer.udp_remote(mine, (struct sockaddr *)&to, m.msg_namelen)) {
+        sv_still_pending(req->id) != 0 ||
+        (mine = fallback ? sv_take_fd(req->pid, fd) : udp_socket(req->pid, fd)) < 0 ||
+        sock_type(mine) != SOCK_DGRAM ||
+        !g_layer.outgoing_remote(mine, (struct sockaddr *)&to, m.msg_namelen)) {
         free(data);
+        if (fallback && mine >= 0) {
+            close(mine);
+        }
         sv_continue(req->id); /* local, or not ours to read: as it is */
         return;
     }
-    ssize_t n = sendmsg(mine, &m, flags); /* the layer's hook: through its relay */
+    ssize_t n = fallback ? -1 : sendmsg(mine, &m, flags); /* the layer's hook: its relay */
+    int err = fallback ? ECONNREFUSED : errno; /* as the layer's send on a lost agent */
     free(data);
+    if (fallback) {
+        close(mine);
+    }
     if (n < 0) {
-        sv_reply(req->id, errno != 0 ? errno : EIO, 0);
+        sv_reply(req->id, err != 0 ? err : EIO, 0);
     } else {
         sv_reply_val(req->id, n);
     }

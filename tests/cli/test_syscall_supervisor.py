@@ -1,6 +1,7 @@
 """The system-call supervisor (`mirrord run --syscalls`, docs/layer.md): a static C program,
 which the layer cannot reach, reads a local pod's pod-only file through the seccomp listener,
-reads local files as usual, and gets EIO (not a hang, not ENOSYS) once the supervisor died."""
+reads local files as usual, and gets EIO for files and ECONNREFUSED for connections and
+datagrams (not a hang, not ENOSYS, never this machine instead) once the supervisor died."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,19 +181,29 @@ def test_dead_supervisor_gives_eio_for_remote_files_and_local_ones_go_on(
         first = proc.stdout.readline().split()
         assert first[:1] == ["pid"] and first[3] != "none", first
         supervisor = int(first[3])
-        proc.stdin.write("/app/pod-only.txt\n")
+        proc.stdin.write("/app/pod-only.txt\nudp:udp-only.test\n")
         proc.stdin.flush()
         assert proc.stdout.readline() == "/app/pod-only.txt = only in the pod\n"
+        assert proc.stdout.readline() == "udp 10.4.5.6\n"
         os.kill(supervisor, signal.SIGKILL)
         wait_for(lambda: not pid_alive(supervisor), 30, "the supervisor to die")
-        proc.stdin.write(f"/app/other.txt\n{local}\n")
-        rest, err = proc.communicate(timeout=60)
+        # a connect and datagrams the layer sends to the pod fail as on a lost agent; they do
+        # not go to this machine instead (here a listener would take the connect)
+        with socket.create_server(("127.0.0.1", 0)) as here:
+            port = here.getsockname()[1]
+            proc.stdin.write(f"/app/other.txt\n{local}\ntcp:{port}\nudp:udp-only.test\n")
+            rest, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
     assert proc.returncode == 0, err
-    assert rest.splitlines() == ["/app/other.txt ! EIO", f"{local} = on this machine"], err
+    assert rest.splitlines() == [
+        "/app/other.txt ! EIO",
+        f"{local} = on this machine",
+        "tcp ! ECONNREFUSED",
+        "udp ! ECONNREFUSED",
+    ], err
     assert f"system-call supervisor (pid {supervisor}) died" in err
 
 

@@ -15,7 +15,9 @@
  * <bytes> sum <sum of the bytes>"; "ls:PATH" lists the directory with opendir/readdir and
  * prints "<path>: <names, sorted, directories with a trailing />"; "udp:NAME" sends a DNS query
  * for NAME's A record with sendto on an unconnected UDP socket to 127.0.0.1:53 (sendmsg with
- * "udpmsg:NAME") and prints "udp <address in the answer>" or "udp ! <errno name>". With arguments, it reads each argument
+ * "udpmsg:NAME") and prints "udp <address in the answer>" or "udp ! <errno name>"; "tcp:PORT"
+ * connects a TCP socket to 127.0.0.1:PORT and prints "tcp ok" or "tcp ! <errno name>". With
+ * arguments, it reads each argument
  * (as a path) instead of stdin, without the first line. */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -45,6 +47,7 @@ static const char *errname(int e) {
     case EEXIST: return "EEXIST";
     case ENOTEMPTY: return "ENOTEMPTY";
     case EXDEV: return "EXDEV";
+    case ECONNREFUSED: return "ECONNREFUSED";
     default: return "OTHER";
     }
 }
@@ -232,6 +235,17 @@ static int files(char *line) {
     *arg++ = 0;
     if (strcmp(line, "ls") == 0) {
         list(arg);
+        return 1;
+    }
+    if (strcmp(line, "tcp") == 0) {
+        struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(arg)),
+                                 .sin_addr.s_addr = htonl(0x7f000001)};
+        int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int r = s < 0 ? -1 : connect(s, (struct sockaddr *)&to, sizeof to);
+        printf(r == 0 ? "tcp ok\n" : "tcp ! %s\n", errname(errno));
+        if (s >= 0) {
+            close(s);
+        }
         return 1;
     }
     if (strcmp(line, "udp") == 0 || strcmp(line, "udpmsg") == 0) {
