@@ -268,10 +268,31 @@ static int launch(char **cmd, int keep_dont_load, int auto_mode) {
     return exec_program(&l);
 }
 
+/* The IDE path (`mirrord ext`, src/mirrord/cli/_elf.py ide_supervision): the IDE starts this
+ * executable in place of the program (the ready line's patched_path) with the program's
+ * arguments, and MIRRORD_SUPERVISE names the program. Neither it nor MIRRORD_DONT_LOAD (set
+ * for the launcher) reaches the program. */
+static int launch_for_ide(const char *program, int argc, char **argv) {
+    char **cmd = calloc((size_t)argc + 1, sizeof *cmd);
+    if (cmd == NULL || (cmd[0] = strdup(program)) == NULL) {
+        sv_say("system-call supervisor: out of memory");
+        return 1;
+    }
+    for (int i = 1; i < argc; i++) {
+        cmd[i] = argv[i];
+    }
+    unsetenv("MIRRORD_SUPERVISE");
+    return launch(cmd, 0, 1);
+}
+
 int main(int argc, char **argv) {
     if (argc == 5 && strcmp(argv[1], "--serve") == 0) {
         g_killable = atoi(argv[4]) == 1;
         return sv_serve(atoi(argv[2]), atoi(argv[3]));
+    }
+    const char *ide = getenv("MIRRORD_SUPERVISE");
+    if (ide != NULL && ide[0] != 0) {
+        return launch_for_ide(ide, argc, argv);
     }
     int keep = 0, auto_mode = 0;
     int i = 1;

@@ -393,3 +393,62 @@ def test_static_program_sends_datagrams_without_connect_through_the_pod(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == ["udp 10.4.5.6", "udp 10.4.5.6"], result.stderr
+
+
+@pytest.mark.parametrize("ide", ["vscode", "intellij"])
+def test_ide_starts_a_static_program_under_the_supervisor(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path, ide: str
+) -> None:
+    # `mirrord ext -e` of a static executable: the ready line's patched_path is what the IDE
+    # starts instead of it, with the program's arguments and the session's environment
+    from mirrord.layer import supervisor_path
+    from tests.cli._ide import IDE_ENV, debuggee_env, read_until_ready
+
+    mirrord.env.update(IDE_ENV[ide])
+    ext = mirrord.popen(
+        "ext", "-t", f"pid/{pod.pid}", "-e", str(static_reader), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert ext.stdout is not None
+        execution = read_until_ready(ext.stdout)
+        assert execution.patched_path == str(supervisor_path()), execution
+        infos = [m["message"] for m in execution.messages if m["type"] == "Info"]
+        assert any("system-call supervisor" in text for text in infos), execution.messages
+        debuggee = subprocess.run(
+            [execution.patched_path, "/app/pod-only.txt", "/app/missing.txt"],
+            env=debuggee_env(mirrord.env, execution),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert debuggee.returncode == 0, debuggee.stderr
+        assert debuggee.stdout.splitlines() == [
+            "/app/pod-only.txt = only in the pod",
+            "/app/missing.txt ! ENOENT",
+        ], debuggee.stderr
+        out, err = ext.communicate(timeout=60)  # the debuggee is gone: the session ends
+        assert ext.returncode == 0 and out == "" and err == "", (out, err)
+    finally:
+        if ext.poll() is None:
+            ext.kill()
+            ext.wait(timeout=30)
+    # turned off in the config: the IDE starts the program itself, without the target's files
+    config = tmp_path / "mirrord.json"
+    config.write_text('{"experimental": {"syscall_supervisor": false}}')
+    ext = mirrord.popen(
+        "ext", "-t", f"pid/{pod.pid}", "-f", str(config), "-e", str(static_reader),
+        "--wait-timeout", "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert ext.stdout is not None
+        execution = read_until_ready(ext.stdout)
+        assert execution.patched_path is None
+        warnings = [m["message"] for m in execution.messages if m["type"] == "Warning"]
+        assert any("statically linked" in text for text in warnings), execution.messages
+        ext.communicate(timeout=60)
+    finally:
+        if ext.poll() is None:
+            ext.kill()
+            ext.wait(timeout=30)
