@@ -4114,6 +4114,21 @@ HOOK int mirrord_supervisor_open(const char *path, int flags, unsigned mode, int
     return fd < 0 ? -1 : supervise_remote_fd(fd, flags, fd_out); /* supervise_files.c */
 }
 
+/* The name feature.fs.mapping gives a path that stays local (the supervisor then does the
+ * trapped call itself under that name: statx, readlink, the mutators): 1 with *out, or 0 (not
+ * mapped, or not local). */
+HOOK int mirrord_supervisor_mapped(const char *path, int write, char *out, size_t cap) {
+    char full[PATH_CAP];
+    int ret = 0;
+    if (!g_active || path == NULL || path[0] != '/' ||
+        decide_hook(AT_FDCWD, path, write, full, sizeof full, &ret) != R_BYPASS ||
+        t_local_mapped == NULL || strlen(t_local_mapped) >= cap) {
+        return 0;
+    }
+    strcpy(out, t_local_mapped);
+    return 1;
+}
+
 /* The decision alone, with no request (the supervisor's fallback after its death): P_LOCAL,
  * P_REMOTE or P_NOT_FOUND. */
 HOOK int mirrord_supervisor_decide(const char *path, int flags) {

@@ -239,6 +239,7 @@ static void find_layer(void) {
     g_layer.listen = dlsym(RTLD_DEFAULT, "mirrord_supervisor_listen");
     g_layer.finish = dlsym(RTLD_DEFAULT, "mirrord_supervisor_finish");
     g_layer.outgoing_remote = dlsym(RTLD_DEFAULT, "mirrord_supervisor_outgoing_remote");
+    g_layer.mapped = dlsym(RTLD_DEFAULT, "mirrord_supervisor_mapped");
     if (g_layer.open == NULL || g_layer.decide == NULL || g_layer.access == NULL) {
         sv_say("system-call supervisor: the layer is not loaded (LD_PRELOAD): every call stays "
                "local");

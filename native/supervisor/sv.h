@@ -37,6 +37,7 @@ struct sv_layer {
     int (*listen)(int fd, int backlog, const struct sockaddr *req, socklen_t req_len);
     void (*finish)(pid_t supervisor);
     int (*outgoing_remote)(int fd, const struct sockaddr *sa, socklen_t len);
+    int (*mapped)(const char *path, int write, char *out, size_t cap);
 };
 extern struct sv_layer g_layer;
 

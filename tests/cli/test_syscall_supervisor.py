@@ -297,15 +297,28 @@ def test_fs_mapping_to_a_local_path_is_kept_for_a_static_program(
     config.write_text(
         json.dumps({"feature": {"fs": {"mapping": {"^/elsewhere/(.*)$": f"{tmp_path}/$1"}}}})
     )
+    (tmp_path / "link").symlink_to("local.txt")
+    lines = ["/elsewhere/local.txt", "/app/pod-only.txt", "statx:/elsewhere/local.txt",
+             "readlink:/elsewhere/link", "mkdir:/elsewhere/made",
+             "rename:/elsewhere/made /elsewhere/moved", "unlink:/elsewhere/link"]  # fmt: skip
     result = mirrord.run(
         "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(static_reader),
-        input="/elsewhere/local.txt\n/app/pod-only.txt\n",
+        input="\n".join(lines) + "\n",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == [
         "/elsewhere/local.txt = on this machine",
         "/app/pod-only.txt = only in the pod",
+        # statx, readlink and the mutators under the mapped name too (/elsewhere does not
+        # exist on this machine)
+        "/elsewhere/local.txt statx 16 100644",
+        "/elsewhere/link -> local.txt",
+        "mkdir ok",
+        "rename ok",
+        "unlink ok",
     ], (local, result.stderr)
+    assert (tmp_path / "moved").is_dir() and not (tmp_path / "made").exists()
+    assert not (tmp_path / "link").is_symlink()
 
 
 def test_statx_readlink_and_mutators_of_a_static_program(
