@@ -80,12 +80,45 @@ static const int g_trapped[] = {
     __NR_openat, __NR_openat2, __NR_faccessat, __NR_faccessat2, __NR_newfstatat, __NR_statx,
     __NR_readlinkat, __NR_mkdirat, __NR_unlinkat, __NR_renameat, __NR_renameat2,
     __NR_connect, __NR_getpeername, __NR_getsockname, __NR_bind, __NR_listen, __NR_accept,
-    __NR_accept4, __NR_uname, __NR_sendmsg, /* sendto: below, only with an address */
+    __NR_accept4, __NR_uname, __NR_sendmsg, /* sendto, recvfrom: below, with an address */
 };
 #define NTRAPPED (sizeof g_trapped / sizeof g_trapped[0])
 
+/* Trapped only when their address argument (args[4]) is not NULL: sendto with a destination,
+ * recvfrom asking for the source; a connected socket's sends and receives (and every TCP one)
+ * run untrapped. */
+static const int g_with_addr[] = {__NR_sendto, __NR_recvfrom};
+#define NWITHADDR (sizeof g_with_addr / sizeof g_with_addr[0])
+#define FILTER_LEN (6 + NTRAPPED + 5 * NWITHADDR + 2)
+
+/* The filter's program after the architecture checks (A holds the call's number), into
+ * `code` from `n`: the trapped calls, the ones trapped with an address, then "allow" and
+ * "notify" (the last two instructions, where every test jumps). Returns the length. */
+static size_t filter_calls(struct sock_filter *code, size_t n) {
+    const size_t notify = FILTER_LEN - 1, allow = FILTER_LEN - 2;
+    const unsigned addr = offsetof(struct seccomp_data, args[4]);
+    for (size_t i = 0; i < NTRAPPED; i++, n++) {
+        code[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)g_trapped[i],
+                                               (unsigned char)(notify - n - 1), 0);
+    }
+    for (size_t i = 0; i < NWITHADDR; i++, n += 5) {
+        code[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+                                               (unsigned)g_with_addr[i], 0, 4);
+        code[n + 1] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, addr);
+        code[n + 2] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0,
+                                                   (unsigned char)(notify - n - 3));
+        code[n + 3] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, addr + 4);
+        code[n + 4] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0,
+                                                   (unsigned char)(allow - n - 5),
+                                                   (unsigned char)(notify - n - 5));
+    }
+    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF);
+    return n;
+}
+
 static int install_filter(int *listener, int *killable) {
-    struct sock_filter code[6 + NTRAPPED + 8] = {
+    struct sock_filter code[FILTER_LEN] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SV_ARCH, 1, 0),
         /* another architecture (int 0x80 on x86_64): denied, never let past the filter */
@@ -95,22 +128,7 @@ static int install_filter(int *listener, int *killable) {
         BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)),
     };
-    size_t n = 6;
-    for (size_t i = 0; i < NTRAPPED; i++) { /* a match jumps to the last instruction */
-        code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-                                                 (unsigned)g_trapped[i], NTRAPPED - i + 6, 0);
-    }
-    /* sendto only with a destination address (args[4], both halves): a connected socket's
-     * sends (and every TCP one) run untrapped */
-    const unsigned addr = offsetof(struct seccomp_data, args[4]);
-    code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_sendto, 1, 0);
-    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
-    code[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, addr);
-    code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 3);
-    code[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, addr + 4);
-    code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 1);
-    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
-    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF);
+    size_t n = filter_calls(code, 6);
     struct sock_fprog prog = {.len = (unsigned short)n, .filter = code};
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) {
         return -1;

@@ -80,6 +80,8 @@ void sv_wback_finish(void);
  * by the supervisor (sv_udp.c), or fails with ECONNREFUSED after its death (`fallback`);
  * anything else continues. */
 void sv_udp_send(const struct seccomp_notif *req, int fallback);
+/* recvfrom with an address on a socket sv_udp_send relayed: the target's address as source. */
+void sv_udp_recv(const struct seccomp_notif *req);
 
 /* The supervisor's own descriptor of the program's descriptor `fd` (thread `tid`), with
  * pidfd_getfd: the same open file. -1 with errno. */

@@ -437,7 +437,7 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
     int nr = req->data.nr;
     if (nr != __NR_connect && nr != __NR_getpeername && nr != __NR_getsockname &&
         nr != __NR_bind && nr != __NR_listen && nr != __NR_accept && nr != __NR_accept4 &&
-        nr != __NR_uname && nr != __NR_sendto && nr != __NR_sendmsg) {
+        nr != __NR_uname && nr != __NR_sendto && nr != __NR_sendmsg && nr != __NR_recvfrom) {
         return 0;
     }
     if (nr != __NR_uname && decided_by_layer(req)) {
@@ -447,7 +447,7 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
     } else if (fallback && nr == __NR_connect) {
         on_connect_fallback(req);
     } else if (fallback) {
-        sv_continue(req->id); /* no daemon to ask: local (bind, listen, names, uname) */
+        sv_continue(req->id); /* no daemon to ask: local (bind, listen, names, recvfrom) */
     } else if (nr == __NR_connect) {
         on_connect(req);
     } else if (nr == __NR_getpeername || nr == __NR_getsockname) {
@@ -460,6 +460,8 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
         on_accept(req);
     } else if (nr == __NR_sendto || nr == __NR_sendmsg) {
         sv_udp_send(req, 0);
+    } else if (nr == __NR_recvfrom) {
+        sv_udp_recv(req);
     } else {
         on_uname(req);
     }

@@ -6,10 +6,12 @@
  * that sendmsg() returned. The datagram is read from the program's memory (at most 64 KiB,
  * control data included). The supervisor keeps its descriptor of such a socket (the layer's
  * record of its relays is on it; the oldest goes when more than UDPS are in use: its relays
- * end). Everything else continues. */
+ * end). recvfrom asking for the source on such a socket is answered here too (sv_udp_recv).
+ * Everything else continues. */
 #include "sv.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -142,4 +144,51 @@ void sv_udp_send(const struct seccomp_notif *req, int fallback) {
     } else {
         sv_reply_val(req->id, n);
     }
+}
+
+/* recvfrom asking for the source, on a socket that sent datagrams through the target: done
+ * here by the layer's recvfrom on the kept descriptor (a datagram from a relay shows the
+ * target's address it stands for), without waiting: when nothing is queued yet on a blocking
+ * socket, the call goes on natively (its source is then the relay's loopback address). */
+void sv_udp_recv(const struct seccomp_notif *req) {
+    const __u64 *a = req->data.args;
+    int flags = (int)a[3], mine = -1;
+    socklen_t have = 0;
+    char path[64];
+    struct stat st;
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)req->pid, (int)a[0]);
+    if (g_killable && stat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        pthread_mutex_lock(&g_udp_lock);
+        for (unsigned i = 0; i < UDPS && mine < 0; i++) {
+            if (g_udp[i].ino == st.st_ino && g_udp[i].dev == st.st_dev) {
+                mine = g_udp[i].mine;
+            }
+        }
+        pthread_mutex_unlock(&g_udp_lock);
+    }
+    size_t cap = a[2] < DGRAM_CAP ? (size_t)a[2] : DGRAM_CAP;
+    char *data = mine >= 0 ? malloc(cap > 0 ? cap : 1) : NULL;
+    if (data == NULL || sv_read_mem(req->pid, a[5], &have, sizeof have) != 0 ||
+        sv_still_pending(req->id) != 0) {
+        free(data);
+        sv_continue(req->id); /* not a relayed socket: the kernel's */
+        return;
+    }
+    struct sockaddr_storage from;
+    socklen_t fl = sizeof from;
+    ssize_t n = recvfrom(mine, data, cap, flags | MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+    int err = errno;
+    if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK) && !(flags & MSG_DONTWAIT) &&
+        !(fcntl(mine, F_GETFL) & O_NONBLOCK)) {
+        sv_continue(req->id); /* a blocking wait: the kernel's */
+    } else if (n < 0) {
+        sv_reply(req->id, err, 0);
+    } else if ((n > 0 && sv_write_mem(req->pid, a[1], data, (size_t)n < cap ? (size_t)n : cap) != 0) ||
+               sv_write_mem(req->pid, a[4], &from, have < fl ? have : fl) != 0 ||
+               sv_write_mem(req->pid, a[5], &fl, sizeof fl) != 0) {
+        sv_reply(req->id, EFAULT, 0);
+    } else {
+        sv_reply_val(req->id, n);
+    }
+    free(data);
 }

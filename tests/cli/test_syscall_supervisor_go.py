@@ -114,8 +114,9 @@ def test_go_program_reaches_the_pods_network_names_and_files(
     ], result.stderr
     # a dynamic child started by Go's exec keeps the filter and the layer
     assert out[6] == "cat only in the pod", result.stderr
-    # WriteTo (sendto with an address) on an unconnected UDP socket: to the pod's DNS server
-    assert out[7] == "udpto 10.1.2.3", result.stderr
+    # WriteTo (sendto with an address) on an unconnected UDP socket: to the pod's DNS server;
+    # ReadFrom (recvfrom) shows the answer coming from there, not from the daemon's relay
+    assert out[7] == "udpto 10.1.2.3 from 127.0.0.1:53", result.stderr
 
 
 def _get(address: str, path: str, port: int = 8080) -> tuple[bytes, str]:

@@ -10,7 +10,7 @@
 //	              prints "serving <its port>", and "request <path> from <client>" per request
 //	cat:PATH      runs /bin/cat PATH: "cat <output's first line>" (or "cat ! <error>")
 //	udpto:NAME    a DNS query for NAME's A record sent with WriteTo on an unconnected UDP
-//	              socket to 127.0.0.1:53: "udpto <the answer's address>"
+//	              socket to 127.0.0.1:53: "udpto <the answer's address> from <its source>"
 //
 // Errors are "<command> ! <error>".
 package main
@@ -92,14 +92,14 @@ func udpTo(name string) string {
 	}
 	conn.SetReadDeadline(time.Now().Add(20 * time.Second))
 	answer := make([]byte, 512)
-	n, _, err := conn.ReadFrom(answer)
+	n, from, err := conn.ReadFrom(answer)
 	if err != nil {
 		return "udpto ! " + err.Error()
 	}
 	if n < 16 || answer[7] == 0 {
 		return "udpto ! no answer record"
 	}
-	return "udpto " + net.IP(answer[n-4:n]).String()
+	return fmt.Sprintf("udpto %s from %s", net.IP(answer[n-4:n]), from)
 }
 
 func one(line string) string {
