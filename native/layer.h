@@ -2,9 +2,10 @@
  * is built with -fvisibility=hidden and only functions marked HOOK are visible to the app.
  *
  * Files: preload.c (init, real_* resolution, fd table, debug), conn.c (daemon connections and
- * requests), policy.c (the compact config and every local/remote decision), files.c (file and
- * directory hooks), net_*.c (socket and DNS hooks, see net.h), proc.c (fork/exec/spawn hooks),
- * supervise.c (what the system-call supervisor, native/supervisor/, asks about sockets).
+ * requests), policy.c (the compact config and every local/remote decision), files_*.c (file and
+ * directory hooks, see files.h), net_*.c (socket and DNS hooks, see net.h), proc.c
+ * (fork/exec/spawn hooks), supervise.c (what the system-call supervisor, native/supervisor/, asks
+ * about sockets).
  */
 #ifndef MIRRORD_LAYER_H
 #define MIRRORD_LAYER_H
@@ -364,7 +365,7 @@ void proc_init_env(void);
 int wfile_flush(struct ent *e);
 void wfile_flush_all(void);
 /* supervise_files.c: a remote file open_remote opened for the system-call supervisor, made
- * installable in the supervised program (files.c's mirrord_supervisor_open). */
+ * installable in the supervised program (files_supervisor.c's mirrord_supervisor_open). */
 int supervise_remote_fd(int fd, int flags, int *fd_out);
 void proc_fork_child(void);
 /* In a fork child, locks another thread of the parent may have held are fresh again. */

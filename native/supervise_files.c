@@ -1,6 +1,6 @@
 /* The layer's side of the system-call supervisor's remote files (native/supervisor/, see
- * docs/layer.md): what a remote open the supervisor trapped becomes in the program. files.c's
- * mirrord_supervisor_open decides (the layer's policy) and opens the file with the layer's own
+ * docs/layer.md): what a remote open the supervisor trapped becomes in the program.
+ * files_supervisor.c's mirrord_supervisor_open decides (the layer's policy) and opens the file with the layer's own
  * open_remote; supervise_remote_fd turns that descriptor into one the supervisor can install
  * in the program with SECCOMP_IOCTL_NOTIF_ADDFD, where read/write/getdents64 run natively:
  *
@@ -16,7 +16,7 @@
  *   (mirrord_supervisor_finish).
  */
 #define _XOPEN_SOURCE 700
-#include "layer.h"
+#include "files.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -124,10 +124,6 @@ static int mirror_dir(int fd, const char *path) {
     return dfd;
 }
 
-static int writes(int flags) { /* files.c's open_is_write */
-    return (flags & O_ACCMODE) != O_RDONLY || (flags & (O_CREAT | O_TRUNC | O_APPEND)) != 0;
-}
-
 /* Called by mirrord_supervisor_open with the layer's descriptor `fd` of the remote file (as
  * open_remote made it for `flags`): 1 = *fd_out is what to install (the supervisor closes it
  * afterwards); 2 = *fd_out is the layer's write-back cache: install a new open of it and close
@@ -144,14 +140,14 @@ int supervise_remote_fd(int fd, int flags, int *fd_out) {
     snprintf(path, sizeof path, "%s", e->path != NULL ? e->path : "");
     ent_put(e);
     *fd_out = fd;
-    if (is_dir && !writes(flags)) {
+    if (is_dir && !open_is_write(flags)) {
         *fd_out = mirror_dir(fd, path);
         return *fd_out >= 0 ? 1 : -1;
     }
     if (kind == K_MFILE) {
         return writeback ? 2 : 1;
     }
-    if (kind == K_RFILE && !writes(flags)) { /* bigger than fetch_limit */
+    if (kind == K_RFILE && !open_is_write(flags)) { /* bigger than fetch_limit */
         *fd_out = copy_to_memfd(fd, path);
         int saved = errno;
         close(fd);

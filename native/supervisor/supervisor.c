@@ -4,8 +4,9 @@
  * Owns: installing the seccomp filter in the program before its exec, and answering the
  * trapped calls. Does not own any local/remote decision or any daemon request: it runs with
  * the layer preloaded (libmirrord_layer.so, as one more layer process of the session) and asks
- * the layer through functions the layer exports for it (mirrord_supervisor_* in native/files.c
- * and native/supervise.c, and its libc hooks), so there is one policy and one request path.
+ * the layer through functions the layer exports for it (mirrord_supervisor_* in
+ * native/files_supervisor.c and native/supervise.c, and its libc hooks), so there is one policy
+ * and one request path.
  *
  * Processes (the launcher is what `mirrord run --syscalls` starts, with MIRRORD_DONT_LOAD=1 so
  * that the layer stays inactive in it):
@@ -19,12 +20,13 @@
  *      | execs the program (same pid)    |   preloaded, forks the fallback F, answers calls
  *
  * F holds the listener too and does nothing until S dies; then it answers every trapped call
- * as on a lost agent: local paths continue, remote ones fail with EIO (the layer's policy
- * decides which, without the daemon), and it says so once on stderr. Without F the kernel
+ * as on a lost agent: local paths continue, remote ones fail with EIO, connections and
+ * datagrams to the target with ECONNREFUSED (the layer's policy decides which, without the
+ * daemon), and it says so once on stderr. Without F the kernel
  * would fail every trapped call, local files included, with ENOSYS.
  *
- * Files: this one (main, the launcher, the filter), serve.c, sv_files.c, sv_paths.c, sv_net.c
- * (sv.h).
+ * Files: this one (main, the launcher, the filter), serve.c, sv_files.c, sv_paths.c, sv_net.c,
+ * sv_udp.c, sv_wback.c (sv.h).
  */
 #include "sv.h"
 

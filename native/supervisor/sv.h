@@ -24,8 +24,9 @@ void sv_say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* ---------------------------------------------------------------- the layer's functions */
 
-/* From the layer (native/files.c, native/supervise.c, and its libc hooks), found at run time
- * with dlsym: the supervisor runs with it preloaded. NULL when it is not loaded. */
+/* From the layer (native/files_supervisor.c, native/supervise.c, native/supervise_files.c, and
+ * its libc hooks), found at run time with dlsym: the supervisor runs with it preloaded. NULL
+ * when it is not loaded. */
 struct sv_layer {
     int (*open)(const char *path, int flags, unsigned mode, int *fd_out);
     int (*decide)(const char *path, int flags);
