@@ -155,6 +155,7 @@ static int install_filter(int *listener, int *killable) {
 struct launch {
     char **cmd;
     int keep_dont_load; /* MIRRORD_DONT_LOAD stays set (it was the user's own) */
+    int done_fd; /* -1, or `mirrord run`'s pipe: S and F keep it, its end says S is done */
     int to_s[2], from_s[2]; /* launcher -> S: the listener's number; S -> launcher: ready */
     pid_t launcher;
 };
@@ -193,6 +194,9 @@ static void become_supervisor(const struct launch *l) {
     snprintf(ready_s, sizeof ready_s, "%d", l->from_s[1]);
     fcntl(lfd, F_SETFD, 0); /* pidfd_getfd sets close-on-exec */
     fcntl(l->from_s[1], F_SETFD, 0);
+    if (l->done_fd >= 0) {
+        fcntl(l->done_fd, F_SETFD, 0); /* held by S (and F) until they end; never passed on */
+    }
     if (!l->keep_dont_load) {
         unsetenv("MIRRORD_DONT_LOAD"); /* the layer is active in the supervisor */
     }
@@ -249,8 +253,12 @@ static int hand_over(const struct launch *l, int lfd, int killable) {
 
 /* auto: chosen because the executable is static or Go, not asked for; where the kernel cannot
  * trap, the command runs as it would have without the supervisor (with a warning). */
-static int launch(char **cmd, int keep_dont_load, int auto_mode) {
-    struct launch l = {.cmd = cmd, .keep_dont_load = keep_dont_load, .launcher = getpid()};
+static int launch(char **cmd, int keep_dont_load, int auto_mode, int done_fd) {
+    struct launch l = {.cmd = cmd, .keep_dont_load = keep_dont_load, .launcher = getpid(),
+                       .done_fd = done_fd};
+    if (done_fd >= 0) {
+        fcntl(done_fd, F_SETFD, FD_CLOEXEC); /* not the program's */
+    }
     if (auto_mode &&
         syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &(struct seccomp_notif_sizes){0}) != 0) {
         sv_say("warning: %s needs the system-call supervisor and this kernel has no seccomp "
@@ -302,7 +310,7 @@ static int launch_for_ide(const char *program, int argc, char **argv) {
         cmd[i] = argv[i];
     }
     unsetenv("MIRRORD_SUPERVISE");
-    return launch(cmd, 0, 1);
+    return launch(cmd, 0, 1, -1);
 }
 
 int main(int argc, char **argv) {
@@ -314,11 +322,13 @@ int main(int argc, char **argv) {
     if (ide != NULL && ide[0] != 0) {
         return launch_for_ide(ide, argc, argv);
     }
-    int keep = 0, auto_mode = 0;
+    int keep = 0, auto_mode = 0, done_fd = -1;
     int i = 1;
     for (; i < argc; i++) {
         if (strcmp(argv[i], "--keep-dont-load") == 0) {
             keep = 1;
+        } else if (strncmp(argv[i], "--done-fd=", 10) == 0) {
+            done_fd = atoi(argv[i] + 10);
         } else if (strcmp(argv[i], "--auto") == 0) {
             auto_mode = 1;
         } else {
@@ -329,9 +339,9 @@ int main(int argc, char **argv) {
         i++;
     }
     if (i >= argc) {
-        sv_say("usage: mirrord-supervisor [--keep-dont-load] [--auto] -- CMD [ARGS]  "
-            "(started by `mirrord run --syscalls`)");
+        sv_say("usage: mirrord-supervisor [--keep-dont-load] [--auto] [--done-fd=N] -- CMD "
+               "[ARGS]  (started by `mirrord run --syscalls`)");
         return 2;
     }
-    return launch(argv + i, keep, auto_mode);
+    return launch(argv + i, keep, auto_mode, done_fd);
 }

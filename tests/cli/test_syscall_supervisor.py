@@ -367,7 +367,7 @@ def test_static_program_writes_lists_and_reads_a_big_pod_only_file(
     config.write_text(json.dumps({"feature": {"fs": {"mode": "write"}}}))
     lines = ["write:/app/written.txt first", "append:/app/written.txt second",
              "/app/written.txt", "write:/app/other.txt replaced", "ls:/app/dir",
-             "ls:/app/missing", "size:/app/big.bin"]  # fmt: skip
+             "ls:/app/missing", "size:/app/big.bin", "write:/app/last.txt bye"]  # fmt: skip
     result = mirrord.run(
         "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(static_reader),
         input="\n".join(lines) + "\n",
@@ -382,14 +382,24 @@ def test_static_program_writes_lists_and_reads_a_big_pod_only_file(
         "/app/dir: a.txt b sub/",
         "/app/missing ls ! ENOENT",
         f"/app/big.bin size {big} sum {sum(content)}",
+        "write ok",
     ], result.stderr
 
     def in_pod(path: str) -> bytes:
         return bytes(pod.run_in_pod(["cat", path], check=False).stdout)
 
-    wait_for(lambda: in_pod("/app/other.txt") == b"replaced\n", 30, "the write-back")
+    # written back when the program closed them, the last one just before it ended: mirrord
+    # run returns once the supervisor is done
+    assert in_pod("/app/other.txt") == b"replaced\n"
     assert in_pod("/app/written.txt") == b"first\nsecond\n"
-    pod.run_in_pod(["sh", "-c", "printf 'second file\\n' > /app/other.txt; rm -f /app/written.txt"])
+    assert in_pod("/app/last.txt") == b"bye\n"
+    pod.run_in_pod(
+        [
+            "sh",
+            "-c",
+            "printf 'second file\\n' > /app/other.txt; rm -f /app/written.txt /app/last.txt",
+        ]
+    )
     # nothing of the listings is left behind on this machine once the supervisor ended
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     wait_for(lambda: not list(tmp.glob("mirrord-sv-*")), 30, "the listings to be removed")
