@@ -5,18 +5,19 @@
  * decision with the same code (it finds these with dlsym). Names and answers are an interface
  * with supervisor.c: keep them.
  *
- * Owns: mirrord_supervisor_open, mirrord_supervisor_decide, mirrord_supervisor_access,
- * mirrord_supervisor_stat. Does not own: the decision (files_path.c) or the remote open
+ * Owns: mirrord_supervisor_open, mirrord_supervisor_mapped, mirrord_supervisor_decide,
+ * mirrord_supervisor_access, mirrord_supervisor_stat. Does not own: the decision (files_path.c) or the remote open
  * (files_open.c).
  */
 #include "files.h"
 
 /* mirrord_supervisor_open: 0 = local (the call goes on as it is); 1 = *fd_out is the fd to
- * install as the call's result (a memfd with the target's file, or a local file opened under
- * its feature.fs.mapping name), for the supervisor to close() here afterwards (which forgets
- * it); -1 = fail the call with errno (the target's errno, ENOENT for `not_found`, EIO
- * for a lost daemon or agent, EOPNOTSUPP for what the supervisor cannot serve yet: opens that
- * may write, directories, files bigger than fetch_limit). */
+ * install as the call's result (a memfd with the target's file, a local copy of a remote
+ * directory's listing, or a local file opened under its feature.fs.mapping name), for the
+ * supervisor to close() here afterwards (which forgets it); 2 = a write-back cache
+ * (supervise_files.c); -1 = fail the call with errno (the target's errno, ENOENT for
+ * `not_found`, EIO for a lost daemon or agent, EOPNOTSUPP for what the supervisor cannot serve
+ * yet: O_PATH, writing a file bigger than fetch_limit). */
 HOOK int mirrord_supervisor_open(const char *path, int flags, unsigned mode, int *fd_out) {
     if (!g_active || path == NULL || path[0] != '/') {
         return 0;
@@ -35,23 +36,26 @@ HOOK int mirrord_supervisor_open(const char *path, int flags, unsigned mode, int
     if (d != R_REMOTE) {
         return d == R_BYPASS ? 0 : -1; /* not_found: errno is set */
     }
-    if (open_is_write(flags) || (flags & (O_DIRECTORY | O_PATH))) {
+    if (flags & O_PATH) {
         errno = EOPNOTSUPP;
         return -1;
     }
     t_guard++;
     int fd = open_remote(full, flags & ~O_CLOEXEC, (mode_t)mode);
     t_guard--;
-    if (fd < 0) {
-        return -1;
+    return fd < 0 ? -1 : supervise_remote_fd(fd, flags, fd_out); /* supervise_files.c */
+}
+
+/* The name feature.fs.mapping gives a path that stays local (the supervisor then does the
+ * trapped call itself under that name: statx, readlink, the mutators): 1 with *out, or 0 (not
+ * mapped, or not local). */
+HOOK int mirrord_supervisor_mapped(const char *path, int write, char *out, size_t cap) {
+    char full[PATH_CAP];
+    if (!g_active || path == NULL || path[0] != '/' ||
+        path_route(AT_FDCWD, path, write, full) != R_MAPPED || strlen(full) >= cap) {
+        return 0;
     }
-    struct ent *e = fd_peek(fd);
-    if (e == NULL || e->kind != K_MFILE || e->writeback || e->is_dir) {
-        close(fd);
-        errno = EOPNOTSUPP;
-        return -1;
-    }
-    *fd_out = fd;
+    strcpy(out, full);
     return 1;
 }
 

@@ -364,6 +364,9 @@ void proc_free_env(char **env);
 void proc_init_env(void);
 int wfile_flush(struct ent *e);
 void wfile_flush_all(void);
+/* supervise_files.c: a remote file open_remote opened for the system-call supervisor, made
+ * installable in the supervised program (files_supervisor.c's mirrord_supervisor_open). */
+int supervise_remote_fd(int fd, int flags, int *fd_out);
 void proc_fork_child(void);
 /* In a fork child, locks another thread of the parent may have held are fresh again. */
 void files_after_fork_child(void);

@@ -171,3 +171,17 @@ HOOK int mirrord_supervisor_listen(int fd, int backlog, const struct sockaddr *r
     }
     return subscribed ? 1 : 2;
 }
+
+/* The outgoing policy alone, with no request: 1 if a connect of the IPv4/IPv6 TCP or UDP
+ * socket `fd` to `sa`, or a datagram sent from it to `sa`, goes through the target (debugger
+ * ports excepted), else 0. The supervisor asks it for sendto()/sendmsg() with a destination (it
+ * then sends the program's datagram with the layer's own sendmsg() on its descriptor of the
+ * socket, which relays it: net_udp.c), and its fallback for connect, sendto and sendmsg after
+ * the supervisor's death (such calls then fail with ECONNREFUSED, as on a lost agent). */
+HOOK int mirrord_supervisor_outgoing_remote(int fd, const struct sockaddr *sa, socklen_t len) {
+    int type = sock_int(fd, SO_TYPE);
+    return g_active && sa != NULL && len >= sizeof(sa_family_t) &&
+           (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) &&
+           (type == SOCK_DGRAM || type == SOCK_STREAM) && !debugger_port(sa, len, 0) &&
+           policy_connect(sa, len, type) == P_REMOTE;
+}

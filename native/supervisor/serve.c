@@ -206,7 +206,8 @@ static int fallback(pid_t supervisor) {
         return w < 0;
     }
     sv_say("the system-call supervisor (pid %d) died: from now on the program's calls that go "
-           "to the target fail with EIO (as on a lost agent); local ones go on",
+           "to the target fail as on a lost agent (files with EIO, connections and datagrams "
+           "with ECONNREFUSED); local ones go on",
            (int)supervisor);
     for (int i = 0; i < SV_WORKERS; i++) {
         struct seccomp_notif req = g_slots[i].req;
@@ -222,6 +223,9 @@ static int fallback(pid_t supervisor) {
             sv_handle(&req, 1);
         }
     }
+    if (g_layer.finish != NULL) {
+        g_layer.finish(supervisor); /* the directory listings it left */
+    }
     return w < 0;
 }
 
@@ -233,6 +237,9 @@ static void find_layer(void) {
     g_layer.connect = dlsym(RTLD_DEFAULT, "mirrord_supervisor_connect");
     g_layer.bind = dlsym(RTLD_DEFAULT, "mirrord_supervisor_bind");
     g_layer.listen = dlsym(RTLD_DEFAULT, "mirrord_supervisor_listen");
+    g_layer.finish = dlsym(RTLD_DEFAULT, "mirrord_supervisor_finish");
+    g_layer.outgoing_remote = dlsym(RTLD_DEFAULT, "mirrord_supervisor_outgoing_remote");
+    g_layer.mapped = dlsym(RTLD_DEFAULT, "mirrord_supervisor_mapped");
     if (g_layer.open == NULL || g_layer.decide == NULL || g_layer.access == NULL) {
         sv_say("system-call supervisor: the layer is not loaded (LD_PRELOAD): every call stays "
                "local");
@@ -289,5 +296,9 @@ int sv_serve(int lfd, int ready_fd) {
     close(ready_fd);
     /* Ends when no process uses the filter any more (the program and its children exited). */
     wait_for(lfd, 0);
+    sv_wback_finish();
+    if (g_layer.finish != NULL) {
+        g_layer.finish(me);
+    }
     _exit(0);
 }

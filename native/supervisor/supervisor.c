@@ -20,12 +20,13 @@
  *      | execs the program (same pid)    |   preloaded, forks the fallback F, answers calls
  *
  * F holds the listener too and does nothing until S dies; then it answers every trapped call
- * as on a lost agent: local paths continue, remote ones fail with EIO (the layer's policy
- * decides which, without the daemon), and it says so once on stderr. Without F the kernel
+ * as on a lost agent: local paths continue, remote ones fail with EIO, connections and
+ * datagrams to the target with ECONNREFUSED (the layer's policy decides which, without the
+ * daemon), and it says so once on stderr. Without F the kernel
  * would fail every trapped call, local files included, with ENOSYS.
  *
- * Files: this one (main, the launcher, the filter), serve.c, sv_files.c, sv_paths.c, sv_net.c
- * (sv.h).
+ * Files: this one (main, the launcher, the filter), serve.c, sv_files.c, sv_paths.c, sv_net.c,
+ * sv_udp.c, sv_wback.c (sv.h).
  */
 #include "sv.h"
 
@@ -81,12 +82,45 @@ static const int g_trapped[] = {
     __NR_openat, __NR_openat2, __NR_faccessat, __NR_faccessat2, __NR_newfstatat, __NR_statx,
     __NR_readlinkat, __NR_mkdirat, __NR_unlinkat, __NR_renameat, __NR_renameat2,
     __NR_connect, __NR_getpeername, __NR_getsockname, __NR_bind, __NR_listen, __NR_accept,
-    __NR_accept4, __NR_uname,
+    __NR_accept4, __NR_uname, __NR_sendmsg, /* sendto, recvfrom: below, with an address */
 };
 #define NTRAPPED (sizeof g_trapped / sizeof g_trapped[0])
 
+/* Trapped only when their address argument (args[4]) is not NULL: sendto with a destination,
+ * recvfrom asking for the source; a connected socket's sends and receives (and every TCP one)
+ * run untrapped. */
+static const int g_with_addr[] = {__NR_sendto, __NR_recvfrom};
+#define NWITHADDR (sizeof g_with_addr / sizeof g_with_addr[0])
+#define FILTER_LEN (6 + NTRAPPED + 5 * NWITHADDR + 2)
+
+/* The filter's program after the architecture checks (A holds the call's number), into
+ * `code` from `n`: the trapped calls, the ones trapped with an address, then "allow" and
+ * "notify" (the last two instructions, where every test jumps). Returns the length. */
+static size_t filter_calls(struct sock_filter *code, size_t n) {
+    const size_t notify = FILTER_LEN - 1, allow = FILTER_LEN - 2;
+    const unsigned addr = offsetof(struct seccomp_data, args[4]);
+    for (size_t i = 0; i < NTRAPPED; i++, n++) {
+        code[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)g_trapped[i],
+                                               (unsigned char)(notify - n - 1), 0);
+    }
+    for (size_t i = 0; i < NWITHADDR; i++, n += 5) {
+        code[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
+                                               (unsigned)g_with_addr[i], 0, 4);
+        code[n + 1] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, addr);
+        code[n + 2] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0,
+                                                   (unsigned char)(notify - n - 3));
+        code[n + 3] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, addr + 4);
+        code[n + 4] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0,
+                                                   (unsigned char)(allow - n - 5),
+                                                   (unsigned char)(notify - n - 5));
+    }
+    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF);
+    return n;
+}
+
 static int install_filter(int *listener, int *killable) {
-    struct sock_filter code[6 + NTRAPPED + 2] = {
+    struct sock_filter code[FILTER_LEN] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
         BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SV_ARCH, 1, 0),
         /* another architecture (int 0x80 on x86_64): denied, never let past the filter */
@@ -96,13 +130,7 @@ static int install_filter(int *listener, int *killable) {
         BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000, 0, 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA)),
     };
-    size_t n = 6;
-    for (size_t i = 0; i < NTRAPPED; i++) { /* a match jumps to the last instruction */
-        code[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K,
-                                                 (unsigned)g_trapped[i], NTRAPPED - i, 0);
-    }
-    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
-    code[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF);
+    size_t n = filter_calls(code, 6);
     struct sock_fprog prog = {.len = (unsigned short)n, .filter = code};
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) {
         return -1;
@@ -127,6 +155,7 @@ static int install_filter(int *listener, int *killable) {
 struct launch {
     char **cmd;
     int keep_dont_load; /* MIRRORD_DONT_LOAD stays set (it was the user's own) */
+    int done_fd; /* -1, or `mirrord run`'s pipe: S and F keep it, its end says S is done */
     int to_s[2], from_s[2]; /* launcher -> S: the listener's number; S -> launcher: ready */
     pid_t launcher;
 };
@@ -165,6 +194,9 @@ static void become_supervisor(const struct launch *l) {
     snprintf(ready_s, sizeof ready_s, "%d", l->from_s[1]);
     fcntl(lfd, F_SETFD, 0); /* pidfd_getfd sets close-on-exec */
     fcntl(l->from_s[1], F_SETFD, 0);
+    if (l->done_fd >= 0) {
+        fcntl(l->done_fd, F_SETFD, 0); /* held by S (and F) until they end; never passed on */
+    }
     if (!l->keep_dont_load) {
         unsetenv("MIRRORD_DONT_LOAD"); /* the layer is active in the supervisor */
     }
@@ -221,8 +253,12 @@ static int hand_over(const struct launch *l, int lfd, int killable) {
 
 /* auto: chosen because the executable is static or Go, not asked for; where the kernel cannot
  * trap, the command runs as it would have without the supervisor (with a warning). */
-static int launch(char **cmd, int keep_dont_load, int auto_mode) {
-    struct launch l = {.cmd = cmd, .keep_dont_load = keep_dont_load, .launcher = getpid()};
+static int launch(char **cmd, int keep_dont_load, int auto_mode, int done_fd) {
+    struct launch l = {.cmd = cmd, .keep_dont_load = keep_dont_load, .launcher = getpid(),
+                       .done_fd = done_fd};
+    if (done_fd >= 0) {
+        fcntl(done_fd, F_SETFD, FD_CLOEXEC); /* not the program's */
+    }
     if (auto_mode &&
         syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &(struct seccomp_notif_sizes){0}) != 0) {
         sv_say("warning: %s needs the system-call supervisor and this kernel has no seccomp "
@@ -260,16 +296,39 @@ static int launch(char **cmd, int keep_dont_load, int auto_mode) {
     return exec_program(&l);
 }
 
+/* The IDE path (`mirrord ext`, src/mirrord/cli/_elf.py ide_supervision): the IDE starts this
+ * executable in place of the program (the ready line's patched_path) with the program's
+ * arguments, and MIRRORD_SUPERVISE names the program. Neither it nor MIRRORD_DONT_LOAD (set
+ * for the launcher) reaches the program. */
+static int launch_for_ide(const char *program, int argc, char **argv) {
+    char **cmd = calloc((size_t)argc + 1, sizeof *cmd);
+    if (cmd == NULL || (cmd[0] = strdup(program)) == NULL) {
+        sv_say("system-call supervisor: out of memory");
+        return 1;
+    }
+    for (int i = 1; i < argc; i++) {
+        cmd[i] = argv[i];
+    }
+    unsetenv("MIRRORD_SUPERVISE");
+    return launch(cmd, 0, 1, -1);
+}
+
 int main(int argc, char **argv) {
     if (argc == 5 && strcmp(argv[1], "--serve") == 0) {
         g_killable = atoi(argv[4]) == 1;
         return sv_serve(atoi(argv[2]), atoi(argv[3]));
     }
-    int keep = 0, auto_mode = 0;
+    const char *ide = getenv("MIRRORD_SUPERVISE");
+    if (ide != NULL && ide[0] != 0) {
+        return launch_for_ide(ide, argc, argv);
+    }
+    int keep = 0, auto_mode = 0, done_fd = -1;
     int i = 1;
     for (; i < argc; i++) {
         if (strcmp(argv[i], "--keep-dont-load") == 0) {
             keep = 1;
+        } else if (strncmp(argv[i], "--done-fd=", 10) == 0) {
+            done_fd = atoi(argv[i] + 10);
         } else if (strcmp(argv[i], "--auto") == 0) {
             auto_mode = 1;
         } else {
@@ -280,9 +339,9 @@ int main(int argc, char **argv) {
         i++;
     }
     if (i >= argc) {
-        sv_say("usage: mirrord-supervisor [--keep-dont-load] [--auto] -- CMD [ARGS]  "
-            "(started by `mirrord run --syscalls`)");
+        sv_say("usage: mirrord-supervisor [--keep-dont-load] [--auto] [--done-fd=N] -- CMD "
+               "[ARGS]  (started by `mirrord run --syscalls`)");
         return 2;
     }
-    return launch(argv + i, keep, auto_mode);
+    return launch(argv + i, keep, auto_mode, done_fd);
 }

@@ -3,7 +3,8 @@
  * Files: supervisor.c (main, the launcher, the filter), serve.c (the listener's workers, the
  * fallback after the supervisor's death, answering calls, the program's memory), sv_files.c
  * (open, access, stat), sv_paths.c (statx, readlink, the mutators), sv_net.c (the socket
- * calls and uname).
+ * calls and uname), sv_wback.c (remote files opened to write),
+ * sv_udp.c (datagrams sent with a destination).
  */
 #ifndef MIRRORD_SV_H
 #define MIRRORD_SV_H
@@ -23,8 +24,9 @@ void sv_say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* ---------------------------------------------------------------- the layer's functions */
 
-/* From the layer (native/files.c, native/supervise.c, and its libc hooks), found at run time
- * with dlsym: the supervisor runs with it preloaded. NULL when it is not loaded. */
+/* From the layer (native/files_supervisor.c, native/supervise.c, native/supervise_files.c, and
+ * its libc hooks), found at run time with dlsym: the supervisor runs with it preloaded. NULL
+ * when it is not loaded. */
 struct sv_layer {
     int (*open)(const char *path, int flags, unsigned mode, int *fd_out);
     int (*decide)(const char *path, int flags);
@@ -34,6 +36,9 @@ struct sv_layer {
                    struct sockaddr_storage *local, socklen_t *local_len);
     int (*bind)(int fd, const struct sockaddr *sa, socklen_t len);
     int (*listen)(int fd, int backlog, const struct sockaddr *req, socklen_t req_len);
+    void (*finish)(pid_t supervisor);
+    int (*outgoing_remote)(int fd, const struct sockaddr *sa, socklen_t len);
+    int (*mapped)(const char *path, int write, char *out, size_t cap);
 };
 extern struct sv_layer g_layer;
 
@@ -65,6 +70,19 @@ int sv_still_pending(uint64_t id);
 int sv_read_string(pid_t pid, uint64_t addr, char *out, size_t cap);
 int sv_read_mem(pid_t pid, uint64_t addr, void *out, size_t len);
 int sv_write_mem(pid_t pid, uint64_t addr, const void *in, size_t len);
+
+/* A remote file opened to write: the layer's write-back cache `layer_fd` (taken) installed
+ * in the program as a new open of it, written back once the program closed it (sv_wback.c);
+ * sv_wback_finish writes back what is still open (the program is gone). */
+void sv_reply_wback(const struct seccomp_notif *req, int layer_fd, int flags);
+void sv_wback_finish(void);
+
+/* sendto (with an address) and sendmsg: a datagram the layer sends through the target is sent
+ * by the supervisor (sv_udp.c), or fails with ECONNREFUSED after its death (`fallback`);
+ * anything else continues. */
+void sv_udp_send(const struct seccomp_notif *req, int fallback);
+/* recvfrom with an address on a socket sv_udp_send relayed: the target's address as source. */
+void sv_udp_recv(const struct seccomp_notif *req);
 
 /* The supervisor's own descriptor of the program's descriptor `fd` (thread `tid`), with
  * pidfd_getfd: the same open file. -1 with errno. */

@@ -131,6 +131,8 @@ static void answer_open(const struct seccomp_notif *req, const struct call *c, c
         sv_continue(req->id);
     } else if (r < 0) {
         sv_reply(req->id, errno != 0 ? errno : EIO, 0);
+    } else if (r == 2) {
+        sv_reply_wback(req, fd, c->flags); /* a write-back cache: kept until the program's close */
     } else {
         sv_reply_fd(req->id, fd, (c->flags & O_CLOEXEC) != 0);
         close(fd); /* through the layer: it forgets the file */
@@ -154,7 +156,7 @@ int sv_files(const struct seccomp_notif *req, int fallback) {
         return 1;
     }
     /* Relative paths are local (the layer's rule 1); so is anything below a directory fd of
-     * the program (the supervisor never installs a remote directory), and openat2 with
+     * the program (a remote directory is installed as a local copy of its listing), and openat2 with
      * RESOLVE_* flags (their semantics cannot be kept on the target's side yet). */
     if (path[0] != '/' || c.resolve) {
         sv_continue(req->id);

@@ -270,6 +270,30 @@ static void on_connect(const struct seccomp_notif *req) {
     close(mine);
 }
 
+/* connect after the supervisor's death: one the layer would send through the target fails
+ * with ECONNREFUSED, as the layer's connect on a lost agent (never local instead); a loopback
+ * connect to the program's own listener and every local one go on. */
+static void on_connect_fallback(const struct seccomp_notif *req) {
+    const __u64 *a = req->data.args;
+    struct sockaddr_storage sa;
+    socklen_t len = (socklen_t)a[2];
+    int mine = -1;
+    if (g_layer.outgoing_remote == NULL || len < sizeof(sa_family_t) || len > sizeof sa ||
+        sv_read_mem(req->pid, a[1], &sa, len) != 0 ||
+        (sa.ss_family != AF_INET && sa.ss_family != AF_INET6) ||
+        sv_still_pending(req->id) != 0 || (mine = sv_take_fd(req->pid, (int)a[0])) < 0 ||
+        (loopback(&sa) && own_listener_port(port_of(&sa)) > 0)) {
+        if (mine >= 0) {
+            close(mine);
+        }
+        sv_continue(req->id);
+        return;
+    }
+    int remote = g_layer.outgoing_remote(mine, (struct sockaddr *)&sa, len);
+    close(mine);
+    sv_reply(req->id, remote ? ECONNREFUSED : 0, !remote);
+}
+
 /* bind of an IPv4/IPv6 socket: done by the layer's bind() on the program's socket. */
 static void on_bind(const struct seccomp_notif *req) {
     const __u64 *a = req->data.args;
@@ -413,11 +437,17 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
     int nr = req->data.nr;
     if (nr != __NR_connect && nr != __NR_getpeername && nr != __NR_getsockname &&
         nr != __NR_bind && nr != __NR_listen && nr != __NR_accept && nr != __NR_accept4 &&
-        nr != __NR_uname) {
+        nr != __NR_uname && nr != __NR_sendto && nr != __NR_sendmsg && nr != __NR_recvfrom) {
         return 0;
     }
-    if (fallback || (nr != __NR_uname && decided_by_layer(req))) {
-        sv_continue(req->id); /* no daemon to ask, or the layer decided: as it is */
+    if (nr != __NR_uname && decided_by_layer(req)) {
+        sv_continue(req->id); /* the layer decided: as it is */
+    } else if (fallback && (nr == __NR_sendto || nr == __NR_sendmsg)) {
+        sv_udp_send(req, 1);
+    } else if (fallback && nr == __NR_connect) {
+        on_connect_fallback(req);
+    } else if (fallback) {
+        sv_continue(req->id); /* no daemon to ask: local (bind, listen, names, recvfrom) */
     } else if (nr == __NR_connect) {
         on_connect(req);
     } else if (nr == __NR_getpeername || nr == __NR_getsockname) {
@@ -428,6 +458,10 @@ int sv_net(const struct seccomp_notif *req, int fallback) {
         on_listen(req);
     } else if (nr == __NR_accept || nr == __NR_accept4) {
         on_accept(req);
+    } else if (nr == __NR_sendto || nr == __NR_sendmsg) {
+        sv_udp_send(req, 0);
+    } else if (nr == __NR_recvfrom) {
+        sv_udp_recv(req);
     } else {
         on_uname(req);
     }

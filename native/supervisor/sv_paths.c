@@ -3,7 +3,8 @@
  * paths (the layer's decision, for a write where the call modifies) continue; remote ones are
  * done here by the layer's own libc hooks (readlink, mkdirat, unlinkat, renameat2: the same
  * requests as for a libc program, in the same fs mode: in `read` mode the mutators stay
- * local) and their result is the call's answer. chdir is not trapped: the program's working
+ * local) and their result is the call's answer. Local paths that feature.fs.mapping renamed
+ * (absolute ones) are done here under the mapped names (do_mapped). chdir is not trapped: the program's working
  * directory must be a real directory of this machine (docs/layer.md). */
 #include "sv.h"
 
@@ -47,6 +48,24 @@ static int describe(int nr, struct pcall *c) {
     }
     return -1;
 }
+
+#ifdef __NR_readlink
+#define IF_OLD(x) x
+/* mkdir, rmdir, unlink and rename under mapped names (do_mapped). */
+static long mapped_old(int nr, char paths[2][SV_PATH_CAP], const __u64 *a) {
+    return nr == __NR_mkdir    ? syscall(SYS_mkdirat, AT_FDCWD, paths[0], (mode_t)a[1])
+           : nr == __NR_rmdir  ? syscall(SYS_unlinkat, AT_FDCWD, paths[0], AT_REMOVEDIR)
+           : nr == __NR_unlink ? syscall(SYS_unlinkat, AT_FDCWD, paths[0], 0)
+                               : syscall(SYS_renameat2, AT_FDCWD, paths[0], AT_FDCWD, paths[1], 0);
+}
+#else
+#define IF_OLD(x)
+static long mapped_old(int nr, char paths[2][SV_PATH_CAP], const __u64 *a) {
+    (void)nr, (void)paths, (void)a;
+    errno = ENOSYS;
+    return -1;
+}
+#endif
 
 /* statx of a path the layer says is remote: the target's stat, as statx reports it. */
 static void do_statx(const struct seccomp_notif *req, const char *path) {
@@ -118,29 +137,73 @@ static void do_remote(const struct seccomp_notif *req, char paths[2][SV_PATH_CAP
     sv_reply(req->id, r == 0 ? 0 : errno, 0);
 }
 
+/* The call done here on local paths, some of them under the names feature.fs.mapping gave
+ * them (`paths` holds the names to use, all absolute); its result is the answer. */
+static void do_mapped(const struct seccomp_notif *req, char paths[2][SV_PATH_CAP]) {
+    const __u64 *a = req->data.args;
+    int nr = req->data.nr;
+    long r;
+    if (nr == __NR_statx || nr == __NR_readlinkat IF_OLD(|| nr == __NR_readlink)) {
+        int at = nr == __NR_readlinkat ? 2 : 1;
+        char buf[SV_PATH_CAP];
+        struct statx sx;
+        size_t size = nr == __NR_statx ? sizeof sx : a[at + 1] < sizeof buf ? a[at + 1] : sizeof buf;
+        r = nr == __NR_statx ? syscall(SYS_statx, AT_FDCWD, paths[0], (int)a[2], (unsigned)a[3], &sx)
+                             : syscall(SYS_readlinkat, AT_FDCWD, paths[0], buf, size);
+        if (r < 0 || !g_killable) {
+            sv_reply(req->id, r < 0 ? errno : EIO, 0);
+            return;
+        }
+        const void *out = nr == __NR_statx ? (const void *)&sx : buf;
+        size_t len = nr == __NR_statx ? sizeof sx : (size_t)r;
+        if (sv_write_mem(req->pid, nr == __NR_statx ? a[4] : a[at], out, len) != 0) {
+            sv_reply(req->id, EFAULT, 0);
+        } else {
+            sv_reply_val(req->id, nr == __NR_statx ? 0 : r);
+        }
+        return;
+    }
+    r = nr == __NR_mkdirat     ? syscall(SYS_mkdirat, AT_FDCWD, paths[0], (mode_t)a[2])
+        : nr == __NR_unlinkat  ? syscall(SYS_unlinkat, AT_FDCWD, paths[0], (int)a[2])
+        : nr == __NR_renameat2 ? syscall(SYS_renameat2, AT_FDCWD, paths[0], AT_FDCWD, paths[1],
+                                         (unsigned)a[4])
+        : nr == __NR_renameat  ? syscall(SYS_renameat2, AT_FDCWD, paths[0], AT_FDCWD, paths[1], 0)
+                               : mapped_old(nr, paths, a);
+    sv_reply(req->id, r == 0 ? 0 : errno, 0);
+}
+
 int sv_paths(const struct seccomp_notif *req, int fallback) {
     struct pcall c;
-    char paths[2][SV_PATH_CAP];
+    char paths[2][SV_PATH_CAP], names[2][SV_PATH_CAP];
     if (describe(req->data.nr, &c) != 0) {
         return 0;
     }
-    int remote = 0, failed = 0;
+    int remote = 0, failed = 0, mapped = 0, absolute = 1;
     for (int i = 0; i < c.npaths; i++) {
         if (sv_read_string(req->pid, req->data.args[c.path_arg[i]], paths[i], SV_PATH_CAP) != 0) {
             sv_continue(req->id); /* unreadable: the kernel's own answer (EFAULT...) */
             return 1;
         }
         /* relative paths (below the working directory or a directory fd) are local */
+        absolute &= paths[i][0] == '/';
         int p = paths[i][0] == '/' && g_layer.decide != NULL
                     ? g_layer.decide(paths[i], c.write ? O_WRONLY : O_RDONLY)
                     : 0;
         remote |= p != 0;
         failed |= p == 2;
+        int m = p == 0 && !fallback && g_layer.mapped != NULL &&
+                g_layer.mapped(paths[i], c.write, names[i], SV_PATH_CAP);
+        mapped |= m;
+        if (!m) {
+            memcpy(names[i], paths[i], strlen(paths[i]) + 1);
+        }
     }
     if (sv_still_pending(req->id) != 0) {
         return 1;
     }
-    if (!remote) {
+    if (!remote && mapped && absolute) {
+        do_mapped(req, names); /* local under the mapped names */
+    } else if (!remote) {
         sv_continue(req->id);
     } else if (fallback || failed) {
         sv_reply(req->id, failed ? ENOENT : EIO, 0);

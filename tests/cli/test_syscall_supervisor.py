@@ -1,6 +1,7 @@
 """The system-call supervisor (`mirrord run --syscalls`, docs/layer.md): a static C program,
 which the layer cannot reach, reads a local pod's pod-only file through the seccomp listener,
-reads local files as usual, and gets EIO (not a hang, not ENOSYS) once the supervisor died."""
+reads local files as usual, and gets EIO for files and ECONNREFUSED for connections and
+datagrams (not a hang, not ENOSYS, never this machine instead) once the supervisor died."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ SPEC = PodSpec(
     env={"POD_ONLY_VAR": "from the pod"},
     files={"/app/pod-only.txt": b"only in the pod\n", "/app/other.txt": b"second file\n"},
     symlinks={"/app/link": "pod-only.txt"},
+    dns_records={"udp-only.test": "10.4.5.6"},
     echo_port=None,
     http_port=None,
 )
@@ -178,19 +181,29 @@ def test_dead_supervisor_gives_eio_for_remote_files_and_local_ones_go_on(
         first = proc.stdout.readline().split()
         assert first[:1] == ["pid"] and first[3] != "none", first
         supervisor = int(first[3])
-        proc.stdin.write("/app/pod-only.txt\n")
+        proc.stdin.write("/app/pod-only.txt\nudp:udp-only.test\n")
         proc.stdin.flush()
         assert proc.stdout.readline() == "/app/pod-only.txt = only in the pod\n"
+        assert proc.stdout.readline() == "udp 10.4.5.6\n"
         os.kill(supervisor, signal.SIGKILL)
         wait_for(lambda: not pid_alive(supervisor), 30, "the supervisor to die")
-        proc.stdin.write(f"/app/other.txt\n{local}\n")
-        rest, err = proc.communicate(timeout=60)
+        # a connect and datagrams the layer sends to the pod fail as on a lost agent; they do
+        # not go to this machine instead (here a listener would take the connect)
+        with socket.create_server(("127.0.0.1", 0)) as here:
+            port = here.getsockname()[1]
+            proc.stdin.write(f"/app/other.txt\n{local}\ntcp:{port}\nudp:udp-only.test\n")
+            rest, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
     assert proc.returncode == 0, err
-    assert rest.splitlines() == ["/app/other.txt ! EIO", f"{local} = on this machine"], err
+    assert rest.splitlines() == [
+        "/app/other.txt ! EIO",
+        f"{local} = on this machine",
+        "tcp ! ECONNREFUSED",
+        "udp ! ECONNREFUSED",
+    ], err
     assert f"system-call supervisor (pid {supervisor}) died" in err
 
 
@@ -246,9 +259,16 @@ def test_static_go_program_gets_the_pod_env_and_pod_only_files(
         "/app/missing.txt",
         "stat:/app/pod-only.txt",
         "threads:/app/other.txt",
+        "ls:/app/godir",
+        "write:/app/go-written.txt from go",
+        "/app/go-written.txt",
     ]
+    pod.run_in_pod(["sh", "-c", "mkdir -p /app/godir/d && : > /app/godir/z && : > /app/godir/a"])
+    config = tmp_path / "mirrord.json"
+    config.write_text(json.dumps({"feature": {"fs": {"mode": "write"}}}))
     result = mirrord.run(
-        "run", "-t", f"pid/{pod.pid}", "--", str(program), input="\n".join(lines) + "\n"
+        "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(program),
+        input="\n".join(lines) + "\n",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -258,7 +278,13 @@ def test_static_go_program_gets_the_pod_env_and_pod_only_files(
         "/app/missing.txt ! open /app/missing.txt: no such file or directory",
         "/app/pod-only.txt stat 16 -rw-r--r--",
         "goroutines 400/400",
+        "/app/godir: a d/ z",  # os.ReadDir of a pod-only directory (sorted by Go)
+        "write ok",
+        "/app/go-written.txt = from go",  # written back when Go closed it, read from the pod
     ], result.stderr
+    done = pod.run_in_pod(["cat", "/app/go-written.txt"], check=False).stdout
+    assert done == b"from go\n"
+    pod.run_in_pod(["rm", "-rf", "/app/go-written.txt", "/app/godir"])
 
 
 def test_fs_mapping_to_a_local_path_is_kept_for_a_static_program(
@@ -271,15 +297,28 @@ def test_fs_mapping_to_a_local_path_is_kept_for_a_static_program(
     config.write_text(
         json.dumps({"feature": {"fs": {"mapping": {"^/elsewhere/(.*)$": f"{tmp_path}/$1"}}}})
     )
+    (tmp_path / "link").symlink_to("local.txt")
+    lines = ["/elsewhere/local.txt", "/app/pod-only.txt", "statx:/elsewhere/local.txt",
+             "readlink:/elsewhere/link", "mkdir:/elsewhere/made",
+             "rename:/elsewhere/made /elsewhere/moved", "unlink:/elsewhere/link"]  # fmt: skip
     result = mirrord.run(
         "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(static_reader),
-        input="/elsewhere/local.txt\n/app/pod-only.txt\n",
+        input="\n".join(lines) + "\n",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == [
         "/elsewhere/local.txt = on this machine",
         "/app/pod-only.txt = only in the pod",
+        # statx, readlink and the mutators under the mapped name too (/elsewhere does not
+        # exist on this machine)
+        "/elsewhere/local.txt statx 16 100644",
+        "/elsewhere/link -> local.txt",
+        "mkdir ok",
+        "rename ok",
+        "unlink ok",
     ], (local, result.stderr)
+    assert (tmp_path / "moved").is_dir() and not (tmp_path / "made").exists()
+    assert not (tmp_path / "link").is_symlink()
 
 
 def test_statx_readlink_and_mutators_of_a_static_program(
@@ -313,3 +352,126 @@ def test_statx_readlink_and_mutators_of_a_static_program(
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == ["rmdir ! ENOTEMPTY", "unlink ok", "rmdir ok"]
     assert pod.run_in_pod(["test", "-e", "/app/made"], check=False).returncode == 1
+
+
+def test_static_program_writes_lists_and_reads_a_big_pod_only_file(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path
+) -> None:
+    # fs mode `write`: a pod-only file written (new, truncated, appended) lands in the pod once
+    # the program closed it; a pod-only directory is listed with opendir/readdir; a file over
+    # fetch_limit (8 MiB) is read whole
+    pod.run_in_pod(["sh", "-c", "mkdir -p /app/dir/sub && : > /app/dir/a.txt && : > /app/dir/b"])
+    big = 9 * 1024 * 1024 + 123
+    pod.run_in_pod(["sh", "-c", f"yes 0123456789abcdef | head -c {big} > /app/big.bin"])
+    config = tmp_path / "mirrord.json"
+    config.write_text(json.dumps({"feature": {"fs": {"mode": "write"}}}))
+    lines = ["write:/app/written.txt first", "append:/app/written.txt second",
+             "/app/written.txt", "write:/app/other.txt replaced", "ls:/app/dir",
+             "ls:/app/missing", "size:/app/big.bin", "write:/app/last.txt bye"]  # fmt: skip
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(static_reader),
+        input="\n".join(lines) + "\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    content = (b"0123456789abcdef\n" * (big // 17 + 1))[:big]
+    assert result.stdout.splitlines()[1:] == [
+        "write ok",
+        "append ok",
+        "/app/written.txt = first",  # read back from the pod: written back at close
+        "write ok",
+        "/app/dir: a.txt b sub/",
+        "/app/missing ls ! ENOENT",
+        f"/app/big.bin size {big} sum {sum(content)}",
+        "write ok",
+    ], result.stderr
+
+    def in_pod(path: str) -> bytes:
+        return bytes(pod.run_in_pod(["cat", path], check=False).stdout)
+
+    # written back when the program closed them, the last one just before it ended: mirrord
+    # run returns once the supervisor is done
+    assert in_pod("/app/other.txt") == b"replaced\n"
+    assert in_pod("/app/written.txt") == b"first\nsecond\n"
+    assert in_pod("/app/last.txt") == b"bye\n"
+    pod.run_in_pod(
+        [
+            "sh",
+            "-c",
+            "printf 'second file\\n' > /app/other.txt; rm -f /app/written.txt /app/last.txt",
+        ]
+    )
+    # nothing of the listings is left behind on this machine once the supervisor ended
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    wait_for(lambda: not list(tmp.glob("mirrord-sv-*")), 30, "the listings to be removed")
+
+
+def test_static_program_sends_datagrams_without_connect_through_the_pod(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path
+) -> None:
+    # sendto and sendmsg with a destination on an unconnected UDP socket: to the pod's own
+    # DNS server on its loopback (only the pod knows the name), as the layer relays them
+    lines = ["udp:udp-only.test", "udpmsg:udp-only.test"]
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--", str(static_reader), input="\n".join(lines) + "\n"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["udp 10.4.5.6", "udp 10.4.5.6"], result.stderr
+
+
+@pytest.mark.parametrize("ide", ["vscode", "intellij"])
+def test_ide_starts_a_static_program_under_the_supervisor(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path, ide: str
+) -> None:
+    # `mirrord ext -e` of a static executable: the ready line's patched_path is what the IDE
+    # starts instead of it, with the program's arguments and the session's environment
+    from mirrord.layer import supervisor_path
+    from tests.cli._ide import IDE_ENV, debuggee_env, read_until_ready
+
+    mirrord.env.update(IDE_ENV[ide])
+    ext = mirrord.popen(
+        "ext", "-t", f"pid/{pod.pid}", "-e", str(static_reader), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert ext.stdout is not None
+        execution = read_until_ready(ext.stdout)
+        assert execution.patched_path == str(supervisor_path()), execution
+        infos = [m["message"] for m in execution.messages if m["type"] == "Info"]
+        assert any("system-call supervisor" in text for text in infos), execution.messages
+        debuggee = subprocess.run(
+            [execution.patched_path, "/app/pod-only.txt", "/app/missing.txt"],
+            env=debuggee_env(mirrord.env, execution),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert debuggee.returncode == 0, debuggee.stderr
+        assert debuggee.stdout.splitlines() == [
+            "/app/pod-only.txt = only in the pod",
+            "/app/missing.txt ! ENOENT",
+        ], debuggee.stderr
+        out, err = ext.communicate(timeout=60)  # the debuggee is gone: the session ends
+        assert ext.returncode == 0 and out == "" and err == "", (out, err)
+    finally:
+        if ext.poll() is None:
+            ext.kill()
+            ext.wait(timeout=30)
+    # turned off in the config: the IDE starts the program itself, without the target's files
+    config = tmp_path / "mirrord.json"
+    config.write_text('{"experimental": {"syscall_supervisor": false}}')
+    ext = mirrord.popen(
+        "ext", "-t", f"pid/{pod.pid}", "-f", str(config), "-e", str(static_reader),
+        "--wait-timeout", "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert ext.stdout is not None
+        execution = read_until_ready(ext.stdout)
+        assert execution.patched_path is None
+        warnings = [m["message"] for m in execution.messages if m["type"] == "Warning"]
+        assert any("statically linked" in text for text in warnings), execution.messages
+        ext.communicate(timeout=60)
+    finally:
+        if ext.poll() is None:
+            ext.kill()
+            ext.wait(timeout=30)

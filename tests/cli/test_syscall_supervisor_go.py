@@ -93,13 +93,14 @@ def test_go_program_reaches_the_pods_network_names_and_files(
         "lookup:dns-only.cluster.test",
         "hostname",
         "cat:/app/pod-only.txt",
+        "udpto:dns-only.cluster.test",
     ]
     result = mirrord.run(
         "run", "-t", f"pid/{pod.pid}", "--", str(go_net), input="\n".join(lines) + "\n"
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
-    assert len(out) == 7, (out, result.stderr)
+    assert len(out) == 8, (out, result.stderr)
     assert out[0] == "env from the pod"
     # the pod's own HTTP service on its loopback, and the program sees the address it asked for
     assert out[1] == "get 200 gopod GET /hello peer 127.0.0.1:8080", result.stderr
@@ -113,6 +114,9 @@ def test_go_program_reaches_the_pods_network_names_and_files(
     ], result.stderr
     # a dynamic child started by Go's exec keeps the filter and the layer
     assert out[6] == "cat only in the pod", result.stderr
+    # WriteTo (sendto with an address) on an unconnected UDP socket: to the pod's DNS server;
+    # ReadFrom (recvfrom) shows the answer coming from there, not from the daemon's relay
+    assert out[7] == "udpto 10.1.2.3 from 127.0.0.1:53", result.stderr
 
 
 def _get(address: str, path: str, port: int = 8080) -> tuple[bytes, str]:

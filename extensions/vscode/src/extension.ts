@@ -22,6 +22,7 @@ import {
   applyEnvironment,
   debugKind,
   executableOf,
+  withPatchedPath,
   isActive,
   type LaunchConfig,
   launchConfigFile,
@@ -254,7 +255,8 @@ class Mirrord implements vscode.Disposable {
         ignoreDebuggerPorts: settings().get<string>('ignoreDebuggerPorts', '45000-65535'),
       });
       const launchId = `${String(process.pid)}-${String(this.nextLaunch++)}`;
-      const resolved = applyEnvironment(launch, kind, variables, ready.envToUnset);
+      const patched = withPatchedPath(launch, ready.patchedPath);
+      const resolved = applyEnvironment(patched, kind, variables, ready.envToUnset);
       resolved[LAUNCH_ID_KEY] = launchId;
       this.sessions.set(launchId, session);
       void session.exited().then((code) => {

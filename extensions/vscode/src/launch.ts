@@ -131,20 +131,16 @@ export function launchConfigFile(config: LaunchConfig): string | undefined {
   return value !== undefined && value.trim() !== '' ? value : undefined;
 }
 
-/** The program the debugger starts, for `mirrord ext -e` (undefined: not known up front). */
-export function executableOf(config: LaunchConfig): string | undefined {
-  const pick = (...keys: string[]): string | undefined => {
-    for (const key of keys) {
+/** The configuration's key naming the program the debugger starts (undefined: none). */
+function executableKey(config: LaunchConfig): string | undefined {
+  const pick = (...keys: string[]): string | undefined =>
+    keys.find((key) => {
       const value = config[key];
-      if (typeof value === 'string' && value.trim() !== '') {
-        return value;
-      }
-    }
-    return undefined;
-  };
+      return typeof value === 'string' && value.trim() !== '';
+    });
   switch (debugKind(config.type)) {
     case 'node':
-      return pick('runtimeExecutable') ?? 'node';
+      return pick('runtimeExecutable');
     case 'python':
       return pick('python', 'pythonPath');
     case 'cppdbg':
@@ -152,6 +148,30 @@ export function executableOf(config: LaunchConfig): string | undefined {
     default:
       return undefined;
   }
+}
+
+/** The program the debugger starts, for `mirrord ext -e` (undefined: not known up front). */
+export function executableOf(config: LaunchConfig): string | undefined {
+  const key = executableKey(config);
+  if (key !== undefined) {
+    return config[key] as string;
+  }
+  return debugKind(config.type) === 'node' ? 'node' : undefined;
+}
+
+/**
+ * The configuration with the ready line's `patched_path` (a static or Go program: mirrord's
+ * system-call supervisor, which runs the program it names in the environment) in place of the
+ * program `executableOf` named, its arguments unchanged; the configuration itself when there
+ * is none.
+ */
+export function withPatchedPath(config: LaunchConfig, patchedPath: string | null): LaunchConfig {
+  if (patchedPath === null) {
+    return config;
+  }
+  const node = debugKind(config.type) === 'node' ? 'runtimeExecutable' : undefined;
+  const key = executableKey(config) ?? node;
+  return key === undefined ? config : { ...config, [key]: patchedPath };
 }
 
 export interface EnvOptions {

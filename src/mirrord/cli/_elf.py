@@ -2,9 +2,9 @@
 
 Owns: `static_executable` (no interpreter: the layer cannot be preloaded), `go_executable`
 (a Go build-id note: Go makes its file and socket system calls itself, so the layer sees
-none of them even when it is loaded) and `needs_supervisor` (either). Used by `mirrord ext`
-(a warning) and `mirrord run` (the system-call supervisor). Imports nothing heavy: the fast
-path of `mirrord run` uses it.
+none of them even when it is loaded) and `needs_supervisor` (either). Used by `mirrord run`
+(the system-call supervisor) and `mirrord ext` (`ide_supervision`: the IDE starts such a program
+under the supervisor). Imports nothing heavy: the fast path of `mirrord run` uses it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-__all__ = ["go_executable", "needs_supervisor", "static_executable"]
+__all__ = ["go_executable", "ide_supervision", "needs_supervisor", "static_executable"]
 
 _PT_INTERP = 3
 _PT_NOTE = 4
@@ -87,3 +87,20 @@ def go_executable(path: Path) -> bool:
 def needs_supervisor(path: Path) -> bool:
     """Whether only the system-call supervisor reaches `path`'s calls: static or Go."""
     return static_executable(path) or go_executable(path)
+
+
+def ide_supervision(executable: Path, env: dict[str, str]) -> str | None:
+    """The IDE path (`mirrord ext -e EXECUTABLE`): when the session's `env` asks for the
+    system-call supervisor (`experimental.syscall_supervisor: true`), or leaves it unset and
+    `executable` is static or Go, the path the IDE must start instead of it (the ready line's
+    `patched_path`: mirrord-supervisor, which runs `MIRRORD_SUPERVISE` with the arguments it
+    got, under the filter), with `env` completed for it; else None (docs/layer.md)."""
+    asked = env.get("MIRRORD_LAYER_SYSCALLS")
+    if asked == "0" or (asked is None and not needs_supervisor(executable)):
+        return None
+    from mirrord.layer import supervisor_path
+
+    env["MIRRORD_SUPERVISE"] = str(executable.absolute())
+    # the layer inactive in the supervisor's launcher; it takes both away before the exec
+    env["MIRRORD_DONT_LOAD"] = "1"
+    return str(supervisor_path())

@@ -5,8 +5,9 @@ Owns: the command's output, mirrord's IDE protocol (`_progress`): with `MIRRORD_
 each step of the session start as a sub-task (`NewTask` with that parent, then its
 `FinishedTask`), warnings as `Warning`, and last the ready line: `FinishedTask` "mirrord
 preparing to launch" with `success: true` and `message` the JSON *string* of
-`{"environment", "patched_path": null, "env_to_unset", "uses_operator": false}` (the variables
-the IDE adds to the debuggee's environment, and the ones it removes). Then it keeps the session
+`{"environment", "patched_path", "env_to_unset", "uses_operator": false}` (the variables
+the IDE adds to the debuggee's environment, and the ones it removes; `patched_path` null, or,
+for a static or Go `--executable`, mirrord-supervisor, which the IDE starts in its place). Then it keeps the session
 open until every process of it has exited (after at least one registered), or until
 `--wait-timeout` seconds pass with none registered, as mirrord's own `ext` waits for its
 internal proxy (which exits the same way). A failure is `FinishedTask` with `success: false`
@@ -27,7 +28,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from mirrord.cli._app import app
-from mirrord.cli._elf import static_executable
+from mirrord.cli._elf import ide_supervision, static_executable
 from mirrord.cli._progress import READY_TASK, JsonProgress, ProgressMode, progress_mode, write_error
 from mirrord.cli._run import (
     ConfigOpt,
@@ -56,12 +57,13 @@ _HELP = "`mirrord daemon logs` shows what the mirrord daemon did for this sessio
 _CONFIG_HELP = "Fix the configuration (`mirrord verify-config --ide PATH` lists every problem)."
 
 
-def execution_message(env: dict[str, str], unset: list[str]) -> str:
-    """The ready line's `message`: mirrord's execution info as a JSON string."""
+def execution_message(env: dict[str, str], unset: list[str], patched: str | None = None) -> str:
+    """The ready line's `message`: mirrord's execution info as a JSON string. `patched`: what
+    the IDE starts instead of the executable (the system-call supervisor, `ide_supervision`)."""
     return json.dumps(
         {
             "environment": env,
-            "patched_path": None,  # only macOS patches executables (SIP)
+            "patched_path": patched,
             "env_to_unset": unset,
             "uses_operator": False,
         },
@@ -163,6 +165,19 @@ class _Report:
         raise typer.Exit(1)
 
 
+def _supervision(report: _Report, executable: Path | None, env: dict[str, str]) -> str | None:
+    """A static or Go executable: started by the IDE under the system-call supervisor."""
+    patched = ide_supervision(executable, env) if executable is not None else None
+    if patched is not None:
+        report.info(f"{executable} runs under mirrord's system-call supervisor ({patched})")
+    elif executable is not None and static_executable(executable):
+        report.warning(
+            f"{executable} is statically linked: the mirrord layer cannot load into it, so it "
+            "will run without the target's files, network and traffic"
+        )
+    return patched
+
+
 @app.command("ext")
 def ext(
     *,
@@ -173,7 +188,7 @@ def ext(
         typer.Option(
             "--executable",
             "-e",
-            help="The program the IDE will start (checked: a static binary cannot load the layer).",
+            help="The program the IDE will start (a static or Go one runs under the supervisor).",
             show_default=False,
         ),
     ] = None,
@@ -195,11 +210,6 @@ def ext(
     until the debuggee exits."""
     report = _Report(progress_mode() or ProgressMode.JSON)
     report.start()
-    if executable is not None and static_executable(executable):
-        report.warning(
-            f"{executable} is statically linked: the mirrord layer cannot load into it, so it "
-            "will run without the target's files, network and traffic"
-        )
     request = session_request(
         target=target,
         config_file=config_file,
@@ -240,7 +250,9 @@ def ext(
     try:
         if os.environ.get("MIRRORD_EXT_PRINT_CONFIG", "").upper() == "TRUE":
             report.config_summary(request)
-        report.ready(execution_message(session.env, session.unset))
+        env = dict(session.env)
+        patched = _supervision(report, executable, env)
+        report.ready(execution_message(env, session.unset, patched))
         ready[0] = True
         try:
             session.client.call(

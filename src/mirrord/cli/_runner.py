@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -100,7 +101,32 @@ _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True}
 _BOOL_WORDS.update({"false": False, "0": False, "no": False, "off": False})
 
 
-def _supervised(command: list[str], env: dict[str, str]) -> list[str]:
+class _SupervisorDone:
+    """A pipe whose write end only the supervisor (and its fallback) keep: its end of file
+    says the supervisor is done, remote files the program wrote written back (docs/layer.md).
+    The session stays open until then (at most the layer's timeout)."""
+
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe()
+
+    def started(self) -> None:
+        os.close(self.write)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        import select
+
+        try:
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([self.read], [], [], left)[0] and not os.read(self.read, 64):
+                    return
+        finally:
+            os.close(self.read)
+
+
+def _supervised(
+    command: list[str], env: dict[str, str]
+) -> tuple[list[str], _SupervisorDone | None]:
     """`command`, under the system-call supervisor when asked (`--syscalls`,
     `experimental.syscall_supervisor: true`), or when unset and the executable is statically
     linked (the layer cannot load into it) or built by Go (which bypasses it); docs/layer.md.
@@ -115,20 +141,22 @@ def _supervised(command: list[str], env: dict[str, str]) -> list[str]:
         if "/" not in name:
             found = shutil.which(name, path=os.pathsep.join(os.get_exec_path(env)))
             if found is None:
-                return command  # Popen reports it
+                return command, None  # Popen reports it
             name = found
         if not needs_supervisor(Path(name)):
-            return command
+            return command, None
         # automatic: a kernel without seccomp user notification runs the command as before
         options.append("--auto")
     elif asked != "1":
-        return command
+        return command, None
     from mirrord.layer import supervisor_path
 
     if "MIRRORD_DONT_LOAD" in env:
         options.append("--keep-dont-load")
     env.setdefault("MIRRORD_DONT_LOAD", "1")
-    return [str(supervisor_path()), *options, "--", *command]
+    done = _SupervisorDone()
+    options.append(f"--done-fd={done.write}")
+    return [str(supervisor_path()), *options, "--", *command], done
 
 
 def run_command(
@@ -188,7 +216,7 @@ def run_command(
         progress.step(f"session {session.session} on {session.agent}: running {command[0]}")
     try:
         env = child_env(session.env, unset=session.unset)
-        argv = _supervised(command, env)
+        argv, done = _supervised(command, env)
         try:
             # In the terminal's foreground group, CMD shares it, so the terminal's Ctrl-C
             # reaches CMD by itself and is not forwarded. Anywhere else (IDE, CI, `timeout`,
@@ -202,6 +230,7 @@ def run_command(
                 # The other threads here (the control connection's reader) hold nothing the
                 # preexec function needs: it calls prctl, getppid and kill, all prepared.
                 preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+                pass_fds=(done.write,) if done is not None else (),
             )
         except FileNotFoundError:
             if shutil.which(command[0]) is not None:  # the file is there: its #! is not
@@ -218,6 +247,8 @@ def run_command(
                 hint = f" (a script needs a #! line, or run it as `sh {command[0]}`)"
             fail(f"cannot run {command[0]}: {exc.strerror}{hint}", code=126)
         running[0] = True
+        if done is not None:
+            done.started()
 
         def forward(signum: int, frame: FrameType | None) -> None:
             del frame
@@ -234,6 +265,8 @@ def run_command(
             for s, handler in previous.items():
                 signal.signal(s, handler)
         running[0] = False
+        if done is not None:
+            done.wait()  # the supervisor's write-backs, before the session closes
         return _exit_code(returncode)
     finally:
         session.close()

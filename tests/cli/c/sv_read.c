@@ -9,10 +9,22 @@
  * "unlink:PATH" and "rename:OLD NEW" (mkdirat, unlinkat, renameat) print "<op> ok" or "<op> !
  * <errno name>"; "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
  * "threads:N:PATH" reads PATH 25 times in each of N threads and prints "threads <reads that
- * returned the same content as the first>/<reads>". With arguments, it reads each argument
+ * returned the same content as the first>/<reads>". "write:PATH TEXT" and "append:PATH TEXT"
+ * open PATH to write (O_CREAT|O_TRUNC, or O_APPEND), write TEXT and a newline, close, and print
+ * "<op> ok" or "<op> ! <errno name>"; "size:PATH" reads PATH whole and prints "<path> size
+ * <bytes> sum <sum of the bytes>"; "ls:PATH" lists the directory with opendir/readdir and
+ * prints "<path>: <names, sorted, directories with a trailing />"; "udp:NAME" sends a DNS query
+ * for NAME's A record with sendto on an unconnected UDP socket to 127.0.0.1:53 (sendmsg with
+ * "udpmsg:NAME") and prints "udp <address in the answer>" or "udp ! <errno name>"; "tcp:PORT"
+ * connects a TCP socket to 127.0.0.1:PORT and prints "tcp ok" or "tcp ! <errno name>". With
+ * arguments, it reads each argument
  * (as a path) instead of stdin, without the first line. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <pthread.h>
@@ -35,6 +47,7 @@ static const char *errname(int e) {
     case EEXIST: return "EEXIST";
     case ENOTEMPTY: return "ENOTEMPTY";
     case EXDEV: return "EXDEV";
+    case ECONNREFUSED: return "ECONNREFUSED";
     default: return "OTHER";
     }
 }
@@ -147,6 +160,141 @@ static int paths(char *line) {
     return 1;
 }
 
+/* A DNS query for NAME's A record, sent without connect; the answer's address, or NULL. */
+static const char *udp_query(const char *name, int with_msg, char *out, size_t cap) {
+    unsigned char q[512] = {0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0};
+    size_t n = 12;
+    for (const char *p = name; *p && n < 400;) {
+        size_t len = strcspn(p, ".");
+        q[n++] = (unsigned char)len;
+        memcpy(q + n, p, len);
+        n += len;
+        p += len + (p[len] == '.');
+    }
+    unsigned char tail[] = {0, 0, 1, 0, 1};
+    memcpy(q + n, tail, sizeof tail);
+    n += sizeof tail;
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(53),
+                             .sin_addr.s_addr = htonl(0x7f000001)};
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct iovec iov = {q, n};
+    struct msghdr m = {.msg_name = &to, .msg_namelen = sizeof to, .msg_iov = &iov, .msg_iovlen = 1};
+    ssize_t sent = s < 0 ? -1
+                   : with_msg ? sendmsg(s, &m, 0)
+                              : sendto(s, q, n, 0, (struct sockaddr *)&to, sizeof to);
+    struct pollfd p = {.fd = s, .events = POLLIN};
+    unsigned char a[512];
+    ssize_t got = sent == (ssize_t)n && poll(&p, 1, 20000) == 1 ? recv(s, a, sizeof a, 0) : -1;
+    int e = errno;
+    if (s >= 0) {
+        close(s);
+    }
+    if (got < 16 || a[7] == 0) { /* no answer record */
+        errno = got < 0 ? e : ENOENT;
+        return NULL;
+    }
+    snprintf(out, cap, "%d.%d.%d.%d", a[got - 4], a[got - 3], a[got - 2], a[got - 1]);
+    return out;
+}
+
+static int by_name(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static void list(const char *path) {
+    DIR *d = opendir(path);
+    if (d == NULL) {
+        printf("%s ls ! %s\n", path, errname(errno));
+        return;
+    }
+    char *names[256];
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL && n < 256) {
+        if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0) {
+            names[n] = malloc(strlen(de->d_name) + 2);
+            sprintf(names[n++], "%s%s", de->d_name, de->d_type == DT_DIR ? "/" : "");
+        }
+    }
+    closedir(d);
+    qsort(names, (size_t)n, sizeof names[0], by_name);
+    printf("%s:", path);
+    for (int i = 0; i < n; i++) {
+        printf(" %s", names[i]);
+        free(names[i]);
+    }
+    printf("\n");
+}
+
+/* write:, append:, size: and ls:; 1 if `line` was one of them. */
+static int files(char *line) {
+    char *arg = strchr(line, ':');
+    if (arg == NULL) {
+        return 0;
+    }
+    *arg++ = 0;
+    if (strcmp(line, "ls") == 0) {
+        list(arg);
+        return 1;
+    }
+    if (strcmp(line, "tcp") == 0) {
+        struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(arg)),
+                                 .sin_addr.s_addr = htonl(0x7f000001)};
+        int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int r = s < 0 ? -1 : connect(s, (struct sockaddr *)&to, sizeof to);
+        printf(r == 0 ? "tcp ok\n" : "tcp ! %s\n", errname(errno));
+        if (s >= 0) {
+            close(s);
+        }
+        return 1;
+    }
+    if (strcmp(line, "udp") == 0 || strcmp(line, "udpmsg") == 0) {
+        char addr[64];
+        const char *r = udp_query(arg, line[3] == 'm', addr, sizeof addr);
+        printf(r != NULL ? "udp %s\n" : "udp ! %s\n", r != NULL ? r : errname(errno));
+        return 1;
+    }
+    if (strcmp(line, "size") == 0) {
+        int fd = (int)syscall(SYS_openat, AT_FDCWD, arg, O_RDONLY | O_CLOEXEC);
+        unsigned long long size = 0, sum = 0;
+        char buf[65536];
+        ssize_t n = fd < 0 ? -1 : 1;
+        while (n > 0 && (n = read(fd, buf, sizeof buf)) > 0) {
+            size += (unsigned long long)n;
+            for (ssize_t i = 0; i < n; i++) {
+                sum += (unsigned char)buf[i];
+            }
+        }
+        if (fd >= 0) {
+            close(fd);
+        }
+        if (n == 0) {
+            printf("%s size %llu sum %llu\n", arg, size, sum);
+        } else {
+            printf("%s size ! %s\n", arg, errname(errno));
+        }
+        return 1;
+    }
+    char *text = strchr(arg, ' ');
+    int append = strcmp(line, "append") == 0;
+    if ((!append && strcmp(line, "write") != 0) || text == NULL) {
+        line[strlen(line)] = ':'; /* not ours: as it was */
+        return 0;
+    }
+    *text++ = 0;
+    int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC);
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, arg, flags, 0644);
+    char buf[4096];
+    int len = snprintf(buf, sizeof buf, "%s\n", text);
+    int ok = fd >= 0 && write(fd, buf, (size_t)len) == len;
+    int err = errno;
+    if (fd >= 0 && close(fd) != 0) {
+        ok = 0;
+    }
+    printf(ok ? "%s ok\n" : "%s ! %s\n", line, ok ? "" : errname(err));
+    return 1;
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) {
         for (int i = 1; i < argc; i++) {
@@ -204,7 +352,7 @@ int main(int argc, char **argv) {
             fflush(stdout);
             continue;
         }
-        if (paths(line)) {
+        if (paths(line) || files(line)) {
             fflush(stdout);
             continue;
         }

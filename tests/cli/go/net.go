@@ -9,6 +9,8 @@
 //	serve:PORT    starts an HTTP server on :PORT answering "go server <path> from <client>",
 //	              prints "serving <its port>", and "request <path> from <client>" per request
 //	cat:PATH      runs /bin/cat PATH: "cat <output's first line>" (or "cat ! <error>")
+//	udpto:NAME    a DNS query for NAME's A record sent with WriteTo on an unconnected UDP
+//	              socket to 127.0.0.1:53: "udpto <the answer's address> from <its source>"
 //
 // Errors are "<command> ! <error>".
 package main
@@ -73,6 +75,33 @@ func serve(port string) string {
 	return fmt.Sprintf("serving %d", ln.Addr().(*net.TCPAddr).Port)
 }
 
+func udpTo(name string) string {
+	query := []byte{0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0}
+	for _, label := range strings.Split(name, ".") {
+		query = append(append(query, byte(len(label))), label...)
+	}
+	query = append(query, 0, 0, 1, 0, 1)
+	conn, err := net.ListenPacket("udp4", "0.0.0.0:0")
+	if err != nil {
+		return "udpto ! " + err.Error()
+	}
+	defer conn.Close()
+	to := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 53}
+	if _, err := conn.WriteTo(query, to); err != nil {
+		return "udpto ! " + err.Error()
+	}
+	conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+	answer := make([]byte, 512)
+	n, from, err := conn.ReadFrom(answer)
+	if err != nil {
+		return "udpto ! " + err.Error()
+	}
+	if n < 16 || answer[7] == 0 {
+		return "udpto ! no answer record"
+	}
+	return fmt.Sprintf("udpto %s from %s", net.IP(answer[n-4:n]), from)
+}
+
 func one(line string) string {
 	cmd, arg, _ := strings.Cut(line, ":")
 	switch cmd {
@@ -95,6 +124,8 @@ func one(line string) string {
 		return fmt.Sprintf("dial local %s remote %s", conn.LocalAddr(), conn.RemoteAddr())
 	case "serve":
 		return serve(arg)
+	case "udpto":
+		return udpTo(arg)
 	case "cat":
 		out, err := exec.Command("/bin/cat", arg).Output()
 		if err != nil {

@@ -2,7 +2,10 @@
 // that makes its system calls itself). Prints the pod's variable, then, for each line on
 // stdin (a path), "<path> = <content>" or "<path> ! <error>"; "stat:PATH" prints "<path>
 // stat <size> <mode>" from os.Stat; "threads:PATH" reads PATH 25
-// times in each of 16 goroutines and prints "goroutines <same content as alone>/<reads>".
+// times in each of 16 goroutines and prints "goroutines <same content as alone>/<reads>";
+// "ls:PATH" prints "<path>: <names>" from os.ReadDir (directories with a trailing /);
+// "write:PATH TEXT" writes TEXT and a newline with os.WriteFile and prints "write ok" or
+// "write ! <error>".
 package main
 
 import (
@@ -27,6 +30,10 @@ func main() {
 			} else {
 				fmt.Printf("%s stat %d %v\n", path, info.Size(), info.Mode())
 			}
+			continue
+		}
+		if strings.HasPrefix(path, "ls:") || strings.HasPrefix(path, "write:") {
+			fmt.Println(files(path))
 			continue
 		}
 		if strings.HasPrefix(path, "threads:") {
@@ -61,4 +68,27 @@ func main() {
 		}
 		fmt.Printf("%s = %s\n", path, strings.TrimSpace(string(data)))
 	}
+}
+
+func files(line string) string {
+	if strings.HasPrefix(line, "write:") {
+		path, text, _ := strings.Cut(strings.TrimPrefix(line, "write:"), " ")
+		if err := os.WriteFile(path, []byte(text+"\n"), 0o644); err != nil {
+			return fmt.Sprintf("write ! %v", err)
+		}
+		return "write ok"
+	}
+	path := strings.TrimPrefix(line, "ls:")
+	entries, err := os.ReadDir(path)
+	if err != nil {
+		return fmt.Sprintf("%s ls ! %v", path, err)
+	}
+	out := path + ":"
+	for _, e := range entries {
+		out += " " + e.Name()
+		if e.IsDir() {
+			out += "/"
+		}
+	}
+	return out
 }

@@ -17,6 +17,7 @@ import {
   launchEnv,
   sessionVariables,
   startsProgram,
+  withPatchedPath,
 } from '../../src/launch';
 import type { ReadyEnv } from '../../src/protocol';
 
@@ -80,6 +81,17 @@ test('the executable for mirrord ext -e', () => {
   assert.equal(executableOf(config('python')), undefined);
   assert.equal(executableOf(config('cppdbg', { program: '/w/a.out' })), '/w/a.out');
   assert.equal(executableOf(config('go')), undefined);
+});
+
+test('patched_path replaces the program the debugger starts, and nothing else', () => {
+  const sv = '/venv/mirrord/layer/mirrord-supervisor';
+  const cpp = config('cppdbg', { program: '/w/static-app', args: ['-v'] });
+  assert.deepEqual(withPatchedPath(cpp, sv), { ...cpp, program: sv });
+  assert.equal(withPatchedPath(cpp, null), cpp);
+  assert.equal(withPatchedPath(config('node'), sv).runtimeExecutable, sv);
+  assert.equal(withPatchedPath(config('debugpy', { python: '/venv/bin/python' }), sv).python, sv);
+  const go = config('go');
+  assert.equal(withPatchedPath(go, sv), go);
 });
 
 test('debugger ports stay on this machine: the range and the detector per debugger', () => {
