@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -31,12 +31,8 @@ import anyio.to_thread
 from anyio.abc import SocketAttribute
 
 from mirrord._version import __version__
-from mirrord.daemon._backend import (
-    AgentBackend,
-    backends_for_daemon,
-    check_session_target,
-    config_value,
-)
+from mirrord.backend import AgentBackend
+from mirrord.daemon._backend import backends_for_daemon, check_session_target
 from mirrord.daemon._env import (
     check_layer_settings,
     fetch_remote_env,
@@ -50,6 +46,9 @@ from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
 from mirrord.daemon._session import Session, new_session_id, serve_layer_client
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -120,7 +119,9 @@ async def _preload_config() -> None:
     await anyio.to_thread.run_sync(importlib.import_module, "mirrord.config")
 
 
-def resolve_session_config(request: dict[str, Any]) -> tuple[Any, list[str], Path | None]:
+def resolve_session_config(
+    request: dict[str, Any],
+) -> tuple[MirrordConfig, list[str], Path | None]:
     """A session's configuration from what the CLI was given: its config file, its flags
     (`cli_overrides`), its environment (MIRRORD_* and templates) and its working directory;
     with the warnings and the file used. Reads the file (run it in a worker thread). Raises
@@ -161,12 +162,10 @@ def resolve_session_config(request: dict[str, Any]) -> tuple[Any, list[str], Pat
     return config, list(resolved.warnings), resolved.source
 
 
-def _config_model(config: dict[str, Any]) -> Any:
-    """The resolved config as the config package's model when it exists, else the dict."""
-    try:
-        from mirrord.config import MirrordConfig
-    except ImportError:
-        return config
+def _config_model(config: dict[str, Any]) -> MirrordConfig:
+    """The resolved config (its JSON dump) as the config package's model."""
+    from mirrord.config import MirrordConfig
+
     try:
         return MirrordConfig.model_validate(config)
     except ValueError as exc:  # pydantic's ValidationError: a client of another version
@@ -324,12 +323,8 @@ class Daemon:
             config = _config_model(raw_config)
         check_layer_settings(config)  # before an agent is started for it
         progress(f"opening a session on {target}")
-        level = config_value(config, "daemon", "log_level", default=None)
-        if level is not None:
-            logging.getLogger("mirrord").setLevel(str(level).upper())
-        idle = config_value(config, "daemon", "idle_timeout", default=None)
-        if idle is not None:
-            self.idle_timeout = float(idle)
+        logging.getLogger("mirrord").setLevel(config.daemon.log_level.upper())
+        self.idle_timeout = float(config.daemon.idle_timeout)
         try:
             client_pid = int(params.get("client_pid") or 0)
         except (TypeError, ValueError):

@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 
 from mirrord._version import __version__
-from mirrord.daemon._backend import AgentHandle
+from mirrord.backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError
 from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._relay import Counters, Relay

@@ -22,12 +22,11 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
-from mirrord.daemon._backend import AgentConfig
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
@@ -44,6 +43,9 @@ from mirrord.protocol import (
     UnknownMessage,
 )
 from mirrord.protocol import messages as m
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = ["LayerProcess", "Session", "new_session_id", "serve_layer_client"]
 
@@ -70,7 +72,7 @@ class Session:
         *,
         session_id: str | None = None,
         target: str,
-        config: AgentConfig,
+        config: MirrordConfig,
         link: AgentLink,
         client_pid: int = 0,
         label: str = "",

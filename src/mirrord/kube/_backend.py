@@ -1,4 +1,4 @@
-"""The Kubernetes agent backend (I4): cluster targets get an agent next to the target pod.
+"""The Kubernetes agent backend: cluster targets get an agent next to the target pod.
 
 Owns: `KubeBackend` (which targets it handles, the RBAC check, target resolution, creating the
 agent as a Job on the target's node, an ephemeral container in the target pod, or finding the
@@ -7,7 +7,7 @@ and `KubeAgentHandle` (`connect()` opens a port-forward websocket to the agent; 
 deletes what this backend created once the last session sharing the agent has stopped).
 
 Readiness is a watch on the agent's pod (image pull errors, unschedulable pods and a container
-that exits are reported at once with their reason) plus the agent's readiness line (I2) read
+that exits are reported at once with their reason) plus the agent's readiness line read
 from the pod's log. Admission denials of our own create calls come back as the call's Status;
 a denial of the Job controller's pod create comes back as a FailedCreate event on the Job.
 
@@ -23,15 +23,16 @@ import hashlib
 import json
 import random
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
 import anyio.abc
 from kubernetes_asyncio import client as k8s
 
+from mirrord.backend import Progress
 from mirrord.kube._api import ApiCallError, Json, call, log_lines, watch_events
 from mirrord.kube._client import KubeContext, load_context
 from mirrord.kube._exceptions import AgentPodFailed, KubeError, PortForwardError
@@ -45,6 +46,9 @@ from mirrord.kube._specs import (
     unique_agent_name,
 )
 from mirrord.kube._targets import TARGET_KINDS, ResolvedTarget, parse_target, resolve_target
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = ["PLACEMENTS", "KubeAgentHandle", "KubeBackend", "placement_of"]
 
@@ -62,8 +66,6 @@ _PULL_ERRORS = {
 }
 _CREATE_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
-Progress = Callable[[str], None]
-
 
 # The label the Job controller puts on a Job's pods (Kubernetes >= 1.27), then the legacy one.
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
@@ -71,30 +73,23 @@ JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 _DIAGNOSE_TIMEOUT = 5.0
 
 
-def placement_of(config: Any) -> str:
+def placement_of(config: MirrordConfig) -> str:
     """`agent.placement` when the config has it, else `ephemeral` if `agent.ephemeral`, else
-    `job`."""
-    from mirrord.daemon._backend import config_value
-
-    explicit = config_value(config, "agent", "placement")
-    if explicit:
-        if explicit not in PLACEMENTS:
-            raise KubeError(f"agent.placement {explicit!r} is not one of {', '.join(PLACEMENTS)}")
-        return str(explicit)
-    return "ephemeral" if config_value(config, "agent", "ephemeral", default=False) else "job"
+    `job` (the config's model allows only the `PLACEMENTS`)."""
+    if config.agent.placement is not None:
+        return config.agent.placement
+    return "ephemeral" if config.agent.ephemeral else "job"
 
 
-def agent_fingerprint(config: Any) -> str:
+def agent_fingerprint(config: MirrordConfig) -> str:
     """What a lingering agent must have been started with to serve a session with `config`:
     cluster (kubeconfig, context), target namespace, placement, and every agent setting
     (image, agent namespace, capabilities, resources, labels, log level, ...). Equal
     fingerprints may share an agent; any difference starts a new one."""
-    from mirrord.daemon._backend import config_value
-
     parts = {
-        "kubeconfig": config_value(config, "kubeconfig"),
-        "context": config_value(config, "kube_context"),
-        "namespace": config_value(config, "target", "namespace"),
+        "kubeconfig": config.kubeconfig,
+        "context": config.kube_context,
+        "namespace": config.target.namespace,
         "placement": placement_of(config),
         "agent": dataclasses.asdict(AgentOptions.from_config(config)),
     }
@@ -200,7 +195,7 @@ class KubeAgentHandle:
 
 
 class KubeBackend:
-    """Agents for Kubernetes targets (I4). Constructed with no arguments by the daemon."""
+    """Agents for Kubernetes targets (`mirrord.backend.AgentBackend`). Constructed with no arguments by the daemon."""
 
     name = "kube"
 
@@ -212,7 +207,7 @@ class KubeBackend:
     def __repr__(self) -> str:
         return f"<KubeBackend agents={len(self._agents)}>"
 
-    def agent_fingerprint(self, config: Any) -> str:
+    def agent_fingerprint(self, config: MirrordConfig) -> str:
         """See `agent_fingerprint`: the daemon's pool reuses an agent only for equal ones."""
         return agent_fingerprint(config)
 
@@ -221,10 +216,10 @@ class KubeBackend:
 
     # ------------------------------------------------------------------ start
 
-    async def start_agent(self, target: str, config: Any, progress: Progress) -> KubeAgentHandle:
-        from mirrord.daemon._backend import config_value
-
-        timeout = float(config_value(config, "agent", "startup_timeout", default=60))
+    async def start_agent(
+        self, target: str, config: MirrordConfig, progress: Progress
+    ) -> KubeAgentHandle:
+        timeout = float(config.agent.startup_timeout)
         deadline = anyio.current_time() + timeout
         try:
             # The agent's own wait ends at the deadline with its pod's events and log (read
@@ -249,10 +244,8 @@ class KubeBackend:
             ) from None
 
     async def _start(
-        self, target: str, config: Any, progress: Progress, deadline: float
+        self, target: str, config: MirrordConfig, progress: Progress, deadline: float
     ) -> KubeAgentHandle:
-        from mirrord.daemon._backend import config_value
-
         placement = placement_of(config)
         kind, _name, _container = parse_target(target)
         if kind == "targetless" and placement == "ephemeral":
@@ -261,11 +254,11 @@ class KubeBackend:
                 "pod); set agent.ephemeral: false"
             )
         kube = await load_context(
-            kubeconfig=config_value(config, "kubeconfig"),
-            context=config_value(config, "kube_context"),
-            namespace=config_value(config, "target", "namespace"),
+            kubeconfig=config.kubeconfig,
+            context=config.kube_context,
+            namespace=config.target.namespace,
             env=self._env,
-            accept_invalid_certificates=config_value(config, "accept_invalid_certificates"),
+            accept_invalid_certificates=config.accept_invalid_certificates,
         )
         opts = AgentOptions.from_config(config)
         target_ns = kube.namespace
@@ -302,7 +295,7 @@ class KubeBackend:
                     return KubeAgentHandle(existing, self)
                 agent = await self._create(
                     deadline=deadline,
-                    timeout=float(config_value(config, "agent", "startup_timeout", default=60)),
+                    timeout=float(config.agent.startup_timeout),
                     api=api,
                     kube=kube,
                     key=key,
