@@ -83,8 +83,8 @@ from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
 from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
 from mirrord.agent._steal_guard import remove_all
+from mirrord.protocol import Message
 from mirrord.protocol import messages as m
-from mirrord.protocol._base import Message
 
 __all__ = ["IncomingService", "SubscribeError"]
 

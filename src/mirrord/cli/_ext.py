@@ -40,7 +40,7 @@ from mirrord.cli._run import (
     TargetOpt,
 )
 from mirrord.cli._sessions import open_session, session_request
-from mirrord.daemon._exceptions import DaemonError
+from mirrord.daemon import DaemonError
 
 __all__ = ["execution_message", "static_executable"]
 

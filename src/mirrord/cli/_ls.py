@@ -144,8 +144,7 @@ def ls(
     import asyncio
 
     from mirrord.config import ConfigError, load_config
-    from mirrord.kube import KubeError, list_targets
-    from mirrord.kube._api import ApiCallError
+    from mirrord.kube import ApiCallError, KubeError, list_targets
 
     try:
         cfg = load_config(config_file)
