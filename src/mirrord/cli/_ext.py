@@ -68,6 +68,7 @@ class _Report:
         self.mode = mode
         self.json = JsonProgress() if mode is ProgressMode.JSON else None
         self._step: str | None = None
+        self._ready = False  # the ready line is out: the IDE runs the debuggee
 
     def _plain(self, text: str) -> None:
         if self.mode is not ProgressMode.OFF:
@@ -142,6 +143,25 @@ class _Report:
             self.json.finished_task(READY_TASK, success=True, message=message)
         else:
             self._plain(message)
+        self._ready = True
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """An event of the session from the daemon."""
+        kind = event.get("event")
+        text = str(event.get("message", ""))
+        if kind == "progress":
+            self.step(text)
+        elif kind == "agent_lost" and self._ready:
+            self.agent_lost(text)
+        elif kind in ("warning", "agent_lost"):
+            self.warning(text)
+
+    def daemon_error(self, exc: DaemonError) -> NoReturn:
+        """The session could not be opened: `failed` with what the daemon said."""
+        message = str(exc)
+        causes = [e for e in exc.errors if e != message]
+        config = exc.code == "config_error"
+        self.failed(message, help=_CONFIG_HELP if config else _HELP, causes=causes, step_ok=config)
 
     def failed(
         self, message: str, *, help: str, causes: list[str], step_ok: bool = False
@@ -155,33 +175,37 @@ class _Report:
         raise typer.Exit(1)
 
 
+ExecutableOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--executable",
+        "-e",
+        help="The program the IDE will start (checked: a static binary cannot load the layer).",
+        show_default=False,
+    ),
+]
+WaitTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait-timeout",
+        help="Seconds to keep the session when no process ever registers in it.",
+    ),
+]
+
+
 @app.command("ext")
 def ext(
     *,
     target: TargetOpt = None,
     config_file: ConfigOpt = None,
-    executable: Annotated[
-        Path | None,
-        typer.Option(
-            "--executable",
-            "-e",
-            help="The program the IDE will start (checked: a static binary cannot load the layer).",
-            show_default=False,
-        ),
-    ] = None,
+    executable: ExecutableOpt = None,
     steal: StealOpt = False,
     fs_mode: FsModeOpt = None,
     env_include: IncludeOpt = None,
     env_exclude: ExcludeOpt = None,
     no_outgoing: NoOutgoingOpt = False,
     no_remote_dns: NoDnsOpt = False,
-    wait_timeout: Annotated[
-        float,
-        typer.Option(
-            "--wait-timeout",
-            help="Seconds to keep the session when no process ever registers in it.",
-        ),
-    ] = 120.0,
+    wait_timeout: WaitTimeoutOpt = 120.0,
 ) -> None:
     """For IDEs: open a session, print its env in mirrord's JSON progress protocol, keep it
     until the debuggee exits."""
@@ -202,39 +226,18 @@ def ext(
         no_outgoing=no_outgoing,
         no_remote_dns=no_remote_dns,
     )
-    ready = [False]
-
-    def on_event(event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        text = str(event.get("message", ""))
-        if kind == "progress":
-            report.step(text)
-        elif kind == "agent_lost" and ready[0]:
-            report.agent_lost(text)
-        elif kind in ("warning", "agent_lost"):
-            report.warning(text)
-
-    def error(exc: DaemonError) -> NoReturn:
-        message = str(exc)
-        causes = [e for e in exc.errors if e != message]
-        config = exc.code == "config_error"
-        report.failed(
-            message, help=_CONFIG_HELP if config else _HELP, causes=causes, step_ok=config
-        )
-
     session = open_session(
         request,
         progress=report.step,
-        on_event=on_event,
+        on_event=report.on_event,
         warn=report.warning,
         label="ext",
-        on_error=error,
+        on_error=report.daemon_error,
     )
     try:
         if os.environ.get("MIRRORD_EXT_PRINT_CONFIG", "").upper() == "TRUE":
             report.config_summary(request)
         report.ready(execution_message(session.env, session.unset))
-        ready[0] = True
         try:
             session.client.call(
                 "wait_session", session=session.session, timeout=None, wait_timeout=wait_timeout

@@ -23,7 +23,7 @@ import hashlib
 import json
 import random
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -356,19 +356,13 @@ class KubeBackend:
             opts=start.opts,
         )
         start.progress(f"adding ephemeral container {name} to pod {target.pod}")
-        core = k8s.CoreV1Api(start.api)
-        try:
-            await call(
-                core.patch_namespaced_pod_ephemeralcontainers,
-                target.pod,
-                target.namespace,
-                {"spec": {"ephemeralContainers": [spec]}},
-            )
-        except ApiCallError as exc:
-            raise AgentPodFailed(
-                f"the API server refused the agent's ephemeral container in pod "
-                f"{target.pod} ({exc.status} {exc.reason}): {exc.message}"
-            ) from None
+        await _create_call(
+            f"the agent's ephemeral container in pod {target.pod}",
+            k8s.CoreV1Api(start.api).patch_namespaced_pod_ephemeralcontainers,
+            target.pod,
+            target.namespace,
+            {"spec": {"ephemeralContainers": [spec]}},
+        )
         agent = _Agent(
             key=start.key,
             description=f"ephemeral container {name} in pod {target.namespace}/{target.pod}",
@@ -414,12 +408,9 @@ class KubeBackend:
             f"creating agent job {agent_ns}/{name}"
             + (f" on node {target.node}" if target.node else "")
         )
-        try:
-            await call(k8s.BatchV1Api(api).create_namespaced_job, agent_ns, body)
-        except ApiCallError as exc:
-            raise AgentPodFailed(
-                f"the API server refused the agent job ({exc.status} {exc.reason}): {exc.message}"
-            ) from None
+        await _create_call(
+            "the agent job", k8s.BatchV1Api(api).create_namespaced_job, agent_ns, body
+        )
         agent = _Agent(
             key=start.key,
             description=f"job {agent_ns}/{name}",
@@ -690,6 +681,17 @@ class KubeBackend:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+
+async def _create_call(what: str, method: Callable[..., Any], *args: Any) -> None:
+    """An API call that creates `what` for the agent; a refusal (admission, quota, a bad spec)
+    is `AgentPodFailed` quoting the API server."""
+    try:
+        await call(method, *args)
+    except ApiCallError as exc:
+        raise AgentPodFailed(
+            f"the API server refused {what} ({exc.status} {exc.reason}): {exc.message}"
+        ) from None
 
 
 def _statuses(pod: Json, *, ephemeral: bool) -> list[Json]:
