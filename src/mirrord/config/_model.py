@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from mirrord.config._agent import AgentConfig
 from mirrord.config._feature import FeatureConfig
+from mirrord.config._incoming_tls import tls_warnings
 from mirrord.config._target import TargetConfig
 from mirrord.config._values import NameList, Seconds, _Section
 
@@ -139,6 +140,7 @@ def config_warnings(cfg: MirrordConfig) -> list[str]:
         out.append("feature.network.outgoing.filter is ignored because tcp and udp are false")
     if net.incoming.http_filter.is_set and net.incoming.mode == "off":
         out.append("feature.network.incoming.http_filter is ignored because incoming.mode is 'off'")
+    out += tls_warnings(net.incoming.mode, net.incoming.http_filter.is_set, net.incoming.tls_steal)
     if net.incoming.mode == "steal" and cfg.target.is_targetless:
         out.append(
             "feature.network.incoming.mode is 'steal' but there is no target: there is "

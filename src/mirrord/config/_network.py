@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from mirrord.config._incoming_tls import TlsDeliveryConfig, TlsStealConfig
 from mirrord.config._values import (
     Port,
     PortPair,
@@ -167,6 +168,12 @@ class IncomingConfig(_Section):
         default="abort",
         description="When another session steals the same port without a filter: "
         "'abort', 'continue' or 'override'.",
+    )
+    tls_steal: TlsStealConfig = Field(
+        default_factory=TlsStealConfig, description="HTTPS: the agent's certificate and key."
+    )
+    tls_delivery: TlsDeliveryConfig = Field(
+        default_factory=TlsDeliveryConfig, description="HTTPS: how the user app gets requests."
     )
 
     @model_validator(mode="before")
