@@ -39,10 +39,11 @@ from mirrord.config._network import (
     OutgoingFilterConfig,
 )
 from mirrord.config._schema import config_schema, schema_key_paths
-from mirrord.config._target import TargetConfig
+from mirrord.config._target import TARGET_KINDS, TargetConfig
 
 __all__ = [
     "ENV_VARS",
+    "TARGET_KINDS",
     "AddressFilter",
     "AgentConfig",
     "ConfigError",

@@ -17,7 +17,7 @@ from mirrord.config._values import (
     NameList,
     Regex,
     _Section,
-    _shorthand_error,
+    expand_shorthand,
 )
 
 __all__ = ["EnvConfig", "FeatureConfig", "FsConfig", "FsMode"]
@@ -63,13 +63,7 @@ class EnvConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if value is None or value is True:
-            return {}
-        if value is False:
-            return {"exclude": ["*"]}
-        if not isinstance(value, dict | EnvConfig):
-            raise _shorthand_error(cls._shorthand_doc, value)
-        return value
+        return expand_shorthand(cls, value, false={"exclude": ["*"]})
 
     @model_validator(mode="after")
     def _conflicts(self) -> EnvConfig:
@@ -134,15 +128,7 @@ class FsConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if value is None or value is True:
-            return {}
-        if value is False:
-            return {"mode": "local"}
-        if isinstance(value, str):
-            return {"mode": value}
-        if not isinstance(value, dict | FsConfig):
-            raise _shorthand_error(cls._shorthand_doc, value)
-        return value
+        return expand_shorthand(cls, value, false={"mode": "local"}, string_key="mode")
 
 
 # --------------------------------------------------------------------------- feature

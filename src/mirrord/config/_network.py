@@ -25,6 +25,7 @@ from mirrord.config._values import (
     _Section,
     _shorthand_error,
     _single_to_list,
+    expand_shorthand,
 )
 
 __all__ = [
@@ -179,15 +180,7 @@ class IncomingConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if value is None or value is True:
-            return {}
-        if value is False:
-            return {"mode": "off"}
-        if isinstance(value, str):
-            return {"mode": value}
-        if not isinstance(value, dict | IncomingConfig):
-            raise _shorthand_error(cls._shorthand_doc, value)
-        return value
+        return expand_shorthand(cls, value, false={"mode": "off"}, string_key="mode")
 
     @model_validator(mode="after")
     def _conflicts(self) -> IncomingConfig:
@@ -280,13 +273,7 @@ class OutgoingConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if value is None or value is True:
-            return {}
-        if value is False:
-            return {"tcp": False, "udp": False}
-        if not isinstance(value, dict | OutgoingConfig):
-            raise _shorthand_error(cls._shorthand_doc, value)
-        return value
+        return expand_shorthand(cls, value, false={"tcp": False, "udp": False})
 
 
 class DnsFilterConfig(_Section):
@@ -347,10 +334,6 @@ class NetworkConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if value is None or value is True:
-            return {}
-        if value is False:
-            return {"incoming": False, "outgoing": False, "dns": False}
-        if not isinstance(value, dict | NetworkConfig):
-            raise _shorthand_error(cls._shorthand_doc, value)
-        return value
+        return expand_shorthand(
+            cls, value, false={"incoming": False, "outgoing": False, "dns": False}
+        )

@@ -32,6 +32,7 @@ __all__ = [
     "Regex",
     "RegexList",
     "Seconds",
+    "expand_shorthand",
 ]
 
 
@@ -118,6 +119,23 @@ def _shorthand_error(expected: str, value: Any) -> PydanticCustomError:
         "expected {expected}, got {value}",
         {"expected": expected, "value": repr(value)},
     )
+
+
+def expand_shorthand(
+    cls: type[_Section], value: Any, *, false: dict[str, Any], string_key: str | None = None
+) -> Any:
+    """A section's value with mirrord's shorthands expanded: unset or `true` is the defaults,
+    `false` is `false`'s keys, a string (for sections that take one) sets `string_key`;
+    anything else but an object is an error naming the shorthands (`_shorthand_doc`)."""
+    if value is None or value is True:
+        return {}
+    if value is False:
+        return false
+    if string_key is not None and isinstance(value, str):
+        return {string_key: value}
+    if not isinstance(value, dict | cls):
+        raise _shorthand_error(cls._shorthand_doc, value)
+    return value
 
 
 class _Section(BaseModel):
