@@ -20,6 +20,7 @@ from mirrord.daemon import (
     ControlClient,
     DaemonError,
     DaemonNotRunning,
+    Status,
     daemon_status,
     ensure_daemon,
     runtime_paths,
@@ -48,7 +49,7 @@ def start(
     try:
         started = ensure_daemon(paths, idle_timeout=idle_timeout)
         with ControlClient(paths.control_socket) as client:
-            pid = client.call("status")["daemon"]["pid"]
+            pid = client.call(Status()).status["daemon"]["pid"]
     except DaemonError as exc:
         fail(str(exc))
     typer.echo(

@@ -40,7 +40,15 @@ from mirrord.cli._run import (
     TargetOpt,
 )
 from mirrord.cli._sessions import open_session, session_request
-from mirrord.daemon import DaemonError
+from mirrord.daemon import (
+    AgentLostEvent,
+    ConfigRefused,
+    ControlEvent,
+    DaemonError,
+    ProgressEvent,
+    WaitSession,
+    WarningEvent,
+)
 
 __all__ = ["execution_message", "static_executable"]
 
@@ -145,22 +153,21 @@ class _Report:
             self._plain(message)
         self._ready = True
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, event: ControlEvent) -> None:
         """An event of the session from the daemon."""
-        kind = event.get("event")
-        text = str(event.get("message", ""))
-        if kind == "progress":
+        text = event.message
+        if isinstance(event, ProgressEvent):
             self.step(text)
-        elif kind == "agent_lost" and self._ready:
+        elif isinstance(event, AgentLostEvent) and self._ready:
             self.agent_lost(text)
-        elif kind in ("warning", "agent_lost"):
+        elif isinstance(event, WarningEvent | AgentLostEvent):
             self.warning(text)
 
     def daemon_error(self, exc: DaemonError) -> NoReturn:
         """The session could not be opened: `failed` with what the daemon said."""
         message = str(exc)
         causes = [e for e in exc.errors if e != message]
-        config = exc.code == "config_error"
+        config = isinstance(exc, ConfigRefused)
         self.failed(message, help=_CONFIG_HELP if config else _HELP, causes=causes, step_ok=config)
 
     def failed(
@@ -240,7 +247,7 @@ def ext(
         report.ready(execution_message(session.env, session.unset))
         try:
             session.client.call(
-                "wait_session", session=session.session, timeout=None, wait_timeout=wait_timeout
+                WaitSession(session=session.session, wait_timeout=wait_timeout), timeout=None
             )
         except DaemonError as exc:
             write_error(

@@ -224,7 +224,7 @@ class LocalAgentHandle:
 
 
 class LocalAgentBackend:
-    """Spawns `mirrord-agent` as a root subprocess for `pid/N` and `container/ID`.
+    """Spawns `mirrord-agent` (docs/agent.md) as a root subprocess for `pid/N` and `container/ID`.
 
     The agent's socket, secret file and log live in the runtime directory. Its stdout and
     stderr go to the log file (never a pipe: a pipe nobody drains would block the agent); the
@@ -333,7 +333,7 @@ class LocalAgentBackend:
         return handle
 
     async def _wait_ready(self, handle: LocalAgentHandle, timeout: float) -> None:
-        """Poll the agent's log for the readiness line until `timeout` seconds."""
+        """Poll the agent's log for the readiness line (docs/agent.md) until `timeout` seconds."""
         delay = 0.005
         with anyio.move_on_after(timeout):
             while True:

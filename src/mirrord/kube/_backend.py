@@ -7,7 +7,7 @@ and `KubeAgentHandle` (`connect()` opens a port-forward websocket to the agent; 
 deletes what this backend created once the last session sharing the agent has stopped).
 
 Readiness is a watch on the agent's pod (image pull errors, unschedulable pods and a container
-that exits are reported at once with their reason) plus the agent's readiness line read
+that exits are reported at once with their reason) plus the agent's readiness line (docs/agent.md) read
 from the pod's log. Admission denials of our own create calls come back as the call's Status;
 a denial of the Job controller's pod create comes back as a FailedCreate event on the Job.
 
@@ -218,7 +218,7 @@ class KubeAgentHandle:
 
 
 class KubeBackend:
-    """Agents for Kubernetes targets (`mirrord.backend.AgentBackend`). Constructed with no arguments by the daemon."""
+    """Agents for Kubernetes targets. Constructed with no arguments by the daemon."""
 
     name = "kube"
 
