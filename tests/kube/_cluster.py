@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
 from typing import Any
 
+from mirrord.config import MirrordConfig
 from mirrord.localpod import LocalPod
 from tests.kube.apiserver import FakeApiServer
 
 BOUND = {"test.mirrord/bound": "true"}
+
+
+def backend_config(kubeconfig: Path, *, target: str | None = None, **agent: Any) -> MirrordConfig:
+    """A session's config for `KubeBackend.start_agent`: this cluster, these `agent` keys (an
+    ephemeral agent needs the `target` too, as in a session's config)."""
+    return MirrordConfig.model_validate(
+        {"kubeconfig": str(kubeconfig), "target": target, "agent": agent}
+    )
 
 
 def _owner(obj: dict[str, Any]) -> dict[str, Any]:

@@ -13,17 +13,18 @@ from typing import Any
 import anyio
 import pytest
 
+from mirrord.config import MirrordConfig
 from mirrord.kube import AgentPodFailed, KubeBackend
 from mirrord.localpod import LocalPod, PodSpec
 from tests.kube._agentproto import DaemonSide
-from tests.kube._cluster import add_deployment
+from tests.kube._cluster import add_deployment, backend_config
 from tests.kube.apiserver import FakeApiServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
 
 
-def _config(kubeconfig: Path, **agent: Any) -> dict[str, Any]:
-    return {"kubeconfig": str(kubeconfig), "agent": {"startup_timeout": 30, **agent}}
+def _config(kubeconfig: Path, *, target: str | None = None, **agent: Any) -> MirrordConfig:
+    return backend_config(kubeconfig, target=target, **{"startup_timeout": 30, **agent})
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ async def test_ephemeral_agent_in_target_pod(
 ) -> None:
     names = add_deployment(apiserver, "web", pods=[web_pod])
     handle = await KubeBackend().start_agent(
-        "deployment/web", _config(kubeconfig, ephemeral=True), print
+        "deployment/web", _config(kubeconfig, target="deployment/web", ephemeral=True), print
     )
     try:
         assert handle.pod == ("default", names[0])
@@ -157,7 +158,7 @@ async def test_node_agent_from_helm_chart_daemonset(
         if pods:
             break
         await asyncio.sleep(0.02)
-    config = {"kubeconfig": str(kubeconfig), "agent": {"placement": "daemonset"}}
+    config = backend_config(kubeconfig, placement="daemonset")
     h1 = await KubeBackend().start_agent("deployment/web", config, print)
     h2 = await KubeBackend().start_agent("deployment/web", config, print)
     try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mirrord.config import MirrordConfig
 from mirrord.kube import (
     AgentPodFailed,
     KubeBackend,
@@ -20,7 +21,7 @@ from mirrord.kube import (
     load_context,
     open_port_forward,
 )
-from tests.kube._cluster import add_deployment, wait_running
+from tests.kube._cluster import add_deployment, backend_config, wait_running
 from tests.kube.apiserver import ApiError, FakeApiServer
 
 pytestmark = pytest.mark.asyncio
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.asyncio
 BAD_IMAGE = "registry.invalid/mirrord-agent:missing"
 
 
-def _config(kubeconfig: Path, **agent: Any) -> dict[str, Any]:
-    return {"kubeconfig": str(kubeconfig), "agent": {"startup_timeout": 20, **agent}}
+def _config(kubeconfig: Path, *, target: str | None = None, **agent: Any) -> MirrordConfig:
+    return backend_config(kubeconfig, target=target, **{"startup_timeout": 20, **agent})
 
 
 async def _web(apiserver: FakeApiServer) -> None:
@@ -122,7 +123,9 @@ async def test_image_pull_error_for_ephemeral_container(
     start = time.monotonic()
     with pytest.raises(AgentPodFailed, match=r"ErrImagePull.*pull access denied"):
         await KubeBackend().start_agent(
-            "deployment/web", _config(kubeconfig, image=BAD_IMAGE, ephemeral=True), print
+            "deployment/web",
+            _config(kubeconfig, target="deployment/web", image=BAD_IMAGE, ephemeral=True),
+            print,
         )
     assert time.monotonic() - start < 2.0
 
@@ -182,7 +185,7 @@ async def test_admission_denial_of_ephemeral_container_reported(
         match=r"refused the agent's ephemeral container .*403 Forbidden.*PodSecurity",
     ):
         await KubeBackend().start_agent(
-            "deployment/web", _config(kubeconfig, ephemeral=True), print
+            "deployment/web", _config(kubeconfig, target="deployment/web", ephemeral=True), print
         )
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
+from mirrord.config import MirrordConfig
 from mirrord.kube import (
     AgentOptions,
     KubeError,
@@ -63,21 +67,22 @@ def test_permissions_per_placement() -> None:
 
 
 def test_placement_and_options_from_config() -> None:
-    assert placement_of({}) == "job"
-    assert placement_of({"agent": {"ephemeral": True}}) == "ephemeral"
-    assert placement_of({"agent": {"placement": "daemonset"}}) == "daemonset"
-    with pytest.raises(KubeError):
-        placement_of({"agent": {"placement": "sidecar"}})
+    def config(**agent: Any) -> MirrordConfig:
+        return MirrordConfig.model_validate({"target": "deployment/web", "agent": agent})
+
+    assert placement_of(config()) == "job"
+    assert placement_of(config(ephemeral=True)) == "ephemeral"
+    assert placement_of(config(placement="daemonset")) == "daemonset"
+    with pytest.raises(ValidationError, match="sidecar"):
+        config(placement="sidecar")
     opts = AgentOptions.from_config(
-        {
-            "agent": {
-                "disabled_capabilities": ["NET_RAW"],
-                "communication_timeout": 7,
-                "log_level": "trace",
-                "nftables": False,
-                "clean_iptables_on_start": True,
-            }
-        }
+        config(
+            disabled_capabilities=["NET_RAW"],
+            communication_timeout=7,
+            log_level="trace",
+            nftables=False,
+            clean_iptables_on_start=True,
+        )
     )
     job = job_spec(
         name="mirrord-agent-x",

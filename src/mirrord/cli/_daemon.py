@@ -16,9 +16,16 @@ import typer
 
 from mirrord.cli._app import app
 from mirrord.cli._sessions import fail
-from mirrord.daemon import DaemonError, DaemonNotRunning, Status
-from mirrord.daemon._client import ControlClient, daemon_status, ensure_daemon, stop_daemon
-from mirrord.daemon._runtime import runtime_paths
+from mirrord.daemon import (
+    ControlClient,
+    DaemonError,
+    DaemonNotRunning,
+    Status,
+    daemon_status,
+    ensure_daemon,
+    runtime_paths,
+    stop_daemon,
+)
 
 __all__ = ["daemon_app"]
 

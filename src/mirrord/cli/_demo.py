@@ -23,9 +23,7 @@ import typer
 from mirrord.cli._app import app
 from mirrord.cli._run import run_command
 from mirrord.cli._sessions import fail
-from mirrord.daemon._client import stop_daemon
-from mirrord.daemon._exceptions import DaemonError
-from mirrord.daemon._runtime import RuntimePaths, runtime_paths
+from mirrord.daemon import DaemonError, RuntimePaths, runtime_paths, stop_daemon
 
 if TYPE_CHECKING:
     from mirrord.localpod import LocalPod

@@ -78,6 +78,7 @@ class _Report:
         self.mode = mode
         self.json = JsonProgress() if mode is ProgressMode.JSON else None
         self._step: str | None = None
+        self._ready = False  # the ready line is out: the IDE runs the debuggee
 
     def _plain(self, text: str) -> None:
         if self.mode is not ProgressMode.OFF:
@@ -152,6 +153,24 @@ class _Report:
             self.json.finished_task(READY_TASK, success=True, message=message)
         else:
             self._plain(message)
+        self._ready = True
+
+    def on_event(self, event: ControlEvent) -> None:
+        """An event of the session from the daemon."""
+        text = event.message
+        if isinstance(event, ProgressEvent):
+            self.step(text)
+        elif isinstance(event, AgentLostEvent) and self._ready:
+            self.agent_lost(text)
+        elif isinstance(event, WarningEvent | AgentLostEvent):
+            self.warning(text)
+
+    def daemon_error(self, exc: DaemonError) -> NoReturn:
+        """The session could not be opened: `failed` with what the daemon said."""
+        message = str(exc)
+        causes = [e for e in exc.errors if e != message]
+        config = isinstance(exc, ConfigRefused)
+        self.failed(message, help=_CONFIG_HELP if config else _HELP, causes=causes, step_ok=config)
 
     def failed(
         self, message: str, *, help: str, causes: list[str], step_ok: bool = False
@@ -178,33 +197,37 @@ def _supervision(report: _Report, executable: Path | None, env: dict[str, str]) 
     return patched
 
 
+ExecutableOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--executable",
+        "-e",
+        help="The program the IDE will start (a static or Go one runs under the supervisor).",
+        show_default=False,
+    ),
+]
+WaitTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait-timeout",
+        help="Seconds to keep the session when no process ever registers in it.",
+    ),
+]
+
+
 @app.command("ext")
 def ext(
     *,
     target: TargetOpt = None,
     config_file: ConfigOpt = None,
-    executable: Annotated[
-        Path | None,
-        typer.Option(
-            "--executable",
-            "-e",
-            help="The program the IDE will start (a static or Go one runs under the supervisor).",
-            show_default=False,
-        ),
-    ] = None,
+    executable: ExecutableOpt = None,
     steal: StealOpt = False,
     fs_mode: FsModeOpt = None,
     env_include: IncludeOpt = None,
     env_exclude: ExcludeOpt = None,
     no_outgoing: NoOutgoingOpt = False,
     no_remote_dns: NoDnsOpt = False,
-    wait_timeout: Annotated[
-        float,
-        typer.Option(
-            "--wait-timeout",
-            help="Seconds to keep the session when no process ever registers in it.",
-        ),
-    ] = 120.0,
+    wait_timeout: WaitTimeoutOpt = 120.0,
 ) -> None:
     """For IDEs: open a session, print its env in mirrord's JSON progress protocol, keep it
     until the debuggee exits."""
@@ -220,32 +243,13 @@ def ext(
         no_outgoing=no_outgoing,
         no_remote_dns=no_remote_dns,
     )
-    ready = [False]
-
-    def on_event(event: ControlEvent) -> None:
-        text = event.message
-        if isinstance(event, ProgressEvent):
-            report.step(text)
-        elif isinstance(event, AgentLostEvent) and ready[0]:
-            report.agent_lost(text)
-        elif isinstance(event, WarningEvent | AgentLostEvent):
-            report.warning(text)
-
-    def error(exc: DaemonError) -> NoReturn:
-        message = str(exc)
-        causes = [e for e in exc.errors if e != message]
-        config = isinstance(exc, ConfigRefused)
-        report.failed(
-            message, help=_CONFIG_HELP if config else _HELP, causes=causes, step_ok=config
-        )
-
     session = open_session(
         request,
         progress=report.step,
-        on_event=on_event,
+        on_event=report.on_event,
         warn=report.warning,
         label="ext",
-        on_error=error,
+        on_error=report.daemon_error,
     )
     try:
         if os.environ.get("MIRRORD_EXT_PRINT_CONFIG", "").upper() == "TRUE":
@@ -253,7 +257,6 @@ def ext(
         env = dict(session.env)
         patched = _supervision(report, executable, env)
         report.ready(execution_message(env, session.unset, patched))
-        ready[0] = True
         try:
             session.client.call(
                 WaitSession(session=session.session, wait_timeout=wait_timeout), timeout=None

@@ -81,53 +81,62 @@ def _kinds(target_types: list[str] | None, fail: _Fail) -> list[str] | None:
     return [t for t in types if t in _KINDS]
 
 
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        "-n",
+        help="Namespace (default: target.namespace / MIRRORD_TARGET_NAMESPACE, else the "
+        "context's).",
+    ),
+]
+OutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="json (for IDEs; the default when stdout is not a terminal) or table.",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="The same as `-o json`.")]
+RichOpt = Annotated[
+    bool,
+    typer.Option(
+        "--rich",
+        help="Print {targets, current_namespace, namespaces} as JSON (as "
+        "MIRRORD_LS_RICH_OUTPUT=true does).",
+    ),
+]
+TargetTypeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--target-type",
+        "-t",
+        help="Only this kind (repeatable): deployment, rollout, statefulset, cronjob, job, "
+        "pod. Default: MIRRORD_LS_TARGET_TYPES, else all.",
+        show_default=False,
+    ),
+]
+ConfigFileOpt = Annotated[
+    Path | None, typer.Option("--config-file", "-f", help="mirrord config file.")
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", help="Seconds to wait for the API server's answers.", min=0.1),
+]
+
+
 @app.command("ls")
 def ls(
     *,
-    namespace: Annotated[
-        str | None,
-        typer.Option(
-            "--namespace",
-            "-n",
-            help="Namespace (default: target.namespace / MIRRORD_TARGET_NAMESPACE, else the "
-            "context's).",
-        ),
-    ] = None,
-    output: Annotated[
-        str | None,
-        typer.Option(
-            "--output",
-            "-o",
-            help="json (for IDEs; the default when stdout is not a terminal) or table.",
-            show_default=False,
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="The same as `-o json`.")] = False,
-    rich_output: Annotated[
-        bool,
-        typer.Option(
-            "--rich",
-            help="Print {targets, current_namespace, namespaces} as JSON (as "
-            "MIRRORD_LS_RICH_OUTPUT=true does).",
-        ),
-    ] = False,
-    target_types: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--target-type",
-            "-t",
-            help="Only this kind (repeatable): deployment, rollout, statefulset, cronjob, job, "
-            "pod. Default: MIRRORD_LS_TARGET_TYPES, else all.",
-            show_default=False,
-        ),
-    ] = None,
-    config_file: Annotated[
-        Path | None, typer.Option("--config-file", "-f", help="mirrord config file.")
-    ] = None,
-    timeout: Annotated[
-        float,
-        typer.Option("--timeout", help="Seconds to wait for the API server's answers.", min=0.1),
-    ] = 30.0,
+    namespace: NamespaceOpt = None,
+    output: OutputOpt = None,
+    as_json: JsonOpt = False,
+    rich_output: RichOpt = False,
+    target_types: TargetTypeOpt = None,
+    config_file: ConfigFileOpt = None,
+    timeout: TimeoutOpt = 30.0,
 ) -> None:
     """List the targets (deployments, rollouts, statefulsets, cronjobs, jobs, pods) of a
     namespace."""
@@ -140,18 +149,43 @@ def ls(
     if output not in ("json", "table"):
         fail(f"unknown output format {output!r}", "Use `-o json` or `-o table`.", 2)
     kinds = _kinds(target_types, fail)
+    found = _list_targets(config_file, namespace, kinds, timeout, fail)
+    if rich_output:
+        typer.echo(json.dumps(found))
+        return
+    paths = [t["path"] for t in found["targets"] if t["available"]]
+    if output == "json":
+        typer.echo(json.dumps(paths))
+        return
+    from rich.console import Console
 
+    console = Console()
+    if not paths:
+        console.print(f"no targets in namespace {found['current_namespace']}")
+        return
+    for p in paths:
+        console.print(p, highlight=False)
+
+
+def _list_targets(
+    config_file: Path | None,
+    namespace: str | None,
+    kinds: list[str] | None,
+    timeout: float,
+    fail: _Fail,
+) -> dict[str, Any]:
+    """mirrord's rich listing of the namespace's targets, read within `timeout` seconds with
+    the config's cluster (kubeconfig, context, namespace); `fail` on any error."""
     import asyncio
 
     from mirrord.config import ConfigError, load_config
-    from mirrord.kube import KubeError, list_targets
-    from mirrord.kube._api import ApiCallError
+    from mirrord.kube import ApiCallError, KubeError, list_targets
 
     try:
         cfg = load_config(config_file)
     except ConfigError as exc:
         fail(str(exc), "Fix the configuration (`mirrord verify-config PATH` shows it).", 2)
-    ns = namespace or getattr(cfg.target, "namespace", None)
+    ns = namespace or cfg.target.namespace
     listing = list_targets(
         namespace=ns, kubeconfig=cfg.kubeconfig, context=cfg.kube_context, kinds=kinds
     )
@@ -174,18 +208,4 @@ def ls(
         )
     except OSError as exc:
         fail(f"cannot reach the API server ({exc})", "Check the kubeconfig's server.")
-    if rich_output:
-        typer.echo(json.dumps(found))
-        return
-    paths = [t["path"] for t in found["targets"] if t["available"]]
-    if output == "json":
-        typer.echo(json.dumps(paths))
-        return
-    from rich.console import Console
-
-    console = Console()
-    if not paths:
-        console.print(f"no targets in namespace {found['current_namespace']}")
-        return
-    for p in paths:
-        console.print(p, highlight=False)
+    return found

@@ -159,6 +159,77 @@ def _supervised(
     return [str(supervisor_path()), *options, "--", *command], done
 
 
+def _accept_invalid_certificates(value: str | None) -> bool | None:
+    """`--accept-invalid-certificates[=BOOL]` as a setting (None: not given)."""
+    if value is None:
+        return None
+    certs = _BOOL_WORDS.get(value.strip().lower())
+    if certs is None:
+        fail(
+            f"--accept-invalid-certificates={value}: expected true or false (`-c` alone means "
+            "true)",
+            code=2,
+        )
+    return certs
+
+
+def _start_command(
+    command: list[str],
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    shared_group: bool,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """Start `argv` (`command`, maybe under the supervisor); exit 127 / 126 when it cannot run,
+    as a shell would."""
+    try:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            process_group=None if shared_group else 0,
+            # The other threads here (the control connection's reader) hold nothing the
+            # preexec function needs: it calls prctl, getppid and kill, all prepared.
+            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+            pass_fds=pass_fds,
+        )
+    except FileNotFoundError:
+        if shutil.which(command[0]) is not None:  # the file is there: its #! is not
+            fail(
+                f"cannot run {command[0]}: the interpreter named on its #! line was not found",
+                code=127,
+            )
+        fail(f"command not found: {command[0]}", code=127)
+    except PermissionError:
+        fail(f"command not executable: {command[0]}", code=126)
+    except OSError as exc:  # ENOEXEC (a script without #!), ELIBBAD, E2BIG, ...
+        hint = ""
+        if exc.errno == errno.ENOEXEC:
+            hint = f" (a script needs a #! line, or run it as `sh {command[0]}`)"
+        fail(f"cannot run {command[0]}: {exc.strerror}{hint}", code=126)
+
+
+def _wait_forwarding_signals(child: subprocess.Popen[bytes], *, shared_group: bool) -> int:
+    """Wait for `child`, passing on the signals that would end `mirrord run` (but not the
+    terminal's Ctrl-C / Ctrl-\\ when it reached `child` by itself); its exit code."""
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        del frame
+        if not (shared_group and signum in (signal.SIGINT, signal.SIGQUIT)):
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        returncode = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return _exit_code(returncode)
+
+
 def run_command(
     *,
     command: list[str],
@@ -178,15 +249,7 @@ def run_command(
     del no_telemetry, disable_version_check
     if not command:
         fail("no command to run: `mirrord run [OPTIONS] -- CMD [ARGS]`", code=2)
-    certs: bool | None = None
-    if accept_invalid_certificates is not None:
-        certs = _BOOL_WORDS.get(accept_invalid_certificates.strip().lower())
-        if certs is None:
-            fail(
-                f"--accept-invalid-certificates={accept_invalid_certificates}: expected true or "
-                "false (`-c` alone means true)",
-                code=2,
-            )
+    certs = _accept_invalid_certificates(accept_invalid_certificates)
     _check_command(command[0])
     progress = Progress(quiet=quiet)
     request = session_request(
@@ -217,56 +280,20 @@ def run_command(
     try:
         env = child_env(session.env, unset=session.unset)
         argv, done = _supervised(command, env)
-        try:
-            # In the terminal's foreground group, CMD shares it, so the terminal's Ctrl-C
-            # reaches CMD by itself and is not forwarded. Anywhere else (IDE, CI, `timeout`,
-            # a script), CMD gets a group of its own: a signal sent to mirrord run's group
-            # (killpg) then reaches CMD once, through the forwarding below, not twice.
-            shared_group = _terminal_foreground()
-            child = subprocess.Popen(
-                argv,
-                env=env,
-                process_group=None if shared_group else 0,
-                # The other threads here (the control connection's reader) hold nothing the
-                # preexec function needs: it calls prctl, getppid and kill, all prepared.
-                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
-                pass_fds=(done.write,) if done is not None else (),
-            )
-        except FileNotFoundError:
-            if shutil.which(command[0]) is not None:  # the file is there: its #! is not
-                fail(
-                    f"cannot run {command[0]}: the interpreter named on its #! line was not found",
-                    code=127,
-                )
-            fail(f"command not found: {command[0]}", code=127)
-        except PermissionError:
-            fail(f"command not executable: {command[0]}", code=126)
-        except OSError as exc:  # ENOEXEC (a script without #!), ELIBBAD, E2BIG, ...
-            hint = ""
-            if exc.errno == errno.ENOEXEC:
-                hint = f" (a script needs a #! line, or run it as `sh {command[0]}`)"
-            fail(f"cannot run {command[0]}: {exc.strerror}{hint}", code=126)
+        # In the terminal's foreground group, CMD shares it, so the terminal's Ctrl-C reaches
+        # CMD by itself and is not forwarded. Anywhere else (IDE, CI, `timeout`, a script), CMD
+        # gets a group of its own: a signal sent to mirrord run's group (killpg) then reaches
+        # CMD once, through the forwarding, not twice.
+        shared_group = _terminal_foreground()
+        pass_fds = (done.write,) if done is not None else ()
+        child = _start_command(command, argv, env, shared_group=shared_group, pass_fds=pass_fds)
         running[0] = True
         if done is not None:
             done.started()
-
-        def forward(signum: int, frame: FrameType | None) -> None:
-            del frame
-            if not (shared_group and signum in (signal.SIGINT, signal.SIGQUIT)):
-                try:
-                    child.send_signal(signum)
-                except ProcessLookupError:
-                    pass
-
-        previous = {s: signal.signal(s, forward) for s in _FORWARDED}
-        try:
-            returncode = child.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        code = _wait_forwarding_signals(child, shared_group=shared_group)
         running[0] = False
         if done is not None:
             done.wait()  # the supervisor's write-backs, before the session closes
-        return _exit_code(returncode)
+        return code
     finally:
         session.close()

@@ -20,21 +20,20 @@ from mirrord.cli._progress import JsonProgress, ProgressMode, progress_mode, wri
 from mirrord.daemon import (
     CloseSession,
     ConfigRefused,
+    ControlClient,
     ControlEvent,
     CreateSession,
     DaemonDisconnected,
     DaemonError,
     DaemonNotRunning,
     DaemonStopping,
-)
-from mirrord.daemon._client import (
-    ControlClient,
+    RuntimePaths,
     check_layer_env,
     ensure_daemon,
     live_daemon_pid,
+    runtime_paths,
     wait_daemon_gone,
 )
-from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -193,8 +192,7 @@ def check_before_daemon(request: dict[str, Any]) -> None:
     """What the daemon would refuse at once, checked here (it costs importing the config
     package, so only when no daemon runs yet): the config resolves, and the target is one a
     session can have (`check_session_target`). Raises `DaemonError` as the daemon would."""
-    from mirrord.daemon._backend import check_session_target
-    from mirrord.daemon._daemon import resolve_session_config
+    from mirrord.daemon import check_session_target, resolve_session_config
 
     config, _, _ = resolve_session_config(request)
     check_session_target(config, request.get("env") or {})

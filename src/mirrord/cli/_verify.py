@@ -62,21 +62,6 @@ def summary(cfg: MirrordConfig) -> list[tuple[str, str]]:
     ]
 
 
-# Target kinds an IDE may offer for this config (mirrord's `compatible_target_types`). Nothing
-# here depends on the config: mirrord narrows the list only for `copy_target`, which we lack.
-_TARGET_TYPES = [
-    "targetless",
-    "pod",
-    "deployment",
-    "rollout",
-    "job",
-    "cronjob",
-    "statefulset",
-    "service",
-    "replicaset",
-]
-
-
 def _ide_target(cfg: MirrordConfig) -> dict[str, Any]:
     """The target in the IDE shape: `path` is null (not set: the IDE offers a target picker),
     or the target string ("targetless", "deployment/api/container/main", "pid/1234")."""
@@ -102,7 +87,7 @@ def verify_config(
     from rich.console import Console
     from rich.markup import escape
 
-    from mirrord.config import ConfigError, resolve_config
+    from mirrord.config import TARGET_KINDS, ConfigError, resolve_config
 
     try:
         resolved = resolve_config(path)
@@ -121,7 +106,9 @@ def verify_config(
             "type": "Success",
             "config": _ide_target(resolved.config),
             "warnings": resolved.warnings,
-            "compatible_target_types": _TARGET_TYPES,
+            # the kinds an IDE may offer for this config (mirrord's `compatible_target_types`):
+            # mirrord narrows the list only for `copy_target`, which we lack
+            "compatible_target_types": ["targetless", *TARGET_KINDS],
             "resolved": resolved.config.model_dump(mode="json"),
         }
         typer.echo(json.dumps(success, indent=2))

@@ -13,7 +13,9 @@ The resolved config crosses to the daemon as `cfg.model_dump(mode="json")` and b
 
 from __future__ import annotations
 
+from mirrord.config._agent import AgentConfig
 from mirrord.config._exceptions import ConfigError
+from mirrord.config._feature import EnvConfig, FeatureConfig, FsConfig
 from mirrord.config._filters import AddressFilter, check_regex, parse_address_filter, python_regex
 from mirrord.config._loader import (
     ENV_VARS,
@@ -25,29 +27,23 @@ from mirrord.config._loader import (
     read_config_file,
     resolve_config,
 )
-from mirrord.config._model import (
-    AgentConfig,
-    DaemonConfig,
+from mirrord.config._model import DaemonConfig, ExperimentalConfig, MirrordConfig, config_warnings
+from mirrord.config._network import (
     DnsConfig,
     DnsFilterConfig,
-    EnvConfig,
-    ExperimentalConfig,
-    FeatureConfig,
-    FsConfig,
     HttpFilterConfig,
     IncomingConfig,
     InnerHttpFilter,
-    MirrordConfig,
     NetworkConfig,
     OutgoingConfig,
     OutgoingFilterConfig,
-    TargetConfig,
-    config_warnings,
 )
 from mirrord.config._schema import config_schema, schema_key_paths
+from mirrord.config._target import TARGET_KINDS, TargetConfig
 
 __all__ = [
     "ENV_VARS",
+    "TARGET_KINDS",
     "AddressFilter",
     "AgentConfig",
     "ConfigError",

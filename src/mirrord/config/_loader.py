@@ -533,6 +533,13 @@ def env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[st
 # ----------------------------------------------------------------------------- CLI flags
 
 
+def _names(value: str | list[str] | None) -> list[str] | None:
+    """A flag's list of names: given as a list, or as mirrord's "A;B" string."""
+    if value is None:
+        return None
+    return _list(value) if isinstance(value, str) else list(value)
+
+
 def cli_overrides(
     *,
     target: str | None = None,
@@ -569,73 +576,47 @@ def cli_overrides(
     `load_config` as `config_file`) and is accepted here only so a caller can forward all flags.
     """
     del config_file
-    patch: dict[str, Any] = {}
-    if target is not None:
-        _set(patch, ("target", "path"), target)
-    if target_namespace is not None:
-        _set(patch, ("target", "namespace"), target_namespace)
-    if agent_namespace is not None:
-        _set(patch, ("agent", "namespace"), agent_namespace)
-    if agent_image is not None:
-        _set(patch, ("agent", "image"), agent_image)
-    if ephemeral:
-        _set(patch, ("agent", "ephemeral"), True)
-    if steal:
-        _set(patch, ("feature", "network", "incoming", "mode"), "steal")
-    if no_incoming:
-        _set(patch, ("feature", "network", "incoming", "mode"), "off")
-    if rw:  # mirrord's `--rw`: read-write file access (an explicit --fs-mode wins)
-        _set(patch, ("feature", "fs", "mode"), "write")
-    if fs_mode is not None:
-        _set(patch, ("feature", "fs", "mode"), fs_mode)
-    if agent_log_level is not None:
-        _set(patch, ("agent", "log_level"), agent_log_level)
-    if agent_ttl is not None:
-        _set(patch, ("agent", "ttl"), agent_ttl)
-    if agent_startup_timeout is not None:
-        _set(patch, ("agent", "startup_timeout"), agent_startup_timeout)
-    if accept_invalid_certificates is not None:
-        _set(patch, ("accept_invalid_certificates",), accept_invalid_certificates)
-    if env_file is not None:
-        _set(patch, ("feature", "env", "env_file"), env_file)
     if context is not None:  # `--context`, mirrord's name for kube_context
         kube_context = context
-    if env_include is not None:
-        _set(
-            patch,
-            ("feature", "env", "include"),
-            _list(env_include) if isinstance(env_include, str) else list(env_include),
-        )
-    if env_exclude is not None:
-        _set(
-            patch,
-            ("feature", "env", "exclude"),
-            _list(env_exclude) if isinstance(env_exclude, str) else list(env_exclude),
-        )
-    if no_outgoing or no_tcp_outgoing:
-        _set(patch, ("feature", "network", "outgoing", "tcp"), False)
-    if no_outgoing or no_udp_outgoing:
-        _set(patch, ("feature", "network", "outgoing", "udp"), False)
-    if no_remote_dns:
-        _set(patch, ("feature", "network", "dns", "enabled"), False)
-    if kube_context is not None:
-        _set(patch, ("kube_context",), kube_context)
-    if kubeconfig is not None:
-        _set(patch, ("kubeconfig",), kubeconfig)
-    if skip_processes is not None:
-        _set(
-            patch,
-            ("skip_processes",),
-            _list(skip_processes) if isinstance(skip_processes, str) else list(skip_processes),
-        )
-    if syscalls:
-        _set(patch, ("experimental", "syscall_supervisor"), True)
-    if port_mapping:
-        _set(
-            patch,
-            ("feature", "network", "incoming", "port_mapping"),
-            [list(pair) for pair in port_mapping],
-        )
+    # Each key the flags set, and its value (None: not given). Where two flags set one key,
+    # the more specific wins: `--fs-mode` over `--rw`, `--no-incoming` over `--steal`.
+    settings: dict[tuple[str, ...], Any] = {
+        ("target", "path"): target,
+        ("target", "namespace"): target_namespace,
+        ("agent", "namespace"): agent_namespace,
+        ("agent", "image"): agent_image,
+        ("agent", "ephemeral"): True if ephemeral else None,
+        ("feature", "network", "incoming", "mode"): (
+            "off" if no_incoming else "steal" if steal else None
+        ),
+        # mirrord's `--rw`: read-write file access
+        ("feature", "fs", "mode"): fs_mode if fs_mode is not None else "write" if rw else None,
+        ("agent", "log_level"): agent_log_level,
+        ("agent", "ttl"): agent_ttl,
+        ("agent", "startup_timeout"): agent_startup_timeout,
+        ("accept_invalid_certificates",): accept_invalid_certificates,
+        ("feature", "env", "env_file"): env_file,
+        ("feature", "env", "include"): _names(env_include),
+        ("feature", "env", "exclude"): _names(env_exclude),
+        ("feature", "network", "outgoing", "tcp"): False
+        if no_outgoing or no_tcp_outgoing
+        else None,
+        ("feature", "network", "outgoing", "udp"): False
+        if no_outgoing or no_udp_outgoing
+        else None,
+        ("feature", "network", "dns", "enabled"): False if no_remote_dns else None,
+        ("kube_context",): kube_context,
+        ("kubeconfig",): kubeconfig,
+        ("skip_processes",): _names(skip_processes),
+        ("experimental", "syscall_supervisor"): True if syscalls else None,
+        ("feature", "network", "incoming", "port_mapping"): (
+            [list(pair) for pair in port_mapping] if port_mapping else None
+        ),
+    }
+    patch: dict[str, Any] = {}
+    for path, value in settings.items():
+        if value is not None:
+            _set(patch, path, value)
     return patch
 
 

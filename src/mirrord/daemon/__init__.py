@@ -1,10 +1,11 @@
 """mirrordd: the long-lived per-user daemon (control API, sessions, agent pool, multiplexing).
 
 Owns: the daemon process, its control API, sessions, the agent pool and the relaying of
-connections between agent channels and user-app sockets; the agent backend protocol (`AgentBackend`) and
-the local backend; the control API's client (used by the CLI). Does not own: the wire
-protocols (`mirrord.protocol`), the agent, the layer library, the Kubernetes backend
-(`mirrord.kube`).
+connections between agent channels and user-app sockets; the choice of agent backend and the
+local backend; the control API's client and the checks of a session's config before a daemon
+starts (used by the CLI, through this module only). Does not own: the wire protocols
+(`mirrord.protocol`), the agent backend interface (`mirrord.backend`), the agent, the layer
+library, the Kubernetes backend (`mirrord.kube`).
 
 Names are imported on first use: the CLI's client side (`_client`, `_control`, `_runtime`,
 `_exceptions`) must not pay for the daemon's event-loop machinery on every `mirrord run`.
@@ -18,16 +19,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mirrord.daemon._backend import (
         AgentBackend,
-        AgentConfig,
         AgentHandle,
         LocalAgentBackend,
         LocalAgentHandle,
         Progress,
         backends_for_daemon,
-        config_value,
+        check_session_target,
         select_backend,
     )
-    from mirrord.daemon._client import ControlClient, ensure_daemon, stop_daemon
+    from mirrord.daemon._client import (
+        ControlClient,
+        check_layer_env,
+        daemon_status,
+        ensure_daemon,
+        live_daemon_pid,
+        stop_daemon,
+        wait_daemon_gone,
+    )
     from mirrord.daemon._control import (
         AgentLostEvent,
         ClosedEvent,
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
         WaitSession,
         WarningEvent,
     )
+    from mirrord.daemon._daemon import resolve_session_config
     from mirrord.daemon._exceptions import (
         AgentLost,
         AgentStartError,
@@ -66,17 +75,21 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "AgentBackend": "_backend",
-    "AgentConfig": "_backend",
     "AgentHandle": "_backend",
     "LocalAgentBackend": "_backend",
     "LocalAgentHandle": "_backend",
     "Progress": "_backend",
     "backends_for_daemon": "_backend",
-    "config_value": "_backend",
+    "check_session_target": "_backend",
     "select_backend": "_backend",
     "ControlClient": "_client",
+    "check_layer_env": "_client",
+    "daemon_status": "_client",
     "ensure_daemon": "_client",
+    "live_daemon_pid": "_client",
     "stop_daemon": "_client",
+    "wait_daemon_gone": "_client",
+    "resolve_session_config": "_daemon",
     "AgentLostEvent": "_control",
     "CloseSession": "_control",
     "ClosedEvent": "_control",
@@ -114,7 +127,6 @@ _WHERE = {
 
 __all__ = [
     "AgentBackend",
-    "AgentConfig",
     "AgentHandle",
     "AgentLost",
     "AgentLostEvent",
@@ -150,14 +162,19 @@ __all__ = [
     "WaitSession",
     "WarningEvent",
     "backends_for_daemon",
-    "config_value",
+    "check_layer_env",
+    "check_session_target",
+    "daemon_status",
     "ensure_daemon",
+    "live_daemon_pid",
     "main",
     "open_relay_pair",
+    "resolve_session_config",
     "runtime_dir",
     "runtime_paths",
     "select_backend",
     "stop_daemon",
+    "wait_daemon_gone",
 ]
 
 

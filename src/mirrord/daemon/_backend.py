@@ -1,32 +1,13 @@
-"""Agent backends: how the daemon gets an agent next to a target and one byte stream to it.
+"""Agent backends as the daemon uses them: which one serves a target, and the local one.
 
-Owns: the `AgentBackend` / `AgentHandle` protocols that every backend implements, the choice
-of backend for a target string, and the *local* backend (an `mirrord-agent` subprocess for
-`pid/N` and `container/ID` targets on this machine, reached through a unix socket in the
-runtime directory). Does not own: the agent protocol spoken on the stream (the daemon's agent
-pool does that with `mirrord.protocol.AgentConnection`), nor the Kubernetes backend, which
-lives in `mirrord.kube` and is found by `backends_for_daemon()` as `mirrord.kube.KubeBackend`
-(constructed with no arguments; it implements `AgentBackend`).
-
-Contract for every backend
---------------------------
-- `handles(target)` is cheap and synchronous: it only looks at the target string.
-- `start_agent(target, config, progress)` makes an agent exist and be reachable; it may take
-  seconds. It reports steps through `progress("...")` (short phrases a user reads, no secrets)
-  and raises `AgentStartError` (or a subclass) with a message that says what to check.
-  `config` is the session's resolved `mirrord.config.MirrordConfig`; a backend reads
-  only the sections it owns (`agent`, `kube`, ...).
-- The returned handle's `key` decides sharing: sessions whose handle keys are equal share one
-  agent and one stream (the daemon stops the handle it did not need). Keys name the backend
-  and the resolved target, e.g. `local:pid/123` (`local:pid/123@settings` for an agent started
-  with other than the default agent settings), `kube:ctx/ns/pod/container@settings`.
-- Optional `agent_fingerprint(config) -> str`: the settings an agent was started with that a
-  session must share to reuse it; the pool reuses a running agent for a target only when the
-  fingerprints are equal (without the method: by target alone).
-- `connect()` returns the ONE stream the daemon speaks the agent protocol on; the daemon calls
-  it again to re-establish after a break. `secret` is the agent's per-agent secret (sent in
-  `Hello`). `alive()` is cheap and synchronous. `stop()` releases the agent and everything the
-  backend created for it; it is idempotent and never raises for an agent already gone.
+Owns: the choice of backend for a target string (`select_backend`, `backends_for_daemon`),
+what a session's target needs before any agent starts (`check_session_target`), and the
+*local* backend (an `mirrord-agent` subprocess for `pid/N` and `container/ID` targets on this
+machine, reached through a unix socket in the runtime directory). Does not own: the interface
+every backend implements and its contract (`mirrord.backend`), the agent protocol spoken on the
+stream (the daemon's agent pool does that with `mirrord.protocol.AgentConnection`), nor the
+Kubernetes backend, which lives in `mirrord.kube` and is found by `backends_for_daemon()` as
+`mirrord.kube.KubeBackend` (constructed with no arguments; it implements `AgentBackend`).
 """
 
 from __future__ import annotations
@@ -38,13 +19,14 @@ import secrets
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
+from mirrord.backend import AgentBackend, AgentHandle, Progress, kubeconfig_path
 from mirrord.daemon._exceptions import (
     AgentStartError,
     NoTarget,
@@ -52,9 +34,11 @@ from mirrord.daemon._exceptions import (
     TargetNotSupported,
 )
 
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
+
 __all__ = [
     "AgentBackend",
-    "AgentConfig",
     "AgentHandle",
     "LocalAgentBackend",
     "LocalAgentHandle",
@@ -62,108 +46,42 @@ __all__ = [
     "agent_environment",
     "backends_for_daemon",
     "check_session_target",
-    "config_value",
-    "kubeconfig_path",
     "select_backend",
 ]
 
-# The session's resolved `mirrord.config.MirrordConfig`; a backend reads it through
-# `config_value()` so that a plain dict of the same JSON shape works too (tests, older callers).
-AgentConfig = Any
-Progress = Callable[[str], None]
-
 LOCAL_TARGET_PREFIXES = ("pid/", "container/")
-DEFAULT_AGENT_STARTUP_TIMEOUT = 60.0
 DEFAULT_AGENT_IDLE_TIMEOUT = 60
 _READY_PREFIX = "mirrord-agent ready "
 _ERROR_PREFIX = "mirrord-agent: error: "
 _STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when stopping an agent
 
 
-@runtime_checkable
-class AgentHandle(Protocol):
-    """One started agent: how to reach it and how to release it."""
-
-    key: str
-    description: str
-    secret: str
-
-    async def connect(self) -> anyio.abc.ByteStream:
-        """A new byte stream to the agent (raises `AgentStartError` if it cannot be reached)."""
-        ...
-
-    async def stop(self) -> None:
-        """Release the agent; idempotent; never raises for an agent that is already gone."""
-        ...
-
-    def alive(self) -> bool:
-        """Cheap check: False once the agent is known to be gone."""
-        ...
-
-
-@runtime_checkable
-class AgentBackend(Protocol):
-    """A way to run agents: local subprocesses, Kubernetes jobs, ..."""
-
-    name: str
-
-    def handles(self, target: str) -> bool:
-        """Whether this backend runs agents for `target` (looks at the string only)."""
-        ...
-
-    async def start_agent(
-        self, target: str, config: AgentConfig, progress: Progress
-    ) -> AgentHandle:
-        """Start (or find) an agent for `target`; raises `AgentStartError` with what to check."""
-        ...
-
-
-def config_value(config: AgentConfig, *path: str, default: Any = None) -> Any:
-    """`config.a.b` for a pydantic model or `config["a"]["b"]` for a dict; `default` if absent."""
-    node: Any = config
-    for name in path:
-        if node is None:
-            return default
-        node = node.get(name) if isinstance(node, dict) else getattr(node, name, None)
-    return default if node is None else node
-
-
-def agent_environment(config: AgentConfig) -> dict[str, str]:
+def agent_environment(config: MirrordConfig) -> dict[str, str]:
     """The agent options of the session's config as the agent reads them (its environment):
     `agent.nftables` -> MIRRORD_AGENT_NFTABLES, `agent.clean_iptables_on_start` ->
     MIRRORD_AGENT_CLEAN_IPTABLES_ON_START. Unset keys are left out (the agent detects).
     Sessions that share an agent share the options of the session that started it."""
     env: dict[str, str] = {}
-    nftables = config_value(config, "agent", "nftables", default=None)
-    if isinstance(nftables, bool):
+    nftables = config.agent.nftables
+    if nftables is not None:
         env["MIRRORD_AGENT_NFTABLES"] = "true" if nftables else "false"
-    if config_value(config, "agent", "clean_iptables_on_start", default=False) is True:
+    if config.agent.clean_iptables_on_start:
         env["MIRRORD_AGENT_CLEAN_IPTABLES_ON_START"] = "true"
     return env
 
 
-def kubeconfig_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
-    """The kubeconfig file(s) to read: `explicit`, else `$KUBECONFIG`, else ~/.kube/config."""
-    env = os.environ if env is None else env
-    if explicit:
-        return os.path.expanduser(explicit)
-    if env.get("KUBECONFIG"):
-        return env["KUBECONFIG"]
-    return str(Path(env.get("HOME", "~")).expanduser() / ".kube" / "config")
-
-
-def check_session_target(config: AgentConfig, env: Mapping[str, str]) -> None:
+def check_session_target(config: MirrordConfig, env: Mapping[str, str]) -> None:
     """What a session's target needs before any agent starts: no target at all (the default
     is targetless, in a cluster) needs a kubeconfig, or it gets `NoTarget`; a local target
     needs root (`RootRequired`). Cheap: no backend is loaded. `env` is the session's (HOME,
     KUBECONFIG)."""
-    target = config_value(config, "target", "path", default=None)
+    target = config.target.path
     if target is None:
-        path = kubeconfig_path(config_value(config, "kubeconfig", default=None), env)
+        path = kubeconfig_path(config.kubeconfig, env)
         if not any(Path(p).is_file() for p in path.split(os.pathsep) if p):
             raise NoTarget(path.split(os.pathsep)[0])
-    elif str(target).startswith(LOCAL_TARGET_PREFIXES) and os.geteuid() != 0:
-        raise RootRequired(str(target))
+    elif target.startswith(LOCAL_TARGET_PREFIXES) and os.geteuid() != 0:
+        raise RootRequired(target)
 
 
 def select_backend(target: str, backends: list[AgentBackend]) -> AgentBackend:
@@ -203,13 +121,13 @@ class _KubeOnFirstUse:
         backend = self._load()
         return backend is not None and backend.handles(target)
 
-    def agent_fingerprint(self, config: AgentConfig) -> str:
+    def agent_fingerprint(self, config: MirrordConfig) -> str:
         backend = self._load()
         fingerprint = getattr(backend, "agent_fingerprint", None)
         return str(fingerprint(config)) if fingerprint is not None else ""
 
     async def start_agent(
-        self, target: str, config: AgentConfig, progress: Progress
+        self, target: str, config: MirrordConfig, progress: Progress
     ) -> AgentHandle:
         backend = self._load()
         if backend is None:  # pragma: no cover - handles() said no
@@ -326,12 +244,12 @@ class LocalAgentBackend:
     def handles(self, target: str) -> bool:
         return target.startswith(LOCAL_TARGET_PREFIXES)
 
-    def agent_fingerprint(self, config: AgentConfig) -> str:
+    def agent_fingerprint(self, config: MirrordConfig) -> str:
         """The settings a local agent runs with (its environment from `agent_environment` and
         `agent.communication_timeout`): the pool reuses a lingering agent only for a session
         asking for the same. "" for the defaults."""
         env = agent_environment(config)
-        idle = config_value(config, "agent", "communication_timeout", default=None)
+        idle = config.agent.communication_timeout
         if not env and idle in (None, DEFAULT_AGENT_IDLE_TIMEOUT):
             return ""
         text = json.dumps({"env": env, "idle": idle}, sort_keys=True)
@@ -357,7 +275,7 @@ class LocalAgentBackend:
         return argv
 
     async def start_agent(
-        self, target: str, config: AgentConfig, progress: Progress
+        self, target: str, config: MirrordConfig, progress: Progress
     ) -> LocalAgentHandle:
         if not self.handles(target):
             raise TargetNotSupported(target, [self.name])
@@ -368,14 +286,10 @@ class LocalAgentBackend:
             )
         if os.geteuid() != 0:
             raise RootRequired(target)
-        startup_timeout = float(
-            config_value(config, "agent", "startup_timeout", default=DEFAULT_AGENT_STARTUP_TIMEOUT)
-        )
-        idle = int(
-            config_value(
-                config, "agent", "communication_timeout", default=DEFAULT_AGENT_IDLE_TIMEOUT
-            )
-        )
+        startup_timeout = float(config.agent.startup_timeout)
+        idle = config.agent.communication_timeout
+        if idle is None:
+            idle = DEFAULT_AGENT_IDLE_TIMEOUT
         self._counter += 1
         stem = f"agent-{os.getpid()}-{self._counter}"
         socket_path = self.runtime_dir / f"{stem}.sock"

@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -29,12 +29,8 @@ from anyio.abc import SocketAttribute
 
 from mirrord._frames import FrameWriter
 from mirrord._version import __version__
-from mirrord.daemon._backend import (
-    AgentBackend,
-    backends_for_daemon,
-    check_session_target,
-    config_value,
-)
+from mirrord.backend import AgentBackend
+from mirrord.daemon._backend import backends_for_daemon, check_session_target
 from mirrord.daemon._control import (
     Answer,
     CloseSession,
@@ -82,6 +78,9 @@ from mirrord.daemon._layer_client import serve_layer_client
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
 from mirrord.daemon._session import Session, new_session_id
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -148,7 +147,9 @@ async def _preload_config() -> None:
     await anyio.to_thread.run_sync(importlib.import_module, "mirrord.config")
 
 
-def resolve_session_config(request: dict[str, Any]) -> tuple[Any, list[str], Path | None]:
+def resolve_session_config(
+    request: dict[str, Any],
+) -> tuple[MirrordConfig, list[str], Path | None]:
     """A session's configuration from what the CLI was given: its config file, its flags
     (`cli_overrides`), its environment (MIRRORD_* and templates) and its working directory;
     with the warnings and the file used. Reads the file (run it in a worker thread). Raises
@@ -187,12 +188,10 @@ def resolve_session_config(request: dict[str, Any]) -> tuple[Any, list[str], Pat
     return config, list(resolved.warnings), resolved.source
 
 
-def _config_model(config: dict[str, Any]) -> Any:
-    """The resolved config as the config package's model when it exists, else the dict."""
-    try:
-        from mirrord.config import MirrordConfig
-    except ImportError:
-        return config
+def _config_model(config: dict[str, Any]) -> MirrordConfig:
+    """The resolved config (its JSON dump) as the config package's model."""
+    from mirrord.config import MirrordConfig
+
     try:
         return MirrordConfig.model_validate(config)
     except ValueError as exc:  # pydantic's ValidationError: a client of another version
@@ -349,12 +348,8 @@ class Daemon:
         # HTTPS filtered steal: its certificate files are read and checked before any agent starts
         incoming_tls = await anyio.to_thread.run_sync(subscribe_tls, config, params.cwd)
         progress(f"opening a session on {target}")
-        level = config_value(config, "daemon", "log_level", default=None)
-        if level is not None:
-            logging.getLogger("mirrord").setLevel(str(level).upper())
-        idle = config_value(config, "daemon", "idle_timeout", default=None)
-        if idle is not None:
-            self.idle_timeout = float(idle)
+        logging.getLogger("mirrord").setLevel(config.daemon.log_level.upper())
+        self.idle_timeout = float(config.daemon.idle_timeout)
         client_pid = params.client_pid
         if request is not None:
             request_env = request.get("env")

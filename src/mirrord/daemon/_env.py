@@ -13,12 +13,14 @@ import errno as errno_mod
 import fnmatch
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mirrord.daemon._backend import AgentConfig, config_value
 from mirrord.daemon._exceptions import AgentLost, ChannelLost, ConfigRefused, DaemonError
 from mirrord.daemon._link import AgentLink
 from mirrord.protocol import messages as m
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = [
     "ENV_REQUEST_TIMEOUT",
@@ -62,20 +64,8 @@ KEEP_LOCAL = (
 )
 
 
-def _patterns(value: Any) -> list[str]:
-    """A config pattern list: a list, or mirrord's `"A;B*"` string."""
-    if value is None or value is True:
-        return []
-    if isinstance(value, str):
-        return [p.strip() for p in value.split(";") if p.strip()]
-    return [str(p) for p in value]
-
-
-def env_enabled(config: AgentConfig) -> bool:
-    feature = config_value(config, "feature", "env", default=True)
-    if feature is False:
-        return False
-    return bool(config_value(config, "feature", "env", "enabled", default=True))
+def env_enabled(config: MirrordConfig) -> bool:
+    return config.feature.env.enabled
 
 
 class _EnvChannel:
@@ -91,20 +81,19 @@ class _EnvChannel:
         del msg
 
 
-async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> dict[str, str]:
+async def fetch_remote_env(link: AgentLink, config: MirrordConfig, pid: int) -> dict[str, str]:
     """The target's environment as filtered by `feature.env.include/exclude`."""
     if not env_enabled(config):
         return {}
-    raw_include = config_value(config, "feature", "env", "include", default=None)
-    include = _patterns(raw_include)
-    if raw_include is not None and raw_include is not True and not include:
+    include = config.feature.env.include
+    if include is not None and not include:
         return {}  # an empty include list is "none of them" (the agent reads [] as "all")
-    exclude = _patterns(config_value(config, "feature", "env", "exclude", default=None))
+    exclude = config.feature.env.exclude or []
     channel = link.open_channel(_EnvChannel(), pid=pid, label="session environment")
     try:
         reply = await link.call(
             channel,
-            m.EnvRequest(request_id=0, include=include, exclude=exclude),
+            m.EnvRequest(request_id=0, include=include or [], exclude=exclude),
             timeout=ENV_REQUEST_TIMEOUT,
         )
     except TimeoutError:
@@ -135,38 +124,36 @@ async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> di
 
 
 def merge_env(
-    remote: dict[str, str], config: AgentConfig, cwd: str | None = None
+    remote: dict[str, str], config: MirrordConfig, cwd: str | None = None
 ) -> dict[str, str]:
     """Remote env minus the always-local variables, then `env_file`, `mapping`, `override`,
     and last `unset`."""
-    include = _patterns(config_value(config, "feature", "env", "include", default=None))
+    settings = config.feature.env
+    include = settings.include or []
     env = {
         k: v
         for k, v in remote.items()
         if not any(fnmatch.fnmatchcase(k, pat) for pat in KEEP_LOCAL)
         or any(fnmatch.fnmatchcase(k, pat) for pat in include if pat != "*")
     }
-    env_file = config_value(config, "feature", "env", "env_file", default=None)
-    if env_file:
-        env.update(_read_env_file(Path(cwd or "/") / str(env_file)))
-    mapping = config_value(config, "feature", "env", "mapping", default=None) or {}
-    for pattern, value in dict(mapping).items():
-        regex = re.compile(str(pattern))
+    if settings.env_file:
+        env.update(_read_env_file(Path(cwd or "/") / settings.env_file))
+    for pattern, value in settings.mapping.items():
+        regex = re.compile(pattern)
         for key in [k for k in env if regex.search(k)]:
-            env[key] = str(value)
-    overrides = config_value(config, "feature", "env", "override", default=None) or {}
-    env.update({str(k): str(v) for k, v in dict(overrides).items()})
+            env[key] = value
+    env.update(settings.override)
     for name in unset_names(config):
         for key in [k for k in env if k.upper() == name.upper()]:
             del env[key]
     return env
 
 
-def unset_names(config: AgentConfig) -> list[str]:
+def unset_names(config: MirrordConfig) -> list[str]:
     """`feature.env.unset`: removed from the session's env here, and by the CLI (or the IDE)
     from the user's own environment too (mirrord's use: a local AWS_PROFILE that would make
     the app ignore the target's credentials)."""
-    return _patterns(config_value(config, "feature", "env", "unset", default=None))
+    return list(config.feature.env.unset)
 
 
 _FILTER_CRITERIA = ("header_filter", "path_filter", "method_filter", "all_of", "any_of")
@@ -193,33 +180,20 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return result
 
 
-def incoming_settings(config: AgentConfig) -> tuple[str, dict[str, Any] | None]:
+def incoming_settings(config: MirrordConfig) -> tuple[str, dict[str, Any] | None]:
     """(mode, http_filter): mode is `mirror`, `steal` or `off`; the filter (steal: which
     requests are stolen; mirror: which requests are copied) is the config's `http_filter`
     object in its JSON shape when it has any criterion, else None."""
-    incoming = config_value(config, "feature", "network", "incoming", default="mirror")
-    if isinstance(incoming, str):
-        return (incoming if incoming in (*m.INCOMING_MODES, "off") else "mirror"), None
-    if incoming is False:
-        return "off", None
-    mode = str(config_value(incoming, "mode", default="mirror"))
-    if mode not in (*m.INCOMING_MODES, "off"):
-        mode = "mirror"
-    raw = config_value(incoming, "http_filter", default=None)
-    if raw is not None and not isinstance(raw, dict):
-        dump = getattr(raw, "model_dump", None)
-        raw = dump(mode="json", exclude_none=True) if dump is not None else None
-    if mode == "off" or not raw or not any(raw.get(k) for k in _FILTER_CRITERIA):
-        return mode, None
-    return mode, {k: v for k, v in raw.items() if v is not None}
+    incoming = config.feature.network.incoming
+    raw = incoming.http_filter.model_dump(mode="json", exclude_none=True)
+    if incoming.mode == "off" or not any(raw.get(k) for k in _FILTER_CRITERIA):
+        return incoming.mode, None
+    return incoming.mode, raw
 
 
-def on_concurrent_steal(config: AgentConfig) -> str:
-    """`feature.network.incoming.on_concurrent_steal` ("abort" when unset or not an object)."""
-    value = config_value(
-        config, "feature", "network", "incoming", "on_concurrent_steal", default="abort"
-    )
-    return value if isinstance(value, str) else "abort"
+def on_concurrent_steal(config: MirrordConfig) -> str:
+    """`feature.network.incoming.on_concurrent_steal` ("abort" when unset)."""
+    return config.feature.network.incoming.on_concurrent_steal
 
 
 def filter_for_port(http_filter: dict[str, Any] | None, port: int) -> dict[str, Any] | None:
@@ -231,7 +205,7 @@ def filter_for_port(http_filter: dict[str, Any] | None, port: int) -> dict[str, 
 
 
 def steal_for_port(
-    config: AgentConfig, http_filter: dict[str, Any] | None, port: int
+    config: MirrordConfig, http_filter: dict[str, Any] | None, port: int
 ) -> tuple[bool, dict[str, Any] | None, str]:
     """How a steal session subscribes `port`: (subscribe?, filter, warning).
 
@@ -241,7 +215,7 @@ def steal_for_port(
     flt = filter_for_port(http_filter, port)
     if http_filter is None or flt is not None:
         return True, flt, ""
-    listed = config_value(config, "feature", "network", "incoming", "ports", default=None)
+    listed = config.feature.network.incoming.ports
     if listed is not None and port in listed:
         return True, None, ""
     filtered = http_filter.get("ports") or [80, 8080]
@@ -254,7 +228,7 @@ def steal_for_port(
     )
 
 
-def check_layer_settings(config: AgentConfig) -> None:
+def check_layer_settings(config: MirrordConfig) -> None:
     """Refuse, before anything starts, a configuration the layer cannot take: one too large
     for its environment variable or its parser (`LayerSettingsTooLarge` names the limit), or
     a pattern it cannot express. Raises `DaemonError` with code `config_error`."""
@@ -267,7 +241,7 @@ def check_layer_settings(config: AgentConfig) -> None:
 
 
 def layer_variables(
-    config: AgentConfig, *, socket_path: str, session_id: str, debug: bool = False
+    config: MirrordConfig, *, socket_path: str, session_id: str, debug: bool = False
 ) -> dict[str, str]:
     """The variables that load and configure the layer in the user command (docs/layer.md).
 

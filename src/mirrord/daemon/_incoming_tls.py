@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirrord._tls import MAX_PEM, TlsMaterialError, check_pem_pair, client_context
-from mirrord.config import MirrordConfig
 from mirrord.daemon._exceptions import ConfigRefused
 from mirrord.protocol import messages as m
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = ["agent_tls_warnings", "subscribe_tls"]
 
@@ -44,12 +46,10 @@ def _read(key: str, name: str, cwd: Path) -> tuple[Path, str]:
         ) from None
 
 
-def subscribe_tls(config: Any, cwd: str | None) -> dict[str, Any] | None:
+def subscribe_tls(config: MirrordConfig, cwd: str | None) -> dict[str, Any] | None:
     """`Subscribe.tls` for the session's filtered steals: the PEM text of `tls_steal`'s files and
     the `tls_delivery` settings; None when `tls_steal` is not set or cannot apply (no filtered
     steal). Raises `ConfigRefused` for a missing, unreadable or unusable file."""
-    if not isinstance(config, MirrordConfig):
-        return None
     incoming = config.feature.network.incoming
     steal = incoming.tls_steal
     if not steal.is_set or incoming.mode != "steal" or not incoming.http_filter.is_set:

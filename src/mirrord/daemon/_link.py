@@ -25,7 +25,7 @@ import anyio.abc
 
 from mirrord._frames import FrameReader, FrameWriter
 from mirrord._version import __version__
-from mirrord.daemon._backend import AgentHandle
+from mirrord.backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError, ChannelLost
 from mirrord.daemon._relay import Counters, Relay
 from mirrord.protocol import (

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
-from mirrord.daemon._backend import (
-    AgentBackend,
-    AgentConfig,
-    AgentHandle,
-    Progress,
-    config_value,
-    select_backend,
-)
+from mirrord.backend import AgentBackend, AgentHandle, Progress
+from mirrord.daemon._backend import select_backend
 from mirrord.daemon._link import AgentLink
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = ["DEFAULT_LINGER", "AgentPool", "PoolEntry"]
 
@@ -31,12 +28,9 @@ log = logging.getLogger("mirrord.daemon.pool")
 DEFAULT_LINGER = 60.0
 
 
-def linger_of(config: AgentConfig) -> float:
+def linger_of(config: MirrordConfig) -> float:
     """The `daemon.agent_linger` config value in seconds (how long an unused agent stays)."""
-    value = config_value(config, "daemon", "agent_linger", default=None)
-    if value is None:
-        value = config_value(config, "daemon", "linger", default=DEFAULT_LINGER)
-    return float(value)
+    return float(config.daemon.agent_linger)
 
 
 class _Status(anyio.abc.TaskStatus[None]):
@@ -96,7 +90,7 @@ class AgentPool:
         return f"<AgentPool agents={len(self.entries)}>"
 
     async def acquire(
-        self, target: str, config: AgentConfig, progress: Progress, session_id: str
+        self, target: str, config: MirrordConfig, progress: Progress, session_id: str
     ) -> AgentLink:
         """The open link to the agent for `target`, starting the agent if needed; the session
         is counted as a user of it until `release()`."""

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from mirrord.daemon._backend import AgentConfig
 from mirrord.daemon._control import (
     AgentLostEvent,
     ClosedEvent,
@@ -43,6 +42,7 @@ from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
 if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
     from mirrord.daemon._layer_client import LayerClient
 
 __all__ = ["LayerProcess", "Session", "lost_reply", "new_session_id"]
@@ -69,7 +69,7 @@ class Session:
         *,
         session_id: str | None = None,
         target: str,
-        config: AgentConfig,
+        config: MirrordConfig,
         link: AgentLink,
         client_pid: int = 0,
         label: str = "",

@@ -9,6 +9,7 @@ stream `KubeAgentHandle.connect()` returns), and is never imported by the agent.
 
 from __future__ import annotations
 
+from mirrord.kube._api import ApiCallError
 from mirrord.kube._backend import PLACEMENTS, KubeAgentHandle, KubeBackend, placement_of
 from mirrord.kube._client import KubeContext, kubeconfig_path, load_context
 from mirrord.kube._exceptions import (
@@ -46,6 +47,7 @@ __all__ = [
     "TARGET_KINDS",
     "AgentOptions",
     "AgentPodFailed",
+    "ApiCallError",
     "KubeAgentHandle",
     "KubeBackend",
     "KubeConfigError",

@@ -25,13 +25,14 @@ import random
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
 import anyio.abc
 from kubernetes_asyncio import client as k8s
 
+from mirrord.backend import Progress
 from mirrord.kube._api import ApiCallError, Json, call, log_lines, watch_events
 from mirrord.kube._client import KubeContext, load_context
 from mirrord.kube._exceptions import AgentPodFailed, KubeError, PortForwardError
@@ -45,6 +46,9 @@ from mirrord.kube._specs import (
     unique_agent_name,
 )
 from mirrord.kube._targets import TARGET_KINDS, ResolvedTarget, parse_target, resolve_target
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = ["PLACEMENTS", "KubeAgentHandle", "KubeBackend", "placement_of"]
 
@@ -62,8 +66,6 @@ _PULL_ERRORS = {
 }
 _CREATE_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
-Progress = Callable[[str], None]
-
 
 # The label the Job controller puts on a Job's pods (Kubernetes >= 1.27), then the legacy one.
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
@@ -71,30 +73,23 @@ JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 _DIAGNOSE_TIMEOUT = 5.0
 
 
-def placement_of(config: Any) -> str:
+def placement_of(config: MirrordConfig) -> str:
     """`agent.placement` when the config has it, else `ephemeral` if `agent.ephemeral`, else
-    `job`."""
-    from mirrord.daemon._backend import config_value
-
-    explicit = config_value(config, "agent", "placement")
-    if explicit:
-        if explicit not in PLACEMENTS:
-            raise KubeError(f"agent.placement {explicit!r} is not one of {', '.join(PLACEMENTS)}")
-        return str(explicit)
-    return "ephemeral" if config_value(config, "agent", "ephemeral", default=False) else "job"
+    `job` (the config's model allows only the `PLACEMENTS`)."""
+    if config.agent.placement is not None:
+        return config.agent.placement
+    return "ephemeral" if config.agent.ephemeral else "job"
 
 
-def agent_fingerprint(config: Any) -> str:
+def agent_fingerprint(config: MirrordConfig) -> str:
     """What a lingering agent must have been started with to serve a session with `config`:
     cluster (kubeconfig, context), target namespace, placement, and every agent setting
     (image, agent namespace, capabilities, resources, labels, log level, ...). Equal
     fingerprints may share an agent; any difference starts a new one."""
-    from mirrord.daemon._backend import config_value
-
     parts = {
-        "kubeconfig": config_value(config, "kubeconfig"),
-        "context": config_value(config, "kube_context"),
-        "namespace": config_value(config, "target", "namespace"),
+        "kubeconfig": config.kubeconfig,
+        "context": config.kube_context,
+        "namespace": config.target.namespace,
         "placement": placement_of(config),
         "agent": dataclasses.asdict(AgentOptions.from_config(config)),
     }
@@ -117,6 +112,29 @@ class _Agent:
     created: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, ns, name)
     refs: int = 0
     dead: str | None = None  # why the agent is known to be gone
+
+
+@dataclass(frozen=True)
+class _Start:
+    """One agent start, as `KubeBackend._create` and each placement's method take it."""
+
+    api: Any  # kubernetes_asyncio.client.ApiClient
+    kube: KubeContext
+    key: str
+    target: ResolvedTarget
+    agent_ns: str
+    opts: AgentOptions
+    progress: Progress
+    deadline: float  # anyio.current_time() by which the agent must be ready
+    timeout: float  # agent.startup_timeout, for the messages
+
+    @property
+    def agent_target(self) -> str:
+        """The agent's own `--target`: the container on the node, or its own pod's pid 1."""
+        return "pid/1" if self.target.targetless else f"container/{self.target.container_id}"
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - anyio.current_time())
 
 
 class KubeAgentHandle:
@@ -212,7 +230,7 @@ class KubeBackend:
     def __repr__(self) -> str:
         return f"<KubeBackend agents={len(self._agents)}>"
 
-    def agent_fingerprint(self, config: Any) -> str:
+    def agent_fingerprint(self, config: MirrordConfig) -> str:
         """See `agent_fingerprint`: the daemon's pool reuses an agent only for equal ones."""
         return agent_fingerprint(config)
 
@@ -221,10 +239,10 @@ class KubeBackend:
 
     # ------------------------------------------------------------------ start
 
-    async def start_agent(self, target: str, config: Any, progress: Progress) -> KubeAgentHandle:
-        from mirrord.daemon._backend import config_value
-
-        timeout = float(config_value(config, "agent", "startup_timeout", default=60))
+    async def start_agent(
+        self, target: str, config: MirrordConfig, progress: Progress
+    ) -> KubeAgentHandle:
+        timeout = float(config.agent.startup_timeout)
         deadline = anyio.current_time() + timeout
         try:
             # The agent's own wait ends at the deadline with its pod's events and log (read
@@ -249,10 +267,8 @@ class KubeBackend:
             ) from None
 
     async def _start(
-        self, target: str, config: Any, progress: Progress, deadline: float
+        self, target: str, config: MirrordConfig, progress: Progress, deadline: float
     ) -> KubeAgentHandle:
-        from mirrord.daemon._backend import config_value
-
         placement = placement_of(config)
         kind, _name, _container = parse_target(target)
         if kind == "targetless" and placement == "ephemeral":
@@ -261,11 +277,11 @@ class KubeBackend:
                 "pod); set agent.ephemeral: false"
             )
         kube = await load_context(
-            kubeconfig=config_value(config, "kubeconfig"),
-            context=config_value(config, "kube_context"),
-            namespace=config_value(config, "target", "namespace"),
+            kubeconfig=config.kubeconfig,
+            context=config.kube_context,
+            namespace=config.target.namespace,
             env=self._env,
-            accept_invalid_certificates=config_value(config, "accept_invalid_certificates"),
+            accept_invalid_certificates=config.accept_invalid_certificates,
         )
         opts = AgentOptions.from_config(config)
         target_ns = kube.namespace
@@ -300,133 +316,113 @@ class KubeBackend:
                 if existing is not None and existing.dead is None:
                     progress(f"reusing agent {existing.description}")
                     return KubeAgentHandle(existing, self)
-                agent = await self._create(
-                    deadline=deadline,
-                    timeout=float(config_value(config, "agent", "startup_timeout", default=60)),
+                start = _Start(
                     api=api,
                     kube=kube,
                     key=key,
-                    placement=placement,
                     target=resolved,
                     agent_ns=agent_ns,
                     opts=opts,
                     progress=progress,
+                    deadline=deadline,
+                    timeout=float(config.agent.startup_timeout),
                 )
+                agent = await self._create(start, placement)
                 self._agents[key] = agent
                 progress(f"agent ready: {agent.description}")
                 return KubeAgentHandle(agent, self)
 
-    async def _create(
-        self,
-        *,
-        deadline: float,
-        timeout: float,
-        api: Any,
-        kube: KubeContext,
-        key: str,
-        placement: str,
-        target: ResolvedTarget,
-        agent_ns: str,
-        opts: AgentOptions,
-        progress: Progress,
-    ) -> _Agent:
+    async def _create(self, start: _Start, placement: str) -> _Agent:
+        """The agent for `start` in its `placement`: the node's agent (found, not created), an
+        ephemeral container added to the target pod, or a Job on the target's node."""
         secret = secrets.token_urlsafe(32)
         port = random.randrange(40000, 60000)
-        agent_target = f"container/{target.container_id}" if not target.targetless else "pid/1"
         if placement == "daemonset":
-            return await self._node_agent(
-                api=api,
-                kube=kube,
-                key=key,
-                target=target,
-                agent_ns=agent_ns,
-                secret=secret,
-                progress=progress,
-            )
+            return await self._node_agent(start, secret)
         if placement == "ephemeral":
-            assert target.pod is not None and target.container is not None
-            name = unique_agent_name()
-            spec = ephemeral_container_spec(
-                name=name,
-                target=agent_target,
-                target_container=target.container,
-                port=port,
-                secret=secret,
-                opts=opts,
-            )
-            progress(f"adding ephemeral container {name} to pod {target.pod}")
-            core = k8s.CoreV1Api(api)
-            try:
-                await call(
-                    core.patch_namespaced_pod_ephemeralcontainers,
-                    target.pod,
+            return await self._ephemeral_agent(start, secret, port)
+        return await self._job_agent(start, secret, port)
+
+    async def _ephemeral_agent(self, start: _Start, secret: str, port: int) -> _Agent:
+        target = start.target
+        assert target.pod is not None and target.container is not None
+        name = unique_agent_name()
+        spec = ephemeral_container_spec(
+            name=name,
+            target=start.agent_target,
+            target_container=target.container,
+            port=port,
+            secret=secret,
+            opts=start.opts,
+        )
+        start.progress(f"adding ephemeral container {name} to pod {target.pod}")
+        await _create_call(
+            f"the agent's ephemeral container in pod {target.pod}",
+            k8s.CoreV1Api(start.api).patch_namespaced_pod_ephemeralcontainers,
+            target.pod,
+            target.namespace,
+            {"spec": {"ephemeralContainers": [spec]}},
+        )
+        agent = _Agent(
+            key=start.key,
+            description=f"ephemeral container {name} in pod {target.namespace}/{target.pod}",
+            secret=secret,
+            kube=start.kube,
+            namespace=target.namespace,
+            pod=target.pod,
+            port=port,
+        )
+        api = start.api
+        with anyio.move_on_after(start.remaining()) as waiting:
+            await self._wait_pod_ready(api, target.namespace, target.pod, name, ephemeral=True)
+            await self._wait_ready_line(api, target.namespace, target.pod, name)
+        if waiting.cancelled_caught:
+            raise AgentPodFailed(
+                await self._not_ready(
+                    api,
                     target.namespace,
-                    {"spec": {"ephemeralContainers": [spec]}},
+                    target.pod,
+                    name,
+                    start.timeout,
+                    what=f"the agent container {name} in pod {target.namespace}/{target.pod}",
                 )
-            except ApiCallError as exc:
-                raise AgentPodFailed(
-                    f"the API server refused the agent's ephemeral container in pod "
-                    f"{target.pod} ({exc.status} {exc.reason}): {exc.message}"
-                ) from None
-            agent = _Agent(
-                key=key,
-                description=f"ephemeral container {name} in pod {target.namespace}/{target.pod}",
-                secret=secret,
-                kube=kube,
-                namespace=target.namespace,
-                pod=target.pod,
-                port=port,
             )
-            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waiting:
-                await self._wait_pod_ready(api, target.namespace, target.pod, name, ephemeral=True)
-                await self._wait_ready_line(api, target.namespace, target.pod, name)
-            if waiting.cancelled_caught:
-                raise AgentPodFailed(
-                    await self._not_ready(
-                        api,
-                        target.namespace,
-                        target.pod,
-                        name,
-                        timeout,
-                        what=f"the agent container {name} in pod {target.namespace}/{target.pod}",
-                    )
-                )
-            return agent
-        # Job on the target's node
+        return agent
+
+    async def _job_agent(self, start: _Start, secret: str, port: int) -> _Agent:
+        """A Job on the target's node (any node for a targetless agent); deleted again when
+        its agent does not become ready."""
+        target, agent_ns, api = start.target, start.agent_ns, start.api
         name = unique_agent_name()
         body = job_spec(
             name=name,
             namespace=agent_ns,
-            target=agent_target,
+            target=start.agent_target,
             node=target.node,
             port=port,
             secret=secret,
-            opts=opts,
+            opts=start.opts,
             host_pid=not target.targetless,
         )
-        progress(
+        start.progress(
             f"creating agent job {agent_ns}/{name}"
             + (f" on node {target.node}" if target.node else "")
         )
-        batch = k8s.BatchV1Api(api)
-        try:
-            await call(batch.create_namespaced_job, agent_ns, body)
-        except ApiCallError as exc:
-            raise AgentPodFailed(
-                f"the API server refused the agent job ({exc.status} {exc.reason}): {exc.message}"
-            ) from None
+        await _create_call(
+            "the agent job", k8s.BatchV1Api(api).create_namespaced_job, agent_ns, body
+        )
         agent = _Agent(
-            key=key,
+            key=start.key,
             description=f"job {agent_ns}/{name}",
             secret=secret,
-            kube=kube,
+            kube=start.kube,
             namespace=agent_ns,
             pod="",
             port=port,
             created=[("Job", agent_ns, name)],
         )
         try:
-            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waiting:
+            with anyio.move_on_after(start.remaining()) as waiting:
                 pod = await self._wait_job_pod(api, agent_ns, name)
                 agent.pod = pod
                 agent.description = f"pod {agent_ns}/{pod} (job {name})"
@@ -441,32 +437,23 @@ class KubeBackend:
                 )
                 raise AgentPodFailed(
                     await self._not_ready(
-                        api, agent_ns, agent.pod or name, AGENT_CONTAINER, timeout, what=what
+                        api, agent_ns, agent.pod or name, AGENT_CONTAINER, start.timeout, what=what
                     )
                 )
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._delete_created(kube, agent.created)
+                await self._delete_created(start.kube, agent.created)
             raise
         return agent
 
-    async def _node_agent(
-        self,
-        *,
-        api: Any,
-        kube: KubeContext,
-        key: str,
-        target: ResolvedTarget,
-        agent_ns: str,
-        secret: str,
-        progress: Progress,
-    ) -> _Agent:
+    async def _node_agent(self, start: _Start, secret: str) -> _Agent:
+        target, agent_ns = start.target, start.agent_ns
         if target.targetless:
             raise KubeError(
                 "the node agent (agent.placement: daemonset) serves targets on its node; a "
                 "targetless session needs agent.placement: job"
             )
-        core = k8s.CoreV1Api(api)
+        core = k8s.CoreV1Api(start.api)
         pods = await call(
             core.list_namespaced_pod,
             agent_ns,
@@ -490,13 +477,13 @@ class KubeBackend:
                 "nodeSelector/tolerations cover that node), or use agent.placement: job"
             )
         pod = running[0]["metadata"]["name"]
-        progress(f"using node agent {agent_ns}/{pod} on node {target.node}")
+        start.progress(f"using node agent {agent_ns}/{pod} on node {target.node}")
         preamble = f"MIRRORD-NODE target=container/{target.container_id} secret={secret}\n"
         return _Agent(
-            key=key,
+            key=start.key,
             description=f"node agent {agent_ns}/{pod} for {target.pod}/{target.container}",
             secret=secret,
-            kube=kube,
+            kube=start.kube,
             namespace=agent_ns,
             pod=pod,
             port=NODE_AGENT_PORT,
@@ -694,6 +681,17 @@ class KubeBackend:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+
+async def _create_call(what: str, method: Callable[..., Any], *args: Any) -> None:
+    """An API call that creates `what` for the agent; a refusal (admission, quota, a bad spec)
+    is `AgentPodFailed` quoting the API server."""
+    try:
+        await call(method, *args)
+    except ApiCallError as exc:
+        raise AgentPodFailed(
+            f"the API server refused {what} ({exc.status} {exc.reason}): {exc.message}"
+        ) from None
 
 
 def _statuses(pod: Json, *, ephemeral: bool) -> list[Json]:

@@ -19,7 +19,7 @@ from typing import Any
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
-from mirrord.daemon._backend import kubeconfig_path
+from mirrord.backend import kubeconfig_path
 from mirrord.kube._exceptions import KubeConfigError
 
 __all__ = ["KubeContext", "kubeconfig_path", "load_context"]

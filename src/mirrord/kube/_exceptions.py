@@ -6,7 +6,7 @@ reached"), so the daemon reports them to the session unchanged.
 
 from __future__ import annotations
 
-from mirrord.daemon._exceptions import AgentStartError
+from mirrord.daemon import AgentStartError
 
 __all__ = [
     "AgentPodFailed",

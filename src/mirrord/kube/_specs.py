@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirrord._version import __version__
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = [
     "AGENT_CAPABILITIES",
@@ -61,41 +64,31 @@ class AgentOptions:
     clean_iptables_on_start: bool = False
 
     @classmethod
-    def from_config(cls, config: Any) -> AgentOptions:
-        from mirrord.daemon._backend import config_value
-
-        def get(name: str, default: Any = None) -> Any:
-            return config_value(config, "agent", name, default=default)
-
-        resources = get("resources")
-        if resources is not None and hasattr(resources, "model_dump"):
-            resources = resources.model_dump(mode="json", exclude_none=True)
-        if isinstance(resources, dict):
-            resources = {
-                k: {n: q for n, q in (v or {}).items() if q is not None}
-                for k, v in resources.items()
-                if v
-            }
-            resources = {k: v for k, v in resources.items() if v} or None
+    def from_config(cls, config: MirrordConfig) -> AgentOptions:
+        agent = config.agent
+        resources: Json | None = None
+        if agent.resources is not None:
+            dumped = agent.resources.model_dump(mode="json", exclude_none=True)
+            resources = {k: v for k, v in dumped.items() if v} or None
         return cls(
-            image=get("image") or DEFAULT_AGENT_IMAGE,
-            image_pull_policy=get("image_pull_policy", "IfNotPresent"),
-            image_pull_secrets=list(get("image_pull_secrets", []) or []),
-            ttl=int(get("ttl", 1)),
-            privileged=bool(get("privileged", False)),
-            disabled_capabilities=list(get("disabled_capabilities", []) or []),
-            idle_timeout=int(get("communication_timeout") or DEFAULT_IDLE_TIMEOUT),
-            log_level=str(get("log_level", "info")),
-            tolerations=get("tolerations"),
+            image=agent.image or DEFAULT_AGENT_IMAGE,
+            image_pull_policy=agent.image_pull_policy,
+            image_pull_secrets=list(agent.image_pull_secrets),
+            ttl=agent.ttl,
+            privileged=agent.privileged,
+            disabled_capabilities=list(agent.disabled_capabilities),
+            idle_timeout=agent.communication_timeout or DEFAULT_IDLE_TIMEOUT,
+            log_level=agent.log_level,
+            tolerations=agent.tolerations,
             resources=resources,
-            labels=dict(get("labels", {}) or {}),
-            annotations=dict(get("annotations", {}) or {}),
-            node_selector=dict(get("node_selector", {}) or {}),
-            service_account=get("service_account"),
-            priority_class=get("priority_class"),
-            namespace=get("namespace"),
-            nftables=get("nftables"),
-            clean_iptables_on_start=bool(get("clean_iptables_on_start", False)),
+            labels=dict(agent.labels),
+            annotations=dict(agent.annotations),
+            node_selector=dict(agent.node_selector),
+            service_account=agent.service_account,
+            priority_class=agent.priority_class,
+            namespace=agent.namespace,
+            nftables=agent.nftables,
+            clean_iptables_on_start=agent.clean_iptables_on_start,
         )
 
     @property

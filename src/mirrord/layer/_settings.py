@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from mirrord.layer._library import library_path
+
+if TYPE_CHECKING:
+    from mirrord.config import MirrordConfig
 
 __all__ = ["LayerSettings", "LayerSettingsTooLarge", "layer_env", "posix_regex"]
 
@@ -301,7 +304,7 @@ class LayerSettings:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_config(cls, cfg: Any) -> LayerSettings:
+    def from_config(cls, cfg: MirrordConfig | Mapping[str, Any]) -> LayerSettings:
         """From a `mirrord.config.MirrordConfig` (or its JSON dump)."""
         from mirrord.config import MirrordConfig
 
