@@ -22,8 +22,8 @@ import pytest
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import AGENT_PROTOCOL_VERSION, Message, encode_frame
 from mirrord.protocol import messages as m
-from tests.agent._client import AgentClient, AgentError
-from tests.agent.conftest import AgentProc, start_agent, stop_agent
+from tests._agent_client import AgentClient, AgentError
+from tests._agent_process import AgentProc, start_agent, stop_agent
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
 
@@ -31,7 +31,7 @@ O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_EXCL = 0, 1, 2, 0o100, 0o200
 
 
 def _client(agent: AgentProc) -> AbstractAsyncContextManager[AgentClient]:
-    return AgentClient.open(agent.socket, agent.secret)
+    return AgentClient.open(agent)
 
 
 def _addrs(reply: m.DnsReply) -> list[tuple[object, ...]]:
@@ -85,7 +85,7 @@ def test_idle_timeout_ends_the_agent(pod: LocalPod) -> None:
     agent = start_agent(f"pid/{pod.pid}", "--idle-timeout", "0.5")
     try:
         assert agent.wait(timeout=10) == 0
-        assert "idle timeout" in agent.stderr_text()
+        assert "idle timeout" in agent.log()
     finally:
         stop_agent(agent)
 
@@ -140,7 +140,7 @@ async def test_secret_from_environment(pod: LocalPod, tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith(b"mirrord-agent ready ")
-        async with AgentClient.open(sock, "from-env") as client:
+        async with AgentClient.open_unix(sock, "from-env") as client:
             assert client.welcome.target == f"pid/{pod.pid}"
     finally:
         proc.terminate()
@@ -475,7 +475,7 @@ async def test_env_include_and_exclude(
         assert await env(["DB_*"], []) == {"DB_URL": "postgres://db", "DB_USER": "app"}
         assert "API_KEY" not in await env([], ["API_KEY"])
         assert await env(["DB_*"], ["*_USER"]) == {"DB_URL": "postgres://db"}
-    assert "k3y" not in agent.stderr_text() and "postgres" not in agent.stderr_text()
+    assert "k3y" not in agent.log() and "postgres" not in agent.log()
 
 
 # -- DNS and hostname ----------------------------------------------------------------------------
@@ -742,7 +742,7 @@ async def test_killing_the_target_ends_the_agent_with_the_reason(
             await client.ended.wait()
         assert client.fatal is not None and client.fatal.code == "target_gone"
     assert agent.wait(timeout=10) == 3
-    log = agent.stderr_text()
+    log = agent.log()
     assert f"mirrord-agent: error: target pid/{pod.pid} exited" in log
 
 

@@ -21,7 +21,8 @@ import pytest
 from mirrord.agent._http_filter import CLOSED, RequestSplitter, RequestStarted
 from mirrord.localpod import LocalPod
 from mirrord.protocol import messages as m
-from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn, start_agent, stop_agent
+from tests._agent_client import AgentClient, AgentConn, AgentError
+from tests._agent_process import AgentProc, start_agent, stop_agent
 from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
@@ -65,12 +66,12 @@ async def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 async def test_steal_answers_every_method_from_the_user_app_then_the_pod_again(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, app_port, seen)
             reply = await subscribe(client, 1, 8080, "steal")
@@ -93,11 +94,11 @@ async def test_steal_answers_every_method_from_the_user_app_then_the_pod_again(
 
 
 async def test_steal_reports_the_real_peer_and_original_destination(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, None, seen)
             await subscribe(client, 1, 7777, "steal")
@@ -121,13 +122,13 @@ async def test_steal_reports_the_real_peer_and_original_destination(
 
 
 async def test_answer_shutdown_and_close_in_one_write_still_reach_the_stolen_peer(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     """The daemon's last Data, its Shutdown and its clean ConnClose often arrive in one read
     (a fast user app): the agent writes the answer and the EOF before it closes the socket."""
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, None, seen)
             await subscribe(client, 1, 7777, "steal")
@@ -164,7 +165,7 @@ async def test_answer_shutdown_and_close_in_one_write_still_reach_the_stolen_pee
 
 
 async def test_open_connection_survives_the_steal_and_ending_it_resets_nothing(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
     before = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
@@ -173,7 +174,7 @@ async def test_open_connection_survives_the_steal_and_ending_it_resets_nothing(
         assert before.getresponse().read() == b"pod GET /one\n"
         async with AgentClient.open(steal_agent) as client:
             await client.open_channel(1)
-            seen: list[Conn] = []
+            seen: list[AgentConn] = []
             async with anyio.create_task_group() as tg:
                 await tg.start(serve_channel, client, 1, app_port, seen)
                 await subscribe(client, 1, 8080, "steal")
@@ -206,11 +207,11 @@ async def test_open_connection_survives_the_steal_and_ending_it_resets_nothing(
 
 
 async def test_mirror_1000_requests_on_20_keep_alive_connections(
-    pod: LocalPod, pod_app: int, steal_agent: Agent
+    pod: LocalPod, pod_app: int, steal_agent: AgentProc
 ) -> None:
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         streams: dict[int, bytes] = {}
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, None, seen)
@@ -239,7 +240,7 @@ async def test_mirror_1000_requests_on_20_keep_alive_connections(
             assert len(answers) == 1000
             assert all(a.startswith(b"pod-app POST /c") for a in answers)
 
-            async def collect(conn: Conn) -> None:
+            async def collect(conn: AgentConn) -> None:
                 streams[conn.conn_id] = await conn.receive_all()
 
             # Mirror works per HTTP request: each request of the 20 kept-alive connections is
@@ -286,7 +287,7 @@ async def test_mirror_1000_requests_on_20_keep_alive_connections(
 
 
 async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the_pod(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     alice_port, bob_port = local_app("alice-app"), local_app("bob-app")
     async with (
@@ -295,8 +296,8 @@ async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the
     ):
         await alice.open_channel(1)
         await bob.open_channel(1)
-        seen_a: list[Conn] = []
-        seen_b: list[Conn] = []
+        seen_a: list[AgentConn] = []
+        seen_b: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, alice, 1, alice_port, seen_a)
             await tg.start(serve_channel, bob, 1, bob_port, seen_b)
@@ -339,12 +340,12 @@ async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the
 
 
 async def test_matched_upgrade_hands_the_whole_connection_to_the_session(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, app_port, seen)
             await subscribe(client, 1, 8080, "steal", {"path_filter": "^/ws$"})
@@ -368,11 +369,11 @@ async def test_matched_upgrade_hands_the_whole_connection_to_the_session(
 
 
 async def test_non_http_bytes_on_a_filtered_port_reach_the_pod_untouched(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, None, seen)
             await subscribe(client, 1, 7777, "steal", {"header_filter": "x-user: alice"})
@@ -390,7 +391,7 @@ async def test_non_http_bytes_on_a_filtered_port_reach_the_pod_untouched(
 
 
 async def test_unfiltered_steal_of_a_stolen_port_is_refused_clearly(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     async with (
         AgentClient.open(steal_agent) as one,
@@ -409,7 +410,7 @@ async def test_unfiltered_steal_of_a_stolen_port_is_refused_clearly(
 
 
 async def test_agent_sigkill_guard_removes_every_rule_within_2s(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
@@ -447,7 +448,7 @@ async def test_agent_option_picks_the_nft_backend_and_cleans_stale_rules(
     try:
         async with AgentClient.open(agent) as client:
             await client.open_channel(1)
-            seen: list[Conn] = []
+            seen: list[AgentConn] = []
             async with anyio.create_task_group() as tg:
                 await tg.start(serve_channel, client, 1, app_port, seen)
                 await subscribe(client, 1, 8080, "steal")
@@ -497,7 +498,7 @@ while True:
 
 
 async def test_a_server_first_protocol_on_a_filtered_port_reaches_the_pod(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     server = pod.popen_in_pod([os.path.realpath(sys.executable), "-c", SERVER_FIRST])
     assert server.stdout is not None
@@ -521,7 +522,7 @@ async def test_a_server_first_protocol_on_a_filtered_port_reaches_the_pod(
 
 
 async def test_on_concurrent_steal_override_takes_the_port_over(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     first_app, second_app = local_app("first"), local_app("second")
     async with (
@@ -531,8 +532,8 @@ async def test_on_concurrent_steal_override_takes_the_port_over(
     ):
         await one.open_channel(1)
         await two.open_channel(1)
-        seen_one: list[Conn] = []
-        seen_two: list[Conn] = []
+        seen_one: list[AgentConn] = []
+        seen_two: list[AgentConn] = []
         await tg.start(serve_channel, one, 1, first_app, seen_one)
         await tg.start(serve_channel, two, 1, second_app, seen_two)
         await subscribe(one, 1, 8080, "steal")
@@ -557,12 +558,12 @@ def _get(pod: LocalPod, path: str) -> bytes:
 
 
 async def test_pipelined_requests_to_session_and_pod_are_answered_in_order(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, app_port, seen)
             await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
@@ -593,13 +594,13 @@ async def test_pipelined_requests_to_session_and_pod_are_answered_in_order(
 
 
 async def test_large_bodies_cross_a_filtered_port_both_ways(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
     body = bytes(range(256)) * (12 * 1024)  # 3 MiB
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, app_port, seen)
             await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
@@ -617,10 +618,12 @@ async def test_large_bodies_cross_a_filtered_port_both_ways(
             tg.cancel_scope.cancel()
 
 
-async def test_mirror_again_right_after_unsubscribing(pod: LocalPod, steal_agent: Agent) -> None:
+async def test_mirror_again_right_after_unsubscribing(
+    pod: LocalPod, steal_agent: AgentProc
+) -> None:
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, None, seen)
             for round_ in range(3):
