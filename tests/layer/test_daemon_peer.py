@@ -38,6 +38,16 @@ def _count_bytes(out: int, server: socket.socket) -> None:
         conn.close()
 
 
+_OPEN_A_REMOTE_FILE = """
+import errno
+try:
+    open('/app/test.txt')
+    print('opened')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user needs root")
 def test_the_layer_never_talks_to_another_users_daemon(tmp_path: Path) -> None:
     path = tmp_path / "layer.sock"
@@ -53,16 +63,8 @@ def test_the_layer_never_talks_to_another_users_daemon(tmp_path: Path) -> None:
                     settings=LayerSettings(timeout_ms=3000),
                 )
             )
-            code = """
-    import errno
-    try:
-        open('/app/test.txt')
-        print('opened')
-    except OSError as e:
-        print(errno.errorcode[e.errno])
-    """
             out = subprocess.run(
-                [PYTHON, "-S", "-c", code],
+                [PYTHON, "-S", "-c", _OPEN_A_REMOTE_FILE],
                 env=env,
                 cwd=tmp_path,
                 capture_output=True,
