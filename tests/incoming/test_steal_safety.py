@@ -208,6 +208,16 @@ class _Stealing:
     sentinel: int
     watched: list[int]
 
+    def kill_agent(self, *first: int) -> float:
+        """SIGKILL the processes `first`, then the agent (at once); when it was killed, once
+        it is reaped."""
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        os.kill(self.agent.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        self.agent.proc.wait(timeout=10)
+        return killed
+
 
 @asynccontextmanager
 async def _stealing(
@@ -263,8 +273,7 @@ async def test_a_killed_guard_is_replaced_and_the_steal_goes_on(
         status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/y"))
         assert (status, body.split()[0]) == (200, b"local")
         await in_thread(_wait, lambda: _gone(st.sentinel), 10, "the old sentinel's exit")
-        os.kill(st.agent.pid, signal.SIGKILL)
-        st.agent.proc.wait(timeout=10)
+        st.kill_agent()
         took = await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
         assert took < 2.0, took
         await in_thread(_wait, lambda: _gone(new_guard) and _gone(new_sentinel), 10, "exit")
@@ -276,11 +285,7 @@ async def test_guard_then_agent_killed_leave_no_rule(
     pod: LocalPod, local_app: Callable[[str], int], backend: str
 ) -> None:
     async with _stealing(pod, local_app, backend) as st:
-        # Both at once: the agent has no time to replace its guard.
-        os.kill(st.guard, signal.SIGKILL)
-        os.kill(st.agent.pid, signal.SIGKILL)
-        killed = time.monotonic()
-        st.agent.proc.wait(timeout=10)
+        killed = st.kill_agent(st.guard)  # both at once: no time to replace the guard
         await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
         assert time.monotonic() - killed < 2.0 + 0.5
         await in_thread(_wait, lambda: _gone(st.sentinel), 10, "the sentinel's exit")
@@ -291,9 +296,7 @@ async def test_agent_killed_leaves_no_rule_and_no_guard(
     pod: LocalPod, local_app: Callable[[str], int], backend: str
 ) -> None:
     async with _stealing(pod, local_app, backend) as st:
-        os.kill(st.agent.pid, signal.SIGKILL)
-        killed = time.monotonic()
-        st.agent.proc.wait(timeout=10)
+        killed = st.kill_agent()
         await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
         assert time.monotonic() - killed < 2.0 + 0.5
         await in_thread(_wait, lambda: _gone(st.guard) and _gone(st.sentinel), 10, "their exit")
