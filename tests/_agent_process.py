@@ -76,23 +76,32 @@ def start_agent(
     secret: str = "test-secret",
     runtime_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    listen: str | None = None,
+    secret_in_env: bool = False,
 ) -> AgentProc:
     """A ready agent for `target` (`pid/N`, `container/ID`), with `extra` arguments and `env`
-    on top of this process's environment. Raises AssertionError (with the log) if it never
-    says it is ready."""
+    on top of this process's environment. It listens on `agent.sock` in its runtime directory
+    (`socket`), or on `listen` (`tcp:HOST:PORT`; `socket` is then ""); it reads the secret from
+    a file, or from $MIRRORD_AGENT_SECRET with `secret_in_env`. Raises AssertionError (with the
+    log) if it never says it is ready."""
     runtime = runtime_dir or Path(tempfile.mkdtemp(prefix="mrdag"))
-    secret_path = runtime / "agent.secret"
-    secret_path.write_text(secret)
-    sock = str(runtime / "agent.sock")
-    argv = [sys.executable, "-m", "mirrord.agent", "--target", target, "--listen", f"unix:{sock}"]
-    argv += ["--secret-file", str(secret_path), *extra]
+    sock = "" if listen else str(runtime / "agent.sock")
+    argv = [sys.executable, "-m", "mirrord.agent", "--target", target]
+    argv += ["--listen", listen or f"unix:{sock}", *extra]
+    env = {**os.environ, "MIRRORD_RUNTIME_DIR": str(runtime), **(env or {})}
+    if secret_in_env:
+        env["MIRRORD_AGENT_SECRET"] = secret
+    else:
+        secret_path = runtime / "agent.secret"
+        secret_path.write_text(secret)
+        argv += ["--secret-file", str(secret_path)]
     with open(runtime / "agent.log", "wb") as log:
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "MIRRORD_RUNTIME_DIR": str(runtime), **(env or {})},
+            env=env,
         )
     line = _read_ready_line(proc)
     agent = AgentProc(proc, sock, secret, runtime, line.decode(errors="replace"))

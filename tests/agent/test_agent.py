@@ -90,25 +90,10 @@ def test_idle_timeout_ends_the_agent(pod: LocalPod) -> None:
         stop_agent(agent)
 
 
-async def test_listens_on_tcp_too(pod: LocalPod, tmp_path: Path) -> None:
-    (tmp_path / "s").write_text("tcp-secret")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mirrord.agent",
-            "--target",
-            f"pid/{pod.pid}",
-            "--listen",
-            "tcp:127.0.0.1:0",
-            "--secret-file",
-            str(tmp_path / "s"),
-        ],
-        stdout=subprocess.PIPE,
-    )
+async def test_listens_on_tcp_too(pod: LocalPod) -> None:
+    agent = start_agent(f"pid/{pod.pid}", secret="tcp-secret", listen="tcp:127.0.0.1:0")
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
+        line = agent.ready_line
         assert line.startswith("mirrord-agent ready ") and " listen=tcp:127.0.0.1:" in line
         port = int(line.rsplit(":", 1)[1])
         stream = await anyio.connect_tcp("127.0.0.1", port)
@@ -116,37 +101,18 @@ async def test_listens_on_tcp_too(pod: LocalPod, tmp_path: Path) -> None:
             await client.open_channel(1)
             assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        stop_agent(agent)
 
 
-async def test_secret_from_environment(pod: LocalPod, tmp_path: Path) -> None:
-    sock = f"{tmp_path}/env.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mirrord.agent",
-            "--target",
-            f"pid/{pod.pid}",
-            "--listen",
-            f"unix:{sock}",
-        ],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "MIRRORD_AGENT_SECRET": "from-env"},
-    )
+async def test_secret_from_environment(pod: LocalPod) -> None:
+    agent = start_agent(f"pid/{pod.pid}", secret="from-env", secret_in_env=True)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(b"mirrord-agent ready ")
-        async with AgentClient.open_unix(sock, "from-env") as client:
+        argv = agent.proc.args
+        assert isinstance(argv, list) and "--secret-file" not in argv
+        async with AgentClient.open(agent) as client:
             assert client.welcome.target == f"pid/{pod.pid}"
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        stop_agent(agent)
 
 
 def test_container_target_is_found_through_its_cgroup(

@@ -9,7 +9,6 @@ import http.client
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,23 +23,9 @@ from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient, AgentConn, AgentError
 from tests._agent_process import AgentProc, start_agent, stop_agent
 from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
+from tests.incoming.test_steal_rules import ours as our_rules
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
-
-
-def ruleset(pod: LocalPod) -> str:
-    script = "iptables-nft-save; iptables-legacy-save; nft list ruleset"
-    return subprocess.run(
-        ["ip", "netns", "exec", pod.netns, "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    ).stdout
-
-
-def our_rules(pod: LocalPod) -> list[str]:
-    return [line for line in ruleset(pod).splitlines() if "MRD_" in line or "mirrord_" in line]
 
 
 def http_request(
