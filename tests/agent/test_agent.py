@@ -20,7 +20,14 @@ import anyio
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec
-from mirrord.protocol import AGENT_PROTOCOL_VERSION, Message, encode_frame
+from mirrord.protocol import (
+    AGENT_PROTOCOL_VERSION,
+    AgentConnection,
+    AgentRole,
+    Message,
+    RemoteProtocolError,
+    encode_frame,
+)
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient, AgentError
 from tests._agent_process import AgentProc, start_agent, stop_agent
@@ -154,17 +161,8 @@ async def test_wrong_secret_gets_an_error_frame_and_only_that_connection_closes(
         await good.open_channel(1)
         bad = await anyio.connect_unix(agent.socket)
         async with bad:
-            from mirrord.protocol import AgentConnection, AgentRole, RemoteProtocolError
-
             conn = AgentConnection(AgentRole.DAEMON, secret="wrong")
-            await bad.send(conn.hello())
-            data = b""
-            with anyio.fail_after(10):
-                while chunk := await _receive_or_empty(bad):
-                    data += chunk
-            conn.receive_data(data)
-            with pytest.raises(RemoteProtocolError, match="unauthenticated"):
-                conn.next_event()
+            await _hello_refused(bad, conn, "unauthenticated")
         assert await good.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
 
 
@@ -175,20 +173,23 @@ async def _receive_or_empty(stream: anyio.abc.ByteStream) -> bytes:
         return b""
 
 
-async def test_version_mismatch_gets_an_error_frame(agent: AgentProc) -> None:
-    from mirrord.protocol import AgentConnection, AgentRole, RemoteProtocolError
+async def _hello_refused(stream: anyio.abc.ByteStream, conn: AgentConnection, why: str) -> None:
+    """Send `conn`'s Hello; the agent answers with an error frame naming `why`, and closes."""
+    await stream.send(conn.hello())
+    data = b""
+    with anyio.fail_after(10):
+        while chunk := await _receive_or_empty(stream):
+            data += chunk
+    conn.receive_data(data)
+    with pytest.raises(RemoteProtocolError, match=why):
+        conn.next_event()
 
+
+async def test_version_mismatch_gets_an_error_frame(agent: AgentProc) -> None:
     stream = await anyio.connect_unix(agent.socket)
     async with stream:
         conn = AgentConnection(AgentRole.DAEMON, secret=agent.secret, version=99, min_version=90)
-        await stream.send(conn.hello())
-        data = b""
-        with anyio.fail_after(10):
-            while chunk := await _receive_or_empty(stream):
-                data += chunk
-        conn.receive_data(data)
-        with pytest.raises(RemoteProtocolError, match="version_mismatch"):
-            conn.next_event()
+        await _hello_refused(stream, conn, "version_mismatch")
 
 
 async def test_malformed_frame_and_unknown_kinds(agent: AgentProc) -> None:
