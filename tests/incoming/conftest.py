@@ -10,7 +10,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import anyio
@@ -180,6 +180,21 @@ async def serve_channel(
     finally:
         client.incoming.pop(channel, None)
         tx.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    agent: AgentProc, app_port: int | None
+) -> AsyncIterator[tuple[AgentClient, list[AgentConn]]]:
+    """A client of `agent` with channel 1 open and its incoming connections served (relayed to
+    the app on `app_port`, or only recorded when None): (client, the connections seen)."""
+    async with AgentClient.open(agent) as client:
+        await client.open_channel(1)
+        seen: list[AgentConn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            yield client, seen
+            tg.cancel_scope.cancel()
 
 
 async def subscribe(

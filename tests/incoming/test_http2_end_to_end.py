@@ -25,6 +25,7 @@ from tests.incoming.conftest import (
     python_app_in_pod,
     run_filtered_steal,
     serve_channel,
+    serving,
     subscribe,
 )
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
@@ -164,25 +165,20 @@ async def test_agent_routes_h2c_streams_to_the_session_and_the_pod(
     """The agent alone, with the daemon's relay played by the test: each matched stream is an
     IncomingConnection of its own carrying an HTTP/2 connection to the user app."""
     pod = h2_pod
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[AgentConn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, user_h2_app, seen)
-            await subscribe(client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"})
-            get = anyio.to_thread.run_sync
-            assert await get(curl_h2, pod, "/a", "alice") == "user-app GET /a x-user=alice\n"
-            assert await get(curl_h2, pod, "/b", "bob") == "pod GET /b x-user=bob\n"
-            requests = [("/1", "alice", 0), ("/2", None, 0), ("/3", "alice", 100_000)]
-            result = await get(node_h2, pod, requests)
-            assert result["sockets"] == 1
-            assert result["answers"] == [
-                [200, 29, "user-app GET /1 x-user=alice"],
-                [200, 19, "pod GET /2 x-user="],
-                [200, 100_030, "user-app POST /3 x-user=alice"],
-            ]
-            assert len(seen) == 3  # one IncomingConnection per matched stream
-            tg.cancel_scope.cancel()
+    async with serving(steal_agent, user_h2_app) as (client, seen):
+        await subscribe(client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"})
+        get = anyio.to_thread.run_sync
+        assert await get(curl_h2, pod, "/a", "alice") == "user-app GET /a x-user=alice\n"
+        assert await get(curl_h2, pod, "/b", "bob") == "pod GET /b x-user=bob\n"
+        requests = [("/1", "alice", 0), ("/2", None, 0), ("/3", "alice", 100_000)]
+        result = await get(node_h2, pod, requests)
+        assert result["sockets"] == 1
+        assert result["answers"] == [
+            [200, 29, "user-app GET /1 x-user=alice"],
+            [200, 19, "pod GET /2 x-user="],
+            [200, 100_030, "user-app POST /3 x-user=alice"],
+        ]
+        assert len(seen) == 3  # one IncomingConnection per matched stream
 
 
 def _http1_upgrade_get(pod: LocalPod, path: str, user: str) -> tuple[int, bytes]:
