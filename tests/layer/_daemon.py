@@ -126,6 +126,7 @@ class LayerDaemon:
         self._channels: dict[int, int] = {}  # layer pid -> agent channel
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
+        self._register_lock = threading.Lock()
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
         self._pod: LocalPod | None = None
@@ -294,20 +295,23 @@ class LayerDaemon:
 
     def _register(self, msg: m.LayerHello) -> None:
         """A layer process's first Hello opens its agent channel (a forked child's with its
-        parent's handles, as the daemon does); an exec'd process says Hello again."""
-        with self._lock:
-            self.messages.append((msg.pid, msg))
-            self.hellos.append(msg)
-            if msg.pid in self.processes:
-                return
-            self.processes[msg.pid] = msg.parent_pid
-            channel = self._channels[msg.pid] = len(self._channels) + 1
-            parent = self._channels.get(msg.parent_pid or -1)
-        assert self._portal is not None and self._client is not None
-        open_channel = functools.partial(
-            self._client.open_channel, channel, pid=msg.pid, parent=parent
-        )
-        self._portal.call(open_channel)
+        parent's handles, as the daemon does); an exec'd process says Hello again. Under
+        `_register_lock` until the channel is open: another connection of the process (a
+        thread's) says Hello too, and must not send a request on a channel not yet open."""
+        with self._register_lock:
+            with self._lock:
+                self.messages.append((msg.pid, msg))
+                self.hellos.append(msg)
+                if msg.pid in self.processes:
+                    return
+                self.processes[msg.pid] = msg.parent_pid
+                channel = self._channels[msg.pid] = len(self._channels) + 1
+                parent = self._channels.get(msg.parent_pid or -1)
+            assert self._portal is not None and self._client is not None
+            open_channel = functools.partial(
+                self._client.open_channel, channel, pid=msg.pid, parent=parent
+            )
+            self._portal.call(open_channel)
 
     def _forward(self, pid: int, msg: Message) -> Message:
         """The agent's answer to a layer request, on the process's channel, under the layer's
