@@ -1,5 +1,5 @@
 """Build hook: compile native/*.c into mirrord/layer/libmirrord_layer.so, and
-native/supervisor/supervisor.c into mirrord/layer/mirrord-supervisor (an executable).
+native/supervisor/*.c into mirrord/layer/mirrord-supervisor (an executable).
 
 The layer is a plain shared library for LD_PRELOAD, not a Python extension, and the supervisor
 a plain program: both are built through setuptools' build_ext only so that `pip install .` and
@@ -8,8 +8,9 @@ a plain program: both are built through setuptools' build_ext only so that `pip 
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -19,17 +20,21 @@ HERE = Path(__file__).resolve().parent
 NATIVE = "native"
 SOURCES = sorted(str(p.relative_to(HERE)) for p in (HERE / NATIVE).glob("*.c"))
 HEADERS = sorted(str(p.relative_to(HERE)) for p in (HERE / NATIVE).glob("*.h"))
+SUPERVISOR_DIR = HERE / NATIVE / "supervisor"
+SUPERVISOR_SOURCES = sorted(str(p.relative_to(HERE)) for p in SUPERVISOR_DIR.glob("*.c"))
+SUPERVISOR_HEADERS = sorted(str(p.relative_to(HERE)) for p in SUPERVISOR_DIR.glob("*.h"))
 SUPERVISOR_NAME = "mirrord-supervisor"
 SUPERVISOR = f"mirrord.layer.{SUPERVISOR_NAME}"
 C_FLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
 
 
-def build_id() -> str:
-    """A hash of the native sources: the layer handshake checks both ends share it."""
-    digest = hashlib.sha256()
-    for name in [*SOURCES, *HEADERS]:
-        digest.update((HERE / name).read_bytes())
-    return digest.hexdigest()[:16]
+# native/layer_build.py: the kinds header generated from the message catalogue, and the build
+# id. Loaded by path: the build runs before (and without) the package being importable.
+_spec = importlib.util.spec_from_file_location("layer_build", HERE / NATIVE / "layer_build.py")
+assert _spec is not None and _spec.loader is not None
+layer_build = importlib.util.module_from_spec(_spec)
+sys.modules["layer_build"] = layer_build  # dataclasses look their module up by name
+_spec.loader.exec_module(layer_build)
 
 
 class BuildLayer(build_ext):
@@ -53,14 +58,20 @@ class BuildLayer(build_ext):
         if ext.name == SUPERVISOR:
             out = Path(self.get_ext_fullpath(ext.name))
             objects = self.compiler.compile(
-                ext.sources, output_dir=self.build_temp, extra_postargs=ext.extra_compile_args
+                ext.sources,
+                output_dir=self.build_temp,
+                include_dirs=ext.include_dirs,
+                extra_postargs=ext.extra_compile_args,
+                depends=ext.depends,
             )
             if out.exists():
                 out.unlink()  # a running supervisor keeps its mapping (ETXTBSY otherwise)
             self.compiler.link("executable", objects, str(out), extra_postargs=ext.extra_link_args)
             return
-        bid = build_id()
-        ext.define_macros = [("MIRRORD_BUILD_ID", f'"{bid}"')]
+        generated = Path(self.build_temp) / "generated"
+        layer_build.write_kinds_header(generated)
+        ext.include_dirs = [str(generated), *ext.include_dirs]
+        ext.define_macros = [("MIRRORD_BUILD_ID", f'"{layer_build.build_id()}"')]
         super().build_extension(ext)
 
 
@@ -69,14 +80,18 @@ setup(
         Extension(
             "mirrord.layer.libmirrord_layer",
             sources=SOURCES,
-            depends=HEADERS,
+            # the generated kinds.h follows the message catalogue; the generator is a
+            # dependency so that a source distribution carries it
+            depends=[*HEADERS, f"{NATIVE}/layer_build.py", "src/mirrord/protocol/messages.py"],
             include_dirs=[NATIVE],
             extra_compile_args=[*C_FLAGS, "-fvisibility=hidden", "-fPIC"],
             extra_link_args=["-ldl", "-lpthread"],
         ),
         Extension(
             SUPERVISOR,
-            sources=[f"{NATIVE}/supervisor/supervisor.c"],
+            sources=SUPERVISOR_SOURCES,
+            depends=SUPERVISOR_HEADERS,
+            include_dirs=[f"{NATIVE}/supervisor"],
             extra_compile_args=C_FLAGS,
             extra_link_args=["-ldl", "-lpthread"],
         ),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from bench._core import NotAvailable
 
 if TYPE_CHECKING:
+    from bench._cluster import PortForwardCluster
     from mirrord.localpod import LocalPod
 
 __all__ = ["BenchEnv"]
@@ -37,6 +38,7 @@ class BenchEnv:
         self.runtime_dir.mkdir(mode=0o700)
         self._pod: LocalPod | None = None
         self._pod_error: str | None = None
+        self._cluster: PortForwardCluster | None = None
         # The `mirrord` script installed beside this interpreter, as a venv puts it on PATH;
         # a version manager's shim (pyenv's is a bash script that re-resolves the version) found
         # first on PATH would add its own ~100 ms to every startup figure.
@@ -85,11 +87,23 @@ class BenchEnv:
     def target(self) -> str:
         return f"pid/{self.pod.pid}"
 
+    @property
+    def cluster(self) -> PortForwardCluster:
+        """The same pod behind the in-process API server: the agent a Job pod, reached through
+        the websocket port-forward (what a cluster user has)."""
+        if self._cluster is None:
+            from bench._cluster import PortForwardCluster
+
+            self._cluster = PortForwardCluster(self.pod, self.tmp / "apiserver")
+        return self._cluster
+
     # -- the CLI
 
-    def env(self) -> dict[str, str]:
+    def env(self, port_forward: bool = False) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_")}
         env["MIRRORD_RUNTIME_DIR"] = str(self.runtime_dir)
+        if port_forward:
+            env["KUBECONFIG"] = str(self.cluster.kubeconfig)
         return env
 
     def require_run(self) -> None:
@@ -103,17 +117,20 @@ class BenchEnv:
         if proc.returncode != 0:
             raise NotAvailable("`mirrord run` is not available yet")
 
-    def run_argv(self, cmd: list[str], *flags: str) -> list[str]:
-        return [*self.mirrord, "run", "-t", self.target, *flags, "--", *cmd]
+    def run_argv(self, cmd: list[str], *flags: str, port_forward: bool = False) -> list[str]:
+        target = self.cluster.target if port_forward else self.target
+        return [*self.mirrord, "run", "-t", target, *flags, "--", *cmd]
 
     def run(
-        self, cmd: list[str], *flags: str, timeout: float = 300
+        self, cmd: list[str], *flags: str, timeout: float = 300, port_forward: bool = False
     ) -> subprocess.CompletedProcess[str]:
+        """`mirrord run` against the pod: as a local target (`pid/P`, the agent reached on
+        this machine), or with `port_forward` as the Kubernetes pod (`pod/NAME`)."""
         proc = subprocess.run(
-            self.run_argv(cmd, *flags),
+            self.run_argv(cmd, *flags, port_forward=port_forward),
             capture_output=True,
             text=True,
-            env=self.env(),
+            env=self.env(port_forward),
             timeout=timeout,
             check=False,
         )
@@ -196,6 +213,8 @@ class BenchEnv:
 
     def close(self) -> None:
         self.stop_daemon()
+        if self._cluster is not None:
+            self._cluster.close()
         if self._pod is not None:
             self._pod.close()
         shutil.rmtree(self.tmp, ignore_errors=True)

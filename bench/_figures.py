@@ -94,11 +94,12 @@ def _pingpong_rtt(n: int) -> float:
     return elapsed / n
 
 
-def file_small(env: BenchEnv) -> Result:
+def file_small(env: BenchEnv, port_forward: bool = False) -> Result:
     env.require_run()
     n = _runs(env, 2000, 300)
+    argv = [PY, "-c", _FILE_SMALL, str(n), SMALL_FILE]
     per_op = median_of(
-        lambda: float(env.run([PY, "-c", _FILE_SMALL, str(n), SMALL_FILE]).stdout.split()[-1]),
+        lambda: float(env.run(argv, port_forward=port_forward).stdout.split()[-1]),
         _runs(env, 5, 3),
         warmup=0,
     )
@@ -118,12 +119,13 @@ _FILE_BULK = textwrap.dedent(
 )
 
 
-def file_bulk(env: BenchEnv) -> Result:
+def file_bulk(env: BenchEnv, port_forward: bool = False) -> Result:
     env.require_run()
     direct_path = f"/proc/{env.pod.pid}/root{BULK_FILE}"
     runs = _runs(env, 3, 2)
+    argv = [PY, "-c", _FILE_BULK, BULK_FILE]
     thr = median_of(
-        lambda: float(env.run([PY, "-c", _FILE_BULK, BULK_FILE]).stdout.split()[-1]), runs, 0
+        lambda: float(env.run(argv, port_forward=port_forward).stdout.split()[-1]), runs, 0
     )
     base = median_of(
         lambda: float(
@@ -334,7 +336,9 @@ def _echo_port(env: BenchEnv) -> int:
     return int(port)
 
 
-def _outgoing(env: BenchEnv, script: str, arg: str, runs: int) -> tuple[float, float]:
+def _outgoing(
+    env: BenchEnv, script: str, arg: str, runs: int, port_forward: bool
+) -> tuple[float, float]:
     """Median of `script` run through mirrord against the pod's echo service on the pod's
     loopback, and run directly from this machine against the pod's address."""
     env.require_run()
@@ -346,21 +350,23 @@ def _outgoing(env: BenchEnv, script: str, arg: str, runs: int) -> tuple[float, f
         )
         return float(out.stdout.split()[-1])
 
+    argv = [PY, "-c", script, "127.0.0.1", port, arg]
     via = median_of(
-        lambda: float(env.run([PY, "-c", script, "127.0.0.1", port, arg]).stdout.split()[-1]),
+        lambda: float(env.run(argv, port_forward=port_forward).stdout.split()[-1]),
         runs,
         0,
     )
     return via, median_of(direct, runs)
 
 
-def outgoing_rr(env: BenchEnv) -> Result:
-    via, direct = _outgoing(env, _RR, str(_runs(env, 3000, 500)), _runs(env, 5, 3))
+def outgoing_rr(env: BenchEnv, port_forward: bool = False) -> Result:
+    n = str(_runs(env, 3000, 500))
+    via, direct = _outgoing(env, _RR, n, _runs(env, 5, 3), port_forward)
     return Result(via, direct, "s/rtt", note=f"added latency {1e6 * (via - direct):.0f} µs")
 
 
-def outgoing_bulk(env: BenchEnv) -> Result:
-    via, direct = _outgoing(env, _BULK, str(env.bulk_size), _runs(env, 3, 2))
+def outgoing_bulk(env: BenchEnv, port_forward: bool = False) -> Result:
+    via, direct = _outgoing(env, _BULK, str(env.bulk_size), _runs(env, 3, 2), port_forward)
     return Result(via / 1e6, direct / 1e6, "MB/s", note="echoed both ways")
 
 
@@ -442,6 +448,49 @@ def mirror_capacity(env: BenchEnv) -> Result:
     return run(env)
 
 
+_PF = "through the API server's port-forward"
+
+
+def _port_forward_figures(env: BenchEnv) -> list[Figure]:
+    """The file and outgoing figures again with the agent reached as a cluster user reaches it
+    (`pod/NAME` through the in-process API server's TLS websocket port-forward), beside the
+    same baselines measured in the same call."""
+
+    def pf(fn: Callable[..., Result]) -> Callable[[bool], Result]:
+        def run(quick: bool) -> Result:
+            result = fn(env, port_forward=True)
+            if env.cluster.portforwards_opened() == 0:
+                raise RuntimeError("the sessions did not reach the agent through a port-forward")
+            return result
+
+        return run
+
+    return [
+        Figure(
+            "file_small_pf", f"file_small, {_PF}", "unix ping-pong RTT", "lower", 4, pf(file_small)
+        ),
+        Figure(
+            "file_bulk_pf",
+            f"file_bulk, {_PF}",
+            "read via /proc/P/root",
+            "higher",
+            0.3,
+            pf(file_bulk),
+        ),
+        Figure(
+            "outgoing_rr_pf", f"outgoing_rr, {_PF}", "direct to pod IP", "lower", 4, pf(outgoing_rr)
+        ),
+        Figure(
+            "outgoing_bulk_pf",
+            f"outgoing_bulk, {_PF}",
+            "direct to pod IP",
+            "higher",
+            0.3,
+            pf(outgoing_bulk),
+        ),
+    ]
+
+
 def figures(env: BenchEnv) -> list[Figure]:
     def f(fn: Callable[[BenchEnv], Result]) -> Callable[[bool], Result]:
         return lambda quick: fn(env)
@@ -514,6 +563,7 @@ def figures(env: BenchEnv) -> list[Figure]:
             0.3,
             f(outgoing_bulk),
         ),
+        *_port_forward_figures(env),
         Figure(
             "steal_rps",
             "HTTP/1.1 keep-alive req/s, 8 conns, stolen",

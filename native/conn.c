@@ -281,7 +281,7 @@ static int open_conn(struct lconn *c, pid_t parent) {
     conns_add(c);
     long long deadline = now_ms() + g_set.timeout_ms;
     cw_reset(&c->w);
-    cw_array(&c->w, 6);
+    cw_array(&c->w, 1 + M_LAYER_HELLO_NFIELDS);
     cw_uint(&c->w, M_LAYER_HELLO);
     cw_str(&c->w, MIRRORD_BUILD_ID);
     cw_str(&c->w, g_session);
@@ -389,7 +389,7 @@ void conn_release(struct lconn *c) {
     }
 }
 
-cbor_w *conn_begin(struct lconn *c, int kind, size_t nfields) {
+cbor_w *(conn_begin)(struct lconn *c, int kind, size_t nfields) {
     cw_reset(&c->w);
     cw_array(&c->w, 2 + nfields);
     cw_uint(&c->w, (uint64_t)kind);
@@ -452,7 +452,7 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
                 return conn_broken(c, "malformed ping");
             }
             cw_reset(&c->w);
-            cw_array(&c->w, 2);
+            cw_array(&c->w, 1 + M_PONG_NFIELDS);
             cw_uint(&c->w, M_PONG);
             cw_uint(&c->w, nonce);
             if (send_frame(c, deadline) < 0) {

@@ -3452,7 +3452,6 @@ HOOK char *__realpath_chk(const char *path, char *resolved, size_t resolvedlen) 
  * chmod, they modify: in read mode they stay local. `touch -d`, `cp -p`, `tar x`,
  * shutil.copy2/move and node's fs.utimes into a pod directory need them. */
 
-enum { M_UTIMENS = 40, M_CHOWN = 41 };
 #define NS_OMIT INT64_MIN
 
 /* times[2] as nanoseconds: NULL or UTIME_NOW is this machine's clock, UTIME_OMIT is NS_OMIT. */
@@ -3683,7 +3682,6 @@ HOOK int fchmodat(int dirfd, const char *path, mode_t mode, int flags) {
  * mkdir they modify, so in read mode they stay local. A link between this machine and the
  * target is EXDEV, as between two file systems. */
 
-enum { M_SYMLINK = 42, M_LINK = 43 };
 
 HOOK int symlinkat(const char *target, int dirfd, const char *path) {
     if (g_active && !t_guard) {

@@ -3,7 +3,8 @@
  *
  * Files: preload.c (init, real_* resolution, fd table, debug), conn.c (daemon connections and
  * requests), policy.c (the compact config and every local/remote decision), files.c (file and
- * directory hooks), net.c (socket and DNS hooks), proc.c (fork/exec/spawn hooks).
+ * directory hooks), net_*.c (socket and DNS hooks, see net.h), proc.c (fork/exec/spawn hooks),
+ * supervise.c (what the system-call supervisor, native/supervisor/, asks about sockets).
  */
 #ifndef MIRRORD_LAYER_H
 #define MIRRORD_LAYER_H
@@ -167,7 +168,7 @@ struct ent {
     pid_t sub_owner; /* the process that subscribed: a fork child closing its copy must not
                       * end the parent's subscription */
     int remote; /* connected through the daemon: peer / local are the target's view */
-    int spliced; /* the fd is now the layer's end of a daemon relay pair (see net.c) */
+    int spliced; /* the fd is now the layer's end of a daemon relay pair (see net_connect.c) */
     int connecting; /* spliced by a non-blocking connect(): the next connect() returns 0 */
     int listening; /* listen() was called: a loopback connect() to its port stays local */
     struct sockaddr_storage peer;
@@ -203,21 +204,9 @@ int layer_fd_relocate(int fd);            /* the app wants this number: move our
 
 /* ---------------------------------------------------------------- daemon connections */
 
-/* Message kinds of src/mirrord/protocol/messages.py. */
-enum {
-    M_ERROR = 1, M_OK = 2, M_FATAL = 3, M_PING = 4, M_PONG = 5,
-    M_FILE_OPEN = 10, M_FILE_OPENED = 11, M_FILE_READ = 12, M_FILE_DATA = 13,
-    M_FILE_WRITE = 14, M_FILE_WRITTEN = 15, M_FILE_SEEK = 16, M_FILE_POSITION = 17,
-    M_FILE_CLOSE = 18, M_FILE_STAT = 19, M_STAT_REPLY = 20, M_STATFS = 21,
-    M_STATFS_REPLY = 22, M_FILE_ACCESS = 23, M_READLINK = 24, M_READLINK_REPLY = 25,
-    M_DIR_OPEN = 26, M_DIR_OPENED = 27, M_DIR_READ = 28, M_DIR_ENTRIES = 29,
-    M_DIR_CLOSE = 30, M_MKDIR = 31, M_RMDIR = 32, M_UNLINK = 33, M_RENAME = 34,
-    M_FTRUNCATE = 35, M_FCHMOD = 36, M_FSYNC = 37, M_FILE_FETCH = 38, M_FILE_FETCHED = 39,
-    M_DNS_LOOKUP = 52, M_DNS_REPLY = 53, M_HOSTNAME_REQUEST = 54, M_HOSTNAME_REPLY = 55,
-    M_LAYER_HELLO = 200, M_LAYER_WELCOME = 201, M_LAYER_CONNECT = 202,
-    M_LAYER_CONNECTED = 203, M_LAYER_LISTEN = 204, M_LAYER_UNLISTEN = 205,
-    M_PEER_LOOKUP = 206, M_PEER_REPLY = 207, M_LAYER_DISCONNECT = 208,
-};
+/* Message kinds (M_*), field counts and order: generated from src/mirrord/protocol/messages.py
+ * into the build directory by native/layer_build.py (setup.py). */
+#include "kinds.h"
 
 #define MAX_FRAME (2 * 1024 * 1024)
 #define MAX_DATA_CHUNK (1024 * 1024)
@@ -229,6 +218,17 @@ struct lconn *conn_acquire(void);
 void conn_release(struct lconn *c);
 /* Starts a request: writes [kind, request_id, ... nfields more]. */
 cbor_w *conn_begin(struct lconn *c, int kind, size_t nfields);
+#ifdef __OPTIMIZE__
+/* A field count the message catalogue does not allow for the kind is a build error wherever
+ * the optimiser knows both (as glibc's _FORTIFY_SOURCE checks buffer sizes). */
+void conn_begin_field_count_mismatch(void) __attribute__((error(
+    "conn_begin: this field count does not fit the message in src/mirrord/protocol/messages.py")));
+#define conn_begin(c, kind, nfields)                                                          \
+    ((__builtin_constant_p(kind) && __builtin_constant_p(nfields) &&                          \
+      !M_FIELDS_FIT(kind, nfields))                                                           \
+         ? (conn_begin_field_count_mismatch(), (conn_begin)(c, kind, nfields))                \
+         : (conn_begin)(c, kind, nfields))
+#endif
 /* Sends the request and reads its reply. 0: reply of kind `expect`, r is after its
  * request_id. -1: errno from ErrorReply, or EIO if the daemon broke (connection dropped). */
 int conn_call(struct lconn *c, int expect, cbor_r *r);

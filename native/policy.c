@@ -200,6 +200,152 @@ static void suffix_init(void);
 
 static void fast_init(void);
 
+/* Keys of MIRRORD_LAYER_CONFIG by the shape of their value. */
+static const struct {
+    const char *key;
+    int *flag;
+} FLAG_KEYS[] = {
+    {"outgoing_tcp", &g_set.out_tcp},
+    {"outgoing_udp", &g_set.out_udp},
+    {"dns", &g_set.dns},
+    {"ignore_localhost", &g_set.ignore_localhost},
+    {"incoming_ignore_localhost", &g_set.incoming_ignore_localhost},
+    {"hostname", &g_set.hostname},
+    {"skip_build_tools", &g_set.skip_build_tools},
+};
+
+static const struct {
+    const char *key;
+    struct rlist *list;
+} REGEX_KEYS[] = {
+    {"read_only", &g_ro}, {"read_write", &g_rw},     {"local", &g_local},
+    {"not_found", &g_nf}, {"unix_stream", &g_unix},
+};
+
+#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
+
+static int filter_mode(const char *v) {
+    return strcmp(v, "remote") == 0 ? 1 : strcmp(v, "local") == 0 ? 2 : 0;
+}
+
+/* The keys naming one of a few words. 1 if `k` is one of them. */
+static int set_choice(const char *k, const char *v) {
+    if (strcmp(k, "fs_mode") == 0) {
+        g_set.fs_mode = strcmp(v, "local") == 0                ? FS_LOCAL
+                        : strcmp(v, "localwithoverrides") == 0 ? FS_LOCAL_WITH_OVERRIDES
+                        : strcmp(v, "write") == 0              ? FS_WRITE
+                                                               : FS_READ;
+    } else if (strcmp(k, "incoming") == 0) {
+        g_set.incoming = strcmp(v, "off") == 0 ? IN_OFF : strcmp(v, "steal") == 0 ? IN_STEAL : IN_MIRROR;
+    } else if (strcmp(k, "outgoing_filter_mode") == 0) {
+        g_out_mode = filter_mode(v);
+    } else if (strcmp(k, "dns_filter_mode") == 0) {
+        g_dns_mode = filter_mode(v);
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+/* `v` ("A B") appended to a table of port pairs unless it is full or malformed. */
+static void add_port_pair(int pairs[][2], int *n, const char *v) {
+    if (*n < MAX_LIST && sscanf(v, "%d %d", &pairs[*n][0], &pairs[*n][1]) == 2) {
+        (*n)++;
+    }
+}
+
+/* The repeated keys other than regex lists: one entry each. 1 if `k` is one of them. */
+static int add_entry(const char *k, const char *v) {
+    if (strcmp(k, "fs_map") == 0) {
+        add_mapping(v);
+    } else if (strcmp(k, "outgoing_filter") == 0) {
+        if (g_out_nf < MAX_LIST && parse_filter(&g_out_f[g_out_nf], v, 1) == 0) {
+            g_out_nf++;
+        }
+    } else if (strcmp(k, "dns_filter") == 0) {
+        if (g_dns_nf < MAX_LIST && parse_filter(&g_dns_f[g_dns_nf], v, 0) == 0) {
+            g_dns_nf++;
+        }
+    } else if (strcmp(k, "port_mapping") == 0) {
+        add_port_pair(g_port_map, &g_nport_map, v);
+    } else if (strcmp(k, "listen_ports") == 0) {
+        add_port_pair(g_listen_map, &g_nlisten_map, v);
+    } else if (strcmp(k, "ignore_ports") == 0) {
+        if (g_nignore < MAX_LIST) {
+            g_ignore_ports[g_nignore++] = atoi(v);
+        }
+    } else if (strcmp(k, "skip_process") == 0) {
+        if (g_nskip < MAX_LIST) {
+            g_skip[g_nskip++] = strdup(v);
+        }
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+/* One `key=value` setting; unknown keys (a newer writer) are ignored. */
+static void apply_setting(const char *k, const char *v) {
+    for (size_t i = 0; i < COUNT(FLAG_KEYS); i++) {
+        if (strcmp(k, FLAG_KEYS[i].key) == 0) {
+            *FLAG_KEYS[i].flag = flag(v);
+            return;
+        }
+    }
+    for (size_t i = 0; i < COUNT(REGEX_KEYS); i++) {
+        if (strcmp(k, REGEX_KEYS[i].key) == 0) {
+            add_regex(REGEX_KEYS[i].list, v);
+            return;
+        }
+    }
+    if (set_choice(k, v) || add_entry(k, v)) {
+        return;
+    }
+    if (strcmp(k, "fetch_limit") == 0) {
+        long long t = strtoll(v, NULL, 10);
+        g_set.fetch_limit = t >= 0 ? t : g_set.fetch_limit;
+    } else if (strcmp(k, "timeout_ms") == 0) {
+        long t = strtol(v, NULL, 10);
+        g_set.timeout_ms = t > 0 && t < 3600000 ? (int)t : 30000;
+    }
+}
+
+/* `dir` without its trailing slashes ("/" stays "/"); its new length. */
+static size_t trim_slashes(char *dir) {
+    size_t n = strlen(dir);
+    while (n > 1 && dir[n - 1] == '/') {
+        dir[--n] = 0;
+    }
+    return n;
+}
+
+/* The process's own directories the default local set names: working directory, home,
+ * executable, TMPDIR. */
+static void init_own_dirs(void) {
+    if (getcwd(g_cwd, sizeof g_cwd) != NULL) {
+        g_cwd_len = trim_slashes(g_cwd);
+        if (g_cwd_len == 1) { /* cwd "/" would make everything local: mirrord skips it too */
+            g_cwd_len = 0;
+        }
+    }
+    const char *home = getenv("HOME");
+    if (home != NULL && *home == '/') {
+        snprintf(g_home, sizeof g_home, "%s", home);
+        g_home_len = trim_slashes(g_home);
+    }
+    suffix_init();
+    ssize_t en = readlink("/proc/self/exe", g_exe, sizeof g_exe - 1);
+    if (en > 0) {
+        g_exe[en] = 0;
+        g_exe_len = (size_t)en;
+    }
+    const char *tmp = getenv("TMPDIR");
+    if (tmp != NULL && *tmp == '/' && strlen(tmp) > 1) {
+        snprintf(g_tmpdir, sizeof g_tmpdir, "%s", tmp);
+        g_tmpdir_len = trim_slashes(g_tmpdir);
+    }
+}
+
 int policy_load(const char *text) {
     char line[4096];
     const char *p = text;
@@ -220,110 +366,9 @@ int policy_load(const char *text) {
             return -1;
         }
         *eq = 0;
-        const char *k = line, *v = eq + 1;
-        if (strcmp(k, "fs_mode") == 0) {
-            g_set.fs_mode = strcmp(v, "local") == 0                ? FS_LOCAL
-                            : strcmp(v, "localwithoverrides") == 0 ? FS_LOCAL_WITH_OVERRIDES
-                            : strcmp(v, "write") == 0              ? FS_WRITE
-                                                                   : FS_READ;
-        } else if (strcmp(k, "read_only") == 0) {
-            add_regex(&g_ro, v);
-        } else if (strcmp(k, "read_write") == 0) {
-            add_regex(&g_rw, v);
-        } else if (strcmp(k, "local") == 0) {
-            add_regex(&g_local, v);
-        } else if (strcmp(k, "fs_map") == 0) {
-            add_mapping(v);
-        } else if (strcmp(k, "not_found") == 0) {
-            add_regex(&g_nf, v);
-        } else if (strcmp(k, "unix_stream") == 0) {
-            add_regex(&g_unix, v);
-        } else if (strcmp(k, "outgoing_tcp") == 0) {
-            g_set.out_tcp = flag(v);
-        } else if (strcmp(k, "outgoing_udp") == 0) {
-            g_set.out_udp = flag(v);
-        } else if (strcmp(k, "outgoing_filter_mode") == 0) {
-            g_out_mode = strcmp(v, "remote") == 0 ? 1 : strcmp(v, "local") == 0 ? 2 : 0;
-        } else if (strcmp(k, "outgoing_filter") == 0) {
-            if (g_out_nf < MAX_LIST && parse_filter(&g_out_f[g_out_nf], v, 1) == 0) {
-                g_out_nf++;
-            }
-        } else if (strcmp(k, "dns") == 0) {
-            g_set.dns = flag(v);
-        } else if (strcmp(k, "dns_filter_mode") == 0) {
-            g_dns_mode = strcmp(v, "remote") == 0 ? 1 : strcmp(v, "local") == 0 ? 2 : 0;
-        } else if (strcmp(k, "dns_filter") == 0) {
-            if (g_dns_nf < MAX_LIST && parse_filter(&g_dns_f[g_dns_nf], v, 0) == 0) {
-                g_dns_nf++;
-            }
-        } else if (strcmp(k, "incoming") == 0) {
-            g_set.incoming = strcmp(v, "off") == 0 ? IN_OFF : strcmp(v, "steal") == 0 ? IN_STEAL : IN_MIRROR;
-        } else if (strcmp(k, "port_mapping") == 0) {
-            if (g_nport_map < MAX_LIST &&
-                sscanf(v, "%d %d", &g_port_map[g_nport_map][0], &g_port_map[g_nport_map][1]) == 2) {
-                g_nport_map++;
-            }
-        } else if (strcmp(k, "listen_ports") == 0) {
-            if (g_nlisten_map < MAX_LIST &&
-                sscanf(v, "%d %d", &g_listen_map[g_nlisten_map][0], &g_listen_map[g_nlisten_map][1]) == 2) {
-                g_nlisten_map++;
-            }
-        } else if (strcmp(k, "ignore_ports") == 0) {
-            if (g_nignore < MAX_LIST) {
-                g_ignore_ports[g_nignore++] = atoi(v);
-            }
-        } else if (strcmp(k, "ignore_localhost") == 0) {
-            g_set.ignore_localhost = flag(v);
-        } else if (strcmp(k, "incoming_ignore_localhost") == 0) {
-            g_set.incoming_ignore_localhost = flag(v);
-        } else if (strcmp(k, "hostname") == 0) {
-            g_set.hostname = flag(v);
-        } else if (strcmp(k, "skip_build_tools") == 0) {
-            g_set.skip_build_tools = flag(v);
-        } else if (strcmp(k, "skip_process") == 0) {
-            if (g_nskip < MAX_LIST) {
-                g_skip[g_nskip++] = strdup(v);
-            }
-        } else if (strcmp(k, "fetch_limit") == 0) {
-            long long t = strtoll(v, NULL, 10);
-            g_set.fetch_limit = t >= 0 ? t : g_set.fetch_limit;
-        } else if (strcmp(k, "timeout_ms") == 0) {
-            long t = strtol(v, NULL, 10);
-            g_set.timeout_ms = t > 0 && t < 3600000 ? (int)t : 30000;
-        }
-        /* unknown keys: a newer writer; ignored */
+        apply_setting(line, eq + 1);
     }
-    if (getcwd(g_cwd, sizeof g_cwd) != NULL) {
-        g_cwd_len = strlen(g_cwd);
-        while (g_cwd_len > 1 && g_cwd[g_cwd_len - 1] == '/') {
-            g_cwd[--g_cwd_len] = 0;
-        }
-        if (g_cwd_len == 1) { /* cwd "/" would make everything local: mirrord skips it too */
-            g_cwd_len = 0;
-        }
-    }
-    const char *home = getenv("HOME");
-    if (home != NULL && *home == '/') {
-        snprintf(g_home, sizeof g_home, "%s", home);
-        g_home_len = strlen(g_home);
-        while (g_home_len > 1 && g_home[g_home_len - 1] == '/') {
-            g_home[--g_home_len] = 0;
-        }
-    }
-    suffix_init();
-    ssize_t en = readlink("/proc/self/exe", g_exe, sizeof g_exe - 1);
-    if (en > 0) {
-        g_exe[en] = 0;
-        g_exe_len = (size_t)en;
-    }
-    const char *tmp = getenv("TMPDIR");
-    if (tmp != NULL && *tmp == '/' && strlen(tmp) > 1) {
-        snprintf(g_tmpdir, sizeof g_tmpdir, "%s", tmp);
-        g_tmpdir_len = strlen(g_tmpdir);
-        while (g_tmpdir_len > 1 && g_tmpdir[g_tmpdir_len - 1] == '/') {
-            g_tmpdir[--g_tmpdir_len] = 0;
-        }
-    }
+    init_own_dirs();
     fast_init();
     return 0;
 }

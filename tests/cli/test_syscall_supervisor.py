@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 SPEC = PodSpec(
     env={"POD_ONLY_VAR": "from the pod"},
     files={"/app/pod-only.txt": b"only in the pod\n", "/app/other.txt": b"second file\n"},
+    symlinks={"/app/link": "pod-only.txt"},
     echo_port=None,
     http_port=None,
 )
@@ -279,3 +280,36 @@ def test_fs_mapping_to_a_local_path_is_kept_for_a_static_program(
         "/elsewhere/local.txt = on this machine",
         "/app/pod-only.txt = only in the pod",
     ], (local, result.stderr)
+
+
+def test_statx_readlink_and_mutators_of_a_static_program(
+    mirrord: Mirrord, pod: LocalPod, static_reader: Path, tmp_path: Path
+) -> None:
+    # read mode (the default): statx and readlink answer with the pod's files; a mutator stays
+    # local (as the layer keeps it), where /app does not exist
+    lines = ["statx:/app/pod-only.txt", "statx:/app/missing.txt", "readlink:/app/link",
+             "mkdir:/app/made-here"]  # fmt: skip
+    result = mirrord.run(
+        "run", "-t", f"pid/{pod.pid}", "--", str(static_reader), input="\n".join(lines) + "\n"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "/app/pod-only.txt statx 16 100644",
+        "/app/missing.txt statx ! ENOENT",
+        "/app/link -> pod-only.txt",
+        "mkdir ! ENOENT",
+    ], result.stderr
+    # write mode: they change the pod's files
+    pod.run_in_pod(["sh", "-c", "echo scratch > /app/scratch.txt"])
+    config = tmp_path / "mirrord.json"
+    config.write_text(json.dumps({"feature": {"fs": {"mode": "write"}}}))
+    run = ["run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", str(static_reader)]
+    result = mirrord.run(*run, input="mkdir:/app/made\nrename:/app/scratch.txt /app/made/s.txt\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["mkdir ok", "rename ok"], result.stderr
+    moved = pod.run_in_pod(["cat", "/app/made/s.txt"], check=False)
+    assert moved.stdout == b"scratch\n", moved
+    result = mirrord.run(*run, input="rmdir:/app/made\nunlink:/app/made/s.txt\nrmdir:/app/made\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["rmdir ! ENOTEMPTY", "unlink ok", "rmdir ok"]
+    assert pod.run_in_pod(["test", "-e", "/app/made"], check=False).returncode == 1

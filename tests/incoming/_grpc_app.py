@@ -1,7 +1,8 @@
 """A stand-in gRPC app (grpcio, no generated code: raw bytes messages), the pod's app or the
 user app of the gRPC steal tests.
 
-Run: `python _grpc_app.py NAME HOST PORT` -> prints the port, then serves `/mirrord.Echo/Say`
+Run: `python _grpc_app.py NAME HOST PORT [CERT KEY]` -> prints the port, then serves (in TLS
+with CERT and KEY, PEM files) `/mirrord.Echo/Say`
 (unary: answers `NAME <request> x-user=<metadata>`), `/mirrord.Echo/Chat` (bidirectional:
 answers each message the same way, as it comes; prints `chat ended x-user=U` when the call
 ends), `/mirrord.Echo/Fail` (ends with status
@@ -58,7 +59,12 @@ def main() -> None:
     options = [("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
     server.add_generic_rpc_handlers((handler,))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if len(sys.argv) > 5:
+        with open(sys.argv[4], "rb") as cert, open(sys.argv[5], "rb") as key:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
     print(bound, flush=True)
     threading.Event().wait()

@@ -205,6 +205,7 @@ async def subscribe(
     http_filter: dict[str, object] | None = None,
     *,
     on_concurrent_steal: str = "abort",
+    tls: dict[str, object] | None = None,
 ) -> m.Subscribed:
     reply = await client.request(
         channel,
@@ -214,6 +215,7 @@ async def subscribe(
             mode=mode,
             http_filter=http_filter,
             on_concurrent_steal=on_concurrent_steal,
+            tls=tls,
         ),
     )
     assert isinstance(reply, m.Subscribed)

@@ -17,19 +17,15 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from mirrord.agent._http2_filter import (
-    CLIENT,
+from mirrord.agent._http2_detect import (
     H2_PREFACE,
-    CloseConnection,
-    H2Router,
-    OpenUpstream,
-    SendBytes,
     could_be_h2_preface,
     could_be_h2_server_preface,
     h2c_upgrade_from,
     head_from_headers,
     is_h2_preface,
 )
+from mirrord.agent._http2_filter import CLIENT, CloseConnection, H2Router, OpenUpstream, SendBytes
 from mirrord.agent._http_filter import HttpFilter, RequestHead
 
 ALICE = HttpFilter.from_config({"header_filter": "^x-user: alice$"})

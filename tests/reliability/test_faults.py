@@ -123,16 +123,6 @@ def _check_killed_guard(scene: Scene, killed_at: float) -> None:
     )
 
 
-# Since issue 20 item 3's reset rule (INPUT: a connection to the agent's steal listener not in
-# conntrack state DNAT gets a TCP reset), the stolen connection is sometimes reset while the
-# guard is stopped (2 of 4 runs on this machine). Not strict: it does not fail every time.
-_STOPPED_GUARD_RESET = pytest.mark.xfail(
-    strict=False,
-    reason="intermittent since issue 20 item 3 (sec-agent, 65869d4): a stolen connection is "
-    "reset while the steal guard is stopped",
-)
-
-
 # Decided at collection (a string condition sees `config` and `os`), so that a case of the full
 # size only costs no pod and no daemon at the quick size.
 _FULL_SIZE_ONLY = pytest.mark.skipif(
@@ -220,9 +210,7 @@ def _stall_promise(victim: str, phase: str) -> str:
     return "works"
 
 
-@pytest.mark.parametrize(
-    ("victim", "phase"), _cases("stop", {("guard", "stolen"): _STOPPED_GUARD_RESET})
-)
+@pytest.mark.parametrize(("victim", "phase"), _cases("stop"))
 def test_sigstop(
     request: pytest.FixtureRequest,
     scene_factory: Callable[[str], Scene],

@@ -86,6 +86,7 @@ class IncomingHandler(Protocol):
         http_filter: dict[str, Any] | None,
         *,
         on_concurrent_steal: str = "abort",
+        tls: dict[str, Any] | None = None,
     ) -> list[str]: ...
 
     async def unsubscribe(self, channel: Channel, port: int) -> None: ...
@@ -719,6 +720,7 @@ class Channel:
             req.mode,
             req.http_filter,
             on_concurrent_steal=req.on_concurrent_steal,
+            tls=req.tls,
         )
         return m.Subscribed(request_id=req.request_id, port=req.port, warnings=list(warnings))
 

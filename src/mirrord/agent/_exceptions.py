@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "AgentStartupError",
     "BadArguments",
+    "SubscribeError",
     "TargetGone",
     "TargetNotFound",
 ]
@@ -44,3 +45,8 @@ class TargetGone(AgentStartupError):
     """The target process exited while the agent served it; the sessions on it are over."""
 
     exit_code = 3
+
+
+class SubscribeError(OSError):
+    """A Subscribe the agent refuses (bad filter, port taken, no capability): errno and
+    message go to the session as its `ErrorReply`; the session reports it to the user."""

@@ -1,7 +1,7 @@
 """The I/O shell of an HTTP/2 filtered steal: runs `H2Router` (`_http2_filter.py`) over a
 stolen client connection, its connections to the pod's app and its session connections.
 
-Owns: `serve_h2`, the hook a filtered connection (`_incoming._FilteredConnection`) calls when
+Owns: `serve_h2`, the hook a filtered connection (`_incoming_filtered.FilteredConnection`) calls when
 its first bytes could be the HTTP/2 preface (prior knowledge). It reads the rest of the
 preface; if it is one, the connection is served as HTTP/2 here until it ends, else the bytes
 go back to the caller, which passes them to the pod's app untouched as before. And
@@ -10,7 +10,7 @@ the connection itself (101) and serves it as HTTP/2, that request being stream 1
 Does not own: routing decisions per stream (the router, with the port's filters), HTTP/1.
 
 Per stream matched by a session's filter, a new `IncomingConnection` is opened to that session
-(`_FilteredConnection._open_session`, the same as for an HTTP/1 request): the daemon connects
+(`FilteredConnection.open_session`, the same as for an HTTP/1 request): the daemon connects
 it to the user app, which gets an HTTP/2 connection with prior knowledge carrying that one
 stream. HTTP/2 rather than a translation to HTTP/1.1: the user app runs the same code as the
 pod's app, which was just spoken to in HTTP/2 by this client, and gRPC (trailers, streaming
@@ -30,24 +30,20 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from mirrord.agent._http2_filter import (
-    CLIENT,
+from mirrord.agent._http2_detect import (
     H2_PREFACE,
     H2C_SWITCH,
-    CloseConnection,
     H2cUpgrade,
-    H2Router,
-    OpenUpstream,
-    SendBytes,
     could_be_h2_preface,
     could_be_h2_server_preface,
     is_h2_preface,
 )
+from mirrord.agent._http2_filter import CLIENT, CloseConnection, H2Router, OpenUpstream, SendBytes
 from mirrord.agent._http_filter import Passthrough, RequestEnded, RequestHead, RequestSplitter
 from mirrord.agent._incoming_pipe import PipeEnd
 
 if TYPE_CHECKING:
-    from mirrord.agent._incoming import _FilteredConnection
+    from mirrord.agent._incoming_filtered import FilteredConnection
 
 
 __all__ = ["pod_app_sent_h2_settings", "serve_h2", "serve_h2c_upgrade"]
@@ -68,7 +64,7 @@ _STREAM_ERRORS = (
 )
 
 
-async def serve_h2(conn: _FilteredConnection, first: bytes) -> bytes | None:
+async def serve_h2(conn: FilteredConnection, first: bytes) -> bytes | None:
     """Serve `conn` as HTTP/2 if its client sent the preface (`first` are its first bytes, a
     possible start of it). None when served; else every byte read so far (not HTTP/2), for
     the caller to pass through."""
@@ -97,7 +93,7 @@ def pod_app_sent_h2_settings(raw: socket.socket) -> bool:
 
 
 async def serve_h2c_upgrade(
-    conn: _FilteredConnection, upgrade: H2cUpgrade, splitter: RequestSplitter
+    conn: FilteredConnection, upgrade: H2cUpgrade, splitter: RequestSplitter
 ) -> bool:
     """The client's first request asks to switch to HTTP/2 (`Upgrade: h2c`, body-less): answer
     101 and serve the connection as HTTP/2, the request being stream 1 (routed like any
@@ -106,7 +102,9 @@ async def serve_h2c_upgrade(
     # Switch only when the pod's app speaks HTTP/2 (with prior knowledge, as the agent will
     # speak it): an HTTP/2 app greets with its SETTINGS as soon as it accepts. An HTTP/1.1
     # app says nothing and answers the request as HTTP/1.1, as it would without mirrord.
-    up = await conn._get_upstream()
+    if conn.tls is not None:
+        return False  # h2c is HTTP/2 in clear only (over TLS, ALPN chooses h2)
+    up = await conn.get_upstream()
     if up is None:
         return False
     raw = up.stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
@@ -154,7 +152,7 @@ class _Peer:
 
 
 class _H2Shell:
-    def __init__(self, conn: _FilteredConnection, upgrade: H2cUpgrade | None = None) -> None:
+    def __init__(self, conn: FilteredConnection, upgrade: H2cUpgrade | None = None) -> None:
         self.conn = conn
         self.service = conn.service
         self.router = H2Router(self._route, upgrade=upgrade)
@@ -250,24 +248,20 @@ class _H2Shell:
         """The stream for a new upstream, or why there is none."""
         conn = self.conn
         if session is not None:
-            end = conn._open_session(session)
+            end = await conn.session_stream(session)
             return end if end is not None else "the session ended"
         if self._first_pod:
             # The connection the filtered connection opened when the client connected: no
             # byte went over it yet.
             self._first_pod = False
-            up = await conn._get_upstream()
+            up = await conn.get_upstream()
             if up is None:
-                return f"the pod's app on port {conn.port} is unreachable: {conn._upstream_failed}"
+                return f"the pod's app on port {conn.port} is unreachable: {conn.upstream_failed}"
             return up.stream
         try:
-            stream = await self.service.connect_upstream(conn.original, sniffed=conn.sniffed)
+            return await conn.open_extra_upstream()  # closed with the client connection
         except OSError as exc:
             return f"the pod's app on port {conn.port} is unreachable: {exc.strerror or exc}"
-        from mirrord.agent._incoming import _Upstream  # (a cycle at import time)
-
-        conn._old_upstreams.append(_Upstream(stream))  # closed with the client connection
-        return stream
 
     async def _run_upstream(self, key: int, session: Any) -> None:
         opened = await self._open(session)

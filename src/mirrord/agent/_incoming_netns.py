@@ -1,7 +1,8 @@
 """Creating sockets in the target's network namespace for the incoming-traffic code.
 
 Owns: the socket factories the incoming code runs in the namespace (`make_listener`,
-`make_marked_socket`), `original_dst`, and `NetnsRunner`, a minimal stand-in for the agent
+`make_marked_socket`), `original_dst`, `SyncRunner` (what the incoming code needs of a
+runner), and `NetnsRunner`, a minimal stand-in for the agent
 core's runner (`mirrord.agent._netns.NetnsRunner`, same `run_sync(fn)` shape) used by tests
 and tools that have no agent: one thread that has entered a network namespace (`setns` moves
 only the calling thread; a socket keeps the namespace it was created in, whichever thread
@@ -17,14 +18,20 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
-__all__ = ["NetnsRunner", "make_listener", "make_marked_socket", "original_dst"]
+__all__ = ["NetnsRunner", "SyncRunner", "make_listener", "make_marked_socket", "original_dst"]
 
 T = TypeVar("T")
 CLONE_NEWNET: Final = 0x40000000
 SO_ORIGINAL_DST: Final = 80
 SO_MARK: Final = 36
+
+
+class SyncRunner(Protocol):
+    """Runs `fn` inside the target's network namespace and returns its result (blocking)."""
+
+    def run_sync(self, fn: Callable[[], Any]) -> Any: ...
 
 
 class NetnsRunner:

@@ -92,7 +92,7 @@ class DaemonSession:
             AgentRole.AGENT,
             secret=server.secret,
             invalid_requests_as_events=True,
-            features=[m.FEATURE_UNIX_STREAMS],
+            features=[m.FEATURE_UNIX_STREAMS, m.FEATURE_INCOMING_TLS],
         )
         self.channels: dict[int, Channel] = {}
         self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)

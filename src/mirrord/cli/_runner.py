@@ -96,13 +96,13 @@ _BOOL_WORDS.update({"false": False, "0": False, "no": False, "off": False})
 def _supervised(command: list[str], env: dict[str, str]) -> list[str]:
     """`command`, under the system-call supervisor when asked (`--syscalls`,
     `experimental.syscall_supervisor: true`), or when unset and the executable is statically
-    linked (the layer cannot load into it); docs/layer.md. The layer stays inactive in the
-    supervisor's launcher (MIRRORD_DONT_LOAD, which the launcher takes away again before the
-    command's exec, unless the user had set it)."""
+    linked (the layer cannot load into it) or built by Go (which bypasses it); docs/layer.md.
+    The layer stays inactive in the supervisor's launcher (MIRRORD_DONT_LOAD, which the
+    launcher takes away again before the command's exec, unless the user had set it)."""
     asked = env.get("MIRRORD_LAYER_SYSCALLS")
     options = []
     if asked is None:
-        from mirrord.cli._elf import static_executable
+        from mirrord.cli._elf import needs_supervisor
 
         name = command[0]
         if "/" not in name:
@@ -110,7 +110,7 @@ def _supervised(command: list[str], env: dict[str, str]) -> list[str]:
             if found is None:
                 return command  # Popen reports it
             name = found
-        if not static_executable(Path(name)):
+        if not needs_supervisor(Path(name)):
             return command
         # automatic: a kernel without seccomp user notification runs the command as before
         options.append("--auto")

@@ -86,7 +86,8 @@ IGNORED_KEYS: dict[tuple[str, ...], frozenset[str]] = {
         }
     ),
     ("feature",): frozenset({"copy_target", "split_queues", "preview", "db_branches", "magic"}),
-    ("feature", "network", "incoming"): frozenset({"https_delivery", "tls_delivery"}),
+    # mirrord's older name of `tls_delivery` (which we read): rename it
+    ("feature", "network", "incoming"): frozenset({"https_delivery"}),
 }
 # Editors add "$schema" for completion; it is not a setting.
 _SILENT_KEYS: dict[tuple[str, ...], frozenset[str]] = {(): frozenset({"$schema"})}

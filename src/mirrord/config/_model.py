@@ -31,6 +31,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
 from mirrord.config._filters import check_fs_pattern, check_regex, parse_address_filter
+from mirrord.config._incoming_tls import TlsDeliveryConfig, TlsStealConfig, tls_warnings
 
 __all__ = [
     "AgentConfig",
@@ -737,6 +738,12 @@ class IncomingConfig(_Section):
         description="When another session steals the same port without a filter: "
         "'abort', 'continue' or 'override'.",
     )
+    tls_steal: TlsStealConfig = Field(
+        default_factory=TlsStealConfig, description="HTTPS: the agent's certificate and key."
+    )
+    tls_delivery: TlsDeliveryConfig = Field(
+        default_factory=TlsDeliveryConfig, description="HTTPS: how the user app gets requests."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -1040,6 +1047,7 @@ def config_warnings(cfg: MirrordConfig) -> list[str]:
         out.append("feature.network.outgoing.filter is ignored because tcp and udp are false")
     if net.incoming.http_filter.is_set and net.incoming.mode == "off":
         out.append("feature.network.incoming.http_filter is ignored because incoming.mode is 'off'")
+    out += tls_warnings(net.incoming.mode, net.incoming.http_filter.is_set, net.incoming.tls_steal)
     if net.incoming.mode == "steal" and cfg.target.is_targetless:
         out.append(
             "feature.network.incoming.mode is 'steal' but there is no target: there is "

@@ -46,6 +46,7 @@ from mirrord.daemon._env import (
     unset_names,
 )
 from mirrord.daemon._exceptions import BadRequest, ConfigRefused, DaemonError, SessionNotFound
+from mirrord.daemon._incoming_tls import agent_tls_warnings, subscribe_tls
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
@@ -323,6 +324,8 @@ class Daemon:
                 raise DaemonError("create_session: config must be a JSON object")
             config = _config_model(raw_config)
         check_layer_settings(config)  # before an agent is started for it
+        # HTTPS filtered steal: its certificate files are read and checked before any agent starts
+        incoming_tls = await anyio.to_thread.run_sync(subscribe_tls, config, params.get("cwd"))
         progress(f"opening a session on {target}")
         level = config_value(config, "daemon", "log_level", default=None)
         if level is not None:
@@ -352,6 +355,8 @@ class Daemon:
             incoming_mode=mode,
             http_filter=http_filter,
         )
+        session.incoming_tls = incoming_tls
+        warnings += agent_tls_warnings(incoming_tls, link.conn.peer_features)
         self.sessions[session.id] = session
         session.subscribe_events(owner_events)
         session.warnings.extend(warnings)

@@ -12,7 +12,8 @@ never the agent-stream reader (which only appends to the buffer).
 Ownership: an outgoing relay belongs to its session alone. Its two ends are a private
 loopback connection (`open_relay_pair`) made inside the daemon, one end of which is passed to
 the layer over its unix connection; no listener of ours is left for another local user to
-connect to, and a UDP relay takes datagrams from its own peer only (the kernel filters by
+connect to (the system-call supervisor's relays accept the one connection from the user
+app's own bound socket, and reset any other), and a UDP relay takes datagrams from its own peer only (the kernel filters by
 the connected address, and each datagram's source is checked again here).
 """
 
@@ -36,7 +37,7 @@ from mirrord.daemon._io import RawSocketStream, peer_uid, reset_stream
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
-__all__ = ["Counters", "Relay", "RelayLink", "open_relay_pair"]
+__all__ = ["Counters", "Relay", "RelayLink", "open_relay_listener", "open_relay_pair"]
 
 log = logging.getLogger("mirrord.daemon.relay")
 
@@ -177,20 +178,44 @@ class Relay:
 
     # -- TCP
 
-    async def serve_tcp_outgoing(self, sock: socket.socket) -> None:
+    async def serve_tcp_outgoing(
+        self, sock: socket.socket, accept_from: tuple[str, int] | None = None
+    ) -> None:
         """Relay between the agent and the daemon's end of a private pair (`open_relay_pair`)
-        whose other end the layer put in the place of the user app's socket."""
+        whose other end the layer put in the place of the user app's socket; with
+        `accept_from`, `sock` is an `open_relay_listener` and the relay is the connection
+        from that address (the user app's own socket), accepted first (closed, and the
+        agent's connection reset, if it does not come within PAIR_TIMEOUT)."""
         stream: anyio.abc.SocketStream | None = None
         try:
             with anyio.CancelScope() as self._scope:
                 if self._aborted:
                     self._scope.cancel()
+                if accept_from is not None:
+                    accepted = await self._accept_app(sock, accept_from)
+                    if accepted is None:
+                        return
+                    sock = accepted
                 stream = RawSocketStream(sock)  # read only under credit (see RawSocketStream)
                 await self._run_tcp(stream)  # closes the stream (and the socket) at the end
         finally:
             if stream is None:
                 sock.close()
             self._finish()
+
+    async def _accept_app(
+        self, listener: socket.socket, app: tuple[str, int]
+    ) -> socket.socket | None:
+        try:
+            with anyio.fail_after(PAIR_TIMEOUT):
+                accepted = await _accept_from(listener, _endpoint(app))
+        except (OSError, TimeoutError):
+            self._send_close(errno_mod.ECONNRESET)
+            return None
+        finally:
+            listener.close()
+        accepted.setblocking(False)
+        return accepted
 
     async def serve_tcp_incoming(
         self,
@@ -433,20 +458,7 @@ async def open_relay_pair(family: int, kind: int) -> tuple[socket.socket, socket
         except BlockingIOError:
             pass
         with anyio.fail_after(PAIR_TIMEOUT):
-            for _ in range(64):
-                await anyio.wait_readable(listener)
-                try:
-                    accepted, addr = listener.accept()
-                except BlockingIOError:
-                    continue
-                if _endpoint(addr[:2]) == mine:
-                    daemon_end = accepted
-                    break
-                # another local process connected in the instant the listener existed
-                accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                accepted.close()
-            else:
-                raise OSError(errno_mod.EAGAIN, "relay pair: our own connection never came")
+            daemon_end = await _accept_from(listener, mine)
             await anyio.wait_writable(layer_end)
         error = layer_end.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
@@ -461,6 +473,40 @@ async def open_relay_pair(family: int, kind: int) -> tuple[socket.socket, socket
     layer_end.setblocking(True)
     daemon_end.setblocking(False)
     return daemon_end, layer_end
+
+
+async def _accept_from(
+    listener: socket.socket, peer: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+) -> socket.socket:
+    """The connection from `peer` on a non-blocking `listener`; any other local process that
+    connected in the instant the listener existed is reset unread. The caller bounds the
+    wait."""
+    for _ in range(64):
+        await anyio.wait_readable(listener)
+        try:
+            accepted, addr = listener.accept()
+        except BlockingIOError:
+            continue
+        if _endpoint(addr[:2]) == peer:
+            return accepted
+        accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        accepted.close()
+    raise OSError(errno_mod.EAGAIN, "relay: the expected connection never came")
+
+
+def open_relay_listener(family: int) -> socket.socket:
+    """A non-blocking loopback TCP listener of `family` for one relay connection from a
+    socket the caller names (`Relay.serve_tcp_outgoing`'s `accept_from`): the system-call
+    supervisor connects the user app's own socket to it (docs/layer.md)."""
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setblocking(False)
+        listener.bind((_loopback(family), 0))
+        listener.listen(8)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
 
 
 def _discard_queued(sock: socket.socket) -> None:

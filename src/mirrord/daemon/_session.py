@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno as errno_mod
+import ipaddress
 import logging
 import os
 import secrets
@@ -31,7 +32,7 @@ from mirrord.daemon._backend import AgentConfig
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
-from mirrord.daemon._relay import Counters, Relay, open_relay_pair
+from mirrord.daemon._relay import Counters, Relay, open_relay_listener, open_relay_pair
 from mirrord.protocol import (
     CLOSED,
     NEED_DATA,
@@ -85,6 +86,8 @@ class Session:
         self.label = label
         self.incoming_mode = incoming_mode
         self.http_filter = http_filter
+        # Subscribe.tls of its filtered steals (the PEM text of tls_steal's files), or None
+        self.incoming_tls: dict[str, Any] | None = None
         self.created = time.time()
         self.state = "open"  # open -> agent_lost | closed
         self.reason = ""
@@ -435,7 +438,7 @@ class LayerProcess:
             passing=() if layer_end is None else (layer_end,),
         )
         if msg.protocol in ("tcp", "unix"):
-            await relay.serve_tcp_outgoing(daemon_end)
+            await relay.serve_tcp_outgoing(daemon_end, app if msg.source_port else None)
             return
         self.udp_relays[relay_port] = relay
         try:
@@ -503,6 +506,7 @@ class LayerProcess:
                 mode=self.session.incoming_mode,
                 http_filter=http_filter,
                 on_concurrent_steal=on_concurrent_steal(self.session.config),
+                tls=self.session.incoming_tls if mode == "steal" and http_filter else None,
             ),
             on_reply,
         )
@@ -552,8 +556,16 @@ async def _relay_sockets(
 ) -> tuple[socket.socket, socket.socket | None, tuple[str, int]]:
     """(the daemon's end, the layer's end to pass or None, the app's address as the daemon's
     end sees it) for an outgoing connection."""
+    if msg.source_port and msg.protocol == "tcp":
+        # the supervisor connects the app's own socket, bound there: a listener for it alone
+        source = msg.source_address or "127.0.0.1"
+        ip = ipaddress.ip_address(source)
+        v6 = isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        return open_relay_listener(family), None, (source, msg.source_port)
     if msg.source_port:
-        # sendto() on the app's own UDP socket: an endpoint that only its address reaches
+        # sendto() on the app's own UDP socket (or the supervisor's connect() of it): an
+        # endpoint that only its address reaches
         family = socket.AF_INET6 if ":" in msg.address else socket.AF_INET
         host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
         source = msg.source_address

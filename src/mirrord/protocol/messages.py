@@ -29,9 +29,13 @@ from mirrord.protocol._base import Message, message
 # Agent features announced in Hello/Welcome: a Connect with protocol "unix" is sent only to an
 # agent that announced this one.
 FEATURE_UNIX_STREAMS = "unix_streams"
+# An agent that announced this one terminates TLS under a filtered steal (`Subscribe.tls`); an
+# older agent ignores the field and passes TLS through untouched.
+FEATURE_INCOMING_TLS = "incoming_tls"
 
 __all__ = [
     "CONN_CLOSE_NORMAL",
+    "FEATURE_INCOMING_TLS",
     "FEATURE_UNIX_STREAMS",
     "INCOMING_MODES",
     "MAX_DATA_CHUNK",
@@ -701,18 +705,29 @@ class Subscribe(Request):
     """daemon -> agent: mirror or steal `port`; `http_filter` (steal only) is the config's
     filter object, in its JSON shape. `on_concurrent_steal` (the config's key): "abort"
     refuses an unfiltered steal of a port another session steals; "override" takes it over;
-    any other value counts as "abort"."""
+    any other value counts as "abort". `tls` (a filtered steal only; agents announcing
+    `FEATURE_INCOMING_TLS`): `{"cert_pem", "key_pem", "delivery": {"protocol": "tls"|"tcp",
+    "trust_roots_pem", "server_name", "server_cert_pem"}}`, the PEM text of the session's
+    `tls_steal`/`tls_delivery` files: the agent terminates the TLS of the port's clients."""
 
     request_id: int
     port: int
     mode: str
     http_filter: dict[str, Any] | None = None
     on_concurrent_steal: str = "abort"
+    tls: dict[str, Any] | None = None
 
     def _validate(self) -> None:
         _port(self.port, "port")
         if self.mode not in INCOMING_MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {INCOMING_MODES}")
+
+    def __repr__(self) -> str:  # `tls` holds a private key: never in logs
+        return (
+            f"Subscribe(request_id={self.request_id}, port={self.port}, mode={self.mode!r}, "
+            f"http_filter={self.http_filter!r}, on_concurrent_steal={self.on_concurrent_steal!r}, "
+            f"tls={'<certificate and key>' if self.tls is not None else None})"
+        )
 
 
 @message(121)
@@ -782,8 +797,11 @@ class LayerConnect(Request):
     connection): a loopback socket of `family` (AF_INET or AF_INET6; 0: by `address`) already
     connected to the daemon's end, which the layer puts in the place of the app's socket.
     With `source_port` (UDP `sendto()` on an unconnected socket bound to
-    `source_address:source_port`), the reply names a daemon relay endpoint that takes
-    datagrams from that address only."""
+    `source_address:source_port`, or the system-call supervisor's `connect()` of the user
+    app's own UDP socket), the reply names a daemon relay endpoint that takes datagrams from
+    that address only; for "tcp" (the supervisor's `connect()` of the app's own TCP socket,
+    bound to `source_address:source_port` on the loopback), a listener that accepts the
+    connection from that address only, once, and nothing is passed."""
 
     request_id: int
     protocol: str
@@ -801,8 +819,8 @@ class LayerConnect(Request):
             raise ValueError(f"family {self.family} is not AF_INET or AF_INET6")
         if self.source_port:
             _port(self.source_port, "source_port")
-            if self.protocol != "udp":
-                raise ValueError("a source endpoint is only for udp")
+            if self.protocol == "unix":
+                raise ValueError("a source endpoint is only for tcp and udp")
 
 
 @message(203)

@@ -4,7 +4,10 @@
  * "<path> ! <errno name>". At start it prints "pid <pid> supervisor <MIRRORD_SUPERVISOR_PID>".
  * "access:PATH" calls faccessat(PATH, R_OK) and prints "<path> access ok" or "<path> access !
  * <errno name>"; "stat:PATH" calls newfstatat(PATH) and prints "<path> stat <size> <mode>",
- * "fstat:PATH" opens PATH and prints the same from fstat(fd); "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
+ * "fstat:PATH" opens PATH and prints the same from fstat(fd); "statx:PATH" the same from statx;
+ * "readlink:PATH" prints "<path> -> <target>" (readlinkat); "mkdir:PATH", "rmdir:PATH",
+ * "unlink:PATH" and "rename:OLD NEW" (mkdirat, unlinkat, renameat) print "<op> ok" or "<op> !
+ * <errno name>"; "exec:PROG ARG..." runs PROG (fork, execv, wait) and prints "exit <status>";
  * "threads:N:PATH" reads PATH 25 times in each of N threads and prints "threads <reads that
  * returned the same content as the first>/<reads>". With arguments, it reads each argument
  * (as a path) instead of stdin, without the first line. */
@@ -29,6 +32,9 @@ static const char *errname(int e) {
     case EACCES: return "EACCES";
     case EOPNOTSUPP: return "EOPNOTSUPP";
     case EINTR: return "EINTR";
+    case EEXIST: return "EEXIST";
+    case ENOTEMPTY: return "ENOTEMPTY";
+    case EXDEV: return "EXDEV";
     default: return "OTHER";
     }
 }
@@ -99,6 +105,48 @@ static void run(char *cmdline) {
     printf("exit %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
 }
 
+/* statx, readlink and the mutators: 1 if `line` was one of them. */
+static int paths(char *line) {
+    char *arg = strchr(line, ':');
+    if (arg == NULL) {
+        return 0;
+    }
+    *arg++ = 0;
+    long r;
+    if (strcmp(line, "statx") == 0) {
+        struct statx sx;
+        r = syscall(SYS_statx, AT_FDCWD, arg, 0, STATX_BASIC_STATS, &sx);
+        if (r == 0) {
+            printf("%s statx %llu %o\n", arg, (unsigned long long)sx.stx_size,
+                   (unsigned)sx.stx_mode);
+        } else {
+            printf("%s statx ! %s\n", arg, errname(errno));
+        }
+        return 1;
+    }
+    if (strcmp(line, "readlink") == 0) {
+        char buf[4096];
+        r = syscall(SYS_readlinkat, AT_FDCWD, arg, buf, sizeof buf - 1);
+        buf[r > 0 ? r : 0] = 0;
+        printf(r >= 0 ? "%s -> %s\n" : "%s readlink ! %s\n", arg, r >= 0 ? buf : errname(errno));
+        return 1;
+    }
+    char *second = strchr(arg, ' ');
+    if (strcmp(line, "mkdir") == 0) {
+        r = syscall(SYS_mkdirat, AT_FDCWD, arg, 0755);
+    } else if (strcmp(line, "rmdir") == 0 || strcmp(line, "unlink") == 0) {
+        r = syscall(SYS_unlinkat, AT_FDCWD, arg, line[0] == 'r' ? AT_REMOVEDIR : 0);
+    } else if (strcmp(line, "rename") == 0 && second != NULL) {
+        *second++ = 0;
+        r = syscall(SYS_renameat, AT_FDCWD, arg, AT_FDCWD, second);
+    } else {
+        line[strlen(line)] = ':'; /* not ours: as it was */
+        return 0;
+    }
+    printf(r == 0 ? "%s ok\n" : "%s ! %s\n", line, r == 0 ? "" : errname(errno));
+    return 1;
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) {
         for (int i = 1; i < argc; i++) {
@@ -153,6 +201,10 @@ int main(int argc, char **argv) {
             } else {
                 printf("%s %s ! %s\n", p, f ? "fstat" : "stat", errname(errno));
             }
+            fflush(stdout);
+            continue;
+        }
+        if (paths(line)) {
             fflush(stdout);
             continue;
         }
