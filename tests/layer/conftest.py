@@ -38,6 +38,7 @@ def daemon(tmp_path: Path, make_pod: Callable[..., LocalPod]) -> Iterator[LayerD
         d.dns["db.svc.cluster.local"] = "192.0.2.77"
         yield d
         assert d.errors == [], d.errors[0]
+        assert "Traceback" not in d.agent_log(), d.agent_log()
 
 
 class Runner:
