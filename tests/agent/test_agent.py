@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import anyio
@@ -35,10 +34,6 @@ from tests._agent_process import AgentProc, start_agent, stop_agent
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
 
 O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_EXCL = 0, 1, 2, 0o100, 0o200
-
-
-def _client(agent: AgentProc) -> AbstractAsyncContextManager[AgentClient]:
-    return AgentClient.open(agent)
 
 
 def _addrs(reply: m.DnsReply) -> list[tuple[object, ...]]:
@@ -140,7 +135,7 @@ def test_container_target_is_found_through_its_cgroup(
         assert agent.proc.poll() is None
 
         async def check() -> None:
-            async with _client(agent) as client:
+            async with AgentClient.open(agent) as client:
                 assert client.welcome.target == f"container/{container_id}"
                 await client.open_channel(1)
                 assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
@@ -157,7 +152,7 @@ def test_container_target_is_found_through_its_cgroup(
 async def test_wrong_secret_gets_an_error_frame_and_only_that_connection_closes(
     agent: AgentProc,
 ) -> None:
-    async with _client(agent) as good:
+    async with AgentClient.open(agent) as good:
         await good.open_channel(1)
         bad = await anyio.connect_unix(agent.socket)
         async with bad:
@@ -193,7 +188,7 @@ async def test_version_mismatch_gets_an_error_frame(agent: AgentProc) -> None:
 
 
 async def test_malformed_frame_and_unknown_kinds(agent: AgentProc) -> None:
-    async with _client(agent) as good, _client(agent) as broken:
+    async with AgentClient.open(agent) as good, AgentClient.open(agent) as broken:
         await good.open_channel(1)
         await broken.open_channel(1)
         # An unknown kind that looks like a request gets ENOSYS; the connection stays.
@@ -213,7 +208,7 @@ async def test_malformed_frame_and_unknown_kinds(agent: AgentProc) -> None:
 
 
 async def test_requests_on_a_channel_never_opened_fail_alone(agent: AgentProc) -> None:
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         code = await _errno_of(client.request(7, lambda r: m.HostnameRequest(request_id=r)))
         assert code == errno.EBADF
@@ -249,7 +244,7 @@ async def test_files_come_from_the_pod_and_never_escape_its_root(
     host_shadow = Path("/etc/shadow").read_bytes()
     assert host_shadow != b"the pod's shadow\n"
     assert not Path("/etc/only-in-pod.conf").exists()
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         read = client.read_file
         assert await read(1, b"/app/test.txt") == b"pod bytes\n"
@@ -285,7 +280,7 @@ def _unlink_req(request_id: int, *, path: bytes) -> Message:
 
 
 async def test_every_file_operation(agent: AgentProc, pod: LocalPod) -> None:
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
 
         async def req(make: Callable[[int], Message]) -> Message:
@@ -383,7 +378,7 @@ async def test_every_file_operation(agent: AgentProc, pod: LocalPod) -> None:
 
 
 async def test_channels_have_their_own_handles_and_fork_copies_them(agent: AgentProc) -> None:
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         await client.open_channel(2)
         f = await client.request(
@@ -423,7 +418,7 @@ async def test_env_include_and_exclude(
 ) -> None:
     pod = make_pod(PodSpec(env={"DB_URL": "postgres://db", "DB_USER": "app", "API_KEY": "k3y"}))
     agent = make_agent(f"pid/{pod.pid}")
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
 
         async def env(include: list[str], exclude: list[str]) -> dict[str, str]:
             reply = await client.request(
@@ -460,7 +455,7 @@ async def test_dns_uses_the_pods_files_and_network(
     )
     agent = make_agent(f"pid/{pod.pid}")
     stream, dgram, raw = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
 
         async def lookup(host: str, **kw: int) -> m.DnsReply:
             return await client.request(0, lambda r: m.DnsLookup(request_id=r, host=host, **kw))  # type: ignore[no-any-return]
@@ -524,7 +519,7 @@ async def test_dns_to_a_nameserver_nobody_listens_on_fails_as_fast_as_glibc(
     glibc_code, glibc_took = glibc.stdout.decode().split()
     assert float(glibc_took) < 10  # what the pod's own programs get
     agent = make_agent(f"pid/{pod.pid}")
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         started = time.monotonic()
         code = await _errno_of(
             client.request(0, lambda r: m.DnsLookup(request_id=r, host="db.cluster.test"))
@@ -553,7 +548,7 @@ async def test_connect_to_the_pods_loopback_works_only_through_the_agent(
     server = pod.popen_in_pod([sys.executable, "-c", _BANNER_SERVER, token])
     assert server.stdout is not None
     port = int(server.stdout.readline())
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         conn = await client.connect(1, "127.0.0.1", port)
         with anyio.fail_after(10):
@@ -583,7 +578,7 @@ async def test_outgoing_ipv6(agent: AgentProc, pod: LocalPod) -> None:
     server = pod.popen_in_pod([sys.executable, "-c", _V6_ECHO])
     assert server.stdout is not None
     port = int(server.stdout.readline())
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         conn = await client.connect(1, "::1", port)
         await conn.send(b"over v6")
@@ -600,7 +595,7 @@ async def test_outgoing_errors_are_errnos(
     pod.run_in_pod(["ip", "route", "add", "unreachable", "10.213.252.0/24"])
     pod.run_in_pod(["ip", "route", "add", "10.213.253.7/32", "dev", "eth0"])
     agent = make_agent(f"pid/{pod.pid}", "--connect-timeout", "0.5")
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         assert await _errno_of(client.connect(1, "127.0.0.1", 1)) == errno.ECONNREFUSED
         assert await _errno_of(client.connect(1, "10.213.252.1", 80)) == errno.EHOSTUNREACH
@@ -619,7 +614,7 @@ async def test_connected_udp(
     pod = make_pod(PodSpec(dns_records={"u.test": "10.213.99.9"}))
     agent = make_agent(f"pid/{pod.pid}")
     query = bytes.fromhex("abcd01000001000000000000") + b"\x01u\x04test\x00" + b"\x00\x01\x00\x01"
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         conn = await client.connect(1, "127.0.0.1", 53, protocol="udp")
         await conn.send(query)
@@ -632,7 +627,7 @@ async def test_connected_udp(
 async def test_200_concurrent_connections_each_echo_1_mib(agent: AgentProc, pod: LocalPod) -> None:
     payloads = [os.urandom(1024 * 1024) for _ in range(4)]
     failures: list[str] = []
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
 
         async def one(i: int) -> None:
@@ -685,7 +680,7 @@ async def test_two_daemon_connections_50_channels_each_interleaved(
             wrong.append(f"extra {c}/{number}")
 
     async def daemon(c: int) -> None:
-        async with _client(agent) as client, anyio.create_task_group() as tg:
+        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
             for n in range(50):
                 tg.start_soon(channel_work, client, c, n)
 
@@ -702,7 +697,7 @@ async def test_two_daemon_connections_50_channels_each_interleaved(
 async def test_killing_the_target_ends_the_agent_with_the_reason(
     pod: LocalPod, agent: AgentProc
 ) -> None:
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         os.kill(pod.pid, signal.SIGKILL)
         with anyio.fail_after(10):
@@ -716,13 +711,13 @@ async def test_killing_the_target_ends_the_agent_with_the_reason(
 async def test_killing_a_daemon_connection_frees_its_fds_and_sockets(
     agent: AgentProc, pod: LocalPod
 ) -> None:
-    async with _client(agent) as warm:  # lets the agent create its lazy threads/fds first
+    async with AgentClient.open(agent) as warm:  # lets the agent create its lazy threads/fds first
         await warm.open_channel(1)
         await warm.read_file(1, b"/app/test.txt")
         await warm.request(1, lambda r: m.HostnameRequest(request_id=r))
     await anyio.sleep(0.2)
     before = agent.open_fds()
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         for channel in (1, 2):
             await client.open_channel(channel)
             for _ in range(10):
