@@ -1,8 +1,8 @@
 """A stand-in for the user's app: a real HTTP/1.1 server process on the host.
 
 Run: `python _local_app.py NAME [HOST [PORT [log]]]` -> prints the port it listens on
-(default 127.0.0.1, any port), then serves; with `log` it prints `seen METHOD PATH` for each
-request. Responses carry `X-Peer: <client address as accept() reported it>`. Also run
+(default 127.0.0.1, any port; an IPv6 HOST such as `::` serves both families), then serves;
+with `log` it prints `seen METHOD PATH` for each request. Responses carry `X-Peer: <client address as accept() reported it>`. Also run
 inside a pod as a pod-side server with a deep accept queue (http.server's default of 5 resets
 connections under 20 concurrent clients).
 Answers every request with `NAME METHOD PATH x-user=<header>\\n` + body; `/ws` with an
@@ -12,6 +12,7 @@ Answers every request with `NAME METHOD PATH x-user=<header>\\n` + body; `/ws` w
 from __future__ import annotations
 
 import http.server
+import socket
 import sys
 import threading
 from typing import Any
@@ -61,13 +62,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class DualStackServer(http.server.ThreadingHTTPServer):
+    """On an IPv6 address such as `::`, for both families (IPv4 peers as ::ffff:a.b.c.d)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def main() -> None:
     Handler.name = sys.argv[1] if len(sys.argv) > 1 else "local"
     host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
     port = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     Handler.log_requests = sys.argv[4:5] == ["log"]
     http.server.ThreadingHTTPServer.request_queue_size = 1024
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    server_class = DualStackServer if ":" in host else http.server.ThreadingHTTPServer
+    server = server_class((host, port), Handler)
     server.daemon_threads = True
     print(server.server_address[1], flush=True)
     server.serve_forever()

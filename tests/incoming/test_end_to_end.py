@@ -52,8 +52,11 @@ def our_rules(pod: LocalPod) -> list[str]:
     return [line for line in out.splitlines() if "MRD_" in line or "mirrord_" in line]
 
 
-def start_app(mirrord: Mirrord, pod: LocalPod, *args: str, log: bool = False) -> object:
-    argv = [sys.executable, APP, "local", "0.0.0.0", "8080", *(["log"] if log else [])]
+def start_app(
+    mirrord: Mirrord, pod: LocalPod, *args: str, log: bool = False, host: str = "0.0.0.0"
+) -> object:
+    """The user app on `host` (`::`: both families) port 8080 under `mirrord run`."""
+    argv = [sys.executable, APP, "local", host, "8080", *(["log"] if log else [])]
     proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", *args, "--", *argv)
     assert proc.stdout is not None
     line = proc.stdout.readline()

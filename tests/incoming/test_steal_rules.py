@@ -30,8 +30,11 @@ BACKENDS = ["iptables-nft", "iptables-legacy", "nft"]
 
 
 def ruleset(pod: LocalPod) -> str:
-    """Everything any backend holds in the pod's namespace."""
-    script = "iptables-nft-save; iptables-legacy-save; nft list ruleset"
+    """Everything any backend holds in the pod's namespace, IPv4 and IPv6."""
+    script = (
+        "iptables-nft-save; iptables-legacy-save; ip6tables-nft-save; ip6tables-legacy-save; "
+        "nft list ruleset"
+    )
     return subprocess.run(
         ["ip", "netns", "exec", pod.netns, "sh", "-c", script],
         capture_output=True,

@@ -10,7 +10,7 @@ task per request; the other requests (env, DNS, connect, subscriptions) run as a
 in the channel's task group. Anything that needs the target's network namespace runs on
 `ctx.netns`.
 
-Incoming-traffic hook (I3): `start_incoming(...)` hands an accepted (or reassembled) stream to
+Incoming-traffic hook (docs/incoming.md): `start_incoming(...)` hands an accepted (or reassembled) stream to
 this channel as an agent-side connection (odd conn ids) relayed like an outgoing one.
 Does not own: framing and the daemon connection (`_session.py`).
 """
@@ -45,7 +45,7 @@ from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
 if TYPE_CHECKING:
-    from mirrord.agent._session import DaemonSession
+    from mirrord.agent._workers import BlockingWorkers
 
 __all__ = ["Channel", "IncomingHandler"]
 
@@ -92,6 +92,32 @@ class IncomingHandler(Protocol):
     async def unsubscribe(self, channel: Channel, port: int) -> None: ...
 
     async def channel_closed(self, channel: Channel) -> None: ...
+
+
+class ChannelOwner(Protocol):
+    """What a channel needs of the daemon connection it belongs to (`DaemonSession`, which
+    imports this module; the channel never imports it back)."""
+
+    ctx: AgentContext
+    request_slots: anyio.Semaphore  # file requests in flight on the whole connection
+
+    @property
+    def incoming(self) -> IncomingHandler | None:
+        """The agent's incoming service, None when it is not running (Subscribe: ENOTSUP)."""
+        ...
+
+    @property
+    def workers(self) -> BlockingWorkers: ...
+
+    async def send(self, msg: Message, channel: int) -> None: ...
+
+    def send_nowait(self, msg: Message, channel: int) -> None: ...
+
+    def send_window(self, channel: int, conn_id: int) -> int: ...
+
+    def forget_channel(self, channel: Channel) -> None:
+        """`channel` ended on its own: the connection no longer routes to it."""
+        ...
 
 
 # Fields of file requests that hold a path (or a symlink's text): a NUL byte in one is EINVAL,
@@ -147,7 +173,7 @@ class Channel:
 
     def __init__(
         self,
-        session: DaemonSession,
+        session: ChannelOwner,
         number: int,
         *,
         pid: int = 0,
@@ -215,7 +241,7 @@ class Channel:
         self.session.send_nowait(msg, self.number)
 
     def send_window(self, conn_id: int) -> int:
-        return self.session.conn.send_window(self.number, conn_id)
+        return self.session.send_window(self.number, conn_id)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -234,7 +260,7 @@ class Channel:
             for relay in list(self.relays.values()):
                 relay.abort()
             self.handles.close_all()
-            incoming = self.session.server.incoming
+            incoming = self.session.incoming
             if incoming is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                     try:
@@ -247,8 +273,7 @@ class Channel:
         `Fatal(code, message)` on it, which its session reports, and everything the channel
         holds is freed."""
         await self.send(m.Fatal(code=code, message=message))
-        if self.session.channels.get(self.number) is self:
-            del self.session.channels[self.number]
+        self.session.forget_channel(self)
         self.close()
 
     def close(self) -> None:
@@ -355,7 +380,7 @@ class Channel:
             self._answer(req, reply)
 
         try:
-            self.session.server.workers.submit(call, done)
+            self.session.workers.submit(call, done)
         except RuntimeError as exc:  # the agent is shutting down
             if handle is not None:
                 self.handles.release(handle)
@@ -670,7 +695,7 @@ class Channel:
         mode: str,
         stream: anyio.abc.ByteStream,
     ) -> int:
-        """Relay `stream` to the daemon as a new incoming connection of this channel (I3).
+        """Relay `stream` to the daemon as a new incoming connection of this channel.
 
         Non-blocking: allocates an odd conn id, and in the channel's task group sends
         `IncomingConnection` then relays under the credit window. Returns the conn id.
@@ -711,7 +736,7 @@ class Channel:
     # -- incoming subscriptions ----------------------------------------------------------------
 
     async def _subscribe(self, req: m.Subscribe) -> Message:
-        incoming = self.session.server.incoming
+        incoming = self.session.incoming
         if incoming is None:
             raise OSError(errno.ENOTSUP, "this agent does not serve incoming traffic yet")
         warnings = await incoming.subscribe(
@@ -725,7 +750,7 @@ class Channel:
         return m.Subscribed(request_id=req.request_id, port=req.port, warnings=list(warnings))
 
     async def _unsubscribe(self, req: m.Unsubscribe) -> Message:
-        incoming = self.session.server.incoming
+        incoming = self.session.incoming
         if incoming is None:
             raise OSError(errno.ENOTSUP, "this agent does not serve incoming traffic yet")
         await incoming.unsubscribe(self, req.port)

@@ -1,4 +1,4 @@
-"""The `mirrord-agent` command line (I2).
+"""The `mirrord-agent` command line (docs/agent.md, "Command line").
 
 Owns: parsing arguments, reading the secret, logging setup, running the agent on trio and
 turning startup errors into one `mirrord-agent: error: ...` line and an exit status

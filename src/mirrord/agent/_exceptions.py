@@ -1,7 +1,7 @@
 """Errors of the agent, classified by who is at fault and what the caller does with them.
 
 - `AgentStartupError` and its subclasses end the agent before or instead of serving: the CLI
-  prints `mirrord-agent: error: <message>` and exits with `exit_code` (I2: 2 bad arguments,
+  prints `mirrord-agent: error: <message>` and exits with `exit_code` (docs/agent.md: 2 bad arguments,
   3 target not found or gone).
 - Errors of one request are never exceptions that leave a handler: they are `OSError`s whose
   errno goes to the daemon in an `ErrorReply` (see `_channel.py`).

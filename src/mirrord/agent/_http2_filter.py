@@ -414,7 +414,7 @@ class H2Router:
         elif isinstance(ev, h2.events.PushedStreamReceived):
             # We said ENABLE_PUSH 0; a peer that pushes anyway gets the push refused.
             if ev.pushed_stream_id:
-                self._up_call(up, up.conn.reset_stream, ev.pushed_stream_id, 7)
+                self._up_call(up.conn.reset_stream, ev.pushed_stream_id, 7)
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self._upstream_goaway(up, ev.last_stream_id or 0, ev.error_code)
 
@@ -462,7 +462,7 @@ class H2Router:
             headers, up_id = st.headers, st.up_id
             # a request that is its HEADERS alone stays one frame, as for responses
             only = st.req_end and not st.to_up and not st.resend and not st.req_trailers
-            self._up_call(up, up.conn.send_headers, up_id, headers, only)
+            self._up_call(up.conn.send_headers, up_id, headers, only)
             if only:
                 st.req_sent_end = True
                 self._maybe_done(st)
@@ -487,7 +487,7 @@ class H2Router:
                     return
                 chunk = bytes(buf[:n])
                 del buf[:n]
-                if not self._up_call(up, conn.send_data, up_id, chunk):
+                if not self._up_call(conn.send_data, up_id, chunk):
                     return
                 if st.replay is not None and debt:
                     if len(st.replay) + n > REPLAY_LIMIT:
@@ -502,9 +502,9 @@ class H2Router:
             st.req_sent_end = True
             trailers = st.req_trailers
             if trailers:
-                self._up_call(up, conn.send_headers, up_id, trailers, True)
+                self._up_call(conn.send_headers, up_id, trailers, True)
             else:
-                self._up_call(up, conn.end_stream, up_id)
+                self._up_call(conn.end_stream, up_id)
             self._maybe_done(st)
 
     def _pump_response(self, st: _Stream) -> None:
@@ -595,7 +595,7 @@ class H2Router:
         if up_id is not None and up.streams.get(up_id) is st:
             del up.streams[up_id]
             if reset_up is not None and not up.closed:
-                self._up_call(up, up.conn.reset_stream, up_id, reset_up)
+                self._up_call(up.conn.reset_stream, up_id, reset_up)
             if st.resp_debt:
                 self._ack_upstream(up, up_id, st.resp_debt)
         if st.req_debt:
@@ -676,7 +676,7 @@ class H2Router:
             self._drop_stream(st, reset_up=h2.errors.ErrorCodes.CANCEL)
             return False
 
-    def _up_call(self, up: _Upstream, call: Callable[..., Any], *args: Any) -> bool:
+    def _up_call(self, call: Callable[..., Any], *args: Any) -> bool:
         """`call(*args)` on an upstream connection; False when h2 refuses (the stream or
         connection is closed)."""
         try:

@@ -43,27 +43,29 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
 from mirrord._tls import TlsMaterialError
+from mirrord.agent._context import AgentContext
 from mirrord.agent._exceptions import SubscribeError
 from mirrord.agent._http_filter import FilterError, HttpFilter, RequestHead, kube_probe_recipe
 from mirrord.agent._incoming_filtered import FilteredConnection
 from mirrord.agent._incoming_mirror import IncomingMirror
 from mirrord.agent._incoming_netns import (
     SyncRunner,
-    make_listener,
+    family_of,
+    is_loopback,
+    make_listeners,
     make_marked_socket,
     original_dst,
 )
 from mirrord.agent._incoming_tls import StealTls, terminate
 from mirrord.agent._steal import AGENT_MARK, AGENT_MARK_SNIFFED, StealRules, StealRulesError
 from mirrord.agent._steal_guard import remove_all
-from mirrord.protocol._base import Message
 
 __all__ = ["IncomingService", "SubscribeError"]
 
@@ -72,26 +74,6 @@ log = logging.getLogger("mirrord.agent.incoming")
 STATS_INTERVAL = 2.0  # seconds between TrafficStats
 UPSTREAM_CONNECT_TIMEOUT = 5.0
 _REFUSED_LOG_EVERY = 1000  # connections made straight to the listener: log one in this many
-
-
-class IncomingChannel(Protocol):
-    """What the service needs of a channel (the agent core's `Channel`)."""
-
-    number: int
-
-    def start_incoming(
-        self,
-        *,
-        port: int,
-        remote_address: str,
-        remote_port: int,
-        local_address: str,
-        local_port: int,
-        mode: str,
-        stream: anyio.abc.ByteStream,
-    ) -> int: ...
-
-    async def send(self, msg: Message) -> None: ...
 
 
 @dataclass
@@ -160,7 +142,7 @@ class IncomingService:
 
     def __init__(
         self,
-        ctx: Any,
+        ctx: AgentContext,
         *,
         steal_backend: str | None = None,
         clean_iptables_on_start: bool | None = None,
@@ -187,7 +169,7 @@ class IncomingService:
         self._rules_ports: dict[int, int] = {}
         self._guard_watched = False
         self.max_guard_restarts = _max_guard_restarts()
-        self._listener: anyio.abc.SocketListener | None = None
+        self._listeners: list[anyio.abc.SocketListener] = []  # IPv4, and IPv6 at the same port
         self._listener_port = 0
         self._accept_scope: anyio.CancelScope | None = None
         self.stolen_live = 0
@@ -235,10 +217,10 @@ class IncomingService:
     async def _teardown(self) -> None:
         sniffer = self.mirror.clear_nowait()
         self.steals.clear()
-        if self._listener is not None:
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
             with contextlib.suppress(Exception):
-                await self._listener.aclose()
-            self._listener = None
+                await listener.aclose()
         rules, self._rules = self._rules, None
         if rules is not None:
             await anyio.to_thread.run_sync(rules.close)
@@ -396,6 +378,8 @@ class IncomingService:
                     "them at the next start"
                 )
             self._rules.stale = []
+            warnings += self._rules.warnings  # e.g. IPv6 on in the target but not stealable
+            self._rules.warnings = []
         if port in self.probe_ports() and (flt is None or flt.matches(_PROBE_HEAD)):
             recipe = kube_probe_recipe()["header_filter"]
             warnings.append(
@@ -414,12 +398,13 @@ class IncomingService:
     async def _update_rules(self) -> None:
         wanted = sorted(self.steals)
         if wanted:
-            if self._listener is None:
-                sock = await anyio.to_thread.run_sync(self.netns.run_sync, make_listener)
-                self._listener_port = sock.getsockname()[1]
-                self._listener = await anyio.abc.SocketListener.from_socket(sock)
+            if not self._listeners:
+                socks = await anyio.to_thread.run_sync(self.netns.run_sync, make_listeners)
+                self._listener_port = socks[0].getsockname()[1]
+                self._listeners = [await anyio.abc.SocketListener.from_socket(s) for s in socks]
                 tg = self._require_tg()
-                await tg.start(self._accept_loop, self._listener)
+                for listener in self._listeners:
+                    await tg.start(self._accept_loop, listener)
             if self._rules is None:
                 self._rules = StealRules(
                     target_pid=self.pid, backend=self.steal_backend, clean_stale=self.clean_stale
@@ -555,13 +540,13 @@ class IncomingService:
         try:
             dst_addr, dst_port = original_dst(raw)
             peer = raw.getpeername()
-            # OUTPUT REDIRECT (the pod talking to itself) lands on 127.0.0.1, PREROUTING on
-            # the incoming interface's address; only the latter was seen by the sniffer.
-            sniffed = not str(raw.getsockname()[0]).startswith("127.")
+            # OUTPUT REDIRECT (the pod talking to itself) lands on 127.0.0.1 or ::1,
+            # PREROUTING on the incoming interface's address; only the latter was sniffed.
+            sniffed = not is_loopback(str(raw.getsockname()[0]))
         except OSError:
             await stream.aclose()
             return
-        if dst_port == self._listener_port or (dst_addr, dst_port) == raw.getsockname():
+        if dst_port == self._listener_port or (dst_addr, dst_port) == raw.getsockname()[:2]:
             # Made straight to our listener, not redirected: relaying it "to the pod's app"
             # at its original destination would connect to ourselves, again and again.
             self._refuse_direct(raw, peer)
@@ -633,6 +618,11 @@ class IncomingService:
         if not self.stolen_live and not self.steals and self._tg is not None:
             self._tg.start_soon(self._maybe_clear_rules)
 
+    def session_for(self, port: int, head: RequestHead) -> Any | None:
+        """The channel whose filter on `port` matches `head` first (None: the pod's app)."""
+        steal = self.steals.get(port)
+        return steal.route(head) if steal is not None else None
+
     async def connect_upstream(
         self, address: tuple[str, int], *, sniffed: bool = False
     ) -> anyio.abc.SocketStream:
@@ -640,7 +630,10 @@ class IncomingService:
         pod, marked so that our OUTPUT rule does not send it back to us. `sniffed`: it
         repeats a client the mirror's sniffer saw already (its mark keeps the sniffer off)."""
         mark = AGENT_MARK_SNIFFED if sniffed else AGENT_MARK
-        sock = await anyio.to_thread.run_sync(self.netns.run_sync, lambda: make_marked_socket(mark))
+        family = family_of(address[0])
+        sock = await anyio.to_thread.run_sync(
+            self.netns.run_sync, lambda: make_marked_socket(mark, family)
+        )
 
         def connect() -> None:
             sock.settimeout(UPSTREAM_CONNECT_TIMEOUT)

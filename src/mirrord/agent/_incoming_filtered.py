@@ -25,7 +25,7 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -48,9 +48,6 @@ from mirrord.agent._incoming_h2 import pod_app_sent_h2_settings, serve_h2, serve
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
 from mirrord.agent._incoming_tls import TlsConnection, TlsEnd
 
-if TYPE_CHECKING:
-    from mirrord.agent._incoming import IncomingService
-
 __all__ = ["MAX_PIPELINE", "REPLAY_LIMIT", "FilteredConnection"]
 
 log = logging.getLogger("mirrord.agent.incoming")
@@ -64,6 +61,21 @@ _BAD_GATEWAY = (
     b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
     b"connection: close\r\n\r\n%s"
 )
+
+
+class StealRouter(Protocol):
+    """What a filtered connection needs of the incoming service (`IncomingService`,
+    `_incoming.py`, which imports this module; this one never imports it back)."""
+
+    stats: dict[str, int]
+
+    def session_for(self, port: int, head: RequestHead) -> Any | None:
+        """The channel whose filter on `port` matches `head` (None: the pod's app answers)."""
+        ...
+
+    async def connect_upstream(
+        self, address: tuple[str, int], *, sniffed: bool = False
+    ) -> anyio.abc.SocketStream: ...
 
 
 @dataclass
@@ -134,7 +146,7 @@ class FilteredConnection:
 
     def __init__(
         self,
-        service: IncomingService,
+        service: StealRouter,
         client: anyio.abc.ByteStream,
         remote: tuple[str, int],
         original: tuple[str, int],
@@ -212,7 +224,13 @@ class FilteredConnection:
             self._watch_scope.cancel()
             self._watch_scope = None
 
-    # ------------------------------------------------------------------ upstreams
+    # ------------------------------------------------------------------ routing, upstreams
+
+    def session_for(self, head: RequestHead) -> Any | None:
+        return self.service.session_for(self.port, head)
+
+    def count(self, figure: str) -> None:
+        self.service.stats[figure] += 1
 
     async def get_upstream(self) -> _Upstream | None:
         """The shared connection to the pod's app (a new one when the last broke), or None
@@ -412,14 +430,13 @@ class FilteredConnection:
         return True
 
     async def _route(self, head: RequestHead) -> _Exchange:
-        steal = self.service.steals.get(self.port)
-        channel = steal.route(head) if steal is not None else None
+        channel = self.session_for(head)
         if channel is not None:
             end = await self.session_stream(channel)
             if end is not None:
-                self.service.stats["filtered_requests"] += 1
+                self.count("filtered_requests")
                 return _Exchange(head=head, dest=end, session=True)
-        self.service.stats["passed_to_pod"] += 1
+        self.count("passed_to_pod")
         up = await self.get_upstream()
         return _Exchange(
             head=head, dest=up.stream if up is not None else None, session=False, upstream=up
@@ -463,7 +480,7 @@ class FilteredConnection:
         request, ex.replay = bytes(ex.replay), None
         await stream.send(request)
         ex.dest = stream  # an accepted Upgrade is relayed to it
-        self.service.stats["replayed_to_pod"] += 1
+        self.count("replayed_to_pod")
         log.info(
             "port %d: a matched request went to the pod's app: the user app no longer listens",
             self.port,

@@ -10,7 +10,7 @@ the connection itself (101) and serves it as HTTP/2, that request being stream 1
 Does not own: routing decisions per stream (the router, with the port's filters), HTTP/1.
 
 Per stream matched by a session's filter, a new `IncomingConnection` is opened to that session
-(`FilteredConnection.open_session`, the same as for an HTTP/1 request): the daemon connects
+(`FilteredConnection.session_stream`, the same as for an HTTP/1 request): the daemon connects
 it to the user app, which gets an HTTP/2 connection with prior knowledge carrying that one
 stream. HTTP/2 rather than a translation to HTTP/1.1: the user app runs the same code as the
 pod's app, which was just spoken to in HTTP/2 by this client, and gRPC (trailers, streaming
@@ -25,7 +25,7 @@ import contextlib
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -42,11 +42,7 @@ from mirrord.agent._http2_filter import CLIENT, CloseConnection, H2Router, OpenU
 from mirrord.agent._http_filter import Passthrough, RequestEnded, RequestHead, RequestSplitter
 from mirrord.agent._incoming_pipe import PipeEnd
 
-if TYPE_CHECKING:
-    from mirrord.agent._incoming_filtered import FilteredConnection
-
-
-__all__ = ["pod_app_sent_h2_settings", "serve_h2", "serve_h2c_upgrade"]
+__all__ = ["H2Host", "pod_app_sent_h2_settings", "serve_h2", "serve_h2c_upgrade"]
 
 log = logging.getLogger("mirrord.agent.incoming")
 
@@ -64,7 +60,47 @@ _STREAM_ERRORS = (
 )
 
 
-async def serve_h2(conn: FilteredConnection, first: bytes) -> bytes | None:
+class _PodConnection(Protocol):
+    @property
+    def stream(self) -> anyio.abc.ByteStream: ...
+
+
+class H2Host(Protocol):
+    """What the shell needs of the filtered connection it takes over (`FilteredConnection`,
+    `_incoming_filtered.py`, which imports this module; this one never imports it back)."""
+
+    @property
+    def client(self) -> anyio.abc.ByteStream: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def upstream_failed(self) -> str | None:
+        """Why the pod's app cannot be reached (after `get_upstream` returned None)."""
+        ...
+
+    def session_for(self, head: RequestHead) -> Any | None:
+        """The channel whose filter matches `head` (None: the pod's app answers)."""
+        ...
+
+    def count(self, figure: str) -> None:
+        """One more of the incoming service's `figure` (`filtered_requests`...)."""
+        ...
+
+    @property
+    def tls(self) -> object | None:
+        """The client's TLS when the agent terminated it (`_incoming_tls.py`), else None."""
+        ...
+
+    async def get_upstream(self) -> _PodConnection | None: ...
+
+    async def open_extra_upstream(self) -> anyio.abc.ByteStream: ...
+
+    async def session_stream(self, channel: Any) -> anyio.abc.ByteStream | None: ...
+
+
+async def serve_h2(conn: H2Host, first: bytes) -> bytes | None:
     """Serve `conn` as HTTP/2 if its client sent the preface (`first` are its first bytes, a
     possible start of it). None when served; else every byte read so far (not HTTP/2), for
     the caller to pass through."""
@@ -92,9 +128,7 @@ def pod_app_sent_h2_settings(raw: socket.socket) -> bool:
     return could_be_h2_server_preface(data)
 
 
-async def serve_h2c_upgrade(
-    conn: FilteredConnection, upgrade: H2cUpgrade, splitter: RequestSplitter
-) -> bool:
+async def serve_h2c_upgrade(conn: H2Host, upgrade: H2cUpgrade, splitter: RequestSplitter) -> bool:
     """The client's first request asks to switch to HTTP/2 (`Upgrade: h2c`, body-less): answer
     101 and serve the connection as HTTP/2, the request being stream 1 (routed like any
     stream). False (nothing consumed) when its `HTTP2-Settings` is malformed: the request goes
@@ -152,9 +186,8 @@ class _Peer:
 
 
 class _H2Shell:
-    def __init__(self, conn: FilteredConnection, upgrade: H2cUpgrade | None = None) -> None:
+    def __init__(self, conn: H2Host, upgrade: H2cUpgrade | None = None) -> None:
         self.conn = conn
-        self.service = conn.service
         self.router = H2Router(self._route, upgrade=upgrade)
         self.peers: dict[int, _Peer] = {CLIENT: _Peer()}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -164,9 +197,8 @@ class _H2Shell:
         return f"<_H2Shell port={self.conn.port} {self.router!r}>"
 
     def _route(self, head: RequestHead) -> Any:
-        steal = self.service.steals.get(self.conn.port)
-        channel = steal.route(head) if steal is not None else None
-        self.service.stats["filtered_requests" if channel is not None else "passed_to_pod"] += 1
+        channel = self.conn.session_for(head)
+        self.conn.count("filtered_requests" if channel is not None else "passed_to_pod")
         return channel
 
     async def run(self, first: bytes, *, greeting: bytes = b"") -> None:

@@ -1,7 +1,7 @@
 """In-memory byte pipes between the incoming code and a channel's relay.
 
 Owns: `pipe_pair()`, two connected `anyio.abc.ByteStream` ends living on one event loop. The
-incoming code keeps one end and hands the other to `Channel.start_incoming` (I3): a mirrored
+incoming code keeps one end and hands the other to `Channel.start_incoming`: a mirrored
 flow (bytes fed from the sniffer, replies discarded) or one filtered HTTP request (the request
 written in, the response read back). Cheaper than a socketpair and no file descriptors.
 Does not own: what flows through them.

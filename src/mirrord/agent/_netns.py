@@ -3,8 +3,8 @@
 Owns: a small pool of threads that have `setns`'d into `/proc/PID/ns/net` and `/proc/PID/ns/uts`
 (Python 3.11 has no `os.setns`: ctypes `libc.setns`), and the helpers to run callables there.
 `setns` moves only the calling thread, and a socket keeps the namespace it was created in, so
-every socket that must live in the target's network (DNS, outgoing connections, the incoming
-engineer's listeners and sniffers) is *created* through `NetnsRunner`; its I/O may then happen
+every socket that must live in the target's network (DNS, outgoing connections, the steal
+listener and the mirror's sniffer) is *created* through `NetnsRunner`; its I/O may then happen
 anywhere (e.g. non-blocking on the event loop). Subprocesses started from a pool thread run in
 the target's network namespace too (iptables/nft need no nsenter).
 Does not own: what the callables do.

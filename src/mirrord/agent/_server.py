@@ -5,14 +5,14 @@ one `DaemonSession` task per accepted connection (an exception in one never ends
 the readiness line, and the three ways the agent ends on its own: the target process exits
 (every daemon gets `Fatal(target_gone)`; exit status 3), no authenticated daemon connection
 for `idle_timeout` seconds (status 0), or SIGTERM/SIGINT (status 0). The incoming code's
-`IncomingService` (if `_incoming.py` exists) runs as a task here and is closed last.
+`IncomingService` (`_incoming.py`) runs as a task here and is closed last; if it fails
+to start, the agent serves everything else and answers Subscribe with ENOTSUP.
 Does not own: argument parsing (`_cli.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -21,7 +21,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -33,6 +32,7 @@ from mirrord.agent._context import AgentContext
 from mirrord.agent._dns import TargetResolver
 from mirrord.agent._exceptions import AgentStartupError, BadArguments, TargetGone
 from mirrord.agent._files import TargetRoot
+from mirrord.agent._incoming import IncomingService
 from mirrord.agent._netns import NetnsRunner
 from mirrord.agent._session import DaemonSession
 from mirrord.agent._target import Target, wait_target_exit
@@ -65,15 +65,6 @@ class _Stop(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def _load_incoming() -> Any:
-    # The incoming engineer's module may not exist yet: then Subscribe gets ENOTSUP.
-    try:
-        module = importlib.import_module("mirrord.agent._incoming")
-    except ImportError:
-        return None
-    return getattr(module, "IncomingService", None)
 
 
 class AgentServer:
@@ -184,14 +175,12 @@ class AgentServer:
             async for signum in signals:
                 raise _Stop(0, f"stopping on {signal.Signals(signum).name}")
 
-    async def _run_incoming(
-        self, service_cls: Any, *, task_status: anyio.abc.TaskStatus[None]
-    ) -> None:
+    async def _run_incoming(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Run the incoming service; if it fails, the agent goes on serving everything else
         and answers Subscribe with ENOTSUP."""
         started = False
         try:
-            service = service_cls(self.ctx)
+            service = IncomingService(self.ctx)
 
             async def run_service(*, task_status: anyio.abc.TaskStatus[None]) -> None:
                 await service.run(task_status=task_status)
@@ -217,9 +206,7 @@ class AgentServer:
                     tg.start_soon(self._watch_signals)
                     tg.start_soon(self._watch_target)
                     tg.start_soon(self._watch_idle)
-                    service_cls = _load_incoming()
-                    if service_cls is not None:
-                        await tg.start(self._run_incoming, service_cls)
+                    await tg.start(self._run_incoming)
                     print(
                         f"mirrord-agent ready version={__version__} "
                         f"protocol={AGENT_PROTOCOL_VERSION} listen={self.listen_address}",

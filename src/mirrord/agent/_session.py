@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
@@ -44,7 +44,25 @@ from mirrord.protocol import (
 from mirrord.protocol import messages as m
 
 if TYPE_CHECKING:
-    from mirrord.agent._server import AgentServer
+    from mirrord.agent._channel import IncomingHandler
+    from mirrord.agent._context import AgentContext
+    from mirrord.agent._workers import BlockingWorkers
+
+
+class SessionOwner(Protocol):
+    """What a daemon connection needs of the agent (`AgentServer`, which imports this module;
+    the session never imports it back)."""
+
+    ctx: AgentContext
+    secret: str
+    incoming: IncomingHandler | None
+    workers: BlockingWorkers
+    handshaking: int  # connections that have not authenticated yet
+
+    def session_started(self, session: DaemonSession) -> None: ...
+
+    def session_ended(self, session: DaemonSession) -> None: ...
+
 
 __all__ = ["DaemonSession"]
 
@@ -83,7 +101,7 @@ def unread_timeout() -> float:
 class DaemonSession:
     """The agent's side of one daemon connection."""
 
-    def __init__(self, server: AgentServer, stream: anyio.abc.ByteStream, peer: str) -> None:
+    def __init__(self, server: SessionOwner, stream: anyio.abc.ByteStream, peer: str) -> None:
         self.server = server
         self.ctx = server.ctx
         self.stream = stream
@@ -118,6 +136,23 @@ class DaemonSession:
         self._ready_before = False  # the last _receive() found data without waiting
         self._tg: anyio.abc.TaskGroup | None = None
         self.authenticated = False
+
+    # -- what its channels need (`ChannelOwner`) -------------------------------------------------
+
+    @property
+    def incoming(self) -> IncomingHandler | None:
+        return self.server.incoming
+
+    @property
+    def workers(self) -> BlockingWorkers:
+        return self.server.workers
+
+    def send_window(self, channel: int, conn_id: int) -> int:
+        return self.conn.send_window(channel, conn_id)
+
+    def forget_channel(self, channel: Channel) -> None:
+        if self.channels.get(channel.number) is channel:
+            del self.channels[channel.number]
 
     def __repr__(self) -> str:
         return f"<DaemonSession peer={self.peer} channels={len(self.channels)} {self.conn!r}>"

@@ -14,6 +14,14 @@ below) and `MRD_<tag>_PIN` (raw PREROUTING and OUTPUT), or the nft table `ip mir
 with the same four roles. Other agents (other users' daemons on the same pod) have other tags,
 so their rules never collide.
 
+IPv6: when the target's namespace has IPv6 on, the same rules go into the IPv6 tables beside
+the IPv4 ones (`ip6tables-nft`/`ip6tables-legacy`, same chain names; or the nft table
+`ip6 mirrord_<tag>`, same chains), redirecting to the same listener port (the agent listens on
+both families there), and are removed the same way. netfilter keeps conntrack, NAT and the
+tables per family, so each family has its own pin. A namespace without IPv6 (`disable_ipv6`, no
+IPv6 in the kernel) gets the IPv4 rules only; one with IPv6 but without the backend's IPv6 tool
+too, and the agent warns (log and Subscribe reply) that IPv6 connections are not stolen.
+
 - Only SYN packets are redirected (`--syn`): a connection that was open before the steal keeps
   going to the pod's app, and the next one is stolen.
 - Conntrack is off in a fresh network namespace until a rule needs it; switching it on or off
@@ -67,6 +75,7 @@ __all__ = [
     "AGENT_MARK_MASK",
     "AGENT_MARK_SNIFFED",
     "BACKENDS",
+    "FAMILIES",
     "StealRules",
     "StealRulesError",
     "alive_socket_name",
@@ -83,6 +92,8 @@ AGENT_MARK: Final = 0x6D726464  # "mrdd": SO_MARK of the agent's own connections
 AGENT_MARK_SNIFFED: Final = AGENT_MARK | 1
 AGENT_MARK_MASK: Final = 0xFFFFFFFE  # matches both marks
 BACKENDS: Final = ("iptables-nft", "iptables-legacy", "nft")
+# nft's family names; the iptables tool of a family is `iptables_tool(backend, family)`.
+FAMILIES: Final = ("ip", "ip6")
 _TAG_RE: Final = re.compile(r"^[0-9a-f]{10}$")
 IPT_CHAIN_RE: Final = re.compile(r"^MRD_([0-9a-f]{10})_(PRE|OUT|IN|PIN)$")
 NFT_TABLE_RE: Final = re.compile(r"^mirrord_([0-9a-f]{10})$")
@@ -127,6 +138,12 @@ def alive_socket_name(tag: str) -> bytes:
     """The abstract unix socket (scoped to the pod's network namespace) that the guard of
     agent `tag` listens on while it lives: chains whose socket nobody holds are stale."""
     return f"\0mirrord-steal-{tag}".encode()
+
+
+def iptables_tool(backend: str, family: str) -> str:
+    """The iptables command of `family` for an iptables backend: `iptables-nft` for "ip",
+    `ip6tables-nft` for "ip6" (the same for legacy)."""
+    return backend if family == "ip" else backend.replace("iptables", "ip6tables", 1)
 
 
 # ---------------------------------------------------------------- scripts
@@ -188,9 +205,16 @@ def iptables_nat_script(tag: str, redirects: Sequence[Redirect], *, with_jumps: 
     return "\n".join(lines)
 
 
-def nft_script(tag: str, redirects: Sequence[Redirect]) -> str:
-    """Creates (idempotently) and refills the agent's table in one transaction."""
-    t = f"ip {chain_names(tag)['nft_table']}"
+def nft_script(tag: str, redirects: Sequence[Redirect], families: Sequence[str] = ("ip",)) -> str:
+    """Creates (idempotently) and refills the agent's table of each family (`ip`, `ip6`) in one
+    transaction."""
+    lines: list[str] = []
+    for family in families:
+        lines += _nft_family_lines(f"{family} {chain_names(tag)['nft_table']}", redirects)
+    return "\n".join(lines) + "\n"
+
+
+def _nft_family_lines(t: str, redirects: Sequence[Redirect]) -> list[str]:
     lines = [
         f"add table {t}",
         f"add chain {t} pin_pre {{ type filter hook prerouting priority -150; }}",
@@ -219,7 +243,7 @@ def nft_script(tag: str, redirects: Sequence[Redirect]) -> str:
         lines.append(
             f"add rule {t} listener tcp dport {to_port} ct status & dnat == 0 reject with tcp reset"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---------------------------------------------------------------- agent side
@@ -269,8 +293,10 @@ class StealRules:
         self.clean_stale = clean_stale
         self.tag = tag or new_tag()
         self.backend: str | None = None
+        self.families: list[str] = []  # "ip", and "ip6" when the namespace has IPv6
         self.stale: list[str] = []
         self.cleaned: list[str] = []
+        self.warnings: list[str] = []  # for the next steal Subscribe's reply (then emptied)
         self.installed = False
         self._proc: subprocess.Popen[str] | None = None
         self.restarts = 0
@@ -279,7 +305,8 @@ class StealRules:
 
     def __repr__(self) -> str:
         return (
-            f"<StealRules tag={self.tag} backend={self.backend} installed={self.installed} "
+            f"<StealRules tag={self.tag} backend={self.backend} families={self.families} "
+            f"installed={self.installed} "
             f"guard={'running' if self.running else 'stopped'}>"
         )
 
@@ -334,6 +361,10 @@ class StealRules:
         )
         reply = self._read_reply()
         self.backend = str(reply["backend"])
+        self.families = [str(f) for f in reply.get("families", ["ip"])]
+        if reply.get("warning"):
+            log.warning("%s", reply["warning"])
+            self.warnings.append(str(reply["warning"]))
         self.stale = [str(s) for s in reply.get("stale", [])]
         self.cleaned = [str(s) for s in reply.get("cleaned", [])]
 

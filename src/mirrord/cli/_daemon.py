@@ -16,8 +16,8 @@ import typer
 
 from mirrord.cli._app import app
 from mirrord.cli._sessions import fail
+from mirrord.daemon import DaemonError, DaemonNotRunning, Status
 from mirrord.daemon._client import ControlClient, daemon_status, ensure_daemon, stop_daemon
-from mirrord.daemon._exceptions import DaemonError, DaemonNotRunning
 from mirrord.daemon._runtime import runtime_paths
 
 __all__ = ["daemon_app"]
@@ -42,7 +42,7 @@ def start(
     try:
         started = ensure_daemon(paths, idle_timeout=idle_timeout)
         with ControlClient(paths.control_socket) as client:
-            pid = client.call("status")["daemon"]["pid"]
+            pid = client.call(Status()).status["daemon"]["pid"]
     except DaemonError as exc:
         fail(str(exc))
     typer.echo(

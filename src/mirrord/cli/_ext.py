@@ -40,7 +40,15 @@ from mirrord.cli._run import (
     TargetOpt,
 )
 from mirrord.cli._sessions import open_session, session_request
-from mirrord.daemon._exceptions import DaemonError
+from mirrord.daemon import (
+    AgentLostEvent,
+    ConfigRefused,
+    ControlEvent,
+    DaemonError,
+    ProgressEvent,
+    WaitSession,
+    WarningEvent,
+)
 
 __all__ = ["execution_message", "static_executable"]
 
@@ -204,20 +212,19 @@ def ext(
     )
     ready = [False]
 
-    def on_event(event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        text = str(event.get("message", ""))
-        if kind == "progress":
+    def on_event(event: ControlEvent) -> None:
+        text = event.message
+        if isinstance(event, ProgressEvent):
             report.step(text)
-        elif kind == "agent_lost" and ready[0]:
+        elif isinstance(event, AgentLostEvent) and ready[0]:
             report.agent_lost(text)
-        elif kind in ("warning", "agent_lost"):
+        elif isinstance(event, WarningEvent | AgentLostEvent):
             report.warning(text)
 
     def error(exc: DaemonError) -> NoReturn:
         message = str(exc)
         causes = [e for e in exc.errors if e != message]
-        config = exc.code == "config_error"
+        config = isinstance(exc, ConfigRefused)
         report.failed(
             message, help=_CONFIG_HELP if config else _HELP, causes=causes, step_ok=config
         )
@@ -237,7 +244,7 @@ def ext(
         ready[0] = True
         try:
             session.client.call(
-                "wait_session", session=session.session, timeout=None, wait_timeout=wait_timeout
+                WaitSession(session=session.session, wait_timeout=wait_timeout), timeout=None
             )
         except DaemonError as exc:
             write_error(

@@ -21,6 +21,13 @@ from types import FrameType
 from typing import Any
 
 from mirrord.cli._sessions import Progress, child_env, fail, open_session, session_request
+from mirrord.daemon import (
+    AgentLostEvent,
+    ControlEvent,
+    DisconnectedEvent,
+    ProgressEvent,
+    WarningEvent,
+)
 
 __all__ = ["run_command"]
 
@@ -162,13 +169,12 @@ def run_command(
     )
     running = [False]
 
-    def on_event(event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "progress":
-            progress.step(str(event.get("message", "")))
-        elif kind in ("warning", "agent_lost"):
-            progress.warn(str(event.get("message", "")))
-        elif kind == "disconnected" and running[0]:
+    def on_event(event: ControlEvent) -> None:
+        if isinstance(event, ProgressEvent):
+            progress.step(event.message)
+        elif isinstance(event, WarningEvent | AgentLostEvent):
+            progress.warn(event.message)
+        elif isinstance(event, DisconnectedEvent) and running[0]:
             progress.warn("the mirrord daemon went away: remote calls of the command now fail")
 
     with progress:

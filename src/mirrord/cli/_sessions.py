@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mirrord.cli._progress import JsonProgress, ProgressMode, progress_mode, write_error
+from mirrord.daemon import (
+    CloseSession,
+    ConfigRefused,
+    ControlEvent,
+    CreateSession,
+    DaemonDisconnected,
+    DaemonError,
+    DaemonNotRunning,
+    DaemonStopping,
+)
 from mirrord.daemon._client import (
     ControlClient,
     check_layer_env,
@@ -24,7 +34,6 @@ from mirrord.daemon._client import (
     live_daemon_pid,
     wait_daemon_gone,
 )
-from mirrord.daemon._exceptions import DaemonError, DaemonNotRunning
 from mirrord.daemon._runtime import RuntimePaths, runtime_paths
 
 if TYPE_CHECKING:
@@ -163,7 +172,7 @@ def session_request(
     *, target: str | None, config_file: Path | None, **flags: Any
 ) -> dict[str, Any]:
     """What the daemon resolves the session's configuration from (`load_config` +
-    `cli_overrides`, I6): the config file, the flags given (`cli_overrides` keywords; None and
+    `cli_overrides`): the config file, the flags given (`cli_overrides` keywords; None and
     False mean "not given", except an explicit `accept_invalid_certificates=False`), this
     environment and directory. The daemon resolves it because it has the config package
     loaded; importing it here would cost every `mirrord run` a few hundred milliseconds."""
@@ -203,7 +212,7 @@ class OpenSession:
     def close(self) -> None:
         try:
             if not self.client.closed:
-                self.client.call("close_session", session=self.session, timeout=10)
+                self.client.call(CloseSession(session=self.session), timeout=10)
         except DaemonError:
             pass  # the daemon is gone: the session went with it
         finally:
@@ -214,7 +223,7 @@ def open_session(
     request: dict[str, Any],
     *,
     progress: Callable[[str], None],
-    on_event: Callable[[dict[str, Any]], None],
+    on_event: Callable[[ControlEvent], None],
     warn: Callable[[str], None],
     label: str = "",
     paths: RuntimePaths | None = None,
@@ -237,7 +246,7 @@ def open_session(
         try:
             check_before_daemon(request)
         except DaemonError as exc:
-            failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
+            failed(exc, _exit_code(exc))
     for attempt in (1, 2):
         try:
             ensure_daemon(paths, progress)
@@ -252,39 +261,43 @@ def open_session(
         except DaemonError as exc:
             failed(exc)
         try:
-            result = client.call(
-                "create_session",
-                timeout=CREATE_SESSION_TIMEOUT,
+            create = CreateSession(
                 config_request=request,
                 client_pid=os.getpid(),
                 cwd=os.getcwd(),
                 label=label,
                 debug=bool(os.environ.get("MIRRORD_LAYER_DEBUG")),
             )
+            result = client.call(create, timeout=CREATE_SESSION_TIMEOUT)
         except DaemonError as exc:
             client.close()
-            if attempt == 1 and exc.code in ("daemon_stopping", "disconnected"):
+            if attempt == 1 and isinstance(exc, DaemonStopping | DaemonDisconnected):
                 # The daemon was exiting (daemon.idle_timeout ran out as we connected, or
                 # `mirrord daemon stop`): once it is gone, start a new one and ask again.
                 wait_daemon_gone(paths)
                 continue
-            failed(exc, EXIT_BAD_USAGE if exc.code == "config_error" else EXIT_MIRRORD_ERROR)
+            failed(exc, _exit_code(exc))
         break
     try:
-        check_layer_env(result.get("env") or {}, paths)
+        check_layer_env(result.env, paths)
     except DaemonError as exc:
         client.close()
         failed(exc)
-    for warning in result.get("warnings") or []:
-        warn(str(warning))
+    for warning in result.warnings:
+        warn(warning)
     return OpenSession(
         client=client,
-        session=str(result["session"]),
-        env=dict(result["env"]),
-        agent=str(result.get("agent_description") or result.get("agent") or ""),
+        session=result.session,
+        env=result.env,
+        agent=result.agent_description or result.agent,
         paths=paths,
-        unset=[str(name) for name in result.get("unset") or []],
+        unset=result.unset,
     )
+
+
+def _exit_code(exc: DaemonError) -> int:
+    """2 for the user's configuration, else 1."""
+    return EXIT_BAD_USAGE if isinstance(exc, ConfigRefused) else EXIT_MIRRORD_ERROR
 
 
 def child_env(

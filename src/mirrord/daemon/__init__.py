@@ -1,12 +1,12 @@
 """mirrordd: the long-lived per-user daemon (control API, sessions, agent pool, multiplexing).
 
 Owns: the daemon process, its control API, sessions, the agent pool and the relaying of
-connections between agent channels and user-app sockets; the agent backend protocol (I4) and
+connections between agent channels and user-app sockets; the agent backend protocol (`AgentBackend`) and
 the local backend; the control API's client (used by the CLI). Does not own: the wire
 protocols (`mirrord.protocol`), the agent, the layer library, the Kubernetes backend
 (`mirrord.kube`).
 
-Names are imported on first use: the CLI's client side (`_client`, `_runtime`,
+Names are imported on first use: the CLI's client side (`_client`, `_control`, `_runtime`,
 `_exceptions`) must not pay for the daemon's event-loop machinery on every `mirrord run`.
 """
 
@@ -28,15 +28,37 @@ if TYPE_CHECKING:
         select_backend,
     )
     from mirrord.daemon._client import ControlClient, ensure_daemon, stop_daemon
+    from mirrord.daemon._control import (
+        AgentLostEvent,
+        ClosedEvent,
+        CloseSession,
+        ControlEvent,
+        CreateSession,
+        DisconnectedEvent,
+        ListSessions,
+        ProcessEvent,
+        ProgressEvent,
+        SessionCreated,
+        SessionIdle,
+        SessionStatus,
+        Shutdown,
+        Status,
+        WaitSession,
+        WarningEvent,
+    )
     from mirrord.daemon._exceptions import (
         AgentLost,
         AgentStartError,
+        ConfigRefused,
         ControlError,
+        DaemonDisconnected,
         DaemonError,
         DaemonNotRunning,
+        DaemonStopping,
         RootRequired,
         SessionNotFound,
         TargetNotSupported,
+        UntrustedDaemon,
     )
     from mirrord.daemon._main import main
     from mirrord.daemon._relay import open_relay_pair
@@ -55,6 +77,26 @@ _WHERE = {
     "ControlClient": "_client",
     "ensure_daemon": "_client",
     "stop_daemon": "_client",
+    "AgentLostEvent": "_control",
+    "CloseSession": "_control",
+    "ClosedEvent": "_control",
+    "ControlEvent": "_control",
+    "CreateSession": "_control",
+    "DisconnectedEvent": "_control",
+    "ListSessions": "_control",
+    "ProcessEvent": "_control",
+    "ProgressEvent": "_control",
+    "SessionCreated": "_control",
+    "SessionIdle": "_control",
+    "SessionStatus": "_control",
+    "Shutdown": "_control",
+    "Status": "_control",
+    "WaitSession": "_control",
+    "WarningEvent": "_control",
+    "ConfigRefused": "_exceptions",
+    "DaemonDisconnected": "_exceptions",
+    "DaemonStopping": "_exceptions",
+    "UntrustedDaemon": "_exceptions",
     "AgentLost": "_exceptions",
     "AgentStartError": "_exceptions",
     "ControlError": "_exceptions",
@@ -75,18 +117,38 @@ __all__ = [
     "AgentConfig",
     "AgentHandle",
     "AgentLost",
+    "AgentLostEvent",
     "AgentStartError",
+    "CloseSession",
+    "ClosedEvent",
+    "ConfigRefused",
     "ControlClient",
     "ControlError",
+    "ControlEvent",
+    "CreateSession",
+    "DaemonDisconnected",
     "DaemonError",
     "DaemonNotRunning",
+    "DaemonStopping",
+    "DisconnectedEvent",
+    "ListSessions",
     "LocalAgentBackend",
     "LocalAgentHandle",
+    "ProcessEvent",
     "Progress",
+    "ProgressEvent",
     "RootRequired",
     "RuntimePaths",
+    "SessionCreated",
+    "SessionIdle",
     "SessionNotFound",
+    "SessionStatus",
+    "Shutdown",
+    "Status",
     "TargetNotSupported",
+    "UntrustedDaemon",
+    "WaitSession",
+    "WarningEvent",
     "backends_for_daemon",
     "config_value",
     "ensure_daemon",

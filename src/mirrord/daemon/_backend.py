@@ -1,4 +1,4 @@
-"""Agent backends: how the daemon gets an agent next to a target and one byte stream to it (I4).
+"""Agent backends: how the daemon gets an agent next to a target and one byte stream to it.
 
 Owns: the `AgentBackend` / `AgentHandle` protocols that every backend implements, the choice
 of backend for a target string, and the *local* backend (an `mirrord-agent` subprocess for
@@ -14,7 +14,7 @@ Contract for every backend
 - `start_agent(target, config, progress)` makes an agent exist and be reachable; it may take
   seconds. It reports steps through `progress("...")` (short phrases a user reads, no secrets)
   and raises `AgentStartError` (or a subclass) with a message that says what to check.
-  `config` is the session's resolved `mirrord.config.MirrordConfig` (I6); a backend reads
+  `config` is the session's resolved `mirrord.config.MirrordConfig`; a backend reads
   only the sections it owns (`agent`, `kube`, ...).
 - The returned handle's `key` decides sharing: sessions whose handle keys are equal share one
   agent and one stream (the daemon stops the handle it did not need). Keys name the backend
@@ -306,7 +306,7 @@ class LocalAgentHandle:
 
 
 class LocalAgentBackend:
-    """Spawns `mirrord-agent` (I2) as a root subprocess for `pid/N` and `container/ID`.
+    """Spawns `mirrord-agent` (docs/agent.md) as a root subprocess for `pid/N` and `container/ID`.
 
     The agent's socket, secret file and log live in the runtime directory. Its stdout and
     stderr go to the log file (never a pipe: a pipe nobody drains would block the agent); the
@@ -419,7 +419,7 @@ class LocalAgentBackend:
         return handle
 
     async def _wait_ready(self, handle: LocalAgentHandle, timeout: float) -> None:
-        """Poll the agent's log for the readiness line (I2) until `timeout` seconds."""
+        """Poll the agent's log for the readiness line (docs/agent.md) until `timeout` seconds."""
         delay = 0.005
         with anyio.move_on_after(timeout):
             while True:

@@ -1,6 +1,6 @@
 """The control API's client side (synchronous, for the CLI) and starting the daemon.
 
-Owns: talking JSON lines to `mirrordd.sock` (only to a listener of this user: SO_PEERCRED, a
+Owns: talking the control API (`_control.py`'s messages) to `mirrordd.sock` (only to a listener of this user: SO_PEERCRED, a
 status with a build id, a session whose layer is this install's), starting a detached daemon
 when none answers (a start lock so two concurrent `mirrord run` never start two; a stale
 socket left by a dead daemon is replaced by the new daemon, which holds the pid lock), and
@@ -14,7 +14,6 @@ import contextlib
 import errno as errno_mod
 import fcntl
 import itertools
-import json
 import os
 import queue
 import socket
@@ -24,10 +23,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from mirrord.daemon._control import (
+    ControlEvent,
+    ControlRequest,
+    DisconnectedEvent,
+    Shutdown,
+    Status,
+    decode_event,
+    decode_line,
+    decode_reply,
+    encode_request,
+)
 from mirrord.daemon._exceptions import (
     ControlError,
+    DaemonDisconnected,
     DaemonError,
     DaemonNotRunning,
     UntrustedDaemon,
@@ -47,7 +58,8 @@ __all__ = [
     "wait_daemon_gone",
 ]
 
-EventCallback = Callable[[dict[str, Any]], None]
+A = TypeVar("A")
+EventCallback = Callable[[ControlEvent], None]
 DAEMON_START_TIMEOUT = 20.0
 START_LOCK_TIMEOUT = 60.0
 CALL_TIMEOUT = 30.0
@@ -131,7 +143,7 @@ class ControlClient:
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    self._dispatch(json.loads(line))
+                    self._dispatch(decode_line(line))
         except (OSError, ValueError):
             pass
         finally:
@@ -141,26 +153,31 @@ class ControlClient:
             for q in waiting:
                 q.put(None)
             if self.on_event is not None:
-                self.on_event({"event": "disconnected"})
+                self.on_event(DisconnectedEvent())
 
-    def _dispatch(self, obj: dict[str, Any]) -> None:
+    def _dispatch(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
         if "event" in obj:
-            if self.on_event is not None:
-                self.on_event(obj)
+            event = decode_event(obj)
+            if self.on_event is not None and event is not None:
+                self.on_event(event)
             return
         with self._lock:
             q = self._replies.get(obj.get("id", -1))
         if q is not None:
             q.put(obj)
 
-    def call(self, op: str, *, timeout: float | None = CALL_TIMEOUT, **params: Any) -> Any:
-        """Send `op` and wait for its result; raises `ControlError` with the daemon's message."""
+    def call(self, request: ControlRequest[A], *, timeout: float | None = CALL_TIMEOUT) -> A:
+        """Send `request` and wait for its answer; an error answer raises the `DaemonError`
+        subclass its code names, with the daemon's message."""
+        op = request.op
         rid = next(self._ids)
         q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         with self._lock:
             self._replies[rid] = q
         try:
-            line = json.dumps({"id": rid, "op": op, **params}).encode() + b"\n"
+            line = encode_request(rid, request)
             try:
                 self._sock.sendall(line)
             except OSError as exc:
@@ -176,18 +193,10 @@ class ControlClient:
             with self._lock:
                 self._replies.pop(rid, None)
         if reply is None:
-            gone = ControlError(
+            raise DaemonDisconnected(
                 f"the mirrord daemon closed the connection during {op}; see `mirrord daemon logs`"
             )
-            gone.code = "disconnected"
-            raise gone
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            failure = ControlError(str(error.get("message") or "unknown error"))
-            failure.code = str(error.get("code") or "control_error")
-            failure.errors = [str(e) for e in error.get("errors") or []]
-            raise failure
-        return reply.get("result")
+        return decode_reply(request, reply)
 
 
 def check_layer_env(env: Mapping[str, str], paths: RuntimePaths) -> None:
@@ -245,7 +254,7 @@ def _status(paths: RuntimePaths, *, stuck_is_error: bool = False) -> dict[str, A
         return None
     try:
         with client:
-            status = client.call("status", timeout=STATUS_TIMEOUT)
+            status = client.call(Status(), timeout=STATUS_TIMEOUT).status
     except DaemonError:
         if stuck_is_error:
             raise _NoAnswer("no answer") from None
@@ -280,7 +289,7 @@ def daemon_status(paths: RuntimePaths) -> dict[str, Any]:
     `STATUS_TIMEOUT`, the error that names its pid, as `mirrord run` does."""
     with ControlClient(paths.control_socket) as client:
         try:
-            status = client.call("status", timeout=STATUS_TIMEOUT)
+            status = client.call(Status(), timeout=STATUS_TIMEOUT).status
         except DaemonNotRunning:
             raise
         except DaemonError:
@@ -485,11 +494,10 @@ def stop_daemon(paths: RuntimePaths, timeout: float = 15.0) -> bool:
     """Ask the daemon to shut down and wait until it has; False if none was running."""
     try:
         with ControlClient(paths.control_socket) as client:
-            answer = client.call("shutdown", timeout=5)
+            pid = client.call(Shutdown(), timeout=5).pid
     except DaemonNotRunning:
         return False
-    pid = answer.get("pid") if isinstance(answer, dict) else None
-    if not isinstance(pid, int) or pid <= 0:
+    if pid <= 0:
         raise DaemonError(
             f"whatever listens on {paths.control_socket} answered shutdown without its pid: "
             "it is not a mirrord daemon of this install; stop it, remove the socket and run again"

@@ -6,21 +6,18 @@ Owns: binding the control socket (`<runtime>/mirrordd.sock`, 0600) and the layer
 stopped, sockets removed). Does not own agents (the pool), agent streams (links) or layer
 connections (`_session`).
 
-Control API: every request is one JSON object on one line, `{"id": N, "op": "...", ...}`; the
-daemon answers `{"id": N, "ok": true, "result": {...}}` or `{"id": N, "ok": false, "error":
-{"code": "...", "message": "..."}}`. Between them it may send events, `{"event": "...", ...}`
-(progress while a session starts; warnings, agent loss and process changes of the sessions
-this connection created). A session belongs to the connection that created it and is closed
-when that connection ends.
+Control API: JSON lines, one request each, answered in turn; events between the answers
+(the messages and their encoding: `_control.py`). A session belongs to the connection that
+created it and is closed when that connection ends.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,32 @@ from mirrord.daemon._backend import (
     check_session_target,
     config_value,
 )
+from mirrord.daemon._control import (
+    Answer,
+    CloseSession,
+    ControlEvent,
+    CreateSession,
+    Done,
+    ListSessions,
+    ProgressEvent,
+    Request,
+    RequestId,
+    SessionCreated,
+    SessionIdle,
+    SessionList,
+    SessionStatistics,
+    SessionStatus,
+    Shutdown,
+    ShutdownStarted,
+    Status,
+    StatusReport,
+    WaitSession,
+    encode_answer,
+    encode_error,
+    encode_event,
+    read_line,
+    request_from,
+)
 from mirrord.daemon._env import (
     check_layer_settings,
     fetch_remote_env,
@@ -45,7 +68,14 @@ from mirrord.daemon._env import (
     merge_env,
     unset_names,
 )
-from mirrord.daemon._exceptions import BadRequest, ConfigRefused, DaemonError, SessionNotFound
+from mirrord.daemon._exceptions import (
+    BadRequest,
+    ConfigRefused,
+    DaemonBug,
+    DaemonError,
+    DaemonStopping,
+    SessionNotFound,
+)
 from mirrord.daemon._incoming_tls import agent_tls_warnings, subscribe_tls
 from mirrord.daemon._io import FrameWriter
 from mirrord.daemon._pool import AgentPool
@@ -109,10 +139,6 @@ class LineSplitter:
         return lines
 
 
-def _bad_request(rid: Any, message: str) -> dict[str, Any]:
-    return {"id": rid, "ok": False, "error": {"code": "bad_request", "message": message}}
-
-
 async def _preload_config() -> None:
     """Import the config package (pydantic, ~100 ms) in a worker thread while the daemon waits
     for its first session, instead of on the event loop when that session arrives."""
@@ -143,9 +169,7 @@ def resolve_session_config(request: dict[str, Any]) -> tuple[Any, list[str], Pat
             cwd=cwd,
         )
     except ConfigError as exc:
-        refused = ConfigRefused(str(exc))
-        refused.errors = list(exc.errors)
-        raise refused from None
+        raise ConfigRefused(str(exc), list(exc.errors)) from None
     except TypeError as exc:  # a flag this version does not know
         raise BadRequest(f"create_session: bad config_request flags ({exc})") from None
     config = resolved.config
@@ -300,12 +324,15 @@ class Daemon:
     # -- sessions
 
     async def create_session(
-        self, params: dict[str, Any], progress: Any, owner_events: Any
+        self,
+        params: CreateSession,
+        progress: Callable[[str], None],
+        owner_events: Callable[[ControlEvent], None],
     ) -> Session:
         assert self.pool is not None
         warnings: list[str] = []
-        if isinstance(params.get("config_request"), dict):
-            request = params["config_request"]
+        request = params.config_request
+        if request is not None:
             config, warnings, source = await anyio.to_thread.run_sync(
                 resolve_session_config, request
             )
@@ -315,17 +342,11 @@ class Daemon:
                 progress(f"using the config file {source}{found}")
             target = str(config.target.path or "targetless")
         else:
-            given = params.get("target")
-            if not isinstance(given, str) or not given:
-                raise DaemonError("create_session needs a target (for example pid/1234)")
-            target = given
-            raw_config = params.get("config") or {}
-            if not isinstance(raw_config, dict):
-                raise DaemonError("create_session: config must be a JSON object")
-            config = _config_model(raw_config)
+            target = params.target
+            config = _config_model(params.config)
         check_layer_settings(config)  # before an agent is started for it
         # HTTPS filtered steal: its certificate files are read and checked before any agent starts
-        incoming_tls = await anyio.to_thread.run_sync(subscribe_tls, config, params.get("cwd"))
+        incoming_tls = await anyio.to_thread.run_sync(subscribe_tls, config, params.cwd)
         progress(f"opening a session on {target}")
         level = config_value(config, "daemon", "log_level", default=None)
         if level is not None:
@@ -333,14 +354,9 @@ class Daemon:
         idle = config_value(config, "daemon", "idle_timeout", default=None)
         if idle is not None:
             self.idle_timeout = float(idle)
-        try:
-            client_pid = int(params.get("client_pid") or 0)
-        except (TypeError, ValueError):
-            raise BadRequest(
-                f"create_session: client_pid must be a pid, got {params.get('client_pid')!r}"
-            ) from None
-        if isinstance(params.get("config_request"), dict):
-            request_env = params["config_request"].get("env")
+        client_pid = params.client_pid
+        if request is not None:
+            request_env = request.get("env")
             check_session_target(config, request_env if isinstance(request_env, dict) else {})
         mode, http_filter = incoming_settings(config)
         session_id = new_session_id()
@@ -351,7 +367,7 @@ class Daemon:
             config=config,
             link=link,
             client_pid=client_pid,
-            label=str(params.get("label") or ""),
+            label=params.label,
             incoming_mode=mode,
             http_filter=http_filter,
         )
@@ -363,13 +379,13 @@ class Daemon:
         try:
             progress("reading the target's environment")
             remote = await fetch_remote_env(link, config, client_pid)
-            session.env = merge_env(remote, config, cwd=params.get("cwd"))
+            session.env = merge_env(remote, config, cwd=params.cwd)
             session.env.update(
                 layer_variables(
                     config,
                     socket_path=str(self.paths.layer_socket),
                     session_id=session.id,
-                    debug=bool(params.get("debug")),
+                    debug=params.debug,
                 )
             )
         except BaseException:
@@ -422,8 +438,8 @@ class Daemon:
         lines = LineSplitter(MAX_CONTROL_LINE)
         overflow: list[str] = []  # why the connection is being closed by us, if it is
 
-        def emit(obj: dict[str, Any]) -> None:
-            writer.send_nowait(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+        def emit(line: bytes) -> None:
+            writer.send_nowait(line)
             if writer.queued_bytes > self.max_unread and not overflow:
                 # A client that asks and never reads would grow the daemon without bound.
                 overflow.append(
@@ -444,7 +460,7 @@ class Daemon:
                         try:
                             received = lines.feed(data)
                         except LineTooLong as exc:
-                            emit(_bad_request(None, str(exc)))
+                            emit(encode_error(None, exc))
                             overflow.append(str(exc))
                             break
                         for n, line in enumerate(received):
@@ -465,110 +481,88 @@ class Daemon:
                 if session is not None:
                     self._close_session(session, "its mirrord command exited")
 
-    async def _control_request(self, line: bytes, emit: Any, owned: set[str]) -> None:
-        rid: Any = None
+    async def _control_request(
+        self, line: bytes, emit: Callable[[bytes], None], owned: set[str]
+    ) -> None:
+        rid: RequestId = None
         try:
-            try:
-                request = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise BadRequest(f"a control request is JSON in UTF-8 ({exc})") from None
-            except json.JSONDecodeError as exc:
-                raise BadRequest(f"a control request is one JSON object per line ({exc})") from None
-            if not isinstance(request, dict):
-                raise BadRequest("a control request is a JSON object")
-            rid = request.get("id")
-            if not (rid is None or isinstance(rid, int | str)) or isinstance(rid, bool):
-                rid = None
-                raise BadRequest("a control request's id is a number or a string")
-            op = request.get("op")
-            result = await self._op(str(op), request, emit, owned)
-            emit({"id": rid, "ok": True, "result": result})
+            rid, fields = read_line(line)
+            request = request_from(fields)
+            answer = await self._op(request, emit, owned)
+            emit(encode_answer(rid, answer))
         except DaemonError as exc:
-            error: dict[str, Any] = {"code": exc.code, "message": exc.message}
-            if exc.errors:
-                error["errors"] = exc.errors
-            emit({"id": rid, "ok": False, "error": error})
+            emit(encode_error(rid, exc))
         except RecursionError:
-            # json's decoder (and anything walking the request) stops at Python's recursion
-            # limit: the sender's nesting, not our bug
-            emit(_bad_request(rid, "a control request nests too deeply"))
+            # anything walking the request stops at Python's recursion limit: the sender's
+            # nesting, not our bug
+            emit(encode_error(rid, BadRequest("a control request nests too deeply")))
         except Exception as exc:
             log.exception("control request failed")
-            emit(
-                {
-                    "id": rid,
-                    "ok": False,
-                    "error": {
-                        "code": "internal",
-                        "message": f"mirrordd failed ({type(exc).__name__}: {exc}); this is a "
-                        f"bug in mirrord: please report it with {self.paths.log}",
-                    },
-                }
+            bug = DaemonBug(
+                f"mirrordd failed ({type(exc).__name__}: {exc}); this is a bug in mirrord: "
+                f"please report it with {self.paths.log}"
             )
+            emit(encode_error(rid, bug))
 
-    async def _op(
-        self, op: str, request: dict[str, Any], emit: Any, owned: set[str]
-    ) -> dict[str, Any]:
-        if op == "status":
-            return self.status()
-        if op == "list_sessions":
-            return {"sessions": [s.statistics() for s in self.sessions.values()]}
-        if op == "create_session":
-
-            def progress(text: str) -> None:
-                emit({"event": "progress", "message": text})
-
-            if self._shutdown.is_set():
-                # the client starts a new daemon once this one is gone, and asks it
-                stopping = DaemonError("the mirrord daemon is shutting down")
-                stopping.code = "daemon_stopping"
-                raise stopping
-            self._starting += 1
-            try:
-                session = await self.create_session(request, progress, emit)
-            finally:
-                self._starting -= 1
-            owned.add(session.id)
-            return {
-                "session": session.id,
-                "env": session.env,
-                "unset": unset_names(session.config),
-                "agent": session.link.handle.key,
-                "agent_description": session.link.handle.description,
-                "layer_socket": str(self.paths.layer_socket),
-                "warnings": list(session.warnings),
-            }
-        if op == "close_session":
-            session = self._session(request)
+    async def _op(self, request: Request, emit: Callable[[bytes], None], owned: set[str]) -> Answer:
+        if isinstance(request, Status):
+            return StatusReport(status=self.status())
+        if isinstance(request, ListSessions):
+            return SessionList(sessions=[s.statistics() for s in self.sessions.values()])
+        if isinstance(request, CreateSession):
+            return await self._create_for_client(request, emit, owned)
+        if isinstance(request, CloseSession):
+            session = self._session(request.session)
             owned.discard(session.id)
-            self._close_session(session, str(request.get("reason") or "closed by its client"))
-            return {}
-        if op == "wait_session":
-            return await self._wait_session(self._session(request), request)
-        if op == "session":
-            return self._session(request).statistics()
-        if op == "shutdown":
-            assert self._tg is not None
-            self._tg.start_soon(self._shutdown_soon)
-            return {"pid": os.getpid()}
-        raise BadRequest(f"unknown control op {op!r}")
+            self._close_session(session, request.reason)
+            return Done()
+        if isinstance(request, WaitSession):
+            return await self._wait_session(self._session(request.session), request)
+        if isinstance(request, SessionStatus):
+            return SessionStatistics(statistics=self._session(request.session).statistics())
+        assert isinstance(request, Shutdown)
+        assert self._tg is not None
+        self._tg.start_soon(self._shutdown_soon)
+        return ShutdownStarted(pid=os.getpid())
 
-    def _session(self, request: dict[str, Any]) -> Session:
-        sid = str(request.get("session") or "")
+    async def _create_for_client(
+        self, request: CreateSession, emit: Callable[[bytes], None], owned: set[str]
+    ) -> SessionCreated:
+        def progress(text: str) -> None:
+            emit(encode_event(ProgressEvent(message=text)))
+
+        def owner_events(event: ControlEvent) -> None:
+            emit(encode_event(event))
+
+        if self._shutdown.is_set():
+            raise DaemonStopping  # the client starts a new daemon once this one is gone
+        self._starting += 1
+        try:
+            session = await self.create_session(request, progress, owner_events)
+        finally:
+            self._starting -= 1
+        owned.add(session.id)
+        return SessionCreated(
+            session=session.id,
+            env=session.env,
+            unset=unset_names(session.config),
+            agent=session.link.handle.key,
+            agent_description=session.link.handle.description,
+            layer_socket=str(self.paths.layer_socket),
+            warnings=list(session.warnings),
+        )
+
+    def _session(self, sid: str) -> Session:
         session = self.sessions.get(sid)
         if session is None:
             raise SessionNotFound(sid)
         return session
 
-    async def _wait_session(self, session: Session, request: dict[str, Any]) -> dict[str, Any]:
+    async def _wait_session(self, session: Session, request: WaitSession) -> SessionIdle:
         """Until the session's processes are all gone after at least one registered (an IDE's
         debuggee exited), or `timeout` seconds with none registered."""
-        raw = request.get("wait_timeout")
-        try:
-            # 0 means "do not wait" (`mirrord ext --wait-timeout 0`), not the default
-            timeout = 60.0 if raw is None else max(float(raw), 0.0)
-        except (TypeError, ValueError):
-            raise BadRequest(f"wait_session: wait_timeout must be a number, got {raw!r}") from None
+        # 0 means "do not wait" (`mirrord ext --wait-timeout 0`), not the default
+        timeout = 60.0 if request.wait_timeout is None else request.wait_timeout
         deadline = time.monotonic() + timeout
         while session.state != "closed":
             if session.ever_registered and not session.processes:
@@ -579,14 +573,14 @@ class Daemon:
                     while not session.processes and session.state != "closed":
                         await session.wait_changed()
                 if not session.processes:
-                    return {"idle": True, "registered": True, "state": session.state}
+                    return SessionIdle(registered=True, state=session.state)
                 continue
             left = deadline - time.monotonic()
             if not session.ever_registered and left <= 0:
-                return {"idle": True, "registered": False, "state": session.state}
+                return SessionIdle(registered=False, state=session.state)
             with anyio.move_on_after(max(left, 0.05) if not session.ever_registered else 3600):
                 await session.wait_changed()
-        return {"idle": True, "registered": session.ever_registered, "state": session.state}
+        return SessionIdle(registered=session.ever_registered, state=session.state)
 
 
 def _refused_peer(stream: anyio.abc.SocketStream, socket_name: str) -> bool:

@@ -3,7 +3,7 @@
 Owns: fetching the target's environment through the agent (filtered by the config's include /
 exclude globs), applying overrides and unsets, the variables that always stay the user's own
 (they would break the user's machine: PATH, HOME, loader and interpreter paths), and adding
-the layer's variables (`mirrord.layer.layer_env`, I5). Does not own the merge with the user's
+the layer's variables (`mirrord.layer.layer_env`, docs/layer.md). Does not own the merge with the user's
 own environment (the CLI does that, so `LD_PRELOAD` can be appended to the user's value).
 """
 
@@ -15,12 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from mirrord.daemon._backend import AgentConfig, config_value
 from mirrord.daemon._exceptions import AgentLost, ConfigRefused, DaemonError
 from mirrord.daemon._link import AgentLink
-from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
 __all__ = [
@@ -104,34 +101,23 @@ async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> di
         return {}  # an empty include list is "none of them" (the agent reads [] as "all")
     exclude = _patterns(config_value(config, "feature", "env", "exclude", default=None))
     channel = link.open_channel(_EnvChannel(), pid=pid, label="session environment")
-    replies: list[Message] = []
-    done = anyio.Event()
-
-    def on_reply(reply: Message) -> None:
-        replies.append(reply)
-        done.set()
-
     try:
-        link.request(
+        reply = await link.call(
             channel,
             lambda rid: m.EnvRequest(request_id=rid, include=include, exclude=exclude),
-            on_reply,
+            timeout=ENV_REQUEST_TIMEOUT,
         )
-        with anyio.move_on_after(ENV_REQUEST_TIMEOUT):
-            await done.wait()
     finally:
-        # what came before the timeout: closing the channel answers a pending request with
-        # its own EIO ("environment read"), which is not what the agent said
-        answered = list(replies)
+        # after the reply (or the timeout): closing the channel answers a pending request
+        # with its own EIO ("environment read"), which is not what the agent said
         link.close_channel(channel, "environment read")
-    if not answered:
+    if reply is None:
         raise AgentLost(
             f"{link.handle.description} did not answer the request for the target's "
             f"environment within {ENV_REQUEST_TIMEOUT:g} s (the agent is stopped, stuck or "
             "overloaded, or the connection to it stalled): check the agent (its log, or "
             "`kubectl logs` for a cluster target), then run again"
         )
-    reply = answered[0]
     if isinstance(reply, m.EnvReply):
         return dict(reply.env)
     if isinstance(reply, m.ErrorReply):
@@ -283,7 +269,7 @@ def check_layer_settings(config: AgentConfig) -> None:
 def layer_variables(
     config: AgentConfig, *, socket_path: str, session_id: str, debug: bool = False
 ) -> dict[str, str]:
-    """The variables that load and configure the layer in the user command (I5).
+    """The variables that load and configure the layer in the user command (docs/layer.md).
 
     `LD_PRELOAD` is only the layer library: the daemon's own environment is not the user's,
     so the CLI appends it to the user's value (`mirrord.cli._sessions.child_env`)."""

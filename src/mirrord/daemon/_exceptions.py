@@ -13,13 +13,17 @@ __all__ = [
     "BadRequest",
     "ConfigRefused",
     "ControlError",
+    "DaemonBug",
+    "DaemonDisconnected",
     "DaemonError",
     "DaemonNotRunning",
+    "DaemonStopping",
     "NoTarget",
     "RootRequired",
     "SessionNotFound",
     "TargetNotSupported",
     "UntrustedDaemon",
+    "error_for_code",
 ]
 
 
@@ -29,10 +33,11 @@ class DaemonError(Exception):
 
     code = "daemon_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.errors: list[str] = []  # one line per problem, when there are several (config)
+        # one line per problem, when there are several (config)
+        self.errors: list[str] = list(errors or [])
 
 
 class BadRequest(DaemonError):
@@ -41,6 +46,23 @@ class BadRequest(DaemonError):
     bug of the daemon. The message names what is wrong."""
 
     code = "bad_request"
+
+
+class DaemonBug(DaemonError):
+    """The daemon failed where it should not have: a bug in mirrord. The message names the
+    daemon's log to report it with."""
+
+    code = "internal"
+
+
+class DaemonStopping(DaemonError):
+    """The daemon is shutting down and opens no session: start a new daemon once it is gone
+    (the CLI waits for it and asks again)."""
+
+    code = "daemon_stopping"
+
+    def __init__(self) -> None:
+        super().__init__("the mirrord daemon is shutting down")
 
 
 class ConfigRefused(DaemonError):
@@ -121,6 +143,13 @@ class ControlError(DaemonError):
     code = "control_error"
 
 
+class DaemonDisconnected(ControlError):
+    """The daemon closed the control connection before it answered (it exited or crashed):
+    the CLI asks a new daemon once, else the message points at the daemon's log."""
+
+    code = "disconnected"
+
+
 class DaemonNotRunning(ControlError):
     """No daemon answers on the control socket."""
 
@@ -139,3 +168,22 @@ class UntrustedDaemon(ControlError):
     no command is run with what it would hand out. The message names the process to stop."""
 
     code = "untrusted_daemon"
+
+
+def _subclasses(cls: type[DaemonError]) -> list[type[DaemonError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _subclasses(sub)
+    return found
+
+
+def error_for_code(code: str, message: str, errors: list[str] | None = None) -> DaemonError:
+    """The error a control answer names by `code` (the most general class with that code),
+    with the daemon's message: how an error crosses the control API back into its kind.
+    A code this version does not know is a `ControlError`."""
+    for cls in _subclasses(DaemonError):
+        if cls.code == code:
+            exc = cls.__new__(cls)
+            DaemonError.__init__(exc, message, errors)
+            return exc
+    return ControlError(message, errors)

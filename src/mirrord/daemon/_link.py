@@ -299,6 +299,23 @@ class AgentLink:
         self.requests += 1
         self.send(make(rid), channel)
 
+    async def call(
+        self, channel: int, make: Callable[[int], Message], *, timeout: float
+    ) -> Message | None:
+        """Send `make(request_id)` on `channel` and wait for its reply (ErrorReply(EIO) if the
+        channel or the agent is lost first); None when none came within `timeout` seconds."""
+        replies: list[Message] = []
+        answered = anyio.Event()
+
+        def on_reply(reply: Message) -> None:
+            replies.append(reply)
+            answered.set()
+
+        self.request(channel, make, on_reply)
+        with anyio.move_on_after(timeout):
+            await answered.wait()
+        return replies[0] if replies else None
+
     def open_channel(
         self, owner: ChannelOwner, *, pid: int, parent: int | None = None, label: str = ""
     ) -> int:

@@ -30,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="mirrordd",
         description="The mirrord daemon: sessions, agents and relaying (started by `mirrord run`).",
     )
-    parser.add_argument("--runtime-dir", type=Path, default=None, help="default: see I7")
+    parser.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=None,
+        help="default: $MIRRORD_RUNTIME_DIR, else $XDG_RUNTIME_DIR/mirrord, else ~/.mirrord",
+    )
     parser.add_argument(
         "--idle-timeout",
         type=float,

@@ -1,4 +1,4 @@
-"""The per-user runtime directory (I7) and the files the daemon keeps in it.
+"""The per-user runtime directory (docs/commands.md) and the files the daemon keeps in it.
 
 Owns: where the runtime directory is, creating it 0700 and refusing one of another user, the
 names of the files in it (control socket, layer socket, log, pid lock, start lock), and who
@@ -23,7 +23,7 @@ __all__ = ["RuntimePaths", "peer_credentials", "runtime_dir", "runtime_paths", "
 
 
 def runtime_dir(env: Mapping[str, str] | None = None) -> Path:
-    """`$MIRRORD_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/mirrord`, else `~/.mirrord` (I7)."""
+    """`$MIRRORD_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/mirrord`, else `~/.mirrord`."""
     env = os.environ if env is None else env
     if env.get("MIRRORD_RUNTIME_DIR"):
         # absolute: the daemon runs in / and the layer in the user app's directory

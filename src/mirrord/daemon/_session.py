@@ -29,6 +29,13 @@ import anyio
 import anyio.abc
 
 from mirrord.daemon._backend import AgentConfig
+from mirrord.daemon._control import (
+    AgentLostEvent,
+    ClosedEvent,
+    ControlEvent,
+    ProcessEvent,
+    WarningEvent,
+)
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._io import FrameReader, FrameWriter
 from mirrord.daemon._link import AgentLink
@@ -56,7 +63,7 @@ FORK_GRACE = 1.0  # seconds a process's channel outlives its last connection, fo
 REQUEST_TIMEOUT = 30.0
 MAX_LAYER_UNREAD = 64 * 1024 * 1024  # replies queued for one layer connection that does not read
 
-Notify = Callable[[dict[str, Any]], None]
+Notify = Callable[[ControlEvent], None]
 
 
 def new_session_id() -> str:
@@ -110,15 +117,15 @@ class Session:
     def subscribe_events(self, notify: Notify) -> None:
         self._listeners.append(notify)
 
-    def _notify(self, event: dict[str, Any]) -> None:
+    def _notify(self, event: ControlEvent) -> None:
         for notify in list(self._listeners):
-            notify({"session": self.id, **event})
+            notify(event)
         self._changed.set()
         self._changed = anyio.Event()
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
-        self._notify({"event": "warning", "message": text})
+        self._notify(WarningEvent(session=self.id, message=text))
 
     def on_traffic_stats(self, port: int, drops: int) -> None:
         """The agent's sniffer counters for a port this session mirrors: a warning when the
@@ -142,7 +149,7 @@ class Session:
             self.state = "agent_lost"
             self.reason = reason
             log.warning("session %s: agent lost: %s", self.id, reason)
-            self._notify({"event": "agent_lost", "message": f"the agent was lost: {reason}"})
+            self._notify(AgentLostEvent(session=self.id, message=f"the agent was lost: {reason}"))
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -196,7 +203,7 @@ class Session:
                 process.channel,
                 hello.parent_pid,
             )
-            self._notify({"event": "process", "pid": hello.pid, "registered": True})
+            self._notify(ProcessEvent(session=self.id, pid=hello.pid, registered=True))
         process.cancel_expiry()
         process.clients.add(client)
         return process
@@ -223,7 +230,7 @@ class Session:
         for client in list(process.clients):
             client.close("session_closed", "the process was removed from its session")
         log.info("session %s: process %d gone", self.id, process.pid)
-        self._notify({"event": "process", "pid": process.pid, "registered": False})
+        self._notify(ProcessEvent(session=self.id, pid=process.pid, registered=False))
 
     def close(self, reason: str = "session closed") -> None:
         if self.state == "closed":
@@ -234,7 +241,7 @@ class Session:
             for client in list(process.clients):
                 client.close("session_closed", f"the mirrord session ended ({reason})")
             self.remove_process(process)
-        self._notify({"event": "closed", "message": reason})
+        self._notify(ClosedEvent(session=self.id, message=reason))
         self._listeners.clear()
 
 
@@ -355,75 +362,31 @@ class LayerProcess:
         layer's end of a private pair, passed with the reply (or, for `sendto()`, a UDP
         endpoint connected to the app's own socket)."""
         if msg.protocol == "unix" and m.FEATURE_UNIX_STREAMS not in self.link.conn.peer_features:
-            client.reply(
-                m.ErrorReply(
-                    request_id=0,
-                    errno=errno_mod.ENOTSUP,
-                    message="this agent cannot connect unix sockets in the target",
-                ),
-                msg.request_id,
-            )
+            message = "this agent cannot connect unix sockets in the target"
+            client.reply(_error(errno_mod.ENOTSUP, message), msg.request_id)
             return
         try:
             daemon_end, layer_end, app = await _relay_sockets(msg)
         except OSError as exc:
-            client.reply(
-                m.ErrorReply(
-                    request_id=0, errno=exc.errno or errno_mod.EIO, message=f"relay: {exc}"
-                ),
-                msg.request_id,
-            )
+            client.reply(_error(exc.errno or errno_mod.EIO, f"relay: {exc}"), msg.request_id)
             return
         try:
             relay_host, relay_port = (
                 ("", 0) if msg.protocol == "unix" else daemon_end.getsockname()[:2]
             )
-            conn_id = self.link.new_conn_id()
-            relay = Relay(
-                self.link,
-                self.channel,
-                conn_id,
-                description=f"outgoing {msg.protocol} {msg.address}:{msg.port}",
-                counters=(self.link.counters, self.session.counters),
-            )
-            self.link.add_relay(relay)  # before Connect: early Data is buffered, not dropped
-            replies: list[Message] = []
-            answered = anyio.Event()
-
-            def on_reply(reply: Message) -> None:
-                replies.append(reply)
-                answered.set()
-
-            self.link.request(
-                self.channel,
-                lambda rid: m.Connect(
-                    request_id=rid,
-                    conn_id=conn_id,
-                    protocol=msg.protocol,
-                    address=msg.address,
-                    port=msg.port,
-                ),
-                on_reply,
-            )
-            with anyio.move_on_after(REQUEST_TIMEOUT):
-                await answered.wait()
+            relay, reply = await self._connect_in_target(msg)
         except BaseException:
             daemon_end.close()
             if layer_end is not None:
                 layer_end.close()
             raise
-        reply = (
-            replies[0]
-            if replies
-            else m.ErrorReply(request_id=0, errno=errno_mod.ETIMEDOUT, message="agent timeout")
-        )
         if not isinstance(reply, m.Connected):
             self.link.relay_done(relay)
             daemon_end.close()
             if layer_end is not None:
                 layer_end.close()
             if not isinstance(reply, m.ErrorReply):
-                reply = m.ErrorReply(request_id=0, errno=errno_mod.EIO, message="bad reply")
+                reply = _error(errno_mod.EIO, "bad reply")
             client.reply(reply, msg.request_id)
             return
         client.reply(
@@ -446,6 +409,33 @@ class LayerProcess:
         finally:
             if self.udp_relays.get(relay_port) is relay:
                 del self.udp_relays[relay_port]
+
+    async def _connect_in_target(self, msg: m.LayerConnect) -> tuple[Relay, Message]:
+        """`Connect` to the agent for `msg`, with its relay registered first (early `Data` is
+        buffered, not dropped); the agent's reply, or ETIMEDOUT after `REQUEST_TIMEOUT`."""
+        conn_id = self.link.new_conn_id()
+        relay = Relay(
+            self.link,
+            self.channel,
+            conn_id,
+            description=f"outgoing {msg.protocol} {msg.address}:{msg.port}",
+            counters=(self.link.counters, self.session.counters),
+        )
+        self.link.add_relay(relay)
+        reply = await self.link.call(
+            self.channel,
+            lambda rid: m.Connect(
+                request_id=rid,
+                conn_id=conn_id,
+                protocol=msg.protocol,
+                address=msg.address,
+                port=msg.port,
+            ),
+            timeout=REQUEST_TIMEOUT,
+        )
+        if reply is None:
+            reply = _error(errno_mod.ETIMEDOUT, "agent timeout")
+        return relay, reply
 
     def listen(self, client: LayerClient, msg: m.LayerListen) -> None:
         address = msg.bound_address
@@ -549,6 +539,11 @@ def _uid_of(pid: int) -> int:
         return os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return os.geteuid()
+
+
+def _error(errno: int, message: str) -> m.ErrorReply:
+    """An `ErrorReply` for the layer (its request id is set when it is sent)."""
+    return m.ErrorReply(request_id=0, errno=errno, message=message)
 
 
 async def _relay_sockets(
@@ -664,7 +659,7 @@ async def serve_layer_client(
         async with stream, anyio.create_task_group() as tg:
             tg.start_soon(writer.run)
             with anyio.CancelScope() as client._scope:
-                await _serve(stream, conn, client, find_session, tg)
+                await _serve(stream, conn, client, find_session)
             writer.close()
             with anyio.move_on_after(2):
                 await writer.wait_flushed()  # a final Fatal frame says why we close
@@ -680,7 +675,6 @@ async def _serve(
     conn: LayerConnection,
     client: LayerClient,
     find_session: Callable[[str], Session | None],
-    tg: anyio.abc.TaskGroup,
 ) -> Session | None:
     session: Session | None = None
     reader = FrameReader(stream, 256 * 1024)
@@ -726,7 +720,7 @@ async def _serve(
                 client.process = session.attach(client, hello)
                 client.writer.send_nowait(conn.welcome(process=client.process.channel))
                 continue
-            _handle(client, msg, tg)
+            _handle(client, msg)
             if client.closed:
                 return session  # closed while handling (unread replies past the bound)
 
@@ -735,7 +729,7 @@ def _pid(client: LayerClient) -> int | None:
     return client.process.pid if client.process else None
 
 
-def _handle(client: LayerClient, msg: Message, tg: anyio.abc.TaskGroup) -> None:
+def _handle(client: LayerClient, msg: Message) -> None:
     process = client.process
     assert process is not None
     if isinstance(msg, m.Ping):

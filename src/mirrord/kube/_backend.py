@@ -1,4 +1,4 @@
-"""The Kubernetes agent backend (I4): cluster targets get an agent next to the target pod.
+"""The Kubernetes agent backend: cluster targets get an agent next to the target pod.
 
 Owns: `KubeBackend` (which targets it handles, the RBAC check, target resolution, creating the
 agent as a Job on the target's node, an ephemeral container in the target pod, or finding the
@@ -7,7 +7,7 @@ and `KubeAgentHandle` (`connect()` opens a port-forward websocket to the agent; 
 deletes what this backend created once the last session sharing the agent has stopped).
 
 Readiness is a watch on the agent's pod (image pull errors, unschedulable pods and a container
-that exits are reported at once with their reason) plus the agent's readiness line (I2) read
+that exits are reported at once with their reason) plus the agent's readiness line (docs/agent.md) read
 from the pod's log. Admission denials of our own create calls come back as the call's Status;
 a denial of the Job controller's pod create comes back as a FailedCreate event on the Job.
 
@@ -200,7 +200,7 @@ class KubeAgentHandle:
 
 
 class KubeBackend:
-    """Agents for Kubernetes targets (I4). Constructed with no arguments by the daemon."""
+    """Agents for Kubernetes targets. Constructed with no arguments by the daemon."""
 
     name = "kube"
 

@@ -1,5 +1,5 @@
 """The node agent of the Helm chart's DaemonSet: one long-lived pod per node that starts a
-`mirrord-agent` (I2) per target container on demand and splices each port-forwarded
+`mirrord-agent` per target container on demand and splices each port-forwarded
 connection to it.
 
 Owns: the node agent's small preamble protocol and the per-target agent processes. A

@@ -1,6 +1,6 @@
 """The Kubernetes objects the backend creates for an agent: a Job or an ephemeral container.
 
-Owns: the agent image default (tied to the package version), the agent's command line (I2),
+Owns: the agent image default (tied to the package version), the agent's command line (docs/agent.md),
 capabilities (NET_ADMIN, SYS_ADMIN, SYS_PTRACE, NET_RAW minus `agent.disabled_capabilities`),
 and the Job / ephemeral container specs built from the `agent` config section. Pure functions:
 the specs are validated against the Kubernetes schemas in the tests. Does not own any API call.
@@ -119,7 +119,7 @@ _LOG_LEVELS = {
 
 
 def agent_args(target: str, port: int, idle_timeout: int, log_level: str = "info") -> list[str]:
-    """The agent's arguments (I2); the secret comes from the environment, never argv."""
+    """The agent's arguments (docs/agent.md); the secret comes from the environment, never argv."""
     return [
         "--target",
         target,

@@ -3,7 +3,7 @@
 Owns: `LayerSettings` (the layer's view of the config), its compact encoding (the string in
 `MIRRORD_LAYER_CONFIG` that `native/policy.c` parses: one `key=value` per line, repeated keys
 for lists, unknown keys ignored; docs/layer.md), `LayerSettings.from_config`, and
-`layer_env` (I5). Does not own the config model (mirrord.config) or any run-time decision
+`layer_env`. Does not own the config model (mirrord.config) or any run-time decision
 (the C side decides per call, without a round trip).
 """
 
@@ -367,7 +367,7 @@ def layer_env(
     debug: bool = False,
     existing_preload: str | None = None,
 ) -> dict[str, str]:
-    """The variables to add to the user command so the layer loads with `settings` (I5).
+    """The variables to add to the user command so the layer loads with `settings`.
     `LD_PRELOAD` is appended to `existing_preload` (the user's own value) when given."""
     lib = str(library_path())
     preload = f"{existing_preload}:{lib}" if existing_preload else lib

@@ -7,9 +7,14 @@ Does not own: what runs inside a pod (see `_podinit.py`) or anything about agent
 Layout of one pod, named `mrd<creator pid>x<n>`:
 - netns `mrd<pid>x<n>`; veth pair `mrd<pid>h<n>` (host end, root netns, address `.1` of a /30
   in 10.213.0.0/16) <-> `eth0` in the pod (address `.2`), `lo` up, default route via the host;
+  a dual-stack pod (`PodSpec.ipv6`) also has `::1` (host end) and `::2` (pod) of the /64
+  `fd6d:7264:0:<n>::/64` (a unique local range; `<n>` is the /30's index, so it is as unique),
+  added without duplicate address detection so they are usable at once, and an IPv6 default
+  route via the host;
 - its target process (`LocalPod.pid`), started through `ip netns exec` + `unshare --mount --uts`
   (both exec in place, so the PID is the real python's), that builds its own root (see
-  `_podinit.py`) and optionally serves TCP echo and HTTP on 0.0.0.0;
+  `_podinit.py`) and optionally serves TCP echo and HTTP on 0.0.0.0 (on `::`, dual-stack, in
+  a dual-stack pod);
 - a host work directory `<tmp>/mrd<pid>x<n>-*` holding the spec, the pod's log and staged
   files.
 
@@ -44,6 +49,8 @@ __all__ = ["LocalPod", "PodError", "PodSpec", "cleanup_leftovers", "create_pod"]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 _POD_NETWORK = ipaddress.IPv4Network("10.213.0.0/16")
+# Unique local (fd00::/8), away from fd00::/64 that some hosts use for their own network.
+_POD_NETWORK6 = ipaddress.IPv6Network("fd6d:7264::/48")
 _LOCK_PATH = "/run/mirrord-localpod.lock"
 _NETNS_RE = re.compile(r"^mrd(\d+)x(\d+)$")
 _LINK_RE = re.compile(r"^mrd(\d+)[hp](\d+)$")
@@ -69,7 +76,8 @@ class PodSpec:
     the pod's `/etc/hosts`. Ports of the built-in services are on 0.0.0.0 inside the pod; `None`
     disables a service. `dns_records` (name -> IPv4 or IPv6 address) starts a DNS server on the
     pod's UDP port 53 (the default `resolv.conf` points at 127.0.0.1) answering those names and
-    NXDOMAIN for every other name.
+    NXDOMAIN for every other name. `ipv6` makes the pod dual-stack: an IPv6 address beside the
+    IPv4 one (`LocalPod.ip6`) and the built-in services on both families.
     """
 
     name: str = "pod"
@@ -85,6 +93,7 @@ class PodSpec:
     http_port: int | None = 8080
     dns_records: dict[str, str] | None = None
     cwd: str = "/"
+    ipv6: bool = False
 
 
 def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -150,6 +159,8 @@ class LocalPod:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.netns}-"))
         self.ip = ""
         self.host_ip = ""
+        self.ip6 = ""  # a dual-stack pod's IPv6 address; its host end is `host_ip6`
+        self.host_ip6 = ""
         self.pid = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._children: list[subprocess.Popen[bytes]] = []
@@ -157,7 +168,8 @@ class LocalPod:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running"
-        return f"<LocalPod {self.netns} pid={self.pid} ip={self.ip} {state}>"
+        ip6 = f" ip6={self.ip6}" if self.ip6 else ""
+        return f"<LocalPod {self.netns} pid={self.pid} ip={self.ip}{ip6} {state}>"
 
     def __enter__(self) -> LocalPod:
         return self
@@ -192,6 +204,17 @@ class LocalPod:
         _run([*ns, "link", "set", self.pod_if, "up"])
         _run([*ns, "link", "set", "lo", "up"])
         _run([*ns, "route", "add", "default", "via", self.host_ip])
+        if self.spec.ipv6:
+            self._setup_ipv6(idx)
+
+    def _setup_ipv6(self, idx: int) -> None:
+        net = ipaddress.IPv6Network((int(_POD_NETWORK6.network_address) + (idx << 64), 64))
+        self.host_ip6 = str(net.network_address + 1)
+        self.ip6 = str(net.network_address + 2)
+        ns = ["ip", "-n", self.netns]
+        _run(["ip", "-6", "addr", "add", f"{self.host_ip6}/64", "dev", self.host_if, "nodad"])
+        _run([*ns, "-6", "addr", "add", f"{self.ip6}/64", "dev", self.pod_if, "nodad"])
+        _run([*ns, "-6", "route", "add", "default", "via", self.host_ip6])
 
     def _etc_files(self) -> dict[str, bytes]:
         hosts = [
@@ -221,6 +244,7 @@ class LocalPod:
             "http_port": self.spec.http_port,
             "dns_records": self.spec.dns_records,
             "cwd": self.spec.cwd,
+            "ipv6": self.spec.ipv6,
         }
         spec_path = self.workdir / "spec.json"
         spec_path.write_text(json.dumps(spec_json))

@@ -13,7 +13,8 @@ Steps, in order (a failure prints a traceback to stderr, which the creator shows
 2. the pod's files and symlinks are written (top-level directories that the host lacks, such as
    `/app`, live on the tmpfs);
 3. the process chroots into that root, sets the hostname in its own UTS namespace;
-4. it starts the optional TCP echo and HTTP services on 0.0.0.0 and the optional DNS server
+4. it starts the optional TCP echo and HTTP services on 0.0.0.0 (dual-stack on `::` when the
+   spec says `ipv6`) and the optional DNS server
    on UDP 0.0.0.0:53 (authoritative for `dns_records`, NXDOMAIN for the rest), prints `ready`,
    and serves until killed.
 
@@ -186,6 +187,19 @@ def _serve_dns(sock: socket.socket, records: dict[str, str]) -> None:
             sock.sendto(answer, peer)
 
 
+def _dual_stack(cls: type[socketserver.TCPServer]) -> type[socketserver.TCPServer]:
+    """`cls` listening on `::` for both families (IPv4 clients appear as ::ffff:a.b.c.d)."""
+
+    class DualStack(cls):  # type: ignore[valid-type,misc]
+        address_family = socket.AF_INET6
+
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    return DualStack
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
@@ -196,11 +210,15 @@ def main() -> None:
     os.chdir(spec["cwd"])
     socket.sethostname(spec["hostname"])
     servers: list[socketserver.BaseServer] = []
+    ipv6 = bool(spec.get("ipv6"))
+    host = "::" if ipv6 else "0.0.0.0"
     if spec["echo_port"]:
-        servers.append(_TCPServer(("0.0.0.0", spec["echo_port"]), _Echo))
+        echo = _dual_stack(_TCPServer) if ipv6 else _TCPServer
+        servers.append(echo((host, spec["echo_port"]), _Echo))
     if spec["http_port"]:
         _Http.pod_name = spec["name"]
-        servers.append(_HttpServer(("0.0.0.0", spec["http_port"]), _Http))
+        http = _dual_stack(_HttpServer) if ipv6 else _HttpServer
+        servers.append(http((host, spec["http_port"]), _Http))
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     if spec["dns_records"] is not None:

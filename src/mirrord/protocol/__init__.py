@@ -31,11 +31,14 @@ from mirrord.protocol._connection import (
     UnknownMessage,
 )
 from mirrord.protocol._exceptions import (
+    BuildMismatch,
     FrameTooLarge,
     LocalProtocolError,
     MalformedFrame,
     ProtocolError,
     RemoteProtocolError,
+    Unauthenticated,
+    VersionMismatch,
 )
 from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, encode_frame
 
@@ -51,6 +54,7 @@ __all__ = [
     "NEED_DATA",
     "AgentConnection",
     "AgentRole",
+    "BuildMismatch",
     "FrameDecoder",
     "FrameTooLarge",
     "InvalidRequest",
@@ -64,7 +68,9 @@ __all__ = [
     "Registry",
     "RemoteProtocolError",
     "State",
+    "Unauthenticated",
     "UnknownMessage",
+    "VersionMismatch",
     "encode_frame",
     "messages",
 ]

@@ -30,10 +30,13 @@ from typing import Any, Final
 
 from mirrord.protocol._base import INT64_MAX, Message, Registry
 from mirrord.protocol._exceptions import (
+    BuildMismatch,
     LocalProtocolError,
     MalformedFrame,
     ProtocolError,
     RemoteProtocolError,
+    Unauthenticated,
+    VersionMismatch,
 )
 from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, decode_payload, encode_frame
 from mirrord.protocol.messages import (
@@ -397,17 +400,13 @@ class AgentConnection(_Connection):
             if not isinstance(msg, Hello):
                 raise RemoteProtocolError(f"expected Hello first, got {type(msg).__name__}")
             if not hmac.compare_digest(msg.secret.encode(), self._secret.encode()):
-                exc = RemoteProtocolError("the agent secret does not match: not authenticated")
-                exc.code = "unauthenticated"
-                raise exc
+                raise Unauthenticated
             version = min(msg.version, self.version)
             if version < max(msg.min_version, self.min_version):
-                exc = RemoteProtocolError(
+                raise VersionMismatch(
                     f"no common protocol version: peer speaks {msg.min_version}..{msg.version}, "
                     f"we speak {self.min_version}..{self.version}"
                 )
-                exc.code = "version_mismatch"
-                raise exc
             self.negotiated_version = version
             self.peer_features = list(msg.features)
         else:
@@ -554,12 +553,10 @@ class LayerConnection(_Connection):
                         f"expected LayerHello first, got {type(msg).__name__}"
                     )
                 if msg.build_id != self.build_id:
-                    exc = RemoteProtocolError(
+                    raise BuildMismatch(
                         f"layer build {msg.build_id} does not match daemon build {self.build_id}: "
                         "the layer library and mirrordd come from different installs"
                     )
-                    exc.code = "build_mismatch"
-                    raise exc
                 self.peer_hello = msg
             else:
                 if not isinstance(msg, LayerWelcome):

@@ -11,11 +11,14 @@
 from __future__ import annotations
 
 __all__ = [
+    "BuildMismatch",
     "FrameTooLarge",
     "LocalProtocolError",
     "MalformedFrame",
     "ProtocolError",
     "RemoteProtocolError",
+    "Unauthenticated",
+    "VersionMismatch",
 ]
 
 
@@ -50,6 +53,30 @@ class FrameTooLarge(RemoteProtocolError):
         super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+
+
+class Unauthenticated(RemoteProtocolError):
+    """The peer's Hello carries the wrong agent secret: nothing is served to it. The daemon
+    that sent it started another agent, or the secret was changed: start the session again."""
+
+    code = "unauthenticated"
+
+    def __init__(self) -> None:
+        super().__init__("the agent secret does not match: not authenticated")
+
+
+class VersionMismatch(RemoteProtocolError):
+    """The two ends speak no common protocol version: upgrade the older one (the message says
+    which ranges each end speaks)."""
+
+    code = "version_mismatch"
+
+
+class BuildMismatch(RemoteProtocolError):
+    """The layer and the daemon come from different installs (their build ids differ): run
+    the command with the `mirrord` of the install whose daemon answers, or stop that daemon."""
+
+    code = "build_mismatch"
 
 
 class LocalProtocolError(ProtocolError):

@@ -1,7 +1,8 @@
 """Framing shared by both protocols: a 4-byte big-endian length, then one CBOR item.
 
 Owns: splitting a byte stream into frame payloads with a hard size limit, and encoding one
-CBOR item into a frame. Does not own: what the CBOR item means (see `_codec`).
+CBOR item into a frame. Does not own: what the CBOR item means (the message registry,
+`_base.py`).
 
 Memory is bounded: the decoder never buffers more than one frame plus one read, and it
 refuses a frame whose announced length exceeds the limit before reading its body.
