@@ -11,6 +11,7 @@ Does not own: starting the agent (`tests/_agent_process.py`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -97,7 +98,10 @@ class AgentConn:
             view = view[n:]
 
     async def shutdown(self) -> None:
-        if not self.closed.is_set():
+        """Shutdown (no more data from us); nothing once closed or the agent is gone."""
+        if self.closed.is_set():
+            return
+        with contextlib.suppress(anyio.BrokenResourceError):
             await self.client.send(m.Shutdown(conn_id=self.conn_id), self.channel)
 
     async def close(self) -> None:
@@ -115,7 +119,10 @@ class AgentConn:
             self.eof = True
             return b""
         if not self.closed.is_set():
-            await self.client.send(m.Credit(conn_id=self.conn_id, amount=len(item)), self.channel)
+            with contextlib.suppress(anyio.BrokenResourceError):  # the agent is gone meanwhile
+                await self.client.send(
+                    m.Credit(conn_id=self.conn_id, amount=len(item)), self.channel
+                )
         return item
 
     async def receive_exactly(self, n: int) -> bytes:
@@ -278,7 +285,11 @@ class AgentClient:
     # -- sending
 
     async def send(self, msg: Message, channel: int = 0) -> None:
+        """One message; BrokenResourceError once the agent connection has ended (a relay of
+        ours may still be sending when the agent dies)."""
         async with self._lock:
+            if self.ended.is_set():
+                raise anyio.BrokenResourceError("the agent connection has ended")
             await self.stream.send(self.conn.send(msg, channel))
 
     async def send_raw(self, frames: bytes) -> None:
