@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -279,6 +279,39 @@ def _unlink_req(request_id: int, *, path: bytes) -> Message:
     return m.Unlink(request_id=request_id, path=path)
 
 
+_Req = Callable[[Callable[[int], Message]], Awaitable[Message]]
+
+
+async def _directory_stream_and_removal(req: _Req, pod: LocalPod) -> None:
+    """/app/work (holding g and link) gets 40 files, is read in batches, then emptied and
+    removed (rmdir refused while it is not empty)."""
+    for i in range(40):
+        path = f"/app/work/n{i}".encode()
+        await req(functools.partial(_open_req, path=path, flags=O_WRONLY | O_CREAT | O_EXCL))
+    d = await req(lambda r: m.DirOpen(request_id=r, path=b"/app/work"))
+    assert isinstance(d, m.DirOpened)
+    dh = d.handle
+    seen: list[tuple[bytes, int, int]] = []
+    for _ in range(10):
+        batch = await req(lambda r: m.DirRead(request_id=r, handle=dh, max_entries=16))
+        assert isinstance(batch, m.DirEntries) and len(batch.entries) <= 16
+        if not batch.entries:
+            break
+        seen += batch.entries
+    names = {e[0]: e[2] for e in seen}
+    assert len(seen) == 44 and names[b"."] == 4 and names[b"link"] == 10 and names[b"n7"] == 8
+    await req(lambda r: m.DirClose(request_id=r, handle=dh))
+
+    code = await _errno_of(req(lambda r: m.Rmdir(request_id=r, path=b"/app/work")))
+    assert code == errno.ENOTEMPTY
+    code = await _errno_of(req(lambda r: m.DirOpen(request_id=r, path=b"/app/test.txt")))
+    assert code == errno.ENOTDIR
+    for name in [b"g", b"link", *(f"n{i}".encode() for i in range(40))]:
+        await req(functools.partial(_unlink_req, path=b"/app/work/" + name))
+    await req(lambda r: m.Rmdir(request_id=r, path=b"/app/work"))
+    assert pod.run_in_pod(["ls", "/app"]).stdout.split() == [b"test.txt"]
+
+
 async def test_every_file_operation(agent: AgentProc, pod: LocalPod) -> None:
     async with AgentClient.open(agent) as client:
         await client.open_channel(1)
@@ -342,31 +375,7 @@ async def test_every_file_operation(agent: AgentProc, pod: LocalPod) -> None:
         code = await _errno_of(req(lambda r: m.ReadLink(request_id=r, path=b"/app/work/g")))
         assert code == errno.EINVAL
 
-        for i in range(40):
-            path = f"/app/work/n{i}".encode()
-            await req(functools.partial(_open_req, path=path, flags=O_WRONLY | O_CREAT | O_EXCL))
-        d = await req(lambda r: m.DirOpen(request_id=r, path=b"/app/work"))
-        assert isinstance(d, m.DirOpened)
-        dh = d.handle
-        seen: list[tuple[bytes, int, int]] = []
-        for _ in range(10):
-            batch = await req(lambda r: m.DirRead(request_id=r, handle=dh, max_entries=16))
-            assert isinstance(batch, m.DirEntries) and len(batch.entries) <= 16
-            if not batch.entries:
-                break
-            seen += batch.entries
-        names = {e[0]: e[2] for e in seen}
-        assert len(seen) == 44 and names[b"."] == 4 and names[b"link"] == 10 and names[b"n7"] == 8
-        await req(lambda r: m.DirClose(request_id=r, handle=dh))
-
-        code = await _errno_of(req(lambda r: m.Rmdir(request_id=r, path=b"/app/work")))
-        assert code == errno.ENOTEMPTY
-        code = await _errno_of(req(lambda r: m.DirOpen(request_id=r, path=b"/app/test.txt")))
-        assert code == errno.ENOTDIR
-        for name in [b"g", b"link", *(f"n{i}".encode() for i in range(40))]:
-            await req(functools.partial(_unlink_req, path=b"/app/work/" + name))
-        await req(lambda r: m.Rmdir(request_id=r, path=b"/app/work"))
-        assert pod.run_in_pod(["ls", "/app"]).stdout.split() == [b"test.txt"]
+        await _directory_stream_and_removal(req, pod)
 
         # fdopendir: a directory opened as a file becomes a directory stream.
         f = await req(lambda r: m.FileOpen(request_id=r, path=b"/app", flags=O_RDONLY | 0o200000))
