@@ -90,7 +90,7 @@ setup(
         Extension(
             SUPERVISOR,
             sources=SUPERVISOR_SOURCES,
-            depends=SUPERVISOR_HEADERS,
+            depends=[*SUPERVISOR_HEADERS, f"{NATIVE}/stat_conv.h"],
             include_dirs=[f"{NATIVE}/supervisor"],
             extra_compile_args=C_FLAGS,
             extra_link_args=["-ldl", "-lpthread"],

@@ -2,9 +2,10 @@
  * is built with -fvisibility=hidden and only functions marked HOOK are visible to the app.
  *
  * Files: preload.c (init, real_* resolution, fd table, debug), conn.c (daemon connections and
- * requests), policy.c (the compact config and every local/remote decision), files.c (file and
- * directory hooks), net_*.c (socket and DNS hooks, see net.h), proc.c (fork/exec/spawn hooks),
- * supervise.c (what the system-call supervisor, native/supervisor/, asks about sockets).
+ * requests), policy.c (the compact config and every local/remote decision), files_*.c (file and
+ * directory hooks, see files.h), net_*.c (socket and DNS hooks, see net.h), proc.c
+ * (fork/exec/spawn hooks), supervise.c (what the system-call supervisor, native/supervisor/, asks
+ * about sockets).
  */
 #ifndef MIRRORD_LAYER_H
 #define MIRRORD_LAYER_H

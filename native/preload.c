@@ -4,7 +4,7 @@
  * This file owns: initialisation (reading MIRRORD_* from the environment, skipping
  * processes), resolving every real_* once, the fd table (which fds are remote files,
  * memfd-backed remote files, sockets the layer redirected, or the layer's own daemon
- * connections), and debug output. The hooks live in files.c, net_*.c and proc.c.
+ * connections), and debug output. The hooks live in files_*.c, net_*.c and proc.c.
  *
  * Rules (style.md §18-§19): hooks bail out to the real call early; nothing printed unless
  * MIRRORD_LAYER_DEBUG is set; a __thread guard keeps the layer off its own calls; the

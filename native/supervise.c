@@ -3,7 +3,7 @@
  * socket with pidfd_getfd and asks these functions what to do with the call it trapped, so the
  * local/remote decision and the daemon requests are the layer's own: policy_connect,
  * debugger_port and LayerConnect (net_connect.c) for connect; the layer's listen() hook, which
- * subscribes, for listen. The file calls' counterparts are files.c's mirrord_supervisor_*.
+ * subscribes, for listen. The file calls' counterparts are files_supervisor.c's mirrord_supervisor_*.
  *
  * `fd` is always the supervisor's descriptor of the program's socket: the same open file, so
  * binding, connecting or listening it here does it to the program's socket, and the program's

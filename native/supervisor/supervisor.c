@@ -4,8 +4,9 @@
  * Owns: installing the seccomp filter in the program before its exec, and answering the
  * trapped calls. Does not own any local/remote decision or any daemon request: it runs with
  * the layer preloaded (libmirrord_layer.so, as one more layer process of the session) and asks
- * the layer through functions the layer exports for it (mirrord_supervisor_* in native/files.c
- * and native/supervise.c, and its libc hooks), so there is one policy and one request path.
+ * the layer through functions the layer exports for it (mirrord_supervisor_* in
+ * native/files_supervisor.c and native/supervise.c, and its libc hooks), so there is one policy
+ * and one request path.
  *
  * Processes (the launcher is what `mirrord run --syscalls` starts, with MIRRORD_DONT_LOAD=1 so
  * that the layer stays inactive in it):

@@ -1,5 +1,5 @@
 /* mirrord-supervisor, the file calls: open, openat, openat2, the access family and the stat
- * family, answered with the layer's decision (native/files.c's mirrord_supervisor_*). */
+ * family, answered with the layer's decision (native/files_supervisor.c's mirrord_supervisor_*). */
 #include "sv.h"
 
 #include <errno.h>

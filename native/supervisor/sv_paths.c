@@ -15,6 +15,8 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include "../stat_conv.h" /* shared with the layer (files_stat.c) */
+
 /* The call's paths (at most two) and where they are in the arguments. */
 struct pcall {
     int npaths;
@@ -44,29 +46,6 @@ static int describe(int nr, struct pcall *c) {
         }
     }
     return -1;
-}
-
-static void statx_from_stat(const struct stat *st, struct statx *sx) {
-    memset(sx, 0, sizeof *sx);
-    sx->stx_mask = STATX_BASIC_STATS;
-    sx->stx_blksize = (__u32)st->st_blksize;
-    sx->stx_nlink = (__u32)st->st_nlink;
-    sx->stx_uid = st->st_uid;
-    sx->stx_gid = st->st_gid;
-    sx->stx_mode = (__u16)st->st_mode;
-    sx->stx_ino = st->st_ino;
-    sx->stx_size = (__u64)st->st_size;
-    sx->stx_blocks = (__u64)st->st_blocks;
-    sx->stx_atime.tv_sec = st->st_atim.tv_sec;
-    sx->stx_atime.tv_nsec = (__u32)st->st_atim.tv_nsec;
-    sx->stx_mtime.tv_sec = st->st_mtim.tv_sec;
-    sx->stx_mtime.tv_nsec = (__u32)st->st_mtim.tv_nsec;
-    sx->stx_ctime.tv_sec = st->st_ctim.tv_sec;
-    sx->stx_ctime.tv_nsec = (__u32)st->st_ctim.tv_nsec;
-    sx->stx_rdev_major = major(st->st_rdev);
-    sx->stx_rdev_minor = minor(st->st_rdev);
-    sx->stx_dev_major = major(st->st_dev);
-    sx->stx_dev_minor = minor(st->st_dev);
 }
 
 /* statx of a path the layer says is remote: the target's stat, as statx reports it. */

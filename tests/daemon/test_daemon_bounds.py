@@ -135,7 +135,7 @@ async def test_replies_a_client_does_not_read_are_bounded(
     in the attack); past the bound it closes the connection and says why in its log."""
     harness.daemon.max_unread = 1024 * 1024
     # the kernel's share stays small whatever net.core.wmem_max allows
-    monkeypatch.setattr("mirrord.daemon._io.SEND_BUFFER", 64 * 1024)
+    monkeypatch.setattr("mirrord._frames.SEND_BUFFER", 64 * 1024)
     sock = await anyio.to_thread.run_sync(_raw_control, harness.paths.control_socket)
     try:
         requests = b'{"op":"status"}\n' * 40000  # ~40 MB of replies, never read
@@ -383,9 +383,9 @@ async def test_replies_a_layer_does_not_read_are_bounded(
 ) -> None:
     """A layer connection that sends requests and never reads its replies is closed past the
     bound, with a Fatal frame saying why after what was queued; the session is unharmed."""
-    monkeypatch.setattr("mirrord.daemon._session.MAX_LAYER_UNREAD", 256 * 1024)
+    monkeypatch.setattr("mirrord.daemon._layer_client.MAX_LAYER_UNREAD", 256 * 1024)
     # the kernel's share stays small whatever net.core.wmem_max allows
-    monkeypatch.setattr("mirrord.daemon._io.SEND_BUFFER", 64 * 1024)
+    monkeypatch.setattr("mirrord._frames.SEND_BUFFER", 64 * 1024)
     _, session, _ = await harness.session()
     greedy = await harness.layer(session, pid=9001)
     healthy = await harness.layer(session, pid=9002)

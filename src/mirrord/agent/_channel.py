@@ -6,7 +6,7 @@ handle table and relays, and freeing all of them when the channel closes. No req
 another, and a failure is an `ErrorReply` with an errno for that request only. File requests
 (blocking I/O) are planned on the event loop (handle lookups), run in the agent's worker
 threads (`_workers.py`) and answered from the completion callback on the event loop, with no
-task per request; the other requests (env, DNS, connect, subscriptions) run as a task each
+task per request (small operations on regular local files run inline: `_files_inline.py`); the other requests (env, DNS, connect, subscriptions) run as a task each
 in the channel's task group. Anything that needs the target's network namespace runs on
 `ctx.netns`.
 
@@ -39,6 +39,14 @@ from mirrord.agent._files import (
     stat_list,
     utimens_at,
 )
+from mirrord.agent._files_inline import (
+    INLINE_READ_MAX,
+    NOT_INLINE,
+    Inline,
+    fetch_file,
+    inline_fd,
+    open_inline,
+)
 from mirrord.agent._outgoing import open_outgoing, open_unix_stream
 from mirrord.agent._relay import Relay
 from mirrord.protocol import Message
@@ -55,24 +63,6 @@ log = logging.getLogger("mirrord.agent")
 # the reply from its result (on the event loop), and the handle the call uses (released first).
 # No blocking call (None): the reply is made at once.
 _Plan: TypeAlias = tuple[Callable[[], Any] | None, Callable[[Any], Message], "FileHandle | None"]
-
-
-O_PATH = getattr(os, "O_PATH", 0o10000000)
-
-
-def _read_whole(fd: int, max_size: int) -> bytes | None:
-    """The whole file from offset 0 (the fd's own offset untouched), or None if it has grown
-    beyond `max_size` since it was stat'ed."""
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        chunk = os.pread(fd, max_size + 1 - total, total)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > max_size:
-            return None
 
 
 class IncomingHandler(Protocol):
@@ -362,9 +352,6 @@ class Channel:
         try:
             _check_request(req)
             call, finish, handle = plan(req)
-            if call is None:
-                self._answer(req, finish(None))
-                return
         except Exception as exc:
             self._answer(req, _errno_reply(req.request_id, exc))
             return
@@ -379,6 +366,19 @@ class Channel:
                 reply = _errno_reply(req.request_id, exc)
             self._answer(req, reply)
 
+        if call is None:
+            done(True, None)
+            return
+        if isinstance(call, Inline):
+            try:
+                value = call.fast()
+            except Exception as exc:
+                done(False, exc)
+                return
+            if value is not NOT_INLINE:
+                done(True, value)
+                return
+            call = call.slow
         try:
             self.session.workers.submit(call, done)
         except RuntimeError as exc:  # the agent is shutting down
@@ -397,8 +397,11 @@ class Channel:
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args)
 
-    def _root_call(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-        return lambda: fn(*args)
+    def _root_call(
+        self, fn: Callable[..., Any], *args: Any, inline: bool = False
+    ) -> Callable[[], Any]:
+        call = lambda: fn(*args)  # noqa: E731
+        return Inline(call, call) if inline and self.ctx.root.paths_inline else call
 
     def _on_handle(
         self,
@@ -406,60 +409,67 @@ class Channel:
         fn: Callable[[FileHandle], Any],
         finish: Callable[[Any], Message],
         kind: type[FileHandle] | None = FileHandle,
+        *,
+        inline: bool = False,
     ) -> _Plan:
+        """`inline`: the call may run on the event loop if the handle's file allows it."""
         # acquired until the call is done: a close meanwhile waits for it
         handle = self.handles.acquire(number, kind)
-        return (lambda: fn(handle)), finish, handle
+        call = lambda: fn(handle)  # noqa: E731
+        return (Inline(call, call) if inline and handle.inline else call), finish, handle
 
     def _ok(self, req: Any) -> Callable[[Any], Message]:
         return lambda _: m.Ok(request_id=req.request_id)
 
     def _file_open(self, req: m.FileOpen) -> _Plan:
-        def finish(fd: int) -> Message:
+        root = self.ctx.root
+
+        def fast() -> tuple[int, bool] | Any:
+            fd = open_inline(root, req.path, req.flags)
+            return fd if fd is NOT_INLINE else (fd, True)
+
+        def slow() -> tuple[int, bool]:
+            fd = root.open(req.path, req.flags, req.mode)
+            try:
+                return fd, inline_fd(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+
+        def finish(opened: tuple[int, bool]) -> Message:
+            fd, inline = opened
             if self.closed:
                 os.close(fd)
                 raise OSError(errno.EBADF, "channel closed")
-            return m.FileOpened(
-                request_id=req.request_id, handle=self.handles.add(FileHandle(fd=fd))
-            )
+            handle = self.handles.add(FileHandle(fd=fd, inline=inline))
+            return m.FileOpened(request_id=req.request_id, handle=handle)
 
-        return self._root_call(self.ctx.root.open, req.path, req.flags, req.mode), finish, None
+        return Inline(fast, slow), finish, None
 
     def _file_fetch(self, req: m.FileFetch) -> _Plan:
         root = self.ctx.root
 
-        def fetch() -> tuple[int, list[int], bytes | None]:
-            fd = root.open(req.path, req.flags, req.mode)
-            try:
-                st = os.fstat(fd)
-                data = None
-                if (
-                    stat_module.S_ISREG(st.st_mode)
-                    and st.st_size <= req.max_size
-                    and not req.flags & O_PATH
-                    and req.flags & os.O_ACCMODE != os.O_WRONLY
-                ):
-                    data = _read_whole(fd, req.max_size)
-                if data is not None and req.flags & os.O_ACCMODE == os.O_RDONLY:
-                    os.close(fd)
-                    fd = -1
-                return fd, stat_list(st), data
-            except BaseException:
-                if fd >= 0:
-                    os.close(fd)
-                raise
+        def fast() -> tuple[int, list[int], bytes | None, bool] | Any:
+            fd = open_inline(root, req.path, req.flags, INLINE_READ_MAX)
+            if fd is NOT_INLINE:
+                return NOT_INLINE
+            return (*fetch_file(fd, req.flags, req.max_size), True)
 
-        def finish(result: tuple[int, list[int], bytes | None]) -> Message:
-            fd, st, data = result
+        def slow() -> tuple[int, list[int], bytes | None, bool]:
+            fd = root.open(req.path, req.flags, req.mode)
+            return (*fetch_file(fd, req.flags, req.max_size), False)
+
+        def finish(result: tuple[int, list[int], bytes | None, bool]) -> Message:
+            fd, st, data, inline = result
             handle = None
             if fd >= 0:
                 if self.closed:
                     os.close(fd)
                     raise OSError(errno.EBADF, "channel closed")
-                handle = self.handles.add(FileHandle(fd=fd))
+                handle = self.handles.add(FileHandle(fd=fd, inline=inline))
             return m.FileFetched(request_id=req.request_id, stat=st, handle=handle, data=data)
 
-        return fetch, finish, None
+        return Inline(fast, slow), finish, None
 
     def _file_read(self, req: m.FileRead) -> _Plan:
         def read(h: FileHandle) -> bytes:
@@ -468,7 +478,10 @@ class Channel:
             return os.pread(h.fd, req.size, req.offset)
 
         return self._on_handle(
-            req.handle, read, lambda data: m.FileData(request_id=req.request_id, data=data)
+            req.handle,
+            read,
+            lambda data: m.FileData(request_id=req.request_id, data=data),
+            inline=0 <= req.size <= INLINE_READ_MAX,
         )
 
     def _file_write(self, req: m.FileWrite) -> _Plan:
@@ -486,6 +499,7 @@ class Channel:
             req.handle,
             lambda h: os.lseek(h.fd, req.offset, req.whence),
             lambda pos: m.FilePosition(request_id=req.request_id, position=pos),
+            inline=True,
         )
 
     def _file_close(self, req: m.FileClose) -> _Plan:
@@ -499,9 +513,10 @@ class Channel:
             return m.StatReply(request_id=req.request_id, stat=st)
 
         if req.handle is not None:
-            return self._on_handle(req.handle, lambda h: stat_list(os.fstat(h.fd)), reply, None)
+            fstat = lambda h: stat_list(os.fstat(h.fd))  # noqa: E731
+            return self._on_handle(req.handle, fstat, reply, None, inline=True)
         assert req.path is not None
-        return self._root_call(self.ctx.root.stat, req.path, req.follow), reply, None
+        return self._root_call(self.ctx.root.stat, req.path, req.follow, inline=True), reply, None
 
     def _statfs(self, req: m.StatFs) -> _Plan:
         def reply(st: list[int]) -> Message:

@@ -7,8 +7,9 @@ that must not follow the last component (lstat, readlink, unlink, rmdir, mkdir, 
 the *parent* confined and act on the last name relative to it. Magic links (`/proc/*/fd/*`,
 `/proc/*/root`) are refused, as they could name anything on the node.
 
-Everything here is blocking and runs in worker threads (the channel calls it through
-`anyio.to_thread`). A `HandleTable` belongs to one channel; handles are small integers that
+Everything here is blocking and runs in worker threads (`_workers.py`), except the small
+operations on regular local files that `_files_inline.py` decides to answer on the event
+loop. A `HandleTable` belongs to one channel; handles are small integers that
 the layer maps to its own fds. Does not own: message dispatch (`_channel.py`).
 """
 
@@ -143,12 +144,36 @@ def _d_type(mode: int) -> int:
     return 0
 
 
+# mount types where a path lookup may wait on the network or a helper (automount, FUSE)
+_BLOCKING_MOUNTS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "lustre"}
+    | {"gpfs", "ncpfs", "coda", "davfs", "autofs", "virtiofs", "fuse", "fuseblk", "beegfs"}
+)
+
+
+def _paths_inline(pid: int) -> bool:
+    """Whether path lookups in the target may run on the event loop: none of its mounts is of
+    a network, FUSE or automount type (read from its mountinfo; unreadable: no)."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        _, sep, rest = line.partition(" - ")
+        fs_type = rest.split(" ", 1)[0].split(".", 1)[0]  # "fuse.sshfs" -> "fuse"
+        if not sep or fs_type in _BLOCKING_MOUNTS:
+            return False
+    return True
+
+
 class TargetRoot:
     """The target's root directory, opened once; every path is resolved inside it."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.paths_inline = _paths_inline(pid)  # see _files_inline.py
 
     def __repr__(self) -> str:
         return f"<TargetRoot pid={self.pid} fd={self.fd}>"
@@ -378,6 +403,7 @@ class FileHandle:
     fd: int
     users: int = 0
     closing: bool = False
+    inline: bool = False  # a regular file on a local file system (_files_inline.py)
 
     def release_fd(self) -> None:
         if self.fd >= 0:
@@ -504,6 +530,6 @@ class HandleTable:
             if isinstance(handle, DirHandle):
                 table._handles[number] = handle.copy()
             else:
-                table._handles[number] = FileHandle(fd=os.dup(handle.fd))
+                table._handles[number] = FileHandle(fd=os.dup(handle.fd), inline=handle.inline)
         table._next = self._next
         return table

@@ -3,9 +3,10 @@
 Owns: authenticating the daemon (`AgentConnection` checks the secret and versions; a failed
 handshake gets the error frame and is closed), reading frames and routing each to its channel,
 opening (and forking) and closing channels, answering Ping and unknown requests, and writing
-frames in order (`send`/`send_nowait`: a frame goes straight into the socket when nothing is
-queued before it, else to a queue one flusher task writes; `send` then waits while more than
-`_HIGH_WATER` bytes are queued, which is the backpressure relays rely on). A malformed frame closes this connection only (after an error
+frames in order (`send`/`send_nowait` onto one `mirrord._frames.FrameWriter`: a frame goes
+straight into the socket when nothing is queued before it, else to the queue its writer task
+writes; `send` then waits while more than `_HIGH_WATER` bytes are queued, which is the
+backpressure relays rely on). A malformed frame closes this connection only (after an error
 frame); its channels, handles and sockets are freed with it. Nothing here touches another
 daemon connection.
 Does not own: what a request does (`_channel.py`).
@@ -13,19 +14,16 @@ Does not own: what a request does (`_channel.py`).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
-import socket
-from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
 from mirrord import __version__
+from mirrord._frames import FrameReader, FrameWriter
 from mirrord.agent._channel import Channel
 from mirrord.protocol import (
     CLOSED,
@@ -85,8 +83,6 @@ UNREAD_TIMEOUT_ENV = "MIRRORD_AGENT_UNREAD_TIMEOUT"
 # The most bytes read from a connection before it has authenticated: a Hello is a few hundred
 # bytes; before, a peer without the secret could make the agent buffer a whole 2 MiB frame.
 HELLO_LIMIT = 64 * 1024
-# One write of the flusher: a stalled daemon is noticed per chunk, not per everything queued.
-_FLUSH_CHUNK = 1024 * 1024
 
 
 def unread_timeout() -> float:
@@ -114,26 +110,11 @@ class DaemonSession:
         )
         self.channels: dict[int, Channel] = {}
         self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
-        try:
-            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        except anyio.TypedAttributeLookupError:
-            raw = None  # not a socket (tests may use other streams): every frame is queued
-        self._raw: socket.socket | None = raw
-        if raw is not None:
-            # the send buffer bounds what one write moves: the default ~200 KiB splits every
-            # 1 MiB file chunk into several writes, each a wake-up of both sides (best effort)
-            with contextlib.suppress(OSError):
-                raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-        # frames --> _write (straight into the socket when nothing waits) | _queue --> _flush_loop
-        self._queue: deque[bytes] = deque()
-        self._queued = 0
-        self._flushing = False
-        self._flusher_running = False
-        self._wake = anyio.Event()
-        self._drained = anyio.Event()
-        self._broken = False
-        self._took = anyio.Event()  # set each time the daemon has taken a chunk
-        self._ready_before = False  # the last _receive() found data without waiting
+        # frames --> writer.send_nowait (straight into the socket when nothing waits, else
+        # queued for the one writer task, `_write_frames`); reader.receive <-- the daemon
+        self.writer = FrameWriter(stream, f"daemon {peer}")
+        self.reader = FrameReader(stream, _READ_SIZE)
+        self._scope: anyio.CancelScope | None = None  # the whole serving, writer included
         self._tg: anyio.abc.TaskGroup | None = None
         self.authenticated = False
 
@@ -160,7 +141,7 @@ class DaemonSession:
     # -- writing -------------------------------------------------------------------------------
 
     def _frame(self, msg: Message, channel: int) -> bytes | None:
-        if self._broken or self.conn.state is not State.OPEN:
+        if self.writer.closed or self.conn.state is not State.OPEN:
             return None
         try:
             return self.conn.send(msg, channel)
@@ -168,73 +149,11 @@ class DaemonSession:
             log.error("not sending %s on channel %d: %s", type(msg).__name__, channel, exc)
             return None
 
-    def _write(self, frame: bytes) -> None:
-        """Write `frame` after everything before it, without waiting.
-
-        Straight into the socket when nothing is queued or being flushed (the common case: a
-        reply costs one send() and no task switch); what the socket does not take now is
-        queued for the flusher, and so is everything after it, so frames never interleave."""
-        if self._broken:
-            return
-        if self._raw is not None and not self._queue and not self._flushing:
-            try:
-                sent = self._raw.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._break()
-                return
-            if sent == len(frame):
-                return
-            frame = frame[sent:]
-        self._queue.append(frame)
-        self._queued += len(frame)
-        self._wake.set()
-
-    async def _flush_loop(self) -> None:
-        """The only task that writes queued frames (in order) to the daemon connection."""
-        self._flusher_running = True
-        try:
-            while True:
-                if not self._queue:
-                    self._drained.set()
-                    await self._wake.wait()
-                    self._wake = anyio.Event()
-                    continue
-                parts = [self._queue.popleft()]
-                size = len(parts[0])
-                while self._queue and size + len(self._queue[0]) <= _FLUSH_CHUNK:
-                    size += len(self._queue[0])
-                    parts.append(self._queue.popleft())
-                chunk = b"".join(parts)
-                self._flushing = True
-                try:
-                    await self.stream.send(chunk)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    self._break()
-                    return
-                finally:
-                    self._flushing = False
-                    self._queued -= len(chunk)
-                    self._took.set()
-        finally:
-            self._flusher_running = False
-            self._drained.set()
-            self._took.set()
-
-    async def _wait_drained(self) -> None:
-        while self._queue or self._flushing:
-            if self._broken or not self._flusher_running:
-                return
-            if self._drained.is_set():
-                self._drained = anyio.Event()  # shared by every waiter until the next drain
-            await self._drained.wait()
-
     def send_nowait(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
         """Send `msg` on `channel` without waiting (replies). Never raises."""
         frame = self._frame(msg, channel)
         if frame is not None:
-            self._write(frame)
+            self.writer.send_nowait(frame)
 
     async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
         """Send `msg` on `channel`; waits while too much is queued for the daemon. Never
@@ -243,93 +162,74 @@ class DaemonSession:
         frame = self._frame(msg, channel)
         if frame is None:
             return
-        if not self._flusher_running:
-            await self._send_raw(frame)  # before or after serving (handshake, final frames)
-            return
-        self._write(frame)
-        if self._queued > _HIGH_WATER:
+        self.writer.send_nowait(frame)
+        if self.writer.queued_bytes > _HIGH_WATER:
             await self._wait_taken(0)
 
-    async def _send_raw(self, frame: bytes) -> None:
-        if self._broken:
-            return
-        with anyio.move_on_after(_SEND_TIMEOUT_ON_CLOSE):
-            if self._flusher_running:
-                self._write(frame)
-                await self._wait_drained()
-                return
-            try:
-                await self.stream.send(frame)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                self._broken = True
+    async def _write_frames(self, scope: anyio.CancelScope) -> None:
+        """The writer task; its end (the daemon connection broke, or the writer closed after
+        the last frame) ends the session."""
+        await self.writer.run()
+        scope.cancel()
 
     def _break(self) -> None:
-        self._broken = True
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        self.writer.close()
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def send_fatal(self, code: str, message: str) -> None:
         """Tell the daemon why the agent is closing this connection."""
         if self.conn.state is State.OPEN:
-            await self._send_raw(self.conn.fatal_frame(code, message))
+            self.writer.send_nowait(self.conn.fatal_frame(code, message))
+            with anyio.move_on_after(_SEND_TIMEOUT_ON_CLOSE):
+                await self.writer.wait_queued_below(0)
 
     # -- serving -------------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Serve the connection until the daemon leaves or breaks the protocol."""
+        """Serve the connection until the daemon leaves or breaks the protocol; then write
+        what is queued (at most `_SEND_TIMEOUT_ON_CLOSE` seconds) and close it."""
         try:
-            self.server.handshaking += 1
-            try:
-                if not await self._handshake():
-                    return
-            finally:
-                self.server.handshaking -= 1
-            self.authenticated = True
-            log.info(
-                "daemon connected from %s (protocol %s)", self.peer, self.conn.negotiated_version
-            )
-            self.server.session_started(self)
-            try:
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    tg.start_soon(self._flush_loop)
-                    await self._open_channel(CONTROL_CHANNEL, m.ChannelOpen(pid=0, label="control"))
-                    await self._read_loop()
-                    tg.cancel_scope.cancel()
-            finally:
-                for channel in list(self.channels.values()):
-                    channel.close()
-                self.channels.clear()
-                self.server.session_ended(self)
-                log.info("daemon connection from %s closed", self.peer)
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                tg.start_soon(self._write_frames, tg.cancel_scope)
+                await self._serve()
+                self.writer.close()
+                with anyio.move_on_after(_SEND_TIMEOUT_ON_CLOSE):
+                    await self.writer.wait_flushed()
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.stream.aclose()
 
-    async def _receive(self, max_bytes: int = _READ_SIZE) -> bytes:
-        """The next bytes from the daemon, b"" at the end or on an error.
-
-        On a socket this reads directly and waits with `anyio.wait_readable`: the stream's
-        `receive` also yields to the scheduler after every successful read, a whole pass of
-        the event loop per request. It yields only when data was there twice in a row, so a
-        daemon that never stops sending cannot starve the other tasks."""
-        raw = self._raw
+    async def _serve(self) -> None:
+        self.server.handshaking += 1
         try:
-            if raw is None:
-                return await self.stream.receive(max_bytes)
-            if self._ready_before:
-                await anyio.lowlevel.checkpoint()
-            waited = False
-            while True:
-                try:
-                    data = raw.recv(max_bytes)
-                except BlockingIOError:
-                    waited = True
-                    await anyio.wait_readable(raw)
-                    continue
-                self._ready_before = not waited
-                return data
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            if not await self._handshake():
+                return
+        finally:
+            self.server.handshaking -= 1
+        self.authenticated = True
+        log.info("daemon connected from %s (protocol %s)", self.peer, self.conn.negotiated_version)
+        self.server.session_started(self)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._open_channel(CONTROL_CHANNEL, m.ChannelOpen(pid=0, label="control"))
+                await self._read_loop()
+                tg.cancel_scope.cancel()
+        finally:
+            for channel in list(self.channels.values()):
+                channel.close()
+            self.channels.clear()
+            self.server.session_ended(self)
+            log.info("daemon connection from %s closed", self.peer)
+
+    async def _receive(self, max_bytes: int = _READ_SIZE) -> bytes:
+        """The next bytes from the daemon, b"" at the end or on an error."""
+        try:
+            return await self.reader.receive(max_bytes)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             return b""
 
     async def _handshake(self) -> bool:
@@ -342,7 +242,7 @@ class DaemonSession:
                         self.peer,
                         received,
                     )
-                    await self._send_raw(
+                    self.writer.send_nowait(
                         self.conn.fatal_frame(
                             "handshake_too_large",
                             f"no Hello within the first {HELLO_LIMIT} bytes: closing",
@@ -356,21 +256,21 @@ class DaemonSession:
                     event = self.conn.next_event()
                 except RemoteProtocolError as exc:
                     log.warning("refused a daemon connection from %s: %s", self.peer, exc.message)
-                    await self._send_raw(self.conn.error_frame(exc))
+                    self.writer.send_nowait(self.conn.error_frame(exc))
                     return False
                 if event is CLOSED:
                     return False
                 if event is NEED_DATA:
                     continue
                 # The only event the handshake lets through is a valid Hello.
-                await self._send_raw(
+                self.writer.send_nowait(
                     self.conn.welcome(agent_version=__version__, target=self.ctx.target.spec)
                 )
                 return True
         log.warning(
             "daemon connection from %s sent no Hello within %.0f s", self.peer, HANDSHAKE_TIMEOUT
         )
-        await self._send_raw(
+        self.writer.send_nowait(
             self.conn.fatal_frame(
                 "handshake_timeout", f"no Hello within {HANDSHAKE_TIMEOUT:.0f} s: closing"
             )
@@ -384,7 +284,7 @@ class DaemonSession:
                     event = self.conn.next_event()
                 except RemoteProtocolError as exc:
                     log.warning("closing the daemon connection from %s: %s", self.peer, exc.message)
-                    await self._send_raw(self.conn.error_frame(exc))
+                    self.writer.send_nowait(self.conn.error_frame(exc))
                     return
                 if event is NEED_DATA:
                     break
@@ -416,7 +316,9 @@ class DaemonSession:
                 assert isinstance(event, Received)
                 if not await self._dispatch(event.channel, event.message):
                     return
-            if self._queued > _PAUSE_READING and not await self._wait_taken(_PAUSE_READING):
+            if self.writer.queued_bytes > _PAUSE_READING and not await self._wait_taken(
+                _PAUSE_READING
+            ):
                 return
             self.conn.receive_data(await self._receive())
 
@@ -425,21 +327,21 @@ class DaemonSession:
         is closed, the reason logged) when the daemon took nothing for `unread_timeout()`
         seconds meanwhile: it does not read what it asked for."""
         timeout = unread_timeout()
-        while self._queued > bound and not self._broken and self._flusher_running:
-            if self._took.is_set():
-                self._took = anyio.Event()  # shared by every waiter until the next chunk
-            with anyio.move_on_after(timeout) as scope:
-                await self._took.wait()
-            if scope.cancelled_caught and not self._broken:
+        writer = self.writer
+        while writer.queued_bytes > bound and not writer.closed:
+            taken = writer.written_bytes
+            with anyio.move_on_after(timeout):
+                await writer.wait_queued_below(bound)
+            if writer.written_bytes == taken and writer.queued_bytes > bound and not writer.closed:
                 log.warning(
                     "closing the daemon connection from %s: it took none of the %d bytes "
                     "queued for it in %.0f s (it does not read its replies)",
                     self.peer,
-                    self._queued,
+                    writer.queued_bytes,
                     timeout,
                 )
                 self._break()
-        return not self._broken
+        return not writer.closed
 
     async def _dispatch(self, number: int, msg: Message) -> bool:
         """Route one message; False when the connection is over."""

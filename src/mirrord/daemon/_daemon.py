@@ -27,6 +27,7 @@ import anyio.lowlevel
 import anyio.to_thread
 from anyio.abc import SocketAttribute
 
+from mirrord._frames import FrameWriter
 from mirrord._version import __version__
 from mirrord.daemon._backend import (
     AgentBackend,
@@ -77,10 +78,10 @@ from mirrord.daemon._exceptions import (
     SessionNotFound,
 )
 from mirrord.daemon._incoming_tls import agent_tls_warnings, subscribe_tls
-from mirrord.daemon._io import FrameWriter
+from mirrord.daemon._layer_client import serve_layer_client
 from mirrord.daemon._pool import AgentPool
 from mirrord.daemon._runtime import RuntimePaths, peer_credentials, trusted_peer
-from mirrord.daemon._session import Session, new_session_id, serve_layer_client
+from mirrord.daemon._session import Session, new_session_id
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",

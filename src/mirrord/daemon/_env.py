@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mirrord.daemon._backend import AgentConfig, config_value
-from mirrord.daemon._exceptions import AgentLost, ConfigRefused, DaemonError
+from mirrord.daemon._exceptions import AgentLost, ChannelLost, ConfigRefused, DaemonError
 from mirrord.daemon._link import AgentLink
 from mirrord.protocol import messages as m
 
@@ -104,20 +104,20 @@ async def fetch_remote_env(link: AgentLink, config: AgentConfig, pid: int) -> di
     try:
         reply = await link.call(
             channel,
-            lambda rid: m.EnvRequest(request_id=rid, include=include, exclude=exclude),
+            m.EnvRequest(request_id=0, include=include, exclude=exclude),
             timeout=ENV_REQUEST_TIMEOUT,
         )
-    finally:
-        # after the reply (or the timeout): closing the channel answers a pending request
-        # with its own EIO ("environment read"), which is not what the agent said
-        link.close_channel(channel, "environment read")
-    if reply is None:
+    except TimeoutError:
         raise AgentLost(
             f"{link.handle.description} did not answer the request for the target's "
             f"environment within {ENV_REQUEST_TIMEOUT:g} s (the agent is stopped, stuck or "
             "overloaded, or the connection to it stalled): check the agent (its log, or "
             "`kubectl logs` for a cluster target), then run again"
-        )
+        ) from None
+    except ChannelLost as exc:
+        raise AgentLost(f"the agent could not read the target's environment: {exc}") from None
+    finally:
+        link.close_channel(channel, "environment read")
     if isinstance(reply, m.EnvReply):
         return dict(reply.env)
     if isinstance(reply, m.ErrorReply):

@@ -137,6 +137,11 @@ class AgentLost(DaemonError):
     code = "agent_lost"
 
 
+class ChannelLost(AgentLost):
+    """A request to the agent got no reply: its channel closed, or the agent was lost, first
+    (the layer sees EIO)."""
+
+
 class ControlError(DaemonError):
     """The control API answered with an error, or spoke something we cannot read."""
 

@@ -13,6 +13,7 @@ group, so the agent stream is always read.
 
 from __future__ import annotations
 
+import dataclasses
 import errno as errno_mod
 import logging
 import time
@@ -22,10 +23,10 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
+from mirrord._frames import FrameReader, FrameWriter
 from mirrord._version import __version__
 from mirrord.daemon._backend import AgentHandle
-from mirrord.daemon._exceptions import AgentStartError
-from mirrord.daemon._io import FrameReader, FrameWriter
+from mirrord.daemon._exceptions import AgentStartError, ChannelLost
 from mirrord.daemon._relay import Counters, Relay
 from mirrord.protocol import (
     CLOSED,
@@ -41,14 +42,34 @@ from mirrord.protocol import (
 )
 from mirrord.protocol import messages as m
 
-__all__ = ["AgentLink", "ChannelOwner", "ReplyCallback", "describe_error"]
+__all__ = ["AgentLink", "ChannelOwner", "describe_error"]
 
 log = logging.getLogger("mirrord.daemon.link")
 
 HANDSHAKE_TIMEOUT = 15.0
 _READ_SIZE = 256 * 1024
 
-ReplyCallback = Callable[[Message], None]
+LostCallback = Callable[[str], None]
+
+
+class _Waiter:
+    """One request awaiting its reply: the reply, or why none will come."""
+
+    __slots__ = ("channel", "event", "lost", "reply")
+
+    def __init__(self, channel: int) -> None:
+        self.channel = channel
+        self.event = anyio.Event()
+        self.reply: Message | None = None
+        self.lost = ""
+
+    def answer(self, reply: Message) -> None:
+        self.reply = reply
+        self.event.set()
+
+    def fail(self, reason: str) -> None:
+        self.lost = reason
+        self.event.set()
 
 
 def describe_error(exc: BaseException) -> str:
@@ -91,13 +112,14 @@ class AgentLink:
         self.traffic: dict[int, dict[str, int]] = {}  # mirrored port -> TrafficStats figures
         self.channels: dict[int, ChannelOwner] = {}
         self.relays: dict[tuple[int, int], Relay] = {}
-        self._pending: dict[int, tuple[int, ReplyCallback]] = {}
+        self._pending: dict[int, _Waiter] = {}
         self._next_request = 1
         self._next_channel = 1
         self._next_conn = 2  # the daemon picks even connection ids, the agent odd ones
         self._writer: FrameWriter | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._lost_callbacks: list[Callable[[str], None]] = []
+        # whoever is told when the link is lost, until it unregisters (`forget_lost`)
+        self._lost_callbacks: dict[LostCallback, None] = {}
         self.frames_in = 0
         self.requests = 0
 
@@ -139,8 +161,13 @@ class AgentLink:
                 return
         self.traffic.pop(port, None)
 
-    def on_lost(self, callback: Callable[[str], None]) -> None:
-        self._lost_callbacks.append(callback)
+    def on_lost(self, callback: LostCallback) -> None:
+        """`callback(reason)` runs once if the link is lost, unless `forget_lost` came first."""
+        self._lost_callbacks[callback] = None
+
+    def forget_lost(self, callback: LostCallback) -> None:
+        """Undo `on_lost` (its owner closed): the link holds nothing of it any more."""
+        self._lost_callbacks.pop(callback, None)
 
     # -- lifecycle
 
@@ -244,16 +271,15 @@ class AgentLink:
         if self.state == "lost":
             log.warning("agent link lost: %s: %s", self.handle.description, reason)
         pending, self._pending = self._pending, {}
-        for rid, (_channel, callback) in pending.items():
-            callback(
-                m.ErrorReply(request_id=rid, errno=errno_mod.EIO, message=f"agent lost: {reason}")
-            )
+        for waiter in pending.values():
+            waiter.fail(f"agent lost: {reason}")
         for relay in list(self.relays.values()):
             relay.abort()
         channels, self.channels = self.channels, {}
         for owner in channels.values():
             owner.on_channel_closed(f"agent lost: {reason}")
-        for lost_callback in self._lost_callbacks:
+        lost_callbacks, self._lost_callbacks = list(self._lost_callbacks), {}
+        for lost_callback in lost_callbacks:
             lost_callback(reason)
         if self._writer is not None:
             self._writer.close()
@@ -279,42 +305,32 @@ class AgentLink:
     def send_window(self, channel: int, conn_id: int) -> int:
         return self.conn.send_window(channel, conn_id)
 
-    def request(
-        self, channel: int, make: Callable[[int], Message], callback: ReplyCallback
-    ) -> None:
-        """Send `make(request_id)` on `channel`; `callback(reply)` runs once with the reply,
-        or with ErrorReply(EIO) if the channel or the agent is lost first."""
+    async def call(
+        self, channel: int, request: m.Request, *, timeout: float | None = None
+    ) -> Message:
+        """Send `request` on `channel` under a daemon request id and return the agent's reply
+        (an `ErrorReply` is a reply). Raises `ChannelLost` if the channel or the agent is lost
+        first, `TimeoutError` when no reply came within `timeout` seconds (None: no limit, for
+        requests that may rightly wait, like a read of a FIFO in the target)."""
+        if self.state != "open" or channel not in self.channels:
+            raise ChannelLost(f"agent lost: {self.reason or 'channel closed'}")
         rid = self._next_request
         self._next_request += 1
-        if self.state != "open" or channel not in self.channels:
-            callback(
-                m.ErrorReply(
-                    request_id=rid,
-                    errno=errno_mod.EIO,
-                    message=f"agent lost: {self.reason or 'channel closed'}",
-                )
-            )
-            return
-        self._pending[rid] = (channel, callback)
+        waiter = _Waiter(channel)
+        self._pending[rid] = waiter
         self.requests += 1
-        self.send(make(rid), channel)
-
-    async def call(
-        self, channel: int, make: Callable[[int], Message], *, timeout: float
-    ) -> Message | None:
-        """Send `make(request_id)` on `channel` and wait for its reply (ErrorReply(EIO) if the
-        channel or the agent is lost first); None when none came within `timeout` seconds."""
-        replies: list[Message] = []
-        answered = anyio.Event()
-
-        def on_reply(reply: Message) -> None:
-            replies.append(reply)
-            answered.set()
-
-        self.request(channel, make, on_reply)
-        with anyio.move_on_after(timeout):
-            await answered.wait()
-        return replies[0] if replies else None
+        try:
+            self.send(dataclasses.replace(request, request_id=rid), channel)  # type: ignore[type-var]
+            if timeout is None:
+                await waiter.event.wait()  # no cancel scope: ~10 µs per request saved
+            else:
+                with anyio.fail_after(timeout):
+                    await waiter.event.wait()
+        finally:
+            self._pending.pop(rid, None)  # cancelled or timed out: a late reply is dropped
+        if waiter.reply is None:
+            raise ChannelLost(waiter.lost)
+        return waiter.reply
 
     def open_channel(
         self, owner: ChannelOwner, *, pid: int, parent: int | None = None, label: str = ""
@@ -337,9 +353,8 @@ class AgentLink:
     def _channel_gone(self, channel: int, reason: str) -> None:
         for key in [k for k in self.relays if k[0] == channel]:
             self.relays[key].abort()
-        for rid in [r for r, (ch, _) in self._pending.items() if ch == channel]:
-            _, callback = self._pending.pop(rid)
-            callback(m.ErrorReply(request_id=rid, errno=errno_mod.EIO, message=reason))
+        for rid in [r for r, waiter in self._pending.items() if waiter.channel == channel]:
+            self._pending.pop(rid).fail(reason)
 
     def new_conn_id(self) -> int:
         conn_id = self._next_conn
@@ -374,9 +389,9 @@ class AgentLink:
 
     def _dispatch(self, channel: int, msg: Message) -> None:
         if isinstance(msg, m.Reply):
-            entry = self._pending.pop(msg.request_id, None)
-            if entry is not None:
-                entry[1](msg)
+            waiter = self._pending.pop(msg.request_id, None)
+            if waiter is not None:
+                waiter.answer(msg)
             return
         if isinstance(msg, m.Data | m.Credit | m.Shutdown | m.ConnClose):
             relay = self.relays.get((channel, msg.conn_id))

@@ -1,12 +1,12 @@
-"""Sessions and the layer processes in them; the layer socket's connection handler.
+"""Sessions and the layer processes in them.
 
 Owns: the session table's entries (one per `mirrord run` / IDE launch: target, config, its
 agent link, its layer processes), registering layer connections into a session (one agent
 channel per layer process, shared by that process's threads; a forked child's channel names
 its parent's), forwarding layer requests to the agent with daemon request ids, outgoing
 connects (a private relay pair whose layer end is passed over the layer connection), listens (subscriptions) and incoming connections to the
-user app's bound port, peer lookups. Does not own the agent stream (`AgentLink`) or the control
-API (`_control`).
+user app's bound port, peer lookups. Does not own the agent stream (`AgentLink`), the control
+API (`_control`) or the layer connections themselves (`_layer_client`).
 
 The daemon does not trust the layer's input: a malformed frame closes that one layer
 connection; a request for a port or process that is not its own gets an errno.
@@ -14,7 +14,6 @@ connection; a request for a port or process that is not its own gets an errno.
 
 from __future__ import annotations
 
-import dataclasses
 import errno as errno_mod
 import ipaddress
 import logging
@@ -23,7 +22,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -37,23 +36,16 @@ from mirrord.daemon._control import (
     WarningEvent,
 )
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
-from mirrord.daemon._io import FrameReader, FrameWriter
+from mirrord.daemon._exceptions import ChannelLost
 from mirrord.daemon._link import AgentLink
 from mirrord.daemon._relay import Counters, Relay, open_relay_listener, open_relay_pair
-from mirrord.protocol import (
-    CLOSED,
-    NEED_DATA,
-    LayerConnection,
-    LayerRole,
-    Message,
-    ProtocolError,
-    Received,
-    State,
-    UnknownMessage,
-)
+from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
-__all__ = ["LayerProcess", "Session", "new_session_id", "serve_layer_client"]
+if TYPE_CHECKING:
+    from mirrord.daemon._layer_client import LayerClient
+
+__all__ = ["LayerProcess", "Session", "lost_reply", "new_session_id"]
 
 log = logging.getLogger("mirrord.daemon.session")
 
@@ -61,7 +53,6 @@ DROP_WARNING_INTERVAL = 10.0  # seconds between two kernel-drop warnings of one 
 
 FORK_GRACE = 1.0  # seconds a process's channel outlives its last connection, for late children
 REQUEST_TIMEOUT = 30.0
-MAX_LAYER_UNREAD = 64 * 1024 * 1024  # replies queued for one layer connection that does not read
 
 Notify = Callable[[ControlEvent], None]
 
@@ -222,6 +213,7 @@ class Session:
         if self.processes.get(process.pid) is not process:
             return
         del self.processes[process.pid]
+        process.cancel_expiry()  # its fork-grace task would hold it (and us) until it ends
         self.link.close_channel(process.channel, "process exited")
         for port, sub in process.subscriptions.items():
             if sub["mode"] == "mirror":
@@ -241,6 +233,7 @@ class Session:
             for client in list(process.clients):
                 client.close("session_closed", f"the mirrord session ended ({reason})")
             self.remove_process(process)
+        self.link.forget_lost(self._agent_lost)  # the link outlives us: it must not hold us
         self._notify(ClosedEvent(session=self.id, message=reason))
         self._listeners.clear()
 
@@ -348,14 +341,21 @@ class LayerProcess:
 
     # -- requests from the layer
 
-    def forward(self, client: LayerClient, msg: Message) -> None:
-        """A shared request (kinds 1-99): same message, daemon request id, reply mapped back."""
-        original = getattr(msg, "request_id", 0)
-        self.link.request(
-            self.channel,
-            lambda rid: dataclasses.replace(msg, request_id=rid),  # type: ignore[type-var]
-            lambda reply: client.reply(reply, original),
-        )
+    async def forward(self, client: LayerClient, msg: m.Request) -> None:
+        """A shared request (kinds 1-99): same message, daemon request id, reply mapped back.
+        No time limit: a read of a FIFO in the target may rightly wait for ever (the layer
+        connection's closing cancels it)."""
+        client.reply(await self._call(msg), msg.request_id)
+
+    async def _call(self, request: m.Request, timeout: float | None = None) -> Message:
+        """The agent's reply to `request` on this process's channel; a lost channel or agent
+        is an EIO reply, a timeout an ETIMEDOUT one."""
+        try:
+            return await self.link.call(self.channel, request, timeout=timeout)
+        except ChannelLost as exc:
+            return _error(errno_mod.EIO, str(exc))
+        except TimeoutError:
+            return _error(errno_mod.ETIMEDOUT, "agent timeout")
 
     async def outgoing(self, client: LayerClient, msg: m.LayerConnect) -> None:
         """Connect in the target, then relay through a socket only this session holds: the
@@ -422,20 +422,10 @@ class LayerProcess:
             counters=(self.link.counters, self.session.counters),
         )
         self.link.add_relay(relay)
-        reply = await self.link.call(
-            self.channel,
-            lambda rid: m.Connect(
-                request_id=rid,
-                conn_id=conn_id,
-                protocol=msg.protocol,
-                address=msg.address,
-                port=msg.port,
-            ),
-            timeout=REQUEST_TIMEOUT,
+        request = m.Connect(
+            request_id=0, conn_id=conn_id, protocol=msg.protocol, address=msg.address, port=msg.port
         )
-        if reply is None:
-            reply = _error(errno_mod.ETIMEDOUT, "agent timeout")
-        return relay, reply
+        return relay, await self._call(request, REQUEST_TIMEOUT)
 
     def listen(self, client: LayerClient, msg: m.LayerListen) -> None:
         address = msg.bound_address
@@ -462,43 +452,45 @@ class LayerProcess:
         self.listeners[msg.port] = (address, msg.bound_port)
 
         mode = self.session.incoming_mode
+        request = m.Subscribe(
+            request_id=0,
+            port=msg.port,
+            mode=mode,
+            http_filter=http_filter,
+            on_concurrent_steal=on_concurrent_steal(self.session.config),
+            tls=self.session.incoming_tls if mode == "steal" and http_filter else None,
+        )
+        app = f"{address}:{msg.bound_port}"
+        if not self.link.start_task(self._subscribe, client, msg, request, app):
+            self.listeners.pop(msg.port, None)
+            client.reply(lost_reply(self), msg.request_id)
 
-        def on_reply(reply: Message) -> None:
-            if isinstance(reply, m.Subscribed):
-                for warning in reply.warnings:
-                    self.session.warn(f"port {msg.port}: {warning}")
-                self.subscriptions[msg.port] = {
-                    "port": msg.port,
-                    "mode": mode,
-                    "http_filter": http_filter,
-                    "pid": self.pid,
-                    "app": f"{address}:{msg.bound_port}",
-                }
-                client.reply(m.Ok(request_id=0), msg.request_id)
-            else:
-                self.listeners.pop(msg.port, None)
-                client.reply(reply, msg.request_id)
-                if self.session.state != "open" or self.session.processes.get(self.pid) is not self:
-                    return  # the process or the session is gone: nobody to tell
-                # The layer leaves the app listening locally either way: without this the
-                # user would never learn why no traffic arrives.
-                why = getattr(reply, "message", "") or type(reply).__name__
-                self.session.warn(
-                    f"port {msg.port}: not {'stolen' if mode == 'steal' else 'mirrored'}: "
-                    f"{why}; the app gets no traffic from the target on it"
-                )
-
-        self.link.request(
-            self.channel,
-            lambda rid: m.Subscribe(
-                request_id=rid,
-                port=msg.port,
-                mode=self.session.incoming_mode,
-                http_filter=http_filter,
-                on_concurrent_steal=on_concurrent_steal(self.session.config),
-                tls=self.session.incoming_tls if mode == "steal" and http_filter else None,
-            ),
-            on_reply,
+    async def _subscribe(
+        self, client: LayerClient, msg: m.LayerListen, subscribe: m.Subscribe, app: str
+    ) -> None:
+        """Subscribe in the agent, then tell the layer (and, on refusal, the user: the layer
+        leaves the app listening locally either way, so no traffic would come unexplained)."""
+        reply = await self._call(subscribe)
+        if isinstance(reply, m.Subscribed):
+            for warning in reply.warnings:
+                self.session.warn(f"port {msg.port}: {warning}")
+            self.subscriptions[msg.port] = {
+                "port": msg.port,
+                "mode": subscribe.mode,
+                "http_filter": subscribe.http_filter,
+                "pid": self.pid,
+                "app": app,
+            }
+            client.reply(m.Ok(request_id=0), msg.request_id)
+            return
+        self.listeners.pop(msg.port, None)
+        client.reply(reply, msg.request_id)
+        if self.session.state != "open" or self.session.processes.get(self.pid) is not self:
+            return  # the process or the session is gone: nobody to tell
+        why = getattr(reply, "message", "") or type(reply).__name__
+        self.session.warn(
+            f"port {msg.port}: not {'stolen' if subscribe.mode == 'steal' else 'mirrored'}: "
+            f"{why}; the app gets no traffic from the target on it"
         )
 
     def disconnect(self, client: LayerClient, msg: m.LayerDisconnect) -> None:
@@ -513,11 +505,14 @@ class LayerProcess:
         self.listeners.pop(msg.port, None)
         if self.subscriptions.pop(msg.port, {}).get("mode") == "mirror":
             self.link.forget_traffic(msg.port)
-        self.link.request(
-            self.channel,
-            lambda rid: m.Unsubscribe(request_id=rid, port=msg.port),
-            lambda reply: client.reply(reply, msg.request_id),
-        )
+        unsubscribe = m.Unsubscribe(request_id=0, port=msg.port)
+        if not self.link.start_task(self._unsubscribe, client, msg.request_id, unsubscribe):
+            client.reply(lost_reply(self), msg.request_id)
+
+    async def _unsubscribe(
+        self, client: LayerClient, request_id: int, unsubscribe: m.Unsubscribe
+    ) -> None:
+        client.reply(await self._call(unsubscribe), request_id)
 
     def peer(self, client: LayerClient, msg: m.PeerLookup) -> None:
         peer = self.session.peers.get(msg.local_port)
@@ -593,168 +588,7 @@ async def _relay_sockets(
     return daemon_end, layer_end, layer_end.getsockname()[:2]
 
 
-class LayerClient:
-    """One layer connection (one thread of a user-app process) on the layer socket."""
-
-    def __init__(self, conn: LayerConnection, writer: FrameWriter) -> None:
-        self.conn = conn
-        self.writer = writer
-        self.process: LayerProcess | None = None
-        self.closed = False
-        self._scope: anyio.CancelScope | None = None
-
-    def __repr__(self) -> str:
-        pid = self.process.pid if self.process else None
-        return f"<LayerClient pid={pid} state={self.conn.state.value}>"
-
-    def reply(
-        self, reply: Message, request_id: int, *, passing: tuple[socket.socket, ...] = ()
-    ) -> None:
-        """Send `reply` as the answer to `request_id`; `passing`: sockets handed over with it
-        (owned by the writer from here on)."""
-        if self.closed or self.conn.state is not State.OPEN:
-            for sock in passing:
-                sock.close()
-            return  # the layer connection is gone: nobody waits for this reply
-        if getattr(reply, "request_id", None) != request_id:
-            reply = dataclasses.replace(reply, request_id=request_id)  # type: ignore[type-var]
-        self.send_nowait(reply, passing)
-
-    def send_nowait(self, msg: Message, passing: tuple[socket.socket, ...] = ()) -> None:
-        """Queue `msg`; a layer that leaves more than MAX_LAYER_UNREAD bytes of replies unread
-        is closed (a thread of a preloaded process waits for each reply it asked for, so only
-        a misbehaving peer gets near it), instead of growing the daemon without bound."""
-        if self.closed or self.conn.state is not State.OPEN:
-            for sock in passing:
-                sock.close()
-            return  # closed (by us, past the bound): nobody reads this
-        self.writer.send_nowait(self.conn.send(msg), passing)
-        if self.writer.queued_bytes > MAX_LAYER_UNREAD and not self.closed:
-            reason = (
-                f"{self.writer.queued_bytes} bytes of replies unread (the limit is "
-                f"{MAX_LAYER_UNREAD}): the layer does not read its connection"
-            )
-            log.warning("layer connection (pid %s) closed: %s", _pid(self), reason)
-            self.close("unread_replies", reason)
-
-    def close(self, code: str, message: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.conn.state in (State.OPEN, State.HANDSHAKE):
-            self.writer.send_nowait(self.conn.fatal_frame(code, message))
-        self.writer.close()
-        if self._scope is not None:
-            self._scope.cancel()
-
-
-async def serve_layer_client(
-    stream: anyio.abc.ByteStream, build_id: str, find_session: Callable[[str], Session | None]
-) -> None:
-    """Serve one layer connection until it closes (or its session ends)."""
-    conn = LayerConnection(LayerRole.DAEMON, build_id=build_id)
-    writer = FrameWriter(stream, "layer")
-    client = LayerClient(conn, writer)
-    try:
-        async with stream, anyio.create_task_group() as tg:
-            tg.start_soon(writer.run)
-            with anyio.CancelScope() as client._scope:
-                await _serve(stream, conn, client, find_session)
-            writer.close()
-            with anyio.move_on_after(2):
-                await writer.wait_flushed()  # a final Fatal frame says why we close
-            tg.cancel_scope.cancel()
-    finally:
-        client.closed = True
-        if client.process is not None:
-            client.process.session.detach(client)
-
-
-async def _serve(
-    stream: anyio.abc.ByteStream,
-    conn: LayerConnection,
-    client: LayerClient,
-    find_session: Callable[[str], Session | None],
-) -> Session | None:
-    session: Session | None = None
-    reader = FrameReader(stream, 256 * 1024)
-    while True:
-        try:
-            data = await reader.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            data = b""
-        conn.receive_data(data)
-        while True:
-            try:
-                event = conn.next_event()
-            except ProtocolError as exc:
-                log.warning("layer connection (pid %s): %s", _pid(client), exc)
-                client.writer.send_nowait(conn.error_frame(exc))
-                client.closed = True
-                return session
-            if event is NEED_DATA:
-                break
-            if event is CLOSED:
-                return session
-            if isinstance(event, UnknownMessage):
-                if event.request_id is not None and conn.state is State.OPEN:
-                    client.reply(
-                        m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="unknown"),
-                        event.request_id,
-                    )
-                continue
-            assert isinstance(event, Received)
-            msg = event.message
-            if session is None:
-                hello = conn.peer_hello
-                if hello is None:
-                    continue
-                found = find_session(hello.session)
-                if found is None or found.state == "closed":
-                    client.close(
-                        "session_not_found",
-                        f"mirrord session {hello.session!r} is not open in this daemon",
-                    )
-                    return None
-                session = found
-                client.process = session.attach(client, hello)
-                client.writer.send_nowait(conn.welcome(process=client.process.channel))
-                continue
-            _handle(client, msg)
-            if client.closed:
-                return session  # closed while handling (unread replies past the bound)
-
-
-def _pid(client: LayerClient) -> int | None:
-    return client.process.pid if client.process else None
-
-
-def _handle(client: LayerClient, msg: Message) -> None:
-    process = client.process
-    assert process is not None
-    if isinstance(msg, m.Ping):
-        client.send_nowait(m.Pong(nonce=msg.nonce))
-    elif isinstance(msg, m.LayerConnect):
-        if not process.link.start_task(process.outgoing, client, msg):
-            client.reply(_lost(process), msg.request_id)
-    elif isinstance(msg, m.LayerListen):
-        process.listen(client, msg)
-    elif isinstance(msg, m.LayerUnlisten):
-        process.unlisten(client, msg)
-    elif isinstance(msg, m.LayerDisconnect):
-        process.disconnect(client, msg)
-    elif isinstance(msg, m.PeerLookup):
-        process.peer(client, msg)
-    elif isinstance(msg, m.Request) and msg.KIND < 100:
-        process.forward(client, msg)
-    elif isinstance(msg, m.Request):
-        client.reply(
-            m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="not a layer request"),
-            msg.request_id,
-        )
-    # anything else (Pong, Fatal handled by the connection) needs no answer
-
-
-def _lost(process: LayerProcess) -> m.ErrorReply:
+def lost_reply(process: LayerProcess) -> m.ErrorReply:
+    """EIO for a request of `process` that cannot reach the agent any more."""
     reason = process.session.reason or process.channel_lost or "agent lost"
     return m.ErrorReply(request_id=0, errno=errno_mod.EIO, message=reason)

@@ -40,6 +40,7 @@ from mirrord.protocol._exceptions import (
     Unauthenticated,
     VersionMismatch,
 )
+from mirrord.protocol._flow import WRITE_EOF, Flow, FlowEvent, FlowState
 from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, encode_frame
 
 __all__ = [
@@ -52,9 +53,13 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MIN_AGENT_PROTOCOL_VERSION",
     "NEED_DATA",
+    "WRITE_EOF",
     "AgentConnection",
     "AgentRole",
     "BuildMismatch",
+    "Flow",
+    "FlowEvent",
+    "FlowState",
     "FrameDecoder",
     "FrameTooLarge",
     "InvalidRequest",

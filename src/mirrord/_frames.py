@@ -1,0 +1,271 @@
+"""The frame stream layer shared by the daemon (asyncio) and the agent (trio), over anyio.
+
+Owns: reading a byte stream for a protocol reader (`FrameReader`) and writing frames to it
+in order from any number of producers that never wait (`FrameWriter`: one writer task,
+several queued frames per write, sockets passed with a frame over a unix socket). Does not
+own what the bytes mean (`mirrord.protocol` decodes them: `AgentConnection`,
+`LayerConnection`, `FrameDecoder`) nor what a connection does with them (`Flow`).
+
+Both classes take a shortcut on a plain socket (a unix socket under either backend, a TCP
+socket under trio; not asyncio's transport-backed TCP streams, whose transports buffer): they
+call `recv`/`send` on it directly and wait with `anyio.wait_readable`/`wait_writable`, which
+saves a task switch and a pass of the event loop per remote call (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import socket
+from collections import deque
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+from anyio.abc import SocketAttribute
+
+__all__ = ["BATCH_LIMIT", "SEND_BUFFER", "FrameReader", "FrameWriter", "plain_socket"]
+
+# One write of the writer task: several queued frames joined, up to this much, so a burst of
+# small frames costs one system call and one wake-up of the peer; a stalled peer is noticed
+# per batch, not per everything queued.
+BATCH_LIMIT = 1024 * 1024
+# A socket's send buffer bounds what one write moves: the default ~200 KiB splits every 1 MiB
+# file chunk into five or more writes, each a wake-up of both sides (best effort: the kernel
+# caps it at net.core.wmem_max).
+SEND_BUFFER = 4 * 1024 * 1024
+
+_Frame = tuple[bytes, tuple[socket.socket, ...]]
+_STREAM_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+def plain_socket(
+    stream: anyio.abc.AnyByteReceiveStream | anyio.abc.AnyByteSendStream,
+) -> socket.socket | None:
+    """The stream's socket if it is a plain stream socket we may `recv`/`send` on directly."""
+    try:
+        raw = stream.extra(SocketAttribute.raw_socket)
+    except anyio.TypedAttributeLookupError:
+        return None
+    # asyncio's transport streams hand out a TransportSocket, not a socket.socket: skipped
+    if isinstance(raw, socket.socket) and raw.type == socket.SOCK_STREAM:
+        return raw
+    return None
+
+
+class FrameReader:
+    """`receive()` for a protocol reader: the stream's `receive`, minus a scheduling point.
+
+    anyio's `receive` yields to the event loop before every read (a whole loop iteration)
+    and registers the socket with the selector for every wait. On a plain socket this reads
+    directly and waits with `anyio.wait_readable`; it yields only when data was there twice
+    in a row, so a peer that never stops sending cannot starve the other tasks.
+    """
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream, max_bytes: int = 256 * 1024) -> None:
+        self._stream = stream
+        self._max = max_bytes
+        self._raw = plain_socket(stream)
+        self._ready_before = False
+
+    def __repr__(self) -> str:
+        return f"<FrameReader max={self._max} direct={self._raw is not None}>"
+
+    async def receive(self, max_bytes: int | None = None) -> bytes:
+        """The next bytes (at most `max_bytes`, default the reader's); raises like
+        `ByteReceiveStream.receive`: `EndOfStream` at the end, `BrokenResourceError` when the
+        stream failed, `ClosedResourceError` when it was closed under us."""
+        size = self._max if max_bytes is None else max_bytes
+        raw = self._raw
+        if raw is None:
+            return await self._stream.receive(size)
+        if self._ready_before:
+            await anyio.lowlevel.checkpoint()
+        waited = False
+        while True:
+            try:
+                data = raw.recv(size)
+            except BlockingIOError:
+                waited = True
+                await anyio.wait_readable(raw)
+                continue
+            except OSError as exc:
+                if raw.fileno() < 0:
+                    raise anyio.ClosedResourceError from None
+                raise anyio.BrokenResourceError from exc
+            if not data:
+                raise anyio.EndOfStream
+            self._ready_before = not waited
+            return data
+
+
+class FrameWriter:
+    """Frames queued with `send_nowait()` (never waits), written in order by `run()`.
+
+    The queue is unbounded on purpose: what goes through it is bounded elsewhere (connection
+    data by the credit window, replies by the requests that caused them); a producer that
+    must not outrun the peer waits with `wait_queued_below()`. A frame sent while nothing is
+    queued or being written goes straight into a plain socket (non-blocking `send`): a reply
+    then costs no task switch; only what the socket does not take at once is queued.
+
+    A broken stream ends `run()` (it returns; `broken` is True) and later frames are dropped:
+    the owner learns that the peer is gone from `run()` returning or from its reader.
+    """
+
+    def __init__(
+        self, stream: anyio.abc.ByteSendStream, name: str, *, batch_limit: int = BATCH_LIMIT
+    ) -> None:
+        self._stream = stream
+        self.name = name
+        self._batch_limit = batch_limit
+        self._raw = plain_socket(stream)
+        if self._raw is not None:
+            with contextlib.suppress(OSError):
+                self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        # producers --frame (+ sockets to pass)--> _queue --run()--> stream
+        self._queue: deque[_Frame] = deque()
+        self._writing = False  # run() is in the middle of a batch
+        self._wake = anyio.Event()  # set when a frame is queued or the writer closes
+        self._took = anyio.Event()  # set after each batch written (and at the end)
+        self._done = anyio.Event()
+        self.queued_bytes = 0
+        self.written_bytes = 0
+        self.writes = 0  # system calls / stream sends made, direct ones included
+        self.closed = False
+        self.broken = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<FrameWriter {self.name} queued={self.queued_bytes} written={self.written_bytes} "
+            f"closed={self.closed} broken={self.broken}>"
+        )
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "queued_frames": len(self._queue),
+            "queued_bytes": self.queued_bytes,
+            "written_bytes": self.written_bytes,
+            "writes": self.writes,
+        }
+
+    def send_nowait(self, frame: bytes, passing: Sequence[socket.socket] = ()) -> None:
+        """Queue `frame`; dropped once the writer is closed or broken (the peer is gone).
+
+        `passing`: sockets handed to the peer with the frame's first byte (SCM_RIGHTS, plain
+        unix sockets only); the writer owns them from now on and closes its copies once they
+        are sent (or dropped)."""
+        if self.closed or (passing and not self._can_pass()):
+            _close_all(passing)
+            return
+        if self._raw is not None and not self._queue and not self._writing:
+            try:
+                sent = _send(self._raw, frame, passing)
+            except OSError:
+                sent = 0  # full (EAGAIN), or failing: run() meets the error and ends
+            if sent:
+                self.writes += 1
+                self.written_bytes += sent
+                _close_all(passing)  # they went with the first byte
+                passing = ()
+                if sent == len(frame):
+                    return
+                frame = frame[sent:]
+        self._queue.append((frame, tuple(passing)))
+        self.queued_bytes += len(frame)
+        self._wake.set()
+
+    def close(self) -> None:
+        """No more frames; `run()` returns once what is queued was written."""
+        self.closed = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The writer task: write queued frames until `close()`, or until the stream breaks."""
+        try:
+            while True:
+                while not self._queue:
+                    if self.closed:
+                        return
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                await self._write_batch()
+        except _STREAM_GONE:
+            self.broken = True
+        finally:
+            self.closed = True
+            for _, passing in self._queue:
+                _close_all(passing)  # frames never written: their sockets go nowhere
+            self._queue.clear()
+            self.queued_bytes = 0
+            self._writing = False
+            self._took.set()
+            self._done.set()
+
+    async def wait_queued_below(self, limit: int) -> None:
+        """Until at most `limit` bytes are queued (or the writer ended). Bound it in time
+        (`anyio.move_on_after`) to detect a peer that reads nothing."""
+        while self.queued_bytes > limit and not self._done.is_set():
+            if self._took.is_set():
+                self._took = anyio.Event()  # shared by every waiter until the next batch
+            await self._took.wait()
+
+    async def wait_flushed(self) -> None:
+        """Until `run()` has returned (after `close()`: everything queued was written)."""
+        await self._done.wait()
+
+    async def _write_batch(self) -> None:
+        frame, passing = self._queue.popleft()
+        parts = [frame]
+        size = len(frame)
+        while self._queue and not self._queue[0][1]:
+            nxt = self._queue[0][0]
+            if size + len(nxt) > self._batch_limit:
+                break
+            self._queue.popleft()
+            parts.append(nxt)
+            size += len(nxt)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.queued_bytes -= size
+        self._writing = True
+        try:
+            if passing:
+                data = await self._send_passing(data, passing)
+            if data:
+                self.writes += 1
+                await self._stream.send(data)
+                self.written_bytes += len(data)
+        finally:
+            self._writing = False
+            self._took.set()
+
+    async def _send_passing(self, data: bytes, passing: tuple[socket.socket, ...]) -> bytes:
+        """Send the sockets with the first byte(s) of `data`; what remains to send."""
+        assert self._raw is not None
+        try:
+            while True:
+                await anyio.wait_writable(self._raw)
+                try:
+                    sent = _send(self._raw, data, passing)
+                except BlockingIOError:
+                    continue
+                self.writes += 1
+                self.written_bytes += sent
+                return data[sent:]
+        finally:
+            _close_all(passing)
+
+    def _can_pass(self) -> bool:
+        return self._raw is not None and self._raw.family == socket.AF_UNIX
+
+
+def _send(raw: socket.socket, data: bytes, passing: Sequence[socket.socket]) -> int:
+    if not passing:
+        return raw.send(data)
+    fds = array.array("i", [s.fileno() for s in passing])
+    return raw.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+
+def _close_all(socks: Sequence[socket.socket]) -> None:
+    for s in socks:
+        s.close()

@@ -1,0 +1,257 @@
+"""The relay shell shared by the daemon (asyncio) and the agent (trio): a `Flow` driven over
+one byte stream, with anyio.
+
+Owns: the two tasks of one relayed connection — reading the socket under the send window
+(`Flow.read_size`) and writing the peer's data to it (`Flow.take_write`) — the direct write
+of a peer's `Data` into an idle plain socket (no task switch for a small exchange), the drain
+deadline after the peer's clean close, and closing the socket (with a reset when the flow
+ended with an error). Does not own: the decisions (the `Flow` makes every one), creating the
+socket, the channel's table of connections, or the stream to the peer (`RelayLink`).
+
+Byte streams (TCP, unix) and connected UDP sockets (one `Data` per datagram, sent once the
+window holds all of it). The daemon's unconnected UDP endpoints keep their own serving loop
+until they move here (docs/relay.md, migration plan).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import logging
+import socket
+import struct
+from collections.abc import Iterable
+from typing import Protocol
+
+import anyio
+import anyio.abc
+
+from mirrord._frames import plain_socket
+from mirrord.protocol import WRITE_EOF, Flow, FlowState, Message
+from mirrord.protocol.messages import Data
+
+__all__ = ["CLOSE_DRAIN_TIMEOUT", "FlowRelay", "RelayLink"]
+
+log = logging.getLogger("mirrord.relay")
+
+# After the peer's ConnClose(0): how long the Data queued before it may take to reach a
+# socket whose reader is slow (or never reads), before the socket is closed regardless.
+CLOSE_DRAIN_TIMEOUT = 60.0
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+_DATAGRAM_MAX = 65507  # the largest UDP payload over IPv4
+
+
+class RelayLink(Protocol):
+    """The stream to the peer as one relay sees it (bound to its channel).
+
+    Every message a relay sends goes through `send_nowait`, in the order the flow decided
+    them: a `Shutdown` or `Data` must never be overtaken by the `ConnClose` behind it, and a
+    decided message must never be lost to a cancelled wait. Back-pressure is a separate wait
+    (`wait_ready`) before the next read."""
+
+    def send_nowait(self, msg: Message) -> None:
+        """Queue `msg` for the peer, in order, without waiting."""
+
+    async def wait_ready(self) -> None:
+        """Until the stream to the peer is not too far behind (back-pressure on reading)."""
+
+
+def _errno_of(exc: BaseException) -> int:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno
+        cause = cause.__cause__ or cause.__context__
+    return errno_mod.ECONNRESET
+
+
+def _arm_reset(stream: anyio.abc.ByteStream | anyio.abc.ConnectedUDPSocket) -> None:
+    """Make the stream's close send a TCP RST (SO_LINGER 0): its peer sees ECONNRESET."""
+    try:
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    except anyio.TypedAttributeLookupError:
+        return  # not a socket (a pipe, a filter): its close is all there is
+    with contextlib.suppress(OSError):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+class FlowRelay:
+    """Connection `flow.conn_id` over `stream`: `run()` is its task; `receive`, `fail` and
+    `abort` are called synchronously by the owner (the reader of the peer's stream)."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        link: RelayLink,
+        stream: anyio.abc.ByteStream | anyio.abc.ConnectedUDPSocket,
+        *,
+        description: str = "",
+        drain_timeout: float = CLOSE_DRAIN_TIMEOUT,
+    ) -> None:
+        if flow.datagram != isinstance(stream, anyio.abc.ConnectedUDPSocket):
+            raise ValueError("a datagram flow goes with a connected UDP socket, and only it")
+        self.flow = flow
+        self.link = link
+        self.stream = stream
+        self.description = description
+        self._drain_timeout = drain_timeout
+        self._raw = (
+            None if isinstance(stream, anyio.abc.ConnectedUDPSocket) else plain_socket(stream)
+        )
+        self._changed = anyio.Event()  # set (and replaced) whenever the flow moved
+        self._reading = anyio.CancelScope()  # socket -> peer; cancelled when reading stops
+        self.finished = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<FlowRelay {self.description} {self.flow!r}>"
+
+    # -- from the peer's stream (sync: never waits) --------------------------------------
+
+    def receive(self, msg: Message) -> None:
+        """One of the peer's messages for this connection. Raises `RemoteProtocolError` when
+        the peer broke the flow's rules (the flow is then in ERROR and the relay ends with a
+        reset); the owner decides what that costs the peer's stream."""
+        idle = self.flow.write_idle
+        try:
+            self._send_all(self.flow.receive(msg))
+            if idle and self._raw is not None and isinstance(msg, Data):
+                self._write_directly(self._raw)
+        finally:
+            self._moved()
+
+    def fail(self, errno: int) -> None:
+        """Give the connection up: the peer is told `ConnClose(errno)`, the socket reset."""
+        self._send_all(self.flow.fail(errno))
+        self._moved()
+
+    def socket_closed(self) -> None:
+        """The user app closed its end of a datagram relay (there is no EOF on UDP): the
+        association ends, the peer is told `ConnClose(0)`."""
+        self._send_all(self.flow.socket_eof())
+        self._moved()
+
+    def abort(self) -> int:
+        """End now without telling the peer (its stream or channel is gone); the errno the
+        socket's side should learn (see `Flow.abort`)."""
+        result = self.flow.abort()
+        self._moved()
+        return result
+
+    # -- the task ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Relay until the flow is finished; the socket is closed when this returns."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._socket_to_peer)
+                tg.start_soon(self._peer_to_socket)
+                await self._wait_finished()
+                tg.cancel_scope.cancel()
+        finally:
+            if not self.flow.finished:
+                self.flow.abort()  # cancelled by the owner: its channel is going away
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                if self.flow.reset_socket:
+                    _arm_reset(self.stream)
+                with contextlib.suppress(Exception):
+                    await self.stream.aclose()
+            self.finished.set()
+
+    async def _wait_finished(self) -> None:
+        deadline: float | None = None
+        while not self.flow.finished:
+            if deadline is None and self.flow.state is FlowState.DRAINING:
+                deadline = anyio.current_time() + self._drain_timeout
+            changed = self._changed
+            if deadline is None:
+                await changed.wait()
+                continue
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await changed.wait()
+            if anyio.current_time() >= deadline and not self.flow.finished:
+                log.debug("%r: the drain ran out of time", self)
+                self.flow.abort()
+
+    async def _socket_to_peer(self) -> None:
+        with self._reading:
+            while self.flow.reading:
+                size = self.flow.read_size()
+                if size == 0:
+                    await self._changed.wait()  # for Credit
+                    continue
+                try:
+                    data = await self._receive(size)
+                except anyio.EndOfStream:
+                    out = self.flow.socket_eof()
+                except _GONE as exc:
+                    out = self.flow.socket_error(_errno_of(exc))
+                else:
+                    out = self.flow.socket_data(data)
+                self._send_all(out)
+                self._moved()
+                await self.link.wait_ready()
+
+    async def _receive(self, size: int) -> bytes:
+        if not isinstance(self.stream, anyio.abc.ConnectedUDPSocket):
+            return await self.stream.receive(size)
+        datagram = await self.stream.receive()
+        while not self.flow.can_send(len(datagram)):  # a datagram is never split
+            await self._changed.wait()
+        return datagram
+
+    async def _send(self, item: bytes) -> None:
+        if isinstance(self.stream, anyio.abc.ConnectedUDPSocket):
+            with contextlib.suppress(OSError):  # lost, as on any network (ECONNREFUSED, ...)
+                await self.stream.send(item[:_DATAGRAM_MAX])
+            return
+        await self.stream.send(item)
+
+    async def _peer_to_socket(self) -> None:
+        while not self.flow.finished:
+            item = self.flow.take_write()
+            if item is None:
+                await self._changed.wait()
+                continue
+            if item is WRITE_EOF:
+                assert isinstance(self.stream, anyio.abc.ByteStream)  # no EOF on datagrams
+                with contextlib.suppress(*_GONE):
+                    await self.stream.send_eof()
+                out = self.flow.wrote_eof()
+            else:
+                assert isinstance(item, bytes)
+                try:
+                    await self._send(item)
+                except _GONE as exc:
+                    self.flow.wrote(0)
+                    out = self.flow.socket_error(_errno_of(exc))
+                else:
+                    out = self.flow.wrote(len(item))
+            self._send_all(out)
+            self._moved()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _write_directly(self, raw: socket.socket) -> None:
+        """The peer's Data into an idle socket at once (non-blocking); the writing task
+        takes what the socket did not."""
+        item = self.flow.take_write()
+        if item is None:
+            return  # empty Data, or the flow ended
+        assert isinstance(item, bytes)  # the queue was empty before this Data
+        try:
+            sent = raw.send(item)
+        except OSError:
+            sent = 0  # full (EAGAIN) or failing: the writing task writes it or meets the error
+        self._send_all(self.flow.wrote(sent, item[sent:]))
+
+    def _send_all(self, msgs: Iterable[Message]) -> None:
+        for msg in msgs:
+            self.link.send_nowait(msg)
+
+    def _moved(self) -> None:
+        if not self.flow.reading:
+            self._reading.cancel()
+        self._changed.set()
+        self._changed = anyio.Event()

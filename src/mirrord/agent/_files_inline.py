@@ -1,0 +1,160 @@
+"""Which file calls the agent answers on its event loop, and the calls that decide it.
+
+A worker-thread round trip (a queue put, a thread's wake-up, a hand-back to the event loop)
+costs more than the system call of a small operation on a regular file, which does not block
+meaningfully when the file lives on a disk or in memory (page cache, tmpfs, overlayfs). So
+open, fetch, read and pread (up to `INLINE_READ_MAX` bytes), lseek, fstat and path stats of
+such files run inline; everything that may block stays in the worker threads (`_workers.py`):
+FIFOs, sockets and character or block devices (st_mode), files on network, FUSE or unknown
+file systems and `/proc`/`/sys` files (statfs f_type: `/proc/kmsg` is a "regular" file whose
+read blocks), opens that create (O_CREAT, O_TMPFILE) or take unusual flags, larger reads, and
+every path operation of a target whose mount table holds a network, FUSE or automount file
+system (a path lookup there may wait on the network; `TargetRoot.paths_inline`).
+
+An inline call returns its result, or `NOT_INLINE` when the file turns out to be one that may
+block: the channel then runs the ordinary call in a worker thread, so errors and results are
+the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_module
+from collections.abc import Callable
+from typing import Any
+
+from mirrord.agent._files import TargetRoot, fstatfs, stat_list
+
+__all__ = [
+    "INLINE_READ_MAX",
+    "NOT_INLINE",
+    "Inline",
+    "fetch_file",
+    "inline_fd",
+    "open_inline",
+]
+
+INLINE_READ_MAX = 64 * 1024  # bytes a read (or a fetched file) may have to run inline
+
+# statfs f_type of the file systems whose regular files are disk or memory backed
+_LOCAL_FS_TYPES = frozenset(
+    {
+        0xEF53,  # ext2/3/4
+        0x58465342,  # xfs
+        0x9123683E,  # btrfs
+        0x01021994,  # tmpfs
+        0x794C7630,  # overlayfs
+        0x858458F6,  # ramfs
+        0x73717368,  # squashfs
+        0xF2F52010,  # f2fs
+        0x2FC12FC1,  # zfs
+        0xE0F5E1E2,  # erofs
+    }
+)
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+# open flags an inline open takes (anything else, e.g. O_CREAT, O_DIRECTORY, O_PATH, goes the
+# ordinary way: openat2 answers unknown bits with EINVAL, the reopen below would not)
+_INLINE_FLAGS = (
+    os.O_ACCMODE
+    | os.O_APPEND
+    | os.O_NONBLOCK
+    | os.O_NOFOLLOW
+    | os.O_CLOEXEC
+    | os.O_TRUNC
+    | os.O_NOCTTY
+    | os.O_DSYNC
+    | os.O_SYNC
+    | getattr(os, "O_LARGEFILE", 0)
+    | getattr(os, "O_NOATIME", 0)
+)
+
+
+class _NotInline:
+    def __repr__(self) -> str:
+        return "NOT_INLINE"
+
+
+NOT_INLINE: Any = _NotInline()
+
+
+class Inline:
+    """A file call planned to run on the event loop: `fast()` gives the result (or raises as
+    the call would), or NOT_INLINE, and then `slow()` runs in a worker thread."""
+
+    __slots__ = ("fast", "slow")
+
+    def __init__(self, fast: Callable[[], Any], slow: Callable[[], Any]) -> None:
+        self.fast = fast
+        self.slow = slow
+
+    def __repr__(self) -> str:
+        return f"<Inline {self.fast!r}>"
+
+    def __call__(self) -> Any:
+        return self.slow()
+
+
+def inline_fd(fd: int) -> bool:
+    """Whether calls on `fd` may run inline: a regular file on a local file system."""
+    return stat_module.S_ISREG(os.fstat(fd).st_mode) and fstatfs(fd)[0] in _LOCAL_FS_TYPES
+
+
+def open_inline(root: TargetRoot, path: bytes, flags: int, max_size: int = -1) -> int | Any:
+    """openat2(path, flags) for a regular file on a local file system (of at most `max_size`
+    bytes when that is not -1), without a call that may block: the path is looked up with
+    O_PATH (which never waits on a FIFO or a device), checked, then the same inode is opened
+    through /proc/self/fd. NOT_INLINE for anything else (nothing is left open then)."""
+    if not root.paths_inline or flags & ~_INLINE_FLAGS or flags & os.O_ACCMODE == os.O_ACCMODE:
+        return NOT_INLINE
+    looked_up = root.open(path, _O_PATH | (flags & os.O_NOFOLLOW))
+    try:
+        st = os.fstat(looked_up)
+        if (
+            not stat_module.S_ISREG(st.st_mode)
+            or (max_size >= 0 and st.st_size > max_size)
+            or fstatfs(looked_up)[0] not in _LOCAL_FS_TYPES
+        ):
+            return NOT_INLINE
+        # /proc/self/fd/N is itself a (magic) link: O_NOFOLLOW was applied by the lookup
+        return os.open(f"/proc/self/fd/{looked_up}", (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
+    finally:
+        os.close(looked_up)
+
+
+def _read_whole(fd: int, max_size: int) -> bytes | None:
+    """The whole file from offset 0 (the fd's own offset untouched), or None if it has grown
+    beyond `max_size` since it was stat'ed."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = os.pread(fd, max_size + 1 - total, total)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_size:
+            return None
+
+
+def fetch_file(fd: int, flags: int, max_size: int) -> tuple[int, list[int], bytes | None]:
+    """FileFetch on an opened `fd` (owned from here on): (the fd, or -1 when the content came
+    along and the open was read-only, so it is closed; its stat; the content of a regular
+    file of at most `max_size` bytes opened for reading, else None)."""
+    try:
+        st = os.fstat(fd)
+        data = None
+        if (
+            stat_module.S_ISREG(st.st_mode)
+            and st.st_size <= max_size
+            and not flags & _O_PATH
+            and flags & os.O_ACCMODE != os.O_WRONLY
+        ):
+            data = _read_whole(fd, max_size)
+        if data is not None and flags & os.O_ACCMODE == os.O_RDONLY:
+            os.close(fd)
+            fd = -1
+        return fd, stat_list(st), data
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise

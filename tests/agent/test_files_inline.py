@@ -1,0 +1,147 @@
+"""Small operations on regular local files are answered on the agent's event loop; whatever
+may block (FIFOs, /proc files, creating opens, large reads) still goes to a worker thread, with
+the same results and errors either way."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrord.agent._files import TargetRoot
+from mirrord.agent._files_inline import INLINE_READ_MAX, NOT_INLINE, open_inline
+from mirrord.localpod import LocalPod, PodSpec
+from mirrord.protocol import messages as m
+from tests.agent._client import AgentClient, AgentError
+from tests.agent.conftest import AgentProc
+
+O_RDONLY, O_WRONLY, O_CREAT, O_TRUNC, O_NOFOLLOW = 0, 1, 0o100, 0o1000, 0o400000
+DATA = bytes(range(256)) * 16
+
+
+@pytest.fixture
+def root() -> Iterator[TargetRoot]:
+    target = TargetRoot(os.getpid())
+    try:
+        yield target
+    finally:
+        target.close()
+
+
+def _inline(root: TargetRoot, path: Path, flags: int, max_size: int = -1) -> object:
+    """open_inline in a thread, so a call that blocked would fail the test instead of hanging."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(open_inline(root, os.fsencode(path), flags, max_size))
+        except OSError as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert result, "open_inline blocked"
+    return result[0]
+
+
+def test_a_regular_file_opens_inline_with_the_flags_asked(root: TargetRoot, tmp_path: Path) -> None:
+    path = tmp_path / "small"
+    path.write_bytes(DATA)
+    fd = _inline(root, path, O_RDONLY)
+    assert isinstance(fd, int)
+    try:
+        assert os.read(fd, 10_000) == DATA
+        assert os.get_inheritable(fd) is False
+    finally:
+        os.close(fd)
+    fd = _inline(root, path, O_WRONLY | O_TRUNC)
+    assert isinstance(fd, int)
+    os.close(fd)
+    assert path.read_bytes() == b""
+
+
+def test_what_may_block_or_differs_is_not_inline(root: TargetRoot, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"b" * (INLINE_READ_MAX + 1))
+    (tmp_path / "link").symlink_to(big)
+    assert _inline(root, fifo, O_RDONLY) is NOT_INLINE  # the lookup never waits for a writer
+    assert _inline(root, tmp_path, O_RDONLY) is NOT_INLINE  # a directory
+    assert _inline(root, Path("/proc/self/status"), O_RDONLY) is NOT_INLINE  # proc f_type
+    assert _inline(root, big, O_RDONLY, INLINE_READ_MAX) is NOT_INLINE
+    assert _inline(root, tmp_path / "new", O_WRONLY | O_CREAT) is NOT_INLINE
+    assert _inline(root, tmp_path / "link", O_RDONLY | O_NOFOLLOW) is NOT_INLINE  # ELOOP there
+    assert _inline(root, big, O_RDONLY | 0o40000000) is NOT_INLINE  # unknown to the inline path
+    assert not (tmp_path / "new").exists()
+
+
+def test_lookup_errors_are_the_ordinary_open_errors(root: TargetRoot, tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(DATA)
+    for name, code in ((tmp_path / "missing", errno.ENOENT), (path / "below", errno.ENOTDIR)):
+        error = _inline(root, name, O_RDONLY)
+        assert isinstance(error, OSError) and error.errno == code
+        with pytest.raises(OSError) as ordinary:
+            root.open(os.fsencode(name), O_RDONLY)
+        assert ordinary.value.errno == code
+
+
+def _threads(agent: AgentProc) -> int:
+    return len(os.listdir(f"/proc/{agent.pid}/task"))
+
+
+async def _small_file_round(client: AgentClient) -> None:
+    opened = await client.request(
+        1, lambda r: m.FileOpen(request_id=r, path=b"/app/small.bin", flags=O_RDONLY)
+    )
+    handle = opened.handle
+    data = await client.request(1, lambda r: m.FileRead(request_id=r, handle=handle, size=4096))
+    assert data.data == DATA[:4096]
+    pread = await client.request(
+        1, lambda r: m.FileRead(request_id=r, handle=handle, size=16, offset=256)
+    )
+    assert pread.data == DATA[256:272]
+    st = await client.request(
+        1, lambda r: m.FileStat(request_id=r, path=b"/app/small.bin", follow=True)
+    )
+    assert st.stat[7] == len(DATA)
+    fetched = await client.request(
+        1, lambda r: m.FileFetch(request_id=r, path=b"/app/small.bin", flags=O_RDONLY)
+    )
+    assert fetched.data == DATA and fetched.handle is None
+    await client.request(1, lambda r: m.FileClose(request_id=r, handle=handle))
+
+
+@pytest.mark.netns
+@pytest.mark.anyio
+async def test_the_agent_answers_regular_files_without_a_worker_thread(
+    make_pod: Callable[..., LocalPod], make_agent: Callable[..., AgentProc]
+) -> None:
+    pod = make_pod(PodSpec(name="inline", files={"/app/small.bin": DATA}))
+    agent = make_agent(f"pid/{pod.pid}")
+    async with AgentClient.open(agent.socket, agent.secret) as client:
+        await client.open_channel(1)
+        await _small_file_round(client)
+        before = _threads(agent)
+        for _ in range(20):
+            await _small_file_round(client)
+        with pytest.raises(AgentError) as missing:
+            await client.request(
+                1, lambda r: m.FileOpen(request_id=r, path=b"/app/missing", flags=O_RDONLY)
+            )
+        assert missing.value.errno == errno.ENOENT
+        assert _threads(agent) == before  # nothing was handed to a worker thread
+        # a creating open is not one the agent makes on its event loop
+        await client.request(
+            1,
+            lambda r: m.FileOpen(
+                request_id=r, path=b"/app/created", flags=O_WRONLY | O_CREAT, mode=0o600
+            ),
+        )
+        assert _threads(agent) == before + 1
