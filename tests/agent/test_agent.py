@@ -12,26 +12,28 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec
-from mirrord.protocol import AGENT_PROTOCOL_VERSION, Message, encode_frame
+from mirrord.protocol import (
+    AGENT_PROTOCOL_VERSION,
+    AgentConnection,
+    AgentRole,
+    Message,
+    RemoteProtocolError,
+    encode_frame,
+)
 from mirrord.protocol import messages as m
-from tests.agent._client import AgentClient, AgentError
-from tests.agent.conftest import AgentProc, start_agent, stop_agent
+from tests._agent_client import AgentClient, AgentError
+from tests._agent_process import AgentProc, start_agent, stop_agent
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
 
 O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_EXCL = 0, 1, 2, 0o100, 0o200
-
-
-def _client(agent: AgentProc) -> AbstractAsyncContextManager[AgentClient]:
-    return AgentClient.open(agent.socket, agent.secret)
 
 
 def _addrs(reply: m.DnsReply) -> list[tuple[object, ...]]:
@@ -85,30 +87,15 @@ def test_idle_timeout_ends_the_agent(pod: LocalPod) -> None:
     agent = start_agent(f"pid/{pod.pid}", "--idle-timeout", "0.5")
     try:
         assert agent.wait(timeout=10) == 0
-        assert "idle timeout" in agent.stderr_text()
+        assert "idle timeout" in agent.log()
     finally:
         stop_agent(agent)
 
 
-async def test_listens_on_tcp_too(pod: LocalPod, tmp_path: Path) -> None:
-    (tmp_path / "s").write_text("tcp-secret")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mirrord.agent",
-            "--target",
-            f"pid/{pod.pid}",
-            "--listen",
-            "tcp:127.0.0.1:0",
-            "--secret-file",
-            str(tmp_path / "s"),
-        ],
-        stdout=subprocess.PIPE,
-    )
+async def test_listens_on_tcp_too(pod: LocalPod) -> None:
+    agent = start_agent(f"pid/{pod.pid}", secret="tcp-secret", listen="tcp:127.0.0.1:0")
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
+        line = agent.ready_line
         assert line.startswith("mirrord-agent ready ") and " listen=tcp:127.0.0.1:" in line
         port = int(line.rsplit(":", 1)[1])
         stream = await anyio.connect_tcp("127.0.0.1", port)
@@ -116,37 +103,18 @@ async def test_listens_on_tcp_too(pod: LocalPod, tmp_path: Path) -> None:
             await client.open_channel(1)
             assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        stop_agent(agent)
 
 
-async def test_secret_from_environment(pod: LocalPod, tmp_path: Path) -> None:
-    sock = f"{tmp_path}/env.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mirrord.agent",
-            "--target",
-            f"pid/{pod.pid}",
-            "--listen",
-            f"unix:{sock}",
-        ],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "MIRRORD_AGENT_SECRET": "from-env"},
-    )
+async def test_secret_from_environment(pod: LocalPod) -> None:
+    agent = start_agent(f"pid/{pod.pid}", secret="from-env", secret_in_env=True)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(b"mirrord-agent ready ")
-        async with AgentClient.open(sock, "from-env") as client:
+        argv = agent.proc.args
+        assert isinstance(argv, list) and "--secret-file" not in argv
+        async with AgentClient.open(agent) as client:
             assert client.welcome.target == f"pid/{pod.pid}"
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+        stop_agent(agent)
 
 
 def test_container_target_is_found_through_its_cgroup(
@@ -167,7 +135,7 @@ def test_container_target_is_found_through_its_cgroup(
         assert agent.proc.poll() is None
 
         async def check() -> None:
-            async with _client(agent) as client:
+            async with AgentClient.open(agent) as client:
                 assert client.welcome.target == f"container/{container_id}"
                 await client.open_channel(1)
                 assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
@@ -184,21 +152,12 @@ def test_container_target_is_found_through_its_cgroup(
 async def test_wrong_secret_gets_an_error_frame_and_only_that_connection_closes(
     agent: AgentProc,
 ) -> None:
-    async with _client(agent) as good:
+    async with AgentClient.open(agent) as good:
         await good.open_channel(1)
         bad = await anyio.connect_unix(agent.socket)
         async with bad:
-            from mirrord.protocol import AgentConnection, AgentRole, RemoteProtocolError
-
             conn = AgentConnection(AgentRole.DAEMON, secret="wrong")
-            await bad.send(conn.hello())
-            data = b""
-            with anyio.fail_after(10):
-                while chunk := await _receive_or_empty(bad):
-                    data += chunk
-            conn.receive_data(data)
-            with pytest.raises(RemoteProtocolError, match="unauthenticated"):
-                conn.next_event()
+            await _hello_refused(bad, conn, "unauthenticated")
         assert await good.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
 
 
@@ -209,24 +168,27 @@ async def _receive_or_empty(stream: anyio.abc.ByteStream) -> bytes:
         return b""
 
 
-async def test_version_mismatch_gets_an_error_frame(agent: AgentProc) -> None:
-    from mirrord.protocol import AgentConnection, AgentRole, RemoteProtocolError
+async def _hello_refused(stream: anyio.abc.ByteStream, conn: AgentConnection, why: str) -> None:
+    """Send `conn`'s Hello; the agent answers with an error frame naming `why`, and closes."""
+    await stream.send(conn.hello())
+    data = b""
+    with anyio.fail_after(10):
+        while chunk := await _receive_or_empty(stream):
+            data += chunk
+    conn.receive_data(data)
+    with pytest.raises(RemoteProtocolError, match=why):
+        conn.next_event()
 
+
+async def test_version_mismatch_gets_an_error_frame(agent: AgentProc) -> None:
     stream = await anyio.connect_unix(agent.socket)
     async with stream:
         conn = AgentConnection(AgentRole.DAEMON, secret=agent.secret, version=99, min_version=90)
-        await stream.send(conn.hello())
-        data = b""
-        with anyio.fail_after(10):
-            while chunk := await _receive_or_empty(stream):
-                data += chunk
-        conn.receive_data(data)
-        with pytest.raises(RemoteProtocolError, match="version_mismatch"):
-            conn.next_event()
+        await _hello_refused(stream, conn, "version_mismatch")
 
 
 async def test_malformed_frame_and_unknown_kinds(agent: AgentProc) -> None:
-    async with _client(agent) as good, _client(agent) as broken:
+    async with AgentClient.open(agent) as good, AgentClient.open(agent) as broken:
         await good.open_channel(1)
         await broken.open_channel(1)
         # An unknown kind that looks like a request gets ENOSYS; the connection stays.
@@ -246,7 +208,7 @@ async def test_malformed_frame_and_unknown_kinds(agent: AgentProc) -> None:
 
 
 async def test_requests_on_a_channel_never_opened_fail_alone(agent: AgentProc) -> None:
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         code = await _errno_of(client.request(7, lambda r: m.HostnameRequest(request_id=r)))
         assert code == errno.EBADF
@@ -282,7 +244,7 @@ async def test_files_come_from_the_pod_and_never_escape_its_root(
     host_shadow = Path("/etc/shadow").read_bytes()
     assert host_shadow != b"the pod's shadow\n"
     assert not Path("/etc/only-in-pod.conf").exists()
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         read = client.read_file
         assert await read(1, b"/app/test.txt") == b"pod bytes\n"
@@ -317,8 +279,41 @@ def _unlink_req(request_id: int, *, path: bytes) -> Message:
     return m.Unlink(request_id=request_id, path=path)
 
 
+_Req = Callable[[Callable[[int], Message]], Awaitable[Message]]
+
+
+async def _directory_stream_and_removal(req: _Req, pod: LocalPod) -> None:
+    """/app/work (holding g and link) gets 40 files, is read in batches, then emptied and
+    removed (rmdir refused while it is not empty)."""
+    for i in range(40):
+        path = f"/app/work/n{i}".encode()
+        await req(functools.partial(_open_req, path=path, flags=O_WRONLY | O_CREAT | O_EXCL))
+    d = await req(lambda r: m.DirOpen(request_id=r, path=b"/app/work"))
+    assert isinstance(d, m.DirOpened)
+    dh = d.handle
+    seen: list[tuple[bytes, int, int]] = []
+    for _ in range(10):
+        batch = await req(lambda r: m.DirRead(request_id=r, handle=dh, max_entries=16))
+        assert isinstance(batch, m.DirEntries) and len(batch.entries) <= 16
+        if not batch.entries:
+            break
+        seen += batch.entries
+    names = {e[0]: e[2] for e in seen}
+    assert len(seen) == 44 and names[b"."] == 4 and names[b"link"] == 10 and names[b"n7"] == 8
+    await req(lambda r: m.DirClose(request_id=r, handle=dh))
+
+    code = await _errno_of(req(lambda r: m.Rmdir(request_id=r, path=b"/app/work")))
+    assert code == errno.ENOTEMPTY
+    code = await _errno_of(req(lambda r: m.DirOpen(request_id=r, path=b"/app/test.txt")))
+    assert code == errno.ENOTDIR
+    for name in [b"g", b"link", *(f"n{i}".encode() for i in range(40))]:
+        await req(functools.partial(_unlink_req, path=b"/app/work/" + name))
+    await req(lambda r: m.Rmdir(request_id=r, path=b"/app/work"))
+    assert pod.run_in_pod(["ls", "/app"]).stdout.split() == [b"test.txt"]
+
+
 async def test_every_file_operation(agent: AgentProc, pod: LocalPod) -> None:
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
 
         async def req(make: Callable[[int], Message]) -> Message:
@@ -380,31 +375,7 @@ async def test_every_file_operation(agent: AgentProc, pod: LocalPod) -> None:
         code = await _errno_of(req(lambda r: m.ReadLink(request_id=r, path=b"/app/work/g")))
         assert code == errno.EINVAL
 
-        for i in range(40):
-            path = f"/app/work/n{i}".encode()
-            await req(functools.partial(_open_req, path=path, flags=O_WRONLY | O_CREAT | O_EXCL))
-        d = await req(lambda r: m.DirOpen(request_id=r, path=b"/app/work"))
-        assert isinstance(d, m.DirOpened)
-        dh = d.handle
-        seen: list[tuple[bytes, int, int]] = []
-        for _ in range(10):
-            batch = await req(lambda r: m.DirRead(request_id=r, handle=dh, max_entries=16))
-            assert isinstance(batch, m.DirEntries) and len(batch.entries) <= 16
-            if not batch.entries:
-                break
-            seen += batch.entries
-        names = {e[0]: e[2] for e in seen}
-        assert len(seen) == 44 and names[b"."] == 4 and names[b"link"] == 10 and names[b"n7"] == 8
-        await req(lambda r: m.DirClose(request_id=r, handle=dh))
-
-        code = await _errno_of(req(lambda r: m.Rmdir(request_id=r, path=b"/app/work")))
-        assert code == errno.ENOTEMPTY
-        code = await _errno_of(req(lambda r: m.DirOpen(request_id=r, path=b"/app/test.txt")))
-        assert code == errno.ENOTDIR
-        for name in [b"g", b"link", *(f"n{i}".encode() for i in range(40))]:
-            await req(functools.partial(_unlink_req, path=b"/app/work/" + name))
-        await req(lambda r: m.Rmdir(request_id=r, path=b"/app/work"))
-        assert pod.run_in_pod(["ls", "/app"]).stdout.split() == [b"test.txt"]
+        await _directory_stream_and_removal(req, pod)
 
         # fdopendir: a directory opened as a file becomes a directory stream.
         f = await req(lambda r: m.FileOpen(request_id=r, path=b"/app", flags=O_RDONLY | 0o200000))
@@ -416,7 +387,7 @@ async def test_every_file_operation(agent: AgentProc, pod: LocalPod) -> None:
 
 
 async def test_channels_have_their_own_handles_and_fork_copies_them(agent: AgentProc) -> None:
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         await client.open_channel(2)
         f = await client.request(
@@ -456,7 +427,7 @@ async def test_env_include_and_exclude(
 ) -> None:
     pod = make_pod(PodSpec(env={"DB_URL": "postgres://db", "DB_USER": "app", "API_KEY": "k3y"}))
     agent = make_agent(f"pid/{pod.pid}")
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
 
         async def env(include: list[str], exclude: list[str]) -> dict[str, str]:
             reply = await client.request(
@@ -475,7 +446,7 @@ async def test_env_include_and_exclude(
         assert await env(["DB_*"], []) == {"DB_URL": "postgres://db", "DB_USER": "app"}
         assert "API_KEY" not in await env([], ["API_KEY"])
         assert await env(["DB_*"], ["*_USER"]) == {"DB_URL": "postgres://db"}
-    assert "k3y" not in agent.stderr_text() and "postgres" not in agent.stderr_text()
+    assert "k3y" not in agent.log() and "postgres" not in agent.log()
 
 
 # -- DNS and hostname ----------------------------------------------------------------------------
@@ -493,7 +464,7 @@ async def test_dns_uses_the_pods_files_and_network(
     )
     agent = make_agent(f"pid/{pod.pid}")
     stream, dgram, raw = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
 
         async def lookup(host: str, **kw: int) -> m.DnsReply:
             return await client.request(0, lambda r: m.DnsLookup(request_id=r, host=host, **kw))  # type: ignore[no-any-return]
@@ -557,7 +528,7 @@ async def test_dns_to_a_nameserver_nobody_listens_on_fails_as_fast_as_glibc(
     glibc_code, glibc_took = glibc.stdout.decode().split()
     assert float(glibc_took) < 10  # what the pod's own programs get
     agent = make_agent(f"pid/{pod.pid}")
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         started = time.monotonic()
         code = await _errno_of(
             client.request(0, lambda r: m.DnsLookup(request_id=r, host="db.cluster.test"))
@@ -586,7 +557,7 @@ async def test_connect_to_the_pods_loopback_works_only_through_the_agent(
     server = pod.popen_in_pod([sys.executable, "-c", _BANNER_SERVER, token])
     assert server.stdout is not None
     port = int(server.stdout.readline())
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         conn = await client.connect(1, "127.0.0.1", port)
         with anyio.fail_after(10):
@@ -616,7 +587,7 @@ async def test_outgoing_ipv6(agent: AgentProc, pod: LocalPod) -> None:
     server = pod.popen_in_pod([sys.executable, "-c", _V6_ECHO])
     assert server.stdout is not None
     port = int(server.stdout.readline())
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         conn = await client.connect(1, "::1", port)
         await conn.send(b"over v6")
@@ -633,7 +604,7 @@ async def test_outgoing_errors_are_errnos(
     pod.run_in_pod(["ip", "route", "add", "unreachable", "10.213.252.0/24"])
     pod.run_in_pod(["ip", "route", "add", "10.213.253.7/32", "dev", "eth0"])
     agent = make_agent(f"pid/{pod.pid}", "--connect-timeout", "0.5")
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         assert await _errno_of(client.connect(1, "127.0.0.1", 1)) == errno.ECONNREFUSED
         assert await _errno_of(client.connect(1, "10.213.252.1", 80)) == errno.EHOSTUNREACH
@@ -652,7 +623,7 @@ async def test_connected_udp(
     pod = make_pod(PodSpec(dns_records={"u.test": "10.213.99.9"}))
     agent = make_agent(f"pid/{pod.pid}")
     query = bytes.fromhex("abcd01000001000000000000") + b"\x01u\x04test\x00" + b"\x00\x01\x00\x01"
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         conn = await client.connect(1, "127.0.0.1", 53, protocol="udp")
         await conn.send(query)
@@ -665,7 +636,7 @@ async def test_connected_udp(
 async def test_200_concurrent_connections_each_echo_1_mib(agent: AgentProc, pod: LocalPod) -> None:
     payloads = [os.urandom(1024 * 1024) for _ in range(4)]
     failures: list[str] = []
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
 
         async def one(i: int) -> None:
@@ -718,7 +689,7 @@ async def test_two_daemon_connections_50_channels_each_interleaved(
             wrong.append(f"extra {c}/{number}")
 
     async def daemon(c: int) -> None:
-        async with _client(agent) as client, anyio.create_task_group() as tg:
+        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
             for n in range(50):
                 tg.start_soon(channel_work, client, c, n)
 
@@ -735,27 +706,27 @@ async def test_two_daemon_connections_50_channels_each_interleaved(
 async def test_killing_the_target_ends_the_agent_with_the_reason(
     pod: LocalPod, agent: AgentProc
 ) -> None:
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         os.kill(pod.pid, signal.SIGKILL)
         with anyio.fail_after(10):
             await client.ended.wait()
         assert client.fatal is not None and client.fatal.code == "target_gone"
     assert agent.wait(timeout=10) == 3
-    log = agent.stderr_text()
+    log = agent.log()
     assert f"mirrord-agent: error: target pid/{pod.pid} exited" in log
 
 
 async def test_killing_a_daemon_connection_frees_its_fds_and_sockets(
     agent: AgentProc, pod: LocalPod
 ) -> None:
-    async with _client(agent) as warm:  # lets the agent create its lazy threads/fds first
+    async with AgentClient.open(agent) as warm:  # lets the agent create its lazy threads/fds first
         await warm.open_channel(1)
         await warm.read_file(1, b"/app/test.txt")
         await warm.request(1, lambda r: m.HostnameRequest(request_id=r))
     await anyio.sleep(0.2)
     before = agent.open_fds()
-    async with _client(agent) as client:
+    async with AgentClient.open(agent) as client:
         for channel in (1, 2):
             await client.open_channel(channel)
             for _ in range(10):

@@ -25,8 +25,8 @@ from mirrord.protocol import (
     RemoteProtocolError,
 )
 from mirrord.protocol import messages as m
-from tests.agent._client import AgentClient
-from tests.agent.conftest import AgentProc
+from tests._agent_client import AgentClient
+from tests._agent_process import AgentProc
 
 pytestmark = pytest.mark.netns
 
@@ -86,7 +86,7 @@ def _closed_by_agent(sock: socket.socket, timeout: float) -> bool:
 
 
 async def _still_serves(agent: AgentProc) -> None:
-    async with AgentClient.open(agent.socket, agent.secret) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
 
@@ -129,11 +129,11 @@ def test_replies_a_daemon_does_not_read_are_bounded_then_it_is_closed(
         grown = _rss(agent.pid) - before
         assert grown < 16 * MiB, f"agent grew {grown / MiB:.1f} MiB"
         # Nothing taken for 3 s: closed, and the log says why.
-        _wait_for(lambda: "does not read its replies" in agent.stderr_text(), 30, "the reason")
+        _wait_for(lambda: "does not read its replies" in agent.log(), 30, "the reason")
         sock.setblocking(True)
         assert _closed_by_agent(sock, 30)
     anyio.run(_still_serves, agent, backend="trio")
-    assert "Traceback" not in agent.stderr_text()
+    assert "Traceback" not in agent.log()
 
 
 def test_connections_that_have_not_authenticated_are_capped_in_number(
@@ -158,13 +158,13 @@ def test_connections_that_have_not_authenticated_are_capped_in_number(
                 except OSError:
                     closed.add(s)
         assert 8 <= len(closed) < len(idle), len(closed)
-        assert "authenticating already" in agent.stderr_text()
+        assert "authenticating already" in agent.log()
     finally:
         for s in idle:
             s.close()
     # Once those are gone a daemon gets in again.
     _wait_for(lambda: _try_serves(agent), 30, "a daemon served after the idle ones left")
-    assert "Traceback" not in agent.stderr_text()
+    assert "Traceback" not in agent.log()
 
 
 def _try_serves(agent: AgentProc) -> bool:
@@ -221,10 +221,10 @@ def test_connections_that_have_not_authenticated_are_capped_in_buffered_bytes(
             conn.receive_data(answer)
             with pytest.raises(RemoteProtocolError, match="handshake_too_large"):
                 conn.next_event()
-        assert "without a valid Hello" in agent.stderr_text()
+        assert "without a valid Hello" in agent.log()
         assert HELLO_LIMIT <= 64 * 1024
     finally:
         for s in conns:
             s.close()
     anyio.run(_still_serves, agent, backend="trio")
-    assert "Traceback" not in agent.stderr_text()
+    assert "Traceback" not in agent.log()

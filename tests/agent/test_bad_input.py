@@ -12,8 +12,8 @@ import pytest
 from mirrord.localpod import LocalPod
 from mirrord.protocol import Message, encode_frame
 from mirrord.protocol import messages as m
-from tests.agent._client import AgentClient, AgentError
-from tests.agent.conftest import AgentProc
+from tests._agent_client import AgentClient, AgentError
+from tests._agent_process import AgentProc
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
 
@@ -52,7 +52,7 @@ async def test_nul_bytes_in_any_path_are_einval(agent: AgentProc, pod: LocalPod)
         lambda r: m.Link(request_id=r, old=nul, new=b"/app/hard"),
         lambda r: m.Link(request_id=r, old=b"/app/test.txt", new=b"/app/ha\0rd"),
     ]
-    async with AgentClient.open(agent.socket, agent.secret) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         for make in requests:
             code, message = await _errno_of(client, make)
@@ -73,13 +73,13 @@ async def test_nul_bytes_in_any_path_are_einval(agent: AgentProc, pod: LocalPod)
         listing = pod.run_in_pod(["ls", "-a", "/app"]).stdout.split()
         assert not {b"new", b"moved", b"mo", b"link", b"li", b"hard", b"ha"} & set(listing)
         assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
-    assert "Traceback" not in agent.stderr_text()
+    assert "Traceback" not in agent.log()
 
 
 async def test_out_of_range_ids_offsets_and_times_are_einval_or_eoverflow(
     agent: AgentProc,
 ) -> None:
-    async with AgentClient.open(agent.socket, agent.secret) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         opened = await client.request(
             1, lambda r: m.FileOpen(request_id=r, path=b"/app/scratch", flags=O_RDWR | O_CREAT)
@@ -124,13 +124,13 @@ async def test_out_of_range_ids_offsets_and_times_are_einval_or_eoverflow(
         )
         assert data.data == b""
         assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
-    assert "Traceback" not in agent.stderr_text()
+    assert "Traceback" not in agent.log()
 
 
 async def test_integers_beyond_64_bits_fail_the_request_not_the_connection(
     agent: AgentProc,
 ) -> None:
-    async with AgentClient.open(agent.socket, agent.secret) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         opened = await client.request(
             1, lambda r: m.FileOpen(request_id=r, path=b"/app/test.txt", flags=O_RDONLY)
@@ -148,4 +148,4 @@ async def test_integers_beyond_64_bits_fail_the_request_not_the_connection(
         }
         assert replies.get(9001) in _BAD and replies.get(9002) in _BAD, client.other[before:]
         assert client.fatal is None
-    assert "Traceback" not in agent.stderr_text()
+    assert "Traceback" not in agent.log()

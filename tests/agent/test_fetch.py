@@ -12,8 +12,8 @@ import pytest
 
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import messages as m
-from tests.agent._client import AgentClient, AgentError
-from tests.agent.conftest import AgentProc
+from tests._agent_client import AgentClient, AgentError
+from tests._agent_process import AgentProc
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
 
@@ -47,7 +47,7 @@ async def test_fetch_small_files_whole_and_keep_handles_only_where_needed(
 ) -> None:
     pod = make_pod(_SPEC)
     agent = make_agent(f"pid/{pod.pid}")
-    async with AgentClient.open(agent.socket, agent.secret) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         fds_before = agent.open_fds()
 

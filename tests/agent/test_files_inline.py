@@ -16,8 +16,8 @@ from mirrord.agent._files import TargetRoot
 from mirrord.agent._files_inline import INLINE_READ_MAX, NOT_INLINE, open_inline
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import messages as m
-from tests.agent._client import AgentClient, AgentError
-from tests.agent.conftest import AgentProc
+from tests._agent_client import AgentClient, AgentError
+from tests._agent_process import AgentProc
 
 O_RDONLY, O_WRONLY, O_CREAT, O_TRUNC, O_NOFOLLOW = 0, 1, 0o100, 0o1000, 0o400000
 DATA = bytes(range(256)) * 16
@@ -125,7 +125,7 @@ async def test_the_agent_answers_regular_files_without_a_worker_thread(
 ) -> None:
     pod = make_pod(PodSpec(name="inline", files={"/app/small.bin": DATA}))
     agent = make_agent(f"pid/{pod.pid}")
-    async with AgentClient.open(agent.socket, agent.secret) as client:
+    async with AgentClient.open(agent) as client:
         await client.open_channel(1)
         await _small_file_round(client)
         before = _threads(agent)

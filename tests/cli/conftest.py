@@ -22,8 +22,10 @@ import pytest
 MIRRORD = str(Path(sys.executable).parent / "mirrord")
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Pids of live processes whose command line contains `text` (our runtime dir)."""
+def processes_mentioning(text: str | bytes, parent: int | None = None) -> list[int]:
+    """Pids of live processes whose command line contains `text` (our runtime dir), children
+    of `parent` only if given."""
+    needle = text.encode() if isinstance(text, str) else text
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -32,10 +34,10 @@ def processes_mentioning(text: str) -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read()
             with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if text.encode() in cmdline and state != "Z":
+        if needle in cmdline and fields[0] != "Z" and parent in (None, int(fields[1])):
             pids.append(int(entry))
     return pids
 

@@ -21,6 +21,7 @@ import pytest
 from mirrord.daemon._exceptions import DaemonError
 from mirrord.daemon._runtime import RuntimePaths
 from mirrord.layer import build_id, library_path
+from tests._other_user import listening_as
 from tests.cli.conftest import Mirrord, temp_mirrord
 
 NOBODY = 65534
@@ -87,32 +88,8 @@ def _fake_daemon(path: Path, evil: Path, *, uid: int | None) -> Iterator[None]:
             thread.join(10)
             path.unlink(missing_ok=True)
         return
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        try:
-            os.close(ready_r)
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            server.bind(str(path))
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            server.listen(8)
-            os.write(ready_w, b"1")
-            os.close(ready_w)
-            _serve(server, evil, path.parent)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    try:
-        assert os.read(ready_r, 1) == b"1"
-        os.close(ready_r)
+    with listening_as(uid, path, lambda server: _serve(server, evil, path.parent)):
         yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        path.unlink(missing_ok=True)
 
 
 def _marker_command(marker: Path) -> list[str]:

@@ -219,27 +219,9 @@ def _attach_listening(dap: Dap) -> int:
     return int(dap.event("debugpyWaitingForServer")["body"]["port"])
 
 
-def test_debugpy_session_attaches_and_stops_at_a_breakpoint(
-    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path, adapter: Dap
-) -> None:
-    pod = make_pod(SPEC)
-    app = tmp_path / "app.py"
-    app.write_text(DEBUGGEE)
-    port = _attach_listening(adapter)
-    decoy = _decoy(pod, port)
-    # what VS Code's python launch puts in the debuggee's environment
-    mirrord.env["MIRRORD_DETECT_DEBUGGER_PORT"] = "debugpy"
-    run = mirrord.popen(
-        "run",
-        "-t",
-        f"pid/{pod.pid}",
-        "--",
-        sys.executable,
-        DEBUGPY_DIR,
-        "--connect",
-        f"127.0.0.1:{port}",
-        str(app),
-    )
+def _stop_at_the_breakpoint_and_read_the_pod(adapter: Dap, app: Path) -> dict[str, Any]:
+    """The DAP exchange of a debuggee just started: a breakpoint at BREAK_LINE, where the
+    debugger evaluates what the debuggee read from the pod; then continue. The top frame."""
     adapter.event("initialized")
     breakpoints = adapter.send(
         "setBreakpoints", source={"path": str(app)}, breakpoints=[{"line": BREAK_LINE}]
@@ -249,13 +231,39 @@ def test_debugpy_session_attaches_and_stops_at_a_breakpoint(
     stopped = adapter.event("stopped")["body"]
     assert stopped["reason"] == "breakpoint"
     frames = adapter.response(adapter.send("stackTrace", threadId=stopped["threadId"]))
-    top = frames["body"]["stackFrames"][0]
-    assert top["line"] == BREAK_LINE and top["source"]["path"] == str(app)
+    top: dict[str, Any] = frames["body"]["stackFrames"][0]
     value = adapter.response(
         adapter.send("evaluate", expression="value + '|' + data", frameId=top["id"])
     )
     assert value["body"]["result"] == "'from-the-pod|pod-only file'"
     adapter.send("continue", threadId=stopped["threadId"])
+    return top
+
+
+def _debugpy_under_mirrord(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path, adapter: Dap
+) -> tuple[Path, subprocess.Popen[bytes], subprocess.Popen[str]]:
+    """The debuggee under `mirrord run`, started by debugpy connecting to `adapter` (listening
+    on loopback), with a decoy listening on the same port in the pod: (app, decoy, run)."""
+    app = tmp_path / "app.py"
+    app.write_text(DEBUGGEE)
+    port = _attach_listening(adapter)
+    decoy = _decoy(pod, port)
+    run = mirrord.popen(
+        "run", "-t", f"pid/{pod.pid}", "--", sys.executable, DEBUGPY_DIR, "--connect",
+        f"127.0.0.1:{port}", str(app),
+    )  # fmt: skip
+    return app, decoy, run
+
+
+def test_debugpy_session_attaches_and_stops_at_a_breakpoint(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path, adapter: Dap
+) -> None:
+    # what VS Code's python launch puts in the debuggee's environment
+    mirrord.env["MIRRORD_DETECT_DEBUGGER_PORT"] = "debugpy"
+    app, decoy, run = _debugpy_under_mirrord(mirrord, make_pod(SPEC), tmp_path, adapter)
+    top = _stop_at_the_breakpoint_and_read_the_pod(adapter, app)
+    assert top["line"] == BREAK_LINE and top["source"]["path"] == str(app)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 0, err
     assert "debuggee from-the-pod pod-only file" in out
@@ -265,15 +273,7 @@ def test_debugpy_session_attaches_and_stops_at_a_breakpoint(
 def test_without_detection_debugpy_would_connect_to_the_pod(
     mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path, adapter: Dap
 ) -> None:
-    pod = make_pod(SPEC)
-    app = tmp_path / "app.py"
-    app.write_text(DEBUGGEE)
-    port = _attach_listening(adapter)
-    decoy = _decoy(pod, port)
-    mirrord.popen(
-        "run", "-t", f"pid/{pod.pid}", "--", sys.executable, DEBUGPY_DIR, "--connect",
-        f"127.0.0.1:{port}", str(app),
-    )  # fmt: skip
+    _, decoy, _ = _debugpy_under_mirrord(mirrord, make_pod(SPEC), tmp_path, adapter)
     assert _decoy_connected(decoy, 60)
 
 
@@ -411,18 +411,15 @@ def _skip_run(env: dict[str, str], skip: str | None) -> list[str]:
     return result.stdout.splitlines()
 
 
-def test_skip_processes_in_the_debuggees_environment(
-    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
-) -> None:
-    """As GoLand and VS Code set it: only in the debuggee's environment, after `ext`."""
+def _ide_session(mirrord: Mirrord, pod: LocalPod, ide: str) -> dict[str, str]:
+    """`mirrord ext` as the IDE `ide` starts it, and a debuggee that lasts the whole test (so
+    the session outlives each short run of the test); the debuggee environment `ext` gave."""
     from tests.cli._ide import IDE_ENV, debuggee_env, read_until_ready
 
-    pod = make_pod(SPEC)
-    mirrord.env.update(IDE_ENV["vscode"])
+    mirrord.env.update(IDE_ENV[ide])
     ext = mirrord.popen("ext", "-t", f"pid/{pod.pid}", "--wait-timeout", "60")
     assert ext.stdout is not None
     env = debuggee_env(mirrord.env, read_until_ready(ext.stdout))
-    # a debuggee that lasts the whole test, so the session outlives each short run below
     holder = subprocess.Popen(
         [sys.executable, "-c", "open('/app/test.txt').read(); print('in', flush=True); input()"],
         env=env,
@@ -432,6 +429,14 @@ def test_skip_processes_in_the_debuggees_environment(
     )
     mirrord.children.append(holder)
     assert holder.stdout is not None and holder.stdout.readline() == "in\n"
+    return env
+
+
+def test_skip_processes_in_the_debuggees_environment(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    """As GoLand and VS Code set it: only in the debuggee's environment, after `ext`."""
+    env = _ide_session(mirrord, make_pod(SPEC), "vscode")
     # nothing skipped: sh, cat and python are all in the session
     assert _skip_run(env, None) == ["pod-only file", "python: True"]
     # cat stands aside entirely (the pod-only file is not there for it); python does not
@@ -474,22 +479,8 @@ def test_each_debuggers_port_is_read_from_its_command_line(
 ) -> None:
     """The layer reads the port where each debugger puts it (a python process stands in for
     each debugger: the layer sees only its command line and environment)."""
-    from tests.cli._ide import IDE_ENV, debuggee_env, read_until_ready
-
     pod = make_pod(SPEC)
-    mirrord.env.update(IDE_ENV["intellij"])
-    ext = mirrord.popen("ext", "-t", f"pid/{pod.pid}", "--wait-timeout", "60")
-    assert ext.stdout is not None
-    env = debuggee_env(mirrord.env, read_until_ready(ext.stdout))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "open('/app/test.txt').read(); print('in', flush=True); input()"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    mirrord.children.append(holder)
-    assert holder.stdout is not None and holder.stdout.readline() == "in\n"
+    env = _ide_session(mirrord, pod, "intellij")
     pydevd = tmp_path / "pydevd.py"
     pydevd.write_text(DETECTED_APP)
     py = os.path.realpath(sys.executable)
@@ -591,21 +582,7 @@ def test_python_debug_launch_as_vscode_does_it(
         console="internalConsole",
         justMyCode=False,
     )
-    adapter.event("initialized")
-    breakpoints = adapter.send(
-        "setBreakpoints", source={"path": str(app)}, breakpoints=[{"line": BREAK_LINE}]
-    )
-    assert adapter.response(breakpoints)["body"]["breakpoints"][0]["verified"]
-    adapter.response(adapter.send("configurationDone"))
-    stopped = adapter.event("stopped")["body"]
-    assert stopped["reason"] == "breakpoint"
-    frames = adapter.response(adapter.send("stackTrace", threadId=stopped["threadId"]))
-    top = frames["body"]["stackFrames"][0]
-    value = adapter.response(
-        adapter.send("evaluate", expression="value + '|' + data", frameId=top["id"])
-    )
-    assert value["body"]["result"] == "'from-the-pod|pod-only file'"
-    adapter.send("continue", threadId=stopped["threadId"])
+    _stop_at_the_breakpoint_and_read_the_pod(adapter, app)
     assert adapter.event("exited")["body"]["exitCode"] == 0
     # the program's own output, as the debug console shows it (it arrives in pieces)
     printed = "".join(

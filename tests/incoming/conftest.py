@@ -5,11 +5,12 @@ incoming connection to that app the way mirrordd does."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import anyio
@@ -18,7 +19,9 @@ import pytest
 
 from mirrord.localpod import LocalPod
 from mirrord.protocol import messages as m
-from tests.incoming._daemon import Agent, AgentClient, Conn, start_agent, stop_agent
+from tests._agent_client import AgentClient, AgentConn
+from tests._agent_process import AgentProc, start_agent, stop_agent
+from tests.cli.conftest import Mirrord, temp_mirrord
 
 _APP = Path(__file__).with_name("_local_app.py")
 
@@ -38,6 +41,33 @@ def python_app_in_pod(pod: LocalPod, app: str, port: int, library_dir: str) -> I
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def mirrord() -> Iterator[Mirrord]:
+    with temp_mirrord("mrdi") as cli:
+        yield cli
+
+
+def run_filtered_steal(
+    mirrord: Mirrord,
+    pod: LocalPod,
+    config: Path,
+    *,
+    app: str,
+    name: str,
+    port: int,
+    http_filter: Mapping[str, object],
+) -> subprocess.Popen[str]:
+    """`mirrord run` of the test app `app` (`APP NAME 0.0.0.0 PORT`) with a config (written to
+    `config`) that steals `port` of `pod` with `http_filter`; returns once the app listens."""
+    incoming = {"mode": "steal", "http_filter": {**http_filter, "ports": [port]}}
+    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
+    argv = [sys.executable, app, name, "0.0.0.0", str(port)]
+    proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == str(port)
+    return proc
 
 
 @pytest.fixture
@@ -89,7 +119,7 @@ def pod_app(pod: LocalPod) -> Iterator[int]:
 
 
 @pytest.fixture
-def steal_agent(pod: LocalPod) -> Iterator[Agent]:
+def steal_agent(pod: LocalPod) -> Iterator[AgentProc]:
     agent = start_agent(f"pid/{pod.pid}")
     try:
         yield agent
@@ -97,7 +127,7 @@ def steal_agent(pod: LocalPod) -> Iterator[Agent]:
         stop_agent(agent)
 
 
-async def relay_to_app(conn: Conn, app_port: int) -> None:
+async def relay_to_app(conn: AgentConn, app_port: int) -> None:
     """What the daemon does with an IncomingConnection: connect to the app, copy both ways."""
     app = await anyio.connect_tcp("127.0.0.1", app_port)
 
@@ -132,13 +162,13 @@ async def serve_channel(
     client: AgentClient,
     channel: int,
     app_port: int | None,
-    seen: list[Conn],
+    seen: list[AgentConn],
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept the channel's incoming connections; relay them to the app (or just record
     them when `app_port` is None)."""
-    tx, rx = anyio.create_memory_object_stream[Conn](math.inf)
+    tx, rx = anyio.create_memory_object_stream[AgentConn](math.inf)
     client.incoming[channel] = tx
     task_status.started()
     try:
@@ -150,6 +180,21 @@ async def serve_channel(
     finally:
         client.incoming.pop(channel, None)
         tx.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    agent: AgentProc, app_port: int | None
+) -> AsyncIterator[tuple[AgentClient, list[AgentConn]]]:
+    """A client of `agent` with channel 1 open and its incoming connections served (relayed to
+    the app on `app_port`, or only recorded when None): (client, the connections seen)."""
+    async with AgentClient.open(agent) as client:
+        await client.open_channel(1)
+        seen: list[AgentConn] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_channel, client, 1, app_port, seen)
+            yield client, seen
+            tg.cancel_scope.cancel()
 
 
 async def subscribe(

@@ -15,24 +15,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mirrord.localpod import LocalPod
-from tests.cli.conftest import MIRRORD, Mirrord, temp_mirrord
+from tests.cli.conftest import MIRRORD, Mirrord
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 APP = str(Path(__file__).with_name("_local_app.py"))
-
-
-@pytest.fixture
-def mirrord() -> Iterator[Mirrord]:
-    with temp_mirrord("mrdi") as cli:
-        yield cli
 
 
 def get(

@@ -23,20 +23,14 @@ import grpc
 import pytest
 
 from mirrord.localpod import LocalPod
-from tests.cli.conftest import Mirrord, temp_mirrord
-from tests.incoming.conftest import python_app_in_pod
+from tests.cli.conftest import Mirrord
+from tests.incoming.conftest import python_app_in_pod, run_filtered_steal
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 GRPC_APP = str(Path(__file__).with_name("_grpc_app.py"))
 PORT = 8095
-
-
-@pytest.fixture
-def mirrord() -> Iterator[Mirrord]:
-    with temp_mirrord("mrdg") as cli:
-        yield cli
 
 
 @pytest.fixture
@@ -80,14 +74,11 @@ def test_grpc_calls_with_x_user_alice_reach_the_user_app_the_rest_the_pod(
     mirrord: Mirrord, grpc_pod: LocalPod, tmp_path: Path
 ) -> None:
     pod = grpc_pod
+    http_filter = {"header_filter": "^x-user: alice$"}
     config = tmp_path / "mirrord.json"
-    http_filter = {"header_filter": "^x-user: alice$", "ports": [PORT]}
-    incoming = {"mode": "steal", "http_filter": http_filter}
-    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
-    argv = [sys.executable, GRPC_APP, "user-app", "0.0.0.0", str(PORT)]
-    app = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
-    assert app.stdout is not None
-    assert app.stdout.readline().strip() == str(PORT)
+    app = run_filtered_steal(
+        mirrord, pod, config, app=GRPC_APP, name="user-app", port=PORT, http_filter=http_filter
+    )
     try:
         with grpc.insecure_channel(f"{pod.ip}:{PORT}") as channel:
             # the subscription follows listen() asynchronously
@@ -133,14 +124,18 @@ def test_two_sessions_with_alice_and_bob_filters_share_one_grpc_port(
     try:
         for user in ("alice", "bob"):
             config = tmp_path / f"{user}.json"
-            http_filter = {"header_filter": f"^x-user: {user}$", "ports": [PORT]}
-            incoming = {"mode": "steal", "http_filter": http_filter}
-            config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
-            argv = [sys.executable, GRPC_APP, f"{user}-app", "0.0.0.0", str(PORT)]
-            proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
-            apps.append(proc)
-            assert proc.stdout is not None
-            assert int(proc.stdout.readline()) > 0
+            http_filter = {"header_filter": f"^x-user: {user}$"}
+            apps.append(
+                run_filtered_steal(
+                    mirrord,
+                    pod,
+                    config,
+                    app=GRPC_APP,
+                    name=f"{user}-app",
+                    port=PORT,
+                    http_filter=http_filter,
+                )
+            )
         with grpc.insecure_channel(f"{pod.ip}:{PORT}") as channel:
             for user in ("alice", "bob"):
                 wait_for(functools.partial(_answered_by_own_app, channel, user), 20)
@@ -169,15 +164,17 @@ def test_a_path_filter_steals_one_method_and_a_cancelled_call_reaches_the_user_a
     mirrord: Mirrord, grpc_pod: LocalPod, tmp_path: Path
 ) -> None:
     pod = grpc_pod
-    config = tmp_path / "mirrord.json"
     criteria = [{"path": "^/mirrord\\.Echo/Say$"}, {"header": "^x-user: alice$"}]
-    http_filter = {"any_of": criteria, "ports": [PORT]}
-    incoming = {"mode": "steal", "http_filter": http_filter}
-    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
-    argv = [sys.executable, GRPC_APP, "user-app", "0.0.0.0", str(PORT)]
-    app = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
-    assert app.stdout is not None
-    assert app.stdout.readline().strip() == str(PORT)
+    config = tmp_path / "mirrord.json"
+    app = run_filtered_steal(
+        mirrord,
+        pod,
+        config,
+        app=GRPC_APP,
+        name="user-app",
+        port=PORT,
+        http_filter={"any_of": criteria},
+    )
     try:
         with grpc.insecure_channel(f"{pod.ip}:{PORT}") as channel:
             wait_for(lambda: say(channel, "probe", "bob").startswith("user-app"), 20)
@@ -192,6 +189,7 @@ def test_a_path_filter_steals_one_method_and_a_cancelled_call_reaches_the_user_a
             assert next(answers) == b"user-app first x-user=alice"
             answers.cancel()
             try:
+                assert app.stdout is not None
                 assert _readline(app.stdout, 30).strip() == "chat ended x-user=alice"
             finally:
                 outbox.put(None)  # (lets grpc's request thread go)

@@ -19,21 +19,22 @@ import h2
 import pytest
 
 from mirrord.localpod import LocalPod
-from tests.cli.conftest import Mirrord, temp_mirrord
-from tests.incoming._daemon import Agent, AgentClient, Conn
-from tests.incoming.conftest import python_app_in_pod, serve_channel, subscribe
+from tests._agent_client import AgentClient, AgentConn
+from tests._agent_process import AgentProc
+from tests.cli.conftest import Mirrord
+from tests.incoming.conftest import (
+    python_app_in_pod,
+    run_filtered_steal,
+    serve_channel,
+    serving,
+    subscribe,
+)
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 H2_APP = str(Path(__file__).with_name("_h2_app.py"))
 PORT = 8090
-
-
-@pytest.fixture
-def mirrord() -> Iterator[Mirrord]:
-    with temp_mirrord("mrdh") as cli:
-        yield cli
 
 
 @pytest.fixture
@@ -102,14 +103,11 @@ def test_h2c_streams_matching_the_filter_reach_the_user_app_the_rest_the_pod(
 ) -> None:
     pod = h2_pod
     assert curl_h2(pod, "/before", "alice") == "pod GET /before x-user=alice\n"
+    http_filter = {"header_filter": "^x-user: alice$"}
     config = tmp_path / "mirrord.json"
-    http_filter = {"header_filter": "^x-user: alice$", "ports": [PORT]}
-    incoming = {"mode": "steal", "http_filter": http_filter}
-    config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
-    argv = [sys.executable, H2_APP, "user-app", "0.0.0.0", str(PORT)]
-    app = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
-    assert app.stdout is not None
-    assert app.stdout.readline().strip() == str(PORT)
+    app = run_filtered_steal(
+        mirrord, pod, config, app=H2_APP, name="user-app", port=PORT, http_filter=http_filter
+    )
     try:
         # the subscription follows listen() asynchronously: wait until alice's are stolen
         wait_for(lambda: curl_h2(pod, "/probe", "alice").startswith("user-app"), 20)
@@ -163,30 +161,25 @@ def user_h2_app() -> Iterator[int]:
 
 @pytest.mark.anyio
 async def test_agent_routes_h2c_streams_to_the_session_and_the_pod(
-    h2_pod: LocalPod, steal_agent: Agent, user_h2_app: int
+    h2_pod: LocalPod, steal_agent: AgentProc, user_h2_app: int
 ) -> None:
     """The agent alone, with the daemon's relay played by the test: each matched stream is an
     IncomingConnection of its own carrying an HTTP/2 connection to the user app."""
     pod = h2_pod
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, user_h2_app, seen)
-            await subscribe(client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"})
-            get = anyio.to_thread.run_sync
-            assert await get(curl_h2, pod, "/a", "alice") == "user-app GET /a x-user=alice\n"
-            assert await get(curl_h2, pod, "/b", "bob") == "pod GET /b x-user=bob\n"
-            requests = [("/1", "alice", 0), ("/2", None, 0), ("/3", "alice", 100_000)]
-            result = await get(node_h2, pod, requests)
-            assert result["sockets"] == 1
-            assert result["answers"] == [
-                [200, 29, "user-app GET /1 x-user=alice"],
-                [200, 19, "pod GET /2 x-user="],
-                [200, 100_030, "user-app POST /3 x-user=alice"],
-            ]
-            assert len(seen) == 3  # one IncomingConnection per matched stream
-            tg.cancel_scope.cancel()
+    async with serving(steal_agent, user_h2_app) as (client, seen):
+        await subscribe(client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"})
+        get = anyio.to_thread.run_sync
+        assert await get(curl_h2, pod, "/a", "alice") == "user-app GET /a x-user=alice\n"
+        assert await get(curl_h2, pod, "/b", "bob") == "pod GET /b x-user=bob\n"
+        requests = [("/1", "alice", 0), ("/2", None, 0), ("/3", "alice", 100_000)]
+        result = await get(node_h2, pod, requests)
+        assert result["sockets"] == 1
+        assert result["answers"] == [
+            [200, 29, "user-app GET /1 x-user=alice"],
+            [200, 19, "pod GET /2 x-user="],
+            [200, 100_030, "user-app POST /3 x-user=alice"],
+        ]
+        assert len(seen) == 3  # one IncomingConnection per matched stream
 
 
 def _http1_upgrade_get(pod: LocalPod, path: str, user: str) -> tuple[int, bytes]:
@@ -207,13 +200,13 @@ def _http1_upgrade_get(pod: LocalPod, path: str, user: str) -> tuple[int, bytes]
 
 @pytest.mark.anyio
 async def test_an_h2c_upgrade_to_an_http1_pod_app_stays_http1(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     """The pod's app on 8080 speaks HTTP/1.1 only: the agent does not switch; the request is
     filtered as HTTP/1.1 and answered as it would be without mirrord."""
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, local_app("user-app"), seen)
             await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
@@ -274,14 +267,14 @@ def test_mirror_copies_each_h2c_stream_its_filter_matches(
 
 @pytest.mark.anyio
 async def test_an_http1_only_user_app_behind_a_matched_h2_stream_gets_a_clear_502(
-    h2_pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    h2_pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     """The session's user app speaks HTTP/1.1 only: a stream its filter matches is not
     translated; the client gets 502 saying why and what to do; other streams are unaffected."""
     pod = h2_pod
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, local_app("user-app"), seen)
             await subscribe(client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"})

@@ -28,8 +28,9 @@ import pytest
 import trustme
 
 from mirrord.localpod import LocalPod
+from tests._agent_client import AgentClient, AgentConn, AgentError
+from tests._agent_process import AgentProc
 from tests.cli.conftest import Mirrord, temp_mirrord
-from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn
 from tests.incoming.conftest import serve_channel, subscribe
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 
@@ -238,7 +239,7 @@ def h2_over_tls(
 @pytest.mark.parametrize("delivery", ["tls", "tcp"])
 async def test_https_requests_matching_the_filter_reach_the_user_app_the_rest_the_pod(
     tls_pod: LocalPod,
-    steal_agent: Agent,
+    steal_agent: AgentProc,
     user_app: Callable[[bool], int],
     certs: dict[str, Path],
     delivery: str,
@@ -248,7 +249,7 @@ async def test_https_requests_matching_the_filter_reach_the_user_app_the_rest_th
     app_port = user_app(delivery == "tls")
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, app_port, seen)
             await subscribe(
@@ -318,7 +319,7 @@ async def test_https_requests_matching_the_filter_reach_the_user_app_the_rest_th
 )
 async def test_tls_delivery_checks_the_user_apps_certificate(
     tls_pod: LocalPod,
-    steal_agent: Agent,
+    steal_agent: AgentProc,
     user_app: Callable[[bool], int],
     certs: dict[str, Path],
     trust: str,
@@ -338,7 +339,7 @@ async def test_tls_delivery_checks_the_user_apps_certificate(
     app_port = user_app(True)
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, app_port, seen)
             flt: dict[str, object] = {"header_filter": "^x-user: alice$"}
@@ -360,7 +361,10 @@ def plain_get(pod: LocalPod, path: str, user: str) -> str:
 
 @pytest.mark.anyio
 async def test_plain_http_an_idle_pod_connection_and_a_pod_app_without_tls(
-    tls_pod: LocalPod, steal_agent: Agent, user_app: Callable[[bool], int], certs: dict[str, Path]
+    tls_pod: LocalPod,
+    steal_agent: AgentProc,
+    user_app: Callable[[bool], int],
+    certs: dict[str, Path],
 ) -> None:
     """With a certificate, a client speaking plain HTTP on the port is filtered as before; the
     pod's app closing an idle TLS keep-alive connection is noticed: the next unmatched request
@@ -371,7 +375,7 @@ async def test_plain_http_an_idle_pod_connection_and_a_pod_app_without_tls(
     app_port = user_app(False)
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, app_port, seen)
             flt: dict[str, object] = {
@@ -404,7 +408,7 @@ async def test_plain_http_an_idle_pod_connection_and_a_pod_app_without_tls(
 
 @pytest.mark.anyio
 async def test_without_a_certificate_tls_passes_to_the_pod_untouched(
-    tls_pod: LocalPod, steal_agent: Agent, certs: dict[str, Path]
+    tls_pod: LocalPod, steal_agent: AgentProc, certs: dict[str, Path]
 ) -> None:
     """A filtered steal of the port, no certificate: the client's TLS reaches the pod's app
     itself (its certificate, its answer), whatever the headers inside."""
@@ -412,7 +416,7 @@ async def test_without_a_certificate_tls_passes_to_the_pod_untouched(
     get = anyio.to_thread.run_sync
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, None, seen)
             await subscribe(client, 1, PORT, "steal", {"header_filter": "^x-user: alice$"})
@@ -431,7 +435,7 @@ async def test_without_a_certificate_tls_passes_to_the_pod_untouched(
 
 @pytest.mark.anyio
 async def test_a_bad_certificate_is_refused_and_the_port_stays_the_pods(
-    tls_pod: LocalPod, steal_agent: Agent, certs: dict[str, Path], ca: trustme.CA
+    tls_pod: LocalPod, steal_agent: AgentProc, certs: dict[str, Path], ca: trustme.CA
 ) -> None:
     pod = tls_pod
     wire = tls_wire(certs)
@@ -464,7 +468,7 @@ def grpc_say(
 
 @pytest.mark.anyio
 async def test_grpc_over_tls_calls_are_routed_by_metadata(
-    pod: LocalPod, steal_agent: Agent, certs: dict[str, Path]
+    pod: LocalPod, steal_agent: AgentProc, certs: dict[str, Path]
 ) -> None:
     """grpcio over TLS (ALPN h2) to a pod whose gRPC app serves TLS: alice's calls reach the
     user app (a plain gRPC server: tls_delivery "tcp"), the others the pod's app, on one
@@ -482,7 +486,7 @@ async def test_grpc_over_tls_calls_are_routed_by_metadata(
         app_port = int(user.stdout.readline())
         async with AgentClient.open(steal_agent) as client:
             await client.open_channel(1)
-            seen: list[Conn] = []
+            seen: list[AgentConn] = []
             async with anyio.create_task_group() as tg:
                 await tg.start(serve_channel, client, 1, app_port, seen)
                 flt: dict[str, object] = {"header_filter": "^x-user: alice$", "ports": [GRPC_PORT]}

@@ -9,7 +9,6 @@ import http.client
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -21,25 +20,12 @@ import pytest
 from mirrord.agent._http_filter import CLOSED, RequestSplitter, RequestStarted
 from mirrord.localpod import LocalPod
 from mirrord.protocol import messages as m
-from tests.incoming._daemon import Agent, AgentClient, AgentError, Conn, start_agent, stop_agent
-from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
+from tests._agent_client import AgentClient, AgentConn, AgentError
+from tests._agent_process import AgentProc, start_agent, stop_agent
+from tests.incoming.conftest import serve_channel, serving, subscribe, unsubscribe
+from tests.incoming.test_steal_rules import ours as our_rules
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
-
-
-def ruleset(pod: LocalPod) -> str:
-    script = "iptables-nft-save; iptables-legacy-save; nft list ruleset"
-    return subprocess.run(
-        ["ip", "netns", "exec", pod.netns, "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    ).stdout
-
-
-def our_rules(pod: LocalPod) -> list[str]:
-    return [line for line in ruleset(pod).splitlines() if "MRD_" in line or "mirrord_" in line]
 
 
 def http_request(
@@ -65,152 +51,132 @@ async def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 async def test_steal_answers_every_method_from_the_user_app_then_the_pod_again(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, app_port, seen)
-            reply = await subscribe(client, 1, 8080, "steal")
-            assert reply.warnings == []
-            assert any("MRD_" in line for line in our_rules(pod))
-            for method in ("GET", "POST", "PUT", "DELETE"):
-                body = b"payload-" + method.encode() if method in ("POST", "PUT") else None
-                status, out = await in_thread(http_request, pod.ip, method, "/items/7", body=body)
-                assert status == 200
-                assert out == f"local {method} /items/7 x-user=\n".encode() + (body or b"")
-            assert len(seen) == 4
-            await unsubscribe(client, 1, 8080)
-            status, out = await in_thread(http_request, pod.ip, "GET", "/items/7")
-            assert out == b"pod GET /items/7\n"
-            with anyio.fail_after(10):
-                while our_rules(pod):
-                    await anyio.sleep(0.05)
-            tg.cancel_scope.cancel()
+    async with serving(steal_agent, app_port) as (client, seen):
+        reply = await subscribe(client, 1, 8080, "steal")
+        assert reply.warnings == []
+        assert any("MRD_" in line for line in our_rules(pod))
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            body = b"payload-" + method.encode() if method in ("POST", "PUT") else None
+            status, out = await in_thread(http_request, pod.ip, method, "/items/7", body=body)
+            assert status == 200
+            assert out == f"local {method} /items/7 x-user=\n".encode() + (body or b"")
+        assert len(seen) == 4
+        await unsubscribe(client, 1, 8080)
+        status, out = await in_thread(http_request, pod.ip, "GET", "/items/7")
+        assert out == b"pod GET /items/7\n"
+        with anyio.fail_after(10):
+            while our_rules(pod):
+                await anyio.sleep(0.05)
     assert our_rules(pod) == []
 
 
 async def test_steal_reports_the_real_peer_and_original_destination(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, None, seen)
-            await subscribe(client, 1, 7777, "steal")
-            sock = await anyio.connect_tcp(pod.ip, 7777)
-            async with sock:
-                with anyio.fail_after(10):
-                    while not seen:
-                        await anyio.sleep(0.01)
-                await sock.send(b"hello")
-                assert await seen[0].receive_exactly(5) == b"hello"
-                await seen[0].send(b"from the user app")
-                assert await sock.receive() == b"from the user app"
-                local = sock.extra(anyio.abc.SocketAttribute.local_address)
-                assert local[0] == pod.host_ip
-            announce = seen[0].announce
-            assert announce.conn_id % 2 == 1  # the agent's conn ids are odd
-            assert announce.mode == "steal"
-            assert (announce.remote_address, announce.remote_port) == local
-            assert (announce.local_address, announce.local_port) == (pod.ip, 7777)
-            tg.cancel_scope.cancel()
+    async with serving(steal_agent, None) as (client, seen):
+        await subscribe(client, 1, 7777, "steal")
+        sock = await anyio.connect_tcp(pod.ip, 7777)
+        async with sock:
+            with anyio.fail_after(10):
+                while not seen:
+                    await anyio.sleep(0.01)
+            await sock.send(b"hello")
+            assert await seen[0].receive_exactly(5) == b"hello"
+            await seen[0].send(b"from the user app")
+            assert await sock.receive() == b"from the user app"
+            local = sock.extra(anyio.abc.SocketAttribute.local_address)
+            assert local[0] == pod.host_ip
+        announce = seen[0].announce
+        assert announce.conn_id % 2 == 1  # the agent's conn ids are odd
+        assert announce.mode == "steal"
+        assert (announce.remote_address, announce.remote_port) == local
+        assert (announce.local_address, announce.local_port) == (pod.ip, 7777)
 
 
 async def test_answer_shutdown_and_close_in_one_write_still_reach_the_stolen_peer(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     """The daemon's last Data, its Shutdown and its clean ConnClose often arrive in one read
     (a fast user app): the agent writes the answer and the EOF before it closes the socket."""
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, None, seen)
-            await subscribe(client, 1, 7777, "steal")
-            for round_ in range(20):  # each round a new stolen connection
-                sock = await anyio.connect_tcp(pod.ip, 7777)
-                async with sock:
-                    question = b"question %d" % round_
-                    await sock.send(question)
-                    await sock.send_eof()
-                    with anyio.fail_after(10):
-                        while len(seen) <= round_:
-                            await anyio.sleep(0.01)
-                        conn = seen[round_]
-                        assert await conn.receive_all() == question  # then the peer's EOF
-                    answer = b"answer %d " % round_ + os.urandom(4096)
-                    frames = b"".join(
-                        client.conn.send(msg, 1)
-                        for msg in (
-                            m.Data(conn_id=conn.conn_id, data=answer),
-                            m.Shutdown(conn_id=conn.conn_id),
-                            m.ConnClose(conn_id=conn.conn_id, errno=0),
-                        )
+    async with serving(steal_agent, None) as (client, seen):
+        await subscribe(client, 1, 7777, "steal")
+        for round_ in range(20):  # each round a new stolen connection
+            sock = await anyio.connect_tcp(pod.ip, 7777)
+            async with sock:
+                question = b"question %d" % round_
+                await sock.send(question)
+                await sock.send_eof()
+                with anyio.fail_after(10):
+                    while len(seen) <= round_:
+                        await anyio.sleep(0.01)
+                    conn = seen[round_]
+                    assert await conn.receive_all() == question  # then the peer's EOF
+                answer = b"answer %d " % round_ + os.urandom(4096)
+                frames = b"".join(
+                    client.conn.send(msg, 1)
+                    for msg in (
+                        m.Data(conn_id=conn.conn_id, data=answer),
+                        m.Shutdown(conn_id=conn.conn_id),
+                        m.ConnClose(conn_id=conn.conn_id, errno=0),
                     )
-                    await client.send_raw(frames)
-                    got = bytearray()
-                    with anyio.fail_after(10):
-                        while True:
-                            try:
-                                got += await sock.receive()
-                            except anyio.EndOfStream:
-                                break
-                    assert bytes(got) == answer, f"round {round_ + 1}: {len(got)} bytes"
-            tg.cancel_scope.cancel()
+                )
+                await client.send_raw(frames)
+                got = bytearray()
+                with anyio.fail_after(10):
+                    while True:
+                        try:
+                            got += await sock.receive()
+                        except anyio.EndOfStream:
+                            break
+                assert bytes(got) == answer, f"round {round_ + 1}: {len(got)} bytes"
 
 
 async def test_open_connection_survives_the_steal_and_ending_it_resets_nothing(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
     before = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
     try:
         before.request("GET", "/one")
         assert before.getresponse().read() == b"pod GET /one\n"
-        async with AgentClient.open(steal_agent) as client:
-            await client.open_channel(1)
-            seen: list[Conn] = []
-            async with anyio.create_task_group() as tg:
-                await tg.start(serve_channel, client, 1, app_port, seen)
-                await subscribe(client, 1, 8080, "steal")
+        async with serving(steal_agent, app_port) as (client, _seen):
+            await subscribe(client, 1, 8080, "steal")
 
-                def keep_alive(path: str) -> bytes:
-                    before.request("GET", path)
-                    return before.getresponse().read()
+            def keep_alive(path: str) -> bytes:
+                before.request("GET", path)
+                return before.getresponse().read()
 
-                # Open before the steal: still the pod's (only SYNs are redirected).
-                assert await in_thread(keep_alive, "/two") == b"pod GET /two\n"
-                stolen = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
+            # Open before the steal: still the pod's (only SYNs are redirected).
+            assert await in_thread(keep_alive, "/two") == b"pod GET /two\n"
+            stolen = http.client.HTTPConnection(pod.ip, 8080, timeout=10)
 
-                def on_stolen(path: str) -> bytes:
-                    stolen.request("GET", path)
-                    return stolen.getresponse().read()
+            def on_stolen(path: str) -> bytes:
+                stolen.request("GET", path)
+                return stolen.getresponse().read()
 
-                assert await in_thread(on_stolen, "/three") == b"local GET /three x-user=\n"
-                await unsubscribe(client, 1, 8080)
-                # Neither connection is reset by the end of the steal.
-                assert await in_thread(on_stolen, "/four") == b"local GET /four x-user=\n"
-                assert await in_thread(keep_alive, "/five") == b"pod GET /five\n"
-                stolen.close()
-                assert await in_thread(http_request, pod.ip, "GET", "/six") == (
-                    200,
-                    b"pod GET /six\n",
-                )
-                tg.cancel_scope.cancel()
+            assert await in_thread(on_stolen, "/three") == b"local GET /three x-user=\n"
+            await unsubscribe(client, 1, 8080)
+            # Neither connection is reset by the end of the steal.
+            assert await in_thread(on_stolen, "/four") == b"local GET /four x-user=\n"
+            assert await in_thread(keep_alive, "/five") == b"pod GET /five\n"
+            stolen.close()
+            assert await in_thread(http_request, pod.ip, "GET", "/six") == (
+                200,
+                b"pod GET /six\n",
+            )
     finally:
         before.close()
 
 
 async def test_mirror_1000_requests_on_20_keep_alive_connections(
-    pod: LocalPod, pod_app: int, steal_agent: Agent
+    pod: LocalPod, pod_app: int, steal_agent: AgentProc
 ) -> None:
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
-        seen: list[Conn] = []
+        seen: list[AgentConn] = []
         streams: dict[int, bytes] = {}
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, client, 1, None, seen)
@@ -239,7 +205,7 @@ async def test_mirror_1000_requests_on_20_keep_alive_connections(
             assert len(answers) == 1000
             assert all(a.startswith(b"pod-app POST /c") for a in answers)
 
-            async def collect(conn: Conn) -> None:
+            async def collect(conn: AgentConn) -> None:
                 streams[conn.conn_id] = await conn.receive_all()
 
             # Mirror works per HTTP request: each request of the 20 kept-alive connections is
@@ -286,7 +252,7 @@ async def test_mirror_1000_requests_on_20_keep_alive_connections(
 
 
 async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the_pod(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     alice_port, bob_port = local_app("alice-app"), local_app("bob-app")
     async with (
@@ -295,8 +261,8 @@ async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the
     ):
         await alice.open_channel(1)
         await bob.open_channel(1)
-        seen_a: list[Conn] = []
-        seen_b: list[Conn] = []
+        seen_a: list[AgentConn] = []
+        seen_b: list[AgentConn] = []
         async with anyio.create_task_group() as tg:
             await tg.start(serve_channel, alice, 1, alice_port, seen_a)
             await tg.start(serve_channel, bob, 1, bob_port, seen_b)
@@ -339,58 +305,48 @@ async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the
 
 
 async def test_matched_upgrade_hands_the_whole_connection_to_the_session(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, app_port, seen)
-            await subscribe(client, 1, 8080, "steal", {"path_filter": "^/ws$"})
-            sock = await anyio.connect_tcp(pod.ip, 8080)
-            async with sock:
-                await sock.send(
-                    b"GET /ws HTTP/1.1\r\nHost: pod\r\nUpgrade: shout\r\nConnection: Upgrade\r\n\r\n"
-                )
-                got = b""
-                with anyio.fail_after(10):
-                    while b"\r\n\r\n" not in got:
-                        got += await sock.receive()
-                assert got.startswith(b"HTTP/1.1 101")
-                await sock.send(b"now raw bytes")
-                echoed = b""
-                with anyio.fail_after(10):
-                    while len(echoed) < 13:
-                        echoed += await sock.receive()
-                assert echoed == b"NOW RAW BYTES"
-            tg.cancel_scope.cancel()
+    async with serving(steal_agent, app_port) as (client, _seen):
+        await subscribe(client, 1, 8080, "steal", {"path_filter": "^/ws$"})
+        sock = await anyio.connect_tcp(pod.ip, 8080)
+        async with sock:
+            await sock.send(
+                b"GET /ws HTTP/1.1\r\nHost: pod\r\nUpgrade: shout\r\nConnection: Upgrade\r\n\r\n"
+            )
+            got = b""
+            with anyio.fail_after(10):
+                while b"\r\n\r\n" not in got:
+                    got += await sock.receive()
+            assert got.startswith(b"HTTP/1.1 101")
+            await sock.send(b"now raw bytes")
+            echoed = b""
+            with anyio.fail_after(10):
+                while len(echoed) < 13:
+                    echoed += await sock.receive()
+            assert echoed == b"NOW RAW BYTES"
 
 
 async def test_non_http_bytes_on_a_filtered_port_reach_the_pod_untouched(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, None, seen)
-            await subscribe(client, 1, 7777, "steal", {"header_filter": "x-user: alice"})
-            payload = bytes(range(256)) * 64
-            sock = await anyio.connect_tcp(pod.ip, 7777)  # the pod's echo server
-            async with sock:
-                await sock.send(payload)
-                echoed = b""
-                with anyio.fail_after(10):
-                    while len(echoed) < len(payload):
-                        echoed += await sock.receive()
-            assert echoed == payload
-            assert seen == []
-            tg.cancel_scope.cancel()
+    async with serving(steal_agent, None) as (client, seen):
+        await subscribe(client, 1, 7777, "steal", {"header_filter": "x-user: alice"})
+        payload = bytes(range(256)) * 64
+        sock = await anyio.connect_tcp(pod.ip, 7777)  # the pod's echo server
+        async with sock:
+            await sock.send(payload)
+            echoed = b""
+            with anyio.fail_after(10):
+                while len(echoed) < len(payload):
+                    echoed += await sock.receive()
+        assert echoed == payload
+        assert seen == []
 
 
 async def test_unfiltered_steal_of_a_stolen_port_is_refused_clearly(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     async with (
         AgentClient.open(steal_agent) as one,
@@ -409,7 +365,7 @@ async def test_unfiltered_steal_of_a_stolen_port_is_refused_clearly(
 
 
 async def test_agent_sigkill_guard_removes_every_rule_within_2s(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
@@ -445,19 +401,14 @@ async def test_agent_option_picks_the_nft_backend_and_cleans_stale_rules(
     env = {"MIRRORD_AGENT_NFTABLES": "true", "MIRRORD_AGENT_CLEAN_IPTABLES_ON_START": "true"}
     agent = start_agent(f"pid/{pod.pid}", env=env)
     try:
-        async with AgentClient.open(agent) as client:
-            await client.open_channel(1)
-            seen: list[Conn] = []
-            async with anyio.create_task_group() as tg:
-                await tg.start(serve_channel, client, 1, app_port, seen)
-                await subscribe(client, 1, 8080, "steal")
-                rules = our_rules(pod)
-                assert any("table ip mirrord_" in line for line in rules)
-                assert not any("MRD_" in line for line in rules)  # the stale chains are gone
-                _, body = await in_thread(http_request, pod.ip, "GET", "/nft")
-                assert body == b"local GET /nft x-user=\n"
-                await unsubscribe(client, 1, 8080)
-                tg.cancel_scope.cancel()
+        async with serving(agent, app_port) as (client, _seen):
+            await subscribe(client, 1, 8080, "steal")
+            rules = our_rules(pod)
+            assert any("table ip mirrord_" in line for line in rules)
+            assert not any("MRD_" in line for line in rules)  # the stale chains are gone
+            _, body = await in_thread(http_request, pod.ip, "GET", "/nft")
+            assert body == b"local GET /nft x-user=\n"
+            await unsubscribe(client, 1, 8080)
     finally:
         stop_agent(agent)
     assert our_rules(pod) == []
@@ -497,7 +448,7 @@ while True:
 
 
 async def test_a_server_first_protocol_on_a_filtered_port_reaches_the_pod(
-    pod: LocalPod, steal_agent: Agent
+    pod: LocalPod, steal_agent: AgentProc
 ) -> None:
     server = pod.popen_in_pod([os.path.realpath(sys.executable), "-c", SERVER_FIRST])
     assert server.stdout is not None
@@ -521,7 +472,7 @@ async def test_a_server_first_protocol_on_a_filtered_port_reaches_the_pod(
 
 
 async def test_on_concurrent_steal_override_takes_the_port_over(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     first_app, second_app = local_app("first"), local_app("second")
     async with (
@@ -531,8 +482,8 @@ async def test_on_concurrent_steal_override_takes_the_port_over(
     ):
         await one.open_channel(1)
         await two.open_channel(1)
-        seen_one: list[Conn] = []
-        seen_two: list[Conn] = []
+        seen_one: list[AgentConn] = []
+        seen_two: list[AgentConn] = []
         await tg.start(serve_channel, one, 1, first_app, seen_one)
         await tg.start(serve_channel, two, 1, second_app, seen_two)
         await subscribe(one, 1, 8080, "steal")
@@ -557,80 +508,67 @@ def _get(pod: LocalPod, path: str) -> bytes:
 
 
 async def test_pipelined_requests_to_session_and_pod_are_answered_in_order(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, app_port, seen)
-            await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
-            users = ["alice", "", "alice", "bob", "alice", ""]
-            wire = b"".join(
-                f"POST /p{i} HTTP/1.1\r\nHost: pod\r\nContent-Length: 1\r\n".encode()
-                + (f"x-user: {u}\r\n".encode() if u else b"")
-                + b"\r\nZ"
-                for i, u in enumerate(users)
-            )
-            sock = await anyio.connect_tcp(pod.ip, 8080)
-            async with sock:
-                await sock.send(wire)  # all six at once: pipelined
-                got = b""
-                with anyio.fail_after(15):
-                    while got.count(b"HTTP/1.1 200") < len(users) or not got.endswith(b"Z"):
-                        got += await sock.receive()
-            bodies = [part.split(b"\r\n\r\n", 1)[1] for part in got.split(b"HTTP/1.1 200")[1:]]
-            expected = [
-                f"local POST /p{i} x-user=alice\nZ".encode()
-                if u == "alice"
-                else f"pod POST /p{i}\nZ".encode()
-                for i, u in enumerate(users)
-            ]
-            assert bodies == expected
-            assert len(seen) == 3
-            tg.cancel_scope.cancel()
+    async with serving(steal_agent, app_port) as (client, seen):
+        await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
+        users = ["alice", "", "alice", "bob", "alice", ""]
+        wire = b"".join(
+            f"POST /p{i} HTTP/1.1\r\nHost: pod\r\nContent-Length: 1\r\n".encode()
+            + (f"x-user: {u}\r\n".encode() if u else b"")
+            + b"\r\nZ"
+            for i, u in enumerate(users)
+        )
+        sock = await anyio.connect_tcp(pod.ip, 8080)
+        async with sock:
+            await sock.send(wire)  # all six at once: pipelined
+            got = b""
+            with anyio.fail_after(15):
+                while got.count(b"HTTP/1.1 200") < len(users) or not got.endswith(b"Z"):
+                    got += await sock.receive()
+        bodies = [part.split(b"\r\n\r\n", 1)[1] for part in got.split(b"HTTP/1.1 200")[1:]]
+        expected = [
+            f"local POST /p{i} x-user=alice\nZ".encode()
+            if u == "alice"
+            else f"pod POST /p{i}\nZ".encode()
+            for i, u in enumerate(users)
+        ]
+        assert bodies == expected
+        assert len(seen) == 3
 
 
 async def test_large_bodies_cross_a_filtered_port_both_ways(
-    pod: LocalPod, steal_agent: Agent, local_app: Callable[[str], int]
+    pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:
     app_port = local_app("local")
     body = bytes(range(256)) * (12 * 1024)  # 3 MiB
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, app_port, seen)
-            await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
+    async with serving(steal_agent, app_port) as (client, _seen):
+        await subscribe(client, 1, 8080, "steal", {"header_filter": "^x-user: alice$"})
 
-            def post(user: str) -> bytes:
-                conn = http.client.HTTPConnection(pod.ip, 8080, timeout=30)
-                try:
-                    conn.request("PUT", "/big", body=body, headers={"x-user": user})
-                    return conn.getresponse().read()
-                finally:
-                    conn.close()
+        def post(user: str) -> bytes:
+            conn = http.client.HTTPConnection(pod.ip, 8080, timeout=30)
+            try:
+                conn.request("PUT", "/big", body=body, headers={"x-user": user})
+                return conn.getresponse().read()
+            finally:
+                conn.close()
 
-            assert await in_thread(post, "alice") == b"local PUT /big x-user=alice\n" + body
-            assert await in_thread(post, "bob") == b"pod PUT /big\n" + body
-            tg.cancel_scope.cancel()
+        assert await in_thread(post, "alice") == b"local PUT /big x-user=alice\n" + body
+        assert await in_thread(post, "bob") == b"pod PUT /big\n" + body
 
 
-async def test_mirror_again_right_after_unsubscribing(pod: LocalPod, steal_agent: Agent) -> None:
-    async with AgentClient.open(steal_agent) as client:
-        await client.open_channel(1)
-        seen: list[Conn] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(serve_channel, client, 1, None, seen)
-            for round_ in range(3):
-                await subscribe(client, 1, 8080, "mirror")
-                _, body = await in_thread(http_request, pod.ip, "GET", f"/again{round_}")
-                assert body == f"pod GET /again{round_}\n".encode()
-                with anyio.fail_after(10):
-                    while len(seen) <= round_:
-                        await anyio.sleep(0.02)
-                copy = await seen[round_].receive_all()
-                assert copy.startswith(f"GET /again{round_} HTTP/1.1\r\n".encode())
-                await unsubscribe(client, 1, 8080)
-            tg.cancel_scope.cancel()
+async def test_mirror_again_right_after_unsubscribing(
+    pod: LocalPod, steal_agent: AgentProc
+) -> None:
+    async with serving(steal_agent, None) as (client, seen):
+        for round_ in range(3):
+            await subscribe(client, 1, 8080, "mirror")
+            _, body = await in_thread(http_request, pod.ip, "GET", f"/again{round_}")
+            assert body == f"pod GET /again{round_}\n".encode()
+            with anyio.fail_after(10):
+                while len(seen) <= round_:
+                    await anyio.sleep(0.02)
+            copy = await seen[round_].receive_all()
+            assert copy.startswith(f"GET /again{round_} HTTP/1.1\r\n".encode())
+            await unsubscribe(client, 1, 8080)

@@ -10,13 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mirrord.localpod import LocalPod
-from tests.cli.conftest import Mirrord, temp_mirrord
+from tests.cli.conftest import Mirrord
 
 pytestmark = pytest.mark.netns
 
@@ -46,12 +45,6 @@ srv = socketserver.ThreadingTCPServer(("0.0.0.0", int(sys.argv[1])), handler)
 print("listening", flush=True)
 srv.serve_forever()
 """
-
-
-@pytest.fixture
-def mirrord() -> Iterator[Mirrord]:
-    with temp_mirrord("mrdq") as cli:
-        yield cli
 
 
 def start_app(

@@ -29,12 +29,12 @@ from mirrord.agent._incoming_netns import (
 from mirrord.agent._steal import AGENT_MARK, StealRules, chain_names
 from mirrord.agent._steal_guard import _jumps, _removal_script
 from mirrord.localpod import LocalPod, PodSpec
-from tests.cli.conftest import Mirrord, temp_mirrord
-from tests.incoming._daemon import AgentClient, start_agent, stop_agent
+from tests._agent_client import AgentClient
+from tests._agent_process import start_agent, stop_agent
+from tests.cli.conftest import Mirrord, processes_mentioning, temp_mirrord
 from tests.incoming.conftest import subscribe, unsubscribe
 from tests.incoming.test_end_to_end import start_app, stop_app, wait_for
 from tests.incoming.test_steal_rules import ours, recv_exact
-from tests.incoming.test_steal_safety import _pids_with
 
 pytestmark = pytest.mark.netns
 
@@ -384,7 +384,7 @@ def test_mirrord_run_ipv6_steal_leaves_no_rule_when_the_agent_is_killed(
 ) -> None:
     app = start_app6(mirrord, pod6, "--steal")
     assert get6(pod6, "/before")[0] == b"local GET /before x-user=\n"
-    (agent,) = _pids_with(b"mirrord.agent\0--target\0pid/%d\0" % pod6.pid)
+    (agent,) = processes_mentioning(b"mirrord.agent\0--target\0pid/%d\0" % pod6.pid)
     assert ours(pod6) != []
     os.kill(agent, signal.SIGKILL)
     wait_for(lambda: no_rule_of_either_family(pod6))

@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -21,8 +23,9 @@ import pytest
 from mirrord.agent._incoming_netns import NetnsRunner
 from mirrord.localpod import LocalPod
 from mirrord.protocol import messages as m
-from tests.cli.conftest import temp_mirrord
-from tests.incoming._daemon import AgentClient, AgentError, Conn, start_agent, stop_agent
+from tests._agent_client import AgentClient, AgentConn, AgentError
+from tests._agent_process import AgentProc, start_agent, stop_agent
+from tests.cli.conftest import processes_mentioning, temp_mirrord
 from tests.incoming.conftest import serve_channel, subscribe, unsubscribe
 from tests.incoming.test_end_to_end import get, start_app, stop_app
 from tests.incoming.test_incoming_agent import http_request
@@ -92,7 +95,7 @@ async def test_a_connection_straight_to_the_steal_listener_is_refused_not_looped
         app_port = local_app("local")
         async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
             await client.open_channel(1)
-            seen: list[Conn] = []
+            seen: list[AgentConn] = []
             await tg.start(serve_channel, client, 1, app_port, seen)
             # Filtered: an unmatched connection is relayed to its original destination, the
             # path that looped.
@@ -188,8 +191,59 @@ def _rules_without_counters(pod: LocalPod) -> list[str]:
 
 
 def _killed(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    """Kill a guard or sentinel left by a failed test (only if that pid is still one)."""
+    if _is_guard(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class _Stealing:
+    """An agent stealing port 8080 of the pod for channel 1 (relayed to the user app), its
+    guard and the guard's sentinel; `watched` lists the guard processes killed at the end."""
+
+    agent: AgentProc
+    client: AgentClient
+    guard: int
+    sentinel: int
+    watched: list[int]
+
+    def kill_agent(self, *first: int) -> float:
+        """SIGKILL the processes `first`, then the agent (at once); when it was killed, once
+        it is reaped."""
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        os.kill(self.agent.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        self.agent.proc.wait(timeout=10)
+        return killed
+
+
+@asynccontextmanager
+async def _stealing(
+    pod: LocalPod,
+    local_app: Callable[[str], int],
+    backend: str,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[_Stealing]:
+    agent = start_agent(
+        f"pid/{pod.pid}", env={"MIRRORD_AGENT_STEAL_BACKEND": backend, **(env or {})}
+    )
+    watched: list[int] = []
+    try:
+        app_port = local_app("local")
+        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
+            await client.open_channel(1)
+            await tg.start(serve_channel, client, 1, app_port, [])
+            await _steal_and_check(client, pod, app_port)
+            guard, sentinel = _guard_and_sentinel(agent.pid)
+            watched += [guard, sentinel]
+            yield _Stealing(agent, client, guard, sentinel, watched)
+            tg.cancel_scope.cancel()
+    finally:
+        stop_agent(agent)
+        for pid in watched:
+            _killed(pid)
 
 
 STEAL_BACKENDS = ["iptables-nft", "nft"]
@@ -199,143 +253,80 @@ STEAL_BACKENDS = ["iptables-nft", "nft"]
 async def test_a_killed_guard_is_replaced_and_the_steal_goes_on(
     pod: LocalPod, local_app: Callable[[str], int], backend: str
 ) -> None:
-    agent = start_agent(f"pid/{pod.pid}", env={"MIRRORD_AGENT_STEAL_BACKEND": backend})
-    sentinels: list[int] = []
-    try:
-        app_port = local_app("local")
-        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
-            await client.open_channel(1)
-            await tg.start(serve_channel, client, 1, app_port, [])
-            await _steal_and_check(client, pod, app_port)
-            guard, sentinel = _guard_and_sentinel(agent.pid)
-            sentinels.append(sentinel)
-            before = _rules_without_counters(pod)
-            os.kill(guard, signal.SIGKILL)
-            await in_thread(
-                _wait,
-                lambda: any(p != guard for p in _children(agent.pid) if _is_guard(p)),
-                10,
-                "a new guard",
-            )
-            await in_thread(
-                _wait, lambda: "the steal guard was restarted" in agent.log(), 10, "restart"
-            )
-            new_guard, new_sentinel = _guard_and_sentinel(agent.pid)
-            sentinels.append(new_sentinel)
-            # The rules were taken over as they were (nothing doubled), the steal works, and
-            # the first sentinel left once its guard had a successor.
-            assert _rules_without_counters(pod) == before
-            status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/y"))
-            assert (status, body.split()[0]) == (200, b"local")
-            await in_thread(_wait, lambda: _gone(sentinel), 10, "the old sentinel's exit")
-            tg.cancel_scope.cancel()
-        os.kill(agent.pid, signal.SIGKILL)
-        agent.proc.wait(timeout=10)
+    async with _stealing(pod, local_app, backend) as st:
+        before = _rules_without_counters(pod)
+        os.kill(st.guard, signal.SIGKILL)
+        await in_thread(
+            _wait,
+            lambda: any(p != st.guard for p in _children(st.agent.pid) if _is_guard(p)),
+            10,
+            "a new guard",
+        )
+        await in_thread(
+            _wait, lambda: "the steal guard was restarted" in st.agent.log(), 10, "restart"
+        )
+        new_guard, new_sentinel = _guard_and_sentinel(st.agent.pid)
+        st.watched += [new_guard, new_sentinel]
+        # The rules were taken over as they were (nothing doubled), the steal works, and
+        # the first sentinel left once its guard had a successor.
+        assert _rules_without_counters(pod) == before
+        status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/y"))
+        assert (status, body.split()[0]) == (200, b"local")
+        await in_thread(_wait, lambda: _gone(st.sentinel), 10, "the old sentinel's exit")
+        st.kill_agent()
         took = await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
         assert took < 2.0, took
         await in_thread(_wait, lambda: _gone(new_guard) and _gone(new_sentinel), 10, "exit")
-        assert "Traceback" not in agent.log()
-    finally:
-        stop_agent(agent)
-        for pid in sentinels:
-            _killed(pid)
+        assert "Traceback" not in st.agent.log()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_guard_then_agent_killed_leave_no_rule(
     pod: LocalPod, local_app: Callable[[str], int], backend: str
 ) -> None:
-    agent = start_agent(f"pid/{pod.pid}", env={"MIRRORD_AGENT_STEAL_BACKEND": backend})
-    sentinel = 0
-    try:
-        app_port = local_app("local")
-        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
-            await client.open_channel(1)
-            await tg.start(serve_channel, client, 1, app_port, [])
-            await _steal_and_check(client, pod, app_port)
-            guard, sentinel = _guard_and_sentinel(agent.pid)
-            # Both at once: the agent has no time to replace its guard.
-            os.kill(guard, signal.SIGKILL)
-            os.kill(agent.pid, signal.SIGKILL)
-            killed = time.monotonic()
-            agent.proc.wait(timeout=10)
-            tg.cancel_scope.cancel()
+    async with _stealing(pod, local_app, backend) as st:
+        killed = st.kill_agent(st.guard)  # both at once: no time to replace the guard
         await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
-        assert time.monotonic() - killed < 2.0 + 0.5  # + the client's teardown above
-        await in_thread(_wait, lambda: _gone(sentinel), 10, "the sentinel's exit")
-    finally:
-        stop_agent(agent)
-        if sentinel:
-            _killed(sentinel)
+        assert time.monotonic() - killed < 2.0 + 0.5
+        await in_thread(_wait, lambda: _gone(st.sentinel), 10, "the sentinel's exit")
 
 
 @pytest.mark.parametrize("backend", STEAL_BACKENDS)
 async def test_agent_killed_leaves_no_rule_and_no_guard(
     pod: LocalPod, local_app: Callable[[str], int], backend: str
 ) -> None:
-    agent = start_agent(f"pid/{pod.pid}", env={"MIRRORD_AGENT_STEAL_BACKEND": backend})
-    guard = sentinel = 0
-    try:
-        app_port = local_app("local")
-        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
-            await client.open_channel(1)
-            await tg.start(serve_channel, client, 1, app_port, [])
-            await _steal_and_check(client, pod, app_port)
-            guard, sentinel = _guard_and_sentinel(agent.pid)
-            os.kill(agent.pid, signal.SIGKILL)
-            killed = time.monotonic()
-            agent.proc.wait(timeout=10)
-            tg.cancel_scope.cancel()
+    async with _stealing(pod, local_app, backend) as st:
+        killed = st.kill_agent()
         await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
         assert time.monotonic() - killed < 2.0 + 0.5
-        await in_thread(_wait, lambda: _gone(guard) and _gone(sentinel), 10, "their exit")
-    finally:
-        stop_agent(agent)
-        for pid in (guard, sentinel):
-            if pid:
-                _killed(pid)
+        await in_thread(_wait, lambda: _gone(st.guard) and _gone(st.sentinel), 10, "their exit")
 
 
 @pytest.mark.parametrize("backend", STEAL_BACKENDS)
 async def test_a_stopped_guard_is_replaced_when_a_change_waits_for_it(
     pod: LocalPod, local_app: Callable[[str], int], backend: str
 ) -> None:
-    agent = start_agent(f"pid/{pod.pid}", env={"MIRRORD_AGENT_STEAL_BACKEND": backend})
-    guard = sentinel = 0
-    try:
-        app_port = local_app("local")
-        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
-            await client.open_channel(1)
-            await tg.start(serve_channel, client, 1, app_port, [])
-            await _steal_and_check(client, pod, app_port)
-            guard, sentinel = _guard_and_sentinel(agent.pid)
-            os.kill(guard, signal.SIGSTOP)
-            # The steal ends while its guard is stopped: that change fails (ETIMEDOUT) or
-            # succeeds, but within seconds the rules are gone all the same.
-            with contextlib.suppress(AgentError):
-                await unsubscribe(client, 1, 8080)
-            await in_thread(_wait, lambda: ours(pod) == [], 15, "the rules' removal")
-            assert _gone(guard)
-            assert "is stopped" in agent.log()
-            status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/z"))
-            assert status == 200 and not body.startswith(b"local")
-            tg.cancel_scope.cancel()
-        assert "Traceback" not in agent.log()
-    finally:
-        stop_agent(agent)
-        for pid in (guard, sentinel):
-            if pid:
-                _killed(pid)
+    async with _stealing(pod, local_app, backend) as st:
+        os.kill(st.guard, signal.SIGSTOP)
+        # The steal ends while its guard is stopped: that change fails (ETIMEDOUT) or
+        # succeeds, but within seconds the rules are gone all the same.
+        with contextlib.suppress(AgentError):
+            await unsubscribe(st.client, 1, 8080)
+        await in_thread(_wait, lambda: ours(pod) == [], 15, "the rules' removal")
+        assert _gone(st.guard)
+        assert "is stopped" in st.agent.log()
+        status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/z"))
+        assert status == 200 and not body.startswith(b"local")
+    assert "Traceback" not in st.agent.log()
 
 
 _DAEMON_SCRIPT = """
 import sys, anyio
-from tests.incoming._daemon import Agent, AgentClient
+from tests._agent_client import AgentClient
 from tests.incoming.conftest import subscribe
 
 async def main() -> None:
-    agent = Agent(None, sys.argv[1], sys.argv[2], None)
-    async with AgentClient.open(agent) as client:
+    async with AgentClient.open_unix(sys.argv[1], sys.argv[2]) as client:
         await client.open_channel(1)
         await subscribe(client, 1, 8080, "steal")
         print("stealing", flush=True)
@@ -378,62 +369,30 @@ def test_a_killed_daemon_leaves_no_rule(pod: LocalPod, backend: str) -> None:
 async def test_a_guard_that_cannot_be_replaced_ends_the_steal_loudly(
     pod: LocalPod, local_app: Callable[[str], int], backend: str
 ) -> None:
-    agent = start_agent(
-        f"pid/{pod.pid}",
-        env={"MIRRORD_AGENT_STEAL_BACKEND": backend, "MIRRORD_AGENT_STEAL_GUARD_RESTARTS": "0"},
-    )
-    sentinel = 0
-    try:
-        app_port = local_app("local")
-        async with AgentClient.open(agent) as client, anyio.create_task_group() as tg:
-            await client.open_channel(1)
-            await client.open_channel(2)  # not stealing: stays
-            await tg.start(serve_channel, client, 1, app_port, [])
-            await _steal_and_check(client, pod, app_port)
-            guard, sentinel = _guard_and_sentinel(agent.pid)
-            os.kill(guard, signal.SIGKILL)
-            killed = time.monotonic()
-            await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
-            assert time.monotonic() - killed < 2.0 + 0.5
-            with anyio.fail_after(10):
-                while not client.fatals:
-                    await anyio.sleep(0.05)
-            ((channel, fatal),) = client.fatals
-            assert (channel, fatal.code) == (1, "steal_lost")
-            assert "steal guard died" in fatal.message
-            assert "steal guard" in agent.log()
-            # The pod's app answers again; the other channel and the agent go on.
-            status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/z"))
-            assert status == 200 and not body.startswith(b"local")
-            reply = await client.request(2, lambda r: m.HostnameRequest(request_id=r))
-            assert isinstance(reply, m.HostnameReply)
-            tg.cancel_scope.cancel()
-        assert "Traceback" not in agent.log()
-    finally:
-        stop_agent(agent)
-        if sentinel:
-            _killed(sentinel)
+    restarts = {"MIRRORD_AGENT_STEAL_GUARD_RESTARTS": "0"}
+    async with _stealing(pod, local_app, backend, restarts) as st:
+        await st.client.open_channel(2)  # not stealing: stays
+        os.kill(st.guard, signal.SIGKILL)
+        killed = time.monotonic()
+        await in_thread(_wait, lambda: ours(pod) == [], 10, "the rules' removal")
+        assert time.monotonic() - killed < 2.0 + 0.5
+        with anyio.fail_after(10):
+            while not st.client.fatals:
+                await anyio.sleep(0.05)
+        ((channel, fatal),) = st.client.fatals
+        assert (channel, fatal.code) == (1, "steal_lost")
+        assert "steal guard died" in fatal.message
+        assert "steal guard" in st.agent.log()
+        # The pod's app answers again; the other channel and the agent go on.
+        status, body = await in_thread(lambda: http_request(pod.ip, "GET", "/z"))
+        assert status == 200 and not body.startswith(b"local")
+        reply = await st.client.request(2, lambda r: m.HostnameRequest(request_id=r))
+        assert isinstance(reply, m.HostnameReply)
+    assert "Traceback" not in st.agent.log()
     assert ours(pod) == []
 
 
 # ---------------------------------------------------------------- the whole stack
-
-
-def _pids_with(text: bytes, parent: int | None = None) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if text in cmdline and fields[0] != "Z" and (parent is None or int(fields[1]) == parent):
-            pids.append(int(entry))
-    return pids
 
 
 @pytest.mark.slow
@@ -443,11 +402,11 @@ def test_mirrord_run_steal_leaves_no_rule_whatever_is_killed(pod: LocalPod, vict
         app = start_app(mirrord, pod, "--steal")
         assert isinstance(app, subprocess.Popen)
         assert get(pod, "GET", "/before")[0] == b"local GET /before x-user=\n"
-        (user_app,) = _pids_with(b"_local_app.py", parent=app.pid)
+        (user_app,) = processes_mentioning(b"_local_app.py", parent=app.pid)
         daemon = mirrord.daemon_pid()
-        (agent,) = _pids_with(b"mirrord.agent\0--target\0pid/%d\0" % pod.pid)
-        (guard,) = _pids_with(b"mirrord.agent._steal_guard", parent=agent)
-        (sentinel,) = _pids_with(b"mirrord.agent._steal_guard", parent=guard)
+        (agent,) = processes_mentioning(b"mirrord.agent\0--target\0pid/%d\0" % pod.pid)
+        (guard,) = processes_mentioning(b"mirrord.agent._steal_guard", parent=agent)
+        (sentinel,) = processes_mentioning(b"mirrord.agent._steal_guard", parent=guard)
         choices: dict[str, list[int | None]] = {
             "app": [user_app],
             "run": [app.pid],

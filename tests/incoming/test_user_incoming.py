@@ -14,26 +14,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mirrord.localpod import LocalPod
-from tests.cli.conftest import MIRRORD, Mirrord, processes_with_env, temp_mirrord, wait_for
+from tests.cli.conftest import MIRRORD, Mirrord, processes_with_env, wait_for
 from tests.incoming.test_end_to_end import our_rules
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 APP = str(Path(__file__).with_name("_local_app.py"))
 ALICE = {"header_filter": "^x-user: alice$", "ports": [8080]}
-
-
-@pytest.fixture
-def mirrord() -> Iterator[Mirrord]:
-    with temp_mirrord("mrdu") as cli:
-        yield cli
 
 
 def config(tmp_path: Path, name: str, incoming: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ import pytest
 from mirrord.config import MirrordConfig
 from mirrord.kube import AgentPodFailed, KubeBackend
 from mirrord.localpod import LocalPod, PodSpec
-from tests.kube._agentproto import DaemonSide
+from mirrord.protocol import messages as m
+from tests._agent_client import AgentClient, AgentConn
 from tests.kube._cluster import add_deployment, backend_config
 from tests.kube.apiserver import FakeApiServer
 
@@ -56,27 +57,25 @@ async def test_job_agent_shared_by_two_sessions_over_port_forward(
         assert h2.key == h1.key and h2.pod == h1.pod
         assert len(apiserver.list("Job", "default")) == 1
 
-        stream = await h1.connect()
-        side = DaemonSide(stream, h1.secret)
-        welcome = await side.handshake()
-        assert "container/" in welcome.target
-        env = await side.env()
-        assert env["DATABASE_URL"] == "postgres://db.prod:5432/app"
-        ns, pod = h1.pod
-        assert apiserver.portforwards_opened[(ns, pod)] == 1
-        assert apiserver.portforwards_open[(ns, pod)] == 1
+        async with AgentClient.over(await h1.connect(), h1.secret) as client:
+            assert "container/" in client.welcome.target
+            await client.open_channel(1)
+            env = await client.env(1)
+            assert env["DATABASE_URL"] == "postgres://db.prod:5432/app"
+            ns, pod = h1.pod
+            assert apiserver.portforwards_opened[(ns, pod)] == 1
+            assert apiserver.portforwards_open[(ns, pod)] == 1
 
-        # The agent pod is deleted mid-session: the stream ends, reconnecting says why.
-        await apiserver.delete("Pod", ns, pod)
-        with anyio.fail_after(10):
-            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                for _ in range(1000):
-                    await stream.receive()
-        # The handles know at once (the daemon drops a dead agent when its stream ends).
-        assert not h1.alive() and not h2.alive()
-        with pytest.raises(AgentPodFailed, match=f"agent pod {ns}/{pod} (was|is being) deleted"):
-            await h1.connect()
-        await stream.aclose()
+            # The agent pod is deleted mid-session: the stream ends, reconnecting says why.
+            await apiserver.delete("Pod", ns, pod)
+            with anyio.fail_after(10):
+                await client.ended.wait()
+            # The handles know at once (the daemon drops a dead agent when its stream ends).
+            assert not h1.alive() and not h2.alive()
+            with pytest.raises(
+                AgentPodFailed, match=f"agent pod {ns}/{pod} (was|is being) deleted"
+            ):
+                await h1.connect()
         await h2.stop()
         assert apiserver.list("Job", "default")  # h1 still holds it
     finally:
@@ -101,17 +100,14 @@ async def test_ephemeral_agent_in_target_pod(
         assert pod is not None
         (eph,) = pod["spec"]["ephemeralContainers"]
         assert eph["targetContainerName"] == "app"
-        stream = await handle.connect()
-        async with stream:
-            side = DaemonSide(stream, handle.secret)
-            await side.handshake()
-            assert (await side.env())["DATABASE_URL"] == "postgres://db.prod:5432/app"
+        async with AgentClient.over(await handle.connect(), handle.secret) as client:
+            await client.open_channel(1)
+            assert (await client.env(1))["DATABASE_URL"] == "postgres://db.prod:5432/app"
         assert not apiserver.list("Job", "default")
         # A closed stream is re-established by calling connect() again: a new websocket.
         assert handle.alive()
-        stream = await handle.connect()
-        async with stream:
-            await DaemonSide(stream, handle.secret).handshake()
+        async with AgentClient.over(await handle.connect(), handle.secret) as client:
+            assert client.welcome.target
         assert apiserver.portforwards_opened[handle.pod] == 2
     finally:
         await handle.stop()
@@ -122,9 +118,8 @@ async def test_targetless_agent_job(apiserver: FakeApiServer, kubeconfig: Path) 
     try:
         (job,) = apiserver.list("Job", "default")
         assert job["spec"]["template"]["spec"]["hostPID"] is False
-        stream = await handle.connect()
-        async with stream:
-            await DaemonSide(stream, handle.secret).handshake()
+        async with AgentClient.over(await handle.connect(), handle.secret) as client:
+            assert client.welcome.target
     finally:
         await handle.stop()
 
@@ -165,11 +160,9 @@ async def test_node_agent_from_helm_chart_daemonset(
         assert h1.pod[0] == "mirrord" and h1.pod == h2.pod
         assert not apiserver.list("Job", "default")  # no per-session pod
         for handle in (h1, h2):
-            stream = await handle.connect()
-            async with stream:
-                side = DaemonSide(stream, handle.secret)
-                await side.handshake()
-                assert (await side.env())["DATABASE_URL"] == "postgres://db.prod:5432/app"
+            async with AgentClient.over(await handle.connect(), handle.secret) as client:
+                await client.open_channel(1)
+                assert (await client.env(1))["DATABASE_URL"] == "postgres://db.prod:5432/app"
     finally:
         await h1.stop()
         await h2.stop()
@@ -197,10 +190,6 @@ async def test_stolen_request_through_the_kube_agent(
     pod sends HTTP to the pod's IP; the agent (a Job pod) steals it and hands it to us."""
     import http.client
 
-    from mirrord.protocol import NEED_DATA, Received
-    from mirrord.protocol import messages as m
-    from tests.incoming._daemon import AgentClient, Conn
-
     add_deployment(apiserver, "web", pods=[web_pod])
     handle = await KubeBackend().start_agent("deployment/web", _config(kubeconfig), print)
 
@@ -215,20 +204,9 @@ async def test_stolen_request_through_the_kube_agent(
 
     try:
         stream = await handle.connect()
-        client = AgentClient(stream, handle.secret)
-        tx, rx = anyio.create_memory_object_stream[Conn](10)
+        tx, rx = anyio.create_memory_object_stream[AgentConn](10)
         with tx, rx:
-            async with stream, anyio.create_task_group() as tg:
-                await stream.send(client.conn.hello(client="kube-steal-test"))
-                with anyio.fail_after(10):
-                    while True:
-                        event = client.conn.next_event()
-                        if event is NEED_DATA:
-                            client.conn.receive_data(await stream.receive())
-                            continue
-                        assert isinstance(event, Received) and isinstance(event.message, m.Welcome)
-                        break
-                tg.start_soon(client._reader)
+            async with AgentClient.over(stream, handle.secret) as client:
                 client.incoming[1] = tx
                 await client.open_channel(1)
                 reply = await client.request(
@@ -256,7 +234,6 @@ async def test_stolen_request_through_the_kube_agent(
                         await conn.shutdown()
                 assert result == [(200, b"stolen by the session")]
                 assert conn.announce.remote_address == web_pod.host_ip
-                tg.cancel_scope.cancel()
     finally:
         await handle.stop()
 
@@ -282,8 +259,8 @@ async def test_job_pod_found_by_its_job_name_label_from_a_watch_and_listening_on
         args = container["args"]
         assert args[args.index("--listen") + 1].startswith("tcp:127.0.0.1:")
         stream = await handle.connect()  # the port-forward dials localhost in the pod
-        async with stream:
-            await DaemonSide(stream, handle.secret).handshake()
+        async with AgentClient.over(stream, handle.secret) as client:
+            assert client.welcome.target
         waits = [
             path
             for method, path in apiserver.requests

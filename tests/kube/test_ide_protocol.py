@@ -9,44 +9,15 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-from mirrord.localpod import LocalPod, PodSpec
 from tests.cli._ide import IDE_ENV, debuggee_env, intellij_error, read_until_ready, vscode_error
-from tests.cli.conftest import Mirrord, temp_mirrord
-from tests.kube._cluster import add_deployment
+from tests.cli.conftest import Mirrord
 from tests.kube.apiserver import FakeApiServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
-
-POD_SPEC = PodSpec(
-    name="web", env={"POD_VAR": "from-the-pod"}, files={"/app/test.txt": b"pod-only file\n"}
-)
-
-
-@pytest.fixture
-def mirrord_cli() -> Iterator[Mirrord]:
-    with temp_mirrord("mrdi") as cli:
-        yield cli
-
-
-@pytest_asyncio.fixture
-async def cluster(
-    apiserver: FakeApiServer,
-    kubeconfig: Path,
-    mirrord_cli: Mirrord,
-    make_pod: Callable[..., LocalPod],
-) -> AsyncIterator[FakeApiServer]:
-    pod = make_pod(POD_SPEC)
-    add_deployment(apiserver, "web", pods=[pod])
-    mirrord_cli.env["KUBECONFIG"] = str(kubeconfig)
-    yield apiserver
-    # The daemon must stop while the API server still answers (it deletes its Jobs).
-    await asyncio.to_thread(mirrord_cli.cleanup)
 
 
 def _ide(cli: Mirrord, ide: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -13,15 +13,11 @@ import http.client
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-from mirrord.localpod import LocalPod, PodSpec
-from tests.cli.conftest import Mirrord, python_app, temp_mirrord
-from tests.kube._cluster import add_deployment
+from tests.cli.conftest import Mirrord, python_app
 from tests.kube.apiserver import FakeApiServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
@@ -44,13 +40,6 @@ conn.sendall(b"HTTP/1.1 200 OK\\r\\nConnection: close\\r\\nContent-Length: %d\\r
 conn.close()
 """
 
-POD_SPEC = PodSpec(
-    name="web",
-    env={"POD_VAR": "from-the-pod"},
-    files={"/app/test.txt": b"pod-only file\n"},
-    hosts={"pod-only-service": "10.213.250.7"},
-)
-
 APP = """
 import os, socket, sys, urllib.request
 print("env", os.environ.get("POD_VAR"), flush=True)
@@ -59,27 +48,6 @@ print("dns", socket.getaddrinfo("pod-only-service", 80, proto=socket.IPPROTO_TCP
 body = urllib.request.urlopen("http://127.0.0.1:8080/from-app", timeout=10).read().decode()
 print("http", body.splitlines()[0], flush=True)
 """
-
-
-@pytest.fixture
-def mirrord_cli() -> Iterator[Mirrord]:
-    with temp_mirrord("mrdk") as cli:
-        yield cli
-
-
-@pytest_asyncio.fixture
-async def cluster(
-    apiserver: FakeApiServer,
-    kubeconfig: Path,
-    mirrord_cli: Mirrord,
-    make_pod: Callable[..., LocalPod],
-) -> AsyncIterator[FakeApiServer]:
-    pod = make_pod(POD_SPEC)
-    add_deployment(apiserver, "web", pods=[pod])
-    mirrord_cli.env["KUBECONFIG"] = str(kubeconfig)
-    yield apiserver
-    # The daemon must stop while the API server still answers (it deletes its Jobs).
-    await asyncio.to_thread(mirrord_cli.cleanup)
 
 
 def _agent_pod(server: FakeApiServer) -> tuple[str, str]:

@@ -1,41 +1,51 @@
-"""Fixtures of the layer tests: a scripted daemon on a unix socket in a temporary directory,
-and a runner that starts real programs with the layer preloaded (env from layer_env)."""
+"""Fixtures of the layer tests: the daemon of the layer tests on a unix socket in a temporary
+directory (files, DNS and hostname answered by a real agent next to a local pod), and a runner
+that starts real programs with the layer preloaded (env from layer_env)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from mirrord.layer import LayerSettings, layer_env
-from tests.layer._scripted import ScriptedDaemon
+from mirrord.localpod import LocalPod
+from tests.layer._daemon import LayerDaemon
 
 PYTHON = os.path.realpath(sys.executable)
 TEST_FILE = b"hello from the target\n"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The daemon's agent serves a local pod: its tests need root and network namespaces.
+    for item in items:
+        if "daemon" in getattr(item, "fixturenames", ()) and "tests/layer/" in str(item.path):
+            item.add_marker(pytest.mark.netns)
+
+
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[ScriptedDaemon]:
-    with ScriptedDaemon(tmp_path / "layer.sock") as d:
+def daemon(tmp_path: Path, make_pod: Callable[..., LocalPod]) -> Iterator[LayerDaemon]:
+    with LayerDaemon(tmp_path / "layer.sock", make_pod) as d:
         d.add_file("/app/test.txt", TEST_FILE)
         d.add_file("/app/config/settings.yaml", b"debug: true\n")
         d.add_file("/etc/hosts", b"192.0.2.9 db.target\n")
-        d.dirs.add("/app/empty")
-        d.symlinks["/app/link"] = "/app/test.txt"
-        d.dns["db.svc.cluster.local"] = ["192.0.2.77"]
+        d.add_dir("/app/empty")
+        d.add_symlink("/app/link", "/app/test.txt")
+        d.dns["db.svc.cluster.local"] = "192.0.2.77"
         yield d
         assert d.errors == [], d.errors[0]
+        assert "Traceback" not in d.agent_log(), d.agent_log()
 
 
 class Runner:
     """Runs a command under the layer, in a working directory of its own (local by the
     default policy), with a bounded time."""
 
-    def __init__(self, daemon: ScriptedDaemon, cwd: Path) -> None:
+    def __init__(self, daemon: LayerDaemon, cwd: Path) -> None:
         self.daemon = daemon
         self.cwd = cwd
 
@@ -65,6 +75,7 @@ class Runner:
         input: bytes | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
+        self.daemon.start()
         proc = subprocess.run(
             list(argv),
             env=self.env(settings, extra_env),
@@ -86,7 +97,7 @@ class Runner:
 
 
 @pytest.fixture
-def run(daemon: ScriptedDaemon, tmp_path: Path) -> Runner:
+def run(daemon: LayerDaemon, tmp_path: Path) -> Runner:
     work = tmp_path / "work"
     work.mkdir()
     return Runner(daemon, work)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tests.layer._scripted import ScriptedDaemon
+from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import TEST_FILE, Runner
 
 
-def test_cat_reads_the_remote_file(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_cat_reads_the_remote_file(run: Runner, daemon: LayerDaemon) -> None:
     assert run(["cat", "/app/test.txt"]).stdout == TEST_FILE
     assert "FileFetch" in daemon.kinds()
 
@@ -26,9 +26,7 @@ def test_bash_test_r_sees_the_remote_file(run: Runner) -> None:
     assert out.stdout == b"yes\n"
 
 
-def test_etc_passwd_and_the_working_directory_stay_local(
-    run: Runner, daemon: ScriptedDaemon
-) -> None:
+def test_etc_passwd_and_the_working_directory_stay_local(run: Runner, daemon: LayerDaemon) -> None:
     (run.cwd / "mine.txt").write_text("local content")
     out = run(["cat", "/etc/passwd", str(run.cwd / "mine.txt"), "mine.txt"])
     assert out.stdout.startswith(b"root:")

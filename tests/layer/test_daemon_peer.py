@@ -7,6 +7,7 @@ listening process)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -16,63 +17,28 @@ from pathlib import Path
 import pytest
 
 from mirrord.layer import LayerSettings, layer_env
+from tests._other_user import OTHER_UID, listening_as
 from tests.layer.conftest import PYTHON
 
-NOBODY = 65534
 
-
-def _listen_as(uid: int, path: Path, result: Path) -> int:
-    """A child that listens on `path` as `uid` and writes how many bytes each connection sent
-    to `result` (readable by the test) until killed. Returns its pid once it listens."""
-    ready_r, ready_w = os.pipe()
-    out = os.open(result, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
+def _count_bytes(out: int, server: socket.socket) -> None:
+    """A listener's service: write how many bytes each connection sent to the fd `out` (a file
+    the test reads), for a bounded number of connections."""
+    server.settimeout(30)
+    for _ in range(16):
+        conn, _ = server.accept()
+        conn.settimeout(5)
+        got = b""
         try:
-            os.close(ready_r)
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            server.bind(str(path))
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            server.listen(8)
-            os.write(ready_w, b"1")
-            server.settimeout(30)
-            for _ in range(16):
-                conn, _ = server.accept()
-                conn.settimeout(5)
-                got = b""
-                try:
-                    while chunk := conn.recv(65536):
-                        got += chunk
-                except OSError:
-                    pass
-                os.write(out, f"{len(got)}\n".encode())
-                conn.close()
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(out)
-    assert os.read(ready_r, 1) == b"1"
-    os.close(ready_r)
-    return pid
+            while chunk := conn.recv(65536):
+                got += chunk
+        except OSError:
+            pass
+        os.write(out, f"{len(got)}\n".encode())
+        conn.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user needs root")
-def test_the_layer_never_talks_to_another_users_daemon(tmp_path: Path) -> None:
-    path = tmp_path / "layer.sock"
-    result = tmp_path / "heard"
-    listener = _listen_as(NOBODY, path, result)
-    try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MIRRORD_", "LD_"))}
-        env.update(
-            layer_env(
-                socket_path=str(path),
-                session_id="secret-session-id",
-                settings=LayerSettings(timeout_ms=3000),
-            )
-        )
-        code = """
+_OPEN_A_REMOTE_FILE = """
 import errno
 try:
     open('/app/test.txt')
@@ -80,20 +46,36 @@ try:
 except OSError as e:
     print(errno.errorcode[e.errno])
 """
-        out = subprocess.run(
-            [PYTHON, "-S", "-c", code],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        deadline = time.monotonic() + 10  # the listener writes once the layer's socket closes
-        while not result.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user needs root")
+def test_the_layer_never_talks_to_another_users_daemon(tmp_path: Path) -> None:
+    path = tmp_path / "layer.sock"
+    result = tmp_path / "heard"
+    out_fd = os.open(result, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with listening_as(OTHER_UID, path, functools.partial(_count_bytes, out_fd)):
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("MIRRORD_", "LD_"))}
+            env.update(
+                layer_env(
+                    socket_path=str(path),
+                    session_id="secret-session-id",
+                    settings=LayerSettings(timeout_ms=3000),
+                )
+            )
+            out = subprocess.run(
+                [PYTHON, "-S", "-c", _OPEN_A_REMOTE_FILE],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            deadline = time.monotonic() + 10  # the listener writes once the layer's socket closes
+            while not result.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
     finally:
-        os.kill(listener, 9)
-        os.waitpid(listener, 0)
+        os.close(out_fd)
     assert out.returncode == 0, out.stderr
     assert out.stdout.decode().strip() in ("EIO", "ENOENT"), out.stdout  # never served
     heard = [int(n) for n in result.read_text().split()]

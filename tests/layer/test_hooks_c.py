@@ -1,5 +1,5 @@
 """Every file hook from a C program: the same checks pass on a remote directory (each
-call reaching the scripted daemon) and on a local one (no message sent)."""
+call reaching the daemon and its agent) and on a local one (no message sent)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.layer import LayerSettings
-from tests.layer._scripted import ScriptedDaemon
+from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import TEST_FILE, Runner
 
 HERE = Path(__file__).resolve().parent
@@ -33,12 +33,12 @@ def _failures(stdout: bytes) -> list[str]:
 
 @pytest.mark.parametrize("fetch_limit", [0, 1 << 20], ids=["handles", "memfd"])
 def test_file_hooks_go_remote(
-    run: Runner, daemon: ScriptedDaemon, hooks_program: Path, fetch_limit: int
+    run: Runner, daemon: LayerDaemon, hooks_program: Path, fetch_limit: int
 ) -> None:
     """With fetch_limit 0 every file is handle-backed (each read/write/seek is a request);
     otherwise files are fetched into memfds (read natively, written back on close)."""
     daemon.add_file("/srv/t/test.txt", TEST_FILE)
-    daemon.symlinks["/srv/t/link"] = "/srv/t/test.txt"
+    daemon.add_symlink("/srv/t/link", "/srv/t/test.txt")
     settings = LayerSettings(fs_mode="write", timeout_ms=5000, fetch_limit=fetch_limit)
     extra = {"EXPECT_REMOTE": "1"}
     if fetch_limit == 0:
@@ -84,9 +84,7 @@ def test_file_hooks_go_remote(
     assert "/srv/t/e.txt" not in daemon.files
 
 
-def test_file_hooks_bypassed_locally(
-    run: Runner, daemon: ScriptedDaemon, hooks_program: Path
-) -> None:
+def test_file_hooks_bypassed_locally(run: Runner, daemon: LayerDaemon, hooks_program: Path) -> None:
     local = run.cwd / "t"
     local.mkdir()
     (local / "test.txt").write_bytes(TEST_FILE)
@@ -100,7 +98,7 @@ def test_file_hooks_bypassed_locally(
     assert daemon.kinds() == ["HostnameRequest"]
 
 
-def test_gethostname_stays_local_when_hostname_is_off(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_gethostname_stays_local_when_hostname_is_off(run: Runner, daemon: LayerDaemon) -> None:
     import socket
 
     out = run.py(

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from mirrord.layer import LayerSettings
-from tests.layer._scripted import ScriptedDaemon
+from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import PYTHON, Runner
 
 
@@ -42,7 +42,7 @@ def http_server() -> Iterator[tuple[str, int]]:
         thread.join(timeout=5)
 
 
-def test_python_connect_goes_through_the_relay(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_python_connect_goes_through_the_relay(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import socket
 s = socket.create_connection(('192.0.2.55', 80), timeout=10)
@@ -69,7 +69,7 @@ print(s.recv(100).decode().strip())
 
 
 def test_localhost_connect_stays_local_with_ignore_localhost(
-    run: Runner, daemon: ScriptedDaemon, http_server: tuple[str, int]
+    run: Runner, daemon: LayerDaemon, http_server: tuple[str, int]
 ) -> None:
     code = f"""
 import urllib.request
@@ -81,7 +81,7 @@ print(urllib.request.urlopen('http://127.0.0.1:{http_server[1]}/x', timeout=10).
 
 
 def test_outgoing_filter_keeps_unlisted_destinations_local(
-    run: Runner, daemon: ScriptedDaemon, http_server: tuple[str, int]
+    run: Runner, daemon: LayerDaemon, http_server: tuple[str, int]
 ) -> None:
     settings = LayerSettings(outgoing_filter_mode="remote", outgoing_filter=("192.0.2.0/24",))
     code = f"""
@@ -93,7 +93,7 @@ print(socket.create_connection(('192.0.2.11', 9), timeout=10).recv(100).decode()
     assert daemon.kinds() == ["LayerConnect"]
 
 
-def test_python_getaddrinfo_resolves_in_the_target(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_python_getaddrinfo_resolves_in_the_target(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import socket
 print(sorted({a[4][0] for a in socket.getaddrinfo('db.svc.cluster.local', 5432, type=socket.SOCK_STREAM)}))
@@ -119,7 +119,7 @@ print(socket.getaddrinfo('localhost', 80, type=socket.SOCK_STREAM)[0][4][0] in (
     assert "localhost" not in hosts
 
 
-def test_dns_off_and_dns_filter_resolve_locally(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_dns_off_and_dns_filter_resolve_locally(run: Runner, daemon: LayerDaemon) -> None:
     code = "import socket; print(socket.getaddrinfo('localhost', 80)[0][4][0] != '')"
     run.py(code, settings=LayerSettings(dns=False))
     settings = LayerSettings(dns_filter_mode="local", dns_filter=("db.svc.cluster.local",))
@@ -138,7 +138,7 @@ except socket.gaierror:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_resolves_and_connects_through_the_target(
-    run: Runner, daemon: ScriptedDaemon, http_server: tuple[str, int]
+    run: Runner, daemon: LayerDaemon, http_server: tuple[str, int]
 ) -> None:
     daemon.upstreams[("192.0.2.77", 8080)] = http_server
     out = run(["curl", "-sS", "--max-time", "10", "http://db.svc.cluster.local:8080/hello"])
@@ -146,7 +146,7 @@ def test_curl_resolves_and_connects_through_the_target(
     assert daemon.kinds() == ["DnsLookup", "LayerConnect"]
 
 
-def test_udp_sendto_and_recvfrom_through_the_relay(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_udp_sendto_and_recvfrom_through_the_relay(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import socket
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -205,7 +205,7 @@ def _free_port() -> int:
 
 
 def _run_listener(
-    run: Runner, daemon: ScriptedDaemon, port: int, settings: LayerSettings | None = None
+    run: Runner, daemon: LayerDaemon, port: int, settings: LayerSettings | None = None
 ) -> str:
     import subprocess
 
@@ -230,7 +230,7 @@ def _run_listener(
 
 
 def test_listen_subscribes_and_accept_reports_the_real_peer(
-    run: Runner, daemon: ScriptedDaemon
+    run: Runner, daemon: LayerDaemon
 ) -> None:
     port = _free_port()
     assert _run_listener(run, daemon, port) == "('192.0.2.99', 41000) ('192.0.2.99', 41000)"
@@ -239,9 +239,7 @@ def test_listen_subscribes_and_accept_reports_the_real_peer(
     assert "PeerLookup" in daemon.kinds()
 
 
-def test_listen_on_a_busy_port_binds_another_and_says_so(
-    run: Runner, daemon: ScriptedDaemon
-) -> None:
+def test_listen_on_a_busy_port_binds_another_and_says_so(run: Runner, daemon: LayerDaemon) -> None:
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
         busy.listen()
@@ -251,7 +249,7 @@ def test_listen_on_a_busy_port_binds_another_and_says_so(
     assert listen.port == port and listen.bound_port != port
 
 
-def test_ignored_port_and_incoming_off_stay_local(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_ignored_port_and_incoming_off_stay_local(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import socket, sys
 s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()
@@ -270,9 +268,7 @@ print(peer == c.getsockname())
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_node_reads_files_and_resolves_through_the_target(
-    run: Runner, daemon: ScriptedDaemon
-) -> None:
+def test_node_reads_files_and_resolves_through_the_target(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 const fs = require('fs'); const dns = require('dns');
 process.stdout.write(fs.readFileSync('/app/test.txt', 'utf8'));
@@ -310,7 +306,7 @@ os.execv(sys.executable, [sys.executable, '-S', '-c', code, str(s.fileno())])
 """
 
 
-def test_a_subscribed_listener_survives_exec(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_a_subscribed_listener_survives_exec(run: Runner, daemon: LayerDaemon) -> None:
     import subprocess
 
     port = _free_port()
@@ -333,9 +329,7 @@ def test_a_subscribed_listener_survives_exec(run: Runner, daemon: ScriptedDaemon
     assert len(daemon.processes) == 1  # exec kept the registration
 
 
-def test_loopback_udp_stays_local_with_ignore_localhost(
-    run: Runner, daemon: ScriptedDaemon
-) -> None:
+def test_loopback_udp_stays_local_with_ignore_localhost(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import socket
 a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(('127.0.0.1', 0))
@@ -372,7 +366,7 @@ s.close()
 
 
 def test_a_forked_worker_accepts_and_closing_its_copy_keeps_the_subscription(
-    run: Runner, daemon: ScriptedDaemon
+    run: Runner, daemon: LayerDaemon
 ) -> None:
     import subprocess
 
@@ -401,7 +395,7 @@ def test_a_forked_worker_accepts_and_closing_its_copy_keeps_the_subscription(
     assert daemon.kinds().count("LayerUnlisten") == 1
 
 
-def test_ipv6_connect_goes_through_a_v4_mapped_relay(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_ipv6_connect_goes_through_a_v4_mapped_relay(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import socket
 s = socket.socket(socket.AF_INET6)
@@ -413,9 +407,9 @@ print(s.recv(100).decode().strip(), s.getpeername()[:2])
     assert out == ["hello 2001:db8::5:80 ('2001:db8::5', 80)"]
 
 
-def test_threads_resolve_in_parallel(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_threads_resolve_in_parallel(run: Runner, daemon: LayerDaemon) -> None:
     for i in range(4):
-        daemon.dns[f"slow{i}.svc"] = [f"192.0.2.{10 + i}"]
+        daemon.dns[f"slow{i}.svc"] = f"192.0.2.{10 + i}"
     code = """
 import socket, threading, time
 out = {}
@@ -432,7 +426,7 @@ print(sorted(out.values()), time.monotonic() - start < 3.0)
 
 
 def test_a_relayed_socket_keeps_its_number_flags_and_tcp_options(
-    run: Runner, daemon: ScriptedDaemon
+    run: Runner, daemon: LayerDaemon
 ) -> None:
     # the relay socket the daemon passes replaces the app's socket: what programs commonly
     # do with a connected TCP socket must still work on it

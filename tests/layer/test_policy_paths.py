@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.layer import LayerSettings
-from tests.layer._scripted import ScriptedDaemon
+from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import Runner
 
 HERE = Path(__file__).parent
@@ -43,13 +43,13 @@ def _probe(
     return res
 
 
-def _requested_paths(daemon: ScriptedDaemon) -> set[str]:
+def _requested_paths(daemon: LayerDaemon) -> set[str]:
     paths = (getattr(msg, "path", None) for msg in daemon.requests())
     return {p.decode() for p in paths if isinstance(p, bytes)}
 
 
 def test_system_directories_and_their_exceptions(
-    run: Runner, daemon: ScriptedDaemon, probe: Path, tmp_path: Path
+    run: Runner, daemon: LayerDaemon, probe: Path, tmp_path: Path
 ) -> None:
     # $HOME inside /tmp, a system directory: its credentials stay "not found" and the rest
     # of it local, while every other /tmp path is decided by the fast path
@@ -73,7 +73,7 @@ def test_system_directories_and_their_exceptions(
 
 
 def test_a_regex_list_is_consulted_before_the_system_directories(
-    run: Runner, daemon: ScriptedDaemon, probe: Path, tmp_path: Path
+    run: Runner, daemon: LayerDaemon, probe: Path, tmp_path: Path
 ) -> None:
     shadowed = tmp_path / "shadowed.txt"
     shadowed.write_text("the local copy\n")
@@ -88,7 +88,7 @@ def test_a_regex_list_is_consulted_before_the_system_directories(
 
 
 def test_file_patterns_match_case_insensitively_as_mirrord_does(
-    run: Runner, daemon: ScriptedDaemon, probe: Path, tmp_path: Path
+    run: Runner, daemon: LayerDaemon, probe: Path, tmp_path: Path
 ) -> None:
     daemon.add_file("/app/Config/Settings.JSON", b"from the target\n")
     daemon.add_file("/app/other.txt", b"target other\n")
@@ -100,7 +100,7 @@ def test_file_patterns_match_case_insensitively_as_mirrord_does(
 
 
 def test_fs_mapping_rewrites_a_path_before_the_policy(
-    run: Runner, daemon: ScriptedDaemon, probe: Path, tmp_path: Path
+    run: Runner, daemon: LayerDaemon, probe: Path, tmp_path: Path
 ) -> None:
     # mirrord's feature.fs.mapping: the app asks for a path of this machine's layout, the
     # target's file at the mapped path answers
@@ -146,7 +146,7 @@ print("done")
 
 
 def test_fs_mapping_applies_to_a_path_that_stays_local(
-    run: Runner, daemon: ScriptedDaemon, tmp_path: Path
+    run: Runner, daemon: LayerDaemon, tmp_path: Path
 ) -> None:
     """A mapped path the policy keeps local is opened, stat'ed, renamed, made and unlinked
     under its mapped name (mirrord's behaviour), not under the name the app used."""
@@ -233,7 +233,7 @@ print("done")
 
 
 def test_fs_mapping_applies_to_every_local_path_call(
-    run: Runner, daemon: ScriptedDaemon, tmp_path: Path
+    run: Runner, daemon: LayerDaemon, tmp_path: Path
 ) -> None:
     """Beyond open/stat/rename: truncate, chmod, chown, utimes, symlink, readlink, link,
     opendir, faccessat (its flags kept), euidaccess, realpath, renameat2's RENAME_NOREPLACE,

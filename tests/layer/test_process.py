@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.layer import LayerSettings
-from tests.layer._scripted import ScriptedDaemon
+from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import PYTHON, TEST_FILE, Runner
 
 FORK_20 = r"""
@@ -39,7 +39,7 @@ print(os.getpid(), bad, ' '.join(map(str, kids)))
 """
 
 
-def test_twenty_forked_children_read_and_connect(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_twenty_forked_children_read_and_connect(run: Runner, daemon: LayerDaemon) -> None:
     out = run.py(FORK_20, timeout=60).stdout.split()
     parent, bad, kids = int(out[0]), int(out[1]), [int(k) for k in out[2:]]
     assert bad == 0
@@ -53,7 +53,7 @@ def test_twenty_forked_children_read_and_connect(run: Runner, daemon: ScriptedDa
     )
 
 
-def test_forked_child_keeps_a_remote_fd(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_forked_child_keeps_a_remote_fd(run: Runner, daemon: LayerDaemon) -> None:
     daemon.add_file("/app/big.bin", b"x" * 10 + b"TAIL")
     # opened read-write, so it is handle-backed: the child reads through the handle the
     # agent copied for it, the parent closes its own right after fork
@@ -73,7 +73,7 @@ print(os.waitstatus_to_exitcode(st))
 
 
 def test_subprocess_children_keep_the_layer_with_a_custom_env(
-    run: Runner, daemon: ScriptedDaemon
+    run: Runner, daemon: LayerDaemon
 ) -> None:
     code = r"""
 import os, subprocess
@@ -89,7 +89,7 @@ print(a == b == c == b'hello from the target\n', os.getpid())
     assert len(children) >= 3  # cat x3 (popen's shell may register too)
 
 
-def test_exec_keeps_the_daemon_connection(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_exec_keeps_the_daemon_connection(run: Runner, daemon: LayerDaemon) -> None:
     code = "import os; os.execv('/bin/cat', ['cat', '/app/test.txt'])"
     assert run.py(code).stdout == TEST_FILE
     # one process: the exec'd image reused the registered connection
@@ -122,7 +122,7 @@ def spawn_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
     "how", ["execve", "execvp", "execl", "execlp", "execle", "posix_spawn", "posix_spawnp"]
 )
 def test_exec_and_spawn_with_an_env_without_the_layer(
-    run: Runner, daemon: ScriptedDaemon, spawn_program: Path, how: str
+    run: Runner, daemon: LayerDaemon, spawn_program: Path, how: str
 ) -> None:
     assert run([str(spawn_program), how]).stdout == TEST_FILE
     if how.startswith("posix_spawn"):
@@ -132,7 +132,7 @@ def test_exec_and_spawn_with_an_env_without_the_layer(
         assert len(daemon.processes) == 1  # exec: the same process
 
 
-def test_fork_from_a_threaded_process(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_fork_from_a_threaded_process(run: Runner, daemon: LayerDaemon) -> None:
     code = r"""
 import os, threading
 stop = threading.Event()
@@ -158,7 +158,7 @@ print(codes)
 
 
 def test_exec_into_a_skipped_process_lets_go_of_the_connection(
-    run: Runner, daemon: ScriptedDaemon
+    run: Runner, daemon: LayerDaemon
 ) -> None:
     # python registers, then becomes `sleep` (skipped): sleep must not hold the connection
     code = "import os; os.execvp('sleep', ['sleep', '5'])"

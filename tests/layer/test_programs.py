@@ -4,15 +4,13 @@ io/os/subprocess; each with its remote case and a local bypass."""
 from __future__ import annotations
 
 from mirrord.layer import LayerSettings
-from tests.layer._scripted import ScriptedDaemon
+from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import TEST_FILE, Runner
 
 WRITE = LayerSettings(fs_mode="write", timeout_ms=5000)
 
 
-def test_bash_builtins_and_redirections_read_remote_files(
-    run: Runner, daemon: ScriptedDaemon
-) -> None:
+def test_bash_builtins_and_redirections_read_remote_files(run: Runner, daemon: LayerDaemon) -> None:
     script = """
 x=$(</app/test.txt); echo "[$x]"
 while read -r line; do echo "line: $line"; done < /app/config/settings.yaml
@@ -30,14 +28,12 @@ while read -r line; do echo "line: $line"; done < /app/config/settings.yaml
     ]
 
 
-def test_bash_redirection_writes_remotely_in_write_mode(
-    run: Runner, daemon: ScriptedDaemon
-) -> None:
+def test_bash_redirection_writes_remotely_in_write_mode(run: Runner, daemon: LayerDaemon) -> None:
     run(["bash", "-c", "echo one > /app/out.txt; echo two >> /app/out.txt"], settings=WRITE)
     assert daemon.files["/app/out.txt"] == b"one\ntwo\n"
 
 
-def test_bash_writes_stay_local_in_read_mode(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_bash_writes_stay_local_in_read_mode(run: Runner, daemon: LayerDaemon) -> None:
     # bash asks for the hostname at start: with hostname on, that would be the only request
     run(
         ["bash", "-c", "echo local > out.txt; cat out.txt > copy.txt"],
@@ -47,9 +43,10 @@ def test_bash_writes_stay_local_in_read_mode(run: Runner, daemon: ScriptedDaemon
     assert daemon.requests() == []
 
 
-def test_coreutils_stat_ls_l_and_head(run: Runner) -> None:
+def test_coreutils_stat_ls_l_and_head(run: Runner, daemon: LayerDaemon) -> None:
     out = run(["stat", "-c", "%s %F %a", "/app/test.txt", "/app/config"])
-    assert out.stdout == b"22 regular file 644\n4096 directory 755\n"
+    size = daemon.host_path("/app/config").stat().st_size  # the pod's directory's, not ours
+    assert out.stdout == b"22 regular file 644\n%d directory 755\n" % size
     out = run(["ls", "-l", "/app/config"])
     assert b"settings.yaml" in out.stdout and b"12" in out.stdout
     assert run(["head", "-c", "5", "/app/test.txt"]).stdout == b"hello"
@@ -65,7 +62,7 @@ def test_coreutils_cp_from_remote_to_local(run: Runner) -> None:
     assert (run.cwd / "copy.txt").read_bytes() == TEST_FILE
 
 
-def test_python_io_os_and_pathlib(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_python_io_os_and_pathlib(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import io, os, pathlib
 p = pathlib.Path('/app/test.txt')
@@ -90,7 +87,7 @@ print(sorted(d for d, _, _ in os.walk('/app')))
     ]
 
 
-def test_python_writes_remote_files_in_write_mode(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_python_writes_remote_files_in_write_mode(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import os
 with open('/app/new.txt', 'w') as f:
@@ -107,7 +104,7 @@ print(os.path.exists('/app/made/renamed.txt'))
     assert {"/app/made", "/app/made/deeper"} <= daemon.dirs
 
 
-def test_user_regex_lists(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_user_regex_lists(run: Runner, daemon: LayerDaemon) -> None:
     (run.cwd / "here.txt").write_text("mine")
     settings = LayerSettings(
         fs_mode="localwithoverrides",
@@ -129,7 +126,7 @@ print(open('here.txt').read())
     assert all(getattr(m, "path", b"") != b"/app/test.txt" for m in daemon.requests())
 
 
-def test_fs_mode_local_sends_nothing(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_fs_mode_local_sends_nothing(run: Runner, daemon: LayerDaemon) -> None:
     out = run(
         ["bash", "-c", "cat /app/test.txt 2>/dev/null || echo absent"],
         settings=LayerSettings(fs_mode="local", hostname=False),
@@ -138,7 +135,7 @@ def test_fs_mode_local_sends_nothing(run: Runner, daemon: ScriptedDaemon) -> Non
     assert daemon.requests() == []
 
 
-def test_threads_use_their_own_connections(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_threads_use_their_own_connections(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import threading
 results = []
@@ -157,7 +154,7 @@ print(len(results), set(results) == {'hello from the target\\n'})
     )  # threads that found the process connection busy opened their own
 
 
-def test_listing_a_large_remote_directory_in_batches(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_listing_a_large_remote_directory_in_batches(run: Runner, daemon: LayerDaemon) -> None:
     for i in range(600):
         daemon.add_file(f"/app/many/f{i:04d}", b"")
     out = run.py(
@@ -170,7 +167,7 @@ def test_listing_a_large_remote_directory_in_batches(run: Runner, daemon: Script
 
 
 def test_files_over_the_fetch_limit_are_read_through_the_handle(
-    run: Runner, daemon: ScriptedDaemon
+    run: Runner, daemon: LayerDaemon
 ) -> None:
     content = bytes(range(256)) * 20  # 5120 bytes
     daemon.add_file("/app/big.bin", content)
@@ -190,7 +187,7 @@ print(len(data), hashlib.sha256(data).hexdigest(), len(tail))
     assert run(["cat", "/app/big.bin"], settings=LayerSettings(fetch_limit=1000)).stdout == content
 
 
-def test_python_stdlib_tools_on_remote_trees(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_python_stdlib_tools_on_remote_trees(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import errno, glob, mmap, os, shutil
 print(sorted(glob.glob('/app/**/*.yaml', recursive=True)))
@@ -214,7 +211,7 @@ with open('/app/test.txt', 'rb') as f:
     ]
 
 
-def test_sqlite_and_mv_on_remote_files_in_write_mode(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_sqlite_and_mv_on_remote_files_in_write_mode(run: Runner, daemon: LayerDaemon) -> None:
     code = """
 import sqlite3
 c = sqlite3.connect('/app/db.sqlite')
@@ -234,7 +231,7 @@ print(sqlite3.connect('/app/db.sqlite').execute('select x from t').fetchall())
     assert out.returncode in (0, 1)
 
 
-def test_a_remote_working_directory(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_a_remote_working_directory(run: Runner, daemon: LayerDaemon) -> None:
     """chdir into a remote directory: relative paths are then remote, getcwd reports it, and
     children (exec, subprocess cwd=) start there."""
     out = run(
@@ -266,12 +263,12 @@ print(subprocess.run(['cat', 'test.txt'], cwd='/app', capture_output=True).stdou
     ]
 
 
-def test_mkdir_p_walks_a_remote_tree_in_write_mode(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_mkdir_p_walks_a_remote_tree_in_write_mode(run: Runner, daemon: LayerDaemon) -> None:
     run(["mkdir", "-p", "/app/x/y/z"], settings=WRITE)
     assert {"/app/x", "/app/x/y", "/app/x/y/z"} <= daemon.dirs
 
 
-def test_chdir_to_a_local_directory_sends_nothing(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_chdir_to_a_local_directory_sends_nothing(run: Runner, daemon: LayerDaemon) -> None:
     (run.cwd / "sub").mkdir()
     (run.cwd / "sub" / "f").write_text("local")
     code = "import os; os.chdir('sub'); print(os.getcwd().endswith('/sub'), open('f').read())"

@@ -10,7 +10,7 @@ import pytest
 
 from mirrord.config import load_config
 from mirrord.layer import LayerSettings, layer_env, library_path, posix_regex
-from tests.layer._scripted import ScriptedDaemon
+from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import Runner
 
 
@@ -122,7 +122,7 @@ def test_a_malformed_config_leaves_the_layer_inactive(tmp_path: Path) -> None:
     assert b"No such file or directory" in out.stderr  # local, not EIO from a remote attempt
 
 
-def test_the_c_side_parses_what_python_encodes(run: Runner, daemon: ScriptedDaemon) -> None:
+def test_the_c_side_parses_what_python_encodes(run: Runner, daemon: LayerDaemon) -> None:
     """Every key reaches the C side: a regex list, the fs mode, a skip list and filters."""
     settings = LayerSettings(
         fs_mode="localwithoverrides",

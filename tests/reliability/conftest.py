@@ -21,7 +21,7 @@ import pytest
 
 from mirrord.localpod import LocalPod
 from tests.cli.conftest import Mirrord, agent_pids, pid_alive, processes_with_env, temp_mirrord
-from tests.incoming.test_incoming_agent import our_rules
+from tests.incoming.test_steal_rules import ours as our_rules
 
 if TYPE_CHECKING:
     from tests.reliability._session import Scene

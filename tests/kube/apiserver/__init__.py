@@ -8,7 +8,8 @@ agent pods as real local `mirrord-agent` processes and binds target pods to real
 from __future__ import annotations
 
 from tests.kube.apiserver._errors import ApiError
-from tests.kube.apiserver._kubelet import Kubelet, cleanup_leftover_cgroups
+from tests.kube.apiserver._kubelet import Kubelet
+from tests.kube.apiserver._runtime import cleanup_leftover_cgroups
 from tests.kube.apiserver._server import USER, FakeApiServer, Rbac, Rule
 from tests.kube.apiserver._store import Store
 

@@ -5,7 +5,8 @@ Owns: object defaults that controllers set, pod scheduling (nodeName / nodeSelec
 Unschedulable condition), image pulls (a configurable set of images fails with ErrImagePull then
 ImagePullBackOff), running containers, container logs, pod deletion, the cgroups that make a
 target container's ID findable by a `/proc/*/cgroup` scan, and dialing a pod's port for
-port-forward.
+port-forward. The processes, logs and cgroups behind the pods are `_runtime.py`'s; the pod
+status objects (conditions, container statuses, defaults) `_podstatus.py`'s.
 
 How containers run here
 -----------------------
@@ -31,17 +32,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import ctypes
 import os
-import secrets
 import signal
-import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests.kube.apiserver._podstatus import (
+    condition,
+    is_agent,
+    node_ip,
+    node_labels,
+    plural_of,
+    pod_defaults,
+    pod_ip,
+    running_status,
+    split_api_version,
+    waiting_status,
+)
+from tests.kube.apiserver._runtime import (
+    CGROUP_PREFIX,
+    CGROUP_ROOT,
+    ContainerRuntime,
+    PodRuntime,
+    connect_in_netns,
+    new_container_id,
+    rmtree_cgroup,
+)
 from tests.kube.apiserver._store import (
     Obj,
     Resource,
@@ -54,100 +71,9 @@ from tests.kube.apiserver._store import (
 if TYPE_CHECKING:
     pass
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
-CGROUP_PREFIX = "mrdkube"
-_CLONE_NEWNET = 0x40000000
-
 PODS = find_resource("", "v1", "pods")
 JOBS = find_resource("batch", "v1", "jobs")
 assert PODS is not None and JOBS is not None
-
-
-# ------------------------------------------------------------------------------- logs
-
-
-class LogBuffer:
-    """One container's log: appended by the kubelet, read (and followed) by the log endpoint."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-        self._changed = asyncio.Event()
-
-    def append(self, chunk: bytes) -> None:
-        self.data += chunk
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def close(self) -> None:
-        self.closed = True
-        self._changed.set()
-
-    async def wait_change(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
-
-
-# ------------------------------------------------------------------------------- runtime
-
-
-@dataclass
-class ContainerRuntime:
-    name: str
-    container_id: str
-    process: asyncio.subprocess.Process | None = None
-    bound_pid: int | None = None  # a process the test owns (a namespace pod's)
-    log: LogBuffer = field(default_factory=LogBuffer)
-    ephemeral: bool = False
-
-    @property
-    def pid(self) -> int | None:
-        if self.process is not None and self.process.returncode is None:
-            return self.process.pid
-        return self.bound_pid
-
-
-@dataclass
-class PodRuntime:
-    namespace: str
-    name: str
-    uid: str
-    containers: dict[str, ContainerRuntime] = field(default_factory=dict)
-    netns_pid: int | None = None  # a process whose network namespace is the pod's
-    cgroup_dirs: list[Path] = field(default_factory=list)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-
-def new_container_id() -> str:
-    return secrets.token_hex(32)
-
-
-def _libc() -> Any:
-    return ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def _connect_in_netns(pid: int, port: int) -> socket.socket:
-    """A TCP connection to 127.0.0.1:port made inside the network namespace of `pid`, like the
-    kubelet's port-forward (which enters the pod sandbox's namespace). Runs in a worker thread:
-    setns moves only this thread, and it is moved back before returning."""
-    libc = _libc()
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if libc.setns(target, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.settimeout(None)
-            sock.setblocking(False)
-            return sock
-        finally:
-            if libc.setns(own, _CLONE_NEWNET) != 0:  # pragma: no cover - would poison the pool
-                os._exit(70)
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 class Kubelet:
@@ -201,7 +127,7 @@ class Kubelet:
             with contextlib.suppress(BaseException):
                 await task
         with contextlib.suppress(OSError):
-            _rmtree_cgroup(self._cgroup_base)
+            rmtree_cgroup(self._cgroup_base)
 
     # ------------------------------------------------------------------ store callbacks
 
@@ -222,7 +148,7 @@ class Kubelet:
         for (_g, _p, ns, name), dep in list(self.store.objects.items()):
             refs = dep["metadata"].get("ownerReferences") or []
             if any(r.get("uid") == uid for r in refs):
-                res = find_resource(*_split_api_version(dep["apiVersion"]), _plural_of(dep))
+                res = find_resource(*split_api_version(dep["apiVersion"]), plural_of(dep))
                 if res is not None:
                     self.spawn(self.delete_object(res, ns or None, name, grace=None))
 
@@ -279,6 +205,22 @@ class Kubelet:
         job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
         if job is None:
             return
+        pod = self._job_pod(job, name)
+        for check in self.admission:
+            err = check(PODS, ns, pod)  # type: ignore[arg-type]
+            if err is not None:
+                self._failed_create(ns, name, job["metadata"]["uid"], err.message)
+                return
+        pod_obj = self.store.create(PODS, ns, pod_defaults(pod))  # type: ignore[arg-type]
+        job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
+        if job is None:
+            return
+        job["status"] = {"active": 1, "startTime": now_rfc3339(), "ready": 0}
+        self.store.replace(JOBS, job)  # type: ignore[arg-type]
+        await self._follow_job_pod(ns, name, pod_obj["metadata"]["name"])
+
+    def _job_pod(self, job: Obj, name: str) -> Obj:
+        """The pod the Job controller makes from `job`'s template (labels as configured)."""
         tmpl = job["spec"]["template"]
         meta = dict(tmpl.get("metadata") or {})
         labels = dict(meta.get("labels") or {})
@@ -313,39 +255,34 @@ class Kubelet:
             },
             "spec": tmpl["spec"],
         }
-        for check in self.admission:
-            err = check(PODS, ns, pod)  # type: ignore[arg-type]
-            if err is not None:
-                self.store.create(
-                    find_resource("", "v1", "events"),  # type: ignore[arg-type]
-                    ns,
-                    {
-                        "metadata": {"name": f"{name}.{random_suffix(8)}"},
-                        "involvedObject": {
-                            "kind": "Job",
-                            "name": name,
-                            "namespace": ns,
-                            "uid": uid,
-                            "apiVersion": "batch/v1",
-                        },
-                        "reason": "FailedCreate",
-                        "message": f"Error creating: {err.message}",
-                        "type": "Warning",
-                        "source": {"component": "job-controller"},
-                        "count": 1,
-                        "firstTimestamp": now_rfc3339(),
-                        "lastTimestamp": now_rfc3339(),
-                    },
-                )
-                return
-        pod_obj = self.store.create(PODS, ns, pod_defaults(pod))  # type: ignore[arg-type]
-        job = self.store.find(JOBS, ns, name)  # type: ignore[arg-type]
-        if job is None:
-            return
-        job["status"] = {"active": 1, "startTime": now_rfc3339(), "ready": 0}
-        self.store.replace(JOBS, job)  # type: ignore[arg-type]
-        # Follow the pod to finish the job and honour ttlSecondsAfterFinished.
-        pod_name = pod_obj["metadata"]["name"]
+        return pod
+
+    def _failed_create(self, ns: str, name: str, uid: str, message: str) -> None:
+        """The FailedCreate event of a Job whose pod admission refused."""
+        self.store.create(
+            find_resource("", "v1", "events"),  # type: ignore[arg-type]
+            ns,
+            {
+                "metadata": {"name": f"{name}.{random_suffix(8)}"},
+                "involvedObject": {
+                    "kind": "Job",
+                    "name": name,
+                    "namespace": ns,
+                    "uid": uid,
+                    "apiVersion": "batch/v1",
+                },
+                "reason": "FailedCreate",
+                "message": f"Error creating: {message}",
+                "type": "Warning",
+                "source": {"component": "job-controller"},
+                "count": 1,
+                "firstTimestamp": now_rfc3339(),
+                "lastTimestamp": now_rfc3339(),
+            },
+        )
+
+    async def _follow_job_pod(self, ns: str, name: str, pod_name: str) -> None:
+        """Follow the Job's pod to finish the Job and honour ttlSecondsAfterFinished."""
         for _ in range(100000):
             await asyncio.sleep(0.1)
             p = self.store.find(PODS, ns, pod_name)  # type: ignore[arg-type]
@@ -399,7 +336,7 @@ class Kubelet:
             candidates = [
                 n
                 for n in self.nodes
-                if all(_node_labels(n).get(k) == v for k, v in selector.items())
+                if all(node_labels(n).get(k) == v for k, v in selector.items())
             ]
             if self.unschedulable or not candidates:
                 message = self.unschedulable or (
@@ -473,16 +410,16 @@ class Kubelet:
 
         def scheduled(p: Obj) -> None:
             p["status"]["conditions"] = [
-                _cond("PodScheduled", "True"),
-                _cond("Initialized", "True"),
-                _cond("ContainersReady", "False"),
-                _cond("Ready", "False"),
+                condition("PodScheduled", "True"),
+                condition("Initialized", "True"),
+                condition("ContainersReady", "False"),
+                condition("Ready", "False"),
             ]
-            p["status"]["hostIP"] = _node_ip(p["spec"]["nodeName"])
-            p["status"]["hostIPs"] = [{"ip": _node_ip(p["spec"]["nodeName"])}]
+            p["status"]["hostIP"] = node_ip(p["spec"]["nodeName"])
+            p["status"]["hostIPs"] = [{"ip": node_ip(p["spec"]["nodeName"])}]
             p["status"]["startTime"] = now_rfc3339()
             p["status"]["containerStatuses"] = [
-                _waiting_status(c, "ContainerCreating", None) for c in containers
+                waiting_status(c, "ContainerCreating", None) for c in containers
             ]
 
         self._set_pod(ns, name, scheduled)
@@ -508,7 +445,7 @@ class Kubelet:
                 ns, name, "Pulled", f'Container image "{image}" already present on machine'
             )
             self.pod_event(ns, name, "Created", f"Created container: {c['name']}")
-            if _is_agent(c):
+            if is_agent(c):
                 await self._spawn_agent(
                     rt, cr, c, join_netns=None, host_pid=bool(pod["spec"].get("hostPID"))
                 )
@@ -516,16 +453,16 @@ class Kubelet:
 
         def running(p: Obj) -> None:
             p["status"]["phase"] = "Running"
-            p["status"]["podIP"] = _pod_ip(p)
+            p["status"]["podIP"] = pod_ip(p)
             p["status"]["podIPs"] = [{"ip": p["status"]["podIP"]}]
             p["status"]["conditions"] = [
-                _cond("PodScheduled", "True"),
-                _cond("Initialized", "True"),
-                _cond("ContainersReady", "True"),
-                _cond("Ready", "True"),
+                condition("PodScheduled", "True"),
+                condition("Initialized", "True"),
+                condition("ContainersReady", "True"),
+                condition("Ready", "True"),
             ]
             p["status"]["containerStatuses"] = [
-                _running_status(c, rt.containers[c["name"]].container_id) for c in containers
+                running_status(c, rt.containers[c["name"]].container_id) for c in containers
             ]
 
         self._set_pod(ns, name, running)
@@ -577,9 +514,9 @@ class Kubelet:
                         msg = self.pull_errors[c["image"]]
                         if reason == "ImagePullBackOff":
                             msg = f'Back-off pulling image "{c["image"]}": ErrImagePull: {msg}'
-                        statuses.append(_waiting_status(c, reason, msg))
+                        statuses.append(waiting_status(c, reason, msg))
                     else:
-                        statuses.append(_waiting_status(c, "PodInitializing", None))
+                        statuses.append(waiting_status(c, "PodInitializing", None))
                 p["status"]["containerStatuses"] = statuses
 
             return change
@@ -694,7 +631,7 @@ class Kubelet:
             cr.log.close()
         for d in reversed(rt.cgroup_dirs):
             with contextlib.suppress(OSError):
-                _rmtree_cgroup(d)
+                rmtree_cgroup(d)
         rt.cgroup_dirs.clear()
 
     # ------------------------------------------------------------------ ephemeral containers
@@ -710,7 +647,7 @@ class Kubelet:
 
             def pull_error(p: Obj) -> None:
                 p["status"].setdefault("ephemeralContainerStatuses", []).append(
-                    _waiting_status(spec, "ErrImagePull", msg)
+                    waiting_status(spec, "ErrImagePull", msg)
                 )
 
             self._set_pod(ns, name, pull_error)
@@ -719,12 +656,12 @@ class Kubelet:
             return
         cr = ContainerRuntime(spec["name"], new_container_id(), ephemeral=True)
         rt.containers[spec["name"]] = cr
-        if _is_agent(spec):
+        if is_agent(spec):
             await self._spawn_agent(rt, cr, spec, join_netns=rt.netns_pid)
 
         def running(p: Obj) -> None:
             statuses = p["status"].setdefault("ephemeralContainerStatuses", [])
-            statuses.append(_running_status(spec, cr.container_id))
+            statuses.append(running_status(spec, cr.container_id))
 
         self._set_pod(ns, name, running)
 
@@ -758,18 +695,18 @@ class Kubelet:
                 "phase": "Running",
                 "podIP": pod_ip,
                 "podIPs": [{"ip": pod_ip}],
-                "hostIP": _node_ip(node),
-                "hostIPs": [{"ip": _node_ip(node)}],
+                "hostIP": node_ip(node),
+                "hostIPs": [{"ip": node_ip(node)}],
                 "startTime": now_rfc3339(),
                 "qosClass": "BestEffort",
                 "conditions": [
-                    _cond("PodScheduled", "True"),
-                    _cond("Initialized", "True"),
-                    _cond("ContainersReady", "True"),
-                    _cond("Ready", "True"),
+                    condition("PodScheduled", "True"),
+                    condition("Initialized", "True"),
+                    condition("ContainersReady", "True"),
+                    condition("Ready", "True"),
                 ],
                 "containerStatuses": [
-                    _running_status(c, ids[c["name"]]) for c in p["spec"]["containers"]
+                    running_status(c, ids[c["name"]]) for c in p["spec"]["containers"]
                 ],
             }
 
@@ -786,150 +723,5 @@ class Kubelet:
             raise OSError(f"pod {ns}/{name} has no running sandbox")
         for cb in self.on_portforward_dial:
             cb(ns, name, port)
-        sock = await asyncio.to_thread(_connect_in_netns, rt.netns_pid, port)
+        sock = await asyncio.to_thread(connect_in_netns, rt.netns_pid, port)
         return await asyncio.open_connection(sock=sock)
-
-
-# ------------------------------------------------------------------------------- helpers
-
-
-def _rmtree_cgroup(path: Path) -> None:
-    if not path.exists():
-        return
-    for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        _rmtree_cgroup(child)
-    # Processes still inside go back to the root cgroup before the directory can go.
-    procs = path / "cgroup.procs"
-    with contextlib.suppress(OSError):
-        for pid in procs.read_text().split():
-            with contextlib.suppress(OSError):
-                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
-    path.rmdir()
-
-
-def cleanup_leftover_cgroups() -> None:
-    """Remove cgroup directories of earlier test processes that are gone."""
-    if not CGROUP_ROOT.is_dir():
-        return
-    for d in CGROUP_ROOT.glob(f"{CGROUP_PREFIX}*"):
-        pid = d.name[len(CGROUP_PREFIX) :]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            with contextlib.suppress(OSError):
-                _rmtree_cgroup(d)
-
-
-def _is_agent(c: Obj) -> bool:
-    """Containers this kubelet can run: the agent image's programs."""
-    cmd = list(c.get("command") or [])
-    if not cmd:
-        return False
-    if os.path.basename(cmd[0]) == "mirrord-agent":
-        return True
-    return (
-        cmd[0] == "python3" and len(cmd) >= 3 and cmd[1] == "-m" and cmd[2].startswith("mirrord.")
-    )
-
-
-def _cond(type_: str, status: str) -> Obj:
-    return {
-        "type": type_,
-        "status": status,
-        "lastProbeTime": None,
-        "lastTransitionTime": now_rfc3339(),
-    }
-
-
-def _waiting_status(c: Obj, reason: str, message: str | None) -> Obj:
-    waiting: Obj = {"reason": reason}
-    if message is not None:
-        waiting["message"] = message
-    return {
-        "name": c["name"],
-        "image": c.get("image", ""),
-        "imageID": "",
-        "ready": False,
-        "restartCount": 0,
-        "started": False,
-        "state": {"waiting": waiting},
-    }
-
-
-def _running_status(c: Obj, container_id: str) -> Obj:
-    return {
-        "name": c["name"],
-        "image": c.get("image", ""),
-        "imageID": f"{c.get('image', '')}@sha256:{'0' * 64}",
-        "containerID": f"containerd://{container_id}",
-        "ready": True,
-        "restartCount": 0,
-        "started": True,
-        "state": {"running": {"startedAt": now_rfc3339()}},
-    }
-
-
-def _node_ip(node: str) -> str:
-    digits = "".join(ch for ch in node if ch.isdigit()) or "1"
-    return f"10.213.200.{int(digits) % 250 + 1}"
-
-
-_pod_counter = [0]
-
-
-def _pod_ip(_pod: Obj) -> str:
-    _pod_counter[0] += 1
-    return f"10.213.250.{_pod_counter[0] % 250 + 1}"
-
-
-def _node_labels(node: str) -> dict[str, str]:
-    return {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux"}
-
-
-def _split_api_version(api_version: str) -> tuple[str, str]:
-    if "/" in api_version:
-        g, v = api_version.split("/", 1)
-        return g, v
-    return "", api_version
-
-
-def _plural_of(obj: Obj) -> str:
-    from tests.kube.apiserver._store import resource_by_kind
-
-    return resource_by_kind(obj["kind"]).plural
-
-
-def pod_defaults(pod: Obj) -> Obj:
-    """The defaults the API server fills into a pod spec on create."""
-    spec = pod.setdefault("spec", {})
-    spec.setdefault("restartPolicy", "Always")
-    spec.setdefault("terminationGracePeriodSeconds", 30)
-    spec.setdefault("dnsPolicy", "ClusterFirst")
-    spec.setdefault("schedulerName", "default-scheduler")
-    spec.setdefault("serviceAccountName", "default")
-    spec.setdefault("serviceAccount", spec["serviceAccountName"])
-    spec.setdefault("securityContext", {})
-    spec.setdefault("enableServiceLinks", True)
-    spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
-    spec.setdefault("priority", 0)
-    spec.setdefault("tolerations", [])
-    spec["tolerations"] = [
-        *spec["tolerations"],
-        {
-            "key": "node.kubernetes.io/not-ready",
-            "operator": "Exists",
-            "effect": "NoExecute",
-            "tolerationSeconds": 300,
-        },
-    ]
-    for c in [*spec.get("containers", []), *spec.get("initContainers", [])]:
-        c.setdefault("terminationMessagePath", "/dev/termination-log")
-        c.setdefault("terminationMessagePolicy", "File")
-        c.setdefault("resources", {})
-        image = c.get("image", "")
-        c.setdefault(
-            "imagePullPolicy",
-            "Always"
-            if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]
-            else "IfNotPresent",
-        )
-    pod.setdefault("status", {"phase": "Pending", "qosClass": "BestEffort"})
-    return pod

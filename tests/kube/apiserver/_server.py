@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import secrets
-import struct
 import subprocess
 import tempfile
 import time
@@ -32,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from tests.kube.apiserver._errors import ApiError, forbidden
-from tests.kube.apiserver._kubelet import Kubelet, cleanup_leftover_cgroups, pod_defaults
+from tests.kube.apiserver._kubelet import Kubelet
+from tests.kube.apiserver._podstatus import pod_defaults
+from tests.kube.apiserver._portforward import relay_portforward
+from tests.kube.apiserver._runtime import cleanup_leftover_cgroups
 from tests.kube.apiserver._selectors import parse_field_selector, parse_label_selector
 from tests.kube.apiserver._store import (
     Obj,
@@ -49,6 +51,20 @@ from tests.kube.apiserver._store import (
 
 USER = "mirrord-test-user"
 _VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+# What `GET /version` answers: the Kubernetes release this server imitates.
+_VERSION_INFO = {
+    "major": "1",
+    "minor": "35",
+    "gitVersion": "v1.35.0",
+    "gitCommit": "0" * 40,
+    "gitTreeState": "clean",
+    "buildDate": "2025-12-17T00:00:00Z",
+    "goVersion": "go1.25.5",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
 
 
 @dataclass
@@ -246,19 +262,7 @@ class FakeApiServer:
     async def _route(self, request: web.Request) -> web.StreamResponse:
         path = request.path.rstrip("/")
         if path == "/version":
-            return web.json_response(
-                {
-                    "major": "1",
-                    "minor": "35",
-                    "gitVersion": "v1.35.0",
-                    "gitCommit": "0" * 40,
-                    "gitTreeState": "clean",
-                    "buildDate": "2025-12-17T00:00:00Z",
-                    "goVersion": "go1.25.5",
-                    "compiler": "gc",
-                    "platform": "linux/amd64",
-                }
-            )
+            return web.json_response(_VERSION_INFO)
         segs = [s for s in path.split("/") if s]
         if segs[:1] == ["api"] and len(segs) >= 2:
             group, version, rest = "", segs[1], segs[2:]
@@ -312,6 +316,12 @@ class FakeApiServer:
                 return web.json_response(self.store.get(res, ns, name))
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
+        return await self._serve_object(request, res, ns, name, watch=watch)
+
+    async def _serve_object(
+        self, request: web.Request, res: Resource, ns: str | None, name: str, *, watch: bool
+    ) -> web.StreamResponse:
+        """get, list, watch, create, delete, patch and replace of `res` objects."""
         if request.method == "GET":
             if name:
                 return web.json_response(self.store.get(res, ns, name))
@@ -605,70 +615,13 @@ class FakeApiServer:
         self.portforwards_open[key] += 1
         self._open_ws.add(ws)
         try:
-            await self._relay_portforward(ws, ns, name, ports)
+            await relay_portforward(ws, self.kubelet, self.store, (ns, name), ports)
         finally:
             self.portforwards_open[key] -= 1
             self._open_ws.discard(ws)
             if not ws.closed:
                 await ws.close()
         return ws
-
-    async def _relay_portforward(
-        self, ws: web.WebSocketResponse, ns: str, name: str, ports: builtins.list[int]
-    ) -> None:
-        streams: builtins.list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = []
-        for i, port in enumerate(ports):
-            await ws.send_bytes(bytes([2 * i]) + struct.pack("<H", port))
-            await ws.send_bytes(bytes([2 * i + 1]) + struct.pack("<H", port))
-        for i, port in enumerate(ports):
-            try:
-                streams.append(await self.kubelet.dial(ns, name, port))
-            except OSError as exc:
-                pod = self.store.find(resource_by_kind("Pod"), ns, name) or {"metadata": {}}
-                await ws.send_bytes(
-                    bytes([2 * i + 1])
-                    + (
-                        f"error forwarding port {port} to pod {pod['metadata'].get('uid', '')}, "
-                        f"uid : failed to connect to localhost:{port} inside namespace: {exc}"
-                    ).encode()
-                )
-                streams.append(None)
-        live = [(i, s) for i, s in enumerate(streams) if s is not None]
-        if not live:
-            return
-
-        async def pod_to_ws(i: int, reader: asyncio.StreamReader) -> None:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    return
-                await ws.send_bytes(bytes([2 * i]) + data)
-
-        async def ws_to_pod() -> None:
-            async for msg in ws:
-                if msg.type != WSMsgType.BINARY or not msg.data:
-                    continue
-                channel = msg.data[0]
-                if channel % 2 == 0 and channel // 2 < len(streams):
-                    s = streams[channel // 2]
-                    if s is not None and len(msg.data) > 1:
-                        s[1].write(msg.data[1:])
-                        await s[1].drain()
-
-        tasks = [asyncio.create_task(pod_to_ws(i, s[0])) for i, s in live]
-        tasks.append(asyncio.create_task(ws_to_pod()))
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await t
-            for _i, (_r, w) in live:
-                w.close()
-                with contextlib.suppress(Exception):
-                    await w.wait_closed()
 
 
 # ------------------------------------------------------------------------------- helpers
