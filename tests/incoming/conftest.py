@@ -79,12 +79,22 @@ def anyio_backend() -> str:
 @pytest.fixture
 def local_app() -> Iterator[Callable[[str], int]]:
     """`local_app(name)` starts an app answering `name METHOD PATH x-user=...`; its port."""
-    procs: list[subprocess.Popen[str]] = []
+    with port_printing_apps() as start:
 
-    def start(name: str = "local") -> int:
-        proc = subprocess.Popen(
-            [sys.executable, str(_APP), name], stdout=subprocess.PIPE, text=True
-        )
+        def app(name: str = "local") -> int:
+            return start([sys.executable, str(_APP), name])
+
+        yield app
+
+
+@contextlib.contextmanager
+def port_printing_apps() -> Iterator[Callable[[list[str]], int]]:
+    """`start(argv)` runs a test app on this machine that prints its port as its first line;
+    returns that port. Every app started is killed when the block ends."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str]) -> int:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
         procs.append(proc)
         assert proc.stdout is not None
         return int(proc.stdout.readline())

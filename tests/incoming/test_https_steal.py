@@ -31,7 +31,7 @@ from mirrord.localpod import LocalPod
 from tests._agent_client import AgentClient, AgentConn, AgentError
 from tests._agent_process import AgentProc
 from tests.cli.conftest import Mirrord, temp_mirrord
-from tests.incoming.conftest import serve_channel, subscribe
+from tests.incoming.conftest import port_printing_apps, serve_channel, subscribe
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -113,26 +113,13 @@ def tls_pod(pod: LocalPod, certs: dict[str, Path]) -> Iterator[LocalPod]:
 def user_app(certs: dict[str, Path]) -> Iterator[Callable[[bool], int]]:
     """`user_app(tls)`: the user app's stand-in on the host (no mirrord), serving HTTPS with
     the same certificate, or plain HTTP; its port."""
-    procs: list[subprocess.Popen[bytes]] = []
 
     def start(tls: bool) -> int:
         cert, key = (str(certs["cert"]), str(certs["key"])) if tls else ("plain", "plain")
-        proc = subprocess.Popen(
-            [sys.executable, TLS_APP, "user-app", "127.0.0.1", "0", cert, key],
-            stdout=subprocess.PIPE,
-        )
-        procs.append(proc)
-        assert proc.stdout is not None
-        return int(proc.stdout.readline())
+        return run([sys.executable, TLS_APP, "user-app", "127.0.0.1", "0", cert, key])
 
-    try:
+    with port_printing_apps() as run:
         yield start
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=10)
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 def tls_wire(certs: dict[str, Path], protocol: str = "tls") -> dict[str, object]:
