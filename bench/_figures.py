@@ -269,6 +269,52 @@ def syscall_bypass(env: BenchEnv) -> Result:
     return Result(under, plain, "s/op", note=f"medians of {runs}")
 
 
+_UNTRAPPED_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    int fd = open(argv[2], O_RDONLY);
+    char c;
+    struct timespec a, b;
+    if (fd < 0) return 1;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++) {
+        if (pread(fd, &c, 1, 0) != 1) return 1;
+        getppid();
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.9f\n", ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9) / n);
+    return 0;
+}
+"""
+
+
+def syscall_untrapped(env: BenchEnv) -> Result:
+    """Calls the supervisor's filter lets through (pread + getppid on a local fd) in a static
+    program under the supervisor, beside the same loop with no filter (issue 17: <= 1.5x)."""
+    env.require_run()
+    src = env.tmp / "untrapped.c"
+    exe = env.tmp / "untrapped_static"
+    if not exe.exists():
+        src.write_text(_UNTRAPPED_C)
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(exe), str(src)], check=True, timeout=120)
+    local = env.tmp / "local-file"
+    local.write_bytes(b"x")
+    argv = [str(exe), str(_runs(env, 500_000, 100_000)), str(local)]
+    runs = _runs(env, 7, 3)
+    under = median_of(lambda: _per_op(env, argv), runs, warmup=0)
+    plain = median_of(
+        lambda: float(subprocess.run(argv, capture_output=True, text=True, check=True).stdout),
+        runs,
+        warmup=0,
+    )
+    return Result(under, plain, "s/op", note=f"pread+getppid, medians of {runs}")
+
+
 def syscall_remote_open(env: BenchEnv) -> Result:
     """A remote open+read 4 KiB+close served by the supervisor (a static program) beside the
     same loop served by the layer (the program linked dynamically)."""
@@ -544,6 +590,14 @@ def figures(env: BenchEnv) -> list[Figure]:
             "report",
             None,
             f(syscall_bypass),
+        ),
+        Figure(
+            "syscall_untrapped",
+            "pread+getppid under the supervisor's filter",
+            "no filter",
+            "lower",
+            1.5,
+            f(syscall_untrapped),
         ),
         Figure(
             "syscall_remote_open",
