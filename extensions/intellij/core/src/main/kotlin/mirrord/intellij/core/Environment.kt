@@ -70,9 +70,14 @@ object SessionEnvironment {
             else -> toggle
         }
 
-    /** A run configuration's variables without what an earlier mirrord run put there. */
+    /**
+     * A run configuration's variables without what an earlier mirrord run put there: the layer's
+     * preload entries, and the supervisor's variables (`MIRRORD_DONT_LOAD` would switch the layer
+     * off in a program started without the supervisor).
+     */
     fun withoutLayer(runEnvironment: Map<String, String>): Map<String, String> {
         val env = LinkedHashMap(runEnvironment)
+        Supervision.VARIABLES.forEach(env::remove)
         for (key in PRELOAD_KEYS) {
             val value = env[key] ?: continue
             val kept = preloadEntries(value).filterNot(::isLayer)

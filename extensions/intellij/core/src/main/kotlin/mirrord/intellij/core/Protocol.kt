@@ -28,7 +28,10 @@ class ProtocolError(message: String) : Exception(message)
 data class MirrordExecution(
     /** Variables to set in the debuggee's environment (`LD_PRELOAD` is the layer alone). */
     val environment: Map<String, String>,
-    /** On macOS a copy of the executable the layer can be preloaded into; null elsewhere. */
+    /**
+     * What the IDE starts instead of the executable it named (`ext -e`): mirrord's system-call
+     * supervisor for a static or Go program (see [Supervision]); null when the program runs as it is.
+     */
     val patchedPath: String?,
     /** Variables to remove from the debuggee's environment. */
     val envToUnset: List<String>,

@@ -67,10 +67,6 @@ class MirrordSession internal constructor(
                     continue
                 }
                 messages += message
-                if (message is ProgressMessage.Ready) {
-                    state = State.READY
-                    ready.complete(message.execution)
-                }
                 if (message is ProgressMessage.FinishedTask && message.name == LAUNCH_TASK && !message.success) {
                     failedLaunch = message.message
                 }
@@ -78,6 +74,11 @@ class MirrordSession internal constructor(
                     listener.onMessage(message)
                 } catch (e: RuntimeException) {
                     // a broken listener must not stop the reading: `ext` would block on a full pipe
+                }
+                // After the listener: the launch goes on once the UI has seen the ready line too.
+                if (message is ProgressMessage.Ready) {
+                    state = State.READY
+                    ready.complete(message.execution)
                 }
             }
         }

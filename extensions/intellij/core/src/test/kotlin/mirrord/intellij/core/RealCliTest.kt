@@ -4,6 +4,7 @@ import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertFalse
 import org.junit.jupiter.api.Assertions.assertInstanceOf
 import org.junit.jupiter.api.Assertions.assertNotNull
+import org.junit.jupiter.api.Assertions.assertNull
 import org.junit.jupiter.api.Assertions.assertThrows
 import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.Assumptions.assumeTrue
@@ -93,6 +94,22 @@ class RealCliTest {
         throw AssertionError("timed out after $seconds s waiting for $what")
     }
 
+    /** When the running test started, in the daemon's clock (epoch seconds). */
+    private val testStart = System.currentTimeMillis() / 1000.0 - 1.0
+
+    /**
+     * Waits until the daemon lists no session this test opened (one another test's stopped `ext`
+     * left may stay until its wait times out: the daemon answers one control request at a time).
+     */
+    private fun waitForNoSessions(what: String) {
+        fun ours() = cli.daemonStatus().sessions.filter { it.createdEpochSeconds >= testStart }
+        try {
+            waitUntil(30, what) { ours().isEmpty() }
+        } catch (e: AssertionError) {
+            throw AssertionError("${e.message}; the daemon lists ${ours()}")
+        }
+    }
+
     @Test
     fun `the binary is found on PATH and answers --version`() {
         val resolved = BinaryResolver.resolve(null, null, pathVariable = "/nonexistent:" + cli.binary.parent, home = null)
@@ -176,6 +193,8 @@ class RealCliTest {
         )
         assertNotNull(launch)
         launch!!
+        assertNull(launch.patchedPath) // python3 is dynamic: the layer reaches it, no supervisor
+        assertEquals(python, launch.executable)
         assertEquals("from-the-pod", launch.environment["POD_VAR"])
         assertEquals("mine", launch.environment["RUN_VAR"])
         val preload = SessionEnvironment.preloadEntries(launch.environment["LD_PRELOAD"])
@@ -227,7 +246,106 @@ class RealCliTest {
         app.outputStream.close() // the debuggee exits
         assertTrue(app.waitFor(30, TimeUnit.SECONDS))
         assertTrue(launch.session.waitForExit(30), "ext was not stopped with the debuggee")
-        waitUntil(30, "the session to end in the daemon") { cli.daemonStatus().sessions.isEmpty() }
+        waitForNoSessions("the session to end in the daemon")
+    }
+
+    /** A static C program, built here with `cc -static`, that prints the file its argument names. */
+    private fun staticCat(): File {
+        val source = File(workdir, "static-cat.c")
+        source.writeText(
+            """
+            #include <stdio.h>
+            int main(int argc, char **argv) {
+                FILE *f = fopen(argv[1], "r");
+                if (f == NULL) { perror(argv[1]); return 3; }
+                char line[256];
+                while (fgets(line, sizeof line, f) != NULL) fputs(line, stdout);
+                return fclose(f) == 0 ? 0 : 4;
+            }
+            """.trimIndent(),
+        )
+        val program = File(workdir, "static-cat")
+        val cc = ProcessBuilder("cc", "-static", "-O1", "-o", program.path, source.path).redirectErrorStream(true).start()
+        val log = cc.inputStream.bufferedReader().readText()
+        assertTrue(cc.waitFor(120, TimeUnit.SECONDS) && cc.exitValue() == 0, "cc -static failed: $log")
+        return program
+    }
+
+    /** Runs [command] with [env] (stderr to a file); its exit code, stdout and stderr. */
+    private fun runProgram(command: List<String>, env: Map<String, String>, session: MirrordSession? = null): Triple<Int, String, String> {
+        val stderr = File.createTempFile("program", ".err", workdir)
+        val builder = ProcessBuilder(command).redirectError(stderr).redirectInput(ProcessBuilder.Redirect.from(File("/dev/null")))
+        builder.environment().clear()
+        builder.environment().putAll(env)
+        val process = builder.start()
+        session?.attachDebuggee(process.toHandle())
+        // The first line, then the exit: the supervisor (not the program's child) may hold stdout a moment longer.
+        val line = process.inputStream.bufferedReader().readLine() ?: ""
+        assertTrue(process.waitFor(60, TimeUnit.SECONDS), "$command did not exit")
+        return Triple(process.exitValue(), line, stderr.readText())
+    }
+
+    @Test
+    fun `a static program starts through the ready line's patched path and reads the pod's file`() {
+        val program = staticCat()
+        val cfg = config("static.json", """{"target": {"path": "pid/$podPid"}}""")
+        val ui = RecordingUi()
+        val launch = MirrordLauncher(cli, ui).prepare(
+            LaunchRequest(true, System.getenv(), program.path, DebuggerKind.NONE, cfg),
+        )!!
+        try {
+            val supervisor = File(launch.patchedPath ?: error("no patched path for a static program: ${ui.messages}"))
+            assertEquals("mirrord-supervisor", supervisor.name)
+            assertTrue(supervisor.canExecute(), supervisor.path)
+            assertEquals(supervisor.path, launch.executable)
+            assertEquals(program.absolutePath, launch.environment["MIRRORD_SUPERVISE"])
+            assertEquals("1", launch.environment["MIRRORD_DONT_LOAD"])
+            assertTrue(ui.warnings.isEmpty(), ui.warnings.toString())
+            val command = listOf(program.path, "/app/test.txt")
+            // Started as it is, the static program never meets the layer: no such file here.
+            val (alone, _, aloneErr) = runProgram(command, launch.environment)
+            assertEquals(3, alone, aloneErr)
+            assertTrue("No such file" in aloneErr, aloneErr)
+            // Started as the launch says, through the supervisor: the pod's file.
+            val started = launch.commandLine(command)
+            assertEquals(listOf(supervisor.path, "/app/test.txt"), started)
+            val (exit, line, err) = runProgram(started, launch.environment, launch.session)
+            assertEquals(0, exit, err)
+            assertEquals("pod-only file", line, err)
+            assertTrue(launch.session.waitForExit(30), "ext was not stopped with the supervised program")
+        } finally {
+            launch.session.close()
+        }
+        waitForNoSessions("the supervised program's session to end in the daemon")
+    }
+
+    @Test
+    fun `a static program the run configuration cannot replace keeps the layer, with a warning`() {
+        val program = staticCat()
+        val cfg = config("static-fixed.json", """{"target": {"path": "pid/$podPid"}}""")
+        val ui = RecordingUi()
+        val launch = MirrordLauncher(cli, ui).prepare(
+            LaunchRequest(true, System.getenv(), program.path, DebuggerKind.NONE, cfg, executableReplaceable = false),
+        )!!
+        try {
+            assertNull(launch.patchedPath)
+            assertEquals(program.path, launch.executable)
+            assertFalse("MIRRORD_DONT_LOAD" in launch.environment, "the layer would be off")
+            assertFalse("MIRRORD_SUPERVISE" in launch.environment)
+            assertEquals("from-the-pod", launch.environment["POD_VAR"])
+            assertTrue(ui.warnings.single().let { "system-call supervisor" in it && "mirrord-supervisor" in it }, ui.warnings.toString())
+            // The layer is on in what the run configuration starts (MIRRORD_DONT_LOAD would have
+            // switched it off): a dynamic program with this environment reads the pod's file.
+            val (exit, line, err) = runProgram(
+                listOf(python, "-c", "print(open('/app/test.txt').read().strip())"), launch.environment, launch.session,
+            )
+            assertEquals(0, exit, err)
+            assertEquals("pod-only file", line, err)
+            assertTrue(launch.session.waitForExit(30), "ext was not stopped with the program")
+        } finally {
+            launch.session.close()
+        }
+        waitForNoSessions("the session to end in the daemon")
     }
 
     @Test

@@ -26,6 +26,7 @@ import mirrord.intellij.core.MirrordSession
 import mirrord.intellij.core.Notice
 import mirrord.intellij.core.NoticeLevel
 import mirrord.intellij.core.NoticeStream
+import mirrord.intellij.core.PreparedLaunch
 import mirrord.intellij.core.Presentation
 import mirrord.intellij.core.ProgressMessage
 import mirrord.intellij.core.TargetChoice
@@ -36,8 +37,11 @@ object MirrordLaunches {
     private val PENDING = Key.create<MirrordSession>("mirrord.pending.session")
 
     /**
-     * The debuggee's environment under mirrord, or null when mirrord is off for this launch.
-     * The session waits in [holder] (the run configuration) for [attach].
+     * The launch under mirrord (the debuggee's environment, and the program to start: the
+     * supervisor in [executable]'s place for a static or Go one), or null when mirrord is off for
+     * this launch. [executable]: the file the command line starts, when known; [replaceable]:
+     * whether the caller can start another in its place. The session waits in [holder] (the run
+     * configuration) for [attach].
      */
     fun prepare(
         project: Project,
@@ -45,9 +49,10 @@ object MirrordLaunches {
         runEnvironment: Map<String, String>,
         executable: String?,
         debugger: DebuggerKind,
-    ): Map<String, String>? {
+        replaceable: Boolean = true,
+    ): PreparedLaunch? {
         val settings = MirrordSettings.of(project)
-        val work = ThrowableComputable<Map<String, String>?, ExecutionException> {
+        val work = ThrowableComputable<PreparedLaunch?, ExecutionException> {
             try {
                 // Core calls the UI from `ext`'s reader thread: the indicator is taken here.
                 val launcher = MirrordLauncher(settings.cli(), Ui(project, ProgressManager.getInstance().progressIndicator))
@@ -58,12 +63,13 @@ object MirrordLaunches {
                     debugger = debugger,
                     configFile = settings.configFile(),
                     recentTargets = settings.state.recentTargets,
+                    executableReplaceable = replaceable,
                 )
                 val launch = launcher.prepare(request) ?: return@ThrowableComputable null
                 launch.chosen?.let { settings.rememberTarget(it.path) }
                 holder.getUserData(PENDING)?.close() // an earlier launch whose process never started
                 holder.putUserData(PENDING, launch.session)
-                launch.environment
+                launch
             } catch (e: Exception) {
                 if (e is ExecutionException) throw e
                 val notice = Presentation.notice(e)

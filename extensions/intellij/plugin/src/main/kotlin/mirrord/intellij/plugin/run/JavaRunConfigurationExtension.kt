@@ -22,9 +22,12 @@ class JavaRunConfigurationExtension : RunConfigurationExtension() {
         val before = SessionEnvironment.effective(params.env, params.isPassParentEnvs)
         val debugger = if (runnerSettings is DebuggingRunnerData) DebuggerKind.JAVA else DebuggerKind.NONE
         val java = params.jdk?.homePath?.let { "$it/bin/java" }
-        val after = MirrordLaunches.prepare(configuration.project, configuration, before, java, debugger) ?: return
+        // JavaParameters cannot start another program in java's place: a session that asks for the
+        // supervisor (experimental.syscall_supervisor on) keeps the layer, with a warning (core).
+        val launch = MirrordLaunches.prepare(configuration.project, configuration, before, java, debugger, replaceable = false)
+            ?: return
         // The whole environment, so that env_to_unset also removes inherited variables.
-        params.env = after
+        params.env = launch.environment
         params.isPassParentEnvs = false
     }
 

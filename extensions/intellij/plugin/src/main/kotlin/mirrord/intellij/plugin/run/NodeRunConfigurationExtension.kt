@@ -25,9 +25,10 @@ class NodeRunConfigurationExtension : AbstractNodeRunConfigurationExtension() {
         val node = configuration as? NodeJsRunConfiguration
         val before = SessionEnvironment.effective(node?.envs ?: emptyMap(), node?.isPassParentEnvs ?: true)
         val debugger = if (environment.executor.id == DefaultDebugExecutor.EXECUTOR_ID) DebuggerKind.NODE else DebuggerKind.NONE
-        val after = MirrordLaunches.prepare(configuration.project, configuration, before, null, debugger)
+        // node is named to no one (`ext` without -e): a dynamic program the layer reaches, no supervisor.
+        val launch = MirrordLaunches.prepare(configuration.project, configuration, before, null, debugger)
             ?: return null
-        val changes = SessionEnvironment.changes(before, after)
+        val changes = SessionEnvironment.changes(before, launch.environment)
         val session = MirrordLaunches.take(configuration)
         return object : NodeRunConfigurationLaunchSession() {
             override fun addNodeOptionsTo(targetRun: NodeTargetRun) {

@@ -20,11 +20,14 @@ class PythonRunConfigurationExtension : com.jetbrains.python.run.PythonRunConfig
         runnerId: String,
     ) {
         val debugger = if (runnerId == "PyDebugRunner") DebuggerKind.PYDEVD else DebuggerKind.NONE
-        val after = MirrordLaunches.prepare(
+        val launch = MirrordLaunches.prepare(
             configuration.project, configuration, cmdLine.effectiveEnvironment, cmdLine.exePath, debugger,
         ) ?: return
+        // The interpreter is the program: a static one (or any, with experimental.syscall_supervisor
+        // on) is started through the supervisor, pydevd's and the script's arguments unchanged.
+        launch.patchedPath?.let { cmdLine.exePath = it }
         cmdLine.environment.clear()
-        cmdLine.environment.putAll(after)
+        cmdLine.environment.putAll(launch.environment)
         cmdLine.withParentEnvironmentType(GeneralCommandLine.ParentEnvironmentType.NONE)
     }
 
