@@ -199,19 +199,7 @@ async def test_the_peers_close_is_an_end_of_stream_every_time(pair: Pair) -> Non
             await pair.stream.receive()
 
 
-async def test_closing_while_a_receive_waits_wakes_it(
-    pair: Pair, case: tuple[str, str], request: pytest.FixtureRequest
-) -> None:
-    if case[0] == "port-forward":
-        # PortForwardStream.receive() takes the websocket's CLOSE that its own aclose() caused
-        # for the peer's end (EndOfStream): it does not check `_closed` after the wait.
-        request.applymarker(
-            pytest.mark.xfail(
-                raises=AssertionError,
-                strict=True,
-                reason="a receive woken by our own aclose() raises EndOfStream",
-            )
-        )
+async def test_closing_while_a_receive_waits_wakes_it(pair: Pair) -> None:
     ended: list[BaseException] = []
 
     async def receive() -> None:

@@ -92,9 +92,93 @@ def test_answers_read_back_through_their_request() -> None:
     )
 
 
-def test_a_create_session_answer_without_an_environment_is_refused() -> None:
-    with pytest.raises(ControlError, match="create_session"):
-        decode_reply(CreateSession(target="pid/1"), {"id": 1, "ok": True, "result": {}})
+_CREATED = SessionCreated(session="s1", env={"A": "1"}).to_json()
+
+
+@pytest.mark.parametrize(
+    ("request_", "result", "error", "says"),
+    [
+        (CreateSession(target="pid/1"), {}, KeyError, "create_session answer has no 'session'"),
+        (CreateSession(target="pid/1"), {"env": {"A": "1"}}, KeyError, "no 'session'"),
+        (CreateSession(target="pid/1"), {"session": "s1"}, KeyError, "no 'env'"),
+        (CreateSession(target="pid/1"), {**_CREATED, "session": ""}, TypeError, "empty session"),
+        (CreateSession(target="pid/1"), {**_CREATED, "session": 7}, TypeError, "session=7"),
+        (CreateSession(target="pid/1"), {**_CREATED, "env": ["A"]}, TypeError, "env="),
+        (CreateSession(target="pid/1"), {**_CREATED, "env": {"A": 1}}, TypeError, "env\\['A'\\]=1"),
+        (CreateSession(target="pid/1"), {**_CREATED, "unset": "B"}, TypeError, "unset='B'"),
+        (CreateSession(target="pid/1"), {**_CREATED, "unset": [None]}, TypeError, "unset\\[0\\]"),
+        (CreateSession(target="pid/1"), {**_CREATED, "agent": None}, TypeError, "agent=None"),
+        (CreateSession(target="pid/1"), {**_CREATED, "warnings": [3]}, TypeError, "warnings"),
+        (CreateSession(target="pid/1"), "s1", TypeError, "not a JSON object"),
+        (Status(), ["up"], TypeError, "status answer is not a JSON object"),
+        (ListSessions(), {}, KeyError, "no 'sessions'"),
+        (ListSessions(), {"sessions": [1]}, TypeError, "session is not a JSON object"),
+        (SessionStatus(session="s1"), None, TypeError, "session answer is not"),
+        (CloseSession(session="s1"), 0, TypeError, "close_session answer is not"),
+        (WaitSession(session="s1"), {}, KeyError, "no 'idle'"),
+        (
+            WaitSession(session="s1"),
+            {"idle": 1, "registered": True, "state": ""},
+            TypeError,
+            "idle=1",
+        ),
+        (Shutdown(), {}, KeyError, "shutdown answer has no 'pid'"),
+        (Shutdown(), {"pid": True}, TypeError, "pid=True"),
+        (Shutdown(), {"pid": "12"}, TypeError, "pid='12'"),
+    ],
+)
+def test_an_answer_without_its_fields_is_a_decode_error(
+    request_: ControlRequest[Any], result: Any, error: type[Exception], says: str
+) -> None:
+    """A required field missing or of the wrong type is a KeyError/TypeError (the CLI ends it
+    as an internal error, traceback saved), never an answer with a field filled in."""
+    with pytest.raises(error, match=says):
+        decode_reply(request_, {"id": 1, "ok": True, "result": result})
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "says"),
+    [
+        ({"id": 1}, KeyError, "no 'ok'"),
+        ({"id": 1, "ok": 1, "result": {}}, TypeError, "ok=1"),
+        ({"id": 1, "ok": True}, KeyError, "no 'result'"),
+        ({"id": 1, "ok": False}, KeyError, "no 'error'"),
+        ({"id": 1, "ok": False, "error": {"message": "m"}}, KeyError, "no 'code'"),
+        ({"id": 1, "ok": False, "error": {"code": "internal"}}, KeyError, "no 'message'"),
+        ({"id": 1, "ok": False, "error": {"code": 5, "message": "m"}}, TypeError, "code=5"),
+        (
+            {"id": 1, "ok": False, "error": {"code": "x", "message": "m", "errors": "e"}},
+            TypeError,
+            "errors='e'",
+        ),
+    ],
+)
+def test_a_reply_without_its_fields_is_a_decode_error(
+    reply: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error, match=says):
+        decode_reply(Status(), reply)
+
+
+@pytest.mark.parametrize(
+    ("obj", "error", "says"),
+    [
+        ({"event": "progress"}, KeyError, "progress event has no 'message'"),
+        ({"event": "progress", "message": 3}, TypeError, "message=3"),
+        ({"event": "warning", "message": "careful"}, KeyError, "no 'session'"),
+        ({"event": "closed", "session": 1, "message": "bye"}, TypeError, "session=1"),
+        ({"event": "agent_lost", "session": "s1"}, KeyError, "no 'message'"),
+        ({"event": "process", "session": "s1", "registered": True}, KeyError, "no 'pid'"),
+        ({"event": "process", "session": "s1", "pid": "9", "registered": True}, TypeError, "pid"),
+        ({"event": "process", "session": "s1", "pid": 9}, KeyError, "no 'registered'"),
+        ({"event": "process", "session": "s1", "pid": 9, "registered": 1}, TypeError, "registered"),
+    ],
+)
+def test_an_event_without_its_fields_is_a_decode_error(
+    obj: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error, match=says):
+        decode_event(obj)
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,10 @@ class ControlClient:
         self._replies: dict[int, queue.Queue[dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
         self.closed = False
+        # A malformed event from the daemon (a bug, `_control.decode_event`): it ends the
+        # connection and is raised by the pending and every later `call` in the caller's
+        # thread, where the CLI reports it, instead of dying in the reader thread.
+        self._malformed: KeyError | TypeError | None = None
         self._reader = threading.Thread(target=self._read, name="mirrord-control", daemon=True)
         self._reader.start()
 
@@ -127,11 +131,11 @@ class ControlClient:
         self.close()
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
+        # Also once the reader saw the end (it sets `closed`): the socket is still ours to close.
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
 
     def _read(self) -> None:
         buffer = b""
@@ -146,6 +150,8 @@ class ControlClient:
                     self._dispatch(decode_line(line))
         except (OSError, ValueError):
             pass
+        except (KeyError, TypeError) as exc:
+            self._malformed = exc
         finally:
             self.closed = True
             with self._lock:
@@ -172,6 +178,8 @@ class ControlClient:
         """Send `request` and wait for its answer; an error answer raises the `DaemonError`
         subclass its code names, with the daemon's message."""
         op = request.op
+        if self._malformed is not None:
+            raise self._malformed
         rid = next(self._ids)
         q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         with self._lock:
@@ -193,6 +201,8 @@ class ControlClient:
             with self._lock:
                 self._replies.pop(rid, None)
         if reply is None:
+            if self._malformed is not None:
+                raise self._malformed
             raise DaemonDisconnected(
                 f"the mirrord daemon closed the connection during {op}; see `mirrord daemon logs`"
             )

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from mirrord.daemon._exceptions import BadRequest, ControlError, DaemonError, error_for_code
+from mirrord.daemon._exceptions import BadRequest, DaemonError, error_for_code
 
 __all__ = [
     "AgentLostEvent",
@@ -64,10 +64,44 @@ __all__ = [
 
 RequestId = int | str | None
 A = TypeVar("A")
+T = TypeVar("T")
 
 
 def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+# A message from the daemon that does not have the shape this module gives it is a bug in
+# mirrord (the CLI talks only to a daemon of its own build): decoding raises `KeyError` for a
+# required field that is missing and `TypeError` for a field of the wrong type, and the CLI
+# ends it as an internal error (one line, the traceback saved). Nothing is filled in.
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"the mirrord daemon's {what} is not a JSON object: {value!r}")
+    return value
+
+
+def _typed(value: Any, kind: type[T], name: str, what: str) -> T:
+    # bool is an int subclass in Python; JSON's true/false is never a number here
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"the mirrord daemon's {what} has {name}={value!r}, not a {kind.__name__}")
+    return value
+
+
+def _required(obj: dict[str, Any], name: str, kind: type[T], what: str) -> T:
+    if name not in obj:
+        raise KeyError(f"the mirrord daemon's {what} has no {name!r}: {obj!r}")
+    return _typed(obj[name], kind, name, what)
+
+
+def _optional(obj: dict[str, Any], name: str, kind: type[T], default: T, what: str) -> T:
+    return _typed(obj[name], kind, name, what) if name in obj else default
+
+
+def _strings(value: list[Any], name: str, what: str) -> list[str]:
+    return [_typed(item, str, f"{name}[{i}]", what) for i, item in enumerate(value)]
 
 
 # ---------------------------------------------------------------------------------- answers
@@ -85,7 +119,7 @@ class StatusReport:
 
     @classmethod
     def from_json(cls, result: Any) -> StatusReport:
-        return cls(status=result if isinstance(result, dict) else {})
+        return cls(status=_object(result, "status answer"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,8 +133,9 @@ class SessionList:
 
     @classmethod
     def from_json(cls, result: Any) -> SessionList:
-        sessions = result.get("sessions") if isinstance(result, dict) else None
-        return cls(sessions=[s for s in sessions or [] if isinstance(s, dict)])
+        what = "list_sessions answer"
+        sessions = _required(_object(result, what), "sessions", list, what)
+        return cls(sessions=[_object(s, f"{what}'s session") for s in sessions])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,7 +149,7 @@ class SessionStatistics:
 
     @classmethod
     def from_json(cls, result: Any) -> SessionStatistics:
-        return cls(statistics=result if isinstance(result, dict) else {})
+        return cls(statistics=_object(result, "session answer"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,16 +178,20 @@ class SessionCreated:
 
     @classmethod
     def from_json(cls, result: Any) -> SessionCreated:
-        if not isinstance(result, dict) or not isinstance(result.get("env"), dict):
-            raise ControlError(f"the mirrord daemon answered create_session with {result!r}")
+        what = "create_session answer"
+        result = _object(result, what)
+        session = _required(result, "session", str, what)
+        if not session:
+            raise TypeError(f"the mirrord daemon's {what} has an empty session id: {result!r}")
+        env = _required(result, "env", dict, what)
         return cls(
-            session=str(result.get("session") or ""),
-            env={str(k): str(v) for k, v in result["env"].items()},
-            unset=[str(name) for name in result.get("unset") or []],
-            agent=str(result.get("agent") or ""),
-            agent_description=str(result.get("agent_description") or ""),
-            layer_socket=str(result.get("layer_socket") or ""),
-            warnings=[str(w) for w in result.get("warnings") or []],
+            session=session,
+            env={name: _typed(value, str, f"env[{name!r}]", what) for name, value in env.items()},
+            unset=_strings(_optional(result, "unset", list, [], what), "unset", what),
+            agent=_optional(result, "agent", str, "", what),
+            agent_description=_optional(result, "agent_description", str, "", what),
+            layer_socket=_optional(result, "layer_socket", str, "", what),
+            warnings=_strings(_optional(result, "warnings", list, [], what), "warnings", what),
         )
 
 
@@ -165,6 +204,7 @@ class Done:
 
     @classmethod
     def from_json(cls, result: Any) -> Done:
+        _object(result, "close_session answer")
         return cls()
 
 
@@ -182,11 +222,12 @@ class SessionIdle:
 
     @classmethod
     def from_json(cls, result: Any) -> SessionIdle:
-        result = result if isinstance(result, dict) else {}
+        what = "wait_session answer"
+        result = _object(result, what)
         return cls(
-            idle=bool(result.get("idle", True)),
-            registered=bool(result.get("registered")),
-            state=str(result.get("state") or ""),
+            idle=_required(result, "idle", bool, what),
+            registered=_required(result, "registered", bool, what),
+            state=_required(result, "state", str, what),
         )
 
 
@@ -201,8 +242,8 @@ class ShutdownStarted:
 
     @classmethod
     def from_json(cls, result: Any) -> ShutdownStarted:
-        pid = result.get("pid") if isinstance(result, dict) else None
-        return cls(pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else 0)
+        what = "shutdown answer"
+        return cls(pid=_required(_object(result, what), "pid", int, what))
 
 
 Answer = (
@@ -438,16 +479,18 @@ def decode_line(line: bytes) -> Any:
 
 def decode_reply(request: ControlRequest[A], reply: dict[str, Any]) -> A:
     """The answer to `request` in `reply`; an error answer raises the `DaemonError` subclass
-    its code names (`ControlError` for a code this version does not know)."""
-    if not reply.get("ok"):
-        error = reply.get("error")
-        error = error if isinstance(error, dict) else {}
+    its code names (`ControlError` for a code this version does not know). A reply without
+    the fields its kind needs raises `KeyError`/`TypeError` (a bug, see above)."""
+    what = f"answer to {request.op}"
+    if not _required(reply, "ok", bool, what):
+        error = _required(reply, "error", dict, what)
+        what = f"error answer to {request.op}"
         raise error_for_code(
-            str(error.get("code") or ""),
-            str(error.get("message") or "unknown error"),
-            [str(e) for e in error.get("errors") or []],
+            _required(error, "code", str, what),
+            _required(error, "message", str, what),
+            _strings(_optional(error, "errors", list, [], what), "errors", what),
         )
-    return request.answer(reply.get("result"))
+    return request.answer(_required(reply, "result", object, what))
 
 
 # ---------------------------------------------------------------------------------- events
@@ -529,16 +572,21 @@ def encode_event(event: ControlEvent) -> bytes:
 
 
 def decode_event(obj: dict[str, Any]) -> ControlEvent | None:
-    """The event `obj` carries; None for a kind this version does not know."""
+    """The event `obj` carries; None for a kind this version does not know. An event of a
+    known kind without the fields it needs raises `KeyError`/`TypeError` (a bug, see above):
+    every kind but `progress` names its session."""
     cls = _EVENTS.get(str(obj.get("event")))
     if cls is None:
         return None
-    session = str(obj.get("session") or "")
+    what = f"{cls.kind} event"
+    if cls is ProgressEvent:
+        session = _optional(obj, "session", str, "", what)
+    else:
+        session = _required(obj, "session", str, what)
     if cls is ProcessEvent:
-        pid = obj.get("pid")
         return ProcessEvent(
             session=session,
-            pid=pid if isinstance(pid, int) else 0,
-            registered=bool(obj.get("registered")),
+            pid=_required(obj, "pid", int, what),
+            registered=_required(obj, "registered", bool, what),
         )
-    return cls(session=session, message=str(obj.get("message") or ""))
+    return cls(session=session, message=_required(obj, "message", str, what))

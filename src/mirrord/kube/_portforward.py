@@ -64,6 +64,8 @@ class PortForwardStream(anyio.abc.ByteStream):
             return chunk
         while True:
             msg = await self._ws.receive()
+            if self._closed:  # woken by our own aclose(): its CLOSE is not the peer's end
+                raise anyio.ClosedResourceError
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 why = await self._ended()
                 if why is not None:  # the agent is gone: a break with its reason, not an end
