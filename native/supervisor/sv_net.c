@@ -311,13 +311,15 @@ static void on_bind(const struct seccomp_notif *req) {
         return;
     }
     int r = g_layer.bind(mine, (struct sockaddr *)&sa, len);
-    sv_reply(req->id, r < 0 ? (errno != 0 ? errno : EIO) : 0, 0);
+    int err = r < 0 ? (errno != 0 ? errno : EIO) : 0;
     if (r == 1) {
         /* getsockname shows the address asked for (the layer may have bound another port),
-         * and listen subscribes it */
+         * and listen subscribes it. Recorded before the answer: the program's next call
+         * (listen, getsockname) may reach another worker as soon as bind returns */
         struct sock_rec rec = {.mine = -1, .local = sa, .local_len = len};
         remember(mine, rec);
     }
+    sv_reply(req->id, err, 0);
     close(mine);
 }
 
@@ -357,14 +359,11 @@ static void on_listen(const struct seccomp_notif *req) {
     int asked = known && rec.local_len > 0;
     int r = g_layer.listen(mine, (int)req->data.args[1],
                            asked ? (struct sockaddr *)&rec.local : NULL, asked ? rec.local_len : 0);
-    if (r == 0) {
-        sv_continue(req->id);
-    } else {
-        sv_reply(req->id, r < 0 ? (errno != 0 ? errno : EIO) : 0, 0);
-    }
+    int err = r < 0 ? (errno != 0 ? errno : EIO) : 0;
     if (r == 1) {
         /* subscribed: `mine` stays open, the layer's record of it holds the subscription while
-         * the program runs (it ends with the supervisor, when the program is gone) */
+         * the program runs (it ends with the supervisor, when the program is gone). Recorded
+         * before the answer, as for bind: the program's accept may come at once */
         struct sock_rec held = known ? rec : (struct sock_rec){0};
         held.mine = mine;
         if (held.local_len == 0) { /* bound by the program itself: that address */
@@ -374,7 +373,13 @@ static void on_listen(const struct seccomp_notif *req) {
             }
         }
         remember(mine, held);
+    }
+    if (r == 0) {
+        sv_continue(req->id);
     } else {
+        sv_reply(req->id, err, 0);
+    }
+    if (r != 1) {
         close(mine);
     }
 }
