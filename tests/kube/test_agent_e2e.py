@@ -6,6 +6,7 @@ by cgroup scan."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,10 +126,18 @@ async def test_targetless_agent_job(apiserver: FakeApiServer, kubeconfig: Path) 
 
 
 async def test_node_agent_from_helm_chart_daemonset(
-    apiserver: FakeApiServer, kubeconfig: Path, web_pod: LocalPod
+    apiserver: FakeApiServer, kubeconfig: Path, web_pod: LocalPod, tmp_path: Path
 ) -> None:
     helm = pytest.importorskip("helm_python")
     import yaml
+
+    # Another `mirrord-agent` first on the node's PATH (an older install, another checkout):
+    # the node agent must start the agent of its own installation, not that one.
+    decoy = tmp_path / "bin" / "mirrord-agent"
+    decoy.parent.mkdir()
+    decoy.write_text("#!/bin/sh\necho 'mirrord-agent: error: the decoy on PATH ran' >&2\nexit 1\n")
+    decoy.chmod(0o755)
+    apiserver.kubelet.env_extra["PATH"] = f"{decoy.parent}:{os.environ.get('PATH', '')}"
 
     chart = helm.Chart.load(str(Path(__file__).resolve().parents[2] / "helm" / "mirrord"))
     rendered = chart.render(

@@ -12,7 +12,8 @@ agent) or `ERROR <what happened>\\n` and closed. Agents are keyed by (target, se
 of one daemon share one agent; a second daemon brings its own secret and gets its own agent.
 An agent exits by itself after its idle timeout; the next connection starts a new one.
 Does not own the agent protocol, and imports nothing of the agent or of kubernetes_asyncio:
-it runs inside the agent image and only starts `mirrord-agent` processes.
+it runs inside the agent image and only starts `mirrord-agent` processes (`python -m
+mirrord.agent` of its own interpreter, so the agent is always of its own version).
 
 Run as `python -m mirrord.kube._node --listen tcp:0.0.0.0:61337 [--idle-timeout 60]`.
 """
@@ -211,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     own_dir = args.runtime_dir is None
     runtime = Path(args.runtime_dir or tempfile.mkdtemp(prefix="mirrord-node-"))
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-    agent = shutil.which("mirrord-agent")
-    argv_agent = [agent] if agent else [sys.executable, "-m", "mirrord.agent"]
-    node = NodeAgent(runtime, args.idle_timeout, argv_agent)
+    # The agent of this installation, never a `mirrord-agent` found on PATH: another one there
+    # (an older install, another checkout) would be another version of the agent protocol and
+    # of the code this node agent was tested with.
+    node = NodeAgent(runtime, args.idle_timeout, [sys.executable, "-m", "mirrord.agent"])
     # SIGTERM (pod deletion) ends the loop like Ctrl-C, so the finally below runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
