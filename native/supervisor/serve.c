@@ -143,6 +143,7 @@ void sv_reply_fd(uint64_t id, int fd, int cloexec) {
 }
 
 void sv_handle(const struct seccomp_notif *req, int fallback) {
+    sv_wback_sync();
     if (!sv_files(req, fallback) && !sv_paths(req, fallback) && !sv_net(req, fallback)) {
         sv_continue(req->id);
     }

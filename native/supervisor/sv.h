@@ -76,6 +76,9 @@ int sv_write_mem(pid_t pid, uint64_t addr, const void *in, size_t len);
  * sv_wback_finish writes back what is still open (the program is gone). */
 void sv_reply_wback(const struct seccomp_notif *req, int layer_fd, int flags);
 void sv_wback_finish(void);
+/* Write back the files whose last close the program made before this call (their events are
+ * queued): called first by every trapped call, so a reopen reads what was written. */
+void sv_wback_sync(void);
 
 /* sendto (with an address) and sendmsg: a datagram the layer sends through the target is sent
  * by the supervisor (sv_udp.c), or fails with ECONNREFUSED after its death (`fallback`);

@@ -5,11 +5,14 @@
  * supervisor closes the layer's descriptor, and the layer writes the file back (wfile_flush),
  * as its close hook does for a libc program. Write-back is therefore done by the supervisor
  * just after the program's close, not in it; whatever is still open when the program ends is
- * written back then (sv_wback_finish). */
+ * written back then (sv_wback_finish). The close event is queued before the program's close
+ * returns, so every trapped call first handles the events queued so far (sv_wback_sync): a
+ * program that writes a file and opens it again reads what it wrote. */
 #include "sv.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <sys/inotify.h>
@@ -24,6 +27,8 @@ static struct {
 } g_wb[WBACKS];
 static int g_in = -1;
 static pthread_mutex_t g_wb_lock = PTHREAD_MUTEX_INITIALIZER; /* held while writing back */
+/* held from reading events to having written their files back (watcher and sv_wback_sync) */
+static pthread_mutex_t g_read_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 /* The program's open of the watched file `wd` was closed: write it back. */
@@ -40,16 +45,13 @@ static void closed(int wd) {
     pthread_mutex_unlock(&g_wb_lock);
 }
 
-static void *watcher(void *arg) {
-    (void)arg;
+/* Read and handle the events queued now (g_in is non-blocking); 0 when the watch is gone. */
+static int drain(void) {
     char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
     for (;;) {
         ssize_t n = read(g_in, buf, sizeof buf);
         if (n <= 0) {
-            if (n < 0 && errno == EINTR) {
-                continue;
-            }
-            return NULL;
+            return n < 0 && (errno == EAGAIN || errno == EINTR);
         }
         for (char *p = buf; p < buf + n;) {
             const struct inotify_event *ev = (const struct inotify_event *)p;
@@ -61,14 +63,40 @@ static void *watcher(void *arg) {
     }
 }
 
+static void *watcher(void *arg) {
+    (void)arg;
+    for (;;) {
+        struct pollfd pfd = {.fd = g_in, .events = POLLIN};
+        if (poll(&pfd, 1, -1) < 0 && errno != EINTR) {
+            return NULL;
+        }
+        pthread_mutex_lock(&g_read_lock);
+        int alive = drain();
+        pthread_mutex_unlock(&g_read_lock);
+        if (!alive) {
+            return NULL;
+        }
+    }
+}
+
+void sv_wback_sync(void) {
+    if (__atomic_load_n(&g_in, __ATOMIC_ACQUIRE) < 0) {
+        return; /* no file was opened to write */
+    }
+    pthread_mutex_lock(&g_read_lock);
+    drain();
+    pthread_mutex_unlock(&g_read_lock);
+}
+
 static void start(void) {
     pthread_t t;
-    g_in = inotify_init1(IN_CLOEXEC);
-    if (g_in >= 0 && pthread_create(&t, NULL, watcher, NULL) == 0) {
+    int in = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+    __atomic_store_n(&g_in, in, __ATOMIC_RELEASE);
+    if (in >= 0 && pthread_create(&t, NULL, watcher, NULL) == 0) {
         pthread_detach(t);
-    } else if (g_in >= 0) {
-        close(g_in);
-        g_in = -1;
+    } else if (in >= 0) {
+        __atomic_store_n(&g_in, -1, __ATOMIC_RELEASE);
+        close(in);
     }
 }
 
