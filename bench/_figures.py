@@ -251,6 +251,19 @@ def _per_op(env: BenchEnv, argv: list[str]) -> float:
     return float(env.run(argv).stdout.split()[-1])
 
 
+def _supervised_vs_plain(env: BenchEnv, argv: list[str], note: str) -> Result:
+    """A static program's loop run through `mirrord run` (under the supervisor) beside the same
+    loop run directly: medians of its own time per operation."""
+    runs = _runs(env, 7, 3)
+    under = median_of(lambda: _per_op(env, argv), runs, warmup=0)
+    plain = median_of(
+        lambda: float(subprocess.run(argv, capture_output=True, text=True, check=True).stdout),
+        runs,
+        warmup=0,
+    )
+    return Result(under, plain, "s/op", note=f"{note}medians of {runs}")
+
+
 def syscall_bypass(env: BenchEnv) -> Result:
     """A local open+close of a static program trapped by the supervisor and continued, beside
     the same loop with no filter (issue 17: <= 15 us; the notes measured 10-13 us)."""
@@ -259,14 +272,7 @@ def syscall_bypass(env: BenchEnv) -> Result:
     local = env.tmp / "local-file"
     local.write_bytes(b"x")
     argv = [str(exe), str(_runs(env, 20_000, 5_000)), str(local), "0"]
-    runs = _runs(env, 7, 3)
-    under = median_of(lambda: _per_op(env, argv), runs, warmup=0)
-    plain = median_of(
-        lambda: float(subprocess.run(argv, capture_output=True, text=True, check=True).stdout),
-        runs,
-        warmup=0,
-    )
-    return Result(under, plain, "s/op", note=f"medians of {runs}")
+    return _supervised_vs_plain(env, argv, "")
 
 
 _UNTRAPPED_C = r"""
@@ -305,14 +311,7 @@ def syscall_untrapped(env: BenchEnv) -> Result:
     local = env.tmp / "local-file"
     local.write_bytes(b"x")
     argv = [str(exe), str(_runs(env, 500_000, 100_000)), str(local)]
-    runs = _runs(env, 7, 3)
-    under = median_of(lambda: _per_op(env, argv), runs, warmup=0)
-    plain = median_of(
-        lambda: float(subprocess.run(argv, capture_output=True, text=True, check=True).stdout),
-        runs,
-        warmup=0,
-    )
-    return Result(under, plain, "s/op", note=f"pread+getppid, medians of {runs}")
+    return _supervised_vs_plain(env, argv, "pread+getppid, ")
 
 
 def syscall_remote_open(env: BenchEnv) -> Result:
