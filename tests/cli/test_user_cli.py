@@ -262,6 +262,22 @@ def test_ext_wait_timeout_zero_does_not_wait(
 
 
 @pytest.mark.netns
+def test_ext_killed_before_the_debuggee_starts_closes_its_session(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    # an IDE stops `mirrord ext` (the user cancelled the launch) while it waits for the
+    # debuggee: the session and its agent go at once, not when the wait times out
+    pod = make_pod(SPEC)
+    ext = mirrord.popen("ext", "-t", f"pid/{pod.pid}", "--wait-timeout", "600")
+    assert ext.stdout is not None
+    read_until_ready(iter(ext.stdout.readline, ""))
+    assert len(mirrord.sessions()) == 1
+    ext.kill()
+    ext.wait(timeout=10)
+    wait_for(lambda: not mirrord.sessions(), 10, "the session to close")
+
+
+@pytest.mark.netns
 def test_progress_in_ci_is_plain_lines_even_with_force_color(
     mirrord: Mirrord, make_pod: Callable[..., LocalPod]
 ) -> None:

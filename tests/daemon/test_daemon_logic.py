@@ -22,7 +22,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from mirrord.daemon._daemon import Daemon
+from mirrord.daemon._daemon import MAX_CONTROL_INFLIGHT, Daemon
 from mirrord.daemon._runtime import RuntimePaths
 from mirrord.layer import build_id
 from mirrord.protocol import (
@@ -500,6 +500,65 @@ async def test_wait_session_waits_for_a_process_that_registers_soon_after_the_la
         await debuggee.stream.aclose()
     assert done and done[0] >= debuggee_left
     del control
+
+
+async def test_a_client_gone_during_wait_session_closes_its_session_at_once(
+    harness: Harness,
+) -> None:
+    # `mirrord ext` stopped by its IDE before the debuggee registered: the daemon must not keep
+    # the session (and its agent) until the wait's timeout
+    control, session, _ = await harness.session()
+    await control.stream.send(
+        json.dumps(
+            {"id": 99, "op": "wait_session", "session": session, "wait_timeout": 600}
+        ).encode()
+        + b"\n"
+    )
+    await anyio.sleep(0.3)
+    assert session in harness.daemon.sessions
+    await control.stream.aclose()
+    with anyio.fail_after(10):
+        while session in harness.daemon.sessions:
+            await anyio.sleep(0.02)
+
+
+async def test_a_control_connection_is_answered_while_one_of_its_requests_waits(
+    harness: Harness,
+) -> None:
+    control, session, _ = await harness.session()
+    await control.stream.send(
+        json.dumps(
+            {"id": "w", "op": "wait_session", "session": session, "wait_timeout": 600}
+        ).encode()
+        + b"\n"
+    )
+    status = await control.call("session", session=session)
+    assert status["ok"], status
+    assert session in harness.daemon.sessions
+
+
+async def test_too_many_unanswered_control_requests_are_refused_not_queued(
+    harness: Harness,
+) -> None:
+    control, session, _ = await harness.session()
+    lines = b"".join(
+        json.dumps(
+            {"id": f"w{n}", "op": "wait_session", "session": session, "wait_timeout": 600}
+        ).encode()
+        + b"\n"
+        for n in range(MAX_CONTROL_INFLIGHT + 1)
+    )
+    await control.stream.send(lines)
+    with anyio.fail_after(10):
+        while b"\n" not in control.buffer:
+            control.buffer += await control.stream.receive()
+    line, control.buffer = control.buffer.split(b"\n", 1)
+    refused = json.loads(line)
+    assert refused["id"] == f"w{MAX_CONTROL_INFLIGHT}"
+    assert refused["error"]["code"] == "bad_request"
+    assert "unanswered" in refused["error"]["message"]
+    status = await control.call("status")  # still refused while the waits are pending
+    assert not status["ok"] and status["error"]["code"] == "bad_request"
 
 
 async def test_the_daemon_resolves_a_config_request(harness: Harness) -> None:

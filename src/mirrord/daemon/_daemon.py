@@ -100,6 +100,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
 # seen under load with js-debug and debugpy in tests/ide)
 IDLE_GRACE = 3.0
 MAX_CONTROL_LINE = 8 * 1024 * 1024  # a config is small; this bounds a bad client's memory
+MAX_CONTROL_INFLIGHT = 32  # unanswered requests one control connection may have
 # Replies and events queued for a control client that does not read them; past this the
 # connection is closed (a `status` reply is ~1 KiB per session: thousands of them fit).
 MAX_CONTROL_UNREAD = 16 * 1024 * 1024
@@ -426,11 +427,18 @@ class Daemon:
     # -- control API
 
     async def _control_client(self, stream: anyio.abc.SocketStream) -> None:
+        """One control connection. Its requests are served concurrently (answers carry the
+        request's id), so the connection's end is seen while a request waits: a `mirrord ext`
+        stopped by its IDE during `wait_session` closes its session at once. At the end, the
+        waits still running are cancelled and the requests that change state (a session being
+        created) finish, then the sessions the connection created are closed."""
         if _refused_peer(stream, "control"):
             await stream.aclose()
             return
         writer = FrameWriter(stream, "control")
         owned: set[str] = set()
+        waits: set[anyio.CancelScope] = set()  # requests that only wait: cancelled at the end
+        inflight = [0]
         lines = LineSplitter(MAX_CONTROL_LINE)
         overflow: list[str] = []  # why the connection is being closed by us, if it is
 
@@ -444,26 +452,27 @@ class Daemon:
                 )
                 scope.cancel()
 
+        async def serve_one(line: bytes) -> None:
+            try:
+                await self._control_request(line, emit, owned, waits)
+            finally:
+                inflight[0] -= 1
+
         try:
             async with stream, anyio.create_task_group() as tg:
                 tg.start_soon(writer.run)
-                with anyio.CancelScope() as scope:
-                    while True:
-                        try:
-                            data = await stream.receive(65536)
-                        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                            break
-                        try:
-                            received = lines.feed(data)
-                        except LineTooLong as exc:
-                            emit(encode_error(None, exc))
-                            overflow.append(str(exc))
-                            break
-                        for n, line in enumerate(received):
-                            if n % 64 == 63:  # many short lines in one read: stay fair
-                                await anyio.lowlevel.checkpoint()
-                            if line.strip():
-                                await self._control_request(line, emit, owned)
+                async with anyio.create_task_group() as requests:
+                    with anyio.CancelScope() as scope:
+                        await self._read_control(
+                            stream,
+                            lines=lines,
+                            emit=emit,
+                            overflow=overflow,
+                            inflight=inflight,
+                            start=lambda line: requests.start_soon(serve_one, line),
+                        )
+                    for wait in list(waits):
+                        wait.cancel()
                 if overflow:
                     log.warning("control connection closed: %s", overflow[0])
                 writer.close()
@@ -477,14 +486,71 @@ class Daemon:
                 if session is not None:
                     self._close_session(session, "its mirrord command exited")
 
+    async def _read_control(
+        self,
+        stream: anyio.abc.SocketStream,
+        *,
+        lines: LineSplitter,
+        emit: Callable[[bytes], None],
+        overflow: list[str],
+        inflight: list[int],
+        start: Callable[[bytes], object],
+    ) -> None:
+        """Read request lines until the connection ends, starting each one (`start`); past
+        `MAX_CONTROL_INFLIGHT` unanswered requests, a new one is refused at once."""
+        while True:
+            try:
+                data = await stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return
+            try:
+                received = lines.feed(data)
+            except LineTooLong as exc:
+                emit(encode_error(None, exc))
+                overflow.append(str(exc))
+                return
+            for n, line in enumerate(received):
+                if n % 64 == 63:  # many short lines in one read: stay fair
+                    await anyio.lowlevel.checkpoint()
+                if not line.strip():
+                    continue
+                if inflight[0] >= MAX_CONTROL_INFLIGHT:
+                    emit(
+                        encode_error(
+                            _request_id(line),
+                            BadRequest(
+                                f"more than {MAX_CONTROL_INFLIGHT} control requests are unanswered on "
+                                "this connection: wait for their answers before sending more"
+                            ),
+                        )
+                    )
+                    continue
+                inflight[0] += 1
+                start(line)
+
     async def _control_request(
-        self, line: bytes, emit: Callable[[bytes], None], owned: set[str]
+        self,
+        line: bytes,
+        emit: Callable[[bytes], None],
+        owned: set[str],
+        waits: set[anyio.CancelScope],
     ) -> None:
         rid: RequestId = None
         try:
             rid, fields = read_line(line)
             request = request_from(fields)
-            answer = await self._op(request, emit, owned)
+            if isinstance(request, WaitSession):
+                # only waits: cancelled when the connection ends (nobody reads the answer)
+                with anyio.CancelScope() as wait:
+                    waits.add(wait)
+                    try:
+                        answer: Answer = await self._op(request, emit, owned)
+                    finally:
+                        waits.discard(wait)
+                if wait.cancelled_caught:
+                    return
+            else:
+                answer = await self._op(request, emit, owned)
             emit(encode_answer(rid, answer))
         except DaemonError as exc:
             emit(encode_error(rid, exc))
@@ -577,6 +643,14 @@ class Daemon:
             with anyio.move_on_after(max(left, 0.05) if not session.ever_registered else 3600):
                 await session.wait_changed()
         return SessionIdle(registered=session.ever_registered, state=session.state)
+
+
+def _request_id(line: bytes) -> RequestId:
+    """A request line's id, or None when the line cannot be read (for a refusal's answer)."""
+    try:
+        return read_line(line)[0]
+    except (BadRequest, RecursionError):
+        return None
 
 
 def _refused_peer(stream: anyio.abc.SocketStream, socket_name: str) -> bool:
