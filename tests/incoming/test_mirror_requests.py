@@ -21,12 +21,19 @@ pytestmark = pytest.mark.netns
 
 # A Werkzeug-like user app: it answers `Connection: close` (HTTP/1.0 style) and logs each
 # request; `raw` mode logs each connection's bytes instead (a non-HTTP server).
+# Its handler threads log one whole line per write under a lock (print writes the text and
+# the newline apart: two threads' lines could interleave).
 APP = """
-import http.server, socketserver, sys
+import http.server, socketserver, sys, threading
+LOCK = threading.Lock()
+def log(line):
+    with LOCK:
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # every answer ends its connection, as Werkzeug's does
     def do_GET(self):
-        print("seen", self.path, self.headers.get("x-user", "-"), flush=True)
+        log(f"seen {self.path} {self.headers.get('x-user', '-')}")
         self.send_response(200)
         self.send_header("Content-Length", "2")
         self.end_headers()
@@ -38,7 +45,7 @@ class Raw(socketserver.BaseRequestHandler):
         data = b""
         while chunk := self.request.recv(65536):
             data += chunk
-        print("conn", repr(data), flush=True)
+        log(f"conn {data!r}")
 handler = Raw if sys.argv[2] == "raw" else H
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 srv = socketserver.ThreadingTCPServer(("0.0.0.0", int(sys.argv[1])), handler)

@@ -12,7 +12,10 @@ in the channel's task group. Anything that needs the target's network namespace 
 
 Incoming-traffic hook (docs/incoming.md): `start_incoming(...)` hands an accepted (or reassembled) stream to
 this channel as an agent-side connection (odd conn ids) relayed like an outgoing one.
-Does not own: framing and the daemon connection (`_session.py`).
+Connections (outgoing and incoming, TCP and UDP) are relayed by the engine shared with the
+daemon (docs/relay.md); the channel is their `RelayLink`, `_channel_relays.py` their table.
+Does not own: framing and the daemon connection (`_session.py`), the relays
+(`_channel_relays.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from mirrord.agent._channel_relays import CONN_MESSAGES, ChannelRelays
 from mirrord.agent._context import AgentContext
 from mirrord.agent._dns import GaiError
 from mirrord.agent._env import filter_env, read_environ
@@ -48,7 +52,6 @@ from mirrord.agent._files_inline import (
     open_inline,
 )
 from mirrord.agent._outgoing import open_outgoing, open_unix_stream
-from mirrord.agent._relay import Relay
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
@@ -99,11 +102,18 @@ class ChannelOwner(Protocol):
     @property
     def workers(self) -> BlockingWorkers: ...
 
+    @property
+    def initial_window(self) -> int:
+        """Each connection's credit window at its start, each way (the connection's)."""
+        ...
+
     async def send(self, msg: Message, channel: int) -> None: ...
 
     def send_nowait(self, msg: Message, channel: int) -> None: ...
 
-    def send_window(self, channel: int, conn_id: int) -> int: ...
+    async def wait_ready(self) -> None:
+        """Until the daemon is not too far behind in reading what was sent to it."""
+        ...
 
     def forget_channel(self, channel: Channel) -> None:
         """`channel` ended on its own: the connection no longer routes to it."""
@@ -176,7 +186,7 @@ class Channel:
         self.pid = pid
         self.label = label
         self.handles = handles if handles is not None else HandleTable()
-        self.relays: dict[int, Relay] = {}
+        self.relays = ChannelRelays(self, number, session.initial_window)
         self._next_incoming = 1
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope = anyio.CancelScope()
@@ -222,7 +232,7 @@ class Channel:
             f" conns={len(self.relays)}{' closed' if self.closed else ''}>"
         )
 
-    # -- Link (for relays) --------------------------------------------------------------------
+    # -- RelayLink (for its relays) -----------------------------------------------------------
 
     async def send(self, msg: Message) -> None:
         await self.session.send(msg, self.number)
@@ -230,8 +240,8 @@ class Channel:
     def send_nowait(self, msg: Message) -> None:
         self.session.send_nowait(msg, self.number)
 
-    def send_window(self, conn_id: int) -> int:
-        return self.session.send_window(self.number, conn_id)
+    async def wait_ready(self) -> None:
+        await self.session.wait_ready()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -247,8 +257,7 @@ class Channel:
                     await anyio.sleep_forever()
         finally:
             self.closed = True
-            for relay in list(self.relays.values()):
-                relay.abort()
+            self.relays.abort_all()
             self.handles.close_all()
             incoming = self.session.incoming
             if incoming is not None:
@@ -269,29 +278,14 @@ class Channel:
     def close(self) -> None:
         """Free everything the channel holds (its tasks are cancelled; no messages are sent)."""
         self.closed = True
-        for relay in list(self.relays.values()):
-            relay.abort()
+        self.relays.abort_all()
         self._scope.cancel()
 
     # -- dispatch (called by the session's reader) ---------------------------------------------
 
     async def dispatch(self, msg: Message) -> None:
-        if isinstance(msg, m.Data):
-            relay = self.relays.get(msg.conn_id)
-            if relay is not None:
-                relay.on_data(msg.data)
-        elif isinstance(msg, m.Credit):
-            relay = self.relays.get(msg.conn_id)
-            if relay is not None:
-                relay.on_credit()
-        elif isinstance(msg, m.Shutdown):
-            relay = self.relays.get(msg.conn_id)
-            if relay is not None:
-                relay.on_shutdown()
-        elif isinstance(msg, m.ConnClose):
-            relay = self.relays.pop(msg.conn_id, None)
-            if relay is not None:
-                relay.on_close(msg.errno)
+        if isinstance(msg, CONN_MESSAGES):
+            self.relays.receive(msg)
         elif isinstance(msg, m.Request):
             plan = self._blocking.get(type(msg))
             handler = self._handlers.get(type(msg))
@@ -676,10 +670,11 @@ class Channel:
         if self.closed or self._tg is None:
             await stream.aclose()
             raise OSError(errno.EBADF, "channel closed")
-        relay = Relay(
-            self, req.conn_id, stream, description=f"{req.protocol} to {req.address}:{req.port}"
+        relay = self.relays.add(
+            req.conn_id,
+            stream,
+            f"channel {self.number} conn {req.conn_id} {req.protocol} to {req.address}:{req.port}",
         )
-        self.relays[req.conn_id] = relay
         # Connected goes out before the relay can send Data for this connection.
         await self.send(
             m.Connected(
@@ -689,15 +684,8 @@ class Channel:
                 local_port=local_port,
             )
         )
-        self._tg.start_soon(self._run_relay, relay)
+        self._tg.start_soon(self.relays.run, relay)
         return None  # Connected is sent above
-
-    async def _run_relay(self, relay: Relay) -> None:
-        try:
-            await relay.run()
-        finally:
-            if self.relays.get(relay.conn_id) is relay:
-                del self.relays[relay.conn_id]
 
     def start_incoming(
         self,
@@ -714,18 +702,20 @@ class Channel:
         """Relay `stream` to the daemon as a new incoming connection of this channel;
         `replies`: a mirrored connection whose user app's answer the caller reads.
 
-        Non-blocking: allocates an odd conn id, and in the channel's task group sends
-        `IncomingConnection` then relays under the credit window. Returns the conn id.
+        Non-blocking: allocates an odd conn id, sends `IncomingConnection` (before anything
+        else of the connection: `fail_incoming` may follow at once) and relays under the
+        credit window in the channel's task group. Returns the conn id.
         Raises `anyio.ClosedResourceError` (leaving `stream` to the caller) when the channel
         is closed."""
         if self.closed or self._tg is None:
             raise anyio.ClosedResourceError
         conn_id = self._next_incoming
         self._next_incoming += 2
-        relay = Relay(
-            self, conn_id, stream, description=f"{mode} {remote_address}:{remote_port}->:{port}"
+        relay = self.relays.add(
+            conn_id,
+            stream,
+            f"channel {self.number} conn {conn_id} {mode} {remote_address}:{remote_port}->:{port}",
         )
-        self.relays[conn_id] = relay
         announce = m.IncomingConnection(
             conn_id=conn_id,
             port=port,
@@ -736,20 +726,15 @@ class Channel:
             mode=mode,
             replies=replies,
         )
-        self._tg.start_soon(self._run_incoming, relay, announce)
+        self.send_nowait(announce)
+        self._tg.start_soon(self.relays.run, relay)
         return conn_id
 
     def fail_incoming(self, conn_id: int, errno_: int) -> None:
         """The incoming code gives connection `conn_id` up: the daemon gets
-        `ConnClose(errno_)` (after its IncomingConnection), without waiting for the relay's
-        window."""
-        relay = self.relays.get(conn_id)
-        if relay is not None:
-            relay.fail(errno_)
-
-    async def _run_incoming(self, relay: Relay, announce: m.IncomingConnection) -> None:
-        await self.send(announce)
-        await self._run_relay(relay)
+        `ConnClose(errno_)` (after its IncomingConnection) at once, without waiting for the
+        relay's window, and the relay ends."""
+        self.relays.fail(conn_id, errno_)
 
     # -- incoming subscriptions ----------------------------------------------------------------
 

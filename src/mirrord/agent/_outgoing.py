@@ -6,7 +6,7 @@ with the connect itself done non-blocking on the event loop and bounded by a tim
 Errors are `OSError`s with the errno a local `connect()` would give (ECONNREFUSED,
 EHOSTUNREACH, ENETUNREACH, ETIMEDOUT, ...). A UDP socket outlives "port unreachable" answers
 (the datagram is lost, the association is not), as an app's socket in the target does.
-Does not own the relay (`_relay.py`).
+Does not own the relay (`mirrord._relay`, driven by `_channel.py`).
 """
 
 from __future__ import annotations

@@ -128,8 +128,9 @@ class DaemonSession:
     def workers(self) -> BlockingWorkers:
         return self.server.workers
 
-    def send_window(self, channel: int, conn_id: int) -> int:
-        return self.conn.send_window(channel, conn_id)
+    @property
+    def initial_window(self) -> int:
+        return self.conn.initial_window
 
     def forget_channel(self, channel: Channel) -> None:
         if self.channels.get(channel.number) is channel:
@@ -163,6 +164,13 @@ class DaemonSession:
         if frame is None:
             return
         self.writer.send_nowait(frame)
+        await self.wait_ready()
+
+    async def wait_ready(self) -> None:
+        """Back-pressure (relays wait here before reading their sockets again): once more
+        than `_HIGH_WATER` is queued for the daemon, until it took all of it (one wake-up per
+        megabyte, not per batch). Never raises; a daemon that takes nothing for
+        `unread_timeout()` seconds is disconnected (see `_wait_taken`)."""
         if self.writer.queued_bytes > _HIGH_WATER:
             await self._wait_taken(0)
 

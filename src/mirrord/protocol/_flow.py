@@ -68,6 +68,11 @@ WRITE_EOF: Final = _Eof()
 
 
 class FlowState(enum.Enum):
+    # Every step looks a state and an event up in the tables: Enum's __hash__ is a Python
+    # call (the name's hash); members are singletons compared by identity, so identity's
+    # hash (in C) is as right. One relayed round trip's Flow work: 4.9 -> 3.9 us.
+    __hash__ = object.__hash__
+
     OPEN = "OPEN"
     IN_DONE = "IN_DONE"  # the peer sent Shutdown: its EOF is queued behind its Data
     OUT_DONE = "OUT_DONE"  # our socket ended: Shutdown sent, the peer may still send
@@ -79,6 +84,8 @@ class FlowState(enum.Enum):
 
 
 class FlowEvent(enum.Enum):
+    __hash__ = object.__hash__  # as FlowState's
+
     PEER_DATA = "peer Data"
     PEER_CREDIT = "peer Credit"
     PEER_SHUTDOWN = "peer Shutdown"
