@@ -135,54 +135,76 @@ async def _serve(
     conn: LayerConnection,
     client: LayerClient,
     find_session: Callable[[str], Session | None],
-) -> Session | None:
-    session: Session | None = None
+) -> None:
+    """Read the layer's frames until the connection ends or is closed. Each read is handled
+    in the event loop's reader callback (`FrameReader.run`): a request forwarded to the agent
+    costs no task wake-up here."""
     reader = FrameReader(stream, 256 * 1024)
+
+    def on_data(data: bytes) -> None:
+        if not _on_data(conn, client, find_session, data):
+            raise _Ended
+
+    try:
+        try:
+            await reader.run(on_data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        on_data(b"")  # the end of the stream (a frame cut short is the layer's error)
+    except _Ended:
+        pass
+
+
+class _Ended(Exception):
+    """The layer connection is done: stop reading it."""
+
+
+def _on_data(
+    conn: LayerConnection,
+    client: LayerClient,
+    find_session: Callable[[str], Session | None],
+    data: bytes,
+) -> bool:
+    """Feed one read (b"": the end) and handle its frames; False once the connection is done."""
+    conn.receive_data(data)
     while True:
         try:
-            data = await reader.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            data = b""
-        conn.receive_data(data)
-        while True:
-            try:
-                event = conn.next_event()
-            except ProtocolError as exc:
-                log.warning("layer connection (pid %s): %s", _pid(client), exc)
-                client.writer.send_nowait(conn.error_frame(exc))
-                client.closed = True
-                return session
-            if event is NEED_DATA:
-                break
-            if event is CLOSED:
-                return session
-            if isinstance(event, UnknownMessage):
-                if event.request_id is not None and conn.state is State.OPEN:
-                    client.reply(
-                        m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="unknown"),
-                        event.request_id,
-                    )
+            event = conn.next_event()
+        except ProtocolError as exc:
+            log.warning("layer connection (pid %s): %s", _pid(client), exc)
+            client.writer.send_nowait(conn.error_frame(exc))
+            client.closed = True
+            return False
+        if event is NEED_DATA:
+            return True
+        if event is CLOSED:
+            return False
+        if isinstance(event, UnknownMessage):
+            if event.request_id is not None and conn.state is State.OPEN:
+                client.reply(
+                    m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="unknown"),
+                    event.request_id,
+                )
+            continue
+        assert isinstance(event, Received)
+        msg = event.message
+        if client.process is None:
+            hello = conn.peer_hello
+            if hello is None:
                 continue
-            assert isinstance(event, Received)
-            msg = event.message
-            if session is None:
-                hello = conn.peer_hello
-                if hello is None:
-                    continue
-                found = find_session(hello.session)
-                if found is None or found.state == "closed":
-                    client.close(
-                        "session_not_found",
-                        f"mirrord session {hello.session!r} is not open in this daemon",
-                    )
-                    return None
-                session = found
-                client.process = session.attach(client, hello)
-                client.writer.send_nowait(conn.welcome(process=client.process.channel))
-                continue
-            _handle(client, msg)
-            if client.closed:
-                return session  # closed while handling (unread replies past the bound)
+            found = find_session(hello.session)
+            if found is None or found.state == "closed":
+                client.close(
+                    "session_not_found",
+                    f"mirrord session {hello.session!r} is not open in this daemon",
+                )
+                return False
+            client.process = found.attach(client, hello)
+            client.writer.send_nowait(conn.welcome(process=client.process.channel))
+            continue
+        _handle(client, msg)
+        if client.closed:
+            return False  # closed while handling (unread replies past the bound)
 
 
 class _Runners:

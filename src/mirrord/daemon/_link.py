@@ -52,6 +52,10 @@ _READ_SIZE = 256 * 1024
 LostCallback = Callable[[str], None]
 
 
+class _StreamClosed(Exception):
+    """The agent closed its stream (after its Fatal, or at the end): stop reading it."""
+
+
 class _Waiter:
     """One request awaiting its reply: the reply, or why none will come."""
 
@@ -236,31 +240,39 @@ class AgentLink:
             ) from None
 
     async def _read_loop(self, stream: anyio.abc.ByteStream) -> str:
+        """Read the agent's frames until the stream ends; the reason it ended. Each read is
+        handled in the event loop's reader callback (`FrameReader.run`): a reply costs no
+        task wake-up here."""
         reader = FrameReader(stream, _READ_SIZE)
+        try:
+            await reader.run(self._on_data)
+            self._on_data(b"")  # the end of the stream (a frame cut short is the agent's error)
+        except _StreamClosed:
+            pass
+        return self.reason or "the agent closed the connection"
+
+    def _on_data(self, data: bytes) -> None:
+        """Feed one read (b"": the end) and handle its frames; raises `_StreamClosed` once the
+        agent closed the stream, `RemoteProtocolError` when it broke the protocol."""
+        self.conn.receive_data(data)
         while True:
-            try:
-                data = await reader.receive()
-            except anyio.EndOfStream:
-                data = b""
-            self.conn.receive_data(data)
-            while True:
-                event = self.conn.next_event()
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    return self.reason or "the agent closed the connection"
-                if isinstance(event, Received):
-                    self.frames_in += 1
-                    self._dispatch(event.channel, event.message)
-                elif isinstance(event, UnknownMessage) and event.request_id is not None:
-                    self.send(
-                        m.ErrorReply(
-                            request_id=event.request_id,
-                            errno=errno_mod.ENOSYS,
-                            message=f"mirrordd does not know message kind {event.kind}",
-                        ),
-                        event.channel,
-                    )
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                return
+            if event is CLOSED:
+                raise _StreamClosed
+            if isinstance(event, Received):
+                self.frames_in += 1
+                self._dispatch(event.channel, event.message)
+            elif isinstance(event, UnknownMessage) and event.request_id is not None:
+                self.send(
+                    m.ErrorReply(
+                        request_id=event.request_id,
+                        errno=errno_mod.ENOSYS,
+                        message=f"mirrordd does not know message kind {event.kind}",
+                    ),
+                    event.channel,
+                )
 
     def _lose(self, reason: str) -> None:
         """The stream is gone: fail every pending request and channel, abort every relay."""
