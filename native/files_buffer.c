@@ -158,6 +158,36 @@ static int write_through(uint64_t handle, const char *p, size_t n, off_t off) {
     return 0;
 }
 
+/* Reads [off, off+n) into p through the handle, FB_INFLIGHT requests at a time: the bytes
+ * read (fewer at the end of the file), or -1 with errno. */
+static ssize_t read_through(uint64_t handle, char *p, size_t n, off_t off) {
+    size_t done = 0;
+    while (done < n) {
+        struct xfer x[FB_INFLIGHT];
+        int k = 0;
+        for (size_t at = done; k < FB_INFLIGHT && at < n; k++) {
+            size_t len = n - at < FB_CHUNK ? n - at : FB_CHUNK;
+            x[k] = (struct xfer){.off = off + (off_t)at, .n = len, .p = p + at};
+            at += len;
+        }
+        int err = EIO;
+        if (xfer_batch(handle, x, k, 0, &err) < 0) {
+            return done > 0 ? (ssize_t)done : -1;
+        }
+        for (int i = 0; i < k; i++) {
+            if (x[i].got < 0) {
+                errno = err;
+                return done > 0 ? (ssize_t)done : -1;
+            }
+            done += (size_t)x[i].got;
+            if ((size_t)x[i].got < x[i].n) {
+                return (ssize_t)done; /* the end of the file */
+            }
+        }
+    }
+    return (ssize_t)done;
+}
+
 /* ---------------------------------------------------------------- write-behind */
 
 /* The pending bytes go to the target: 0, or -1 with errno (they are dropped either way).
@@ -337,12 +367,11 @@ int fbuf_read(struct ent *e, void *buf, size_t n, off_t off, ssize_t *ret) {
     int done = 1;
     if (fb->mode == FB_READ && off < 0) {
         *ret = fb_read_locked(e, fb, buf, n);
+    } else if (fb->mode == FB_READ && off >= fb->off && off + (off_t)n <= fb->off + (off_t)fb->len) {
+        memcpy(buf, fb->data + (off - fb->off), n); /* inside the read-ahead */
+        *ret = (ssize_t)n;
     } else if (fb->mode == FB_READ) {
-        done = off >= fb->off && off + (off_t)n <= fb->off + (off_t)fb->len;
-        if (done) {
-            memcpy(buf, fb->data + (off - fb->off), n);
-            *ret = (ssize_t)n;
-        }
+        *ret = read_through(e->handle, buf, n, off);
     } else if (fb_flush_locked(e, fb) < 0) {
         *ret = -1;
     } else if (off >= 0) {
@@ -486,25 +515,18 @@ static void unbuffer_shared(int fd, struct ent *e) {
     errno = saved;
 }
 
-/* Before fork: a child keeps every fd until it execs, so each buffer is written back and the
- * handle's offset set (the child starts from it); the fds it keeps across exec are plain
- * handle fds in the parent from now on. */
-static void before_fork(int fd, struct ent *e) {
-    struct fbuf *fb = fb_lock(e);
-    if (fb != NULL) {
-        int saved = errno;
-        (void)fb_flush_locked(e, fb);
-        (void)rfile_seek_handle(e, fb->pos, SEEK_SET);
-        fb->len = 0; /* the child may read on from there: nothing cached survives */
-        fb->next = -1;
-        pthread_mutex_unlock(&fb->lock);
-        errno = saved;
-    }
-    unbuffer_shared(fd, e);
+/* Before fork: the child shares every open file (until it execs, and the fds it keeps after),
+ * and neither process can know when the other is done with it, so both go back to the handle,
+ * whose offset the agent keeps for both. */
+static void unbuffer_fd(int fd, struct ent *e) {
+    (void)fd;
+    int saved = errno;
+    (void)fb_unbuffer(e);
+    errno = saved;
 }
 
 void fbuf_before_fork(void) {
-    each_buffered(MAX_FDS, before_fork);
+    each_buffered(MAX_FDS, unbuffer_fd);
 }
 
 void fbuf_before_exec(void) {

@@ -80,6 +80,13 @@ int wfile_flush(struct ent *e) {
         e->synced_mtim = cur.st_mtim;
         e->synced_size = cur.st_size;
     }
+    if (rc == 0 && e->share_offset) {
+        /* the process that exec'd us (or a sibling) goes on through the handle */
+        off_t pos = REAL(lseek)(e->cache_fd, 0, SEEK_CUR);
+        if (pos >= 0) {
+            (void)rfile_seek_handle(e, pos, SEEK_SET);
+        }
+    }
     return rc;
 }
 

@@ -162,6 +162,10 @@ struct ent {
     /* K_RFILE regular file: its read-ahead or write-behind buffer and the fd's offset while
      * the layer keeps it (files_buffer.c); NULL: every call goes through the handle */
     struct fbuf *fb;
+    /* a write-back cache made of an fd inherited through exec: the open file (and its offset)
+     * is shared with other processes that use the handle, so a write-back sets the handle's
+     * offset to the cache's */
+    int share_offset;
     /* sockets */
     int family, socktype;
     int bound; /* bind() recorded the requested address */
