@@ -303,7 +303,7 @@ class LayerProcess:
             mirror=msg.mode == "mirror" and not msg.replies,
             counters=(self.link.counters, self.session.counters),
         )
-        if relay.mirror:
+        if msg.mode == "mirror":  # (replies relayed back or not)
             mirrored, client = msg.port, f"{msg.remote_address}:{msg.remote_port}"
 
             def on_agent_close(errno: int) -> None:
