@@ -388,8 +388,9 @@ async def test_a_slow_reader_does_not_stall_another_connection(harness: Harness)
     # the stalled connection is out of credit, and the daemon holds at most one window of it
     assert agent.conn.send_window(peer.process, slow_id) == 0
     session_obj = harness.daemon.sessions[session]
-    relay = session_obj.link.relays[(peer.process, slow_id)]
-    assert 0 < relay.buffered <= INITIAL_WINDOW
+    relay = session_obj.link.relays[peer.process].get(slow_id)
+    assert relay is not None
+    assert 0 < relay.flow.queued <= INITIAL_WINDOW
     stalled.close()
     fast.close()
 
