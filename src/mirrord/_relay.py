@@ -352,9 +352,16 @@ class RelayTable:
             relay.fail(errno)
 
     def abort_all(self) -> list[tuple[FlowRelay, int]]:
-        """End every relay without telling the peer (the channel or its stream is gone);
-        each with the errno its socket's side should learn (`Flow.abort`)."""
-        return [(relay, relay.abort()) for relay in list(self._relays.values())]
+        """End every relay without telling the peer (the channel or its stream is gone).
+        Returns those that were still running, each with the errno its socket's side should
+        learn (`Flow.abort`); one that had ended already (e.g. refused) keeps its reason."""
+        aborted = []
+        for relay in list(self._relays.values()):
+            running = not relay.flow.finished
+            errno = relay.abort()
+            if running:
+                aborted.append((relay, errno))
+        return aborted
 
 
 class RawSocketStream(anyio.abc.SocketStream):

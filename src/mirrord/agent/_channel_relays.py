@@ -66,7 +66,7 @@ class ChannelRelays(RelayTable):
         """End every relay without telling the daemon (the channel is gone). A stream from the
         incoming code learns why: ECONNREFUSED when the daemon never credited a byte (its
         user app never saw the connection, so the target's app may answer instead)."""
-        aborted = super().abort_all()
+        aborted = super().abort_all()  # those that had ended (e.g. refused) told theirs
         for relay, errno_ in aborted:
             if isinstance(relay.stream, PipeEnd):
                 relay.stream.abort(errno_)
