@@ -113,3 +113,32 @@ async def test_status_counts_relayed_bytes_both_ways(harness: Harness) -> None:
             await anyio.sleep(0.02)
     assert status["relayed_connections"] == 1
     sock.close()
+
+
+async def test_agent_data_beyond_the_window_resets_that_connection_only(
+    harness: Harness,
+) -> None:
+    """The agent overruns the window of a connection whose app reads nothing: that
+    connection is reset (`ConnClose(EPROTO)`); the agent stream and the channel go on."""
+    peer = await _peer(harness, 6004)
+    stalled, conn_id = await _connect(peer, harness)  # never read
+    agent, channel = harness.agent(), peer.process
+    # fill the window until the daemon credits nothing more (the kernel's buffers are full)
+    with anyio.fail_after(20):
+        while True:
+            window = agent.send_window(channel, conn_id)
+            if window == 0:
+                await anyio.sleep(0.3)
+                if agent.send_window(channel, conn_id) == 0:
+                    break
+                continue
+            chunk = min(window, 256 * 1024)
+            await agent.send(m.Data(conn_id=conn_id, data=b"s" * chunk), channel)
+    await agent.send(m.Data(conn_id=conn_id, data=b"over"), channel)  # beyond the window
+    close = await _agent_got(harness, m.ConnClose, conn_id)
+    assert isinstance(close, m.ConnClose) and close.errno == errno.EPROTO
+    stalled.close()
+    other, other_id = await _connect(peer, harness, port=81)
+    await agent.send(m.Data(conn_id=other_id, data=b"still here"), channel)
+    assert await anyio.to_thread.run_sync(other.recv, 20) == b"still here"
+    other.close()
