@@ -183,7 +183,7 @@ print(len(data), hashlib.sha256(data).hexdigest(), len(tail))
     import hashlib
 
     assert out == ["5120", hashlib.sha256(content).hexdigest(), "1120"]
-    assert "FileSeek" in daemon.kinds()
+    assert "FileRead" in daemon.kinds()
     assert run(["cat", "/app/big.bin"], settings=LayerSettings(fetch_limit=1000)).stdout == content
 
 

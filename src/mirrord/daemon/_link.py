@@ -33,19 +33,29 @@ from mirrord.daemon._relay import Counters
 from mirrord.protocol import (
     CLOSED,
     CONTROL_CHANNEL,
+    LAYER_REGISTRY,
     NEED_DATA,
     AgentConnection,
     AgentRole,
     Flow,
+    LocalProtocolError,
     Message,
     Received,
     RemoteProtocolError,
     State,
+    Undecoded,
     UnknownMessage,
 )
 from mirrord.protocol import messages as m
 
-__all__ = ["AgentLink", "ChannelOwner", "describe_error"]
+__all__ = [
+    "FORWARDED_REPLIES",
+    "FORWARDED_REQUESTS",
+    "AgentLink",
+    "ChannelOwner",
+    "ReplyTo",
+    "describe_error",
+]
 
 log = logging.getLogger("mirrord.daemon.link")
 
@@ -58,6 +68,55 @@ RELAY_CHUNK = 256 * 1024
 _HIGH_WATER = 4 * 1024 * 1024
 
 LostCallback = Callable[[str], None]
+
+# What the daemon forwards between a layer and its agent channel without decoding: the shared
+# requests (files, env, DNS: kinds 1-99, the same message in both protocols) and their replies.
+FORWARDED_REQUESTS = [
+    cls for cls in LAYER_REGISTRY.kinds() if cls.KIND < 100 and issubclass(cls, m.Request)
+]
+FORWARDED_REPLIES = [
+    cls for cls in LAYER_REGISTRY.kinds() if cls.KIND < 100 and issubclass(cls, m.Reply)
+]
+
+
+class _StreamClosed(Exception):
+    """The agent closed its stream (after its Fatal, or at the end): stop reading it."""
+
+
+class ReplyTo(Protocol):
+    """Whoever gets the reply of a forwarded request (a layer connection)."""
+
+    def reply(self, reply: Message, request_id: int) -> None:
+        """`reply` (decoded) as the answer to the layer's `request_id`."""
+        ...
+
+    def forward_reply(self, frame: Undecoded, request_id: int) -> None:
+        """The agent's reply `frame`, undecoded, as the answer to the layer's `request_id`."""
+        ...
+
+
+class _Forward:
+    """A layer's request forwarded to the agent: its reply goes back to the layer connection
+    under the layer's request id, undecoded, from the reader callback (no task waits)."""
+
+    __slots__ = ("channel", "client", "request_id")
+
+    def __init__(self, channel: int, client: ReplyTo, request_id: int) -> None:
+        self.channel = channel
+        self.client = client
+        self.request_id = request_id
+
+    def answer(self, reply: Message) -> None:
+        if isinstance(reply, m.Reply) and reply.KIND < 100:
+            self.client.reply(reply, self.request_id)
+        else:  # an agent-protocol reply (kinds 100+) means nothing to the layer
+            self.fail(f"the agent answered with {type(reply).__name__}")
+
+    def fail(self, reason: str) -> None:
+        self.client.reply(
+            m.ErrorReply(request_id=self.request_id, errno=errno_mod.EIO, message=reason),
+            self.request_id,
+        )
 
 
 class _Waiter:
@@ -148,7 +207,10 @@ class AgentLink:
 
     def __init__(self, handle: AgentHandle) -> None:
         self.handle = handle
-        self.conn = AgentConnection(AgentRole.DAEMON, secret=handle.secret)
+        # replies to forwarded requests are passed to the layer undecoded
+        self.conn = AgentConnection(
+            AgentRole.DAEMON, secret=handle.secret, undecoded=FORWARDED_REPLIES
+        )
         self.state = "connecting"  # connecting -> open -> lost | closed
         self.reason = ""
         self.welcome: m.Welcome | None = None
@@ -157,7 +219,7 @@ class AgentLink:
         self.traffic: dict[int, dict[str, int]] = {}  # mirrored port -> TrafficStats figures
         self.channels: dict[int, ChannelOwner] = {}
         self.relays: dict[int, ChannelRelays] = {}  # channel -> its relayed connections
-        self._pending: dict[int, _Waiter] = {}
+        self._pending: dict[int, _Waiter | _Forward] = {}
         self._next_request = 1
         self._next_channel = 1
         self._next_conn = 2  # the daemon picks even connection ids, the agent odd ones
@@ -281,31 +343,47 @@ class AgentLink:
             ) from None
 
     async def _read_loop(self, stream: anyio.abc.ByteStream) -> str:
+        """Read the agent's frames until the stream ends; the reason it ended. Each read is
+        handled in the event loop's reader callback (`FrameReader.run`): a reply costs no
+        task wake-up here."""
         reader = FrameReader(stream, _READ_SIZE)
+        try:
+            await reader.run(self._on_data)
+            self._on_data(b"")  # the end of the stream (a frame cut short is the agent's error)
+        except _StreamClosed:
+            pass
+        return self.reason or "the agent closed the connection"
+
+    def _on_data(self, data: bytes) -> None:
+        """Feed one read (b"": the end) and handle its frames; raises `_StreamClosed` once the
+        agent closed the stream, `RemoteProtocolError` when it broke the protocol."""
+        self.conn.receive_data(data)
         while True:
-            try:
-                data = await reader.receive()
-            except anyio.EndOfStream:
-                data = b""
-            self.conn.receive_data(data)
-            while True:
-                event = self.conn.next_event()
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    return self.reason or "the agent closed the connection"
-                if isinstance(event, Received):
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                return
+            if event is CLOSED:
+                raise _StreamClosed
+            if isinstance(event, Undecoded):
+                entry = self._pending.get(event.request_id)
+                if type(entry) is _Forward and entry.channel == event.channel:
+                    del self._pending[event.request_id]
                     self.frames_in += 1
-                    self._dispatch(event.channel, event.message)
-                elif isinstance(event, UnknownMessage) and event.request_id is not None:
-                    self.send(
-                        m.ErrorReply(
-                            request_id=event.request_id,
-                            errno=errno_mod.ENOSYS,
-                            message=f"mirrordd does not know message kind {event.kind}",
-                        ),
-                        event.channel,
-                    )
+                    entry.client.forward_reply(event, entry.request_id)
+                    continue
+                event = self.conn.decode(event)  # a reply someone awaits: as a message
+            if isinstance(event, Received):
+                self.frames_in += 1
+                self._dispatch(event.channel, event.message)
+            elif isinstance(event, UnknownMessage) and event.request_id is not None:
+                self.send(
+                    m.ErrorReply(
+                        request_id=event.request_id,
+                        errno=errno_mod.ENOSYS,
+                        message=f"mirrordd does not know message kind {event.kind}",
+                    ),
+                    event.channel,
+                )
 
     def _lose(self, reason: str) -> None:
         """The stream is gone: fail every pending request and channel, abort every relay."""
@@ -374,6 +452,34 @@ class AgentLink:
         if waiter.reply is None:
             raise ChannelLost(waiter.lost)
         return waiter.reply
+
+    def forward(self, channel: int, request: Undecoded | m.Request, client: ReplyTo) -> bool:
+        """Send the layer's `request` (a shared kind, 1-99; undecoded: its body goes through as
+        bytes) on `channel` under a daemon request id; the agent's reply goes to `client`
+        under the layer's request id, undecoded, from the reader callback. No time limit: a
+        read of a FIFO in the target may rightly wait for ever (the reply, or the channel's or
+        link's end, removes the entry). False if the channel or the link is gone (nothing
+        sent: the caller answers)."""
+        writer = self._writer
+        if self.state != "open" or channel not in self.channels or writer is None:
+            return False
+        rid = self._next_request
+        try:
+            if isinstance(request, Undecoded):
+                frame = self.conn.forward(request, rid, channel)
+            else:
+                frame = self.conn.send(dataclasses.replace(request, request_id=rid), channel)  # type: ignore[type-var]
+        except LocalProtocolError as exc:  # too big once re-addressed
+            client.reply(
+                m.ErrorReply(request_id=0, errno=errno_mod.EMSGSIZE, message=str(exc)),
+                request.request_id,
+            )
+            return True
+        self._next_request += 1
+        self._pending[rid] = _Forward(channel, client, request.request_id)
+        self.requests += 1
+        writer.send_nowait(frame)
+        return True
 
     def open_channel(
         self,

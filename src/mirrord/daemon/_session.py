@@ -3,7 +3,7 @@
 Owns: the session table's entries (one per `mirrord run` / IDE launch: target, config, its
 agent link, its layer processes), registering layer connections into a session (one agent
 channel per layer process, shared by that process's threads; a forked child's channel names
-its parent's), forwarding layer requests to the agent with daemon request ids, outgoing
+its parent's), outgoing
 connects (a private relay pair whose layer end is passed over the layer connection), listens (subscriptions) and incoming connections to the
 user app's bound port, peer lookups. Does not own the agent stream (`AgentLink`), the control
 API (`_control`) or the layer connections themselves (`_layer_client`).
@@ -317,7 +317,7 @@ class LayerProcess:
             mirror=mirror,
             incoming=True,
         )
-        if mirror:
+        if msg.mode == "mirror":  # (replies relayed back or not)
             self.mirrored[msg.conn_id] = (msg.port, client)
         peer = (msg.remote_address, msg.remote_port)
         if not self.link.start_task(self._serve_incoming, relay, address, port, peer):
@@ -346,12 +346,6 @@ class LayerProcess:
             self.link.relay_done(self.channel, relay)
 
     # -- requests from the layer
-
-    async def forward(self, client: LayerClient, msg: m.Request) -> None:
-        """A shared request (kinds 1-99): same message, daemon request id, reply mapped back.
-        No time limit: a read of a FIFO in the target may rightly wait for ever (the layer
-        connection's closing cancels it)."""
-        client.reply(await self._call(msg), msg.request_id)
 
     async def _call(self, request: m.Request, timeout: float | None = None) -> Message:
         """The agent's reply to `request` on this process's channel; a lost channel or agent
