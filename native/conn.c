@@ -22,6 +22,7 @@
 struct lconn {
     int fd;
     int rfd; /* a socket the daemon passed with the last reply (SCM_RIGHTS), or -1 */
+    int kind; /* the kind of the last reply conn_call accepted */
     unsigned gen;
     uint64_t rid;
     cbor_w w;
@@ -417,6 +418,8 @@ static void drop_passed_fd(struct lconn *c) {
     }
 }
 
+int conn_reply_kind(const struct lconn *c) { return c->kind; }
+
 int conn_take_fd(struct lconn *c) {
     int fd = c->rfd;
     c->rfd = -1;
@@ -475,9 +478,11 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
             errno = (e > 0 && e < 4096) || (e < 0 && e > -256) ? (int)e : EIO;
             return -1;
         }
-        if ((int)kind != expect) {
+        /* FileFetch may be answered by FileHanded: the agent's own open file came along */
+        if ((int)kind != expect && !(expect == M_FILE_FETCHED && kind == M_FILE_HANDED)) {
             return conn_broken(c, "unexpected reply kind");
         }
+        c->kind = (int)kind;
         errno = saved;
         return 0;
     }

@@ -236,6 +236,7 @@ int conn_call(struct lconn *c, int expect, cbor_r *r);
 /* The socket the daemon passed with the reply conn_call just read (the caller owns it), or
  * -1. A socket nobody takes is closed by the next call on the connection. */
 int conn_take_fd(struct lconn *c);
+int conn_reply_kind(const struct lconn *c); /* the kind of the reply conn_call accepted */
 int conn_register_now(void); /* registers this process (fork child), 0 or -1 */
 void conn_after_fork_child(pid_t parent);
 void conn_prepare_exec(int *fd, pid_t *pid); /* the process connection to keep across exec */
@@ -260,6 +261,7 @@ struct settings {
     int skip_build_tools;
     int timeout_ms;
     long long fetch_limit; /* remote files up to this size are fetched into a memfd */
+    int fs_handover;       /* feature.fs.handover: a local target's agent may hand the file over */
 };
 extern struct settings g_set;
 

@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectSendStream
 
+from mirrord._frames import FrameReader, PassedFd
 from mirrord.protocol import CLOSED, NEED_DATA, AgentConnection, AgentRole, Message, Received
 from mirrord.protocol import messages as m
 from tests._agent_process import AgentProc
@@ -159,6 +160,9 @@ class AgentClient:
         self.other: list[tuple[int, Message]] = []
         self.ended = anyio.Event()
         self._lock = anyio.Lock()
+        # fds the agent handed over (SCM_RIGHTS, on a unix stream), in frame order
+        self._frames = FrameReader(stream, receive_fds=True)
+        self.handed: dict[tuple[int, int], PassedFd] = {}  # (channel, request id) -> its fd
 
     @property
     def welcome(self) -> m.Welcome:
@@ -226,7 +230,7 @@ class AgentClient:
                 event = self.conn.next_event()
                 if event is NEED_DATA:
                     try:
-                        data = await self.stream.receive()
+                        data = await self._frames.receive()
                     except (
                         anyio.EndOfStream,
                         anyio.BrokenResourceError,
@@ -247,6 +251,10 @@ class AgentClient:
 
     def _route(self, channel: int, msg: Message) -> None:
         rid = getattr(msg, "request_id", None)
+        if m.passes_fd(msg):
+            passed = self._frames.take_fd()
+            assert passed is not None, f"{msg} came without its fd"
+            self.handed[(channel, rid or 0)] = passed
         if rid is not None and (channel, rid) in self._waiting:
             event, slot = self._waiting.pop((channel, rid))
             slot.append(msg)
@@ -298,10 +306,15 @@ class AgentClient:
             await self.stream.send(frames)
 
     async def request(
-        self, channel: int, make: Callable[[int], Message], *, timeout: float = _REQUEST_TIMEOUT
+        self,
+        channel: int,
+        make: Callable[[int], Message],
+        *,
+        timeout: float = _REQUEST_TIMEOUT,
+        rid: int | None = None,
     ) -> Any:
         """The reply to `make(request_id)`; AgentError for an ErrorReply."""
-        rid = next(self._rid)
+        rid = next(self._rid) if rid is None else rid
         event = anyio.Event()
         slot: list[Message] = []
         self._waiting[(channel, rid)] = (event, slot)
@@ -312,6 +325,14 @@ class AgentClient:
         if isinstance(reply, m.ErrorReply):
             raise AgentError(reply)
         return reply
+
+    async def request_passing(
+        self, channel: int, make: Callable[[int], Message], *, timeout: float = _REQUEST_TIMEOUT
+    ) -> tuple[Any, PassedFd | None]:
+        """`request`, and the fd the agent handed over with the reply (the caller owns it)."""
+        rid = next(self._rid)
+        reply = await self.request(channel, lambda _: make(rid), timeout=timeout, rid=rid)
+        return reply, self.handed.pop((channel, rid), None)
 
     # -- channels, files, connections
 

@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 
 from mirrord import __version__
-from mirrord._frames import FrameReader, FrameWriter
+from mirrord._frames import FrameReader, FrameWriter, Passable
 from mirrord.agent._channel import Channel
 from mirrord.protocol import (
     CLOSED,
@@ -102,18 +102,24 @@ class DaemonSession:
         self.ctx = server.ctx
         self.stream = stream
         self.peer = peer
-        self.conn = AgentConnection(
-            AgentRole.AGENT,
-            secret=server.secret,
-            invalid_requests_as_events=True,
-            features=[m.FEATURE_UNIX_STREAMS, m.FEATURE_INCOMING_TLS],
-        )
-        self.channels: dict[int, Channel] = {}
-        self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
         # frames --> writer.send_nowait (straight into the socket when nothing waits, else
         # queued for the one writer task, `_write_frames`); reader.receive <-- the daemon
         self.writer = FrameWriter(stream, f"daemon {peer}")
         self.reader = FrameReader(stream, _READ_SIZE)
+        features = [m.FEATURE_UNIX_STREAMS, m.FEATURE_INCOMING_TLS]
+        # a daemon on a unix socket is on this machine: opened files and connected sockets
+        # can be handed to it (and on to the layer) instead of relayed
+        self.can_hand_over = self.writer.can_pass
+        if self.can_hand_over:
+            features.append(m.FEATURE_HANDOVER)
+        self.conn = AgentConnection(
+            AgentRole.AGENT,
+            secret=server.secret,
+            invalid_requests_as_events=True,
+            features=features,
+        )
+        self.channels: dict[int, Channel] = {}
+        self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
         self._scope: anyio.CancelScope | None = None  # the whole serving, writer included
         self._tg: anyio.abc.TaskGroup | None = None
         self.authenticated = False
@@ -155,6 +161,15 @@ class DaemonSession:
         frame = self._frame(msg, channel)
         if frame is not None:
             self.writer.send_nowait(frame)
+
+    def send_passing(self, msg: Message, channel: int, passing: Passable) -> None:
+        """Send `msg` on `channel` with `passing` (an fd, owned by the writer from here on)
+        handed to the daemon with it (`can_hand_over` streams only). Never raises."""
+        frame = self._frame(msg, channel)
+        if frame is None:
+            passing.close()
+            return
+        self.writer.send_nowait(frame, (passing,))
 
     async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
         """Send `msg` on `channel`; waits while too much is queued for the daemon. Never

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from mirrord._frames import FrameReader, FrameWriter
+from mirrord._frames import FrameReader, FrameWriter, PassedFd
 from mirrord._version import __version__
 from mirrord.backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError, ChannelLost
@@ -55,16 +55,18 @@ LostCallback = Callable[[str], None]
 class _Waiter:
     """One request awaiting its reply: the reply, or why none will come."""
 
-    __slots__ = ("channel", "event", "lost", "reply")
+    __slots__ = ("channel", "event", "lost", "passed", "reply")
 
     def __init__(self, channel: int) -> None:
         self.channel = channel
         self.event = anyio.Event()
         self.reply: Message | None = None
+        self.passed: PassedFd | None = None  # the fd that came with the reply (hand-over)
         self.lost = ""
 
-    def answer(self, reply: Message) -> None:
+    def answer(self, reply: Message, passed: PassedFd | None = None) -> None:
         self.reply = reply
+        self.passed = passed
         self.event.set()
 
     def fail(self, reason: str) -> None:
@@ -117,6 +119,7 @@ class AgentLink:
         self._next_channel = 1
         self._next_conn = 2  # the daemon picks even connection ids, the agent odd ones
         self._writer: FrameWriter | None = None
+        self._reader: FrameReader | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         # whoever is told when the link is lost, until it unregisters (`forget_lost`)
         self._lost_callbacks: dict[LostCallback, None] = {}
@@ -235,8 +238,15 @@ class AgentLink:
                 f"{self.handle.description} refused the handshake: {exc}"
             ) from None
 
+    @property
+    def can_hand_over(self) -> bool:
+        """The agent passes opened files and connected sockets on this stream (a local
+        target: the agent is on this machine)."""
+        return self.is_open and m.FEATURE_HANDOVER in self.conn.peer_features
+
     async def _read_loop(self, stream: anyio.abc.ByteStream) -> str:
-        reader = FrameReader(stream, _READ_SIZE)
+        receive_fds = m.FEATURE_HANDOVER in self.conn.peer_features
+        reader = self._reader = FrameReader(stream, _READ_SIZE, receive_fds=receive_fds)
         while True:
             try:
                 data = await reader.receive()
@@ -283,6 +293,8 @@ class AgentLink:
             lost_callback(reason)
         if self._writer is not None:
             self._writer.close()
+        if self._reader is not None:
+            self._reader.close_fds()
 
     def close(self) -> None:
         """Stop using this stream (the pool releases the agent); ends `run()`."""
@@ -312,6 +324,16 @@ class AgentLink:
         (an `ErrorReply` is a reply). Raises `ChannelLost` if the channel or the agent is lost
         first, `TimeoutError` when no reply came within `timeout` seconds (None: no limit, for
         requests that may rightly wait, like a read of a FIFO in the target)."""
+        reply, passed = await self.call_passing(channel, request, timeout=timeout)
+        if passed is not None:
+            passed.close()  # nobody asked for one
+        return reply
+
+    async def call_passing(
+        self, channel: int, request: m.Request, *, timeout: float | None = None
+    ) -> tuple[Message, PassedFd | None]:
+        """`call`, and the fd the agent handed over with the reply (`messages.passes_fd`;
+        the caller owns it), or None."""
         if self.state != "open" or channel not in self.channels:
             raise ChannelLost(f"agent lost: {self.reason or 'channel closed'}")
         rid = self._next_request
@@ -330,7 +352,7 @@ class AgentLink:
             self._pending.pop(rid, None)  # cancelled or timed out: a late reply is dropped
         if waiter.reply is None:
             raise ChannelLost(waiter.lost)
-        return waiter.reply
+        return waiter.reply, waiter.passed
 
     def open_channel(
         self, owner: ChannelOwner, *, pid: int, parent: int | None = None, label: str = ""
@@ -389,9 +411,13 @@ class AgentLink:
 
     def _dispatch(self, channel: int, msg: Message) -> None:
         if isinstance(msg, m.Reply):
+            # an fd handed over with the reply: taken in frame order even if nobody waits
+            passed = self._reader.take_fd() if self._reader and m.passes_fd(msg) else None
             waiter = self._pending.pop(msg.request_id, None)
             if waiter is not None:
-                waiter.answer(msg)
+                waiter.answer(msg, passed)
+            elif passed is not None:
+                passed.close()
             return
         if isinstance(msg, m.Data | m.Credit | m.Shutdown | m.ConnClose):
             relay = self.relays.get((channel, msg.conn_id))
