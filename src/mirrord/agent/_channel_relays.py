@@ -112,6 +112,7 @@ class ChannelRelays:
         incoming code learns why: ECONNREFUSED when the daemon never credited a byte (its
         user app never saw the connection, so the target's app may answer instead)."""
         for relay in list(self._relays.values()):
+            told = relay.flow.finished  # ended already (e.g. refused): its stream was told why
             errno_ = relay.abort()
-            if isinstance(relay.stream, PipeEnd):
+            if isinstance(relay.stream, PipeEnd) and not told:
                 relay.stream.abort(errno_)

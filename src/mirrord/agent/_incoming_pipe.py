@@ -148,7 +148,10 @@ class PipeEnd(anyio.abc.ByteStream):
     def abort(self, errno_: int) -> None:
         """Close, telling the other end why (`peer_errno`): once it has read what was sent,
         its `receive()` raises `BrokenResourceError` (from `OSError(errno_)`), not
-        `EndOfStream`."""
+        `EndOfStream`. The first end is the one told: an abort after this end closed or
+        aborted already changes nothing (a later, vaguer reason must not replace it)."""
+        if self._rx.closed:  # closed or aborted before (a half-close does not count)
+            return
         self._tx.errno = errno_
         self.close_nowait()
         if self.on_abort is not None:

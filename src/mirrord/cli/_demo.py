@@ -150,6 +150,7 @@ def demo() -> None:
             target=f"pid/{pod.pid}",
             config_file=None,
             steal=True,
+            block_sigint=True,  # the app unblocks it once its quiet handler is in place
         )
         stop.set()
         sender.join(timeout=5)

@@ -9,10 +9,25 @@ stopping the demo.
 
 from __future__ import annotations
 
-import os
-import socket
+import signal
 import sys
-import urllib.request
+from types import FrameType
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C on `mirrord demo` (which says so and cleans up): end quietly, at any moment."""
+    del signum, frame
+    sys.exit(130)
+
+
+# `mirrord demo` starts this app with SIGINT blocked: a Ctrl-C during the imports below waits
+# for the handler instead of printing a KeyboardInterrupt traceback from inside one of them.
+signal.signal(signal.SIGINT, _interrupted)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import urllib.request  # noqa: E402
 
 PORT = int(os.environ.get("DEMO_PORT", "8080"))
 WAIT = float(os.environ.get("DEMO_STEAL_WAIT", "20"))
@@ -81,7 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C on `mirrord demo`: it says so and cleans up
-        sys.exit(130)
+    main()

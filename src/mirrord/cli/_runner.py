@@ -66,9 +66,11 @@ def _terminal_foreground() -> bool:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
+def _die_with_parent(parent: int, *, block_sigint: bool = False) -> Callable[[], None]:
     """A preexec function: CMD gets SIGKILL when `mirrord run` dies (a `kill -9` of it must not
-    leave CMD running without its session). libc is looked up before the fork."""
+    leave CMD running without its session). libc is looked up before the fork. With
+    `block_sigint`, CMD starts with SIGINT blocked (the mask survives exec): a Ctrl-C stays
+    pending until CMD unblocks it, once it is ready to handle it."""
     import ctypes  # here: the fast path of `mirrord run` keeps its imports few
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -77,6 +79,8 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
         prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent:  # mirrord run died before prctl took effect
             os.kill(os.getpid(), signal.SIGKILL)
+        if block_sigint:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
     return preexec
 
@@ -180,6 +184,7 @@ def _start_command(
     *,
     shared_group: bool,
     pass_fds: tuple[int, ...] = (),
+    block_sigint: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start `argv` (`command`, maybe under the supervisor); exit 127 / 126 when it cannot run,
     as a shell would."""
@@ -190,7 +195,7 @@ def _start_command(
             process_group=None if shared_group else 0,
             # The other threads here (the control connection's reader) hold nothing the
             # preexec function needs: it calls prctl, getppid and kill, all prepared.
-            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+            preexec_fn=_die_with_parent(os.getpid(), block_sigint=block_sigint),  # noqa: PLW1509
             pass_fds=pass_fds,
         )
     except FileNotFoundError:
@@ -239,9 +244,14 @@ def run_command(
     accept_invalid_certificates: str | None = None,
     no_telemetry: bool = False,
     disable_version_check: bool = False,
+    block_sigint: bool = False,
     **flags: Any,
 ) -> int:
     """Open a session, run `command` in it, close the session; returns the exit code.
+
+    `block_sigint` starts `command` with SIGINT blocked, for a command that unblocks it once
+    its own handler is in place (the demo app: a Ctrl-C during its start-up then ends it
+    quietly instead of with a KeyboardInterrupt traceback from an import).
 
     `flags` are `mirrord.config.cli_overrides` keywords (the options of `mirrord run`).
     `no_telemetry` and `disable_version_check` are accepted for mirrord's scripts: there is
@@ -286,7 +296,14 @@ def run_command(
         # CMD once, through the forwarding, not twice.
         shared_group = _terminal_foreground()
         pass_fds = (done.write,) if done is not None else ()
-        child = _start_command(command, argv, env, shared_group=shared_group, pass_fds=pass_fds)
+        child = _start_command(
+            command,
+            argv,
+            env,
+            shared_group=shared_group,
+            pass_fds=pass_fds,
+            block_sigint=block_sigint,
+        )
         running[0] = True
         if done is not None:
             done.started()
