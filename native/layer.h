@@ -171,6 +171,7 @@ struct ent {
     int remote; /* connected through the daemon: peer / local are the target's view */
     int spliced; /* the fd is now the layer's end of a daemon relay pair (see net_connect.c) */
     int connecting; /* spliced by a non-blocking connect(): the next connect() returns 0 */
+    int handed;     /* spliced is the agent's own socket, in the target's netns (hand-over) */
     int listening; /* listen() was called: a loopback connect() to its port stays local */
     struct sockaddr_storage peer;
     socklen_t peer_len;

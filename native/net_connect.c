@@ -273,8 +273,27 @@ static int connect_own_listener(int fd, const struct sockaddr *sa, socklen_t len
 }
 
 /* The real connect() of a socket the outgoing filter keeps local; a UDP socket relayed before
- * and now connected to a local address is no longer relayed. */
+ * and now connected to a local address is no longer relayed. A handed-over UDP socket lives in
+ * the target's network namespace: a fresh socket of this machine takes its place first. */
 static int connect_local(int fd, const struct sockaddr *sa, socklen_t len, int type) {
+    struct ent *he = type == SOCK_DGRAM ? fd_peek(fd) : NULL;
+    if (he != NULL && he->kind == K_SOCK && he->handed) {
+        int fresh = REAL(socket)(sock_family(fd), SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (fresh < 0 || splice_relay(fd, fresh, SOCK_DGRAM) < 0) {
+            return -1;
+        }
+        struct ent *e = ent_get(fd);
+        struct stat st;
+        if (e != NULL && REAL(fstat)(fd, &st) == 0) {
+            e->fd_dev = st.st_dev; /* the fresh socket's identity: still this entry */
+            e->fd_ino = st.st_ino;
+        }
+        if (e != NULL) {
+            e->handed = 0;
+            e->spliced = 0;
+        }
+        ent_put(e);
+    }
     int rc = REAL(connect)(fd, sa, len);
     struct ent *le = rc == 0 && type == SOCK_DGRAM ? fd_peek(fd) : NULL;
     if (le != NULL && le->kind == K_SOCK) {
@@ -338,6 +357,7 @@ static int connect_remote(int fd, const struct sockaddr *sa, socklen_t len, int 
         e->nmaps = 0;
         e->maps[0].relay = relay;
         e->maps[0].relay_len = relay_len;
+        e->handed = relay_len == 0; /* the agent's own socket: no relay to name */
         e->connecting = type == SOCK_STREAM && nonblocking;
         DBG("connect fd %d remotely through the daemon", fd);
     }

@@ -606,6 +606,26 @@ u.settimeout(10)
 u.connect((sys.argv[1], 9997))
 u.send(b"hi")
 print("udp", u.recv(100).decode(), u.getsockname()[0] == sys.argv[1], kernel_address(u))
+# a connected UDP socket sending elsewhere, then connected to a socket of this machine
+here = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+here.bind(("127.0.0.1", 0))
+here.settimeout(10)
+v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+v.connect((sys.argv[1], 9))
+v.sendto(b"sent elsewhere", (sys.argv[1], 9996))
+v.connect(here.getsockname())
+v.send(b"local again")
+print("udp local", here.recv(100).decode(), kernel_address(v))
+"""
+
+# Prints the first datagram it gets on port 9996.
+UDP_SINK = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9996))
+s.settimeout(20)
+print("ready", flush=True)
+print(s.recv(100).decode(), flush=True)
 """
 
 
@@ -617,21 +637,28 @@ def test_a_local_targets_connections_are_handed_over_unless_switched_off(
     # hand-over: the app's socket is the agent's own, connected in the pod's network namespace
     # (the kernel says so); feature.network.outgoing.handover false relays it over loopback
     config = tmp_path / "mirrord.json"
-    config.write_text(json.dumps({"feature": {"network": {"outgoing": {"handover": handover}}}}))
+    outgoing = {"handover": handover, "ignore_localhost": True}
+    config.write_text(json.dumps({"feature": {"network": {"outgoing": outgoing}}}))
     app = tmp_path / "handover_app.py"
     app.write_text(HANDOVER_APP)
     server = start_in_pod(net_pod, UDP_SERVER)
+    sink = start_in_pod(net_pod, UDP_SINK)
     try:
         result = mirrord.run(
             "run", "-t", f"pid/{net_pod.pid}", "-f", str(config), "--",
             sys.executable, str(app), net_pod.ip,
         )  # fmt: skip
+        assert sink.stdout is not None
+        sunk = sink.stdout.readline().decode().strip()
     finally:
-        server.kill()
-        server.wait(timeout=5)
+        for proc in (server, sink):
+            proc.kill()
+            proc.wait(timeout=5)
     assert result.returncode == 0, result.stderr
     kernel = net_pod.ip if handover else "127.0.0.1"
     assert result.stdout.splitlines() == [
         f"tcp ping True {kernel}",
         f"udp echo hi True {kernel}",
+        "udp local local again 127.0.0.1",  # a socket of this machine again
     ], result.stderr
+    assert sunk == "sent elsewhere"  # from the pod, as its own socket would send it
