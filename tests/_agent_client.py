@@ -145,9 +145,12 @@ class AgentClient:
     `stats` keeps TrafficStats, `fatals` every (channel, Fatal), `fatal` the control channel's;
     `other` every other (channel, message) nobody waited for."""
 
-    def __init__(self, stream: anyio.abc.ByteStream, secret: str) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream, secret: str, *, handover: bool = True) -> None:
         self.stream = stream
-        self.conn = AgentConnection(AgentRole.DAEMON, secret=secret)
+        # fds the agent handed over (SCM_RIGHTS, on a unix stream), in frame order
+        self._frames = FrameReader(stream, receive_fds=handover)
+        features = [m.FEATURE_HANDOVER] if self._frames.receives_fds else []
+        self.conn = AgentConnection(AgentRole.DAEMON, secret=secret, features=features)
         self._welcome: m.Welcome | None = None
         self._rid = itertools.count(1)
         self._conn_ids = itertools.count(2, 2)  # the daemon's ids are even
@@ -160,8 +163,6 @@ class AgentClient:
         self.other: list[tuple[int, Message]] = []
         self.ended = anyio.Event()
         self._lock = anyio.Lock()
-        # fds the agent handed over (SCM_RIGHTS, on a unix stream), in frame order
-        self._frames = FrameReader(stream, receive_fds=True)
         self.handed: dict[tuple[int, int], PassedFd] = {}  # (channel, request id) -> its fd
 
     @property
@@ -195,11 +196,17 @@ class AgentClient:
     @classmethod
     @asynccontextmanager
     async def over(
-        cls, stream: anyio.abc.ByteStream, secret: str, *, welcome: bool = True
+        cls,
+        stream: anyio.abc.ByteStream,
+        secret: str,
+        *,
+        welcome: bool = True,
+        handover: bool = True,
     ) -> AsyncIterator[AgentClient]:
         """A client over an open stream (closed on exit). With `welcome`, the Welcome has
-        arrived on entry; without it, the Hello is sent and the rest is up to the agent."""
-        client = cls(stream, secret)
+        arrived on entry; without it, the Hello is sent and the rest is up to the agent.
+        `handover` False: the Hello does not offer to take fds (as a daemon behind a proxy)."""
+        client = cls(stream, secret, handover=handover)
         async with stream, anyio.create_task_group() as tg:
             await stream.send(client.conn.hello(client="tests"))
             if welcome:

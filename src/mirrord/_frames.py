@@ -163,6 +163,11 @@ class FrameReader:
             self._ready_before = not waited
             return data
 
+    @property
+    def receives_fds(self) -> bool:
+        """Whether fds the peer passes arrive (`receive_fds` on a plain unix socket)."""
+        return self._receive_fds
+
     def take_fd(self) -> PassedFd | None:
         """The oldest fd received and not taken yet, or None."""
         return self.passed.popleft() if self.passed else None

@@ -86,3 +86,18 @@ async def test_an_agent_over_tcp_hands_nothing_over(make_pod: Callable[..., Loca
             assert passed is None
     finally:
         stop_agent(agent)
+
+
+async def test_an_agent_hands_nothing_to_a_daemon_that_did_not_offer_to_take_it(
+    make_pod: Callable[..., LocalPod], make_agent: Callable[..., AgentProc]
+) -> None:
+    # both ends of a unix stream must say so: a unix proxy in between would drop the fds
+    pod = make_pod(_SPEC)
+    agent = make_agent(f"pid/{pod.pid}")
+    stream = await anyio.connect_unix(agent.socket)
+    async with AgentClient.over(stream, agent.secret, handover=False) as client:
+        assert m.FEATURE_HANDOVER in client.welcome.features  # the agent could
+        await client.open_channel(1)
+        reply, passed = await client.request_passing(1, _fetch(os.O_RDONLY))
+        assert isinstance(reply, m.FileFetched) and reply.data == b"pod file\n"
+        assert passed is None

@@ -107,8 +107,11 @@ class ChannelOwner(Protocol):
 
     ctx: AgentContext
     request_slots: anyio.Semaphore  # file requests in flight on the whole connection
-    # the daemon is on this machine (a unix socket): fds can be handed to it
-    can_hand_over: bool
+
+    @property
+    def can_hand_over(self) -> bool:
+        """The daemon is on this machine (a unix socket, both ends agreed): fds can go to it."""
+        ...
 
     @property
     def incoming(self) -> IncomingHandler | None:

@@ -108,9 +108,8 @@ class DaemonSession:
         self.reader = FrameReader(stream, _READ_SIZE)
         features = [m.FEATURE_UNIX_STREAMS, m.FEATURE_INCOMING_TLS]
         # a daemon on a unix socket is on this machine: opened files and connected sockets
-        # can be handed to it (and on to the layer) instead of relayed
-        self.can_hand_over = self.writer.can_pass
-        if self.can_hand_over:
+        # can be handed to it (and on to the layer) instead of relayed (`can_hand_over`)
+        if self.writer.can_pass:
             features.append(m.FEATURE_HANDOVER)
         self.conn = AgentConnection(
             AgentRole.AGENT,
@@ -125,6 +124,13 @@ class DaemonSession:
         self.authenticated = False
 
     # -- what its channels need (`ChannelOwner`) -------------------------------------------------
+
+    @property
+    def can_hand_over(self) -> bool:
+        """fds may go to this daemon: both ends said so (each announces `handover` only when
+        its own end of the stream is a unix socket, so a proxy in between, which would drop
+        the fds, leaves it off)."""
+        return self.writer.can_pass and m.FEATURE_HANDOVER in self.conn.peer_features
 
     @property
     def incoming(self) -> IncomingHandler | None:

@@ -184,6 +184,11 @@ class AgentLink:
             async with stream, anyio.create_task_group() as tg:
                 self._tg = tg
                 self._writer = FrameWriter(stream, f"agent {self.handle.key}")
+                self._reader = FrameReader(stream, _READ_SIZE, receive_fds=True)
+                if self._reader.receives_fds:
+                    # an agent on this machine may hand files and sockets over (both ends
+                    # must say so: `can_hand_over`)
+                    self.conn.features.append(m.FEATURE_HANDOVER)
                 tg.start_soon(self._writer.run)
                 self._writer.send_nowait(self.conn.hello(client=f"mirrordd {__version__}"))
                 await self._handshake(stream)
@@ -242,11 +247,16 @@ class AgentLink:
     def can_hand_over(self) -> bool:
         """The agent passes opened files and connected sockets on this stream (a local
         target: the agent is on this machine)."""
-        return self.is_open and m.FEATURE_HANDOVER in self.conn.peer_features
+        return (
+            self.is_open
+            and self._reader is not None
+            and self._reader.receives_fds
+            and m.FEATURE_HANDOVER in self.conn.peer_features
+        )
 
     async def _read_loop(self, stream: anyio.abc.ByteStream) -> str:
-        receive_fds = m.FEATURE_HANDOVER in self.conn.peer_features
-        reader = self._reader = FrameReader(stream, _READ_SIZE, receive_fds=receive_fds)
+        reader = self._reader
+        assert reader is not None
         while True:
             try:
                 data = await reader.receive()
