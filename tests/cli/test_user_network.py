@@ -619,7 +619,7 @@ print("udp local", here.recv(100).decode(), kernel_address(v))
 """
 
 # Prints the first datagram it gets on port 9996.
-UDP_SINK = """
+FIRST_DATAGRAM = """
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 9996))
@@ -642,7 +642,7 @@ def test_a_local_targets_connections_are_handed_over_unless_switched_off(
     app = tmp_path / "handover_app.py"
     app.write_text(HANDOVER_APP)
     server = start_in_pod(net_pod, UDP_SERVER)
-    sink = start_in_pod(net_pod, UDP_SINK)
+    sink = start_in_pod(net_pod, FIRST_DATAGRAM)
     try:
         result = mirrord.run(
             "run", "-t", f"pid/{net_pod.pid}", "-f", str(config), "--",
