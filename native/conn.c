@@ -426,23 +426,12 @@ int conn_take_fd(struct lconn *c) {
     return fd;
 }
 
-int conn_call(struct lconn *c, int expect, cbor_r *r) {
-    int saved = errno; /* a successful call leaves errno as the app had it */
-    drop_passed_fd(c); /* one the previous caller did not take */
-    if (c->fd < 0) {
-        errno = EIO;
-        return -1;
-    }
-    if (c->w.err) {
-        errno = ENOMEM;
-        return -1;
-    }
-    long long deadline = now_ms() + g_set.timeout_ms;
-    if (send_frame(c, deadline) < 0) {
-        return conn_broken(c, "send");
-    }
+/* The next reply on c (pings answered on the way): 0 with *rid and r after the request id
+ * (kind `expect`), 1 for an ErrorReply (errno set to the agent's), -1 when the connection
+ * broke (dropped, errno EIO). */
+static int next_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r, long long deadline) {
     for (int spins = 0; spins < 64; spins++) {
-        uint64_t n, kind, rid;
+        uint64_t n, kind;
         if (recv_frame(c, r, deadline) < 0) {
             return conn_broken(c, "no reply in time");
         }
@@ -466,8 +455,8 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
         if (kind == M_FATAL) {
             return conn_broken(c, "fatal from the daemon");
         }
-        if (cr_uint(r, &rid) < 0 || rid != c->rid) {
-            return conn_broken(c, "reply to another request");
+        if (cr_uint(r, rid) < 0) {
+            return conn_broken(c, "malformed reply");
         }
         if (kind == M_ERROR) {
             int64_t e;
@@ -476,17 +465,62 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
             }
             /* negative: getaddrinfo's EAI_* code of a DnsLookup, passed on as it is */
             errno = (e > 0 && e < 4096) || (e < 0 && e > -256) ? (int)e : EIO;
-            return -1;
+            return 1;
         }
         /* FileFetch may be answered by FileHanded: the agent's own open file came along */
         if ((int)kind != expect && !(expect == M_FILE_FETCHED && kind == M_FILE_HANDED)) {
             return conn_broken(c, "unexpected reply kind");
         }
         c->kind = (int)kind;
-        errno = saved;
         return 0;
     }
     return conn_broken(c, "too many pings");
+}
+
+/* Sends the request conn_begin built: 0, or -1 (errno EIO, the connection dropped). */
+static int send_request(struct lconn *c, long long deadline) {
+    drop_passed_fd(c); /* one the previous caller did not take */
+    if (c->fd < 0) {
+        errno = EIO;
+        return -1;
+    }
+    if (c->w.err) {
+        errno = ENOMEM;
+        return -1;
+    }
+    if (send_frame(c, deadline) < 0) {
+        return conn_broken(c, "send");
+    }
+    return 0;
+}
+
+int conn_call(struct lconn *c, int expect, cbor_r *r) {
+    int saved = errno; /* a successful call leaves errno as the app had it */
+    long long deadline = now_ms() + g_set.timeout_ms;
+    if (send_request(c, deadline) < 0) {
+        return -1;
+    }
+    uint64_t rid;
+    int rc = next_reply(c, expect, &rid, r, deadline);
+    if (rc >= 0 && rid != c->rid) {
+        return conn_broken(c, "reply to another request");
+    }
+    if (rc != 0) {
+        return -1;
+    }
+    errno = saved;
+    return 0;
+}
+
+uint64_t conn_send(struct lconn *c) {
+    if (send_request(c, now_ms() + g_set.timeout_ms) < 0) {
+        return 0;
+    }
+    return c->rid;
+}
+
+int conn_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r) {
+    return next_reply(c, expect, rid, r, now_ms() + g_set.timeout_ms);
 }
 
 /* ---------------------------------------------------------------- fork and exec */

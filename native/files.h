@@ -5,7 +5,8 @@
  *   memfd (then read, mmap, sendfile, copy_file_range and stdio work natively); fstat
  *   reports the remote stat. Opened for writing, the memfd is a write-back cache.
  * - K_RFILE: other remote files (large, directories) get an empty memfd as a placeholder and
- *   every read/write/seek/stat on it is a request on the remote handle.
+ *   every read/write/seek/stat on it is a request on the remote handle; a regular one is read
+ *   ahead or written behind (files_buffer.c).
  *
  * Files, one responsibility each:
  *   files_path.c    where a path lives (path_route), the virtual working directory, realpath
@@ -14,6 +15,7 @@
  *   files_open.c    the open family: fetch into a memfd, placeholder fds, open_remote
  *   files_cache.c   memfd caches: write-back (wfile_flush), growth of a fetched file
  *                   (mfile_refresh), the placeholder filled for mmap
+ *   files_buffer.c  read-ahead and write-behind of handle-backed regular files (fbuf_*)
  *   files_io.c      read/write/seek/vector I/O, sendfile, copy_file_range, mmap, syscall()
  *   files_fd.c      close, close_range, dup family, fcntl
  *   files_stat.c    the stat family, statx, statfs/statvfs, access, readlink
@@ -210,7 +212,8 @@ int rfile_open(const char *path, int rflags, mode_t mode, uint64_t *handle);
 int rfile_close_handle(uint64_t handle);
 ssize_t rfile_read_chunk(uint64_t handle, void *buf, size_t n, off_t off);  /* off -1: position */
 ssize_t rfile_write_chunk(uint64_t handle, const void *buf, size_t n, off_t off);
-off_t rfile_seek(struct ent *e, off_t off, int whence);
+off_t rfile_seek(struct ent *e, off_t off, int whence);        /* the fd's offset (buffered too) */
+off_t rfile_seek_handle(struct ent *e, off_t off, int whence); /* the handle's own offset */
 ssize_t rfile_read(struct ent *e, void *buf, size_t n, off_t off);
 ssize_t rfile_write(struct ent *e, const void *buf, size_t n, off_t off);
 /* Up to `len` bytes of the handle's file from offset 0 into fd (pwrite): the bytes copied. */
@@ -239,6 +242,17 @@ int mfile_writeonly(int fd, struct ent *pe);
 /* files_stat.c */
 int statfs_path(const char *path, struct statfs *sf, int *ret);
 int fstatfs_fd(int fd, struct statfs *sf, int *ret);
+
+/* files_buffer.c: read-ahead and write-behind of a handle-backed regular file. The fbuf_*
+ * calls on one file answer 1 (done, result in *ret) or 0 (not buffered: the handle's way). */
+void fbuf_attach(struct ent *e, int flags); /* a fresh open (offset 0), before fd_set_ent */
+int fbuf_read(struct ent *e, void *buf, size_t n, off_t off, ssize_t *ret);
+int fbuf_write(struct ent *e, const void *buf, size_t n, off_t off, ssize_t *ret);
+int fbuf_seek(struct ent *e, off_t off, int whence, off_t *ret);
+int fbuf_flush(struct ent *e);      /* pending writes out: 0, or -1 with errno */
+int fbuf_close(int fd);             /* the app closes fd: fbuf_flush's result */
+void fbuf_flush_all(void);          /* exit */
+void fbuf_flush_path(const char *path); /* read-your-writes before a remote open/stat */
 
 /* files_stdio.c: a FILE over an fd the layer serves (its I/O through the hooks). */
 FILE *cookie_stream(int fd, const char *mode);

@@ -58,6 +58,8 @@ static int handle_op(int fd, int kind, int64_t arg, int *ret) {
     if (!e->has_handle) {
         errno = EBADF;
         *ret = -1;
+    } else if (e->fb != NULL && fbuf_flush(e) < 0) {
+        *ret = -1; /* a failed write-behind is fsync's (ftruncate's, fchmod's) error */
     } else if (e->writeback && kind == M_FSYNC && wfile_flush(e) < 0) {
         *ret = -1;
     } else if (kind == M_FSYNC) {
@@ -112,7 +114,7 @@ static int attr_fd(int fd, int kind, int64_t a, int64_t b, const struct timespec
         return R_BYPASS;
     }
     t_guard++;
-    int rc = e->writeback ? wfile_flush(e) : 0;
+    int rc = e->writeback ? wfile_flush(e) : e->fb != NULL ? fbuf_flush(e) : 0;
     if (rc == 0 && (e->has_handle || e->path != NULL)) {
         rc = rattr(kind, e->has_handle ? NULL : e->path, e->handle, a, b, 1);
     } else if (rc == 0) {

@@ -80,6 +80,13 @@ int wfile_flush(struct ent *e) {
         e->synced_mtim = cur.st_mtim;
         e->synced_size = cur.st_size;
     }
+    if (rc == 0 && e->share_offset) {
+        /* the process that exec'd us (or a sibling) goes on through the handle */
+        off_t pos = REAL(lseek)(e->cache_fd, 0, SEEK_CUR);
+        if (pos >= 0) {
+            (void)rfile_seek_handle(e, pos, SEEK_SET);
+        }
+    }
     return rc;
 }
 
@@ -108,6 +115,7 @@ static void flush_one(struct ent *e, const void *path) {
 
 void wfile_flush_all(void) {
     each_writeback(MAX_FDS, flush_one, NULL);
+    fbuf_flush_all();
 }
 
 /* Read-your-writes: a write-back cache reaches the target at close, fsync, exec or exit, so
@@ -119,6 +127,7 @@ void flush_pending_for(const char *path) {
         return;
     }
     each_writeback(4096, flush_one, path);
+    fbuf_flush_path(path);
 }
 
 /* ---------------------------------------------------------------- fetched files */
@@ -194,6 +203,9 @@ void rfile_fill_placeholder(int fd) {
     }
     struct stat rst, lst;
     t_guard++;
+    if (e->fb != NULL) {
+        (void)fbuf_flush(e); /* the mapping shows what was written */
+    }
     if (e->kind == K_RFILE && e->has_handle && !e->is_dir && S_ISREG(e->st.st_mode) &&
         REAL(fstat)(fd, &lst) == 0 && lst.st_size == 0 &&
         rstat(NULL, e->handle, 1, &rst) == 0 && rst.st_size > 0) {

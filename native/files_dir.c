@@ -31,6 +31,7 @@ void files_after_fork_child(void) {
     pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
     g_dirs_lock = fresh;
     vcwd_after_fork_child();
+    fbuf_after_fork_child();
 }
 
 static struct rdir *rdir_of(void *d) {

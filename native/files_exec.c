@@ -120,6 +120,7 @@ static void exec_fetch_whole(int fd, struct ent *e) {
         return;
     }
     cache_adopt(e, fd); /* keeps the handle: written back when the last fd closes */
+    e->share_offset = 1;
     if (e->oflags & O_APPEND) {
         REAL(fcntl)(fd, F_SETFL, O_APPEND);
     }

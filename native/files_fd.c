@@ -20,12 +20,15 @@ static __attribute__((noinline)) int close_tracked(int fd, struct ent *pe) {
         errno = EBADF; /* the layer's own connection: invisible to the app */
         return -1;
     }
+    /* a write-behind file: its pending bytes go out first, and their failure is close's */
+    int flushed = pe->fb != NULL ? fbuf_close(fd) : 0;
+    int flush_err = errno;
     struct ent *e = fd_take(fd);
     int r = REAL(close)(fd);
-    int saved = errno;
+    int saved = flushed < 0 ? flush_err : errno;
     ent_put(e);
     errno = saved;
-    return r;
+    return flushed < 0 ? -1 : r;
 }
 
 HOOK int close(int fd) {

@@ -373,6 +373,7 @@ int open_remote(const char *path, int flags, mode_t mode) {
         errno = EMFILE;
         return ropen_fail(e, fd);
     }
+    fbuf_attach(e, flags); /* a large regular file: read-ahead or write-behind */
     fd_set_ent(fd, e);
     DBG("open %s remotely: fd %d (%s)", path, fd,
         e->writeback ? "write-back" : e->kind == K_MFILE ? "fetched" : "handle");

@@ -206,6 +206,14 @@ ssize_t rfile_write_chunk(uint64_t handle, const void *buf, size_t n, off_t off)
 }
 
 off_t rfile_seek(struct ent *e, off_t off, int whence) {
+    off_t pos;
+    if (e->fb != NULL && fbuf_seek(e, off, whence, &pos)) {
+        return pos;
+    }
+    return rfile_seek_handle(e, off, whence);
+}
+
+off_t rfile_seek_handle(struct ent *e, off_t off, int whence) {
     if (!e->has_handle) {
         errno = ESPIPE;
         return -1;
@@ -233,6 +241,10 @@ ssize_t rfile_read(struct ent *e, void *buf, size_t n, off_t off) {
         errno = EBADF;
         return -1;
     }
+    ssize_t r;
+    if (e->fb != NULL && fbuf_read(e, buf, n, off, &r)) {
+        return r;
+    }
     return rfile_read_chunk(e->handle, buf, n > MAX_DATA_CHUNK ? MAX_DATA_CHUNK : n, off);
 }
 
@@ -240,6 +252,10 @@ ssize_t rfile_write(struct ent *e, const void *buf, size_t n, off_t off) {
     if (!e->has_handle || e->is_dir || (e->oflags & O_ACCMODE) == O_RDONLY) {
         errno = EBADF;
         return -1;
+    }
+    ssize_t r;
+    if (e->fb != NULL && fbuf_write(e, buf, n, off, &r)) {
+        return r;
     }
     size_t done = 0;
     while (done < n) {

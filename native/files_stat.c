@@ -37,6 +37,8 @@ static int fstat_remote(int fd, struct stat *st, int *ret) {
     if (e->kind == K_MFILE) {
         fstat_cached(fd, e, st);
         *ret = 0;
+    } else if (e->fb != NULL && fbuf_flush(e) < 0) {
+        *ret = -1; /* the size would leave out what is still buffered */
     } else {
         *ret = e->has_handle ? rstat(NULL, e->handle, 1, st) : rstat(e->path, 0, 1, st);
     }

@@ -159,6 +159,13 @@ struct ent {
     struct timespec synced_mtim;
     off_t synced_size;
     int append_only; /* O_WRONLY|O_APPEND: only what was appended is written back, at the end */
+    /* K_RFILE regular file: its read-ahead or write-behind buffer and the fd's offset while
+     * the layer keeps it (files_buffer.c); NULL: every call goes through the handle */
+    struct fbuf *fb;
+    /* a write-back cache made of an fd inherited through exec: the open file (and its offset)
+     * is shared with other processes that use the handle, so a write-back sets the handle's
+     * offset to the cache's */
+    int share_offset;
     /* sockets */
     int family, socktype;
     int bound; /* bind() recorded the requested address */
@@ -234,6 +241,14 @@ void conn_begin_field_count_mismatch(void) __attribute__((error(
 /* Sends the request and reads its reply. 0: reply of kind `expect`, r is after its
  * request_id. -1: errno from ErrorReply, or EIO if the daemon broke (connection dropped). */
 int conn_call(struct lconn *c, int expect, cbor_r *r);
+/* Pipelined requests (several in flight on one connection, replies in any order): conn_send
+ * sends the request conn_begin built and returns its request id (0: the connection broke,
+ * errno EIO); conn_reply reads the next reply: 0 (kind `expect`, *rid says which request, r
+ * after it), 1 (an ErrorReply to *rid, errno set) or -1 (broken: every request in flight is
+ * lost, errno EIO). Each request sent must have its reply read before the connection is
+ * released. */
+uint64_t conn_send(struct lconn *c);
+int conn_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r);
 /* The socket the daemon passed with the reply conn_call just read (the caller owns it), or
  * -1. A socket nobody takes is closed by the next call on the connection. */
 int conn_take_fd(struct lconn *c);
@@ -366,7 +381,13 @@ char **proc_exec_env(char *const envp[], int keep_fd);
 void proc_free_env(char **env);
 void proc_init_env(void);
 int wfile_flush(struct ent *e);
-void wfile_flush_all(void);
+void wfile_flush_all(void); /* write-back caches and write-behind buffers (exit, exec) */
+/* files_buffer.c (see files.h): a buffer's last reference; fork, exec and posix_spawn share
+ * the open files with another process, which sees the handle's offset only. */
+void fbuf_free(struct ent *e);
+void fbuf_before_fork(void);
+void fbuf_before_exec(void);
+void fbuf_after_fork_child(void);
 /* supervise_files.c: a remote file open_remote opened for the system-call supervisor, made
  * installable in the supervised program (files_supervisor.c's mirrord_supervisor_open). */
 int supervise_remote_fd(int fd, int flags, int *fd_out);

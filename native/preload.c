@@ -120,6 +120,7 @@ static void ent_free_remote(struct ent *e) {
         (void)wfile_flush(e);
         layer_fd_release(e->cache_fd);
     }
+    fbuf_free(e);
     if ((e->kind == K_RFILE || e->kind == K_MFILE) && e->has_handle) {
         struct lconn *c = conn_acquire();
         if (c != NULL) {

@@ -200,6 +200,7 @@ void proc_free_env(char **env) {
 static char **exec_prepare(char *const envp[]) {
     t_guard++;
     wfile_flush_all();
+    fbuf_before_exec();
     int fd;
     pid_t pid;
     conn_prepare_exec(&fd, &pid);
@@ -301,6 +302,7 @@ static int spawn_common(pid_t *pid, const char *path, const posix_spawn_file_act
     char **env = NULL;
     if (g_active && !t_guard) {
         t_guard++;
+        fbuf_before_exec();
         env = exec_env(envp ? envp : environ, -1, 0);
         t_guard--;
     }
@@ -329,6 +331,11 @@ HOOK pid_t fork(void) {
     int need_sync = conn_registered() && __atomic_load_n(&g_nhandles, __ATOMIC_RELAXED) > 0;
     if (need_sync && pipe2(sync, O_CLOEXEC) < 0) {
         need_sync = 0;
+    }
+    if (need_sync) {
+        t_guard++;
+        fbuf_before_fork(); /* the child shares the open files, not the layer's buffers */
+        t_guard--;
     }
     pid_t pid = REAL(fork)();
     if (pid == 0) {

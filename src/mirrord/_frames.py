@@ -10,16 +10,25 @@ Both classes take a shortcut on a plain socket (a unix socket under either backe
 socket under trio; not asyncio's transport-backed TCP streams, whose transports buffer): they
 call `recv`/`send` on it directly and wait with `anyio.wait_readable`/`wait_writable`, which
 saves a task switch and a pass of the event loop per remote call (docs/performance.md).
+
+A reader is used one of two ways: a protocol loop awaits `receive()` (the agent's, under
+trio), or `run(on_data)` hands every read to a synchronous callback. Under asyncio, on a
+plain socket, `run` reads from the event loop's reader callback: the socket is registered
+with the selector once for the stream's life, and a read costs no task wake-up, no future and
+no selector change (anyio's `wait_readable` registers and unregisters the socket around every
+wait, and the awaiting task then needs a pass of the loop of its own). Elsewhere `run` is the
+awaiting loop, so its users are written once for both.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import os
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import anyio
@@ -106,12 +115,14 @@ def plain_socket(
 
 
 class FrameReader:
-    """`receive()` for a protocol reader: the stream's `receive`, minus a scheduling point.
+    """Reads a byte stream for a protocol reader: `receive()` to await the next bytes, or
+    `run(on_data)` to have each read handed to a callback (see the module docstring).
 
-    anyio's `receive` yields to the event loop before every read (a whole loop iteration)
-    and registers the socket with the selector for every wait. On a plain socket this reads
-    directly and waits with `anyio.wait_readable`; it yields only when data was there twice
-    in a row, so a peer that never stops sending cannot starve the other tasks.
+    `receive()` is the stream's `receive` minus a scheduling point: anyio's yields to the
+    event loop before every read (a whole loop iteration) and registers the socket with the
+    selector for every wait. On a plain socket this reads directly and waits with
+    `anyio.wait_readable`; it yields only when data was there twice in a row, so a peer that
+    never stops sending cannot starve the other tasks.
     """
 
     def __init__(
@@ -132,9 +143,18 @@ class FrameReader:
         self._receive_fds = (
             receive_fds and self._raw is not None and self._raw.family == socket.AF_UNIX
         )
+        self._paused = False
+        self._resumed: anyio.Event | None = None  # run()'s awaiting loop waits on it
+        self._loop: asyncio.AbstractEventLoop | None = None  # run() on the loop's callback
+        self._readable: Callable[[], None] | None = None
+        self.reads = 0
 
     def __repr__(self) -> str:
-        return f"<FrameReader max={self._max} direct={self._raw is not None}>"
+        mode = "callback" if self._loop is not None else "await"
+        return (
+            f"<FrameReader max={self._max} direct={self._raw is not None} {mode} "
+            f"paused={self._paused} reads={self.reads}>"
+        )
 
     async def receive(self, max_bytes: int | None = None) -> bytes:
         """The next bytes (at most `max_bytes`, default the reader's); raises like
@@ -143,7 +163,9 @@ class FrameReader:
         size = self._max if max_bytes is None else max_bytes
         raw = self._raw
         if raw is None:
-            return await self._stream.receive(size)
+            data = await self._stream.receive(size)
+            self.reads += 1
+            return data
         if self._ready_before:
             await anyio.lowlevel.checkpoint()
         waited = False
@@ -161,6 +183,7 @@ class FrameReader:
             if not data:
                 raise anyio.EndOfStream
             self._ready_before = not waited
+            self.reads += 1
             return data
 
     @property
@@ -188,6 +211,102 @@ class FrameReader:
             for fd in fds:
                 self.passed.append(PassedFd(fd))
         return data
+
+    async def run(self, on_data: Callable[[bytes], None]) -> None:
+        """Read until the stream ends, calling `on_data(bytes)` with each read, in order.
+
+        Returns at the end of the stream; raises what `on_data` raised (reading stops at
+        once), or like `receive()` when the stream fails. `on_data` must not block: under
+        asyncio it runs in the event loop's reader callback, outside any task (it may set
+        events, start tasks in a task group, queue frames on a `FrameWriter`).
+        `pause_reading()`/`resume_reading()` stop and restart the reads (back-pressure)."""
+        loop = _running_asyncio_loop()
+        if loop is None or self._raw is None:
+            await self._run_awaiting(on_data)
+            return
+        raw = self._raw
+        fd = raw.fileno()
+        done: asyncio.Future[None] = loop.create_future()
+        size = self._max
+
+        def finish(exc: BaseException | None) -> None:
+            if self._loop is not None and not self._paused:
+                loop.remove_reader(fd)
+            self._loop = None
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        def readable() -> None:
+            # One recv per callback: with more buffered, the selector calls again on the next
+            # pass of the loop, so other callbacks and tasks run in between.
+            try:
+                data = self._recv_fds(raw, size) if self._receive_fds else raw.recv(size)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if raw.fileno() < 0:
+                    finish(anyio.ClosedResourceError())
+                else:
+                    broken = anyio.BrokenResourceError()
+                    broken.__cause__ = exc
+                    finish(broken)
+                return
+            if not data:
+                finish(None)
+                return
+            self.reads += 1
+            try:
+                on_data(data)
+            except BaseException as exc:  # to run()'s caller, as an awaiting loop would
+                finish(exc)
+
+        self._loop = loop
+        self._readable = readable
+        if not self._paused:
+            loop.add_reader(fd, readable)
+        try:
+            await done
+        finally:
+            if self._loop is not None and not self._paused:
+                loop.remove_reader(fd)
+            self._loop = None
+            self._readable = None
+
+    async def _run_awaiting(self, on_data: Callable[[bytes], None]) -> None:
+        while True:
+            while self._paused:
+                self._resumed = anyio.Event()
+                await self._resumed.wait()
+            try:
+                data = await self.receive()
+            except anyio.EndOfStream:
+                return
+            on_data(data)
+
+    def pause_reading(self) -> None:
+        """No more reads by `run()` until `resume_reading()` (what arrives stays in the socket)."""
+        if self._paused:
+            return
+        self._paused = True
+        if self._loop is not None and self._raw is not None:
+            self._loop.remove_reader(self._raw.fileno())
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._loop is not None and self._raw is not None and self._readable is not None:
+            self._loop.add_reader(self._raw.fileno(), self._readable)
+        if self._resumed is not None:
+            self._resumed.set()
+
+
+def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop this task runs on; None under trio (no asyncio loop in this thread)."""
+    return asyncio._get_running_loop()
 
 
 class FrameWriter:
@@ -242,9 +361,9 @@ class FrameWriter:
     def send_nowait(self, frame: bytes, passing: Sequence[Passable] = ()) -> None:
         """Queue `frame`; dropped once the writer is closed or broken (the peer is gone).
 
-        `passing`: sockets or other fds handed to the peer with the frame's first byte
-        (SCM_RIGHTS, plain unix sockets only: `can_pass`); the writer owns them from now on
-        and closes its copies once they are sent (or dropped)."""
+        `passing`: sockets handed to the peer with the frame's first byte (SCM_RIGHTS, plain
+        unix sockets only); the writer owns them from now on and closes its copies once they
+        are sent (or dropped)."""
         if self.closed or (passing and not self.can_pass):
             _close_all(passing)
             return

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.agent._files import TargetRoot
-from mirrord.agent._files_inline import INLINE_READ_MAX, NOT_INLINE, open_inline
+from mirrord.agent._files_inline import INLINE_READ_MAX, NOT_INLINE, fetch_inline, open_inline
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient, AgentError
@@ -90,6 +90,73 @@ def test_lookup_errors_are_the_ordinary_open_errors(root: TargetRoot, tmp_path: 
         with pytest.raises(OSError) as ordinary:
             root.open(os.fsencode(name), O_RDONLY)
         assert ordinary.value.errno == code
+
+
+def test_an_inline_fetch_is_one_stat_and_one_read(
+    root: TargetRoot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "small"
+    path.write_bytes(DATA)
+    calls: list[str] = []
+    for name in ("fstat", "pread", "read", "stat", "lseek"):
+        real = getattr(os, name)
+
+        def counted(
+            *args: object, _real: Callable[..., object] = real, _name: str = name
+        ) -> object:
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(os, name, counted)
+    fd, st, data = fetch_inline(root, os.fsencode(path), O_RDONLY, 1 << 20)
+    monkeypatch.undo()
+    assert (fd, data) == (-1, DATA)  # read-only and whole: nothing left open
+    assert st[7] == len(DATA) and st[1] == path.stat().st_ino
+    assert sorted(calls) == ["fstat", "pread"]
+
+
+def test_an_inline_fetch_gives_what_the_ordinary_one_gives(
+    root: TargetRoot, tmp_path: Path
+) -> None:
+    path = tmp_path / "small"
+    path.write_bytes(DATA)
+    # over the caller's max_size: the stat and a handle, no content
+    fd, st, data = fetch_inline(root, os.fsencode(path), O_RDONLY, 100)
+    assert data is None and fd >= 0 and st[7] == len(DATA)
+    assert os.read(fd, 8) == DATA[:8]
+    os.close(fd)
+    # read-write: the content and a handle at offset 0
+    fd, st, data = fetch_inline(root, os.fsencode(path), os.O_RDWR, 1 << 20)
+    assert data == DATA and fd >= 0 and os.lseek(fd, 0, os.SEEK_CUR) == 0
+    os.close(fd)
+    # write-only: no content
+    fd, st, data = fetch_inline(root, os.fsencode(path), O_WRONLY, 1 << 20)
+    assert data is None and fd >= 0
+    os.close(fd)
+    # a truncating open: the stat after it
+    fd, st, data = fetch_inline(root, os.fsencode(path), os.O_RDWR | O_TRUNC, 1 << 20)
+    assert st[7] == 0 and data == b""
+    os.close(fd)
+    assert fetch_inline(root, os.fsencode(tmp_path), O_RDONLY, 1 << 20) is NOT_INLINE
+
+
+def test_a_file_that_grows_after_the_stat_is_read_whole(
+    root: TargetRoot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "growing"
+    path.write_bytes(DATA)
+    real_fstat = os.fstat
+
+    def fstat_then_grow(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        with open(path, "ab") as f:  # a writer in the target, between the stat and the read
+            f.write(b"more")
+        return st
+
+    monkeypatch.setattr(os, "fstat", fstat_then_grow)
+    fd, _, data = fetch_inline(root, os.fsencode(path), O_RDONLY, 1 << 20)
+    monkeypatch.undo()
+    assert fd == -1 and data == DATA + b"more"
 
 
 def _threads(agent: AgentProc) -> int:

@@ -22,6 +22,7 @@ from mirrord.protocol import (
     NEED_DATA,
     AgentConnection,
     AgentRole,
+    InvalidRequest,
     Message,
     Received,
 )
@@ -37,6 +38,7 @@ class ScriptedAgent:
 
     env: dict[str, str] = field(default_factory=lambda: {"POD_VAR": "pod-value"})
     received: list[tuple[int, Message]] = field(default_factory=list)
+    invalid: list[InvalidRequest] = field(default_factory=list)  # answered with their errno
     channels: dict[int, m.ChannelOpen] = field(default_factory=dict)
     hold_replies: bool = False  # collect requests in `held` instead of answering
     held: list[tuple[int, Message]] = field(default_factory=list)
@@ -69,7 +71,10 @@ class ScriptedAgent:
     async def serve(self, stream: anyio.abc.SocketStream) -> None:
         self.streams += 1
         self.stream = stream
-        self.conn = conn = AgentConnection(AgentRole.AGENT, secret=SECRET)
+        # as the agent: a forwarded request it cannot decode costs that request only
+        self.conn = conn = AgentConnection(
+            AgentRole.AGENT, secret=SECRET, invalid_requests_as_events=True
+        )
         async with stream:
             while True:
                 while self.stalled and not self.killed:
@@ -87,6 +92,13 @@ class ScriptedAgent:
                         break
                     if event is CLOSED:
                         return
+                    if isinstance(event, InvalidRequest):
+                        self.invalid.append(event)
+                        reply = m.ErrorReply(
+                            request_id=event.request_id, errno=event.errno, message=event.reason
+                        )
+                        await self.send(reply, event.channel)
+                        continue
                     assert isinstance(event, Received)
                     msg = event.message
                     if isinstance(msg, m.Hello):

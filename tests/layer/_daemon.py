@@ -180,6 +180,10 @@ class LayerDaemon:
             os.unlink(self.path)
         self._exit.close()
 
+    def agent_pid(self) -> int:
+        assert self._agent is not None, "the agent starts with the first program run"
+        return self._agent.pid
+
     def agent_log(self) -> str:
         return self._agent.log() if self._agent is not None else ""
 

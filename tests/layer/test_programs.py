@@ -187,13 +187,9 @@ print(len(data), hashlib.sha256(data).hexdigest(), len(tail))
     import hashlib
 
     assert out == ["5120", hashlib.sha256(content).hexdigest(), "1120"]
-    assert "FileSeek" in daemon.kinds()
-    assert (
-        run(
-            ["cat", "/app/big.bin"], settings=LayerSettings(fetch_limit=1000, fs_handover=False)
-        ).stdout
-        == content
-    )
+    assert "FileRead" in daemon.kinds()
+    settings = LayerSettings(fetch_limit=1000, fs_handover=False)
+    assert run(["cat", "/app/big.bin"], settings=settings).stdout == content
 
 
 def test_python_stdlib_tools_on_remote_trees(run: Runner, daemon: LayerDaemon) -> None:

@@ -314,3 +314,105 @@ async def test_a_frame_never_overtakes_one_queued_before_it() -> None:
                     received += await reader.receive()
             writer.close()
         assert bytes(received) == blob + b"next"
+
+
+async def test_run_hands_every_read_to_the_callback_in_order(anyio_backend: str) -> None:
+    ours, theirs = await _pair()
+    async with ours, theirs:
+        reader = FrameReader(theirs, 4096)
+        decoder = FrameDecoder()
+        got: list[object] = []
+        outside_tasks: list[bool] = []
+
+        def on_data(data: bytes) -> None:
+            if anyio_backend == "asyncio":
+                import asyncio
+
+                outside_tasks.append(asyncio.current_task() is None)
+            decoder.receive_data(data)
+            while (payload := decoder.next_payload()) is not None:
+                got.append(cbor2.loads(payload))
+
+        frames = [encode_frame(["run", i, b"r" * (i * 37 % 9000)]) for i in range(400)]
+
+        async def send_then_close() -> None:
+            for frame in frames:
+                await ours.send(frame)
+            await ours.aclose()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_then_close)
+                await reader.run(on_data)  # returns at the end of the stream
+        assert got == [["run", i, b"r" * (i * 37 % 9000)] for i in range(400)]
+        assert reader.reads > 0
+        if anyio_backend == "asyncio":
+            # the loop's reader callback, not a task woken per read
+            assert outside_tasks and all(outside_tasks)
+
+
+async def test_run_raises_what_the_callback_raised_and_stops_reading() -> None:
+    ours, theirs = await _pair()
+    async with ours, theirs:
+        reader = FrameReader(theirs, 2)
+        seen: list[bytes] = []
+
+        def on_data(data: bytes) -> None:
+            seen.append(data)
+            raise ValueError("bad frame")
+
+        await ours.send(b"abcdef")
+        with anyio.fail_after(30), pytest.raises(ValueError, match="bad frame"):
+            await reader.run(on_data)
+        assert seen == [b"ab"]
+        # the socket is no longer watched: the rest is still there for whoever reads next
+        assert await reader.receive(100) == b"cdef"
+
+
+async def test_run_reports_a_broken_stream() -> None:
+    a, b = socket.socketpair()
+    theirs = await anyio.abc.UNIXSocketStream.from_socket(b)
+    async with theirs:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        a.send(b"x")
+        reader = FrameReader(theirs)
+        got: list[bytes] = []
+        a.close()
+        with anyio.fail_after(30):
+            await reader.run(got.append)  # a unix peer's close is an end, not a reset
+        assert got == [b"x"]
+
+
+async def test_run_can_be_paused_and_resumed() -> None:
+    ours, theirs = await _pair()
+    async with ours, theirs:
+        reader = FrameReader(theirs)
+        got: list[bytes] = []
+
+        def on_data(data: bytes) -> None:
+            got.append(data)
+            reader.pause_reading()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.run, on_data)
+            await ours.send(b"one")
+            with anyio.fail_after(30):
+                while not got:
+                    await anyio.sleep(0.005)
+            await ours.send(b"two")
+            await anyio.sleep(0.1)  # paused: nothing read however long we wait
+            assert got == [b"one"]
+            reader.resume_reading()
+            with anyio.fail_after(30):
+                while len(got) < 2:
+                    await anyio.sleep(0.005)
+            assert got == [b"one", b"two"]
+            tg.cancel_scope.cancel()  # a cancelled run() leaves the socket unwatched
+
+
+async def test_run_over_a_stream_that_is_no_socket() -> None:
+    reader = FrameReader(_Chunks([b"ab", b"cd"]))
+    got: list[bytes] = []
+    with anyio.fail_after(30):
+        await reader.run(got.append)
+    assert got == [b"ab", b"cd"]

@@ -50,6 +50,7 @@ from mirrord.agent._files_inline import (
     NOT_INLINE,
     Inline,
     fetch_file,
+    fetch_inline,
     inline_fd,
     open_inline,
 )
@@ -485,10 +486,8 @@ class Channel:
         root = self.ctx.root
 
         def fast() -> tuple[int, list[int], bytes | None, bool] | Any:
-            fd = open_inline(root, req.path, req.flags, INLINE_READ_MAX)
-            if fd is NOT_INLINE:
-                return NOT_INLINE
-            return (*fetch_file(fd, req.flags, req.max_size), True)
+            fetched = fetch_inline(root, req.path, req.flags, req.max_size)
+            return fetched if fetched is NOT_INLINE else (*fetched, True)
 
         def slow() -> tuple[int, list[int], bytes | None, bool]:
             fd = root.open(req.path, req.flags, req.mode)

@@ -30,6 +30,7 @@ __all__ = [
     "NOT_INLINE",
     "Inline",
     "fetch_file",
+    "fetch_inline",
     "inline_fd",
     "open_inline",
 ]
@@ -104,6 +105,14 @@ def open_inline(root: TargetRoot, path: bytes, flags: int, max_size: int = -1) -
     bytes when that is not -1), without a call that may block: the path is looked up with
     O_PATH (which never waits on a FIFO or a device), checked, then the same inode is opened
     through /proc/self/fd. NOT_INLINE for anything else (nothing is left open then)."""
+    opened = _open_checked(root, path, flags, max_size)
+    return opened if opened is NOT_INLINE else opened[0]
+
+
+def _open_checked(
+    root: TargetRoot, path: bytes, flags: int, max_size: int
+) -> tuple[int, os.stat_result] | Any:
+    """`open_inline`'s work: (the fd, the stat of the looked-up inode, taken before the open)."""
     if not root.paths_inline or flags & ~_INLINE_FLAGS or flags & os.O_ACCMODE == os.O_ACCMODE:
         return NOT_INLINE
     looked_up = root.open(path, _O_PATH | (flags & os.O_NOFOLLOW))
@@ -116,9 +125,41 @@ def open_inline(root: TargetRoot, path: bytes, flags: int, max_size: int = -1) -
         ):
             return NOT_INLINE
         # /proc/self/fd/N is itself a (magic) link: O_NOFOLLOW was applied by the lookup
-        return os.open(f"/proc/self/fd/{looked_up}", (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
+        fd = os.open(f"/proc/self/fd/{looked_up}", (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
+        return fd, st
     finally:
         os.close(looked_up)
+
+
+def fetch_inline(
+    root: TargetRoot, path: bytes, flags: int, max_size: int
+) -> tuple[int, list[int], bytes | None] | Any:
+    """FileFetch on the event loop, for a regular file on a local file system of at most
+    `INLINE_READ_MAX` bytes (else NOT_INLINE): `fetch_file`'s result with the fewest calls.
+    The stat of the lookup serves the checks and the reply (the same inode is opened through
+    /proc/self/fd), and the content is one pread of the stat's size plus one byte: a short
+    read is the end of a regular file, so only a file that grew since the stat reads on.
+    An open that truncates is stat'ed again after it (`fetch_file`)."""
+    opened = _open_checked(root, path, flags, INLINE_READ_MAX)
+    if opened is NOT_INLINE:
+        return NOT_INLINE
+    fd, st = opened
+    if flags & os.O_TRUNC:
+        return fetch_file(fd, flags, max_size)
+    try:
+        data = None
+        if st.st_size <= max_size and flags & os.O_ACCMODE != os.O_WRONLY:
+            data = os.pread(fd, st.st_size + 1, 0)
+            if len(data) > st.st_size:  # it grew since the stat
+                data = _read_whole(fd, max_size)
+        if data is not None and flags & os.O_ACCMODE == os.O_RDONLY:
+            os.close(fd)
+            fd = -1
+        return fd, stat_list(st), data
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
 
 
 def _read_whole(fd: int, max_size: int) -> bytes | None:

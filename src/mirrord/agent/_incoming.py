@@ -179,6 +179,7 @@ class IncomingService:
             "passed_to_pod": 0,
             "mirrored_flows": 0,
             "mirror_overflows": 0,
+            "mirror_replays": 0,
             "replayed_to_pod": 0,
             "refused_direct": 0,
         }

@@ -10,19 +10,24 @@ Does not own: the packet capture and TCP reassembly (`_mirror.py`), HTTP parsing
 (`Channel.start_incoming`, agent core), or the order of subscription changes (the service's
 lock).
 
-A flow to a mirrored port is cut into HTTP/1.x requests (the filter's splitter): each request
-becomes a connection of its own to every channel mirroring that port whose HTTP filter (if
-any) matches it, carrying exactly the client's bytes of that request, then EOF, so every
-request of a kept-alive connection reaches the user app, even an app that answers
-`Connection: close`. A flow that is not HTTP stays one byte stream (to the channels without a
-filter); after an `Upgrade` request the rest of the flow follows that request's connections.
-Writes (the user app's replies) are discarded. A consumer that falls more than
-`MIRROR_BUFFER` behind loses that connection (closed with ENOBUFS) rather than stalling the
-sniffer for everyone.
+A flow to a mirrored port is cut into HTTP/1.x requests (the filter's splitter); each
+mirroring channel whose HTTP filter (if any) matches a request gets it on that channel's one
+connection for the flow (`_MirrorConn`), in order, as the client sent them. The user app's
+answers come back (`IncomingConnection.replies`) and are parsed only to know which requests it
+answered: when it ends the connection (`Connection: close`, an HTTP/1.0 server, a plain
+close), the requests sent on it that it did not answer are sent again on a new connection, so
+every request of a kept-alive connection reaches the user app, even one that closes after each
+answer. (One connection per request, as this was for a while, cost the user app an accept, a
+thread and the daemon a connect per request: the mirror kept up with a tenth of the pod's rate.)
+A flow that is not HTTP stays one byte stream (to the channels without a filter); after an
+`Upgrade` request the rest of the flow follows that request's connection. A consumer that falls
+more than `MIRROR_BUFFER` behind loses that connection (closed with ENOBUFS) rather than
+stalling the sniffer for everyone.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -38,6 +43,7 @@ import anyio.to_thread
 from mirrord.agent._exceptions import SubscribeError
 from mirrord.agent._http2_detect import could_be_h2_preface
 from mirrord.agent._http_filter import (
+    NEED_DATA,
     FilterError,
     HttpFilter,
     Passthrough,
@@ -46,6 +52,10 @@ from mirrord.agent._http_filter import (
     RequestHead,
     RequestSplitter,
     RequestStarted,
+    ResponseEnded,
+    ResponseError,
+    ResponseSplitter,
+    ResponseStarted,
 )
 from mirrord.agent._incoming_netns import SyncRunner
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
@@ -62,18 +72,72 @@ log = logging.getLogger("mirrord.agent.incoming")
 # arrives in ~20 ms over a veth) outruns the relay to the user app for a while: at 8 MiB one
 # upload in three was dropped although the app read as fast as it could.
 MIRROR_BUFFER = 32 * 1024 * 1024
+# A request is kept for sending again (its connection ended before the user app answered it)
+# while it is at most this big, as a filtered steal keeps a request it could not deliver.
+REPLAY_LIMIT = 1024 * 1024
+# Unanswered requests one mirrored connection keeps; past it the oldest is forgotten (a daemon
+# that does not relay the answers back would otherwise make the list grow for ever).
+MAX_UNANSWERED = 64
+# Times one request is sent again before it is given up (a user app that closes every
+# connection without answering would otherwise get it for ever).
+MAX_REPLAYS = 3
+
+
+class _Sent:
+    """A request sent on a mirrored connection and not answered yet: its head (to parse the
+    answer) and its bytes (None once past REPLAY_LIMIT), to send it again."""
+
+    __slots__ = ("chunks", "head", "replays", "size")
+
+    def __init__(self, head: RequestHead) -> None:
+        self.head = head
+        self.chunks: list[bytes] | None = []
+        self.size = 0
+        self.replays = 0
+
+    def keep(self, data: bytes) -> None:
+        if self.chunks is not None:
+            self.size += len(data)
+            if self.size > REPLAY_LIMIT:
+                self.chunks = None
+            else:
+                self.chunks.append(data)
+
+
+class _MirrorConn:
+    """One mirroring channel's connection to its user app for one flow: the requests of the
+    flow that the channel gets go on it one after another; the user app's answers are read
+    back (`_read_answers`) only to know which requests it answered."""
+
+    __slots__ = ("end", "ended", "flow", "index", "tunnel", "unanswered", "usable")
+
+    def __init__(self, flow: _MirrorFlow, index: int, end: PipeEnd) -> None:
+        self.flow = flow
+        self.index = index  # the channel's place in `flow.channels`
+        self.end = end
+        self.unanswered: collections.deque[_Sent] = collections.deque()
+        self.usable = True  # False once the user app ends it: no new request goes on it
+        self.tunnel = False  # a byte stream (not HTTP, or after an Upgrade): answers not parsed
+        self.ended = False  # the flow ended: EOF sent
+
+    def __repr__(self) -> str:
+        return (
+            f"<_MirrorConn {self.end.name} unanswered={len(self.unanswered)} "
+            f"usable={self.usable} tunnel={self.tunnel} ended={self.ended}>"
+        )
 
 
 @dataclass
 class _MirrorFlow:
-    """One sniffed flow of a mirrored port: its requests (cut by the splitter) and the
-    mirroring connections of the request (or byte stream) in progress."""
+    """One sniffed flow of a mirrored port: its requests (cut by the splitter), each
+    channel's connection, and the connections of the request (or byte stream) in progress."""
 
     key: tuple[str, int, str, int]  # (client, client port, pod address, port)
     channels: list[tuple[Any, HttpFilter | None]]  # the port's mirrors when the flow opened
     splitter: RequestSplitter = field(default_factory=RequestSplitter)
-    ends: list[PipeEnd] = field(default_factory=list)
-    fresh: bool = False  # `ends` were opened with the flow and carry nothing yet
+    conns: list[_MirrorConn | None] = field(default_factory=list)  # per channel
+    current: list[_MirrorConn] = field(default_factory=list)  # what the next bytes go on
+    fresh: bool = False  # the connections opened with the flow carry nothing yet
     passthrough: bool = False  # not HTTP: one byte stream
     h2: MirrorH2Flow | None = None  # HTTP/2: its streams, for the channels with a filter
 
@@ -113,10 +177,7 @@ class IncomingMirror:
         self.mirror_filters.clear()
         for flows in self._flow_tables:
             for flow in flows.values():
-                for end in flow.ends:
-                    end.close_nowait()
-                if flow.h2 is not None:
-                    flow.h2.close(reset=True)
+                self._end_flow(flow, reset=True)
             flows.clear()
         sniffer, self._sniffer = self._sniffer, None
         return sniffer
@@ -206,10 +267,7 @@ class IncomingMirror:
                     self._sniffer_scope = None
                 sniffer.close()
                 for flow in flows.values():
-                    for end in flow.ends:
-                        end.send_eof_nowait()
-                    if flow.h2 is not None:
-                        flow.h2.close(reset=False)
+                    self._end_flow(flow, reset=False)
                 flows.clear()
                 self._flow_tables.remove(flows)
 
@@ -228,11 +286,15 @@ class IncomingMirror:
                 ]
                 if not chans:
                     continue
-                flow = _MirrorFlow(key=ev.key, channels=chans)
+                flow = _MirrorFlow(key=ev.key, channels=chans, conns=[None] * len(chans))
                 # Unfiltered channels get their connection at once, as the pod's app does
-                # (a client may wait for the server to speak first); it carries the first
-                # request, or the whole flow if it is not HTTP.
-                flow.ends = self._open_mirror(flow, None)
+                # (a client may wait for the server to speak first); it carries the flow's
+                # requests, or the whole flow if it is not HTTP.
+                for index, (_, flt) in enumerate(chans):
+                    if flt is None:
+                        conn = self._open_conn(flow, index)
+                        if conn is not None:
+                            flow.current.append(conn)
                 flow.fresh = True
                 self.stats["mirrored_flows"] += 1
                 flows[ev.flow] = flow
@@ -243,27 +305,37 @@ class IncomingMirror:
                 if not ev.reset:
                     flow.splitter.receive_data(b"")
                     self._mirror_events(flow)
-                if flow.h2 is not None:
-                    flow.h2.close(reset=False)
-                for end in flow.ends:
-                    if ev.reset:
-                        end.close_nowait()
-                    else:
-                        end.send_eof_nowait()
-                flow.ends = []
+                self._end_flow(flow, reset=ev.reset)
+
+    def _end_flow(self, flow: _MirrorFlow, *, reset: bool) -> None:
+        """The client's side of `flow` ended (or the mirror stops): EOF (or a reset) to every
+        connection; a connection still waiting for answers is closed by its reader."""
+        if flow.h2 is not None:
+            flow.h2.close(reset=reset)
+        flow.current = []
+        for conn in flow.conns:
+            if conn is None or conn.ended:
+                continue
+            conn.ended = True
+            if reset:
+                conn.end.close_nowait()
+            else:
+                conn.end.send_eof_nowait()
+                if not conn.unanswered:
+                    # nothing to wait for: the user app's answers are of no more use
+                    conn.end.close_nowait()
 
     def _mirror_events(self, flow: _MirrorFlow) -> None:
         """What the splitter cut from a flow's new bytes, to the mirroring connections."""
         while True:
             event = flow.splitter.next_event()
             if isinstance(event, RequestStarted):
-                if flow.fresh:  # the connections opened with the flow carry this request
-                    flow.fresh = False
-                    flow.ends += self._open_mirror(flow, event.head, filtered_only=True)
-                else:
-                    for end in flow.ends:  # (an Upgrade's tunnel ended by a new request)
-                        end.send_eof_nowait()
-                    flow.ends = self._open_mirror(flow, event.head)
+                flow.fresh = False
+                flow.current = self._conns_for(flow, event.head)
+                for conn in flow.current:
+                    conn.unanswered.append(_Sent(event.head))
+                    if len(conn.unanswered) > MAX_UNANSWERED:
+                        conn.unanswered.popleft()
                 self._mirror_send(flow, event.raw)
             elif isinstance(event, RequestBody):
                 self._mirror_send(flow, event.raw)
@@ -273,16 +345,20 @@ class IncomingMirror:
                     # The pod's app's answer is not ours to see: follow the upgrade (the rest
                     # of the flow goes to this request's connections, as a tunnel).
                     flow.splitter.switched(True)
+                    for conn in flow.current:
+                        conn.tunnel = True
+                        conn.usable = False
                     continue
-                for end in flow.ends:
-                    end.send_eof_nowait()
-                flow.ends = []
+                flow.current = []
             elif isinstance(event, Passthrough):
                 if flow.fresh:
                     flow.fresh = False
                     flow.h2 = self._h2_flow(flow, event.raw)
-                elif not flow.ends and not flow.passthrough:
-                    flow.ends = self._open_mirror(flow, None)
+                elif not flow.current and not flow.passthrough:
+                    flow.current = self._conns_for(flow, None)
+                for conn in flow.current:
+                    conn.tunnel = True
+                    conn.usable = False
                 flow.passthrough = True
                 self._mirror_send(flow, event.raw)
                 if flow.h2 is not None:
@@ -290,10 +366,127 @@ class IncomingMirror:
             else:  # NEED_DATA, CLOSED
                 return
 
+    def _conns_for(self, flow: _MirrorFlow, head: RequestHead | None) -> list[_MirrorConn]:
+        """The connections a request (`head`) or a byte stream (None) of `flow` goes on: of
+        the channels whose filter matches the request (a byte stream: those without a
+        filter), each channel's connection for the flow, a new one if the user app ended the
+        last."""
+        conns: list[_MirrorConn] = []
+        for index, (_, flt) in enumerate(flow.channels):
+            if flt is not None and (head is None or not flt.matches(head)):
+                continue
+            conn = flow.conns[index]
+            if conn is None or not conn.usable:
+                conn = self._open_conn(flow, index)
+                if conn is None:
+                    continue
+            conns.append(conn)
+        return conns
+
+    def _open_conn(self, flow: _MirrorFlow, index: int) -> _MirrorConn | None:
+        """A new connection of `flow` to channel `index`, whose answers a task reads."""
+        ends = self._open_mirror(flow, [flow.channels[index][0]], replies=True)
+        if not ends:
+            return None
+        conn = _MirrorConn(flow, index, ends[0])
+        try:
+            self._require_tg().start_soon(self._read_answers, conn)
+        except SubscribeError:  # the service is stopping
+            conn.end.close_nowait()
+            return None
+        flow.conns[index] = conn
+        return conn
+
+    async def _read_answers(self, conn: _MirrorConn) -> None:
+        """Reads the user app's answers on `conn` until it ends the connection, counting the
+        requests answered; then sends the unanswered ones again on a new connection."""
+        splitter: ResponseSplitter | None = None
+        answering = False  # the app started answering `conn.unanswered[0]`
+        try:
+            while True:
+                try:
+                    data = await conn.end.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
+                while data and conn.unanswered and not conn.tunnel:
+                    if splitter is None:
+                        splitter = ResponseSplitter(conn.unanswered[0].head)
+                        answering = False
+                    splitter.receive_data(data)
+                    data = b""
+                    try:
+                        event = splitter.next_event()
+                        while event is not NEED_DATA:
+                            if isinstance(event, ResponseStarted) and not event.informational:
+                                answering = True
+                            elif isinstance(event, ResponseEnded):
+                                conn.unanswered.popleft()
+                                data = splitter.trailing
+                                splitter = None
+                                if event.switched:
+                                    conn.tunnel = True
+                                    conn.usable = False
+                                elif not event.keep_alive:
+                                    conn.usable = False
+                                    self._replay(conn, skip_first=False)
+                                    return
+                                break
+                            event = splitter.next_event()
+                    except ResponseError:
+                        # not an HTTP answer: nothing more can be counted on this connection
+                        conn.tunnel = True
+                        conn.usable = False
+                        conn.unanswered.clear()
+                if conn.ended and not conn.unanswered:
+                    return
+        finally:
+            conn.usable = False
+            if conn.unanswered:
+                self._replay(conn, skip_first=answering)
+            conn.end.close_nowait()
+
+    def _replay(self, conn: _MirrorConn, *, skip_first: bool) -> None:
+        """The user app ended `conn`: its unanswered requests (but one it started answering)
+        go again, in order, on a new connection of the same flow and channel (and the request
+        in progress, if it was one of them, goes on there)."""
+        flow = conn.flow
+        todo = list(conn.unanswered)
+        conn.unanswered.clear()
+        if skip_first and todo:
+            todo.pop(0)
+        in_progress: _Sent | None = None  # the request whose bytes are still coming
+        if conn in flow.current:
+            flow.current.remove(conn)
+            in_progress = todo[-1] if todo else None
+        if flow.conns[conn.index] is conn:
+            flow.conns[conn.index] = None
+        # (one past REPLAY_LIMIT or MAX_REPLAYS is given up: the rest of it goes nowhere)
+        todo = [s for s in todo if s.chunks is not None and s.replays < MAX_REPLAYS]
+        if conn.tunnel or not todo:
+            return
+        new = self._open_conn(flow, conn.index)
+        if new is None:
+            return
+        self.stats["mirror_replays"] += len(todo)
+        for sent in todo:
+            sent.replays += 1
+            new.unanswered.append(sent)
+            for chunk in sent.chunks or ():
+                if not new.end.send_nowait(chunk):
+                    new.unanswered.clear()
+                    new.usable = False
+                    new.end.abort(errno.ENOBUFS)
+                    return
+        if in_progress is not None and in_progress in todo:
+            flow.current.append(new)
+        if conn.ended:
+            new.ended = True
+            new.end.send_eof_nowait()
+
     def _h2_flow(self, flow: _MirrorFlow, first: bytes) -> MirrorH2Flow | None:
         """A flow whose first bytes (not HTTP/1) may be the HTTP/2 preface: its streams are
-        copied to the channels with a filter, each matching stream on a connection of its
-        own (`_mirror_h2.py`). Channels without a filter keep the whole byte stream."""
+        copied to the channels with a filter, each matching stream on a connection of its own
+        (`_mirror_h2.py`). Channels without a filter keep the whole byte stream."""
         if not could_be_h2_preface(first) or all(f is None for _, f in flow.channels):
             return None
 
@@ -304,29 +497,19 @@ class IncomingMirror:
                 pass
 
         def open_copies(head: RequestHead) -> list[PipeEnd]:
-            return self._open_mirror(flow, head, filtered_only=True, replies=True)
+            chans = [c for c, f in flow.channels if f is not None and f.matches(head)]
+            return self._open_mirror(flow, chans, replies=True)
 
         return MirrorH2Flow(open_copies, spawn, MIRROR_BUFFER)
 
     def _open_mirror(
-        self,
-        flow: _MirrorFlow,
-        head: RequestHead | None,
-        *,
-        filtered_only: bool = False,
-        replies: bool = False,
+        self, flow: _MirrorFlow, channels: list[Any], *, replies: bool
     ) -> list[PipeEnd]:
-        """New connections for a request (`head`) or a byte stream (None) of `flow`: to the
-        channels whose filter matches the request (a byte stream: those without a filter).
-        `replies`: the caller reads what the user app writes (an HTTP/2 copy), else it is
-        discarded."""
+        """New connections of `flow` to `channels`. `replies`: the caller reads what the
+        user app writes, else it is discarded."""
         src, sport, dst, dport = flow.key
         ends: list[PipeEnd] = []
-        for channel, flt in flow.channels:
-            if flt is None and filtered_only:
-                continue
-            if flt is not None and (head is None or not flt.matches(head)):
-                continue
+        for channel in channels:
             ours, theirs = pipe_pair(MIRROR_BUFFER, ("mirror", "channel"))
             if not replies:
                 ours.discard_peer_writes()
@@ -352,11 +535,18 @@ class IncomingMirror:
     def _mirror_send(self, flow: _MirrorFlow, data: bytes) -> None:
         if not data:
             return
-        for end in list(flow.ends):
+        for conn in list(flow.current):
+            end = conn.end
             try:
                 fits = end.send_nowait(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                flow.ends.remove(end)
+                conn.usable = False
+                if conn.unanswered and not conn.tunnel:
+                    # the user app ended it: this request (so far) goes on a new connection
+                    conn.unanswered[-1].keep(data)
+                    self._replay(conn, skip_first=False)
+                elif conn in flow.current:
+                    flow.current.remove(conn)
                 continue
             if not fits:
                 self.stats["mirror_overflows"] += 1
@@ -364,8 +554,14 @@ class IncomingMirror:
                     "a mirroring channel fell behind on port %d: connection dropped", flow.key[3]
                 )
                 # ENOBUFS reaches the daemon (ConnClose), which tells the session.
+                conn.unanswered.clear()
+                conn.usable = False
                 end.abort(errno.ENOBUFS)
-                flow.ends.remove(end)
+                flow.current.remove(conn)
+                if flow.conns[conn.index] is conn:
+                    flow.conns[conn.index] = None
+            elif conn.unanswered and not conn.tunnel:
+                conn.unanswered[-1].keep(data)
 
     async def send_stats(self) -> None:
         """TrafficStats to every mirroring channel whose counters changed. `drops` are the

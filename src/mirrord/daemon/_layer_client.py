@@ -1,10 +1,11 @@
 """The layer socket's connection handler: one layer connection (a thread of a user-app
 process) from its handshake to its end.
 
-Owns: reading the layer's frames (a malformed one closes that connection only), attaching the
-connection to its session's process, the requests of the connection (each awaiting the agent
-in the connection's task group, cancelled when it closes) and the bound on replies it leaves
-unread. Does not own what the requests do (`LayerProcess` in `_session`).
+Owns: reading the layer's frames (from the event loop's reader callback; a malformed one
+closes that connection only), attaching the connection to its session's process, forwarding
+its file, env and DNS requests to the agent undecoded (`AgentLink.forward`: the reply comes
+back undecoded too, with no task in between), and the bound on replies it leaves unread.
+Does not own what the other requests do (`LayerProcess` in `_session`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import errno as errno_mod
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
 
 from mirrord._frames import FrameReader, FrameWriter, Passable
+from mirrord.daemon._link import FORWARDED_REQUESTS
 from mirrord.daemon._session import LayerProcess, Session, lost_reply
 from mirrord.protocol import (
     CLOSED,
@@ -30,6 +30,7 @@ from mirrord.protocol import (
     ProtocolError,
     Received,
     State,
+    Undecoded,
     UnknownMessage,
 )
 from mirrord.protocol import messages as m
@@ -50,7 +51,6 @@ class LayerClient:
         self.process: LayerProcess | None = None
         self.closed = False
         self._scope: anyio.CancelScope | None = None
-        self._requests: _Runners | None = None  # its requests awaiting the agent
 
     def __repr__(self) -> str:
         pid = self.process.pid if self.process else None
@@ -77,7 +77,10 @@ class LayerClient:
             for sock in passing:
                 sock.close()
             return  # closed (by us, past the bound): nobody reads this
-        self.writer.send_nowait(self.conn.send(msg), passing)
+        self._queue(self.conn.send(msg), passing)
+
+    def _queue(self, frame: bytes, passing: tuple[Passable, ...] = ()) -> None:
+        self.writer.send_nowait(frame, passing)
         if self.writer.queued_bytes > MAX_LAYER_UNREAD and not self.closed:
             reason = (
                 f"{self.writer.queued_bytes} bytes of replies unread (the limit is "
@@ -86,12 +89,16 @@ class LayerClient:
             log.warning("layer connection (pid %s) closed: %s", _pid(self), reason)
             self.close("unread_replies", reason)
 
-    def start_task(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
-        """Run `fn(*args)` in this connection's task group (cancelled when it closes)."""
-        if self._requests is None or self.closed:
-            return False
-        self._requests.submit(fn, args)
-        return True
+    def forward_reply(
+        self, frame: Undecoded, request_id: int, *, passing: tuple[Passable, ...] = ()
+    ) -> None:
+        """The agent's reply `frame` to a forwarded request, undecoded, as the answer to the
+        layer's `request_id` (its body goes through as bytes); `passing` as for `reply`."""
+        if self.closed or self.conn.state is not State.OPEN:
+            for fd in passing:
+                fd.close()
+            return  # the layer connection is gone: nobody waits for this reply
+        self._queue(self.conn.forward(frame, request_id), passing)
 
     def close(self, code: str, message: str) -> None:
         if self.closed:
@@ -108,17 +115,15 @@ async def serve_layer_client(
     stream: anyio.abc.ByteStream, build_id: str, find_session: Callable[[str], Session | None]
 ) -> None:
     """Serve one layer connection until it closes (or its session ends)."""
-    conn = LayerConnection(LayerRole.DAEMON, build_id=build_id)
+    # shared requests (files, env, DNS) are forwarded to the agent undecoded
+    conn = LayerConnection(LayerRole.DAEMON, build_id=build_id, undecoded=FORWARDED_REQUESTS)
     writer = FrameWriter(stream, "layer")
     client = LayerClient(conn, writer)
     try:
         async with stream, anyio.create_task_group() as tg:
             tg.start_soon(writer.run)
-            async with anyio.create_task_group() as requests:
-                client._requests = _Runners(requests)
-                with anyio.CancelScope() as client._scope:
-                    await _serve(stream, conn, client, find_session)
-                requests.cancel_scope.cancel()  # nobody reads the replies of the rest
+            with anyio.CancelScope() as client._scope:
+                await _serve(stream, conn, client, find_session)
             writer.close()
             with anyio.move_on_after(2):
                 await writer.wait_flushed()  # a final Fatal frame says why we close
@@ -134,98 +139,94 @@ async def _serve(
     conn: LayerConnection,
     client: LayerClient,
     find_session: Callable[[str], Session | None],
-) -> Session | None:
-    session: Session | None = None
+) -> None:
+    """Read the layer's frames until the connection ends or is closed. Each read is handled
+    in the event loop's reader callback (`FrameReader.run`): a request forwarded to the agent
+    costs no task wake-up here."""
     reader = FrameReader(stream, 256 * 1024)
+
+    def on_data(data: bytes) -> None:
+        if not _on_data(conn, client, find_session, data):
+            raise _Ended
+
+    try:
+        try:
+            await reader.run(on_data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        on_data(b"")  # the end of the stream (a frame cut short is the layer's error)
+    except _Ended:
+        pass
+
+
+class _Ended(Exception):
+    """The layer connection is done: stop reading it."""
+
+
+def _on_data(
+    conn: LayerConnection,
+    client: LayerClient,
+    find_session: Callable[[str], Session | None],
+    data: bytes,
+) -> bool:
+    """Feed one read (b"": the end) and handle its frames; False once the connection is done."""
+    conn.receive_data(data)
     while True:
         try:
-            data = await reader.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            data = b""
-        conn.receive_data(data)
-        while True:
-            try:
-                event = conn.next_event()
-            except ProtocolError as exc:
-                log.warning("layer connection (pid %s): %s", _pid(client), exc)
-                client.writer.send_nowait(conn.error_frame(exc))
-                client.closed = True
-                return session
-            if event is NEED_DATA:
-                break
-            if event is CLOSED:
-                return session
-            if isinstance(event, UnknownMessage):
-                if event.request_id is not None and conn.state is State.OPEN:
-                    client.reply(
-                        m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="unknown"),
-                        event.request_id,
-                    )
-                continue
-            assert isinstance(event, Received)
-            msg = event.message
-            if session is None:
-                hello = conn.peer_hello
-                if hello is None:
-                    continue
-                found = find_session(hello.session)
-                if found is None or found.state == "closed":
-                    client.close(
-                        "session_not_found",
-                        f"mirrord session {hello.session!r} is not open in this daemon",
-                    )
-                    return None
-                session = found
-                client.process = session.attach(client, hello)
-                client.writer.send_nowait(conn.welcome(process=client.process.channel))
-                continue
-            _handle(client, msg)
+            event = conn.next_event()
+        except ProtocolError as exc:
+            log.warning("layer connection (pid %s): %s", _pid(client), exc)
+            client.writer.send_nowait(conn.error_frame(exc))
+            client.closed = True
+            return False
+        if event is NEED_DATA:
+            return True
+        if event is CLOSED:
+            return False
+        if isinstance(event, UnknownMessage):
+            if event.request_id is not None and conn.state is State.OPEN:
+                client.reply(
+                    m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="unknown"),
+                    event.request_id,
+                )
+            continue
+        if isinstance(event, Undecoded):
+            _forward(client, event)
             if client.closed:
-                return session  # closed while handling (unread replies past the bound)
-
-
-class _Runners:
-    """The tasks that run a layer connection's requests: an idle one takes the next request; a
-    new one starts only while all are busy. A thread of the layer waits for each reply, so one
-    runner is the rule, and a request costs no task start (anyio's `start_soon` on asyncio took
-    ~65 µs, a quarter of the daemon's CPU time per forwarded file request)."""
-
-    def __init__(self, tg: anyio.abc.TaskGroup) -> None:
-        self._tg = tg
-        self._jobs: deque[tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]] = deque()
-        self._idle = 0
-        self._wake = anyio.Event()
-
-    def __repr__(self) -> str:
-        return f"<_Runners queued={len(self._jobs)} idle={self._idle}>"
-
-    def submit(self, fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
-        self._jobs.append((fn, args))
-        if self._idle >= len(self._jobs):
-            self._wake.set()
-        else:
-            self._tg.start_soon(self._run)
-
-    async def _run(self) -> None:
-        while True:
-            while self._jobs:
-                fn, args = self._jobs.popleft()
-                try:
-                    await fn(*args)
-                except Exception:  # a bug to log, never the end of the layer connection
-                    log.exception("layer request %s failed", getattr(fn, "__qualname__", fn))
-                del fn, args
-            self._idle += 1
-            try:
-                await self._wake.wait()
-            finally:
-                self._idle -= 1
-            if self._wake.is_set():
-                self._wake = anyio.Event()
+                return False
+            continue
+        assert isinstance(event, Received)
+        msg = event.message
+        if client.process is None:
+            hello = conn.peer_hello
+            if hello is None:
+                continue
+            found = find_session(hello.session)
+            if found is None or found.state == "closed":
+                client.close(
+                    "session_not_found",
+                    f"mirrord session {hello.session!r} is not open in this daemon",
+                )
+                return False
+            client.process = found.attach(client, hello)
+            client.writer.send_nowait(conn.welcome(process=client.process.channel))
+            continue
+        _handle(client, msg)
+        if client.closed:
+            return False  # closed while handling (unread replies past the bound)
 
 
 def _pid(client: LayerClient) -> int | None:
     return client.process.pid if client.process else None
+
+
+def _forward(client: LayerClient, request: Undecoded | m.Request) -> None:
+    """A shared request (files, env, DNS) to the agent on the process's channel; the reply
+    comes back to `client` from the agent link's reader callback (`AgentLink.forward`)."""
+    process = client.process
+    assert process is not None
+    if not process.link.forward(process.channel, request, client):
+        client.reply(lost_reply(process), request.request_id)
 
 
 def _handle(client: LayerClient, msg: Message) -> None:
@@ -245,8 +246,7 @@ def _handle(client: LayerClient, msg: Message) -> None:
     elif isinstance(msg, m.PeerLookup):
         process.peer(client, msg)
     elif isinstance(msg, m.Request) and msg.KIND < 100:
-        if not client.start_task(process.forward, client, msg):
-            client.reply(lost_reply(process), msg.request_id)
+        _forward(client, msg)  # one the layer did not encode in the usual form: decoded
     elif isinstance(msg, m.Request):
         client.reply(
             m.ErrorReply(request_id=0, errno=errno_mod.ENOSYS, message="not a layer request"),

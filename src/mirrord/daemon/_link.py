@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from mirrord._frames import FrameReader, FrameWriter, PassedFd
+from mirrord._frames import FrameReader, FrameWriter, Passable, PassedFd
 from mirrord._version import __version__
 from mirrord.backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError, ChannelLost
@@ -31,18 +31,28 @@ from mirrord.daemon._relay import Counters, Relay
 from mirrord.protocol import (
     CLOSED,
     CONTROL_CHANNEL,
+    LAYER_REGISTRY,
     NEED_DATA,
     AgentConnection,
     AgentRole,
+    LocalProtocolError,
     Message,
     Received,
     RemoteProtocolError,
     State,
+    Undecoded,
     UnknownMessage,
 )
 from mirrord.protocol import messages as m
 
-__all__ = ["AgentLink", "ChannelOwner", "describe_error"]
+__all__ = [
+    "FORWARDED_REPLIES",
+    "FORWARDED_REQUESTS",
+    "AgentLink",
+    "ChannelOwner",
+    "ReplyTo",
+    "describe_error",
+]
 
 log = logging.getLogger("mirrord.daemon.link")
 
@@ -50,6 +60,61 @@ HANDSHAKE_TIMEOUT = 15.0
 _READ_SIZE = 256 * 1024
 
 LostCallback = Callable[[str], None]
+
+# What the daemon forwards between a layer and its agent channel without decoding: the shared
+# requests (files, env, DNS: kinds 1-99, the same message in both protocols) and their replies.
+FORWARDED_REQUESTS = [
+    cls for cls in LAYER_REGISTRY.kinds() if cls.KIND < 100 and issubclass(cls, m.Request)
+]
+FORWARDED_REPLIES = [
+    cls for cls in LAYER_REGISTRY.kinds() if cls.KIND < 100 and issubclass(cls, m.Reply)
+]
+
+
+class _StreamClosed(Exception):
+    """The agent closed its stream (after its Fatal, or at the end): stop reading it."""
+
+
+class ReplyTo(Protocol):
+    """Whoever gets the reply of a forwarded request (a layer connection)."""
+
+    def reply(self, reply: Message, request_id: int, *, passing: tuple[Passable, ...] = ()) -> None:
+        """`reply` (decoded) as the answer to the layer's `request_id`; `passing`: the fd a
+        local target's agent handed over with it (`FileHanded`)."""
+        ...
+
+    def forward_reply(
+        self, frame: Undecoded, request_id: int, *, passing: tuple[Passable, ...] = ()
+    ) -> None:
+        """The agent's reply `frame`, undecoded, as the answer to the layer's `request_id`;
+        `passing` as for `reply`."""
+        ...
+
+
+class _Forward:
+    """A layer's request forwarded to the agent: its reply goes back to the layer connection
+    under the layer's request id, undecoded, from the reader callback (no task waits)."""
+
+    __slots__ = ("channel", "client", "request_id")
+
+    def __init__(self, channel: int, client: ReplyTo, request_id: int) -> None:
+        self.channel = channel
+        self.client = client
+        self.request_id = request_id
+
+    def answer(self, reply: Message, passed: PassedFd | None = None) -> None:
+        if isinstance(reply, m.Reply) and reply.KIND < 100:
+            self.client.reply(reply, self.request_id, passing=() if passed is None else (passed,))
+        else:  # an agent-protocol reply (kinds 100+) means nothing to the layer
+            if passed is not None:
+                passed.close()
+            self.fail(f"the agent answered with {type(reply).__name__}")
+
+    def fail(self, reason: str) -> None:
+        self.client.reply(
+            m.ErrorReply(request_id=self.request_id, errno=errno_mod.EIO, message=reason),
+            self.request_id,
+        )
 
 
 class _Waiter:
@@ -105,7 +170,10 @@ class AgentLink:
 
     def __init__(self, handle: AgentHandle) -> None:
         self.handle = handle
-        self.conn = AgentConnection(AgentRole.DAEMON, secret=handle.secret)
+        # replies to forwarded requests are passed to the layer undecoded
+        self.conn = AgentConnection(
+            AgentRole.DAEMON, secret=handle.secret, undecoded=FORWARDED_REPLIES
+        )
         self.state = "connecting"  # connecting -> open -> lost | closed
         self.reason = ""
         self.welcome: m.Welcome | None = None
@@ -114,7 +182,7 @@ class AgentLink:
         self.traffic: dict[int, dict[str, int]] = {}  # mirrored port -> TrafficStats figures
         self.channels: dict[int, ChannelOwner] = {}
         self.relays: dict[tuple[int, int], Relay] = {}
-        self._pending: dict[int, _Waiter] = {}
+        self._pending: dict[int, _Waiter | _Forward] = {}
         self._next_request = 1
         self._next_channel = 1
         self._next_conn = 2  # the daemon picks even connection ids, the agent odd ones
@@ -246,7 +314,7 @@ class AgentLink:
     @property
     def can_hand_over(self) -> bool:
         """The agent passes opened files and connected sockets on this stream (a local
-        target: the agent is on this machine)."""
+        target: the agent is on this machine, and both ends said so)."""
         return (
             self.is_open
             and self._reader is not None
@@ -255,32 +323,51 @@ class AgentLink:
         )
 
     async def _read_loop(self, stream: anyio.abc.ByteStream) -> str:
+        """Read the agent's frames until the stream ends; the reason it ended. Each read is
+        handled in the event loop's reader callback (`FrameReader.run`): a reply costs no
+        task wake-up here."""
         reader = self._reader
         assert reader is not None
+        try:
+            await reader.run(self._on_data)
+            self._on_data(b"")  # the end of the stream (a frame cut short is the agent's error)
+        except _StreamClosed:
+            pass
+        return self.reason or "the agent closed the connection"
+
+    def _on_data(self, data: bytes) -> None:
+        """Feed one read (b"": the end) and handle its frames; raises `_StreamClosed` once the
+        agent closed the stream, `RemoteProtocolError` when it broke the protocol."""
+        self.conn.receive_data(data)
         while True:
-            try:
-                data = await reader.receive()
-            except anyio.EndOfStream:
-                data = b""
-            self.conn.receive_data(data)
-            while True:
-                event = self.conn.next_event()
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    return self.reason or "the agent closed the connection"
-                if isinstance(event, Received):
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                return
+            if event is CLOSED:
+                raise _StreamClosed
+            if isinstance(event, Undecoded):
+                entry = self._pending.get(event.request_id)
+                if type(entry) is _Forward and entry.channel == event.channel:
+                    del self._pending[event.request_id]
                     self.frames_in += 1
-                    self._dispatch(event.channel, event.message)
-                elif isinstance(event, UnknownMessage) and event.request_id is not None:
-                    self.send(
-                        m.ErrorReply(
-                            request_id=event.request_id,
-                            errno=errno_mod.ENOSYS,
-                            message=f"mirrordd does not know message kind {event.kind}",
-                        ),
-                        event.channel,
-                    )
+                    # the kind alone says whether an fd came with the frame (hand-over)
+                    passed = self._take_fd() if event.kind == m.FileHanded.KIND else None
+                    passing = () if passed is None else (passed,)
+                    entry.client.forward_reply(event, entry.request_id, passing=passing)
+                    continue
+                event = self.conn.decode(event)  # a reply someone awaits: as a message
+            if isinstance(event, Received):
+                self.frames_in += 1
+                self._dispatch(event.channel, event.message)
+            elif isinstance(event, UnknownMessage) and event.request_id is not None:
+                self.send(
+                    m.ErrorReply(
+                        request_id=event.request_id,
+                        errno=errno_mod.ENOSYS,
+                        message=f"mirrordd does not know message kind {event.kind}",
+                    ),
+                    event.channel,
+                )
 
     def _lose(self, reason: str) -> None:
         """The stream is gone: fail every pending request and channel, abort every relay."""
@@ -364,6 +451,34 @@ class AgentLink:
             raise ChannelLost(waiter.lost)
         return waiter.reply, waiter.passed
 
+    def forward(self, channel: int, request: Undecoded | m.Request, client: ReplyTo) -> bool:
+        """Send the layer's `request` (a shared kind, 1-99; undecoded: its body goes through as
+        bytes) on `channel` under a daemon request id; the agent's reply goes to `client`
+        under the layer's request id, undecoded, from the reader callback. No time limit: a
+        read of a FIFO in the target may rightly wait for ever (the reply, or the channel's or
+        link's end, removes the entry). False if the channel or the link is gone (nothing
+        sent: the caller answers)."""
+        writer = self._writer
+        if self.state != "open" or channel not in self.channels or writer is None:
+            return False
+        rid = self._next_request
+        try:
+            if isinstance(request, Undecoded):
+                frame = self.conn.forward(request, rid, channel)
+            else:
+                frame = self.conn.send(dataclasses.replace(request, request_id=rid), channel)  # type: ignore[type-var]
+        except LocalProtocolError as exc:  # too big once re-addressed
+            client.reply(
+                m.ErrorReply(request_id=0, errno=errno_mod.EMSGSIZE, message=str(exc)),
+                request.request_id,
+            )
+            return True
+        self._next_request += 1
+        self._pending[rid] = _Forward(channel, client, request.request_id)
+        self.requests += 1
+        writer.send_nowait(frame)
+        return True
+
     def open_channel(
         self, owner: ChannelOwner, *, pid: int, parent: int | None = None, label: str = ""
     ) -> int:
@@ -419,10 +534,13 @@ class AgentLink:
 
     # -- receiving
 
+    def _take_fd(self) -> PassedFd | None:
+        return self._reader.take_fd() if self._reader is not None else None
+
     def _dispatch(self, channel: int, msg: Message) -> None:
         if isinstance(msg, m.Reply):
             # an fd handed over with the reply: taken in frame order even if nobody waits
-            passed = self._reader.take_fd() if self._reader and m.passes_fd(msg) else None
+            passed = self._take_fd() if m.passes_fd(msg) else None
             waiter = self._pending.pop(msg.request_id, None)
             if waiter is not None:
                 waiter.answer(msg, passed)

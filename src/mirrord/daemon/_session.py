@@ -3,7 +3,7 @@
 Owns: the session table's entries (one per `mirrord run` / IDE launch: target, config, its
 agent link, its layer processes), registering layer connections into a session (one agent
 channel per layer process, shared by that process's threads; a forked child's channel names
-its parent's), forwarding layer requests to the agent with daemon request ids, outgoing
+its parent's), outgoing
 connects (a private relay pair whose layer end is passed over the layer connection), listens (subscriptions) and incoming connections to the
 user app's bound port, peer lookups. Does not own the agent stream (`AgentLink`), the control
 API (`_control`) or the layer connections themselves (`_layer_client`).
@@ -304,7 +304,7 @@ class LayerProcess:
             mirror=msg.mode == "mirror" and not msg.replies,
             counters=(self.link.counters, self.session.counters),
         )
-        if relay.mirror:
+        if msg.mode == "mirror":  # (replies relayed back or not)
             mirrored, client = msg.port, f"{msg.remote_address}:{msg.remote_port}"
 
             def on_agent_close(errno: int) -> None:
@@ -342,13 +342,6 @@ class LayerProcess:
                     del self.session.incoming_relays[local_port]
 
     # -- requests from the layer
-
-    async def forward(self, client: LayerClient, msg: m.Request) -> None:
-        """A shared request (kinds 1-99): same message, daemon request id, reply mapped back.
-        No time limit: a read of a FIFO in the target may rightly wait for ever (the layer
-        connection's closing cancels it)."""
-        reply, passed = await self._call_passing(msg)
-        client.reply(reply, msg.request_id, passing=() if passed is None else (passed,))
 
     async def _call(self, request: m.Request, timeout: float | None = None) -> Message:
         """The agent's reply to `request` on this process's channel; a lost channel or agent

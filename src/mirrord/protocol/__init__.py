@@ -28,6 +28,7 @@ from mirrord.protocol._connection import (
     LayerRole,
     Received,
     State,
+    Undecoded,
     UnknownMessage,
 )
 from mirrord.protocol._exceptions import (
@@ -41,7 +42,13 @@ from mirrord.protocol._exceptions import (
     VersionMismatch,
 )
 from mirrord.protocol._flow import WRITE_EOF, Flow, FlowEvent, FlowState
-from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from mirrord.protocol._framing import (
+    MAX_FRAME_SIZE,
+    FrameDecoder,
+    encode_frame,
+    frame_with_head,
+    read_head,
+)
 
 __all__ = [
     "AGENT_PROTOCOL_VERSION",
@@ -74,8 +81,11 @@ __all__ = [
     "RemoteProtocolError",
     "State",
     "Unauthenticated",
+    "Undecoded",
     "UnknownMessage",
     "VersionMismatch",
     "encode_frame",
+    "frame_with_head",
     "messages",
+    "read_head",
 ]

@@ -19,12 +19,23 @@ at most the window's worth of `Data` bytes not yet credited back with `Credit`.
 
 Layer protocol (layer <-> daemon): every frame is `[kind, *fields]`, no channels and no credit
 (the connections it hands off are real local sockets).
+
+Forwarding undecoded: a connection built with `undecoded=` some kinds returns their frames
+(once OPEN) as `Undecoded` events, with only the frame's head read (`_framing.read_head`:
+channel, kind, request id); `decode()` turns one into its ordinary event when it is not
+forwarded after all, and the other protocol's connection `forward()`s it under a new head,
+passing its body through as bytes. The daemon forwards file, env and DNS requests (kinds 1-99,
+the same message in both protocols) and their replies this way; whoever receives such a
+frame decodes it in full (the agent, the layer), so the daemon's not decoding it trusts the
+layer no more than before: the agent answers a forwarded request it cannot decode with an
+`InvalidRequest` event (`invalid_requests_as_events`), costing that request only.
 """
 
 from __future__ import annotations
 
 import enum
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -38,7 +49,14 @@ from mirrord.protocol._exceptions import (
     Unauthenticated,
     VersionMismatch,
 )
-from mirrord.protocol._framing import MAX_FRAME_SIZE, FrameDecoder, decode_payload, encode_frame
+from mirrord.protocol._framing import (
+    MAX_FRAME_SIZE,
+    FrameDecoder,
+    decode_payload,
+    encode_frame,
+    frame_with_head,
+    read_head,
+)
 from mirrord.protocol.messages import (
     AGENT_KINDS,
     LAYER_KINDS,
@@ -56,6 +74,7 @@ from mirrord.protocol.messages import (
     IncomingConnection,
     LayerHello,
     LayerWelcome,
+    Reply,
     Request,
     Welcome,
 )
@@ -76,6 +95,7 @@ __all__ = [
     "LayerRole",
     "Received",
     "State",
+    "Undecoded",
     "UnknownMessage",
 ]
 
@@ -169,7 +189,24 @@ class InvalidRequest:
 _EINVAL: Final = 22
 _EOVERFLOW: Final = 75
 
-Event = Received | UnknownMessage | InvalidRequest
+
+@dataclass(frozen=True, slots=True)
+class Undecoded:
+    """A frame of one of the kinds the connection was told to leave undecoded (`undecoded=`),
+    with its head read: channel (0 in the layer protocol), kind, request id. `payload` is the
+    whole frame after its length; its items after the head (`head_items` of `items`) start at
+    `body`. Forward it with the other connection's `forward()`, or `decode()` it."""
+
+    channel: int
+    kind: int
+    request_id: int
+    items: int
+    head_items: int
+    payload: bytes
+    body: int
+
+
+Event = Received | UnknownMessage | InvalidRequest | Undecoded
 
 
 class _Connection:
@@ -178,12 +215,19 @@ class _Connection:
     _registry: Registry
     _has_channels: bool
 
-    def __init__(self, role: enum.Enum, max_frame_size: int) -> None:
+    def __init__(
+        self, role: enum.Enum, max_frame_size: int, undecoded: Iterable[type[Message]] = ()
+    ) -> None:
         self.role = role
         self.state = State.HANDSHAKE
         self._decoder = FrameDecoder(max_frame_size)
         self._error: ProtocolError | None = None
         self._invalid_requests_as_events = False
+        self._undecoded = frozenset(cls.KIND for cls in undecoded)
+        for cls in undecoded:
+            if cls not in self._registry or not issubclass(cls, Request | Reply):
+                raise TypeError(f"{cls.__name__}: not a {self._registry.name} request or reply")
+        self._head_items = 3 if self._has_channels else 2
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} role={self.role.value} state={self.state.value}>"
@@ -225,9 +269,88 @@ class _Connection:
                         f"stream ended inside a frame ({self._decoder.buffered} bytes left)"
                     )
                 return NEED_DATA
-            return self._event_from(decode_payload(payload))
+            if self._undecoded and self.state is State.OPEN:
+                undecoded = self._undecoded_frame(payload)
+                if undecoded is not None:
+                    return undecoded
+            return self._event_of(payload)
         except RemoteProtocolError as exc:
             raise self._fail(exc) from None
+
+    def decode(self, frame: Undecoded) -> Event:
+        """The ordinary event of an `Undecoded` frame (one that is not forwarded after all)."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._event_of(frame.payload)
+        except RemoteProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def forward(self, frame: Undecoded, request_id: int, channel: int = CONTROL_CHANNEL) -> bytes:
+        """`frame` (undecoded by the other protocol's connection) as a frame of this one, under
+        `request_id` (and `channel`, agent protocol): its body goes through as bytes.
+        `LocalProtocolError` if it may not be sent now or does not fit in a frame."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"forward() in state {self.state.value}")
+        if not self._registry.knows(frame.kind):
+            raise LocalProtocolError(f"kind {frame.kind} is not a {self._registry.name} message")
+        head = [channel, frame.kind, request_id] if self._has_channels else [frame.kind, request_id]
+        body = memoryview(frame.payload)[frame.body :]
+        out = frame_with_head(head, frame.items - frame.head_items + len(head), body)
+        if len(out) - 4 > self._decoder_limit:
+            raise LocalProtocolError(f"kind {frame.kind}: frame of {len(out)} bytes too big")
+        return out
+
+    def _undecoded_frame(self, payload: bytes) -> Undecoded | None:
+        head = read_head(payload, self._head_items)
+        if head is None:
+            return None
+        ints, items, body = head
+        if self._has_channels:
+            channel, kind, rid = ints
+            if channel == CONTROL_CHANNEL or channel >= 2**32:
+                return None
+        else:
+            channel, (kind, rid) = 0, ints
+        if kind not in self._undecoded:
+            return None
+        return Undecoded(
+            channel=channel,
+            kind=kind,
+            request_id=rid,
+            items=items,
+            head_items=self._head_items,
+            payload=payload,
+            body=body,
+        )
+
+    def _event_of(self, payload: bytes) -> Event:
+        try:
+            item = decode_payload(payload)
+        except MalformedFrame as exc:
+            invalid = self._invalid_body(payload, exc)
+            if invalid is None:
+                raise
+            return invalid
+        return self._event_from(item)
+
+    def _invalid_body(self, payload: bytes, exc: MalformedFrame) -> InvalidRequest | None:
+        """A request whose head is sound but whose body is not CBOR (forwarded undecoded by the
+        daemon): an `InvalidRequest` for that request, when this connection answers those."""
+        if not self._invalid_requests_as_events or self.state is not State.OPEN:
+            return None
+        head = read_head(payload, self._head_items)
+        if head is None:
+            return None
+        ints = head[0]
+        channel, kind, rid = ints if self._has_channels else (0, *ints)
+        if (
+            channel >= 2**32
+            or not self._registry.knows(kind)
+            or not issubclass(self._registry.message_class(kind), Request)
+        ):
+            return None
+        return InvalidRequest(channel=channel, kind=kind, request_id=rid, reason=exc.message)
 
     def _event_from(self, item: Any) -> Event:
         if not isinstance(item, list) or not item:
@@ -324,8 +447,9 @@ class AgentConnection(_Connection):
         max_frame_size: int = MAX_FRAME_SIZE,
         initial_window: int = INITIAL_WINDOW,
         invalid_requests_as_events: bool = False,
+        undecoded: Iterable[type[Message]] = (),
     ) -> None:
-        super().__init__(role, max_frame_size)
+        super().__init__(role, max_frame_size, undecoded)
         # The agent answers a request with invalid fields (`InvalidRequest`) instead of
         # closing the whole daemon connection: the daemon forwards layer requests undecoded,
         # so one process's bad request would otherwise cost every session on it.
@@ -514,9 +638,14 @@ class LayerConnection(_Connection):
     _has_channels = False
 
     def __init__(
-        self, role: LayerRole, *, build_id: str, max_frame_size: int = MAX_FRAME_SIZE
+        self,
+        role: LayerRole,
+        *,
+        build_id: str,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        undecoded: Iterable[type[Message]] = (),
     ) -> None:
-        super().__init__(role, max_frame_size)
+        super().__init__(role, max_frame_size, undecoded)
         self.build_id = build_id
         self.peer_hello: LayerHello | None = None
 

@@ -1,8 +1,19 @@
 """Framing shared by both protocols: a 4-byte big-endian length, then one CBOR item.
 
-Owns: splitting a byte stream into frame payloads with a hard size limit, and encoding one
-CBOR item into a frame. Does not own: what the CBOR item means (the message registry,
-`_base.py`).
+Owns: splitting a byte stream into frame payloads with a hard size limit, encoding one CBOR
+item into a frame, and a frame's head. Does not own: what the CBOR item means (the message
+registry, `_base.py`).
+
+The head of a frame: every frame is a CBOR array (definite length) whose first items are
+unsigned integers: the channel (agent protocol only), the message kind and, for requests and
+replies, the request id. `read_head` reads them without decoding the rest of the frame (the
+body: the remaining items, as they came), and `frame_with_head` builds a frame from a new head
+and a body. That is how the daemon forwards file, env and DNS requests and their replies
+between a layer and its agent channel (kinds 1-99 are the same message in both protocols):
+it rewrites the head (request id, channel) and passes the body through as bytes, never
+decoding it. Our encoders (cbor2, the C layer's) always write the head in its shortest form;
+a frame whose head is not of this form (an indefinite-length array, a kind that is no
+unsigned integer) is simply not forwarded undecoded: the full decoder judges it.
 
 Memory is bounded: the decoder never buffers more than one frame plus one read, and it
 refuses a frame whose announced length exceeds the limit before reading its body.
@@ -17,7 +28,15 @@ import cbor2
 
 from mirrord.protocol._exceptions import FrameTooLarge, MalformedFrame
 
-__all__ = ["HEADER_SIZE", "MAX_FRAME_SIZE", "FrameDecoder", "decode_payload", "encode_frame"]
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_FRAME_SIZE",
+    "FrameDecoder",
+    "decode_payload",
+    "encode_frame",
+    "frame_with_head",
+    "read_head",
+]
 
 HEADER_SIZE = 4
 # The largest data a single message carries is MAX_DATA_CHUNK (1 MiB) plus a few fields.
@@ -39,6 +58,63 @@ def decode_payload(payload: bytes) -> Any:
         raise MalformedFrame("CBOR item nested too deeply") from exc
     except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, ...)
         raise MalformedFrame(f"invalid CBOR: {exc}") from exc
+
+
+_UINT_SIZES = {24: 1, 25: 2, 26: 4, 27: 8}  # CBOR additional info -> bytes of the value
+
+
+def _uint_at(payload: bytes, pos: int, major: int) -> tuple[int, int]:
+    """The unsigned value of the CBOR head at `pos` whose major type must be `major` (0: an
+    unsigned integer, 4: an array's length); (-1, pos) if it is something else or cut short."""
+    if pos >= len(payload):
+        return -1, pos
+    initial = payload[pos]
+    if initial >> 5 != major:
+        return -1, pos
+    info = initial & 0x1F
+    if info < 24:
+        return info, pos + 1
+    size = _UINT_SIZES.get(info)
+    if size is None or pos + 1 + size > len(payload):
+        return -1, pos  # indefinite length, reserved values, or cut short
+    return int.from_bytes(payload[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
+
+
+def read_head(payload: bytes, ints: int) -> tuple[list[int], int, int] | None:
+    """The frame's first `ints` items, each an unsigned integer (e.g. 3: channel, kind,
+    request id of an agent-protocol request), without decoding the rest: (those integers, the
+    array's number of items, the offset of the body, i.e. of the items after them). None when
+    the frame does not start that way (the full decoder then judges it)."""
+    items, pos = _uint_at(payload, 0, 4)
+    if items < ints:
+        return None
+    head = []
+    for _ in range(ints):
+        value, pos = _uint_at(payload, pos, 0)
+        if value < 0:
+            return None
+        head.append(value)
+    return head, items, pos
+
+
+def _cbor_head(major: int, value: int) -> bytes:
+    if value < 24:
+        return bytes((major << 5 | value,))
+    if value < 0x100:
+        return bytes((major << 5 | 24, value))
+    if value < 0x10000:
+        return bytes((major << 5 | 25,)) + value.to_bytes(2, "big")
+    if value < 0x100000000:
+        return bytes((major << 5 | 26,)) + value.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + value.to_bytes(8, "big")
+
+
+def frame_with_head(head: list[int], items: int, body: bytes | memoryview) -> bytes:
+    """A frame (length prefix included) holding an array of `items` items: the unsigned
+    integers `head`, then `body`, the encoding of the remaining items exactly as it came (one
+    copy of it)."""
+    prefix = _cbor_head(4, items) + b"".join(_cbor_head(0, value) for value in head)
+    return b"".join((_HEADER.pack(len(prefix) + len(body)), prefix, body))
 
 
 class FrameDecoder:

@@ -1,0 +1,589 @@
+/* Read-ahead and write-behind for handle-backed regular files (bigger than fetch_limit).
+ *
+ * A file within fetch_limit lives in a memfd (files_open.c) and needs none of this; a larger
+ * one is read and written through its remote handle, a round trip per call: 4 KiB reads or
+ * writes ran at a few MB/s. So the layer keeps the fd's offset itself and buffers:
+ *
+ * - Read-ahead (opened O_RDONLY): a read past the buffer fetches the next window with
+ *   pipelined FileRead requests (FB_CHUNK each, up to FB_INFLIGHT in flight on one daemon
+ *   connection, replies in any order); parts of the window the app's own read covers land in
+ *   its buffer directly, the rest in the read-ahead buffer, which serves the following reads
+ *   with no round trip. The window starts at FB_MIN_WINDOW and doubles while reads stay
+ *   sequential (after an lseek elsewhere it starts small again). A short reply is the end of
+ *   the file as the target has it now; nothing past it is kept, so a growing file is seen.
+ * - Write-behind (opened O_WRONLY or O_RDWR, not O_APPEND): writes that continue each other
+ *   collect in a buffer of FB_WRITE_CAP bytes, sent as pipelined FileWrite requests at
+ *   explicit offsets when it is full, when a write does not continue it, and before anything
+ *   that must see the file as written: close (of any fd of it), fsync/fdatasync, lseek,
+ *   a read, pread/pwrite, fstat, ftruncate, mmap, fork, exec, posix_spawn, exit and _exit,
+ *   and a remote open or stat of the same path by this process (read-your-writes). An error
+ *   of that write-back is the error of the call that caused it (close or fsync return -1 with
+ *   the agent's errno, as a local file system reports a failed write-back); the unwritten
+ *   bytes are dropped, as the kernel drops pages it failed to write.
+ *
+ * dup'd fds share the open file and so its buffer and offset. A fork child shares the open
+ * file with its parent but not the layer's memory: before fork the buffer is written back,
+ * the read-ahead dropped and the handle's offset on the agent set to the fd's, and in the
+ * child (and in the parent, for fds the child keeps across exec) the fd goes back to plain
+ * handle calls, whose offset the agent keeps for both. exec and posix_spawn do the same for
+ * the fds the new image inherits. Buffering is therefore per process and per open file; two
+ * processes writing the same remote file see each other's bytes at close/fsync, like NFS's
+ * close-to-open consistency.
+ *
+ * Owns: struct fbuf and every use of it. Does not own: the requests' transport (conn.c) or
+ * when a file gets a buffer (open_remote).
+ */
+#include "files.h"
+
+#define FB_CHUNK MAX_DATA_CHUNK                   /* one FileRead */
+#define FB_WCHUNK (MAX_DATA_CHUNK - 4096)         /* one FileWrite (room for its header) */
+#define FB_INFLIGHT 4                             /* requests in flight */
+#define FB_MIN_WINDOW (128 * 1024)                /* the first read-ahead, and after a seek */
+#define FB_MAX_WINDOW (FB_INFLIGHT * FB_CHUNK)    /* read-ahead buffer */
+#define FB_WRITE_CAP (FB_INFLIGHT * FB_WCHUNK)    /* write-behind buffer */
+
+enum { FB_READ = 1, FB_WRITE = 2 };
+
+static int g_nfbuf; /* buffers alive: the walks over every fd are skipped while there are none */
+
+struct fbuf {
+    pthread_mutex_t lock;
+    int mode;       /* FB_READ, FB_WRITE; 0: off (every call through the handle) */
+    off_t pos;      /* the fd's offset (the handle's own offset on the agent is stale) */
+    char *data;     /* FB_MAX_WINDOW or FB_WRITE_CAP bytes, allocated at first use */
+    off_t off;      /* read: data holds the file's bytes [off, off+len); write: pending */
+    size_t len;
+    size_t window;  /* read: the next read-ahead's size */
+    off_t next;     /* read: where a sequential read would continue */
+    int eof;        /* read: the last read-ahead ended short, at the file's end */
+};
+
+/* ---------------------------------------------------------------- pipelined requests */
+
+/* One transfer of a batch: `n` bytes at `off` to or from `p`; `got`: bytes done, or -1. */
+struct xfer {
+    off_t off;
+    size_t n;
+    char *p;
+    ssize_t got;
+    uint64_t rid;
+};
+
+/* Sends every transfer of x[0..k) on one connection, then reads the k replies in whatever
+ * order they come. 0: each x[i].got is set (an ErrorReply: -1, its errno in *err); -1: the
+ * connection broke (errno EIO), nothing is known. */
+static int xfer_batch(uint64_t handle, struct xfer *x, int k, int write, int *err) {
+    struct lconn *c = conn_acquire();
+    if (c == NULL) {
+        return -1;
+    }
+    int sent = 0;
+    for (; sent < k; sent++) {
+        cbor_w *w = write ? conn_begin(c, M_FILE_WRITE, 3) : conn_begin(c, M_FILE_READ, 3);
+        cw_uint(w, handle);
+        if (write) {
+            cw_bytes(w, x[sent].p, x[sent].n);
+        } else {
+            cw_uint(w, x[sent].n);
+        }
+        cw_uint(w, (uint64_t)x[sent].off);
+        x[sent].got = -1;
+        if ((x[sent].rid = conn_send(c)) == 0) {
+            conn_release(c);
+            return -1;
+        }
+    }
+    int rc = 0;
+    for (int left = sent; left > 0; left--) {
+        uint64_t rid;
+        cbor_r r;
+        int kind = conn_reply(c, write ? M_FILE_WRITTEN : M_FILE_DATA, &rid, &r);
+        if (kind < 0) {
+            rc = -1;
+            break;
+        }
+        struct xfer *t = NULL;
+        for (int i = 0; i < sent; i++) {
+            t = x[i].rid == rid ? &x[i] : t;
+        }
+        if (t == NULL) {
+            errno = EIO; /* a reply to none of ours: the stream is out of step */
+            rc = -1;
+            break;
+        }
+        if (kind == 1) {
+            *err = errno;
+            continue;
+        }
+        const uint8_t *p;
+        size_t len;
+        uint64_t count;
+        if (write && cr_uint(&r, &count) == 0 && count <= t->n) {
+            t->got = (ssize_t)count;
+        } else if (!write && cr_bytes(&r, &p, &len) == 0 && len <= t->n) {
+            memcpy(t->p, p, len);
+            t->got = (ssize_t)len;
+        } else {
+            *err = EIO;
+        }
+    }
+    conn_release(c);
+    return rc;
+}
+
+/* Writes [off, off+n) from p through the handle, FB_INFLIGHT requests at a time: 0, or -1
+ * with errno (a short write that is not an error counts as EIO: the file system gave up). */
+static int write_through(uint64_t handle, const char *p, size_t n, off_t off) {
+    size_t done = 0;
+    while (done < n) {
+        struct xfer x[FB_INFLIGHT];
+        int k = 0;
+        for (size_t at = done; k < FB_INFLIGHT && at < n; k++) {
+            size_t len = n - at < FB_WCHUNK ? n - at : FB_WCHUNK;
+            x[k] = (struct xfer){.off = off + (off_t)at, .n = len, .p = (char *)p + at};
+            at += len;
+        }
+        int err = EIO;
+        if (xfer_batch(handle, x, k, 1, &err) < 0) {
+            return -1;
+        }
+        for (int i = 0; i < k; i++) {
+            if (x[i].got != (ssize_t)x[i].n) {
+                errno = x[i].got < 0 ? err : EIO;
+                return -1;
+            }
+            done += x[i].n;
+        }
+    }
+    return 0;
+}
+
+/* Reads [off, off+n) into p through the handle, FB_INFLIGHT requests at a time: the bytes
+ * read (fewer at the end of the file), or -1 with errno. */
+static ssize_t read_through(uint64_t handle, char *p, size_t n, off_t off) {
+    size_t done = 0;
+    while (done < n) {
+        struct xfer x[FB_INFLIGHT];
+        int k = 0;
+        for (size_t at = done; k < FB_INFLIGHT && at < n; k++) {
+            size_t len = n - at < FB_CHUNK ? n - at : FB_CHUNK;
+            x[k] = (struct xfer){.off = off + (off_t)at, .n = len, .p = p + at};
+            at += len;
+        }
+        int err = EIO;
+        if (xfer_batch(handle, x, k, 0, &err) < 0) {
+            return done > 0 ? (ssize_t)done : -1;
+        }
+        for (int i = 0; i < k; i++) {
+            if (x[i].got < 0) {
+                errno = err;
+                return done > 0 ? (ssize_t)done : -1;
+            }
+            done += (size_t)x[i].got;
+            if ((size_t)x[i].got < x[i].n) {
+                return (ssize_t)done; /* the end of the file */
+            }
+        }
+    }
+    return (ssize_t)done;
+}
+
+/* ---------------------------------------------------------------- write-behind */
+
+/* The pending bytes go to the target: 0, or -1 with errno (they are dropped either way).
+ * Under fb->lock. */
+static int fb_flush_locked(struct ent *e, struct fbuf *fb) {
+    if (fb->mode != FB_WRITE || fb->len == 0) {
+        return 0;
+    }
+    size_t n = fb->len;
+    fb->len = 0;
+    int rc = write_through(e->handle, fb->data, n, fb->off);
+    DBG("write-behind of %s: %zu bytes at %lld%s", e->path ? e->path : "?", n,
+        (long long)fb->off, rc < 0 ? " failed" : "");
+    return rc;
+}
+
+static ssize_t fb_write_locked(struct ent *e, struct fbuf *fb, const void *buf, size_t n) {
+    if (fb->len > 0 && (fb->pos != fb->off + (off_t)fb->len || fb->len + n > FB_WRITE_CAP)) {
+        if (fb_flush_locked(e, fb) < 0) {
+            return -1;
+        }
+    }
+    if (n >= FB_WRITE_CAP) { /* a large write: straight through, pipelined */
+        if (write_through(e->handle, buf, n, fb->pos) < 0) {
+            return -1;
+        }
+        fb->pos += (off_t)n;
+        return (ssize_t)n;
+    }
+    if (fb->data == NULL && (fb->data = malloc(FB_WRITE_CAP)) == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    if (fb->len == 0) {
+        fb->off = fb->pos;
+    }
+    memcpy(fb->data + fb->len, buf, n);
+    fb->len += n;
+    fb->pos += (off_t)n;
+    return (ssize_t)n;
+}
+
+/* ---------------------------------------------------------------- read-ahead */
+
+/* Reads at fb->pos into buf (n bytes) and on into the read-ahead buffer, one window in at most
+ * FB_INFLIGHT requests: the bytes that reached buf (0 at the end of the file), or -1. */
+static ssize_t fb_fill_locked(struct ent *e, struct fbuf *fb, char *buf, size_t n) {
+    if (fb->data == NULL && (fb->data = malloc(FB_MAX_WINDOW)) == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    if (fb->pos != fb->next) {
+        fb->window = FB_MIN_WINDOW; /* not sequential: start small again */
+    }
+    size_t direct = n / FB_CHUNK * FB_CHUNK; /* whole chunks go to the app's buffer */
+    if (direct > (size_t)(FB_INFLIGHT - 1) * FB_CHUNK) {
+        direct = (size_t)(FB_INFLIGHT - 1) * FB_CHUNK; /* one request at least for read-ahead */
+    }
+    size_t ahead = fb->window;
+    if (ahead < n - direct) {
+        ahead = n - direct; /* the rest of the app's read at least */
+    }
+    if (direct + ahead > (size_t)FB_INFLIGHT * FB_CHUNK) {
+        ahead = (size_t)FB_INFLIGHT * FB_CHUNK - direct;
+    }
+    struct xfer x[FB_INFLIGHT + 1];
+    int k = 0;
+    for (size_t at = 0; at < direct; at += FB_CHUNK) {
+        x[k++] = (struct xfer){.off = fb->pos + (off_t)at, .n = FB_CHUNK, .p = buf + at};
+    }
+    for (size_t at = 0; at < ahead && k < FB_INFLIGHT + 1;) {
+        size_t len = ahead - at < FB_CHUNK ? ahead - at : FB_CHUNK;
+        x[k++] = (struct xfer){.off = fb->pos + (off_t)(direct + at), .n = len, .p = fb->data + at};
+        at += len;
+    }
+    int err = EIO;
+    fb->len = 0;
+    if (xfer_batch(e->handle, x, k, 0, &err) < 0) {
+        return -1;
+    }
+    size_t got = 0; /* contiguous bytes from fb->pos, up to the first short reply */
+    int i = 0;
+    for (; i < k; i++) {
+        if (x[i].got < 0) {
+            if (got == 0) {
+                errno = err;
+                return -1;
+            }
+            break;
+        }
+        got += (size_t)x[i].got;
+        if ((size_t)x[i].got < x[i].n) {
+            break;
+        }
+    }
+    size_t to_app = got < direct ? got : direct;
+    fb->eof = i < k;
+    fb->off = fb->pos + (off_t)direct;
+    fb->len = got > direct ? got - direct : 0;
+    fb->pos += (off_t)to_app;
+    if (fb->window < FB_MAX_WINDOW) {
+        fb->window *= 2;
+    }
+    return (ssize_t)to_app;
+}
+
+static ssize_t fb_read_locked(struct ent *e, struct fbuf *fb, char *buf, size_t n) {
+    size_t total = 0;
+    for (int rounds = 0; total < n && rounds < 64; rounds++) {
+        if (fb->len > 0 && fb->pos >= fb->off && fb->pos < fb->off + (off_t)fb->len) {
+            size_t at = (size_t)(fb->pos - fb->off);
+            size_t k = fb->len - at < n - total ? fb->len - at : n - total;
+            memcpy(buf + total, fb->data + at, k);
+            total += k;
+            fb->pos += (off_t)k;
+            continue;
+        }
+        if (total > 0 && fb->eof) {
+            break; /* the buffer ended where the file did: a short read, as at its end */
+        }
+        ssize_t r = fb_fill_locked(e, fb, buf + total, n - total);
+        if (r < 0) {
+            if (total > 0) {
+                break;
+            }
+            return -1;
+        }
+        total += (size_t)r;
+        if (r == 0 && fb->len == 0) {
+            break; /* the end of the file */
+        }
+    }
+    fb->next = fb->pos;
+    return (ssize_t)total;
+}
+
+/* ---------------------------------------------------------------- the hooks' side */
+
+void fbuf_attach(struct ent *e, int flags) {
+    if (e->kind != K_RFILE || !e->has_handle || e->is_dir || !S_ISREG(e->st.st_mode) ||
+        (flags & (O_APPEND | O_PATH))) {
+        return;
+    }
+    struct fbuf *fb = calloc(1, sizeof *fb);
+    if (fb == NULL) {
+        return; /* unbuffered: slower, still right */
+    }
+    pthread_mutex_init(&fb->lock, NULL);
+    fb->mode = (flags & O_ACCMODE) == O_RDONLY ? FB_READ : FB_WRITE;
+    fb->window = FB_MIN_WINDOW;
+    e->fb = fb;
+    __atomic_fetch_add(&g_nfbuf, 1, __ATOMIC_RELAXED);
+}
+
+/* Locks e's buffer when it is on: the buffer, or NULL (no buffer: the handle's way). */
+static struct fbuf *fb_lock(struct ent *e) {
+    struct fbuf *fb = e->fb;
+    if (fb == NULL) {
+        return NULL;
+    }
+    pthread_mutex_lock(&fb->lock);
+    if (fb->mode == 0) {
+        pthread_mutex_unlock(&fb->lock);
+        return NULL;
+    }
+    return fb;
+}
+
+/* A read through e (rfile_read): at the fd's offset (off -1) from the read-ahead, or for a
+ * write-behind file (O_RDWR) after its pending bytes went out; at an explicit offset from the
+ * read-ahead when it holds all of it. 1: done (*ret), 0: the handle's way. */
+int fbuf_read(struct ent *e, void *buf, size_t n, off_t off, ssize_t *ret) {
+    struct fbuf *fb = fb_lock(e);
+    if (fb == NULL) {
+        return 0;
+    }
+    int done = 1;
+    if (fb->mode == FB_READ && off < 0) {
+        *ret = fb_read_locked(e, fb, buf, n);
+    } else if (fb->mode == FB_READ && off >= fb->off && off + (off_t)n <= fb->off + (off_t)fb->len) {
+        memcpy(buf, fb->data + (off - fb->off), n); /* inside the read-ahead */
+        *ret = (ssize_t)n;
+    } else if (fb->mode == FB_READ) {
+        *ret = read_through(e->handle, buf, n, off);
+    } else if (fb_flush_locked(e, fb) < 0) {
+        *ret = -1;
+    } else if (off >= 0) {
+        done = 0;
+    } else {
+        *ret = rfile_read_chunk(e->handle, buf, n > MAX_DATA_CHUNK ? MAX_DATA_CHUNK : n, fb->pos);
+        fb->pos += *ret > 0 ? *ret : 0;
+    }
+    pthread_mutex_unlock(&fb->lock);
+    return done;
+}
+
+/* A write through e (rfile_write): at the fd's offset into the write-behind buffer; at an
+ * explicit offset after the pending bytes went out (the handle's way). 1: done, 0: not. */
+int fbuf_write(struct ent *e, const void *buf, size_t n, off_t off, ssize_t *ret) {
+    struct fbuf *fb = fb_lock(e);
+    if (fb == NULL) {
+        return 0;
+    }
+    int done = 1;
+    if (fb->mode != FB_WRITE) {
+        errno = EBADF;
+        *ret = -1;
+    } else if (off < 0) {
+        *ret = fb_write_locked(e, fb, buf, n);
+    } else if (fb_flush_locked(e, fb) < 0) {
+        *ret = -1;
+    } else {
+        done = 0;
+    }
+    pthread_mutex_unlock(&fb->lock);
+    return done;
+}
+
+int fbuf_seek(struct ent *e, off_t off, int whence, off_t *ret) {
+    struct fbuf *fb = fb_lock(e);
+    if (fb == NULL) {
+        return 0;
+    }
+    if (fb_flush_locked(e, fb) < 0) {
+        *ret = -1;
+    } else if (whence == SEEK_SET || whence == SEEK_CUR) {
+        off_t to = whence == SEEK_SET ? off : fb->pos + off;
+        if (to < 0) {
+            errno = EINVAL;
+            *ret = -1;
+        } else {
+            *ret = fb->pos = to;
+        }
+    } else { /* SEEK_END, SEEK_DATA, SEEK_HOLE: the target knows */
+        *ret = rfile_seek_handle(e, off, whence);
+        if (*ret >= 0) {
+            fb->pos = *ret;
+        }
+    }
+    pthread_mutex_unlock(&fb->lock);
+    return 1;
+}
+
+int fbuf_flush(struct ent *e) {
+    struct fbuf *fb = fb_lock(e);
+    if (fb == NULL) {
+        return 0;
+    }
+    int rc = fb_flush_locked(e, fb);
+    pthread_mutex_unlock(&fb->lock);
+    return rc;
+}
+
+/* The fd goes back to plain handle calls: pending bytes written, the handle's offset on the
+ * agent set to the fd's. 0, or -1 with errno (of the write-back). */
+static int fb_unbuffer(struct ent *e) {
+    struct fbuf *fb = fb_lock(e);
+    if (fb == NULL) {
+        return 0;
+    }
+    int rc = fb_flush_locked(e, fb);
+    int saved = errno;
+    (void)rfile_seek_handle(e, fb->pos, SEEK_SET);
+    fb->mode = 0;
+    fb->len = 0;
+    pthread_mutex_unlock(&fb->lock);
+    errno = saved;
+    return rc;
+}
+
+/* Calls fn(fd, e) on every fd below `limit` with a buffer that is on. */
+static void each_buffered(int limit, void (*fn)(int fd, struct ent *e)) {
+    if (__atomic_load_n(&g_nfbuf, __ATOMIC_RELAXED) == 0) {
+        return;
+    }
+    for (int fd = 0; fd < limit; fd++) {
+        struct ent *pe = fd_peek(fd);
+        if (pe == NULL || pe->kind != K_RFILE || pe->fb == NULL || pe->fb->mode == 0) {
+            continue;
+        }
+        struct ent *e = ent_get(fd);
+        if (e != NULL) {
+            fn(fd, e);
+            ent_put(e);
+        }
+    }
+}
+
+static void flush_fd(int fd, struct ent *e) {
+    (void)fd;
+    int saved = errno;
+    (void)fbuf_flush(e);
+    errno = saved;
+}
+
+void fbuf_flush_all(void) {
+    each_buffered(MAX_FDS, flush_fd);
+}
+
+void fbuf_flush_path(const char *path) {
+    if (__atomic_load_n(&g_nfbuf, __ATOMIC_RELAXED) == 0) {
+        return;
+    }
+    for (int fd = 0; fd < 4096; fd++) {
+        struct ent *pe = fd_peek(fd);
+        if (pe != NULL && pe->kind == K_RFILE && pe->fb != NULL && pe->fb->mode == FB_WRITE &&
+            pe->path != NULL && strcmp(pe->path, path) == 0) {
+            struct ent *e = ent_get(fd);
+            if (e != NULL) {
+                flush_fd(fd, e);
+                ent_put(e);
+            }
+        }
+    }
+}
+
+/* Before fork (all fds) and exec/spawn (those the new image inherits): the open file is
+ * about to be shared with another process, which sees the handle's offset only. */
+static void unbuffer_shared(int fd, struct ent *e) {
+    int fl = REAL(fcntl)(fd, F_GETFD);
+    int saved = errno;
+    if (fl >= 0 && !(fl & FD_CLOEXEC)) {
+        (void)fb_unbuffer(e);
+    }
+    errno = saved;
+}
+
+/* Before fork: the child shares every open file (until it execs, and the fds it keeps after),
+ * and neither process can know when the other is done with it, so both go back to the handle,
+ * whose offset the agent keeps for both. */
+static void unbuffer_fd(int fd, struct ent *e) {
+    (void)fd;
+    int saved = errno;
+    (void)fb_unbuffer(e);
+    errno = saved;
+}
+
+void fbuf_before_fork(void) {
+    each_buffered(MAX_FDS, unbuffer_fd);
+}
+
+void fbuf_before_exec(void) {
+    each_buffered(MAX_FDS, unbuffer_shared);
+}
+
+/* In a fork child: the parent's buffers are copies here; every fd goes through its handle. */
+void fbuf_after_fork_child(void) {
+    if (__atomic_load_n(&g_nfbuf, __ATOMIC_RELAXED) == 0) {
+        return;
+    }
+    for (int fd = 0; fd < MAX_FDS; fd++) {
+        struct ent *e = fd_peek(fd);
+        if (e != NULL && e->kind == K_RFILE && e->fb != NULL) {
+            pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+            e->fb->lock = fresh;
+            e->fb->mode = 0;
+            e->fb->len = 0;
+        }
+    }
+}
+
+/* The app closes an fd of the file: what it wrote reaches the target now, and a failure is
+ * close's error. 0, or -1 with errno. */
+int fbuf_close(int fd) {
+    struct ent *pe = fd_peek(fd);
+    if (pe == NULL || pe->kind != K_RFILE || pe->fb == NULL || pe->fb->mode != FB_WRITE) {
+        return 0;
+    }
+    struct ent *e = ent_get(fd);
+    if (e == NULL) {
+        return 0;
+    }
+    t_guard++;
+    int rc = fbuf_flush(e);
+    t_guard--;
+    int saved = errno;
+    ent_put(e);
+    errno = saved;
+    return rc;
+}
+
+/* The last reference: anything still pending is written back (nobody is left to hear of a
+ * failure), and the buffer freed. */
+void fbuf_free(struct ent *e) {
+    struct fbuf *fb = e->fb;
+    if (fb == NULL) {
+        return;
+    }
+    if (fb->mode == FB_WRITE) {
+        int saved = errno;
+        (void)fb_flush_locked(e, fb);
+        errno = saved;
+    }
+    pthread_mutex_destroy(&fb->lock);
+    __atomic_fetch_sub(&g_nfbuf, 1, __ATOMIC_RELAXED);
+    free(fb->data);
+    free(fb);
+    e->fb = NULL;
+}

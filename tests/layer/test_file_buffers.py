@@ -1,0 +1,290 @@
+"""Read-ahead and write-behind of handle-backed remote files (native/files_buffer.c), from
+real programs under the layer: what they read is the target's file, what they wrote is on the
+target after close, fsync, fork, exec and exit, and a write-back the target refuses is the
+error of the close or fsync that caused it."""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mirrord.layer import LayerSettings
+from tests.layer._daemon import LayerDaemon
+from tests.layer.conftest import PYTHON, Runner
+
+HERE = Path(__file__).resolve().parent
+# fetch_limit 1000: every file below is bigger, so it is handle-backed and buffered
+BUFFERED = LayerSettings(fs_mode="write", timeout_ms=5000, fetch_limit=1000)
+
+
+def _content(n: int) -> bytes:
+    return b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(n // 32 + 1))[:n]
+
+
+def _count(daemon: LayerDaemon, kind: str) -> int:
+    return daemon.kinds().count(kind)
+
+
+def test_small_reads_are_served_from_the_read_ahead(run: Runner, daemon: LayerDaemon) -> None:
+    content = _content(3 * 1024 * 1024 + 123)
+    daemon.add_file("/app/big.bin", content)
+    code = """
+import hashlib, os
+fd = os.open('/app/big.bin', os.O_RDONLY)
+parts = []
+while chunk := os.read(fd, 4096):
+    parts.append(chunk)
+data = b''.join(parts)
+print(len(data), hashlib.sha256(data).hexdigest())
+# back and forth: lseek is the layer's, the bytes are the target's
+print(os.lseek(fd, 1000, os.SEEK_SET), os.read(fd, 16).hex())
+print(os.lseek(fd, -16, os.SEEK_END), os.read(fd, 64).hex(), os.read(fd, 64))
+print(os.pread(fd, 8, 2 * 1024 * 1024).hex())
+big = os.pread(fd, 3 * 1024 * 1024, 5)
+os.lseek(fd, 0, os.SEEK_SET)
+whole = os.read(fd, 8 * 1024 * 1024)
+print(hashlib.sha256(big).hexdigest(), len(whole), hashlib.sha256(whole).hexdigest())
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().splitlines()
+    assert out == [
+        f"{len(content)} {hashlib.sha256(content).hexdigest()}",
+        f"1000 {content[1000:1016].hex()}",
+        f"{len(content) - 16} {content[-16:].hex()} b''",
+        content[2 * 1024 * 1024 : 2 * 1024 * 1024 + 8].hex(),
+        f"{hashlib.sha256(content[5 : 5 + 3 * 1024 * 1024]).hexdigest()} {len(content)} "
+        f"{hashlib.sha256(content).hexdigest()}",
+    ]
+    # 3 MiB in 4 KiB reads would be 769 requests through the handle
+    assert _count(daemon, "FileRead") < 40
+
+
+def test_a_file_that_grows_is_read_to_its_new_end(run: Runner, daemon: LayerDaemon) -> None:
+    """A short read-ahead is the end of the file as it was: nothing past it is kept, so what
+    the target's file grew by is read on (tail -f)."""
+    daemon.add_file("/app/grow.log", b"a" * 5000)
+    code = """
+import os, sys
+fd = os.open('/app/grow.log', os.O_RDONLY)
+sys.stdout.write(f'{len(os.read(fd, 100000))}\\n'); sys.stdout.flush()
+sys.stdin.readline()  # the target's file grows meanwhile
+rest = os.read(fd, 100000)
+print(len(rest), set(rest))
+"""
+    daemon.start()
+    proc = subprocess.Popen(
+        [PYTHON, "-S", "-c", code],
+        env=run.env(BUFFERED),
+        cwd=run.cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"5000\n"
+        with open(daemon.host_path("/app/grow.log"), "ab") as f:
+            f.write(b"b" * 3000)
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert out == b"3000 {98}\n"
+
+
+def test_small_writes_reach_the_target_at_close(run: Runner, daemon: LayerDaemon) -> None:
+    daemon.add_file("/app/data.bin", b"x" * 8192)
+    code = """
+import os
+fd = os.open('/app/data.bin', os.O_WRONLY)
+for i in range(600):
+    assert os.write(fd, bytes([i % 251]) * 4096) == 4096
+print(os.lseek(fd, 0, os.SEEK_CUR), os.fstat(fd).st_size)
+os.close(fd)
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().split()
+    assert out == [str(600 * 4096), str(600 * 4096)]
+    assert daemon.files["/app/data.bin"] == b"".join(bytes([i % 251]) * 4096 for i in range(600))
+    # 600 writes through the handle would be 600 requests; the buffer sends ~1 MiB each
+    assert _count(daemon, "FileWrite") < 10
+
+
+def test_writes_are_read_back_through_the_same_and_another_fd(
+    run: Runner, daemon: LayerDaemon
+) -> None:
+    daemon.add_file("/app/rw.bin", b"0" * 5000)
+    code = """
+import os
+fd = os.open('/app/rw.bin', os.O_RDWR)
+os.write(fd, b'hello')
+os.lseek(fd, 4998, os.SEEK_SET)
+os.write(fd, b'WORLD')
+print(os.lseek(fd, 0, os.SEEK_END))
+print(os.pread(fd, 7, 0), os.pread(fd, 8, 4996))
+other = os.open('/app/rw.bin', os.O_RDONLY)
+print(os.pread(other, 5, 0))
+os.lseek(fd, 0, os.SEEK_SET)
+os.write(fd, b'again')
+with open('/app/rw.bin', 'rb') as f:  # a remote open of the path: written back first
+    print(f.read(5))
+os.close(other)
+os.close(fd)
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().splitlines()
+    assert out == ["5003", "b'hello00' b'00WORLD'", "b'hello'", "b'again'"]
+    assert daemon.files["/app/rw.bin"] == b"again" + b"0" * 4993 + b"WORLD"
+
+
+def test_dup_fds_share_the_buffer_and_the_offset(run: Runner, daemon: LayerDaemon) -> None:
+    daemon.add_file("/app/dup.bin", b"." * 4000)
+    code = """
+import os
+fd = os.open('/app/dup.bin', os.O_WRONLY)
+os.write(fd, b'one,')
+d = os.dup(fd)
+os.write(d, b'two,')
+os.dup2(fd, 50)
+os.close(fd)        # written back; the other fds keep the file and the offset
+os.write(50, b'three,')
+os.write(d, b'four')
+os.close(50)
+print(os.lseek(d, 0, os.SEEK_CUR))
+os.close(d)
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().split()
+    assert out == ["18"]
+    assert daemon.files["/app/dup.bin"] == b"one,two,three,four" + b"." * 3982
+
+
+def test_fork_child_continues_at_the_shared_offset(run: Runner, daemon: LayerDaemon) -> None:
+    daemon.add_file("/app/fork.bin", b"-" * 3000)
+    code = """
+import os
+fd = os.open('/app/fork.bin', os.O_RDWR)
+os.write(fd, b'parent1,')
+pid = os.fork()
+if pid == 0:
+    os.write(fd, b'child,')
+    os._exit(0)           # _exit: the child's buffer is written back all the same
+os.waitpid(pid, 0)
+os.write(fd, b'parent2')
+os.lseek(fd, 0, os.SEEK_SET)
+print(os.read(fd, 21))
+os.close(fd)
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().split()
+    assert out == ["b'parent1,child,parent2'"]
+    assert daemon.files["/app/fork.bin"] == b"parent1,child,parent2" + b"-" * 2979
+
+
+def test_exec_inherits_what_was_written_and_the_offset(run: Runner, daemon: LayerDaemon) -> None:
+    daemon.add_file("/app/exec.bin", b"_" * 2000)
+    code = """
+import os, subprocess
+fd = os.open('/app/exec.bin', os.O_WRONLY)
+os.write(fd, b'before-exec,')
+subprocess.run(['sh', '-c', 'printf from-sh, >&%d' % fd], pass_fds=[fd], check=True)
+os.write(fd, b'after')
+os.close(fd)
+"""
+    run.py(code, settings=BUFFERED)
+    assert daemon.files["/app/exec.bin"] == b"before-exec,from-sh,after" + b"_" * 1975
+
+
+def test_pending_writes_reach_the_target_at_exit(run: Runner, daemon: LayerDaemon) -> None:
+    daemon.add_file("/app/exit.bin", b" " * 2000)
+    code = "import os\nfd = os.open('/app/exit.bin', os.O_WRONLY)\nos.write(fd, b'not closed')\n"
+    run.py(code, settings=BUFFERED)
+    assert daemon.files["/app/exit.bin"] == b"not closed" + b" " * 1990
+
+
+def _limit_agent_file_size(daemon: LayerDaemon, limit: int) -> None:
+    """The agent's writes beyond `limit` bytes fail with EFBIG (Python ignores SIGXFSZ)."""
+    pid = daemon.agent_pid()
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def test_a_refused_write_back_is_the_error_of_close_and_fsync(
+    run: Runner, daemon: LayerDaemon
+) -> None:
+    daemon.add_file("/app/full.bin", b"=" * 4096)
+    daemon.start()
+    _limit_agent_file_size(daemon, 64 * 1024)
+    code = """
+import errno, os
+fd = os.open('/app/full.bin', os.O_WRONLY)
+os.lseek(fd, 1 << 20, os.SEEK_SET)
+assert os.write(fd, b'past the limit') == 14   # buffered: accepted
+try:
+    os.fsync(fd)
+except OSError as e:
+    print('fsync', errno.errorcode[e.errno])
+os.lseek(fd, 0, os.SEEK_SET)
+os.write(fd, b'fits')
+os.fsync(fd)
+print('fsync ok')
+os.lseek(fd, 1 << 20, os.SEEK_SET)
+os.write(fd, b'past again')
+try:
+    os.close(fd)
+except OSError as e:
+    print('close', errno.errorcode[e.errno])
+try:
+    os.close(fd)
+except OSError as e:
+    print('closed', errno.errorcode[e.errno])
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().splitlines()
+    assert out == ["fsync EFBIG", "fsync ok", "close EFBIG", "closed EBADF"]
+    assert daemon.files["/app/full.bin"] == b"fits" + b"=" * 4092
+
+
+@pytest.fixture(scope="module")
+def buffers_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cbuild") / "buffers"
+    subprocess.run(
+        ["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(HERE / "c" / "buffers.c")],
+        check=True,
+        timeout=60,
+    )
+    return out
+
+
+def test_c_program_writes_reads_forks_and_sees_errors(
+    run: Runner, daemon: LayerDaemon, buffers_program: Path
+) -> None:
+    size = 2 * 1024 * 1024
+    daemon.add_file("/app/c.bin", b"\0" * size)
+    daemon.add_file("/app/c-full.bin", b"\0" * 4096)
+    daemon.start()
+    _limit_agent_file_size(daemon, 3 * 1024 * 1024)
+    out = run(
+        [str(buffers_program), "/app/c.bin", "/app/c-full.bin"], settings=BUFFERED, check=False
+    )
+    lines = out.stdout.decode().splitlines()
+    assert out.returncode == 0 and not [x for x in lines if "FAIL" in x], out.stdout.decode()
+    assert lines[-1] == "done"
+    expected = bytearray(size)
+    for i in range(size // 4096):
+        expected[i * 4096 : (i + 1) * 4096] = bytes([i % 256]) * 4096
+    expected[:5] = b"child"
+    assert daemon.files["/app/c.bin"] == bytes(expected)
+
+
+def test_local_files_are_not_buffered(run: Runner, daemon: LayerDaemon) -> None:
+    local = run.cwd / "local.bin"
+    local.write_bytes(b"." * 5000)
+    code = """
+import os
+fd = os.open('local.bin', os.O_RDWR)
+os.write(fd, b'local')
+print(open('local.bin', 'rb').read(5))  # no buffer: visible before close
+os.close(fd)
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().split()
+    assert out == ["b'local'"]
+    assert "FileWrite" not in daemon.kinds()
