@@ -662,3 +662,6 @@ def test_a_local_targets_connections_are_handed_over_unless_switched_off(
         "udp local local again 127.0.0.1",  # a socket of this machine again
     ], result.stderr
     assert sunk == "sent elsewhere"  # from the pod, as its own socket would send it
+    [agent] = mirrord.status()["agents"]
+    # three sockets handed over (the TCP one and two connected UDP ones), or none
+    assert agent["link"]["handed_over"] == (3 if handover else 0)

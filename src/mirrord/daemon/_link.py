@@ -192,6 +192,7 @@ class AgentLink:
         # whoever is told when the link is lost, until it unregisters (`forget_lost`)
         self._lost_callbacks: dict[LostCallback, None] = {}
         self.frames_in = 0
+        self.handed_over = 0  # files and sockets the agent handed over (passed to a layer)
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -215,6 +216,7 @@ class AgentLink:
             "bytes_to_agent": self.counters.to_agent,
             "bytes_to_user": self.counters.to_user,
             "relayed_connections": self.counters.connections,
+            "handed_over": self.handed_over,
             "queued_bytes": self._writer.queued_bytes if self._writer else 0,
             "agent_version": self.welcome.agent_version if self.welcome else "",
             "agent_target": self.welcome.target if self.welcome else "",
@@ -535,7 +537,10 @@ class AgentLink:
     # -- receiving
 
     def _take_fd(self) -> PassedFd | None:
-        return self._reader.take_fd() if self._reader is not None else None
+        passed = self._reader.take_fd() if self._reader is not None else None
+        if passed is not None:
+            self.handed_over += 1
+        return passed
 
     def _dispatch(self, channel: int, msg: Message) -> None:
         if isinstance(msg, m.Reply):
