@@ -96,7 +96,7 @@ class PassedFd:
             os.close(fd)
 
 
-_Frame = tuple[bytes, tuple[Passable, ...]]
+_Frame = tuple[bytes | memoryview, tuple[Passable, ...]]  # a memoryview: not copied
 _STREAM_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
@@ -358,7 +358,7 @@ class FrameWriter:
             "writes": self.writes,
         }
 
-    def send_nowait(self, frame: bytes, passing: Sequence[Passable] = ()) -> None:
+    def send_nowait(self, frame: bytes | memoryview, passing: Sequence[Passable] = ()) -> None:
         """Queue `frame`; dropped once the writer is closed or broken (the peer is gone).
 
         `passing`: sockets handed to the peer with the frame's first byte (SCM_RIGHTS, plain
@@ -442,13 +442,16 @@ class FrameWriter:
                 data = await self._send_passing(data, passing)
             if data:
                 self.writes += 1
-                await self._stream.send(data)
+                # anyio's socket and TLS streams send any bytes-like object (typed `bytes`)
+                await self._stream.send(data)  # type: ignore[arg-type]
                 self.written_bytes += len(data)
         finally:
             self._writing = False
             self._took.set()
 
-    async def _send_passing(self, data: bytes, passing: tuple[Passable, ...]) -> bytes:
+    async def _send_passing(
+        self, data: bytes | memoryview, passing: tuple[Passable, ...]
+    ) -> bytes | memoryview:
         """Send the sockets with the first byte(s) of `data`; what remains to send."""
         assert self._raw is not None
         try:
@@ -471,7 +474,7 @@ class FrameWriter:
         return self._raw is not None and self._raw.family == socket.AF_UNIX
 
 
-def _send(raw: socket.socket, data: bytes, passing: Sequence[Passable]) -> int:
+def _send(raw: socket.socket, data: bytes | memoryview, passing: Sequence[Passable]) -> int:
     if not passing:
         return raw.send(data)
     fds = array.array("i", [s.fileno() for s in passing])
