@@ -261,6 +261,10 @@ static int open_conn(struct lconn *c, pid_t parent) {
     struct timeval tv = {.tv_sec = g_set.timeout_ms / 1000,
                          .tv_usec = (g_set.timeout_ms % 1000) * 1000};
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    /* a 1 MiB FileWrite in one write, not five wake-ups of the daemon (best effort: the
+     * kernel caps it at net.core.wmem_max) */
+    int sndbuf = 4 * 1024 * 1024;
+    setsockopt(s, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     if (REAL(connect)(s, (struct sockaddr *)&g_addr, sizeof g_addr) < 0) {
         DBG("cannot reach the daemon at %s: %s", g_addr.sun_path, strerror(errno));
         REAL(close)(s);
