@@ -511,6 +511,8 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
     return 0;
 }
 
+void conn_fail(struct lconn *c, const char *why) { (void)conn_broken(c, why); }
+
 uint64_t conn_send(struct lconn *c) {
     if (send_request(c, now_ms() + g_set.timeout_ms) < 0) {
         return 0;
