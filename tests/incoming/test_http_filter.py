@@ -15,6 +15,7 @@ from mirrord.agent._http_filter import (
     FilterError,
     HttpFilter,
     Passthrough,
+    RequestBody,
     RequestEnded,
     RequestHead,
     RequestSplitter,
@@ -409,3 +410,147 @@ def test_fuzz_pipelined_responses(bodies: list[bytes], cuts: list[int]) -> None:
         carry = rs.trailing
     assert b"".join(seen) == wire
     assert len(seen) == len(bodies)
+
+
+# ---------------------------------------------------------------- the fast path against h11
+
+
+def _mostly(good: list[str], odd: list[str]) -> st.SearchStrategy[str]:
+    return st.one_of(*[st.sampled_from(good)] * 8, st.sampled_from(odd))
+
+
+_odd_names = _mostly(
+    ["x-a", "X-B", "Accept", "Content-Length", "Connection", "Expect"],
+    ["Host", "Transfer-Encoding", "Upgrade", "Bad Name", "x\x00y", "", "h\xe9llo", "x:y"],
+)
+_odd_values = _mostly(
+    ["pod", "", " pod ", "\tpod\t", "a b", "a\tb", "5", "0", "3", "keep-alive", "close"],
+    ["05", "-1", "5, 5", "5 5", "abc", "chunked", "websocket", "caf\xe9", "a\x00b", "a\rb",
+     "a\nb", "a\x0bb", "1234567890123456789012", "100-continue"],
+)  # fmt: skip
+_versions = _mostly(["HTTP/1.1", "HTTP/1.0"], ["HTTP/1.2", "HTTP/2.0", "http/1.1"])
+_odd_methods = _mostly(["GET", "POST", "M-SEARCH"], ["CONNECT", "get", "G T"])
+_odd_targets = _mostly(["/", "/a?b=c", "*", "http://x/y"], ["/a b", "/\x7f", "/\xe9"])
+
+
+@st.composite
+def odd_request(draw: st.DrawFn) -> bytes:
+    """A request head near and across the edges of what h11 accepts, with a body."""
+    line = f"{draw(_odd_methods)} {draw(_odd_targets)} {draw(_versions)}"
+    headers = draw(st.lists(st.tuples(_odd_names, _odd_values), max_size=4))
+    hosts = draw(st.sampled_from([1, 1, 1, 0, 2]))
+    headers[draw(st.integers(0, len(headers))) : 0] = [("Host", "pod")] * hosts
+    sep = draw(_mostly([": ", ":"], [" : ", ":\t"]))
+    lines = [line] + [f"{k}{sep}{v}" for k, v in headers]
+    if draw(st.integers(0, 9)) == 9:
+        lines.insert(draw(st.integers(1, len(lines))), " folded")  # obs-fold
+    eol = draw(_mostly(["\r\n"], ["\n"]))
+    prefix = draw(_mostly([""], ["\r\n", "\r\n\r\n"]))
+    body = draw(st.binary(max_size=12))
+    return (prefix + eol.join(lines) + eol + eol).encode("latin-1") + body
+
+
+def normalized(events: list[Any]) -> list[Any]:
+    """Events with each request's body bytes joined (h11 and the fast path may cut a body
+    into different pieces) and passthrough bytes joined."""
+    out: list[Any] = []
+    body = b""
+    for ev in events:
+        if isinstance(ev, RequestStarted):
+            out.append(("start", ev.head, ev.raw))
+        elif isinstance(ev, RequestBody):
+            body += ev.raw
+        elif isinstance(ev, RequestEnded):
+            out.append(("end", ev.head, body + ev.raw))
+            body = b""
+        else:
+            if body:
+                out.append(("body", body))
+                body = b""
+            if out and out[-1][0] == "pass":
+                out[-1] = ("pass", out[-1][1] + ev.raw)
+            else:
+                out.append(("pass", ev.raw))
+    if body:
+        out.append(("body", body))
+    return out
+
+
+def split_with(chunks: list[bytes], *, fast: bool) -> list[Any]:
+    splitter = RequestSplitter(fast=fast)
+    events: list[Any] = []
+    for chunk in [*chunks, b""]:
+        splitter.receive_data(chunk)
+        events += drain(splitter)
+    return events
+
+
+@settings(max_examples=600, deadline=None)
+@given(reqs=st.lists(odd_request(), min_size=1, max_size=4), cuts=st.lists(st.integers(0, 10**6)))
+def test_fuzz_fast_path_agrees_with_h11(reqs: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(reqs)
+    chunks = chunked(data, cuts)
+    fast = split_with(chunks, fast=True)
+    assert normalized(fast) == normalized(split_with(chunks, fast=False))
+    assert raw_of(fast) == data
+
+
+def test_fast_path_takes_simple_heads_and_leaves_the_rest_to_h11() -> None:
+    simple = b"POST /x HTTP/1.1\r\nHost: pod\r\nContent-Length: 3\r\n\r\nabc"
+    splitter = RequestSplitter()
+    splitter.receive_data(simple)
+    assert isinstance(splitter.next_event(), RequestStarted)
+    assert splitter.state == "BODY"  # parsed without h11
+    for other in (
+        b"POST /x HTTP/1.1\r\nHost: pod\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: pod\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: pod\r\n folded\r\n\r\n",
+    ):
+        splitter = RequestSplitter()
+        splitter.receive_data(other)
+        assert isinstance(splitter.next_event(), RequestStarted)
+        assert splitter.state == "REQUEST", other  # h11's
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    reqs=st.lists(http_request(), min_size=1, max_size=5),
+    odd=st.lists(odd_request(), max_size=1),
+    cuts=st.lists(st.integers(0, 10**6)),
+)
+def test_fuzz_fast_path_agrees_with_h11_on_valid_requests(
+    reqs: list[tuple[bytes, str, str]], odd: list[bytes], cuts: list[int]
+) -> None:
+    data = b"".join(r for r, _, _ in reqs) + b"".join(odd)
+    chunks = chunked(data, cuts)
+    fast = split_with(chunks, fast=True)
+    assert normalized(fast) == normalized(split_with(chunks, fast=False))
+    assert raw_of(fast) == data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",  # no Host: h11 refuses it
+        b"GET / HTTP/1.0\r\n\r\n",  # HTTP/1.0 needs none
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2 \r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\tfolded\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX : 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: caf\xe9 \t\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+        b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+    ],
+)
+def test_fast_path_agrees_with_h11_at_the_edges(data: bytes) -> None:
+    for cut in (len(data), len(data) // 2, 1):
+        chunks = [data[:cut], data[cut:]]
+        fast = split_with(chunks, fast=True)
+        assert normalized(fast) == normalized(split_with(chunks, fast=False))
+        assert raw_of(fast) == data
