@@ -22,6 +22,7 @@ from mirrord.agent._http_filter import (
     RequestStarted,
     ResponseBody,
     ResponseEnded,
+    ResponseError,
     ResponseSplitter,
     ResponseStarted,
     kube_probe_recipe,
@@ -554,3 +555,112 @@ def test_fast_path_agrees_with_h11_at_the_edges(data: bytes) -> None:
         fast = split_with(chunks, fast=True)
         assert normalized(fast) == normalized(split_with(chunks, fast=False))
         assert raw_of(fast) == data
+
+
+_statuses = _mostly(["200 OK", "404 Not Found", "204 No Content", "304 NM", "500"], ["100 Continue", "101 Switching", "20 X", "200 OK\x00"])  # fmt: skip
+_resp_versions = _mostly(["HTTP/1.1", "HTTP/1.0"], ["HTTP/1.2", "HTTP/2", "HTTP/1.1 "])
+
+
+@st.composite
+def odd_response(draw: st.DrawFn) -> bytes:
+    """A response near and across the edges of what h11 accepts, framed in any way."""
+    names = _mostly(["x-a", "Server", "Connection"], ["Content-Length", "Bad Name", "x\x00"])
+    headers = draw(st.lists(st.tuples(names, _odd_values), max_size=3))
+    body = draw(st.binary(max_size=10))
+    framing = draw(_mostly(["length", "none"], ["chunked", "length twice"]))
+    if framing.startswith("length"):
+        headers += [("Content-Length", str(len(body)))] * (2 if framing == "length twice" else 1)
+    elif framing == "chunked":
+        headers.append(("Transfer-Encoding", "chunked"))
+        body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    lines = [f"{draw(_resp_versions)} {draw(_statuses)}"] + [f"{k}: {v}" for k, v in headers]
+    eol = draw(_mostly(["\r\n"], ["\n"]))
+    return (eol.join(lines) + eol + eol).encode("latin-1") + body
+
+
+def response_outcome(
+    req: RequestHead, chunks: list[bytes], *, fast: bool, eof: bool
+) -> tuple[list[Any], bytes]:
+    """The events of one response (bodies joined, an error as its message) and what trails."""
+    splitter = ResponseSplitter(req, fast=fast)
+    out: list[Any] = []
+    body = b""
+    try:
+        for chunk in [*chunks, *([b""] if eof else [])]:
+            splitter.receive_data(chunk)
+            for _ in range(10_000):
+                ev = splitter.next_event()
+                if ev is NEED_DATA:
+                    break
+                if isinstance(ev, ResponseStarted):
+                    out.append(("start", ev.status, ev.raw, ev.informational))
+                elif isinstance(ev, ResponseBody):
+                    body += ev.raw
+                else:
+                    assert isinstance(ev, ResponseEnded)
+                    out.append(("end", body + ev.raw, ev.switched, ev.keep_alive))
+                    body = b""
+            if splitter.done:
+                break
+    except ResponseError:
+        out.append(("error",))
+    return out, splitter.trailing if splitter.done else b""
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    resp=odd_response(),
+    request=st.tuples(
+        _mostly(["GET", "HEAD", "POST"], ["CONNECT"]), st.sampled_from(["1.1", "1.0"])
+    ),
+    extra=st.binary(max_size=8),
+    cuts=st.lists(st.integers(0, 10**6)),
+    eof=st.booleans(),
+)
+def test_fuzz_fast_response_path_agrees_with_h11(
+    resp: bytes, request: tuple[str, str], extra: bytes, cuts: list[int], eof: bool
+) -> None:
+    method, version = request
+    req = RequestHead(
+        method=method,
+        target="/",
+        http_version=version,
+        headers=(("host", "pod"),),
+        upgrade=method == "CONNECT",
+    )
+    chunks = chunked(resp + extra, cuts)
+    fast = response_outcome(req, chunks, fast=True, eof=eof)
+    assert fast == response_outcome(req, chunks, fast=False, eof=eof)
+
+
+@pytest.mark.parametrize(
+    ("method", "data"),
+    [
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"),
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nnext"),
+        ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\nnext"),
+        ("GET", b"HTTP/1.1 304 Not Modified\r\n\r\nnext"),
+        ("GET", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        ("GET", b"HTTP/1.1 200 OK\r\n\r\nuntil the close"),
+        (
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        ("GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ("GET", b"HTTP/1.1 200\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"),
+        ("GET", b"HTTP/1.1 200 OK\nContent-Length: 1\n\nx"),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"),  # cut short by EOF
+        ("GET", b"HTTP/2 200 OK\r\n\r\n"),
+    ],
+)
+def test_fast_response_path_agrees_with_h11_at_the_edges(method: str, data: bytes) -> None:
+    req = RequestHead(
+        method=method, target="/", http_version="1.1", headers=(("host", "a"),), upgrade=False
+    )
+    for cut in (len(data), len(data) // 2, 1):
+        for eof in (False, True):
+            chunks = [data[:cut], data[cut:]]
+            fast = response_outcome(req, chunks, fast=True, eof=eof)
+            assert fast == response_outcome(req, chunks, fast=False, eof=eof), (cut, eof)

@@ -17,6 +17,9 @@ applies) is parsed by `_fast_head`, a few compiled regular expressions that acce
 what h11's grammar accepts for those lines, and its body is counted off; anything else goes
 to h11 as below, which stays the reference (the tests check both paths agree). h11 builds a
 connection and a state machine per request: ~45 % of the agent's CPU per mirrored request.
+`ResponseSplitter` does the same for a response head with a final status and a
+`Content-Length` (or no body: HEAD, 204, 304), and hands everything else (1xx, chunked,
+delimited by the close) to h11 with the bytes it holds.
 
 `RequestSplitter` holds one h11 server-role connection per request. After each h11 event it
 compares how many bytes h11 still buffers with how many it was fed: the difference is the raw
@@ -609,23 +612,77 @@ def _wants_close(headers: Any) -> bool:
     return any(k.lower() == b"connection" and b"close" in v.lower() for k, v in headers)
 
 
+# h11's status line (h11/_abnf.py), for HTTP/1.0 and 1.1 only.
+_FAST_STATUS_LINE: Final = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: [^\x00\n\r\x0b\x0c]*)?")
+
+
+def _fast_response_head(head: bytes, method: str) -> tuple[int, int, bool] | None:
+    """(status, body length, the server will close) of a whole response head (without its
+    blank line) that the fast path can frame: a final status, a Content-Length or no body
+    (HEAD, 204, 304), no Transfer-Encoding. None: h11 decides (1xx, chunked, close-delimited,
+    anything its grammar might see differently)."""
+    lines = head.split(b"\r\n")
+    first = _FAST_STATUS_LINE.fullmatch(lines[0])
+    if first is None:
+        return None
+    status = int(first[2])
+    if status < 200:
+        return None
+    close = first[1] == b"1.0"
+    length: int | None = None
+    for line in lines[1:]:
+        field = _FAST_HEADER.fullmatch(line)
+        if field is None:
+            return None
+        name = field[1].lower()
+        if name == b"content-length":
+            if length is not None or _FAST_LENGTH.fullmatch(field[2]) is None:
+                return None
+            length = int(field[2])
+        elif name == b"transfer-encoding":
+            return None
+        elif name == b"connection" and b"close" in field[2].lower():
+            close = True
+    if method == "HEAD" or status in (204, 304):
+        return status, 0, close
+    if length is None:
+        return None  # delimited by the server's close: h11
+    return status, length, close
+
+
 class ResponseSplitter:
     """Finds the end of the response to one request. Bytes after it (the next pipelined
     response, or tunnel bytes after a switch) are `trailing` when it has ended."""
 
-    def __init__(self, head: RequestHead) -> None:
-        self._feeder = _Feeder(h11.CLIENT, b"")
-        headers = [(k, v) for k, v in head.headers]
+    def __init__(self, head: RequestHead, *, fast: bool = True) -> None:
+        self._head = head
+        headers = head.headers
         self._request_close = _wants_close((k.encode(), v.encode()) for k, v in headers) or (
             head.http_version == "1.0" and (head.header("connection") or "").lower() != "keep-alive"
         )
+        self._upgrade = head.upgrade
+        self._method = head.method.upper()
+        self._close = False
+        self.done = False
+        # The fast path (a head with Content-Length, or no body by status or method; see
+        # `_fast_response_head`) until it meets anything else; then h11 for the rest.
+        self._feeder: _Feeder | None = None
+        self._buf = bytearray()
+        self._eof = False
+        self._left = -1  # fast path: body bytes still to come (-1: before the head)
+        if not fast or head.upgrade:
+            self._to_h11()
+
+    def _to_h11(self) -> _Feeder:
+        feeder = self._feeder = _Feeder(h11.CLIENT, b"")
+        head = self._head
         # h11 only parses the response here, and only sends HTTP/1.1: an HTTP/1.0 request (or
         # one without Host, which 1.0 allows) is described to it as 1.1 with a Host; what
         # 1.0 changes for the response (no keep-alive by default) is `_request_close`.
-        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-        if not any(k == "host" for k, _ in headers):
+        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head.headers]
+        if not any(k == "host" for k, _ in head.headers):
             raw_headers.append((b"host", b""))
-        self._feeder.conn.send(
+        feeder.conn.send(
             h11.Request(
                 method=head.method,
                 target=head.target.encode("latin-1"),
@@ -633,25 +690,71 @@ class ResponseSplitter:
                 http_version="1.1",
             )
         )
-        self._upgrade = head.upgrade
-        self._method = head.method.upper()
-        self._close = False
-        self.done = False
+        feeder.feed(self._buf)
+        self._buf.clear()
+        if self._eof:
+            feeder.close()
+        return feeder
 
     @property
     def trailing(self) -> bytes:
-        return bytes(self._feeder.raw)
+        return bytes(self._feeder.raw) if self._feeder is not None else bytes(self._buf)
 
     def receive_data(self, data: bytes) -> None:
-        if data:
-            self._feeder.feed(data)
+        if self._feeder is not None:
+            if data:
+                self._feeder.feed(data)
+            else:
+                self._feeder.close()
+        elif data:
+            self._buf += data
         else:
-            self._feeder.close()
+            self._eof = True
+
+    def _fast_event(self) -> ResponseEvent | _Sentinel | None:
+        """The fast path's next event; None: h11 takes over from here."""
+        buf = self._buf
+        if self._left < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if self._eof or len(buf) > MAX_HEAD_SIZE or b"\n\n" in buf or b"\n\r\n" in buf:
+                    return None  # h11 says what this is
+                return NEED_DATA
+            parsed = _fast_response_head(bytes(buf[:end]), self._method)
+            if parsed is None:
+                return None
+            status, self._left, close = parsed
+            self._close = close
+            raw = bytes(buf[: end + 4])
+            del buf[: end + 4]
+            return ResponseStarted(status, raw, informational=False)
+        if self._left:
+            if not buf:
+                if self._eof:
+                    raise ResponseError(
+                        "the server closed the connection before a complete response"
+                    )
+                return NEED_DATA
+            n = min(self._left, len(buf))
+            raw = bytes(buf[:n])
+            del buf[:n]
+            self._left -= n
+            return ResponseBody(raw)
+        self.done = True
+        return ResponseEnded(
+            b"", switched=False, keep_alive=not (self._close or self._request_close)
+        )
 
     def next_event(self) -> ResponseEvent | _Sentinel:
         """Raises `ResponseError` when the bytes are not a response."""
         if self.done:
             return NEED_DATA
+        if self._feeder is None:
+            fast = self._fast_event()
+            if fast is not None:
+                return fast
+            self._to_h11()
+        assert self._feeder is not None
         try:
             event, raw = self._feeder.next()
         except h11.RemoteProtocolError as exc:
