@@ -262,6 +262,10 @@ static int open_conn(struct lconn *c, pid_t parent) {
     struct timeval tv = {.tv_sec = g_set.timeout_ms / 1000,
                          .tv_usec = (g_set.timeout_ms % 1000) * 1000};
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    /* a 1 MiB FileWrite in one write, not five wake-ups of the daemon (best effort: the
+     * kernel caps it at net.core.wmem_max) */
+    int sndbuf = 4 * 1024 * 1024;
+    setsockopt(s, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     if (REAL(connect)(s, (struct sockaddr *)&g_addr, sizeof g_addr) < 0) {
         DBG("cannot reach the daemon at %s: %s", g_addr.sun_path, strerror(errno));
         REAL(close)(s);
@@ -511,6 +515,8 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
     errno = saved;
     return 0;
 }
+
+void conn_fail(struct lconn *c, const char *why) { (void)conn_broken(c, why); }
 
 uint64_t conn_send(struct lconn *c) {
     if (send_request(c, now_ms() + g_set.timeout_ms) < 0) {

@@ -249,6 +249,9 @@ int conn_call(struct lconn *c, int expect, cbor_r *r);
  * released. */
 uint64_t conn_send(struct lconn *c);
 int conn_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r);
+/* The stream of replies is out of step (a reply to no request in flight): c is dropped, its
+ * next use reconnects; errno EIO. */
+void conn_fail(struct lconn *c, const char *why);
 /* The socket the daemon passed with the reply conn_call just read (the caller owns it), or
  * -1. A socket nobody takes is closed by the next call on the connection. */
 int conn_take_fd(struct lconn *c);
