@@ -22,6 +22,7 @@
 struct lconn {
     int fd;
     int rfd; /* a socket the daemon passed with the last reply (SCM_RIGHTS), or -1 */
+    int kind; /* the kind of the last reply conn_call accepted */
     unsigned gen;
     uint64_t rid;
     cbor_w w;
@@ -421,6 +422,8 @@ static void drop_passed_fd(struct lconn *c) {
     }
 }
 
+int conn_reply_kind(const struct lconn *c) { return c->kind; }
+
 int conn_take_fd(struct lconn *c) {
     int fd = c->rfd;
     c->rfd = -1;
@@ -468,9 +471,11 @@ static int next_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r, lon
             errno = (e > 0 && e < 4096) || (e < 0 && e > -256) ? (int)e : EIO;
             return 1;
         }
-        if ((int)kind != expect) {
+        /* FileFetch may be answered by FileHanded: the agent's own open file came along */
+        if ((int)kind != expect && !(expect == M_FILE_FETCHED && kind == M_FILE_HANDED)) {
             return conn_broken(c, "unexpected reply kind");
         }
+        c->kind = (int)kind;
         return 0;
     }
     return conn_broken(c, "too many pings");

@@ -17,8 +17,9 @@ from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import PYTHON, Runner
 
 HERE = Path(__file__).resolve().parent
-# fetch_limit 1000: every file below is bigger, so it is handle-backed and buffered
-BUFFERED = LayerSettings(fs_mode="write", timeout_ms=5000, fetch_limit=1000)
+# fetch_limit 1000: every file below is bigger, so it is handle-backed and buffered (on the
+# relayed path: a local target's agent would hand the files over, test_handover.py)
+BUFFERED = LayerSettings(fs_mode="write", timeout_ms=5000, fetch_limit=1000, fs_handover=False)
 
 
 def _content(n: int) -> bytes:
