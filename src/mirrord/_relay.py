@@ -123,6 +123,7 @@ class FlowRelay:
         self._reading = anyio.CancelScope()  # socket -> peer; cancelled when reading stops
         self._reader: FrameReader | None = None  # reading in the loop's callbacks (asyncio)
         self._reader_paused = False
+        self._direct: FrameReader | None = None  # reading a plain socket by awaiting (trio)
         self.finished = anyio.Event()
         self.reads = 0  # reads of the socket that gave bytes (or a datagram)
 
@@ -213,6 +214,9 @@ class FlowRelay:
             if self._raw is not None and _running_asyncio_loop() is not None:
                 await self._read_in_callbacks(self._raw)
                 return
+            if self._raw is not None:  # recv directly; a checkpoint only when always ready
+                assert isinstance(self.stream, anyio.abc.ByteStream)
+                self._direct = FrameReader(self.stream, self.flow.max_chunk)
             while self.flow.reading:
                 size = self.flow.read_size()
                 if size == 0:
@@ -265,6 +269,8 @@ class FlowRelay:
     async def _receive(self, size: int) -> bytes:
         stream = self.stream
         assert stream is not None  # run() checked
+        if self._direct is not None:
+            return await self._direct.receive(size)
         if not isinstance(stream, anyio.abc.ConnectedUDPSocket):
             return await stream.receive(size)
         datagram = await stream.receive()

@@ -95,6 +95,22 @@ def test_credit_only_for_bytes_the_socket_took() -> None:
     assert flow.recv_window == 10
 
 
+def test_credit_is_batched_after_the_first_write() -> None:
+    """With `credit_batch`, the first write is credited at once (the peer learns the socket
+    took something: see `abort`), later ones once the batch is owed."""
+    flow = Flow(C, window=100, credit_batch=10)
+    for data, credit in ((b"a", 1), (b"bcd", 0), (b"efghij", 0), (b"k", 10)):
+        flow.peer_data(data)
+        assert flow.take_write() == data
+        out = flow.wrote(len(data))
+        assert out == ([m.Credit(conn_id=C, amount=credit)] if credit else [])
+    assert flow.owed == 0 and flow.recv_window == 100
+    flow.peer_data(b"xy")
+    flow.take_write()
+    assert flow.wrote(2) == []
+    assert flow.owed == 2 and flow.recv_window == 98  # the peer's view: 2 not yet credited
+
+
 def test_write_idle_allows_the_direct_write_only_when_nothing_is_ahead() -> None:
     flow = Flow(C)
     assert flow.write_idle

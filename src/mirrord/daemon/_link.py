@@ -63,6 +63,9 @@ HANDSHAKE_TIMEOUT = 15.0
 _READ_SIZE = 256 * 1024
 # The most one Data carries from a user app's socket: one read per message (as the agent's).
 RELAY_CHUNK = 256 * 1024
+# Credit is sent once an eighth of the window is owed (and for the first write at once): a
+# small exchange costs no Credit frame each way (docs/relay.md).
+CREDIT_BATCH_DIVISOR = 8
 # Relays stop reading their sockets while more than this is queued for the agent (a stalled
 # agent stream), until it is half written.
 _HIGH_WATER = 4 * 1024 * 1024
@@ -539,6 +542,7 @@ class AgentLink:
             conn_id,
             window=self.conn.initial_window,
             max_chunk=RELAY_CHUNK,
+            credit_batch=self.conn.initial_window // CREDIT_BATCH_DIVISOR,
             mirror=mirror,
             datagram=datagram,
             incoming=incoming,

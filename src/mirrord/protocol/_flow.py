@@ -168,12 +168,18 @@ class Flow:
     offered that the user app may never have accepted (`accepted()`); ended from our side
     before the app accepted it or sent a byte, it is closed with ECONNREFUSED so the peer
     (the target's app) may answer instead. `max_chunk`: the largest Data this end sends.
+    `credit_batch`: written bytes are credited once at least this many are owed (0: after
+    every write); the first write is credited at once all the same, so the peer learns that
+    the socket took something. A small exchange then costs no `Credit` frame either way.
     """
 
     __slots__ = (
         "_accepted",
         "_close_errno",
+        "_credit_batch",
+        "_credited",
         "_inbox",
+        "_owed",
         "_peer_credited",
         "_queued",
         "_recv_window",
@@ -197,6 +203,7 @@ class Flow:
         mirror: bool = False,
         datagram: bool = False,
         incoming: bool = False,
+        credit_batch: int = 0,
     ) -> None:
         if not 0 < max_chunk <= MAX_DATA_CHUNK:
             raise ValueError(f"max_chunk must be in 1..{MAX_DATA_CHUNK}, got {max_chunk}")
@@ -208,6 +215,9 @@ class Flow:
         self._state = FlowState.OPEN
         self._send_window = window  # bytes we may still send the peer
         self._recv_window = window  # bytes the peer may still send us
+        self._credit_batch = credit_batch
+        self._owed = 0  # bytes written to the socket, not yet credited (below credit_batch)
+        self._credited = False  # we credited the peer at least once
         # peer --Data--> _inbox --take_write()--> socket (EOF last, after the peer's Shutdown)
         self._inbox: deque[bytes | _Eof] = deque()
         self._queued = 0  # bytes in _inbox
@@ -257,6 +267,11 @@ class Flow:
     @property
     def recv_window(self) -> int:
         return self._recv_window
+
+    @property
+    def owed(self) -> int:
+        """Bytes written to the socket whose `Credit` waits for `credit_batch`."""
+        return self._owed
 
     @property
     def queued(self) -> int:
@@ -409,8 +424,14 @@ class Flow:
             self._queued += len(rest)
         out: list[Message] = []
         if sent and self._state is not FlowState.DRAINING:
-            self._recv_window += sent
-            out.append(Credit(conn_id=self.conn_id, amount=sent))
+            owed = self._owed + sent
+            if owed >= self._credit_batch or not self._credited:
+                self._owed = 0
+                self._credited = True
+                self._recv_window += owed
+                out.append(Credit(conn_id=self.conn_id, amount=owed))
+            else:
+                self._owed = owed
         return out + self._settle()
 
     def wrote_eof(self) -> list[Message]:

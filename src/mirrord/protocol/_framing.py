@@ -32,6 +32,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_FRAME_SIZE",
     "FrameDecoder",
+    "bytes_frame",
     "decode_payload",
     "encode_frame",
     "frame_with_head",
@@ -117,6 +118,16 @@ def frame_with_head(head: list[int], items: int, body: bytes | memoryview) -> by
     return b"".join((_HEADER.pack(len(prefix) + len(body)), prefix, body))
 
 
+def bytes_frame(head: list[int], data: bytes) -> bytes:
+    """The frame of an array of the unsigned integers `head` followed by the byte string
+    `data`, byte for byte what `encode_frame` makes of it, with one copy of `data` instead of
+    two (connection `Data`: the relays' bulk)."""
+    prefix = b"".join(
+        [_cbor_head(4, len(head) + 1), *(_cbor_head(0, v) for v in head), _cbor_head(2, len(data))]
+    )
+    return b"".join((_HEADER.pack(len(prefix) + len(data)), prefix, data))
+
+
 class FrameDecoder:
     """Bytes in, frame payloads out. Raises `FrameTooLarge` as soon as a header is too big."""
 
@@ -142,8 +153,9 @@ class FrameDecoder:
         end = HEADER_SIZE + size
         if len(self._buffer) < end:
             return None
-        payload = bytes(self._buffer[HEADER_SIZE:end])
-        del self._buffer[:end]
+        with memoryview(self._buffer) as view:  # one copy (a bytearray slice is one more)
+            payload = view[HEADER_SIZE:end].tobytes()
+        del self._buffer[:end]  # O(1): a bytearray drops its head without moving the rest
         return payload
 
     @property
