@@ -17,7 +17,7 @@ from mirrord.protocol import (
     RemoteProtocolError,
 )
 from mirrord.protocol import messages as m
-from mirrord.protocol._flow import _TRANSITIONS
+from mirrord.protocol._flow import _TRANSITIONS, CREDIT_BATCH
 
 C = 7
 
@@ -93,22 +93,6 @@ def test_credit_only_for_bytes_the_socket_took() -> None:
     assert flow.take_write() == b"cdef"
     assert flow.wrote(4) == [m.Credit(conn_id=C, amount=4)]
     assert flow.recv_window == 10
-
-
-def test_credit_is_batched_after_the_first_write() -> None:
-    """With `credit_batch`, the first write is credited at once (the peer learns the socket
-    took something: see `abort`), later ones once the batch is owed."""
-    flow = Flow(C, window=100, credit_batch=10)
-    for data, credit in ((b"a", 1), (b"bcd", 0), (b"efghij", 0), (b"k", 10)):
-        flow.peer_data(data)
-        assert flow.take_write() == data
-        out = flow.wrote(len(data))
-        assert out == ([m.Credit(conn_id=C, amount=credit)] if credit else [])
-    assert flow.owed == 0 and flow.recv_window == 100
-    flow.peer_data(b"xy")
-    flow.take_write()
-    assert flow.wrote(2) == []
-    assert flow.owed == 2 and flow.recv_window == 98  # the peer's view: 2 not yet credited
 
 
 def test_write_idle_allows_the_direct_write_only_when_nothing_is_ahead() -> None:
@@ -381,3 +365,38 @@ def test_repr_and_statistics_show_the_state() -> None:
 def test_max_chunk_is_bounded_by_the_data_limit() -> None:
     with pytest.raises(ValueError, match="max_chunk"):
         Flow(C, max_chunk=m.MAX_DATA_CHUNK + 1)
+
+
+def test_credit_is_held_back_until_a_batch_after_the_first() -> None:
+    # A small exchange (a stolen HTTP request, its answer) is one Data each way: Credit goes
+    # back only once CREDIT_BATCH bytes were written (the first at once: the peer learns the
+    # socket took a byte).
+    flow = Flow(C, window=1024 * 1024)
+    sent: list[Message] = []
+    for _ in range(3):
+        flow.peer_data(b"x" * 100)
+        assert flow.take_write() is not None
+        sent += flow.wrote(100)
+    assert sent == [m.Credit(conn_id=C, amount=100)]
+    assert flow.credit_owed == 200
+    assert flow.recv_window == 1024 * 1024 - 200
+    flow.peer_data(b"y" * CREDIT_BATCH)
+    assert flow.take_write() is not None
+    assert flow.wrote(CREDIT_BATCH) == [m.Credit(conn_id=C, amount=CREDIT_BATCH + 200)]
+    assert flow.credit_owed == 0 and flow.recv_window == 1024 * 1024
+
+
+def test_a_small_window_is_credited_by_its_quarter_and_datagrams_at_once() -> None:
+    flow = Flow(C, window=16)
+    flow.peer_data(b"abcdefgh")
+    flow.take_write()
+    assert flow.wrote(1, b"bcdefgh") == [m.Credit(conn_id=C, amount=1)]
+    flow.take_write()
+    assert flow.wrote(3, b"efgh") == []  # 3 < 16 // 4
+    flow.take_write()
+    assert flow.wrote(4) == [m.Credit(conn_id=C, amount=7)]
+    udp = Flow(C, window=1024 * 1024, datagram=True)
+    for _ in range(2):
+        udp.peer_data(b"d" * 10)
+        udp.take_write()
+        assert udp.wrote(10) == [m.Credit(conn_id=C, amount=10)]

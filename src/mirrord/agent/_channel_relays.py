@@ -45,9 +45,6 @@ class ChannelRelays(RelayTable):
             conn_id,
             window=self._window,
             max_chunk=_READ_CHUNK,
-            # Credit once an eighth of the window is owed (the first write at once), as the
-            # daemon does: a small exchange costs no Credit frame (docs/relay.md)
-            credit_batch=self._window // 8,
             datagram=isinstance(stream, anyio.abc.ConnectedUDPSocket),
         )
         return self.register(FlowRelay(flow, self.link, stream, description=description))

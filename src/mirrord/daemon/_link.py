@@ -63,9 +63,6 @@ HANDSHAKE_TIMEOUT = 15.0
 _READ_SIZE = 256 * 1024
 # The most one Data carries from a user app's socket: one read per message (as the agent's).
 RELAY_CHUNK = 256 * 1024
-# Credit is sent once an eighth of the window is owed (and for the first write at once): a
-# small exchange costs no Credit frame each way (docs/relay.md).
-CREDIT_BATCH_DIVISOR = 8
 # Relays stop reading their sockets while more than this is queued for the agent (a stalled
 # agent stream), until it is half written.
 _HIGH_WATER = 4 * 1024 * 1024
@@ -293,7 +290,8 @@ class AgentLink:
                 self._writer = FrameWriter(stream, f"agent {self.handle.key}")
                 tg.start_soon(self._writer.run)
                 self._writer.send_nowait(self.conn.hello(client=f"mirrordd {__version__}"))
-                await self._handshake(stream)
+                reader = FrameReader(stream, _READ_SIZE)  # the stream's one reader
+                await self._handshake(reader)
                 self.state = "open"
                 log.info(
                     "agent link open: %s (agent %s)",
@@ -302,7 +300,7 @@ class AgentLink:
                 )
                 task_status.started()
                 try:
-                    reason = await self._read_loop(stream)
+                    reason = await self._read_loop(reader)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                     reason = f"the agent stream broke: {describe_error(exc)}"
                 except RemoteProtocolError as exc:
@@ -313,11 +311,11 @@ class AgentLink:
         finally:
             self._lose(reason)
 
-    async def _handshake(self, stream: anyio.abc.ByteStream) -> None:
+    async def _handshake(self, reader: FrameReader) -> None:
         try:
             with anyio.fail_after(HANDSHAKE_TIMEOUT):
                 while self.welcome is None:
-                    data = await stream.receive(_READ_SIZE)
+                    data = await reader.receive()
                     self.conn.receive_data(data)
                     while True:
                         event = self.conn.next_event()
@@ -345,11 +343,10 @@ class AgentLink:
                 f"{self.handle.description} refused the handshake: {exc}"
             ) from None
 
-    async def _read_loop(self, stream: anyio.abc.ByteStream) -> str:
+    async def _read_loop(self, reader: FrameReader) -> str:
         """Read the agent's frames until the stream ends; the reason it ended. Each read is
         handled in the event loop's reader callback (`FrameReader.run`): a reply costs no
         task wake-up here."""
-        reader = FrameReader(stream, _READ_SIZE)
         try:
             await reader.run(self._on_data)
             self._on_data(b"")  # the end of the stream (a frame cut short is the agent's error)
@@ -542,7 +539,6 @@ class AgentLink:
             conn_id,
             window=self.conn.initial_window,
             max_chunk=RELAY_CHUNK,
-            credit_batch=self.conn.initial_window // CREDIT_BATCH_DIVISOR,
             mirror=mirror,
             datagram=datagram,
             incoming=incoming,
