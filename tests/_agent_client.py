@@ -60,6 +60,8 @@ class AgentConn:
         self._inbox: collections.deque[bytes | None] = collections.deque()
         self._arrived = anyio.Event()
         self._credit = anyio.Event()
+        # Data bytes we may still send (the agent's Credit adds to it), as the daemon's Flow
+        self.send_window = client.conn.initial_window
         self.closed = anyio.Event()
         self.closed_errno: int | None = None
         self.eof = False
@@ -88,12 +90,13 @@ class AgentConn:
         """Data within the send window, waiting for Credit; BrokenResourceError once closed."""
         view = memoryview(data)
         while view:
-            while (window := self.client.conn.send_window(self.channel, self.conn_id)) <= 0:
+            while (window := self.send_window) <= 0:
                 if self.closed.is_set():
                     raise anyio.BrokenResourceError
                 self._credit = anyio.Event()
                 await self._credit.wait()
             n = min(window, chunk, len(view))
+            self.send_window -= n
             await self.client.send(m.Data(conn_id=self.conn_id, data=bytes(view[:n])), self.channel)
             view = view[n:]
 
@@ -275,6 +278,7 @@ class AgentClient:
         if isinstance(msg, m.Data):
             conn._push(msg.data)
         elif isinstance(msg, m.Credit):
+            conn.send_window += msg.amount
             conn._credit.set()
         elif isinstance(msg, m.Shutdown):
             conn._push(None)

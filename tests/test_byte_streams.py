@@ -4,7 +4,7 @@ half-close, end of stream, closing (also while a receive waits) and large payloa
 relays written against anyio's contract (daemon and agent) can use any of them.
 
 The streams: the agent's in-memory pipe (`pipe_pair`, incoming traffic to a channel's relay),
-the daemon's `RawSocketStream` (relays to user apps), and the Kubernetes `PortForwardStream`
+the relays' `RawSocketStream` (the daemon's sockets to user apps), and the Kubernetes `PortForwardStream`
 (the daemon's stream to an agent pod, over the in-process API server to a namespace pod).
 Each is paired with a peer: the pipe's other end, anyio's own socket stream, and a TCP socket
 accepted inside the pod. Pipes and raw sockets run under both backends (the agent is trio,
@@ -23,9 +23,9 @@ import anyio
 import anyio.abc
 import pytest
 
+from mirrord._relay import RawSocketStream
 from mirrord.agent import NetnsRunner
 from mirrord.agent._incoming_pipe import pipe_pair
-from mirrord.daemon._io import RawSocketStream
 from mirrord.kube import load_context, open_port_forward
 from mirrord.localpod import LocalPod, PodSpec
 from tests.kube._cluster import add_deployment

@@ -45,7 +45,7 @@ BATCH_LIMIT = 1024 * 1024
 # caps it at net.core.wmem_max).
 SEND_BUFFER = 4 * 1024 * 1024
 
-_Frame = tuple[bytes, tuple[socket.socket, ...]]
+_Frame = tuple[bytes | memoryview, tuple[socket.socket, ...]]  # a memoryview: not copied
 _STREAM_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
@@ -268,7 +268,7 @@ class FrameWriter:
             "writes": self.writes,
         }
 
-    def send_nowait(self, frame: bytes, passing: Sequence[socket.socket] = ()) -> None:
+    def send_nowait(self, frame: bytes | memoryview, passing: Sequence[socket.socket] = ()) -> None:
         """Queue `frame`; dropped once the writer is closed or broken (the peer is gone).
 
         `passing`: sockets handed to the peer with the frame's first byte (SCM_RIGHTS, plain
@@ -352,13 +352,16 @@ class FrameWriter:
                 data = await self._send_passing(data, passing)
             if data:
                 self.writes += 1
-                await self._stream.send(data)
+                # anyio's socket and TLS streams send any bytes-like object (typed `bytes`)
+                await self._stream.send(data)  # type: ignore[arg-type]
                 self.written_bytes += len(data)
         finally:
             self._writing = False
             self._took.set()
 
-    async def _send_passing(self, data: bytes, passing: tuple[socket.socket, ...]) -> bytes:
+    async def _send_passing(
+        self, data: bytes | memoryview, passing: tuple[socket.socket, ...]
+    ) -> bytes | memoryview:
         """Send the sockets with the first byte(s) of `data`; what remains to send."""
         assert self._raw is not None
         try:
@@ -378,7 +381,7 @@ class FrameWriter:
         return self._raw is not None and self._raw.family == socket.AF_UNIX
 
 
-def _send(raw: socket.socket, data: bytes, passing: Sequence[socket.socket]) -> int:
+def _send(raw: socket.socket, data: bytes | memoryview, passing: Sequence[socket.socket]) -> int:
     if not passing:
         return raw.send(data)
     fds = array.array("i", [s.fileno() for s in passing])

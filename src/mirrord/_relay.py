@@ -9,8 +9,10 @@ ended with an error). Does not own: the decisions (the `Flow` makes every one), 
 socket, the channel's table of connections, or the stream to the peer (`RelayLink`).
 
 Byte streams (TCP, unix) and connected UDP sockets (one `Data` per datagram, sent once the
-window holds all of it). The daemon's unconnected UDP endpoints keep their own serving loop
-until they move here (docs/relay.md, migration plan).
+window holds all of it). `RelayTable` is one channel's relays by connection id and the peer's
+messages to them (the agent's channels and the daemon's per-channel tables are this one
+class); `RawSocketStream` is a socket stream read only when asked (a relay reads its socket
+only under credit).
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ from typing import Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from mirrord._frames import plain_socket
-from mirrord.protocol import WRITE_EOF, Flow, FlowState, Message
-from mirrord.protocol.messages import Data
+from mirrord.protocol import WRITE_EOF, Flow, FlowState, Message, RemoteProtocolError
+from mirrord.protocol.messages import ConnClose, Credit, Data, Shutdown
 
-__all__ = ["CLOSE_DRAIN_TIMEOUT", "FlowRelay", "RelayLink"]
+__all__ = [
+    "CLOSE_DRAIN_TIMEOUT",
+    "CONN_MESSAGES",
+    "FlowRelay",
+    "RawSocketStream",
+    "RelayLink",
+    "RelayTable",
+]
 
 log = logging.getLogger("mirrord.relay")
 
@@ -40,6 +50,9 @@ CLOSE_DRAIN_TIMEOUT = 60.0
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 _DATAGRAM_MAX = 65507  # the largest UDP payload over IPv4
+# The peer's messages for one relayed connection.
+CONN_MESSAGES = (Data, Credit, Shutdown, ConnClose)
+RelayStream = anyio.abc.ByteStream | anyio.abc.ConnectedUDPSocket
 
 
 class RelayLink(Protocol):
@@ -79,33 +92,44 @@ def _arm_reset(stream: anyio.abc.ByteStream | anyio.abc.ConnectedUDPSocket) -> N
 
 class FlowRelay:
     """Connection `flow.conn_id` over `stream`: `run()` is its task; `receive`, `fail` and
-    `abort` are called synchronously by the owner (the reader of the peer's stream)."""
+    `abort` are called synchronously by the owner (the reader of the peer's stream).
+
+    `stream` may come later (`attach`, before `run`): a relay registered before its socket
+    is connected queues the peer's early `Data` in its flow instead of losing it."""
 
     def __init__(
         self,
         flow: Flow,
         link: RelayLink,
-        stream: anyio.abc.ByteStream | anyio.abc.ConnectedUDPSocket,
+        stream: RelayStream | None = None,
         *,
         description: str = "",
         drain_timeout: float = CLOSE_DRAIN_TIMEOUT,
     ) -> None:
-        if flow.datagram != isinstance(stream, anyio.abc.ConnectedUDPSocket):
-            raise ValueError("a datagram flow goes with a connected UDP socket, and only it")
         self.flow = flow
         self.link = link
-        self.stream = stream
+        self.stream: RelayStream | None = None
         self.description = description
         self._drain_timeout = drain_timeout
-        self._raw = (
-            None if isinstance(stream, anyio.abc.ConnectedUDPSocket) else plain_socket(stream)
-        )
+        self._raw: socket.socket | None = None
+        if stream is not None:
+            self.attach(stream)
         self._changed = anyio.Event()  # set (and replaced) whenever the flow moved
         self._reading = anyio.CancelScope()  # socket -> peer; cancelled when reading stops
         self.finished = anyio.Event()
+        self.reads = 0  # reads of the socket that gave bytes (or a datagram)
 
     def __repr__(self) -> str:
         return f"<FlowRelay {self.description} {self.flow!r}>"
+
+    def attach(self, stream: RelayStream) -> None:
+        """The relay's socket, once connected (before `run`)."""
+        if self.flow.datagram != isinstance(stream, anyio.abc.ConnectedUDPSocket):
+            raise ValueError("a datagram flow goes with a connected UDP socket, and only it")
+        self.stream = stream
+        self._raw = (
+            None if isinstance(stream, anyio.abc.ConnectedUDPSocket) else plain_socket(stream)
+        )
 
     # -- from the peer's stream (sync: never waits) --------------------------------------
 
@@ -143,6 +167,8 @@ class FlowRelay:
 
     async def run(self) -> None:
         """Relay until the flow is finished; the socket is closed when this returns."""
+        if self.stream is None:
+            raise RuntimeError(f"{self!r}: run() before attach()")
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._socket_to_peer)
@@ -188,25 +214,30 @@ class FlowRelay:
                 except _GONE as exc:
                     out = self.flow.socket_error(_errno_of(exc))
                 else:
+                    self.reads += 1
                     out = self.flow.socket_data(data)
                 self._send_all(out)
                 self._moved()
                 await self.link.wait_ready()
 
     async def _receive(self, size: int) -> bytes:
-        if not isinstance(self.stream, anyio.abc.ConnectedUDPSocket):
-            return await self.stream.receive(size)
-        datagram = await self.stream.receive()
+        stream = self.stream
+        assert stream is not None  # run() checked
+        if not isinstance(stream, anyio.abc.ConnectedUDPSocket):
+            return await stream.receive(size)
+        datagram = await stream.receive()
         while not self.flow.can_send(len(datagram)):  # a datagram is never split
             await self._changed.wait()
         return datagram
 
     async def _send(self, item: bytes) -> None:
-        if isinstance(self.stream, anyio.abc.ConnectedUDPSocket):
+        stream = self.stream
+        assert stream is not None  # run() checked
+        if isinstance(stream, anyio.abc.ConnectedUDPSocket):
             with contextlib.suppress(OSError):  # lost, as on any network (ECONNREFUSED, ...)
-                await self.stream.send(item[:_DATAGRAM_MAX])
+                await stream.send(item[:_DATAGRAM_MAX])
             return
-        await self.stream.send(item)
+        await stream.send(item)
 
     async def _peer_to_socket(self) -> None:
         while not self.flow.finished:
@@ -255,3 +286,148 @@ class FlowRelay:
             self._reading.cancel()
         self._changed.set()
         self._changed = anyio.Event()
+
+
+class RelayTable:
+    """The relays of one channel by connection id, and the peer's messages to them.
+
+    A relay stays in the table from `register` until its task ends (`run`, or `forget` by an
+    owner that runs it itself), also while it drains after the peer's `ConnClose(0)`; connection ids only
+    grow on each side, so none is reused meanwhile."""
+
+    def __init__(self, link: RelayLink, name: str) -> None:
+        self.link = link
+        self.name = name
+        self._relays: dict[int, FlowRelay] = {}
+
+    def __repr__(self) -> str:
+        return f"<RelayTable {self.name} conns={len(self._relays)}>"
+
+    def __len__(self) -> int:
+        return len(self._relays)
+
+    def __contains__(self, conn_id: int) -> bool:
+        return conn_id in self._relays
+
+    def get(self, conn_id: int) -> FlowRelay | None:
+        return self._relays.get(conn_id)
+
+    def register(self, relay: FlowRelay) -> FlowRelay:
+        self._relays[relay.flow.conn_id] = relay
+        return relay
+
+    def forget(self, relay: FlowRelay) -> None:
+        conn_id = relay.flow.conn_id
+        if self._relays.get(conn_id) is relay:
+            del self._relays[conn_id]
+
+    async def run(self, relay: FlowRelay) -> None:
+        """`relay`'s task: relay until the connection ends, then forget it."""
+        try:
+            await relay.run()
+        finally:
+            self.forget(relay)
+
+    def receive(self, msg: Data | Credit | Shutdown | ConnClose) -> FlowRelay | None:
+        """One of the peer's messages for a connection; the relay it went to, or None when
+        the connection is not (or no longer) here."""
+        relay = self._relays.get(msg.conn_id)
+        if relay is None:
+            return None
+        before = relay.flow.state
+        try:
+            relay.receive(msg)
+        except RemoteProtocolError as exc:
+            # The peer broke this connection's rules (Data after its Shutdown, or beyond the
+            # window): the connection is reset on both sides, the channel goes on.
+            log.warning("%s: %s: the connection is reset", self.name, exc.message)
+            if before is not FlowState.DRAINING:  # the peer's side is still there
+                self.link.send_nowait(ConnClose(conn_id=msg.conn_id, errno=errno_mod.EPROTO))
+        return relay
+
+    def fail(self, conn_id: int, errno: int) -> None:
+        """Give connection `conn_id` up: the peer is told `ConnClose(errno)` at once."""
+        relay = self._relays.get(conn_id)
+        if relay is not None:
+            relay.fail(errno)
+
+    def abort_all(self) -> list[tuple[FlowRelay, int]]:
+        """End every relay without telling the peer (the channel or its stream is gone).
+        Returns those that were still running, each with the errno its socket's side should
+        learn (`Flow.abort`); one that had ended already (e.g. refused) keeps its reason."""
+        aborted = []
+        for relay in list(self._relays.values()):
+            running = not relay.flow.finished
+            errno = relay.abort()
+            if running:
+                aborted.append((relay, errno))
+        return aborted
+
+
+class RawSocketStream(anyio.abc.SocketStream):
+    """A stream over a connected socket that reads only when `receive()` is called.
+
+    anyio's asyncio streams for TCP sockets (`accept()`, `SocketStream.from_socket()`) read
+    through an asyncio transport that is only paused after a `receive()` had to wait: a user
+    app that uploads faster than the agent's credit window lets the daemon read, kept the
+    transport reading into an unbounded queue (a 4 GiB upload grew the daemon to 3.1 GB).
+    Here unread bytes stay in the kernel's socket buffer, so TCP's own window stops the app
+    while the relay waits for credit."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<RawSocketStream fd={self._sock.fileno()} closed={self._closed}>"
+
+    @property
+    def _raw_socket(self) -> socket.socket:
+        return self._sock
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.lowlevel.checkpoint()  # a peer that never stops sending starves nobody
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                data = self._sock.recv(max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self._sock)
+                continue
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def send(self, item: bytes) -> None:
+        await anyio.lowlevel.checkpoint()
+        view = memoryview(item)
+        while view:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                sent = self._sock.send(view)
+            except BlockingIOError:
+                await anyio.wait_writable(self._sock)
+                continue
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+            view = view[sent:]
+
+    async def send_eof(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise anyio.BrokenResourceError from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._sock)  # wakes a task waiting in wait_readable/writable
+            self._sock.close()
+        await anyio.lowlevel.checkpoint()

@@ -19,6 +19,7 @@ from anyio.abc import SocketAttribute
 
 from mirrord.protocol import (
     CLOSED,
+    INITIAL_WINDOW,
     NEED_DATA,
     AgentConnection,
     AgentRole,
@@ -48,6 +49,8 @@ class ScriptedAgent:
     streams: int = 0
     stalled: bool = False  # like SIGSTOP: nothing answered, nothing read after the current read
     killed: bool = False
+    # (channel, conn id) -> Data bytes it may still send (the daemon's Credit adds to it)
+    windows: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def disconnect(self) -> None:
         """End the stream (the daemon reads EOF), as an agent closing it does."""
@@ -63,8 +66,16 @@ class ScriptedAgent:
 
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
 
+    def send_window(self, channel: int, conn_id: int) -> int:
+        """How many Data bytes the daemon credited this connection for (the scripted agent
+        honours the window unless a test means to overrun it)."""
+        return self.windows.get((channel, conn_id), INITIAL_WINDOW)
+
     async def send(self, msg: Message, channel: int) -> None:
         assert self.conn is not None and self.stream is not None
+        if isinstance(msg, m.Data):
+            key = (channel, msg.conn_id)
+            self.windows[key] = self.send_window(*key) - len(msg.data)
         async with self._lock:  # several test tasks write; frames must not interleave
             await self.stream.send(self.conn.send(msg, channel))
 
@@ -113,6 +124,10 @@ class ScriptedAgent:
             return  # a stopped process answers nothing
         if isinstance(msg, m.ChannelOpen):
             self.channels[channel] = msg
+            return
+        if isinstance(msg, m.Credit):
+            key = (channel, msg.conn_id)
+            self.windows[key] = self.send_window(*key) + msg.amount
             return
         if isinstance(msg, m.Data):
             if self.on_data is not None:

@@ -303,7 +303,7 @@ async def test_outgoing_relay_respects_the_credit_window(harness: Harness) -> No
         assert agent.conn is not None
         sent = 0
         while sent < len(payload):
-            window = agent.conn.send_window(peer.process, connect.conn_id)
+            window = agent.send_window(peer.process, connect.conn_id)
             if window == 0:
                 await agent.send(m.Ping(nonce=sent), 0)  # let credits arrive
                 await anyio.sleep(0.005)
@@ -351,7 +351,7 @@ async def test_a_slow_reader_does_not_stall_another_connection(harness: Harness)
         # as much as credit allows, until the kernel buffers and the daemon's are full
         assert agent.conn is not None
         while not fast_done.is_set():
-            window = agent.conn.send_window(peer.process, slow_id)
+            window = agent.send_window(peer.process, slow_id)
             if window == 0:
                 await anyio.sleep(0.01)
                 continue
@@ -370,7 +370,7 @@ async def test_a_slow_reader_does_not_stall_another_connection(harness: Harness)
         assert agent.conn is not None
         sent = 0
         while sent < total:
-            window = agent.conn.send_window(peer.process, fast_id)
+            window = agent.send_window(peer.process, fast_id)
             if window == 0:
                 await anyio.sleep(0.002)
                 continue
@@ -386,10 +386,11 @@ async def test_a_slow_reader_does_not_stall_another_connection(harness: Harness)
     assert got == total
     await anyio.sleep(0.3)
     # the stalled connection is out of credit, and the daemon holds at most one window of it
-    assert agent.conn.send_window(peer.process, slow_id) == 0
+    assert agent.send_window(peer.process, slow_id) == 0
     session_obj = harness.daemon.sessions[session]
-    relay = session_obj.link.relays[(peer.process, slow_id)]
-    assert 0 < relay.buffered <= INITIAL_WINDOW
+    relay = session_obj.link.relays[peer.process].get(slow_id)
+    assert relay is not None
+    assert 0 < relay.flow.queued <= INITIAL_WINDOW
     stalled.close()
     fast.close()
 

@@ -17,7 +17,7 @@ from mirrord.protocol import (
     RemoteProtocolError,
 )
 from mirrord.protocol import messages as m
-from mirrord.protocol._flow import _TRANSITIONS
+from mirrord.protocol._flow import _TRANSITIONS, CREDIT_BATCH
 
 C = 7
 
@@ -365,3 +365,38 @@ def test_repr_and_statistics_show_the_state() -> None:
 def test_max_chunk_is_bounded_by_the_data_limit() -> None:
     with pytest.raises(ValueError, match="max_chunk"):
         Flow(C, max_chunk=m.MAX_DATA_CHUNK + 1)
+
+
+def test_credit_is_held_back_until_a_batch_after_the_first() -> None:
+    # A small exchange (a stolen HTTP request, its answer) is one Data each way: Credit goes
+    # back only once CREDIT_BATCH bytes were written (the first at once: the peer learns the
+    # socket took a byte).
+    flow = Flow(C, window=1024 * 1024)
+    sent: list[Message] = []
+    for _ in range(3):
+        flow.peer_data(b"x" * 100)
+        assert flow.take_write() is not None
+        sent += flow.wrote(100)
+    assert sent == [m.Credit(conn_id=C, amount=100)]
+    assert flow.credit_owed == 200
+    assert flow.recv_window == 1024 * 1024 - 200
+    flow.peer_data(b"y" * CREDIT_BATCH)
+    assert flow.take_write() is not None
+    assert flow.wrote(CREDIT_BATCH) == [m.Credit(conn_id=C, amount=CREDIT_BATCH + 200)]
+    assert flow.credit_owed == 0 and flow.recv_window == 1024 * 1024
+
+
+def test_a_small_window_is_credited_by_its_quarter_and_datagrams_at_once() -> None:
+    flow = Flow(C, window=16)
+    flow.peer_data(b"abcdefgh")
+    flow.take_write()
+    assert flow.wrote(1, b"bcdefgh") == [m.Credit(conn_id=C, amount=1)]
+    flow.take_write()
+    assert flow.wrote(3, b"efgh") == []  # 3 < 16 // 4
+    flow.take_write()
+    assert flow.wrote(4) == [m.Credit(conn_id=C, amount=7)]
+    udp = Flow(C, window=1024 * 1024, datagram=True)
+    for _ in range(2):
+        udp.peer_data(b"d" * 10)
+        udp.take_write()
+        assert udp.wrote(10) == [m.Credit(conn_id=C, amount=10)]

@@ -80,8 +80,11 @@ def check(a: End, b: End) -> None:
             continue
         data, _ = in_flight(src.wire_out)
         _, credit = in_flight(dst.wire_out)
-        # every byte of the window is somewhere: unsent, on the wire, queued, or being credited
-        assert src.flow.send_window + data + dst.flow.queued + credit == WINDOW
+        # every byte of the window is somewhere: unsent, on the wire, queued, written but held
+        # back from Credit (`credit_owed`), or being credited
+        assert src.flow.send_window + data + dst.flow.queued + dst.flow.credit_owed + credit == (
+            WINDOW
+        )
 
 
 def step(a: End, b: End, action: int, size: int) -> None:

@@ -37,9 +37,11 @@ from mirrord.agent._dns import GaiError
 from mirrord.agent._env import filter_env, read_environ
 from mirrord.agent._files import (
     DirHandle,
+    FileData,
     FileHandle,
     HandleTable,
     fstatfs,
+    read_data,
     stat_list,
     utimens_at,
 )
@@ -66,7 +68,11 @@ log = logging.getLogger("mirrord.agent")
 # A file request, planned on the event loop: the blocking call for a worker thread, what makes
 # the reply from its result (on the event loop), and the handle the call uses (released first).
 # No blocking call (None): the reply is made at once.
-_Plan: TypeAlias = tuple[Callable[[], Any] | None, Callable[[Any], Message], "FileHandle | None"]
+# (the call, what makes its reply of the result, the handle it holds): the reply is a message,
+# or a large read's FileData, already in its frame
+_Plan: TypeAlias = tuple[
+    Callable[[], Any] | None, Callable[[Any], "Message | FileData"], "FileHandle | None"
+]
 
 
 class IncomingHandler(Protocol):
@@ -111,6 +117,10 @@ class ChannelOwner(Protocol):
     async def send(self, msg: Message, channel: int) -> None: ...
 
     def send_nowait(self, msg: Message, channel: int) -> None: ...
+
+    def send_data_nowait(self, request_id: int, data: FileData, channel: int) -> None:
+        """Send the FileData reply to `request_id` whose bytes `read_data` read in place."""
+        ...
 
     async def wait_ready(self) -> None:
         """Until the daemon is not too far behind in reading what was sent to it."""
@@ -330,7 +340,7 @@ class Channel:
         finally:
             self.session.request_slots.release()
 
-    def _log_reply(self, req: Any, reply: Message | None) -> None:
+    def _log_reply(self, req: Any, reply: Message | FileData | None) -> None:
         if log.isEnabledFor(logging.DEBUG):
             # Message names and errnos only: paths are fine, env values never reach here.
             log.debug(
@@ -381,10 +391,14 @@ class Channel:
                 self.handles.release(handle)
             self._answer(req, _errno_reply(req.request_id, OSError(errno.EIO, str(exc))))
 
-    def _answer(self, req: Any, reply: Message) -> None:
+    def _answer(self, req: Any, reply: Message | FileData) -> None:
         self.session.request_slots.release()
         self._log_reply(req, reply)
-        if not self.closed:  # a closed channel's requests are answered by nobody
+        if self.closed:
+            return  # a closed channel's requests are answered by nobody
+        if isinstance(reply, FileData):
+            self.session.send_data_nowait(req.request_id, reply, self.number)
+        else:
             self.session.send_nowait(reply, self.number)
 
     # -- files (each returns a plan: see _Plan) -------------------------------------------------
@@ -470,6 +484,11 @@ class Channel:
                 return os.read(h.fd, req.size)
             return os.pread(h.fd, req.size, req.offset)
 
+        if req.size > INLINE_READ_MAX:
+            # a large read (a worker's): straight into its reply frame (`FileData`)
+            return self._on_handle(
+                req.handle, lambda h: read_data(h.fd, req.size, req.offset), lambda d: d
+            )
         return self._on_handle(
             req.handle,
             read,

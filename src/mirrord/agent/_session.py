@@ -25,6 +25,7 @@ import anyio.abc
 from mirrord import __version__
 from mirrord._frames import FrameReader, FrameWriter
 from mirrord.agent._channel import Channel
+from mirrord.agent._files import FileData
 from mirrord.protocol import (
     CLOSED,
     CONTROL_CHANNEL,
@@ -155,6 +156,13 @@ class DaemonSession:
         frame = self._frame(msg, channel)
         if frame is not None:
             self.writer.send_nowait(frame)
+
+    def send_data_nowait(self, request_id: int, data: FileData, channel: int) -> None:
+        """Send the FileData reply to `request_id` whose bytes are already in its frame's
+        buffer (`read_data`): the head is the connection's, the data is not copied again."""
+        frame = self._frame(m.FileData(request_id=request_id, data=b""), channel)
+        if frame is not None:
+            self.writer.send_nowait(data.frame(frame))
 
     async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
         """Send `msg` on `channel`; waits while too much is queued for the daemon. Never

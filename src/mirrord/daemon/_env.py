@@ -74,6 +74,9 @@ class _EnvChannel:
     def on_incoming(self, msg: m.IncomingConnection) -> None:
         del msg
 
+    def on_conn_reset(self, conn_id: int, errno: int) -> None:
+        del conn_id, errno
+
     def on_channel_closed(self, reason: str) -> None:
         del reason
 

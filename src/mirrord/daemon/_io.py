@@ -1,8 +1,7 @@
-"""Small socket helpers of the daemon: relay sockets that are read only when asked
-(back-pressure), resetting a socket stream, and who owns the other end of a loopback TCP
-connection.
+"""Who owns the other end of a loopback TCP connection (the daemon's check that an incoming
+connection reaches the user app's own listener).
 
-Does not own frame I/O (`mirrord._frames`) nor what the frames mean.
+Does not own frame I/O (`mirrord._frames`), relays or their sockets (`mirrord._relay`).
 """
 
 from __future__ import annotations
@@ -10,98 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 
-import anyio
-import anyio.abc
-import anyio.lowlevel
-from anyio.abc import SocketAttribute
-
-__all__ = [
-    "RawSocketStream",
-    "peer_uid",
-    "reset_stream",
-]
-
-
-class RawSocketStream(anyio.abc.SocketStream):
-    """A stream over a connected socket that reads only when `receive()` is called.
-
-    anyio's asyncio streams for TCP sockets (`accept()`, `SocketStream.from_socket()`) read
-    through an asyncio transport that is only paused after a `receive()` had to wait: a user
-    app that uploads faster than the agent's credit window lets the daemon read, kept the
-    transport reading into an unbounded queue (a 4 GiB upload grew the daemon to 3.1 GB).
-    Here unread bytes stay in the kernel's socket buffer, so TCP's own window stops the app
-    while the relay waits for credit."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<RawSocketStream fd={self._sock.fileno()} closed={self._closed}>"
-
-    @property
-    def _raw_socket(self) -> socket.socket:
-        return self._sock
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        await anyio.lowlevel.checkpoint()  # a peer that never stops sending starves nobody
-        while True:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            try:
-                data = self._sock.recv(max_bytes)
-            except BlockingIOError:
-                await anyio.wait_readable(self._sock)
-                continue
-            except OSError as exc:
-                raise anyio.BrokenResourceError from exc
-            if not data:
-                raise anyio.EndOfStream
-            return data
-
-    async def send(self, item: bytes) -> None:
-        await anyio.lowlevel.checkpoint()
-        view = memoryview(item)
-        while view:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            try:
-                sent = self._sock.send(view)
-            except BlockingIOError:
-                await anyio.wait_writable(self._sock)
-                continue
-            except OSError as exc:
-                raise anyio.BrokenResourceError from exc
-            view = view[sent:]
-
-    async def send_eof(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise anyio.BrokenResourceError from exc
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._sock)  # wakes a task waiting in wait_readable/writable
-            self._sock.close()
-        await anyio.lowlevel.checkpoint()
-
-
-def reset_stream(stream: anyio.abc.ByteStream) -> None:
-    """Make the next close send a TCP RST (SO_LINGER 0), so the peer sees ECONNRESET."""
-    try:
-        sock = stream.extra(SocketAttribute.raw_socket)
-    except anyio.TypedAttributeLookupError:
-        return
-    try:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
+__all__ = ["peer_uid"]
 
 
 # sock_diag (linux/sock_diag.h, linux/inet_diag.h): one exact lookup of a TCP socket

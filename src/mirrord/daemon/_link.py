@@ -1,9 +1,10 @@
 """One agent stream: the handshake, channels, request ids and the relays on it.
 
 Owns: the `AgentConnection` of one agent stream; allocation of channel ids, daemon request ids
-and even connection ids; mapping replies back to whoever asked; routing connection messages
-to relays and incoming connections / channel closes to the channel's owner; marking
-everything failed when the stream breaks. Does not own: sessions or layer connections (they
+and even connection ids; mapping replies back to whoever asked; each channel's table of
+relays (`RelayTable` of the shared engine, docs/relay.md) and routing connection messages to
+them; incoming connections / channel closes to the channel's owner; marking everything
+failed (and aborting every relay) when the stream breaks. Does not own: sessions or layer connections (they
 are channel owners), starting agents (backends), or when to stop the agent (the pool).
 
 Everything the reader does is synchronous and non-blocking: frames to the agent are queued on
@@ -24,10 +25,11 @@ import anyio
 import anyio.abc
 
 from mirrord._frames import FrameReader, FrameWriter
+from mirrord._relay import CONN_MESSAGES, FlowRelay, RelayTable
 from mirrord._version import __version__
 from mirrord.backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError, ChannelLost
-from mirrord.daemon._relay import Counters, Relay
+from mirrord.daemon._relay import Counters
 from mirrord.protocol import (
     CLOSED,
     CONTROL_CHANNEL,
@@ -35,6 +37,7 @@ from mirrord.protocol import (
     NEED_DATA,
     AgentConnection,
     AgentRole,
+    Flow,
     LocalProtocolError,
     Message,
     Received,
@@ -58,6 +61,11 @@ log = logging.getLogger("mirrord.daemon.link")
 
 HANDSHAKE_TIMEOUT = 15.0
 _READ_SIZE = 256 * 1024
+# The most one Data carries from a user app's socket: one read per message (as the agent's).
+RELAY_CHUNK = 256 * 1024
+# Relays stop reading their sockets while more than this is queued for the agent (a stalled
+# agent stream), until it is half written.
+_HIGH_WATER = 4 * 1024 * 1024
 
 LostCallback = Callable[[str], None]
 
@@ -152,9 +160,46 @@ class ChannelOwner(Protocol):
 
     def on_incoming(self, msg: m.IncomingConnection) -> None: ...
 
+    def on_conn_reset(self, conn_id: int, errno: int) -> None: ...
+
     def on_channel_closed(self, reason: str) -> None: ...
 
     def on_traffic_stats(self, msg: m.TrafficStats) -> None: ...
+
+
+class _ChannelLink:
+    """The agent stream as the relays of one channel see it (their `RelayLink`), counting
+    the bytes they relay (`mirrord daemon status`)."""
+
+    __slots__ = ("_channel", "_link", "counters")
+
+    def __init__(self, link: AgentLink, channel: int, counters: tuple[Counters, ...]) -> None:
+        self._link = link
+        self._channel = channel
+        self.counters = counters
+
+    def send_nowait(self, msg: Message) -> None:
+        if isinstance(msg, m.Data):
+            for c in self.counters:
+                c.to_agent += len(msg.data)
+        elif isinstance(msg, m.Credit):  # sent for what went into the user app's socket
+            for c in self.counters:
+                c.to_user += msg.amount
+        self._link.send(msg, self._channel)
+
+    async def wait_ready(self) -> None:
+        writer = self._link._writer
+        if writer is not None and writer.queued_bytes > _HIGH_WATER:
+            await writer.wait_queued_below(_HIGH_WATER // 2)
+
+
+class ChannelRelays(RelayTable):
+    """The relays of one channel."""
+
+    link: _ChannelLink
+
+    def __init__(self, link: _ChannelLink, channel: int) -> None:
+        super().__init__(link, f"channel {channel}")
 
 
 class AgentLink:
@@ -173,7 +218,7 @@ class AgentLink:
         self.counters = Counters()
         self.traffic: dict[int, dict[str, int]] = {}  # mirrored port -> TrafficStats figures
         self.channels: dict[int, ChannelOwner] = {}
-        self.relays: dict[tuple[int, int], Relay] = {}
+        self.relays: dict[int, ChannelRelays] = {}  # channel -> its relayed connections
         self._pending: dict[int, _Waiter | _Forward] = {}
         self._next_request = 1
         self._next_channel = 1
@@ -200,7 +245,7 @@ class AgentLink:
             "state": self.state,
             "reason": self.reason,
             "channels": len(self.channels),
-            "connections": len(self.relays),
+            "connections": sum(len(table) for table in self.relays.values()),
             "pending_requests": len(self._pending),
             "requests": self.requests,
             "bytes_to_agent": self.counters.to_agent,
@@ -351,8 +396,9 @@ class AgentLink:
         pending, self._pending = self._pending, {}
         for waiter in pending.values():
             waiter.fail(f"agent lost: {reason}")
-        for relay in list(self.relays.values()):
-            relay.abort()
+        relays, self.relays = self.relays, {}
+        for table in relays.values():
+            table.abort_all()
         channels, self.channels = self.channels, {}
         for owner in channels.values():
             owner.on_channel_closed(f"agent lost: {reason}")
@@ -379,9 +425,6 @@ class AgentLink:
             return  # the link is gone: whoever sent this has been (or will be) told
         frame = self.conn.send(msg, channel)
         self._writer.send_nowait(frame)
-
-    def send_window(self, channel: int, conn_id: int) -> int:
-        return self.conn.send_window(channel, conn_id)
 
     async def call(
         self, channel: int, request: m.Request, *, timeout: float | None = None
@@ -439,13 +482,24 @@ class AgentLink:
         return True
 
     def open_channel(
-        self, owner: ChannelOwner, *, pid: int, parent: int | None = None, label: str = ""
+        self,
+        owner: ChannelOwner,
+        *,
+        pid: int,
+        parent: int | None = None,
+        label: str = "",
+        counters: tuple[Counters, ...] = (),
     ) -> int:
+        """A new channel for `owner`; its relays count their bytes into `counters` and the
+        link's own."""
         channel = self._next_channel
         self._next_channel += 1
         if parent is not None and parent not in self.channels:
             parent = None  # the parent process is gone: the child starts without its handles
         self.channels[channel] = owner
+        self.relays[channel] = ChannelRelays(
+            _ChannelLink(self, channel, (self.counters, *counters)), channel
+        )
         self.send(m.ChannelOpen(pid=pid, parent=parent, label=label), channel)
         return channel
 
@@ -457,8 +511,9 @@ class AgentLink:
         self._channel_gone(channel, reason or "channel closed")
 
     def _channel_gone(self, channel: int, reason: str) -> None:
-        for key in [k for k in self.relays if k[0] == channel]:
-            self.relays[key].abort()
+        table = self.relays.pop(channel, None)
+        if table is not None:
+            table.abort_all()
         for rid in [r for r, waiter in self._pending.items() if waiter.channel == channel]:
             self._pending.pop(rid).fail(reason)
 
@@ -467,13 +522,41 @@ class AgentLink:
         self._next_conn += 2
         return conn_id
 
-    def add_relay(self, relay: Relay) -> None:
-        self.relays[(relay.channel, relay.conn_id)] = relay
+    def new_relay(
+        self,
+        channel: int,
+        conn_id: int,
+        description: str,
+        *,
+        mirror: bool = False,
+        datagram: bool = False,
+        incoming: bool = False,
+    ) -> FlowRelay:
+        """A relay for connection `conn_id` of `channel`, registered at once so that the
+        agent's messages for it are routed to its flow before its socket exists (`attach`,
+        then `run`, then `relay_done`). On a channel already gone it is born aborted."""
+        flow = Flow(
+            conn_id,
+            window=self.conn.initial_window,
+            max_chunk=RELAY_CHUNK,
+            mirror=mirror,
+            datagram=datagram,
+            incoming=incoming,
+        )
+        table = self.relays.get(channel)
+        if table is None:
+            relay = FlowRelay(flow, _ChannelLink(self, channel, ()), description=description)
+            relay.abort()
+            return relay
+        for c in table.link.counters:
+            c.connections += 1
+        return table.register(FlowRelay(flow, table.link, description=description))
 
-    def relay_done(self, relay: Relay) -> None:
-        key = (relay.channel, relay.conn_id)
-        if self.relays.get(key) is relay:
-            del self.relays[key]
+    def relay_done(self, channel: int, relay: FlowRelay) -> None:
+        """`relay` ended (or never started): the agent's late messages for it are dropped."""
+        table = self.relays.get(channel)
+        if table is not None:
+            table.forget(relay)
 
     def start_task(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
         """Run `fn(*args)` in the link's task group (cancelled when the link goes)."""
@@ -499,21 +582,18 @@ class AgentLink:
             if waiter is not None:
                 waiter.answer(msg)
             return
-        if isinstance(msg, m.Data | m.Credit | m.Shutdown | m.ConnClose):
-            relay = self.relays.get((channel, msg.conn_id))
+        if isinstance(msg, CONN_MESSAGES):
+            table = self.relays.get(channel)
+            relay = None if table is None else table.receive(msg)
             if relay is None:
                 if isinstance(msg, m.Data):
                     # a connection we already closed: tell the agent again so it stops
                     self.send(m.ConnClose(conn_id=msg.conn_id, errno=errno_mod.ECONNRESET), channel)
                 return
-            if isinstance(msg, m.Data):
-                relay.on_data(msg.data)
-            elif isinstance(msg, m.Credit):
-                relay.on_credit()
-            elif isinstance(msg, m.Shutdown):
-                relay.on_shutdown()
-            else:
-                relay.on_close(msg.errno)
+            if isinstance(msg, m.ConnClose) and msg.errno:
+                owner = self.channels.get(channel)
+                if owner is not None:
+                    owner.on_conn_reset(msg.conn_id, msg.errno)
             return
         if isinstance(msg, m.Ping):
             self.send(m.Pong(nonce=msg.nonce), channel)

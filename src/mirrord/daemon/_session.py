@@ -15,11 +15,9 @@ connection; a request for a port or process that is not its own gets an errno.
 from __future__ import annotations
 
 import errno as errno_mod
-import ipaddress
 import logging
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
+from mirrord._relay import FlowRelay
 from mirrord.daemon._control import (
     AgentLostEvent,
     ClosedEvent,
@@ -37,7 +36,8 @@ from mirrord.daemon._control import (
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._exceptions import ChannelLost
 from mirrord.daemon._link import AgentLink
-from mirrord.daemon._relay import Counters, Relay, open_relay_listener, open_relay_pair
+from mirrord.daemon._relay import Counters
+from mirrord.daemon._relaying import relay_sockets, serve_datagrams, serve_incoming, serve_stream
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
 
@@ -93,7 +93,7 @@ class Session:
         self.ever_registered = False
         self.counters = Counters()
         self.peers: dict[int, tuple[str, int]] = {}  # daemon-side source port -> real peer
-        self.incoming_relays: dict[int, Relay] = {}  # daemon-side source port -> its relay
+        self.incoming_relays: dict[int, FlowRelay] = {}  # daemon-side source port -> relay
         self.warnings: list[str] = []
         self.kernel_drops: dict[int, int] = {}  # mirrored port -> the sniffer's kernel drops
         self._drop_warned: dict[int, float] = {}
@@ -184,6 +184,7 @@ class Session:
                 pid=hello.pid,
                 parent=parent.channel if parent is not None else None,
                 label=label,
+                counters=(self.counters,),
             )
             self.processes[hello.pid] = process
             self.ever_registered = True
@@ -251,8 +252,10 @@ class LayerProcess:
         self.listeners: dict[int, tuple[str, int]] = {}  # port -> where the app really listens
         # port -> what the agent confirmed (Subscribed): shown by `mirrord daemon status`
         self.subscriptions: dict[int, dict[str, Any]] = {}
-        # daemon-side UDP relay port -> its relay, until the app closes the socket
-        self.udp_relays: dict[int, Relay] = {}
+        # daemon-side UDP relay port -> set when the app closed its socket (LayerDisconnect)
+        self.udp_closing: dict[int, anyio.Event] = {}
+        # conn id -> (port, client) of a mirrored connection (to say which one was dropped)
+        self.mirrored: dict[int, tuple[int, str]] = {}
         self.channel_lost = ""
         self._expiry: anyio.CancelScope | None = None
         self.uid = _uid_of(pid)  # whose listeners get this process's incoming connections
@@ -286,6 +289,16 @@ class LayerProcess:
     def on_traffic_stats(self, msg: m.TrafficStats) -> None:
         self.session.on_traffic_stats(msg.port, msg.drops)
 
+    def on_conn_reset(self, conn_id: int, errno: int) -> None:
+        mirrored = self.mirrored.get(conn_id)
+        if mirrored is not None and errno == errno_mod.ENOBUFS:  # see agent/_incoming.py
+            port, client = mirrored
+            self.session.warn(
+                f"port {port}: a mirrored connection from {client} was dropped: it fell more "
+                "than the agent's buffer behind the target's traffic (the user app or the link "
+                "to the agent is slower); the target is not affected"
+            )
+
     def on_incoming(self, msg: m.IncomingConnection) -> None:
         target = self.listeners.get(msg.port)
         if target is None:
@@ -294,51 +307,43 @@ class LayerProcess:
             )
             return
         address, port = target
-        relay = Relay(
-            self.link,
+        client = f"{msg.remote_address}:{msg.remote_port}"
+        # (a mirrored connection whose answer the agent reads is relayed both ways)
+        mirror = msg.mode == "mirror" and not msg.replies
+        relay = self.link.new_relay(
             self.channel,
             msg.conn_id,
-            description=f"incoming {msg.remote_address}:{msg.remote_port} -> :{msg.port}",
-            # (a mirrored connection whose answer the agent reads is relayed both ways)
-            mirror=msg.mode == "mirror" and not msg.replies,
-            counters=(self.link.counters, self.session.counters),
+            f"incoming {client} -> :{msg.port}",
+            mirror=mirror,
+            incoming=True,
         )
         if msg.mode == "mirror":  # (replies relayed back or not)
-            mirrored, client = msg.port, f"{msg.remote_address}:{msg.remote_port}"
-
-            def on_agent_close(errno: int) -> None:
-                if errno == errno_mod.ENOBUFS:  # the agent dropped the flow (see _incoming.py)
-                    self.session.warn(
-                        f"port {mirrored}: a mirrored connection from {client} was dropped: it "
-                        "fell more than the agent's buffer behind the target's traffic (the "
-                        "user app or the link to the agent is slower); the target is not "
-                        "affected"
-                    )
-
-            relay.on_agent_close = on_agent_close
-        self.link.add_relay(relay)
+            self.mirrored[msg.conn_id] = (msg.port, client)
         peer = (msg.remote_address, msg.remote_port)
         if not self.link.start_task(self._serve_incoming, relay, address, port, peer):
-            self.link.relay_done(relay)
+            self.mirrored.pop(msg.conn_id, None)
+            self.link.relay_done(self.channel, relay)
 
     async def _serve_incoming(
-        self, relay: Relay, address: str, port: int, peer: tuple[str, int]
+        self, relay: FlowRelay, address: str, port: int, peer: tuple[str, int]
     ) -> None:
         ports: list[int] = []
 
-        def connected(_relay: Relay, local_port: int) -> None:
+        def connected(local_port: int) -> None:
             ports.append(local_port)
             self.session.peers[local_port] = peer
             self.session.incoming_relays[local_port] = relay
 
         try:
-            await relay.serve_tcp_incoming(address, port, connected, owner=self.uid)
+            await serve_incoming(relay, address, port, connected, owner=self.uid)
         finally:
             for local_port in ports:
                 if self.session.peers.get(local_port) == peer:
                     del self.session.peers[local_port]
                 if self.session.incoming_relays.get(local_port) is relay:
                     del self.session.incoming_relays[local_port]
+            self.mirrored.pop(relay.flow.conn_id, None)
+            self.link.relay_done(self.channel, relay)
 
     # -- requests from the layer
 
@@ -361,7 +366,7 @@ class LayerProcess:
             client.reply(_error(errno_mod.ENOTSUP, message), msg.request_id)
             return
         try:
-            daemon_end, layer_end, app = await _relay_sockets(msg)
+            daemon_end, layer_end, app = await relay_sockets(msg)
         except OSError as exc:
             client.reply(_error(exc.errno or errno_mod.EIO, f"relay: {exc}"), msg.request_id)
             return
@@ -376,7 +381,8 @@ class LayerProcess:
                 layer_end.close()
             raise
         if not isinstance(reply, m.Connected):
-            self.link.relay_done(relay)
+            relay.abort()
+            self.link.relay_done(self.channel, relay)
             daemon_end.close()
             if layer_end is not None:
                 layer_end.close()
@@ -395,32 +401,39 @@ class LayerProcess:
             msg.request_id,
             passing=() if layer_end is None else (layer_end,),
         )
-        if msg.protocol in ("tcp", "unix"):
-            await relay.serve_tcp_outgoing(daemon_end, app if msg.source_port else None)
-            return
-        self.udp_relays[relay_port] = relay
         try:
-            await relay.serve_udp_outgoing(daemon_end, app)
+            if msg.protocol in ("tcp", "unix"):
+                await serve_stream(relay, daemon_end, app if msg.source_port else None)
+                return
+            closing = self.udp_closing[relay_port] = anyio.Event()
+            try:
+                await serve_datagrams(relay, daemon_end, closing)
+            finally:
+                if self.udp_closing.get(relay_port) is closing:
+                    del self.udp_closing[relay_port]
         finally:
-            if self.udp_relays.get(relay_port) is relay:
-                del self.udp_relays[relay_port]
+            self.link.relay_done(self.channel, relay)
 
-    async def _connect_in_target(self, msg: m.LayerConnect) -> tuple[Relay, Message]:
+    async def _connect_in_target(self, msg: m.LayerConnect) -> tuple[FlowRelay, Message]:
         """`Connect` to the agent for `msg`, with its relay registered first (early `Data` is
-        buffered, not dropped); the agent's reply, or ETIMEDOUT after `REQUEST_TIMEOUT`."""
+        queued in its flow, not dropped); the agent's reply, or ETIMEDOUT after
+        `REQUEST_TIMEOUT`."""
         conn_id = self.link.new_conn_id()
-        relay = Relay(
-            self.link,
+        relay = self.link.new_relay(
             self.channel,
             conn_id,
-            description=f"outgoing {msg.protocol} {msg.address}:{msg.port}",
-            counters=(self.link.counters, self.session.counters),
+            f"outgoing {msg.protocol} {msg.address}:{msg.port}",
+            datagram=msg.protocol == "udp",
         )
-        self.link.add_relay(relay)
         request = m.Connect(
             request_id=0, conn_id=conn_id, protocol=msg.protocol, address=msg.address, port=msg.port
         )
-        return relay, await self._call(request, REQUEST_TIMEOUT)
+        try:
+            return relay, await self._call(request, REQUEST_TIMEOUT)
+        except BaseException:
+            relay.abort()
+            self.link.relay_done(self.channel, relay)
+            raise
 
     def listen(self, client: LayerClient, msg: m.LayerListen) -> None:
         address = msg.bound_address
@@ -491,9 +504,9 @@ class LayerProcess:
     def disconnect(self, client: LayerClient, msg: m.LayerDisconnect) -> None:
         """The app closed a relayed UDP socket: end its relay (ConnClose to the agent) once
         the datagrams it sent before closing went on."""
-        relay = self.udp_relays.pop(msg.relay_port, None)
-        if relay is not None:
-            relay.app_closed()
+        closing = self.udp_closing.pop(msg.relay_port, None)
+        if closing is not None:
+            closing.set()
         client.reply(m.Ok(request_id=0), msg.request_id)
 
     def unlisten(self, client: LayerClient, msg: m.LayerUnlisten) -> None:
@@ -513,7 +526,7 @@ class LayerProcess:
         peer = self.session.peers.get(msg.local_port)
         relay = self.session.incoming_relays.get(msg.local_port)
         if relay is not None:
-            relay.app_accepted = True  # the app accept()ed it: it may have seen its bytes
+            relay.flow.accepted()  # the app accept()ed it: it may have seen its bytes
         if peer is None:
             reply: Message = m.ErrorReply(
                 request_id=0, errno=errno_mod.ENOENT, message="not an incoming connection"
@@ -534,53 +547,6 @@ def _uid_of(pid: int) -> int:
 def _error(errno: int, message: str) -> m.ErrorReply:
     """An `ErrorReply` for the layer (its request id is set when it is sent)."""
     return m.ErrorReply(request_id=0, errno=errno, message=message)
-
-
-async def _relay_sockets(
-    msg: m.LayerConnect,
-) -> tuple[socket.socket, socket.socket | None, tuple[str, int]]:
-    """(the daemon's end, the layer's end to pass or None, the app's address as the daemon's
-    end sees it) for an outgoing connection."""
-    if msg.source_port and msg.protocol == "tcp":
-        # the supervisor connects the app's own socket, bound there: a listener for it alone
-        source = msg.source_address or "127.0.0.1"
-        ip = ipaddress.ip_address(source)
-        v6 = isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None
-        family = socket.AF_INET6 if v6 else socket.AF_INET
-        return open_relay_listener(family), None, (source, msg.source_port)
-    if msg.source_port:
-        # sendto() on the app's own UDP socket (or the supervisor's connect() of it): an
-        # endpoint that only its address reaches
-        family = socket.AF_INET6 if ":" in msg.address else socket.AF_INET
-        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-        source = msg.source_address
-        if source in ("", "0.0.0.0", "::") or (family == socket.AF_INET and ":" in source):
-            source = host
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.bind((host, 0))
-            sock.connect((source, msg.source_port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock, None, (source, msg.source_port)
-    if msg.protocol == "unix":
-        # a unix stream socket of the app: a socketpair, reachable by nobody else
-        daemon_end, layer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        daemon_end.setblocking(False)
-        return daemon_end, layer_end, ("", 0)
-    kind = socket.SOCK_STREAM if msg.protocol == "tcp" else socket.SOCK_DGRAM
-    by_address = socket.AF_INET6 if ":" in msg.address else socket.AF_INET
-    family = {2: socket.AF_INET, 10: socket.AF_INET6}.get(msg.family, by_address)
-    try:
-        daemon_end, layer_end = await open_relay_pair(family, kind)
-    except OSError:
-        if family != socket.AF_INET6:
-            raise
-        # no IPv6 on the loopback: an IPv4 pair (the layer still reports IPv6 addresses)
-        daemon_end, layer_end = await open_relay_pair(socket.AF_INET, kind)
-    return daemon_end, layer_end, layer_end.getsockname()[:2]
 
 
 def lost_reply(process: LayerProcess) -> m.ErrorReply:

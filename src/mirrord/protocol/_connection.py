@@ -15,7 +15,9 @@ Agent protocol (daemon <-> agent): every frame is `[channel, kind, *fields]`. Ch
 control channel (handshake, Ping, Fatal); every other channel is one layer process. The daemon
 opens channels with `ChannelOpen` and picks even connection ids; the agent picks odd ones.
 Connection data is flow-controlled by a credit window per (channel, conn_id): a sender may have
-at most the window's worth of `Data` bytes not yet credited back with `Credit`.
+at most the window's worth of `Data` bytes not yet credited back with `Credit`. That window is
+each connection's own `Flow` (`_flow.py`), not this object's: a peer overrunning it breaks
+that connection only, never the stream; this object only carries `initial_window`.
 
 Layer protocol (layer <-> daemon): every frame is `[kind, *fields]`, no channels and no credit
 (the connections it hands off are real local sockets).
@@ -63,15 +65,8 @@ from mirrord.protocol.messages import (
     SHARED_KINDS,
     ChannelClose,
     ChannelOpen,
-    ConnClose,
-    Connect,
-    Connected,
-    Credit,
-    Data,
-    ErrorReply,
     Fatal,
     Hello,
-    IncomingConnection,
     LayerHello,
     LayerWelcome,
     Reply,
@@ -103,7 +98,6 @@ AGENT_PROTOCOL_VERSION: Final = 1
 MIN_AGENT_PROTOCOL_VERSION: Final = 1
 CONTROL_CHANNEL: Final = 0
 INITIAL_WINDOW: Final = 1024 * 1024
-_MAX_WINDOW: Final = 2**31
 
 AGENT_REGISTRY = Registry("agent protocol", [*SHARED_KINDS, *AGENT_KINDS])
 LAYER_REGISTRY = Registry("layer protocol", [*SHARED_KINDS, *LAYER_KINDS])
@@ -460,17 +454,13 @@ class AgentConnection(_Connection):
         self.features = list(features or [])
         self.negotiated_version: int | None = None
         self.peer_features: list[str] = []
+        # each connection's credit window at both ends starts here (its `Flow` keeps it)
         self.initial_window = initial_window
-        # (channel, conn_id) -> bytes we may still send / the peer may still send us
-        self._send_window: dict[tuple[int, int], int] = {}
-        self._recv_window: dict[tuple[int, int], int] = {}
-        # (channel, request_id) of a Connect without its reply yet -> its conn_id
-        self._pending_connects: dict[tuple[int, int], int] = {}
 
     def __repr__(self) -> str:
         return (
             f"<AgentConnection role={self.role.value} state={self.state.value} "
-            f"version={self.negotiated_version} conns={len(self._send_window)}>"
+            f"version={self.negotiated_version}>"
         )
 
     # -- handshake
@@ -512,8 +502,6 @@ class AgentConnection(_Connection):
             raise RemoteProtocolError(f"{type(msg).__name__} on the control channel")
         if isinstance(msg, Fatal) and channel == CONTROL_CHANNEL:
             self._set_state(State.CLOSED)
-            return
-        self._track(channel, msg, sent=False)
 
     def _check_handshake(self, channel: int, msg: Message) -> None:
         if isinstance(msg, Fatal):
@@ -545,76 +533,8 @@ class AgentConnection(_Connection):
             self.peer_features = list(msg.features)
         self._set_state(State.OPEN)
 
-    # -- flow control
-
-    def _open_conn(self, key: tuple[int, int]) -> None:
-        self._send_window[key] = self.initial_window
-        self._recv_window[key] = self.initial_window
-
-    def _drop_conn(self, key: tuple[int, int]) -> None:
-        self._send_window.pop(key, None)
-        self._recv_window.pop(key, None)
-
-    def _drop_channel(self, channel: int) -> None:
-        for key in [k for k in self._send_window if k[0] == channel]:
-            self._drop_conn(key)
-        for key in [k for k in self._pending_connects if k[0] == channel]:
-            del self._pending_connects[key]
-
-    def _track(self, channel: int, msg: Message, *, sent: bool) -> None:
-        """Flow-control bookkeeping for one message, sent by us (`sent`) or by the peer.
-
-        Data spends the sender's window: overrunning ours is the peer's protocol error,
-        overrunning the peer's is our bug. Credit replenishes the window of the other side.
-        """
-        if isinstance(msg, Data | Credit):
-            key = (channel, msg.conn_id)
-            spent, granted = (
-                (self._send_window, self._recv_window)
-                if sent
-                else (self._recv_window, self._send_window)
-            )
-            if isinstance(msg, Credit):
-                if key in granted:
-                    granted[key] = min(granted[key] + msg.amount, _MAX_WINDOW)
-                return
-            window = spent.get(key)
-            if window is None:
-                if sent:
-                    raise LocalProtocolError(f"Data for unknown connection {key}")
-                return  # data for a connection already closed here: the user drops it
-            if len(msg.data) > window:
-                if sent:
-                    raise LocalProtocolError(
-                        f"Data of {len(msg.data)} bytes exceeds the send window ({window}) of {key}"
-                    )
-                raise RemoteProtocolError(
-                    f"Data of {len(msg.data)} bytes on channel {channel} conn {msg.conn_id} "
-                    f"exceeds the credit window ({window} bytes left)"
-                )
-            spent[key] = window - len(msg.data)
-        elif isinstance(msg, Connect | IncomingConnection):
-            self._open_conn((channel, msg.conn_id))
-            if isinstance(msg, Connect):
-                self._pending_connects[(channel, msg.request_id)] = msg.conn_id
-        elif isinstance(msg, Connected):
-            self._pending_connects.pop((channel, msg.request_id), None)
-        elif isinstance(msg, ErrorReply):
-            # A failed Connect never opened its connection: forget its windows on both sides.
-            conn_id = self._pending_connects.pop((channel, msg.request_id), None)
-            if conn_id is not None:
-                self._drop_conn((channel, conn_id))
-        elif isinstance(msg, ConnClose):
-            self._drop_conn((channel, msg.conn_id))
-        elif isinstance(msg, ChannelClose):
-            self._drop_channel(channel)
-
-    def send_window(self, channel: int, conn_id: int) -> int:
-        """How many Data bytes may be sent on this connection now (0 if unknown)."""
-        return self._send_window.get((channel, conn_id), 0)
-
     def statistics(self) -> dict[str, int]:
-        return {"connections": len(self._send_window), "buffered": self._decoder.buffered}
+        return {"buffered": self._decoder.buffered}
 
     # -- sending
 
@@ -625,9 +545,7 @@ class AgentConnection(_Connection):
             )
         if isinstance(msg, Hello | Welcome):
             raise LocalProtocolError(f"{type(msg).__name__} is sent by hello()/welcome()")
-        frame = self._frame(channel, msg)
-        self._track(channel, msg, sent=True)
-        return frame
+        return self._frame(channel, msg)
 
 
 class LayerConnection(_Connection):

@@ -54,6 +54,8 @@ __all__ = ["MAX_WINDOW", "WRITE_EOF", "Flow", "FlowEvent", "FlowState"]
 # cannot overflow the counter.
 MAX_WINDOW: Final = 2**31
 _INITIAL_WINDOW: Final = 1024 * 1024  # = mirrord.protocol.INITIAL_WINDOW (no import cycle)
+# Credit is sent back once this much was written to the socket (see `Flow.wrote`).
+CREDIT_BATCH: Final = 64 * 1024
 
 
 class _Eof:
@@ -173,6 +175,9 @@ class Flow:
     __slots__ = (
         "_accepted",
         "_close_errno",
+        "_credit_batch",
+        "_credit_owed",
+        "_credit_sent",
         "_inbox",
         "_peer_credited",
         "_queued",
@@ -208,6 +213,16 @@ class Flow:
         self._state = FlowState.OPEN
         self._send_window = window  # bytes we may still send the peer
         self._recv_window = window  # bytes the peer may still send us
+        # Bytes written to the socket and not yet credited to the peer. Credit goes back once
+        # this reaches `_credit_batch` (a quarter of the window at most, so the peer's window
+        # never runs dry for it), not after every write: a small request/answer exchange is
+        # then one Data each way instead of a Data and a Credit each way (half the frames,
+        # wake-ups and decodes per stolen HTTP request). The first Credit goes at once (the
+        # peer learns that the user app took a byte: `abort`'s ECONNRESET vs ECONNREFUSED);
+        # a datagram's at once (a whole datagram must fit the peer's window).
+        self._credit_owed = 0
+        self._credit_sent = False
+        self._credit_batch = 0 if datagram else min(CREDIT_BATCH, window // 4)
         # peer --Data--> _inbox --take_write()--> socket (EOF last, after the peer's Shutdown)
         self._inbox: deque[bytes | _Eof] = deque()
         self._queued = 0  # bytes in _inbox
@@ -257,6 +272,11 @@ class Flow:
     @property
     def recv_window(self) -> int:
         return self._recv_window
+
+    @property
+    def credit_owed(self) -> int:
+        """Bytes written to the socket whose Credit is held back (see `wrote`)."""
+        return self._credit_owed
 
     @property
     def queued(self) -> int:
@@ -409,8 +429,14 @@ class Flow:
             self._queued += len(rest)
         out: list[Message] = []
         if sent and self._state is not FlowState.DRAINING:
-            self._recv_window += sent
-            out.append(Credit(conn_id=self.conn_id, amount=sent))
+            owed = self._credit_owed + sent
+            if owed >= self._credit_batch or not self._credit_sent:
+                self._credit_owed = 0
+                self._credit_sent = True
+                self._recv_window += owed
+                out.append(Credit(conn_id=self.conn_id, amount=owed))
+            else:
+                self._credit_owed = owed
         return out + self._settle()
 
     def wrote_eof(self) -> list[Message]:

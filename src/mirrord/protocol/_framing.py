@@ -117,23 +117,49 @@ def frame_with_head(head: list[int], items: int, body: bytes | memoryview) -> by
     return b"".join((_HEADER.pack(len(prefix) + len(body)), prefix, body))
 
 
-class FrameDecoder:
-    """Bytes in, frame payloads out. Raises `FrameTooLarge` as soon as a header is too big."""
+# A frame at least this big is collected in a buffer of its own, sized by its header: each
+# byte received is copied once (into it), not appended, sliced and copied out again.
+_LARGE_FRAME = 64 * 1024
 
-    __slots__ = ("_buffer", "_max_frame_size")
+
+class FrameDecoder:
+    """Bytes in, frame payloads out. Raises `FrameTooLarge` as soon as a header is too big.
+
+    A large payload (a file's data) is copied once on its way through: into a bytearray of
+    the size its header announced, which `next_payload` hands out as it is (a bytes-like
+    object the caller owns)."""
+
+    __slots__ = ("_buffer", "_filled", "_large", "_max_frame_size")
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         self._buffer = bytearray()
+        self._large: bytearray | None = None  # the payload being collected, if large
+        self._filled = 0
         self._max_frame_size = max_frame_size
 
     def __repr__(self) -> str:
-        return f"<FrameDecoder buffered={len(self._buffer)} max={self._max_frame_size}>"
+        return f"<FrameDecoder buffered={self.buffered} max={self._max_frame_size}>"
 
     def receive_data(self, data: bytes) -> None:
-        self._buffer += data
+        large = self._large
+        if large is None or self._filled == len(large):
+            self._buffer += data
+            return
+        with memoryview(data) as view:
+            n = min(len(view), len(large) - self._filled)
+            large[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            if n < len(view):
+                self._buffer += view[n:]
 
     def next_payload(self) -> bytes | None:
         """The next complete frame's payload, or None when more bytes are needed."""
+        large = self._large
+        if large is not None:
+            if self._filled < len(large):
+                return None
+            self._large = None
+            return large  # type: ignore[return-value]  # bytes-like, the caller's from here
         if len(self._buffer) < HEADER_SIZE:
             return None
         (size,) = _HEADER.unpack_from(self._buffer)
@@ -141,11 +167,18 @@ class FrameDecoder:
             raise FrameTooLarge(size, self._max_frame_size)
         end = HEADER_SIZE + size
         if len(self._buffer) < end:
+            if size >= _LARGE_FRAME:  # the rest goes straight into a buffer of its own
+                self._large = bytearray(size)
+                self._filled = len(self._buffer) - HEADER_SIZE
+                with memoryview(self._buffer) as view:
+                    self._large[: self._filled] = view[HEADER_SIZE:]
+                self._buffer.clear()
             return None
-        payload = bytes(self._buffer[HEADER_SIZE:end])
+        with memoryview(self._buffer) as view:
+            payload = bytes(view[HEADER_SIZE:end])
         del self._buffer[:end]
         return payload
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + (self._filled if self._large is not None else 0)

@@ -1,0 +1,62 @@
+"""A large frame is collected in a buffer of its own (copied once), however its bytes are
+split: the payloads are the frames sent, in order, with the small ones around it."""
+
+from __future__ import annotations
+
+import random
+
+import cbor2
+import pytest
+
+from mirrord.protocol import FrameDecoder, FrameTooLarge, encode_frame
+
+
+def _frames() -> list[tuple[object, bytes]]:
+    items: list[object] = [
+        [13, 1, b"a" * (1 << 20)],
+        [1, 2],
+        [13, 3, bytes(range(256)) * 300],
+        [13, 4, b"b" * (64 * 1024 - 10)],  # around the large-frame threshold
+        [13, 5, b"c" * (64 * 1024 + 10)],
+        [2, 6, "end"],
+    ]
+    return [(item, encode_frame(item)) for item in items]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_large_frames_in_any_split(seed: int) -> None:
+    rng = random.Random(seed)
+    frames = _frames()
+    stream = b"".join(frame for _, frame in frames)
+    decoder = FrameDecoder()
+    got: list[object] = []
+    pos = 0
+    while pos < len(stream):
+        step = rng.choice([1, 3, 4, 5, 100, 4096, 65536, 300_000, 2_000_000])
+        decoder.receive_data(stream[pos : pos + step])
+        pos += step
+        while (payload := decoder.next_payload()) is not None:
+            got.append(cbor2.loads(payload))
+    assert got == [item for item, _ in frames]
+    assert decoder.buffered == 0
+
+
+def test_a_large_frame_counts_as_buffered_until_complete() -> None:
+    frame = encode_frame([13, 1, b"x" * 200_000])
+    decoder = FrameDecoder()
+    decoder.receive_data(frame[:70_000])
+    assert decoder.next_payload() is None
+    decoder.receive_data(frame[70_000:150_000])
+    assert decoder.next_payload() is None
+    assert decoder.buffered == 150_000 - 4
+    decoder.receive_data(frame[150_000:] + encode_frame([1, 2])[:3])
+    payload = decoder.next_payload()
+    assert payload is not None and cbor2.loads(payload) == [13, 1, b"x" * 200_000]
+    assert decoder.next_payload() is None and decoder.buffered == 3
+
+
+def test_a_too_large_header_is_refused_before_its_body() -> None:
+    decoder = FrameDecoder(max_frame_size=100_000)
+    decoder.receive_data((100_001).to_bytes(4, "big") + b"\0" * 10)
+    with pytest.raises(FrameTooLarge):
+        decoder.next_payload()
