@@ -27,6 +27,7 @@ from mirrord.protocol import (
     NEED_DATA,
     LayerConnection,
     LayerRole,
+    LocalProtocolError,
     Message,
     ProtocolError,
     Received,
@@ -95,7 +96,14 @@ class LayerClient:
         layer's `request_id` (its body goes through as bytes)."""
         if self.closed or self.conn.state is not State.OPEN:
             return  # the layer connection is gone: nobody waits for this reply
-        self._queue(self.conn.forward(frame, request_id))
+        try:
+            out = self.conn.forward(frame, request_id)
+        except LocalProtocolError as exc:  # a frame that no longer fits once re-headed
+            self.reply(
+                m.ErrorReply(request_id=0, errno=errno_mod.EMSGSIZE, message=str(exc)), request_id
+            )
+            return
+        self._queue(out)
 
     def close(self, code: str, message: str) -> None:
         if self.closed:
