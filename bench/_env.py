@@ -99,9 +99,14 @@ class BenchEnv:
 
     # -- the CLI
 
-    def env(self, port_forward: bool = False) -> dict[str, str]:
+    def env(self, port_forward: bool = False, *, handover: bool = False) -> dict[str, str]:
+        """`handover` False (every figure but the `*_handover` ones): the relayed path, as a
+        cluster target has it, also for the local target."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_")}
         env["MIRRORD_RUNTIME_DIR"] = str(self.runtime_dir)
+        if not handover:
+            env["MIRRORD_FILE_HANDOVER"] = "false"
+            env["MIRRORD_OUTGOING_HANDOVER"] = "false"
         if port_forward:
             env["KUBECONFIG"] = str(self.cluster.kubeconfig)
         return env
@@ -122,15 +127,21 @@ class BenchEnv:
         return [*self.mirrord, "run", "-t", target, *flags, "--", *cmd]
 
     def run(
-        self, cmd: list[str], *flags: str, timeout: float = 300, port_forward: bool = False
+        self,
+        cmd: list[str],
+        *flags: str,
+        timeout: float = 300,
+        port_forward: bool = False,
+        handover: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """`mirrord run` against the pod: as a local target (`pid/P`, the agent reached on
-        this machine), or with `port_forward` as the Kubernetes pod (`pod/NAME`)."""
+        this machine), or with `port_forward` as the Kubernetes pod (`pod/NAME`); `handover`:
+        files and connections handed over (local target only), else relayed."""
         proc = subprocess.run(
             self.run_argv(cmd, *flags, port_forward=port_forward),
             capture_output=True,
             text=True,
-            env=self.env(port_forward),
+            env=self.env(port_forward, handover=handover),
             timeout=timeout,
             check=False,
         )

@@ -107,6 +107,51 @@ def file_small(env: BenchEnv, port_forward: bool = False) -> Result:
     return Result(per_op, base, "s/op", note="baseline: one unix-socket round trip in Python")
 
 
+_FILE_READS = textwrap.dedent(
+    """
+    import os, sys, time
+    n = int(sys.argv[1]); path = sys.argv[2]
+    fd = os.open(path, os.O_RDONLY)
+    for _ in range(200):
+        os.pread(fd, 4096, 0)
+    t = time.perf_counter()
+    for _ in range(n):
+        assert len(os.pread(fd, 4096, 0)) == 4096
+    per_read = (time.perf_counter() - t) / n
+    t = time.perf_counter()
+    for _ in range(100):
+        os.close(os.open(path, os.O_RDONLY))
+    print((time.perf_counter() - t) / 100, per_read)
+    """
+)
+
+
+def file_small_handover(env: BenchEnv) -> Result:
+    """4 KiB reads of a remote file handed over (a local target): the kernel's own reads of
+    the pod's file, beside the same reads through /proc/P/root. The open still costs one
+    agent round trip: the note shows it (open+close per op, mirrord vs direct)."""
+    env.require_run()
+    n = str(_runs(env, 20000, 3000))
+    direct_path = f"/proc/{env.pod.pid}/root{SMALL_FILE}"
+    runs = _runs(env, 5, 3)
+    via = [
+        [float(x) for x in env.run([PY, "-c", _FILE_READS, n, SMALL_FILE], handover=True)
+         .stdout.split()[-2:]]
+        for _ in range(runs)
+    ]  # fmt: skip
+    direct = [
+        [float(x) for x in subprocess.run(
+            [PY, "-c", _FILE_READS, n, direct_path], capture_output=True, text=True, check=True
+        ).stdout.split()[-2:]]
+        for _ in range(runs)
+    ]  # fmt: skip
+    read, base = statistics.median(v[1] for v in via), statistics.median(d[1] for d in direct)
+    opened = statistics.median(v[0] for v in via)
+    direct_open = statistics.median(d[0] for d in direct)
+    note = f"open+close {1e6 * opened:.0f} µs (direct {1e6 * direct_open:.1f} µs)"
+    return Result(read, base, "s/read", note=note)
+
+
 _FILE_BULK = textwrap.dedent(
     """
     import sys, time
@@ -119,13 +164,17 @@ _FILE_BULK = textwrap.dedent(
 )
 
 
-def file_bulk(env: BenchEnv, port_forward: bool = False) -> Result:
+def file_bulk(env: BenchEnv, port_forward: bool = False, handover: bool = False) -> Result:
     env.require_run()
     direct_path = f"/proc/{env.pod.pid}/root{BULK_FILE}"
     runs = _runs(env, 3, 2)
     argv = [PY, "-c", _FILE_BULK, BULK_FILE]
     thr = median_of(
-        lambda: float(env.run(argv, port_forward=port_forward).stdout.split()[-1]), runs, 0
+        lambda: float(
+            env.run(argv, port_forward=port_forward, handover=handover).stdout.split()[-1]
+        ),
+        runs,
+        0,
     )
     base = median_of(
         lambda: float(
@@ -431,7 +480,7 @@ def _echo_port(env: BenchEnv) -> int:
 
 
 def _outgoing(
-    env: BenchEnv, script: str, arg: str, runs: int, port_forward: bool
+    env: BenchEnv, script: str, arg: str, runs: int, port_forward: bool, *, handover: bool = False
 ) -> tuple[float, float]:
     """Median of `script` run through mirrord against the pod's echo service on the pod's
     loopback, and run directly from this machine against the pod's address."""
@@ -446,21 +495,24 @@ def _outgoing(
 
     argv = [PY, "-c", script, "127.0.0.1", port, arg]
     via = median_of(
-        lambda: float(env.run(argv, port_forward=port_forward).stdout.split()[-1]),
+        lambda: float(
+            env.run(argv, port_forward=port_forward, handover=handover).stdout.split()[-1]
+        ),
         runs,
         0,
     )
     return via, median_of(direct, runs)
 
 
-def outgoing_rr(env: BenchEnv, port_forward: bool = False) -> Result:
+def outgoing_rr(env: BenchEnv, port_forward: bool = False, handover: bool = False) -> Result:
     n = str(_runs(env, 3000, 500))
-    via, direct = _outgoing(env, _RR, n, _runs(env, 5, 3), port_forward)
+    via, direct = _outgoing(env, _RR, n, _runs(env, 5, 3), port_forward, handover=handover)
     return Result(via, direct, "s/rtt", note=f"added latency {1e6 * (via - direct):.0f} µs")
 
 
-def outgoing_bulk(env: BenchEnv, port_forward: bool = False) -> Result:
-    via, direct = _outgoing(env, _BULK, str(env.bulk_size), _runs(env, 3, 2), port_forward)
+def outgoing_bulk(env: BenchEnv, port_forward: bool = False, handover: bool = False) -> Result:
+    runs = _runs(env, 3, 2)
+    via, direct = _outgoing(env, _BULK, str(env.bulk_size), runs, port_forward, handover=handover)
     return Result(via / 1e6, direct / 1e6, "MB/s", note="echoed both ways")
 
 
@@ -591,6 +643,49 @@ def _port_forward_figures(env: BenchEnv) -> list[Figure]:
     ]
 
 
+_HO = "handed over (local target)"
+
+
+def _handover_figures(env: BenchEnv) -> list[Figure]:
+    """The file and outgoing figures with hand-over on: the agent passes the open file or the
+    connected socket itself, so only the open or connect crosses daemon and agent (every
+    other figure runs relayed, `feature.*.handover` false, as a cluster target has it)."""
+    return [
+        Figure(
+            "file_small_handover",
+            f"4 KiB pread of a remote file, {_HO}",
+            "same reads via /proc/P/root",
+            "lower",
+            1.2,
+            lambda quick: file_small_handover(env),
+        ),
+        Figure(
+            "file_bulk_handover",
+            f"file_bulk, {_HO}",
+            "read via /proc/P/root",
+            "higher",
+            0.9,
+            lambda quick: file_bulk(env, handover=True),
+        ),
+        Figure(
+            "outgoing_rr_handover",
+            f"outgoing_rr, {_HO}",
+            "direct to pod IP",
+            "lower",
+            1.2,
+            lambda quick: outgoing_rr(env, handover=True),
+        ),
+        Figure(
+            "outgoing_bulk_handover",
+            f"outgoing_bulk, {_HO}",
+            "direct to pod IP",
+            "higher",
+            0.9,
+            lambda quick: outgoing_bulk(env, handover=True),
+        ),
+    ]
+
+
 def figures(env: BenchEnv) -> list[Figure]:
     def f(fn: Callable[[BenchEnv], Result]) -> Callable[[bool], Result]:
         return lambda quick: fn(env)
@@ -679,6 +774,7 @@ def figures(env: BenchEnv) -> list[Figure]:
             0.3,
             f(outgoing_bulk),
         ),
+        *_handover_figures(env),
         *_port_forward_figures(env),
         Figure(
             "steal_rps",

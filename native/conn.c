@@ -22,6 +22,7 @@
 struct lconn {
     int fd;
     int rfd; /* a socket the daemon passed with the last reply (SCM_RIGHTS), or -1 */
+    int kind; /* the kind of the last reply conn_call accepted */
     unsigned gen;
     uint64_t rid;
     cbor_w w;
@@ -261,6 +262,10 @@ static int open_conn(struct lconn *c, pid_t parent) {
     struct timeval tv = {.tv_sec = g_set.timeout_ms / 1000,
                          .tv_usec = (g_set.timeout_ms % 1000) * 1000};
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    /* a 1 MiB FileWrite in one write, not five wake-ups of the daemon (best effort: the
+     * kernel caps it at net.core.wmem_max) */
+    int sndbuf = 4 * 1024 * 1024;
+    setsockopt(s, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     if (REAL(connect)(s, (struct sockaddr *)&g_addr, sizeof g_addr) < 0) {
         DBG("cannot reach the daemon at %s: %s", g_addr.sun_path, strerror(errno));
         REAL(close)(s);
@@ -417,6 +422,8 @@ static void drop_passed_fd(struct lconn *c) {
     }
 }
 
+int conn_reply_kind(const struct lconn *c) { return c->kind; }
+
 int conn_take_fd(struct lconn *c) {
     int fd = c->rfd;
     c->rfd = -1;
@@ -464,9 +471,11 @@ static int next_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r, lon
             errno = (e > 0 && e < 4096) || (e < 0 && e > -256) ? (int)e : EIO;
             return 1;
         }
-        if ((int)kind != expect) {
+        /* FileFetch may be answered by FileHanded: the agent's own open file came along */
+        if ((int)kind != expect && !(expect == M_FILE_FETCHED && kind == M_FILE_HANDED)) {
             return conn_broken(c, "unexpected reply kind");
         }
+        c->kind = (int)kind;
         return 0;
     }
     return conn_broken(c, "too many pings");
@@ -506,6 +515,8 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
     errno = saved;
     return 0;
 }
+
+void conn_fail(struct lconn *c, const char *why) { (void)conn_broken(c, why); }
 
 uint64_t conn_send(struct lconn *c) {
     if (send_request(c, now_ms() + g_set.timeout_ms) < 0) {

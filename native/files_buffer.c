@@ -77,7 +77,7 @@ static int xfer_batch(uint64_t handle, struct xfer *x, int k, int write, int *er
     if (c == NULL) {
         return -1;
     }
-    int sent = 0;
+    int sent = 0, send_err = 0;
     for (; sent < k; sent++) {
         cbor_w *w = write ? conn_begin(c, M_FILE_WRITE, 3) : conn_begin(c, M_FILE_READ, 3);
         cw_uint(w, handle);
@@ -89,11 +89,11 @@ static int xfer_batch(uint64_t handle, struct xfer *x, int k, int write, int *er
         cw_uint(w, (uint64_t)x[sent].off);
         x[sent].got = -1;
         if ((x[sent].rid = conn_send(c)) == 0) {
-            conn_release(c);
-            return -1;
+            send_err = errno; /* the replies of those sent are read all the same */
+            break;
         }
     }
-    int rc = 0;
+    int rc = send_err ? -1 : 0;
     for (int left = sent; left > 0; left--) {
         uint64_t rid;
         cbor_r r;
@@ -107,7 +107,7 @@ static int xfer_batch(uint64_t handle, struct xfer *x, int k, int write, int *er
             t = x[i].rid == rid ? &x[i] : t;
         }
         if (t == NULL) {
-            errno = EIO; /* a reply to none of ours: the stream is out of step */
+            conn_fail(c, "a reply to no request in flight"); /* out of step: dropped */
             rc = -1;
             break;
         }
@@ -128,6 +128,9 @@ static int xfer_batch(uint64_t handle, struct xfer *x, int k, int write, int *er
         }
     }
     conn_release(c);
+    if (send_err) {
+        errno = send_err;
+    }
     return rc;
 }
 

@@ -2,8 +2,9 @@
  *
  * Owns: open/open64/openat/openat64/__open_2.../creat, the bypass path that keeps a local open
  * free of any call but the real one, and open_remote: one FileFetch (open, fstat and the
- * content of a small file in one round trip), then the fd the app gets: a memfd with the
- * content, a write-back or append cache, or an empty placeholder for a handle-backed file.
+ * content of a small file in one round trip), then the fd the app gets: the target's file
+ * itself when a local target's agent handed it over (FileHanded), a memfd with the content,
+ * a write-back or append cache, or an empty placeholder for a handle-backed file.
  * Does not own: flushing caches (files_cache.c) or reading through handles (files_io.c).
  */
 #include "files.h"
@@ -62,6 +63,7 @@ struct ropen {
     int has_handle;
     int fetched; /* a memfd with the content that came with FileFetched, or -1 */
     size_t fetched_size;
+    int handed; /* the agent's own open file (FileHanded: a local target), or -1 */
 };
 
 /* Writes go to a write-back cache flushed at explicit offsets: the remote handle needs no
@@ -80,6 +82,7 @@ static void ropen_init(struct ropen *o, const char *path, int flags, mode_t mode
         o->rflags = (o->rflags & ~O_ACCMODE) | O_RDWR;
     }
     o->fetched = -1;
+    o->handed = -1;
 }
 
 static void ropen_drop_fetched(struct ropen *o) {
@@ -135,9 +138,22 @@ static int fetched_reply(cbor_r *r, struct ropen *o) {
  * -1 with errno, or -2 when the agent does not know FileFetch (ENOSYS: an older agent). */
 static int rfile_fetch(struct ropen *o, uint64_t max) {
     struct rreq q = RREQ_INIT;
-    int rc = RREQ(&q, M_FILE_FETCH, M_FILE_FETCHED, WF_PATH(o->path), WF_U(o->rflags),
+    int rc;
+    if (g_set.fs_handover && !(o->flags & O_PATH)) {
+        /* hand-over: the agent may open it with the app's own flags and pass the file */
+        rc = RREQ(&q, M_FILE_FETCH, M_FILE_FETCHED, WF_PATH(o->path), WF_U(o->rflags),
+                  WF_U(o->mode), WF_U(max), WF_U((unsigned)(o->flags & ~O_CLOEXEC)));
+    } else {
+        rc = RREQ(&q, M_FILE_FETCH, M_FILE_FETCHED, WF_PATH(o->path), WF_U(o->rflags),
                   WF_U(o->mode), WF_U(max));
-    if (rc == 0) {
+    }
+    if (rc == 0 && conn_reply_kind(q.c) == M_FILE_HANDED) {
+        o->handed = conn_take_fd(q.c);
+        if (o->handed < 0) {
+            errno = EIO;
+            rc = -1;
+        }
+    } else if (rc == 0) {
         rc = fetched_reply(&q.r, o);
     }
     rreq_end(&q);
@@ -318,6 +334,15 @@ int open_remote(const char *path, int flags, mode_t mode) {
     ropen_init(&o, path, flags, mode);
     if (ropen_ask(&o) < 0) {
         return -1;
+    }
+    if (o.handed >= 0) {
+        /* the target's file itself, opened with the app's flags: no entry, every later call
+         * on it is the kernel's (the passed fd came close-on-exec) */
+        if (!(flags & O_CLOEXEC)) {
+            REAL(fcntl)(o.handed, F_SETFD, 0);
+        }
+        DBG("open %s remotely: fd %d (handed over)", path, o.handed);
+        return local_fd(o.handed);
     }
     struct ent *e = ent_new(K_RFILE);
     if (e == NULL) {

@@ -178,6 +178,7 @@ struct ent {
     int remote; /* connected through the daemon: peer / local are the target's view */
     int spliced; /* the fd is now the layer's end of a daemon relay pair (see net_connect.c) */
     int connecting; /* spliced by a non-blocking connect(): the next connect() returns 0 */
+    int handed;     /* spliced is the agent's own socket, in the target's netns (hand-over) */
     int listening; /* listen() was called: a loopback connect() to its port stays local */
     struct sockaddr_storage peer;
     socklen_t peer_len;
@@ -248,9 +249,13 @@ int conn_call(struct lconn *c, int expect, cbor_r *r);
  * released. */
 uint64_t conn_send(struct lconn *c);
 int conn_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r);
+/* The stream of replies is out of step (a reply to no request in flight): c is dropped, its
+ * next use reconnects; errno EIO. */
+void conn_fail(struct lconn *c, const char *why);
 /* The socket the daemon passed with the reply conn_call just read (the caller owns it), or
  * -1. A socket nobody takes is closed by the next call on the connection. */
 int conn_take_fd(struct lconn *c);
+int conn_reply_kind(const struct lconn *c); /* the kind of the reply conn_call accepted */
 int conn_register_now(void); /* registers this process (fork child), 0 or -1 */
 void conn_after_fork_child(pid_t parent);
 void conn_prepare_exec(int *fd, pid_t *pid); /* the process connection to keep across exec */
@@ -275,6 +280,7 @@ struct settings {
     int skip_build_tools;
     int timeout_ms;
     long long fetch_limit; /* remote files up to this size are fetched into a memfd */
+    int fs_handover;       /* feature.fs.handover: a local target's agent may hand the file over */
 };
 extern struct settings g_set;
 

@@ -3,7 +3,9 @@
  * A connect() the outgoing filter sends remote becomes LayerConnect; the daemon connects in
  * the target and passes back (SCM_RIGHTS) the layer's end of a private loopback TCP/UDP pair,
  * which replaces the app's socket under the same fd number (splice_relay): no listener is left
- * for another local user to reach. A non-blocking connect() still answers EINPROGRESS and the
+ * for another local user to reach. For a local target with hand-over on, the passed socket is
+ * the agent's own, connected in the target's network namespace (LayerConnected.handed): it is
+ * spliced in the same way and nothing relays its bytes. A non-blocking connect() still answers EINPROGRESS and the
  * socket turns writable. getpeername() then reports the address the app asked for,
  * getsockname() the target-side one (net_sock.c). UDP: connect() the same way. A unix stream
  * socket connected to a path outgoing.unix_streams names gets a relay the same way.
@@ -54,9 +56,12 @@ static int layer_connect_call(const char *proto, const char *host, int port, int
     } else if (rc == 0) {
         char raddr[64], laddr[64];
         uint64_t rport, lport;
+        int handed = 0; /* the agent's own socket (hand-over): no relay to name */
         if (cr_strbuf(&r, raddr, sizeof raddr) < 0 || cr_uint(&r, &rport) < 0 ||
             cr_strbuf(&r, laddr, sizeof laddr) < 0 || cr_uint(&r, &lport) < 0 || rport > 65535 ||
-            lport > 65535 || sockaddr_from_text(raddr, (int)rport, family, relay, relay_len) < 0 ||
+            lport > 65535 || cr_bool(&r, &handed) < 0 || (handed && !want_fd) ||
+            (handed ? (memset(relay, 0, sizeof *relay), *relay_len = 0, 0)
+                    : sockaddr_from_text(raddr, (int)rport, family, relay, relay_len)) < 0 ||
             (want_fd && passed < 0)) {
             errno = ECONNREFUSED;
             rc = -1;
@@ -268,8 +273,27 @@ static int connect_own_listener(int fd, const struct sockaddr *sa, socklen_t len
 }
 
 /* The real connect() of a socket the outgoing filter keeps local; a UDP socket relayed before
- * and now connected to a local address is no longer relayed. */
+ * and now connected to a local address is no longer relayed. A handed-over UDP socket lives in
+ * the target's network namespace: a fresh socket of this machine takes its place first. */
 static int connect_local(int fd, const struct sockaddr *sa, socklen_t len, int type) {
+    struct ent *he = type == SOCK_DGRAM ? fd_peek(fd) : NULL;
+    if (he != NULL && he->kind == K_SOCK && he->handed) {
+        int fresh = REAL(socket)(sock_family(fd), SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (fresh < 0 || splice_relay(fd, fresh, SOCK_DGRAM) < 0) {
+            return -1;
+        }
+        struct ent *e = ent_get(fd);
+        struct stat st;
+        if (e != NULL && REAL(fstat)(fd, &st) == 0) {
+            e->fd_dev = st.st_dev; /* the fresh socket's identity: still this entry */
+            e->fd_ino = st.st_ino;
+        }
+        if (e != NULL) {
+            e->handed = 0;
+            e->spliced = 0;
+        }
+        ent_put(e);
+    }
     int rc = REAL(connect)(fd, sa, len);
     struct ent *le = rc == 0 && type == SOCK_DGRAM ? fd_peek(fd) : NULL;
     if (le != NULL && le->kind == K_SOCK) {
@@ -333,6 +357,7 @@ static int connect_remote(int fd, const struct sockaddr *sa, socklen_t len, int 
         e->nmaps = 0;
         e->maps[0].relay = relay;
         e->maps[0].relay_len = relay_len;
+        e->handed = relay_len == 0; /* the agent's own socket: no relay to name */
         e->connecting = type == SOCK_STREAM && nonblocking;
         DBG("connect fd %d remotely through the daemon", fd);
     }

@@ -29,6 +29,14 @@ static int udp_relay_for(int fd, const struct sockaddr *sa, socklen_t len,
         ent_put(e);
         return 0;
     }
+    if (e->remote && e->handed) {
+        /* the agent's own socket lives in the target's network namespace: any remote
+         * destination is reached from there directly, as the target's own socket would */
+        memcpy(relay, &want, sizeof want);
+        *relay_len = len < sizeof want ? len : sizeof want;
+        ent_put(e);
+        return 0;
+    }
     for (int i = 0; i < e->nmaps; i++) {
         if (same_addr(&e->maps[i].remote, &want)) {
             *relay = e->maps[i].relay;

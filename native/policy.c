@@ -27,6 +27,7 @@ struct settings g_set = {
     .skip_build_tools = 1,
     .timeout_ms = 30000,
     .fetch_limit = 8LL * 1024 * 1024,
+    .fs_handover = 1,
 };
 
 #define MAX_LIST 128
@@ -212,6 +213,7 @@ static const struct {
     {"incoming_ignore_localhost", &g_set.incoming_ignore_localhost},
     {"hostname", &g_set.hostname},
     {"skip_build_tools", &g_set.skip_build_tools},
+    {"fs_handover", &g_set.fs_handover},
 };
 
 static const struct {

@@ -4,6 +4,8 @@
  * open_remote; supervise_remote_fd turns that descriptor into one the supervisor can install
  * in the program with SECCOMP_IOCTL_NOTIF_ADDFD, where read/write/getdents64 run natively:
  *
+ * - a file handed over by a local target's agent (feature.fs.handover): the target's open
+ *   file itself, as it is;
  * - a file fetched whole (read-only, up to fetch_limit): its memfd, as it is;
  * - a file bigger than fetch_limit (read-only): read whole through its remote handle into a
  *   new memfd (the layer's read hook, FileRead by FileRead);
@@ -131,9 +133,10 @@ static int mirror_dir(int fd, const char *path) {
 int supervise_remote_fd(int fd, int flags, int *fd_out) {
     struct ent *e = ent_get(fd);
     if (e == NULL) {
-        close(fd);
-        errno = EIO;
-        return -1;
+        /* no entry: the target's file itself, handed over by a local target's agent (already
+         * opened with the program's flags): installed as it is */
+        *fd_out = fd;
+        return 1;
     }
     int kind = e->kind, writeback = e->writeback, is_dir = e->is_dir;
     char path[PATH_MAX];

@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectSendStream
 
+from mirrord._frames import FrameReader, PassedFd
 from mirrord.protocol import CLOSED, NEED_DATA, AgentConnection, AgentRole, Message, Received
 from mirrord.protocol import messages as m
 from tests._agent_process import AgentProc
@@ -147,9 +148,12 @@ class AgentClient:
     `stats` keeps TrafficStats, `fatals` every (channel, Fatal), `fatal` the control channel's;
     `other` every other (channel, message) nobody waited for."""
 
-    def __init__(self, stream: anyio.abc.ByteStream, secret: str) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream, secret: str, *, handover: bool = True) -> None:
         self.stream = stream
-        self.conn = AgentConnection(AgentRole.DAEMON, secret=secret)
+        # fds the agent handed over (SCM_RIGHTS, on a unix stream), in frame order
+        self._frames = FrameReader(stream, receive_fds=handover)
+        features = [m.FEATURE_HANDOVER] if self._frames.receives_fds else []
+        self.conn = AgentConnection(AgentRole.DAEMON, secret=secret, features=features)
         self._welcome: m.Welcome | None = None
         self._rid = itertools.count(1)
         self._conn_ids = itertools.count(2, 2)  # the daemon's ids are even
@@ -162,6 +166,7 @@ class AgentClient:
         self.other: list[tuple[int, Message]] = []
         self.ended = anyio.Event()
         self._lock = anyio.Lock()
+        self.handed: dict[tuple[int, int], PassedFd] = {}  # (channel, request id) -> its fd
 
     @property
     def welcome(self) -> m.Welcome:
@@ -194,11 +199,17 @@ class AgentClient:
     @classmethod
     @asynccontextmanager
     async def over(
-        cls, stream: anyio.abc.ByteStream, secret: str, *, welcome: bool = True
+        cls,
+        stream: anyio.abc.ByteStream,
+        secret: str,
+        *,
+        welcome: bool = True,
+        handover: bool = True,
     ) -> AsyncIterator[AgentClient]:
         """A client over an open stream (closed on exit). With `welcome`, the Welcome has
-        arrived on entry; without it, the Hello is sent and the rest is up to the agent."""
-        client = cls(stream, secret)
+        arrived on entry; without it, the Hello is sent and the rest is up to the agent.
+        `handover` False: the Hello does not offer to take fds (as a daemon behind a proxy)."""
+        client = cls(stream, secret, handover=handover)
         async with stream, anyio.create_task_group() as tg:
             await stream.send(client.conn.hello(client="tests"))
             if welcome:
@@ -229,7 +240,7 @@ class AgentClient:
                 event = self.conn.next_event()
                 if event is NEED_DATA:
                     try:
-                        data = await self.stream.receive()
+                        data = await self._frames.receive()
                     except (
                         anyio.EndOfStream,
                         anyio.BrokenResourceError,
@@ -250,6 +261,10 @@ class AgentClient:
 
     def _route(self, channel: int, msg: Message) -> None:
         rid = getattr(msg, "request_id", None)
+        if m.passes_fd(msg):
+            passed = self._frames.take_fd()
+            assert passed is not None, f"{msg} came without its fd"
+            self.handed[(channel, rid or 0)] = passed
         if rid is not None and (channel, rid) in self._waiting:
             event, slot = self._waiting.pop((channel, rid))
             slot.append(msg)
@@ -302,10 +317,15 @@ class AgentClient:
             await self.stream.send(frames)
 
     async def request(
-        self, channel: int, make: Callable[[int], Message], *, timeout: float = _REQUEST_TIMEOUT
+        self,
+        channel: int,
+        make: Callable[[int], Message],
+        *,
+        timeout: float = _REQUEST_TIMEOUT,
+        rid: int | None = None,
     ) -> Any:
         """The reply to `make(request_id)`; AgentError for an ErrorReply."""
-        rid = next(self._rid)
+        rid = next(self._rid) if rid is None else rid
         event = anyio.Event()
         slot: list[Message] = []
         self._waiting[(channel, rid)] = (event, slot)
@@ -316,6 +336,14 @@ class AgentClient:
         if isinstance(reply, m.ErrorReply):
             raise AgentError(reply)
         return reply
+
+    async def request_passing(
+        self, channel: int, make: Callable[[int], Message], *, timeout: float = _REQUEST_TIMEOUT
+    ) -> tuple[Any, PassedFd | None]:
+        """`request`, and the fd the agent handed over with the reply (the caller owns it)."""
+        rid = next(self._rid)
+        reply = await self.request(channel, lambda _: make(rid), timeout=timeout, rid=rid)
+        return reply, self.handed.pop((channel, rid), None)
 
     # -- channels, files, connections
 

@@ -25,16 +25,26 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
-__all__ = ["BATCH_LIMIT", "SEND_BUFFER", "FrameReader", "FrameWriter", "plain_socket"]
+__all__ = [
+    "BATCH_LIMIT",
+    "SEND_BUFFER",
+    "FrameReader",
+    "FrameWriter",
+    "Passable",
+    "PassedFd",
+    "plain_socket",
+]
 
 # One write of the writer task: several queued frames joined, up to this much, so a burst of
 # small frames costs one system call and one wake-up of the peer; a stalled peer is noticed
@@ -45,7 +55,48 @@ BATCH_LIMIT = 1024 * 1024
 # caps it at net.core.wmem_max).
 SEND_BUFFER = 4 * 1024 * 1024
 
-_Frame = tuple[bytes | memoryview, tuple[socket.socket, ...]]  # a memoryview: not copied
+# At most this many fds arrive with one read (the peer passes one per frame, and a read
+# ends at the bytes that came with fds): more are closed at once.
+MAX_FDS_PER_READ = 16
+
+
+class Passable(Protocol):
+    """What may be passed with a frame: a socket, or any open fd (`PassedFd`)."""
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class PassedFd:
+    """An fd of any kind (a regular file, a socket) owned by whoever holds this: `close()`
+    closes it once; `detach()` gives it up."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __repr__(self) -> str:
+        return f"<PassedFd {self._fd}>"
+
+    def __del__(self) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def detach(self) -> int:
+        fd, self._fd = self._fd, -1
+        return fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+_Frame = tuple[bytes | memoryview, tuple[Passable, ...]]  # a memoryview: not copied
 _STREAM_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
@@ -74,11 +125,24 @@ class FrameReader:
     never stops sending cannot starve the other tasks.
     """
 
-    def __init__(self, stream: anyio.abc.ByteReceiveStream, max_bytes: int = 256 * 1024) -> None:
+    def __init__(
+        self,
+        stream: anyio.abc.ByteReceiveStream,
+        max_bytes: int = 256 * 1024,
+        *,
+        receive_fds: bool = False,
+    ) -> None:
         self._stream = stream
         self._max = max_bytes
         self._raw = plain_socket(stream)
         self._ready_before = False
+        # receive_fds on a unix socket: fds the peer passed (SCM_RIGHTS), in the order they
+        # came; the bytes they came with are no later than the frame they belong to, so the
+        # protocol reader pairs them with frames in order (`messages.passes_fd`)
+        self.passed: deque[PassedFd] = deque()
+        self._receive_fds = (
+            receive_fds and self._raw is not None and self._raw.family == socket.AF_UNIX
+        )
         self._paused = False
         self._resumed: anyio.Event | None = None  # run()'s awaiting loop waits on it
         self._loop: asyncio.AbstractEventLoop | None = None  # run() on the loop's callback
@@ -107,7 +171,7 @@ class FrameReader:
         waited = False
         while True:
             try:
-                data = raw.recv(size)
+                data = self._recv_fds(raw, size) if self._receive_fds else raw.recv(size)
             except BlockingIOError:
                 waited = True
                 await anyio.wait_readable(raw)
@@ -121,6 +185,32 @@ class FrameReader:
             self._ready_before = not waited
             self.reads += 1
             return data
+
+    @property
+    def receives_fds(self) -> bool:
+        """Whether fds the peer passes arrive (`receive_fds` on a plain unix socket)."""
+        return self._receive_fds
+
+    def take_fd(self) -> PassedFd | None:
+        """The oldest fd received and not taken yet, or None."""
+        return self.passed.popleft() if self.passed else None
+
+    def close_fds(self) -> None:
+        while self.passed:
+            self.passed.popleft().close()
+
+    def _recv_fds(self, raw: socket.socket, size: int) -> bytes:
+        data, ancdata, _flags, _addr = raw.recvmsg(
+            size, socket.CMSG_SPACE(MAX_FDS_PER_READ * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, payload in ancdata:
+            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+                continue
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            for fd in fds:
+                self.passed.append(PassedFd(fd))
+        return data
 
     async def run(self, on_data: Callable[[bytes], None]) -> None:
         """Read until the stream ends, calling `on_data(bytes)` with each read, in order.
@@ -153,7 +243,7 @@ class FrameReader:
             # One recv per callback: with more buffered, the selector calls again on the next
             # pass of the loop, so other callbacks and tasks run in between.
             try:
-                data = raw.recv(size)
+                data = self._recv_fds(raw, size) if self._receive_fds else raw.recv(size)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -270,13 +360,13 @@ class FrameWriter:
             "writes": self.writes,
         }
 
-    def send_nowait(self, frame: bytes | memoryview, passing: Sequence[socket.socket] = ()) -> None:
+    def send_nowait(self, frame: bytes | memoryview, passing: Sequence[Passable] = ()) -> None:
         """Queue `frame`; dropped once the writer is closed or broken (the peer is gone).
 
         `passing`: sockets handed to the peer with the frame's first byte (SCM_RIGHTS, plain
         unix sockets only); the writer owns them from now on and closes its copies once they
         are sent (or dropped)."""
-        if self.closed or (passing and not self._can_pass()):
+        if self.closed or (passing and not self.can_pass):
             _close_all(passing)
             return
         if self._raw is not None and not self._queue and not self._writing:
@@ -362,7 +452,7 @@ class FrameWriter:
             self._took.set()
 
     async def _send_passing(
-        self, data: bytes | memoryview, passing: tuple[socket.socket, ...]
+        self, data: bytes | memoryview, passing: tuple[Passable, ...]
     ) -> bytes | memoryview:
         """Send the sockets with the first byte(s) of `data`; what remains to send."""
         assert self._raw is not None
@@ -379,17 +469,20 @@ class FrameWriter:
         finally:
             _close_all(passing)
 
-    def _can_pass(self) -> bool:
+    @property
+    def can_pass(self) -> bool:
+        """Whether fds can go with frames: the stream is a plain unix socket (both ends on
+        one machine)."""
         return self._raw is not None and self._raw.family == socket.AF_UNIX
 
 
-def _send(raw: socket.socket, data: bytes | memoryview, passing: Sequence[socket.socket]) -> int:
+def _send(raw: socket.socket, data: bytes | memoryview, passing: Sequence[Passable]) -> int:
     if not passing:
         return raw.send(data)
     fds = array.array("i", [s.fileno() for s in passing])
     return raw.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
-def _close_all(socks: Sequence[socket.socket]) -> None:
+def _close_all(socks: Sequence[Passable]) -> None:
     for s in socks:
         s.close()

@@ -169,10 +169,12 @@ def test_connected_udp_goes_through_the_relay(
     mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
 ) -> None:
     pod = make_pod(PodSpec(dns_records={"udp-only.pod": "10.213.251.3"}))
+    mirrord.env["MIRRORD_OUTGOING_HANDOVER"] = "false"  # the relay (a local target hands over)
     result = mirrord.run("run", "-t", f"pid/{pod.pid}", "--", *python_app(tmp_path, UDP_APP))
     assert result.stdout.splitlines() == ["answer 10.213.251.3"] * 3, result.stderr
     [agent] = mirrord.status()["agents"]
     assert agent["link"]["relayed_connections"] >= 1
+    assert agent["link"]["handed_over"] == 0
 
 
 FILTER_APP = """

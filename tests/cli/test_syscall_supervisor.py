@@ -102,9 +102,10 @@ def test_static_binary_reads_a_pod_only_file_and_local_files_under_syscalls(
         "/app/pod-only.txt stat 16 100644",
         "/app/missing.txt stat ! ENOENT",
         f"{local} stat 16 100644",
-        # glibc's fstat is newfstatat(fd, "", AT_EMPTY_PATH): continued, so the memfd's own
-        # stat: the file's size, but mode 0777 (documented: fd identity is not exact)
-        "/app/other.txt fstat 12 100777",
+        # glibc's fstat is newfstatat(fd, "", AT_EMPTY_PATH): continued, so the installed
+        # fd's own stat: a local target's file is handed over, the pod's file itself (its
+        # mode 0644; relayed, a memfd's 0777: fd identity is not exact there)
+        "/app/other.txt fstat 12 100644",
     ], result.stdout
     # /etc/hostname is the pod's for reads (the layer's rule 4), not this machine's
     inside = pod.run_in_pod(["cat", "/etc/hostname"]).stdout.decode().strip()

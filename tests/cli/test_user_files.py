@@ -8,6 +8,7 @@ syscall(), glibc's realpath and mkstemp, mmap of a file bigger than fetch_limit,
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -495,3 +496,44 @@ def test_fs_mapping_in_a_config_file_reads_the_mapped_pod_file(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == '{"db": "postgres://pod", "n": 3}\ndeep file\n'
+
+
+# Opens a pod-only file to read and one to write, and reports what the fds are.
+HANDOVER_APP = """
+import os
+fd = os.open("/app/config.json", os.O_RDONLY)
+memfd = os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+print(os.fstat(fd).st_ino, memfd, os.get_inheritable(fd), os.read(fd, 100).decode().strip())
+w = os.open("/app/w/handed.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o640)
+os.write(w, b"one ")
+os.write(w, b"two\\n")
+print(os.fstat(w).st_size, oct(os.fstat(w).st_mode & 0o777), os.lseek(w, 0, os.SEEK_CUR))
+os.close(w)
+os.close(fd)
+"""
+
+
+@pytest.mark.parametrize("handover", [True, False])
+def test_a_local_targets_files_are_handed_over_unless_switched_off(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path, handover: bool
+) -> None:
+    # hand-over: the fd the app gets is the pod's file itself (its inode, no memfd copy), so
+    # reads and writes are the kernel's; feature.fs.handover false keeps the relayed path
+    cfg = tmp_path / "mirrord.json"
+    cfg.write_text(json.dumps({"feature": {"fs": {"mode": "write", "handover": handover}}}))
+    script = tmp_path / "handover.py"
+    script.write_text(HANDOVER_APP)
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "-f", str(cfg), "--", sys.executable, str(script)
+    )
+    assert result.returncode == 0, result.stderr
+    inode = files_pod.run_in_pod(["stat", "-c", "%i", "/app/config.json"]).stdout.decode()
+    first, second = result.stdout.splitlines()
+    ino, memfd, inheritable, content = first.split(" ", 3)
+    assert content == '{"db": "postgres://pod", "n": 3}'
+    assert inheritable == "False"  # os.open's O_CLOEXEC held on the handed fd too
+    assert ino == inode.strip()  # what fstat says either way (the layer's view when relayed)
+    assert memfd == str(not handover)  # relayed: a copy in a memfd
+    assert second == "8 0o640 8"
+    written = files_pod.run_in_pod(["cat", "/app/w/handed.txt"]).stdout
+    assert written == b"one two\n"

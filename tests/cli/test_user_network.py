@@ -584,3 +584,84 @@ def test_unix_streams_reach_the_pods_unix_socket(
         "not listed FileNotFoundError",
     ], result.stderr
     assert "unix_streams" not in result.stderr  # no "not supported" warning
+
+
+# What the kernel itself says of a connected socket (a raw getsockname system call, which the
+# layer does not see): the pod's address for the agent's own socket, loopback for a relay.
+HANDOVER_APP = """
+import ctypes, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+
+def kernel_address(s):
+    buf = ctypes.create_string_buffer(128)
+    size = ctypes.c_uint32(128)
+    assert libc.syscall(51, s.fileno(), buf, ctypes.byref(size)) == 0  # getsockname, x86_64
+    return socket.inet_ntoa(buf.raw[4:8])
+
+t = socket.create_connection((sys.argv[1], 7777), timeout=10)
+t.sendall(b"ping")
+print("tcp", t.recv(100).decode(), t.getpeername()[0] == sys.argv[1], kernel_address(t))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(10)
+u.connect((sys.argv[1], 9997))
+u.send(b"hi")
+print("udp", u.recv(100).decode(), u.getsockname()[0] == sys.argv[1], kernel_address(u))
+# a connected UDP socket sending elsewhere, then connected to a socket of this machine
+here = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+here.bind(("127.0.0.1", 0))
+here.settimeout(10)
+v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+v.connect((sys.argv[1], 9))
+v.sendto(b"sent elsewhere", (sys.argv[1], 9996))
+v.connect(here.getsockname())
+v.send(b"local again")
+print("udp local", here.recv(100).decode(), kernel_address(v))
+"""
+
+# Prints the first datagram it gets on port 9996.
+FIRST_DATAGRAM = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9996))
+s.settimeout(20)
+print("ready", flush=True)
+print(s.recv(100).decode(), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="system call numbers of x86_64")
+@pytest.mark.parametrize("handover", [True, False])
+def test_a_local_targets_connections_are_handed_over_unless_switched_off(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path, handover: bool
+) -> None:
+    # hand-over: the app's socket is the agent's own, connected in the pod's network namespace
+    # (the kernel says so); feature.network.outgoing.handover false relays it over loopback
+    config = tmp_path / "mirrord.json"
+    outgoing = {"handover": handover, "ignore_localhost": True}
+    config.write_text(json.dumps({"feature": {"network": {"outgoing": outgoing}}}))
+    app = tmp_path / "handover_app.py"
+    app.write_text(HANDOVER_APP)
+    server = start_in_pod(net_pod, UDP_SERVER)
+    sink = start_in_pod(net_pod, FIRST_DATAGRAM)
+    try:
+        result = mirrord.run(
+            "run", "-t", f"pid/{net_pod.pid}", "-f", str(config), "--",
+            sys.executable, str(app), net_pod.ip,
+        )  # fmt: skip
+        assert sink.stdout is not None
+        sunk = sink.stdout.readline().decode().strip()
+    finally:
+        for proc in (server, sink):
+            proc.kill()
+            proc.wait(timeout=5)
+    assert result.returncode == 0, result.stderr
+    kernel = net_pod.ip if handover else "127.0.0.1"
+    assert result.stdout.splitlines() == [
+        f"tcp ping True {kernel}",
+        f"udp echo hi True {kernel}",
+        "udp local local again 127.0.0.1",  # a socket of this machine again
+    ], result.stderr
+    assert sunk == "sent elsewhere"  # from the pod, as its own socket would send it
+    [agent] = mirrord.status()["agents"]
+    # three sockets handed over (the TCP one and two connected UDP ones), or none
+    assert agent["link"]["handed_over"] == (3 if handover else 0)

@@ -15,12 +15,14 @@ from mirrord.agent._http_filter import (
     FilterError,
     HttpFilter,
     Passthrough,
+    RequestBody,
     RequestEnded,
     RequestHead,
     RequestSplitter,
     RequestStarted,
     ResponseBody,
     ResponseEnded,
+    ResponseError,
     ResponseSplitter,
     ResponseStarted,
     kube_probe_recipe,
@@ -409,3 +411,256 @@ def test_fuzz_pipelined_responses(bodies: list[bytes], cuts: list[int]) -> None:
         carry = rs.trailing
     assert b"".join(seen) == wire
     assert len(seen) == len(bodies)
+
+
+# ---------------------------------------------------------------- the fast path against h11
+
+
+def _mostly(good: list[str], odd: list[str]) -> st.SearchStrategy[str]:
+    return st.one_of(*[st.sampled_from(good)] * 8, st.sampled_from(odd))
+
+
+_odd_names = _mostly(
+    ["x-a", "X-B", "Accept", "Content-Length", "Connection", "Expect"],
+    ["Host", "Transfer-Encoding", "Upgrade", "Bad Name", "x\x00y", "", "h\xe9llo", "x:y"],
+)
+_odd_values = _mostly(
+    ["pod", "", " pod ", "\tpod\t", "a b", "a\tb", "5", "0", "3", "keep-alive", "close"],
+    ["05", "-1", "5, 5", "5 5", "abc", "chunked", "websocket", "caf\xe9", "a\x00b", "a\rb",
+     "a\nb", "a\x0bb", "1234567890123456789012", "100-continue"],
+)  # fmt: skip
+_versions = _mostly(["HTTP/1.1", "HTTP/1.0"], ["HTTP/1.2", "HTTP/2.0", "http/1.1"])
+_odd_methods = _mostly(["GET", "POST", "M-SEARCH"], ["CONNECT", "get", "G T"])
+_odd_targets = _mostly(["/", "/a?b=c", "*", "http://x/y"], ["/a b", "/\x7f", "/\xe9"])
+
+
+@st.composite
+def odd_request(draw: st.DrawFn) -> bytes:
+    """A request head near and across the edges of what h11 accepts, with a body."""
+    line = f"{draw(_odd_methods)} {draw(_odd_targets)} {draw(_versions)}"
+    headers = draw(st.lists(st.tuples(_odd_names, _odd_values), max_size=4))
+    hosts = draw(st.sampled_from([1, 1, 1, 0, 2]))
+    headers[draw(st.integers(0, len(headers))) : 0] = [("Host", "pod")] * hosts
+    sep = draw(_mostly([": ", ":"], [" : ", ":\t"]))
+    lines = [line] + [f"{k}{sep}{v}" for k, v in headers]
+    if draw(st.integers(0, 9)) == 9:
+        lines.insert(draw(st.integers(1, len(lines))), " folded")  # obs-fold
+    eol = draw(_mostly(["\r\n"], ["\n"]))
+    prefix = draw(_mostly([""], ["\r\n", "\r\n\r\n"]))
+    body = draw(st.binary(max_size=12))
+    return (prefix + eol.join(lines) + eol + eol).encode("latin-1") + body
+
+
+def normalized(events: list[Any]) -> list[Any]:
+    """Events with each request's body bytes joined (h11 and the fast path may cut a body
+    into different pieces) and passthrough bytes joined."""
+    out: list[Any] = []
+    body = b""
+    for ev in events:
+        if isinstance(ev, RequestStarted):
+            out.append(("start", ev.head, ev.raw))
+        elif isinstance(ev, RequestBody):
+            body += ev.raw
+        elif isinstance(ev, RequestEnded):
+            out.append(("end", ev.head, body + ev.raw))
+            body = b""
+        else:
+            if body:
+                out.append(("body", body))
+                body = b""
+            if out and out[-1][0] == "pass":
+                out[-1] = ("pass", out[-1][1] + ev.raw)
+            else:
+                out.append(("pass", ev.raw))
+    if body:
+        out.append(("body", body))
+    return out
+
+
+def split_with(chunks: list[bytes], *, fast: bool) -> list[Any]:
+    splitter = RequestSplitter(fast=fast)
+    events: list[Any] = []
+    for chunk in [*chunks, b""]:
+        splitter.receive_data(chunk)
+        events += drain(splitter)
+    return events
+
+
+@settings(max_examples=600, deadline=None)
+@given(reqs=st.lists(odd_request(), min_size=1, max_size=4), cuts=st.lists(st.integers(0, 10**6)))
+def test_fuzz_fast_path_agrees_with_h11(reqs: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(reqs)
+    chunks = chunked(data, cuts)
+    fast = split_with(chunks, fast=True)
+    assert normalized(fast) == normalized(split_with(chunks, fast=False))
+    assert raw_of(fast) == data
+
+
+def test_fast_path_takes_simple_heads_and_leaves_the_rest_to_h11() -> None:
+    simple = b"POST /x HTTP/1.1\r\nHost: pod\r\nContent-Length: 3\r\n\r\nabc"
+    splitter = RequestSplitter()
+    splitter.receive_data(simple)
+    assert isinstance(splitter.next_event(), RequestStarted)
+    assert splitter.state == "BODY"  # parsed without h11
+    for other in (
+        b"POST /x HTTP/1.1\r\nHost: pod\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: pod\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: pod\r\n folded\r\n\r\n",
+    ):
+        splitter = RequestSplitter()
+        splitter.receive_data(other)
+        assert isinstance(splitter.next_event(), RequestStarted)
+        assert splitter.state == "REQUEST", other  # h11's
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    reqs=st.lists(http_request(), min_size=1, max_size=5),
+    odd=st.lists(odd_request(), max_size=1),
+    cuts=st.lists(st.integers(0, 10**6)),
+)
+def test_fuzz_fast_path_agrees_with_h11_on_valid_requests(
+    reqs: list[tuple[bytes, str, str]], odd: list[bytes], cuts: list[int]
+) -> None:
+    data = b"".join(r for r, _, _ in reqs) + b"".join(odd)
+    chunks = chunked(data, cuts)
+    fast = split_with(chunks, fast=True)
+    assert normalized(fast) == normalized(split_with(chunks, fast=False))
+    assert raw_of(fast) == data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",  # no Host: h11 refuses it
+        b"GET / HTTP/1.0\r\n\r\n",  # HTTP/1.0 needs none
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2 \r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\tfolded\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX : 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: caf\xe9 \t\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+        b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+    ],
+)
+def test_fast_path_agrees_with_h11_at_the_edges(data: bytes) -> None:
+    for cut in (len(data), len(data) // 2, 1):
+        chunks = [data[:cut], data[cut:]]
+        fast = split_with(chunks, fast=True)
+        assert normalized(fast) == normalized(split_with(chunks, fast=False))
+        assert raw_of(fast) == data
+
+
+_statuses = _mostly(["200 OK", "404 Not Found", "204 No Content", "304 NM", "500"], ["100 Continue", "101 Switching", "20 X", "200 OK\x00"])  # fmt: skip
+_resp_versions = _mostly(["HTTP/1.1", "HTTP/1.0"], ["HTTP/1.2", "HTTP/2", "HTTP/1.1 "])
+
+
+@st.composite
+def odd_response(draw: st.DrawFn) -> bytes:
+    """A response near and across the edges of what h11 accepts, framed in any way."""
+    names = _mostly(["x-a", "Server", "Connection"], ["Content-Length", "Bad Name", "x\x00"])
+    headers = draw(st.lists(st.tuples(names, _odd_values), max_size=3))
+    body = draw(st.binary(max_size=10))
+    framing = draw(_mostly(["length", "none"], ["chunked", "length twice"]))
+    if framing.startswith("length"):
+        headers += [("Content-Length", str(len(body)))] * (2 if framing == "length twice" else 1)
+    elif framing == "chunked":
+        headers.append(("Transfer-Encoding", "chunked"))
+        body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    lines = [f"{draw(_resp_versions)} {draw(_statuses)}"] + [f"{k}: {v}" for k, v in headers]
+    eol = draw(_mostly(["\r\n"], ["\n"]))
+    return (eol.join(lines) + eol + eol).encode("latin-1") + body
+
+
+def response_outcome(
+    req: RequestHead, chunks: list[bytes], *, fast: bool, eof: bool
+) -> tuple[list[Any], bytes]:
+    """The events of one response (bodies joined, an error as its message) and what trails."""
+    splitter = ResponseSplitter(req, fast=fast)
+    out: list[Any] = []
+    body = b""
+    try:
+        for chunk in [*chunks, *([b""] if eof else [])]:
+            splitter.receive_data(chunk)
+            for _ in range(10_000):
+                ev = splitter.next_event()
+                if ev is NEED_DATA:
+                    break
+                if isinstance(ev, ResponseStarted):
+                    out.append(("start", ev.status, ev.raw, ev.informational))
+                elif isinstance(ev, ResponseBody):
+                    body += ev.raw
+                else:
+                    assert isinstance(ev, ResponseEnded)
+                    out.append(("end", body + ev.raw, ev.switched, ev.keep_alive))
+                    body = b""
+            if splitter.done:
+                break
+    except ResponseError:
+        out.append(("error",))
+    return out, splitter.trailing if splitter.done else b""
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    resp=odd_response(),
+    request=st.tuples(
+        _mostly(["GET", "HEAD", "POST"], ["CONNECT"]), st.sampled_from(["1.1", "1.0"])
+    ),
+    extra=st.binary(max_size=8),
+    cuts=st.lists(st.integers(0, 10**6)),
+    eof=st.booleans(),
+)
+def test_fuzz_fast_response_path_agrees_with_h11(
+    resp: bytes, request: tuple[str, str], extra: bytes, cuts: list[int], eof: bool
+) -> None:
+    method, version = request
+    req = RequestHead(
+        method=method,
+        target="/",
+        http_version=version,
+        headers=(("host", "pod"),),
+        upgrade=method == "CONNECT",
+    )
+    chunks = chunked(resp + extra, cuts)
+    fast = response_outcome(req, chunks, fast=True, eof=eof)
+    assert fast == response_outcome(req, chunks, fast=False, eof=eof)
+
+
+@pytest.mark.parametrize(
+    ("method", "data"),
+    [
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"),
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nnext"),
+        ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\nnext"),
+        ("GET", b"HTTP/1.1 304 Not Modified\r\n\r\nnext"),
+        ("GET", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"),
+        ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        ("GET", b"HTTP/1.1 200 OK\r\n\r\nuntil the close"),
+        (
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        ("GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ("GET", b"HTTP/1.1 200\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"),
+        ("GET", b"HTTP/1.1 200 OK\nContent-Length: 1\n\nx"),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab"),  # cut short by EOF
+        ("GET", b"HTTP/2 200 OK\r\n\r\n"),
+    ],
+)
+def test_fast_response_path_agrees_with_h11_at_the_edges(method: str, data: bytes) -> None:
+    req = RequestHead(
+        method=method, target="/", http_version="1.1", headers=(("host", "a"),), upgrade=False
+    )
+    for cut in (len(data), len(data) // 2, 1):
+        for eof in (False, True):
+            chunks = [data[:cut], data[cut:]]
+            fast = response_outcome(req, chunks, fast=True, eof=eof)
+            assert fast == response_outcome(req, chunks, fast=False, eof=eof), (cut, eof)

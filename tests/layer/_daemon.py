@@ -36,6 +36,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
+from mirrord._frames import PassedFd
 from mirrord.daemon import open_relay_pair
 from mirrord.layer import build_id
 from mirrord.localpod import LocalPod, PodSpec
@@ -287,7 +288,14 @@ class LayerDaemon:
                             sock.sendall(frame)
                         continue
                     reply = self._answer(pid, msg)
-                    if reply is not None:
+                    if isinstance(reply, tuple):  # a local target's file, handed over
+                        handed, fd = reply
+                        frame = conn.send(handed)
+                        sent = socket.send_fds(sock, [frame], [fd.fileno()])
+                        fd.close()
+                        if frame[sent:]:
+                            sock.sendall(frame[sent:])
+                    elif reply is not None:
                         sock.sendall(conn.send(reply))
                 if event is CLOSED:
                     return
@@ -317,26 +325,26 @@ class LayerDaemon:
             )
             self._portal.call(open_channel)
 
-    def _forward(self, pid: int, msg: Message) -> Message:
+    def _forward(self, pid: int, msg: Message) -> Message | tuple[Message, PassedFd]:
         """The agent's answer to a layer request, on the process's channel, under the layer's
-        request id."""
+        request id (and the fd the agent handed over with it, to pass on)."""
         request_id: int = getattr(msg, "request_id", 0)
         if isinstance(msg, m.DnsLookup) and msg.host.startswith("slow"):
             time.sleep(1.0)  # a slow answer: shows whether threads wait for each other
         assert self._portal is not None and self._client is not None
         layer_msg: Any = msg
         try:
-            reply: Any = self._portal.call(
-                self._client.request,
+            reply, handed = self._portal.call(
+                self._client.request_passing,
                 self._channels[pid],
                 lambda r: dataclasses.replace(layer_msg, request_id=r),
             )
         except AgentError as exc:
-            reply = exc.reply
+            reply, handed = exc.reply, None
         answer: Message = dataclasses.replace(reply, request_id=request_id)
-        return answer
+        return answer if handed is None else (answer, handed)
 
-    def _answer(self, pid: int, msg: Message) -> Message | None:
+    def _answer(self, pid: int, msg: Message) -> Message | tuple[Message, PassedFd] | None:
         """What the daemon answers itself."""
         rid: int = getattr(msg, "request_id", 0)
         if isinstance(msg, m.LayerListen):

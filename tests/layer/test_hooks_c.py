@@ -39,7 +39,10 @@ def test_file_hooks_go_remote(
     otherwise files are fetched into memfds (read natively, written back on close)."""
     daemon.add_file("/srv/t/test.txt", TEST_FILE)
     daemon.add_symlink("/srv/t/link", "/srv/t/test.txt")
-    settings = LayerSettings(fs_mode="write", timeout_ms=5000, fetch_limit=fetch_limit)
+    # the relayed path (a local target's agent would hand the files over: test_handover)
+    settings = LayerSettings(
+        fs_mode="write", timeout_ms=5000, fetch_limit=fetch_limit, fs_handover=False
+    )
     extra = {"EXPECT_REMOTE": "1"}
     if fetch_limit == 0:
         extra["EXPECT_FREOPEN_ENOTSUP"] = "1"

@@ -179,12 +179,17 @@ with open('/app/big.bin', 'rb') as f:
     tail = f.read()
 print(len(data), hashlib.sha256(data).hexdigest(), len(tail))
 """
-    out = run.py(code, settings=LayerSettings(fetch_limit=1000)).stdout.decode().split()
+    out = (
+        run.py(code, settings=LayerSettings(fetch_limit=1000, fs_handover=False))
+        .stdout.decode()
+        .split()
+    )
     import hashlib
 
     assert out == ["5120", hashlib.sha256(content).hexdigest(), "1120"]
     assert "FileRead" in daemon.kinds()
-    assert run(["cat", "/app/big.bin"], settings=LayerSettings(fetch_limit=1000)).stdout == content
+    settings = LayerSettings(fetch_limit=1000, fs_handover=False)
+    assert run(["cat", "/app/big.bin"], settings=settings).stdout == content
 
 
 def test_python_stdlib_tools_on_remote_trees(run: Runner, daemon: LayerDaemon) -> None:

@@ -183,6 +183,10 @@ class Scene:
 def start_scene(cli: Mirrord, pod: LocalPod, size: Size, phase: str) -> Scene:
     cli.env["RELIABILITY_LAYER_TIMEOUT_MS"] = str(size.layer_timeout_ms)
     cli.env["MIRRORD_AGENT_STARTUP_TIMEOUT"] = "5"
+    # the relayed path: a handed-over file or socket outlives the agent and the daemon (they
+    # are not in its data path), and these cases are about what a lost relay does
+    cli.env["MIRRORD_FILE_HANDOVER"] = "false"
+    cli.env["MIRRORD_OUTGOING_HANDOVER"] = "false"
     run = cli.popen("run", "--steal", "-t", f"pid/{pod.pid}", "--", sys.executable, APP, phase)
     assert run.stdout is not None and run.stderr is not None
     return Scene(cli, pod, size, phase, run, Lines(run.stdout), Lines(run.stderr))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat as stat_module
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
@@ -31,6 +32,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from mirrord._frames import Passable, PassedFd
 from mirrord.agent._channel_relays import CONN_MESSAGES, ChannelRelays
 from mirrord.agent._context import AgentContext
 from mirrord.agent._dns import GaiError
@@ -69,10 +71,20 @@ log = logging.getLogger("mirrord.agent")
 # the reply from its result (on the event loop), and the handle the call uses (released first).
 # No blocking call (None): the reply is made at once.
 # (the call, what makes its reply of the result, the handle it holds): the reply is a message,
-# or a large read's FileData, already in its frame
+# a large read's FileData, already in its frame, or a reply with an fd handed over (`_Handed`)
 _Plan: TypeAlias = tuple[
-    Callable[[], Any] | None, Callable[[Any], "Message | FileData"], "FileHandle | None"
+    Callable[[], Any] | None, Callable[[Any], "Message | FileData | _Handed"], "FileHandle | None"
 ]
+
+
+class _Handed:
+    """A reply that takes an opened fd along (hand-over: `FileHanded`, `Connected(handed)`)."""
+
+    __slots__ = ("msg", "passing")
+
+    def __init__(self, msg: Message, passing: Passable) -> None:
+        self.msg = msg
+        self.passing = passing
 
 
 class IncomingHandler(Protocol):
@@ -102,6 +114,11 @@ class ChannelOwner(Protocol):
     request_slots: anyio.Semaphore  # file requests in flight on the whole connection
 
     @property
+    def can_hand_over(self) -> bool:
+        """The daemon is on this machine (a unix socket, both ends agreed): fds can go to it."""
+        ...
+
+    @property
     def incoming(self) -> IncomingHandler | None:
         """The agent's incoming service, None when it is not running (Subscribe: ENOTSUP)."""
         ...
@@ -117,6 +134,10 @@ class ChannelOwner(Protocol):
     async def send(self, msg: Message, channel: int) -> None: ...
 
     def send_nowait(self, msg: Message, channel: int) -> None: ...
+
+    def send_passing(self, msg: Message, channel: int, passing: Passable) -> None:
+        """`send_nowait` with an fd handed to the daemon along with `msg` (owned from here)."""
+        ...
 
     def send_data_nowait(self, request_id: int, data: FileData, channel: int) -> None:
         """Send the FileData reply to `request_id` whose bytes `read_data` read in place."""
@@ -135,7 +156,12 @@ class ChannelOwner(Protocol):
 # checked before any call (ctypes would cut the path at the NUL and act on another file).
 _PATH_FIELDS = ("path", "old", "new", "target")
 _ID_RANGE = range(-1, 2**32)  # uid_t/gid_t, with -1 (also 2**32-1): "leave it as it is"
-_C_INT_FIELDS = ("flags", "mode", "whence")  # a C int or mode_t in the layer: 32 bits
+_C_INT_FIELDS = (
+    "flags",
+    "mode",
+    "whence",
+    "handover_flags",
+)  # a C int or mode_t in the layer: 32 bits
 _C_INT_RANGE = range(-(2**31), 2**32)
 
 
@@ -391,8 +417,15 @@ class Channel:
                 self.handles.release(handle)
             self._answer(req, _errno_reply(req.request_id, OSError(errno.EIO, str(exc))))
 
-    def _answer(self, req: Any, reply: Message | FileData) -> None:
+    def _answer(self, req: Any, reply: Message | FileData | _Handed) -> None:
         self.session.request_slots.release()
+        if isinstance(reply, _Handed):
+            self._log_reply(req, reply.msg)
+            if self.closed:
+                reply.passing.close()
+            else:
+                self.session.send_passing(reply.msg, self.number, reply.passing)
+            return
         self._log_reply(req, reply)
         if self.closed:
             return  # a closed channel's requests are answered by nobody
@@ -456,6 +489,12 @@ class Channel:
         return Inline(fast, slow), finish, None
 
     def _file_fetch(self, req: m.FileFetch) -> _Plan:
+        if (
+            req.handover_flags is not None
+            and self.session.can_hand_over
+            and not req.handover_flags & os.O_PATH
+        ):
+            return self._file_hand_over(req, req.handover_flags)
         root = self.ctx.root
 
         def fast() -> tuple[int, list[int], bytes | None, bool] | Any:
@@ -467,6 +506,46 @@ class Channel:
             return (*fetch_file(fd, req.flags, req.max_size), False)
 
         def finish(result: tuple[int, list[int], bytes | None, bool]) -> Message:
+            fd, st, data, inline = result
+            handle = None
+            if fd >= 0:
+                if self.closed:
+                    os.close(fd)
+                    raise OSError(errno.EBADF, "channel closed")
+                handle = self.handles.add(FileHandle(fd=fd, inline=inline))
+            return m.FileFetched(request_id=req.request_id, stat=st, handle=handle, data=data)
+
+        return Inline(fast, slow), finish, None
+
+    def _file_hand_over(self, req: m.FileFetch, flags: int) -> _Plan:
+        """FileFetch with hand-over: the file opened under the target's root with the user
+        app's own flags; a regular file goes to the layer itself (`FileHanded`), anything
+        else (a directory, a FIFO, a device) is served through a handle as without
+        hand-over. Regular files only: a directory fd would let `openat(fd, "..")` walk out
+        of the target's root; an fd of a device or FIFO reaches past what the agent's
+        requests allow."""
+        root = self.ctx.root
+
+        def hand(fd: int) -> tuple[int, list[int], bytes | None, bool] | int:
+            st = os.fstat(fd)
+            if stat_module.S_ISREG(st.st_mode):
+                return fd
+            return (*fetch_file(fd, req.flags, req.max_size), False)
+
+        def fast() -> int | Any:
+            return open_inline(root, req.path, flags)  # a regular file, or NOT_INLINE
+
+        def slow() -> tuple[int, list[int], bytes | None, bool] | int:
+            fd = root.open(req.path, flags, req.mode)
+            try:
+                return hand(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+
+        def finish(result: tuple[int, list[int], bytes | None, bool] | int) -> Message | _Handed:
+            if isinstance(result, int):
+                return _Handed(m.FileHanded(request_id=req.request_id), PassedFd(result))
             fd, st, data, inline = result
             handle = None
             if fd >= 0:
@@ -688,6 +767,21 @@ class Channel:
         if self.closed or self._tg is None:
             await stream.aclose()
             raise OSError(errno.EBADF, "channel closed")
+        if req.handover and req.protocol != "unix" and self.session.can_hand_over:
+            # the socket itself to the daemon (and on to the layer): nothing relayed here
+            sock = _take_socket(stream)
+            self.session.send_passing(
+                m.Connected(
+                    request_id=req.request_id,
+                    conn_id=req.conn_id,
+                    local_address=local_address,
+                    local_port=local_port,
+                    handed=True,
+                ),
+                self.number,
+                sock,
+            )
+            return None
         relay = self.relays.add(
             req.conn_id,
             stream,
@@ -776,3 +870,10 @@ class Channel:
             raise OSError(errno.ENOTSUP, "this agent does not serve incoming traffic yet")
         await incoming.unsubscribe(self, req.port)
         return m.Ok(request_id=req.request_id)
+
+
+def _take_socket(stream: Any) -> socket.socket:
+    """The connected socket of an outgoing stream, detached from it (the stream object is
+    dropped without closing it): a new socket object owns the fd."""
+    raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    return socket.socket(raw.family, raw.type, raw.proto, raw.detach())

@@ -11,6 +11,16 @@ Does not own: sockets, routing decisions between sessions, or relaying (see `_in
 
 Theory of operation
 -------------------
+A request whose whole head has arrived and whose framing is simple (HTTP/1.0 or 1.1, a
+`Content-Length` or no body, no `Transfer-Encoding`, no Upgrade/CONNECT, the Host rules h11
+applies) is parsed by `_fast_head`, a few compiled regular expressions that accept exactly
+what h11's grammar accepts for those lines, and its body is counted off; anything else goes
+to h11 as below, which stays the reference (the tests check both paths agree). h11 builds a
+connection and a state machine per request: ~45 % of the agent's CPU per mirrored request.
+`ResponseSplitter` does the same for a response head with a final status and a
+`Content-Length` (or no body: HEAD, 204, 304), and hands everything else (1xx, chunked,
+delimited by the close) to h11 with the bytes it holds.
+
 `RequestSplitter` holds one h11 server-role connection per request. After each h11 event it
 compares how many bytes h11 still buffers with how many it was fed: the difference is the raw
 bytes that event consumed, which are emitted with it. When a request ends, the remaining bytes
@@ -329,6 +339,60 @@ class _Feeder:
         return event, out
 
 
+# h11's grammar (h11/_abnf.py) for the lines the fast path parses, compiled once.
+_FAST_REQUEST_LINE: Final = re.compile(
+    rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+) ([\x21-\x7e]+) HTTP/(1\.[01])"
+)
+_FAST_HEADER: Final = re.compile(
+    rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*"
+)
+_FAST_LENGTH: Final = re.compile(rb"[0-9]{1,18}")
+
+
+def _fast_head(buf: bytes | bytearray, start: int) -> tuple[RequestHead, int, int] | None:
+    """(head, end of the head in `buf`, body length) of a simple request head starting at
+    `start` that has fully arrived; None when h11 must decide (not all there, another
+    framing, an Upgrade, anything its grammar might see differently)."""
+    end = buf.find(b"\r\n\r\n", start)
+    if end < 0 or end - start > MAX_HEAD_SIZE:
+        return None
+    lines = bytes(buf[start:end]).split(b"\r\n")
+    first = _FAST_REQUEST_LINE.fullmatch(lines[0])
+    if first is None:
+        return None
+    method, target, version = first.groups()
+    if method == b"CONNECT":
+        return None
+    headers: list[tuple[str, str]] = []
+    hosts = 0
+    length: int | None = None
+    for line in lines[1:]:
+        field = _FAST_HEADER.fullmatch(line)
+        if field is None:
+            return None  # obs-fold, bad bytes: h11's call
+        name = field[1].lower()
+        value = field[2]
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            if length is not None or _FAST_LENGTH.fullmatch(value) is None:
+                return None
+            length = int(value)
+        elif name in (b"transfer-encoding", b"upgrade"):
+            return None
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    if hosts > 1 or (hosts == 0 and version == b"1.1"):
+        return None  # h11 refuses these: it says how
+    head = RequestHead(
+        method=method.decode("ascii"),
+        target=target.decode("latin-1"),
+        http_version=version.decode("ascii"),
+        headers=tuple(headers),
+        upgrade=False,
+    )
+    return head, end + 4, length or 0
+
+
 def _head_from(req: h11.Request) -> RequestHead:
     headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers)
     upgrade = req.method == b"CONNECT" or any(k == "upgrade" for k, _ in headers)
@@ -343,13 +407,16 @@ def _head_from(req: h11.Request) -> RequestHead:
 
 class RequestSplitter:
     """Cuts a client's byte stream into requests. Feed `receive_data()` (`b""` at EOF), then
-    call `next_event()` until it returns `NEED_DATA` (or `CLOSED`)."""
+    call `next_event()` until it returns `NEED_DATA` (or `CLOSED`). `fast=False`: every
+    request through h11 (the reference the tests compare the fast path with)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fast: bool = True) -> None:
+        self._fast = fast
         self._buf = bytearray()  # bytes not yet given to a parser (between requests)
         self._feeder: _Feeder | None = None
         self._head: RequestHead | None = None
-        self._state = "IDLE"  # IDLE, REQUEST, PAUSED, TUNNEL
+        self._state = "IDLE"  # IDLE, REQUEST (h11), BODY (fast path), PAUSED, TUNNEL
+        self._left = 0  # BODY: bytes of the body still to come
         self._eof = False
         self.requests = 0
 
@@ -407,7 +474,25 @@ class RequestSplitter:
             return CLOSED if self._eof else NEED_DATA
         if self._state == "IDLE":
             return self._start_request()
+        if self._state == "BODY":
+            return self._fast_body()
         return self._continue_request()
+
+    def _fast_body(self) -> RequestEvent | _Sentinel:
+        """The body of a request `_fast_head` parsed: counted off, then its end."""
+        if self._left:
+            if not self._buf:
+                return self._to_tunnel() if self._eof else NEED_DATA
+            n = min(self._left, len(self._buf))
+            raw = bytes(self._buf[:n])
+            del self._buf[:n]
+            self._left -= n
+            return RequestBody(raw)
+        head = self._head
+        assert head is not None
+        self._head = None
+        self._state = "IDLE"
+        return RequestEnded(b"", head)
 
     def _start_request(self) -> RequestEvent | _Sentinel:
         # h11 refuses the empty lines RFC 9112 says a server should skip before a request line:
@@ -423,6 +508,15 @@ class RequestSplitter:
         first = self._buf[skip : line_end + 2 if line_end >= 0 else len(self._buf)]
         if not _first_line_could_be_http(first):
             return self._to_tunnel()
+        fast = _fast_head(self._buf, skip) if self._fast else None
+        if fast is not None:
+            head, end, self._left = fast
+            raw = bytes(self._buf[:end])  # (the blank lines before it included)
+            del self._buf[:end]
+            self._head = head
+            self._state = "BODY"
+            self.requests += 1
+            return RequestStarted(head, raw)
         prefix = bytes(self._buf[:skip])
         data = bytes(self._buf[skip:])
         self._buf.clear()
@@ -518,23 +612,77 @@ def _wants_close(headers: Any) -> bool:
     return any(k.lower() == b"connection" and b"close" in v.lower() for k, v in headers)
 
 
+# h11's status line (h11/_abnf.py), for HTTP/1.0 and 1.1 only.
+_FAST_STATUS_LINE: Final = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: [^\x00\n\r\x0b\x0c]*)?")
+
+
+def _fast_response_head(head: bytes, method: str) -> tuple[int, int, bool] | None:
+    """(status, body length, the server will close) of a whole response head (without its
+    blank line) that the fast path can frame: a final status, a Content-Length or no body
+    (HEAD, 204, 304), no Transfer-Encoding. None: h11 decides (1xx, chunked, close-delimited,
+    anything its grammar might see differently)."""
+    lines = head.split(b"\r\n")
+    first = _FAST_STATUS_LINE.fullmatch(lines[0])
+    if first is None:
+        return None
+    status = int(first[2])
+    if status < 200:
+        return None
+    close = first[1] == b"1.0"
+    length: int | None = None
+    for line in lines[1:]:
+        field = _FAST_HEADER.fullmatch(line)
+        if field is None:
+            return None
+        name = field[1].lower()
+        if name == b"content-length":
+            if length is not None or _FAST_LENGTH.fullmatch(field[2]) is None:
+                return None
+            length = int(field[2])
+        elif name == b"transfer-encoding":
+            return None
+        elif name == b"connection" and b"close" in field[2].lower():
+            close = True
+    if method == "HEAD" or status in (204, 304):
+        return status, 0, close
+    if length is None:
+        return None  # delimited by the server's close: h11
+    return status, length, close
+
+
 class ResponseSplitter:
     """Finds the end of the response to one request. Bytes after it (the next pipelined
     response, or tunnel bytes after a switch) are `trailing` when it has ended."""
 
-    def __init__(self, head: RequestHead) -> None:
-        self._feeder = _Feeder(h11.CLIENT, b"")
-        headers = [(k, v) for k, v in head.headers]
+    def __init__(self, head: RequestHead, *, fast: bool = True) -> None:
+        self._head = head
+        headers = head.headers
         self._request_close = _wants_close((k.encode(), v.encode()) for k, v in headers) or (
             head.http_version == "1.0" and (head.header("connection") or "").lower() != "keep-alive"
         )
+        self._upgrade = head.upgrade
+        self._method = head.method.upper()
+        self._close = False
+        self.done = False
+        # The fast path (a head with Content-Length, or no body by status or method; see
+        # `_fast_response_head`) until it meets anything else; then h11 for the rest.
+        self._feeder: _Feeder | None = None
+        self._buf = bytearray()
+        self._eof = False
+        self._left = -1  # fast path: body bytes still to come (-1: before the head)
+        if not fast or head.upgrade:
+            self._to_h11()
+
+    def _to_h11(self) -> _Feeder:
+        feeder = self._feeder = _Feeder(h11.CLIENT, b"")
+        head = self._head
         # h11 only parses the response here, and only sends HTTP/1.1: an HTTP/1.0 request (or
         # one without Host, which 1.0 allows) is described to it as 1.1 with a Host; what
         # 1.0 changes for the response (no keep-alive by default) is `_request_close`.
-        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-        if not any(k == "host" for k, _ in headers):
+        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head.headers]
+        if not any(k == "host" for k, _ in head.headers):
             raw_headers.append((b"host", b""))
-        self._feeder.conn.send(
+        feeder.conn.send(
             h11.Request(
                 method=head.method,
                 target=head.target.encode("latin-1"),
@@ -542,25 +690,71 @@ class ResponseSplitter:
                 http_version="1.1",
             )
         )
-        self._upgrade = head.upgrade
-        self._method = head.method.upper()
-        self._close = False
-        self.done = False
+        feeder.feed(self._buf)
+        self._buf.clear()
+        if self._eof:
+            feeder.close()
+        return feeder
 
     @property
     def trailing(self) -> bytes:
-        return bytes(self._feeder.raw)
+        return bytes(self._feeder.raw) if self._feeder is not None else bytes(self._buf)
 
     def receive_data(self, data: bytes) -> None:
-        if data:
-            self._feeder.feed(data)
+        if self._feeder is not None:
+            if data:
+                self._feeder.feed(data)
+            else:
+                self._feeder.close()
+        elif data:
+            self._buf += data
         else:
-            self._feeder.close()
+            self._eof = True
+
+    def _fast_event(self) -> ResponseEvent | _Sentinel | None:
+        """The fast path's next event; None: h11 takes over from here."""
+        buf = self._buf
+        if self._left < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if self._eof or len(buf) > MAX_HEAD_SIZE or b"\n\n" in buf or b"\n\r\n" in buf:
+                    return None  # h11 says what this is
+                return NEED_DATA
+            parsed = _fast_response_head(bytes(buf[:end]), self._method)
+            if parsed is None:
+                return None
+            status, self._left, close = parsed
+            self._close = close
+            raw = bytes(buf[: end + 4])
+            del buf[: end + 4]
+            return ResponseStarted(status, raw, informational=False)
+        if self._left:
+            if not buf:
+                if self._eof:
+                    raise ResponseError(
+                        "the server closed the connection before a complete response"
+                    )
+                return NEED_DATA
+            n = min(self._left, len(buf))
+            raw = bytes(buf[:n])
+            del buf[:n]
+            self._left -= n
+            return ResponseBody(raw)
+        self.done = True
+        return ResponseEnded(
+            b"", switched=False, keep_alive=not (self._close or self._request_close)
+        )
 
     def next_event(self) -> ResponseEvent | _Sentinel:
         """Raises `ResponseError` when the bytes are not a response."""
         if self.done:
             return NEED_DATA
+        if self._feeder is None:
+            fast = self._fast_event()
+            if fast is not None:
+                return fast
+            self._to_h11()
+        assert self._feeder is not None
         try:
             event, raw = self._feeder.next()
         except h11.RemoteProtocolError as exc:

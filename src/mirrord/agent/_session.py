@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 
 from mirrord import __version__
-from mirrord._frames import FrameReader, FrameWriter
+from mirrord._frames import FrameReader, FrameWriter, Passable
 from mirrord.agent._channel import Channel
 from mirrord.agent._files import FileData
 from mirrord.protocol import (
@@ -103,23 +103,35 @@ class DaemonSession:
         self.ctx = server.ctx
         self.stream = stream
         self.peer = peer
-        self.conn = AgentConnection(
-            AgentRole.AGENT,
-            secret=server.secret,
-            invalid_requests_as_events=True,
-            features=[m.FEATURE_UNIX_STREAMS, m.FEATURE_INCOMING_TLS],
-        )
-        self.channels: dict[int, Channel] = {}
-        self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
         # frames --> writer.send_nowait (straight into the socket when nothing waits, else
         # queued for the one writer task, `_write_frames`); reader.receive <-- the daemon
         self.writer = FrameWriter(stream, f"daemon {peer}")
         self.reader = FrameReader(stream, _READ_SIZE)
+        features = [m.FEATURE_UNIX_STREAMS, m.FEATURE_INCOMING_TLS]
+        # a daemon on a unix socket is on this machine: opened files and connected sockets
+        # can be handed to it (and on to the layer) instead of relayed (`can_hand_over`)
+        if self.writer.can_pass:
+            features.append(m.FEATURE_HANDOVER)
+        self.conn = AgentConnection(
+            AgentRole.AGENT,
+            secret=server.secret,
+            invalid_requests_as_events=True,
+            features=features,
+        )
+        self.channels: dict[int, Channel] = {}
+        self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
         self._scope: anyio.CancelScope | None = None  # the whole serving, writer included
         self._tg: anyio.abc.TaskGroup | None = None
         self.authenticated = False
 
     # -- what its channels need (`ChannelOwner`) -------------------------------------------------
+
+    @property
+    def can_hand_over(self) -> bool:
+        """fds may go to this daemon: both ends said so (each announces `handover` only when
+        its own end of the stream is a unix socket, so a proxy in between, which would drop
+        the fds, leaves it off)."""
+        return self.writer.can_pass and m.FEATURE_HANDOVER in self.conn.peer_features
 
     @property
     def incoming(self) -> IncomingHandler | None:
@@ -156,6 +168,15 @@ class DaemonSession:
         frame = self._frame(msg, channel)
         if frame is not None:
             self.writer.send_nowait(frame)
+
+    def send_passing(self, msg: Message, channel: int, passing: Passable) -> None:
+        """Send `msg` on `channel` with `passing` (an fd, owned by the writer from here on)
+        handed to the daemon with it (`can_hand_over` streams only). Never raises."""
+        frame = self._frame(msg, channel)
+        if frame is None:
+            passing.close()
+            return
+        self.writer.send_nowait(frame, (passing,))
 
     def send_data_nowait(self, request_id: int, data: FileData, channel: int) -> None:
         """Send the FileData reply to `request_id` whose bytes are already in its frame's

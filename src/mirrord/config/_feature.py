@@ -124,6 +124,14 @@ class FsConfig(_Section):
         ge=0,
         description="Bytes read ahead for read-only remote files (0 disables).",
     )
+    handover: bool = Field(
+        default=True,
+        description=(
+            "For a local target (pid/N, container/ID): a remote regular file opened by the "
+            "agent is handed to the user app itself (reads and writes are native); false "
+            "serves every remote file through the agent."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

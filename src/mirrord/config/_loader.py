@@ -454,6 +454,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("MIRRORD_FILE_READ_WRITE_PATTERN", ("feature", "fs", "read_write"), _list),
     EnvVar("MIRRORD_FILE_READ_ONLY_PATTERN", ("feature", "fs", "read_only"), _list),
     EnvVar("MIRRORD_FILE_LOCAL_PATTERN", ("feature", "fs", "local"), _list),
+    EnvVar("MIRRORD_FILE_HANDOVER", ("feature", "fs", "handover"), _bool),
     EnvVar("MIRRORD_OVERRIDE_ENV_VARS_INCLUDE", ("feature", "env", "include"), _list),
     EnvVar("MIRRORD_OVERRIDE_ENV_VARS_EXCLUDE", ("feature", "env", "exclude"), _list),
     EnvVar("MIRRORD_REMOTE_DNS", ("feature", "network", "dns", "enabled"), _bool),
@@ -479,6 +480,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     ),
     EnvVar("MIRRORD_TCP_OUTGOING", ("feature", "network", "outgoing", "tcp"), _bool),
     EnvVar("MIRRORD_UDP_OUTGOING", ("feature", "network", "outgoing", "udp"), _bool),
+    EnvVar("MIRRORD_OUTGOING_HANDOVER", ("feature", "network", "outgoing", "handover"), _bool),
     EnvVar(
         "MIRRORD_OUTGOING_REMOTE_UNIX_STREAMS",
         ("feature", "network", "outgoing", "unix_streams"),

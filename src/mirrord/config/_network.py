@@ -269,6 +269,13 @@ class OutgoingConfig(_Section):
             "socket at that path in the target instead of one on this machine."
         ),
     )
+    handover: bool = Field(
+        default=True,
+        description=(
+            "For a local target (pid/N, container/ID): the agent's connected socket itself "
+            "is handed to the user app (no relay); false relays every connection."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

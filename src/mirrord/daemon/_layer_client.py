@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import errno as errno_mod
 import logging
-import socket
 from collections.abc import Callable
 
 import anyio
 import anyio.abc
 
-from mirrord._frames import FrameReader, FrameWriter
+from mirrord._frames import FrameReader, FrameWriter, Passable
 from mirrord.daemon._link import FORWARDED_REQUESTS
 from mirrord.daemon._session import LayerProcess, Session, lost_reply
 from mirrord.protocol import (
@@ -58,11 +57,11 @@ class LayerClient:
         pid = self.process.pid if self.process else None
         return f"<LayerClient pid={pid} state={self.conn.state.value}>"
 
-    def reply(
-        self, reply: Message, request_id: int, *, passing: tuple[socket.socket, ...] = ()
-    ) -> None:
-        """Send `reply` as the answer to `request_id`; `passing`: sockets handed over with it
-        (owned by the writer from here on)."""
+    def reply(self, reply: Message, request_id: int, *, passing: tuple[Passable, ...] = ()) -> None:
+        """Send `reply` as the answer to `request_id`; `passing`: sockets (or, handed over by
+        a local target's agent, open files) passed with it (owned by the writer from here
+        on). The layer connection's peer was checked to be this user's (SO_PEERCRED) when it
+        was accepted: nothing passed here reaches another user's process."""
         if self.closed or self.conn.state is not State.OPEN:
             for sock in passing:
                 sock.close()
@@ -71,7 +70,7 @@ class LayerClient:
             reply = dataclasses.replace(reply, request_id=request_id)  # type: ignore[type-var]
         self.send_nowait(reply, passing)
 
-    def send_nowait(self, msg: Message, passing: tuple[socket.socket, ...] = ()) -> None:
+    def send_nowait(self, msg: Message, passing: tuple[Passable, ...] = ()) -> None:
         """Queue `msg`; a layer that leaves more than MAX_LAYER_UNREAD bytes of replies unread
         is closed (a thread of a preloaded process waits for each reply it asked for, so only
         a misbehaving peer gets near it), instead of growing the daemon without bound."""
@@ -81,7 +80,7 @@ class LayerClient:
             return  # closed (by us, past the bound): nobody reads this
         self._queue(self.conn.send(msg), passing)
 
-    def _queue(self, frame: bytes, passing: tuple[socket.socket, ...] = ()) -> None:
+    def _queue(self, frame: bytes, passing: tuple[Passable, ...] = ()) -> None:
         self.writer.send_nowait(frame, passing)
         if self.writer.queued_bytes > MAX_LAYER_UNREAD and not self.closed:
             reason = (
@@ -91,19 +90,25 @@ class LayerClient:
             log.warning("layer connection (pid %s) closed: %s", _pid(self), reason)
             self.close("unread_replies", reason)
 
-    def forward_reply(self, frame: Undecoded, request_id: int) -> None:
+    def forward_reply(
+        self, frame: Undecoded, request_id: int, *, passing: tuple[Passable, ...] = ()
+    ) -> None:
         """The agent's reply `frame` to a forwarded request, undecoded, as the answer to the
-        layer's `request_id` (its body goes through as bytes)."""
+        layer's `request_id` (its body goes through as bytes); `passing` as for `reply`."""
         if self.closed or self.conn.state is not State.OPEN:
+            for fd in passing:
+                fd.close()
             return  # the layer connection is gone: nobody waits for this reply
         try:
             out = self.conn.forward(frame, request_id)
         except LocalProtocolError as exc:  # a frame that no longer fits once re-headed
+            for fd in passing:
+                fd.close()
             self.reply(
                 m.ErrorReply(request_id=0, errno=errno_mod.EMSGSIZE, message=str(exc)), request_id
             )
             return
-        self._queue(out)
+        self._queue(out, passing)
 
     def close(self, code: str, message: str) -> None:
         if self.closed:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from mirrord._frames import FrameReader, FrameWriter
+from mirrord._frames import FrameReader, FrameWriter, Passable, PassedFd
 from mirrord._relay import CONN_MESSAGES, FlowRelay, RelayTable
 from mirrord._version import __version__
 from mirrord.backend import AgentHandle
@@ -86,12 +86,16 @@ class _StreamClosed(Exception):
 class ReplyTo(Protocol):
     """Whoever gets the reply of a forwarded request (a layer connection)."""
 
-    def reply(self, reply: Message, request_id: int) -> None:
-        """`reply` (decoded) as the answer to the layer's `request_id`."""
+    def reply(self, reply: Message, request_id: int, *, passing: tuple[Passable, ...] = ()) -> None:
+        """`reply` (decoded) as the answer to the layer's `request_id`; `passing`: the fd a
+        local target's agent handed over with it (`FileHanded`)."""
         ...
 
-    def forward_reply(self, frame: Undecoded, request_id: int) -> None:
-        """The agent's reply `frame`, undecoded, as the answer to the layer's `request_id`."""
+    def forward_reply(
+        self, frame: Undecoded, request_id: int, *, passing: tuple[Passable, ...] = ()
+    ) -> None:
+        """The agent's reply `frame`, undecoded, as the answer to the layer's `request_id`;
+        `passing` as for `reply`."""
         ...
 
 
@@ -106,10 +110,12 @@ class _Forward:
         self.client = client
         self.request_id = request_id
 
-    def answer(self, reply: Message) -> None:
+    def answer(self, reply: Message, passed: PassedFd | None = None) -> None:
         if isinstance(reply, m.Reply) and reply.KIND < 100:
-            self.client.reply(reply, self.request_id)
+            self.client.reply(reply, self.request_id, passing=() if passed is None else (passed,))
         else:  # an agent-protocol reply (kinds 100+) means nothing to the layer
+            if passed is not None:
+                passed.close()
             self.fail(f"the agent answered with {type(reply).__name__}")
 
     def fail(self, reason: str) -> None:
@@ -122,16 +128,18 @@ class _Forward:
 class _Waiter:
     """One request awaiting its reply: the reply, or why none will come."""
 
-    __slots__ = ("channel", "event", "lost", "reply")
+    __slots__ = ("channel", "event", "lost", "passed", "reply")
 
     def __init__(self, channel: int) -> None:
         self.channel = channel
         self.event = anyio.Event()
         self.reply: Message | None = None
+        self.passed: PassedFd | None = None  # the fd that came with the reply (hand-over)
         self.lost = ""
 
-    def answer(self, reply: Message) -> None:
+    def answer(self, reply: Message, passed: PassedFd | None = None) -> None:
         self.reply = reply
+        self.passed = passed
         self.event.set()
 
     def fail(self, reason: str) -> None:
@@ -224,10 +232,12 @@ class AgentLink:
         self._next_channel = 1
         self._next_conn = 2  # the daemon picks even connection ids, the agent odd ones
         self._writer: FrameWriter | None = None
+        self._reader: FrameReader | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         # whoever is told when the link is lost, until it unregisters (`forget_lost`)
         self._lost_callbacks: dict[LostCallback, None] = {}
         self.frames_in = 0
+        self.handed_over = 0  # files and sockets the agent handed over (passed to a layer)
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -251,6 +261,7 @@ class AgentLink:
             "bytes_to_agent": self.counters.to_agent,
             "bytes_to_user": self.counters.to_user,
             "relayed_connections": self.counters.connections,
+            "handed_over": self.handed_over,
             "queued_bytes": self._writer.queued_bytes if self._writer else 0,
             "agent_version": self.welcome.agent_version if self.welcome else "",
             "agent_target": self.welcome.target if self.welcome else "",
@@ -288,9 +299,14 @@ class AgentLink:
             async with stream, anyio.create_task_group() as tg:
                 self._tg = tg
                 self._writer = FrameWriter(stream, f"agent {self.handle.key}")
+                self._reader = FrameReader(stream, _READ_SIZE, receive_fds=True)
+                if self._reader.receives_fds:
+                    # an agent on this machine may hand files and sockets over (both ends
+                    # must say so: `can_hand_over`)
+                    self.conn.features.append(m.FEATURE_HANDOVER)
                 tg.start_soon(self._writer.run)
                 self._writer.send_nowait(self.conn.hello(client=f"mirrordd {__version__}"))
-                reader = FrameReader(stream, _READ_SIZE)  # the stream's one reader
+                reader = self._reader  # the stream's one reader
                 await self._handshake(reader)
                 self.state = "open"
                 log.info(
@@ -343,6 +359,17 @@ class AgentLink:
                 f"{self.handle.description} refused the handshake: {exc}"
             ) from None
 
+    @property
+    def can_hand_over(self) -> bool:
+        """The agent passes opened files and connected sockets on this stream (a local
+        target: the agent is on this machine, and both ends said so)."""
+        return (
+            self.is_open
+            and self._reader is not None
+            and self._reader.receives_fds
+            and m.FEATURE_HANDOVER in self.conn.peer_features
+        )
+
     async def _read_loop(self, reader: FrameReader) -> str:
         """Read the agent's frames until the stream ends; the reason it ended. Each read is
         handled in the event loop's reader callback (`FrameReader.run`): a reply costs no
@@ -369,7 +396,10 @@ class AgentLink:
                 if type(entry) is _Forward and entry.channel == event.channel:
                     del self._pending[event.request_id]
                     self.frames_in += 1
-                    entry.client.forward_reply(event, entry.request_id)
+                    # the kind alone says whether an fd came with the frame (hand-over)
+                    passed = self._take_fd() if event.kind == m.FileHanded.KIND else None
+                    passing = () if passed is None else (passed,)
+                    entry.client.forward_reply(event, entry.request_id, passing=passing)
                     continue
                 event = self.conn.decode(event)  # a reply someone awaits: as a message
             if isinstance(event, Received):
@@ -407,6 +437,8 @@ class AgentLink:
             lost_callback(reason)
         if self._writer is not None:
             self._writer.close()
+        if self._reader is not None:
+            self._reader.close_fds()
 
     def close(self) -> None:
         """Stop using this stream (the pool releases the agent); ends `run()`."""
@@ -433,6 +465,16 @@ class AgentLink:
         (an `ErrorReply` is a reply). Raises `ChannelLost` if the channel or the agent is lost
         first, `TimeoutError` when no reply came within `timeout` seconds (None: no limit, for
         requests that may rightly wait, like a read of a FIFO in the target)."""
+        reply, passed = await self.call_passing(channel, request, timeout=timeout)
+        if passed is not None:
+            passed.close()  # nobody asked for one
+        return reply
+
+    async def call_passing(
+        self, channel: int, request: m.Request, *, timeout: float | None = None
+    ) -> tuple[Message, PassedFd | None]:
+        """`call`, and the fd the agent handed over with the reply (`messages.passes_fd`;
+        the caller owns it), or None."""
         if self.state != "open" or channel not in self.channels:
             raise ChannelLost(f"agent lost: {self.reason or 'channel closed'}")
         rid = self._next_request
@@ -451,7 +493,7 @@ class AgentLink:
             self._pending.pop(rid, None)  # cancelled or timed out: a late reply is dropped
         if waiter.reply is None:
             raise ChannelLost(waiter.lost)
-        return waiter.reply
+        return waiter.reply, waiter.passed
 
     def forward(self, channel: int, request: Undecoded | m.Request, client: ReplyTo) -> bool:
         """Send the layer's `request` (a shared kind, 1-99; undecoded: its body goes through as
@@ -576,11 +618,21 @@ class AgentLink:
 
     # -- receiving
 
+    def _take_fd(self) -> PassedFd | None:
+        passed = self._reader.take_fd() if self._reader is not None else None
+        if passed is not None:
+            self.handed_over += 1
+        return passed
+
     def _dispatch(self, channel: int, msg: Message) -> None:
         if isinstance(msg, m.Reply):
+            # an fd handed over with the reply: taken in frame order even if nobody waits
+            passed = self._take_fd() if m.passes_fd(msg) else None
             waiter = self._pending.pop(msg.request_id, None)
             if waiter is not None:
-                waiter.answer(msg)
+                waiter.answer(msg, passed)
+            elif passed is not None:
+                passed.close()
             return
         if isinstance(msg, CONN_MESSAGES):
             table = self.relays.get(channel)

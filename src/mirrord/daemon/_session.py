@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
+from mirrord._frames import PassedFd
 from mirrord._relay import FlowRelay
 from mirrord.daemon._control import (
     AgentLostEvent,
@@ -357,10 +358,24 @@ class LayerProcess:
         except TimeoutError:
             return _error(errno_mod.ETIMEDOUT, "agent timeout")
 
+    async def _call_passing(
+        self, request: m.Request, timeout: float | None = None
+    ) -> tuple[Message, PassedFd | None]:
+        """`_call`, and the fd a local target's agent handed over with the reply, if any
+        (`FileHanded`, `Connected(handed)`)."""
+        try:
+            return await self.link.call_passing(self.channel, request, timeout=timeout)
+        except ChannelLost as exc:
+            return _error(errno_mod.EIO, str(exc)), None
+        except TimeoutError:
+            return _error(errno_mod.ETIMEDOUT, "agent timeout"), None
+
     async def outgoing(self, client: LayerClient, msg: m.LayerConnect) -> None:
         """Connect in the target, then relay through a socket only this session holds: the
         layer's end of a private pair, passed with the reply (or, for `sendto()`, a UDP
         endpoint connected to the app's own socket)."""
+        if await self._outgoing_handed(client, msg):
+            return
         if msg.protocol == "unix" and m.FEATURE_UNIX_STREAMS not in self.link.conn.peer_features:
             message = "this agent cannot connect unix sockets in the target"
             client.reply(_error(errno_mod.ENOTSUP, message), msg.request_id)
@@ -413,6 +428,52 @@ class LayerProcess:
                     del self.udp_closing[relay_port]
         finally:
             self.link.relay_done(self.channel, relay)
+
+    async def _outgoing_handed(self, client: LayerClient, msg: m.LayerConnect) -> bool:
+        """Hand-over (a local target's agent, `feature.network.outgoing.handover` on, a TCP
+        or UDP `connect()`): the agent connects in the target and passes its socket, which
+        goes on to the layer as it is; nothing is relayed. False when it does not apply (the
+        relayed path then serves `msg`); True once `msg` is answered."""
+        if (
+            msg.source_port
+            or msg.protocol not in ("tcp", "udp")
+            or not self.session.config.feature.network.outgoing.handover
+            or not self.link.can_hand_over
+        ):
+            return False
+        conn_id = self.link.new_conn_id()
+        request = m.Connect(
+            request_id=0,
+            conn_id=conn_id,
+            protocol=msg.protocol,
+            address=msg.address,
+            port=msg.port,
+            handover=True,
+        )
+        reply, passed = await self._call_passing(request, REQUEST_TIMEOUT)
+        if isinstance(reply, m.Connected) and reply.handed and passed is not None:
+            client.reply(
+                m.LayerConnected(
+                    request_id=0,
+                    relay_address="",
+                    relay_port=0,
+                    local_address=reply.local_address,
+                    local_port=reply.local_port,
+                    handed=True,
+                ),
+                msg.request_id,
+                passing=(passed,),
+            )
+            return True
+        if passed is not None:
+            passed.close()
+        if isinstance(reply, m.Connected):  # relayed after all: nobody here relays it
+            self.link.send(m.ConnClose(conn_id=conn_id, errno=errno_mod.ECONNRESET), self.channel)
+            reply = _error(errno_mod.EIO, "the agent did not hand the connection over")
+        elif not isinstance(reply, m.ErrorReply):
+            reply = _error(errno_mod.EIO, "bad reply")
+        client.reply(reply, msg.request_id)
+        return True
 
     async def _connect_in_target(self, msg: m.LayerConnect) -> tuple[FlowRelay, Message]:
         """`Connect` to the agent for `msg`, with its relay registered first (early `Data` is

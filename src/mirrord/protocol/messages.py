@@ -32,9 +32,15 @@ FEATURE_UNIX_STREAMS = "unix_streams"
 # An agent that announced this one terminates TLS under a filtered steal (`Subscribe.tls`); an
 # older agent ignores the field and passes TLS through untouched.
 FEATURE_INCOMING_TLS = "incoming_tls"
+# An agent announces this one only on a stream that can pass fds (a unix socket: the agent, the
+# daemon and so the layer are on one machine, a local target). The daemon then may ask for
+# `Connect.handover` and reads fds with the stream's bytes; a layer's `FileFetch.handover_flags`
+# is answered by `FileHanded` only on such a stream.
+FEATURE_HANDOVER = "handover"
 
 __all__ = [
     "CONN_CLOSE_NORMAL",
+    "FEATURE_HANDOVER",
     "FEATURE_INCOMING_TLS",
     "FEATURE_UNIX_STREAMS",
     "INCOMING_MODES",
@@ -67,6 +73,7 @@ __all__ = [
     "FileData",
     "FileFetch",
     "FileFetched",
+    "FileHanded",
     "FileOpen",
     "FileOpened",
     "FilePosition",
@@ -111,6 +118,7 @@ __all__ = [
     "Unsubscribe",
     "Utimens",
     "Welcome",
+    "passes_fd",
 ]
 
 MAX_DATA_CHUNK = 1024 * 1024  # largest Data / FileRead payload in one message
@@ -502,13 +510,19 @@ class FileFetch(Request):
     """Open `path` (as `FileOpen`) and stat it in one round trip. If it is a regular file of
     at most `max_size` bytes and the open allows reading (not `O_WRONLY`, not `O_PATH`), the
     reply carries its whole content; the handle is then closed if the open was read-only
-    (`O_RDONLY`), else kept (a write-back cache needs the content and the handle)."""
+    (`O_RDONLY`), else kept (a write-back cache needs the content and the handle).
+
+    `handover_flags` (not None: the layer accepts the open file itself): the agent opens with
+    these flags (the user app's own, as its `open()` got them) instead, and if that is a
+    regular file and its stream to the daemon passes fds (`FEATURE_HANDOVER`), the reply is
+    `FileHanded` with the fd passed along with it; else it is served as without them."""
 
     request_id: int
     path: bytes
     flags: int
     mode: int = 0
     max_size: int = MAX_DATA_CHUNK
+    handover_flags: int | None = None
 
     def _validate(self) -> None:
         if not 0 <= self.max_size <= MAX_DATA_CHUNK:
@@ -532,6 +546,15 @@ class FileFetched(Reply):
             raise ValueError(f"{len(self.data)} bytes exceed {MAX_DATA_CHUNK}")
         if self.handle is None and self.data is None:
             raise ValueError("neither handle nor data")
+
+
+@message(44)
+class FileHanded(Reply):
+    """The answer to a `FileFetch` with `handover_flags`: the opened file itself went with
+    this frame (SCM_RIGHTS); the agent keeps nothing of it. The kind alone says that an fd
+    comes with the frame, so a forwarder need not decode the body to pass it on."""
+
+    request_id: int
 
 
 @message(50)
@@ -639,13 +662,18 @@ class Connect(Request):
     """daemon -> agent: open an outgoing connection from the target's network namespace.
     `conn_id` is chosen by the daemon (even numbers). `protocol` "unix": a unix stream socket
     at the path `address` in the target's file system (`port` 0), sent only to an agent that
-    announced the `FEATURE_UNIX_STREAMS` feature."""
+    announced the `FEATURE_UNIX_STREAMS` feature.
+
+    `handover` (only to an agent that announced `FEATURE_HANDOVER`, for "tcp" and "udp"): the
+    agent passes the connected socket itself with `Connected(handed=True)` and relays
+    nothing; `conn_id` is then free again at once."""
 
     request_id: int
     conn_id: int
     protocol: str
     address: str
     port: int
+    handover: bool = False
 
     def _validate(self) -> None:
         if self.protocol not in ("tcp", "udp", "unix"):
@@ -655,10 +683,13 @@ class Connect(Request):
 
 @message(111)
 class Connected(Reply):
+    """`handed`: the connected socket went with this frame (SCM_RIGHTS), see `Connect`."""
+
     request_id: int
     conn_id: int
     local_address: str
     local_port: int
+    handed: bool = False
 
 
 @message(112)
@@ -830,13 +861,16 @@ class LayerConnect(Request):
 @message(203)
 class LayerConnected(Reply):
     """`relay_address:relay_port`: the daemon's end of the relay (the peer of the passed
-    socket, or the endpoint for `sendto`); it also names the relay in `LayerDisconnect`."""
+    socket, or the endpoint for `sendto`); it also names the relay in `LayerDisconnect`.
+    `handed`: the passed socket is the agent's own, connected in the target's network
+    namespace (a local target, hand-over on): no relay, `relay_address` empty."""
 
     request_id: int
     relay_address: str
     relay_port: int
     local_address: str
     local_port: int
+    handed: bool = False
 
 
 @message(204)
@@ -905,3 +939,9 @@ LAYER_KINDS: list[type[Message]] = [
     for cls in list(globals().values())
     if isinstance(cls, type) and issubclass(cls, Message) and 200 <= getattr(cls, "KIND", 0) < 300
 ]
+
+
+def passes_fd(msg: Message) -> bool:
+    """Whether one fd comes with `msg`'s frame (SCM_RIGHTS): a reader that takes fds off its
+    stream pairs them with frames in order by this."""
+    return isinstance(msg, FileHanded) or (isinstance(msg, Connected) and msg.handed)
