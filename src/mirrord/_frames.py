@@ -212,17 +212,21 @@ class FrameReader:
                 self.passed.append(PassedFd(fd))
         return data
 
-    async def run(self, on_data: Callable[[bytes], None]) -> None:
+    async def run(
+        self, on_data: Callable[[bytes], None], read_size: Callable[[], int] | None = None
+    ) -> None:
         """Read until the stream ends, calling `on_data(bytes)` with each read, in order.
 
         Returns at the end of the stream; raises what `on_data` raised (reading stops at
         once), or like `receive()` when the stream fails. `on_data` must not block: under
         asyncio it runs in the event loop's reader callback, outside any task (it may set
         events, start tasks in a task group, queue frames on a `FrameWriter`).
-        `pause_reading()`/`resume_reading()` stop and restart the reads (back-pressure)."""
+        `pause_reading()`/`resume_reading()` stop and restart the reads (back-pressure).
+        `read_size()`: how much the next read may take (a relay's credit window; pause the
+        reader while it is 0), else the reader's `max_bytes`."""
         loop = _running_asyncio_loop()
         if loop is None or self._raw is None:
-            await self._run_awaiting(on_data)
+            await self._run_awaiting(on_data, read_size)
             return
         raw = self._raw
         fd = raw.fileno()
@@ -243,7 +247,8 @@ class FrameReader:
             # One recv per callback: with more buffered, the selector calls again on the next
             # pass of the loop, so other callbacks and tasks run in between.
             try:
-                data = self._recv_fds(raw, size) if self._receive_fds else raw.recv(size)
+                n = size if read_size is None else read_size()
+                data = self._recv_fds(raw, n) if self._receive_fds else raw.recv(n)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -275,13 +280,15 @@ class FrameReader:
             self._loop = None
             self._readable = None
 
-    async def _run_awaiting(self, on_data: Callable[[bytes], None]) -> None:
+    async def _run_awaiting(
+        self, on_data: Callable[[bytes], None], read_size: Callable[[], int] | None
+    ) -> None:
         while True:
             while self._paused:
                 self._resumed = anyio.Event()
                 await self._resumed.wait()
             try:
-                data = await self.receive()
+                data = await self.receive(None if read_size is None else read_size())
             except anyio.EndOfStream:
                 return
             on_data(data)

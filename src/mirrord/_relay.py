@@ -29,7 +29,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from mirrord._frames import plain_socket
+from mirrord._frames import FrameReader, _running_asyncio_loop, plain_socket
 from mirrord.protocol import WRITE_EOF, Flow, FlowState, Message, RemoteProtocolError
 from mirrord.protocol.messages import ConnClose, Credit, Data, Shutdown
 
@@ -114,8 +114,16 @@ class FlowRelay:
         self._raw: socket.socket | None = None
         if stream is not None:
             self.attach(stream)
-        self._changed = anyio.Event()  # set (and replaced) whenever the flow moved
+        # Each task waits on its own event, set only when the flow moved its way: a relayed
+        # round trip wakes none of them (the reads, the direct write and the Credit need none).
+        self._wake_reader: anyio.Event | None = None  # socket -> peer, waiting for Credit
+        self._wake_writer: anyio.Event | None = None  # peer -> socket, waiting for Data
+        self._wake_end: anyio.Event | None = None  # run(), waiting for the end or the drain
+        self._drain_seen = False
         self._reading = anyio.CancelScope()  # socket -> peer; cancelled when reading stops
+        self._reader: FrameReader | None = None  # reading in the loop's callbacks (asyncio)
+        self._reader_paused = False
+        self._direct: FrameReader | None = None  # reading a plain socket by awaiting (trio)
         self.finished = anyio.Event()
         self.reads = 0  # reads of the socket that gave bytes (or a datagram)
 
@@ -189,23 +197,30 @@ class FlowRelay:
         deadline: float | None = None
         while not self.flow.finished:
             if deadline is None and self.flow.state is FlowState.DRAINING:
+                self._drain_seen = True
                 deadline = anyio.current_time() + self._drain_timeout
-            changed = self._changed
+            self._wake_end = event = anyio.Event()
             if deadline is None:
-                await changed.wait()
+                await event.wait()
                 continue
             with anyio.move_on_after(deadline - anyio.current_time()):
-                await changed.wait()
+                await event.wait()
             if anyio.current_time() >= deadline and not self.flow.finished:
                 log.debug("%r: the drain ran out of time", self)
                 self.flow.abort()
 
     async def _socket_to_peer(self) -> None:
         with self._reading:
+            if self._raw is not None and _running_asyncio_loop() is not None:
+                await self._read_in_callbacks(self._raw)
+                return
+            if self._raw is not None:  # recv directly; a checkpoint only when always ready
+                assert isinstance(self.stream, anyio.abc.ByteStream)
+                self._direct = FrameReader(self.stream, self.flow.max_chunk)
             while self.flow.reading:
                 size = self.flow.read_size()
                 if size == 0:
-                    await self._changed.wait()  # for Credit
+                    await self._wait_reader()  # for Credit
                     continue
                 try:
                     data = await self._receive(size)
@@ -220,14 +235,47 @@ class FlowRelay:
                 self._moved()
                 await self.link.wait_ready()
 
+    async def _read_in_callbacks(self, raw: socket.socket) -> None:
+        """Read the socket from the event loop's reader callback (`FrameReader.run`): a read
+        costs no task wake-up; the reader pauses while the window is spent. Back-pressure is
+        the window alone here (the peer's stream holds at most a window per connection)."""
+        del raw  # the reader finds it (a plain socket, as `_raw`)
+        assert isinstance(self.stream, anyio.abc.ByteStream)
+        self._reader = reader = FrameReader(self.stream, self.flow.max_chunk)
+        if self.flow.read_size() == 0:
+            self._reader_paused = True
+            reader.pause_reading()
+        try:
+            await reader.run(self._socket_read, self.flow.read_size)
+        except _GONE as exc:
+            out = self.flow.socket_error(_errno_of(exc))
+        else:
+            out = self.flow.socket_eof()
+        finally:
+            self._reader = None
+        self._send_all(out)
+        self._moved()
+
+    def _socket_read(self, data: bytes) -> None:
+        """One read of the socket (in the loop's reader callback)."""
+        self.reads += 1
+        self._send_all(self.flow.socket_data(data))
+        self._moved()
+
+    async def _wait_reader(self) -> None:
+        self._wake_reader = event = anyio.Event()
+        await event.wait()
+
     async def _receive(self, size: int) -> bytes:
         stream = self.stream
         assert stream is not None  # run() checked
+        if self._direct is not None:
+            return await self._direct.receive(size)
         if not isinstance(stream, anyio.abc.ConnectedUDPSocket):
             return await stream.receive(size)
         datagram = await stream.receive()
         while not self.flow.can_send(len(datagram)):  # a datagram is never split
-            await self._changed.wait()
+            await self._wait_reader()
         return datagram
 
     async def _send(self, item: bytes) -> None:
@@ -243,7 +291,8 @@ class FlowRelay:
         while not self.flow.finished:
             item = self.flow.take_write()
             if item is None:
-                await self._changed.wait()
+                self._wake_writer = event = anyio.Event()
+                await event.wait()
                 continue
             if item is WRITE_EOF:
                 assert isinstance(self.stream, anyio.abc.ByteStream)  # no EOF on datagrams
@@ -282,10 +331,34 @@ class FlowRelay:
             self.link.send_nowait(msg)
 
     def _moved(self) -> None:
-        if not self.flow.reading:
+        """The flow moved: wake (only) the tasks it moved for."""
+        flow = self.flow
+        reading = flow.reading
+        if not reading:
             self._reading.cancel()
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._reader is not None:
+            can_read = flow.read_size() > 0  # 0 when no longer reading
+            if can_read == self._reader_paused:
+                self._reader_paused = not can_read
+                if can_read:
+                    self._reader.resume_reading()
+                else:
+                    self._reader.pause_reading()
+        event = self._wake_reader
+        if event is not None and (not reading or flow.read_size() > 0):
+            self._wake_reader = None
+            event.set()
+        finished = flow.finished
+        event = self._wake_writer
+        if event is not None and (finished or not flow.write_idle):
+            self._wake_writer = None
+            event.set()
+        event = self._wake_end
+        if event is not None and (
+            finished or (not self._drain_seen and flow.state is FlowState.DRAINING)
+        ):
+            self._wake_end = None
+            event.set()
 
 
 class RelayTable:

@@ -21,7 +21,7 @@ from mirrord.protocol import (
     UnknownMessage,
     messages,
 )
-from mirrord.protocol._framing import encode_frame
+from mirrord.protocol._framing import bytes_frame, encode_frame
 from tests.protocol.helpers import BUILD, SECRET, agent_pair, drain, layer_pair
 
 
@@ -237,3 +237,21 @@ def test_a_request_with_invalid_fields_is_an_event_only_where_asked_for() -> Non
     plain.receive_data(encode_frame([3, chown, 7, None, 1, 2**64]))
     with pytest.raises(MalformedFrame):
         plain.next_event()
+
+
+@pytest.mark.parametrize("size", [0, 1, 23, 24, 255, 256, 65535, 65536, 1024 * 1024])
+@pytest.mark.parametrize("head", [[0, 0, 0], [23, 24, 255], [256, 65535, 65536], [2**32, 1, 7]])
+def test_a_bytes_frame_is_what_the_cbor_encoder_makes(head: list[int], size: int) -> None:
+    """`bytes_frame` (the one-copy encoding of connection `Data`) is byte for byte the
+    encoder's, so the peer's full decoder reads it as any frame."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert bytes_frame(head, data) == encode_frame([*head, data])
+
+
+def test_data_goes_out_as_the_encoder_would_frame_it() -> None:
+    daemon, agent = agent_pair()
+    msg = messages.Data(conn_id=6, data=b"z" * 70000)
+    frame = daemon.send(msg, 3)
+    assert frame == encode_frame([3, *msg.to_wire()])
+    agent.receive_data(frame)
+    assert drain(agent) == [Received(channel=3, message=msg)]

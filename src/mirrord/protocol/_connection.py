@@ -54,6 +54,7 @@ from mirrord.protocol._exceptions import (
 from mirrord.protocol._framing import (
     MAX_FRAME_SIZE,
     FrameDecoder,
+    bytes_frame,
     decode_payload,
     encode_frame,
     frame_with_head,
@@ -65,6 +66,7 @@ from mirrord.protocol.messages import (
     SHARED_KINDS,
     ChannelClose,
     ChannelOpen,
+    Data,
     Fatal,
     Hello,
     LayerHello,
@@ -397,8 +399,12 @@ class _Connection:
     def _frame(self, channel: int, msg: Message) -> bytes:
         if type(msg) not in self._registry:
             raise LocalProtocolError(f"{type(msg).__name__} is not a {self._registry.name} message")
-        wire = msg.to_wire()
-        frame = encode_frame([channel, *wire] if self._has_channels else wire)
+        if type(msg) is Data and self._has_channels and msg.conn_id >= 0:
+            # a relay's bytes: one copy, not two
+            frame = bytes_frame([channel, Data.KIND, msg.conn_id], msg.data)
+        else:
+            wire = msg.to_wire()
+            frame = encode_frame([channel, *wire] if self._has_channels else wire)
         if len(frame) - 4 > self._decoder_limit:
             raise LocalProtocolError(f"{type(msg).__name__} frame of {len(frame)} bytes too big")
         return frame
