@@ -243,8 +243,9 @@ static int ropen_append_cache(const struct ropen *o, struct ent *e) {
     e->kind = K_MFILE;
     e->append_only = 1;
     cache_adopt(e, fd);
+    /* writes land at the end (O_APPEND); the offset stays 0 until the first one, as the
+     * kernel leaves it after open(O_APPEND) */
     REAL(fcntl)(fd, F_SETFL, O_APPEND);
-    REAL(lseek)(fd, 0, SEEK_END);
     return fd;
 }
 
@@ -287,8 +288,7 @@ static int ropen_memfd(struct ropen *o, struct ent *e) {
     }
     cache_adopt(e, fd);
     if (o->flags & O_APPEND) {
-        REAL(fcntl)(fd, F_SETFL, O_APPEND);
-        REAL(lseek)(fd, 0, SEEK_END);
+        REAL(fcntl)(fd, F_SETFL, O_APPEND); /* only the writes move to the end: reads start at 0 */
     }
     return fd;
 }

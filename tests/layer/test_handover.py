@@ -45,6 +45,25 @@ def test_with_handover_off_the_file_is_served_through_the_agent(
     daemon.add_file("/app/data.txt", b"from the pod\n")
     settings = LayerSettings(fs_mode="write", fs_handover=False)
     out = run.py(APP, settings=settings).stdout.decode().splitlines()
-    assert out[0] == "True False"  # a write-back cache in a memfd
+    # a write-back cache in a memfd; as in the pod, O_APPEND moves only the writes: the first
+    # read starts at offset 0 (it used to start at the end and read nothing)
+    assert out == ["True False", "from the pod", "22 22"]
     assert daemon.host_path("/app/data.txt").read_bytes() == b"from the pod\nappended\n"
     assert all(r.handover_flags is None for r in daemon.requests() if isinstance(r, m.FileFetch))
+
+
+def test_an_append_open_starts_at_offset_0_as_in_the_pod(run: Runner, daemon: LayerDaemon) -> None:
+    """open(O_WRONLY|O_APPEND) (`>>`, loggers) through the agent: the offset is 0 until the
+    first write, which lands at the end of the file, as the kernel does it."""
+    daemon.add_file("/app/log.txt", b"one\n")
+    code = """
+import os
+fd = os.open('/app/log.txt', os.O_WRONLY | os.O_APPEND)
+print(os.lseek(fd, 0, os.SEEK_CUR))
+os.write(fd, b'two\\n')
+print(os.lseek(fd, 0, os.SEEK_CUR))
+os.close(fd)
+"""
+    settings = LayerSettings(fs_mode="write", fs_handover=False)
+    assert run.py(code, settings=settings).stdout.decode().split() == ["0", "8"]
+    assert daemon.host_path("/app/log.txt").read_bytes() == b"one\ntwo\n"
