@@ -22,11 +22,11 @@
  *   bytes are dropped, as the kernel drops pages it failed to write.
  *
  * dup'd fds share the open file and so its buffer and offset. A fork child shares the open
- * file with its parent but not the layer's memory: before fork the buffer is written back,
- * the read-ahead dropped and the handle's offset on the agent set to the fd's, and in the
- * child (and in the parent, for fds the child keeps across exec) the fd goes back to plain
- * handle calls, whose offset the agent keeps for both. exec and posix_spawn do the same for
- * the fds the new image inherits. Buffering is therefore per process and per open file; two
+ * file with its parent but not the layer's memory: before fork (and posix_spawn) every buffer
+ * is written back, the read-ahead dropped and the handle's offset on the agent set to the
+ * fd's, and in both processes the fd goes back to plain handle calls, whose offset the agent
+ * keeps for both; exec does the same for the fds the new image inherits (if the exec fails,
+ * the others are still buffered). Buffering is therefore per process and per open file; two
  * processes writing the same remote file see each other's bytes at close/fsync, like NFS's
  * close-to-open consistency.
  *
@@ -507,8 +507,8 @@ void fbuf_flush_path(const char *path) {
     }
 }
 
-/* Before fork (all fds) and exec/spawn (those the new image inherits): the open file is
- * about to be shared with another process, which sees the handle's offset only. */
+/* Before exec, the fds the new image inherits: the open file is about to be shared with
+ * another program, which sees the handle's offset only. */
 static void unbuffer_shared(int fd, struct ent *e) {
     int fl = REAL(fcntl)(fd, F_GETFD);
     int saved = errno;
@@ -528,6 +528,7 @@ static void unbuffer_fd(int fd, struct ent *e) {
     errno = saved;
 }
 
+/* posix_spawn too: its file actions may dup2 a close-on-exec fd into the child. */
 void fbuf_before_fork(void) {
     each_buffered(MAX_FDS, unbuffer_fd);
 }

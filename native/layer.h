@@ -385,8 +385,9 @@ void proc_free_env(char **env);
 void proc_init_env(void);
 int wfile_flush(struct ent *e);
 void wfile_flush_all(void); /* write-back caches and write-behind buffers (exit, exec) */
-/* files_buffer.c (see files.h): a buffer's last reference; fork, exec and posix_spawn share
- * the open files with another process, which sees the handle's offset only. */
+/* files_buffer.c (see files.h): a buffer's last reference; fork and posix_spawn (every fd)
+ * and exec (the fds it keeps) share the open files with another process, which sees the
+ * handle's offset only. */
 void fbuf_free(struct ent *e);
 void fbuf_before_fork(void);
 void fbuf_before_exec(void);

@@ -302,7 +302,7 @@ static int spawn_common(pid_t *pid, const char *path, const posix_spawn_file_act
     char **env = NULL;
     if (g_active && !t_guard) {
         t_guard++;
-        fbuf_before_exec();
+        fbuf_before_fork(); /* its file actions may dup2 any fd, close-on-exec or not */
         env = exec_env(envp ? envp : environ, -1, 0);
         t_guard--;
     }

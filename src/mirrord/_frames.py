@@ -279,6 +279,8 @@ class FrameReader:
                 loop.remove_reader(fd)
             self._loop = None
             self._readable = None
+            if done.done() and not done.cancelled():
+                done.exception()  # seen, also when a cancellation overtook it (no log at GC)
 
     async def _run_awaiting(
         self, on_data: Callable[[bytes], None], read_size: Callable[[], int] | None

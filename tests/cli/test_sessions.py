@@ -87,6 +87,9 @@ def test_a_lost_agent_fails_remote_calls_with_eio_and_resets_connections(
     mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
 ) -> None:
     pod = make_pod(SPEC)
+    # the relayed path: a handed-over file or connection is the target's own and lives on
+    mirrord.env["MIRRORD_FILE_HANDOVER"] = "false"
+    mirrord.env["MIRRORD_OUTGOING_HANDOVER"] = "false"
     proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "--", *python_app(tmp_path, AGENT_LOSS_APP))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"

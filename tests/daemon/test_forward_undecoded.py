@@ -5,12 +5,13 @@ through; against the scripted agent (real protocol objects, real sockets)."""
 from __future__ import annotations
 
 import errno
+import functools
 from typing import Any
 
 import anyio
 import pytest
 
-from mirrord.protocol import frame_with_head
+from mirrord.protocol import LayerConnection, frame_with_head
 from mirrord.protocol import messages as m
 from mirrord.protocol._framing import decode_payload
 from tests.daemon.test_daemon_logic import Harness
@@ -122,3 +123,33 @@ async def test_requests_pending_when_the_process_goes_are_forgotten(harness: Har
     with anyio.fail_after(10):  # the process's channel closes after its fork grace
         while link.statistics()["pending_requests"]:
             await anyio.sleep(0.02)
+
+
+async def test_a_reply_too_big_for_the_layer_is_an_error_for_that_request_only(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the daemon's layer side with a smaller frame limit than its agent side
+    monkeypatch.setattr(
+        "mirrord.daemon._layer_client.LayerConnection",
+        functools.partial(LayerConnection, max_frame_size=64 * 1024),
+    )
+    _, session, _ = await harness.session()
+    peer = await harness.layer(session, pid=1501)
+    agent = harness.agent()
+    agent.hold_replies = True
+    await peer.send(m.FileFetch(request_id=3, path=b"/big", flags=0, max_size=1 << 20))
+    with anyio.fail_after(10):
+        while not agent.held:
+            await anyio.sleep(0.005)
+    channel, held = agent.held.pop()
+    assert isinstance(held, m.FileFetch)
+    big = m.FileFetched(request_id=held.request_id, stat=[0] * 13, handle=None, data=b"b" * 100_000)
+    await agent.send(big, channel)
+    reply = await peer.recv()
+    assert isinstance(reply, m.ErrorReply) and reply.request_id == 3
+    assert reply.errno == errno.EMSGSIZE
+    agent.hold_replies = False
+    assert harness.daemon.sessions[session].link.is_open
+    assert await peer.request(m.FileOpen(request_id=4, path=b"/ok", flags=0)) == m.FileOpened(
+        request_id=4, handle=3
+    )

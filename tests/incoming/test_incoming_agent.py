@@ -246,6 +246,62 @@ async def test_mirror_1000_requests_on_20_keep_alive_connections(
             tg.cancel_scope.cancel()
 
 
+async def test_mirror_sends_what_a_closing_app_did_not_answer_again_on_a_new_connection(
+    pod: LocalPod, pod_app: int, steal_agent: AgentProc
+) -> None:
+    # Three requests pipelined in one write: the flow's one mirrored connection carries all
+    # three, and the user app (this test, as an HTTP/1.0 server would) answers the first and
+    # closes. The two it did not answer go again on a new connection, and so on.
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        seen: list[AgentConn] = []
+        firsts: list[bytes] = []
+
+        async def one_answer_then_close(conn: AgentConn) -> None:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await conn.receive()
+                if not chunk:
+                    return
+                data += chunk
+            firsts.append(data.split(b" ", 2)[1])
+            await conn.send(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await conn.close()
+
+        async with anyio.create_task_group() as tg:
+            tx, rx = anyio.create_memory_object_stream[AgentConn](100)
+            client.incoming[1] = tx
+
+            async def accept() -> None:
+                async with rx:
+                    async for conn in rx:
+                        seen.append(conn)
+                        tg.start_soon(one_answer_then_close, conn)
+
+            tg.start_soon(accept)
+            await subscribe(client, 1, pod_app, "mirror")
+
+            def pipelined() -> None:
+                with socket.create_connection((pod.ip, pod_app), timeout=10) as sock:
+                    sock.sendall(
+                        b"".join(b"GET /r%d HTTP/1.1\r\nHost: pod\r\n\r\n" % i for i in range(3))
+                    )
+                    answers = b""
+                    while answers.count(b"HTTP/1.") < 3 and (chunk := sock.recv(65536)):
+                        answers += chunk
+
+            await in_thread(pipelined)
+            with anyio.fail_after(20):
+                while len(firsts) < 3:
+                    await anyio.sleep(0.05)
+            assert firsts == [b"/r0", b"/r1", b"/r2"]
+            assert len(seen) == 3 and all(c.announce.replies for c in seen)
+            await unsubscribe(client, 1, pod_app)
+            client.incoming.pop(1, None)
+            tx.close()
+            tg.cancel_scope.cancel()
+
+
 async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the_pod(
     pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:

@@ -150,20 +150,16 @@ async def test_node_agent_from_helm_chart_daemonset(
     ]
     apiserver.create("DaemonSet", "mirrord", ds)
     add_deployment(apiserver, "web", pods=[web_pod])
+    # Sessions start as soon as the DaemonSet has its pod on the node, before the node agent
+    # in it is Ready (the chart just installed): the first one waits for it.
     for _ in range(500):
-        pods = [
-            p
-            for p in apiserver.list("Pod", "mirrord")
-            if any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in p["status"].get("conditions", [])
-            )
-        ]
-        if pods:
+        if apiserver.list("Pod", "mirrord"):
             break
         await asyncio.sleep(0.02)
     config = backend_config(kubeconfig, placement="daemonset")
-    h1 = await KubeBackend().start_agent("deployment/web", config, print)
+    steps: list[str] = []
+    h1 = await KubeBackend().start_agent("deployment/web", config, steps.append)
+    assert any(s.startswith("using node agent mirrord/") for s in steps), steps
     h2 = await KubeBackend().start_agent("deployment/web", config, print)
     try:
         assert h1.pod[0] == "mirrord" and h1.pod == h2.pod

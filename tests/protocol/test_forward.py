@@ -176,3 +176,13 @@ def test_only_requests_and_replies_of_the_protocol_may_be_left_undecoded() -> No
         LayerConnection(LayerRole.DAEMON, build_id=BUILD, undecoded=[m.Data])
     with pytest.raises(TypeError):
         AgentConnection(AgentRole.DAEMON, secret=SECRET, undecoded=[m.LayerConnect])
+
+
+def test_an_undecoded_frame_never_shows_its_body() -> None:
+    _, _, to_agent, agent = _daemon_sides()
+    to_agent.receive_data(
+        agent.send(m.EnvReply(request_id=2, env={"DB_PASSWORD": "hunter2-secret"}), 4)
+    )
+    reply = _one(to_agent)
+    assert isinstance(reply, Undecoded)
+    assert "hunter2" not in repr(reply) and "hunter2" not in str(reply)

@@ -506,14 +506,7 @@ class Channel:
             return (*fetch_file(fd, req.flags, req.max_size), False)
 
         def finish(result: tuple[int, list[int], bytes | None, bool]) -> Message:
-            fd, st, data, inline = result
-            handle = None
-            if fd >= 0:
-                if self.closed:
-                    os.close(fd)
-                    raise OSError(errno.EBADF, "channel closed")
-                handle = self.handles.add(FileHandle(fd=fd, inline=inline))
-            return m.FileFetched(request_id=req.request_id, stat=st, handle=handle, data=data)
+            return self._fetched(req, result)
 
         return Inline(fast, slow), finish, None
 
@@ -546,16 +539,23 @@ class Channel:
         def finish(result: tuple[int, list[int], bytes | None, bool] | int) -> Message | _Handed:
             if isinstance(result, int):
                 return _Handed(m.FileHanded(request_id=req.request_id), PassedFd(result))
-            fd, st, data, inline = result
-            handle = None
-            if fd >= 0:
-                if self.closed:
-                    os.close(fd)
-                    raise OSError(errno.EBADF, "channel closed")
-                handle = self.handles.add(FileHandle(fd=fd, inline=inline))
-            return m.FileFetched(request_id=req.request_id, stat=st, handle=handle, data=data)
+            return self._fetched(req, result)
 
         return Inline(fast, slow), finish, None
+
+    def _fetched(
+        self, req: m.FileFetch, result: tuple[int, list[int], bytes | None, bool]
+    ) -> m.FileFetched:
+        """FileFetched for a file opened by `req`: (its fd or -1, its stat, its content or None,
+        whether the agent opened it inline); the fd kept as a handle of this channel."""
+        fd, st, data, inline = result
+        handle = None
+        if fd >= 0:
+            if self.closed:
+                os.close(fd)
+                raise OSError(errno.EBADF, "channel closed")
+            handle = self.handles.add(FileHandle(fd=fd, inline=inline))
+        return m.FileFetched(request_id=req.request_id, stat=st, handle=handle, data=data)
 
     def _file_read(self, req: m.FileRead) -> _Plan:
         def read(h: FileHandle) -> bytes:

@@ -144,45 +144,45 @@ def fetch_inline(
     if opened is NOT_INLINE:
         return NOT_INLINE
     fd, st = opened
-    if flags & os.O_TRUNC:
-        return fetch_file(fd, flags, max_size)
-    try:
-        data = None
-        if st.st_size <= max_size and flags & os.O_ACCMODE != os.O_WRONLY:
-            data = os.pread(fd, st.st_size + 1, 0)
-            if len(data) > st.st_size:  # it grew since the stat
-                data = _read_whole(fd, max_size)
-        if data is not None and flags & os.O_ACCMODE == os.O_RDONLY:
-            os.close(fd)
-            fd = -1
-        return fd, stat_list(st), data
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        raise
+    # a truncating open changed the size the lookup saw: fetch_file stats it again
+    return fetch_file(fd, flags, max_size, None if flags & os.O_TRUNC else st)
 
 
-def _read_whole(fd: int, max_size: int) -> bytes | None:
+def _read_whole(fd: int, max_size: int, size: int = -1) -> bytes | None:
     """The whole file from offset 0 (the fd's own offset untouched), or None if it has grown
-    beyond `max_size` since it was stat'ed."""
+    beyond `max_size`. `size`: the stat's size of a file whose short read is its end (a
+    regular file of a local file system, checked by the caller): one pread of size + 1 bytes
+    then reads it, and only a file that grew since reads on; -1: read until a read returns
+    nothing (a FUSE file may return less before its end)."""
     chunks: list[bytes] = []
     total = 0
-    while True:
+    if size >= 0:
+        data = os.pread(fd, size + 1, 0)
+        if len(data) <= size:
+            return data
+        chunks.append(data)
+        total = len(data)
+    while total <= max_size:
         chunk = os.pread(fd, max_size + 1 - total, total)
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
         total += len(chunk)
-        if total > max_size:
-            return None
+    return None
 
 
-def fetch_file(fd: int, flags: int, max_size: int) -> tuple[int, list[int], bytes | None]:
+def fetch_file(
+    fd: int, flags: int, max_size: int, st: os.stat_result | None = None
+) -> tuple[int, list[int], bytes | None]:
     """FileFetch on an opened `fd` (owned from here on): (the fd, or -1 when the content came
     along and the open was read-only, so it is closed; its stat; the content of a regular
-    file of at most `max_size` bytes opened for reading, else None)."""
+    file of at most `max_size` bytes opened for reading, else None). `st`: the file's stat
+    when the caller has it (the inline lookup's: a local file system, so a short read is the
+    end), else it is fstat'ed."""
     try:
-        st = os.fstat(fd)
+        inline = st is not None
+        if st is None:
+            st = os.fstat(fd)
         data = None
         if (
             stat_module.S_ISREG(st.st_mode)
@@ -190,7 +190,7 @@ def fetch_file(fd: int, flags: int, max_size: int) -> tuple[int, list[int], byte
             and not flags & _O_PATH
             and flags & os.O_ACCMODE != os.O_WRONLY
         ):
-            data = _read_whole(fd, max_size)
+            data = _read_whole(fd, max_size, st.st_size if inline else -1)
         if data is not None and flags & os.O_ACCMODE == os.O_RDONLY:
             os.close(fd)
             fd = -1

@@ -81,6 +81,9 @@ MAX_UNANSWERED = 64
 # Times one request is sent again before it is given up (a user app that closes every
 # connection without answering would otherwise get it for ever).
 MAX_REPLAYS = 3
+# After the client's side of a flow ended, how long the user app may take to answer what it
+# was sent before its connection is closed (the agent stops reading it).
+ANSWER_WAIT = 60.0
 
 
 class _Sent:
@@ -405,8 +408,12 @@ class IncomingMirror:
         try:
             while True:
                 try:
-                    data = await conn.end.receive()
+                    with anyio.fail_after(ANSWER_WAIT if conn.ended else None):
+                        data = await conn.end.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
+                except TimeoutError:
+                    conn.unanswered.clear()  # a user app that answers nothing: not sent again
                     return
                 while data and conn.unanswered and not conn.tunnel:
                     if splitter is None:

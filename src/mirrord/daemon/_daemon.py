@@ -28,6 +28,7 @@ import anyio.to_thread
 from anyio.abc import SocketAttribute
 
 from mirrord._frames import FrameWriter
+from mirrord._malloc import trim_malloc
 from mirrord._version import __version__
 from mirrord.backend import AgentBackend
 from mirrord.daemon._backend import backends_for_daemon, check_session_target
@@ -95,6 +96,8 @@ __all__ = [
 log = logging.getLogger("mirrord.daemon")
 
 DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
+# After a session closes, its relays end within about a second: then the heap is trimmed.
+_TRIM_DELAY = 2.0
 # wait_session (`mirrord ext`): a session whose processes are all gone is idle only if none
 # registers within this many seconds (a launch's helper exits before the debuggee registers;
 # seen under load with js-debug and debugpy in tests/ide)
@@ -223,6 +226,9 @@ class Daemon:
         self._build_id = ""
         self._layer_library = ""  # this install's layer: what the CLI checks sessions against
         self._starting = 0  # sessions being created: not idle (an agent start takes seconds)
+        # When to give the heap's free memory back (`trim_malloc`): a moment after a session
+        # closed, once its relays and buffers are gone.
+        self._trim_at: float | None = None
         self.max_unread = MAX_CONTROL_UNREAD
 
     def __repr__(self) -> str:
@@ -279,6 +285,9 @@ class Daemon:
         """Exit after `idle_timeout` seconds without sessions (0: with the last session)."""
         while True:
             await anyio.sleep(0.5 if self.idle_timeout == 0 else 1.0)
+            if self._trim_at is not None and time.monotonic() >= self._trim_at:
+                self._trim_at = None
+                trim_malloc()
             if self.sessions or self._starting:
                 self._idle_since = None
                 continue
@@ -397,6 +406,7 @@ class Daemon:
         session.close(reason)
         if self.pool is not None:
             self.pool.release(session.link, session.id)
+        self._trim_at = time.monotonic() + _TRIM_DELAY
         log.info("session %s closed: %s", session.id, reason)
 
     def status(self) -> dict[str, Any]:

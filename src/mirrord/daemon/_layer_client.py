@@ -26,6 +26,7 @@ from mirrord.protocol import (
     NEED_DATA,
     LayerConnection,
     LayerRole,
+    LocalProtocolError,
     Message,
     ProtocolError,
     Received,
@@ -98,7 +99,16 @@ class LayerClient:
             for fd in passing:
                 fd.close()
             return  # the layer connection is gone: nobody waits for this reply
-        self._queue(self.conn.forward(frame, request_id), passing)
+        try:
+            out = self.conn.forward(frame, request_id)
+        except LocalProtocolError as exc:  # a frame that no longer fits once re-headed
+            for fd in passing:
+                fd.close()
+            self.reply(
+                m.ErrorReply(request_id=0, errno=errno_mod.EMSGSIZE, message=str(exc)), request_id
+            )
+            return
+        self._queue(out, passing)
 
     def close(self, code: str, message: str) -> None:
         if self.closed:

@@ -56,6 +56,7 @@ PLACEMENTS = ("job", "ephemeral", "daemonset")
 READY_PREFIX = "mirrord-agent ready "
 ERROR_PREFIX = "mirrord-agent: error: "
 NODE_AGENT_LABEL = "app.kubernetes.io/component=node-agent"
+NODE_AGENT_CONTAINER = "node-agent"  # the chart's DaemonSet container
 NODE_AGENT_PORT = 61337
 _PULL_ERRORS = {
     "ErrImagePull",
@@ -135,6 +136,20 @@ class _Start:
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - anyio.current_time())
+
+
+def _node_agent_ready(pod: Json) -> bool:
+    """A node agent pod that sessions may use: running, Ready (its readiness probe passed),
+    not being deleted."""
+    status = pod.get("status") or {}
+    return (
+        status.get("phase") == "Running"
+        and not pod["metadata"].get("deletionTimestamp")
+        and any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+    )
 
 
 class KubeAgentHandle:
@@ -454,29 +469,46 @@ class KubeBackend:
                 "targetless session needs agent.placement: job"
             )
         core = k8s.CoreV1Api(start.api)
-        pods = await call(
-            core.list_namespaced_pod,
-            agent_ns,
-            label_selector=NODE_AGENT_LABEL,
-            field_selector=f"spec.nodeName={target.node}",
-        )
-        running = [
-            p
-            for p in pods.get("items") or []
-            if (p.get("status") or {}).get("phase") == "Running"
-            and not p["metadata"].get("deletionTimestamp")
-            and any(
-                c.get("type") == "Ready" and c.get("status") == "True"
-                for c in (p.get("status") or {}).get("conditions") or []
-            )
-        ]
-        if not running:
+        selector = {
+            "label_selector": NODE_AGENT_LABEL,
+            "field_selector": f"spec.nodeName={target.node}",
+        }
+        pods = await call(core.list_namespaced_pod, agent_ns, **selector)
+        items = [p for p in pods.get("items") or [] if not p["metadata"].get("deletionTimestamp")]
+        ready = [p for p in items if _node_agent_ready(p)]
+        if not ready and items:
+            # The chart's node agent on that node is starting (just installed, or restarted):
+            # wait for it, within agent.startup_timeout, instead of failing the session.
+            starting = items[0]["metadata"]["name"]
+            start.progress(f"waiting for node agent {agent_ns}/{starting} to be ready")
+            with anyio.move_on_after(start.remaining()):
+                for _ in range(1000):  # each watch ends at timeoutSeconds: start another
+                    async for type_, obj in watch_events(
+                        core.list_namespaced_pod, agent_ns, timeout_seconds=30, **selector
+                    ):
+                        if type_ in ("ADDED", "MODIFIED") and _node_agent_ready(obj):
+                            ready = [obj]
+                            break
+                    if ready:
+                        break
+            if not ready:
+                raise AgentPodFailed(
+                    await self._not_ready(
+                        start.api,
+                        agent_ns,
+                        starting,
+                        NODE_AGENT_CONTAINER,
+                        start.timeout,
+                        what=f"the node agent {agent_ns}/{starting} on node {target.node}",
+                    )
+                )
+        if not ready:
             raise AgentPodFailed(
                 f"no ready mirrord node agent on node {target.node} in namespace {agent_ns}: "
                 "install the Helm chart with agentDaemonSet.enabled=true (and check its "
                 "nodeSelector/tolerations cover that node), or use agent.placement: job"
             )
-        pod = running[0]["metadata"]["name"]
+        pod = ready[0]["metadata"]["name"]
         start.progress(f"using node agent {agent_ns}/{pod} on node {target.node}")
         preamble = f"MIRRORD-NODE target=container/{target.container_id} secret={secret}\n"
         return _Agent(

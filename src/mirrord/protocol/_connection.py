@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 import hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from mirrord.protocol._base import INT64_MAX, Message, Registry
@@ -198,7 +198,8 @@ class Undecoded:
     request_id: int
     items: int
     head_items: int
-    payload: bytes
+    # never in a repr: an EnvReply's body holds the target's environment, a FileData a file
+    payload: bytes = field(repr=False)
     body: int
 
 
