@@ -278,14 +278,25 @@ class FlowRelay:
             await self._wait_reader()
         return datagram
 
-    async def _send(self, item: bytes) -> None:
+    async def _send(self, item: bytes | memoryview) -> None:
         stream = self.stream
         assert stream is not None  # run() checked
         if isinstance(stream, anyio.abc.ConnectedUDPSocket):
             with contextlib.suppress(OSError):  # lost, as on any network (ECONNREFUSED, ...)
-                await stream.send(item[:_DATAGRAM_MAX])
+                await stream.send(bytes(item[:_DATAGRAM_MAX]))
             return
-        await stream.send(item)
+        raw = self._raw
+        if raw is None:
+            await stream.send(bytes(item))  # bytes already (a memoryview is a direct write's)
+            return
+        view = memoryview(item)  # straight into the plain socket, as the direct write does
+        while view:
+            try:
+                view = view[raw.send(view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(raw)
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
 
     async def _peer_to_socket(self) -> None:
         while not self.flow.finished:
@@ -300,7 +311,7 @@ class FlowRelay:
                     await self.stream.send_eof()
                 out = self.flow.wrote_eof()
             else:
-                assert isinstance(item, bytes)
+                assert isinstance(item, bytes | memoryview)
                 try:
                     await self._send(item)
                 except _GONE as exc:
@@ -324,7 +335,9 @@ class FlowRelay:
             sent = raw.send(item)
         except OSError:
             sent = 0  # full (EAGAIN) or failing: the writing task writes it or meets the error
-        self._send_all(self.flow.wrote(sent, item[sent:]))
+        # what the socket did not take is written next, as a view (no copy of it)
+        rest = memoryview(item)[sent:] if sent < len(item) else b""
+        self._send_all(self.flow.wrote(sent, rest))
 
     def _send_all(self, msgs: Iterable[Message]) -> None:
         for msg in msgs:

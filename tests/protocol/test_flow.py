@@ -95,6 +95,22 @@ def test_credit_only_for_bytes_the_socket_took() -> None:
     assert flow.recv_window == 10
 
 
+def test_the_rest_of_a_partial_write_may_be_a_view() -> None:
+    """What a socket did not take goes back as a memoryview of the item (no copy of it) and is
+    counted as queued like bytes."""
+    flow = Flow(C, window=10)
+    flow.peer_data(b"abcdef")
+    item = flow.take_write()
+    assert item == b"abcdef"
+    flow.wrote(2, memoryview(b"abcdef")[2:])
+    assert flow.queued == 4
+    rest = flow.take_write()
+    assert isinstance(rest, memoryview) and rest.tobytes() == b"cdef"
+    assert flow.queued == 0
+    flow.wrote(4)
+    assert flow.write_idle
+
+
 def test_write_idle_allows_the_direct_write_only_when_nothing_is_ahead() -> None:
     flow = Flow(C)
     assert flow.write_idle

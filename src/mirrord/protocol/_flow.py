@@ -224,7 +224,7 @@ class Flow:
         self._credit_sent = False
         self._credit_batch = 0 if datagram else min(CREDIT_BATCH, window // 4)
         # peer --Data--> _inbox --take_write()--> socket (EOF last, after the peer's Shutdown)
-        self._inbox: deque[bytes | _Eof] = deque()
+        self._inbox: deque[bytes | memoryview | _Eof] = deque()
         self._queued = 0  # bytes in _inbox
         self._writing = False  # a take_write() not yet answered by wrote()/wrote_eof()
         self._close_errno: int | None = None  # set once terminal
@@ -403,7 +403,7 @@ class Flow:
         """Reading or writing the socket failed: the flow is reset (the peer is told)."""
         return self._fail(FlowEvent.SOCKET_ERROR, errno)
 
-    def take_write(self) -> bytes | _Eof | None:
+    def take_write(self) -> bytes | memoryview | _Eof | None:
         """The next thing to write to the socket (bytes, or `WRITE_EOF` to shut its write side),
         None when there is nothing now. Answer it with `wrote(n)` or `wrote_eof()`."""
         if self._writing:
@@ -412,13 +412,13 @@ class Flow:
             return None
         self._writing = True
         item = self._inbox.popleft()
-        if isinstance(item, bytes):
+        if not isinstance(item, _Eof):
             self._queued -= len(item)
         return item
 
-    def wrote(self, sent: int, rest: bytes = b"") -> list[Message]:
+    def wrote(self, sent: int, rest: bytes | memoryview = b"") -> list[Message]:
         """`sent` bytes of what `take_write()` gave went into the socket; `rest` (what it did
-        not take) is written next. Returns the Credit for them (none once the peer closed)."""
+        not take: a memoryview of it spares a copy) is written next. Returns the Credit for them (none once the peer closed)."""
         if not self._writing:
             raise LocalProtocolError(f"conn {self.conn_id}: wrote() without take_write()")
         self._writing = False
