@@ -7,7 +7,13 @@ asyncio (kubernetes_asyncio). Does not own the agent protocol (the daemon speaks
 stream `KubeAgentHandle.connect()` returns), and is never imported by the agent.
 """
 
+# ruff: noqa: E402 (the lazy client goes in before the modules that import kubernetes_asyncio)
+
 from __future__ import annotations
+
+from mirrord.kube._lazy_client import install as _lazy_client
+
+_lazy_client()  # before the first import of kubernetes_asyncio: its models load on use only
 
 from mirrord.kube._api import ApiCallError
 from mirrord.kube._backend import PLACEMENTS, KubeAgentHandle, KubeBackend, placement_of
