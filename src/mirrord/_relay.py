@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import logging
+import os
 import socket
 import struct
 from collections.abc import Iterable
@@ -112,6 +113,7 @@ class FlowRelay:
         self.description = description
         self._drain_timeout = drain_timeout
         self._raw: socket.socket | None = None
+        self._datagram_fd = -1  # a UDP socket's fd: the peer's datagrams are sent at once
         if stream is not None:
             self.attach(stream)
         # Each task waits on its own event, set only when the flow moved its way: a relayed
@@ -135,9 +137,11 @@ class FlowRelay:
         if self.flow.datagram != isinstance(stream, anyio.abc.ConnectedUDPSocket):
             raise ValueError("a datagram flow goes with a connected UDP socket, and only it")
         self.stream = stream
-        self._raw = (
-            None if isinstance(stream, anyio.abc.ConnectedUDPSocket) else plain_socket(stream)
-        )
+        if isinstance(stream, anyio.abc.ConnectedUDPSocket):
+            self._raw = None
+            self._datagram_fd = stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+        else:
+            self._raw = plain_socket(stream)
 
     # -- from the peer's stream (sync: never waits) --------------------------------------
 
@@ -148,8 +152,11 @@ class FlowRelay:
         idle = self.flow.write_idle
         try:
             self._send_all(self.flow.receive(msg))
-            if idle and self._raw is not None and isinstance(msg, Data):
-                self._write_directly(self._raw)
+            if idle and isinstance(msg, Data):
+                if self._raw is not None:
+                    self._write_directly(self._raw)
+                elif self._datagram_fd >= 0:
+                    self._send_datagram_directly(self._datagram_fd)
         finally:
             self._moved()
 
@@ -338,6 +345,23 @@ class FlowRelay:
         # what the socket did not take is written next, as a view (no copy of it)
         rest = memoryview(item)[sent:] if sent < len(item) else b""
         self._send_all(self.flow.wrote(sent, rest))
+
+    def _send_datagram_directly(self, fd: int) -> None:
+        """The peer's datagram out at once, as the user app's sendto() sent it: a `ConnClose`
+        or the channel's end read right after it (one batch of a busy peer) must not drop it
+        from the queue before the writing task ran. A full socket leaves it to that task."""
+        item = self.flow.take_write()
+        if item is None:
+            return
+        assert isinstance(item, bytes)  # the queue was empty before this Data
+        try:
+            os.write(fd, item[:_DATAGRAM_MAX])  # the socket is connected: one datagram
+        except BlockingIOError:
+            self._send_all(self.flow.wrote(0, item))  # the writing task waits for room
+            return
+        except OSError:
+            pass  # lost, as on any network (ECONNREFUSED from an earlier one, ...)
+        self._send_all(self.flow.wrote(len(item)))
 
     def _send_all(self, msgs: Iterable[Message]) -> None:
         for msg in msgs:

@@ -122,3 +122,45 @@ async def test_a_udp_association_ends_with_the_daemons_shutdown(
         with anyio.fail_after(10):
             await conn.closed.wait()
         assert conn.closed_errno == 0
+
+
+_UDP_SINK = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0)); s.settimeout(10)
+print(s.getsockname()[1], flush=True)
+try:
+    print(s.recv(100).decode(), flush=True)
+except TimeoutError:
+    print("nothing came", flush=True)
+"""
+
+
+@pytest.mark.parametrize("close", ["ConnClose", "ChannelClose"])
+async def test_a_datagram_sent_just_before_the_end_still_goes_out(
+    agent: AgentProc, pod: LocalPod, close: str
+) -> None:
+    # the user app sent a datagram and closed its socket (ConnClose) or exited (ChannelClose):
+    # in one batch, as a slow agent reads them, before its writer could run
+    sink = pod.popen_in_pod([sys.executable, "-c", _UDP_SINK])
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        async with AgentClient.open(agent) as client:
+            await client.open_channel(1)
+            conn = await client.connect(1, "127.0.0.1", port, protocol="udp")
+            end: m.Message = (
+                m.ConnClose(conn_id=conn.conn_id)
+                if close == "ConnClose"
+                else m.ChannelClose(reason="process exited")
+            )
+            await client.send_raw(
+                client.conn.send(m.Data(conn_id=conn.conn_id, data=b"the last datagram"), 1)
+                + client.conn.send(end, 1)
+            )
+            with anyio.fail_after(20):
+                line = await anyio.to_thread.run_sync(sink.stdout.readline)
+        assert line.decode().strip() == "the last datagram"
+    finally:
+        sink.kill()
+        sink.wait(timeout=5)
