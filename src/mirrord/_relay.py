@@ -24,7 +24,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, cast
 
 import anyio
 import anyio.abc
@@ -71,6 +71,14 @@ class RelayLink(Protocol):
         """Until the stream to the peer is not too far behind (back-pressure on reading)."""
 
 
+class QueueingStream(Protocol):
+    """An in-memory stream (the agent's pipes to its incoming code) that takes bytes
+    without waiting, or says it is full: the peer's Data goes into it as it arrives."""
+
+    def send_nowait(self, item: bytes) -> bool:
+        """Queue `item`; False (nothing queued) when the reader is too far behind."""
+
+
 def _errno_of(exc: BaseException) -> int:
     cause: BaseException | None = exc
     while cause is not None:
@@ -114,6 +122,7 @@ class FlowRelay:
         self._drain_timeout = drain_timeout
         self._raw: socket.socket | None = None
         self._datagram_fd = -1  # a UDP socket's fd: the peer's datagrams are sent at once
+        self._queueing: QueueingStream | None = None  # an in-memory stream: the same
         if stream is not None:
             self.attach(stream)
         # Each task waits on its own event, set only when the flow moved its way: a relayed
@@ -142,6 +151,9 @@ class FlowRelay:
             self._datagram_fd = stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
         else:
             self._raw = plain_socket(stream)
+            send_nowait = getattr(stream, "send_nowait", None)
+            if self._raw is None and callable(send_nowait):
+                self._queueing = cast(QueueingStream, stream)
 
     # -- from the peer's stream (sync: never waits) --------------------------------------
 
@@ -157,6 +169,8 @@ class FlowRelay:
                     self._write_directly(self._raw)
                 elif self._datagram_fd >= 0:
                     self._send_datagram_directly(self._datagram_fd)
+                elif self._queueing is not None:
+                    self._queue_directly(self._queueing)
         finally:
             self._moved()
 
@@ -362,6 +376,20 @@ class FlowRelay:
         except OSError:
             pass  # lost, as on any network (ECONNREFUSED from an earlier one, ...)
         self._send_all(self.flow.wrote(len(item)))
+
+    def _queue_directly(self, stream: QueueingStream) -> None:
+        """The peer's Data into an in-memory stream at once: a reset read right after it (one
+        batch: the user app answered and its close reset the connection) must not drop what
+        it answered from the queue before the writing task ran."""
+        item = self.flow.take_write()
+        if item is None:
+            return
+        assert isinstance(item, bytes)  # the queue was empty before this Data
+        try:
+            taken = stream.send_nowait(item)
+        except _GONE:
+            taken = False  # the writing task meets the error
+        self._send_all(self.flow.wrote(len(item)) if taken else self.flow.wrote(0, item))
 
     def _send_all(self, msgs: Iterable[Message]) -> None:
         for msg in msgs:

@@ -246,12 +246,15 @@ async def test_mirror_1000_requests_on_20_keep_alive_connections(
             tg.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("end", ["close", "reset"])
 async def test_mirror_sends_what_a_closing_app_did_not_answer_again_on_a_new_connection(
-    pod: LocalPod, pod_app: int, steal_agent: AgentProc
+    pod: LocalPod, pod_app: int, steal_agent: AgentProc, end: str
 ) -> None:
     # Three requests pipelined in one write: the flow's one mirrored connection carries all
     # three, and the user app (this test, as an HTTP/1.0 server would) answers the first and
-    # closes. The two it did not answer go again on a new connection, and so on.
+    # closes. The two it did not answer go again on a new connection, and so on. `reset`: the
+    # app closed with the next request unread, so its kernel reset the connection; the daemon
+    # relays the answer and the reset in one batch, and the answer still counts.
     async with AgentClient.open(steal_agent) as client:
         await client.open_channel(1)
         seen: list[AgentConn] = []
@@ -265,8 +268,15 @@ async def test_mirror_sends_what_a_closing_app_did_not_answer_again_on_a_new_con
                     return
                 data += chunk
             firsts.append(data.split(b" ", 2)[1])
-            await conn.send(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await conn.close()
+            answer = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            if end == "close":
+                await conn.send(answer)
+                await conn.close()
+                return
+            await client.send_raw(
+                client.conn.send(m.Data(conn_id=conn.conn_id, data=answer), 1)
+                + client.conn.send(m.ConnClose(conn_id=conn.conn_id, errno=errno.ECONNRESET), 1)
+            )
 
         async with anyio.create_task_group() as tg:
             tx, rx = anyio.create_memory_object_stream[AgentConn](100)

@@ -37,7 +37,7 @@ from mirrord.daemon._control import (
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._exceptions import ChannelLost
 from mirrord.daemon._link import AgentLink
-from mirrord.daemon._relay import Counters
+from mirrord.daemon._relay import UDP_CLOSE_MAX, Counters
 from mirrord.daemon._relaying import relay_sockets, serve_datagrams, serve_incoming, serve_stream
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
@@ -216,7 +216,15 @@ class Session:
             return
         del self.processes[process.pid]
         process.cancel_expiry()  # its fork-grace task would hold it (and us) until it ends
-        self.link.close_channel(process.channel, "process exited")
+        datagrams = []
+        for closing, relay in process.udp_closing.values():
+            closing.set()  # as the kernel closes an exiting process's sockets
+            datagrams.append(relay)
+        process.udp_closing.clear()
+        if not datagrams or not self.link.start_task(
+            _close_after_datagrams, self.link, process.channel, datagrams
+        ):
+            self.link.close_channel(process.channel, "process exited")
         for port, sub in process.subscriptions.items():
             if sub["mode"] == "mirror":
                 self.link.forget_traffic(port)
@@ -253,8 +261,9 @@ class LayerProcess:
         self.listeners: dict[int, tuple[str, int]] = {}  # port -> where the app really listens
         # port -> what the agent confirmed (Subscribed): shown by `mirrord daemon status`
         self.subscriptions: dict[int, dict[str, Any]] = {}
-        # daemon-side UDP relay port -> set when the app closed its socket (LayerDisconnect)
-        self.udp_closing: dict[int, anyio.Event] = {}
+        # daemon-side UDP relay port -> (set when the app closed its socket (LayerDisconnect),
+        # the relay)
+        self.udp_closing: dict[int, tuple[anyio.Event, FlowRelay]] = {}
         # conn id -> (port, client) of a mirrored connection (to say which one was dropped)
         self.mirrored: dict[int, tuple[int, str]] = {}
         self.channel_lost = ""
@@ -420,11 +429,12 @@ class LayerProcess:
             if msg.protocol in ("tcp", "unix"):
                 await serve_stream(relay, daemon_end, app if msg.source_port else None)
                 return
-            closing = self.udp_closing[relay_port] = anyio.Event()
+            closing = anyio.Event()
+            entry = self.udp_closing[relay_port] = (closing, relay)
             try:
                 await serve_datagrams(relay, daemon_end, closing)
             finally:
-                if self.udp_closing.get(relay_port) is closing:
+                if self.udp_closing.get(relay_port) is entry:
                     del self.udp_closing[relay_port]
         finally:
             self.link.relay_done(self.channel, relay)
@@ -565,9 +575,9 @@ class LayerProcess:
     def disconnect(self, client: LayerClient, msg: m.LayerDisconnect) -> None:
         """The app closed a relayed UDP socket: end its relay (ConnClose to the agent) once
         the datagrams it sent before closing went on."""
-        closing = self.udp_closing.pop(msg.relay_port, None)
-        if closing is not None:
-            closing.set()
+        entry = self.udp_closing.pop(msg.relay_port, None)
+        if entry is not None:
+            entry[0].set()
         client.reply(m.Ok(request_id=0), msg.request_id)
 
     def unlisten(self, client: LayerClient, msg: m.LayerUnlisten) -> None:
@@ -614,3 +624,13 @@ def lost_reply(process: LayerProcess) -> m.ErrorReply:
     """EIO for a request of `process` that cannot reach the agent any more."""
     reason = process.session.reason or process.channel_lost or "agent lost"
     return m.ErrorReply(request_id=0, errno=errno_mod.EIO, message=reason)
+
+
+async def _close_after_datagrams(link: AgentLink, channel: int, relays: list[FlowRelay]) -> None:
+    """Close an exited process's channel once its UDP relays passed on what the app sent
+    before it exited (each ends after its close grace, see `serve_datagrams`): closing the
+    channel at once would drop datagrams the daemon had not read yet (a busy daemon)."""
+    with anyio.move_on_after(UDP_CLOSE_MAX + 1):
+        for relay in relays:
+            await relay.finished.wait()
+    link.close_channel(channel, "process exited")
