@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from mirrord.localpod import LocalPod
-from mirrord.protocol import INITIAL_WINDOW
+from mirrord.protocol import INITIAL_WINDOW, Message
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient
 from tests._agent_process import AgentProc
@@ -149,7 +149,7 @@ async def test_a_datagram_sent_just_before_the_end_still_goes_out(
         async with AgentClient.open(agent) as client:
             await client.open_channel(1)
             conn = await client.connect(1, "127.0.0.1", port, protocol="udp")
-            end: m.Message = (
+            end: Message = (
                 m.ConnClose(conn_id=conn.conn_id)
                 if close == "ConnClose"
                 else m.ChannelClose(reason="process exited")
