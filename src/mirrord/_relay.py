@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 import anyio
@@ -121,8 +121,9 @@ class FlowRelay:
         self.description = description
         self._drain_timeout = drain_timeout
         self._raw: socket.socket | None = None
-        self._datagram_fd = -1  # a UDP socket's fd: the peer's datagrams are sent at once
-        self._queueing: QueueingStream | None = None  # an in-memory stream: the same
+        # how the peer's Data goes out at once where no socket write can wait: a datagram
+        # into a UDP socket, bytes into an in-memory stream (see `_put_directly`)
+        self._put: Callable[[bytes], bool] | None = None
         if stream is not None:
             self.attach(stream)
         # Each task waits on its own event, set only when the flow moved its way: a relayed
@@ -148,12 +149,13 @@ class FlowRelay:
         self.stream = stream
         if isinstance(stream, anyio.abc.ConnectedUDPSocket):
             self._raw = None
-            self._datagram_fd = stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+            fd = stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+            self._put = _datagram_sender(fd)
         else:
             self._raw = plain_socket(stream)
             send_nowait = getattr(stream, "send_nowait", None)
             if self._raw is None and callable(send_nowait):
-                self._queueing = cast(QueueingStream, stream)
+                self._put = cast(QueueingStream, stream).send_nowait
 
     # -- from the peer's stream (sync: never waits) --------------------------------------
 
@@ -167,10 +169,8 @@ class FlowRelay:
             if idle and isinstance(msg, Data):
                 if self._raw is not None:
                     self._write_directly(self._raw)
-                elif self._datagram_fd >= 0:
-                    self._send_datagram_directly(self._datagram_fd)
-                elif self._queueing is not None:
-                    self._queue_directly(self._queueing)
+                elif self._put is not None:
+                    self._put_directly(self._put)
         finally:
             self._moved()
 
@@ -360,33 +360,16 @@ class FlowRelay:
         rest = memoryview(item)[sent:] if sent < len(item) else b""
         self._send_all(self.flow.wrote(sent, rest))
 
-    def _send_datagram_directly(self, fd: int) -> None:
-        """The peer's datagram out at once, as the user app's sendto() sent it: a `ConnClose`
-        or the channel's end read right after it (one batch of a busy peer) must not drop it
-        from the queue before the writing task ran. A full socket leaves it to that task."""
+    def _put_directly(self, put: Callable[[bytes], bool]) -> None:
+        """The peer's Data handed on at once with `put` (False: no room now, the writing task
+        takes it): a `ConnClose`, a reset or the channel's end read right after it (one batch of
+        a busy peer) must not drop it from the flow's queue before the writing task ran."""
         item = self.flow.take_write()
         if item is None:
             return
         assert isinstance(item, bytes)  # the queue was empty before this Data
         try:
-            os.write(fd, item[:_DATAGRAM_MAX])  # the socket is connected: one datagram
-        except BlockingIOError:
-            self._send_all(self.flow.wrote(0, item))  # the writing task waits for room
-            return
-        except OSError:
-            pass  # lost, as on any network (ECONNREFUSED from an earlier one, ...)
-        self._send_all(self.flow.wrote(len(item)))
-
-    def _queue_directly(self, stream: QueueingStream) -> None:
-        """The peer's Data into an in-memory stream at once: a reset read right after it (one
-        batch: the user app answered and its close reset the connection) must not drop what
-        it answered from the queue before the writing task ran."""
-        item = self.flow.take_write()
-        if item is None:
-            return
-        assert isinstance(item, bytes)  # the queue was empty before this Data
-        try:
-            taken = stream.send_nowait(item)
+            taken = put(item)
         except _GONE:
             taken = False  # the writing task meets the error
         self._send_all(self.flow.wrote(len(item)) if taken else self.flow.wrote(0, item))
@@ -569,3 +552,19 @@ class RawSocketStream(anyio.abc.SocketStream):
             anyio.notify_closing(self._sock)  # wakes a task waiting in wait_readable/writable
             self._sock.close()
         await anyio.lowlevel.checkpoint()
+
+
+def _datagram_sender(fd: int) -> Callable[[bytes], bool]:
+    """`put` for a connected UDP socket's fd: one datagram, as the user app's sendto() sent
+    it; False only when the socket is full."""
+
+    def put(item: bytes) -> bool:
+        try:
+            os.write(fd, item[:_DATAGRAM_MAX])
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # lost, as on any network (ECONNREFUSED from an earlier one, ...)
+        return True
+
+    return put
