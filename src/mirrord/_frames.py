@@ -29,7 +29,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol, overload
 
 import anyio
 import anyio.abc
@@ -39,6 +39,7 @@ from anyio.abc import SocketAttribute
 __all__ = [
     "BATCH_LIMIT",
     "SEND_BUFFER",
+    "Frame",
     "FrameReader",
     "FrameWriter",
     "Passable",
@@ -96,7 +97,13 @@ class PassedFd:
             os.close(fd)
 
 
-_Frame = tuple[bytes | memoryview, tuple[Passable, ...]]  # a memoryview: not copied
+# A frame as one buffer, or as a list of parts written with one scatter write (a large body
+# is never joined to its head: `mirrord.protocol.frame_parts_with_head`).
+Frame = bytes | memoryview | list[bytes | memoryview]
+_Queued = tuple[bytes | memoryview, tuple[Passable, ...]]  # a memoryview: not copied
+# sendmsg takes at most IOV_MAX (1024) buffers: a batch of parts stays well below
+_MAX_PARTS = 256
+_LARGE_PART = 64 * 1024
 _STREAM_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
@@ -156,22 +163,37 @@ class FrameReader:
             f"paused={self._paused} reads={self.reads}>"
         )
 
-    async def receive(self, max_bytes: int | None = None) -> bytes:
+    @overload
+    async def receive(self, max_bytes: int | None = None, *, into: None = None) -> bytes: ...
+
+    @overload
+    async def receive(
+        self, max_bytes: int | None = None, *, into: memoryview | None
+    ) -> bytes | memoryview: ...
+
+    async def receive(
+        self, max_bytes: int | None = None, *, into: memoryview | None = None
+    ) -> bytes | memoryview:
         """The next bytes (at most `max_bytes`, default the reader's); raises like
         `ByteReceiveStream.receive`: `EndOfStream` at the end, `BrokenResourceError` when the
-        stream failed, `ClosedResourceError` when it was closed under us."""
+        stream failed, `ClosedResourceError` when it was closed under us. `into`: a buffer to
+        receive into in place, as much as fits (on a plain socket; the protocol's
+        `receive_buffer`): the result is then the filled slice of it."""
         size = self._max if max_bytes is None else max_bytes
         raw = self._raw
         if raw is None:
-            data = await self._stream.receive(size)
+            received = await self._stream.receive(size)
             self.reads += 1
-            return data
+            return received
         if self._ready_before:
             await anyio.lowlevel.checkpoint()
         waited = False
         while True:
             try:
-                data = self._recv_fds(raw, size) if self._receive_fds else raw.recv(size)
+                if into is not None:
+                    data: bytes | memoryview = self._recv_into(raw, into)
+                else:
+                    data = self._recv_fds(raw, size) if self._receive_fds else raw.recv(size)
             except BlockingIOError:
                 waited = True
                 await anyio.wait_readable(raw)
@@ -199,10 +221,25 @@ class FrameReader:
         while self.passed:
             self.passed.popleft().close()
 
+    def _recv_into(self, raw: socket.socket, view: memoryview) -> memoryview:
+        """Receive into `view` in place; the filled slice (empty at the end of the stream)."""
+        if self._receive_fds:
+            n, ancdata, _flags, _addr = raw.recvmsg_into(
+                [view], socket.CMSG_SPACE(MAX_FDS_PER_READ * 4), socket.MSG_CMSG_CLOEXEC
+            )
+            self._keep_fds(ancdata)
+        else:
+            n = raw.recv_into(view)
+        return view[:n]
+
     def _recv_fds(self, raw: socket.socket, size: int) -> bytes:
         data, ancdata, _flags, _addr = raw.recvmsg(
             size, socket.CMSG_SPACE(MAX_FDS_PER_READ * 4), socket.MSG_CMSG_CLOEXEC
         )
+        self._keep_fds(ancdata)
+        return data
+
+    def _keep_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, kind, payload in ancdata:
             if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
                 continue
@@ -210,10 +247,27 @@ class FrameReader:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
             for fd in fds:
                 self.passed.append(PassedFd(fd))
-        return data
 
+    @overload
     async def run(
         self, on_data: Callable[[bytes], None], read_size: Callable[[], int] | None = None
+    ) -> None: ...
+
+    @overload
+    async def run(
+        self,
+        on_data: Callable[[bytes | memoryview], None],
+        read_size: Callable[[], int] | None = None,
+        *,
+        into: Callable[[], memoryview | None],
+    ) -> None: ...
+
+    async def run(
+        self,
+        on_data: Callable[[Any], None],
+        read_size: Callable[[], int] | None = None,
+        *,
+        into: Callable[[], memoryview | None] | None = None,
     ) -> None:
         """Read until the stream ends, calling `on_data(bytes)` with each read, in order.
 
@@ -223,10 +277,12 @@ class FrameReader:
         events, start tasks in a task group, queue frames on a `FrameWriter`).
         `pause_reading()`/`resume_reading()` stop and restart the reads (back-pressure).
         `read_size()`: how much the next read may take (a relay's credit window; pause the
-        reader while it is 0), else the reader's `max_bytes`."""
+        reader while it is 0), else the reader's `max_bytes`. `into()`: a buffer the next read
+        may fill in place, as much as fits (the protocol's `receive_buffer`: the rest of a
+        large frame), or None; `on_data` then gets the filled slice of it, a memoryview."""
         loop = _running_asyncio_loop()
         if loop is None or self._raw is None:
-            await self._run_awaiting(on_data, read_size)
+            await self._run_awaiting(on_data, read_size, into)
             return
         raw = self._raw
         fd = raw.fileno()
@@ -247,8 +303,14 @@ class FrameReader:
             # One recv per callback: with more buffered, the selector calls again on the next
             # pass of the loop, so other callbacks and tasks run in between.
             try:
-                n = size if read_size is None else read_size()
-                data = self._recv_fds(raw, n) if self._receive_fds else raw.recv(n)
+                target = None if into is None else into()
+                data: bytes | memoryview
+                if target is not None:
+                    n = len(target) if read_size is None else read_size()
+                    data = self._recv_into(raw, target[:n] if n < len(target) else target)
+                else:
+                    n = size if read_size is None else read_size()
+                    data = self._recv_fds(raw, n) if self._receive_fds else raw.recv(n)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -283,14 +345,18 @@ class FrameReader:
                 done.exception()  # seen, also when a cancellation overtook it (no log at GC)
 
     async def _run_awaiting(
-        self, on_data: Callable[[bytes], None], read_size: Callable[[], int] | None
+        self,
+        on_data: Callable[[Any], None],
+        read_size: Callable[[], int] | None,
+        into: Callable[[], memoryview | None] | None,
     ) -> None:
         while True:
             while self._paused:
                 self._resumed = anyio.Event()
                 await self._resumed.wait()
+            size = None if read_size is None else read_size()
             try:
-                data = await self.receive(None if read_size is None else read_size())
+                data = await self.receive(size, into=None if into is None else into())
             except anyio.EndOfStream:
                 return
             on_data(data)
@@ -342,7 +408,7 @@ class FrameWriter:
             with contextlib.suppress(OSError):
                 self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         # producers --frame (+ sockets to pass)--> _queue --run()--> stream
-        self._queue: deque[_Frame] = deque()
+        self._queue: deque[_Queued] = deque()
         self._writing = False  # run() is in the middle of a batch
         self._wake = anyio.Event()  # set when a frame is queued or the writer closes
         self._took = anyio.Event()  # set after each batch written (and at the end)
@@ -367,8 +433,9 @@ class FrameWriter:
             "writes": self.writes,
         }
 
-    def send_nowait(self, frame: bytes | memoryview, passing: Sequence[Passable] = ()) -> None:
-        """Queue `frame`; dropped once the writer is closed or broken (the peer is gone).
+    def send_nowait(self, frame: Frame, passing: Sequence[Passable] = ()) -> None:
+        """Queue `frame` (one buffer, or a list of parts sent as one); dropped once the writer
+        is closed or broken (the peer is gone).
 
         `passing`: sockets handed to the peer with the frame's first byte (SCM_RIGHTS, plain
         unix sockets only); the writer owns them from now on and closes its copies once they
@@ -376,9 +443,10 @@ class FrameWriter:
         if self.closed or (passing and not self.can_pass):
             _close_all(passing)
             return
+        parts = frame if isinstance(frame, list) else [frame]
         if self._raw is not None and not self._queue and not self._writing:
             try:
-                sent = _send(self._raw, frame, passing)
+                sent = _send(self._raw, parts, passing)
             except OSError:
                 sent = 0  # full (EAGAIN), or failing: run() meets the error and ends
             if sent:
@@ -386,11 +454,13 @@ class FrameWriter:
                 self.written_bytes += sent
                 _close_all(passing)  # they went with the first byte
                 passing = ()
-                if sent == len(frame):
+                parts = _after(parts, sent)
+                if not parts:
                     return
-                frame = frame[sent:]
-        self._queue.append((frame, tuple(passing)))
-        self.queued_bytes += len(frame)
+        for part in parts:
+            self._queue.append((part, tuple(passing)))
+            self.queued_bytes += len(part)
+            passing = ()
         self._wake.set()
 
     def close(self) -> None:
@@ -436,43 +506,54 @@ class FrameWriter:
         frame, passing = self._queue.popleft()
         parts = [frame]
         size = len(frame)
-        while self._queue and not self._queue[0][1]:
+        while self._queue and not self._queue[0][1] and len(parts) < _MAX_PARTS:
             nxt = self._queue[0][0]
-            if size + len(nxt) > self._batch_limit:
-                break
+            if size + len(nxt) > self._batch_limit and (
+                size >= self._batch_limit or len(nxt) < _LARGE_PART
+            ):
+                break  # a large part still goes along (it is not copied) if the batch is not full
             self._queue.popleft()
             parts.append(nxt)
             size += len(nxt)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.queued_bytes -= size
         self._writing = True
         try:
-            if passing:
-                data = await self._send_passing(data, passing)
-            if data:
-                self.writes += 1
-                # anyio's socket and TLS streams send any bytes-like object (typed `bytes`)
-                await self._stream.send(data)  # type: ignore[arg-type]
-                self.written_bytes += len(data)
+            if self._raw is not None:
+                await self._send_parts(self._raw, parts, passing)
+                return
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.writes += 1
+            # anyio's socket and TLS streams send any bytes-like object (typed `bytes`)
+            await self._stream.send(data)  # type: ignore[arg-type]
+            self.written_bytes += len(data)
         finally:
             self._writing = False
             self._took.set()
 
-    async def _send_passing(
-        self, data: bytes | memoryview, passing: tuple[Passable, ...]
-    ) -> bytes | memoryview:
-        """Send the sockets with the first byte(s) of `data`; what remains to send."""
-        assert self._raw is not None
+    async def _send_parts(
+        self,
+        raw: socket.socket,
+        parts: list[bytes | memoryview],
+        passing: tuple[Passable, ...],
+    ) -> None:
+        """Write `parts` with scatter writes (nothing joined), the sockets with the first byte."""
         try:
-            while True:
-                await anyio.wait_writable(self._raw)
+            while parts:
                 try:
-                    sent = _send(self._raw, data, passing)
+                    sent = _send(raw, parts, passing)
                 except BlockingIOError:
+                    await anyio.wait_writable(raw)
                     continue
+                except OSError as exc:
+                    if raw.fileno() < 0:
+                        raise anyio.ClosedResourceError from None
+                    raise anyio.BrokenResourceError from exc
                 self.writes += 1
                 self.written_bytes += sent
-                return data[sent:]
+                if passing:
+                    _close_all(passing)  # they went with the first byte
+                    passing = ()
+                parts = _after(parts, sent)
         finally:
             _close_all(passing)
 
@@ -483,11 +564,23 @@ class FrameWriter:
         return self._raw is not None and self._raw.family == socket.AF_UNIX
 
 
-def _send(raw: socket.socket, data: bytes | memoryview, passing: Sequence[Passable]) -> int:
+def _send(raw: socket.socket, parts: list[bytes | memoryview], passing: Sequence[Passable]) -> int:
     if not passing:
-        return raw.send(data)
+        return raw.send(parts[0]) if len(parts) == 1 else raw.sendmsg(parts)
     fds = array.array("i", [s.fileno() for s in passing])
-    return raw.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    return raw.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+
+def _after(parts: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What of `parts` is left once their first `sent` bytes were written."""
+    for i, part in enumerate(parts):
+        if sent < len(part):
+            rest = parts[i:]
+            if sent:
+                rest[0] = memoryview(part)[sent:]
+            return rest
+        sent -= len(part)
+    return []
 
 
 def _close_all(socks: Sequence[Passable]) -> None:

@@ -60,3 +60,48 @@ def test_a_too_large_header_is_refused_before_its_body() -> None:
     decoder.receive_data((100_001).to_bytes(4, "big") + b"\0" * 10)
     with pytest.raises(FrameTooLarge):
         decoder.next_payload()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_large_frame_received_in_place_is_the_same_frame(seed: int) -> None:
+    """A reader that receives into `free_space()` (in steps of any size) and hands back the
+    filled slice gets the frames sent; the payload is the buffer it filled (no copy)."""
+    rng = random.Random(seed)
+    frames = _frames()
+    stream = memoryview(b"".join(frame for _, frame in frames))
+    decoder = FrameDecoder()
+    got: list[object] = []
+    in_place = 0
+    pos = 0
+    while pos < len(stream):
+        step = rng.choice([1, 5, 4096, 65536, 300_000, 2_000_000])
+        space = decoder.free_space()
+        if space is None:  # a read of at most 4096 bytes, as the reader's max_bytes
+            decoder.receive_data(stream[pos : pos + min(step, 4096)].tobytes())
+            pos += min(step, 4096)
+        else:
+            n = min(step, len(space), len(stream) - pos)
+            space[:n] = stream[pos : pos + n]  # what recv_into(space) does
+            decoder.receive_data(space[:n])
+            pos += n
+            in_place += n
+        while (payload := decoder.next_payload()) is not None:
+            got.append(cbor2.loads(payload))
+    assert got == [item for item, _ in frames]
+    assert decoder.buffered == 0 and decoder.free_space() is None
+    assert in_place > 1 << 20  # most of the large frames' bytes went in place
+
+
+def test_free_space_is_only_offered_inside_a_large_frame() -> None:
+    decoder = FrameDecoder()
+    assert decoder.free_space() is None
+    frame = encode_frame([13, 1, b"y" * 100_000])
+    decoder.receive_data(frame[:10])
+    assert decoder.next_payload() is None
+    space = decoder.free_space()
+    assert space is not None and len(space) == len(frame) - 10
+    space[:] = frame[10:]
+    decoder.receive_data(space)
+    payload = decoder.next_payload()
+    assert payload is not None and cbor2.loads(payload) == [13, 1, b"y" * 100_000]
+    assert decoder.free_space() is None

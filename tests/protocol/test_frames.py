@@ -416,3 +416,73 @@ async def test_run_over_a_stream_that_is_no_socket() -> None:
     with anyio.fail_after(30):
         await reader.run(got.append)
     assert got == [b"ab", b"cd"]
+
+
+async def test_a_frame_in_parts_is_written_whole_in_order() -> None:
+    """A frame given as parts (a head and a large body, `frame_parts_with_head`) goes out as
+    the same bytes as the joined frame, also when it is queued behind a full socket, and the
+    large body is sent as it is (not joined)."""
+    ours, theirs = await _pair()
+    async with ours, theirs:
+        writer = FrameWriter(ours, "test")
+        body = memoryview(bytes(range(256)) * 8192)  # 2 MiB
+        head = b"HEAD"
+        writer.send_nowait(b"\0" * (8 * 1024 * 1024))  # fills the socket: what follows queues
+        writer.send_nowait([head, body])
+        writer.send_nowait(b"tail")
+        assert writer.queued_bytes >= len(head) + len(body) + 4
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            reader = FrameReader(theirs)
+            got = bytearray()
+            want = 8 * 1024 * 1024 + len(head) + len(body) + 4
+            with anyio.fail_after(30):
+                while len(got) < want:
+                    got += await reader.receive(want - len(got))
+            writer.close()
+        assert bytes(got[8 * 1024 * 1024 :]) == head + bytes(body) + b"tail"
+        assert writer.written_bytes == want
+
+
+async def test_an_idle_writer_sends_parts_at_once() -> None:
+    ours, theirs = await _pair()
+    async with ours, theirs:
+        writer = FrameWriter(ours, "test")
+        frame = encode_frame(["reply", 2, b"z" * 70_000])
+        writer.send_nowait([frame[:9], memoryview(frame)[9:]])  # run() is not even started
+        assert writer.queued_bytes == 0 and writer.written_bytes == len(frame)
+        assert await _read_frames(FrameReader(theirs), 1) == [frame[4:]]
+
+
+@pytest.mark.parametrize("fds", [False, True])
+async def test_run_receives_a_large_frame_in_place(anyio_backend: str, fds: bool) -> None:
+    """`run(into=...)`: the rest of a large frame is received straight into the decoder's
+    buffer (`free_space`), under both backends, with and without fd passing."""
+    ours, theirs = await _pair()
+    async with ours, theirs:
+        reader = FrameReader(theirs, 4096, receive_fds=fds)
+        decoder = FrameDecoder()
+        got: list[object] = []
+        in_place: list[int] = []
+
+        def on_data(data: bytes | memoryview) -> None:
+            if isinstance(data, memoryview):
+                in_place.append(len(data))
+            decoder.receive_data(data)
+            while (payload := decoder.next_payload()) is not None:
+                got.append(cbor2.loads(payload))
+
+        items = [["big", i, bytes([i]) * (300_000 + i)] for i in range(5)] + [["small", 9]]
+
+        async def send_then_close() -> None:
+            for item in items:
+                await ours.send(encode_frame(item))
+            await ours.aclose()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_then_close)
+                await reader.run(on_data, into=decoder.free_space)
+        assert got == items
+        # the 4096-byte read size bounds only reads of what is not a large frame's rest
+        assert sum(in_place) > 5 * 290_000 and max(in_place) > 4096

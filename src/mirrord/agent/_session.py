@@ -262,10 +262,11 @@ class DaemonSession:
             self.server.session_ended(self)
             log.info("daemon connection from %s closed", self.peer)
 
-    async def _receive(self, max_bytes: int = _READ_SIZE) -> bytes:
-        """The next bytes from the daemon, b"" at the end or on an error."""
+    async def _receive(self, max_bytes: int = _READ_SIZE) -> bytes | memoryview:
+        """The next bytes from the daemon, b"" at the end or on an error; the rest of a large
+        frame is received in place (`receive_buffer`)."""
         try:
-            return await self.reader.receive(max_bytes)
+            return await self.reader.receive(max_bytes, into=self.conn.receive_buffer())
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             return b""
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
-from mirrord._frames import FrameReader, FrameWriter, Passable
+from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
 from mirrord.daemon._link import FORWARDED_REQUESTS
 from mirrord.daemon._session import LayerProcess, Session, lost_reply
 from mirrord.protocol import (
@@ -80,7 +80,7 @@ class LayerClient:
             return  # closed (by us, past the bound): nobody reads this
         self._queue(self.conn.send(msg), passing)
 
-    def _queue(self, frame: bytes, passing: tuple[Passable, ...] = ()) -> None:
+    def _queue(self, frame: Frame, passing: tuple[Passable, ...] = ()) -> None:
         self.writer.send_nowait(frame, passing)
         if self.writer.queued_bytes > MAX_LAYER_UNREAD and not self.closed:
             reason = (
@@ -155,13 +155,13 @@ async def _serve(
     costs no task wake-up here."""
     reader = FrameReader(stream, 256 * 1024)
 
-    def on_data(data: bytes) -> None:
+    def on_data(data: bytes | memoryview) -> None:
         if not _on_data(conn, client, find_session, data):
             raise _Ended
 
     try:
         try:
-            await reader.run(on_data)
+            await reader.run(on_data, into=conn.receive_buffer)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         on_data(b"")  # the end of the stream (a frame cut short is the layer's error)
@@ -177,7 +177,7 @@ def _on_data(
     conn: LayerConnection,
     client: LayerClient,
     find_session: Callable[[str], Session | None],
-    data: bytes,
+    data: bytes | memoryview,
 ) -> bool:
     """Feed one read (b"": the end) and handle its frames; False once the connection is done."""
     conn.receive_data(data)

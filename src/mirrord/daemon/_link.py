@@ -375,13 +375,13 @@ class AgentLink:
         handled in the event loop's reader callback (`FrameReader.run`): a reply costs no
         task wake-up here."""
         try:
-            await reader.run(self._on_data)
+            await reader.run(self._on_data, into=self.conn.receive_buffer)
             self._on_data(b"")  # the end of the stream (a frame cut short is the agent's error)
         except _StreamClosed:
             pass
         return self.reason or "the agent closed the connection"
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         """Feed one read (b"": the end) and handle its frames; raises `_StreamClosed` once the
         agent closed the stream, `RemoteProtocolError` when it broke the protocol."""
         self.conn.receive_data(data)

@@ -57,7 +57,7 @@ from mirrord.protocol._framing import (
     bytes_frame,
     decode_payload,
     encode_frame,
-    frame_with_head,
+    frame_parts_with_head,
     read_head,
 )
 from mirrord.protocol.messages import (
@@ -242,14 +242,23 @@ class _Connection:
         self._set_state(State.ERROR)
         return exc
 
-    def receive_data(self, data: bytes) -> None:
-        """Bytes from the peer. `b""` is the end of the stream."""
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Bytes from the peer. `b""` is the end of the stream. A slice of `receive_buffer()`
+        counts as received where it is (no copy)."""
         if self.state in (State.ERROR, State.CLOSED):
             return  # nothing more is read: a broken peer cannot grow our memory
         if not data:
             self._set_state(State.CLOSED)
             return
         self._decoder.receive_data(data)
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the next received bytes may go directly, when a large frame is being
+        collected (`FrameDecoder.free_space`): a reader receives into it and passes the filled
+        slice to `receive_data`. None: pass what was read."""
+        if self.state in (State.ERROR, State.CLOSED):
+            return None
+        return self._decoder.free_space()
 
     def next_event(self) -> Event | _Sentinel:
         """The next event, `NEED_DATA`, or `CLOSED`. Raises `RemoteProtocolError` (and stays in
@@ -283,9 +292,12 @@ class _Connection:
         except RemoteProtocolError as exc:
             raise self._fail(exc) from None
 
-    def forward(self, frame: Undecoded, request_id: int, channel: int = CONTROL_CHANNEL) -> bytes:
+    def forward(
+        self, frame: Undecoded, request_id: int, channel: int = CONTROL_CHANNEL
+    ) -> bytes | list[bytes | memoryview]:
         """`frame` (undecoded by the other protocol's connection) as a frame of this one, under
-        `request_id` (and `channel`, agent protocol): its body goes through as bytes.
+        `request_id` (and `channel`, agent protocol): its body goes through as bytes, uncopied
+        when it is large (then the frame is a list of parts: `frame_parts_with_head`).
         `LocalProtocolError` if it may not be sent now or does not fit in a frame."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"forward() in state {self.state.value}")
@@ -293,9 +305,10 @@ class _Connection:
             raise LocalProtocolError(f"kind {frame.kind} is not a {self._registry.name} message")
         head = [channel, frame.kind, request_id] if self._has_channels else [frame.kind, request_id]
         body = memoryview(frame.payload)[frame.body :]
-        out = frame_with_head(head, frame.items - frame.head_items + len(head), body)
-        if len(out) - 4 > self._decoder_limit:
-            raise LocalProtocolError(f"kind {frame.kind}: frame of {len(out)} bytes too big")
+        out = frame_parts_with_head(head, frame.items - frame.head_items + len(head), body)
+        size = len(out) if isinstance(out, bytes) else sum(len(part) for part in out)
+        if size - 4 > self._decoder_limit:
+            raise LocalProtocolError(f"kind {frame.kind}: frame of {size} bytes too big")
         return out
 
     def _undecoded_frame(self, payload: bytes) -> Undecoded | None:

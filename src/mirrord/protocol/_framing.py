@@ -35,6 +35,7 @@ __all__ = [
     "bytes_frame",
     "decode_payload",
     "encode_frame",
+    "frame_parts_with_head",
     "frame_with_head",
     "read_head",
 ]
@@ -118,6 +119,24 @@ def frame_with_head(head: list[int], items: int, body: bytes | memoryview) -> by
     return b"".join((_HEADER.pack(len(prefix) + len(body)), prefix, body))
 
 
+# A body at least this big is sent as its own part of a scatter write (`frame_parts_with_head`),
+# not copied into a joined frame: a file's 1 MiB chunk crosses the daemon with no copy of its
+# own.
+SCATTER_BODY = 64 * 1024
+
+
+def frame_parts_with_head(
+    head: list[int], items: int, body: bytes | memoryview
+) -> bytes | list[bytes | memoryview]:
+    """`frame_with_head`'s frame, as parts when the body is large (`SCATTER_BODY`): the new
+    length prefix and head, then `body` itself, uncopied (for `socket.sendmsg` or a writer that
+    takes a list of parts); a small frame is one joined `bytes`."""
+    if len(body) < SCATTER_BODY:
+        return frame_with_head(head, items, body)
+    prefix = _cbor_head(4, items) + b"".join(_cbor_head(0, value) for value in head)
+    return [_HEADER.pack(len(prefix) + len(body)) + prefix, body]
+
+
 def bytes_frame(head: list[int], data: bytes) -> bytes:
     """The frame of an array of the unsigned integers `head` followed by the byte string
     `data`, byte for byte what `encode_frame` makes of it, with one copy of `data` instead of
@@ -138,7 +157,9 @@ class FrameDecoder:
 
     A large payload (a file's data) is copied once on its way through: into a bytearray of
     the size its header announced, which `next_payload` hands out as it is (a bytes-like
-    object the caller owns)."""
+    object the caller owns). A reader may even receive the rest of it in place:
+    `free_space()` is the part of that buffer still to fill; a memoryview of it handed back
+    to `receive_data` counts as received, with no copy (`FrameReader.run(into=...)`)."""
 
     __slots__ = ("_buffer", "_filled", "_large", "_max_frame_size")
 
@@ -151,10 +172,13 @@ class FrameDecoder:
     def __repr__(self) -> str:
         return f"<FrameDecoder buffered={self.buffered} max={self._max_frame_size}>"
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         large = self._large
         if large is None or self._filled == len(large):
             self._buffer += data
+            return
+        if isinstance(data, memoryview) and data.obj is large:
+            self._filled += len(data)  # received in place, into `free_space()`
             return
         with memoryview(data) as view:
             n = min(len(view), len(large) - self._filled)
@@ -189,6 +213,14 @@ class FrameDecoder:
             payload = bytes(view[HEADER_SIZE:end])
         del self._buffer[:end]
         return payload
+
+    def free_space(self) -> memoryview | None:
+        """Where the bytes of the large payload being collected go next, if one is: a reader
+        may receive into it and pass the filled part (a slice of this view) to `receive_data`."""
+        large = self._large
+        if large is None or self._filled == len(large):
+            return None
+        return memoryview(large)[self._filled :]
 
     @property
     def buffered(self) -> int:
