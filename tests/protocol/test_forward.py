@@ -106,7 +106,7 @@ def test_a_request_and_its_reply_cross_the_daemon_undecoded() -> None:
     assert isinstance(event, Undecoded)
     assert (event.channel, event.kind, event.request_id) == (0, m.FileRead.KIND, 7)
 
-    agent.receive_data(to_agent.forward(event, 1_000_000, channel=5))  # small: one bytes
+    agent.receive_data(_frame(to_agent.forward(event, 1_000_000, channel=5)))
     got = _one(agent)
     assert got == Received(
         channel=5, message=m.FileRead(request_id=1_000_000, handle=3, size=4096, offset=8192)
