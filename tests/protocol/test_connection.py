@@ -255,3 +255,19 @@ def test_data_goes_out_as_the_encoder_would_frame_it() -> None:
     assert frame == encode_frame([3, *msg.to_wire()])
     agent.receive_data(frame)
     assert drain(agent) == [Received(channel=3, message=msg)]
+
+
+@pytest.mark.parametrize("size", [0, 1000, 64 * 1024 - 1, 64 * 1024, 256 * 1024])
+def test_send_parts_is_send_with_a_large_datas_bytes_uncopied(size: int) -> None:
+    daemon, agent = agent_pair()
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    msg = messages.Data(conn_id=3, data=data)
+    parts = agent.send_parts(msg, 5)
+    joined = parts if isinstance(parts, bytes) else b"".join(parts)
+    assert joined == agent.send(msg, 5)
+    if size >= 64 * 1024:
+        assert isinstance(parts, list) and parts[-1] is data  # the relay's bytes, not a copy
+    else:
+        assert isinstance(parts, bytes)
+    daemon.receive_data(joined)
+    assert daemon.next_event() == Received(channel=5, message=msg)

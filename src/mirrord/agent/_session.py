@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 
 from mirrord import __version__
-from mirrord._frames import FrameReader, FrameWriter, Passable
+from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
 from mirrord.agent._channel import Channel
 from mirrord.agent._files import FileData
 from mirrord.protocol import (
@@ -154,11 +154,11 @@ class DaemonSession:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _frame(self, msg: Message, channel: int) -> bytes | None:
+    def _frame(self, msg: Message, channel: int) -> Frame | None:
         if self.writer.closed or self.conn.state is not State.OPEN:
             return None
         try:
-            return self.conn.send(msg, channel)
+            return self.conn.send_parts(msg, channel)
         except LocalProtocolError as exc:
             log.error("not sending %s on channel %d: %s", type(msg).__name__, channel, exc)
             return None
@@ -182,7 +182,7 @@ class DaemonSession:
         """Send the FileData reply to `request_id` whose bytes are already in its frame's
         buffer (`read_data`): the head is the connection's, the data is not copied again."""
         frame = self._frame(m.FileData(request_id=request_id, data=b""), channel)
-        if frame is not None:
+        if isinstance(frame, bytes):  # an empty FileData is one small frame
             self.writer.send_nowait(data.frame(frame))
 
     async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:

@@ -455,8 +455,7 @@ class AgentLink:
     def send(self, msg: Message, channel: int) -> None:
         if self.state != "open" or self._writer is None or self.conn.state is not State.OPEN:
             return  # the link is gone: whoever sent this has been (or will be) told
-        frame = self.conn.send(msg, channel)
-        self._writer.send_nowait(frame)
+        self._writer.send_nowait(self.conn.send_parts(msg, channel))
 
     async def call(
         self, channel: int, request: m.Request, *, timeout: float | None = None

@@ -54,7 +54,7 @@ from mirrord.protocol._exceptions import (
 from mirrord.protocol._framing import (
     MAX_FRAME_SIZE,
     FrameDecoder,
-    bytes_frame,
+    bytes_frame_parts,
     decode_payload,
     encode_frame,
     frame_parts_with_head,
@@ -411,16 +411,23 @@ class _Connection:
         raise NotImplementedError
 
     def _frame(self, channel: int, msg: Message) -> bytes:
+        frame = self._frame_parts(channel, msg)
+        return frame if isinstance(frame, bytes) else b"".join(frame)
+
+    def _frame_parts(self, channel: int, msg: Message) -> bytes | list[bytes | memoryview]:
         if type(msg) not in self._registry:
             raise LocalProtocolError(f"{type(msg).__name__} is not a {self._registry.name} message")
+        frame: bytes | list[bytes | memoryview]
         if type(msg) is Data and self._has_channels and msg.conn_id >= 0:
-            # a relay's bytes: one copy, not two
-            frame = bytes_frame([channel, Data.KIND, msg.conn_id], msg.data)
+            # a relay's bytes: not copied when large (a part of their own), else copied once
+            frame = bytes_frame_parts([channel, Data.KIND, msg.conn_id], msg.data)
+            size = len(frame) if isinstance(frame, bytes) else sum(map(len, frame))
         else:
             wire = msg.to_wire()
             frame = encode_frame([channel, *wire] if self._has_channels else wire)
-        if len(frame) - 4 > self._decoder_limit:
-            raise LocalProtocolError(f"{type(msg).__name__} frame of {len(frame)} bytes too big")
+            size = len(frame)
+        if size - 4 > self._decoder_limit:
+            raise LocalProtocolError(f"{type(msg).__name__} frame of {size} bytes too big")
         return frame
 
     @property
@@ -566,6 +573,19 @@ class AgentConnection(_Connection):
         if isinstance(msg, Hello | Welcome):
             raise LocalProtocolError(f"{type(msg).__name__} is sent by hello()/welcome()")
         return self._frame(channel, msg)
+
+    def send_parts(
+        self, msg: Message, channel: int = CONTROL_CHANNEL
+    ) -> bytes | list[bytes | memoryview]:
+        """`send()`'s frame, as parts when it carries a large `Data` (its bytes uncopied, for a
+        writer that takes a list of parts: `mirrord._frames.FrameWriter`)."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(
+                f"send({type(msg).__name__}) in state {self.state.value}; handshake first"
+            )
+        if isinstance(msg, Hello | Welcome):
+            raise LocalProtocolError(f"{type(msg).__name__} is sent by hello()/welcome()")
+        return self._frame_parts(channel, msg)
 
 
 class LayerConnection(_Connection):

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "FrameDecoder",
     "bytes_frame",
+    "bytes_frame_parts",
     "decode_payload",
     "encode_frame",
     "frame_parts_with_head",
@@ -145,6 +146,17 @@ def bytes_frame(head: list[int], data: bytes) -> bytes:
         [_cbor_head(4, len(head) + 1), *(_cbor_head(0, v) for v in head), _cbor_head(2, len(data))]
     )
     return b"".join((_HEADER.pack(len(prefix) + len(data)), prefix, data))
+
+
+def bytes_frame_parts(head: list[int], data: bytes) -> bytes | list[bytes | memoryview]:
+    """`bytes_frame`'s frame, as two parts when `data` is large (`SCATTER_BODY`): the length
+    prefix and head, then `data` itself, uncopied."""
+    if len(data) < SCATTER_BODY:
+        return bytes_frame(head, data)
+    prefix = b"".join(
+        [_cbor_head(4, len(head) + 1), *(_cbor_head(0, v) for v in head), _cbor_head(2, len(data))]
+    )
+    return [_HEADER.pack(len(prefix) + len(data)) + prefix, data]
 
 
 # A frame at least this big is collected in a buffer of its own, sized by its header: each
