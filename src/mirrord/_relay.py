@@ -433,6 +433,10 @@ class RelayTable:
     def get(self, conn_id: int) -> FlowRelay | None:
         return self._relays.get(conn_id)
 
+    def running(self) -> list[FlowRelay]:
+        """The relays whose connection has not ended yet."""
+        return [relay for relay in self._relays.values() if not relay.finished.is_set()]
+
     def register(self, relay: FlowRelay) -> FlowRelay:
         self._relays[relay.flow.conn_id] = relay
         return relay

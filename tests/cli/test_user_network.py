@@ -665,3 +665,58 @@ def test_a_local_targets_connections_are_handed_over_unless_switched_off(
     [agent] = mirrord.status()["agents"]
     # three sockets handed over (the TCP one and two connected UDP ones), or none
     assert agent["link"]["handed_over"] == (3 if handover else 0)
+
+
+TCP_SINK = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9995))
+s.listen(4)
+s.settimeout(60)
+print("ready", flush=True)
+for _ in range(int(sys.argv[1])):
+    c, _ = s.accept()
+    c.settimeout(30)
+    total = 0
+    try:
+        while data := c.recv(1 << 20):
+            total += len(data)
+    except OSError as e:
+        print("error", type(e).__name__, total, flush=True)
+        continue
+    print("got", total, flush=True)
+"""
+
+LAST_BYTES_APP = """
+import os, socket, sys
+s = socket.create_connection((sys.argv[1], 9995), timeout=20)
+s.sendall(b"z" * int(sys.argv[2]))  # returns once the bytes are in the kernel's buffers
+os._exit(0)  # at once: the kernel closes the socket, with what the daemon has not read yet
+"""
+
+
+def test_bytes_written_just_before_exit_reach_the_pod(
+    mirrord: Mirrord, net_pod: LocalPod, tmp_path: Path
+) -> None:
+    """A relayed connection (hand-over off): what the app wrote before exiting goes on to
+    the pod's peer, followed by an orderly close, as a process exiting with an open socket
+    does (the daemon used to close the process's channel at once, resetting the connection
+    with the bytes it had not read yet)."""
+    runs, size = 3, 6 * 1024 * 1024  # more than the credit window and the socket buffers
+    config = tmp_path / "mirrord.json"
+    config.write_text(json.dumps({"feature": {"network": {"outgoing": {"handover": False}}}}))
+    sink = start_in_pod(net_pod, TCP_SINK.replace("int(sys.argv[1])", str(runs)))
+    try:
+        app = python_app(tmp_path, LAST_BYTES_APP)
+        for _ in range(runs):
+            result = mirrord.run(
+                "run", "-t", f"pid/{net_pod.pid}", "-f", str(config), "--",
+                *app, net_pod.ip, str(size),
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+        out, _ = sink.communicate(timeout=90)
+    finally:
+        sink.kill()
+        sink.wait(timeout=5)
+    assert out.decode().splitlines() == [f"got {size}"] * runs

@@ -37,7 +37,7 @@ from mirrord.daemon._control import (
 from mirrord.daemon._env import filter_for_port, on_concurrent_steal, steal_for_port
 from mirrord.daemon._exceptions import ChannelLost
 from mirrord.daemon._link import AgentLink
-from mirrord.daemon._relay import UDP_CLOSE_MAX, Counters
+from mirrord.daemon._relay import STREAM_CLOSE_MAX, UDP_CLOSE_MAX, Counters
 from mirrord.daemon._relaying import relay_sockets, serve_datagrams, serve_incoming, serve_stream
 from mirrord.protocol import Message
 from mirrord.protocol import messages as m
@@ -221,8 +221,10 @@ class Session:
             closing.set()  # as the kernel closes an exiting process's sockets
             datagrams.append(relay)
         process.udp_closing.clear()
-        if not datagrams or not self.link.start_task(
-            _close_after_datagrams, self.link, process.channel, datagrams
+        table = self.link.relays.get(process.channel)
+        streams = [r for r in table.running() if r not in datagrams] if table else []
+        if not (datagrams or streams) or not self.link.start_task(
+            _close_after_relays, self.link, process.channel, datagrams, streams
         ):
             self.link.close_channel(process.channel, "process exited")
         for port, sub in process.subscriptions.items():
@@ -626,11 +628,19 @@ def lost_reply(process: LayerProcess) -> m.ErrorReply:
     return m.ErrorReply(request_id=0, errno=errno_mod.EIO, message=reason)
 
 
-async def _close_after_datagrams(link: AgentLink, channel: int, relays: list[FlowRelay]) -> None:
-    """Close an exited process's channel once its UDP relays passed on what the app sent
-    before it exited (each ends after its close grace, see `serve_datagrams`): closing the
-    channel at once would drop datagrams the daemon had not read yet (a busy daemon)."""
+async def _close_after_relays(
+    link: AgentLink, channel: int, datagrams: list[FlowRelay], streams: list[FlowRelay]
+) -> None:
+    """Close an exited process's channel once its relays passed on what the app sent before
+    it exited: closing the channel at once would drop what the daemon had not read yet (a busy
+    daemon, or a connection whose credit window was spent) and reset the connections. UDP
+    relays end after their close grace (`serve_datagrams`); stream relays read their socket to
+    its end (the kernel closed the app's side) and end when the flow is done, or are reset
+    with the channel after `STREAM_CLOSE_MAX`."""
     with anyio.move_on_after(UDP_CLOSE_MAX + 1):
-        for relay in relays:
+        for relay in datagrams:
+            await relay.finished.wait()
+    with anyio.move_on_after(STREAM_CLOSE_MAX):
+        for relay in streams:
             await relay.finished.wait()
     link.close_channel(channel, "process exited")
