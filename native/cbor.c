@@ -100,6 +100,8 @@ void cw_bytes(cbor_w *w, const void *p, size_t n) {
     cw_put(w, p, n);
 }
 
+void cw_bytes_head(cbor_w *w, size_t n) { cw_head(w, 2, n); }
+
 void cw_text(cbor_w *w, const char *s, size_t n) {
     cw_head(w, 3, n);
     cw_put(w, s, n);

@@ -37,6 +37,7 @@ void cw_reset(cbor_w *w); /* keeps room for the 4-byte frame header */
 void cw_uint(cbor_w *w, uint64_t v);
 void cw_int(cbor_w *w, int64_t v);
 void cw_bytes(cbor_w *w, const void *p, size_t n);
+void cw_bytes_head(cbor_w *w, size_t n); /* a byte string's head only: its n bytes follow elsewhere */
 void cw_text(cbor_w *w, const char *s, size_t n);
 void cw_str(cbor_w *w, const char *s); /* text from a C string */
 void cw_array(cbor_w *w, size_t n);

@@ -26,6 +26,8 @@ struct lconn {
     unsigned gen;
     uint64_t rid;
     cbor_w w;
+    const uint8_t *ext; /* conn_bytes_ref: these ext_len bytes go after w.buf[0..ext_at) */
+    size_t ext_len, ext_at;
     uint8_t *rbuf;
     size_t rcap;
 };
@@ -197,16 +199,61 @@ static int recv_all(struct lconn *c, uint8_t *p, size_t n, long long deadline) {
     return 0;
 }
 
+/* The frame conn_bytes_ref split in three: w.buf up to ext_at, the caller's bytes, the rest of
+ * w.buf; one sendmsg per try, then what is left, as send_all does. */
+static int send_parts(struct lconn *c, long long deadline) {
+    struct iovec iov[3] = {
+        {.iov_base = c->w.buf, .iov_len = c->ext_at},
+        {.iov_base = (void *)c->ext, .iov_len = c->ext_len},
+        {.iov_base = c->w.buf + c->ext_at, .iov_len = c->w.len - c->ext_at},
+    };
+    int first = 0;
+    while (first < 3) {
+        struct msghdr mh = {.msg_iov = iov + first, .msg_iovlen = (size_t)(3 - first)};
+        ssize_t k = REAL(sendmsg)(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k < 0 && errno == EINTR) {
+            continue;
+        }
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            long long left = deadline - now_ms();
+            struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+            if (left <= 0 || (poll(&pfd, 1, (int)left) < 0 && errno != EINTR)) {
+                return -1;
+            }
+            continue;
+        }
+        if (k < 0) {
+            return -1;
+        }
+        size_t done = (size_t)k;
+        while (first < 3 && done >= iov[first].iov_len) {
+            done -= iov[first].iov_len; /* this part went out whole (or was empty) */
+            first++;
+        }
+        if (first < 3) {
+            iov[first].iov_base = (char *)iov[first].iov_base + done;
+            iov[first].iov_len -= done;
+        }
+    }
+    return 0;
+}
+
 static int send_frame(struct lconn *c, long long deadline) {
-    if (c->w.err || c->w.len - 4 > MAX_FRAME) {
+    size_t ext = c->ext != NULL ? c->ext_len : 0;
+    if (c->w.err || c->w.len - 4 + ext > MAX_FRAME) {
         return -1;
     }
-    uint32_t n = (uint32_t)(c->w.len - 4);
+    uint32_t n = (uint32_t)(c->w.len - 4 + ext);
     c->w.buf[0] = (uint8_t)(n >> 24);
     c->w.buf[1] = (uint8_t)(n >> 16);
     c->w.buf[2] = (uint8_t)(n >> 8);
     c->w.buf[3] = (uint8_t)n;
-    return send_all(c->fd, c->w.buf, c->w.len, deadline);
+    if (c->ext == NULL) {
+        return send_all(c->fd, c->w.buf, c->w.len, deadline);
+    }
+    int rc = send_parts(c, deadline);
+    c->ext = NULL;
+    return rc;
 }
 
 /* Reads one frame; r covers its payload, checked to be one well-formed CBOR item. */
@@ -394,7 +441,15 @@ void conn_release(struct lconn *c) {
     }
 }
 
+void conn_bytes_ref(struct lconn *c, const void *p, size_t n) {
+    cw_bytes_head(&c->w, n);
+    c->ext = p;
+    c->ext_len = n;
+    c->ext_at = c->w.len;
+}
+
 cbor_w *(conn_begin)(struct lconn *c, int kind, size_t nfields) {
+    c->ext = NULL;
     cw_reset(&c->w);
     cw_array(&c->w, 2 + nfields);
     cw_uint(&c->w, (uint64_t)kind);

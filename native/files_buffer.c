@@ -82,7 +82,7 @@ static int xfer_batch(uint64_t handle, struct xfer *x, int k, int write, int *er
         cbor_w *w = write ? conn_begin(c, M_FILE_WRITE, 3) : conn_begin(c, M_FILE_READ, 3);
         cw_uint(w, handle);
         if (write) {
-            cw_bytes(w, x[sent].p, x[sent].n);
+            conn_bytes_ref(c, x[sent].p, x[sent].n); /* sent from the buffer, not copied */
         } else {
             cw_uint(w, x[sent].n);
         }

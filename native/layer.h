@@ -238,6 +238,10 @@ void conn_begin_field_count_mismatch(void) __attribute__((error(
          ? (conn_begin_field_count_mismatch(), (conn_begin)(c, kind, nfields))                \
          : (conn_begin)(c, kind, nfields))
 #endif
+/* A byte string field whose n bytes are sent from p itself (the frame is written with one
+ * sendmsg, p not copied: a FileWrite's 1 MiB chunk); p must stay valid until conn_send or
+ * conn_call returns. At most one per request. */
+void conn_bytes_ref(struct lconn *c, const void *p, size_t n);
 /* Sends the request and reads its reply. 0: reply of kind `expect`, r is after its
  * request_id. -1: errno from ErrorReply, or EIO if the daemon broke (connection dropped). */
 int conn_call(struct lconn *c, int expect, cbor_r *r);
