@@ -246,6 +246,15 @@ static int cr_string(cbor_r *r, int major, const uint8_t **p, size_t *n) {
 
 int cr_bytes(cbor_r *r, const uint8_t **p, size_t *n) { return cr_string(r, 2, p, n); }
 
+int cr_bytes_head(cbor_r *r, uint64_t *n) {
+    int major;
+    if (cr_head(r, &major, n) < 0 || major != 2) {
+        r->err = 1;
+        return -1;
+    }
+    return 0;
+}
+
 int cr_text(cbor_r *r, const char **p, size_t *n) {
     const uint8_t *u;
     if (cr_string(r, 3, &u, n) < 0) {

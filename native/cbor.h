@@ -60,6 +60,7 @@ int cr_map(cbor_r *r, uint64_t *n);
 int cr_uint(cbor_r *r, uint64_t *v);
 int cr_int(cbor_r *r, int64_t *v); /* uint up to INT64_MAX or a negative int */
 int cr_bytes(cbor_r *r, const uint8_t **p, size_t *n);
+int cr_bytes_head(cbor_r *r, uint64_t *n); /* a byte string's head only (its bytes may lie beyond the buffer) */
 int cr_text(cbor_r *r, const char **p, size_t *n);
 int cr_bool(cbor_r *r, int *v);
 int cr_null(cbor_r *r);

@@ -256,16 +256,7 @@ static int send_frame(struct lconn *c, long long deadline) {
     return rc;
 }
 
-/* Reads one frame; r covers its payload, checked to be one well-formed CBOR item. */
-static int recv_frame(struct lconn *c, cbor_r *r, long long deadline) {
-    uint8_t h[4];
-    if (recv_all(c, h, 4, deadline) < 0) {
-        return -1;
-    }
-    size_t n = ((size_t)h[0] << 24) | ((size_t)h[1] << 16) | ((size_t)h[2] << 8) | h[3];
-    if (n == 0 || n > MAX_FRAME) {
-        return -1;
-    }
+static int rbuf_reserve(struct lconn *c, size_t n) {
     if (c->rcap < n) {
         uint8_t *b = realloc(c->rbuf, n);
         if (b == NULL) {
@@ -274,7 +265,68 @@ static int recv_frame(struct lconn *c, cbor_r *r, long long deadline) {
         c->rbuf = b;
         c->rcap = n;
     }
-    if (recv_all(c, c->rbuf, n, deadline) < 0 || cbor_validate(c->rbuf, n) < 0) {
+    return 0;
+}
+
+/* A FileData reply at least this big may be received straight into its destination. */
+#define DIRECT_MIN (64 * 1024)
+#define DIRECT_HEAD 32 /* its head: array, kind, request id, the bytes' head (at most 28) */
+
+/* The first DIRECT_HEAD bytes of a large frame (already in rbuf) are a FileData reply whose
+ * bytes run to the frame's end and `into` has room for them: receive them there. 1: done (r
+ * covers the head only), 0: not such a frame (nothing more read), -1: broken. */
+static int recv_direct(struct lconn *c, cbor_r *r, size_t n, struct conn_into *into,
+                       long long deadline) {
+    cbor_r t;
+    uint64_t items, kind, rid, len;
+    cr_init(&t, c->rbuf, DIRECT_HEAD);
+    if (cr_array(&t, &items) < 0 || items != 3 || cr_uint(&t, &kind) < 0 || kind != M_FILE_DATA ||
+        cr_uint(&t, &rid) < 0 || cr_bytes_head(&t, &len) < 0) {
+        return 0;
+    }
+    size_t off = (size_t)(t.p - c->rbuf);
+    if (off + len != n) {
+        return 0;
+    }
+    char *dst = into->dst(into->ctx, rid, (size_t)len);
+    if (dst == NULL) {
+        return 0;
+    }
+    size_t already = DIRECT_HEAD - off;
+    memcpy(dst, c->rbuf + off, already);
+    if (recv_all(c, (uint8_t *)dst + already, (size_t)len - already, deadline) < 0) {
+        return -1;
+    }
+    into->got = (ssize_t)len;
+    cr_init(r, c->rbuf, off);
+    return 1;
+}
+
+/* Reads one frame; r covers its payload, checked to be one well-formed CBOR item (with
+ * `into`, a large FileData reply's bytes may go to into->dst instead: into->got says how many,
+ * r covers the rest). */
+static int recv_frame(struct lconn *c, cbor_r *r, long long deadline, struct conn_into *into) {
+    uint8_t h[4];
+    if (recv_all(c, h, 4, deadline) < 0) {
+        return -1;
+    }
+    size_t n = ((size_t)h[0] << 24) | ((size_t)h[1] << 16) | ((size_t)h[2] << 8) | h[3];
+    if (n == 0 || n > MAX_FRAME) {
+        return -1;
+    }
+    size_t have = 0;
+    if (into != NULL && n >= DIRECT_MIN) {
+        if (rbuf_reserve(c, DIRECT_HEAD) < 0 || recv_all(c, c->rbuf, DIRECT_HEAD, deadline) < 0) {
+            return -1;
+        }
+        int d = recv_direct(c, r, n, into, deadline);
+        if (d != 0) {
+            return d < 0 ? -1 : 0;
+        }
+        have = DIRECT_HEAD;
+    }
+    if (rbuf_reserve(c, n) < 0 || recv_all(c, c->rbuf + have, n - have, deadline) < 0 ||
+        cbor_validate(c->rbuf, n) < 0) {
         return -1;
     }
     cr_init(r, c->rbuf, n);
@@ -346,7 +398,7 @@ static int open_conn(struct lconn *c, pid_t parent) {
     cw_bytes(&c->w, g_exe, strlen(g_exe));
     cbor_r r;
     uint64_t n, kind;
-    if (send_frame(c, deadline) < 0 || recv_frame(c, &r, deadline) < 0 ||
+    if (send_frame(c, deadline) < 0 || recv_frame(c, &r, deadline, NULL) < 0 ||
         cr_array(&r, &n) < 0 || n < 1 || cr_uint(&r, &kind) < 0 || kind != M_LAYER_WELCOME) {
         DBG("the daemon refused or broke the handshake");
         conn_drop(c);
@@ -488,10 +540,11 @@ int conn_take_fd(struct lconn *c) {
 /* The next reply on c (pings answered on the way): 0 with *rid and r after the request id
  * (kind `expect`), 1 for an ErrorReply (errno set to the agent's), -1 when the connection
  * broke (dropped, errno EIO). */
-static int next_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r, long long deadline) {
+static int next_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r, long long deadline,
+                      struct conn_into *into) {
     for (int spins = 0; spins < 64; spins++) {
         uint64_t n, kind;
-        if (recv_frame(c, r, deadline) < 0) {
+        if (recv_frame(c, r, deadline, into) < 0) {
             return conn_broken(c, "no reply in time");
         }
         if (cr_array(r, &n) < 0 || n < 2 || cr_uint(r, &kind) < 0) {
@@ -560,7 +613,7 @@ int conn_call(struct lconn *c, int expect, cbor_r *r) {
         return -1;
     }
     uint64_t rid;
-    int rc = next_reply(c, expect, &rid, r, deadline);
+    int rc = next_reply(c, expect, &rid, r, deadline, NULL);
     if (rc >= 0 && rid != c->rid) {
         return conn_broken(c, "reply to another request");
     }
@@ -581,7 +634,12 @@ uint64_t conn_send(struct lconn *c) {
 }
 
 int conn_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r) {
-    return next_reply(c, expect, rid, r, now_ms() + g_set.timeout_ms);
+    return next_reply(c, expect, rid, r, now_ms() + g_set.timeout_ms, NULL);
+}
+
+int conn_reply_into(struct lconn *c, uint64_t *rid, cbor_r *r, struct conn_into *into) {
+    into->got = -1;
+    return next_reply(c, M_FILE_DATA, rid, r, now_ms() + g_set.timeout_ms, into);
 }
 
 /* ---------------------------------------------------------------- fork and exec */

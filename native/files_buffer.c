@@ -69,6 +69,23 @@ struct xfer {
     uint64_t rid;
 };
 
+/* conn_into's dst for a batch of reads: the buffer of the transfer `rid` answers, if the
+ * reply fits it (the bytes then go straight there, not through the connection's buffer). */
+struct xfer_batch_ctx {
+    struct xfer *x;
+    int k;
+};
+
+static char *xfer_dst(void *ctx, uint64_t rid, size_t n) {
+    struct xfer_batch_ctx *b = ctx;
+    for (int i = 0; i < b->k; i++) {
+        if (b->x[i].rid == rid && b->x[i].got < 0 && n <= b->x[i].n) {
+            return b->x[i].p;
+        }
+    }
+    return NULL;
+}
+
 /* Sends every transfer of x[0..k) on one connection, then reads the k replies in whatever
  * order they come. 0: each x[i].got is set (an ErrorReply: -1, its errno in *err); -1: the
  * connection broke (errno EIO), nothing is known. */
@@ -94,10 +111,12 @@ static int xfer_batch(uint64_t handle, struct xfer *x, int k, int write, int *er
         }
     }
     int rc = send_err ? -1 : 0;
+    struct xfer_batch_ctx batch = {.x = x, .k = sent};
+    struct conn_into into = {.dst = xfer_dst, .ctx = &batch};
     for (int left = sent; left > 0; left--) {
         uint64_t rid;
         cbor_r r;
-        int kind = conn_reply(c, write ? M_FILE_WRITTEN : M_FILE_DATA, &rid, &r);
+        int kind = write ? conn_reply(c, M_FILE_WRITTEN, &rid, &r) : conn_reply_into(c, &rid, &r, &into);
         if (kind < 0) {
             rc = -1;
             break;
@@ -120,6 +139,8 @@ static int xfer_batch(uint64_t handle, struct xfer *x, int k, int write, int *er
         uint64_t count;
         if (write && cr_uint(&r, &count) == 0 && count <= t->n) {
             t->got = (ssize_t)count;
+        } else if (!write && into.got >= 0) {
+            t->got = into.got; /* received into t->p already (xfer_dst chose t) */
         } else if (!write && cr_bytes(&r, &p, &len) == 0 && len <= t->n) {
             memcpy(t->p, p, len);
             t->got = (ssize_t)len;

@@ -253,6 +253,15 @@ int conn_call(struct lconn *c, int expect, cbor_r *r);
  * released. */
 uint64_t conn_send(struct lconn *c);
 int conn_reply(struct lconn *c, int expect, uint64_t *rid, cbor_r *r);
+/* conn_reply for FileData replies whose bytes may be received where they belong: for a large
+ * one, dst(ctx, request id, length) names the buffer (or NULL: the ordinary way); then got is
+ * its length and r is after the request id with the bytes already consumed, else got is -1. */
+struct conn_into {
+    char *(*dst)(void *ctx, uint64_t rid, size_t n);
+    void *ctx;
+    ssize_t got;
+};
+int conn_reply_into(struct lconn *c, uint64_t *rid, cbor_r *r, struct conn_into *into);
 /* The stream of replies is out of step (a reply to no request in flight): c is dropped, its
  * next use reconnects; errno EIO. */
 void conn_fail(struct lconn *c, const char *why);
