@@ -367,3 +367,64 @@ def test_kernel_drops_are_shown_in_daemon_status_and_warned_in_mirrord_run(
     app.terminate()
     _, err = app.communicate(timeout=30)
     assert "mirrord: warning: port 8080: the agent's sniffer lost" in err, err
+
+
+HOLDER = """
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9990))
+s.listen(4)
+print("ready", flush=True)
+held = [s.accept()[0]]  # never closed: a peer that keeps its side open
+time.sleep(60)
+"""
+
+STEALING_HOLDER_APP = """
+import os, socket, sys
+held = socket.create_connection((sys.argv[1], 9990), timeout=10)
+held.sendall(b"hello")
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 8080))
+srv.listen(8)
+print("8080", flush=True)
+sys.stdin.readline()
+os._exit(0)
+"""
+
+
+def test_stealing_stops_at_once_when_the_app_exits_with_a_connection_still_open(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path
+) -> None:
+    """An exited process's outgoing connections are given time to pass on what the app wrote
+    (at most `STREAM_CLOSE_MAX`, 5 s, when the pod's peer keeps its side open), but its
+    ports are released first: the pod answers again, and the rules are gone, well before."""
+    holder = pod.popen_in_pod([sys.executable, "-c", HOLDER])
+    app = None
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"ready\n"
+        config = tmp_path / "mirrord.json"
+        outgoing = {"handover": False}  # relayed, as for a cluster target
+        config.write_text(json.dumps({"feature": {"network": {"outgoing": outgoing}}}))
+        app = mirrord.popen(
+            "run", "-t", f"pid/{pod.pid}", "--steal", "-f", str(config), "--",
+            sys.executable, "-c", STEALING_HOLDER_APP, pod.ip,
+            stdin=subprocess.PIPE,
+        )  # fmt: skip
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline().strip() == "8080", app.stderr.read() if app.stderr else ""
+        wait_for(lambda: our_rules(pod) != [])
+        app.stdin.write("exit\n")
+        app.stdin.flush()
+        assert app.wait(timeout=30) == 0
+        exited = time.monotonic()
+        wait_for(lambda: our_rules(pod) == [], timeout=10)
+        wait_for(lambda: get(pod, "GET", "/again")[0] == b"pod GET /again\n", timeout=10)
+        assert time.monotonic() - exited < 3.0  # not after the 5 s the connection may take
+    finally:
+        if app is not None:
+            app.kill()
+            app.wait(timeout=10)
+        holder.kill()
+        holder.wait(timeout=10)

@@ -51,7 +51,7 @@ log = logging.getLogger("mirrord.daemon.relay")
 # message does not pile up relays (and sockets in the target) while they drain.
 UDP_CLOSE_GRACE = 0.05
 UDP_CLOSE_MAX = 2.0  # ... but never longer than this in all
-# After a process exited, its relayed connections end as the kernel ends a dead process's
+# After a process exited, its relayed outgoing connections end as the kernel ends a dead process's
 # sockets: what the app wrote before exiting is still relayed, then an orderly close (the
 # app's end is closed, so each relay reads to the end of its socket and the flow drains).
 # The process's channel is closed (resetting what is left) once every one of them finished,

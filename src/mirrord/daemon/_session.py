@@ -14,6 +14,7 @@ connection; a request for a port or process that is not its own gets an errno.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import logging
 import os
@@ -221,10 +222,17 @@ class Session:
             closing.set()  # as the kernel closes an exiting process's sockets
             datagrams.append(relay)
         process.udp_closing.clear()
+        # its outgoing connections (incoming ones end with the channel at once, as before:
+        # the agent then stops stealing for it without delay)
         table = self.link.relays.get(process.channel)
-        streams = [r for r in table.running() if r not in datagrams] if table else []
+        streams = [
+            r
+            for r in (table.running() if table else [])
+            if not r.flow.incoming and r not in datagrams
+        ]
+        ports = list(process.subscriptions)
         if not (datagrams or streams) or not self.link.start_task(
-            _close_after_relays, self.link, process.channel, datagrams, streams
+            _close_after_relays, self.link, process.channel, datagrams, streams, ports
         ):
             self.link.close_channel(process.channel, "process exited")
         for port, sub in process.subscriptions.items():
@@ -629,14 +637,23 @@ def lost_reply(process: LayerProcess) -> m.ErrorReply:
 
 
 async def _close_after_relays(
-    link: AgentLink, channel: int, datagrams: list[FlowRelay], streams: list[FlowRelay]
+    link: AgentLink,
+    channel: int,
+    datagrams: list[FlowRelay],
+    streams: list[FlowRelay],
+    ports: list[int],
 ) -> None:
     """Close an exited process's channel once its relays passed on what the app sent before
     it exited: closing the channel at once would drop what the daemon had not read yet (a busy
     daemon, or a connection whose credit window was spent) and reset the connections. UDP
-    relays end after their close grace (`serve_datagrams`); stream relays read their socket to
-    its end (the kernel closed the app's side) and end when the flow is done, or are reset
-    with the channel after `STREAM_CLOSE_MAX`."""
+    relays end after their close grace (`serve_datagrams`); outgoing stream relays read their
+    socket to its end (the kernel closed the app's side) and end when the flow is done, or are
+    reset with the channel after `STREAM_CLOSE_MAX`. The process's subscriptions (`ports`)
+    are ended first, so nothing is stolen or mirrored for a process that is gone meanwhile."""
+    if streams:  # the process's ports are not stolen or mirrored for it while they end
+        for port in ports:
+            with contextlib.suppress(ChannelLost, TimeoutError):
+                await link.call(channel, m.Unsubscribe(request_id=0, port=port), timeout=2.0)
     with anyio.move_on_after(UDP_CLOSE_MAX + 1):
         for relay in datagrams:
             await relay.finished.wait()
