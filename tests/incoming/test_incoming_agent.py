@@ -312,6 +312,67 @@ async def test_mirror_sends_what_a_closing_app_did_not_answer_again_on_a_new_con
             tg.cancel_scope.cancel()
 
 
+async def test_mirror_counts_an_answer_that_comes_after_the_client_reset(
+    pod: LocalPod, pod_app: int, steal_agent: AgentProc
+) -> None:
+    # The client sends three requests and resets its connection at once; the user app (this
+    # test) answers the first only after that reset reached the agent, then closes. The
+    # answer still counts: the mirror used to close the app's connection at the client's
+    # reset, dropping an answer that came (or had not been read) after it, and sent the
+    # answered request again.
+    async with AgentClient.open(steal_agent) as client:
+        await client.open_channel(1)
+        firsts: list[bytes] = []
+        reset_seen = anyio.Event()
+
+        async def answer_late_then_close(conn: AgentConn) -> None:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await conn.receive()
+                if not chunk:
+                    return
+                data += chunk
+            firsts.append(data.split(b" ", 2)[1])
+            if len(firsts) == 1:
+                await reset_seen.wait()
+                await anyio.sleep(0.5)  # the sniffer's view of the reset is processed first
+            await conn.send(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await conn.close()
+
+        async with anyio.create_task_group() as tg:
+            tx, rx = anyio.create_memory_object_stream[AgentConn](100)
+            client.incoming[1] = tx
+
+            async def accept() -> None:
+                async with rx:
+                    async for conn in rx:
+                        tg.start_soon(answer_late_then_close, conn)
+
+            tg.start_soon(accept)
+            await subscribe(client, 1, pod_app, "mirror")
+
+            def pipelined_then_reset() -> None:
+                sock = socket.create_connection((pod.ip, pod_app), timeout=10)
+                sock.sendall(
+                    b"".join(b"GET /r%d HTTP/1.1\r\nHost: pod\r\n\r\n" % i for i in range(3))
+                )
+                time.sleep(0.3)  # the requests are sniffed before the reset
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                sock.close()  # RST
+
+            await in_thread(pipelined_then_reset)
+            reset_seen.set()
+            with anyio.fail_after(20):
+                while len(firsts) < 3:
+                    await anyio.sleep(0.05)
+            await anyio.sleep(0.3)  # a fourth (a request sent again) would come by now
+            assert firsts == [b"/r0", b"/r1", b"/r2"]
+            await unsubscribe(client, 1, pod_app)
+            client.incoming.pop(1, None)
+            tx.close()
+            tg.cancel_scope.cancel()
+
+
 async def test_filters_give_alice_and_bob_their_own_requests_and_the_rest_to_the_pod(
     pod: LocalPod, steal_agent: AgentProc, local_app: Callable[[str], int]
 ) -> None:

@@ -180,7 +180,7 @@ class IncomingMirror:
         self.mirror_filters.clear()
         for flows in self._flow_tables:
             for flow in flows.values():
-                self._end_flow(flow, reset=True)
+                self._end_flow(flow, reset=True, stop=True)
             flows.clear()
         sniffer, self._sniffer = self._sniffer, None
         return sniffer
@@ -310,9 +310,10 @@ class IncomingMirror:
                     self._mirror_events(flow)
                 self._end_flow(flow, reset=ev.reset)
 
-    def _end_flow(self, flow: _MirrorFlow, *, reset: bool) -> None:
-        """The client's side of `flow` ended (or the mirror stops): EOF (or a reset) to every
-        connection; a connection still waiting for answers is closed by its reader."""
+    def _end_flow(self, flow: _MirrorFlow, *, reset: bool, stop: bool = False) -> None:
+        """The client's side of `flow` ended (or, `stop`, the mirror stops: every connection
+        closes at once): EOF (or a reset) to every connection; a connection still waiting for
+        answers is closed by its reader."""
         if flow.h2 is not None:
             flow.h2.close(reset=reset)
         flow.current = []
@@ -320,13 +321,14 @@ class IncomingMirror:
             if conn is None or conn.ended:
                 continue
             conn.ended = True
-            if reset:
+            # EOF, after a reset too (the user app sees the same either way): the answers it
+            # gives to what it has still count (its reader waits `ANSWER_WAIT` for them), so a
+            # request it answered is not sent again, whether its answer or the client's reset
+            # came first (closing at once dropped an answer not read yet)
+            conn.end.send_eof_nowait()
+            if stop or not conn.unanswered:
+                # nothing to wait for: the user app's answers are of no more use
                 conn.end.close_nowait()
-            else:
-                conn.end.send_eof_nowait()
-                if not conn.unanswered:
-                    # nothing to wait for: the user app's answers are of no more use
-                    conn.end.close_nowait()
 
     def _mirror_events(self, flow: _MirrorFlow) -> None:
         """What the splitter cut from a flow's new bytes, to the mirroring connections."""
