@@ -566,13 +566,8 @@ class AgentConnection(_Connection):
     # -- sending
 
     def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> bytes:
-        if self.state is not State.OPEN:
-            raise LocalProtocolError(
-                f"send({type(msg).__name__}) in state {self.state.value}; handshake first"
-            )
-        if isinstance(msg, Hello | Welcome):
-            raise LocalProtocolError(f"{type(msg).__name__} is sent by hello()/welcome()")
-        return self._frame(channel, msg)
+        frame = self.send_parts(msg, channel)
+        return frame if isinstance(frame, bytes) else b"".join(frame)
 
     def send_parts(
         self, msg: Message, channel: int = CONTROL_CHANNEL
