@@ -6,8 +6,9 @@ what a session's target needs before any agent starts (`check_session_target`), 
 machine, reached through a unix socket in the runtime directory). Does not own: the interface
 every backend implements and its contract (`mirrord.backend`), the agent protocol spoken on the
 stream (the daemon's agent pool does that with `mirrord.protocol.AgentConnection`), nor the
-Kubernetes backend, which lives in `mirrord.kube` and is found by `backends_for_daemon()` as
-`mirrord.kube.KubeBackend` (constructed with no arguments; it implements `AgentBackend`).
+Kubernetes backend, which lives in `mirrord.kube`: the daemon's is
+`mirrord.kube._helper_client.KubeHelperBackend`, which runs `mirrord.kube.KubeBackend` in a
+helper process so that kubernetes_asyncio and aiohttp never load into the daemon.
 """
 
 from __future__ import annotations
@@ -92,53 +93,12 @@ def select_backend(target: str, backends: list[AgentBackend]) -> AgentBackend:
     raise TargetNotSupported(target, [b.name for b in backends])
 
 
-class _KubeOnFirstUse:
-    """The Kubernetes backend, imported when a target first needs it.
-
-    `mirrord.kube` loads kubernetes_asyncio and aiohttp, ~280 ms of a cold daemon start that a
-    local target (`pid/N`, `container/ID`: the local backend answers first) never needs."""
-
-    name = "kube"
-
-    def __init__(self) -> None:
-        self._backend: AgentBackend | None = None
-        self._missing = False
-
-    def _load(self) -> AgentBackend | None:
-        if self._backend is None and not self._missing:
-            try:
-                from mirrord import kube
-            except ImportError:  # pragma: no cover - the package is always installed whole
-                kube = None  # type: ignore[assignment]
-            factory = getattr(kube, "KubeBackend", None)
-            if factory is None:
-                self._missing = True
-            else:
-                self._backend = factory()
-        return self._backend
-
-    def handles(self, target: str) -> bool:
-        backend = self._load()
-        return backend is not None and backend.handles(target)
-
-    def agent_fingerprint(self, config: MirrordConfig) -> str:
-        backend = self._load()
-        fingerprint = getattr(backend, "agent_fingerprint", None)
-        return str(fingerprint(config)) if fingerprint is not None else ""
-
-    async def start_agent(
-        self, target: str, config: MirrordConfig, progress: Progress
-    ) -> AgentHandle:
-        backend = self._load()
-        if backend is None:  # pragma: no cover - handles() said no
-            raise TargetNotSupported(target, [self.name])
-        return await backend.start_agent(target, config, progress)
-
-
 def backends_for_daemon(runtime_dir: Path) -> list[AgentBackend]:
-    """The daemon's backends: local first, then Kubernetes (`mirrord.kube`, imported the first
-    time a target is not local)."""
-    return [LocalAgentBackend(runtime_dir), _KubeOnFirstUse()]
+    """The daemon's backends: local first, then Kubernetes (its work runs in a helper process
+    started the first time a target is not local: `mirrord.kube._helper_client`)."""
+    from mirrord.kube import KubeHelperBackend
+
+    return [LocalAgentBackend(runtime_dir), KubeHelperBackend()]
 
 
 # ------------------------------------------------------------------------- local backend

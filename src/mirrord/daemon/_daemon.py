@@ -266,6 +266,10 @@ class Daemon:
                     self._close_session(session, "the daemon is shutting down")
                 with anyio.CancelScope(shield=True):
                     await self.pool.close_all()
+                    for backend in self.backends:  # a backend's helper process, if it has one
+                        aclose = getattr(backend, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
                 tg.cancel_scope.cancel()
         finally:
             for path in (self.paths.control_socket, self.paths.layer_socket):

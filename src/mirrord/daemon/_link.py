@@ -322,6 +322,13 @@ class AgentLink:
                 except RemoteProtocolError as exc:
                     reason = f"the agent broke the protocol: {exc}"
                     self._writer.send_nowait(self.conn.error_frame(exc))
+                else:
+                    # A stream another process carries (the Kubernetes helper's port-forward)
+                    # ends as a plain EOF here; its carrier says why (the agent pod is gone).
+                    end_reason = getattr(self.handle, "end_reason", None)
+                    why = await end_reason() if end_reason is not None else None
+                    if why:
+                        reason = f"the agent stream broke: {why}"
                 self._lose(reason)  # before cancelling: relays see they were aborted (reset)
                 tg.cancel_scope.cancel()
         finally:

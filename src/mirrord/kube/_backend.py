@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
-import json
 import random
 import secrets
 from collections.abc import Callable, Mapping
@@ -40,9 +37,12 @@ from mirrord.kube._portforward import open_port_forward
 from mirrord.kube._rbac import check_permissions, needed_permissions
 from mirrord.kube._specs import (
     AGENT_CONTAINER,
+    PLACEMENTS,
     AgentOptions,
+    agent_fingerprint,
     ephemeral_container_spec,
     job_spec,
+    placement_of,
     unique_agent_name,
 )
 from mirrord.kube._targets import TARGET_KINDS, ResolvedTarget, parse_target, resolve_target
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PLACEMENTS", "KubeAgentHandle", "KubeBackend", "placement_of"]
 
-PLACEMENTS = ("job", "ephemeral", "daemonset")
 READY_PREFIX = "mirrord-agent ready "
 ERROR_PREFIX = "mirrord-agent: error: "
 NODE_AGENT_LABEL = "app.kubernetes.io/component=node-agent"
@@ -72,30 +71,6 @@ _CREATE_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunCont
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 # How long reading an unready agent's events and log may take (its Job is deleted after).
 _DIAGNOSE_TIMEOUT = 5.0
-
-
-def placement_of(config: MirrordConfig) -> str:
-    """`agent.placement` when the config has it, else `ephemeral` if `agent.ephemeral`, else
-    `job` (the config's model allows only the `PLACEMENTS`)."""
-    if config.agent.placement is not None:
-        return config.agent.placement
-    return "ephemeral" if config.agent.ephemeral else "job"
-
-
-def agent_fingerprint(config: MirrordConfig) -> str:
-    """What a lingering agent must have been started with to serve a session with `config`:
-    cluster (kubeconfig, context), target namespace, placement, and every agent setting
-    (image, agent namespace, capabilities, resources, labels, log level, ...). Equal
-    fingerprints may share an agent; any difference starts a new one."""
-    parts = {
-        "kubeconfig": config.kubeconfig,
-        "context": config.kube_context,
-        "namespace": config.target.namespace,
-        "placement": placement_of(config),
-        "agent": dataclasses.asdict(AgentOptions.from_config(config)),
-    }
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @dataclass

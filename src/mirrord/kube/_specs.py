@@ -8,6 +8,9 @@ the specs are validated against the Kubernetes schemas in the tests. Does not ow
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,10 +25,13 @@ __all__ = [
     "AGENT_CONTAINER",
     "AGENT_LABEL",
     "DEFAULT_AGENT_IMAGE",
+    "PLACEMENTS",
     "AgentOptions",
     "agent_args",
+    "agent_fingerprint",
     "ephemeral_container_spec",
     "job_spec",
+    "placement_of",
     "unique_agent_name",
 ]
 
@@ -36,6 +42,7 @@ AGENT_CONTAINER = "mirrord-agent"
 AGENT_LABEL = "app.kubernetes.io/name"  # = "mirrord-agent" on every agent Job and pod
 SECRET_ENV = "MIRRORD_AGENT_SECRET"
 DEFAULT_IDLE_TIMEOUT = 60
+PLACEMENTS = ("job", "ephemeral", "daemonset")
 
 Json = dict[str, Any]
 
@@ -237,3 +244,27 @@ def ephemeral_container_spec(
     c["targetContainerName"] = target_container
     c.pop("resources", None)  # ephemeral containers may not set resources
     return c
+
+
+def placement_of(config: MirrordConfig) -> str:
+    """`agent.placement` when the config has it, else `ephemeral` if `agent.ephemeral`, else
+    `job` (the config's model allows only the `PLACEMENTS`)."""
+    if config.agent.placement is not None:
+        return config.agent.placement
+    return "ephemeral" if config.agent.ephemeral else "job"
+
+
+def agent_fingerprint(config: MirrordConfig) -> str:
+    """What a lingering agent must have been started with to serve a session with `config`:
+    cluster (kubeconfig, context), target namespace, placement, and every agent setting
+    (image, agent namespace, capabilities, resources, labels, log level, ...). Equal
+    fingerprints may share an agent; any difference starts a new one."""
+    parts = {
+        "kubeconfig": config.kubeconfig,
+        "context": config.kube_context,
+        "namespace": config.target.namespace,
+        "placement": placement_of(config),
+        "agent": dataclasses.asdict(AgentOptions.from_config(config)),
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
