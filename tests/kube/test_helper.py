@@ -157,6 +157,26 @@ async def test_a_helper_that_dies_fails_its_handles_and_the_next_start_gets_a_ne
         await backend.aclose()
 
 
+@pytest.mark.asyncio
+@pytest.mark.netns
+async def test_a_start_the_session_gave_up_on_is_released_by_the_helper(
+    apiserver: FakeApiServer, kubeconfig: Path, make_pod: Callable[..., LocalPod]
+) -> None:
+    add_deployment(apiserver, "web", pods=[make_pod(PodSpec(name="web"))])
+    backend = KubeHelperBackend(idle_exit=300)  # not let go during the test
+    config = backend_config(kubeconfig, startup_timeout=30)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(backend.start_agent, "deployment/web", config, print)
+            await _until(lambda: apiserver.list("Job", "default"), 20, "the agent Job created")
+            tg.cancel_scope.cancel()  # the session gave up (its user pressed Ctrl-C)
+        # The helper's answer comes to nobody: the daemon has it stop that agent.
+        await _until(lambda: not apiserver.list("Job", "default"), 30, "the orphan Job deleted")
+        assert backend.helper_pid is not None and pid_alive(backend.helper_pid)
+    finally:
+        await backend.aclose()
+
+
 # ------------------------------------------------------- through the CLI and the daemon
 
 KUBE_APP = """

@@ -142,7 +142,7 @@ class _Helper:
         remote = await handle.connect()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         local = await UNIXSocketStream.from_socket(mine)
-        self._send({"id": rid, "ok": {}}, [theirs])  # the writer closes our copy of theirs
+        self._send({"id": rid, "ok": {"stream": True}}, [theirs])  # the writer closes ours
         tg.start_soon(self._bridge, number, handle, remote, local)
 
     async def _bridge(

@@ -44,9 +44,8 @@ _ENDED_WAIT = 5.0  # how long a stream's end waits for the helper to say why
 
 
 class _Call:
-    def __init__(self, progress: Progress | None, want_fd: bool) -> None:
+    def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
-        self.want_fd = want_fd
         self.done = anyio.Event()
         self.ok: dict[str, Any] | None = None
         self.error: AgentStartError | None = None
@@ -105,14 +104,14 @@ class _HelperProcess:
         )
 
     async def call(
-        self, message: dict[str, Any], progress: Progress | None = None, *, want_fd: bool = False
+        self, message: dict[str, Any], progress: Progress | None = None
     ) -> tuple[dict[str, Any], socket.socket | None]:
-        """The helper's answer to `message` (and the socket it passed with it, `want_fd`);
+        """The helper's answer to `message` (and the socket it passed with it: a connect's);
         raises the helper's error as an `AgentStartError`."""
         if self.gone is not None:
             raise AgentStartError(self.gone)
         rid = next(self._ids)
-        call = self._calls[rid] = _Call(progress, want_fd)
+        call = self._calls[rid] = _Call(progress)
         try:
             self._writer.send_nowait(encode({**message, "id": rid}))
             await call.done.wait()
@@ -168,16 +167,24 @@ class _HelperProcess:
                 handle.stream_ended(str(reason) if reason else None)
             return
         call = self._calls.get(message.get("id"))  # type: ignore[arg-type]
-        if call is None:
+        ok = message.get("ok")
+        passed = None
+        if isinstance(ok, dict) and ok.get("stream"):  # a connect: its socket came with it
+            passed = self._reader.take_fd()
+        if call is None:  # its caller gave up waiting (cancelled)
+            if passed is not None:
+                passed.close()
+            if isinstance(ok, dict) and isinstance(ok.get("handle"), int):
+                # a start nobody waits for: nobody holds that agent
+                self._writer.send_nowait(encode({"op": "stop", "id": 0, "handle": ok["handle"]}))
             return
         if "progress" in message:
             if call.progress is not None:
                 call.progress(str(message["progress"]))
             return
-        if isinstance(message.get("ok"), dict):
-            call.ok = message["ok"]
-            passed = self._reader.take_fd() if call.want_fd else None
-            if passed is not None:  # a connect: its stream's socket came with the answer
+        if isinstance(ok, dict):
+            call.ok = ok
+            if passed is not None:
                 call.fd = socket.socket(fileno=passed.detach())
         else:
             error = message.get("error")
@@ -249,7 +256,7 @@ class HelperAgentHandle:
 
     async def connect(self) -> anyio.abc.ByteStream:
         self._ended, self._end_reason = anyio.Event(), None
-        _ok, sock = await self._helper.call({"op": "connect", "handle": self.number}, want_fd=True)
+        _ok, sock = await self._helper.call({"op": "connect", "handle": self.number})
         if sock is None:
             raise AgentStartError("the Kubernetes helper connected no stream")
         return await UNIXSocketStream.from_socket(sock)

@@ -7,8 +7,8 @@ or oversized message is still an error that ends the channel, never a hang.
 Daemon to helper: `{"op": "start", "id", "target", "config"}` (the session's config as JSON
 values), `{"op": "connect", "id", "handle"}`, `{"op": "stop", "id", "handle"}`.
 Helper to daemon: `{"id", "progress": text}` (while a start runs), `{"id", "ok": {...}}`
-(start: `handle`, `key`, `description`, `secret`; connect: `{}`, with the daemon's end of
-the new stream passed as SCM_RIGHTS with the message's first byte), `{"id", "error": {"code",
+(start: `handle`, `key`, `description`, `secret`; connect: `{"stream": true}`, with the
+daemon's end of the new stream passed as SCM_RIGHTS with the message's first byte), `{"id", "error": {"code",
 "message", "errors"}}`, and `{"ended": handle, "reason": text or None, "dead": {handle:
 reason}}` when a stream the helper carried ended (sent before its socket is closed).
 """
