@@ -198,6 +198,10 @@ async def test_the_daemon_loads_no_kubernetes_client_and_its_helper_releases_age
     daemon = mirrord_cli.daemon_pid()
     assert daemon is not None
     (helper,) = processes_mentioning(HELPER, parent=daemon)
+    status = await asyncio.to_thread(mirrord_cli.status)
+    assert status["helpers"] == [{"backend": "kube", "pid": helper}]
+    text = await asyncio.to_thread(mirrord_cli.run, "daemon", "status")
+    assert f"kube helper pid {helper}" in text.stdout, text.stdout
     # The Kubernetes client (aiohttp's C extensions) is in the helper, never in the daemon.
     assert _loaded(helper, "aiohttp")
     assert not _loaded(daemon, "aiohttp") and not _loaded(daemon, "multidict")

@@ -137,6 +137,8 @@ def status(
     totals = info["totals"]
     console.print(f"mirrordd {d['version']} pid {d['pid']}, up {_duration(d['uptime'])}")
     console.print(f"runtime dir {d['runtime_dir']}")
+    for helper in info.get("helpers") or []:
+        console.print(f"{helper['backend']} helper pid {helper['pid']}")
     console.print(
         f"{totals['sessions']} session(s), {totals['agents']} agent(s), "
         f"{totals['channels']} channel(s); relayed {_bytes(totals['bytes_to_agent'])} out / "

@@ -429,6 +429,12 @@ class Daemon:
             },
             "sessions": sessions,
             "agents": agents,
+            # a backend's helper process while it runs (the Kubernetes helper)
+            "helpers": [
+                {"backend": b.name, "pid": pid}
+                for b in self.backends
+                if (pid := getattr(b, "helper_pid", None)) is not None
+            ],
             "totals": {
                 "sessions": len(sessions),
                 "agents": len(agents),
