@@ -428,3 +428,48 @@ def test_stealing_stops_at_once_when_the_app_exits_with_a_connection_still_open(
             app.wait(timeout=10)
         holder.kill()
         holder.wait(timeout=10)
+
+
+ANSWER_THEN_EXIT_APP = """
+import os, socket
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 8080))
+srv.listen(8)
+print("8080", flush=True)
+conn, _ = srv.accept()
+data = b""
+while b"\\r\\n\\r\\n" not in data:
+    data += conn.recv(65536)
+body = bytes(range(256)) * (6 * 4096)  # 6 MiB: more than the daemon reads under one window
+conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+os._exit(0)  # at once: nothing closed by the app, the kernel closes its sockets
+"""
+
+
+def test_an_answer_written_just_before_the_app_exits_reaches_the_stolen_connections_client(
+    mirrord: Mirrord, pod: LocalPod, tmp_path: Path
+) -> None:
+    """The daemon passes on what an exited process wrote to a stolen connection before it
+    closes the process's channel, as for its outgoing connections (closing at once reset the
+    connection and cut the answer short)."""
+    app = mirrord.popen(
+        "run", "-t", f"pid/{pod.pid}", "--steal", "--", sys.executable, "-c", ANSWER_THEN_EXIT_APP
+    )  # fmt: skip
+    try:
+        assert app.stdout is not None
+        assert app.stdout.readline().strip() == "8080", app.stderr.read() if app.stderr else ""
+        wait_for(lambda: our_rules(pod) != [])
+        with socket.create_connection((pod.ip, 8080), timeout=20) as client:
+            client.sendall(b"GET /big HTTP/1.1\r\nHost: pod\r\n\r\n")
+            received = bytearray()
+            while chunk := client.recv(1 << 20):  # until the end (a reset raises)
+                received += chunk
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK"), head[:200]
+        assert len(body) == 6 * 1024 * 1024
+        assert body == bytes(range(256)) * (6 * 4096)
+        assert app.wait(timeout=30) == 0
+    finally:
+        app.kill()
+        app.wait(timeout=10)

@@ -222,13 +222,14 @@ class Session:
             closing.set()  # as the kernel closes an exiting process's sockets
             datagrams.append(relay)
         process.udp_closing.clear()
-        # its outgoing connections (incoming ones end with the channel at once, as before:
-        # the agent then stops stealing for it without delay)
+        # its outgoing and stolen connections pass on what the app wrote before it exited
+        # (its ports are unsubscribed first: nothing more is stolen for it); mirrored ones go
+        # with the channel at once (the app's answers to them go nowhere)
         table = self.link.relays.get(process.channel)
         streams = [
             r
             for r in (table.running() if table else [])
-            if not r.flow.incoming and r not in datagrams
+            if not r.flow.mirror and r not in datagrams
         ]
         ports = list(process.subscriptions)
         if not (datagrams or streams) or not self.link.start_task(
@@ -646,9 +647,9 @@ async def _close_after_relays(
     """Close an exited process's channel once its relays passed on what the app sent before
     it exited: closing the channel at once would drop what the daemon had not read yet (a busy
     daemon, or a connection whose credit window was spent) and reset the connections. UDP
-    relays end after their close grace (`serve_datagrams`); outgoing stream relays read their
-    socket to its end (the kernel closed the app's side) and end when the flow is done, or are
-    reset with the channel after `STREAM_CLOSE_MAX`. The process's subscriptions (`ports`)
+    relays end after their close grace (`serve_datagrams`); outgoing and stolen stream relays
+    read their socket to its end (the kernel closed the app's side) and end when the flow is
+    done, or are reset with the channel after `STREAM_CLOSE_MAX`. The process's subscriptions (`ports`)
     are ended first, so nothing is stolen or mirrored for a process that is gone meanwhile."""
     if streams:  # the process's ports are not stolen or mirrored for it while they end
         for port in ports:
