@@ -142,8 +142,11 @@ async def test_a_helper_that_dies_fails_its_handles_and_the_next_start_gets_a_ne
         assert helper is not None
         os.kill(helper, signal.SIGKILL)
         await _until(lambda: not handle.alive(), 10, "the handle knows its helper died")
-        with pytest.raises(AgentStartError, match="Kubernetes helper process"):
+        with pytest.raises(AgentStartError, match="Kubernetes helper process") as raised:
             await handle.connect()
+        assert "killed by signal 9" in str(raised.value) and "mirrord daemon logs" in str(
+            raised.value
+        )
         await handle.stop()  # never raises for an agent already gone
         # The agent Job of the killed helper is left to the agent's idle timeout; a new
         # session gets a new helper and reaches its agent.

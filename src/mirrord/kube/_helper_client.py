@@ -139,11 +139,17 @@ class _HelperProcess:
         except HelperProtocolError as exc:
             why = f"the Kubernetes helper process broke its protocol: {exc}"
         finally:
-            self._lose(why)
             self._writer.close()
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):
                     await self._stream.aclose()
+                if self.gone is None:  # the helper ended by itself: say how, if it did so soon
+                    with anyio.move_on_after(2):
+                        await self.process.wait()
+                    if self.process.returncode not in (0, None):
+                        why = f"{why} ({_exit_status(self.process.returncode)}; its log is in "
+                        why += "`mirrord daemon logs`)"
+                self._lose(why)
                 # it exits at the end of its channel, after releasing what it held
                 with anyio.move_on_after(_STOP_TIMEOUT):
                     await self.process.wait()
@@ -228,6 +234,10 @@ class _HelperProcess:
                     self.process.kill()
             with contextlib.suppress(Exception):
                 await self._tasks[1]
+
+
+def _exit_status(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
 
 class HelperAgentHandle:
