@@ -263,9 +263,6 @@ static ssize_t fb_fill_locked(struct ent *e, struct fbuf *fb, char *buf, size_t 
         errno = ENOMEM;
         return -1;
     }
-    if (fb->pos != fb->next) {
-        fb->window = FB_MIN_WINDOW; /* not sequential: start small again */
-    }
     size_t direct = n / FB_CHUNK * FB_CHUNK; /* whole chunks go to the app's buffer */
     if (direct > (size_t)(FB_INFLIGHT - 1) * FB_CHUNK) {
         direct = (size_t)(FB_INFLIGHT - 1) * FB_CHUNK; /* one request at least for read-ahead */
@@ -320,6 +317,13 @@ static ssize_t fb_fill_locked(struct ent *e, struct fbuf *fb, char *buf, size_t 
 
 static ssize_t fb_read_locked(struct ent *e, struct fbuf *fb, char *buf, size_t n) {
     size_t total = 0;
+    /* Sequential or not is a property of the call, where it starts: within one call the
+     * offset moves through the buffer before a fill, which is not a seek (checked at the fill,
+     * that reset the window on every read that began in the buffer: each read then cost a
+     * round trip of the rest of it, and the window never grew past 256 KiB). */
+    if (fb->pos != fb->next) {
+        fb->window = FB_MIN_WINDOW; /* not sequential: start small again */
+    }
     for (int rounds = 0; total < n && rounds < 64; rounds++) {
         if (fb->len > 0 && fb->pos >= fb->off && fb->pos < fb->off + (off_t)fb->len) {
             size_t at = (size_t)(fb->pos - fb->off);

@@ -63,6 +63,33 @@ print(hashlib.sha256(big).hexdigest(), len(whole), hashlib.sha256(whole).hexdige
     assert _count(daemon, "FileRead") < 40
 
 
+@pytest.mark.parametrize("size", [1024 * 1024, 700 * 1024])
+def test_large_sequential_reads_grow_the_read_ahead_window(
+    run: Runner, daemon: LayerDaemon, size: int
+) -> None:
+    """Reads that begin inside the read-ahead and go past it are sequential: the window grows
+    to FB_MAX_WINDOW (4 MiB, four requests) and the reads after a fill are served from it. (It
+    was reset on each such read: every read then cost a round trip for its rest, two requests
+    per read.)"""
+    content = _content(24 * 1024 * 1024 + 7)
+    daemon.add_file("/app/big.bin", content)
+    code = f"""
+import hashlib, os
+fd = os.open('/app/big.bin', os.O_RDONLY)
+parts = []
+while chunk := os.read(fd, {size}):
+    parts.append(chunk)
+data = b''.join(parts)
+print(len(data), hashlib.sha256(data).hexdigest())
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().split()
+    assert out == [str(len(content)), hashlib.sha256(content).hexdigest()]
+    # ~1 request per MiB once the window is grown (24 MiB: 30-32 with the first small
+    # windows); reset windows made it
+    # two requests per read (40 here for 1 MiB reads)
+    assert _count(daemon, "FileRead") <= 34, _count(daemon, "FileRead")
+
+
 def test_a_file_that_grows_is_read_to_its_new_end(run: Runner, daemon: LayerDaemon) -> None:
     """A short read-ahead is the end of the file as it was: nothing past it is kept, so what
     the target's file grew by is read on (tail -f)."""
