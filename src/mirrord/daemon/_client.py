@@ -189,7 +189,11 @@ class ControlClient:
             try:
                 self._sock.sendall(line)
             except OSError as exc:
-                raise ControlError(f"the mirrord daemon closed the connection ({exc})") from None
+                # closed before it read the request: it exited (daemon.idle_timeout ran out as
+                # we connected, `mirrord daemon stop`), as when it closes before answering
+                raise DaemonDisconnected(
+                    f"the mirrord daemon closed the connection ({exc})"
+                ) from None
             try:
                 reply = q.get(timeout=timeout)
             except queue.Empty:
