@@ -129,3 +129,14 @@ async def wait_running(server: FakeApiServer, namespace: str, names: list[str]) 
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"pods {names} did not become Running")
+
+
+def agent_job_pod(server: FakeApiServer, namespace: str = "default") -> tuple[str, str]:
+    """(namespace, name) of the pod of the one agent Job in `namespace`."""
+    (job,) = server.list("Job", namespace)
+    (pod,) = [
+        p
+        for p in server.list("Pod", namespace)
+        if p["metadata"].get("labels", {}).get("job-name") == job["metadata"]["name"]
+    ]
+    return namespace, pod["metadata"]["name"]

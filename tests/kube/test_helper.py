@@ -24,20 +24,10 @@ from mirrord.kube._helper_wire import MAX_MESSAGE, HelperProtocolError, MessageD
 from mirrord.localpod import LocalPod, PodSpec
 from tests._agent_client import AgentClient
 from tests.cli.conftest import Mirrord, pid_alive, processes_mentioning, python_app
-from tests.kube._cluster import add_deployment, backend_config
+from tests.kube._cluster import add_deployment, agent_job_pod, backend_config
 from tests.kube.apiserver import FakeApiServer
 
 HELPER = "mirrord.kube._helper"
-
-
-def _job_pod(server: FakeApiServer) -> tuple[str, str]:
-    (job,) = server.list("Job", "default")
-    (pod,) = [
-        p
-        for p in server.list("Pod", "default")
-        if p["metadata"].get("labels", {}).get("job-name") == job["metadata"]["name"]
-    ]
-    return "default", pod["metadata"]["name"]
 
 
 def _loaded(pid: int, what: str) -> bool:
@@ -102,7 +92,7 @@ async def test_helper_starts_connects_reports_a_deleted_pod_and_is_let_go_when_i
         async with AgentClient.over(await handle.connect(), handle.secret) as client:
             await client.open_channel(1)
             assert (await client.env(1))["A"] == "from-pod"
-            ns, pod = _job_pod(apiserver)
+            ns, pod = agent_job_pod(apiserver)
             assert apiserver.portforwards_open[(ns, pod)] == 1
             await apiserver.delete("Pod", ns, pod)
             with anyio.fail_after(10):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.conftest import Mirrord, python_app
+from tests.kube._cluster import agent_job_pod
 from tests.kube.apiserver import FakeApiServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
@@ -50,16 +51,6 @@ print("http", body.splitlines()[0], flush=True)
 """
 
 
-def _agent_pod(server: FakeApiServer) -> tuple[str, str]:
-    (job,) = server.list("Job", "default")
-    (pod,) = [
-        p
-        for p in server.list("Pod", "default")
-        if p["metadata"].get("labels", {}).get("job-name") == job["metadata"]["name"]
-    ]
-    return "default", pod["metadata"]["name"]
-
-
 async def test_run_against_deployment_two_sessions_one_agent_one_port_forward(
     cluster: FakeApiServer, mirrord_cli: Mirrord, tmp_path: Path
 ) -> None:
@@ -76,7 +67,7 @@ async def test_run_against_deployment_two_sessions_one_agent_one_port_forward(
         assert any(ln.startswith("http ") and "GET /from-app" in ln for ln in lines), result.stderr
         assert result.returncode == 0, result.stderr
     # Both sessions used one agent pod (one Job) and ONE port-forward websocket.
-    key = _agent_pod(cluster)
+    key = agent_job_pod(cluster)
     assert cluster.portforwards_opened[key] == 1, cluster.portforwards_opened
     # A third session while the agent lingers reuses the same stream too.
     third = await asyncio.to_thread(
@@ -182,7 +173,7 @@ sys.exit(0)
     assert proc.stdout is not None
     line = await asyncio.to_thread(proc.stdout.readline)
     assert line.strip() == "ready", await asyncio.to_thread(proc.stderr.read)  # type: ignore[union-attr]
-    ns, pod = _agent_pod(cluster)
+    ns, pod = agent_job_pod(cluster)
     await cluster.delete("Pod", ns, pod)
     out, err = await asyncio.to_thread(proc.communicate, timeout=20)
     assert "lost" in out, (out, err)
