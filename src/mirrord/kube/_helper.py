@@ -32,6 +32,7 @@ from anyio.abc import UNIXSocketStream
 from mirrord._frames import FrameReader, FrameWriter
 from mirrord.daemon import AgentStartError
 from mirrord.kube._helper_wire import HelperProtocolError, MessageDecoder, encode
+from mirrord.kube._node import _splice
 
 if TYPE_CHECKING:
     from mirrord.backend import AgentBackend, AgentHandle
@@ -40,7 +41,6 @@ __all__ = ["main", "serve"]
 
 log = logging.getLogger("mirrord.kube.helper")
 
-_CHUNK = 256 * 1024  # bytes per copy of a bridge (a port-forward message is at most this)
 _STOP_TIMEOUT = 60.0  # releasing every agent left at the end (deleting Jobs)
 
 
@@ -154,30 +154,8 @@ class _Helper:
     ) -> None:
         """Copy between the daemon's socket and the agent's stream until either ends."""
         reason: str | None = None
-
-        async def up(scope: anyio.CancelScope) -> None:  # daemon -> agent
-            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                while True:
-                    await remote.send(await local.receive(_CHUNK))
-            scope.cancel()
-
-        async def down(scope: anyio.CancelScope) -> None:  # agent -> daemon
-            nonlocal reason
-            try:
-                while True:
-                    await local.send(await remote.receive(_CHUNK))
-            except anyio.EndOfStream:
-                pass
-            except anyio.BrokenResourceError as exc:
-                reason = str(exc) or None
-            except OSError as exc:
-                reason = str(exc)
-            scope.cancel()
-
         try:
-            async with anyio.create_task_group() as bridge:
-                bridge.start_soon(up, bridge.cancel_scope)
-                bridge.start_soon(down, bridge.cancel_scope)
+            reason = await _splice(local, remote)
         finally:
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(Exception):

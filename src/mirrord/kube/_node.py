@@ -167,25 +167,38 @@ class NodeAgent:
                 await _splice(client, upstream)
 
 
-async def _copy(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> None:
-    with contextlib.suppress(
-        anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError
-    ):
+async def _copy(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> str | None:
+    """Copy `src` to `dst` until either ends; why it broke (None at an ordinary end)."""
+    broke: str | None = None
+    try:
         async for chunk in src:
             await dst.send(chunk)
+    except (anyio.EndOfStream, anyio.ClosedResourceError):
+        pass
+    except (anyio.BrokenResourceError, OSError) as exc:
+        broke = str(exc) or type(exc).__name__
     with contextlib.suppress(Exception):
         await dst.send_eof()
+    return broke
 
 
-async def _splice(a: anyio.abc.ByteStream, b: anyio.abc.ByteStream) -> None:
+async def _splice(a: anyio.abc.ByteStream, b: anyio.abc.ByteStream) -> str | None:
+    """Copy both ways until either end ends (port-forward has no half-close: one end means
+    both); why the way from `b` to `a` broke, if it did (the node agent's upstream, the
+    Kubernetes helper's port-forward)."""
+    broke: str | None = None
     async with anyio.create_task_group() as tg:
 
         async def one_way(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> None:
-            await _copy(src, dst)
-            tg.cancel_scope.cancel()  # port-forward has no half-close: one end means both
+            nonlocal broke
+            why = await _copy(src, dst)
+            if src is b:
+                broke = why
+            tg.cancel_scope.cancel()
 
         tg.start_soon(one_way, a, b)
         tg.start_soon(one_way, b, a)
+    return broke
 
 
 async def serve(host: str, port: int, node: NodeAgent) -> None:
