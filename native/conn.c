@@ -487,6 +487,49 @@ struct lconn *conn_acquire(void) {
     return c;
 }
 
+/* A connection of the caller's own, beside the process's and the threads': its requests'
+ * replies may be read later (the write-behind's write-backs), which on a shared connection
+ * would stand in the way of every other call. NULL with errno EIO. */
+struct lconn *conn_open_own(void) {
+    if (ensure_proc() < 0) {
+        errno = EIO;
+        return NULL;
+    }
+    struct lconn *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        errno = EIO;
+        return NULL;
+    }
+    c->fd = -1;
+    c->rfd = -1;
+    if (open_conn(c, 0) < 0) {
+        free(c);
+        errno = EIO;
+        return NULL;
+    }
+    return c;
+}
+
+/* Something waits to be read on c (a reply, or its end): 1, else 0. Does not block. */
+int conn_pending(struct lconn *c) {
+    struct pollfd p = {.fd = c->fd, .events = POLLIN};
+    return c->fd >= 0 && poll(&p, 1, 0) > 0;
+}
+
+/* Closes and frees a conn_open_own connection; in a fork child (`inherited`) only frees it:
+ * its fd was the parent's and is gone already (conn_after_fork_child). */
+void conn_close_own(struct lconn *c, int inherited) {
+    if (c == NULL) {
+        return;
+    }
+    if (!inherited && c->gen == g_gen) {
+        conn_drop(c);
+    }
+    cw_free(&c->w);
+    free(c->rbuf);
+    free(c);
+}
+
 void conn_release(struct lconn *c) {
     if (c == &g_proc) {
         pthread_mutex_unlock(&g_proc_use);

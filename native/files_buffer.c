@@ -12,14 +12,16 @@
  *   sequential (after an lseek elsewhere it starts small again). A short reply is the end of
  *   the file as the target has it now; nothing past it is kept, so a growing file is seen.
  * - Write-behind (opened O_WRONLY or O_RDWR, not O_APPEND): writes that continue each other
- *   collect in a buffer of FB_WRITE_CAP bytes, sent as pipelined FileWrite requests at
- *   explicit offsets when it is full, when a write does not continue it, and before anything
- *   that must see the file as written: close (of any fd of it), fsync/fdatasync, lseek,
+ *   collect in a buffer of FB_WRITE_CAP bytes (one FileWrite at an explicit offset), sent
+ *   when it is full or a write does not continue it, on a daemon connection of the buffer's
+ *   own without waiting for the reply (up to FB_INFLIGHT in flight: the app writes on while
+ *   the daemon and the agent carry them). Before anything that must see the file as written
+ *   the buffer is sent and every reply read: close (of any fd of it), fsync/fdatasync, lseek,
  *   a read, pread/pwrite, fstat, ftruncate, mmap, fork, exec, posix_spawn, exit and _exit,
- *   and a remote open or stat of the same path by this process (read-your-writes). An error
- *   of that write-back is the error of the call that caused it (close or fsync return -1 with
- *   the agent's errno, as a local file system reports a failed write-back); the unwritten
- *   bytes are dropped, as the kernel drops pages it failed to write.
+ *   and a remote open or stat of the same path by this process (read-your-writes). A failed
+ *   write-back is the error of the next write, close or fsync of the fd (-1 with the agent's
+ *   errno, as a local file system reports a failed write-back at fsync or close); the
+ *   unwritten bytes are dropped, as the kernel drops pages it failed to write.
  *
  * dup'd fds share the open file and so its buffer and offset. A fork child shares the open
  * file with its parent but not the layer's memory: before fork (and posix_spawn) every buffer
@@ -35,12 +37,14 @@
  */
 #include "files.h"
 
+#include <sys/mman.h>
+
 #define FB_CHUNK MAX_DATA_CHUNK                   /* one FileRead */
 #define FB_WCHUNK (MAX_DATA_CHUNK - 4096)         /* one FileWrite (room for its header) */
 #define FB_INFLIGHT 4                             /* requests in flight */
 #define FB_MIN_WINDOW (128 * 1024)                /* the first read-ahead, and after a seek */
 #define FB_MAX_WINDOW (FB_INFLIGHT * FB_CHUNK)    /* read-ahead buffer */
-#define FB_WRITE_CAP (FB_INFLIGHT * FB_WCHUNK)    /* write-behind buffer */
+#define FB_WRITE_CAP FB_WCHUNK                    /* write-behind buffer: one FileWrite */
 
 enum { FB_READ = 1, FB_WRITE = 2 };
 
@@ -50,12 +54,20 @@ struct fbuf {
     pthread_mutex_t lock;
     int mode;       /* FB_READ, FB_WRITE; 0: off (every call through the handle) */
     off_t pos;      /* the fd's offset (the handle's own offset on the agent is stale) */
-    char *data;     /* FB_MAX_WINDOW or FB_WRITE_CAP bytes, allocated at first use */
+    char *data;     /* FB_MAX_WINDOW or FB_WRITE_CAP bytes (cap), mapped at first use */
+    size_t cap;
     off_t off;      /* read: data holds the file's bytes [off, off+len); write: pending */
     size_t len;
     size_t window;  /* read: the next read-ahead's size */
     off_t next;     /* read: where a sequential read would continue */
     int eof;        /* read: the last read-ahead ended short, at the file's end */
+    /* write: the write-backs in flight on wc (their replies not read yet), and the error of
+     * one that failed, which the next write or flush reports */
+    struct lconn *wc;
+    uint64_t wrid[FB_INFLIGHT];
+    size_t wlen[FB_INFLIGHT];
+    int nw;
+    int werr;
 };
 
 /* ---------------------------------------------------------------- pipelined requests */
@@ -214,35 +226,141 @@ static ssize_t read_through(uint64_t handle, char *p, size_t n, off_t off) {
 
 /* ---------------------------------------------------------------- write-behind */
 
-/* The pending bytes go to the target: 0, or -1 with errno (they are dropped either way).
- * Under fb->lock. */
-static int fb_flush_locked(struct ent *e, struct fbuf *fb) {
-    if (fb->mode != FB_WRITE || fb->len == 0) {
+/* A full buffer goes out as one FileWrite on the buffer's own connection (wc), and the app
+ * writes on while the daemon and the agent carry it: its reply is read when FB_INFLIGHT are in
+ * flight or at the next flush (close, fsync, ...), which waits for all of them. The bytes are
+ * in the socket when conn_send returns, so the buffer is free at once. A failed write-back is
+ * the error of the next write or flush of the fd, as a local file system reports a failed
+ * write-back at fsync or close. Without a connection of its own (the daemon refused one) a
+ * write-back waits for its reply on the shared one. */
+
+static void fb_wc_lost(struct fbuf *fb) {
+    conn_close_own(fb->wc, 0);
+    fb->wc = NULL;
+    fb->nw = 0; /* nothing is known of those in flight: the fd's next call fails */
+    fb->werr = fb->werr ? fb->werr : EIO;
+}
+
+/* Reads one write-back's reply: 0, or -1 when the connection broke (fb->werr set). */
+static int fb_reap_one(struct fbuf *fb) {
+    uint64_t rid, count;
+    cbor_r r;
+    int kind = conn_reply(fb->wc, M_FILE_WRITTEN, &rid, &r);
+    int i = 0;
+    while (kind >= 0 && i < fb->nw && fb->wrid[i] != rid) {
+        i++;
+    }
+    if (kind >= 0 && i == fb->nw) {
+        conn_fail(fb->wc, "a reply to no write-back in flight");
+        kind = -1;
+    }
+    if (kind < 0) {
+        fb_wc_lost(fb);
+        return -1;
+    }
+    if (kind == 1) {
+        fb->werr = fb->werr ? fb->werr : errno;
+    } else if (cr_uint(&r, &count) < 0 || count != fb->wlen[i]) {
+        fb->werr = fb->werr ? fb->werr : EIO; /* short: the file system gave up */
+    }
+    fb->nw--;
+    fb->wrid[i] = fb->wrid[fb->nw];
+    fb->wlen[i] = fb->wlen[fb->nw];
+    return 0;
+}
+
+/* The error of an earlier write-back, once: -1 with errno, or 0. */
+static int fb_take_err(struct fbuf *fb) {
+    if (fb->werr == 0) {
         return 0;
     }
+    errno = fb->werr;
+    fb->werr = 0;
+    return -1;
+}
+
+/* The pending bytes go out; their reply is read later. 0, or -1 with errno (the bytes are
+ * dropped). Under fb->lock. */
+static int fb_post_locked(struct ent *e, struct fbuf *fb) {
     size_t n = fb->len;
+    if (n == 0) {
+        return 0;
+    }
     fb->len = 0;
-    int rc = write_through(e->handle, fb->data, n, fb->off);
-    DBG("write-behind of %s: %zu bytes at %lld%s", e->path ? e->path : "?", n,
-        (long long)fb->off, rc < 0 ? " failed" : "");
-    return rc;
+    if (fb->wc == NULL && (fb->wc = conn_open_own()) == NULL) {
+        return write_through(e->handle, fb->data, n, fb->off);
+    }
+    /* the replies that came meanwhile (a failure is then the next write's error), and the
+     * oldest's when FB_INFLIGHT are in flight */
+    while (fb->nw > 0 && (fb->nw == FB_INFLIGHT || conn_pending(fb->wc))) {
+        if (fb_reap_one(fb) < 0) {
+            return fb_take_err(fb);
+        }
+    }
+    cbor_w *w = conn_begin(fb->wc, M_FILE_WRITE, 3);
+    cw_uint(w, e->handle);
+    conn_bytes_ref(fb->wc, fb->data, n); /* in the socket when conn_send returns */
+    cw_uint(w, (uint64_t)fb->off);
+    uint64_t rid = conn_send(fb->wc);
+    if (rid == 0) {
+        fb_wc_lost(fb);
+        return fb_take_err(fb);
+    }
+    fb->wrid[fb->nw] = rid;
+    fb->wlen[fb->nw] = n;
+    fb->nw++;
+    DBG("write-behind of %s: %zu bytes at %lld sent", e->path ? e->path : "?", n,
+        (long long)fb->off);
+    return 0;
+}
+
+/* Everything written so far is on the target: the pending bytes sent and every write-back's
+ * reply read. 0, or -1 with errno (of the first that failed; the unwritten bytes are dropped,
+ * as the kernel drops pages it failed to write). Under fb->lock. */
+static int fb_flush_locked(struct ent *e, struct fbuf *fb) {
+    if (fb->mode != FB_WRITE || (fb->len == 0 && fb->nw == 0 && fb->werr == 0)) {
+        return 0;
+    }
+    if (fb_post_locked(e, fb) < 0) {
+        fb->werr = fb->werr ? fb->werr : errno;
+    }
+    while (fb->nw > 0 && fb_reap_one(fb) == 0) {
+    }
+    return fb_take_err(fb);
+}
+
+/* fb->data of n bytes (`populate`: its pages now): 0, or -1 with errno ENOMEM. */
+static int fb_alloc(struct fbuf *fb, size_t n, int populate) {
+    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | (populate ? MAP_POPULATE : 0), -1, 0);
+    if (p == MAP_FAILED) {
+        errno = ENOMEM;
+        return -1;
+    }
+    fb->data = p;
+    fb->cap = n;
+    return 0;
 }
 
 static ssize_t fb_write_locked(struct ent *e, struct fbuf *fb, const void *buf, size_t n) {
+    if (fb_take_err(fb) < 0) {
+        return -1; /* an earlier write-back failed: this call reports it */
+    }
     if (fb->len > 0 && (fb->pos != fb->off + (off_t)fb->len || fb->len + n > FB_WRITE_CAP)) {
-        if (fb_flush_locked(e, fb) < 0) {
+        if (fb_post_locked(e, fb) < 0) {
             return -1;
         }
     }
     if (n >= FB_WRITE_CAP) { /* a large write: straight through, pipelined */
-        if (write_through(e->handle, buf, n, fb->pos) < 0) {
+        if (fb_flush_locked(e, fb) < 0 || write_through(e->handle, buf, n, fb->pos) < 0) {
             return -1;
         }
         fb->pos += (off_t)n;
         return (ssize_t)n;
     }
-    if (fb->data == NULL && (fb->data = malloc(FB_WRITE_CAP)) == NULL) {
-        errno = ENOMEM;
+    /* populated at once: first touches of a fresh buffer page by page cost more than the
+     * copies (a quarter of a 4 KiB write's time here) */
+    if (fb->data == NULL && fb_alloc(fb, FB_WRITE_CAP, 1) < 0) {
         return -1;
     }
     if (fb->len == 0) {
@@ -259,8 +377,7 @@ static ssize_t fb_write_locked(struct ent *e, struct fbuf *fb, const void *buf, 
 /* Reads at fb->pos into buf (n bytes) and on into the read-ahead buffer, one window in at most
  * FB_INFLIGHT requests: the bytes that reached buf (0 at the end of the file), or -1. */
 static ssize_t fb_fill_locked(struct ent *e, struct fbuf *fb, char *buf, size_t n) {
-    if (fb->data == NULL && (fb->data = malloc(FB_MAX_WINDOW)) == NULL) {
-        errno = ENOMEM;
+    if (fb->data == NULL && fb_alloc(fb, FB_MAX_WINDOW, 0) < 0) {
         return -1;
     }
     size_t direct = n / FB_CHUNK * FB_CHUNK; /* whole chunks go to the app's buffer */
@@ -481,6 +598,8 @@ static int fb_unbuffer(struct ent *e) {
     (void)rfile_seek_handle(e, fb->pos, SEEK_SET);
     fb->mode = 0;
     fb->len = 0;
+    conn_close_own(fb->wc, 0);
+    fb->wc = NULL;
     pthread_mutex_unlock(&fb->lock);
     errno = saved;
     return rc;
@@ -574,6 +693,10 @@ void fbuf_after_fork_child(void) {
             e->fb->lock = fresh;
             e->fb->mode = 0;
             e->fb->len = 0;
+            conn_close_own(e->fb->wc, 1); /* the parent's (flushed before fork: none in flight) */
+            e->fb->wc = NULL;
+            e->fb->nw = 0;
+            e->fb->werr = 0;
         }
     }
 }
@@ -610,9 +733,12 @@ void fbuf_free(struct ent *e) {
         (void)fb_flush_locked(e, fb);
         errno = saved;
     }
+    conn_close_own(fb->wc, 0);
     pthread_mutex_destroy(&fb->lock);
     __atomic_fetch_sub(&g_nfbuf, 1, __ATOMIC_RELAXED);
-    free(fb->data);
+    if (fb->data != NULL) {
+        munmap(fb->data, fb->cap);
+    }
     free(fb);
     e->fb = NULL;
 }

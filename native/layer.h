@@ -225,6 +225,10 @@ struct lconn;
  * unreachable (after a bounded wait). */
 struct lconn *conn_acquire(void);
 void conn_release(struct lconn *c);
+/* A connection of the caller's own (replies read when it likes), and its end: conn.c. */
+struct lconn *conn_open_own(void);
+void conn_close_own(struct lconn *c, int inherited);
+int conn_pending(struct lconn *c); /* a reply (or the end) waits: 1, else 0 */
 /* Starts a request: writes [kind, request_id, ... nfields more]. */
 cbor_w *conn_begin(struct lconn *c, int kind, size_t nfields);
 #ifdef __OPTIMIZE__

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import resource
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,82 @@ os.close(fd)
     assert daemon.files["/app/data.bin"] == b"".join(bytes([i % 251]) * 4096 for i in range(600))
     # 600 writes through the handle would be 600 requests; the buffer sends ~1 MiB each
     assert _count(daemon, "FileWrite") < 10
+
+
+def test_full_buffers_go_out_while_the_app_writes_on(run: Runner, daemon: LayerDaemon) -> None:
+    """A full write-behind buffer is sent without waiting for its reply: the target has the
+    first MiBs while the app is still writing (before, nothing left before close with 4 MiB
+    buffered), and close waits for every write-back."""
+    daemon.add_file("/app/stream.bin", b"\0" * 4096)
+    code = """
+import os, sys
+fd = os.open('/app/stream.bin', os.O_WRONLY)
+for i in range(3 * 256 + 1):  # 3 MiB and 4 KiB
+    os.write(fd, bytes([i % 251]) * 4096)
+sys.stdout.write('written\\n'); sys.stdout.flush()
+sys.stdin.readline()  # the test looks at what reached the target meanwhile
+os.close(fd)
+print('closed')
+"""
+    daemon.start()
+    proc = subprocess.Popen(
+        [PYTHON, "-S", "-c", code],
+        env=run.env(BUFFERED),
+        cwd=run.cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"written\n"
+        deadline = time.monotonic() + 10
+        while _count(daemon, "FileWrite") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sent_while_writing = _count(daemon, "FileWrite")
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert sent_while_writing >= 2  # full buffers (~1 MiB each) went out before close
+    assert out == b"closed\n"
+    assert daemon.files["/app/stream.bin"] == b"".join(
+        bytes([i % 251]) * 4096 for i in range(3 * 256 + 1)
+    )
+    assert _count(daemon, "FileWrite") == 4  # three full buffers and the rest, at close
+
+
+def test_a_failed_write_back_is_the_error_of_a_later_write(
+    run: Runner, daemon: LayerDaemon
+) -> None:
+    """A write-back the app did not wait for fails: the fd's next write says so (as NFS
+    reports an asynchronous write's error), once; close reports those still in flight."""
+    daemon.add_file("/app/limit.bin", b"=" * 4096)
+    daemon.start()
+    _limit_agent_file_size(daemon, 64 * 1024)
+    code = """
+import errno, os
+fd = os.open('/app/limit.bin', os.O_WRONLY)
+os.lseek(fd, 1 << 20, os.SEEK_SET)
+failed = None
+for i in range(8 * 256):
+    try:
+        os.write(fd, b'x' * 4096)
+    except OSError as e:
+        failed = (i, errno.errorcode[e.errno])
+        break
+print(failed[1], failed[0] >= 255)
+try:
+    os.close(fd)
+    print('close ok')
+except OSError as e:
+    print('close', errno.errorcode[e.errno])
+"""
+    out = run.py(code, settings=BUFFERED).stdout.decode().splitlines()
+    assert out[0] == "EFBIG True"  # a later write: the first ones went into the buffer
+    assert out[1] in ("close ok", "close EFBIG")  # ok when nothing was in flight any more
+    assert daemon.files["/app/limit.bin"] == b"=" * 4096
 
 
 def test_writes_are_read_back_through_the_same_and_another_fd(
