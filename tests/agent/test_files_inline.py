@@ -140,6 +140,25 @@ def test_an_inline_fetch_gives_what_the_ordinary_one_gives(
     assert fetch_inline(root, os.fsencode(tmp_path), O_RDONLY, 1 << 20) is NOT_INLINE
 
 
+def test_a_large_file_is_opened_inline_unless_its_content_is_read(
+    root: TargetRoot, tmp_path: Path
+) -> None:
+    """Bigger than what may be read inline: its open runs inline when the content does not
+    come along (over the caller's max_size, or write-only); a read of it waits for a worker."""
+    path = tmp_path / "large"
+    path.write_bytes(DATA * (2 * INLINE_READ_MAX // len(DATA)))
+    size = path.stat().st_size
+    assert size > INLINE_READ_MAX
+    for flags, max_size in ((O_RDONLY, 100), (O_WRONLY, 1 << 30), (os.O_RDWR, 100)):
+        fd, st, data = fetch_inline(root, os.fsencode(path), flags, max_size)
+        assert data is None and fd >= 0 and st[7] == size
+        os.close(fd)
+    before = len(os.listdir("/proc/self/fd"))
+    assert fetch_inline(root, os.fsencode(path), O_RDONLY, 1 << 30) is NOT_INLINE
+    assert fetch_inline(root, os.fsencode(path), os.O_RDWR, 1 << 30) is NOT_INLINE
+    assert len(os.listdir("/proc/self/fd")) == before  # nothing left open
+
+
 def test_a_file_that_grows_after_the_stat_is_read_whole(
     root: TargetRoot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -139,13 +139,28 @@ def fetch_inline(
     The stat of the lookup serves the checks and the reply (the same inode is opened through
     /proc/self/fd), and the content is one pread of the stat's size plus one byte: a short
     read is the end of a regular file, so only a file that grew since the stat reads on.
-    An open that truncates is stat'ed again after it (`fetch_file`)."""
-    opened = _open_checked(root, path, flags, INLINE_READ_MAX)
+    An open that truncates is stat'ed again after it (`fetch_file`). A file whose content
+    does not come along (bigger than `max_size`, opened write-only) is opened inline whatever
+    its size: only the read of a large one waits for a worker."""
+    opened = _open_checked(root, path, flags, -1)
     if opened is NOT_INLINE:
         return NOT_INLINE
     fd, st = opened
+    if st.st_size > INLINE_READ_MAX and _content_comes_along(flags, st, max_size):
+        os.close(fd)  # the worker opens it again and reads it
+        return NOT_INLINE
     # a truncating open changed the size the lookup saw: fetch_file stats it again
     return fetch_file(fd, flags, max_size, None if flags & os.O_TRUNC else st)
+
+
+def _content_comes_along(flags: int, st: os.stat_result, max_size: int) -> bool:
+    """Whether FileFetch reads the file opened with `flags` (`fetch_file`'s rule)."""
+    return (
+        stat_module.S_ISREG(st.st_mode)
+        and st.st_size <= max_size
+        and not flags & _O_PATH
+        and flags & os.O_ACCMODE != os.O_WRONLY
+    )
 
 
 def _read_whole(fd: int, max_size: int, size: int = -1) -> bytes | None:
@@ -184,12 +199,7 @@ def fetch_file(
         if st is None:
             st = os.fstat(fd)
         data = None
-        if (
-            stat_module.S_ISREG(st.st_mode)
-            and st.st_size <= max_size
-            and not flags & _O_PATH
-            and flags & os.O_ACCMODE != os.O_WRONLY
-        ):
+        if _content_comes_along(flags, st, max_size):
             data = _read_whole(fd, max_size, st.st_size if inline else -1)
         if data is not None and flags & os.O_ACCMODE == os.O_RDONLY:
             os.close(fd)
