@@ -7,8 +7,11 @@ import random
 
 import cbor2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mirrord.protocol import FrameDecoder, FrameTooLarge, encode_frame
+from mirrord.protocol import FrameDecoder, FrameTooLarge, MalformedFrame, encode_frame
+from mirrord.protocol._framing import decode_payload
 
 
 def _frames() -> list[tuple[object, bytes]]:
@@ -105,3 +108,46 @@ def test_free_space_is_only_offered_inside_a_large_frame() -> None:
     payload = decoder.next_payload()
     assert payload is not None and cbor2.loads(payload) == [13, 1, b"y" * 100_000]
     assert decoder.free_space() is None
+
+
+_plain = st.one_of(
+    st.integers(min_value=-(2**64), max_value=2**64 - 1),
+    st.none(),
+    st.booleans(),
+    st.binary(max_size=64),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    head=st.lists(_plain, max_size=6),
+    big=st.integers(min_value=64 * 1024, max_value=(1 << 20) + 7),
+    tail=st.lists(_plain, max_size=4),
+    other=st.one_of(st.none(), st.text(max_size=8), st.floats(allow_nan=False), st.lists(_plain)),
+)
+def test_a_large_payload_decodes_as_cbor2_decodes_it(
+    head: list[object], big: int, tail: list[object], other: object
+) -> None:
+    """decode_payload reads a large frame's plain array itself (each byte string copied
+    once); whatever it holds, the result is cbor2's, and anything else still goes to cbor2."""
+    item = [*head, bytes([len(head)]) * big, *tail]
+    payload = bytearray(cbor2.dumps(item))
+    assert decode_payload(payload) == cbor2.loads(payload) == item
+    with_other = [*item, other]  # a text, a float, a nested array: cbor2's own decoding
+    assert decode_payload(bytearray(cbor2.dumps(with_other))) == with_other
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        cbor2.dumps([1, b"x" * 70_000])[:-1],  # cut short
+        b"\x83\x01" + cbor2.dumps(b"x" * 70_000),  # an array of 3 with 2 items
+        b"\x9f\x01" + cbor2.dumps(b"x" * 70_000),  # an indefinite array never ended
+        b"\x82\x01\x5b"
+        + (2**40).to_bytes(8, "big")
+        + b"x" * 70_000,  # a string's length past the end
+    ],
+)
+def test_a_malformed_large_payload_is_still_refused(payload: bytes) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_payload(payload)
