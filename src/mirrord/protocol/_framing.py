@@ -53,7 +53,7 @@ def encode_frame(item: Any) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def decode_payload(payload: bytes) -> Any:
+def decode_payload(payload: bytes | bytearray) -> Any:
     """The CBOR item in one frame payload; `MalformedFrame` if it is not exactly one item."""
     if len(payload) >= _LARGE_FRAME:
         flat = _decode_flat_array(payload)
@@ -70,7 +70,7 @@ def decode_payload(payload: bytes) -> Any:
 _UINT_SIZES = {24: 1, 25: 2, 26: 4, 27: 8}  # CBOR additional info -> bytes of the value
 
 
-def _uint_at(payload: bytes, pos: int, major: int) -> tuple[int, int]:
+def _uint_at(payload: bytes | bytearray, pos: int, major: int) -> tuple[int, int]:
     """The unsigned value of the CBOR head at `pos` whose major type must be `major` (0: an
     unsigned integer, 4: an array's length); (-1, pos) if it is something else or cut short."""
     if pos >= len(payload):
@@ -87,7 +87,7 @@ def _uint_at(payload: bytes, pos: int, major: int) -> tuple[int, int]:
     return int.from_bytes(payload[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
 
 
-def _decode_flat_array(payload: bytes) -> list[Any] | None:
+def _decode_flat_array(payload: bytes | bytearray) -> list[Any] | None:
     """A large frame's array of plain items (integers, null, booleans, definite byte
     strings), decoded here with each byte string copied once: cbor2 copies a large one three
     times (its input into a stream, then the string out of it in pieces, then the pieces
