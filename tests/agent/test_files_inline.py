@@ -1,6 +1,6 @@
-"""Small operations on regular local files are answered on the agent's event loop; whatever
-may block (FIFOs, /proc files, creating opens, large reads) still goes to a worker thread, with
-the same results and errors either way."""
+"""Small operations on regular local files, and writes into them, are answered on the agent's
+event loop; whatever may block (FIFOs, /proc files, creating opens, large reads, writes that wait
+for the disk) still goes to a worker thread, with the same results and errors either way."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from mirrord.agent._files import TargetRoot
-from mirrord.agent._files_inline import INLINE_READ_MAX, NOT_INLINE, fetch_inline, open_inline
+from mirrord.agent._files_inline import (
+    INLINE_READ_MAX,
+    NOT_INLINE,
+    fetch_inline,
+    open_inline,
+    write_inline,
+)
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient, AgentError
@@ -231,3 +237,65 @@ async def test_the_agent_answers_regular_files_without_a_worker_thread(
             ),
         )
         assert _threads(agent) == before + 1
+
+
+def test_a_write_waits_for_the_disk_only_in_a_worker(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 8192)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert write_inline(fd, b"ab", 100) == 2
+        assert write_inline(fd, memoryview(b"cd"), None) == 2  # at the fd's offset: 0
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:2] == b"cd" and data[100:102] == b"ab" and len(data) == 8192
+    for sync in (os.O_DSYNC, os.O_SYNC):
+        fd = os.open(path, os.O_WRONLY | sync)
+        try:
+            assert write_inline(fd, b"zz", 0) is NOT_INLINE
+        finally:
+            os.close(fd)
+    assert path.read_bytes()[:2] == b"cd"  # nothing written by a NOT_INLINE answer
+
+
+@pytest.mark.netns
+@pytest.mark.anyio
+async def test_the_agent_writes_regular_files_without_a_worker_thread(
+    make_pod: Callable[..., LocalPod], make_agent: Callable[..., AgentProc]
+) -> None:
+    """The layer's write-behind sends up to 1 MiB per FileWrite: each is written on the event
+    loop when the file is a regular local one, in a worker when its fd is O_DSYNC."""
+    files = {"/app/small.bin": DATA, "/app/out.bin": b"\0" * (3 << 20)}
+    pod = make_pod(PodSpec(name="inlinew", files=files))
+    agent = make_agent(f"pid/{pod.pid}")
+    chunk = os.urandom(1 << 20)
+    async with AgentClient.open(agent) as client:
+        await client.open_channel(1)
+        await _small_file_round(client)  # the session's own threads have started
+        before = _threads(agent)
+
+        async def write_file(flags: int, at: int, data: bytes) -> None:
+            opened = await client.request(
+                1, lambda r: m.FileOpen(request_id=r, path=b"/app/out.bin", flags=flags)
+            )
+            handle = opened.handle
+            written = await client.request(
+                1, lambda r: m.FileWrite(request_id=r, handle=handle, data=data, offset=at)
+            )
+            assert written.count == len(data)
+            small = await client.request(
+                1, lambda r: m.FileWrite(request_id=r, handle=handle, data=b"tail")
+            )
+            assert small.count == 4  # at the handle's own offset: 0
+            await client.request(1, lambda r: m.FileClose(request_id=r, handle=handle))
+
+        for i in range(3):
+            await write_file(O_WRONLY, i << 20, chunk)
+        assert _threads(agent) == before  # nothing was handed to a worker thread
+        await write_file(O_WRONLY | os.O_DSYNC, 0, chunk[:4096])
+        assert _threads(agent) == before + 1
+    on_target = Path(f"/proc/{pod.pid}/root/app/out.bin").read_bytes()
+    assert on_target[:4] == b"tail" and on_target[4:4096] == chunk[4:4096]
+    assert on_target[4096 : 1 << 20] == chunk[4096:]
+    assert on_target[1 << 20 :] == chunk * 2

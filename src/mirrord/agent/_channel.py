@@ -55,6 +55,7 @@ from mirrord.agent._files_inline import (
     fetch_inline,
     inline_fd,
     open_inline,
+    write_inline,
 )
 from mirrord.agent._outgoing import open_outgoing, open_unix_stream
 from mirrord.protocol import Message
@@ -453,11 +454,15 @@ class Channel:
         kind: type[FileHandle] | None = FileHandle,
         *,
         inline: bool = False,
+        fast: Callable[[FileHandle], Any] | None = None,
     ) -> _Plan:
-        """`inline`: the call may run on the event loop if the handle's file allows it."""
+        """`inline`: the call may run on the event loop if the handle's file allows it;
+        `fast`: so may this one (it may answer NOT_INLINE, and then `fn` runs in a worker)."""
         # acquired until the call is done: a close meanwhile waits for it
         handle = self.handles.acquire(number, kind)
         call = lambda: fn(handle)  # noqa: E731
+        if handle.inline and fast is not None:
+            return Inline(lambda: fast(handle), call), finish, handle
         return (Inline(call, call) if inline and handle.inline else call), finish, handle
 
     def _ok(self, req: Any) -> Callable[[Any], Message]:
@@ -582,7 +587,10 @@ class Channel:
             return os.pwrite(h.fd, req.data, req.offset)
 
         return self._on_handle(
-            req.handle, write, lambda n: m.FileWritten(request_id=req.request_id, count=n)
+            req.handle,
+            write,
+            lambda n: m.FileWritten(request_id=req.request_id, count=n),
+            fast=lambda h: write_inline(h.fd, req.data, req.offset),
         )
 
     def _file_seek(self, req: m.FileSeek) -> _Plan:
