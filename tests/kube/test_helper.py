@@ -61,8 +61,9 @@ def test_messages_are_framed_and_split_anywhere() -> None:
         (MAX_MESSAGE + 1).to_bytes(4, "big"),
         len(cbor2.dumps([1, 2])).to_bytes(4, "big") + cbor2.dumps([1, 2]),
         b"\x00\x00\x00\x02\xff\xff",
+        len(cbor2.dumps({"id": 1}) + b"x").to_bytes(4, "big") + cbor2.dumps({"id": 1}) + b"x",
     ],
-    ids=["oversized", "not-a-map", "not-cbor"],
+    ids=["oversized", "not-a-map", "not-cbor", "bytes-after-the-map"],
 )
 def test_a_malformed_message_is_an_error(data: bytes) -> None:
     with pytest.raises(HelperProtocolError):

@@ -150,6 +150,16 @@ def test_invalid_cbor_is_malformed() -> None:
         agent.next_event()
 
 
+@pytest.mark.parametrize("size", [16, 70_000])  # cbor2's path, the large flat arrays' path
+def test_bytes_after_the_frames_item_are_malformed(size: int) -> None:
+    _, agent = agent_pair()
+    item = encode_frame([1, messages.FileWrite.KIND, 7, 3, b"x" * size])[4:]
+    agent.receive_data(len(item + b"junk").to_bytes(4, "big") + item + b"junk")
+    with pytest.raises(MalformedFrame, match="4 bytes after the frame's item"):
+        agent.next_event()
+    assert agent.state is State.ERROR
+
+
 def test_oversize_frame_refused_from_its_header() -> None:
     _, agent = agent_pair()
     agent.receive_data(b"\x7f\xff\xff\xff")

@@ -15,6 +15,7 @@ reason}}` when a stream the helper carried ended (sent before its socket is clos
 
 from __future__ import annotations
 
+import io
 import struct
 from typing import Any
 
@@ -56,10 +57,13 @@ class MessageDecoder:
                 break
             body = bytes(self._buf[_HEAD.size : _HEAD.size + size])
             del self._buf[: _HEAD.size + size]
+            fp = io.BytesIO(body)
             try:
-                message = cbor2.loads(body)
+                message = cbor2.CBORDecoder(fp).decode()
             except Exception as exc:  # cbor2 raises several types for malformed input
                 raise HelperProtocolError(f"a helper message that is not CBOR: {exc}") from None
+            if fp.tell() != size:  # cbor2.loads would ignore what follows the item
+                raise HelperProtocolError(f"{size - fp.tell()} bytes after a helper message")
             if not isinstance(message, dict):
                 raise HelperProtocolError(f"a helper message that is not a map: {message!r:.80}")
             out.append(message)

@@ -21,6 +21,7 @@ refuses a frame whose announced length exceeds the limit before reading its body
 
 from __future__ import annotations
 
+import io
 import struct
 from typing import Any
 
@@ -59,12 +60,17 @@ def decode_payload(payload: bytes | bytearray) -> Any:
         flat = _decode_flat_array(payload)
         if flat is not None:
             return flat
+    fp = io.BytesIO(payload)
     try:
-        return cbor2.loads(payload)
+        item = cbor2.CBORDecoder(fp).decode()
     except RecursionError as exc:
         raise MalformedFrame("CBOR item nested too deeply") from exc
     except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, ...)
         raise MalformedFrame(f"invalid CBOR: {exc}") from exc
+    extra = len(payload) - fp.tell()  # cbor2.loads would ignore them
+    if extra:
+        raise MalformedFrame(f"invalid CBOR: {extra} bytes after the frame's item")
+    return item
 
 
 _UINT_SIZES = {24: 1, 25: 2, 26: 4, 27: 8}  # CBOR additional info -> bytes of the value
