@@ -404,7 +404,13 @@ async def test_replies_a_layer_does_not_read_are_bounded(
         sender = threading.Thread(target=send)
         sender.start()
         try:
-            time.sleep(1)  # the replies pile up unread meanwhile
+            # the replies pile up unread until the daemon gives up on this connection (a fixed
+            # sleep was too short under load: reading then kept it below the bound)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                "unread" in r.getMessage() for r in list(caplog.records)
+            ):
+                time.sleep(0.01)
             return _read_until_closed(raw)
         finally:
             sender.join(30)
