@@ -293,6 +293,23 @@ static int ropen_memfd(struct ropen *o, struct ent *e) {
     return fd;
 }
 
+/* A handle-backed file opened with O_APPEND (not write-only): its handle was opened without
+ * it, as a write-back cache needs (the size decides which the file gets, and the size comes
+ * with the handle), so the file is opened again with O_APPEND and that handle replaces the
+ * first: the target's kernel then does what the app's own would, reads from 0 and every write
+ * at the end, also after a seek. Should that open fail, the handle starts at the end of the
+ * file instead (appends from one process still land; a read needs a seek first). */
+static void ropen_handle_append(struct ropen *o, struct ent *e) {
+    uint64_t handle;
+    int flags = (o->rflags | O_APPEND) & ~(O_TRUNC | O_CREAT | O_EXCL);
+    if (!S_ISREG(o->st.st_mode) || rfile_open(o->path, flags, 0, &handle) < 0) {
+        (void)rfile_seek(e, 0, SEEK_END);
+        return;
+    }
+    (void)rfile_close_handle(e->handle);
+    e->handle = handle;
+}
+
 /* The fd the app gets for a remote open (e owns the handle, if any); -1 with errno. */
 static int ropen_local_fd(struct ropen *o, struct ent *e) {
     if (o->append_only && e->has_handle && S_ISREG(o->st.st_mode)) {
@@ -312,8 +329,8 @@ static int ropen_local_fd(struct ropen *o, struct ent *e) {
         return -1;
     }
     fd = placeholder_fd(o->flags, o->path);
-    if (fd >= 0 && (o->flags & O_APPEND)) {
-        (void)rfile_seek(e, 0, SEEK_END); /* large file: append from its end */
+    if (fd >= 0 && (o->flags & O_APPEND) && !(o->rflags & O_APPEND)) {
+        ropen_handle_append(o, e);
     }
     return fd;
 }

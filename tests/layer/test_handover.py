@@ -5,6 +5,9 @@ the kernel's; only the open crossed the daemon and the agent."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from mirrord.layer import LayerSettings
 from mirrord.protocol import messages as m
@@ -50,6 +53,42 @@ def test_with_handover_off_the_file_is_served_through_the_agent(
     assert out == ["True False", "from the pod", "22 22"]
     assert daemon.host_path("/app/data.txt").read_bytes() == b"from the pod\nappended\n"
     assert all(r.handover_flags is None for r in daemon.requests() if isinstance(r, m.FileFetch))
+
+
+APPEND_RDWR = """
+import os, sys
+fd = os.open(sys.argv[1] if len(sys.argv) > 1 else '/app/big.txt', os.O_RDWR | os.O_APPEND)
+out = [os.lseek(fd, 0, os.SEEK_CUR), os.read(fd, 4).decode()]
+os.write(fd, b'<one>')
+out.append(os.lseek(fd, 0, os.SEEK_CUR))
+os.lseek(fd, 2, os.SEEK_SET)
+out += [os.read(fd, 3).decode(), os.pwrite(fd, b'<two>', 0)]
+os.write(fd, b'<three>')
+out += [os.lseek(fd, 0, os.SEEK_CUR), os.fstat(fd).st_size]
+os.close(fd)
+print(*out)
+"""
+
+
+def test_a_large_file_opened_read_write_append_behaves_as_in_the_pod(
+    run: Runner, daemon: LayerDaemon, tmp_path: Path
+) -> None:
+    """A handle-backed file (over fetch_limit) opened O_RDWR|O_APPEND: reads start at 0 and
+    every write lands at the end, also after a seek (a write after a seek and a read used to
+    overwrite the file at that offset)."""
+    content = b"0123456789" * 200
+    daemon.add_file("/app/big.txt", content)
+    settings = LayerSettings(fs_mode="write", fetch_limit=1000, fs_handover=False)
+    through = run.py(APPEND_RDWR, settings=settings).stdout.decode().split()
+    local = tmp_path / "big.txt"
+    local.write_bytes(content)
+    direct = subprocess.run(
+        [sys.executable, "-S", "-c", APPEND_RDWR, str(local)], capture_output=True, check=True
+    )
+    assert through == direct.stdout.decode().split()
+    assert through[:2] == ["0", "0123"]
+    assert daemon.host_path("/app/big.txt").read_bytes() == local.read_bytes()
+    assert local.read_bytes() == content + b"<one><two><three>"
 
 
 def test_an_append_open_starts_at_offset_0_as_in_the_pod(run: Runner, daemon: LayerDaemon) -> None:
