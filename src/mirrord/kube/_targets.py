@@ -15,6 +15,7 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s
 
+from mirrord.config import TARGET_KINDS  # the kinds a target path may name, defined once
 from mirrord.kube._api import ApiCallError, Json, call
 from mirrord.kube._exceptions import KubeError, TargetNotFound
 
@@ -28,16 +29,6 @@ __all__ = [
     "resolve_target",
 ]
 
-TARGET_KINDS = (
-    "pod",
-    "deployment",
-    "statefulset",
-    "replicaset",
-    "job",
-    "cronjob",
-    "service",
-    "rollout",
-)
 
 # Containers injected by service meshes and secret agents: never the app a user means.
 MESH_SIDECARS = frozenset(
