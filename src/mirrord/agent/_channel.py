@@ -55,6 +55,7 @@ from mirrord.agent._files_inline import (
     fetch_inline,
     inline_fd,
     open_inline,
+    write_at,
     write_inline,
 )
 from mirrord.agent._outgoing import open_outgoing, open_unix_stream
@@ -581,14 +582,9 @@ class Channel:
         )
 
     def _file_write(self, req: m.FileWrite) -> _Plan:
-        def write(h: FileHandle) -> int:
-            if req.offset is None:
-                return os.write(h.fd, req.data)
-            return os.pwrite(h.fd, req.data, req.offset)
-
         return self._on_handle(
             req.handle,
-            write,
+            lambda h: write_at(h.fd, req.data, req.offset),
             lambda n: m.FileWritten(request_id=req.request_id, count=n),
             fast=lambda h: write_inline(h.fd, req.data, req.offset),
         )

@@ -36,6 +36,7 @@ __all__ = [
     "fetch_inline",
     "inline_fd",
     "open_inline",
+    "write_at",
     "write_inline",
 ]
 
@@ -113,6 +114,12 @@ def write_inline(fd: int, data: bytes | memoryview, offset: int | None) -> int |
     bounds each pause at 200 ms), as it would pause the target's own write."""
     if fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_SYNC | os.O_DSYNC):
         return NOT_INLINE
+    return write_at(fd, data, offset)
+
+
+def write_at(fd: int, data: bytes | memoryview, offset: int | None) -> int:
+    """`FileWrite`'s call, inline or in a worker: pwrite at `offset`, or write at the fd's
+    own offset when there is none."""
     return os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
 
 
