@@ -25,6 +25,7 @@
  *   files_dir.c     directory streams (opendir ... closedir, scandir, glob)
  *   files_stdio.c   fopen/freopen/fdopen
  *   files_exec.c    remote fds across exec (MIRRORD_LAYER_FILES)
+ *   files_spawn.c   posix_spawn whose child must see remote files (recorded file actions)
  *   files_supervisor.c  the exports the system-call supervisor calls
  */
 #ifndef MIRRORD_FILES_H

@@ -399,6 +399,10 @@ int debugger_port(const struct sockaddr *sa, socklen_t len, int any_addr);
 /* Exec environment: the env that keeps the layer in the new image (malloc'd, NULL-ended). */
 char **proc_exec_env(char *const envp[], int keep_fd);
 void proc_free_env(char **env);
+/* files_spawn.c: a posix_spawn whose file actions or inherited fds reach remote files, run as
+ * fork + the actions through the hooks + exec; posix_spawn's result, or -1: glibc's will do. */
+int files_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
+                const posix_spawnattr_t *attr, char *const argv[], char *const envp[], int search);
 void proc_init_env(void);
 int wfile_flush(struct ent *e);
 void wfile_flush_all(void); /* write-back caches and write-behind buffers (exit, exec) */

@@ -301,6 +301,11 @@ static int spawn_common(pid_t *pid, const char *path, const posix_spawn_file_act
                         int p) {
     char **env = NULL;
     if (g_active && !t_guard) {
+        /* a child that must see remote files: fork, its actions through the hooks, exec */
+        int r = files_spawn(pid, path, fa, attr, argv, envp, p);
+        if (r >= 0) {
+            return r;
+        }
         t_guard++;
         fbuf_before_fork(); /* its file actions may dup2 any fd, close-on-exec or not */
         env = exec_env(envp ? envp : environ, -1, 0);

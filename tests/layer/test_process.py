@@ -132,6 +132,70 @@ def test_exec_and_spawn_with_an_env_without_the_layer(
         assert len(daemon.processes) == 1  # exec: the same process
 
 
+@pytest.fixture(scope="module")
+def spawn_actions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cbuild") / "spawn_actions"
+    src = Path(__file__).resolve().parent / "c" / "spawn_actions.c"
+    subprocess.run(
+        ["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(src)], check=True, timeout=60
+    )
+    return out
+
+
+# files over fetch_limit are handle-backed, and nothing is handed over: the child has only what
+# the layer gives it (glibc's own spawn would give it the empty placeholder, the local files)
+_RELAYED = LayerSettings(fs_mode="write", fetch_limit=1000, fs_handover=False, timeout_ms=5000)
+
+
+@pytest.mark.parametrize("how", ["dup2-read", "chdir-read"])
+def test_a_spawned_child_reads_the_remote_file_its_file_actions_give_it(
+    run: Runner, daemon: LayerDaemon, spawn_actions: Path, how: str
+) -> None:
+    """posix_spawn_file_actions_adddup2 of a handle-backed remote file into the child's stdin
+    (Rust's `Command::stdin(File)`), the parent closing its fd at once; and addchdir_np into a
+    directory only the pod has (`Command::current_dir`)."""
+    content = b"x" * 10 + b"TAIL" + b"y" * 3000
+    daemon.add_file("/app/only-here/big.bin", content)
+    out = run([str(spawn_actions), how, "/app/only-here/big.bin"], settings=_RELAYED)
+    assert out.stdout == (content[10:] if how == "dup2-read" else content)
+    assert out.stderr.endswith(b"spawn: ok; left to reap: none\n")
+    parent, child = list(daemon.processes.items())[:2]
+    assert child[1] == parent[0]
+
+
+def test_a_spawn_through_the_layer_keeps_its_attributes(
+    run: Runner, daemon: LayerDaemon, spawn_actions: Path
+) -> None:
+    """POSIX_SPAWN_SETPGROUP on a spawn the layer runs itself (its stdin a remote file)."""
+    daemon.add_file("/app/big.bin", b"z" * 3000)
+    out = run([str(spawn_actions), "pgroup", "/app/big.bin"], settings=_RELAYED)
+    size, pgid, pid = out.stdout.split()
+    assert (int(size), pgid) == (3000, pid)  # the child leads a process group of its own
+    assert out.stderr.endswith(b"spawn: ok; left to reap: none\n")
+
+
+@pytest.mark.parametrize("how", ["dup2-write", "open-write"])
+def test_a_spawned_child_writes_the_remote_file_its_file_actions_give_it(
+    run: Runner, daemon: LayerDaemon, spawn_actions: Path, how: str
+) -> None:
+    """The child's stdout is a remote file: opened by the parent (`Command::stdout(File::create
+    (..))`, a write-back cache the parent closes at once) or by the file action itself
+    (addopen) in a directory only the pod has."""
+    daemon.add_dir("/app/out")
+    out = run([str(spawn_actions), how, "/app/out/w.txt"], settings=_RELAYED)
+    assert out.stderr.endswith(b"spawn: ok; left to reap: none\n")
+    assert daemon.host_path("/app/out/w.txt").read_bytes() == b"spawned\n"
+    assert not Path("/app/out/w.txt").exists()
+
+
+def test_a_spawn_whose_exec_fails_reports_it_and_leaves_no_child(
+    run: Runner, daemon: LayerDaemon, spawn_actions: Path
+) -> None:
+    daemon.add_file("/app/big.bin", b"z" * 3000)
+    out = run([str(spawn_actions), "missing", "/app/big.bin"], settings=_RELAYED)
+    assert out.stderr.endswith(b"spawn: No such file or directory; left to reap: none\n")
+
+
 def test_fork_from_a_threaded_process(run: Runner, daemon: LayerDaemon) -> None:
     code = r"""
 import os, threading
