@@ -230,6 +230,15 @@ HOOK char *getcwd(char *buf, size_t size) {
     return buf;
 }
 
+/* The fortified getcwd (_FORTIFY_SOURCE): glibc's calls its internal one, which no hook sees. */
+char *__getcwd_chk(char *buf, size_t size, size_t buflen);
+HOOK char *__getcwd_chk(char *buf, size_t size, size_t buflen) {
+    if (size > buflen) {
+        __chk_fail();
+    }
+    return getcwd(buf, size);
+}
+
 /* ---------------------------------------------------------------- realpath
  *
  * realpath on a remote path: glibc resolves with internal lstat/readlink calls, so the layer

@@ -223,3 +223,20 @@ HOOK_OR_REAL(ssize_t, readlink, (const char *path, char *buf, size_t size),
              readlink_common(AT_FDCWD, path, buf, size, &ret), (path, buf, size))
 HOOK_OR_REAL(ssize_t, readlinkat, (int dirfd, const char *path, char *buf, size_t size),
              readlink_common(dirfd, path, buf, size, &ret), (dirfd, path, buf, size))
+
+/* The fortified readlink (_FORTIFY_SOURCE): glibc's calls its internal one, which no hook sees. */
+ssize_t __readlink_chk(const char *path, char *buf, size_t size, size_t buflen);
+HOOK ssize_t __readlink_chk(const char *path, char *buf, size_t size, size_t buflen) {
+    if (size > buflen) {
+        __chk_fail();
+    }
+    return readlink(path, buf, size);
+}
+ssize_t __readlinkat_chk(int dirfd, const char *path, char *buf, size_t size, size_t buflen);
+HOOK ssize_t __readlinkat_chk(int dirfd, const char *path, char *buf, size_t size,
+                              size_t buflen) {
+    if (size > buflen) {
+        __chk_fail();
+    }
+    return readlinkat(dirfd, path, buf, size);
+}

@@ -398,6 +398,9 @@ int debugger_port(const struct sockaddr *sa, socklen_t len, int any_addr);
 
 /* Exec environment: the env that keeps the layer in the new image (malloc'd, NULL-ended). */
 char **proc_exec_env(char *const envp[], int keep_fd);
+/* glibc's fortify failure (buffer overflow detected): what a fortified hook calls when the
+ * length a call was given exceeds its buffer, as glibc's own __*_chk do. */
+extern void __chk_fail(void) __attribute__((noreturn, visibility("default")));
 void proc_free_env(char **env);
 /* files_spawn.c: a posix_spawn whose file actions or inherited fds reach remote files, run as
  * fork + the actions through the hooks + exec; posix_spawn's result, or -1: glibc's will do. */

@@ -436,3 +436,13 @@ HOOK int gethostname(char *name, size_t len) {
     }
     return rc;
 }
+
+/* The fortified gethostname (_FORTIFY_SOURCE): glibc's calls its internal one (the local
+ * hostname). The length check, then the hook. */
+int __gethostname_chk(char *name, size_t len, size_t buflen);
+HOOK int __gethostname_chk(char *name, size_t len, size_t buflen) {
+    if (len > buflen) {
+        __chk_fail();
+    }
+    return gethostname(name, len);
+}

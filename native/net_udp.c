@@ -215,6 +215,18 @@ HOOK ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *s
     return rc;
 }
 
+/* The fortified recvfrom (_FORTIFY_SOURCE): glibc's calls its internal one, which no hook sees
+ * (a relayed datagram would come from the relay's address). */
+ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags, struct sockaddr *sa,
+                       socklen_t *len);
+HOOK ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
+                            struct sockaddr *sa, socklen_t *len) {
+    if (n > buflen) {
+        __chk_fail();
+    }
+    return recvfrom(fd, buf, n, flags, sa, len);
+}
+
 HOOK ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     struct ent *pe = fd_peek(fd);
     if (pe == NULL || pe->kind != K_SOCK || t_guard || msg == NULL || msg->msg_name == NULL) {

@@ -111,3 +111,43 @@ def test_gethostname_stays_local_when_hostname_is_off(run: Runner, daemon: Layer
     )
     assert out.stdout.decode().strip() == socket.gethostname()
     assert daemon.requests() == []
+
+
+@pytest.fixture(scope="module")
+def fortified_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cbuild") / "fortified"
+    src = HERE / "c" / "fortified.c"
+    subprocess.run(
+        ["gcc", "-O2", "-D_FORTIFY_SOURCE=2", "-Wall", "-Werror", "-o", str(out), str(src)],
+        check=True,
+        timeout=60,
+    )
+    return out
+
+
+def test_a_fortified_program_reads_the_target(
+    run: Runner, daemon: LayerDaemon, fortified_program: Path
+) -> None:
+    """glibc's __*_chk functions call its internal read/readlink/getcwd/gethostname, which no
+    hook sees: a fortified program read the empty placeholder of a handle-backed file, the
+    local symlink, cwd and hostname, and saw a relayed datagram come from its relay."""
+    symbols = subprocess.run(
+        ["nm", "-D", str(fortified_program)], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("__read_chk", "__pread_chk", "__readlink_chk", "__getcwd_chk"):
+        assert name in symbols  # the compiler really called the fortified variants
+    assert "__gethostname_chk" in symbols and "__recvfrom_chk" in symbols
+    content = b"0123456789ABCD" + b"z" * 20000
+    daemon.add_file("/srv/f/big.bin", content)
+    daemon.add_symlink("/srv/f/link", "/srv/f/elsewhere")
+    settings = LayerSettings(fs_mode="read", timeout_ms=5000, fetch_limit=1000, fs_handover=False)
+    out = run(
+        [str(fortified_program), "/srv/f/big.bin", "/srv/f/link", "/srv/f"], settings=settings
+    )
+    assert out.stdout.decode().splitlines() == [
+        f"read {len(content)}, pread 4096: ABCD",
+        "readlink /srv/f/elsewhere",
+        "getcwd /srv/f",
+        "hostname target-pod",
+        "udp udp:ping from 192.0.2.55:53",
+    ]
