@@ -337,13 +337,38 @@ class FlowRelay:
                     await self._send(item)
                 except _GONE as exc:
                     self.flow.wrote(0)
-                    out = self.flow.socket_error(_errno_of(exc))
+                    out = self._unread_before_reset()
+                    out += self.flow.socket_error(_errno_of(exc))
                 else:
                     out = self.flow.wrote(len(item))
             self._send_all(out)
             self._moved()
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _unread_before_reset(self) -> list[Message]:
+        """A write failed (the socket's peer reset it: a user app that answered and closed
+        with our next bytes unread): what the peer sent before, still in the socket's receive
+        queue, goes on first, as TCP lets a reader read what arrived before a reset (a
+        mirrored request's answer read back, a stolen request's answer). Non-blocking, at most
+        the send window and 64 reads."""
+        raw = self._raw
+        out: list[Message] = []
+        if raw is None:
+            return out
+        for _ in range(64):
+            size = self.flow.read_size() if self.flow.reading else 0
+            if size == 0:
+                break
+            try:
+                data = raw.recv(size, socket.MSG_DONTWAIT)
+            except OSError:  # nothing more (EAGAIN), or the reset itself
+                break
+            if not data:
+                break
+            self.reads += 1
+            out += self.flow.socket_data(data)
+        return out
 
     def _write_directly(self, raw: socket.socket) -> None:
         """The peer's Data into an idle socket at once (non-blocking); the writing task

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import math
+import select
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ import anyio.lowlevel
 import pytest
 
 from mirrord._frames import FrameReader, FrameWriter
-from mirrord._relay import FlowRelay
+from mirrord._relay import FlowRelay, RawSocketStream
 from mirrord.protocol import (
     NEED_DATA,
     AgentConnection,
@@ -226,6 +227,38 @@ async def test_abort_ends_without_telling_the_peer() -> None:
             await r.relay_a.finished.wait()
         assert not any(isinstance(x, m.ConnClose) for x in r.wire_ab.sent)
         assert await _read_all(r.app_a) == b""
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the daemon's: its writer runs first
+async def test_what_the_app_sent_before_its_reset_reaches_the_peer_first() -> None:
+    """A user app answers and closes with the next request unread (an HTTP/1.0 server): its
+    kernel resets the connection. The relay's next write then fails, and its reader has not
+    read the answer yet (the writer's wake-up runs before the loop polls the socket): the
+    answer, still in the socket, goes to the peer before the reset (a mirrored request was
+    taken as unanswered and sent to the user app again, the next ones never)."""
+    relay_sock, app = _tcp_pair()
+    wire = _Wire()
+    # the daemon's socket stream for a user app's connection (read only under credit)
+    relay = FlowRelay(Flow(CONN, window=1024 * 1024), wire, RawSocketStream(relay_sock))
+    answer = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with wire.tx, wire.rx, anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        relay.receive(m.Data(conn_id=CONN, data=b"GET /r0 HTTP/1.1\r\n\r\n"))
+        with anyio.fail_after(30):
+            while not select.select([app], [], [], 0)[0]:
+                await anyio.sleep(0.01)
+        # from here to the second Data, nothing awaits: the loop does not poll the socket
+        app.recv(7)  # the app read a part of the request, answers and closes: a reset
+        app.sendall(answer)
+        app.close()
+        relay.receive(m.Data(conn_id=CONN, data=b"GET /r1 HTTP/1.1\r\n\r\n"))
+        with anyio.fail_after(30):
+            await relay.finished.wait()
+        tg.cancel_scope.cancel()
+    sent = [(type(x).__name__, getattr(x, "data", getattr(x, "errno", None))) for x in wire.sent]
+    data = b"".join(d for kind, d in sent if kind == "Data" and isinstance(d, bytes))
+    assert data == answer, sent
+    assert sent[-1] in (("ConnClose", errno.EPIPE), ("ConnClose", errno.ECONNRESET))
 
 
 class _AgentStreamLink:
