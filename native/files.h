@@ -26,6 +26,7 @@
  *   files_stdio.c   fopen/freopen/fdopen
  *   files_exec.c    remote fds across exec (MIRRORD_LAYER_FILES)
  *   files_spawn.c   posix_spawn whose child must see remote files (recorded file actions)
+ *   files_walk.c    nftw/ftw from a remote directory (the layer's own walk through the hooks)
  *   files_supervisor.c  the exports the system-call supervisor calls
  */
 #ifndef MIRRORD_FILES_H

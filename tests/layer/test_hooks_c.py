@@ -151,3 +151,64 @@ def test_a_fortified_program_reads_the_target(
         "hostname target-pod",
         "udp udp:ping from 192.0.2.55:53",
     ]
+
+
+_TREE = {
+    "w/a.txt": b"aaaaa",
+    "w/sub/b.txt": b"bbbbb",
+    "w/sub/deeper/c.txt": b"ccccc",
+    "w/skip/hidden.txt": b"hhhhh",
+}
+_LINKS = {"w/link": "a.txt", "w/dangling": "nowhere"}
+
+
+@pytest.fixture(scope="module")
+def walk_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cbuild") / "walk"
+    src = HERE / "c" / "walk.c"
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(src)], check=True)
+    return out
+
+
+def test_nftw_and_ftw_walk_a_pod_directory_as_a_local_one(
+    run: Runner, daemon: LayerDaemon, walk_program: Path, tmp_path: Path
+) -> None:
+    """glibc's nftw/ftw read directories with its internal calls: from a directory only the
+    pod has, nftw failed. The same program through the layer on the pod's tree and directly on
+    a local copy: the same callbacks (flags, levels, bases, sizes; FTW_PHYS, FTW_DEPTH,
+    FTW_CHDIR, FTW_ACTIONRETVAL, a dangling symlink)."""
+    for path, content in _TREE.items():
+        daemon.add_file(f"/srv/t/{path}", content)
+    for path, target in _LINKS.items():
+        daemon.add_symlink(f"/srv/t/{path}", target)
+    local = tmp_path / "t"
+    for path, content in _TREE.items():
+        (local / path).parent.mkdir(parents=True, exist_ok=True)
+        (local / path).write_bytes(content)
+    for path, target in _LINKS.items():
+        (local / path).symlink_to(target)
+    through = run([str(walk_program), "/srv/t", "w"], settings=WRITE).stdout.decode()
+    direct = subprocess.run(
+        [str(walk_program), str(local), "w"], capture_output=True, check=True, timeout=60
+    ).stdout.decode()
+    # readdir's order is the file system's: compare as sets, and the depth-first order apart
+    missing = sorted(set(direct.splitlines()) - set(through.splitlines()))
+    extra = sorted(set(through.splitlines()) - set(direct.splitlines()))
+    assert (missing, extra) == ([], []), f"missing {missing} extra {extra}"
+    assert sorted(through.splitlines()) == sorted(direct.splitlines())
+    lines = through.splitlines()
+    assert "plain 0 1 2 w/a.txt 5" in lines and "plain 6 1 2 w/dangling" in lines  # FTW_SLN
+    assert "phys 4 1 2 w/link" in lines and "ftw 3 w/dangling" in lines  # FTW_SL, FTW_NS
+    assert "depth rc 0, back in the start" in lines and "chdir 0 2 6 w/sub/b.txt 5 found" in lines
+    assert not [x for x in lines if x.startswith("action") and "hidden" in x]  # skipped subtree
+    assert "action 1 1 2 w/skip" in lines and "action rc 0, back in the start" in lines
+    assert [x for x in lines if x.startswith("stop")] == [
+        "stop 1 0 0 w",
+        "stop rc 1, back in the start",
+    ]
+    assert "missing rc -1" in lines
+    depth = [x.split()[-1] for x in lines if x.startswith("depth 5 ")]  # FTW_DP, in order
+    seen = [x.split()[4] for x in lines if x.startswith("depth ") and " rc " not in x]
+    for directory in depth:
+        inside = [i for i, p in enumerate(seen) if p.startswith(directory + "/")]
+        assert all(i < seen.index(directory) for i in inside)  # after everything in it
