@@ -29,6 +29,7 @@ struct walk {
     ftw_fn fn;   /* ftw's */
     char path[PATH_CAP]; /* the entry as the app named the start (what the callback gets) */
     char abs[PATH_CAP];  /* the same entry, absolute (what the walk's own calls use) */
+    char parent[PATH_CAP]; /* scratch: a directory's parent (FTW_CHDIR), off the stack */
     size_t skew;         /* abs is path with this many more bytes in front */
     dev_t dev;           /* the start's device (FTW_MOUNT) */
     int result;          /* the callback's return that ended the walk, or -1 on an error */
@@ -170,9 +171,8 @@ static int visit(struct walk *w, size_t len, int base, int level) {
     closedir(d);
     errno = saved;
     if (entered) { /* back to the directory's parent, as glibc does before FTW_DP */
-        char parent[PATH_CAP];
-        parent_of(w->abs, parent);
-        if (chdir(parent) < 0 && v != STOP) {
+        parent_of(w->abs, w->parent);
+        if (chdir(w->parent) < 0 && v != STOP) {
             w->result = -1;
             v = STOP;
         }
@@ -228,9 +228,8 @@ static int walk(const char *dir, nftw_fn nfn, ftw_fn fn, int flags) {
     }
     char start[PATH_CAP];
     if (flags & FTW_CHDIR) { /* as glibc: the start is reported from the directory holding it */
-        char parent[PATH_CAP];
-        parent_of(w->abs, parent);
-        if (getcwd(start, sizeof start) == NULL || chdir(parent) < 0) {
+        parent_of(w->abs, w->parent);
+        if (getcwd(start, sizeof start) == NULL || chdir(w->parent) < 0) {
             free(w);
             return -1;
         }
