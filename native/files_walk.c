@@ -95,6 +95,37 @@ static void parent_of(const char *path, char *out) {
     }
 }
 
+static int visit(struct walk *w, size_t len, int base, int level);
+
+/* The entries of the directory open as d (at w->path, len bytes), each visited: GO or STOP. */
+static int entries(struct walk *w, DIR *d, size_t len, int level) {
+    struct dirent *de;
+    while ((errno = 0, de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0) {
+            continue;
+        }
+        size_t n = push(w, len, de->d_name);
+        if (n == 0) {
+            errno = ENAMETOOLONG;
+            w->result = -1;
+            return STOP;
+        }
+        int sub = visit(w, n, (int)(n - strlen(de->d_name)), level + 1);
+        pop(w, len);
+        if (sub == STOP) {
+            return STOP;
+        }
+        if (sub == SKIP_SIBLINGS) {
+            return GO;
+        }
+    }
+    if (errno != 0) {
+        w->result = -1; /* readdir failed */
+        return STOP;
+    }
+    return GO;
+}
+
 /* The entry at w->path (len bytes; its name at `base`): reported, and walked if a directory.
  * GO, SKIP_SIBLINGS or STOP (w->result set). */
 static int visit(struct walk *w, size_t len, int base, int level) {
@@ -143,29 +174,8 @@ static int visit(struct walk *w, size_t len, int base, int level) {
         v = STOP;
     }
     int entered = v == GO && !skip && (w->flags & FTW_CHDIR);
-    struct dirent *de;
-    while (v == GO && !skip && (errno = 0, de = readdir(d)) != NULL) {
-        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0) {
-            continue;
-        }
-        size_t n = push(w, len, de->d_name);
-        if (n == 0) {
-            errno = ENAMETOOLONG;
-            w->result = -1;
-            v = STOP;
-            break;
-        }
-        int sub = visit(w, n, (int)(n - strlen(de->d_name)), level + 1);
-        pop(w, len);
-        if (sub == STOP) {
-            v = STOP;
-        } else if (sub == SKIP_SIBLINGS) {
-            break;
-        }
-    }
-    if (v == GO && !skip && de == NULL && errno != 0) {
-        w->result = -1; /* readdir failed */
-        v = STOP;
+    if (v == GO && !skip) {
+        v = entries(w, d, len, level);
     }
     int saved = errno;
     closedir(d);
