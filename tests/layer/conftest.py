@@ -101,3 +101,16 @@ def run(daemon: LayerDaemon, tmp_path: Path) -> Runner:
     work = tmp_path / "work"
     work.mkdir()
     return Runner(daemon, work)
+
+
+def build_c(factory: pytest.TempPathFactory, name: str, *flags: str) -> Path:
+    """tests/layer/c/NAME.c built with gcc (-Wall -Werror, FLAGS or -O1) into a temporary
+    directory: the program's path."""
+    out = factory.mktemp("cbuild") / name
+    src = Path(__file__).resolve().parent / "c" / f"{name}.c"
+    subprocess.run(
+        ["gcc", *(flags or ("-O1",)), "-Wall", "-Werror", "-o", str(out), str(src)],
+        check=True,
+        timeout=60,
+    )
+    return out

@@ -10,7 +10,7 @@ import pytest
 
 from mirrord.layer import LayerSettings
 from tests.layer._daemon import LayerDaemon
-from tests.layer.conftest import TEST_FILE, Runner
+from tests.layer.conftest import TEST_FILE, Runner, build_c
 
 HERE = Path(__file__).resolve().parent
 WRITE = LayerSettings(fs_mode="write", timeout_ms=5000)
@@ -115,14 +115,7 @@ def test_gethostname_stays_local_when_hostname_is_off(run: Runner, daemon: Layer
 
 @pytest.fixture(scope="module")
 def fortified_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cbuild") / "fortified"
-    src = HERE / "c" / "fortified.c"
-    subprocess.run(
-        ["gcc", "-O2", "-D_FORTIFY_SOURCE=2", "-Wall", "-Werror", "-o", str(out), str(src)],
-        check=True,
-        timeout=60,
-    )
-    return out
+    return build_c(tmp_path_factory, "fortified", "-O2", "-D_FORTIFY_SOURCE=2")
 
 
 def test_a_fortified_program_reads_the_target(
@@ -164,10 +157,7 @@ _LINKS = {"w/link": "a.txt", "w/dangling": "nowhere"}
 
 @pytest.fixture(scope="module")
 def walk_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cbuild") / "walk"
-    src = HERE / "c" / "walk.c"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(src)], check=True)
-    return out
+    return build_c(tmp_path_factory, "walk")
 
 
 def test_nftw_and_ftw_walk_a_pod_directory_as_a_local_one(

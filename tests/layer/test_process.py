@@ -11,7 +11,7 @@ import pytest
 
 from mirrord.layer import LayerSettings
 from tests.layer._daemon import LayerDaemon
-from tests.layer.conftest import PYTHON, TEST_FILE, Runner
+from tests.layer.conftest import PYTHON, TEST_FILE, Runner, build_c
 
 FORK_20 = r"""
 import os, socket, sys
@@ -110,12 +110,7 @@ def test_bypassed_fork_and_exec_without_layer_settings(tmp_path: object) -> None
 
 @pytest.fixture(scope="module")
 def spawn_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cbuild") / "spawn"
-    src = Path(__file__).resolve().parent / "c" / "spawn.c"
-    subprocess.run(
-        ["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(src)], check=True, timeout=60
-    )
-    return out
+    return build_c(tmp_path_factory, "spawn")
 
 
 @pytest.mark.parametrize(
@@ -134,12 +129,7 @@ def test_exec_and_spawn_with_an_env_without_the_layer(
 
 @pytest.fixture(scope="module")
 def spawn_actions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cbuild") / "spawn_actions"
-    src = Path(__file__).resolve().parent / "c" / "spawn_actions.c"
-    subprocess.run(
-        ["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(src)], check=True, timeout=60
-    )
-    return out
+    return build_c(tmp_path_factory, "spawn_actions")
 
 
 # files over fetch_limit are handle-backed, and nothing is handed over: the child has only what
