@@ -167,32 +167,46 @@ class NodeAgent:
                 await _splice(client, upstream)
 
 
-async def _copy(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> str | None:
-    """Copy `src` to `dst` until either ends; why it broke (None at an ordinary end)."""
-    broke: str | None = None
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def _copy(
+    src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream
+) -> tuple[str | None, str | None]:
+    """Copy `src` to `dst` until either ends; why reading `src` broke and why writing `dst`
+    broke (None, None at an ordinary end)."""
+    read_broke: str | None = None
+    write_broke: str | None = None
     try:
         async for chunk in src:
-            await dst.send(chunk)
+            try:
+                await dst.send(chunk)
+            except (anyio.BrokenResourceError, OSError) as exc:
+                write_broke = _why(exc)
+                break
     except (anyio.EndOfStream, anyio.ClosedResourceError):
         pass
     except (anyio.BrokenResourceError, OSError) as exc:
-        broke = str(exc) or type(exc).__name__
+        read_broke = _why(exc)
     with contextlib.suppress(Exception):
         await dst.send_eof()
-    return broke
+    return read_broke, write_broke
 
 
 async def _splice(a: anyio.abc.ByteStream, b: anyio.abc.ByteStream) -> str | None:
     """Copy both ways until either end ends (port-forward has no half-close: one end means
-    both); why the way from `b` to `a` broke, if it did (the node agent's upstream, the
-    Kubernetes helper's port-forward)."""
+    both); why `b` broke, if it did (the node agent's upstream, the Kubernetes helper's
+    port-forward), whichever way met it first: a read of `b`, or a write to `b` (the app
+    kept sending while its agent pod went)."""
     broke: str | None = None
     async with anyio.create_task_group() as tg:
 
         async def one_way(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> None:
             nonlocal broke
-            why = await _copy(src, dst)
-            if src is b:
+            read_broke, write_broke = await _copy(src, dst)
+            why = read_broke if src is b else write_broke
+            if why is not None and broke is None:
                 broke = why
             tg.cancel_scope.cancel()
 

@@ -52,6 +52,10 @@ class PortForwardStream(anyio.abc.ByteStream):
         self._closed = False
         self._send_lock = anyio.Lock()
         self._pending = b""  # the rest of a message bigger than the caller's max_bytes
+        # the owner's answer to "why did the stream end", asked once and shared by the reader
+        # and a writer that fails meanwhile (see `_ended`)
+        self._end_checked: anyio.Event | None = None
+        self._end_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<PortForwardStream {self.description} closed={self._closed}>"
@@ -104,12 +108,27 @@ class PortForwardStream(anyio.abc.ByteStream):
     async def _ended(self) -> str | None:
         """Let the owner find out why the stream ended (is the agent pod gone?) before the
         caller sees the end, so that its liveness check is already up to date. Returns the
-        owner's reason when the agent is gone."""
+        owner's reason when the agent is gone.
+
+        Asked once, shielded and bounded (5 s): the reader that met the websocket's close and a
+        writer whose send failed meanwhile both wait for the same answer, and neither one's
+        cancellation (a splice ends both ways when one ends) loses it for the other."""
+        if self._end_checked is not None:
+            await self._end_checked.wait()
+            return self._end_reason
+        self._end_checked = checked = anyio.Event()
         on_end, self._on_end = self._on_end, None
-        if on_end is not None:
-            with anyio.move_on_after(5), contextlib.suppress(Exception):
-                return await on_end()
-        return None
+        try:
+            if on_end is not None:
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(5),
+                    contextlib.suppress(Exception),
+                ):
+                    self._end_reason = await on_end()
+        finally:
+            checked.set()
+        return self._end_reason
 
     async def send(self, item: bytes) -> None:
         if self._closed:
@@ -119,8 +138,9 @@ class PortForwardStream(anyio.abc.ByteStream):
                 for i in range(0, len(item), _MAX_MESSAGE):
                     await self._ws.send_bytes(b"\x00" + item[i : i + _MAX_MESSAGE])
             except (ConnectionError, RuntimeError) as exc:
+                why = await self._ended()  # the agent pod gone: that, not the socket's words
                 raise anyio.BrokenResourceError(
-                    f"port-forward to {self.description} broke: {exc}"
+                    why or f"port-forward to {self.description} broke: {exc}"
                 ) from exc
 
     async def send_eof(self) -> None:
