@@ -40,7 +40,10 @@ log = logging.getLogger("mirrord.daemon.kube")
 
 HELPER_IDLE_EXIT = 30.0  # seconds without a cluster agent before the helper is let go
 _STOP_TIMEOUT = 60.0  # a release deletes a Job: the API server's time
-_ENDED_WAIT = 5.0  # how long a stream's end waits for the helper to say why
+# How long a stream's end waits for the helper to say why: longer than the helper's own
+# 5 s bound on asking the API server (`PortForwardStream._ended`), so that its answer,
+# not the wait, decides what the sessions are told.
+_ENDED_WAIT = 7.0
 
 
 class _Call:
