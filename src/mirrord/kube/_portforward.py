@@ -138,6 +138,8 @@ class PortForwardStream(anyio.abc.ByteStream):
                 for i in range(0, len(item), _MAX_MESSAGE):
                     await self._ws.send_bytes(b"\x00" + item[i : i + _MAX_MESSAGE])
             except (ConnectionError, RuntimeError) as exc:
+                if self._closed:  # our own aclose(): an ordinary end, nothing to ask
+                    raise anyio.ClosedResourceError from exc
                 why = await self._ended()  # the agent pod gone: that, not the socket's words
                 raise anyio.BrokenResourceError(
                     why or f"port-forward to {self.description} broke: {exc}"
