@@ -510,6 +510,78 @@ def outgoing_rr(env: BenchEnv, port_forward: bool = False, handover: bool = Fals
     return Result(via, direct, "s/rtt", note=f"added latency {1e6 * (via - direct):.0f} µs")
 
 
+def _through_forwarders(env: BenchEnv, first: str, second: str, n: str) -> float:
+    """`_RR` from this machine through two bare forwarders (bench/_floor.py): `first` on this
+    machine, `second` in the pod's network namespace (where the agent runs), joined by a unix
+    socket (as the daemon and a local agent are); the second connects to the pod's echo
+    service on the pod's loopback, as the agent does for `outgoing_rr`."""
+    path = env.tmp / f"floor-{time.monotonic_ns()}.sock"
+    module = [PY, "-m", "bench._floor"]
+    echo = f"127.0.0.1:{_echo_port(env)}"
+    root = str(Path(__file__).resolve().parent.parent)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for argv in (
+            ["nsenter", "-t", str(env.pod.pid), "-n", *module, second, str(path), echo],
+            [*module, first, "tcp", str(path)],
+        ):
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=root,
+                env={**os.environ, "PYTHONPATH": root},
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            ready = proc.stdout.readline().split()  # bounded: the process prints or exits
+            if ready[:1] != ["ready"]:
+                raise RuntimeError(f"forwarder {argv} did not start")
+        port = ready[1]
+        out = subprocess.run(
+            [PY, "-c", _RR, "127.0.0.1", port, n],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return float(out.stdout.split()[-1])
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate(timeout=30)
+        path.unlink(missing_ok=True)
+
+
+def outgoing_rr_floor(env: BenchEnv) -> Result:
+    """`_RR` through a bare asyncio forwarder and a bare trio forwarder (the event loops the
+    daemon and the agent run on, doing nothing but forward) against the direct round trip:
+    the floor those loops set under `outgoing_rr`. The note gives the same through two plain
+    `select` loops, the floor of any two-process relay."""
+    env.require_run()
+    port = str(_echo_port(env))
+    n = str(_runs(env, 3000, 500))
+    runs = _runs(env, 5, 3)
+
+    def direct() -> float:
+        out = subprocess.run(
+            [PY, "-c", _RR, env.pod.ip, port, n], capture_output=True, text=True, check=True
+        )
+        return float(out.stdout.split()[-1])
+
+    loops = median_of(lambda: _through_forwarders(env, "asyncio", "trio", n), runs)
+    plain = median_of(lambda: _through_forwarders(env, "select", "select", n), runs)
+    base = median_of(direct, runs)
+    return Result(
+        loops,
+        base,
+        "s/rtt",
+        note=f"added {1e6 * (loops - base):.0f} µs; two select loops {plain / base:.2f}x",
+        extra={"select_loops": plain},
+    )
+
+
 def outgoing_bulk(env: BenchEnv, port_forward: bool = False, handover: bool = False) -> Result:
     runs = _runs(env, 3, 2)
     via, direct = _outgoing(env, _BULK, str(env.bulk_size), runs, port_forward, handover=handover)
@@ -770,6 +842,14 @@ def figures(env: BenchEnv) -> list[Figure]:
             "lower",
             3,  # issue 18
             f(outgoing_rr),
+        ),
+        Figure(
+            "outgoing_rr_floor",
+            "outgoing_rr's round trip through bare asyncio + trio forwarders",
+            "direct to pod IP",
+            "report",
+            None,
+            f(outgoing_rr_floor),
         ),
         Figure(
             "outgoing_bulk",
