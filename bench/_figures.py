@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -11,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench._core import Figure, NotAvailable, Result, median_of, timed
@@ -510,23 +511,19 @@ def outgoing_rr(env: BenchEnv, port_forward: bool = False, handover: bool = Fals
     return Result(via, direct, "s/rtt", note=f"added latency {1e6 * (via - direct):.0f} µs")
 
 
-def _through_forwarders(env: BenchEnv, first: str, second: str, n: str) -> float:
-    """`_RR` from this machine through two bare forwarders (bench/_floor.py): `first` on this
-    machine, `second` in the pod's network namespace (where the agent runs), joined by a unix
-    socket (as the daemon and a local agent are); the second connects to the pod's echo
-    service on the pod's loopback, as the agent does for `outgoing_rr`."""
-    path = env.tmp / f"floor-{time.monotonic_ns()}.sock"
-    module = [PY, "-m", "bench._floor"]
-    echo = f"127.0.0.1:{_echo_port(env)}"
+@contextlib.contextmanager
+def _bare_forwarders(env: BenchEnv, *hops: list[str]) -> Iterator[str]:
+    """Start the bare forwarders of bench/_floor.py, last hop first: each of `hops` is its
+    `KIND LISTEN CONNECT`, prefixed by `nsenter` arguments to run it in the pod's network
+    namespace where the agent runs. Yields the `ready` port of the first hop; every process is
+    killed on the way out."""
     root = str(Path(__file__).resolve().parent.parent)
     procs: list[subprocess.Popen[str]] = []
+    port = ""
     try:
-        for argv in (
-            ["nsenter", "-t", str(env.pod.pid), "-n", *module, second, str(path), echo],
-            [*module, first, "tcp", str(path)],
-        ):
+        for hop in reversed(hops):
             proc = subprocess.Popen(
-                argv,
+                [*hop[:-3], PY, "-m", "bench._floor", *hop[-3:]],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -537,21 +534,91 @@ def _through_forwarders(env: BenchEnv, first: str, second: str, n: str) -> float
             assert proc.stdout is not None
             ready = proc.stdout.readline().split()  # bounded: the process prints or exits
             if ready[:1] != ["ready"]:
-                raise RuntimeError(f"forwarder {argv} did not start")
-        port = ready[1]
-        out = subprocess.run(
-            [PY, "-c", _RR, "127.0.0.1", port, n],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        return float(out.stdout.split()[-1])
+                raise RuntimeError(f"bare forwarder {hop} did not start")
+            port = ready[1]
+        yield port
     finally:
         for proc in procs:
             proc.kill()
             proc.communicate(timeout=30)
-        path.unlink(missing_ok=True)
+
+
+def _through_forwarders(env: BenchEnv, first: str, second: str, n: str) -> float:
+    """`_RR` from this machine through two bare forwarders: `first` on this machine, `second`
+    in the pod's network namespace, joined by a unix socket (as the daemon and a local agent
+    are); the second connects to the pod's echo service on the pod's loopback, as the agent
+    does for `outgoing_rr`."""
+    path = str(env.tmp / f"floor-{time.monotonic_ns()}.sock")
+    in_pod = ["nsenter", "-t", str(env.pod.pid), "-n"]
+    try:
+        with _bare_forwarders(
+            env,
+            [first, "tcp", path],
+            [*in_pod, second, path, f"127.0.0.1:{_echo_port(env)}"],
+        ) as port:
+            out = subprocess.run(
+                [PY, "-c", _RR, "127.0.0.1", port, n],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=120,
+            )
+        return float(out.stdout.split()[-1])
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+_UNIX_RR = textwrap.dedent(
+    """
+    import socket, sys, time
+    path, n = sys.argv[1], int(sys.argv[2])
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    def rt():
+        s.sendall(b"x" * 32)
+        got = 0
+        while got < 32:
+            data = s.recv(64)
+            assert data, "the forwarder closed the connection"
+            got += len(data)
+    for _ in range(50):
+        rt()
+    t = time.perf_counter()
+    for _ in range(n):
+        rt()
+    print((time.perf_counter() - t) / n)
+    """
+)
+
+
+def file_small_floor(env: BenchEnv) -> Result:
+    """A 32-byte request and reply from a process over a unix socket (as the layer reaches the
+    daemon), through a bare asyncio forwarder to a bare trio task that answers it (as the agent
+    answers a small file request inline): the floor that the daemon's and the agent's event
+    loops set under `file_small` (one round trip per open+read+close), beside its baseline."""
+    n = _runs(env, 2000, 300)
+    runs = _runs(env, 5, 3)
+
+    def once() -> float:
+        stamp = time.monotonic_ns()
+        first, second = (str(env.tmp / f"floor-{stamp}-{i}.sock") for i in (1, 2))
+        try:
+            with _bare_forwarders(env, ["asyncio", first, second], ["trio", second, "echo"]):
+                out = subprocess.run(
+                    [PY, "-c", _UNIX_RR, first, str(n)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=120,
+                )
+            return float(out.stdout.split()[-1])
+        finally:
+            for path in (first, second):
+                Path(path).unlink(missing_ok=True)
+
+    floor = median_of(once, runs, 0)
+    base = median_of(lambda: _pingpong_rtt(n), 5)
+    return Result(floor, base, "s/rt", note="baseline: file_small's (a unix round trip in Python)")
 
 
 def outgoing_rr_floor(env: BenchEnv) -> Result:
@@ -788,6 +855,14 @@ def figures(env: BenchEnv) -> list[Figure]:
             f(file_small),
         ),
         Figure(
+            "file_small_floor",
+            "one round trip through bare asyncio + trio (the loops' floor)",
+            "unix ping-pong RTT",
+            "report",
+            None,
+            f(file_small_floor),
+        ),
+        Figure(
             "file_bulk",
             "read the bulk file, remote",
             "read via /proc/P/root",
@@ -845,7 +920,7 @@ def figures(env: BenchEnv) -> list[Figure]:
         ),
         Figure(
             "outgoing_rr_floor",
-            "outgoing_rr's round trip through bare asyncio + trio forwarders",
+            "outgoing_rr through bare asyncio + trio forwarders (the loops' floor)",
             "direct to pod IP",
             "report",
             None,

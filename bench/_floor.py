@@ -4,10 +4,11 @@ same through two plain `select` loops. They measure the floor that the chosen ev
 under `outgoing_rr`, not a part of mirrord.
 
 Run as `python -m bench._floor KIND LISTEN CONNECT`: KIND is `asyncio`, `trio` or `select`;
-LISTEN is `tcp` (127.0.0.1, an ephemeral port) or a unix socket path; CONNECT is `HOST:PORT` or
-a unix socket path. The process prints `ready PORT` (0 for a unix LISTEN) once it listens, then
-forwards each accepted connection to a new connection to CONNECT, one at a time, until its
-stdin closes or it is killed.
+LISTEN is `tcp` (127.0.0.1, an ephemeral port) or a unix socket path; CONNECT is `HOST:PORT`, a
+unix socket path, or `echo` (`trio` only: answer each request with its own bytes, as the agent
+answers a small file request itself). The process prints `ready PORT` (0 for a unix LISTEN)
+once it listens, then serves each accepted connection, one at a time, until its stdin closes
+or it is killed.
 """
 
 from __future__ import annotations
@@ -128,6 +129,30 @@ def forward_trio(a: socket.socket, b: socket.socket) -> None:
     trio.run(main)
 
 
+def echo_trio(a: socket.socket) -> None:
+    """Answer each read with the same bytes, in one trio task that receives directly and waits
+    only when the socket is empty."""
+    import trio
+
+    async def main() -> None:
+        a.setblocking(False)
+        while True:
+            try:
+                data = a.recv(_CHUNK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(a)
+                continue
+            if not data:
+                return
+            sent = a.send(data)
+            if sent < len(data):  # never for a 32-byte request
+                a.setblocking(True)
+                a.sendall(data[sent:])
+                a.setblocking(False)
+
+    trio.run(main)
+
+
 FORWARDERS: dict[str, Callable[[socket.socket, socket.socket], None]] = {
     "select": forward_select,
     "asyncio": forward_asyncio,
@@ -146,6 +171,10 @@ def main(argv: list[str]) -> int:
     while True:
         conn, _ = ls.accept()
         _nodelay(conn)
+        if connect_to == "echo" and kind == "trio":
+            with conn:
+                echo_trio(conn)
+            continue
         with conn, _connect(connect_to) as out:
             forward(conn, out)
 
