@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -213,6 +214,60 @@ def _open_loop(host: str, port: int, rate: float, total: int, conns: int) -> tup
     return sum(answered), total / (time.monotonic() - start)
 
 
+def _machine_busy() -> tuple[float, float]:
+    """(all CPU time, idle CPU time) of the machine so far, in seconds (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(ticks) / hz, (ticks[3] + ticks[4]) / hz
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of `pids` (every thread of each), in seconds; an exited one
+    counts for nothing."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants now."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 1000:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo.extend(int(c) for c in task.read_text().split())
+            except OSError:
+                continue
+    return found
+
+
+def _mirror_parts(env: BenchEnv, app: _App) -> dict[str, list[int]]:
+    """The processes that mirroring adds: the user app (and its `mirrord run`), the daemon and
+    the agents, from `mirrord daemon status --json`."""
+    out = subprocess.run(
+        [*env.mirrord, "daemon", "status", "--json"],
+        capture_output=True,
+        text=True,
+        env=env.env(),
+        timeout=60,
+        check=True,
+    )
+    status = json.loads(out.stdout)
+    return {
+        "app": _process_tree(app.proc.pid),
+        "agent": [int(a["pid"]) for a in status.get("agents", []) if a.get("pid")],
+        "daemon": [int(status["daemon"]["pid"])],
+    }
+
+
 def _kernel_drops(env: BenchEnv) -> int:
     """Kernel drops the agents report, from `mirrord daemon status --json`."""
     out = subprocess.run(
@@ -233,10 +288,17 @@ def mirror_capacity(env: BenchEnv) -> Result:
     if port is None:
         raise NotAvailable("the pod has no HTTP service")
     conns = 20
-    # The rate the pod's own server sustains, measured closed-loop from this machine.
+    # The rate the pod's own server sustains, measured closed-loop from this machine, and how
+    # much of the machine's CPU that takes (generator and server).
+    all0, idle0 = _machine_busy()
     server_rps, _ = _closed_loop(env.pod.ip, port, conns, 2.0 if env.quick else 4.0)
+    all1, idle1 = _machine_busy()
+    free_cpus = max(0.0, (idle1 - idle0) / ((all1 - all0) / (os.cpu_count() or 1)))
     best = 0.0
     app = _App(env, port)  # mirror is the default incoming mode
+    parts = _mirror_parts(env, app)
+    cpu0 = {name: _cpu_seconds(pids) for name, pids in parts.items()}
+    mirrored_total = 0
     try:
         failure = ""
         for fraction in (0.1, 0.25, 0.5, 0.8, 1.0):
@@ -249,6 +311,7 @@ def mirror_capacity(env: BenchEnv) -> Result:
             while len(app.seen()) - before < answered and time.monotonic() < deadline:
                 time.sleep(0.2)
             mirrored = len(app.seen()) - before
+            mirrored_total += mirrored
             drops = _kernel_drops(env)
             if answered == total and mirrored == total and drops == 0:
                 best = max(best, achieved)  # what the generator really sent, not the schedule
@@ -258,10 +321,29 @@ def mirror_capacity(env: BenchEnv) -> Result:
                     f"{drops} kernel drops"
                 )
                 break
+        used = {
+            name: (_cpu_seconds(pids) - cpu0[name]) / max(1, mirrored_total)
+            for name, pids in parts.items()
+        }
     finally:
         app.close()
     if best == 0.0:
         raise RuntimeError(f"no rate was mirrored without missed requests ({failure})")
+    # What the CPU left idle by the baseline allows per mirrored request at 0.95x its rate:
+    # mirroring cannot reach 0.95x if its processes need more than that.
+    budget = free_cpus / (0.95 * server_rps)
+    cost = " + ".join(f"{name} {1e6 * v:.0f}" for name, v in used.items())
     return Result(
-        best, server_rps, "req/s", note=f"0 missed, 0 kernel drops; next step {failure or 'none'}"
+        best,
+        server_rps,
+        "req/s",
+        note=(
+            f"0 missed, 0 kernel drops; next step {failure or 'none'}; CPU per mirrored "
+            f"request: {cost} µs; idle CPU at the baseline allows {1e6 * budget:.0f} µs at 0.95x"
+        ),
+        extra={
+            **{f"cpu_{name}": v for name, v in used.items()},
+            "free_cpus": free_cpus,
+            "budget_at_095": budget,
+        },
     )
