@@ -512,7 +512,7 @@ def outgoing_rr(env: BenchEnv, port_forward: bool = False, handover: bool = Fals
 
 
 @contextlib.contextmanager
-def _bare_forwarders(env: BenchEnv, *hops: list[str]) -> Iterator[str]:
+def _bare_forwarders(*hops: list[str]) -> Iterator[str]:
     """Start the bare forwarders of bench/_floor.py, last hop first: each of `hops` is its
     `KIND LISTEN CONNECT`, prefixed by `nsenter` arguments to run it in the pod's network
     namespace where the agent runs. Yields the `ready` port of the first hop; every process is
@@ -552,7 +552,6 @@ def _through_forwarders(env: BenchEnv, first: str, second: str, n: str) -> float
     in_pod = ["nsenter", "-t", str(env.pod.pid), "-n"]
     try:
         with _bare_forwarders(
-            env,
             [first, "tcp", path],
             [*in_pod, second, path, f"127.0.0.1:{_echo_port(env)}"],
         ) as port:
@@ -603,7 +602,7 @@ def file_small_floor(env: BenchEnv) -> Result:
         stamp = time.monotonic_ns()
         first, second = (str(env.tmp / f"floor-{stamp}-{i}.sock") for i in (1, 2))
         try:
-            with _bare_forwarders(env, ["asyncio", first, second], ["trio", second, "echo"]):
+            with _bare_forwarders(["asyncio", first, second], ["trio", second, "echo"]):
                 out = subprocess.run(
                     [PY, "-c", _UNIX_RR, first, str(n)],
                     capture_output=True,

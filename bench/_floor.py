@@ -1,7 +1,7 @@
-"""Bare forwarders for `outgoing_rr_floor`: the round trip a daemon on asyncio and an agent on
-trio add when they do nothing but forward bytes (no frames, no flow, no multiplexing), and the
-same through two plain `select` loops. They measure the floor that the chosen event loops set
-under `outgoing_rr`, not a part of mirrord.
+"""Bare forwarders for `file_small_floor` and `outgoing_rr_floor`: the round trip a daemon on
+asyncio and an agent on trio add when they do nothing but forward bytes (no frames, no flow, no
+multiplexing), and the same through two plain `select` loops. They measure the floor that the
+chosen event loops set under `file_small` and `outgoing_rr`; they are not a part of mirrord.
 
 Run as `python -m bench._floor KIND LISTEN CONNECT`: KIND is `asyncio`, `trio` or `select`;
 LISTEN is `tcp` (127.0.0.1, an ephemeral port) or a unix socket path; CONNECT is `HOST:PORT`, a
