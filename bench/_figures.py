@@ -511,6 +511,12 @@ def outgoing_rr(env: BenchEnv, port_forward: bool = False, handover: bool = Fals
     return Result(via, direct, "s/rtt", note=f"added latency {1e6 * (via - direct):.0f} µs")
 
 
+def _last_number(argv: list[str]) -> float:
+    """The last number a measuring script printed (run on this machine, bounded)."""
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120)
+    return float(out.stdout.split()[-1])
+
+
 @contextlib.contextmanager
 def _bare_forwarders(*hops: list[str]) -> Iterator[str]:
     """Start the bare forwarders of bench/_floor.py, last hop first: each of `hops` is its
@@ -555,14 +561,7 @@ def _through_forwarders(env: BenchEnv, first: str, second: str, n: str) -> float
             [first, "tcp", path],
             [*in_pod, second, path, f"127.0.0.1:{_echo_port(env)}"],
         ) as port:
-            out = subprocess.run(
-                [PY, "-c", _RR, "127.0.0.1", port, n],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=120,
-            )
-        return float(out.stdout.split()[-1])
+            return _last_number([PY, "-c", _RR, "127.0.0.1", port, n])
     finally:
         Path(path).unlink(missing_ok=True)
 
@@ -603,14 +602,7 @@ def file_small_floor(env: BenchEnv) -> Result:
         first, second = (str(env.tmp / f"floor-{stamp}-{i}.sock") for i in (1, 2))
         try:
             with _bare_forwarders(["asyncio", first, second], ["trio", second, "echo"]):
-                out = subprocess.run(
-                    [PY, "-c", _UNIX_RR, first, str(n)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    timeout=120,
-                )
-            return float(out.stdout.split()[-1])
+                return _last_number([PY, "-c", _UNIX_RR, first, str(n)])
         finally:
             for path in (first, second):
                 Path(path).unlink(missing_ok=True)

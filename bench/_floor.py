@@ -97,6 +97,18 @@ def forward_asyncio(a: socket.socket, b: socket.socket) -> None:
     asyncio.run(main())
 
 
+async def _trio_receive(sock: socket.socket) -> bytes:
+    """The next bytes of a non-blocking `sock`: received directly, waited for (in trio) only
+    when there are none yet."""
+    import trio
+
+    while True:
+        try:
+            return sock.recv(_CHUNK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
 def forward_trio(a: socket.socket, b: socket.socket) -> None:
     """Both ways in two trio tasks, each receiving directly and waiting only when the socket is
     empty (as the agent's relays do)."""
@@ -104,11 +116,7 @@ def forward_trio(a: socket.socket, b: socket.socket) -> None:
 
     async def pump(src: socket.socket, dst: socket.socket, scope: trio.CancelScope) -> None:
         while True:
-            try:
-                data = src.recv(_CHUNK)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(src)
-                continue
+            data = await _trio_receive(src)
             if not data:
                 scope.cancel()
                 return
@@ -137,11 +145,7 @@ def echo_trio(a: socket.socket) -> None:
     async def main() -> None:
         a.setblocking(False)
         while True:
-            try:
-                data = a.recv(_CHUNK)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(a)
-                continue
+            data = await _trio_receive(a)
             if not data:
                 return
             sent = a.send(data)

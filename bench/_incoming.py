@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bench._core import NotAvailable, Result
 from bench._env import BenchEnv
@@ -252,15 +253,7 @@ def _process_tree(pid: int) -> list[int]:
 def _mirror_parts(env: BenchEnv, app: _App) -> dict[str, list[int]]:
     """The processes that mirroring adds: the user app (and its `mirrord run`), the daemon and
     the agents, from `mirrord daemon status --json`."""
-    out = subprocess.run(
-        [*env.mirrord, "daemon", "status", "--json"],
-        capture_output=True,
-        text=True,
-        env=env.env(),
-        timeout=60,
-        check=True,
-    )
-    status = json.loads(out.stdout)
+    status = _daemon_status(env)
     return {
         "app": _process_tree(app.proc.pid),
         "agent": [int(a["pid"]) for a in status.get("agents", []) if a.get("pid")],
@@ -268,8 +261,7 @@ def _mirror_parts(env: BenchEnv, app: _App) -> dict[str, list[int]]:
     }
 
 
-def _kernel_drops(env: BenchEnv) -> int:
-    """Kernel drops the agents report, from `mirrord daemon status --json`."""
+def _daemon_status(env: BenchEnv) -> dict[str, Any]:
     out = subprocess.run(
         [*env.mirrord, "daemon", "status", "--json"],
         capture_output=True,
@@ -278,7 +270,13 @@ def _kernel_drops(env: BenchEnv) -> int:
         timeout=60,
         check=True,
     )
-    status = json.loads(out.stdout)
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status
+
+
+def _kernel_drops(env: BenchEnv) -> int:
+    """Kernel drops the agents report, from `mirrord daemon status --json`."""
+    status = _daemon_status(env)
     return sum(int(a.get("link", {}).get("kernel_drops", 0)) for a in status.get("agents", []))
 
 
