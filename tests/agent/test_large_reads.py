@@ -1,18 +1,15 @@
-"""Large reads (over INLINE_READ_MAX) are read by a worker straight into their reply frame
-(`read_data`, `FileData.frame`): what the daemon gets is the ordinary FileData reply."""
+"""Large reads (over INLINE_READ_MAX) are a worker's, and their data goes to the daemon as
+os.pread returned it (a part of its own in the reply's frame): what the daemon gets is the
+ordinary FileData reply."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from os import O_RDONLY
 
-import cbor2
 import pytest
 
-from mirrord.agent._files import read_data
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient
@@ -20,28 +17,6 @@ from tests._agent_process import AgentProc
 
 SIZE = 3 * 1024 * 1024 + 17
 DATA = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(SIZE // 32 + 1))[:SIZE]
-
-
-def test_the_data_is_read_into_the_frame_the_connection_heads() -> None:
-    with tempfile.TemporaryFile() as f:
-        f.write(DATA)
-        f.flush()
-        item = cbor2.dumps([3, 13, 4242, b""])  # channel, kind, request id, empty data
-        empty = len(item).to_bytes(4, "big") + item
-        for offset, size, want in (
-            (0, 100_000, DATA[:100_000]),
-            (SIZE - 10, 100_000, DATA[-10:]),  # short: at the end
-            (SIZE, 70_000, b""),
-        ):
-            frame = read_data(f.fileno(), size, offset).frame(empty)
-            assert int.from_bytes(frame[:4], "big") == len(frame) - 4
-            assert cbor2.loads(bytes(frame[4:])) == [3, 13, 4242, want]
-        os.lseek(f.fileno(), 5, os.SEEK_SET)
-        frame = read_data(f.fileno(), 80_000, None).frame(empty)  # at the fd's position
-        assert cbor2.loads(bytes(frame[4:]))[3] == DATA[5:80_005]
-        assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == 80_005
-        with pytest.raises(ValueError):
-            read_data(f.fileno(), 10, 0).frame(cbor2.dumps([1, 2]))
 
 
 @pytest.mark.netns

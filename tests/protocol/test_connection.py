@@ -281,3 +281,27 @@ def test_send_parts_is_send_with_a_large_datas_bytes_uncopied(size: int) -> None
         assert isinstance(parts, bytes)
     daemon.receive_data(joined)
     assert daemon.next_event() == Received(channel=5, message=msg)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 64 * 1024 - 1, 64 * 1024, 1024 * 1024 + 3])
+def test_a_large_file_datas_bytes_go_out_uncopied_as_the_encoder_frames_them(size: int) -> None:
+    """The agent's reply to a large read is sent as parts with its data uncopied, byte for byte
+    the encoder's frame (a daemon's FileData to a layer is the encoder's frame too)."""
+    data = bytes(range(256)) * (size // 256) + b"y" * (size % 256)
+    msg = messages.FileData(request_id=77, data=data)
+    daemon, agent = agent_pair()
+    parts = agent.send_parts(msg, 5)
+    joined = parts if isinstance(parts, bytes) else b"".join(parts)
+    assert joined == encode_frame([5, *msg.to_wire()])
+    if size >= 64 * 1024:
+        assert isinstance(parts, list) and parts[-1] is data  # os.pread's bytes, no copy
+    else:
+        assert isinstance(parts, bytes)
+    daemon.receive_data(joined)
+    assert drain(daemon) == [Received(channel=5, message=msg)]
+    layer, layer_daemon = layer_pair()
+    frame = layer_daemon.send(msg)
+    assert frame == encode_frame(msg.to_wire())
+    layer.receive_data(frame)
+    [event] = drain(layer)
+    assert isinstance(event, Received) and event.message == msg

@@ -39,11 +39,9 @@ from mirrord.agent._dns import GaiError
 from mirrord.agent._env import filter_env, read_environ
 from mirrord.agent._files import (
     DirHandle,
-    FileData,
     FileHandle,
     HandleTable,
     fstatfs,
-    read_data,
     stat_list,
     utimens_at,
 )
@@ -72,10 +70,10 @@ log = logging.getLogger("mirrord.agent")
 # A file request, planned on the event loop: the blocking call for a worker thread, what makes
 # the reply from its result (on the event loop), and the handle the call uses (released first).
 # No blocking call (None): the reply is made at once.
-# (the call, what makes its reply of the result, the handle it holds): the reply is a message,
-# a large read's FileData, already in its frame, or a reply with an fd handed over (`_Handed`)
+# (the call, what makes its reply of the result, the handle it holds): the reply is a message
+# or a reply with an fd handed over (`_Handed`)
 _Plan: TypeAlias = tuple[
-    Callable[[], Any] | None, Callable[[Any], "Message | FileData | _Handed"], "FileHandle | None"
+    Callable[[], Any] | None, Callable[[Any], "Message | _Handed"], "FileHandle | None"
 ]
 
 
@@ -139,10 +137,6 @@ class ChannelOwner(Protocol):
 
     def send_passing(self, msg: Message, channel: int, passing: Passable) -> None:
         """`send_nowait` with an fd handed to the daemon along with `msg` (owned from here)."""
-        ...
-
-    def send_data_nowait(self, request_id: int, data: FileData, channel: int) -> None:
-        """Send the FileData reply to `request_id` whose bytes `read_data` read in place."""
         ...
 
     async def wait_ready(self) -> None:
@@ -368,7 +362,7 @@ class Channel:
         finally:
             self.session.request_slots.release()
 
-    def _log_reply(self, req: Any, reply: Message | FileData | None) -> None:
+    def _log_reply(self, req: Any, reply: Message | None) -> None:
         if log.isEnabledFor(logging.DEBUG):
             # Message names and errnos only: paths are fine, env values never reach here.
             log.debug(
@@ -419,7 +413,7 @@ class Channel:
                 self.handles.release(handle)
             self._answer(req, _errno_reply(req.request_id, OSError(errno.EIO, str(exc))))
 
-    def _answer(self, req: Any, reply: Message | FileData | _Handed) -> None:
+    def _answer(self, req: Any, reply: Message | _Handed) -> None:
         self.session.request_slots.release()
         if isinstance(reply, _Handed):
             self._log_reply(req, reply.msg)
@@ -431,10 +425,7 @@ class Channel:
         self._log_reply(req, reply)
         if self.closed:
             return  # a closed channel's requests are answered by nobody
-        if isinstance(reply, FileData):
-            self.session.send_data_nowait(req.request_id, reply, self.number)
-        else:
-            self.session.send_nowait(reply, self.number)
+        self.session.send_nowait(reply, self.number)
 
     # -- files (each returns a plan: see _Plan) -------------------------------------------------
 
@@ -569,11 +560,8 @@ class Channel:
                 return os.read(h.fd, req.size)
             return os.pread(h.fd, req.size, req.offset)
 
-        if req.size > INLINE_READ_MAX:
-            # a large read (a worker's): straight into its reply frame (`FileData`)
-            return self._on_handle(
-                req.handle, lambda h: read_data(h.fd, req.size, req.offset), lambda d: d
-            )
+        # a large read (a worker's) is sent as os.pread returned it: its bytes are a part of
+        # their own in the reply's frame (`send_parts`), copied by nobody but the kernel
         return self._on_handle(
             req.handle,
             read,

@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "DirHandle",
-    "FileData",
     "FileHandle",
     "HandleTable",
     "TargetRoot",
     "fstatfs",
-    "read_data",
     "stat_list",
     "utimens_at",
 ]
@@ -535,56 +533,3 @@ class HandleTable:
                 table._handles[number] = FileHandle(fd=os.dup(handle.fd), inline=handle.inline)
         table._next = self._next
         return table
-
-
-# -- large reads, straight into the reply frame -------------------------------------------------
-
-# Room before the data for the frame's length prefix and the head of a FileData reply
-# ([channel, kind, request id, data]: at most 4 + 1 + 5 + 2 + 9 + 5 bytes).
-_FRAME_ROOM = 32
-_BYTES_4 = 0x5A  # CBOR: a byte string whose length follows in 4 bytes
-
-
-class FileData:
-    """The data of a large read, read by `read_data` into a buffer with room for its reply
-    frame before it, so that the bytes are copied once (the kernel's copy into the buffer)
-    between the file and the daemon connection: `frame(empty)` turns the frame of a FileData
-    reply with empty data (as the connection encodes it) into the frame with this data,
-    in place."""
-
-    __slots__ = ("_buf", "size")
-
-    def __init__(self, buf: bytearray, size: int) -> None:
-        self._buf = buf
-        self.size = size
-
-    def __repr__(self) -> str:
-        return f"<FileData {self.size} bytes>"
-
-    def frame(self, empty: bytes) -> memoryview:
-        # `empty` ends with the empty byte string (0x40), the last item; it becomes the 4-byte
-        # length form (valid CBOR, not the shortest) so the head's size does not depend on the
-        # data's, and the frame's length prefix grows by the data.
-        if not empty or empty[-1] != 0x40 or len(empty) + 4 > _FRAME_ROOM:
-            raise ValueError("not the frame of a FileData reply with empty data")
-        start = _FRAME_ROOM - (len(empty) + 4)
-        buf = self._buf
-        buf[start : _FRAME_ROOM - 5] = empty[:-1]
-        buf[_FRAME_ROOM - 5] = _BYTES_4
-        buf[_FRAME_ROOM - 4 : _FRAME_ROOM] = self.size.to_bytes(4, "big")
-        payload = _FRAME_ROOM + self.size - start - 4
-        buf[start : start + 4] = payload.to_bytes(4, "big")
-        return memoryview(buf)[start : _FRAME_ROOM + self.size]
-
-
-def read_data(fd: int, size: int, offset: int | None) -> FileData:
-    """Up to `size` bytes of `fd` (at `offset`, or at its position) into a new reply buffer."""
-    buf = bytearray(_FRAME_ROOM + size)
-    view = memoryview(buf)[_FRAME_ROOM:]
-    try:
-        n = os.readv(fd, [view]) if offset is None else os.preadv(fd, [view], offset)
-    finally:
-        view.release()
-    if n < size:
-        del buf[_FRAME_ROOM + n :]
-    return FileData(buf, n)

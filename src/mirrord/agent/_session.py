@@ -23,9 +23,8 @@ import anyio
 import anyio.abc
 
 from mirrord import __version__
-from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
+from mirrord._frames import FRAME_READ_SIZE, Frame, FrameReader, FrameWriter, Passable
 from mirrord.agent._channel import Channel
-from mirrord.agent._files import FileData
 from mirrord.protocol import (
     CLOSED,
     CONTROL_CHANNEL,
@@ -68,7 +67,6 @@ __all__ = ["DaemonSession"]
 log = logging.getLogger("mirrord.agent")
 
 HANDSHAKE_TIMEOUT = 10.0
-_READ_SIZE = 256 * 1024
 _SEND_TIMEOUT_ON_CLOSE = 2.0
 # `send` waits while more than this is queued for the daemon (relays then stop reading their
 # sockets); `send_nowait` (replies to requests, bounded by request_slots) never waits.
@@ -106,7 +104,7 @@ class DaemonSession:
         # frames --> writer.send_nowait (straight into the socket when nothing waits, else
         # queued for the one writer task, `_write_frames`); reader.receive <-- the daemon
         self.writer = FrameWriter(stream, f"daemon {peer}")
-        self.reader = FrameReader(stream, _READ_SIZE)
+        self.reader = FrameReader(stream, FRAME_READ_SIZE)
         features = [m.FEATURE_UNIX_STREAMS, m.FEATURE_INCOMING_TLS]
         # a daemon on a unix socket is on this machine: opened files and connected sockets
         # can be handed to it (and on to the layer) instead of relayed (`can_hand_over`)
@@ -177,13 +175,6 @@ class DaemonSession:
             passing.close()
             return
         self.writer.send_nowait(frame, (passing,))
-
-    def send_data_nowait(self, request_id: int, data: FileData, channel: int) -> None:
-        """Send the FileData reply to `request_id` whose bytes are already in its frame's
-        buffer (`read_data`): the head is the connection's, the data is not copied again."""
-        frame = self._frame(m.FileData(request_id=request_id, data=b""), channel)
-        if isinstance(frame, bytes):  # an empty FileData is one small frame
-            self.writer.send_nowait(data.frame(frame))
 
     async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
         """Send `msg` on `channel`; waits while too much is queued for the daemon. Never
@@ -262,7 +253,7 @@ class DaemonSession:
             self.server.session_ended(self)
             log.info("daemon connection from %s closed", self.peer)
 
-    async def _receive(self, max_bytes: int = _READ_SIZE) -> bytes | memoryview:
+    async def _receive(self, max_bytes: int = FRAME_READ_SIZE) -> bytes | memoryview:
         """The next bytes from the daemon, b"" at the end or on an error; the rest of a large
         frame is received in place (`receive_buffer`)."""
         try:

@@ -53,6 +53,7 @@ from mirrord.protocol._exceptions import (
 )
 from mirrord.protocol._framing import (
     MAX_FRAME_SIZE,
+    SCATTER_BODY,
     FrameDecoder,
     bytes_frame_parts,
     decode_payload,
@@ -68,6 +69,7 @@ from mirrord.protocol.messages import (
     ChannelOpen,
     Data,
     Fatal,
+    FileData,
     Hello,
     LayerHello,
     LayerWelcome,
@@ -421,6 +423,12 @@ class _Connection:
         if type(msg) is Data and self._has_channels and msg.conn_id >= 0:
             # a relay's bytes: not copied when large (a part of their own), else copied once
             frame = bytes_frame_parts([channel, Data.KIND, msg.conn_id], msg.data)
+            size = len(frame) if isinstance(frame, bytes) else sum(map(len, frame))
+        elif type(msg) is FileData and len(msg.data) >= SCATTER_BODY and msg.request_id >= 0:
+            # a large read's bytes, the same way: a part of their own, not copied (the
+            # agent's large reads, os.pread's bytes, go to the daemon as they are)
+            head = [FileData.KIND, msg.request_id]
+            frame = bytes_frame_parts([channel, *head] if self._has_channels else head, msg.data)
             size = len(frame) if isinstance(frame, bytes) else sum(map(len, frame))
         else:
             wire = msg.to_wire()
