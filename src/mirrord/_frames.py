@@ -38,7 +38,6 @@ from anyio.abc import SocketAttribute
 
 __all__ = [
     "BATCH_LIMIT",
-    "FRAME_READ_SIZE",
     "SEND_BUFFER",
     "Frame",
     "FrameReader",
@@ -56,12 +55,6 @@ BATCH_LIMIT = 1024 * 1024
 # file chunk into five or more writes, each a wake-up of both sides (best effort: the kernel
 # caps it at net.core.wmem_max).
 SEND_BUFFER = 4 * 1024 * 1024
-
-# One read of a framed stream between a frame's end and the next large frame's head: what of
-# that frame it holds is copied into the frame's own buffer, the rest is received there in
-# place (`FrameReader.run(into=...)`). Small, so a 256 KiB Data or a 1 MiB FileData costs a
-# copy of at most this much; a burst of small frames still takes one read per 64 KiB.
-FRAME_READ_SIZE = 64 * 1024
 
 # At most this many fds arrive with one read (the peer passes one per frame, and a read
 # ends at the bytes that came with fds): more are closed at once.

@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 
 from mirrord import __version__
-from mirrord._frames import FRAME_READ_SIZE, Frame, FrameReader, FrameWriter, Passable
+from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
 from mirrord.agent._channel import Channel
 from mirrord.protocol import (
     CLOSED,
@@ -67,6 +67,7 @@ __all__ = ["DaemonSession"]
 log = logging.getLogger("mirrord.agent")
 
 HANDSHAKE_TIMEOUT = 10.0
+_READ_SIZE = 256 * 1024
 _SEND_TIMEOUT_ON_CLOSE = 2.0
 # `send` waits while more than this is queued for the daemon (relays then stop reading their
 # sockets); `send_nowait` (replies to requests, bounded by request_slots) never waits.
@@ -104,7 +105,7 @@ class DaemonSession:
         # frames --> writer.send_nowait (straight into the socket when nothing waits, else
         # queued for the one writer task, `_write_frames`); reader.receive <-- the daemon
         self.writer = FrameWriter(stream, f"daemon {peer}")
-        self.reader = FrameReader(stream, FRAME_READ_SIZE)
+        self.reader = FrameReader(stream, _READ_SIZE)
         features = [m.FEATURE_UNIX_STREAMS, m.FEATURE_INCOMING_TLS]
         # a daemon on a unix socket is on this machine: opened files and connected sockets
         # can be handed to it (and on to the layer) instead of relayed (`can_hand_over`)
@@ -253,7 +254,7 @@ class DaemonSession:
             self.server.session_ended(self)
             log.info("daemon connection from %s closed", self.peer)
 
-    async def _receive(self, max_bytes: int = FRAME_READ_SIZE) -> bytes | memoryview:
+    async def _receive(self, max_bytes: int = _READ_SIZE) -> bytes | memoryview:
         """The next bytes from the daemon, b"" at the end or on an error; the rest of a large
         frame is received in place (`receive_buffer`)."""
         try:

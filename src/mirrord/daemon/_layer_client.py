@@ -18,7 +18,7 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
-from mirrord._frames import FRAME_READ_SIZE, Frame, FrameReader, FrameWriter, Passable
+from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
 from mirrord.daemon._link import FORWARDED_REQUESTS
 from mirrord.daemon._session import LayerProcess, Session, lost_reply
 from mirrord.protocol import (
@@ -153,7 +153,7 @@ async def _serve(
     """Read the layer's frames until the connection ends or is closed. Each read is handled
     in the event loop's reader callback (`FrameReader.run`): a request forwarded to the agent
     costs no task wake-up here."""
-    reader = FrameReader(stream, FRAME_READ_SIZE)
+    reader = FrameReader(stream, 256 * 1024)
 
     def on_data(data: bytes | memoryview) -> None:
         if not _on_data(conn, client, find_session, data):

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from mirrord._frames import FRAME_READ_SIZE, FrameReader, FrameWriter, Passable, PassedFd
+from mirrord._frames import FrameReader, FrameWriter, Passable, PassedFd
 from mirrord._relay import CONN_MESSAGES, FlowRelay, RelayTable
 from mirrord._version import __version__
 from mirrord.backend import AgentHandle
@@ -60,6 +60,7 @@ __all__ = [
 log = logging.getLogger("mirrord.daemon.link")
 
 HANDSHAKE_TIMEOUT = 15.0
+_READ_SIZE = 256 * 1024
 # The most one Data carries from a user app's socket: one read per message (as the agent's).
 RELAY_CHUNK = 256 * 1024
 # Relays stop reading their sockets while more than this is queued for the agent (a stalled
@@ -298,7 +299,7 @@ class AgentLink:
             async with stream, anyio.create_task_group() as tg:
                 self._tg = tg
                 self._writer = FrameWriter(stream, f"agent {self.handle.key}")
-                self._reader = FrameReader(stream, FRAME_READ_SIZE, receive_fds=True)
+                self._reader = FrameReader(stream, _READ_SIZE, receive_fds=True)
                 if self._reader.receives_fds:
                     # an agent on this machine may hand files and sockets over (both ends
                     # must say so: `can_hand_over`)
