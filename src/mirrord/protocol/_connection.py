@@ -53,7 +53,6 @@ from mirrord.protocol._exceptions import (
 )
 from mirrord.protocol._framing import (
     MAX_FRAME_SIZE,
-    SCATTER_BODY,
     FrameDecoder,
     bytes_frame_parts,
     decode_payload,
@@ -206,6 +205,17 @@ class Undecoded:
 
 
 Event = Received | UnknownMessage | InvalidRequest | Undecoded
+
+
+def _bytes_item(msg: Message) -> tuple[list[int], bytes] | None:
+    """(the unsigned integers before it, the byte string) of a message that is those and one
+    byte string, framed by `bytes_frame_parts`: a relay's `Data`, a `FileData`. None for any
+    other message: the CBOR encoder frames it."""
+    if type(msg) is Data and msg.conn_id >= 0:
+        return [Data.KIND, msg.conn_id], msg.data
+    if type(msg) is FileData and msg.request_id >= 0:
+        return [FileData.KIND, msg.request_id], msg.data
+    return None
 
 
 class _Connection:
@@ -420,15 +430,12 @@ class _Connection:
         if type(msg) not in self._registry:
             raise LocalProtocolError(f"{type(msg).__name__} is not a {self._registry.name} message")
         frame: bytes | list[bytes | memoryview]
-        if type(msg) is Data and self._has_channels and msg.conn_id >= 0:
-            # a relay's bytes: not copied when large (a part of their own), else copied once
-            frame = bytes_frame_parts([channel, Data.KIND, msg.conn_id], msg.data)
-            size = len(frame) if isinstance(frame, bytes) else sum(map(len, frame))
-        elif type(msg) is FileData and len(msg.data) >= SCATTER_BODY and msg.request_id >= 0:
-            # a large read's bytes, the same way: a part of their own, not copied (the
-            # agent's large reads, os.pread's bytes, go to the daemon as they are)
-            head = [FileData.KIND, msg.request_id]
-            frame = bytes_frame_parts([channel, *head] if self._has_channels else head, msg.data)
+        bulk = _bytes_item(msg)
+        if bulk is not None:
+            # a relay's or a large read's bytes: a part of their own when large (not copied:
+            # os.pread's bytes go to the daemon as they are), else copied once
+            head, data = bulk
+            frame = bytes_frame_parts([channel, *head] if self._has_channels else head, data)
             size = len(frame) if isinstance(frame, bytes) else sum(map(len, frame))
         else:
             wire = msg.to_wire()
