@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirrord.protocol import FrameDecoder, FrameTooLarge, MalformedFrame, encode_frame
-from mirrord.protocol._framing import decode_payload
+from mirrord.protocol._framing import _HEAD_READ, decode_payload
 
 
 def _frames() -> list[tuple[object, bytes]]:
@@ -95,7 +95,7 @@ def test_a_large_frame_received_in_place_is_the_same_frame(seed: int) -> None:
     assert in_place > 1 << 20  # most of the large frames' bytes went in place
 
 
-def test_free_space_is_only_offered_inside_a_large_frame() -> None:
+def test_free_space_is_offered_inside_a_large_frame_and_small_right_after_it() -> None:
     decoder = FrameDecoder()
     assert decoder.free_space() is None
     frame = encode_frame([13, 1, b"y" * 100_000])
@@ -107,7 +107,57 @@ def test_free_space_is_only_offered_inside_a_large_frame() -> None:
     decoder.receive_data(space)
     payload = decoder.next_payload()
     assert payload is not None and cbor2.loads(payload) == [13, 1, b"y" * 100_000]
-    assert decoder.free_space() is None
+    # right after it, a small read: the next frame's head (what is read there is copied)
+    head = decoder.free_space()
+    assert head is not None and 0 < len(head) <= _HEAD_READ
+    small = encode_frame([1, 2])
+    head[: len(small)] = small
+    decoder.receive_data(head[: len(small)])
+    payload = decoder.next_payload()
+    assert payload is not None and cbor2.loads(payload) == [1, 2]
+    assert decoder.free_space() is None  # then plain reads again, until another large frame
+
+
+def test_a_stream_of_small_frames_is_never_offered_a_buffer() -> None:
+    decoder = FrameDecoder()
+    for i in range(100):
+        decoder.receive_data(encode_frame([1, i, b"z" * (i * 500)]))
+        payload = decoder.next_payload()
+        assert payload is not None and cbor2.loads(payload) == [1, i, b"z" * (i * 500)]
+        assert decoder.free_space() is None
+
+
+def test_in_a_stream_of_large_frames_only_each_ones_first_bytes_are_copied() -> None:
+    """A reader as `FrameReader.run` is (a read of 256 KiB when `free_space()` is None, else
+    into it): after the first large frame, each next one's bytes land in its own buffer but
+    for at most `_HEAD_READ` of them, not a whole read's worth copied over."""
+    count, size, read = 12, 1 << 20, 256 * 1024
+    items = [[13, i, bytes([i]) * size] for i in range(count)]
+    stream = memoryview(b"".join(encode_frame(item) for item in items))
+    decoder = FrameDecoder()
+    got: list[bytes] = []
+    in_place: list[tuple[object, int]] = []  # (the buffer received into, bytes)
+    pos = 0
+    for _ in range(10 * len(stream) // read + 100):  # bounded: every step takes > 0 bytes
+        if pos == len(stream):
+            break
+        space = decoder.free_space()
+        if space is None:
+            decoder.receive_data(stream[pos : pos + read].tobytes())
+            pos += min(read, len(stream) - pos)
+        else:
+            n = min(len(space), len(stream) - pos)
+            space[:n] = stream[pos : pos + n]
+            in_place.append((space.obj, n))
+            decoder.receive_data(space[:n])
+            pos += n
+        while (payload := decoder.next_payload()) is not None:
+            got.append(payload)
+    assert [cbor2.loads(p) for p in got] == items
+    payload_ids = {id(p) for p in got}
+    straight = sum(n for obj, n in in_place if id(obj) in payload_ids)
+    copied = len(stream) - straight
+    assert copied <= read + count * _HEAD_READ, copied
 
 
 _plain = st.one_of(

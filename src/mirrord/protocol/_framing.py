@@ -212,6 +212,9 @@ def bytes_frame_parts(head: list[int], data: bytes) -> bytes | list[bytes | memo
 # A frame at least this big is collected in a buffer of its own, sized by its header: each
 # byte received is copied once (into it), not appended, sliced and copied out again.
 _LARGE_FRAME = 64 * 1024
+# The read after a large frame (`FrameDecoder.free_space`): the next frame's length prefix and
+# head, and at most this much of its payload to copy if it is large too.
+_HEAD_READ = 4096
 
 
 class FrameDecoder:
@@ -221,15 +224,22 @@ class FrameDecoder:
     the size its header announced, which `next_payload` hands out as it is (a bytes-like
     object the caller owns). A reader may even receive the rest of it in place:
     `free_space()` is the part of that buffer still to fill; a memoryview of it handed back
-    to `receive_data` counts as received, with no copy (`FrameReader.run(into=...)`)."""
+    to `receive_data` counts as received, with no copy (`FrameReader.run(into=...)`).
 
-    __slots__ = ("_buffer", "_filled", "_large", "_max_frame_size")
+    Right after a large frame, `free_space()` is a small buffer of the decoder's own
+    (`_HEAD_READ` bytes): in a stream of large frames the next one's first bytes arrive there,
+    so only those few are copied into its buffer, not a whole read's worth. One such small
+    read per large frame; a stream of small frames never gets one."""
+
+    __slots__ = ("_after_large", "_buffer", "_filled", "_head", "_large", "_max_frame_size")
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         self._buffer = bytearray()
         self._large: bytearray | None = None  # the payload being collected, if large
         self._filled = 0
         self._max_frame_size = max_frame_size
+        self._after_large = False  # a large payload was just handed out
+        self._head: bytearray | None = None  # the small read after one (`_HEAD_READ`)
 
     def __repr__(self) -> str:
         return f"<FrameDecoder buffered={self.buffered} max={self._max_frame_size}>"
@@ -237,7 +247,8 @@ class FrameDecoder:
     def receive_data(self, data: bytes | memoryview) -> None:
         large = self._large
         if large is None or self._filled == len(large):
-            self._buffer += data
+            self._after_large = False
+            self._buffer += data  # a slice of `_head` too: its bytes are copied out here
             return
         if isinstance(data, memoryview) and data.obj is large:
             self._filled += len(data)  # received in place, into `free_space()`
@@ -256,6 +267,7 @@ class FrameDecoder:
             if self._filled < len(large):
                 return None
             self._large = None
+            self._after_large = True
             return large  # type: ignore[return-value]  # bytes-like, the caller's from here
         if len(self._buffer) < HEADER_SIZE:
             return None
@@ -277,12 +289,18 @@ class FrameDecoder:
         return payload
 
     def free_space(self) -> memoryview | None:
-        """Where the bytes of the large payload being collected go next, if one is: a reader
-        may receive into it and pass the filled part (a slice of this view) to `receive_data`."""
+        """Where the next bytes go, if the decoder has a place for them: the rest of the large
+        payload being collected, or right after one the small `_head` buffer. A reader may
+        receive into it and pass the filled part (a slice of this view) to `receive_data`.
+        None: pass what was read."""
         large = self._large
-        if large is None or self._filled == len(large):
+        if large is not None and self._filled < len(large):
+            return memoryview(large)[self._filled :]
+        if not self._after_large or self._buffer:
             return None
-        return memoryview(large)[self._filled :]
+        if self._head is None:
+            self._head = bytearray(_HEAD_READ)
+        return memoryview(self._head)
 
     @property
     def buffered(self) -> int:
