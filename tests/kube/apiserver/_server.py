@@ -432,7 +432,10 @@ class FakeApiServer:
                 ]
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionError:  # the client went away before the headers: nothing to send
+            return response
 
         async def send(type_: str, obj: Obj) -> None:
             await response.write(json.dumps({"type": type_, "object": obj}).encode() + b"\n")
