@@ -36,6 +36,8 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
+from mirrord._splice import PipePart, release_parts, splice_supported
+
 __all__ = [
     "BATCH_LIMIT",
     "SEND_BUFFER",
@@ -44,6 +46,7 @@ __all__ = [
     "FrameWriter",
     "Passable",
     "PassedFd",
+    "SpliceIn",
     "plain_socket",
 ]
 
@@ -98,9 +101,11 @@ class PassedFd:
 
 
 # A frame as one buffer, or as a list of parts written with one scatter write (a large body
-# is never joined to its head: `mirrord.protocol.frame_parts_with_head`).
-Frame = bytes | memoryview | list[bytes | memoryview]
-_Queued = tuple[bytes | memoryview, tuple[Passable, ...]]  # a memoryview: not copied
+# is never joined to its head: `mirrord.protocol.frame_parts_with_head`); a part may be bytes
+# waiting in a pipe (`PipePart`, plain sockets only: spliced into the socket).
+Frame = bytes | memoryview | list[bytes | memoryview] | list[bytes | memoryview | PipePart]
+_Part = bytes | memoryview | PipePart
+_Queued = tuple[_Part, tuple[Passable, ...]]  # a memoryview: not copied
 # sendmsg takes at most IOV_MAX (1024) buffers: a batch of parts stays well below
 _MAX_PARTS = 256
 _LARGE_PART = 64 * 1024
@@ -119,6 +124,16 @@ def plain_socket(
     if isinstance(raw, socket.socket) and raw.type == socket.SOCK_STREAM:
         return raw
     return None
+
+
+class SpliceIn(Protocol):
+    """The rest of a large frame taken from the socket into a pipe (`FrameReader.run`'s
+    `splice`)."""
+
+    def receive_from(self, fd: int) -> int:
+        """Move what the socket `fd` has now (non-blocking); the bytes moved, 0 at the end of
+        the stream; `BlockingIOError` when it has none."""
+        ...
 
 
 class FrameReader:
@@ -260,6 +275,7 @@ class FrameReader:
         read_size: Callable[[], int] | None = None,
         *,
         into: Callable[[], memoryview | None],
+        splice: Callable[[], SpliceIn | None] | None = None,
     ) -> None: ...
 
     async def run(
@@ -268,6 +284,7 @@ class FrameReader:
         read_size: Callable[[], int] | None = None,
         *,
         into: Callable[[], memoryview | None] | None = None,
+        splice: Callable[[], SpliceIn | None] | None = None,
     ) -> None:
         """Read until the stream ends, calling `on_data(bytes)` with each read, in order.
 
@@ -279,7 +296,12 @@ class FrameReader:
         `read_size()`: how much the next read may take (a relay's credit window; pause the
         reader while it is 0), else the reader's `max_bytes`. `into()`: a buffer the next read
         may fill in place, as much as fits (the protocol's `receive_buffer`: the rest of a
-        large frame), or None; `on_data` then gets the filled slice of it, a memoryview."""
+        large frame), or None; `on_data` then gets the filled slice of it, a memoryview.
+        `splice()`: asked before each read in the event loop's callback (asyncio, plain
+        socket; never elsewhere), a `SpliceIn` that takes the next bytes from the socket
+        instead (into its pipe: the rest of a large frame, see `mirrord._splice`), or None.
+        The stream ending while one is unfinished ends `run()` as any end does: the owner
+        of the unfinished `SpliceIn` knows a frame was cut short."""
         loop = _running_asyncio_loop()
         if loop is None or self._raw is None:
             await self._run_awaiting(on_data, read_size, into)
@@ -302,6 +324,10 @@ class FrameReader:
         def readable() -> None:
             # One recv per callback: with more buffered, the selector calls again on the next
             # pass of the loop, so other callbacks and tasks run in between.
+            job = None if splice is None else splice()
+            if job is not None:
+                spliced(job)
+                return
             try:
                 target = None if into is None else into()
                 data: bytes | memoryview
@@ -329,6 +355,24 @@ class FrameReader:
                 on_data(data)
             except BaseException as exc:  # to run()'s caller, as an awaiting loop would
                 finish(exc)
+
+        def spliced(job: SpliceIn) -> None:
+            try:
+                moved = job.receive_from(fd)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                broken = anyio.BrokenResourceError()
+                broken.__cause__ = exc
+                finish(anyio.ClosedResourceError() if raw.fileno() < 0 else broken)
+                return
+            except BaseException as exc:  # the job's completion raised: as on_data's would
+                finish(exc)
+                return
+            if not moved:
+                finish(None)
+                return
+            self.reads += 1
 
         self._loop = loop
         self._readable = readable
@@ -439,14 +483,21 @@ class FrameWriter:
 
         `passing`: sockets handed to the peer with the frame's first byte (SCM_RIGHTS, plain
         unix sockets only); the writer owns them from now on and closes its copies once they
-        are sent (or dropped)."""
+        are sent (or dropped). The writer owns a frame's `PipePart`s too (`can_splice`
+        writers only): each is released once written or dropped."""
         if self.closed or (passing and not self.can_pass):
             _close_all(passing)
+            release_parts(frame)
             return
-        parts = frame if isinstance(frame, list) else [frame]
-        if self._raw is not None and not self._queue and not self._writing:
+        parts: list[_Part] = frame if isinstance(frame, list) else [frame]  # type: ignore[assignment]
+        piped = isinstance(frame, list) and any(type(part) is PipePart for part in parts)
+        if piped and not self.can_splice:
+            release_parts(frame)
+            raise TypeError("a frame with a PipePart on a writer that cannot splice")
+        if self._raw is not None and not piped and not self._queue and not self._writing:
+            plain: list[bytes | memoryview] = parts  # type: ignore[assignment]  # not piped
             try:
-                sent = _send(self._raw, parts, passing)
+                sent = _send(self._raw, plain, passing)
             except OSError:
                 sent = 0  # full (EAGAIN), or failing: run() meets the error and ends
             if sent:
@@ -454,7 +505,7 @@ class FrameWriter:
                 self.written_bytes += sent
                 _close_all(passing)  # they went with the first byte
                 passing = ()
-                parts = _after(parts, sent)
+                parts = list(_after(plain, sent))
                 if not parts:
                     return
         for part in parts:
@@ -482,8 +533,10 @@ class FrameWriter:
             self.broken = True
         finally:
             self.closed = True
-            for _, passing in self._queue:
+            for part, passing in self._queue:
                 _close_all(passing)  # frames never written: their sockets go nowhere
+                if type(part) is PipePart:
+                    part.release()
             self._queue.clear()
             self.queued_bytes = 0
             self._writing = False
@@ -521,7 +574,8 @@ class FrameWriter:
             if self._raw is not None:
                 await self._send_parts(self._raw, parts, passing)
                 return
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            # no PipePart here: only a plain socket's writer takes them (send_nowait)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
             self.writes += 1
             # anyio's socket and TLS streams send any bytes-like object (typed `bytes`)
             await self._stream.send(data)  # type: ignore[arg-type]
@@ -533,14 +587,28 @@ class FrameWriter:
     async def _send_parts(
         self,
         raw: socket.socket,
-        parts: list[bytes | memoryview],
+        parts: list[_Part],
         passing: tuple[Passable, ...],
     ) -> None:
-        """Write `parts` with scatter writes (nothing joined), the sockets with the first byte."""
+        """Write `parts` with scatter writes (nothing joined), the sockets with the first byte;
+        a `PipePart` is spliced from its pipe into the socket, then released."""
         try:
             while parts:
+                first = parts[0]
                 try:
-                    sent = _send(raw, parts, passing)
+                    if type(first) is PipePart:
+                        sent = first.splice_into(raw.fileno())
+                        if not first.left:
+                            first.release()
+                            parts = parts[1:]
+                    else:
+                        cut = next(
+                            (i for i, part in enumerate(parts) if type(part) is PipePart),
+                            len(parts),
+                        )
+                        head: list[bytes | memoryview] = parts[:cut]  # type: ignore[assignment]
+                        sent = _send(raw, head, passing)
+                        parts = [*_after(head, sent), *parts[cut:]]
                 except BlockingIOError:
                     await anyio.wait_writable(raw)
                     continue
@@ -553,9 +621,15 @@ class FrameWriter:
                 if passing:
                     _close_all(passing)  # they went with the first byte
                     passing = ()
-                parts = _after(parts, sent)
         finally:
             _close_all(passing)
+            release_parts(parts)
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether frames may carry `PipePart`s: the stream is a plain unix socket (into or
+        out of a TCP socket the kernel copies anyway)."""
+        return self.can_pass and splice_supported()
 
     @property
     def can_pass(self) -> bool:

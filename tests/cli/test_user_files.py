@@ -8,7 +8,10 @@ syscall(), glibc's realpath and mkstemp, mmap of a file bigger than fetch_limit,
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -537,3 +540,66 @@ def test_a_local_targets_files_are_handed_over_unless_switched_off(
     assert second == "8 0o640 8"
     written = files_pod.run_in_pod(["cat", "/app/w/handed.txt"]).stdout
     assert written == b"one two\n"
+
+
+SPLICED_APP = """
+import hashlib, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+def h(b):
+    return f"{len(b)}:{hashlib.sha256(b).hexdigest()}"
+parts = []
+while chunk := os.read(fd, 1 << 20):
+    parts.append(chunk)
+print(h(b"".join(parts)))
+for offset, size in ((5, 3 << 20), (12345, 2 << 20), (4096, 1 << 20), (1 << 20, 70000)):
+    print(h(os.pread(fd, size, offset)))
+os.lseek(fd, 777, os.SEEK_SET)
+print(h(os.read(fd, 1 << 20)), os.lseek(fd, 0, os.SEEK_CUR))
+"""
+
+
+def test_a_relayed_large_read_goes_through_pipes_and_leaves_none_behind(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # a local target with hand-over off: the relayed path; its large reads' bytes go from the
+    # file through the agent's and the daemon's pipes to the layer, not through their memory
+    # 9 MiB and a bit: past the layer's whole-file fetch (8 MiB), so read with FileRead
+    content = bytes(range(256)) * (9 * 4096 + 17)
+    (Path(f"/proc/{files_pod.pid}/root/app") / "spliced.bin").write_bytes(content)
+    mirrord.env["MIRRORD_FILE_HANDOVER"] = "false"
+    script = tmp_path / "spliced.py"
+    script.write_text(SPLICED_APP)
+
+    def expected(data: bytes) -> str:
+        return f"{len(data)}:{hashlib.sha256(data).hexdigest()}"
+
+    want = [
+        expected(content),
+        *(expected(content[o : o + n]) for o, n in ((5, 3 << 20), (12345, 2 << 20))),
+        *(expected(content[o : o + n]) for o, n in ((4096, 1 << 20), (1 << 20, 70000))),
+        f"{expected(content[777 : 777 + (1 << 20)])} {777 + (1 << 20)}",
+    ]
+    open_fds, spliced = [], [0]
+    for _ in range(3):
+        result = mirrord.run(
+            "run", "-t", f"pid/{files_pod.pid}", "--", sys.executable, str(script),
+            "/app/spliced.bin",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == want
+        status = mirrord.status()
+        [agent] = [a for a in status["agents"] if a["link"]["spliced"]]
+        daemon_pid = status["daemon"]["pid"]
+        open_fds.append((len(os.listdir(f"/proc/{daemon_pid}/fd")), agent["pid"]))
+        spliced.append(agent["link"]["spliced"])
+    # each run: the 3 MiB read alone is three FileData of 1 MiB
+    assert all(b - a >= 3 for a, b in itertools.pairwise(spliced)), spliced
+    # the pipes are pooled, not leaked: the same fds after the second run as after the third
+    assert open_fds[1][0] == open_fds[2][0], open_fds
+    agent_fds = len(os.listdir(f"/proc/{agent['pid']}/fd"))
+    result = mirrord.run(
+        "run", "-t", f"pid/{files_pod.pid}", "--", sys.executable, str(script),
+        "/app/spliced.bin",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(os.listdir(f"/proc/{agent['pid']}/fd")) == agent_fds

@@ -33,6 +33,7 @@ import anyio.abc
 import anyio.to_thread
 
 from mirrord._frames import Passable, PassedFd
+from mirrord._splice import SPLICE_MAX, PipePart, PipePool
 from mirrord.agent._channel_relays import CONN_MESSAGES, ChannelRelays
 from mirrord.agent._context import AgentContext
 from mirrord.agent._dns import GaiError
@@ -42,6 +43,7 @@ from mirrord.agent._files import (
     FileHandle,
     HandleTable,
     fstatfs,
+    read_into_pipe,
     stat_list,
     utimens_at,
 )
@@ -70,10 +72,13 @@ log = logging.getLogger("mirrord.agent")
 # A file request, planned on the event loop: the blocking call for a worker thread, what makes
 # the reply from its result (on the event loop), and the handle the call uses (released first).
 # No blocking call (None): the reply is made at once.
-# (the call, what makes its reply of the result, the handle it holds): the reply is a message
-# or a reply with an fd handed over (`_Handed`)
+# (the call, what makes its reply of the result, the handle it holds): the reply is a message,
+# a reply with an fd handed over (`_Handed`) or a `FileData` whose bytes are in a pipe
+# (`_Spliced`)
 _Plan: TypeAlias = tuple[
-    Callable[[], Any] | None, Callable[[Any], "Message | _Handed"], "FileHandle | None"
+    Callable[[], Any] | None,
+    Callable[[Any], "Message | _Handed | _Spliced"],
+    "FileHandle | None",
 ]
 
 
@@ -85,6 +90,17 @@ class _Handed:
     def __init__(self, msg: Message, passing: Passable) -> None:
         self.msg = msg
         self.passing = passing
+
+
+class _Spliced:
+    """A `FileData` whose bytes wait in a pipe (`read_into_pipe`), then `rest` (what the pipe
+    had no room for), written to the daemon by the session's writer with `splice`."""
+
+    __slots__ = ("part", "request_id", "rest")
+
+    def __init__(self, request_id: int, read: tuple[PipePart, bytes]) -> None:
+        self.request_id = request_id
+        self.part, self.rest = read
 
 
 class IncomingHandler(Protocol):
@@ -137,6 +153,17 @@ class ChannelOwner(Protocol):
 
     def send_passing(self, msg: Message, channel: int, passing: Passable) -> None:
         """`send_nowait` with an fd handed to the daemon along with `msg` (owned from here)."""
+        ...
+
+    @property
+    def pipes(self) -> PipePool | None:
+        """Pipes for large reads' replies when the daemon's stream takes spliced bytes (a
+        unix socket: `FrameWriter.can_splice`), else None."""
+        ...
+
+    def send_spliced(self, request_id: int, channel: int, part: PipePart, rest: bytes) -> None:
+        """A `FileData` reply whose bytes are in `part`'s pipe (owned from here on), then
+        `rest`."""
         ...
 
     async def wait_ready(self) -> None:
@@ -413,8 +440,15 @@ class Channel:
                 self.handles.release(handle)
             self._answer(req, _errno_reply(req.request_id, OSError(errno.EIO, str(exc))))
 
-    def _answer(self, req: Any, reply: Message | _Handed) -> None:
+    def _answer(self, req: Any, reply: Message | _Handed | _Spliced) -> None:
         self.session.request_slots.release()
+        if isinstance(reply, _Spliced):
+            self._log_reply(req, None)
+            if self.closed:
+                reply.part.release()
+            else:
+                self.session.send_spliced(reply.request_id, self.number, reply.part, reply.rest)
+            return
         if isinstance(reply, _Handed):
             self._log_reply(req, reply.msg)
             if self.closed:
@@ -442,7 +476,7 @@ class Channel:
         self,
         number: int,
         fn: Callable[[FileHandle], Any],
-        finish: Callable[[Any], Message],
+        finish: Callable[[Any], Message | _Spliced],
         kind: type[FileHandle] | None = FileHandle,
         *,
         inline: bool = False,
@@ -555,6 +589,20 @@ class Channel:
         return m.FileFetched(request_id=req.request_id, stat=st, handle=handle, data=data)
 
     def _file_read(self, req: m.FileRead) -> _Plan:
+        pipes = self.session.pipes
+        if pipes is not None and INLINE_READ_MAX < req.size <= SPLICE_MAX:
+            # a large read of a regular file: its pages go to the daemon through a pipe,
+            # copied by nobody (`mirrord._splice`)
+            return self._on_handle(
+                req.handle,
+                lambda h: read_into_pipe(h.fd, req.size, req.offset, pipes),
+                lambda got: (
+                    _Spliced(req.request_id, got)
+                    if isinstance(got, tuple)
+                    else m.FileData(request_id=req.request_id, data=got)
+                ),
+            )
+
         def read(h: FileHandle) -> bytes:
             if req.offset is None:
                 return os.read(h.fd, req.size)

@@ -22,6 +22,8 @@ import stat as stat_module
 import threading
 from dataclasses import dataclass, field
 
+from mirrord._splice import PipePart, PipePool
+
 __all__ = [
     "DirHandle",
     "FileHandle",
@@ -127,6 +129,50 @@ def utimens_at(
     rc = _libc.futimens(dirfd, spec) if name is None else _libc.utimensat(dirfd, name, spec, flags)
     if rc != 0:
         _raise_errno("utimensat")
+
+
+def read_into_pipe(
+    fd: int, size: int, offset: int | None, pipes: PipePool
+) -> tuple[PipePart, bytes] | bytes:
+    """A large read (at most `SPLICE_MAX`) of the regular file `fd`, at `offset` (None: at its
+    position, which moves): its page-cache pages spliced into a pipe of `pipes`, no byte
+    copied (`mirrord._splice`), and the bytes the pipe had no room for (a read that is not
+    page-aligned), read into memory. Short only at the end of the file, as `pread`. Anything
+    that is not a regular file, or a file system that cannot splice, is read with `pread`
+    (bytes). Blocks like a read (a worker's call)."""
+    if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+        return _read(fd, size, offset)
+    try:
+        pipe = pipes.take()
+    except OSError:
+        return _read(fd, size, offset)
+    total, full = 0, False
+    try:
+        while total < size:
+            moved = os.splice(
+                fd, pipe.w, size - total, offset_src=None if offset is None else offset + total
+            )
+            if not moved:
+                break
+            total += moved
+    except BlockingIOError:
+        full = True  # the pipe is full: the rest is read into memory
+    except OSError as exc:
+        if total:  # as read(2): what was read before the error
+            return PipePart(pipe, total, pipes), b""
+        pipes.give(pipe, True)
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        return _read(fd, size, offset)  # this file system cannot splice
+    if not total:
+        pipes.give(pipe, True)
+        return _read(fd, size, offset) if full else b""
+    rest = _read(fd, size - total, None if offset is None else offset + total) if full else b""
+    return PipePart(pipe, total, pipes), rest
+
+
+def _read(fd: int, size: int, offset: int | None) -> bytes:
+    return os.read(fd, size) if offset is None else os.pread(fd, size, offset)
 
 
 def _d_type(mode: int) -> int:

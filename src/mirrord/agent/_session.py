@@ -24,6 +24,7 @@ import anyio.abc
 
 from mirrord import __version__
 from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
+from mirrord._splice import PipePart, PipePool
 from mirrord.agent._channel import Channel
 from mirrord.protocol import (
     CLOSED,
@@ -118,6 +119,8 @@ class DaemonSession:
             features=features,
         )
         self.channels: dict[int, Channel] = {}
+        # large reads' replies go through pipes into a unix socket (`mirrord._splice`)
+        self.pipes = PipePool() if self.writer.can_splice else None
         self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
         self._scope: anyio.CancelScope | None = None  # the whole serving, writer included
         self._tg: anyio.abc.TaskGroup | None = None
@@ -177,6 +180,20 @@ class DaemonSession:
             return
         self.writer.send_nowait(frame, (passing,))
 
+    def send_spliced(self, request_id: int, channel: int, part: PipePart, rest: bytes) -> None:
+        """A `FileData` reply whose bytes are in `part`'s pipe (the writer's from here on: it
+        splices them into the socket), then `rest`. Never raises."""
+        if self.writer.closed or self.conn.state is not State.OPEN:
+            part.release()
+            return
+        try:
+            frame = self.conn.file_data_parts(request_id, [part, rest] if rest else [part], channel)
+        except LocalProtocolError as exc:
+            log.error("not sending FileData on channel %d: %s", channel, exc)
+            part.release()
+            return
+        self.writer.send_nowait(frame)
+
     async def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> None:
         """Send `msg` on `channel`; waits while too much is queued for the daemon. Never
         raises: a broken daemon connection ends the session (its tasks are cancelled) and
@@ -228,6 +245,8 @@ class DaemonSession:
                     await self.writer.wait_flushed()
                 tg.cancel_scope.cancel()
         finally:
+            if self.pipes is not None:
+                self.pipes.close()
             with anyio.CancelScope(shield=True):
                 await self.stream.aclose()
 

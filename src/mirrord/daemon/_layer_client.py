@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 
 from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
+from mirrord._splice import PipePart
 from mirrord.daemon._link import FORWARDED_REQUESTS
 from mirrord.daemon._session import LayerProcess, Session, lost_reply
 from mirrord.protocol import (
@@ -90,20 +91,34 @@ class LayerClient:
             log.warning("layer connection (pid %s) closed: %s", _pid(self), reason)
             self.close("unread_replies", reason)
 
+    @property
+    def can_splice(self) -> bool:
+        return not self.closed and self.writer.can_splice
+
     def forward_reply(
-        self, frame: Undecoded, request_id: int, *, passing: tuple[Passable, ...] = ()
+        self,
+        frame: Undecoded,
+        request_id: int,
+        *,
+        passing: tuple[Passable, ...] = (),
+        tail: PipePart | None = None,
     ) -> None:
         """The agent's reply `frame` to a forwarded request, undecoded, as the answer to the
-        layer's `request_id` (its body goes through as bytes); `passing` as for `reply`."""
+        layer's `request_id` (its body goes through as bytes); `passing` as for `reply`;
+        `tail`: the body's last bytes in a pipe (`can_splice` only), written or released."""
         if self.closed or self.conn.state is not State.OPEN:
             for fd in passing:
                 fd.close()
+            if tail is not None:
+                tail.release()
             return  # the layer connection is gone: nobody waits for this reply
         try:
-            out = self.conn.forward(frame, request_id)
+            out = self.conn.forward(frame, request_id, tail=tail)
         except LocalProtocolError as exc:  # a frame that no longer fits once re-headed
             for fd in passing:
                 fd.close()
+            if tail is not None:
+                tail.release()
             self.reply(
                 m.ErrorReply(request_id=0, errno=errno_mod.EMSGSIZE, message=str(exc)), request_id
             )

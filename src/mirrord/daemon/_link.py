@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno as errno_mod
+import fcntl
 import logging
+import os
+import sys
+import termios
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -26,6 +30,7 @@ import anyio.abc
 
 from mirrord._frames import FrameReader, FrameWriter, Passable, PassedFd
 from mirrord._relay import CONN_MESSAGES, FlowRelay, RelayTable
+from mirrord._splice import SPLICE_MAX, Pipe, PipePart, PipePool, splice_supported
 from mirrord._version import __version__
 from mirrord.backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError, ChannelLost
@@ -45,6 +50,7 @@ from mirrord.protocol import (
     State,
     Undecoded,
     UnknownMessage,
+    read_head,
 )
 from mirrord.protocol import messages as m
 
@@ -92,11 +98,77 @@ class ReplyTo(Protocol):
         ...
 
     def forward_reply(
-        self, frame: Undecoded, request_id: int, *, passing: tuple[Passable, ...] = ()
+        self,
+        frame: Undecoded,
+        request_id: int,
+        *,
+        passing: tuple[Passable, ...] = (),
+        tail: PipePart | None = None,
     ) -> None:
         """The agent's reply `frame`, undecoded, as the answer to the layer's `request_id`;
-        `passing` as for `reply`."""
+        `passing` as for `reply`; `tail`: the frame's last bytes, in a pipe (owned by the
+        callee from here on: written or released)."""
         ...
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether a forwarded reply may come with a `tail` (a plain unix socket)."""
+        ...
+
+
+class _SpliceIn:
+    """The rest of a large forwarded reply (a `FileData`), taken from the agent's stream into
+    a pipe and forwarded once all of it is there (`mirrord._splice`: the daemon moves a read's
+    pages, it copies none of its bytes)."""
+
+    __slots__ = ("copy", "frame", "left", "link", "pipe", "size")
+
+    def __init__(self, link: AgentLink, frame: Undecoded, pipe: Pipe, size: int) -> None:
+        self.link = link
+        self.frame = frame  # its payload: the bytes before the pipe's
+        self.pipe = pipe
+        self.size = size
+        self.left = size
+        self.copy: bytearray | None = None  # the bytes, when the pipe could not hold them
+
+    def receive_from(self, fd: int) -> int:
+        if self.copy is not None:
+            return self._copy_from(fd)
+        try:
+            moved = os.splice(
+                fd, self.pipe.w, self.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+            )
+        except BlockingIOError:
+            if not _unread(fd):
+                raise
+            # the socket has bytes but the pipe takes none: full (its pieces of pages were
+            # more than PIPE_SIZE has room for; not expected). Copy the rest instead of
+            # waiting for room that only the forwarding would make.
+            self._pipe_to_copy()
+            return self._copy_from(fd)
+        self.left -= moved
+        if moved and not self.left:
+            self.link._spliced(self)
+        return moved
+
+    def _pipe_to_copy(self) -> None:
+        copy = self.copy = bytearray(self.size)
+        view, got = memoryview(copy), 0
+        while got < self.size - self.left:
+            got += os.readv(self.pipe.r, [view[got : self.size - self.left]])
+
+    def _copy_from(self, fd: int) -> int:
+        assert self.copy is not None
+        moved = os.readv(fd, [memoryview(self.copy)[self.size - self.left :]])
+        self.left -= moved
+        if moved and not self.left:
+            self.link._spliced(self)
+        return moved
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting to be read on the socket `fd` (FIONREAD)."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
 
 
 class _Forward:
@@ -238,6 +310,11 @@ class AgentLink:
         self._lost_callbacks: dict[LostCallback, None] = {}
         self.frames_in = 0
         self.handed_over = 0  # files and sockets the agent handed over (passed to a layer)
+        # large replies spliced through a pipe (`_splice_in`), the one being received
+        self.spliced = 0
+        self._splicing: _SpliceIn | None = None
+        self._splice_checked = 0  # the last large frame looked at (`conn.large_frames`)
+        self._pipes = PipePool()
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -262,6 +339,7 @@ class AgentLink:
             "bytes_to_user": self.counters.to_user,
             "relayed_connections": self.counters.connections,
             "handed_over": self.handed_over,
+            "spliced": self.spliced,
             "queued_bytes": self._writer.queued_bytes if self._writer else 0,
             "agent_version": self.welcome.agent_version if self.welcome else "",
             "agent_target": self.welcome.target if self.welcome else "",
@@ -381,12 +459,81 @@ class AgentLink:
         """Read the agent's frames until the stream ends; the reason it ended. Each read is
         handled in the event loop's reader callback (`FrameReader.run`): a reply costs no
         task wake-up here."""
+        splice = self._splice_in if reader.receives_fds and splice_supported() else None
         try:
-            await reader.run(self._on_data, into=self.conn.receive_buffer)
+            await reader.run(self._on_data, into=self.conn.receive_buffer, splice=splice)
+            if self._splicing is not None:
+                raise RemoteProtocolError(
+                    f"the stream ended {self._splicing.left} bytes before the end of a frame"
+                )
             self._on_data(b"")  # the end of the stream (a frame cut short is the agent's error)
         except _StreamClosed:
             pass
         return self.reason or "the agent closed the connection"
+
+    def _splice_in(self) -> _SpliceIn | None:
+        """The reader's `splice` hook: a large `FileData` that a layer connection waits for
+        (forwarded undecoded) goes through a pipe, when both streams are unix sockets (the
+        agent's: `receives_fds`; the layer's: `can_splice`). Decided once per large frame,
+        at its first read; any other frame is received in place as before."""
+        job = self._splicing
+        if job is not None:
+            return job
+        if self.conn.large_frames == self._splice_checked:
+            return None
+        self._splice_checked = self.conn.large_frames
+        large = self.conn.large_prefix()
+        if large is None or large[1] > SPLICE_MAX:
+            return None
+        with large[0] as prefix:
+            head = read_head(prefix, 3)
+        if head is None:
+            return None
+        (channel, kind, rid), items, body = head
+        entry = self._pending.get(rid)
+        if (
+            kind != m.FileData.KIND
+            or type(entry) is not _Forward
+            or entry.channel != channel
+            or not entry.client.can_splice
+        ):
+            return None
+        try:
+            pipe = self._pipes.take()
+        except OSError as exc:
+            log.debug("no pipe for a large reply (%s): received in place", exc)
+            return None
+        payload, rest = self.conn.take_large()
+        frame = Undecoded(
+            channel=channel,
+            kind=kind,
+            request_id=rid,
+            items=items,
+            head_items=3,
+            payload=payload,
+            body=body,
+        )
+        self._splicing = _SpliceIn(self, frame, pipe, rest)
+        return self._splicing
+
+    def _spliced(self, job: _SpliceIn) -> None:
+        """All of `job`'s bytes are in its pipe: forward the reply (the reader callback)."""
+        self._splicing = None
+        part = PipePart(job.pipe, job.size, self._pipes)
+        frame = job.frame
+        entry = self._pending.get(frame.request_id)
+        if type(entry) is not _Forward or entry.channel != frame.channel:
+            part.release()  # the request was given up meanwhile: nobody reads this reply
+            return
+        del self._pending[frame.request_id]
+        self.frames_in += 1
+        if job.copy is not None:  # copied after all (the pipe was full)
+            part.release()
+            frame = dataclasses.replace(frame, payload=frame.payload + job.copy)
+            entry.client.forward_reply(frame, entry.request_id)
+            return
+        self.spliced += 1
+        entry.client.forward_reply(frame, entry.request_id, tail=part)
 
     def _on_data(self, data: bytes | memoryview) -> None:
         """Feed one read (b"": the end) and handle its frames; raises `_StreamClosed` once the
@@ -446,6 +593,10 @@ class AgentLink:
             self._writer.close()
         if self._reader is not None:
             self._reader.close_fds()
+        if self._splicing is not None:
+            self._splicing.pipe.close()
+            self._splicing = None
+        self._pipes.close()
 
     def close(self) -> None:
         """Stop using this stream (the pool releases the agent); ends `run()`."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -54,6 +54,7 @@ from mirrord.protocol._exceptions import (
 from mirrord.protocol._framing import (
     MAX_FRAME_SIZE,
     FrameDecoder,
+    bytes_frame_head,
     bytes_frame_parts,
     decode_payload,
     encode_frame,
@@ -264,6 +265,21 @@ class _Connection:
             return
         self._decoder.receive_data(data)
 
+    def large_prefix(self) -> tuple[memoryview, int] | None:
+        """The large frame being received, while it is incomplete: (its payload so far, the
+        bytes still to come); see `FrameDecoder.large_prefix`."""
+        return self._decoder.large_prefix()
+
+    @property
+    def large_frames(self) -> int:
+        """Large frames begun so far (`large_prefix` of the next one is another frame)."""
+        return self._decoder.large_frames
+
+    def take_large(self) -> tuple[bytes, int]:
+        """Give up the incomplete large frame (`FrameDecoder.take_large`): its payload so
+        far and the bytes still to come, which the caller takes from the stream itself."""
+        return self._decoder.take_large()
+
     def receive_buffer(self) -> memoryview | None:
         """Where the next received bytes may go directly, when a large frame is being
         collected (`FrameDecoder.free_space`): a reader receives into it and passes the filled
@@ -305,11 +321,17 @@ class _Connection:
             raise self._fail(exc) from None
 
     def forward(
-        self, frame: Undecoded, request_id: int, channel: int = CONTROL_CHANNEL
-    ) -> bytes | list[bytes | memoryview]:
+        self,
+        frame: Undecoded,
+        request_id: int,
+        channel: int = CONTROL_CHANNEL,
+        tail: Sized | None = None,
+    ) -> bytes | list[Any]:
         """`frame` (undecoded by the other protocol's connection) as a frame of this one, under
         `request_id` (and `channel`, agent protocol): its body goes through as bytes, uncopied
         when it is large (then the frame is a list of parts: `frame_parts_with_head`).
+        `tail`: the body's last bytes, held elsewhere (`frame.payload` has only the ones
+        before them: a large frame taken from the stream with `take_large`), its own part.
         `LocalProtocolError` if it may not be sent now or does not fit in a frame."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"forward() in state {self.state.value}")
@@ -317,7 +339,7 @@ class _Connection:
             raise LocalProtocolError(f"kind {frame.kind} is not a {self._registry.name} message")
         head = [channel, frame.kind, request_id] if self._has_channels else [frame.kind, request_id]
         body = memoryview(frame.payload)[frame.body :]
-        out = frame_parts_with_head(head, frame.items - frame.head_items + len(head), body)
+        out = frame_parts_with_head(head, frame.items - frame.head_items + len(head), body, tail)
         size = len(out) if isinstance(out, bytes) else sum(len(part) for part in out)
         if size - 4 > self._decoder_limit:
             raise LocalProtocolError(f"kind {frame.kind}: frame of {size} bytes too big")
@@ -583,6 +605,16 @@ class AgentConnection(_Connection):
     def send(self, msg: Message, channel: int = CONTROL_CHANNEL) -> bytes:
         frame = self.send_parts(msg, channel)
         return frame if isinstance(frame, bytes) else b"".join(frame)
+
+    def file_data_parts(self, request_id: int, data: list[Any], channel: int) -> list[Any]:
+        """The frame of a `FileData` on `channel` whose data is the parts `data` (any sized
+        parts a writer takes: bytes, a `mirrord._splice.PipePart`), as its head then them."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"send(FileData) in state {self.state.value}")
+        size = sum(len(part) for part in data)
+        if size + 64 > self._decoder_limit:
+            raise LocalProtocolError(f"FileData of {size} bytes too big")
+        return [bytes_frame_head([channel, FileData.KIND, request_id], size), *data]
 
     def send_parts(
         self, msg: Message, channel: int = CONTROL_CHANNEL

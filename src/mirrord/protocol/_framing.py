@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sized
 from typing import Any
 
 import cbor2
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "FrameDecoder",
     "bytes_frame",
+    "bytes_frame_head",
     "bytes_frame_parts",
     "decode_payload",
     "encode_frame",
@@ -76,7 +78,7 @@ def decode_payload(payload: bytes | bytearray) -> Any:
 _UINT_SIZES = {24: 1, 25: 2, 26: 4, 27: 8}  # CBOR additional info -> bytes of the value
 
 
-def _uint_at(payload: bytes | bytearray, pos: int, major: int) -> tuple[int, int]:
+def _uint_at(payload: bytes | bytearray | memoryview, pos: int, major: int) -> tuple[int, int]:
     """The unsigned value of the CBOR head at `pos` whose major type must be `major` (0: an
     unsigned integer, 4: an array's length); (-1, pos) if it is something else or cut short."""
     if pos >= len(payload):
@@ -133,7 +135,9 @@ def _decode_flat_array(payload: bytes | bytearray) -> list[Any] | None:
 _SIMPLE = {0xF4: False, 0xF5: True, 0xF6: None}
 
 
-def read_head(payload: bytes, ints: int) -> tuple[list[int], int, int] | None:
+def read_head(
+    payload: bytes | bytearray | memoryview, ints: int
+) -> tuple[list[int], int, int] | None:
     """The frame's first `ints` items, each an unsigned integer (e.g. 3: channel, kind,
     request id of an agent-protocol request), without decoding the rest: (those integers, the
     array's number of items, the offset of the body, i.e. of the items after them). None when
@@ -177,15 +181,22 @@ SCATTER_BODY = 64 * 1024
 
 
 def frame_parts_with_head(
-    head: list[int], items: int, body: bytes | memoryview
-) -> bytes | list[bytes | memoryview]:
+    head: list[int], items: int, body: bytes | memoryview, tail: Sized | None = None
+) -> bytes | list[Any]:
     """`frame_with_head`'s frame, as parts when the body is large (`SCATTER_BODY`): the new
     length prefix and head, then `body` itself, uncopied (for `socket.sendmsg` or a writer that
-    takes a list of parts); a small frame is one joined `bytes`."""
-    if len(body) < SCATTER_BODY:
+    takes a list of parts); a small frame is one joined `bytes`. `tail`: the body's last
+    bytes, held elsewhere (a `mirrord._splice.PipePart`), its own part after `body`."""
+    if tail is None and len(body) < SCATTER_BODY:
         return frame_with_head(head, items, body)
     prefix = _cbor_head(4, items) + b"".join(_cbor_head(0, value) for value in head)
-    return [_HEADER.pack(len(prefix) + len(body)) + prefix, body]
+    size = len(prefix) + len(body) + (0 if tail is None else len(tail))
+    parts: list[Any] = [_HEADER.pack(size) + prefix]
+    if body:
+        parts.append(body)
+    if tail is not None:
+        parts.append(tail)
+    return parts
 
 
 def bytes_frame(head: list[int], data: bytes) -> bytes:
@@ -203,10 +214,16 @@ def bytes_frame_parts(head: list[int], data: bytes) -> bytes | list[bytes | memo
     prefix and head, then `data` itself, uncopied."""
     if len(data) < SCATTER_BODY:
         return bytes_frame(head, data)
+    return [bytes_frame_head(head, len(data)), data]
+
+
+def bytes_frame_head(head: list[int], size: int) -> bytes:
+    """`bytes_frame`'s frame up to its byte string of `size` bytes (length prefix included):
+    the bytes themselves follow as a part of their own (`bytes_frame_parts`, or a pipe's)."""
     prefix = b"".join(
-        [_cbor_head(4, len(head) + 1), *(_cbor_head(0, v) for v in head), _cbor_head(2, len(data))]
+        [_cbor_head(4, len(head) + 1), *(_cbor_head(0, v) for v in head), _cbor_head(2, size)]
     )
-    return [_HEADER.pack(len(prefix) + len(data)) + prefix, data]
+    return _HEADER.pack(len(prefix) + size) + prefix
 
 
 # A frame at least this big is collected in a buffer of its own, sized by its header: each
@@ -231,7 +248,15 @@ class FrameDecoder:
     so only those few are copied into its buffer, not a whole read's worth. One such small
     read per large frame; a stream of small frames never gets one."""
 
-    __slots__ = ("_after_large", "_buffer", "_filled", "_head", "_large", "_max_frame_size")
+    __slots__ = (
+        "_after_large",
+        "_buffer",
+        "_filled",
+        "_head",
+        "_large",
+        "_max_frame_size",
+        "large_frames",
+    )
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
         self._buffer = bytearray()
@@ -240,6 +265,7 @@ class FrameDecoder:
         self._max_frame_size = max_frame_size
         self._after_large = False  # a large payload was just handed out
         self._head: bytearray | None = None  # the small read after one (`_HEAD_READ`)
+        self.large_frames = 0  # large frames begun: tells one from the next (`large_prefix`)
 
     def __repr__(self) -> str:
         return f"<FrameDecoder buffered={self.buffered} max={self._max_frame_size}>"
@@ -277,6 +303,7 @@ class FrameDecoder:
         end = HEADER_SIZE + size
         if len(self._buffer) < end:
             if size >= _LARGE_FRAME:  # the rest goes straight into a buffer of its own
+                self.large_frames += 1
                 self._large = bytearray(size)
                 self._filled = len(self._buffer) - HEADER_SIZE
                 with memoryview(self._buffer) as view:
@@ -301,6 +328,30 @@ class FrameDecoder:
         if self._head is None:
             self._head = bytearray(_HEAD_READ)
         return memoryview(self._head)
+
+    def large_prefix(self) -> tuple[memoryview, int] | None:
+        """While a large payload is being collected and is not complete: (what of it came so
+        far, the bytes still to come). Nothing else is buffered then: the stream's next bytes
+        are that payload's."""
+        large = self._large
+        if large is None or self._filled >= len(large):
+            return None
+        return memoryview(large)[: self._filled], len(large) - self._filled
+
+    def take_large(self) -> tuple[bytes, int]:
+        """Give up the large payload being collected (`large_prefix`): (what came so far, the
+        bytes still to come). Whoever takes it takes that many next bytes of the stream
+        (never passed to `receive_data`); the decoder then expects the next frame's header."""
+        prefix = self.large_prefix()
+        if prefix is None:
+            raise ValueError("no large payload being collected")
+        view, rest = prefix
+        with view:
+            taken = bytes(view)
+        self._large = None
+        self._filled = 0
+        self._after_large = True
+        return taken, rest
 
     @property
     def buffered(self) -> int:
