@@ -70,7 +70,11 @@ def _die_with_parent(parent: int, *, block_sigint: bool = False) -> Callable[[],
     """A preexec function: CMD gets SIGKILL when `mirrord run` dies (a `kill -9` of it must not
     leave CMD running without its session). libc is looked up before the fork. With
     `block_sigint`, CMD starts with SIGINT blocked (the mask survives exec): a Ctrl-C stays
-    pending until CMD unblocks it, once it is ready to handle it."""
+    pending until CMD unblocks it, once it is ready to handle it. The fork itself happens with
+    SIGINT blocked (`_start_command`): a Ctrl-C right then would raise KeyboardInterrupt in the
+    child's after-fork hooks, printed as a traceback, before CMD even runs; here, without
+    `block_sigint`, the child drops Python's handler and unblocks it, so such a Ctrl-C ends the
+    child as it would end CMD."""
     import ctypes  # here: the fast path of `mirrord run` keeps its imports few
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -79,8 +83,10 @@ def _die_with_parent(parent: int, *, block_sigint: bool = False) -> Callable[[],
         prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent:  # mirrord run died before prctl took effect
             os.kill(os.getpid(), signal.SIGKILL)
-        if block_sigint:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        if not block_sigint:
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored: stays so
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     return preexec
 
@@ -188,6 +194,9 @@ def _start_command(
 ) -> subprocess.Popen[bytes]:
     """Start `argv` (`command`, maybe under the supervisor); exit 127 / 126 when it cannot run,
     as a shell would."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # see _die_with_parent
+    blocked = block_sigint or signal.SIGINT in mask  # CMD inherits a blocked SIGINT as before
+    preexec = _die_with_parent(os.getpid(), block_sigint=blocked)
     try:
         return subprocess.Popen(
             argv,
@@ -195,7 +204,7 @@ def _start_command(
             process_group=None if shared_group else 0,
             # The other threads here (the control connection's reader) hold nothing the
             # preexec function needs: it calls prctl, getppid and kill, all prepared.
-            preexec_fn=_die_with_parent(os.getpid(), block_sigint=block_sigint),  # noqa: PLW1509
+            preexec_fn=preexec,  # noqa: PLW1509
             pass_fds=pass_fds,
         )
     except FileNotFoundError:
@@ -212,6 +221,8 @@ def _start_command(
         if exc.errno == errno.ENOEXEC:
             hint = f" (a script needs a #! line, or run it as `sh {command[0]}`)"
         fail(f"cannot run {command[0]}: {exc.strerror}{hint}", code=126)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _wait_forwarding_signals(child: subprocess.Popen[bytes], *, shared_group: bool) -> int:
