@@ -139,9 +139,8 @@ def test_the_decoder_gives_up_the_rest_of_a_large_frame() -> None:
     decoder = FrameDecoder()
     decoder.receive_data(frame[:5000])
     assert decoder.next_payload() is None
-    prefix = decoder.large_prefix()
-    assert prefix is not None and bytes(prefix[0]) == frame[4:5000]
-    assert prefix[1] == len(frame) - 5000
+    assert decoder.large_prefix() == (frame[4:68], len(frame) - 5000)
+    assert decoder.large_prefix(10_000) == (frame[4:5000], len(frame) - 5000)
     started = decoder.large_frames
     taken, rest = decoder.take_large()
     assert taken == frame[4:5000] and rest == len(frame) - 5000
@@ -152,6 +151,33 @@ def test_the_decoder_gives_up_the_rest_of_a_large_frame() -> None:
     decoder.receive_data(after)
     assert decoder.next_payload() == after[4:]
     assert decoder.large_frames == started
+
+
+def test_a_large_frame_given_up_never_gets_a_buffer() -> None:
+    # its buffer is made when its next bytes come: a frame taken before (the daemon's splice)
+    # costs no zero-filled MiB
+    import tracemalloc
+
+    frame = bytes_frame_head([2, 13, 9], 1_500_000) + b"x" * 4000
+    size = int.from_bytes(frame[:4], "big")
+    decoder = FrameDecoder()
+    tracemalloc.start()
+    try:
+        decoder.receive_data(frame)
+        assert decoder.next_payload() is None
+        taken, rest = decoder.take_large()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(taken) + rest == size
+    assert peak < 100_000, peak
+    # a frame that is not taken gets its buffer at its next bytes, and arrives whole
+    decoder.receive_data(frame)
+    assert decoder.next_payload() is None
+    decoder.receive_data(b"y" * (size - len(taken)))
+    payload = decoder.next_payload()
+    assert payload is not None and len(payload) == size
+    assert bytes(payload[-3:]) == b"yyy"
 
 
 @pytest.mark.parametrize("offset", [0, 5, 4096, 12345])

@@ -485,8 +485,7 @@ class AgentLink:
         large = self.conn.large_prefix()
         if large is None or large[1] > SPLICE_MAX:
             return None
-        with large[0] as prefix:
-            head = read_head(prefix, 3)
+        head = read_head(large[0], 3)
         if head is None:
             return None
         (channel, kind, rid), items, body = head

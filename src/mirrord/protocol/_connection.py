@@ -265,8 +265,8 @@ class _Connection:
             return
         self._decoder.receive_data(data)
 
-    def large_prefix(self) -> tuple[memoryview, int] | None:
-        """The large frame being received, while it is incomplete: (its payload so far, the
+    def large_prefix(self) -> tuple[bytes, int] | None:
+        """The large frame being received, while it is incomplete: (its first bytes, the
         bytes still to come); see `FrameDecoder.large_prefix`."""
         return self._decoder.large_prefix()
 

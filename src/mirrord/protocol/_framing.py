@@ -246,7 +246,11 @@ class FrameDecoder:
     Right after a large frame, `free_space()` is a small buffer of the decoder's own
     (`_HEAD_READ` bytes): in a stream of large frames the next one's first bytes arrive there,
     so only those few are copied into its buffer, not a whole read's worth. One such small
-    read per large frame; a stream of small frames never gets one."""
+    read per large frame; a stream of small frames never gets one.
+
+    A large payload's buffer is made when its next bytes come (`receive_data`, `free_space`),
+    not when its header is read: until then the payload may be given up (`take_large`, the
+    daemon's splice), and a buffer that nobody fills is not zero-filled for nothing."""
 
     __slots__ = (
         "_after_large",
@@ -255,6 +259,7 @@ class FrameDecoder:
         "_head",
         "_large",
         "_max_frame_size",
+        "_pending",
         "large_frames",
     )
 
@@ -265,12 +270,17 @@ class FrameDecoder:
         self._max_frame_size = max_frame_size
         self._after_large = False  # a large payload was just handed out
         self._head: bytearray | None = None  # the small read after one (`_HEAD_READ`)
+        # a large payload's size while its buffer is not made yet (`_open_large`): `_buffer`
+        # holds its header and its first bytes
+        self._pending = 0
         self.large_frames = 0  # large frames begun: tells one from the next (`large_prefix`)
 
     def __repr__(self) -> str:
         return f"<FrameDecoder buffered={self.buffered} max={self._max_frame_size}>"
 
     def receive_data(self, data: bytes | memoryview) -> None:
+        if self._pending:
+            self._open_large()
         large = self._large
         if large is None or self._filled == len(large):
             self._after_large = False
@@ -288,6 +298,8 @@ class FrameDecoder:
 
     def next_payload(self) -> bytes | None:
         """The next complete frame's payload, or None when more bytes are needed."""
+        if self._pending:
+            return None
         large = self._large
         if large is not None:
             if self._filled < len(large):
@@ -304,11 +316,7 @@ class FrameDecoder:
         if len(self._buffer) < end:
             if size >= _LARGE_FRAME:  # the rest goes straight into a buffer of its own
                 self.large_frames += 1
-                self._large = bytearray(size)
-                self._filled = len(self._buffer) - HEADER_SIZE
-                with memoryview(self._buffer) as view:
-                    self._large[: self._filled] = view[HEADER_SIZE:]
-                self._buffer.clear()
+                self._pending = size
             return None
         with memoryview(self._buffer) as view:
             payload = bytes(view[HEADER_SIZE:end])
@@ -320,6 +328,8 @@ class FrameDecoder:
         payload being collected, or right after one the small `_head` buffer. A reader may
         receive into it and pass the filled part (a slice of this view) to `receive_data`.
         None: pass what was read."""
+        if self._pending:
+            self._open_large()
         large = self._large
         if large is not None and self._filled < len(large):
             return memoryview(large)[self._filled :]
@@ -329,25 +339,47 @@ class FrameDecoder:
             self._head = bytearray(_HEAD_READ)
         return memoryview(self._head)
 
-    def large_prefix(self) -> tuple[memoryview, int] | None:
-        """While a large payload is being collected and is not complete: (what of it came so
-        far, the bytes still to come). Nothing else is buffered then: the stream's next bytes
-        are that payload's."""
+    def _open_large(self) -> None:
+        size, self._pending = self._pending, 0
+        self._large = bytearray(size)
+        self._filled = len(self._buffer) - HEADER_SIZE
+        with memoryview(self._buffer) as view:
+            self._large[: self._filled] = view[HEADER_SIZE:]
+        self._buffer.clear()
+
+    def large_prefix(self, at_most: int = 64) -> tuple[bytes, int] | None:
+        """While a large payload is being collected and is not complete: (its first bytes, at
+        most `at_most` of what came so far; the bytes still to come). Nothing else is buffered
+        then: the stream's next bytes are that payload's."""
+        view = self._large_view()
+        if view is None:
+            return None
+        with view:
+            return bytes(view[:at_most]), self._large_size() - len(view)
+
+    def _large_view(self) -> memoryview | None:
+        if self._pending:
+            return memoryview(self._buffer)[HEADER_SIZE:]
         large = self._large
         if large is None or self._filled >= len(large):
             return None
-        return memoryview(large)[: self._filled], len(large) - self._filled
+        return memoryview(large)[: self._filled]
+
+    def _large_size(self) -> int:
+        return self._pending or len(self._large or b"")
 
     def take_large(self) -> tuple[bytes, int]:
         """Give up the large payload being collected (`large_prefix`): (what came so far, the
         bytes still to come). Whoever takes it takes that many next bytes of the stream
         (never passed to `receive_data`); the decoder then expects the next frame's header."""
-        prefix = self.large_prefix()
-        if prefix is None:
+        view = self._large_view()
+        if view is None:
             raise ValueError("no large payload being collected")
-        view, rest = prefix
         with view:
             taken = bytes(view)
+        rest = self._large_size() - len(taken)
+        self._pending = 0
+        self._buffer.clear()
         self._large = None
         self._filled = 0
         self._after_large = True
