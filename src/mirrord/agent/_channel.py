@@ -389,7 +389,7 @@ class Channel:
         finally:
             self.session.request_slots.release()
 
-    def _log_reply(self, req: Any, reply: Message | None) -> None:
+    def _log_reply(self, req: Any, reply: Message | _Spliced | None) -> None:
         if log.isEnabledFor(logging.DEBUG):
             # Message names and errnos only: paths are fine, env values never reach here.
             log.debug(
@@ -397,7 +397,13 @@ class Channel:
                 self.number,
                 type(req).__name__,
                 req.request_id,
-                type(reply).__name__ if reply is not None else "Connected",
+                (
+                    "FileData (through a pipe)"
+                    if isinstance(reply, _Spliced)
+                    else type(reply).__name__
+                    if reply is not None
+                    else "Connected"
+                ),
                 f" errno={reply.errno}" if isinstance(reply, m.ErrorReply) else "",
             )
 
@@ -443,7 +449,7 @@ class Channel:
     def _answer(self, req: Any, reply: Message | _Handed | _Spliced) -> None:
         self.session.request_slots.release()
         if isinstance(reply, _Spliced):
-            self._log_reply(req, None)
+            self._log_reply(req, reply)
             if self.closed:
                 reply.part.release()
             else:
