@@ -103,7 +103,7 @@ class PassedFd:
 # A frame as one buffer, or as a list of parts written with one scatter write (a large body
 # is never joined to its head: `mirrord.protocol.frame_parts_with_head`); a part may be bytes
 # waiting in a pipe (`PipePart`, plain sockets only: spliced into the socket).
-Frame = bytes | memoryview | list[bytes | memoryview] | list[bytes | memoryview | PipePart]
+Frame = bytes | memoryview | Sequence[bytes | memoryview | PipePart]
 _Part = bytes | memoryview | PipePart
 _Queued = tuple[_Part, tuple[Passable, ...]]  # a memoryview: not copied
 # sendmsg takes at most IOV_MAX (1024) buffers: a batch of parts stays well below
@@ -489,8 +489,8 @@ class FrameWriter:
             _close_all(passing)
             release_parts(frame)
             return
-        parts: list[_Part] = frame if isinstance(frame, list) else [frame]  # type: ignore[assignment]
-        piped = isinstance(frame, list) and any(type(part) is PipePart for part in parts)
+        parts: list[_Part] = [frame] if isinstance(frame, bytes | memoryview) else list(frame)
+        piped = any(type(part) is PipePart for part in parts)
         if piped and not self.can_splice:
             release_parts(frame)
             raise TypeError("a frame with a PipePart on a writer that cannot splice")

@@ -155,7 +155,7 @@ class PipePart:
 
 def release_parts(parts: object) -> None:
     """Release the `PipePart`s among `parts` (a frame that will not be written)."""
-    if isinstance(parts, list):
+    if isinstance(parts, list | tuple):
         for part in parts:
             if isinstance(part, PipePart):
                 part.release()
