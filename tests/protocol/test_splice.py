@@ -225,50 +225,69 @@ def test_the_agent_reads_what_is_no_regular_file_into_memory(tmp_path: Path) -> 
 
 
 class _Link:
-    """The daemon link's side of a `_SpliceIn`: what it is told when the frame is in."""
+    """The daemon link's side of a `_SpliceIn`: its pipes, and what it is told when the frame
+    is in."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipes: PipePool) -> None:
+        self._pipes = pipes
         self.done: list[Any] = []
 
     def _spliced(self, job: Any) -> None:
         self.done.append(job)
 
 
-def test_the_daemon_copies_the_rest_when_its_pipe_fills_early() -> None:
-    # a pipe of one page: the socket's bytes do not fit, the rest is copied, and the frame is
-    # complete (no wait for room that only forwarding the frame would make)
+class _NoPipes(PipePool):
+    def take(self) -> Any:
+        raise OSError(errno.EMFILE, "no more pipes")
+
+
+def _splice_in(link: _Link, first_pipe_size: int, data: bytes) -> _SpliceIn:
+    """`data` received by a `_SpliceIn` whose first pipe has room for `first_pipe_size` bytes,
+    sent in two halves with reads in between."""
     import fcntl
 
-    pool = PipePool()
-    pipe = pool.take()
-    fcntl.fcntl(pipe.w, fcntl.F_SETPIPE_SZ, 4096)
+    pipe = PipePool().take()
+    fcntl.fcntl(pipe.w, fcntl.F_SETPIPE_SZ, first_pipe_size)
     a, b = socket.socketpair(socket.AF_UNIX)
     with a, b:
         b.setblocking(False)
-        data = os.urandom(200_000)
         frame = Undecoded(
             channel=2, kind=13, request_id=1, items=4, head_items=3, payload=b"", body=0
         )
-        link = _Link()
         job = _SpliceIn(link, frame, pipe, len(data))  # type: ignore[arg-type]
-        a.sendall(data[:100_000])
-        moved = 0
-        for _ in range(1000):
-            try:
-                moved += job.receive_from(b.fileno())
-            except BlockingIOError:
-                if moved >= 100_000:
-                    break
-        assert moved == 100_000 and job.copy is not None
-        a.sendall(data[100_000:])
-        for _ in range(1000):
-            if link.done:
-                break
-            try:
-                job.receive_from(b.fileno())
-            except BlockingIOError:
-                continue
-        assert link.done == [job]
-        assert bytes(job.copy) == data
-    pipe.close()
+        half = len(data) // 2
+        for chunk in (data[:half], data[half:]):
+            a.sendall(chunk)
+            for _ in range(1000):
+                try:
+                    job.receive_from(b.fileno())
+                except BlockingIOError:
+                    if job.size - job.left >= half or link.done:
+                        break
+        return job
+
+
+def test_the_daemon_takes_another_pipe_when_one_fills_early() -> None:
+    # a pipe of one page fills at once: the rest goes into the next pipe, nothing is copied,
+    # and the frame is complete (no wait for room that only forwarding it would make)
+    pool = PipePool()
+    link = _Link(pool)
+    data = os.urandom(200_000)
+    job = _splice_in(link, 4096, data)
+    assert link.done == [job] and job.copy is None
+    assert len(job.pipes) == 2 and sum(job.filled) == len(data)
+    got = b"".join(
+        os.read(pipe.r, PIPE_SIZE) for pipe, n in zip(job.pipes, job.filled, strict=True) if n
+    )
+    assert got == data
+    job.close()
     pool.close()
+
+
+def test_the_daemon_copies_the_rest_when_it_gets_no_more_pipes() -> None:
+    link = _Link(_NoPipes())
+    data = os.urandom(200_000)
+    job = _splice_in(link, 4096, data)
+    assert link.done == [job]
+    assert job.copy is not None and bytes(job.copy) == data
+    job.close()

@@ -19,7 +19,7 @@ import anyio
 import anyio.abc
 
 from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
-from mirrord._splice import PipePart
+from mirrord._splice import PipePart, release_parts
 from mirrord.daemon._link import FORWARDED_REQUESTS
 from mirrord.daemon._session import LayerProcess, Session, lost_reply
 from mirrord.protocol import (
@@ -101,24 +101,22 @@ class LayerClient:
         request_id: int,
         *,
         passing: tuple[Passable, ...] = (),
-        tail: PipePart | None = None,
+        tail: list[PipePart] | None = None,
     ) -> None:
         """The agent's reply `frame` to a forwarded request, undecoded, as the answer to the
         layer's `request_id` (its body goes through as bytes); `passing` as for `reply`;
-        `tail`: the body's last bytes in a pipe (`can_splice` only), written or released."""
+        `tail`: the body's last bytes in pipes (`can_splice` only), written or released."""
         if self.closed or self.conn.state is not State.OPEN:
             for fd in passing:
                 fd.close()
-            if tail is not None:
-                tail.release()
+            release_parts(tail)
             return  # the layer connection is gone: nobody waits for this reply
         try:
-            out = self.conn.forward(frame, request_id, tail=tail)
+            out = self.conn.forward(frame, request_id, tail=tail or ())
         except LocalProtocolError as exc:  # a frame that no longer fits once re-headed
             for fd in passing:
                 fd.close()
-            if tail is not None:
-                tail.release()
+            release_parts(tail)
             self.reply(
                 m.ErrorReply(request_id=0, errno=errno_mod.EMSGSIZE, message=str(exc)), request_id
             )

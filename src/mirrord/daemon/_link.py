@@ -103,10 +103,10 @@ class ReplyTo(Protocol):
         request_id: int,
         *,
         passing: tuple[Passable, ...] = (),
-        tail: PipePart | None = None,
+        tail: list[PipePart] | None = None,
     ) -> None:
         """The agent's reply `frame`, undecoded, as the answer to the layer's `request_id`;
-        `passing` as for `reply`; `tail`: the frame's last bytes, in a pipe (owned by the
+        `passing` as for `reply`; `tail`: the frame's last bytes, in pipes (owned by the
         callee from here on: written or released)."""
         ...
 
@@ -118,44 +118,61 @@ class ReplyTo(Protocol):
 
 class _SpliceIn:
     """The rest of a large forwarded reply (a `FileData`), taken from the agent's stream into
-    a pipe and forwarded once all of it is there (`mirrord._splice`: the daemon moves a read's
-    pages, it copies none of its bytes)."""
+    pipes and forwarded once all of it is there (`mirrord._splice`: the daemon moves a read's
+    pages, it copies none of its bytes). A pipe holds 256 pieces of pages, and the pieces the
+    socket hands on are the agent's pipe's (up to 256) and those of the bytes the agent sent
+    after them: when one pipe is full, the rest goes into the next (at most `_PIPES_PER_FRAME`;
+    past them the rest is copied, instead of waiting for room that only forwarding the frame
+    would make)."""
 
-    __slots__ = ("copy", "frame", "left", "link", "pipe", "size")
+    __slots__ = ("copy", "filled", "frame", "left", "link", "pipes", "size")
 
     def __init__(self, link: AgentLink, frame: Undecoded, pipe: Pipe, size: int) -> None:
         self.link = link
-        self.frame = frame  # its payload: the bytes before the pipe's
-        self.pipe = pipe
+        self.frame = frame  # its payload: the bytes before the pipes'
+        self.pipes = [pipe]
+        self.filled = [0]  # the bytes in each pipe
         self.size = size
         self.left = size
-        self.copy: bytearray | None = None  # the bytes, when the pipe could not hold them
+        self.copy: bytearray | None = None  # the bytes, when the pipes could not hold them
 
     def receive_from(self, fd: int) -> int:
         if self.copy is not None:
             return self._copy_from(fd)
         try:
             moved = os.splice(
-                fd, self.pipe.w, self.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+                fd, self.pipes[-1].w, self.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
             )
         except BlockingIOError:
             if not _unread(fd):
                 raise
-            # the socket has bytes but the pipe takes none: full (its pieces of pages were
-            # more than PIPE_SIZE has room for; not expected). Copy the rest instead of
-            # waiting for room that only the forwarding would make.
-            self._pipe_to_copy()
+            # the socket has bytes but the pipe takes none: it is full
+            if len(self.pipes) < _PIPES_PER_FRAME:
+                try:
+                    self.pipes.append(self.link._pipes.take())
+                    self.filled.append(0)
+                    return self.receive_from(fd)
+                except OSError:
+                    pass
+            self._pipes_to_copy()
             return self._copy_from(fd)
         self.left -= moved
+        self.filled[-1] += moved
         if moved and not self.left:
             self.link._spliced(self)
         return moved
 
-    def _pipe_to_copy(self) -> None:
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.close()
+
+    def _pipes_to_copy(self) -> None:
         copy = self.copy = bytearray(self.size)
         view, got = memoryview(copy), 0
-        while got < self.size - self.left:
-            got += os.readv(self.pipe.r, [view[got : self.size - self.left]])
+        for pipe, filled in zip(self.pipes, self.filled, strict=True):
+            end = got + filled
+            while got < end:
+                got += os.readv(pipe.r, [view[got:end]])
 
     def _copy_from(self, fd: int) -> int:
         assert self.copy is not None
@@ -164,6 +181,9 @@ class _SpliceIn:
         if moved and not self.left:
             self.link._spliced(self)
         return moved
+
+
+_PIPES_PER_FRAME = 3
 
 
 def _unread(fd: int) -> int:
@@ -518,21 +538,23 @@ class AgentLink:
     def _spliced(self, job: _SpliceIn) -> None:
         """All of `job`'s bytes are in its pipe: forward the reply (the reader callback)."""
         self._splicing = None
-        part = PipePart(job.pipe, job.size, self._pipes)
         frame = job.frame
         entry = self._pending.get(frame.request_id)
         if type(entry) is not _Forward or entry.channel != frame.channel:
-            part.release()  # the request was given up meanwhile: nobody reads this reply
+            job.close()  # the request was given up meanwhile: nobody reads this reply
             return
         del self._pending[frame.request_id]
         self.frames_in += 1
-        if job.copy is not None:  # copied after all (the pipe was full)
-            part.release()
+        if job.copy is not None:  # copied after all (the pipes were full)
+            job.close()
             frame = dataclasses.replace(frame, payload=frame.payload + job.copy)
             entry.client.forward_reply(frame, entry.request_id)
             return
         self.spliced += 1
-        entry.client.forward_reply(frame, entry.request_id, tail=part)
+        parts = [
+            PipePart(pipe, n, self._pipes) for pipe, n in zip(job.pipes, job.filled, strict=True)
+        ]
+        entry.client.forward_reply(frame, entry.request_id, tail=parts)
 
     def _on_data(self, data: bytes | memoryview) -> None:
         """Feed one read (b"": the end) and handle its frames; raises `_StreamClosed` once the
@@ -593,7 +615,7 @@ class AgentLink:
         if self._reader is not None:
             self._reader.close_fds()
         if self._splicing is not None:
-            self._splicing.pipe.close()
+            self._splicing.close()
             self._splicing = None
         self._pipes.close()
 

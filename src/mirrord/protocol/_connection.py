@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import hmac
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -325,13 +325,14 @@ class _Connection:
         frame: Undecoded,
         request_id: int,
         channel: int = CONTROL_CHANNEL,
-        tail: Sized | None = None,
+        tail: Sequence[Sized] = (),
     ) -> bytes | list[Any]:
         """`frame` (undecoded by the other protocol's connection) as a frame of this one, under
         `request_id` (and `channel`, agent protocol): its body goes through as bytes, uncopied
         when it is large (then the frame is a list of parts: `frame_parts_with_head`).
         `tail`: the body's last bytes, held elsewhere (`frame.payload` has only the ones
-        before them: a large frame taken from the stream with `take_large`), its own part.
+        before them: a large frame taken from the stream with `take_large`), parts of their
+        own.
         `LocalProtocolError` if it may not be sent now or does not fit in a frame."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"forward() in state {self.state.value}")

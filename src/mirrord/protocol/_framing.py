@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Sized
+from collections.abc import Sequence, Sized
 from typing import Any
 
 import cbor2
@@ -181,21 +181,20 @@ SCATTER_BODY = 64 * 1024
 
 
 def frame_parts_with_head(
-    head: list[int], items: int, body: bytes | memoryview, tail: Sized | None = None
+    head: list[int], items: int, body: bytes | memoryview, tail: Sequence[Sized] = ()
 ) -> bytes | list[Any]:
     """`frame_with_head`'s frame, as parts when the body is large (`SCATTER_BODY`): the new
     length prefix and head, then `body` itself, uncopied (for `socket.sendmsg` or a writer that
     takes a list of parts); a small frame is one joined `bytes`. `tail`: the body's last
-    bytes, held elsewhere (a `mirrord._splice.PipePart`), its own part after `body`."""
-    if tail is None and len(body) < SCATTER_BODY:
+    bytes, held elsewhere (`mirrord._splice.PipePart`s), parts of their own after `body`."""
+    if not tail and len(body) < SCATTER_BODY:
         return frame_with_head(head, items, body)
     prefix = _cbor_head(4, items) + b"".join(_cbor_head(0, value) for value in head)
-    size = len(prefix) + len(body) + (0 if tail is None else len(tail))
+    size = len(prefix) + len(body) + sum(len(part) for part in tail)
     parts: list[Any] = [_HEADER.pack(size) + prefix]
     if body:
         parts.append(body)
-    if tail is not None:
-        parts.append(tail)
+    parts.extend(tail)
     return parts
 
 
