@@ -18,8 +18,8 @@ A pipe's capacity is `PIPE_SIZE` (raised with F_SETPIPE_SZ to /proc/sys/fs/pipe-
 default, which any process may ask for) and it counts pieces of pages, not bytes: a file's
 1 MiB at an offset that is not page-aligned spans 257 pages, one more than the pipe holds.
 Whoever fills a pipe copes with it filling up early: the agent reads the rest of such a read
-into memory (a part of its own after the pipe's), the daemon copies the rest of such a frame
-(`mirrord.daemon._link`). Nobody waits for room in a pipe that only its own frame's writer
+into memory (a part of its own after the pipe's), the daemon splices the rest of such a frame
+into another pipe, up to three, then copies (`mirrord.daemon._link`). Nobody waits for room in a pipe that only its own frame's writer
 would make. A process that cannot get such a pipe (past /proc/sys/fs/pipe-user-pages-soft)
 copies, as before.
 """

@@ -579,8 +579,13 @@ def test_a_relayed_large_read_goes_through_pipes_and_leaves_none_behind(
         *(expected(content[o : o + n]) for o, n in ((4096, 1 << 20), (1 << 20, 70000))),
         f"{expected(content[777 : 777 + (1 << 20)])} {777 + (1 << 20)}",
     ]
-    open_fds, spliced = [], [0]
-    for _ in range(3):
+
+    def pipes_of(pid: int) -> int:
+        fds = Path(f"/proc/{pid}/fd")
+        return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
+
+    pipes, spliced = [], [0]
+    for _ in range(4):
         result = mirrord.run(
             "run", "-t", f"pid/{files_pod.pid}", "--", sys.executable, str(script),
             "/app/spliced.bin",
@@ -589,17 +594,10 @@ def test_a_relayed_large_read_goes_through_pipes_and_leaves_none_behind(
         assert result.stdout.splitlines() == want
         status = mirrord.status()
         [agent] = [a for a in status["agents"] if a["link"]["spliced"]]
-        daemon_pid = status["daemon"]["pid"]
-        open_fds.append((len(os.listdir(f"/proc/{daemon_pid}/fd")), agent["pid"]))
+        pipes.append((pipes_of(status["daemon"]["pid"]), pipes_of(agent["pid"])))
         spliced.append(agent["link"]["spliced"])
     # each run: the 3 MiB read alone is three FileData of 1 MiB
     assert all(b - a >= 3 for a, b in itertools.pairwise(spliced)), spliced
-    # the pipes are pooled, not leaked: the same fds after the second run as after the third
-    assert open_fds[1][0] == open_fds[2][0], open_fds
-    agent_fds = len(os.listdir(f"/proc/{agent['pid']}/fd"))
-    result = mirrord.run(
-        "run", "-t", f"pid/{files_pod.pid}", "--", sys.executable, str(script),
-        "/app/spliced.bin",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert len(os.listdir(f"/proc/{agent['pid']}/fd")) == agent_fds
+    # pooled, not leaked: each run passes more than a dozen replies through pipes, and the
+    # daemon and the agent keep at most 8 free pipes (16 fds) per pool from one run to the next
+    assert all(b - a <= 16 for a, b in zip(pipes[0], pipes[-1], strict=True)), pipes
