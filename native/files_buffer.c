@@ -4,13 +4,15 @@
  * one is read and written through its remote handle, a round trip per call: 4 KiB reads or
  * writes ran at a few MB/s. So the layer keeps the fd's offset itself and buffers:
  *
- * - Read-ahead (opened O_RDONLY): a read past the buffer fetches the next window with
- *   pipelined FileRead requests (FB_CHUNK each, up to FB_INFLIGHT in flight on one daemon
- *   connection, replies in any order); parts of the window the app's own read covers land in
- *   its buffer directly, the rest in the read-ahead buffer, which serves the following reads
- *   with no round trip. The window starts at FB_MIN_WINDOW and doubles while reads stay
- *   sequential (after an lseek elsewhere it starts small again). A short reply is the end of
- *   the file as the target has it now; nothing past it is kept, so a growing file is seen.
+ * - Read-ahead (opened O_RDONLY): reads are served from a stream of pipelined FileRead
+ *   requests (slots of up to FB_CHUNK, up to FB_INFLIGHT in flight, replies in any order).
+ *   Once a file is read on past its first window the stream gets a daemon connection of its
+ *   own and runs ahead of the app: each slot the app consumes is asked for again at once, so
+ *   the daemon and the agent carry the next MiBs while the app works on this one. A slot the
+ *   app's read covers whole lands in its buffer directly. The window (how far ahead) starts
+ *   at FB_MIN_WINDOW and doubles while reads stay sequential (after an lseek elsewhere it
+ *   starts small again). A short reply is the end of the file as the target has it now;
+ *   nothing past it is kept, so a growing file is seen.
  * - Write-behind (opened O_WRONLY or O_RDWR, not O_APPEND): writes that continue each other
  *   collect in a buffer of FB_WRITE_CAP bytes (one FileWrite at an explicit offset), sent
  *   when it is full or a write does not continue it, on a daemon connection of the buffer's
@@ -47,6 +49,19 @@
 #define FB_WRITE_CAP FB_WCHUNK                    /* write-behind buffer: one FileWrite */
 
 enum { FB_READ = 1, FB_WRITE = 2 };
+enum { RS_FLIGHT = 1, RS_DONE, RS_ERR };
+
+/* read: one FileRead of the read-ahead stream: `n` bytes at `off`, in flight (its request id)
+ * or come (`got` bytes, fewer at the file's end; or the agent's errno) */
+struct rslot {
+    off_t off;
+    size_t n;
+    size_t got;
+    uint64_t rid;
+    char *to; /* where its bytes go: its part of data, or the app's buffer it waits in */
+    int state;
+    int err;
+};
 
 static int g_nfbuf; /* buffers alive: the walks over every fd are skipped while there are none */
 
@@ -56,14 +71,18 @@ struct fbuf {
     off_t pos;      /* the fd's offset (the handle's own offset on the agent is stale) */
     char *data;     /* FB_MAX_WINDOW or FB_WRITE_CAP bytes (cap), mapped at first use */
     size_t cap;
-    off_t off;      /* read: data holds the file's bytes [off, off+len); write: pending */
+    off_t off;      /* write: the pending bytes [off, off+len) */
     size_t len;
-    size_t window;  /* read: the next read-ahead's size */
+    size_t window;  /* read: how far the stream runs ahead of the app */
     off_t next;     /* read: where a sequential read would continue */
-    int eof;        /* read: the last read-ahead ended short, at the file's end */
-    /* write: the write-backs in flight on wc (their replies not read yet), and the error of
-     * one that failed, which the next write or flush reports */
-    struct lconn *wc;
+    int eof;        /* read: a slot came short: the file ends there */
+    int no_stream;  /* read: the daemon refused the stream a connection */
+    struct rslot rs[FB_INFLIGHT]; /* read: the stream, rs[rhead] first, nr of them */
+    int rhead, nr;
+    /* the buffer's own connection (read: its stream's; write: the write-backs'); write: the
+     * write-backs in flight on it (their replies not read yet), and the error of one that
+     * failed, which the next write or flush reports */
+    struct lconn *oc;
     uint64_t wrid[FB_INFLIGHT];
     size_t wlen[FB_INFLIGHT];
     int nw;
@@ -234,9 +253,9 @@ static ssize_t read_through(uint64_t handle, char *p, size_t n, off_t off) {
  * write-back at fsync or close. Without a connection of its own (the daemon refused one) a
  * write-back waits for its reply on the shared one. */
 
-static void fb_wc_lost(struct fbuf *fb) {
-    conn_close_own(fb->wc, 0);
-    fb->wc = NULL;
+static void fb_oc_lost(struct fbuf *fb) {
+    conn_close_own(fb->oc, 0);
+    fb->oc = NULL;
     fb->nw = 0; /* nothing is known of those in flight: the fd's next call fails */
     fb->werr = fb->werr ? fb->werr : EIO;
 }
@@ -245,17 +264,17 @@ static void fb_wc_lost(struct fbuf *fb) {
 static int fb_reap_one(struct fbuf *fb) {
     uint64_t rid, count;
     cbor_r r;
-    int kind = conn_reply(fb->wc, M_FILE_WRITTEN, &rid, &r);
+    int kind = conn_reply(fb->oc, M_FILE_WRITTEN, &rid, &r);
     int i = 0;
     while (kind >= 0 && i < fb->nw && fb->wrid[i] != rid) {
         i++;
     }
     if (kind >= 0 && i == fb->nw) {
-        conn_fail(fb->wc, "a reply to no write-back in flight");
+        conn_fail(fb->oc, "a reply to no write-back in flight");
         kind = -1;
     }
     if (kind < 0) {
-        fb_wc_lost(fb);
+        fb_oc_lost(fb);
         return -1;
     }
     if (kind == 1) {
@@ -287,23 +306,23 @@ static int fb_post_locked(struct ent *e, struct fbuf *fb) {
         return 0;
     }
     fb->len = 0;
-    if (fb->wc == NULL && (fb->wc = conn_open_own()) == NULL) {
+    if (fb->oc == NULL && (fb->oc = conn_open_own()) == NULL) {
         return write_through(e->handle, fb->data, n, fb->off);
     }
     /* the replies that came meanwhile (a failure is then the next write's error), and the
      * oldest's when FB_INFLIGHT are in flight */
-    while (fb->nw > 0 && (fb->nw == FB_INFLIGHT || conn_pending(fb->wc))) {
+    while (fb->nw > 0 && (fb->nw == FB_INFLIGHT || conn_pending(fb->oc))) {
         if (fb_reap_one(fb) < 0) {
             return fb_take_err(fb);
         }
     }
-    cbor_w *w = conn_begin(fb->wc, M_FILE_WRITE, 3);
+    cbor_w *w = conn_begin(fb->oc, M_FILE_WRITE, 3);
     cw_uint(w, e->handle);
-    conn_bytes_ref(fb->wc, fb->data, n); /* in the socket when conn_send returns */
+    conn_bytes_ref(fb->oc, fb->data, n); /* in the socket when conn_send returns */
     cw_uint(w, (uint64_t)fb->off);
-    uint64_t rid = conn_send(fb->wc);
+    uint64_t rid = conn_send(fb->oc);
     if (rid == 0) {
-        fb_wc_lost(fb);
+        fb_oc_lost(fb);
         return fb_take_err(fb);
     }
     fb->wrid[fb->nw] = rid;
@@ -374,98 +393,260 @@ static ssize_t fb_write_locked(struct ent *e, struct fbuf *fb, const void *buf, 
 
 /* ---------------------------------------------------------------- read-ahead */
 
-/* Reads at fb->pos into buf (n bytes) and on into the read-ahead buffer, one window in at most
- * FB_INFLIGHT requests: the bytes that reached buf (0 at the end of the file), or -1. */
-static ssize_t fb_fill_locked(struct ent *e, struct fbuf *fb, char *buf, size_t n) {
-    if (fb->data == NULL && fb_alloc(fb, FB_MAX_WINDOW, 0) < 0) {
+/* The read-ahead is a stream of FileRead requests over the file, slot by slot (rs[], a ring of
+ * FB_INFLIGHT, contiguous from its head; each slot's bytes land in its FB_CHUNK of data).
+ * With a connection of the buffer's own (oc) the stream runs ahead of the app: as the app
+ * consumes a slot the next one is asked for at once, so the daemon and the agent carry the
+ * next MiBs while the app works on this one, and a reply is read only when the app reaches
+ * its slot (the slot the app waits for is received straight into the app's buffer when the
+ * read covers it). Without one (the daemon refused it, or FB_STREAMS files stream already)
+ * the slots are asked for and read in one batch on the shared connection when the app
+ * reaches the end of those it has. */
+
+#define FB_STREAMS 8 /* files of a process whose read-ahead runs on a connection of its own */
+
+static int g_nstreams;
+
+static struct rslot *rs_at(struct fbuf *fb, int i) {
+    return &fb->rs[(fb->rhead + i) % FB_INFLIGHT];
+}
+
+static char *rs_home(struct fbuf *fb, const struct rslot *s) {
+    return fb->data + (size_t)(s - fb->rs) * FB_CHUNK;
+}
+
+static void rs_pop(struct fbuf *fb) {
+    fb->rhead = (fb->rhead + 1) % FB_INFLIGHT;
+    fb->nr--;
+}
+
+/* conn_into's dst for the stream: where the slot that `rid` answers takes its bytes. */
+static char *rs_dst(void *ctx, uint64_t rid, size_t n) {
+    struct fbuf *fb = ctx;
+    for (int i = 0; i < fb->nr; i++) {
+        struct rslot *s = rs_at(fb, i);
+        if (s->rid == rid && s->state == RS_FLIGHT && n <= s->n) {
+            return s->to;
+        }
+    }
+    return NULL;
+}
+
+/* Closes the buffer's own connection (in a fork child: `inherited`, the parent's); a
+ * stream's slots are forgotten with it. */
+static void fb_oc_close(struct fbuf *fb, int inherited) {
+    if (fb->oc != NULL && fb->mode == FB_READ && !inherited) {
+        __atomic_fetch_sub(&g_nstreams, 1, __ATOMIC_RELAXED);
+    }
+    conn_close_own(fb->oc, inherited);
+    fb->oc = NULL;
+    fb->nr = 0;
+}
+
+/* Reads the stream's next reply into its slot: 0, or -1 (the stream is gone, errno EIO). */
+static int fb_stream_recv(struct fbuf *fb) {
+    uint64_t rid;
+    cbor_r r;
+    struct conn_into into = {.dst = rs_dst, .ctx = fb};
+    int kind = conn_reply_into(fb->oc, &rid, &r, &into);
+    struct rslot *s = NULL;
+    for (int i = 0; kind >= 0 && i < fb->nr; i++) {
+        struct rslot *t = rs_at(fb, i);
+        s = t->rid == rid && t->state == RS_FLIGHT ? t : s;
+    }
+    if (kind >= 0 && s == NULL) {
+        conn_fail(fb->oc, "a reply to no read-ahead in flight");
+    }
+    if (kind < 0 || s == NULL) {
+        fb_oc_close(fb, 0); /* nothing in flight is known any more */
+        errno = EIO;
         return -1;
     }
-    size_t direct = n / FB_CHUNK * FB_CHUNK; /* whole chunks go to the app's buffer */
-    if (direct > (size_t)(FB_INFLIGHT - 1) * FB_CHUNK) {
-        direct = (size_t)(FB_INFLIGHT - 1) * FB_CHUNK; /* one request at least for read-ahead */
+    const uint8_t *p;
+    size_t len;
+    s->state = RS_ERR;
+    if (kind == 1) {
+        s->err = errno;
+    } else if (into.got >= 0) {
+        s->got = (size_t)into.got; /* in s->to already (rs_dst chose s) */
+        s->state = RS_DONE;
+    } else if (cr_bytes(&r, &p, &len) == 0 && len <= s->n) {
+        memcpy(s->to, p, len);
+        s->got = len;
+        s->state = RS_DONE;
+    } else {
+        s->err = EIO;
     }
-    size_t ahead = fb->window;
-    if (ahead < n - direct) {
-        ahead = n - direct; /* the rest of the app's read at least */
+    return 0;
+}
+
+/* Reads and drops every reply in flight and forgets the slots (the app went elsewhere). */
+static void fb_stream_drop(struct fbuf *fb) {
+    for (int i = 0; fb->oc != NULL && i < fb->nr; i++) {
+        struct rslot *s = rs_at(fb, i);
+        s->to = rs_home(fb, s);
+        while (fb->oc != NULL && s->state == RS_FLIGHT && fb_stream_recv(fb) == 0) {
+        }
     }
-    if (direct + ahead > (size_t)FB_INFLIGHT * FB_CHUNK) {
-        ahead = (size_t)FB_INFLIGHT * FB_CHUNK - direct;
+    fb->nr = 0;
+    fb->eof = 0;
+}
+
+/* Asks for slots past the stream's end until `want` bytes past fb->pos are asked for (at most
+ * FB_INFLIGHT slots; a slot of FB_CHUNK, or of `want` while that is smaller, ending on a
+ * multiple of its size, so that sequential reads of a MiB meet whole slots). `into`: the app's
+ * buffer, for a first slot that starts at fb->pos and fits in `room`. 0, or -1 with errno
+ * (the stream is gone; batch mode: the connection broke). */
+static int fb_stream_ask(struct ent *e, struct fbuf *fb, size_t want, char *into, size_t room) {
+    if (want > FB_MAX_WINDOW) {
+        want = FB_MAX_WINDOW;
     }
-    struct xfer x[FB_INFLIGHT + 1];
-    int k = 0;
-    for (size_t at = 0; at < direct; at += FB_CHUNK) {
-        x[k++] = (struct xfer){.off = fb->pos + (off_t)at, .n = FB_CHUNK, .p = buf + at};
-    }
-    for (size_t at = 0; at < ahead && k < FB_INFLIGHT + 1;) {
-        size_t len = ahead - at < FB_CHUNK ? ahead - at : FB_CHUNK;
-        x[k++] = (struct xfer){.off = fb->pos + (off_t)(direct + at), .n = len, .p = fb->data + at};
-        at += len;
-    }
-    int err = EIO;
-    fb->len = 0;
-    if (xfer_batch(e->handle, x, k, 0, &err) < 0) {
-        return -1;
-    }
-    size_t got = 0; /* contiguous bytes from fb->pos, up to the first short reply */
-    int i = 0;
-    for (; i < k; i++) {
-        if (x[i].got < 0) {
-            if (got == 0) {
-                errno = err;
+    size_t gran = want < FB_CHUNK ? want : FB_CHUNK;
+    off_t end = fb->nr > 0 ? rs_at(fb, fb->nr - 1)->off + (off_t)rs_at(fb, fb->nr - 1)->n : fb->pos;
+    int first = fb->nr;
+    while (fb->nr < FB_INFLIGHT && !fb->eof && end - fb->pos < (off_t)want) {
+        struct rslot *s = rs_at(fb, fb->nr);
+        size_t n = gran - (size_t)(end % (off_t)gran);
+        *s = (struct rslot){.off = end, .n = n, .state = RS_FLIGHT, .to = rs_home(fb, s)};
+        if (into != NULL && end == fb->pos && n <= room) {
+            s->to = into;
+        }
+        if (fb->oc != NULL) {
+            cbor_w *w = conn_begin(fb->oc, M_FILE_READ, 3);
+            cw_uint(w, e->handle);
+            cw_uint(w, n);
+            cw_uint(w, (uint64_t)end);
+            if ((s->rid = conn_send(fb->oc)) == 0) {
+                fb_oc_close(fb, 0); /* nothing in flight is known any more */
                 return -1;
             }
-            break;
         }
-        got += (size_t)x[i].got;
-        if ((size_t)x[i].got < x[i].n) {
-            break;
+        fb->nr++;
+        end += (off_t)n;
+    }
+    if (fb->oc != NULL || first == fb->nr) {
+        return 0;
+    }
+    /* batch mode: read them all now, on the shared connection */
+    struct xfer x[FB_INFLIGHT];
+    int k = fb->nr - first;
+    for (int i = 0; i < k; i++) {
+        struct rslot *s = rs_at(fb, first + i);
+        x[i] = (struct xfer){.off = s->off, .n = s->n, .p = s->to};
+    }
+    int err = EIO;
+    if (xfer_batch(e->handle, x, k, 0, &err) < 0) {
+        fb->nr = first;
+        return -1;
+    }
+    for (int i = 0; i < k; i++) {
+        struct rslot *s = rs_at(fb, first + i);
+        s->state = x[i].got < 0 ? RS_ERR : RS_DONE;
+        s->got = x[i].got < 0 ? 0 : (size_t)x[i].got;
+        s->err = err;
+    }
+    return 0;
+}
+
+/* A connection of the buffer's own for a file read sequentially past its first window, while
+ * fewer than FB_STREAMS files of this process have one. */
+static void fb_stream_open(struct fbuf *fb) {
+    if (fb->oc != NULL || fb->no_stream || fb->window <= FB_MIN_WINDOW) {
+        return;
+    }
+    if (__atomic_add_fetch(&g_nstreams, 1, __ATOMIC_RELAXED) > FB_STREAMS) {
+        __atomic_fetch_sub(&g_nstreams, 1, __ATOMIC_RELAXED); /* batch mode while they do */
+        return;
+    }
+    if ((fb->oc = conn_open_own()) == NULL) {
+        __atomic_fetch_sub(&g_nstreams, 1, __ATOMIC_RELAXED);
+        fb->no_stream = 1; /* the daemon refused it: batch mode from now on */
+    }
+}
+
+/* [off, off+n) from a slot that came: 1 (copied to buf), else 0. */
+static int fb_stream_copy(struct fbuf *fb, void *buf, size_t n, off_t off) {
+    for (int i = 0; i < fb->nr; i++) {
+        struct rslot *s = rs_at(fb, i);
+        if (s->state == RS_DONE && off >= s->off && off + (off_t)n <= s->off + (off_t)s->got) {
+            memcpy(buf, s->to + (off - s->off), n);
+            return 1;
         }
     }
-    size_t to_app = got < direct ? got : direct;
-    fb->eof = i < k;
-    fb->off = fb->pos + (off_t)direct;
-    fb->len = got > direct ? got - direct : 0;
-    fb->pos += (off_t)to_app;
-    if (fb->window < FB_MAX_WINDOW) {
-        fb->window *= 2;
-    }
-    return (ssize_t)to_app;
+    return 0;
 }
 
 static ssize_t fb_read_locked(struct ent *e, struct fbuf *fb, char *buf, size_t n) {
-    size_t total = 0;
+    if (n == 0) {
+        return 0;
+    }
+    if (fb->data == NULL && fb_alloc(fb, FB_MAX_WINDOW, 0) < 0) {
+        return -1;
+    }
     /* Sequential or not is a property of the call, where it starts: within one call the
-     * offset moves through the buffer before a fill, which is not a seek (checked at the fill,
-     * that reset the window on every read that began in the buffer: each read then cost a
-     * round trip of the rest of it, and the window never grew past 256 KiB). */
+     * offset moves through the stream, which is not a seek. */
     if (fb->pos != fb->next) {
         fb->window = FB_MIN_WINDOW; /* not sequential: start small again */
     }
+    size_t total = 0;
     for (int rounds = 0; total < n && rounds < 64; rounds++) {
-        if (fb->len > 0 && fb->pos >= fb->off && fb->pos < fb->off + (off_t)fb->len) {
-            size_t at = (size_t)(fb->pos - fb->off);
-            size_t k = fb->len - at < n - total ? fb->len - at : n - total;
-            memcpy(buf + total, fb->data + at, k);
-            total += k;
-            fb->pos += (off_t)k;
-            continue;
-        }
-        if (total > 0 && fb->eof) {
-            break; /* the buffer ended where the file did: a short read, as at its end */
-        }
-        ssize_t r = fb_fill_locked(e, fb, buf + total, n - total);
-        if (r < 0) {
-            if (total > 0) {
+        struct rslot *s = fb->nr > 0 ? rs_at(fb, 0) : NULL;
+        if (s == NULL || fb->pos < s->off || fb->pos >= s->off + (off_t)s->n) {
+            /* nothing asked for here: the stream starts over at fb->pos */
+            if (s != NULL && fb->eof) {
+                fb->window = FB_MIN_WINDOW; /* past the file's end, as it was: ask little */
+            }
+            fb_stream_drop(fb);
+            fb_stream_open(fb);
+            size_t want = n - total > fb->window ? n - total : fb->window;
+            if (fb_stream_ask(e, fb, want, buf + total, n - total) < 0) {
                 break;
             }
-            return -1;
+            continue;
         }
-        total += (size_t)r;
-        if (r == 0 && fb->len == 0) {
-            break; /* the end of the file */
+        if (s->state == RS_FLIGHT) {
+            if (fb->pos == s->off && s->n <= n - total) {
+                s->to = buf + total; /* straight into the app's buffer */
+            }
+            while (fb->oc != NULL && s->state == RS_FLIGHT && fb_stream_recv(fb) == 0) {
+            }
+            if (fb->oc == NULL) {
+                break; /* the stream is gone (EIO) */
+            }
+        }
+        if (s->state == RS_ERR) {
+            errno = s->err;
+            fb_stream_drop(fb);
+            break;
+        }
+        off_t have = s->off + (off_t)s->got;
+        if (fb->pos < have) {
+            size_t k = (size_t)(have - fb->pos) < n - total ? (size_t)(have - fb->pos) : n - total;
+            if (s->to != buf + total) {
+                memcpy(buf + total, s->to + (fb->pos - s->off), k);
+            }
+            total += k;
+            fb->pos += (off_t)k;
+        }
+        if (fb->pos == s->off + (off_t)s->n) {
+            rs_pop(fb); /* consumed: the next one is asked for now, the app works on */
+            if (fb->window < FB_MAX_WINDOW) {
+                fb->window *= 2;
+            }
+            if (fb->oc != NULL && fb_stream_ask(e, fb, fb->window, NULL, 0) < 0) {
+                break;
+            }
+        } else if (fb->pos >= have) {
+            rs_pop(fb); /* a short slot: the file ends here, as the target has it now */
+            fb->eof = 1;
+            break;
         }
     }
     fb->next = fb->pos;
+    if (total == 0 && !fb->eof) {
+        errno = errno ? errno : EIO;
+        return -1; /* the stream failed (errno set), or nothing came in 64 rounds */
+    }
     return (ssize_t)total;
 }
 
@@ -512,9 +693,8 @@ int fbuf_read(struct ent *e, void *buf, size_t n, off_t off, ssize_t *ret) {
     int done = 1;
     if (fb->mode == FB_READ && off < 0) {
         *ret = fb_read_locked(e, fb, buf, n);
-    } else if (fb->mode == FB_READ && off >= fb->off && off + (off_t)n <= fb->off + (off_t)fb->len) {
-        memcpy(buf, fb->data + (off - fb->off), n); /* inside the read-ahead */
-        *ret = (ssize_t)n;
+    } else if (fb->mode == FB_READ && fb_stream_copy(fb, buf, n, off)) {
+        *ret = (ssize_t)n; /* inside what the read-ahead holds */
     } else if (fb->mode == FB_READ) {
         *ret = read_through(e->handle, buf, n, off);
     } else if (fb_flush_locked(e, fb) < 0) {
@@ -596,10 +776,9 @@ static int fb_unbuffer(struct ent *e) {
     int rc = fb_flush_locked(e, fb);
     int saved = errno;
     (void)rfile_seek_handle(e, fb->pos, SEEK_SET);
+    fb_oc_close(fb, 0); /* a stream's replies in flight are dropped with it */
     fb->mode = 0;
     fb->len = 0;
-    conn_close_own(fb->wc, 0);
-    fb->wc = NULL;
     pthread_mutex_unlock(&fb->lock);
     errno = saved;
     return rc;
@@ -683,6 +862,7 @@ void fbuf_before_exec(void) {
 
 /* In a fork child: the parent's buffers are copies here; every fd goes through its handle. */
 void fbuf_after_fork_child(void) {
+    g_nstreams = 0; /* the child streams none: its buffers are off */
     if (__atomic_load_n(&g_nfbuf, __ATOMIC_RELAXED) == 0) {
         return;
     }
@@ -691,10 +871,9 @@ void fbuf_after_fork_child(void) {
         if (e != NULL && e->kind == K_RFILE && e->fb != NULL) {
             pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
             e->fb->lock = fresh;
+            fb_oc_close(e->fb, 1); /* the parent's (closed before fork: none here) */
             e->fb->mode = 0;
             e->fb->len = 0;
-            conn_close_own(e->fb->wc, 1); /* the parent's (flushed before fork: none in flight) */
-            e->fb->wc = NULL;
             e->fb->nw = 0;
             e->fb->werr = 0;
         }
@@ -733,7 +912,7 @@ void fbuf_free(struct ent *e) {
         (void)fb_flush_locked(e, fb);
         errno = saved;
     }
-    conn_close_own(fb->wc, 0);
+    fb_oc_close(fb, 0);
     pthread_mutex_destroy(&fb->lock);
     __atomic_fetch_sub(&g_nfbuf, 1, __ATOMIC_RELAXED);
     if (fb->data != NULL) {

@@ -36,7 +36,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
-from mirrord._frames import PassedFd
+from mirrord._frames import SEND_BUFFER, PassedFd
 from mirrord.daemon import open_relay_pair
 from mirrord.layer import build_id
 from mirrord.localpod import LocalPod, PodSpec
@@ -253,6 +253,9 @@ class LayerDaemon:
 
     def serve(self, sock: socket.socket) -> None:
         sock.settimeout(_IO_TIMEOUT)
+        # as the daemon's writers have it: replies the layer has not read yet do not keep its
+        # next requests from being read (a read-ahead stream's, test_file_buffers.py)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         conn = LayerConnection(LayerRole.DAEMON, build_id=build_id())
         pid = 0
         try:
@@ -299,6 +302,8 @@ class LayerDaemon:
                         sock.sendall(conn.send(reply))
                 if event is CLOSED:
                     return
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the layer closed a connection with replies unread (a read-ahead stream)
         except Exception as exc:  # a broken layer connection ends only this connection
             self.errors.append("".join(traceback.format_exception(exc)))
             return

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.layer import LayerSettings
+from mirrord.protocol import messages as m
 from tests.layer._daemon import LayerDaemon
 from tests.layer.conftest import PYTHON, Runner
 
@@ -89,6 +90,116 @@ print(len(data), hashlib.sha256(data).hexdigest())
     # windows); reset windows made it
     # two requests per read (40 here for 1 MiB reads)
     assert _count(daemon, "FileRead") <= 34, _count(daemon, "FileRead")
+
+
+def _reads(daemon: LayerDaemon) -> list[m.FileRead]:
+    return [msg for msg in daemon.requests() if isinstance(msg, m.FileRead)]
+
+
+def _asked(daemon: LayerDaemon) -> int:
+    return max((r.offset + r.size for r in _reads(daemon) if r.offset is not None), default=0)
+
+
+def test_the_read_ahead_runs_ahead_while_the_app_works(run: Runner, daemon: LayerDaemon) -> None:
+    """Once a file is read on past its first window, the read-ahead has a daemon connection of
+    its own and asks for the next MiBs as the app consumes each one: while the app does
+    something else after three 1 MiB reads, the target is already asked for the bytes up to
+    2 MiB past where it stopped (the window by then; it grows to 4 MiB). The batch read-ahead
+    had asked up to 3.5 MiB then: nothing moved between the app's reads."""
+    content = _content(12 * 1024 * 1024 + 99)
+    daemon.add_file("/app/stream.bin", content)
+    code = """
+import hashlib, os, sys
+fd = os.open('/app/stream.bin', os.O_RDONLY)
+parts = [os.read(fd, 1 << 20) for _ in range(3)]
+sys.stdout.write('read\\n'); sys.stdout.flush()
+sys.stdin.readline()  # the test looks at what was asked for meanwhile
+while chunk := os.read(fd, 1 << 20):
+    parts.append(chunk)
+data = b''.join(parts)
+print(len(data), hashlib.sha256(data).hexdigest())
+"""
+    daemon.start()
+    proc = subprocess.Popen(
+        [PYTHON, "-S", "-c", code],
+        env=run.env(BUFFERED),
+        cwd=run.cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"read\n"
+        deadline = time.monotonic() + 10  # the daemon's thread records what the app sent
+        while (asked := _asked(daemon)) < 5 << 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert asked == 5 << 20, asked
+    assert out.split() == [str(len(content)).encode(), hashlib.sha256(content).hexdigest().encode()]
+    # ~1 request per MiB, and a few past the end of the file
+    assert len(_reads(daemon)) <= 20, len(_reads(daemon))
+
+
+def test_many_files_read_at_once_seeks_and_a_fork_read_the_right_bytes(
+    run: Runner, daemon: LayerDaemon
+) -> None:
+    """Twelve files read in turns, with seeks, then a fork in the middle of a streamed read:
+    every byte is the target's. At most 8 files of a process stream on connections of their
+    own (FB_STREAMS); the others read ahead in batches on the shared one. Before fork the
+    streams are closed with replies in flight: parent and child go on at the handle's offset,
+    which the agent keeps for both."""
+    files = {f"/app/many{i}.bin": _content(2 * 1024 * 1024 + 1000 * i) for i in range(12)}
+    forked = _content(5 * 1024 * 1024)
+    for path, content in files.items():
+        daemon.add_file(path, content)
+    daemon.add_file("/app/forked.bin", forked)
+    code = """
+import hashlib, os, sys
+names, forked = sys.argv[2:], sys.argv[1]
+fds = [os.open(n, os.O_RDONLY) for n in names]
+parts = {fd: [] for fd in fds}
+for turn in range(40):
+    for fd in fds:
+        if turn == 5:
+            os.lseek(fd, 300000, os.SEEK_SET)  # back: read again from there
+            parts[fd] = [os.pread(fd, 300000, 0)]
+        if chunk := os.read(fd, 96 * 1024):
+            parts[fd].append(chunk)
+for n, fd in zip(names, fds):
+    data = b''.join(parts[fd])
+    print(n, len(data), hashlib.sha256(data).hexdigest())
+fd = os.open(forked, os.O_RDONLY)
+first = os.read(fd, 1 << 20) + os.read(fd, 1 << 20)  # streaming now, replies in flight
+pid = os.fork()
+if pid == 0:
+    child = os.read(fd, 4096)
+    os._exit(0 if child == open(forked, 'rb').read()[2 << 20:(2 << 20) + 4096] else 3)
+_, status = os.waitpid(pid, 0)
+rest = os.read(fd, 1 << 20)
+print('fork', os.waitstatus_to_exitcode(status), hashlib.sha256(first).hexdigest(),
+      hashlib.sha256(rest).hexdigest())
+"""
+    argv = [PYTHON, "-S", "-c", code, "/app/forked.bin", *sorted(files)]
+    out = run(argv, settings=BUFFERED).stdout.decode().splitlines()
+    assert out[:-1] == [
+        f"{path} {len(c)} {hashlib.sha256(c).hexdigest()}" for path, c in sorted(files.items())
+    ]
+    assert out[-1].split() == [
+        "fork",
+        "0",
+        hashlib.sha256(forked[: 2 << 20]).hexdigest(),
+        hashlib.sha256(forked[(2 << 20) + 4096 : (3 << 20) + 4096]).hexdigest(),
+    ]
+    hellos = [pid for pid, msg in daemon.messages if isinstance(msg, m.LayerHello)]
+    # the app's connections: its own, and one per stream, at most 8 at once; the twelve files
+    # stay open to the end, so the forked file's stream is a 9th only if one had closed (none
+    # did: before fork the streams are closed, and the forked file streamed before that)
+    assert 1 + 8 >= hellos.count(hellos[0]) >= 1 + 1, hellos
 
 
 def test_a_file_that_grows_is_read_to_its_new_end(run: Runner, daemon: LayerDaemon) -> None:
