@@ -1,6 +1,7 @@
-"""Small operations on regular local files, and writes into them, are answered on the agent's
-event loop; whatever may block (FIFOs, /proc files, creating opens, large reads, writes that wait
-for the disk) still goes to a worker thread, with the same results and errors either way."""
+"""Small operations on regular local files, writes into them and large reads of what is in the
+page cache are answered on the agent's event loop; whatever may block (FIFOs, /proc files,
+creating opens, large reads of pages not in the cache, writes that wait for the disk) still goes
+to a worker thread, with the same results and errors either way."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from pathlib import Path
 import pytest
 
 from mirrord.agent._files import TargetRoot
+from mirrord._splice import PIPE_SIZE, PipePart, PipePool
 from mirrord.agent._files_inline import (
     INLINE_READ_MAX,
     NOT_INLINE,
+    all_cached,
     fetch_inline,
     open_inline,
+    splice_cached,
     write_inline,
 )
 from mirrord.localpod import LocalPod, PodSpec
@@ -299,3 +303,82 @@ async def test_the_agent_writes_regular_files_without_a_worker_thread(
     assert on_target[:4] == b"tail" and on_target[4:4096] == chunk[4:4096]
     assert on_target[4096 : 1 << 20] == chunk[4096:]
     assert on_target[1 << 20 :] == chunk * 2
+
+
+def _piped(got: object) -> bytes:
+    assert isinstance(got, tuple)
+    part, rest = got
+    assert isinstance(part, PipePart)
+    data = os.read(part.pipe.r, PIPE_SIZE) + rest
+    part.left = 0
+    part.release()
+    return data
+
+
+def test_a_large_read_of_cached_pages_is_spliced_inline_and_others_are_not(
+    tmp_path: Path,
+) -> None:
+    """cachestat(2) says whether every page a read covers is in the page cache: then nothing in
+    it waits for a disk and the agent splices it on its event loop. tmp_path is on a disk file
+    system here, so its pages can be dropped from the cache (a tmpfs's cannot)."""
+    content = os.urandom(3 << 20)
+    path = tmp_path / "cached.bin"
+    path.write_bytes(content)
+    pool = PipePool()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert all_cached(fd, 0, len(content))
+        assert _piped(splice_cached(fd, 1 << 20, 5, pool)) == content[5 : (1 << 20) + 5]
+        # the end of the file: what is there
+        assert _piped(splice_cached(fd, 1 << 20, len(content) - 100, pool)) == content[-100:]
+        assert splice_cached(fd, 1 << 20, None, pool) is NOT_INLINE  # at the fd's offset
+        assert splice_cached(fd, 1 << 20, len(content), pool) is NOT_INLINE  # past the end
+        os.fsync(fd)  # clean pages, which the kernel drops when asked
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if all_cached(fd, 0, 4096):
+            pytest.skip("this file system keeps its pages (tmp_path on a tmpfs?)")
+        assert splice_cached(fd, 1 << 20, 0, pool) is NOT_INLINE
+        os.pread(fd, 1 << 20, 1 << 20)  # the second MiB is read back in
+        assert all_cached(fd, 1 << 20, 1 << 20)
+        assert _piped(splice_cached(fd, 1 << 20, 1 << 20, pool)) == content[1 << 20 : 2 << 20]
+        assert splice_cached(fd, (1 << 20) + 4096, 1 << 20, pool) is NOT_INLINE  # one page out
+    finally:
+        os.close(fd)
+        pool.close()
+    r, w = os.pipe()
+    try:
+        os.write(w, b"fifo")
+        assert splice_cached(r, 1 << 20, 0, pool) is NOT_INLINE  # not a regular file
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.netns
+@pytest.mark.anyio
+async def test_the_agent_reads_cached_large_files_without_a_worker_thread(
+    make_pod: Callable[..., LocalPod], make_agent: Callable[..., AgentProc]
+) -> None:
+    """The layer's read-ahead asks for 1 MiB at a time at explicit offsets: each is spliced on
+    the event loop when its pages are in the page cache (a pod's files are, written just now),
+    and read in a worker at the fd's offset."""
+    big = os.urandom((4 << 20) + 777)
+    pod = make_pod(PodSpec(name="inliner", files={"/app/small.bin": DATA, "/app/big.bin": big}))
+    agent = make_agent(f"pid/{pod.pid}")
+    async with AgentClient.open(agent) as client:
+        await client.open_channel(1)
+        await _small_file_round(client)  # the session's own threads have started
+        before = _threads(agent)
+        opened = await client.request(
+            1, lambda r: m.FileOpen(request_id=r, path=b"/app/big.bin", flags=O_RDONLY)
+        )
+        handle = opened.handle
+        for at in (0, 1 << 20, 5, (4 << 20) - 1000):
+            got = await client.request(
+                1, lambda r: m.FileRead(request_id=r, handle=handle, size=1 << 20, offset=at)
+            )
+            assert got.data == big[at : at + (1 << 20)]
+        assert _threads(agent) == before  # nothing was handed to a worker thread
+        got = await client.request(1, lambda r: m.FileRead(request_id=r, handle=handle, size=1 << 20))
+        assert got.data == big[: 1 << 20]
+        assert _threads(agent) == before + 1

@@ -55,6 +55,7 @@ from mirrord.agent._files_inline import (
     fetch_inline,
     inline_fd,
     open_inline,
+    splice_cached,
     write_at,
     write_inline,
 )
@@ -607,6 +608,7 @@ class Channel:
                     if isinstance(got, tuple)
                     else m.FileData(request_id=req.request_id, data=got)
                 ),
+                fast=lambda h: splice_cached(h.fd, req.size, req.offset, pipes),
             )
 
         def read(h: FileHandle) -> bytes:

@@ -132,15 +132,16 @@ def utimens_at(
 
 
 def read_into_pipe(
-    fd: int, size: int, offset: int | None, pipes: PipePool
+    fd: int, size: int, offset: int | None, pipes: PipePool, *, regular: bool = False
 ) -> tuple[PipePart, bytes] | bytes:
     """A large read (at most `SPLICE_MAX`) of the regular file `fd`, at `offset` (None: at its
     position, which moves): its page-cache pages spliced into a pipe of `pipes`, no byte
     copied (`mirrord._splice`), and the bytes the pipe had no room for (a read that is not
     page-aligned), read into memory. Short only at the end of the file, as `pread`. Anything
     that is not a regular file, or a file system that cannot splice, is read with `pread`
-    (bytes). Blocks like a read (a worker's call)."""
-    if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+    (bytes). Blocks like a read (a worker's call, or `splice_cached`'s: `regular`, the caller
+    knows `fd` is a regular file)."""
+    if not regular and not stat_module.S_ISREG(os.fstat(fd).st_mode):
         return _read(fd, size, offset)
     try:
         pipe = pipes.take()
