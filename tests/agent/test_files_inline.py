@@ -6,6 +6,7 @@ to a worker thread, with the same results and errors either way."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mirrord.agent._files import TargetRoot
 from mirrord._splice import PIPE_SIZE, PipePart, PipePool
+from mirrord.agent._files import TargetRoot
 from mirrord.agent._files_inline import (
     INLINE_READ_MAX,
     NOT_INLINE,
@@ -309,7 +310,7 @@ def _piped(got: object) -> bytes:
     assert isinstance(got, tuple)
     part, rest = got
     assert isinstance(part, PipePart)
-    data = os.read(part.pipe.r, PIPE_SIZE) + rest
+    data: bytes = os.read(part.pipe.r, PIPE_SIZE) + rest
     part.left = 0
     part.release()
     return data
@@ -374,11 +375,12 @@ async def test_the_agent_reads_cached_large_files_without_a_worker_thread(
         )
         handle = opened.handle
         for at in (0, 1 << 20, 5, (4 << 20) - 1000):
-            got = await client.request(
-                1, lambda r: m.FileRead(request_id=r, handle=handle, size=1 << 20, offset=at)
-            )
+            ask = functools.partial(m.FileRead, handle=handle, size=1 << 20, offset=at)
+            got = await client.request(1, lambda r: ask(request_id=r))  # noqa: B023
             assert got.data == big[at : at + (1 << 20)]
         assert _threads(agent) == before  # nothing was handed to a worker thread
-        got = await client.request(1, lambda r: m.FileRead(request_id=r, handle=handle, size=1 << 20))
+        got = await client.request(
+            1, lambda r: m.FileRead(request_id=r, handle=handle, size=1 << 20)
+        )
         assert got.data == big[: 1 << 20]
         assert _threads(agent) == before + 1
