@@ -5,7 +5,7 @@
  * writes ran at a few MB/s. So the layer keeps the fd's offset itself and buffers:
  *
  * - Read-ahead (opened O_RDONLY): reads are served from a stream of pipelined FileRead
- *   requests (slots of up to FB_CHUNK, up to FB_INFLIGHT in flight, replies in any order).
+ *   requests (slots of up to FB_CHUNK, up to FB_RSLOTS in flight, replies in any order).
  *   Once a file is read on past its first window the stream gets a daemon connection of its
  *   own and runs ahead of the app: each slot the app consumes is asked for again at once, so
  *   the daemon and the agent carry the next MiBs while the app works on this one. A slot the
@@ -43,9 +43,10 @@
 
 #define FB_CHUNK MAX_DATA_CHUNK                   /* one FileRead */
 #define FB_WCHUNK (MAX_DATA_CHUNK - 4096)         /* one FileWrite (room for its header) */
-#define FB_INFLIGHT 4                             /* requests in flight */
+#define FB_INFLIGHT 4                             /* write-backs (and batches) in flight */
+#define FB_RSLOTS 8                               /* read-ahead requests in flight */
 #define FB_MIN_WINDOW (128 * 1024)                /* the first read-ahead, and after a seek */
-#define FB_MAX_WINDOW (FB_INFLIGHT * FB_CHUNK)    /* read-ahead buffer */
+#define FB_MAX_WINDOW (FB_RSLOTS * FB_CHUNK)      /* read-ahead buffer */
 #define FB_WRITE_CAP FB_WCHUNK                    /* write-behind buffer: one FileWrite */
 
 enum { FB_READ = 1, FB_WRITE = 2 };
@@ -77,7 +78,8 @@ struct fbuf {
     off_t next;     /* read: where a sequential read would continue */
     int eof;        /* read: a slot came short: the file ends there */
     int no_stream;  /* read: the daemon refused the stream a connection */
-    struct rslot rs[FB_INFLIGHT]; /* read: the stream, rs[rhead] first, nr of them */
+    off_t size;     /* read: the file's size as far as known (at open, or read since) */
+    struct rslot rs[FB_RSLOTS]; /* read: the stream, rs[rhead] first, nr of them */
     int rhead, nr;
     /* the buffer's own connection (read: its stream's; write: the write-backs'); write: the
      * write-backs in flight on it (their replies not read yet), and the error of one that
@@ -394,7 +396,7 @@ static ssize_t fb_write_locked(struct ent *e, struct fbuf *fb, const void *buf, 
 /* ---------------------------------------------------------------- read-ahead */
 
 /* The read-ahead is a stream of FileRead requests over the file, slot by slot (rs[], a ring of
- * FB_INFLIGHT, contiguous from its head; each slot's bytes land in its FB_CHUNK of data).
+ * FB_RSLOTS, contiguous from its head; each slot's bytes land in its FB_CHUNK of data).
  * With a connection of the buffer's own (oc) the stream runs ahead of the app: as the app
  * consumes a slot the next one is asked for at once, so the daemon and the agent carry the
  * next MiBs while the app works on this one, and a reply is read only when the app reaches
@@ -408,7 +410,7 @@ static ssize_t fb_write_locked(struct ent *e, struct fbuf *fb, const void *buf, 
 static int g_nstreams;
 
 static struct rslot *rs_at(struct fbuf *fb, int i) {
-    return &fb->rs[(fb->rhead + i) % FB_INFLIGHT];
+    return &fb->rs[(fb->rhead + i) % FB_RSLOTS];
 }
 
 static char *rs_home(struct fbuf *fb, const struct rslot *s) {
@@ -416,7 +418,7 @@ static char *rs_home(struct fbuf *fb, const struct rslot *s) {
 }
 
 static void rs_pop(struct fbuf *fb) {
-    fb->rhead = (fb->rhead + 1) % FB_INFLIGHT;
+    fb->rhead = (fb->rhead + 1) % FB_RSLOTS;
     fb->nr--;
 }
 
@@ -474,7 +476,10 @@ static int fb_stream_recv(struct fbuf *fb) {
         memcpy(s->to, p, len);
         s->got = len;
         s->state = RS_DONE;
-    } else {
+    }
+    if (s->state == RS_DONE && s->off + (off_t)s->got > fb->size) {
+        fb->size = s->off + (off_t)s->got; /* it grew */
+    } else if (s->state != RS_DONE && kind != 1) {
         s->err = EIO;
     }
     return 0;
@@ -493,7 +498,7 @@ static void fb_stream_drop(struct fbuf *fb) {
 }
 
 /* Asks for slots past the stream's end until `want` bytes past fb->pos are asked for (at most
- * FB_INFLIGHT slots; a slot of FB_CHUNK, or of `want` while that is smaller, ending on a
+ * FB_RSLOTS slots; a slot of FB_CHUNK, or of `want` while that is smaller, ending on a
  * multiple of its size, so that sequential reads of a MiB meet whole slots). `into`: the app's
  * buffer, for a first slot that starts at fb->pos and fits in `room`. 0, or -1 with errno
  * (the stream is gone; batch mode: the connection broke). */
@@ -504,7 +509,9 @@ static int fb_stream_ask(struct ent *e, struct fbuf *fb, size_t want, char *into
     size_t gran = want < FB_CHUNK ? want : FB_CHUNK;
     off_t end = fb->nr > 0 ? rs_at(fb, fb->nr - 1)->off + (off_t)rs_at(fb, fb->nr - 1)->n : fb->pos;
     int first = fb->nr;
-    while (fb->nr < FB_INFLIGHT && !fb->eof && end - fb->pos < (off_t)want) {
+    /* past the size known, one slot at most (the file may have grown: its reply says) */
+    while (fb->nr < FB_RSLOTS && !fb->eof && end - fb->pos < (off_t)want &&
+           (end < fb->size || fb->nr == 0)) {
         struct rslot *s = rs_at(fb, fb->nr);
         size_t n = gran - (size_t)(end % (off_t)gran);
         *s = (struct rslot){.off = end, .n = n, .state = RS_FLIGHT, .to = rs_home(fb, s)};
@@ -528,7 +535,7 @@ static int fb_stream_ask(struct ent *e, struct fbuf *fb, size_t want, char *into
         return 0;
     }
     /* batch mode: read them all now, on the shared connection */
-    struct xfer x[FB_INFLIGHT];
+    struct xfer x[FB_RSLOTS];
     int k = fb->nr - first;
     for (int i = 0; i < k; i++) {
         struct rslot *s = rs_at(fb, first + i);
@@ -544,6 +551,9 @@ static int fb_stream_ask(struct ent *e, struct fbuf *fb, size_t want, char *into
         s->state = x[i].got < 0 ? RS_ERR : RS_DONE;
         s->got = x[i].got < 0 ? 0 : (size_t)x[i].got;
         s->err = err;
+        if (s->off + (off_t)s->got > fb->size) {
+            fb->size = s->off + (off_t)s->got; /* it grew */
+        }
     }
     return 0;
 }
@@ -664,6 +674,7 @@ void fbuf_attach(struct ent *e, int flags) {
     pthread_mutex_init(&fb->lock, NULL);
     fb->mode = (flags & O_ACCMODE) == O_RDONLY ? FB_READ : FB_WRITE;
     fb->window = FB_MIN_WINDOW;
+    fb->size = e->st.st_size;
     e->fb = fb;
     __atomic_fetch_add(&g_nfbuf, 1, __ATOMIC_RELAXED);
 }

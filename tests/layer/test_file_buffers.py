@@ -70,7 +70,7 @@ def test_large_sequential_reads_grow_the_read_ahead_window(
     run: Runner, daemon: LayerDaemon, size: int
 ) -> None:
     """Reads that begin inside the read-ahead and go past it are sequential: the window grows
-    to FB_MAX_WINDOW (4 MiB, four requests) and the reads after a fill are served from it. (It
+    to FB_MAX_WINDOW (8 MiB, eight requests) and the reads after it are served from it. (It
     was reset on each such read: every read then cost a round trip for its rest, two requests
     per read.)"""
     content = _content(24 * 1024 * 1024 + 7)
@@ -104,7 +104,7 @@ def test_the_read_ahead_runs_ahead_while_the_app_works(run: Runner, daemon: Laye
     """Once a file is read on past its first window, the read-ahead has a daemon connection of
     its own and asks for the next MiBs as the app consumes each one: while the app does
     something else after three 1 MiB reads, the target is already asked for the bytes up to
-    2 MiB past where it stopped (the window by then; it grows to 4 MiB). The batch read-ahead
+    2 MiB past where it stopped (the window by then; it grows to 8 MiB). The batch read-ahead
     had asked up to 3.5 MiB then: nothing moved between the app's reads."""
     content = _content(12 * 1024 * 1024 + 99)
     daemon.add_file("/app/stream.bin", content)
