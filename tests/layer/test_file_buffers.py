@@ -9,6 +9,7 @@ import hashlib
 import resource
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,32 @@ print(len(data), hashlib.sha256(data).hexdigest())
     assert _count(daemon, "FileRead") <= 34, _count(daemon, "FileRead")
 
 
+def _paused(
+    run: Runner, daemon: LayerDaemon, code: str, first: bytes, meanwhile: Callable[[], None]
+) -> bytes:
+    """Runs `code` under the layer until it prints the line `first`, then `meanwhile()` while
+    it waits for a line on its stdin, then lets it finish: the rest of its output."""
+    daemon.start()
+    proc = subprocess.Popen(
+        [PYTHON, "-S", "-c", code],
+        env=run.env(BUFFERED),
+        cwd=run.cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == first + b"\n"
+        meanwhile()
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=30)
+        return out
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def _reads(daemon: LayerDaemon) -> list[m.FileRead]:
     return [msg for msg in daemon.requests() if isinstance(msg, m.FileRead)]
 
@@ -119,27 +146,16 @@ while chunk := os.read(fd, 1 << 20):
 data = b''.join(parts)
 print(len(data), hashlib.sha256(data).hexdigest())
 """
-    daemon.start()
-    proc = subprocess.Popen(
-        [PYTHON, "-S", "-c", code],
-        env=run.env(BUFFERED),
-        cwd=run.cwd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline() == b"read\n"
+    asked = [0]
+
+    def look() -> None:
         deadline = time.monotonic() + 10  # the daemon's thread records what the app sent
-        while (asked := _asked(daemon)) < 5 << 20 and time.monotonic() < deadline:
+        while (got := _asked(daemon)) < 5 << 20 and time.monotonic() < deadline:
             time.sleep(0.02)
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-    assert asked == 5 << 20, asked
+        asked[0] = got
+
+    out = _paused(run, daemon, code, b"read", look)
+    assert asked[0] == 5 << 20, asked
     assert out.split() == [str(len(content)).encode(), hashlib.sha256(content).hexdigest().encode()]
     # ~1 request per MiB, and a few past the end of the file
     assert len(_reads(daemon)) <= 20, len(_reads(daemon))
@@ -214,25 +230,12 @@ sys.stdin.readline()  # the target's file grows meanwhile
 rest = os.read(fd, 100000)
 print(len(rest), set(rest))
 """
-    daemon.start()
-    proc = subprocess.Popen(
-        [PYTHON, "-S", "-c", code],
-        env=run.env(BUFFERED),
-        cwd=run.cwd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline() == b"5000\n"
+
+    def grow() -> None:
         with open(daemon.host_path("/app/grow.log"), "ab") as f:
             f.write(b"b" * 3000)
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+
+    out = _paused(run, daemon, code, b"5000", grow)
     assert out == b"3000 {98}\n"
 
 
@@ -268,27 +271,16 @@ sys.stdin.readline()  # the test looks at what reached the target meanwhile
 os.close(fd)
 print('closed')
 """
-    daemon.start()
-    proc = subprocess.Popen(
-        [PYTHON, "-S", "-c", code],
-        env=run.env(BUFFERED),
-        cwd=run.cwd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline() == b"written\n"
+    sent = [0]
+
+    def look() -> None:
         deadline = time.monotonic() + 10
         while _count(daemon, "FileWrite") < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        sent_while_writing = _count(daemon, "FileWrite")
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        sent[0] = _count(daemon, "FileWrite")
+
+    out = _paused(run, daemon, code, b"written", look)
+    sent_while_writing = sent[0]
     assert sent_while_writing >= 2  # full buffers (~1 MiB each) went out before close
     assert out == b"closed\n"
     assert daemon.files["/app/stream.bin"] == b"".join(
