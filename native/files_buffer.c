@@ -45,11 +45,17 @@
 #define FB_WCHUNK (MAX_DATA_CHUNK - 4096)         /* one FileWrite (room for its header) */
 #define FB_INFLIGHT 4                             /* write-backs (and batches) in flight */
 #define FB_RSLOTS 8                               /* read-ahead requests in flight */
-#define FB_MIN_WINDOW (128 * 1024)                /* the first read-ahead, and after a seek */
+#define FB_MIN_WINDOW fb_min_window()            /* the first read-ahead, and after a seek */
 #define FB_MAX_WINDOW (FB_RSLOTS * FB_CHUNK)      /* read-ahead buffer */
 #define FB_WRITE_CAP FB_WCHUNK                    /* write-behind buffer: one FileWrite */
 
 enum { FB_READ = 1, FB_WRITE = 2 };
+
+/* feature.fs.readonly_file_buffer (128000 by default), within [4 KiB, FB_CHUNK] */
+static size_t fb_min_window(void) {
+    long long w = g_set.read_ahead;
+    return w < 4096 ? 4096 : w > FB_CHUNK ? FB_CHUNK : (size_t)w;
+}
 enum { RS_FLIGHT = 1, RS_DONE, RS_ERR };
 
 /* read: one FileRead of the read-ahead stream: `n` bytes at `off`, in flight (its request id)
@@ -666,6 +672,9 @@ void fbuf_attach(struct ent *e, int flags) {
     if (e->kind != K_RFILE || !e->has_handle || e->is_dir || !S_ISREG(e->st.st_mode) ||
         (flags & (O_APPEND | O_PATH))) {
         return;
+    }
+    if ((flags & O_ACCMODE) == O_RDONLY && g_set.read_ahead == 0) {
+        return; /* readonly_file_buffer 0: no read-ahead */
     }
     struct fbuf *fb = calloc(1, sizeof *fb);
     if (fb == NULL) {

@@ -297,6 +297,7 @@ struct settings {
     int skip_build_tools;
     int timeout_ms;
     long long fetch_limit; /* remote files up to this size are fetched into a memfd */
+    long long read_ahead;  /* feature.fs.readonly_file_buffer: the first read-ahead; 0: none */
     int fs_handover;       /* feature.fs.handover: a local target's agent may hand the file over */
 };
 extern struct settings g_set;

@@ -27,6 +27,7 @@ struct settings g_set = {
     .skip_build_tools = 1,
     .timeout_ms = 30000,
     .fetch_limit = 8LL * 1024 * 1024,
+    .read_ahead = 128000,
     .fs_handover = 1,
 };
 
@@ -306,6 +307,9 @@ static void apply_setting(const char *k, const char *v) {
     if (strcmp(k, "fetch_limit") == 0) {
         long long t = strtoll(v, NULL, 10);
         g_set.fetch_limit = t >= 0 ? t : g_set.fetch_limit;
+    } else if (strcmp(k, "read_ahead") == 0) {
+        long long t = strtoll(v, NULL, 10);
+        g_set.read_ahead = t >= 0 ? t : g_set.read_ahead;
     } else if (strcmp(k, "timeout_ms") == 0) {
         long t = strtol(v, NULL, 10);
         g_set.timeout_ms = t > 0 && t < 3600000 ? (int)t : 30000;

@@ -5,6 +5,7 @@ error of the close or fsync that caused it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import resource
 import subprocess
@@ -216,6 +217,30 @@ print('fork', os.waitstatus_to_exitcode(status), hashlib.sha256(first).hexdigest
     # stay open to the end, so the forked file's stream is a 9th only if one had closed (none
     # did: before fork the streams are closed, and the forked file streamed before that)
     assert 1 + 8 >= hellos.count(hellos[0]) >= 1 + 1, hellos
+
+
+@pytest.mark.parametrize("read_ahead", [0, 8192])
+def test_the_first_read_ahead_is_the_configured_one(
+    run: Runner, daemon: LayerDaemon, read_ahead: int
+) -> None:
+    """feature.fs.readonly_file_buffer: 0 leaves every read a request at the handle's offset;
+    8192 makes the first read of 4 KiB ask for 8 KiB (the default, 128000, asks for 125 KiB)."""
+    content = _content(2 * 1024 * 1024)
+    daemon.add_file("/app/ra.bin", content)
+    code = """
+import os
+fd = os.open('/app/ra.bin', os.O_RDONLY)
+print(os.read(fd, 4096).hex(), os.read(fd, 4096).hex(), os.read(fd, 4096).hex())
+"""
+    settings = dataclasses.replace(BUFFERED, read_ahead=read_ahead)
+    out = run.py(code, settings=settings).stdout.decode().split()
+    assert out == [content[i : i + 4096].hex() for i in (0, 4096, 8192)]
+    reads = [(r.offset, r.size) for r in _reads(daemon)]
+    if read_ahead == 0:
+        assert reads == [(None, 4096)] * 3
+    else:
+        # the third read: the next window, 16 KiB, its slots ending on multiples of 16 KiB
+        assert reads == [(0, 8192), (8192, 8192), (16384, 16384)], reads
 
 
 def test_a_file_that_grows_is_read_to_its_new_end(run: Runner, daemon: LayerDaemon) -> None:

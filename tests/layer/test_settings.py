@@ -69,7 +69,8 @@ def test_from_config_reads_the_config_model(tmp_path: Path) -> None:
     cfg_file.write_text(
         """{
   "feature": {
-    "fs": {"mode": "write", "read_only": ["^/app/ro"], "not_found": "^/secret"},
+    "fs": {"mode": "write", "read_only": ["^/app/ro"], "not_found": "^/secret",
+           "readonly_file_buffer": 0},
     "network": {
       "incoming": {"mode": "steal", "port_mapping": [[8080, 80]], "ignore_ports": [9999]},
       "outgoing": {"filter": {"local": ["127.0.0.1:5432"]}, "ignore_localhost": true},
@@ -84,6 +85,7 @@ def test_from_config_reads_the_config_model(tmp_path: Path) -> None:
     cfg = load_config(cfg_file, env={}, cwd=tmp_path)
     s = LayerSettings.from_config(cfg)
     assert s.fs_mode == "write"
+    assert s.read_ahead == 0 and "read_ahead=0\n" in s.encode()
     assert s.read_only == ("^/app/ro",) and s.not_found == ("^/secret",)
     assert s.incoming == "steal" and s.port_mapping == ((8080, 80),) and s.ignore_ports == (9999,)
     assert s.outgoing_filter_mode == "local" and s.outgoing_filter == ("127.0.0.1:5432",)

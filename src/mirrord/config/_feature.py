@@ -122,7 +122,11 @@ class FsConfig(_Section):
     readonly_file_buffer: int = Field(
         default=128000,
         ge=0,
-        description="Bytes read ahead for read-only remote files (0 disables).",
+        description=(
+            "Bytes read ahead at first for a read-only remote file read through its handle "
+            "(bigger than the whole-file fetch): 4096 to 1 MiB, doubling while reads are "
+            "sequential, up to 8 MiB; 0 disables read-ahead."
+        ),
     )
     handover: bool = Field(
         default=True,

@@ -250,6 +250,9 @@ class LayerSettings:
     # remote files up to this size are fetched whole into a memfd (read-only opens) or used as a
     # write-back cache (writable opens); bigger ones are read and written through the handle
     fetch_limit: int = 8 * 1024 * 1024
+    # feature.fs.readonly_file_buffer: the first read-ahead of a read-only handle-backed file
+    # (it grows while reads are sequential); 0: no read-ahead, every read a request
+    read_ahead: int = 128000
     # feature.fs.handover: a remote regular file may come as the agent's own open file (a
     # local target's agent only; elsewhere the agent serves it as usual)
     fs_handover: bool = True
@@ -303,6 +306,7 @@ class LayerSettings:
         lines.append(f"hostname={int(self.hostname)}")
         lines.append(f"timeout_ms={int(self.timeout_ms)}")
         lines.append(f"fetch_limit={int(self.fetch_limit)}")
+        lines.append(f"read_ahead={int(self.read_ahead)}")
         lines.append(f"fs_handover={int(self.fs_handover)}")
         _check_fits(lines)
         return "\n".join(lines) + "\n"
@@ -338,6 +342,7 @@ class LayerSettings:
             not_found=tuple(fs.not_found),
             fs_mapping=tuple((str(k), str(v)) for k, v in fs.mapping.items()),
             fs_handover=fs.handover,
+            read_ahead=fs.readonly_file_buffer,
             outgoing_tcp=out.tcp,
             outgoing_udp=out.udp,
             outgoing_filter_mode=out_mode,
