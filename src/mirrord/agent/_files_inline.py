@@ -26,6 +26,7 @@ import errno
 import fcntl
 import mmap
 import os
+import platform
 import stat as stat_module
 from collections.abc import Callable
 from typing import Any
@@ -123,7 +124,9 @@ def write_inline(fd: int, data: bytes | memoryview, offset: int | None) -> int |
     return write_at(fd, data, offset)
 
 
-_SYS_CACHESTAT = 451  # cachestat(2), Linux 6.5; the same number on every architecture
+# cachestat(2), Linux 6.5: 451 in the generic table (x86_64, arm64, riscv64); elsewhere
+# (alpha, mips, ...) the number is another call's, so it is not made there
+_SYS_CACHESTAT = 451
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -139,7 +142,8 @@ class _Cachestat(ctypes.Structure):
     )
 
 
-_cachestat_works = True  # False once the kernel (or a seccomp filter) refused it
+# False on other architectures, or once the kernel (or a seccomp filter) refused it
+_cachestat_works = platform.machine() in ("x86_64", "aarch64", "arm64", "riscv64")
 
 
 def all_cached(fd: int, offset: int, size: int) -> bool:
@@ -162,8 +166,9 @@ def splice_cached(
 ) -> tuple[PipePart, bytes] | bytes | Any:
     """A large pread of an inline handle's file on the event loop: `read_into_pipe`, when every
     page it covers (up to the end of the file) is in the page cache, else NOT_INLINE (a read
-    without an offset too); nothing (b"") at or past the end of the file. Splicing a cached MiB costs the kernel less than a worker thread's
-    round trip (about a sixth of the agent's time in a bulk read went to that hand-off)."""
+    without an offset too); nothing (b"") at or past the end of the file. Splicing a cached
+    MiB costs the kernel less than a worker thread's round trip (about a sixth of the agent's
+    time in a bulk read went to that hand-off)."""
     if offset is None:
         return NOT_INLINE
     st = os.fstat(fd)
