@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mirrord._splice import PipePart, PipePool
-from mirrord.agent._files import TargetRoot, fstatfs, read_into_pipe, stat_list
+from mirrord.agent._files import TargetRoot, _libc, fstatfs, read_into_pipe, stat_list
 
 __all__ = [
     "INLINE_READ_MAX",
@@ -127,8 +127,6 @@ def write_inline(fd: int, data: bytes | memoryview, offset: int | None) -> int |
 # cachestat(2), Linux 6.5: 451 in the generic table (x86_64, arm64, riscv64); elsewhere
 # (alpha, mips, ...) the number is another call's, so it is not made there
 _SYS_CACHESTAT = 451
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class _CachestatRange(ctypes.Structure):
