@@ -261,9 +261,10 @@ static ssize_t read_through(uint64_t handle, char *p, size_t n, off_t off) {
  * write-back at fsync or close. Without a connection of its own (the daemon refused one) a
  * write-back waits for its reply on the shared one. */
 
+static void fb_oc_close(struct fbuf *fb, int inherited);
+
 static void fb_oc_lost(struct fbuf *fb) {
-    conn_close_own(fb->oc, 0);
-    fb->oc = NULL;
+    fb_oc_close(fb, 0);
     fb->nw = 0; /* nothing is known of those in flight: the fd's next call fails */
     fb->werr = fb->werr ? fb->werr : EIO;
 }
@@ -531,6 +532,7 @@ static int fb_stream_ask(struct ent *e, struct fbuf *fb, size_t want, char *into
             cw_uint(w, (uint64_t)end);
             if ((s->rid = conn_send(fb->oc)) == 0) {
                 fb_oc_close(fb, 0); /* nothing in flight is known any more */
+                errno = EIO;
                 return -1;
             }
         }
@@ -605,6 +607,7 @@ static ssize_t fb_read_locked(struct ent *e, struct fbuf *fb, char *buf, size_t 
         fb->window = FB_MIN_WINDOW; /* not sequential: start small again */
     }
     size_t total = 0;
+    int err = EIO; /* the read's error when it ends with nothing: nothing came in 64 rounds */
     for (int rounds = 0; total < n && rounds < 64; rounds++) {
         struct rslot *s = fb->nr > 0 ? rs_at(fb, 0) : NULL;
         if (s == NULL || fb->pos < s->off || fb->pos >= s->off + (off_t)s->n) {
@@ -616,6 +619,7 @@ static ssize_t fb_read_locked(struct ent *e, struct fbuf *fb, char *buf, size_t 
             fb_stream_open(fb);
             size_t want = n - total > fb->window ? n - total : fb->window;
             if (fb_stream_ask(e, fb, want, buf + total, n - total) < 0) {
+                err = errno;
                 break;
             }
             continue;
@@ -627,11 +631,12 @@ static ssize_t fb_read_locked(struct ent *e, struct fbuf *fb, char *buf, size_t 
             while (fb->oc != NULL && s->state == RS_FLIGHT && fb_stream_recv(fb) == 0) {
             }
             if (fb->oc == NULL) {
-                break; /* the stream is gone (EIO) */
+                err = EIO; /* the stream is gone */
+                break;
             }
         }
         if (s->state == RS_ERR) {
-            errno = s->err;
+            err = s->err;
             fb_stream_drop(fb);
             break;
         }
@@ -650,6 +655,7 @@ static ssize_t fb_read_locked(struct ent *e, struct fbuf *fb, char *buf, size_t 
                 fb->window *= 2;
             }
             if (fb->oc != NULL && fb_stream_ask(e, fb, fb->window, NULL, 0) < 0) {
+                err = errno;
                 break;
             }
         } else if (fb->pos >= have) {
@@ -660,8 +666,8 @@ static ssize_t fb_read_locked(struct ent *e, struct fbuf *fb, char *buf, size_t 
     }
     fb->next = fb->pos;
     if (total == 0 && !fb->eof) {
-        errno = errno ? errno : EIO;
-        return -1; /* the stream failed (errno set), or nothing came in 64 rounds */
+        errno = err;
+        return -1;
     }
     return (ssize_t)total;
 }
