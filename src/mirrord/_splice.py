@@ -1,9 +1,11 @@
 """Moving a large frame's bytes as pages, not copies: a pipe between two descriptors.
 
-Owns: the pipes (`Pipe`, `PipePool`) and a frame's bytes held in one (`PipePart`), which a
-`mirrord._frames.FrameWriter` writes into its socket with `splice`. Does not own: which
-frames go this way (the agent's large `FileData`, the daemon's forwarding of them) nor the
-frames' heads.
+Owns: the pipes (`Pipe`, `PipePool`), a frame's bytes held in one (`PipePart`), which a
+`mirrord._frames.FrameWriter` writes into its socket with `splice`, and the rest of a large
+frame taken from a socket into pipes (`PipeFill`). Does not own: which frames go this way
+(the agent's large `FileData` and the daemon's forwarding of them; the layer's large
+`FileWrite`, forwarded by the daemon and written into the file by the agent) nor the frames'
+heads.
 
 Why: a relayed file read crossed the agent (`pread` into its memory, then `sendmsg`) and the
 daemon (`recv` into its memory, then `sendmsg`) with four copies of each byte. Through a pipe,
@@ -19,8 +21,8 @@ default, which any process may ask for) and it counts pieces of pages, not bytes
 1 MiB at an offset that is not page-aligned spans 257 pages, one more than the pipe holds.
 Whoever fills a pipe copes with it filling up early: the agent reads the rest of such a read
 into memory (a part of its own after the pipe's), the daemon splices the rest of such a frame
-into another pipe, up to three, then copies (`mirrord.daemon._link`). Nobody waits for room in a pipe that only its own frame's writer
-would make. A process that cannot get such a pipe (past /proc/sys/fs/pipe-user-pages-soft)
+into another pipe, up to three, then copies (`PipeFill`). Nobody waits for room in a pipe that
+only its own frame's writer would make. A process that cannot get such a pipe (past /proc/sys/fs/pipe-user-pages-soft)
 copies, as before.
 """
 
@@ -28,12 +30,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
+import termios
 import threading
+from collections.abc import Callable
 
 __all__ = [
     "PIPE_SIZE",
     "SPLICE_MAX",
     "Pipe",
+    "PipeFill",
     "PipePart",
     "PipePool",
     "release_parts",
@@ -159,3 +165,104 @@ def release_parts(parts: object) -> None:
         for part in parts:
             if isinstance(part, PipePart):
                 part.release()
+
+
+class PipeFill:
+    """The next `size` bytes of a socket (the rest of a large frame) taken into pipes, by
+    reference (`FrameReader.run`'s `splice`, or a reader's own loop): `receive_from` as the
+    socket has them, then `done(self)`. A pipe holds 256 pieces of pages, and the pieces a
+    socket hands on are those its sender wrote (a spliced pipe's, up to 256, then the bytes
+    sent after them): when one pipe is full, the rest goes into the next (at most
+    `PIPES_PER_FILL`; past them every byte is copied into `copy`, instead of waiting for room
+    that only writing the frame out would make). Whoever gets `done` takes the bytes:
+    `take_parts()` (the pipes, in order), or `copy` when it is not None; or `close()`."""
+
+    __slots__ = ("copy", "done", "filled", "left", "pipes", "pool", "size")
+
+    def __init__(
+        self, pool: PipePool, pipe: Pipe, size: int, done: Callable[[PipeFill], None]
+    ) -> None:
+        self.pool = pool
+        self.pipes = [pipe]
+        self.filled = [0]  # the bytes in each pipe
+        self.size = size
+        self.left = size
+        self.done = done
+        self.copy: bytearray | None = None  # the bytes, when the pipes could not hold them
+
+    def __repr__(self) -> str:
+        return f"<PipeFill {self.size - self.left}/{self.size} bytes in {len(self.pipes)} pipes>"
+
+    def receive_from(self, fd: int) -> int:
+        """Move what the socket `fd` has now (non-blocking); the bytes moved, 0 at the end of
+        the stream; `BlockingIOError` when it has none. Calls `done` with the last bytes."""
+        if self.copy is not None:
+            return self._copy_from(fd)
+        try:
+            moved = os.splice(
+                fd, self.pipes[-1].w, self.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+            )
+        except BlockingIOError:
+            if not unread(fd):
+                raise
+            # the socket has bytes but the pipe takes none: it is full
+            if len(self.pipes) < PIPES_PER_FILL:
+                try:
+                    self.pipes.append(self.pool.take())
+                    self.filled.append(0)
+                    return self.receive_from(fd)
+                except OSError:
+                    pass
+            self._pipes_to_copy()
+            return self._copy_from(fd)
+        self.left -= moved
+        self.filled[-1] += moved
+        if moved and not self.left:
+            self.done(self)
+        return moved
+
+    def take_parts(self) -> list[PipePart]:
+        """The bytes, one `PipePart` per pipe that holds some (each released by whoever
+        writes or drops it); the pipes are no longer this fill's."""
+        pipes, filled = self.pipes, self.filled
+        self.pipes, self.filled = [], []
+        parts = []
+        for pipe, n in zip(pipes, filled, strict=True):
+            if n:
+                parts.append(PipePart(pipe, n, self.pool))
+            else:
+                self.pool.give(pipe, True)
+        return parts
+
+    def close(self) -> None:
+        """Drop the pipes (the bytes in them with them)."""
+        for pipe in self.pipes:
+            pipe.close()
+        self.pipes, self.filled = [], []
+
+    def _pipes_to_copy(self) -> None:
+        copy = self.copy = bytearray(self.size)
+        view, got = memoryview(copy), 0
+        for pipe, filled in zip(self.pipes, self.filled, strict=True):
+            end = got + filled
+            while got < end:
+                got += os.readv(pipe.r, [view[got:end]])
+        for pipe in self.pipes:
+            self.pool.give(pipe, True)  # empty again
+        self.pipes, self.filled = [], []
+
+    def _copy_from(self, fd: int) -> int:
+        assert self.copy is not None
+        moved = os.readv(fd, [memoryview(self.copy)[self.size - self.left :]])
+        self.left -= moved
+        if moved and not self.left:
+            self.done(self)
+        return moved
+
+
+PIPES_PER_FILL = 3
+
+
+def unread(fd: int) -> int:
+    """Bytes waiting to be read on the socket `fd` (FIONREAD)."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)

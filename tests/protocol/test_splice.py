@@ -2,7 +2,8 @@
 real files: the writer splices them into its socket in order with the other frames (both
 backends), and every pipe is released whatever happens (written, dropped, writer closed or
 broken); the decoder hands the rest of a large frame to whoever takes it; the agent's read
-into a pipe; the daemon's copy when a pipe fills before its frame is in."""
+into a pipe; a `PipeFill`'s next pipe, or its copy, when a pipe fills before its frame is
+in."""
 
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ import anyio.abc
 import pytest
 
 from mirrord._frames import FrameWriter
-from mirrord._splice import PIPE_SIZE, PipePart, PipePool
+from mirrord._splice import PIPE_SIZE, PipeFill, PipePart, PipePool
 from mirrord.agent._files import read_into_pipe
-from mirrord.daemon._link import _SpliceIn
-from mirrord.protocol import FrameDecoder, Undecoded
+from mirrord.protocol import FrameDecoder
 from mirrord.protocol._framing import bytes_frame, bytes_frame_head
 
 pytestmark = pytest.mark.anyio
@@ -224,37 +224,23 @@ def test_the_agent_reads_what_is_no_regular_file_into_memory(tmp_path: Path) -> 
         os.close(w)
 
 
-class _Link:
-    """The daemon link's side of a `_SpliceIn`: its pipes, and what it is told when the frame
-    is in."""
-
-    def __init__(self, pipes: PipePool) -> None:
-        self._pipes = pipes
-        self.done: list[Any] = []
-
-    def _spliced(self, job: Any) -> None:
-        self.done.append(job)
-
-
 class _NoPipes(PipePool):
     def take(self) -> Any:
         raise OSError(errno.EMFILE, "no more pipes")
 
 
-def _splice_in(link: _Link, first_pipe_size: int, data: bytes) -> _SpliceIn:
-    """`data` received by a `_SpliceIn` whose first pipe has room for `first_pipe_size` bytes,
-    sent in two halves with reads in between."""
+def _fill(pool: PipePool, first_pipe_size: int, data: bytes) -> tuple[PipeFill, list[PipeFill]]:
+    """`data` received by a `PipeFill` whose first pipe has room for `first_pipe_size` bytes,
+    sent in two halves with reads in between; (the fill, the fills it said were done)."""
     import fcntl
 
     pipe = PipePool().take()
     fcntl.fcntl(pipe.w, fcntl.F_SETPIPE_SZ, first_pipe_size)
+    done: list[PipeFill] = []
     a, b = socket.socketpair(socket.AF_UNIX)
     with a, b:
         b.setblocking(False)
-        frame = Undecoded(
-            channel=2, kind=13, request_id=1, items=4, head_items=3, payload=b"", body=0
-        )
-        job = _SpliceIn(link, frame, pipe, len(data))  # type: ignore[arg-type]
+        job = PipeFill(pool, pipe, len(data), done.append)
         half = len(data) // 2
         for chunk in (data[:half], data[half:]):
             a.sendall(chunk)
@@ -262,32 +248,33 @@ def _splice_in(link: _Link, first_pipe_size: int, data: bytes) -> _SpliceIn:
                 try:
                     job.receive_from(b.fileno())
                 except BlockingIOError:
-                    if job.size - job.left >= half or link.done:
+                    if job.size - job.left >= half or done:
                         break
-        return job
+        return job, done
 
 
-def test_the_daemon_takes_another_pipe_when_one_fills_early() -> None:
+def test_a_fill_takes_another_pipe_when_one_fills_early() -> None:
     # a pipe of one page fills at once: the rest goes into the next pipe, nothing is copied,
     # and the frame is complete (no wait for room that only forwarding it would make)
     pool = PipePool()
-    link = _Link(pool)
     data = os.urandom(200_000)
-    job = _splice_in(link, 4096, data)
-    assert link.done == [job] and job.copy is None
+    job, done = _fill(pool, 4096, data)
+    assert done == [job] and job.copy is None
     assert len(job.pipes) == 2 and sum(job.filled) == len(data)
-    got = b"".join(
-        os.read(pipe.r, PIPE_SIZE) for pipe, n in zip(job.pipes, job.filled, strict=True) if n
-    )
+    parts = job.take_parts()
+    assert job.pipes == [] and len(parts) == 2 and sum(len(part) for part in parts) == len(data)
+    got = b"".join(os.read(part.pipe.r, PIPE_SIZE) for part in parts)
     assert got == data
-    job.close()
+    for part in parts:
+        part.left = 0  # read out above
+        part.release()
+    assert pool.created == 1  # the second pipe (the first was another pool's)
     pool.close()
 
 
-def test_the_daemon_copies_the_rest_when_it_gets_no_more_pipes() -> None:
-    link = _Link(_NoPipes())
+def test_a_fill_copies_the_rest_when_it_gets_no_more_pipes() -> None:
     data = os.urandom(200_000)
-    job = _splice_in(link, 4096, data)
-    assert link.done == [job]
+    job, done = _fill(_NoPipes(), 4096, data)
+    assert done == [job]
     assert job.copy is not None and bytes(job.copy) == data
-    job.close()
+    assert job.pipes == [] and job.take_parts() == []  # the drained pipe went back

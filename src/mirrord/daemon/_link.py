@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno as errno_mod
-import fcntl
 import logging
-import os
-import sys
-import termios
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -30,7 +26,7 @@ import anyio.abc
 
 from mirrord._frames import FrameReader, FrameWriter, Passable, PassedFd
 from mirrord._relay import CONN_MESSAGES, FlowRelay, RelayTable
-from mirrord._splice import SPLICE_MAX, Pipe, PipePart, PipePool, splice_supported
+from mirrord._splice import SPLICE_MAX, PipeFill, PipePart, PipePool, splice_supported
 from mirrord._version import __version__
 from mirrord.backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError, ChannelLost
@@ -114,81 +110,6 @@ class ReplyTo(Protocol):
     def can_splice(self) -> bool:
         """Whether a forwarded reply may come with a `tail` (a plain unix socket)."""
         ...
-
-
-class _SpliceIn:
-    """The rest of a large forwarded reply (a `FileData`), taken from the agent's stream into
-    pipes and forwarded once all of it is there (`mirrord._splice`: the daemon moves a read's
-    pages, it copies none of its bytes). A pipe holds 256 pieces of pages, and the pieces the
-    socket hands on are the agent's pipe's (up to 256) and those of the bytes the agent sent
-    after them: when one pipe is full, the rest goes into the next (at most `_PIPES_PER_FRAME`;
-    past them the rest is copied, instead of waiting for room that only forwarding the frame
-    would make)."""
-
-    __slots__ = ("copy", "filled", "frame", "left", "link", "pipes", "size")
-
-    def __init__(self, link: AgentLink, frame: Undecoded, pipe: Pipe, size: int) -> None:
-        self.link = link
-        self.frame = frame  # its payload: the bytes before the pipes'
-        self.pipes = [pipe]
-        self.filled = [0]  # the bytes in each pipe
-        self.size = size
-        self.left = size
-        self.copy: bytearray | None = None  # the bytes, when the pipes could not hold them
-
-    def receive_from(self, fd: int) -> int:
-        if self.copy is not None:
-            return self._copy_from(fd)
-        try:
-            moved = os.splice(
-                fd, self.pipes[-1].w, self.left, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-            )
-        except BlockingIOError:
-            if not _unread(fd):
-                raise
-            # the socket has bytes but the pipe takes none: it is full
-            if len(self.pipes) < _PIPES_PER_FRAME:
-                try:
-                    self.pipes.append(self.link._pipes.take())
-                    self.filled.append(0)
-                    return self.receive_from(fd)
-                except OSError:
-                    pass
-            self._pipes_to_copy()
-            return self._copy_from(fd)
-        self.left -= moved
-        self.filled[-1] += moved
-        if moved and not self.left:
-            self.link._spliced(self)
-        return moved
-
-    def close(self) -> None:
-        for pipe in self.pipes:
-            pipe.close()
-
-    def _pipes_to_copy(self) -> None:
-        copy = self.copy = bytearray(self.size)
-        view, got = memoryview(copy), 0
-        for pipe, filled in zip(self.pipes, self.filled, strict=True):
-            end = got + filled
-            while got < end:
-                got += os.readv(pipe.r, [view[got:end]])
-
-    def _copy_from(self, fd: int) -> int:
-        assert self.copy is not None
-        moved = os.readv(fd, [memoryview(self.copy)[self.size - self.left :]])
-        self.left -= moved
-        if moved and not self.left:
-            self.link._spliced(self)
-        return moved
-
-
-_PIPES_PER_FRAME = 3
-
-
-def _unread(fd: int) -> int:
-    """Bytes waiting to be read on the socket `fd` (FIONREAD)."""
-    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
 
 
 class _Forward:
@@ -332,7 +253,7 @@ class AgentLink:
         self.handed_over = 0  # files and sockets the agent handed over (passed to a layer)
         # large replies spliced through a pipe (`_splice_in`), the one being received
         self.spliced = 0
-        self._splicing: _SpliceIn | None = None
+        self._splicing: PipeFill | None = None
         self._splice_checked = 0  # the last large frame looked at (`conn.large_frames`)
         self._pipes = PipePool()
         self.requests = 0
@@ -491,7 +412,7 @@ class AgentLink:
             pass
         return self.reason or "the agent closed the connection"
 
-    def _splice_in(self) -> _SpliceIn | None:
+    def _splice_in(self) -> PipeFill | None:
         """The reader's `splice` hook: a large `FileData` that a layer connection waits for
         (forwarded undecoded) goes through a pipe, when both streams are unix sockets (the
         agent's: `receives_fds`; the layer's: `can_splice`). Decided once per large frame,
@@ -532,13 +453,13 @@ class AgentLink:
             payload=payload,
             body=body,
         )
-        self._splicing = _SpliceIn(self, frame, pipe, rest)
+        self._splicing = PipeFill(self._pipes, pipe, rest, lambda job: self._spliced(frame, job))
         return self._splicing
 
-    def _spliced(self, job: _SpliceIn) -> None:
-        """All of `job`'s bytes are in its pipe: forward the reply (the reader callback)."""
+    def _spliced(self, frame: Undecoded, job: PipeFill) -> None:
+        """All of `frame`'s bytes are in `job`'s pipes: forward the reply (the reader
+        callback)."""
         self._splicing = None
-        frame = job.frame
         entry = self._pending.get(frame.request_id)
         if type(entry) is not _Forward or entry.channel != frame.channel:
             job.close()  # the request was given up meanwhile: nobody reads this reply
@@ -546,15 +467,11 @@ class AgentLink:
         del self._pending[frame.request_id]
         self.frames_in += 1
         if job.copy is not None:  # copied after all (the pipes were full)
-            job.close()
             frame = dataclasses.replace(frame, payload=frame.payload + job.copy)
             entry.client.forward_reply(frame, entry.request_id)
             return
         self.spliced += 1
-        parts = [
-            PipePart(pipe, n, self._pipes) for pipe, n in zip(job.pipes, job.filled, strict=True)
-        ]
-        entry.client.forward_reply(frame, entry.request_id, tail=parts)
+        entry.client.forward_reply(frame, entry.request_id, tail=job.take_parts())
 
     def _on_data(self, data: bytes | memoryview) -> None:
         """Feed one read (b"": the end) and handle its frames; raises `_StreamClosed` once the
