@@ -56,7 +56,9 @@ from mirrord.agent._files_inline import (
     inline_fd,
     open_inline,
     splice_cached,
+    takes_piped_writes,
     write_at,
+    write_from_pipes,
     write_inline,
 )
 from mirrord.agent._outgoing import open_outgoing, open_unix_stream
@@ -66,7 +68,7 @@ from mirrord.protocol import messages as m
 if TYPE_CHECKING:
     from mirrord.agent._workers import BlockingWorkers
 
-__all__ = ["Channel", "IncomingHandler"]
+__all__ = ["Channel", "IncomingHandler", "PipedWrite"]
 
 log = logging.getLogger("mirrord.agent")
 
@@ -102,6 +104,32 @@ class _Spliced:
     def __init__(self, request_id: int, read: tuple[PipePart, bytes]) -> None:
         self.request_id = request_id
         self.part, self.rest = read
+
+
+class PipedWrite:
+    """A large `FileWrite` whose data came from the daemon's socket into pipes
+    (`DaemonSession`): `head`, the bytes that came with the frame's head, then the parts'.
+    The channel releases the parts when it answers it, whatever the answer."""
+
+    __slots__ = ("handle", "head", "offset", "parts", "request_id")
+
+    def __init__(
+        self, request_id: int, handle: int, head: bytes, parts: list[PipePart], offset: int | None
+    ) -> None:
+        self.request_id = request_id
+        self.handle = handle
+        self.head = head
+        self.parts = parts
+        self.offset = offset
+
+    def __repr__(self) -> str:
+        size = len(self.head) + sum(part.size for part in self.parts)
+        return f"<PipedWrite {self.request_id} handle={self.handle} {size} bytes>"
+
+    def release(self) -> None:
+        parts, self.parts = self.parts, []
+        for part in parts:
+            part.release()
 
 
 class IncomingHandler(Protocol):
@@ -359,24 +387,50 @@ class Channel:
                     )
                 )
                 return
-            if self._tg is None or self.closed:
-                await self.send(
-                    m.ErrorReply(
-                        request_id=msg.request_id, errno=errno.EBADF, message="channel closed"
-                    )
-                )
-                return
-            slots = self.session.request_slots
-            try:
-                slots.acquire_nowait()  # no scheduling point while slots are free
-            except anyio.WouldBlock:
-                await slots.acquire()  # 256 in flight: the daemon connection waits
-            if plan is not None:
-                self._start_blocking(plan, msg)
-            else:
-                assert handler is not None
-                self._tg.start_soon(self._serve, handler, msg)
+            await self._start(msg, plan, handler)
         # Replies and anything else the daemon should not send us are ignored.
+
+    def takes_piped_write(self, number: int) -> bool:
+        """Whether a large `FileWrite` on handle `number` may come as a `PipedWrite`: the
+        channel serves requests and the handle is an inline one (a regular file of a local
+        file system) that `takes_piped_writes`."""
+        if self._tg is None or self.closed:
+            return False
+        try:
+            handle = self.handles.acquire(number)
+        except OSError:
+            return False
+        try:
+            return handle.inline and takes_piped_writes(handle.fd)
+        finally:
+            self.handles.release(handle)
+
+    async def dispatch_piped(self, req: PipedWrite) -> None:
+        await self._start(req, self._file_write_piped, None)
+
+    async def _start(
+        self,
+        req: Any,
+        plan: Callable[[Any], _Plan] | None,
+        handler: Callable[[Any], Awaitable[Message | None]] | None,
+    ) -> None:
+        if self._tg is None or self.closed:
+            if isinstance(req, PipedWrite):
+                req.release()
+            await self.send(
+                m.ErrorReply(request_id=req.request_id, errno=errno.EBADF, message="channel closed")
+            )
+            return
+        slots = self.session.request_slots
+        try:
+            slots.acquire_nowait()  # no scheduling point while slots are free
+        except anyio.WouldBlock:
+            await slots.acquire()  # 256 in flight: the daemon connection waits
+        if plan is not None:
+            self._start_blocking(plan, req)
+        else:
+            assert handler is not None
+            self._tg.start_soon(self._serve, handler, req)
 
     async def _serve(self, handler: Callable[[Any], Awaitable[Message | None]], req: Any) -> None:
         try:
@@ -449,6 +503,8 @@ class Channel:
 
     def _answer(self, req: Any, reply: Message | _Handed | _Spliced) -> None:
         self.session.request_slots.release()
+        if isinstance(req, PipedWrite):
+            req.release()  # written, or not: its pipes go back either way
         if isinstance(reply, _Spliced):
             self._log_reply(req, reply)
             if self.closed:
@@ -631,6 +687,14 @@ class Channel:
             lambda h: write_at(h.fd, req.data, req.offset),
             lambda n: m.FileWritten(request_id=req.request_id, count=n),
             fast=lambda h: write_inline(h.fd, req.data, req.offset),
+        )
+
+    def _file_write_piped(self, req: PipedWrite) -> _Plan:
+        return self._on_handle(
+            req.handle,
+            lambda h: write_from_pipes(h.fd, req.head, req.parts, req.offset),
+            lambda n: m.FileWritten(request_id=req.request_id, count=n),
+            inline=True,
         )
 
     def _file_seek(self, req: m.FileSeek) -> _Plan:

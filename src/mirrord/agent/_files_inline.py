@@ -6,7 +6,7 @@ meaningfully when the file lives on a disk or in memory (page cache, tmpfs, over
 open, fetch, read and pread (up to `INLINE_READ_MAX` bytes; a larger pread when every page it
 covers is in the page cache, `splice_cached`), write and pwrite (`write_inline`:
 into the page cache, unless the fd was opened O_SYNC or O_DSYNC, which waits for the disk on
-every write), lseek, fstat and path stats of such files run inline; everything that may block
+every write; a large write's data may come in pipes, `write_from_pipes`), lseek, fstat and path stats of such files run inline; everything that may block
 stays in the worker threads (`_workers.py`):
 FIFOs, sockets and character or block devices (st_mode), files on network, FUSE or unknown
 file systems and `/proc`/`/sys` files (statfs f_type: `/proc/kmsg` is a "regular" file whose
@@ -28,7 +28,7 @@ import mmap
 import os
 import platform
 import stat as stat_module
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mirrord._splice import PipePart, PipePool
@@ -43,7 +43,9 @@ __all__ = [
     "inline_fd",
     "open_inline",
     "splice_cached",
+    "takes_piped_writes",
     "write_at",
+    "write_from_pipes",
     "write_inline",
 ]
 
@@ -183,6 +185,40 @@ def write_at(fd: int, data: bytes | memoryview, offset: int | None) -> int:
     """`FileWrite`'s call, inline or in a worker: pwrite at `offset`, or write at the fd's
     own offset when there is none."""
     return os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
+
+
+def takes_piped_writes(fd: int) -> bool:
+    """Whether a large write's data may come to the inline handle's `fd` in pipes
+    (`write_from_pipes`): not when it appends (splice refuses an O_APPEND file) or waits for
+    the disk on every write (O_SYNC, O_DSYNC: a worker's `write_at`)."""
+    return not fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_APPEND | os.O_SYNC | os.O_DSYNC)
+
+
+def write_from_pipes(fd: int, head: bytes, parts: Sequence[PipePart], offset: int | None) -> int:
+    """`FileWrite`'s call when its data came from the daemon's socket into pipes: `head` (the
+    bytes that came with the frame's head) then the parts' bytes, written at `offset` (at the
+    fd's own offset when there is none), from the pipes into the page cache by the kernel.
+    The bytes written: fewer when the file system took only some (an error after some bytes
+    is that short count, as write(2) reports it); an error before any raises."""
+    done = 0
+    try:
+        if head:
+            done = write_at(fd, head, offset)
+            if done < len(head):
+                return done
+        for part in parts:
+            while part.left:
+                at = None if offset is None else offset + done
+                moved = os.splice(part.pipe.r, fd, part.left, offset_dst=at)
+                if not moved:
+                    return done
+                part.left -= moved
+                done += moved
+    except OSError:
+        if done:
+            return done
+        raise
+    return done
 
 
 def open_inline(root: TargetRoot, path: bytes, flags: int, max_size: int = -1) -> int | Any:

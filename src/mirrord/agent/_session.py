@@ -17,15 +17,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import anyio
 import anyio.abc
 
 from mirrord import __version__
 from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
-from mirrord._splice import PipePart, PipePool
-from mirrord.agent._channel import Channel
+from mirrord._splice import PipeFill, PipePart, PipePool
+from mirrord.agent._channel import Channel, PipedWrite
 from mirrord.protocol import (
     CLOSED,
     CONTROL_CHANNEL,
@@ -34,11 +34,15 @@ from mirrord.protocol import (
     AgentRole,
     InvalidRequest,
     LocalProtocolError,
+    MalformedFrame,
     Message,
     Received,
     RemoteProtocolError,
     State,
     UnknownMessage,
+    read_head,
+    read_optional_uint,
+    read_uints_then_bytes,
 )
 from mirrord.protocol import messages as m
 
@@ -95,6 +99,17 @@ def unread_timeout() -> float:
     return value if value > 0 else _UNREAD_TIMEOUT
 
 
+class _PipedStart(NamedTuple):
+    """A large `FileWrite` taken from the decoder (`DaemonSession._piped_write`)."""
+
+    channel: int
+    request_id: int
+    handle: int
+    data: bytes  # what came with the frame's head
+    fill: PipeFill  # the rest of the data, into pipes
+    after: int  # the bytes after the data (the offset)
+
+
 class DaemonSession:
     """The agent's side of one daemon connection."""
 
@@ -119,8 +134,13 @@ class DaemonSession:
             features=features,
         )
         self.channels: dict[int, Channel] = {}
-        # large reads' replies go through pipes into a unix socket (`mirrord._splice`)
+        # large reads' replies go through pipes into a unix socket (`mirrord._splice`), and
+        # large writes' data from it into the file (`_piped_write`)
         self.pipes = PipePool() if self.writer.can_splice else None
+        self._sock = (
+            None if self.pipes is None else stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        )
+        self._write_checked = 0  # the last large frame `_piped_write` looked at
         self.request_slots = anyio.Semaphore(self.ctx.max_requests_per_connection)
         self._scope: anyio.CancelScope | None = None  # the whole serving, writer included
         self._tg: anyio.abc.TaskGroup | None = None
@@ -369,7 +389,99 @@ class DaemonSession:
                 _PAUSE_READING
             ):
                 return
+            piped = self._piped_write()
+            if piped is not None:
+                if not await self._receive_piped(piped):
+                    return
+                continue
             self.conn.receive_data(await self._receive())
+
+    def _piped_write(self) -> _PipedStart | None:
+        """A large `FileWrite` on an inline handle that has begun to come: its data goes from
+        the socket into pipes and from them into the file (`mirrord._splice`), copied by the
+        kernel once, instead of into memory and from it into the file; the frame is taken
+        from the decoder. None for any other frame (decided once per large frame, at its first
+        read), which is received in place as before."""
+        if self._sock is None or self.conn.large_frames == self._write_checked:
+            return None
+        self._write_checked = self.conn.large_frames
+        large = self.conn.large_prefix()
+        head = None if large is None else read_head(large[0], 3)
+        if large is None or head is None:
+            return None
+        (number, kind, rid), items, body = head
+        write = read_uints_then_bytes(large[0], body, 1)
+        # [channel, kind, request id, handle, data, offset]; larger than one read, so some
+        # of the data and all of the offset are still to come
+        if kind != m.FileWrite.KIND or items != 6 or write is None or write[1] <= _READ_SIZE:
+            return None
+        (handle,), size, start = write
+        channel = self.channels.get(number)
+        if channel is None or size > m.MAX_DATA_CHUNK or not channel.takes_piped_write(handle):
+            return None
+        assert self.pipes is not None
+        try:
+            pipe = self.pipes.take()
+        except OSError as exc:
+            log.debug("no pipe for a large write (%s): received in place", exc)
+            return None
+        payload, rest = self.conn.take_large()
+        data = payload[start:]
+        fill = PipeFill(self.pipes, pipe, size - len(data), lambda fill: None)
+        return _PipedStart(number, rid, handle, data, fill, rest - fill.size)
+
+    async def _receive_piped(self, start: _PipedStart) -> bool:
+        """Take the rest of `_piped_write`'s frame from the socket and start the write; False
+        when the stream ended (or broke) before the frame did."""
+        number, rid, handle, data, fill, after = start
+        sock = self._sock
+        assert sock is not None
+        tail = bytearray()
+        try:
+            while fill.left:
+                try:
+                    if not fill.receive_from(sock.fileno()):
+                        return False  # the stream ended inside a frame: the daemon's error
+                except BlockingIOError:
+                    await anyio.wait_readable(sock)
+            while len(tail) < after:
+                try:
+                    got = sock.recv(after - len(tail))
+                except BlockingIOError:
+                    await anyio.wait_readable(sock)
+                    continue
+                if not got:
+                    return False
+                tail += got
+        except OSError as exc:
+            log.info("the daemon connection from %s broke: %s", self.peer, exc)
+            return False
+        finally:
+            if fill.left or len(tail) < after:
+                fill.close()
+        if fill.copy is not None:  # the pipes filled up: copied after all
+            data += fill.copy
+        parts = fill.take_parts()
+        try:
+            offset = read_optional_uint(tail)
+        except MalformedFrame:
+            for part in parts:
+                part.release()
+            await self.send(
+                m.ErrorReply(request_id=rid, errno=errno.EINVAL, message="FileWrite: bad offset"),
+                number,
+            )
+            return True
+        req = PipedWrite(rid, handle, data, parts, offset)
+        channel = self.channels.get(number)
+        if channel is None:
+            req.release()
+            await self.send(
+                m.ErrorReply(request_id=rid, errno=errno.EBADF, message="channel closed"), number
+            )
+            return True
+        await channel.dispatch_piped(req)
+        return True
 
     async def _wait_taken(self, bound: int) -> bool:
         """Wait until at most `bound` bytes are queued for the daemon. False (the connection

@@ -48,6 +48,8 @@ from mirrord.protocol._framing import (
     encode_frame,
     frame_with_head,
     read_head,
+    read_optional_uint,
+    read_uints_then_bytes,
 )
 
 __all__ = [
@@ -88,4 +90,6 @@ __all__ = [
     "frame_with_head",
     "messages",
     "read_head",
+    "read_optional_uint",
+    "read_uints_then_bytes",
 ]

@@ -42,6 +42,8 @@ __all__ = [
     "frame_parts_with_head",
     "frame_with_head",
     "read_head",
+    "read_optional_uint",
+    "read_uints_then_bytes",
 ]
 
 HEADER_SIZE = 4
@@ -152,6 +154,36 @@ def read_head(
             return None
         head.append(value)
     return head, items, pos
+
+
+def read_uints_then_bytes(
+    payload: bytes | bytearray | memoryview, pos: int, ints: int
+) -> tuple[list[int], int, int] | None:
+    """At `pos` (a body's offset, `read_head`'s): `ints` unsigned integers, then the head of a
+    definite byte string, read without the string itself (e.g. a `FileWrite`'s handle and
+    data): (those integers, the string's length, the offset of its first byte). None when the
+    body does not start that way (the full decoder then judges it)."""
+    values = []
+    for _ in range(ints):
+        value, pos = _uint_at(payload, pos, 0)
+        if value < 0:
+            return None
+        values.append(value)
+    length, start = _uint_at(payload, pos, 2)
+    if length < 0:
+        return None
+    return values, length, start
+
+
+def read_optional_uint(item: bytes | bytearray | memoryview) -> int | None:
+    """`item`, exactly one CBOR item: an unsigned integer, or null (None). `MalformedFrame`
+    for anything else (e.g. a frame's last item, read apart from the rest of it)."""
+    if bytes(item) == b"\xf6":
+        return None
+    value, end = _uint_at(item, 0, 0)
+    if value < 0 or end != len(item):
+        raise MalformedFrame("not an unsigned integer or null")
+    return value
 
 
 def _cbor_head(major: int, value: int) -> bytes:
