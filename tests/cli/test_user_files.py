@@ -601,3 +601,51 @@ def test_a_relayed_large_read_goes_through_pipes_and_leaves_none_behind(
     # pooled, not leaked: each run passes more than a dozen replies through pipes, and the
     # daemon and the agent keep at most 8 free pipes (16 fds) per pool from one run to the next
     assert all(b - a <= 16 for a, b in zip(pipes[0], pipes[-1], strict=True)), pipes
+
+
+SPLICED_WRITE_APP = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+data = bytes(range(256)) * (9 * 4096) + b"tail"
+for at in range(0, len(data), 4096):
+    os.write(fd, data[at : at + 4096])
+os.pwrite(fd, b"\\x01" * (2 << 20), 12345)  # a large write: straight through
+os.close(fd)
+"""
+
+
+def test_a_relayed_large_write_goes_through_pipes_and_leaves_none_behind(
+    mirrord: Mirrord, files_pod: LocalPod, tmp_path: Path
+) -> None:
+    # the layer's write-behind sends its 1 MiB FileWrites; their bytes go from the layer's
+    # socket through the daemon's pipes to the agent's socket, and from it through the
+    # agent's pipes into the file, copied by the kernel only into the page cache
+    target = Path(f"/proc/{files_pod.pid}/root/app") / "spliced-w.bin"
+    target.write_bytes(bytes(10 << 20))  # past the whole-file fetch: written through
+    mirrord.env["MIRRORD_FILE_HANDOVER"] = "false"
+    script = tmp_path / "spliced_w.py"
+    script.write_text(SPLICED_WRITE_APP)
+    want = bytearray(bytes(range(256)) * (9 * 4096) + b"tail")
+    want[12345 : 12345 + (2 << 20)] = b"\x01" * (2 << 20)
+    want += bytes((10 << 20) - len(want))
+
+    def pipes_of(pid: int) -> int:
+        fds = Path(f"/proc/{pid}/fd")
+        return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
+
+    pipes, spliced = [], [0]
+    for _ in range(3):
+        result = mirrord.run(
+            "run", "-t", f"pid/{files_pod.pid}", "--fs-mode", "write", "--", sys.executable,
+            str(script), "/app/spliced-w.bin",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert target.read_bytes() == want
+        target.write_bytes(bytes(10 << 20))
+        status = mirrord.status()
+        [agent] = [a for a in status["agents"] if a["link"]["spliced_writes"]]
+        pipes.append((pipes_of(status["daemon"]["pid"]), pipes_of(agent["pid"])))
+        spliced.append(agent["link"]["spliced_writes"])
+    # each run: 9 MiB in FileWrites of 1 MiB less a page, then the 2 MiB write in two
+    assert all(b - a >= 10 for a, b in itertools.pairwise(spliced)), spliced
+    assert all(b - a <= 16 for a, b in zip(pipes[0], pipes[-1], strict=True)), pipes

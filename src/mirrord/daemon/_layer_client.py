@@ -19,7 +19,7 @@ import anyio
 import anyio.abc
 
 from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
-from mirrord._splice import PipePart, release_parts
+from mirrord._splice import SPLICE_MAX, PipeFill, PipePart, release_parts
 from mirrord.daemon._link import FORWARDED_REQUESTS
 from mirrord.daemon._session import LayerProcess, Session, lost_reply
 from mirrord.protocol import (
@@ -34,6 +34,7 @@ from mirrord.protocol import (
     State,
     Undecoded,
     UnknownMessage,
+    read_head,
 )
 from mirrord.protocol import messages as m
 
@@ -166,20 +167,92 @@ async def _serve(
     """Read the layer's frames until the connection ends or is closed. Each read is handled
     in the event loop's reader callback (`FrameReader.run`): a request forwarded to the agent
     costs no task wake-up here."""
-    reader = FrameReader(stream, 256 * 1024)
+    reader = FrameReader(stream, _READ_SIZE)
 
     def on_data(data: bytes | memoryview) -> None:
         if not _on_data(conn, client, find_session, data):
             raise _Ended
 
+    writes = _WriteSplice(conn, client) if client.writer.can_splice else None
     try:
         try:
-            await reader.run(on_data, into=conn.receive_buffer)
+            await reader.run(
+                on_data, into=conn.receive_buffer, splice=writes.next if writes else None
+            )
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         on_data(b"")  # the end of the stream (a frame cut short is the layer's error)
     except _Ended:
         pass
+    finally:
+        if writes is not None:
+            writes.close()
+
+
+_READ_SIZE = 256 * 1024
+
+
+class _WriteSplice:
+    """The layer's large `FileWrite`s, forwarded with their data in pipes (`mirrord._splice`):
+    from the layer's socket into a pipe and from it into the agent's, by reference, when both
+    are unix sockets. `next` is the reader's `splice` hook: decided once per large frame, at
+    its first read; any other frame is received in place as before."""
+
+    def __init__(self, conn: LayerConnection, client: LayerClient) -> None:
+        self.conn = conn
+        self.client = client
+        self.checked = 0  # the last large frame looked at (`conn.large_frames`)
+        self.job: PipeFill | None = None
+
+    def next(self) -> PipeFill | None:
+        if self.job is not None:
+            return self.job
+        conn, process = self.conn, self.client.process
+        if conn.large_frames == self.checked or process is None:
+            return None
+        self.checked = conn.large_frames
+        pool = process.link.write_pipes()
+        large = conn.large_prefix()
+        head = None if large is None else read_head(large[0], 2)
+        if pool is None or large is None or head is None:
+            return None
+        (kind, rid), items, body = head
+        if kind != m.FileWrite.KIND or large[1] > SPLICE_MAX:
+            return None
+        try:
+            pipe = pool.take()
+        except OSError as exc:
+            log.debug("no pipe for a large write (%s): received in place", exc)
+            return None
+        payload, rest = conn.take_large()
+        frame = Undecoded(
+            channel=0,
+            kind=kind,
+            request_id=rid,
+            items=items,
+            head_items=2,
+            payload=payload,
+            body=body,
+        )
+        self.job = PipeFill(pool, pipe, rest, lambda job: self._filled(frame, job))
+        return self.job
+
+    def _filled(self, frame: Undecoded, job: PipeFill) -> None:
+        """All of `frame` is in: forward it (the reader callback)."""
+        self.job = None
+        if job.copy is not None:  # copied after all (the pipes were full)
+            _forward(self.client, dataclasses.replace(frame, payload=frame.payload + job.copy))
+            return
+        process = self.client.process
+        assert process is not None
+        if not process.link.forward(process.channel, frame, self.client, job.take_parts()):
+            self.client.reply(lost_reply(process), frame.request_id)
+
+    def close(self) -> None:
+        """The stream ended: a frame cut short is dropped with its pipes."""
+        if self.job is not None:
+            self.job.close()
+            self.job = None
 
 
 class _Ended(Exception):

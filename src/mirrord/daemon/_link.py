@@ -26,7 +26,14 @@ import anyio.abc
 
 from mirrord._frames import FrameReader, FrameWriter, Passable, PassedFd
 from mirrord._relay import CONN_MESSAGES, FlowRelay, RelayTable
-from mirrord._splice import SPLICE_MAX, PipeFill, PipePart, PipePool, splice_supported
+from mirrord._splice import (
+    SPLICE_MAX,
+    PipeFill,
+    PipePart,
+    PipePool,
+    release_parts,
+    splice_supported,
+)
 from mirrord._version import __version__
 from mirrord.backend import AgentHandle
 from mirrord.daemon._exceptions import AgentStartError, ChannelLost
@@ -253,6 +260,7 @@ class AgentLink:
         self.handed_over = 0  # files and sockets the agent handed over (passed to a layer)
         # large replies spliced through a pipe (`_splice_in`), the one being received
         self.spliced = 0
+        self.spliced_writes = 0  # forwarded requests whose last bytes came in pipes
         self._splicing: PipeFill | None = None
         self._splice_checked = 0  # the last large frame looked at (`conn.large_frames`)
         self._pipes = PipePool()
@@ -281,6 +289,7 @@ class AgentLink:
             "relayed_connections": self.counters.connections,
             "handed_over": self.handed_over,
             "spliced": self.spliced,
+            "spliced_writes": self.spliced_writes,
             "queued_bytes": self._writer.queued_bytes if self._writer else 0,
             "agent_version": self.welcome.agent_version if self.welcome else "",
             "agent_target": self.welcome.target if self.welcome else "",
@@ -411,6 +420,12 @@ class AgentLink:
         except _StreamClosed:
             pass
         return self.reason or "the agent closed the connection"
+
+    def write_pipes(self) -> PipePool | None:
+        """The pipes a forwarded request's last bytes may come in (`forward`'s `tail`), when
+        the agent's stream takes them (a plain unix socket), else None."""
+        writer = self._writer
+        return self._pipes if writer is not None and writer.can_splice else None
 
     def _splice_in(self) -> PipeFill | None:
         """The reader's `splice` hook: a large `FileData` that a layer connection waits for
@@ -590,29 +605,39 @@ class AgentLink:
             raise ChannelLost(waiter.lost)
         return waiter.reply, waiter.passed
 
-    def forward(self, channel: int, request: Undecoded | m.Request, client: ReplyTo) -> bool:
+    def forward(
+        self,
+        channel: int,
+        request: Undecoded | m.Request,
+        client: ReplyTo,
+        tail: list[PipePart] | None = None,
+    ) -> bool:
         """Send the layer's `request` (a shared kind, 1-99; undecoded: its body goes through as
         bytes) on `channel` under a daemon request id; the agent's reply goes to `client`
         under the layer's request id, undecoded, from the reader callback. No time limit: a
         read of a FIFO in the target may rightly wait for ever (the reply, or the channel's or
-        link's end, removes the entry). False if the channel or the link is gone (nothing
-        sent: the caller answers)."""
+        link's end, removes the entry). `tail`: an undecoded request's last bytes, in pipes
+        of `write_pipes()` (the callee's from here on: written or released). False if the
+        channel or the link is gone (nothing sent: the caller answers)."""
         writer = self._writer
         if self.state != "open" or channel not in self.channels or writer is None:
+            release_parts(tail)
             return False
         rid = self._next_request
         try:
             if isinstance(request, Undecoded):
-                frame = self.conn.forward(request, rid, channel)
+                frame = self.conn.forward(request, rid, channel, tail=tail or ())
             else:
                 frame = self.conn.send(dataclasses.replace(request, request_id=rid), channel)  # type: ignore[type-var]
         except LocalProtocolError as exc:  # too big once re-addressed
+            release_parts(tail)
             client.reply(
                 m.ErrorReply(request_id=0, errno=errno_mod.EMSGSIZE, message=str(exc)),
                 request.request_id,
             )
             return True
         self._next_request += 1
+        self.spliced_writes += bool(tail)
         self._pending[rid] = _Forward(channel, client, request.request_id)
         self.requests += 1
         writer.send_nowait(frame)
