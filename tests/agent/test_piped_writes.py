@@ -18,7 +18,7 @@ from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import encode_frame
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient, AgentError
-from tests._agent_process import AgentProc
+from tests._agent_process import AgentProc, open_pipes
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
 
@@ -32,8 +32,7 @@ def _replies(log: str, kind: str) -> int:
 
 
 def _pipes(agent: AgentProc) -> int:
-    fds = Path(f"/proc/{agent.pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
+    return open_pipes(agent.pid)
 
 
 async def _open(client: AgentClient, path: bytes, flags: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec, create_pod
+from tests._agent_process import open_pipes
 from tests.cli.conftest import Mirrord
 
 pytestmark = pytest.mark.netns
@@ -580,10 +580,6 @@ def test_a_relayed_large_read_goes_through_pipes_and_leaves_none_behind(
         f"{expected(content[777 : 777 + (1 << 20)])} {777 + (1 << 20)}",
     ]
 
-    def pipes_of(pid: int) -> int:
-        fds = Path(f"/proc/{pid}/fd")
-        return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
-
     pipes, spliced = [], [0]
     for _ in range(4):
         result = mirrord.run(
@@ -594,7 +590,7 @@ def test_a_relayed_large_read_goes_through_pipes_and_leaves_none_behind(
         assert result.stdout.splitlines() == want
         status = mirrord.status()
         [agent] = [a for a in status["agents"] if a["link"]["spliced"]]
-        pipes.append((pipes_of(status["daemon"]["pid"]), pipes_of(agent["pid"])))
+        pipes.append((open_pipes(status["daemon"]["pid"]), open_pipes(agent["pid"])))
         spliced.append(agent["link"]["spliced"])
     # each run: the 3 MiB read alone is three FileData of 1 MiB
     assert all(b - a >= 3 for a, b in itertools.pairwise(spliced)), spliced
@@ -629,10 +625,6 @@ def test_a_relayed_large_write_goes_through_pipes_and_leaves_none_behind(
     want[12345 : 12345 + (2 << 20)] = b"\x01" * (2 << 20)
     want += bytes((10 << 20) - len(want))
 
-    def pipes_of(pid: int) -> int:
-        fds = Path(f"/proc/{pid}/fd")
-        return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
-
     pipes, spliced = [], [0]
     for _ in range(3):
         result = mirrord.run(
@@ -644,7 +636,7 @@ def test_a_relayed_large_write_goes_through_pipes_and_leaves_none_behind(
         target.write_bytes(bytes(10 << 20))
         status = mirrord.status()
         [agent] = [a for a in status["agents"] if a["link"]["spliced_writes"]]
-        pipes.append((pipes_of(status["daemon"]["pid"]), pipes_of(agent["pid"])))
+        pipes.append((open_pipes(status["daemon"]["pid"]), open_pipes(agent["pid"])))
         spliced.append(agent["link"]["spliced_writes"])
     # each run: 9 MiB in FileWrites of 1 MiB less a page, then the 2 MiB write in two
     assert all(b - a >= 10 for a, b in itertools.pairwise(spliced)), spliced

@@ -20,7 +20,7 @@ import anyio.abc
 
 from mirrord._frames import Frame, FrameReader, FrameWriter, Passable
 from mirrord._splice import SPLICE_MAX, PipeFill, PipePart, release_parts
-from mirrord.daemon._link import FORWARDED_REQUESTS
+from mirrord.daemon._link import FORWARDED_REQUESTS, fill_large_frame
 from mirrord.daemon._session import LayerProcess, Session, lost_reply
 from mirrord.protocol import (
     CLOSED,
@@ -219,22 +219,10 @@ class _WriteSplice:
         (kind, rid), items, body = head
         if kind != m.FileWrite.KIND or large[1] > SPLICE_MAX:
             return None
-        try:
-            pipe = pool.take()
-        except OSError as exc:
-            log.debug("no pipe for a large write (%s): received in place", exc)
-            return None
-        payload, rest = conn.take_large()
-        frame = Undecoded(
-            channel=0,
-            kind=kind,
-            request_id=rid,
-            items=items,
-            head_items=2,
-            payload=payload,
-            body=body,
+        start = Undecoded(
+            channel=0, kind=kind, request_id=rid, items=items, head_items=2, payload=b"", body=body
         )
-        self.job = PipeFill(pool, pipe, rest, lambda job: self._filled(frame, job))
+        self.job = fill_large_frame(conn, pool, start, self._filled)
         return self.job
 
     def _filled(self, frame: Undecoded, job: PipeFill) -> None:

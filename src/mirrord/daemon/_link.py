@@ -46,6 +46,7 @@ from mirrord.protocol import (
     AgentConnection,
     AgentRole,
     Flow,
+    LayerConnection,
     LocalProtocolError,
     Message,
     Received,
@@ -117,6 +118,26 @@ class ReplyTo(Protocol):
     def can_splice(self) -> bool:
         """Whether a forwarded reply may come with a `tail` (a plain unix socket)."""
         ...
+
+
+def fill_large_frame(
+    conn: AgentConnection | LayerConnection,
+    pool: PipePool,
+    head: Undecoded,
+    done: Callable[[Undecoded, PipeFill], None],
+) -> PipeFill | None:
+    """The large frame `conn` is receiving, whose head is `head`'s (read from
+    `large_prefix`), taken from its decoder into a pipe of `pool`: a `PipeFill` for the rest,
+    which calls `done(the frame, with what came of it so far as its payload, the fill)` once
+    the rest is in. None when no pipe can be had: the frame is received in place."""
+    try:
+        pipe = pool.take()
+    except OSError as exc:
+        log.debug("no pipe for a large frame (%s): received in place", exc)
+        return None
+    payload, rest = conn.take_large()
+    frame = dataclasses.replace(head, payload=payload)
+    return PipeFill(pool, pipe, rest, lambda job: done(frame, job))
 
 
 class _Forward:
@@ -453,22 +474,16 @@ class AgentLink:
             or not entry.client.can_splice
         ):
             return None
-        try:
-            pipe = self._pipes.take()
-        except OSError as exc:
-            log.debug("no pipe for a large reply (%s): received in place", exc)
-            return None
-        payload, rest = self.conn.take_large()
-        frame = Undecoded(
+        start = Undecoded(
             channel=channel,
             kind=kind,
             request_id=rid,
             items=items,
             head_items=3,
-            payload=payload,
+            payload=b"",
             body=body,
         )
-        self._splicing = PipeFill(self._pipes, pipe, rest, lambda job: self._spliced(frame, job))
+        self._splicing = fill_large_frame(self.conn, self._pipes, start, self._spliced)
         return self._splicing
 
     def _spliced(self, frame: Undecoded, job: PipeFill) -> None:

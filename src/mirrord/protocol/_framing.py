@@ -145,15 +145,21 @@ def read_head(
     array's number of items, the offset of the body, i.e. of the items after them). None when
     the frame does not start that way (the full decoder then judges it)."""
     items, pos = _uint_at(payload, 0, 4)
-    if items < ints:
-        return None
-    head = []
-    for _ in range(ints):
+    head = _uints_at(payload, pos, ints) if items >= ints else None
+    return None if head is None else (head[0], items, head[1])
+
+
+def _uints_at(
+    payload: bytes | bytearray | memoryview, pos: int, count: int
+) -> tuple[list[int], int] | None:
+    """`count` unsigned integers at `pos`: (them, the offset after them), or None."""
+    values = []
+    for _ in range(count):
         value, pos = _uint_at(payload, pos, 0)
         if value < 0:
             return None
-        head.append(value)
-    return head, items, pos
+        values.append(value)
+    return values, pos
 
 
 def read_uints_then_bytes(
@@ -163,16 +169,11 @@ def read_uints_then_bytes(
     definite byte string, read without the string itself (e.g. a `FileWrite`'s handle and
     data): (those integers, the string's length, the offset of its first byte). None when the
     body does not start that way (the full decoder then judges it)."""
-    values = []
-    for _ in range(ints):
-        value, pos = _uint_at(payload, pos, 0)
-        if value < 0:
-            return None
-        values.append(value)
-    length, start = _uint_at(payload, pos, 2)
-    if length < 0:
+    found = _uints_at(payload, pos, ints)
+    if found is None:
         return None
-    return values, length, start
+    length, start = _uint_at(payload, found[1], 2)
+    return None if length < 0 else (found[0], length, start)
 
 
 def read_optional_uint(item: bytes | bytearray | memoryview) -> int | None:
