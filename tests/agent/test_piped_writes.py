@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mirrord._splice import PipePart, PipePool
+from mirrord.agent._files_inline import write_from_pipes
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import encode_frame
 from mirrord.protocol import messages as m
@@ -156,3 +158,69 @@ async def test_a_piped_write_that_fails_is_cut_short_or_is_malformed_leaves_no_p
     # the read-only ones and the one past what a file takes; not the malformed or cut ones
     assert _replies(log, "PipedWrite") == 4
     assert "Traceback" not in log
+
+
+def _piped(pool: PipePool, data: bytes) -> PipePart:
+    pipe = pool.take()
+    view, put = memoryview(data), 0
+    while put < len(data):
+        put += os.write(pipe.w, view[put:])
+    return PipePart(pipe, len(data), pool)
+
+
+def test_write_from_pipes_writes_the_head_then_each_pipe_at_its_offset(tmp_path: Path) -> None:
+    pool = PipePool()
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(3 * MiB))
+    head, one, two = os.urandom(5000), os.urandom(MiB - 5000), os.urandom(300_000)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        parts = [_piped(pool, one), _piped(pool, two)]
+        assert write_from_pipes(fd, head, parts, 4097) == len(head) + len(one) + len(two)
+        assert all(part.left == 0 for part in parts)
+        os.lseek(fd, 10, os.SEEK_SET)  # no offset: at the fd's, which moves
+        assert write_from_pipes(fd, b"ab", [_piped(pool, b"cd")], None) == 4
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 14
+    finally:
+        os.close(fd)
+    want = bytearray(3 * MiB)
+    want[4097 : 4097 + MiB + 300_000] = head + one + two
+    want[10:14] = b"abcd"
+    assert path.read_bytes() == want
+    pool.close()
+
+
+def test_write_from_pipes_writes_from_memory_where_splice_is_refused(tmp_path: Path) -> None:
+    # splice refuses an O_APPEND file (EINVAL), as a file system without splice_write does:
+    # the pipe's bytes are read out and written, with the same result as a write from memory
+    pool = PipePool()
+    path = tmp_path / "log.bin"
+    path.write_bytes(b"start")
+    data = os.urandom(200_000)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        part = _piped(pool, data)
+        assert write_from_pipes(fd, b"head", [part], None) == 4 + len(data)
+        assert part.left == 0
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"start" + b"head" + data
+    pool.close()
+
+
+def test_write_from_pipes_raises_an_error_before_any_byte(tmp_path: Path) -> None:
+    pool = PipePool()
+    path = tmp_path / "ro.bin"
+    path.write_bytes(b"x" * 10)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        part = _piped(pool, b"y" * 100_000)
+        with pytest.raises(OSError) as failed:
+            write_from_pipes(fd, b"head", [part], 0)
+        assert failed.value.errno == errno.EBADF
+        assert part.left == 100_000  # not written: released, the pipe is closed, not reused
+        part.release()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 10
+    pool.close()

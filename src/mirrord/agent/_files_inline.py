@@ -199,7 +199,8 @@ def write_from_pipes(fd: int, head: bytes, parts: Sequence[PipePart], offset: in
     bytes that came with the frame's head) then the parts' bytes, written at `offset` (at the
     fd's own offset when there is none), from the pipes into the page cache by the kernel.
     The bytes written: fewer when the file system took only some (an error after some bytes
-    is that short count, as write(2) reports it); an error before any raises."""
+    is that short count, as write(2) reports it); an error before any raises. A file system
+    that takes no splice (EINVAL) gets the bytes read out of the pipe and written."""
     done = 0
     try:
         if head:
@@ -209,7 +210,17 @@ def write_from_pipes(fd: int, head: bytes, parts: Sequence[PipePart], offset: in
         for part in parts:
             while part.left:
                 at = None if offset is None else offset + done
-                moved = os.splice(part.pipe.r, fd, part.left, offset_dst=at)
+                try:
+                    moved = os.splice(part.pipe.r, fd, part.left, offset_dst=at)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    data = _drain(part)
+                    moved = write_at(fd, data, at)
+                    done += moved
+                    if moved < len(data):
+                        return done
+                    continue
                 if not moved:
                     return done
                 part.left -= moved
@@ -219,6 +230,18 @@ def write_from_pipes(fd: int, head: bytes, parts: Sequence[PipePart], offset: in
             return done
         raise
     return done
+
+
+def _drain(part: PipePart) -> bytes:
+    """What is left in `part`'s pipe, read out (it is all there: the pipe was filled first)."""
+    data = bytearray()
+    while len(data) < part.left:
+        chunk = os.read(part.pipe.r, part.left - len(data))
+        if not chunk:
+            break
+        data += chunk
+    part.left -= len(data)
+    return bytes(data)
 
 
 def open_inline(root: TargetRoot, path: bytes, flags: int, max_size: int = -1) -> int | Any:
