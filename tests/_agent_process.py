@@ -8,7 +8,6 @@ directory removed, also when the test failed. Does not own: speaking the agent p
 
 from __future__ import annotations
 
-import contextlib
 import os
 import selectors
 import shutil
@@ -124,12 +123,3 @@ def stop_agent(agent: AgentProc) -> None:
     if agent.proc.stdout is not None:
         agent.proc.stdout.close()
     shutil.rmtree(agent.runtime_dir, ignore_errors=True)
-
-
-def open_pipes(pid: int) -> int:
-    """The pipes among `pid`'s open fds (one may close while they are read: not counted)."""
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            count += os.readlink(fd).startswith("pipe:")
-    return count

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from mirrord._splice import PipePart, PipePool
+from mirrord._splice import PipePool
 from mirrord.agent._files_inline import write_from_pipes
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import encode_frame
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient, AgentError
-from tests._agent_process import AgentProc, open_pipes
+from tests._agent_process import AgentProc
+from tests._pipes import open_pipes, piped
 
 pytestmark = [pytest.mark.netns, pytest.mark.anyio]
 
@@ -160,14 +161,6 @@ async def test_a_piped_write_that_fails_is_cut_short_or_is_malformed_leaves_no_p
     assert "Traceback" not in log
 
 
-def _piped(pool: PipePool, data: bytes) -> PipePart:
-    pipe = pool.take()
-    view, put = memoryview(data), 0
-    while put < len(data):
-        put += os.write(pipe.w, view[put:])
-    return PipePart(pipe, len(data), pool)
-
-
 def test_write_from_pipes_writes_the_head_then_each_pipe_at_its_offset(tmp_path: Path) -> None:
     pool = PipePool()
     path = tmp_path / "f.bin"
@@ -175,11 +168,11 @@ def test_write_from_pipes_writes_the_head_then_each_pipe_at_its_offset(tmp_path:
     head, one, two = os.urandom(5000), os.urandom(MiB - 5000), os.urandom(300_000)
     fd = os.open(path, os.O_WRONLY)
     try:
-        parts = [_piped(pool, one), _piped(pool, two)]
+        parts = [piped(pool, one), piped(pool, two)]
         assert write_from_pipes(fd, head, parts, 4097) == len(head) + len(one) + len(two)
         assert all(part.left == 0 for part in parts)
         os.lseek(fd, 10, os.SEEK_SET)  # no offset: at the fd's, which moves
-        assert write_from_pipes(fd, b"ab", [_piped(pool, b"cd")], None) == 4
+        assert write_from_pipes(fd, b"ab", [piped(pool, b"cd")], None) == 4
         assert os.lseek(fd, 0, os.SEEK_CUR) == 14
     finally:
         os.close(fd)
@@ -199,7 +192,7 @@ def test_write_from_pipes_writes_from_memory_where_splice_is_refused(tmp_path: P
     data = os.urandom(200_000)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     try:
-        part = _piped(pool, data)
+        part = piped(pool, data)
         assert write_from_pipes(fd, b"head", [part], None) == 4 + len(data)
         assert part.left == 0
     finally:
@@ -214,7 +207,7 @@ def test_write_from_pipes_raises_an_error_before_any_byte(tmp_path: Path) -> Non
     path.write_bytes(b"x" * 10)
     fd = os.open(path, os.O_RDONLY)
     try:
-        part = _piped(pool, b"y" * 100_000)
+        part = piped(pool, b"y" * 100_000)
         with pytest.raises(OSError) as failed:
             write_from_pipes(fd, b"head", [part], 0)
         assert failed.value.errno == errno.EBADF

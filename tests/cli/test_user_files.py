@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.localpod import LocalPod, PodSpec, create_pod
-from tests._agent_process import open_pipes
+from tests._pipes import open_pipes
 from tests.cli.conftest import Mirrord
 
 pytestmark = pytest.mark.netns

@@ -22,6 +22,7 @@ from mirrord._splice import PIPE_SIZE, PipeFill, PipePart, PipePool
 from mirrord.agent._files import read_into_pipe
 from mirrord.protocol import FrameDecoder
 from mirrord.protocol._framing import bytes_frame, bytes_frame_head
+from tests._pipes import piped
 
 pytestmark = pytest.mark.anyio
 
@@ -46,14 +47,6 @@ def _open(fd: int) -> bool:
     return True
 
 
-def _piped(pool: PipePool, data: bytes) -> PipePart:
-    pipe = pool.take()
-    view, put = memoryview(data), 0
-    while put < len(data):
-        put += os.write(pipe.w, view[put:])
-    return PipePart(pipe, len(data), pool)
-
-
 def _receive(sock: socket.socket, size: int) -> bytes:
     sock.settimeout(_TIMEOUT)
     got = bytearray()
@@ -76,7 +69,7 @@ async def test_piped_frames_go_out_whole_and_in_order_with_the_others() -> None:
             for i, size in enumerate((300_000, 5, PIPE_SIZE, 70_000, 1, 200_000)):
                 data = os.urandom(size)
                 if i % 2 == 0:  # a pipe's bytes, then bytes of its own frame's tail
-                    parts.append(_piped(pool, data[:-3]))
+                    parts.append(piped(pool, data[:-3]))
                     writer.send_nowait([bytes_frame_head([7, i], size), parts[-1], data[-3:]])
                 else:
                     writer.send_nowait(bytes_frame([7, i], data))
@@ -101,7 +94,7 @@ async def test_pipes_of_frames_never_written_are_closed() -> None:
     pool = PipePool()
     async with ours:
         writer = FrameWriter(ours, "test")
-        queued = [_piped(pool, b"q" * 100_000) for _ in range(3)]
+        queued = [piped(pool, b"q" * 100_000) for _ in range(3)]
         for part in queued:
             writer.send_nowait([bytes_frame_head([1], len(part)), part])
         pipes = [(part.pipe.r, part.pipe.w) for part in queued]
@@ -109,7 +102,7 @@ async def test_pipes_of_frames_never_written_are_closed() -> None:
         with anyio.fail_after(_TIMEOUT):
             await writer.run()
         assert writer.broken
-        late = _piped(pool, b"late")
+        late = piped(pool, b"late")
         late_fds = (late.pipe.r, late.pipe.w)
         writer.send_nowait([bytes_frame_head([1], 4), late])  # dropped: the writer is closed
     assert not any(_open(fd) for pair in [*pipes, late_fds] for fd in pair)
@@ -125,7 +118,7 @@ async def test_a_writer_that_cannot_splice_refuses_a_pipe_and_closes_it() -> Non
             writer = FrameWriter(client, "tcp")
             assert not writer.can_splice  # into TCP the kernel copies anyway
             pool = PipePool()
-            part = _piped(pool, b"x" * 1000)
+            part = piped(pool, b"x" * 1000)
             fds = (part.pipe.r, part.pipe.w)
             with pytest.raises(TypeError):
                 writer.send_nowait([bytes_frame_head([1], 1000), part])
