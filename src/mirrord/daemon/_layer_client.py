@@ -230,11 +230,8 @@ class _WriteSplice:
         self.job = None
         if job.copy is not None:  # copied after all (the pipes were full)
             _forward(self.client, dataclasses.replace(frame, payload=frame.payload + job.copy))
-            return
-        process = self.client.process
-        assert process is not None
-        if not process.link.forward(process.channel, frame, self.client, job.take_parts()):
-            self.client.reply(lost_reply(process), frame.request_id)
+        else:
+            _forward(self.client, frame, job.take_parts())
 
     def close(self) -> None:
         """The stream ended: a frame cut short is dropped with its pipes."""
@@ -304,12 +301,15 @@ def _pid(client: LayerClient) -> int | None:
     return client.process.pid if client.process else None
 
 
-def _forward(client: LayerClient, request: Undecoded | m.Request) -> None:
+def _forward(
+    client: LayerClient, request: Undecoded | m.Request, tail: list[PipePart] | None = None
+) -> None:
     """A shared request (files, env, DNS) to the agent on the process's channel; the reply
-    comes back to `client` from the agent link's reader callback (`AgentLink.forward`)."""
+    comes back to `client` from the agent link's reader callback (`AgentLink.forward`).
+    `tail`: an undecoded request's last bytes, in pipes (`AgentLink.forward`'s)."""
     process = client.process
     assert process is not None
-    if not process.link.forward(process.channel, request, client):
+    if not process.link.forward(process.channel, request, client, tail):
         client.reply(lost_reply(process), request.request_id)
 
 
