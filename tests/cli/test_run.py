@@ -266,6 +266,51 @@ def test_warm_run_is_quick(mirrord: Mirrord, make_pod: Callable[..., LocalPod]) 
     assert elapsed < 5  # generous: the benchmark suite reports the real ratio
 
 
+# `mirrord run` (the fast path) ends with os._exit once its session is closed: this wrapper
+# runs the real entry point with an atexit handler of its own and reports the exit it takes.
+_EXIT_PROBE = """
+import atexit, os, sys
+atexit.register(lambda: sys.stderr.write("PROBE atexit ran\\n"))
+real_exit = os._exit
+
+def probe(code):
+    sys.stderr.write(f"PROBE os._exit({code})\\n")
+    sys.stderr.flush()
+    real_exit(code)
+
+os._exit = probe
+sys.argv = ["mirrord", *sys.argv[1:]]
+from mirrord.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("daemon", ["cold", "warm"])
+def test_run_exits_without_teardown_and_loses_no_output(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod], daemon: str
+) -> None:
+    pod = make_pod(POD_SPEC)
+    if daemon == "warm":
+        assert mirrord.run("run", "-t", f"pid/{pod.pid}", "--", "true").returncode == 0
+    command = ["sh", "-c", "for i in $(seq 1 2000); do echo line-$i; done; exit 7"]
+    result = subprocess.run(
+        [sys.executable, "-c", _EXIT_PROBE, "run", "-t", f"pid/{pod.pid}", "--", *command],
+        env=mirrord.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 7, result.stderr
+    # the command's output and mirrord's own last line, all there although nothing was torn down
+    assert result.stdout.splitlines() == [f"line-{i}" for i in range(1, 2001)]
+    lines = result.stderr.splitlines()
+    assert any("running sh" in line for line in lines), result.stderr
+    # the atexit handlers ran, then it left through os._exit (not the interpreter's teardown)
+    assert lines[-2:] == ["PROBE atexit ran", "PROBE os._exit(7)"], result.stderr
+    assert mirrord.sessions() == []
+
+
 def test_a_lingering_local_agent_is_reused_only_with_the_same_agent_settings(
     mirrord: Mirrord, make_pod: Callable[..., LocalPod], tmp_path: Path
 ) -> None:
