@@ -101,10 +101,13 @@ def test_fast_path_knows_every_option_of_run() -> None:
 
 
 def test_plain_run_loads_neither_typer_nor_rich_nor_pydantic() -> None:
+    # what `mirrord run` asks of the layer package (ensure_daemon, check_layer_env) either
     code = (
-        "import sys, mirrord.cli, mirrord.cli._runner;"
+        "import sys, mirrord.cli, mirrord.cli._runner, mirrord.layer;"
+        "mirrord.layer.build_id(); mirrord.layer.library_path();"
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules} &"
-        " {'typer', 'click', 'rich', 'pydantic', 'yaml', 'asyncio', 'anyio'})))"
+        " {'typer', 'click', 'rich', 'pydantic', 'yaml', 'asyncio', 'anyio'}"
+        " | {m for m in sys.modules if m == 'mirrord.layer._settings'})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
