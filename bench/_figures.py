@@ -35,8 +35,16 @@ def startup_warm(env: BenchEnv) -> Result:
     env.run(["true"])  # warm: daemon and agent running
     n = _runs(env, 15, 5)
     warm = median_of(lambda: timed(lambda: env.run(["true"])), n)
+    # Waited for as `env.run` waits (pipes read to their end by `communicate`): a bare
+    # `wait(timeout)` polls with sleeps of 0.5, 1, 2, 4, 8 ms, which made a 10 ms start read
+    # as 16 ms.
     base = median_of(
-        lambda: timed(lambda: subprocess.run([PY, "-c", "pass"], check=True, timeout=60)), n
+        lambda: timed(
+            lambda: subprocess.run(
+                [PY, "-c", "pass"], capture_output=True, text=True, check=True, timeout=60
+            )
+        ),
+        n,
     )
     env.startup_warm = warm  # type: ignore[attr-defined]
     return Result(warm, base, "s")
