@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,6 +38,18 @@ def test_kind_ids_are_unique_and_grouped() -> None:
         assert cls.KIND < 100 or cls.KIND >= 200
     for cls in AGENT_REGISTRY.kinds():
         assert cls.KIND < 200
+
+
+def test_field_types_are_the_annotations_evaluated() -> None:
+    # `message` evaluates each annotation text once per module instead of `get_type_hints`
+    # per class: the types it validates against are still exactly those
+    classes = set(AGENT_REGISTRY.kinds()) | set(LAYER_REGISTRY.kinds())
+    assert len(classes) > 50
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        fields = dict(cls._FIELDS)
+        assert fields == {name: hints[name] for name in fields}, cls.__name__
+        assert [name for name, _ in cls._FIELDS] == [n for n in hints if n in fields]
 
 
 @pytest.mark.parametrize("cls", AGENT_KINDS, ids=lambda c: c.__name__)
