@@ -17,7 +17,14 @@ import pytest
 
 from mirrord.localpod import LocalPod, PodSpec
 from tests.cli._ide import READY, read_until_ready
-from tests.cli.conftest import Mirrord, agent_pids, pid_alive, python_app, wait_for
+from tests.cli.conftest import (
+    Mirrord,
+    agent_pids,
+    pid_alive,
+    processes_mentioning,
+    python_app,
+    wait_for,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -252,6 +259,10 @@ def test_a_bad_config_is_a_usage_error(mirrord: Mirrord, tmp_path: Path) -> None
     result = mirrord.run("run", "-f", str(config), "-t", "pid/1", "--", "true")
     assert result.returncode == 2
     assert "feature.fs.mode" in result.stderr and "sideways" in result.stderr
+    # the daemon started while the config was checked is gone again, and was never announced
+    assert "starting the mirrord daemon" not in result.stderr
+    assert not (mirrord.runtime / "mirrordd.sock").exists()
+    assert processes_mentioning(str(mirrord.runtime)) == []
     assert mirrord.sessions() == []
 
 
