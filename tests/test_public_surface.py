@@ -50,6 +50,16 @@ def test_protocol_imports_no_io() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_agent_does_not_import_asyncio() -> None:
+    # the agent runs trio; the shared frame layer and worker pool look asyncio up only when
+    # it is there (importing it cost ~15 ms of every agent start)
+    code = "import sys, mirrord.agent._cli; print('asyncio' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "False"
+
+
 def _owner(module: str) -> str:
     """The package a module belongs to: `mirrord.daemon._client` -> `mirrord.daemon`."""
     parts = module.split(".")

@@ -23,13 +23,13 @@ awaiting loop, so its users are written once for both.
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import anyio
 import anyio.abc
@@ -37,6 +37,9 @@ import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
 from mirrord._splice import PipePart, release_parts, splice_supported
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "BATCH_LIMIT",
@@ -424,8 +427,11 @@ class FrameReader:
 
 
 def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """The asyncio loop this task runs on; None under trio (no asyncio loop in this thread)."""
-    return asyncio._get_running_loop()
+    """The asyncio loop this task runs on; None under trio (no asyncio loop in this thread).
+    A process that never imported asyncio (the agent: trio) runs none, and is spared its
+    import (~13 ms of every agent start)."""
+    asyncio = sys.modules.get("asyncio")
+    return None if asyncio is None else asyncio._get_running_loop()
 
 
 class FrameWriter:

@@ -19,7 +19,6 @@ blocked one (they are daemon threads).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -55,7 +54,9 @@ class BlockingWorkers:
         """Deliver results to the running event loop (trio or asyncio); call from it."""
         try:
             self._call_soon = trio.lowlevel.current_trio_token().run_sync_soon
-        except RuntimeError:  # not in trio
+        except RuntimeError:  # not in trio: under asyncio (imported here: the agent runs trio)
+            import asyncio
+
             self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
 
     def submit(self, fn: Callable[[], Any], done: Done) -> None:
