@@ -13,8 +13,9 @@ Names are imported on first use: the CLI's client side (`_client`, `_control`, `
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mirrord._lazy import lazy_names
 
 if TYPE_CHECKING:
     from mirrord.daemon._backend import (
@@ -178,14 +179,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mirrord.daemon' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mirrord.daemon.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, __all__)

@@ -10,8 +10,9 @@ not the settings' dataclass and patterns (2-3 ms of every run).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mirrord._lazy import lazy_names
 
 if TYPE_CHECKING:
     from mirrord.layer._library import build_id, library_path, supervisor_path
@@ -43,14 +44,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mirrord.layer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mirrord.layer.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, __all__)
