@@ -13,7 +13,7 @@ import pytest
 from mirrord.cli._sessions import child_env
 from mirrord.daemon._client import daemon_env
 from mirrord.localpod import LocalPod, PodSpec
-from tests.cli.conftest import Mirrord, agent_pids, pid_alive, wait_for
+from tests.cli.conftest import Mirrord, agent_pids, pid_alive, processes_mentioning, wait_for
 
 LAYER = "/x/site-packages/mirrord/layer/libmirrord_layer.so"
 
@@ -81,3 +81,32 @@ def test_a_killed_mirrord_run_closes_its_session(
     os.kill(int(marker.read_text()), signal.SIGKILL)  # the orphaned command holds the pipes
     proc.communicate(timeout=10)
     assert len(agent_pids(mirrord.runtime)) == 1  # the agent lingers for the next run
+
+
+def test_ensure_daemon_runs_the_callers_check_while_the_daemon_starts(mirrord: Mirrord) -> None:
+    from mirrord.daemon import RuntimePaths, ensure_daemon, live_daemon_pid
+
+    paths = RuntimePaths(mirrord.runtime)
+    steps: list[str] = []
+
+    def refuse() -> None:
+        # the daemon's process exists while the check runs: the two overlap
+        steps.append(f"check, daemon process {processes_mentioning(str(mirrord.runtime)) != []}")
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        ensure_daemon(paths, steps.append, meanwhile=refuse)
+    # a refused check leaves no daemon, no socket, and no announcement of its start
+    assert steps == ["check, daemon process True"]
+    assert live_daemon_pid(paths) is None
+    assert not paths.control_socket.exists()
+    assert processes_mentioning(str(mirrord.runtime)) == []
+
+    steps.clear()
+    assert ensure_daemon(paths, steps.append, meanwhile=lambda: steps.append("check")) is True
+    assert steps == ["check", "starting the mirrord daemon"]
+    assert mirrord.status()["daemon"]["pid"] == live_daemon_pid(paths)
+    # a daemon that answers: the check still runs, once, and nothing starts
+    steps.clear()
+    assert ensure_daemon(paths, steps.append, meanwhile=lambda: steps.append("check")) is False
+    assert steps == ["check"]

@@ -16,6 +16,7 @@ import fcntl
 import itertools
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -354,10 +355,16 @@ def _start_lock(paths: RuntimePaths) -> Iterator[None]:
 
 
 def start_daemon(
-    paths: RuntimePaths, *, idle_timeout: float | None = None, log_level: str | None = None
+    paths: RuntimePaths,
+    *,
+    idle_timeout: float | None = None,
+    log_level: str | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> int:
     """Start a detached daemon (double fork: it is nobody's child and nobody's zombie) and
-    wait until it answers. Returns its pid."""
+    wait until it answers. Returns its pid. `meanwhile` runs while the daemon starts (in this
+    thread, once the daemon's process exists); if it raises, the daemon is stopped again once
+    it answers, and the exception propagates."""
     paths.ensure()
     argv = [sys.executable, "-m", "mirrord.daemon", "--runtime-dir", str(paths.root)]
     if idle_timeout is not None:
@@ -396,11 +403,22 @@ def start_daemon(
     if not text.isdigit():
         raise DaemonError(f"could not start mirrordd; see {paths.log}")
     daemon_pid = int(text)
+    if meanwhile is not None:
+        try:
+            meanwhile()
+        except BaseException:
+            _stop_started(paths, daemon_pid, log_start)
+            raise
+    _wait_ready(paths, daemon_pid, log_start)
+    return daemon_pid
+
+
+def _wait_ready(paths: RuntimePaths, daemon_pid: int, log_start: int) -> None:
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
     delay = 0.005
     while time.monotonic() < deadline:
         if _ping(paths):
-            return daemon_pid
+            return
         if not _pid_alive(daemon_pid):
             raise DaemonError(
                 f"mirrordd exited while starting: {_log_tail(paths.log, start=log_start)}"
@@ -410,6 +428,17 @@ def start_daemon(
         # nothing, and the daemon is ready in ~150 ms (a 100 ms step could waste most of it)
         delay = min(delay * 2, 0.02)
     raise DaemonError(f"mirrordd did not answer within {DAEMON_START_TIMEOUT:g} s; see {paths.log}")
+
+
+def _stop_started(paths: RuntimePaths, daemon_pid: int, log_start: int) -> None:
+    """Stop a daemon this command just started and no longer wants: once it answers, as
+    `mirrord daemon stop` does (it removes its sockets); one that never answers, by SIGTERM."""
+    try:
+        _wait_ready(paths, daemon_pid, log_start)
+        stop_daemon(paths)
+    except DaemonError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon_pid, signal.SIGTERM)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -464,10 +493,15 @@ def ensure_daemon(
     *,
     idle_timeout: float | None = None,
     log_level: str | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> bool:
     """Make sure a daemon of this install answers on the runtime directory's control socket;
     returns True if this call started it. An idle daemon of another install (its layer would
-    not match ours) is replaced; a busy one is an error that says what to do."""
+    not match ours) is replaced; a busy one is an error that says what to do.
+
+    `meanwhile` (a check of the caller's) runs once, in this thread: while the daemon this
+    call starts is starting (its start is announced after it), else before returning. If it
+    raises, a daemon this call started is stopped again and the exception propagates."""
     paths.ensure()  # refuses another user's directory before anything in it is trusted
     try:
         status = _status(paths, stuck_is_error=True)
@@ -477,6 +511,8 @@ def ensure_daemon(
             raise _stuck(stuck, paths) from None
         status = None
     if status is not None and _same_build(status):
+        if meanwhile is not None:
+            meanwhile()
         return False
     with _start_lock(paths):
         status = _status(paths)
@@ -490,17 +526,26 @@ def ensure_daemon(
                 progress("replacing a mirrord daemon of another install")
             stop_daemon(paths)
             status = None
-        if status is not None:
-            return False  # another command started it while we waited for the lock
+        if status is not None:  # another command started it while we waited for the lock
+            if meanwhile is not None:
+                meanwhile()
+            return False
         # No control socket answers but the pid lock is held: a daemon shutting down (it
         # removes its sockets first, then stops its agents and exits). Wait for it to go.
         wait_daemon_gone(paths, timeout=SHUTDOWN_WAIT)
         stuck = live_daemon_pid(paths)
         if stuck is not None:
             raise _stuck(stuck, paths)
-        if progress is not None:
-            progress("starting the mirrord daemon")
-        start_daemon(paths, idle_timeout=idle_timeout, log_level=log_level)
+
+        def check_then_announce() -> None:
+            if meanwhile is not None:
+                meanwhile()
+            if progress is not None:
+                progress("starting the mirrord daemon")
+
+        start_daemon(
+            paths, idle_timeout=idle_timeout, log_level=log_level, meanwhile=check_then_announce
+        )
         return True
 
 
