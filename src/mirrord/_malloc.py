@@ -18,7 +18,7 @@ more than a fresh daemon after `mirror_capacity`'s load, issue 18).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 
 __all__ = ["trim_malloc", "tune_malloc"]
 
@@ -28,11 +28,18 @@ MMAP_THRESHOLD = 8 * 1024 * 1024  # above MAX_FRAME_SIZE (2 MiB) and its CBOR co
 TRIM_THRESHOLD = 64 * 1024 * 1024
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library this process runs on, through the symbols already loaded into it (an
+    interpreter is linked against it): no `ctypes.util.find_library`, whose import and
+    lookup (it may run `ldconfig`) cost every daemon and agent start several milliseconds."""
+    return ctypes.CDLL(None)
+
+
 def tune_malloc() -> bool:
     """Apply the thresholds (glibc only); False where `mallopt` is missing or refuses."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False  # not glibc (e.g. musl): its allocator has no such thresholds
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -46,8 +53,7 @@ def trim_malloc() -> bool:
     Costs a walk of the heap (about a millisecond for tens of MiB): call it when idle, not per
     frame. True when memory was released."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        malloc_trim = libc.malloc_trim
+        malloc_trim = _libc().malloc_trim
     except (OSError, AttributeError):
         return False
     malloc_trim.argtypes = [ctypes.c_size_t]
