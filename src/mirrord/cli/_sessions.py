@@ -238,19 +238,17 @@ def open_session(
             on_error(exc)
         fail(str(exc), code=code)
 
+    # When no daemon runs yet, this command is about to start one. What the daemon would
+    # refuse at once (a bad config, no target, a local target without root) is checked here
+    # while its process starts (the config package, ~180 ms, against the daemon's ~150 ms and
+    # its own import of that package); a refusal stops that daemon again, unannounced, before
+    # it is reported.
+    check = None
     if live_daemon_pid(paths) is None:
-        # This command is about to start the daemon. What the daemon would refuse at once (a
-        # bad config, no target, a local target without root) is checked here while its
-        # process starts (the config package, ~180 ms, against the daemon's ~150 ms and its
-        # own import of that package); a refusal stops that daemon again, unannounced,
-        # before it is reported.
-        try:
-            ensure_daemon(paths, progress, meanwhile=lambda: check_before_daemon(request))
-        except DaemonError as exc:
-            failed(exc, _exit_code(exc))
+        check = lambda: check_before_daemon(request)  # noqa: E731
     for attempt in (1, 2):
         try:
-            ensure_daemon(paths, progress)
+            ensure_daemon(paths, progress, meanwhile=check)
             client = ControlClient(paths.control_socket, on_event=on_event)
         except DaemonNotRunning as exc:
             if attempt == 1:
@@ -260,7 +258,7 @@ def open_session(
                 continue
             failed(exc)
         except DaemonError as exc:
-            failed(exc)
+            failed(exc, _exit_code(exc))
         try:
             create = CreateSession(
                 config_request=request,

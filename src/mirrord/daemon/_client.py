@@ -487,6 +487,10 @@ def _log_tail(path: Path, lines: int = 5, start: int = 0) -> str:
     return " | ".join(tail[-lines:]) or f"nothing in {path}"
 
 
+def _nothing() -> None:
+    pass
+
+
 def ensure_daemon(
     paths: RuntimePaths,
     progress: Callable[[str], None] | None = None,
@@ -502,6 +506,7 @@ def ensure_daemon(
     `meanwhile` (a check of the caller's) runs once, in this thread: while the daemon this
     call starts is starting (its start is announced after it), else before returning. If it
     raises, a daemon this call started is stopped again and the exception propagates."""
+    check = meanwhile if meanwhile is not None else _nothing
     paths.ensure()  # refuses another user's directory before anything in it is trusted
     try:
         status = _status(paths, stuck_is_error=True)
@@ -511,8 +516,7 @@ def ensure_daemon(
             raise _stuck(stuck, paths) from None
         status = None
     if status is not None and _same_build(status):
-        if meanwhile is not None:
-            meanwhile()
+        check()
         return False
     with _start_lock(paths):
         status = _status(paths)
@@ -527,8 +531,7 @@ def ensure_daemon(
             stop_daemon(paths)
             status = None
         if status is not None:  # another command started it while we waited for the lock
-            if meanwhile is not None:
-                meanwhile()
+            check()
             return False
         # No control socket answers but the pid lock is held: a daemon shutting down (it
         # removes its sockets first, then stops its agents and exits). Wait for it to go.
@@ -538,8 +541,7 @@ def ensure_daemon(
             raise _stuck(stuck, paths)
 
         def check_then_announce() -> None:
-            if meanwhile is not None:
-                meanwhile()
+            check()
             if progress is not None:
                 progress("starting the mirrord daemon")
 

@@ -4,10 +4,11 @@ Owns: one class per request (`Status`, `CreateSession`, ...), per answer (`Sessi
 `SessionIdle`, ...) and per event (`ProgressEvent`, `AgentLostEvent`, ...), each a frozen,
 slotted, keyword-only dataclass (one that adds no field to its base is a plain subclass with
 `__slots__ = ()`: it inherits the base's generated methods, which `@dataclass` would generate
-again, ~0.4 ms each on every `mirrord run`); and the one encoding of them as JSON lines: the daemon reads
-a request with `read_line` + `request_from` and writes with `encode_answer`, `encode_error`,
-`encode_event`; the client writes with `encode_request` and reads with `decode_reply` (an
-error answer becomes the `DaemonError` subclass its code names) and `decode_event`.
+again, ~0.4 ms each on every `mirrord run`); and the one encoding of them as JSON lines: the
+daemon reads a request with `read_line` + `request_from` and writes with `encode_answer`,
+`encode_error`, `encode_event`; the client writes with `encode_request` and reads with
+`decode_reply` (an error answer becomes the `DaemonError` subclass its code names) and
+`decode_event`.
 Does not own: what a request does (`_daemon.py`), the connection (`_daemon.py` on the daemon
 side, `_client.py` on the CLI side), or the status figures' contents (`Daemon.status`).
 
