@@ -22,6 +22,8 @@ __all__ = ["AgentProc", "start_agent", "stop_agent"]
 
 _READY_TIMEOUT = 20.0
 _STOP_TIMEOUT = 15.0
+_SETTLED_STARTED = "incoming traffic service started"  # the agent's log lines (_server.py)
+_SETTLED_FAILED = "incoming traffic is unavailable"
 
 
 @dataclass
@@ -78,12 +80,14 @@ def start_agent(
     env: dict[str, str] | None = None,
     listen: str | None = None,
     secret_in_env: bool = False,
+    settled: bool = True,
 ) -> AgentProc:
     """A ready agent for `target` (`pid/N`, `container/ID`), with `extra` arguments and `env`
     on top of this process's environment. It listens on `agent.sock` in its runtime directory
     (`socket`), or on `listen` (`tcp:HOST:PORT`; `socket` is then ""); it reads the secret from
-    a file, or from $MIRRORD_AGENT_SECRET with `secret_in_env`. Raises AssertionError (with the
-    log) if it never says it is ready."""
+    a file, or from $MIRRORD_AGENT_SECRET with `secret_in_env`. With `settled` it returns once
+    the incoming service, loaded after the ready line, has started too. Raises AssertionError
+    (with the log) if it never says it is ready."""
     runtime = runtime_dir or Path(tempfile.mkdtemp(prefix="mrdag"))
     sock = "" if listen else str(runtime / "agent.sock")
     argv = [sys.executable, "-m", "mirrord.agent", "--target", target]
@@ -109,7 +113,20 @@ def start_agent(
         log_text = agent.log()
         stop_agent(agent)
         raise AssertionError(f"agent not ready: {line!r}; log:\n{log_text}")
+    if settled:
+        _wait_settled(agent)
     return agent
+
+
+def _wait_settled(agent: AgentProc) -> None:
+    """Until the agent's incoming service, loaded after the ready line, has started or failed
+    (its log says which): the tests that count the agent's fds or threads see it at rest."""
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while time.monotonic() < deadline and agent.proc.poll() is None:
+        text = agent.log()
+        if _SETTLED_STARTED in text or _SETTLED_FAILED in text:
+            return
+        time.sleep(0.01)
 
 
 def stop_agent(agent: AgentProc) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import functools
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -81,6 +82,94 @@ def test_bad_arguments_and_missing_targets_exit_with_a_clear_error(tmp_path: Pat
         assert proc.stderr.startswith("mirrord-agent: error: "), proc.stderr
         assert text in proc.stderr
         assert proc.stdout == ""
+
+
+def _agent_with_ready_fd(target: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A real agent given the write end of a pipe as --ready-fd; returns it and the read end."""
+    secret = tmp_path / "s"
+    secret.write_text("x")
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mirrord.agent", "--target", target, "--secret-file",
+             str(secret), "--listen", f"unix:{tmp_path}/a.sock", "--ready-fd", str(w)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(w,),
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    return proc, r
+
+
+def _read_to_end(fd: int, timeout: float = 30) -> bytes:
+    """What the pipe gives until its end (all writers closed); bounded by `timeout`."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    os.set_blocking(fd, False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return got
+            got += chunk
+    raise AssertionError(f"the ready pipe did not close within {timeout} s (got {got!r})")
+
+
+def test_ready_fd_gets_the_ready_line_then_its_end(pod: LocalPod, tmp_path: Path) -> None:
+    proc, r = _agent_with_ready_fd(f"pid/{pod.pid}", tmp_path)
+    try:
+        got = _read_to_end(r)
+        assert proc.poll() is None  # closed by the agent once ready, not by its exit
+        assert proc.stdout is not None
+        stdout_line = proc.stdout.readline()
+        assert got == stdout_line
+        assert got.startswith(b"mirrord-agent ready version=") and got.endswith(b"\n")
+        # the fd was not passed on to what the agent started (its pod helpers): none holds it
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            fds = Path(f"/proc/{child}/fd")
+            targets = {os.readlink(fds / fd) for fd in os.listdir(fds)}
+            assert f"pipe:[{os.fstat(r).st_ino}]" not in targets
+    finally:
+        os.close(r)
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+def test_ready_fd_of_an_agent_that_fails_closes_without_the_line(tmp_path: Path) -> None:
+    proc, r = _agent_with_ready_fd("pid/999999999", tmp_path)
+    try:
+        assert _read_to_end(r) == b""
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 3 and b"does not exist" in err
+    finally:
+        os.close(r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=15)
+
+
+async def test_a_subscribe_right_after_the_ready_line_waits_for_the_incoming_service(
+    pod: LocalPod,
+) -> None:
+    """The incoming service loads after the ready line: a Subscribe sent at once is answered
+    once it has started, not refused."""
+    port = pod.spec.http_port
+    assert port is not None
+    agent = start_agent(f"pid/{pod.pid}", settled=False)
+    try:
+        async with AgentClient.open(agent) as client:
+            await client.open_channel(1)
+            reply = await client.request(
+                1, lambda r: m.Subscribe(request_id=r, port=port, mode="mirror")
+            )
+            assert isinstance(reply, m.Subscribed) and reply.port == port
+        assert "incoming traffic is unavailable" not in agent.log()
+    finally:
+        stop_agent(agent)
 
 
 def test_idle_timeout_ends_the_agent(pod: LocalPod) -> None:

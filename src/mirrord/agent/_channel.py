@@ -168,6 +168,11 @@ class ChannelOwner(Protocol):
         """The agent's incoming service, None when it is not running (Subscribe: ENOTSUP)."""
         ...
 
+    async def settled_incoming(self) -> IncomingHandler | None:
+        """`incoming` once the service has started or failed to (it loads after the agent's
+        ready line)."""
+        ...
+
     @property
     def workers(self) -> BlockingWorkers: ...
 
@@ -963,7 +968,7 @@ class Channel:
     # -- incoming subscriptions ----------------------------------------------------------------
 
     async def _subscribe(self, req: m.Subscribe) -> Message:
-        incoming = self.session.incoming
+        incoming = await self.session.settled_incoming()
         if incoming is None:
             raise OSError(errno.ENOTSUP, "this agent does not serve incoming traffic yet")
         warnings = await incoming.subscribe(
@@ -977,7 +982,7 @@ class Channel:
         return m.Subscribed(request_id=req.request_id, port=req.port, warnings=list(warnings))
 
     async def _unsubscribe(self, req: m.Unsubscribe) -> Message:
-        incoming = self.session.incoming
+        incoming = await self.session.settled_incoming()
         if incoming is None:
             raise OSError(errno.ENOTSUP, "this agent does not serve incoming traffic yet")
         await incoming.unsubscribe(self, req.port)

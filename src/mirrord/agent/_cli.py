@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         help="timeout of outgoing connects, seconds (default 15)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--ready-fd",
+        type=int,
+        help="an inherited file descriptor (a pipe) the ready line is also written to, then "
+        "closed: whoever started the agent learns it is ready, or gone, without polling",
+    )
     return p
 
 
@@ -76,6 +82,15 @@ def _secret(args: argparse.Namespace) -> str:
             f"no agent secret: pass --secret-file PATH (a non-empty file) or set ${SECRET_ENV}"
         )
     return secret
+
+
+def _keep_ready_fd(fd: int) -> None:
+    """--ready-fd: not passed on to what the agent starts (so that it closes when the agent
+    exits, and whoever waits on it sees the end); an fd that is not open is an error."""
+    try:
+        os.set_inheritable(fd, False)
+    except OSError as exc:
+        raise BadArguments(f"--ready-fd {fd}: {exc.strerror}") from None
 
 
 def _raise_fd_limit() -> None:
@@ -100,12 +115,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.idle_timeout <= 0 or args.connect_timeout <= 0:
             raise BadArguments("--idle-timeout and --connect-timeout must be positive")
+        if args.ready_fd is not None:
+            _keep_ready_fd(args.ready_fd)
         options = AgentOptions(
             target=resolve_target(args.target),
             listen=args.listen,
             secret=_secret(args),
             idle_timeout=args.idle_timeout,
             connect_timeout=args.connect_timeout,
+            ready_fd=args.ready_fd,
         )
         code = anyio.run(run_agent, options, backend="trio")
     except AgentStartupError as exc:

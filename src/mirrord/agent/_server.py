@@ -5,8 +5,10 @@ one `DaemonSession` task per accepted connection (an exception in one never ends
 the readiness line, and the three ways the agent ends on its own: the target process exits
 (every daemon gets `Fatal(target_gone)`; exit status 3), no authenticated daemon connection
 for `idle_timeout` seconds (status 0), or SIGTERM/SIGINT (status 0). The incoming code's
-`IncomingService` (`_incoming.py`) runs as a task here and is closed last; if it fails
-to start, the agent serves everything else and answers Subscribe with ENOTSUP.
+`IncomingService` (`_incoming.py`) runs as a task here and is closed last. It is loaded after
+the ready line (its HTTP, HTTP/2 and TLS machinery is a sixth of the agent's imports), in a
+worker thread while the loop serves the first daemon; a Subscribe waits for it. If it fails to
+start, the agent serves everything else and answers Subscribe with ENOTSUP.
 Does not own: argument parsing (`_cli.py`).
 """
 
@@ -21,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -32,12 +35,14 @@ from mirrord.agent._context import AgentContext
 from mirrord.agent._dns import TargetResolver
 from mirrord.agent._exceptions import AgentStartupError, BadArguments, TargetGone
 from mirrord.agent._files import TargetRoot
-from mirrord.agent._incoming import IncomingService
 from mirrord.agent._netns import NetnsRunner
 from mirrord.agent._session import DaemonSession
 from mirrord.agent._target import Target, wait_target_exit
 from mirrord.agent._workers import BlockingWorkers
 from mirrord.protocol import AGENT_PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from mirrord.agent._incoming import IncomingService
 
 __all__ = ["AgentOptions", "AgentServer", "run_agent"]
 
@@ -58,6 +63,13 @@ class AgentOptions:
     secret: str
     idle_timeout: float = 60.0
     connect_timeout: float = 15.0
+    ready_fd: int | None = None  # --ready-fd: the ready line is written there too, then closed
+
+
+def _incoming_service_class() -> type[IncomingService]:
+    from mirrord.agent._incoming import IncomingService
+
+    return IncomingService
 
 
 class _Stop(Exception):
@@ -74,6 +86,7 @@ class AgentServer:
         self.secret = options.secret
         self.sessions: set[DaemonSession] = set()
         self.incoming: IncomingHandler | None = None
+        self.incoming_settled = anyio.Event()  # the incoming service started, or failed to
         self.workers = BlockingWorkers()  # the channels' file I/O
         self._idle_since = time.monotonic()
         self.listen_address = options.listen
@@ -175,12 +188,13 @@ class AgentServer:
             async for signum in signals:
                 raise _Stop(0, f"stopping on {signal.Signals(signum).name}")
 
-    async def _run_incoming(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Run the incoming service; if it fails, the agent goes on serving everything else
-        and answers Subscribe with ENOTSUP."""
-        started = False
+    async def _run_incoming(self) -> None:
+        """Load and run the incoming service, after the ready line; if it fails, the agent
+        goes on serving everything else and answers Subscribe with ENOTSUP. Its module is
+        imported in a worker thread, so the loop serves the first daemon meanwhile."""
         try:
-            service = IncomingService(self.ctx)
+            service_class = await anyio.to_thread.run_sync(_incoming_service_class)
+            service = service_class(self.ctx)
 
             async def run_service(*, task_status: anyio.abc.TaskStatus[None]) -> None:
                 await service.run(task_status=task_status)
@@ -188,13 +202,25 @@ class AgentServer:
             async with anyio.create_task_group() as tg:
                 await tg.start(run_service)
                 self.incoming = service
-                started = True
-                task_status.started()
+                self.incoming_settled.set()
+                log.info("incoming traffic service started")
         except Exception as exc:
             log.error("incoming traffic is unavailable: %r", exc, exc_info=exc)
             self.incoming = None
-            if not started:
-                task_status.started()
+        finally:
+            self.incoming_settled.set()
+
+    def _tell_ready(self, line: str) -> None:
+        fd, self.options.ready_fd = self.options.ready_fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, f"{line}\n".encode())  # a pipe: a line this short is written whole
+        except OSError as exc:
+            log.warning("cannot write the ready line to --ready-fd %d: %s", fd, exc.strerror)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     async def serve(self) -> int:
         listeners = await self._listen()
@@ -206,12 +232,13 @@ class AgentServer:
                     tg.start_soon(self._watch_signals)
                     tg.start_soon(self._watch_target)
                     tg.start_soon(self._watch_idle)
-                    await tg.start(self._run_incoming)
-                    print(
+                    ready = (
                         f"mirrord-agent ready version={__version__} "
-                        f"protocol={AGENT_PROTOCOL_VERSION} listen={self.listen_address}",
-                        flush=True,
+                        f"protocol={AGENT_PROTOCOL_VERSION} listen={self.listen_address}"
                     )
+                    print(ready, flush=True)
+                    self._tell_ready(ready)
+                    tg.start_soon(self._run_incoming)
                     for listener in listeners:
                         tg.start_soon(self._accept_loop, listener, tg)
             except* _Stop as group:

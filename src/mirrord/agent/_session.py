@@ -59,6 +59,7 @@ class SessionOwner(Protocol):
     ctx: AgentContext
     secret: str
     incoming: IncomingHandler | None
+    incoming_settled: anyio.Event  # set once `incoming` started (or failed to)
     workers: BlockingWorkers
     handshaking: int  # connections that have not authenticated yet
 
@@ -157,6 +158,10 @@ class DaemonSession:
 
     @property
     def incoming(self) -> IncomingHandler | None:
+        return self.server.incoming
+
+    async def settled_incoming(self) -> IncomingHandler | None:
+        await self.server.incoming_settled.wait()
         return self.server.incoming
 
     @property

@@ -215,7 +215,9 @@ class LocalAgentBackend:
         text = json.dumps({"env": env, "idle": idle}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
-    def _command(self, target: str, socket_path: Path, secret_path: Path, idle: int) -> list[str]:
+    def _command(
+        self, target: str, socket_path: Path, secret_path: Path, idle: int, ready_fd: int
+    ) -> list[str]:
         argv = [
             sys.executable,
             "-m",
@@ -228,6 +230,8 @@ class LocalAgentBackend:
             str(secret_path),
             "--idle-timeout",
             str(idle),
+            "--ready-fd",
+            str(ready_fd),
         ]
         setpriv = shutil.which("setpriv")
         if setpriv is not None:
@@ -261,20 +265,26 @@ class LocalAgentBackend:
             f.write(secret)
         progress(f"starting agent for {target}")
         log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        # the agent writes its ready line into this pipe too and closes it: readiness (or the
+        # agent's end) is seen at once, not at the next look at its log
+        ready_r, ready_w = os.pipe()
         try:
             process = await anyio.open_process(
-                self._command(target, socket_path, secret_path, idle),
+                self._command(target, socket_path, secret_path, idle, ready_w),
                 env={**os.environ, **agent_environment(config)},
                 stdin=None,
                 stdout=log,
                 stderr=log,
+                pass_fds=(ready_w,),
                 start_new_session=True,  # a Ctrl-C in the user's terminal is not for the agent
             )
         except OSError as exc:
+            os.close(ready_r)
             secret_path.unlink(missing_ok=True)
             raise AgentStartError(f"cannot start mirrord-agent: {exc}") from exc
         finally:
             log.close()
+            os.close(ready_w)
         handle = LocalAgentHandle(
             target=target,
             process=process,
@@ -285,31 +295,57 @@ class LocalAgentBackend:
             fingerprint=self.agent_fingerprint(config),
         )
         try:
-            await self._wait_ready(handle, startup_timeout)
+            await self._wait_ready(handle, startup_timeout, ready_r)
         except BaseException:
             await handle.stop()
             raise
+        finally:
+            os.close(ready_r)
         progress(f"agent ready for {target} (pid {process.pid})")
         return handle
 
-    async def _wait_ready(self, handle: LocalAgentHandle, timeout: float) -> None:
-        """Poll the agent's log for the readiness line (docs/agent.md) until `timeout` seconds."""
-        delay = 0.005
+    async def _wait_ready(self, handle: LocalAgentHandle, timeout: float, ready_fd: int) -> None:
+        """Wait up to `timeout` seconds for the agent's ready line (docs/agent.md) on the pipe
+        it got as --ready-fd. The pipe's end without it, or the agent's exit, is a failure,
+        told from its log."""
+        os.set_blocking(ready_fd, False)
+        got = b""
         with anyio.move_on_after(timeout):
             while True:
-                text = await anyio.to_thread.run_sync(_read_text, handle.log_path)
-                if any(line.startswith(_READY_PREFIX) for line in text.splitlines()):
-                    return
-                if handle.process.returncode is not None:
-                    raise AgentStartError(_agent_failure(handle, text))
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                # the agent's exit is looked at every 50 ms as well: a process it forked before
+                # its end may still hold the pipe open
+                with anyio.move_on_after(0.05):
+                    await anyio.wait_readable(ready_fd)
+                try:
+                    chunk = os.read(ready_fd, 4096)
+                except BlockingIOError:
+                    chunk = None
+                if chunk:
+                    got += chunk
+                    if any(line.startswith(_READY_PREFIX.encode()) for line in got.splitlines()):
+                        return
+                    continue
+                if chunk == b"" or handle.process.returncode is not None:
+                    raise AgentStartError(await self._failure(handle))
         text = await anyio.to_thread.run_sync(_read_text, handle.log_path)
         raise AgentStartError(
             f"the agent for {handle.target} did not report ready within {timeout:g} s "
             f"(config agent.startup_timeout); its log is {handle.log_path}"
             + (f"; last lines: {_tail(text)}" if text.strip() else "")
         )
+
+    async def _failure(self, handle: LocalAgentHandle) -> str:
+        """What went wrong with an agent that closed its ready pipe, or exited, before it was
+        ready: its exit (waited for a moment) and the last error line of its log."""
+        with anyio.move_on_after(2):
+            await handle.process.wait()
+        text = await anyio.to_thread.run_sync(_read_text, handle.log_path)
+        if handle.process.returncode is None:
+            return (
+                f"the agent for {handle.target} closed its ready pipe without reporting ready; "
+                f"its log is {handle.log_path}" + (f"; last lines: {_tail(text)}" if text else "")
+            )
+        return _agent_failure(handle, text)
 
 
 def _read_text(path: Path) -> str:
