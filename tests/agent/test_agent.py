@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import selectors
 import signal
@@ -150,6 +151,70 @@ def test_ready_fd_of_an_agent_that_fails_closes_without_the_line(tmp_path: Path)
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=15)
+
+
+def _standby(target: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A real agent started with --standby (its settings to come on stdin) and --ready-fd."""
+    secret = tmp_path / "s"
+    secret.write_text("x")
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mirrord.agent", "--target", target, "--standby",
+             "--secret-file", str(secret),
+             "--listen", f"unix:{tmp_path}/a.sock", "--ready-fd", str(w)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(w,),
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    return proc, r
+
+
+async def test_a_standby_agent_serves_once_it_is_given_its_settings_on_stdin(
+    pod: LocalPod, tmp_path: Path
+) -> None:
+    proc, r = _standby(f"pid/{pod.pid}", tmp_path)
+    try:
+        assert proc.stdin is not None
+        time.sleep(0.5)  # it waits: loaded, but neither ready nor listening
+        assert proc.poll() is None and not (tmp_path / "a.sock").exists()
+        given = {"idle_timeout": 30, "env": {"MIRRORD_X": "1"}}
+        proc.stdin.write(json.dumps(given).encode() + b"\n")
+        proc.stdin.close()
+        proc.stdin = None  # closed: nothing more for communicate() to flush
+        assert _read_to_end(r).startswith(b"mirrord-agent ready ")
+        async with AgentClient.open_unix(f"{tmp_path}/a.sock", "x") as client:
+            await client.open_channel(1)
+            assert await client.read_file(1, b"/app/test.txt") == b"hello from the pod\n"
+    finally:
+        os.close(r)
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+def test_a_standby_agent_whose_stdin_ends_exits_quietly(pod: LocalPod, tmp_path: Path) -> None:
+    proc, r = _standby(f"pid/{pod.pid}", tmp_path)
+    try:
+        out, err = proc.communicate(b"", timeout=30)  # stdin's end, and no target
+        assert proc.returncode == 0 and out == b"" and err == b""
+        assert _read_to_end(r) == b""
+        assert not (tmp_path / "a.sock").exists()
+    finally:
+        os.close(r)
+
+
+def test_a_standby_agent_given_no_settings_says_so(pod: LocalPod, tmp_path: Path) -> None:
+    proc, r = _standby(f"pid/{pod.pid}", tmp_path)
+    try:
+        _, err = proc.communicate(b'{"env": {}}\n', timeout=30)
+        assert proc.returncode == 2
+        assert err.startswith(b"mirrord-agent: error: --standby: no settings on stdin"), err
+        assert _read_to_end(r) == b""
+    finally:
+        os.close(r)
 
 
 async def test_a_subscribe_right_after_the_ready_line_waits_for_the_incoming_service(

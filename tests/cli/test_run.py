@@ -266,6 +266,23 @@ def test_a_bad_config_is_a_usage_error(mirrord: Mirrord, tmp_path: Path) -> None
     assert mirrord.sessions() == []
 
 
+def test_a_cold_run_on_a_local_target_gets_the_agent_started_with_the_daemon(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    """The daemon this run starts starts the target's agent at once (`--standby-agent`), and
+    the session gets that agent once it is told the session's settings."""
+    pod = make_pod(POD_SPEC)
+    target = f"pid/{pod.pid}"
+    result = mirrord.run("run", "-t", target, "--", "sh", "-c", "echo $POD_VAR")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == POD_SPEC.env["POD_VAR"]
+    [agent] = agent_pids(mirrord.runtime, target)
+    with open(f"/proc/{agent}/cmdline", "rb") as f:
+        assert b"--standby" in f.read().split(b"\0")
+    [entry] = mirrord.status()["agents"]
+    assert entry["pid"] == agent and entry["alive"] is True
+
+
 def test_warm_run_is_quick(mirrord: Mirrord, make_pod: Callable[..., LocalPod]) -> None:
     pod = make_pod(POD_SPEC)
     assert mirrord.run("run", "-t", f"pid/{pod.pid}", "--", "true").returncode == 0

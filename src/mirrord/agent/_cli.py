@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
+        "--standby",
+        action="store_true",
+        help="load the agent's code, then wait for the session's settings on stdin: one JSON "
+        'line {"idle_timeout": ..., "env": {...}} (the daemon starts one ahead of its first '
+        "session); stdin's end without it: exit 0",
+    )
+    p.add_argument(
         "--ready-fd",
         type=int,
         help="an inherited file descriptor (a pipe) the ready line is also written to, then "
@@ -102,6 +110,28 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _await_settings(args: argparse.Namespace) -> None:
+    """--standby: the idle timeout and environment from stdin (a line of JSON), set on `args`
+    and `os.environ`. Meanwhile the incoming service's code is loaded too (the agent otherwise
+    loads it after its ready line). Exits 0 when stdin ends without them."""
+    with contextlib.suppress(ImportError):
+        import anyio._backends._trio  # noqa: F401  # what anyio.run(backend="trio") loads
+
+        import mirrord.agent._incoming  # noqa: F401
+    line = sys.stdin.readline()
+    if not line.strip():
+        sys.exit(0)  # the daemon went, or needs no agent after all
+    try:
+        given = json.loads(line)
+        idle, env = float(given["idle_timeout"]), given.get("env") or {}
+        if not isinstance(env, dict):
+            raise TypeError("env is not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadArguments(f"--standby: no settings on stdin ({exc!r}): {line[:200]!r}") from None
+    args.idle_timeout = idle
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -113,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _raise_fd_limit()
     tune_malloc()  # frames up to 2 MiB come from the heap, not a fresh mmap each
     try:
+        if args.standby:
+            _await_settings(args)
         if args.idle_timeout <= 0 or args.connect_timeout <= 0:
             raise BadArguments("--idle-timeout and --connect-timeout must be positive")
         if args.ready_fd is not None:

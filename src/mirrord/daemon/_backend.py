@@ -13,14 +13,18 @@ helper process so that kubernetes_asyncio and aiohttp never load into the daemon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +56,10 @@ __all__ = [
 
 LOCAL_TARGET_PREFIXES = ("pid/", "container/")
 DEFAULT_AGENT_IDLE_TIMEOUT = 60
+log = logging.getLogger("mirrord.daemon")
+
 _READY_PREFIX = "mirrord-agent ready "
+_STANDBY_NICE = 10  # a standby agent's priority while it waits for its target
 _ERROR_PREFIX = "mirrord-agent: error: "
 _STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when stopping an agent
 
@@ -183,12 +190,37 @@ class LocalAgentHandle:
                     pass
 
 
+@dataclass
+class _Spawned:
+    """An agent process just spawned (`LocalAgentBackend._spawn`), not ready yet."""
+
+    process: anyio.abc.Process
+    socket_path: Path
+    secret_path: Path
+    log_path: Path
+    secret: str
+    ready_fd: int  # the read end of its --ready-fd pipe (the backend closes it)
+
+    def handle(self, target: str, fingerprint: str = "") -> LocalAgentHandle:
+        return LocalAgentHandle(
+            target=target,
+            process=self.process,
+            socket_path=self.socket_path,
+            secret_path=self.secret_path,
+            log_path=self.log_path,
+            secret=self.secret,
+            fingerprint=fingerprint,
+        )
+
+
 class LocalAgentBackend:
     """Spawns `mirrord-agent` (docs/agent.md) as a root subprocess for `pid/N` and `container/ID`.
 
     The agent's socket, secret file and log live in the runtime directory. Its stdout and
-    stderr go to the log file (never a pipe: a pipe nobody drains would block the agent); the
-    readiness line is read from there. Under `setpriv --pdeathsig TERM` the agent is told to
+    stderr go to the log file (never a pipe: a pipe nobody drains would block the agent); its
+    ready line also comes through a pipe of its own (`--ready-fd`), and a failure is read from
+    the log. With `start_standby` the first session's agent is started ahead, before the
+    session's settings are known, and the session takes it. Under `setpriv --pdeathsig TERM` the agent is told to
     exit when the daemon dies, so a killed daemon never leaves agents behind for long.
     """
 
@@ -197,6 +229,10 @@ class LocalAgentBackend:
     def __init__(self, runtime_dir: Path) -> None:
         self.runtime_dir = runtime_dir
         self._counter = 0
+        # start_standby's (target, agent), until a session takes it
+        self._standby: tuple[str, _Spawned] | None = None
+        self._standby_spawning: anyio.Event | None = None  # set once start_standby spawned
+        self._standby_over = False  # no standby any more: the first session came, or the end
 
     def __repr__(self) -> str:
         return f"<LocalAgentBackend runtime_dir={self.runtime_dir}>"
@@ -215,28 +251,122 @@ class LocalAgentBackend:
         text = json.dumps({"env": env, "idle": idle}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
-    def _command(
-        self, target: str, socket_path: Path, secret_path: Path, idle: int, ready_fd: int
-    ) -> list[str]:
+    def _command(self, options: list[str], socket_path: Path, secret_path: Path) -> list[str]:
         argv = [
             sys.executable,
             "-m",
             "mirrord.agent",
-            "--target",
-            target,
+            *options,
             "--listen",
             f"unix:{socket_path}",
             "--secret-file",
             str(secret_path),
-            "--idle-timeout",
-            str(idle),
-            "--ready-fd",
-            str(ready_fd),
         ]
         setpriv = shutil.which("setpriv")
         if setpriv is not None:
             argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         return argv
+
+    async def _spawn(
+        self, options: list[str], env: Mapping[str, str], stdin: int | None
+    ) -> _Spawned:
+        """An agent process with its socket, secret file, log and ready pipe (docs/agent.md):
+        `options` are its target options (or `--standby`), `stdin` None or PIPE."""
+        self._counter += 1
+        stem = f"agent-{os.getpid()}-{self._counter}"
+        socket_path = self.runtime_dir / f"{stem}.sock"
+        secret_path = self.runtime_dir / f"{stem}.secret"
+        log_path = self.runtime_dir / f"{stem}.log"
+        secret = secrets.token_urlsafe(32)
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret)
+        log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        # the agent writes its ready line into this pipe too and closes it: readiness (or the
+        # agent's end) is seen at once, not at the next look at its log
+        ready_r, ready_w = os.pipe()
+        try:
+            process = await anyio.open_process(
+                self._command([*options, "--ready-fd", str(ready_w)], socket_path, secret_path),
+                env={**os.environ, **env},
+                stdin=stdin,
+                stdout=log,
+                stderr=log,
+                pass_fds=(ready_w,),
+                start_new_session=True,  # a Ctrl-C in the user's terminal is not for the agent
+            )
+        except OSError as exc:
+            os.close(ready_r)
+            secret_path.unlink(missing_ok=True)
+            raise AgentStartError(f"cannot start mirrord-agent: {exc}") from exc
+        finally:
+            log.close()
+            os.close(ready_w)
+        return _Spawned(process, socket_path, secret_path, log_path, secret, ready_r)
+
+    async def start_standby(self, target: str) -> None:
+        """Start the agent for `target` ahead of its session: it loads its code, then waits on
+        stdin for the session's settings (`mirrord-agent --standby`), and the session finds it
+        loaded. `mirrord run` asks for it when it starts the daemon for a local target
+        (`mirrordd --standby-agent TARGET`). Best effort: a failure leaves the usual start."""
+        if os.geteuid() != 0 or self._standby is not None or self._standby_over:
+            return
+        if not self.handles(target):
+            return
+        self._standby_spawning = spawning = anyio.Event()
+        try:
+            # shielded: a process spawned is always one this backend knows (and stops)
+            with anyio.CancelScope(shield=True):
+                options = ["--target", target, "--standby"]
+                spawned = await self._spawn(options, {}, subprocess.PIPE)
+        except AgentStartError as exc:
+            log.info("no standby agent: %s", exc)
+            return
+        finally:
+            spawning.set()
+        if self._standby_over:  # the first session ended meanwhile, or the daemon stopped
+            await self._stop_unused(spawned)
+            return
+        # It loads its code while this daemon and the command that started it get ready, on
+        # the same cores: at a lower priority, so that it takes what they leave.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, spawned.process.pid, _STANDBY_NICE)
+        self._standby = (target, spawned)
+
+    async def _stop_unused(self, standby: _Spawned) -> None:
+        """A standby agent no session takes: its stdin's end (it exits), then as any agent."""
+        if standby.process.stdin is not None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await standby.process.stdin.aclose()
+        await standby.handle("standby").stop()
+        os.close(standby.ready_fd)
+
+    async def _take_standby(self, target: str) -> _Spawned | None:
+        """The standby agent, if it is for `target` and alive (waited for while it is being
+        spawned); one that is not (the session's target came from its config file) stops."""
+        if self._standby_spawning is not None:
+            await self._standby_spawning.wait()
+        if self._standby is None:
+            return None
+        (standby_target, standby), self._standby = self._standby, None
+        if standby_target != target or standby.process.returncode is not None:
+            await self._stop_unused(standby)
+            return None
+        return standby
+
+    async def drop_standby(self) -> None:
+        """The daemon's first session was created, or refused: a standby agent it did not take
+        stops (one still being spawned stops once it is)."""
+        self._standby_over = True
+        if self._standby_spawning is not None:
+            await self._standby_spawning.wait()
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            await self._stop_unused(standby[1])
+
+    async def aclose(self) -> None:
+        """The daemon stops: an unused standby agent goes too."""
+        await self.drop_standby()
 
     async def start_agent(
         self, target: str, config: MirrordConfig, progress: Progress
@@ -254,55 +384,40 @@ class LocalAgentBackend:
         idle = config.agent.communication_timeout
         if idle is None:
             idle = DEFAULT_AGENT_IDLE_TIMEOUT
-        self._counter += 1
-        stem = f"agent-{os.getpid()}-{self._counter}"
-        socket_path = self.runtime_dir / f"{stem}.sock"
-        secret_path = self.runtime_dir / f"{stem}.secret"
-        log_path = self.runtime_dir / f"{stem}.log"
-        secret = secrets.token_urlsafe(32)
-        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secret)
         progress(f"starting agent for {target}")
-        log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
-        # the agent writes its ready line into this pipe too and closes it: readiness (or the
-        # agent's end) is seen at once, not at the next look at its log
-        ready_r, ready_w = os.pipe()
+        standby = await self._take_standby(target)
+        spawned = await self._given(standby, idle, agent_environment(config))
+        if spawned is None:
+            options = ["--target", target, "--idle-timeout", str(idle)]
+            spawned = await self._spawn(options, agent_environment(config), None)
+        handle = spawned.handle(target, self.agent_fingerprint(config))
         try:
-            process = await anyio.open_process(
-                self._command(target, socket_path, secret_path, idle, ready_w),
-                env={**os.environ, **agent_environment(config)},
-                stdin=None,
-                stdout=log,
-                stderr=log,
-                pass_fds=(ready_w,),
-                start_new_session=True,  # a Ctrl-C in the user's terminal is not for the agent
-            )
-        except OSError as exc:
-            os.close(ready_r)
-            secret_path.unlink(missing_ok=True)
-            raise AgentStartError(f"cannot start mirrord-agent: {exc}") from exc
-        finally:
-            log.close()
-            os.close(ready_w)
-        handle = LocalAgentHandle(
-            target=target,
-            process=process,
-            socket_path=socket_path,
-            secret_path=secret_path,
-            log_path=log_path,
-            secret=secret,
-            fingerprint=self.agent_fingerprint(config),
-        )
-        try:
-            await self._wait_ready(handle, startup_timeout, ready_r)
+            await self._wait_ready(handle, startup_timeout, spawned.ready_fd)
         except BaseException:
             await handle.stop()
             raise
         finally:
-            os.close(ready_r)
-        progress(f"agent ready for {target} (pid {process.pid})")
+            os.close(spawned.ready_fd)
+        progress(f"agent ready for {target} (pid {handle.pid})")
         return handle
+
+    async def _given(
+        self, standby: _Spawned | None, idle: int, env: Mapping[str, str]
+    ) -> _Spawned | None:
+        """`standby` told the session's settings (one JSON line on its stdin, then the stdin's
+        end), or None when there is none or it cannot be told any more (it is discarded)."""
+        if standby is None or standby.process.stdin is None:
+            return None
+        line = json.dumps({"idle_timeout": idle, "env": dict(env)}) + "\n"
+        with contextlib.suppress(OSError):  # a session waits for it now (before its threads)
+            os.setpriority(os.PRIO_PROCESS, standby.process.pid, 0)
+        try:
+            await standby.process.stdin.send(line.encode())
+            await standby.process.stdin.aclose()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await self._stop_unused(standby)
+            return None
+        return standby
 
     async def _wait_ready(self, handle: LocalAgentHandle, timeout: float, ready_fd: int) -> None:
         """Wait up to `timeout` seconds for the agent's ready line (docs/agent.md) on the pipe

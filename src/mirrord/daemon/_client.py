@@ -360,17 +360,21 @@ def start_daemon(
     idle_timeout: float | None = None,
     log_level: str | None = None,
     meanwhile: Callable[[], None] | None = None,
+    standby_agent: str | None = None,
 ) -> int:
     """Start a detached daemon (double fork: it is nobody's child and nobody's zombie) and
     wait until it answers. Returns its pid. `meanwhile` runs while the daemon starts (in this
     thread, once the daemon's process exists); if it raises, the daemon is stopped again once
-    it answers, and the exception propagates."""
+    it answers, and the exception propagates. `standby_agent`: a local target whose agent the
+    daemon starts at once, ahead of its first session (`mirrordd --standby-agent`)."""
     paths.ensure()
     argv = [sys.executable, "-m", "mirrord.daemon", "--runtime-dir", str(paths.root)]
     if idle_timeout is not None:
         argv += ["--idle-timeout", str(idle_timeout)]
     if log_level is not None:
         argv += ["--log-level", log_level]
+    if standby_agent:
+        argv += ["--standby-agent", standby_agent]
     env = daemon_env()
     try:
         log_start = paths.log.stat().st_size  # what this daemon writes comes after
@@ -498,6 +502,7 @@ def ensure_daemon(
     idle_timeout: float | None = None,
     log_level: str | None = None,
     meanwhile: Callable[[], None] | None = None,
+    standby_agent: str | None = None,
 ) -> bool:
     """Make sure a daemon of this install answers on the runtime directory's control socket;
     returns True if this call started it. An idle daemon of another install (its layer would
@@ -505,7 +510,8 @@ def ensure_daemon(
 
     `meanwhile` (a check of the caller's) runs once, in this thread: while the daemon this
     call starts is starting (its start is announced after it), else before returning. If it
-    raises, a daemon this call started is stopped again and the exception propagates."""
+    raises, a daemon this call started is stopped again and the exception propagates.
+    `standby_agent`: see `start_daemon` (only for a daemon this call starts)."""
     check = meanwhile if meanwhile is not None else _nothing
     paths.ensure()  # refuses another user's directory before anything in it is trusted
     try:
@@ -546,7 +552,11 @@ def ensure_daemon(
                 progress("starting the mirrord daemon")
 
         start_daemon(
-            paths, idle_timeout=idle_timeout, log_level=log_level, meanwhile=check_then_announce
+            paths,
+            idle_timeout=idle_timeout,
+            log_level=log_level,
+            meanwhile=check_then_announce,
+            standby_agent=standby_agent,
         )
         return True
 

@@ -212,9 +212,11 @@ class Daemon:
         backends: list[AgentBackend] | None = None,
         *,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        standby_agent: str | None = None,
     ) -> None:
         self.paths = paths
         self.idle_timeout = idle_timeout
+        self.standby_agent = standby_agent  # a local target to start an agent for ahead
         self._idle_since: float | None = time.monotonic()
         self.backends = backends if backends is not None else backends_for_daemon(paths.root)
         self.sessions: dict[str, Session] = {}
@@ -256,6 +258,11 @@ class Daemon:
                 tg.start_soon(self._signals)
                 tg.start_soon(self._idle_watch)
                 tg.start_soon(_preload_config)
+                if self.standby_agent:
+                    for backend in self.backends:
+                        start_standby = getattr(backend, "start_standby", None)
+                        if start_standby is not None:
+                            tg.start_soon(start_standby, self.standby_agent)
                 log.info(
                     "mirrordd %s ready (pid %d) in %s", __version__, os.getpid(), self.paths.root
                 )
@@ -280,6 +287,12 @@ class Daemon:
 
     def shutdown(self) -> None:
         self._shutdown.set()
+
+    async def _drop_standby(self) -> None:
+        for backend in self.backends:
+            drop = getattr(backend, "drop_standby", None)
+            if drop is not None:
+                await drop()
 
     async def _shutdown_soon(self) -> None:
         await anyio.sleep(0.05)  # lets the reply to `shutdown` reach its client first
@@ -623,6 +636,11 @@ class Daemon:
             session = await self.create_session(request, progress, owner_events)
         finally:
             self._starting -= 1
+            if self.standby_agent is not None:
+                # the first session took the agent started for it, or did not get that far
+                self.standby_agent = None
+                with anyio.CancelScope(shield=True):
+                    await self._drop_standby()
         owned.add(session.id)
         return SessionCreated(
             session=session.id,

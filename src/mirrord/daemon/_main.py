@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument(
+        "--standby-agent",
+        metavar="TARGET",
+        help="start the agent for this local target at once, ahead of its first session "
+        "(`mirrord run` asks for it when it starts the daemon for one)",
+    )
     return parser
 
 
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    daemon = Daemon(paths, idle_timeout=args.idle_timeout)
+    daemon = Daemon(paths, idle_timeout=args.idle_timeout, standby_agent=args.standby_agent)
     try:
         anyio.run(daemon.run, backend="asyncio")
     except KeyboardInterrupt:

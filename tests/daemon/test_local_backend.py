@@ -1,0 +1,128 @@
+"""The local backend's agents: the standby agent a daemon starts ahead of its first local
+session (`mirrordd --standby-agent TARGET`) is the one that session gets, and one that no
+session takes goes with the daemon, with its files. Real agents for this test process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mirrord.config import MirrordConfig
+from mirrord.daemon._backend import LocalAgentBackend
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the agent for pid/N runs as root"),
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # as the daemon
+
+
+@pytest.fixture
+def runtime() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="mrdb"))  # short: unix socket paths are <= 107 bytes
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")  # a zombie is gone too
+    except FileNotFoundError:
+        return True
+
+
+async def test_the_first_session_gets_the_standby_agent(runtime: Path) -> None:
+    backend = LocalAgentBackend(runtime)
+    target = f"pid/{os.getpid()}"
+    await backend.start_standby(target)
+    standby = await _standby_pid(runtime)
+    assert target.encode() in _cmdline(standby)
+    said: list[str] = []
+    with anyio.fail_after(60):
+        handle = await backend.start_agent(target, MirrordConfig.model_validate({}), said.append)
+    try:
+        assert handle.pid == int(standby)
+        assert said == [f"starting agent for {target}", f"agent ready for {target} (pid {standby})"]
+        stream = await handle.connect()  # it listens, as any agent
+        await stream.aclose()
+    finally:
+        await handle.stop()
+        await backend.aclose()
+    assert sorted(p.name for p in runtime.iterdir()) == []
+
+
+async def test_a_standby_for_another_target_stops_when_the_first_session_starts(
+    runtime: Path,
+) -> None:
+    """The session's target came from its config file, not the command line the daemon was
+    started for: it gets an agent of its own, and the standby stops at once."""
+    backend = LocalAgentBackend(runtime)
+    await backend.start_standby("pid/1")
+    standby = await _standby_pid(runtime)
+    with anyio.fail_after(60):
+        handle = await backend.start_agent(
+            f"pid/{os.getpid()}", MirrordConfig.model_validate({}), lambda _: None
+        )
+    try:
+        assert handle.pid != standby and _gone(standby)
+        assert len(list(runtime.glob("agent-*.secret"))) == 1  # the session's agent's only
+    finally:
+        await handle.stop()
+        await backend.aclose()
+    assert sorted(p.name for p in runtime.iterdir()) == []
+
+
+async def test_a_standby_no_session_takes_goes_with_the_daemon(runtime: Path) -> None:
+    backend = LocalAgentBackend(runtime)
+    await backend.start_standby(f"pid/{os.getpid()}")
+    standby = await _standby_pid(runtime)
+    with anyio.fail_after(30):
+        await backend.aclose()
+    assert _gone(standby)
+    assert sorted(p.name for p in runtime.iterdir()) == []
+    await backend.start_standby(f"pid/{os.getpid()}")  # a closed backend starts none
+    assert sorted(p.name for p in runtime.iterdir()) == []
+
+
+async def _standby_pid(runtime: Path) -> int:
+    """The standby agent's pid, once its process runs the agent (setpriv execs it)."""
+    with anyio.fail_after(10):
+        while True:
+            found = [
+                int(p) for p in os.listdir("/proc") if p.isdigit() and _is_agent(int(p), runtime)
+            ]
+            if found:
+                [pid] = found
+                assert b"--standby" in _cmdline(pid)
+                return pid
+            await anyio.sleep(0.01)
+
+
+def _is_agent(pid: int, runtime: Path) -> bool:
+    try:
+        argv = _cmdline(pid)
+    except OSError:
+        return False
+    return (
+        b"mirrord.agent" in argv
+        and any(str(runtime).encode() in a for a in argv)
+        and (b"setpriv" not in argv[0])
+    )
