@@ -85,15 +85,19 @@ def test_bad_arguments_and_missing_targets_exit_with_a_clear_error(tmp_path: Pat
         assert proc.stdout == ""
 
 
-def _agent_with_ready_fd(target: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A real agent given the write end of a pipe as --ready-fd; returns it and the read end."""
+def _agent_with_ready_fd(
+    target: str, tmp_path: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A real agent given the write end of a pipe as --ready-fd (and `extra` arguments), its
+    stdin a pipe; returns it and the pipe's read end."""
     secret = tmp_path / "s"
     secret.write_text("x")
     r, w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mirrord.agent", "--target", target, "--secret-file",
+            [sys.executable, "-m", "mirrord.agent", "--target", target, *extra, "--secret-file",
              str(secret), "--listen", f"unix:{tmp_path}/a.sock", "--ready-fd", str(w)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             pass_fds=(w,),
@@ -155,22 +159,7 @@ def test_ready_fd_of_an_agent_that_fails_closes_without_the_line(tmp_path: Path)
 
 def _standby(target: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     """A real agent started with --standby (its settings to come on stdin) and --ready-fd."""
-    secret = tmp_path / "s"
-    secret.write_text("x")
-    r, w = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mirrord.agent", "--target", target, "--standby",
-             "--secret-file", str(secret),
-             "--listen", f"unix:{tmp_path}/a.sock", "--ready-fd", str(w)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(w,),
-        )  # fmt: skip
-    finally:
-        os.close(w)
-    return proc, r
+    return _agent_with_ready_fd(target, tmp_path, "--standby")
 
 
 async def test_a_standby_agent_serves_once_it_is_given_its_settings_on_stdin(
