@@ -170,7 +170,7 @@ async def test_a_standby_agent_serves_once_it_is_given_its_settings_on_stdin(
         assert proc.stdin is not None
         time.sleep(0.5)  # it waits: loaded, but neither ready nor listening
         assert proc.poll() is None and not (tmp_path / "a.sock").exists()
-        given = {"idle_timeout": 30, "env": {"MIRRORD_X": "1"}}
+        given = {"idle_timeout": 30}
         proc.stdin.write(json.dumps(given).encode() + b"\n")
         proc.stdin.close()
         proc.stdin = None  # closed: nothing more for communicate() to flush

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from mirrord.config import MirrordConfig
 from mirrord.daemon._backend import LocalAgentBackend
+from mirrord.daemon._exceptions import AgentStartError
 
 pytestmark = [
     pytest.mark.anyio,
@@ -88,6 +90,41 @@ async def test_a_standby_for_another_target_stops_when_the_first_session_starts(
         await handle.stop()
         await backend.aclose()
     assert sorted(p.name for p in runtime.iterdir()) == []
+
+
+async def test_a_session_with_agent_options_gets_an_agent_started_with_them(
+    runtime: Path,
+) -> None:
+    """Agent options (`agent.nftables`, ...) go into an agent's environment at its exec: a
+    session that sets them does not take the standby, which stops."""
+    backend = LocalAgentBackend(runtime)
+    target = f"pid/{os.getpid()}"
+    await backend.start_standby(target)
+    standby = await _standby_pid(runtime)
+    config = MirrordConfig.model_validate({"agent": {"nftables": True}})
+    with anyio.fail_after(60):
+        handle = await backend.start_agent(target, config, lambda _: None)
+    try:
+        assert handle.pid != standby and _gone(standby)
+        with open(f"/proc/{handle.pid}/environ", "rb") as f:
+            assert b"MIRRORD_AGENT_NFTABLES=true" in f.read().split(b"\0")
+    finally:
+        await handle.stop()
+        await backend.aclose()
+    assert sorted(p.name for p in runtime.iterdir()) == []
+
+
+async def test_a_standby_that_died_is_the_first_sessions_error(runtime: Path) -> None:
+    """Killed before the session asked for it, as an agent killed during its start: the
+    session is told, and nothing of it is left."""
+    backend = LocalAgentBackend(runtime)
+    target = f"pid/{os.getpid()}"
+    await backend.start_standby(target)
+    os.kill(await _standby_pid(runtime), signal.SIGKILL)
+    with anyio.fail_after(60), pytest.raises(AgentStartError, match="exited with status -9"):
+        await backend.start_agent(target, MirrordConfig.model_validate({}), lambda _: None)
+    await backend.aclose()
+    assert [p.name for p in runtime.iterdir() if not p.name.endswith(".log")] == []
 
 
 async def test_a_standby_no_session_takes_goes_with_the_daemon(runtime: Path) -> None:

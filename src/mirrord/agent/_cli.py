@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         "--standby",
         action="store_true",
         help="load the agent's code, then wait for the session's settings on stdin: one JSON "
-        'line {"idle_timeout": ..., "env": {...}} (the daemon starts one ahead of its first '
-        "session); stdin's end without it: exit 0",
+        'line {"idle_timeout": SECONDS} (the daemon starts one ahead of its first session); '
+        "stdin's end without it: exit 0",
     )
     p.add_argument(
         "--ready-fd",
@@ -111,9 +111,9 @@ def _raise_fd_limit() -> None:
 
 
 def _await_settings(args: argparse.Namespace) -> None:
-    """--standby: the idle timeout and environment from stdin (a line of JSON), set on `args`
-    and `os.environ`. Meanwhile the incoming service's code is loaded too (the agent otherwise
-    loads it after its ready line). Exits 0 when stdin ends without them."""
+    """--standby: the session's idle timeout from stdin (a line of JSON), set on `args`.
+    Meanwhile the incoming service's code is loaded too (the agent otherwise loads it after
+    its ready line). Exits 0 when stdin ends without it."""
     with contextlib.suppress(ImportError):
         import anyio._backends._trio  # noqa: F401  # what anyio.run(backend="trio") loads
 
@@ -122,14 +122,9 @@ def _await_settings(args: argparse.Namespace) -> None:
     if not line.strip():
         sys.exit(0)  # the daemon went, or needs no agent after all
     try:
-        given = json.loads(line)
-        idle, env = float(given["idle_timeout"]), given.get("env") or {}
-        if not isinstance(env, dict):
-            raise TypeError("env is not an object")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        args.idle_timeout = float(json.loads(line)["idle_timeout"])
+    except (ValueError, KeyError, TypeError) as exc:
         raise BadArguments(f"--standby: no settings on stdin ({exc!r}): {line[:200]!r}") from None
-    args.idle_timeout = idle
-    os.environ.update({str(k): str(v) for k, v in env.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

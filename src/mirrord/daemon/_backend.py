@@ -341,15 +341,18 @@ class LocalAgentBackend:
         await standby.handle("standby").stop()
         os.close(standby.ready_fd)
 
-    async def _take_standby(self, target: str) -> _Spawned | None:
-        """The standby agent, if it is for `target` and alive (waited for while it is being
-        spawned); one that is not (the session's target came from its config file) stops."""
+    async def _take_standby(self, target: str, env: Mapping[str, str]) -> _Spawned | None:
+        """The standby agent (waited for while it is being spawned), if it is for `target` and
+        the session asks for no agent options (`env`: those go into an agent's environment
+        when it is exec'd). One that is not (the session's target came from its config file)
+        stops. One that has died is returned all the same: its end is the session's error, as
+        any agent's end during its start."""
         if self._standby_spawning is not None:
             await self._standby_spawning.wait()
         if self._standby is None:
             return None
         (standby_target, standby), self._standby = self._standby, None
-        if standby_target != target or standby.process.returncode is not None:
+        if standby_target != target or env:
             await self._stop_unused(standby)
             return None
         return standby
@@ -385,13 +388,16 @@ class LocalAgentBackend:
         if idle is None:
             idle = DEFAULT_AGENT_IDLE_TIMEOUT
         progress(f"starting agent for {target}")
-        standby = await self._take_standby(target)
-        spawned = await self._given(standby, idle, agent_environment(config))
+        env = agent_environment(config)
+        spawned = await self._take_standby(target, env)
+        told = spawned is None or await self._tell(spawned, idle)
         if spawned is None:
             options = ["--target", target, "--idle-timeout", str(idle)]
-            spawned = await self._spawn(options, agent_environment(config), None)
+            spawned = await self._spawn(options, env, None)
         handle = spawned.handle(target, self.agent_fingerprint(config))
         try:
+            if not told:  # the standby is gone
+                raise AgentStartError(await self._failure(handle))
             await self._wait_ready(handle, startup_timeout, spawned.ready_fd)
         except BaseException:
             await handle.stop()
@@ -401,23 +407,20 @@ class LocalAgentBackend:
         progress(f"agent ready for {target} (pid {handle.pid})")
         return handle
 
-    async def _given(
-        self, standby: _Spawned | None, idle: int, env: Mapping[str, str]
-    ) -> _Spawned | None:
-        """`standby` told the session's settings (one JSON line on its stdin, then the stdin's
-        end), or None when there is none or it cannot be told any more (it is discarded)."""
-        if standby is None or standby.process.stdin is None:
-            return None
-        line = json.dumps({"idle_timeout": idle, "env": dict(env)}) + "\n"
+    async def _tell(self, standby: _Spawned, idle: int) -> bool:
+        """Tell `standby` the session's settings: one JSON line on its stdin, then the stdin's
+        end. False when it cannot be told (it is gone)."""
+        if standby.process.stdin is None:
+            return False
+        line = json.dumps({"idle_timeout": idle}) + "\n"
         with contextlib.suppress(OSError):  # a session waits for it now (before its threads)
             os.setpriority(os.PRIO_PROCESS, standby.process.pid, 0)
         try:
             await standby.process.stdin.send(line.encode())
             await standby.process.stdin.aclose()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            await self._stop_unused(standby)
-            return None
-        return standby
+            return False
+        return True
 
     async def _wait_ready(self, handle: LocalAgentHandle, timeout: float, ready_fd: int) -> None:
         """Wait up to `timeout` seconds for the agent's ready line (docs/agent.md) on the pipe
