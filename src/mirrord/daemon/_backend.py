@@ -59,7 +59,7 @@ DEFAULT_AGENT_IDLE_TIMEOUT = 60
 log = logging.getLogger("mirrord.daemon")
 
 _READY_PREFIX = "mirrord-agent ready "
-_STANDBY_NICE = 10  # a standby agent's priority while it waits for its target
+_STANDBY_NICE = 10  # a standby agent's priority while it waits for its session
 _ERROR_PREFIX = "mirrord-agent: error: "
 _STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when stopping an agent
 
@@ -220,8 +220,9 @@ class LocalAgentBackend:
     stderr go to the log file (never a pipe: a pipe nobody drains would block the agent); its
     ready line also comes through a pipe of its own (`--ready-fd`), and a failure is read from
     the log. With `start_standby` the first session's agent is started ahead, before the
-    session's settings are known, and the session takes it. Under `setpriv --pdeathsig TERM` the agent is told to
-    exit when the daemon dies, so a killed daemon never leaves agents behind for long.
+    session's settings are known, and the session takes it. Under `setpriv --pdeathsig TERM`
+    the agent is told to exit when the daemon dies, so a killed daemon never leaves agents
+    behind for long.
     """
 
     name = "local"
