@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from mirrord.config import MirrordConfig
-from mirrord.daemon._backend import LocalAgentBackend
+from mirrord.daemon._backend import LocalAgentBackend, LocalAgentHandle
 from mirrord.daemon._exceptions import AgentStartError
 
 pytestmark = [
@@ -61,7 +61,7 @@ async def test_the_first_session_gets_the_standby_agent(runtime: Path) -> None:
     with anyio.fail_after(60):
         handle = await backend.start_agent(target, MirrordConfig.model_validate({}), said.append)
     try:
-        assert handle.pid == int(standby)
+        assert handle.pid == standby
         assert said == [f"starting agent for {target}", f"agent ready for {target} (pid {standby})"]
         stream = await handle.connect()  # it listens, as any agent
         await stream.aclose()
@@ -71,24 +71,31 @@ async def test_the_first_session_gets_the_standby_agent(runtime: Path) -> None:
     assert sorted(p.name for p in runtime.iterdir()) == []
 
 
+async def _session_passing_the_standby(
+    runtime: Path, standby_for: str, config: MirrordConfig
+) -> tuple[LocalAgentBackend, LocalAgentHandle]:
+    """A backend whose standby (for `standby_for`) the first session, for this process, does
+    not take: the session's agent, once the standby is gone."""
+    backend = LocalAgentBackend(runtime)
+    await backend.start_standby(standby_for)
+    standby = await _standby_pid(runtime)
+    with anyio.fail_after(60):
+        handle = await backend.start_agent(f"pid/{os.getpid()}", config, lambda _: None)
+    assert handle.pid != standby and _gone(standby)
+    assert len(list(runtime.glob("agent-*.secret"))) == 1  # the session's agent's only
+    return backend, handle
+
+
 async def test_a_standby_for_another_target_stops_when_the_first_session_starts(
     runtime: Path,
 ) -> None:
     """The session's target came from its config file, not the command line the daemon was
     started for: it gets an agent of its own, and the standby stops at once."""
-    backend = LocalAgentBackend(runtime)
-    await backend.start_standby("pid/1")
-    standby = await _standby_pid(runtime)
-    with anyio.fail_after(60):
-        handle = await backend.start_agent(
-            f"pid/{os.getpid()}", MirrordConfig.model_validate({}), lambda _: None
-        )
-    try:
-        assert handle.pid != standby and _gone(standby)
-        assert len(list(runtime.glob("agent-*.secret"))) == 1  # the session's agent's only
-    finally:
-        await handle.stop()
-        await backend.aclose()
+    backend, handle = await _session_passing_the_standby(
+        runtime, "pid/1", MirrordConfig.model_validate({})
+    )
+    await handle.stop()
+    await backend.aclose()
     assert sorted(p.name for p in runtime.iterdir()) == []
 
 
@@ -97,15 +104,9 @@ async def test_a_session_with_agent_options_gets_an_agent_started_with_them(
 ) -> None:
     """Agent options (`agent.nftables`, ...) go into an agent's environment at its exec: a
     session that sets them does not take the standby, which stops."""
-    backend = LocalAgentBackend(runtime)
-    target = f"pid/{os.getpid()}"
-    await backend.start_standby(target)
-    standby = await _standby_pid(runtime)
     config = MirrordConfig.model_validate({"agent": {"nftables": True}})
-    with anyio.fail_after(60):
-        handle = await backend.start_agent(target, config, lambda _: None)
+    backend, handle = await _session_passing_the_standby(runtime, f"pid/{os.getpid()}", config)
     try:
-        assert handle.pid != standby and _gone(standby)
         with open(f"/proc/{handle.pid}/environ", "rb") as f:
             assert b"MIRRORD_AGENT_NFTABLES=true" in f.read().split(b"\0")
     finally:

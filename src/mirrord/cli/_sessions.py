@@ -247,10 +247,9 @@ def open_session(
     if live_daemon_pid(paths) is None:
         check = lambda: check_before_daemon(request)  # noqa: E731
     # A daemon started for a local target starts its agent at once (it loads its code while
-    # this command and the daemon get ready); a target from the config file is not known
-    # here, and its agent starts as any other.
-    target = str(request.get("flags", {}).get("target") or "")
-    standby = target if os.geteuid() == 0 and target.startswith(("pid/", "container/")) else None
+    # this command and the daemon get ready; the daemon's local backend decides whether the
+    # target is one); a target from the config file is not known here.
+    standby = request.get("flags", {}).get("target") or None
     for attempt in (1, 2):
         try:
             ensure_daemon(paths, progress, meanwhile=check, standby_agent=standby)

@@ -391,10 +391,11 @@ class LocalAgentBackend:
         progress(f"starting agent for {target}")
         env = agent_environment(config)
         spawned = await self._take_standby(target, env)
-        told = spawned is None or await self._tell(spawned, idle)
-        if spawned is None:
+        if spawned is not None:
+            told = await self._tell(spawned, idle)
+        else:
             options = ["--target", target, "--idle-timeout", str(idle)]
-            spawned = await self._spawn(options, env, None)
+            spawned, told = await self._spawn(options, env, None), True
         handle = spawned.handle(target, self.agent_fingerprint(config))
         try:
             if not told:  # the standby is gone

@@ -365,8 +365,9 @@ def start_daemon(
     """Start a detached daemon (double fork: it is nobody's child and nobody's zombie) and
     wait until it answers. Returns its pid. `meanwhile` runs while the daemon starts (in this
     thread, once the daemon's process exists); if it raises, the daemon is stopped again once
-    it answers, and the exception propagates. `standby_agent`: a local target whose agent the
-    daemon starts at once, ahead of its first session (`mirrordd --standby-agent`)."""
+    it answers, and the exception propagates. `standby_agent`: the target whose agent the
+    daemon starts at once, ahead of its first session, if it is local (`mirrordd
+    --standby-agent`)."""
     paths.ensure()
     argv = [sys.executable, "-m", "mirrord.daemon", "--runtime-dir", str(paths.root)]
     if idle_timeout is not None:

@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--standby-agent",
         metavar="TARGET",
-        help="start the agent for this local target at once, ahead of its first session "
-        "(`mirrord run` asks for it when it starts the daemon for one)",
+        help="start the agent for this target at once, ahead of its first session, if it is "
+        "a local target and the daemon runs as root (`mirrord run` passes its -t target)",
     )
     return parser
 
