@@ -49,6 +49,7 @@ def test_daemon_start_status_logs_and_sigterm(mirrord: Mirrord) -> None:
     assert again.returncode == 0 and "already running" in again.stdout
     pid = mirrord.daemon_pid()
     assert pid is not None
+    assert mirrord.status()["daemon"]["event_loop"] == "uvloop"  # a dependency: mirrord._loop
     runtime = mirrord.runtime
     assert (runtime.stat().st_mode & 0o777) == 0o700
     assert (runtime / "mirrordd.sock").stat().st_mode & 0o777 == 0o600

@@ -107,11 +107,14 @@ async def test_status_counts_relayed_bytes_both_ways(harness: Harness) -> None:
     await _agent_got(harness, m.Credit, conn_id)
     with anyio.fail_after(5):
         while True:
-            status = (await control.call("status"))["result"]["sessions"][0]
+            result = (await control.call("status"))["result"]
+            status = result["sessions"][0]
             if status["bytes_to_agent"] == 300 and status["bytes_to_user"] == 1000:
                 break
             await anyio.sleep(0.02)
     assert status["relayed_connections"] == 1
+    # run in this test's own loop, asyncio's (mirrordd's is uvloop: tests/cli/test_daemon_cmd)
+    assert result["daemon"]["event_loop"] == "asyncio"
     sock.close()
 
 

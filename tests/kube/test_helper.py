@@ -199,6 +199,9 @@ async def test_the_daemon_loads_no_kubernetes_client_and_its_helper_releases_age
     # The Kubernetes client (aiohttp's C extensions) is in the helper, never in the daemon.
     assert _loaded(helper, "aiohttp")
     assert not _loaded(daemon, "aiohttp") and not _loaded(daemon, "multidict")
+    # Both run on uvloop (mirrord._loop), a dependency.
+    assert _loaded(helper, "uvloop") and _loaded(daemon, "uvloop")
+    assert status["daemon"]["event_loop"] == "uvloop"
     assert cluster.list("Job", "default")  # the agent lingers for the next session
     # The daemon is killed: its helper releases the agent (deletes its Job) and exits.
     os.kill(daemon, signal.SIGKILL)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 
+from mirrord._loop import asyncio_options
 from mirrord._malloc import tune_malloc
 from mirrord.daemon._daemon import DEFAULT_IDLE_TIMEOUT, Daemon
 from mirrord.daemon._exceptions import DaemonError
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     daemon = Daemon(paths, idle_timeout=args.idle_timeout, standby_agent=args.standby_agent)
     try:
-        anyio.run(daemon.run, backend="asyncio")
+        anyio.run(daemon.run, backend="asyncio", backend_options=asyncio_options())
     except KeyboardInterrupt:
         pass
     except DaemonError as exc:  # a startup failure the user can fix; the client shows it

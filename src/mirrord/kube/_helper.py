@@ -30,6 +30,7 @@ import anyio.abc
 from anyio.abc import UNIXSocketStream
 
 from mirrord._frames import FrameReader, FrameWriter
+from mirrord._loop import asyncio_options
 from mirrord.daemon import AgentStartError
 from mirrord.kube._helper_wire import HelperProtocolError, MessageDecoder, encode
 from mirrord.kube._node import _splice
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     sock = socket.socket(fileno=args.fd)
-    anyio.run(serve, sock, backend="asyncio")
+    anyio.run(serve, sock, backend="asyncio", backend_options=asyncio_options())
 
 
 if __name__ == "__main__":
