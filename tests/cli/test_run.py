@@ -283,6 +283,34 @@ def test_a_cold_run_on_a_local_target_gets_the_agent_started_with_the_daemon(
     assert entry["pid"] == agent and entry["alive"] is True
 
 
+def test_daemon_status_lists_a_standby_agent_until_its_session_takes_it(
+    mirrord: Mirrord, make_pod: Callable[..., LocalPod]
+) -> None:
+    pod = make_pod(POD_SPEC)
+    target = f"pid/{pod.pid}"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "mirrord.daemon", "--standby-agent", target],
+        env=mirrord.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    mirrord.children.append(daemon)
+    wait_for((mirrord.runtime / "mirrordd.sock").exists, 30, "the daemon")
+    [standby] = wait_for(lambda: mirrord.status()["standby_agents"], 30, "the standby agent")
+    assert standby["backend"] == "local" and standby["target"] == target
+    assert agent_pids(mirrord.runtime, target) == [standby["pid"]]
+    text = mirrord.run("daemon", "status").stdout
+    assert f"standby agent pid {standby['pid']} for {target}" in text, text
+    assert mirrord.run("run", "-t", target, "--", "true").returncode == 0
+    status = mirrord.status()
+    assert status["standby_agents"] == []
+    assert [a["pid"] for a in status["agents"]] == [standby["pid"]]
+    assert mirrord.run("daemon", "stop").returncode == 0
+    assert daemon.wait(timeout=30) == 0
+
+
 def test_warm_run_is_quick(mirrord: Mirrord, make_pod: Callable[..., LocalPod]) -> None:
     pod = make_pod(POD_SPEC)
     assert mirrord.run("run", "-t", f"pid/{pod.pid}", "--", "true").returncode == 0

@@ -57,11 +57,12 @@ async def test_the_first_session_gets_the_standby_agent(runtime: Path) -> None:
     await backend.start_standby(target)
     standby = await _standby_pid(runtime)
     assert target.encode() in _cmdline(standby)
+    assert backend.standby == {"target": target, "pid": standby}  # daemon status lists it
     said: list[str] = []
     with anyio.fail_after(60):
         handle = await backend.start_agent(target, MirrordConfig.model_validate({}), said.append)
     try:
-        assert handle.pid == standby
+        assert handle.pid == standby and backend.standby is None
         assert said == [f"starting agent for {target}", f"agent ready for {target} (pid {standby})"]
         stream = await handle.connect()  # it listens, as any agent
         await stream.aclose()

@@ -139,6 +139,8 @@ def status(
     console.print(f"runtime dir {d['runtime_dir']}")
     for helper in info.get("helpers") or []:
         console.print(f"{helper['backend']} helper pid {helper['pid']}")
+    for standby in info.get("standby_agents") or []:
+        console.print(f"standby agent pid {standby['pid']} for {standby['target']}")
     console.print(
         f"{totals['sessions']} session(s), {totals['agents']} agent(s), "
         f"{totals['channels']} channel(s); relayed {_bytes(totals['bytes_to_agent'])} out / "

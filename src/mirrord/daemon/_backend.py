@@ -26,7 +26,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -333,6 +333,15 @@ class LocalAgentBackend:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, spawned.process.pid, _STANDBY_NICE)
         self._standby = (target, spawned)
+
+    @property
+    def standby(self) -> dict[str, Any] | None:
+        """The standby agent no session took yet, for `mirrord daemon status`: its target and
+        pid; None when there is none."""
+        if self._standby is None:
+            return None
+        target, spawned = self._standby
+        return {"target": target, "pid": spawned.process.pid}
 
     async def _stop_unused(self, standby: _Spawned) -> None:
         """A standby agent no session takes: its stdin's end (it exits), then as any agent."""

@@ -453,6 +453,12 @@ class Daemon:
                 for b in self.backends
                 if (pid := getattr(b, "helper_pid", None)) is not None
             ],
+            # an agent started with the daemon that its first session has not taken yet
+            "standby_agents": [
+                {"backend": b.name, **standby}
+                for b in self.backends
+                if (standby := getattr(b, "standby", None)) is not None
+            ],
             "totals": {
                 "sessions": len(sessions),
                 "agents": len(agents),
