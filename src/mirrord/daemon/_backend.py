@@ -357,23 +357,28 @@ class LocalAgentBackend:
         when it is exec'd). One that is not (the session's target came from its config file)
         stops. One that has died is returned all the same: its end is the session's error, as
         any agent's end during its start."""
-        if self._standby_spawning is not None:
-            await self._standby_spawning.wait()
-        if self._standby is None:
+        taken = await self._pop_standby()
+        if taken is None:
             return None
-        (standby_target, standby), self._standby = self._standby, None
+        standby_target, standby = taken
         if standby_target != target or env:
             await self._stop_unused(standby)
             return None
+        return standby
+
+    async def _pop_standby(self) -> tuple[str, _Spawned] | None:
+        """The standby agent and its target, no longer the backend's (waited for while it is
+        being spawned); None when there is none."""
+        if self._standby_spawning is not None:
+            await self._standby_spawning.wait()
+        standby, self._standby = self._standby, None
         return standby
 
     async def drop_standby(self) -> None:
         """The daemon's first session was created, or refused: a standby agent it did not take
         stops (one still being spawned stops once it is)."""
         self._standby_over = True
-        if self._standby_spawning is not None:
-            await self._standby_spawning.wait()
-        standby, self._standby = self._standby, None
+        standby = await self._pop_standby()
         if standby is not None:
             await self._stop_unused(standby[1])
 

@@ -228,7 +228,6 @@ class Daemon:
         self.layer_connections = 0
         self._build_id = ""
         self._layer_library = ""  # this install's layer: what the CLI checks sessions against
-        self._event_loop = ""  # "uvloop" or "asyncio" (mirrord._loop)
         self._starting = 0  # sessions being created: not idle (an agent start takes seconds)
         # When to give the heap's free memory back (`trim_malloc`): a moment after a session
         # closed, once its relays and buffers are gone.
@@ -247,8 +246,7 @@ class Daemon:
 
         self._build_id = build_id()
         self._layer_library = str(library_path())
-        self._event_loop = loop_name()
-        log.info("event loop: %s", self._event_loop)
+        log.info("event loop: %s", loop_name())
         self.paths.ensure()
         control = await _unix_listener(self.paths.control_socket)
         layer = await _unix_listener(self.paths.layer_socket)
@@ -443,7 +441,7 @@ class Daemon:
                 "build_id": self._build_id,
                 "layer_library": self._layer_library,
                 "layer_connections_total": self.layer_connections,
-                "event_loop": self._event_loop,
+                "event_loop": loop_name(),
             },
             "sessions": sessions,
             "agents": agents,
