@@ -4,11 +4,14 @@ AF_PACKET sniffer in a pod under an HTTP load with zero kernel drops."""
 from __future__ import annotations
 
 import http.client
+import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +20,9 @@ from mirrord.agent._http_filter import CLOSED, RequestSplitter, RequestStarted
 from mirrord.agent._incoming_netns import NetnsRunner
 from mirrord.agent._mirror import (
     ACK,
+    EXPIRE_EVERY,
     FIN,
+    FLOW_IDLE_TIMEOUT,
     RST,
     SYN,
     FlowClosed,
@@ -204,3 +209,33 @@ def test_1000_requests_on_20_keep_alive_connections_seen_in_order_without_drops(
         n = paths[0].split("/")[1]
         assert paths == [f"/{n}/r{i}" for i in range(50)], keys[flow]
     assert sniffer.statistics()["drops"] == 0
+
+
+@pytest.mark.netns
+def test_drain_on_the_event_loop_and_idle_flows_ended_without_a_packet(
+    pod: LocalPod, pod_app: int, sniffer: PacketSniffer
+) -> None:
+    """The agent reads the sniffer on its trio loop: wait until readable, drain without
+    blocking; a flow idle for FLOW_IDLE_TIMEOUT is ended by `expire_idle` with no packet."""
+    sniffer.set_ports({pod_app})
+    assert sniffer.drain() == [] and not sniffer.full  # nothing queued: returns at once
+    events: list[Any] = []
+    client = socket.create_connection((pod.ip, pod_app), timeout=10)
+    try:
+        client.sendall(b"GET /drained HTTP/1.1\r\nHost: pod\r\n\r\n")
+
+        async def read() -> None:
+            with anyio.fail_after(10):
+                while b"/drained" not in data_of(events):
+                    await anyio.wait_readable(sniffer.fileno())
+                    events.extend(sniffer.drain())
+
+        anyio.run(read, backend="trio")
+        assert isinstance(events[0], FlowOpened) and events[0].key[3] == pod_app
+        assert not sniffer.full
+        assert sniffer.expire_idle() == []  # looked at once per EXPIRE_EVERY, and not idle
+        later = time.monotonic() + FLOW_IDLE_TIMEOUT + EXPIRE_EVERY + 1
+        assert sniffer.expire_idle(now=later) == [FlowClosed(events[0].flow, reset=True)]
+        assert sniffer.reassembler.flows == 0
+    finally:
+        client.close()

@@ -38,6 +38,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 
 from mirrord.agent._exceptions import SubscribeError
@@ -59,7 +60,7 @@ from mirrord.agent._http_filter import (
 )
 from mirrord.agent._incoming_netns import SyncRunner
 from mirrord.agent._incoming_pipe import PipeEnd, pipe_pair
-from mirrord.agent._mirror import FlowClosed, FlowData, FlowOpened, PacketSniffer
+from mirrord.agent._mirror import EXPIRE_EVERY, FlowClosed, FlowData, FlowOpened, PacketSniffer
 from mirrord.agent._mirror_h2 import MirrorH2Flow
 from mirrord.agent._steal import AGENT_MARK_SNIFFED
 from mirrord.protocol import messages as m
@@ -254,13 +255,20 @@ class IncomingMirror:
             self._sniffer_scope = scope
             task_status.started()
             try:
-                while True:
-                    # Short waits: cancellation (unsubscribe, shutdown) is noticed within one.
-                    events = await anyio.to_thread.run_sync(sniffer.read_batch, 0.1)
-                    if events and self._sniffer is sniffer:
-                        # (a replaced sniffer's last batch is dropped: its successor sees
-                        # the same packets and delivers them)
-                        self._deliver(events, flows)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._expire_idle, sniffer, flows)
+                    while True:
+                        # Read on the loop, no thread hop: a drain never blocks, and stops
+                        # at MAX_BATCH frames to let the other tasks run before the next.
+                        if sniffer.full:
+                            await anyio.lowlevel.checkpoint()
+                        else:
+                            await anyio.wait_readable(sniffer.fileno())
+                        events = sniffer.drain()
+                        if events and self._sniffer is sniffer:
+                            # (a replaced sniffer's last batch is dropped: its successor
+                            # sees the same packets and delivers them)
+                            self._deliver(events, flows)
             except Exception as exc:
                 # The mirror stops (its flows end); steal and the rest of the agent go on.
                 log.error("the mirror's sniffer failed: %r", exc, exc_info=exc)
@@ -273,6 +281,14 @@ class IncomingMirror:
                     self._end_flow(flow, reset=False)
                 flows.clear()
                 self._flow_tables.remove(flows)
+
+    async def _expire_idle(self, sniffer: PacketSniffer, flows: dict[int, _MirrorFlow]) -> None:
+        """End the flows that saw no packet for FLOW_IDLE_TIMEOUT, also while none arrive."""
+        while True:
+            await anyio.sleep(EXPIRE_EVERY)
+            events = sniffer.expire_idle()
+            if events and self._sniffer is sniffer:
+                self._deliver(events, flows)
 
     def _deliver(self, events: list[Any], flows: dict[int, _MirrorFlow]) -> None:
         """Sniffer events -> connections to the mirroring channels. Never waits."""
@@ -410,7 +426,10 @@ class IncomingMirror:
         try:
             while True:
                 try:
-                    with anyio.fail_after(ANSWER_WAIT if conn.ended else None):
+                    if conn.ended:
+                        with anyio.fail_after(ANSWER_WAIT):
+                            data = await conn.end.receive()
+                    else:  # (no cancel scope per answer while the flow goes on)
                         data = await conn.end.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                     return

@@ -50,6 +50,7 @@ RECV_SIZE: Final = 256 * 1024
 MAX_BATCH: Final = 512  # frames drained per wake-up before handing events over
 MAX_OUT_OF_ORDER: Final = 4 * 1024 * 1024  # bytes buffered ahead of a gap, per flow
 FLOW_IDLE_TIMEOUT: Final = 600.0  # seconds without a packet before a flow is forgotten
+EXPIRE_EVERY: Final = 30.0  # seconds between two looks for idle flows
 
 FIN: Final = 0x01
 SYN: Final = 0x02
@@ -315,7 +316,9 @@ def _attach_bpf(sock: socket.socket, expression: str, exclude_mark: int | None =
 
 class PacketSniffer:
     """The AF_PACKET socket of the mirror. `open` runs `make_socket` (which must create the
-    socket in the target's network namespace), `read_batch()` is blocking (a worker thread).
+    socket in the target's network namespace). On an event loop: wait until `fileno()` is
+    readable, then `drain()` (never blocks), and call `expire_idle()` now and then; in a
+    thread: `read_batch()` (blocking) does all three.
 
     Counters: `packets` (TCP segments parsed), `per_port` (segments per destination port),
     `drops` (kernel drops since open: `PACKET_STATISTICS`, which resets on every read)."""
@@ -357,6 +360,7 @@ class PacketSniffer:
         self.drops = 0
         self.per_port: dict[int, int] = {}
         self._last_expire = time.monotonic()
+        self.full = False  # the last drain() stopped at MAX_BATCH
         self.closed = False
 
     def __repr__(self) -> str:
@@ -379,43 +383,63 @@ class PacketSniffer:
             self.drops += drops
         return {"packets": self.packets, "kernel_packets": self.kernel_packets, "drops": self.drops}
 
+    def fileno(self) -> int:
+        """The packet socket's fd: wait for it to be readable, then `drain()`."""
+        return self._sock.fileno()
+
     def read_batch(self, timeout: float) -> list[Any]:
-        """Wait up to `timeout` for frames, drain up to MAX_BATCH, return the flow events."""
-        events: list[Any] = []
+        """Wait up to `timeout` for frames, drain up to MAX_BATCH, return the flow events
+        (flows idle for FLOW_IDLE_TIMEOUT ended among them). Blocking: a thread's loop."""
         if self.closed:
-            return events
+            return []
         try:
             ready, _, _ = select.select([self._sock], [], [], timeout)
         except (OSError, ValueError):
+            return []
+        events = self.drain() if ready else []
+        return events + self.expire_idle()
+
+    def drain(self) -> list[Any]:
+        """Read what is queued, up to MAX_BATCH frames, without waiting; return the flow
+        events. `full` says afterwards whether the batch stopped at MAX_BATCH (more may be
+        queued)."""
+        events: list[Any] = []
+        self.full = False
+        if self.closed:
             return events
         now = time.monotonic()
-        if ready:
-            recv = self._sock.recvfrom_into
-            view = self._view
-            for _ in range(MAX_BATCH):
-                try:
-                    n, addr = recv(self._buf)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-                        break
-                    raise
-                if addr[2] == PACKET_OUTGOING:
-                    continue  # pod -> itself on lo is seen twice: keep the arriving copy
-                parsed = parse_frame(view[:n])
-                if parsed is None:
-                    continue
-                key, seq, flags, payload = parsed
-                if key[3] not in self.ports:
-                    continue  # queued under an older filter
-                self.packets += 1
-                self.per_port[key[3]] = self.per_port.get(key[3], 0) + 1
-                events += self.reassembler.feed(key, seq, flags, payload, now)
-        if now - self._last_expire > 30.0:
-            self._last_expire = now
-            events += self.reassembler.expire(now)
+        recv = self._sock.recvfrom_into
+        view = self._view
+        for _ in range(MAX_BATCH):
+            try:
+                n, addr = recv(self._buf)
+            except BlockingIOError:
+                return events
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    return events
+                raise
+            if addr[2] == PACKET_OUTGOING:
+                continue  # pod -> itself on lo is seen twice: keep the arriving copy
+            parsed = parse_frame(view[:n])
+            if parsed is None:
+                continue
+            key, seq, flags, payload = parsed
+            if key[3] not in self.ports:
+                continue  # queued under an older filter
+            self.packets += 1
+            self.per_port[key[3]] = self.per_port.get(key[3], 0) + 1
+            events += self.reassembler.feed(key, seq, flags, payload, now)
+        self.full = True
         return events
+
+    def expire_idle(self, now: float | None = None) -> list[Any]:
+        """End the flows idle for FLOW_IDLE_TIMEOUT (looked at once per EXPIRE_EVERY)."""
+        now = time.monotonic() if now is None else now
+        if self.closed or now - self._last_expire < EXPIRE_EVERY:
+            return []
+        self._last_expire = now
+        return list(self.reassembler.expire(now))
 
     def close(self) -> None:
         if not self.closed:
