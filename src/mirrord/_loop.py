@@ -1,4 +1,5 @@
-"""The event loop of mirrord's asyncio processes (the daemon, the Kubernetes helper).
+"""The event loop of mirrord's asyncio processes (the daemon, the Kubernetes helper, the
+node agent).
 
 Owns: choosing it. uvloop when it imports (a dependency): asyncio's event loop API on libuv,
 with less of the loop's own work per wake-up, which a relayed request pays several times in

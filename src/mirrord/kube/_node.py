@@ -13,7 +13,8 @@ of one daemon share one agent; a second daemon brings its own secret and gets it
 An agent exits by itself after its idle timeout; the next connection starts a new one.
 Does not own the agent protocol, and imports nothing of the agent or of kubernetes_asyncio:
 it runs inside the agent image and only starts `mirrord-agent` processes (`python -m
-mirrord.agent` of its own interpreter, so the agent is always of its own version).
+mirrord.agent` of its own interpreter, so the agent is always of its own version). Runs on
+asyncio, on uvloop where it imports (`mirrord._loop`), as the daemon does.
 
 Run as `python -m mirrord.kube._node --listen tcp:0.0.0.0:61337 [--idle-timeout 60]`.
 """
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+
+from mirrord._loop import asyncio_options
 
 __all__ = ["PREAMBLE", "main"]
 
@@ -247,7 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            anyio.run(serve, host or "0.0.0.0", int(port_text), node)
+            anyio.run(
+                serve,
+                host or "0.0.0.0",
+                int(port_text),
+                node,
+                backend="asyncio",
+                backend_options=asyncio_options(),
+            )
     finally:
         if own_dir:
             shutil.rmtree(runtime, ignore_errors=True)
