@@ -21,6 +21,7 @@ from pathlib import Path
 __all__ = ["AgentProc", "start_agent", "stop_agent"]
 
 _READY_TIMEOUT = 20.0
+_SETTLE_TIMEOUT = 20.0  # after the ready line, for the incoming service
 _STOP_TIMEOUT = 15.0
 _SETTLED_STARTED = "incoming traffic service started"  # the agent's log lines (_server.py)
 _SETTLED_FAILED = "incoming traffic is unavailable"
@@ -86,8 +87,9 @@ def start_agent(
     on top of this process's environment. It listens on `agent.sock` in its runtime directory
     (`socket`), or on `listen` (`tcp:HOST:PORT`; `socket` is then ""); it reads the secret from
     a file, or from $MIRRORD_AGENT_SECRET with `secret_in_env`. With `settled` it returns once
-    the incoming service, loaded after the ready line, has started too. Raises AssertionError
-    (with the log) if it never says it is ready."""
+    the incoming service, loaded after the ready line, has started (or failed) too. Raises
+    AssertionError (with the log), the agent stopped, if it never says it is ready or
+    settled."""
     runtime = runtime_dir or Path(tempfile.mkdtemp(prefix="mrdag"))
     sock = "" if listen else str(runtime / "agent.sock")
     argv = [sys.executable, "-m", "mirrord.agent", "--target", target]
@@ -114,19 +116,30 @@ def start_agent(
         stop_agent(agent)
         raise AssertionError(f"agent not ready: {line!r}; log:\n{log_text}")
     if settled:
-        _wait_settled(agent)
+        try:
+            _wait_settled(agent)
+        except AssertionError:
+            stop_agent(agent)
+            raise
     return agent
 
 
 def _wait_settled(agent: AgentProc) -> None:
     """Until the agent's incoming service, loaded after the ready line, has started or failed
     (its log says which): the tests that count the agent's fds or threads see it at rest."""
-    deadline = time.monotonic() + _READY_TIMEOUT
+    deadline = time.monotonic() + _SETTLE_TIMEOUT
+    text = ""
     while time.monotonic() < deadline and agent.proc.poll() is None:
         text = agent.log()
         if _SETTLED_STARTED in text or _SETTLED_FAILED in text:
             return
         time.sleep(0.01)
+    state = (
+        "exited" if agent.proc.poll() is not None else f"still running after {_SETTLE_TIMEOUT:g} s"
+    )
+    raise AssertionError(
+        f"the agent's incoming service neither started nor failed ({state}); log:\n{text}"
+    )
 
 
 def stop_agent(agent: AgentProc) -> None:

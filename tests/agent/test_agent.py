@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -30,6 +31,7 @@ from mirrord.protocol import (
     encode_frame,
 )
 from mirrord.protocol import messages as m
+from tests import _agent_process as agent_process
 from tests._agent_client import AgentClient, AgentError
 from tests._agent_process import AgentProc, start_agent, stop_agent
 
@@ -224,6 +226,26 @@ async def test_a_subscribe_right_after_the_ready_line_waits_for_the_incoming_ser
         assert "incoming traffic is unavailable" not in agent.log()
     finally:
         stop_agent(agent)
+
+
+def test_an_agent_that_never_settles_fails_its_start_and_is_stopped(
+    pod: LocalPod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test helper's wait for the incoming service fails loudly (with the log) instead of
+    returning as if settled, and leaves no agent behind: at warning level the agent never logs
+    that its incoming service started."""
+    monkeypatch.setattr(agent_process, "_SETTLE_TIMEOUT", 1.0)
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(AssertionError, match="neither started nor failed"):
+        start_agent(f"pid/{pod.pid}", "--log-level", "warning")
+    assert len(started) == 1 and started[0].poll() is not None
 
 
 def test_idle_timeout_ends_the_agent(pod: LocalPod) -> None:
