@@ -70,6 +70,10 @@ class RelayLink(Protocol):
     async def wait_ready(self) -> None:
         """Until the stream to the peer is not too far behind (back-pressure on reading)."""
 
+    def ready(self) -> bool:
+        """Whether the stream to the peer is not too far behind (`wait_ready` would not
+        wait)."""
+
 
 class QueueingStream(Protocol):
     """An in-memory stream (the agent's pipes to its incoming code) that takes bytes
@@ -77,6 +81,10 @@ class QueueingStream(Protocol):
 
     def send_nowait(self, item: bytes) -> bool:
         """Queue `item`; False (nothing queued) when the reader is too far behind."""
+
+    def read_directly(self, reader: Callable[[bytes], bool] | None) -> None:
+        """While set, what is written while nothing is unread goes to `reader` at once
+        (False from it: queued as usual); a relay reading the stream sets its `_pushed`."""
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -238,23 +246,43 @@ class FlowRelay:
             if self._raw is not None:  # recv directly; a checkpoint only when always ready
                 assert isinstance(self.stream, anyio.abc.ByteStream)
                 self._direct = FrameReader(self.stream, self.flow.max_chunk)
-            while self.flow.reading:
-                size = self.flow.read_size()
-                if size == 0:
-                    await self._wait_reader()  # for Credit
-                    continue
-                try:
-                    data = await self._receive(size)
-                except anyio.EndOfStream:
-                    out = self.flow.socket_eof()
-                except _GONE as exc:
-                    out = self.flow.socket_error(_errno_of(exc))
-                else:
-                    self.reads += 1
-                    out = self.flow.socket_data(data)
-                self._send_all(out)
-                self._moved()
-                await self.link.wait_ready()
+            read_directly = getattr(self.stream, "read_directly", None)
+            if read_directly is not None:  # an in-memory pipe: its writer hands bytes over
+                read_directly(self._pushed)
+            try:
+                await self._read_loop(
+                    getattr(self.stream, "unreceive", None) if read_directly else None
+                )
+            finally:
+                if read_directly is not None:
+                    read_directly(None)
+
+    async def _read_loop(self, unreceive: Callable[[bytes], None] | None) -> None:
+        """`unreceive`: an in-memory pipe's, whose writer may have handed bytes over directly
+        (`_pushed`) while this read waited: what the window no longer holds goes back."""
+        while self.flow.reading:
+            size = self.flow.read_size()
+            if size == 0:
+                await self._wait_reader()  # for Credit
+                continue
+            try:
+                data = await self._receive(size)
+            except anyio.EndOfStream:
+                out = self.flow.socket_eof()
+            except _GONE as exc:
+                out = self.flow.socket_error(_errno_of(exc))
+            else:
+                if unreceive is not None and len(data) > self.flow.read_size():
+                    room = self.flow.read_size()
+                    unreceive(data[room:])
+                    data = data[:room]
+                    if not data:
+                        continue
+                self.reads += 1
+                out = self.flow.socket_data(data)
+            self._send_all(out)
+            self._moved()
+            await self.link.wait_ready()
 
     async def _read_in_callbacks(self, raw: socket.socket) -> None:
         """Read the socket from the event loop's reader callback (`FrameReader.run`): a read
@@ -276,6 +304,18 @@ class FlowRelay:
             self._reader = None
         self._send_all(out)
         self._moved()
+
+    def _pushed(self, data: bytes) -> bool:
+        """Bytes the stream's writer hands over while none are unread (an in-memory pipe:
+        `QueueingStream.read_directly`), sent as a read of them would be, in the writer's
+        call. False (the pipe keeps them for the task) when the window does not hold them or
+        the peer's stream is behind."""
+        if len(data) > self.flow.read_size() or not self.link.ready():
+            return False
+        self.reads += 1
+        self._send_all(self.flow.socket_data(data))
+        self._moved()
+        return True
 
     def _socket_read(self, data: bytes) -> None:
         """One read of the socket (in the loop's reader callback)."""

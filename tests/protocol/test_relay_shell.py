@@ -49,6 +49,9 @@ class _Wire:
     async def wait_ready(self) -> None:
         await anyio.lowlevel.checkpoint()
 
+    def ready(self) -> bool:
+        return True
+
     async def pump(self, to: FlowRelay) -> None:
         async for msg in self.rx:
             to.receive(msg)
@@ -273,6 +276,9 @@ class _AgentStreamLink:
 
     async def wait_ready(self) -> None:
         await self.writer.wait_queued_below(1024 * 1024)
+
+    def ready(self) -> bool:
+        return self.writer.queued_bytes <= 1024 * 1024
 
 
 async def _serve_stream(

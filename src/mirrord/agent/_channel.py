@@ -204,6 +204,10 @@ class ChannelOwner(Protocol):
         """Until the daemon is not too far behind in reading what was sent to it."""
         ...
 
+    def ready(self) -> bool:
+        """Whether the daemon is not too far behind (`wait_ready` would not wait)."""
+        ...
+
     def forget_channel(self, channel: Channel) -> None:
         """`channel` ended on its own: the connection no longer routes to it."""
         ...
@@ -336,6 +340,9 @@ class Channel:
 
     async def wait_ready(self) -> None:
         await self.session.wait_ready()
+
+    def ready(self) -> bool:
+        return self.session.ready()
 
     # -- lifecycle ----------------------------------------------------------------------------
 

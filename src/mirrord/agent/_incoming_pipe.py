@@ -29,7 +29,17 @@ DEFAULT_LIMIT = 4 * 1024 * 1024
 class _Half:
     """One direction of a pipe."""
 
-    __slots__ = ("buffered", "changed", "chunks", "closed", "discard", "eof", "errno", "limit")
+    __slots__ = (
+        "buffered",
+        "changed",
+        "chunks",
+        "closed",
+        "discard",
+        "eof",
+        "errno",
+        "limit",
+        "reader",
+    )
 
     def __init__(self, limit: int) -> None:
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -39,11 +49,29 @@ class _Half:
         self.closed = False  # the reader is gone: writes fail (or vanish with `discard`)
         self.discard = False
         self.errno = 0  # why the writer ended (`abort`); 0: a plain close
-        self.changed = anyio.Event()
+        # what a waiting end waits on; made only when one waits (most writes wake nobody)
+        self.changed: anyio.Event | None = None
+        # the reading end's taker of bytes written while nothing is unread (`read_directly`)
+        self.reader: Callable[[bytes], bool] | None = None
+
+    async def wait(self) -> None:
+        if self.changed is None:
+            self.changed = anyio.Event()
+        await self.changed.wait()
 
     def wake(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
+        changed, self.changed = self.changed, None
+        if changed is not None:
+            changed.set()
+
+    def put(self, item: bytes) -> None:
+        """Queue `item` for the reader, or hand it over directly: nothing is unread and the
+        reader's taker takes it."""
+        if not self.chunks and self.reader is not None and self.reader(item):
+            return
+        self.chunks.append(item)
+        self.buffered += len(item)
+        self.wake()
 
 
 class PipeEnd(anyio.abc.ByteStream):
@@ -69,6 +97,20 @@ class PipeEnd(anyio.abc.ByteStream):
     def peer_unread(self) -> int:
         return self._tx.buffered
 
+    def read_directly(self, reader: Callable[[bytes], bool] | None) -> None:
+        """While set, bytes written to this end when none are unread go to `reader` at once,
+        in the writer's call, instead of waking this end's `receive()`; `reader` returns
+        False to leave them queued (it cannot take them now). Its relay sets it while it
+        reads (`FlowRelay`): a mirrored request costs no task wake-up in the agent."""
+        self._rx.reader = reader
+
+    def unreceive(self, data: bytes) -> None:
+        """Put bytes back in front of what `receive()` returns next."""
+        if data:
+            rx = self._rx
+            rx.chunks.appendleft(data)
+            rx.buffered += len(data)
+
     def discard_peer_writes(self) -> None:
         """What the other end sends is dropped unread (a mirrored flow's replies)."""
         self._rx.discard = True
@@ -85,7 +127,7 @@ class PipeEnd(anyio.abc.ByteStream):
                     # the writer was aborted (`abort`): a failure, not an end
                     raise anyio.BrokenResourceError from OSError(rx.errno, os.strerror(rx.errno))
                 raise anyio.EndOfStream
-            await rx.changed.wait()
+            await rx.wait()
         chunk = rx.chunks.popleft()
         if len(chunk) > max_bytes:
             rx.chunks.appendleft(chunk[max_bytes:])
@@ -111,12 +153,10 @@ class PipeEnd(anyio.abc.ByteStream):
             return
         tx = self._tx
         while tx.buffered > tx.limit and not tx.closed and not tx.discard:
-            await tx.changed.wait()
+            await tx.wait()
         if not self._check_send() or tx.discard:
             return
-        tx.chunks.append(bytes(item))
-        tx.buffered += len(item)
-        tx.wake()
+        tx.put(bytes(item))
 
     def send_nowait(self, item: bytes) -> bool:
         """Queue `item` without waiting; False if the peer has `limit` bytes unread already
@@ -128,9 +168,7 @@ class PipeEnd(anyio.abc.ByteStream):
             return True
         if tx.buffered + len(item) > tx.limit:
             return False
-        tx.chunks.append(bytes(item))
-        tx.buffered += len(item)
-        tx.wake()
+        tx.put(bytes(item))
         return True
 
     async def send_eof(self) -> None:

@@ -237,6 +237,10 @@ class DaemonSession:
         if self.writer.queued_bytes > _HIGH_WATER:
             await self._wait_taken(0)
 
+    def ready(self) -> bool:
+        """Whether `wait_ready` would return at once."""
+        return self.writer.queued_bytes <= _HIGH_WATER
+
     async def _write_frames(self, scope: anyio.CancelScope) -> None:
         """The writer task; its end (the daemon connection broke, or the writer closed after
         the last frame) ends the session."""

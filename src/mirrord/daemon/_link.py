@@ -241,6 +241,10 @@ class _ChannelLink:
         if writer is not None and writer.queued_bytes > _HIGH_WATER:
             await writer.wait_queued_below(_HIGH_WATER // 2)
 
+    def ready(self) -> bool:
+        writer = self._link._writer
+        return writer is None or writer.queued_bytes <= _HIGH_WATER
+
 
 class ChannelRelays(RelayTable):
     """The relays of one channel."""
