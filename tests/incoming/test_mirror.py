@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -31,6 +32,7 @@ from mirrord.agent._mirror import (
     PacketSniffer,
     Reassembler,
     bpf_expression,
+    live_connections,
     parse_frame,
 )
 from mirrord.localpod import LocalPod
@@ -134,7 +136,7 @@ def test_parse_frame_ipv4_and_ipv6() -> None:
 
 
 def test_bpf_expression() -> None:
-    assert bpf_expression({80, 8080}) == "tcp and (dst port 80 or dst port 8080)"
+    assert bpf_expression({80, 8080}).startswith("tcp and (dst port 80 or dst port 8080) and ")
     assert bpf_expression(set()) == "less 1"
 
 
@@ -212,30 +214,73 @@ def test_1000_requests_on_20_keep_alive_connections_seen_in_order_without_drops(
 
 
 @pytest.mark.netns
-def test_drain_on_the_event_loop_and_idle_flows_ended_without_a_packet(
+def test_drain_on_the_event_loop_pure_acks_filtered_and_live_idle_flows_kept(
     pod: LocalPod, pod_app: int, sniffer: PacketSniffer
 ) -> None:
     """The agent reads the sniffer on its trio loop: wait until readable, drain without
-    blocking; a flow idle for FLOW_IDLE_TIMEOUT is ended by `expire_idle` with no packet."""
+    blocking. The kernel filter passes the SYN and the request, not the client's pure ACKs.
+    A flow silent for FLOW_IDLE_TIMEOUT is ended, unless the target still has its
+    connection (`live_connections`, read from the pod's own /proc tables)."""
     sniffer.set_ports({pod_app})
     assert sniffer.drain() == [] and not sniffer.full  # nothing queued: returns at once
     events: list[Any] = []
     client = socket.create_connection((pod.ip, pod_app), timeout=10)
     try:
         client.sendall(b"GET /drained HTTP/1.1\r\nHost: pod\r\n\r\n")
+        answer = b""
+        while b"/drained" not in answer:  # the answer came, so the client acknowledged it
+            answer += client.recv(4096)
 
         async def read() -> None:
             with anyio.fail_after(10):
                 while b"/drained" not in data_of(events):
                     await anyio.wait_readable(sniffer.fileno())
                     events.extend(sniffer.drain())
+            await anyio.sleep(0.3)  # the client's delayed ACKs, had they passed the filter
+            events.extend(sniffer.drain())
 
         anyio.run(read, backend="trio")
         assert isinstance(events[0], FlowOpened) and events[0].key[3] == pod_app
         assert not sniffer.full
-        assert sniffer.expire_idle() == []  # looked at once per EXPIRE_EVERY, and not idle
+        assert sniffer.packets == 2  # the SYN and the request: no pure ACK
+        key = events[0].key
+        live = sniffer.live_connections()
+        assert key in live
+        assert not sniffer.expiry_due()  # looked at once per EXPIRE_EVERY, and none idle
         later = time.monotonic() + FLOW_IDLE_TIMEOUT + EXPIRE_EVERY + 1
-        assert sniffer.expire_idle(now=later) == [FlowClosed(events[0].flow, reset=True)]
+        assert sniffer.expiry_due(now=later)
+        assert sniffer.expire_idle(now=later, live=live) == []  # silent, but alive
+        assert sniffer.reassembler.flows == 1
+        even_later = later + FLOW_IDLE_TIMEOUT + 1
+        closed = sniffer.expire_idle(now=even_later, live=set())
+        assert closed == [FlowClosed(events[0].flow, reset=True)]  # silent and gone
         assert sniffer.reassembler.flows == 0
     finally:
         client.close()
+
+
+def test_live_connections_reads_ipv4_ipv6_and_mapped_addresses(tmp_path: Path) -> None:
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt\n"
+    (tmp_path / "tcp").write_text(
+        header
+        # 10.213.0.2:8080 <- 10.213.0.1:40000, ESTABLISHED
+        + "   0: 0200D50A:1F90 0100D50A:9C40 01 00000000:00000000 00:00000000 00000000\n"
+        # a listener and a TIME_WAIT: not connections that go on
+        + "   1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
+        + "   2: 0200D50A:1F90 0100D50A:9C41 06 00000000:00000000 00:00000000 00000000\n"
+    )
+    (tmp_path / "tcp6").write_text(
+        header
+        # [::1]:8080 <- [::1]:40002, CLOSE_WAIT
+        + "   0: 00000000000000000000000001000000:1F90 "
+        "00000000000000000000000001000000:9C42 08 0:0 00:0 0\n"
+        # a dual-stack socket's IPv4 client: ::ffff:10.213.0.1
+         + "   1: 0000000000000000FFFF00000200D50A:1F90 "
+        "0000000000000000FFFF00000100D50A:9C43 01 0:0 00:0 0\n"
+    )
+    assert live_connections(str(tmp_path)) == {
+        ("10.213.0.1", 40000, "10.213.0.2", 8080),
+        ("::1", 40002, "::1", 8080),
+        ("10.213.0.1", 40003, "10.213.0.2", 8080),
+    }
+    assert live_connections(str(tmp_path / "absent")) == set()

@@ -283,10 +283,14 @@ class IncomingMirror:
                 self._flow_tables.remove(flows)
 
     async def _expire_idle(self, sniffer: PacketSniffer, flows: dict[int, _MirrorFlow]) -> None:
-        """End the flows that saw no packet for FLOW_IDLE_TIMEOUT, also while none arrive."""
+        """End the flows that saw no packet for FLOW_IDLE_TIMEOUT, also while none arrive,
+        unless the target still has their connection."""
         while True:
             await anyio.sleep(EXPIRE_EVERY)
-            events = sniffer.expire_idle()
+            if not sniffer.expiry_due():
+                continue
+            live = await anyio.to_thread.run_sync(sniffer.live_connections)
+            events = sniffer.expire_idle(live=live)
             if events and self._sniffer is sniffer:
                 self._deliver(events, flows)
 

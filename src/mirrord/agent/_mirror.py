@@ -11,8 +11,11 @@ buffer drops from ~5k packets/s (notes/linux.md). scapy is used where it is good
 BPF filter (libpcap through ctypes) and its socket structures.
 
 Only client -> server bytes are mirrored (the session's replies are discarded), so the filter
-selects `tcp dst port P`. A flow is mirrored from its SYN: connections that were open before the
-subscription are not picked up mid-stream (there is no way to know where their requests start).
+selects `tcp dst port P`, without the client's pure ACKs over IPv4 (no payload, no SYN, FIN or
+RST). A flow is mirrored from its SYN: connections that were open before the subscription are
+not picked up mid-stream (there is no way to know where their requests start). A flow silent
+for FLOW_IDLE_TIMEOUT is ended unless the target still has its connection
+(`live_connections`: the namespace's /proc TCP tables).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,6 +38,7 @@ __all__ = [
     "PacketSniffer",
     "Reassembler",
     "bpf_expression",
+    "live_connections",
     "parse_frame",
 ]
 
@@ -65,11 +69,24 @@ _TCP = struct.Struct("!HHIIBB")
 FlowKey = tuple[str, int, str, int]
 
 
+# Over IPv4, a segment with neither payload nor SYN, FIN or RST (a pure ACK: about one per
+# request and answer) says nothing the reassembly needs: the kernel drops it, so that it
+# neither wakes the agent nor costs a read. (A flow that only acknowledges for a long time,
+# a download, is kept by `expire`'s look at the target's connections, not by its ACKs.)
+# pcap's `tcp[...]` reads IPv4 only: IPv6 segments all pass.
+_NOT_PURE_ACK = (
+    "(ip6 or tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0"
+    " or ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2) != 0)"
+)
+
+
 def bpf_expression(ports: set[int] | frozenset[int]) -> str:
-    """pcap filter text for the mirrored ports (server side: packets *to* the port)."""
+    """pcap filter text for the mirrored ports (server side: segments *to* the port that
+    carry bytes or open or close the flow)."""
     if not ports:
         return "less 1"  # matches nothing: a frame is never shorter than 1 byte
-    return "tcp and (" + " or ".join(f"dst port {p}" for p in sorted(ports)) + ")"
+    dst = " or ".join(f"dst port {p}" for p in sorted(ports))
+    return f"tcp and ({dst}) and {_NOT_PURE_ACK}"
 
 
 def parse_frame(frame: memoryview | bytes) -> tuple[FlowKey, int, int, bytes] | None:
@@ -250,14 +267,61 @@ class Reassembler:
             if not progressed:
                 break
 
-    def expire(self, now: float, idle: float = FLOW_IDLE_TIMEOUT) -> list[FlowEvent]:
-        """Forget flows silent for `idle` seconds (their FIN/RST was lost to us)."""
+    def idle(self, now: float, idle: float = FLOW_IDLE_TIMEOUT) -> bool:
+        """Whether some flow has been silent for `idle` seconds."""
+        return any(now - flow.last_seen > idle for flow in self._flows.values())
+
+    def expire(
+        self,
+        now: float,
+        idle: float = FLOW_IDLE_TIMEOUT,
+        live: Container[FlowKey] = (),
+    ) -> list[FlowEvent]:
+        """Forget flows silent for `idle` seconds (their FIN/RST was lost to us), but those
+        in `live` (the target still has the connection: a client that only acknowledges, or
+        says nothing for a while, as a pooled connection does), which start a new silence."""
         out: list[FlowEvent] = []
         for key, flow in list(self._flows.items()):
             if now - flow.last_seen > idle:
+                if key in live:
+                    flow.last_seen = now
+                    continue
                 del self._flows[key]
                 out.append(FlowClosed(flow.id, reset=True))
         return out
+
+
+# The TCP states (include/net/tcp_states.h) of a connection that goes on: ESTABLISHED,
+# SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING.
+_LIVE_STATES: Final = frozenset({"01", "03", "04", "05", "08", "09", "0B"})
+
+
+def _hex_address(text: str) -> tuple[str, int]:
+    """`/proc/net/tcp{,6}`'s "ADDR:PORT": the address in 32-bit words of host order."""
+    addr, port = text.split(":")
+    raw = b"".join(int(addr[i : i + 8], 16).to_bytes(4, "little") for i in range(0, len(addr), 8))
+    if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":  # IPv4-mapped
+        raw = raw[12:]
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, raw), int(port, 16)
+
+
+def live_connections(net: str = "/proc/thread-self/net") -> set[FlowKey]:
+    """The TCP connections of the calling thread's network namespace that go on, as the
+    sniffer keys them: (remote address, remote port, local address, local port)."""
+    live: set[FlowKey] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"{net}/{name}") as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] in _LIVE_STATES:
+                        local, remote = _hex_address(fields[1]), _hex_address(fields[2])
+                        live.add((remote[0], remote[1], local[0], local[1]))
+        except (OSError, ValueError):
+            continue  # no IPv6 in the namespace, or a line we do not understand
+    return live
 
 
 # ---------------------------------------------------------------- the socket
@@ -316,20 +380,22 @@ def _attach_bpf(sock: socket.socket, expression: str, exclude_mark: int | None =
 
 class PacketSniffer:
     """The AF_PACKET socket of the mirror. `open` runs `make_socket` (which must create the
-    socket in the target's network namespace). On an event loop: wait until `fileno()` is
-    readable, then `drain()` (never blocks), and call `expire_idle()` now and then; in a
-    thread: `read_batch()` (blocking) does all three.
+    socket in the target's network namespace, and is its runner there). On an event loop:
+    wait until `fileno()` is readable, then `drain()` (never blocks); now and then, when
+    `expiry_due()`, `live_connections()` (blocking) then `expire_idle()`. In a thread:
+    `read_batch()` (blocking) does all of it.
 
     Counters: `packets` (TCP segments parsed), `per_port` (segments per destination port),
     `drops` (kernel drops since open: `PACKET_STATISTICS`, which resets on every read)."""
 
     def __init__(
         self,
-        make_socket: Callable[[Callable[[], socket.socket]], socket.socket],
+        make_socket: Callable[[Callable[[], Any]], Any],
         *,
         exclude_mark: int | None = None,
     ) -> None:
         self.exclude_mark = exclude_mark
+        self._in_netns = make_socket  # runs a callable in the target's network namespace
 
         def create() -> socket.socket:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
@@ -346,7 +412,7 @@ class PacketSniffer:
                 raise
             return s
 
-        self._sock = make_socket(create)
+        self._sock: socket.socket = make_socket(create)
         # Frames queued before the first filter was attached could be anything: drain them.
         with contextlib.suppress(BlockingIOError):
             while True:
@@ -397,7 +463,9 @@ class PacketSniffer:
         except (OSError, ValueError):
             return []
         events = self.drain() if ready else []
-        return events + self.expire_idle()
+        if self.expiry_due():
+            events += self.expire_idle(live=self.live_connections())
+        return events
 
     def drain(self) -> list[Any]:
         """Read what is queued, up to MAX_BATCH frames, without waiting; return the flow
@@ -433,13 +501,27 @@ class PacketSniffer:
         self.full = True
         return events
 
-    def expire_idle(self, now: float | None = None) -> list[Any]:
-        """End the flows idle for FLOW_IDLE_TIMEOUT (looked at once per EXPIRE_EVERY)."""
+    def expiry_due(self, now: float | None = None) -> bool:
+        """Whether a look for idle flows is due (once per EXPIRE_EVERY) and some flow has
+        been silent for FLOW_IDLE_TIMEOUT: `live_connections()`, then `expire_idle()`."""
         now = time.monotonic() if now is None else now
         if self.closed or now - self._last_expire < EXPIRE_EVERY:
-            return []
+            return False
         self._last_expire = now
-        return list(self.reassembler.expire(now))
+        return self.reassembler.idle(now)
+
+    def live_connections(self) -> set[FlowKey]:
+        """The target's TCP connections that go on (blocking: its network namespace's
+        thread reads its `/proc` tables)."""
+        result: set[FlowKey] = self._in_netns(live_connections)
+        return result
+
+    def expire_idle(self, now: float | None = None, live: Container[FlowKey] = ()) -> list[Any]:
+        """End the flows silent for FLOW_IDLE_TIMEOUT that are not among the target's `live`
+        connections (their FIN or RST was lost to us)."""
+        if self.closed:
+            return []
+        return list(self.reassembler.expire(time.monotonic() if now is None else now, live=live))
 
     def close(self) -> None:
         if not self.closed:
