@@ -289,7 +289,11 @@ class IncomingMirror:
             await anyio.sleep(EXPIRE_EVERY)
             if not sniffer.expiry_due():
                 continue
-            live = await anyio.to_thread.run_sync(sniffer.live_connections)
+            try:
+                live = await anyio.to_thread.run_sync(sniffer.live_connections)
+            except OSError as exc:  # the namespace's thread is gone: the target with it
+                log.debug("the target's connections could not be read: %r", exc)
+                live = set()
             events = sniffer.expire_idle(live=live)
             if events and self._sniffer is sniffer:
                 self._deliver(events, flows)

@@ -267,7 +267,7 @@ class Reassembler:
             if not progressed:
                 break
 
-    def idle(self, now: float, idle: float = FLOW_IDLE_TIMEOUT) -> bool:
+    def has_idle(self, now: float, idle: float = FLOW_IDLE_TIMEOUT) -> bool:
         """Whether some flow has been silent for `idle` seconds."""
         return any(now - flow.last_seen > idle for flow in self._flows.values())
 
@@ -508,7 +508,7 @@ class PacketSniffer:
         if self.closed or now - self._last_expire < EXPIRE_EVERY:
             return False
         self._last_expire = now
-        return self.reassembler.idle(now)
+        return self.reassembler.has_idle(now)
 
     def live_connections(self) -> set[FlowKey]:
         """The target's TCP connections that go on (blocking: its network namespace's
