@@ -272,8 +272,7 @@ class FlowRelay:
             except _GONE as exc:
                 out = self.flow.socket_error(_errno_of(exc))
             else:
-                if unreceive is not None and len(data) > self.flow.read_size():
-                    room = self.flow.read_size()
+                if unreceive is not None and len(data) > (room := self.flow.read_size()):
                     unreceive(data[room:])
                     data = data[:room]
                     if not data:

@@ -42,6 +42,12 @@ def processes_mentioning(text: str | bytes, parent: int | None = None) -> list[i
     return pids
 
 
+def has_mapped(pid: int, package: str) -> bool:
+    """Whether the process has a shared object of `package` (a C extension) mapped."""
+    with open(f"/proc/{pid}/maps") as f:
+        return any(f"/{package}/" in line for line in f)
+
+
 def processes_with_env(name: str, value: str) -> list[int]:
     """Pids of live processes started with `name=value` in their environment (the commands a
     test ran through mirrord inherit MIRRORD_RUNTIME_DIR, whatever they do later)."""

@@ -4,6 +4,7 @@ AF_PACKET sniffer in a pod under an HTTP load with zero kernel drops."""
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import struct
 import threading
@@ -161,7 +162,8 @@ def test_1000_requests_on_20_keep_alive_connections_seen_in_order_without_drops(
 
     def read() -> None:
         while not stop.is_set() or sniffer.reassembler.flows:
-            for ev in sniffer.read_batch(0.05):
+            select.select([sniffer.fileno()], [], [], 0.05)
+            for ev in sniffer.drain():
                 if isinstance(ev, FlowOpened):
                     keys[ev.flow] = ev.key
                     streams[ev.flow] = b""

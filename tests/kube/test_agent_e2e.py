@@ -19,31 +19,11 @@ from mirrord.kube import AgentPodFailed, KubeBackend
 from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient, AgentConn
+from tests.cli.conftest import has_mapped, processes_mentioning
 from tests.kube._cluster import add_deployment, backend_config
 from tests.kube.apiserver import FakeApiServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.netns]
-
-
-def _python_processes_running(module: bytes) -> list[int]:
-    """The pids of the Python processes running `python -m MODULE`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue  # exited meanwhile
-            if b"python" in argv[0] and module in argv[1:3]:
-                pids.append(int(entry))
-    return pids
-
-
-def _has_mapped(pid: int, package: str) -> bool:
-    """Whether the process has a shared object of `package` (a C extension) mapped."""
-    return any(
-        f"/{package}/" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-    )
 
 
 def _config(kubeconfig: Path, *, target: str | None = None, **agent: Any) -> MirrordConfig:
@@ -190,8 +170,8 @@ async def test_node_agent_from_helm_chart_daemonset(
                 await client.open_channel(1)
                 assert (await client.env(1))["DATABASE_URL"] == "postgres://db.prod:5432/app"
         # The node agent splices every session's bytes: it runs on uvloop, as the daemon does.
-        node_agents = _python_processes_running(b"mirrord.kube._node")
-        assert node_agents and all(_has_mapped(pid, "uvloop") for pid in node_agents)
+        node_agents = processes_mentioning(b"mirrord.kube._node")
+        assert node_agents and all(has_mapped(pid, "uvloop") for pid in node_agents)
     finally:
         await h1.stop()
         await h2.stop()

@@ -23,17 +23,11 @@ from mirrord.kube._helper_client import KubeHelperBackend
 from mirrord.kube._helper_wire import MAX_MESSAGE, HelperProtocolError, MessageDecoder, encode
 from mirrord.localpod import LocalPod, PodSpec
 from tests._agent_client import AgentClient
-from tests.cli.conftest import Mirrord, pid_alive, processes_mentioning, python_app
+from tests.cli.conftest import Mirrord, has_mapped, pid_alive, processes_mentioning, python_app
 from tests.kube._cluster import add_deployment, agent_job_pod, backend_config
 from tests.kube.apiserver import FakeApiServer
 
 HELPER = "mirrord.kube._helper"
-
-
-def _loaded(pid: int, what: str) -> bool:
-    """Whether the process has a shared object of `what` (a package's C extension) mapped."""
-    with open(f"/proc/{pid}/maps") as f:
-        return any(f"/{what}/" in line for line in f)
 
 
 async def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -197,10 +191,10 @@ async def test_the_daemon_loads_no_kubernetes_client_and_its_helper_releases_age
     text = await asyncio.to_thread(mirrord_cli.run, "daemon", "status")
     assert f"kube helper pid {helper}" in text.stdout, text.stdout
     # The Kubernetes client (aiohttp's C extensions) is in the helper, never in the daemon.
-    assert _loaded(helper, "aiohttp")
-    assert not _loaded(daemon, "aiohttp") and not _loaded(daemon, "multidict")
+    assert has_mapped(helper, "aiohttp")
+    assert not has_mapped(daemon, "aiohttp") and not has_mapped(daemon, "multidict")
     # Both run on uvloop (mirrord._loop), a dependency.
-    assert _loaded(helper, "uvloop") and _loaded(daemon, "uvloop")
+    assert has_mapped(helper, "uvloop") and has_mapped(daemon, "uvloop")
     assert status["daemon"]["event_loop"] == "uvloop"
     assert cluster.list("Job", "default")  # the agent lingers for the next session
     # The daemon is killed: its helper releases the agent (deletes its Job) and exits.

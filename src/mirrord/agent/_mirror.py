@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
 import socket
 import struct
 import time
@@ -382,8 +381,7 @@ class PacketSniffer:
     """The AF_PACKET socket of the mirror. `open` runs `make_socket` (which must create the
     socket in the target's network namespace, and is its runner there). On an event loop:
     wait until `fileno()` is readable, then `drain()` (never blocks); now and then, when
-    `expiry_due()`, `live_connections()` (blocking) then `expire_idle()`. In a thread:
-    `read_batch()` (blocking) does all of it.
+    `expiry_due()`, `live_connections()` (blocking) then `expire_idle()`.
 
     Counters: `packets` (TCP segments parsed), `per_port` (segments per destination port),
     `drops` (kernel drops since open: `PACKET_STATISTICS`, which resets on every read)."""
@@ -452,20 +450,6 @@ class PacketSniffer:
     def fileno(self) -> int:
         """The packet socket's fd: wait for it to be readable, then `drain()`."""
         return self._sock.fileno()
-
-    def read_batch(self, timeout: float) -> list[Any]:
-        """Wait up to `timeout` for frames, drain up to MAX_BATCH, return the flow events
-        (flows idle for FLOW_IDLE_TIMEOUT ended among them). Blocking: a thread's loop."""
-        if self.closed:
-            return []
-        try:
-            ready, _, _ = select.select([self._sock], [], [], timeout)
-        except (OSError, ValueError):
-            return []
-        events = self.drain() if ready else []
-        if self.expiry_due():
-            events += self.expire_idle(live=self.live_connections())
-        return events
 
     def drain(self) -> list[Any]:
         """Read what is queued, up to MAX_BATCH frames, without waiting; return the flow

@@ -234,7 +234,7 @@ class DaemonSession:
         than `_HIGH_WATER` is queued for the daemon, until it took all of it (one wake-up per
         megabyte, not per batch). Never raises; a daemon that takes nothing for
         `unread_timeout()` seconds is disconnected (see `_wait_taken`)."""
-        if self.writer.queued_bytes > _HIGH_WATER:
+        if not self.ready():
             await self._wait_taken(0)
 
     def ready(self) -> bool:

@@ -238,7 +238,7 @@ class _ChannelLink:
 
     async def wait_ready(self) -> None:
         writer = self._link._writer
-        if writer is not None and writer.queued_bytes > _HIGH_WATER:
+        if writer is not None and not self.ready():
             await writer.wait_queued_below(_HIGH_WATER // 2)
 
     def ready(self) -> bool:
