@@ -526,18 +526,18 @@ def _last_number(argv: list[str]) -> float:
 
 
 @contextlib.contextmanager
-def _bare_forwarders(*hops: list[str]) -> Iterator[str]:
+def _bare_forwarders(*hops: list[str], chunk: int = 0) -> Iterator[str]:
     """Start the bare forwarders of bench/_floor.py, last hop first: each of `hops` is its
     `KIND LISTEN CONNECT`, prefixed by `nsenter` arguments to run it in the pod's network
-    namespace where the agent runs. Yields the `ready` port of the first hop; every process is
-    killed on the way out."""
+    namespace where the agent runs; `chunk`, if given, is the most one receive takes. Yields
+    the `ready` port of the first hop; every process is killed on the way out."""
     root = str(Path(__file__).resolve().parent.parent)
     procs: list[subprocess.Popen[str]] = []
     port = ""
     try:
         for hop in reversed(hops):
             proc = subprocess.Popen(
-                [*hop[:-3], PY, "-m", "bench._floor", *hop[-3:]],
+                [*hop[:-3], PY, "-m", "bench._floor", *hop[-3:], *([str(chunk)] if chunk else [])],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -557,19 +557,22 @@ def _bare_forwarders(*hops: list[str]) -> Iterator[str]:
             proc.communicate(timeout=30)
 
 
-def _through_forwarders(env: BenchEnv, first: str, second: str, n: str) -> float:
-    """`_RR` from this machine through two bare forwarders: `first` on this machine, `second`
-    in the pod's network namespace, joined by a unix socket (as the daemon and a local agent
-    are); the second connects to the pod's echo service on the pod's loopback, as the agent
-    does for `outgoing_rr`."""
+def _through_forwarders(
+    env: BenchEnv, first: str, second: str, script: str, arg: str, *, chunk: int = 0
+) -> float:
+    """`script ARG` (`_RR` or `_BULK`) from this machine through two bare forwarders: `first`
+    on this machine, `second` in the pod's network namespace, joined by a unix socket (as the
+    daemon and a local agent are); the second connects to the pod's echo service on the pod's
+    loopback, as the agent does for the outgoing figures."""
     path = str(env.tmp / f"floor-{time.monotonic_ns()}.sock")
     in_pod = ["nsenter", "-t", str(env.pod.pid), "-n"]
     try:
         with _bare_forwarders(
             [first, "tcp", path],
             [*in_pod, second, path, f"127.0.0.1:{_echo_port(env)}"],
+            chunk=chunk,
         ) as port:
-            return _last_number([PY, "-c", _RR, "127.0.0.1", port, n])
+            return _last_number([PY, "-c", script, "127.0.0.1", port, arg])
     finally:
         Path(path).unlink(missing_ok=True)
 
@@ -636,8 +639,8 @@ def outgoing_rr_floor(env: BenchEnv) -> Result:
         )
         return float(out.stdout.split()[-1])
 
-    loops = median_of(lambda: _through_forwarders(env, "asyncio", "trio", n), runs)
-    plain = median_of(lambda: _through_forwarders(env, "select", "select", n), runs)
+    loops = median_of(lambda: _through_forwarders(env, "asyncio", "trio", _RR, n), runs)
+    plain = median_of(lambda: _through_forwarders(env, "select", "select", _RR, n), runs)
     base = median_of(direct, runs)
     return Result(
         loops,
@@ -652,6 +655,35 @@ def outgoing_bulk(env: BenchEnv, port_forward: bool = False, handover: bool = Fa
     runs = _runs(env, 3, 2)
     via, direct = _outgoing(env, _BULK, str(env.bulk_size), runs, port_forward, handover=handover)
     return Result(via / 1e6, direct / 1e6, "MB/s", note="echoed both ways")
+
+
+def outgoing_bulk_floor(env: BenchEnv) -> Result:
+    """`_BULK` through a bare asyncio forwarder and a bare trio forwarder, each receiving
+    256 KiB at a time as mirrord's relays do, against the direct echo: the floor that two
+    relaying processes on those loops set under `outgoing_bulk`. The note gives the same
+    through two plain `poll` loops."""
+    env.require_run()
+    port, size = str(_echo_port(env)), str(env.bulk_size)
+    runs = _runs(env, 3, 2)
+
+    def direct() -> float:
+        return _last_number([PY, "-c", _BULK, env.pod.ip, port, size])
+
+    def through(first: str, second: str) -> float:
+        from mirrord.daemon._link import RELAY_CHUNK
+
+        return _through_forwarders(env, first, second, _BULK, size, chunk=RELAY_CHUNK)
+
+    loops = median_of(lambda: through("asyncio", "trio"), runs, 0)
+    plain = median_of(lambda: through("select", "select"), runs, 0)
+    base = median_of(direct, runs)
+    return Result(
+        loops / 1e6,
+        base / 1e6,
+        "MB/s",
+        note=f"echoed both ways; two poll loops {plain / base:.2f}x",
+        extra={"poll_loops": plain / 1e6},
+    )
 
 
 # ---------------------------------------------------------------- scale
@@ -932,6 +964,14 @@ def figures(env: BenchEnv) -> list[Figure]:
             "higher",
             0.6,  # issue 18
             f(outgoing_bulk),
+        ),
+        Figure(
+            "outgoing_bulk_floor",
+            "outgoing_bulk through bare asyncio + trio forwarders (the loops' floor)",
+            "direct to pod IP",
+            "report",
+            None,
+            f(outgoing_bulk_floor),
         ),
         *_handover_figures(env),
         *_port_forward_figures(env),

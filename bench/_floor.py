@@ -1,14 +1,17 @@
-"""Bare forwarders for `file_small_floor` and `outgoing_rr_floor`: the round trip a daemon on
-asyncio and an agent on trio add when they do nothing but forward bytes (no frames, no flow, no
-multiplexing), and the same through two plain `select` loops. They measure the floor that the
-chosen event loops set under `file_small` and `outgoing_rr`; they are not a part of mirrord.
+"""Bare forwarders for the `*_floor` figures: what a daemon on asyncio and an agent on trio
+add when they do nothing but forward bytes (no frames, no flow, no multiplexing), and the same
+through two plain `select` loops. They measure the floor that the chosen event loops, and a
+relay of two processes at all, set under `file_small`, `outgoing_rr` and `outgoing_bulk`; they
+are not a part of mirrord.
 
-Run as `python -m bench._floor KIND LISTEN CONNECT`: KIND is `asyncio`, `trio` or `select`;
-LISTEN is `tcp` (127.0.0.1, an ephemeral port) or a unix socket path; CONNECT is `HOST:PORT`, a
-unix socket path, or `echo` (`trio` only: answer each request with its own bytes, as the agent
-answers a small file request itself). The process prints `ready PORT` (0 for a unix LISTEN)
-once it listens, then serves each accepted connection, one at a time, until its stdin closes
-or it is killed.
+Run as `python -m bench._floor KIND LISTEN CONNECT [CHUNK]`: KIND is `asyncio`, `trio` or
+`select`; LISTEN is `tcp` (127.0.0.1, an ephemeral port) or a unix socket path; CONNECT is
+`HOST:PORT`, a unix socket path, or `echo` (`trio` only: answer each request with its own
+bytes, as the agent answers a small file request itself); CHUNK is the most one receive takes
+(64 KiB unless given; mirrord's relays take 256 KiB). The process prints `ready PORT` (0 for a
+unix LISTEN) once it listens, then serves each accepted connection, one at a time, until its
+stdin closes or it is killed. Every forwarder keeps both directions moving when one of them
+cannot be written (a blocking send there could deadlock an echo of bulk data).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-_CHUNK = 65536
+_CHUNK = 65536  # the most one receive takes; main() sets it from CHUNK
 
 
 def _listen(where: str) -> socket.socket:
@@ -51,18 +54,55 @@ def _nodelay(s: socket.socket) -> None:
 
 
 def forward_select(a: socket.socket, b: socket.socket) -> None:
-    """Both ways between `a` and `b` in a blocking `select` loop."""
+    """Both ways between `a` and `b` in one `poll` loop: what a socket received is sent to
+    the other at once, and what that send did not take is sent when the other is writable,
+    the socket it came from not read meanwhile."""
+    for s in (a, b):
+        s.setblocking(False)
+    other = {a: b, b: a}
+    buffers = {a: bytearray(_CHUNK), b: bytearray(_CHUNK)}  # each reused once it was sent
+    unsent = {a: memoryview(b""), b: memoryview(b"")}  # still to send to the key
+    by_fd = {a.fileno(): a, b.fileno(): b}
+    poller = select.poll()
     while True:
-        ready, _, _ = select.select([a, b], [], [])
-        for s in ready:
-            data = s.recv(_CHUNK)
-            if not data:
-                return
-            (b if s is a else a).sendall(data)
+        for s in (a, b):
+            poller.register(
+                s, (0 if unsent[other[s]] else select.POLLIN) | (select.POLLOUT if unsent[s] else 0)
+            )
+        for fd, events in poller.poll():
+            s = by_fd[fd]
+            if events & select.POLLOUT and unsent[s]:
+                unsent[s] = unsent[s][_send_some(s, unsent[s]) :]
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not unsent[other[s]]:
+                data = _receive_into(s, buffers[s])
+                if data is None:
+                    continue
+                if not data:
+                    return
+                unsent[other[s]] = data[_send_some(other[s], data) :]
+
+
+def _receive_into(s: socket.socket, buffer: bytearray) -> memoryview | None:
+    """What a non-blocking receive into `buffer` got (empty at the end of the stream, None
+    when there was nothing to receive): a view of `buffer`, valid until its next receive."""
+    try:
+        return memoryview(buffer)[: s.recv_into(buffer)]
+    except BlockingIOError:
+        return None
+
+
+def _send_some(s: socket.socket, data: bytes | memoryview) -> int:
+    """What a non-blocking send of `data` took (0 when the socket is full)."""
+    try:
+        return s.send(data)
+    except BlockingIOError:
+        return 0
 
 
 def forward_asyncio(a: socket.socket, b: socket.socket) -> None:
-    """Both ways in asyncio reader callbacks, sent at once (as the daemon reads and writes)."""
+    """Both ways in asyncio reader callbacks, sent at once (as the daemon reads and writes);
+    what a send did not take waits for a writer callback, its source not read meanwhile (as
+    the daemon's relays wait for a socket to be writable)."""
     import asyncio
 
     async def main() -> None:
@@ -70,29 +110,37 @@ def forward_asyncio(a: socket.socket, b: socket.socket) -> None:
         done: asyncio.Future[None] = loop.create_future()
         for s in (a, b):
             s.setblocking(False)
+        buffers = {a: bytearray(_CHUNK), b: bytearray(_CHUNK)}  # each reused once it was sent
 
         def readable(s: socket.socket, other: socket.socket) -> None:
-            try:
-                data = s.recv(_CHUNK)
-            except BlockingIOError:
+            data = _receive_into(s, buffers[s])
+            if data is None:
                 return
             if not data:
                 if not done.done():
                     done.set_result(None)
                 return
-            sent = other.send(data)
-            if sent < len(data):  # never for a 1-byte round trip
-                other.setblocking(True)
-                other.sendall(data[sent:])
-                other.setblocking(False)
+            sent = _send_some(other, data)
+            if sent < len(data):  # never for a round trip of a few bytes
+                loop.remove_reader(s.fileno())
+                loop.add_writer(other.fileno(), writable, other, s, data[sent:])
+
+        def writable(other: socket.socket, s: socket.socket, rest: memoryview) -> None:
+            rest = rest[_send_some(other, rest) :]
+            if rest:
+                loop.add_writer(other.fileno(), writable, other, s, rest)
+                return
+            loop.remove_writer(other.fileno())
+            loop.add_reader(s.fileno(), readable, s, other)
 
         loop.add_reader(a.fileno(), readable, a, b)
         loop.add_reader(b.fileno(), readable, b, a)
         try:
             await done
         finally:
-            loop.remove_reader(a.fileno())
-            loop.remove_reader(b.fileno())
+            for s in (a, b):
+                loop.remove_reader(s.fileno())
+                loop.remove_writer(s.fileno())
 
     asyncio.run(main())
 
@@ -115,12 +163,13 @@ def forward_trio(a: socket.socket, b: socket.socket) -> None:
     import trio
 
     async def pump(src: socket.socket, dst: socket.socket, scope: trio.CancelScope) -> None:
+        buffer = bytearray(_CHUNK)  # reused once it was sent
         while True:
-            data = await _trio_receive(src)
-            if not data:
+            while (view := _receive_into(src, buffer)) is None:
+                await trio.lowlevel.wait_readable(src)
+            if not view:
                 scope.cancel()
                 return
-            view = memoryview(data)
             while view:
                 try:
                     view = view[dst.send(view) :]
@@ -165,7 +214,10 @@ FORWARDERS: dict[str, Callable[[socket.socket, socket.socket], None]] = {
 
 
 def main(argv: list[str]) -> int:
-    kind, listen_at, connect_to = argv
+    global _CHUNK
+    kind, listen_at, connect_to = argv[:3]
+    if len(argv) > 3:
+        _CHUNK = int(argv[3])
     forward = FORWARDERS[kind]
     ls = _listen(listen_at)
     port = ls.getsockname()[1] if ls.family == socket.AF_INET else 0
