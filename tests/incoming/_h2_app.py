@@ -73,7 +73,7 @@ def _serve(sock: socket.socket, name: str, log: str | None = None) -> None:
 def main() -> None:
     name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     log = sys.argv[4] if len(sys.argv) > 4 else None
-    srv = socket.socket()
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((host, port))
     srv.listen(1024)

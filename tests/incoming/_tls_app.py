@@ -55,7 +55,7 @@ def main() -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
         ctx.set_alpn_protocols(["h2", "http/1.1"])
-    srv = socket.socket()
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((host, int(port)))
     srv.listen(1024)

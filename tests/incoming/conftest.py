@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from mirrord.localpod import LocalPod
+from mirrord.localpod import LocalPod, PodSpec
 from mirrord.protocol import messages as m
 from tests._agent_client import AgentClient, AgentConn
 from tests._agent_process import AgentProc, start_agent, stop_agent
@@ -27,13 +27,15 @@ _APP = Path(__file__).with_name("_local_app.py")
 
 
 @contextlib.contextmanager
-def python_app_in_pod(pod: LocalPod, app: str, port: int, library_dir: str) -> Iterator[LocalPod]:
-    """Runs the test app `app` (`APP pod 0.0.0.0 PORT`, printing PORT when it listens) in the pod
+def python_app_in_pod(
+    pod: LocalPod, app: str, port: int, library_dir: str, host: str = "0.0.0.0"
+) -> Iterator[LocalPod]:
+    """Runs the test app `app` (`APP pod HOST PORT`, printing PORT when it listens) in the pod
     on the real python binary (outside the virtualenv), with `library_dir` (the site-packages
     of a library it needs) on its path; killed at the end."""
     python = os.path.realpath(sys.executable)
     env = {**pod.env, "PYTHONPATH": library_dir}
-    proc = pod.popen_in_pod([python, app, "pod", "0.0.0.0", str(port)], env=env)
+    proc = pod.popen_in_pod([python, app, "pod", host, str(port)], env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == str(port).encode()
     try:
@@ -41,6 +43,12 @@ def python_app_in_pod(pod: LocalPod, app: str, port: int, library_dir: str) -> I
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def pod6(make_pod: Callable[..., LocalPod]) -> LocalPod:
+    """A dual-stack pod: an IPv6 address (`ip6`) beside its IPv4 one."""
+    return make_pod(PodSpec(ipv6=True))
 
 
 @pytest.fixture
@@ -58,12 +66,13 @@ def run_filtered_steal(
     name: str,
     port: int,
     http_filter: Mapping[str, object],
+    host: str = "0.0.0.0",
 ) -> subprocess.Popen[str]:
-    """`mirrord run` of the test app `app` (`APP NAME 0.0.0.0 PORT`) with a config (written to
+    """`mirrord run` of the test app `app` (`APP NAME HOST PORT`) with a config (written to
     `config`) that steals `port` of `pod` with `http_filter`; returns once the app listens."""
     incoming = {"mode": "steal", "http_filter": {**http_filter, "ports": [port]}}
     config.write_text(json.dumps({"feature": {"network": {"incoming": incoming}}}))
-    argv = [sys.executable, app, name, "0.0.0.0", str(port)]
+    argv = [sys.executable, app, name, host, str(port)]
     proc = mirrord.popen("run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == str(port)

@@ -30,6 +30,7 @@ from tests.incoming.conftest import (
     subscribe,
 )
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
+from tests.incoming.test_steal_rules import ours
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -44,18 +45,28 @@ def h2_pod(pod: LocalPod) -> Iterator[LocalPod]:
         yield p
 
 
-def curl_h2(pod: LocalPod, path: str, user: str | None, *, upgrade: bool = False) -> str:
+def curl_h2(
+    pod: LocalPod, path: str, user: str | None, *, upgrade: bool = False, ipv6: bool = False
+) -> str:
     """One request with `curl --http2-prior-knowledge` (or `--http2`: HTTP/1.1 with `Upgrade:
-    h2c`): the body (asserting HTTP/2)."""
+    h2c`), to the pod's IPv4 address or its IPv6 one: the body (asserting HTTP/2)."""
     mode = "--http2" if upgrade else "--http2-prior-knowledge"
-    argv = ["curl", "-sS", "--max-time", "30", mode, "-w", "|%{http_version}"]
+    argv = ["curl", "-sS", "-g", "--max-time", "30", mode, "-w", "|%{http_version}"]
     if user is not None:
         argv += ["-H", f"x-user: {user}"]
-    argv.append(f"http://{pod.ip}:{PORT}{path}")
+    argv.append(f"http://[{pod.ip6}]:{PORT}{path}" if ipv6 else f"http://{pod.ip}:{PORT}{path}")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
     body, _, version = out.rpartition("|")
     assert version == "2", out
     return body
+
+
+@pytest.fixture
+def h2_pod6(pod6: LocalPod) -> Iterator[LocalPod]:
+    """A dual-stack pod with an h2c app on PORT of both families."""
+    library = os.path.dirname(os.path.dirname(h2.__file__))
+    with python_app_in_pod(pod6, H2_APP, PORT, library, host="::") as p:
+        yield p
 
 
 # A node http2 client: every request on one session (one TCP connection), all at once, each
@@ -141,6 +152,36 @@ def test_h2c_streams_matching_the_filter_reach_the_user_app_the_rest_the_pod(
         stop_app(app)
     wait_for(lambda: our_rules(pod) == [])
     assert curl_h2(pod, "/after", "alice") == "pod GET /after x-user=alice\n"
+
+
+def test_h2c_streams_are_filtered_over_ipv6_as_over_ipv4(
+    mirrord: Mirrord, h2_pod6: LocalPod, tmp_path: Path
+) -> None:
+    """A dual-stack pod: the user app (on `::`) gets the matching streams of IPv6 clients and
+    of IPv4 ones; the others reach the pod's app at its IPv6 (or IPv4) original destination."""
+    pod = h2_pod6
+    app = run_filtered_steal(
+        mirrord,
+        pod,
+        tmp_path / "mirrord.json",
+        app=H2_APP,
+        name="user-app",
+        port=PORT,
+        http_filter={"header_filter": "^x-user: alice$"},
+        host="::",
+    )
+    try:
+        wait_for(lambda: curl_h2(pod, "/probe", "alice", ipv6=True).startswith("user-app"), 20)
+        for ipv6 in (True, False):
+            assert curl_h2(pod, "/a", "alice", ipv6=ipv6) == "user-app GET /a x-user=alice\n"
+            assert curl_h2(pod, "/b", "bob", ipv6=ipv6) == "pod GET /b x-user=bob\n"
+            assert curl_h2(pod, "/c", None, ipv6=ipv6) == "pod GET /c x-user=\n"
+            got = curl_h2(pod, "/u", "alice", upgrade=True, ipv6=ipv6)
+            assert got == "user-app GET /u x-user=alice\n"
+    finally:
+        stop_app(app)
+    wait_for(lambda: ours(pod) == [])
+    assert curl_h2(pod, "/after", "alice", ipv6=True) == "pod GET /after x-user=alice\n"
 
 
 @pytest.fixture

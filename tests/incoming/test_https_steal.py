@@ -33,6 +33,7 @@ from tests._agent_process import AgentProc
 from tests.cli.conftest import Mirrord, temp_mirrord
 from tests.incoming.conftest import port_printing_apps, serve_channel, subscribe
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
+from tests.incoming.test_steal_rules import ours
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -139,10 +140,13 @@ def curl(
     *,
     http2: bool = False,
     port: int = PORT,
+    ipv6: bool = False,
 ) -> tuple[str, str]:
-    """One HTTPS request with curl trusting the test CA: (body, HTTP version)."""
+    """One HTTPS request with curl trusting the test CA, to the pod's IPv4 address or its IPv6
+    one: (body, HTTP version)."""
     argv = ["curl", "-sS", "--max-time", "30", "--cacert", str(certs["ca"])]
-    argv += ["--resolve", f"{NAME}:{port}:{pod.ip}", "-w", "|%{http_version}"]
+    address = f"[{pod.ip6}]" if ipv6 else pod.ip
+    argv += ["--resolve", f"{NAME}:{port}:{address}", "-w", "|%{http_version}"]
     argv.append("--http2" if http2 else "--http1.1")
     if user is not None:
         argv += ["-H", f"x-user: {user}"]
@@ -160,12 +164,13 @@ def https_keep_alive(
     *,
     port: int = PORT,
     pause: float = 0.0,
+    ipv6: bool = False,
 ) -> list[str]:
     """Python's ssl + http.client: every request on one TLS connection, in order (`pause`
-    seconds apart); the bodies."""
+    seconds apart), to the pod's IPv4 or IPv6 address; the bodies."""
     ctx = ssl.create_default_context(cafile=str(certs["ca"]))
     ctx.set_alpn_protocols(["http/1.1"])
-    raw = socket.create_connection((pod.ip, port), timeout=30)
+    raw = socket.create_connection((pod.ip6 if ipv6 else pod.ip, port), timeout=30)
     conn = http.client.HTTPSConnection(NAME, port, context=ctx, timeout=30)
     conn.sock = ctx.wrap_socket(raw, server_hostname=NAME)
     bodies = []
@@ -181,14 +186,19 @@ def https_keep_alive(
 
 
 def h2_over_tls(
-    pod: LocalPod, certs: dict[str, Path], requests: list[tuple[str, str | None]]
+    pod: LocalPod,
+    certs: dict[str, Path],
+    requests: list[tuple[str, str | None]],
+    *,
+    ipv6: bool = False,
 ) -> dict[str, str]:
-    """The h2 library over Python's ssl (ALPN h2): all streams at once on one connection;
-    path -> body."""
+    """The h2 library over Python's ssl (ALPN h2): all streams at once on one connection, to
+    the pod's IPv4 or IPv6 address; path -> body."""
     ctx = ssl.create_default_context(cafile=str(certs["ca"]))
     ctx.set_alpn_protocols(["h2"])
     sock = ctx.wrap_socket(
-        socket.create_connection((pod.ip, PORT), timeout=30), server_hostname=NAME
+        socket.create_connection((pod.ip6 if ipv6 else pod.ip, PORT), timeout=30),
+        server_hostname=NAME,
     )
     assert sock.selected_alpn_protocol() == "h2"
     conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
@@ -552,6 +562,59 @@ def test_mirrord_run_steals_matching_https_requests_with_the_configured_certific
         stop_app(app)
     wait_for(lambda: our_rules(pod) == [])
     assert curl(pod, certs, "/after", "alice") == ("pod GET /after x-user=alice\n", "1.1")
+
+
+def test_mirrord_run_steals_matching_https_requests_over_ipv6(
+    mirrord: Mirrord, pod6: LocalPod, certs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A dual-stack pod whose HTTPS app listens on `::`: IPv6 clients (curl over HTTP/1.1 and
+    HTTP/2, Python's ssl on one connection, h2 over TLS) and IPv4 ones are filtered alike; the
+    unmatched requests are re-encrypted toward the pod's app at its IPv6 original
+    destination."""
+    pod = pod6
+    python = os.path.realpath(sys.executable)
+    env = {**pod.env, "PYTHONPATH": os.path.dirname(os.path.dirname(h2.__file__))}
+    pem = [str(certs["cert"]), str(certs["key"])]
+    pod_app = pod.popen_in_pod([python, TLS_APP, "pod", "::", str(PORT), *pem], env=env)
+    app = None
+    try:
+        assert pod_app.stdout is not None
+        assert pod_app.stdout.readline().strip() == str(PORT).encode()
+        config = https_config(tmp_path, {"cert": "session.crt", "key": "session.key"}, "tls")
+        argv = [sys.executable, TLS_APP, "user-app", "::", str(PORT), *pem]
+        app = mirrord.popen(
+            "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv, cwd=str(tmp_path)
+        )
+        assert app.stdout is not None
+        assert app.stdout.readline().strip() == str(PORT)
+        wait_for(
+            lambda: curl(pod, certs, "/probe", "alice", ipv6=True)[0].startswith("user-app"), 20
+        )
+        for ipv6 in (True, False):
+            got = curl(pod, certs, "/a", "alice", ipv6=ipv6)
+            assert got == ("user-app GET /a x-user=alice\n", "1.1")
+            assert curl(pod, certs, "/b", "bob", ipv6=ipv6) == ("pod GET /b x-user=bob\n", "1.1")
+            got = curl(pod, certs, "/c", "alice", http2=True, ipv6=ipv6)
+            assert got == ("user-app GET /c x-user=alice\n", "2")
+            got = curl(pod, certs, "/d", None, http2=True, ipv6=ipv6)
+            assert got == ("pod GET /d x-user=\n", "2")
+        requests = [("/1", None), ("/2", "alice"), ("/3", "bob")]
+        assert https_keep_alive(pod, certs, requests, ipv6=True) == [
+            "pod GET /1 x-user=\n",
+            "user-app GET /2 x-user=alice\n",
+            "pod GET /3 x-user=bob\n",
+        ]
+        assert h2_over_tls(pod, certs, requests, ipv6=True) == {
+            "/1": "pod GET /1 x-user=\n",
+            "/2": "user-app GET /2 x-user=alice\n",
+            "/3": "pod GET /3 x-user=bob\n",
+        }
+    finally:
+        if app is not None:
+            stop_app(app)
+        pod_app.kill()
+        pod_app.wait(timeout=10)
+    wait_for(lambda: ours(pod) == [])
 
 
 @pytest.mark.parametrize("problem", ["missing", "mismatch", "not-pem"])

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from mirrord.agent._incoming_netns import (
 )
 from mirrord.agent._steal import AGENT_MARK, StealRules, chain_names
 from mirrord.agent._steal_guard import _jumps, _removal_script
-from mirrord.localpod import LocalPod, PodSpec
+from mirrord.localpod import LocalPod
 from tests._agent_client import AgentClient
 from tests._agent_process import start_agent, stop_agent
 from tests.cli.conftest import Mirrord, processes_mentioning, temp_mirrord
@@ -39,11 +39,6 @@ from tests.incoming.test_steal_rules import ours, recv_exact
 pytestmark = pytest.mark.netns
 
 BACKENDS = ["iptables-nft", "iptables-legacy", "nft"]
-
-
-@pytest.fixture
-def pod6(make_pod: Callable[..., LocalPod]) -> LocalPod:
-    return make_pod(PodSpec(ipv6=True))
 
 
 @pytest.fixture
