@@ -261,6 +261,41 @@ def test_drain_on_the_event_loop_pure_acks_filtered_and_live_idle_flows_kept(
         client.close()
 
 
+@pytest.mark.netns
+def test_the_kernel_filter_drops_pure_acks_over_ipv6_too(pod6: LocalPod) -> None:
+    """A dual-stack pod's HTTP service, asked over IPv6 on one connection: the sniffer reads
+    the SYN, each request and the FIN, none of the client's pure ACKs (its handshake ACK,
+    the acknowledgements of the answers)."""
+    port = pod6.spec.http_port
+    assert port is not None
+    runner = NetnsRunner(f"/proc/{pod6.pid}/ns/net")
+    sniffer = PacketSniffer(runner.run_sync)
+    events: list[Any] = []
+    try:
+        sniffer.set_ports({port})
+        conn = http.client.HTTPConnection(pod6.ip6, port, timeout=10)
+        for i in range(3):
+            conn.request("GET", f"/v6-{i}")
+            assert conn.getresponse().read()
+        conn.close()
+
+        async def read() -> None:
+            with anyio.fail_after(10):
+                while not any(isinstance(e, FlowClosed) for e in events):
+                    await anyio.wait_readable(sniffer.fileno())
+                    events.extend(sniffer.drain())
+            await anyio.sleep(0.3)  # the client's last ACKs, had they passed the filter
+            events.extend(sniffer.drain())
+
+        anyio.run(read, backend="trio")
+        assert isinstance(events[0], FlowOpened) and events[0].key[2] == pod6.ip6
+        assert b"/v6-2" in data_of(events)
+        assert sniffer.packets == 5  # the SYN, three requests, the FIN: no pure ACK
+    finally:
+        sniffer.close()
+        runner.close()
+
+
 def test_live_connections_reads_ipv4_ipv6_and_mapped_addresses(tmp_path: Path) -> None:
     header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt\n"
     (tmp_path / "tcp").write_text(

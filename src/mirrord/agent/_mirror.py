@@ -68,14 +68,17 @@ _TCP = struct.Struct("!HHIIBB")
 FlowKey = tuple[str, int, str, int]
 
 
-# Over IPv4, a segment with neither payload nor SYN, FIN or RST (a pure ACK: about one per
-# request and answer) says nothing the reassembly needs: the kernel drops it, so that it
-# neither wakes the agent nor costs a read. (A flow that only acknowledges for a long time,
-# a download, is kept by `expire`'s look at the target's connections, not by its ACKs.)
-# pcap's `tcp[...]` reads IPv4 only: IPv6 segments all pass.
+# A segment with neither payload nor SYN, FIN or RST (a pure ACK: about one per request and
+# answer) says nothing the reassembly needs: the kernel drops it, so that it neither wakes the
+# agent nor costs a read. (A flow that only acknowledges for a long time, a download, is kept
+# by `expire`'s look at the target's connections, not by its ACKs.) pcap's `tcp[...]` reads
+# IPv4 only, so IPv6 is read by offsets: the TCP header right after the 40-byte fixed header
+# (next header 6); a segment behind extension headers passes, as `parse_frame` skips it anyway.
 _NOT_PURE_ACK = (
-    "(ip6 or tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0"
-    " or ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2) != 0)"
+    "((ip and (tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0"
+    " or ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2) != 0))"
+    " or (ip6 and (ip6[6] != 6 or ip6[53] & 0x07 != 0"
+    " or ip6[4:2] - ((ip6[52] & 0xf0) >> 2) != 0)))"
 )
 
 
