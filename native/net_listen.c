@@ -163,7 +163,7 @@ static void subscribe(int fd, struct ent *e, int rport, int backlog) {
         e->sub_port = rport;
         e->sub_owner = getpid();
         __atomic_fetch_add(&g_nhandles, 1, __ATOMIC_RELAXED);
-        DBG("listening on port %d: subscribed (bound %s:%d)", rport, host, bport);
+        DBG("daemon subscribed port %d (listening on %s:%d)", rport, host, bport);
     } else {
         DBG("subscribing port %d failed: %s", rport, strerror(errno));
     }

@@ -98,6 +98,7 @@ class Mirrord:
         self.runtime = runtime
         self.env = dict(os.environ, MIRRORD_RUNTIME_DIR=str(runtime))
         self.env.pop("MIRRORD_LAYER_DEBUG", None)
+        self.env.pop("MIRRORD_LOG", None)
         self.children: list[subprocess.Popen[str]] = []
 
     def run(

@@ -19,7 +19,7 @@ import typer.main
 from mirrord.cli import app
 from mirrord.cli._app import _register_commands
 from mirrord.cli._main import normalize_run_args, parse_run_args
-from mirrord.cli._sessions import session_request
+from mirrord.cli._sessions import layer_debug_requested, session_request
 from mirrord.daemon._daemon import resolve_session_config
 from mirrord.localpod import LocalPod, PodSpec
 from tests.cli.conftest import MIRRORD, Mirrord
@@ -172,3 +172,25 @@ def test_config_file_option_alone_means_dot_mirrord_json(tmp_path: Path) -> None
     assert fast["command"] == ["true"]
     given = parse_run_args(normalize_run_args(["-f", "other.json", "--", "true"]))
     assert given is not None and given["config_file"] == Path("other.json")  # a value is kept
+
+
+@pytest.mark.parametrize(
+    ("environ", "debug"),
+    [
+        ({}, False),
+        ({"MIRRORD_LAYER_DEBUG": "1"}, True),
+        ({"MIRRORD_LOG": "warn,mirrord=debug"}, True),  # mirrord's own end-to-end tests
+        ({"MIRRORD_LOG": "debug"}, True),
+        ({"MIRRORD_LOG": "mirrord_layer=TRACE"}, True),
+        ({"MIRRORD_LOG": "mirrord"}, True),  # a bare target: all it logs
+        ({"MIRRORD_LOG": "warn,mirrord[listen]=debug"}, True),
+        ({"MIRRORD_LOG": "info"}, False),
+        ({"MIRRORD_LOG": "warn,mirrord=info"}, False),
+        ({"MIRRORD_LOG": "hyper=debug,mirrord=warn"}, False),
+        ({"MIRRORD_LOG": " , "}, False),
+    ],
+)
+def test_mirrord_log_turns_the_layers_debug_lines_on_as_mirrord_reads_it(
+    environ: dict[str, str], debug: bool
+) -> None:
+    assert layer_debug_requested(environ) is debug

@@ -78,6 +78,29 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("mirrord_log", ["warn,mirrord=debug", "info", None])
+def test_mirrord_log_asking_for_debug_shows_the_daemon_subscribed_port_on_stderr(
+    mirrord: Mirrord, pod: LocalPod, mirrord_log: str | None
+) -> None:
+    """As mirrord's own end-to-end tests wait for it: with `MIRRORD_LOG=warn,mirrord=debug`
+    the layer says `daemon subscribed port 8080` on the app's stderr by the time listen()
+    returned; with a filter that leaves mirrord's debug out, or none, it says nothing."""
+    if mirrord_log is not None:
+        mirrord.env["MIRRORD_LOG"] = mirrord_log
+    app = start_app(mirrord, pod, "--steal")
+    assert get(pod, "GET", "/logged")[0] == b"local GET /logged x-user=\n"
+    assert isinstance(app, subprocess.Popen)
+    app.terminate()
+    _, err = app.communicate(timeout=30)
+    subscribed = [line for line in err.splitlines() if "daemon subscribed port 8080" in line]
+    if mirrord_log == "warn,mirrord=debug":
+        assert len(subscribed) == 1, err
+        assert subscribed[0].startswith("mirrord-layer[")
+    else:
+        assert subscribed == [], err
+        assert "mirrord-layer[" not in err
+
+
 def test_mirrord_run_steal_every_method_then_the_pod_again(mirrord: Mirrord, pod: LocalPod) -> None:
     app = start_app(mirrord, pod, "--steal")
     for method in ("GET", "POST", "PUT", "DELETE"):

@@ -269,7 +269,7 @@ def open_session(
                 client_pid=os.getpid(),
                 cwd=os.getcwd(),
                 label=label,
-                debug=bool(os.environ.get("MIRRORD_LAYER_DEBUG")),
+                debug=layer_debug_requested(os.environ),
             )
             result = client.call(create, timeout=CREATE_SESSION_TIMEOUT)
         except DaemonError as exc:
@@ -296,6 +296,28 @@ def open_session(
         paths=paths,
         unset=result.unset,
     )
+
+
+_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
+
+
+def layer_debug_requested(environ: Mapping[str, str]) -> bool:
+    """Whether the user app's layer prints its debug lines on stderr: `MIRRORD_LAYER_DEBUG`
+    set, or `MIRRORD_LOG` (a tracing filter, as mirrord reads it: `debug`, `mirrord=debug`,
+    `warn,mirrord=trace`, `mirrord_layer`) enabling debug or trace for mirrord's targets.
+    Among the lines is `daemon subscribed port N` once a listener's port is subscribed."""
+    if environ.get("MIRRORD_LAYER_DEBUG"):
+        return True
+    for directive in environ.get("MIRRORD_LOG", "").split(","):
+        target, _, level = directive.strip().rpartition("=")
+        if not level:
+            continue
+        if not target and level.lower() not in _LEVELS:
+            target, level = level, "trace"  # a bare target: everything it logs
+        target = target.split("[", 1)[0]  # span filters narrow, never widen
+        if level.lower() in ("debug", "trace") and (not target or target.startswith("mirrord")):
+            return True
+    return False
 
 
 def _exit_code(exc: DaemonError) -> int:
