@@ -299,6 +299,7 @@ struct settings {
     long long fetch_limit; /* remote files up to this size are fetched into a memfd */
     long long read_ahead;  /* feature.fs.readonly_file_buffer: the first read-ahead; 0: none */
     int fs_handover;       /* feature.fs.handover: a local target's agent may hand the file over */
+    int ipv6;              /* feature.network.ipv6: 0, socket(AF_INET6) fails (EAFNOSUPPORT) */
 };
 extern struct settings g_set;
 

@@ -236,7 +236,21 @@ static int service_port(const char *service, const struct addrinfo *hints, int *
 
 HOOK int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
                      struct addrinfo **res) {
-    if (!g_active || t_guard || node == NULL || (hints && (hints->ai_flags & AI_NUMERICHOST))) {
+    if (!g_active || t_guard || node == NULL) {
+        return REAL(getaddrinfo)(node, service, hints, res);
+    }
+    if (!g_set.ipv6 && strcmp(node, "::") == 0) {
+        /* IPv6 off (feature.network.ipv6): "all interfaces" is IPv4's (a gRPC server's
+         * `[::]:PORT`), as no IPv6 socket can be made */
+        struct addrinfo v4 = {.ai_family = AF_INET};
+        if (hints != NULL) {
+            v4.ai_flags = hints->ai_flags;
+            v4.ai_socktype = hints->ai_socktype;
+            v4.ai_protocol = hints->ai_protocol;
+        }
+        return REAL(getaddrinfo)("0.0.0.0", service, &v4, res);
+    }
+    if (hints && (hints->ai_flags & AI_NUMERICHOST)) {
         return REAL(getaddrinfo)(node, service, hints, res);
     }
     int port, stmask;

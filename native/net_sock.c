@@ -139,6 +139,10 @@ int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b
 }
 
 HOOK int socket(int domain, int type, int protocol) {
+    if (domain == AF_INET6 && !g_set.ipv6 && g_active && !t_guard) {
+        errno = EAFNOSUPPORT; /* feature.network.ipv6 off: as on a host without IPv6 */
+        return -1;
+    }
     int fd = REAL(socket)(domain, type, protocol);
     if (fd >= 0 && fd_peek(fd) != NULL) {
         fd_forget(fd); /* a number closed behind our back (close_range, syscall) */

@@ -29,6 +29,7 @@ struct settings g_set = {
     .fetch_limit = 8LL * 1024 * 1024,
     .read_ahead = 128000,
     .fs_handover = 1,
+    .ipv6 = 1,
 };
 
 #define MAX_LIST 128
@@ -215,6 +216,7 @@ static const struct {
     {"hostname", &g_set.hostname},
     {"skip_build_tools", &g_set.skip_build_tools},
     {"fs_handover", &g_set.fs_handover},
+    {"ipv6", &g_set.ipv6},
 };
 
 static const struct {

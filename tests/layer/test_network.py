@@ -407,6 +407,36 @@ print(s.recv(100).decode().strip(), s.getpeername()[:2])
     assert out == ["hello 2001:db8::5:80 ('2001:db8::5', 80)"]
 
 
+def test_ipv6_off_fails_ipv6_sockets_as_a_host_without_ipv6_and_binds_all_on_ipv4(
+    run: Runner, daemon: LayerDaemon
+) -> None:
+    """`feature.network.ipv6: false`: creating an IPv6 socket fails with EAFNOSUPPORT (the
+    app falls back to IPv4 as it would on a host without IPv6); `::`, "every interface",
+    resolves to IPv4's 0.0.0.0 (a gRPC server's `[::]:PORT`); IPv4 goes on as before."""
+    code = """
+import errno, socket
+try:
+    socket.socket(socket.AF_INET6)
+    print('made')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+infos = socket.getaddrinfo('::', 50051, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+print(sorted({(f.name, a[:2]) for f, _, _, _, a in infos}))
+s = socket.create_connection(('192.0.2.55', 80), timeout=10)
+print(s.makefile('rb').readline().decode().strip())
+"""
+    out = run.py(code, settings=LayerSettings(ipv6=False)).stdout.decode().splitlines()
+    assert out == [
+        "EAFNOSUPPORT",
+        "[('AF_INET', ('0.0.0.0', 50051))]",
+        "hello 192.0.2.55:80",
+    ]
+    # on (the default): both as without the layer
+    out = run.py(code).stdout.decode().splitlines()
+    assert out[0] == "made"
+    assert out[1] == "[('AF_INET6', ('::', 50051))]"
+
+
 def test_threads_resolve_in_parallel(run: Runner, daemon: LayerDaemon) -> None:
     for i in range(4):
         daemon.dns[f"slow{i}.svc"] = f"192.0.2.{10 + i}"

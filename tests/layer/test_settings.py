@@ -96,6 +96,16 @@ def test_from_config_reads_the_config_model(tmp_path: Path) -> None:
     assert LayerSettings.from_config(cfg.model_dump(mode="json")) == s
 
 
+def test_ipv6_is_on_unless_the_file_or_mirrords_variable_turns_it_off(tmp_path: Path) -> None:
+    assert LayerSettings.from_config(load_config(None, env={}, cwd=tmp_path)).ipv6
+    assert "ipv6=1\n" in LayerSettings().encode()
+    off = load_config(None, env={"MIRRORD_ENABLE_IPV6": "false"}, cwd=tmp_path)
+    assert "ipv6=0\n" in LayerSettings.from_config(off).encode()
+    cfg_file = tmp_path / "mirrord.json"
+    cfg_file.write_text('{"feature": {"network": {"ipv6": false}}}')
+    assert not LayerSettings.from_config(load_config(cfg_file, env={}, cwd=tmp_path)).ipv6
+
+
 def test_layer_env_names_the_library_and_appends_to_a_preload() -> None:
     env = layer_env(
         socket_path="/run/x.sock", session_id="abc", settings=LayerSettings(), debug=True

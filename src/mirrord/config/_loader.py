@@ -486,6 +486,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
         ("feature", "network", "outgoing", "unix_streams"),
         _list,
     ),
+    EnvVar("MIRRORD_ENABLE_IPV6", ("feature", "network", "ipv6"), _bool),
     EnvVar("MIRRORD_HOSTNAME", ("feature", "hostname"), _bool),
     EnvVar("MIRRORD_SKIP_PROCESSES", ("skip_processes",), _list),
     EnvVar("MIRRORD_SKIP_BUILD_TOOLS", ("skip_build_tools",), _bool),

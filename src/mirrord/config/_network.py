@@ -336,7 +336,14 @@ class NetworkConfig(_Section):
         default_factory=OutgoingConfig, description="Outgoing connections from the target."
     )
     dns: DnsConfig = Field(default_factory=DnsConfig, description="Name resolution in the target.")
-    ipv6: bool = Field(default=False, description="Also mirror/steal/connect over IPv6.")
+    ipv6: bool = Field(
+        default=True,
+        description=(
+            "IPv6 for the app: on, it may open IPv6 sockets (steal and mirror cover IPv6 "
+            "whenever the target has it); off, creating an IPv6 socket fails with "
+            "EAFNOSUPPORT, as on a host without IPv6, and `::` resolves to 0.0.0.0."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -256,6 +256,8 @@ class LayerSettings:
     # feature.fs.handover: a remote regular file may come as the agent's own open file (a
     # local target's agent only; elsewhere the agent serves it as usual)
     fs_handover: bool = True
+    # feature.network.ipv6: off, the app cannot create IPv6 sockets (EAFNOSUPPORT)
+    ipv6: bool = True
     # experimental.syscall_supervisor: not for the C side (MIRRORD_LAYER_SYSCALLS tells the CLI;
     # None: the CLI decides from the executable)
     syscall_supervisor: bool | None = None
@@ -308,6 +310,7 @@ class LayerSettings:
         lines.append(f"fetch_limit={int(self.fetch_limit)}")
         lines.append(f"read_ahead={int(self.read_ahead)}")
         lines.append(f"fs_handover={int(self.fs_handover)}")
+        lines.append(f"ipv6={int(self.ipv6)}")
         _check_fits(lines)
         return "\n".join(lines) + "\n"
 
@@ -360,6 +363,7 @@ class LayerSettings:
             skip_processes=tuple(cfg.skip_processes or ()),
             skip_build_tools=cfg.skip_build_tools,
             hostname=feature.hostname,
+            ipv6=net.ipv6,
             syscall_supervisor=cfg.experimental.syscall_supervisor,
         )
 
