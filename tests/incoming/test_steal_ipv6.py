@@ -33,7 +33,7 @@ from tests._agent_client import AgentClient
 from tests._agent_process import start_agent, stop_agent
 from tests.cli.conftest import Mirrord, processes_mentioning, temp_mirrord
 from tests.incoming.conftest import subscribe, unsubscribe
-from tests.incoming.test_end_to_end import start_app, stop_app, wait_for
+from tests.incoming.test_end_to_end import ENDING, start_app, stop_app, wait_for
 from tests.incoming.test_steal_rules import ours, recv_exact
 
 pytestmark = pytest.mark.netns
@@ -338,7 +338,7 @@ def test_mirrord_run_steals_ipv6_and_ipv4_clients_of_a_dual_stack_pod(
     assert body == b"local GET /v4 x-user=\n"
     assert peer == f"::ffff:{pod6.host_ip}"  # an IPv4 client of the app's dual-stack socket
     stop_app(app)
-    wait_for(lambda: get6(pod6, "/after")[0] == b"pod GET /after\n")
+    wait_for(lambda: get6(pod6, "/after")[0] == b"pod GET /after\n", transient=ENDING)
     wait_for(lambda: no_rule_of_either_family(pod6))
 
 
@@ -383,5 +383,5 @@ def test_mirrord_run_ipv6_steal_leaves_no_rule_when_the_agent_is_killed(
     assert ours(pod6) != []
     os.kill(agent, signal.SIGKILL)
     wait_for(lambda: no_rule_of_either_family(pod6))
-    wait_for(lambda: get6(pod6, "/later")[0] == b"pod GET /later\n")
+    wait_for(lambda: get6(pod6, "/later")[0] == b"pod GET /later\n", transient=ENDING)
     stop_app(app)
