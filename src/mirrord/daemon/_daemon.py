@@ -99,6 +99,9 @@ log = logging.getLogger("mirrord.daemon")
 DEFAULT_IDLE_TIMEOUT = 300.0  # config daemon.idle_timeout
 # After a session closes, its relays end within about a second: then the heap is trimmed.
 _TRIM_DELAY = 2.0
+# How long `CloseSession` waits for the agent to end the session's steal subscriptions
+# (`Session.subscriptions_ended`): one round trip each; bounded for a slow or dead agent.
+_UNSUBSCRIBE_WAIT = 3.0
 # wait_session (`mirrord ext`): a session whose processes are all gone is idle only if none
 # registers within this many seconds (a launch's helper exits before the debuggee registers;
 # seen under load with js-debug and debugpy in tests/ide)
@@ -619,6 +622,7 @@ class Daemon:
             session = self._session(request.session)
             owned.discard(session.id)
             self._close_session(session, request.reason)
+            await session.subscriptions_ended(_UNSUBSCRIBE_WAIT)
             return Done()
         if isinstance(request, WaitSession):
             return await self._wait_session(self._session(request.session), request)

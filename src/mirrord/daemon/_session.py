@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import functools
 import logging
 import os
 import secrets
@@ -102,6 +103,8 @@ class Session:
         self.env: dict[str, str] = {}  # for the user command (secrets: never logged)
         self._listeners: list[Notify] = []
         self._changed = anyio.Event()
+        # set once the agent ended a removed process's steal subscriptions (see remove_process)
+        self._releasing: list[anyio.Event] = []
         link.on_lost(self._agent_lost)
 
     def __repr__(self) -> str:
@@ -232,9 +235,26 @@ class Session:
             if not r.flow.mirror and r not in datagrams
         ]
         ports = list(process.subscriptions)
-        if not (datagrams or streams) or not self.link.start_task(
-            _close_after_relays, self.link, process.channel, datagrams, streams, ports
+        # A stolen port is unsubscribed before the channel closes, with the agent's answer
+        # awaited: once that came, a new connection to the port goes to the target's app,
+        # not to a process that is gone (and `subscriptions_ended` can wait for it).
+        released = (
+            anyio.Event()
+            if any(sub["mode"] != "mirror" for sub in process.subscriptions.values())
+            else None
+        )
+        if (datagrams or streams or released) and self.link.start_task(
+            functools.partial(_close_after_relays, released=released),
+            self.link,
+            process.channel,
+            datagrams,
+            streams,
+            ports,
         ):
+            if released is not None:
+                self._releasing = [e for e in self._releasing if not e.is_set()]
+                self._releasing.append(released)
+        else:
             self.link.close_channel(process.channel, "process exited")
         for port, sub in process.subscriptions.items():
             if sub["mode"] == "mirror":
@@ -244,6 +264,14 @@ class Session:
             client.close("session_closed", "the process was removed from its session")
         log.info("session %s: process %d gone", self.id, process.pid)
         self._notify(ProcessEvent(session=self.id, pid=process.pid, registered=False))
+
+    async def subscriptions_ended(self, timeout: float) -> None:
+        """Until the agent ended the steal subscriptions of the processes removed so far (or
+        `timeout` seconds): `CloseSession` answers after it, so that once `mirrord run`
+        exited a new connection to a stolen port reaches the target's app, not a reset."""
+        with anyio.move_on_after(timeout):
+            for released in self._releasing:
+                await released.wait()
 
     def close(self, reason: str = "session closed") -> None:
         if self.state == "closed":
@@ -643,6 +671,8 @@ async def _close_after_relays(
     datagrams: list[FlowRelay],
     streams: list[FlowRelay],
     ports: list[int],
+    *,
+    released: anyio.Event | None = None,
 ) -> None:
     """Close an exited process's channel once its relays passed on what the app sent before
     it exited: closing the channel at once would drop what the daemon had not read yet (a busy
@@ -650,11 +680,16 @@ async def _close_after_relays(
     relays end after their close grace (`serve_datagrams`); outgoing and stolen stream relays
     read their socket to its end (the kernel closed the app's side) and end when the flow is
     done, or are reset with the channel after `STREAM_CLOSE_MAX`. The process's subscriptions (`ports`)
-    are ended first, so nothing is stolen or mirrored for a process that is gone meanwhile."""
-    if streams:  # the process's ports are not stolen or mirrored for it while they end
-        for port in ports:
-            with contextlib.suppress(ChannelLost, TimeoutError):
-                await link.call(channel, m.Unsubscribe(request_id=0, port=port), timeout=2.0)
+    are ended first, so nothing is stolen or mirrored for a process that is gone meanwhile;
+    `released`, when given, is set once the agent answered those (or could not)."""
+    try:
+        if streams or released is not None:  # not stolen or mirrored for it while they end
+            for port in ports:
+                with contextlib.suppress(ChannelLost, TimeoutError):
+                    await link.call(channel, m.Unsubscribe(request_id=0, port=port), timeout=2.0)
+    finally:
+        if released is not None:
+            released.set()
     with anyio.move_on_after(UDP_CLOSE_MAX + 1):
         for relay in datagrams:
             await relay.finished.wait()
