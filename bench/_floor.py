@@ -170,11 +170,8 @@ def forward_trio(a: socket.socket, b: socket.socket) -> None:
             if not view:
                 scope.cancel()
                 return
-            while view:
-                try:
-                    view = view[dst.send(view) :]
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst)
+            while view := view[_send_some(dst, view) :]:
+                await trio.lowlevel.wait_writable(dst)
 
     async def main() -> None:
         for s in (a, b):

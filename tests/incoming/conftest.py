@@ -28,14 +28,14 @@ _APP = Path(__file__).with_name("_local_app.py")
 
 @contextlib.contextmanager
 def python_app_in_pod(
-    pod: LocalPod, app: str, port: int, library_dir: str, host: str = "0.0.0.0"
+    pod: LocalPod, app: str, port: int, library_dir: str, host: str = "0.0.0.0", *args: str
 ) -> Iterator[LocalPod]:
-    """Runs the test app `app` (`APP pod HOST PORT`, printing PORT when it listens) in the pod
-    on the real python binary (outside the virtualenv), with `library_dir` (the site-packages
-    of a library it needs) on its path; killed at the end."""
+    """Runs the test app `app` (`APP pod HOST PORT ARGS...`, printing PORT when it listens)
+    in the pod on the real python binary (outside the virtualenv), with `library_dir` (the
+    site-packages of a library it needs) on its path; killed at the end."""
     python = os.path.realpath(sys.executable)
     env = {**pod.env, "PYTHONPATH": library_dir}
-    proc = pod.popen_in_pod([python, app, "pod", host, str(port)], env=env)
+    proc = pod.popen_in_pod([python, app, "pod", host, str(port), *args], env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == str(port).encode()
     try:

@@ -7,6 +7,7 @@ passes through untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -31,7 +32,7 @@ from mirrord.localpod import LocalPod
 from tests._agent_client import AgentClient, AgentConn, AgentError
 from tests._agent_process import AgentProc
 from tests.cli.conftest import Mirrord, temp_mirrord
-from tests.incoming.conftest import port_printing_apps, serve_channel, subscribe
+from tests.incoming.conftest import port_printing_apps, python_app_in_pod, serve_channel, subscribe
 from tests.incoming.test_end_to_end import our_rules, stop_app, wait_for
 from tests.incoming.test_steal_rules import ours
 
@@ -86,28 +87,16 @@ PLAIN_PORT = 8445  # the pod's app serving plain HTTP only
 def tls_pod(pod: LocalPod, certs: dict[str, Path]) -> Iterator[LocalPod]:
     """The pod with an HTTPS app (h2 and http/1.1) on PORT, with the pod's certificate (and
     the same on IDLE_PORT with an idle timeout)."""
-    python = os.path.realpath(sys.executable)
-    env = {**pod.env, "PYTHONPATH": os.path.dirname(os.path.dirname(h2.__file__))}
+    library = os.path.dirname(os.path.dirname(h2.__file__))
     pem = [str(certs["cert"]), str(certs["key"])]
-    idle = pod.popen_in_pod(
-        [python, TLS_APP, "pod", "0.0.0.0", str(IDLE_PORT), *pem, "0.5"], env=env
-    )
-    assert idle.stdout is not None
-    assert idle.stdout.readline().strip() == str(IDLE_PORT).encode()
-    plain = pod.popen_in_pod(
-        [python, TLS_APP, "pod", "0.0.0.0", str(PLAIN_PORT), "plain", "plain"], env=env
-    )
-    assert plain.stdout is not None
-    assert plain.stdout.readline().strip() == str(PLAIN_PORT).encode()
-    proc = pod.popen_in_pod([python, TLS_APP, "pod", "0.0.0.0", str(PORT), *pem], env=env)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == str(PORT).encode()
-    try:
+    with contextlib.ExitStack() as apps:
+        for port, args in (
+            (IDLE_PORT, [*pem, "0.5"]),
+            (PLAIN_PORT, ["plain", "plain"]),
+            (PORT, pem),
+        ):
+            apps.enter_context(python_app_in_pod(pod, TLS_APP, port, library, "0.0.0.0", *args))
         yield pod
-    finally:
-        for each in (proc, idle, plain):
-            each.kill()
-            each.wait(timeout=10)
 
 
 @pytest.fixture
@@ -572,48 +561,44 @@ def test_mirrord_run_steals_matching_https_requests_over_ipv6(
     unmatched requests are re-encrypted toward the pod's app at its IPv6 original
     destination."""
     pod = pod6
-    python = os.path.realpath(sys.executable)
-    env = {**pod.env, "PYTHONPATH": os.path.dirname(os.path.dirname(h2.__file__))}
+    library = os.path.dirname(os.path.dirname(h2.__file__))
     pem = [str(certs["cert"]), str(certs["key"])]
-    pod_app = pod.popen_in_pod([python, TLS_APP, "pod", "::", str(PORT), *pem], env=env)
-    app = None
-    try:
-        assert pod_app.stdout is not None
-        assert pod_app.stdout.readline().strip() == str(PORT).encode()
+    with python_app_in_pod(pod, TLS_APP, PORT, library, "::", *pem):
         config = https_config(tmp_path, {"cert": "session.crt", "key": "session.key"}, "tls")
         argv = [sys.executable, TLS_APP, "user-app", "::", str(PORT), *pem]
         app = mirrord.popen(
             "run", "-t", f"pid/{pod.pid}", "-f", str(config), "--", *argv, cwd=str(tmp_path)
         )
-        assert app.stdout is not None
-        assert app.stdout.readline().strip() == str(PORT)
-        wait_for(
-            lambda: curl(pod, certs, "/probe", "alice", ipv6=True)[0].startswith("user-app"), 20
-        )
-        for ipv6 in (True, False):
-            got = curl(pod, certs, "/a", "alice", ipv6=ipv6)
-            assert got == ("user-app GET /a x-user=alice\n", "1.1")
-            assert curl(pod, certs, "/b", "bob", ipv6=ipv6) == ("pod GET /b x-user=bob\n", "1.1")
-            got = curl(pod, certs, "/c", "alice", http2=True, ipv6=ipv6)
-            assert got == ("user-app GET /c x-user=alice\n", "2")
-            got = curl(pod, certs, "/d", None, http2=True, ipv6=ipv6)
-            assert got == ("pod GET /d x-user=\n", "2")
-        requests = [("/1", None), ("/2", "alice"), ("/3", "bob")]
-        assert https_keep_alive(pod, certs, requests, ipv6=True) == [
-            "pod GET /1 x-user=\n",
-            "user-app GET /2 x-user=alice\n",
-            "pod GET /3 x-user=bob\n",
-        ]
-        assert h2_over_tls(pod, certs, requests, ipv6=True) == {
-            "/1": "pod GET /1 x-user=\n",
-            "/2": "user-app GET /2 x-user=alice\n",
-            "/3": "pod GET /3 x-user=bob\n",
-        }
-    finally:
-        if app is not None:
+        try:
+            assert app.stdout is not None
+            assert app.stdout.readline().strip() == str(PORT)
+            wait_for(
+                lambda: curl(pod, certs, "/probe", "alice", ipv6=True)[0].startswith("user-app"), 20
+            )
+            for ipv6 in (True, False):
+                got = curl(pod, certs, "/a", "alice", ipv6=ipv6)
+                assert got == ("user-app GET /a x-user=alice\n", "1.1")
+                assert curl(pod, certs, "/b", "bob", ipv6=ipv6) == (
+                    "pod GET /b x-user=bob\n",
+                    "1.1",
+                )
+                got = curl(pod, certs, "/c", "alice", http2=True, ipv6=ipv6)
+                assert got == ("user-app GET /c x-user=alice\n", "2")
+                got = curl(pod, certs, "/d", None, http2=True, ipv6=ipv6)
+                assert got == ("pod GET /d x-user=\n", "2")
+            requests = [("/1", None), ("/2", "alice"), ("/3", "bob")]
+            assert https_keep_alive(pod, certs, requests, ipv6=True) == [
+                "pod GET /1 x-user=\n",
+                "user-app GET /2 x-user=alice\n",
+                "pod GET /3 x-user=bob\n",
+            ]
+            assert h2_over_tls(pod, certs, requests, ipv6=True) == {
+                "/1": "pod GET /1 x-user=\n",
+                "/2": "user-app GET /2 x-user=alice\n",
+                "/3": "pod GET /3 x-user=bob\n",
+            }
+        finally:
             stop_app(app)
-        pod_app.kill()
-        pod_app.wait(timeout=10)
     wait_for(lambda: ours(pod) == [])
 
 
